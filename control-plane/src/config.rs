@@ -1,0 +1,39 @@
+//! The control plane's configuration: one struct with defaults, built once at startup.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct ControlPlaneConfig {
+    /// Where the REST API listens.
+    pub listen: String,
+    /// sqlx URL of the store.
+    pub database_url: String,
+    /// Where the bootstrap admin token is written.
+    pub admin_token_path: PathBuf,
+    /// The RESP endpoint tenants connect to, shown in cache responses.
+    pub public_endpoint: String,
+    /// Bearer token gateways present to the internal API.
+    pub internal_token: String,
+    /// Default and maximum lifetime of data-plane tokens, in seconds.
+    pub token_ttl_default: u64,
+    pub token_ttl_max: u64,
+    /// HTTP worker threads.
+    pub workers: usize,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            listen: "127.0.0.1:8080".into(),
+            database_url: "sqlite://.shoal/shoal.db".into(),
+            admin_token_path: ".shoal/admin.token".into(),
+            public_endpoint: "127.0.0.1:6380".into(),
+            internal_token: String::new(),
+            token_ttl_default: 15 * 60,
+            token_ttl_max: 12 * 3600,
+            workers: 2,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! REST errors as `application/problem+json` (RFC 9457). Internal details are logged, never
+//! sent.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    BadRequest { detail: String, field: Option<&'static str> },
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("not allowed")]
+    Forbidden,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn field(field: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError::BadRequest { detail: detail.into(), field: Some(field) }
+    }
+}
+
+/// The body of every error response.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(%detail, "internal error");
+        }
+        let status = self.status_code();
+        let field = match self {
+            ApiError::BadRequest { field, .. } => field.map(str::to_string),
+            _ => None,
+        };
+        let mut resp = HttpResponse::build(status);
+        if matches!(self, ApiError::Unauthorized) {
+            resp.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        resp.content_type("application/problem+json").json(Problem {
+            type_: "about:blank".into(),
+            title: status.canonical_reason().unwrap_or("Error").into(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            field,
+        })
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<shoal_engine::EngineError> for ApiError {
+    fn from(e: shoal_engine::EngineError) -> Self {
+        tracing::error!(error = %e, kind = e.kind(), "engine error");
+        match e {
+            shoal_engine::EngineError::Full => {
+                ApiError::Unavailable("no capacity left for a new cache".into())
+            }
+            _ => ApiError::Unavailable("the cache engine is unavailable, try again".into()),
+        }
+    }
+}
+
+/// Turns actix's JSON and path extractor failures into problem+json 400s.
+pub fn json_error(
+    err: actix_web::error::JsonPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    ApiError::BadRequest { detail: format!("invalid JSON body: {err}"), field: None }.into()
+}
+
+pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+    ApiError::BadRequest { detail: format!("invalid path: {err}"), field: None }.into()
+}

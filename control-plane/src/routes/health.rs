@@ -1,0 +1,33 @@
+//! `/healthz` (the process is up) and `/readyz` (store and every Valkey node answer).
+
+use crate::startup::AppState;
+use actix_web::{web, HttpResponse};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz)).route("/readyz", web::get().to(readyz));
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "up")), tag = "health")]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: the store and every node answer.
+#[utoipa::path(get, path = "/readyz", responses((status = 200), (status = 503)), tag = "health")]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let store_ok = state.store.ping().await.is_ok();
+    let mut nodes = serde_json::Map::new();
+    let mut all_ok = store_ok;
+    for node in state.pool.nodes() {
+        let ok = node.ping().await;
+        all_ok &= ok;
+        nodes.insert(node.name().to_string(), serde_json::Value::Bool(ok));
+    }
+    let body = serde_json::json!({"store": store_ok, "nodes": nodes});
+    if all_ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}

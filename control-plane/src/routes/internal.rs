@@ -1,0 +1,41 @@
+//! The internal API gateways use: routes to caches and the token-verification keys.
+//! Routes carry Valkey ACL passwords, so they require the internal bearer token.
+
+use crate::error::ApiError;
+use crate::routes::caches::parse_id;
+use crate::startup::AppState;
+use actix_web::{web, HttpRequest, HttpResponse};
+use shoal_types::TenantRoute;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/internal/v1/routes/{id}", web::get().to(route))
+        .route("/.well-known/jwks.json", web::get().to(jwks));
+}
+
+async fn route(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    if !crate::auth::internal_token_ok(&req, &state.config.internal_token) {
+        return Err(ApiError::Unauthorized);
+    }
+    let id = parse_id(&id)?;
+    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    let node = state.pool.node(&cache.node).map_err(ApiError::from)?;
+    Ok(HttpResponse::Ok().json(TenantRoute {
+        acl_user: cache.id.acl_user(),
+        cache_id: cache.id,
+        cache_name: cache.name,
+        node_addr: node.addr(),
+        db: cache.db,
+        databases: cache.databases,
+        acl_password: cache.acl_password,
+    }))
+}
+
+/// The public keys that verify data-plane tokens (JWKS).
+#[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, body = crate::signing::Jwks)), tag = "auth")]
+pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.signer.jwks())
+}

@@ -1,0 +1,76 @@
+//! `/v1/caches/{id}/tokens`: mint short-lived data-plane JWTs.
+
+use crate::auth::{random_token, Principal};
+use crate::error::ApiError;
+use crate::routes::caches::parse_id;
+use crate::startup::AppState;
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
+use utoipa::ToSchema;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/caches/{id}/tokens").route(web::post().to(mint_token)));
+}
+
+/// Body of `POST /v1/caches/{id}/tokens` (optional).
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MintToken {
+    /// Lifetime in seconds (default 900, like ElastiCache IAM auth tokens).
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MintedToken {
+    /// Use as `AUTH <token>` on the cache's endpoint.
+    pub token: String,
+    pub jti: String,
+    /// RFC 3339 time after which the token is refused.
+    pub expires_at: String,
+}
+
+/// Mint a data-plane token for a cache.
+#[utoipa::path(post, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
+    request_body(content = MintToken, description = "optional"),
+    responses((status = 201, body = MintedToken), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])), tag = "tokens")]
+pub async fn mint_token(
+    state: web::Data<AppState>,
+    who: Principal,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&id)?;
+    let body: MintToken = if body.iter().all(u8::is_ascii_whitespace) {
+        MintToken::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest { detail: format!("invalid JSON body: {e}"), field: None })?
+    };
+    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    let ttl = body.ttl_seconds.unwrap_or(state.config.token_ttl_default);
+    if ttl == 0 || ttl > state.config.token_ttl_max {
+        return Err(ApiError::field(
+            "ttl_seconds",
+            format!("ttl_seconds must be between 1 and {}", state.config.token_ttl_max),
+        ));
+    }
+    let now = chrono::Utc::now();
+    let exp = now + chrono::Duration::seconds(ttl as i64);
+    let claims = DataClaims {
+        iss: TOKEN_ISSUER.into(),
+        aud: DATA_AUDIENCE.into(),
+        sub: who.key_id.clone(),
+        iat: now.timestamp(),
+        exp: exp.timestamp(),
+        nbf: None,
+        jti: random_token(16),
+        cache: cache.id.clone(),
+        perm: Permission::ReadWrite,
+    };
+    let token = state.signer.sign(&claims).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let expires_at = exp.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    state.store.insert_token(&claims.jti, &cache.id, "read-write", &expires_at).await?;
+    Ok(HttpResponse::Created().json(MintedToken { token, jti: claims.jti, expires_at }))
+}

@@ -1,0 +1,115 @@
+//! Builds the application state and runs the HTTP server (testable on port 0).
+
+use crate::auth::{hash_token, random_token};
+use crate::config::ControlPlaneConfig;
+use crate::routes;
+use crate::signing::Signer;
+use crate::store::Store;
+use actix_web::{web, App, HttpServer};
+use shoal_engine::Pool;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub config: ControlPlaneConfig,
+    pub store: Store,
+    pub pool: Arc<Pool>,
+    pub signer: Signer,
+    /// Serializes placement so two creates never take the same database.
+    pub placement_lock: tokio::sync::Mutex<()>,
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    pub handle: actix_web::dev::ServerHandle,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
+pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
+    let store = Store::open(&config.database_url).await?;
+    bootstrap_admin(&store, &config).await?;
+    let signer = Signer::load_or_create(&store).await?;
+    let workers = config.workers;
+    let listen = config.listen.clone();
+    let state =
+        web::Data::new(AppState { config, store, pool, signer, placement_lock: tokio::sync::Mutex::new(()) });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(64 * 1024)
+                    .content_type_required(false)
+                    .error_handler(crate::error::json_error),
+            )
+            .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+            .wrap(actix_web::middleware::Logger::new("%a \"%r\" %s %Dms").log_target("shoal::http"))
+            .configure(routes::health::configure)
+            .configure(routes::internal::configure)
+            .configure(routes::caches::configure)
+            .configure(routes::tokens::configure)
+            .route("/openapi.json", web::get().to(openapi_json))
+            .default_service(web::to(not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(&listen)?;
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    let server = tokio::spawn(server);
+    Ok(ControlPlane { addr, handle, server })
+}
+
+async fn openapi_json() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok().content_type("application/json").body(crate::apidoc::document())
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, crate::error::ApiError> {
+    Err(crate::error::ApiError::NotFound("route"))
+}
+
+/// Writes a fresh admin token to `admin_token_path` unless one is there; either way its
+/// hash is in the store.
+async fn bootstrap_admin(store: &Store, config: &ControlPlaneConfig) -> Result<(), StartupError> {
+    let path = &config.admin_token_path;
+    let token = match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let token = format!("shoal_admin_{}", random_token(24));
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+            std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+            token
+        }
+    };
+    store
+        .insert_api_key(
+            &format!("key-{}", random_token(6)),
+            &hash_token(&token),
+            "admin",
+            None,
+            "bootstrap admin",
+        )
+        .await?;
+    Ok(())
+}
+
+/// Anything that stops the control plane from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("store: {0}")]
+    Store(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,239 @@
+//! The store: sqlx over SQLite (embedded default). Everything here is persisted; the
+//! schema lives in `control-plane/migrations/`.
+
+use shoal_types::{AccountId, CacheId};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+use std::str::FromStr;
+
+pub type StoreError = sqlx::Error;
+
+/// A cache row, including where it lives.
+#[derive(Clone, Debug)]
+pub struct CacheRecord {
+    pub id: CacheId,
+    pub account_id: AccountId,
+    pub name: String,
+    pub status: String,
+    pub node: String,
+    pub db: u32,
+    pub databases: u32,
+    pub acl_password: String,
+    pub created_at: String,
+}
+
+/// An API key's identity as the store knows it.
+#[derive(Clone, Debug)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub role: String,
+    pub account_id: Option<String>,
+}
+
+/// A signing key pair (Ed25519): PKCS#8 private key and raw public key.
+#[derive(Clone, Debug)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub private_der: Vec<u8>,
+    pub public_raw: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` and runs the migrations.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    // --- API keys ---
+
+    pub async fn insert_api_key(
+        &self,
+        id: &str,
+        token_hash: &str,
+        role: &str,
+        account_id: Option<&str>,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at)
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING",
+        )
+        .bind(id)
+        .bind(token_hash)
+        .bind(role)
+        .bind(account_id)
+        .bind(name)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn api_key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, role, account_id FROM api_keys WHERE token_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| ApiKeyRecord {
+            id: r.get("id"),
+            role: r.get("role"),
+            account_id: r.get("account_id"),
+        }))
+    }
+
+    // --- signing keys ---
+
+    pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRecord>, StoreError> {
+        let rows = sqlx::query("SELECT kid, private_der, public_raw FROM signing_keys ORDER BY created_at")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SigningKeyRecord {
+                kid: r.get("kid"),
+                private_der: r.get("private_der"),
+                public_raw: r.get("public_raw"),
+            })
+            .collect())
+    }
+
+    pub async fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO signing_keys (kid, private_der, public_raw, created_at) VALUES (?, ?, ?, ?)")
+            .bind(&key.kid)
+            .bind(&key.private_der)
+            .bind(&key.public_raw)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    // --- caches ---
+
+    /// `(node, db)` of every database held by a live cache.
+    pub async fn taken_databases(&self) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows = sqlx::query("SELECT node, db, databases FROM caches WHERE status <> 'deleted'")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut taken = Vec::new();
+        for r in rows {
+            let (node, db, n): (String, i64, i64) = (r.get("node"), r.get("db"), r.get("databases"));
+            taken.extend((db..db + n).map(|d| (node.clone(), d as u32)));
+        }
+        Ok(taken)
+    }
+
+    pub async fn insert_cache(&self, c: &CacheRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(c.id.as_str())
+        .bind(c.account_id.as_str())
+        .bind(&c.name)
+        .bind(&c.status)
+        .bind(&c.node)
+        .bind(c.db as i64)
+        .bind(c.databases as i64)
+        .bind(&c.acl_password)
+        .bind(&c.created_at)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// A live cache by id.
+    pub async fn cache(&self, id: &CacheId) -> Result<Option<CacheRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM caches WHERE id = ? AND status <> 'deleted'")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(cache_from_row).transpose()
+    }
+
+    /// Live caches, oldest first, optionally of one account.
+    pub async fn caches(&self, account: Option<&AccountId>) -> Result<Vec<CacheRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM caches WHERE status <> 'deleted' AND (? IS NULL OR account_id = ?)
+             ORDER BY created_at, id",
+        )
+        .bind(account.map(|a| a.as_str()))
+        .bind(account.map(|a| a.as_str()))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(cache_from_row).collect()
+    }
+
+    pub async fn mark_cache_deleted(&self, id: &CacheId) -> Result<(), StoreError> {
+        sqlx::query("UPDATE caches SET status = 'deleted', deleted_at = ? WHERE id = ?")
+            .bind(now())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    // --- tokens ---
+
+    pub async fn insert_token(
+        &self,
+        jti: &str,
+        cache: &CacheId,
+        permission: &str,
+        expires_at: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(jti)
+        .bind(cache.as_str())
+        .bind(permission)
+        .bind(now())
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+}
+
+fn cache_from_row(r: sqlx::sqlite::SqliteRow) -> Result<CacheRecord, StoreError> {
+    let decode = |e: shoal_types::InvalidId| sqlx::Error::Decode(Box::new(e));
+    Ok(CacheRecord {
+        id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode)?,
+        account_id: AccountId::parse(r.get::<&str, _>("account_id")).map_err(decode)?,
+        name: r.get("name"),
+        status: r.get("status"),
+        node: r.get("node"),
+        db: r.get::<i64, _>("db") as u32,
+        databases: r.get::<i64, _>("databases") as u32,
+        acl_password: r.get("acl_password"),
+        created_at: r.get("created_at"),
+    })
+}
+
+/// The current time as an RFC 3339 UTC string (what the store keeps).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Whether an error is a unique-constraint violation (a conflict, not a failure).
+pub fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}

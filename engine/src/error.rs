@@ -1,0 +1,31 @@
+//! Engine errors. The text is for operators' logs, never for tenants.
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("valkey-server binary not found: {0}")]
+    BinaryNotFound(String),
+    #[error("i/o error on node {node}: {source}")]
+    Io { node: String, source: std::io::Error },
+    #[error("node {0} did not become ready in time")]
+    NotReady(String),
+    #[error("node {node}: valkey error: {source}")]
+    Valkey { node: String, source: redis::RedisError },
+    #[error("unknown node {0}")]
+    UnknownNode(String),
+    #[error("no free database on any node")]
+    Full,
+}
+
+impl EngineError {
+    /// A short, stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::BinaryNotFound(_) => "binary_not_found",
+            EngineError::Io { .. } => "io",
+            EngineError::NotReady(_) => "not_ready",
+            EngineError::Valkey { .. } => "valkey",
+            EngineError::UnknownNode(_) => "unknown_node",
+            EngineError::Full => "full",
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The pool: every node of this engine, started and stopped together, and the admin
+//! operations the control plane asks for (create and remove a tenant's ACL user and data).
+
+use crate::node::{Node, NodeSpec};
+use crate::placement::NodeLoad;
+use crate::{EngineError, TenantAcl};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to run the pool. Built once at startup.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// The `valkey-server` binary.
+    pub valkey_server: PathBuf,
+    /// Nodes live in `<dir>/<node name>/`.
+    pub dir: PathBuf,
+    pub nodes: Vec<NodeSpec>,
+    /// `databases` of each node: how many caches (plus the reserved database 0) it can hold.
+    pub databases: u32,
+}
+
+/// A running pool of supervised nodes.
+pub struct Pool {
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Pool {
+    /// Starts every node and waits until all answer.
+    pub async fn start(config: PoolConfig) -> Result<Pool, EngineError> {
+        let mut nodes = Vec::with_capacity(config.nodes.len());
+        for spec in config.nodes {
+            let node = Node::prepare(spec, &config.dir, config.valkey_server.clone(), config.databases)?;
+            nodes.push(Arc::new(node));
+        }
+        let pool = Pool { nodes };
+        for node in &pool.nodes {
+            if let Err(e) = node.start().await {
+                pool.stop().await;
+                return Err(e);
+            }
+            tracing::info!(node = node.name(), addr = %node.addr(), "valkey node ready");
+        }
+        Ok(pool)
+    }
+
+    pub fn nodes(&self) -> &[Arc<Node>] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Arc<Node>, EngineError> {
+        self.nodes.iter().find(|n| n.name() == name).ok_or_else(|| EngineError::UnknownNode(name.to_string()))
+    }
+
+    /// Empty loads of every node, for [`crate::placement::choose`] to fill in.
+    pub fn loads(&self) -> Vec<NodeLoad> {
+        self.nodes
+            .iter()
+            .map(|n| NodeLoad {
+                node: n.name().to_string(),
+                databases: n.databases,
+                taken: Default::default(),
+            })
+            .collect()
+    }
+
+    /// Stops every node; returns when all valkey-server children are gone.
+    pub async fn stop(&self) {
+        for node in &self.nodes {
+            node.stop().await;
+        }
+    }
+
+    /// Makes a cache's databases ready: flushes them (a previous owner's data never shows),
+    /// then creates its ACL user and saves the ACL file so a restart keeps it.
+    pub async fn create_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let mut pipe = redis::pipe();
+        for db in acl.db..acl.db + acl.databases.max(1) {
+            pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
+        }
+        pipe.cmd("SELECT").arg(0).ignore();
+        pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
+        pipe.cmd("ACL").arg("SAVE").ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
+    }
+
+    /// Removes a cache: deletes its ACL user (Valkey closes its connections) and flushes its
+    /// databases.
+    pub async fn delete_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
+        pipe.cmd("ACL").arg("SAVE").ignore();
+        for db in acl.db..acl.db + acl.databases.max(1) {
+            pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
+        }
+        pipe.cmd("SELECT").arg(0).ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
+    }
+}
+
+async fn admin_conn(node: &Node) -> Result<redis::aio::MultiplexedConnection, EngineError> {
+    let client = node.admin_client()?;
+    let connect = client.get_multiplexed_async_connection();
+    match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(r) => r.map_err(|e| node.valkey_err(e)),
+        Err(_) => Err(EngineError::NotReady(node.name().to_string())),
+    }
+}

@@ -1,0 +1,79 @@
+//! Verifies data-plane JWTs locally with the control plane's published keys (JWKS).
+//!
+//! The algorithm is pinned to EdDSA, `iss`, `aud`, `sub`, `exp` and `iat` are required, and
+//! a small leeway allows for clock skew. Unknown key ids trigger a (rate-limited) refresh.
+
+use crate::router::ControlPlaneClient;
+use crate::GatewayError;
+use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
+use shoal_types::{DataClaims, DATA_AUDIENCE, TOKEN_ISSUER};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECS: u64 = 30;
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct JwtVerifier {
+    client: Arc<ControlPlaneClient>,
+    keys: RwLock<HashMap<String, DecodingKey>>,
+    last_refresh: Mutex<Option<Instant>>,
+    validation: Validation,
+}
+
+impl JwtVerifier {
+    pub fn new(client: Arc<ControlPlaneClient>) -> Self {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[TOKEN_ISSUER]);
+        validation.set_audience(&[DATA_AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        JwtVerifier { client, keys: RwLock::new(HashMap::new()), last_refresh: Mutex::new(None), validation }
+    }
+
+    /// Reloads the key set from the control plane, at most once per few seconds.
+    pub async fn refresh(&self) -> Result<(), GatewayError> {
+        {
+            let mut last = self.last_refresh.lock().unwrap();
+            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let set: JwkSet = self.client.jwks().await?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            if let (Some(kid), Ok(key)) = (jwk.common.key_id.clone(), DecodingKey::from_jwk(jwk)) {
+                keys.insert(kid, key);
+            }
+        }
+        *self.keys.write().unwrap() = keys;
+        Ok(())
+    }
+
+    /// Checks signature and claims; returns the claims of a valid token.
+    pub async fn verify(&self, token: &str) -> Result<DataClaims, GatewayError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| GatewayError::Auth(e.to_string()))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(GatewayError::Auth(format!("algorithm {:?} not accepted", header.alg)));
+        }
+        let kid = header.kid.ok_or_else(|| GatewayError::Auth("token has no kid".into()))?;
+        if !self.keys.read().unwrap().contains_key(&kid) {
+            self.refresh().await?;
+        }
+        let keys = self.keys.read().unwrap();
+        let key = keys.get(&kid).ok_or_else(|| GatewayError::Auth("unknown kid".into()))?;
+        let data = jsonwebtoken::decode::<DataClaims>(token, key, &self.validation)
+            .map_err(|e| GatewayError::Auth(e.to_string()))?;
+        Ok(data.claims)
+    }
+}
+
+/// Whether a password looks like a JWT (three base64url parts).
+pub fn looks_like_jwt(password: &[u8]) -> bool {
+    password.len() > 20
+        && password.iter().filter(|&&b| b == b'.').count() == 2
+        && password.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}

@@ -1,0 +1,39 @@
+//! Gateway errors. Each has a client-safe RESP message; internal details go to logs only.
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("unknown cache")]
+    UnknownCache,
+    #[error("control plane unreachable: {0}")]
+    ControlPlane(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("upstream refused the cache's credentials")]
+    UpstreamAuth,
+}
+
+impl GatewayError {
+    /// The RESP error (without `-` and CRLF) a client gets.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            GatewayError::Auth(_) | GatewayError::UnknownCache | GatewayError::UpstreamAuth => {
+                "WRONGPASS invalid username-password pair or user is disabled."
+            }
+            GatewayError::ControlPlane(_) => "ERR authentication service unavailable, try again",
+            GatewayError::Upstream(_) => "ERR cache temporarily unavailable, try again",
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GatewayError::Auth(_) => "auth",
+            GatewayError::UnknownCache => "unknown_cache",
+            GatewayError::ControlPlane(_) => "control_plane",
+            GatewayError::Upstream(_) => "upstream",
+            GatewayError::UpstreamAuth => "upstream_auth",
+        }
+    }
+}

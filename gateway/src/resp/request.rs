@@ -1,0 +1,231 @@
+//! Incremental parser of client requests.
+//!
+//! Keeps its place between reads: bulk payloads are skipped by length, never scanned, and a
+//! partial request is resumed where it stopped. Limits are checked before anything is
+//! allocated; a violation is a protocol error with Valkey's wording, after which the
+//! session answers and closes.
+
+use super::{find_crlf, parse_int};
+use std::ops::Range;
+
+/// Limits on what a client may send. Before AUTH they are Valkey's unauthenticated limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_args: usize,
+    pub max_bulk: usize,
+}
+
+impl Limits {
+    /// Valkey's limits for unauthenticated clients: 10 arguments, 16 KB per bulk string.
+    pub const UNAUTHENTICATED: Limits = Limits { max_args: 10, max_bulk: 16 * 1024 };
+}
+
+/// Longest header or inline line accepted (Valkey's PROTO_INLINE_MAX_SIZE).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A protocol error; the text is what Valkey says after `-ERR `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Protocol error: {0}")]
+pub struct ProtocolError(pub String);
+
+fn perr(msg: impl Into<String>) -> ProtocolError {
+    ProtocolError(msg.into())
+}
+
+/// One complete request at the front of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// Bytes the request occupies, including its final CRLF.
+    pub len: usize,
+    /// Whether it was an inline command (needs re-encoding before it goes upstream).
+    pub inline: bool,
+}
+
+/// Parses one request at a time from the front of a buffer.
+#[derive(Debug, Default)]
+pub struct RequestParser {
+    /// Bytes of the current request consumed so far.
+    pos: usize,
+    /// Arguments still expected; `None` until the `*<n>` header is read.
+    remaining: Option<usize>,
+    args: Vec<Range<usize>>,
+}
+
+impl RequestParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Argument ranges (into the buffer) of the request last returned by [`Self::next`].
+    pub fn args(&self) -> &[Range<usize>] {
+        &self.args
+    }
+
+    /// Parses as far as `buf` allows. `Ok(Some(frame))` when a whole request is at the front:
+    /// read its arguments with [`Self::args`], then drop `frame.len` bytes and call again.
+    /// Empty requests (`*0`, blank lines) come back as frames with no arguments.
+    pub fn next(&mut self, buf: &[u8], limits: Limits) -> Result<Option<Frame>, ProtocolError> {
+        if self.remaining.is_none() {
+            self.args.clear();
+            self.pos = 0;
+            match buf.first() {
+                None => return Ok(None),
+                Some(b'*') => {}
+                Some(_) => return self.inline(buf),
+            }
+            let Some(cr) = find_crlf(buf, 1) else {
+                if buf.len() > MAX_LINE {
+                    return Err(perr("too big mbulk count string"));
+                }
+                return Ok(None);
+            };
+            if cr > MAX_LINE {
+                return Err(perr("too big mbulk count string"));
+            }
+            let n = parse_int(&buf[1..cr]).ok_or_else(|| perr("invalid multibulk length"))?;
+            self.pos = cr + 2;
+            if n <= 0 {
+                return Ok(Some(Frame { len: self.pos, inline: false }));
+            }
+            if n as usize > limits.max_args {
+                return Err(perr("invalid multibulk length"));
+            }
+            self.args.reserve((n as usize).min(1024));
+            self.remaining = Some(n as usize);
+        }
+        while let Some(left) = self.remaining {
+            if left == 0 {
+                self.remaining = None;
+                return Ok(Some(Frame { len: self.pos, inline: false }));
+            }
+            let Some(&first) = buf.get(self.pos) else { return Ok(None) };
+            if first != b'$' {
+                return Err(perr(format!("expected '$', got '{}'", first as char)));
+            }
+            let Some(cr) = find_crlf(buf, self.pos + 1) else {
+                if buf.len() - self.pos > MAX_LINE {
+                    return Err(perr("too big bulk count string"));
+                }
+                return Ok(None);
+            };
+            let len = parse_int(&buf[self.pos + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?;
+            if len < 0 || len as usize > limits.max_bulk {
+                return Err(perr("invalid bulk length"));
+            }
+            let start = cr + 2;
+            let end = start + len as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(perr("invalid bulk format"));
+            }
+            self.args.push(start..end);
+            self.pos = end + 2;
+            self.remaining = Some(left - 1);
+        }
+        unreachable!("the loop returns when no argument is left")
+    }
+
+    fn inline(&mut self, buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
+        let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+            if buf.len() > MAX_LINE {
+                return Err(perr("too big inline request"));
+            }
+            return Ok(None);
+        };
+        if nl > MAX_LINE {
+            return Err(perr("too big inline request"));
+        }
+        let line_end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+        let line = &buf[..line_end];
+        let mut i = 0;
+        while i < line.len() {
+            while i < line.len() && line[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if i >= line.len() {
+                break;
+            }
+            if line[i] == b'"' || line[i] == b'\'' {
+                // Quoted inline arguments may contain escapes; they are not supported here.
+                let quote = line[i];
+                let Some(close) = line[i + 1..].iter().position(|&b| b == quote) else {
+                    return Err(perr("unbalanced quotes in request"));
+                };
+                self.args.push(i + 1..i + 1 + close);
+                i += close + 2;
+                continue;
+            }
+            let start = i;
+            while i < line.len() && !line[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            self.args.push(start..i);
+        }
+        Ok(Some(Frame { len: nl + 1, inline: true }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BIG: Limits = Limits { max_args: 1 << 20, max_bulk: 512 << 20 };
+
+    fn parse_all(input: &[u8], limits: Limits) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
+        let mut p = RequestParser::new();
+        let mut buf = input;
+        let mut out = Vec::new();
+        while let Some(frame) = p.next(buf, limits)? {
+            out.push(p.args().iter().map(|r| buf[r.clone()].to_vec()).collect());
+            buf = &buf[frame.len..];
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn parses_a_pipeline() {
+        let got = parse_all(b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n", BIG).unwrap();
+        assert_eq!(got, vec![vec![b"PING".to_vec()], vec![b"SET".to_vec(), b"k".to_vec(), b"".to_vec()]]);
+    }
+
+    #[test]
+    fn resumes_partial_input_byte_by_byte() {
+        let input = b"*2\r\n$3\r\nGET\r\n$5\r\nhello\r\n";
+        let mut p = RequestParser::new();
+        for end in 0..input.len() {
+            assert_eq!(p.next(&input[..end], BIG).unwrap(), None, "at {end}");
+        }
+        let frame = p.next(input, BIG).unwrap().unwrap();
+        assert_eq!(frame.len, input.len());
+        assert_eq!(&input[p.args()[1].clone()], b"hello");
+    }
+
+    #[test]
+    fn inline_commands() {
+        let got = parse_all(b"SET k  \"a b\"\r\nPING\n", BIG).unwrap();
+        assert_eq!(got[0], vec![b"SET".to_vec(), b"k".to_vec(), b"a b".to_vec()]);
+        assert_eq!(got[1], vec![b"PING".to_vec()]);
+    }
+
+    #[test]
+    fn protocol_errors_use_valkeys_words() {
+        let err = |input: &[u8], l| parse_all(input, l).unwrap_err().to_string();
+        assert_eq!(err(b"*x\r\n", BIG), "Protocol error: invalid multibulk length");
+        assert_eq!(err(b"*1\r\n+PING\r\n", BIG), "Protocol error: expected '$', got '+'");
+        assert_eq!(err(b"*1\r\n$-5\r\n", BIG), "Protocol error: invalid bulk length");
+        assert_eq!(err(b"*11\r\n", Limits::UNAUTHENTICATED), "Protocol error: invalid multibulk length");
+        assert_eq!(err(b"*1\r\n$16385\r\n", Limits::UNAUTHENTICATED), "Protocol error: invalid bulk length");
+        assert_eq!(err(b"SET \"k\r\n", BIG), "Protocol error: unbalanced quotes in request");
+        assert_eq!(err(&vec![b'A'; MAX_LINE + 1], BIG), "Protocol error: too big inline request");
+    }
+
+    #[test]
+    fn huge_declared_lengths_are_refused_before_allocation() {
+        let err = parse_all(b"*2147483648\r\n", Limits { max_args: 1 << 20, max_bulk: 1 }).unwrap_err();
+        assert_eq!(err.0, "invalid multibulk length");
+        let err = parse_all(b"*1\r\n$99999999999\r\n", BIG).unwrap_err();
+        assert_eq!(err.0, "invalid bulk length");
+    }
+}

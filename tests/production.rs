@@ -1,0 +1,112 @@
+//! The production processes, each from its own config file: `shoal control-plane` and
+//! `shoal gateway` as separate processes.
+
+mod support;
+
+use redis::AsyncCommands;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::free_port;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn control_plane_and_gateway_run_as_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let (rest, resp, node) = (free_port(), free_port(), free_port());
+    let cp_toml = format!(
+        "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
+         admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
+         internal_token = \"sekrit-internal\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
+         [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
+    );
+    let gw_toml = format!(
+        "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{rest}\"\n\
+         internal_token = \"sekrit-internal\"\n"
+    );
+    std::fs::write(dir.path().join("cp.toml"), cp_toml).unwrap();
+    std::fs::write(dir.path().join("gw.toml"), gw_toml).unwrap();
+    let cp_path = dir.path().join("cp.toml");
+    let _cp = spawn(&["control-plane", "--config", cp_path.to_str().unwrap()], &dir.path().join("cp.log"));
+
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(dir.path().join("admin.token").exists()
+        && http
+            .get(format!("http://127.0.0.1:{rest}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success()))
+    {
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(dir.path().join("cp.log")).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gw_path = dir.path().join("gw.toml");
+    let _gw = spawn(&["gateway", "--config", gw_path.to_str().unwrap()], &dir.path().join("gw.log"));
+
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+    let cache: serde_json::Value = http
+        .post(format!("http://127.0.0.1:{rest}/v1/caches"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"name": "prod"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cache["endpoint"], format!("127.0.0.1:{resp}"));
+    let minted: serde_json::Value = http
+        .post(format!("http://127.0.0.1:{rest}/v1/caches/{}/tokens", cache["id"].as_str().unwrap()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = format!("redis://:{}@127.0.0.1:{resp}/", minted["token"].as_str().unwrap());
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = loop {
+        match client.get_multiplexed_async_connection().await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "gateway never accepted: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let _: () = conn.set("k", "v").await.unwrap();
+    assert_eq!(conn.get::<_, String>("k").await.unwrap(), "v");
+
+    // The internal API refuses callers without the internal token.
+    let route = http
+        .get(format!("http://127.0.0.1:{rest}/internal/v1/routes/{}", cache["id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(route.status(), 401);
+}

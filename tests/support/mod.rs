@@ -1,0 +1,192 @@
+//! Test harness: runs the real `shoal dev` binary on free ports in a temporary directory,
+//! and talks to it over HTTP and RESP like a user would.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `shoal dev`, stopped with SIGTERM when dropped.
+pub struct ShoalDev {
+    pub dir: PathBuf,
+    pub rest_port: u16,
+    pub resp_port: u16,
+    pub node_ports: Vec<u16>,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl ShoalDev {
+    /// Starts on fresh ports in a fresh directory.
+    pub async fn start() -> ShoalDev {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut dev = ShoalDev {
+            dir,
+            rest_port: free_port(),
+            resp_port: free_port(),
+            node_ports: vec![free_port(), free_port()],
+            child: None,
+            http: reqwest::Client::new(),
+            _tmp: Some(tmp),
+        };
+        dev.launch().await;
+        dev
+    }
+
+    /// (Re)starts the process with the same directory and ports.
+    pub async fn launch(&mut self) {
+        let ports: Vec<String> = self.node_ports.iter().map(|p| p.to_string()).collect();
+        let log = std::fs::File::create(self.dir.join("shoal.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(self.dir.join(".shoal"))
+            .arg("--rest-port")
+            .arg(self.rest_port.to_string())
+            .arg("--resp-port")
+            .arg(self.resp_port.to_string())
+            .arg("--node-ports")
+            .arg(ports.join(","))
+            .arg("--databases")
+            .arg("64")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("shoal binary runs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = self.http.get(self.url("/healthz")).send().await.map(|r| r.status().is_success());
+            if matches!(up, Ok(true)) && self.admin_token_path().exists() {
+                break;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("shoal dev exited with {status}; log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "shoal dev did not come up; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("shoal.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.rest_port, path)
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.dir.join(".shoal/admin.token")
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.admin_token_path()).unwrap().trim().to_string()
+    }
+
+    /// Pids of the valkey-server children, from their pidfiles.
+    pub fn node_pids(&self) -> Vec<i32> {
+        (0..self.node_ports.len())
+            .filter_map(|i| {
+                let p = self.dir.join(format!(".shoal/valkey/n{i}/valkey.pid"));
+                std::fs::read_to_string(p).ok()?.trim().parse().ok()
+            })
+            .collect()
+    }
+
+    /// Sends a signal to `shoal dev` and waits for it to exit.
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("shoal dev did not stop; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `method path` with the admin token; returns status and JSON body (Null if none).
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(self.admin_token());
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create_cache(&self, name: &str) -> Value {
+        let (status, body) =
+            self.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": name}))).await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    pub async fn mint_token(&self, cache_id: &str) -> String {
+        let (status, body) =
+            self.api(reqwest::Method::POST, &format!("/v1/caches/{cache_id}/tokens"), None).await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    /// A redis-rs connection through the gateway, authenticated with `token`.
+    pub async fn client(&self, token: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let url = format!("redis://:{}@127.0.0.1:{}/", token, self.resp_port);
+        redis::Client::open(url)?.get_multiplexed_async_connection().await
+    }
+
+    /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
+    pub async fn node_admin(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        let secret =
+            std::fs::read_to_string(self.dir.join(format!(".shoal/valkey/n{i}/admin.secret"))).unwrap();
+        let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), self.node_ports[i]);
+        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+}
+
+impl Drop for ShoalDev {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(libc::SIGTERM);
+        }
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A raw RESP conversation: writes `input`, reads until the server closes or is quiet for 500 ms.
+pub async fn raw(port: u16, input: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(input).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// `AUTH <token>` as RESP.
+pub fn auth_command(token: &str) -> Vec<u8> {
+    format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", token.len(), token).into_bytes()
+}

@@ -1,0 +1,140 @@
+//! Typed ids and wire types shared by the control plane, the gateway and the engine.
+//!
+//! Keeping them here lets the crates talk without depending on each other's internals.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why a string is not a valid id.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {kind} id {value:?}")]
+pub struct InvalidId {
+    kind: &'static str,
+    value: String,
+}
+
+macro_rules! typed_id {
+    ($name:ident, $prefix:literal, $kind:literal) => {
+        #[doc = concat!("A ", $kind, " id: `", $prefix, "` followed by 12 lowercase hex digits.")]
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// A fresh random id.
+            pub fn generate() -> Self {
+                let n: u64 = rand::thread_rng().gen::<u64>() & 0xffff_ffff_ffff;
+                Self(format!("{}{:012x}", $prefix, n))
+            }
+
+            /// Accepts only ids this type could have generated.
+            pub fn parse(s: &str) -> Result<Self, InvalidId> {
+                let rest = s.strip_prefix($prefix);
+                match rest {
+                    Some(hex)
+                        if hex.len() == 12
+                            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+                    {
+                        Ok(Self(s.to_owned()))
+                    }
+                    _ => Err(InvalidId { kind: $kind, value: s.chars().take(64).collect() }),
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidId;
+            fn try_from(s: String) -> Result<Self, InvalidId> {
+                Self::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+    };
+}
+
+typed_id!(CacheId, "c", "cache");
+typed_id!(AccountId, "a", "account");
+
+impl CacheId {
+    /// The Valkey ACL user of this cache on its node; also its pub/sub channel prefix (`t<id>:`).
+    pub fn acl_user(&self) -> String {
+        format!("t{}", self.0)
+    }
+}
+
+/// Where a cache lives, as the gateway needs it to open an upstream connection.
+/// Served by the control plane's internal API; contains the ACL password, never shown to tenants.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantRoute {
+    pub cache_id: CacheId,
+    pub cache_name: String,
+    /// `host:port` of the Valkey node.
+    pub node_addr: String,
+    /// The first Valkey database of the cache; the cache's database `i` is `db + i`.
+    pub db: u32,
+    /// How many numbered databases the cache may use.
+    pub databases: u32,
+    pub acl_user: String,
+    pub acl_password: String,
+}
+
+/// Permissions a data-plane token grants.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permission {
+    #[default]
+    ReadWrite,
+    ReadOnly,
+}
+
+/// Claims of a data-plane JWT (what `AUTH <token>` presents to the gateway).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub iat: i64,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    pub jti: String,
+    pub cache: CacheId,
+    #[serde(default)]
+    pub perm: Permission,
+}
+
+/// Issuer and audience of data-plane tokens; the gateway pins both.
+pub const TOKEN_ISSUER: &str = "shoal";
+pub const DATA_AUDIENCE: &str = "shoal-data";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_reject_garbage() {
+        let id = CacheId::generate();
+        assert_eq!(CacheId::parse(id.as_str()).unwrap(), id);
+        assert!(CacheId::parse("c123").is_err());
+        assert!(CacheId::parse("a0123456789ab").is_err());
+        assert!(CacheId::parse("c0123456789aG").is_err());
+        assert!(CacheId::parse("c0123456789ab").is_ok());
+        assert_eq!(CacheId::parse("c0123456789ab").unwrap().acl_user(), "tc0123456789ab");
+    }
+}
