@@ -115,9 +115,9 @@ mod tests {
     fn scans_resp2_and_resp3_replies() {
         assert_eq!(lens(b"+OK\r\n:1\r\n$-1\r\n*-1\r\n"), vec![5, 4, 5, 5]);
         assert_eq!(lens(b"*2\r\n$1\r\na\r\n*1\r\n:2\r\n"), vec![19]);
-        assert_eq!(lens(b"%1\r\n+k\r\n~2\r\n_\r\n#t\r\n"), vec![21]);
+        assert_eq!(lens(b"%1\r\n+k\r\n~2\r\n_\r\n#t\r\n"), vec![19]);
         assert_eq!(lens(b"|1\r\n+ttl\r\n:3\r\n$1\r\nx\r\n"), vec![21]);
-        assert_eq!(lens(b"*0\r\n=7\r\ntxt:abc\r\n"), vec![4, 14]);
+        assert_eq!(lens(b"*0\r\n=7\r\ntxt:abc\r\n"), vec![4, 13]);
     }
 
     #[test]
