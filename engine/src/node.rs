@@ -19,6 +19,20 @@ use tokio::sync::Notify;
 
 /// The platform's own ACL user on every node.
 pub const ADMIN_USER: &str = "shoal";
+/// A read-only user for gateways: node-wide views (INFO, PUBSUB) that the gateway filters
+/// down to one cache before a tenant sees them. Tenants never get this.
+pub const OBSERVER_USER: &str = "shoal-observer";
+const OBSERVER_RULES: &[&str] = &[
+    "reset",
+    "resetchannels",
+    "-@all",
+    "+ping",
+    "+info",
+    "+pubsub|channels",
+    "+pubsub|numsub",
+    "+pubsub|shardchannels",
+    "+pubsub|shardnumsub",
+];
 
 /// What an operator configures for one node.
 #[derive(Clone, Debug)]
@@ -34,6 +48,7 @@ pub struct Node {
     pub dir: PathBuf,
     pub databases: u32,
     admin_password: String,
+    observer_password: String,
     binary: PathBuf,
     /// Pid of the running child, 0 while none runs.
     pid: AtomicU32,
@@ -54,15 +69,8 @@ impl Node {
         let dir = root.join(&spec.name);
         let io = |source| EngineError::Io { node: spec.name.clone(), source };
         std::fs::create_dir_all(&dir).map_err(io)?;
-        let secret_path = dir.join("admin.secret");
-        let admin_password = match std::fs::read_to_string(&secret_path) {
-            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
-            _ => {
-                let password = random_secret();
-                write_private(&secret_path, &password).map_err(io)?;
-                password
-            }
-        };
+        let admin_password = read_or_create_secret(&dir.join("admin.secret")).map_err(io)?;
+        let observer_password = read_or_create_secret(&dir.join("observer.secret")).map_err(io)?;
         let acl_path = dir.join("users.acl");
         if !acl_path.exists() {
             write_private(&acl_path, &initial_acl(&admin_password)).map_err(io)?;
@@ -72,6 +80,7 @@ impl Node {
             dir,
             databases,
             admin_password,
+            observer_password,
             binary,
             pid: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
@@ -114,6 +123,31 @@ impl Node {
             },
         };
         redis::Client::open(info).map_err(|source| self.valkey_err(source))
+    }
+
+    /// Credentials of the observer user (see [`OBSERVER_USER`]), for gateways.
+    pub fn observer_password(&self) -> &str {
+        &self.observer_password
+    }
+
+    /// Creates or refreshes the observer user; runs after every (re)start.
+    async fn ensure_observer(&self) -> Result<(), EngineError> {
+        let mut conn =
+            self.admin_client()?.get_multiplexed_async_connection().await.map_err(|e| self.valkey_err(e))?;
+        redis::pipe()
+            .cmd("ACL")
+            .arg("SETUSER")
+            .arg(OBSERVER_USER)
+            .arg(OBSERVER_RULES)
+            .arg("on")
+            .arg(format!(">{}", self.observer_password))
+            .ignore()
+            .cmd("ACL")
+            .arg("SAVE")
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.valkey_err(e))
     }
 
     pub(crate) fn valkey_err(&self, source: redis::RedisError) -> EngineError {
@@ -202,7 +236,11 @@ impl Node {
     /// Starts the child and waits for it to be ready; then keeps it running until [`Node::stop`].
     pub async fn start(self: &Arc<Self>) -> Result<(), EngineError> {
         let child = self.spawn()?;
-        if let Err(e) = self.wait_ready(Duration::from_secs(10)).await {
+        let ready = async {
+            self.wait_ready(Duration::from_secs(10)).await?;
+            self.ensure_observer().await
+        };
+        if let Err(e) = ready.await {
             let mut child = child;
             let _ = child.kill().await;
             return Err(e);
@@ -294,6 +332,17 @@ fn kill_stale(pidfile: &Path) {
 fn initial_acl(admin_password: &str) -> String {
     let hash = hex::encode(Sha256::digest(admin_password.as_bytes()));
     format!("user default off resetchannels -@all\nuser {ADMIN_USER} on #{hash} ~* &* +@all\n")
+}
+
+fn read_or_create_secret(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let secret = random_secret();
+            write_private(path, &secret)?;
+            Ok(secret)
+        }
+    }
 }
 
 /// 32 random bytes, hex encoded.

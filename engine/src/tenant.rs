@@ -28,7 +28,6 @@ const NODE_WIDE_DENIED: &[&str] = &[
     "-memory|purge",
     "-memory|malloc-stats",
     "-client|no-evict",
-    "-client|no-touch",
     "-client|tracking",
     "-client|trackinginfo",
     "-client|caching",
@@ -56,10 +55,17 @@ impl TenantAcl {
             "-@admin".to_string(),
             "-@dangerous".to_string(),
         ];
+        // Keyspace notifications of its own databases only.
+        for db in self.db..self.db + self.databases.max(1) {
+            rules.push(format!("&__keyspace@{db}__:*"));
+            rules.push(format!("&__keyevent@{db}__:*"));
+        }
         rules.extend(ALLOWED_BACK.iter().map(|s| s.to_string()));
         rules.extend(NODE_WIDE_DENIED.iter().map(|s| s.to_string()));
+        // One `db=` rule with every database: a second `db=` rule would replace the first.
+        let dbs: Vec<String> = (self.db..self.db + self.databases.max(1)).map(|db| db.to_string()).collect();
         rules.push("resetdbs".to_string());
-        rules.extend((self.db..self.db + self.databases.max(1)).map(|db| format!("db={db}")));
+        rules.push(format!("db={}", dbs.join(",")));
         rules
     }
 }
@@ -75,6 +81,6 @@ mod tests {
         assert!(rules.contains(&"&tc1:*".to_string()));
         assert!(rules.contains(&"-@dangerous".to_string()));
         let dbs: Vec<_> = rules.iter().skip_while(|r| *r != "resetdbs").collect();
-        assert_eq!(dbs, ["resetdbs", "db=4", "db=5"]);
+        assert_eq!(dbs, ["resetdbs", "db=4,5"]);
     }
 }

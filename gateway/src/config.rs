@@ -16,8 +16,21 @@ pub struct GatewayConfig {
     pub max_bulk_bytes: usize,
     /// Most arguments in one command after AUTH.
     pub max_args: usize,
+    /// The address clients should use to reach this gateway (cluster-mode answers);
+    /// defaults to `listen`.
+    pub advertise: Option<String>,
     /// Most client connections at once.
     pub max_connections: usize,
+    /// Most connections one cache may hold on this gateway.
+    pub max_connections_per_cache: usize,
+    /// Most connections that have not authenticated yet.
+    pub max_unauthenticated: usize,
+    /// Seconds a new connection has to authenticate.
+    #[serde(with = "secs")]
+    pub auth_timeout: Duration,
+    /// Close connections idle this long (0 = never, as Valkey's `timeout 0`).
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
     /// How long a cache's route is reused before it is asked for again.
     #[serde(with = "secs")]
     pub route_ttl: Duration,
@@ -31,7 +44,12 @@ impl Default for GatewayConfig {
             internal_token: String::new(),
             max_bulk_bytes: 512 * 1024 * 1024,
             max_args: 1024 * 1024,
+            advertise: None,
             max_connections: 10_000,
+            max_connections_per_cache: 1_000,
+            max_unauthenticated: 1_000,
+            auth_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
             route_ttl: Duration::from_secs(2),
         }
     }

@@ -12,6 +12,8 @@ pub enum GatewayError {
     Upstream(String),
     #[error("upstream refused the cache's credentials")]
     UpstreamAuth,
+    #[error("the cache has too many connections")]
+    TooManyConnections,
 }
 
 impl GatewayError {
@@ -23,6 +25,7 @@ impl GatewayError {
             }
             GatewayError::ControlPlane(_) => "ERR authentication service unavailable, try again",
             GatewayError::Upstream(_) => "ERR cache temporarily unavailable, try again",
+            GatewayError::TooManyConnections => "ERR max number of clients reached for this cache",
         }
     }
 
@@ -34,6 +37,7 @@ impl GatewayError {
             GatewayError::ControlPlane(_) => "control_plane",
             GatewayError::Upstream(_) => "upstream",
             GatewayError::UpstreamAuth => "upstream_auth",
+            GatewayError::TooManyConnections => "too_many_connections",
         }
     }
 }

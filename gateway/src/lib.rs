@@ -5,22 +5,32 @@
 //! command name, and copies the original bytes upstream.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`listener`]: accept loop, connection limit, shutdown.
-//! - [`session`]: one task per connection; the state machine AUTH → forward.
-//! - [`resp`]: request parser and reply boundary scanner (no I/O).
+//! - [`listener`]: accept loop, connection limits, shutdown.
+//! - [`session`]: one task per connection; AUTH, then forward in order.
+//! - [`resp`]: request parser, reply boundary scanner, a small value model (no I/O).
 //! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
 //! - [`router`]: cache id → [`shoal_types::TenantRoute`], from the control plane.
+//! - [`policy`]: the command table (`data/commands.tsv`): pass, deny or virtualize.
+//! - [`virtualize`]: commands the gateway answers or rewrites per cache, with
+//!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
+//!   [`clients`] (each cache's connections) and [`observer`] (node-wide views, filtered).
 //! - [`upstream`]: opens the per-session connection to the cache's Valkey node.
 //! - [`config`], [`error`].
 
 pub mod auth;
+pub mod clients;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod listener;
+pub mod observer;
+pub mod policy;
+pub mod pubsub;
 pub mod resp;
 pub mod router;
 pub mod session;
 pub mod upstream;
+pub mod virtualize;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;

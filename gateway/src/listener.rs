@@ -2,12 +2,15 @@
 //! signal that stops accepting.
 
 use crate::auth::jwt::JwtVerifier;
+use crate::clients::Registry;
+use crate::cluster::Identity;
+use crate::observer::Observers;
 use crate::router::{ControlPlaneClient, Router};
 use crate::session;
 use crate::GatewayConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -16,6 +19,13 @@ pub struct Shared {
     pub config: GatewayConfig,
     pub jwt: JwtVerifier,
     pub router: Router,
+    pub clients: Registry,
+    pub observers: Observers,
+    /// How the gateway presents itself to cluster-mode clients.
+    pub identity: Identity,
+    pub started: Instant,
+    /// Permits for connections that have not authenticated yet.
+    pub unauthenticated: Arc<Semaphore>,
 }
 
 /// A bound, not yet running gateway.
@@ -29,9 +39,18 @@ impl Gateway {
     pub async fn bind(config: GatewayConfig) -> std::io::Result<Gateway> {
         let listener = TcpListener::bind(&config.listen).await?;
         let client = Arc::new(ControlPlaneClient::new(&config.control_plane_url, &config.internal_token));
+        let advertise = match &config.advertise {
+            Some(a) => a.clone(),
+            None => listener.local_addr()?.to_string(),
+        };
         let shared = Arc::new(Shared {
             jwt: JwtVerifier::new(client.clone()),
             router: Router::new(client, config.route_ttl),
+            clients: Registry::default(),
+            observers: Observers::default(),
+            identity: Identity::new(&advertise),
+            started: Instant::now(),
+            unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
             config,
         });
         Ok(Gateway { listener, shared })
@@ -66,16 +85,23 @@ impl Gateway {
                 }
             };
             let Ok(permit) = limit.clone().try_acquire_owned() else {
-                tokio::spawn(session::refuse(stream, "ERR max number of clients reached"));
+                tokio::spawn(refuse(stream, "ERR max number of clients reached"));
                 continue;
             };
             stream.set_nodelay(true).ok();
             let shared = self.shared.clone();
+            let local = stream.local_addr().unwrap_or(peer);
             tokio::spawn(async move {
-                session::run(shared, stream, peer).await;
+                session::run(shared, stream, peer, local).await;
                 drop(permit);
             });
         }
         tracing::info!("gateway stopped accepting");
     }
+}
+
+/// Answers a connection the gateway will not serve, then closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, msg: &'static str) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.write_all(format!("-{msg}\r\n").as_bytes()).await;
 }

@@ -2,37 +2,52 @@
 //!
 //! A single task drives both directions without blocking either: it reads the client and
 //! the upstream into buffers, forwards complete requests byte for byte, and writes replies
-//! back in request order. Replies the gateway makes itself (errors, `+OK` to AUTH) wait in
-//! `pending` behind the upstream replies that precede them, so pipelines keep their order.
+//! back in request order. Replies the gateway makes itself (errors, virtualized commands)
+//! wait in `pending` behind the upstream replies that precede them, so pipelines keep
+//! their order. Virtualized commands live in [`crate::virtualize`].
 
+use crate::clients::ClientEntry;
 use crate::listener::Shared;
+use crate::policy::{self, Treatment};
+use crate::pubsub::{Namespace, CONFIRMATIONS};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, Limits, RequestParser};
+use crate::resp::value::{self, Value};
 use crate::resp::{self};
 use crate::{upstream, GatewayError};
 use bytes::{Buf, Bytes, BytesMut};
 use shoal_types::{CacheId, TenantRoute};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Stop reading a side while this much output waits to be written to the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 /// Stop reading the client while this many replies are outstanding.
 const MAX_PENDING: usize = 64 * 1024;
 
-const NOAUTH: &str = "NOAUTH Authentication required.";
-const HELLO_NOAUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, \
-     otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client \
-     and select the RESP protocol version at the same time";
+pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
+
+/// What to do with the next upstream reply.
+pub(crate) enum OnReply {
+    Forward,
+    /// Drop it (a helper command the client did not send).
+    Discard,
+    /// Send these bytes instead, unless the reply is an error.
+    Replace(Bytes),
+    /// Rewrite it (decoded), unless it is an error.
+    Transform(Box<dyn FnOnce(Value, u8) -> Value + Send>),
+}
 
 /// An answer the client is owed, in request order.
-enum Pending {
-    /// The next reply from upstream.
-    Upstream,
+pub(crate) enum Pending {
+    Upstream(OnReply),
     /// A reply the gateway made, sent once everything before it is sent.
     Local(Bytes),
     /// Close the connection once everything before it is sent.
@@ -40,28 +55,58 @@ enum Pending {
 }
 
 /// Who the client is once authenticated.
-struct Tenant {
-    cache: CacheId,
-    route: TenantRoute,
+pub(crate) struct Tenant {
+    pub cache: CacheId,
+    pub route: TenantRoute,
+    pub ns: Namespace,
     /// The cache's database the client has selected (0-based, virtual).
-    db: u32,
+    pub db: u32,
+    pub entry: Arc<ClientEntry>,
 }
 
-struct Session {
-    shared: Arc<Shared>,
-    peer: SocketAddr,
+/// Pub/sub bookkeeping, so that subscription confirmations and messages (which answer no
+/// request one-for-one) are told apart from replies in RESP2.
+#[derive(Default)]
+pub(crate) struct PubSub {
+    /// Subscriptions (channels + patterns, and shard channels) after the last confirmation.
+    pub regular: i64,
+    pub shard: i64,
+    /// Confirmations still expected per in-flight (un)subscribe command; `None` means
+    /// "until the count drops to 0" (unsubscribe from everything).
+    pub inflight: VecDeque<Option<usize>>,
+}
+
+impl PubSub {
+    fn active(&self) -> bool {
+        self.regular > 0 || self.shard > 0 || !self.inflight.is_empty()
+    }
+}
+
+pub(crate) struct Session {
+    pub shared: Arc<Shared>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
     parser: RequestParser,
     replies: ReplyScanner,
-    client_in: BytesMut,
+    pub client_in: BytesMut,
     client_out: BytesMut,
     up_in: BytesMut,
-    up_out: BytesMut,
+    pub up_out: BytesMut,
     up_read: Option<OwnedReadHalf>,
     up_write: Option<OwnedWriteHalf>,
     pending: VecDeque<Pending>,
-    tenant: Option<Tenant>,
+    pub tenant: Option<Tenant>,
+    /// Held until the client authenticates (caps unauthenticated connections).
+    unauthenticated: Option<OwnedSemaphorePermit>,
     /// No more requests are read; the session ends once output is flushed.
     closing: bool,
+    /// RESP version the client speaks (2 or 3).
+    pub proto: u8,
+    pub in_multi: bool,
+    /// A command inside MULTI was refused by the gateway: EXEC must abort.
+    pub multi_dirty: bool,
+    pub pubsub: PubSub,
+    last_activity: Instant,
 }
 
 enum Event {
@@ -69,14 +114,24 @@ enum Event {
     ClientWrote(std::io::Result<usize>),
     UpstreamRead(std::io::Result<usize>),
     UpstreamWrote(std::io::Result<usize>),
+    Killed,
+    TimedOut(&'static str),
 }
 
-/// Serves one client until it leaves, breaks the protocol, or the gateway shuts down.
-#[tracing::instrument(skip_all, fields(peer = %peer))]
-pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one client until it leaves, breaks the protocol, or is closed.
+pub async fn run<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr, local: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
+        let mut stream = stream;
+        let _ = stream.write_all(b"-ERR max number of unauthenticated clients reached\r\n").await;
+        return;
+    };
     let mut session = Session {
         shared,
         peer,
+        local,
         parser: RequestParser::new(),
         replies: ReplyScanner::new(),
         client_in: BytesMut::with_capacity(16 * 1024),
@@ -87,23 +142,29 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         up_write: None,
         pending: VecDeque::new(),
         tenant: None,
+        unauthenticated: Some(permit),
         closing: false,
+        proto: 2,
+        in_multi: false,
+        multi_dirty: false,
+        pubsub: PubSub::default(),
+        last_activity: Instant::now(),
     };
     if let Err(e) = session.serve(stream).await {
-        tracing::debug!(error = %e, "session ended");
+        tracing::debug!(peer = %session.peer, error = %e, "session ended");
     }
-}
-
-/// Answers a connection the gateway will not serve, then closes it.
-pub async fn refuse(mut stream: TcpStream, msg: &'static str) {
-    let _ = stream.write_all(format!("-{msg}\r\n").as_bytes()).await;
+    if let Some(t) = session.tenant.take() {
+        session.shared.clients.unregister(&t.cache, &t.entry);
+    }
 }
 
 impl Session {
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: S) -> std::io::Result<()> {
         let (mut client_read, mut client_write) = tokio::io::split(stream);
+        let started = Instant::now();
         loop {
             if self.closing && self.client_out.is_empty() && !self.waiting_on_upstream() {
+                client_write.shutdown().await.ok();
                 return Ok(());
             }
             let read_client = !self.closing
@@ -111,18 +172,22 @@ impl Session {
                 && self.client_out.len() < HIGH_WATER
                 && self.pending.len() < MAX_PENDING;
             let read_upstream = self.up_read.is_some() && self.client_out.len() < HIGH_WATER;
+            let entry = self.tenant.as_ref().map(|t| t.entry.clone());
+            let deadline = self.deadline(started);
             let event = tokio::select! {
                 r = client_read.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
                 r = read_opt(self.up_read.as_mut(), &mut self.up_in), if read_upstream => Event::UpstreamRead(r),
                 r = client_write.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
                 r = write_opt(self.up_write.as_mut(), &self.up_out), if !self.up_out.is_empty() && self.up_write.is_some() => Event::UpstreamWrote(r),
-                else => return Ok(()),
+                _ = killed(entry.as_deref()), if entry.is_some() => Event::Killed,
+                _ = tokio::time::sleep_until(deadline.0.into()), if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
             };
             match event {
                 Event::ClientRead(r) => {
                     if r? == 0 {
                         return Ok(());
                     }
+                    self.last_activity = Instant::now();
                     self.on_client_input().await;
                 }
                 Event::ClientWrote(r) => self.client_out.advance(r?),
@@ -135,12 +200,37 @@ impl Session {
                     Ok(n) => self.up_out.advance(n),
                     Err(e) => self.upstream_lost(&e.to_string()),
                 },
+                Event::Killed => return Ok(()),
+                Event::TimedOut(why) => {
+                    tracing::debug!(peer = %self.peer, why, "closing connection");
+                    if self.tenant.is_none() {
+                        resp::error(&mut self.client_out, "ERR authentication timed out");
+                    }
+                    self.closing = true;
+                    self.pending.clear();
+                }
             }
         }
     }
 
+    /// When the connection times out, and why: unauthenticated too long, or idle.
+    fn deadline(&self, started: Instant) -> (Instant, Option<&'static str>) {
+        let config = &self.shared.config;
+        if self.closing {
+            return (started, None);
+        }
+        if self.tenant.is_none() {
+            return (started + config.auth_timeout, Some("authentication timeout"));
+        }
+        let subscribed = self.pubsub.regular > 0 || self.pubsub.shard > 0;
+        if config.idle_timeout > Duration::ZERO && self.pending.is_empty() && !subscribed {
+            return (self.last_activity + config.idle_timeout, Some("idle timeout"));
+        }
+        (started, None)
+    }
+
     fn waiting_on_upstream(&self) -> bool {
-        self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream))
+        self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
     }
 
     fn limits(&self) -> Limits {
@@ -154,10 +244,16 @@ impl Session {
 
     /// Handles every complete request in the client buffer.
     async fn on_client_input(&mut self) {
+        let mut handled = 0u64;
         while !self.closing {
             match self.parser.next(&self.client_in, self.limits()) {
                 Ok(Some(frame)) => {
-                    self.on_request(frame).await;
+                    let args = self.parser.take_args();
+                    if !args.is_empty() {
+                        self.on_request(frame, &args).await;
+                        handled += 1;
+                    }
+                    self.parser.give_back(args);
                     self.client_in.advance(frame.len);
                 }
                 Ok(None) => break,
@@ -167,114 +263,76 @@ impl Session {
                 }
             }
         }
-    }
-
-    /// Decides what one request becomes: a local answer or bytes for upstream.
-    async fn on_request(&mut self, frame: Frame) {
-        let args: Vec<std::ops::Range<usize>> = self.parser.args().to_vec();
-        let Some(name) = args.first().map(|r| &self.client_in[r.clone()]) else { return };
-        let arg = |i: usize| -> Vec<u8> { self.client_in[args[i].clone()].to_vec() };
-        let is = |cmd: &str| name.eq_ignore_ascii_case(cmd.as_bytes());
-
-        if is("QUIT") {
-            self.reply(Bytes::from_static(b"+OK\r\n"));
-            self.close_after_replies();
-        } else if is("AUTH") {
-            let (user, password) = match args.len() {
-                2 => (None, arg(1)),
-                3 => (Some(arg(1)), arg(2)),
-                _ => return self.reply_error("ERR wrong number of arguments for 'auth' command"),
-            };
-            match self.authenticate(user.as_deref(), &password).await {
-                Ok(()) => self.reply(Bytes::from_static(b"+OK\r\n")),
-                Err(e) => self.reply_auth_error(e),
-            }
-        } else if is("HELLO") {
-            let owned: Vec<Vec<u8>> = (1..args.len()).map(arg).collect();
-            self.hello(owned).await;
-        } else if self.tenant.is_none() {
-            self.reply_error(NOAUTH);
-        } else if is("SELECT") && args.len() == 2 {
-            self.select(&arg(1)).await;
-        } else if is("FLUSHALL") {
-            // The cache's databases only. With one database, that is FLUSHDB.
-            let databases = self.tenant.as_ref().map_or(1, |t| t.route.databases);
-            if databases > 1 {
-                return self
-                    .reply_error("ERR FLUSHALL on a multi-database cache: use FLUSHDB in each database");
-            }
-            let mut rebuilt: Vec<Vec<u8>> = vec![b"FLUSHDB".to_vec()];
-            rebuilt.extend((1..args.len()).map(arg));
-            self.forward_rebuilt(&rebuilt).await;
-        } else if frame.inline {
-            let rebuilt: Vec<Vec<u8>> = (0..args.len()).map(arg).collect();
-            self.forward_rebuilt(&rebuilt).await;
-        } else {
-            if !self.ensure_upstream().await {
-                return;
-            }
-            self.up_out.extend_from_slice(&self.client_in[..frame.len]);
-            self.pending.push_back(Pending::Upstream);
+        if let Some(t) = &self.tenant {
+            t.entry.commands.fetch_add(handled, Ordering::Relaxed);
+            t.entry.last_active.store(t.entry.created.elapsed().as_secs(), Ordering::Relaxed);
         }
     }
 
-    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: authenticates if asked, then lets
-    /// the upstream switch protocol so replies come in the version the client chose.
-    async fn hello(&mut self, args: Vec<Vec<u8>>) {
-        let mut forward: Vec<Vec<u8>> = vec![b"HELLO".to_vec()];
-        let mut i = 0;
-        if let Some(version) = args.first() {
-            if !matches!(version.as_slice(), b"2" | b"3") {
-                return self.reply_error("NOPROTO unsupported protocol version");
-            }
-            forward.push(version.clone());
-            i = 1;
-        }
-        let mut credentials = None;
-        while i < args.len() {
-            let opt = &args[i];
-            if opt.eq_ignore_ascii_case(b"AUTH") && i + 2 < args.len() {
-                credentials = Some((args[i + 1].clone(), args[i + 2].clone()));
-                i += 3;
-            } else if opt.eq_ignore_ascii_case(b"SETNAME") && i + 1 < args.len() {
-                forward.push(b"SETNAME".to_vec());
-                forward.push(args[i + 1].clone());
-                i += 2;
-            } else {
-                let opt = String::from_utf8_lossy(opt).chars().take(64).collect::<String>();
-                return self.reply_error(&format!("ERR Syntax error in HELLO option '{opt}'"));
-            }
-        }
-        if let Some((user, password)) = credentials {
-            if let Err(e) = self.authenticate(Some(&user), &password).await {
-                return self.reply_auth_error(e);
-            }
-        }
+    /// The bytes of argument `i`.
+    pub fn arg(&self, args: &[Range<usize>], i: usize) -> &[u8] {
+        &self.client_in[args[i].clone()]
+    }
+
+    /// Decides what one request becomes: forwarded bytes, a rewrite, or a local answer.
+    async fn on_request(&mut self, frame: Frame, args: &[Range<usize>]) {
+        let name = self.arg(args, 0);
+        let sub = args.get(1).map(|r| &self.client_in[r.clone()]);
+        let spec = policy::table().lookup(name, sub);
         if self.tenant.is_none() {
-            return self.reply_error(HELLO_NOAUTH);
+            let allowed = spec.is_some_and(|s| matches!(s.name.as_str(), "auth" | "hello" | "quit"));
+            if !allowed {
+                return self.reply_error(NOAUTH);
+            }
         }
-        self.forward_rebuilt(&forward).await;
+        let treatment = spec.map_or(Treatment::Pass, |s| s.treatment);
+        match treatment {
+            Treatment::Deny => {
+                let name = policy::display_name(spec.expect("denied commands are in the table"));
+                self.refuse(&format!("NOPERM the {name} command is not allowed on Shoal caches"));
+            }
+            Treatment::Virtual => {
+                let spec_name = spec.map(|s| s.name.clone()).unwrap_or_default();
+                crate::virtualize::run(self, &spec_name, args).await;
+            }
+            Treatment::Pass => {
+                if name.eq_ignore_ascii_case(b"MULTI") {
+                    self.in_multi = true;
+                } else if name.eq_ignore_ascii_case(b"EXEC") || name.eq_ignore_ascii_case(b"DISCARD") {
+                    let abort = self.multi_dirty && name.eq_ignore_ascii_case(b"EXEC");
+                    self.in_multi = false;
+                    self.multi_dirty = false;
+                    if abort {
+                        let err = Bytes::from_static(
+                            b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+                        );
+                        return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
+                    }
+                }
+                if frame.inline {
+                    let owned: Vec<Vec<u8>> = (0..args.len()).map(|i| self.arg(args, i).to_vec()).collect();
+                    let refs: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+                    return self.forward_command(&refs, OnReply::Forward).await;
+                }
+                if !self.ensure_upstream().await {
+                    return;
+                }
+                self.up_out.extend_from_slice(&self.client_in[..frame.len]);
+                self.pending.push_back(Pending::Upstream(OnReply::Forward));
+            }
+        }
     }
 
-    /// `SELECT n` within the cache's own databases.
-    async fn select(&mut self, index: &[u8]) {
-        let Some(tenant) = self.tenant.as_ref() else { return };
-        let parsed = std::str::from_utf8(index).ok().and_then(|s| s.parse::<u32>().ok());
-        match parsed {
-            Some(n) if n < tenant.route.databases => {
-                let real = (tenant.route.db + n).to_string().into_bytes();
-                if let Some(t) = self.tenant.as_mut() {
-                    t.db = n;
-                }
-                self.forward_rebuilt(&[b"SELECT".to_vec(), real]).await;
-            }
-            Some(_) => self.reply_error("ERR DB index is out of range"),
-            None => self.reply_error("ERR value is not an integer or out of range"),
+    /// A refusal by the gateway; inside MULTI it also dooms the transaction, as Valkey does.
+    pub fn refuse(&mut self, msg: &str) {
+        if self.in_multi {
+            self.multi_dirty = true;
         }
+        self.reply_error(msg);
     }
 
     /// Verifies credentials and binds the session to the token's cache.
-    async fn authenticate(&mut self, _user: Option<&[u8]>, password: &[u8]) -> Result<(), GatewayError> {
+    pub async fn authenticate(&mut self, _user: Option<&[u8]>, password: &[u8]) -> Result<(), GatewayError> {
         let token = std::str::from_utf8(password).map_err(|_| GatewayError::Auth("not utf-8".into()))?;
         if !crate::auth::jwt::looks_like_jwt(password) {
             return Err(GatewayError::Auth("not a token".into()));
@@ -287,36 +345,65 @@ impl Session {
             return Ok(());
         }
         let route = self.shared.router.route(&claims.cache).await?;
-        let stream = upstream::connect(&route, route.db).await?;
+        let entry = self
+            .shared
+            .clients
+            .register(
+                &claims.cache,
+                self.shared.config.max_connections_per_cache,
+                self.peer.to_string(),
+                self.local.to_string(),
+            )
+            .ok_or(GatewayError::TooManyConnections)?;
+        let (stream, client_id) = match upstream::connect(&route, route.db).await {
+            Ok(x) => x,
+            Err(e) => {
+                self.shared.clients.unregister(&claims.cache, &entry);
+                return Err(e);
+            }
+        };
+        entry.id.store(client_id, Ordering::Relaxed);
+        entry.proto.store(self.proto, Ordering::Relaxed);
         let (read, write) = stream.into_split();
         self.up_read = Some(read);
         self.up_write = Some(write);
-        tracing::info!(cache = %claims.cache, jti = %claims.jti, "authenticated");
-        self.tenant = Some(Tenant { cache: claims.cache, route, db: 0 });
+        tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
+        self.unauthenticated = None;
+        self.tenant = Some(Tenant {
+            ns: Namespace::new(&route.acl_user, route.db, route.databases),
+            cache: claims.cache,
+            route,
+            db: 0,
+            entry,
+        });
         Ok(())
     }
 
     /// Re-opens the upstream connection after it was lost (node restart, network).
-    async fn ensure_upstream(&mut self) -> bool {
+    pub async fn ensure_upstream(&mut self) -> bool {
         if self.up_write.is_some() {
             return true;
         }
         let Some(tenant) = self.tenant.as_ref() else { return false };
         let result = async {
             let route = self.shared.router.route(&tenant.cache).await?;
-            let stream = upstream::connect(&route, route.db + tenant.db).await?;
-            Ok::<_, GatewayError>((route, stream))
+            let (stream, id) = upstream::connect(&route, route.db + tenant.db).await?;
+            Ok::<_, GatewayError>((route, stream, id))
         }
         .await;
         match result {
-            Ok((route, stream)) => {
+            Ok((route, stream, id)) => {
                 let (read, write) = stream.into_split();
                 self.up_read = Some(read);
                 self.up_write = Some(write);
                 self.up_in.clear();
                 self.replies = ReplyScanner::new();
                 if let Some(t) = self.tenant.as_mut() {
+                    t.entry.id.store(id, Ordering::Relaxed);
                     t.route = route;
+                }
+                if self.proto == 3 {
+                    self.forward_helper(&[b"HELLO", b"3"]);
                 }
                 true
             }
@@ -331,13 +418,28 @@ impl Session {
         }
     }
 
-    async fn forward_rebuilt(&mut self, args: &[Vec<u8>]) {
+    /// Sends a command the gateway built; `on_reply` says what becomes of its reply.
+    pub async fn forward_command(&mut self, args: &[&[u8]], on_reply: OnReply) {
         if !self.ensure_upstream().await {
             return;
         }
-        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-        resp::command(&mut self.up_out, &refs);
-        self.pending.push_back(Pending::Upstream);
+        resp::command(&mut self.up_out, args);
+        self.pending.push_back(Pending::Upstream(on_reply));
+    }
+
+    /// Sends a command whose reply the client never sees (upstream must be connected).
+    pub fn forward_helper(&mut self, args: &[&[u8]]) {
+        resp::command(&mut self.up_out, args);
+        self.pending.push_back(Pending::Upstream(OnReply::Discard));
+    }
+
+    /// Sends a (un)subscribe command: its confirmations arrive out of band.
+    pub async fn forward_subscription(&mut self, args: &[&[u8]], confirmations: Option<usize>) {
+        if !self.ensure_upstream().await {
+            return;
+        }
+        resp::command(&mut self.up_out, args);
+        self.pubsub.inflight.push_back(confirmations);
     }
 
     /// Moves every complete upstream reply to the client, with the local replies queued
@@ -347,16 +449,96 @@ impl Session {
             match self.replies.next(&self.up_in) {
                 Ok(Some(reply)) => {
                     let bytes = self.up_in.split_to(reply.len);
-                    self.client_out.extend_from_slice(&bytes);
-                    if !reply.push && matches!(self.pending.front(), Some(Pending::Upstream)) {
-                        self.pending.pop_front();
-                        self.drain_local();
+                    if reply.push || (self.pubsub.active() && self.is_pubsub_frame(&bytes)) {
+                        self.on_pubsub_frame(&bytes);
+                        continue;
+                    }
+                    match self.pending.pop_front() {
+                        Some(Pending::Upstream(on_reply)) => {
+                            self.deliver(bytes, reply.error, on_reply);
+                            self.drain_local();
+                        }
+                        other => {
+                            // A reply nobody asked for: pass it on rather than lose it.
+                            if let Some(p) = other {
+                                self.pending.push_front(p);
+                            }
+                            self.client_out.extend_from_slice(&bytes);
+                        }
                     }
                 }
                 Ok(None) => return,
                 Err(e) => return self.upstream_lost(&e.to_string()),
             }
         }
+    }
+
+    fn deliver(&mut self, bytes: BytesMut, error: bool, on_reply: OnReply) {
+        match on_reply {
+            OnReply::Forward => self.client_out.extend_from_slice(&bytes),
+            OnReply::Discard => {}
+            OnReply::Replace(_) | OnReply::Transform(_) if error => self.client_out.extend_from_slice(&bytes),
+            OnReply::Replace(with) => self.client_out.extend_from_slice(&with),
+            OnReply::Transform(f) => match value::decode(&bytes) {
+                Some((v, _)) => value::encode(&f(v, self.proto), self.proto, &mut self.client_out),
+                None => self.client_out.extend_from_slice(&bytes),
+            },
+        }
+    }
+
+    /// Whether a RESP2 array is a pub/sub message or confirmation (only asked while the
+    /// session is subscribed or subscribing, when Valkey sends nothing else as arrays).
+    fn is_pubsub_frame(&self, bytes: &[u8]) -> bool {
+        if !bytes.starts_with(b"*") {
+            return false;
+        }
+        // The kind is the first element: `*N\r\n$len\r\n<kind>\r\n`.
+        let Some((Value::Array(items), _)) = value::decode(bytes) else { return false };
+        let kind =
+            items.first().and_then(Value::as_bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
+        CONFIRMATIONS.contains(&kind.as_slice()) || crate::pubsub::MESSAGES.contains(&kind.as_slice())
+    }
+
+    /// Rewrites channel names in a pub/sub frame for the client and tracks subscriptions.
+    fn on_pubsub_frame(&mut self, bytes: &[u8]) {
+        let Some((decoded, _)) = value::decode(bytes) else {
+            return self.client_out.extend_from_slice(bytes);
+        };
+        let (mut items, push) = match decoded {
+            Value::Push(items) => (items, true),
+            Value::Array(items) => (items, false),
+            _ => return self.client_out.extend_from_slice(bytes),
+        };
+        let kind =
+            items.first().and_then(Value::as_bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
+        if CONFIRMATIONS.contains(&kind.as_slice()) {
+            let count = match items.get(2) {
+                Some(Value::Int(n)) => *n,
+                _ => 0,
+            };
+            if kind.starts_with(b"s") && kind != b"subscribe" {
+                self.pubsub.shard = count;
+            } else {
+                self.pubsub.regular = count;
+            }
+            if let Some(front) = self.pubsub.inflight.front_mut() {
+                let done = match front {
+                    Some(n) => {
+                        *n = n.saturating_sub(1);
+                        *n == 0
+                    }
+                    None => count == 0,
+                };
+                if done {
+                    self.pubsub.inflight.pop_front();
+                }
+            }
+        }
+        if let Some(t) = &self.tenant {
+            t.ns.rewrite_message(&mut items);
+        }
+        let v = if push { Value::Push(items) } else { Value::Array(items) };
+        value::encode(&v, self.proto, &mut self.client_out);
     }
 
     /// Sends the local replies now at the front of the queue.
@@ -380,25 +562,46 @@ impl Session {
     /// The upstream connection broke: every reply it owed becomes an error, and the next
     /// command reconnects.
     fn upstream_lost(&mut self, why: &str) {
-        tracing::warn!(reason = why, "upstream connection lost");
+        tracing::warn!(peer = %self.peer, reason = why, "upstream connection lost");
         self.up_read = None;
         self.up_write = None;
         self.up_out.clear();
         self.up_in.clear();
         self.replies = ReplyScanner::new();
-        let owed = std::mem::take(&mut self.pending);
-        for p in owed {
+        self.in_multi = false;
+        self.multi_dirty = false;
+        let was_subscribed = self.pubsub.active();
+        self.pubsub = PubSub::default();
+        for p in std::mem::take(&mut self.pending) {
             match p {
-                Pending::Upstream => {
+                Pending::Upstream(OnReply::Discard) => {}
+                Pending::Upstream(_) => {
                     resp::error(&mut self.client_out, "ERR cache connection lost, try again")
                 }
                 Pending::Local(bytes) => self.client_out.extend_from_slice(&bytes),
                 Pending::Close => self.closing = true,
             }
         }
+        if was_subscribed {
+            // Subscriptions cannot be silently restored: let the client reconnect.
+            self.closing = true;
+        }
     }
 
-    fn reply(&mut self, bytes: Bytes) {
+    /// Drops the upstream connection on purpose (RESET): the next command opens a fresh one.
+    pub fn drop_upstream(&mut self) {
+        self.up_read = None;
+        self.up_write = None;
+        self.up_out.clear();
+        self.up_in.clear();
+        self.replies = ReplyScanner::new();
+    }
+
+    pub fn has_pending_upstream(&self) -> bool {
+        self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
+    }
+
+    pub fn reply(&mut self, bytes: Bytes) {
         if self.pending.is_empty() {
             self.client_out.extend_from_slice(&bytes);
         } else {
@@ -406,23 +609,37 @@ impl Session {
         }
     }
 
-    fn reply_error(&mut self, msg: &str) {
+    /// Replies with a value encoded for the client's protocol.
+    pub fn reply_value(&mut self, v: &Value) {
+        let mut out = BytesMut::new();
+        value::encode(v, self.proto, &mut out);
+        self.reply(out.freeze());
+    }
+
+    pub fn reply_error(&mut self, msg: &str) {
         let mut out = BytesMut::with_capacity(msg.len() + 3);
         resp::error(&mut out, msg);
         self.reply(out.freeze());
     }
 
-    fn reply_auth_error(&mut self, e: GatewayError) {
+    pub fn reply_auth_error(&mut self, e: GatewayError) {
         tracing::info!(peer = %self.peer, reason = %e, kind = e.kind(), "authentication refused");
         self.reply_error(e.client_message());
     }
 
-    fn close_after_replies(&mut self) {
+    pub fn close_after_replies(&mut self) {
         if self.pending.is_empty() {
             self.closing = true;
         } else {
             self.pending.push_back(Pending::Close);
         }
+    }
+}
+
+async fn killed(entry: Option<&ClientEntry>) {
+    match entry {
+        Some(e) => e.kill.notified().await,
+        None => std::future::pending().await,
     }
 }
 

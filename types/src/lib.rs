@@ -92,6 +92,10 @@ pub struct TenantRoute {
     pub databases: u32,
     pub acl_user: String,
     pub acl_password: String,
+    /// The node's read-only observer user, for the node-wide views (INFO, PUBSUB) the
+    /// gateway filters down to this cache.
+    pub observer_user: String,
+    pub observer_password: String,
 }
 
 /// Permissions a data-plane token grants.

@@ -31,6 +31,8 @@ async fn route(
         db: cache.db,
         databases: cache.databases,
         acl_password: cache.acl_password,
+        observer_user: shoal_engine::node::OBSERVER_USER.to_string(),
+        observer_password: node.observer_password().to_string(),
     }))
 }
 

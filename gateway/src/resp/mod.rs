@@ -6,6 +6,7 @@
 
 pub mod reply;
 pub mod request;
+pub mod value;
 
 /// Writes a RESP simple error (`-<msg>\r\n`).
 pub fn error(out: &mut bytes::BytesMut, msg: &str) {

@@ -61,6 +61,17 @@ impl RequestParser {
         &self.args
     }
 
+    /// Moves the argument ranges out (to use them while the parser is borrowed elsewhere);
+    /// hand the vector back with [`Self::give_back`] to reuse its allocation.
+    pub fn take_args(&mut self) -> Vec<Range<usize>> {
+        std::mem::take(&mut self.args)
+    }
+
+    pub fn give_back(&mut self, mut args: Vec<Range<usize>>) {
+        args.clear();
+        self.args = args;
+    }
+
     /// Parses as far as `buf` allows. `Ok(Some(frame))` when a whole request is at the front:
     /// read its arguments with [`Self::args`], then drop `frame.len` bytes and call again.
     /// Empty requests (`*0`, blank lines) come back as frames with no arguments.

@@ -1,0 +1,134 @@
+//! Which clients each cache has on this gateway: for `CLIENT LIST`, `CLIENT KILL`,
+//! `INFO clients` and the per-cache connection limit. In memory only.
+
+use shoal_types::CacheId;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// One authenticated client connection.
+pub struct ClientEntry {
+    /// Gateway-local key.
+    pub key: u64,
+    /// The upstream connection's `CLIENT ID` (what `CLIENT ID` answers).
+    pub id: AtomicI64,
+    pub addr: String,
+    pub laddr: String,
+    pub created: Instant,
+    pub name: Mutex<Vec<u8>>,
+    /// The cache's database (0-based) the client has selected.
+    pub db: AtomicU32,
+    pub proto: AtomicU8,
+    /// Seconds since `created` of the last command.
+    pub last_active: AtomicU64,
+    pub commands: AtomicU64,
+    /// Notified by `CLIENT KILL` from another connection of the same cache.
+    pub kill: Notify,
+}
+
+impl ClientEntry {
+    /// A `CLIENT LIST` line (fields as Valkey prints them; memory fields are not tracked).
+    pub fn list_line(&self) -> String {
+        let age = self.created.elapsed().as_secs();
+        let idle = age.saturating_sub(self.last_active.load(Ordering::Relaxed));
+        format!(
+            "id={} addr={} laddr={} fd=-1 name={} age={} idle={} flags=N db={} sub=0 psub=0 ssub=0 multi=-1 \
+             watch=0 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 tot-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 \
+             events=r cmd=NULL user=default redir=-1 resp={} lib-name= lib-ver=\n",
+            self.id.load(Ordering::Relaxed),
+            self.addr,
+            self.laddr,
+            String::from_utf8_lossy(&self.name.lock().unwrap()),
+            age,
+            idle,
+            self.db.load(Ordering::Relaxed),
+            self.proto.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[derive(Default)]
+struct CacheClients {
+    live: HashMap<u64, Arc<ClientEntry>>,
+    connections_received: u64,
+    /// Commands of clients that have left.
+    commands_done: u64,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    caches: Mutex<HashMap<CacheId, CacheClients>>,
+    next_key: AtomicU64,
+}
+
+/// Counters `INFO` shows for one cache on this gateway.
+pub struct CacheCounts {
+    pub connected: usize,
+    pub connections_received: u64,
+    pub commands: u64,
+}
+
+impl Registry {
+    /// Adds a client unless the cache already has `max` on this gateway.
+    pub fn register(
+        &self,
+        cache: &CacheId,
+        max: usize,
+        addr: String,
+        laddr: String,
+    ) -> Option<Arc<ClientEntry>> {
+        let mut caches = self.caches.lock().unwrap();
+        let clients = caches.entry(cache.clone()).or_default();
+        if clients.live.len() >= max {
+            return None;
+        }
+        let entry = Arc::new(ClientEntry {
+            key: self.next_key.fetch_add(1, Ordering::Relaxed),
+            id: AtomicI64::new(0),
+            addr,
+            laddr,
+            created: Instant::now(),
+            name: Mutex::new(Vec::new()),
+            db: AtomicU32::new(0),
+            proto: AtomicU8::new(2),
+            last_active: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            kill: Notify::new(),
+        });
+        clients.live.insert(entry.key, entry.clone());
+        clients.connections_received += 1;
+        Some(entry)
+    }
+
+    pub fn unregister(&self, cache: &CacheId, entry: &ClientEntry) {
+        let mut caches = self.caches.lock().unwrap();
+        if let Some(clients) = caches.get_mut(cache) {
+            if clients.live.remove(&entry.key).is_some() {
+                clients.commands_done += entry.commands.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn list(&self, cache: &CacheId) -> Vec<Arc<ClientEntry>> {
+        let caches = self.caches.lock().unwrap();
+        let mut list: Vec<_> =
+            caches.get(cache).map(|c| c.live.values().cloned().collect()).unwrap_or_default();
+        list.sort_by_key(|e| e.key);
+        list
+    }
+
+    pub fn counts(&self, cache: &CacheId) -> CacheCounts {
+        let caches = self.caches.lock().unwrap();
+        match caches.get(cache) {
+            Some(c) => CacheCounts {
+                connected: c.live.len(),
+                connections_received: c.connections_received,
+                commands: c.commands_done
+                    + c.live.values().map(|e| e.commands.load(Ordering::Relaxed)).sum::<u64>(),
+            },
+            None => CacheCounts { connected: 0, connections_received: 0, commands: 0 },
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Observer connections: one per Valkey node, logged in as the node's read-only observer
+//! user, for node-wide views (INFO, PUBSUB CHANNELS …) that the gateway filters down to one
+//! cache. Tenants never reach these connections.
+
+use crate::resp::{self, reply::ReplyScanner};
+use crate::GatewayError;
+use bytes::BytesMut;
+use shoal_types::TenantRoute;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+type Slot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
+
+#[derive(Default)]
+pub struct Observers {
+    by_node: Mutex<HashMap<String, Slot>>,
+}
+
+impl Observers {
+    /// Sends one command to the route's node as the observer; returns the raw reply.
+    pub async fn query(&self, route: &TenantRoute, args: &[&[u8]]) -> Result<BytesMut, GatewayError> {
+        let slot = self.by_node.lock().unwrap().entry(route.node_addr.clone()).or_default().clone();
+        let mut conn = slot.lock().await;
+        let result = tokio::time::timeout(TIMEOUT, async {
+            if conn.is_none() {
+                let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
+                let mut hello = BytesMut::new();
+                resp::command(
+                    &mut hello,
+                    &[b"AUTH", route.observer_user.as_bytes(), route.observer_password.as_bytes()],
+                );
+                stream.write_all(&hello).await.map_err(up)?;
+                let auth = read_reply(&mut stream).await?;
+                if auth.starts_with(b"-") {
+                    return Err(GatewayError::Upstream("observer login refused".into()));
+                }
+                *conn = Some(stream);
+            }
+            let stream = conn.as_mut().expect("connected above");
+            let mut out = BytesMut::new();
+            resp::command(&mut out, args);
+            stream.write_all(&out).await.map_err(up)?;
+            read_reply(stream).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(GatewayError::Upstream("observer timed out".into())));
+        if result.is_err() {
+            *conn = None;
+        }
+        result
+    }
+}
+
+fn up(e: std::io::Error) -> GatewayError {
+    GatewayError::Upstream(e.to_string())
+}
+
+async fn read_reply(stream: &mut TcpStream) -> Result<BytesMut, GatewayError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut scanner = ReplyScanner::new();
+    loop {
+        if let Some(reply) = scanner.next(&buf).map_err(|e| GatewayError::Upstream(e.to_string()))? {
+            return Ok(buf.split_to(reply.len));
+        }
+        if stream.read_buf(&mut buf).await.map_err(up)? == 0 {
+            return Err(GatewayError::Upstream("observer connection closed".into()));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The command table and what the gateway does with each command.
+//!
+//! The table is data (`gateway/data/commands.tsv`): Valkey's own facts about each command
+//! (arity, flags, key positions, ACL categories, refreshed by `scripts/command-table.py`)
+//! plus Shoal's treatment and ECPU weight. Lookups are case-insensitive and allocation-free.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+/// What the gateway does with a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Treatment {
+    /// Forward the original bytes.
+    Pass,
+    /// Refuse with `-NOPERM`, never forwarded.
+    Deny,
+    /// The gateway answers it or rewrites it (see `session`).
+    Virtual,
+}
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
+    /// Lowercase; `container|sub` for subcommands.
+    pub name: String,
+    pub arity: i32,
+    pub flags: Vec<String>,
+    pub first_key: i32,
+    pub last_key: i32,
+    pub step: i32,
+    pub acl_categories: Vec<String>,
+    pub treatment: Treatment,
+    /// ECPU weight in milli-ECPU (1000 = a small GET/SET).
+    pub weight: u32,
+}
+
+/// The parsed table.
+pub struct CommandTable {
+    by_name: HashMap<String, CommandSpec>,
+    /// Commands that have subcommands (`client`, `config`, …).
+    containers: HashMap<String, ()>,
+}
+
+const TABLE_TSV: &str = include_str!("../data/commands.tsv");
+
+/// The table, parsed once.
+pub fn table() -> &'static CommandTable {
+    static TABLE: OnceLock<CommandTable> = OnceLock::new();
+    TABLE.get_or_init(|| CommandTable::parse(TABLE_TSV).expect("gateway/data/commands.tsv is valid"))
+}
+
+impl CommandTable {
+    pub fn parse(tsv: &str) -> Result<CommandTable, String> {
+        let mut by_name = HashMap::new();
+        let mut containers = HashMap::new();
+        for (n, line) in tsv.lines().enumerate() {
+            if line.starts_with('#') || line.starts_with("name\t") || line.trim().is_empty() {
+                continue;
+            }
+            let c: Vec<&str> = line.split('\t').collect();
+            let bad = |what: &str| format!("line {}: bad {what}: {line:?}", n + 1);
+            if c.len() != 9 {
+                return Err(bad("column count"));
+            }
+            let list = |s: &str| if s == "-" { vec![] } else { s.split(',').map(str::to_string).collect() };
+            let spec = CommandSpec {
+                name: c[0].to_string(),
+                arity: c[1].parse().map_err(|_| bad("arity"))?,
+                flags: list(c[2]),
+                first_key: c[3].parse().map_err(|_| bad("first_key"))?,
+                last_key: c[4].parse().map_err(|_| bad("last_key"))?,
+                step: c[5].parse().map_err(|_| bad("step"))?,
+                acl_categories: list(c[6]),
+                treatment: match c[7] {
+                    "pass" => Treatment::Pass,
+                    "deny" => Treatment::Deny,
+                    "virtual" => Treatment::Virtual,
+                    _ => return Err(bad("treatment")),
+                },
+                weight: c[8].parse().map_err(|_| bad("weight"))?,
+            };
+            if let Some((container, _)) = spec.name.split_once('|') {
+                containers.insert(container.to_string(), ());
+            }
+            by_name.insert(spec.name.clone(), spec);
+        }
+        Ok(CommandTable { by_name, containers })
+    }
+
+    /// The spec for a command given its first two arguments (name, maybe subcommand).
+    /// Unknown subcommands fall back to their container.
+    pub fn lookup(&self, name: &[u8], sub: Option<&[u8]>) -> Option<&CommandSpec> {
+        let mut key = [0u8; 64];
+        let name_len = lower_into(name, &mut key)?;
+        let name_str = std::str::from_utf8(&key[..name_len]).ok()?;
+        if self.containers.contains_key(name_str) {
+            if let Some(sub) = sub {
+                key[name_len] = b'|';
+                if let Some(sub_len) = lower_into(sub, &mut key[name_len + 1..]) {
+                    let full = std::str::from_utf8(&key[..name_len + 1 + sub_len]).ok()?;
+                    if let Some(spec) = self.by_name.get(full) {
+                        return Some(spec);
+                    }
+                }
+            }
+        }
+        self.by_name.get(std::str::from_utf8(&key[..name_len]).ok()?)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CommandSpec> {
+        self.by_name.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &CommandSpec> {
+        self.by_name.values()
+    }
+
+    /// Whether the command exists and is not denied (what `COMMAND` may show).
+    pub fn visible(&self, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|s| s.treatment != Treatment::Deny)
+    }
+}
+
+/// Lowercases `src` into `dst`; `None` if it does not fit (no command name is that long).
+fn lower_into(src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    if src.len() > dst.len() {
+        return None;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_ascii_lowercase();
+    }
+    Some(src.len())
+}
+
+/// The client-facing name of a command for error messages: `CONFIG GET`, `FLUSHALL`.
+pub fn display_name(spec: &CommandSpec) -> String {
+    spec.name.replace('|', " ").to_uppercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_parses_and_knows_valkey_9_commands() {
+        let t = table();
+        assert_eq!(t.lookup(b"get", None).unwrap().treatment, Treatment::Pass);
+        assert_eq!(t.lookup(b"GeT", None).unwrap().first_key, 1);
+        assert!(t.lookup(b"hsetex", None).is_some(), "Valkey 9 hash field expiration");
+        assert!(t.lookup(b"delifeq", None).is_some());
+        assert!(t.lookup(b"nosuchcommand", None).is_none());
+    }
+
+    #[test]
+    fn dangerous_commands_are_denied_and_subcommands_resolve() {
+        let t = table();
+        for (name, sub) in [
+            ("CONFIG", Some("GET")),
+            ("DEBUG", Some("SLEEP")),
+            ("SHUTDOWN", None),
+            ("MONITOR", None),
+            ("SWAPDB", None),
+            ("ACL", Some("SETUSER")),
+            ("FUNCTION", Some("LOAD")),
+            ("SCRIPT", Some("FLUSH")),
+            ("CLIENT", Some("PAUSE")),
+            ("MEMORY", Some("DOCTOR")),
+            ("SLOWLOG", Some("GET")),
+            ("MODULE", Some("LOAD")),
+            ("REPLICAOF", None),
+            ("MIGRATE", None),
+        ] {
+            let spec = t.lookup(name.as_bytes(), sub.map(str::as_bytes)).unwrap();
+            assert_eq!(spec.treatment, Treatment::Deny, "{name} {sub:?}");
+        }
+        assert_eq!(t.lookup(b"client", Some(b"SETNAME")).unwrap().treatment, Treatment::Pass);
+        assert_eq!(t.lookup(b"acl", Some(b"whoami")).unwrap().treatment, Treatment::Virtual);
+        assert_eq!(t.lookup(b"memory", Some(b"usage")).unwrap().treatment, Treatment::Pass);
+        assert_eq!(t.lookup(b"script", Some(b"load")).unwrap().treatment, Treatment::Pass);
+        assert_eq!(t.lookup(b"FLUSHALL", None).unwrap().treatment, Treatment::Virtual);
+        assert_eq!(display_name(t.get("config|get").unwrap()), "CONFIG GET");
+    }
+}

@@ -1,0 +1,520 @@
+//! Virtualized commands: what the gateway answers or rewrites so that a cache behaves like a
+//! whole Valkey of its own — its own databases numbered from 0, its own channels, its own
+//! clients and stats, a one-node "cluster" at the gateway's address — without seeing
+//! anything of other caches.
+
+use crate::pubsub::Namespace;
+use crate::resp::value::Value;
+use crate::session::{OnReply, Session};
+use bytes::Bytes;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+const OK: &[u8] = b"+OK\r\n";
+const HELLO_NOAUTH: &str = "NOAUTH HELLO must be called with the client already authenticated, \
+     otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client \
+     and select the RESP protocol version at the same time";
+
+/// Runs virtualized command `name` (a table name such as `client|list`).
+pub(crate) async fn run(s: &mut Session, name: &str, args: &[Range<usize>]) {
+    let owned: Vec<Vec<u8>> = (0..args.len()).map(|i| s.arg(args, i).to_vec()).collect();
+    let argv: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+    let local_answer = !matches!(
+        name,
+        "select"
+            | "flushall"
+            | "move"
+            | "copy"
+            | "publish"
+            | "spublish"
+            | "auth"
+            | "quit"
+            | "command"
+            | "command|info"
+            | "command|list"
+            | "command|docs"
+    );
+    if s.in_multi && local_answer {
+        let shown = name.replace('|', " ").to_uppercase();
+        return s.refuse(&format!("ERR {shown} is not supported inside MULTI on Shoal caches"));
+    }
+    match name {
+        "auth" => auth(s, &argv).await,
+        "hello" => hello(s, &argv).await,
+        "quit" => {
+            s.reply(Bytes::from_static(OK));
+            s.close_after_replies();
+        }
+        "reset" => reset(s).await,
+        "select" => select(s, &argv).await,
+        "flushall" => flushall(s, &argv).await,
+        "move" => move_key(s, &argv).await,
+        "copy" => copy(s, &argv).await,
+        "info" => info(s, &argv).await,
+        "readonly" | "readwrite" => s.reply(Bytes::from_static(OK)),
+        "acl|whoami" => s.reply_value(&Value::bulk("default")),
+        "client|list" => client_list(s),
+        "client|info" => client_info(s),
+        "client|kill" => client_kill(s, &argv),
+        "client|no-evict" => s.reply(Bytes::from_static(OK)),
+        n if n.starts_with("cluster|") => cluster(s, n, &argv),
+        n if n == "command" || n.starts_with("command|") => command(s, n, &argv).await,
+        "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
+            subscribe(s, &argv).await
+        }
+        "publish" | "spublish" => publish(s, &argv).await,
+        n if n.starts_with("pubsub|") => pubsub(s, n, &argv).await,
+        _ => s.refuse(&format!("ERR unknown command '{name}'")),
+    }
+}
+
+fn wrong_args(s: &mut Session, name: &str) {
+    s.refuse(&format!("ERR wrong number of arguments for '{name}' command"));
+}
+
+fn ns(s: &Session) -> Namespace {
+    s.tenant.as_ref().map(|t| t.ns.clone()).expect("virtualized commands run after AUTH")
+}
+
+async fn auth(s: &mut Session, argv: &[&[u8]]) {
+    let (user, password) = match argv.len() {
+        2 => (None, argv[1]),
+        3 => (Some(argv[1]), argv[2]),
+        _ => return wrong_args(s, "auth"),
+    };
+    match s.authenticate(user, password).await {
+        Ok(()) => s.reply(Bytes::from_static(OK)),
+        Err(e) => s.reply_auth_error(e),
+    }
+}
+
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`: authenticates if asked, then lets the
+/// upstream switch protocol so replies come in the version the client chose.
+async fn hello(s: &mut Session, argv: &[&[u8]]) {
+    let mut forward: Vec<&[u8]> = vec![b"HELLO"];
+    let mut version = None;
+    let mut i = 1;
+    if let Some(v) = argv.get(1) {
+        match *v {
+            b"2" => version = Some(2),
+            b"3" => version = Some(3),
+            _ => return s.refuse("NOPROTO unsupported protocol version"),
+        }
+        forward.push(v);
+        i = 2;
+    }
+    let mut credentials = None;
+    let mut name = None;
+    while i < argv.len() {
+        if argv[i].eq_ignore_ascii_case(b"AUTH") && i + 2 < argv.len() {
+            credentials = Some((argv[i + 1], argv[i + 2]));
+            i += 3;
+        } else if argv[i].eq_ignore_ascii_case(b"SETNAME") && i + 1 < argv.len() {
+            forward.extend_from_slice(&[b"SETNAME", argv[i + 1]]);
+            name = Some(argv[i + 1]);
+            i += 2;
+        } else {
+            let opt = String::from_utf8_lossy(argv[i]).chars().take(64).collect::<String>();
+            return s.refuse(&format!("ERR Syntax error in HELLO option '{opt}'"));
+        }
+    }
+    if let Some((user, password)) = credentials {
+        if let Err(e) = s.authenticate(Some(user), password).await {
+            return s.reply_auth_error(e);
+        }
+    }
+    let Some(tenant) = s.tenant.as_ref() else { return s.reply_error(HELLO_NOAUTH) };
+    if let Some(v) = version {
+        s.proto = v;
+        tenant.entry.proto.store(v, Ordering::Relaxed);
+    }
+    if let Some(n) = name {
+        *tenant.entry.name.lock().unwrap() = n.to_vec();
+    }
+    s.forward_command(&forward, OnReply::Forward).await;
+}
+
+/// `RESET`: a fresh upstream connection is the cleanest reset; the client stays
+/// authenticated to its cache.
+async fn reset(s: &mut Session) {
+    if s.has_pending_upstream() {
+        // Let earlier replies arrive first: reset in place instead.
+        if let Some(t) = s.tenant.as_ref() {
+            let (user, password, db) = (t.route.acl_user.clone(), t.route.acl_password.clone(), t.route.db);
+            s.forward_command(&[b"RESET"], OnReply::Replace(Bytes::from_static(b"+RESET\r\n"))).await;
+            s.forward_helper(&[b"AUTH", user.as_bytes(), password.as_bytes()]);
+            s.forward_helper(&[b"SELECT", db.to_string().as_bytes()]);
+        }
+    } else {
+        s.drop_upstream();
+        s.reply(Bytes::from_static(b"+RESET\r\n"));
+    }
+    s.proto = 2;
+    s.in_multi = false;
+    s.multi_dirty = false;
+    s.pubsub = Default::default();
+    if let Some(t) = s.tenant.as_mut() {
+        t.db = 0;
+        t.entry.db.store(0, Ordering::Relaxed);
+        t.entry.proto.store(2, Ordering::Relaxed);
+        t.entry.name.lock().unwrap().clear();
+    }
+}
+
+/// Maps a client's database index to the node's; `None` if the cache has no such database.
+fn real_db(s: &Session, index: &[u8]) -> Result<u32, &'static str> {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let n: u32 = std::str::from_utf8(index)
+        .ok()
+        .and_then(|x| x.parse().ok())
+        .ok_or("ERR value is not an integer or out of range")?;
+    if n < t.route.databases {
+        Ok(t.route.db + n)
+    } else {
+        Err("ERR DB index is out of range")
+    }
+}
+
+async fn select(s: &mut Session, argv: &[&[u8]]) {
+    if argv.len() != 2 {
+        return wrong_args(s, "select");
+    }
+    match real_db(s, argv[1]) {
+        Ok(real) => {
+            if let Some(t) = s.tenant.as_mut() {
+                t.db = real - t.route.db;
+                t.entry.db.store(t.db, Ordering::Relaxed);
+            }
+            s.forward_command(&[b"SELECT", real.to_string().as_bytes()], OnReply::Forward).await;
+        }
+        Err(e) => s.refuse(e),
+    }
+}
+
+/// `FLUSHALL [ASYNC|SYNC]`: every database of the cache, and nothing else.
+async fn flushall(s: &mut Session, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let (first, count, current) = (t.route.db, t.route.databases, t.route.db + t.db);
+    let mode: Vec<&[u8]> = argv[1..].to_vec();
+    if count == 1 {
+        let mut cmd: Vec<&[u8]> = vec![b"FLUSHDB"];
+        cmd.extend(mode);
+        return s.forward_command(&cmd, OnReply::Forward).await;
+    }
+    if s.in_multi {
+        return s.refuse("ERR FLUSHALL of a multi-database cache is not supported inside MULTI");
+    }
+    if !s.ensure_upstream().await {
+        return;
+    }
+    for db in first..first + count {
+        s.forward_helper(&[b"SELECT", db.to_string().as_bytes()]);
+        let mut cmd: Vec<&[u8]> = vec![b"FLUSHDB"];
+        cmd.extend(mode.iter().copied());
+        s.forward_helper(&cmd);
+    }
+    s.forward_command(&[b"SELECT", current.to_string().as_bytes()], OnReply::Replace(Bytes::from_static(OK)))
+        .await;
+}
+
+async fn move_key(s: &mut Session, argv: &[&[u8]]) {
+    if argv.len() != 3 {
+        return wrong_args(s, "move");
+    }
+    match real_db(s, argv[2]) {
+        Ok(real) => {
+            s.forward_command(&[b"MOVE", argv[1], real.to_string().as_bytes()], OnReply::Forward).await
+        }
+        Err(e) => s.refuse(e),
+    }
+}
+
+/// `COPY src dst [DB n] [REPLACE]` with `n` one of the cache's databases.
+async fn copy(s: &mut Session, argv: &[&[u8]]) {
+    if argv.len() < 3 {
+        return wrong_args(s, "copy");
+    }
+    let mut rebuilt: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
+    let mut i = 3;
+    while i < rebuilt.len() {
+        if rebuilt[i].eq_ignore_ascii_case(b"DB") && i + 1 < rebuilt.len() {
+            match real_db(s, &rebuilt[i + 1]) {
+                Ok(real) => rebuilt[i + 1] = real.to_string().into_bytes(),
+                Err(e) => return s.refuse(e),
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    let refs: Vec<&[u8]> = rebuilt.iter().map(Vec::as_slice).collect();
+    s.forward_command(&refs, OnReply::Forward).await;
+}
+
+/// `INFO [section …]`: server basics, this cache's clients and stats on this gateway, and
+/// the keyspace of the cache's databases (renumbered from 0).
+async fn info(s: &mut Session, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let wanted: Vec<String> = argv[1..].iter().map(|a| String::from_utf8_lossy(a).to_lowercase()).collect();
+    let all =
+        wanted.is_empty() || wanted.iter().any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
+    let want = |section: &str| all || wanted.iter().any(|w| w == section);
+    let route = t.route.clone();
+    let cache = t.cache.clone();
+    let node_info = s.shared.observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
+    let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
+        Some(v) => String::from_utf8_lossy(v.as_bytes().unwrap_or_default()).into_owned(),
+        None => return s.reply_error("ERR cache temporarily unavailable, try again"),
+    };
+    let field = |name: &str| {
+        node_info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("").trim().to_string()
+    };
+    let mut out = String::new();
+    if want("server") {
+        let port = s.shared.identity.port;
+        let uptime = s.shared.started.elapsed().as_secs();
+        out.push_str(&format!(
+            "# Server\r\nredis_version:{}\r\nserver_name:valkey\r\nvalkey_version:{}\r\nvalkey_release_stage:ga\r\n\
+             redis_mode:standalone\r\nos:Shoal\r\narch_bits:64\r\ntcp_port:{port}\r\nuptime_in_seconds:{uptime}\r\n\
+             uptime_in_days:{}\r\n\r\n",
+            field("redis_version"),
+            field("valkey_version"),
+            uptime / 86400
+        ));
+    }
+    let counts = s.shared.clients.counts(&cache);
+    if want("clients") {
+        out.push_str(&format!(
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:0\r\n\r\n",
+            counts.connected, s.shared.config.max_connections_per_cache
+        ));
+    }
+    if want("stats") {
+        out.push_str(&format!(
+            "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\r\n",
+            counts.connections_received, counts.commands
+        ));
+    }
+    if want("keyspace") {
+        out.push_str("# Keyspace\r\n");
+        for line in node_info.lines() {
+            let Some((db, rest)) = line.strip_prefix("db").and_then(|l| l.split_once(':')) else { continue };
+            let Ok(db) = db.parse::<u32>() else { continue };
+            if (route.db..route.db + route.databases).contains(&db) {
+                out.push_str(&format!("db{}:{}\r\n", db - route.db, rest.trim()));
+            }
+        }
+        out.push_str("\r\n");
+    }
+    s.reply_value(&Value::bulk(out.trim_end_matches("\r\n").to_string() + "\r\n"));
+}
+
+fn client_list(s: &mut Session) {
+    let cache = s.tenant.as_ref().expect("after AUTH").cache.clone();
+    let lines: String = s.shared.clients.list(&cache).iter().map(|e| e.list_line()).collect();
+    s.reply_value(&Value::bulk(lines));
+}
+
+fn client_info(s: &mut Session) {
+    let line = s.tenant.as_ref().expect("after AUTH").entry.list_line();
+    s.reply_value(&Value::bulk(line));
+}
+
+/// `CLIENT KILL` for the cache's own connections only (others simply do not match).
+fn client_kill(s: &mut Session, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let me = t.entry.key;
+    let clients = s.shared.clients.list(&t.cache);
+    if argv.len() == 3 {
+        // Old form: CLIENT KILL addr:port.
+        let addr = String::from_utf8_lossy(argv[2]);
+        return match clients.iter().find(|c| c.addr == addr) {
+            Some(c) => {
+                c.kill.notify_one();
+                s.reply(Bytes::from_static(OK))
+            }
+            None => s.refuse("ERR No such client"),
+        };
+    }
+    if argv.len() < 4 || !argv.len().is_multiple_of(2) {
+        return s.refuse("ERR syntax error");
+    }
+    let mut skip_me = true;
+    let mut filters: Vec<(String, String)> = Vec::new();
+    for pair in argv[2..].chunks(2) {
+        let (k, v) =
+            (String::from_utf8_lossy(pair[0]).to_lowercase(), String::from_utf8_lossy(pair[1]).to_string());
+        match k.as_str() {
+            "skipme" => skip_me = !v.eq_ignore_ascii_case("no"),
+            "id" | "addr" | "laddr" | "user" | "maxage" | "type" => filters.push((k, v)),
+            _ => return s.refuse("ERR syntax error"),
+        }
+    }
+    let mut killed = 0;
+    for c in &clients {
+        if skip_me && c.key == me {
+            continue;
+        }
+        let matches = filters.iter().all(|(k, v)| match k.as_str() {
+            "id" => c.id.load(Ordering::Relaxed).to_string() == *v,
+            "addr" => c.addr == *v,
+            "laddr" => c.laddr == *v,
+            "user" => v == "default",
+            "maxage" => v.parse::<u64>().is_ok_and(|age| c.created.elapsed().as_secs() >= age),
+            "type" => v.eq_ignore_ascii_case("normal"),
+            _ => false,
+        });
+        if matches {
+            c.kill.notify_one();
+            killed += 1;
+        }
+    }
+    s.reply_value(&Value::Int(killed));
+}
+
+fn cluster(s: &mut Session, name: &str, argv: &[&[u8]]) {
+    let id = &s.shared.identity;
+    let v = match name {
+        "cluster|slots" => id.slots(),
+        "cluster|shards" => id.shards(),
+        "cluster|nodes" => id.nodes(),
+        "cluster|info" => id.info(),
+        "cluster|myid" | "cluster|myshardid" => Value::bulk(&id.node_id),
+        "cluster|keyslot" if argv.len() == 3 => Value::Int(crate::cluster::key_slot(argv[2]) as i64),
+        "cluster|keyslot" => return wrong_args(s, "cluster|keyslot"),
+        _ => return s.refuse("ERR unknown subcommand"),
+    };
+    s.reply_value(&v);
+}
+
+/// `COMMAND …` without the commands a cache may not run.
+async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
+    let table = crate::policy::table();
+    let forward: Vec<&[u8]> = argv.to_vec();
+    match name {
+        "command|count" => {
+            let n = table.iter().filter(|c| !c.name.contains('|') && table.visible(&c.name)).count();
+            s.reply_value(&Value::Int(n as i64));
+        }
+        "command" | "command|info" => {
+            let keep_nulls = name == "command|info";
+            let filter = OnReply::Transform(Box::new(move |v, _| match v {
+                Value::Array(items) => Value::Array(
+                    items
+                        .into_iter()
+                        .map(|entry| match entry_name(&entry) {
+                            Some(n) if table.visible(&n) => entry,
+                            _ => Value::Null,
+                        })
+                        .filter(|e| keep_nulls || *e != Value::Null)
+                        .collect(),
+                ),
+                other => other,
+            }));
+            s.forward_command(&forward, filter).await;
+        }
+        "command|list" => {
+            let filter = OnReply::Transform(Box::new(move |v, _| match v {
+                Value::Array(items) => Value::Array(
+                    items
+                        .into_iter()
+                        .filter(|n| {
+                            n.as_bytes()
+                                .is_some_and(|b| table.visible(&String::from_utf8_lossy(b).to_lowercase()))
+                        })
+                        .collect(),
+                ),
+                other => other,
+            }));
+            s.forward_command(&forward, filter).await;
+        }
+        "command|docs" => {
+            let filter = OnReply::Transform(Box::new(move |v, _| {
+                let keep = |k: &Value| {
+                    k.as_bytes().is_some_and(|b| table.visible(&String::from_utf8_lossy(b).to_lowercase()))
+                };
+                match v {
+                    Value::Map(pairs) => Value::Map(pairs.into_iter().filter(|(k, _)| keep(k)).collect()),
+                    Value::Array(items) => {
+                        let mut out = Vec::new();
+                        let mut it = items.into_iter();
+                        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                            if keep(&k) {
+                                out.push((k, v));
+                            }
+                        }
+                        Value::Map(out)
+                    }
+                    other => other,
+                }
+            }));
+            s.forward_command(&forward, filter).await;
+        }
+        _ => s.forward_command(&forward, OnReply::Forward).await,
+    }
+}
+
+fn entry_name(entry: &Value) -> Option<String> {
+    match entry {
+        Value::Array(fields) => fields.first()?.as_bytes().map(|b| String::from_utf8_lossy(b).to_lowercase()),
+        _ => None,
+    }
+}
+
+/// `(P|S)(UN)SUBSCRIBE`: channel names go upstream in the cache's namespace.
+async fn subscribe(s: &mut Session, argv: &[&[u8]]) {
+    let ns = ns(s);
+    let is_unsubscribe = argv[0].to_ascii_lowercase().ends_with(b"unsubscribe");
+    if argv.len() < 2 && !is_unsubscribe {
+        return wrong_args(s, &String::from_utf8_lossy(argv[0]).to_lowercase());
+    }
+    let names: Vec<Vec<u8>> = argv[1..].iter().map(|c| ns.to_upstream(c)).collect();
+    let mut cmd: Vec<&[u8]> = vec![argv[0]];
+    cmd.extend(names.iter().map(Vec::as_slice));
+    let confirmations = if names.is_empty() { None } else { Some(names.len()) };
+    s.forward_subscription(&cmd, confirmations).await;
+}
+
+async fn publish(s: &mut Session, argv: &[&[u8]]) {
+    if argv.len() != 3 {
+        return wrong_args(s, &String::from_utf8_lossy(argv[0]).to_lowercase());
+    }
+    let channel = ns(s).to_upstream(argv[1]);
+    s.forward_command(&[argv[0], &channel, argv[2]], OnReply::Forward).await;
+}
+
+/// `PUBSUB CHANNELS|SHARDCHANNELS [pattern]`, `PUBSUB NUMSUB|SHARDNUMSUB [channel …]`,
+/// asked of the node by the observer and filtered to this cache's namespace.
+async fn pubsub(s: &mut Session, name: &str, argv: &[&[u8]]) {
+    let ns = ns(s);
+    let route = s.tenant.as_ref().expect("after AUTH").route.clone();
+    let mut cmd: Vec<Vec<u8>> = vec![argv[0].to_vec(), argv[1].to_vec()];
+    let listing = matches!(name, "pubsub|channels" | "pubsub|shardchannels");
+    if listing {
+        if argv.len() > 3 {
+            return wrong_args(s, name);
+        }
+        cmd.push(ns.to_upstream(argv.get(2).copied().unwrap_or(b"*")));
+    } else {
+        cmd.extend(argv[2..].iter().map(|c| ns.to_upstream(c)));
+    }
+    let refs: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
+    let reply = s.shared.observers.query(&route, &refs).await;
+    let Some((Value::Array(items), _)) = reply.ok().and_then(|b| crate::resp::value::decode(&b)) else {
+        return s.reply_error("ERR cache temporarily unavailable, try again");
+    };
+    let strip = |v: Value| match v {
+        Value::Bulk(b) => Value::Bulk(ns.from_upstream(&b)),
+        other => other,
+    };
+    if listing {
+        s.reply_value(&Value::Array(items.into_iter().map(strip).collect()));
+    } else {
+        let mut pairs = Vec::new();
+        let mut it = items.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            pairs.push((strip(k), v));
+        }
+        s.reply_value(&Value::Map(pairs));
+    }
+}

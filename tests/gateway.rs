@@ -1,0 +1,297 @@
+//! The gateway as an application sees it: a faithful Valkey 9 where allowed, a clear error
+//! where isolation forbids. Real clients, the real binary, real Valkey nodes.
+
+mod support;
+
+use redis::{AsyncCommands, Value};
+use reqwest::Method;
+use std::time::Duration;
+use support::{raw, ShoalDev};
+
+async fn query(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::RedisResult<Value> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(c).await
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn cache_with_token(dev: &ShoalDev, name: &str, databases: u32) -> (String, String) {
+    let (status, cache) = dev
+        .api(Method::POST, "/v1/caches", Some(serde_json::json!({"name": name, "databases": databases})))
+        .await;
+    assert_eq!(status, 201, "{cache}");
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    (id, token)
+}
+
+#[tokio::test]
+async fn denied_commands_get_noperm_naming_the_command_and_abort_transactions() {
+    let dev = ShoalDev::start().await;
+    let (_, token) = cache_with_token(&dev, "deny", 1).await;
+    let mut c = dev.client(&token).await.unwrap();
+    for args in [
+        &["CONFIG", "GET", "maxmemory"][..],
+        &["config", "set", "maxmemory", "1"],
+        &["DEBUG", "SLEEP", "0"],
+        &["SHUTDOWN"],
+        &["MONITOR"],
+        &["SAVE"],
+        &["BGSAVE"],
+        &["REPLICAOF", "127.0.0.1", "1"],
+        &["ACL", "SETUSER", "x", "on"],
+        &["ACL", "LIST"],
+        &["FUNCTION", "FLUSH"],
+        &["SCRIPT", "FLUSH"],
+        &["SWAPDB", "0", "1"],
+        &["CLIENT", "PAUSE", "100"],
+        &["SLOWLOG", "GET"],
+        &["MEMORY", "DOCTOR"],
+        &["MIGRATE", "127.0.0.1", "1", "k", "0", "1"],
+    ] {
+        let err = query(&mut c, args).await.unwrap_err();
+        assert_eq!(err.code(), Some("NOPERM"), "{args:?}: {err}");
+        let shown = if args[0].eq_ignore_ascii_case("config") || args[0].eq_ignore_ascii_case("acl") {
+            format!("{} {}", args[0], args[1]).to_uppercase()
+        } else {
+            args[0].to_uppercase()
+        };
+        assert!(err.to_string().contains(&shown), "{args:?}: {err}");
+    }
+    // Inline and mixed case are the same commands.
+    let out = raw(dev.resp_port, format!("AUTH {token}\r\ncOnFiG get *\r\n").as_bytes()).await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("-NOPERM the CONFIG GET command"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // Inside MULTI, a refused command dooms the transaction, as in Valkey.
+    let mut pipe = redis::pipe();
+    pipe.cmd("MULTI").cmd("SET").arg("t").arg("1").cmd("CONFIG").arg("GET").arg("x").cmd("EXEC");
+    let err = pipe.query_async::<Value>(&mut c).await.unwrap_err();
+    assert!(err.to_string().contains("EXECABORT") || err.to_string().contains("NOPERM"), "{err}");
+    assert_eq!(c.get::<_, Option<String>>("t").await.unwrap(), None, "the aborted transaction ran");
+    // And the connection still works.
+    assert_eq!(query(&mut c, &["PING"]).await.unwrap(), Value::SimpleString("PONG".into()));
+}
+
+#[tokio::test]
+async fn databases_are_virtual_and_flushall_stays_inside_the_cache() {
+    let dev = ShoalDev::start().await;
+    let (_, token_a) = cache_with_token(&dev, "multi-db", 2).await;
+    let (_, token_b) = cache_with_token(&dev, "neighbour", 1).await;
+    let mut a = dev.client(&token_a).await.unwrap();
+    let mut b = dev.client(&token_b).await.unwrap();
+    let _: () = b.set("canary", "b").await.unwrap();
+
+    let _: () = a.set("k", "db0").await.unwrap();
+    assert_eq!(query(&mut a, &["MOVE", "k", "1"]).await.unwrap(), Value::Int(1));
+    assert_eq!(query(&mut a, &["SELECT", "1"]).await.unwrap(), Value::Okay);
+    assert_eq!(a.get::<_, String>("k").await.unwrap(), "db0");
+    assert_eq!(query(&mut a, &["DBSIZE"]).await.unwrap(), Value::Int(1));
+    assert_eq!(query(&mut a, &["COPY", "k", "k2", "DB", "0"]).await.unwrap(), Value::Int(1));
+    let err = query(&mut a, &["SELECT", "2"]).await.unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+    let err = query(&mut a, &["MOVE", "k", "5"]).await.unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+
+    // INFO keyspace shows the cache's own databases, numbered from 0.
+    let info = text(&query(&mut a, &["INFO", "keyspace"]).await.unwrap());
+    assert!(info.contains("db0:keys=1") && info.contains("db1:keys=1"), "{info}");
+    assert!(!info.contains("db2:"), "{info}");
+    let info = text(&query(&mut a, &["INFO"]).await.unwrap());
+    assert!(info.contains("valkey_version:9."), "{info}");
+    assert!(info.contains("connected_clients:1"), "{info}");
+
+    // FLUSHALL empties both of the cache's databases and nothing else.
+    assert_eq!(query(&mut a, &["FLUSHALL"]).await.unwrap(), Value::Okay);
+    assert_eq!(query(&mut a, &["DBSIZE"]).await.unwrap(), Value::Int(0));
+    assert_eq!(query(&mut a, &["SELECT", "0"]).await.unwrap(), Value::Okay);
+    assert_eq!(query(&mut a, &["DBSIZE"]).await.unwrap(), Value::Int(0));
+    assert_eq!(b.get::<_, String>("canary").await.unwrap(), "b");
+}
+
+#[tokio::test]
+async fn transactions_scripts_blocking_and_valkey_9_commands_work() {
+    let dev = ShoalDev::start().await;
+    let (_, token) = cache_with_token(&dev, "app", 1).await;
+    let mut c = dev.client(&token).await.unwrap();
+
+    let (n, v): (i64, String) = redis::pipe()
+        .atomic()
+        .incr("counter", 5)
+        .set("s", "x")
+        .ignore()
+        .get("s")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((n, v.as_str()), (5, "x"));
+
+    // A Lua token bucket (HMGET, TIME, HSET, EXPIRE).
+    let bucket = r#"
+        local tokens, ts = unpack(redis.call('HMGET', KEYS[1], 'tokens', 'ts'))
+        local now = tonumber(redis.call('TIME')[1])
+        tokens = tonumber(tokens) or tonumber(ARGV[1])
+        ts = tonumber(ts) or now
+        tokens = math.min(tonumber(ARGV[1]), tokens + (now - ts) * tonumber(ARGV[2]))
+        local allowed = 0
+        if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+        redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
+        redis.call('EXPIRE', KEYS[1], 60)
+        return allowed"#;
+    let script = redis::Script::new(bucket);
+    let mut allowed = 0;
+    for _ in 0..5 {
+        allowed += script.key("bucket").arg(3).arg(0).invoke_async::<i64>(&mut c).await.unwrap();
+    }
+    assert_eq!(allowed, 3, "a bucket of 3 allows 3 of 5");
+
+    // Blocking commands honour their timeouts and wake up on data.
+    let started = std::time::Instant::now();
+    let popped: Option<(String, String)> = c.blpop("empty", 0.2).await.unwrap();
+    assert!(popped.is_none() && started.elapsed() >= Duration::from_millis(150));
+    let mut waiter = dev.client(&token).await.unwrap();
+    let wait = tokio::spawn(async move { waiter.brpop::<_, Option<(String, String)>>("jobs", 5.0).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _: () = c.lpush("jobs", "job-1").await.unwrap();
+    assert_eq!(wait.await.unwrap().unwrap(), Some(("jobs".to_string(), "job-1".to_string())));
+
+    // Valkey 9: hash field expiration, DELIFEQ.
+    assert_eq!(
+        query(&mut c, &["HSETEX", "h", "EX", "100", "FIELDS", "2", "f1", "a", "f2", "b"]).await.unwrap(),
+        Value::Int(1)
+    );
+    let ttl = query(&mut c, &["HTTL", "h", "FIELDS", "1", "f1"]).await.unwrap();
+    assert!(matches!(&ttl, Value::Array(v) if matches!(v[0], Value::Int(t) if t > 0 && t <= 100)), "{ttl:?}");
+    let _: () = c.set("lock", "owner-1").await.unwrap();
+    assert_eq!(query(&mut c, &["DELIFEQ", "lock", "owner-2"]).await.unwrap(), Value::Int(0));
+    assert_eq!(query(&mut c, &["DELIFEQ", "lock", "owner-1"]).await.unwrap(), Value::Int(1));
+
+    // A large value in one piece.
+    let big = vec![b'x'; 8 * 1024 * 1024];
+    let _: () = c.set("big", &big).await.unwrap();
+    assert_eq!(c.get::<_, Vec<u8>>("big").await.unwrap().len(), big.len());
+}
+
+#[tokio::test]
+async fn pubsub_is_namespaced_per_cache() {
+    let dev = ShoalDev::start().await;
+    let (_, token_a) = cache_with_token(&dev, "pub-a", 1).await;
+    let (_, token_b) = cache_with_token(&dev, "pub-b", 1).await;
+
+    let client_a = redis::Client::open(format!("redis://:{}@127.0.0.1:{}/", token_a, dev.resp_port)).unwrap();
+    let mut sub_a = client_a.get_async_pubsub().await.unwrap();
+    sub_a.psubscribe("*").await.unwrap();
+    sub_a.subscribe("news").await.unwrap();
+
+    let mut a = dev.client(&token_a).await.unwrap();
+    let mut b = dev.client(&token_b).await.unwrap();
+    let receivers: i64 = b.publish("news", "from-b").await.unwrap();
+    assert_eq!(receivers, 0, "cache B's publish reaches nobody in cache A");
+    let receivers: i64 = a.publish("news", "from-a").await.unwrap();
+    assert_eq!(receivers, 2, "the pattern and the channel subscription of cache A");
+
+    let mut stream = sub_a.on_message();
+    use futures_util::StreamExt;
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(2), stream.next()).await.unwrap().unwrap();
+        assert_eq!(msg.get_channel_name(), "news");
+        assert_eq!(msg.get_payload::<String>().unwrap(), "from-a");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.next()).await.is_err(),
+        "B's message leaked"
+    );
+    drop(stream);
+
+    let channels: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").query_async(&mut a).await.unwrap();
+    assert_eq!(channels, vec!["news".to_string()]);
+    let channels: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").query_async(&mut b).await.unwrap();
+    assert!(channels.is_empty(), "{channels:?}");
+    let numsub: Vec<(String, i64)> =
+        redis::cmd("PUBSUB").arg("NUMSUB").arg("news").query_async(&mut a).await.unwrap();
+    assert_eq!(numsub, vec![("news".to_string(), 1)]);
+}
+
+#[tokio::test]
+async fn cluster_command_client_and_info_commands_are_scoped_to_the_cache() {
+    let dev = ShoalDev::start().await;
+    let (_, token_a) = cache_with_token(&dev, "scoped-a", 1).await;
+    let (_, token_b) = cache_with_token(&dev, "scoped-b", 1).await;
+    let mut a = dev.client(&token_a).await.unwrap();
+    let mut a2 = dev.client(&token_a).await.unwrap();
+    let mut b = dev.client(&token_b).await.unwrap();
+
+    // CLUSTER answers as one node at the gateway's own address, owning every slot.
+    let slots = query(&mut a, &["CLUSTER", "SLOTS"]).await.unwrap();
+    let Value::Array(ranges) = &slots else { panic!("{slots:?}") };
+    let Value::Array(range) = &ranges[0] else { panic!("{slots:?}") };
+    assert_eq!((&range[0], &range[1]), (&Value::Int(0), &Value::Int(16383)));
+    let Value::Array(node) = &range[2] else { panic!("{slots:?}") };
+    assert_eq!(text(&node[0]), "127.0.0.1");
+    assert_eq!(node[1], Value::Int(dev.resp_port as i64));
+    assert_eq!(query(&mut a, &["CLUSTER", "KEYSLOT", "foo"]).await.unwrap(), Value::Int(12182));
+    assert!(text(&query(&mut a, &["CLUSTER", "INFO"]).await.unwrap()).contains("cluster_state:ok"));
+
+    // COMMAND hides what a cache may not run.
+    let count = query(&mut a, &["COMMAND", "COUNT"]).await.unwrap();
+    let Value::Int(count) = count else { panic!("{count:?}") };
+    let all = query(&mut a, &["COMMAND"]).await.unwrap();
+    let Value::Array(entries) = all else { panic!() };
+    assert_eq!(entries.len() as i64, count);
+    let names: Vec<String> = entries
+        .iter()
+        .filter_map(|e| if let Value::Array(f) = e { Some(text(&f[0])) } else { None })
+        .collect();
+    assert!(names.contains(&"get".to_string()) && !names.contains(&"config".to_string()), "{names:?}");
+    let info = query(&mut a, &["COMMAND", "INFO", "get", "shutdown"]).await.unwrap();
+    assert!(matches!(&info, Value::Array(v) if v[1] == Value::Nil), "{info:?}");
+
+    // CLIENT LIST shows this cache's connections only; CLIENT KILL cannot reach another cache.
+    let list = text(&query(&mut a, &["CLIENT", "LIST"]).await.unwrap());
+    assert_eq!(list.lines().count(), 2, "{list}");
+    let addr_of = |info: &str| info.split(' ').find_map(|f| f.strip_prefix("addr=")).unwrap().to_string();
+    let b_addr = addr_of(&text(&query(&mut b, &["CLIENT", "INFO"]).await.unwrap()));
+    assert!(!list.contains(&format!("addr={b_addr} ")), "{list}");
+    assert_eq!(query(&mut a, &["CLIENT", "KILL", "ADDR", &b_addr]).await.unwrap(), Value::Int(0));
+    assert!(query(&mut a, &["CLIENT", "KILL", &b_addr]).await.is_err(), "old form: no such client");
+    assert_eq!(query(&mut b, &["PING"]).await.unwrap(), Value::SimpleString("PONG".into()));
+    let a2_id = query(&mut a2, &["CLIENT", "ID"]).await.unwrap();
+    let Value::Int(a2_id) = a2_id else { panic!() };
+    assert!(list.contains(&format!("id={a2_id} ")), "{list}");
+    assert_eq!(query(&mut a, &["CLIENT", "KILL", "ID", &a2_id.to_string()]).await.unwrap(), Value::Int(1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(query(&mut a2, &["PING"]).await.is_err(), "a killed connection is closed");
+    assert_eq!(text(&query(&mut a, &["ACL", "WHOAMI"]).await.unwrap()), "default");
+    assert_eq!(query(&mut a, &["READONLY"]).await.unwrap(), Value::Okay);
+}
+
+#[tokio::test]
+async fn real_cluster_mode_and_resp3_clients_work() {
+    let dev = ShoalDev::start().await;
+    let (_, token) = cache_with_token(&dev, "cluster-client", 1).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/cluster_and_pubsub.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(dev.resp_port.to_string())
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
