@@ -60,6 +60,9 @@ struct DevArgs {
     /// RESP (gateway) port.
     #[arg(long, env = "SHOAL_RESP_PORT", default_value_t = 6380)]
     resp_port: u16,
+    /// RESP over TLS port (self-signed certificate under <data-dir>/tls/; 0 turns TLS off).
+    #[arg(long, env = "SHOAL_TLS_PORT", default_value_t = 6381)]
+    tls_port: u16,
     /// How many Valkey nodes to run.
     #[arg(long, env = "SHOAL_NODES", default_value_t = 2)]
     nodes: u16,
@@ -190,10 +193,19 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             return Err(e).context("starting the control plane");
         }
     };
+    let tls = if args.tls_port == 0 {
+        None
+    } else {
+        let (cert, key) = shoal_gateway::tls::ensure_self_signed(&data_dir.join("tls"))?;
+        Some((format!("{}:{}", args.host, args.tls_port), cert, key))
+    };
     let gateway = match Gateway::bind(GatewayConfig {
         listen: resp.clone(),
         control_plane_url: format!("http://{}", cp.addr),
         internal_token,
+        tls_listen: tls.as_ref().map(|t| t.0.clone()),
+        tls_cert: tls.as_ref().map(|t| t.1.clone()),
+        tls_key: tls.as_ref().map(|t| t.2.clone()),
         ..Default::default()
     })
     .await
@@ -206,18 +218,22 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let tls_state = gateway.tls();
     let gateway_task = tokio::spawn(gateway.run(stop_rx));
 
     println!("Shoal dev is running.");
     println!("  REST API       http://{rest}   (OpenAPI at /openapi.json)");
     println!("  RESP endpoint  {resp}");
+    if let Some((addr, cert, _)) = &tls {
+        println!("  RESP over TLS  {addr}   (self-signed: {})", cert.display());
+    }
     println!("  Admin token    {}", args.data_dir.join("admin.token").display());
     for node in pool.nodes() {
         println!("  Valkey node    {} at {} (data in {})", node.name(), node.addr(), node.dir.display());
     }
     println!("Press Ctrl-C to stop.");
 
-    wait_for_signal().await;
+    wait_for_signal(tls_state).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = gateway_task.await;
@@ -258,7 +274,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
         }
     };
     tracing::info!(addr = %cp.addr, "control plane listening");
-    wait_for_signal().await;
+    wait_for_signal(None).await;
     cp.handle.stop(true).await;
     pool.stop().await;
     Ok(())
@@ -270,20 +286,31 @@ async fn gateway(path: PathBuf) -> anyhow::Result<()> {
     let gateway = Gateway::bind(file.gateway).await?;
     tracing::info!(addr = %gateway.local_addr()?, "gateway listening");
     let (stop_tx, stop_rx) = watch::channel(false);
+    let tls_state = gateway.tls();
     let task = tokio::spawn(gateway.run(stop_rx));
-    wait_for_signal().await;
+    wait_for_signal(tls_state).await;
     let _ = stop_tx.send(true);
     let _ = task.await;
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn wait_for_signal() {
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM; on SIGHUP reloads the TLS certificate.
+async fn wait_for_signal(tls: Option<Arc<shoal_gateway::tls::TlsState>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                if let Some(tls) = &tls {
+                    if let Err(e) = tls.reload() {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the old certificate");
+                    }
+                }
+            }
+        }
     }
 }

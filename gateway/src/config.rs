@@ -10,6 +10,11 @@ pub struct GatewayConfig {
     pub listen: String,
     /// Base URL of the control plane (JWKS and the internal route API).
     pub control_plane_url: String,
+    /// Where the TLS RESP endpoint listens (off when unset).
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain and private key for TLS; reloaded on SIGHUP.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
     /// Bearer token for the control plane's internal API.
     pub internal_token: String,
     /// Largest bulk string accepted after AUTH (Valkey's `proto-max-bulk-len`).
@@ -41,6 +46,9 @@ impl Default for GatewayConfig {
         GatewayConfig {
             listen: "127.0.0.1:6380".into(),
             control_plane_url: "http://127.0.0.1:8080".into(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
             internal_token: String::new(),
             max_bulk_bytes: 512 * 1024 * 1024,
             max_args: 1024 * 1024,

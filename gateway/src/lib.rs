@@ -5,7 +5,7 @@
 //! command name, and copies the original bytes upstream.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`listener`]: accept loop, connection limits, shutdown.
+//! - [`listener`]: accept loops (TCP and [`tls`]), connection limits, shutdown.
 //! - [`session`]: one task per connection; AUTH, then forward in order.
 //! - [`resp`]: request parser, reply boundary scanner, a small value model (no I/O).
 //! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
@@ -29,6 +29,7 @@ pub mod pubsub;
 pub mod resp;
 pub mod router;
 pub mod session;
+pub mod tls;
 pub mod upstream;
 pub mod virtualize;
 

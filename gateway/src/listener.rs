@@ -7,6 +7,7 @@ use crate::cluster::Identity;
 use crate::observer::Observers;
 use crate::router::{ControlPlaneClient, Router};
 use crate::session;
+use crate::tls::TlsState;
 use crate::GatewayConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,13 +32,22 @@ pub struct Shared {
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
+    tls: Option<(TcpListener, Arc<TlsState>)>,
     shared: Arc<Shared>,
 }
 
 impl Gateway {
-    /// Binds the RESP listener.
-    pub async fn bind(config: GatewayConfig) -> std::io::Result<Gateway> {
+    /// Binds the RESP listener (and the TLS one, if configured).
+    pub async fn bind(config: GatewayConfig) -> Result<Gateway, BindError> {
         let listener = TcpListener::bind(&config.listen).await?;
+        let tls = match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
+            (Some(addr), Some(cert), Some(key)) => {
+                let state = Arc::new(TlsState::load(cert, key)?);
+                Some((TcpListener::bind(addr).await?, state))
+            }
+            (None, _, _) => None,
+            _ => return Err(BindError::TlsIncomplete),
+        };
         let client = Arc::new(ControlPlaneClient::new(&config.control_plane_url, &config.internal_token));
         let advertise = match &config.advertise {
             Some(a) => a.clone(),
@@ -53,50 +63,100 @@ impl Gateway {
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
             config,
         });
-        Ok(Gateway { listener, shared })
+        Ok(Gateway { listener, tls, shared })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// The TLS state, to reload certificates (on SIGHUP).
+    pub fn tls(&self) -> Option<Arc<TlsState>> {
+        self.tls.as_ref().map(|(_, state)| state.clone())
+    }
+
     /// Accepts connections until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         if let Err(e) = self.shared.jwt.refresh().await {
             tracing::warn!(error = %e, "could not load signing keys yet; will retry on first AUTH");
         }
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                r = self.listener.accept() => r,
-                _ = shutdown.changed() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(x) => {
-                    backoff = Duration::from_millis(5);
-                    x
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                tokio::spawn(refuse(stream, "ERR max number of clients reached"));
-                continue;
-            };
-            stream.set_nodelay(true).ok();
-            let shared = self.shared.clone();
-            let local = stream.local_addr().unwrap_or(peer);
-            tokio::spawn(async move {
-                session::run(shared, stream, peer, local).await;
-                drop(permit);
-            });
+        let tls_task = self.tls.map(|(listener, state)| {
+            tokio::spawn(accept_loop(
+                listener,
+                Some(state),
+                self.shared.clone(),
+                limit.clone(),
+                shutdown.clone(),
+            ))
+        });
+        accept_loop(self.listener, None, self.shared, limit, shutdown).await;
+        if let Some(task) = tls_task {
+            let _ = task.await;
         }
         tracing::info!("gateway stopped accepting");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("binding: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("TLS needs tls_listen, tls_cert and tls_key together")]
+    TlsIncomplete,
+}
+
+/// How long a TLS client has to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<Arc<TlsState>>,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, "ERR max number of clients reached"));
+            continue;
+        };
+        stream.set_nodelay(true).ok();
+        let shared = shared.clone();
+        let local = stream.local_addr().unwrap_or(peer);
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
+        tokio::spawn(async move {
+            match acceptor {
+                None => session::run(shared, stream, peer, local).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => session::run(shared, tls_stream, peer, local).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+            drop(permit);
+        });
     }
 }
 

@@ -16,6 +16,7 @@ pub struct ShoalDev {
     pub dir: PathBuf,
     pub rest_port: u16,
     pub resp_port: u16,
+    pub tls_port: u16,
     pub node_ports: Vec<u16>,
     child: Option<Child>,
     pub http: reqwest::Client,
@@ -31,6 +32,7 @@ impl ShoalDev {
             dir,
             rest_port: free_port(),
             resp_port: free_port(),
+            tls_port: free_port(),
             node_ports: vec![free_port(), free_port()],
             child: None,
             http: reqwest::Client::new(),
@@ -52,6 +54,8 @@ impl ShoalDev {
             .arg(self.rest_port.to_string())
             .arg("--resp-port")
             .arg(self.resp_port.to_string())
+            .arg("--tls-port")
+            .arg(self.tls_port.to_string())
             .arg("--node-ports")
             .arg(ports.join(","))
             .arg("--databases")
@@ -99,6 +103,12 @@ impl ShoalDev {
                 std::fs::read_to_string(p).ok()?.trim().parse().ok()
             })
             .collect()
+    }
+
+    /// Sends a signal to `shoal dev` without waiting.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        unsafe { libc::kill(pid, signal) };
     }
 
     /// Sends a signal to `shoal dev` and waits for it to exit.
