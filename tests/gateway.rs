@@ -295,3 +295,71 @@ async fn real_cluster_mode_and_resp3_clients_work() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn keyspace_notifications_reach_only_the_cache_that_enabled_them() {
+    let dev = ShoalDev::start().await;
+    let (status, problem) = dev
+        .api(
+            Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "bad", "keyspace_notifications": "Kq"})),
+        )
+        .await;
+    assert_eq!((status, problem["field"].as_str()), (400, Some("keyspace_notifications")));
+    let (status, cache) = dev
+        .api(
+            Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "events", "keyspace_notifications": "KEA"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{cache}");
+    assert_eq!(cache["keyspace_notifications"], "KEA");
+    let token_a = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    // B lands on the other node or the same one; either way it must see nothing of A.
+    let (_, token_b) = cache_with_token(&dev, "no-events", 1).await;
+    let (_, token_c) = cache_with_token(&dev, "neighbour-of-events", 1).await;
+
+    let sub = |token: &str| {
+        let client = redis::Client::open(format!("redis://:{}@127.0.0.1:{}/", token, dev.resp_port)).unwrap();
+        async move { client.get_async_pubsub().await.unwrap() }
+    };
+    let mut sub_a = sub(&token_a).await;
+    sub_a.psubscribe("__keyspace@0__:*").await.unwrap();
+    sub_a.subscribe("__keyevent@0__:set").await.unwrap();
+    let mut sub_b = sub(&token_b).await;
+    sub_b.psubscribe("__keyspace@0__:*").await.unwrap();
+
+    for token in [&token_b, &token_c] {
+        let mut other = dev.client(token).await.unwrap();
+        let _: () = other.set("shared-name", "other cache").await.unwrap();
+    }
+    let mut a = dev.client(&token_a).await.unwrap();
+    let _: () = a.set("shared-name", "a").await.unwrap();
+
+    use futures_util::StreamExt;
+    let mut stream_a = sub_a.on_message();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(2), stream_a.next()).await.unwrap().unwrap();
+        got.push((msg.get_channel_name().to_string(), msg.get_payload::<String>().unwrap()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("__keyevent@0__:set".to_string(), "shared-name".to_string()),
+            ("__keyspace@0__:shared-name".to_string(), "set".to_string())
+        ]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream_a.next()).await.is_err(),
+        "other caches' events leaked"
+    );
+    let mut stream_b = sub_b.on_message();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream_b.next()).await.is_err(),
+        "a cache without keyspace notifications received events"
+    );
+}

@@ -36,6 +36,12 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let listen = config.listen.clone();
     let state =
         web::Data::new(AppState { config, store, pool, signer, placement_lock: tokio::sync::Mutex::new(()) });
+    // Keyspace-notification settings live in memory on the nodes: set them again.
+    for node in state.pool.nodes() {
+        if let Err(e) = routes::caches::apply_keyspace_events(&state, node.name()).await {
+            tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
+        }
+    }
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())

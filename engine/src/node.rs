@@ -53,6 +53,9 @@ pub struct Node {
     /// Pid of the running child, 0 while none runs.
     pid: AtomicU32,
     stopping: AtomicBool,
+    /// `notify-keyspace-events` for the node: the union of its caches' flags. Kept in
+    /// memory, written into the config on every (re)start.
+    keyspace_events: std::sync::Mutex<String>,
     stop: Notify,
     stopped: Notify,
     restarts: AtomicU32,
@@ -84,6 +87,7 @@ impl Node {
             binary,
             pid: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
+            keyspace_events: std::sync::Mutex::new(String::new()),
             stop: Notify::new(),
             stopped: Notify::new(),
             restarts: AtomicU32::new(0),
@@ -125,6 +129,20 @@ impl Node {
         redis::Client::open(info).map_err(|source| self.valkey_err(source))
     }
 
+    /// Sets `notify-keyspace-events` now and for every later restart.
+    pub async fn set_keyspace_events(&self, flags: &str) -> Result<(), EngineError> {
+        *self.keyspace_events.lock().unwrap() = flags.to_string();
+        let mut conn =
+            self.admin_client()?.get_multiplexed_async_connection().await.map_err(|e| self.valkey_err(e))?;
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg(flags)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.valkey_err(e))
+    }
+
     /// Credentials of the observer user (see [`OBSERVER_USER`]), for gateways.
     pub fn observer_password(&self) -> &str {
         &self.observer_password
@@ -164,7 +182,9 @@ impl Node {
              appendonly yes\nappendfsync everysec\nsave \"\"\n\
              aclfile {dir}/users.acl\n\
              enable-debug-command no\nenable-module-command no\nenable-protected-configs no\n\
-             sanitize-dump-payload yes\n",
+             sanitize-dump-payload yes\n\
+             notify-keyspace-events \"{events}\"\n",
+            events = self.keyspace_events.lock().unwrap(),
             host = self.spec.host,
             port = self.spec.port,
             databases = self.databases,

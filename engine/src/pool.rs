@@ -71,6 +71,11 @@ impl Pool {
         }
     }
 
+    /// Sets a node's `notify-keyspace-events` (the union of its caches' flags).
+    pub async fn set_keyspace_events(&self, node: &str, flags: &str) -> Result<(), EngineError> {
+        self.node(node)?.set_keyspace_events(flags).await
+    }
+
     /// Makes a cache's databases ready: flushes them (a previous owner's data never shows),
     /// then creates its ACL user and saves the ACL file so a restart keeps it.
     pub async fn create_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {

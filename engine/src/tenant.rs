@@ -37,6 +37,26 @@ const NODE_WIDE_DENIED: &[&str] = &[
     "-readwrite",
 ];
 
+/// Valkey's `notify-keyspace-events` flag letters.
+const KEYSPACE_FLAGS: &str = "KEg$lshzxetmdnA";
+
+/// Checks a cache's keyspace-notification flags; returns them normalized (no duplicates).
+pub fn parse_keyspace_events(flags: &str) -> Result<String, String> {
+    if let Some(bad) = flags.chars().find(|c| !KEYSPACE_FLAGS.contains(*c)) {
+        return Err(format!("unknown keyspace event flag {bad:?} (allowed: {KEYSPACE_FLAGS})"));
+    }
+    if !flags.is_empty() && !flags.contains('K') && !flags.contains('E') {
+        return Err("keyspace events need K (keyspace) or E (keyevent) to be delivered".into());
+    }
+    Ok(KEYSPACE_FLAGS.chars().filter(|c| flags.contains(*c)).collect())
+}
+
+/// The node-wide flags for a set of caches' flags: their union.
+pub fn union_keyspace_events<'a>(flags: impl IntoIterator<Item = &'a str>) -> String {
+    let all: String = flags.into_iter().collect();
+    KEYSPACE_FLAGS.chars().filter(|c| all.contains(*c)).collect()
+}
+
 /// `@dangerous` commands that are safe once confined to the tenant's own databases.
 const ALLOWED_BACK: &[&str] = &["+flushdb", "+keys", "+sort", "+sort_ro"];
 
@@ -73,6 +93,15 @@ impl TenantAcl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyspace_flags_are_checked_and_merged() {
+        assert_eq!(parse_keyspace_events("AK").unwrap(), "KA");
+        assert!(parse_keyspace_events("Kq").is_err());
+        assert!(parse_keyspace_events("A").is_err());
+        assert_eq!(parse_keyspace_events("").unwrap(), "");
+        assert_eq!(union_keyspace_events(["Kg", "E$", ""]), "KEg$");
+    }
 
     #[test]
     fn rules_confine_databases_and_channels() {

@@ -24,6 +24,8 @@ pub struct ClientEntry {
     /// Seconds since `created` of the last command.
     pub last_active: AtomicU64,
     pub commands: AtomicU64,
+    /// The client's pub/sub patterns (matched by the gateway), for PUBLISH's receiver count.
+    pub patterns: Mutex<Vec<Vec<u8>>>,
     /// Notified by `CLIENT KILL` from another connection of the same cache.
     pub kill: Notify,
 }
@@ -95,6 +97,7 @@ impl Registry {
             proto: AtomicU8::new(2),
             last_active: AtomicU64::new(0),
             commands: AtomicU64::new(0),
+            patterns: Mutex::new(Vec::new()),
             kill: Notify::new(),
         });
         clients.live.insert(entry.key, entry.clone());
@@ -117,6 +120,26 @@ impl Registry {
             caches.get(cache).map(|c| c.live.values().cloned().collect()).unwrap_or_default();
         list.sort_by_key(|e| e.key);
         list
+    }
+
+    /// How PUBLISH's receiver count from Valkey must change for `channel`: each client with
+    /// patterns holds one catch-all subscription upstream, but Valkey would have counted each
+    /// matching pattern. Exact for the clients of this gateway.
+    pub fn pattern_receivers_correction(&self, cache: &CacheId, channel: &[u8]) -> i64 {
+        let caches = self.caches.lock().unwrap();
+        let Some(clients) = caches.get(cache) else { return 0 };
+        clients
+            .live
+            .values()
+            .map(|c| {
+                let patterns = c.patterns.lock().unwrap();
+                if patterns.is_empty() {
+                    return 0;
+                }
+                let matching = patterns.iter().filter(|p| crate::pubsub::glob_match(p, channel)).count();
+                matching as i64 - 1
+            })
+            .sum()
     }
 
     pub fn counts(&self, cache: &CacheId) -> CacheCounts {

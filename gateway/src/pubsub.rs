@@ -15,22 +15,40 @@ pub struct Namespace {
     prefix: Vec<u8>,
     first_db: u32,
     databases: u32,
+    /// Whether the cache has keyspace notifications on; if not, keyspace channel names are
+    /// ordinary channel names in its namespace (and receive nothing from Valkey).
+    keyspace: bool,
 }
 
 const KEYSPACE: &[u8] = b"__keyspace@";
 const KEYEVENT: &[u8] = b"__keyevent@";
 
 impl Namespace {
-    pub fn new(acl_user: &str, first_db: u32, databases: u32) -> Self {
-        Namespace { prefix: format!("{acl_user}:").into_bytes(), first_db, databases }
+    pub fn new(acl_user: &str, first_db: u32, databases: u32, keyspace: bool) -> Self {
+        Namespace { prefix: format!("{acl_user}:").into_bytes(), first_db, databases, keyspace }
+    }
+
+    /// The cache's database `db` if `name` is one of its keyspace channels or patterns.
+    fn own_keyspace<'a>(&self, name: &'a [u8]) -> Option<(&'static [u8], u64, &'a [u8])> {
+        split_keyspace(name).filter(|(_, db, _)| self.keyspace && *db < self.databases as u64)
+    }
+
+    /// The one upstream pattern that stands for every client pattern: `t<id>:*`. Valkey's
+    /// channel ACL matches patterns literally, so tenants' own patterns are matched here.
+    pub fn catch_all(&self) -> Vec<u8> {
+        [self.prefix.as_slice(), b"*"].concat()
+    }
+
+    /// Whether a client pattern goes upstream as is (a keyspace-notification pattern of one
+    /// of the cache's databases) rather than being matched by the gateway.
+    pub fn is_direct_pattern(&self, pattern: &[u8]) -> bool {
+        self.own_keyspace(pattern).is_some()
     }
 
     /// A channel or pattern as the client wrote it → as Valkey should see it.
     pub fn to_upstream(&self, name: &[u8]) -> Vec<u8> {
-        if let Some((kind, db, rest)) = split_keyspace(name) {
-            if db < self.databases as u64 {
-                return [kind, (self.first_db as u64 + db).to_string().as_bytes(), b"__:", rest].concat();
-            }
+        if let Some((kind, db, rest)) = self.own_keyspace(name) {
+            return [kind, (self.first_db as u64 + db).to_string().as_bytes(), b"__:", rest].concat();
         }
         [self.prefix.as_slice(), name].concat()
     }
@@ -68,6 +86,64 @@ impl Namespace {
     }
 }
 
+/// Glob matching as Valkey's `stringmatchlen`: `*`, `?`, `[abc]`, `[^a-z]`, `\` escapes.
+pub fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0, 0);
+    let (mut star_p, mut star_i) = (None, 0);
+    while i < s.len() {
+        let matched_one = match pattern.get(p) {
+            Some(b'*') => {
+                star_p = Some(p);
+                star_i = i;
+                p += 1;
+                continue;
+            }
+            Some(b'?') => Some(p + 1),
+            Some(b'[') => match_class(pattern, p, s[i]),
+            Some(b'\\') if p + 1 < pattern.len() => (pattern[p + 1] == s[i]).then_some(p + 2),
+            Some(&c) => (c == s[i]).then_some(p + 1),
+            None => None,
+        };
+        match (matched_one, star_p) {
+            (Some(next), _) => {
+                p = next;
+                i += 1;
+            }
+            (None, Some(sp)) => {
+                p = sp + 1;
+                star_i += 1;
+                i = star_i;
+            }
+            (None, None) => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `c` against the class starting at `pattern[p] == '['`; the index after the class.
+fn match_class(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
+    let mut j = p + 1;
+    let negate = pattern.get(j) == Some(&b'^');
+    if negate {
+        j += 1;
+    }
+    let mut hit = false;
+    while j < pattern.len() && pattern[j] != b']' {
+        if pattern[j] == b'\\' && j + 1 < pattern.len() {
+            hit |= pattern[j + 1] == c;
+            j += 2;
+        } else if j + 2 < pattern.len() && pattern[j + 1] == b'-' && pattern[j + 2] != b']' {
+            let (lo, hi) = (pattern[j].min(pattern[j + 2]), pattern[j].max(pattern[j + 2]));
+            hit |= (lo..=hi).contains(&c);
+            j += 3;
+        } else {
+            hit |= pattern[j] == c;
+            j += 1;
+        }
+    }
+    (hit != negate).then_some(j + 1)
+}
+
 /// `__keyspace@<n>__:<rest>` → (`__keyspace@`, n, rest).
 fn split_keyspace(name: &[u8]) -> Option<(&'static [u8], u64, &[u8])> {
     let kind = [KEYSPACE, KEYEVENT].into_iter().find(|k| name.starts_with(k))?;
@@ -85,8 +161,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn glob_matching_follows_valkey() {
+        for (p, s, m) in [
+            ("*", "anything", true),
+            ("news.*", "news.tech", true),
+            ("news.*", "sports", false),
+            ("h?llo", "hello", true),
+            ("h[ae]llo", "hallo", true),
+            ("h[^e]llo", "hello", false),
+            ("h[a-c]llo", "hbllo", true),
+            ("a\\*b", "a*b", true),
+            ("a\\*b", "axb", false),
+            ("*.*.x", "a.b.x", true),
+            ("", "", true),
+            ("abc", "ab", false),
+        ] {
+            assert_eq!(glob_match(p.as_bytes(), s.as_bytes()), m, "{p} ~ {s}");
+        }
+    }
+
+    #[test]
     fn channels_are_prefixed_and_stripped() {
-        let ns = Namespace::new("tc1", 5, 2);
+        let ns = Namespace::new("tc1", 5, 2, true);
         assert_eq!(ns.to_upstream(b"news"), b"tc1:news");
         assert_eq!(ns.to_upstream(b"*"), b"tc1:*");
         assert_eq!(ns.from_upstream(b"tc1:news"), b"news");
@@ -94,6 +190,8 @@ mod tests {
         assert_eq!(ns.from_upstream(b"__keyevent@5__:set"), b"__keyevent@0__:set");
         // A database the cache does not have is just a channel name in its namespace.
         assert_eq!(ns.to_upstream(b"__keyspace@2__:k"), b"tc1:__keyspace@2__:k");
+        let quiet = Namespace::new("tc1", 5, 2, false);
+        assert_eq!(quiet.to_upstream(b"__keyspace@1__:k"), b"tc1:__keyspace@1__:k", "notifications off");
         let mut msg =
             vec![Value::bulk("pmessage"), Value::bulk("tc1:n*"), Value::bulk("tc1:news"), Value::bulk("hi")];
         assert!(ns.rewrite_message(&mut msg));

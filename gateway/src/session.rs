@@ -43,6 +43,13 @@ pub(crate) enum OnReply {
     Replace(Bytes),
     /// Rewrite it (decoded), unless it is an error.
     Transform(Box<dyn FnOnce(Value, u8) -> Value + Send>),
+    /// Answer a pattern (un)subscription the gateway handles itself. It rides on a PING so
+    /// that it reaches the client after the confirmations of earlier subscriptions.
+    Confirm {
+        kind: &'static [u8],
+        pattern: Option<Vec<u8>>,
+        delta: i64,
+    },
 }
 
 /// An answer the client is owed, in request order.
@@ -74,11 +81,26 @@ pub(crate) struct PubSub {
     /// Confirmations still expected per in-flight (un)subscribe command; `None` means
     /// "until the count drops to 0" (unsubscribe from everything).
     pub inflight: VecDeque<Option<usize>>,
+    /// The client's patterns, matched by the gateway against the catch-all's messages.
+    pub patterns: Vec<Vec<u8>>,
+    /// Keyspace-notification patterns, subscribed upstream as they are (client names).
+    pub direct_patterns: Vec<Vec<u8>>,
+    /// The upstream catch-all pattern subscription is requested / confirmed.
+    pub catch_all: bool,
+    pub catch_all_confirmed: bool,
+    /// Client patterns whose confirmation the client has received.
+    pub confirmed_patterns: i64,
 }
 
 impl PubSub {
     fn active(&self) -> bool {
-        self.regular > 0 || self.shard > 0 || !self.inflight.is_empty()
+        self.regular > 0 || self.shard > 0 || !self.inflight.is_empty() || !self.patterns.is_empty()
+    }
+
+    /// The subscription count the client sees: upstream's, with the catch-all replaced by
+    /// the client's own patterns.
+    pub fn visible_count(&self) -> i64 {
+        self.regular - self.catch_all_confirmed as i64 + self.confirmed_patterns
     }
 }
 
@@ -247,6 +269,7 @@ impl Session {
         let mut handled = 0u64;
         while !self.closing {
             match self.parser.next(&self.client_in, self.limits()) {
+                Ok(Some(frame)) if frame.inline => self.inline_to_resp(frame),
                 Ok(Some(frame)) => {
                     let args = self.parser.take_args();
                     if !args.is_empty() {
@@ -267,6 +290,18 @@ impl Session {
             t.entry.commands.fetch_add(handled, Ordering::Relaxed);
             t.entry.last_active.store(t.entry.created.elapsed().as_secs(), Ordering::Relaxed);
         }
+    }
+
+    /// Replaces an inline command at the front of the input with its RESP form, which the
+    /// next parse then handles like any request (inline commands are rare: the copy is fine).
+    fn inline_to_resp(&mut self, frame: Frame) {
+        let args: Vec<&[u8]> = self.parser.inline_args().iter().map(Vec::as_slice).collect();
+        let rest = self.client_in.split_off(frame.len);
+        self.client_in.clear();
+        if !args.is_empty() {
+            resp::command(&mut self.client_in, &args);
+        }
+        self.client_in.extend_from_slice(&rest);
     }
 
     /// The bytes of argument `i`.
@@ -308,11 +343,6 @@ impl Session {
                         );
                         return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
                     }
-                }
-                if frame.inline {
-                    let owned: Vec<Vec<u8>> = (0..args.len()).map(|i| self.arg(args, i).to_vec()).collect();
-                    let refs: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
-                    return self.forward_command(&refs, OnReply::Forward).await;
                 }
                 if !self.ensure_upstream().await {
                     return;
@@ -370,7 +400,7 @@ impl Session {
         tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
         self.unauthenticated = None;
         self.tenant = Some(Tenant {
-            ns: Namespace::new(&route.acl_user, route.db, route.databases),
+            ns: Namespace::new(&route.acl_user, route.db, route.databases, !route.keyspace_events.is_empty()),
             cache: claims.cache,
             route,
             db: 0,
@@ -483,6 +513,13 @@ impl Session {
                 Some((v, _)) => value::encode(&f(v, self.proto), self.proto, &mut self.client_out),
                 None => self.client_out.extend_from_slice(&bytes),
             },
+            OnReply::Confirm { kind, pattern, delta } => {
+                self.pubsub.confirmed_patterns += delta;
+                let name = pattern.map_or(Value::Null, Value::Bulk);
+                let items = vec![Value::bulk(kind), name, Value::Int(self.pubsub.visible_count())];
+                let v = if self.proto >= 3 { Value::Push(items) } else { Value::Array(items) };
+                value::encode(&v, self.proto, &mut self.client_out);
+            }
         }
     }
 
@@ -511,6 +548,27 @@ impl Session {
         };
         let kind =
             items.first().and_then(Value::as_bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
+        let Some(ns) = self.tenant.as_ref().map(|t| t.ns.clone()) else { return };
+        let is_catch_all = items.get(1).and_then(Value::as_bytes) == Some(ns.catch_all().as_slice());
+        if kind == b"pmessage" && is_catch_all {
+            // One upstream message for the catch-all: one pmessage per matching client pattern.
+            let (Some(channel), Some(payload)) = (items.get(2).and_then(Value::as_bytes), items.get(3))
+            else {
+                return;
+            };
+            let channel = ns.from_upstream(channel);
+            for pattern in self.pubsub.patterns.iter().filter(|p| crate::pubsub::glob_match(p, &channel)) {
+                let items = vec![
+                    Value::bulk("pmessage"),
+                    Value::bulk(pattern),
+                    Value::bulk(&channel),
+                    payload.clone(),
+                ];
+                let v = if push { Value::Push(items) } else { Value::Array(items) };
+                value::encode(&v, self.proto, &mut self.client_out);
+            }
+            return;
+        }
         if CONFIRMATIONS.contains(&kind.as_slice()) {
             let count = match items.get(2) {
                 Some(Value::Int(n)) => *n,
@@ -533,10 +591,16 @@ impl Session {
                     self.pubsub.inflight.pop_front();
                 }
             }
+            if is_catch_all {
+                // The gateway's own subscription: the client already had its confirmations.
+                self.pubsub.catch_all_confirmed = kind == b"psubscribe";
+                return;
+            }
+            if !kind.starts_with(b"s") || kind == b"subscribe" || kind == b"unsubscribe" {
+                items[2] = Value::Int(self.pubsub.visible_count());
+            }
         }
-        if let Some(t) = &self.tenant {
-            t.ns.rewrite_message(&mut items);
-        }
+        ns.rewrite_message(&mut items);
         let v = if push { Value::Push(items) } else { Value::Array(items) };
         value::encode(&v, self.proto, &mut self.client_out);
     }
@@ -572,6 +636,7 @@ impl Session {
         self.multi_dirty = false;
         let was_subscribed = self.pubsub.active();
         self.pubsub = PubSub::default();
+        self.sync_patterns();
         for p in std::mem::take(&mut self.pending) {
             match p {
                 Pending::Upstream(OnReply::Discard) => {}
@@ -585,6 +650,13 @@ impl Session {
         if was_subscribed {
             // Subscriptions cannot be silently restored: let the client reconnect.
             self.closing = true;
+        }
+    }
+
+    /// Publishes this session's patterns to the registry (for PUBLISH's receiver count).
+    pub fn sync_patterns(&self) {
+        if let Some(t) = &self.tenant {
+            *t.entry.patterns.lock().unwrap() = self.pubsub.patterns.clone();
         }
     }
 

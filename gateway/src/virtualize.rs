@@ -60,7 +60,7 @@ pub(crate) async fn run(s: &mut Session, name: &str, args: &[Range<usize>]) {
         n if n.starts_with("cluster|") => cluster(s, n, &argv),
         n if n == "command" || n.starts_with("command|") => command(s, n, &argv).await,
         "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
-            subscribe(s, &argv).await
+            subscribe(s, name, &argv).await
         }
         "publish" | "spublish" => publish(s, &argv).await,
         n if n.starts_with("pubsub|") => pubsub(s, n, &argv).await,
@@ -153,6 +153,7 @@ async fn reset(s: &mut Session) {
     s.in_multi = false;
     s.multi_dirty = false;
     s.pubsub = Default::default();
+    s.sync_patterns();
     if let Some(t) = s.tenant.as_mut() {
         t.db = 0;
         t.entry.db.store(0, Ordering::Relaxed);
@@ -461,12 +462,17 @@ fn entry_name(entry: &Value) -> Option<String> {
     }
 }
 
-/// `(P|S)(UN)SUBSCRIBE`: channel names go upstream in the cache's namespace.
-async fn subscribe(s: &mut Session, argv: &[&[u8]]) {
+/// `(P|S)(UN)SUBSCRIBE`: channel names go upstream in the cache's namespace. Patterns are
+/// matched by the gateway (Valkey's channel ACL matches patterns literally): upstream holds
+/// one catch-all pattern subscription per session, `t<id>:*`.
+async fn subscribe(s: &mut Session, name: &str, argv: &[&[u8]]) {
     let ns = ns(s);
-    let is_unsubscribe = argv[0].to_ascii_lowercase().ends_with(b"unsubscribe");
-    if argv.len() < 2 && !is_unsubscribe {
-        return wrong_args(s, &String::from_utf8_lossy(argv[0]).to_lowercase());
+    let unsubscribe = name.contains("unsubscribe");
+    if argv.len() < 2 && !unsubscribe {
+        return wrong_args(s, name);
+    }
+    if name == "psubscribe" || name == "punsubscribe" {
+        return patterns(s, &ns, name == "psubscribe", &argv[1..]).await;
     }
     let names: Vec<Vec<u8>> = argv[1..].iter().map(|c| ns.to_upstream(c)).collect();
     let mut cmd: Vec<&[u8]> = vec![argv[0]];
@@ -475,12 +481,74 @@ async fn subscribe(s: &mut Session, argv: &[&[u8]]) {
     s.forward_subscription(&cmd, confirmations).await;
 }
 
+async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, patterns: &[&[u8]]) {
+    let kind: &'static [u8] = if subscribe { b"psubscribe" } else { b"punsubscribe" };
+    let mut direct: Vec<Vec<u8>> = Vec::new();
+    let targets: Vec<Vec<u8>> = if patterns.is_empty() {
+        // PUNSUBSCRIBE with no arguments: every pattern.
+        s.pubsub.patterns.iter().chain(&s.pubsub.direct_patterns).cloned().collect()
+    } else {
+        patterns.iter().map(|p| p.to_vec()).collect()
+    };
+    let mut confirmations = Vec::new();
+    for pattern in &targets {
+        if ns.is_direct_pattern(pattern) {
+            let list = &mut s.pubsub.direct_patterns;
+            list.retain(|p| p != pattern);
+            if subscribe {
+                list.push(pattern.clone());
+            }
+            direct.push(ns.to_upstream(pattern));
+            continue;
+        }
+        let had = s.pubsub.patterns.contains(pattern);
+        s.pubsub.patterns.retain(|p| p != pattern);
+        if subscribe {
+            s.pubsub.patterns.push(pattern.clone());
+        }
+        let delta = match (subscribe, had) {
+            (true, false) => 1,
+            (false, true) => -1,
+            _ => 0,
+        };
+        confirmations.push((Some(pattern.clone()), delta));
+    }
+    if targets.is_empty() {
+        confirmations.push((None, 0));
+    }
+    for (pattern, delta) in confirmations {
+        s.forward_command(&[b"PING"], OnReply::Confirm { kind, pattern, delta }).await;
+    }
+    if !direct.is_empty() {
+        let mut cmd: Vec<&[u8]> = vec![kind];
+        cmd.extend(direct.iter().map(Vec::as_slice));
+        s.forward_subscription(&cmd, Some(direct.len())).await;
+    }
+    s.sync_patterns();
+    let want_catch_all = !s.pubsub.patterns.is_empty();
+    if want_catch_all != s.pubsub.catch_all {
+        s.pubsub.catch_all = want_catch_all;
+        let verb: &[u8] = if want_catch_all { b"PSUBSCRIBE" } else { b"PUNSUBSCRIBE" };
+        s.forward_subscription(&[verb, &ns.catch_all()], Some(1)).await;
+    }
+}
+
 async fn publish(s: &mut Session, argv: &[&[u8]]) {
     if argv.len() != 3 {
         return wrong_args(s, &String::from_utf8_lossy(argv[0]).to_lowercase());
     }
     let channel = ns(s).to_upstream(argv[1]);
-    s.forward_command(&[argv[0], &channel, argv[2]], OnReply::Forward).await;
+    if argv[0].eq_ignore_ascii_case(b"SPUBLISH") {
+        return s.forward_command(&[argv[0], &channel, argv[2]], OnReply::Forward).await;
+    }
+    let shared = s.shared.clone();
+    let cache = s.tenant.as_ref().expect("after AUTH").cache.clone();
+    let client_channel = argv[1].to_vec();
+    let count = OnReply::Transform(Box::new(move |v, _| match v {
+        Value::Int(n) => Value::Int(n + shared.clients.pattern_receivers_correction(&cache, &client_channel)),
+        other => other,
+    }));
+    s.forward_command(&[argv[0], &channel, argv[2]], count).await;
 }
 
 /// `PUBSUB CHANNELS|SHARDCHANNELS [pattern]`, `PUBSUB NUMSUB|SHARDNUMSUB [channel …]`,

@@ -20,10 +20,10 @@ for protocol in (2, 3):
     r = redis.Redis(host="127.0.0.1", port=port, password=token, protocol=protocol, decode_responses=True)
     p = r.pubsub()
     p.subscribe("orders")
-    # Patterns: `*` (every channel of the cache). Narrower patterns are not supported yet.
-    p.psubscribe("*")
-    confirmations = [p.get_message(timeout=1) for _ in range(2)]
-    assert [c["channel"] for c in confirmations] == ["orders", "*"], confirmations
+    p.psubscribe("ord*", "inv[ao]ice?")
+    confirmations = [p.get_message(timeout=1) for _ in range(3)]
+    assert [c["channel"] for c in confirmations] == ["orders", "ord*", "inv[ao]ice?"], confirmations
+    assert [c["data"] for c in confirmations] == [1, 2, 3], confirmations
     assert r.publish("orders", "o-1") == 2
     got = []
     deadline = time.time() + 2
@@ -33,7 +33,13 @@ for protocol in (2, 3):
             got.append(m)
     assert sorted(m["type"] for m in got) == ["message", "pmessage"], got
     assert all(m["channel"] == "orders" and m["data"] == "o-1" for m in got), got
-    assert [m["pattern"] for m in got if m["type"] == "pmessage"] == ["*"], got
+    assert [m["pattern"] for m in got if m["type"] == "pmessage"] == ["ord*"], got
+    assert r.publish("invoices", "i-1") == 1
+    m = None
+    while m is None:
+        m = p.get_message(timeout=1)
+    assert (m["type"], m["pattern"], m["channel"], m["data"]) == ("pmessage", "inv[ao]ice?", "invoices", "i-1"), m
+    assert r.publish("other", "x") == 0
     p.unsubscribe()
     p.punsubscribe()
     p.close()

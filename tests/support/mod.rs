@@ -20,12 +20,19 @@ pub struct ShoalDev {
     pub node_ports: Vec<u16>,
     child: Option<Child>,
     pub http: reqwest::Client,
+    /// Extra `shoal dev` arguments (limits for tests).
+    pub extra_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl ShoalDev {
     /// Starts on fresh ports in a fresh directory.
     pub async fn start() -> ShoalDev {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra `shoal dev` arguments.
+    pub async fn start_with(extra: &[&str]) -> ShoalDev {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let mut dev = ShoalDev {
@@ -36,6 +43,7 @@ impl ShoalDev {
             node_ports: vec![free_port(), free_port()],
             child: None,
             http: reqwest::Client::new(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         };
         dev.launch().await;
@@ -60,6 +68,7 @@ impl ShoalDev {
             .arg(ports.join(","))
             .arg("--databases")
             .arg("64")
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -96,6 +96,9 @@ pub struct TenantRoute {
     /// gateway filters down to this cache.
     pub observer_user: String,
     pub observer_password: String,
+    /// The cache's keyspace-notification flags (`notify-keyspace-events` syntax; "" = off).
+    #[serde(default)]
+    pub keyspace_events: String,
 }
 
 /// Permissions a data-plane token grants.

@@ -35,6 +35,10 @@ pub struct CreateCache {
     /// How many numbered databases the cache may `SELECT` (default 1).
     #[serde(default)]
     pub databases: Option<u32>,
+    /// Keyspace notifications to deliver to the cache's subscribers, in Valkey's
+    /// `notify-keyspace-events` syntax (e.g. `KEA`); off when absent.
+    #[serde(default)]
+    pub keyspace_notifications: Option<String>,
 }
 
 /// A cache as clients see it.
@@ -48,6 +52,8 @@ pub struct Cache {
     /// The RESP endpoint (`host:port`) to connect to.
     pub endpoint: String,
     pub databases: u32,
+    /// Keyspace-notification flags ("" = off).
+    pub keyspace_notifications: String,
     pub created_at: String,
 }
 
@@ -65,6 +71,7 @@ impl Cache {
             status: c.status.clone(),
             endpoint: endpoint.to_string(),
             databases: c.databases,
+            keyspace_notifications: c.keyspace_events.clone(),
             created_at: c.created_at.clone(),
         }
     }
@@ -101,6 +108,9 @@ pub async fn create_cache(
     if !(1..=MAX_DATABASES).contains(&databases) {
         return Err(ApiError::field("databases", format!("databases must be between 1 and {MAX_DATABASES}")));
     }
+    let keyspace_events =
+        shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::field("keyspace_notifications", e))?;
     let account = AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant");
 
     // One placement at a time, so two creates never pick the same database.
@@ -133,6 +143,7 @@ pub async fn create_cache(
         databases,
         acl_password: acl.password.clone(),
         created_at: store::now(),
+        keyspace_events,
     };
     if let Err(e) = state.store.insert_cache(&record).await {
         let _ = state.pool.delete_tenant(&chosen.node, &acl).await;
@@ -141,6 +152,9 @@ pub async fn create_cache(
         } else {
             e.into()
         });
+    }
+    if !record.keyspace_events.is_empty() {
+        apply_keyspace_events(&state, &record.node).await?;
     }
     tracing::info!(cache = %record.id, node = %record.node, db = record.db, "cache created");
     Ok(HttpResponse::Created().json(Cache::from_record(&record, &state.config.public_endpoint)))
@@ -190,6 +204,17 @@ pub async fn delete_cache(
     };
     state.pool.delete_tenant(&cache.node, &acl).await?;
     state.store.mark_cache_deleted(&cache.id).await?;
+    if !cache.keyspace_events.is_empty() {
+        apply_keyspace_events(&state, &cache.node).await?;
+    }
     tracing::info!(cache = %cache.id, "cache deleted");
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Sets a node's `notify-keyspace-events` to the union of its live caches' flags.
+pub async fn apply_keyspace_events(state: &AppState, node: &str) -> Result<(), ApiError> {
+    let flags = state.store.keyspace_events_on(node).await?;
+    let union = shoal_engine::tenant::union_keyspace_events(flags.iter().map(String::as_str));
+    state.pool.set_keyspace_events(node, &union).await?;
+    Ok(())
 }

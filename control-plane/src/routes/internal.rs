@@ -33,6 +33,7 @@ async fn route(
         acl_password: cache.acl_password,
         observer_user: shoal_engine::node::OBSERVER_USER.to_string(),
         observer_password: node.observer_password().to_string(),
+        keyspace_events: cache.keyspace_events,
     }))
 }
 

@@ -20,6 +20,8 @@ pub struct CacheRecord {
     pub databases: u32,
     pub acl_password: String,
     pub created_at: String,
+    /// Keyspace-notification flags ("" = off).
+    pub keyspace_events: String,
 }
 
 /// An API key's identity as the store knows it.
@@ -142,8 +144,9 @@ impl Store {
 
     pub async fn insert_cache(&self, c: &CacheRecord) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
+                                 keyspace_events)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(c.id.as_str())
         .bind(c.account_id.as_str())
@@ -154,6 +157,7 @@ impl Store {
         .bind(c.databases as i64)
         .bind(&c.acl_password)
         .bind(&c.created_at)
+        .bind(&c.keyspace_events)
         .execute(&self.pool)
         .await
         .map(|_| ())
@@ -179,6 +183,15 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(cache_from_row).collect()
+    }
+
+    /// Keyspace-event flags of the live caches on `node`.
+    pub async fn keyspace_events_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT keyspace_events FROM caches WHERE node = ? AND status <> 'deleted'")
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get("keyspace_events")).collect())
     }
 
     pub async fn mark_cache_deleted(&self, id: &CacheId) -> Result<(), StoreError> {
@@ -225,6 +238,7 @@ fn cache_from_row(r: sqlx::sqlite::SqliteRow) -> Result<CacheRecord, StoreError>
         databases: r.get::<i64, _>("databases") as u32,
         acl_password: r.get("acl_password"),
         created_at: r.get("created_at"),
+        keyspace_events: r.get("keyspace_events"),
     })
 }
 

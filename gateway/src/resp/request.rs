@@ -49,6 +49,8 @@ pub struct RequestParser {
     /// Arguments still expected; `None` until the `*<n>` header is read.
     remaining: Option<usize>,
     args: Vec<Range<usize>>,
+    /// Arguments of the last inline command, unquoted and unescaped.
+    inline_args: Vec<Vec<u8>>,
 }
 
 impl RequestParser {
@@ -56,9 +58,15 @@ impl RequestParser {
         Self::default()
     }
 
-    /// Argument ranges (into the buffer) of the request last returned by [`Self::next`].
+    /// Argument ranges (into the buffer) of the request last returned by [`Self::next`];
+    /// empty for inline commands, whose arguments are in [`Self::inline_args`].
     pub fn args(&self) -> &[Range<usize>] {
         &self.args
+    }
+
+    /// Arguments of the inline command last returned by [`Self::next`].
+    pub fn inline_args(&self) -> &[Vec<u8>] {
+        &self.inline_args
     }
 
     /// Moves the argument ranges out (to use them while the parser is borrowed elsewhere);
@@ -149,32 +157,96 @@ impl RequestParser {
             return Err(perr("too big inline request"));
         }
         let line_end = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
-        let line = &buf[..line_end];
-        let mut i = 0;
-        while i < line.len() {
-            while i < line.len() && line[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            if i >= line.len() {
-                break;
-            }
-            if line[i] == b'"' || line[i] == b'\'' {
-                // Quoted inline arguments may contain escapes; they are not supported here.
-                let quote = line[i];
-                let Some(close) = line[i + 1..].iter().position(|&b| b == quote) else {
-                    return Err(perr("unbalanced quotes in request"));
-                };
-                self.args.push(i + 1..i + 1 + close);
-                i += close + 2;
-                continue;
-            }
-            let start = i;
-            while i < line.len() && !line[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            self.args.push(start..i);
-        }
+        self.inline_args =
+            split_args(&buf[..line_end]).ok_or_else(|| perr("unbalanced quotes in request"))?;
         Ok(Some(Frame { len: nl + 1, inline: true }))
+    }
+}
+
+/// Splits an inline command line as Valkey's `sdssplitargs` does: whitespace separates,
+/// `"…"` understands `\n \r \t \b \a \\ \" \xHH`, `'…'` understands `\'`; a closing quote
+/// must be followed by whitespace or the end. `None` for unbalanced quotes.
+pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    loop {
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= line.len() {
+            return Some(args);
+        }
+        let mut arg = Vec::new();
+        match line[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    match *line.get(i)? {
+                        b'\\'
+                            if i + 3 < line.len()
+                                && line[i + 1] == b'x'
+                                && line[i + 2].is_ascii_hexdigit()
+                                && line[i + 3].is_ascii_hexdigit() =>
+                        {
+                            let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok()?;
+                            arg.push(u8::from_str_radix(hex, 16).ok()?);
+                            i += 4;
+                        }
+                        b'\\' if i + 1 < line.len() => {
+                            arg.push(match line[i + 1] {
+                                b'n' => b'\n',
+                                b'r' => b'\r',
+                                b't' => b'\t',
+                                b'b' => 0x08,
+                                b'a' => 0x07,
+                                other => other,
+                            });
+                            i += 2;
+                        }
+                        b'"' => {
+                            i += 1;
+                            if line.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
+                                return None;
+                            }
+                            break;
+                        }
+                        b => {
+                            arg.push(b);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            b'\'' => {
+                i += 1;
+                loop {
+                    match *line.get(i)? {
+                        b'\\' if line.get(i + 1) == Some(&b'\'') => {
+                            arg.push(b'\'');
+                            i += 2;
+                        }
+                        b'\'' => {
+                            i += 1;
+                            if line.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
+                                return None;
+                            }
+                            break;
+                        }
+                        b => {
+                            arg.push(b);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                while i < line.len() && !line[i].is_ascii_whitespace() {
+                    arg.push(line[i]);
+                    i += 1;
+                }
+            }
+        }
+        args.push(arg);
     }
 }
 
@@ -189,7 +261,11 @@ mod tests {
         let mut buf = input;
         let mut out = Vec::new();
         while let Some(frame) = p.next(buf, limits)? {
-            out.push(p.args().iter().map(|r| buf[r.clone()].to_vec()).collect());
+            if frame.inline {
+                out.push(p.inline_args().to_vec());
+            } else {
+                out.push(p.args().iter().map(|r| buf[r.clone()].to_vec()).collect());
+            }
             buf = &buf[frame.len..];
         }
         Ok(out)
@@ -218,6 +294,14 @@ mod tests {
         let got = parse_all(b"SET k  \"a b\"\r\nPING\n", BIG).unwrap();
         assert_eq!(got[0], vec![b"SET".to_vec(), b"k".to_vec(), b"a b".to_vec()]);
         assert_eq!(got[1], vec![b"PING".to_vec()]);
+    }
+
+    #[test]
+    fn inline_quoting_follows_valkey() {
+        let got = parse_all(b"SET k \"a\\x41\\n\\\"b\" 'it\\'s'\r\n", BIG).unwrap();
+        assert_eq!(got[0], vec![b"SET".to_vec(), b"k".to_vec(), b"aA\n\"b".to_vec(), b"it's".to_vec()]);
+        assert!(parse_all(b"SET k \"ab\"c\r\n", BIG).is_err(), "a closing quote must end the argument");
+        assert_eq!(parse_all(b"   \r\n", BIG).unwrap(), vec![Vec::<Vec<u8>>::new()]);
     }
 
     #[test]
