@@ -7,7 +7,13 @@ use support::ShoalDev;
 
 fn tls_session(dev: &ShoalDev, token: &str, cafile: &std::path::Path) -> i32 {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/tls.py");
-    let out = Command::new("python3").arg(script).arg(dev.tls_port.to_string()).arg(token).arg(cafile).output().unwrap();
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(dev.tls_port.to_string())
+        .arg(token)
+        .arg(cafile)
+        .output()
+        .unwrap();
     if !matches!(out.status.code(), Some(0) | Some(3)) {
         panic!("{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -43,4 +49,3 @@ async fn tls_clients_verify_the_certificate_and_sighup_reloads_it() {
     assert!(reloaded, "the renewed certificate was not served after SIGHUP");
     assert_eq!(tls_session(&dev, &token, &original), 3, "the old certificate is no longer served");
 }
-

@@ -32,6 +32,10 @@ const OBSERVER_RULES: &[&str] = &[
     "+pubsub|numsub",
     "+pubsub|shardchannels",
     "+pubsub|shardnumsub",
+    // Keyspace events feed client-side caching invalidations (gateway-internal only).
+    "+psubscribe",
+    "+punsubscribe",
+    "allchannels",
 ];
 
 /// What an operator configures for one node.

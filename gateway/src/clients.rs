@@ -18,6 +18,8 @@ pub struct ClientEntry {
     pub laddr: String,
     pub created: Instant,
     pub name: Mutex<Vec<u8>>,
+    /// `CLIENT SETINFO LIB-NAME` / `LIB-VER`.
+    pub lib: Mutex<(Vec<u8>, Vec<u8>)>,
     /// The cache's database (0-based) the client has selected.
     pub db: AtomicU32,
     pub proto: AtomicU8,
@@ -34,11 +36,12 @@ impl ClientEntry {
     /// A `CLIENT LIST` line (fields as Valkey prints them; memory fields are not tracked).
     pub fn list_line(&self) -> String {
         let age = self.created.elapsed().as_secs();
+        let (lib_name, lib_ver) = self.lib.lock().unwrap().clone();
         let idle = age.saturating_sub(self.last_active.load(Ordering::Relaxed));
         format!(
             "id={} addr={} laddr={} fd=-1 name={} age={} idle={} flags=N db={} sub=0 psub=0 ssub=0 multi=-1 \
              watch=0 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 tot-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 \
-             events=r cmd=NULL user=default redir=-1 resp={} lib-name= lib-ver=\n",
+             events=r cmd=NULL user=default redir=-1 resp={} lib-name={} lib-ver={}\n",
             self.id.load(Ordering::Relaxed),
             self.addr,
             self.laddr,
@@ -47,6 +50,8 @@ impl ClientEntry {
             idle,
             self.db.load(Ordering::Relaxed),
             self.proto.load(Ordering::Relaxed),
+            String::from_utf8_lossy(&lib_name),
+            String::from_utf8_lossy(&lib_ver),
         )
     }
 }
@@ -93,6 +98,7 @@ impl Registry {
             laddr,
             created: Instant::now(),
             name: Mutex::new(Vec::new()),
+            lib: Mutex::new((Vec::new(), Vec::new())),
             db: AtomicU32::new(0),
             proto: AtomicU8::new(2),
             last_active: AtomicU64::new(0),

@@ -43,6 +43,24 @@ impl ControlPlaneClient {
         }
     }
 
+    /// Asks the control plane to have the cache's node publish keyspace events (for
+    /// client-side caching invalidations).
+    pub async fn enable_client_tracking(&self, id: &CacheId) -> Result<(), GatewayError> {
+        let url = format!("{}/internal/v1/caches/{}/client-tracking", self.base, id);
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(GatewayError::ControlPlane(format!("client-tracking answered {}", resp.status())))
+        }
+    }
+
     /// The public keys that verify data-plane tokens.
     pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, GatewayError> {
         let url = format!("{}/.well-known/jwks.json", self.base);

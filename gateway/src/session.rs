@@ -129,6 +129,8 @@ pub(crate) struct Session {
     pub multi_dirty: bool,
     pub pubsub: PubSub,
     last_activity: Instant,
+    /// Requests wait until every outstanding upstream reply has arrived.
+    barrier: bool,
 }
 
 enum Event {
@@ -171,6 +173,7 @@ where
         multi_dirty: false,
         pubsub: PubSub::default(),
         last_activity: Instant::now(),
+        barrier: false,
     };
     if let Err(e) = session.serve(stream).await {
         tracing::debug!(peer = %session.peer, error = %e, "session ended");
@@ -189,7 +192,9 @@ impl Session {
                 client_write.shutdown().await.ok();
                 return Ok(());
             }
+            let held_back = self.barrier && self.client_in.len() >= HIGH_WATER;
             let read_client = !self.closing
+                && !held_back
                 && self.up_out.len() < HIGH_WATER
                 && self.client_out.len() < HIGH_WATER
                 && self.pending.len() < MAX_PENDING;
@@ -213,11 +218,17 @@ impl Session {
                     self.on_client_input().await;
                 }
                 Event::ClientWrote(r) => self.client_out.advance(r?),
-                Event::UpstreamRead(r) => match r {
-                    Ok(n) if n > 0 => self.on_upstream_input(),
-                    Ok(_) => self.upstream_lost("closed"),
-                    Err(e) => self.upstream_lost(&e.to_string()),
-                },
+                Event::UpstreamRead(r) => {
+                    match r {
+                        Ok(n) if n > 0 => self.on_upstream_input(),
+                        Ok(_) => self.upstream_lost("closed"),
+                        Err(e) => self.upstream_lost(&e.to_string()),
+                    }
+                    if self.barrier && !self.has_pending_upstream() && self.pubsub.inflight.is_empty() {
+                        self.barrier = false;
+                        self.on_client_input().await;
+                    }
+                }
                 Event::UpstreamWrote(r) => match r {
                     Ok(n) => self.up_out.advance(n),
                     Err(e) => self.upstream_lost(&e.to_string()),
@@ -272,6 +283,12 @@ impl Session {
                 Ok(Some(frame)) if frame.inline => self.inline_to_resp(frame),
                 Ok(Some(frame)) => {
                     let args = self.parser.take_args();
+                    if self.must_wait_for_upstream(&args) {
+                        // Answered from a node-wide view: let the commands before it run first.
+                        self.parser.give_back(args);
+                        self.barrier = true;
+                        break;
+                    }
                     if !args.is_empty() {
                         self.on_request(frame, &args).await;
                         handled += 1;
@@ -290,6 +307,16 @@ impl Session {
             t.entry.commands.fetch_add(handled, Ordering::Relaxed);
             t.entry.last_active.store(t.entry.created.elapsed().as_secs(), Ordering::Relaxed);
         }
+    }
+
+    /// Whether this request reads a node-wide view (INFO, PUBSUB …) while replies to earlier
+    /// requests are still outstanding: then it waits, so that it sees their effects.
+    fn must_wait_for_upstream(&self, args: &[Range<usize>]) -> bool {
+        let Some(name) = args.first().map(|r| &self.client_in[r.clone()]) else { return false };
+        let node_wide = name.eq_ignore_ascii_case(b"INFO") || name.eq_ignore_ascii_case(b"PUBSUB");
+        node_wide
+            && self.tenant.is_some()
+            && (self.has_pending_upstream() || !self.pubsub.inflight.is_empty())
     }
 
     /// Replaces an inline command at the front of the input with its RESP form, which the

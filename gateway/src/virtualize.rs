@@ -54,7 +54,8 @@ pub(crate) async fn run(s: &mut Session, name: &str, args: &[Range<usize>]) {
         "readonly" | "readwrite" => s.reply(Bytes::from_static(OK)),
         "acl|whoami" => s.reply_value(&Value::bulk("default")),
         "client|list" => client_list(s),
-        "client|info" => client_info(s),
+        "client|info" => client_info(s).await,
+        "client|setname" | "client|setinfo" => client_set(s, name, &argv).await,
         "client|kill" => client_kill(s, &argv),
         "client|no-evict" => s.reply(Bytes::from_static(OK)),
         n if n.starts_with("cluster|") => cluster(s, n, &argv),
@@ -316,9 +317,52 @@ fn client_list(s: &mut Session) {
     s.reply_value(&Value::bulk(lines));
 }
 
-fn client_info(s: &mut Session) {
-    let line = s.tenant.as_ref().expect("after AUTH").entry.list_line();
-    s.reply_value(&Value::bulk(line));
+/// `CLIENT INFO` from Valkey (so every counter is real), with the fields that describe the
+/// gateway's side of the connection replaced by the client's.
+async fn client_info(s: &mut Session) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let (addr, laddr, db) = (t.entry.addr.clone(), t.entry.laddr.clone(), t.db);
+    let rewrite = OnReply::Transform(Box::new(move |v, _| {
+        let text = match &v {
+            Value::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            // RESP3 verbatim string: `=<len>\r\ntxt:<text>\r\n`.
+            Value::Raw(raw) => {
+                String::from_utf8_lossy(raw).split_once("txt:").map_or("", |x| x.1).trim_end().to_string()
+                    + "\n"
+            }
+            _ => return v,
+        };
+        let fields: Vec<String> = text
+            .trim_end()
+            .split(' ')
+            .map(|field| match field.split_once('=') {
+                Some(("addr", _)) => format!("addr={addr}"),
+                Some(("laddr", _)) => format!("laddr={laddr}"),
+                Some(("fd", _)) => "fd=-1".to_string(),
+                Some(("db", _)) => format!("db={db}"),
+                Some(("user", _)) => "user=default".to_string(),
+                _ => field.to_string(),
+            })
+            .collect();
+        Value::Bulk((fields.join(" ") + "\n").into_bytes())
+    }));
+    s.forward_command(&[b"CLIENT", b"INFO"], rewrite).await;
+}
+
+/// `CLIENT SETNAME` / `CLIENT SETINFO`: forwarded, and remembered for `CLIENT LIST`.
+async fn client_set(s: &mut Session, name: &str, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    match (name, argv.len()) {
+        ("client|setname", 3) => *t.entry.name.lock().unwrap() = argv[2].to_vec(),
+        ("client|setinfo", 4) if argv[2].eq_ignore_ascii_case(b"LIB-NAME") => {
+            t.entry.lib.lock().unwrap().0 = argv[3].to_vec()
+        }
+        ("client|setinfo", 4) if argv[2].eq_ignore_ascii_case(b"LIB-VER") => {
+            t.entry.lib.lock().unwrap().1 = argv[3].to_vec()
+        }
+        _ => {}
+    }
+    s.forward_command(argv, OnReply::Forward).await;
 }
 
 /// `CLIENT KILL` for the cache's own connections only (others simply do not match).

@@ -204,9 +204,7 @@ pub async fn delete_cache(
     };
     state.pool.delete_tenant(&cache.node, &acl).await?;
     state.store.mark_cache_deleted(&cache.id).await?;
-    if !cache.keyspace_events.is_empty() {
-        apply_keyspace_events(&state, &cache.node).await?;
-    }
+    apply_keyspace_events(&state, &cache.node).await?;
     tracing::info!(cache = %cache.id, "cache deleted");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -9,6 +9,7 @@ use shoal_types::TenantRoute;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/routes/{id}", web::get().to(route))
+        .route("/internal/v1/caches/{id}/client-tracking", web::post().to(enable_client_tracking))
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
@@ -35,6 +36,24 @@ async fn route(
         observer_password: node.observer_password().to_string(),
         keyspace_events: cache.keyspace_events,
     }))
+}
+
+/// A gateway reports that a cache's clients turned on client-side caching: the cache's node
+/// starts publishing the keyspace events gateways turn into invalidations.
+async fn enable_client_tracking(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    if !crate::auth::internal_token_ok(&req, &state.config.internal_token) {
+        return Err(ApiError::Unauthorized);
+    }
+    let id = parse_id(&id)?;
+    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    if state.store.enable_client_tracking(&cache.id).await? {
+        crate::routes::caches::apply_keyspace_events(&state, &cache.node).await?;
+    }
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// The public keys that verify data-plane tokens (JWKS).

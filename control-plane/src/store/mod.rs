@@ -185,13 +185,26 @@ impl Store {
         rows.into_iter().map(cache_from_row).collect()
     }
 
-    /// Keyspace-event flags of the live caches on `node`.
+    /// Keyspace-event flags the live caches on `node` need: their own, plus `KA` for caches
+    /// whose clients use client-side caching.
     pub async fn keyspace_events_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT keyspace_events FROM caches WHERE node = ? AND status <> 'deleted'")
-            .bind(node)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT keyspace_events || CASE WHEN client_tracking = 1 THEN 'KA' ELSE '' END AS keyspace_events
+             FROM caches WHERE node = ? AND status <> 'deleted'",
+        )
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(|r| r.get("keyspace_events")).collect())
+    }
+
+    /// Records that a cache's clients use client-side caching.
+    pub async fn enable_client_tracking(&self, id: &CacheId) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE caches SET client_tracking = 1 WHERE id = ? AND client_tracking = 0")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     pub async fn mark_cache_deleted(&self, id: &CacheId) -> Result<(), StoreError> {

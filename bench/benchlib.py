@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Helpers for bench/gateway.sh (standard library only).
+
+    benchlib.py ports N              print N free loopback TCP ports, one per line
+    benchlib.py cpu-busy SECONDS     print how busy the CPUs are (%, all cores) over SECONDS
+    benchlib.py json-field KEY       read a JSON object on stdin, print its KEY
+    benchlib.py report RAW_DIR META_JSON OUT_JSON
+                                     parse redis-benchmark --csv outputs, print the
+                                     table, write the JSON results
+"""
+
+import csv
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import sys
+
+TARGETS = ("direct", "gateway", "twemproxy")
+# Informational targets: gateway ops/s over twemproxy ops/s, by pipeline depth.
+TWEMPROXY_TARGETS = {1: 1.0, 16: 2.0}
+CSV_FIELDS = ("rps", "avg_latency_ms", "min_latency_ms", "p50_latency_ms",
+              "p95_latency_ms", "p99_latency_ms", "max_latency_ms")
+RAW_NAME = re.compile(r"^(?P<cmd>[a-z]+)-p(?P<pipeline>\d+)-(?P<target>[a-z]+)-r(?P<round>\d+)\.out$")
+
+
+def free_ports(n):
+    """Binds n sockets to port 0 at once (so the ports are distinct), then frees them."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cpu_busy(seconds):
+    """Percentage of CPU time (all cores) not idle over `seconds`, from /proc/stat."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = total1 - total0
+    return 100.0 * (total - (idle1 - idle0)) / total if total else 0.0
+
+
+def parse_csv_output(text, test):
+    """Finds the result row for `test` (e.g. "SET") in redis-benchmark --csv output.
+
+    Anything else in the output (the "Could not fetch server CONFIG" warning, error
+    messages, progress output) is ignored: only a row whose first field is the test name and whose
+    other seven fields are numbers counts.
+    """
+    row = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith('"'):
+            continue
+        try:
+            fields = next(csv.reader(io.StringIO(line)))
+        except (csv.Error, StopIteration):
+            continue
+        if len(fields) != 8 or fields[0].upper() != test.upper():
+            continue
+        try:
+            values = [float(v) for v in fields[1:]]
+        except ValueError:
+            continue  # the header line
+        row = dict(zip(CSV_FIELDS, values))
+    return row
+
+
+def count_errors(text):
+    """Lines where redis-benchmark reports an error reply (redis-benchmark 7 exits on the first)."""
+    return sum(1 for line in text.splitlines()
+               if line.startswith("Error from server") or "replied with error" in line)
+
+
+def read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def collect(raw_dir):
+    """{(cmd, pipeline): {target: [run, ...]}} from RAW_DIR/<cmd>-p<P>-<target>-r<R>.out (+ .err, .rc)."""
+    cases = {}
+    for name in sorted(os.listdir(raw_dir)):
+        m = RAW_NAME.match(name)
+        if not m:
+            continue
+        base = os.path.join(raw_dir, name[: -len(".out")])
+        out, err = read(base + ".out"), read(base + ".err")
+        rc = read(base + ".rc").strip()
+        row = parse_csv_output(out, m["cmd"])
+        run = {
+            "round": int(m["round"]),
+            "exit_code": int(rc) if rc.lstrip("-").isdigit() else None,
+            "error_lines": count_errors(out) + count_errors(err),
+            "result": row,
+        }
+        if row is None or rc != "0":
+            run["output_tail"] = (out + err).strip().splitlines()[-10:]
+        key = (m["cmd"].upper(), int(m["pipeline"]))
+        cases.setdefault(key, {}).setdefault(m["target"], []).append(run)
+    return cases
+
+
+def summarize(runs):
+    """The run with the median ops/s (its own latencies), plus the spread of ops/s."""
+    ok = [r for r in runs if r["result"] is not None and r["exit_code"] == 0]
+    summary = {
+        "runs": len(runs),
+        "ok_runs": len(ok),
+        "error_lines": sum(r["error_lines"] for r in runs),
+    }
+    if not ok:
+        return summary
+    ordered = sorted(ok, key=lambda r: r["result"]["rps"])
+    median_run = ordered[(len(ordered) - 1) // 2]
+    summary.update(median_run["result"])
+    rps = [r["result"]["rps"] for r in ok]
+    summary["rps_all"] = rps
+    summary["rps_min"], summary["rps_max"] = min(rps), max(rps)
+    summary["rps_median"] = statistics.median(rps)
+    return summary
+
+
+def ratio(a, b):
+    if a and b and a.get("rps") and b.get("rps"):
+        return a["rps"] / b["rps"]
+    return None
+
+
+def fmt_rps(s):
+    return f"{s['rps']:>10,.0f}" if s.get("rps") is not None else f"{'FAILED':>10}"
+
+
+def fmt_ms(s, key):
+    return f"{s[key]:>6.3f}" if s.get(key) is not None else f"{'-':>6}"
+
+
+def fmt_ratio(r):
+    return f"{r:>5.2f}x" if r is not None else f"{'-':>6}"
+
+
+def report(raw_dir, meta_path, out_path):
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    cases = collect(raw_dir)
+    results = []
+    failures = []
+    for (cmd, pipeline) in sorted(cases, key=lambda k: (k[1], k[0] != "SET", k[0])):
+        per_target = {t: summarize(cases[(cmd, pipeline)].get(t, [])) for t in TARGETS}
+        for t in TARGETS:
+            runs = cases[(cmd, pipeline)].get(t, [])
+            for r in runs:
+                if r["result"] is None or r["exit_code"] != 0:
+                    failures.append((cmd, pipeline, t, r))
+            per_target[t]["raw"] = runs
+        want = TWEMPROXY_TARGETS.get(pipeline)
+        gw_tw = ratio(per_target["gateway"], per_target["twemproxy"])
+        results.append({
+            "command": cmd,
+            "pipeline": pipeline,
+            "requests": meta["requests"][str(pipeline)],
+            "targets": per_target,
+            "ratios": {
+                "gateway_over_direct": ratio(per_target["gateway"], per_target["direct"]),
+                "gateway_over_twemproxy": gw_tw,
+            },
+            "goal_gateway_over_twemproxy": want,
+            "goal_met": (gw_tw >= want) if (gw_tw is not None and want is not None) else None,
+        })
+
+    doc = dict(meta)
+    doc["results"] = results
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+    # The table.
+    print()
+    print(f"Gateway benchmark — {meta['timestamp']}, {meta['cpus']} CPUs, "
+          f"{meta['clients']} connections, {meta['data_size']}-byte values, "
+          f"{meta['keyspace']} random keys, median of {meta['rounds']} round(s)")
+    head1 = (f"{'':<10}|{'direct':^28}|{'gateway':^28}|{'twemproxy':^28}|"
+             f"{'gw/direct':^11}|{'gw/twemproxy':^25}")
+    head2 = (f"{'cmd  P':<10}|" + f"{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}|" * 3
+             + f"{'ops/s':^11}|{'ops/s (goal)':^25}")
+    print(head1)
+    print(head2)
+    print("-" * len(head2))
+    for r in results:
+        t = r["targets"]
+        cells = []
+        for name in TARGETS:
+            s = t[name]
+            cells.append(f"{fmt_rps(s)}  {fmt_ms(s, 'p50_latency_ms')}   {fmt_ms(s, 'p99_latency_ms')}|")
+        goal = r["goal_gateway_over_twemproxy"]
+        if goal is None or r["ratios"]["gateway_over_twemproxy"] is None:
+            goal_txt = ""
+        else:
+            goal_txt = f"(>= {goal:.1f}x: {'met' if r['goal_met'] else 'NOT met'})"
+        print(f"{r['command']:<4} P{r['pipeline']:<4}|" + "".join(cells)
+              + f"{fmt_ratio(r['ratios']['gateway_over_direct']):^11}|"
+              + f" {fmt_ratio(r['ratios']['gateway_over_twemproxy'])} {goal_txt:<17}")
+    print()
+    spread = []
+    for r in results:
+        parts = []
+        for name in TARGETS:
+            s = r["targets"][name]
+            if s.get("rps_all") and len(s["rps_all"]) > 1:
+                parts.append(f"{name} {(s['rps_max'] - s['rps_min']) / s['rps_median'] * 100:.0f}%")
+        if parts:
+            spread.append(f"  {r['command']} P{r['pipeline']}: " + ", ".join(parts))
+    if spread:
+        print("Spread of ops/s across rounds ((max - min) / median):")
+        print("\n".join(spread))
+        print()
+    errs = [(r["command"], r["pipeline"], n, r["targets"][n]["error_lines"])
+            for r in results for n in TARGETS if r["targets"][n]["error_lines"]]
+    for cmd, p, name, n in errs:
+        print(f"WARNING: {cmd} P{p} {name}: {n} error reply line(s) in redis-benchmark's output")
+    for cmd, p, name, run in failures:
+        print(f"FAILED: {cmd} P{p} {name} round {run['round']}: exit code {run['exit_code']}, "
+              f"result row {'found' if run['result'] else 'missing'}")
+        for line in run.get("output_tail", []):
+            print(f"    {line}")
+    print(f"Results written to {out_path}")
+    return 1 if failures else 0
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[1] == "ports":
+        print("\n".join(str(p) for p in free_ports(int(argv[2]))))
+        return 0
+    if len(argv) == 3 and argv[1] == "cpu-busy":
+        print(f"{cpu_busy(float(argv[2])):.0f}")
+        return 0
+    if len(argv) == 3 and argv[1] == "json-field":
+        value = json.load(sys.stdin).get(argv[2])
+        if value is None:
+            return 1
+        print(value)
+        return 0
+    if len(argv) == 5 and argv[1] == "report":
+        return report(argv[2], argv[3], argv[4])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
