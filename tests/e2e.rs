@@ -148,7 +148,7 @@ async fn commands_before_auth_get_noauth_and_bad_tokens_get_wrongpass() {
 
     // Unauthenticated clients may not send big commands: Valkey's limits, then the door closes.
     let out = raw(dev.resp_port, b"*11\r\n$3\r\nGET\r\n").await;
-    assert_eq!(out, b"-ERR Protocol error: invalid multibulk length\r\n");
+    assert_eq!(out, b"-ERR Protocol error: unauthenticated multibulk length\r\n");
 }
 
 #[tokio::test]

@@ -173,7 +173,7 @@ mod tests {
             let spec = t.lookup(name.as_bytes(), sub.map(str::as_bytes)).unwrap();
             assert_eq!(spec.treatment, Treatment::Deny, "{name} {sub:?}");
         }
-        assert_eq!(t.lookup(b"client", Some(b"SETNAME")).unwrap().treatment, Treatment::Pass);
+        assert_eq!(t.lookup(b"client", Some(b"GETNAME")).unwrap().treatment, Treatment::Pass);
         assert_eq!(t.lookup(b"acl", Some(b"whoami")).unwrap().treatment, Treatment::Virtual);
         assert_eq!(t.lookup(b"memory", Some(b"usage")).unwrap().treatment, Treatment::Pass);
         assert_eq!(t.lookup(b"script", Some(b"load")).unwrap().treatment, Treatment::Pass);

@@ -268,9 +268,7 @@ impl Session {
 
     fn limits(&self) -> Limits {
         match self.tenant {
-            Some(_) => {
-                Limits { max_args: self.shared.config.max_args, max_bulk: self.shared.config.max_bulk_bytes }
-            }
+            Some(_) => Limits::authenticated(self.shared.config.max_args, self.shared.config.max_bulk_bytes),
             None => Limits::UNAUTHENTICATED,
         }
     }

@@ -10,7 +10,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use shoal_gateway::resp::reply::ReplyScanner;
 use shoal_gateway::resp::request::{Limits, RequestParser};
 
-const BIG: Limits = Limits { max_args: 1024, max_bulk: 1 << 20 };
+const BIG: Limits = Limits::authenticated(1024, 1 << 20);
 
 fn config() -> ProptestConfig {
     // 256 cases keep the file at a few seconds in debug builds; PROPTEST_CASES=10000 for a long run.

@@ -15,7 +15,7 @@
 use libfuzzer_sys::fuzz_target;
 use shoal_gateway::resp::request::{Limits, RequestParser};
 
-const BIG: Limits = Limits { max_args: 1 << 20, max_bulk: 512 << 20 };
+const BIG: Limits = Limits::authenticated(1 << 20, 512 << 20);
 
 /// One parsed request: length, inline, arguments.
 type Request = (usize, bool, Vec<Vec<u8>>);

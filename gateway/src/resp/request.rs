@@ -13,11 +13,18 @@ use std::ops::Range;
 pub struct Limits {
     pub max_args: usize,
     pub max_bulk: usize,
+    /// Whether these are the limits before AUTH (they have their own error wording).
+    pub unauthenticated: bool,
 }
 
 impl Limits {
     /// Valkey's limits for unauthenticated clients: 10 arguments, 16 KB per bulk string.
-    pub const UNAUTHENTICATED: Limits = Limits { max_args: 10, max_bulk: 16 * 1024 };
+    pub const UNAUTHENTICATED: Limits = Limits { max_args: 10, max_bulk: 16 * 1024, unauthenticated: true };
+
+    /// Limits for an authenticated client.
+    pub const fn authenticated(max_args: usize, max_bulk: usize) -> Limits {
+        Limits { max_args, max_bulk, unauthenticated: false }
+    }
 }
 
 /// Longest header or inline line accepted (Valkey's PROTO_INLINE_MAX_SIZE).
@@ -101,13 +108,17 @@ impl RequestParser {
             if cr > MAX_LINE {
                 return Err(perr("too big mbulk count string"));
             }
-            let n = parse_int(&buf[1..cr]).ok_or_else(|| perr("invalid multibulk length"))?;
+            let n = parse_len(&buf[1..cr]).ok_or_else(|| perr("invalid multibulk length"))?;
             self.pos = cr + 2;
             if n <= 0 {
                 return Ok(Some(Frame { len: self.pos, inline: false }));
             }
             if n as usize > limits.max_args {
-                return Err(perr("invalid multibulk length"));
+                return Err(perr(if limits.unauthenticated {
+                    "unauthenticated multibulk length"
+                } else {
+                    "invalid multibulk length"
+                }));
             }
             self.args.reserve((n as usize).min(1024));
             self.remaining = Some(n as usize);
@@ -127,9 +138,13 @@ impl RequestParser {
                 }
                 return Ok(None);
             };
-            let len = parse_int(&buf[self.pos + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?;
+            let len = parse_len(&buf[self.pos + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?;
             if len < 0 || len as usize > limits.max_bulk {
-                return Err(perr("invalid bulk length"));
+                return Err(perr(if limits.unauthenticated && len >= 0 {
+                    "unauthenticated bulk length"
+                } else {
+                    "invalid bulk length"
+                }));
             }
             let start = cr + 2;
             let end = start + len as usize;
@@ -163,98 +178,99 @@ impl RequestParser {
     }
 }
 
-/// Splits an inline command line as Valkey's `sdssplitargs` does: whitespace separates,
-/// `"…"` understands `\n \r \t \b \a \\ \" \xHH`, `'…'` understands `\'`; a closing quote
-/// must be followed by whitespace or the end. `None` for unbalanced quotes.
+/// Splits an inline command line exactly as Valkey's `sdssplitargs`: words end at space,
+/// tab, CR, LF or NUL; a quote anywhere starts a quoted part; `"…"` understands
+/// `\n \r \t \b \a \xHH` and `\<any>`, `'…'` understands `\'`; a closing quote must be
+/// followed by whitespace or the end. A NUL ends the line. `None` for unbalanced quotes.
 pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    // C strings: the line ends at the first NUL.
+    let line = &line[..line.iter().position(|&b| b == 0).unwrap_or(line.len())];
+    let is_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
     let mut args = Vec::new();
     let mut i = 0;
     loop {
-        while i < line.len() && line[i].is_ascii_whitespace() {
+        while i < line.len() && is_space(line[i]) {
             i += 1;
         }
         if i >= line.len() {
             return Some(args);
         }
+        let (mut in_double, mut in_single) = (false, false);
         let mut arg = Vec::new();
-        match line[i] {
-            b'"' => {
-                i += 1;
-                loop {
-                    match *line.get(i)? {
-                        b'\\'
-                            if i + 3 < line.len()
-                                && line[i + 1] == b'x'
-                                && line[i + 2].is_ascii_hexdigit()
-                                && line[i + 3].is_ascii_hexdigit() =>
-                        {
-                            let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok()?;
-                            arg.push(u8::from_str_radix(hex, 16).ok()?);
-                            i += 4;
-                        }
-                        b'\\' if i + 1 < line.len() => {
-                            arg.push(match line[i + 1] {
-                                b'n' => b'\n',
-                                b'r' => b'\r',
-                                b't' => b'\t',
-                                b'b' => 0x08,
-                                b'a' => 0x07,
-                                other => other,
-                            });
-                            i += 2;
-                        }
-                        b'"' => {
-                            i += 1;
-                            if line.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
-                                return None;
-                            }
-                            break;
-                        }
-                        b => {
-                            arg.push(b);
-                            i += 1;
-                        }
+        loop {
+            if in_double {
+                let c = *line.get(i)?;
+                if c == b'\\'
+                    && line.get(i + 1) == Some(&b'x')
+                    && line.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+                    && line.get(i + 3).is_some_and(u8::is_ascii_hexdigit)
+                {
+                    let hex = std::str::from_utf8(&line[i + 2..i + 4]).ok()?;
+                    arg.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 4;
+                    continue;
+                } else if c == b'\\' && i + 1 < line.len() {
+                    arg.push(match line[i + 1] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 0x08,
+                        b'a' => 0x07,
+                        other => other,
+                    });
+                    i += 2;
+                    continue;
+                } else if c == b'"' {
+                    if line.get(i + 1).is_some_and(|&b| !is_space(b)) {
+                        return None;
                     }
-                }
-            }
-            b'\'' => {
-                i += 1;
-                loop {
-                    match *line.get(i)? {
-                        b'\\' if line.get(i + 1) == Some(&b'\'') => {
-                            arg.push(b'\'');
-                            i += 2;
-                        }
-                        b'\'' => {
-                            i += 1;
-                            if line.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
-                                return None;
-                            }
-                            break;
-                        }
-                        b => {
-                            arg.push(b);
-                            i += 1;
-                        }
-                    }
-                }
-            }
-            _ => {
-                while i < line.len() && !line[i].is_ascii_whitespace() {
-                    arg.push(line[i]);
                     i += 1;
+                    break;
+                }
+                arg.push(c);
+            } else if in_single {
+                let c = *line.get(i)?;
+                if c == b'\\' && line.get(i + 1) == Some(&b'\'') {
+                    arg.push(b'\'');
+                    i += 2;
+                    continue;
+                } else if c == b'\'' {
+                    if line.get(i + 1).is_some_and(|&b| !is_space(b)) {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                }
+                arg.push(c);
+            } else {
+                match line.get(i) {
+                    None | Some(b' ' | b'\n' | b'\r' | b'\t') => break,
+                    Some(b'"') => in_double = true,
+                    Some(b'\'') => in_single = true,
+                    Some(&c) => arg.push(c),
                 }
             }
+            i += 1;
         }
         args.push(arg);
     }
+}
+
+/// A length in a request header, as strict as Valkey's `string2ll`: no leading zeros, no
+/// `-0`, no sign but `-`.
+fn parse_len(line: &[u8]) -> Option<i64> {
+    let digits = line.strip_prefix(b"-").unwrap_or(line);
+    if digits.len() > 1 && digits[0] == b'0' || line == b"-0" {
+        return None;
+    }
+    parse_int(line)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const BIG: Limits = Limits { max_args: 1 << 20, max_bulk: 512 << 20 };
+    const BIG: Limits = Limits::authenticated(1 << 20, 512 << 20);
 
     fn parse_all(input: &[u8], limits: Limits) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
         let mut p = RequestParser::new();
@@ -301,6 +317,13 @@ mod tests {
         let got = parse_all(b"SET k \"a\\x41\\n\\\"b\" 'it\\'s'\r\n", BIG).unwrap();
         assert_eq!(got[0], vec![b"SET".to_vec(), b"k".to_vec(), b"aA\n\"b".to_vec(), b"it's".to_vec()]);
         assert!(parse_all(b"SET k \"ab\"c\r\n", BIG).is_err(), "a closing quote must end the argument");
+        // As sdssplitargs: a quote inside a word opens a quoted part; NUL ends the line;
+        // vertical tab separates words, form feed inside a word does not end it.
+        assert_eq!(parse_all(b"a\"b c\"\r\n", BIG).unwrap()[0], vec![b"ab c".to_vec()]);
+        assert!(parse_all(b"a\"\r\n", BIG).is_err());
+        assert_eq!(parse_all(b"GET k\0x\r\n", BIG).unwrap()[0], vec![b"GET".to_vec(), b"k".to_vec()]);
+        assert_eq!(parse_all(b"\x0bGET\r\n", BIG).unwrap()[0], vec![b"GET".to_vec()]);
+        assert_eq!(parse_all(b"a\x0c\r\n", BIG).unwrap()[0], vec![b"a\x0c".to_vec()]);
         assert_eq!(parse_all(b"   \r\n", BIG).unwrap(), vec![Vec::<Vec<u8>>::new()]);
     }
 
@@ -310,15 +333,23 @@ mod tests {
         assert_eq!(err(b"*x\r\n", BIG), "Protocol error: invalid multibulk length");
         assert_eq!(err(b"*1\r\n+PING\r\n", BIG), "Protocol error: expected '$', got '+'");
         assert_eq!(err(b"*1\r\n$-5\r\n", BIG), "Protocol error: invalid bulk length");
-        assert_eq!(err(b"*11\r\n", Limits::UNAUTHENTICATED), "Protocol error: invalid multibulk length");
-        assert_eq!(err(b"*1\r\n$16385\r\n", Limits::UNAUTHENTICATED), "Protocol error: invalid bulk length");
+        assert_eq!(
+            err(b"*11\r\n", Limits::UNAUTHENTICATED),
+            "Protocol error: unauthenticated multibulk length"
+        );
+        assert_eq!(
+            err(b"*1\r\n$16385\r\n", Limits::UNAUTHENTICATED),
+            "Protocol error: unauthenticated bulk length"
+        );
+        assert_eq!(err(b"*01\r\n", BIG), "Protocol error: invalid multibulk length");
+        assert_eq!(err(b"*1\r\n$-0\r\n", BIG), "Protocol error: invalid bulk length");
         assert_eq!(err(b"SET \"k\r\n", BIG), "Protocol error: unbalanced quotes in request");
         assert_eq!(err(&vec![b'A'; MAX_LINE + 1], BIG), "Protocol error: too big inline request");
     }
 
     #[test]
     fn huge_declared_lengths_are_refused_before_allocation() {
-        let err = parse_all(b"*2147483648\r\n", Limits { max_args: 1 << 20, max_bulk: 1 }).unwrap_err();
+        let err = parse_all(b"*2147483648\r\n", Limits::authenticated(1 << 20, 1)).unwrap_err();
         assert_eq!(err.0, "invalid multibulk length");
         let err = parse_all(b"*1\r\n$99999999999\r\n", BIG).unwrap_err();
         assert_eq!(err.0, "invalid bulk length");
