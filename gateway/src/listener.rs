@@ -146,10 +146,12 @@ async fn accept_loop(
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             match acceptor {
-                None => session::run(shared, stream, peer, local).await,
+                None => session::run(shared, session::ClientConn::Tcp(stream), peer, local).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => session::run(shared, tls_stream, peer, local).await,
+                        Ok(Ok(tls)) => {
+                            session::run(shared, session::ClientConn::Tls(Box::new(tls)), peer, local).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

@@ -4,7 +4,7 @@
 //! (arity, flags, key positions, ACL categories, refreshed by `scripts/command-table.py`)
 //! plus Shoal's treatment and ECPU weight. Lookups are case-insensitive and allocation-free.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::OnceLock;
 
 /// What the gateway does with a command.
@@ -51,8 +51,8 @@ pub fn table() -> &'static CommandTable {
 
 impl CommandTable {
     pub fn parse(tsv: &str) -> Result<CommandTable, String> {
-        let mut by_name = HashMap::new();
-        let mut containers = HashMap::new();
+        let mut by_name = HashMap::default();
+        let mut containers = HashMap::default();
         for (n, line) in tsv.lines().enumerate() {
             if line.starts_with('#') || line.starts_with("name\t") || line.trim().is_empty() {
                 continue;

@@ -16,6 +16,7 @@ use crate::resp::value::{self, Value};
 use crate::resp::{self};
 use crate::{upstream, GatewayError};
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use shoal_types::{CacheId, TenantRoute};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Stop reading a side while this much output waits to be written to the other.
@@ -143,13 +145,19 @@ enum Event {
 }
 
 /// Serves one client until it leaves, breaks the protocol, or is closed.
-pub async fn run<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr, local: SocketAddr)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// A client connection: plain TCP (split without a lock) or TLS.
+pub enum ClientConn {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local: SocketAddr) {
     let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
-        let mut stream = stream;
-        let _ = stream.write_all(b"-ERR max number of unauthenticated clients reached\r\n").await;
+        let msg = b"-ERR max number of unauthenticated clients reached\r\n";
+        let _ = match conn {
+            ClientConn::Tcp(mut s) => s.write_all(msg).await,
+            ClientConn::Tls(mut s) => s.write_all(msg).await,
+        };
         return;
     };
     let mut session = Session {
@@ -175,7 +183,17 @@ where
         last_activity: Instant::now(),
         barrier: false,
     };
-    if let Err(e) = session.serve(stream).await {
+    let served = match conn {
+        ClientConn::Tcp(mut stream) => {
+            let (read, write) = stream.split();
+            session.serve(read, write).await
+        }
+        ClientConn::Tls(stream) => {
+            let (read, write) = tokio::io::split(stream);
+            session.serve(read, write).await
+        }
+    };
+    if let Err(e) = served {
         tracing::debug!(peer = %session.peer, error = %e, "session ended");
     }
     if let Some(t) = session.tenant.take() {
@@ -184,8 +202,11 @@ where
 }
 
 impl Session {
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: S) -> std::io::Result<()> {
-        let (mut client_read, mut client_write) = tokio::io::split(stream);
+    async fn serve<R, W>(&mut self, mut client_read: R, mut client_write: W) -> std::io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let started = Instant::now();
         loop {
             if self.closing && self.client_out.is_empty() && !self.waiting_on_upstream() {
@@ -216,6 +237,8 @@ impl Session {
                     }
                     self.last_activity = Instant::now();
                     self.on_client_input().await;
+                    self.write_upstream_now();
+                    write_now(&mut client_write, &mut self.client_out);
                 }
                 Event::ClientWrote(r) => self.client_out.advance(r?),
                 Event::UpstreamRead(r) => {
@@ -224,6 +247,7 @@ impl Session {
                         Ok(_) => self.upstream_lost("closed"),
                         Err(e) => self.upstream_lost(&e.to_string()),
                     }
+                    write_now(&mut client_write, &mut self.client_out);
                     if self.barrier && !self.has_pending_upstream() && self.pubsub.inflight.is_empty() {
                         self.barrier = false;
                         self.on_client_input().await;
@@ -260,6 +284,18 @@ impl Session {
             return (self.last_activity + config.idle_timeout, Some("idle timeout"));
         }
         (started, None)
+    }
+
+    /// Writes pending upstream bytes right away if the socket takes them (saves a trip
+    /// through the event loop per request); whatever is left waits for writability.
+    fn write_upstream_now(&mut self) {
+        if let (Some(w), false) = (self.up_write.as_ref(), self.up_out.is_empty()) {
+            match w.try_write(&self.up_out) {
+                Ok(n) => self.up_out.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => self.upstream_lost(&e.to_string()),
+            }
+        }
     }
 
     fn waiting_on_upstream(&self) -> bool {
@@ -730,6 +766,16 @@ impl Session {
         } else {
             self.pending.push_back(Pending::Close);
         }
+    }
+}
+
+/// Writes to the client right away if it can take the bytes without waiting.
+fn write_now<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) {
+    if out.is_empty() {
+        return;
+    }
+    if let Some(Ok(n)) = w.write(out).now_or_never() {
+        out.advance(n);
     }
 }
 
