@@ -363,3 +363,100 @@ async fn keyspace_notifications_reach_only_the_cache_that_enabled_them() {
         "a cache without keyspace notifications received events"
     );
 }
+
+/// A raw connection that logs in with `HELLO <proto> AUTH` and collects what arrives.
+struct RawConn(tokio::net::TcpStream);
+
+impl RawConn {
+    async fn open(port: u16, token: &str, proto: u8) -> RawConn {
+        let mut c = RawConn(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        let hello = format!("HELLO {proto} AUTH default {token}\r\n");
+        let out = c.send(hello.as_bytes()).await;
+        assert!(out.starts_with(if proto == 3 { "%" } else { "*" }), "{out}");
+        c
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> String {
+        use tokio::io::AsyncWriteExt;
+        self.0.write_all(bytes).await.unwrap();
+        self.read().await
+    }
+
+    async fn read(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), self.0.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn client_side_caching_invalidates_only_for_the_cache() {
+    let dev = ShoalDev::start().await;
+    let (_, token) = cache_with_token(&dev, "csc", 1).await;
+    let (_, other_token) = cache_with_token(&dev, "csc-other", 1).await;
+    let mut writer = dev.client(&token).await.unwrap();
+    let mut other = dev.client(&other_token).await.unwrap();
+
+    // Default mode: a key the client read is invalidated once when it changes.
+    let mut reader = RawConn::open(dev.resp_port, &token, 3).await;
+    assert_eq!(reader.send(b"CLIENT TRACKING ON\r\n").await, "+OK\r\n");
+    assert_eq!(reader.send(b"GET user:1\r\n").await, "_\r\n");
+    let _: () = other.set("user:1", "another cache").await.unwrap();
+    assert_eq!(reader.read().await, "", "another cache's write invalidated a key");
+    let _: () = writer.set("user:1", "ada").await.unwrap();
+    assert_eq!(reader.read().await, ">2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\nuser:1\r\n");
+    let _: () = writer.set("user:1", "bob").await.unwrap();
+    assert_eq!(reader.read().await, "", "invalidated once until read again");
+    let info = reader.send(b"CLIENT TRACKINGINFO\r\n").await;
+    assert!(info.contains("on"), "{info}");
+
+    // BCAST with a prefix; NOLOOP skips the client's own writes.
+    let mut bcast = RawConn::open(dev.resp_port, &token, 3).await;
+    assert_eq!(bcast.send(b"CLIENT TRACKING ON BCAST PREFIX order: NOLOOP\r\n").await, "+OK\r\n");
+    assert_eq!(bcast.send(b"SET order:mine 1\r\n").await, "+OK\r\n", "no invalidation for its own write");
+    let _: () = writer.set("order:7", "x").await.unwrap();
+    let _: () = writer.set("invoice:7", "x").await.unwrap();
+    assert_eq!(bcast.read().await, ">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\norder:7\r\n");
+
+    // OPTIN: only keys read right after CLIENT CACHING yes are tracked.
+    let mut optin = RawConn::open(dev.resp_port, &token, 3).await;
+    assert_eq!(optin.send(b"CLIENT TRACKING ON OPTIN\r\n").await, "+OK\r\n");
+    optin.send(b"GET a\r\n").await;
+    assert_eq!(optin.send(b"CLIENT CACHING yes\r\n").await, "+OK\r\n");
+    optin.send(b"GET b\r\n").await;
+    let _: () = writer.set("a", "1").await.unwrap();
+    let _: () = writer.set("b", "1").await.unwrap();
+    assert_eq!(optin.read().await, ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nb\r\n");
+
+    // REDIRECT to a RESP2 connection of the same cache subscribed to __redis__:invalidate.
+    let mut sink = RawConn::open(dev.resp_port, &token, 2).await;
+    let id = sink.send(b"CLIENT ID\r\n").await;
+    let id = id.trim_start_matches(':').trim();
+    let sub = sink.send(b"SUBSCRIBE __redis__:invalidate\r\n").await;
+    assert!(sub.contains("__redis__:invalidate"), "{sub}");
+    let mut redirected = RawConn::open(dev.resp_port, &token, 2).await;
+    let cmd = format!("CLIENT TRACKING ON REDIRECT {id}\r\n");
+    assert_eq!(redirected.send(cmd.as_bytes()).await, "+OK\r\n");
+    assert_eq!(redirected.send(b"CLIENT GETREDIR\r\n").await, format!(":{id}\r\n"));
+    redirected.send(b"GET z\r\n").await;
+    let _: () = writer.set("z", "1").await.unwrap();
+    assert_eq!(sink.read().await, "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nz\r\n");
+    assert_eq!(redirected.read().await, "");
+
+    // A client of another cache is not a valid redirect target.
+    let mut stranger = RawConn::open(dev.resp_port, &other_token, 3).await;
+    let err = stranger.send(cmd.as_bytes()).await;
+    assert!(err.starts_with("-ERR The client ID you want redirect to does not exist"), "{err}");
+
+    // Flushing the cache invalidates everything its tracking clients hold.
+    reader.send(b"GET user:1\r\n").await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut writer).await.unwrap();
+    assert_eq!(reader.read().await, ">2\r\n$10\r\ninvalidate\r\n_\r\n");
+}

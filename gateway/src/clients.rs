@@ -6,7 +6,33 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+
+/// An invalidation for a client that uses client-side caching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Keys(Vec<Vec<u8>>),
+    /// Everything (a flush, or the gateway lost track of the node's events).
+    All,
+}
+
+/// A client's `CLIENT TRACKING` state.
+#[derive(Debug, Default)]
+pub struct Tracking {
+    pub bcast: bool,
+    pub prefixes: Vec<Vec<u8>>,
+    pub optin: bool,
+    pub optout: bool,
+    pub noloop: bool,
+    /// Registry key of the client that receives the invalidations instead.
+    pub redirect: Option<u64>,
+    /// Keys the client read (default mode): each is invalidated once.
+    pub keys: std::collections::HashSet<Vec<u8>>,
+    /// `CLIENT CACHING yes|no` for the next command.
+    pub caching: Option<bool>,
+    /// Keys this client wrote recently (NOLOOP), with when.
+    pub own_writes: HashMap<Vec<u8>, Instant>,
+}
 
 /// One authenticated client connection.
 pub struct ClientEntry {
@@ -30,6 +56,11 @@ pub struct ClientEntry {
     pub patterns: Mutex<Vec<Vec<u8>>>,
     /// Notified by `CLIENT KILL` from another connection of the same cache.
     pub kill: Notify,
+    pub tracking: Mutex<Option<Tracking>>,
+    /// Invalidations for this client's connection.
+    pub inbox: mpsc::UnboundedSender<Invalidation>,
+    /// Whether the client is subscribed in RESP2 (can receive redirected invalidations).
+    pub subscribed_resp2: std::sync::atomic::AtomicBool,
 }
 
 impl ClientEntry {
@@ -85,12 +116,13 @@ impl Registry {
         max: usize,
         addr: String,
         laddr: String,
-    ) -> Option<Arc<ClientEntry>> {
+    ) -> Option<(Arc<ClientEntry>, mpsc::UnboundedReceiver<Invalidation>)> {
         let mut caches = self.caches.lock().unwrap();
         let clients = caches.entry(cache.clone()).or_default();
         if clients.live.len() >= max {
             return None;
         }
+        let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let entry = Arc::new(ClientEntry {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             id: AtomicI64::new(0),
@@ -105,10 +137,13 @@ impl Registry {
             commands: AtomicU64::new(0),
             patterns: Mutex::new(Vec::new()),
             kill: Notify::new(),
+            tracking: Mutex::new(None),
+            inbox,
+            subscribed_resp2: std::sync::atomic::AtomicBool::new(false),
         });
         clients.live.insert(entry.key, entry.clone());
         clients.connections_received += 1;
-        Some(entry)
+        Some((entry, inbox_rx))
     }
 
     pub fn unregister(&self, cache: &CacheId, entry: &ClientEntry) {

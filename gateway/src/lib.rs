@@ -13,7 +13,8 @@
 //! - [`policy`]: the command table (`data/commands.tsv`): pass, deny or virtualize.
 //! - [`virtualize`]: commands the gateway answers or rewrites per cache, with
 //!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
-//!   [`clients`] (each cache's connections) and [`observer`] (node-wide views, filtered).
+//!   [`clients`] (each cache's connections), [`observer`] (node-wide views, filtered) and
+//!   [`tracking`] (client-side caching invalidations from keyspace events).
 //! - [`upstream`]: opens the per-session connection to the cache's Valkey node.
 //! - [`config`], [`error`].
 
@@ -30,6 +31,7 @@ pub mod resp;
 pub mod router;
 pub mod session;
 pub mod tls;
+pub mod tracking;
 pub mod upstream;
 pub mod virtualize;
 

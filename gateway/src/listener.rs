@@ -20,6 +20,8 @@ pub struct Shared {
     pub config: GatewayConfig,
     pub jwt: JwtVerifier,
     pub router: Router,
+    pub control_plane: Arc<ControlPlaneClient>,
+    pub tracker: crate::tracking::Tracker,
     pub clients: Registry,
     pub observers: Observers,
     /// How the gateway presents itself to cluster-mode clients.
@@ -55,7 +57,9 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             jwt: JwtVerifier::new(client.clone()),
-            router: Router::new(client, config.route_ttl),
+            router: Router::new(client.clone(), config.route_ttl),
+            control_plane: client,
+            tracker: Default::default(),
             clients: Registry::default(),
             observers: Observers::default(),
             identity: Identity::new(&advertise),

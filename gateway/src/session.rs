@@ -6,7 +6,7 @@
 //! wait in `pending` behind the upstream replies that precede them, so pipelines keep
 //! their order. Virtualized commands live in [`crate::virtualize`].
 
-use crate::clients::ClientEntry;
+use crate::clients::{ClientEntry, Invalidation};
 use crate::listener::Shared;
 use crate::policy::{self, Treatment};
 use crate::pubsub::{Namespace, CONFIRMATIONS};
@@ -133,6 +133,10 @@ pub(crate) struct Session {
     last_activity: Instant,
     /// Requests wait until every outstanding upstream reply has arrived.
     barrier: bool,
+    /// Invalidations for this client (client-side caching), once authenticated.
+    inbox: Option<tokio::sync::mpsc::UnboundedReceiver<Invalidation>>,
+    /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
+    pub tracking: bool,
 }
 
 enum Event {
@@ -142,6 +146,7 @@ enum Event {
     UpstreamWrote(std::io::Result<usize>),
     Killed,
     TimedOut(&'static str),
+    Invalidate(Option<Invalidation>),
 }
 
 /// Serves one client until it leaves, breaks the protocol, or is closed.
@@ -182,6 +187,8 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         pubsub: PubSub::default(),
         last_activity: Instant::now(),
         barrier: false,
+        inbox: None,
+        tracking: false,
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -228,6 +235,7 @@ impl Session {
                 r = client_write.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
                 r = write_opt(self.up_write.as_mut(), &self.up_out), if !self.up_out.is_empty() && self.up_write.is_some() => Event::UpstreamWrote(r),
                 _ = killed(entry.as_deref()), if entry.is_some() => Event::Killed,
+                msg = recv_opt(self.inbox.as_mut()), if self.inbox.is_some() => Event::Invalidate(msg),
                 _ = tokio::time::sleep_until(deadline.0.into()), if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
             };
             match event {
@@ -258,6 +266,14 @@ impl Session {
                     Err(e) => self.upstream_lost(&e.to_string()),
                 },
                 Event::Killed => return Ok(()),
+                Event::Invalidate(Some(msg)) => {
+                    // RESP2 clients get invalidations only as subscribers of __redis__:invalidate.
+                    if self.proto >= 3 || self.pubsub.active() {
+                        crate::tracking::encode(&msg, self.proto, &mut self.client_out);
+                        write_now(&mut client_write, &mut self.client_out);
+                    }
+                }
+                Event::Invalidate(None) => self.inbox = None,
                 Event::TimedOut(why) => {
                     tracing::debug!(peer = %self.peer, why, "closing connection");
                     if self.tenant.is_none() {
@@ -408,9 +424,28 @@ impl Session {
                 if !self.ensure_upstream().await {
                     return;
                 }
+                if let Some(spec) = spec.filter(|sp| self.tracking || sp.name == "flushdb") {
+                    self.note_tracking(spec, args);
+                }
                 self.up_out.extend_from_slice(&self.client_in[..frame.len]);
                 self.pending.push_back(Pending::Upstream(OnReply::Forward));
             }
+        }
+    }
+
+    /// Client-side caching bookkeeping for a forwarded command (only while tracking is on).
+    fn note_tracking(&self, spec: &crate::policy::CommandSpec, args: &[Range<usize>]) {
+        let Some(t) = &self.tenant else { return };
+        if spec.name == "flushdb" {
+            crate::tracking::invalidate_all(&self.shared.clients, &t.cache);
+        }
+        if !self.tracking {
+            return;
+        }
+        let argv: Vec<&[u8]> = args.iter().map(|r| &self.client_in[r.clone()]).collect();
+        let keys = crate::tracking::command_keys(spec, &argv);
+        if let Some(tracking) = t.entry.tracking.lock().unwrap().as_mut() {
+            crate::tracking::note_command(tracking, spec, &keys);
         }
     }
 
@@ -436,7 +471,7 @@ impl Session {
             return Ok(());
         }
         let route = self.shared.router.route(&claims.cache).await?;
-        let entry = self
+        let (entry, inbox) = self
             .shared
             .clients
             .register(
@@ -460,6 +495,7 @@ impl Session {
         self.up_write = Some(write);
         tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
         self.unauthenticated = None;
+        self.inbox = Some(inbox);
         self.tenant = Some(Tenant {
             ns: Namespace::new(&route.acl_user, route.db, route.databases, !route.keyspace_events.is_empty()),
             cache: claims.cache,
@@ -776,6 +812,15 @@ fn write_now<W: AsyncWrite + Unpin>(w: &mut W, out: &mut BytesMut) {
     }
     if let Some(Ok(n)) = w.write(out).now_or_never() {
         out.advance(n);
+    }
+}
+
+async fn recv_opt(
+    rx: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Invalidation>>,
+) -> Option<Invalidation> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

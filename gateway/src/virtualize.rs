@@ -58,6 +58,10 @@ pub(crate) async fn run(s: &mut Session, name: &str, args: &[Range<usize>]) {
         "client|setname" | "client|setinfo" => client_set(s, name, &argv).await,
         "client|kill" => client_kill(s, &argv),
         "client|no-evict" => s.reply(Bytes::from_static(OK)),
+        "client|tracking" => client_tracking(s, &argv).await,
+        "client|caching" => client_caching(s, &argv),
+        "client|getredir" => client_getredir(s),
+        "client|trackinginfo" => client_trackinginfo(s),
         n if n.starts_with("cluster|") => cluster(s, n, &argv),
         n if n == "command" || n.starts_with("command|") => command(s, n, &argv).await,
         "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
@@ -197,6 +201,7 @@ async fn select(s: &mut Session, argv: &[&[u8]]) {
 async fn flushall(s: &mut Session, argv: &[&[u8]]) {
     let t = s.tenant.as_ref().expect("after AUTH");
     let (first, count, current) = (t.route.db, t.route.databases, t.route.db + t.db);
+    crate::tracking::invalidate_all(&s.shared.clients, &t.cache);
     let mode: Vec<&[u8]> = argv[1..].to_vec();
     if count == 1 {
         let mut cmd: Vec<&[u8]> = vec![b"FLUSHDB"];
@@ -629,4 +634,145 @@ async fn pubsub(s: &mut Session, name: &str, argv: &[&[u8]]) {
         }
         s.reply_value(&Value::Map(pairs));
     }
+}
+
+/// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p …] [BCAST] [OPTIN] [OPTOUT] [NOLOOP]`.
+async fn client_tracking(s: &mut Session, argv: &[&[u8]]) {
+    if argv.len() < 3 {
+        return wrong_args(s, "client|tracking");
+    }
+    let on = if argv[2].eq_ignore_ascii_case(b"ON") {
+        true
+    } else if argv[2].eq_ignore_ascii_case(b"OFF") {
+        false
+    } else {
+        return s.refuse("ERR syntax error");
+    };
+    let t = s.tenant.as_ref().expect("after AUTH");
+    if !on {
+        *t.entry.tracking.lock().unwrap() = None;
+        s.tracking = false;
+        return s.reply(Bytes::from_static(OK));
+    }
+    let mut tracking = crate::clients::Tracking::default();
+    let mut i = 3;
+    while i < argv.len() {
+        let opt = argv[i].to_ascii_uppercase();
+        match opt.as_slice() {
+            b"BCAST" => tracking.bcast = true,
+            b"OPTIN" => tracking.optin = true,
+            b"OPTOUT" => tracking.optout = true,
+            b"NOLOOP" => tracking.noloop = true,
+            b"PREFIX" if i + 1 < argv.len() => {
+                tracking.prefixes.push(argv[i + 1].to_vec());
+                i += 1;
+            }
+            b"REDIRECT" if i + 1 < argv.len() => {
+                let id: Option<i64> = std::str::from_utf8(argv[i + 1]).ok().and_then(|v| v.parse().ok());
+                let target = id.and_then(|id| {
+                    s.shared.clients.list(&t.cache).into_iter().find(|c| c.id.load(Ordering::Relaxed) == id)
+                });
+                match target {
+                    Some(c) if c.key != t.entry.key => tracking.redirect = Some(c.key),
+                    Some(_) => {}
+                    None => return s.refuse("ERR The client ID you want redirect to does not exist"),
+                }
+                i += 1;
+            }
+            _ => return s.refuse("ERR syntax error"),
+        }
+        i += 1;
+    }
+    if !tracking.prefixes.is_empty() && !tracking.bcast {
+        return s.refuse("ERR PREFIX option requires BCAST mode to be enabled");
+    }
+    if tracking.optin && tracking.optout {
+        return s.refuse("ERR You can't use both OPTIN and OPTOUT");
+    }
+    if tracking.bcast && (tracking.optin || tracking.optout) {
+        return s.refuse("ERR OPTIN and OPTOUT are not compatible with BCAST");
+    }
+    let route = t.route.clone();
+    let shared = s.shared.clone();
+    if let Err(e) = shared.tracker.watch(&shared, &route).await {
+        tracing::warn!(error = %e, "client tracking unavailable");
+        return s.reply_error("ERR client tracking is unavailable right now, try again");
+    }
+    let t = s.tenant.as_ref().expect("after AUTH");
+    *t.entry.tracking.lock().unwrap() = Some(tracking);
+    s.tracking = true;
+    s.reply(Bytes::from_static(OK));
+}
+
+/// `CLIENT CACHING YES|NO`: whether the next command's keys are tracked (OPTIN/OPTOUT).
+fn client_caching(s: &mut Session, argv: &[&[u8]]) {
+    if argv.len() != 3 {
+        return wrong_args(s, "client|caching");
+    }
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let mut tracking = t.entry.tracking.lock().unwrap();
+    let answer = match tracking.as_mut() {
+        Some(tr) if tr.optin || tr.optout => {
+            if argv[2].eq_ignore_ascii_case(b"YES") && tr.optin {
+                tr.caching = Some(true);
+                Ok(())
+            } else if argv[2].eq_ignore_ascii_case(b"NO") && tr.optout {
+                tr.caching = Some(false);
+                Ok(())
+            } else if argv[2].eq_ignore_ascii_case(b"YES") || argv[2].eq_ignore_ascii_case(b"NO") {
+                Err("ERR CLIENT CACHING YES is only valid when tracking is enabled in OPTIN mode.")
+            } else {
+                Err("ERR syntax error")
+            }
+        }
+        _ => Err("ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled"),
+    };
+    drop(tracking);
+    match answer {
+        Ok(()) => s.reply(Bytes::from_static(OK)),
+        Err(e) => s.refuse(e),
+    }
+}
+
+fn client_getredir(s: &mut Session) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let redirect = t.entry.tracking.lock().unwrap().as_ref().map(|tr| tr.redirect);
+    let id = match redirect {
+        None => -1,
+        Some(None) => 0,
+        Some(Some(key)) => s
+            .shared
+            .clients
+            .list(&t.cache)
+            .iter()
+            .find(|c| c.key == key)
+            .map_or(-1, |c| c.id.load(Ordering::Relaxed)),
+    };
+    s.reply_value(&Value::Int(id));
+}
+
+fn client_trackinginfo(s: &mut Session) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let tracking = t.entry.tracking.lock().unwrap();
+    let (flags, prefixes) = match tracking.as_ref() {
+        None => (vec![Value::bulk("off")], vec![]),
+        Some(tr) => {
+            let mut flags = vec![Value::bulk("on")];
+            for (set, name) in
+                [(tr.bcast, "bcast"), (tr.optin, "optin"), (tr.optout, "optout"), (tr.noloop, "noloop")]
+            {
+                if set {
+                    flags.push(Value::bulk(name));
+                }
+            }
+            (flags, tr.prefixes.iter().map(Value::bulk).collect())
+        }
+    };
+    let redirect = tracking.as_ref().map_or(-1, |tr| if tr.redirect.is_some() { 1 } else { 0 });
+    drop(tracking);
+    s.reply_value(&Value::Map(vec![
+        (Value::bulk("flags"), Value::Set(flags)),
+        (Value::bulk("redirect"), Value::Int(redirect)),
+        (Value::bulk("prefixes"), Value::Array(prefixes)),
+    ]));
 }

@@ -1,0 +1,246 @@
+//! Client-side caching (`CLIENT TRACKING`), built by the gateway.
+//!
+//! Valkey's own tracking table is keyed by key name across all databases, so on a shared
+//! node it would tell one cache about another cache's writes. Instead, the gateway follows
+//! each tracked cache's databases through keyspace events (an observer connection per node,
+//! `PSUBSCRIBE __keyspace@<db>__:*`) and sends the invalidations itself: to clients that read
+//! a key (default mode), or whose prefixes match (BCAST), possibly redirected to another
+//! connection of the same cache. Events and writes seen on other gateways arrive through
+//! the node's events, so a fleet of gateways stays coherent.
+
+use crate::clients::{Invalidation, Registry, Tracking};
+use crate::listener::Shared;
+use crate::resp::{self, reply::ReplyScanner, value};
+use crate::GatewayError;
+use bytes::BytesMut;
+use shoal_types::{CacheId, TenantRoute};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// How long a NOLOOP client's own write suppresses the invalidation it causes.
+const OWN_WRITE_WINDOW: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+pub struct Tracker {
+    nodes: Mutex<HashMap<String, NodeWatch>>,
+    /// Caches whose node was asked to publish keyspace events.
+    enabled: tokio::sync::Mutex<HashSet<CacheId>>,
+}
+
+struct NodeWatch {
+    dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
+    subscribe: mpsc::UnboundedSender<u32>,
+}
+
+impl Tracker {
+    /// Makes sure the cache's databases are followed on its node.
+    pub async fn watch(&self, shared: &Arc<Shared>, route: &TenantRoute) -> Result<(), GatewayError> {
+        {
+            let mut enabled = self.enabled.lock().await;
+            if !enabled.contains(&route.cache_id) {
+                shared.control_plane.enable_client_tracking(&route.cache_id).await?;
+                enabled.insert(route.cache_id.clone());
+            }
+        }
+        let mut nodes = self.nodes.lock().unwrap();
+        let watch = nodes.entry(route.node_addr.clone()).or_insert_with(|| {
+            let dbs = Arc::new(Mutex::new(HashMap::new()));
+            let (subscribe, rx) = mpsc::unbounded_channel();
+            tokio::spawn(follow_node(shared.clone(), route.clone(), dbs.clone(), rx));
+            NodeWatch { dbs, subscribe }
+        });
+        let mut dbs = watch.dbs.lock().unwrap();
+        for db in route.db..route.db + route.databases {
+            if dbs.insert(db, route.cache_id.clone()).is_none() {
+                let _ = watch.subscribe.send(db);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Follows one node's keyspace events for the databases in `dbs`, reconnecting as needed.
+/// While disconnected, events may be missed: every tracking client of the node's caches is
+/// told to drop everything.
+async fn follow_node(
+    shared: Arc<Shared>,
+    route: TenantRoute,
+    dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
+    mut subscribe: mpsc::UnboundedReceiver<u32>,
+) {
+    loop {
+        if let Err(e) = follow_once(&shared, &route, &dbs, &mut subscribe).await {
+            tracing::warn!(node = %route.node_addr, error = %e, "keyspace events lost; invalidating tracked clients");
+        }
+        let caches: HashSet<CacheId> = dbs.lock().unwrap().values().cloned().collect();
+        for cache in caches {
+            invalidate_all(&shared.clients, &cache);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn follow_once(
+    shared: &Shared,
+    route: &TenantRoute,
+    dbs: &Mutex<HashMap<u32, CacheId>>,
+    subscribe: &mut mpsc::UnboundedReceiver<u32>,
+) -> Result<(), GatewayError> {
+    let up = |e: std::io::Error| GatewayError::Upstream(e.to_string());
+    let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
+    let mut out = BytesMut::new();
+    resp::command(&mut out, &[b"AUTH", route.observer_user.as_bytes(), route.observer_password.as_bytes()]);
+    let known: Vec<u32> = dbs.lock().unwrap().keys().copied().collect();
+    for db in known {
+        resp::command(&mut out, &[b"PSUBSCRIBE", format!("__keyspace@{db}__:*").as_bytes()]);
+    }
+    stream.write_all(&out).await.map_err(up)?;
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = ReplyScanner::new();
+    loop {
+        tokio::select! {
+            db = subscribe.recv() => {
+                let Some(db) = db else { return Ok(()) };
+                let mut out = BytesMut::new();
+                resp::command(&mut out, &[b"PSUBSCRIBE", format!("__keyspace@{db}__:*").as_bytes()]);
+                stream.write_all(&out).await.map_err(up)?;
+            }
+            n = stream.read_buf(&mut buf) => {
+                if n.map_err(up)? == 0 {
+                    return Err(GatewayError::Upstream("observer connection closed".into()));
+                }
+                while let Some(reply) = scanner.next(&buf).map_err(|e| GatewayError::Upstream(e.to_string()))? {
+                    let frame = buf.split_to(reply.len);
+                    if reply.error {
+                        return Err(GatewayError::Upstream(String::from_utf8_lossy(&frame).trim().to_string()));
+                    }
+                    on_event(shared, dbs, &frame);
+                }
+            }
+        }
+    }
+}
+
+/// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations.
+fn on_event(shared: &Shared, dbs: &Mutex<HashMap<u32, CacheId>>, frame: &[u8]) {
+    let Some((value::Value::Array(items), _)) = value::decode(frame) else { return };
+    if items.first().and_then(value::Value::as_bytes) != Some(b"pmessage") {
+        return;
+    }
+    let Some(channel) = items.get(2).and_then(value::Value::as_bytes) else { return };
+    let Some(rest) = channel.strip_prefix(b"__keyspace@") else { return };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let Some(key) = rest[digits..].strip_prefix(b"__:") else { return };
+    let Some(db) = std::str::from_utf8(&rest[..digits]).ok().and_then(|d| d.parse::<u32>().ok()) else {
+        return;
+    };
+    let cache = dbs.lock().unwrap().get(&db).cloned();
+    let event = items.get(3).and_then(value::Value::as_bytes).unwrap_or_default();
+    if let Some(cache) = cache {
+        if event == b"flushdb" {
+            invalidate_all(&shared.clients, &cache);
+        } else {
+            key_changed(&shared.clients, &cache, key);
+        }
+    }
+}
+
+/// A key of `cache` changed: tell every client that tracks it.
+pub fn key_changed(clients: &Registry, cache: &CacheId, key: &[u8]) {
+    let entries = clients.list(cache);
+    for entry in &entries {
+        let mut tracking = entry.tracking.lock().unwrap();
+        let Some(t) = tracking.as_mut() else { continue };
+        if t.noloop {
+            if let Some(at) = t.own_writes.remove(key) {
+                if at.elapsed() < OWN_WRITE_WINDOW {
+                    continue;
+                }
+            }
+        }
+        let interested = if t.bcast {
+            t.prefixes.is_empty() || t.prefixes.iter().any(|p| key.starts_with(p))
+        } else {
+            t.keys.remove(key)
+        };
+        if interested {
+            deliver(&entries, entry.key, t, Invalidation::Keys(vec![key.to_vec()]));
+        }
+    }
+}
+
+/// Every tracking client of `cache` drops everything (flush, or events lost).
+pub fn invalidate_all(clients: &Registry, cache: &CacheId) {
+    let entries = clients.list(cache);
+    for entry in &entries {
+        let mut tracking = entry.tracking.lock().unwrap();
+        if let Some(t) = tracking.as_mut() {
+            t.keys.clear();
+            deliver(&entries, entry.key, t, Invalidation::All);
+        }
+    }
+}
+
+fn deliver(entries: &[Arc<crate::clients::ClientEntry>], own: u64, t: &Tracking, msg: Invalidation) {
+    let target = t.redirect.unwrap_or(own);
+    if let Some(e) = entries.iter().find(|e| e.key == target) {
+        let _ = e.inbox.send(msg);
+    }
+}
+
+/// Records what a forwarded command means for the client's tracking state.
+pub fn note_command(t: &mut Tracking, spec: &crate::policy::CommandSpec, keys: &[&[u8]]) {
+    let caching = t.caching.take();
+    if spec.flags.iter().any(|f| f == "readonly") && !t.bcast {
+        let cache_it = if t.optin {
+            caching == Some(true)
+        } else if t.optout {
+            caching != Some(false)
+        } else {
+            true
+        };
+        if cache_it {
+            t.keys.extend(keys.iter().map(|k| k.to_vec()));
+        }
+    }
+    if t.noloop && spec.flags.iter().any(|f| f == "write") {
+        let now = Instant::now();
+        t.own_writes.retain(|_, at| at.elapsed() < OWN_WRITE_WINDOW);
+        t.own_writes.extend(keys.iter().map(|k| (k.to_vec(), now)));
+    }
+}
+
+/// The keys of a command by its table entry (first, last, step); commands whose keys move
+/// (`EVAL`, `XREAD` …) contribute none.
+pub fn command_keys<'a>(spec: &crate::policy::CommandSpec, argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    if spec.first_key <= 0 || spec.step <= 0 {
+        return Vec::new();
+    }
+    let last = if spec.last_key < 0 { argv.len() as i32 + spec.last_key } else { spec.last_key };
+    (spec.first_key..=last.min(argv.len() as i32 - 1))
+        .step_by(spec.step as usize)
+        .map(|i| argv[i as usize])
+        .collect()
+}
+
+/// The frame a client gets for an invalidation, in its protocol.
+pub fn encode(msg: &Invalidation, proto: u8, out: &mut BytesMut) {
+    let keys = match msg {
+        Invalidation::Keys(keys) => value::Value::Array(keys.iter().map(value::Value::bulk).collect()),
+        Invalidation::All => value::Value::Null,
+    };
+    let frame = if proto >= 3 {
+        value::Value::Push(vec![value::Value::bulk("invalidate"), keys])
+    } else {
+        value::Value::Array(vec![
+            value::Value::bulk("message"),
+            value::Value::bulk("__redis__:invalidate"),
+            keys,
+        ])
+    };
+    value::encode(&frame, proto, out);
+}
