@@ -22,6 +22,8 @@ const NODE_WIDE_DENIED: &[&str] = &[
     "-fcall_ro",
     "-script|flush",
     "-script|kill",
+    // The Lua debugger in SYNC mode blocks the whole node.
+    "-script|debug",
     "-pubsub",
     "-memory|stats",
     "-memory|doctor",

@@ -38,7 +38,8 @@ pub struct Tracking {
 pub struct ClientEntry {
     /// Gateway-local key.
     pub key: u64,
-    /// The upstream connection's `CLIENT ID` (what `CLIENT ID` answers).
+    /// What `CLIENT ID` answers: numbered per cache on this gateway, so that ids reveal
+    /// nothing about other caches' connections (Valkey's own ids count the whole node's).
     pub id: AtomicI64,
     pub addr: String,
     pub laddr: String,
@@ -91,6 +92,7 @@ impl ClientEntry {
 struct CacheClients {
     live: HashMap<u64, Arc<ClientEntry>>,
     connections_received: u64,
+    last_id: i64,
     /// Commands of clients that have left.
     commands_done: u64,
 }
@@ -123,9 +125,10 @@ impl Registry {
             return None;
         }
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
+        clients.last_id += 1;
         let entry = Arc::new(ClientEntry {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
-            id: AtomicI64::new(0),
+            id: AtomicI64::new(clients.last_id),
             addr,
             laddr,
             created: Instant::now(),

@@ -481,14 +481,13 @@ impl Session {
                 self.local.to_string(),
             )
             .ok_or(GatewayError::TooManyConnections)?;
-        let (stream, client_id) = match upstream::connect(&route, route.db).await {
+        let stream = match upstream::connect(&route, route.db).await {
             Ok(x) => x,
             Err(e) => {
                 self.shared.clients.unregister(&claims.cache, &entry);
                 return Err(e);
             }
         };
-        entry.id.store(client_id, Ordering::Relaxed);
         entry.proto.store(self.proto, Ordering::Relaxed);
         let (read, write) = stream.into_split();
         self.up_read = Some(read);
@@ -514,19 +513,18 @@ impl Session {
         let Some(tenant) = self.tenant.as_ref() else { return false };
         let result = async {
             let route = self.shared.router.route(&tenant.cache).await?;
-            let (stream, id) = upstream::connect(&route, route.db + tenant.db).await?;
-            Ok::<_, GatewayError>((route, stream, id))
+            let stream = upstream::connect(&route, route.db + tenant.db).await?;
+            Ok::<_, GatewayError>((route, stream))
         }
         .await;
         match result {
-            Ok((route, stream, id)) => {
+            Ok((route, stream)) => {
                 let (read, write) = stream.into_split();
                 self.up_read = Some(read);
                 self.up_write = Some(write);
                 self.up_in.clear();
                 self.replies = ReplyScanner::new();
                 if let Some(t) = self.tenant.as_mut() {
-                    t.entry.id.store(id, Ordering::Relaxed);
                     t.route = route;
                 }
                 if self.proto == 3 {

@@ -11,9 +11,8 @@ use tokio::net::TcpStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Opens a connection to the cache's node and prepares it: AUTH, SELECT `db`, and asks for
-/// its `CLIENT ID` (what the client will see as its own id).
-pub async fn connect(route: &TenantRoute, db: u32) -> Result<(TcpStream, i64), GatewayError> {
+/// Opens a connection to the cache's node and prepares it: AUTH, then SELECT `db`.
+pub async fn connect(route: &TenantRoute, db: u32) -> Result<TcpStream, GatewayError> {
     let setup = async {
         let mut stream = TcpStream::connect(&route.node_addr)
             .await
@@ -22,12 +21,10 @@ pub async fn connect(route: &TenantRoute, db: u32) -> Result<(TcpStream, i64), G
         let mut out = BytesMut::new();
         resp::command(&mut out, &[b"AUTH", route.acl_user.as_bytes(), route.acl_password.as_bytes()]);
         resp::command(&mut out, &[b"SELECT", db.to_string().as_bytes()]);
-        resp::command(&mut out, &[b"CLIENT", b"ID"]);
         stream.write_all(&out).await.map_err(|e| GatewayError::Upstream(e.to_string()))?;
         let mut buf = BytesMut::with_capacity(256);
         let mut scanner = resp::reply::ReplyScanner::new();
-        let mut client_id = 0;
-        for step in 0..3 {
+        for _ in 0..2 {
             let reply = loop {
                 if let Some(r) = scanner.next(&buf).map_err(|e| GatewayError::Upstream(e.to_string()))? {
                     break r;
@@ -43,15 +40,9 @@ pub async fn connect(route: &TenantRoute, db: u32) -> Result<(TcpStream, i64), G
                     GatewayError::Upstream(String::from_utf8_lossy(&buf[..reply.len]).trim().to_string())
                 });
             }
-            let reply = buf.split_to(reply.len);
-            if step == 2 {
-                client_id = std::str::from_utf8(&reply[1..reply.len() - 2])
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-            }
+            let _ = buf.split_to(reply.len);
         }
-        Ok((stream, client_id))
+        Ok(stream)
     };
     tokio::time::timeout(CONNECT_TIMEOUT, setup)
         .await

@@ -55,6 +55,10 @@ pub(crate) async fn run(s: &mut Session, name: &str, args: &[Range<usize>]) {
         "acl|whoami" => s.reply_value(&Value::bulk("default")),
         "client|list" => client_list(s),
         "client|info" => client_info(s).await,
+        "client|id" => {
+            let id = s.tenant.as_ref().expect("after AUTH").entry.id.load(Ordering::Relaxed);
+            s.reply_value(&Value::Int(id))
+        }
         "client|setname" | "client|setinfo" => client_set(s, name, &argv).await,
         "client|kill" => client_kill(s, &argv),
         "client|no-evict" => s.reply(Bytes::from_static(OK)),
@@ -136,7 +140,27 @@ async fn hello(s: &mut Session, argv: &[&[u8]]) {
     if let Some(n) = name {
         *tenant.entry.name.lock().unwrap() = n.to_vec();
     }
-    s.forward_command(&forward, OnReply::Forward).await;
+    // Valkey's answer, with the connection id the cache sees.
+    let id = tenant.entry.id.load(Ordering::Relaxed);
+    let with_own_id = OnReply::Transform(Box::new(move |v, _| match v {
+        Value::Map(pairs) => Value::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| if k.as_bytes() == Some(b"id") { (k, Value::Int(id)) } else { (k, v) })
+                .collect(),
+        ),
+        Value::Array(items) => {
+            let mut items = items;
+            if let Some(i) = items.iter().position(|k| k.as_bytes() == Some(b"id")) {
+                if i + 1 < items.len() {
+                    items[i + 1] = Value::Int(id);
+                }
+            }
+            Value::Array(items)
+        }
+        other => other,
+    }));
+    s.forward_command(&forward, with_own_id).await;
 }
 
 /// `RESET`: a fresh upstream connection is the cleanest reset; the client stays
@@ -327,6 +351,7 @@ fn client_list(s: &mut Session) {
 async fn client_info(s: &mut Session) {
     let t = s.tenant.as_ref().expect("after AUTH");
     let (addr, laddr, db) = (t.entry.addr.clone(), t.entry.laddr.clone(), t.db);
+    let id = t.entry.id.load(Ordering::Relaxed);
     let rewrite = OnReply::Transform(Box::new(move |v, _| {
         let text = match &v {
             Value::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
@@ -341,6 +366,7 @@ async fn client_info(s: &mut Session) {
             .trim_end()
             .split(' ')
             .map(|field| match field.split_once('=') {
+                Some(("id", _)) => format!("id={id}"),
                 Some(("addr", _)) => format!("addr={addr}"),
                 Some(("laddr", _)) => format!("laddr={laddr}"),
                 Some(("fd", _)) => "fd=-1".to_string(),
