@@ -110,3 +110,23 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
         .unwrap();
     assert_eq!(route.status(), 401);
 }
+
+#[test]
+fn the_example_configs_in_deploy_parse() {
+    #[derive(serde::Deserialize)]
+    struct GatewayFile {
+        gateway: shoal_gateway::GatewayConfig,
+    }
+    #[derive(serde::Deserialize)]
+    struct ControlPlaneFile {
+        control_plane: shoal_control_plane::ControlPlaneConfig,
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+    let gw: GatewayFile =
+        toml::from_str(&std::fs::read_to_string(format!("{dir}/gateway.toml")).unwrap()).unwrap();
+    assert_eq!(gw.gateway.max_connections_per_cache, 1000);
+    assert!(gw.gateway.tls_cert.is_some());
+    let cp: ControlPlaneFile =
+        toml::from_str(&std::fs::read_to_string(format!("{dir}/control-plane.toml")).unwrap()).unwrap();
+    assert_eq!(cp.control_plane.token_ttl_default, 900);
+}
