@@ -31,6 +31,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 /// Stop reading a side while this much output waits to be written to the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
+/// For subscribers, stop reading upstream this early: a subscriber that does not read then
+/// makes Valkey's own pub/sub output-buffer limits (32 MB hard, 8 MB for 60 s) apply upstream
+/// instead of the gateway holding the backlog.
+const HIGH_WATER_SUBSCRIBED: usize = 64 * 1024;
 /// Stop reading the client while this many replies are outstanding.
 const MAX_PENDING: usize = 64 * 1024;
 
@@ -226,7 +230,8 @@ impl Session {
                 && self.up_out.len() < HIGH_WATER
                 && self.client_out.len() < HIGH_WATER
                 && self.pending.len() < MAX_PENDING;
-            let read_upstream = self.up_read.is_some() && self.client_out.len() < HIGH_WATER;
+            let out_limit = if self.pubsub.active() { HIGH_WATER_SUBSCRIBED } else { HIGH_WATER };
+            let read_upstream = self.up_read.is_some() && self.client_out.len() < out_limit;
             let entry = self.tenant.as_ref().map(|t| t.entry.clone());
             let deadline = self.deadline(started);
             let event = tokio::select! {
