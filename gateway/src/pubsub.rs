@@ -18,14 +18,35 @@ pub struct Namespace {
     /// Whether the cache has keyspace notifications on; if not, keyspace channel names are
     /// ordinary channel names in its namespace (and receive nothing from Valkey).
     keyspace: bool,
+    /// The cache's own `notify-keyspace-events` flags. The node publishes the union of its
+    /// caches' flags, so events are filtered down to these.
+    keyspace_flags: String,
 }
 
 const KEYSPACE: &[u8] = b"__keyspace@";
 const KEYEVENT: &[u8] = b"__keyevent@";
 
 impl Namespace {
-    pub fn new(acl_user: &str, first_db: u32, databases: u32, keyspace: bool) -> Self {
-        Namespace { prefix: format!("{acl_user}:").into_bytes(), first_db, databases, keyspace }
+    pub fn new(acl_user: &str, first_db: u32, databases: u32, keyspace_flags: &str) -> Self {
+        Namespace {
+            prefix: format!("{acl_user}:").into_bytes(),
+            first_db,
+            databases,
+            keyspace: !keyspace_flags.is_empty(),
+            keyspace_flags: keyspace_flags.to_string(),
+        }
+    }
+
+    /// Whether a message on `channel` (as Valkey sent it) with `payload` is one the cache
+    /// asked for: keyspace events are kept only if the cache's own flags cover them.
+    pub fn wants_message(&self, channel: &[u8], payload: &[u8]) -> bool {
+        let Some((kind, _, rest)) = split_keyspace(channel) else { return true };
+        let flags = &self.keyspace_flags;
+        let (needed, event) = if kind == KEYSPACE { ('K', payload) } else { ('E', rest) };
+        flags.contains(needed)
+            && event_class(event).is_some_and(|class| {
+                flags.contains(class) || (flags.contains('A') && "g$lshzxetd".contains(class))
+            })
     }
 
     /// The cache's database `db` if `name` is one of its keyspace channels or patterns.
@@ -84,6 +105,39 @@ impl Namespace {
         }
         true
     }
+}
+
+/// The `notify-keyspace-events` class of a keyspace event name; `None` for names this
+/// table does not know (such events are not delivered to caches with partial flags).
+fn event_class(event: &[u8]) -> Option<char> {
+    Some(match event {
+        b"expired" => 'x',
+        b"evicted" => 'e',
+        b"new" => 'n',
+        b"keymiss" => 'm',
+        b"del" | b"expire" | b"rename_from" | b"rename_to" | b"move_from" | b"move_to" | b"copy_to"
+        | b"restore" | b"persist" => 'g',
+        b"set" | b"setrange" | b"incrby" | b"incrbyfloat" | b"append" => '$',
+        b"lpush" | b"rpush" | b"lpop" | b"rpop" | b"linsert" | b"lset" | b"lrem" | b"ltrim"
+        | b"sortstore" => 'l',
+        b"sadd" | b"srem" | b"spop" | b"sinterstore" | b"sunionstore" | b"sdiffstore" => 's',
+        b"hset" | b"hdel" | b"hincrby" | b"hincrbyfloat" | b"hexpire" | b"hpersist" | b"hexpired"
+        | b"hgetdel" => 'h',
+        b"zadd" | b"zincr" | b"zrem" | b"zrembyscore" | b"zrembyrank" | b"zrembylex" | b"zinterstore"
+        | b"zunionstore" | b"zdiffstore" | b"zpopmin" | b"zpopmax" | b"zrangestore" => 'z',
+        b"xadd"
+        | b"xdel"
+        | b"xtrim"
+        | b"xsetid"
+        | b"xclaim"
+        | b"xautoclaim"
+        | b"xgroup-create"
+        | b"xgroup-destroy"
+        | b"xgroup-setid"
+        | b"xgroup-createconsumer"
+        | b"xgroup-delconsumer" => 't',
+        _ => return None,
+    })
 }
 
 /// Glob matching as Valkey's `stringmatchlen`: `*`, `?`, `[abc]`, `[^a-z]`, `\` escapes.
@@ -161,6 +215,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keyspace_events_are_filtered_by_the_caches_own_flags() {
+        let expiry_only = Namespace::new("tc1", 5, 1, "Kx");
+        assert!(expiry_only.wants_message(b"__keyspace@5__:k", b"expired"));
+        assert!(!expiry_only.wants_message(b"__keyspace@5__:k", b"set"));
+        assert!(!expiry_only.wants_message(b"__keyevent@5__:expired", b"k"), "no E flag");
+        let all = Namespace::new("tc1", 5, 1, "KEA");
+        assert!(all.wants_message(b"__keyevent@5__:set", b"k"));
+        assert!(!all.wants_message(b"__keyspace@5__:k", b"keymiss"), "A does not include m");
+        assert!(all.wants_message(b"tc1:news", b"hello"), "ordinary channels are not filtered");
+    }
+
+    #[test]
     fn glob_matching_follows_valkey() {
         for (p, s, m) in [
             ("*", "anything", true),
@@ -182,7 +248,7 @@ mod tests {
 
     #[test]
     fn channels_are_prefixed_and_stripped() {
-        let ns = Namespace::new("tc1", 5, 2, true);
+        let ns = Namespace::new("tc1", 5, 2, "KEA");
         assert_eq!(ns.to_upstream(b"news"), b"tc1:news");
         assert_eq!(ns.to_upstream(b"*"), b"tc1:*");
         assert_eq!(ns.from_upstream(b"tc1:news"), b"news");
@@ -190,7 +256,7 @@ mod tests {
         assert_eq!(ns.from_upstream(b"__keyevent@5__:set"), b"__keyevent@0__:set");
         // A database the cache does not have is just a channel name in its namespace.
         assert_eq!(ns.to_upstream(b"__keyspace@2__:k"), b"tc1:__keyspace@2__:k");
-        let quiet = Namespace::new("tc1", 5, 2, false);
+        let quiet = Namespace::new("tc1", 5, 2, "");
         assert_eq!(quiet.to_upstream(b"__keyspace@1__:k"), b"tc1:__keyspace@1__:k", "notifications off");
         let mut msg =
             vec![Value::bulk("pmessage"), Value::bulk("tc1:n*"), Value::bulk("tc1:news"), Value::bulk("hi")];

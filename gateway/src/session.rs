@@ -501,7 +501,7 @@ impl Session {
         self.unauthenticated = None;
         self.inbox = Some(inbox);
         self.tenant = Some(Tenant {
-            ns: Namespace::new(&route.acl_user, route.db, route.databases, !route.keyspace_events.is_empty()),
+            ns: Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events),
             cache: claims.cache,
             route,
             db: 0,
@@ -698,6 +698,14 @@ impl Session {
             }
             if !kind.starts_with(b"s") || kind == b"subscribe" || kind == b"unsubscribe" {
                 items[2] = Value::Int(self.pubsub.visible_count());
+            }
+        }
+        if kind == b"message" || kind == b"pmessage" {
+            let at = if kind == b"pmessage" { 2 } else { 1 };
+            let channel = items.get(at).and_then(Value::as_bytes).unwrap_or_default();
+            let payload = items.get(at + 1).and_then(Value::as_bytes).unwrap_or_default();
+            if !ns.wants_message(channel, payload) {
+                return;
             }
         }
         ns.rewrite_message(&mut items);

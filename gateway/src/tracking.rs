@@ -34,7 +34,18 @@ pub struct Tracker {
 struct NodeWatch {
     dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
     subscribe: mpsc::UnboundedSender<u32>,
+    ready: Arc<Ready>,
 }
+
+/// Databases whose keyspace subscription Valkey has confirmed on the current connection.
+#[derive(Default)]
+struct Ready {
+    dbs: Mutex<HashSet<u32>>,
+    changed: tokio::sync::Notify,
+}
+
+/// How long `CLIENT TRACKING ON` waits for the node's events to be followed.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Tracker {
     /// Makes sure the cache's databases are followed on its node.
@@ -46,20 +57,40 @@ impl Tracker {
                 enabled.insert(route.cache_id.clone());
             }
         }
-        let mut nodes = self.nodes.lock().unwrap();
-        let watch = nodes.entry(route.node_addr.clone()).or_insert_with(|| {
-            let dbs = Arc::new(Mutex::new(HashMap::new()));
-            let (subscribe, rx) = mpsc::unbounded_channel();
-            tokio::spawn(follow_node(shared.clone(), route.clone(), dbs.clone(), rx));
-            NodeWatch { dbs, subscribe }
-        });
-        let mut dbs = watch.dbs.lock().unwrap();
-        for db in route.db..route.db + route.databases {
-            if dbs.insert(db, route.cache_id.clone()).is_none() {
-                let _ = watch.subscribe.send(db);
+        let ready = {
+            let mut nodes = self.nodes.lock().unwrap();
+            let watch = nodes.entry(route.node_addr.clone()).or_insert_with(|| {
+                let dbs = Arc::new(Mutex::new(HashMap::new()));
+                let ready = Arc::new(Ready::default());
+                let (subscribe, rx) = mpsc::unbounded_channel();
+                tokio::spawn(follow_node(shared.clone(), route.clone(), dbs.clone(), ready.clone(), rx));
+                NodeWatch { dbs, subscribe, ready }
+            });
+            let mut dbs = watch.dbs.lock().unwrap();
+            for db in route.db..route.db + route.databases {
+                if dbs.insert(db, route.cache_id.clone()).is_none() {
+                    let _ = watch.subscribe.send(db);
+                }
             }
-        }
-        Ok(())
+            watch.ready.clone()
+        };
+        // Only answer once the node's events are followed, so no write slips through.
+        let wait = async {
+            loop {
+                let changed = ready.changed.notified();
+                let all = {
+                    let subscribed = ready.dbs.lock().unwrap();
+                    (route.db..route.db + route.databases).all(|db| subscribed.contains(&db))
+                };
+                if all {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(READY_TIMEOUT, wait)
+            .await
+            .map_err(|_| GatewayError::Upstream("keyspace events not followed in time".into()))
     }
 }
 
@@ -70,10 +101,12 @@ async fn follow_node(
     shared: Arc<Shared>,
     route: TenantRoute,
     dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
+    ready: Arc<Ready>,
     mut subscribe: mpsc::UnboundedReceiver<u32>,
 ) {
     loop {
-        if let Err(e) = follow_once(&shared, &route, &dbs, &mut subscribe).await {
+        ready.dbs.lock().unwrap().clear();
+        if let Err(e) = follow_once(&shared, &route, &dbs, &ready, &mut subscribe).await {
             tracing::warn!(node = %route.node_addr, error = %e, "keyspace events lost; invalidating tracked clients");
         }
         let caches: HashSet<CacheId> = dbs.lock().unwrap().values().cloned().collect();
@@ -88,6 +121,7 @@ async fn follow_once(
     shared: &Shared,
     route: &TenantRoute,
     dbs: &Mutex<HashMap<u32, CacheId>>,
+    ready: &Ready,
     subscribe: &mut mpsc::UnboundedReceiver<u32>,
 ) -> Result<(), GatewayError> {
     let up = |e: std::io::Error| GatewayError::Upstream(e.to_string());
@@ -118,17 +152,28 @@ async fn follow_once(
                     if reply.error {
                         return Err(GatewayError::Upstream(String::from_utf8_lossy(&frame).trim().to_string()));
                     }
-                    on_event(shared, dbs, &frame);
+                    on_event(shared, dbs, ready, &frame);
                 }
             }
         }
     }
 }
 
-/// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations.
-fn on_event(shared: &Shared, dbs: &Mutex<HashMap<u32, CacheId>>, frame: &[u8]) {
+/// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations;
+/// `psubscribe __keyspace@<db>__:* <n>` → the database is followed.
+fn on_event(shared: &Shared, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Ready, frame: &[u8]) {
     let Some((value::Value::Array(items), _)) = value::decode(frame) else { return };
-    if items.first().and_then(value::Value::as_bytes) != Some(b"pmessage") {
+    let kind = items.first().and_then(value::Value::as_bytes);
+    if kind == Some(b"psubscribe") {
+        let pattern = items.get(1).and_then(value::Value::as_bytes).unwrap_or_default();
+        let db = pattern.strip_prefix(b"__keyspace@").and_then(|r| r.strip_suffix(b"__:*"));
+        if let Some(db) = db.and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| d.parse().ok()) {
+            ready.dbs.lock().unwrap().insert(db);
+            ready.changed.notify_waiters();
+        }
+        return;
+    }
+    if kind != Some(b"pmessage") {
         return;
     }
     let Some(channel) = items.get(2).and_then(value::Value::as_bytes) else { return };

@@ -183,8 +183,10 @@ async fn reset(s: &mut Session) {
     s.multi_dirty = false;
     s.pubsub = Default::default();
     s.sync_patterns();
+    s.tracking = false;
     if let Some(t) = s.tenant.as_mut() {
         t.db = 0;
+        *t.entry.tracking.lock().unwrap() = None;
         t.entry.db.store(0, Ordering::Relaxed);
         t.entry.proto.store(2, Ordering::Relaxed);
         t.entry.name.lock().unwrap().clear();
