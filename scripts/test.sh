@@ -15,9 +15,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "==> tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
-  # nextest does not run doctests.
+  # nextest does not run doctests; run them first so nextest's summary closes the log.
   cargo test --workspace --doc --quiet
+  cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
 fi
