@@ -24,16 +24,15 @@ impl ControlPlaneClient {
         ControlPlaneClient { http, base: base.trim_end_matches('/').to_string(), token: token.into() }
     }
 
+    /// Sends an internal-API request with the gateway's bearer token.
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, GatewayError> {
+        req.bearer_auth(&self.token).send().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
+    }
+
     /// `GET /internal/v1/routes/{id}`; `Ok(None)` when the cache does not exist.
     pub async fn route(&self, id: &CacheId) -> Result<Option<TenantRoute>, GatewayError> {
         let url = format!("{}/internal/v1/routes/{}", self.base, id);
-        let resp = self
-            .http
-            .get(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        let resp = self.send(self.http.get(url)).await?;
         match resp.status() {
             s if s.is_success() => {
                 resp.json().await.map(Some).map_err(|e| GatewayError::ControlPlane(e.to_string()))
@@ -47,13 +46,7 @@ impl ControlPlaneClient {
     /// client-side caching invalidations).
     pub async fn enable_client_tracking(&self, id: &CacheId) -> Result<(), GatewayError> {
         let url = format!("{}/internal/v1/caches/{}/client-tracking", self.base, id);
-        let resp = self
-            .http
-            .post(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        let resp = self.send(self.http.post(url)).await?;
         if resp.status().is_success() {
             Ok(())
         } else {

@@ -4,6 +4,7 @@
 use crate::error::ApiError;
 use crate::routes::caches::parse_id;
 use crate::startup::AppState;
+use crate::store::CacheRecord;
 use actix_web::{web, HttpRequest, HttpResponse};
 use shoal_types::TenantRoute;
 
@@ -13,16 +14,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
+/// The live cache an internal call names, once the caller proved it is a gateway.
+async fn internal_cache(state: &AppState, req: &HttpRequest, id: &str) -> Result<CacheRecord, ApiError> {
+    if !crate::auth::internal_token_ok(req, &state.config.internal_token) {
+        return Err(ApiError::Unauthorized);
+    }
+    state.store.cache(&parse_id(id)?).await?.ok_or(ApiError::NotFound("cache"))
+}
+
 async fn route(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    if !crate::auth::internal_token_ok(&req, &state.config.internal_token) {
-        return Err(ApiError::Unauthorized);
-    }
-    let id = parse_id(&id)?;
-    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    let cache = internal_cache(&state, &req, &id).await?;
     let node = state.pool.node(&cache.node).map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(TenantRoute {
         acl_user: cache.id.acl_user(),
@@ -45,11 +50,7 @@ async fn enable_client_tracking(
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    if !crate::auth::internal_token_ok(&req, &state.config.internal_token) {
-        return Err(ApiError::Unauthorized);
-    }
-    let id = parse_id(&id)?;
-    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    let cache = internal_cache(&state, &req, &id).await?;
     if state.store.enable_client_tracking(&cache.id).await? {
         crate::routes::caches::apply_keyspace_events(&state, &cache.node).await?;
     }
