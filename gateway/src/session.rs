@@ -463,12 +463,19 @@ impl Session {
     }
 
     /// Verifies credentials and binds the session to the token's cache.
-    pub async fn authenticate(&mut self, _user: Option<&[u8]>, password: &[u8]) -> Result<(), GatewayError> {
+    /// With a token, the user name may be `default` or name the token's cache (its id or
+    /// name); a token for one cache never opens another.
+    pub async fn authenticate(&mut self, user: Option<&[u8]>, password: &[u8]) -> Result<(), GatewayError> {
         let token = std::str::from_utf8(password).map_err(|_| GatewayError::Auth("not utf-8".into()))?;
         if !crate::auth::jwt::looks_like_jwt(password) {
             return Err(GatewayError::Auth("not a token".into()));
         }
         let claims = self.shared.jwt.verify(token).await?;
+        let names_token_cache = |route: &TenantRoute, user: &[u8]| {
+            user == b"default"
+                || user == route.cache_id.as_str().as_bytes()
+                || user == route.cache_name.as_bytes()
+        };
         if let Some(tenant) = &self.tenant {
             if tenant.cache != claims.cache {
                 return Err(GatewayError::Auth("re-authentication to another cache".into()));
@@ -476,6 +483,13 @@ impl Session {
             return Ok(());
         }
         let route = self.shared.router.route(&claims.cache).await?;
+        if let Some(user) = user.filter(|u| !names_token_cache(&route, u)) {
+            let shown = String::from_utf8_lossy(user).chars().take(64).collect::<String>();
+            return Err(GatewayError::Auth(format!(
+                "token for cache {} presented as user {shown:?}",
+                claims.cache
+            )));
+        }
         let (entry, inbox) = self
             .shared
             .clients

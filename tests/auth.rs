@@ -1,0 +1,124 @@
+//! Data-plane tokens the gateway must refuse, each with `-WRONGPASS` and nothing opened:
+//! forged algorithms, bad claims, tampering, and a token for one cache used on another.
+
+mod support;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use shoal_types::{CacheId, DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
+use support::{raw, ShoalDev};
+
+/// The control plane's newest signing key (kid, PKCS#8 private key, raw public key).
+fn signing_key(dev: &ShoalDev) -> (String, Vec<u8>, Vec<u8>) {
+    let db = dev.dir.join(".shoal/shoal.db");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; r = sqlite3.connect(sys.argv[1]).execute(\
+             'SELECT kid, hex(private_der), hex(public_raw) FROM signing_keys ORDER BY created_at DESC').fetchone(); \
+             print(*r)",
+            db.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    (parts[0].to_string(), hex::decode(parts[1]).unwrap(), hex::decode(parts[2]).unwrap())
+}
+
+fn claims(cache: &CacheId) -> DataClaims {
+    let now = chrono_now();
+    DataClaims {
+        iss: TOKEN_ISSUER.into(),
+        aud: DATA_AUDIENCE.into(),
+        sub: "test".into(),
+        iat: now,
+        exp: now + 600,
+        nbf: None,
+        jti: "jti-test".into(),
+        cache: cache.clone(),
+        perm: Permission::ReadWrite,
+    }
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn sign(kid: &str, der: &[u8], c: &DataClaims) -> String {
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, c, &EncodingKey::from_ed_der(der)).unwrap()
+}
+
+fn b64(v: &serde_json::Value) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+async fn auth(dev: &ShoalDev, user: Option<&str>, token: &str) -> String {
+    let cmd = match user {
+        Some(u) => format!("*3\r\n$4\r\nAUTH\r\n${}\r\n{u}\r\n${}\r\n{token}\r\n", u.len(), token.len()),
+        None => format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{token}\r\n", token.len()),
+    };
+    let out = raw(dev.resp_port, format!("{cmd}*1\r\n$4\r\nPING\r\n").as_bytes()).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn forged_expired_misdirected_and_tampered_tokens_are_refused() {
+    let dev = ShoalDev::start().await;
+    let a = dev.create_cache("token-a").await;
+    let b = dev.create_cache("token-b").await;
+    let a_id = CacheId::parse(a["id"].as_str().unwrap()).unwrap();
+    let b_id = b["id"].as_str().unwrap();
+    let (kid, der, public) = signing_key(&dev);
+
+    // The genuine article works, with any of the names of its own cache.
+    let good = sign(&kid, &der, &claims(&a_id));
+    for user in [None, Some("default"), Some(a_id.as_str()), Some("token-a")] {
+        assert_eq!(auth(&dev, user, &good).await, "+OK\r\n+PONG\r\n", "user {user:?}");
+    }
+
+    let mut cases: Vec<(&str, Option<String>, String)> = Vec::new();
+    let header = |alg: &str| serde_json::json!({"alg": alg, "typ": "JWT", "kid": kid});
+    let payload = serde_json::to_value(claims(&a_id)).unwrap();
+    cases.push(("alg none", None, format!("{}.{}.", b64(&header("none")), b64(&payload))));
+    let hs = jsonwebtoken::encode(
+        &Header { kid: Some(kid.clone()), ..Header::new(Algorithm::HS256) },
+        &claims(&a_id),
+        &EncodingKey::from_secret(&public),
+    )
+    .unwrap();
+    cases.push(("HS256 signed with the public key", None, hs));
+    let mut c = claims(&a_id);
+    c.exp = chrono_now() - 120;
+    c.iat = chrono_now() - 1000;
+    cases.push(("expired", None, sign(&kid, &der, &c)));
+    let mut c = claims(&a_id);
+    c.nbf = Some(chrono_now() + 600);
+    cases.push(("not yet valid", None, sign(&kid, &der, &c)));
+    let mut c = claims(&a_id);
+    c.aud = "someone-else".into();
+    cases.push(("wrong audience", None, sign(&kid, &der, &c)));
+    let mut c = claims(&a_id);
+    c.iss = "evil".into();
+    cases.push(("wrong issuer", None, sign(&kid, &der, &c)));
+    cases.push(("unknown kid", None, sign("k-unknown", &der, &claims(&a_id))));
+    // Tampering: cache B's id swapped into a token signed for A.
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut forged = payload.clone();
+    forged["cache"] = serde_json::json!(b_id);
+    cases.push(("tampered payload", None, format!("{}.{}.{}", parts[0], b64(&forged), parts[2])));
+    // A's token presented as cache B.
+    cases.push(("A's token for cache B (by id)", Some(b_id.to_string()), good.clone()));
+    cases.push(("A's token for cache B (by name)", Some("token-b".to_string()), good.clone()));
+
+    for (what, user, token) in &cases {
+        let out = auth(&dev, user.as_deref(), token).await;
+        assert!(
+            out.starts_with("-WRONGPASS invalid username-password pair or user is disabled.\r\n-NOAUTH"),
+            "{what}: {out}"
+        );
+    }
+}
