@@ -122,3 +122,41 @@ async fn forged_expired_misdirected_and_tampered_tokens_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_and_its_connections_closed_within_seconds() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("revocable").await;
+    let id = cache["id"].as_str().unwrap();
+    let (status, minted) = dev.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await;
+    assert_eq!(status, 201);
+    let (token, jti) = (minted["token"].as_str().unwrap(), minted["jti"].as_str().unwrap());
+    let keep = dev.mint_token(id).await;
+
+    let (status, listed) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/tokens"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2);
+    assert!(listed["items"][0].get("token").is_none(), "tokens are shown only when minted");
+
+    let mut open = dev.client(token).await.unwrap();
+    let _: () = redis::cmd("SET").arg("k").arg("v").query_async(&mut open).await.unwrap();
+    let (status, _) = dev.api(reqwest::Method::DELETE, &format!("/v1/caches/{id}/tokens/{jti}"), None).await;
+    assert_eq!(status, 204);
+    let (status, _) = dev.api(reqwest::Method::DELETE, &format!("/v1/caches/{id}/tokens/{jti}"), None).await;
+    assert_eq!(status, 404, "revoking twice");
+    let revoked_at = std::time::Instant::now();
+
+    // Within 5 s: new logins with it are refused and the open connection is closed.
+    loop {
+        let refused = auth(&dev, None, token).await.starts_with("-WRONGPASS");
+        let closed = redis::cmd("PING").query_async::<String>(&mut open).await.is_err();
+        if refused && closed {
+            break;
+        }
+        assert!(revoked_at.elapsed() < std::time::Duration::from_secs(5), "revocation too slow");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(auth(&dev, None, &keep).await, "+OK\r\n+PONG\r\n", "other tokens keep working");
+    let (_, listed) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/tokens"), None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+}

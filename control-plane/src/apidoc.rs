@@ -12,6 +12,8 @@ use utoipa::{Modify, OpenApi};
         crate::routes::caches::get_cache,
         crate::routes::caches::delete_cache,
         crate::routes::tokens::mint_token,
+        crate::routes::tokens::list_tokens,
+        crate::routes::tokens::revoke_token,
         crate::routes::internal::jwks,
         crate::routes::health::healthz,
         crate::routes::health::readyz,

@@ -45,6 +45,8 @@ pub struct ClientEntry {
     pub laddr: String,
     pub created: Instant,
     pub name: Mutex<Vec<u8>>,
+    /// The id of the token the client logged in with (revocation closes the connection).
+    pub jti: Mutex<String>,
     /// `CLIENT SETINFO LIB-NAME` / `LIB-VER`.
     pub lib: Mutex<(Vec<u8>, Vec<u8>)>,
     /// The cache's database (0-based) the client has selected.
@@ -133,6 +135,7 @@ impl Registry {
             laddr,
             created: Instant::now(),
             name: Mutex::new(Vec::new()),
+            jti: Mutex::new(String::new()),
             lib: Mutex::new((Vec::new(), Vec::new())),
             db: AtomicU32::new(0),
             proto: AtomicU8::new(2),
@@ -156,6 +159,19 @@ impl Registry {
                 clients.commands_done += entry.commands.load(Ordering::Relaxed);
             }
         }
+    }
+
+    /// Closes every connection that logged in with one of these token ids.
+    pub fn kill_by_token(&self, jtis: &[String]) -> usize {
+        let caches = self.caches.lock().unwrap();
+        let mut killed = 0;
+        for entry in caches.values().flat_map(|c| c.live.values()) {
+            if jtis.contains(&entry.jti.lock().unwrap()) {
+                entry.kill.notify_one();
+                killed += 1;
+            }
+        }
+        killed
     }
 
     pub fn list(&self, cache: &CacheId) -> Vec<Arc<ClientEntry>> {

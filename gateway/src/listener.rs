@@ -85,6 +85,7 @@ impl Gateway {
             tracing::warn!(error = %e, "could not load signing keys yet; will retry on first AUTH");
         }
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
         let tls_task = self.tls.map(|(listener, state)| {
             tokio::spawn(accept_loop(
                 listener,
@@ -98,6 +99,7 @@ impl Gateway {
         if let Some(task) = tls_task {
             let _ = task.await;
         }
+        revocations.abort();
         tracing::info!("gateway stopped accepting");
     }
 }
@@ -110,6 +112,29 @@ pub enum BindError {
     Tls(#[from] crate::tls::TlsError),
     #[error("TLS needs tls_listen, tls_cert and tls_key together")]
     TlsIncomplete,
+}
+
+/// How often the gateway asks for revoked tokens (revocation takes effect within that).
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+/// Keeps the revocation list current and closes connections whose token was revoked.
+async fn follow_revocations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match shared.control_plane.revocations().await {
+            Ok(jtis) => {
+                let added = shared.jwt.set_revoked(jtis);
+                if !added.is_empty() {
+                    let closed = shared.clients.kill_by_token(&added);
+                    tracing::info!(revoked = added.len(), closed, "tokens revoked");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not fetch revocations"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REVOCATION_POLL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// How long a TLS client has to finish its handshake.

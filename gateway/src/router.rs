@@ -54,6 +54,20 @@ impl ControlPlaneClient {
         }
     }
 
+    /// Revoked, unexpired token ids.
+    pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
+        #[derive(serde::Deserialize)]
+        struct Revocations {
+            revoked: Vec<String>,
+        }
+        let resp = self.send(self.http.get(format!("{}/internal/v1/revocations", self.base))).await?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::ControlPlane(format!("revocations answered {}", resp.status())));
+        }
+        let body: Revocations = resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        Ok(body.revoked)
+    }
+
     /// The public keys that verify data-plane tokens.
     pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, GatewayError> {
         let url = format!("{}/.well-known/jwks.json", self.base);

@@ -480,6 +480,7 @@ impl Session {
             if tenant.cache != claims.cache {
                 return Err(GatewayError::Auth("re-authentication to another cache".into()));
             }
+            *tenant.entry.jti.lock().unwrap() = claims.jti;
             return Ok(());
         }
         let route = self.shared.router.route(&claims.cache).await?;
@@ -512,6 +513,7 @@ impl Session {
         self.up_read = Some(read);
         self.up_write = Some(write);
         tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
+        *entry.jti.lock().unwrap() = claims.jti.clone();
         self.unauthenticated = None;
         self.inbox = Some(inbox);
         self.tenant = Some(Tenant {

@@ -11,6 +11,7 @@ use shoal_types::TenantRoute;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/routes/{id}", web::get().to(route))
         .route("/internal/v1/caches/{id}/client-tracking", web::post().to(enable_client_tracking))
+        .route("/internal/v1/revocations", web::get().to(revocations))
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
@@ -55,6 +56,15 @@ async fn enable_client_tracking(
         crate::routes::caches::apply_keyspace_events(&state, &cache.node).await?;
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Revoked tokens that have not expired: gateways poll this every second.
+async fn revocations(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    if !crate::auth::internal_token_ok(&req, &state.config.internal_token) {
+        return Err(ApiError::Unauthorized);
+    }
+    let jtis: Vec<String> = state.store.revoked_tokens().await?.into_iter().map(|(jti, _)| jti).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "revoked": jtis })))
 }
 
 /// The public keys that verify data-plane tokens (JWKS).

@@ -10,7 +10,65 @@ use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
 use utoipa::ToSchema;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/v1/caches/{id}/tokens").route(web::post().to(mint_token)));
+    cfg.service(
+        web::resource("/v1/caches/{id}/tokens")
+            .route(web::post().to(mint_token))
+            .route(web::get().to(list_tokens)),
+    )
+    .service(web::resource("/v1/caches/{id}/tokens/{jti}").route(web::delete().to(revoke_token)));
+}
+
+/// An active data-plane token (the token itself is shown only once, when minted).
+#[derive(Serialize, ToSchema)]
+pub struct TokenInfo {
+    pub jti: String,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    pub items: Vec<TokenInfo>,
+}
+
+/// List a cache's active (unexpired, unrevoked) tokens.
+#[utoipa::path(get, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
+    responses((status = 200, body = TokenList), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])), tag = "tokens")]
+pub async fn list_tokens(
+    state: web::Data<AppState>,
+    _who: Principal,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let cache = state.store.cache(&parse_id(&id)?).await?.ok_or(ApiError::NotFound("cache"))?;
+    let items = state
+        .store
+        .active_tokens(&cache.id)
+        .await?
+        .into_iter()
+        .map(|(jti, created_at, expires_at)| TokenInfo { jti, created_at, expires_at })
+        .collect();
+    Ok(HttpResponse::Ok().json(TokenList { items }))
+}
+
+/// Revoke a token: every gateway refuses it within seconds and closes connections that
+/// logged in with it.
+#[utoipa::path(delete, path = "/v1/caches/{id}/tokens/{jti}",
+    params(("id" = String, Path, description = "cache id"), ("jti" = String, Path, description = "token id")),
+    responses((status = 204), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])), tag = "tokens")]
+pub async fn revoke_token(
+    state: web::Data<AppState>,
+    _who: Principal,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, jti) = path.into_inner();
+    let cache = state.store.cache(&parse_id(&id)?).await?.ok_or(ApiError::NotFound("cache"))?;
+    if !state.store.revoke_token(&cache.id, &jti).await? {
+        return Err(ApiError::NotFound("token"));
+    }
+    tracing::info!(cache = %cache.id, %jti, "token revoked");
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// Body of `POST /v1/caches/{id}/tokens` (optional).

@@ -237,6 +237,43 @@ impl Store {
         .await
         .map(|_| ())
     }
+
+    /// Tokens of a cache that are neither expired nor revoked: (jti, created_at, expires_at).
+    pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<(String, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT jti, created_at, expires_at FROM tokens
+             WHERE cache_id = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY created_at, jti",
+        )
+        .bind(cache.as_str())
+        .bind(now_secs())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get("jti"), r.get("created_at"), r.get("expires_at"))).collect())
+    }
+
+    /// Revokes a cache's token; false if there is no such live token.
+    pub async fn revoke_token(&self, cache: &CacheId, jti: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_at = ? WHERE cache_id = ? AND jti = ? AND revoked_at IS NULL",
+        )
+        .bind(now())
+        .bind(cache.as_str())
+        .bind(jti)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Revoked tokens that have not expired yet (what gateways must refuse): (jti, expires_at).
+    pub async fn revoked_tokens(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ? ORDER BY jti",
+        )
+        .bind(now_secs())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get("jti"), r.get("expires_at"))).collect())
+    }
 }
 
 fn cache_from_row(r: sqlx::sqlite::SqliteRow) -> Result<CacheRecord, StoreError> {
@@ -258,6 +295,11 @@ fn cache_from_row(r: sqlx::sqlite::SqliteRow) -> Result<CacheRecord, StoreError>
 /// The current time as an RFC 3339 UTC string (what the store keeps).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The current time as stored in `expires_at` (RFC 3339, whole seconds), for comparisons.
+fn now_secs() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Whether an error is a unique-constraint violation (a conflict, not a failure).

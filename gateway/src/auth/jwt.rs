@@ -20,6 +20,8 @@ pub struct JwtVerifier {
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_refresh: Mutex<Option<Instant>>,
     validation: Validation,
+    /// Revoked token ids (unexpired), refreshed from the control plane every second.
+    revoked: RwLock<std::collections::HashSet<String>>,
 }
 
 impl JwtVerifier {
@@ -30,7 +32,13 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        JwtVerifier { client, keys: RwLock::new(HashMap::new()), last_refresh: Mutex::new(None), validation }
+        JwtVerifier {
+            client,
+            keys: RwLock::new(HashMap::new()),
+            last_refresh: Mutex::new(None),
+            validation,
+            revoked: RwLock::new(Default::default()),
+        }
     }
 
     /// Reloads the key set from the control plane, at most once per few seconds.
@@ -67,7 +75,19 @@ impl JwtVerifier {
         let key = keys.get(&kid).ok_or_else(|| GatewayError::Auth("unknown kid".into()))?;
         let data = jsonwebtoken::decode::<DataClaims>(token, key, &self.validation)
             .map_err(|e| GatewayError::Auth(e.to_string()))?;
+        if self.revoked.read().unwrap().contains(&data.claims.jti) {
+            return Err(GatewayError::Auth(format!("token {} is revoked", data.claims.jti)));
+        }
         Ok(data.claims)
+    }
+
+    /// Replaces the revocation list; returns the token ids that are newly revoked.
+    pub fn set_revoked(&self, jtis: Vec<String>) -> Vec<String> {
+        let new: std::collections::HashSet<String> = jtis.into_iter().collect();
+        let mut revoked = self.revoked.write().unwrap();
+        let added = new.difference(&revoked).cloned().collect();
+        *revoked = new;
+        added
     }
 }
 
