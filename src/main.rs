@@ -97,6 +97,9 @@ struct GatewayLimits {
     /// Close connections idle this many seconds (0 = never).
     #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 0.0)]
     idle_timeout: f64,
+    /// Seconds a connection may outlive its token before it must AUTH again.
+    #[arg(long, env = "SHOAL_TOKEN_GRACE", default_value_t = 60.0)]
+    token_grace: f64,
     /// Largest bulk string accepted after AUTH, in bytes.
     #[arg(long, env = "SHOAL_MAX_BULK_BYTES", default_value_t = 512 * 1024 * 1024)]
     max_bulk_bytes: usize,
@@ -232,6 +235,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         max_unauthenticated: args.limits.max_unauthenticated,
         auth_timeout: std::time::Duration::from_secs_f64(args.limits.auth_timeout),
         idle_timeout: std::time::Duration::from_secs_f64(args.limits.idle_timeout),
+        token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
         ..Default::default()
     })

@@ -160,3 +160,42 @@ async fn a_revoked_token_is_refused_and_its_connections_closed_within_seconds() 
     let (_, listed) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/tokens"), None).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_connection_must_reauthenticate_when_its_token_expires() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dev = ShoalDev::start_with(&["--token-grace", "1"]).await;
+    let cache = dev.create_cache("expiring").await;
+    let id = cache["id"].as_str().unwrap();
+    let path = format!("/v1/caches/{id}/tokens");
+    let short = || async {
+        let (_, minted) =
+            dev.api(reqwest::Method::POST, &path, Some(serde_json::json!({"ttl_seconds": 2}))).await;
+        minted["token"].as_str().unwrap().to_string()
+    };
+    let connect = |token: String| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
+        s.write_all(&support::auth_command(&token)).await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"+OK\r\n");
+        s
+    };
+    let mut lapsing = connect(short().await).await;
+    let mut renewed = connect(short().await).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let fresh = dev.mint_token(id).await;
+    renewed.write_all(&support::auth_command(&fresh)).await.unwrap();
+
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(6), lapsing.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the lapsed connection stayed open");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "-ERR token expired: AUTH with a fresh token to stay connected\r\n"
+    );
+    renewed.write_all(b"PING\r\n").await.unwrap();
+    let mut buf = vec![0u8; 12];
+    renewed.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"+OK\r\n+PONG\r\n", "the re-authenticated connection lives on");
+}

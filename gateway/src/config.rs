@@ -33,6 +33,9 @@ pub struct GatewayConfig {
     /// Seconds a new connection has to authenticate.
     #[serde(with = "secs")]
     pub auth_timeout: Duration,
+    /// How long a connection may outlive its token's expiry before it must `AUTH` again.
+    #[serde(with = "secs")]
+    pub token_grace: Duration,
     /// Close connections idle this long (0 = never, as Valkey's `timeout 0`).
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
@@ -58,6 +61,7 @@ impl Default for GatewayConfig {
             max_unauthenticated: 1_000,
             auth_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
+            token_grace: Duration::from_secs(60),
             route_ttl: Duration::from_secs(2),
         }
     }

@@ -39,6 +39,7 @@ const HIGH_WATER_SUBSCRIBED: usize = 64 * 1024;
 const MAX_PENDING: usize = 64 * 1024;
 
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
+const TOKEN_EXPIRED: &str = "token expired";
 
 /// What to do with the next upstream reply.
 pub(crate) enum OnReply {
@@ -141,6 +142,9 @@ pub(crate) struct Session {
     inbox: Option<tokio::sync::mpsc::UnboundedReceiver<Invalidation>>,
     /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
     pub tracking: bool,
+    /// When the token the client logged in with expires; after a grace period without a
+    /// fresh `AUTH`, the connection is closed.
+    token_expires: Instant,
 }
 
 enum Event {
@@ -193,6 +197,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         barrier: false,
         inbox: None,
         tracking: false,
+        token_expires: Instant::now(),
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -283,6 +288,11 @@ impl Session {
                     tracing::debug!(peer = %self.peer, why, "closing connection");
                     if self.tenant.is_none() {
                         resp::error(&mut self.client_out, "ERR authentication timed out");
+                    } else if why == TOKEN_EXPIRED && !self.has_pending_upstream() {
+                        resp::error(
+                            &mut self.client_out,
+                            "ERR token expired: AUTH with a fresh token to stay connected",
+                        );
                     }
                     self.closing = true;
                     self.pending.clear();
@@ -300,11 +310,15 @@ impl Session {
         if self.tenant.is_none() {
             return (started + config.auth_timeout, Some("authentication timeout"));
         }
+        let expiry = self.token_expires + config.token_grace;
         let subscribed = self.pubsub.regular > 0 || self.pubsub.shard > 0;
         if config.idle_timeout > Duration::ZERO && self.pending.is_empty() && !subscribed {
-            return (self.last_activity + config.idle_timeout, Some("idle timeout"));
+            let idle = self.last_activity + config.idle_timeout;
+            if idle < expiry {
+                return (idle, Some("idle timeout"));
+            }
         }
-        (started, None)
+        (expiry, Some(TOKEN_EXPIRED))
     }
 
     /// Writes pending upstream bytes right away if the socket takes them (saves a trip
@@ -480,7 +494,8 @@ impl Session {
             if tenant.cache != claims.cache {
                 return Err(GatewayError::Auth("re-authentication to another cache".into()));
             }
-            *tenant.entry.jti.lock().unwrap() = claims.jti;
+            *tenant.entry.jti.lock().unwrap() = claims.jti.clone();
+            self.token_expires = expiry_instant(claims.exp);
             return Ok(());
         }
         let route = self.shared.router.route(&claims.cache).await?;
@@ -514,6 +529,7 @@ impl Session {
         self.up_write = Some(write);
         tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
         *entry.jti.lock().unwrap() = claims.jti.clone();
+        self.token_expires = expiry_instant(claims.exp);
         self.unauthenticated = None;
         self.inbox = Some(inbox);
         self.tenant = Some(Tenant {
@@ -830,6 +846,13 @@ impl Session {
             self.pending.push_back(Pending::Close);
         }
     }
+}
+
+/// The monotonic instant of a token's `exp` (seconds since the epoch).
+fn expiry_instant(exp: i64) -> Instant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+        as i64;
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now).max(0) as u64)
 }
 
 /// Writes to the client right away if it can take the bytes without waiting.

@@ -46,12 +46,36 @@ impl ShoalDev {
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         };
-        dev.launch().await;
-        dev
+        // Free ports are picked before the binary binds them; another test may take one in
+        // between. Try again on fresh ports when that happens.
+        for attempt in 0..3 {
+            match dev.try_launch().await {
+                Ok(()) => return dev,
+                Err(log)
+                    if attempt < 2
+                        && (log.contains("Address already in use")
+                            || log.contains("did not become ready")) =>
+                {
+                    dev.rest_port = free_port();
+                    dev.resp_port = free_port();
+                    dev.tls_port = free_port();
+                    dev.node_ports = vec![free_port(), free_port()];
+                }
+                Err(log) => panic!("shoal dev did not start; log:\n{log}"),
+            }
+        }
+        unreachable!()
     }
 
     /// (Re)starts the process with the same directory and ports.
     pub async fn launch(&mut self) {
+        if let Err(log) = self.try_launch().await {
+            panic!("shoal dev did not start; log:\n{log}");
+        }
+    }
+
+    /// Starts the process; on failure returns its log.
+    async fn try_launch(&mut self) -> Result<(), String> {
         let ports: Vec<String> = self.node_ports.iter().map(|p| p.to_string()).collect();
         let log = std::fs::File::create(self.dir.join("shoal.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
@@ -78,12 +102,15 @@ impl ShoalDev {
         loop {
             let up = self.http.get(self.url("/healthz")).send().await.map(|r| r.status().is_success());
             if matches!(up, Ok(true)) && self.admin_token_path().exists() {
-                break;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("shoal dev exited with {status}; log:\n{}", self.log());
+                self.child = None;
+                return Err(format!("exited with {status}\n{}", self.log()));
             }
-            assert!(Instant::now() < deadline, "shoal dev did not come up; log:\n{}", self.log());
+            if Instant::now() > deadline {
+                return Err(format!("did not come up in time\n{}", self.log()));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
