@@ -145,6 +145,9 @@ impl Mux {
                 Event::Batch(Some(batch)) => {
                     last_batch = Instant::now();
                     self.enqueue(batch);
+                    // Let the other sessions woken with this one add their batches first, so
+                    // that one write carries many (tokio would otherwise run this task next).
+                    tokio::task::yield_now().await;
                     while self.out.len() < HIGH_WATER {
                         match batches.try_recv() {
                             Ok(batch) => self.enqueue(batch),
