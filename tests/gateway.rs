@@ -460,3 +460,82 @@ async fn client_side_caching_invalidates_only_for_the_cache() {
     let _: () = redis::cmd("FLUSHALL").query_async(&mut writer).await.unwrap();
     assert_eq!(reader.read().await, ">2\r\n$10\r\ninvalidate\r\n_\r\n");
 }
+
+/// Stateless commands of many connections share one upstream connection per cache (the
+/// mux): replies stay in order and within their cache, connection-bound commands move a
+/// session to its own connection without reordering, and a lost connection is reopened.
+#[tokio::test]
+async fn stateless_commands_share_an_upstream_per_cache_in_order() {
+    let dev = ShoalDev::start().await;
+    let (a_id, token_a) = cache_with_token(&dev, "mux-a", 1).await;
+    let (_, token_b) = cache_with_token(&dev, "mux-b", 1).await;
+    let mut tasks = Vec::new();
+    for (cache, token) in [("a", &token_a), ("b", &token_b)] {
+        for n in 0..6 {
+            let mut c = dev.client(token).await.unwrap();
+            let cache = cache.to_string();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..20 {
+                    let mut pipe = redis::pipe();
+                    for i in 0..50 {
+                        pipe.set(format!("k{n}:{i}"), format!("{cache}{round}:{i}")).ignore();
+                        pipe.get(format!("k{n}:{i}"));
+                    }
+                    let got: Vec<String> = pipe.query_async(&mut c).await.unwrap();
+                    let want: Vec<String> = (0..50).map(|i| format!("{cache}{round}:{i}")).collect();
+                    assert_eq!(got, want);
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // One node connection of cache A ran (nearly) all of those commands.
+    let mut busiest = 0;
+    for i in 0..2 {
+        let mut admin = dev.node_admin(i).await;
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut admin).await.unwrap();
+        for line in list.lines().filter(|l| l.contains(&format!(" user=t{a_id} "))) {
+            let cmds = line.split(" tot-cmds=").nth(1).and_then(|r| r.split(' ').next());
+            busiest = busiest.max(cmds.and_then(|c| c.parse::<u64>().ok()).unwrap_or(0));
+        }
+    }
+    assert!(busiest >= 6 * 20 * 100, "no shared connection did the work: {busiest}");
+
+    // Local replies, muxed replies and a transaction on the session's own connection, in order.
+    let mut input = support::auth_command(&token_a);
+    input.extend_from_slice(
+        b"SET x 1\r\nACL WHOAMI\r\nGET x\r\nMULTI\r\nINCR x\r\nEXEC\r\nGET x\r\nECHO e\r\n",
+    );
+    let out = raw(dev.resp_port, &input).await;
+    let want =
+        "+OK\r\n+OK\r\n$7\r\ndefault\r\n$1\r\n1\r\n+OK\r\n+QUEUED\r\n*1\r\n:2\r\n$1\r\n2\r\n$1\r\ne\r\n";
+    assert_eq!(String::from_utf8_lossy(&out), want);
+
+    // The node drops every connection of cache A: the next commands reconnect.
+    let mut c = dev.client(&token_a).await.unwrap();
+    assert_eq!(c.get::<_, String>("x").await.unwrap(), "2");
+    for i in 0..2 {
+        let mut admin = dev.node_admin(i).await;
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("USER")
+            .arg(format!("t{a_id}"))
+            .query_async(&mut admin)
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut recovered = false;
+    for _ in 0..3 {
+        match c.get::<_, String>("x").await {
+            Ok(v) => {
+                assert_eq!(v, "2");
+                recovered = true;
+                break;
+            }
+            Err(e) => assert!(e.to_string().contains("cache connection lost"), "{e}"),
+        }
+    }
+    assert!(recovered);
+}

@@ -15,7 +15,8 @@
 //!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
 //!   [`clients`] (each cache's connections), [`observer`] (node-wide views, filtered) and
 //!   [`tracking`] (client-side caching invalidations from keyspace events).
-//! - [`upstream`]: opens the per-session connection to the cache's Valkey node.
+//! - [`upstream`]: opens the per-session connection to the cache's Valkey node; [`mux`]
+//!   shares connections among sessions for stateless commands.
 //! - [`config`], [`error`].
 
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod listener;
+pub mod mux;
 pub mod observer;
 pub mod policy;
 pub mod pubsub;

@@ -24,6 +24,8 @@ pub struct Shared {
     pub tracker: crate::tracking::Tracker,
     pub clients: Registry,
     pub observers: Observers,
+    /// Shared upstream connections for stateless commands.
+    pub muxes: crate::mux::Registry,
     /// How the gateway presents itself to cluster-mode clients.
     pub identity: Identity,
     pub started: Instant,
@@ -62,6 +64,7 @@ impl Gateway {
             tracker: Default::default(),
             clients: Registry::default(),
             observers: Observers::default(),
+            muxes: Default::default(),
             identity: Identity::new(&advertise),
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),

@@ -32,6 +32,8 @@ pub struct CommandSpec {
     pub treatment: Treatment,
     /// ECPU weight in milli-ECPU (1000 = a small GET/SET).
     pub weight: u32,
+    /// Safe on a connection shared with other clients of the cache (see [`crate::mux`]).
+    pub mux: bool,
 }
 
 /// The parsed table.
@@ -78,7 +80,9 @@ impl CommandTable {
                     _ => return Err(bad("treatment")),
                 },
                 weight: c[8].parse().map_err(|_| bad("weight"))?,
+                mux: false,
             };
+            let spec = CommandSpec { mux: muxable(&spec), ..spec };
             if let Some((container, _)) = spec.name.split_once('|') {
                 containers.insert(container.to_string(), ());
             }
@@ -119,6 +123,21 @@ impl CommandTable {
     pub fn visible(&self, name: &str) -> bool {
         self.by_name.get(name).is_some_and(|s| s.treatment != Treatment::Deny)
     }
+}
+
+/// Whether a forwarded command means the same on any connection of the cache: no blocking,
+/// no transaction or pub/sub state, nothing about the connection itself (`CLIENT …`, `WAIT`,
+/// `SELECT`, `HELLO` …). Scripts qualify: a script's `SELECT` does not outlive the script.
+fn muxable(spec: &CommandSpec) -> bool {
+    const BOUND: [&str; 4] = ["connection", "transaction", "blocking", "pubsub"];
+    if spec.treatment != Treatment::Pass || spec.name == "script|debug" {
+        return false;
+    }
+    if matches!(spec.name.as_str(), "ping" | "echo") {
+        return true;
+    }
+    !spec.flags.iter().any(|f| f == "blocking")
+        && !spec.acl_categories.iter().any(|c| BOUND.contains(&c.as_str()))
 }
 
 /// Lowercases `src` into `dst`; `None` if it does not fit (no command name is that long).
@@ -179,5 +198,40 @@ mod tests {
         assert_eq!(t.lookup(b"script", Some(b"load")).unwrap().treatment, Treatment::Pass);
         assert_eq!(t.lookup(b"FLUSHALL", None).unwrap().treatment, Treatment::Virtual);
         assert_eq!(display_name(t.get("config|get").unwrap()), "CONFIG GET");
+    }
+
+    #[test]
+    fn only_connection_free_commands_are_multiplexed() {
+        let t = table();
+        for name in
+            ["get", "set", "mget", "eval", "evalsha", "flushdb", "ping", "echo", "script|load", "xadd"]
+        {
+            assert!(t.get(name).unwrap().mux, "{name}");
+        }
+        for name in [
+            "multi",
+            "exec",
+            "watch",
+            "unwatch",
+            "discard",
+            "blpop",
+            "xread",
+            "wait",
+            "waitaof",
+            "client|id",
+            "client|setname",
+            "select",
+            "hello",
+            "reset",
+            "subscribe",
+            "publish",
+            "script|debug",
+            "auth",
+            "client|no-touch",
+            "command|getkeys",
+            "asking",
+        ] {
+            assert!(!t.get(name).unwrap().mux, "{name}");
+        }
     }
 }

@@ -5,6 +5,10 @@
 //! back in request order. Replies the gateway makes itself (errors, virtualized commands)
 //! wait in `pending` behind the upstream replies that precede them, so pipelines keep
 //! their order. Virtualized commands live in [`crate::virtualize`].
+//!
+//! Until a session needs a connection of its own, its stateless commands go to the cache's
+//! shared upstream ([`crate::mux`]) instead, in batches; their replies come back per batch
+//! and take their place in `pending` like any other.
 
 use crate::clients::{ClientEntry, Invalidation};
 use crate::listener::Shared;
@@ -27,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// Stop reading a side while this much output waits to be written to the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -37,6 +41,8 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 const HIGH_WATER_SUBSCRIBED: usize = 64 * 1024;
 /// Stop reading the client while this many replies are outstanding.
 const MAX_PENDING: usize = 64 * 1024;
+/// Stop reading the client while this many of its requests are in the mux.
+const MAX_MUX_INFLIGHT: usize = 4096;
 
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 const TOKEN_EXPIRED: &str = "token expired";
@@ -66,6 +72,18 @@ pub(crate) enum Pending {
     Local(Bytes),
     /// Close the connection once everything before it is sent.
     Close,
+    /// One batch sent to the mux: its `count` replies arrive as one chunk.
+    Mux {
+        count: usize,
+        bytes: usize,
+    },
+}
+
+/// A session's way to the cache's shared upstream connection.
+struct MuxLink {
+    handle: crate::mux::Handle,
+    replies_tx: mpsc::UnboundedSender<BytesMut>,
+    replies: mpsc::UnboundedReceiver<BytesMut>,
 }
 
 /// Who the client is once authenticated.
@@ -145,6 +163,15 @@ pub(crate) struct Session {
     /// When the token the client logged in with expires; after a grace period without a
     /// fresh `AUTH`, the connection is closed.
     token_expires: Instant,
+    /// The shared upstream, while the session still uses it.
+    mux: Option<MuxLink>,
+    /// The session has used its own upstream connection: it no longer uses the mux.
+    dedicated: bool,
+    /// Requests of the batch being gathered (its `Pending::Mux` is the last in `pending`).
+    mux_out: BytesMut,
+    /// Requests sent to the mux and not answered yet (count, bytes), gathered ones included.
+    mux_inflight: usize,
+    mux_inflight_bytes: usize,
 }
 
 enum Event {
@@ -155,6 +182,7 @@ enum Event {
     Killed,
     TimedOut(&'static str),
     Invalidate(Option<Invalidation>),
+    MuxReplies(Option<BytesMut>),
 }
 
 /// Serves one client until it leaves, breaks the protocol, or is closed.
@@ -198,6 +226,11 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         inbox: None,
         tracking: false,
         token_expires: Instant::now(),
+        mux: None,
+        dedicated: false,
+        mux_out: BytesMut::new(),
+        mux_inflight: 0,
+        mux_inflight_bytes: 0,
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -234,7 +267,9 @@ impl Session {
                 && !held_back
                 && self.up_out.len() < HIGH_WATER
                 && self.client_out.len() < HIGH_WATER
-                && self.pending.len() < MAX_PENDING;
+                && self.pending.len() < MAX_PENDING
+                && self.mux_inflight < MAX_MUX_INFLIGHT
+                && self.mux_inflight_bytes < HIGH_WATER;
             let out_limit = if self.pubsub.active() { HIGH_WATER_SUBSCRIBED } else { HIGH_WATER };
             let read_upstream = self.up_read.is_some() && self.client_out.len() < out_limit;
             let entry = self.tenant.as_ref().map(|t| t.entry.clone());
@@ -246,6 +281,7 @@ impl Session {
                 r = write_opt(self.up_write.as_mut(), &self.up_out), if !self.up_out.is_empty() && self.up_write.is_some() => Event::UpstreamWrote(r),
                 _ = killed(entry.as_deref()), if entry.is_some() => Event::Killed,
                 msg = recv_opt(self.inbox.as_mut()), if self.inbox.is_some() => Event::Invalidate(msg),
+                r = recv_mux(self.mux.as_mut()), if self.mux_inflight > 0 => Event::MuxReplies(r),
                 _ = tokio::time::sleep_until(deadline.0.into()), if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
             };
             match event {
@@ -266,10 +302,19 @@ impl Session {
                         Err(e) => self.upstream_lost(&e.to_string()),
                     }
                     write_now(&mut client_write, &mut self.client_out);
-                    if self.barrier && !self.has_pending_upstream() && self.pubsub.inflight.is_empty() {
-                        self.barrier = false;
-                        self.on_client_input().await;
+                    self.lift_barrier().await;
+                }
+                Event::MuxReplies(chunk) => {
+                    if let Some(chunk) = chunk {
+                        self.on_mux_replies(chunk);
                     }
+                    while let Some(chunk) = self.mux.as_mut().and_then(|m| m.replies.try_recv().ok()) {
+                        self.on_mux_replies(chunk);
+                    }
+                    write_now(&mut client_write, &mut self.client_out);
+                    self.lift_barrier().await;
+                    self.write_upstream_now();
+                    write_now(&mut client_write, &mut self.client_out);
                 }
                 Event::UpstreamWrote(r) => match r {
                     Ok(n) => self.up_out.advance(n),
@@ -296,8 +341,19 @@ impl Session {
                     }
                     self.closing = true;
                     self.pending.clear();
+                    self.mux_out.clear();
+                    self.mux_inflight = 0;
+                    self.mux_inflight_bytes = 0;
                 }
             }
+        }
+    }
+
+    /// Requests held back by a barrier run once every reply they wait for has arrived.
+    async fn lift_barrier(&mut self) {
+        if self.barrier && !self.has_pending_upstream() && self.pubsub.inflight.is_empty() {
+            self.barrier = false;
+            self.on_client_input().await;
         }
     }
 
@@ -334,7 +390,8 @@ impl Session {
     }
 
     fn waiting_on_upstream(&self) -> bool {
-        self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
+        self.mux_inflight > 0
+            || (self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(_))))
     }
 
     fn limits(&self) -> Limits {
@@ -372,6 +429,7 @@ impl Session {
                 }
             }
         }
+        self.mux_flush();
         if let Some(t) = &self.tenant {
             t.entry.commands.fetch_add(handled, Ordering::Relaxed);
             t.entry.last_active.store(t.entry.created.elapsed().as_secs(), Ordering::Relaxed);
@@ -440,16 +498,97 @@ impl Session {
                         return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
                     }
                 }
-                if !self.ensure_upstream().await {
+                let mux = spec.is_some_and(|sp| sp.mux) && self.can_mux();
+                if !mux && !self.ensure_upstream().await {
                     return;
                 }
                 if let Some(spec) = spec.filter(|sp| self.tracking || sp.name == "flushdb") {
                     self.note_tracking(spec, args);
                 }
+                if mux {
+                    return self.mux_push(frame.len);
+                }
                 self.up_out.extend_from_slice(&self.client_in[..frame.len]);
-                self.pending.push_back(Pending::Upstream(OnReply::Forward));
+                self.push_pending(Pending::Upstream(OnReply::Forward));
             }
         }
+    }
+
+    /// Whether the session is in the state every mux connection is in: RESP2, the cache's
+    /// first database, no transaction, subscription or tracking, never went dedicated.
+    fn can_mux(&self) -> bool {
+        !self.dedicated
+            && self.proto == 2
+            && !self.in_multi
+            && !self.tracking
+            && !self.pubsub.active()
+            && self.tenant.as_ref().is_some_and(|t| t.db == 0)
+    }
+
+    /// Adds the request at the front of the input to the batch being gathered.
+    fn mux_push(&mut self, len: usize) {
+        let Some(t) = self.tenant.as_ref() else { return };
+        if self.mux.is_none() {
+            let (replies_tx, replies) = mpsc::unbounded_channel();
+            let handle = self.shared.muxes.get(&t.route, t.route.db);
+            self.mux = Some(MuxLink { handle, replies_tx, replies });
+        }
+        self.mux_out.extend_from_slice(&self.client_in[..len]);
+        self.mux_inflight += 1;
+        self.mux_inflight_bytes += len;
+        match self.pending.back_mut() {
+            Some(Pending::Mux { count, bytes }) if self.mux_out.len() > len => {
+                *count += 1;
+                *bytes += len;
+            }
+            _ => self.pending.push_back(Pending::Mux { count: 1, bytes: len }),
+        }
+    }
+
+    /// Sends the batch being gathered, if any.
+    fn mux_flush(&mut self) {
+        if self.mux_out.is_empty() {
+            return;
+        }
+        let requests = self.mux_out.split().freeze();
+        let (Some(link), Some(&Pending::Mux { count, .. })) = (self.mux.as_ref(), self.pending.back()) else {
+            return;
+        };
+        let batch = crate::mux::Batch { requests, count, reply: link.replies_tx.clone() };
+        if link.handle.send(batch).is_err() {
+            // The mux is gone (it never leaves while a session holds it; defensive).
+            let mut chunk = BytesMut::new();
+            for _ in 0..count {
+                chunk.extend_from_slice(crate::mux::LOST);
+            }
+            let _ = link.replies_tx.send(chunk);
+        }
+    }
+
+    /// One batch's replies: they go out, with the local replies queued behind them.
+    fn on_mux_replies(&mut self, chunk: BytesMut) {
+        // Anything but a batch at the front means `pending` was dropped (closing).
+        if let Some(&Pending::Mux { count, bytes }) = self.pending.front() {
+            self.pending.pop_front();
+            self.mux_inflight -= count;
+            self.mux_inflight_bytes -= bytes;
+            self.client_out.extend_from_slice(&chunk);
+            self.drain_local();
+        }
+    }
+
+    /// Before the session's first use of its own connection: every batch is answered, so
+    /// that replies keep their order, and the mux is left for good.
+    async fn leave_mux(&mut self) {
+        self.mux_flush();
+        while self.mux_inflight > 0 {
+            match recv_mux(self.mux.as_mut()).await {
+                Some(chunk) => self.on_mux_replies(chunk),
+                None => break,
+            }
+        }
+        self.mux = None;
+        self.dedicated = true;
     }
 
     /// Client-side caching bookkeeping for a forwarded command (only while tracking is on).
@@ -542,8 +681,35 @@ impl Session {
         Ok(())
     }
 
-    /// Re-opens the upstream connection after it was lost (node restart, network).
+    /// Whether the session still sends stateless commands to the mux.
+    pub fn uses_mux(&self) -> bool {
+        !self.dedicated
+    }
+
+    /// Readies the session's own upstream connection for a command; the first time, the
+    /// session leaves the mux and labels its connection with what was deferred meanwhile.
     pub async fn ensure_upstream(&mut self) -> bool {
+        if self.dedicated || self.tenant.is_none() {
+            return self.connect_upstream().await;
+        }
+        self.leave_mux().await;
+        if !self.connect_upstream().await {
+            return false;
+        }
+        // `CLIENT SETINFO` answered while on the mux (see `virtualize::client_set`).
+        let lib = self.tenant.as_ref().map(|t| t.entry.lib.lock().unwrap().clone());
+        if let Some((name, version)) = lib {
+            for (attr, value) in [(&b"LIB-NAME"[..], name), (b"LIB-VER", version)] {
+                if !value.is_empty() {
+                    self.forward_helper(&[b"CLIENT", b"SETINFO", attr, &value]);
+                }
+            }
+        }
+        true
+    }
+
+    /// Re-opens the upstream connection after it was lost (node restart, network).
+    async fn connect_upstream(&mut self) -> bool {
         if self.up_write.is_some() {
             return true;
         }
@@ -586,13 +752,13 @@ impl Session {
             return;
         }
         resp::command(&mut self.up_out, args);
-        self.pending.push_back(Pending::Upstream(on_reply));
+        self.push_pending(Pending::Upstream(on_reply));
     }
 
     /// Sends a command whose reply the client never sees (upstream must be connected).
     pub fn forward_helper(&mut self, args: &[&[u8]]) {
         resp::command(&mut self.up_out, args);
-        self.pending.push_back(Pending::Upstream(OnReply::Discard));
+        self.push_pending(Pending::Upstream(OnReply::Discard));
     }
 
     /// Sends a (un)subscribe command: its confirmations arrive out of band.
@@ -777,16 +943,17 @@ impl Session {
         let was_subscribed = self.pubsub.active();
         self.pubsub = PubSub::default();
         self.sync_patterns();
-        for p in std::mem::take(&mut self.pending) {
-            match p {
-                Pending::Upstream(OnReply::Discard) => {}
-                Pending::Upstream(_) => {
-                    resp::error(&mut self.client_out, "ERR cache connection lost, try again")
-                }
-                Pending::Local(bytes) => self.client_out.extend_from_slice(&bytes),
-                Pending::Close => self.closing = true,
-            }
-        }
+        // Replies owed by this connection become errors, in place (mux batches stay).
+        let lost = Bytes::from_static(crate::mux::LOST);
+        self.pending = std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter_map(|p| match p {
+                Pending::Upstream(OnReply::Discard) => None,
+                Pending::Upstream(_) => Some(Pending::Local(lost.clone())),
+                other => Some(other),
+            })
+            .collect();
+        self.drain_local();
         if was_subscribed {
             // Subscriptions cannot be silently restored: let the client reconnect.
             self.closing = true;
@@ -810,14 +977,21 @@ impl Session {
     }
 
     pub fn has_pending_upstream(&self) -> bool {
-        self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
+        self.mux_inflight > 0 || self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
+    }
+
+    /// Queues an answer behind the others (a batch being gathered is sent first: the mux
+    /// answers whole batches).
+    fn push_pending(&mut self, p: Pending) {
+        self.mux_flush();
+        self.pending.push_back(p);
     }
 
     pub fn reply(&mut self, bytes: Bytes) {
         if self.pending.is_empty() {
             self.client_out.extend_from_slice(&bytes);
         } else {
-            self.pending.push_back(Pending::Local(bytes));
+            self.push_pending(Pending::Local(bytes));
         }
     }
 
@@ -843,7 +1017,7 @@ impl Session {
         if self.pending.is_empty() {
             self.closing = true;
         } else {
-            self.pending.push_back(Pending::Close);
+            self.push_pending(Pending::Close);
         }
     }
 }
@@ -870,6 +1044,13 @@ async fn recv_opt(
 ) -> Option<Invalidation> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_mux(link: Option<&mut MuxLink>) -> Option<BytesMut> {
+    match link {
+        Some(l) => l.replies.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -395,6 +395,14 @@ async fn client_set(s: &mut Session, name: &str, argv: &[&[u8]]) {
         }
         _ => {}
     }
+    // A library name or version only labels the connection: while the session is on the
+    // mux, it is answered here and sent when the session gets its own connection (clients
+    // send it on connect). Anything Valkey would refuse goes to Valkey for its error.
+    let label = |v: &[u8]| v.iter().all(|c| (b'!'..=b'~').contains(c));
+    let lib = |a: &[u8]| a.eq_ignore_ascii_case(b"LIB-NAME") || a.eq_ignore_ascii_case(b"LIB-VER");
+    if name == "client|setinfo" && argv.len() == 4 && lib(argv[2]) && label(argv[3]) && s.uses_mux() {
+        return s.reply(Bytes::from_static(OK));
+    }
     s.forward_command(argv, OnReply::Forward).await;
 }
 
