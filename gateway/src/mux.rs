@@ -20,12 +20,12 @@
 
 use crate::resp::reply::ReplyScanner;
 use crate::upstream;
+use crate::upstream::{read_opt, write_opt};
 use bytes::{Buf, Bytes, BytesMut};
 use shoal_types::TenantRoute;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
@@ -283,23 +283,10 @@ impl Mux {
     }
 }
 
-async fn read_opt(half: Option<&mut OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
-    match half {
-        Some(h) => h.read_buf(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn write_opt(half: Option<&mut OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
-    match half {
-        Some(h) => h.write(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     fn route(node_addr: String) -> TenantRoute {

@@ -18,6 +18,7 @@ use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, Limits, RequestParser};
 use crate::resp::value::{self, Value};
 use crate::resp::{self};
+use crate::upstream::{read_opt, write_opt};
 use crate::{upstream, GatewayError};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -1058,20 +1059,6 @@ async fn recv_mux(link: Option<&mut MuxLink>) -> Option<BytesMut> {
 async fn killed(entry: Option<&ClientEntry>) {
     match entry {
         Some(e) => e.kill.notified().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_opt(half: Option<&mut OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
-    match half {
-        Some(h) => h.read_buf(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn write_opt(half: Option<&mut OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
-    match half {
-        Some(h) => h.write(buf).await,
         None => std::future::pending().await,
     }
 }

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use shoal_types::TenantRoute;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,4 +48,21 @@ pub async fn connect(route: &TenantRoute, db: u32) -> Result<TcpStream, GatewayE
     tokio::time::timeout(CONNECT_TIMEOUT, setup)
         .await
         .map_err(|_| GatewayError::Upstream("setup timed out".into()))?
+}
+
+/// Reads from an upstream connection if there is one; never resolves otherwise (for
+/// `select!` branches).
+pub(crate) async fn read_opt(half: Option<&mut OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match half {
+        Some(h) => h.read_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes to an upstream connection if there is one; never resolves otherwise.
+pub(crate) async fn write_opt(half: Option<&mut OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+    match half {
+        Some(h) => h.write(buf).await,
+        None => std::future::pending().await,
+    }
 }
