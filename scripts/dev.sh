@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh)}"
 echo "==> building shoal (release)" >&2
 cargo build --release --bin shoal
-exec target/release/shoal dev "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/shoal" dev "$@"
