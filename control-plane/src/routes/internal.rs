@@ -15,11 +15,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
+/// Internal calls must carry the gateways' bearer token.
+fn require_gateway(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+    if crate::auth::internal_token_ok(req, &state.config.internal_token) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
 /// The live cache an internal call names, once the caller proved it is a gateway.
 async fn internal_cache(state: &AppState, req: &HttpRequest, id: &str) -> Result<CacheRecord, ApiError> {
-    if !crate::auth::internal_token_ok(req, &state.config.internal_token) {
-        return Err(ApiError::Unauthorized);
-    }
+    require_gateway(state, req)?;
     state.store.cache(&parse_id(id)?).await?.ok_or(ApiError::NotFound("cache"))
 }
 
@@ -60,9 +67,7 @@ async fn enable_client_tracking(
 
 /// Revoked tokens that have not expired: gateways poll this every second.
 async fn revocations(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    if !crate::auth::internal_token_ok(&req, &state.config.internal_token) {
-        return Err(ApiError::Unauthorized);
-    }
+    require_gateway(&state, &req)?;
     let jtis: Vec<String> = state.store.revoked_tokens().await?.into_iter().map(|(jti, _)| jti).collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "revoked": jtis })))
 }
