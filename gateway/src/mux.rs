@@ -301,6 +301,8 @@ mod tests {
             observer_user: String::new(),
             observer_password: String::new(),
             keyspace_events: String::new(),
+            limits: Default::default(),
+            storage_full: false,
         }
     }
 

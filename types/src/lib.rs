@@ -99,6 +99,53 @@ pub struct TenantRoute {
     /// The cache's keyspace-notification flags (`notify-keyspace-events` syntax; "" = off).
     #[serde(default)]
     pub keyspace_events: String,
+    /// Usage limits the gateway enforces (ECPU/s, connections) and the storage cap.
+    #[serde(default)]
+    pub limits: CacheLimits,
+    /// Set by the control plane while the cache is over `data_storage_mb` even after
+    /// evicting keys with a TTL: the gateway then refuses writes with `-OOM`.
+    #[serde(default)]
+    pub storage_full: bool,
+}
+
+/// A cache's usage limits, like ElastiCache Serverless' `CacheUsageLimits`. `None` = unlimited.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// ECPU per second (a token bucket at each gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecpu_per_second: Option<u64>,
+    /// Stored data, in MB (10^6 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_storage_mb: Option<u64>,
+    /// Concurrent client connections (per gateway; see the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+/// Counters of one cache over one minute, as a gateway metered them. Money-relevant
+/// quantities are integers (milli-ECPU, bytes) so sums are exact.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheUsage {
+    pub cache_id: CacheId,
+    /// Start of the minute (Unix seconds, a multiple of 60) the commands ran in.
+    pub minute: i64,
+    pub commands: u64,
+    pub ecpu_milli: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub throttled: u64,
+    pub errors: u64,
+}
+
+/// What a gateway posts to the control plane every second. `(gateway_id, seq)` is unique:
+/// the control plane stores a batch once, however often it is sent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageBatch {
+    pub gateway_id: String,
+    pub seq: u64,
+    pub usage: Vec<CacheUsage>,
 }
 
 /// Permissions a data-plane token grants.

@@ -48,6 +48,8 @@ async fn route(
         observer_user: shoal_engine::node::OBSERVER_USER.to_string(),
         observer_password: node.observer_password().to_string(),
         keyspace_events: cache.keyspace_events,
+        limits: Default::default(),
+        storage_full: false,
     }))
 }
 
