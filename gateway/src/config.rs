@@ -42,6 +42,10 @@ pub struct GatewayConfig {
     /// How long a cache's route is reused before it is asked for again.
     #[serde(with = "secs")]
     pub route_ttl: Duration,
+    /// Meter commands (ECPU, bytes, hits) and ship usage to the control plane.
+    pub metering: bool,
+    /// Where the gateway keeps its identity and spooled usage batches (none: in memory).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +67,8 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::ZERO,
             token_grace: Duration::from_secs(60),
             route_ttl: Duration::from_secs(2),
+            metering: true,
+            data_dir: None,
         }
     }
 }

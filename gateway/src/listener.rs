@@ -31,6 +31,8 @@ pub struct Shared {
     pub started: Instant,
     /// Permits for connections that have not authenticated yet.
     pub unauthenticated: Arc<Semaphore>,
+    /// Usage counters not yet shipped to the control plane.
+    pub ledger: crate::metering::Ledger,
 }
 
 /// A bound, not yet running gateway.
@@ -68,6 +70,7 @@ impl Gateway {
             identity: Identity::new(&advertise),
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            ledger: Default::default(),
             config,
         });
         Ok(Gateway { listener, tls, shared })

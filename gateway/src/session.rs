@@ -12,6 +12,7 @@
 
 use crate::clients::{ClientEntry, Invalidation};
 use crate::listener::Shared;
+use crate::metering::{self, Counters, Meter, Role};
 use crate::policy::{self, Treatment};
 use crate::pubsub::{Namespace, CONFIRMATIONS};
 use crate::resp::reply::ReplyScanner;
@@ -47,6 +48,8 @@ const MAX_MUX_INFLIGHT: usize = 4096;
 
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 const TOKEN_EXPIRED: &str = "token expired";
+/// The deadline that flushes the session's counters into the ledger.
+const FLUSH: &str = "flush";
 
 /// What to do with the next upstream reply.
 pub(crate) enum OnReply {
@@ -68,16 +71,14 @@ pub(crate) enum OnReply {
 
 /// An answer the client is owed, in request order.
 pub(crate) enum Pending {
-    Upstream(OnReply),
+    /// A reply from the session's own upstream connection, and how to meter it.
+    Upstream(OnReply, Option<Meter>),
     /// A reply the gateway made, sent once everything before it is sent.
     Local(Bytes),
     /// Close the connection once everything before it is sent.
     Close,
     /// One batch sent to the mux: its `count` replies arrive as one chunk.
-    Mux {
-        count: usize,
-        bytes: usize,
-    },
+    Mux { count: usize, bytes: usize },
 }
 
 /// A session's way to the cache's shared upstream connection.
@@ -173,6 +174,14 @@ pub(crate) struct Session {
     /// Requests sent to the mux and not answered yet (count, bytes), gathered ones included.
     mux_inflight: usize,
     mux_inflight_bytes: usize,
+    /// The request being handled, until a forwarded command takes it (`None` = not metered).
+    meter_next: Option<Meter>,
+    /// Meters of the requests sent to the mux, in order.
+    mux_meters: VecDeque<Option<Meter>>,
+    /// Commands queued in MULTI and the bytes of their `+QUEUED`: billed at EXEC.
+    queued: Vec<(Meter, u64)>,
+    /// This session's counters not yet in the gateway's ledger.
+    tally: metering::Tally,
 }
 
 enum Event {
@@ -232,6 +241,10 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         mux_out: BytesMut::new(),
         mux_inflight: 0,
         mux_inflight_bytes: 0,
+        meter_next: None,
+        mux_meters: VecDeque::new(),
+        queued: Vec::new(),
+        tally: Default::default(),
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -246,6 +259,8 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
     if let Err(e) = served {
         tracing::debug!(peer = %session.peer, error = %e, "session ended");
     }
+    session.bill_queued();
+    session.flush_tally();
     if let Some(t) = session.tenant.take() {
         session.shared.clients.unregister(&t.cache, &t.entry);
     }
@@ -330,6 +345,7 @@ impl Session {
                     }
                 }
                 Event::Invalidate(None) => self.inbox = None,
+                Event::TimedOut(FLUSH) => self.flush_tally(),
                 Event::TimedOut(why) => {
                     tracing::debug!(peer = %self.peer, why, "closing connection");
                     if self.tenant.is_none() {
@@ -342,6 +358,7 @@ impl Session {
                     }
                     self.closing = true;
                     self.pending.clear();
+                    self.mux_meters.clear();
                     self.mux_out.clear();
                     self.mux_inflight = 0;
                     self.mux_inflight_bytes = 0;
@@ -360,6 +377,14 @@ impl Session {
 
     /// When the connection times out, and why: unauthenticated too long, or idle.
     fn deadline(&self, started: Instant) -> (Instant, Option<&'static str>) {
+        let (at, why) = self.close_deadline(started);
+        match self.tally.flush_at {
+            Some(flush) if why.is_none() || flush < at => (flush, Some(FLUSH)),
+            _ => (at, why),
+        }
+    }
+
+    fn close_deadline(&self, started: Instant) -> (Instant, Option<&'static str>) {
         let config = &self.shared.config;
         if self.closing {
             return (started, None);
@@ -392,7 +417,7 @@ impl Session {
 
     fn waiting_on_upstream(&self) -> bool {
         self.mux_inflight > 0
-            || (self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(_))))
+            || (self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(..))))
     }
 
     fn limits(&self) -> Limits {
@@ -475,6 +500,26 @@ impl Session {
                 return self.reply_error(NOAUTH);
             }
         }
+        if self.tenant.is_some() && self.shared.config.metering {
+            let role = match spec.map(|s| s.name.as_str()) {
+                Some("exec") => Role::Exec,
+                Some("discard") => Role::Discard,
+                _ if self.in_multi => Role::Queued,
+                _ => Role::Plain,
+            };
+            self.meter_next = Some(Meter { spec, request: frame.len as u64, role });
+        }
+        self.handle_request(frame, args, spec).await;
+        self.meter_next = None;
+    }
+
+    async fn handle_request(
+        &mut self,
+        frame: Frame,
+        args: &[Range<usize>],
+        spec: Option<&'static policy::CommandSpec>,
+    ) {
+        let name = self.arg(args, 0);
         let treatment = spec.map_or(Treatment::Pass, |s| s.treatment);
         match treatment {
             Treatment::Deny => {
@@ -510,7 +555,8 @@ impl Session {
                     return self.mux_push(frame.len);
                 }
                 self.up_out.extend_from_slice(&self.client_in[..frame.len]);
-                self.push_pending(Pending::Upstream(OnReply::Forward));
+                let meter = self.meter_next.take();
+                self.push_pending(Pending::Upstream(OnReply::Forward, meter));
             }
         }
     }
@@ -535,6 +581,9 @@ impl Session {
             self.mux = Some(MuxLink { handle, replies_tx, replies });
         }
         self.mux_out.extend_from_slice(&self.client_in[..len]);
+        if self.shared.config.metering {
+            self.mux_meters.push_back(self.meter_next.take());
+        }
         self.mux_inflight += 1;
         self.mux_inflight_bytes += len;
         match self.pending.back_mut() {
@@ -573,6 +622,9 @@ impl Session {
             self.pending.pop_front();
             self.mux_inflight -= count;
             self.mux_inflight_bytes -= bytes;
+            if self.shared.config.metering {
+                self.meter_mux_replies(&chunk, count);
+            }
             self.client_out.extend_from_slice(&chunk);
             self.drain_local();
         }
@@ -753,13 +805,14 @@ impl Session {
             return;
         }
         resp::command(&mut self.up_out, args);
-        self.push_pending(Pending::Upstream(on_reply));
+        let meter = self.meter_next.take();
+        self.push_pending(Pending::Upstream(on_reply, meter));
     }
 
     /// Sends a command whose reply the client never sees (upstream must be connected).
     pub fn forward_helper(&mut self, args: &[&[u8]]) {
         resp::command(&mut self.up_out, args);
-        self.push_pending(Pending::Upstream(OnReply::Discard));
+        self.push_pending(Pending::Upstream(OnReply::Discard, None));
     }
 
     /// Sends a (un)subscribe command: its confirmations arrive out of band.
@@ -783,8 +836,12 @@ impl Session {
                         continue;
                     }
                     match self.pending.pop_front() {
-                        Some(Pending::Upstream(on_reply)) => {
-                            self.deliver(bytes, reply.error, on_reply);
+                        Some(Pending::Upstream(on_reply, meter)) => {
+                            let before = self.client_out.len();
+                            self.deliver(&bytes, reply.error, on_reply);
+                            if let Some(meter) = meter {
+                                self.meter_reply(meter, &bytes, (self.client_out.len() - before) as u64);
+                            }
                             self.drain_local();
                         }
                         other => {
@@ -802,15 +859,15 @@ impl Session {
         }
     }
 
-    fn deliver(&mut self, bytes: BytesMut, error: bool, on_reply: OnReply) {
+    fn deliver(&mut self, bytes: &[u8], error: bool, on_reply: OnReply) {
         match on_reply {
-            OnReply::Forward => self.client_out.extend_from_slice(&bytes),
+            OnReply::Forward => self.client_out.extend_from_slice(bytes),
             OnReply::Discard => {}
-            OnReply::Replace(_) | OnReply::Transform(_) if error => self.client_out.extend_from_slice(&bytes),
+            OnReply::Replace(_) | OnReply::Transform(_) if error => self.client_out.extend_from_slice(bytes),
             OnReply::Replace(with) => self.client_out.extend_from_slice(&with),
-            OnReply::Transform(f) => match value::decode(&bytes) {
+            OnReply::Transform(f) => match value::decode(bytes) {
                 Some((v, _)) => value::encode(&f(v, self.proto), self.proto, &mut self.client_out),
-                None => self.client_out.extend_from_slice(&bytes),
+                None => self.client_out.extend_from_slice(bytes),
             },
             OnReply::Confirm { kind, pattern, delta } => {
                 self.pubsub.confirmed_patterns += delta;
@@ -837,23 +894,36 @@ impl Session {
 
     /// Rewrites channel names in a pub/sub frame for the client and tracks subscriptions.
     fn on_pubsub_frame(&mut self, bytes: &[u8]) {
+        let before = self.client_out.len();
+        let delivered = self.deliver_pubsub_frame(bytes);
+        if delivered && self.tenant.is_some() && self.shared.config.metering {
+            self.tally(Counters::delivery((self.client_out.len() - before) as u64));
+        }
+    }
+
+    /// Writes a pub/sub frame for the client; whether it was a message (metered by bytes).
+    fn deliver_pubsub_frame(&mut self, bytes: &[u8]) -> bool {
         let Some((decoded, _)) = value::decode(bytes) else {
-            return self.client_out.extend_from_slice(bytes);
+            self.client_out.extend_from_slice(bytes);
+            return false;
         };
         let (mut items, push) = match decoded {
             Value::Push(items) => (items, true),
             Value::Array(items) => (items, false),
-            _ => return self.client_out.extend_from_slice(bytes),
+            _ => {
+                self.client_out.extend_from_slice(bytes);
+                return false;
+            }
         };
         let kind =
             items.first().and_then(Value::as_bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
-        let Some(ns) = self.tenant.as_ref().map(|t| t.ns.clone()) else { return };
+        let Some(ns) = self.tenant.as_ref().map(|t| t.ns.clone()) else { return false };
         let is_catch_all = items.get(1).and_then(Value::as_bytes) == Some(ns.catch_all().as_slice());
         if kind == b"pmessage" && is_catch_all {
             // One upstream message for the catch-all: one pmessage per matching client pattern.
             let (Some(channel), Some(payload)) = (items.get(2).and_then(Value::as_bytes), items.get(3))
             else {
-                return;
+                return false;
             };
             let channel = ns.from_upstream(channel);
             for pattern in self.pubsub.patterns.iter().filter(|p| crate::pubsub::glob_match(p, &channel)) {
@@ -866,7 +936,7 @@ impl Session {
                 let v = if push { Value::Push(items) } else { Value::Array(items) };
                 value::encode(&v, self.proto, &mut self.client_out);
             }
-            return;
+            return true;
         }
         if CONFIRMATIONS.contains(&kind.as_slice()) {
             let count = match items.get(2) {
@@ -893,7 +963,7 @@ impl Session {
             if is_catch_all {
                 // The gateway's own subscription: the client already had its confirmations.
                 self.pubsub.catch_all_confirmed = kind == b"psubscribe";
-                return;
+                return false;
             }
             if !kind.starts_with(b"s") || kind == b"subscribe" || kind == b"unsubscribe" {
                 items[2] = Value::Int(self.pubsub.visible_count());
@@ -904,12 +974,92 @@ impl Session {
             let channel = items.get(at).and_then(Value::as_bytes).unwrap_or_default();
             let payload = items.get(at + 1).and_then(Value::as_bytes).unwrap_or_default();
             if !ns.wants_message(channel, payload) {
-                return;
+                return false;
             }
         }
         ns.rewrite_message(&mut items);
         let v = if push { Value::Push(items) } else { Value::Array(items) };
         value::encode(&v, self.proto, &mut self.client_out);
+        crate::pubsub::MESSAGES.contains(&kind.as_slice())
+    }
+
+    /// Meters one reply from the session's own connection (`delivered`: bytes the client got).
+    fn meter_reply(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        match meter.role {
+            Role::Plain => self.tally(Counters::command(meter.spec, meter.request, reply, delivered)),
+            Role::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
+            Role::Queued => self.tally(Counters::command(meter.spec, meter.request, reply, delivered)),
+            Role::Exec => {
+                let elements = metering::ecpu::reply_elements(reply);
+                if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
+                    // Each result belongs to the command queued in its place.
+                    let mut pos = reply.iter().position(|&b| b == b'\n').map_or(reply.len(), |i| i + 1);
+                    for (m, queued_bytes) in std::mem::take(&mut self.queued) {
+                        let element = &reply[pos..];
+                        let len = match ReplyScanner::new().next(element) {
+                            Ok(Some(r)) => r.len,
+                            _ => element.len(),
+                        };
+                        let result = &element[..len];
+                        pos += len;
+                        let c = Counters::command(m.spec, m.request, result, queued_bytes + len as u64);
+                        self.tally(c);
+                    }
+                } else {
+                    self.bill_queued();
+                }
+            }
+            Role::Discard => self.bill_queued(),
+        }
+    }
+
+    /// Queued commands that never ran (DISCARD, aborted EXEC, lost connection) are billed
+    /// on the bytes they moved.
+    fn bill_queued(&mut self) {
+        for (m, queued_bytes) in std::mem::take(&mut self.queued) {
+            self.tally(Counters::command(m.spec, m.request, b"", queued_bytes));
+        }
+    }
+
+    /// Meters a mux chunk: `count` replies, one per metered request sent to the mux.
+    fn meter_mux_replies(&mut self, chunk: &[u8], count: usize) {
+        let mut pos = 0;
+        let mut scanner = ReplyScanner::new();
+        for _ in 0..count {
+            let meter = self.mux_meters.pop_front().flatten();
+            let len = match scanner.next(&chunk[pos..]) {
+                Ok(Some(r)) => r.len,
+                _ => chunk.len() - pos,
+            };
+            let reply = &chunk[pos..pos + len];
+            pos += len;
+            // `-ERR cache connection lost`: the gateway's own answer, not billed.
+            if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
+                self.tally(Counters::command(m.spec, m.request, reply, len as u64));
+            }
+        }
+    }
+
+    /// Adds to the session's counters (of the current minute).
+    pub(crate) fn tally(&mut self, c: Counters) {
+        let minute = metering::current_minute();
+        if minute != self.tally.minute {
+            self.flush_tally();
+            self.tally.minute = minute;
+        }
+        self.tally.counters.add(&c);
+        if self.tally.flush_at.is_none() {
+            self.tally.flush_at = Some(Instant::now() + metering::FLUSH_EVERY);
+        }
+    }
+
+    /// Hands the session's counters to the gateway's ledger.
+    fn flush_tally(&mut self) {
+        if let Some(t) = &self.tenant {
+            self.shared.ledger.add(&t.cache, self.tally.minute, &self.tally.counters);
+        }
+        self.tally.counters = Counters::default();
+        self.tally.flush_at = None;
     }
 
     /// Sends the local replies now at the front of the queue.
@@ -941,6 +1091,7 @@ impl Session {
         self.replies = ReplyScanner::new();
         self.in_multi = false;
         self.multi_dirty = false;
+        self.bill_queued();
         let was_subscribed = self.pubsub.active();
         self.pubsub = PubSub::default();
         self.sync_patterns();
@@ -949,8 +1100,8 @@ impl Session {
         self.pending = std::mem::take(&mut self.pending)
             .into_iter()
             .filter_map(|p| match p {
-                Pending::Upstream(OnReply::Discard) => None,
-                Pending::Upstream(_) => Some(Pending::Local(lost.clone())),
+                Pending::Upstream(OnReply::Discard, _) => None,
+                Pending::Upstream(..) => Some(Pending::Local(lost.clone())),
                 other => Some(other),
             })
             .collect();
@@ -978,7 +1129,7 @@ impl Session {
     }
 
     pub fn has_pending_upstream(&self) -> bool {
-        self.mux_inflight > 0 || self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
+        self.mux_inflight > 0 || self.pending.iter().any(|p| matches!(p, Pending::Upstream(..)))
     }
 
     /// Queues an answer behind the others (a batch being gathered is sent first: the mux
