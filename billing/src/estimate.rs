@@ -15,7 +15,7 @@ use crate::rates::{RateCard, BYTES_PER_GB, BYTES_PER_MB};
 pub const HOURS_PER_MONTH: u32 = 730;
 
 /// What the caller expects of the cache.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EstimateInput {
     /// Average requests per second over the month.
@@ -32,7 +32,7 @@ pub struct EstimateInput {
 }
 
 /// One line of the worked arithmetic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EstimateStep {
     /// The step in words and numbers, e.g. `ECPU cost = 5,132.8125 million ECPU × 0.0023 USD = 11.80546875 USD`.
     pub text: String,
@@ -44,7 +44,7 @@ pub struct EstimateStep {
 
 /// A monthly cost estimate. Intermediate amounts are exact; `monthly_cost` is their sum
 /// rounded half-even to cents, as on an invoice.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Estimate {
     pub input: EstimateInput,
     pub rates: RateCard,

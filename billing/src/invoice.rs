@@ -105,7 +105,7 @@ impl From<Month> for String {
 }
 
 /// A month's invoice is a draft while the month runs, final once it has ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InvoiceStatus {
     Draft,
@@ -113,7 +113,7 @@ pub enum InvoiceStatus {
 }
 
 /// What a line charges for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Meter {
     /// Requests, in ElastiCache Processing Units.
@@ -140,8 +140,9 @@ impl Meter {
 }
 
 /// One cache's charge for one meter.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InvoiceLine {
+    #[schema(value_type = String, example = "c0123456789ab")]
     pub cache_id: CacheId,
     /// The cache's name when the invoice was made (see [`Invoice::set_cache_names`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,9 +158,12 @@ pub struct InvoiceLine {
 }
 
 /// An account's bill for one month. Amounts serialize as decimal strings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Invoice {
+    #[schema(value_type = String, example = "a0123456789ab")]
     pub account_id: AccountId,
+    /// `YYYY-MM` (UTC).
+    #[schema(value_type = String, example = "2026-11")]
     pub month: Month,
     pub status: InvoiceStatus,
     pub period_start: DateTime<Utc>,
@@ -582,6 +586,17 @@ mod tests {
         assert_eq!(div_half_even(540, 360), 2);
         assert_eq!(div_half_even(181, 360), 1);
         assert_eq!(div_half_even(719, 360), 2);
+    }
+
+    #[test]
+    fn the_openapi_schema_shows_money_and_months_as_strings() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(Invoice::schema()).unwrap();
+        for field in ["total", "subtotal", "month", "account_id", "period_start"] {
+            assert_eq!(schema["properties"][field]["type"], "string", "{field}: {schema}");
+        }
+        let line = serde_json::to_value(InvoiceLine::schema()).unwrap();
+        assert_eq!(line["properties"]["amount"]["type"], "string", "{line}");
     }
 
     fn sample_invoice() -> Invoice {

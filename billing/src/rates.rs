@@ -16,7 +16,7 @@ pub const BYTES_PER_MB: u64 = 1_000_000;
 pub const BYTES_PER_GB: u64 = 1_000_000_000;
 
 /// What one account pays.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RateCard {
     /// ISO 4217 code. Totals are rounded to two decimals, so a currency with another minor
     /// unit needs a rounding change first.

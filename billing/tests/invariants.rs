@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use shoal_billing::{
-    build_invoice, rollup, Decimal, HourlyRollup, Invoice, InvoiceStatus, Meter, Month, RateCard, StorageSample,
+    build_invoice, rollup, Decimal, HourlyRollup, Invoice, InvoiceStatus, Meter, Month, RateCard,
+    StorageSample,
 };
 use shoal_types::{AccountId, CacheId, CacheUsage, UsageBatch};
 
@@ -40,7 +41,11 @@ fn row(c: u8, minute: i64, ecpu_milli: u64) -> CacheUsage {
 /// `(gateway_id, seq)`, however often and however late it is sent.
 fn store(arrivals: &[UsageBatch]) -> Vec<CacheUsage> {
     let mut seen = BTreeSet::new();
-    arrivals.iter().filter(|b| seen.insert((b.gateway_id.clone(), b.seq))).flat_map(|b| b.usage.clone()).collect()
+    arrivals
+        .iter()
+        .filter(|b| seen.insert((b.gateway_id.clone(), b.seq)))
+        .flat_map(|b| b.usage.clone())
+        .collect()
 }
 
 fn ecpu_milli_of(invoices: &[&Invoice]) -> u128 {
@@ -82,13 +87,16 @@ fn duplicate_and_late_batches_across_hour_and_month_boundaries() {
 
     let rollups = rollup(&rows, &[]);
     let by_hour: Vec<_> = rollups.iter().map(|r| (r.cache_id.clone(), r.hour - DEC, r.ecpu_milli)).collect();
-    assert_eq!(by_hour, [
-        (cache(1), -7200, 5), // 22:59 on November 30th
-        (cache(1), -3600, 1_333),
-        (cache(1), 0, 4_000),
-        (cache(1), 3600, 9),
-        (cache(2), -3600, 250),
-    ]);
+    assert_eq!(
+        by_hour,
+        [
+            (cache(1), -7200, 5), // 22:59 on November 30th
+            (cache(1), -3600, 1_333),
+            (cache(1), 0, 4_000),
+            (cache(1), 3600, 9),
+            (cache(2), -3600, 250),
+        ]
+    );
     assert_eq!(rollups.iter().map(|r| r.ecpu_milli).sum::<u64>(), total);
 
     let (nov, dec) = months(&rows, &[], DEC + 2 * 3600);
@@ -111,7 +119,11 @@ fn arrivals() -> impl Strategy<Value = Vec<UsageBatch>> {
             let sent: Vec<UsageBatch> = batches
                 .into_iter()
                 .enumerate()
-                .map(|(i, usage)| UsageBatch { gateway_id: format!("gw-{}", i % 3), seq: i as u64 / 3, usage })
+                .map(|(i, usage)| UsageBatch {
+                    gateway_id: format!("gw-{}", i % 3),
+                    seq: i as u64 / 3,
+                    usage,
+                })
                 .collect();
             let mut all = sent.clone();
             if !sent.is_empty() {
@@ -123,8 +135,11 @@ fn arrivals() -> impl Strategy<Value = Vec<UsageBatch>> {
 }
 
 fn storage_samples() -> impl Strategy<Value = Vec<StorageSample>> {
-    let sample = (0u8..4, -180i64..180, 0u64..(1 << 40))
-        .prop_map(|(c, m, b)| StorageSample { cache_id: cache(c), minute: DEC + m * 60, byte_seconds: b });
+    let sample = (0u8..4, -180i64..180, 0u64..(1 << 40)).prop_map(|(c, m, b)| StorageSample {
+        cache_id: cache(c),
+        minute: DEC + m * 60,
+        byte_seconds: b,
+    });
     prop::collection::vec(sample, 0..30)
 }
 
