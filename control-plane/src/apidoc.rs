@@ -14,6 +14,7 @@ use utoipa::{Modify, OpenApi};
         crate::routes::tokens::mint_token,
         crate::routes::tokens::list_tokens,
         crate::routes::tokens::revoke_token,
+        crate::routes::usage::get_usage,
         crate::routes::internal::jwks,
         crate::routes::health::healthz,
         crate::routes::health::readyz,

@@ -57,6 +57,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::internal::configure)
             .configure(routes::caches::configure)
             .configure(routes::tokens::configure)
+            .configure(routes::usage::configure)
             .route("/openapi.json", web::get().to(openapi_json))
             .default_service(web::to(not_found))
     })

@@ -38,6 +38,8 @@ pub struct Shared {
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
+    /// Usage batches not yet delivered (none when metering is off).
+    outbox: Option<crate::metering::usage::Outbox>,
     tls: Option<(TcpListener, Arc<TlsState>)>,
     shared: Arc<Shared>,
 }
@@ -73,7 +75,11 @@ impl Gateway {
             ledger: Default::default(),
             config,
         });
-        Ok(Gateway { listener, tls, shared })
+        let outbox = match shared.config.metering {
+            true => Some(crate::metering::usage::Outbox::open(shared.config.data_dir.as_deref())?),
+            false => None,
+        };
+        Ok(Gateway { listener, tls, shared, outbox })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -85,13 +91,23 @@ impl Gateway {
         self.tls.as_ref().map(|(_, state)| state.clone())
     }
 
-    /// Accepts connections until `shutdown` turns true.
+    /// This gateway's id in usage batches (stable across restarts with the same `data_dir`).
+    pub fn gateway_id(&self) -> Option<&str> {
+        self.outbox.as_ref().map(|o| o.gateway_id())
+    }
+
+    /// Accepts connections until `shutdown` turns true; then closes the sessions, waits
+    /// for them to hand over their counters, and delivers (or spools) the last usage.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         if let Err(e) = self.shared.jwt.refresh().await {
             tracing::warn!(error = %e, "could not load signing keys yet; will retry on first AUTH");
         }
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
+        let shipper = self.outbox.map(|outbox| {
+            tokio::spawn(crate::metering::usage::run(outbox, self.shared.clone(), shutdown.clone()))
+        });
+        let shared = self.shared.clone();
         let tls_task = self.tls.map(|(listener, state)| {
             tokio::spawn(accept_loop(
                 listener,
@@ -107,6 +123,17 @@ impl Gateway {
         }
         revocations.abort();
         tracing::info!("gateway stopped accepting");
+        if let Some(shipper) = shipper {
+            let closed = shared.clients.kill_all();
+            let deadline = Instant::now() + SHUTDOWN_WAIT;
+            while shared.clients.live() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tracing::info!(closed, "sessions closed");
+            if let Ok(outbox) = shipper.await {
+                crate::metering::usage::finish(outbox, &shared, &shared.control_plane, SHUTDOWN_WAIT).await;
+            }
+        }
     }
 }
 
@@ -119,6 +146,9 @@ pub enum BindError {
     #[error("TLS needs tls_listen, tls_cert and tls_key together")]
     TlsIncomplete,
 }
+
+/// How long shutdown waits for sessions to end, then for the control plane to take usage.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the gateway asks for revoked tokens (revocation takes effect within that).
 const REVOCATION_POLL: Duration = Duration::from_secs(1);

@@ -54,6 +54,24 @@ impl ControlPlaneClient {
         }
     }
 
+    /// `POST /internal/v1/usage`: done once the control plane acknowledges the batch. A 4xx
+    /// other than 401/403/429 means the batch itself is refused: resending cannot help, so it
+    /// is logged and counted as delivered.
+    pub async fn post_usage(&self, batch: &shoal_types::UsageBatch) -> Result<(), GatewayError> {
+        let url = format!("{}/internal/v1/usage", self.base);
+        let resp = self.send(self.http.post(url).json(batch)).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status.is_client_error() && ![401, 403, 408, 429].contains(&status.as_u16()) {
+            let body = resp.text().await.unwrap_or_default();
+            tracing::error!(seq = batch.seq, %status, body, "usage batch refused by the control plane");
+            return Ok(());
+        }
+        Err(GatewayError::ControlPlane(format!("usage answered {status}")))
+    }
+
     /// Revoked, unexpired token ids.
     pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
         #[derive(serde::Deserialize)]

@@ -4,3 +4,4 @@ pub mod caches;
 pub mod health;
 pub mod internal;
 pub mod tokens;
+pub mod usage;
