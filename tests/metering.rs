@@ -311,3 +311,250 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
 
     assert_stored(&dev, &id, rule.want).await;
 }
+
+/// A child process stopped with SIGTERM when dropped.
+struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(Some(child))
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.0.as_ref().expect("running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn stop(&mut self) {
+        let Some(mut child) = self.0.take() else { return };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "process did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `shoal control-plane` and `shoal gateway` as separate processes in one directory.
+struct Split {
+    dir: tempfile::TempDir,
+    rest: u16,
+    resp: u16,
+    http: reqwest::Client,
+}
+
+impl Split {
+    fn new() -> Split {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let (rest, resp, node) = (support::free_port(), support::free_port(), support::free_port());
+        let cp = format!(
+            "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
+             admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
+             internal_token = \"metering-internal\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
+             [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
+        );
+        // A small memory bound, so that an outage of a few seconds already spools to disk.
+        let gw = format!(
+            "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{rest}\"\n\
+             internal_token = \"metering-internal\"\ndata_dir = \"{d}/gateway\"\nusage_memory_batches = 3\n"
+        );
+        std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
+        std::fs::write(dir.path().join("gw.toml"), gw).unwrap();
+        Split { dir, rest, resp, http: reqwest::Client::new() }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log(&self) -> String {
+        let read = |n| std::fs::read_to_string(self.path(n)).unwrap_or_default();
+        format!("--- cp.log\n{}\n--- gw.log\n{}", read("cp.log"), read("gw.log"))
+    }
+
+    async fn control_plane(&self) -> Proc {
+        let p = Proc::spawn(
+            &["control-plane", "--config", self.path("cp.toml").to_str().unwrap()],
+            &self.path("cp.log"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self.http.get(format!("http://127.0.0.1:{}/readyz", self.rest)).send().await;
+            if self.path("admin.token").exists() && ready.is_ok_and(|r| r.status().is_success()) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "control plane did not start\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn gateway(&self) -> Proc {
+        Proc::spawn(&["gateway", "--config", self.path("gw.toml").to_str().unwrap()], &self.path("gw.log"))
+    }
+
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let admin = std::fs::read_to_string(self.path("admin.token")).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("http://127.0.0.1:{}{path}", self.rest))
+            .bearer_auth(admin.trim());
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    async fn stored(&self, cache: &str) -> Totals {
+        let body = self.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage"), None).await;
+        let mut t = Totals::default();
+        for p in body["points"].as_array().unwrap() {
+            let n = |k: &str| p[k].as_u64().unwrap();
+            t.add(Totals {
+                commands: n("commands"),
+                ecpu_milli: n("ecpu_milli"),
+                bytes_in: n("bytes_in"),
+                bytes_out: n("bytes_out"),
+                hits: n("hits"),
+                misses: n("misses"),
+                throttled: n("throttled"),
+                errors: n("errors"),
+            });
+        }
+        t
+    }
+
+    async fn client(&self, token: &str) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://:{token}@127.0.0.1:{}/", self.resp)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.get_multiplexed_async_connection().await {
+                Ok(c) => return c,
+                Err(e) => assert!(Instant::now() < deadline, "gateway never accepted: {e}\n{}", self.log()),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// SET and GET of 100-byte values until `stop`, with the rule applied to every command.
+async fn load(
+    mut conn: redis::aio::MultiplexedConnection,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Totals {
+    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let value = vec![b'v'; 100];
+    let mut i = 0u64;
+    while !*stop.borrow() {
+        let key = format!("key{}", i % 16);
+        let set = redis::cmd("SET").arg(&key).arg(&value).clone();
+        let _: () = set.query_async(&mut conn).await.expect("SET through the gateway");
+        rule.command("set", set.get_packed_command().len(), b"+OK\r\n", 5);
+        let get = redis::cmd("GET").arg(&key).clone();
+        let got: Vec<u8> = get.query_async(&mut conn).await.expect("GET through the gateway");
+        assert_eq!(got, value);
+        let reply = [&b"$100\r\n"[..], &value, b"\r\n"].concat();
+        rule.command("get", get.get_packed_command().len(), &reply, reply.len());
+        i += 1;
+    }
+    rule.want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_survives_a_control_plane_outage_and_a_gateway_restart_exactly() {
+    let split = Split::new();
+    let cp = split.control_plane().await;
+    let mut gw = split.gateway();
+    let cache =
+        split.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": "outage"}))).await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let minted = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await;
+    let token = minted["token"].as_str().unwrap().to_string();
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(load(split.client(&token).await, stopped));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The control plane stops answering for 30 s (SIGSTOP: it also runs the Valkey pool, which
+    // must stay up); clients keep working meanwhile. Requests it took before it froze are
+    // answered after it resumes, when the gateway has already given up on them: the resends
+    // must not count twice.
+    cp.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The gateway stops too, before the control plane is back: what it could not deliver is
+    // on disk when it exits.
+    stop.send(true).unwrap();
+    let mut want = running.await.unwrap();
+    assert!(want.commands > 1000, "the load ran: {want:?}");
+    gw.stop();
+    let spooled = std::fs::read_dir(split.path("gateway/usage/spool")).unwrap().count();
+    assert!(spooled >= 5, "the outage's batches are spooled, found {spooled}");
+
+    // Both come back; the restarted gateway keeps its id, sends the spool, and meters on.
+    cp.signal(libc::SIGCONT);
+    let _gw = split.gateway();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(load(split.client(&token).await, stopped));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    want.add(running.await.unwrap());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = split.stored(&id).await;
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stored {got:?}\nwanted {want:?}\n{}", split.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(split.stored(&id).await, want, "nothing counted twice");
+    assert_eq!(
+        std::fs::read_dir(split.path("gateway/usage/spool")).unwrap().count(),
+        0,
+        "the spool is empty"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_delivers_the_last_usage_before_the_gateway_exits() {
+    let mut dev = ShoalDev::start().await;
+    let cache = dev.create_cache("last-words").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let mut c = Raw::connect(dev.resp_port, &token).await;
+    let value = vec![b'x'; 5000];
+    for i in 0..50 {
+        let key = format!("k{i}");
+        rule.run(&mut c, &[b"SET", key.as_bytes(), &value]).await;
+        rule.run(&mut c, &[b"GET", key.as_bytes()]).await;
+    }
+    // Straight after the last reply: the session's counters and the current second's batch
+    // exist only in the gateway's memory.
+    dev.stop_with(libc::SIGTERM);
+    dev.launch().await;
+    assert_eq!(stored(&dev, &id).await, rule.want);
+}

@@ -46,6 +46,9 @@ pub struct GatewayConfig {
     pub metering: bool,
     /// Where the gateway keeps its identity and spooled usage batches (none: in memory).
     pub data_dir: Option<std::path::PathBuf>,
+    /// Usage batches kept in memory while the control plane is unreachable; older ones
+    /// spill to `<data_dir>/usage/spool/`.
+    pub usage_memory_batches: usize,
 }
 
 impl Default for GatewayConfig {
@@ -69,6 +72,7 @@ impl Default for GatewayConfig {
             route_ttl: Duration::from_secs(2),
             metering: true,
             data_dir: None,
+            usage_memory_batches: 120,
         }
     }
 }

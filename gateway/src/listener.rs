@@ -76,7 +76,10 @@ impl Gateway {
             config,
         });
         let outbox = match shared.config.metering {
-            true => Some(crate::metering::usage::Outbox::open(shared.config.data_dir.as_deref())?),
+            true => Some(crate::metering::usage::Outbox::open(
+                shared.config.data_dir.as_deref(),
+                shared.config.usage_memory_batches,
+            )?),
             false => None,
         };
         Ok(Gateway { listener, tls, shared, outbox })

@@ -143,7 +143,9 @@ mod tests {
             [b"*100\r\n".to_vec(), (0..100).flat_map(|_| bulk(b"field")).collect()].concat();
         let hash50_resp3: Vec<u8> =
             [b"%50\r\n".to_vec(), (0..100).flat_map(|_| bulk(b"field")).collect()].concat();
-        let cases: Vec<(&str, Vec<&[u8]>, Vec<u8>, u64)> = vec![
+        // (command, request arguments, reply, milli-ECPU)
+        type Case<'a> = (&'a str, Vec<&'a [u8]>, Vec<u8>, u64);
+        let cases: Vec<Case> = vec![
             // A small GET: the weight (1 ECPU), 22 + 11 bytes are far below 1 KiB.
             ("get", vec![b"GET", b"key"], bulk(b"hello"), 1000),
             // A miss costs the same.
@@ -170,7 +172,7 @@ mod tests {
             ),
         ];
         for (name, args, reply, want) in cases {
-            assert_eq!(ecpu(name, &args, &reply), want, "{name} {}", String::from_utf8_lossy(&args[0]));
+            assert_eq!(ecpu(name, &args, &reply), want, "{name} {}", String::from_utf8_lossy(args[0]));
         }
         // An unknown command is forwarded (Valkey refuses it): weight 1000.
         assert_eq!(ecpu_milli(weights(None).0, 0, 0, 30, 40), 1000);

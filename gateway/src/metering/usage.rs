@@ -3,7 +3,7 @@
 //! stores each `(gateway_id, seq)` once, so a resend after a lost answer counts once).
 //!
 //! While the control plane is unreachable, batches wait in memory (at most
-//! [`MEMORY_BATCHES`]); beyond that they spill to `<data_dir>/usage/spool/`, one file per
+//! `usage_memory_batches`, default 120: two minutes); beyond that they spill to `<data_dir>/usage/spool/`, one file per
 //! batch, and are sent first when it is back. The gateway's id and next `seq` persist in
 //! `<data_dir>/usage/state.json`, so a restarted gateway never reuses a `seq`. On shutdown
 //! the last counters are batched and sent, or spooled if the control plane does not answer.
@@ -22,8 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Batches kept in memory before they go to the spool (two minutes of outage).
-pub const MEMORY_BATCHES: usize = 120;
 /// How often the ledger becomes a batch.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
@@ -39,6 +37,7 @@ pub struct Outbox {
     next_seq: u64,
     dir: Option<PathBuf>,
     memory: VecDeque<UsageBatch>,
+    memory_batches: usize,
     /// Sequence numbers in the spool, ascending.
     spooled: VecDeque<u64>,
     /// Batches not yet acknowledged (for the metrics).
@@ -48,9 +47,9 @@ pub struct Outbox {
 impl Outbox {
     /// Opens the outbox under `data_dir` (creating the gateway's id on first start); with no
     /// data dir, a fresh id and memory only.
-    pub fn open(data_dir: Option<&Path>) -> std::io::Result<Outbox> {
+    pub fn open(data_dir: Option<&Path>, memory_batches: usize) -> std::io::Result<Outbox> {
         let Some(data_dir) = data_dir else {
-            return Ok(Outbox::new(new_gateway_id(), 0, None, VecDeque::new()));
+            return Ok(Outbox::new(new_gateway_id(), 0, None, VecDeque::new(), memory_batches));
         };
         let dir = data_dir.join("usage");
         std::fs::create_dir_all(dir.join("spool"))?;
@@ -68,14 +67,20 @@ impl Outbox {
         spooled.sort_unstable();
         // A spooled batch past the saved seq means the state file lagged: never reuse a seq.
         let next_seq = state.next_seq.max(spooled.last().map_or(0, |s| s + 1));
-        let outbox = Outbox::new(state.gateway_id, next_seq, Some(dir), spooled.into());
+        let outbox = Outbox::new(state.gateway_id, next_seq, Some(dir), spooled.into(), memory_batches);
         outbox.save_state()?;
         Ok(outbox)
     }
 
-    fn new(gateway_id: String, next_seq: u64, dir: Option<PathBuf>, spooled: VecDeque<u64>) -> Outbox {
+    fn new(
+        gateway_id: String,
+        next_seq: u64,
+        dir: Option<PathBuf>,
+        spooled: VecDeque<u64>,
+        memory_batches: usize,
+    ) -> Outbox {
         let pending = Arc::new(AtomicU64::new(spooled.len() as u64));
-        Outbox { gateway_id, next_seq, dir, memory: VecDeque::new(), spooled, pending }
+        Outbox { gateway_id, next_seq, dir, memory: VecDeque::new(), memory_batches, spooled, pending }
     }
 
     pub fn gateway_id(&self) -> &str {
@@ -106,7 +111,7 @@ impl Outbox {
         }
         self.memory.push_back(batch);
         self.pending.fetch_add(1, Ordering::Relaxed);
-        if self.memory.len() > MEMORY_BATCHES {
+        if self.memory.len() > self.memory_batches {
             self.spill();
         }
     }
@@ -115,7 +120,7 @@ impl Outbox {
     pub fn spill(&mut self) {
         let Some(dir) = self.dir.clone() else {
             // Nowhere to keep them: the oldest goes, loudly.
-            while self.memory.len() > MEMORY_BATCHES {
+            while self.memory.len() > self.memory_batches {
                 if let Some(b) = self.memory.pop_front() {
                     self.pending.fetch_sub(1, Ordering::Relaxed);
                     tracing::error!(seq = b.seq, "usage batch dropped: no data_dir to spool it to");
@@ -207,30 +212,32 @@ mod tests {
     use crate::metering::Counters;
     use shoal_types::CacheId;
 
+    const MEMORY: usize = 10;
+
     #[test]
     fn spooled_batches_survive_a_restart_and_keep_their_order_and_seq() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::default();
         let cache = CacheId::generate();
-        let mut outbox = Outbox::open(Some(dir.path())).unwrap();
+        let mut outbox = Outbox::open(Some(dir.path()), MEMORY).unwrap();
         let id = outbox.gateway_id().to_string();
-        for i in 0..(MEMORY_BATCHES + 5) {
+        for i in 0..(MEMORY + 5) {
             ledger.add(&cache, 60, &Counters { commands: i as u64 + 1, ..Default::default() });
             outbox.collect(&ledger);
         }
-        // The first MEMORY_BATCHES + 1 went to disk when memory overflowed; the rest at shutdown.
-        assert_eq!(outbox.spooled.len(), MEMORY_BATCHES + 1);
+        // The first MEMORY + 1 went to disk when memory overflowed; the rest at shutdown.
+        assert_eq!(outbox.spooled.len(), MEMORY + 1);
         outbox.spill();
-        assert_eq!(outbox.pending.load(Ordering::Relaxed), MEMORY_BATCHES as u64 + 5);
+        assert_eq!(outbox.pending.load(Ordering::Relaxed), MEMORY as u64 + 5);
         drop(outbox);
 
-        let mut again = Outbox::open(Some(dir.path())).unwrap();
+        let mut again = Outbox::open(Some(dir.path()), MEMORY).unwrap();
         assert_eq!(again.gateway_id(), id, "the gateway keeps its id");
-        assert_eq!(again.next_seq, MEMORY_BATCHES as u64 + 5, "and never reuses a seq");
+        assert_eq!(again.next_seq, MEMORY as u64 + 5, "and never reuses a seq");
         let seqs: Vec<u64> = again.spooled.iter().copied().collect();
-        assert_eq!(seqs, (0..MEMORY_BATCHES as u64 + 5).collect::<Vec<_>>());
+        assert_eq!(seqs, (0..MEMORY as u64 + 5).collect::<Vec<_>>());
         ledger.add(&cache, 120, &Counters { commands: 1, ..Default::default() });
         again.collect(&ledger);
-        assert_eq!(again.memory.back().unwrap().seq, MEMORY_BATCHES as u64 + 5);
+        assert_eq!(again.memory.back().unwrap().seq, MEMORY as u64 + 5);
     }
 }
