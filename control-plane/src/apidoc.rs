@@ -47,7 +47,12 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
 /// The document as pretty JSON.
 pub fn document() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the document serializes")
+    openapi().to_pretty_json().expect("the document serializes")
 }

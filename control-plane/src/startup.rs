@@ -64,6 +64,12 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::audit::configure)
             .configure(routes::tokens::configure)
             .route("/openapi.json", web::get().to(openapi_json))
+            .service(
+                // The interactive viewer, served from files compiled in (no CDN).
+                utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
+                    .url("/docs/openapi.json", crate::apidoc::openapi()),
+            )
+            .route("/docs", web::get().to(docs_redirect))
             .default_service(web::to(not_found))
     })
     .workers(workers)
@@ -79,6 +85,10 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
 
 async fn openapi_json() -> actix_web::HttpResponse {
     actix_web::HttpResponse::Ok().content_type("application/json").body(crate::apidoc::document())
+}
+
+async fn docs_redirect() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Found().insert_header(("Location", "/docs/")).finish()
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, crate::error::ApiError> {
