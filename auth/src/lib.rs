@@ -16,6 +16,8 @@ pub mod ldap;
 pub mod role;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod throttle;
 
 pub use ldap::{BindMode, Directory, GroupLookup, LdapConfig, LdapError, LdapIdentity};
 pub use role::{Role, RoleMapping};
+pub use throttle::{Throttle, ThrottlePolicy};
