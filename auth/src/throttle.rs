@@ -194,7 +194,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
                 .iter()
                 .map(|(k, e)| (e.locked_until.is_some(), e.last_failure, k.clone()))
                 .collect();
-            order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            order.sort_by_key(|(locked, last, _)| (*locked, *last));
             let drop = (policy.max_entries / 10).max(1) + self.entries.len() - policy.max_entries;
             for (_, _, key) in order.into_iter().take(drop) {
                 self.entries.remove(&key);
