@@ -13,11 +13,13 @@
 //! - `testing` (feature `testing`): a real `slapd` for tests.
 
 pub mod ldap;
+pub mod password;
 pub mod role;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod throttle;
 
 pub use ldap::{BindMode, Directory, GroupLookup, LdapConfig, LdapError, LdapIdentity};
+pub use password::{PasswordError, UserPasswords};
 pub use role::{Role, RoleMapping};
 pub use throttle::{Throttle, ThrottlePolicy};
