@@ -12,6 +12,7 @@
 //! - [`role`]: what a login may do, and the group→role configuration.
 //! - `testing` (feature `testing`): a real `slapd` for tests.
 
+pub mod access;
 pub mod ldap;
 pub mod password;
 pub mod role;
@@ -19,6 +20,7 @@ pub mod role;
 pub mod testing;
 pub mod throttle;
 
+pub use access::{intersect_with_tenant, AccessError, AccessString};
 pub use ldap::{BindMode, Directory, GroupLookup, LdapConfig, LdapError, LdapIdentity};
 pub use password::{PasswordError, UserPasswords};
 pub use role::{Role, RoleMapping};
