@@ -44,6 +44,10 @@ pub struct LdapConfig {
     /// Most service-account connections open at once.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Most user binds (each on its own connection) in progress at once; more wait, then
+    /// fail as unavailable, so a flood of logins cannot open unbounded connections.
+    #[serde(default = "default_max_concurrent_logins")]
+    pub max_concurrent_logins: usize,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -54,6 +58,9 @@ fn default_operation_timeout_ms() -> u64 {
 }
 fn default_pool_size() -> usize {
     4
+}
+fn default_max_concurrent_logins() -> usize {
+    32
 }
 
 /// How a user name becomes the DN to bind as.
@@ -233,6 +240,8 @@ struct Inner {
     idle: Mutex<Vec<ldap3::Ldap>>,
     /// One permit per service-account connection that may exist.
     permits: Semaphore,
+    /// One permit per user bind in progress.
+    logins: Semaphore,
 }
 
 /// A service-account connection on loan from the pool.
@@ -286,8 +295,8 @@ impl Directory {
                 return Err(LdapError::Config("groups.filter needs {dn} or {user}".into()));
             }
         }
-        if config.pool_size == 0 {
-            return Err(LdapError::Config("pool_size must be at least 1".into()));
+        if config.pool_size == 0 || config.max_concurrent_logins == 0 {
+            return Err(LdapError::Config("pool_size and max_concurrent_logins must be at least 1".into()));
         }
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         let mut settings =
@@ -302,6 +311,7 @@ impl Directory {
                 op_timeout: Duration::from_millis(config.operation_timeout_ms.max(1)),
                 idle: Mutex::new(Vec::new()),
                 permits: Semaphore::new(config.pool_size),
+                logins: Semaphore::new(config.max_concurrent_logins),
                 config,
             }),
         })
@@ -349,6 +359,10 @@ impl Directory {
 
         // The user's own connection: a bind changes who a connection is, so it is never
         // one of the service account's.
+        let _login = tokio::time::timeout(inner.op_timeout, inner.logins.acquire())
+            .await
+            .map_err(|_| LdapError::Unavailable("too many LDAP logins in progress".into()))?
+            .expect("the semaphore is never closed");
         let mut conn = inner.connect().await?;
         let bound = inner.bind(&mut conn, &dn, password).await;
         let groups = match bound {
@@ -621,6 +635,7 @@ mod tests {
             connect_timeout_ms: 100,
             operation_timeout_ms: 100,
             pool_size: 1,
+            max_concurrent_logins: 1,
         }
     }
 
@@ -639,6 +654,34 @@ mod tests {
         let mut c = config("ldap://h", false);
         c.allow_plaintext = true;
         assert!(Directory::new(c).is_ok());
+    }
+
+    #[test]
+    fn configuration_reads_from_a_file() {
+        let config: LdapConfig = serde_json::from_str(
+            r#"{
+                "url": "ldaps://ldap.example.org",
+                "ca_cert": "/etc/shoal/ldap-ca.pem",
+                "mode": {"search": {"bind_dn": "cn=svc,dc=example,dc=org", "bind_password": "pw",
+                                    "base": "ou=people,dc=example,dc=org", "filter": "(uid={user})"}},
+                "groups": {"search": {"base": "ou=groups,dc=example,dc=org",
+                                      "filter": "(&(objectClass=groupOfNames)(member={dn}))"}},
+                "roles": [{"group": "cn=admins,ou=groups,dc=example,dc=org", "role": "platform-admin"}]
+            }"#,
+        )
+        .unwrap();
+        assert!(matches!(config.mode, BindMode::Search { .. }));
+        assert_eq!(config.roles[0].role, Role::PlatformAdmin);
+        assert_eq!((config.pool_size, config.connect_timeout_ms), (4, 3000));
+        let config: LdapConfig = serde_json::from_str(
+            r#"{"url": "ldap://h", "starttls": true, "groups": "member-of",
+                "mode": {"bind": {"dn_template": "uid={user},ou=people,dc=example,dc=org"}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(config.groups, GroupLookup::MemberOf));
+        let typo =
+            serde_json::from_str::<LdapConfig>(r#"{"url": "ldap://h", "mode": {"bind": {"dn": "x"}}}"#);
+        assert!(typo.is_err());
     }
 
     #[test]
