@@ -12,8 +12,11 @@ pub enum Role {
     PlatformAdmin,
     /// One account's caches, users, tokens, usage, invoices and audit.
     AccountOwner { account: AccountId },
-    /// Read-only: usage, invoices, audit.
-    Auditor,
+    /// Read-only: usage, invoices, audit; of one account, or of every account if none.
+    Auditor {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        account: Option<AccountId>,
+    },
     /// Data-plane read-write access to one cache.
     CacheReadWrite { cache: CacheId },
     /// Data-plane read-only access to one cache.
@@ -115,5 +118,10 @@ mod tests {
         assert!(bad.is_err());
         let unknown = serde_json::from_str::<RoleMapping>(r#"{"group": "g", "role": "root"}"#);
         assert!(unknown.is_err());
+        let auditor: RoleMapping = serde_json::from_str(r#"{"group": "g", "role": "auditor"}"#).unwrap();
+        assert_eq!(auditor.role, Role::Auditor { account: None });
+        let scoped: RoleMapping =
+            serde_json::from_str(r#"{"group": "g", "role": "auditor", "account": "a0000000000ab"}"#).unwrap();
+        assert_eq!(scoped.role, Role::Auditor { account: Some(AccountId::parse("a0000000000ab").unwrap()) });
     }
 }

@@ -5,34 +5,52 @@
 //! Memory is bounded: each table keeps at most `max_entries` keys, dropping forgotten ones
 //! first, then the least recently failed (locked-out keys last).
 
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// How one key (a source or a user) is throttled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How one key (a source or a user) is throttled. In configuration files durations are
+/// milliseconds: `{ free_failures = 3, base_delay_ms = 250, max_delay_ms = 5000,
+/// lockout_after = 10, lockout_ms = 300000 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Failures allowed without any delay.
     pub free_failures: u32,
     /// The delay after the first failure past `free_failures`; it doubles with each one.
+    #[serde(rename = "base_delay_ms", with = "millis")]
     pub base_delay: Duration,
+    #[serde(rename = "max_delay_ms", with = "millis")]
     pub max_delay: Duration,
     /// Failures (within `window`) that lock the key out; 0 never locks.
     pub lockout_after: u32,
+    #[serde(rename = "lockout_ms", with = "millis")]
     pub lockout: Duration,
 }
 
-/// Throttling parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Throttling parameters; every field may be left out of a configuration file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ThrottlePolicy {
     pub enabled: bool,
     pub per_source: Limits,
     pub per_user: Limits,
     /// A key's failures are forgotten this long after its last failure.
+    #[serde(rename = "window_ms", with = "millis")]
     pub window: Duration,
     /// Most keys remembered per table (sources, users).
     pub max_entries: usize,
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 impl Default for ThrottlePolicy {
@@ -463,6 +481,20 @@ mod tests {
         assert_eq!(t.check(now, ip("10.0.0.1"), "alice"), Verdict::Allow);
         assert_eq!(t.stats().failures_total, 100);
         assert_eq!(t.stats().tracked_users, 0);
+    }
+
+    #[test]
+    fn policy_reads_from_configuration_with_defaults() {
+        let p: ThrottlePolicy = serde_json::from_str(
+            r#"{"window_ms": 60000, "per_user": {"free_failures": 1, "base_delay_ms": 50,
+                "max_delay_ms": 1000, "lockout_after": 5, "lockout_ms": 30000}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.window, Duration::from_secs(60));
+        assert_eq!(p.per_user.lockout, Duration::from_secs(30));
+        assert_eq!(p.per_source, ThrottlePolicy::default().per_source);
+        assert!(p.enabled);
+        assert!(serde_json::from_str::<ThrottlePolicy>(r#"{"windw_ms": 1}"#).is_err());
     }
 
     #[test]

@@ -159,7 +159,7 @@ async fn groups_map_to_roles() {
     let ro = CacheId::parse("c000000000002").unwrap();
     let roles = vec![
         RoleMapping { group: group("admins"), role: Role::PlatformAdmin },
-        RoleMapping { group: group("auditors"), role: Role::Auditor },
+        RoleMapping { group: group("auditors"), role: Role::Auditor { account: None } },
         // Spelled differently from the directory: still the same group.
         RoleMapping {
             group: "CN=Owners, OU=Groups, DC=example, DC=org".into(),
@@ -184,7 +184,11 @@ async fn groups_map_to_roles() {
         let alice = dir.authenticate("alice", "alice-pw").await.unwrap();
         assert_eq!(alice.roles, [Role::PlatformAdmin, Role::CacheReadWrite { cache: rw.clone() }], "{label}");
         let bob = dir.authenticate("bob", "bob-pw").await.unwrap();
-        assert_eq!(bob.roles, [Role::Auditor, Role::CacheReadOnly { cache: ro.clone() }], "{label}");
+        assert_eq!(
+            bob.roles,
+            [Role::Auditor { account: None }, Role::CacheReadOnly { cache: ro.clone() }],
+            "{label}"
+        );
         let smith = dir.authenticate("smith, john", "smith-pw").await.unwrap();
         assert_eq!(smith.roles, [Role::AccountOwner { account: account.clone() }], "{label}");
         let carol = dir.authenticate("carol", "carol-pw").await.unwrap();
