@@ -328,6 +328,11 @@ impl Directory {
         if user.chars().any(|c| c.is_control()) {
             return Err(LdapError::InvalidInput("control characters (e.g. NUL) in the user name"));
         }
+        // The directory ignores them when matching (` alice` finds `alice`), which would give
+        // one person several names in throttling and audit.
+        if user.trim() != user {
+            return Err(LdapError::InvalidInput("spaces around the user name"));
+        }
         if password.is_empty() {
             return Err(LdapError::EmptyPassword);
         }
@@ -706,6 +711,8 @@ mod tests {
         assert!(matches!(dir.authenticate("al\0ice", "pw").await, Err(LdapError::InvalidInput(_))));
         assert!(matches!(dir.authenticate("alice", "p\0w").await, Err(LdapError::InvalidInput(_))));
         assert!(matches!(dir.authenticate(&"a".repeat(300), "pw").await, Err(LdapError::InvalidInput(_))));
+        assert!(matches!(dir.authenticate(" alice", "pw").await, Err(LdapError::InvalidInput(_))));
+        assert!(matches!(dir.authenticate("alice ", "pw").await, Err(LdapError::InvalidInput(_))));
         assert!(matches!(dir.authenticate("alice", "pw").await, Err(LdapError::Unavailable(_))));
     }
 }
