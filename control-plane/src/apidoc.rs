@@ -10,11 +10,24 @@ use utoipa::{Modify, OpenApi};
         crate::routes::caches::create_cache,
         crate::routes::caches::list_caches,
         crate::routes::caches::get_cache,
+        crate::routes::caches::patch_cache,
         crate::routes::caches::delete_cache,
         crate::routes::tokens::mint_token,
         crate::routes::tokens::list_tokens,
         crate::routes::tokens::revoke_token,
         crate::routes::usage::get_usage,
+        crate::routes::accounts::create_account,
+        crate::routes::accounts::list_accounts,
+        crate::routes::accounts::get_account,
+        crate::routes::accounts::patch_account,
+        crate::routes::accounts::delete_account,
+        crate::routes::accounts::create_account_key,
+        crate::routes::accounts::list_account_keys,
+        crate::routes::accounts::revoke_account_key,
+        crate::routes::accounts::create_platform_key,
+        crate::routes::accounts::list_platform_keys,
+        crate::routes::audit::list_audit,
+        crate::routes::audit::verify_audit,
         crate::routes::internal::jwks,
         crate::routes::health::healthz,
         crate::routes::health::readyz,
@@ -35,7 +48,12 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
 /// The document as pretty JSON.
 pub fn document() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the document serializes")
+    openapi().to_pretty_json().expect("the document serializes")
 }

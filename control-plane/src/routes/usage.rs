@@ -102,7 +102,7 @@ pub struct Usage {
     security(("bearer" = [])), tag = "caches")]
 pub async fn get_usage(
     state: web::Data<AppState>,
-    _who: Principal,
+    who: Principal,
     id: web::Path<String>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
@@ -129,7 +129,8 @@ pub async fn get_usage(
     if to - from > max_span {
         return Err(ApiError::field("from", format!("at most {} days per request", max_span.num_days())));
     }
-    state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    who.read(&cache.account_id, "cache")?;
     let first = from.timestamp() - from.timestamp().rem_euclid(step);
     let (from_text, to_text) = (text(first), text(to.timestamp()));
     let rows = state.store.usage(&id, &from_text, &to_text, granularity).await?;
