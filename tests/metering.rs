@@ -558,3 +558,66 @@ async fn sigterm_delivers_the_last_usage_before_the_gateway_exits() {
     dev.launch().await;
     assert_eq!(stored(&dev, &id).await, rule.want);
 }
+
+/// Sends `n` pipelined GETs; how many succeeded and how many were throttled.
+async fn pipelined_gets(c: &mut Raw, n: usize, throttled_reply: &[u8]) -> (u64, u64) {
+    let get = cmd(&[b"GET", b"k"]);
+    c.s.write_all(&get.repeat(n)).await.unwrap();
+    let (mut ok, mut throttled) = (0, 0);
+    for _ in 0..n {
+        let reply = c.reply().await;
+        if reply == throttled_reply {
+            throttled += 1;
+        } else {
+            assert_eq!(reply, b"$1\r\nv\r\n");
+            ok += 1;
+        }
+    }
+    (ok, throttled)
+}
+
+#[tokio::test]
+async fn ecpu_per_second_throttles_and_follows_changes_within_a_second() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("limited").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let throttled_reply = b"-THROTTLED ECPU limit of cache limited exceeded\r\n";
+    let mut c = Raw::connect(dev.resp_port, &token).await;
+    assert_eq!(c.s.write_all(&cmd(&[b"SET", b"k", b"v"])).await.ok(), Some(()));
+    assert_eq!(c.reply().await, b"+OK\r\n");
+
+    dev.set_limits(&id, serde_json::json!({"ecpu_per_second": 200})).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // 200 ECPU/s: a full bucket (200 GETs), then 200 more per second.
+    let started = Instant::now();
+    let (mut ok, mut throttled) = (0, 0);
+    while started.elapsed() < Duration::from_secs(3) {
+        let (o, t) = pipelined_gets(&mut c, 100, throttled_reply).await;
+        ok += o;
+        throttled += t;
+    }
+    let allowed = 200.0 + 200.0 * started.elapsed().as_secs_f64();
+    assert!(throttled > 0, "the limit refused some\n{}", dev.log());
+    assert!((ok as f64) <= allowed * 1.05 + 1.0, "{ok} GETs passed, the limit allows {allowed}");
+    assert!((ok as f64) >= allowed * 0.8, "{ok} GETs passed, the limit allows {allowed}");
+
+    // Lifted: within a second nothing is throttled any more.
+    dev.set_limits(&id, serde_json::json!({"ecpu_per_second": null})).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (o, t) = pipelined_gets(&mut c, 2000, throttled_reply).await;
+    assert_eq!((o, t), (2000, 0));
+    ok += o;
+
+    // Throttled commands are counted, not billed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = stored(&dev, &id).await;
+        if got.throttled == throttled && got.commands == ok + 1 {
+            assert_eq!(got.ecpu_milli, (ok + 1) * 1000);
+            break;
+        }
+        assert!(Instant::now() < deadline, "stored {got:?}; throttled {throttled}, ok {ok}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

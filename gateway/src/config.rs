@@ -49,6 +49,9 @@ pub struct GatewayConfig {
     /// Usage batches kept in memory while the control plane is unreachable; older ones
     /// spill to `<data_dir>/usage/spool/`.
     pub usage_memory_batches: usize,
+    /// How long a command may wait for its cache's ECPU limit before `-THROTTLED` (seconds).
+    #[serde(with = "secs")]
+    pub throttle_wait: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +76,7 @@ impl Default for GatewayConfig {
             metering: true,
             data_dir: None,
             usage_memory_batches: 120,
+            throttle_wait: Duration::from_millis(10),
         }
     }
 }

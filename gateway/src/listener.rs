@@ -33,6 +33,8 @@ pub struct Shared {
     pub unauthenticated: Arc<Semaphore>,
     /// Usage counters not yet shipped to the control plane.
     pub ledger: crate::metering::Ledger,
+    /// `ecpu_per_second` buckets of the caches with sessions here.
+    pub buckets: crate::metering::limit::Buckets,
 }
 
 /// A bound, not yet running gateway.
@@ -73,6 +75,7 @@ impl Gateway {
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
             ledger: Default::default(),
+            buckets: Default::default(),
             config,
         });
         let outbox = match shared.config.metering {
@@ -111,6 +114,7 @@ impl Gateway {
             tokio::spawn(crate::metering::usage::run(outbox, self.shared.clone(), shutdown.clone()))
         });
         let shared = self.shared.clone();
+        let limits = tokio::spawn(crate::metering::limit::follow(shared.clone(), shutdown.clone()));
         let tls_task = self.tls.map(|(listener, state)| {
             tokio::spawn(accept_loop(
                 listener,
@@ -125,6 +129,7 @@ impl Gateway {
             let _ = task.await;
         }
         revocations.abort();
+        limits.abort();
         tracing::info!("gateway stopped accepting");
         if let Some(shipper) = shipper {
             let closed = shared.clients.kill_all();

@@ -115,6 +115,11 @@ impl Router {
                 return Ok(route.clone());
             }
         }
+        self.refresh(id).await
+    }
+
+    /// Asks the control plane now, whatever is cached (limits follow changes this way).
+    pub async fn refresh(&self, id: &CacheId) -> Result<TenantRoute, GatewayError> {
         match self.client.route(id).await? {
             Some(route) => {
                 self.cache.lock().unwrap().insert(id.clone(), (Instant::now(), route.clone()));

@@ -96,6 +96,8 @@ pub(crate) struct Tenant {
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
     pub entry: Arc<ClientEntry>,
+    /// The cache's `ecpu_per_second` bucket on this gateway.
+    pub bucket: Arc<crate::metering::limit::Bucket>,
 }
 
 /// Pub/sub bookkeeping, so that subscription confirmations and messages (which answer no
@@ -182,6 +184,9 @@ pub(crate) struct Session {
     queued: Vec<(Meter, u64)>,
     /// This session's counters not yet in the gateway's ledger.
     tally: metering::Tally,
+    /// How long the requests of the current read waited for the ECPU limit (they share one
+    /// `throttle_wait`, so a pipeline is not held back request by request).
+    throttle_waited: Duration,
 }
 
 enum Event {
@@ -245,6 +250,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         mux_meters: VecDeque::new(),
         queued: Vec::new(),
         tally: Default::default(),
+        throttle_waited: Duration::ZERO,
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -430,6 +436,7 @@ impl Session {
     /// Handles every complete request in the client buffer.
     async fn on_client_input(&mut self) {
         let mut handled = 0u64;
+        self.throttle_waited = Duration::ZERO;
         while !self.closing {
             match self.parser.next(&self.client_in, self.limits()) {
                 Ok(Some(frame)) if frame.inline => self.inline_to_resp(frame),
@@ -508,9 +515,15 @@ impl Session {
                 _ => Role::Plain,
             };
             self.meter_next = Some(Meter { spec, request: frame.len as u64, role });
+            if !self.admit().await {
+                return;
+            }
         }
         self.handle_request(frame, args, spec).await;
-        self.meter_next = None;
+        // Answered by the gateway itself: not billed, so the bucket gets its estimate back.
+        if let (Some(m), Some(t)) = (self.meter_next.take(), self.tenant.as_ref()) {
+            t.bucket.refund(m.estimate());
+        }
     }
 
     async fn handle_request(
@@ -724,7 +737,9 @@ impl Session {
         self.token_expires = expiry_instant(claims.exp);
         self.unauthenticated = None;
         self.inbox = Some(inbox);
+        let bucket = self.shared.buckets.get(&claims.cache, route.limits.ecpu_per_second);
         self.tenant = Some(Tenant {
+            bucket,
             ns: Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events),
             cache: claims.cache,
             route,
@@ -986,9 +1001,9 @@ impl Session {
     /// Meters one reply from the session's own connection (`delivered`: bytes the client got).
     fn meter_reply(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
         match meter.role {
-            Role::Plain => self.tally(Counters::command(meter.spec, meter.request, reply, delivered)),
+            Role::Plain => self.bill(meter, reply, delivered),
             Role::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
-            Role::Queued => self.tally(Counters::command(meter.spec, meter.request, reply, delivered)),
+            Role::Queued => self.bill(meter, reply, delivered),
             Role::Exec => {
                 let elements = metering::ecpu::reply_elements(reply);
                 if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
@@ -1002,8 +1017,7 @@ impl Session {
                         };
                         let result = &element[..len];
                         pos += len;
-                        let c = Counters::command(m.spec, m.request, result, queued_bytes + len as u64);
-                        self.tally(c);
+                        self.bill(m, result, queued_bytes + len as u64);
                     }
                 } else {
                     self.bill_queued();
@@ -1017,7 +1031,7 @@ impl Session {
     /// on the bytes they moved.
     fn bill_queued(&mut self) {
         for (m, queued_bytes) in std::mem::take(&mut self.queued) {
-            self.tally(Counters::command(m.spec, m.request, b"", queued_bytes));
+            self.bill(m, b"", queued_bytes);
         }
     }
 
@@ -1035,9 +1049,45 @@ impl Session {
             pos += len;
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
-                self.tally(Counters::command(m.spec, m.request, reply, len as u64));
+                self.bill(m, reply, len as u64);
             }
         }
+    }
+
+    /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
+    fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        let c = Counters::command(meter.spec, meter.request, reply, delivered);
+        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
+            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        }
+        self.tally(c);
+    }
+
+    /// Before a metered command runs: the cache's ECPU limit lets it through, possibly after
+    /// a short wait (`throttle_wait`, shared by the requests of one read), or it is refused
+    /// with `-THROTTLED` (not forwarded, not billed).
+    async fn admit(&mut self) -> bool {
+        let (Some(t), Some(meter)) = (self.tenant.as_ref(), self.meter_next.as_ref()) else { return true };
+        if !t.bucket.limited() || meter.free() {
+            return true;
+        }
+        let (bucket, cost) = (t.bucket.clone(), meter.estimate());
+        loop {
+            match bucket.try_take(cost) {
+                Ok(()) => return true,
+                Err(wait) if self.throttle_waited + wait <= self.shared.config.throttle_wait => {
+                    let started = Instant::now();
+                    tokio::time::sleep(wait).await;
+                    self.throttle_waited += started.elapsed();
+                }
+                Err(_) => break,
+            }
+        }
+        self.meter_next = None;
+        let name = self.tenant.as_ref().map(|t| t.route.cache_name.clone()).unwrap_or_default();
+        self.tally(Counters { throttled: 1, ..Default::default() });
+        self.refuse(&format!("THROTTLED ECPU limit of cache {name} exceeded"));
+        false
     }
 
     /// Adds to the session's counters (of the current minute).

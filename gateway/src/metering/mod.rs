@@ -3,10 +3,12 @@
 //! - [`ecpu`]: the ECPU rule (pure).
 //! - [`Counters`]: one cache's counters; each session tallies its own and flushes them
 //!   into the gateway's [`Ledger`] about once a second and when it ends.
+//! - [`limit`]: the `ecpu_per_second` token bucket of each cache.
 //! - [`usage`]: every second the ledger becomes a `UsageBatch` for the control plane
 //!   (kept in memory, then spooled to disk while the control plane is unreachable).
 
 pub mod ecpu;
+pub mod limit;
 pub mod usage;
 
 use crate::policy::CommandSpec;
@@ -78,6 +80,19 @@ pub(crate) struct Meter {
     /// Bytes of the request as the client sent it.
     pub request: u64,
     pub role: Role,
+}
+
+impl Meter {
+    /// What the command costs at least, known before its reply: its weight, or its
+    /// request's bytes if those cost more (0 for free commands).
+    pub fn estimate(&self) -> u64 {
+        let (weight, _) = ecpu::weights(self.spec);
+        ecpu::ecpu_milli(weight, 0, 0, self.request, 0)
+    }
+
+    pub fn free(&self) -> bool {
+        ecpu::weights(self.spec).0 == 0
+    }
 }
 
 /// Where a request stands in a transaction.
