@@ -215,9 +215,30 @@ async fn assert_stored(dev: &ShoalDev, cache: &str, want: Totals) {
     assert_eq!(stored(dev, cache).await, want, "nothing is counted twice");
 }
 
+/// The gateway's own counters for a cache, from its Prometheus `/metrics`.
+async fn gateway_counters(metrics_port: u16, cache: &str) -> Totals {
+    let body =
+        reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
+    let n = |name: &str| -> u64 {
+        let prefix = format!("shoal_cache_{name}_total{{cache=\"{cache}\"}} ");
+        body.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.parse().unwrap())
+    };
+    Totals {
+        commands: n("commands"),
+        ecpu_milli: n("ecpu_milli"),
+        bytes_in: n("bytes_in"),
+        bytes_out: n("bytes_out"),
+        hits: n("hits"),
+        misses: n("misses"),
+        throttled: n("throttled"),
+        errors: n("errors"),
+    }
+}
+
 #[tokio::test]
 async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
-    let dev = ShoalDev::start().await;
+    let metrics_port = support::free_port();
+    let dev = ShoalDev::start_with(&["--metrics-port", &metrics_port.to_string()]).await;
     let cache = dev.create_cache("metered").await;
     let id = cache["id"].as_str().unwrap().to_string();
     let token = dev.mint_token(&id).await;
@@ -310,6 +331,7 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
     rule.want.ecpu_milli += message.len() as u64 * 1000 / 1024;
 
     assert_stored(&dev, &id, rule.want).await;
+    assert_eq!(gateway_counters(metrics_port, &id).await, rule.want, "the gateway's /metrics agree");
 }
 
 /// A child process stopped with SIGTERM when dropped.

@@ -21,6 +21,9 @@ pub struct ControlPlaneConfig {
     pub token_ttl_max: u64,
     /// HTTP worker threads.
     pub workers: usize,
+    /// The process's metrics recorder, when the embedding program installed one.
+    #[serde(skip)]
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -34,6 +37,7 @@ impl Default for ControlPlaneConfig {
             token_ttl_default: 15 * 60,
             token_ttl_max: 12 * 3600,
             workers: 2,
+            metrics: None,
         }
     }
 }
