@@ -83,6 +83,7 @@ async fn every_route_answers_each_role_as_documented() {
         ),
         (Method::POST, format!("/v1/caches/{c}/tokens"), None, [201, 201, 404, 403, 401]),
         (Method::GET, format!("/v1/caches/{c}/tokens"), None, [200, 200, 404, 200, 401]),
+        (Method::GET, format!("/v1/caches/{c}/usage"), None, [200, 200, 404, 200, 401]),
         (Method::GET, "/v1/audit".into(), None, [200, 200, 200, 200, 401]),
         (Method::GET, "/v1/audit/verify".into(), None, [200, 200, 200, 200, 401]),
     ];
