@@ -1066,11 +1066,11 @@ impl Session {
     /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
     fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
         let c = Counters::command(meter.spec, meter.request, reply, delivered);
-        if let Some(t) = self.tenant.as_ref().filter(|_| c.commands > 0) {
-            if t.bucket.limited() {
-                t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
-            }
-            t.latency.record(meter.started.elapsed().as_secs_f64());
+        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
+            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        }
+        if c.commands > 0 {
+            self.tally.observe(meter.started.elapsed().as_secs_f64());
         }
         self.tally(c);
     }
@@ -1119,7 +1119,9 @@ impl Session {
     fn flush_tally(&mut self) {
         if let Some(t) = &self.tenant {
             self.shared.ledger.add(&t.cache, self.tally.minute, &self.tally.counters);
+            crate::metrics::record_latencies(&t.latency, &self.tally.latency);
         }
+        self.tally.latency = Default::default();
         self.tally.counters = Counters::default();
         self.tally.flush_at = None;
     }
