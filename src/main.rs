@@ -52,6 +52,10 @@ struct DevArgs {
     /// Where state lives: SQLite store, Valkey data, tokens.
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
     data_dir: PathBuf,
+    /// Bearer token of the internal API between gateways and the control plane (default:
+    /// random per run). Set it to run extra `shoal gateway` processes against this one.
+    #[arg(long, env = "SHOAL_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
     /// The store (default: SQLite at <data-dir>/shoal.db; `postgres://…` for PostgreSQL).
     #[arg(long, env = "SHOAL_DATABASE_URL")]
     database_url: Option<String>,
@@ -203,7 +207,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .context("starting the Valkey pool")?,
     );
 
-    let internal_token = shoal_engine::node::random_secret();
+    let internal_token = args.internal_token.clone().unwrap_or_else(shoal_engine::node::random_secret);
     let rest = format!("{}:{}", args.host, args.rest_port);
     let resp = format!("{}:{}", args.host, args.resp_port);
     let cp_config = ControlPlaneConfig {

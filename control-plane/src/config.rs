@@ -21,6 +21,10 @@ pub struct ControlPlaneConfig {
     pub token_ttl_max: u64,
     /// HTTP worker threads.
     pub workers: usize,
+    /// Prices: defaults (ElastiCache Serverless, Valkey, us-east-1) and per-account plans.
+    pub billing: shoal_billing::PriceList,
+    /// Seconds after a month ends before its invoices are final (late usage still counts).
+    pub invoice_grace_seconds: i64,
 }
 
 impl Default for ControlPlaneConfig {
@@ -34,6 +38,8 @@ impl Default for ControlPlaneConfig {
             token_ttl_default: 15 * 60,
             token_ttl_max: 12 * 3600,
             workers: 2,
+            billing: Default::default(),
+            invoice_grace_seconds: 3600,
         }
     }
 }
