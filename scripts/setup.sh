@@ -30,6 +30,12 @@ if $want_test; then
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends redis-tools >&2
   fi
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1; then
+    log "installing PostgreSQL (Debian: postgresql) for the Postgres test lane"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends postgresql postgresql-client >&2
+  fi
   if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest not found; tests will run with cargo test"
   fi

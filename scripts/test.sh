@@ -21,3 +21,14 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# The Postgres lane: the store and REST API tests again, on a real PostgreSQL server.
+echo "==> tests on PostgreSQL" >&2
+pg_dir="$(mktemp -d /tmp/shoal-pg.XXXXXX)"
+trap 'scripts/postgres.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
+export SHOAL_TEST_POSTGRES_URL="$(scripts/postgres.sh start "$pg_dir")"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast -E "$(cat scripts/postgres-lane.filter)"
+else
+  cargo test --no-fail-fast --test rest --test auth
+fi

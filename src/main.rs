@@ -52,6 +52,9 @@ struct DevArgs {
     /// Where state lives: SQLite store, Valkey data, tokens.
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
     data_dir: PathBuf,
+    /// The store (default: SQLite at <data-dir>/shoal.db; `postgres://…` for PostgreSQL).
+    #[arg(long, env = "SHOAL_DATABASE_URL")]
+    database_url: Option<String>,
     #[arg(long, env = "SHOAL_HOST", default_value = "127.0.0.1")]
     host: String,
     /// REST API port.
@@ -205,7 +208,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let resp = format!("{}:{}", args.host, args.resp_port);
     let cp_config = ControlPlaneConfig {
         listen: rest.clone(),
-        database_url: format!("sqlite://{}", data_dir.join("shoal.db").display()),
+        database_url: args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("shoal.db").display())),
         admin_token_path: args.data_dir.join("admin.token"),
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),

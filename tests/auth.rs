@@ -11,19 +11,12 @@ use support::{raw, ShoalDev};
 
 /// The control plane's newest signing key (kid, PKCS#8 private key, raw public key).
 fn signing_key(dev: &ShoalDev) -> (String, Vec<u8>, Vec<u8>) {
-    let db = dev.dir.join(".shoal/shoal.db");
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys; r = sqlite3.connect(sys.argv[1]).execute(\
-             'SELECT kid, hex(private_der), hex(public_raw) FROM signing_keys ORDER BY created_at DESC').fetchone(); \
-             print(*r)",
-            db.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let parts: Vec<&str> = text.split_whitespace().collect();
+    let row = dev.sql(&format!(
+        "SELECT kid, {}, {} FROM signing_keys ORDER BY created_at DESC LIMIT 1",
+        dev.sql_hex("private_der"),
+        dev.sql_hex("public_raw")
+    ));
+    let parts: Vec<&str> = row[0].split('|').collect();
     (parts[0].to_string(), hex::decode(parts[1]).unwrap(), hex::decode(parts[2]).unwrap())
 }
 

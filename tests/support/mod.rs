@@ -11,6 +11,28 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// With `SHOAL_TEST_POSTGRES_URL` set (the Postgres lane of scripts/test.sh), a new empty
+/// database on that server for one test; otherwise None (SQLite).
+pub fn fresh_postgres_database() -> Option<String> {
+    let server = std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())?;
+    let name = format!("shoal_{:016x}", rand_u64());
+    let out = Command::new("psql")
+        .arg(&server)
+        .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "CREATE DATABASE failed: {}", String::from_utf8_lossy(&out.stderr));
+    let base = server.rsplit_once('/').map(|(b, _)| b).unwrap_or(&server);
+    Some(format!("{base}/{name}"))
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
 /// A running `shoal dev`, stopped with SIGTERM when dropped.
 pub struct ShoalDev {
     pub dir: PathBuf,
@@ -22,6 +44,8 @@ pub struct ShoalDev {
     pub http: reqwest::Client,
     /// Extra `shoal dev` arguments (limits for tests).
     pub extra_args: Vec<String>,
+    /// The store: SQLite in `dir` unless the Postgres lane gave a server (a fresh database).
+    pub database_url: Option<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -44,6 +68,7 @@ impl ShoalDev {
             child: None,
             http: reqwest::Client::new(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            database_url: fresh_postgres_database(),
             _tmp: Some(tmp),
         };
         // Free ports are picked before the binary binds them; another test may take one in
@@ -93,6 +118,7 @@ impl ShoalDev {
             .arg("--databases")
             .arg("64")
             .args(&self.extra_args)
+            .args(self.database_url.iter().flat_map(|url| ["--database-url", url]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -112,6 +138,62 @@ impl ShoalDev {
                 return Err(format!("did not come up in time\n{}", self.log()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs raw SQL on the store (as an operator or attacker with database access could),
+    /// returning rows of `|`-separated columns.
+    pub fn sql(&self, query: &str) -> Vec<String> {
+        let out = match &self.database_url {
+            Some(url) => Command::new("psql")
+                .arg(url)
+                .args(["-v", "ON_ERROR_STOP=1", "-AtF|", "-c", query])
+                .output()
+                .expect("psql runs"),
+            None => Command::new("python3")
+                .args([
+                    "-c",
+                    "import sqlite3, sys\n\
+                     c = sqlite3.connect(sys.argv[1])\n\
+                     rows = c.execute(sys.argv[2]).fetchall(); c.commit()\n\
+                     for r in rows: print('|'.join('' if v is None else str(v) for v in r))",
+                    self.dir.join(".shoal/shoal.db").to_str().unwrap(),
+                    query,
+                ])
+                .output()
+                .expect("python3 runs"),
+        };
+        assert!(out.status.success(), "SQL {query:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    /// Like [`sql`](Self::sql), for statements expected to fail: the error text.
+    pub fn sql_err(&self, query: &str) -> String {
+        let out = match &self.database_url {
+            Some(url) => Command::new("psql")
+                .arg(url)
+                .args(["-v", "ON_ERROR_STOP=1", "-Atc", query])
+                .output()
+                .unwrap(),
+            None => Command::new("python3")
+                .args([
+                    "-c",
+                    "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()",
+                    self.dir.join(".shoal/shoal.db").to_str().unwrap(),
+                    query,
+                ])
+                .output()
+                .unwrap(),
+        };
+        assert!(!out.status.success(), "SQL {query:?} should have failed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// SQL that renders a BLOB/BYTEA column as hex on this store.
+    pub fn sql_hex(&self, column: &str) -> String {
+        match self.database_url {
+            Some(_) => format!("encode({column}, 'hex')"),
+            None => format!("hex({column})"),
         }
     }
 

@@ -1,10 +1,11 @@
-//! The store: sqlx over SQLite (embedded default). Everything here is persisted; the
-//! schema lives in `control-plane/migrations/`.
+//! The store: sqlx's `Any` driver over SQLite (the embedded default) or PostgreSQL (for
+//! production). Queries are written once in the SQL both understand (`$1` placeholders,
+//! TEXT times in RFC 3339 UTC, BIGINT integers); the schema lives in
+//! `control-plane/migrations/{sqlite,postgres}/`, one migration per backend with the same number.
 
 use shoal_types::{AccountId, CacheId};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
-use std::str::FromStr;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
 
 pub type StoreError = sqlx::Error;
 
@@ -40,21 +41,53 @@ pub struct SigningKeyRecord {
     pub public_raw: Vec<u8>,
 }
 
+/// Which database the store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(crate) pool: AnyPool,
+    pub backend: Backend,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `url` and runs the migrations.
+    /// Opens the database at `url` (`sqlite://path` — created if missing — or
+    /// `postgres://…`) and runs the migrations.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(sqlx::Error::Configuration(format!("unsupported database url {url:?}").into()));
+        };
+        let options = AnyPoolOptions::new().max_connections(8);
+        let pool = match backend {
+            Backend::Sqlite => {
+                let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
+                options
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
+                                .await
+                                .map(|_| ())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => options.connect(url).await?,
+        };
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        Ok(Store { pool, backend })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -73,7 +106,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at)
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING",
         )
         .bind(id)
         .bind(token_hash)
@@ -88,7 +121,7 @@ impl Store {
 
     pub async fn api_key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, role, account_id FROM api_keys WHERE token_hash = ? AND revoked_at IS NULL",
+            "SELECT id, role, account_id FROM api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
         )
         .bind(token_hash)
         .fetch_optional(&self.pool)
@@ -117,14 +150,16 @@ impl Store {
     }
 
     pub async fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO signing_keys (kid, private_der, public_raw, created_at) VALUES (?, ?, ?, ?)")
-            .bind(&key.kid)
-            .bind(&key.private_der)
-            .bind(&key.public_raw)
-            .bind(now())
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, private_der, public_raw, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&key.kid)
+        .bind(&key.private_der)
+        .bind(&key.public_raw)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
     }
 
     // --- caches ---
@@ -146,7 +181,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
                                  keyspace_events)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(c.id.as_str())
         .bind(c.account_id.as_str())
@@ -165,7 +200,7 @@ impl Store {
 
     /// A live cache by id.
     pub async fn cache(&self, id: &CacheId) -> Result<Option<CacheRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM caches WHERE id = ? AND status <> 'deleted'")
+        let row = sqlx::query("SELECT * FROM caches WHERE id = $1 AND status <> 'deleted'")
             .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await?;
@@ -175,7 +210,7 @@ impl Store {
     /// Live caches, oldest first, optionally of one account.
     pub async fn caches(&self, account: Option<&AccountId>) -> Result<Vec<CacheRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM caches WHERE status <> 'deleted' AND (? IS NULL OR account_id = ?)
+            "SELECT * FROM caches WHERE status <> 'deleted' AND (CAST($1 AS TEXT) IS NULL OR account_id = $2)
              ORDER BY created_at, id",
         )
         .bind(account.map(|a| a.as_str()))
@@ -190,7 +225,7 @@ impl Store {
     pub async fn keyspace_events_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "SELECT keyspace_events || CASE WHEN client_tracking = 1 THEN 'KA' ELSE '' END AS keyspace_events
-             FROM caches WHERE node = ? AND status <> 'deleted'",
+             FROM caches WHERE node = $1 AND status <> 'deleted'",
         )
         .bind(node)
         .fetch_all(&self.pool)
@@ -200,7 +235,7 @@ impl Store {
 
     /// Records that a cache's clients use client-side caching.
     pub async fn enable_client_tracking(&self, id: &CacheId) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE caches SET client_tracking = 1 WHERE id = ? AND client_tracking = 0")
+        let done = sqlx::query("UPDATE caches SET client_tracking = 1 WHERE id = $1 AND client_tracking = 0")
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;
@@ -208,7 +243,7 @@ impl Store {
     }
 
     pub async fn mark_cache_deleted(&self, id: &CacheId) -> Result<(), StoreError> {
-        sqlx::query("UPDATE caches SET status = 'deleted', deleted_at = ? WHERE id = ?")
+        sqlx::query("UPDATE caches SET status = 'deleted', deleted_at = $1 WHERE id = $2")
             .bind(now())
             .bind(id.as_str())
             .execute(&self.pool)
@@ -226,7 +261,7 @@ impl Store {
         expires_at: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(jti)
         .bind(cache.as_str())
@@ -242,7 +277,7 @@ impl Store {
     pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<(String, String, String)>, StoreError> {
         let rows = sqlx::query(
             "SELECT jti, created_at, expires_at FROM tokens
-             WHERE cache_id = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY created_at, jti",
+             WHERE cache_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at, jti",
         )
         .bind(cache.as_str())
         .bind(now_secs())
@@ -254,7 +289,7 @@ impl Store {
     /// Revokes a cache's token; false if there is no such live token.
     pub async fn revoke_token(&self, cache: &CacheId, jti: &str) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE tokens SET revoked_at = ? WHERE cache_id = ? AND jti = ? AND revoked_at IS NULL",
+            "UPDATE tokens SET revoked_at = $1 WHERE cache_id = $2 AND jti = $3 AND revoked_at IS NULL",
         )
         .bind(now())
         .bind(cache.as_str())
@@ -267,7 +302,7 @@ impl Store {
     /// Revoked tokens that have not expired yet (what gateways must refuse): (jti, expires_at).
     pub async fn revoked_tokens(&self) -> Result<Vec<(String, String)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ? ORDER BY jti",
+            "SELECT jti, expires_at FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > $1 ORDER BY jti",
         )
         .bind(now_secs())
         .fetch_all(&self.pool)
@@ -276,7 +311,7 @@ impl Store {
     }
 }
 
-fn cache_from_row(r: sqlx::sqlite::SqliteRow) -> Result<CacheRecord, StoreError> {
+fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
     let decode = |e: shoal_types::InvalidId| sqlx::Error::Decode(Box::new(e));
     Ok(CacheRecord {
         id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode)?,
