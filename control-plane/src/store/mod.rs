@@ -3,6 +3,10 @@
 //! TEXT times in RFC 3339 UTC, BIGINT integers); the schema lives in
 //! `control-plane/migrations/{sqlite,postgres}/`, one migration per backend with the same number.
 
+mod storage;
+
+pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage};
+
 use shoal_types::{AccountId, CacheId};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
