@@ -2,22 +2,112 @@
 
 use crate::error::ApiError;
 use crate::startup::AppState;
-use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+use actix_web::{dev::Payload, web, FromRequest, HttpMessage, HttpRequest};
+use shoal_types::AccountId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::pin::Pin;
 
-/// Who is calling.
+/// Who is calling. Roles (ARCHITECTURE §8, issue "REST authorization"):
+/// - `admin`: everything;
+/// - `owner` of an account: that account's caches, users, tokens, keys, usage, invoices, audit;
+/// - `auditor`: reads (caches, usage, invoices, audit) of one account — or of every account
+///   when the key has none — and changes nothing.
+///
+/// Objects of accounts a principal cannot see answer 404, never a 403 that confirms they exist.
 #[derive(Clone, Debug)]
 pub struct Principal {
     pub key_id: String,
     pub role: Role,
+    pub account: Option<AccountId>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
 pub enum Role {
     Admin,
+    Owner,
+    Auditor,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "owner" => Some(Role::Owner),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+impl Principal {
+    /// How the principal appears in audit records.
+    pub fn actor(&self) -> String {
+        format!("key:{}", self.key_id)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// The account whose objects list endpoints show; None = all accounts.
+    pub fn scope(&self) -> Option<AccountId> {
+        match self.role {
+            Role::Admin => None,
+            _ => self.account.clone(),
+        }
+    }
+
+    /// Whether objects of `account` are visible.
+    pub fn sees(&self, account: &AccountId) -> bool {
+        match self.scope() {
+            None => true,
+            Some(mine) => &mine == account,
+        }
+    }
+
+    /// Read access to an object of `account`: 404 when not visible.
+    pub fn read(&self, account: &AccountId, what: &'static str) -> Result<(), ApiError> {
+        if self.sees(account) {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(what))
+        }
+    }
+
+    /// Write access to an object of `account`: 404 when not visible, 403 for auditors.
+    pub fn write(&self, account: &AccountId, what: &'static str) -> Result<(), ApiError> {
+        self.read(account, what)?;
+        self.writer()
+    }
+
+    /// Whether this principal may change anything at all.
+    pub fn writer(&self) -> Result<(), ApiError> {
+        if self.role == Role::Auditor {
+            Err(ApiError::Forbidden)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Only the platform admin.
+    pub fn admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden)
+        }
+    }
 }
 
 impl FromRequest for Principal {
@@ -26,6 +116,7 @@ impl FromRequest for Principal {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = req.app_data::<web::Data<AppState>>().cloned();
+        let req = req.clone();
         let token = req
             .headers()
             .get("Authorization")
@@ -36,11 +127,14 @@ impl FromRequest for Principal {
             let (Some(state), Some(token)) = (state, token) else { return Err(ApiError::Unauthorized) };
             let key =
                 state.store.api_key_by_hash(&hash_token(&token)).await?.ok_or(ApiError::Unauthorized)?;
-            let role = match key.role.as_str() {
-                "admin" => Role::Admin,
-                _ => return Err(ApiError::Unauthorized),
-            };
-            Ok(Principal { key_id: key.id, role })
+            let role = Role::parse(&key.role).ok_or(ApiError::Unauthorized)?;
+            let account = key.account_id.as_deref().map(AccountId::parse).transpose().map_err(|_| ApiError::Unauthorized)?;
+            if role == Role::Owner && account.is_none() {
+                return Err(ApiError::Unauthorized);
+            }
+            let who = Principal { key_id: key.id, role, account };
+            req.extensions_mut().insert(who.clone());
+            Ok(who)
         })
     }
 }

@@ -8,7 +8,9 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{detail}")]
-    BadRequest { detail: String, field: Option<&'static str> },
+    BadRequest { detail: String, field: Option<String> },
+    #[error("{detail}")]
+    Unprocessable { detail: String, field: Option<String> },
     #[error("missing or invalid bearer token")]
     Unauthorized,
     #[error("not allowed")]
@@ -19,13 +21,15 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("the object changed since you read it (If-Match does not match its ETag)")]
+    PreconditionFailed,
     #[error("internal error")]
     Internal(String),
 }
 
 impl ApiError {
-    pub fn field(field: &'static str, detail: impl Into<String>) -> ApiError {
-        ApiError::BadRequest { detail: detail.into(), field: Some(field) }
+    pub fn field(field: impl Into<String>, detail: impl Into<String>) -> ApiError {
+        ApiError::BadRequest { detail: detail.into(), field: Some(field.into()) }
     }
 }
 
@@ -45,11 +49,13 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -60,7 +66,7 @@ impl ResponseError for ApiError {
         }
         let status = self.status_code();
         let field = match self {
-            ApiError::BadRequest { field, .. } => field.map(str::to_string),
+            ApiError::BadRequest { field, .. } | ApiError::Unprocessable { field, .. } => field.clone(),
             _ => None,
         };
         let mut resp = HttpResponse::build(status);
@@ -100,7 +106,14 @@ pub fn json_error(
     err: actix_web::error::JsonPayloadError,
     _req: &actix_web::HttpRequest,
 ) -> actix_web::Error {
-    ApiError::BadRequest { detail: format!("invalid JSON body: {err}"), field: None }.into()
+    ApiError::BadRequest { detail: format!("invalid JSON body: {err}"), field: unknown_field(&err.to_string()) }
+        .into()
+}
+
+/// The field serde complained about ("unknown field `x`", "missing field `x`"), if any.
+pub fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.split_once("field `")?.1;
+    Some(rest.split_once('`')?.0.to_string())
 }
 
 pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {

@@ -5,15 +5,18 @@
 //!
 //! ## Layout (in the order a request flows)
 //! - [`startup`]: app state, HTTP server, bootstrap admin token.
-//! - [`auth`]: bearer API keys → [`auth::Principal`].
-//! - [`routes`]: one module per resource (`caches`, `tokens`, `internal`, `health`).
+//! - [`context`]: request ids, source addresses, auditing of refused changes.
+//! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
+//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `audit`, `internal`,
+//!   `health`); `page` holds pagination, idempotency and ETags.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
-//! - [`store`]: sqlx over SQLite, migrations in `migrations/`.
+//! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
 pub mod apidoc;
 pub mod auth;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod routes;
 pub mod signing;

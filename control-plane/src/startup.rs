@@ -52,10 +52,16 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
                     .error_handler(crate::error::json_error),
             )
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
-            .wrap(actix_web::middleware::Logger::new("%a \"%r\" %s %Dms").log_target("shoal::http"))
+            .wrap(actix_web::middleware::from_fn(crate::context::middleware))
+            .wrap(
+                actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
+                    .log_target("shoal::http"),
+            )
             .configure(routes::health::configure)
             .configure(routes::internal::configure)
+            .configure(routes::accounts::configure)
             .configure(routes::caches::configure)
+            .configure(routes::audit::configure)
             .configure(routes::tokens::configure)
             .route("/openapi.json", web::get().to(openapi_json))
             .default_service(web::to(not_found))

@@ -1,19 +1,29 @@
-//! `/v1/caches`: create, list, get, delete.
+//! `/v1/caches`: create, list, get, patch, delete.
 
 use crate::auth::Principal;
+use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::routes::page::{self, PageQuery};
 use crate::startup::AppState;
-use crate::store::{self, CacheRecord};
-use actix_web::{web, HttpResponse};
+use crate::store::{self, CacheFilter, CacheRecord};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use shoal_engine::{placement, TenantAcl};
-use shoal_types::{AccountId, CacheId};
+use shoal_types::{AccountId, CacheId, CacheLimits};
+use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-/// The account that owns what the platform admin creates (accounts come with the REST API).
+/// The account that owns what the platform admin creates (an admin's key has no account).
 pub const PLATFORM_ACCOUNT: &str = "a000000000000";
 /// Most numbered databases one cache may have.
 pub const MAX_DATABASES: u32 = 16;
+/// Upper bounds of the limits (ElastiCache Serverless allows up to 15M ECPU/s and 5 TB).
+pub const MAX_ECPU_PER_SECOND: u64 = 15_000_000;
+pub const MAX_DATA_STORAGE_MB: u64 = 5_000_000;
+pub const MAX_CONNECTIONS: u32 = 65_000;
+/// What happens when a cache reaches `data_storage_mb`.
+pub const EVICTION_POLICIES: [&str; 2] = ["volatile-lru", "noeviction"];
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -22,23 +32,94 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/v1/caches/{id}")
             .route(web::get().to(get_cache))
+            .route(web::patch().to(patch_cache))
             .route(web::delete().to(delete_cache)),
     );
 }
 
-/// Body of `POST /v1/caches`.
+/// Usage limits of a cache; absent = unlimited.
+#[derive(Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// ECPU per second (1–15,000,000); over it commands wait up to 10 ms, then get `-THROTTLED`.
+    pub ecpu_per_second: Option<u64>,
+    /// Stored data in MB (1–5,000,000); over it keys with a TTL are evicted, then writes get `-OOM`.
+    pub data_storage_mb: Option<u64>,
+    /// Concurrent client connections per gateway (1–65,000).
+    pub max_connections: Option<u32>,
+}
+
+impl Limits {
+    fn validate(&self) -> Result<CacheLimits, ApiError> {
+        let check = |v: Option<u64>, max: u64, field: &str| match v {
+            Some(n) if n == 0 || n > max => Err(ApiError::field(format!("limits.{field}"), format!("limits.{field} must be between 1 and {max}"))),
+            _ => Ok(()),
+        };
+        check(self.ecpu_per_second, MAX_ECPU_PER_SECOND, "ecpu_per_second")?;
+        check(self.data_storage_mb, MAX_DATA_STORAGE_MB, "data_storage_mb")?;
+        check(self.max_connections.map(u64::from), MAX_CONNECTIONS as u64, "max_connections")?;
+        Ok(CacheLimits {
+            ecpu_per_second: self.ecpu_per_second,
+            data_storage_mb: self.data_storage_mb,
+            max_connections: self.max_connections,
+        })
+    }
+
+    fn of(l: &CacheLimits) -> Limits {
+        Limits { ecpu_per_second: l.ecpu_per_second, data_storage_mb: l.data_storage_mb, max_connections: l.max_connections }
+    }
+}
+
+/// Body of `POST /v1/caches`. Ids, accounts and placement are the platform's to choose:
+/// fields such as `id`, `account_id`, `node` or `db` are refused.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCache {
     /// 1–63 characters: letters, digits, `-` and `_`; unique among the account's caches.
     pub name: String,
+    /// Free text, up to 256 characters.
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    /// `volatile-lru` (default: evict keys with a TTL, least recently used first) or `noeviction`.
+    #[serde(default)]
+    pub eviction_policy: Option<String>,
     /// How many numbered databases the cache may `SELECT` (default 1).
     #[serde(default)]
     pub databases: Option<u32>,
+    /// Up to 50 string tags.
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
     /// Keyspace notifications to deliver to the cache's subscribers, in Valkey's
     /// `notify-keyspace-events` syntax (e.g. `KEA`); off when absent.
     #[serde(default)]
     pub keyspace_notifications: Option<String>,
+}
+
+/// Body of `PATCH /v1/caches/{id}`: any number of fields at once (JSON merge patch; `null`
+/// in `limits` removes that limit). Send `If-Match` with the ETag you read to avoid
+/// overwriting someone else's change.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchCache {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub limits: Option<serde_json::Map<String, serde_json::Value>>,
+    pub eviction_policy: Option<String>,
+    pub tags: Option<BTreeMap<String, String>>,
+    pub keyspace_notifications: Option<String>,
+}
+
+/// Where the cache lives (a summary; node names are internal).
+#[derive(Serialize, ToSchema)]
+pub struct Allocation {
+    /// Numbered Valkey databases the cache holds.
+    pub databases: u32,
+    /// The pool member (shown to the platform admin only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A cache as clients see it.
@@ -46,33 +127,64 @@ pub struct CreateCache {
 pub struct Cache {
     pub id: String,
     pub name: String,
+    pub description: String,
     pub account_id: String,
     /// `available` once it can take connections.
     pub status: String,
     /// The RESP endpoint (`host:port`) to connect to.
     pub endpoint: String,
     pub databases: u32,
+    pub limits: Limits,
+    pub eviction_policy: String,
+    pub tags: BTreeMap<String, String>,
     /// Keyspace-notification flags ("" = off).
     pub keyspace_notifications: String,
+    pub allocation: Allocation,
+    /// Changes with every update; send it back in `If-Match`.
+    pub etag: String,
     pub created_at: String,
+    pub updated_at: String,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct CacheList {
     pub items: Vec<Cache>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Filters of `GET /v1/caches`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CacheQuery {
+    /// Only caches of this account (admins and platform auditors).
+    pub account_id: Option<String>,
+    /// Only the cache with this name.
+    pub name: Option<String>,
 }
 
 impl Cache {
-    fn from_record(c: &CacheRecord, endpoint: &str) -> Cache {
+    pub fn from_record(c: &CacheRecord, endpoint: &str, who: &Principal) -> Cache {
         Cache {
             id: c.id.to_string(),
             name: c.name.clone(),
+            description: c.description.clone(),
             account_id: c.account_id.to_string(),
             status: c.status.clone(),
             endpoint: endpoint.to_string(),
             databases: c.databases,
+            limits: Limits::of(&c.limits),
+            eviction_policy: c.eviction_policy.clone(),
+            tags: serde_json::from_str(&c.tags).unwrap_or_default(),
             keyspace_notifications: c.keyspace_events.clone(),
+            allocation: Allocation {
+                databases: c.databases,
+                node: who.is_admin().then(|| c.node.clone()),
+            },
+            etag: page::etag(c.version),
             created_at: c.created_at.clone(),
+            updated_at: c.updated_at.clone(),
         }
     }
 }
@@ -87,23 +199,86 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+fn validate_description(d: &str) -> Result<(), ApiError> {
+    if d.chars().count() > 256 || d.chars().any(char::is_control) {
+        return Err(ApiError::field("description", "description must be at most 256 characters, no control characters"));
+    }
+    Ok(())
+}
+
+fn validate_eviction_policy(p: &str) -> Result<(), ApiError> {
+    if EVICTION_POLICIES.contains(&p) {
+        Ok(())
+    } else {
+        Err(ApiError::field("eviction_policy", format!("eviction_policy must be one of {}", EVICTION_POLICIES.join(", "))))
+    }
+}
+
+fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
+    if tags.len() > 50 {
+        return Err(ApiError::field("tags", "at most 50 tags"));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > 128 || v.chars().count() > 256 || k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(ApiError::field("tags", format!("tag {k:?}: keys are 1–128 characters, values up to 256, no control characters")));
+        }
+    }
+    Ok(serde_json::to_string(tags).expect("strings serialize"))
+}
+
 /// Parses a cache id from the path; malformed ids are simply not found.
 pub fn parse_id(raw: &str) -> Result<CacheId, ApiError> {
     CacheId::parse(raw).map_err(|_| ApiError::NotFound("cache"))
 }
 
+/// A live cache the caller may see (404 otherwise, whether or not it exists).
+pub async fn visible_cache(state: &AppState, who: &Principal, raw_id: &str) -> Result<CacheRecord, ApiError> {
+    let cache = state.store.cache(&parse_id(raw_id)?).await?.ok_or(ApiError::NotFound("cache"))?;
+    who.read(&cache.account_id, "cache")?;
+    Ok(cache)
+}
+
+/// A live cache the caller may change.
+pub async fn changeable_cache(state: &AppState, who: &Principal, raw_id: &str) -> Result<CacheRecord, ApiError> {
+    let cache = visible_cache(state, who, raw_id).await?;
+    who.writer()?;
+    Ok(cache)
+}
+
 /// Create a cache: choose a node and database, fence it with its own ACL user, store it.
+/// The cache belongs to the caller's account (the platform account for admins).
+/// Send `Idempotency-Key` to make retries safe.
 #[utoipa::path(post, path = "/v1/caches", request_body = CreateCache,
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
     responses((status = 201, body = Cache), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem),
+              (status = 503, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "caches")]
 pub async fn create_cache(
     state: web::Data<AppState>,
-    _who: Principal,
-    body: web::Json<CreateCache>,
+    who: Principal,
+    ctx: RequestContext,
+    req: HttpRequest,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
+    who.writer()?;
+    let parsed: CreateCache = page::json_body(&body)?;
+    page::idempotent(&state, &who, &req, &body, || async {
+        let cache = create(&state, &who, &ctx, parsed).await?;
+        Ok((StatusCode::CREATED, serde_json::to_value(cache).expect("serializes")))
+    })
+    .await
+}
+
+async fn create(state: &AppState, who: &Principal, ctx: &RequestContext, body: CreateCache) -> Result<Cache, ApiError> {
     validate_name(&body.name)?;
+    let description = body.description.unwrap_or_default();
+    validate_description(&description)?;
+    let limits = body.limits.unwrap_or_default().validate()?;
+    let eviction_policy = body.eviction_policy.unwrap_or_else(|| EVICTION_POLICIES[0].to_string());
+    validate_eviction_policy(&eviction_policy)?;
+    let tags = validate_tags(&body.tags.unwrap_or_default())?;
     let databases = body.databases.unwrap_or(1);
     if !(1..=MAX_DATABASES).contains(&databases) {
         return Err(ApiError::field("databases", format!("databases must be between 1 and {MAX_DATABASES}")));
@@ -111,11 +286,12 @@ pub async fn create_cache(
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
-    let account = AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant");
+    let account = who.account.clone().unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
 
     // One placement at a time, so two creates never pick the same database.
     let _placing = state.placement_lock.lock().await;
-    if state.store.caches(Some(&account)).await?.iter().any(|c| c.name == body.name) {
+    let same_name = CacheFilter { account: Some(account.clone()), name: Some(body.name.clone()), limit: 1, ..Default::default() };
+    if !state.store.caches_page(&same_name).await?.is_empty() {
         return Err(ApiError::Conflict(format!("a cache named {:?} already exists", body.name)));
     }
     let mut loads = state.pool.loads();
@@ -133,6 +309,7 @@ pub async fn create_cache(
         databases,
     };
     state.pool.create_tenant(&chosen.node, &acl).await?;
+    let now = store::now();
     let record = CacheRecord {
         id,
         account_id: account,
@@ -142,10 +319,26 @@ pub async fn create_cache(
         db: chosen.db,
         databases,
         acl_password: acl.password.clone(),
-        created_at: store::now(),
+        created_at: now.clone(),
         keyspace_events,
+        description,
+        limits,
+        eviction_policy,
+        tags,
+        version: 1,
+        updated_at: now,
     };
-    if let Err(e) = state.store.insert_cache(&record).await {
+    let mut event = ctx.event(who, "cache.create", record.id.as_str());
+    event.account_id = Some(record.account_id.to_string());
+    event.cache_id = Some(record.id.to_string());
+    event.details = serde_json::json!({ "name": record.name });
+    let stored = async {
+        let mut tx = state.store.begin().await?;
+        store::insert_cache(tx.conn(), &record).await?;
+        tx.commit(&event).await
+    }
+    .await;
+    if let Err(e) = stored {
         let _ = state.pool.delete_tenant(&chosen.node, &acl).await;
         return Err(if store::is_unique_violation(&e) {
             ApiError::Conflict(format!("a cache named {:?} already exists", record.name))
@@ -154,48 +347,159 @@ pub async fn create_cache(
         });
     }
     if !record.keyspace_events.is_empty() {
-        apply_keyspace_events(&state, &record.node).await?;
+        apply_keyspace_events(state, &record.node).await?;
     }
     tracing::info!(cache = %record.id, node = %record.node, db = record.db, "cache created");
-    Ok(HttpResponse::Created().json(Cache::from_record(&record, &state.config.public_endpoint)))
+    Ok(Cache::from_record(&record, &state.config.public_endpoint, who))
 }
 
-/// List caches.
-#[utoipa::path(get, path = "/v1/caches", responses((status = 200, body = CacheList)),
+/// List caches the caller can see, oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/caches", params(PageQuery, CacheQuery),
+    responses((status = 200, body = CacheList), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "caches")]
-pub async fn list_caches(state: web::Data<AppState>, _who: Principal) -> Result<HttpResponse, ApiError> {
-    let items = state.store.caches(None).await?;
+pub async fn list_caches(
+    state: web::Data<AppState>,
+    who: Principal,
+    page_q: web::Query<PageQuery>,
+    q: web::Query<CacheQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = page_q.limit()?;
+    let after = match page_q.cursor()? {
+        Some(k) if k.len() == 2 => Some((k[0].clone(), k[1].clone())),
+        Some(_) => return Err(ApiError::field("cursor", "cursor is not one this API returned")),
+        None => None,
+    };
+    let mut account = who.scope();
+    if let Some(raw) = &q.account_id {
+        let wanted = AccountId::parse(raw).map_err(|_| ApiError::field("account_id", "not an account id"))?;
+        if account.as_ref().is_some_and(|mine| mine != &wanted) {
+            // Another account's caches: an empty list, like an account with none.
+            return Ok(HttpResponse::Ok().json(CacheList { items: vec![], next_cursor: None }));
+        }
+        account = Some(wanted);
+    }
+    let filter = CacheFilter { account, name: q.name.clone(), after, limit };
+    let records = state.store.caches_page(&filter).await?;
+    let next_cursor = page::next_cursor(&records, limit, |c| vec![c.created_at.clone(), c.id.to_string()]);
     let endpoint = &state.config.public_endpoint;
-    Ok(HttpResponse::Ok()
-        .json(CacheList { items: items.iter().map(|c| Cache::from_record(c, endpoint)).collect() }))
+    let items = records.iter().map(|c| Cache::from_record(c, endpoint, &who)).collect();
+    Ok(HttpResponse::Ok().json(CacheList { items, next_cursor }))
 }
 
-/// Get one cache.
+/// Get one cache (with its ETag).
 #[utoipa::path(get, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 200, body = Cache), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = Cache), (status = 401, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "caches")]
 pub async fn get_cache(
     state: web::Data<AppState>,
-    _who: Principal,
+    who: Principal,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&id)?;
-    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
-    Ok(HttpResponse::Ok().json(Cache::from_record(&cache, &state.config.public_endpoint)))
+    let cache = visible_cache(&state, &who, &id).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("ETag", page::etag(cache.version)))
+        .json(Cache::from_record(&cache, &state.config.public_endpoint, &who)))
+}
+
+/// Change any number of a cache's fields in one request. Limits take effect at the
+/// gateways within a second. `databases` cannot change after create.
+#[utoipa::path(patch, path = "/v1/caches/{id}", request_body = PatchCache,
+    params(("id" = String, Path, description = "cache id"),
+           ("If-Match" = Option<String>, Header, description = "the ETag you read")),
+    responses((status = 200, body = Cache), (status = 400, body = crate::error::Problem),
+              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
+              (status = 412, body = crate::error::Problem)),
+    security(("bearer" = [])), tag = "caches")]
+pub async fn patch_cache(
+    state: web::Data<AppState>,
+    who: Principal,
+    ctx: RequestContext,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let current = changeable_cache(&state, &who, &id).await?;
+    let patch: PatchCache = page::json_body(&body)?;
+    page::check_if_match(&req, current.version)?;
+    let mut next = current.clone();
+    let mut changed = Vec::new();
+    if let Some(name) = patch.name {
+        validate_name(&name)?;
+        next.name = name;
+        changed.push("name");
+    }
+    if let Some(d) = patch.description {
+        validate_description(&d)?;
+        next.description = d;
+        changed.push("description");
+    }
+    if let Some(l) = patch.limits {
+        let mut merged = serde_json::to_value(Limits::of(&current.limits)).expect("serializes");
+        for (k, v) in l {
+            merged[k.as_str()] = v;
+        }
+        let limits: Limits = serde_json::from_value(merged).map_err(|e| {
+            ApiError::BadRequest { field: crate::error::unknown_field(&e.to_string()).map(|f| format!("limits.{f}")).or(Some("limits".into())), detail: format!("invalid limits: {e}") }
+        })?;
+        next.limits = limits.validate()?;
+        changed.push("limits");
+    }
+    if let Some(p) = patch.eviction_policy {
+        validate_eviction_policy(&p)?;
+        next.eviction_policy = p;
+        changed.push("eviction_policy");
+    }
+    if let Some(t) = patch.tags {
+        next.tags = validate_tags(&t)?;
+        changed.push("tags");
+    }
+    if let Some(k) = patch.keyspace_notifications {
+        next.keyspace_events = shoal_engine::tenant::parse_keyspace_events(&k)
+            .map_err(|e| ApiError::field("keyspace_notifications", e))?;
+        changed.push("keyspace_notifications");
+    }
+    let mut event = ctx.event(&who, "cache.update", current.id.as_str());
+    event.account_id = Some(current.account_id.to_string());
+    event.cache_id = Some(current.id.to_string());
+    event.details = serde_json::json!({ "fields": changed });
+    let mut tx = state.store.begin().await?;
+    let updated = match store::update_cache(tx.conn(), &next, current.version).await {
+        Ok(done) => done,
+        Err(e) if store::is_unique_violation(&e) => {
+            return Err(ApiError::Conflict(format!("a cache named {:?} already exists", next.name)))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !updated {
+        return Err(ApiError::PreconditionFailed);
+    }
+    tx.commit(&event).await?;
+    if next.keyspace_events != current.keyspace_events {
+        apply_keyspace_events(&state, &next.node).await?;
+    }
+    next.version += 1;
+    let fresh = state.store.cache(&next.id).await?.unwrap_or(next);
+    Ok(HttpResponse::Ok()
+        .insert_header(("ETag", page::etag(fresh.version)))
+        .json(Cache::from_record(&fresh, &state.config.public_endpoint, &who)))
 }
 
 /// Delete a cache: its ACL user goes (open connections close), its data is flushed.
 #[utoipa::path(delete, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 204), (status = 404, body = crate::error::Problem)),
+    responses((status = 204), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "caches")]
 pub async fn delete_cache(
     state: web::Data<AppState>,
-    _who: Principal,
+    who: Principal,
+    ctx: RequestContext,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&id)?;
     let _placing = state.placement_lock.lock().await;
-    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
+    let cache = changeable_cache(&state, &who, &id).await?;
     let acl = TenantAcl {
         user: cache.id.acl_user(),
         password: cache.acl_password.clone(),
@@ -203,7 +507,12 @@ pub async fn delete_cache(
         databases: cache.databases,
     };
     state.pool.delete_tenant(&cache.node, &acl).await?;
-    state.store.mark_cache_deleted(&cache.id).await?;
+    let mut event = ctx.event(&who, "cache.delete", cache.id.as_str());
+    event.account_id = Some(cache.account_id.to_string());
+    event.cache_id = Some(cache.id.to_string());
+    let mut tx = state.store.begin().await?;
+    store::mark_cache_deleted(tx.conn(), &cache.id).await?;
+    tx.commit(&event).await?;
     apply_keyspace_events(&state, &cache.node).await?;
     tracing::info!(cache = %cache.id, "cache deleted");
     Ok(HttpResponse::NoContent().finish())

@@ -48,7 +48,7 @@ async fn route(
         observer_user: shoal_engine::node::OBSERVER_USER.to_string(),
         observer_password: node.observer_password().to_string(),
         keyspace_events: cache.keyspace_events,
-        limits: Default::default(),
+        limits: cache.limits,
         storage_full: false,
     }))
 }

@@ -1,6 +1,9 @@
 //! One module per resource; each has `configure(cfg)`.
 
+pub mod accounts;
+pub mod audit;
 pub mod caches;
 pub mod health;
 pub mod internal;
+pub mod page;
 pub mod tokens;

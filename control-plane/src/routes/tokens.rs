@@ -2,8 +2,10 @@
 
 use crate::auth::{random_token, Principal};
 use crate::error::ApiError;
-use crate::routes::caches::parse_id;
+use crate::context::RequestContext;
+use crate::routes::caches::{changeable_cache, visible_cache};
 use crate::startup::AppState;
+use crate::store;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
@@ -37,10 +39,10 @@ pub struct TokenList {
     security(("bearer" = [])), tag = "tokens")]
 pub async fn list_tokens(
     state: web::Data<AppState>,
-    _who: Principal,
+    who: Principal,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let cache = state.store.cache(&parse_id(&id)?).await?.ok_or(ApiError::NotFound("cache"))?;
+    let cache = visible_cache(&state, &who, &id).await?;
     let items = state
         .store
         .active_tokens(&cache.id)
@@ -59,14 +61,20 @@ pub async fn list_tokens(
     security(("bearer" = [])), tag = "tokens")]
 pub async fn revoke_token(
     state: web::Data<AppState>,
-    _who: Principal,
+    who: Principal,
+    ctx: RequestContext,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (id, jti) = path.into_inner();
-    let cache = state.store.cache(&parse_id(&id)?).await?.ok_or(ApiError::NotFound("cache"))?;
-    if !state.store.revoke_token(&cache.id, &jti).await? {
+    let cache = changeable_cache(&state, &who, &id).await?;
+    let mut event = ctx.event(&who, "token.revoke", &jti);
+    event.account_id = Some(cache.account_id.to_string());
+    event.cache_id = Some(cache.id.to_string());
+    let mut tx = state.store.begin().await?;
+    if !store::revoke_token(tx.conn(), &cache.id, &jti).await? {
         return Err(ApiError::NotFound("token"));
     }
+    tx.commit(&event).await?;
     tracing::info!(cache = %cache.id, %jti, "token revoked");
     Ok(HttpResponse::NoContent().finish())
 }
@@ -96,17 +104,16 @@ pub struct MintedToken {
 pub async fn mint_token(
     state: web::Data<AppState>,
     who: Principal,
+    ctx: RequestContext,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&id)?;
+    let cache = changeable_cache(&state, &who, &id).await?;
     let body: MintToken = if body.iter().all(u8::is_ascii_whitespace) {
         MintToken::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest { detail: format!("invalid JSON body: {e}"), field: None })?
+        crate::routes::page::json_body(&body)?
     };
-    let cache = state.store.cache(&id).await?.ok_or(ApiError::NotFound("cache"))?;
     let ttl = body.ttl_seconds.unwrap_or(state.config.token_ttl_default);
     if ttl == 0 || ttl > state.config.token_ttl_max {
         return Err(ApiError::field(
@@ -129,6 +136,12 @@ pub async fn mint_token(
     };
     let token = state.signer.sign(&claims).map_err(|e| ApiError::Internal(e.to_string()))?;
     let expires_at = exp.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    state.store.insert_token(&claims.jti, &cache.id, "read-write", &expires_at).await?;
+    let mut event = ctx.event(&who, "token.mint", &claims.jti);
+    event.account_id = Some(cache.account_id.to_string());
+    event.cache_id = Some(cache.id.to_string());
+    event.details = serde_json::json!({ "ttl_seconds": ttl });
+    let mut tx = state.store.begin().await?;
+    store::insert_token(tx.conn(), &claims.jti, &cache.id, "read-write", &expires_at).await?;
+    tx.commit(&event).await?;
     Ok(HttpResponse::Created().json(MintedToken { token, jti: claims.jti, expires_at }))
 }

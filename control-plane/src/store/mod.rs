@@ -3,13 +3,17 @@
 //! TEXT times in RFC 3339 UTC, BIGINT integers); the schema lives in
 //! `control-plane/migrations/{sqlite,postgres}/`, one migration per backend with the same number.
 
+pub mod accounts;
+pub mod audit;
+pub mod idempotency;
 mod storage;
 
 pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage};
 
-use shoal_types::{AccountId, CacheId};
+use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use std::sync::Arc;
 
 pub type StoreError = sqlx::Error;
 
@@ -27,6 +31,24 @@ pub struct CacheRecord {
     pub created_at: String,
     /// Keyspace-notification flags ("" = off).
     pub keyspace_events: String,
+    pub description: String,
+    pub limits: CacheLimits,
+    pub eviction_policy: String,
+    /// JSON object of string tags.
+    pub tags: String,
+    /// Bumped by every change; the ETag.
+    pub version: i64,
+    pub updated_at: String,
+}
+
+/// Filters and page of `GET /v1/caches`.
+#[derive(Clone, Debug, Default)]
+pub struct CacheFilter {
+    pub account: Option<AccountId>,
+    pub name: Option<String>,
+    /// Only caches created after this (created_at, id) cursor.
+    pub after: Option<(String, String)>,
+    pub limit: i64,
 }
 
 /// An API key's identity as the store knows it.
@@ -56,6 +78,29 @@ pub enum Backend {
 pub struct Store {
     pub(crate) pool: AnyPool,
     pub backend: Backend,
+    /// Serializes audit appends (the hash chain needs the previous record).
+    audit_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A transaction whose change and audit record commit together.
+pub struct Audited {
+    _chain: tokio::sync::OwnedMutexGuard<()>,
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+}
+
+impl Audited {
+    /// The connection to make the change on.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    /// Records the change and commits both.
+    pub async fn commit(mut self, event: &audit::AuditEvent) -> Result<audit::AuditRecord, StoreError> {
+        let record = audit::append(&mut self.tx, self.backend, event).await?;
+        self.tx.commit().await?;
+        Ok(record)
+    }
 }
 
 impl Store {
@@ -91,7 +136,14 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, audit_lock: Arc::new(tokio::sync::Mutex::new(())) })
+    }
+
+    /// Starts a change that will be audited in the same transaction.
+    pub async fn begin(&self) -> Result<Audited, StoreError> {
+        let chain = self.audit_lock.clone().lock_owned().await;
+        let tx = self.pool.begin().await?;
+        Ok(Audited { _chain: chain, tx, backend: self.backend })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -181,27 +233,6 @@ impl Store {
         Ok(taken)
     }
 
-    pub async fn insert_cache(&self, c: &CacheRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
-                                 keyspace_events)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(c.id.as_str())
-        .bind(c.account_id.as_str())
-        .bind(&c.name)
-        .bind(&c.status)
-        .bind(&c.node)
-        .bind(c.db as i64)
-        .bind(c.databases as i64)
-        .bind(&c.acl_password)
-        .bind(&c.created_at)
-        .bind(&c.keyspace_events)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
-    }
-
     /// A live cache by id.
     pub async fn cache(&self, id: &CacheId) -> Result<Option<CacheRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM caches WHERE id = $1 AND status <> 'deleted'")
@@ -213,12 +244,24 @@ impl Store {
 
     /// Live caches, oldest first, optionally of one account.
     pub async fn caches(&self, account: Option<&AccountId>) -> Result<Vec<CacheRecord>, StoreError> {
+        self.caches_page(&CacheFilter { account: account.cloned(), limit: i64::MAX, ..Default::default() }).await
+    }
+
+    /// One page of live caches matching `f`, oldest first.
+    pub async fn caches_page(&self, f: &CacheFilter) -> Result<Vec<CacheRecord>, StoreError> {
+        let (after_at, after_id) = f.after.clone().unwrap_or_default();
         let rows = sqlx::query(
-            "SELECT * FROM caches WHERE status <> 'deleted' AND (CAST($1 AS TEXT) IS NULL OR account_id = $2)
-             ORDER BY created_at, id",
+            "SELECT * FROM caches WHERE status <> 'deleted'
+               AND (CAST($1 AS TEXT) IS NULL OR account_id = $1)
+               AND (CAST($2 AS TEXT) IS NULL OR name = $2)
+               AND (created_at > $3 OR (created_at = $3 AND id > $4))
+             ORDER BY created_at, id LIMIT $5",
         )
-        .bind(account.map(|a| a.as_str()))
-        .bind(account.map(|a| a.as_str()))
+        .bind(f.account.as_ref().map(|a| a.as_str()))
+        .bind(f.name.as_deref())
+        .bind(after_at)
+        .bind(after_id)
+        .bind(f.limit)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(cache_from_row).collect()
@@ -246,36 +289,7 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    pub async fn mark_cache_deleted(&self, id: &CacheId) -> Result<(), StoreError> {
-        sqlx::query("UPDATE caches SET status = 'deleted', deleted_at = $1 WHERE id = $2")
-            .bind(now())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-    }
-
     // --- tokens ---
-
-    pub async fn insert_token(
-        &self,
-        jti: &str,
-        cache: &CacheId,
-        permission: &str,
-        expires_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(jti)
-        .bind(cache.as_str())
-        .bind(permission)
-        .bind(now())
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
-    }
 
     /// Tokens of a cache that are neither expired nor revoked: (jti, created_at, expires_at).
     pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<(String, String, String)>, StoreError> {
@@ -290,19 +304,6 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get("jti"), r.get("created_at"), r.get("expires_at"))).collect())
     }
 
-    /// Revokes a cache's token; false if there is no such live token.
-    pub async fn revoke_token(&self, cache: &CacheId, jti: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE cache_id = $2 AND jti = $3 AND revoked_at IS NULL",
-        )
-        .bind(now())
-        .bind(cache.as_str())
-        .bind(jti)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
     /// Revoked tokens that have not expired yet (what gateways must refuse): (jti, expires_at).
     pub async fn revoked_tokens(&self) -> Result<Vec<(String, String)>, StoreError> {
         let rows = sqlx::query(
@@ -313,6 +314,100 @@ impl Store {
         .await?;
         Ok(rows.into_iter().map(|r| (r.get("jti"), r.get("expires_at"))).collect())
     }
+}
+
+pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
+                             keyspace_events, description, ecpu_per_second, data_storage_mb, max_connections,
+                             eviction_policy, tags, version, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+    )
+    .bind(c.id.as_str())
+    .bind(c.account_id.as_str())
+    .bind(&c.name)
+    .bind(&c.status)
+    .bind(&c.node)
+    .bind(c.db as i64)
+    .bind(c.databases as i64)
+    .bind(&c.acl_password)
+    .bind(&c.created_at)
+    .bind(&c.keyspace_events)
+    .bind(&c.description)
+    .bind(c.limits.ecpu_per_second.map(|v| v as i64))
+    .bind(c.limits.data_storage_mb.map(|v| v as i64))
+    .bind(c.limits.max_connections.map(i64::from))
+    .bind(&c.eviction_policy)
+    .bind(&c.tags)
+    .bind(c.version)
+    .bind(&c.updated_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Writes a cache's changeable fields if its version is still `version`; false if another
+/// change came first.
+pub async fn update_cache(conn: &mut AnyConnection, c: &CacheRecord, version: i64) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE caches SET name = $1, description = $2, ecpu_per_second = $3, data_storage_mb = $4,
+                max_connections = $5, eviction_policy = $6, tags = $7, keyspace_events = $8,
+                version = version + 1, updated_at = $9
+         WHERE id = $10 AND version = $11 AND status <> 'deleted'",
+    )
+    .bind(&c.name)
+    .bind(&c.description)
+    .bind(c.limits.ecpu_per_second.map(|v| v as i64))
+    .bind(c.limits.data_storage_mb.map(|v| v as i64))
+    .bind(c.limits.max_connections.map(i64::from))
+    .bind(&c.eviction_policy)
+    .bind(&c.tags)
+    .bind(&c.keyspace_events)
+    .bind(now())
+    .bind(c.id.as_str())
+    .bind(version)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn mark_cache_deleted(conn: &mut AnyConnection, id: &CacheId) -> Result<(), StoreError> {
+    sqlx::query("UPDATE caches SET status = 'deleted', deleted_at = $1 WHERE id = $2")
+        .bind(now())
+        .bind(id.as_str())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+pub async fn insert_token(
+    conn: &mut AnyConnection,
+    jti: &str,
+    cache: &CacheId,
+    permission: &str,
+    expires_at: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(jti)
+        .bind(cache.as_str())
+        .bind(permission)
+        .bind(now())
+        .bind(expires_at)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Revokes a cache's token; false if there is no such live token.
+pub async fn revoke_token(conn: &mut AnyConnection, cache: &CacheId, jti: &str) -> Result<bool, StoreError> {
+    let done =
+        sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE cache_id = $2 AND jti = $3 AND revoked_at IS NULL")
+            .bind(now())
+            .bind(cache.as_str())
+            .bind(jti)
+            .execute(conn)
+            .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
@@ -328,6 +423,16 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
         acl_password: r.get("acl_password"),
         created_at: r.get("created_at"),
         keyspace_events: r.get("keyspace_events"),
+        description: r.get("description"),
+        limits: CacheLimits {
+            ecpu_per_second: r.get::<Option<i64>, _>("ecpu_per_second").map(|v| v as u64),
+            data_storage_mb: r.get::<Option<i64>, _>("data_storage_mb").map(|v| v as u64),
+            max_connections: r.get::<Option<i64>, _>("max_connections").map(|v| v as u32),
+        },
+        eviction_policy: r.get("eviction_policy"),
+        tags: r.get("tags"),
+        version: r.get("version"),
+        updated_at: r.get("updated_at"),
     })
 }
 

@@ -239,8 +239,15 @@ mod tests {
             acl_password: "pw".into(),
             created_at: super::super::now(),
             keyspace_events: String::new(),
+            description: String::new(),
+            limits: Default::default(),
+            eviction_policy: "volatile-lru".into(),
+            tags: "{}".into(),
+            version: 1,
+            updated_at: super::super::now(),
         };
-        store.insert_cache(&record).await.unwrap();
+        let mut conn = store.pool.acquire().await.unwrap();
+        super::super::insert_cache(&mut conn, &record).await.unwrap();
         (store, id, dir)
     }
 

@@ -1,0 +1,140 @@
+//! Shared pieces of the REST handlers: pagination, idempotent creates, ETags.
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::startup::AppState;
+use crate::store::idempotency::Claim;
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+
+pub const DEFAULT_LIMIT: i64 = 100;
+pub const MAX_LIMIT: i64 = 1000;
+
+/// `?limit=&cursor=` of every list endpoint. Lists answer `{items, next_cursor}`; pass
+/// `next_cursor` back to get the next page (absent on the last page).
+#[derive(Deserialize, utoipa::IntoParams, Default)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1–1000 (default 100).
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_LIMIT),
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            Some(_) => Err(ApiError::field("limit", format!("limit must be between 1 and {MAX_LIMIT}"))),
+        }
+    }
+
+    /// The decoded cursor: the sort key of the last item of the previous page.
+    pub fn cursor(&self) -> Result<Option<Vec<String>>, ApiError> {
+        let Some(c) = &self.cursor else { return Ok(None) };
+        URL_SAFE_NO_PAD
+            .decode(c)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::field("cursor", "cursor is not one this API returned"))
+    }
+}
+
+/// A cursor pointing after an item with this sort key.
+pub fn cursor(key: &[&str]) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(key).expect("strings serialize"))
+}
+
+/// `next_cursor` for a page: present only when the page is full (there may be more).
+pub fn next_cursor<T>(items: &[T], limit: i64, key: impl Fn(&T) -> Vec<String>) -> Option<String> {
+    if (items.len() as i64) < limit {
+        return None;
+    }
+    let last = key(items.last()?);
+    Some(cursor(&last.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
+/// Runs a create once per `Idempotency-Key` (per caller): a retry with the same key and
+/// body gets the first response again (with `Idempotent-Replayed: true`), the same key
+/// with a different body gets 422. Without the header, just runs it.
+pub async fn idempotent<F, Fut>(
+    state: &AppState,
+    who: &Principal,
+    req: &HttpRequest,
+    body: &[u8],
+    create: F,
+) -> Result<HttpResponse, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
+{
+    let key = match req.headers().get("Idempotency-Key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if (1..=255).contains(&k.len()) => Some(k.to_owned()),
+            _ => return Err(ApiError::field("Idempotency-Key", "Idempotency-Key must be 1–255 visible characters")),
+        },
+    };
+    let Some(key) = key else {
+        let (status, value) = create().await?;
+        return Ok(HttpResponse::build(status).json(value));
+    };
+    let mut h = Sha256::new();
+    h.update(req.method().as_str());
+    h.update(b" ");
+    h.update(req.path());
+    h.update(b"\n");
+    h.update(body);
+    let request_hash = hex::encode(h.finalize());
+    let principal = who.actor();
+    match state.store.claim_idempotency_key(&principal, &key, &request_hash).await? {
+        Claim::Replay(status, body) => Ok(HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+            .insert_header(("Idempotent-Replayed", "true"))
+            .content_type("application/json")
+            .body(body)),
+        Claim::Conflict(why) => Err(ApiError::Unprocessable { detail: why.into(), field: Some("Idempotency-Key".into()) }),
+        Claim::Fresh => match create().await {
+            Ok((status, value)) => {
+                let text = value.to_string();
+                state.store.finish_idempotent(&principal, &key, status.as_u16(), &text).await?;
+                Ok(HttpResponse::build(status).content_type("application/json").body(text))
+            }
+            Err(e) => {
+                state.store.release_idempotency_key(&principal, &key).await?;
+                Err(e)
+            }
+        },
+    }
+}
+
+/// The ETag of an object at `version`.
+pub fn etag(version: i64) -> String {
+    format!("\"{version}\"")
+}
+
+/// Checks `If-Match` (if sent) against the object's current version.
+pub fn check_if_match(req: &HttpRequest, version: i64) -> Result<(), ApiError> {
+    let Some(v) = req.headers().get("If-Match") else { return Ok(()) };
+    let v = v.to_str().map_err(|_| ApiError::PreconditionFailed)?;
+    let current = etag(version);
+    if v.trim() == "*" || v.split(',').any(|t| t.trim().trim_start_matches("W/") == current) {
+        Ok(())
+    } else {
+        Err(ApiError::PreconditionFailed)
+    }
+}
+
+/// Parses a JSON body, naming the problem; empty bodies are refused.
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = e.to_string();
+        ApiError::BadRequest { field: crate::error::unknown_field(&msg), detail: format!("invalid JSON body: {msg}") }
+    })
+}

@@ -1,0 +1,175 @@
+//! Accounts and their API keys.
+
+use super::{now, Store, StoreError};
+use shoal_types::AccountId;
+use sqlx::{AnyConnection, Row};
+
+#[derive(Clone, Debug)]
+pub struct AccountRecord {
+    pub id: AccountId,
+    pub name: String,
+    pub email: String,
+    pub status: String,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// An API key as listed (never its secret, which is shown once and stored hashed).
+#[derive(Clone, Debug)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub account_id: Option<String>,
+    pub created_at: String,
+}
+
+fn account_from_row(r: &sqlx::any::AnyRow) -> Result<AccountRecord, StoreError> {
+    Ok(AccountRecord {
+        id: AccountId::parse(r.get::<&str, _>("id")).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        name: r.get("name"),
+        email: r.get("email"),
+        status: r.get("status"),
+        version: r.get("version"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+    })
+}
+
+pub async fn insert_account(conn: &mut AnyConnection, a: &AccountRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO accounts (id, name, email, status, version, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(a.id.as_str())
+    .bind(&a.name)
+    .bind(&a.email)
+    .bind(&a.status)
+    .bind(a.version)
+    .bind(&a.created_at)
+    .bind(&a.updated_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Writes name/email if the stored version is still `version`; false if it moved on.
+pub async fn update_account(conn: &mut AnyConnection, a: &AccountRecord, version: i64) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE accounts SET name = $1, email = $2, version = version + 1, updated_at = $3
+         WHERE id = $4 AND version = $5 AND status <> 'deleted'",
+    )
+    .bind(&a.name)
+    .bind(&a.email)
+    .bind(now())
+    .bind(a.id.as_str())
+    .bind(version)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn mark_account_deleted(conn: &mut AnyConnection, id: &AccountId) -> Result<(), StoreError> {
+    let at = now();
+    sqlx::query("UPDATE accounts SET status = 'deleted', deleted_at = $1, updated_at = $1 WHERE id = $2")
+        .bind(&at)
+        .bind(id.as_str())
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE account_id = $2 AND revoked_at IS NULL")
+        .bind(&at)
+        .bind(id.as_str())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+pub async fn insert_api_key(
+    conn: &mut AnyConnection,
+    id: &str,
+    token_hash: &str,
+    role: &str,
+    account_id: Option<&str>,
+    name: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(token_hash)
+    .bind(role)
+    .bind(account_id)
+    .bind(name)
+    .bind(now())
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Revokes an account's key; false if there is no such live key.
+pub async fn revoke_api_key(conn: &mut AnyConnection, account: &AccountId, id: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND account_id = $3 AND revoked_at IS NULL",
+    )
+    .bind(now())
+    .bind(id)
+    .bind(account.as_str())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+impl Store {
+    /// A live account.
+    pub async fn account(&self, id: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM accounts WHERE id = $1 AND status <> 'deleted'")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    /// Live accounts ordered by id, after `after` (the pagination cursor).
+    pub async fn accounts(
+        &self,
+        only: Option<&AccountId>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM accounts WHERE status <> 'deleted' AND id > $1
+               AND (CAST($2 AS TEXT) IS NULL OR id = $2)
+             ORDER BY id LIMIT $3",
+        )
+        .bind(after)
+        .bind(only.map(|a| a.as_str()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(account_from_row).collect()
+    }
+
+    /// Live API keys of an account (or the platform-wide ones when `account` is None).
+    pub async fn api_keys(&self, account: Option<&AccountId>) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, role, account_id, created_at FROM api_keys
+             WHERE revoked_at IS NULL AND ((CAST($1 AS TEXT) IS NULL AND account_id IS NULL) OR account_id = $1)
+             ORDER BY created_at, id",
+        )
+        .bind(account.map(|a| a.as_str()))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ApiKeyInfo {
+                id: r.get("id"),
+                name: r.get("name"),
+                role: r.get("role"),
+                account_id: r.get("account_id"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+}
