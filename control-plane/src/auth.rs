@@ -3,9 +3,9 @@
 use crate::error::ApiError;
 use crate::startup::AppState;
 use actix_web::{dev::Payload, web, FromRequest, HttpMessage, HttpRequest};
-use shoal_types::AccountId;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use shoal_types::AccountId;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -128,7 +128,12 @@ impl FromRequest for Principal {
             let key =
                 state.store.api_key_by_hash(&hash_token(&token)).await?.ok_or(ApiError::Unauthorized)?;
             let role = Role::parse(&key.role).ok_or(ApiError::Unauthorized)?;
-            let account = key.account_id.as_deref().map(AccountId::parse).transpose().map_err(|_| ApiError::Unauthorized)?;
+            let account = key
+                .account_id
+                .as_deref()
+                .map(AccountId::parse)
+                .transpose()
+                .map_err(|_| ApiError::Unauthorized)?;
             if role == Role::Owner && account.is_none() {
                 return Err(ApiError::Unauthorized);
             }

@@ -23,10 +23,10 @@ pub struct RequestContext {
 
 impl RequestContext {
     fn of(req: &HttpRequest) -> RequestContext {
-        req.extensions().get::<RequestContext>().cloned().unwrap_or_else(|| RequestContext {
-            request_id: new_request_id(),
-            source: source_of(req),
-        })
+        req.extensions()
+            .get::<RequestContext>()
+            .cloned()
+            .unwrap_or_else(|| RequestContext { request_id: new_request_id(), source: source_of(req) })
     }
 
     /// An audit event by `who` with this request's id and source; fill in the rest.
@@ -71,7 +71,9 @@ pub async fn middleware(
         .headers()
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        .filter(|v| {
+            (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
     let ctx = RequestContext { request_id: request_id.clone(), source: source_of(req.request()) };
@@ -83,7 +85,9 @@ pub async fn middleware(
         res.headers_mut().insert(HeaderName::from_static(REQUEST_ID), v);
     }
     let status = res.status();
-    if audited && ((changes && (status.is_client_error() || status.is_server_error())) || status.as_u16() == 401) {
+    if audited
+        && ((changes && (status.is_client_error() || status.is_server_error())) || status.as_u16() == 401)
+    {
         audit_failure(res.request(), &ctx, status.as_u16()).await;
     }
     Ok(res)

@@ -106,8 +106,11 @@ pub fn json_error(
     err: actix_web::error::JsonPayloadError,
     _req: &actix_web::HttpRequest,
 ) -> actix_web::Error {
-    ApiError::BadRequest { detail: format!("invalid JSON body: {err}"), field: unknown_field(&err.to_string()) }
-        .into()
+    ApiError::BadRequest {
+        detail: format!("invalid JSON body: {err}"),
+        field: unknown_field(&err.to_string()),
+    }
+    .into()
 }
 
 /// The field serde complained about ("unknown field `x`", "missing field `x`"), if any.

@@ -25,6 +25,8 @@ pub struct ControlPlane {
     pub addr: SocketAddr,
     pub handle: actix_web::dev::ServerHandle,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
+    pub sampler: tokio::task::JoinHandle<()>,
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
@@ -42,6 +44,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
         }
     }
+    let interval = std::time::Duration::from_secs_f64(state.config.storage_interval.clamp(0.1, 3600.0));
+    let sampler = tokio::spawn(crate::storage::run(state.clone().into_inner(), interval));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -74,7 +78,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    Ok(ControlPlane { addr, handle, server })
+    Ok(ControlPlane { addr, handle, server, sampler })
 }
 
 async fn openapi_json() -> actix_web::HttpResponse {

@@ -17,7 +17,9 @@ use utoipa::ToSchema;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/v1/accounts").route(web::post().to(create_account)).route(web::get().to(list_accounts)),
+        web::resource("/v1/accounts")
+            .route(web::post().to(create_account))
+            .route(web::get().to(list_accounts)),
     )
     .service(
         web::resource("/v1/accounts/{id}")
@@ -32,7 +34,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(web::resource("/v1/accounts/{id}/api-keys/{key_id}").route(web::delete().to(revoke_account_key)))
     .service(
-        web::resource("/v1/api-keys").route(web::post().to(create_platform_key)).route(web::get().to(list_platform_keys)),
+        web::resource("/v1/api-keys")
+            .route(web::post().to(create_platform_key))
+            .route(web::get().to(list_platform_keys)),
     );
 }
 
@@ -117,7 +121,14 @@ pub struct ApiKeyList {
 
 impl ApiKey {
     fn of(k: ApiKeyInfo) -> ApiKey {
-        ApiKey { id: k.id, name: k.name, role: k.role, account_id: k.account_id, created_at: k.created_at, token: None }
+        ApiKey {
+            id: k.id,
+            name: k.name,
+            role: k.role,
+            account_id: k.account_id,
+            created_at: k.created_at,
+            token: None,
+        }
     }
 }
 
@@ -127,7 +138,10 @@ fn validate_name(name: &str, what: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::field("name", format!("{what} name must be 1–63 characters of letters, digits, ' ', '-' and '_'")))
+        Err(ApiError::field(
+            "name",
+            format!("{what} name must be 1–63 characters of letters, digits, ' ', '-' and '_'"),
+        ))
     }
 }
 
@@ -327,8 +341,15 @@ async fn create_key(
     event.account_id = account.map(|a| a.to_string());
     event.details = serde_json::json!({ "role": body.role.as_str(), "name": body.name });
     let mut tx = state.store.begin().await?;
-    accounts::insert_api_key(tx.conn(), &id, &hash_token(&token), body.role.as_str(), account.map(|a| a.as_str()), &body.name)
-        .await?;
+    accounts::insert_api_key(
+        tx.conn(),
+        &id,
+        &hash_token(&token),
+        body.role.as_str(),
+        account.map(|a| a.as_str()),
+        &body.name,
+    )
+    .await?;
     tx.commit(&event).await?;
     let key = ApiKey {
         id,
@@ -361,7 +382,8 @@ pub async fn create_account_key(
     let account = visible_account(&state, &who, &id).await?;
     who.writer()?;
     let parsed: CreateApiKey = page::json_body(&body)?;
-    page::idempotent(&state, &who, &req, &body, || create_key(&state, &who, &ctx, Some(&account.id), parsed)).await
+    page::idempotent(&state, &who, &req, &body, || create_key(&state, &who, &ctx, Some(&account.id), parsed))
+        .await
 }
 
 /// List an account's live API keys (admin, or the account's owner).
@@ -429,7 +451,10 @@ pub async fn create_platform_key(
     responses((status = 200, body = ApiKeyList), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "accounts")]
-pub async fn list_platform_keys(state: web::Data<AppState>, who: Principal) -> Result<HttpResponse, ApiError> {
+pub async fn list_platform_keys(
+    state: web::Data<AppState>,
+    who: Principal,
+) -> Result<HttpResponse, ApiError> {
     who.admin()?;
     let items = state.store.api_keys(None).await?.into_iter().map(ApiKey::of).collect();
     Ok(HttpResponse::Ok().json(ApiKeyList { items }))

@@ -65,7 +65,10 @@ pub async fn list_audit(
 ) -> Result<HttpResponse, ApiError> {
     let limit = page_q.limit()?;
     let after_seq = match page_q.cursor()? {
-        Some(k) => k.first().and_then(|s| s.parse().ok()).ok_or_else(|| ApiError::field("cursor", "cursor is not one this API returned"))?,
+        Some(k) => k
+            .first()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::field("cursor", "cursor is not one this API returned"))?,
         None => 0,
     };
     let mut account = who.scope().map(|a| a.to_string());
@@ -76,7 +79,11 @@ pub async fn list_audit(
         account = Some(wanted.clone());
     }
     let jsonl = q.format.as_deref() == Some("jsonl")
-        || req.headers().get("Accept").and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("jsonl") || a.contains("ndjson"));
+        || req
+            .headers()
+            .get("Accept")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("jsonl") || a.contains("ndjson"));
     if let Some(f) = q.format.as_deref().filter(|f| *f != "jsonl" && *f != "json") {
         return Err(ApiError::field("format", format!("format {f:?} is not json or jsonl")));
     }

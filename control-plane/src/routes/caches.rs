@@ -52,7 +52,10 @@ pub struct Limits {
 impl Limits {
     fn validate(&self) -> Result<CacheLimits, ApiError> {
         let check = |v: Option<u64>, max: u64, field: &str| match v {
-            Some(n) if n == 0 || n > max => Err(ApiError::field(format!("limits.{field}"), format!("limits.{field} must be between 1 and {max}"))),
+            Some(n) if n == 0 || n > max => Err(ApiError::field(
+                format!("limits.{field}"),
+                format!("limits.{field} must be between 1 and {max}"),
+            )),
             _ => Ok(()),
         };
         check(self.ecpu_per_second, MAX_ECPU_PER_SECOND, "ecpu_per_second")?;
@@ -66,7 +69,11 @@ impl Limits {
     }
 
     fn of(l: &CacheLimits) -> Limits {
-        Limits { ecpu_per_second: l.ecpu_per_second, data_storage_mb: l.data_storage_mb, max_connections: l.max_connections }
+        Limits {
+            ecpu_per_second: l.ecpu_per_second,
+            data_storage_mb: l.data_storage_mb,
+            max_connections: l.max_connections,
+        }
     }
 }
 
@@ -178,10 +185,7 @@ impl Cache {
             eviction_policy: c.eviction_policy.clone(),
             tags: serde_json::from_str(&c.tags).unwrap_or_default(),
             keyspace_notifications: c.keyspace_events.clone(),
-            allocation: Allocation {
-                databases: c.databases,
-                node: who.is_admin().then(|| c.node.clone()),
-            },
+            allocation: Allocation { databases: c.databases, node: who.is_admin().then(|| c.node.clone()) },
             etag: page::etag(c.version),
             created_at: c.created_at.clone(),
             updated_at: c.updated_at.clone(),
@@ -201,7 +205,10 @@ fn validate_name(name: &str) -> Result<(), ApiError> {
 
 fn validate_description(d: &str) -> Result<(), ApiError> {
     if d.chars().count() > 256 || d.chars().any(char::is_control) {
-        return Err(ApiError::field("description", "description must be at most 256 characters, no control characters"));
+        return Err(ApiError::field(
+            "description",
+            "description must be at most 256 characters, no control characters",
+        ));
     }
     Ok(())
 }
@@ -210,7 +217,10 @@ fn validate_eviction_policy(p: &str) -> Result<(), ApiError> {
     if EVICTION_POLICIES.contains(&p) {
         Ok(())
     } else {
-        Err(ApiError::field("eviction_policy", format!("eviction_policy must be one of {}", EVICTION_POLICIES.join(", "))))
+        Err(ApiError::field(
+            "eviction_policy",
+            format!("eviction_policy must be one of {}", EVICTION_POLICIES.join(", ")),
+        ))
     }
 }
 
@@ -219,8 +229,15 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
         return Err(ApiError::field("tags", "at most 50 tags"));
     }
     for (k, v) in tags {
-        if k.is_empty() || k.chars().count() > 128 || v.chars().count() > 256 || k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(ApiError::field("tags", format!("tag {k:?}: keys are 1–128 characters, values up to 256, no control characters")));
+        if k.is_empty()
+            || k.chars().count() > 128
+            || v.chars().count() > 256
+            || k.chars().chain(v.chars()).any(char::is_control)
+        {
+            return Err(ApiError::field(
+                "tags",
+                format!("tag {k:?}: keys are 1–128 characters, values up to 256, no control characters"),
+            ));
         }
     }
     Ok(serde_json::to_string(tags).expect("strings serialize"))
@@ -239,7 +256,11 @@ pub async fn visible_cache(state: &AppState, who: &Principal, raw_id: &str) -> R
 }
 
 /// A live cache the caller may change.
-pub async fn changeable_cache(state: &AppState, who: &Principal, raw_id: &str) -> Result<CacheRecord, ApiError> {
+pub async fn changeable_cache(
+    state: &AppState,
+    who: &Principal,
+    raw_id: &str,
+) -> Result<CacheRecord, ApiError> {
     let cache = visible_cache(state, who, raw_id).await?;
     who.writer()?;
     Ok(cache)
@@ -271,7 +292,12 @@ pub async fn create_cache(
     .await
 }
 
-async fn create(state: &AppState, who: &Principal, ctx: &RequestContext, body: CreateCache) -> Result<Cache, ApiError> {
+async fn create(
+    state: &AppState,
+    who: &Principal,
+    ctx: &RequestContext,
+    body: CreateCache,
+) -> Result<Cache, ApiError> {
     validate_name(&body.name)?;
     let description = body.description.unwrap_or_default();
     validate_description(&description)?;
@@ -286,11 +312,17 @@ async fn create(state: &AppState, who: &Principal, ctx: &RequestContext, body: C
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
-    let account = who.account.clone().unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
+    let account =
+        who.account.clone().unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
 
     // One placement at a time, so two creates never pick the same database.
     let _placing = state.placement_lock.lock().await;
-    let same_name = CacheFilter { account: Some(account.clone()), name: Some(body.name.clone()), limit: 1, ..Default::default() };
+    let same_name = CacheFilter {
+        account: Some(account.clone()),
+        name: Some(body.name.clone()),
+        limit: 1,
+        ..Default::default()
+    };
     if !state.store.caches_page(&same_name).await?.is_empty() {
         return Err(ApiError::Conflict(format!("a cache named {:?} already exists", body.name)));
     }
@@ -398,9 +430,11 @@ pub async fn get_cache(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let cache = visible_cache(&state, &who, &id).await?;
-    Ok(HttpResponse::Ok()
-        .insert_header(("ETag", page::etag(cache.version)))
-        .json(Cache::from_record(&cache, &state.config.public_endpoint, &who)))
+    Ok(HttpResponse::Ok().insert_header(("ETag", page::etag(cache.version))).json(Cache::from_record(
+        &cache,
+        &state.config.public_endpoint,
+        &who,
+    )))
 }
 
 /// Change any number of a cache's fields in one request. Limits take effect at the
@@ -441,8 +475,11 @@ pub async fn patch_cache(
         for (k, v) in l {
             merged[k.as_str()] = v;
         }
-        let limits: Limits = serde_json::from_value(merged).map_err(|e| {
-            ApiError::BadRequest { field: crate::error::unknown_field(&e.to_string()).map(|f| format!("limits.{f}")).or(Some("limits".into())), detail: format!("invalid limits: {e}") }
+        let limits: Limits = serde_json::from_value(merged).map_err(|e| ApiError::BadRequest {
+            field: crate::error::unknown_field(&e.to_string())
+                .map(|f| format!("limits.{f}"))
+                .or(Some("limits".into())),
+            detail: format!("invalid limits: {e}"),
         })?;
         next.limits = limits.validate()?;
         changed.push("limits");
@@ -482,9 +519,11 @@ pub async fn patch_cache(
     }
     next.version += 1;
     let fresh = state.store.cache(&next.id).await?.unwrap_or(next);
-    Ok(HttpResponse::Ok()
-        .insert_header(("ETag", page::etag(fresh.version)))
-        .json(Cache::from_record(&fresh, &state.config.public_endpoint, &who)))
+    Ok(HttpResponse::Ok().insert_header(("ETag", page::etag(fresh.version))).json(Cache::from_record(
+        &fresh,
+        &state.config.public_endpoint,
+        &who,
+    )))
 }
 
 /// Delete a cache: its ACL user goes (open connections close), its data is flushed.

@@ -79,7 +79,12 @@ where
         None => None,
         Some(v) => match v.to_str() {
             Ok(k) if (1..=255).contains(&k.len()) => Some(k.to_owned()),
-            _ => return Err(ApiError::field("Idempotency-Key", "Idempotency-Key must be 1–255 visible characters")),
+            _ => {
+                return Err(ApiError::field(
+                    "Idempotency-Key",
+                    "Idempotency-Key must be 1–255 visible characters",
+                ))
+            }
         },
     };
     let Some(key) = key else {
@@ -95,11 +100,15 @@ where
     let request_hash = hex::encode(h.finalize());
     let principal = who.actor();
     match state.store.claim_idempotency_key(&principal, &key, &request_hash).await? {
-        Claim::Replay(status, body) => Ok(HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
-            .insert_header(("Idempotent-Replayed", "true"))
-            .content_type("application/json")
-            .body(body)),
-        Claim::Conflict(why) => Err(ApiError::Unprocessable { detail: why.into(), field: Some("Idempotency-Key".into()) }),
+        Claim::Replay(status, body) => {
+            Ok(HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
+                .insert_header(("Idempotent-Replayed", "true"))
+                .content_type("application/json")
+                .body(body))
+        }
+        Claim::Conflict(why) => {
+            Err(ApiError::Unprocessable { detail: why.into(), field: Some("Idempotency-Key".into()) })
+        }
         Claim::Fresh => match create().await {
             Ok((status, value)) => {
                 let text = value.to_string();
@@ -135,6 +144,9 @@ pub fn check_if_match(req: &HttpRequest, version: i64) -> Result<(), ApiError> {
 pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
-        ApiError::BadRequest { field: crate::error::unknown_field(&msg), detail: format!("invalid JSON body: {msg}") }
+        ApiError::BadRequest {
+            field: crate::error::unknown_field(&msg),
+            detail: format!("invalid JSON body: {msg}"),
+        }
     })
 }

@@ -1,8 +1,8 @@
 //! `/v1/caches/{id}/tokens`: mint short-lived data-plane JWTs.
 
 use crate::auth::{random_token, Principal};
-use crate::error::ApiError;
 use crate::context::RequestContext;
+use crate::error::ApiError;
 use crate::routes::caches::{changeable_cache, visible_cache};
 use crate::startup::AppState;
 use crate::store;

@@ -55,7 +55,11 @@ pub async fn insert_account(conn: &mut AnyConnection, a: &AccountRecord) -> Resu
 }
 
 /// Writes name/email if the stored version is still `version`; false if it moved on.
-pub async fn update_account(conn: &mut AnyConnection, a: &AccountRecord, version: i64) -> Result<bool, StoreError> {
+pub async fn update_account(
+    conn: &mut AnyConnection,
+    a: &AccountRecord,
+    version: i64,
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE accounts SET name = $1, email = $2, version = version + 1, updated_at = $3
          WHERE id = $4 AND version = $5 AND status <> 'deleted'",
@@ -109,7 +113,11 @@ pub async fn insert_api_key(
 }
 
 /// Revokes an account's key; false if there is no such live key.
-pub async fn revoke_api_key(conn: &mut AnyConnection, account: &AccountId, id: &str) -> Result<bool, StoreError> {
+pub async fn revoke_api_key(
+    conn: &mut AnyConnection,
+    account: &AccountId,
+    id: &str,
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND account_id = $3 AND revoked_at IS NULL",
     )

@@ -95,7 +95,11 @@ fn record_hash(prev_hash: &str, seq: i64, at: &str, e: &AuditEvent) -> String {
 /// Appends `event` inside the caller's transaction (so it commits with the change it
 /// records). The caller holds [`Store::audit_lock`]; on PostgreSQL an advisory lock also
 /// serializes appends from several control-plane processes.
-pub async fn append(conn: &mut AnyConnection, backend: Backend, event: &AuditEvent) -> Result<AuditRecord, StoreError> {
+pub async fn append(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    event: &AuditEvent,
+) -> Result<AuditRecord, StoreError> {
     if backend == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_xact_lock(7310027)").execute(&mut *conn).await?;
     }
@@ -198,7 +202,9 @@ impl Store {
         let mut count = 0;
         let mut after = 0;
         loop {
-            let page = self.audit_records(&AuditFilter { after_seq: after, limit: 1000, ..Default::default() }).await?;
+            let page = self
+                .audit_records(&AuditFilter { after_seq: after, limit: 1000, ..Default::default() })
+                .await?;
             if page.is_empty() {
                 break;
             }

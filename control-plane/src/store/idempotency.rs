@@ -34,11 +34,13 @@ impl Store {
         if inserted.rows_affected() == 1 {
             return Ok(Claim::Fresh);
         }
-        let row = sqlx::query("SELECT request_hash, status, body FROM idempotency_keys WHERE principal = $1 AND key = $2")
-            .bind(principal)
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT request_hash, status, body FROM idempotency_keys WHERE principal = $1 AND key = $2",
+        )
+        .bind(principal)
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await?;
         let status: i64 = row.get("status");
         Ok(if row.get::<&str, _>("request_hash") != request_hash {
             Claim::Conflict("this Idempotency-Key was used with a different request")
@@ -50,7 +52,13 @@ impl Store {
     }
 
     /// Keeps a successful response for replays.
-    pub async fn finish_idempotent(&self, principal: &str, key: &str, status: u16, body: &str) -> Result<(), StoreError> {
+    pub async fn finish_idempotent(
+        &self,
+        principal: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE idempotency_keys SET status = $1, body = $2 WHERE principal = $3 AND key = $4")
             .bind(status as i64)
             .bind(body)

@@ -244,7 +244,8 @@ impl Store {
 
     /// Live caches, oldest first, optionally of one account.
     pub async fn caches(&self, account: Option<&AccountId>) -> Result<Vec<CacheRecord>, StoreError> {
-        self.caches_page(&CacheFilter { account: account.cloned(), limit: i64::MAX, ..Default::default() }).await
+        self.caches_page(&CacheFilter { account: account.cloned(), limit: i64::MAX, ..Default::default() })
+            .await
     }
 
     /// One page of live caches matching `f`, oldest first.
@@ -348,7 +349,11 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
 
 /// Writes a cache's changeable fields if its version is still `version`; false if another
 /// change came first.
-pub async fn update_cache(conn: &mut AnyConnection, c: &CacheRecord, version: i64) -> Result<bool, StoreError> {
+pub async fn update_cache(
+    conn: &mut AnyConnection,
+    c: &CacheRecord,
+    version: i64,
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE caches SET name = $1, description = $2, ecpu_per_second = $3, data_storage_mb = $4,
                 max_connections = $5, eviction_policy = $6, tags = $7, keyspace_events = $8,
@@ -387,26 +392,29 @@ pub async fn insert_token(
     permission: &str,
     expires_at: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
-        .bind(jti)
-        .bind(cache.as_str())
-        .bind(permission)
-        .bind(now())
-        .bind(expires_at)
-        .execute(conn)
-        .await
-        .map(|_| ())
+    sqlx::query(
+        "INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(jti)
+    .bind(cache.as_str())
+    .bind(permission)
+    .bind(now())
+    .bind(expires_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// Revokes a cache's token; false if there is no such live token.
 pub async fn revoke_token(conn: &mut AnyConnection, cache: &CacheId, jti: &str) -> Result<bool, StoreError> {
-    let done =
-        sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE cache_id = $2 AND jti = $3 AND revoked_at IS NULL")
-            .bind(now())
-            .bind(cache.as_str())
-            .bind(jti)
-            .execute(conn)
-            .await?;
+    let done = sqlx::query(
+        "UPDATE tokens SET revoked_at = $1 WHERE cache_id = $2 AND jti = $3 AND revoked_at IS NULL",
+    )
+    .bind(now())
+    .bind(cache.as_str())
+    .bind(jti)
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() > 0)
 }
 
