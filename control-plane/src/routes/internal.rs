@@ -41,6 +41,9 @@ async fn route(
     Ok(HttpResponse::Ok().json(tenant_route(&state, cache, full)?))
 }
 
+/// Most routes one request may ask for (gateways ask in chunks of this many).
+const MAX_ROUTES: usize = 1000;
+
 #[derive(serde::Deserialize)]
 struct RoutesRequest {
     ids: Vec<String>,
@@ -54,13 +57,15 @@ async fn routes(
     body: web::Json<RoutesRequest>,
 ) -> Result<HttpResponse, ApiError> {
     require_gateway(&state, &req)?;
+    if body.ids.len() > MAX_ROUTES {
+        return Err(ApiError::field("ids", format!("at most {MAX_ROUTES} ids per request")));
+    }
+    let ids: Vec<CacheId> = body.ids.iter().filter_map(|id| CacheId::parse(id).ok()).collect();
     let full = state.store.storage_full_caches().await?;
-    let mut routes = Vec::with_capacity(body.ids.len());
-    for id in body.ids.iter().filter_map(|id| CacheId::parse(id).ok()) {
-        if let Some(cache) = state.store.cache(&id).await? {
-            let is_full = full.contains(&cache.id);
-            routes.push(tenant_route(&state, cache, is_full)?);
-        }
+    let mut routes = Vec::with_capacity(ids.len());
+    for cache in state.store.live_caches(&ids).await? {
+        let is_full = full.contains(&cache.id);
+        routes.push(tenant_route(&state, cache, is_full)?);
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "routes": routes })))
 }

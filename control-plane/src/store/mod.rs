@@ -8,7 +8,7 @@ pub mod audit;
 pub mod idempotency;
 mod storage;
 
-pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage};
+pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
 
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};

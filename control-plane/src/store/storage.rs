@@ -42,6 +42,11 @@ pub struct StorageUsage {
     pub evicted_keys: u64,
 }
 
+/// The longest a sample reaches back: after a sampler outage longer than this, the gap is
+/// left unbilled rather than guessed from one sample (and a cache sampled for the first time
+/// long after its creation, e.g. after an upgrade, is not billed retroactively).
+pub const MAX_COVER_MS: i64 = 15 * 60 * 1000;
+
 /// What a sample covering `[from_ms, to_ms)` with `bytes` stored adds to each minute it
 /// touches: `(minute, byte_seconds)`. Rounded down per minute (less than one byte-second).
 pub fn accrual(from_ms: i64, to_ms: i64, bytes: u64) -> Vec<(i64, u64)> {
@@ -59,7 +64,8 @@ pub fn accrual(from_ms: i64, to_ms: i64, bytes: u64) -> Vec<(i64, u64)> {
 
 impl Store {
     /// Records a sample: it covers the time since the cache's previous sample (or since
-    /// `since_ms`, the cache's creation, for the first) and accrues into `storage_usage`.
+    /// `since_ms`, the cache's creation, for the first), at most [`MAX_COVER_MS`], and accrues
+    /// into `storage_usage`.
     /// Returns false, changing nothing, if another sampler recorded one meanwhile.
     pub async fn record_storage_sample(
         &self,
@@ -107,7 +113,7 @@ impl Store {
         if claimed == 0 {
             return Ok(false);
         }
-        let from = previous.unwrap_or(since_ms).min(sample.at_ms);
+        let from = previous.unwrap_or(since_ms).max(sample.at_ms - MAX_COVER_MS).min(sample.at_ms);
         let mut minutes = accrual(from, sample.at_ms, sample.bytes);
         // The sample's own minute gets its size and evictions even if it accrues nothing there.
         let own_minute = sample.at_ms.div_euclid(60_000) * 60;
@@ -136,6 +142,21 @@ impl Store {
         }
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// The live caches among `ids`, in one query (the gateways' route refresh).
+    pub async fn live_caches(&self, ids: &[CacheId]) -> Result<Vec<super::CacheRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql =
+            format!("SELECT * FROM caches WHERE status <> 'deleted' AND id IN ({})", placeholders.join(", "));
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        query.fetch_all(&self.pool).await?.into_iter().map(super::cache_from_row).collect()
     }
 
     /// The latest sample of a cache, if it was sampled.
@@ -283,6 +304,26 @@ mod tests {
         assert_eq!((latest.bytes, latest.sampled_at_ms, latest.evicted_keys), (50, t0 + 70_000, 3));
         // The range is half-open.
         assert_eq!(store.storage_usage(&id, m, m + 60).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_sample_reaches_back_at_most_fifteen_minutes() {
+        let (store, id, _dir) = store_with_cache().await;
+        let t0 = 1_800_000_000_000i64;
+        store.record_storage_sample(&id, t0 - 3_600_000, &sample(t0, 10, 0)).await.unwrap();
+        store.record_storage_sample(&id, 0, &sample(t0 + 3_600_000, 10, 0)).await.unwrap();
+        let all = store.storage_usage(&id, 0, i64::MAX).await.unwrap();
+        assert_eq!(all.iter().map(|u| u.byte_seconds).sum::<u64>(), 2 * 10 * 15 * 60);
+    }
+
+    #[tokio::test]
+    async fn live_caches_come_in_one_query() {
+        let (store, id, _dir) = store_with_cache().await;
+        let unknown = CacheId::generate();
+        let found = store.live_caches(&[unknown.clone(), id.clone()]).await.unwrap();
+        assert_eq!(found.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![id]);
+        assert!(store.live_caches(&[unknown]).await.unwrap().is_empty());
+        assert!(store.live_caches(&[]).await.unwrap().is_empty());
     }
 
     #[tokio::test]
