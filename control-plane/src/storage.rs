@@ -104,9 +104,11 @@ async fn sample_cache(
             if eviction.keys > 0 {
                 sample = probe.measure(dbs).await?;
             }
-            // Full only when the volatile keys ran out: a sampled estimate that is still a little
-            // over after evicting enough just gets another round of eviction next time.
-            full = sample.bytes > limit && eviction.bytes < excess;
+            // Full only when no key with a TTL is left to evict (or eviction is off): a cache
+            // whose eviction ran out of time, or whose sampled estimate is still a little over
+            // after evicting enough, gets another round of eviction at the next sample.
+            let evictable = cache.eviction_policy == "volatile-lru" && !eviction.exhausted;
+            full = sample.bytes > limit && !evictable;
             tracing::info!(
                 cache = %cache.id, limit, bytes = sample.bytes, evicted_keys, freed = eviction.bytes, full,
                 "cache over its storage limit"

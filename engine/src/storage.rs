@@ -31,7 +31,7 @@ pub const TABLE_BYTES_PER_KEY: u64 = 12;
 const CHUNK: usize = 500;
 /// Keys sampled per eviction round in a big database, and how many of the idlest go per round.
 const EVICTION_SAMPLE: usize = 256;
-const EVICT_PER_ROUND: usize = 16;
+const EVICT_PER_ROUND: usize = 32;
 /// One eviction call stops after this long (the next sampling round continues).
 const EVICTION_BUDGET: Duration = Duration::from_secs(2);
 
@@ -63,6 +63,9 @@ pub struct Eviction {
     pub keys: u64,
     /// What the evicted keys counted for in [`StorageProbe::measure`] before they went.
     pub bytes: u64,
+    /// Fewer bytes than asked were freed because no (findable) key with a TTL is left — not
+    /// because the time budget ran out.
+    pub exhausted: bool,
 }
 
 /// A key that may be evicted.
@@ -143,7 +146,12 @@ impl StorageProbe {
         // Big databases: rounds of samples, the idlest few of each go (Valkey's own approach).
         let big: Vec<u32> = sizes.iter().filter(|(_, n)| *n > EXACT_KEYS).map(|(db, _)| *db).collect();
         let mut empty_rounds = 0;
-        while done.bytes < bytes && !big.is_empty() && started.elapsed() < EVICTION_BUDGET {
+        // Without big databases, the pass above had every volatile key to choose from.
+        let mut exhausted = big.is_empty();
+        while done.bytes < bytes && !big.is_empty() {
+            if started.elapsed() >= EVICTION_BUDGET {
+                break;
+            }
             let mut round = Vec::new();
             for &db in &big {
                 let sample = self.random_keys(db, EVICTION_SAMPLE).await?;
@@ -156,6 +164,7 @@ impl StorageProbe {
                 // Few or no volatile keys: give up after a few tries rather than spin.
                 empty_rounds += 1;
                 if empty_rounds >= 4 {
+                    exhausted = true;
                     break;
                 }
                 continue;
@@ -172,6 +181,7 @@ impl StorageProbe {
             }
             done = add(done, self.unlink(victims).await?);
         }
+        done.exhausted = exhausted && done.bytes < bytes;
         Ok(done)
     }
 
@@ -303,5 +313,5 @@ impl StorageProbe {
 }
 
 fn add(a: Eviction, b: Eviction) -> Eviction {
-    Eviction { keys: a.keys + b.keys, bytes: a.bytes + b.bytes }
+    Eviction { keys: a.keys + b.keys, bytes: a.bytes + b.bytes, exhausted: false }
 }

@@ -34,16 +34,17 @@ async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
     line["used_memory:".len()..].trim().parse().unwrap()
 }
 
-/// Writes `n` string keys `prefix:i` with `size`-byte values; `ttl` seconds if given.
+/// Writes string keys `prefix:i`, `i` in `keys`, of `size`-byte values; `ttl` seconds if given.
 async fn fill(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
-    n: usize,
+    keys: std::ops::Range<usize>,
     size: usize,
     ttl: Option<u64>,
 ) {
     let value = "x".repeat(size);
-    for start in (0..n).step_by(1000) {
+    let n = keys.end;
+    for start in keys.step_by(1000) {
         let mut pipe = redis::pipe();
         for i in start..(start + 1000).min(n) {
             let cmd = pipe.cmd("SET").arg(format!("{prefix}:{i}")).arg(&value);
@@ -96,7 +97,7 @@ async fn estimates_track_used_memory_and_stay_cheap() {
         if db >= 4 {
             fill_hashes(&mut conn, "h", keys, size).await;
         } else {
-            fill(&mut conn, "k", keys, size, None).await;
+            fill(&mut conn, "k", 0..keys, size, None).await;
         }
         let grown = used_memory(&mut admin).await - before;
 
@@ -141,9 +142,9 @@ async fn eviction_takes_idle_volatile_keys_first() {
     let mut conn = tenant(&pool, 1).await;
     let mut probe = pool.storage_probe("n0").await.unwrap();
     let dbs = CacheDbs { db: 1, databases: 1 };
-    fill(&mut conn, "cold", 100, 1000, Some(3600)).await;
-    fill(&mut conn, "hot", 100, 1000, Some(3600)).await;
-    fill(&mut conn, "forever", 100, 1000, None).await;
+    fill(&mut conn, "cold", 0..100, 1000, Some(3600)).await;
+    fill(&mut conn, "hot", 0..100, 1000, Some(3600)).await;
+    fill(&mut conn, "forever", 0..100, 1000, None).await;
     // Idle times have a resolution of one second.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for i in 0..100 {
@@ -155,7 +156,7 @@ async fn eviction_takes_idle_volatile_keys_first() {
 
     // Free the size of about 50 keys: only cold ones go.
     let done = probe.evict_volatile_lru(dbs, per_key * 50).await.unwrap();
-    assert!((50..=52).contains(&done.keys), "{done:?}");
+    assert!((50..=52).contains(&done.keys) && !done.exhausted, "{done:?}");
     let count = |pattern: &'static str| {
         let mut c = conn.clone();
         async move { redis::cmd("KEYS").arg(pattern).query_async::<Vec<String>>(&mut c).await.unwrap().len() }
@@ -168,7 +169,47 @@ async fn eviction_takes_idle_volatile_keys_first() {
 
     // Asking for more than all volatile keys hold: every volatile key goes, no other.
     let done = probe.evict_volatile_lru(dbs, u64::MAX).await.unwrap();
+    assert!(done.exhausted, "{done:?}");
     assert_eq!(count("cold:*").await + count("hot:*").await, 0, "{done:?}");
     assert_eq!(count("forever:*").await, 100);
+    pool.stop().await;
+}
+
+/// In a database too big to compare every key, eviction samples: it still takes idle keys
+/// with a TTL and nothing else, and stops once enough is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_eviction_in_a_big_database_prefers_idle_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start_pool(dir.path()).await;
+    let mut conn = tenant(&pool, 1).await;
+    let mut probe = pool.storage_probe("n0").await.unwrap();
+    let dbs = CacheDbs { db: 1, databases: 1 };
+    fill(&mut conn, "cold", 0..20_000, 100, Some(3600)).await;
+    fill(&mut conn, "hot", 0..20_000, 100, Some(3600)).await;
+    fill(&mut conn, "forever", 0..20_000, 100, None).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for start in (0..20_000).step_by(1000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 1000 {
+            pipe.cmd("GET").arg(format!("hot:{i}")).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    let before = probe.measure(dbs).await.unwrap();
+    assert!(!before.exact);
+    let want = before.bytes / 60 * 2; // about 2,000 keys' worth
+    let t = Instant::now();
+    let done = probe.evict_volatile_lru(dbs, want).await.unwrap();
+    let took = t.elapsed();
+    let count = |pattern: &'static str| {
+        let mut c = conn.clone();
+        async move { redis::cmd("KEYS").arg(pattern).query_async::<Vec<String>>(&mut c).await.unwrap().len() }
+    };
+    let (cold, hot, forever) = (count("cold:*").await, count("hot:*").await, count("forever:*").await);
+    println!("sampled eviction: {done:?} of {want} B wanted in {took:?}; left cold {cold}, hot {hot}, forever {forever}");
+    assert!(done.bytes >= want && !done.exhausted, "{done:?}");
+    assert_eq!(forever, 20_000, "keys without a TTL stay");
+    assert_eq!(cold + hot + done.keys as usize, 40_000);
+    assert!(20_000 - hot < done.keys as usize / 20, "idle keys go first: {} hot keys evicted", 20_000 - hot);
     pool.stop().await;
 }
