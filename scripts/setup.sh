@@ -24,11 +24,23 @@ if $want_test; then
     log "installing redis-py (PyPI: redis)"
     "${PIP[@]}" redis
   fi
+  if ! command -v schemathesis >/dev/null 2>&1; then
+    log "installing schemathesis (PyPI) for the API conformance test"
+    "${PIP[@]}" 'schemathesis>=4,<5'
+  fi
   if ! command -v redis-cli >/dev/null 2>&1; then
     log "installing redis-cli (Debian: redis-tools)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends redis-tools >&2
+  fi
+  # A real OpenLDAP for the LDAP tests (shoal_auth::testing starts its own slapd on a free
+  # port with a temporary config; the packaged service is not used).
+  if [[ ! -x /usr/sbin/slapd ]] || ! command -v ldapadd >/dev/null 2>&1; then
+    log "installing OpenLDAP (Debian: slapd ldap-utils)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends slapd ldap-utils >&2
   fi
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1; then
     log "installing PostgreSQL (Debian: postgresql) for the Postgres test lane"

@@ -74,4 +74,16 @@ async fn openapi_is_served_and_matches_the_checked_in_document() {
         "openapi/openapi.json is stale: regenerate with `cargo run -q -- openapi > openapi/openapi.json`"
     );
     assert!(served["paths"]["/v1/caches"]["post"].is_object());
+
+    // The interactive viewer works offline: its page and scripts come from the binary.
+    let page = dev.http.get(dev.url("/docs/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("swagger-ui") && !html.contains("cdn"), "{html}");
+    let js = dev.http.get(dev.url("/docs/swagger-ui-bundle.js")).send().await.unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(js.bytes().await.unwrap().len() > 100_000);
+    let doc: serde_json::Value =
+        dev.http.get(dev.url("/docs/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc, checked_in);
 }

@@ -62,6 +62,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
                     .error_handler(crate::error::json_error),
             )
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+            .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
             .wrap(actix_web::middleware::from_fn(crate::context::middleware))
             .wrap(
                 actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
@@ -74,6 +75,12 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::audit::configure)
             .configure(routes::tokens::configure)
             .route("/openapi.json", web::get().to(openapi_json))
+            .service(
+                // The interactive viewer, served from files compiled in (no CDN).
+                utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
+                    .url("/docs/openapi.json", crate::apidoc::openapi()),
+            )
+            .route("/docs", web::get().to(docs_redirect))
             .default_service(web::to(not_found))
     })
     .workers(workers)
@@ -89,6 +96,10 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
 
 async fn openapi_json() -> actix_web::HttpResponse {
     actix_web::HttpResponse::Ok().content_type("application/json").body(crate::apidoc::document())
+}
+
+async fn docs_redirect() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Found().insert_header(("Location", "/docs/")).finish()
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, crate::error::ApiError> {

@@ -258,6 +258,56 @@ impl ShoalDev {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// A REST call as `token` (None = no Authorization header) with extra headers; returns
+    /// status, headers and the JSON body (Null when the body is not JSON).
+    pub async fn call(
+        &self,
+        token: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates an account and an API key of `role` for it; returns (account id, token).
+    pub async fn account_with_key(&self, name: &str, role: &str) -> (String, String) {
+        let (status, account) =
+            self.api(reqwest::Method::POST, "/v1/accounts", Some(serde_json::json!({ "name": name }))).await;
+        assert_eq!(status, 201, "{account}");
+        let id = account["id"].as_str().unwrap().to_string();
+        let token = self.api_key(&id, role).await;
+        (id, token)
+    }
+
+    /// A new API key of `role` for an account (created by the admin).
+    pub async fn api_key(&self, account: &str, role: &str) -> String {
+        let (status, key) = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/v1/accounts/{account}/api-keys"),
+                Some(serde_json::json!({ "name": format!("{role} key"), "role": role })),
+            )
+            .await;
+        assert_eq!(status, 201, "{key}");
+        key["token"].as_str().unwrap().to_string()
+    }
+
     pub async fn create_cache(&self, name: &str) -> Value {
         let (status, body) =
             self.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": name}))).await;

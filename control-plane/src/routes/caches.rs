@@ -42,10 +42,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// ECPU per second (1–15,000,000); over it commands wait up to 10 ms, then get `-THROTTLED`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ecpu_per_second: Option<u64>,
     /// Stored data in MB (1–5,000,000); over it keys with a TTL are evicted, then writes get `-OOM`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_storage_mb: Option<u64>,
     /// Concurrent client connections per gateway (1–65,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
 }
 

@@ -1,0 +1,505 @@
+//! Failed-login throttling (issue 4 "Abuse protection"), per source address and per user
+//! name: the first few failures are free, then each attempt waits a growing delay, then the
+//! key is locked out for a while. Pure: the caller passes the time in and holds the lock.
+//!
+//! Memory is bounded: each table keeps at most `max_entries` keys, dropping forgotten ones
+//! first, then the least recently failed (locked-out keys last).
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// How one key (a source or a user) is throttled. In configuration files durations are
+/// milliseconds: `{ free_failures = 3, base_delay_ms = 250, max_delay_ms = 5000,
+/// lockout_after = 10, lockout_ms = 300000 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Failures allowed without any delay.
+    pub free_failures: u32,
+    /// The delay after the first failure past `free_failures`; it doubles with each one.
+    #[serde(rename = "base_delay_ms", with = "millis")]
+    pub base_delay: Duration,
+    #[serde(rename = "max_delay_ms", with = "millis")]
+    pub max_delay: Duration,
+    /// Failures (within `window`) that lock the key out; 0 never locks.
+    pub lockout_after: u32,
+    #[serde(rename = "lockout_ms", with = "millis")]
+    pub lockout: Duration,
+}
+
+/// Throttling parameters; every field may be left out of a configuration file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottlePolicy {
+    pub enabled: bool,
+    pub per_source: Limits,
+    pub per_user: Limits,
+    /// A key's failures are forgotten this long after its last failure.
+    #[serde(rename = "window_ms", with = "millis")]
+    pub window: Duration,
+    /// Most keys remembered per table (sources, users).
+    pub max_entries: usize,
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+impl Default for ThrottlePolicy {
+    /// 3 free failures per user, then 0.25 s doubling to 5 s, locked for 5 min after 10;
+    /// a source (which may be a NAT of many people) gets 4× the allowance.
+    fn default() -> Self {
+        ThrottlePolicy {
+            enabled: true,
+            per_user: Limits {
+                free_failures: 3,
+                base_delay: Duration::from_millis(250),
+                max_delay: Duration::from_secs(5),
+                lockout_after: 10,
+                lockout: Duration::from_secs(300),
+            },
+            per_source: Limits {
+                free_failures: 12,
+                base_delay: Duration::from_millis(250),
+                max_delay: Duration::from_secs(5),
+                lockout_after: 40,
+                lockout: Duration::from_secs(300),
+            },
+            window: Duration::from_secs(900),
+            max_entries: 100_000,
+        }
+    }
+}
+
+impl ThrottlePolicy {
+    /// Never delays or locks anything (tests, `shoal dev`); still counts failures.
+    pub fn disabled() -> Self {
+        ThrottlePolicy { enabled: false, ..Self::default() }
+    }
+}
+
+/// Which key a lockout is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Source,
+    User,
+}
+
+/// What to do with a login attempt, asked before checking the credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Wait this long, then check the credentials.
+    Delay(Duration),
+    /// Refuse without checking the credentials.
+    Locked {
+        scope: Scope,
+        remaining: Duration,
+    },
+}
+
+/// What a failure led to (for the audit log: a lockout is its own event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureOutcome {
+    Counted,
+    LockedOut(Scope),
+}
+
+/// Counters for metrics. The `_total` ones only grow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThrottleStats {
+    pub failures_total: u64,
+    pub delayed_total: u64,
+    pub lockouts_total: u64,
+    pub refused_locked_total: u64,
+    pub evicted_total: u64,
+    pub tracked_sources: usize,
+    pub tracked_users: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    failures: u32,
+    last_failure: Instant,
+    locked_until: Option<Instant>,
+}
+
+struct Table<K> {
+    entries: HashMap<K, Entry>,
+}
+
+impl<K: Hash + Eq + Clone> Table<K> {
+    fn new() -> Self {
+        Table { entries: HashMap::new() }
+    }
+
+    /// The entry as it stands at `now`, with an expired lockout or window already applied.
+    fn current(&mut self, key: &K, now: Instant, window: Duration) -> Option<&mut Entry> {
+        let entry = self.entries.get_mut(key)?;
+        if let Some(until) = entry.locked_until {
+            if now >= until {
+                // The lockout is served: start over.
+                entry.locked_until = None;
+                entry.failures = 0;
+            }
+        } else if now.saturating_duration_since(entry.last_failure) > window {
+            entry.failures = 0;
+        }
+        Some(entry)
+    }
+
+    fn verdict(
+        &mut self,
+        key: &K,
+        now: Instant,
+        limits: &Limits,
+        window: Duration,
+    ) -> (Option<Duration>, Duration) {
+        let Some(entry) = self.current(key, now, window) else { return (None, Duration::ZERO) };
+        if let Some(until) = entry.locked_until {
+            return (Some(until - now), Duration::ZERO);
+        }
+        let wait = delay_after(entry.failures, limits)
+            .saturating_sub(now.saturating_duration_since(entry.last_failure));
+        (None, wait)
+    }
+
+    /// Counts a failure; true if it locked the key out.
+    fn fail(&mut self, key: &K, now: Instant, limits: &Limits, policy: &ThrottlePolicy) -> (bool, u64) {
+        let mut evicted = 0;
+        if !self.entries.contains_key(key) && self.entries.len() >= policy.max_entries {
+            evicted = self.make_room(now, policy);
+        }
+        let entry = match self.current(key, now, policy.window) {
+            Some(e) => e,
+            None => self.entries.entry(key.clone()).or_insert(Entry {
+                failures: 0,
+                last_failure: now,
+                locked_until: None,
+            }),
+        };
+        if entry.locked_until.is_some() {
+            return (false, evicted);
+        }
+        entry.failures = entry.failures.saturating_add(1);
+        entry.last_failure = now;
+        let locks = limits.lockout_after > 0 && entry.failures >= limits.lockout_after;
+        if locks {
+            entry.locked_until = Some(now + limits.lockout);
+        }
+        (locks, evicted)
+    }
+
+    /// Drops forgotten entries; if that is not enough, the least recently failed tenth
+    /// (locked-out entries only if nothing else is left). Returns how many were dropped.
+    fn make_room(&mut self, now: Instant, policy: &ThrottlePolicy) -> u64 {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| match e.locked_until {
+            Some(until) => now < until,
+            None => now.saturating_duration_since(e.last_failure) <= policy.window,
+        });
+        if self.entries.len() >= policy.max_entries {
+            let mut order: Vec<(bool, Instant, K)> = self
+                .entries
+                .iter()
+                .map(|(k, e)| (e.locked_until.is_some(), e.last_failure, k.clone()))
+                .collect();
+            order.sort_by_key(|(locked, last, _)| (*locked, *last));
+            let drop = (policy.max_entries / 10).max(1) + self.entries.len() - policy.max_entries;
+            for (_, _, key) in order.into_iter().take(drop) {
+                self.entries.remove(&key);
+            }
+        }
+        (before - self.entries.len()) as u64
+    }
+}
+
+/// The delay owed after `failures` failures.
+fn delay_after(failures: u32, limits: &Limits) -> Duration {
+    if failures <= limits.free_failures {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - limits.free_failures - 1).min(30);
+    limits.base_delay.saturating_mul(1 << doublings).min(limits.max_delay)
+}
+
+/// IPv6 clients get a /64 each, so one host cannot dodge its counter by changing addresses.
+fn source_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            IpAddr::V6((u128::from(v6) & !0xffff_ffff_ffff_ffffu128).into())
+        }
+    }
+}
+
+/// User names are counted without ASCII case (a directory usually ignores it) and cut to
+/// 256 bytes, so a key costs bounded memory.
+fn user_key(user: &str) -> String {
+    let mut end = user.len().min(256);
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    user[..end].to_ascii_lowercase()
+}
+
+/// Failed-attempt state for one process. Wrap it in a `Mutex`.
+pub struct Throttle {
+    policy: ThrottlePolicy,
+    sources: Table<IpAddr>,
+    users: Table<String>,
+    stats: ThrottleStats,
+}
+
+impl Throttle {
+    pub fn new(policy: ThrottlePolicy) -> Self {
+        Throttle { policy, sources: Table::new(), users: Table::new(), stats: ThrottleStats::default() }
+    }
+
+    pub fn policy(&self) -> &ThrottlePolicy {
+        &self.policy
+    }
+
+    /// Asked before checking credentials.
+    pub fn check(&mut self, now: Instant, source: IpAddr, user: &str) -> Verdict {
+        if !self.policy.enabled {
+            return Verdict::Allow;
+        }
+        let window = self.policy.window;
+        let (src_locked, src_wait) =
+            self.sources.verdict(&source_key(source), now, &self.policy.per_source, window);
+        let (user_locked, user_wait) =
+            self.users.verdict(&user_key(user), now, &self.policy.per_user, window);
+        let locked = match (src_locked, user_locked) {
+            (Some(r), _) => Some((Scope::Source, r)),
+            (None, Some(r)) => Some((Scope::User, r)),
+            (None, None) => None,
+        };
+        if let Some((scope, remaining)) = locked {
+            self.stats.refused_locked_total += 1;
+            return Verdict::Locked { scope, remaining };
+        }
+        let wait = src_wait.max(user_wait);
+        if wait.is_zero() {
+            Verdict::Allow
+        } else {
+            self.stats.delayed_total += 1;
+            Verdict::Delay(wait)
+        }
+    }
+
+    /// Records a failed attempt (wrong password, unknown user; not "directory down").
+    pub fn failure(&mut self, now: Instant, source: IpAddr, user: &str) -> FailureOutcome {
+        self.stats.failures_total += 1;
+        if !self.policy.enabled {
+            return FailureOutcome::Counted;
+        }
+        let policy = self.policy;
+        let (src_locked, e1) = self.sources.fail(&source_key(source), now, &policy.per_source, &policy);
+        let (user_locked, e2) = self.users.fail(&user_key(user), now, &policy.per_user, &policy);
+        self.stats.evicted_total += e1 + e2;
+        self.stats.lockouts_total += u64::from(src_locked) + u64::from(user_locked);
+        if src_locked {
+            FailureOutcome::LockedOut(Scope::Source)
+        } else if user_locked {
+            FailureOutcome::LockedOut(Scope::User)
+        } else {
+            FailureOutcome::Counted
+        }
+    }
+
+    /// Records a successful login: the user's failures are forgotten. The source's are not,
+    /// or one valid account would let a source guess other users' passwords for ever.
+    pub fn success(&mut self, user: &str) {
+        self.users.entries.remove(&user_key(user));
+    }
+
+    pub fn stats(&self) -> ThrottleStats {
+        ThrottleStats {
+            tracked_sources: self.sources.entries.len(),
+            tracked_users: self.users.entries.len(),
+            ..self.stats
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn policy() -> ThrottlePolicy {
+        let limits = |free, lock| Limits {
+            free_failures: free,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(800),
+            lockout_after: lock,
+            lockout: Duration::from_secs(60),
+        };
+        ThrottlePolicy {
+            enabled: true,
+            per_user: limits(2, 8),
+            per_source: limits(4, 20),
+            window: Duration::from_secs(600),
+            max_entries: 100,
+        }
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn delay_grows_then_the_user_is_locked_out() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        let src = ip("10.0.0.1");
+        assert_eq!(t.check(now, src, "alice"), Verdict::Allow);
+        // Two free failures.
+        t.failure(now, src, "alice");
+        t.failure(now, src, "alice");
+        assert_eq!(t.check(now, src, "alice"), Verdict::Allow);
+        // Then 100, 200, 400, 800, 800 ms.
+        let mut expected = vec![];
+        for _ in 0..5 {
+            t.failure(now, src, "alice");
+            expected.push(t.check(now, src, "alice"));
+        }
+        assert_eq!(expected, [100, 200, 400, 800, 800].map(|ms| Verdict::Delay(MS(ms))));
+        // The delay runs from the last failure.
+        assert_eq!(t.check(now + MS(300), src, "alice"), Verdict::Delay(MS(500)));
+        assert_eq!(t.check(now + MS(800), src, "alice"), Verdict::Allow);
+        // The 8th failure locks the user out for 60 s.
+        assert_eq!(t.failure(now + MS(800), src, "alice"), FailureOutcome::LockedOut(Scope::User));
+        let at = now + Duration::from_secs(30);
+        assert_eq!(
+            t.check(at, src, "alice"),
+            Verdict::Locked { scope: Scope::User, remaining: Duration::from_secs(30) + MS(800) }
+        );
+        // Other users from the same source are not locked out (the source has 8 of its 20).
+        assert_eq!(t.check(at, src, "bob"), Verdict::Allow);
+        assert_eq!(t.check(at, ip("10.0.0.2"), "bob"), Verdict::Allow);
+        // Even the right password does not help while locked (the caller does not check it).
+        assert!(matches!(t.check(at, ip("10.0.0.2"), "ALICE"), Verdict::Locked { .. }));
+        // After the lockout the user starts over.
+        let after = now + Duration::from_secs(61);
+        assert_eq!(t.check(after, ip("10.0.0.2"), "alice"), Verdict::Allow);
+        let stats = t.stats();
+        assert_eq!(stats.failures_total, 8);
+        assert_eq!(stats.lockouts_total, 1);
+        assert_eq!(stats.refused_locked_total, 2);
+    }
+
+    #[test]
+    fn a_source_guessing_many_users_is_locked_out() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        let src = ip("192.0.2.7");
+        for i in 0..19 {
+            assert_eq!(t.failure(now, src, &format!("user{i}")), FailureOutcome::Counted);
+        }
+        assert_eq!(t.failure(now, src, "user19"), FailureOutcome::LockedOut(Scope::Source));
+        assert!(matches!(t.check(now, src, "fresh"), Verdict::Locked { scope: Scope::Source, .. }));
+        // A success for one user does not clear the source.
+        t.success("user1");
+        assert!(matches!(t.check(now, src, "user1"), Verdict::Locked { scope: Scope::Source, .. }));
+    }
+
+    #[test]
+    fn ipv6_addresses_in_one_64_share_a_counter() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        for i in 0..20 {
+            t.failure(now, ip(&format!("2001:db8:1:2::{i:x}")), &format!("u{i}"));
+        }
+        assert!(matches!(t.check(now, ip("2001:db8:1:2:ffff::1"), "x"), Verdict::Locked { .. }));
+        assert_eq!(t.check(now, ip("2001:db8:1:3::1"), "x"), Verdict::Allow);
+        // An IPv4-mapped address is the IPv4 address.
+        assert_eq!(source_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+    }
+
+    #[test]
+    fn failures_are_forgotten_after_the_window_and_on_success() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        let src = ip("10.0.0.1");
+        for _ in 0..5 {
+            t.failure(now, src, "alice");
+        }
+        assert!(matches!(t.check(now, src, "alice"), Verdict::Delay(_)));
+        // 10 minutes later the counters are gone: the next failure is a free one again.
+        let later = now + Duration::from_secs(601);
+        t.failure(later, src, "alice");
+        assert_eq!(t.check(later, src, "alice"), Verdict::Allow);
+        // A success clears the user's failures.
+        for _ in 0..5 {
+            t.failure(later, ip("10.9.9.9"), "bob");
+        }
+        t.success("Bob");
+        assert_eq!(t.check(later, ip("10.9.9.8"), "bob"), Verdict::Allow);
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_lockouts_survive_a_flood() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        for _ in 0..8 {
+            t.failure(now, ip("10.0.0.1"), "victim");
+        }
+        assert!(matches!(t.check(now, ip("10.0.0.2"), "victim"), Verdict::Locked { .. }));
+        for i in 0..1000u32 {
+            let [a, b, c, d] = i.to_be_bytes();
+            let at = now + MS(u64::from(i));
+            t.failure(at, IpAddr::from([11, b ^ a, c, d]), &format!("random-{i}"));
+        }
+        let stats = t.stats();
+        assert!(stats.tracked_users <= 100 && stats.tracked_sources <= 100, "{stats:?}");
+        assert!(stats.evicted_total > 0);
+        // The flood did not unlock the victim.
+        assert!(matches!(t.check(now + MS(1000), ip("10.0.0.2"), "victim"), Verdict::Locked { .. }));
+    }
+
+    #[test]
+    fn disabled_never_delays_but_counts() {
+        let mut t = Throttle::new(ThrottlePolicy::disabled());
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(t.failure(now, ip("10.0.0.1"), "alice"), FailureOutcome::Counted);
+        }
+        assert_eq!(t.check(now, ip("10.0.0.1"), "alice"), Verdict::Allow);
+        assert_eq!(t.stats().failures_total, 100);
+        assert_eq!(t.stats().tracked_users, 0);
+    }
+
+    #[test]
+    fn policy_reads_from_configuration_with_defaults() {
+        let p: ThrottlePolicy = serde_json::from_str(
+            r#"{"window_ms": 60000, "per_user": {"free_failures": 1, "base_delay_ms": 50,
+                "max_delay_ms": 1000, "lockout_after": 5, "lockout_ms": 30000}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.window, Duration::from_secs(60));
+        assert_eq!(p.per_user.lockout, Duration::from_secs(30));
+        assert_eq!(p.per_source, ThrottlePolicy::default().per_source);
+        assert!(p.enabled);
+        assert!(serde_json::from_str::<ThrottlePolicy>(r#"{"windw_ms": 1}"#).is_err());
+    }
+
+    #[test]
+    fn long_user_names_cost_bounded_memory() {
+        assert_eq!(user_key(&"é".repeat(500)).len(), 256);
+        assert_eq!(user_key("Alice"), "alice");
+    }
+}
