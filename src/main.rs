@@ -59,6 +59,9 @@ struct DevArgs {
     /// The store (default: SQLite at <data-dir>/shoal.db; `postgres://…` for PostgreSQL).
     #[arg(long, env = "SHOAL_DATABASE_URL")]
     database_url: Option<String>,
+    /// Seconds between two storage samples of each cache (data_storage_mb enforcement).
+    #[arg(long, env = "SHOAL_STORAGE_INTERVAL", default_value_t = 5.0)]
+    storage_interval: f64,
     #[arg(long, env = "SHOAL_HOST", default_value = "127.0.0.1")]
     host: String,
     /// REST API port.
@@ -219,6 +222,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         admin_token_path: args.data_dir.join("admin.token"),
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),
+        storage_interval: args.storage_interval,
         ..Default::default()
     };
     let cp = match shoal_control_plane::start(cp_config, pool.clone()).await {
@@ -253,6 +257,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     {
         Ok(g) => g,
         Err(e) => {
+            cp.sampler.abort();
             cp.handle.stop(true).await;
             pool.stop().await;
             return Err(e).context("binding the RESP endpoint");
@@ -278,6 +283,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = gateway_task.await;
+    cp.sampler.abort();
     cp.handle.stop(true).await;
     pool.stop().await;
     tracing::info!("stopped");
@@ -316,6 +322,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
     };
     tracing::info!(addr = %cp.addr, "control plane listening");
     wait_for_signal(None).await;
+    cp.sampler.abort();
     cp.handle.stop(true).await;
     pool.stop().await;
     Ok(())

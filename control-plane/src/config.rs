@@ -25,6 +25,9 @@ pub struct ControlPlaneConfig {
     pub billing: shoal_billing::PriceList,
     /// Seconds after a month ends before its invoices are final (late usage still counts).
     pub invoice_grace_seconds: i64,
+    /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
+    /// cache is sampled at least every 10 s).
+    pub storage_interval: f64,
 }
 
 impl Default for ControlPlaneConfig {
@@ -40,6 +43,7 @@ impl Default for ControlPlaneConfig {
             workers: 2,
             billing: Default::default(),
             invoice_grace_seconds: 3600,
+            storage_interval: 5.0,
         }
     }
 }
