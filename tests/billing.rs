@@ -118,7 +118,7 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     }
 
     // Rollups: the hourly usage of the cache sums to the same.
-    let from = chrono::DateTime::from_timestamp(month_start.max(late - 3600), 0).unwrap().to_rfc3339();
+    let from = chrono::DateTime::from_timestamp(month_start.max(late - 3600), 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let (status, _, usage) = dev
         .call(
             Some(&owner),
@@ -202,7 +202,7 @@ async fn the_estimate_shows_its_arithmetic() {
     // 2,000 bytes a request = 1.953125 ECPU; 1,000/s for 730 h; $0.0023 per million ECPU;
     // 10 GB × 730 h × $0.084.
     assert_eq!(est["ecpu_cost"], "11.80546875");
-    assert_eq!(est["storage_cost"], "613.200");
+    assert_eq!(est["storage_cost"], "613.2");
     assert!(est["steps"].as_array().unwrap().len() >= 4, "{est}");
     let (status, _, err) = dev
         .call(Some(&dev.admin_token()), Method::POST, "/v1/estimate", Some(json!({"requests_per_second": -1, "avg_request_bytes": 1, "avg_reply_bytes": 1, "stored_gb": 1})), &[])
