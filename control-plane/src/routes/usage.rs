@@ -47,6 +47,7 @@ async fn post_usage(
         return Err(ApiError::field("usage", format!("minute {} is not the start of a minute", u.minute)));
     }
     let stored = state.store.record_usage(&batch).await?;
+    crate::metrics::usage_batch(&batch, stored);
     Ok(HttpResponse::Ok().json(serde_json::json!({ "stored": stored })))
 }
 
