@@ -11,6 +11,8 @@
 //!   `internal`, `health`); `page` holds pagination, idempotency and ETags.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
+//! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
+//!   (eviction, then refused writes), storage accrual for billing.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod routes;
 pub mod signing;
 pub mod startup;
+pub mod storage;
 pub mod store;
 
 pub use config::ControlPlaneConfig;

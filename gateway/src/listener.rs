@@ -125,6 +125,11 @@ impl Gateway {
             tokio::spawn(crate::metering::usage::run(outbox, self.shared.clone(), shutdown.clone()))
         });
         let shared = self.shared.clone();
+        let stop = shutdown.clone();
+        let routes = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.router.run(stop).await })
+        };
         let limits = tokio::spawn(crate::metering::limit::follow(shared.clone(), shutdown.clone()));
         let metrics = self.metrics.map(|listener| {
             let handle = shared.config.metrics.clone().unwrap_or_else(crate::metrics::install);
@@ -144,6 +149,7 @@ impl Gateway {
             let _ = task.await;
         }
         revocations.abort();
+        routes.abort();
         limits.abort();
         if let Some(m) = metrics {
             m.abort();

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod billing;
 pub mod caches;
 pub mod health;
 pub mod internal;

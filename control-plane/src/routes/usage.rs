@@ -84,6 +84,8 @@ pub struct UsagePoint {
     pub throttled: u64,
     /// Commands that returned an error.
     pub errors: u64,
+    /// Keys with a TTL evicted because the cache was over `data_storage_mb`.
+    pub evicted_keys: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -135,9 +137,14 @@ pub async fn get_usage(
     let first = from.timestamp() - from.timestamp().rem_euclid(step);
     let (from_text, to_text) = (text(first), text(to.timestamp()));
     let rows = state.store.usage(&id, &from_text, &to_text, granularity).await?;
-    // Storage (GB-hours) is sampled by its own meter; its average per period joins here,
-    // by `start`, once the store keeps storage samples. Until then it reads 0.
-    let storage_bytes = |_start: &str| 0u64;
+    // Storage is sampled by the control plane (byte-seconds per minute); a point's
+    // storage_bytes is its average over the period.
+    let mut storage: std::collections::BTreeMap<i64, (u64, u64)> = Default::default();
+    for s in state.store.storage_usage(&id, first, to.timestamp()).await? {
+        let point = storage.entry(s.minute - s.minute.rem_euclid(step)).or_default();
+        point.0 += s.byte_seconds;
+        point.1 += s.evicted_keys;
+    }
     let mut rows = rows.into_iter().peekable();
     let mut points = Vec::new();
     let mut start = first;
@@ -153,7 +160,8 @@ pub async fn get_usage(
             commands: row.commands,
             bytes_in: row.bytes_in,
             bytes_out: row.bytes_out,
-            storage_bytes: storage_bytes(&at),
+            storage_bytes: storage.get(&start).map_or(0, |s| s.0) / step as u64,
+            evicted_keys: storage.get(&start).map_or(0, |s| s.1),
             hits: row.hits,
             misses: row.misses,
             throttled: row.throttled,

@@ -7,11 +7,11 @@
 //! the bucket in debt waits until it is repaid, if that takes at most the configured bound
 //! (`throttle_wait`, 10 ms), else it fails with `-THROTTLED`.
 //!
-//! The rate comes from the cache's route; [`follow`] re-reads the routes of the caches this
-//! gateway serves twice a second, so a changed limit applies within a second.
+//! The rate comes from the cache's route; the router refreshes the routes of caches in use
+//! every [`crate::router::REFRESH_INTERVAL`] and [`follow`] applies their limits twice a
+//! second, so a changed limit applies within about a second.
 
 use crate::listener::Shared;
-use futures_util::StreamExt;
 use shoal_types::CacheId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,22 +145,13 @@ pub async fn follow(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
             _ = shutdown.changed() => return,
         }
-        let served = shared.buckets.served();
-        futures_util::stream::iter(served)
-            .for_each_concurrent(32, |(id, bucket)| {
-                let shared = shared.clone();
-                async move {
-                    match shared.router.refresh(&id).await {
-                        Ok(route) => {
-                            if bucket.set_limit(route.limits.ecpu_per_second) {
-                                tracing::info!(cache = %id, ecpu_per_second = ?route.limits.ecpu_per_second, "ECPU limit applied");
-                            }
-                        }
-                        Err(e) => tracing::warn!(cache = %id, error = %e, "could not refresh limits"),
-                    }
+        for (id, bucket) in shared.buckets.served() {
+            if let Some(route) = shared.router.cached(&id) {
+                if bucket.set_limit(route.limits.ecpu_per_second) {
+                    tracing::info!(cache = %id, ecpu_per_second = ?route.limits.ecpu_per_second, "ECPU limit applied");
                 }
-            })
-            .await;
+            }
+        }
     }
 }
 
