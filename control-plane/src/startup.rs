@@ -18,6 +18,12 @@ pub struct AppState {
     pub signer: Signer,
     /// Serializes placement so two creates never take the same database.
     pub placement_lock: tokio::sync::Mutex<()>,
+    /// Serializes changes to cache users (their upstream ACL users and rows change together).
+    pub users_lock: tokio::sync::Mutex<()>,
+    /// The LDAP directory, when configured.
+    pub directory: Option<shoal_auth::Directory>,
+    /// Failed `POST /v1/auth/login` attempts.
+    pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
 }
 
 /// A running control plane.
@@ -31,11 +37,23 @@ pub struct ControlPlane {
 pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
     let store = Store::open(&config.database_url).await?;
     bootstrap_admin(&store, &config).await?;
-    let signer = Signer::load_or_create(&store).await?;
+    let window =
+        std::time::Duration::from_secs(config.token_ttl_max + crate::routes::auth::VERIFY_LEEWAY_SECS);
+    let signer = Signer::load_or_create(&store, window).await?;
+    let directory = config.ldap.clone().map(shoal_auth::Directory::new).transpose()?;
     let workers = config.workers;
     let listen = config.listen.clone();
-    let state =
-        web::Data::new(AppState { config, store, pool, signer, placement_lock: tokio::sync::Mutex::new(()) });
+    let login_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.login_throttle));
+    let state = web::Data::new(AppState {
+        config,
+        store,
+        pool,
+        signer,
+        placement_lock: tokio::sync::Mutex::new(()),
+        users_lock: tokio::sync::Mutex::new(()),
+        directory,
+        login_throttle,
+    });
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
         if let Err(e) = routes::caches::apply_keyspace_events(&state, node.name()).await {
@@ -63,6 +81,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::caches::configure)
             .configure(routes::audit::configure)
             .configure(routes::tokens::configure)
+            .configure(routes::users::configure)
+            .configure(routes::auth::configure)
             .route("/openapi.json", web::get().to(openapi_json))
             .service(
                 // The interactive viewer, served from files compiled in (no CDN).
@@ -134,4 +154,6 @@ pub enum StartupError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Ldap(#[from] shoal_auth::LdapError),
 }

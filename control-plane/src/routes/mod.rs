@@ -2,8 +2,10 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod auth;
 pub mod caches;
 pub mod health;
 pub mod internal;
 pub mod page;
 pub mod tokens;
+pub mod users;

@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod idempotency;
+pub mod users;
 
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -174,9 +175,11 @@ impl Store {
 
     pub async fn api_key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, role, account_id FROM api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
+            "SELECT id, role, account_id FROM api_keys
+             WHERE token_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(token_hash)
+        .bind(now())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| ApiKeyRecord {
