@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run everything on this machine with embedded defaults.
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Run the control plane (REST API + the Valkey pool) from a config file.
     ControlPlane {
         #[arg(long, env = "SHOAL_CONFIG")]
@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     match cli.command {
-        Command::Dev(args) => dev(args).await,
+        Command::Dev(args) => dev(*args).await,
         Command::ControlPlane { config } => control_plane(config).await,
         Command::Gateway { config } => gateway(config).await,
         Command::Openapi => {

@@ -155,18 +155,16 @@ pub async fn login(
     event.details = serde_json::json!({ "mechanism": "ldap", "role": role.as_str(), "dn": identity.dn,
                                         "expires_at": expires_at });
     let mut tx = state.store.begin().await?;
-    state
-        .store
-        .insert_session_key(
-            tx.conn(),
-            &key_id,
-            &hash_token(&token),
-            role.as_str(),
-            account.as_ref().map(|a| a.as_str()),
-            &format!("ldap:{}", identity.user),
-            &expires_at,
-        )
-        .await?;
+    crate::store::users::insert_session_key(
+        tx.conn(),
+        &key_id,
+        &hash_token(&token),
+        role.as_str(),
+        account.as_ref().map(|a| a.as_str()),
+        &format!("ldap:{}", identity.user),
+        &expires_at,
+    )
+    .await?;
     tx.commit(&event).await?;
     tracing::info!(user = %identity.user, role = role.as_str(), key = %key_id, "LDAP login");
     Ok(HttpResponse::Ok().json(LoginResponse {

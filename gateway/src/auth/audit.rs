@@ -58,20 +58,27 @@ impl AuditQueue {
     async fn flush(&self, client: &ControlPlaneClient) {
         loop {
             let batch: Vec<LoginEvent> = {
-                let events = self.events.lock().unwrap();
-                events.iter().take(BATCH).cloned().collect()
+                let mut events = self.events.lock().unwrap();
+                let n = events.len().min(BATCH);
+                events.drain(..n).collect()
             };
             if batch.is_empty() {
                 return;
             }
             if let Err(e) = client.post_audit(&batch).await {
-                tracing::warn!(error = %e, queued = self.events.lock().unwrap().len(), "could not send login events; will retry");
+                // Back to the front, oldest first; beyond the bound the oldest are dropped.
+                let mut events = self.events.lock().unwrap();
+                for event in batch.into_iter().rev() {
+                    if events.len() >= MAX_QUEUED {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    events.push_front(event);
+                }
+                tracing::warn!(error = %e, queued = events.len(), "could not send login events; will retry");
                 return;
             }
             self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let mut events = self.events.lock().unwrap();
-            let n = batch.len().min(events.len());
-            events.drain(..n);
         }
     }
 }
