@@ -31,8 +31,11 @@ pub struct Shared {
     pub started: Instant,
     /// Permits for connections that have not authenticated yet.
     pub unauthenticated: Arc<Semaphore>,
-    /// Failed `AUTH` attempts per source and user name.
+    /// Failed `AUTH` attempts of cache and LDAP users, per source and user name.
     pub throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    /// Failed token logins, per source only (a signature cannot be guessed, and a per-user
+    /// count would let anyone lock a cache's token users out).
+    pub token_throttle: std::sync::Mutex<shoal_auth::Throttle>,
     /// Login events on their way to the audit log.
     pub audit: Arc<crate::auth::audit::AuditQueue>,
     /// This gateway's name in audit records.
@@ -75,6 +78,10 @@ impl Gateway {
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
             throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(config.auth_throttle)),
+            token_throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(shoal_auth::ThrottlePolicy {
+                per_user: config.auth_throttle.per_source,
+                ..config.auth_throttle
+            })),
             audit: Default::default(),
             gateway_id: config.gateway_id.clone().unwrap_or_else(|| format!("gateway-{advertise}")),
             config,

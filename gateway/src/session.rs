@@ -636,7 +636,16 @@ impl Session {
         let mut note = LoginNote::for_attempt(&attempt, user);
         let source = self.peer.ip();
         let key = attempt.throttle_key(source);
-        let verdict = self.shared.throttle.lock().unwrap().check(Instant::now(), source, &key);
+        let shared = self.shared.clone();
+        // Attempts that could never succeed (neither a token nor `<user>@<cache>`) guess
+        // nothing: they are refused and audited, not counted.
+        let throttle = match attempt {
+            Attempt::User { .. } => Some(&shared.throttle),
+            Attempt::Token { .. } => Some(&shared.token_throttle),
+            Attempt::Invalid => None,
+        };
+        let verdict =
+            throttle.map_or(Verdict::Allow, |t| t.lock().unwrap().check(Instant::now(), source, &key));
         match verdict {
             Verdict::Allow => {}
             Verdict::Delay(wait) => tokio::time::sleep(wait).await,
@@ -654,7 +663,9 @@ impl Session {
         let gateway_id = &self.shared.gateway_id;
         match &result {
             Ok(()) => {
-                self.shared.throttle.lock().unwrap().success(&key);
+                if let Some(t) = throttle {
+                    t.lock().unwrap().success(&key);
+                }
                 self.shared.audit.push(note.event(gateway_id, source, "success"));
             }
             Err(e) => {
@@ -662,8 +673,8 @@ impl Session {
                     note.reason = e.to_string().chars().take(200).collect();
                 }
                 let mut outcome = "failure";
-                if e.is_credential_failure() {
-                    let counted = self.shared.throttle.lock().unwrap().failure(Instant::now(), source, &key);
+                if let Some(t) = throttle.filter(|_| e.is_credential_failure()) {
+                    let counted = t.lock().unwrap().failure(Instant::now(), source, &key);
                     if matches!(counted, FailureOutcome::LockedOut(_)) {
                         outcome = "lockout";
                     }

@@ -34,7 +34,8 @@ impl Attempt {
     }
 
     /// The user-name key failures are counted under. Token failures count per source only
-    /// (a key of its own per address), so a flood of bad tokens cannot lock anyone out.
+    /// (the gateway keeps them in a table of their own, keyed by address), so a flood of bad
+    /// tokens cannot lock anyone else out.
     pub fn throttle_key(&self, source: IpAddr) -> String {
         match self {
             Attempt::User { name, cache } => format!("{name}@{cache}"),
