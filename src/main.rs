@@ -52,9 +52,16 @@ struct DevArgs {
     /// Where state lives: SQLite store, Valkey data, tokens.
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
     data_dir: PathBuf,
+    /// Bearer token of the internal API between gateways and the control plane (default:
+    /// random per run). Set it to run extra `shoal gateway` processes against this one.
+    #[arg(long, env = "SHOAL_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
     /// The store (default: SQLite at <data-dir>/shoal.db; `postgres://…` for PostgreSQL).
     #[arg(long, env = "SHOAL_DATABASE_URL")]
     database_url: Option<String>,
+    /// Seconds between two storage samples of each cache (data_storage_mb enforcement).
+    #[arg(long, env = "SHOAL_STORAGE_INTERVAL", default_value_t = 5.0)]
+    storage_interval: f64,
     #[arg(long, env = "SHOAL_HOST", default_value = "127.0.0.1")]
     host: String,
     /// REST API port.
@@ -229,7 +236,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .context("starting the Valkey pool")?,
     );
 
-    let internal_token = shoal_engine::node::random_secret();
+    let internal_token = args.internal_token.clone().unwrap_or_else(shoal_engine::node::random_secret);
     let ldap = match &args.ldap_config {
         Some(path) => {
             let text =
@@ -252,6 +259,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         ldap,
         session_ttl: args.session_ttl,
         login_throttle: args.login_throttle.unwrap_or_default(),
+        storage_interval: args.storage_interval,
         ..Default::default()
     };
     let cp = match shoal_control_plane::start(cp_config, pool.clone()).await {
@@ -281,12 +289,14 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
         auth_throttle: args.auth_throttle.unwrap_or_default(),
+        data_dir: Some(data_dir.join("gateway")),
         ..Default::default()
     })
     .await
     {
         Ok(g) => g,
         Err(e) => {
+            cp.sampler.abort();
             cp.handle.stop(true).await;
             pool.stop().await;
             return Err(e).context("binding the RESP endpoint");
@@ -312,6 +322,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = gateway_task.await;
+    cp.sampler.abort();
     cp.handle.stop(true).await;
     pool.stop().await;
     tracing::info!("stopped");
@@ -350,6 +361,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
     };
     tracing::info!(addr = %cp.addr, "control plane listening");
     wait_for_signal(None).await;
+    cp.sampler.abort();
     cp.handle.stop(true).await;
     pool.stop().await;
     Ok(())

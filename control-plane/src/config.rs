@@ -28,6 +28,13 @@ pub struct ControlPlaneConfig {
     pub session_ttl: u64,
     /// Throttling of failed `POST /v1/auth/login` attempts, per source and per user name.
     pub login_throttle: shoal_auth::ThrottlePolicy,
+    /// Prices: defaults (ElastiCache Serverless, Valkey, us-east-1) and per-account plans.
+    pub billing: shoal_billing::PriceList,
+    /// Seconds after a month ends before its invoices are final (late usage still counts).
+    pub invoice_grace_seconds: i64,
+    /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
+    /// cache is sampled at least every 10 s).
+    pub storage_interval: f64,
 }
 
 impl Default for ControlPlaneConfig {
@@ -44,6 +51,9 @@ impl Default for ControlPlaneConfig {
             ldap: None,
             session_ttl: 3600,
             login_throttle: shoal_auth::ThrottlePolicy::default(),
+            billing: Default::default(),
+            invoice_grace_seconds: 3600,
+            storage_interval: 5.0,
         }
     }
 }

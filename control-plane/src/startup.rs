@@ -31,10 +31,19 @@ pub struct ControlPlane {
     pub addr: SocketAddr,
     pub handle: actix_web::dev::ServerHandle,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
+    pub sampler: tokio::task::JoinHandle<()>,
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
 pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
+    if !(0.1..=60.0).contains(&config.storage_interval) {
+        return Err(StartupError::Config(format!(
+            "storage_interval must be between 0.1 and 60 seconds, not {}",
+            config.storage_interval
+        )));
+    }
+    config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     let store = Store::open(&config.database_url).await?;
     bootstrap_admin(&store, &config).await?;
     let window =
@@ -60,6 +69,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
         }
     }
+    let interval = std::time::Duration::from_secs_f64(state.config.storage_interval);
+    let sampler = tokio::spawn(crate::storage::run(state.clone().into_inner(), interval));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -70,6 +81,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
                     .error_handler(crate::error::json_error),
             )
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+            .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
             .wrap(actix_web::middleware::from_fn(crate::context::middleware))
             .wrap(
                 actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
@@ -83,6 +95,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::tokens::configure)
             .configure(routes::users::configure)
             .configure(routes::auth::configure)
+            .configure(routes::usage::configure)
+            .configure(routes::billing::configure)
             .route("/openapi.json", web::get().to(openapi_json))
             .service(
                 // The interactive viewer, served from files compiled in (no CDN).
@@ -100,7 +114,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    Ok(ControlPlane { addr, handle, server })
+    Ok(ControlPlane { addr, handle, server, sampler })
 }
 
 async fn openapi_json() -> actix_web::HttpResponse {
@@ -156,4 +170,6 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Ldap(#[from] shoal_auth::LdapError),
+    #[error("configuration: {0}")]
+    Config(String),
 }

@@ -47,6 +47,16 @@ pub struct GatewayConfig {
     pub auth_throttle: shoal_auth::ThrottlePolicy,
     /// This gateway's name in audit records (default: its advertised address).
     pub gateway_id: Option<String>,
+    /// Meter commands (ECPU, bytes, hits) and ship usage to the control plane.
+    pub metering: bool,
+    /// Where the gateway keeps its identity and spooled usage batches (none: in memory).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Usage batches kept in memory while the control plane is unreachable; older ones
+    /// spill to `<data_dir>/usage/spool/`.
+    pub usage_memory_batches: usize,
+    /// How long a command may wait for its cache's ECPU limit before `-THROTTLED` (seconds).
+    #[serde(with = "secs")]
+    pub throttle_wait: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -70,6 +80,10 @@ impl Default for GatewayConfig {
             route_ttl: Duration::from_secs(2),
             auth_throttle: shoal_auth::ThrottlePolicy::default(),
             gateway_id: None,
+            metering: true,
+            data_dir: None,
+            usage_memory_batches: 120,
+            throttle_wait: Duration::from_millis(10),
         }
     }
 }

@@ -3,9 +3,11 @@
 pub mod accounts;
 pub mod audit;
 pub mod auth;
+pub mod billing;
 pub mod caches;
 pub mod health;
 pub mod internal;
 pub mod page;
 pub mod tokens;
+pub mod usage;
 pub mod users;
