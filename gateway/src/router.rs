@@ -136,6 +136,10 @@ impl ControlPlaneClient {
         let resp = self.send(self.http.post(url).json(events)).await?;
         if resp.status().is_success() {
             Ok(())
+        } else if resp.status().is_client_error() {
+            // Retrying a batch the control plane refuses would block every later event.
+            tracing::error!(status = %resp.status(), events = events.len(), "login events refused; dropped");
+            Ok(())
         } else {
             Err(GatewayError::ControlPlane(format!("audit answered {}", resp.status())))
         }

@@ -73,7 +73,10 @@ pub fn rest_role(roles: &[shoal_auth::Role]) -> Option<(Role, Option<AccountId>)
 
 fn login_event(ctx: &RequestContext, user: &str, outcome: &str, reason: &str) -> AuditEvent {
     AuditEvent {
-        actor: format!("ldap:{}", user.chars().take(128).collect::<String>()),
+        actor: format!(
+            "ldap:{}",
+            crate::store::audit::printable(&user.chars().take(128).collect::<String>())
+        ),
         source: ctx.source.clone(),
         action: "auth.login".into(),
         target: "rest".into(),

@@ -138,7 +138,12 @@ async fn verify_user(
     use actix_web::http::StatusCode;
     let cache = internal_cache(&state, &req, &id).await?;
     let VerifyRequest { username, password } = body.into_inner();
-    if let Some(user) = state.store.cache_user(&cache.id, &username).await? {
+    // Only well-formed names can be cache users (and a NUL byte is no text to PostgreSQL).
+    let cache_user = match crate::routes::users::is_valid_username(&username) {
+        true => state.store.cache_user(&cache.id, &username).await?,
+        false => None,
+    };
+    if let Some(user) = cache_user {
         let ok = user.no_password
             || match shoal_auth::UserPasswords::from_hashes(user.password_hashes.clone()) {
                 Ok(hashes) => tokio::task::spawn_blocking(move || hashes.verify(&password))
@@ -221,7 +226,7 @@ async fn login_events(
         return Err(ApiError::field("events", format!("at most {MAX_AUDIT_BATCH} events per batch")));
     }
     for e in body.into_inner() {
-        let clip = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+        let clip = |s: &str, n: usize| crate::store::audit::printable(&s.chars().take(n).collect::<String>());
         let event = crate::store::audit::AuditEvent {
             actor: format!("{}:{}", clip(&e.mechanism, 16), clip(&e.username, 200)),
             account_id: e.account_id.map(|a| a.to_string()),
@@ -232,8 +237,9 @@ async fn login_events(
             outcome: clip(&e.outcome, 16),
             reason: clip(&e.reason, 200),
             request_id: clip(&e.gateway_id, 64),
-            details: serde_json::json!({ "mechanism": e.mechanism, "username": clip(&e.username, 200),
-                                         "at": e.at, "gateway": e.gateway_id, "jti": e.jti }),
+            details: serde_json::json!({ "mechanism": clip(&e.mechanism, 16), "username": clip(&e.username, 200),
+                                         "at": clip(&e.at, 40), "gateway": clip(&e.gateway_id, 64),
+                                         "jti": e.jti.map(|j| clip(&j, 64)) }),
         };
         state.store.audit(&event).await?;
     }

@@ -103,10 +103,14 @@ impl CacheUser {
     }
 }
 
+/// 1–64 letters, digits, `-` and `_`.
+pub fn is_valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn validate_username(name: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if is_valid_username(name) {
         Ok(())
     } else {
         Err(ApiError::field("username", "username must be 1–64 characters of letters, digits, '-' and '_'"))
