@@ -206,3 +206,26 @@ pub async fn rotate_signing_key(
     tracing::info!(%kid, "signing key rotated");
     Ok(HttpResponse::Ok().json(RotatedKey { kid, verifying }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_auth::Role as Ldap;
+    use shoal_types::CacheId;
+
+    #[test]
+    fn the_strongest_rest_role_wins_and_data_roles_give_none() {
+        let account = AccountId::parse("a0000000000ab").unwrap();
+        let cache = CacheId::parse("c0000000000ab").unwrap();
+        let owner = Ldap::AccountOwner { account: account.clone() };
+        let auditor = Ldap::Auditor { account: None };
+        assert_eq!(rest_role(&[auditor.clone(), Ldap::PlatformAdmin]), Some((Role::Admin, None)));
+        assert_eq!(rest_role(&[auditor.clone(), owner]), Some((Role::Owner, Some(account))));
+        assert_eq!(rest_role(&[auditor]), Some((Role::Auditor, None)));
+        assert_eq!(
+            rest_role(&[Ldap::CacheReadWrite { cache: cache.clone() }, Ldap::CacheReadOnly { cache }]),
+            None
+        );
+        assert_eq!(rest_role(&[]), None);
+    }
+}
