@@ -143,6 +143,11 @@ async fn cache_users_log_in_and_their_access_string_holds_even_in_scripts() {
         let e = err(redis::cmd("EVAL").arg(script).arg(0).query_async::<()>(&mut c).await);
         assert!(e.to_lowercase().contains("permission") || e.contains("NOPERM"), "{script}: {e}");
     }
+    // The views the gateway answers itself follow the access string too.
+    for (cmd, args) in [("CLIENT", vec!["LIST"]), ("INFO", vec![]), ("CLIENT", vec!["KILL", "ID", "1"])] {
+        let e = err(redis::cmd(cmd).arg(&args).query_async::<redis::Value>(&mut c).await);
+        assert!(e.contains("NOPERM"), "{cmd} {args:?}: {e}");
+    }
     let admin_sees: Option<String> = {
         let token = dev.mint_token(id).await;
         let mut owner = dev.client(&token).await.unwrap();

@@ -107,6 +107,8 @@ pub(crate) struct Tenant {
     /// The upstream ACL user and password of a cache user's or LDAP user's login (which
     /// carries its access string); None: the cache's own ACL user (token logins).
     pub upstream_login: Option<(String, String)>,
+    /// That login's access string, checked before the commands the gateway answers itself.
+    pub access: Option<Arc<shoal_auth::AccessString>>,
     /// The cache's `ecpu_per_second` bucket on this gateway.
     pub bucket: Arc<crate::metering::limit::Bucket>,
 }
@@ -561,6 +563,9 @@ impl Session {
             }
             Treatment::Virtual => {
                 let spec_name = spec.map(|s| s.name.clone()).unwrap_or_default();
+                if let Some(refusal) = self.refused_by_access(&spec_name) {
+                    return self.refuse(&refusal);
+                }
                 crate::virtualize::run(self, &spec_name, args).await;
             }
             Treatment::Pass => {
@@ -592,6 +597,23 @@ impl Session {
                 self.push_pending(Pending::Upstream(OnReply::Forward, meter));
             }
         }
+    }
+
+    /// A cache user's access string also holds for the commands the gateway answers
+    /// itself (logging in, choosing a database and resetting excepted, as upstream).
+    fn refused_by_access(&self, spec_name: &str) -> Option<String> {
+        let access = self.tenant.as_ref()?.access.as_ref()?;
+        let (name, sub) = match spec_name.split_once('|') {
+            Some((n, s)) => (n, Some(s)),
+            None => (spec_name, None),
+        };
+        if matches!(name, "auth" | "hello" | "quit" | "reset" | "select")
+            || shoal_auth::access::allows_command(access, name, sub)
+        {
+            return None;
+        }
+        let shown = sub.map_or(name.to_string(), |s| format!("{name}|{s}"));
+        Some(format!("NOPERM this user has no permissions to run the '{shown}' command"))
     }
 
     /// Whether the session is in the state every mux connection is in: RESP2, the cache's
@@ -784,7 +806,7 @@ impl Session {
                 claims.cache
             )));
         }
-        self.bind(live, route, None, &claims.jti, expiry_instant(claims.exp)).await
+        self.bind(live, route, None, None, &claims.jti, expiry_instant(claims.exp)).await
     }
 
     /// A cache user or LDAP user: the control plane checks the password and names the
@@ -819,8 +841,10 @@ impl Session {
         let live = self.shared.router.live(cache).await?;
         let route = live.get();
         let upstream = Some((login.upstream_user, login.upstream_password));
+        let access = login.access_string.as_deref().map(shoal_auth::AccessString::parse).transpose();
+        let access = access.map_err(|e| GatewayError::ControlPlane(e.to_string()))?.map(Arc::new);
         // No token: the login lasts as long as the connection.
-        self.bind(live, route, upstream, "", Instant::now() + NO_EXPIRY).await
+        self.bind(live, route, upstream, access, "", Instant::now() + NO_EXPIRY).await
     }
 
     /// Binds the session to the cache of `route`, logged in upstream as the cache's own ACL
@@ -831,6 +855,7 @@ impl Session {
         live: Arc<crate::router::LiveRoute>,
         route: TenantRoute,
         upstream: Option<(String, String)>,
+        access: Option<Arc<shoal_auth::AccessString>>,
         jti: &str,
         expires: Instant,
     ) -> Result<(), GatewayError> {
@@ -840,6 +865,7 @@ impl Session {
             }
             *tenant.entry.jti.lock().unwrap() = jti.to_string();
             self.token_expires = expires;
+            tenant.access = access;
             if tenant.upstream_login != upstream {
                 tenant.upstream_login = upstream;
                 tenant.route = with_login(route, &tenant.upstream_login);
@@ -880,7 +906,8 @@ impl Session {
         self.unauthenticated = None;
         self.inbox = Some(inbox);
         let bucket = self.shared.buckets.get(&cache, route.limits.ecpu_per_second);
-        self.tenant = Some(Tenant { bucket, ns, cache, route, live, db: 0, entry, upstream_login: upstream });
+        self.tenant =
+            Some(Tenant { bucket, ns, cache, route, live, db: 0, entry, upstream_login: upstream, access });
         Ok(())
     }
 

@@ -202,6 +202,10 @@ pub struct VerifiedLogin {
     pub upstream_password: String,
     /// The account owning the cache (for audit records).
     pub account_id: AccountId,
+    /// The user's access string, for the commands the gateway answers itself (Valkey
+    /// enforces it on everything forwarded).
+    #[serde(default)]
+    pub access_string: Option<String>,
 }
 
 impl fmt::Debug for VerifiedLogin {

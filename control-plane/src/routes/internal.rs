@@ -165,6 +165,7 @@ async fn verify_user(
             upstream_user: crate::routes::users::upstream_user(&cache, &user.username),
             upstream_password: user.upstream_secret,
             account_id: cache.account_id,
+            access_string: Some(user.access_string),
         }));
     }
     let Some(directory) = state.directory.clone() else {
@@ -195,8 +196,8 @@ async fn verify_user(
     };
     // One upstream ACL user per role and cache, with a password derived from the cache's
     // own secret (so nothing more is stored); (re)made on each login, which is idempotent.
-    let access = if role == "rw" { LDAP_READ_WRITE } else { LDAP_READ_ONLY };
-    let access = shoal_auth::AccessString::parse(access).expect("a valid constant");
+    let access_text = if role == "rw" { LDAP_READ_WRITE } else { LDAP_READ_ONLY };
+    let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
     let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
     let secret = crate::auth::hash_token(&format!("{}|{upstream_user}", cache.acl_password));
     let rules = crate::routes::users::upstream_rules(&cache, &access, &secret)?;
@@ -207,6 +208,7 @@ async fn verify_user(
         upstream_user,
         upstream_password: secret,
         account_id: cache.account_id,
+        access_string: Some(access_text.to_string()),
     }))
 }
 
