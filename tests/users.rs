@@ -322,6 +322,22 @@ async fn failed_logins_are_throttled_to_a_lockout_and_audited() {
     let lockouts: Vec<&Value> = records.iter().filter(|r| r["outcome"] == "lockout").collect();
     assert!(lockouts.iter().all(|r| r["actor"] == "cache-user:victim"), "{lockouts:#?}");
     assert!(records.iter().any(|r| r["outcome"] == "success" && r["actor"] == "cache-user:bystander"));
+    // And counted in the metrics.
+    let metrics = dev.http.get(dev.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let count = |mechanism: &str, outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("shoal_gateway_auth_attempts_total{")
+                    && l.contains(&format!("mechanism=\"{mechanism}\""))
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("cache-user", "lockout"), 2, "{metrics}");
+    assert_eq!(count("cache-user", "failure"), 2, "{metrics}");
+    assert!(count("jwt", "success") >= 1 && count("cache-user", "success") >= 1, "{metrics}");
 }
 
 #[tokio::test]

@@ -24,6 +24,14 @@ pub struct AppState {
     pub directory: Option<shoal_auth::Directory>,
     /// Failed `POST /v1/auth/login` attempts.
     pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(state: web::Data<AppState>) -> actix_web::HttpResponse {
+    let handle = state.metrics.clone();
+    let body = web::block(move || handle.render()).await.unwrap_or_default();
+    actix_web::HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
 }
 
 /// A running control plane.
@@ -54,6 +62,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let listen = config.listen.clone();
     let login_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.login_throttle));
     let state = web::Data::new(AppState {
+        metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
         store,
         pool,
@@ -98,6 +107,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::usage::configure)
             .configure(routes::billing::configure)
             .route("/openapi.json", web::get().to(openapi_json))
+            .route("/metrics", web::get().to(metrics))
             .service(
                 // The interactive viewer, served from files compiled in (no CDN).
                 utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")

@@ -111,6 +111,7 @@ pub(crate) struct Tenant {
     pub access: Option<Arc<shoal_auth::AccessString>>,
     /// The cache's `ecpu_per_second` bucket on this gateway.
     pub bucket: Arc<crate::metering::limit::Bucket>,
+    pub latency: metrics::Histogram,
 }
 
 /// Pub/sub bookkeeping, so that subscription confirmations and messages (which answer no
@@ -158,6 +159,8 @@ pub(crate) struct Session {
     pub up_out: BytesMut,
     up_read: Option<OwnedReadHalf>,
     up_write: Option<OwnedWriteHalf>,
+    /// Counts the upstream connection in the metrics while it is open.
+    up_metric: Option<crate::metrics::Upstream>,
     pending: VecDeque<Pending>,
     pub tenant: Option<Tenant>,
     /// Held until the client authenticates (caps unauthenticated connections).
@@ -229,6 +232,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         };
         return;
     };
+    crate::metrics::session_started();
     let mut session = Session {
         shared,
         peer,
@@ -241,6 +245,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         up_out: BytesMut::with_capacity(16 * 1024),
         up_read: None,
         up_write: None,
+        up_metric: None,
         pending: VecDeque::new(),
         tenant: None,
         unauthenticated: Some(permit),
@@ -280,6 +285,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
     }
     session.bill_queued();
     session.flush_tally();
+    crate::metrics::session_ended();
     if let Some(t) = session.tenant.take() {
         session.shared.clients.unregister(&t.cache, &t.entry);
     }
@@ -536,7 +542,7 @@ impl Session {
                 _ if self.in_multi => Role::Queued,
                 _ => Role::Plain,
             };
-            self.meter_next = Some(Meter { spec, request: frame.len as u64, role });
+            self.meter_next = Some(Meter { spec, request: frame.len as u64, role, started: Instant::now() });
             if !self.admit().await {
                 return;
             }
@@ -747,6 +753,7 @@ impl Session {
             Verdict::Delay(wait) => tokio::time::sleep(wait).await,
             Verdict::Locked { scope, .. } => {
                 note.reason = format!("locked out ({scope:?} has too many failed attempts)").to_lowercase();
+                crate::metrics::auth_attempt(&note.mechanism, "lockout");
                 self.shared.audit.push(note.event(&self.shared.gateway_id, source, "lockout"));
                 return Err(GatewayError::LockedOut);
             }
@@ -762,6 +769,7 @@ impl Session {
                 if let Some(t) = throttle {
                     t.lock().unwrap().success(&key);
                 }
+                crate::metrics::auth_attempt(&note.mechanism, "success");
                 self.shared.audit.push(note.event(gateway_id, source, "success"));
             }
             Err(e) => {
@@ -775,6 +783,7 @@ impl Session {
                         outcome = "lockout";
                     }
                 }
+                crate::metrics::auth_attempt(&note.mechanism, outcome);
                 self.shared.audit.push(note.event(gateway_id, source, outcome));
             }
         }
@@ -899,6 +908,7 @@ impl Session {
         entry.proto.store(self.proto, Ordering::Relaxed);
         let (read, write) = stream.into_split();
         self.up_read = Some(read);
+        self.up_metric = Some(crate::metrics::Upstream::opened());
         self.up_write = Some(write);
         tracing::info!(cache = %cache, jti, upstream_user = %route.acl_user, peer = %self.peer, "authenticated");
         *entry.jti.lock().unwrap() = jti.to_string();
@@ -906,8 +916,19 @@ impl Session {
         self.unauthenticated = None;
         self.inbox = Some(inbox);
         let bucket = self.shared.buckets.get(&cache, route.limits.ecpu_per_second);
-        self.tenant =
-            Some(Tenant { bucket, ns, cache, route, live, db: 0, entry, upstream_login: upstream, access });
+        let latency = crate::metrics::latency(&cache);
+        self.tenant = Some(Tenant {
+            bucket,
+            latency,
+            ns,
+            cache,
+            route,
+            live,
+            db: 0,
+            entry,
+            upstream_login: upstream,
+            access,
+        });
         Ok(())
     }
 
@@ -954,6 +975,7 @@ impl Session {
             Ok((route, stream)) => {
                 let (read, write) = stream.into_split();
                 self.up_read = Some(read);
+                self.up_metric = Some(crate::metrics::Upstream::opened());
                 self.up_write = Some(write);
                 self.up_in.clear();
                 self.replies = ReplyScanner::new();
@@ -1219,8 +1241,11 @@ impl Session {
     /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
     fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
         let c = Counters::command(meter.spec, meter.request, reply, delivered);
-        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
-            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        if let Some(t) = self.tenant.as_ref().filter(|_| c.commands > 0) {
+            if t.bucket.limited() {
+                t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+            }
+            t.latency.record(meter.started.elapsed().as_secs_f64());
         }
         self.tally(c);
     }
@@ -1297,6 +1322,7 @@ impl Session {
     fn upstream_lost(&mut self, why: &str) {
         tracing::warn!(peer = %self.peer, reason = why, "upstream connection lost");
         self.up_read = None;
+        self.up_metric = None;
         self.up_write = None;
         self.up_out.clear();
         self.up_in.clear();
@@ -1334,6 +1360,7 @@ impl Session {
     /// Drops the upstream connection on purpose (RESET): the next command opens a fresh one.
     pub fn drop_upstream(&mut self) {
         self.up_read = None;
+        self.up_metric = None;
         self.up_write = None;
         self.up_out.clear();
         self.up_in.clear();
@@ -1373,6 +1400,7 @@ impl Session {
     }
 
     pub fn reply_auth_error(&mut self, e: GatewayError) {
+        crate::metrics::auth_failure(self.tenant.as_ref().map(|t| &t.cache));
         tracing::info!(peer = %self.peer, reason = %e, kind = e.kind(), "authentication refused");
         self.reply_error(e.client_message());
     }

@@ -71,6 +71,12 @@ pub fn rest_role(roles: &[shoal_auth::Role]) -> Option<(Role, Option<AccountId>)
         })
 }
 
+/// `shoal_rest_logins_total{outcome}`: `success`, `failure` or `lockout`.
+fn login_metric(outcome: &str) {
+    let outcome = ["success", "lockout"].into_iter().find(|o| *o == outcome).unwrap_or("failure");
+    metrics::counter!("shoal_rest_logins_total", "outcome" => outcome).increment(1);
+}
+
 fn login_event(ctx: &RequestContext, user: &str, outcome: &str, reason: &str) -> AuditEvent {
     AuditEvent {
         actor: format!(
@@ -89,6 +95,7 @@ fn login_event(ctx: &RequestContext, user: &str, outcome: &str, reason: &str) ->
 }
 
 async fn audit(state: &AppState, event: &AuditEvent) {
+    login_metric(&event.outcome);
     if let Err(e) = state.store.audit(event).await {
         tracing::error!(error = %e, "could not audit a login");
     }
@@ -169,6 +176,7 @@ pub async fn login(
     )
     .await?;
     tx.commit(&event).await?;
+    login_metric("success");
     tracing::info!(user = %identity.user, role = role.as_str(), key = %key_id, "LDAP login");
     Ok(HttpResponse::Ok().json(LoginResponse {
         token,
