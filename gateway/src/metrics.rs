@@ -102,6 +102,15 @@ pub fn auth_failure(cache: Option<&CacheId>) {
     }
 }
 
+/// A login attempt by mechanism (`jwt`, `cache-user`, `ldap`, `none`) and outcome
+/// (`success`, `failure`, `lockout`): fixed label values, whatever the client sent.
+pub fn auth_attempt(mechanism: &str, outcome: &str) {
+    let mechanism = ["jwt", "cache-user", "ldap"].into_iter().find(|m| *m == mechanism).unwrap_or("none");
+    let outcome = ["success", "lockout"].into_iter().find(|o| *o == outcome).unwrap_or("failure");
+    counter!("shoal_gateway_auth_attempts_total", "mechanism" => mechanism, "outcome" => outcome)
+        .increment(1);
+}
+
 pub fn session_started() {
     gauge!("shoal_gateway_sessions").increment(1.0);
 }

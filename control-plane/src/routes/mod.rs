@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod auth;
 pub mod billing;
 pub mod caches;
 pub mod health;
@@ -9,3 +10,4 @@ pub mod internal;
 pub mod page;
 pub mod tokens;
 pub mod usage;
+pub mod users;
