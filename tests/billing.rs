@@ -213,3 +213,55 @@ async fn the_estimate_shows_its_arithmetic() {
     let (status, _, _) = dev.call(None, Method::POST, "/v1/estimate", Some(json!({})), &[]).await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn a_past_month_is_final_and_frozen_late_usage_no_longer_changes_it() {
+    let dev = ShoalDev::start_with(&["--internal-token", INTERNAL]).await;
+    let (account, owner) = dev.account_with_key("last-month", "owner").await;
+    let (_, _, cache) =
+        dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "old"})), &[]).await;
+    let cache_id = cache["id"].as_str().unwrap().to_string();
+    // The account (and its cache) existed last month: back-date them as a migration would.
+    let now = chrono::Utc::now();
+    let this_month = {
+        use chrono::Datelike;
+        chrono::NaiveDate::from_ymd_opt(now.year(), now.month(), 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+    };
+    if (now - this_month).num_seconds() < 2 * 3600 {
+        return; // within the grace period of last month: it is not final yet (see the README).
+    }
+    let last_month_minute = this_month.timestamp() - 86_400;
+    let long_ago = "2000-01-01T00:00:00.000Z";
+    dev.sql(&format!("UPDATE accounts SET created_at = '{long_ago}' WHERE id = '{account}'"));
+    dev.sql(&format!("UPDATE caches SET created_at = '{long_ago}' WHERE id = '{cache_id}'"));
+    assert_eq!(post_batch(&dev, 10, &cache_id, last_month_minute, 2_000_000).await, 200);
+
+    let month = chrono::DateTime::from_timestamp(last_month_minute, 0).unwrap().format("%Y-%m").to_string();
+    let id = format!("{account}-{month}");
+    let (status, _, first) =
+        dev.call(Some(&owner), Method::GET, &format!("/v1/invoices/{id}"), None, &[]).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["status"], "final");
+    let ecpu = first["lines"].as_array().unwrap().iter().find(|l| l["meter"] == "ecpu").unwrap();
+    assert_eq!(milli(&ecpu["quantity"]), 2_000_000);
+    let storage = first["lines"].as_array().unwrap().iter().find(|l| l["meter"] == "storage").unwrap();
+    assert_eq!(
+        storage["quantity"].as_str().unwrap().trim_end_matches('0'),
+        "0.1",
+        "the 100 MB minimum for its one hour"
+    );
+    // A batch for that month arriving now is stored (usage shows it) but the bill is frozen.
+    assert_eq!(post_batch(&dev, 11, &cache_id, last_month_minute + 60, 7_000_000).await, 200);
+    let (_, _, again) = dev.call(Some(&owner), Method::GET, &format!("/v1/invoices/{id}"), None, &[]).await;
+    assert_eq!(again, first, "a final invoice never changes");
+    let stored = dev.sql(&format!("SELECT SUM(ecpu_milli) FROM usage_minutes WHERE cache_id = '{cache_id}'"));
+    assert_eq!(stored, ["9000000"]);
+    let (_, _, list) =
+        dev.call(Some(&owner), Method::GET, &format!("/v1/invoices?month={month}"), None, &[]).await;
+    assert_eq!(list["items"][0]["status"], "final", "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
