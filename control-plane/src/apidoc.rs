@@ -25,6 +25,7 @@ use utoipa::{Modify, OpenApi};
         crate::routes::accounts::revoke_account_key,
         crate::routes::accounts::create_platform_key,
         crate::routes::accounts::list_platform_keys,
+        crate::routes::me::me,
         crate::routes::audit::list_audit,
         crate::routes::audit::verify_audit,
         crate::routes::internal::jwks,

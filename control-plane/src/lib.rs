@@ -7,8 +7,9 @@
 //! - [`startup`]: app state, HTTP server, bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
-//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `audit`, `internal`,
-//!   `health`); `page` holds pagination, idempotency and ETags.
+//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `audit`, `me`,
+//!   `internal`, `health`); `page` holds pagination, idempotency and ETags; `portal` serves
+//!   the admin portal (files under `control-plane/portal/`, compiled in) at `/portal/`.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].

@@ -63,6 +63,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::caches::configure)
             .configure(routes::audit::configure)
             .configure(routes::tokens::configure)
+            .configure(routes::me::configure)
+            .configure(routes::portal::configure)
             .route("/openapi.json", web::get().to(openapi_json))
             .service(
                 // The interactive viewer, served from files compiled in (no CDN).

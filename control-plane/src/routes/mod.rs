@@ -5,5 +5,7 @@ pub mod audit;
 pub mod caches;
 pub mod health;
 pub mod internal;
+pub mod me;
 pub mod page;
+pub mod portal;
 pub mod tokens;
