@@ -3,9 +3,9 @@
 // and a readout of the point under the pointer or the keyboard cursor. No dependencies.
 
 const SVG = 'http://www.w3.org/2000/svg';
-const W = 640;
-const H = 220;
-const PAD = { left: 56, right: 12, top: 12, bottom: 28 };
+const W = 440;
+const H = 200;
+const PAD = { left: 52, right: 10, top: 12, bottom: 26 };
 
 function el(name, attrs = {}, text) {
   const node = document.createElementNS(SVG, name);

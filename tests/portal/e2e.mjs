@@ -26,31 +26,33 @@ function check(cond, what) {
   console.log(`ok - ${what}`);
 }
 
-const browser = await chromium.launch({
+// A fresh profile directory for this run (playwright passes it as --user-data-dir).
+const browser = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   headless: true,
+  acceptDownloads: true,
+  viewport: { width: 1280, height: 800 },
   args: [
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    `--user-data-dir=${profile}`,
   ],
 });
 
-/** A fresh browser context (its own sessionStorage) that fails on any script error or CSP report. */
+/** A new tab (its own sessionStorage, so its own login) that records script errors, CSP
+ * reports and requests to anywhere but the control plane. */
 async function open(viewport) {
-  const context = await browser.newContext({ viewport, acceptDownloads: true, isMobile: viewport.width < 600 });
-  const page = await context.newPage();
+  const page = await browser.newPage();
+  await page.setViewportSize(viewport);
   page.problems = [];
   page.on('pageerror', (e) => page.problems.push(`page error: ${e.message}`));
   page.on('console', (m) => {
     if (m.type() === 'error' && !/status of 40[14]/.test(m.text())) page.problems.push(`console: ${m.text()}`);
   });
-  // Nothing may be fetched from anywhere but the control plane.
   page.on('request', (r) => {
     const u = r.url();
     if (!u.startsWith(base) && !u.startsWith('blob:') && !u.startsWith('data:')) page.problems.push(`request to ${u}`);
   });
-  return { context, page };
+  return { page };
 }
 
 async function login(page, token) {
@@ -70,7 +72,7 @@ function clean(page, what) {
 
 try {
   // ---- desktop, as the platform admin
-  const { context, page } = await open({ width: 1280, height: 800 });
+  const { page } = await open({ width: 1280, height: 800 });
   await login(page, adminToken);
   check(await page.getByRole('link', { name: cacheName }).first().isVisible(), 'the overview lists the cache');
   const ecpuCard = await page.locator('.card', { hasText: 'ECPU/s now' }).innerText();
@@ -81,12 +83,13 @@ try {
   await page.getByRole('link', { name: cacheName }).first().focus();
   await page.keyboard.press('Enter');
   await page.getByRole('heading', { level: 1, name: `Cache ${cacheName}` }).waitFor();
-  const ecpu = page.locator('figure.chart', { has: page.locator('figcaption', { hasText: 'ECPU per second' }) });
+  const chart = (name) => page.getByRole('figure', { name, exact: true });
+  const ecpu = chart('ECPU per second');
   await ecpu.locator('svg path.line').first().waitFor();
   check(Number(await ecpu.getAttribute('data-nonzero')) > 0, 'the ECPU chart plots non-zero usage');
-  const commands = page.locator('figure.chart', { has: page.locator('figcaption', { hasText: 'Commands per' }) });
+  const commands = chart('Commands per minute');
   check(Number(await commands.getAttribute('data-nonzero')) > 0, 'the commands chart plots the traffic');
-  const hits = page.locator('figure.chart', { has: page.locator('figcaption', { hasText: 'Hit rate' }) });
+  const hits = chart('Hit rate');
   check(Number(await hits.getAttribute('data-points')) > 0, 'the hit-rate chart plots the reads');
   // The readout follows the keyboard.
   await ecpu.locator('svg').focus();
@@ -94,7 +97,8 @@ try {
   check((await ecpu.locator('.readout').innerText()).length > 0, 'the chart reads out a point for keyboard users');
   await page.getByLabel('Time range', { exact: true }).selectOption('24h');
   await page.locator('figure.chart svg path.line').first().waitFor();
-  check(Number(await page.locator('figure.chart').first().getAttribute('data-nonzero')) > 0, 'hourly charts (24 h) plot the usage too');
+  await chart('Commands per hour').waitFor();
+  check(Number(await chart('Commands per hour').getAttribute('data-nonzero')) > 0, 'hourly charts (24 h) plot the usage too');
   await page.getByLabel('Time range', { exact: true }).selectOption('1h');
   await page.locator('figure.chart svg path.line').first().waitFor();
   await page.getByRole('button', { name: 'Mint a 15-minute token for these snippets' }).click();
@@ -158,7 +162,7 @@ try {
   check(actions.length === 1 && actions[0] === 'token.revoke', `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
   await page.screenshot({ path: join(shots, '05-audit.png'), fullPage: true });
   clean(page, 'desktop session');
-  await context.close();
+  await page.close();
 
   // ---- phone width
   const phone = await open({ width: 390, height: 844 });
@@ -172,7 +176,7 @@ try {
   await phone.page.getByText(/Chain verified/).waitFor();
   await phone.page.screenshot({ path: join(shots, '07-phone-audit.png'), fullPage: false });
   clean(phone.page, 'phone session');
-  await phone.context.close();
+  await phone.page.close();
 
   // ---- an auditor reads but sees no write controls
   const aud = await open({ width: 1280, height: 800 });
@@ -188,10 +192,11 @@ try {
   check((await aud.page.getByRole('button', { name: /Revoke|Mint|Delete|Create/ }).count()) === 0, 'an auditor sees no revoke, mint or create controls');
   await aud.page.screenshot({ path: join(shots, '08-auditor-tokens.png'), fullPage: true });
   clean(aud.page, 'auditor session');
-  await aud.context.close();
+  await aud.page.close();
 
   console.log(`PORTAL E2E PASSED ${JSON.stringify(report)}`);
 } catch (e) {
+  for (const [i, p] of browser.pages().entries()) await p.screenshot({ path: join(shots, `failure-${i}.png`), fullPage: true }).catch(() => {});
   console.error(`PORTAL E2E FAILED: ${e.stack || e}`);
   process.exitCode = 1;
 } finally {

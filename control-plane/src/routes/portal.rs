@@ -71,27 +71,31 @@ fn fnv(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::{test, App};
+    use actix_web::{test as web_test, App};
 
     #[actix_web::test]
     async fn files_are_served_with_a_strict_policy_and_unknown_ones_are_not() {
-        let app = test::init_service(App::new().configure(configure)).await;
+        let app = web_test::init_service(App::new().configure(configure)).await;
         for (path, ty) in [("/portal/", "text/html"), ("/portal/app.js", "text/javascript")] {
-            let resp = test::call_service(&app, test::TestRequest::get().uri(path).to_request()).await;
+            let resp =
+                web_test::call_service(&app, web_test::TestRequest::get().uri(path).to_request()).await;
             assert_eq!(resp.status(), 200, "{path}");
-            assert!(resp.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with(ty));
-            let csp = resp.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+            assert!(resp.headers().get(header::CONTENT_TYPE).unwrap().to_str().unwrap().starts_with(ty));
+            let csp = resp.headers().get(header::CONTENT_SECURITY_POLICY).unwrap().to_str().unwrap();
             assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
-            let etag = resp.headers()[header::ETAG].clone();
-            let again = test::TestRequest::get().uri(path).insert_header((header::IF_NONE_MATCH, etag));
-            assert_eq!(test::call_service(&app, again.to_request()).await.status(), 304);
+            let etag = resp.headers().get(header::ETAG).unwrap().clone();
+            let again = web_test::TestRequest::get().uri(path).insert_header((header::IF_NONE_MATCH, etag));
+            assert_eq!(web_test::call_service(&app, again.to_request()).await.status(), 304);
         }
-        let resp =
-            test::call_service(&app, test::TestRequest::get().uri("/portal/../Cargo.toml").to_request())
-                .await;
+        let resp = web_test::call_service(
+            &app,
+            web_test::TestRequest::get().uri("/portal/../Cargo.toml").to_request(),
+        )
+        .await;
         assert_eq!(resp.status(), 404);
-        let resp = test::call_service(&app, test::TestRequest::get().uri("/portal").to_request()).await;
-        assert_eq!(resp.headers()[header::LOCATION], "/portal/");
+        let resp =
+            web_test::call_service(&app, web_test::TestRequest::get().uri("/portal").to_request()).await;
+        assert_eq!(resp.headers().get(header::LOCATION).unwrap(), "/portal/");
     }
 
     #[test]
