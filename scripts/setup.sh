@@ -24,6 +24,10 @@ if $want_test; then
     log "installing redis-py (PyPI: redis)"
     "${PIP[@]}" redis
   fi
+  if ! command -v schemathesis >/dev/null 2>&1; then
+    log "installing schemathesis (PyPI) for the API conformance test"
+    "${PIP[@]}" 'schemathesis>=4,<5'
+  fi
   if ! command -v redis-cli >/dev/null 2>&1; then
     log "installing redis-cli (Debian: redis-tools)"
     export DEBIAN_FRONTEND=noninteractive

@@ -412,3 +412,41 @@ async fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["first_broken_seq"], 3, "{report}");
 }
+
+/// schemathesis (PyPI) against the running control plane: no 5xx, every response matches
+/// the OpenAPI document (status, content type, schema), and no route ignores authentication.
+#[tokio::test]
+async fn schemathesis_finds_no_server_errors_schema_mismatches_or_ignored_auth() {
+    let dev = ShoalDev::start().await;
+    let (_, owner) = dev.account_with_key("fuzzed", "owner").await;
+    let (status, _, _) =
+        dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "fuzz-target"})), &[]).await;
+    assert_eq!(status, 201);
+    let out = tokio::process::Command::new("schemathesis")
+        .arg("run")
+        .arg(dev.url("/openapi.json"))
+        .args(["-H", &format!("Authorization: Bearer {}", dev.admin_token())])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,ignored_auth",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "--max-examples",
+            "25",
+            "--seed",
+            "20261123",
+            "--workers",
+            "2",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("schemathesis is installed (scripts/setup.sh --test)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+}

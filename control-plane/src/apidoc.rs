@@ -32,7 +32,7 @@ use utoipa::{Modify, OpenApi};
         crate::routes::health::healthz,
         crate::routes::health::readyz,
     ),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ProblemResponses)
 )]
 pub struct ApiDoc;
 
@@ -45,6 +45,61 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Errors are `application/problem+json`, and every route behind a bearer token can answer
+/// 401 and 400 (a malformed query or body): said once here instead of on every handler.
+struct ProblemResponses;
+
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+        let problem = || {
+            ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Problem"))))
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let has_id = path.contains('{');
+            let reads = [&mut item.get, &mut item.head].into_iter().flatten().map(|op| (false, op));
+            let writes = [&mut item.post, &mut item.put, &mut item.patch, &mut item.delete]
+                .into_iter()
+                .flatten()
+                .map(|op| (true, op));
+            for (writes, op) in reads.chain(writes) {
+                let responses = &mut op.responses.responses;
+                let mut implied = vec![];
+                if op.security.is_some() {
+                    implied.extend([("400", "bad request"), ("401", "missing or invalid bearer token")]);
+                    if writes {
+                        implied.push(("403", "the caller's role may not do this"));
+                    }
+                    if has_id {
+                        implied.push(("404", "no such object, or not one the caller may see"));
+                    }
+                }
+                for (code, why) in implied {
+                    responses.entry(code.to_string()).or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(why)
+                                .content("application/json", problem())
+                                .build(),
+                        )
+                    });
+                }
+                for (code, response) in responses.iter_mut() {
+                    if code.as_str() >= "400" {
+                        if let RefOr::T(r) = response {
+                            if let Some(c) = r.content.shift_remove("application/json") {
+                                r.content.insert("application/problem+json".to_string(), c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

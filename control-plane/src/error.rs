@@ -119,6 +119,14 @@ pub fn unknown_field(msg: &str) -> Option<String> {
     Some(rest.split_once('`')?.0.to_string())
 }
 
+pub fn query_error(
+    err: actix_web::error::QueryPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    let msg = err.to_string();
+    ApiError::BadRequest { field: unknown_field(&msg), detail: format!("invalid query: {msg}") }.into()
+}
+
 pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {
     ApiError::BadRequest { detail: format!("invalid path: {err}"), field: None }.into()
 }

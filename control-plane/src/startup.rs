@@ -52,6 +52,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
                     .error_handler(crate::error::json_error),
             )
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+            .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
             .wrap(actix_web::middleware::from_fn(crate::context::middleware))
             .wrap(
                 actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
