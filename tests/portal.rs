@@ -29,6 +29,8 @@ async fn portal_in_headless_chromium() {
         dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "shop"})), &[]).await;
     assert_eq!(status, 201, "{cache}");
     let cache_id = cache["id"].as_str().unwrap().to_string();
+    // A cache of another account (the platform's), which acme's auditor must not see.
+    dev.create_cache("platform-only").await;
 
     // The portal knows who is logged in.
     let (status, _, me) = dev.call(Some(&auditor), Method::GET, "/v1/me", None, &[]).await;
@@ -69,6 +71,7 @@ async fn portal_in_headless_chromium() {
         .arg("shop")
         .arg(&auditor)
         .arg(&shots)
+        .arg("platform-only")
         .output()
         .expect("node runs (scripts/setup.sh --test installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout);

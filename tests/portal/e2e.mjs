@@ -1,20 +1,20 @@
 // End-to-end test of the admin portal in headless Chromium (Debian's /usr/bin/chromium),
 // driven by playwright-core. Run by tests/portal.rs:
 //
-//   node tests/portal/e2e.mjs <base url> <admin token> <cache name> <auditor token> <screenshot dir>
+//   node tests/portal/e2e.mjs <base url> <admin token> <cache name> <auditor token> <screenshot dir> <other cache>
 //
 // Logs in, opens the cache, checks its charts plot real usage, mints a token, downloads an
-// invoice CSV, filters the audit log, checks the phone layout and that an auditor sees no
-// write controls. Screenshots go to <screenshot dir>. Exits non-zero on the first failure.
+// invoice CSV, filters the audit log, checks the phone layout, and that an auditor of the
+// cache's account sees no write controls and not <other cache> (another account's). Screenshots go to <screenshot dir>. Exits non-zero on the first failure.
 
 import { chromium } from 'playwright-core';
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const [base, adminToken, cacheName, auditorToken, shots] = process.argv.slice(2);
-if (!shots) {
-  console.error('usage: e2e.mjs <base url> <admin token> <cache name> <auditor token> <screenshot dir>');
+const [base, adminToken, cacheName, auditorToken, shots, otherCache] = process.argv.slice(2);
+if (!otherCache) {
+  console.error('usage: e2e.mjs <base url> <admin token> <cache name> <auditor token> <screenshot dir> <other cache>');
   process.exit(2);
 }
 mkdirSync(shots, { recursive: true });
@@ -75,6 +75,7 @@ try {
   const { page } = await open({ width: 1280, height: 800 });
   await login(page, adminToken);
   check(await page.getByRole('link', { name: cacheName }).first().isVisible(), 'the overview lists the cache');
+  check(await page.getByRole('link', { name: otherCache }).isVisible(), "the admin sees every account's caches");
   const ecpuCard = await page.locator('.card', { hasText: 'ECPU/s now' }).innerText();
   check(!ecpuCard.includes('no data'), `the overview shows ECPU/s (${ecpuCard.replace(/\s+/g, ' ')})`);
   await page.screenshot({ path: join(shots, '01-overview.png'), fullPage: true });
@@ -182,6 +183,8 @@ try {
   const aud = await open({ width: 1280, height: 800 });
   await login(aud.page, auditorToken);
   check((await aud.page.getByText('auditor of').count()) === 1, 'the header says the auditor is logged in');
+  check((await aud.page.getByRole('link', { name: otherCache }).count()) === 0, "the auditor does not see another account's cache");
+  check((await aud.page.locator('.card', { hasText: 'Accounts' }).innerText()).includes('1'), 'the auditor sees one account');
   await aud.page.getByRole('link', { name: cacheName }).first().click();
   await aud.page.getByRole('heading', { level: 1, name: `Cache ${cacheName}` }).waitFor();
   check((await aud.page.getByRole('button', { name: /Mint/ }).count()) === 0, 'an auditor sees no mint button');
