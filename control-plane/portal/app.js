@@ -328,18 +328,20 @@ function card(label, value, note) {
     note ? h('div.card-note', { text: note }) : null);
 }
 
-/** Sums over the complete minutes of the last hour for one cache. */
+/** One cache's figures from its minute points of the last hour: rates over the last five
+ * minutes (the running minute included, counted up to now), sums over the hour. */
 function summarize(points, now) {
   if (!points) return null;
-  const done = points.filter((p) => Date.parse(p.start) + 60000 <= now);
-  const last = done[done.length - 1];
-  const sum = (k) => done.reduce((s, p) => s + (p[k] || 0), 0);
+  const recent = points.filter((p) => Date.parse(p.start) > now - 5 * 60000);
+  const seconds = recent.length ? Math.max(1, (now - Date.parse(recent[0].start)) / 1000) : 1;
+  const stored = recent.filter((p) => p.storage_bytes > 0);
+  const sum = (list, k) => list.reduce((s, p) => s + (p[k] || 0), 0);
   return {
-    ecpuPerSecond: last ? last.ecpu / 60 : 0,
-    storage: last ? last.storage_bytes : 0,
-    ecpuHour: sum('ecpu'),
-    commandsHour: sum('commands'),
-    throttledHour: sum('throttled'),
+    ecpuPerSecond: sum(recent, 'ecpu') / seconds,
+    storage: stored.length ? stored[stored.length - 1].storage_bytes : 0,
+    ecpuHour: sum(points, 'ecpu'),
+    commandsHour: sum(points, 'commands'),
+    throttledHour: sum(points, 'throttled'),
   };
 }
 
@@ -358,7 +360,7 @@ async function overviewPage(view) {
     h('div.cards', {},
       card('Accounts', fmtInt(session.accounts.size)),
       card('Caches', fmtInt(caches.length)),
-      card('ECPU/s now', haveUsage ? fmtNum(total('ecpuPerSecond')) : noData, 'last complete minute'),
+      card('ECPU/s now', haveUsage ? fmtNum(total('ecpuPerSecond')) : noData, 'average, last 5 minutes'),
       card('Storage now', haveUsage ? fmtBytes(total('storage')) : noData),
       card('Throttled', haveUsage ? fmtInt(total('throttledHour')) : noData, 'commands, last hour')),
     haveUsage ? null : h('p.notice', { text: 'This server does not report usage yet: usage figures show “no data”.' }),

@@ -74,7 +74,7 @@ export function lineChart({ title, points, from, to, format = String, limit, lim
     svg.append(el('line', { x1: PAD.left, x2: W - PAD.right, y1: y(v), y2: y(v), class: 'grid' }));
     svg.append(el('text', { x: PAD.left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'tick' }, format(v)));
   }
-  const xTicks = 5;
+  const xTicks = 4;
   for (let i = 0; i <= xTicks; i++) {
     const t = from + (span * i) / xTicks;
     const anchor = i === 0 ? 'start' : i === xTicks ? 'end' : 'middle';
