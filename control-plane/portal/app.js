@@ -566,7 +566,21 @@ async function accessPage(view, id) {
     tokensBox.replaceChildren(table(['Token id', 'Created', 'Expires', ...(canWrite() ? ['Action'] : [])],
       items.map((t) => h('tr', {},
         h('td', {}, h('code', { text: t.jti })), h('td', { text: fmtTime(t.created_at) }), h('td', { text: fmtTime(t.expires_at) }),
-        canWrite() ? h('td', {}, h('button.danger', {
+        canWrite() ? h('td.actions', {}, h('button.secondary', {
+          type: 'button',
+          text: 'Rotate',
+          'aria-label': `Rotate token ${t.jti}`,
+          onclick: async () => {
+            // A new token for as long as this one had left, then this one revoked.
+            const left = Math.round((Date.parse(t.expires_at) - Date.now()) / 1000);
+            try {
+              const fresh = await api(`/v1/caches/${c.id}/tokens`, { method: 'POST', body: { ttl_seconds: Math.max(60, left) } });
+              await api(`/v1/caches/${c.id}/tokens/${t.jti}`, { method: 'DELETE' });
+              await drawTokens();
+              showSecret(`Token ${t.jti} revoked; its replacement (shown once) expires ${fmtTime(fresh.expires_at)}:`, fresh.token);
+            } catch (e) { announce(e.message, 'error'); }
+          },
+        }), h('button.danger', {
           type: 'button',
           text: 'Revoke',
           'aria-label': `Revoke token ${t.jti}`,
@@ -589,11 +603,8 @@ async function accessPage(view, id) {
       e.preventDefault();
       try {
         const t = await api(`/v1/caches/${c.id}/tokens`, { method: 'POST', body: { ttl_seconds: Number(ttl.value) } });
-        const out = h('textarea', { readonly: true, rows: 3, text: t.token });
-        minted.replaceChildren(h('p', { text: `New token (shown once), expires ${fmtTime(t.expires_at)}:` }),
-          field('Token', out), copyButton(() => t.token, 'Copy token'));
-        minted.hidden = false;
         await drawTokens();
+        showSecret(`New token (shown once), expires ${fmtTime(t.expires_at)}:`, t.token);
       } catch (x) { announce(x.message, 'error'); }
     },
   }, field('Lifetime', ttl), h('button', { type: 'submit', text: 'Mint token' })) : null;
@@ -622,25 +633,35 @@ async function accessPage(view, id) {
   await Promise.all([drawTokens(), drawUsers().catch((e) => usersBox.replaceChildren(errorBox(e)))]);
 }
 
+/** A random password of 24 letters and digits (the server wants 16–128 printable characters). */
+function randomPassword() {
+  const alphabet = 'ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789';
+  const bytes = crypto.getRandomValues(new Uint8Array(24));
+  return Array.from(bytes, (b) => alphabet[b % alphabet.length]).join('');
+}
+
 function usersTable(c, users, redraw) {
-  return table(['User', 'Access', 'Created', ...(canWrite() ? ['Actions'] : [])], users.map((u) => {
-    const name = u.name || u.username;
+  return table(['User', 'Access string', 'Passwords', 'Log in with', 'Created', ...(canWrite() ? ['Actions'] : [])], users.map((u) => {
+    const name = u.username;
+    const path = `/v1/caches/${c.id}/users/${encodeURIComponent(name)}`;
     return h('tr', {},
       h('td', {}, h('code', { text: name })),
-      h('td', {}, h('code', { text: u.access_string || u.access || '' })),
+      h('td', {}, h('code', { text: u.access_string })),
+      h('td.num', { text: u.no_password_required ? 'none needed' : String(u.password_count) }),
+      h('td', {}, h('code', { text: u.login || '' })),
       h('td', { text: fmtTime(u.created_at) }),
       canWrite() ? h('td.actions', {},
         h('button.secondary', {
           type: 'button',
-          text: 'Rotate password',
-          'aria-label': `Rotate the password of ${name}`,
+          text: 'New password',
+          'aria-label': `Set a new password for ${name}`,
           onclick: async () => {
-            const password = prompt(`New password for ${name} (the old one keeps working until you remove it):`);
-            if (!password) return;
+            const password = randomPassword();
+            if (!confirm(`Replace the passwords of ${name} with a new one? Open connections stay open; new logins need the new password.`)) return;
             try {
-              await api(`/v1/caches/${c.id}/users/${encodeURIComponent(name)}`, { method: 'PATCH', body: { passwords: [password] } });
-              announce('Password changed.');
+              await api(path, { method: 'PATCH', headers: { 'If-Match': u.etag }, body: { passwords: [password] } });
               await redraw();
+              showSecret(`New password for ${name} (shown once)`, password);
             } catch (e) { announce(e.message, 'error'); }
           },
         }),
@@ -649,9 +670,9 @@ function usersTable(c, users, redraw) {
           text: 'Delete',
           'aria-label': `Delete user ${name}`,
           onclick: async () => {
-            if (!confirm(`Delete user ${name}?`)) return;
+            if (!confirm(`Delete user ${name}? Its connections are closed.`)) return;
             try {
-              await api(`/v1/caches/${c.id}/users/${encodeURIComponent(name)}`, { method: 'DELETE' });
+              await api(path, { method: 'DELETE' });
               announce('User deleted.');
               await redraw();
             } catch (e) { announce(e.message, 'error'); }
@@ -660,17 +681,27 @@ function usersTable(c, users, redraw) {
   }), 'Cache users');
 }
 
+/** Shows a secret once, in the page's “shown once” box, with a copy button. */
+function showSecret(title, secret) {
+  const box = document.querySelector('.minted');
+  const out = h('textarea', { readonly: true, rows: 2, text: secret });
+  box.replaceChildren(h('p', { text: title }), field('Secret', out), copyButton(() => secret, 'Copy'));
+  box.hidden = false;
+  out.focus();
+  out.select();
+}
+
 function userForm(c, redraw) {
-  const name = h('input', { name: 'username', required: true, autocomplete: 'off' });
-  const password = h('input', { type: 'password', name: 'password', required: true, autocomplete: 'new-password', minlength: 16 });
-  const access = h('input', { name: 'access_string', value: 'on ~* +@all' });
+  const name = h('input', { name: 'username', required: true, autocomplete: 'off', pattern: '[A-Za-z0-9_\\-]{1,64}' });
+  const password = h('input', { type: 'text', name: 'password', required: true, autocomplete: 'off', minlength: 16, maxlength: 128, value: randomPassword(), spellcheck: 'false' });
+  const access = h('input', { name: 'access_string', value: 'on ~* +@all', required: true, spellcheck: 'false' });
   const err = h('p.error', { role: 'alert', hidden: true });
   return h('form', {
     'aria-labelledby': 'new-user-h',
     onsubmit: async (e) => {
       e.preventDefault();
       try {
-        await api(`/v1/caches/${c.id}/users`, { method: 'POST', body: { name: name.value, passwords: [password.value], access_string: access.value } });
+        await api(`/v1/caches/${c.id}/users`, { method: 'POST', body: { username: name.value, passwords: [password.value], access_string: access.value } });
         announce(`User ${name.value} created.`);
         await redraw();
       } catch (x) {
@@ -679,8 +710,9 @@ function userForm(c, redraw) {
       }
     },
   }, h('h3', { id: 'new-user-h', text: 'New user' }), err,
-  h('div.row', {}, field('User name', name), field('Password', password, 'at least 16 characters'),
-    field('Access string', access, 'Valkey ACL syntax, e.g. on ~app:* +@read')),
+  h('div.row', {}, field('User name', name, '1–64 letters, digits, - and _'),
+    field('Password', password, '16–128 characters; a random one is filled in: copy it now'),
+    field('Access string', access, 'Valkey ACL rules, e.g. on ~app:* +@read')),
   h('button', { type: 'submit', text: 'Create user' }));
 }
 

@@ -112,13 +112,30 @@ try {
   await page.getByRole('table', { name: 'Active tokens' }).waitFor();
   const before = await page.getByRole('button', { name: /^Revoke token/ }).count();
   await page.getByRole('button', { name: 'Mint token' }).click();
-  await page.getByLabel('Token', { exact: true }).waitFor();
+  await page.getByLabel('Secret', { exact: true }).waitFor();
+  check((await page.getByLabel('Secret', { exact: true }).inputValue()).startsWith('ey'), 'a minted token is shown once');
   await page.waitForFunction((n) => document.querySelectorAll('button[aria-label^="Revoke token"]').length === n + 1, before);
   check(true, `minting from the tokens page lists one more token (${before} → ${before + 1})`);
+  const rotated = (await page.getByRole('button', { name: /^Rotate token/ }).first().getAttribute('aria-label')).replace('Rotate token ', '');
+  await page.getByRole('button', { name: `Rotate token ${rotated}` }).click();
+  await page.getByText(`Token ${rotated} revoked; its replacement`).waitFor();
+  check((await page.getByRole('button', { name: `Revoke token ${rotated}` }).count()) === 0
+    && (await page.getByRole('button', { name: /^Revoke token/ }).count()) === before + 1, 'rotating a token replaces it with a new one');
   page.once('dialog', (d) => d.accept());
   await page.getByRole('button', { name: /^Revoke token/ }).first().click();
   await page.waitForFunction((n) => document.querySelectorAll('button[aria-label^="Revoke token"]').length === n, before);
   check(true, 'revoking a token removes it from the list');
+  await page.locator('#users-h ~ div table, #users-h ~ div .notice').first().waitFor();
+  if (await page.getByText('does not manage cache users yet').count()) {
+    report.skipped.push('cache users: this server has no /v1/caches/{id}/users');
+    console.log('SKIP - cache users: the server has no users API');
+  } else {
+    await page.getByLabel('User name', { exact: true }).fill('app');
+    await page.getByLabel('Access string', { exact: true }).fill('on ~app:* +@read');
+    await page.getByRole('button', { name: 'Create user' }).click();
+    await page.getByRole('button', { name: 'Delete user app' }).waitFor();
+    check((await page.getByRole('table', { name: 'Cache users' }).innerText()).includes('on ~app:* +@read'), 'a cache user is created with its access string');
+  }
   await page.screenshot({ path: join(shots, '03-users-and-tokens.png'), fullPage: true });
 
   // Billing: an invoice and its CSV.
