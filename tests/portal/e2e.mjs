@@ -175,9 +175,10 @@ try {
   await page.getByLabel('Action', { exact: true }).fill('token.revoke');
   await page.getByLabel('Outcome', { exact: true }).selectOption('success');
   await page.getByRole('button', { name: 'Search' }).click();
-  await page.waitForFunction(() => /Page 1: 1 record\b/.test(document.body.innerText));
+  // Two revocations: the rotated token and the revoked one.
+  await page.waitForFunction(() => /Page 1: 2 records\b/.test(document.body.innerText));
   const actions = await page.locator('table tbody tr td:nth-child(4)').allInnerTexts();
-  check(actions.length === 1 && actions[0] === 'token.revoke', `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
+  check(actions.length === 2 && actions.every((a) => a === 'token.revoke'), `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
   await page.screenshot({ path: join(shots, '05-audit.png'), fullPage: true });
   clean(page, 'desktop session');
   await page.close();
