@@ -156,6 +156,12 @@ try {
     check(download.suggestedFilename().endsWith('.csv') && csv.split('\n').length > 1, `the invoice downloads as CSV (${download.suggestedFilename()})`);
     console.log(csv.split('\n').slice(0, 3).join('\n'));
     await page.screenshot({ path: join(shots, '04-billing.png'), fullPage: true });
+    // The printable invoice: the page as printed has no navigation, forms or buttons.
+    await page.emulateMedia({ media: 'print' });
+    check(!(await page.locator('header.top').isVisible()) && !(await page.getByRole('button', { name: 'Download CSV' }).isVisible())
+      && (await page.locator('article.printable').isVisible()), 'the printed invoice shows the invoice alone');
+    await page.screenshot({ path: join(shots, '04-invoice-print.png'), fullPage: true });
+    await page.emulateMedia({ media: 'screen' });
   }
   const est = page.getByRole('button', { name: 'Estimate' });
   await est.click();
