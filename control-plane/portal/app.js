@@ -259,6 +259,7 @@ function logout(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   session.token = null;
   session.me = null;
+  session.accounts = new Map();
   showLogin(message);
 }
 
