@@ -52,9 +52,16 @@ struct DevArgs {
     /// Where state lives: SQLite store, Valkey data, tokens.
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
     data_dir: PathBuf,
+    /// Bearer token of the internal API between gateways and the control plane (default:
+    /// random per run). Set it to run extra `shoal gateway` processes against this one.
+    #[arg(long, env = "SHOAL_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
     /// The store (default: SQLite at <data-dir>/shoal.db; `postgres://…` for PostgreSQL).
     #[arg(long, env = "SHOAL_DATABASE_URL")]
     database_url: Option<String>,
+    /// Seconds between two storage samples of each cache (data_storage_mb enforcement).
+    #[arg(long, env = "SHOAL_STORAGE_INTERVAL", default_value_t = 5.0)]
+    storage_interval: f64,
     #[arg(long, env = "SHOAL_HOST", default_value = "127.0.0.1")]
     host: String,
     /// REST API port.
@@ -203,7 +210,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .context("starting the Valkey pool")?,
     );
 
-    let internal_token = shoal_engine::node::random_secret();
+    let internal_token = args.internal_token.clone().unwrap_or_else(shoal_engine::node::random_secret);
     let rest = format!("{}:{}", args.host, args.rest_port);
     let resp = format!("{}:{}", args.host, args.resp_port);
     let cp_config = ControlPlaneConfig {
@@ -215,6 +222,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         admin_token_path: args.data_dir.join("admin.token"),
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),
+        storage_interval: args.storage_interval,
         ..Default::default()
     };
     let cp = match shoal_control_plane::start(cp_config, pool.clone()).await {
@@ -249,6 +257,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     {
         Ok(g) => g,
         Err(e) => {
+            cp.sampler.abort();
             cp.handle.stop(true).await;
             pool.stop().await;
             return Err(e).context("binding the RESP endpoint");
@@ -274,6 +283,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = gateway_task.await;
+    cp.sampler.abort();
     cp.handle.stop(true).await;
     pool.stop().await;
     tracing::info!("stopped");
@@ -312,6 +322,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
     };
     tracing::info!(addr = %cp.addr, "control plane listening");
     wait_for_signal(None).await;
+    cp.sampler.abort();
     cp.handle.stop(true).await;
     pool.stop().await;
     Ok(())

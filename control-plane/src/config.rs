@@ -21,6 +21,13 @@ pub struct ControlPlaneConfig {
     pub token_ttl_max: u64,
     /// HTTP worker threads.
     pub workers: usize,
+    /// Prices: defaults (ElastiCache Serverless, Valkey, us-east-1) and per-account plans.
+    pub billing: shoal_billing::PriceList,
+    /// Seconds after a month ends before its invoices are final (late usage still counts).
+    pub invoice_grace_seconds: i64,
+    /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
+    /// cache is sampled at least every 10 s).
+    pub storage_interval: f64,
 }
 
 impl Default for ControlPlaneConfig {
@@ -34,6 +41,9 @@ impl Default for ControlPlaneConfig {
             token_ttl_default: 15 * 60,
             token_ttl_max: 12 * 3600,
             workers: 2,
+            billing: Default::default(),
+            invoice_grace_seconds: 3600,
+            storage_interval: 5.0,
         }
     }
 }

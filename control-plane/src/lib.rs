@@ -12,6 +12,8 @@
 //!   the admin portal (files under `control-plane/portal/`, compiled in) at `/portal/`.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
+//! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
+//!   (eviction, then refused writes), storage accrual for billing.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
 pub mod apidoc;
@@ -22,6 +24,7 @@ pub mod error;
 pub mod routes;
 pub mod signing;
 pub mod startup;
+pub mod storage;
 pub mod store;
 
 pub use config::ControlPlaneConfig;

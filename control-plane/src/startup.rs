@@ -25,10 +25,18 @@ pub struct ControlPlane {
     pub addr: SocketAddr,
     pub handle: actix_web::dev::ServerHandle,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
+    pub sampler: tokio::task::JoinHandle<()>,
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
 pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
+    if !(0.1..=60.0).contains(&config.storage_interval) {
+        return Err(StartupError::Config(format!(
+            "storage_interval must be between 0.1 and 60 seconds, not {}",
+            config.storage_interval
+        )));
+    }
     let store = Store::open(&config.database_url).await?;
     bootstrap_admin(&store, &config).await?;
     let signer = Signer::load_or_create(&store).await?;
@@ -42,6 +50,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
         }
     }
+    let interval = std::time::Duration::from_secs_f64(state.config.storage_interval);
+    let sampler = tokio::spawn(crate::storage::run(state.clone().into_inner(), interval));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -83,7 +93,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    Ok(ControlPlane { addr, handle, server })
+    Ok(ControlPlane { addr, handle, server, sampler })
 }
 
 async fn openapi_json() -> actix_web::HttpResponse {
@@ -137,4 +147,6 @@ pub enum StartupError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }

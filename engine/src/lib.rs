@@ -14,10 +14,12 @@ pub mod error;
 pub mod node;
 pub mod placement;
 pub mod pool;
+pub mod storage;
 pub mod tenant;
 
 pub use error::EngineError;
 pub use node::{find_valkey_server, NodeSpec};
 pub use placement::{Allocation, NodeLoad};
 pub use pool::{Pool, PoolConfig};
+pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

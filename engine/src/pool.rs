@@ -107,7 +107,7 @@ impl Pool {
     }
 }
 
-async fn admin_conn(node: &Node) -> Result<redis::aio::MultiplexedConnection, EngineError> {
+pub(crate) async fn admin_conn(node: &Node) -> Result<redis::aio::MultiplexedConnection, EngineError> {
     let client = node.admin_client()?;
     let connect = client.get_multiplexed_async_connection();
     match tokio::time::timeout(Duration::from_secs(3), connect).await {

@@ -89,6 +89,9 @@ impl Gateway {
         }
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
+        let shared = self.shared.clone();
+        let stop = shutdown.clone();
+        let routes = tokio::spawn(async move { shared.router.run(stop).await });
         let tls_task = self.tls.map(|(listener, state)| {
             tokio::spawn(accept_loop(
                 listener,
@@ -103,6 +106,7 @@ impl Gateway {
             let _ = task.await;
         }
         revocations.abort();
+        routes.abort();
         tracing::info!("gateway stopped accepting");
     }
 }

@@ -36,6 +36,16 @@ pub struct CommandSpec {
     pub mux: bool,
 }
 
+impl CommandSpec {
+    /// Refused while the cache is over its storage limit: what Valkey refuses when out of
+    /// memory (`denyoom`: SET, LPUSH, COPY… but not DEL, UNLINK, EXPIRE), plus scripts that
+    /// may write (the gateway cannot look inside; `EVAL_RO`/`EVALSHA_RO` still run).
+    pub fn refused_when_full(&self) -> bool {
+        self.flags.iter().any(|f| f == "denyoom")
+            || matches!(self.name.as_str(), "eval" | "evalsha" | "fcall")
+    }
+}
+
 /// The parsed table.
 pub struct CommandTable {
     by_name: HashMap<String, CommandSpec>,

@@ -1,12 +1,21 @@
 //! Where each cache lives: asks the control plane's internal API and remembers the answer
 //! for a short time (`route_ttl`). A stale route is harmless: a deleted cache's Valkey ACL
 //! user is gone, so its upstream login fails.
+//!
+//! Routes of caches in use (held by a session, or looked up within `route_ttl`) are refreshed
+//! in place every [`REFRESH_INTERVAL`] with one batched request ([`Router::run`]), so limits
+//! and the storage flag reach connected sessions within about a second.
 
 use crate::GatewayError;
-use shoal_types::{CacheId, TenantRoute};
+use shoal_types::{CacheId, CacheLimits, TenantRoute};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How often the routes of caches in use are fetched again.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Client of the control plane's internal API.
 pub struct ControlPlaneClient {
@@ -40,6 +49,22 @@ impl ControlPlaneClient {
             reqwest::StatusCode::NOT_FOUND => Ok(None),
             s => Err(GatewayError::ControlPlane(format!("route lookup answered {s}"))),
         }
+    }
+
+    /// `POST /internal/v1/routes`: the routes of several caches at once; caches that no
+    /// longer exist are left out.
+    pub async fn routes(&self, ids: &[CacheId]) -> Result<Vec<TenantRoute>, GatewayError> {
+        #[derive(serde::Deserialize)]
+        struct Routes {
+            routes: Vec<TenantRoute>,
+        }
+        let url = format!("{}/internal/v1/routes", self.base);
+        let resp = self.send(self.http.post(url).json(&serde_json::json!({ "ids": ids }))).await?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::ControlPlane(format!("routes answered {}", resp.status())));
+        }
+        let body: Routes = resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        Ok(body.routes)
     }
 
     /// Asks the control plane to have the cache's node publish keyspace events (for
@@ -79,32 +104,136 @@ impl ControlPlaneClient {
     }
 }
 
-/// Routes by cache id, cached for `ttl`.
+/// A cache's route as this gateway's sessions share it, updated in place by the refresh.
+pub struct LiveRoute {
+    route: RwLock<TenantRoute>,
+    /// `route.storage_full`, readable on every command without a lock.
+    storage_full: AtomicBool,
+}
+
+impl LiveRoute {
+    fn new(route: TenantRoute) -> Self {
+        LiveRoute { storage_full: AtomicBool::new(route.storage_full), route: RwLock::new(route) }
+    }
+
+    fn set(&self, route: TenantRoute) {
+        self.storage_full.store(route.storage_full, Ordering::Relaxed);
+        *self.route.write().unwrap() = route;
+    }
+
+    /// The latest route.
+    pub fn get(&self) -> TenantRoute {
+        self.route.read().unwrap().clone()
+    }
+
+    pub fn limits(&self) -> CacheLimits {
+        self.route.read().unwrap().limits.clone()
+    }
+
+    /// The cache is over its storage limit even after evictions: writes are refused.
+    pub fn storage_full(&self) -> bool {
+        self.storage_full.load(Ordering::Relaxed)
+    }
+}
+
+struct Entry {
+    fetched: Instant,
+    live: Arc<LiveRoute>,
+}
+
+/// Routes by cache id, cached for `ttl` and kept fresh while in use.
 pub struct Router {
-    client: std::sync::Arc<ControlPlaneClient>,
+    client: Arc<ControlPlaneClient>,
     ttl: Duration,
-    cache: Mutex<HashMap<CacheId, (Instant, TenantRoute)>>,
+    cache: Mutex<HashMap<CacheId, Entry>>,
 }
 
 impl Router {
-    pub fn new(client: std::sync::Arc<ControlPlaneClient>, ttl: Duration) -> Self {
+    pub fn new(client: Arc<ControlPlaneClient>, ttl: Duration) -> Self {
         Router { client, ttl, cache: Mutex::new(HashMap::new()) }
     }
 
     pub async fn route(&self, id: &CacheId) -> Result<TenantRoute, GatewayError> {
-        if let Some((at, route)) = self.cache.lock().unwrap().get(id) {
-            if at.elapsed() < self.ttl {
-                return Ok(route.clone());
+        Ok(self.live(id).await?.get())
+    }
+
+    /// The shared, refreshed route of a cache (what a session keeps).
+    pub async fn live(&self, id: &CacheId) -> Result<Arc<LiveRoute>, GatewayError> {
+        if let Some(entry) = self.cache.lock().unwrap().get(id) {
+            if entry.fetched.elapsed() < self.ttl {
+                return Ok(entry.live.clone());
             }
         }
         match self.client.route(id).await? {
-            Some(route) => {
-                self.cache.lock().unwrap().insert(id.clone(), (Instant::now(), route.clone()));
-                Ok(route)
-            }
+            Some(route) => Ok(self.store(route)),
             None => {
                 self.cache.lock().unwrap().remove(id);
                 Err(GatewayError::UnknownCache)
+            }
+        }
+    }
+
+    /// Keeps a fetched route, updating the shared one if there is one.
+    fn store(&self, route: TenantRoute) -> Arc<LiveRoute> {
+        let mut cache = self.cache.lock().unwrap();
+        match cache.get_mut(&route.cache_id) {
+            Some(entry) => {
+                entry.fetched = Instant::now();
+                entry.live.set(route);
+                entry.live.clone()
+            }
+            None => {
+                let live = Arc::new(LiveRoute::new(route.clone()));
+                cache.insert(route.cache_id, Entry { fetched: Instant::now(), live: live.clone() });
+                live
+            }
+        }
+    }
+
+    /// Fetches the routes of caches in use again; forgets the others once their `ttl` is over.
+    pub async fn refresh(&self) -> Result<(), GatewayError> {
+        let ids: Vec<CacheId> = {
+            let mut cache = self.cache.lock().unwrap();
+            // A session holds a clone of `live`: more than one strong count means in use.
+            cache.retain(|_, e| Arc::strong_count(&e.live) > 1 || e.fetched.elapsed() < self.ttl);
+            cache.keys().cloned().collect()
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let asked = Instant::now();
+        let mut routes: HashMap<CacheId, TenantRoute> = HashMap::new();
+        // Bounded requests (the internal API takes JSON bodies up to 64 KiB).
+        for chunk in ids.chunks(1000) {
+            routes.extend(self.client.routes(chunk).await?.into_iter().map(|r| (r.cache_id.clone(), r)));
+        }
+        let mut cache = self.cache.lock().unwrap();
+        for id in ids {
+            match routes.remove(&id) {
+                Some(route) => {
+                    if let Some(entry) = cache.get_mut(&id) {
+                        entry.fetched = asked;
+                        entry.live.set(route);
+                    }
+                }
+                // Deleted: the next lookup asks again and learns it is gone.
+                None => {
+                    cache.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refreshes routes every [`REFRESH_INTERVAL`] until `shutdown` turns true.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.refresh().await {
+                tracing::debug!(error = %e, "could not refresh routes");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

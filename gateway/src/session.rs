@@ -47,6 +47,8 @@ const MAX_MUX_INFLIGHT: usize = 4096;
 
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 const TOKEN_EXPIRED: &str = "token expired";
+/// Writes while the cache is over its `data_storage_mb` even after evicting keys with a TTL.
+const STORAGE_FULL: &str = "OOM cache data storage limit reached";
 
 /// What to do with the next upstream reply.
 pub(crate) enum OnReply {
@@ -91,6 +93,8 @@ struct MuxLink {
 pub(crate) struct Tenant {
     pub cache: CacheId,
     pub route: TenantRoute,
+    /// The cache's route as the refresh keeps it (limits, storage flag).
+    pub live: Arc<crate::router::LiveRoute>,
     pub ns: Namespace,
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
@@ -475,6 +479,11 @@ impl Session {
                 return self.reply_error(NOAUTH);
             }
         }
+        if let (Some(t), Some(spec)) = (&self.tenant, spec) {
+            if t.live.storage_full() && spec.refused_when_full() {
+                return self.refuse(STORAGE_FULL);
+            }
+        }
         let treatment = spec.map_or(Treatment::Pass, |s| s.treatment);
         match treatment {
             Treatment::Deny => {
@@ -638,7 +647,8 @@ impl Session {
             self.token_expires = expiry_instant(claims.exp);
             return Ok(());
         }
-        let route = self.shared.router.route(&claims.cache).await?;
+        let live = self.shared.router.live(&claims.cache).await?;
+        let route = live.get();
         if let Some(user) = user.filter(|u| !names_token_cache(&route, u)) {
             let shown = String::from_utf8_lossy(user).chars().take(64).collect::<String>();
             return Err(GatewayError::Auth(format!(
@@ -651,7 +661,7 @@ impl Session {
             .clients
             .register(
                 &claims.cache,
-                self.shared.config.max_connections_per_cache,
+                max_connections(&self.shared.config, &route),
                 self.peer.to_string(),
                 self.local.to_string(),
             )
@@ -676,6 +686,7 @@ impl Session {
             ns: Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events),
             cache: claims.cache,
             route,
+            live,
             db: 0,
             entry,
         });
@@ -1024,6 +1035,12 @@ impl Session {
 }
 
 /// The monotonic instant of a token's `exp` (seconds since the epoch).
+/// Most connections a cache may hold on this gateway: its own limit if it has one, else the
+/// gateway's `max_connections_per_cache`.
+pub(crate) fn max_connections(config: &crate::GatewayConfig, route: &TenantRoute) -> usize {
+    route.limits.max_connections.map_or(config.max_connections_per_cache, |n| n as usize)
+}
+
 fn expiry_instant(exp: i64) -> Instant {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
         as i64;

@@ -294,6 +294,7 @@ async fn info(s: &mut Session, argv: &[&[u8]]) {
     let want = |section: &str| all || wanted.iter().any(|w| w == section);
     let route = t.route.clone();
     let cache = t.cache.clone();
+    let max_clients = crate::session::max_connections(&s.shared.config, &t.live.get());
     let node_info = s.shared.observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
     let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
         Some(v) => String::from_utf8_lossy(v.as_bytes().unwrap_or_default()).into_owned(),
@@ -319,7 +320,7 @@ async fn info(s: &mut Session, argv: &[&[u8]]) {
     if want("clients") {
         out.push_str(&format!(
             "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:0\r\n\r\n",
-            counts.connected, s.shared.config.max_connections_per_cache
+            counts.connected, max_clients
         ));
     }
     if want("stats") {

@@ -6,6 +6,9 @@
 pub mod accounts;
 pub mod audit;
 pub mod idempotency;
+mod storage;
+
+pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
 
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};

@@ -1,0 +1,339 @@
+//! Stored bytes per cache: the latest sample (`cache_storage`) and the storage accrued per
+//! minute (`storage_usage`), written by the sampler in control-plane/src/storage.rs.
+
+use super::{Store, StoreError};
+use shoal_types::CacheId;
+use sqlx::Row;
+use std::collections::HashSet;
+
+/// One sample of a cache, as the sampler took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StorageSampleRecord {
+    /// When it was taken, Unix milliseconds.
+    pub at_ms: i64,
+    pub bytes: u64,
+    pub keys: u64,
+    /// Over the limit after evicting what could be evicted: writes are refused.
+    pub storage_full: bool,
+    /// Keys evicted in this round.
+    pub evicted_keys: u64,
+}
+
+/// The latest sample of a cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheStorage {
+    pub bytes: u64,
+    pub keys: u64,
+    pub sampled_at_ms: i64,
+    pub storage_full: bool,
+    /// Keys evicted for the storage limit since the cache was created.
+    pub evicted_keys: u64,
+}
+
+/// Storage of one cache during one minute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageUsage {
+    /// Start of the minute, Unix seconds.
+    pub minute: i64,
+    /// Bytes stored × seconds, summed over the minute (at most 60 × the bytes stored).
+    pub byte_seconds: u64,
+    /// The largest sample in the minute.
+    pub max_bytes: u64,
+    pub evicted_keys: u64,
+}
+
+/// The longest a sample reaches back: after a sampler outage longer than this, the gap is
+/// left unbilled rather than guessed from one sample (and a cache sampled for the first time
+/// long after its creation, e.g. after an upgrade, is not billed retroactively).
+pub const MAX_COVER_MS: i64 = 15 * 60 * 1000;
+
+/// What a sample covering `[from_ms, to_ms)` with `bytes` stored adds to each minute it
+/// touches: `(minute, byte_seconds)`. Rounded down per minute (less than one byte-second).
+pub fn accrual(from_ms: i64, to_ms: i64, bytes: u64) -> Vec<(i64, u64)> {
+    let mut out = Vec::new();
+    let mut t = from_ms;
+    while t < to_ms {
+        let minute_ms = t.div_euclid(60_000) * 60_000;
+        let end = (minute_ms + 60_000).min(to_ms);
+        let byte_ms = bytes as u128 * (end - t) as u128;
+        out.push((minute_ms / 1000, (byte_ms / 1000) as u64));
+        t = end;
+    }
+    out
+}
+
+impl Store {
+    /// Records a sample: it covers the time since the cache's previous sample (or since
+    /// `since_ms`, the cache's creation, for the first), at most [`MAX_COVER_MS`], and accrues
+    /// into `storage_usage`.
+    /// Returns false, changing nothing, if another sampler recorded one meanwhile.
+    pub async fn record_storage_sample(
+        &self,
+        cache: &CacheId,
+        since_ms: i64,
+        sample: &StorageSampleRecord,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let previous: Option<i64> = sqlx::query("SELECT sampled_at FROM cache_storage WHERE cache_id = $1")
+            .bind(cache.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get("sampled_at"));
+        let claimed = match previous {
+            // Only if the previous sample is still the latest: two samplers never both accrue.
+            Some(prev) => sqlx::query(
+                "UPDATE cache_storage SET bytes = $1, keys = $2, sampled_at = $3, storage_full = $4,
+                        evicted_keys = evicted_keys + $5
+                 WHERE cache_id = $6 AND sampled_at = $7",
+            )
+            .bind(sample.bytes as i64)
+            .bind(sample.keys as i64)
+            .bind(sample.at_ms)
+            .bind(sample.storage_full as i64)
+            .bind(sample.evicted_keys as i64)
+            .bind(cache.as_str())
+            .bind(prev)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+            None => sqlx::query(
+                "INSERT INTO cache_storage (cache_id, bytes, keys, sampled_at, storage_full, evicted_keys)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cache_id) DO NOTHING",
+            )
+            .bind(cache.as_str())
+            .bind(sample.bytes as i64)
+            .bind(sample.keys as i64)
+            .bind(sample.at_ms)
+            .bind(sample.storage_full as i64)
+            .bind(sample.evicted_keys as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+        };
+        if claimed == 0 {
+            return Ok(false);
+        }
+        let from = previous.unwrap_or(since_ms).max(sample.at_ms - MAX_COVER_MS).min(sample.at_ms);
+        let mut minutes = accrual(from, sample.at_ms, sample.bytes);
+        // The sample's own minute gets its size and evictions even if it accrues nothing there.
+        let own_minute = sample.at_ms.div_euclid(60_000) * 60;
+        if minutes.last().is_none_or(|(m, _)| *m != own_minute) {
+            minutes.push((own_minute, 0));
+        }
+        for (minute, byte_seconds) in minutes {
+            let own = minute == own_minute;
+            sqlx::query(
+                "INSERT INTO storage_usage (cache_id, minute, byte_seconds, max_bytes, evicted_keys)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (cache_id, minute) DO UPDATE SET
+                    byte_seconds = storage_usage.byte_seconds + excluded.byte_seconds,
+                    max_bytes = CASE WHEN excluded.max_bytes > storage_usage.max_bytes
+                                     THEN excluded.max_bytes ELSE storage_usage.max_bytes END,
+                    evicted_keys = storage_usage.evicted_keys + excluded.evicted_keys",
+            )
+            .bind(cache.as_str())
+            .bind(minute)
+            .bind(byte_seconds as i64)
+            // The sample's size counts for every minute it covers.
+            .bind(sample.bytes as i64)
+            .bind(if own { sample.evicted_keys as i64 } else { 0 })
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The live caches among `ids`, in one query (the gateways' route refresh).
+    pub async fn live_caches(&self, ids: &[CacheId]) -> Result<Vec<super::CacheRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql =
+            format!("SELECT * FROM caches WHERE status <> 'deleted' AND id IN ({})", placeholders.join(", "));
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        query.fetch_all(&self.pool).await?.into_iter().map(super::cache_from_row).collect()
+    }
+
+    /// The latest sample of a cache, if it was sampled.
+    pub async fn cache_storage(&self, cache: &CacheId) -> Result<Option<CacheStorage>, StoreError> {
+        let row = sqlx::query(
+            "SELECT bytes, keys, sampled_at, storage_full, evicted_keys FROM cache_storage WHERE cache_id = $1",
+        )
+        .bind(cache.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| CacheStorage {
+            bytes: r.get::<i64, _>("bytes") as u64,
+            keys: r.get::<i64, _>("keys") as u64,
+            sampled_at_ms: r.get("sampled_at"),
+            storage_full: r.get::<i64, _>("storage_full") != 0,
+            evicted_keys: r.get::<i64, _>("evicted_keys") as u64,
+        }))
+    }
+
+    /// Caches whose writes are refused because their storage is full (usually few).
+    pub async fn storage_full_caches(&self) -> Result<HashSet<CacheId>, StoreError> {
+        let rows = sqlx::query("SELECT cache_id FROM cache_storage WHERE storage_full <> 0")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().filter_map(|r| CacheId::parse(r.get::<&str, _>("cache_id")).ok()).collect())
+    }
+
+    /// Per-minute storage of a cache for minutes starting in `[from, to)` (Unix seconds).
+    pub async fn storage_usage(
+        &self,
+        cache: &CacheId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<StorageUsage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT minute, byte_seconds, max_bytes, evicted_keys FROM storage_usage
+             WHERE cache_id = $1 AND minute >= $2 AND minute < $3 ORDER BY minute",
+        )
+        .bind(cache.as_str())
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StorageUsage {
+                minute: r.get("minute"),
+                byte_seconds: r.get::<i64, _>("byte_seconds") as u64,
+                max_bytes: r.get::<i64, _>("max_bytes") as u64,
+                evicted_keys: r.get::<i64, _>("evicted_keys") as u64,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_accrues_into_every_minute_it_covers() {
+        // 10 s inside one minute.
+        assert_eq!(accrual(60_000, 70_000, 1_000), vec![(60, 10_000)]);
+        // From 0:50 to 2:05: 10 s, a full minute, 5 s.
+        assert_eq!(accrual(50_000, 125_000, 3), vec![(0, 30), (60, 180), (120, 15)]);
+        // Sub-second pieces round down per minute; nothing for an empty interval.
+        assert_eq!(accrual(59_999, 60_001, 1_000), vec![(0, 1), (60, 1)]);
+        assert_eq!(accrual(5_000, 5_000, 1_000), vec![]);
+        // A terabyte for an hour does not overflow.
+        let hour: u64 = accrual(0, 3_600_000, 1 << 40).iter().map(|(_, b)| b).sum();
+        assert_eq!(hour, (1u64 << 40) * 3600);
+    }
+
+    /// A fresh store: SQLite in a temporary directory, or a new database on the Postgres
+    /// lane's server (`SHOAL_TEST_POSTGRES_URL`, see scripts/test.sh).
+    async fn store_with_cache() -> (Store, CacheId, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty()) {
+            Some(server) => {
+                let name = format!("shoal_storage_{}", CacheId::generate().as_str());
+                let out = std::process::Command::new("psql")
+                    .arg(&server)
+                    .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
+                    .output()
+                    .expect("psql runs");
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                format!("{}/{name}", server.rsplit_once('/').unwrap().0)
+            }
+            None => format!("sqlite://{}", dir.path().join("s.db").display()),
+        };
+        let store = Store::open(&url).await.unwrap();
+        let id = CacheId::generate();
+        let record = super::super::CacheRecord {
+            id: id.clone(),
+            account_id: shoal_types::AccountId::generate(),
+            name: "c".into(),
+            status: "active".into(),
+            node: "n0".into(),
+            db: 1,
+            databases: 1,
+            acl_password: "pw".into(),
+            created_at: super::super::now(),
+            keyspace_events: String::new(),
+            description: String::new(),
+            limits: Default::default(),
+            eviction_policy: "volatile-lru".into(),
+            tags: "{}".into(),
+            version: 1,
+            updated_at: super::super::now(),
+        };
+        let mut conn = store.pool.acquire().await.unwrap();
+        super::super::insert_cache(&mut conn, &record).await.unwrap();
+        (store, id, dir)
+    }
+
+    fn sample(at_ms: i64, bytes: u64, evicted_keys: u64) -> StorageSampleRecord {
+        StorageSampleRecord { at_ms, bytes, keys: 1, storage_full: false, evicted_keys }
+    }
+
+    #[tokio::test]
+    async fn samples_accrue_once_each_from_the_previous_one() {
+        let (store, id, _dir) = store_with_cache().await;
+        let t0 = 1_800_000_000_000i64; // a minute boundary
+                                       // First sample: covers since creation (20 s before).
+        assert!(store.record_storage_sample(&id, t0 - 20_000, &sample(t0 + 10_000, 100, 0)).await.unwrap());
+        assert!(store.record_storage_sample(&id, 0, &sample(t0 + 40_000, 200, 2)).await.unwrap());
+        assert!(store.record_storage_sample(&id, 0, &sample(t0 + 70_000, 50, 1)).await.unwrap());
+        let m = t0 / 1000;
+        let usage = store.storage_usage(&id, m - 60, m + 120).await.unwrap();
+        let row = |minute, byte_seconds, max_bytes, evicted_keys| StorageUsage {
+            minute,
+            byte_seconds,
+            max_bytes,
+            evicted_keys,
+        };
+        assert_eq!(
+            usage,
+            vec![
+                row(m - 60, 100 * 20, 100, 0),
+                row(m, 100 * 10 + 200 * 30 + 50 * 20, 200, 2),
+                row(m + 60, 50 * 10, 50, 1),
+            ]
+        );
+        let latest = store.cache_storage(&id).await.unwrap().unwrap();
+        assert_eq!((latest.bytes, latest.sampled_at_ms, latest.evicted_keys), (50, t0 + 70_000, 3));
+        // The range is half-open.
+        assert_eq!(store.storage_usage(&id, m, m + 60).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_sample_reaches_back_at_most_fifteen_minutes() {
+        let (store, id, _dir) = store_with_cache().await;
+        let t0 = 1_800_000_000_000i64;
+        store.record_storage_sample(&id, t0 - 3_600_000, &sample(t0, 10, 0)).await.unwrap();
+        store.record_storage_sample(&id, 0, &sample(t0 + 3_600_000, 10, 0)).await.unwrap();
+        let all = store.storage_usage(&id, 0, i64::MAX).await.unwrap();
+        assert_eq!(all.iter().map(|u| u.byte_seconds).sum::<u64>(), 2 * 10 * 15 * 60);
+    }
+
+    #[tokio::test]
+    async fn live_caches_come_in_one_query() {
+        let (store, id, _dir) = store_with_cache().await;
+        let unknown = CacheId::generate();
+        let found = store.live_caches(&[unknown.clone(), id.clone()]).await.unwrap();
+        assert_eq!(found.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![id]);
+        assert!(store.live_caches(&[unknown]).await.unwrap().is_empty());
+        assert!(store.live_caches(&[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_full_flag_is_stored_and_listed() {
+        let (store, id, _dir) = store_with_cache().await;
+        assert!(store.storage_full_caches().await.unwrap().is_empty());
+        let full = StorageSampleRecord { storage_full: true, ..sample(1_000, 10, 0) };
+        store.record_storage_sample(&id, 0, &full).await.unwrap();
+        assert!(store.storage_full_caches().await.unwrap().contains(&id));
+        store.record_storage_sample(&id, 0, &sample(2_000, 5, 0)).await.unwrap();
+        assert!(store.storage_full_caches().await.unwrap().is_empty());
+    }
+}

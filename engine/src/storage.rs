@@ -1,0 +1,317 @@
+//! How many bytes a cache stores, and evicting its keys that have a TTL when it stores too many.
+//!
+//! Valkey keeps no per-database memory counter, so a cache's size is estimated from
+//! `MEMORY USAGE` (the key, its value and their allocation overhead, as the allocator sees it):
+//! - up to [`EXACT_KEYS`] keys per database: every key is measured (a full `SCAN`), the sum is
+//!   exact up to `MEMORY USAGE`'s own sampling of big collections;
+//! - above: [`SAMPLE_KEYS`] `RANDOMKEY`s are measured and their mean is scaled by `DBSIZE`.
+//!
+//! Each key also counts [`TABLE_BYTES_PER_KEY`] for its slot in the database's hash table.
+//!
+//! Everything is pipelined in chunks of [`CHUNK`] cheap commands, so the node never runs more
+//! than a few hundred microseconds of our work at once and other clients interleave.
+//! Eviction imitates Valkey's `volatile-lru`: among keys that have a TTL, the idlest
+//! (`OBJECT IDLETIME`) go first — all keys compared in small databases, samples in big ones.
+
+use crate::node::Node;
+use crate::{EngineError, Pool};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Databases up to this many keys are measured key by key.
+pub const EXACT_KEYS: u64 = 10_000;
+/// Keys measured to estimate a bigger database.
+pub const SAMPLE_KEYS: usize = 1_000;
+/// What each key costs beyond its `MEMORY USAGE`: its slot in the database's hash table
+/// (buckets of 7 entries, kept under full). Measured against `used_memory` on Valkey 9.1
+/// (engine/tests/storage.rs): 12–14 bytes per key.
+pub const TABLE_BYTES_PER_KEY: u64 = 12;
+/// Commands per pipelined round trip.
+const CHUNK: usize = 500;
+/// Keys sampled per eviction round in a big database, and how many of the idlest go per round.
+const EVICTION_SAMPLE: usize = 256;
+const EVICT_PER_ROUND: usize = 32;
+/// One eviction call stops after this long (the next sampling round continues).
+const EVICTION_BUDGET: Duration = Duration::from_secs(2);
+
+/// A cache's numbered databases on its node: `db .. db + databases`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheDbs {
+    pub db: u32,
+    pub databases: u32,
+}
+
+impl CacheDbs {
+    fn iter(self) -> impl Iterator<Item = u32> {
+        self.db..self.db + self.databases.max(1)
+    }
+}
+
+/// An estimate of what a cache stores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StorageSample {
+    pub bytes: u64,
+    pub keys: u64,
+    /// Every key was measured (no extrapolation from a sample).
+    pub exact: bool,
+}
+
+/// What an eviction did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Eviction {
+    pub keys: u64,
+    /// What the evicted keys counted for in [`StorageProbe::measure`] before they went.
+    pub bytes: u64,
+    /// Fewer bytes than asked were freed because no (findable) key with a TTL is left — not
+    /// because the time budget ran out.
+    pub exhausted: bool,
+}
+
+/// A key that may be evicted.
+struct Candidate {
+    key: Vec<u8>,
+    idle: u64,
+    bytes: u64,
+}
+
+/// One connection to a node, as the admin user, for measuring and evicting. Not shared: it
+/// `SELECT`s databases.
+pub struct StorageProbe {
+    node: Arc<Node>,
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl Pool {
+    /// Opens a probe on `node`.
+    pub async fn storage_probe(&self, node: &str) -> Result<StorageProbe, EngineError> {
+        let node = self.node(node)?.clone();
+        let conn = crate::pool::admin_conn(&node).await?;
+        Ok(StorageProbe { node, conn })
+    }
+}
+
+impl StorageProbe {
+    /// Estimates the bytes stored in a cache's databases (see the module docs).
+    pub async fn measure(&mut self, dbs: CacheDbs) -> Result<StorageSample, EngineError> {
+        let mut total = StorageSample { exact: true, ..Default::default() };
+        for db in dbs.iter() {
+            let keys = self.dbsize(db).await?;
+            if keys == 0 {
+                continue;
+            }
+            let bytes = if keys <= EXACT_KEYS {
+                let all = self.scan_all(db).await?;
+                self.memory_usage(db, &all).await?.into_iter().sum()
+            } else {
+                total.exact = false;
+                let sample = self.random_keys(db, SAMPLE_KEYS).await?;
+                let sizes = self.memory_usage(db, &sample).await?;
+                // Keys that expired between RANDOMKEY and MEMORY USAGE count as size 0: they are gone.
+                let mean = sizes.iter().sum::<u64>() as f64 / sizes.len().max(1) as f64;
+                (mean * keys as f64).round() as u64
+            };
+            total.bytes += bytes + keys * TABLE_BYTES_PER_KEY;
+            total.keys += keys;
+        }
+        Ok(total)
+    }
+
+    /// Deletes keys that have a TTL, idlest first, until about `bytes` are freed or none is
+    /// left. Keys without a TTL are never touched.
+    pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
+        let started = Instant::now();
+        let mut done = Eviction::default();
+        let mut sizes = Vec::new();
+        for db in dbs.iter() {
+            sizes.push((db, self.dbsize(db).await?));
+        }
+        // Small databases: every volatile key is a candidate; one sorted pass.
+        let mut small = Vec::new();
+        for &(db, _) in sizes.iter().filter(|(_, n)| (1..=EXACT_KEYS).contains(n)) {
+            let all = self.scan_all(db).await?;
+            small.extend(self.volatile(db, all).await?.into_iter().map(|c| (db, c)));
+        }
+        small.sort_by_key(|c| std::cmp::Reverse(c.1.idle));
+        let mut victims: Vec<(u32, Candidate)> = Vec::new();
+        let mut planned = 0;
+        for (db, c) in small {
+            if planned >= bytes {
+                break;
+            }
+            planned += c.bytes;
+            victims.push((db, c));
+        }
+        done = add(done, self.unlink(victims).await?);
+        // Big databases: rounds of samples, the idlest few of each go (Valkey's own approach).
+        let big: Vec<u32> = sizes.iter().filter(|(_, n)| *n > EXACT_KEYS).map(|(db, _)| *db).collect();
+        let mut empty_rounds = 0;
+        // Without big databases, the pass above had every volatile key to choose from.
+        let mut exhausted = big.is_empty();
+        while done.bytes < bytes && !big.is_empty() {
+            if started.elapsed() >= EVICTION_BUDGET {
+                break;
+            }
+            let mut round = Vec::new();
+            for &db in &big {
+                let sample = self.random_keys(db, EVICTION_SAMPLE).await?;
+                let unique: HashSet<Vec<u8>> = sample.into_iter().collect();
+                round.extend(
+                    self.volatile(db, unique.into_iter().collect()).await?.into_iter().map(|c| (db, c)),
+                );
+            }
+            if round.is_empty() {
+                // Few or no volatile keys: give up after a few tries rather than spin.
+                empty_rounds += 1;
+                if empty_rounds >= 4 {
+                    exhausted = true;
+                    break;
+                }
+                continue;
+            }
+            round.sort_by_key(|c| std::cmp::Reverse(c.1.idle));
+            let mut victims = Vec::new();
+            let mut planned = done.bytes;
+            for (db, c) in round.into_iter().take(EVICT_PER_ROUND) {
+                if planned >= bytes {
+                    break;
+                }
+                planned += c.bytes;
+                victims.push((db, c));
+            }
+            done = add(done, self.unlink(victims).await?);
+        }
+        done.exhausted = exhausted && done.bytes < bytes;
+        Ok(done)
+    }
+
+    async fn dbsize(&mut self, db: u32) -> Result<u64, EngineError> {
+        let (n,): (u64,) = redis::pipe()
+            .cmd("SELECT")
+            .arg(db)
+            .ignore()
+            .cmd("DBSIZE")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.node.valkey_err(e))?;
+        Ok(n)
+    }
+
+    /// Every key of a database (small databases only), without duplicates.
+    async fn scan_all(&mut self, db: u32) -> Result<Vec<Vec<u8>>, EngineError> {
+        let mut seen = HashSet::new();
+        let mut cursor = 0u64;
+        loop {
+            let ((next, keys),): ((u64, Vec<Vec<u8>>),) = redis::pipe()
+                .cmd("SELECT")
+                .arg(db)
+                .ignore()
+                .cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(CHUNK)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(|e| self.node.valkey_err(e))?;
+            seen.extend(keys);
+            cursor = next;
+            if cursor == 0 {
+                return Ok(seen.into_iter().collect());
+            }
+        }
+    }
+
+    /// `n` random keys (with repetitions; fewer if the database empties meanwhile).
+    async fn random_keys(&mut self, db: u32, n: usize) -> Result<Vec<Vec<u8>>, EngineError> {
+        let mut keys = Vec::with_capacity(n);
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(CHUNK);
+            let mut pipe = redis::pipe();
+            pipe.cmd("SELECT").arg(db).ignore();
+            for _ in 0..take {
+                pipe.cmd("RANDOMKEY");
+            }
+            let got: Vec<Option<Vec<u8>>> =
+                pipe.query_async(&mut self.conn).await.map_err(|e| self.node.valkey_err(e))?;
+            keys.extend(got.into_iter().flatten());
+            left -= take;
+        }
+        Ok(keys)
+    }
+
+    /// `MEMORY USAGE` of each key (0 for keys gone meanwhile).
+    async fn memory_usage(&mut self, db: u32, keys: &[Vec<u8>]) -> Result<Vec<u64>, EngineError> {
+        let mut sizes = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SELECT").arg(db).ignore();
+            for key in chunk {
+                pipe.cmd("MEMORY").arg("USAGE").arg(key);
+            }
+            let got: Vec<Option<u64>> =
+                pipe.query_async(&mut self.conn).await.map_err(|e| self.node.valkey_err(e))?;
+            sizes.extend(got.into_iter().map(Option::unwrap_or_default));
+        }
+        Ok(sizes)
+    }
+
+    /// The keys among `keys` that have a TTL, with their idle time and size. None of the
+    /// commands used touches a key's access time.
+    async fn volatile(&mut self, db: u32, keys: Vec<Vec<u8>>) -> Result<Vec<Candidate>, EngineError> {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(CHUNK / 3) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SELECT").arg(db).ignore();
+            for key in chunk {
+                pipe.cmd("PTTL").arg(key);
+                pipe.cmd("OBJECT").arg("IDLETIME").arg(key);
+                pipe.cmd("MEMORY").arg("USAGE").arg(key);
+            }
+            let got: Vec<redis::Value> =
+                pipe.query_async(&mut self.conn).await.map_err(|e| self.node.valkey_err(e))?;
+            for (key, facts) in chunk.iter().zip(got.chunks(3)) {
+                let int = |v: &redis::Value| match v {
+                    redis::Value::Int(n) => Some(*n),
+                    _ => None,
+                };
+                // PTTL: -1 = no TTL, -2 = gone.
+                if let [ttl, idle, size] = facts {
+                    if int(ttl).is_some_and(|t| t > 0) {
+                        out.push(Candidate {
+                            key: key.clone(),
+                            idle: int(idle).unwrap_or(0).max(0) as u64,
+                            bytes: int(size).unwrap_or(0).max(0) as u64 + TABLE_BYTES_PER_KEY,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the victims; counts only those that still existed.
+    async fn unlink(&mut self, victims: Vec<(u32, Candidate)>) -> Result<Eviction, EngineError> {
+        let mut done = Eviction::default();
+        for chunk in victims.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            for (db, c) in chunk {
+                pipe.cmd("SELECT").arg(*db).ignore();
+                pipe.cmd("UNLINK").arg(&c.key);
+            }
+            let got: Vec<u64> =
+                pipe.query_async(&mut self.conn).await.map_err(|e| self.node.valkey_err(e))?;
+            for ((_, c), n) in chunk.iter().zip(got) {
+                if n > 0 {
+                    done.keys += 1;
+                    done.bytes += c.bytes;
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn add(a: Eviction, b: Eviction) -> Eviction {
+    Eviction { keys: a.keys + b.keys, bytes: a.bytes + b.bytes, exhausted: false }
+}
