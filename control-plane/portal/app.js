@@ -26,6 +26,11 @@ function h(spec, attrs = {}, ...children) {
   return node;
 }
 
+/** Replaces `node`'s children, skipping null, undefined and false (conditional parts). */
+function render(node, ...children) {
+  node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+}
+
 let uid = 0;
 /** A labelled form field: [label, control]. */
 function field(label, control, hint) {
@@ -234,7 +239,7 @@ async function showLogin(message) {
     field('User name', user), field('Password', pass),
     h('button', { type: 'submit', text: 'Log in' })));
   }
-  view.replaceChildren(h('section.login', { 'aria-labelledby': 'login-h' },
+  render(view, h('section.login', { 'aria-labelledby': 'login-h' },
     h('h1', { id: 'login-h', text: 'Log in to Shoal' }),
     message ? h('p.notice', { text: message }) : null,
     err, ...forms));
@@ -303,7 +308,7 @@ async function route() {
   const match = pages.map(([re, page]) => [hash.match(re), page]).find(([m]) => m);
   if (session.accounts.size === 0) await loadAccounts().catch(() => {});
   showWho();
-  view.replaceChildren(h('p.loading', { text: 'Loading…' }));
+  render(view, h('p.loading', { text: 'Loading…' }));
   view.setAttribute('aria-busy', 'true');
   try {
     if (!match) throw new Error('There is no such page.');
@@ -311,7 +316,7 @@ async function route() {
     await page(view, ...m.slice(1));
   } catch (e) {
     if (!session.token) return;
-    view.replaceChildren(h('h1', { text: 'Something went wrong' }), errorBox(e));
+    render(view, h('h1', { text: 'Something went wrong' }), errorBox(e));
   } finally {
     view.removeAttribute('aria-busy');
   }
@@ -356,7 +361,7 @@ async function overviewPage(view) {
   const haveUsage = usages.some((u) => u !== null);
   const total = (k) => stats.reduce((s, x) => s + (x.s ? x.s[k] : 0), 0);
   const noData = 'no data';
-  view.replaceChildren(
+  render(view,
     h('h1', { text: 'Overview' }),
     h('div.cards', {},
       card('Accounts', fmtInt(session.accounts.size)),
@@ -474,16 +479,16 @@ async function cachePage(view, id) {
     const [, , seconds, granularity] = RANGES.find(([v]) => v === rangeSelect.value);
     const to = new Date();
     const from = new Date(to - seconds * 1000);
-    charts.replaceChildren(h('p.loading', { text: 'Loading usage…' }));
+    render(charts, h('p.loading', { text: 'Loading usage…' }));
     let points;
     try {
       points = await usage(c.id, from, to, granularity);
     } catch (e) {
-      charts.replaceChildren(errorBox(e));
+      render(charts, errorBox(e));
       return;
     }
     if (points === null) {
-      charts.replaceChildren(h('p.notice', { text: 'No data: this server does not report usage yet.' }));
+      render(charts, h('p.notice', { text: 'No data: this server does not report usage yet.' }));
       return;
     }
     const step = granularity === 'hour' ? 3600 : 60;
@@ -493,7 +498,7 @@ async function cachePage(view, id) {
     const perSecond = (p) => Math.max(1, Math.min(step, (now - Date.parse(p.start)) / 1000));
     const hasConnections = points.some((p) => typeof p.connections === 'number');
     const opts = { from: +from, to: +to };
-    charts.replaceChildren(
+    render(charts,
       lineChart({ ...opts, title: 'ECPU per second', points: series((p) => p.ecpu / perSecond(p)), format: (v) => fmtNum(v, 3), limit: limits.ecpu_per_second, limitLabel: 'ECPU/s limit' }),
       lineChart({ ...opts, title: `Commands per ${granularity}`, points: series((p) => p.commands), format: fmtInt }),
       lineChart({ ...opts, title: 'Hit rate', points: series((p) => (p.hits + p.misses ? (100 * p.hits) / (p.hits + p.misses) : null)), format: fmtPct, empty: 'No reads in this time range.' }),
@@ -504,7 +509,7 @@ async function cachePage(view, id) {
   };
   rangeSelect.addEventListener('change', drawCharts);
 
-  view.replaceChildren(
+  render(view,
     h('h1', { text: `Cache ${c.name}` }),
     cacheTabs(c, 'detail'),
     h('section', { 'aria-labelledby': 'usage-h' },
@@ -564,7 +569,7 @@ async function accessPage(view, id) {
   const usersBox = h('div');
   const drawTokens = async () => {
     const { items } = await api(`/v1/caches/${c.id}/tokens`);
-    tokensBox.replaceChildren(table(['Token id', 'Created', 'Expires', ...(canWrite() ? ['Action'] : [])],
+    render(tokensBox, table(['Token id', 'Created', 'Expires', ...(canWrite() ? ['Action'] : [])],
       items.map((t) => h('tr', {},
         h('td', {}, h('code', { text: t.jti })), h('td', { text: fmtTime(t.created_at) }), h('td', { text: fmtTime(t.expires_at) }),
         canWrite() ? h('td.actions', {}, h('button.secondary', {
@@ -616,14 +621,14 @@ async function accessPage(view, id) {
       list = await api(`/v1/caches/${c.id}/users`);
     } catch (e) {
       if (e.missingRoute) {
-        usersBox.replaceChildren(h('p.notice', { text: 'This server does not manage cache users yet.' }));
+        render(usersBox, h('p.notice', { text: 'This server does not manage cache users yet.' }));
         return;
       }
       throw e;
     }
-    usersBox.replaceChildren(usersTable(c, list.items || [], drawUsers), canWrite() ? userForm(c, drawUsers) : null);
+    render(usersBox, usersTable(c, list.items || [], drawUsers), canWrite() ? userForm(c, drawUsers) : null);
   };
-  view.replaceChildren(
+  render(view,
     h('h1', { text: `Cache ${c.name}: users and tokens` }),
     cacheTabs(c, 'access'),
     h('section', { 'aria-labelledby': 'tokens-h' }, h('h2', { id: 'tokens-h', text: 'Tokens' }),
@@ -631,7 +636,7 @@ async function accessPage(view, id) {
       mintForm, minted, tokensBox),
     h('section', { 'aria-labelledby': 'users-h' }, h('h2', { id: 'users-h', text: 'Users' }), usersBox),
   );
-  await Promise.all([drawTokens(), drawUsers().catch((e) => usersBox.replaceChildren(errorBox(e)))]);
+  await Promise.all([drawTokens(), drawUsers().catch((e) => render(usersBox, errorBox(e)))]);
 }
 
 /** A random password of 24 letters and digits (the server wants 16–128 printable characters). */
@@ -686,7 +691,7 @@ function usersTable(c, users, redraw) {
 function showSecret(title, secret) {
   const box = document.querySelector('.minted');
   const out = h('textarea', { readonly: true, rows: 2, text: secret });
-  box.replaceChildren(h('p', { text: title }), field('Secret', out), copyButton(() => secret, 'Copy'));
+  render(box, h('p', { text: title }), field('Secret', out), copyButton(() => secret, 'Copy'));
   box.hidden = false;
   out.focus();
   out.select();
@@ -730,16 +735,16 @@ async function billingPage(view) {
   const list = h('div');
   const detail = h('div.invoice');
   const showList = async () => {
-    detail.replaceChildren();
+    render(detail);
     let page;
     try {
       page = await api(`/v1/invoices?${qs({ account_id: account.value, month: month.value })}`);
     } catch (e) {
-      list.replaceChildren(e.missingRoute ? h('p.notice', { text: 'This server does not produce invoices yet.' }) : errorBox(e));
+      render(list, e.missingRoute ? h('p.notice', { text: 'This server does not produce invoices yet.' }) : errorBox(e));
       return;
     }
     const items = page.items || [];
-    list.replaceChildren(table(['Month', 'Account', 'Status', 'Total', ''], items.map((inv) => h('tr', {},
+    render(list, table(['Month', 'Account', 'Status', 'Total', ''], items.map((inv) => h('tr', {},
       h('td', { text: inv.month }), h('td', { text: accountName(inv.account_id) }),
       h('td', {}, h('span.badge', { 'data-status': inv.status, text: inv.status })),
       h('td.num', { text: `${inv.total} ${inv.currency || ''}` }),
@@ -753,13 +758,13 @@ async function billingPage(view) {
   const showInvoice = async (id) => {
     try {
       const inv = await api(`/v1/invoices/${encodeURIComponent(id)}`);
-      detail.replaceChildren(invoiceView(inv, id));
+      render(detail, invoiceView(inv, id));
       detail.querySelector('h2').focus();
     } catch (e) {
-      detail.replaceChildren(errorBox(e));
+      render(detail, errorBox(e));
     }
   };
-  view.replaceChildren(
+  render(view,
     h('h1', { text: 'Billing' }),
     h('form.inline.noprint', {
       'aria-label': 'Find invoices',
@@ -820,11 +825,11 @@ function estimateForm() {
         if (weight.value !== '') body.command_weight = weight.value;
         try {
           const est = await api('/v1/estimate', { method: 'POST', body });
-          out.replaceChildren(
+          render(out,
             h('p.total', {}, h('strong', { text: `About ${est.monthly_cost} ${est.currency} a month` })),
             h('ol', {}, (est.steps || []).map((s) => h('li', { text: s.text }))));
         } catch (x) {
-          out.replaceChildren(x.missingRoute ? h('p.notice', { text: 'This server does not offer estimates yet.' }) : errorBox(x));
+          render(out, x.missingRoute ? h('p.notice', { text: 'This server does not offer estimates yet.' }) : errorBox(x));
         }
       },
     },
@@ -854,7 +859,7 @@ async function auditPage(view) {
     try {
       page = await api(`/v1/audit?${qs({ ...filters(), limit: size.value, cursor })}`);
     } catch (e) {
-      results.replaceChildren(errorBox(e));
+      render(results, errorBox(e));
       return;
     }
     const rows = page.items.map((r) => h('tr', {},
@@ -863,7 +868,7 @@ async function auditPage(view) {
       h('td', {}, h('span.badge', { 'data-status': r.outcome, text: r.outcome })), h('td', { text: r.source }),
       h('td', {}, Object.keys(r.details || {}).length ? h('details', {}, h('summary', { text: 'details' }), h('pre', { text: JSON.stringify(r.details, null, 2) })) : '')));
     const pageNo = cursors.length + 1;
-    results.replaceChildren(
+    render(results,
       h('p.hint', { text: `Page ${pageNo}: ${page.items.length} record${page.items.length === 1 ? '' : 's'}.` }),
       table(['#', 'Time', 'Actor', 'Action', 'Target', 'Cache', 'Outcome', 'Source', 'Details'], rows, 'Audit records'),
       h('div.toolbar', {},
@@ -878,17 +883,17 @@ async function auditPage(view) {
     } catch (e) { announce(e.message, 'error'); }
   };
   const verify = async () => {
-    chain.replaceChildren(h('p.loading', { text: 'Verifying the hash chain…' }));
+    render(chain, h('p.loading', { text: 'Verifying the hash chain…' }));
     try {
       const r = await api('/v1/audit/verify');
-      chain.replaceChildren(r.ok
+      render(chain, r.ok
         ? h('p.ok', { role: 'status', text: `Chain verified: all ${fmtInt(r.records)} records link up.` })
         : h('p.error', { role: 'alert', text: `Chain broken at record #${r.first_broken_seq}: ${r.reason || 'hash mismatch'}.` }));
     } catch (e) {
-      chain.replaceChildren(errorBox(e));
+      render(chain, errorBox(e));
     }
   };
-  view.replaceChildren(
+  render(view,
     h('h1', { text: 'Audit log' }),
     h('div.section-head', {}, chain, h('button.secondary', { type: 'button', text: 'Verify again', onclick: verify })),
     h('form.filters', {

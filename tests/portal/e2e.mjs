@@ -66,6 +66,12 @@ async function login(page, token) {
   await page.getByRole('heading', { level: 1, name: 'Overview' }).waitFor();
 }
 
+/** No placeholder leaked into the page as text. */
+async function noStrayText(page, what) {
+  const text = await page.locator('main').innerText();
+  check(!/\b(null|undefined|NaN|\[object Object\])\b/.test(text), `${what}: no "null", "undefined" or "NaN" shown`);
+}
+
 function clean(page, what) {
   check(page.problems.length === 0, `${what}: no script errors, CSP violations or outside requests (${page.problems.join('; ')})`);
 }
@@ -78,6 +84,7 @@ try {
   check(await page.getByRole('link', { name: otherCache }).isVisible(), "the admin sees every account's caches");
   const ecpuNow = await page.locator('.card', { hasText: 'ECPU/s now' }).locator('.card-value').innerText();
   check(Number(ecpuNow.replace(/,/g, '')) > 0, `the overview shows the ECPU/s of the traffic (${ecpuNow})`);
+  await noStrayText(page, 'overview');
   await page.screenshot({ path: join(shots, '01-overview.png'), fullPage: true });
 
   // Open the cache (keyboard: focus the link, Enter).
@@ -105,6 +112,7 @@ try {
   await page.getByRole('button', { name: 'Mint a 15-minute token for these snippets' }).click();
   await page.locator('pre code', { hasText: 'REDISCLI_AUTH=\'ey' }).waitFor();
   check(true, 'minting a token fills it into the redis-cli and redis-py snippets');
+  await noStrayText(page, 'cache page');
   await page.screenshot({ path: join(shots, '02-cache.png'), fullPage: true });
 
   // Users and tokens.
@@ -136,6 +144,7 @@ try {
     await page.getByRole('button', { name: 'Delete user app' }).waitFor();
     check((await page.getByRole('table', { name: 'Cache users' }).innerText()).includes('on ~app:* +@read'), 'a cache user is created with its access string');
   }
+  await noStrayText(page, 'users and tokens');
   await page.screenshot({ path: join(shots, '03-users-and-tokens.png'), fullPage: true });
 
   // Billing: an invoice and its CSV.
@@ -155,6 +164,7 @@ try {
     const csv = readFileSync(await download.path(), 'utf8');
     check(download.suggestedFilename().endsWith('.csv') && csv.split('\n').length > 1, `the invoice downloads as CSV (${download.suggestedFilename()})`);
     console.log(csv.split('\n').slice(0, 3).join('\n'));
+    await noStrayText(page, 'invoice');
     await page.screenshot({ path: join(shots, '04-billing.png'), fullPage: true });
     // The printable invoice: the page as printed has no navigation, forms or buttons.
     await page.emulateMedia({ media: 'print' });
@@ -185,6 +195,7 @@ try {
   await page.waitForFunction(() => /Page 1: 2 records\b/.test(document.body.innerText));
   const actions = await page.locator('table tbody tr td:nth-child(4)').allInnerTexts();
   check(actions.length === 2 && actions.every((a) => a === 'token.revoke'), `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
+  await noStrayText(page, 'audit page');
   await page.screenshot({ path: join(shots, '05-audit.png'), fullPage: true });
   clean(page, 'desktop session');
   await page.close();
