@@ -18,7 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TABLE = os.path.join(HERE, "..", "gateway", "data", "commands.tsv")
-COLUMNS = ["name", "arity", "flags", "first_key", "last_key", "step", "acl_categories", "treatment", "weight"]
+COLUMNS = ["name", "arity", "flags", "first_key", "last_key", "step", "acl_categories", "treatment", "weight", "per_element", "hits"]
 
 
 def read_reply(f):
@@ -79,17 +79,20 @@ def main():
                 cells = line.rstrip("\n").split("\t")
                 if cells[0] == "name":
                     continue
-                ours[cells[0]] = (cells[7], cells[8])
+                ours[cells[0]] = (cells[7], cells[8], cells[9], cells[10])
     out = []
     for row in sorted(rows(valkey_commands(binary)), key=lambda r: r["name"]):
         cats = row["acl_categories"].split(",")
         default = "deny" if ("admin" in cats or "dangerous" in cats) else "pass"
-        row["treatment"], row["weight"] = ours.get(row["name"], (default, "1000"))
+        row["treatment"], row["weight"], row["per_element"], row["hits"] = ours.get(row["name"], (default, "1000", "0", "-"))
         out.append(row)
     with open(TABLE, "w") as f:
         f.write("# The gateway's command table. Columns from Valkey's COMMAND (refresh with\n")
         f.write("# scripts/command-table.py); treatment and weight (milli-ECPU) are Shoal's.\n")
         f.write("# treatment: pass = forward as is; deny = -NOPERM; virtual = the gateway answers or rewrites.\n")
+        f.write("# Metering (gateway/src/metering/ecpu.rs): weight = milli-ECPU per call (0 = free: not metered);\n")
+        f.write("# per_element = milli-ECPU per element of an aggregate reply; hits = how reads count hits and\n")
+        f.write("# misses (value: nil reply = miss, else hit; elements: each nil element = miss, else hit; - = not a read).\n")
         f.write("\t".join(COLUMNS) + "\n")
         for row in out:
             f.write("\t".join(row[c] for c in COLUMNS) + "\n")

@@ -251,6 +251,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         idle_timeout: std::time::Duration::from_secs_f64(args.limits.idle_timeout),
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
+        data_dir: Some(data_dir.join("gateway")),
         ..Default::default()
     })
     .await

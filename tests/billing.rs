@@ -50,14 +50,21 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     let (account, owner) = dev.account_with_key("billed", "owner").await;
     let auditor = dev.api_key(&account, "auditor").await;
     let (_, other) = dev.account_with_key("not-billed", "owner").await;
-    let (_, _, cache) = dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "billed-cache"})), &[]).await;
+    let (_, _, cache) =
+        dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "billed-cache"})), &[]).await;
     let cache_id = cache["id"].as_str().unwrap().to_string();
 
     // Real traffic through the gateway.
-    let (_, _, minted) = dev.call(Some(&owner), Method::POST, &format!("/v1/caches/{cache_id}/tokens"), None, &[]).await;
+    let (_, _, minted) =
+        dev.call(Some(&owner), Method::POST, &format!("/v1/caches/{cache_id}/tokens"), None, &[]).await;
     let mut conn = dev.client(minted["token"].as_str().unwrap()).await.unwrap();
     for i in 0..50 {
-        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg("x".repeat(3000)).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg("x".repeat(3000))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let _: Option<String> = redis::cmd("GET").arg(format!("k{i}")).query_async(&mut conn).await.unwrap();
     }
 
@@ -67,7 +74,12 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     let month_start = {
         use chrono::Datelike;
         let d = chrono::Utc::now().date_naive();
-        chrono::NaiveDate::from_ymd_opt(d.year(), d.month(), 1).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp()
+        chrono::NaiveDate::from_ymd_opt(d.year(), d.month(), 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp()
     };
     let recent = now / 60 * 60 - 120;
     let late = (recent - 7200).max(month_start);
@@ -79,7 +91,9 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
 
     // Wait until the gateway's own batches are stored (it flushes every second).
     let stored = || {
-        dev.sql(&format!("SELECT COALESCE(SUM(ecpu_milli), 0) FROM usage_minutes WHERE cache_id = '{cache_id}'"))[0]
+        dev.sql(&format!(
+            "SELECT COALESCE(SUM(ecpu_milli), 0) FROM usage_minutes WHERE cache_id = '{cache_id}'"
+        ))[0]
             .parse::<i64>()
             .unwrap()
     };
@@ -104,12 +118,19 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     }
 
     // Rollups: the hourly usage of the cache sums to the same.
-    let from = chrono::DateTime::from_timestamp(month_start.max(late - 3600), 0).unwrap().to_rfc3339();
+    let from = chrono::DateTime::from_timestamp(month_start.max(late - 3600), 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let (status, _, usage) = dev
-        .call(Some(&owner), Method::GET, &format!("/v1/caches/{cache_id}/usage?granularity=hour&from={from}"), None, &[])
+        .call(
+            Some(&owner),
+            Method::GET,
+            &format!("/v1/caches/{cache_id}/usage?granularity=hour&from={from}"),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{usage}");
-    let rollups: i64 = usage["points"].as_array().unwrap().iter().map(|p| p["ecpu_milli"].as_i64().unwrap()).sum();
+    let rollups: i64 =
+        usage["points"].as_array().unwrap().iter().map(|p| p["ecpu_milli"].as_i64().unwrap()).sum();
     assert_eq!(rollups, batches);
 
     // The month's draft invoice bills exactly that (usage up to the last completed minute:
@@ -117,23 +138,47 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     tokio::time::sleep(Duration::from_secs((60 - chrono::Utc::now().timestamp() % 60 + 1) as u64)).await;
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     let id = format!("{account}-{month}");
-    let (status, _, invoice) = dev.call(Some(&owner), Method::GET, &format!("/v1/invoices/{id}"), None, &[]).await;
+    let (status, _, invoice) =
+        dev.call(Some(&owner), Method::GET, &format!("/v1/invoices/{id}"), None, &[]).await;
     assert_eq!(status, 200, "{invoice}");
     assert_eq!(invoice["status"], "draft");
-    let ecpu_lines: Vec<&Value> = invoice["lines"].as_array().unwrap().iter().filter(|l| l["meter"] == "ecpu").collect();
+    let ecpu_lines: Vec<&Value> =
+        invoice["lines"].as_array().unwrap().iter().filter(|l| l["meter"] == "ecpu").collect();
     assert_eq!(ecpu_lines.len(), 1, "{invoice}");
     assert_eq!(ecpu_lines[0]["cache_name"], "billed-cache");
-    assert_eq!(milli(&ecpu_lines[0]["quantity"]), batches, "invoice quantity = stored usage, to the milli-ECPU");
+    assert_eq!(
+        milli(&ecpu_lines[0]["quantity"]),
+        batches,
+        "invoice quantity = stored usage, to the milli-ECPU"
+    );
     assert!(invoice["lines"].as_array().unwrap().iter().any(|l| l["meter"] == "storage"), "{invoice}");
 
     // The list shows it; CSV and HTML renderings; roles.
     let (_, _, list) = dev.call(Some(&auditor), Method::GET, "/v1/invoices", None, &[]).await;
     assert!(list["items"].as_array().unwrap().iter().any(|i| i["id"] == id.as_str()), "{list}");
-    let csv = dev.http.get(dev.url(&format!("/v1/invoices/{id}"))).bearer_auth(&owner).header("Accept", "text/csv").send().await.unwrap();
+    let csv = dev
+        .http
+        .get(dev.url(&format!("/v1/invoices/{id}")))
+        .bearer_auth(&owner)
+        .header("Accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
     assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
     let csv = csv.text().await.unwrap();
-    assert!(csv.lines().next().unwrap().contains("meter") && csv.contains("billed-cache") && csv.contains("total"), "{csv}");
-    let html = dev.http.get(dev.url(&format!("/v1/invoices/{id}?format=html"))).bearer_auth(&owner).send().await.unwrap();
+    assert!(
+        csv.lines().next().unwrap().contains("meter")
+            && csv.contains("billed-cache")
+            && csv.contains("total"),
+        "{csv}"
+    );
+    let html = dev
+        .http
+        .get(dev.url(&format!("/v1/invoices/{id}?format=html")))
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
     assert!(html.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     assert!(html.text().await.unwrap().contains("billed-cache"));
     let (status, _, _) = dev.call(Some(&other), Method::GET, &format!("/v1/invoices/{id}"), None, &[]).await;
@@ -141,7 +186,8 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     let (_, _, theirs) = dev.call(Some(&other), Method::GET, "/v1/invoices", None, &[]).await;
     assert!(theirs["items"].as_array().unwrap().iter().all(|i| i["account_id"] != account.as_str()));
     for bad in [format!("{account}-1999-01"), format!("{account}-2999-01"), "garbage".into()] {
-        let (status, _, _) = dev.call(Some(&owner), Method::GET, &format!("/v1/invoices/{bad}"), None, &[]).await;
+        let (status, _, _) =
+            dev.call(Some(&owner), Method::GET, &format!("/v1/invoices/{bad}"), None, &[]).await;
         assert_eq!(status, 404, "{bad}");
     }
 }
@@ -150,12 +196,13 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
 async fn the_estimate_shows_its_arithmetic() {
     let dev = ShoalDev::start().await;
     let body = json!({"requests_per_second": 1000, "avg_request_bytes": 500, "avg_reply_bytes": 1500, "stored_gb": 10});
-    let (status, _, est) = dev.call(Some(&dev.admin_token()), Method::POST, "/v1/estimate", Some(body), &[]).await;
+    let (status, _, est) =
+        dev.call(Some(&dev.admin_token()), Method::POST, "/v1/estimate", Some(body), &[]).await;
     assert_eq!(status, 200, "{est}");
     // 2,000 bytes a request = 1.953125 ECPU; 1,000/s for 730 h; $0.0023 per million ECPU;
     // 10 GB × 730 h × $0.084.
     assert_eq!(est["ecpu_cost"], "11.80546875");
-    assert_eq!(est["storage_cost"], "613.200");
+    assert_eq!(est["storage_cost"], "613.2");
     assert!(est["steps"].as_array().unwrap().len() >= 4, "{est}");
     let (status, _, err) = dev
         .call(Some(&dev.admin_token()), Method::POST, "/v1/estimate", Some(json!({"requests_per_second": -1, "avg_request_bytes": 1, "avg_reply_bytes": 1, "stored_gb": 1})), &[])

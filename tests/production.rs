@@ -129,4 +129,8 @@ fn the_example_configs_in_deploy_parse() {
     let cp: ControlPlaneFile =
         toml::from_str(&std::fs::read_to_string(format!("{dir}/control-plane.toml")).unwrap()).unwrap();
     assert_eq!(cp.control_plane.token_ttl_default, 900);
+    let plan = shoal_types::AccountId::parse("a0123456789ab").unwrap();
+    let rates = cp.control_plane.billing.for_account(&plan).unwrap();
+    assert_eq!(rates.per_million_ecpu.to_string(), "0.0018");
+    assert_eq!(rates.per_gb_hour.to_string(), "0.084", "what the plan does not set comes from the defaults");
 }

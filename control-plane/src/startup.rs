@@ -37,6 +37,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             config.storage_interval
         )));
     }
+    config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     let store = Store::open(&config.database_url).await?;
     bootstrap_admin(&store, &config).await?;
     let signer = Signer::load_or_create(&store).await?;
@@ -76,6 +77,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::tokens::configure)
             .configure(routes::me::configure)
             .configure(routes::portal::configure)
+            .configure(routes::usage::configure)
+            .configure(routes::billing::configure)
             .route("/openapi.json", web::get().to(openapi_json))
             .service(
                 // The interactive viewer, served from files compiled in (no CDN).

@@ -174,6 +174,22 @@ impl Registry {
         killed
     }
 
+    /// Closes every authenticated connection (at shutdown); how many there were.
+    pub fn kill_all(&self) -> usize {
+        let caches = self.caches.lock().unwrap();
+        let mut killed = 0;
+        for entry in caches.values().flat_map(|c| c.live.values()) {
+            entry.kill.notify_one();
+            killed += 1;
+        }
+        killed
+    }
+
+    /// Authenticated connections on this gateway.
+    pub fn live(&self) -> usize {
+        self.caches.lock().unwrap().values().map(|c| c.live.len()).sum()
+    }
+
     pub fn list(&self, cache: &CacheId) -> Vec<Arc<ClientEntry>> {
         let caches = self.caches.lock().unwrap();
         let mut list: Vec<_> =

@@ -42,6 +42,16 @@ pub struct GatewayConfig {
     /// How long a cache's route is reused before it is asked for again.
     #[serde(with = "secs")]
     pub route_ttl: Duration,
+    /// Meter commands (ECPU, bytes, hits) and ship usage to the control plane.
+    pub metering: bool,
+    /// Where the gateway keeps its identity and spooled usage batches (none: in memory).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Usage batches kept in memory while the control plane is unreachable; older ones
+    /// spill to `<data_dir>/usage/spool/`.
+    pub usage_memory_batches: usize,
+    /// How long a command may wait for its cache's ECPU limit before `-THROTTLED` (seconds).
+    #[serde(with = "secs")]
+    pub throttle_wait: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -63,6 +73,10 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::ZERO,
             token_grace: Duration::from_secs(60),
             route_ttl: Duration::from_secs(2),
+            metering: true,
+            data_dir: None,
+            usage_memory_batches: 120,
+            throttle_wait: Duration::from_millis(10),
         }
     }
 }

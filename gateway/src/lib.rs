@@ -17,6 +17,7 @@
 //!   [`tracking`] (client-side caching invalidations from keyspace events).
 //! - [`upstream`]: opens the per-session connection to the cache's Valkey node; [`mux`]
 //!   shares connections among sessions for stateless commands.
+//! - [`metering`]: ECPU per command, per-cache counters, usage batches to the control plane.
 //! - [`config`], [`error`].
 
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod listener;
+pub mod metering;
 pub mod mux;
 pub mod observer;
 pub mod policy;

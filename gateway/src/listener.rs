@@ -31,11 +31,17 @@ pub struct Shared {
     pub started: Instant,
     /// Permits for connections that have not authenticated yet.
     pub unauthenticated: Arc<Semaphore>,
+    /// Usage counters not yet shipped to the control plane.
+    pub ledger: crate::metering::Ledger,
+    /// `ecpu_per_second` buckets of the caches with sessions here.
+    pub buckets: crate::metering::limit::Buckets,
 }
 
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
+    /// Usage batches not yet delivered (none when metering is off).
+    outbox: Option<crate::metering::usage::Outbox>,
     tls: Option<(TcpListener, Arc<TlsState>)>,
     shared: Arc<Shared>,
 }
@@ -68,9 +74,18 @@ impl Gateway {
             identity: Identity::new(&advertise),
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            ledger: Default::default(),
+            buckets: Default::default(),
             config,
         });
-        Ok(Gateway { listener, tls, shared })
+        let outbox = match shared.config.metering {
+            true => Some(crate::metering::usage::Outbox::open(
+                shared.config.data_dir.as_deref(),
+                shared.config.usage_memory_batches,
+            )?),
+            false => None,
+        };
+        Ok(Gateway { listener, tls, shared, outbox })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -82,16 +97,29 @@ impl Gateway {
         self.tls.as_ref().map(|(_, state)| state.clone())
     }
 
-    /// Accepts connections until `shutdown` turns true.
+    /// This gateway's id in usage batches (stable across restarts with the same `data_dir`).
+    pub fn gateway_id(&self) -> Option<&str> {
+        self.outbox.as_ref().map(|o| o.gateway_id())
+    }
+
+    /// Accepts connections until `shutdown` turns true; then closes the sessions, waits
+    /// for them to hand over their counters, and delivers (or spools) the last usage.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         if let Err(e) = self.shared.jwt.refresh().await {
             tracing::warn!(error = %e, "could not load signing keys yet; will retry on first AUTH");
         }
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
+        let shipper = self.outbox.map(|outbox| {
+            tokio::spawn(crate::metering::usage::run(outbox, self.shared.clone(), shutdown.clone()))
+        });
         let shared = self.shared.clone();
         let stop = shutdown.clone();
-        let routes = tokio::spawn(async move { shared.router.run(stop).await });
+        let routes = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.router.run(stop).await })
+        };
+        let limits = tokio::spawn(crate::metering::limit::follow(shared.clone(), shutdown.clone()));
         let tls_task = self.tls.map(|(listener, state)| {
             tokio::spawn(accept_loop(
                 listener,
@@ -107,7 +135,19 @@ impl Gateway {
         }
         revocations.abort();
         routes.abort();
+        limits.abort();
         tracing::info!("gateway stopped accepting");
+        if let Some(shipper) = shipper {
+            let closed = shared.clients.kill_all();
+            let deadline = Instant::now() + SHUTDOWN_WAIT;
+            while shared.clients.live() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tracing::info!(closed, "sessions closed");
+            if let Ok(outbox) = shipper.await {
+                crate::metering::usage::finish(outbox, &shared, &shared.control_plane, SHUTDOWN_WAIT).await;
+            }
+        }
     }
 }
 
@@ -120,6 +160,9 @@ pub enum BindError {
     #[error("TLS needs tls_listen, tls_cert and tls_key together")]
     TlsIncomplete,
 }
+
+/// How long shutdown waits for sessions to end, then for the control plane to take usage.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the gateway asks for revoked tokens (revocation takes effect within that).
 const REVOCATION_POLL: Duration = Duration::from_secs(1);

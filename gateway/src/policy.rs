@@ -2,7 +2,7 @@
 //!
 //! The table is data (`gateway/data/commands.tsv`): Valkey's own facts about each command
 //! (arity, flags, key positions, ACL categories, refreshed by `scripts/command-table.py`)
-//! plus Shoal's treatment and ECPU weight. Lookups are case-insensitive and allocation-free.
+//! plus Shoal's treatment and metering columns (ECPU weight, per-element term, hits). Lookups are case-insensitive and allocation-free.
 
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::OnceLock;
@@ -30,8 +30,12 @@ pub struct CommandSpec {
     pub step: i32,
     pub acl_categories: Vec<String>,
     pub treatment: Treatment,
-    /// ECPU weight in milli-ECPU (1000 = a small GET/SET).
+    /// ECPU weight in milli-ECPU (1000 = a small GET/SET); 0 = free (not metered).
     pub weight: u32,
+    /// Extra milli-ECPU per element of an aggregate reply (range and multi-key commands).
+    pub per_element: u32,
+    /// How the reply counts as read hits and misses.
+    pub hits: crate::metering::ecpu::Hits,
     /// Safe on a connection shared with other clients of the cache (see [`crate::mux`]).
     pub mux: bool,
 }
@@ -71,7 +75,7 @@ impl CommandTable {
             }
             let c: Vec<&str> = line.split('\t').collect();
             let bad = |what: &str| format!("line {}: bad {what}: {line:?}", n + 1);
-            if c.len() != 9 {
+            if c.len() != 11 {
                 return Err(bad("column count"));
             }
             let list = |s: &str| if s == "-" { vec![] } else { s.split(',').map(str::to_string).collect() };
@@ -90,6 +94,8 @@ impl CommandTable {
                     _ => return Err(bad("treatment")),
                 },
                 weight: c[8].parse().map_err(|_| bad("weight"))?,
+                per_element: c[9].parse().map_err(|_| bad("per_element"))?,
+                hits: c[10].parse().map_err(|_| bad("hits"))?,
                 mux: false,
             };
             let spec = CommandSpec { mux: muxable(&spec), ..spec };

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often the routes of caches in use are fetched again.
-pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+pub const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Client of the control plane's internal API.
 pub struct ControlPlaneClient {
@@ -77,6 +77,24 @@ impl ControlPlaneClient {
         } else {
             Err(GatewayError::ControlPlane(format!("client-tracking answered {}", resp.status())))
         }
+    }
+
+    /// `POST /internal/v1/usage`: done once the control plane acknowledges the batch. A 4xx
+    /// other than 401/403/429 means the batch itself is refused: resending cannot help, so it
+    /// is logged and counted as delivered.
+    pub async fn post_usage(&self, batch: &shoal_types::UsageBatch) -> Result<(), GatewayError> {
+        let url = format!("{}/internal/v1/usage", self.base);
+        let resp = self.send(self.http.post(url).json(batch)).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status.is_client_error() && ![401, 403, 408, 429].contains(&status.as_u16()) {
+            let body = resp.text().await.unwrap_or_default();
+            tracing::error!(seq = batch.seq, %status, body, "usage batch refused by the control plane");
+            return Ok(());
+        }
+        Err(GatewayError::ControlPlane(format!("usage answered {status}")))
     }
 
     /// Revoked, unexpired token ids.
@@ -164,6 +182,16 @@ impl Router {
                 return Ok(entry.live.clone());
             }
         }
+        self.fetch(id).await
+    }
+
+    /// The latest route of a cache this gateway keeps (refreshed by [`Router::run`]).
+    pub fn cached(&self, id: &CacheId) -> Option<TenantRoute> {
+        self.cache.lock().unwrap().get(id).map(|e| e.live.get())
+    }
+
+    /// Asks the control plane now, whatever is cached.
+    async fn fetch(&self, id: &CacheId) -> Result<Arc<LiveRoute>, GatewayError> {
         match self.client.route(id).await? {
             Some(route) => Ok(self.store(route)),
             None => {

@@ -12,6 +12,7 @@
 
 use crate::clients::{ClientEntry, Invalidation};
 use crate::listener::Shared;
+use crate::metering::{self, Counters, Meter, Role};
 use crate::policy::{self, Treatment};
 use crate::pubsub::{Namespace, CONFIRMATIONS};
 use crate::resp::reply::ReplyScanner;
@@ -49,6 +50,8 @@ pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 const TOKEN_EXPIRED: &str = "token expired";
 /// Writes while the cache is over its `data_storage_mb` even after evicting keys with a TTL.
 const STORAGE_FULL: &str = "OOM cache data storage limit reached";
+/// The deadline that flushes the session's counters into the ledger.
+const FLUSH: &str = "flush";
 
 /// What to do with the next upstream reply.
 pub(crate) enum OnReply {
@@ -70,16 +73,14 @@ pub(crate) enum OnReply {
 
 /// An answer the client is owed, in request order.
 pub(crate) enum Pending {
-    Upstream(OnReply),
+    /// A reply from the session's own upstream connection, and how to meter it.
+    Upstream(OnReply, Option<Meter>),
     /// A reply the gateway made, sent once everything before it is sent.
     Local(Bytes),
     /// Close the connection once everything before it is sent.
     Close,
     /// One batch sent to the mux: its `count` replies arrive as one chunk.
-    Mux {
-        count: usize,
-        bytes: usize,
-    },
+    Mux { count: usize, bytes: usize },
 }
 
 /// A session's way to the cache's shared upstream connection.
@@ -99,6 +100,8 @@ pub(crate) struct Tenant {
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
     pub entry: Arc<ClientEntry>,
+    /// The cache's `ecpu_per_second` bucket on this gateway.
+    pub bucket: Arc<crate::metering::limit::Bucket>,
 }
 
 /// Pub/sub bookkeeping, so that subscription confirmations and messages (which answer no
@@ -177,6 +180,17 @@ pub(crate) struct Session {
     /// Requests sent to the mux and not answered yet (count, bytes), gathered ones included.
     mux_inflight: usize,
     mux_inflight_bytes: usize,
+    /// The request being handled, until a forwarded command takes it (`None` = not metered).
+    meter_next: Option<Meter>,
+    /// Meters of the requests sent to the mux, in order.
+    mux_meters: VecDeque<Option<Meter>>,
+    /// Commands queued in MULTI and the bytes of their `+QUEUED`: billed at EXEC.
+    queued: Vec<(Meter, u64)>,
+    /// This session's counters not yet in the gateway's ledger.
+    tally: metering::Tally,
+    /// How long the requests of the current read waited for the ECPU limit (they share one
+    /// `throttle_wait`, so a pipeline is not held back request by request).
+    throttle_waited: Duration,
 }
 
 enum Event {
@@ -236,6 +250,11 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         mux_out: BytesMut::new(),
         mux_inflight: 0,
         mux_inflight_bytes: 0,
+        meter_next: None,
+        mux_meters: VecDeque::new(),
+        queued: Vec::new(),
+        tally: Default::default(),
+        throttle_waited: Duration::ZERO,
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -250,6 +269,8 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
     if let Err(e) = served {
         tracing::debug!(peer = %session.peer, error = %e, "session ended");
     }
+    session.bill_queued();
+    session.flush_tally();
     if let Some(t) = session.tenant.take() {
         session.shared.clients.unregister(&t.cache, &t.entry);
     }
@@ -334,6 +355,7 @@ impl Session {
                     }
                 }
                 Event::Invalidate(None) => self.inbox = None,
+                Event::TimedOut(FLUSH) => self.flush_tally(),
                 Event::TimedOut(why) => {
                     tracing::debug!(peer = %self.peer, why, "closing connection");
                     if self.tenant.is_none() {
@@ -346,6 +368,7 @@ impl Session {
                     }
                     self.closing = true;
                     self.pending.clear();
+                    self.mux_meters.clear();
                     self.mux_out.clear();
                     self.mux_inflight = 0;
                     self.mux_inflight_bytes = 0;
@@ -364,6 +387,14 @@ impl Session {
 
     /// When the connection times out, and why: unauthenticated too long, or idle.
     fn deadline(&self, started: Instant) -> (Instant, Option<&'static str>) {
+        let (at, why) = self.close_deadline(started);
+        match self.tally.flush_at {
+            Some(flush) if why.is_none() || flush < at => (flush, Some(FLUSH)),
+            _ => (at, why),
+        }
+    }
+
+    fn close_deadline(&self, started: Instant) -> (Instant, Option<&'static str>) {
         let config = &self.shared.config;
         if self.closing {
             return (started, None);
@@ -396,7 +427,7 @@ impl Session {
 
     fn waiting_on_upstream(&self) -> bool {
         self.mux_inflight > 0
-            || (self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(_))))
+            || (self.up_read.is_some() && self.pending.iter().any(|p| matches!(p, Pending::Upstream(..))))
     }
 
     fn limits(&self) -> Limits {
@@ -409,6 +440,7 @@ impl Session {
     /// Handles every complete request in the client buffer.
     async fn on_client_input(&mut self) {
         let mut handled = 0u64;
+        self.throttle_waited = Duration::ZERO;
         while !self.closing {
             match self.parser.next(&self.client_in, self.limits()) {
                 Ok(Some(frame)) if frame.inline => self.inline_to_resp(frame),
@@ -484,6 +516,32 @@ impl Session {
                 return self.refuse(STORAGE_FULL);
             }
         }
+        if self.tenant.is_some() && self.shared.config.metering {
+            let role = match spec.map(|s| s.name.as_str()) {
+                Some("exec") => Role::Exec,
+                Some("discard") => Role::Discard,
+                _ if self.in_multi => Role::Queued,
+                _ => Role::Plain,
+            };
+            self.meter_next = Some(Meter { spec, request: frame.len as u64, role });
+            if !self.admit().await {
+                return;
+            }
+        }
+        self.handle_request(frame, args, spec).await;
+        // Answered by the gateway itself: not billed, so the bucket gets its estimate back.
+        if let (Some(m), Some(t)) = (self.meter_next.take(), self.tenant.as_ref()) {
+            t.bucket.refund(m.estimate());
+        }
+    }
+
+    async fn handle_request(
+        &mut self,
+        frame: Frame,
+        args: &[Range<usize>],
+        spec: Option<&'static policy::CommandSpec>,
+    ) {
+        let name = self.arg(args, 0);
         let treatment = spec.map_or(Treatment::Pass, |s| s.treatment);
         match treatment {
             Treatment::Deny => {
@@ -519,7 +577,8 @@ impl Session {
                     return self.mux_push(frame.len);
                 }
                 self.up_out.extend_from_slice(&self.client_in[..frame.len]);
-                self.push_pending(Pending::Upstream(OnReply::Forward));
+                let meter = self.meter_next.take();
+                self.push_pending(Pending::Upstream(OnReply::Forward, meter));
             }
         }
     }
@@ -544,6 +603,9 @@ impl Session {
             self.mux = Some(MuxLink { handle, replies_tx, replies });
         }
         self.mux_out.extend_from_slice(&self.client_in[..len]);
+        if self.shared.config.metering {
+            self.mux_meters.push_back(self.meter_next.take());
+        }
         self.mux_inflight += 1;
         self.mux_inflight_bytes += len;
         match self.pending.back_mut() {
@@ -582,6 +644,9 @@ impl Session {
             self.pending.pop_front();
             self.mux_inflight -= count;
             self.mux_inflight_bytes -= bytes;
+            if self.shared.config.metering {
+                self.meter_mux_replies(&chunk, count);
+            }
             self.client_out.extend_from_slice(&chunk);
             self.drain_local();
         }
@@ -682,7 +747,9 @@ impl Session {
         self.token_expires = expiry_instant(claims.exp);
         self.unauthenticated = None;
         self.inbox = Some(inbox);
+        let bucket = self.shared.buckets.get(&claims.cache, route.limits.ecpu_per_second);
         self.tenant = Some(Tenant {
+            bucket,
             ns: Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events),
             cache: claims.cache,
             route,
@@ -764,13 +831,14 @@ impl Session {
             return;
         }
         resp::command(&mut self.up_out, args);
-        self.push_pending(Pending::Upstream(on_reply));
+        let meter = self.meter_next.take();
+        self.push_pending(Pending::Upstream(on_reply, meter));
     }
 
     /// Sends a command whose reply the client never sees (upstream must be connected).
     pub fn forward_helper(&mut self, args: &[&[u8]]) {
         resp::command(&mut self.up_out, args);
-        self.push_pending(Pending::Upstream(OnReply::Discard));
+        self.push_pending(Pending::Upstream(OnReply::Discard, None));
     }
 
     /// Sends a (un)subscribe command: its confirmations arrive out of band.
@@ -794,8 +862,12 @@ impl Session {
                         continue;
                     }
                     match self.pending.pop_front() {
-                        Some(Pending::Upstream(on_reply)) => {
-                            self.deliver(bytes, reply.error, on_reply);
+                        Some(Pending::Upstream(on_reply, meter)) => {
+                            let before = self.client_out.len();
+                            self.deliver(&bytes, reply.error, on_reply);
+                            if let Some(meter) = meter {
+                                self.meter_reply(meter, &bytes, (self.client_out.len() - before) as u64);
+                            }
                             self.drain_local();
                         }
                         other => {
@@ -813,15 +885,15 @@ impl Session {
         }
     }
 
-    fn deliver(&mut self, bytes: BytesMut, error: bool, on_reply: OnReply) {
+    fn deliver(&mut self, bytes: &[u8], error: bool, on_reply: OnReply) {
         match on_reply {
-            OnReply::Forward => self.client_out.extend_from_slice(&bytes),
+            OnReply::Forward => self.client_out.extend_from_slice(bytes),
             OnReply::Discard => {}
-            OnReply::Replace(_) | OnReply::Transform(_) if error => self.client_out.extend_from_slice(&bytes),
+            OnReply::Replace(_) | OnReply::Transform(_) if error => self.client_out.extend_from_slice(bytes),
             OnReply::Replace(with) => self.client_out.extend_from_slice(&with),
-            OnReply::Transform(f) => match value::decode(&bytes) {
+            OnReply::Transform(f) => match value::decode(bytes) {
                 Some((v, _)) => value::encode(&f(v, self.proto), self.proto, &mut self.client_out),
-                None => self.client_out.extend_from_slice(&bytes),
+                None => self.client_out.extend_from_slice(bytes),
             },
             OnReply::Confirm { kind, pattern, delta } => {
                 self.pubsub.confirmed_patterns += delta;
@@ -848,23 +920,36 @@ impl Session {
 
     /// Rewrites channel names in a pub/sub frame for the client and tracks subscriptions.
     fn on_pubsub_frame(&mut self, bytes: &[u8]) {
+        let before = self.client_out.len();
+        let delivered = self.deliver_pubsub_frame(bytes);
+        if delivered && self.tenant.is_some() && self.shared.config.metering {
+            self.tally(Counters::delivery((self.client_out.len() - before) as u64));
+        }
+    }
+
+    /// Writes a pub/sub frame for the client; whether it was a message (metered by bytes).
+    fn deliver_pubsub_frame(&mut self, bytes: &[u8]) -> bool {
         let Some((decoded, _)) = value::decode(bytes) else {
-            return self.client_out.extend_from_slice(bytes);
+            self.client_out.extend_from_slice(bytes);
+            return false;
         };
         let (mut items, push) = match decoded {
             Value::Push(items) => (items, true),
             Value::Array(items) => (items, false),
-            _ => return self.client_out.extend_from_slice(bytes),
+            _ => {
+                self.client_out.extend_from_slice(bytes);
+                return false;
+            }
         };
         let kind =
             items.first().and_then(Value::as_bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
-        let Some(ns) = self.tenant.as_ref().map(|t| t.ns.clone()) else { return };
+        let Some(ns) = self.tenant.as_ref().map(|t| t.ns.clone()) else { return false };
         let is_catch_all = items.get(1).and_then(Value::as_bytes) == Some(ns.catch_all().as_slice());
         if kind == b"pmessage" && is_catch_all {
             // One upstream message for the catch-all: one pmessage per matching client pattern.
             let (Some(channel), Some(payload)) = (items.get(2).and_then(Value::as_bytes), items.get(3))
             else {
-                return;
+                return false;
             };
             let channel = ns.from_upstream(channel);
             for pattern in self.pubsub.patterns.iter().filter(|p| crate::pubsub::glob_match(p, &channel)) {
@@ -877,7 +962,7 @@ impl Session {
                 let v = if push { Value::Push(items) } else { Value::Array(items) };
                 value::encode(&v, self.proto, &mut self.client_out);
             }
-            return;
+            return true;
         }
         if CONFIRMATIONS.contains(&kind.as_slice()) {
             let count = match items.get(2) {
@@ -904,7 +989,7 @@ impl Session {
             if is_catch_all {
                 // The gateway's own subscription: the client already had its confirmations.
                 self.pubsub.catch_all_confirmed = kind == b"psubscribe";
-                return;
+                return false;
             }
             if !kind.starts_with(b"s") || kind == b"subscribe" || kind == b"unsubscribe" {
                 items[2] = Value::Int(self.pubsub.visible_count());
@@ -915,12 +1000,127 @@ impl Session {
             let channel = items.get(at).and_then(Value::as_bytes).unwrap_or_default();
             let payload = items.get(at + 1).and_then(Value::as_bytes).unwrap_or_default();
             if !ns.wants_message(channel, payload) {
-                return;
+                return false;
             }
         }
         ns.rewrite_message(&mut items);
         let v = if push { Value::Push(items) } else { Value::Array(items) };
         value::encode(&v, self.proto, &mut self.client_out);
+        crate::pubsub::MESSAGES.contains(&kind.as_slice())
+    }
+
+    /// Meters one reply from the session's own connection (`delivered`: bytes the client got).
+    fn meter_reply(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        match meter.role {
+            Role::Plain => self.bill(meter, reply, delivered),
+            Role::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
+            Role::Queued => self.bill(meter, reply, delivered),
+            Role::Exec => {
+                let elements = metering::ecpu::reply_elements(reply);
+                if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
+                    // Each result belongs to the command queued in its place.
+                    let mut pos = reply.iter().position(|&b| b == b'\n').map_or(reply.len(), |i| i + 1);
+                    for (m, queued_bytes) in std::mem::take(&mut self.queued) {
+                        let element = &reply[pos..];
+                        let len = match ReplyScanner::new().next(element) {
+                            Ok(Some(r)) => r.len,
+                            _ => element.len(),
+                        };
+                        let result = &element[..len];
+                        pos += len;
+                        self.bill(m, result, queued_bytes + len as u64);
+                    }
+                } else {
+                    self.bill_queued();
+                }
+            }
+            Role::Discard => self.bill_queued(),
+        }
+    }
+
+    /// Queued commands that never ran (DISCARD, aborted EXEC, lost connection) are billed
+    /// on the bytes they moved.
+    fn bill_queued(&mut self) {
+        for (m, queued_bytes) in std::mem::take(&mut self.queued) {
+            self.bill(m, b"", queued_bytes);
+        }
+    }
+
+    /// Meters a mux chunk: `count` replies, one per metered request sent to the mux.
+    fn meter_mux_replies(&mut self, chunk: &[u8], count: usize) {
+        let mut pos = 0;
+        let mut scanner = ReplyScanner::new();
+        for _ in 0..count {
+            let meter = self.mux_meters.pop_front().flatten();
+            let len = match scanner.next(&chunk[pos..]) {
+                Ok(Some(r)) => r.len,
+                _ => chunk.len() - pos,
+            };
+            let reply = &chunk[pos..pos + len];
+            pos += len;
+            // `-ERR cache connection lost`: the gateway's own answer, not billed.
+            if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
+                self.bill(m, reply, len as u64);
+            }
+        }
+    }
+
+    /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
+    fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        let c = Counters::command(meter.spec, meter.request, reply, delivered);
+        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
+            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        }
+        self.tally(c);
+    }
+
+    /// Before a metered command runs: the cache's ECPU limit lets it through, possibly after
+    /// a short wait (`throttle_wait`, shared by the requests of one read), or it is refused
+    /// with `-THROTTLED` (not forwarded, not billed).
+    async fn admit(&mut self) -> bool {
+        let (Some(t), Some(meter)) = (self.tenant.as_ref(), self.meter_next.as_ref()) else { return true };
+        if !t.bucket.limited() || meter.free() {
+            return true;
+        }
+        let (bucket, cost) = (t.bucket.clone(), meter.estimate());
+        loop {
+            match bucket.try_take(cost) {
+                Ok(()) => return true,
+                Err(wait) if self.throttle_waited + wait <= self.shared.config.throttle_wait => {
+                    let started = Instant::now();
+                    tokio::time::sleep(wait).await;
+                    self.throttle_waited += started.elapsed();
+                }
+                Err(_) => break,
+            }
+        }
+        self.meter_next = None;
+        let name = self.tenant.as_ref().map(|t| t.route.cache_name.clone()).unwrap_or_default();
+        self.tally(Counters { throttled: 1, ..Default::default() });
+        self.refuse(&format!("THROTTLED ECPU limit of cache {name} exceeded"));
+        false
+    }
+
+    /// Adds to the session's counters (of the current minute).
+    pub(crate) fn tally(&mut self, c: Counters) {
+        let minute = metering::current_minute();
+        if minute != self.tally.minute {
+            self.flush_tally();
+            self.tally.minute = minute;
+        }
+        self.tally.counters.add(&c);
+        if self.tally.flush_at.is_none() {
+            self.tally.flush_at = Some(Instant::now() + metering::FLUSH_EVERY);
+        }
+    }
+
+    /// Hands the session's counters to the gateway's ledger.
+    fn flush_tally(&mut self) {
+        if let Some(t) = &self.tenant {
+            self.shared.ledger.add(&t.cache, self.tally.minute, &self.tally.counters);
+        }
+        self.tally.counters = Counters::default();
+        self.tally.flush_at = None;
     }
 
     /// Sends the local replies now at the front of the queue.
@@ -952,6 +1152,7 @@ impl Session {
         self.replies = ReplyScanner::new();
         self.in_multi = false;
         self.multi_dirty = false;
+        self.bill_queued();
         let was_subscribed = self.pubsub.active();
         self.pubsub = PubSub::default();
         self.sync_patterns();
@@ -960,8 +1161,8 @@ impl Session {
         self.pending = std::mem::take(&mut self.pending)
             .into_iter()
             .filter_map(|p| match p {
-                Pending::Upstream(OnReply::Discard) => None,
-                Pending::Upstream(_) => Some(Pending::Local(lost.clone())),
+                Pending::Upstream(OnReply::Discard, _) => None,
+                Pending::Upstream(..) => Some(Pending::Local(lost.clone())),
                 other => Some(other),
             })
             .collect();
@@ -989,7 +1190,7 @@ impl Session {
     }
 
     pub fn has_pending_upstream(&self) -> bool {
-        self.mux_inflight > 0 || self.pending.iter().any(|p| matches!(p, Pending::Upstream(_)))
+        self.mux_inflight > 0 || self.pending.iter().any(|p| matches!(p, Pending::Upstream(..)))
     }
 
     /// Queues an answer behind the others (a batch being gathered is sent first: the mux

@@ -315,6 +315,19 @@ impl ShoalDev {
         body
     }
 
+    /// Sets a cache's usage limits (`{"ecpu_per_second": 100}`; null removes one) with
+    /// `PATCH /v1/caches/{id}`.
+    pub async fn set_limits(&self, cache_id: &str, limits: Value) {
+        let (status, body) = self
+            .api(
+                reqwest::Method::PATCH,
+                &format!("/v1/caches/{cache_id}"),
+                Some(serde_json::json!({ "limits": limits })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
     pub async fn mint_token(&self, cache_id: &str) -> String {
         let (status, body) =
             self.api(reqwest::Method::POST, &format!("/v1/caches/{cache_id}/tokens"), None).await;

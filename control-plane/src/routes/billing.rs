@@ -12,7 +12,9 @@ use crate::routes::page::{self, PageQuery};
 use crate::startup::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use shoal_billing::{build_invoice, estimate, BillingError, Estimate, EstimateInput, Invoice, InvoiceStatus, Month};
+use shoal_billing::{
+    build_invoice, estimate, BillingError, Estimate, EstimateInput, Invoice, InvoiceStatus, Month,
+};
 use shoal_types::AccountId;
 use utoipa::ToSchema;
 
@@ -121,7 +123,12 @@ pub async fn list_invoices(
 ) -> Result<HttpResponse, ApiError> {
     let limit = page_q.limit()?;
     let after = page_q.cursor()?.and_then(|k| k.into_iter().next());
-    let only_month = q.month.as_deref().map(Month::parse).transpose().map_err(|e| ApiError::field("month", e.to_string()))?;
+    let only_month = q
+        .month
+        .as_deref()
+        .map(Month::parse)
+        .transpose()
+        .map_err(|e| ApiError::field("month", e.to_string()))?;
     let mut accounts = match who.scope() {
         Some(mine) => vec![state.store.account(&mine).await?.ok_or(ApiError::NotFound("account"))?],
         None => state.store.accounts(None, "", i64::MAX).await?,
@@ -134,7 +141,8 @@ pub async fn list_invoices(
     // (month, account) keys, newest month first.
     let mut keys = Vec::new();
     for a in &accounts {
-        let created = chrono::DateTime::parse_from_rfc3339(&a.created_at).map(|d| d.timestamp()).unwrap_or(now);
+        let created =
+            chrono::DateTime::parse_from_rfc3339(&a.created_at).map(|d| d.timestamp()).unwrap_or(now);
         let mut m = Month::containing(created.min(now))?;
         loop {
             if only_month.is_none_or(|only| only == m) {
@@ -148,7 +156,9 @@ pub async fn list_invoices(
     }
     keys.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
     let start = match &after {
-        Some(id) => keys.iter().position(|(m, a)| &invoice_id(a, *m) == id).map(|i| i + 1).unwrap_or(keys.len()),
+        Some(id) => {
+            keys.iter().position(|(m, a)| &invoice_id(a, *m) == id).map(|i| i + 1).unwrap_or(keys.len())
+        }
         None => 0,
     };
     let mut items = Vec::new();

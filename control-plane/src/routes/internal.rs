@@ -17,7 +17,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// Internal calls must carry the gateways' bearer token.
-fn require_gateway(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
+pub(crate) fn require_gateway(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     if crate::auth::internal_token_ok(req, &state.config.internal_token) {
         Ok(())
     } else {

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod billing;
 pub mod caches;
 pub mod health;
 pub mod internal;
@@ -9,3 +10,4 @@ pub mod me;
 pub mod page;
 pub mod portal;
 pub mod tokens;
+pub mod usage;

@@ -9,7 +9,12 @@ use std::collections::BTreeMap;
 
 impl Store {
     /// Usage of `account`'s caches with minutes in `[from, to)` (Unix seconds).
-    pub async fn account_usage(&self, account: &AccountId, from: i64, to: i64) -> Result<Vec<CacheUsage>, StoreError> {
+    pub async fn account_usage(
+        &self,
+        account: &AccountId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<CacheUsage>, StoreError> {
         let rows = sqlx::query(
             "SELECT u.* FROM usage_minutes u JOIN caches c ON c.id = u.cache_id
              WHERE c.account_id = $1 AND u.minute >= $2 AND u.minute < $3",
@@ -26,7 +31,8 @@ impl Store {
                     .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
                     .timestamp();
                 Ok(CacheUsage {
-                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id")).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id"))
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                     minute,
                     commands: r.get::<i64, _>("commands") as u64,
                     ecpu_milli: r.get::<i64, _>("ecpu_milli") as u64,
@@ -42,7 +48,12 @@ impl Store {
     }
 
     /// Storage accrued by `account`'s caches in minutes `[from, to)` (Unix seconds).
-    pub async fn account_storage(&self, account: &AccountId, from: i64, to: i64) -> Result<Vec<StorageSample>, StoreError> {
+    pub async fn account_storage(
+        &self,
+        account: &AccountId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<StorageSample>, StoreError> {
         let rows = sqlx::query(
             "SELECT s.cache_id, s.minute, s.byte_seconds FROM storage_usage s JOIN caches c ON c.id = s.cache_id
              WHERE c.account_id = $1 AND s.minute >= $2 AND s.minute < $3",
@@ -55,7 +66,8 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok(StorageSample {
-                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id")).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id"))
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                     minute: r.get("minute"),
                     byte_seconds: r.get::<i64, _>("byte_seconds") as u64,
                 })
@@ -76,7 +88,11 @@ impl Store {
     }
 
     /// A stored final invoice (JSON).
-    pub async fn final_invoice(&self, account: &AccountId, month: &str) -> Result<Option<String>, StoreError> {
+    pub async fn final_invoice(
+        &self,
+        account: &AccountId,
+        month: &str,
+    ) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT body FROM invoices WHERE account_id = $1 AND month = $2")
             .bind(account.as_str())
             .bind(month)
@@ -86,7 +102,13 @@ impl Store {
     }
 
     /// Freezes a final invoice; a concurrent freeze of the same month keeps the first.
-    pub async fn store_final_invoice(&self, id: &str, account: &AccountId, month: &str, body: &str) -> Result<(), StoreError> {
+    pub async fn store_final_invoice(
+        &self,
+        id: &str,
+        account: &AccountId,
+        month: &str,
+        body: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO invoices (id, account_id, month, body, created_at) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (account_id, month) DO NOTHING",

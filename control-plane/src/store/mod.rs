@@ -5,10 +5,13 @@
 
 pub mod accounts;
 pub mod audit;
+mod billing;
 pub mod idempotency;
 mod storage;
+mod usage;
 
 pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
+pub use usage::{minute_text, Granularity, UsageRow};
 
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};

@@ -1,0 +1,171 @@
+//! Metering: what each command costs and who pays.
+//!
+//! - [`ecpu`]: the ECPU rule (pure).
+//! - [`Counters`]: one cache's counters; each session tallies its own and flushes them
+//!   into the gateway's [`Ledger`] about once a second and when it ends.
+//! - [`limit`]: the `ecpu_per_second` token bucket of each cache.
+//! - [`usage`]: every second the ledger becomes a `UsageBatch` for the control plane
+//!   (kept in memory, then spooled to disk while the control plane is unreachable).
+
+pub mod ecpu;
+pub mod limit;
+pub mod usage;
+
+use crate::policy::CommandSpec;
+use shoal_types::{CacheId, CacheUsage};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Counters of one cache (over one minute, once in the ledger).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub commands: u64,
+    pub ecpu_milli: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub throttled: u64,
+    pub errors: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.commands += o.commands;
+        self.ecpu_milli += o.ecpu_milli;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.throttled += o.throttled;
+        self.errors += o.errors;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Counters::default()
+    }
+
+    /// The counters of one metered command: `request` bytes the client sent, `reply` the
+    /// reply as Valkey sent it (for elements and hits), `delivered` the bytes the client
+    /// received for it. Free commands count nothing.
+    pub fn command(spec: Option<&CommandSpec>, request: u64, reply: &[u8], delivered: u64) -> Counters {
+        let (weight, per_element) = ecpu::weights(spec);
+        if weight == 0 {
+            return Counters::default();
+        }
+        let elements = if per_element > 0 { ecpu::reply_elements(reply) } else { 0 };
+        let (hits, misses) = spec.map_or((0, 0), |s| ecpu::hits(s.hits, reply));
+        Counters {
+            commands: 1,
+            ecpu_milli: ecpu::ecpu_milli(weight, per_element, elements, request, delivered),
+            bytes_in: request,
+            bytes_out: delivered,
+            hits,
+            misses,
+            throttled: 0,
+            errors: reply.first().is_some_and(|&b| b == b'-' || b == b'!') as u64,
+        }
+    }
+
+    /// A pub/sub message delivered to a subscriber: billed by bytes.
+    pub fn delivery(bytes: u64) -> Counters {
+        Counters { ecpu_milli: ecpu::transfer_milli(bytes), bytes_out: bytes, ..Default::default() }
+    }
+}
+
+/// What a session remembers about a forwarded request until its reply arrives.
+#[derive(Clone, Copy)]
+pub(crate) struct Meter {
+    pub spec: Option<&'static CommandSpec>,
+    /// Bytes of the request as the client sent it.
+    pub request: u64,
+    pub role: Role,
+}
+
+impl Meter {
+    /// What the command costs at least, known before its reply: its weight, or its
+    /// request's bytes if those cost more (0 for free commands).
+    pub fn estimate(&self) -> u64 {
+        let (weight, _) = ecpu::weights(self.spec);
+        ecpu::ecpu_milli(weight, 0, 0, self.request, 0)
+    }
+
+    pub fn free(&self) -> bool {
+        ecpu::weights(self.spec).0 == 0
+    }
+}
+
+/// Where a request stands in a transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Plain,
+    /// Sent inside MULTI: billed when EXEC's reply brings its result.
+    Queued,
+    /// EXEC: its reply's elements belong to the queued commands.
+    Exec,
+    /// DISCARD: the queued commands are billed on what they moved so far.
+    Discard,
+}
+
+/// The current Unix minute (seconds, a multiple of 60).
+pub fn current_minute() -> i64 {
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+            as i64;
+    secs - secs % 60
+}
+
+/// The gateway's counters per (cache, minute) not yet put into a batch.
+#[derive(Default)]
+pub struct Ledger {
+    map: Mutex<HashMap<(CacheId, i64), Counters>>,
+}
+
+impl Ledger {
+    pub fn add(&self, cache: &CacheId, minute: i64, c: &Counters) {
+        if c.is_zero() {
+            return;
+        }
+        let mut map = self.map.lock().unwrap();
+        match map.get_mut(&(cache.clone(), minute)) {
+            Some(total) => total.add(c),
+            None => {
+                map.insert((cache.clone(), minute), *c);
+            }
+        }
+    }
+
+    /// Everything tallied so far, emptied.
+    pub fn take(&self) -> Vec<CacheUsage> {
+        let map = std::mem::take(&mut *self.map.lock().unwrap());
+        let mut usage: Vec<CacheUsage> = map
+            .into_iter()
+            .map(|((cache_id, minute), c)| CacheUsage {
+                cache_id,
+                minute,
+                commands: c.commands,
+                ecpu_milli: c.ecpu_milli,
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+                hits: c.hits,
+                misses: c.misses,
+                throttled: c.throttled,
+                errors: c.errors,
+            })
+            .collect();
+        usage.sort_by(|a, b| (a.minute, &a.cache_id).cmp(&(b.minute, &b.cache_id)));
+        usage
+    }
+}
+
+/// A session's own tally, flushed into the ledger about once a second.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub minute: i64,
+    pub counters: Counters,
+    /// When the tally must be flushed (set when it becomes non-empty).
+    pub flush_at: Option<std::time::Instant>,
+}
+
+/// How long a session keeps counters before it hands them to the ledger.
+pub(crate) const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);

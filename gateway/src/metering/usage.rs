@@ -1,0 +1,243 @@
+//! Usage batches to the control plane: every second the ledger becomes a `UsageBatch`
+//! (`gateway_id`, `seq`), sent in order, each until the control plane acknowledges it (it
+//! stores each `(gateway_id, seq)` once, so a resend after a lost answer counts once).
+//!
+//! While the control plane is unreachable, batches wait in memory (at most
+//! `usage_memory_batches`, default 120: two minutes); beyond that they spill to `<data_dir>/usage/spool/`, one file per
+//! batch, and are sent first when it is back. The gateway's id and next `seq` persist in
+//! `<data_dir>/usage/state.json`, so a restarted gateway never reuses a `seq`. On shutdown
+//! the last counters are batched and sent, or spooled if the control plane does not answer.
+
+use super::Ledger;
+use crate::listener::Shared;
+use crate::router::ControlPlaneClient;
+use crate::GatewayError;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use shoal_types::UsageBatch;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often the ledger becomes a batch.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    gateway_id: String,
+    next_seq: u64,
+}
+
+/// Batches not yet acknowledged, oldest first: the spool's, then memory's.
+pub struct Outbox {
+    gateway_id: String,
+    next_seq: u64,
+    dir: Option<PathBuf>,
+    memory: VecDeque<UsageBatch>,
+    memory_batches: usize,
+    /// Sequence numbers in the spool, ascending.
+    spooled: VecDeque<u64>,
+    /// Batches not yet acknowledged (for the metrics).
+    pending: Arc<AtomicU64>,
+}
+
+impl Outbox {
+    /// Opens the outbox under `data_dir` (creating the gateway's id on first start); with no
+    /// data dir, a fresh id and memory only.
+    pub fn open(data_dir: Option<&Path>, memory_batches: usize) -> std::io::Result<Outbox> {
+        let Some(data_dir) = data_dir else {
+            return Ok(Outbox::new(new_gateway_id(), 0, None, VecDeque::new(), memory_batches));
+        };
+        let dir = data_dir.join("usage");
+        std::fs::create_dir_all(dir.join("spool"))?;
+        let state = match std::fs::read(dir.join("state.json")) {
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                State { gateway_id: new_gateway_id(), next_seq: 0 }
+            }
+            Err(e) => return Err(e),
+        };
+        let mut spooled: Vec<u64> = std::fs::read_dir(dir.join("spool"))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        spooled.sort_unstable();
+        // A spooled batch past the saved seq means the state file lagged: never reuse a seq.
+        let next_seq = state.next_seq.max(spooled.last().map_or(0, |s| s + 1));
+        let outbox = Outbox::new(state.gateway_id, next_seq, Some(dir), spooled.into(), memory_batches);
+        outbox.save_state()?;
+        Ok(outbox)
+    }
+
+    fn new(
+        gateway_id: String,
+        next_seq: u64,
+        dir: Option<PathBuf>,
+        spooled: VecDeque<u64>,
+        memory_batches: usize,
+    ) -> Outbox {
+        let pending = Arc::new(AtomicU64::new(spooled.len() as u64));
+        Outbox { gateway_id, next_seq, dir, memory: VecDeque::new(), memory_batches, spooled, pending }
+    }
+
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Batches waiting for the control plane (shared with the metrics).
+    pub fn pending(&self) -> Arc<AtomicU64> {
+        self.pending.clone()
+    }
+
+    fn save_state(&self) -> std::io::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let state = State { gateway_id: self.gateway_id.clone(), next_seq: self.next_seq };
+        write_atomic(&dir.join("state.json"), &serde_json::to_vec(&state).expect("state serializes"))
+    }
+
+    /// Turns the ledger's counters into the next batch (if there are any).
+    pub fn collect(&mut self, ledger: &Ledger) {
+        let usage = ledger.take();
+        if usage.is_empty() {
+            return;
+        }
+        let batch = UsageBatch { gateway_id: self.gateway_id.clone(), seq: self.next_seq, usage };
+        self.next_seq += 1;
+        if let Err(e) = self.save_state() {
+            tracing::error!(error = %e, "could not save the usage sequence number");
+        }
+        self.memory.push_back(batch);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if self.memory.len() > self.memory_batches {
+            self.spill();
+        }
+    }
+
+    /// Moves the batches in memory to the spool (they are newer than everything there).
+    pub fn spill(&mut self) {
+        let Some(dir) = self.dir.clone() else {
+            // Nowhere to keep them: the oldest goes, loudly.
+            while self.memory.len() > self.memory_batches {
+                if let Some(b) = self.memory.pop_front() {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!(seq = b.seq, "usage batch dropped: no data_dir to spool it to");
+                }
+            }
+            return;
+        };
+        while let Some(batch) = self.memory.front() {
+            let path = spool_path(&dir, batch.seq);
+            if let Err(e) = write_atomic(&path, &serde_json::to_vec(batch).expect("batches serialize")) {
+                tracing::error!(error = %e, path = %path.display(), "could not spool a usage batch");
+                return;
+            }
+            self.spooled.push_back(batch.seq);
+            self.memory.pop_front();
+        }
+    }
+
+    /// Sends batches oldest first until all are acknowledged or one fails.
+    pub async fn deliver(&mut self, client: &ControlPlaneClient) -> Result<(), GatewayError> {
+        loop {
+            if let (Some(&seq), Some(dir)) = (self.spooled.front(), self.dir.as_ref()) {
+                let path = spool_path(dir, seq);
+                let batch = std::fs::read(&path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<UsageBatch>(&bytes).ok());
+                match batch {
+                    Some(batch) => client.post_usage(&batch).await?,
+                    None => tracing::error!(path = %path.display(), "unreadable spooled usage batch skipped"),
+                }
+                let _ = std::fs::remove_file(&path);
+                self.spooled.pop_front();
+            } else if let Some(batch) = self.memory.front() {
+                client.post_usage(batch).await?;
+                self.memory.pop_front();
+            } else {
+                return Ok(());
+            }
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Ships usage every second until `shutdown`; gives the outbox back for [`finish`].
+pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> Outbox {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return outbox,
+        }
+        outbox.collect(&shared.ledger);
+        if let Err(e) = outbox.deliver(&shared.control_plane).await {
+            tracing::warn!(error = %e, pending = outbox.pending.load(Ordering::Relaxed), "usage not delivered yet");
+        }
+    }
+}
+
+/// The last delivery at shutdown: what the control plane does not take within `wait` is
+/// spooled for the next start.
+pub async fn finish(mut outbox: Outbox, shared: &Shared, client: &ControlPlaneClient, wait: Duration) {
+    outbox.collect(&shared.ledger);
+    match tokio::time::timeout(wait, outbox.deliver(client)).await {
+        Ok(Ok(())) => tracing::info!("usage delivered"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "usage not delivered at shutdown; spooling it"),
+        Err(_) => tracing::warn!("control plane too slow at shutdown; spooling usage"),
+    }
+    outbox.spill();
+}
+
+fn spool_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join("spool").join(format!("{seq:020}.json"))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn new_gateway_id() -> String {
+    format!("g{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metering::Counters;
+    use shoal_types::CacheId;
+
+    const MEMORY: usize = 10;
+
+    #[test]
+    fn spooled_batches_survive_a_restart_and_keep_their_order_and_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::default();
+        let cache = CacheId::generate();
+        let mut outbox = Outbox::open(Some(dir.path()), MEMORY).unwrap();
+        let id = outbox.gateway_id().to_string();
+        for i in 0..(MEMORY + 5) {
+            ledger.add(&cache, 60, &Counters { commands: i as u64 + 1, ..Default::default() });
+            outbox.collect(&ledger);
+        }
+        // The first MEMORY + 1 went to disk when memory overflowed; the rest at shutdown.
+        assert_eq!(outbox.spooled.len(), MEMORY + 1);
+        outbox.spill();
+        assert_eq!(outbox.pending.load(Ordering::Relaxed), MEMORY as u64 + 5);
+        drop(outbox);
+
+        let mut again = Outbox::open(Some(dir.path()), MEMORY).unwrap();
+        assert_eq!(again.gateway_id(), id, "the gateway keeps its id");
+        assert_eq!(again.next_seq, MEMORY as u64 + 5, "and never reuses a seq");
+        let seqs: Vec<u64> = again.spooled.iter().copied().collect();
+        assert_eq!(seqs, (0..MEMORY as u64 + 5).collect::<Vec<_>>());
+        ledger.add(&cache, 120, &Counters { commands: 1, ..Default::default() });
+        again.collect(&ledger);
+        assert_eq!(again.memory.back().unwrap().seq, MEMORY as u64 + 5);
+    }
+}

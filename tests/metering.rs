@@ -1,0 +1,623 @@
+//! Metering end to end: what clients send and receive, metered by the rule, must be what
+//! the control plane stores — exactly, to the byte and the milli-ECPU.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::{auth_command, ShoalDev};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The counters the usage API reports, summed over points.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Totals {
+    commands: u64,
+    ecpu_milli: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    hits: u64,
+    misses: u64,
+    throttled: u64,
+    errors: u64,
+}
+
+impl Totals {
+    fn add(&mut self, o: Totals) {
+        self.commands += o.commands;
+        self.ecpu_milli += o.ecpu_milli;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.throttled += o.throttled;
+        self.errors += o.errors;
+    }
+}
+
+/// (weight, per_element, hits) per command, read from the table the gateway ships.
+fn weights() -> HashMap<String, (u64, u64, String)> {
+    let tsv =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway/data/commands.tsv")).unwrap();
+    tsv.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("name\t"))
+        .map(|l| {
+            let c: Vec<&str> = l.split('\t').collect();
+            (c[0].to_string(), (c[8].parse().unwrap(), c[9].parse().unwrap(), c[10].to_string()))
+        })
+        .collect()
+}
+
+/// RESP encoding of a command, as a client sends it.
+fn cmd(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Length of the complete RESP2 reply at the front of `buf`, if it is all there.
+fn reply_len(buf: &[u8]) -> Option<usize> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let n: i64 = std::str::from_utf8(&buf[1..line_end]).ok()?.parse().unwrap_or(0);
+    let head = line_end + 2;
+    match buf[0] {
+        b'$' if n >= 0 => (buf.len() >= head + n as usize + 2).then_some(head + n as usize + 2),
+        b'*' if n > 0 => {
+            let mut pos = head;
+            for _ in 0..n {
+                pos += reply_len(&buf[pos..])?;
+            }
+            Some(pos)
+        }
+        _ => Some(head),
+    }
+}
+
+/// Top-level elements of an array reply and the replies inside it.
+fn elements(reply: &[u8]) -> Vec<&[u8]> {
+    if reply[0] != b'*' || reply.starts_with(b"*-1") {
+        return vec![];
+    }
+    let mut pos = reply.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+    let mut out = vec![];
+    while pos < reply.len() {
+        let len = reply_len(&reply[pos..]).unwrap();
+        out.push(&reply[pos..pos + len]);
+        pos += len;
+    }
+    out
+}
+
+/// A raw client: exact bytes out and in, command by command.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(port: u16, token: &str) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut raw = Raw { s, buf: vec![] };
+        raw.s.write_all(&auth_command(token)).await.unwrap();
+        assert_eq!(raw.reply().await, b"+OK\r\n");
+        raw
+    }
+
+    async fn reply(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(n) = (!self.buf.is_empty()).then(|| reply_len(&self.buf)).flatten() {
+                return self.buf.drain(..n).collect();
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
+                .await
+                .expect("reply in time")
+                .unwrap();
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The rule, applied by the test on its own: what one command should add.
+struct Rule {
+    table: HashMap<String, (u64, u64, String)>,
+    want: Totals,
+}
+
+impl Rule {
+    /// `reply` is what the command's result was (for elements and hits), `delivered` the bytes
+    /// the client received for it.
+    fn command(&mut self, name: &str, request: usize, reply: &[u8], delivered: usize) {
+        let (weight, per_element, hits) = self.table.get(name).cloned().unwrap_or((1000, 0, "-".into()));
+        if weight == 0 {
+            return;
+        }
+        let n = match reply.first() {
+            Some(b'*') => elements(reply).len() as u64,
+            _ => 0,
+        };
+        let is_nil = |r: &[u8]| r.starts_with(b"$-1") || r.starts_with(b"*-1");
+        let error = reply.starts_with(b"-");
+        let (h, m) = match hits.as_str() {
+            _ if error || reply.is_empty() => (0, 0),
+            "value" if is_nil(reply) => (0, 1),
+            "value" => (1, 0),
+            "elements" => {
+                let e = elements(reply);
+                let nil = e.iter().filter(|r| is_nil(r)).count() as u64;
+                (e.len() as u64 - nil, nil)
+            }
+            _ => (0, 0),
+        };
+        let bytes = (request + delivered) as u64;
+        self.want.add(Totals {
+            commands: 1,
+            ecpu_milli: (weight + per_element * n).max(bytes * 1000 / 1024),
+            bytes_in: request as u64,
+            bytes_out: delivered as u64,
+            hits: h,
+            misses: m,
+            throttled: 0,
+            errors: error as u64,
+        });
+    }
+
+    /// Sends one command, reads its reply, and applies the rule to both.
+    async fn run(&mut self, c: &mut Raw, args: &[&[u8]]) -> Vec<u8> {
+        let req = cmd(args);
+        c.s.write_all(&req).await.unwrap();
+        let reply = c.reply().await;
+        self.command(&String::from_utf8_lossy(args[0]).to_lowercase(), req.len(), &reply, reply.len());
+        reply
+    }
+}
+
+/// The usage the control plane stored for a cache, summed over the last hour.
+async fn stored(dev: &ShoalDev, cache: &str) -> Totals {
+    let (status, body) =
+        dev.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage?granularity=minute"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let mut t = Totals::default();
+    for p in body["points"].as_array().unwrap() {
+        let n = |k: &str| p[k].as_u64().unwrap();
+        t.add(Totals {
+            commands: n("commands"),
+            ecpu_milli: n("ecpu_milli"),
+            bytes_in: n("bytes_in"),
+            bytes_out: n("bytes_out"),
+            hits: n("hits"),
+            misses: n("misses"),
+            throttled: n("throttled"),
+            errors: n("errors"),
+        });
+    }
+    t
+}
+
+/// Waits until the stored usage reaches `want` (batches arrive every second), then checks
+/// that it stays there.
+async fn assert_stored(dev: &ShoalDev, cache: &str, want: Totals) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = stored(dev, cache).await;
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stored usage {got:?}\n  expected {want:?}\n{}", dev.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(stored(dev, cache).await, want, "nothing is counted twice");
+}
+
+#[tokio::test]
+async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("metered").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let mut rule = Rule { table: weights(), want: Totals::default() };
+
+    // Pipelined SET/GET of several sizes (on the shared upstream connection).
+    let small = b"hello".to_vec();
+    let kb10 = vec![b'k'; 10 * 1024];
+    let mb1 = vec![b'm'; 1024 * 1024];
+    let mut c = Raw::connect(dev.resp_port, &token).await;
+    let pipeline: Vec<Vec<&[u8]>> = vec![
+        vec![b"SET", b"small", &small],
+        vec![b"SET", b"kb10", &kb10],
+        vec![b"SET", b"mb1", &mb1],
+        vec![b"GET", b"small"],
+        vec![b"GET", b"kb10"],
+        vec![b"GET", b"mb1"],
+        vec![b"GET", b"missing"],
+        vec![b"MGET", b"small", b"missing", b"kb10"],
+        vec![b"PING"],
+        vec![b"INCR", b"small"],
+        vec![b"NOSUCHCOMMAND", b"x"],
+        vec![b"LRANGE", b"nolist", b"0", b"-1"],
+    ];
+    let requests: Vec<Vec<u8>> = pipeline.iter().map(|a| cmd(a)).collect();
+    c.s.write_all(&requests.concat()).await.unwrap();
+    for (args, req) in pipeline.iter().zip(&requests) {
+        let reply = c.reply().await;
+        rule.command(&String::from_utf8_lossy(args[0]).to_lowercase(), req.len(), &reply, reply.len());
+    }
+    assert_eq!(rule.want.hits, 5, "GET small, kb10, mb1 and two of MGET's three");
+    assert_eq!(rule.want.misses, 2);
+    assert_eq!(rule.want.errors, 2, "INCR of a non-number, an unknown command");
+
+    // Refused by the gateway itself: not billed.
+    let denied = cmd(&[b"CONFIG", b"GET", b"maxmemory"]);
+    c.s.write_all(&denied).await.unwrap();
+    assert!(c.reply().await.starts_with(b"-NOPERM"));
+
+    // MULTI/EXEC: each queued command is billed with its `+QUEUED` and its result in EXEC's
+    // reply; MULTI and EXEC are free.
+    assert_eq!(rule.run(&mut c, &[b"MULTI"]).await, b"+OK\r\n");
+    let queued: Vec<Vec<&[u8]>> =
+        vec![vec![b"SET", b"n", b"41"], vec![b"INCR", b"n"], vec![b"GET", b"kb10"], vec![b"GET", b"none"]];
+    let mut queued_bytes = vec![];
+    for args in &queued {
+        let req = cmd(args);
+        c.s.write_all(&req).await.unwrap();
+        let reply = c.reply().await;
+        assert_eq!(reply, b"+QUEUED\r\n");
+        queued_bytes.push((req.len(), reply.len()));
+    }
+    let exec = cmd(&[b"EXEC"]);
+    c.s.write_all(&exec).await.unwrap();
+    let results = c.reply().await;
+    let items = elements(&results);
+    assert_eq!(items.len(), 4);
+    for ((args, (req, queued_reply)), item) in queued.iter().zip(&queued_bytes).zip(&items) {
+        let name = String::from_utf8_lossy(args[0]).to_lowercase();
+        rule.command(&name, *req, item, queued_reply + item.len());
+    }
+
+    // A script, and a command that fails inside it.
+    let script: &[u8] = b"return redis.call('GET', KEYS[1])";
+    assert!(rule.run(&mut c, &[b"EVAL", script, b"1", b"small"]).await.starts_with(b"$5"));
+    assert!(rule
+        .run(&mut c, &[b"EVAL", b"return redis.call('INCR', 'small')", b"0"])
+        .await
+        .starts_with(b"-"));
+
+    // A BLPOP that blocks until another client pushes.
+    let mut other = Raw::connect(dev.resp_port, &token).await;
+    let blpop = cmd(&[b"BLPOP", b"queue", b"5"]);
+    c.s.write_all(&blpop).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rule.run(&mut other, &[b"RPUSH", b"queue", b"job-1"]).await;
+    let popped = c.reply().await;
+    assert!(popped.starts_with(b"*2"));
+    rule.command("blpop", blpop.len(), &popped, popped.len());
+
+    // Pub/sub: SUBSCRIBE is free, PUBLISH billed, each delivery billed by bytes to the receiver.
+    let mut sub = Raw::connect(dev.resp_port, &token).await;
+    sub.s.write_all(&cmd(&[b"SUBSCRIBE", b"news"])).await.unwrap();
+    assert!(sub.reply().await.starts_with(b"*3"));
+    let payload = vec![b'p'; 3000];
+    rule.run(&mut other, &[b"PUBLISH", b"news", &payload]).await;
+    let message = sub.reply().await;
+    assert!(message.ends_with(&[&payload[..], b"\r\n"].concat()));
+    rule.want.bytes_out += message.len() as u64;
+    rule.want.ecpu_milli += message.len() as u64 * 1000 / 1024;
+
+    assert_stored(&dev, &id, rule.want).await;
+}
+
+/// A child process stopped with SIGTERM when dropped.
+struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc(Some(child))
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.0.as_ref().expect("running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn stop(&mut self) {
+        let Some(mut child) = self.0.take() else { return };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "process did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `shoal control-plane` and `shoal gateway` as separate processes in one directory.
+struct Split {
+    dir: tempfile::TempDir,
+    rest: u16,
+    resp: u16,
+    http: reqwest::Client,
+}
+
+impl Split {
+    fn new() -> Split {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let (rest, resp, node) = (support::free_port(), support::free_port(), support::free_port());
+        let cp = format!(
+            "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
+             admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
+             internal_token = \"metering-internal\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
+             [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
+        );
+        // A small memory bound, so that an outage of a few seconds already spools to disk.
+        let gw = format!(
+            "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{rest}\"\n\
+             internal_token = \"metering-internal\"\ndata_dir = \"{d}/gateway\"\nusage_memory_batches = 3\n"
+        );
+        std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
+        std::fs::write(dir.path().join("gw.toml"), gw).unwrap();
+        Split { dir, rest, resp, http: reqwest::Client::new() }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log(&self) -> String {
+        let read = |n| std::fs::read_to_string(self.path(n)).unwrap_or_default();
+        format!("--- cp.log\n{}\n--- gw.log\n{}", read("cp.log"), read("gw.log"))
+    }
+
+    async fn control_plane(&self) -> Proc {
+        let p = Proc::spawn(
+            &["control-plane", "--config", self.path("cp.toml").to_str().unwrap()],
+            &self.path("cp.log"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self.http.get(format!("http://127.0.0.1:{}/readyz", self.rest)).send().await;
+            if self.path("admin.token").exists() && ready.is_ok_and(|r| r.status().is_success()) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "control plane did not start\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn gateway(&self) -> Proc {
+        Proc::spawn(&["gateway", "--config", self.path("gw.toml").to_str().unwrap()], &self.path("gw.log"))
+    }
+
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let admin = std::fs::read_to_string(self.path("admin.token")).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("http://127.0.0.1:{}{path}", self.rest))
+            .bearer_auth(admin.trim());
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    async fn stored(&self, cache: &str) -> Totals {
+        let body = self.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage"), None).await;
+        let mut t = Totals::default();
+        for p in body["points"].as_array().unwrap() {
+            let n = |k: &str| p[k].as_u64().unwrap();
+            t.add(Totals {
+                commands: n("commands"),
+                ecpu_milli: n("ecpu_milli"),
+                bytes_in: n("bytes_in"),
+                bytes_out: n("bytes_out"),
+                hits: n("hits"),
+                misses: n("misses"),
+                throttled: n("throttled"),
+                errors: n("errors"),
+            });
+        }
+        t
+    }
+
+    async fn client(&self, token: &str) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://:{token}@127.0.0.1:{}/", self.resp)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.get_multiplexed_async_connection().await {
+                Ok(c) => return c,
+                Err(e) => assert!(Instant::now() < deadline, "gateway never accepted: {e}\n{}", self.log()),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// SET and GET of 100-byte values until `stop`, with the rule applied to every command.
+async fn load(
+    mut conn: redis::aio::MultiplexedConnection,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Totals {
+    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let value = vec![b'v'; 100];
+    let mut i = 0u64;
+    while !*stop.borrow() {
+        let key = format!("key{}", i % 16);
+        let set = redis::cmd("SET").arg(&key).arg(&value).clone();
+        let _: () = set.query_async(&mut conn).await.expect("SET through the gateway");
+        rule.command("set", set.get_packed_command().len(), b"+OK\r\n", 5);
+        let get = redis::cmd("GET").arg(&key).clone();
+        let got: Vec<u8> = get.query_async(&mut conn).await.expect("GET through the gateway");
+        assert_eq!(got, value);
+        let reply = [&b"$100\r\n"[..], &value, b"\r\n"].concat();
+        rule.command("get", get.get_packed_command().len(), &reply, reply.len());
+        i += 1;
+    }
+    rule.want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_survives_a_control_plane_outage_and_a_gateway_restart_exactly() {
+    let split = Split::new();
+    let cp = split.control_plane().await;
+    let mut gw = split.gateway();
+    let cache =
+        split.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": "outage"}))).await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let minted = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await;
+    let token = minted["token"].as_str().unwrap().to_string();
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(load(split.client(&token).await, stopped));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The control plane stops answering for 30 s (SIGSTOP: it also runs the Valkey pool, which
+    // must stay up); clients keep working meanwhile. Requests it took before it froze are
+    // answered after it resumes, when the gateway has already given up on them: the resends
+    // must not count twice.
+    cp.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // The gateway stops too, before the control plane is back: what it could not deliver is
+    // on disk when it exits.
+    stop.send(true).unwrap();
+    let mut want = running.await.unwrap();
+    assert!(want.commands > 1000, "the load ran: {want:?}");
+    gw.stop();
+    let spooled = std::fs::read_dir(split.path("gateway/usage/spool")).unwrap().count();
+    assert!(spooled >= 5, "the outage's batches are spooled, found {spooled}");
+
+    // Both come back; the restarted gateway keeps its id, sends the spool, and meters on.
+    cp.signal(libc::SIGCONT);
+    let _gw = split.gateway();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(load(split.client(&token).await, stopped));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    want.add(running.await.unwrap());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = split.stored(&id).await;
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stored {got:?}\nwanted {want:?}\n{}", split.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(split.stored(&id).await, want, "nothing counted twice");
+    assert_eq!(
+        std::fs::read_dir(split.path("gateway/usage/spool")).unwrap().count(),
+        0,
+        "the spool is empty"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_delivers_the_last_usage_before_the_gateway_exits() {
+    let mut dev = ShoalDev::start().await;
+    let cache = dev.create_cache("last-words").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let mut c = Raw::connect(dev.resp_port, &token).await;
+    let value = vec![b'x'; 5000];
+    for i in 0..50 {
+        let key = format!("k{i}");
+        rule.run(&mut c, &[b"SET", key.as_bytes(), &value]).await;
+        rule.run(&mut c, &[b"GET", key.as_bytes()]).await;
+    }
+    // Straight after the last reply: the session's counters and the current second's batch
+    // exist only in the gateway's memory.
+    dev.stop_with(libc::SIGTERM);
+    dev.launch().await;
+    assert_eq!(stored(&dev, &id).await, rule.want);
+}
+
+/// Sends `n` pipelined GETs; how many succeeded and how many were throttled.
+async fn pipelined_gets(c: &mut Raw, n: usize, throttled_reply: &[u8]) -> (u64, u64) {
+    let get = cmd(&[b"GET", b"k"]);
+    c.s.write_all(&get.repeat(n)).await.unwrap();
+    let (mut ok, mut throttled) = (0, 0);
+    for _ in 0..n {
+        let reply = c.reply().await;
+        if reply == throttled_reply {
+            throttled += 1;
+        } else {
+            assert_eq!(reply, b"$1\r\nv\r\n");
+            ok += 1;
+        }
+    }
+    (ok, throttled)
+}
+
+#[tokio::test]
+async fn ecpu_per_second_throttles_and_follows_changes_within_a_second() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("limited").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let throttled_reply = b"-THROTTLED ECPU limit of cache limited exceeded\r\n";
+    let mut c = Raw::connect(dev.resp_port, &token).await;
+    assert_eq!(c.s.write_all(&cmd(&[b"SET", b"k", b"v"])).await.ok(), Some(()));
+    assert_eq!(c.reply().await, b"+OK\r\n");
+
+    dev.set_limits(&id, serde_json::json!({"ecpu_per_second": 200})).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // 200 ECPU/s: a full bucket (200 GETs), then 200 more per second.
+    let started = Instant::now();
+    let (mut ok, mut throttled) = (0, 0);
+    while started.elapsed() < Duration::from_secs(3) {
+        let (o, t) = pipelined_gets(&mut c, 100, throttled_reply).await;
+        ok += o;
+        throttled += t;
+    }
+    let allowed = 200.0 + 200.0 * started.elapsed().as_secs_f64();
+    assert!(throttled > 0, "the limit refused some\n{}", dev.log());
+    assert!((ok as f64) <= allowed * 1.05 + 1.0, "{ok} GETs passed, the limit allows {allowed}");
+    assert!((ok as f64) >= allowed * 0.8, "{ok} GETs passed, the limit allows {allowed}");
+
+    // Lifted: within a second nothing is throttled any more.
+    dev.set_limits(&id, serde_json::json!({"ecpu_per_second": null})).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (o, t) = pipelined_gets(&mut c, 2000, throttled_reply).await;
+    assert_eq!((o, t), (2000, 0));
+    ok += o;
+
+    // Throttled commands are counted, not billed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = stored(&dev, &id).await;
+        if got.throttled == throttled && got.commands == ok + 1 {
+            assert_eq!(got.ecpu_milli, (ok + 1) * 1000);
+            break;
+        }
+        assert!(Instant::now() < deadline, "stored {got:?}; throttled {throttled}, ok {ok}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
