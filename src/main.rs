@@ -70,6 +70,12 @@ struct DevArgs {
     /// RESP (gateway) port.
     #[arg(long, env = "SHOAL_RESP_PORT", default_value_t = 6380)]
     resp_port: u16,
+    /// The gateway's Prometheus `/metrics` port (0 = pick a free one; printed at start).
+    #[arg(long, env = "SHOAL_METRICS_PORT", default_value_t = 0)]
+    metrics_port: u16,
+    /// Turn metering off (no ECPU, usage, limits): for benchmarks of its cost only.
+    #[arg(long, env = "SHOAL_NO_METERING")]
+    no_metering: bool,
     /// RESP over TLS port (self-signed certificate under <data-dir>/tls/; 0 turns TLS off).
     #[arg(long, env = "SHOAL_TLS_PORT", default_value_t = 6381)]
     tls_port: u16,
@@ -211,6 +217,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     );
 
     let internal_token = args.internal_token.clone().unwrap_or_else(shoal_engine::node::random_secret);
+    // One metrics registry for the process: the gateway's /metrics and the control plane's.
+    let metrics = shoal_gateway::metrics::install();
     let rest = format!("{}:{}", args.host, args.rest_port);
     let resp = format!("{}:{}", args.host, args.resp_port);
     let cp_config = ControlPlaneConfig {
@@ -223,6 +231,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),
         storage_interval: args.storage_interval,
+        metrics: Some(metrics.clone()),
         ..Default::default()
     };
     let cp = match shoal_control_plane::start(cp_config, pool.clone()).await {
@@ -252,6 +261,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
         data_dir: Some(data_dir.join("gateway")),
+        metering: !args.no_metering,
+        metrics_listen: Some(format!("{}:{}", args.host, args.metrics_port)),
+        metrics: Some(metrics),
         ..Default::default()
     })
     .await
@@ -266,6 +278,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls_state = gateway.tls();
+    let metrics_addr = gateway.metrics_addr();
     let gateway_task = tokio::spawn(gateway.run(stop_rx));
 
     println!("Shoal dev is running.");
@@ -273,6 +286,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  RESP endpoint  {resp}");
     if let Some((addr, cert, _)) = &tls {
         println!("  RESP over TLS  {addr}   (self-signed: {})", cert.display());
+    }
+    if let Some(addr) = metrics_addr {
+        println!("  Metrics        http://{addr}/metrics   (and http://{rest}/metrics)");
     }
     println!("  Admin token    {}", args.data_dir.join("admin.token").display());
     for node in pool.nodes() {

@@ -83,6 +83,22 @@ async fn every_route_answers_each_role_as_documented() {
         ),
         (Method::POST, format!("/v1/caches/{c}/tokens"), None, [201, 201, 404, 403, 401]),
         (Method::GET, format!("/v1/caches/{c}/tokens"), None, [200, 200, 404, 200, 401]),
+        (Method::GET, format!("/v1/caches/{c}/usage"), None, [200, 200, 404, 200, 401]),
+        (Method::GET, "/v1/invoices".into(), None, [200, 200, 200, 200, 401]),
+        (
+            Method::GET,
+            format!("/v1/invoices/{a}-{}", chrono::Utc::now().format("%Y-%m")),
+            None,
+            [200, 200, 404, 200, 401],
+        ),
+        (
+            Method::POST,
+            "/v1/estimate".into(),
+            Some(
+                json!({"requests_per_second": 10, "avg_request_bytes": 100, "avg_reply_bytes": 100, "stored_gb": 1}),
+            ),
+            [200, 200, 200, 200, 401],
+        ),
         (Method::GET, "/v1/audit".into(), None, [200, 200, 200, 200, 401]),
         (Method::GET, "/v1/audit/verify".into(), None, [200, 200, 200, 200, 401]),
         (Method::GET, "/v1/me".into(), None, [200, 200, 200, 200, 401]),

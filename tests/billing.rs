@@ -118,7 +118,9 @@ async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_b
     }
 
     // Rollups: the hourly usage of the cache sums to the same.
-    let from = chrono::DateTime::from_timestamp(month_start.max(late - 3600), 0).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let from = chrono::DateTime::from_timestamp(month_start.max(late - 3600), 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let (status, _, usage) = dev
         .call(
             Some(&owner),

@@ -215,9 +215,30 @@ async fn assert_stored(dev: &ShoalDev, cache: &str, want: Totals) {
     assert_eq!(stored(dev, cache).await, want, "nothing is counted twice");
 }
 
+/// The gateway's own counters for a cache, from its Prometheus `/metrics`.
+async fn gateway_counters(metrics_port: u16, cache: &str) -> Totals {
+    let body =
+        reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
+    let n = |name: &str| -> u64 {
+        let prefix = format!("shoal_cache_{name}_total{{cache=\"{cache}\"}} ");
+        body.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.parse().unwrap())
+    };
+    Totals {
+        commands: n("commands"),
+        ecpu_milli: n("ecpu_milli"),
+        bytes_in: n("bytes_in"),
+        bytes_out: n("bytes_out"),
+        hits: n("hits"),
+        misses: n("misses"),
+        throttled: n("throttled"),
+        errors: n("errors"),
+    }
+}
+
 #[tokio::test]
 async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
-    let dev = ShoalDev::start().await;
+    let metrics_port = support::free_port();
+    let dev = ShoalDev::start_with(&["--metrics-port", &metrics_port.to_string()]).await;
     let cache = dev.create_cache("metered").await;
     let id = cache["id"].as_str().unwrap().to_string();
     let token = dev.mint_token(&id).await;
@@ -310,6 +331,7 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
     rule.want.ecpu_milli += message.len() as u64 * 1000 / 1024;
 
     assert_stored(&dev, &id, rule.want).await;
+    assert_eq!(gateway_counters(metrics_port, &id).await, rule.want, "the gateway's /metrics agree");
 }
 
 /// A child process stopped with SIGTERM when dropped.
@@ -620,4 +642,68 @@ async fn ecpu_per_second_throttles_and_follows_changes_within_a_second() {
         assert!(Instant::now() < deadline, "stored {got:?}; throttled {throttled}, ok {ok}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn usage_batches_are_stored_once_and_read_per_minute_or_hour() {
+    let split = Split::new();
+    let _cp = split.control_plane().await;
+    let cache =
+        split.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": "api"}))).await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let hour = now - now % 3600 - 3600;
+    let usage = |minute: i64, commands: u64| {
+        serde_json::json!({"cache_id": id, "minute": minute, "commands": commands, "ecpu_milli": commands * 1000,
+            "bytes_in": 10, "bytes_out": 20, "hits": 1, "misses": 2, "throttled": 3, "errors": 4})
+    };
+    let post = |body: serde_json::Value, token: Option<&'static str>| {
+        let mut req =
+            split.http.post(format!("http://127.0.0.1:{}/internal/v1/usage", split.rest)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    let batch = serde_json::json!({"gateway_id": "g-test", "seq": 7,
+        "usage": [usage(hour + 60, 5), usage(hour + 120, 6)]});
+    assert_eq!(post(batch.clone(), None).await.unwrap().status(), 401, "gateways only");
+    for _ in 0..3 {
+        assert_eq!(post(batch.clone(), Some("metering-internal")).await.unwrap().status(), 200);
+    }
+    let bad = serde_json::json!({"gateway_id": "g-test", "seq": 8, "usage": [usage(hour + 61, 1)]});
+    assert_eq!(post(bad, Some("metering-internal")).await.unwrap().status(), 400, "not a minute");
+
+    let from = |t: i64| chrono_text(t);
+    let path = format!("/v1/caches/{id}/usage?granularity=hour&from={}&to={}", from(hour), from(hour + 7200));
+    let body = split.api(reqwest::Method::GET, &path, None).await;
+    let points = body["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{body}");
+    assert_eq!(points[0]["start"], from(hour));
+    assert_eq!(points[0]["commands"], 11, "both minutes, the batch once");
+    assert_eq!(points[0]["ecpu"], 11.0);
+    assert_eq!(points[0]["throttled"], 6);
+    assert_eq!(points[0]["storage_bytes"], 0);
+    assert_eq!(points[1]["commands"], 0);
+    let path = format!("/v1/caches/{id}/usage?from={}&to={}", from(hour + 60), from(hour + 180));
+    let body = split.api(reqwest::Method::GET, &path, None).await;
+    let commands: Vec<u64> =
+        body["points"].as_array().unwrap().iter().map(|p| p["commands"].as_u64().unwrap()).collect();
+    assert_eq!(commands, vec![5, 6]);
+
+    for query in ["granularity=day", "from=yesterday", "from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z"] {
+        let url = format!("http://127.0.0.1:{}/v1/caches/{id}/usage?{query}", split.rest);
+        let admin = std::fs::read_to_string(split.path("admin.token")).unwrap();
+        let resp = split.http.get(url).bearer_auth(admin.trim()).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{query}");
+    }
+}
+
+/// A Unix time as RFC 3339 UTC (whole seconds), as the usage API writes it.
+fn chrono_text(t: i64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{t}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

@@ -60,7 +60,7 @@ const OOM: &str = "cache data storage limit reached";
 async fn over_its_storage_limit_a_cache_evicts_idle_volatile_keys_then_refuses_writes() {
     let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
     // 1 MB = 10^6 bytes; each key below stores about 2.1 kB.
-    let (_, token) = create(&dev, "small", serde_json::json!({"data_storage_mb": 1})).await;
+    let (id, token) = create(&dev, "small", serde_json::json!({"data_storage_mb": 1})).await;
     let mut c = dev.client(&token).await.unwrap();
 
     // 300 keys with a TTL (~640 kB, under the limit); then the "hot" half is read again.
@@ -89,6 +89,14 @@ async fn over_its_storage_limit_a_cache_evicts_idle_volatile_keys_then_refuses_w
     assert!(cold < 50, "the idlest keys go first: {cold} cold keys left");
     assert_eq!((hot, forever), (150, 300), "recently used and TTL-less keys stay");
     set(&mut c, "still-writable").await.unwrap();
+    // The usage API shows the evictions and the stored bytes.
+    let (status, usage) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/usage"), None).await;
+    assert_eq!(status, 200, "{usage}");
+    let points = usage["points"].as_array().unwrap();
+    let evicted: u64 = points.iter().map(|p| p["evicted_keys"].as_u64().unwrap()).sum();
+    assert_eq!(evicted, 150 - cold as u64);
+    let stored = points.iter().map(|p| p["storage_bytes"].as_u64().unwrap()).max().unwrap();
+    assert!(stored > 0, "{usage}");
 
     // 300 more keys without a TTL: evicting every volatile key is not enough → writes refused.
     fill(&mut c, "forever", 300..600, false).await;

@@ -28,6 +28,9 @@ pub struct ControlPlaneConfig {
     /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
     /// cache is sampled at least every 10 s).
     pub storage_interval: f64,
+    /// The process's metrics recorder, when the embedding program installed one.
+    #[serde(skip)]
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -44,6 +47,7 @@ impl Default for ControlPlaneConfig {
             billing: Default::default(),
             invoice_grace_seconds: 3600,
             storage_interval: 5.0,
+            metrics: None,
         }
     }
 }

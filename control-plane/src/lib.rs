@@ -7,13 +7,15 @@
 //! - [`startup`]: app state, HTTP server, bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
-//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `audit`, `me`,
-//!   `internal`, `health`); `page` holds pagination, idempotency and ETags; `portal` serves
-//!   the admin portal (files under `control-plane/portal/`, compiled in) at `/portal/`.
+//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
+//!   `audit`, `me`, `internal`, `health`); `page` holds pagination, idempotency and ETags;
+//!   `portal` serves the admin portal (files under `control-plane/portal/`, compiled in) at
+//!   `/portal/`.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
 //!   (eviction, then refused writes), storage accrual for billing.
+//! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
 pub mod apidoc;
@@ -21,6 +23,7 @@ pub mod auth;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod metrics;
 pub mod routes;
 pub mod signing;
 pub mod startup;

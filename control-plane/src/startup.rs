@@ -18,6 +18,14 @@ pub struct AppState {
     pub signer: Signer,
     /// Serializes placement so two creates never take the same database.
     pub placement_lock: tokio::sync::Mutex<()>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(state: web::Data<AppState>) -> actix_web::HttpResponse {
+    let handle = state.metrics.clone();
+    let body = web::block(move || handle.render()).await.unwrap_or_default();
+    actix_web::HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
 }
 
 /// A running control plane.
@@ -43,8 +51,14 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let signer = Signer::load_or_create(&store).await?;
     let workers = config.workers;
     let listen = config.listen.clone();
-    let state =
-        web::Data::new(AppState { config, store, pool, signer, placement_lock: tokio::sync::Mutex::new(()) });
+    let state = web::Data::new(AppState {
+        metrics: crate::metrics::handle(config.metrics.as_ref()),
+        config,
+        store,
+        pool,
+        signer,
+        placement_lock: tokio::sync::Mutex::new(()),
+    });
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
         if let Err(e) = routes::caches::apply_keyspace_events(&state, node.name()).await {
@@ -80,6 +94,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::usage::configure)
             .configure(routes::billing::configure)
             .route("/openapi.json", web::get().to(openapi_json))
+            .route("/metrics", web::get().to(metrics))
             .service(
                 // The interactive viewer, served from files compiled in (no CDN).
                 utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")

@@ -63,6 +63,9 @@ pub struct Node {
     stop: Notify,
     stopped: Notify,
     restarts: AtomicU32,
+    /// One admin connection kept open for provisioning (creates and deletes are pipelines
+    /// that end on database 0, so sharing it is safe); dropped on any error.
+    provisioning: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 impl Node {
@@ -95,7 +98,37 @@ impl Node {
             stop: Notify::new(),
             stopped: Notify::new(),
             restarts: AtomicU32::new(0),
+            provisioning: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Runs a provisioning pipeline on the node's kept admin connection (opened on first
+    /// use, reopened after an error, tried twice so a node restart in between is invisible).
+    pub async fn provision(&self, pipe: &redis::Pipeline) -> Result<(), EngineError> {
+        let mut last = None;
+        for _ in 0..2 {
+            let conn = {
+                let mut kept = self.provisioning.lock().await;
+                match kept.as_ref() {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = crate::pool::admin_conn(self).await?;
+                        *kept = Some(c.clone());
+                        c
+                    }
+                }
+            };
+            let mut conn = conn;
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                    *self.provisioning.lock().await = None;
+                    last = Some(e);
+                }
+                Err(e) => return Err(self.valkey_err(e)),
+            }
+        }
+        Err(self.valkey_err(last.expect("tried")))
     }
 
     pub fn addr(&self) -> String {

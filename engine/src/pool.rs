@@ -80,7 +80,6 @@ impl Pool {
     /// then creates its ACL user and saves the ACL file so a restart keeps it.
     pub async fn create_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
         let node = self.node(node)?;
-        let mut conn = admin_conn(node).await?;
         let mut pipe = redis::pipe();
         for db in acl.db..acl.db + acl.databases.max(1) {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
@@ -88,14 +87,13 @@ impl Pool {
         pipe.cmd("SELECT").arg(0).ignore();
         pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
         pipe.cmd("ACL").arg("SAVE").ignore();
-        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
+        node.provision(&pipe).await
     }
 
     /// Removes a cache: deletes its ACL user (Valkey closes its connections) and flushes its
     /// databases.
     pub async fn delete_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
         let node = self.node(node)?;
-        let mut conn = admin_conn(node).await?;
         let mut pipe = redis::pipe();
         pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
         pipe.cmd("ACL").arg("SAVE").ignore();
@@ -103,7 +101,7 @@ impl Pool {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
         }
         pipe.cmd("SELECT").arg(0).ignore();
-        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
+        node.provision(&pipe).await
     }
 }
 

@@ -19,14 +19,17 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Databases up to this many keys are measured key by key.
-pub const EXACT_KEYS: u64 = 10_000;
-/// Keys measured to estimate a bigger database.
-pub const SAMPLE_KEYS: usize = 1_000;
+/// Databases up to this many keys are measured key by key (no dearer than a sample).
+pub const EXACT_KEYS: u64 = 1_000;
+/// Keys measured to estimate a bigger database. The node spends about 1.5 µs of CPU per
+/// command, so one cache costs it at most ~2 ms per sample, however big the cache.
+pub const SAMPLE_KEYS: usize = 500;
 /// What each key costs beyond its `MEMORY USAGE`: its slot in the database's hash table
 /// (buckets of 7 entries, kept under full). Measured against `used_memory` on Valkey 9.1
 /// (engine/tests/storage.rs): 12–14 bytes per key.
 pub const TABLE_BYTES_PER_KEY: u64 = 12;
+/// Keys asked for by the first `SCAN` of a database.
+const FIRST_PAGE: usize = 100;
 /// Commands per pipelined round trip.
 const CHUNK: usize = 500;
 /// Keys sampled per eviction round in a big database, and how many of the idlest go per round.
@@ -68,6 +71,9 @@ pub struct Eviction {
     pub exhausted: bool,
 }
 
+/// A `SCAN` reply: the next cursor and a page of keys.
+type ScanPage = (u64, Vec<Vec<u8>>);
+
 /// A key that may be evicted.
 struct Candidate {
     key: Vec<u8>,
@@ -96,12 +102,12 @@ impl StorageProbe {
     pub async fn measure(&mut self, dbs: CacheDbs) -> Result<StorageSample, EngineError> {
         let mut total = StorageSample { exact: true, ..Default::default() };
         for db in dbs.iter() {
-            let keys = self.dbsize(db).await?;
+            let (keys, first_page) = self.open_db(db).await?;
             if keys == 0 {
                 continue;
             }
             let bytes = if keys <= EXACT_KEYS {
-                let all = self.scan_all(db).await?;
+                let all = self.scan_rest(db, first_page).await?;
                 self.memory_usage(db, &all).await?.into_iter().sum()
             } else {
                 total.exact = false;
@@ -122,15 +128,17 @@ impl StorageProbe {
     pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
         let started = Instant::now();
         let mut done = Eviction::default();
-        let mut sizes = Vec::new();
-        for db in dbs.iter() {
-            sizes.push((db, self.dbsize(db).await?));
-        }
         // Small databases: every volatile key is a candidate; one sorted pass.
         let mut small = Vec::new();
-        for &(db, _) in sizes.iter().filter(|(_, n)| (1..=EXACT_KEYS).contains(n)) {
-            let all = self.scan_all(db).await?;
-            small.extend(self.volatile(db, all).await?.into_iter().map(|c| (db, c)));
+        let mut big = Vec::new();
+        for db in dbs.iter() {
+            let (keys, first_page) = self.open_db(db).await?;
+            if keys > EXACT_KEYS {
+                big.push(db);
+            } else if keys > 0 {
+                let all = self.scan_rest(db, first_page).await?;
+                small.extend(self.volatile(db, all).await?.into_iter().map(|c| (db, c)));
+            }
         }
         small.sort_by_key(|c| std::cmp::Reverse(c.1.idle));
         let mut victims: Vec<(u32, Candidate)> = Vec::new();
@@ -144,7 +152,6 @@ impl StorageProbe {
         }
         done = add(done, self.unlink(victims).await?);
         // Big databases: rounds of samples, the idlest few of each go (Valkey's own approach).
-        let big: Vec<u32> = sizes.iter().filter(|(_, n)| *n > EXACT_KEYS).map(|(db, _)| *db).collect();
         let mut empty_rounds = 0;
         // Without big databases, the pass above had every volatile key to choose from.
         let mut exhausted = big.is_empty();
@@ -185,24 +192,33 @@ impl StorageProbe {
         Ok(done)
     }
 
-    async fn dbsize(&mut self, db: u32) -> Result<u64, EngineError> {
-        let (n,): (u64,) = redis::pipe()
+    /// `DBSIZE` and a first small `SCAN` page, in one round trip: enough for most small
+    /// caches, little wasted work for big ones.
+    async fn open_db(&mut self, db: u32) -> Result<(u64, ScanPage), EngineError> {
+        let (keys, page): (u64, ScanPage) = redis::pipe()
             .cmd("SELECT")
             .arg(db)
             .ignore()
             .cmd("DBSIZE")
+            .cmd("SCAN")
+            .arg(0)
+            .arg("COUNT")
+            .arg(FIRST_PAGE)
             .query_async(&mut self.conn)
             .await
             .map_err(|e| self.node.valkey_err(e))?;
-        Ok(n)
+        Ok((keys, page))
     }
 
-    /// Every key of a database (small databases only), without duplicates.
-    async fn scan_all(&mut self, db: u32) -> Result<Vec<Vec<u8>>, EngineError> {
-        let mut seen = HashSet::new();
-        let mut cursor = 0u64;
-        loop {
-            let ((next, keys),): ((u64, Vec<Vec<u8>>),) = redis::pipe()
+    /// Every key of a database (small databases only), without duplicates, continuing a scan.
+    async fn scan_rest(
+        &mut self,
+        db: u32,
+        (mut cursor, first): ScanPage,
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
+        let mut seen: HashSet<Vec<u8>> = first.into_iter().collect();
+        while cursor != 0 {
+            let ((next, keys),): (ScanPage,) = redis::pipe()
                 .cmd("SELECT")
                 .arg(db)
                 .ignore()
@@ -215,10 +231,8 @@ impl StorageProbe {
                 .map_err(|e| self.node.valkey_err(e))?;
             seen.extend(keys);
             cursor = next;
-            if cursor == 0 {
-                return Ok(seen.into_iter().collect());
-            }
         }
+        Ok(seen.into_iter().collect())
     }
 
     /// `n` random keys (with repetitions; fewer if the database empties meanwhile).

@@ -149,6 +149,7 @@ impl Registry {
         });
         clients.live.insert(entry.key, entry.clone());
         clients.connections_received += 1;
+        crate::metrics::connection_opened(cache);
         Some((entry, inbox_rx))
     }
 
@@ -156,6 +157,7 @@ impl Registry {
         let mut caches = self.caches.lock().unwrap();
         if let Some(clients) = caches.get_mut(cache) {
             if clients.live.remove(&entry.key).is_some() {
+                crate::metrics::connection_closed(cache);
                 clients.commands_done += entry.commands.load(Ordering::Relaxed);
             }
         }

@@ -52,6 +52,11 @@ pub struct GatewayConfig {
     /// How long a command may wait for its cache's ECPU limit before `-THROTTLED` (seconds).
     #[serde(with = "secs")]
     pub throttle_wait: Duration,
+    /// Where `/metrics` (Prometheus) is served (off when unset).
+    pub metrics_listen: Option<String>,
+    /// The process's metrics recorder, when the embedding program installed one.
+    #[serde(skip)]
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Default for GatewayConfig {
@@ -77,6 +82,8 @@ impl Default for GatewayConfig {
             data_dir: None,
             usage_memory_batches: 120,
             throttle_wait: Duration::from_millis(10),
+            metrics_listen: None,
+            metrics: None,
         }
     }
 }

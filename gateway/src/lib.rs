@@ -18,6 +18,7 @@
 //! - [`upstream`]: opens the per-session connection to the cache's Valkey node; [`mux`]
 //!   shares connections among sessions for stateless commands.
 //! - [`metering`]: ECPU per command, per-cache counters, usage batches to the control plane.
+//! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`config`], [`error`].
 
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod listener;
 pub mod metering;
+pub mod metrics;
 pub mod mux;
 pub mod observer;
 pub mod policy;

@@ -40,6 +40,8 @@ pub struct Shared {
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
+    /// The `/metrics` listener, if configured.
+    metrics: Option<TcpListener>,
     /// Usage batches not yet delivered (none when metering is off).
     outbox: Option<crate::metering::usage::Outbox>,
     tls: Option<(TcpListener, Arc<TlsState>)>,
@@ -85,7 +87,11 @@ impl Gateway {
             )?),
             false => None,
         };
-        Ok(Gateway { listener, tls, shared, outbox })
+        let metrics = match &shared.config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Gateway { listener, tls, shared, outbox, metrics })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -95,6 +101,11 @@ impl Gateway {
     /// The TLS state, to reload certificates (on SIGHUP).
     pub fn tls(&self) -> Option<Arc<TlsState>> {
         self.tls.as_ref().map(|(_, state)| state.clone())
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// This gateway's id in usage batches (stable across restarts with the same `data_dir`).
@@ -120,6 +131,10 @@ impl Gateway {
             tokio::spawn(async move { shared.router.run(stop).await })
         };
         let limits = tokio::spawn(crate::metering::limit::follow(shared.clone(), shutdown.clone()));
+        let metrics = self.metrics.map(|listener| {
+            let handle = shared.config.metrics.clone().unwrap_or_else(crate::metrics::install);
+            tokio::spawn(crate::metrics::serve(listener, handle))
+        });
         let tls_task = self.tls.map(|(listener, state)| {
             tokio::spawn(accept_loop(
                 listener,
@@ -136,6 +151,9 @@ impl Gateway {
         revocations.abort();
         routes.abort();
         limits.abort();
+        if let Some(m) = metrics {
+            m.abort();
+        }
         tracing::info!("gateway stopped accepting");
         if let Some(shipper) = shipper {
             let closed = shared.clients.kill_all();

@@ -96,6 +96,8 @@ struct Mux {
     db: u32,
     read: Option<OwnedReadHalf>,
     write: Option<OwnedWriteHalf>,
+    /// Counts the connection in the metrics while it is open.
+    metric: Option<crate::metrics::Upstream>,
     out: BytesMut,
     input: BytesMut,
     scanner: ReplyScanner,
@@ -119,6 +121,7 @@ impl Mux {
             db,
             read: None,
             write: None,
+            metric: None,
             out: BytesMut::with_capacity(64 * 1024),
             input: BytesMut::with_capacity(64 * 1024),
             scanner: ReplyScanner::new(),
@@ -192,6 +195,7 @@ impl Mux {
             Ok(stream) => {
                 let (read, write) = stream.into_split();
                 self.read = Some(read);
+                self.metric = Some(crate::metrics::Upstream::opened());
                 self.write = Some(write);
                 self.input.clear();
                 self.scanner = ReplyScanner::new();
@@ -254,6 +258,7 @@ impl Mux {
             tracing::warn!(reason = why, "mux: upstream connection lost");
         }
         self.read = None;
+        self.metric = None;
         self.write = None;
         self.out.clear();
         if let Some(front) = self.waiting.front_mut() {

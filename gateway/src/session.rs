@@ -102,6 +102,7 @@ pub(crate) struct Tenant {
     pub entry: Arc<ClientEntry>,
     /// The cache's `ecpu_per_second` bucket on this gateway.
     pub bucket: Arc<crate::metering::limit::Bucket>,
+    pub latency: metrics::Histogram,
 }
 
 /// Pub/sub bookkeeping, so that subscription confirmations and messages (which answer no
@@ -149,6 +150,8 @@ pub(crate) struct Session {
     pub up_out: BytesMut,
     up_read: Option<OwnedReadHalf>,
     up_write: Option<OwnedWriteHalf>,
+    /// Counts the upstream connection in the metrics while it is open.
+    up_metric: Option<crate::metrics::Upstream>,
     pending: VecDeque<Pending>,
     pub tenant: Option<Tenant>,
     /// Held until the client authenticates (caps unauthenticated connections).
@@ -220,6 +223,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         };
         return;
     };
+    crate::metrics::session_started();
     let mut session = Session {
         shared,
         peer,
@@ -232,6 +236,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         up_out: BytesMut::with_capacity(16 * 1024),
         up_read: None,
         up_write: None,
+        up_metric: None,
         pending: VecDeque::new(),
         tenant: None,
         unauthenticated: Some(permit),
@@ -271,6 +276,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
     }
     session.bill_queued();
     session.flush_tally();
+    crate::metrics::session_ended();
     if let Some(t) = session.tenant.take() {
         session.shared.clients.unregister(&t.cache, &t.entry);
     }
@@ -523,7 +529,7 @@ impl Session {
                 _ if self.in_multi => Role::Queued,
                 _ => Role::Plain,
             };
-            self.meter_next = Some(Meter { spec, request: frame.len as u64, role });
+            self.meter_next = Some(Meter { spec, request: frame.len as u64, role, started: Instant::now() });
             if !self.admit().await {
                 return;
             }
@@ -741,6 +747,7 @@ impl Session {
         entry.proto.store(self.proto, Ordering::Relaxed);
         let (read, write) = stream.into_split();
         self.up_read = Some(read);
+        self.up_metric = Some(crate::metrics::Upstream::opened());
         self.up_write = Some(write);
         tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
         *entry.jti.lock().unwrap() = claims.jti.clone();
@@ -750,6 +757,7 @@ impl Session {
         let bucket = self.shared.buckets.get(&claims.cache, route.limits.ecpu_per_second);
         self.tenant = Some(Tenant {
             bucket,
+            latency: crate::metrics::latency(&claims.cache),
             ns: Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events),
             cache: claims.cache,
             route,
@@ -803,6 +811,7 @@ impl Session {
             Ok((route, stream)) => {
                 let (read, write) = stream.into_split();
                 self.up_read = Some(read);
+                self.up_metric = Some(crate::metrics::Upstream::opened());
                 self.up_write = Some(write);
                 self.up_in.clear();
                 self.replies = ReplyScanner::new();
@@ -1068,8 +1077,11 @@ impl Session {
     /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
     fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
         let c = Counters::command(meter.spec, meter.request, reply, delivered);
-        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
-            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        if let Some(t) = self.tenant.as_ref().filter(|_| c.commands > 0) {
+            if t.bucket.limited() {
+                t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+            }
+            t.latency.record(meter.started.elapsed().as_secs_f64());
         }
         self.tally(c);
     }
@@ -1146,6 +1158,7 @@ impl Session {
     fn upstream_lost(&mut self, why: &str) {
         tracing::warn!(peer = %self.peer, reason = why, "upstream connection lost");
         self.up_read = None;
+        self.up_metric = None;
         self.up_write = None;
         self.up_out.clear();
         self.up_in.clear();
@@ -1183,6 +1196,7 @@ impl Session {
     /// Drops the upstream connection on purpose (RESET): the next command opens a fresh one.
     pub fn drop_upstream(&mut self) {
         self.up_read = None;
+        self.up_metric = None;
         self.up_write = None;
         self.up_out.clear();
         self.up_in.clear();
@@ -1222,6 +1236,7 @@ impl Session {
     }
 
     pub fn reply_auth_error(&mut self, e: GatewayError) {
+        crate::metrics::auth_failure(self.tenant.as_ref().map(|t| &t.cache));
         tracing::info!(peer = %self.peer, reason = %e, kind = e.kind(), "authentication refused");
         self.reply_error(e.client_message());
     }

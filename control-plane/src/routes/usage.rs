@@ -47,6 +47,7 @@ async fn post_usage(
         return Err(ApiError::field("usage", format!("minute {} is not the start of a minute", u.minute)));
     }
     let stored = state.store.record_usage(&batch).await?;
+    crate::metrics::usage_batch(&batch, stored);
     Ok(HttpResponse::Ok().json(serde_json::json!({ "stored": stored })))
 }
 
@@ -83,6 +84,8 @@ pub struct UsagePoint {
     pub throttled: u64,
     /// Commands that returned an error.
     pub errors: u64,
+    /// Keys with a TTL evicted because the cache was over `data_storage_mb`.
+    pub evicted_keys: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -136,9 +139,11 @@ pub async fn get_usage(
     let rows = state.store.usage(&id, &from_text, &to_text, granularity).await?;
     // Storage is sampled by the control plane (byte-seconds per minute); a point's
     // storage_bytes is its average over the period.
-    let mut byte_seconds: std::collections::BTreeMap<i64, u64> = Default::default();
+    let mut storage: std::collections::BTreeMap<i64, (u64, u64)> = Default::default();
     for s in state.store.storage_usage(&id, first, to.timestamp()).await? {
-        *byte_seconds.entry(s.minute - s.minute.rem_euclid(step)).or_default() += s.byte_seconds;
+        let point = storage.entry(s.minute - s.minute.rem_euclid(step)).or_default();
+        point.0 += s.byte_seconds;
+        point.1 += s.evicted_keys;
     }
     let mut rows = rows.into_iter().peekable();
     let mut points = Vec::new();
@@ -155,7 +160,8 @@ pub async fn get_usage(
             commands: row.commands,
             bytes_in: row.bytes_in,
             bytes_out: row.bytes_out,
-            storage_bytes: byte_seconds.get(&start).copied().unwrap_or(0) / step as u64,
+            storage_bytes: storage.get(&start).map_or(0, |s| s.0) / step as u64,
+            evicted_keys: storage.get(&start).map_or(0, |s| s.1),
             hits: row.hits,
             misses: row.misses,
             throttled: row.throttled,

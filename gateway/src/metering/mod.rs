@@ -80,6 +80,8 @@ pub(crate) struct Meter {
     /// Bytes of the request as the client sent it.
     pub request: u64,
     pub role: Role,
+    /// When the request was read (for the latency histogram).
+    pub started: std::time::Instant,
 }
 
 impl Meter {
@@ -126,6 +128,7 @@ impl Ledger {
         if c.is_zero() {
             return;
         }
+        crate::metrics::cache_counters(cache, c);
         let mut map = self.map.lock().unwrap();
         match map.get_mut(&(cache.clone(), minute)) {
             Some(total) => total.add(c),

@@ -177,6 +177,7 @@ pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::R
         if let Err(e) = outbox.deliver(&shared.control_plane).await {
             tracing::warn!(error = %e, pending = outbox.pending.load(Ordering::Relaxed), "usage not delivered yet");
         }
+        crate::metrics::pending_usage_batches(outbox.pending.load(Ordering::Relaxed));
     }
 }
 

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# What metering costs: redis-benchmark SET/GET through two `shoal dev` gateways, one with
+# metering on (the default) and one started with --no-metering, interleaved per case.
+# Prints ops/s per case and the ratio on/off (goal: at least 0.97, i.e. at most 3% cost).
+#
+# Environment:
+#   BENCH_REQUESTS   requests per run at pipeline 1 (default 200000; pipeline 16 runs 5x that)
+#   BENCH_ROUNDS     rounds; each case reports the run with the median ops/s (default 3)
+#   BENCH_KEEP_TMP   1 keeps the temporary directory (logs, raw outputs)
+set -euo pipefail
+
+case "${1:-}" in
+  "") ;;
+  -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "usage: $0 [--help]" >&2; exit 2 ;;
+esac
+
+cd "$(dirname "$0")/.."
+REQUESTS="${BENCH_REQUESTS:-200000}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+for v in REQUESTS ROUNDS; do
+  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_$v must be a positive integer" >&2; exit 2; }
+done
+CLIENTS=50 DATA_SIZE=100 KEYSPACE=100000
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf '\033[1;31mERROR: %s\033[0m\n' "$*" >&2; exit 1; }
+
+command -v redis-benchmark >/dev/null || die "redis-benchmark missing (Debian: apt-get install redis-tools)"
+export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh)}"
+
+log "building shoal (release)"
+cargo build --release --bin shoal
+SHOAL="${CARGO_TARGET_DIR:-$PWD/target}/release/shoal"
+
+TMP="$(mktemp -d -t shoal-metering.XXXXXX)"
+PIDS=()
+cleanup() {
+  local rc=$? pid
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ "${BENCH_KEEP_TMP:-0}" == 1 ]]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mapfile -t PORTS < <(python3 bench/benchlib.py ports 8)
+declare -A RESP TOKEN
+
+start() { # name rest resp node1 node2 [flags...]
+  local name="$1" rest="$2" resp="$3" n1="$4" n2="$5" i reply cache
+  shift 5
+  NO_COLOR=1 SHOAL_TLS_PORT=0 "$SHOAL" dev --data-dir "$TMP/$name" --rest-port "$rest" --resp-port "$resp" \
+    --node-ports "$n1,$n2" "$@" </dev/null >"$TMP/$name.out" 2>"$TMP/$name.log" &
+  PIDS+=($!)
+  for ((i = 0; ; i++)); do
+    if curl -sf "http://127.0.0.1:$rest/healthz" >/dev/null 2>&1 && [[ -s "$TMP/$name/admin.token" ]]; then break; fi
+    ((i < 600)) || die "shoal dev ($name) did not become healthy within 60 s"
+    sleep 0.1
+  done
+  local admin="Authorization: Bearer $(cat "$TMP/$name/admin.token")"
+  reply="$(curl -s -X POST -H "$admin" -d '{"name":"bench"}' "http://127.0.0.1:$rest/v1/caches")"
+  cache="$(python3 bench/benchlib.py json-field id <<<"$reply")" || die "creating a cache failed: $reply"
+  reply="$(curl -s -X POST -H "$admin" -d '{"ttl_seconds": 3600}' "http://127.0.0.1:$rest/v1/caches/$cache/tokens")"
+  TOKEN[$name]="$(python3 bench/benchlib.py json-field token <<<"$reply")" || die "minting a token failed: $reply"
+  RESP[$name]="$resp"
+}
+
+log "starting shoal dev with metering on and off"
+start on "${PORTS[0]}" "${PORTS[1]}" "${PORTS[2]}" "${PORTS[3]}"
+start off "${PORTS[4]}" "${PORTS[5]}" "${PORTS[6]}" "${PORTS[7]}" --no-metering
+
+run() { # target cmd pipeline requests -> ops/s
+  redis-benchmark -h 127.0.0.1 -p "${RESP[$1]}" -a "${TOKEN[$1]}" -c "$CLIENTS" -n "$4" -d "$DATA_SIZE" \
+    -P "$3" -r "$KEYSPACE" -t "$2" --csv 2>/dev/null </dev/null | grep -ai "^\"$2\"," | tail -n 1 | cut -d, -f2 | tr -d '"'
+}
+
+log "warming up"
+for t in on off; do for c in set get; do run "$t" "$c" 16 50000 >/dev/null; done; done
+
+declare -A RESULTS
+for ((round = 1; round <= ROUNDS; round++)); do
+  order=(on off)
+  ((round % 2 == 0)) && order=(off on)
+  for p in 1 16; do
+    n=$REQUESTS
+    ((p == 16)) && n=$((REQUESTS * 5))
+    for c in set get; do
+      for t in "${order[@]}"; do
+        rps="$(run "$t" "$c" "$p" "$n")"
+        [[ -n "$rps" ]] || die "redis-benchmark $c P$p against metering $t failed"
+        RESULTS["$c P$p $t"]+="$rps "
+        printf 'round %d  %-3s P%-2s metering %-3s %12s ops/s\n' "$round" "${c^^}" "$p" "$t" "$rps" >&2
+      done
+    done
+  done
+done
+
+echo
+printf '%-8s %14s %14s %9s\n' case "metering on" "metering off" "on/off"
+for p in 1 16; do
+  for c in set get; do
+    python3 - "${c^^} P$p" "${RESULTS["$c P$p on"]}" "${RESULTS["$c P$p off"]}" <<'PY'
+import statistics, sys
+name, on, off = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+m_on, m_off = statistics.median(on), statistics.median(off)
+print(f"{name:<8} {m_on:>14,.0f} {m_off:>14,.0f} {m_on / m_off:>9.3f}")
+PY
+  done
+done
