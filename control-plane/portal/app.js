@@ -231,7 +231,9 @@ async function showLogin(message) {
           const r = await api('/v1/auth/login', { method: 'POST', body: { username: user.value, password: pass.value } });
           await login(r.token || r.access_token);
         } catch (x) {
-          fail(x.status === 401 ? new Error('Wrong user name or password.') : x);
+          if (x.status === 401) fail(new Error('Wrong user name or password.'));
+          else if (x.status === 404) fail(new Error('This server has no directory configured: log in with an API token.'));
+          else fail(x);
         }
       },
     },
