@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run everything on this machine with embedded defaults.
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Run the control plane (REST API + the Valkey pool) from a config file.
     ControlPlane {
         #[arg(long, env = "SHOAL_CONFIG")]
@@ -96,6 +96,32 @@ struct DevArgs {
     valkey_server: Option<PathBuf>,
     #[command(flatten)]
     limits: GatewayLimits,
+    /// Throttling of failed gateway `AUTH`s: `off`, or a TOML inline table like
+    /// `{ per_user = { free_failures = 3, base_delay_ms = 250, max_delay_ms = 5000, lockout_after = 10, lockout_ms = 300000 } }`
+    /// (fields left out keep their defaults).
+    #[arg(long, env = "SHOAL_AUTH_THROTTLE", value_parser = parse_throttle)]
+    auth_throttle: Option<shoal_auth::ThrottlePolicy>,
+    /// Throttling of failed `POST /v1/auth/login`s (same syntax as --auth-throttle).
+    #[arg(long, env = "SHOAL_LOGIN_THROTTLE", value_parser = parse_throttle)]
+    login_throttle: Option<shoal_auth::ThrottlePolicy>,
+    /// LDAP logins: a TOML file with the fields of `[control_plane.ldap]` (url, mode, roles…).
+    #[arg(long, env = "SHOAL_LDAP_CONFIG")]
+    ldap_config: Option<PathBuf>,
+    /// Lifetime in seconds of the REST token an LDAP login returns.
+    #[arg(long, env = "SHOAL_SESSION_TTL", default_value_t = 3600)]
+    session_ttl: u64,
+}
+
+/// `off`, or a TOML inline table of `shoal_auth::ThrottlePolicy` fields.
+fn parse_throttle(s: &str) -> Result<shoal_auth::ThrottlePolicy, String> {
+    if s.trim() == "off" {
+        return Ok(shoal_auth::ThrottlePolicy::disabled());
+    }
+    #[derive(Deserialize)]
+    struct Wrap {
+        p: shoal_auth::ThrottlePolicy,
+    }
+    toml::from_str::<Wrap>(&format!("p = {s}")).map(|w| w.p).map_err(|e| e.to_string())
 }
 
 /// Gateway limits (the same fields as `[gateway]` in a gateway config file).
@@ -166,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     match cli.command {
-        Command::Dev(args) => dev(args).await,
+        Command::Dev(args) => dev(*args).await,
         Command::ControlPlane { config } => control_plane(config).await,
         Command::Gateway { config } => gateway(config).await,
         Command::Openapi => {
@@ -217,6 +243,14 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     );
 
     let internal_token = args.internal_token.clone().unwrap_or_else(shoal_engine::node::random_secret);
+    let ldap = match &args.ldap_config {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?)
+        }
+        None => None,
+    };
     // One metrics registry for the process: the gateway's /metrics and the control plane's.
     let metrics = shoal_gateway::metrics::install();
     let rest = format!("{}:{}", args.host, args.rest_port);
@@ -230,6 +264,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         admin_token_path: args.data_dir.join("admin.token"),
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),
+        ldap,
+        session_ttl: args.session_ttl,
+        login_throttle: args.login_throttle.unwrap_or_default(),
         storage_interval: args.storage_interval,
         metrics: Some(metrics.clone()),
         ..Default::default()
@@ -260,6 +297,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         idle_timeout: std::time::Duration::from_secs_f64(args.limits.idle_timeout),
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
+        auth_throttle: args.auth_throttle.unwrap_or_default(),
         data_dir: Some(data_dir.join("gateway")),
         metering: !args.no_metering,
         metrics_listen: Some(format!("{}:{}", args.host, args.metrics_port)),

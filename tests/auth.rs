@@ -114,6 +114,26 @@ async fn forged_expired_misdirected_and_tampered_tokens_are_refused() {
             "{what}: {out}"
         );
     }
+
+    // Each refusal is an audit record (batched by the gateway), without the token.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let failures = loop {
+        let (_, body) =
+            dev.api(reqwest::Method::GET, "/v1/audit?action=data.auth&outcome=failure&limit=500", None).await;
+        let items = body["items"].as_array().unwrap().clone();
+        if items.len() >= cases.len() || std::time::Instant::now() > deadline {
+            break items;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(failures.len(), cases.len(), "{failures:#?}");
+    assert!(failures.iter().all(|r| r["details"]["mechanism"] == "jwt" && r["source"] == "127.0.0.1"));
+    assert!(
+        failures.iter().any(|r| r["reason"].as_str().unwrap().contains("ExpiredSignature")),
+        "{failures:#?}"
+    );
+    let text = serde_json::to_string(&failures).unwrap();
+    assert!(!text.contains(&good[good.len() - 20..]), "a token's signature in the audit log");
 }
 
 #[tokio::test]

@@ -332,6 +332,11 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
 
     assert_stored(&dev, &id, rule.want).await;
     assert_eq!(gateway_counters(metrics_port, &id).await, rule.want, "the gateway's /metrics agree");
+    let body =
+        reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
+    let count =
+        format!("shoal_cache_command_duration_seconds_count{{cache=\"{id}\"}} {}", rule.want.commands);
+    assert!(body.lines().any(|l| l == count), "one latency sample per metered command: {count}");
 }
 
 /// A child process stopped with SIGTERM when dropped.

@@ -21,6 +21,13 @@ pub struct ControlPlaneConfig {
     pub token_ttl_max: u64,
     /// HTTP worker threads.
     pub workers: usize,
+    /// LDAP logins (`POST /v1/auth/login`, and `AUTH <user>@<cache>` at gateways); off when
+    /// absent. In TOML: a `[control_plane.ldap]` table (see `shoal_auth::LdapConfig`).
+    pub ldap: Option<shoal_auth::LdapConfig>,
+    /// Lifetime in seconds of the REST bearer token an LDAP login returns.
+    pub session_ttl: u64,
+    /// Throttling of failed `POST /v1/auth/login` attempts, per source and per user name.
+    pub login_throttle: shoal_auth::ThrottlePolicy,
     /// Prices: defaults (ElastiCache Serverless, Valkey, us-east-1) and per-account plans.
     pub billing: shoal_billing::PriceList,
     /// Seconds after a month ends before its invoices are final (late usage still counts).
@@ -44,6 +51,9 @@ impl Default for ControlPlaneConfig {
             token_ttl_default: 15 * 60,
             token_ttl_max: 12 * 3600,
             workers: 2,
+            ldap: None,
+            session_ttl: 3600,
+            login_throttle: shoal_auth::ThrottlePolicy::default(),
             billing: Default::default(),
             invoice_grace_seconds: 3600,
             storage_interval: 5.0,

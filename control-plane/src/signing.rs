@@ -1,6 +1,8 @@
 //! Data-plane token signing: Ed25519 keys (EdDSA JWTs), kept in the store, published as a
-//! JWKS. The newest key signs; older keys keep verifying until removed.
+//! JWKS. The newest key signs; rotated-out keys keep verifying until every token they
+//! signed has expired.
 
+use crate::store::audit::AuditEvent;
 use crate::store::{SigningKeyRecord, Store, StoreError};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -10,10 +12,16 @@ use serde::Serialize;
 use shoal_types::DataClaims;
 
 pub struct Signer {
+    keys: std::sync::RwLock<Keys>,
+    /// How long a retired key keeps verifying: the longest token lifetime plus leeway.
+    verify_window: chrono::Duration,
+}
+
+struct Keys {
     kid: String,
     encoding: EncodingKey,
-    /// Every key gateways should accept, newest last.
-    public: Vec<(String, Vec<u8>)>,
+    /// Every key, oldest first, with when it was retired (None: the signing key).
+    public: Vec<(String, Vec<u8>, Option<chrono::DateTime<chrono::Utc>>)>,
 }
 
 /// One JSON Web Key, as served at `/.well-known/jwks.json`.
@@ -34,34 +42,58 @@ pub struct Jwks {
 }
 
 impl Signer {
-    /// Loads the keys from the store, creating the first one if there is none.
-    pub async fn load_or_create(store: &Store) -> Result<Signer, StoreError> {
-        let mut keys = store.signing_keys().await?;
-        if keys.is_empty() {
-            let key = generate();
-            store.insert_signing_key(&key).await?;
-            keys.push(key);
+    /// Loads the keys from the store, creating the first one if there is none. Retired keys
+    /// are published for `verify_window` after their retirement.
+    pub async fn load_or_create(
+        store: &Store,
+        verify_window: std::time::Duration,
+    ) -> Result<Signer, StoreError> {
+        if store.signing_keys().await?.is_empty() {
+            store.insert_signing_key(&generate()).await?;
         }
-        let newest = keys.last().expect("at least one key");
-        Ok(Signer {
-            kid: newest.kid.clone(),
-            encoding: EncodingKey::from_ed_der(&newest.private_der),
-            public: keys.iter().map(|k| (k.kid.clone(), k.public_raw.clone())).collect(),
-        })
+        let signer = Signer {
+            keys: std::sync::RwLock::new(Keys::load(store).await?),
+            verify_window: chrono::Duration::from_std(verify_window).unwrap_or(chrono::Duration::days(1)),
+        };
+        Ok(signer)
+    }
+
+    /// A new key signs from now on; the others are retired (they keep verifying for the
+    /// verify window). Audited with `event` in the same transaction. Returns the new kid.
+    pub async fn rotate(&self, store: &Store, event: &mut AuditEvent) -> Result<String, StoreError> {
+        let key = generate();
+        event.target = key.kid.clone();
+        let mut tx = store.begin().await?;
+        crate::store::users::insert_signing_key(tx.conn(), &key).await?;
+        crate::store::users::retire_signing_keys(tx.conn(), &key.kid).await?;
+        tx.commit(event).await?;
+        *self.keys.write().unwrap() = Keys::load(store).await?;
+        Ok(key.kid)
+    }
+
+    /// The kid that signs now.
+    pub fn current_kid(&self) -> String {
+        self.keys.read().unwrap().kid.clone()
     }
 
     pub fn sign(&self, claims: &DataClaims) -> Result<String, jsonwebtoken::errors::Error> {
+        let keys = self.keys.read().unwrap();
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
+        header.kid = Some(keys.kid.clone());
+        jsonwebtoken::encode(&header, claims, &keys.encoding)
     }
 
+    /// The keys gateways should accept: the signing key and those retired less than the
+    /// verify window ago.
     pub fn jwks(&self) -> Jwks {
+        let now = chrono::Utc::now();
+        let keys = self.keys.read().unwrap();
         Jwks {
-            keys: self
+            keys: keys
                 .public
                 .iter()
-                .map(|(kid, raw)| Jwk {
+                .filter(|(_, _, retired)| retired.is_none_or(|at| at + self.verify_window > now))
+                .map(|(kid, raw, _)| Jwk {
                     kty: "OKP",
                     crv: "Ed25519",
                     alg: "EdDSA",
@@ -71,6 +103,33 @@ impl Signer {
                 })
                 .collect(),
         }
+    }
+}
+
+impl Keys {
+    async fn load(store: &Store) -> Result<Keys, StoreError> {
+        let keys = store.signing_keys_with_retirement().await?;
+        // The signing key: the newest one not retired (the newest one if all are).
+        let signing = keys
+            .iter()
+            .rev()
+            .find(|(_, retired)| retired.is_none())
+            .or(keys.last())
+            .map(|(k, _)| k.clone())
+            .expect("at least one key");
+        Ok(Keys {
+            kid: signing.kid.clone(),
+            encoding: EncodingKey::from_ed_der(&signing.private_der),
+            public: keys
+                .into_iter()
+                .map(|(k, retired)| {
+                    let retired = retired
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                        .map(|t| t.with_timezone(&chrono::Utc));
+                    (k.kid, k.public_raw, retired)
+                })
+                .collect(),
+        })
     }
 }
 

@@ -18,6 +18,12 @@ pub struct AppState {
     pub signer: Signer,
     /// Serializes placement so two creates never take the same database.
     pub placement_lock: tokio::sync::Mutex<()>,
+    /// Serializes changes to cache users (their upstream ACL users and rows change together).
+    pub users_lock: tokio::sync::Mutex<()>,
+    /// The LDAP directory, when configured.
+    pub directory: Option<shoal_auth::Directory>,
+    /// Failed `POST /v1/auth/login` attempts.
+    pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -48,9 +54,13 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     let store = Store::open(&config.database_url).await?;
     bootstrap_admin(&store, &config).await?;
-    let signer = Signer::load_or_create(&store).await?;
+    let window =
+        std::time::Duration::from_secs(config.token_ttl_max + crate::routes::auth::VERIFY_LEEWAY_SECS);
+    let signer = Signer::load_or_create(&store, window).await?;
+    let directory = config.ldap.clone().map(shoal_auth::Directory::new).transpose()?;
     let workers = config.workers;
     let listen = config.listen.clone();
+    let login_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.login_throttle));
     let state = web::Data::new(AppState {
         metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
@@ -58,6 +68,9 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         pool,
         signer,
         placement_lock: tokio::sync::Mutex::new(()),
+        users_lock: tokio::sync::Mutex::new(()),
+        directory,
+        login_throttle,
     });
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
@@ -91,6 +104,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::tokens::configure)
             .configure(routes::me::configure)
             .configure(routes::portal::configure)
+            .configure(routes::users::configure)
+            .configure(routes::auth::configure)
             .configure(routes::usage::configure)
             .configure(routes::billing::configure)
             .route("/openapi.json", web::get().to(openapi_json))
@@ -165,6 +180,8 @@ pub enum StartupError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Ldap(#[from] shoal_auth::LdapError),
     #[error("configuration: {0}")]
     Config(String),
 }

@@ -103,6 +103,47 @@ impl Pool {
         pipe.cmd("SELECT").arg(0).ignore();
         node.provision(&pipe).await
     }
+
+    /// Creates or changes a cache user's ACL user (`rules` as `ACL SETUSER` takes them, the
+    /// password included) and saves the ACL file. Valkey applies changed rules to the user's
+    /// open connections at once; a user switched `off` has its connections closed.
+    pub async fn set_cache_user(&self, node: &str, user: &str, rules: &[String]) -> Result<(), EngineError> {
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
+        if rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off") {
+            pipe.cmd("CLIENT").arg("KILL").arg("USER").arg(user).ignore();
+        }
+        pipe.cmd("ACL").arg("SAVE").ignore();
+        match pipe.query_async::<()>(&mut conn).await {
+            // CLIENT KILL USER answers an error when nobody was connected.
+            Err(e) if e.to_string().contains("No such user") => Ok(()),
+            other => other.map_err(|e| node.valkey_err(e)),
+        }
+    }
+
+    /// Deletes cache users' ACL users (Valkey closes their connections) and saves the ACL file.
+    pub async fn delete_cache_users(&self, node: &str, users: &[String]) -> Result<(), EngineError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ACL").arg("DELUSER").arg(users).ignore();
+        pipe.cmd("ACL").arg("SAVE").ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
+    }
+
+    /// Names of the node's ACL users that start with `prefix` (a cache's users).
+    pub async fn acl_users_with_prefix(&self, node: &str, prefix: &str) -> Result<Vec<String>, EngineError> {
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let users: Vec<String> =
+            redis::cmd("ACL").arg("USERS").query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+        Ok(users.into_iter().filter(|u| u.starts_with(prefix)).collect())
+    }
 }
 
 pub(crate) async fn admin_conn(node: &Node) -> Result<redis::aio::MultiplexedConnection, EngineError> {

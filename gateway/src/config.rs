@@ -42,6 +42,11 @@ pub struct GatewayConfig {
     /// How long a cache's route is reused before it is asked for again.
     #[serde(with = "secs")]
     pub route_ttl: Duration,
+    /// Throttling of failed `AUTH` attempts per source address and per user name
+    /// (`[gateway.auth_throttle]`; durations in ms, see `shoal_auth::ThrottlePolicy`).
+    pub auth_throttle: shoal_auth::ThrottlePolicy,
+    /// This gateway's name in audit records (default: its advertised address).
+    pub gateway_id: Option<String>,
     /// Meter commands (ECPU, bytes, hits) and ship usage to the control plane.
     pub metering: bool,
     /// Where the gateway keeps its identity and spooled usage batches (none: in memory).
@@ -78,6 +83,8 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::ZERO,
             token_grace: Duration::from_secs(60),
             route_ttl: Duration::from_secs(2),
+            auth_throttle: shoal_auth::ThrottlePolicy::default(),
+            gateway_id: None,
             metering: true,
             data_dir: None,
             usage_memory_batches: 120,

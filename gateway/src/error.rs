@@ -14,6 +14,11 @@ pub enum GatewayError {
     UpstreamAuth,
     #[error("the cache has too many connections")]
     TooManyConnections,
+    #[error("too many failed attempts")]
+    LockedOut,
+    /// The login could not be checked (the LDAP directory is down): fail closed.
+    #[error("login directory unavailable: {0}")]
+    DirectoryUnavailable(String),
 }
 
 impl GatewayError {
@@ -26,6 +31,12 @@ impl GatewayError {
             GatewayError::ControlPlane(_) => "ERR authentication service unavailable, try again",
             GatewayError::Upstream(_) => "ERR cache temporarily unavailable, try again",
             GatewayError::TooManyConnections => "ERR max number of clients reached for this cache",
+            GatewayError::LockedOut => {
+                "WRONGPASS too many failed attempts from this address or for this user; try again later"
+            }
+            GatewayError::DirectoryUnavailable(_) => {
+                "ERR the login directory (LDAP) is unavailable; try again later"
+            }
         }
     }
 
@@ -38,6 +49,13 @@ impl GatewayError {
             GatewayError::Upstream(_) => "upstream",
             GatewayError::UpstreamAuth => "upstream_auth",
             GatewayError::TooManyConnections => "too_many_connections",
+            GatewayError::LockedOut => "locked_out",
+            GatewayError::DirectoryUnavailable(_) => "directory_unavailable",
         }
+    }
+
+    /// Whether the client, not the platform, is at fault (counts towards throttling).
+    pub fn is_credential_failure(&self) -> bool {
+        matches!(self, GatewayError::Auth(_) | GatewayError::UnknownCache)
     }
 }

@@ -31,6 +31,15 @@ pub struct Shared {
     pub started: Instant,
     /// Permits for connections that have not authenticated yet.
     pub unauthenticated: Arc<Semaphore>,
+    /// Failed `AUTH` attempts of cache and LDAP users, per source and user name.
+    pub throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    /// Failed token logins, per source only (a signature cannot be guessed, and a per-user
+    /// count would let anyone lock a cache's token users out).
+    pub token_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    /// Login events on their way to the audit log.
+    pub audit: Arc<crate::auth::audit::AuditQueue>,
+    /// This gateway's name in audit records.
+    pub gateway_id: String,
     /// Usage counters not yet shipped to the control plane.
     pub ledger: crate::metering::Ledger,
     /// `ecpu_per_second` buckets of the caches with sessions here.
@@ -76,6 +85,13 @@ impl Gateway {
             identity: Identity::new(&advertise),
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(config.auth_throttle)),
+            token_throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(shoal_auth::ThrottlePolicy {
+                per_user: config.auth_throttle.per_source,
+                ..config.auth_throttle
+            })),
+            audit: Default::default(),
+            gateway_id: config.gateway_id.clone().unwrap_or_else(|| format!("gateway-{advertise}")),
             ledger: Default::default(),
             buckets: Default::default(),
             config,
@@ -121,6 +137,8 @@ impl Gateway {
         }
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
+        let audit =
+            tokio::spawn(self.shared.audit.clone().run(self.shared.control_plane.clone(), shutdown.clone()));
         let shipper = self.outbox.map(|outbox| {
             tokio::spawn(crate::metering::usage::run(outbox, self.shared.clone(), shutdown.clone()))
         });
@@ -149,6 +167,8 @@ impl Gateway {
             let _ = task.await;
         }
         revocations.abort();
+        // The last login events go out before the gateway stops.
+        let _ = tokio::time::timeout(Duration::from_secs(3), audit).await;
         routes.abort();
         limits.abort();
         if let Some(m) = metrics {
@@ -184,10 +204,20 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// How often the gateway asks for revoked tokens (revocation takes effect within that).
 const REVOCATION_POLL: Duration = Duration::from_secs(1);
+/// How often the gateway reloads the signing keys even without an unknown kid.
+const JWKS_REFRESH: Duration = Duration::from_secs(60);
 
 /// Keeps the revocation list current and closes connections whose token was revoked.
 async fn follow_revocations(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut keys_refreshed = Instant::now();
     loop {
+        // Keys retired long enough ago drop out of the JWKS; unknown kids refresh at once.
+        if keys_refreshed.elapsed() >= JWKS_REFRESH {
+            keys_refreshed = Instant::now();
+            if let Err(e) = shared.jwt.refresh().await {
+                tracing::debug!(error = %e, "could not refresh signing keys");
+            }
+        }
         match shared.control_plane.revocations().await {
             Ok(jtis) => {
                 let added = shared.jwt.set_revoked(jtis);

@@ -66,6 +66,18 @@ pub fn cache_counters(cache: &CacheId, c: &Counters) {
     }
 }
 
+/// Adds a session's latency counts (per bucket) to the cache's histogram: each at its
+/// bucket's bound, so the buckets are exact and the sum is an upper bound.
+pub fn record_latencies(histogram: &Histogram, counts: &[u64]) {
+    for (i, &n) in counts.iter().enumerate() {
+        if n > 0 {
+            let value =
+                LATENCY_BUCKETS.get(i).copied().unwrap_or(2.0 * LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1]);
+            histogram.record_many(value, n as usize);
+        }
+    }
+}
+
 /// The cache's command latency histogram (request parsed → reply handed to the client).
 pub fn latency(cache: &CacheId) -> Histogram {
     histogram!("shoal_cache_command_duration_seconds", "cache" => cache.to_string())
@@ -88,6 +100,15 @@ pub fn auth_failure(cache: Option<&CacheId>) {
         Some(c) => counter!("shoal_cache_auth_failures_total", "cache" => c.to_string()).increment(1),
         None => counter!("shoal_gateway_auth_failures_total").increment(1),
     }
+}
+
+/// A login attempt by mechanism (`jwt`, `cache-user`, `ldap`, `none`) and outcome
+/// (`success`, `failure`, `lockout`): fixed label values, whatever the client sent.
+pub fn auth_attempt(mechanism: &str, outcome: &str) {
+    let mechanism = ["jwt", "cache-user", "ldap"].into_iter().find(|m| *m == mechanism).unwrap_or("none");
+    let outcome = ["success", "lockout"].into_iter().find(|o| *o == outcome).unwrap_or("failure");
+    counter!("shoal_gateway_auth_attempts_total", "mechanism" => mechanism, "outcome" => outcome)
+        .increment(1);
 }
 
 pub fn session_started() {

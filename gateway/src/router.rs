@@ -7,7 +7,9 @@
 //! and the storage flag reach connected sessions within about a second.
 
 use crate::GatewayError;
-use shoal_types::{CacheId, CacheLimits, TenantRoute};
+use shoal_types::{
+    CacheId, CacheLimits, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -111,6 +113,38 @@ impl ControlPlaneClient {
         Ok(body.revoked)
     }
 
+    /// Asks the control plane to check a cache user's or LDAP user's password.
+    pub async fn verify_user(&self, id: &CacheId, req: &VerifyRequest) -> Result<Verified, GatewayError> {
+        let url = format!("{}/internal/v1/caches/{}/users/verify", self.base, id);
+        let resp = self.send(self.http.post(url).json(req)).await?;
+        let status = resp.status();
+        let bad = |e: reqwest::Error| GatewayError::ControlPlane(e.to_string());
+        match status {
+            s if s.is_success() => Ok(Verified::Login(resp.json().await.map_err(bad)?)),
+            reqwest::StatusCode::UNAUTHORIZED => Ok(Verified::Refused(resp.json().await.map_err(bad)?)),
+            reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                Ok(Verified::Unavailable(resp.json().await.map_err(bad)?))
+            }
+            reqwest::StatusCode::NOT_FOUND => Err(GatewayError::UnknownCache),
+            s => Err(GatewayError::ControlPlane(format!("user verification answered {s}"))),
+        }
+    }
+
+    /// Posts a batch of login events to the audit log.
+    pub async fn post_audit(&self, events: &[LoginEvent]) -> Result<(), GatewayError> {
+        let url = format!("{}/internal/v1/audit", self.base);
+        let resp = self.send(self.http.post(url).json(events)).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else if resp.status().is_client_error() {
+            // Retrying a batch the control plane refuses would block every later event.
+            tracing::error!(status = %resp.status(), events = events.len(), "login events refused; dropped");
+            Ok(())
+        } else {
+            Err(GatewayError::ControlPlane(format!("audit answered {}", resp.status())))
+        }
+    }
+
     /// The public keys that verify data-plane tokens.
     pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, GatewayError> {
         let url = format!("{}/.well-known/jwks.json", self.base);
@@ -120,6 +154,15 @@ impl ControlPlaneClient {
         }
         resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
     }
+}
+
+/// The control plane's answer to a password check.
+pub enum Verified {
+    Login(VerifiedLogin),
+    /// Wrong credentials, unknown or disabled user, no role on the cache.
+    Refused(VerifyRefusal),
+    /// The check could not be made (the LDAP directory is down): fail closed.
+    Unavailable(VerifyRefusal),
 }
 
 /// A cache's route as this gateway's sessions share it, updated in place by the refresh.

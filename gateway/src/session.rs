@@ -10,6 +10,7 @@
 //! shared upstream ([`crate::mux`]) instead, in batches; their replies come back per batch
 //! and take their place in `pending` like any other.
 
+use crate::auth::login::{Attempt, LoginNote};
 use crate::clients::{ClientEntry, Invalidation};
 use crate::listener::Shared;
 use crate::metering::{self, Counters, Meter, Role};
@@ -19,10 +20,13 @@ use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, Limits, RequestParser};
 use crate::resp::value::{self, Value};
 use crate::resp::{self};
+use crate::router::Verified;
 use crate::upstream::{read_opt, write_opt};
 use crate::{upstream, GatewayError};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
+use shoal_auth::throttle::{FailureOutcome, Verdict};
+use shoal_types::VerifyRequest;
 use shoal_types::{CacheId, TenantRoute};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -100,6 +104,11 @@ pub(crate) struct Tenant {
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
     pub entry: Arc<ClientEntry>,
+    /// The upstream ACL user and password of a cache user's or LDAP user's login (which
+    /// carries its access string); None: the cache's own ACL user (token logins).
+    pub upstream_login: Option<(String, String)>,
+    /// That login's access string, checked before the commands the gateway answers itself.
+    pub access: Option<Arc<shoal_auth::AccessString>>,
     /// The cache's `ecpu_per_second` bucket on this gateway.
     pub bucket: Arc<crate::metering::limit::Bucket>,
     pub latency: metrics::Histogram,
@@ -416,6 +425,10 @@ impl Session {
                 return (idle, Some("idle timeout"));
             }
         }
+        if self.token_expires > Instant::now() + NO_EXPIRY / 2 {
+            // A login without a token: nothing expires.
+            return (started, None);
+        }
         (expiry, Some(TOKEN_EXPIRED))
     }
 
@@ -556,6 +569,9 @@ impl Session {
             }
             Treatment::Virtual => {
                 let spec_name = spec.map(|s| s.name.clone()).unwrap_or_default();
+                if let Some(refusal) = self.refused_by_access(&spec_name) {
+                    return self.refuse(&refusal);
+                }
                 crate::virtualize::run(self, &spec_name, args).await;
             }
             Treatment::Pass => {
@@ -589,6 +605,23 @@ impl Session {
         }
     }
 
+    /// A cache user's access string also holds for the commands the gateway answers
+    /// itself (logging in, choosing a database and resetting excepted, as upstream).
+    fn refused_by_access(&self, spec_name: &str) -> Option<String> {
+        let access = self.tenant.as_ref()?.access.as_ref()?;
+        let (name, sub) = match spec_name.split_once('|') {
+            Some((n, s)) => (n, Some(s)),
+            None => (spec_name, None),
+        };
+        if matches!(name, "auth" | "hello" | "quit" | "reset" | "select")
+            || shoal_auth::access::allows_command(access, name, sub)
+        {
+            return None;
+        }
+        let shown = sub.map_or(name.to_string(), |s| format!("{name}|{s}"));
+        Some(format!("NOPERM this user has no permissions to run the '{shown}' command"))
+    }
+
     /// Whether the session is in the state every mux connection is in: RESP2, the cache's
     /// first database, no transaction, subscription or tracking, never went dedicated.
     fn can_mux(&self) -> bool {
@@ -597,7 +630,7 @@ impl Session {
             && !self.in_multi
             && !self.tracking
             && !self.pubsub.active()
-            && self.tenant.as_ref().is_some_and(|t| t.db == 0)
+            && self.tenant.as_ref().is_some_and(|t| t.db == 0 && t.upstream_login.is_none())
     }
 
     /// Adds the request at the front of the input to the batch being gathered.
@@ -696,51 +729,179 @@ impl Session {
         self.reply_error(msg);
     }
 
-    /// Verifies credentials and binds the session to the token's cache.
-    /// With a token, the user name may be `default` or name the token's cache (its id or
-    /// name); a token for one cache never opens another.
+    /// Checks credentials (throttled, audited) and binds the session to a cache: a token
+    /// (`AUTH <token>`, `AUTH <user> <token>`), or a cache or LDAP user
+    /// (`AUTH <user>@<cache id> <password>`). On an authenticated connection, a login to the
+    /// same cache switches the user; another cache's is refused.
     pub async fn authenticate(&mut self, user: Option<&[u8]>, password: &[u8]) -> Result<(), GatewayError> {
-        let token = std::str::from_utf8(password).map_err(|_| GatewayError::Auth("not utf-8".into()))?;
-        if !crate::auth::jwt::looks_like_jwt(password) {
-            return Err(GatewayError::Auth("not a token".into()));
-        }
-        let claims = self.shared.jwt.verify(token).await?;
-        let names_token_cache = |route: &TenantRoute, user: &[u8]| {
-            user == b"default"
-                || user == route.cache_id.as_str().as_bytes()
-                || user == route.cache_name.as_bytes()
+        let attempt = Attempt::parse(user, password);
+        let mut note = LoginNote::for_attempt(&attempt, user);
+        let source = self.peer.ip();
+        let key = attempt.throttle_key(source);
+        let shared = self.shared.clone();
+        // Attempts that could never succeed (neither a token nor `<user>@<cache>`) guess
+        // nothing: they are refused and audited, not counted.
+        let throttle = match attempt {
+            Attempt::User { .. } => Some(&shared.throttle),
+            Attempt::Token { .. } => Some(&shared.token_throttle),
+            Attempt::Invalid => None,
         };
-        if let Some(tenant) = &self.tenant {
-            if tenant.cache != claims.cache {
-                return Err(GatewayError::Auth("re-authentication to another cache".into()));
+        let verdict =
+            throttle.map_or(Verdict::Allow, |t| t.lock().unwrap().check(Instant::now(), source, &key));
+        match verdict {
+            Verdict::Allow => {}
+            Verdict::Delay(wait) => tokio::time::sleep(wait).await,
+            Verdict::Locked { scope, .. } => {
+                note.reason = format!("locked out ({scope:?} has too many failed attempts)").to_lowercase();
+                crate::metrics::auth_attempt(&note.mechanism, "lockout");
+                self.shared.audit.push(note.event(&self.shared.gateway_id, source, "lockout"));
+                return Err(GatewayError::LockedOut);
             }
-            *tenant.entry.jti.lock().unwrap() = claims.jti.clone();
-            self.token_expires = expiry_instant(claims.exp);
-            return Ok(());
         }
+        let result = match attempt {
+            Attempt::Token { user } => self.login_token(user.as_deref(), password, &mut note).await,
+            Attempt::User { name, cache } => self.login_user(&name, &cache, password, &mut note).await,
+            Attempt::Invalid => Err(GatewayError::Auth("not a token and no <user>@<cache id>".into())),
+        };
+        let gateway_id = &self.shared.gateway_id;
+        match &result {
+            Ok(()) => {
+                if let Some(t) = throttle {
+                    t.lock().unwrap().success(&key);
+                }
+                crate::metrics::auth_attempt(&note.mechanism, "success");
+                self.shared.audit.push(note.event(gateway_id, source, "success"));
+            }
+            Err(e) => {
+                if note.reason.is_empty() {
+                    note.reason = e.to_string().chars().take(200).collect();
+                }
+                let mut outcome = "failure";
+                if let Some(t) = throttle.filter(|_| e.is_credential_failure()) {
+                    let counted = t.lock().unwrap().failure(Instant::now(), source, &key);
+                    if matches!(counted, FailureOutcome::LockedOut(_)) {
+                        outcome = "lockout";
+                    }
+                }
+                crate::metrics::auth_attempt(&note.mechanism, outcome);
+                self.shared.audit.push(note.event(gateway_id, source, outcome));
+            }
+        }
+        result
+    }
+
+    /// A data-plane JWT. The user name may be `default` or name the token's cache (its id or
+    /// name); a token for one cache never opens another.
+    async fn login_token(
+        &mut self,
+        user: Option<&str>,
+        password: &[u8],
+        note: &mut LoginNote,
+    ) -> Result<(), GatewayError> {
+        let token = std::str::from_utf8(password).map_err(|_| GatewayError::Auth("not utf-8".into()))?;
+        let claims = self.shared.jwt.verify(token).await?;
+        note.cache = Some(claims.cache.clone());
+        note.jti = Some(claims.jti.clone());
+        note.username = format!("token:{}", claims.sub.chars().take(128).collect::<String>());
+        let names_token_cache = |route: &TenantRoute, user: &str| {
+            user == "default" || user == route.cache_id.as_str() || user == route.cache_name
+        };
         let live = self.shared.router.live(&claims.cache).await?;
         let route = live.get();
         if let Some(user) = user.filter(|u| !names_token_cache(&route, u)) {
-            let shown = String::from_utf8_lossy(user).chars().take(64).collect::<String>();
+            let shown = user.chars().take(64).collect::<String>();
             return Err(GatewayError::Auth(format!(
                 "token for cache {} presented as user {shown:?}",
                 claims.cache
             )));
         }
+        self.bind(live, route, None, None, &claims.jti, expiry_instant(claims.exp)).await
+    }
+
+    /// A cache user or LDAP user: the control plane checks the password and names the
+    /// upstream ACL user that carries the user's access.
+    async fn login_user(
+        &mut self,
+        name: &str,
+        cache: &CacheId,
+        password: &[u8],
+        note: &mut LoginNote,
+    ) -> Result<(), GatewayError> {
+        let request = VerifyRequest {
+            username: name.to_string(),
+            password: String::from_utf8(password.to_vec())
+                .map_err(|_| GatewayError::Auth("password is not utf-8".into()))?,
+        };
+        let login = match self.shared.control_plane.verify_user(cache, &request).await? {
+            Verified::Login(login) => login,
+            Verified::Refused(r) => {
+                note.mechanism = r.mechanism;
+                note.reason = r.reason.clone();
+                return Err(GatewayError::Auth(r.reason));
+            }
+            Verified::Unavailable(r) => {
+                note.mechanism = r.mechanism;
+                note.reason = r.reason.clone();
+                return Err(GatewayError::DirectoryUnavailable(r.reason));
+            }
+        };
+        note.mechanism = login.mechanism.clone();
+        note.account = Some(login.account_id.clone());
+        let live = self.shared.router.live(cache).await?;
+        let route = live.get();
+        let upstream = Some((login.upstream_user, login.upstream_password));
+        let access = login.access_string.as_deref().map(shoal_auth::AccessString::parse).transpose();
+        let access = access.map_err(|e| GatewayError::ControlPlane(e.to_string()))?.map(Arc::new);
+        // No token: the login lasts as long as the connection.
+        self.bind(live, route, upstream, access, "", Instant::now() + NO_EXPIRY).await
+    }
+
+    /// Binds the session to the cache of `route`, logged in upstream as the cache's own ACL
+    /// user or as `upstream` (a cache user's). A second login on the connection must be to
+    /// the same cache; it switches the upstream user in place.
+    async fn bind(
+        &mut self,
+        live: Arc<crate::router::LiveRoute>,
+        route: TenantRoute,
+        upstream: Option<(String, String)>,
+        access: Option<Arc<shoal_auth::AccessString>>,
+        jti: &str,
+        expires: Instant,
+    ) -> Result<(), GatewayError> {
+        if let Some(tenant) = &mut self.tenant {
+            if tenant.cache != route.cache_id {
+                return Err(GatewayError::Auth("re-authentication to another cache".into()));
+            }
+            *tenant.entry.jti.lock().unwrap() = jti.to_string();
+            self.token_expires = expires;
+            tenant.access = access;
+            if tenant.upstream_login != upstream {
+                tenant.upstream_login = upstream;
+                tenant.route = with_login(route, &tenant.upstream_login);
+                let (user, password) = (tenant.route.acl_user.clone(), tenant.route.acl_password.clone());
+                if self.up_write.is_some() {
+                    self.forward_helper(&[b"AUTH", user.as_bytes(), password.as_bytes()]);
+                }
+            }
+            return Ok(());
+        }
+        let cache = route.cache_id.clone();
         let (entry, inbox) = self
             .shared
             .clients
             .register(
-                &claims.cache,
+                &cache,
                 max_connections(&self.shared.config, &route),
                 self.peer.to_string(),
                 self.local.to_string(),
             )
             .ok_or(GatewayError::TooManyConnections)?;
+        let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
+        let route = with_login(route, &upstream);
         let stream = match upstream::connect(&route, route.db).await {
             Ok(x) => x,
             Err(e) => {
-                self.shared.clients.unregister(&claims.cache, &entry);
+                self.shared.clients.unregister(&cache, &entry);
                 return Err(e);
             }
         };
@@ -749,21 +910,24 @@ impl Session {
         self.up_read = Some(read);
         self.up_metric = Some(crate::metrics::Upstream::opened());
         self.up_write = Some(write);
-        tracing::info!(cache = %claims.cache, jti = %claims.jti, peer = %self.peer, "authenticated");
-        *entry.jti.lock().unwrap() = claims.jti.clone();
-        self.token_expires = expiry_instant(claims.exp);
+        tracing::info!(cache = %cache, jti, upstream_user = %route.acl_user, peer = %self.peer, "authenticated");
+        *entry.jti.lock().unwrap() = jti.to_string();
+        self.token_expires = expires;
         self.unauthenticated = None;
         self.inbox = Some(inbox);
-        let bucket = self.shared.buckets.get(&claims.cache, route.limits.ecpu_per_second);
+        let bucket = self.shared.buckets.get(&cache, route.limits.ecpu_per_second);
+        let latency = crate::metrics::latency(&cache);
         self.tenant = Some(Tenant {
             bucket,
-            latency: crate::metrics::latency(&claims.cache),
-            ns: Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events),
-            cache: claims.cache,
+            latency,
+            ns,
+            cache,
             route,
             live,
             db: 0,
             entry,
+            upstream_login: upstream,
+            access,
         });
         Ok(())
     }
@@ -802,7 +966,7 @@ impl Session {
         }
         let Some(tenant) = self.tenant.as_ref() else { return false };
         let result = async {
-            let route = self.shared.router.route(&tenant.cache).await?;
+            let route = with_login(self.shared.router.route(&tenant.cache).await?, &tenant.upstream_login);
             let stream = upstream::connect(&route, route.db + tenant.db).await?;
             Ok::<_, GatewayError>((route, stream))
         }
@@ -1077,11 +1241,11 @@ impl Session {
     /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
     fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
         let c = Counters::command(meter.spec, meter.request, reply, delivered);
-        if let Some(t) = self.tenant.as_ref().filter(|_| c.commands > 0) {
-            if t.bucket.limited() {
-                t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
-            }
-            t.latency.record(meter.started.elapsed().as_secs_f64());
+        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
+            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        }
+        if c.commands > 0 {
+            self.tally.observe(meter.started.elapsed().as_secs_f64());
         }
         self.tally(c);
     }
@@ -1130,7 +1294,9 @@ impl Session {
     fn flush_tally(&mut self) {
         if let Some(t) = &self.tenant {
             self.shared.ledger.add(&t.cache, self.tally.minute, &self.tally.counters);
+            crate::metrics::record_latencies(&t.latency, &self.tally.latency);
         }
+        self.tally.latency = Default::default();
         self.tally.counters = Counters::default();
         self.tally.flush_at = None;
     }
@@ -1248,6 +1414,18 @@ impl Session {
             self.push_pending(Pending::Close);
         }
     }
+}
+
+/// Logins without a token do not expire (a connection's deadline is this far away).
+const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// The route with a cache user's upstream login in place of the cache's own ACL user.
+fn with_login(mut route: TenantRoute, login: &Option<(String, String)>) -> TenantRoute {
+    if let Some((user, password)) = login {
+        route.acl_user = user.clone();
+        route.acl_password = password.clone();
+    }
+    route
 }
 
 /// The monotonic instant of a token's `exp` (seconds since the epoch).

@@ -177,6 +177,80 @@ pub struct DataClaims {
 pub const TOKEN_ISSUER: &str = "shoal";
 pub const DATA_AUDIENCE: &str = "shoal-data";
 
+/// Gateway → control plane (`POST /internal/v1/caches/{id}/users/verify`): check the
+/// password of a cache user or of an LDAP user with a role on the cache.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for VerifyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyRequest").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// A verified login: the upstream Valkey ACL user the gateway connects as for it, whose
+/// rules hold the user's access string (also inside scripts).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifiedLogin {
+    /// `cache-user` or `ldap`.
+    pub mechanism: String,
+    pub username: String,
+    pub upstream_user: String,
+    pub upstream_password: String,
+    /// The account owning the cache (for audit records).
+    pub account_id: AccountId,
+    /// The user's access string, for the commands the gateway answers itself (Valkey
+    /// enforces it on everything forwarded).
+    #[serde(default)]
+    pub access_string: Option<String>,
+}
+
+impl fmt::Debug for VerifiedLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedLogin")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("upstream_user", &self.upstream_user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refused login (401) or a login that could not be checked (503, e.g. LDAP down).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyRefusal {
+    /// `cache-user` or `ldap` (or `none` when no mechanism knows the user).
+    pub mechanism: String,
+    /// A short machine-readable reason for the audit log (never a secret).
+    pub reason: String,
+}
+
+/// One data-plane login event a gateway reports (`POST /internal/v1/audit`, in batches).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoginEvent {
+    /// When the gateway saw it (RFC 3339 UTC).
+    pub at: String,
+    pub gateway_id: String,
+    /// The client's address.
+    pub source: String,
+    /// The user name as given (`alice@c…`, `default`, a token's `sub`); never a password.
+    pub username: String,
+    #[serde(default)]
+    pub cache_id: Option<CacheId>,
+    #[serde(default)]
+    pub account_id: Option<AccountId>,
+    /// `jwt`, `cache-user`, `ldap`, or `none` when nothing accepted the user name.
+    pub mechanism: String,
+    /// `success`, `failure` or `lockout`.
+    pub outcome: String,
+    pub reason: String,
+    /// A token's id, when a token was presented.
+    #[serde(default)]
+    pub jti: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

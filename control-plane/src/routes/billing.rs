@@ -180,9 +180,8 @@ pub async fn list_invoices(
 /// One invoice as JSON, CSV (`Accept: text/csv` or `?format=csv`) or a printable HTML page
 /// (`Accept: text/html` or `?format=html`).
 #[utoipa::path(get, path = "/v1/invoices/{id}", params(("id" = String, Path, description = "`<account id>-<YYYY-MM>`"), FormatQuery),
-    responses((status = 200, body = InvoiceDocument, content_type = "application/json"),
-              (status = 200, description = "CSV", content_type = "text/csv"),
-              (status = 200, description = "printable page", content_type = "text/html")),
+    responses((status = 200, description = "the invoice: JSON, CSV or a printable page",
+               content((InvoiceDocument = "application/json"), (String = "text/csv"), (String = "text/html")))),
     security(("bearer" = [])), tag = "billing")]
 pub async fn get_invoice(
     state: web::Data<AppState>,

@@ -529,7 +529,8 @@ pub async fn patch_cache(
     )))
 }
 
-/// Delete a cache: its ACL user goes (open connections close), its data is flushed.
+/// Delete a cache: its ACL user and its cache users go (open connections close), its data
+/// is flushed.
 #[utoipa::path(delete, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
     responses((status = 204), (status = 401, body = crate::error::Problem),
               (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
@@ -548,12 +549,18 @@ pub async fn delete_cache(
         db: cache.db,
         databases: cache.databases,
     };
+    // Its users' ACL users (cache users and LDAP roles) go first: their connections close.
+    let _users = state.users_lock.lock().await;
+    let users = state.pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
+    state.pool.delete_cache_users(&cache.node, &users).await?;
     state.pool.delete_tenant(&cache.node, &acl).await?;
     let mut event = ctx.event(&who, "cache.delete", cache.id.as_str());
     event.account_id = Some(cache.account_id.to_string());
     event.cache_id = Some(cache.id.to_string());
     let mut tx = state.store.begin().await?;
     store::mark_cache_deleted(tx.conn(), &cache.id).await?;
+    let removed = store::users::delete_cache_users(tx.conn(), &cache.id).await?;
+    event.details = serde_json::json!({ "cache_users_deleted": removed });
     tx.commit(&event).await?;
     apply_keyspace_events(&state, &cache.node).await?;
     tracing::info!(cache = %cache.id, "cache deleted");

@@ -6,13 +6,15 @@ use crate::routes::caches::parse_id;
 use crate::startup::AppState;
 use crate::store::CacheRecord;
 use actix_web::{web, HttpRequest, HttpResponse};
-use shoal_types::{CacheId, TenantRoute};
+use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/routes/{id}", web::get().to(route))
         .route("/internal/v1/routes", web::post().to(routes))
         .route("/internal/v1/caches/{id}/client-tracking", web::post().to(enable_client_tracking))
         .route("/internal/v1/revocations", web::get().to(revocations))
+        .route("/internal/v1/caches/{id}/users/verify", web::post().to(verify_user))
+        .route("/internal/v1/audit", web::post().to(login_events))
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
@@ -114,4 +116,134 @@ async fn revocations(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
 #[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, body = crate::signing::Jwks)), tag = "auth")]
 pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(state.signer.jwks())
+}
+
+/// Most events one audit batch may carry.
+const MAX_AUDIT_BATCH: usize = 1000;
+
+fn refused(status: actix_web::http::StatusCode, mechanism: &str, reason: &str) -> HttpResponse {
+    HttpResponse::build(status).json(VerifyRefusal { mechanism: mechanism.into(), reason: reason.into() })
+}
+
+/// A gateway checks a login to a cache: a cache user's password (argon2, off the async
+/// threads), the cache's no-password `default` user, or — for names that are no cache
+/// user — an LDAP bind whose groups give a role on this cache. Answers the upstream ACL user
+/// to connect as (200), a refusal (401), or 503 when the directory cannot be asked.
+async fn verify_user(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Json<VerifyRequest>,
+) -> Result<HttpResponse, ApiError> {
+    use actix_web::http::StatusCode;
+    let cache = internal_cache(&state, &req, &id).await?;
+    let VerifyRequest { username, password } = body.into_inner();
+    // Only well-formed names can be cache users (and a NUL byte is no text to PostgreSQL).
+    let cache_user = match crate::routes::users::is_valid_username(&username) {
+        true => state.store.cache_user(&cache.id, &username).await?,
+        false => None,
+    };
+    if let Some(user) = cache_user {
+        let ok = user.no_password
+            || match shoal_auth::UserPasswords::from_hashes(user.password_hashes.clone()) {
+                Ok(hashes) => tokio::task::spawn_blocking(move || hashes.verify(&password))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+                Err(e) => return Err(ApiError::Internal(e.to_string())),
+            };
+        if !ok {
+            return Ok(refused(StatusCode::UNAUTHORIZED, "cache-user", "wrong_password"));
+        }
+        let enabled =
+            shoal_auth::AccessString::parse(&user.access_string).map(|a| a.enabled()).unwrap_or(false);
+        if !enabled {
+            return Ok(refused(StatusCode::UNAUTHORIZED, "cache-user", "user_disabled"));
+        }
+        return Ok(HttpResponse::Ok().json(VerifiedLogin {
+            mechanism: "cache-user".into(),
+            username,
+            upstream_user: crate::routes::users::upstream_user(&cache, &user.username),
+            upstream_password: user.upstream_secret,
+            account_id: cache.account_id,
+            access_string: Some(user.access_string),
+        }));
+    }
+    let Some(directory) = state.directory.clone() else {
+        return Ok(refused(StatusCode::UNAUTHORIZED, "none", "unknown_user"));
+    };
+    let identity = match directory.authenticate(&username, &password).await {
+        Ok(identity) => identity,
+        Err(e) if e.is_credential_failure() => {
+            return Ok(refused(StatusCode::UNAUTHORIZED, "ldap", e.kind()));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "LDAP unavailable for a gateway login");
+            return Ok(refused(StatusCode::SERVICE_UNAVAILABLE, "ldap", e.kind()));
+        }
+    };
+    let role = identity.roles.iter().find_map(|r| match r {
+        shoal_auth::Role::CacheReadWrite { cache: c } if *c == cache.id => Some("rw"),
+        _ => None,
+    });
+    let role = role.or_else(|| {
+        identity.roles.iter().find_map(|r| match r {
+            shoal_auth::Role::CacheReadOnly { cache: c } if *c == cache.id => Some("ro"),
+            _ => None,
+        })
+    });
+    let Some(role) = role else {
+        return Ok(refused(StatusCode::UNAUTHORIZED, "ldap", "no_role_on_cache"));
+    };
+    // One upstream ACL user per role and cache, with a password derived from the cache's
+    // own secret (so nothing more is stored); (re)made on each login, which is idempotent.
+    let access_text = if role == "rw" { LDAP_READ_WRITE } else { LDAP_READ_ONLY };
+    let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
+    let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
+    let secret = crate::auth::hash_token(&format!("{}|{upstream_user}", cache.acl_password));
+    let rules = crate::routes::users::upstream_rules(&cache, &access, &secret)?;
+    state.pool.set_cache_user(&cache.node, &upstream_user, &rules).await?;
+    Ok(HttpResponse::Ok().json(VerifiedLogin {
+        mechanism: "ldap".into(),
+        username: identity.user,
+        upstream_user,
+        upstream_password: secret,
+        account_id: cache.account_id,
+        access_string: Some(access_text.to_string()),
+    }))
+}
+
+/// What LDAP users with the cache read-write / read-only role may do.
+pub const LDAP_READ_WRITE: &str = "on ~* &* +@all";
+pub const LDAP_READ_ONLY: &str =
+    "on ~* &* -@all +@read +@connection +@transaction +@pubsub -@write -publish -spublish";
+
+/// A gateway's batch of data-plane login events: each becomes an audit record.
+async fn login_events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<Vec<LoginEvent>>,
+) -> Result<HttpResponse, ApiError> {
+    require_gateway(&state, &req)?;
+    if body.len() > MAX_AUDIT_BATCH {
+        return Err(ApiError::field("events", format!("at most {MAX_AUDIT_BATCH} events per batch")));
+    }
+    for e in body.into_inner() {
+        let clip = |s: &str, n: usize| crate::store::audit::printable(&s.chars().take(n).collect::<String>());
+        let event = crate::store::audit::AuditEvent {
+            actor: format!("{}:{}", clip(&e.mechanism, 16), clip(&e.username, 200)),
+            account_id: e.account_id.map(|a| a.to_string()),
+            source: clip(&e.source, 64),
+            action: "data.auth".into(),
+            target: e.cache_id.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+            cache_id: e.cache_id.map(|c| c.to_string()),
+            outcome: clip(&e.outcome, 16),
+            reason: clip(&e.reason, 200),
+            request_id: clip(&e.gateway_id, 64),
+            details: serde_json::json!({ "mechanism": clip(&e.mechanism, 16), "username": clip(&e.username, 200),
+                                         "at": clip(&e.at, 40), "gateway": clip(&e.gateway_id, 64),
+                                         "jti": e.jti.map(|j| clip(&j, 64)) }),
+        };
+        state.store.audit(&event).await?;
+    }
+    Ok(HttpResponse::NoContent().finish())
 }

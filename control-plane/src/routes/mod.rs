@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod audit;
+pub mod auth;
 pub mod billing;
 pub mod caches;
 pub mod health;
@@ -11,3 +12,4 @@ pub mod page;
 pub mod portal;
 pub mod tokens;
 pub mod usage;
+pub mod users;

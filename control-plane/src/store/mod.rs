@@ -9,6 +9,7 @@ mod billing;
 pub mod idempotency;
 mod storage;
 mod usage;
+pub mod users;
 
 pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
 pub use usage::{minute_text, Granularity, UsageRow};
@@ -180,9 +181,11 @@ impl Store {
 
     pub async fn api_key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, role, account_id FROM api_keys WHERE token_hash = $1 AND revoked_at IS NULL",
+            "SELECT id, role, account_id FROM api_keys
+             WHERE token_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(token_hash)
+        .bind(now())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| ApiKeyRecord {

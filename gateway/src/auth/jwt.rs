@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECS: u64 = 30;
-const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Unknown kids reload the key set at most this often (waiting, not failing, when the last
+/// reload was more recent), so a flood of made-up kids cannot flood the control plane.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct JwtVerifier {
     client: Arc<ControlPlaneClient>,
@@ -22,6 +24,8 @@ pub struct JwtVerifier {
     validation: Validation,
     /// Revoked token ids (unexpired), refreshed from the control plane every second.
     revoked: RwLock<std::collections::HashSet<String>>,
+    /// One reload for unknown kids at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl JwtVerifier {
@@ -38,10 +42,11 @@ impl JwtVerifier {
             last_refresh: Mutex::new(None),
             validation,
             revoked: RwLock::new(Default::default()),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Reloads the key set from the control plane, at most once per few seconds.
+    /// Reloads the key set from the control plane, unless it was reloaded very recently.
     pub async fn refresh(&self) -> Result<(), GatewayError> {
         {
             let mut last = self.last_refresh.lock().unwrap();
@@ -50,6 +55,25 @@ impl JwtVerifier {
             }
             *last = Some(Instant::now());
         }
+        self.load().await
+    }
+
+    /// Reloads the key set for a kid not seen before (a rotated-in key): waits out the
+    /// minimum interval rather than refusing a genuine new token.
+    async fn refresh_for(&self, kid: &str) -> Result<(), GatewayError> {
+        let _one = self.reloading.lock().await;
+        if self.keys.read().unwrap().contains_key(kid) {
+            return Ok(());
+        }
+        let since = self.last_refresh.lock().unwrap().map(|t| t.elapsed());
+        if let Some(wait) = since.map(|s| MIN_REFRESH_INTERVAL.saturating_sub(s)) {
+            tokio::time::sleep(wait).await;
+        }
+        *self.last_refresh.lock().unwrap() = Some(Instant::now());
+        self.load().await
+    }
+
+    async fn load(&self) -> Result<(), GatewayError> {
         let set: JwkSet = self.client.jwks().await?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
@@ -69,7 +93,7 @@ impl JwtVerifier {
         }
         let kid = header.kid.ok_or_else(|| GatewayError::Auth("token has no kid".into()))?;
         if !self.keys.read().unwrap().contains_key(&kid) {
-            self.refresh().await?;
+            self.refresh_for(&kid).await?;
         }
         let keys = self.keys.read().unwrap();
         let key = keys.get(&kid).ok_or_else(|| GatewayError::Auth("unknown kid".into()))?;

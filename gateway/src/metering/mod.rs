@@ -168,6 +168,16 @@ pub(crate) struct Tally {
     pub counters: Counters,
     /// When the tally must be flushed (set when it becomes non-empty).
     pub flush_at: Option<std::time::Instant>,
+    /// Command latencies counted per bucket of [`crate::metrics::LATENCY_BUCKETS`] (the
+    /// last slot: slower than the largest), handed to the histogram at flush time.
+    pub latency: [u64; crate::metrics::LATENCY_BUCKETS.len() + 1],
+}
+
+impl Tally {
+    pub fn observe(&mut self, seconds: f64) {
+        let slot = crate::metrics::LATENCY_BUCKETS.iter().position(|&le| seconds <= le);
+        self.latency[slot.unwrap_or(crate::metrics::LATENCY_BUCKETS.len())] += 1;
+    }
 }
 
 /// How long a session keeps counters before it hands them to the ledger.
