@@ -1,7 +1,8 @@
 //! The admin portal end to end: the real `shoal dev`, traffic through the gateway, then
 //! headless Chromium (Debian's `chromium`, driven by playwright-core from
 //! `tests/portal/node_modules`, installed by `scripts/setup.sh --test`) logs in and uses it.
-//! Screenshots are kept in `target/portal-screenshots/`.
+//! Screenshots are kept in `target/portal-screenshots/`. A second test logs in with a
+//! directory account against a real slapd.
 
 mod support;
 
@@ -87,4 +88,49 @@ async fn portal_in_headless_chromium() {
         let len = std::fs::metadata(shots.join(name)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 10_000, "screenshot {name} is missing or empty");
     }
+}
+
+/// Logging in with a directory account (search+bind over StartTLS against a real slapd):
+/// a wrong password is refused with a message, bob of the auditors group gets in as an
+/// auditor.
+#[tokio::test(flavor = "multi_thread")]
+async fn portal_directory_login_in_headless_chromium() {
+    use shoal_auth::testing::{self, Slapd};
+    let slapd = Slapd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ldap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"url = "{url}"
+starttls = true
+ca_cert = "{ca}"
+groups = "member-of"
+mode = {{ search = {{ bind_dn = "{bind_dn}", bind_password = "{bind_pw}", base = "{base}", filter = "(&(objectClass=inetOrgPerson)(uid={{user}}))" }} }}
+roles = [ {{ group = "cn=auditors,{groups}", role = "auditor" }} ]
+"#,
+            url = slapd.url(),
+            ca = slapd.ca_path().display(),
+            bind_dn = testing::SERVICE_DN,
+            bind_pw = testing::SERVICE_PW,
+            base = testing::BASE,
+            groups = testing::GROUPS_BASE,
+        ),
+    )
+    .unwrap();
+    let dev = ShoalDev::start_with(&["--ldap-config", config.to_str().unwrap()]).await;
+    let shots = screenshot_dir();
+    let out = Command::new("node")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/portal/login.mjs"))
+        .arg(dev.url(""))
+        .args(["bob", "bob-pw", "auditor"])
+        .arg(&shots)
+        .output()
+        .expect("node runs (scripts/setup.sh --test installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("PORTAL LOGIN PASSED"),
+        "the directory login test failed"
+    );
 }
