@@ -48,6 +48,27 @@ if $want_test; then
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends postgresql postgresql-client >&2
   fi
+  # The portal's browser test: Debian's Chromium, driven by playwright-core from npm
+  # (tests/portal/package-lock.json; no browser download, the Debian one is used).
+  if [[ ! -x /usr/bin/chromium ]]; then
+    log "installing Chromium (Debian: chromium) for the portal test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends chromium >&2
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    log "installing Node.js and npm (Debian: nodejs npm) for the portal test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends nodejs npm >&2
+  fi
+  portal_tests="$(dirname "$0")/../tests/portal"
+  if ! (cd "$portal_tests" && node -e '
+      const want = require("./package-lock.json").packages["node_modules/playwright-core"].version;
+      process.exit(require("playwright-core/package.json").version === want ? 0 : 1)' 2>/dev/null); then
+    log "installing playwright-core (npm ci in tests/portal)"
+    (cd "$portal_tests" && npm ci --no-audit --no-fund --loglevel=error >&2)
+  fi
   if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest not found; tests will run with cargo test"
   fi

@@ -101,6 +101,7 @@ async fn every_route_answers_each_role_as_documented() {
         ),
         (Method::GET, "/v1/audit".into(), None, [200, 200, 200, 200, 401]),
         (Method::GET, "/v1/audit/verify".into(), None, [200, 200, 200, 200, 401]),
+        (Method::GET, "/v1/me".into(), None, [200, 200, 200, 200, 401]),
     ];
     for (method, path, body, expected) in &matrix {
         for ((name, token), want) in who.all().iter().zip(expected) {

@@ -26,6 +26,7 @@ use utoipa::{Modify, OpenApi};
         crate::routes::accounts::revoke_account_key,
         crate::routes::accounts::create_platform_key,
         crate::routes::accounts::list_platform_keys,
+        crate::routes::me::me,
         crate::routes::billing::list_invoices,
         crate::routes::billing::get_invoice,
         crate::routes::billing::post_estimate,

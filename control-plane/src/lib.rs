@@ -7,8 +7,10 @@
 //! - [`startup`]: app state, HTTP server, bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
-//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `audit`,
-//!   `internal`, `health`); `page` holds pagination, idempotency and ETags.
+//! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
+//!   `audit`, `me`, `internal`, `health`); `page` holds pagination, idempotency and ETags;
+//!   `portal` serves the admin portal (files under `control-plane/portal/`, compiled in) at
+//!   `/portal/`.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit

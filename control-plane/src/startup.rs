@@ -102,6 +102,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::caches::configure)
             .configure(routes::audit::configure)
             .configure(routes::tokens::configure)
+            .configure(routes::me::configure)
+            .configure(routes::portal::configure)
             .configure(routes::users::configure)
             .configure(routes::auth::configure)
             .configure(routes::usage::configure)
