@@ -804,8 +804,9 @@ async fn every_data_type_behaves_as_on_valkey() {
     // the process's heap history) and the shape of hash tables and skiplists (per-process
     // hash seed, random skiplist levels): two fresh valkey-servers given the same commands
     // already disagree by a few percent, sorted sets (random skiplist levels) by more: seen
-    // 14,600 vs 16,584 bytes for the same 200 members. So: within 25% (or 64 bytes for tiny
-    // values) — enough to catch a reply about the wrong key or database.
+    // 14,600 vs 16,584 bytes for the same 200 members, and once 19,080 vs 15,112 for `tall`.
+    // So: within 40% (or 64 bytes for tiny values) — still enough to catch a reply about the
+    // wrong key or database.
     for key in [
         "embstr", "raw", "int", "s2", "h1", "hy", "l1", "long", "sa", "wide", "zdst", "tall", "st", "hll3",
         "bm", "Sicily",
@@ -813,7 +814,7 @@ async fn every_data_type_behaves_as_on_valkey() {
         d.check(
             &["MEMORY", "USAGE", key],
             "allocator sizes and hash layouts are per process",
-            |g, v| matches!((int(g), int(v)), (Some(a), Some(b)) if (a - b).abs() <= 64.max(b / 4)),
+            |g, v| matches!((int(g), int(v)), (Some(a), Some(b)) if (a - b).abs() <= 64.max(b * 2 / 5)),
         )
         .await;
     }
