@@ -45,6 +45,22 @@ impl RequestContext {
     }
 }
 
+impl RequestContext {
+    /// An audit event about one of `cache`'s objects (its account and id filled in).
+    pub fn cache_event(
+        &self,
+        who: &Principal,
+        action: &str,
+        target: &str,
+        cache: &crate::store::CacheRecord,
+    ) -> AuditEvent {
+        let mut event = self.event(who, action, target);
+        event.account_id = Some(cache.account_id.to_string());
+        event.cache_id = Some(cache.id.to_string());
+        event
+    }
+}
+
 impl FromRequest for RequestContext {
     type Error = actix_web::Error;
     type Future = Ready<Result<RequestContext, actix_web::Error>>;

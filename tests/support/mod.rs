@@ -144,7 +144,21 @@ impl ShoalDev {
     /// Runs raw SQL on the store (as an operator or attacker with database access could),
     /// returning rows of `|`-separated columns.
     pub fn sql(&self, query: &str) -> Vec<String> {
-        let out = match &self.database_url {
+        let out = self.run_sql(query);
+        assert!(out.status.success(), "SQL {query:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    /// Like [`sql`](Self::sql), for statements expected to fail: the error text.
+    pub fn sql_err(&self, query: &str) -> String {
+        let out = self.run_sql(query);
+        assert!(!out.status.success(), "SQL {query:?} should have failed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// psql on PostgreSQL, Python's sqlite3 on SQLite (committing what the statement did).
+    fn run_sql(&self, query: &str) -> std::process::Output {
+        match &self.database_url {
             Some(url) => Command::new("psql")
                 .arg(url)
                 .args(["-v", "ON_ERROR_STOP=1", "-AtF|", "-c", query])
@@ -162,31 +176,7 @@ impl ShoalDev {
                 ])
                 .output()
                 .expect("python3 runs"),
-        };
-        assert!(out.status.success(), "SQL {query:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
-    }
-
-    /// Like [`sql`](Self::sql), for statements expected to fail: the error text.
-    pub fn sql_err(&self, query: &str) -> String {
-        let out = match &self.database_url {
-            Some(url) => Command::new("psql")
-                .arg(url)
-                .args(["-v", "ON_ERROR_STOP=1", "-Atc", query])
-                .output()
-                .unwrap(),
-            None => Command::new("python3")
-                .args([
-                    "-c",
-                    "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()",
-                    self.dir.join(".shoal/shoal.db").to_str().unwrap(),
-                    query,
-                ])
-                .output()
-                .unwrap(),
-        };
-        assert!(!out.status.success(), "SQL {query:?} should have failed");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        }
     }
 
     /// SQL that renders a BLOB/BYTEA column as hex on this store.

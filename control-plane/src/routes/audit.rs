@@ -41,13 +41,11 @@ pub struct AuditList {
     pub next_cursor: Option<String>,
 }
 
-fn time_param(v: &Option<String>, field: &str) -> Result<Option<String>, ApiError> {
-    match v {
-        None => Ok(None),
-        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
-            .map(|d| Some(d.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-            .map_err(|_| ApiError::field(field.to_string(), format!("{field} must be an RFC 3339 time"))),
-    }
+fn time_param(v: &Option<String>, field: &'static str) -> Result<Option<String>, ApiError> {
+    v.as_deref()
+        .map(|t| crate::routes::usage::parse_time(field, t))
+        .transpose()
+        .map(|t| t.map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
 }
 
 /// Search the audit log, oldest first. Owners and account auditors see their account's

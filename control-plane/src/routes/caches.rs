@@ -363,9 +363,7 @@ async fn create(
         version: 1,
         updated_at: now,
     };
-    let mut event = ctx.event(who, "cache.create", record.id.as_str());
-    event.account_id = Some(record.account_id.to_string());
-    event.cache_id = Some(record.id.to_string());
+    let mut event = ctx.cache_event(who, "cache.create", record.id.as_str(), &record);
     event.details = serde_json::json!({ "name": record.name });
     let stored = async {
         let mut tx = state.store.begin().await?;
@@ -501,9 +499,7 @@ pub async fn patch_cache(
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
         changed.push("keyspace_notifications");
     }
-    let mut event = ctx.event(&who, "cache.update", current.id.as_str());
-    event.account_id = Some(current.account_id.to_string());
-    event.cache_id = Some(current.id.to_string());
+    let mut event = ctx.cache_event(&who, "cache.update", current.id.as_str(), &current);
     event.details = serde_json::json!({ "fields": changed });
     let mut tx = state.store.begin().await?;
     let updated = match store::update_cache(tx.conn(), &next, current.version).await {
@@ -554,9 +550,7 @@ pub async fn delete_cache(
     let users = state.pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
     state.pool.delete_cache_users(&cache.node, &users).await?;
     state.pool.delete_tenant(&cache.node, &acl).await?;
-    let mut event = ctx.event(&who, "cache.delete", cache.id.as_str());
-    event.account_id = Some(cache.account_id.to_string());
-    event.cache_id = Some(cache.id.to_string());
+    let mut event = ctx.cache_event(&who, "cache.delete", cache.id.as_str(), &cache);
     let mut tx = state.store.begin().await?;
     store::mark_cache_deleted(tx.conn(), &cache.id).await?;
     let removed = store::users::delete_cache_users(tx.conn(), &cache.id).await?;

@@ -67,9 +67,7 @@ pub async fn revoke_token(
 ) -> Result<HttpResponse, ApiError> {
     let (id, jti) = path.into_inner();
     let cache = changeable_cache(&state, &who, &id).await?;
-    let mut event = ctx.event(&who, "token.revoke", &jti);
-    event.account_id = Some(cache.account_id.to_string());
-    event.cache_id = Some(cache.id.to_string());
+    let event = ctx.cache_event(&who, "token.revoke", &jti, &cache);
     let mut tx = state.store.begin().await?;
     if !store::revoke_token(tx.conn(), &cache.id, &jti).await? {
         return Err(ApiError::NotFound("token"));
@@ -136,9 +134,7 @@ pub async fn mint_token(
     };
     let token = state.signer.sign(&claims).map_err(|e| ApiError::Internal(e.to_string()))?;
     let expires_at = exp.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut event = ctx.event(&who, "token.mint", &claims.jti);
-    event.account_id = Some(cache.account_id.to_string());
-    event.cache_id = Some(cache.id.to_string());
+    let mut event = ctx.cache_event(&who, "token.mint", &claims.jti, &cache);
     event.details = serde_json::json!({ "ttl_seconds": ttl });
     let mut tx = state.store.begin().await?;
     store::insert_token(tx.conn(), &claims.jti, &cache.id, "read-write", &expires_at).await?;

@@ -179,7 +179,7 @@ pub async fn get_usage(
     }))
 }
 
-fn parse_time(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
+pub(crate) fn parse_time(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
     DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| ApiError::field(field, format!("{field} must be an RFC 3339 time")))

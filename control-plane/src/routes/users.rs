@@ -166,10 +166,7 @@ fn event_for(
     cache: &CacheRecord,
     username: &str,
 ) -> crate::store::audit::AuditEvent {
-    let mut event = ctx.event(who, action, &format!("{}/users/{username}", cache.id));
-    event.account_id = Some(cache.account_id.to_string());
-    event.cache_id = Some(cache.id.to_string());
-    event
+    ctx.cache_event(who, action, &format!("{}/users/{username}", cache.id), cache)
 }
 
 /// Create a cache user; its upstream ACL user is made on the cache's node.

@@ -27,7 +27,7 @@ pub struct ApiKeyInfo {
 
 fn account_from_row(r: &sqlx::any::AnyRow) -> Result<AccountRecord, StoreError> {
     Ok(AccountRecord {
-        id: AccountId::parse(r.get::<&str, _>("id")).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        id: AccountId::parse(r.get::<&str, _>("id")).map_err(super::decode_err)?,
         name: r.get("name"),
         email: r.get("email"),
         status: r.get("status"),

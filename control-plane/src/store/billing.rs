@@ -27,12 +27,10 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let minute: &str = r.get("minute");
-                let minute = chrono::DateTime::parse_from_rfc3339(minute)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
-                    .timestamp();
+                let minute =
+                    chrono::DateTime::parse_from_rfc3339(minute).map_err(super::decode_err)?.timestamp();
                 Ok(CacheUsage {
-                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id"))
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id")).map_err(super::decode_err)?,
                     minute,
                     commands: r.get::<i64, _>("commands") as u64,
                     ecpu_milli: r.get::<i64, _>("ecpu_milli") as u64,
@@ -66,8 +64,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok(StorageSample {
-                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id"))
-                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    cache_id: CacheId::parse(r.get::<&str, _>("cache_id")).map_err(super::decode_err)?,
                     minute: r.get("minute"),
                     byte_seconds: r.get::<i64, _>("byte_seconds") as u64,
                 })

@@ -424,11 +424,15 @@ pub async fn revoke_token(conn: &mut AnyConnection, cache: &CacheId, jti: &str) 
     Ok(done.rows_affected() > 0)
 }
 
+/// A stored value that does not parse (an id, a JSON column) as sqlx's decode error.
+pub(crate) fn decode_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(e))
+}
+
 fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
-    let decode = |e: shoal_types::InvalidId| sqlx::Error::Decode(Box::new(e));
     Ok(CacheRecord {
-        id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode)?,
-        account_id: AccountId::parse(r.get::<&str, _>("account_id")).map_err(decode)?,
+        id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?,
+        account_id: AccountId::parse(r.get::<&str, _>("account_id")).map_err(decode_err)?,
         name: r.get("name"),
         status: r.get("status"),
         node: r.get("node"),

@@ -25,10 +25,9 @@ pub struct CacheUserRecord {
 fn user_from_row(r: AnyRow) -> Result<CacheUserRecord, StoreError> {
     let hashes: String = r.get("password_hashes");
     Ok(CacheUserRecord {
-        cache_id: CacheId::parse(r.get::<&str, _>("cache_id"))
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        cache_id: CacheId::parse(r.get::<&str, _>("cache_id")).map_err(super::decode_err)?,
         username: r.get("username"),
-        password_hashes: serde_json::from_str(&hashes).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        password_hashes: serde_json::from_str(&hashes).map_err(super::decode_err)?,
         no_password: r.get::<i64, _>("no_password") != 0,
         access_string: r.get("access_string"),
         upstream_secret: r.get("upstream_secret"),
