@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Gateway benchmark: redis-benchmark SET/GET against
-#   direct     a plain valkey-server (no persistence),
+#   direct     a plain valkey-server (AOF, fsync every second, as Shoal's nodes),
 #   gateway    the Shoal gateway (`shoal dev`, AUTH with a cache token),
 #   twemproxy  nutcracker in front of the plain valkey-server,
 # interleaved per case, all in one run. Prints a table and writes
@@ -142,7 +142,9 @@ wait_ping() { # port what pid [auth]
 }
 
 log "starting valkey-server on 127.0.0.1:$VALKEY_PORT"
-"$VALKEY_SERVER" --bind 127.0.0.1 --port "$VALKEY_PORT" --save "" --appendonly no \
+# The same persistence as Shoal's own nodes (AOF, fsync every second), so that the ratios
+# compare the proxies and not the Valkey configurations behind them.
+"$VALKEY_SERVER" --bind 127.0.0.1 --port "$VALKEY_PORT" --save "" --appendonly yes --appendfsync everysec \
   --dir "$TMP/valkey" --logfile "$TMP/valkey.log" --daemonize no </dev/null >/dev/null 2>&1 &
 VALKEY_PID=$!
 wait_ping "$VALKEY_PORT" valkey "$VALKEY_PID" || { tail -n 20 "$TMP/valkey.log" >&2; die "valkey-server did not start"; }

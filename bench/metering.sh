@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # What metering costs: redis-benchmark SET/GET through two `shoal dev` gateways, one with
 # metering on (the default) and one started with --no-metering, interleaved per case.
-# Prints ops/s per case and the ratio on/off (goal: at least 0.97, i.e. at most 3% cost).
+# Prints, per case, the median ops/s of each, the median of the per-round ratios on/off
+# (goal: at least 0.97, i.e. at most 3% cost), and the CPU time the shoal process spent per
+# request with metering on and off (/proc/<pid>/stat; steadier than ops/s on a busy machine).
 #
 # Environment:
 #   BENCH_REQUESTS   requests per run at pipeline 1 (default 200000; pipeline 16 runs 5x that)
-#   BENCH_ROUNDS     rounds; each case reports the run with the median ops/s (default 3)
+#   BENCH_ROUNDS     rounds; each case reports medians over rounds (default 3)
 #   BENCH_KEEP_TMP   1 keeps the temporary directory (logs, raw outputs)
 set -euo pipefail
 
@@ -73,9 +75,21 @@ log "starting shoal dev with metering on and off"
 start on "${PORTS[0]}" "${PORTS[1]}" "${PORTS[2]}" "${PORTS[3]}"
 start off "${PORTS[4]}" "${PORTS[5]}" "${PORTS[6]}" "${PORTS[7]}" --no-metering
 
-run() { # target cmd pipeline requests -> ops/s
-  redis-benchmark -h 127.0.0.1 -p "${RESP[$1]}" -a "${TOKEN[$1]}" -c "$CLIENTS" -n "$4" -d "$DATA_SIZE" \
-    -P "$3" -r "$KEYSPACE" -t "$2" --csv 2>/dev/null </dev/null | grep -ai "^\"$2\"," | tail -n 1 | cut -d, -f2 | tr -d '"'
+declare -A PID
+PID[on]="${PIDS[0]}" PID[off]="${PIDS[1]}"
+
+cpu_seconds() { # pid -> utime + stime of every thread, in seconds
+  python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"
+}
+
+run() { # target cmd pipeline requests -> "ops/s cpu-µs-per-request"
+  local before after rps
+  before="$(cpu_seconds "${PID[$1]}")"
+  rps="$(redis-benchmark -h 127.0.0.1 -p "${RESP[$1]}" -a "${TOKEN[$1]}" -c "$CLIENTS" -n "$4" -d "$DATA_SIZE" \
+    -P "$3" -r "$KEYSPACE" -t "$2" --csv 2>/dev/null </dev/null | grep -ai "^\"$2\"," | tail -n 1 | cut -d, -f2 | tr -d '"')"
+  after="$(cpu_seconds "${PID[$1]}")"
+  [[ -n "$rps" ]] || return 0
+  python3 -c 'import sys; print(sys.argv[1], (float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / int(sys.argv[4]))' "$rps" "$before" "$after" "$4"
 }
 
 log "warming up"
@@ -90,24 +104,31 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ((p == 16)) && n=$((REQUESTS * 5))
     for c in set get; do
       for t in "${order[@]}"; do
-        rps="$(run "$t" "$c" "$p" "$n")"
-        [[ -n "$rps" ]] || die "redis-benchmark $c P$p against metering $t failed"
+        out="$(run "$t" "$c" "$p" "$n")"
+        [[ -n "$out" ]] || die "redis-benchmark $c P$p against metering $t failed"
+        read -r rps cpu <<<"$out"
         RESULTS["$c P$p $t"]+="$rps "
-        printf 'round %d  %-3s P%-2s metering %-3s %12s ops/s\n' "$round" "${c^^}" "$p" "$t" "$rps" >&2
+        RESULTS["$c P$p $t cpu"]+="$cpu "
+        printf 'round %d  %-3s P%-2s metering %-3s %12s ops/s  %6.2f µs CPU/request\n' "$round" "${c^^}" "$p" "$t" "$rps" "$cpu" >&2
       done
     done
   done
 done
 
 echo
-printf '%-8s %14s %14s %9s\n' case "metering on" "metering off" "on/off"
+printf '%-8s %12s %12s %13s | %16s %16s %9s\n' case "on ops/s" "off ops/s" "on/off ops/s" "on µs CPU/req" "off µs CPU/req" "on/off"
 for p in 1 16; do
   for c in set get; do
-    python3 - "${c^^} P$p" "${RESULTS["$c P$p on"]}" "${RESULTS["$c P$p off"]}" <<'PY'
+    python3 - "${c^^} P$p" "${RESULTS["$c P$p on"]}" "${RESULTS["$c P$p off"]}" \
+      "${RESULTS["$c P$p on cpu"]}" "${RESULTS["$c P$p off cpu"]}" <<'PY'
 import statistics, sys
-name, on, off = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
-m_on, m_off = statistics.median(on), statistics.median(off)
-print(f"{name:<8} {m_on:>14,.0f} {m_off:>14,.0f} {m_on / m_off:>9.3f}")
+name = sys.argv[1]
+on, off, cpu_on, cpu_off = ([float(x) for x in a.split()] for a in sys.argv[2:6])
+# Runs of a round are back to back: their ratio cancels slow drifts of the machine.
+ratio = statistics.median(a / b for a, b in zip(on, off))
+c_on, c_off = statistics.median(cpu_on), statistics.median(cpu_off)
+print(f"{name:<8} {statistics.median(on):>12,.0f} {statistics.median(off):>12,.0f} {ratio:>13.3f} |"
+      f" {c_on:>16.2f} {c_off:>16.2f} {c_on / c_off:>9.3f}")
 PY
   done
 done

@@ -73,6 +73,10 @@ struct DevArgs {
     /// The gateway's Prometheus `/metrics` port (0 = pick a free one; printed at start).
     #[arg(long, env = "SHOAL_METRICS_PORT", default_value_t = 0)]
     metrics_port: u16,
+    /// Threads serving gateway clients (0 = half the CPUs, at least one: `shoal dev` shares
+    /// the machine with its Valkey nodes; a `shoal gateway` uses one per CPU by default).
+    #[arg(long, env = "SHOAL_GATEWAY_THREADS", default_value_t = 0)]
+    gateway_threads: usize,
     /// Turn metering off (no ECPU, usage, limits): for benchmarks of its cost only.
     #[arg(long, env = "SHOAL_NO_METERING")]
     no_metering: bool,
@@ -300,6 +304,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         auth_throttle: args.auth_throttle.unwrap_or_default(),
         data_dir: Some(data_dir.join("gateway")),
         metering: !args.no_metering,
+        threads: match args.gateway_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        },
         metrics_listen: Some(format!("{}:{}", args.host, args.metrics_port)),
         metrics: Some(metrics),
         ..Default::default()

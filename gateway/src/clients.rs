@@ -58,7 +58,7 @@ pub struct ClientEntry {
     /// The client's pub/sub patterns (matched by the gateway), for PUBLISH's receiver count.
     pub patterns: Mutex<Vec<Vec<u8>>>,
     /// Notified by `CLIENT KILL` from another connection of the same cache.
-    pub kill: Notify,
+    pub kill: Arc<Notify>,
     pub tracking: Mutex<Option<Tracking>>,
     /// Invalidations for this client's connection.
     pub inbox: mpsc::UnboundedSender<Invalidation>,
@@ -142,7 +142,7 @@ impl Registry {
             last_active: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             patterns: Mutex::new(Vec::new()),
-            kill: Notify::new(),
+            kill: Arc::default(),
             tracking: Mutex::new(None),
             inbox,
             subscribed_resp2: std::sync::atomic::AtomicBool::new(false),

@@ -24,6 +24,9 @@ pub struct GatewayConfig {
     /// The address clients should use to reach this gateway (cluster-mode answers);
     /// defaults to `listen`.
     pub advertise: Option<String>,
+    /// Threads that serve client connections, each with its own event loop and its own
+    /// shared upstream connections (0 = one per CPU).
+    pub threads: usize,
     /// Most client connections at once.
     pub max_connections: usize,
     /// Most connections one cache may hold on this gateway.
@@ -76,6 +79,7 @@ impl Default for GatewayConfig {
             max_bulk_bytes: 512 * 1024 * 1024,
             max_args: 1024 * 1024,
             advertise: None,
+            threads: 0,
             max_connections: 10_000,
             max_connections_per_cache: 1_000,
             max_unauthenticated: 1_000,

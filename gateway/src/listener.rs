@@ -153,19 +153,15 @@ impl Gateway {
             let handle = shared.config.metrics.clone().unwrap_or_else(crate::metrics::install);
             tokio::spawn(crate::metrics::serve(listener, handle))
         });
-        let tls_task = self.tls.map(|(listener, state)| {
-            tokio::spawn(accept_loop(
-                listener,
-                Some(state),
-                self.shared.clone(),
-                limit.clone(),
-                shutdown.clone(),
-            ))
-        });
-        accept_loop(self.listener, None, self.shared, limit, shutdown).await;
-        if let Some(task) = tls_task {
-            let _ = task.await;
-        }
+        let workers = match spawn_workers(self.listener, self.tls, &shared, &limit, &shutdown) {
+            Ok(workers) => workers,
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the gateway's threads");
+                Vec::new()
+            }
+        };
+        let mut stopped = shutdown.clone();
+        let _ = stopped.wait_for(|stop| *stop).await;
         revocations.abort();
         // The last login events go out before the gateway stops.
         let _ = tokio::time::timeout(Duration::from_secs(3), audit).await;
@@ -182,6 +178,9 @@ impl Gateway {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             tracing::info!(closed, "sessions closed");
+            for worker in workers {
+                let _ = tokio::time::timeout(SHUTDOWN_WAIT, worker).await;
+            }
             if let Ok(outbox) = shipper.await {
                 crate::metering::usage::finish(outbox, &shared, &shared.control_plane, SHUTDOWN_WAIT).await;
             }
@@ -235,6 +234,70 @@ async fn follow_revocations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
     }
 }
 
+/// Starts the threads that serve clients: each runs its own single-threaded runtime with
+/// an accept loop on the shared listeners, so a session, its shared upstream connection
+/// and their wake-ups stay on one thread (as twemproxy's single event loop does, once per
+/// core). Each thread stops accepting on `shutdown` and ends once the sessions are closed;
+/// the receivers report that.
+fn spawn_workers(
+    listener: TcpListener,
+    tls: Option<(TcpListener, Arc<TlsState>)>,
+    shared: &Arc<Shared>,
+    limit: &Arc<Semaphore>,
+    shutdown: &watch::Receiver<bool>,
+) -> std::io::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
+    let threads = match shared.config.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let plain = listener.into_std()?;
+    let tls = match tls {
+        Some((listener, state)) => Some((listener.into_std()?, state)),
+        None => None,
+    };
+    let mut done = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let plain = plain.try_clone()?;
+        let tls = match &tls {
+            Some((listener, state)) => Some((listener.try_clone()?, state.clone())),
+            None => None,
+        };
+        let (shared, limit, shutdown) = (shared.clone(), limit.clone(), shutdown.clone());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name(format!("gateway-{i}")).spawn(move || {
+            runtime.block_on(async move {
+                let tls_loop = async {
+                    if let Some((listener, state)) = tls {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => {
+                                accept_loop(l, Some(state), shared.clone(), limit.clone(), shutdown.clone())
+                                    .await
+                            }
+                            Err(e) => tracing::error!(error = %e, "TLS listener"),
+                        }
+                    }
+                };
+                let plain_loop = async {
+                    match TcpListener::from_std(plain) {
+                        Ok(l) => accept_loop(l, None, shared.clone(), limit.clone(), shutdown.clone()).await,
+                        Err(e) => tracing::error!(error = %e, "RESP listener"),
+                    }
+                };
+                tokio::join!(plain_loop, tls_loop);
+                // Serve this thread's sessions until the gateway has closed them all.
+                let deadline = Instant::now() + 2 * SHUTDOWN_WAIT;
+                while shared.clients.live() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+        done.push(done_rx);
+    }
+    Ok(done)
+}
+
 /// How long a TLS client has to finish its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -246,7 +309,7 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(5);
-    loop {
+    while !*shutdown.borrow() {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.changed() => break,

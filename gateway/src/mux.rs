@@ -5,8 +5,9 @@
 //! read and a write on that connection, in the gateway and in Valkey. Sending the requests
 //! of many clients down one connection shares those syscalls among many requests.
 //!
-//! A mux owns one upstream connection per (node, ACL user, real database), logged in like
-//! [`crate::upstream::connect`]: two caches never share a connection. Sessions send it
+//! A mux owns one upstream connection per (node, ACL user, real database, gateway thread),
+//! logged in like [`crate::upstream::connect`]: two caches never share a connection, and a
+//! session's mux runs on the session's own thread (no cross-thread wake-ups per request). Sessions send it
 //! [`Batch`]es — the raw bytes of consecutive requests and where their replies go. The mux
 //! writes everything queued in one write, cuts the replies into batches and sends each
 //! batch's replies back as one chunk, in order. If the connection breaks, every outstanding
@@ -54,24 +55,27 @@ struct Key {
     /// Part of the key so that new credentials get a fresh connection.
     password: String,
     db: u32,
+    thread: std::thread::ThreadId,
 }
 
 type Map = Arc<Mutex<HashMap<Key, Handle>>>;
 
-/// The running muxes, one per (node, ACL user, real database).
+/// The running muxes, one per (node, ACL user, real database, thread).
 #[derive(Default)]
 pub struct Registry {
     muxes: Map,
 }
 
 impl Registry {
-    /// The mux for the cache's database `db` (real, on the node), started if need be.
+    /// The mux for the cache's database `db` (real, on the node) on this thread, started
+    /// (on this thread's runtime) if need be.
     pub(crate) fn get(&self, route: &TenantRoute, db: u32) -> Handle {
         let key = Key {
             addr: route.node_addr.clone(),
             user: route.acl_user.clone(),
             password: route.acl_password.clone(),
             db,
+            thread: std::thread::current().id(),
         };
         let mut muxes = self.muxes.lock().unwrap();
         if let Some(handle) = muxes.get(&key) {

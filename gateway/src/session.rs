@@ -31,12 +31,14 @@ use shoal_types::{CacheId, TenantRoute};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// Stop reading a side while this much output waits to be written to the other.
@@ -178,6 +180,12 @@ pub(crate) struct Session {
     barrier: bool,
     /// Invalidations for this client (client-side caching), once authenticated.
     inbox: Option<tokio::sync::mpsc::UnboundedReceiver<Invalidation>>,
+    /// Completes when the gateway closes this connection (revoked token, shutdown, CLIENT
+    /// KILL); made once at login, so the loop does not re-register a waiter per event.
+    killed: Option<Pin<Box<OwnedNotified>>>,
+    /// The loop's one timer, moved only when its deadline changes (see `deadline`).
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timer_at: Instant,
     /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
     pub tracking: bool,
     /// When the token the client logged in with expires; after a grace period without a
@@ -257,6 +265,9 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         last_activity: Instant::now(),
         barrier: false,
         inbox: None,
+        killed: None,
+        timer: Box::pin(tokio::time::sleep_until(Instant::now().into())),
+        timer_at: Instant::now(),
         tracking: false,
         token_expires: Instant::now(),
         mux: None,
@@ -313,17 +324,20 @@ impl Session {
                 && self.mux_inflight_bytes < HIGH_WATER;
             let out_limit = if self.pubsub.active() { HIGH_WATER_SUBSCRIBED } else { HIGH_WATER };
             let read_upstream = self.up_read.is_some() && self.client_out.len() < out_limit;
-            let entry = self.tenant.as_ref().map(|t| t.entry.clone());
             let deadline = self.deadline(started);
+            if deadline.1.is_some() && deadline.0 != self.timer_at {
+                self.timer_at = deadline.0;
+                self.timer.as_mut().reset(deadline.0.into());
+            }
             let event = tokio::select! {
                 r = client_read.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
                 r = read_opt(self.up_read.as_mut(), &mut self.up_in), if read_upstream => Event::UpstreamRead(r),
                 r = client_write.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
                 r = write_opt(self.up_write.as_mut(), &self.up_out), if !self.up_out.is_empty() && self.up_write.is_some() => Event::UpstreamWrote(r),
-                _ = killed(entry.as_deref()), if entry.is_some() => Event::Killed,
+                _ = killed(self.killed.as_mut()), if self.killed.is_some() => Event::Killed,
                 msg = recv_opt(self.inbox.as_mut()), if self.inbox.is_some() => Event::Invalidate(msg),
                 r = recv_mux(self.mux.as_mut()), if self.mux_inflight > 0 => Event::MuxReplies(r),
-                _ = tokio::time::sleep_until(deadline.0.into()), if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
+                _ = &mut self.timer, if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
             };
             match event {
                 Event::ClientRead(r) => {
@@ -915,6 +929,7 @@ impl Session {
         self.token_expires = expires;
         self.unauthenticated = None;
         self.inbox = Some(inbox);
+        self.killed = Some(Box::pin(entry.kill.clone().notified_owned()));
         let bucket = self.shared.buckets.get(&cache, route.limits.ecpu_per_second);
         let latency = crate::metrics::latency(&cache);
         self.tenant = Some(Tenant {
@@ -1467,9 +1482,9 @@ async fn recv_mux(link: Option<&mut MuxLink>) -> Option<BytesMut> {
     }
 }
 
-async fn killed(entry: Option<&ClientEntry>) {
-    match entry {
-        Some(e) => e.kill.notified().await,
+async fn killed(notified: Option<&mut Pin<Box<OwnedNotified>>>) {
+    match notified {
+        Some(n) => n.await,
         None => std::future::pending().await,
     }
 }
