@@ -38,6 +38,8 @@ pub struct CommandSpec {
     pub hits: crate::metering::ecpu::Hits,
     /// Safe on a connection shared with other clients of the cache (see [`crate::mux`]).
     pub mux: bool,
+    /// Has subcommands (`client`, `config`, …), which have rows of their own.
+    pub container: bool,
 }
 
 impl CommandSpec {
@@ -53,8 +55,6 @@ impl CommandSpec {
 /// The parsed table.
 pub struct CommandTable {
     by_name: HashMap<String, CommandSpec>,
-    /// Commands that have subcommands (`client`, `config`, …).
-    containers: HashMap<String, ()>,
 }
 
 const TABLE_TSV: &str = include_str!("../data/commands.tsv");
@@ -68,7 +68,7 @@ pub fn table() -> &'static CommandTable {
 impl CommandTable {
     pub fn parse(tsv: &str) -> Result<CommandTable, String> {
         let mut by_name = HashMap::default();
-        let mut containers = HashMap::default();
+        let mut containers = Vec::new();
         for (n, line) in tsv.lines().enumerate() {
             if line.starts_with('#') || line.starts_with("name\t") || line.trim().is_empty() {
                 continue;
@@ -97,14 +97,21 @@ impl CommandTable {
                 per_element: c[9].parse().map_err(|_| bad("per_element"))?,
                 hits: c[10].parse().map_err(|_| bad("hits"))?,
                 mux: false,
+                container: false,
             };
             let spec = CommandSpec { mux: muxable(&spec), ..spec };
             if let Some((container, _)) = spec.name.split_once('|') {
-                containers.insert(container.to_string(), ());
+                containers.push(container.to_string());
             }
             by_name.insert(spec.name.clone(), spec);
         }
-        Ok(CommandTable { by_name, containers })
+        for name in containers {
+            match by_name.get_mut(&name) {
+                Some(spec) => spec.container = true,
+                None => return Err(format!("subcommands of {name}, which has no row")),
+            }
+        }
+        Ok(CommandTable { by_name })
     }
 
     /// The spec for a command given its first two arguments (name, maybe subcommand).
@@ -112,19 +119,17 @@ impl CommandTable {
     pub fn lookup(&self, name: &[u8], sub: Option<&[u8]>) -> Option<&CommandSpec> {
         let mut key = [0u8; 64];
         let name_len = lower_into(name, &mut key)?;
-        let name_str = std::str::from_utf8(&key[..name_len]).ok()?;
-        if self.containers.contains_key(name_str) {
-            if let Some(sub) = sub {
-                key[name_len] = b'|';
-                if let Some(sub_len) = lower_into(sub, &mut key[name_len + 1..]) {
-                    let full = std::str::from_utf8(&key[..name_len + 1 + sub_len]).ok()?;
-                    if let Some(spec) = self.by_name.get(full) {
-                        return Some(spec);
-                    }
+        let spec = self.by_name.get(std::str::from_utf8(&key[..name_len]).ok()?)?;
+        if let (true, Some(sub)) = (spec.container, sub) {
+            key[name_len] = b'|';
+            if let Some(sub_len) = lower_into(sub, &mut key[name_len + 1..]) {
+                let full = std::str::from_utf8(&key[..name_len + 1 + sub_len]).ok()?;
+                if let Some(sub_spec) = self.by_name.get(full) {
+                    return Some(sub_spec);
                 }
             }
         }
-        self.by_name.get(std::str::from_utf8(&key[..name_len]).ok()?)
+        Some(spec)
     }
 
     pub fn get(&self, name: &str) -> Option<&CommandSpec> {

@@ -113,7 +113,7 @@ pub(crate) struct Tenant {
     pub access: Option<Arc<shoal_auth::AccessString>>,
     /// The cache's `ecpu_per_second` bucket on this gateway.
     pub bucket: Arc<crate::metering::limit::Bucket>,
-    pub latency: metrics::Histogram,
+    pub latency: Arc<crate::metrics::Latency>,
 }
 
 /// Pub/sub bookkeeping, so that subscription confirmations and messages (which answer no
@@ -186,6 +186,9 @@ pub(crate) struct Session {
     /// The loop's one timer, moved only when its deadline changes (see `deadline`).
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Instant,
+    /// The time of the event being handled (monotonic, and its Unix minute), read once
+    /// per event: every request and reply of a pipeline shares one clock read.
+    clock: Option<(Instant, i64)>,
     /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
     pub tracking: bool,
     /// When the token the client logged in with expires; after a grace period without a
@@ -268,6 +271,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         killed: None,
         timer: Box::pin(tokio::time::sleep_until(Instant::now().into())),
         timer_at: Instant::now(),
+        clock: None,
         tracking: false,
         token_expires: Instant::now(),
         mux: None,
@@ -339,12 +343,13 @@ impl Session {
                 r = recv_mux(self.mux.as_mut()), if self.mux_inflight > 0 => Event::MuxReplies(r),
                 _ = &mut self.timer, if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
             };
+            self.clock = None;
             match event {
                 Event::ClientRead(r) => {
                     if r? == 0 {
                         return Ok(());
                     }
-                    self.last_activity = Instant::now();
+                    self.last_activity = self.now().0;
                     self.on_client_input().await;
                     self.write_upstream_now();
                     write_now(&mut client_write, &mut self.client_out);
@@ -556,7 +561,8 @@ impl Session {
                 _ if self.in_multi => Role::Queued,
                 _ => Role::Plain,
             };
-            self.meter_next = Some(Meter { spec, request: frame.len as u64, role, started: Instant::now() });
+            let started = self.now().0;
+            self.meter_next = Some(Meter { spec, request: frame.len as u64, role, started });
             if !self.admit().await {
                 return;
             }
@@ -1260,7 +1266,8 @@ impl Session {
             t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
         }
         if c.commands > 0 {
-            self.tally.observe(meter.started.elapsed().as_secs_f64());
+            let now = self.now().0;
+            self.tally.observe(now.saturating_duration_since(meter.started).as_secs_f64());
         }
         self.tally(c);
     }
@@ -1292,9 +1299,14 @@ impl Session {
         false
     }
 
+    /// The time of the event being handled, read on first use.
+    fn now(&mut self) -> (Instant, i64) {
+        *self.clock.get_or_insert_with(|| (Instant::now(), metering::current_minute()))
+    }
+
     /// Adds to the session's counters (of the current minute).
     pub(crate) fn tally(&mut self, c: Counters) {
-        let minute = metering::current_minute();
+        let minute = self.now().1;
         if minute != self.tally.minute {
             self.flush_tally();
             self.tally.minute = minute;
