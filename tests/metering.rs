@@ -712,3 +712,160 @@ fn chrono_text(t: i64) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+const CONNECTIONS_INTERNAL: &str = "connections-test-internal";
+
+/// `(start, connections, commands)` of each point of `GET /v1/caches/{id}/usage?{query}`.
+async fn connection_points(dev: &ShoalDev, cache: &str, query: &str) -> Vec<(String, u64, u64)> {
+    let (status, body) =
+        dev.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage?{query}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
+            (p["start"].as_str().unwrap().to_string(), n("connections"), n("commands"))
+        })
+        .collect()
+}
+
+async fn post_connections_batch(dev: &ShoalDev, gateway: &str, seq: u64, usage: serde_json::Value) -> bool {
+    let body = serde_json::json!({"gateway_id": gateway, "seq": seq, "usage": usage});
+    let resp = dev
+        .http
+        .post(dev.url("/internal/v1/usage"))
+        .bearer_auth(CONNECTIONS_INTERNAL)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json::<serde_json::Value>().await.unwrap()["stored"].as_bool().unwrap()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Real clients held open through the gateway, without a metered command: each minute's point
+/// reports how many were open at once, a resent batch changes nothing, and once most of them
+/// close the next minute reports the one left.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_of_real_clients_are_reported_per_minute() {
+    const N: u64 = 4;
+    let dev = ShoalDev::start_with(&["--internal-token", CONNECTIONS_INTERNAL]).await;
+    let cache = dev.create_cache("connected").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        let mut c = dev.client(&token).await.unwrap();
+        let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+        assert_eq!(pong, "PONG");
+        conns.push(c);
+    }
+
+    // Held open across a few batch intervals. PING is free: the points' only source is
+    // the connections themselves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let points = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let points = connection_points(&dev, &id, "").await;
+        assert!(points.iter().all(|p| p.1 <= N && p.2 == 0), "never more than N, no commands: {points:?}");
+        if points.iter().any(|p| p.1 == N) {
+            break points;
+        }
+        assert!(Instant::now() < deadline, "connections never reported: {points:?}");
+    };
+
+    // The gateway's first batch again (its id from its state file), claiming many more
+    // connections: stored once already, so nothing changes.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dev.dir.join(".shoal/gateway/usage/state.json")).unwrap())
+            .unwrap();
+    let gateway = state["gateway_id"].as_str().unwrap();
+    let minute = unix_now() - unix_now() % 60;
+    let fake = serde_json::json!([{"cache_id": id, "minute": minute, "commands": 0, "ecpu_milli": 0,
+        "bytes_in": 0, "bytes_out": 0, "hits": 0, "misses": 0, "throttled": 0, "errors": 0,
+        "peak_connections": 1000}]);
+    assert!(!post_connections_batch(&dev, gateway, 0, fake.clone()).await, "seq 0 was stored before");
+    let again = connection_points(&dev, &id, "").await;
+    assert!(again.iter().all(|p| p.1 <= N), "a resent batch changed the connections: {again:?}");
+    assert!(again.iter().any(|p| p.1 == N), "{again:?} (before: {points:?})");
+
+    // All but one close; the minute after that reports 1.
+    conns.truncate(1);
+    let closed = unix_now();
+    let next_minute = closed - closed % 60 + 60;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let points = connection_points(&dev, &id, "").await;
+        let later: Vec<_> =
+            points.iter().filter(|p| p.0.as_str() >= chrono_text(next_minute).as_str()).collect();
+        assert!(later.iter().all(|p| p.1 <= 1), "after closing: {points:?}");
+        if later.iter().any(|p| p.1 == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the remaining connection was never reported: {points:?}");
+    }
+    let pong: String = redis::cmd("PING").query_async(&mut conns[0]).await.unwrap();
+    assert_eq!(pong, "PONG", "the one left still works");
+}
+
+/// Batches from two gateways, posted the way gateways post them: a minute's connections are
+/// the sum over gateways of each one's largest report, an hour's the largest minute's; a
+/// resent batch counts once; an entry with only connections adds no (billable) usage row.
+#[tokio::test]
+async fn connections_are_the_sum_over_gateways_of_each_ones_peak() {
+    let dev = ShoalDev::start_with(&["--internal-token", CONNECTIONS_INTERNAL]).await;
+    let id = dev.create_cache("gateways").await["id"].as_str().unwrap().to_string();
+    let hour = unix_now() - unix_now() % 3600 - 3600;
+    let (a, b) = (hour + 60, hour + 120);
+    let entry = |minute: i64, commands: u64, peak: u32| {
+        serde_json::json!({"cache_id": id, "minute": minute, "commands": commands, "ecpu_milli": commands * 1000,
+            "bytes_in": 0, "bytes_out": 0, "hits": 0, "misses": 0, "throttled": 0, "errors": 0,
+            "peak_connections": peak})
+    };
+    // g1 reports 3, 5, 2 connections within minute a (the largest counts), then 1 in b.
+    assert!(post_connections_batch(&dev, "g1", 1, serde_json::json!([entry(a, 5, 3)])).await);
+    assert!(post_connections_batch(&dev, "g1", 2, serde_json::json!([entry(a, 0, 5)])).await);
+    assert!(post_connections_batch(&dev, "g1", 3, serde_json::json!([entry(a, 0, 2)])).await);
+    assert!(post_connections_batch(&dev, "g1", 4, serde_json::json!([entry(b, 0, 1)])).await);
+    // g2 has 4 clients of the cache in minute a and 7 in b.
+    assert!(post_connections_batch(&dev, "g2", 1, serde_json::json!([entry(a, 1, 4), entry(b, 0, 7)])).await);
+    // Resends, one claiming more: stored once, nothing changes.
+    assert!(!post_connections_batch(&dev, "g1", 2, serde_json::json!([entry(a, 0, 50)])).await);
+    assert!(
+        !post_connections_batch(&dev, "g2", 1, serde_json::json!([entry(a, 1, 4), entry(b, 0, 7)])).await
+    );
+    // A batch from an older gateway (no peak_connections field) still counts its commands.
+    let old = serde_json::json!([{"cache_id": id, "minute": a, "commands": 2, "ecpu_milli": 2000,
+        "bytes_in": 0, "bytes_out": 0, "hits": 0, "misses": 0, "throttled": 0, "errors": 0}]);
+    assert!(post_connections_batch(&dev, "g-old", 1, old).await);
+
+    let minutes =
+        connection_points(&dev, &id, &format!("from={}&to={}", chrono_text(hour), chrono_text(hour + 240)))
+            .await;
+    let want = |m: i64, conns: u64, commands: u64| (chrono_text(m), conns, commands);
+    assert_eq!(
+        minutes,
+        vec![want(hour, 0, 0), want(a, 5 + 4, 8), want(b, 1 + 7, 0), want(hour + 180, 0, 0)],
+        "per minute: the sum of each gateway's peak"
+    );
+    let hours = connection_points(
+        &dev,
+        &id,
+        &format!("granularity=hour&from={}&to={}", chrono_text(hour), chrono_text(hour + 3600)),
+    )
+    .await;
+    assert_eq!(hours, vec![want(hour, 9, 8)], "per hour: the largest minute");
+
+    // Minute b had connections only: no usage row (billing sees only minute a).
+    let rows = dev.sql(&format!("SELECT minute FROM usage_minutes WHERE cache_id = '{id}'"));
+    assert_eq!(rows, vec![chrono_text(a)]);
+    let conn_rows = dev.sql(&format!("SELECT COUNT(*) FROM usage_connections WHERE cache_id = '{id}'"));
+    assert_eq!(conn_rows, vec!["4"], "g1 and g2 in minutes a and b");
+}

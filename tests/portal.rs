@@ -39,7 +39,8 @@ async fn portal_in_headless_chromium() {
     assert_eq!((me["role"].as_str(), me["can_write"].as_bool()), (Some("auditor"), Some(false)), "{me}");
     assert_eq!(me["account_id"].as_str(), Some(account.as_str()));
 
-    // Traffic through the gateway: writes, hits and misses.
+    // Traffic through the gateway: writes, hits and misses. The connection stays open until
+    // the browser is done (the connections chart plots it).
     let token = dev.mint_token(&cache_id).await;
     let mut conn = dev.client(&token).await.unwrap();
     for i in 0..200 {
@@ -80,6 +81,7 @@ async fn portal_in_headless_chromium() {
         .arg("acme")
         .output()
         .expect("node runs (scripts/setup.sh --test installs it)");
+    drop(conn);
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the browser test failed; screenshots in {}", shots.display());

@@ -130,6 +130,7 @@ pub(crate) mod tests {
             misses: 0,
             throttled: 0,
             errors: 0,
+            peak_connections: 0,
         }
     }
 

@@ -34,6 +34,7 @@ fn row(c: u8, minute: i64, ecpu_milli: u64) -> CacheUsage {
         misses: ecpu_milli % 3,
         throttled: ecpu_milli % 2,
         errors: 0,
+        peak_connections: 0,
     }
 }
 

@@ -498,7 +498,6 @@ async function cachePage(view, id) {
     const series = (f) => points.map((p) => ({ t: Date.parse(p.start), v: f(p) }));
     // Per second over the part of the period that has passed (the last one is still running).
     const perSecond = (p) => Math.max(1, Math.min(step, (now - Date.parse(p.start)) / 1000));
-    const hasConnections = points.some((p) => typeof p.connections === 'number');
     const opts = { from: +from, to: +to };
     render(charts,
       lineChart({ ...opts, title: 'ECPU per second', points: series((p) => p.ecpu / perSecond(p)), format: (v) => fmtNum(v, 3), limit: limits.ecpu_per_second, limitLabel: 'ECPU/s limit' }),
@@ -506,7 +505,7 @@ async function cachePage(view, id) {
       lineChart({ ...opts, title: 'Hit rate', points: series((p) => (p.hits + p.misses ? (100 * p.hits) / (p.hits + p.misses) : null)), format: fmtPct, empty: 'No reads in this time range.' }),
       // Storage is sampled a few times a minute: a running period without a sample yet is unknown, not empty.
       lineChart({ ...opts, title: 'Storage', points: series((p) => (!p.storage_bytes && Date.parse(p.start) + step * 1000 > now ? null : p.storage_bytes)), format: fmtBytes, limit: limits.data_storage_mb ? limits.data_storage_mb * 1e6 : undefined, limitLabel: 'storage limit' }),
-      lineChart({ ...opts, title: 'Connections', points: hasConnections ? series((p) => p.connections) : [], format: fmtInt, empty: 'No data: the usage API does not report connections yet.' }),
+      lineChart({ ...opts, title: 'Peak connections', points: series((p) => p.connections), format: fmtInt }),
       lineChart({ ...opts, title: `Throttled commands per ${granularity}`, points: series((p) => p.throttled), format: fmtInt }),
     );
   };

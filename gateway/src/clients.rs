@@ -97,6 +97,8 @@ struct CacheClients {
     last_id: i64,
     /// Commands of clients that have left.
     commands_done: u64,
+    /// Most clients `live` held at once since the last usage batch (see [`Registry::take_peaks`]).
+    peak: usize,
 }
 
 #[derive(Default)]
@@ -148,6 +150,7 @@ impl Registry {
             subscribed_resp2: std::sync::atomic::AtomicBool::new(false),
         });
         clients.live.insert(entry.key, entry.clone());
+        clients.peak = clients.peak.max(clients.live.len());
         clients.connections_received += 1;
         crate::metrics::connection_opened(cache);
         Some((entry, inbox_rx))
@@ -218,6 +221,20 @@ impl Registry {
                 matching as i64 - 1
             })
             .sum()
+    }
+
+    /// For the usage batch: each cache's most concurrent clients since the last call (caches
+    /// that had none are left out); the next interval starts from the clients open now.
+    pub fn take_peaks(&self) -> Vec<(CacheId, u32)> {
+        let mut caches = self.caches.lock().unwrap();
+        let mut peaks = Vec::new();
+        for (cache, clients) in caches.iter_mut() {
+            let peak = std::mem::replace(&mut clients.peak, clients.live.len());
+            if peak > 0 {
+                peaks.push((cache.clone(), u32::try_from(peak).unwrap_or(u32::MAX)));
+            }
+        }
+        peaks
     }
 
     pub fn counts(&self, cache: &CacheId) -> CacheCounts {

@@ -98,6 +98,11 @@ try {
   check(Number(await commands.getAttribute('data-nonzero')) > 0, 'the commands chart plots the traffic');
   const hits = chart('Hit rate');
   check(Number(await hits.getAttribute('data-points')) > 0, 'the hit-rate chart plots the reads');
+  // The test keeps one client connected to the cache throughout.
+  const conns = chart('Peak connections');
+  check(await conns.locator('svg path.line').count() > 0 && await conns.locator('p.nodata').count() === 0,
+    'the connections chart is drawn (not an empty state)');
+  check(Number(await conns.getAttribute('data-nonzero')) > 0, 'the connections chart plots the connected client');
   // The readout follows the keyboard.
   await ecpu.locator('svg').focus();
   await page.keyboard.press('End');
@@ -106,6 +111,7 @@ try {
   await page.locator('figure.chart svg path.line').first().waitFor();
   await chart('Commands per hour').waitFor();
   check(Number(await chart('Commands per hour').getAttribute('data-nonzero')) > 0, 'hourly charts (24 h) plot the usage too');
+  check(Number(await chart('Peak connections').getAttribute('data-nonzero')) > 0, 'and the connections');
   await page.getByLabel('Time range', { exact: true }).selectOption('1h');
   await page.locator('figure.chart svg path.line').first().waitFor();
   await page.getByRole('button', { name: 'Mint a 15-minute token for these snippets' }).click();

@@ -137,6 +137,11 @@ pub struct CacheUsage {
     pub misses: u64,
     pub throttled: u64,
     pub errors: u64,
+    /// Most client connections the cache had open at once on this gateway during the
+    /// batch's interval (about a second). Not a counter: the control plane keeps the
+    /// largest per gateway and minute. Absent (0) in batches from older gateways.
+    #[serde(default)]
+    pub peak_connections: u32,
 }
 
 /// What a gateway posts to the control plane every second. `(gateway_id, seq)` is unique:

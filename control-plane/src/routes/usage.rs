@@ -86,6 +86,9 @@ pub struct UsagePoint {
     pub errors: u64,
     /// Keys with a TTL evicted because the cache was over `data_storage_mb`.
     pub evicted_keys: u64,
+    /// Peak concurrent client connections in the period: per minute, the sum over gateways
+    /// of each gateway's largest count in that minute; per hour, the largest minute's.
+    pub connections: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -98,7 +101,7 @@ pub struct Usage {
     pub points: Vec<UsagePoint>,
 }
 
-/// A cache's usage per minute or hour: ECPU, commands, bytes, storage, hits, misses.
+/// A cache's usage per minute or hour: ECPU, commands, bytes, storage, hits, connections.
 #[utoipa::path(get, path = "/v1/caches/{id}/usage", params(("id" = String, Path, description = "cache id"), UsageQuery),
     responses((status = 200, body = Usage), (status = 400, body = crate::error::Problem),
               (status = 404, body = crate::error::Problem)),
@@ -166,6 +169,7 @@ pub async fn get_usage(
             misses: row.misses,
             throttled: row.throttled,
             errors: row.errors,
+            connections: row.connections,
             start: at,
         });
         start += step;

@@ -40,6 +40,8 @@ impl Store {
                     misses: r.get::<i64, _>("misses") as u64,
                     throttled: r.get::<i64, _>("throttled") as u64,
                     errors: r.get::<i64, _>("errors") as u64,
+                    // Connections are not billed (they live in `usage_connections`).
+                    peak_connections: 0,
                 })
             })
             .collect()

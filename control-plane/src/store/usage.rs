@@ -1,5 +1,7 @@
 //! Usage the gateways metered: batches stored once per (gateway, seq), counters summed per
-//! cache and minute (persisted in `usage_minutes`).
+//! cache and minute (persisted in `usage_minutes`), peak connections kept per cache, minute
+//! and gateway (`usage_connections`: the largest a gateway reported in the minute; a cache's
+//! connections in a minute are the sum over its gateways, in an hour the largest minute's).
 
 use super::{Store, StoreError};
 use shoal_types::{CacheId, UsageBatch};
@@ -18,6 +20,8 @@ pub struct UsageRow {
     pub misses: u64,
     pub throttled: u64,
     pub errors: u64,
+    /// Peak concurrent client connections (over all gateways).
+    pub connections: u64,
 }
 
 /// How usage is grouped.
@@ -56,6 +60,29 @@ impl Store {
             return Ok(false);
         }
         for u in &batch.usage {
+            if u.peak_connections > 0 {
+                // The minute's largest peak of this gateway (MAX, portably).
+                sqlx::query(
+                    "INSERT INTO usage_connections (cache_id, minute, gateway_id, connections)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (cache_id, minute, gateway_id) DO UPDATE SET connections =
+                        CASE WHEN excluded.connections > usage_connections.connections
+                             THEN excluded.connections ELSE usage_connections.connections END",
+                )
+                .bind(u.cache_id.as_str())
+                .bind(minute_text(u.minute))
+                .bind(&batch.gateway_id)
+                .bind(i64::from(u.peak_connections))
+                .execute(&mut *tx)
+                .await?;
+            }
+            // An entry that only reports connections adds no usage row (such a row would make
+            // its hour billable for the storage minimum).
+            let counters =
+                [u.commands, u.ecpu_milli, u.bytes_in, u.bytes_out, u.hits, u.misses, u.throttled, u.errors];
+            if counters.iter().all(|&c| c == 0) {
+                continue;
+            }
             sqlx::query(
                 "INSERT INTO usage_minutes (cache_id, minute, commands, ecpu_milli, bytes_in, bytes_out,
                                             hits, misses, throttled, errors)
@@ -117,10 +144,12 @@ impl Store {
             let v: i64 = r.try_get(c)?;
             Ok(v as u64)
         };
-        rows.iter()
+        let mut out: std::collections::BTreeMap<String, UsageRow> = rows
+            .iter()
             .map(|r| {
-                Ok(UsageRow {
-                    start: r.try_get("start")?,
+                let start: String = r.try_get("start")?;
+                let row = UsageRow {
+                    start: start.clone(),
                     commands: num(r, "commands")?,
                     ecpu_milli: num(r, "ecpu_milli")?,
                     bytes_in: num(r, "bytes_in")?,
@@ -129,8 +158,31 @@ impl Store {
                     misses: num(r, "misses")?,
                     throttled: num(r, "throttled")?,
                     errors: num(r, "errors")?,
-                })
+                    connections: 0,
+                };
+                Ok((start, row))
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        // Connections: per minute the sum over gateways; per hour the largest minute.
+        let minutes = sqlx::query(
+            "SELECT minute, CAST(SUM(connections) AS BIGINT) AS connections
+             FROM usage_connections WHERE cache_id = $1 AND minute >= $2 AND minute < $3
+             GROUP BY minute",
+        )
+        .bind(cache.as_str())
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in &minutes {
+            let minute: String = r.try_get("minute")?;
+            let start = match granularity {
+                Granularity::Minute => minute,
+                Granularity::Hour => format!("{}:00:00Z", minute.get(..13).unwrap_or_default()),
+            };
+            let row = out.entry(start.clone()).or_insert_with(|| UsageRow { start, ..Default::default() });
+            row.connections = row.connections.max(num(r, "connections")?);
+        }
+        Ok(out.into_values().collect())
     }
 }

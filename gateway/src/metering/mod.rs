@@ -5,7 +5,9 @@
 //!   into the gateway's [`Ledger`] about once a second and when it ends.
 //! - [`limit`]: the `ecpu_per_second` token bucket of each cache.
 //! - [`usage`]: every second the ledger becomes a `UsageBatch` for the control plane
-//!   (kept in memory, then spooled to disk while the control plane is unreachable).
+//!   (kept in memory, then spooled to disk while the control plane is unreachable), with
+//!   each cache's peak of concurrent connections over that second (from the client registry,
+//!   the same count `max_connections` is enforced on; nothing is counted per command).
 
 pub mod ecpu;
 pub mod limit;
@@ -138,8 +140,11 @@ impl Ledger {
         }
     }
 
-    /// Everything tallied so far, emptied.
-    pub fn take(&self) -> Vec<CacheUsage> {
+    /// Everything tallied so far, emptied, with each cache's peak of concurrent connections
+    /// over the interval (`peaks`, from [`crate::clients::Registry::take_peaks`]) in its entry
+    /// of the current minute: a cache with connections but no commands gets an entry of its
+    /// own, so the control plane sees that it is connected.
+    pub fn take(&self, peaks: Vec<(CacheId, u32)>) -> Vec<CacheUsage> {
         let map = std::mem::take(&mut *self.map.lock().unwrap());
         let mut usage: Vec<CacheUsage> = map
             .into_iter()
@@ -154,8 +159,28 @@ impl Ledger {
                 misses: c.misses,
                 throttled: c.throttled,
                 errors: c.errors,
+                peak_connections: 0,
             })
             .collect();
+        let minute = current_minute();
+        for (cache_id, peak) in peaks {
+            match usage.iter_mut().find(|u| u.minute == minute && u.cache_id == cache_id) {
+                Some(u) => u.peak_connections = peak,
+                None => usage.push(CacheUsage {
+                    cache_id,
+                    minute,
+                    commands: 0,
+                    ecpu_milli: 0,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    hits: 0,
+                    misses: 0,
+                    throttled: 0,
+                    errors: 0,
+                    peak_connections: peak,
+                }),
+            }
+        }
         usage.sort_by(|a, b| (a.minute, &a.cache_id).cmp(&(b.minute, &b.cache_id)));
         usage
     }

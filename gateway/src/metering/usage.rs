@@ -9,6 +9,7 @@
 //! the last counters are batched and sent, or spooled if the control plane does not answer.
 
 use super::Ledger;
+use crate::clients::Registry;
 use crate::listener::Shared;
 use crate::router::ControlPlaneClient;
 use crate::GatewayError;
@@ -98,9 +99,10 @@ impl Outbox {
         write_atomic(&dir.join("state.json"), &serde_json::to_vec(&state).expect("state serializes"))
     }
 
-    /// Turns the ledger's counters into the next batch (if there are any).
-    pub fn collect(&mut self, ledger: &Ledger) {
-        let usage = ledger.take();
+    /// Turns the ledger's counters and the caches' connection peaks into the next batch (if
+    /// there are any: no traffic and no connections, no batch).
+    pub fn collect(&mut self, ledger: &Ledger, clients: &Registry) {
+        let usage = ledger.take(clients.take_peaks());
         if usage.is_empty() {
             return;
         }
@@ -173,7 +175,7 @@ pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::R
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return outbox,
         }
-        outbox.collect(&shared.ledger);
+        outbox.collect(&shared.ledger, &shared.clients);
         if let Err(e) = outbox.deliver(&shared.control_plane).await {
             tracing::warn!(error = %e, pending = outbox.pending.load(Ordering::Relaxed), "usage not delivered yet");
         }
@@ -184,7 +186,7 @@ pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::R
 /// The last delivery at shutdown: what the control plane does not take within `wait` is
 /// spooled for the next start.
 pub async fn finish(mut outbox: Outbox, shared: &Shared, client: &ControlPlaneClient, wait: Duration) {
-    outbox.collect(&shared.ledger);
+    outbox.collect(&shared.ledger, &shared.clients);
     match tokio::time::timeout(wait, outbox.deliver(client)).await {
         Ok(Ok(())) => tracing::info!("usage delivered"),
         Ok(Err(e)) => tracing::warn!(error = %e, "usage not delivered at shutdown; spooling it"),
@@ -224,7 +226,7 @@ mod tests {
         let id = outbox.gateway_id().to_string();
         for i in 0..(MEMORY + 5) {
             ledger.add(&cache, 60, &Counters { commands: i as u64 + 1, ..Default::default() });
-            outbox.collect(&ledger);
+            outbox.collect(&ledger, &Registry::default());
         }
         // The first MEMORY + 1 went to disk when memory overflowed; the rest at shutdown.
         assert_eq!(outbox.spooled.len(), MEMORY + 1);
@@ -238,7 +240,50 @@ mod tests {
         let seqs: Vec<u64> = again.spooled.iter().copied().collect();
         assert_eq!(seqs, (0..MEMORY as u64 + 5).collect::<Vec<_>>());
         ledger.add(&cache, 120, &Counters { commands: 1, ..Default::default() });
-        again.collect(&ledger);
+        again.collect(&ledger, &Registry::default());
         assert_eq!(again.memory.back().unwrap().seq, MEMORY as u64 + 5);
+    }
+
+    #[test]
+    fn batches_carry_each_caches_peak_of_connections_even_without_commands() {
+        let (ledger, clients) = (Ledger::default(), Registry::default());
+        let mut outbox = Outbox::open(None, MEMORY).unwrap();
+        let (busy, idle) = (CacheId::generate(), CacheId::generate());
+        let open = |cache: &CacheId| clients.register(cache, 10, "a".into(), "b".into()).unwrap().0;
+        let busy_conns: Vec<_> = (0..3).map(|_| open(&busy)).collect();
+        let idle_conn = open(&idle);
+        // Two of busy's clients leave within the interval: the peak is still 3.
+        clients.unregister(&busy, &busy_conns[0]);
+        clients.unregister(&busy, &busy_conns[1]);
+        ledger.add(&busy, super::super::current_minute(), &Counters { commands: 5, ..Default::default() });
+        outbox.collect(&ledger, &clients);
+        let batch = outbox.memory.back().unwrap();
+        // (Entries are per minute: a minute may have turned since the `add`.)
+        let peak =
+            |c: &CacheId| batch.usage.iter().filter(|u| &u.cache_id == c).map(|u| u.peak_connections).max();
+        let commands =
+            |c: &CacheId| batch.usage.iter().filter(|u| &u.cache_id == c).map(|u| u.commands).sum::<u64>();
+        assert_eq!(peak(&busy), Some(3));
+        assert_eq!(commands(&busy), 5);
+        assert_eq!(peak(&idle), Some(1), "connected, no commands: still in the batch");
+
+        // The next interval starts from the connections still open.
+        clients.unregister(&idle, &idle_conn);
+        outbox.collect(&ledger, &clients);
+        let batch = outbox.memory.back().unwrap();
+        assert_eq!(batch.seq, 1);
+        let peaks: Vec<_> = batch.usage.iter().map(|u| (u.cache_id.clone(), u.peak_connections)).collect();
+        let mut want = vec![(busy.clone(), 1), (idle.clone(), 1)];
+        want.sort();
+        let mut got = peaks;
+        got.sort();
+        assert_eq!(got, want, "idle's client left during this interval: it still counts once");
+
+        // No connections and no traffic: no batch at all.
+        clients.unregister(&busy, &busy_conns[2]);
+        outbox.collect(&ledger, &clients);
+        assert_eq!(outbox.memory.back().unwrap().seq, 2, "busy's last client was open in that interval");
+        outbox.collect(&ledger, &clients);
+        assert_eq!(outbox.memory.len(), 3, "nothing connected, nothing metered: no batch");
     }
 }
