@@ -157,6 +157,20 @@ pub enum Permission {
     ReadOnly,
 }
 
+impl Permission {
+    /// As in JSON: `read-write` or `read-only`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ReadWrite => "read-write",
+            Permission::ReadOnly => "read-only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Permission> {
+        [Permission::ReadWrite, Permission::ReadOnly].into_iter().find(|p| p.as_str() == s)
+    }
+}
+
 /// Claims of a data-plane JWT (what `AUTH <token>` presents to the gateway).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DataClaims {
@@ -171,6 +185,10 @@ pub struct DataClaims {
     pub cache: CacheId,
     #[serde(default)]
     pub perm: Permission,
+    /// Valkey glob patterns of the keys the token may touch; empty (or absent, in tokens
+    /// minted before patterns existed): all keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_patterns: Vec<String>,
 }
 
 /// Issuer and audience of data-plane tokens; the gateway pins both.

@@ -6,7 +6,7 @@
 use crate::router::ControlPlaneClient;
 use crate::GatewayError;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
-use shoal_types::{DataClaims, DATA_AUDIENCE, TOKEN_ISSUER};
+use shoal_types::{DataClaims, TenantRoute, DATA_AUDIENCE, TOKEN_ISSUER};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -112,6 +112,31 @@ impl JwtVerifier {
         let added = new.difference(&revoked).cloned().collect();
         *revoked = new;
         added
+    }
+}
+
+/// The upstream login of a token that grants less than everything (read-only, or only some
+/// keys): the ACL user the control plane made for it when minting, with the password both
+/// derive from the cache's own secret, and its access string for the commands the gateway
+/// answers itself. None: the cache's own ACL user.
+pub fn upstream_login(
+    claims: &DataClaims,
+    route: &TenantRoute,
+) -> (Option<(String, String)>, Option<Arc<shoal_auth::AccessString>>) {
+    let login = shoal_auth::token::token_login(
+        &route.acl_user,
+        &route.acl_password,
+        claims.perm,
+        &claims.key_patterns,
+    );
+    match login {
+        None => (None, None),
+        Some(login) => {
+            // A pattern the access-string parser refuses was never minted (the control plane
+            // made the user from the same string); the upstream login then fails on its own.
+            let access = shoal_auth::AccessString::parse(&login.access_string).ok().map(Arc::new);
+            (Some((login.user, login.password)), access)
+        }
     }
 }
 
