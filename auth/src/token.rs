@@ -75,10 +75,10 @@ pub fn upstream_user(cache_user: &str, perm: Permission, patterns: &[String]) ->
     if perm == Permission::ReadWrite && patterns.is_empty() {
         return None;
     }
+    // Each pattern length-prefixed: no two pattern lists give the same text.
     let mut scope = perm.as_str().to_string();
     for p in canonical_patterns(patterns) {
-        scope.push('\n');
-        scope.push_str(&p);
+        scope.push_str(&format!("\n{}:{p}", p.len()));
     }
     let digest = hex::encode(Sha256::digest(scope.as_bytes()));
     Some(format!("{cache_user}.jwt.{}", &digest[..16]))
@@ -146,7 +146,7 @@ mod tests {
         assert_eq!(a, upstream_user("tc1", Permission::ReadWrite, &pats(&["a:*", "b:*"])));
         assert_ne!(a, upstream_user("tc1", Permission::ReadOnly, &pats(&["a:*", "b:*"])));
         assert_ne!(a, upstream_user("tc1", Permission::ReadWrite, &pats(&["a:*"])));
-        // A pattern list cannot be forged to look like another (the separator is no pattern).
+        // No pattern list reads as another.
         assert_ne!(
             upstream_user("tc1", Permission::ReadWrite, &pats(&["a", "b"])),
             upstream_user("tc1", Permission::ReadWrite, &pats(&["a\nb"]))

@@ -95,7 +95,7 @@ pub async fn revoke_token(
 pub struct MintToken {
     /// Lifetime in seconds (default 900, like ElastiCache IAM auth tokens).
     pub ttl_seconds: Option<u64>,
-    /// `read-write` (default) or `read-only` (reads only: writes, scripts that write and
+    /// `read-write` (default) or `read-only` (read commands only: writes, scripts and
     /// PUBLISH are refused with `-NOPERM`).
     #[schema(example = "read-only")]
     pub permission: Option<String>,
@@ -119,13 +119,16 @@ pub struct MintedToken {
     pub key_patterns: Vec<String>,
 }
 
-/// Mint a data-plane token for a cache: read-write or read-only, on all keys or on keys
-/// matching some patterns. Valkey itself enforces what the token may do (also inside scripts
-/// and transactions): a token that grants less than everything logs in upstream as an ACL
-/// user made for its permission and patterns.
+/// Mint a data-plane token for a cache.
+///
+/// Read-write or read-only, on all keys or on keys matching some patterns. Valkey itself
+/// enforces what the token may do (also inside scripts and transactions): a token that
+/// grants less than everything logs in upstream as an ACL user made for its permission and
+/// patterns.
 #[utoipa::path(post, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
     request_body(content = MintToken, description = "optional"),
-    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem),
+    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
+              description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
               (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn mint_token(
