@@ -351,6 +351,15 @@ async fn read_only_and_key_pattern_tokens_hold_in_scripts_and_transactions() {
     assert!(refusal(get(&mut c, "other").await).contains("NOPERM"));
     assert!(refusal(set(&mut c, "app:x", "3").await).contains("NOPERM"));
 
+    // The largest token there can be (32 patterns of 100 bytes, nearly each byte doubled by
+    // JSON escaping) still fits an unauthenticated AUTH.
+    let widest: Vec<String> = (0..32).map(|i| format!("{i:02}{}*", "\"\\".repeat(48))).collect();
+    assert!(widest.iter().all(|p| p.len() == 99), "{widest:?}");
+    let big = minted(&dev, id, serde_json::json!({"key_patterns": widest})).await;
+    assert!(big.len() > 8_000, "{}", big.len());
+    let mut c = dev.client(&big).await.unwrap();
+    assert!(refusal(get(&mut c, "app:x").await).contains("NOPERM"));
+
     // Re-authenticating an open connection with a narrower token narrows it at once.
     let mut switching = dev.client(&dev.mint_token(id).await).await.unwrap();
     set(&mut switching, "other", "1").await.unwrap();
@@ -383,7 +392,7 @@ async fn read_only_and_key_pattern_tokens_hold_in_scripts_and_transactions() {
     // One upstream user per permission set, however often it is minted.
     minted(&dev, id, serde_json::json!({"permission": "read-only"})).await;
     let users = acl_users(&dev, &format!("t{id}.jwt.")).await;
-    assert_eq!(users.len(), 3, "{users:?}");
+    assert_eq!(users.len(), 4, "{users:?}");
 
     // The list and the audit log show what each token may do.
     let (status, listed) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/tokens"), None).await;
@@ -424,7 +433,7 @@ async fn bad_token_permissions_are_refused_naming_the_field_and_store_nothing() 
         (serde_json::json!({"key_patterns": ["app:*", ""]}), "key_patterns", "pattern 2 is empty"),
         (serde_json::json!({"key_patterns": ["app *"]}), "key_patterns", "whitespace"),
         (serde_json::json!({"key_patterns": ["app:\n*"]}), "key_patterns", "whitespace or control"),
-        (serde_json::json!({"key_patterns": ["x".repeat(257)]}), "key_patterns", "longer than 256"),
+        (serde_json::json!({"key_patterns": ["x".repeat(101)]}), "key_patterns", "longer than 100"),
         (serde_json::json!({"key_patterns": many}), "key_patterns", "at most 32"),
         (serde_json::json!({"permission": "read-only", "ttl_seconds": 0}), "ttl_seconds", "between"),
     ] {

@@ -10,9 +10,12 @@
 use sha2::{Digest, Sha256};
 use shoal_types::Permission;
 
-/// Most key patterns a token may carry, and the longest pattern (bytes).
+/// Most key patterns a token may carry, and the longest pattern (bytes). With them the
+/// largest access string stays within [`crate::access::MAX_LEN`], and the largest token
+/// (each `"` or `\` of a pattern doubles in JSON, base64 adds a third) well within the
+/// 16 KB an unauthenticated `AUTH` argument may have.
 pub const MAX_KEY_PATTERNS: usize = 32;
-pub const MAX_KEY_PATTERN_LEN: usize = 256;
+pub const MAX_KEY_PATTERN_LEN: usize = 100;
 
 /// What read-write and read-only logins (tokens and LDAP roles) may do, before the cache's
 /// own rules are applied.
@@ -159,7 +162,12 @@ mod tests {
         assert_eq!(rw, "on ~app:* ~cfg &* +@all");
         let ro = access_string(Permission::ReadOnly, &pats(&["app:*"]));
         assert!(ro.starts_with("on ~app:* &* -@all +@read"), "{ro}");
-        for text in [rw, ro, READ_WRITE.into(), READ_ONLY.into()] {
+        // The largest pattern list allowed still makes a valid access string.
+        let widest: Vec<String> =
+            (0..MAX_KEY_PATTERNS).map(|i| format!("{i:02}{}", "x".repeat(MAX_KEY_PATTERN_LEN - 2))).collect();
+        check_key_patterns(&widest).unwrap();
+        let widest_ro = access_string(Permission::ReadOnly, &widest);
+        for text in [rw, ro, READ_WRITE.into(), READ_ONLY.into(), widest_ro] {
             AccessString::parse(&text).unwrap();
         }
     }

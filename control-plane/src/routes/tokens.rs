@@ -100,7 +100,7 @@ pub struct MintToken {
     #[schema(example = "read-only")]
     pub permission: Option<String>,
     /// Valkey glob patterns of the keys the token may touch, as in an ACL's `~pattern`
-    /// (1–32 patterns of up to 256 bytes, no whitespace). Absent: all keys.
+    /// (1–32 patterns of up to 100 bytes, no whitespace). Absent: all keys.
     #[schema(example = json!(["app:*"]))]
     pub key_patterns: Option<Vec<String>>,
 }
