@@ -225,6 +225,11 @@ async fn minted(dev: &ShoalDev, cache: &str, body: serde_json::Value) -> String 
     minted["token"].as_str().unwrap().to_string()
 }
 
+/// A token's claims, decoded without checking anything.
+fn payload(token: &str) -> serde_json::Value {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap()
+}
+
 /// The error text of a command that must fail.
 fn refusal<T: std::fmt::Debug>(r: redis::RedisResult<T>) -> String {
     match r {
@@ -366,8 +371,17 @@ async fn read_only_and_key_pattern_tokens_hold_in_scripts_and_transactions() {
     let _: () = redis::cmd("AUTH").arg(&ro).query_async(&mut switching).await.unwrap();
     assert!(refusal(set(&mut switching, "other", "2").await).contains("NOPERM"));
 
+    // Limited tokens say so in the claims, with an audience of their own: a gateway that
+    // predates permissions refuses them instead of letting them do everything.
+    let said = payload(&both);
+    assert_eq!(said["aud"], "shoal-data-limited", "{said}");
+    assert_eq!((&said["perm"], &said["key_patterns"]), (&"read-only".into(), &serde_json::json!(["app:*"])));
+
     // The default token is unchanged: all keys, writes, on the cache's own ACL user.
     let full = dev.mint_token(id).await;
+    let said = payload(&full);
+    assert_eq!((&said["aud"], &said["perm"]), (&"shoal-data".into(), &"read-write".into()), "{said}");
+    assert!(said.get("key_patterns").is_none(), "{said}");
     let mut c = dev.client(&full).await.unwrap();
     set(&mut c, "other", "4").await.unwrap();
     let _: () = redis::cmd("EVAL")

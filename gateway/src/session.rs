@@ -815,7 +815,7 @@ impl Session {
                 claims.cache
             )));
         }
-        let (upstream, access) = crate::auth::jwt::upstream_login(&claims, &route);
+        let (upstream, access) = crate::auth::jwt::upstream_login(&claims, &route)?;
         self.bind(live, route, upstream, access, &claims.jti, expiry_instant(claims.exp)).await
     }
 

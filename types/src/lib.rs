@@ -194,6 +194,10 @@ pub struct DataClaims {
 /// Issuer and audience of data-plane tokens; the gateway pins both.
 pub const TOKEN_ISSUER: &str = "shoal";
 pub const DATA_AUDIENCE: &str = "shoal-data";
+/// The audience of tokens that grant less than everything (read-only, or some keys): a
+/// gateway that predates permissions pins [`DATA_AUDIENCE`] and so refuses them, rather
+/// than let them do everything.
+pub const LIMITED_DATA_AUDIENCE: &str = "shoal-data-limited";
 
 /// Gateway → control plane (`POST /internal/v1/caches/{id}/users/verify`): check the
 /// password of a cache user or of an LDAP user with a role on the cache.

@@ -9,7 +9,7 @@ use crate::store;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use shoal_auth::token as token_scope;
-use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
+use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, LIMITED_DATA_AUDIENCE, TOKEN_ISSUER};
 use utoipa::ToSchema;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -167,9 +167,8 @@ pub async fn mint_token(
     // A token that grants less than everything logs in as an upstream user of its own,
     // made (or remade, which changes nothing) now. Under the users lock, and on a cache
     // still live: deleting a cache removes its users' ACL users under the same lock.
-    if let Some(login) =
-        token_scope::token_login(&cache.id.acl_user(), &cache.acl_password, perm, &key_patterns)
-    {
+    let login = token_scope::token_login(&cache.id.acl_user(), &cache.acl_password, perm, &key_patterns);
+    if let Some(login) = &login {
         let access = shoal_auth::AccessString::parse(&login.access_string)
             .map_err(|e| ApiError::field("key_patterns", e.to_string()))?;
         let rules = crate::routes::users::upstream_rules(&cache, &access, &login.password)?;
@@ -183,7 +182,7 @@ pub async fn mint_token(
     let exp = now + chrono::Duration::seconds(ttl as i64);
     let claims = DataClaims {
         iss: TOKEN_ISSUER.into(),
-        aud: DATA_AUDIENCE.into(),
+        aud: if login.is_some() { LIMITED_DATA_AUDIENCE } else { DATA_AUDIENCE }.into(),
         sub: who.key_id.clone(),
         iat: now.timestamp(),
         exp: exp.timestamp(),

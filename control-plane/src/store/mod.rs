@@ -310,7 +310,7 @@ impl Store {
 
     // --- tokens ---
 
-    /// Tokens of a cache that are neither expired nor revoked: (jti, created_at, expires_at).
+    /// Tokens of a cache that are neither expired nor revoked.
     pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT jti, permission, key_patterns, created_at, expires_at FROM tokens
