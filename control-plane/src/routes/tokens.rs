@@ -129,7 +129,9 @@ pub struct MintedToken {
     request_body(content = MintToken, description = "optional"),
     responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
               description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
-              (status = 404, body = crate::error::Problem)),
+              (status = 404, body = crate::error::Problem),
+              (status = 503, body = crate::error::Problem,
+               description = "the cache's node cannot be reached to make a limited token's ACL user")),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn mint_token(
     state: web::Data<AppState>,
