@@ -480,6 +480,24 @@ async fn limited_tokens_survive_a_restart_and_their_users_go_with_the_cache() {
     set(&mut c, "app:x", "3").await.unwrap();
     assert!(refusal(set(&mut c, "other", "3").await).contains("NOPERM"));
 
+    // The cache's node alone crashes and is restarted by the engine: the same again.
+    let node: usize = cache["allocation"]["node"].as_str().unwrap()[1..].parse().unwrap();
+    let victim = dev.node_pids()[node];
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut c = loop {
+        if let Ok(mut c) = dev.client(&ro).await {
+            if get(&mut c, "app:x").await.is_ok() {
+                break c;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the read-only token never worked again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_ne!(dev.node_pids()[node], victim);
+    // (The value itself may be a second old: AOF syncs every second.)
+    assert!(refusal(set(&mut c, "app:x", "4").await).contains("NOPERM"));
+
     // Deleting the cache deletes the tokens' upstream users too.
     assert_eq!(acl_users(&dev, &format!("t{id}.jwt.")).await.len(), 2);
     let (status, _) = dev.api(reqwest::Method::DELETE, &format!("/v1/caches/{id}"), None).await;
