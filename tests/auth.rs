@@ -32,6 +32,7 @@ fn claims(cache: &CacheId) -> DataClaims {
         jti: "jti-test".into(),
         cache: cache.clone(),
         perm: Permission::ReadWrite,
+        key_patterns: Vec::new(),
     }
 }
 
@@ -211,4 +212,295 @@ async fn a_connection_must_reauthenticate_when_its_token_expires() {
     let mut buf = vec![0u8; 12];
     renewed.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"+OK\r\n+PONG\r\n", "the re-authenticated connection lives on");
+}
+
+/// `POST /v1/caches/{id}/tokens` with `body`: (status, body).
+async fn mint(dev: &ShoalDev, cache: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    dev.api(reqwest::Method::POST, &format!("/v1/caches/{cache}/tokens"), Some(body)).await
+}
+
+async fn minted(dev: &ShoalDev, cache: &str, body: serde_json::Value) -> String {
+    let (status, minted) = mint(dev, cache, body).await;
+    assert_eq!(status, 201, "{minted}");
+    minted["token"].as_str().unwrap().to_string()
+}
+
+/// A token's claims, decoded without checking anything.
+fn payload(token: &str) -> serde_json::Value {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap()
+}
+
+/// The error text of a command that must fail.
+fn refusal<T: std::fmt::Debug>(r: redis::RedisResult<T>) -> String {
+    match r {
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Names of the ACL users on every node whose name contains `part`.
+async fn acl_users(dev: &ShoalDev, part: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for i in 0..dev.node_ports.len() {
+        let mut node = dev.node_admin(i).await;
+        let names: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(&mut node).await.unwrap();
+        found.extend(names.into_iter().filter(|n| n.contains(part)));
+    }
+    found.sort();
+    found
+}
+
+async fn get(c: &mut redis::aio::MultiplexedConnection, key: &str) -> redis::RedisResult<Option<String>> {
+    redis::cmd("GET").arg(key).query_async(c).await
+}
+
+async fn set(c: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) -> redis::RedisResult<()> {
+    redis::cmd("SET").arg(key).arg(value).query_async(c).await
+}
+
+#[tokio::test]
+async fn read_only_and_key_pattern_tokens_hold_in_scripts_and_transactions() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("scoped").await;
+    let id = cache["id"].as_str().unwrap();
+    let mut owner = dev.client(&dev.mint_token(id).await).await.unwrap();
+    set(&mut owner, "app:x", "1").await.unwrap();
+    set(&mut owner, "other", "1").await.unwrap();
+
+    // Read-only: reads and SCAN work; writes, deletes and writing scripts get -NOPERM (also
+    // logged in with RESP3's HELLO 3 AUTH).
+    let (status, ro) = mint(&dev, id, serde_json::json!({"permission": "read-only"})).await;
+    assert_eq!(status, 201, "{ro}");
+    assert_eq!((ro["permission"].as_str(), ro.get("key_patterns")), (Some("read-only"), None), "{ro}");
+    let ro = ro["token"].as_str().unwrap().to_string();
+    let url = format!("redis://:{ro}@127.0.0.1:{}/?protocol=resp3", dev.resp_port);
+    let resp3 = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    for mut c in [dev.client(&ro).await.unwrap(), resp3] {
+        assert_eq!(get(&mut c, "other").await.unwrap().as_deref(), Some("1"));
+        let (_, keys): (String, Vec<String>) =
+            redis::cmd("SCAN").arg(0).arg("COUNT").arg(100).query_async(&mut c).await.unwrap();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(refusal(set(&mut c, "other", "2").await).contains("NOPERM"));
+        let e = refusal(redis::cmd("DEL").arg("other").query_async::<i64>(&mut c).await);
+        assert!(e.contains("NOPERM"), "{e}");
+        let e = refusal(
+            redis::cmd("EVAL")
+                .arg("return redis.call('SET', 'other', '3')")
+                .arg(0)
+                .query_async::<()>(&mut c)
+                .await,
+        );
+        assert!(e.contains("NOPERM"), "{e}");
+        // Like LDAP's read-only role, no scripts at all (EVAL_RO is no @read command either).
+        let e = refusal(
+            redis::cmd("EVAL_RO")
+                .arg("return redis.call('GET', 'app:x')")
+                .arg(0)
+                .query_async::<String>(&mut c)
+                .await,
+        );
+        assert!(e.contains("NOPERM"), "{e}");
+        let e = refusal(redis::cmd("PUBLISH").arg("news").arg("hi").query_async::<i64>(&mut c).await);
+        assert!(e.contains("NOPERM"), "{e}");
+    }
+    assert_eq!(get(&mut owner, "other").await.unwrap().as_deref(), Some("1"), "nothing was written");
+
+    // Key patterns: app:* can be read and written, other keys not — at top level, inside
+    // MULTI (the transaction is refused whole) and inside EVAL.
+    let scoped = minted(&dev, id, serde_json::json!({"key_patterns": ["app:*"]})).await;
+    let mut c = dev.client(&scoped).await.unwrap();
+    set(&mut c, "app:x", "2").await.unwrap();
+    assert_eq!(get(&mut c, "app:x").await.unwrap().as_deref(), Some("2"));
+    assert!(refusal(get(&mut c, "other").await).contains("NOPERM"));
+    assert!(refusal(set(&mut c, "other", "2").await).contains("NOPERM"));
+    let (_, keys): (String, Vec<String>) = redis::cmd("SCAN").arg(0).query_async(&mut c).await.unwrap();
+    assert!(keys.contains(&"other".to_string()), "SCAN lists every key name, as Valkey's ACL does: {keys:?}");
+    let (v,): (String,) =
+        redis::pipe().atomic().set("app:y", "y").ignore().get("app:y").query_async(&mut c).await.unwrap();
+    assert_eq!(v, "y", "a transaction on the token's keys runs");
+    let e = refusal(
+        redis::pipe()
+            .atomic()
+            .set("app:z", "z")
+            .ignore()
+            .set("other", "z")
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await,
+    );
+    assert!(e.contains("EXECABORT") || e.contains("NOPERM"), "{e}");
+    assert_eq!(get(&mut owner, "app:z").await.unwrap(), None, "a refused transaction ran nothing");
+    let e = refusal(
+        redis::cmd("EVAL")
+            .arg("return redis.call('SET', 'other', 'e')")
+            .arg(0)
+            .query_async::<()>(&mut c)
+            .await,
+    );
+    assert!(e.contains("NOPERM") || e.to_lowercase().contains("permission"), "{e}");
+    let _: () = redis::cmd("EVAL")
+        .arg("return redis.call('SET', KEYS[1], 'e')")
+        .arg(1)
+        .arg("app:e")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(get(&mut owner, "app:e").await.unwrap().as_deref(), Some("e"));
+    assert_eq!(get(&mut owner, "other").await.unwrap().as_deref(), Some("1"), "other was never written");
+
+    // Both at once: read-only on app:*.
+    let both =
+        minted(&dev, id, serde_json::json!({"permission": "read-only", "key_patterns": ["app:*"]})).await;
+    let mut c = dev.client(&both).await.unwrap();
+    assert_eq!(get(&mut c, "app:x").await.unwrap().as_deref(), Some("2"));
+    assert!(refusal(get(&mut c, "other").await).contains("NOPERM"));
+    assert!(refusal(set(&mut c, "app:x", "3").await).contains("NOPERM"));
+
+    // The largest token there can be (32 patterns of 100 bytes, nearly each byte doubled by
+    // JSON escaping) still fits an unauthenticated AUTH.
+    let widest: Vec<String> = (0..32).map(|i| format!("{i:02}{}*", "\"\\".repeat(48))).collect();
+    assert!(widest.iter().all(|p| p.len() == 99), "{widest:?}");
+    let big = minted(&dev, id, serde_json::json!({"key_patterns": widest})).await;
+    assert!(big.len() > 8_000, "{}", big.len());
+    let mut c = dev.client(&big).await.unwrap();
+    assert!(refusal(get(&mut c, "app:x").await).contains("NOPERM"));
+
+    // Re-authenticating an open connection with a narrower token narrows it at once.
+    let mut switching = dev.client(&dev.mint_token(id).await).await.unwrap();
+    set(&mut switching, "other", "1").await.unwrap();
+    let _: () = redis::cmd("AUTH").arg(&ro).query_async(&mut switching).await.unwrap();
+    assert!(refusal(set(&mut switching, "other", "2").await).contains("NOPERM"));
+
+    // Limited tokens say so in the claims, with an audience of their own: a gateway that
+    // predates permissions refuses them instead of letting them do everything.
+    let said = payload(&both);
+    assert_eq!(said["aud"], "shoal-data-limited", "{said}");
+    assert_eq!((&said["perm"], &said["key_patterns"]), (&"read-only".into(), &serde_json::json!(["app:*"])));
+
+    // The default token is unchanged: all keys, writes, on the cache's own ACL user.
+    let full = dev.mint_token(id).await;
+    let said = payload(&full);
+    assert_eq!((&said["aud"], &said["perm"]), (&"shoal-data".into(), &"read-write".into()), "{said}");
+    assert!(said.get("key_patterns").is_none(), "{said}");
+    let mut c = dev.client(&full).await.unwrap();
+    set(&mut c, "other", "4").await.unwrap();
+    let _: () = redis::cmd("EVAL")
+        .arg("return redis.call('SET', 'other', '5')")
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(get(&mut c, "other").await.unwrap().as_deref(), Some("5"));
+    // So is a token minted before permissions existed (no `perm`, no `key_patterns`).
+    let (kid, der, _) = signing_key(&dev);
+    let mut old = serde_json::to_value(claims(&CacheId::parse(id).unwrap())).unwrap();
+    old.as_object_mut().unwrap().remove("perm");
+    assert!(old.get("key_patterns").is_none(), "{old}");
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid);
+    let old = jsonwebtoken::encode(&header, &old, &EncodingKey::from_ed_der(&der)).unwrap();
+    let mut c = dev.client(&old).await.unwrap();
+    set(&mut c, "other", "6").await.unwrap();
+    let _: () = redis::cmd("DEL").arg("app:e").query_async(&mut c).await.unwrap();
+
+    // One upstream user per permission set, however often it is minted.
+    minted(&dev, id, serde_json::json!({"permission": "read-only"})).await;
+    let users = acl_users(&dev, &format!("t{id}.jwt.")).await;
+    assert_eq!(users.len(), 4, "{users:?}");
+
+    // The list and the audit log show what each token may do.
+    let (status, listed) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/tokens"), None).await;
+    assert_eq!(status, 200);
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.iter().filter(|t| t["permission"] == "read-only").count(), 3, "{listed}");
+    assert_eq!(
+        items.iter().filter(|t| t["key_patterns"] == serde_json::json!(["app:*"])).count(),
+        2,
+        "{listed}"
+    );
+    let (_, audit) = dev
+        .api(reqwest::Method::GET, &format!("/v1/audit?action=token.mint&cache_id={id}&limit=100"), None)
+        .await;
+    let details: Vec<&serde_json::Value> =
+        audit["items"].as_array().unwrap().iter().map(|r| &r["details"]).collect();
+    assert!(
+        details
+            .iter()
+            .any(|d| d["permission"] == "read-only" && d["key_patterns"] == serde_json::json!(["app:*"])),
+        "{details:#?}"
+    );
+    assert!(details
+        .iter()
+        .any(|d| d["permission"] == "read-write" && d["key_patterns"] == serde_json::json!([])));
+}
+
+#[tokio::test]
+async fn bad_token_permissions_are_refused_naming_the_field_and_store_nothing() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("picky").await;
+    let id = cache["id"].as_str().unwrap();
+    let many: Vec<String> = (0..33).map(|i| format!("k{i}:*")).collect();
+    for (body, field, says) in [
+        (serde_json::json!({"permission": "admin"}), "permission", "read-write, read-only"),
+        (serde_json::json!({"permission": "READ-ONLY"}), "permission", "read-write, read-only"),
+        (serde_json::json!({"key_patterns": []}), "key_patterns", "at least one"),
+        (serde_json::json!({"key_patterns": ["app:*", ""]}), "key_patterns", "pattern 2 is empty"),
+        (serde_json::json!({"key_patterns": ["app *"]}), "key_patterns", "whitespace"),
+        (serde_json::json!({"key_patterns": ["app:\n*"]}), "key_patterns", "whitespace or control"),
+        (serde_json::json!({"key_patterns": ["x".repeat(101)]}), "key_patterns", "longer than 100"),
+        (serde_json::json!({"key_patterns": many}), "key_patterns", "at most 32"),
+        (serde_json::json!({"permission": "read-only", "ttl_seconds": 0}), "ttl_seconds", "between"),
+    ] {
+        let (status, problem) = mint(&dev, id, body.clone()).await;
+        assert_eq!((status, problem["field"].as_str()), (400, Some(field)), "{body}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(says), "{body}: {problem}");
+    }
+    assert!(dev.sql(&format!("SELECT jti FROM tokens WHERE cache_id = '{id}'")).is_empty());
+    assert!(acl_users(&dev, ".jwt.").await.is_empty(), "no upstream user was made");
+}
+
+#[tokio::test]
+async fn limited_tokens_survive_a_restart_and_their_users_go_with_the_cache() {
+    let mut dev = ShoalDev::start().await;
+    let cache = dev.create_cache("lasting").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let mut owner = dev.client(&dev.mint_token(&id).await).await.unwrap();
+    set(&mut owner, "app:x", "1").await.unwrap();
+    drop(owner);
+    let ro = minted(&dev, &id, serde_json::json!({"permission": "read-only"})).await;
+    let scoped = minted(&dev, &id, serde_json::json!({"key_patterns": ["app:*"]})).await;
+
+    // The whole platform restarts (every node with it): the tokens log in as before.
+    assert!(dev.stop_with(libc::SIGTERM).success());
+    dev.launch().await;
+    let mut c = dev.client(&ro).await.unwrap();
+    assert_eq!(get(&mut c, "app:x").await.unwrap().as_deref(), Some("1"));
+    assert!(refusal(set(&mut c, "app:x", "2").await).contains("NOPERM"));
+    let mut c = dev.client(&scoped).await.unwrap();
+    set(&mut c, "app:x", "3").await.unwrap();
+    assert!(refusal(set(&mut c, "other", "3").await).contains("NOPERM"));
+
+    // The cache's node alone crashes and is restarted by the engine: the same again.
+    let node: usize = cache["allocation"]["node"].as_str().unwrap()[1..].parse().unwrap();
+    let victim = dev.node_pids()[node];
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut c = loop {
+        if let Ok(mut c) = dev.client(&ro).await {
+            if get(&mut c, "app:x").await.is_ok() {
+                break c;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the read-only token never worked again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_ne!(dev.node_pids()[node], victim);
+    // (The value itself may be a second old: AOF syncs every second.)
+    assert!(refusal(set(&mut c, "app:x", "4").await).contains("NOPERM"));
+
+    // Deleting the cache deletes the tokens' upstream users too.
+    assert_eq!(acl_users(&dev, &format!("t{id}.jwt.")).await.len(), 2);
+    let (status, _) = dev.api(reqwest::Method::DELETE, &format!("/v1/caches/{id}"), None).await;
+    assert_eq!(status, 204);
+    assert_eq!(acl_users(&dev, &id).await, Vec::<String>::new(), "ACL users left behind");
 }

@@ -10,6 +10,8 @@
 //! - [`access`]: ElastiCache-style access strings, checked and turned into Valkey ACL rules
 //!   that keep the cache's isolation.
 //! - [`role`]: what a login may do, and the group→role configuration.
+//! - [`token`]: the upstream ACL user (name, password, access string) of a data-plane token
+//!   that grants less than the cache's own user; derived alike by both sides.
 //! - `testing` (feature `testing`): a real `slapd` for tests.
 
 pub mod access;
@@ -19,6 +21,7 @@ pub mod role;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod throttle;
+pub mod token;
 
 pub use access::{intersect_with_tenant, AccessError, AccessString};
 pub use ldap::{BindMode, Directory, GroupLookup, LdapConfig, LdapError, LdapIdentity};

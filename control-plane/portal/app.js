@@ -571,18 +571,23 @@ async function accessPage(view, id) {
   const usersBox = h('div');
   const drawTokens = async () => {
     const { items } = await api(`/v1/caches/${c.id}/tokens`);
-    render(tokensBox, table(['Token id', 'Created', 'Expires', ...(canWrite() ? ['Action'] : [])],
+    render(tokensBox, table(['Token id', 'Access', 'Created', 'Expires', ...(canWrite() ? ['Action'] : [])],
       items.map((t) => h('tr', {},
-        h('td', {}, h('code', { text: t.jti })), h('td', { text: fmtTime(t.created_at) }), h('td', { text: fmtTime(t.expires_at) }),
+        h('td', {}, h('code', { text: t.jti })),
+        h('td', { text: `${t.permission || 'read-write'}${t.key_patterns ? ` on ${t.key_patterns.join(' ')}` : ', all keys'}` }),
+        h('td', { text: fmtTime(t.created_at) }), h('td', { text: fmtTime(t.expires_at) }),
         canWrite() ? h('td.actions', {}, h('button.secondary', {
           type: 'button',
           text: 'Rotate',
           'aria-label': `Rotate token ${t.jti}`,
           onclick: async () => {
-            // A new token for as long as this one had left, then this one revoked.
+            // A new token with the same access for as long as this one had left, then this
+            // one revoked.
             const left = Math.round((Date.parse(t.expires_at) - Date.now()) / 1000);
+            const body = { ttl_seconds: Math.max(60, left), permission: t.permission || 'read-write' };
+            if (t.key_patterns) body.key_patterns = t.key_patterns;
             try {
-              const fresh = await api(`/v1/caches/${c.id}/tokens`, { method: 'POST', body: { ttl_seconds: Math.max(60, left) } });
+              const fresh = await api(`/v1/caches/${c.id}/tokens`, { method: 'POST', body });
               await api(`/v1/caches/${c.id}/tokens/${t.jti}`, { method: 'DELETE' });
               await drawTokens();
               showSecret(`Token ${t.jti} revoked; its replacement (shown once) expires ${fmtTime(fresh.expires_at)}:`, fresh.token);
@@ -604,18 +609,26 @@ async function accessPage(view, id) {
   };
   const ttl = h('select', { name: 'ttl' }, [[900, '15 minutes'], [3600, '1 hour'], [43200, '12 hours']]
     .map(([v, t]) => h('option', { value: v, text: t })));
+  const permission = h('select', { name: 'permission' }, [['read-write', 'Read-write'], ['read-only', 'Read-only']]
+    .map(([v, t]) => h('option', { value: v, text: t })));
+  const patterns = h('input', { name: 'key_patterns', placeholder: 'app:* session:*' });
   const minted = h('div.minted', { hidden: true });
   const mintForm = canWrite() ? h('form.inline', {
     'aria-label': 'Mint a token',
     onsubmit: async (e) => {
       e.preventDefault();
+      const body = { ttl_seconds: Number(ttl.value), permission: permission.value };
+      const keys = patterns.value.split(/\s+/).filter(Boolean);
+      if (keys.length) body.key_patterns = keys;
       try {
-        const t = await api(`/v1/caches/${c.id}/tokens`, { method: 'POST', body: { ttl_seconds: Number(ttl.value) } });
+        const t = await api(`/v1/caches/${c.id}/tokens`, { method: 'POST', body });
         await drawTokens();
         showSecret(`New token (shown once), expires ${fmtTime(t.expires_at)}:`, t.token);
       } catch (x) { announce(x.message, 'error'); }
     },
-  }, field('Lifetime', ttl), h('button', { type: 'submit', text: 'Mint token' })) : null;
+  }, field('Lifetime', ttl), field('Permission', permission),
+  field('Key patterns', patterns, 'Valkey glob patterns, space-separated; empty: all keys'),
+  h('button', { type: 'submit', text: 'Mint token' })) : null;
 
   const drawUsers = async () => {
     let list;

@@ -106,8 +106,8 @@ pub(crate) struct Tenant {
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
     pub entry: Arc<ClientEntry>,
-    /// The upstream ACL user and password of a cache user's or LDAP user's login (which
-    /// carries its access string); None: the cache's own ACL user (token logins).
+    /// The upstream ACL user and password of a cache user's, LDAP user's or limited token's
+    /// login (which carries its access string); None: the cache's own ACL user.
     pub upstream_login: Option<(String, String)>,
     /// That login's access string, checked before the commands the gateway answers itself.
     pub access: Option<Arc<shoal_auth::AccessString>>,
@@ -835,7 +835,8 @@ impl Session {
                 claims.cache
             )));
         }
-        self.bind(live, route, None, None, &claims.jti, expiry_instant(claims.exp)).await
+        let (upstream, access) = crate::auth::jwt::upstream_login(&claims, &route)?;
+        self.bind(live, route, upstream, access, &claims.jti, expiry_instant(claims.exp)).await
     }
 
     /// A cache user or LDAP user: the control plane checks the password and names the

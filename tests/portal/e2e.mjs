@@ -138,6 +138,18 @@ try {
   await page.getByRole('button', { name: /^Revoke token/ }).first().click();
   await page.waitForFunction((n) => document.querySelectorAll('button[aria-label^="Revoke token"]').length === n, before);
   check(true, 'revoking a token removes it from the list');
+  // A limited token: listed with its access, which rotating it keeps.
+  await page.getByLabel('Permission', { exact: true }).selectOption('read-only');
+  await page.getByLabel('Key patterns', { exact: true }).fill('app:* cfg');
+  await page.getByRole('button', { name: 'Mint token' }).click();
+  const limitedRows = page.getByRole('row').filter({ hasText: 'read-only on app:* cfg' });
+  await limitedRows.first().waitFor();
+  const limitedRotate = limitedRows.first().getByRole('button', { name: /^Rotate token/ });
+  const limited = (await limitedRotate.getAttribute('aria-label')).replace('Rotate token ', '');
+  await limitedRotate.click();
+  await page.getByText(`Token ${limited} revoked; its replacement`).waitFor();
+  check((await limitedRows.count()) === 1 && !(await limitedRows.first().innerText()).includes(limited),
+    'a read-only token on some keys is listed so, and its rotation keeps that access');
   await page.getByRole('table', { name: 'Cache users' }).waitFor();
   await page.getByLabel('User name', { exact: true }).fill('app');
   await page.getByLabel('Access string', { exact: true }).fill('on ~app:* +@read');
@@ -189,10 +201,10 @@ try {
   await page.getByLabel('Action', { exact: true }).fill('token.revoke');
   await page.getByLabel('Outcome', { exact: true }).selectOption('success');
   await page.getByRole('button', { name: 'Search' }).click();
-  // Two revocations: the rotated token and the revoked one.
-  await page.waitForFunction(() => /Page 1: 2 records\b/.test(document.body.innerText));
+  // Three revocations: the two rotated tokens and the revoked one.
+  await page.waitForFunction(() => /Page 1: 3 records\b/.test(document.body.innerText));
   const actions = await page.locator('table tbody tr td:nth-child(4)').allInnerTexts();
-  check(actions.length === 2 && actions.every((a) => a === 'token.revoke'), `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
+  check(actions.length === 3 && actions.every((a) => a === 'token.revoke'), `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
   await noStrayText(page, 'audit page');
   await page.screenshot({ path: join(shots, '05-audit.png'), fullPage: true });
   clean(page, 'desktop session');

@@ -162,6 +162,20 @@ pub enum Permission {
     ReadOnly,
 }
 
+impl Permission {
+    /// As in JSON: `read-write` or `read-only`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ReadWrite => "read-write",
+            Permission::ReadOnly => "read-only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Permission> {
+        [Permission::ReadWrite, Permission::ReadOnly].into_iter().find(|p| p.as_str() == s)
+    }
+}
+
 /// Claims of a data-plane JWT (what `AUTH <token>` presents to the gateway).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DataClaims {
@@ -176,11 +190,19 @@ pub struct DataClaims {
     pub cache: CacheId,
     #[serde(default)]
     pub perm: Permission,
+    /// Valkey glob patterns of the keys the token may touch; empty (or absent, in tokens
+    /// minted before patterns existed): all keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_patterns: Vec<String>,
 }
 
 /// Issuer and audience of data-plane tokens; the gateway pins both.
 pub const TOKEN_ISSUER: &str = "shoal";
 pub const DATA_AUDIENCE: &str = "shoal-data";
+/// The audience of tokens that grant less than everything (read-only, or some keys): a
+/// gateway that predates permissions pins [`DATA_AUDIENCE`] and so refuses them, rather
+/// than let them do everything.
+pub const LIMITED_DATA_AUDIENCE: &str = "shoal-data-limited";
 
 /// Gateway → control plane (`POST /internal/v1/caches/{id}/users/verify`): check the
 /// password of a cache user or of an LDAP user with a role on the cache.

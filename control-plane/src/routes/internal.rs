@@ -199,7 +199,7 @@ async fn verify_user(
     let access_text = if role == "rw" { LDAP_READ_WRITE } else { LDAP_READ_ONLY };
     let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
     let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
-    let secret = crate::auth::hash_token(&format!("{}|{upstream_user}", cache.acl_password));
+    let secret = shoal_auth::token::derived_password(&cache.acl_password, &upstream_user);
     let rules = crate::routes::users::upstream_rules(&cache, &access, &secret)?;
     state.pool.set_cache_user(&cache.node, &upstream_user, &rules).await?;
     Ok(HttpResponse::Ok().json(VerifiedLogin {
@@ -212,10 +212,10 @@ async fn verify_user(
     }))
 }
 
-/// What LDAP users with the cache read-write / read-only role may do.
-pub const LDAP_READ_WRITE: &str = "on ~* &* +@all";
-pub const LDAP_READ_ONLY: &str =
-    "on ~* &* -@all +@read +@connection +@transaction +@pubsub -@write -publish -spublish";
+/// What LDAP users with the cache read-write / read-only role may do (as tokens of either
+/// permission).
+pub const LDAP_READ_WRITE: &str = shoal_auth::token::READ_WRITE;
+pub const LDAP_READ_ONLY: &str = shoal_auth::token::READ_ONLY;
 
 /// A gateway's batch of data-plane login events: each becomes an audit record.
 async fn login_events(

@@ -8,7 +8,8 @@ use crate::startup::AppState;
 use crate::store;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
-use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
+use shoal_auth::token as token_scope;
+use shoal_types::{DataClaims, Permission, DATA_AUDIENCE, LIMITED_DATA_AUDIENCE, TOKEN_ISSUER};
 use utoipa::ToSchema;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -24,6 +25,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[derive(Serialize, ToSchema)]
 pub struct TokenInfo {
     pub jti: String,
+    /// `read-write` or `read-only`.
+    pub permission: String,
+    /// The Valkey glob patterns of the keys the token may touch; absent: all keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub key_patterns: Vec<String>,
     pub created_at: String,
     pub expires_at: String,
 }
@@ -48,7 +54,13 @@ pub async fn list_tokens(
         .active_tokens(&cache.id)
         .await?
         .into_iter()
-        .map(|(jti, created_at, expires_at)| TokenInfo { jti, created_at, expires_at })
+        .map(|t| TokenInfo {
+            jti: t.jti,
+            permission: t.permission,
+            key_patterns: t.key_patterns,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+        })
         .collect();
     Ok(HttpResponse::Ok().json(TokenList { items }))
 }
@@ -83,6 +95,14 @@ pub async fn revoke_token(
 pub struct MintToken {
     /// Lifetime in seconds (default 900, like ElastiCache IAM auth tokens).
     pub ttl_seconds: Option<u64>,
+    /// `read-write` (default) or `read-only` (read commands only: writes, scripts and
+    /// PUBLISH are refused with `-NOPERM`).
+    #[schema(example = "read-only")]
+    pub permission: Option<String>,
+    /// Valkey glob patterns of the keys the token may touch, as in an ACL's `~pattern`
+    /// (1–32 patterns of up to 100 bytes, no whitespace). Absent: all keys.
+    #[schema(example = json!(["app:*"]))]
+    pub key_patterns: Option<Vec<String>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -92,12 +112,26 @@ pub struct MintedToken {
     pub jti: String,
     /// RFC 3339 time after which the token is refused.
     pub expires_at: String,
+    /// `read-write` or `read-only`.
+    pub permission: String,
+    /// The key patterns the token is limited to; absent: all keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub key_patterns: Vec<String>,
 }
 
 /// Mint a data-plane token for a cache.
+///
+/// Read-write or read-only, on all keys or on keys matching some patterns. Valkey itself
+/// enforces what the token may do (also inside scripts and transactions): a token that
+/// grants less than everything logs in upstream as an ACL user made for its permission and
+/// patterns.
 #[utoipa::path(post, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
     request_body(content = MintToken, description = "optional"),
-    responses((status = 201, body = MintedToken), (status = 404, body = crate::error::Problem)),
+    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
+              description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
+              (status = 404, body = crate::error::Problem),
+              (status = 503, body = crate::error::Problem,
+               description = "the cache's node cannot be reached to make a limited token's ACL user")),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn mint_token(
     state: web::Data<AppState>,
@@ -119,25 +153,61 @@ pub async fn mint_token(
             format!("ttl_seconds must be between 1 and {}", state.config.token_ttl_max),
         ));
     }
+    let perm = match body.permission.as_deref() {
+        None => Permission::ReadWrite,
+        Some(p) => Permission::parse(p).ok_or_else(|| {
+            ApiError::field("permission", "permission must be one of read-write, read-only")
+        })?,
+    };
+    let key_patterns = match body.key_patterns {
+        None => Vec::new(),
+        Some(p) => {
+            token_scope::check_key_patterns(&p).map_err(|e| ApiError::field("key_patterns", e))?;
+            token_scope::canonical_patterns(&p)
+        }
+    };
+    // A token that grants less than everything logs in as an upstream user of its own,
+    // made (or remade, which changes nothing) now. Under the users lock, and on a cache
+    // still live: deleting a cache removes its users' ACL users under the same lock.
+    let login = token_scope::token_login(&cache.id.acl_user(), &cache.acl_password, perm, &key_patterns);
+    if let Some(login) = &login {
+        let access = shoal_auth::AccessString::parse(&login.access_string)
+            .map_err(|e| ApiError::field("key_patterns", e.to_string()))?;
+        let rules = crate::routes::users::upstream_rules(&cache, &access, &login.password)?;
+        let _changing = state.users_lock.lock().await;
+        if state.store.cache(&cache.id).await?.is_none() {
+            return Err(ApiError::NotFound("cache"));
+        }
+        state.pool.set_cache_user(&cache.node, &login.user, &rules).await?;
+    }
     let now = chrono::Utc::now();
     let exp = now + chrono::Duration::seconds(ttl as i64);
     let claims = DataClaims {
         iss: TOKEN_ISSUER.into(),
-        aud: DATA_AUDIENCE.into(),
+        aud: if login.is_some() { LIMITED_DATA_AUDIENCE } else { DATA_AUDIENCE }.into(),
         sub: who.key_id.clone(),
         iat: now.timestamp(),
         exp: exp.timestamp(),
         nbf: None,
         jti: random_token(16),
         cache: cache.id.clone(),
-        perm: Permission::ReadWrite,
+        perm,
+        key_patterns,
     };
     let token = state.signer.sign(&claims).map_err(|e| ApiError::Internal(e.to_string()))?;
     let expires_at = exp.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut event = ctx.cache_event(&who, "token.mint", &claims.jti, &cache);
-    event.details = serde_json::json!({ "ttl_seconds": ttl });
+    event.details = serde_json::json!({ "ttl_seconds": ttl, "permission": perm.as_str(),
+                                        "key_patterns": claims.key_patterns });
     let mut tx = state.store.begin().await?;
-    store::insert_token(tx.conn(), &claims.jti, &cache.id, "read-write", &expires_at).await?;
+    store::insert_token(tx.conn(), &claims.jti, &cache.id, perm.as_str(), &claims.key_patterns, &expires_at)
+        .await?;
     tx.commit(&event).await?;
-    Ok(HttpResponse::Created().json(MintedToken { token, jti: claims.jti, expires_at }))
+    Ok(HttpResponse::Created().json(MintedToken {
+        token,
+        jti: claims.jti,
+        expires_at,
+        permission: perm.as_str().to_string(),
+        key_patterns: claims.key_patterns,
+    }))
 }

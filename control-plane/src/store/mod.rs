@@ -21,6 +21,18 @@ use std::sync::Arc;
 
 pub type StoreError = sqlx::Error;
 
+/// A data-plane token as stored (the token itself never is).
+#[derive(Clone, Debug)]
+pub struct TokenRecord {
+    pub jti: String,
+    /// `read-write` or `read-only`.
+    pub permission: String,
+    /// Valkey glob patterns the token's keys are limited to; empty: all keys.
+    pub key_patterns: Vec<String>,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
 /// A cache row, including where it lives.
 #[derive(Clone, Debug)]
 pub struct CacheRecord {
@@ -298,17 +310,28 @@ impl Store {
 
     // --- tokens ---
 
-    /// Tokens of a cache that are neither expired nor revoked: (jti, created_at, expires_at).
-    pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<(String, String, String)>, StoreError> {
+    /// Tokens of a cache that are neither expired nor revoked.
+    pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT jti, created_at, expires_at FROM tokens
+            "SELECT jti, permission, key_patterns, created_at, expires_at FROM tokens
              WHERE cache_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at, jti",
         )
         .bind(cache.as_str())
         .bind(now_secs())
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get("jti"), r.get("created_at"), r.get("expires_at"))).collect())
+        rows.into_iter()
+            .map(|r| {
+                Ok(TokenRecord {
+                    jti: r.get("jti"),
+                    permission: r.get("permission"),
+                    key_patterns: serde_json::from_str(r.get::<&str, _>("key_patterns"))
+                        .map_err(decode_err)?,
+                    created_at: r.get("created_at"),
+                    expires_at: r.get("expires_at"),
+                })
+            })
+            .collect()
     }
 
     /// Revoked tokens that have not expired yet (what gateways must refuse): (jti, expires_at).
@@ -396,14 +419,17 @@ pub async fn insert_token(
     jti: &str,
     cache: &CacheId,
     permission: &str,
+    key_patterns: &[String],
     expires_at: &str,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO tokens (jti, cache_id, permission, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO tokens (jti, cache_id, permission, key_patterns, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(jti)
     .bind(cache.as_str())
     .bind(permission)
+    .bind(serde_json::to_string(key_patterns).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
     .bind(now())
     .bind(expires_at)
     .execute(conn)

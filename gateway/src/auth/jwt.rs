@@ -6,7 +6,7 @@
 use crate::router::ControlPlaneClient;
 use crate::GatewayError;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
-use shoal_types::{DataClaims, DATA_AUDIENCE, TOKEN_ISSUER};
+use shoal_types::{DataClaims, TenantRoute, DATA_AUDIENCE, LIMITED_DATA_AUDIENCE, TOKEN_ISSUER};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ impl JwtVerifier {
     pub fn new(client: Arc<ControlPlaneClient>) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[TOKEN_ISSUER]);
-        validation.set_audience(&[DATA_AUDIENCE]);
+        validation.set_audience(&[DATA_AUDIENCE, LIMITED_DATA_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
@@ -113,6 +113,27 @@ impl JwtVerifier {
         *revoked = new;
         added
     }
+}
+
+/// What a token logs in upstream as, and the access string the gateway checks the commands
+/// it answers itself against; both None for the cache's own ACL user.
+pub type UpstreamLogin = (Option<(String, String)>, Option<Arc<shoal_auth::AccessString>>);
+
+/// The upstream login of a token that grants less than everything (read-only, or only some
+/// keys): the ACL user the control plane made for it when minting, with the password both
+/// derive from the cache's own secret.
+pub fn upstream_login(claims: &DataClaims, route: &TenantRoute) -> Result<UpstreamLogin, GatewayError> {
+    let login = shoal_auth::token::token_login(
+        &route.acl_user,
+        &route.acl_password,
+        claims.perm,
+        &claims.key_patterns,
+    );
+    let Some(login) = login else { return Ok((None, None)) };
+    // The control plane mints no token whose access string does not parse.
+    let access = shoal_auth::AccessString::parse(&login.access_string)
+        .map_err(|e| GatewayError::Auth(format!("token key patterns: {e}")))?;
+    Ok((Some((login.user, login.password)), Some(Arc::new(access))))
 }
 
 /// Whether a password looks like a JWT (three base64url parts).
