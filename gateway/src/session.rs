@@ -189,6 +189,8 @@ pub(crate) struct Session {
     /// The time of the event being handled (monotonic, and its Unix minute), read once
     /// per event: every request and reply of a pipeline shares one clock read.
     clock: Option<(Instant, i64)>,
+    /// The latency bucket last computed: (request read at, reply event at, bucket).
+    latency_memo: Option<(Instant, Instant, usize)>,
     /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
     pub tracking: bool,
     /// When the token the client logged in with expires; after a grace period without a
@@ -272,6 +274,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         timer: Box::pin(tokio::time::sleep_until(Instant::now().into())),
         timer_at: Instant::now(),
         clock: None,
+        latency_memo: None,
         tracking: false,
         token_expires: Instant::now(),
         mux: None,
@@ -1247,9 +1250,13 @@ impl Session {
         let mut scanner = ReplyScanner::new();
         for _ in 0..count {
             let meter = self.mux_meters.pop_front().flatten();
-            let len = match scanner.next(&chunk[pos..]) {
-                Ok(Some(r)) => r.len,
-                _ => chunk.len() - pos,
+            let rest = &chunk[pos..];
+            let len = match crate::resp::reply::simple_len(rest) {
+                Some(len) => len,
+                None => match scanner.next(rest) {
+                    Ok(Some(r)) => r.len,
+                    _ => rest.len(),
+                },
             };
             let reply = &chunk[pos..pos + len];
             pos += len;
@@ -1267,8 +1274,17 @@ impl Session {
             t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
         }
         if c.commands > 0 {
+            // The replies of one event to the requests of one read share their latency.
             let now = self.now().0;
-            self.tally.observe(now.saturating_duration_since(meter.started).as_secs_f64());
+            let slot = match self.latency_memo {
+                Some((started, at, slot)) if started == meter.started && at == now => slot,
+                _ => {
+                    let slot = metering::latency_slot(now.saturating_duration_since(meter.started));
+                    self.latency_memo = Some((meter.started, now, slot));
+                    slot
+                }
+            };
+            self.tally.latency[slot] += 1;
         }
         self.tally(c);
     }

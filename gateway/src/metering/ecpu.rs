@@ -73,7 +73,11 @@ pub fn reply_elements(reply: &[u8]) -> u64 {
 
 /// Whether a (complete) reply is nil: `$-1`, `*-1` or RESP3 `_`.
 pub fn is_nil(reply: &[u8]) -> bool {
-    reply.starts_with(b"$-1\r\n") || reply.starts_with(b"*-1\r\n") || reply.starts_with(b"_\r\n")
+    match reply.first() {
+        Some(b'$' | b'*') => reply[1..].starts_with(b"-1\r\n"),
+        Some(b'_') => reply[1..].starts_with(b"\r\n"),
+        _ => false,
+    }
 }
 
 /// Read hits and misses of one reply.

@@ -198,11 +198,11 @@ pub(crate) struct Tally {
     pub latency: [u64; crate::metrics::LATENCY_BUCKETS.len() + 1],
 }
 
-impl Tally {
-    pub fn observe(&mut self, seconds: f64) {
-        let slot = crate::metrics::LATENCY_BUCKETS.iter().position(|&le| seconds <= le);
-        self.latency[slot.unwrap_or(crate::metrics::LATENCY_BUCKETS.len())] += 1;
-    }
+/// The latency histogram bucket of a command that took `took`.
+pub(crate) fn latency_slot(took: std::time::Duration) -> usize {
+    let seconds = took.as_secs_f64();
+    let slot = crate::metrics::LATENCY_BUCKETS.iter().position(|&le| seconds <= le);
+    slot.unwrap_or(crate::metrics::LATENCY_BUCKETS.len())
 }
 
 /// How long a session keeps counters before it hands them to the ledger.

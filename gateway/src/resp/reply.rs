@@ -95,6 +95,31 @@ impl ReplyScanner {
     }
 }
 
+/// The length of the complete reply at the front of `buf` when it is a line (`+`, `-`, `:` …)
+/// or a bulk string (`$`): the common case, measured without the scanner's state. None for
+/// anything else, or if it is not complete.
+pub fn simple_len(buf: &[u8]) -> Option<usize> {
+    let line_end = |buf: &[u8]| buf.iter().position(|&b| b == b'\n').map(|i| i + 1);
+    match *buf.first()? {
+        b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => line_end(buf),
+        b'$' if buf.get(1) == Some(&b'-') => line_end(buf),
+        b'$' => {
+            let (mut n, mut i) = (0usize, 1);
+            loop {
+                match *buf.get(i)? {
+                    b'\r' => break,
+                    d @ b'0'..=b'9' => n = n.checked_mul(10)?.checked_add(usize::from(d - b'0'))?,
+                    _ => return None,
+                }
+                i += 1;
+            }
+            let end = (i + 2).checked_add(n)?.checked_add(2)?;
+            (end <= buf.len()).then_some(end)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +134,27 @@ mod tests {
         }
         assert!(buf.is_empty(), "left over: {:?}", String::from_utf8_lossy(buf));
         out
+    }
+
+    #[test]
+    fn simple_replies_measure_like_the_scanner() {
+        for input in [
+            &b"+OK\r\n"[..],
+            b":12\r\n",
+            b"$-1\r\n",
+            b"$3\r\nabc\r\n",
+            b"$0\r\n\r\n",
+            b"-ERR x\r\n",
+            b"_\r\n",
+        ] {
+            let mut extra = input.to_vec();
+            extra.extend_from_slice(b"+next\r\n");
+            assert_eq!(simple_len(&extra), Some(lens(input)[0]), "{:?}", String::from_utf8_lossy(input));
+        }
+        assert_eq!(simple_len(b"$3\r\nab"), None, "incomplete");
+        assert_eq!(simple_len(b"*1\r\n+a\r\n"), None, "aggregates go to the scanner");
+        assert_eq!(simple_len(b"$99999999999999999999999\r\n"), None, "overflow");
+        assert_eq!(simple_len(b"$1x\r\n"), None);
     }
 
     #[test]
