@@ -1246,7 +1246,7 @@ impl Session {
 
     /// Meters a mux chunk: `count` replies, one per metered request sent to the mux.
     fn meter_mux_replies(&mut self, chunk: &[u8], count: usize) {
-        let mut pos = 0;
+        let (mut pos, mut billed) = (0, None);
         let mut scanner = ReplyScanner::new();
         for _ in 0..count {
             let meter = self.mux_meters.pop_front().flatten();
@@ -1262,13 +1262,24 @@ impl Session {
             pos += len;
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
-                self.bill(m, reply, len as u64);
+                let c = self.measure(m, reply, len as u64);
+                billed.get_or_insert_with(Counters::default).add(&c);
             }
+        }
+        // One tally for the batch: its replies arrived in one event.
+        if let Some(c) = billed {
+            self.tally(c);
         }
     }
 
     /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
     fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        let c = self.measure(meter, reply, delivered);
+        self.tally(c);
+    }
+
+    /// The counters of one command (to tally); charges the bucket and counts the latency.
+    fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> Counters {
         let c = Counters::command(meter.spec, meter.request, reply, delivered);
         if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
             t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
@@ -1286,7 +1297,7 @@ impl Session {
             };
             self.tally.latency[slot] += 1;
         }
-        self.tally(c);
+        c
     }
 
     /// Before a metered command runs: the cache's ECPU limit lets it through, possibly after
