@@ -145,12 +145,18 @@ impl Ledger {
     /// of the current minute: a cache with connections but no commands gets an entry of its
     /// own, so the control plane sees that it is connected.
     pub fn take(&self, peaks: Vec<(CacheId, u32)>) -> Vec<CacheUsage> {
-        let map = std::mem::take(&mut *self.map.lock().unwrap());
+        let mut map = std::mem::take(&mut *self.map.lock().unwrap());
+        let minute = current_minute();
+        let peaks: HashMap<CacheId, u32> = peaks.into_iter().collect();
+        for cache_id in peaks.keys() {
+            map.entry((cache_id.clone(), minute)).or_default();
+        }
         let mut usage: Vec<CacheUsage> = map
             .into_iter()
-            .map(|((cache_id, minute), c)| CacheUsage {
+            .map(|((cache_id, m), c)| CacheUsage {
+                peak_connections: if m == minute { peaks.get(&cache_id).copied().unwrap_or(0) } else { 0 },
                 cache_id,
-                minute,
+                minute: m,
                 commands: c.commands,
                 ecpu_milli: c.ecpu_milli,
                 bytes_in: c.bytes_in,
@@ -159,28 +165,8 @@ impl Ledger {
                 misses: c.misses,
                 throttled: c.throttled,
                 errors: c.errors,
-                peak_connections: 0,
             })
             .collect();
-        let minute = current_minute();
-        for (cache_id, peak) in peaks {
-            match usage.iter_mut().find(|u| u.minute == minute && u.cache_id == cache_id) {
-                Some(u) => u.peak_connections = peak,
-                None => usage.push(CacheUsage {
-                    cache_id,
-                    minute,
-                    commands: 0,
-                    ecpu_milli: 0,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    hits: 0,
-                    misses: 0,
-                    throttled: 0,
-                    errors: 0,
-                    peak_connections: peak,
-                }),
-            }
-        }
         usage.sort_by(|a, b| (a.minute, &a.cache_id).cmp(&(b.minute, &b.cache_id)));
         usage
     }
