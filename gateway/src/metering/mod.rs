@@ -123,6 +123,10 @@ pub fn current_minute() -> i64 {
 #[derive(Default)]
 pub struct Ledger {
     map: Mutex<HashMap<(CacheId, i64), Counters>>,
+    /// The largest peak of connections sent per cache in the current minute. The control
+    /// plane keeps each gateway's largest per minute, so a peak goes out again only when it
+    /// grows or a minute starts: an idle connected cache costs one row a minute, not sixty.
+    sent: Mutex<HashMap<CacheId, (i64, u32)>>,
 }
 
 impl Ledger {
@@ -145,9 +149,20 @@ impl Ledger {
     /// of the current minute: a cache with connections but no commands gets an entry of its
     /// own, so the control plane sees that it is connected.
     pub fn take(&self, peaks: Vec<(CacheId, u32)>) -> Vec<CacheUsage> {
+        self.take_at(current_minute(), peaks)
+    }
+
+    fn take_at(&self, minute: i64, peaks: Vec<(CacheId, u32)>) -> Vec<CacheUsage> {
         let mut map = std::mem::take(&mut *self.map.lock().unwrap());
-        let minute = current_minute();
-        let peaks: HashMap<CacheId, u32> = peaks.into_iter().collect();
+        let mut sent = self.sent.lock().unwrap();
+        sent.retain(|_, (m, _)| *m == minute);
+        let peaks: HashMap<CacheId, u32> = peaks
+            .into_iter()
+            .filter(|(cache, peak)| sent.get(cache).is_none_or(|&(_, before)| *peak > before))
+            .collect();
+        for (cache, peak) in &peaks {
+            sent.insert(cache.clone(), (minute, *peak));
+        }
         for cache_id in peaks.keys() {
             map.entry((cache_id.clone(), minute)).or_default();
         }
@@ -193,3 +208,39 @@ pub(crate) fn latency_slot(took: std::time::Duration) -> usize {
 
 /// How long a session keeps counters before it hands them to the ledger.
 pub(crate) const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peak_goes_out_again_only_when_it_grows_or_a_minute_starts() {
+        let ledger = Ledger::default();
+        let (a, b) = (CacheId::generate(), CacheId::generate());
+        let peaks = |usage: Vec<CacheUsage>| {
+            let mut p: Vec<_> =
+                usage.into_iter().map(|u| (u.cache_id, u.minute, u.peak_connections)).collect();
+            p.sort();
+            p
+        };
+        let sorted = |mut v: Vec<(CacheId, i64, u32)>| {
+            v.sort();
+            v
+        };
+        assert_eq!(
+            peaks(ledger.take_at(60, vec![(a.clone(), 3), (b.clone(), 1)])),
+            sorted(vec![(a.clone(), 60, 3), (b.clone(), 60, 1)])
+        );
+        // Same minute: lower or equal peaks add nothing; a higher one goes out.
+        assert_eq!(peaks(ledger.take_at(60, vec![(a.clone(), 2), (b.clone(), 1)])), vec![]);
+        assert_eq!(peaks(ledger.take_at(60, vec![(a.clone(), 4)])), vec![(a.clone(), 60, 4)]);
+        // Traffic still goes out, with the peak only when it is news.
+        ledger.add(&b, 60, &Counters { commands: 2, ..Default::default() });
+        assert_eq!(peaks(ledger.take_at(60, vec![(b.clone(), 1)])), vec![(b.clone(), 60, 0)]);
+        // A new minute: every peak once more.
+        assert_eq!(
+            peaks(ledger.take_at(120, vec![(a.clone(), 1), (b.clone(), 1)])),
+            sorted(vec![(a.clone(), 120, 1), (b.clone(), 120, 1)])
+        );
+    }
+}
