@@ -200,8 +200,7 @@ async fn verify_user(
     let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
     let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
     let secret = shoal_auth::token::derived_password(&cache.acl_password, &upstream_user);
-    let rules = crate::routes::users::upstream_rules(&cache, &access, &secret)?;
-    state.pool.set_cache_user(&cache.node, &upstream_user, &rules).await?;
+    crate::routes::users::ensure_login_user(&state, &cache, &upstream_user, &access, &secret).await?;
     Ok(HttpResponse::Ok().json(VerifiedLogin {
         mechanism: "ldap".into(),
         username: identity.user,

@@ -166,19 +166,13 @@ pub async fn mint_token(
             token_scope::canonical_patterns(&p)
         }
     };
-    // A token that grants less than everything logs in as an upstream user of its own,
-    // made (or remade, which changes nothing) now. Under the users lock, and on a cache
-    // still live: deleting a cache removes its users' ACL users under the same lock.
+    // A token that grants less than everything logs in as an upstream user of its own.
     let login = token_scope::token_login(&cache.id.acl_user(), &cache.acl_password, perm, &key_patterns);
     if let Some(login) = &login {
         let access = shoal_auth::AccessString::parse(&login.access_string)
             .map_err(|e| ApiError::field("key_patterns", e.to_string()))?;
-        let rules = crate::routes::users::upstream_rules(&cache, &access, &login.password)?;
-        let _changing = state.users_lock.lock().await;
-        if state.store.cache(&cache.id).await?.is_none() {
-            return Err(ApiError::NotFound("cache"));
-        }
-        state.pool.set_cache_user(&cache.node, &login.user, &rules).await?;
+        crate::routes::users::ensure_login_user(&state, &cache, &login.user, &access, &login.password)
+            .await?;
     }
     let now = chrono::Utc::now();
     let exp = now + chrono::Duration::seconds(ttl as i64);

@@ -159,6 +159,26 @@ pub fn upstream_rules(
     Ok(rules)
 }
 
+/// Makes (or remakes, which changes nothing) an upstream ACL user of `cache` for a login
+/// that stores no user of its own (an LDAP role, a limited token): under the users lock and
+/// only while the cache is live, since deleting a cache removes its users' ACL users under
+/// the same lock.
+pub async fn ensure_login_user(
+    state: &AppState,
+    cache: &CacheRecord,
+    name: &str,
+    access: &AccessString,
+    password: &str,
+) -> Result<(), ApiError> {
+    let rules = upstream_rules(cache, access, password)?;
+    let _changing = state.users_lock.lock().await;
+    if state.store.cache(&cache.id).await?.is_none() {
+        return Err(ApiError::NotFound("cache"));
+    }
+    state.pool.set_cache_user(&cache.node, name, &rules).await?;
+    Ok(())
+}
+
 fn event_for(
     ctx: &RequestContext,
     who: &Principal,
