@@ -173,10 +173,7 @@ impl Gateway {
         tracing::info!("gateway stopped accepting");
         if let Some(shipper) = shipper {
             let closed = shared.clients.kill_all();
-            let deadline = Instant::now() + SHUTDOWN_WAIT;
-            while shared.clients.live() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            sessions_ended(&shared, SHUTDOWN_WAIT).await;
             tracing::info!(closed, "sessions closed");
             for worker in workers {
                 let _ = tokio::time::timeout(SHUTDOWN_WAIT, worker).await;
@@ -286,16 +283,21 @@ fn spawn_workers(
                 };
                 tokio::join!(plain_loop, tls_loop);
                 // Serve this thread's sessions until the gateway has closed them all.
-                let deadline = Instant::now() + 2 * SHUTDOWN_WAIT;
-                while shared.clients.live() > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                sessions_ended(&shared, 2 * SHUTDOWN_WAIT).await;
             });
             let _ = done_tx.send(());
         })?;
         done.push(done_rx);
     }
     Ok(done)
+}
+
+/// Returns once no authenticated session is left, or after `wait`.
+async fn sessions_ended(shared: &Shared, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while shared.clients.live() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// How long a TLS client has to finish its handshake.
