@@ -7,9 +7,8 @@
 // invoice CSV, filters the audit log, checks the phone layout, and that an auditor of the
 // cache's account sees no write controls and not <other cache> (another account's). Screenshots go to <screenshot dir>. Exits non-zero on the first failure.
 
-import { chromium } from 'playwright-core';
-import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { check, launch } from './browser.mjs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 const [base, adminToken, cacheName, auditorToken, shots, otherCache, accountName] = process.argv.slice(2);
@@ -18,24 +17,8 @@ if (!accountName) {
   process.exit(2);
 }
 mkdirSync(shots, { recursive: true });
-const profile = mkdtempSync(join(tmpdir(), 'shoal-portal-chromium-'));
 
-function check(cond, what) {
-  if (!cond) throw new Error(`check failed: ${what}`);
-  console.log(`ok - ${what}`);
-}
-
-// A fresh profile directory for this run (playwright passes it as --user-data-dir).
-const browser = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  acceptDownloads: true,
-  viewport: { width: 1280, height: 800 },
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
+const browser = await launch({ acceptDownloads: true });
 
 /** A new tab (its own sessionStorage, so its own login) that records script errors, CSP
  * reports and requests to anywhere but the control plane. */
@@ -247,6 +230,5 @@ try {
   console.error(`PORTAL E2E FAILED: ${e.stack || e}`);
   process.exitCode = 1;
 } finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
+  await browser.closeAndClean();
 }
