@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use shoal_auth::testing::{self, Slapd};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{raw, ShoalDev};
+use support::{auth, ShoalDev};
 
 const INJECTIONS: &[&str] =
     &["*)(uid=*))(|(uid=*", "admin)(|(objectClass=*)", "*", "alice)(uid=*", "alice\0"];
@@ -72,16 +72,6 @@ async fn rest_login(dev: &ShoalDev, user: &str, password: &str) -> (u16, Value) 
         )
         .await;
     (status, body)
-}
-
-/// `AUTH <user> <password>` then `PING`, as raw RESP; the server's answer.
-async fn auth(dev: &ShoalDev, user: &str, password: &str) -> String {
-    let cmd = format!(
-        "*3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
-        user.len(),
-        password.len()
-    );
-    String::from_utf8_lossy(&raw(dev.resp_port, cmd.as_bytes()).await).into_owned()
 }
 
 async fn audit(dev: &ShoalDev, query: &str) -> Vec<Value> {

@@ -8,20 +8,10 @@ mod support;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::{raw, ShoalDev};
+use support::{auth, ShoalDev};
 
 const P1: &str = "first-password-0001";
 const P2: &str = "second-password-002";
-
-/// `AUTH <user> <password>` then `PING`, as raw RESP; the server's answer.
-async fn auth(dev: &ShoalDev, user: &str, password: &str) -> String {
-    let cmd = format!(
-        "*3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
-        user.len(),
-        password.len()
-    );
-    String::from_utf8_lossy(&raw(dev.resp_port, cmd.as_bytes()).await).into_owned()
-}
 
 /// A redis-rs connection logged in as `user` (RESP2 `AUTH user pass`, or RESP3 `HELLO 3 AUTH`).
 async fn login(

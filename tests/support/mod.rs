@@ -367,6 +367,16 @@ pub async fn raw(port: u16, input: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `AUTH <user> <password>` then `PING`, as raw RESP; the server's answer.
+pub async fn auth(dev: &ShoalDev, user: &str, password: &str) -> String {
+    let cmd = format!(
+        "*3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
+        user.len(),
+        password.len()
+    );
+    String::from_utf8_lossy(&raw(dev.resp_port, cmd.as_bytes()).await).into_owned()
+}
+
 /// `AUTH <token>` as RESP.
 pub fn auth_command(token: &str) -> Vec<u8> {
     format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", token.len(), token).into_bytes()
