@@ -23,6 +23,20 @@ struct Totals {
 }
 
 impl Totals {
+    /// Each counter read by its name (`commands`, `ecpu_milli`, …).
+    fn read(n: impl Fn(&str) -> u64) -> Totals {
+        Totals {
+            commands: n("commands"),
+            ecpu_milli: n("ecpu_milli"),
+            bytes_in: n("bytes_in"),
+            bytes_out: n("bytes_out"),
+            hits: n("hits"),
+            misses: n("misses"),
+            throttled: n("throttled"),
+            errors: n("errors"),
+        }
+    }
+
     fn add(&mut self, o: Totals) {
         self.commands += o.commands;
         self.ecpu_milli += o.ecpu_milli;
@@ -182,19 +196,14 @@ async fn stored(dev: &ShoalDev, cache: &str) -> Totals {
     let (status, body) =
         dev.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage?granularity=minute"), None).await;
     assert_eq!(status, 200, "{body}");
+    sum_points(&body)
+}
+
+/// The sum of a usage API answer's points.
+fn sum_points(body: &serde_json::Value) -> Totals {
     let mut t = Totals::default();
     for p in body["points"].as_array().unwrap() {
-        let n = |k: &str| p[k].as_u64().unwrap();
-        t.add(Totals {
-            commands: n("commands"),
-            ecpu_milli: n("ecpu_milli"),
-            bytes_in: n("bytes_in"),
-            bytes_out: n("bytes_out"),
-            hits: n("hits"),
-            misses: n("misses"),
-            throttled: n("throttled"),
-            errors: n("errors"),
-        });
+        t.add(Totals::read(|k| p[k].as_u64().unwrap()));
     }
     t
 }
@@ -223,16 +232,7 @@ async fn gateway_counters(metrics_port: u16, cache: &str) -> Totals {
         let prefix = format!("shoal_cache_{name}_total{{cache=\"{cache}\"}} ");
         body.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.parse().unwrap())
     };
-    Totals {
-        commands: n("commands"),
-        ecpu_milli: n("ecpu_milli"),
-        bytes_in: n("bytes_in"),
-        bytes_out: n("bytes_out"),
-        hits: n("hits"),
-        misses: n("misses"),
-        throttled: n("throttled"),
-        errors: n("errors"),
-    }
+    Totals::read(n)
 }
 
 #[tokio::test]
@@ -456,21 +456,7 @@ impl Split {
 
     async fn stored(&self, cache: &str) -> Totals {
         let body = self.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage"), None).await;
-        let mut t = Totals::default();
-        for p in body["points"].as_array().unwrap() {
-            let n = |k: &str| p[k].as_u64().unwrap();
-            t.add(Totals {
-                commands: n("commands"),
-                ecpu_milli: n("ecpu_milli"),
-                bytes_in: n("bytes_in"),
-                bytes_out: n("bytes_out"),
-                hits: n("hits"),
-                misses: n("misses"),
-                throttled: n("throttled"),
-                errors: n("errors"),
-            });
-        }
-        t
+        sum_points(&body)
     }
 
     async fn client(&self, token: &str) -> redis::aio::MultiplexedConnection {
