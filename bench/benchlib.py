@@ -147,6 +147,15 @@ def ratio(a, b):
     return None
 
 
+def round_ratios(runs_a, runs_b):
+    """a/b ops/s of the runs of the same round (they ran back to back, so a slow phase of
+    the machine hits both): the ratios, in round order."""
+    ok = lambda runs: {r["round"]: r["result"]["rps"] for r in runs
+                       if r["result"] is not None and r["exit_code"] == 0 and r["result"]["rps"]}
+    a, b = ok(runs_a), ok(runs_b)
+    return [a[k] / b[k] for k in sorted(a) if k in b]
+
+
 def fmt_rps(s):
     return f"{s['rps']:>10,.0f}" if s.get("rps") is not None else f"{'FAILED':>10}"
 
@@ -175,6 +184,13 @@ def report(raw_dir, meta_path, out_path):
             per_target[t]["raw"] = runs
         want = TWEMPROXY_TARGETS.get(pipeline)
         gw_tw = ratio(per_target["gateway"], per_target["twemproxy"])
+        runs = cases[(cmd, pipeline)]
+        per_round = {
+            "gateway_over_twemproxy": round_ratios(runs.get("gateway", []), runs.get("twemproxy", [])),
+            # What Valkey alone reaches over twemproxy: a proxy that cost nothing would get
+            # about this far (a higher goal asks the proxy to beat Valkey without a proxy).
+            "direct_over_twemproxy": round_ratios(runs.get("direct", []), runs.get("twemproxy", [])),
+        }
         results.append({
             "command": cmd,
             "pipeline": pipeline,
@@ -184,6 +200,8 @@ def report(raw_dir, meta_path, out_path):
                 "gateway_over_direct": ratio(per_target["gateway"], per_target["direct"]),
                 "gateway_over_twemproxy": gw_tw,
             },
+            "per_round_ratios": per_round,
+            "median_round_ratios": {k: statistics.median(v) if v else None for k, v in per_round.items()},
             "goal_gateway_over_twemproxy": want,
             "goal_met": (gw_tw >= want) if (gw_tw is not None and want is not None) else None,
         })
@@ -231,6 +249,17 @@ def report(raw_dir, meta_path, out_path):
                 parts.append(f"{name} {(s['rps_max'] - s['rps_min']) / s['rps_median'] * 100:.0f}%")
         if parts:
             spread.append(f"  {r['command']} P{r['pipeline']}: " + ", ".join(parts))
+    print("Per-round ratios (the targets of one round run back to back), median [min - max]:")
+    for r in results:
+        line = []
+        for key, label in [("gateway_over_twemproxy", "gw/twemproxy"), ("direct_over_twemproxy", "direct/twemproxy")]:
+            v = r["per_round_ratios"][key]
+            if v:
+                line.append(f"{label} {statistics.median(v):.2f}x [{min(v):.2f} - {max(v):.2f}]")
+        print(f"  {r['command']} P{r['pipeline']}: " + ", ".join(line))
+    print("  (direct/twemproxy is what Valkey with no proxy reaches: a goal above it asks the gateway\n"
+          "   to serve more than Valkey does without a proxy.)")
+    print()
     if spread:
         print("Spread of ops/s across rounds ((max - min) / median):")
         print("\n".join(spread))

@@ -35,7 +35,8 @@ pub(crate) const LOST: &[u8] = b"-ERR cache connection lost, try again\r\n";
 const UNAVAILABLE: &[u8] = b"-ERR cache temporarily unavailable, try again\r\n";
 /// Stop taking batches while this much waits to be written upstream.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
-/// A mux no session has held for this long closes its connection and leaves the registry.
+/// A mux no session has used for this long (up to twice as long) closes its connection and
+/// leaves the registry.
 const IDLE: Duration = Duration::from_secs(60);
 
 /// Consecutive requests of one session, and where their replies go.
@@ -43,7 +44,31 @@ pub(crate) struct Batch {
     pub requests: Bytes,
     pub count: usize,
     /// Receives the `count` replies as one chunk.
-    pub reply: mpsc::UnboundedSender<BytesMut>,
+    pub reply: mpsc::UnboundedSender<Replies>,
+    /// An empty vector for the replies' lengths (the session hands back the last one it
+    /// got, so that steady traffic allocates none).
+    pub lens: Vec<usize>,
+}
+
+/// One batch's replies: one chunk, and where each reply ends in it (the mux found every
+/// boundary already; the session's metering reads the lengths instead of scanning again).
+pub(crate) struct Replies {
+    pub chunk: BytesMut,
+    /// The length of each of the `count` replies, in order.
+    pub lens: Vec<usize>,
+}
+
+impl Replies {
+    /// `count` copies of a gateway error, for requests that never reached Valkey.
+    pub fn errors(error: &[u8], count: usize, mut lens: Vec<usize>) -> Replies {
+        let mut chunk = BytesMut::with_capacity(error.len() * count);
+        for _ in 0..count {
+            chunk.extend_from_slice(error);
+        }
+        lens.clear();
+        lens.resize(count, error.len());
+        Replies { chunk, lens }
+    }
 }
 
 pub(crate) type Handle = mpsc::UnboundedSender<Batch>;
@@ -92,7 +117,9 @@ impl Registry {
 /// A batch whose replies have not all arrived.
 struct Waiting {
     count: usize,
-    reply: mpsc::UnboundedSender<BytesMut>,
+    reply: mpsc::UnboundedSender<Replies>,
+    /// The lengths of its replies that have arrived.
+    lens: Vec<usize>,
 }
 
 struct Mux {
@@ -138,7 +165,8 @@ impl Mux {
     async fn run(mut self, mut batches: mpsc::UnboundedReceiver<Batch>, registry: Map, key: Key) {
         let idle = tokio::time::sleep(IDLE);
         tokio::pin!(idle);
-        let mut last_batch = Instant::now();
+        // Whether a batch came since the last idle tick (a flag: no clock read per batch).
+        let mut used = false;
         loop {
             self.input.reserve(4096);
             let event = tokio::select! {
@@ -150,7 +178,7 @@ impl Mux {
             match event {
                 Event::Batch(None) => return,
                 Event::Batch(Some(batch)) => {
-                    last_batch = Instant::now();
+                    used = true;
                     self.enqueue(batch);
                     // Let the other sessions woken with this one add their batches first, so
                     // that one write carries many (tokio would otherwise run this task next).
@@ -170,7 +198,7 @@ impl Mux {
                 Event::Wrote(Ok(n)) => self.out.advance(n),
                 Event::Idle => {
                     idle.as_mut().reset((Instant::now() + IDLE).into());
-                    if !self.waiting.is_empty() || last_batch.elapsed() < IDLE {
+                    if !self.waiting.is_empty() || std::mem::take(&mut used) {
                         continue;
                     }
                     // Leave unless a session still holds a handle (sessions get handles
@@ -188,7 +216,7 @@ impl Mux {
 
     fn enqueue(&mut self, batch: Batch) {
         self.out.extend_from_slice(&batch.requests);
-        self.waiting.push_back(Waiting { count: batch.count, reply: batch.reply });
+        self.waiting.push_back(Waiting { count: batch.count, reply: batch.reply, lens: batch.lens });
     }
 
     async fn ensure_connected(&mut self) {
@@ -229,7 +257,7 @@ impl Mux {
     /// Sends every batch whose replies are all in.
     fn on_input(&mut self) {
         loop {
-            let Some(front) = self.waiting.front() else {
+            let Some(front) = self.waiting.front_mut() else {
                 if !self.input.is_empty() {
                     self.lost("reply nobody asked for");
                 }
@@ -239,11 +267,12 @@ impl Mux {
                 Ok(Some(reply)) => {
                     self.done += 1;
                     self.done_len += reply.len;
+                    front.lens.push(reply.len);
                     if self.done == front.count {
                         let chunk = self.input.split_to(self.done_len);
                         if let Some(w) = self.waiting.pop_front() {
                             // The session may have left: its replies are simply dropped.
-                            let _ = w.reply.send(chunk);
+                            let _ = w.reply.send(Replies { chunk, lens: w.lens });
                         }
                         self.done = 0;
                         self.done_len = 0;
@@ -265,13 +294,13 @@ impl Mux {
         self.metric = None;
         self.write = None;
         self.out.clear();
-        if let Some(front) = self.waiting.front_mut() {
+        if let Some(mut front) = self.waiting.pop_front() {
             let mut chunk = self.input.split_to(self.done_len);
             for _ in self.done..front.count {
                 chunk.extend_from_slice(LOST);
+                front.lens.push(LOST.len());
             }
-            let _ = front.reply.send(chunk);
-            self.waiting.pop_front();
+            let _ = front.reply.send(Replies { chunk, lens: front.lens });
         }
         self.input.clear();
         self.scanner = ReplyScanner::new();
@@ -282,11 +311,7 @@ impl Mux {
 
     fn fail_all(&mut self, error: &[u8]) {
         for w in self.waiting.drain(..) {
-            let mut chunk = BytesMut::with_capacity(error.len() * w.count);
-            for _ in 0..w.count {
-                chunk.extend_from_slice(error);
-            }
-            let _ = w.reply.send(chunk);
+            let _ = w.reply.send(Replies::errors(error, w.count, w.lens));
         }
         self.out.clear();
     }
@@ -346,15 +371,18 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let set =
             Bytes::from_static(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nx\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
-        mux.send(Batch { requests: set, count: 1, reply: tx.clone() }).unwrap();
+        mux.send(Batch { requests: set, count: 1, reply: tx.clone(), lens: Vec::new() }).unwrap();
         let get = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n");
-        mux.send(Batch { requests: get, count: 2, reply: tx.clone() }).unwrap();
-        assert_eq!(&rx.recv().await.unwrap()[..], b"+OK\r\n");
-        assert_eq!(&rx.recv().await.unwrap()[..], [&b"$1\r\nx\r\n"[..], LOST].concat());
+        mux.send(Batch { requests: get, count: 2, reply: tx.clone(), lens: Vec::new() }).unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!((&first.chunk[..], first.lens), (&b"+OK\r\n"[..], vec![5]));
+        let second = rx.recv().await.unwrap();
+        assert_eq!(&second.chunk[..], [&b"$1\r\nx\r\n"[..], LOST].concat());
+        assert_eq!(second.lens, vec![7, LOST.len()], "each reply's length, the lost one's too");
         // The next batch reconnects.
         let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
-        mux.send(Batch { requests: ping, count: 1, reply: tx }).unwrap();
-        assert_eq!(&rx.recv().await.unwrap()[..], b"+OK\r\n");
+        mux.send(Batch { requests: ping, count: 1, reply: tx, lens: Vec::new() }).unwrap();
+        assert_eq!(&rx.recv().await.unwrap().chunk[..], b"+OK\r\n");
     }
 
     #[test]

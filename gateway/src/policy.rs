@@ -54,7 +54,8 @@ impl CommandSpec {
 
 /// The parsed table.
 pub struct CommandTable {
-    by_name: HashMap<String, CommandSpec>,
+    /// Keyed by the name's bytes: a lookup needs no UTF-8 check of what the client sent.
+    by_name: HashMap<Box<[u8]>, CommandSpec>,
 }
 
 const TABLE_TSV: &str = include_str!("../data/commands.tsv");
@@ -103,10 +104,10 @@ impl CommandTable {
             if let Some((container, _)) = spec.name.split_once('|') {
                 containers.push(container.to_string());
             }
-            by_name.insert(spec.name.clone(), spec);
+            by_name.insert(spec.name.as_bytes().into(), spec);
         }
         for name in containers {
-            match by_name.get_mut(&name) {
+            match by_name.get_mut(name.as_bytes()) {
                 Some(spec) => spec.container = true,
                 None => return Err(format!("subcommands of {name}, which has no row")),
             }
@@ -119,12 +120,11 @@ impl CommandTable {
     pub fn lookup(&self, name: &[u8], sub: Option<&[u8]>) -> Option<&CommandSpec> {
         let mut key = [0u8; 64];
         let name_len = lower_into(name, &mut key)?;
-        let spec = self.by_name.get(std::str::from_utf8(&key[..name_len]).ok()?)?;
+        let spec = self.by_name.get(&key[..name_len])?;
         if let (true, Some(sub)) = (spec.container, sub) {
             key[name_len] = b'|';
             if let Some(sub_len) = lower_into(sub, &mut key[name_len + 1..]) {
-                let full = std::str::from_utf8(&key[..name_len + 1 + sub_len]).ok()?;
-                if let Some(sub_spec) = self.by_name.get(full) {
+                if let Some(sub_spec) = self.by_name.get(&key[..name_len + 1 + sub_len]) {
                     return Some(sub_spec);
                 }
             }
@@ -133,7 +133,7 @@ impl CommandTable {
     }
 
     pub fn get(&self, name: &str) -> Option<&CommandSpec> {
-        self.by_name.get(name)
+        self.by_name.get(name.as_bytes())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &CommandSpec> {
@@ -142,7 +142,7 @@ impl CommandTable {
 
     /// Whether the command exists and is not denied (what `COMMAND` may show).
     pub fn visible(&self, name: &str) -> bool {
-        self.by_name.get(name).is_some_and(|s| s.treatment != Treatment::Deny)
+        self.by_name.get(name.as_bytes()).is_some_and(|s| s.treatment != Treatment::Deny)
     }
 }
 

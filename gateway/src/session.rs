@@ -92,8 +92,10 @@ pub(crate) enum Pending {
 /// A session's way to the cache's shared upstream connection.
 struct MuxLink {
     handle: crate::mux::Handle,
-    replies_tx: mpsc::UnboundedSender<BytesMut>,
-    replies: mpsc::UnboundedReceiver<BytesMut>,
+    replies_tx: mpsc::UnboundedSender<crate::mux::Replies>,
+    replies: mpsc::UnboundedReceiver<crate::mux::Replies>,
+    /// The lengths vector of the last replies, for the next batch to fill.
+    spare_lens: Vec<usize>,
 }
 
 /// Who the client is once authenticated.
@@ -226,7 +228,7 @@ enum Event {
     Killed,
     TimedOut(&'static str),
     Invalidate(Option<Invalidation>),
-    MuxReplies(Option<BytesMut>),
+    MuxReplies(Option<crate::mux::Replies>),
 }
 
 /// Serves one client until it leaves, breaks the protocol, or is closed.
@@ -447,7 +449,8 @@ impl Session {
                 return (idle, Some("idle timeout"));
             }
         }
-        if self.token_expires > Instant::now() + NO_EXPIRY / 2 {
+        // (Compared with the session's start: no clock read on every pass of the loop.)
+        if self.token_expires > started + NO_EXPIRY / 2 {
             // A login without a token: nothing expires.
             return (started, None);
         }
@@ -662,7 +665,7 @@ impl Session {
         if self.mux.is_none() {
             let (replies_tx, replies) = mpsc::unbounded_channel();
             let handle = self.shared.muxes.get(&t.route, t.route.db);
-            self.mux = Some(MuxLink { handle, replies_tx, replies });
+            self.mux = Some(MuxLink { handle, replies_tx, replies, spare_lens: Vec::new() });
         }
         self.mux_out.extend_from_slice(&self.client_in[..len]);
         if self.shared.config.metering {
@@ -685,32 +688,35 @@ impl Session {
             return;
         }
         let requests = self.mux_out.split().freeze();
-        let (Some(link), Some(&Pending::Mux { count, .. })) = (self.mux.as_ref(), self.pending.back()) else {
+        let (Some(link), Some(&Pending::Mux { count, .. })) = (self.mux.as_mut(), self.pending.back()) else {
             return;
         };
-        let batch = crate::mux::Batch { requests, count, reply: link.replies_tx.clone() };
-        if link.handle.send(batch).is_err() {
+        let lens = std::mem::take(&mut link.spare_lens);
+        let batch = crate::mux::Batch { requests, count, reply: link.replies_tx.clone(), lens };
+        if let Err(refused) = link.handle.send(batch) {
             // The mux is gone (it never leaves while a session holds it; defensive).
-            let mut chunk = BytesMut::new();
-            for _ in 0..count {
-                chunk.extend_from_slice(crate::mux::LOST);
-            }
-            let _ = link.replies_tx.send(chunk);
+            let _ =
+                link.replies_tx.send(crate::mux::Replies::errors(crate::mux::LOST, count, refused.0.lens));
         }
     }
 
     /// One batch's replies: they go out, with the local replies queued behind them.
-    fn on_mux_replies(&mut self, chunk: BytesMut) {
+    fn on_mux_replies(&mut self, replies: crate::mux::Replies) {
+        let crate::mux::Replies { chunk, mut lens } = replies;
         // Anything but a batch at the front means `pending` was dropped (closing).
         if let Some(&Pending::Mux { count, bytes }) = self.pending.front() {
             self.pending.pop_front();
             self.mux_inflight -= count;
             self.mux_inflight_bytes -= bytes;
             if self.shared.config.metering {
-                self.meter_mux_replies(&chunk, count);
+                self.meter_mux_replies(&chunk, &lens, count);
             }
             self.client_out.extend_from_slice(&chunk);
             self.drain_local();
+        }
+        if let Some(link) = self.mux.as_mut() {
+            lens.clear();
+            link.spare_lens = lens;
         }
     }
 
@@ -1244,20 +1250,15 @@ impl Session {
         }
     }
 
-    /// Meters a mux chunk: `count` replies, one per metered request sent to the mux.
-    fn meter_mux_replies(&mut self, chunk: &[u8], count: usize) {
+    /// Meters a mux chunk: `count` replies of the given lengths, one per metered request
+    /// sent to the mux.
+    fn meter_mux_replies(&mut self, chunk: &[u8], lens: &[usize], count: usize) {
         let (mut pos, mut billed) = (0, None);
-        let mut scanner = ReplyScanner::new();
-        for _ in 0..count {
+        for i in 0..count {
             let meter = self.mux_meters.pop_front().flatten();
             let rest = &chunk[pos..];
-            let len = match crate::resp::reply::simple_len(rest) {
-                Some(len) => len,
-                None => match scanner.next(rest) {
-                    Ok(Some(r)) => r.len,
-                    _ => rest.len(),
-                },
-            };
+            // The mux gives every reply's length (bounded by the chunk all the same).
+            let len = lens.get(i).map_or(rest.len(), |&len| len.min(rest.len()));
             let reply = &chunk[pos..pos + len];
             pos += len;
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
@@ -1515,7 +1516,7 @@ async fn recv_opt(
     }
 }
 
-async fn recv_mux(link: Option<&mut MuxLink>) -> Option<BytesMut> {
+async fn recv_mux(link: Option<&mut MuxLink>) -> Option<crate::mux::Replies> {
     match link {
         Some(l) => l.replies.recv().await,
         None => std::future::pending().await,

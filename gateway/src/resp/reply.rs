@@ -34,6 +34,12 @@ impl ReplyScanner {
     /// Scans from where it stopped. `Ok(Some(reply))` when a whole reply is at the front of
     /// `buf`; the caller then drops `reply.len` bytes before calling again.
     pub fn next(&mut self, buf: &[u8]) -> Result<Option<Reply>, MalformedReply> {
+        if self.pos == 0 && self.open.is_empty() {
+            // Most replies are one line or one bulk string: measured in one pass.
+            if let Some(len) = simple_len(buf) {
+                return Ok(Some(Reply { len, push: false, error: buf[0] == b'-' }));
+            }
+        }
         loop {
             let Some(&kind) = buf.get(self.pos) else { return Ok(None) };
             let Some(cr) = find_crlf(buf, self.pos + 1) else { return Ok(None) };
@@ -98,7 +104,7 @@ impl ReplyScanner {
 /// The length of the complete reply at the front of `buf` when it is a line (`+`, `-`, `:` …)
 /// or a bulk string (`$`): the common case, measured without the scanner's state. None for
 /// anything else, or if it is not complete.
-pub fn simple_len(buf: &[u8]) -> Option<usize> {
+fn simple_len(buf: &[u8]) -> Option<usize> {
     let line_end = |buf: &[u8]| buf.iter().position(|&b| b == b'\n').map(|i| i + 1);
     match *buf.first()? {
         b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => line_end(buf),

@@ -99,16 +99,21 @@ impl RequestParser {
                 Some(b'*') => {}
                 Some(_) => return self.inline(buf),
             }
-            let Some(cr) = find_crlf(buf, 1) else {
-                if buf.len() > MAX_LINE {
-                    return Err(perr("too big mbulk count string"));
+            let (n, cr) = match short_number(buf, 1) {
+                Some((n, cr)) => (n as i64, cr),
+                None => {
+                    let Some(cr) = find_crlf(buf, 1) else {
+                        if buf.len() > MAX_LINE {
+                            return Err(perr("too big mbulk count string"));
+                        }
+                        return Ok(None);
+                    };
+                    if cr > MAX_LINE {
+                        return Err(perr("too big mbulk count string"));
+                    }
+                    (parse_len(&buf[1..cr]).ok_or_else(|| perr("invalid multibulk length"))?, cr)
                 }
-                return Ok(None);
             };
-            if cr > MAX_LINE {
-                return Err(perr("too big mbulk count string"));
-            }
-            let n = parse_len(&buf[1..cr]).ok_or_else(|| perr("invalid multibulk length"))?;
             self.pos = cr + 2;
             if n <= 0 {
                 return Ok(Some(Frame { len: self.pos, inline: false }));
@@ -132,13 +137,18 @@ impl RequestParser {
             if first != b'$' {
                 return Err(perr(format!("expected '$', got '{}'", first as char)));
             }
-            let Some(cr) = find_crlf(buf, self.pos + 1) else {
-                if buf.len() - self.pos > MAX_LINE {
-                    return Err(perr("too big bulk count string"));
+            let (len, cr) = match short_number(buf, self.pos + 1) {
+                Some((len, cr)) => (len as i64, cr),
+                None => {
+                    let Some(cr) = find_crlf(buf, self.pos + 1) else {
+                        if buf.len() - self.pos > MAX_LINE {
+                            return Err(perr("too big bulk count string"));
+                        }
+                        return Ok(None);
+                    };
+                    (parse_len(&buf[self.pos + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?, cr)
                 }
-                return Ok(None);
             };
-            let len = parse_len(&buf[self.pos + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?;
             if len < 0 || len as usize > limits.max_bulk {
                 return Err(perr(if limits.unauthenticated && len >= 0 {
                     "unauthenticated bulk length"
@@ -258,6 +268,24 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
 
 /// A length in a request header, as strict as Valkey's `string2ll`: no leading zeros, no
 /// `-0`, no sign but `-`.
+/// The common length line, read in one pass: 1–9 digits without a leading zero (or a lone
+/// `0`), then CRLF, starting at `at`. Returns the number and the index of the CR. `None`
+/// leaves the line (incomplete, negative, odd) to the general path, which decides exactly
+/// as before: this only takes lines that path accepts, with the same result.
+#[inline]
+fn short_number(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+    let line = buf.get(at..)?;
+    let mut n = 0usize;
+    for (i, &b) in line.iter().enumerate().take(10) {
+        match b {
+            b'0'..=b'9' if !(i == 1 && line[0] == b'0') => n = n * 10 + usize::from(b - b'0'),
+            b'\r' if i > 0 && line.get(i + 1) == Some(&b'\n') => return Some((n, at + i)),
+            _ => return None,
+        }
+    }
+    None
+}
+
 fn parse_len(line: &[u8]) -> Option<i64> {
     let digits = line.strip_prefix(b"-").unwrap_or(line);
     if digits.len() > 1 && digits[0] == b'0' || line == b"-0" {
@@ -271,6 +299,37 @@ mod tests {
     use super::*;
 
     const BIG: Limits = Limits::authenticated(1 << 20, 512 << 20);
+
+    #[test]
+    fn the_short_length_path_agrees_with_the_general_one() {
+        let lines: [&[u8]; 14] = [
+            b"0\r\n",
+            b"7\r\n",
+            b"16\r\n",
+            b"123456789\r\n",
+            b"1234567890\r\n",
+            b"05\r\n",
+            b"-1\r\n",
+            b"12\rx\r\n",
+            b"12\r",
+            b"12",
+            b"\r\n",
+            b"1a\r\n",
+            b"+5\r\n",
+            b"999999999\r\n",
+        ];
+        for line in lines {
+            let general = find_crlf(line, 0).and_then(|cr| parse_len(&line[..cr]).map(|n| (n as usize, cr)));
+            // Whatever it takes, it reads as the general path does; the rest is left to that.
+            if let Some(found) = short_number(line, 0) {
+                assert_eq!(Some(found), general, "{:?}", String::from_utf8_lossy(line));
+            }
+        }
+        for common in [&b"0\r\n"[..], b"3\r\n", b"16\r\n", b"999999999\r\n"] {
+            assert!(short_number(common, 0).is_some(), "{:?}", String::from_utf8_lossy(common));
+        }
+        assert_eq!(short_number(b"*16\r\n", 1), Some((16, 3)));
+    }
 
     fn parse_all(input: &[u8], limits: Limits) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
         let mut p = RequestParser::new();
