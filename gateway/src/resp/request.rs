@@ -266,8 +266,6 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     }
 }
 
-/// A length in a request header, as strict as Valkey's `string2ll`: no leading zeros, no
-/// `-0`, no sign but `-`.
 /// The common length line, read in one pass: 1–9 digits without a leading zero (or a lone
 /// `0`), then CRLF, starting at `at`. Returns the number and the index of the CR. `None`
 /// leaves the line (incomplete, negative, odd) to the general path, which decides exactly
@@ -286,6 +284,8 @@ fn short_number(buf: &[u8], at: usize) -> Option<(usize, usize)> {
     None
 }
 
+/// A length in a request header, as strict as Valkey's `string2ll`: no leading zeros, no
+/// `-0`, no sign but `-`.
 fn parse_len(line: &[u8]) -> Option<i64> {
     let digits = line.strip_prefix(b"-").unwrap_or(line);
     if digits.len() > 1 && digits[0] == b'0' || line == b"-0" {
