@@ -217,7 +217,8 @@ def report(raw_dir, meta_path, out_path):
     print()
     print(f"Gateway benchmark — {meta['timestamp']}, {meta['cpus']} CPUs, "
           f"{meta['clients']} connections, {meta['data_size']}-byte values, "
-          f"{meta['keyspace']} random keys, median of {meta['rounds']} round(s)")
+          f"{meta['keyspace']} random keys, persistence {meta.get('persistence', 'aof')}, "
+          f"median of {meta['rounds']} round(s)")
     head1 = (f"{'':<10}|{'direct':^28}|{'gateway':^28}|{'twemproxy':^28}|"
              f"{'gw/direct':^11}|{'gw/twemproxy':^25}")
     head2 = (f"{'cmd  P':<10}|" + f"{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}|" * 3

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Gateway benchmark: redis-benchmark SET/GET against
-#   direct     a plain valkey-server (AOF, fsync every second, as Shoal's nodes),
+#   direct     a plain valkey-server (persisting as Shoal's nodes do: BENCH_PERSISTENCE),
 #   gateway    the Shoal gateway (`shoal dev`, AUTH with a cache token),
 #   twemproxy  nutcracker in front of the plain valkey-server,
 # interleaved per case, all in one run. Prints a table and writes
@@ -13,11 +13,14 @@
 #   BENCH_WAIT_IDLE  seconds to wait, before measuring, for other work to leave the CPUs
 #                    (under 20% busy); default 0: measure at once (with a warning if busy)
 #   BENCH_KEEP_TMP   1 keeps the temporary directory (logs, raw outputs) after the run
+#   BENCH_PERSISTENCE  aof (default: AOF, fsync every second, on the plain valkey-server and
+#                    on Shoal's nodes alike) or none (no AOF on either: Shoal's nodes are
+#                    switched with CONFIG SET after start; what a pure cache would run)
 set -euo pipefail
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "usage: $0 [--help]" >&2; exit 2 ;;
 esac
 
@@ -28,6 +31,7 @@ REQUESTS="${BENCH_REQUESTS:-200000}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 TIMEOUT="${BENCH_TIMEOUT:-300}"
 WAIT_IDLE="${BENCH_WAIT_IDLE:-0}"
+PERSISTENCE="${BENCH_PERSISTENCE:-aof}"
 CLIENTS=50
 DATA_SIZE=100
 KEYSPACE=100000
@@ -35,6 +39,7 @@ PIPELINES=(1 16)
 COMMANDS=(set get)
 TARGETS=(direct gateway twemproxy)
 [[ "$WAIT_IDLE" =~ ^[0-9]+$ ]] || { echo "BENCH_WAIT_IDLE must be a number of seconds" >&2; exit 2; }
+[[ "$PERSISTENCE" == aof || "$PERSISTENCE" == none ]] || { echo "BENCH_PERSISTENCE must be aof or none" >&2; exit 2; }
 for v in REQUESTS ROUNDS TIMEOUT; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_$v must be a positive integer" >&2; exit 2; }
 done
@@ -141,10 +146,11 @@ wait_ping() { # port what pid [auth]
   return 1
 }
 
-log "starting valkey-server on 127.0.0.1:$VALKEY_PORT"
-# The same persistence as Shoal's own nodes (AOF, fsync every second), so that the ratios
-# compare the proxies and not the Valkey configurations behind them.
-"$VALKEY_SERVER" --bind 127.0.0.1 --port "$VALKEY_PORT" --save "" --appendonly yes --appendfsync everysec \
+log "starting valkey-server on 127.0.0.1:$VALKEY_PORT (persistence: $PERSISTENCE)"
+# The same persistence as Shoal's nodes (AOF, fsync every second; or none on both), so that
+# the ratios compare the proxies and not the Valkey configurations behind them.
+if [[ "$PERSISTENCE" == aof ]]; then AOF_ARGS=(--appendonly yes --appendfsync everysec); else AOF_ARGS=(--appendonly no); fi
+"$VALKEY_SERVER" --bind 127.0.0.1 --port "$VALKEY_PORT" --save "" "${AOF_ARGS[@]}" \
   --dir "$TMP/valkey" --logfile "$TMP/valkey.log" --daemonize no </dev/null >/dev/null 2>&1 &
 VALKEY_PID=$!
 wait_ping "$VALKEY_PORT" valkey "$VALKEY_PID" || { tail -n 20 "$TMP/valkey.log" >&2; die "valkey-server did not start"; }
@@ -185,6 +191,17 @@ CACHE_ID="$(python3 bench/benchlib.py json-field id <<<"$reply" 2>/dev/null)" ||
 reply="$(curl -s -X POST -H "$ADMIN" -d '{"ttl_seconds": 3600}' "$REST/v1/caches/$CACHE_ID/tokens")"
 TOKEN="$(python3 bench/benchlib.py json-field token <<<"$reply" 2>/dev/null)" || die "minting a token failed: $reply"
 wait_ping "$RESP_PORT" gateway "$SHOAL_PID" "$TOKEN" || die "the gateway does not answer PING after AUTH"
+if [[ "$PERSISTENCE" == none ]]; then
+  # Shoal writes AOF into every node's config; turn it off at run time with the platform's
+  # admin user (each node's directory holds its config, with the port, and admin.secret).
+  for dir in "$TMP"/.shoal/valkey/*/; do
+    port="$(awk '$1 == "port" {print $2}' "$dir/valkey.conf")"
+    node_cli=(redis-cli -h 127.0.0.1 -p "$port" --user shoal --pass "$(cat "$dir/admin.secret")" --no-auth-warning)
+    "${node_cli[@]}" CONFIG SET appendonly no >/dev/null
+    [[ "$("${node_cli[@]}" CONFIG GET appendonly | tail -n 1)" == no ]] || die "could not turn AOF off on the node at port $port"
+  done
+  log "AOF turned off on Shoal's nodes"
+fi
 log "cache $CACHE_ID ready behind the gateway"
 
 # --- 4. Benchmark ---------------------------------------------------------------------------
@@ -256,7 +273,7 @@ DBSIZE_GATEWAY="$(redis-cli -h 127.0.0.1 -p "$RESP_PORT" --no-auth-warning -a "$
 TIMESTAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p bench/results
 OUT="bench/results/gateway-$TIMESTAMP.json"
-export TIMESTAMP ROUNDS CLIENTS DATA_SIZE KEYSPACE REQUESTS VALKEY_SERVER NUTCRACKER \
+export PERSISTENCE TIMESTAMP ROUNDS CLIENTS DATA_SIZE KEYSPACE REQUESTS VALKEY_SERVER NUTCRACKER \
   DBSIZE_DIRECT DBSIZE_GATEWAY CACHE_ID LOADAVG_START LOADAVG_END CPU_BUSY_BEFORE
 export GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 export GIT_DIRTY="$([[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] && echo true || echo false)"
@@ -284,8 +301,9 @@ meta = {
         "nutcracker": e["NUTCRACKER_VERSION"],
         "redis_benchmark": e["BENCHMARK_VERSION"],
     },
-    "notes": "direct and twemproxy share one valkey-server without persistence; the gateway's "
-             "cache lives on a shoal dev Valkey node (AOF, appendfsync everysec)",
+    "persistence": e["PERSISTENCE"],
+    "notes": "direct and twemproxy share one plain valkey-server; the gateway's cache lives on "
+             "a shoal dev Valkey node; both with the persistence above (aof: appendfsync everysec)",
     "cpu_busy_before_pct": int(e["CPU_BUSY_BEFORE"]),
     "loadavg": {"before": e["LOADAVG_START"], "after": e["LOADAVG_END"]},
     "dbsize_after": {"direct_and_twemproxy": intval(e["DBSIZE_DIRECT"]),
