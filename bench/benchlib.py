@@ -217,7 +217,7 @@ def report(raw_dir, meta_path, out_path):
     print()
     print(f"Gateway benchmark — {meta['timestamp']}, {meta['cpus']} CPUs, "
           f"{meta['clients']} connections, {meta['data_size']}-byte values, "
-          f"{meta['keyspace']} random keys, persistence {meta.get('persistence', 'aof')}, "
+          f"{meta['keyspace']} random keys, persistence {meta['persistence']}, "
           f"median of {meta['rounds']} round(s)")
     head1 = (f"{'':<10}|{'direct':^28}|{'gateway':^28}|{'twemproxy':^28}|"
              f"{'gw/direct':^11}|{'gw/twemproxy':^25}")
