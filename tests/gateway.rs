@@ -539,3 +539,43 @@ async fn stateless_commands_share_an_upstream_per_cache_in_order() {
     }
     assert!(recovered);
 }
+
+/// Requests as RESP arrays.
+fn resp(commands: &[&[&str]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for args in commands {
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in *args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_list_that_looks_like_a_pubsub_frame_is_still_a_reply() {
+    let dev = ShoalDev::start().await;
+    let (_, token) = cache_with_token(&dev, "lookalike", 1).await;
+
+    // RESP2: the list's reply comes before SUBSCRIBE's confirmation, on the session's own
+    // connection (MULTI moved it off the shared one).
+    let mut c = RawConn::open(dev.resp_port, &token, 2).await;
+    let out = c.send(&resp(&[&["RPUSH", "l", "unsubscribe", "x"], &["MULTI"], &["EXEC"]])).await;
+    assert_eq!(out, ":2\r\n+OK\r\n*0\r\n");
+    let out = c.send(&resp(&[&["LRANGE", "l", "0", "-1"], &["SUBSCRIBE", "c"]])).await;
+    assert_eq!(out, "*2\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n");
+    // The session is alive and subscribed: a message arrives, PING answers.
+    let mut publisher = dev.client(&token).await.unwrap();
+    let receivers: i64 = redis::cmd("PUBLISH").arg("c").arg("hi").query_async(&mut publisher).await.unwrap();
+    assert_eq!(receivers, 1);
+    assert_eq!(c.read().await, "*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n");
+    assert_eq!(c.send(&resp(&[&["PING"]])).await, "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+
+    // RESP3: only pushes are pub/sub; an array reply in between keeps its place.
+    let mut c = RawConn::open(dev.resp_port, &token, 3).await;
+    let out = c.send(&resp(&[&["SUBSCRIBE", "c"], &["LRANGE", "l", "0", "-1"], &["PING"]])).await;
+    assert_eq!(
+        out,
+        ">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n*2\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n+PONG\r\n"
+    );
+}

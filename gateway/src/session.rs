@@ -125,9 +125,8 @@ pub(crate) struct PubSub {
     /// Subscriptions (channels + patterns, and shard channels) after the last confirmation.
     pub regular: i64,
     pub shard: i64,
-    /// Confirmations still expected per in-flight (un)subscribe command; `None` means
-    /// "until the count drops to 0" (unsubscribe from everything).
-    pub inflight: VecDeque<Option<usize>>,
+    /// The (un)subscribe commands whose confirmations have not all arrived, in order.
+    pub inflight: VecDeque<Subscribing>,
     /// The client's patterns, matched by the gateway against the catch-all's messages.
     pub patterns: Vec<Vec<u8>>,
     /// Keyspace-notification patterns, subscribed upstream as they are (client names).
@@ -137,6 +136,16 @@ pub(crate) struct PubSub {
     pub catch_all_confirmed: bool,
     /// Client patterns whose confirmation the client has received.
     pub confirmed_patterns: i64,
+}
+
+/// One (un)subscribe command sent upstream.
+pub(crate) struct Subscribing {
+    /// Confirmations still expected; `None` means "until the count drops to 0"
+    /// (unsubscribe from everything).
+    pub confirmations: Option<usize>,
+    /// Replies to commands sent before it that have not arrived: until they have, what
+    /// arrives is one of them, whatever it looks like.
+    pub replies_before: usize,
 }
 
 impl PubSub {
@@ -1051,7 +1060,8 @@ impl Session {
             return;
         }
         resp::command(&mut self.up_out, args);
-        self.pubsub.inflight.push_back(confirmations);
+        let replies_before = self.pending.iter().filter(|p| matches!(p, Pending::Upstream(..))).count();
+        self.pubsub.inflight.push_back(Subscribing { confirmations, replies_before });
     }
 
     /// Moves every complete upstream reply to the client, with the local replies queued
@@ -1061,9 +1071,18 @@ impl Session {
             match self.replies.next(&self.up_in) {
                 Ok(Some(reply)) => {
                     let bytes = self.up_in.split_to(reply.len);
-                    if reply.push || (self.pubsub.active() && self.is_pubsub_frame(&bytes)) {
+                    if self.is_pubsub_reply(&bytes, reply.push) {
                         self.on_pubsub_frame(&bytes);
                         continue;
+                    }
+                    if self.pubsub.inflight.front().is_some_and(|s| s.replies_before == 0) {
+                        // The (un)subscribe command itself was refused (NOPERM …).
+                        self.pubsub.inflight.pop_front();
+                        self.client_out.extend_from_slice(&bytes);
+                        continue;
+                    }
+                    for s in self.pubsub.inflight.iter_mut() {
+                        s.replies_before = s.replies_before.saturating_sub(1);
                     }
                     match self.pending.pop_front() {
                         Some(Pending::Upstream(on_reply, meter)) => {
@@ -1109,8 +1128,24 @@ impl Session {
         }
     }
 
-    /// Whether a RESP2 array is a pub/sub message or confirmation (only asked while the
-    /// session is subscribed or subscribing, when Valkey sends nothing else as arrays).
+    /// Whether an upstream reply is a pub/sub message or confirmation rather than the
+    /// answer to a request. RESP3 says so itself (a push). In RESP2 it is an array of a
+    /// pub/sub kind, arriving while subscribed (Valkey then refuses every command that
+    /// could answer with such an array but PING, whose `pong` is no pub/sub kind) or when
+    /// every reply owed before the next (un)subscribe command has arrived.
+    fn is_pubsub_reply(&self, bytes: &[u8], push: bool) -> bool {
+        if push {
+            return true;
+        }
+        if self.proto >= 3 || !bytes.starts_with(b"*") {
+            return false;
+        }
+        let subscribed = self.pubsub.regular > 0 || self.pubsub.shard > 0;
+        let confirming = self.pubsub.inflight.front().is_some_and(|s| s.replies_before == 0);
+        (subscribed || confirming) && self.is_pubsub_frame(bytes)
+    }
+
+    /// Whether a RESP2 array has a pub/sub message's or confirmation's shape.
     fn is_pubsub_frame(&self, bytes: &[u8]) -> bool {
         if !bytes.starts_with(b"*") {
             return false;
@@ -1119,7 +1154,14 @@ impl Session {
         let Some((Value::Array(items), _)) = value::decode(bytes) else { return false };
         let kind =
             items.first().and_then(Value::as_bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
-        CONFIRMATIONS.contains(&kind.as_slice()) || crate::pubsub::MESSAGES.contains(&kind.as_slice())
+        let shaped = if CONFIRMATIONS.contains(&kind.as_slice()) {
+            items.len() == 3
+        } else if kind == b"pmessage" {
+            items.len() == 4
+        } else {
+            crate::pubsub::MESSAGES.contains(&kind.as_slice()) && items.len() == 3
+        };
+        shaped
     }
 
     /// Rewrites channel names in a pub/sub frame for the client and tracks subscriptions.
@@ -1178,7 +1220,7 @@ impl Session {
             } else {
                 self.pubsub.regular = count;
             }
-            if let Some(front) = self.pubsub.inflight.front_mut() {
+            if let Some(front) = self.pubsub.inflight.front_mut().map(|s| &mut s.confirmations) {
                 let done = match front {
                     Some(n) => {
                         *n = n.saturating_sub(1);
@@ -1195,7 +1237,8 @@ impl Session {
                 self.pubsub.catch_all_confirmed = kind == b"psubscribe";
                 return false;
             }
-            if !kind.starts_with(b"s") || kind == b"subscribe" || kind == b"unsubscribe" {
+            if (!kind.starts_with(b"s") || kind == b"subscribe" || kind == b"unsubscribe") && items.len() > 2
+            {
                 items[2] = Value::Int(self.pubsub.visible_count());
             }
         }
