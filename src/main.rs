@@ -149,6 +149,9 @@ struct GatewayLimits {
     /// Largest bulk string accepted after AUTH, in bytes.
     #[arg(long, env = "SHOAL_MAX_BULK_BYTES", default_value_t = 512 * 1024 * 1024)]
     max_bulk_bytes: usize,
+    /// Most output a client may leave unread before it is disconnected, in bytes.
+    #[arg(long, env = "SHOAL_MAX_CLIENT_OUTPUT", default_value_t = 64 * 1024 * 1024)]
+    max_client_output: usize,
 }
 
 /// `shoal control-plane` config file (TOML).
@@ -301,6 +304,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         idle_timeout: std::time::Duration::from_secs_f64(args.limits.idle_timeout),
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
+        max_client_output: args.limits.max_client_output,
         auth_throttle: args.auth_throttle.unwrap_or_default(),
         data_dir: Some(data_dir.join("gateway")),
         metering: !args.no_metering,

@@ -579,3 +579,80 @@ async fn a_list_that_looks_like_a_pubsub_frame_is_still_a_reply() {
         ">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n*2\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n+PONG\r\n"
     );
 }
+
+/// Latencies of a victim's SET+GET round trips while `attack` runs; returns the p99.
+async fn victim_p99_during(dev: &ShoalDev, victim_token: &str, seconds: f64) -> Duration {
+    let mut c = dev.client(victim_token).await.unwrap();
+    let mut took = Vec::new();
+    let end = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let mut i = 0u64;
+    while std::time::Instant::now() < end {
+        let started = std::time::Instant::now();
+        let _: () = c.set(format!("k{}", i % 100), i).await.unwrap();
+        let v: u64 = c.get(format!("k{}", i % 100)).await.unwrap();
+        assert_eq!(v, i);
+        took.push(started.elapsed());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    took.sort();
+    took[took.len() * 99 / 100]
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
+    use tokio::io::AsyncWriteExt;
+    let dev = ShoalDev::start().await;
+    let (_, attacker) = cache_with_token(&dev, "hog", 1).await;
+    let (_, victim) = cache_with_token(&dev, "victim", 1).await;
+    let big = "x".repeat(4 * 1024 * 1024);
+    let mut a = dev.client(&attacker).await.unwrap();
+    let _: () = a.set("big", &big).await.unwrap();
+    let before = support::rss_mib(dev.pid());
+
+    // Three ways to ask for about a gigabyte and never read it: pipelined GETs on the shared
+    // connection, the same on the session's own connection, and one huge MGET.
+    let get = "*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(250);
+    let mget = format!("*251\r\n$4\r\nMGET\r\n{}", "$3\r\nbig\r\n".repeat(250));
+    let mut hogs = Vec::new();
+    for input in [get.clone(), format!("*1\r\n$5\r\nMULTI\r\n*1\r\n$4\r\nEXEC\r\n{get}"), mget] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
+        s.write_all(&support::auth_command(&attacker)).await.unwrap();
+        s.write_all(input.as_bytes()).await.unwrap();
+        hogs.push(s);
+    }
+    let sampler = {
+        let pid = dev.pid();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..40 {
+                peak = peak.max(support::rss_mib(pid));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        })
+    };
+    let p99 = victim_p99_during(&dev, &victim, 4.0).await;
+    let peak = sampler.await.unwrap();
+    assert!(peak < before + 150, "gateway RSS went from {before} MiB to {peak} MiB");
+    assert!(p99 < Duration::from_millis(50), "victim p99 {p99:?}");
+    drop(hogs);
+
+    // Big replies still arrive whole for clients that read them, on either connection.
+    let mut c = dev.client(&attacker).await.unwrap();
+    let got: String = c.get("big").await.unwrap();
+    assert_eq!(got.len(), big.len());
+    let (one, two): (String, Vec<String>) =
+        redis::pipe().get("big").mget(&["big", "big"]).query_async(&mut c).await.unwrap();
+    assert!(one == big && two.len() == 2 && two.iter().all(|v| *v == big));
+    let (one, _, three): (String, String, Vec<Option<String>>) = redis::pipe()
+        .atomic()
+        .get("big")
+        .set("small", "1")
+        .mget(&["big", "small", "nope"])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(one == big, "GET in MULTI");
+    assert!(three == vec![Some(big.clone()), Some("1".to_string()), None], "MGET in MULTI");
+}

@@ -62,6 +62,11 @@ pub struct GatewayConfig {
     pub throttle_wait: Duration,
     /// Where `/metrics` (Prometheus) is served (off when unset).
     pub metrics_listen: Option<String>,
+    /// Most output a client may leave unread before it is disconnected (as Valkey's
+    /// `client-output-buffer-limit`). Big replies go on in pieces and the gateway stops
+    /// reading for a client that does not read, so only pub/sub and invalidation floods
+    /// reach it.
+    pub max_client_output: usize,
     /// The process's metrics recorder, when the embedding program installed one.
     #[serde(skip)]
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -94,6 +99,7 @@ impl Default for GatewayConfig {
             usage_memory_batches: 120,
             throttle_wait: Duration::from_millis(10),
             metrics_listen: None,
+            max_client_output: 64 * 1024 * 1024,
             metrics: None,
         }
     }

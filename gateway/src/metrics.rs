@@ -161,6 +161,11 @@ pub fn session_ended() {
     gauge!("shoal_gateway_sessions").decrement(1.0);
 }
 
+/// A client disconnected for leaving too much output unread.
+pub fn output_limit_closed() {
+    counter!("shoal_gateway_output_limit_closed_total").increment(1);
+}
+
 /// Counts an open upstream connection (a session's own, or a mux's) while it lives.
 pub struct Upstream(());
 

@@ -25,6 +25,7 @@ use crate::upstream::{read_opt, write_opt};
 use bytes::{Buf, Bytes, BytesMut};
 use shoal_types::TenantRoute;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -38,6 +39,16 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 /// A mux no session has used for this long (up to twice as long) closes its connection and
 /// leaves the registry.
 const IDLE: Duration = Duration::from_secs(60);
+/// Replies go to their session once this much has arrived, even before the batch, or the
+/// reply, is complete: a batch of big replies, or one huge reply, is never held whole.
+const CHUNK: usize = 256 * 1024;
+/// Stop reading upstream while the session owed the front batch's replies has this much
+/// output its client has not taken. A client that does not read holds up only its own
+/// cache's shared connection (which Valkey's output-buffer limit then closes), never the
+/// gateway's memory.
+const OWED_LIMIT: usize = 4 * 1024 * 1024;
+/// How often a paused mux looks again whether its session's client took its output.
+const PAUSE_CHECK: Duration = Duration::from_millis(5);
 
 /// Consecutive requests of one session, and where their replies go.
 pub(crate) struct Batch {
@@ -48,14 +59,22 @@ pub(crate) struct Batch {
     /// An empty vector for the replies' lengths (the session hands back the last one it
     /// got, so that steady traffic allocates none).
     pub lens: Vec<usize>,
+    /// Output the session has not written to its client yet (the session keeps it current).
+    pub owed: Arc<AtomicUsize>,
 }
 
-/// One batch's replies: one chunk, and where each reply ends in it (the mux found every
-/// boundary already; the session's metering reads the lengths instead of scanning again).
+/// Replies to a batch, in order: one chunk, and where each reply ends in it (the mux found
+/// every boundary already; the session's metering reads the lengths instead of scanning
+/// again). Usually the whole batch; a batch with much to answer comes in several.
 pub(crate) struct Replies {
     pub chunk: BytesMut,
-    /// The length of each of the `count` replies, in order.
+    /// The length of each whole reply (or end of a reply begun in an earlier chunk), in order.
     pub lens: Vec<usize>,
+    /// Bytes at the end of the chunk that begin a reply not complete yet.
+    pub partial: usize,
+    /// The connection broke in the middle of a reply: the client has a piece of it and must
+    /// be disconnected (the rest of the batch is answered with errors as usual).
+    pub cut: bool,
 }
 
 impl Replies {
@@ -67,7 +86,7 @@ impl Replies {
         }
         lens.clear();
         lens.resize(count, error.len());
-        Replies { chunk, lens }
+        Replies { chunk, lens, partial: 0, cut: false }
     }
 }
 
@@ -116,10 +135,19 @@ impl Registry {
 
 /// A batch whose replies have not all arrived.
 struct Waiting {
+    /// Replies not sent to the session yet.
     count: usize,
     reply: mpsc::UnboundedSender<Replies>,
     /// The lengths of its replies that have arrived.
     lens: Vec<usize>,
+    owed: Arc<AtomicUsize>,
+}
+
+impl Waiting {
+    /// Whether its session's client is behind in reading (a session that left owes nothing).
+    fn behind(&self) -> bool {
+        self.owed.load(Ordering::Relaxed) > OWED_LIMIT && !self.reply.is_closed()
+    }
 }
 
 struct Mux {
@@ -143,6 +171,8 @@ enum Event {
     Read(std::io::Result<usize>),
     Wrote(std::io::Result<usize>),
     Idle,
+    /// Paused for a slow client: look again.
+    Recheck,
 }
 
 impl Mux {
@@ -169,10 +199,12 @@ impl Mux {
         let mut used = false;
         loop {
             self.input.reserve(4096);
+            let paused = self.waiting.front().is_some_and(Waiting::behind);
             let event = tokio::select! {
                 b = batches.recv(), if self.out.len() < HIGH_WATER => Event::Batch(b),
-                r = read_opt(self.read.as_mut(), &mut self.input), if self.read.is_some() => Event::Read(r),
+                r = read_opt(self.read.as_mut(), &mut self.input), if self.read.is_some() && !paused => Event::Read(r),
                 r = write_opt(self.write.as_mut(), &self.out), if self.write.is_some() && !self.out.is_empty() => Event::Wrote(r),
+                _ = tokio::time::sleep(PAUSE_CHECK), if paused => Event::Recheck,
                 _ = &mut idle => Event::Idle,
             };
             match event {
@@ -196,6 +228,7 @@ impl Mux {
                 Event::Read(Ok(_)) => self.lost("closed"),
                 Event::Read(Err(e)) | Event::Wrote(Err(e)) => self.lost(&e.to_string()),
                 Event::Wrote(Ok(n)) => self.out.advance(n),
+                Event::Recheck => {}
                 Event::Idle => {
                     idle.as_mut().reset((Instant::now() + IDLE).into());
                     if !self.waiting.is_empty() || std::mem::take(&mut used) {
@@ -216,7 +249,12 @@ impl Mux {
 
     fn enqueue(&mut self, batch: Batch) {
         self.out.extend_from_slice(&batch.requests);
-        self.waiting.push_back(Waiting { count: batch.count, reply: batch.reply, lens: batch.lens });
+        self.waiting.push_back(Waiting {
+            count: batch.count,
+            reply: batch.reply,
+            lens: batch.lens,
+            owed: batch.owed,
+        });
     }
 
     async fn ensure_connected(&mut self) {
@@ -254,7 +292,8 @@ impl Mux {
         }
     }
 
-    /// Sends every batch whose replies are all in.
+    /// Sends every batch whose replies are all in, and what has come of a batch with much to
+    /// answer.
     fn on_input(&mut self) {
         loop {
             let Some(front) = self.waiting.front_mut() else {
@@ -272,16 +311,37 @@ impl Mux {
                         let chunk = self.input.split_to(self.done_len);
                         if let Some(w) = self.waiting.pop_front() {
                             // The session may have left: its replies are simply dropped.
-                            let _ = w.reply.send(Replies { chunk, lens: w.lens });
+                            let _ = w.reply.send(Replies { chunk, lens: w.lens, partial: 0, cut: false });
                         }
                         self.done = 0;
                         self.done_len = 0;
+                    } else if self.done_len >= CHUNK {
+                        self.send_part(0);
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => {
+                    if self.input.len() >= CHUNK {
+                        let partial = self.scanner.take_partial(&self.input[self.done_len..]);
+                        if self.done > 0 || partial > 0 {
+                            self.send_part(partial);
+                        }
+                    }
+                    return;
+                }
                 Err(e) => return self.lost(&e.to_string()),
             }
         }
+    }
+
+    /// Sends the front batch the replies that are in, and `partial` bytes of the next one.
+    fn send_part(&mut self, partial: usize) {
+        let Some(front) = self.waiting.front_mut() else { return };
+        let chunk = self.input.split_to(self.done_len + partial);
+        let lens = std::mem::take(&mut front.lens);
+        front.count -= self.done;
+        let _ = front.reply.send(Replies { chunk, lens, partial, cut: false });
+        self.done = 0;
+        self.done_len = 0;
     }
 
     /// The connection broke: replies that arrived are delivered, every other request is
@@ -300,7 +360,8 @@ impl Mux {
                 chunk.extend_from_slice(LOST);
                 front.lens.push(LOST.len());
             }
-            let _ = front.reply.send(Replies { chunk, lens: front.lens });
+            let cut = self.scanner.in_partial();
+            let _ = front.reply.send(Replies { chunk, lens: front.lens, partial: 0, cut });
         }
         self.input.clear();
         self.scanner = ReplyScanner::new();
@@ -371,9 +432,23 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let set =
             Bytes::from_static(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nx\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
-        mux.send(Batch { requests: set, count: 1, reply: tx.clone(), lens: Vec::new() }).unwrap();
+        mux.send(Batch {
+            requests: set,
+            count: 1,
+            reply: tx.clone(),
+            lens: Vec::new(),
+            owed: Default::default(),
+        })
+        .unwrap();
         let get = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPING\r\n");
-        mux.send(Batch { requests: get, count: 2, reply: tx.clone(), lens: Vec::new() }).unwrap();
+        mux.send(Batch {
+            requests: get,
+            count: 2,
+            reply: tx.clone(),
+            lens: Vec::new(),
+            owed: Default::default(),
+        })
+        .unwrap();
         let first = rx.recv().await.unwrap();
         assert_eq!((&first.chunk[..], first.lens), (&b"+OK\r\n"[..], vec![5]));
         let second = rx.recv().await.unwrap();
@@ -381,7 +456,8 @@ mod tests {
         assert_eq!(second.lens, vec![7, LOST.len()], "each reply's length, the lost one's too");
         // The next batch reconnects.
         let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
-        mux.send(Batch { requests: ping, count: 1, reply: tx, lens: Vec::new() }).unwrap();
+        mux.send(Batch { requests: ping, count: 1, reply: tx, lens: Vec::new(), owed: Default::default() })
+            .unwrap();
         assert_eq!(&rx.recv().await.unwrap().chunk[..], b"+OK\r\n");
     }
 

@@ -51,6 +51,13 @@ const HIGH_WATER_SUBSCRIBED: usize = 64 * 1024;
 const MAX_PENDING: usize = 64 * 1024;
 /// Stop reading the client while this many of its requests are in the mux.
 const MAX_MUX_INFLIGHT: usize = 4096;
+/// A reply from the session's own connection goes on to the client in pieces once this much
+/// of it has arrived, so that a huge reply (a 100 MB GET, an MGET of many big values) is
+/// never held whole: with `HIGH_WATER`, what the session holds stays bounded.
+const STREAM_REPLY_FROM: usize = 256 * 1024;
+/// Bytes of a reply kept for its metering when the reply goes on in pieces (its header:
+/// kind, elements, nil).
+const REPLY_HEAD: usize = 64;
 
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 const TOKEN_EXPIRED: &str = "token expired";
@@ -96,6 +103,27 @@ struct MuxLink {
     replies: mpsc::UnboundedReceiver<crate::mux::Replies>,
     /// The lengths vector of the last replies, for the next batch to fill.
     spare_lens: Vec<usize>,
+    /// The session's output not yet written to the client, for the mux to pause on.
+    owed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A reply that goes on to the client in pieces: what went already.
+#[derive(Default)]
+struct PartReply {
+    /// Bytes already passed on (0: no reply in pieces).
+    taken: u64,
+    /// Its first bytes, for metering.
+    head: Vec<u8>,
+}
+
+impl PartReply {
+    fn add(&mut self, piece: &[u8]) {
+        if self.head.len() < REPLY_HEAD {
+            let n = piece.len().min(REPLY_HEAD - self.head.len());
+            self.head.extend_from_slice(&piece[..n]);
+        }
+        self.taken += piece.len() as u64;
+    }
 }
 
 /// Who the client is once authenticated.
@@ -227,6 +255,9 @@ pub(crate) struct Session {
     /// How long the requests of the current read waited for the ECPU limit (they share one
     /// `throttle_wait`, so a pipeline is not held back request by request).
     throttle_waited: Duration,
+    /// The reply from the own connection, and the one from the mux, going on in pieces.
+    up_part: PartReply,
+    mux_part: PartReply,
 }
 
 enum Event {
@@ -298,6 +329,8 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         queued: Vec::new(),
         tally: Default::default(),
         throttle_waited: Duration::ZERO,
+        up_part: PartReply::default(),
+        mux_part: PartReply::default(),
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -421,6 +454,16 @@ impl Session {
                     self.mux_inflight = 0;
                     self.mux_inflight_bytes = 0;
                 }
+            }
+            if self.client_out.len() > self.shared.config.max_client_output {
+                // As Valkey's `client-output-buffer-limit`: a client that does not read what
+                // it asked for is disconnected rather than held in memory.
+                tracing::info!(peer = %self.peer, bytes = self.client_out.len(), "client output limit reached: closing");
+                crate::metrics::output_limit_closed();
+                return Ok(());
+            }
+            if let Some(link) = &self.mux {
+                link.owed.store(self.client_out.len(), Ordering::Relaxed);
             }
         }
     }
@@ -674,7 +717,8 @@ impl Session {
         if self.mux.is_none() {
             let (replies_tx, replies) = mpsc::unbounded_channel();
             let handle = self.shared.muxes.get(&t.route, t.route.db);
-            self.mux = Some(MuxLink { handle, replies_tx, replies, spare_lens: Vec::new() });
+            let owed = Default::default();
+            self.mux = Some(MuxLink { handle, replies_tx, replies, spare_lens: Vec::new(), owed });
         }
         self.mux_out.extend_from_slice(&self.client_in[..len]);
         if self.shared.config.metering {
@@ -701,7 +745,8 @@ impl Session {
             return;
         };
         let lens = std::mem::take(&mut link.spare_lens);
-        let batch = crate::mux::Batch { requests, count, reply: link.replies_tx.clone(), lens };
+        let owed = link.owed.clone();
+        let batch = crate::mux::Batch { requests, count, reply: link.replies_tx.clone(), lens, owed };
         if let Err(refused) = link.handle.send(batch) {
             // The mux is gone (it never leaves while a session holds it; defensive).
             let _ =
@@ -709,19 +754,30 @@ impl Session {
         }
     }
 
-    /// One batch's replies: they go out, with the local replies queued behind them.
+    /// Replies to the front batch (all of them, usually): they go out, with the local
+    /// replies queued behind the batch once it is answered.
     fn on_mux_replies(&mut self, replies: crate::mux::Replies) {
-        let crate::mux::Replies { chunk, mut lens } = replies;
+        let crate::mux::Replies { chunk, mut lens, partial, cut } = replies;
         // Anything but a batch at the front means `pending` was dropped (closing).
-        if let Some(&Pending::Mux { count, bytes }) = self.pending.front() {
-            self.pending.pop_front();
-            self.mux_inflight -= count;
-            self.mux_inflight_bytes -= bytes;
+        if let Some(Pending::Mux { count, bytes }) = self.pending.front_mut() {
+            let (answered, whole) = (lens.len(), lens.len() >= *count);
+            if whole {
+                self.mux_inflight_bytes -= *bytes;
+                self.pending.pop_front();
+            } else {
+                *count -= answered;
+            }
+            self.mux_inflight -= answered;
             if self.shared.config.metering {
-                self.meter_mux_replies(&chunk, &lens, count);
+                self.meter_mux_replies(&chunk, &lens, partial);
             }
             self.client_out.extend_from_slice(&chunk);
-            self.drain_local();
+            if cut {
+                // The client has part of a reply whose rest will never come.
+                self.close_now();
+            } else if whole {
+                self.drain_local();
+            }
         }
         if let Some(link) = self.mux.as_mut() {
             lens.clear();
@@ -1071,6 +1127,10 @@ impl Session {
             match self.replies.next(&self.up_in) {
                 Ok(Some(reply)) => {
                     let bytes = self.up_in.split_to(reply.len);
+                    if self.up_part.taken > 0 {
+                        self.finish_part(&bytes);
+                        continue;
+                    }
                     if self.is_pubsub_reply(&bytes, reply.push) {
                         self.on_pubsub_frame(&bytes);
                         continue;
@@ -1102,10 +1162,54 @@ impl Session {
                         }
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => return self.pass_on_part(),
                 Err(e) => return self.upstream_lost(&e.to_string()),
             }
         }
+    }
+
+    /// Passes on what has come of a big reply the client gets as it is (see
+    /// `STREAM_REPLY_FROM`); pub/sub traffic and replies the gateway rewrites wait whole.
+    fn pass_on_part(&mut self) {
+        let forwarded = matches!(self.pending.front(), Some(Pending::Upstream(OnReply::Forward, _)));
+        let push_next = self.up_part.taken == 0 && self.up_in.first() == Some(&b'>');
+        if self.up_in.len() < STREAM_REPLY_FROM || !forwarded || push_next || self.pubsub.active() {
+            return;
+        }
+        let n = self.replies.take_partial(&self.up_in);
+        let piece = self.up_in.split_to(n);
+        self.up_part.add(&piece);
+        self.client_out.extend_from_slice(&piece);
+    }
+
+    /// The rest of a reply that went on in pieces: delivered and metered as a whole.
+    fn finish_part(&mut self, tail: &[u8]) {
+        let part = std::mem::take(&mut self.up_part);
+        self.client_out.extend_from_slice(tail);
+        if let Some(Pending::Upstream(_, meter)) = self.pending.pop_front() {
+            let delivered = part.taken + tail.len() as u64;
+            match meter {
+                Some(m) if m.role == Role::Exec => {
+                    // Too big to split among the queued commands: they are billed on what
+                    // they moved, EXEC on the rest.
+                    self.bill_queued();
+                    self.bill(m, &part.head, delivered);
+                }
+                Some(m) => self.meter_reply(m, &part.head, delivered),
+                None => {}
+            }
+        }
+        self.drain_local();
+    }
+
+    /// Closes the connection at once, dropping what it still owed (its output is broken).
+    fn close_now(&mut self) {
+        self.closing = true;
+        self.pending.clear();
+        self.mux_meters.clear();
+        self.mux_out.clear();
+        self.mux_inflight = 0;
+        self.mux_inflight_bytes = 0;
     }
 
     fn deliver(&mut self, bytes: &[u8], error: bool, on_reply: OnReply) {
@@ -1293,22 +1397,29 @@ impl Session {
         }
     }
 
-    /// Meters a mux chunk: `count` replies of the given lengths, one per metered request
-    /// sent to the mux.
-    fn meter_mux_replies(&mut self, chunk: &[u8], lens: &[usize], count: usize) {
+    /// Meters a mux chunk: replies of the given lengths, one per metered request sent to
+    /// the mux, then `partial` bytes of a reply to come.
+    fn meter_mux_replies(&mut self, chunk: &[u8], lens: &[usize], partial: usize) {
         let (mut pos, mut billed) = (0, None);
-        for i in 0..count {
+        for &len in lens {
             let meter = self.mux_meters.pop_front().flatten();
-            let rest = &chunk[pos..];
             // The mux gives every reply's length (bounded by the chunk all the same).
-            let len = lens.get(i).map_or(rest.len(), |&len| len.min(rest.len()));
-            let reply = &chunk[pos..pos + len];
+            let len = len.min(chunk.len() - pos);
+            let mut reply = &chunk[pos..pos + len];
             pos += len;
+            let part = std::mem::take(&mut self.mux_part);
+            let delivered = part.taken + len as u64;
+            if part.taken > 0 {
+                reply = &part.head;
+            }
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
-                let c = self.measure(m, reply, len as u64);
+                let c = self.measure(m, reply, delivered);
                 billed.get_or_insert_with(Counters::default).add(&c);
             }
+        }
+        if partial > 0 {
+            self.mux_part.add(&chunk[chunk.len() - partial..]);
         }
         // One tally for the batch: its replies arrived in one event.
         if let Some(c) = billed {
@@ -1422,6 +1533,10 @@ impl Session {
     /// command reconnects.
     fn upstream_lost(&mut self, why: &str) {
         tracing::warn!(peer = %self.peer, reason = why, "upstream connection lost");
+        if std::mem::take(&mut self.up_part).taken > 0 {
+            // The client has part of a reply whose rest will never come.
+            self.close_now();
+        }
         self.up_read = None;
         self.up_metric = None;
         self.up_write = None;
@@ -1460,6 +1575,7 @@ impl Session {
 
     /// Drops the upstream connection on purpose (RESET): the next command opens a fresh one.
     pub fn drop_upstream(&mut self) {
+        self.up_part = PartReply::default();
         self.up_read = None;
         self.up_metric = None;
         self.up_write = None;

@@ -213,6 +213,11 @@ impl ShoalDev {
             .collect()
     }
 
+    /// Pid of the `shoal dev` process (the gateway, control plane and engine in one).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
     /// Sends a signal to `shoal dev` without waiting.
     pub fn signal(&self, signal: i32) {
         let pid = self.child.as_ref().expect("running").id() as i32;
@@ -346,6 +351,17 @@ impl Drop for ShoalDev {
             self.stop_with(libc::SIGTERM);
         }
     }
+}
+
+/// Resident memory of a process, in MiB (from /proc).
+pub fn rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    kib / 1024
 }
 
 pub fn pid_alive(pid: i32) -> bool {

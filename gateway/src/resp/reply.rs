@@ -24,6 +24,11 @@ pub struct ReplyScanner {
     pos: usize,
     /// Elements still expected by each open aggregate, innermost last.
     open: Vec<i64>,
+    /// Bytes of a bulk payload (CRLF included) still to come after the caller took the
+    /// start of the reply with [`ReplyScanner::take_partial`].
+    skip: usize,
+    /// The first byte of a reply whose start the caller already took (0: none taken).
+    taken_kind: u8,
 }
 
 impl ReplyScanner {
@@ -34,10 +39,20 @@ impl ReplyScanner {
     /// Scans from where it stopped. `Ok(Some(reply))` when a whole reply is at the front of
     /// `buf`; the caller then drops `reply.len` bytes before calling again.
     pub fn next(&mut self, buf: &[u8]) -> Result<Option<Reply>, MalformedReply> {
-        if self.pos == 0 && self.open.is_empty() {
+        if self.pos == 0 && self.open.is_empty() && self.taken_kind == 0 {
             // Most replies are one line or one bulk string: measured in one pass.
             if let Some(len) = simple_len(buf) {
                 return Ok(Some(Reply { len, push: false, error: buf[0] == b'-' }));
+            }
+        }
+        if self.skip > 0 {
+            // The rest of a bulk payload whose start was taken.
+            if buf.len() < self.pos + self.skip {
+                return Ok(None);
+            }
+            self.pos += std::mem::take(&mut self.skip);
+            if let Some(reply) = self.element_done(buf) {
+                return Ok(Some(reply));
             }
         }
         loop {
@@ -77,27 +92,68 @@ impl ReplyScanner {
                 _ => return Err(MalformedReply),
             };
             self.pos = complete_at;
-            // One element done: close every aggregate it completes.
-            loop {
-                match self.open.last_mut() {
-                    None => {
-                        let len = std::mem::take(&mut self.pos);
-                        return Ok(Some(Reply {
-                            len,
-                            push: buf[0] == b'>',
-                            error: buf[0] == b'-' || buf[0] == b'!',
-                        }));
+            if let Some(reply) = self.element_done(buf) {
+                return Ok(Some(reply));
+            }
+        }
+    }
+
+    /// One element ended at `pos`: closes every aggregate it completes; the reply if that
+    /// was the last.
+    fn element_done(&mut self, buf: &[u8]) -> Option<Reply> {
+        loop {
+            match self.open.last_mut() {
+                None => {
+                    let len = std::mem::take(&mut self.pos);
+                    let kind = match std::mem::take(&mut self.taken_kind) {
+                        0 => buf[0],
+                        kind => kind,
+                    };
+                    return Some(Reply { len, push: kind == b'>', error: kind == b'-' || kind == b'!' });
+                }
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        return None;
                     }
-                    Some(left) => {
-                        *left -= 1;
-                        if *left > 0 {
-                            break;
-                        }
-                        self.open.pop();
+                    self.open.pop();
+                }
+            }
+        }
+    }
+
+    /// After [`ReplyScanner::next`] found no whole reply in `buf`: how many bytes at its
+    /// front belong to the unfinished reply and may be passed on now, so that a huge reply
+    /// never has to be held whole. The caller drops them from the front of its buffer; the
+    /// scanner goes on from there. The kind of the reply (push, error) is kept.
+    pub fn take_partial(&mut self, buf: &[u8]) -> usize {
+        let Some(&first) = buf.first() else { return 0 };
+        let mut n = self.pos;
+        if self.skip > 0 {
+            n = buf.len();
+            self.skip -= buf.len() - self.pos;
+        } else if matches!(buf.get(self.pos), Some(b'$' | b'!' | b'=')) {
+            // A bulk whose header is complete: its payload so far goes too.
+            if let Some(cr) = find_crlf(buf, self.pos + 1) {
+                if let Some(len) = parse_int(&buf[self.pos + 1..cr]).filter(|&l| l >= 0) {
+                    let end = cr + 2 + len as usize + 2;
+                    if end > buf.len() {
+                        self.skip = end - buf.len();
+                        n = buf.len();
                     }
                 }
             }
         }
+        if n > 0 && self.taken_kind == 0 {
+            self.taken_kind = first;
+        }
+        self.pos -= n.min(self.pos);
+        n
+    }
+
+    /// Whether part of the current reply was taken with [`ReplyScanner::take_partial`].
+    pub fn in_partial(&self) -> bool {
+        self.taken_kind != 0
     }
 }
 
@@ -184,6 +240,52 @@ mod tests {
         assert!(!r.push);
         let r = s.next(&input[29..]).unwrap().unwrap();
         assert!(r.push);
+    }
+
+    #[test]
+    fn a_reply_taken_in_parts_adds_up_to_the_whole() {
+        let input: &[u8] = b"*3\r\n$5\r\nhello\r\n*2\r\n:1\r\n$10\r\n0123456789\r\n+x\r\n+next\r\n";
+        let whole = input.len() - b"+next\r\n".len();
+        // Feed it a few bytes at a time, taking what may go each time.
+        for step in 1..12 {
+            let mut s = ReplyScanner::new();
+            let (mut buf, mut fed, mut taken) = (Vec::new(), 0, 0);
+            let reply = loop {
+                let end = (fed + step).min(input.len());
+                buf.extend_from_slice(&input[fed..end]);
+                fed = end;
+                if let Some(r) = s.next(&buf).unwrap() {
+                    break r;
+                }
+                let n = s.take_partial(&buf);
+                buf.drain(..n);
+                taken += n;
+            };
+            assert_eq!(taken + reply.len, whole, "step {step}");
+            assert!(!reply.push && !reply.error);
+            assert!(!s.in_partial());
+            buf.drain(..reply.len);
+            assert_eq!(s.next(&buf).unwrap().map(|r| r.len), (buf.len() == 7).then_some(7), "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_big_bulk_goes_on_as_it_comes() {
+        let mut s = ReplyScanner::new();
+        let mut buf = b"$100\r\n0123456789".to_vec();
+        assert_eq!(s.next(&buf).unwrap(), None);
+        assert_eq!(s.take_partial(&buf), buf.len(), "the header and the payload so far");
+        buf.clear();
+        buf.extend_from_slice(&[b'x'; 50]);
+        assert_eq!(s.next(&buf).unwrap(), None);
+        assert_eq!(s.take_partial(&buf), 50);
+        buf.clear();
+        buf.extend_from_slice(&[b'y'; 40]);
+        buf.extend_from_slice(b"\r\n-ERR next\r\n");
+        let r = s.next(&buf).unwrap().unwrap();
+        assert_eq!(r.len, 42);
+        assert!(!r.error, "the kind is the taken reply's");
+        assert!(s.next(&buf[42..]).unwrap().unwrap().error);
     }
 
     #[test]
