@@ -656,3 +656,58 @@ async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
     assert!(one == big, "GET in MULTI");
     assert!(three == vec![Some(big.clone()), Some("1".to_string()), None], "MGET in MULTI");
 }
+
+#[tokio::test]
+async fn big_requests_go_upstream_as_they_come() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dev = ShoalDev::start().await;
+    let (_, token) = cache_with_token(&dev, "bigreq", 1).await;
+    let before = support::rss_mib(dev.pid());
+
+    // A 200 MB SET, sent in 1 MB writes: the gateway never holds it whole.
+    let size = 200 * 1024 * 1024;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
+    s.write_all(&support::auth_command(&token)).await.unwrap();
+    s.write_all(format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${size}\r\n").as_bytes()).await.unwrap();
+    let chunk = vec![b'v'; 1024 * 1024];
+    let mut peak = 0;
+    for i in 0..size / chunk.len() {
+        s.write_all(&chunk).await.unwrap();
+        if i % 10 == 0 {
+            peak = peak.max(support::rss_mib(dev.pid()));
+        }
+    }
+    s.write_all(b"\r\n*1\r\n$4\r\nPING\r\n").await.unwrap();
+    let mut out = vec![0u8; 64];
+    let mut got = 0;
+    while !out[..got].ends_with(b"+PONG\r\n") {
+        let n =
+            tokio::time::timeout(Duration::from_secs(30), s.read(&mut out[got..])).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out[..got]));
+        got += n;
+    }
+    assert_eq!(&out[..got], b"+OK\r\n+OK\r\n+PONG\r\n");
+    assert!(peak < before + 120, "gateway RSS went from {before} MiB to {peak} MiB during a 200 MB SET");
+    let mut c = dev.client(&token).await.unwrap();
+    let len: u64 = redis::cmd("STRLEN").arg("big").query_async(&mut c).await.unwrap();
+    assert_eq!(len, size as u64);
+    let _: () = redis::cmd("DEL").arg("big").query_async(&mut c).await.unwrap();
+
+    // Big requests inside MULTI, and through a client library.
+    let value = "m".repeat(3 * 1024 * 1024);
+    let (set, got): (String, String) =
+        redis::pipe().atomic().set("m", &value).get("m").query_async(&mut c).await.unwrap();
+    assert!(set == "OK" && got == value);
+    let _: () =
+        redis::cmd("MSET").arg("a").arg(&value).arg("b").arg(&value).query_async(&mut c).await.unwrap();
+    let both: Vec<String> = redis::cmd("MGET").arg("a").arg("b").query_async(&mut c).await.unwrap();
+    assert!(both == vec![value.clone(), value.clone()]);
+
+    // A command the gateway rewrites is held whole only up to a bound: bigger is refused,
+    // and the connection goes on.
+    let message = "p".repeat(65 * 1024 * 1024);
+    let err = redis::cmd("PUBLISH").arg("ch").arg(&message).query_async::<i64>(&mut c).await.unwrap_err();
+    assert!(err.to_string().contains("request too large"), "{err}");
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+}

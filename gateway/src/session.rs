@@ -58,6 +58,12 @@ const STREAM_REPLY_FROM: usize = 256 * 1024;
 /// Bytes of a reply kept for its metering when the reply goes on in pieces (its header:
 /// kind, elements, nil).
 const REPLY_HEAD: usize = 64;
+/// A request Valkey runs as it is goes upstream in pieces once this much of it has come:
+/// a 500 MB SET or a huge MSET is never held whole.
+const STREAM_REQUEST_FROM: usize = 1024 * 1024;
+/// Largest request the gateway holds whole, for a command it answers or rewrites itself
+/// (PUBLISH, …); a bigger one is refused and its rest dropped as it comes.
+pub const MAX_HELD_REQUEST: usize = 64 * 1024 * 1024;
 
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 const TOKEN_EXPIRED: &str = "token expired";
@@ -258,6 +264,19 @@ pub(crate) struct Session {
     /// The reply from the own connection, and the one from the mux, going on in pieces.
     up_part: PartReply,
     mux_part: PartReply,
+    /// A request going upstream in pieces (or dropped as it comes, when refused).
+    streaming: Option<Streaming>,
+}
+
+/// A big request being passed on (or dropped) as it comes.
+struct Streaming {
+    rest: crate::resp::request::Rest,
+    /// Passed on upstream; false: dropped, and `refusal` answers it once it has all come.
+    forward: bool,
+    refusal: Option<String>,
+    /// Bytes of the request so far, and the ECPU estimate the bucket was charged for it.
+    bytes: u64,
+    charged: u64,
 }
 
 enum Event {
@@ -331,6 +350,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         throttle_waited: Duration::ZERO,
         up_part: PartReply::default(),
         mux_part: PartReply::default(),
+        streaming: None,
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -538,6 +558,12 @@ impl Session {
         let mut handled = 0u64;
         self.throttle_waited = Duration::ZERO;
         while !self.closing {
+            if self.streaming.is_some() {
+                if !self.stream_request() {
+                    break;
+                }
+                continue;
+            }
             match self.parser.next(&self.client_in, self.limits()) {
                 Ok(Some(frame)) if frame.inline => self.inline_to_resp(frame),
                 Ok(Some(frame)) => {
@@ -555,7 +581,12 @@ impl Session {
                     self.parser.give_back(args);
                     self.client_in.advance(frame.len);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if self.client_in.len() >= STREAM_REQUEST_FROM && self.start_streaming().await {
+                        continue;
+                    }
+                    break;
+                }
                 Err(e) => {
                     self.reply_error(&format!("ERR {e}"));
                     self.close_after_replies();
@@ -567,6 +598,99 @@ impl Session {
             t.entry.commands.fetch_add(handled, Ordering::Relaxed);
             t.entry.last_active.store(t.entry.created.elapsed().as_secs(), Ordering::Relaxed);
         }
+    }
+
+    /// A big incomplete request at the front of the input: passed on upstream as it comes
+    /// if Valkey runs it as it is, else held until `MAX_HELD_REQUEST` and then refused.
+    /// Whether the session now streams it.
+    async fn start_streaming(&mut self) -> bool {
+        let Some((args, pos, rest)) = self.parser.partial() else { return false };
+        if self.tenant.is_none() || args.is_empty() {
+            return false;
+        }
+        let name = &self.client_in[args[0].clone()];
+        let sub = args.get(1).map(|r| &self.client_in[r.clone()]);
+        let spec = policy::table().lookup(name, sub);
+        let passes = spec.is_none_or(|s| s.treatment == Treatment::Pass && !s.container)
+            && !matches!(spec.map(|s| s.name.as_str()), Some("multi" | "exec" | "discard"));
+        if !passes && self.client_in.len() < MAX_HELD_REQUEST {
+            return false;
+        }
+        let shown = spec.map_or_else(|| String::from_utf8_lossy(name).to_uppercase(), policy::display_name);
+        let (pos, rest) = (pos, rest);
+        self.parser.abandon();
+        let mut streaming = Streaming { rest, forward: false, refusal: None, bytes: pos as u64, charged: 0 };
+        if !passes {
+            streaming.refusal = Some(too_large(&shown));
+        } else if spec.is_some_and(|s| s.refused_when_full())
+            && self.tenant.as_ref().is_some_and(|t| t.live.storage_full())
+        {
+            streaming.refusal = Some(STORAGE_FULL.to_string());
+        } else {
+            let role = if self.in_multi { Role::Queued } else { Role::Plain };
+            let started = self.now().0;
+            if self.shared.config.metering {
+                self.meter_next = Some(Meter { spec, request: pos as u64, role, started });
+                if !self.admit().await {
+                    // Refused (THROTTLED, already answered): the rest is dropped as it comes.
+                    self.client_in.advance(pos);
+                    self.streaming = Some(streaming);
+                    return true;
+                }
+                streaming.charged = self.meter_next.as_ref().map_or(0, Meter::estimate);
+            }
+            if self.ensure_upstream().await {
+                streaming.forward = true;
+                self.up_out.extend_from_slice(&self.client_in[..pos]);
+                let meter = self.meter_next.take();
+                self.push_pending(Pending::Upstream(OnReply::Forward, meter));
+            } else {
+                // Unavailable (already answered): the rest is dropped as it comes.
+                self.meter_next = None;
+            }
+        }
+        self.client_in.advance(pos);
+        self.streaming = Some(streaming);
+        true
+    }
+
+    /// Passes on (or drops) what has come of the request being streamed; whether all of it
+    /// has come.
+    fn stream_request(&mut self) -> bool {
+        let limits = self.limits();
+        let Some(st) = self.streaming.as_mut() else { return true };
+        let n = match st.rest.advance(&self.client_in, limits) {
+            Ok(n) => n,
+            Err(e) => {
+                // The client broke the protocol mid-request: nothing after it can be framed.
+                self.streaming = None;
+                self.reply_error(&format!("ERR {e}"));
+                self.close_now();
+                return false;
+            }
+        };
+        if st.forward {
+            self.up_out.extend_from_slice(&self.client_in[..n]);
+        }
+        self.client_in.advance(n);
+        st.bytes += n as u64;
+        if !st.rest.done() {
+            return false;
+        }
+        let Some(st) = self.streaming.take() else { return true };
+        if let Some(refusal) = st.refusal {
+            self.refuse(&refusal);
+        } else if st.forward {
+            // The request's real size, for its metering and its cache's ECPU bucket.
+            if let Some(Pending::Upstream(_, Some(meter))) = self.pending.back_mut() {
+                meter.request = st.bytes;
+                let more = meter.estimate().saturating_sub(st.charged);
+                if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
+                    t.bucket.debit(more);
+                }
+            }
+        }
+        true
     }
 
     /// Whether this request reads a node-wide view (INFO, PUBSUB …) while replies to earlier
@@ -644,6 +768,10 @@ impl Session {
             Treatment::Deny => {
                 let name = policy::display_name(spec.expect("denied commands are in the table"));
                 self.refuse(&format!("NOPERM the {name} command is not allowed on Shoal caches"));
+            }
+            Treatment::Virtual if frame.len > MAX_HELD_REQUEST => {
+                let name = spec.map_or_else(String::new, policy::display_name);
+                self.refuse(&too_large(&name));
             }
             Treatment::Virtual => {
                 let spec_name = spec.map(|s| s.name.clone()).unwrap_or_default();
@@ -1533,6 +1661,10 @@ impl Session {
     /// command reconnects.
     fn upstream_lost(&mut self, why: &str) {
         tracing::warn!(peer = %self.peer, reason = why, "upstream connection lost");
+        if let Some(st) = self.streaming.as_mut().filter(|st| st.forward) {
+            // The rest of the request has nowhere to go; its reply becomes the error below.
+            st.forward = false;
+        }
         if std::mem::take(&mut self.up_part).taken > 0 {
             // The client has part of a reply whose rest will never come.
             self.close_now();
@@ -1629,6 +1761,14 @@ impl Session {
             self.push_pending(Pending::Close);
         }
     }
+}
+
+/// The refusal of a request too big for a command the gateway holds whole.
+fn too_large(command: &str) -> String {
+    format!(
+        "ERR request too large: the gateway holds at most {} MiB of a {command} command",
+        MAX_HELD_REQUEST >> 20
+    )
 }
 
 /// Logins without a token do not expire (a connection's deadline is this far away).

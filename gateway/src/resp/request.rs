@@ -87,6 +87,20 @@ impl RequestParser {
         self.args = args;
     }
 
+    /// The request being read, when [`Self::next`] found it incomplete: its arguments read
+    /// so far, and the rest of it as a [`Rest`] starting at the byte where parsing stopped.
+    pub fn partial(&self) -> Option<(&[Range<usize>], usize, Rest)> {
+        let left = self.remaining?;
+        Some((&self.args, self.pos, Rest { args_left: left, bulk_left: 0 }))
+    }
+
+    /// Forgets the request being read (its rest is read with a [`Rest`] instead).
+    pub fn abandon(&mut self) {
+        self.remaining = None;
+        self.pos = 0;
+        self.args.clear();
+    }
+
     /// Parses as far as `buf` allows. `Ok(Some(frame))` when a whole request is at the front:
     /// read its arguments with [`Self::args`], then drop `frame.len` bytes and call again.
     /// Empty requests (`*0`, blank lines) come back as frames with no arguments.
@@ -185,6 +199,64 @@ impl RequestParser {
         self.inline_args =
             split_args(&buf[..line_end]).ok_or_else(|| perr("unbalanced quotes in request"))?;
         Ok(Some(Frame { len: nl + 1, inline: true }))
+    }
+}
+
+/// The rest of a request too big to hold whole: it is framed as it comes (argument headers
+/// checked like [`RequestParser::next`] does, payloads counted, never held), so that a
+/// session can pass it on piece by piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rest {
+    args_left: usize,
+    /// Bytes of the current argument's payload still to come, its final CRLF included.
+    bulk_left: usize,
+}
+
+impl Rest {
+    /// Takes what belongs to the request from the front of `buf`: how many bytes.
+    pub fn advance(&mut self, buf: &[u8], limits: Limits) -> Result<usize, ProtocolError> {
+        let mut i = 0;
+        loop {
+            if self.bulk_left > 0 {
+                let take = self.bulk_left.min(buf.len() - i);
+                // The payload's last two bytes must be its CRLF.
+                for k in 0..take {
+                    let left = self.bulk_left - k;
+                    if (left == 2 && buf[i + k] != b'\r') || (left == 1 && buf[i + k] != b'\n') {
+                        return Err(perr("invalid bulk format"));
+                    }
+                }
+                i += take;
+                self.bulk_left -= take;
+                if self.bulk_left > 0 {
+                    return Ok(i);
+                }
+            }
+            if self.args_left == 0 || i == buf.len() {
+                return Ok(i);
+            }
+            if buf[i] != b'$' {
+                return Err(perr(format!("expected '$', got '{}'", buf[i] as char)));
+            }
+            let Some(cr) = find_crlf(buf, i + 1) else {
+                if buf.len() - i > MAX_LINE {
+                    return Err(perr("too big bulk count string"));
+                }
+                return Ok(i);
+            };
+            let len = parse_len(&buf[i + 1..cr]).ok_or_else(|| perr("invalid bulk length"))?;
+            if len < 0 || len as usize > limits.max_bulk {
+                return Err(perr("invalid bulk length"));
+            }
+            self.bulk_left = len as usize + 2;
+            self.args_left -= 1;
+            i = cr + 2;
+        }
+    }
+
+    /// Whether the whole request has been taken.
+    pub fn done(&self) -> bool {
+        self.args_left == 0 && self.bulk_left == 0
     }
 }
 
@@ -297,6 +369,40 @@ fn parse_len(line: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rest_of_a_big_request_is_framed_as_it_comes() {
+        let limits = Limits::authenticated(16, 1 << 20);
+        let input: &[u8] = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$10\r\n0123456789\r\n*1\r\n$4\r\nPING\r\n";
+        let request = input.len() - 14;
+        for cut in 12..request {
+            for step in 1..6 {
+                let mut p = RequestParser::new();
+                assert_eq!(p.next(&input[..cut], limits).unwrap(), None);
+                let (args, pos, mut rest) = p.partial().unwrap();
+                assert!(!args.is_empty() || pos <= 4);
+                let (mut at, mut fed) = (pos, cut);
+                while !rest.done() {
+                    fed = (fed + step).min(input.len());
+                    at += rest.advance(&input[at..fed], limits).unwrap();
+                    if fed == input.len() {
+                        break;
+                    }
+                }
+                assert!(rest.done());
+                assert_eq!(at, request, "cut {cut} step {step}");
+            }
+        }
+        let mut p = RequestParser::new();
+        assert_eq!(p.next(b"*2\r\n$3\r\nGET\r\n$5\r\nab", limits).unwrap(), None);
+        let (_, pos, mut rest) = p.partial().unwrap();
+        assert_eq!(
+            rest.advance(&b"*2\r\n$3\r\nGET\r\n$5\r\nabcdeXY"[pos..], limits),
+            Err(perr("invalid bulk format"))
+        );
+        let mut rest2 = p.partial().unwrap().2;
+        assert!(rest2.advance(b"$99999999\r\n", limits).is_err(), "over max_bulk");
+    }
 
     const BIG: Limits = Limits::authenticated(1 << 20, 512 << 20);
 
