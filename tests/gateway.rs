@@ -678,7 +678,7 @@ async fn big_requests_go_upstream_as_they_come() {
         }
     }
     s.write_all(b"\r\n*1\r\n$4\r\nPING\r\n").await.unwrap();
-    let mut out = vec![0u8; 64];
+    let mut out = [0u8; 64];
     let mut got = 0;
     while !out[..got].ends_with(b"+PONG\r\n") {
         let n =
