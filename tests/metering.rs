@@ -855,3 +855,51 @@ async fn connections_are_the_sum_over_gateways_of_each_ones_peak() {
     let conn_rows = dev.sql(&format!("SELECT COUNT(*) FROM usage_connections WHERE cache_id = '{id}'"));
     assert_eq!(conn_rows, vec!["4"], "g1 and g2 in minutes a and b");
 }
+
+#[tokio::test]
+async fn big_free_commands_and_long_scripts_are_billed_for_what_they_cost() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("costly").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    let mut c = Raw::connect(dev.resp_port, &token).await;
+
+    // PING with a 1 MiB message: 2 MiB moved, billed by transfer (2048 ECPU), not a command.
+    let message = vec![b'p'; 1024 * 1024];
+    c.s.write_all(&cmd(&[b"PING", &message])).await.unwrap();
+    let reply = c.reply().await;
+    assert_eq!(reply.len(), message.len() + 12);
+    let ping = (cmd(&[b"PING", &message]).len() + reply.len()) as u64;
+    let mut want =
+        Totals { ecpu_milli: ping * 1000 / 1024, bytes_in: ping - reply.len() as u64, ..Default::default() };
+    want.bytes_out = reply.len() as u64;
+    assert_stored(&dev, &id, want).await;
+
+    // A script that runs a few hundred milliseconds costs 1 ECPU per started millisecond
+    // after the first, on top of its weight (1 ECPU): about what the client waited.
+    let script = b"local i = 0 while i < 20000000 do i = i + 1 end return 1";
+    let sent = Instant::now();
+    c.s.write_all(&cmd(&[b"EVAL", script, b"0"])).await.unwrap();
+    assert_eq!(c.reply().await, b":1\r\n");
+    let waited_ms = sent.elapsed().as_millis() as u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = stored(&dev, &id).await;
+        if got.commands == 1 {
+            let for_time = got.ecpu_milli - want.ecpu_milli - 1000;
+            assert!(
+                for_time <= waited_ms * 1000 && for_time + 100_000 >= waited_ms * 1000,
+                "the script cost {for_time} milli-ECPU for its time; the client waited {waited_ms} ms"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "script never billed: {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // AUTH or HELLO with a 100 KiB argument is refused without being looked at.
+    let huge = vec![b'a'; 100 * 1024];
+    c.s.write_all(&cmd(&[b"AUTH", &huge])).await.unwrap();
+    let refusal = String::from_utf8(c.reply().await).unwrap();
+    assert!(refusal.starts_with("-ERR request too large") && refusal.contains("AUTH"), "{refusal}");
+}

@@ -40,6 +40,9 @@ pub struct CommandSpec {
     pub mux: bool,
     /// Has subcommands (`client`, `config`, …), which have rows of their own.
     pub container: bool,
+    /// Runs a script (EVAL, EVALSHA, FCALL and their `_RO` forms: commands of the
+    /// `scripting` category that are not subcommands): metered for its time too.
+    pub script: bool,
 }
 
 impl CommandSpec {
@@ -99,6 +102,7 @@ impl CommandTable {
                 hits: c[10].parse().map_err(|_| bad("hits"))?,
                 mux: false,
                 container: false,
+                script: false,
             };
             let spec = CommandSpec { mux: muxable(&spec), ..spec };
             if let Some((container, _)) = spec.name.split_once('|') {
@@ -111,6 +115,11 @@ impl CommandTable {
                 Some(spec) => spec.container = true,
                 None => return Err(format!("subcommands of {name}, which has no row")),
             }
+        }
+        for spec in by_name.values_mut() {
+            spec.script = !spec.container
+                && !spec.name.contains('|')
+                && spec.acl_categories.iter().any(|c| c == "scripting");
         }
         Ok(CommandTable { by_name })
     }

@@ -61,6 +61,8 @@ const REPLY_HEAD: usize = 64;
 /// A request Valkey runs as it is goes upstream in pieces once this much of it has come:
 /// a 500 MB SET or a huge MSET is never held whole.
 const STREAM_REQUEST_FROM: usize = 1024 * 1024;
+/// Largest request of a free command the gateway answers itself (AUTH, HELLO, SUBSCRIBE…).
+const MAX_FREE_REQUEST: u64 = 64 * 1024;
 /// Largest request the gateway holds whole, for a command it answers or rewrites itself
 /// (PUBLISH, …); a bigger one is refused and its rest dropped as it comes.
 pub const MAX_HELD_REQUEST: usize = 64 * 1024 * 1024;
@@ -266,6 +268,8 @@ pub(crate) struct Session {
     mux_part: PartReply,
     /// A request going upstream in pieces (or dropped as it comes, when refused).
     streaming: Option<Streaming>,
+    /// When the last metered reply arrived (a script's time starts no earlier).
+    last_reply_at: Instant,
 }
 
 /// A big request being passed on (or dropped) as it comes.
@@ -351,6 +355,7 @@ pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local:
         up_part: PartReply::default(),
         mux_part: PartReply::default(),
         streaming: None,
+        last_reply_at: Instant::now(),
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -621,7 +626,7 @@ impl Session {
         self.parser.abandon();
         let mut streaming = Streaming { rest, forward: false, refusal: None, bytes: pos as u64, charged: 0 };
         if !passes {
-            streaming.refusal = Some(too_large(&shown));
+            streaming.refusal = Some(too_large(&shown, MAX_HELD_REQUEST as u64));
         } else if spec.is_some_and(|s| s.refused_when_full())
             && self.tenant.as_ref().is_some_and(|t| t.live.storage_full())
         {
@@ -769,9 +774,14 @@ impl Session {
                 let name = policy::display_name(spec.expect("denied commands are in the table"));
                 self.refuse(&format!("NOPERM the {name} command is not allowed on Shoal caches"));
             }
-            Treatment::Virtual if frame.len > MAX_HELD_REQUEST => {
+            Treatment::Virtual
+                if frame.len > MAX_HELD_REQUEST
+                    || (frame.len as u64 > MAX_FREE_REQUEST && spec.is_some_and(|s| s.weight == 0)) =>
+            {
                 let name = spec.map_or_else(String::new, policy::display_name);
-                self.refuse(&too_large(&name));
+                let limit =
+                    if frame.len > MAX_HELD_REQUEST { MAX_HELD_REQUEST as u64 } else { MAX_FREE_REQUEST };
+                self.refuse(&too_large(&name, limit));
             }
             Treatment::Virtual => {
                 let spec_name = spec.map(|s| s.name.clone()).unwrap_or_default();
@@ -1563,13 +1573,20 @@ impl Session {
 
     /// The counters of one command (to tally); charges the bucket and counts the latency.
     fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> Counters {
-        let c = Counters::command(meter.spec, meter.request, reply, delivered);
+        let mut c = Counters::command(meter.spec, meter.request, reply, delivered);
+        let now = self.now().0;
+        if meter.spec.is_some_and(|s| s.script) {
+            // Its time on the node: from when it was sent, or the reply before it arrived,
+            // whichever is later, to its reply.
+            let ran = now.saturating_duration_since(meter.started.max(self.last_reply_at));
+            c.ecpu_milli += metering::ecpu::script_time_milli(ran);
+        }
+        self.last_reply_at = now;
         if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
             t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
         }
         if c.commands > 0 {
             // The replies of one event to the requests of one read share their latency.
-            let now = self.now().0;
             let slot = match self.latency_memo {
                 Some((started, at, slot)) if started == meter.started && at == now => slot,
                 _ => {
@@ -1764,11 +1781,8 @@ impl Session {
 }
 
 /// The refusal of a request too big for a command the gateway holds whole.
-fn too_large(command: &str) -> String {
-    format!(
-        "ERR request too large: the gateway holds at most {} MiB of a {command} command",
-        MAX_HELD_REQUEST >> 20
-    )
+fn too_large(command: &str, limit: u64) -> String {
+    format!("ERR request too large: the gateway holds at most {} KiB of a {command} command", limit >> 10)
 }
 
 /// Logins without a token do not expire (a connection's deadline is this far away).

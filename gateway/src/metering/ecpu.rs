@@ -47,13 +47,25 @@ pub fn transfer_milli(bytes: u64) -> u64 {
     bytes * 1000 / 1024
 }
 
-/// The rule: milli-ECPU of one command. `weight == 0` means free.
+/// Bytes a free command (`weight == 0`) may move for free: past this, it is billed by
+/// transfer like any command, so a `PING <512 MB>` is neither free nor unlimited.
+pub const FREE_BYTES: u64 = 1024;
+
+/// The rule: milli-ECPU of one command. `weight == 0` means free, up to [`FREE_BYTES`].
 pub fn ecpu_milli(weight: u32, per_element: u32, elements: u64, request: u64, reply: u64) -> u64 {
     if weight == 0 {
-        return 0;
+        return if request + reply > FREE_BYTES { transfer_milli(request + reply) } else { 0 };
     }
     let work = weight as u64 + per_element as u64 * elements;
     work.max(transfer_milli(request + reply))
+}
+
+/// What a script (EVAL, EVALSHA, FCALL and their `_RO` forms) costs beyond its weight for
+/// the time it ran: 1 ECPU per started millisecond after the first, so a 4 s script costs
+/// about 4,000 ECPU, not one GET's worth.
+pub fn script_time_milli(ran: std::time::Duration) -> u64 {
+    let started_ms = (ran.as_micros() as u64).div_ceil(1000);
+    started_ms.saturating_sub(1) * 1000
 }
 
 /// Elements of an aggregate reply (see the module docs); 0 for other replies.
@@ -208,6 +220,20 @@ mod tests {
         assert_eq!(t.get("get").unwrap().hits, Hits::Value);
         assert_eq!(t.get("mget").unwrap().hits, Hits::Elements);
         assert_eq!(t.get("set").unwrap().hits, Hits::None);
+    }
+
+    #[test]
+    fn free_commands_are_free_only_while_small_and_scripts_pay_for_their_time() {
+        use std::time::Duration;
+        assert_eq!(ecpu_milli(0, 0, 0, 14, 7), 0, "PING");
+        assert_eq!(ecpu_milli(0, 0, 0, 1000, 24), 0, "1 KiB moved");
+        assert_eq!(ecpu_milli(0, 0, 0, 1000, 1000), 1953, "2000 bytes moved: by transfer");
+        let ping = 512u64 << 20;
+        assert_eq!(ecpu_milli(0, 0, 0, ping, ping), 1_024_000_000, "PING <512 MB> echoes 1 GiB");
+        assert_eq!(script_time_milli(Duration::from_micros(300)), 0);
+        assert_eq!(script_time_milli(Duration::from_millis(1)), 0);
+        assert_eq!(script_time_milli(Duration::from_micros(1001)), 1000);
+        assert_eq!(script_time_milli(Duration::from_millis(4000)), 3_999_000);
     }
 
     #[test]

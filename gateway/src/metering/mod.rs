@@ -53,7 +53,12 @@ impl Counters {
     pub fn command(spec: Option<&CommandSpec>, request: u64, reply: &[u8], delivered: u64) -> Counters {
         let (weight, per_element) = ecpu::weights(spec);
         if weight == 0 {
-            return Counters::default();
+            // Free while small; past that, billed for what it moved (not counted as a command).
+            let ecpu_milli = ecpu::ecpu_milli(0, 0, 0, request, delivered);
+            if ecpu_milli == 0 {
+                return Counters::default();
+            }
+            return Counters { ecpu_milli, bytes_in: request, bytes_out: delivered, ..Default::default() };
         }
         let elements = if per_element > 0 { ecpu::reply_elements(reply) } else { 0 };
         let (hits, misses) = spec.map_or((0, 0), |s| ecpu::hits(s.hits, reply));
@@ -94,8 +99,9 @@ impl Meter {
         ecpu::ecpu_milli(weight, 0, 0, self.request, 0)
     }
 
+    /// Free of charge, and so of the ECPU limit: a free command that moves little.
     pub fn free(&self) -> bool {
-        ecpu::weights(self.spec).0 == 0
+        self.estimate() == 0
     }
 }
 
