@@ -185,8 +185,8 @@ mod tests {
             // HGETALL of 50 fields: 100 elements in RESP2 and in RESP3: 1000 + 100 × 232.
             ("hgetall", vec![b"HGETALL", b"h"], hash50, 24200),
             ("hgetall", vec![b"HGETALL", b"h"], hash50_resp3, 24200),
-            // Free commands cost nothing, whatever their size.
-            ("ping", vec![b"PING", &kb10], bulk(&kb10), 0),
+            // Free commands are free up to 1 KiB moved; a 10 KB PING is billed by transfer.
+            ("ping", vec![b"PING", &kb10], bulk(&kb10), 20_033),
             ("exec", vec![b"EXEC"], b"*0\r\n".to_vec(), 0),
             ("auth", vec![b"AUTH", b"token"], b"+OK\r\n".to_vec(), 0),
             // An error from Valkey is billed like any reply.
@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(ecpu_milli(0, 0, 0, 1000, 24), 0, "1 KiB moved");
         assert_eq!(ecpu_milli(0, 0, 0, 1000, 1000), 1953, "2000 bytes moved: by transfer");
         let ping = 512u64 << 20;
-        assert_eq!(ecpu_milli(0, 0, 0, ping, ping), 1_024_000_000, "PING <512 MB> echoes 1 GiB");
+        assert_eq!(ecpu_milli(0, 0, 0, ping, ping), 1_048_576_000, "PING <512 MB> echoes 1 GiB");
         assert_eq!(script_time_milli(Duration::from_micros(300)), 0);
         assert_eq!(script_time_milli(Duration::from_millis(1)), 0);
         assert_eq!(script_time_milli(Duration::from_micros(1001)), 1000);
