@@ -56,7 +56,7 @@ pub struct ClientEntry {
     pub last_active: AtomicU64,
     pub commands: AtomicU64,
     /// The client's pub/sub patterns (matched by the gateway), for PUBLISH's receiver count.
-    pub patterns: Mutex<Vec<Vec<u8>>>,
+    pub patterns: Mutex<Vec<Arc<crate::pubsub::Glob>>>,
     /// Notified by `CLIENT KILL` from another connection of the same cache.
     pub kill: Arc<Notify>,
     pub tracking: Mutex<Option<Tracking>>,
@@ -205,22 +205,29 @@ impl Registry {
 
     /// How PUBLISH's receiver count from Valkey must change for `channel`: each client with
     /// patterns holds one catch-all subscription upstream, but Valkey would have counted each
-    /// matching pattern. Exact for the clients of this gateway.
+    /// matching pattern. Exact for the clients of this gateway, as far as
+    /// [`crate::pubsub::MATCH_BUDGET`] goes (clients past it are counted once). The patterns
+    /// are matched outside the registry's lock: other caches' logins never wait for them.
     pub fn pattern_receivers_correction(&self, cache: &CacheId, channel: &[u8]) -> i64 {
-        let caches = self.caches.lock().unwrap();
-        let Some(clients) = caches.get(cache) else { return 0 };
-        clients
-            .live
-            .values()
-            .map(|c| {
-                let patterns = c.patterns.lock().unwrap();
-                if patterns.is_empty() {
-                    return 0;
+        let clients = self.list(cache);
+        let mut budget = crate::pubsub::MATCH_BUDGET;
+        let mut correction = 0;
+        for c in clients {
+            let patterns = c.patterns.lock().unwrap().clone();
+            if patterns.is_empty() {
+                continue;
+            }
+            let mut matching = 0;
+            for p in &patterns {
+                match p.matches_within(channel, &mut budget) {
+                    Some(true) => matching += 1,
+                    Some(false) => {}
+                    None => return correction,
                 }
-                let matching = patterns.iter().filter(|p| crate::pubsub::glob_match(p, channel)).count();
-                matching as i64 - 1
-            })
-            .sum()
+            }
+            correction += matching - 1;
+        }
+        correction
     }
 
     /// For the usage batch: each cache's most concurrent clients since the last call (caches

@@ -47,6 +47,9 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 /// makes Valkey's own pub/sub output-buffer limits (32 MB hard, 8 MB for 60 s) apply upstream
 /// instead of the gateway holding the backlog.
 const HIGH_WATER_SUBSCRIBED: usize = 64 * 1024;
+/// Output past which pattern fan-out stops and the connection is closed (stands in for the
+/// session's hard output limit; see [`Session::output_full`]).
+const OUTPUT_FULL: usize = 32 * 1024 * 1024;
 /// Stop reading the client while this many replies are outstanding.
 const MAX_PENDING: usize = 64 * 1024;
 /// Stop reading the client while this many of its requests are in the mux.
@@ -129,7 +132,7 @@ pub(crate) struct PubSub {
     /// "until the count drops to 0" (unsubscribe from everything).
     pub inflight: VecDeque<Option<usize>>,
     /// The client's patterns, matched by the gateway against the catch-all's messages.
-    pub patterns: Vec<Vec<u8>>,
+    pub patterns: Vec<Arc<crate::pubsub::Glob>>,
     /// Keyspace-notification patterns, subscribed upstream as they are (client names).
     pub direct_patterns: Vec<Vec<u8>>,
     /// The upstream catch-all pattern subscription is requested / confirmed.
@@ -1151,20 +1154,43 @@ impl Session {
         let is_catch_all = items.get(1).and_then(Value::as_bytes) == Some(ns.catch_all().as_slice());
         if kind == b"pmessage" && is_catch_all {
             // One upstream message for the catch-all: one pmessage per matching client pattern.
+            // The channel and payload are encoded once and copied per pattern, each copy only
+            // while the output has room; matching has a budget per message.
             let (Some(channel), Some(payload)) = (items.get(2).and_then(Value::as_bytes), items.get(3))
             else {
                 return false;
             };
             let channel = ns.from_upstream(channel);
-            for pattern in self.pubsub.patterns.iter().filter(|p| crate::pubsub::glob_match(p, &channel)) {
-                let items = vec![
-                    Value::bulk("pmessage"),
-                    Value::bulk(pattern),
-                    Value::bulk(&channel),
-                    payload.clone(),
-                ];
-                let v = if push { Value::Push(items) } else { Value::Array(items) };
-                value::encode(&v, self.proto, &mut self.client_out);
+            let mut shared = BytesMut::new();
+            bulk(&mut shared, &channel);
+            value::encode(payload, self.proto, &mut shared);
+            let header: &[u8] = if push && self.proto >= 3 {
+                b">4\r\n$8\r\npmessage\r\n"
+            } else {
+                b"*4\r\n$8\r\npmessage\r\n"
+            };
+            let mut budget = crate::pubsub::MATCH_BUDGET;
+            let mut limit = None;
+            for pattern in &self.pubsub.patterns {
+                match pattern.matches_within(&channel, &mut budget) {
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => {
+                        limit = Some("ERR pattern matching limit reached for one message (too many or too costly patterns); closing the connection");
+                        break;
+                    }
+                }
+                if self.output_full() {
+                    limit =
+                        Some("ERR output buffer limit reached by pattern messages; closing the connection");
+                    break;
+                }
+                self.client_out.extend_from_slice(header);
+                bulk(&mut self.client_out, pattern.raw());
+                self.client_out.extend_from_slice(&shared);
+            }
+            if let Some(msg) = limit {
+                self.close_with_error(msg);
             }
             return true;
         }
@@ -1408,6 +1434,20 @@ impl Session {
         }
     }
 
+    /// Whether the client's output is at its limit: nothing more may be added to it.
+    fn output_full(&self) -> bool {
+        self.client_out.len() >= OUTPUT_FULL
+    }
+
+    /// Ends the connection after what its output holds, with `msg` last (a limit was hit);
+    /// the upstream connection and whatever it still owes are dropped.
+    fn close_with_error(&mut self, msg: &str) {
+        resp::error(&mut self.client_out, msg);
+        self.closing = true;
+        self.pending.clear();
+        self.drop_upstream();
+    }
+
     /// Publishes this session's patterns to the registry (for PUBLISH's receiver count).
     pub fn sync_patterns(&self) {
         if let Some(t) = &self.tenant {
@@ -1495,6 +1535,13 @@ fn expiry_instant(exp: i64) -> Instant {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
         as i64;
     Instant::now() + Duration::from_secs(exp.saturating_sub(now).max(0) as u64)
+}
+
+/// Writes a RESP bulk string (the same in RESP2 and RESP3).
+fn bulk(out: &mut BytesMut, b: &[u8]) {
+    out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+    out.extend_from_slice(b);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes to the client right away if it can take the bytes without waiting.

@@ -568,11 +568,36 @@ async fn subscribe(s: &mut Session, name: &str, argv: &[&[u8]]) {
 }
 
 async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, patterns: &[&[u8]]) {
+    use crate::pubsub::{pattern_hash, Glob, MAX_PATTERNS, MAX_PATTERN_LEN};
     let kind: &'static [u8] = if subscribe { b"psubscribe" } else { b"punsubscribe" };
+    if subscribe {
+        if patterns.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
+            return s.refuse(&format!("ERR pattern longer than {MAX_PATTERN_LEN} bytes"));
+        }
+        let held: rustc_hash::FxHashSet<&[u8]> = s
+            .pubsub
+            .patterns
+            .iter()
+            .map(|g| g.raw())
+            .chain(s.pubsub.direct_patterns.iter().map(Vec::as_slice))
+            .collect();
+        let added: rustc_hash::FxHashSet<&[u8]> =
+            patterns.iter().copied().filter(|p| !held.contains(p)).collect();
+        if held.len() + added.len() > MAX_PATTERNS {
+            return s.refuse(&format!(
+                "ERR too many pattern subscriptions on one connection (max {MAX_PATTERNS})"
+            ));
+        }
+    }
     let mut direct: Vec<Vec<u8>> = Vec::new();
     let targets: Vec<Vec<u8>> = if patterns.is_empty() {
         // PUNSUBSCRIBE with no arguments: every pattern.
-        s.pubsub.patterns.iter().chain(&s.pubsub.direct_patterns).cloned().collect()
+        s.pubsub
+            .patterns
+            .iter()
+            .map(|g| g.raw().to_vec())
+            .chain(s.pubsub.direct_patterns.iter().cloned())
+            .collect()
     } else {
         patterns.iter().map(|p| p.to_vec()).collect()
     };
@@ -587,12 +612,16 @@ async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, patterns: &[
             direct.push(ns.to_upstream(pattern));
             continue;
         }
-        let had = s.pubsub.patterns.contains(pattern);
-        s.pubsub.patterns.retain(|p| p != pattern);
-        if subscribe {
-            s.pubsub.patterns.push(pattern.clone());
+        let hash = pattern_hash(pattern);
+        let had = s.pubsub.patterns.iter().position(|p| p.is(pattern, hash));
+        match (had, subscribe) {
+            (Some(i), false) => {
+                s.pubsub.patterns.remove(i);
+            }
+            (None, true) => s.pubsub.patterns.push(std::sync::Arc::new(Glob::new(pattern))),
+            _ => {}
         }
-        let delta = match (subscribe, had) {
+        let delta = match (subscribe, had.is_some()) {
             (true, false) => 1,
             (false, true) => -1,
             _ => 0,
