@@ -530,16 +530,11 @@ impl Session {
             && (self.has_pending_upstream() || !self.pubsub.inflight.is_empty())
     }
 
-    /// Replaces an inline command at the front of the input with its RESP form, which the
-    /// next parse then handles like any request (inline commands are rare: the copy is fine).
-    fn inline_to_resp(&mut self, frame: Frame) {
-        let args: Vec<&[u8]> = self.parser.inline_args().iter().map(Vec::as_slice).collect();
-        let rest = self.client_in.split_off(frame.len);
-        self.client_in.clear();
-        if !args.is_empty() {
-            resp::command(&mut self.client_in, &args);
-        }
-        self.client_in.extend_from_slice(&rest);
+    /// Rewrites the inline command at the front of the input, and every complete request
+    /// after it, into RESP in one pass; the next parse handles them like any request.
+    fn inline_to_resp(&mut self, _frame: Frame) {
+        let limits = self.limits();
+        resp::request::inline_to_resp(&mut self.client_in, limits);
     }
 
     /// The bytes of argument `i`.
