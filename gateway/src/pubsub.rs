@@ -149,7 +149,7 @@ pub const MAX_PATTERNS: usize = 1024;
 /// Matching steps (bytes compared or scanned) one message may cost a session's patterns, or
 /// one `PUBLISH` the receiver count of its cache's patterns on this gateway: a few
 /// milliseconds of CPU, far above what real patterns and channels need.
-pub const MATCH_BUDGET: u64 = 1 << 22;
+pub const MATCH_BUDGET: u64 = 1 << 20;
 /// Valkey gives up matching past this many nested `*` (protection against abusive patterns).
 const MAX_STAR_NESTING: usize = 1000;
 

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 /// Stop reading a side while this much output waits to be written to the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -111,6 +111,9 @@ pub(crate) struct Tenant {
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
     pub entry: Arc<ClientEntry>,
+    /// The cache's connection slot on this gateway, given back when the tenant is dropped
+    /// (a panicking session's included).
+    pub _registration: crate::clients::Registration,
     /// The upstream ACL user and password of a cache user's, LDAP user's or limited token's
     /// login (which carries its access string); None: the cache's own ACL user.
     pub upstream_login: Option<(String, String)>,
@@ -171,7 +174,7 @@ pub(crate) struct Session {
     pending: VecDeque<Pending>,
     pub tenant: Option<Tenant>,
     /// Held until the client authenticates (caps unauthenticated connections).
-    unauthenticated: Option<OwnedSemaphorePermit>,
+    unauthenticated: Option<crate::slots::Unauthenticated>,
     /// No more requests are read; the session ends once output is flushed.
     closing: bool,
     /// RESP version the client speaks (2 or 3).
@@ -241,14 +244,25 @@ pub enum ClientConn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local: SocketAddr) {
-    let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
-        let msg = b"-ERR max number of unauthenticated clients reached\r\n";
-        let _ = match conn {
-            ClientConn::Tcp(mut s) => s.write_all(msg).await,
-            ClientConn::Tls(mut s) => s.write_all(msg).await,
-        };
-        return;
+/// `unauthenticated`: the connection's unauthenticated slots (see [`crate::slots`]), or the
+/// error it gets, over a limit, before it is closed.
+pub async fn run(
+    shared: Arc<Shared>,
+    conn: ClientConn,
+    peer: SocketAddr,
+    local: SocketAddr,
+    unauthenticated: Result<crate::slots::Unauthenticated, &'static str>,
+) {
+    let permit = match unauthenticated {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            let msg = format!("-{refusal}\r\n");
+            let _ = match conn {
+                ClientConn::Tcp(mut s) => s.write_all(msg.as_bytes()).await,
+                ClientConn::Tls(mut s) => s.write_all(msg.as_bytes()).await.and(s.shutdown().await),
+            };
+            return;
+        }
     };
     crate::metrics::session_started();
     let mut session = Session {
@@ -914,7 +928,7 @@ impl Session {
             return Ok(());
         }
         let cache = route.cache_id.clone();
-        let (entry, inbox) = self
+        let (registration, inbox) = self
             .shared
             .clients
             .register(
@@ -928,11 +942,10 @@ impl Session {
         let route = with_login(route, &upstream);
         let stream = match upstream::connect(&route, route.db).await {
             Ok(x) => x,
-            Err(e) => {
-                self.shared.clients.unregister(&cache, &entry);
-                return Err(e);
-            }
+            // (Dropping the registration gives the slot back.)
+            Err(e) => return Err(e),
         };
+        let entry = registration.entry().clone();
         entry.proto.store(self.proto, Ordering::Relaxed);
         let (read, write) = stream.into_split();
         self.up_read = Some(read);
@@ -955,6 +968,7 @@ impl Session {
             live,
             db: 0,
             entry,
+            _registration: registration,
             upstream_login: upstream,
             access,
         });
@@ -1429,6 +1443,12 @@ impl Session {
         }
     }
 
+    /// When an unauthenticated connection's time to log in (`auth_timeout`) runs out; None
+    /// once it has logged in.
+    pub(crate) fn auth_deadline(&self) -> Option<Instant> {
+        self.unauthenticated.as_ref().map(|u| u.since + self.shared.config.auth_timeout)
+    }
+
     /// Whether the client's output is at its limit: nothing more may be added to it.
     fn output_full(&self) -> bool {
         self.client_out.len() >= OUTPUT_FULL
@@ -1523,7 +1543,12 @@ fn with_login(mut route: TenantRoute, login: &Option<(String, String)>) -> Tenan
 /// Most connections a cache may hold on this gateway: its own limit if it has one, else the
 /// gateway's `max_connections_per_cache`.
 pub(crate) fn max_connections(config: &crate::GatewayConfig, route: &TenantRoute) -> usize {
-    route.limits.max_connections.map_or(config.max_connections_per_cache, |n| n as usize)
+    // Never more than the gateway's own total (the control plane refuses larger limits too).
+    route
+        .limits
+        .max_connections
+        .map_or(config.max_connections_per_cache, |n| n as usize)
+        .min(config.max_connections)
 }
 
 fn expiry_instant(exp: i64) -> Instant {

@@ -91,9 +91,31 @@ async fn auth(s: &mut Session, argv: &[&[u8]]) {
         3 => (Some(argv[1]), argv[2]),
         _ => return wrong_args(s, "auth"),
     };
-    match s.authenticate(user, password).await {
-        Ok(()) => s.reply(Bytes::from_static(OK)),
-        Err(e) => s.reply_auth_error(e),
+    match authenticate_in_time(s, user, password).await {
+        Some(Ok(())) => s.reply(Bytes::from_static(OK)),
+        Some(Err(e)) => s.reply_auth_error(e),
+        None => {}
+    }
+}
+
+/// Logs in, but not past the connection's `auth_timeout` (a login waiting on a throttle
+/// delay, the control plane or the node holds an unauthenticated slot no longer than an idle
+/// connection does): then the client gets `-ERR authentication timed out` and the connection
+/// closes (None).
+async fn authenticate_in_time(
+    s: &mut Session,
+    user: Option<&[u8]>,
+    password: &[u8],
+) -> Option<Result<(), crate::GatewayError>> {
+    let Some(deadline) = s.auth_deadline() else { return Some(s.authenticate(user, password).await) };
+    match tokio::time::timeout_at(deadline.into(), s.authenticate(user, password)).await {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::debug!(peer = %s.peer, "authentication timed out while logging in");
+            s.reply_error("ERR authentication timed out");
+            s.close_after_replies();
+            None
+        }
     }
 }
 
@@ -128,8 +150,10 @@ async fn hello(s: &mut Session, argv: &[&[u8]]) {
         }
     }
     if let Some((user, password)) = credentials {
-        if let Err(e) = s.authenticate(Some(user), password).await {
-            return s.reply_auth_error(e);
+        match authenticate_in_time(s, Some(user), password).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return s.reply_auth_error(e),
+            None => return,
         }
     }
     let Some(tenant) = s.tenant.as_ref() else { return s.reply_error(HELLO_NOAUTH) };
