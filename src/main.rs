@@ -134,9 +134,21 @@ struct GatewayLimits {
     /// Most connections one cache may hold on the gateway.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS_PER_CACHE", default_value_t = 1_000)]
     max_connections_per_cache: usize,
-    /// Most connections that have not authenticated yet.
+    /// Most client connections on the gateway (a cache's `max_connections` may not exceed it).
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Most connections that have not authenticated yet (TLS handshakes included).
     #[arg(long, env = "SHOAL_MAX_UNAUTHENTICATED", default_value_t = 1_000)]
     max_unauthenticated: usize,
+    /// Most of those from one source address (IPv4 address or IPv6 /64).
+    #[arg(long, env = "SHOAL_MAX_UNAUTHENTICATED_PER_SOURCE", default_value_t = 100)]
+    max_unauthenticated_per_source: usize,
+    /// Most TLS handshakes in progress from one source address.
+    #[arg(long, env = "SHOAL_MAX_TLS_HANDSHAKES_PER_SOURCE", default_value_t = 20)]
+    max_tls_handshakes_per_source: usize,
+    /// Seconds a TLS client has to finish its handshake.
+    #[arg(long, env = "SHOAL_TLS_HANDSHAKE_TIMEOUT", default_value_t = 5.0)]
+    tls_handshake_timeout: f64,
     /// Seconds a new connection has to authenticate.
     #[arg(long, env = "SHOAL_AUTH_TIMEOUT", default_value_t = 10.0)]
     auth_timeout: f64,
@@ -275,6 +287,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         session_ttl: args.session_ttl,
         login_throttle: args.login_throttle.unwrap_or_default(),
         storage_interval: args.storage_interval,
+        gateway_max_connections: u32::try_from(args.limits.max_connections).unwrap_or(u32::MAX),
         metrics: Some(metrics.clone()),
         ..Default::default()
     };
@@ -299,7 +312,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         tls_cert: tls.as_ref().map(|t| t.1.clone()),
         tls_key: tls.as_ref().map(|t| t.2.clone()),
         max_connections_per_cache: args.limits.max_connections_per_cache,
+        max_connections: args.limits.max_connections,
         max_unauthenticated: args.limits.max_unauthenticated,
+        max_unauthenticated_per_source: args.limits.max_unauthenticated_per_source,
+        max_tls_handshakes_per_source: args.limits.max_tls_handshakes_per_source,
+        tls_handshake_timeout: std::time::Duration::from_secs_f64(args.limits.tls_handshake_timeout),
         auth_timeout: std::time::Duration::from_secs_f64(args.limits.auth_timeout),
         idle_timeout: std::time::Duration::from_secs_f64(args.limits.idle_timeout),
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),

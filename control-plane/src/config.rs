@@ -35,6 +35,9 @@ pub struct ControlPlaneConfig {
     /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
     /// cache is sampled at least every 10 s).
     pub storage_interval: f64,
+    /// The gateways' `max_connections` (connections per gateway): a cache's
+    /// `limits.max_connections` (per gateway) may not exceed it.
+    pub gateway_max_connections: u32,
     /// The process's metrics recorder, when the embedding program installed one.
     #[serde(skip)]
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -57,6 +60,8 @@ impl Default for ControlPlaneConfig {
             billing: Default::default(),
             invoice_grace_seconds: 3600,
             storage_interval: 5.0,
+            // The gateway's default `max_connections`.
+            gateway_max_connections: 10_000,
             metrics: None,
         }
     }

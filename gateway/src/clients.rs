@@ -56,7 +56,7 @@ pub struct ClientEntry {
     pub last_active: AtomicU64,
     pub commands: AtomicU64,
     /// The client's pub/sub patterns (matched by the gateway), for PUBLISH's receiver count.
-    pub patterns: Mutex<Vec<Vec<u8>>>,
+    pub patterns: Mutex<Vec<Arc<crate::pubsub::Glob>>>,
     /// Notified by `CLIENT KILL` from another connection of the same cache.
     pub kill: Arc<Notify>,
     pub tracking: Mutex<Option<Tracking>>,
@@ -101,10 +101,56 @@ struct CacheClients {
     peak: usize,
 }
 
+type Caches = Mutex<HashMap<CacheId, CacheClients>>;
+
 #[derive(Default)]
 pub struct Registry {
-    caches: Mutex<HashMap<CacheId, CacheClients>>,
+    caches: Arc<Caches>,
     next_key: AtomicU64,
+}
+
+/// The registry's lock. Nothing slow runs under it, but a panic elsewhere must not turn
+/// every later login on the gateway into one: a poisoned lock is used as it is.
+fn lock(caches: &Caches) -> std::sync::MutexGuard<'_, HashMap<CacheId, CacheClients>> {
+    caches.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A client's place in the registry (one of its cache's connection slots on this gateway).
+/// Dropping it gives the slot back, so it is released however the session ends: normally,
+/// with a cancelled login, or by a panic.
+pub struct Registration {
+    caches: Arc<Caches>,
+    cache: CacheId,
+    entry: Arc<ClientEntry>,
+}
+
+impl Registration {
+    pub fn entry(&self) -> &Arc<ClientEntry> {
+        &self.entry
+    }
+}
+
+impl std::ops::Deref for Registration {
+    type Target = ClientEntry;
+    fn deref(&self) -> &ClientEntry {
+        &self.entry
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        remove(&self.caches, &self.cache, &self.entry);
+    }
+}
+
+fn remove(caches: &Caches, cache: &CacheId, entry: &ClientEntry) {
+    let mut caches = lock(caches);
+    if let Some(clients) = caches.get_mut(cache) {
+        if clients.live.remove(&entry.key).is_some() {
+            crate::metrics::connection_closed(cache);
+            clients.commands_done += entry.commands.load(Ordering::Relaxed);
+        }
+    }
 }
 
 /// Counters `INFO` shows for one cache on this gateway.
@@ -115,15 +161,16 @@ pub struct CacheCounts {
 }
 
 impl Registry {
-    /// Adds a client unless the cache already has `max` on this gateway.
+    /// Adds a client unless the cache already has `max` on this gateway; the client stays
+    /// until its [`Registration`] is dropped (or [`Registry::unregister`]).
     pub fn register(
         &self,
         cache: &CacheId,
         max: usize,
         addr: String,
         laddr: String,
-    ) -> Option<(Arc<ClientEntry>, mpsc::UnboundedReceiver<Invalidation>)> {
-        let mut caches = self.caches.lock().unwrap();
+    ) -> Option<(Registration, mpsc::UnboundedReceiver<Invalidation>)> {
+        let mut caches = lock(&self.caches);
         let clients = caches.entry(cache.clone()).or_default();
         if clients.live.len() >= max {
             return None;
@@ -153,22 +200,17 @@ impl Registry {
         clients.peak = clients.peak.max(clients.live.len());
         clients.connections_received += 1;
         crate::metrics::connection_opened(cache);
-        Some((entry, inbox_rx))
+        let registration = Registration { caches: self.caches.clone(), cache: cache.clone(), entry };
+        Some((registration, inbox_rx))
     }
 
     pub fn unregister(&self, cache: &CacheId, entry: &ClientEntry) {
-        let mut caches = self.caches.lock().unwrap();
-        if let Some(clients) = caches.get_mut(cache) {
-            if clients.live.remove(&entry.key).is_some() {
-                crate::metrics::connection_closed(cache);
-                clients.commands_done += entry.commands.load(Ordering::Relaxed);
-            }
-        }
+        remove(&self.caches, cache, entry);
     }
 
     /// Closes every connection that logged in with one of these token ids.
     pub fn kill_by_token(&self, jtis: &[String]) -> usize {
-        let caches = self.caches.lock().unwrap();
+        let caches = lock(&self.caches);
         let mut killed = 0;
         for entry in caches.values().flat_map(|c| c.live.values()) {
             if jtis.contains(&entry.jti.lock().unwrap()) {
@@ -181,7 +223,7 @@ impl Registry {
 
     /// Closes every authenticated connection (at shutdown); how many there were.
     pub fn kill_all(&self) -> usize {
-        let caches = self.caches.lock().unwrap();
+        let caches = lock(&self.caches);
         let mut killed = 0;
         for entry in caches.values().flat_map(|c| c.live.values()) {
             entry.kill.notify_one();
@@ -192,11 +234,11 @@ impl Registry {
 
     /// Authenticated connections on this gateway.
     pub fn live(&self) -> usize {
-        self.caches.lock().unwrap().values().map(|c| c.live.len()).sum()
+        lock(&self.caches).values().map(|c| c.live.len()).sum()
     }
 
     pub fn list(&self, cache: &CacheId) -> Vec<Arc<ClientEntry>> {
-        let caches = self.caches.lock().unwrap();
+        let caches = lock(&self.caches);
         let mut list: Vec<_> =
             caches.get(cache).map(|c| c.live.values().cloned().collect()).unwrap_or_default();
         list.sort_by_key(|e| e.key);
@@ -205,28 +247,35 @@ impl Registry {
 
     /// How PUBLISH's receiver count from Valkey must change for `channel`: each client with
     /// patterns holds one catch-all subscription upstream, but Valkey would have counted each
-    /// matching pattern. Exact for the clients of this gateway.
+    /// matching pattern. Exact for the clients of this gateway, as far as
+    /// [`crate::pubsub::MATCH_BUDGET`] goes (clients past it are counted once). The patterns
+    /// are matched outside the registry's lock: other caches' logins never wait for them.
     pub fn pattern_receivers_correction(&self, cache: &CacheId, channel: &[u8]) -> i64 {
-        let caches = self.caches.lock().unwrap();
-        let Some(clients) = caches.get(cache) else { return 0 };
-        clients
-            .live
-            .values()
-            .map(|c| {
-                let patterns = c.patterns.lock().unwrap();
-                if patterns.is_empty() {
-                    return 0;
+        let clients = self.list(cache);
+        let mut budget = crate::pubsub::MATCH_BUDGET;
+        let mut correction = 0;
+        for c in clients {
+            let patterns = c.patterns.lock().unwrap().clone();
+            if patterns.is_empty() {
+                continue;
+            }
+            let mut matching = 0;
+            for p in &patterns {
+                match p.matches_within(channel, &mut budget) {
+                    Some(true) => matching += 1,
+                    Some(false) => {}
+                    None => return correction,
                 }
-                let matching = patterns.iter().filter(|p| crate::pubsub::glob_match(p, channel)).count();
-                matching as i64 - 1
-            })
-            .sum()
+            }
+            correction += matching - 1;
+        }
+        correction
     }
 
     /// For the usage batch: each cache's most concurrent clients since the last call (caches
     /// that had none are left out); the next interval starts from the clients open now.
     pub fn take_peaks(&self) -> Vec<(CacheId, u32)> {
-        let mut caches = self.caches.lock().unwrap();
+        let mut caches = lock(&self.caches);
         let mut peaks = Vec::new();
         for (cache, clients) in caches.iter_mut() {
             let peak = std::mem::replace(&mut clients.peak, clients.live.len());
@@ -238,7 +287,7 @@ impl Registry {
     }
 
     pub fn counts(&self, cache: &CacheId) -> CacheCounts {
-        let caches = self.caches.lock().unwrap();
+        let caches = lock(&self.caches);
         match caches.get(cache) {
             Some(c) => CacheCounts {
                 connected: c.live.len(),
@@ -248,5 +297,49 @@ impl Registry {
             },
             None => CacheCounts { connected: 0, connections_received: 0, commands: 0 },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_session_gives_its_connection_slot_back() {
+        let registry = Arc::new(Registry::default());
+        let cache = CacheId::generate();
+        for _ in 0..3 {
+            let (r, c) = (registry.clone(), cache.clone());
+            let panicked = std::thread::spawn(move || {
+                let _held = r.register(&c, 1, "a".into(), "b".into()).expect("the one slot is free");
+                // Even with the registry's lock poisoned by the panic elsewhere.
+                let _guard = r.caches.lock().unwrap();
+                panic!("session bug");
+            })
+            .join();
+            assert!(panicked.is_err());
+            assert_eq!(registry.live(), 0, "the slot came back");
+        }
+        let held = registry.register(&cache, 1, "a".into(), "b".into()).expect("free again");
+        assert!(registry.register(&cache, 1, "a".into(), "b".into()).is_none(), "max 1");
+        drop(held);
+        assert_eq!(registry.counts(&cache).connected, 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_login_gives_its_connection_slot_back() {
+        let registry = Arc::new(Registry::default());
+        let cache = CacheId::generate();
+        let (r, c) = (registry.clone(), cache.clone());
+        let login = tokio::spawn(async move {
+            let _registration = r.register(&c, 1, "a".into(), "b".into());
+            std::future::pending::<()>().await;
+        });
+        while registry.live() == 0 {
+            tokio::task::yield_now().await;
+        }
+        login.abort();
+        let _ = login.await;
+        assert_eq!(registry.live(), 0);
     }
 }

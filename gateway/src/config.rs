@@ -31,8 +31,15 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Most connections one cache may hold on this gateway.
     pub max_connections_per_cache: usize,
-    /// Most connections that have not authenticated yet.
+    /// Most connections that have not authenticated yet (TLS handshakes included).
     pub max_unauthenticated: usize,
+    /// Most of those from one source address (an IPv4 address or an IPv6 /64).
+    pub max_unauthenticated_per_source: usize,
+    /// Most TLS handshakes in progress from one source address.
+    pub max_tls_handshakes_per_source: usize,
+    /// Seconds a TLS client has to finish its handshake.
+    #[serde(with = "secs")]
+    pub tls_handshake_timeout: Duration,
     /// Seconds a new connection has to authenticate.
     #[serde(with = "secs")]
     pub auth_timeout: Duration,
@@ -88,6 +95,9 @@ impl Default for GatewayConfig {
             max_connections: 10_000,
             max_connections_per_cache: 1_000,
             max_unauthenticated: 1_000,
+            max_unauthenticated_per_source: 100,
+            max_tls_handshakes_per_source: 20,
+            tls_handshake_timeout: Duration::from_secs(5),
             auth_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
             token_grace: Duration::from_secs(60),

@@ -36,6 +36,7 @@ pub mod pubsub;
 pub mod resp;
 pub mod router;
 pub mod session;
+pub mod slots;
 pub mod tls;
 pub mod tracking;
 pub mod upstream;

@@ -31,6 +31,10 @@ pub struct Shared {
     pub started: Instant,
     /// Permits for connections that have not authenticated yet.
     pub unauthenticated: Arc<Semaphore>,
+    /// The same, per source address.
+    pub unauthenticated_per_source: Arc<crate::slots::PerSource>,
+    /// TLS handshakes in progress, per source address.
+    pub handshakes_per_source: Arc<crate::slots::PerSource>,
     /// Failed `AUTH` attempts of cache and LDAP users, per source and user name.
     pub throttle: std::sync::Mutex<shoal_auth::Throttle>,
     /// Failed token logins, per source only (a signature cannot be guessed, and a per-user
@@ -85,6 +89,8 @@ impl Gateway {
             identity: Identity::new(&advertise),
             started: Instant::now(),
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
+            unauthenticated_per_source: crate::slots::PerSource::new(config.max_unauthenticated_per_source),
+            handshakes_per_source: crate::slots::PerSource::new(config.max_tls_handshakes_per_source),
             throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(config.auth_throttle)),
             token_throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(shoal_auth::ThrottlePolicy {
                 per_user: config.auth_throttle.per_source,
@@ -300,9 +306,6 @@ async fn sessions_ended(shared: &Shared, wait: Duration) {
     }
 }
 
-/// How long a TLS client has to finish its handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<TlsState>>,
@@ -333,16 +336,33 @@ async fn accept_loop(
             continue;
         };
         stream.set_nodelay(true).ok();
+        // A connection is unauthenticated from here, through its TLS handshake, until AUTH.
+        let unauthenticated = crate::slots::unauthenticated(
+            &shared.unauthenticated,
+            &shared.unauthenticated_per_source,
+            peer.ip(),
+        );
         let shared = shared.clone();
         let local = stream.local_addr().unwrap_or(peer);
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             match acceptor {
-                None => session::run(shared, session::ClientConn::Tcp(stream), peer, local).await,
+                None => {
+                    session::run(shared, session::ClientConn::Tcp(stream), peer, local, unauthenticated).await
+                }
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    // Without a handshake slot there is no TLS to say why in: just close.
+                    let Some(handshake) = shared.handshakes_per_source.take(peer.ip()) else {
+                        tracing::debug!(%peer, "too many TLS handshakes from this address");
+                        return;
+                    };
+                    let timeout = shared.config.tls_handshake_timeout;
+                    let accepted = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
+                    drop(handshake);
+                    match accepted {
                         Ok(Ok(tls)) => {
-                            session::run(shared, session::ClientConn::Tls(Box::new(tls)), peer, local).await
+                            let conn = session::ClientConn::Tls(Box::new(tls));
+                            session::run(shared, conn, peer, local, unauthenticated).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -140,62 +140,254 @@ fn event_class(event: &[u8]) -> Option<char> {
     })
 }
 
-/// Glob matching as Valkey's `stringmatchlen`: `*`, `?`, `[abc]`, `[^a-z]`, `\` escapes.
-pub fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
-    let (mut p, mut i) = (0, 0);
-    let (mut star_p, mut star_i) = (None, 0);
-    while i < s.len() {
-        let matched_one = match pattern.get(p) {
-            Some(b'*') => {
-                star_p = Some(p);
-                star_i = i;
-                p += 1;
-                continue;
-            }
-            Some(b'?') => Some(p + 1),
-            Some(b'[') => match_class(pattern, p, s[i]),
-            Some(b'\\') if p + 1 < pattern.len() => (pattern[p + 1] == s[i]).then_some(p + 2),
-            Some(&c) => (c == s[i]).then_some(p + 1),
-            None => None,
-        };
-        match (matched_one, star_p) {
-            (Some(next), _) => {
-                p = next;
-                i += 1;
-            }
-            (None, Some(sp)) => {
-                p = sp + 1;
-                star_i += 1;
-                i = star_i;
-            }
-            (None, None) => return false,
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
+/// Longest pattern a client may subscribe to, in bytes (`PSUBSCRIBE` with a longer one is
+/// refused). Matching a pattern costs up to its length per channel byte; real patterns are
+/// a few dozen bytes.
+pub const MAX_PATTERN_LEN: usize = 1024;
+/// Most patterns one connection may subscribe to.
+pub const MAX_PATTERNS: usize = 1024;
+/// Matching steps (a byte compared, or 16 bytes scanned for a literal) one message may cost
+/// a session's patterns, or one `PUBLISH` the receiver count of its cache's patterns on this
+/// gateway: well under a millisecond of CPU, far above what real patterns and channels need
+/// (1,024 patterns such as `news.*` or `*:user:*` against a 100-byte channel take some
+/// thousands). A subscriber whose patterns cost more
+/// for one message is closed with an error; the receiver count past it is approximate.
+pub const MATCH_BUDGET: u64 = 1 << 16;
+/// Valkey gives up matching past this many nested `*` (protection against abusive patterns).
+const MAX_STAR_NESTING: usize = 1000;
+
+/// One pattern position: it matches exactly one byte of the string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    Byte(u8),
+    Any,
+    /// Index into [`Glob::classes`].
+    Class(u32),
 }
 
-/// Matches `c` against the class starting at `pattern[p] == '['`; the index after the class.
-fn match_class(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
-    let mut j = p + 1;
-    let negate = pattern.get(j) == Some(&b'^');
-    if negate {
-        j += 1;
+/// A glob pattern compiled once, with Valkey's `stringmatchlen` semantics (case-sensitive):
+/// `*`, `?`, `[abc]`, `[^a-z]` (ranges compare bytes as C's signed `char`, as Valkey does),
+/// `\` escapes (a trailing `\` is literal, an unclosed `[` takes the rest of the pattern),
+/// an empty string matches only the empty pattern, and a pattern whose 1001st `*` is not its
+/// last character matches nothing (Valkey's nesting limit).
+///
+/// Matching is greedy: the pattern is cut at its stars into fixed-length segments; the first
+/// must match the start, the last the end, and each other one is placed at its leftmost
+/// occurrence after the previous one (which leaves the most room for the rest). Segments
+/// without wildcards are found with a linear substring search; others are compared at each
+/// position, so a match costs at most the string's length times the longest segment (and
+/// the steps are counted, see [`Glob::matches_within`]) — never the exponential
+/// backtracking of a naive recursive matcher.
+#[derive(Clone, Debug)]
+pub struct Glob {
+    raw: Vec<u8>,
+    hash: u64,
+    tokens: Vec<Token>,
+    /// Token ranges between star groups: one more than there are star groups.
+    segments: Vec<(u32, u32)>,
+    /// Per segment: its bytes when it has no wildcard (searched with `memmem`).
+    literals: Vec<Option<Vec<u8>>>,
+    classes: Vec<[u64; 4]>,
+    /// Valkey's nesting limit makes the pattern match nothing.
+    never: bool,
+}
+
+impl PartialEq for Glob {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
     }
-    let mut hit = false;
-    while j < pattern.len() && pattern[j] != b']' {
-        if pattern[j] == b'\\' && j + 1 < pattern.len() {
-            hit |= pattern[j + 1] == c;
-            j += 2;
-        } else if j + 2 < pattern.len() && pattern[j + 1] == b'-' && pattern[j + 2] != b']' {
-            let (lo, hi) = (pattern[j].min(pattern[j + 2]), pattern[j].max(pattern[j + 2]));
-            hit |= (lo..=hi).contains(&c);
-            j += 3;
-        } else {
-            hit |= pattern[j] == c;
-            j += 1;
+}
+
+impl Eq for Glob {}
+
+/// A pattern's hash, to find it among a connection's patterns without comparing bytes.
+pub fn pattern_hash(raw: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<rustc_hash::FxHasher>::default().hash_one(raw)
+}
+
+impl Glob {
+    pub fn new(raw: &[u8]) -> Glob {
+        let (p, n) = (raw, raw.len());
+        let mut tokens = Vec::with_capacity(n);
+        let mut classes: Vec<[u64; 4]> = Vec::new();
+        let mut segments = Vec::new();
+        let mut seg_start = 0u32;
+        let mut i = 0;
+        while i < n {
+            let token = match p[i] {
+                b'*' => {
+                    while i < n && p[i] == b'*' {
+                        i += 1;
+                    }
+                    segments.push((seg_start, tokens.len() as u32));
+                    seg_start = tokens.len() as u32;
+                    continue;
+                }
+                b'?' => {
+                    i += 1;
+                    Token::Any
+                }
+                b'[' => {
+                    i += 1;
+                    let negate = i < n && p[i] == b'^';
+                    if negate {
+                        i += 1;
+                    }
+                    let mut set = [0u64; 4];
+                    let add = |set: &mut [u64; 4], c: u8| set[(c >> 6) as usize] |= 1 << (c & 63);
+                    loop {
+                        if i + 1 < n && p[i] == b'\\' {
+                            add(&mut set, p[i + 1]);
+                            i += 2;
+                        } else if i < n && p[i] == b']' {
+                            i += 1;
+                            break;
+                        } else if i >= n {
+                            // Unclosed: the class takes the rest of the pattern.
+                            break;
+                        } else if i + 2 < n && p[i + 1] == b'-' {
+                            // Valkey compares `char`s, which are signed.
+                            let (a, b) = (p[i] as i8, p[i + 2] as i8);
+                            let (lo, hi) = (a.min(b), a.max(b));
+                            for c in 0..=255u8 {
+                                if (lo..=hi).contains(&(c as i8)) {
+                                    add(&mut set, c);
+                                }
+                            }
+                            i += 3;
+                        } else {
+                            add(&mut set, p[i]);
+                            i += 1;
+                        }
+                    }
+                    if negate {
+                        set.iter_mut().for_each(|w| *w = !*w);
+                    }
+                    classes.push(set);
+                    Token::Class(classes.len() as u32 - 1)
+                }
+                b'\\' if i + 1 < n => {
+                    i += 2;
+                    Token::Byte(p[i - 1])
+                }
+                c => {
+                    i += 1;
+                    Token::Byte(c)
+                }
+            };
+            tokens.push(token);
         }
+        segments.push((seg_start, tokens.len() as u32));
+        let literals = segments
+            .iter()
+            .map(|&(a, b)| {
+                tokens[a as usize..b as usize]
+                    .iter()
+                    .map(|t| match t {
+                        Token::Byte(c) => Some(*c),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<u8>>>()
+            })
+            .collect();
+        let stars = segments.len() - 1;
+        // The 1001st star group is matched only as the pattern's very end.
+        let last_empty = segments.last().is_some_and(|&(a, b)| a == b);
+        let never = stars > MAX_STAR_NESTING + 1 || (stars == MAX_STAR_NESTING + 1 && !last_empty);
+        Glob { hash: pattern_hash(raw), raw: raw.to_vec(), tokens, segments, literals, classes, never }
     }
-    (hit != negate).then_some(j + 1)
+
+    /// The pattern as the client wrote it.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// Whether this is the pattern `raw` whose [`pattern_hash`] is `hash`.
+    pub fn is(&self, raw: &[u8], hash: u64) -> bool {
+        self.hash == hash && self.raw == raw
+    }
+
+    pub fn matches(&self, s: &[u8]) -> bool {
+        let mut unlimited = u64::MAX;
+        self.matches_within(s, &mut unlimited).unwrap_or(false)
+    }
+
+    /// Like [`Glob::matches`], spending at most `budget` steps (see [`MATCH_BUDGET`]) and
+    /// taking them off it; `None` once the budget is spent.
+    pub fn matches_within(&self, s: &[u8], budget: &mut u64) -> Option<bool> {
+        *budget = budget.checked_sub(1)?;
+        if s.is_empty() {
+            return Some(self.raw.is_empty());
+        }
+        if self.never {
+            return Some(false);
+        }
+        let seg = |i: usize| {
+            let (a, b) = self.segments[i];
+            &self.tokens[a as usize..b as usize]
+        };
+        let last = self.segments.len() - 1;
+        if last == 0 {
+            return Some(s.len() == self.tokens.len() && self.match_at(seg(0), s, budget)?);
+        }
+        let (first, tail) = (seg(0), seg(last));
+        if first.len() + tail.len() > s.len() {
+            return Some(false);
+        }
+        if !self.match_at(first, s, budget)? || !self.match_at(tail, &s[s.len() - tail.len()..], budget)? {
+            return Some(false);
+        }
+        let (mut pos, end) = (first.len(), s.len() - tail.len());
+        for i in 1..last {
+            match self.find(i, seg(i), &s[pos..end], budget)? {
+                Some(at) => pos += at + seg(i).len(),
+                None => return Some(false),
+            }
+        }
+        Some(true)
+    }
+
+    /// Whether `tokens` match the start of `s` (which is at least as long).
+    fn match_at(&self, tokens: &[Token], s: &[u8], budget: &mut u64) -> Option<bool> {
+        for (t, &c) in tokens.iter().zip(s) {
+            *budget = budget.checked_sub(1)?;
+            let hit = match *t {
+                Token::Byte(b) => b == c,
+                Token::Any => true,
+                Token::Class(k) => self.classes[k as usize][(c >> 6) as usize] >> (c & 63) & 1 == 1,
+            };
+            if !hit {
+                return Some(false);
+            }
+        }
+        Some(true)
+    }
+
+    /// The leftmost position of segment `i` in `window`.
+    fn find(&self, i: usize, tokens: &[Token], window: &[u8], budget: &mut u64) -> Option<Option<usize>> {
+        if tokens.len() > window.len() {
+            return Some(None);
+        }
+        if let Some(literal) = &self.literals[i] {
+            let found = memchr::memmem::find(window, literal);
+            // A vectorized scan: 16 bytes cost about what one comparison does.
+            let scanned = found.map_or(window.len(), |at| at + literal.len());
+            *budget = budget.checked_sub(1 + scanned as u64 / 16)?;
+            return Some(found);
+        }
+        for at in 0..=window.len() - tokens.len() {
+            if self.match_at(tokens, &window[at..], budget)? {
+                return Some(Some(at));
+            }
+        }
+        Some(None)
+    }
+}
+
+/// Glob matching as Valkey's `stringmatchlen` (see [`Glob`]); compiles the pattern each time.
+pub fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
+    Glob::new(pattern).matches(s)
 }
 
 /// `__keyspace@<n>__:<rest>` → (`__keyspace@`, n, rest).
@@ -243,6 +435,196 @@ mod tests {
             ("abc", "ab", false),
         ] {
             assert_eq!(glob_match(p.as_bytes(), s.as_bytes()), m, "{p} ~ {s}");
+        }
+    }
+
+    /// Valkey's recursive `stringmatchlen_impl` (util.c, with its nesting limit), ported
+    /// as literally as Rust allows: the reference the greedy matcher is checked against.
+    /// `p`/`s` are positions; reading past the end yields C's terminating NUL.
+    fn valkey_match(pattern: &[u8], string: &[u8]) -> bool {
+        fn at(b: &[u8], i: usize) -> u8 {
+            b.get(i).copied().unwrap_or(0)
+        }
+        fn imp(pat: &[u8], mut p: usize, st: &[u8], mut s: usize, skip: &mut bool, nesting: u32) -> bool {
+            if nesting > 1000 {
+                return false;
+            }
+            let (mut plen, mut slen) = (pat.len() as isize - p as isize, st.len() as isize - s as isize);
+            while plen > 0 && slen > 0 {
+                match at(pat, p) {
+                    b'*' => {
+                        while plen > 0 && at(pat, p + 1) == b'*' {
+                            p += 1;
+                            plen -= 1;
+                        }
+                        if plen == 1 {
+                            return true;
+                        }
+                        while slen > 0 {
+                            if imp(pat, p + 1, st, s, skip, nesting + 1) {
+                                return true;
+                            }
+                            if *skip {
+                                return false;
+                            }
+                            s += 1;
+                            slen -= 1;
+                        }
+                        *skip = true;
+                        return false;
+                    }
+                    b'?' => {
+                        s += 1;
+                        slen -= 1;
+                    }
+                    b'[' => {
+                        p += 1;
+                        plen -= 1;
+                        let not = at(pat, p) == b'^';
+                        if not {
+                            p += 1;
+                            plen -= 1;
+                        }
+                        let mut matched = false;
+                        loop {
+                            if at(pat, p) == b'\\' && plen >= 2 {
+                                p += 1;
+                                plen -= 1;
+                                matched |= at(pat, p) == st[s];
+                            } else if at(pat, p) == b']' {
+                                break;
+                            } else if plen == 0 {
+                                p -= 1;
+                                plen += 1;
+                                break;
+                            } else if plen >= 3 && at(pat, p + 1) == b'-' {
+                                let (mut start, mut end) = (at(pat, p) as i8, at(pat, p + 2) as i8);
+                                if start > end {
+                                    std::mem::swap(&mut start, &mut end);
+                                }
+                                p += 2;
+                                plen -= 2;
+                                matched |= (start..=end).contains(&(st[s] as i8));
+                            } else {
+                                matched |= at(pat, p) == st[s];
+                            }
+                            p += 1;
+                            plen -= 1;
+                        }
+                        if not {
+                            matched = !matched;
+                        }
+                        if !matched {
+                            return false;
+                        }
+                        s += 1;
+                        slen -= 1;
+                    }
+                    c => {
+                        let c = if c == b'\\' && plen >= 2 {
+                            p += 1;
+                            plen -= 1;
+                            at(pat, p)
+                        } else {
+                            c
+                        };
+                        if c != st[s] {
+                            return false;
+                        }
+                        s += 1;
+                        slen -= 1;
+                    }
+                }
+                p += 1;
+                plen -= 1;
+                if slen == 0 {
+                    while at(pat, p) == b'*' && plen > 0 {
+                        p += 1;
+                        plen -= 1;
+                    }
+                    break;
+                }
+            }
+            plen == 0 && slen == 0
+        }
+        imp(pattern, 0, string, 0, &mut false, 0)
+    }
+
+    #[test]
+    fn glob_edge_cases_follow_valkey() {
+        for (p, s, m) in [
+            (&b"*"[..], &b""[..], false),
+            (b"", b"", true),
+            (b"?*", b"", false),
+            (b"[a", b"a", true),
+            (b"[a", b"b", false),
+            (b"[^", b"x", true),
+            (b"[", b"x", false),
+            (b"a\\", b"a\\", true),
+            (b"[a-]", b"]", true),
+            (b"[a-]", b"b", false),
+            (b"[]a]", b"a", false),
+            (b"[\\]]", b"]", true),
+            (b"[\x01-\xff]", b"\x80", false),
+            (b"[\x01-\xff]", b"\xff", true),
+            (b"[\x7f-\x81]", b"\x80", false),
+            (b"[\x7f-\x81]", b"a", true),
+            (b"a*", b"a", true),
+            (b"a**b", b"ab", true),
+            (b"*a*", b"bab", true),
+            (b"*a*b", b"ba", false),
+        ] {
+            assert_eq!(valkey_match(p, s), m, "reference: {p:?} ~ {s:?}");
+            assert_eq!(glob_match(p, s), m, "{p:?} ~ {s:?}");
+        }
+    }
+
+    #[test]
+    fn a_1001st_star_that_is_not_the_last_character_matches_nothing() {
+        for k in [999, 1000, 1001] {
+            let ending_b = [b"*a".repeat(k), b"b".to_vec()].concat();
+            let trailing = [b"*a".repeat(k), b"*".to_vec()].concat();
+            let s = [b"a".repeat(k), b"b".to_vec()].concat();
+            // As measured on Valkey 9.1: up to 1000 star groups match; a 1001st only at the end.
+            assert_eq!(glob_match(&ending_b, &s), k <= 1000, "{k}");
+            assert_eq!(glob_match(&trailing, &s), k <= 1000, "{k}");
+            assert_eq!(glob_match(&trailing, &b"a".repeat(k)), k <= 1000, "{k}");
+            assert_eq!(valkey_match(&ending_b, &s), k <= 1000, "{k}");
+        }
+    }
+
+    #[test]
+    fn matching_costs_at_most_the_string_times_the_longest_segment() {
+        // The classic worst cases of backtracking matchers: many stars, or a long segment
+        // that almost matches everywhere.
+        let s = b"a".repeat(100_000);
+        let many_stars = [b"*a".repeat(500), b"*b".to_vec()].concat();
+        let mut budget = u64::MAX;
+        assert_eq!(Glob::new(&many_stars).matches_within(&s, &mut budget), Some(false));
+        let spent = u64::MAX - budget;
+        assert!(spent < s.len() as u64, "literal segments are searched linearly: {spent} steps");
+        let long_segment = [b"*".to_vec(), b"a?".repeat(100), b"b*".to_vec()].concat();
+        let mut budget = u64::MAX;
+        assert_eq!(Glob::new(&long_segment).matches_within(&s, &mut budget), Some(false));
+        let spent = u64::MAX - budget;
+        assert!(spent <= 201 * s.len() as u64, "{spent} steps");
+        // A budget stops it.
+        let mut budget = 1000;
+        assert_eq!(Glob::new(&long_segment).matches_within(&s, &mut budget), None);
+        let started = std::time::Instant::now();
+        let huge = [b"*".to_vec(), b"a".repeat(1 << 20), b"b".to_vec()].concat();
+        assert!(!glob_match(&huge, &b"a".repeat(1 << 21)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+        #[test]
+        fn greedy_matching_agrees_with_valkeys_recursion(
+            p in proptest::collection::vec(proptest::sample::select(b"ab*?[]^-\\\x80\xff".to_vec()), 0..10),
+            s in proptest::collection::vec(proptest::sample::select(b"ab]-\\*\x80\xff".to_vec()), 0..8),
+        ) {
+            proptest::prop_assert_eq!(glob_match(&p, &s), valkey_match(&p, &s), "{:?} ~ {:?}", p, s);
         }
     }
 

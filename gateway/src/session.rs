@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 /// Stop reading a side while this much output waits to be written to the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -144,6 +144,9 @@ pub(crate) struct Tenant {
     /// The cache's database the client has selected (0-based, virtual).
     pub db: u32,
     pub entry: Arc<ClientEntry>,
+    /// The cache's connection slot on this gateway, given back when the tenant is dropped
+    /// (a panicking session's included).
+    pub _registration: crate::clients::Registration,
     /// The upstream ACL user and password of a cache user's, LDAP user's or limited token's
     /// login (which carries its access string); None: the cache's own ACL user.
     pub upstream_login: Option<(String, String)>,
@@ -164,7 +167,7 @@ pub(crate) struct PubSub {
     /// The (un)subscribe commands whose confirmations have not all arrived, in order.
     pub inflight: VecDeque<Subscribing>,
     /// The client's patterns, matched by the gateway against the catch-all's messages.
-    pub patterns: Vec<Vec<u8>>,
+    pub patterns: Vec<Arc<crate::pubsub::Glob>>,
     /// Keyspace-notification patterns, subscribed upstream as they are (client names).
     pub direct_patterns: Vec<Vec<u8>>,
     /// The upstream catch-all pattern subscription is requested / confirmed.
@@ -213,7 +216,7 @@ pub(crate) struct Session {
     pending: VecDeque<Pending>,
     pub tenant: Option<Tenant>,
     /// Held until the client authenticates (caps unauthenticated connections).
-    unauthenticated: Option<OwnedSemaphorePermit>,
+    unauthenticated: Option<crate::slots::Unauthenticated>,
     /// No more requests are read; the session ends once output is flushed.
     closing: bool,
     /// RESP version the client speaks (2 or 3).
@@ -301,14 +304,25 @@ pub enum ClientConn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-pub async fn run(shared: Arc<Shared>, conn: ClientConn, peer: SocketAddr, local: SocketAddr) {
-    let Ok(permit) = shared.unauthenticated.clone().try_acquire_owned() else {
-        let msg = b"-ERR max number of unauthenticated clients reached\r\n";
-        let _ = match conn {
-            ClientConn::Tcp(mut s) => s.write_all(msg).await,
-            ClientConn::Tls(mut s) => s.write_all(msg).await,
-        };
-        return;
+/// `unauthenticated`: the connection's unauthenticated slots (see [`crate::slots`]), or the
+/// error it gets, over a limit, before it is closed.
+pub async fn run(
+    shared: Arc<Shared>,
+    conn: ClientConn,
+    peer: SocketAddr,
+    local: SocketAddr,
+    unauthenticated: Result<crate::slots::Unauthenticated, &'static str>,
+) {
+    let permit = match unauthenticated {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            let msg = format!("-{refusal}\r\n");
+            let _ = match conn {
+                ClientConn::Tcp(mut s) => s.write_all(msg.as_bytes()).await,
+                ClientConn::Tls(mut s) => s.write_all(msg.as_bytes()).await.and(s.shutdown().await),
+            };
+            return;
+        }
     };
     crate::metrics::session_started();
     let mut session = Session {
@@ -480,7 +494,7 @@ impl Session {
                     self.mux_inflight_bytes = 0;
                 }
             }
-            if self.client_out.len() > self.shared.config.max_client_output {
+            if self.output_full() {
                 // As Valkey's `client-output-buffer-limit`: a client that does not read what
                 // it asked for is disconnected rather than held in memory.
                 tracing::info!(peer = %self.peer, bytes = self.client_out.len(), "client output limit reached: closing");
@@ -708,16 +722,11 @@ impl Session {
             && (self.has_pending_upstream() || !self.pubsub.inflight.is_empty())
     }
 
-    /// Replaces an inline command at the front of the input with its RESP form, which the
-    /// next parse then handles like any request (inline commands are rare: the copy is fine).
-    fn inline_to_resp(&mut self, frame: Frame) {
-        let args: Vec<&[u8]> = self.parser.inline_args().iter().map(Vec::as_slice).collect();
-        let rest = self.client_in.split_off(frame.len);
-        self.client_in.clear();
-        if !args.is_empty() {
-            resp::command(&mut self.client_in, &args);
-        }
-        self.client_in.extend_from_slice(&rest);
+    /// Rewrites the inline command at the front of the input, and every complete request
+    /// after it, into RESP in one pass; the next parse handles them like any request.
+    fn inline_to_resp(&mut self, _frame: Frame) {
+        let limits = self.limits();
+        resp::request::inline_to_resp(&mut self.client_in, limits);
     }
 
     /// The bytes of argument `i`.
@@ -1119,7 +1128,7 @@ impl Session {
             return Ok(());
         }
         let cache = route.cache_id.clone();
-        let (entry, inbox) = self
+        let (registration, inbox) = self
             .shared
             .clients
             .register(
@@ -1133,11 +1142,10 @@ impl Session {
         let route = with_login(route, &upstream);
         let stream = match upstream::connect(&route, route.db).await {
             Ok(x) => x,
-            Err(e) => {
-                self.shared.clients.unregister(&cache, &entry);
-                return Err(e);
-            }
+            // (Dropping the registration gives the slot back.)
+            Err(e) => return Err(e),
         };
+        let entry = registration.entry().clone();
         entry.proto.store(self.proto, Ordering::Relaxed);
         let (read, write) = stream.into_split();
         self.up_read = Some(read);
@@ -1160,6 +1168,7 @@ impl Session {
             live,
             db: 0,
             entry,
+            _registration: registration,
             upstream_login: upstream,
             access,
         });
@@ -1435,20 +1444,43 @@ impl Session {
         let is_catch_all = items.get(1).and_then(Value::as_bytes) == Some(ns.catch_all().as_slice());
         if kind == b"pmessage" && is_catch_all {
             // One upstream message for the catch-all: one pmessage per matching client pattern.
+            // The channel and payload are encoded once and copied per pattern, each copy only
+            // while the output has room; matching has a budget per message.
             let (Some(channel), Some(payload)) = (items.get(2).and_then(Value::as_bytes), items.get(3))
             else {
                 return false;
             };
             let channel = ns.from_upstream(channel);
-            for pattern in self.pubsub.patterns.iter().filter(|p| crate::pubsub::glob_match(p, &channel)) {
-                let items = vec![
-                    Value::bulk("pmessage"),
-                    Value::bulk(pattern),
-                    Value::bulk(&channel),
-                    payload.clone(),
-                ];
-                let v = if push { Value::Push(items) } else { Value::Array(items) };
-                value::encode(&v, self.proto, &mut self.client_out);
+            let mut shared = BytesMut::new();
+            bulk(&mut shared, &channel);
+            value::encode(payload, self.proto, &mut shared);
+            let header: &[u8] = if push && self.proto >= 3 {
+                b">4\r\n$8\r\npmessage\r\n"
+            } else {
+                b"*4\r\n$8\r\npmessage\r\n"
+            };
+            let mut budget = crate::pubsub::MATCH_BUDGET;
+            let mut limit = None;
+            for pattern in &self.pubsub.patterns {
+                match pattern.matches_within(&channel, &mut budget) {
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => {
+                        limit = Some("ERR pattern matching limit reached for one message (too many or too costly patterns); closing the connection");
+                        break;
+                    }
+                }
+                if self.output_full() {
+                    limit =
+                        Some("ERR output buffer limit reached by pattern messages; closing the connection");
+                    break;
+                }
+                self.client_out.extend_from_slice(header);
+                bulk(&mut self.client_out, pattern.raw());
+                self.client_out.extend_from_slice(&shared);
+            }
+            if let Some(msg) = limit {
+                self.close_with_error(msg);
             }
             return true;
         }
@@ -1715,6 +1747,27 @@ impl Session {
         }
     }
 
+    /// When an unauthenticated connection's time to log in (`auth_timeout`) runs out; None
+    /// once it has logged in.
+    pub(crate) fn auth_deadline(&self) -> Option<Instant> {
+        self.unauthenticated.as_ref().map(|u| u.since + self.shared.config.auth_timeout)
+    }
+
+    /// Whether the client's output is at its limit (`max_client_output`): nothing more may
+    /// be added to it.
+    fn output_full(&self) -> bool {
+        self.client_out.len() >= self.shared.config.max_client_output
+    }
+
+    /// Ends the connection after what its output holds, with `msg` last (a limit was hit);
+    /// the upstream connection and whatever it still owes are dropped.
+    fn close_with_error(&mut self, msg: &str) {
+        resp::error(&mut self.client_out, msg);
+        self.closing = true;
+        self.pending.clear();
+        self.drop_upstream();
+    }
+
     /// Publishes this session's patterns to the registry (for PUBLISH's receiver count).
     pub fn sync_patterns(&self) {
         if let Some(t) = &self.tenant {
@@ -1801,13 +1854,25 @@ fn with_login(mut route: TenantRoute, login: &Option<(String, String)>) -> Tenan
 /// Most connections a cache may hold on this gateway: its own limit if it has one, else the
 /// gateway's `max_connections_per_cache`.
 pub(crate) fn max_connections(config: &crate::GatewayConfig, route: &TenantRoute) -> usize {
-    route.limits.max_connections.map_or(config.max_connections_per_cache, |n| n as usize)
+    // Never more than the gateway's own total (the control plane refuses larger limits too).
+    route
+        .limits
+        .max_connections
+        .map_or(config.max_connections_per_cache, |n| n as usize)
+        .min(config.max_connections)
 }
 
 fn expiry_instant(exp: i64) -> Instant {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
         as i64;
     Instant::now() + Duration::from_secs(exp.saturating_sub(now).max(0) as u64)
+}
+
+/// Writes a RESP bulk string (the same in RESP2 and RESP3).
+fn bulk(out: &mut BytesMut, b: &[u8]) {
+    out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+    out.extend_from_slice(b);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes to the client right away if it can take the bytes without waiting.

@@ -91,9 +91,31 @@ async fn auth(s: &mut Session, argv: &[&[u8]]) {
         3 => (Some(argv[1]), argv[2]),
         _ => return wrong_args(s, "auth"),
     };
-    match s.authenticate(user, password).await {
-        Ok(()) => s.reply(Bytes::from_static(OK)),
-        Err(e) => s.reply_auth_error(e),
+    match authenticate_in_time(s, user, password).await {
+        Some(Ok(())) => s.reply(Bytes::from_static(OK)),
+        Some(Err(e)) => s.reply_auth_error(e),
+        None => {}
+    }
+}
+
+/// Logs in, but not past the connection's `auth_timeout` (a login waiting on a throttle
+/// delay, the control plane or the node holds an unauthenticated slot no longer than an idle
+/// connection does): then the client gets `-ERR authentication timed out` and the connection
+/// closes (None).
+async fn authenticate_in_time(
+    s: &mut Session,
+    user: Option<&[u8]>,
+    password: &[u8],
+) -> Option<Result<(), crate::GatewayError>> {
+    let Some(deadline) = s.auth_deadline() else { return Some(s.authenticate(user, password).await) };
+    match tokio::time::timeout_at(deadline.into(), s.authenticate(user, password)).await {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::debug!(peer = %s.peer, "authentication timed out while logging in");
+            s.reply_error("ERR authentication timed out");
+            s.close_after_replies();
+            None
+        }
     }
 }
 
@@ -128,8 +150,10 @@ async fn hello(s: &mut Session, argv: &[&[u8]]) {
         }
     }
     if let Some((user, password)) = credentials {
-        if let Err(e) = s.authenticate(Some(user), password).await {
-            return s.reply_auth_error(e);
+        match authenticate_in_time(s, Some(user), password).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return s.reply_auth_error(e),
+            None => return,
         }
     }
     let Some(tenant) = s.tenant.as_ref() else { return s.reply_error(HELLO_NOAUTH) };
@@ -568,11 +592,36 @@ async fn subscribe(s: &mut Session, name: &str, argv: &[&[u8]]) {
 }
 
 async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, patterns: &[&[u8]]) {
+    use crate::pubsub::{pattern_hash, Glob, MAX_PATTERNS, MAX_PATTERN_LEN};
     let kind: &'static [u8] = if subscribe { b"psubscribe" } else { b"punsubscribe" };
+    if subscribe {
+        if patterns.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
+            return s.refuse(&format!("ERR pattern longer than {MAX_PATTERN_LEN} bytes"));
+        }
+        let held: rustc_hash::FxHashSet<&[u8]> = s
+            .pubsub
+            .patterns
+            .iter()
+            .map(|g| g.raw())
+            .chain(s.pubsub.direct_patterns.iter().map(Vec::as_slice))
+            .collect();
+        let added: rustc_hash::FxHashSet<&[u8]> =
+            patterns.iter().copied().filter(|p| !held.contains(p)).collect();
+        if held.len() + added.len() > MAX_PATTERNS {
+            return s.refuse(&format!(
+                "ERR too many pattern subscriptions on one connection (max {MAX_PATTERNS})"
+            ));
+        }
+    }
     let mut direct: Vec<Vec<u8>> = Vec::new();
     let targets: Vec<Vec<u8>> = if patterns.is_empty() {
         // PUNSUBSCRIBE with no arguments: every pattern.
-        s.pubsub.patterns.iter().chain(&s.pubsub.direct_patterns).cloned().collect()
+        s.pubsub
+            .patterns
+            .iter()
+            .map(|g| g.raw().to_vec())
+            .chain(s.pubsub.direct_patterns.iter().cloned())
+            .collect()
     } else {
         patterns.iter().map(|p| p.to_vec()).collect()
     };
@@ -587,12 +636,16 @@ async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, patterns: &[
             direct.push(ns.to_upstream(pattern));
             continue;
         }
-        let had = s.pubsub.patterns.contains(pattern);
-        s.pubsub.patterns.retain(|p| p != pattern);
-        if subscribe {
-            s.pubsub.patterns.push(pattern.clone());
+        let hash = pattern_hash(pattern);
+        let had = s.pubsub.patterns.iter().position(|p| p.is(pattern, hash));
+        match (had, subscribe) {
+            (Some(i), false) => {
+                s.pubsub.patterns.remove(i);
+            }
+            (None, true) => s.pubsub.patterns.push(std::sync::Arc::new(Glob::new(pattern))),
+            _ => {}
         }
-        let delta = match (subscribe, had) {
+        let delta = match (subscribe, had.is_some()) {
             (true, false) => 1,
             (false, true) => -1,
             _ => 0,

@@ -47,13 +47,15 @@ pub struct Limits {
     /// Stored data in MB (1–5,000,000); over it keys with a TTL are evicted, then writes get `-OOM`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_storage_mb: Option<u64>,
-    /// Concurrent client connections per gateway (1–65,000).
+    /// Concurrent client connections per gateway (1–65,000, and at most the gateways'
+    /// `max_connections`, 10,000 by default).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
 }
 
 impl Limits {
-    fn validate(&self) -> Result<CacheLimits, ApiError> {
+    /// `gateway_max`: the gateways' own connection limit, which no cache can reach past.
+    fn validate(&self, gateway_max: u32) -> Result<CacheLimits, ApiError> {
         let check = |v: Option<u64>, max: u64, field: &str| match v {
             Some(n) if n == 0 || n > max => Err(ApiError::field(
                 format!("limits.{field}"),
@@ -63,7 +65,11 @@ impl Limits {
         };
         check(self.ecpu_per_second, MAX_ECPU_PER_SECOND, "ecpu_per_second")?;
         check(self.data_storage_mb, MAX_DATA_STORAGE_MB, "data_storage_mb")?;
-        check(self.max_connections.map(u64::from), MAX_CONNECTIONS as u64, "max_connections")?;
+        check(
+            self.max_connections.map(u64::from),
+            MAX_CONNECTIONS.min(gateway_max) as u64,
+            "max_connections",
+        )?;
         Ok(CacheLimits {
             ecpu_per_second: self.ecpu_per_second,
             data_storage_mb: self.data_storage_mb,
@@ -304,7 +310,7 @@ async fn create(
     validate_name(&body.name)?;
     let description = body.description.unwrap_or_default();
     validate_description(&description)?;
-    let limits = body.limits.unwrap_or_default().validate()?;
+    let limits = body.limits.unwrap_or_default().validate(state.config.gateway_max_connections)?;
     let eviction_policy = body.eviction_policy.unwrap_or_else(|| EVICTION_POLICIES[0].to_string());
     validate_eviction_policy(&eviction_policy)?;
     let tags = validate_tags(&body.tags.unwrap_or_default())?;
@@ -482,7 +488,7 @@ pub async fn patch_cache(
                 .or(Some("limits".into())),
             detail: format!("invalid limits: {e}"),
         })?;
-        next.limits = limits.validate()?;
+        next.limits = limits.validate(state.config.gateway_max_connections)?;
         changed.push("limits");
     }
     if let Some(p) = patch.eviction_policy {

@@ -260,6 +260,37 @@ impl Rest {
     }
 }
 
+/// Rewrites the front of `buf`, which starts with an inline command, into RESP in one pass:
+/// every complete request there (inline commands re-encoded, RESP requests copied as they
+/// are), then the rest of the buffer unchanged. It stops at the first request that is
+/// incomplete or refused (the caller's parser reports that one). Afterwards every complete
+/// request in the buffer is RESP, so a buffer full of inline commands costs one pass, not
+/// one copy of the rest per command. Returns the bytes written.
+pub fn inline_to_resp(buf: &mut bytes::BytesMut, limits: Limits) -> usize {
+    let mut parser = RequestParser::new();
+    let mut out = bytes::BytesMut::with_capacity(buf.len() * 2);
+    let mut pos = 0;
+    while pos < buf.len() {
+        match parser.next(&buf[pos..], limits) {
+            Ok(Some(frame)) if frame.inline => {
+                let args: Vec<&[u8]> = parser.inline_args().iter().map(Vec::as_slice).collect();
+                if !args.is_empty() {
+                    super::command(&mut out, &args);
+                }
+                pos += frame.len;
+            }
+            Ok(Some(frame)) => {
+                out.extend_from_slice(&buf[pos..pos + frame.len]);
+                pos += frame.len;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    out.extend_from_slice(&buf[pos..]);
+    *buf = out;
+    buf.len()
+}
+
 /// Splits an inline command line exactly as Valkey's `sdssplitargs`: words end at space,
 /// tab, CR, LF or NUL; a quote anywhere starts a quoted part; `"…"` understands
 /// `\n \r \t \b \a \xHH` and `\<any>`, `'…'` understands `\'`; a closing quote must be
@@ -405,6 +436,65 @@ mod tests {
     }
 
     const BIG: Limits = Limits::authenticated(1 << 20, 512 << 20);
+
+    /// Handles a buffer as the session does (inline commands at the front are rewritten);
+    /// the requests' arguments and the bytes the rewrites wrote.
+    fn drain_like_a_session(input: &[u8], limits: Limits) -> (Vec<Vec<Vec<u8>>>, usize) {
+        let mut buf = bytes::BytesMut::from(input);
+        let (mut parser, mut requests, mut written) = (RequestParser::new(), Vec::new(), 0);
+        while let Some(frame) = parser.next(&buf, limits).unwrap() {
+            if frame.inline {
+                written += inline_to_resp(&mut buf, limits);
+                continue;
+            }
+            requests.push(parser.args().iter().map(|r| buf[r.clone()].to_vec()).collect());
+            bytes::Buf::advance(&mut buf, frame.len);
+        }
+        (requests, written)
+    }
+
+    #[test]
+    fn a_buffer_of_inline_commands_is_rewritten_in_linear_time() {
+        let mut written = Vec::new();
+        for mb in [1, 4] {
+            let input = b"PING\r\n".repeat(mb * 1024 * 1024 / 6);
+            let (requests, bytes) = drain_like_a_session(&input, Limits::UNAUTHENTICATED);
+            assert_eq!(requests.len(), input.len() / 6);
+            assert!(requests.iter().all(|r| r == &[b"PING".to_vec()]));
+            written.push(bytes);
+        }
+        // Each inline PING becomes 14 bytes of RESP, written once.
+        assert_eq!(written[0], 14 * (1024 * 1024 / 6));
+        assert_eq!(written[1], 14 * (4 * 1024 * 1024 / 6));
+    }
+
+    #[test]
+    fn inline_and_resp_requests_mixed_keep_their_order() {
+        let mut input = Vec::new();
+        for i in 0..1000 {
+            input.extend_from_slice(format!("SET k{i} \"v {i}\"\r\n").as_bytes());
+            input.extend_from_slice(
+                format!("*2\r\n$3\r\nGET\r\n${}\r\nk{i}\r\n", format!("k{i}").len()).as_bytes(),
+            );
+            input.extend_from_slice(b"\r\n");
+        }
+        let (requests, written) = drain_like_a_session(&input, BIG);
+        assert_eq!(requests.len(), 2000);
+        for i in 0..1000 {
+            let k = format!("k{i}").into_bytes();
+            assert_eq!(requests[2 * i], vec![b"SET".to_vec(), k.clone(), format!("v {i}").into_bytes()]);
+            assert_eq!(requests[2 * i + 1], vec![b"GET".to_vec(), k]);
+        }
+        assert!(written < 3 * input.len(), "{written} bytes written for {}", input.len());
+        // An incomplete request at the end stays as it is, after the rewritten ones.
+        let mut buf = bytes::BytesMut::from(&b"PING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk"[..]);
+        inline_to_resp(&mut buf, BIG);
+        assert_eq!(&buf[..], b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk");
+        // A request the parser refuses is left for the session's parser to report.
+        let mut buf = bytes::BytesMut::from(&b"PING\r\n*99\r\nPING\r\n"[..]);
+        inline_to_resp(&mut buf, Limits::UNAUTHENTICATED);
+        assert_eq!(&buf[..], b"*1\r\n$4\r\nPING\r\n*99\r\nPING\r\n");
+    }
 
     #[test]
     fn the_short_length_path_agrees_with_the_general_one() {

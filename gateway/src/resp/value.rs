@@ -47,17 +47,31 @@ impl Value {
     }
 }
 
+/// Deepest nesting [`decode`] follows. Valkey's own replies nest a few levels, but a script
+/// can return a table nested thousands deep; decoding (and encoding, and dropping) recurse,
+/// so deeper values are not decoded: callers pass such a reply's bytes through as they are.
+pub const MAX_DEPTH: usize = 128;
+
 /// Decodes one complete value at the front of `buf`: the value and its length.
-/// `None` if incomplete or malformed (the gateway only decodes Valkey's own replies).
+/// `None` if incomplete, malformed (the gateway only decodes Valkey's own replies) or nested
+/// deeper than [`MAX_DEPTH`].
 pub fn decode(buf: &[u8]) -> Option<(Value, usize)> {
+    decode_nested(buf, 0)
+}
+
+/// [`decode`] of a value inside `depth` aggregates.
+fn decode_nested(buf: &[u8], depth: usize) -> Option<(Value, usize)> {
     let kind = *buf.first()?;
     let cr = find_crlf(buf, 1)?;
     let line = &buf[1..cr];
     let next = cr + 2;
     let aggregate = |n: i64, buf: &[u8], mut pos: usize| -> Option<(Vec<Value>, usize)> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
         let mut items = Vec::with_capacity(n.clamp(0, 1024) as usize);
         for _ in 0..n {
-            let (v, len) = decode(&buf[pos..])?;
+            let (v, len) = decode_nested(&buf[pos..], depth + 1)?;
             items.push(v);
             pos += len;
         }
@@ -193,5 +207,29 @@ mod tests {
             }
         }
         assert_eq!(decode(b"*2\r\n$1\r\na\r\n").map(|x| x.1), None, "incomplete");
+    }
+
+    /// A reply nested deeper than [`MAX_DEPTH`] (a script can return one thousands deep) is
+    /// not decoded (callers pass its bytes through) instead of overflowing the stack.
+    #[test]
+    fn deep_nesting_fails_cleanly() {
+        for open in [b"*1\r\n", b">1\r\n", b"%1\r\n", b"~1\r\n"] {
+            let mut deep = open.repeat(1_000_000);
+            deep.extend_from_slice(b":1\r\n");
+            if open == b"%1\r\n" {
+                deep.extend_from_slice(&b":2\r\n".repeat(1_000_000));
+            }
+            assert_eq!(decode(&deep), None);
+        }
+        let mut ok = b"*1\r\n".repeat(MAX_DEPTH);
+        ok.extend_from_slice(b":1\r\n");
+        let (v, len) = decode(&ok).expect("MAX_DEPTH levels decode");
+        assert_eq!(len, ok.len());
+        let mut out = BytesMut::new();
+        encode(&v, 2, &mut out);
+        assert_eq!(&out[..], &ok[..]);
+        let mut too_deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
+        too_deep.extend_from_slice(b":1\r\n");
+        assert_eq!(decode(&too_deep), None);
     }
 }
