@@ -711,3 +711,48 @@ async fn big_requests_go_upstream_as_they_come() {
     let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
     assert_eq!(pong, "PONG");
 }
+
+#[tokio::test]
+async fn a_cache_may_kill_its_own_running_script_but_not_anothers() {
+    let dev = ShoalDev::start().await;
+    // Placement alternates: a and c share a node, b has the other one.
+    let (a_id, a) = cache_with_token(&dev, "runner", 1).await;
+    let (b_id, b) = cache_with_token(&dev, "elsewhere", 1).await;
+    let (c_id, c) = cache_with_token(&dev, "neighbour", 1).await;
+    let node = |id: &str| {
+        let dev = &dev;
+        let id = id.to_string();
+        async move {
+            dev.api(Method::GET, &format!("/v1/caches/{id}"), None).await.1["allocation"]["node"].clone()
+        }
+    };
+    assert_eq!(node(&a_id).await, node(&c_id).await);
+    assert_ne!(node(&a_id).await, node(&b_id).await);
+
+    // (Connected before: while the script runs, the node takes no new logins.)
+    let mut neighbour = dev.client(&c).await.unwrap();
+    let mut other = dev.client(&b).await.unwrap();
+    let mut killer = dev.client(&a).await.unwrap();
+    let mut runner = dev.client(&a).await.unwrap();
+    let script = tokio::spawn(async move {
+        redis::cmd("EVAL").arg("while true do end").arg(0).query_async::<()>(&mut runner).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another cache cannot end it, on the same node or elsewhere.
+    let err = query(&mut neighbour, &["SCRIPT", "KILL"]).await.unwrap_err();
+    assert!(err.to_string().contains("another cache's"), "{err}");
+    let err = query(&mut other, &["SCRIPT", "KILL"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
+    // The cache itself can (the node takes SCRIPT KILL once the script is busy).
+    match query(&mut killer, &["SCRIPT", "KILL"]).await {
+        Ok(v) => assert_eq!(text(&v).to_uppercase(), "OK"),
+        Err(e) => assert_eq!(e.code(), Some("NOTBUSY"), "killed by the platform first: {e}\n{}", dev.log()),
+    }
+    let err = tokio::time::timeout(Duration::from_secs(30), script).await.unwrap().unwrap().unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("kill"), "{err}");
+    // Everything answers again.
+    let pong: String = redis::cmd("PING").query_async(&mut neighbour).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let err = query(&mut killer, &["SCRIPT", "KILL"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
+}

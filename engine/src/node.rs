@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 /// The platform's own ACL user on every node.
 pub const ADMIN_USER: &str = "shoal";
 /// A read-only user for gateways: node-wide views (INFO, PUBSUB) that the gateway filters
-/// down to one cache before a tenant sees them. Tenants never get this.
+/// down to one cache before a tenant sees them, and SCRIPT KILL, which the gateway sends
+/// only for a cache whose own script runs. Tenants never get this.
 pub const OBSERVER_USER: &str = "shoal-observer";
 const OBSERVER_RULES: &[&str] = &[
     "reset",
@@ -32,6 +33,7 @@ const OBSERVER_RULES: &[&str] = &[
     "+pubsub|numsub",
     "+pubsub|shardchannels",
     "+pubsub|shardnumsub",
+    "+script|kill",
     // Keyspace events feed client-side caching invalidations (gateway-internal only).
     "+psubscribe",
     "+punsubscribe",

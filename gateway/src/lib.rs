@@ -35,6 +35,7 @@ pub mod policy;
 pub mod pubsub;
 pub mod resp;
 pub mod router;
+pub mod scripts;
 pub mod session;
 pub mod slots;
 pub mod tls;

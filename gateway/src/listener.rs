@@ -23,6 +23,8 @@ pub struct Shared {
     pub control_plane: Arc<ControlPlaneClient>,
     pub tracker: crate::tracking::Tracker,
     pub clients: Registry,
+    /// Scripts in flight per node and cache (whose script a tenant's SCRIPT KILL may end).
+    pub scripts: crate::scripts::Running,
     pub observers: Observers,
     /// Shared upstream connections for stateless commands.
     pub muxes: crate::mux::Registry,
@@ -84,6 +86,7 @@ impl Gateway {
             control_plane: client,
             tracker: Default::default(),
             clients: Registry::default(),
+            scripts: Default::default(),
             observers: Observers::default(),
             muxes: Default::default(),
             identity: Identity::new(&advertise),

@@ -56,6 +56,35 @@ impl Observers {
     }
 }
 
+/// `SCRIPT KILL` on the route's node, on a connection of its own (the shared one may wait
+/// behind the busy script), as the observer. A node runs it only once the script has run
+/// for its `busy-reply-threshold`: the wait is bounded above that.
+pub async fn kill_script(route: &TenantRoute) -> Result<BytesMut, GatewayError> {
+    let kill = async {
+        let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
+        // One command at a time: `read_reply` keeps nothing past the reply it returns.
+        for args in [
+            &[&b"AUTH"[..], route.observer_user.as_bytes(), route.observer_password.as_bytes()][..],
+            &[b"SCRIPT", b"KILL"],
+        ] {
+            let mut out = BytesMut::new();
+            resp::command(&mut out, args);
+            stream.write_all(&out).await.map_err(up)?;
+            let reply = read_reply(&mut stream).await?;
+            if args[0] == b"SCRIPT" {
+                return Ok(reply);
+            }
+            if reply.starts_with(b"-") {
+                return Err(GatewayError::Upstream("observer login refused".into()));
+            }
+        }
+        unreachable!("SCRIPT KILL's reply returns")
+    };
+    tokio::time::timeout(Duration::from_secs(30), kill)
+        .await
+        .unwrap_or_else(|_| Err(GatewayError::Upstream("SCRIPT KILL timed out".into())))
+}
+
 fn up(e: std::io::Error) -> GatewayError {
     GatewayError::Upstream(e.to_string())
 }

@@ -273,6 +273,8 @@ pub(crate) struct Session {
     streaming: Option<Streaming>,
     /// When the last metered reply arrived (a script's time starts no earlier).
     last_reply_at: Instant,
+    /// Scripts sent and not answered (counted in the gateway's `scripts` too).
+    scripts_inflight: u32,
 }
 
 /// A big request being passed on (or dropped) as it comes.
@@ -370,6 +372,7 @@ pub async fn run(
         mux_part: PartReply::default(),
         streaming: None,
         last_reply_at: Instant::now(),
+        scripts_inflight: 0,
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
@@ -385,6 +388,7 @@ pub async fn run(
         tracing::debug!(peer = %session.peer, error = %e, "session ended");
     }
     session.bill_queued();
+    session.scripts_over(session.scripts_inflight);
     session.flush_tally();
     crate::metrics::session_ended();
     if let Some(t) = session.tenant.take() {
@@ -662,6 +666,7 @@ impl Session {
                 streaming.forward = true;
                 self.up_out.extend_from_slice(&self.client_in[..pos]);
                 let meter = self.meter_next.take();
+                self.script_sent(meter.as_ref());
                 self.push_pending(Pending::Upstream(OnReply::Forward, meter));
             } else {
                 // Unavailable (already answered): the rest is dropped as it comes.
@@ -825,6 +830,7 @@ impl Session {
                 }
                 self.up_out.extend_from_slice(&self.client_in[..frame.len]);
                 let meter = self.meter_next.take();
+                self.script_sent(meter.as_ref());
                 self.push_pending(Pending::Upstream(OnReply::Forward, meter));
             }
         }
@@ -869,7 +875,9 @@ impl Session {
         }
         self.mux_out.extend_from_slice(&self.client_in[..len]);
         if self.shared.config.metering {
-            self.mux_meters.push_back(self.meter_next.take());
+            let meter = self.meter_next.take();
+            self.script_sent(meter.as_ref());
+            self.mux_meters.push_back(meter);
         }
         self.mux_inflight += 1;
         self.mux_inflight_bytes += len;
@@ -1583,6 +1591,9 @@ impl Session {
                 reply = &part.head;
             }
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
+            if meter.is_some_and(|m| m.spec.is_some_and(|s| s.script)) && reply == crate::mux::LOST {
+                self.scripts_over(1);
+            }
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
                 let c = self.measure(m, reply, delivered);
                 billed.get_or_insert_with(Counters::default).add(&c);
@@ -1603,15 +1614,35 @@ impl Session {
         self.tally(c);
     }
 
+    /// Counts a script as in flight when it is sent (with metering on: its meter says so).
+    fn script_sent(&mut self, meter: Option<&Meter>) {
+        if let (Some(t), true) = (&self.tenant, meter.is_some_and(|m| m.spec.is_some_and(|s| s.script))) {
+            self.shared.scripts.started(&t.route.node_addr, &t.cache);
+            self.scripts_inflight += 1;
+        }
+    }
+
+    /// `n` of the session's scripts in flight are over.
+    fn scripts_over(&mut self, n: u32) {
+        let n = n.min(self.scripts_inflight);
+        if let (Some(t), true) = (&self.tenant, n > 0) {
+            self.shared.scripts.ended(&t.route.node_addr, &t.cache, n);
+            self.scripts_inflight -= n;
+        }
+    }
+
     /// The counters of one command (to tally); charges the bucket and counts the latency.
     fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> Counters {
         let mut c = Counters::command(meter.spec, meter.request, reply, delivered);
         let now = self.now().0;
         if meter.spec.is_some_and(|s| s.script) {
             // Its time on the node: from when it was sent, or the reply before it arrived,
-            // whichever is later, to its reply.
-            let ran = now.saturating_duration_since(meter.started.max(self.last_reply_at));
-            c.ecpu_milli += metering::ecpu::script_time_milli(ran);
+            // whichever is later, to its reply (none: it never ran, as in a DISCARDed MULTI).
+            if !reply.is_empty() {
+                let ran = now.saturating_duration_since(meter.started.max(self.last_reply_at));
+                c.ecpu_milli += metering::ecpu::script_time_milli(ran);
+            }
+            self.scripts_over(1);
         }
         self.last_reply_at = now;
         if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
@@ -1730,6 +1761,13 @@ impl Session {
         let was_subscribed = self.pubsub.active();
         self.pubsub = PubSub::default();
         self.sync_patterns();
+        // Its scripts are over (a node restarted to end a runaway script lands here).
+        let scripts = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p, Pending::Upstream(_, Some(m)) if m.spec.is_some_and(|s| s.script)))
+            .count();
+        self.scripts_over(scripts as u32);
         // Replies owed by this connection become errors, in place (mux batches stay).
         let lost = Bytes::from_static(crate::mux::LOST);
         self.pending = std::mem::take(&mut self.pending)

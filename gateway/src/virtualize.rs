@@ -46,6 +46,7 @@ pub(crate) async fn run(s: &mut Session, name: &str, args: &[Range<usize>]) {
             s.close_after_replies();
         }
         "reset" => reset(s).await,
+        "script|kill" => script_kill(s).await,
         "select" => select(s, &argv).await,
         "flushall" => flushall(s, &argv).await,
         "move" => move_key(s, &argv).await,
@@ -189,6 +190,27 @@ async fn hello(s: &mut Session, argv: &[&[u8]]) {
 
 /// `RESET`: a fresh upstream connection is the cleanest reset; the client stays
 /// authenticated to its cache.
+/// `SCRIPT KILL`: ends the cache's own running script, never another cache's. The gateway
+/// knows which caches have scripts in flight on the node ([`crate::scripts`]); only when the
+/// asking cache is the only one does it ask the node (as the observer user) to kill.
+async fn script_kill(s: &mut Session) {
+    let Some(t) = s.tenant.as_ref() else { return };
+    let route = t.route.clone();
+    match s.shared.scripts.owner(&route.node_addr, &t.cache) {
+        crate::scripts::Owner::Nobody => s.reply_error("NOTBUSY No scripts in execution right now."),
+        crate::scripts::Owner::Another => s.reply_error(
+            "ERR the running script may be another cache's: the platform ends it at the script time limit",
+        ),
+        crate::scripts::Owner::Asker => match crate::observer::kill_script(&route).await {
+            Ok(reply) => s.reply(reply.freeze()),
+            Err(e) => {
+                tracing::warn!(error = %e, "SCRIPT KILL on the node failed");
+                s.reply_error("ERR the cache's node did not answer SCRIPT KILL, try again")
+            }
+        },
+    }
+}
+
 async fn reset(s: &mut Session) {
     if s.has_pending_upstream() {
         // Let earlier replies arrive first: reset in place instead.
