@@ -3,6 +3,9 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 
+/// Default [`ControlPlaneConfig::default_data_storage_mb`].
+pub const DEFAULT_DATA_STORAGE_MB: u64 = 100;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct ControlPlaneConfig {
@@ -35,6 +38,10 @@ pub struct ControlPlaneConfig {
     /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
     /// cache is sampled at least every 10 s).
     pub storage_interval: f64,
+    /// `data_storage_mb` of caches created without one (MB = 10^6 bytes; default 100, the
+    /// storage billed at least anyway). Every cache has a storage limit: the limits of a
+    /// node's caches add up to at most 75% of its `maxmemory`.
+    pub default_data_storage_mb: u64,
     /// The process's metrics recorder, when the embedding program installed one.
     #[serde(skip)]
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -57,6 +64,7 @@ impl Default for ControlPlaneConfig {
             billing: Default::default(),
             invoice_grace_seconds: 3600,
             storage_interval: 5.0,
+            default_data_storage_mb: DEFAULT_DATA_STORAGE_MB,
             metrics: None,
         }
     }
