@@ -390,7 +390,11 @@ impl Node {
                 tracing::warn!(node = %self.spec.name, "node unhealthy: new caches go elsewhere");
             }
         }
-        metrics::gauge!("shoal_node_healthy", "node" => self.spec.name.clone()).set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!("shoal_node_healthy", "node" => self.spec.name.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Sends `AUTH <admin>` and then `args` on a fresh connection; the first line of the reply
@@ -457,7 +461,8 @@ impl Node {
         match self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await.as_deref() {
             Some("+OK") => {
                 tracing::warn!(node, limit = ?self.script_time_limit, "script ran past the time limit: killed (SCRIPT KILL)");
-                metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed").increment(1);
+                metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed")
+                    .increment(1);
             }
             Some(r) if r.starts_with("-UNKILLABLE") => {
                 tracing::warn!(node, limit = ?self.script_time_limit,
@@ -474,14 +479,13 @@ impl Node {
     /// `used_memory_vm_eval + used_memory_scripts_eval` (Lua's heap and the script cache),
     /// from `INFO memory`.
     async fn script_memory(&self) -> Option<u64> {
-        let mut conn = tokio::time::timeout(HEALTH_TIMEOUT, crate::pool::admin_conn(self)).await.ok()?.ok()?;
-        let info: String = tokio::time::timeout(
-            HEALTH_TIMEOUT,
-            redis::cmd("INFO").arg("memory").query_async(&mut conn),
-        )
-        .await
-        .ok()?
-        .ok()?;
+        let mut conn =
+            tokio::time::timeout(HEALTH_TIMEOUT, crate::pool::admin_conn(self)).await.ok()?.ok()?;
+        let info: String =
+            tokio::time::timeout(HEALTH_TIMEOUT, redis::cmd("INFO").arg("memory").query_async(&mut conn))
+                .await
+                .ok()?
+                .ok()?;
         let field = |name: &str| -> u64 {
             info.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
@@ -500,7 +504,12 @@ impl Node {
         }
         let node = self.spec.name.clone();
         if self.admin_raw(&["SCRIPT", "FLUSH", "ASYNC"], HEALTH_TIMEOUT).await.as_deref() == Some("+OK") {
-            tracing::warn!(node, used, limit = self.budget.script_memory_limit, "Lua memory over its budget: script cache flushed");
+            tracing::warn!(
+                node,
+                used,
+                limit = self.budget.script_memory_limit,
+                "Lua memory over its budget: script cache flushed"
+            );
             metrics::counter!("shoal_node_script_cache_flushes_total", "node" => node).increment(1);
         }
     }
@@ -556,31 +565,60 @@ impl Node {
                 Health::Up => {
                     let lua = self.script_memory().await.unwrap_or(0);
                     if lua > self.budget.script_memory_limit {
-                        if self.admin_raw(&["SCRIPT", "FLUSH", "ASYNC"], HEALTH_TIMEOUT).await.as_deref() == Some("+OK") {
-                            tracing::warn!(node, rss, limit, lua, "node memory over its guard, Lua's: script cache flushed");
-                            metrics::counter!("shoal_node_script_cache_flushes_total", "node" => node).increment(1);
+                        if self.admin_raw(&["SCRIPT", "FLUSH", "ASYNC"], HEALTH_TIMEOUT).await.as_deref()
+                            == Some("+OK")
+                        {
+                            tracing::warn!(
+                                node,
+                                rss,
+                                limit,
+                                lua,
+                                "node memory over its guard, Lua's: script cache flushed"
+                            );
+                            metrics::counter!("shoal_node_script_cache_flushes_total", "node" => node)
+                                .increment(1);
                         }
                     } else if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                         last_warning = Some(Instant::now());
-                        tracing::warn!(node, rss, limit, "node resident memory over its guard (not Lua's); left running");
+                        tracing::warn!(
+                            node,
+                            rss,
+                            limit,
+                            "node resident memory over its guard (not Lua's); left running"
+                        );
                     }
                 }
                 Health::Busy => {
-                    tracing::warn!(node, rss, limit, "node memory over its guard while a script runs: killing the script");
+                    tracing::warn!(
+                        node,
+                        rss,
+                        limit,
+                        "node memory over its guard while a script runs: killing the script"
+                    );
                     match self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await.as_deref() {
                         Some("+OK") => {
                             metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed")
                                 .increment(1);
                         }
                         _ => {
-                            tracing::warn!(node, rss, limit, "script could not be killed: restarting the node from its AOF");
+                            tracing::warn!(
+                                node,
+                                rss,
+                                limit,
+                                "script could not be killed: restarting the node from its AOF"
+                            );
                             metrics::counter!("shoal_node_memory_kills_total", "node" => node).increment(1);
                             self.kill_child("memory over its guard while a script could not be killed");
                         }
                     }
                 }
                 Health::Down => {
-                    tracing::warn!(node, rss, limit, "node memory over its guard and not answering: restarting the node from its AOF");
+                    tracing::warn!(
+                        node,
+                        rss,
+                        limit,
+                        "node memory over its guard and not answering: restarting the node from its AOF"
+                    );
                     metrics::counter!("shoal_node_memory_kills_total", "node" => node).increment(1);
                     self.kill_child("memory over its guard while not answering");
                 }

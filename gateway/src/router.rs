@@ -270,7 +270,10 @@ impl LiveRoute {
         if self.storage_full() {
             return true;
         }
-        let since = self.written.load(Ordering::Relaxed).saturating_sub(self.written_at_sample.load(Ordering::Relaxed));
+        let since = self
+            .written
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.written_at_sample.load(Ordering::Relaxed));
         if i64::try_from(since).unwrap_or(i64::MAX) >= self.room.load(Ordering::Relaxed) {
             self.sample_wanted.store(true, Ordering::Relaxed);
             return true;

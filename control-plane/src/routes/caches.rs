@@ -348,7 +348,8 @@ async fn create(
     let id = CacheId::generate();
     // A node that does not answer in time is marked unhealthy and the next one is tried.
     let (chosen, acl) = loop {
-        let chosen = placement::choose(&loads, databases, storage_mb).map_err(|e| no_placement(e, storage_mb))?;
+        let chosen =
+            placement::choose(&loads, databases, storage_mb).map_err(|e| no_placement(e, storage_mb))?;
         let acl = TenantAcl {
             user: id.acl_user(),
             password: shoal_engine::node::random_secret(),
