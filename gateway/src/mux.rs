@@ -339,6 +339,7 @@ mod tests {
             storage_full: false,
             storage_bytes: 0,
             storage_sampled_at_ms: 0,
+            eviction_policy: String::new(),
         }
     }
 

@@ -201,6 +201,9 @@ pub struct LiveRoute {
     /// `(wall-clock ms, written)` at each refresh (the last minute), to find which writes a
     /// new sample already saw.
     history: Mutex<VecDeque<(i64, u64)>>,
+    /// Writes past the limit allowed while the sample that evicts is on its way: the limit
+    /// for a `volatile-lru` cache, 0 for a `noeviction` one.
+    eviction_allowance: AtomicI64,
 }
 
 /// Refreshes kept in [`LiveRoute`]'s history (a minute of them).
@@ -219,16 +222,18 @@ impl LiveRoute {
             written_at_sample: AtomicU64::new(0),
             sample_wanted: AtomicBool::new(false),
             history: Mutex::new(VecDeque::from([(wall_ms(), 0)])),
+            eviction_allowance: AtomicI64::new(eviction_allowance(&route)),
             route: RwLock::new(route),
         }
     }
 
     fn set(&self, route: TenantRoute) {
         let written = self.written.load(Ordering::Relaxed);
+        let new_sample = route.storage_sampled_at_ms != self.route.read().unwrap().storage_sampled_at_ms;
         {
             let mut history = self.history.lock().unwrap();
             let sampled_at = route.storage_sampled_at_ms;
-            if sampled_at != self.route.read().unwrap().storage_sampled_at_ms {
+            if new_sample {
                 // The newest point taken before the sample started: writes after it may not
                 // be in the sample (counting some twice errs on the safe side).
                 let baseline = history
@@ -245,6 +250,7 @@ impl LiveRoute {
             }
         }
         self.room.store(room(&route), Ordering::Relaxed);
+        self.eviction_allowance.store(eviction_allowance(&route), Ordering::Relaxed);
         self.storage_full.store(route.storage_full, Ordering::Relaxed);
         *self.route.write().unwrap() = route;
     }
@@ -265,7 +271,10 @@ impl LiveRoute {
 
     /// For a write of `bytes` (a command refused when full): true when it must be refused
     /// because the cache is full, by the sampler's flag or by the estimate (sampled bytes
-    /// plus the writes since ≥ the limit); otherwise counts it and returns false.
+    /// plus the writes since ≥ the limit); otherwise counts it and returns false. At the
+    /// limit the gateway asks for a sample now. A `noeviction` cache's writes are refused from
+    /// there; a `volatile-lru` cache's go on, up to the limit once more, since that sample
+    /// evicts keys with a TTL (as Valkey evicts rather than refuse).
     pub fn refuses_write(&self, bytes: u64) -> bool {
         if self.storage_full() {
             return true;
@@ -274,12 +283,24 @@ impl LiveRoute {
             .written
             .load(Ordering::Relaxed)
             .saturating_sub(self.written_at_sample.load(Ordering::Relaxed));
-        if i64::try_from(since).unwrap_or(i64::MAX) >= self.room.load(Ordering::Relaxed) {
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let room = self.room.load(Ordering::Relaxed);
+        if since >= room {
             self.sample_wanted.store(true, Ordering::Relaxed);
-            return true;
+            if since >= room.saturating_add(self.eviction_allowance.load(Ordering::Relaxed)) {
+                return true;
+            }
         }
         self.written.fetch_add(write_cost(bytes), Ordering::Relaxed);
         false
+    }
+}
+
+/// See [`LiveRoute::eviction_allowance`].
+fn eviction_allowance(route: &TenantRoute) -> i64 {
+    match (route.eviction_policy.as_str(), route.limits.data_storage_mb) {
+        ("volatile-lru", Some(mb)) => i64::try_from(mb.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
+        _ => 0,
     }
 }
 

@@ -113,6 +113,9 @@ pub struct TenantRoute {
     pub storage_bytes: u64,
     #[serde(default)]
     pub storage_sampled_at_ms: i64,
+    /// `volatile-lru` or `noeviction`: at its limit, whether a write may wait for eviction.
+    #[serde(default)]
+    pub eviction_policy: String,
 }
 
 /// A cache's usage limits, like ElastiCache Serverless' `CacheUsageLimits`. `None` = unlimited.

@@ -98,6 +98,7 @@ fn tenant_route(
         storage_full: storage.is_some_and(|s| s.storage_full),
         storage_bytes: storage.map_or(0, |s| s.bytes),
         storage_sampled_at_ms: storage.map_or(0, |s| s.sampled_at_ms),
+        eviction_policy: cache.eviction_policy,
     })
 }
 
