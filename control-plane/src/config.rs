@@ -3,6 +3,9 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 
+/// Default [`ControlPlaneConfig::default_data_storage_mb`].
+pub const DEFAULT_DATA_STORAGE_MB: u64 = 100;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct ControlPlaneConfig {
@@ -38,6 +41,10 @@ pub struct ControlPlaneConfig {
     /// The gateways' `max_connections` (connections per gateway): a cache's
     /// `limits.max_connections` (per gateway) may not exceed it.
     pub gateway_max_connections: u32,
+    /// `data_storage_mb` of caches created without one (MB = 10^6 bytes; default 100, the
+    /// storage billed at least anyway). Every cache has a storage limit: the limits of a
+    /// node's caches add up to at most 75% of its `maxmemory`.
+    pub default_data_storage_mb: u64,
     /// The process's metrics recorder, when the embedding program installed one.
     #[serde(skip)]
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -62,6 +69,7 @@ impl Default for ControlPlaneConfig {
             storage_interval: 5.0,
             // The gateway's default `max_connections`.
             gateway_max_connections: 10_000,
+            default_data_storage_mb: DEFAULT_DATA_STORAGE_MB,
             metrics: None,
         }
     }

@@ -51,6 +51,13 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             config.storage_interval
         )));
     }
+    if !(1..=crate::routes::caches::MAX_DATA_STORAGE_MB).contains(&config.default_data_storage_mb) {
+        return Err(StartupError::Config(format!(
+            "default_data_storage_mb must be between 1 and {}, not {}",
+            crate::routes::caches::MAX_DATA_STORAGE_MB,
+            config.default_data_storage_mb
+        )));
+    }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     let store = Store::open(&config.database_url).await?;
     bootstrap_admin(&store, &config).await?;

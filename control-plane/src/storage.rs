@@ -82,6 +82,30 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
     Ok(count)
 }
 
+/// Samples one cache now, on a gateway's request (see `/internal/v1/caches/{id}/storage-sample`):
+/// at most once per 250 ms per cache; errors are logged.
+pub async fn sample_now(state: &AppState, cache: &CacheRecord) {
+    static LAST: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
+        std::sync::OnceLock::new();
+    {
+        let mut last = LAST.get_or_init(Default::default).lock().unwrap();
+        let now = Instant::now();
+        if last.get(cache.id.as_str()).is_some_and(|t| now.duration_since(*t) < Duration::from_millis(250)) {
+            return;
+        }
+        last.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        last.insert(cache.id.to_string(), now);
+    }
+    let sampled = async {
+        let mut probe = state.pool.storage_probe(&cache.node).await?;
+        sample_cache(state, &mut probe, cache).await
+    };
+    match tokio::time::timeout(CACHE_TIMEOUT, sampled).await.unwrap_or(Err(SampleError::Timeout)) {
+        Ok(()) => tracing::debug!(cache = %cache.id, "storage sampled on a gateway's request"),
+        Err(e) => tracing::warn!(cache = %cache.id, error = %e, "storage sample on request failed"),
+    }
+}
+
 /// Measures one cache, evicts if it is over its limit, and records the outcome.
 async fn sample_cache(
     state: &AppState,
@@ -89,38 +113,40 @@ async fn sample_cache(
     cache: &CacheRecord,
 ) -> Result<(), SampleError> {
     let dbs = CacheDbs { db: cache.db, databases: cache.databases };
+    // When the sample starts: the gateways count writes from here on (see TenantRoute).
+    let started_ms = chrono::Utc::now().timestamp_millis();
     let mut sample = probe.measure(dbs).await?;
     let mut evicted_keys = 0;
     let mut full = false;
-    if let Some(limit) = cache.limits.data_storage_mb.map(|mb| mb.saturating_mul(1_000_000)) {
-        if sample.bytes > limit {
-            let excess = sample.bytes - limit;
-            // `noeviction` caches go straight to refusing writes.
-            let eviction = match cache.eviction_policy.as_str() {
-                "volatile-lru" => probe.evict_volatile_lru(dbs, excess).await?,
-                _ => Default::default(),
-            };
-            evicted_keys = eviction.keys;
-            if eviction.keys > 0 {
-                sample = probe.measure(dbs).await?;
-            }
-            // Full only when no key with a TTL is left to evict (or eviction is off): a cache
-            // whose eviction ran out of time, or whose sampled estimate is still a little over
-            // after evicting enough, gets another round of eviction at the next sample.
-            let evictable = cache.eviction_policy == "volatile-lru" && !eviction.exhausted;
-            full = sample.bytes > limit && !evictable;
-            tracing::info!(
-                cache = %cache.id, limit, bytes = sample.bytes, evicted_keys, freed = eviction.bytes, full,
-                "cache over its storage limit"
-            );
+    let limit_mb = cache.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
+    let limit = limit_mb.saturating_mul(1_000_000);
+    if sample.bytes > limit {
+        let excess = sample.bytes - limit;
+        // `noeviction` caches go straight to refusing writes.
+        let eviction = match cache.eviction_policy.as_str() {
+            "volatile-lru" => probe.evict_volatile_lru(dbs, excess).await?,
+            _ => Default::default(),
+        };
+        evicted_keys = eviction.keys;
+        if eviction.keys > 0 {
+            sample = probe.measure(dbs).await?;
         }
+        // Full only when no key with a TTL is left to evict (or eviction is off): a cache
+        // whose eviction ran out of time, or whose sampled estimate is still a little over
+        // after evicting enough, gets another round of eviction at the next sample.
+        let evictable = cache.eviction_policy == "volatile-lru" && !eviction.exhausted;
+        full = sample.bytes > limit && !evictable;
+        tracing::info!(
+            cache = %cache.id, limit, bytes = sample.bytes, evicted_keys, freed = eviction.bytes, full,
+            "cache over its storage limit"
+        );
     }
     let was_full = state.store.cache_storage(&cache.id).await?.is_some_and(|s| s.storage_full);
     if was_full != full {
         tracing::info!(cache = %cache.id, full, "storage flag changed: writes {}", if full { "refused" } else { "allowed" });
     }
     let record = StorageSampleRecord {
-        at_ms: chrono::Utc::now().timestamp_millis(),
+        at_ms: started_ms,
         bytes: sample.bytes,
         keys: sample.keys,
         storage_full: full,

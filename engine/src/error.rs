@@ -14,6 +14,8 @@ pub enum EngineError {
     UnknownNode(String),
     #[error("no free database on any node")]
     Full,
+    #[error("no healthy node can take a new cache")]
+    NoHealthyNode,
 }
 
 impl EngineError {
@@ -26,6 +28,7 @@ impl EngineError {
             EngineError::Valkey { .. } => "valkey",
             EngineError::UnknownNode(_) => "unknown_node",
             EngineError::Full => "full",
+            EngineError::NoHealthyNode => "no_healthy_node",
         }
     }
 }

@@ -4,7 +4,8 @@
 //! own Valkey ACL user.
 //!
 //! ## Layout
-//! - [`node`]: one `valkey-server` child — config, start, supervision (restart on crash), stop.
+//! - [`node`]: one `valkey-server` child — config, start, supervision (restart on crash), stop,
+//!   health checks, the script watchdog and the memory guard.
 //! - [`pool`]: the set of nodes, started together and stopped together; admin operations.
 //! - [`placement`]: which node and database a new cache gets (least loaded).
 //! - [`tenant`]: the ACL rules that fence a cache into its database and channels.
@@ -18,8 +19,8 @@ pub mod storage;
 pub mod tenant;
 
 pub use error::EngineError;
-pub use node::{find_valkey_server, NodeSpec};
-pub use placement::{Allocation, NodeLoad};
-pub use pool::{Pool, PoolConfig};
+pub use node::{find_valkey_server, Health, NodeBudget, NodeSpec};
+pub use placement::{Allocation, NoPlacement, NodeLoad};
+pub use pool::{Pool, PoolConfig, DEFAULT_SCRIPT_TIME_LIMIT, RESERVED_MEMORY_PERCENT};
 pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

@@ -46,6 +46,70 @@ pub struct NodeSpec {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// The node's `maxmemory` in MB (10^6 bytes); `None` = the pool's default
+    /// ([`crate::PoolConfig::maxmemory_mb`], else a share of the host's memory).
+    pub maxmemory_mb: Option<u64>,
+}
+
+impl NodeSpec {
+    pub fn new(name: impl Into<String>, host: impl Into<String>, port: u16) -> NodeSpec {
+        NodeSpec { name: name.into(), host: host.into(), port, maxmemory_mb: None }
+    }
+}
+
+/// Valkey's `maxmemory-policy` on every node: the last line of defence when the node as a
+/// whole is full (per-cache limits normally keep it well below `maxmemory`). Keys with a TTL
+/// go first, least recently used across the node — ElastiCache's default.
+pub const NODE_MAXMEMORY_POLICY: &str = "volatile-lru";
+/// `client-output-buffer-limit normal <hard> <soft> <seconds>`: a client connection is
+/// closed when Valkey holds more than `hard` bytes of replies it has not read, or more than
+/// `soft` for `seconds` in a row. `hard` is the largest string Valkey stores
+/// (`proto-max-bulk-len`, 512 MB, also the gateway's default `max_bulk_bytes`) plus 1 MB, so
+/// any single value can always be read back; `soft` cuts off a connection that keeps more
+/// than 64 MB unread for a minute.
+pub const OUTPUT_BUFFER_HARD: u64 = 513 * 1024 * 1024;
+pub const OUTPUT_BUFFER_SOFT: u64 = 64 * 1024 * 1024;
+pub const OUTPUT_BUFFER_SECONDS: u64 = 60;
+/// Longest a provisioning request (create or delete a cache) may wait for its node.
+pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the engine checks that each node answers (AUTH + PING on a fresh connection).
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
+/// A node that does not answer its health check within this is unhealthy.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the memory guard reads each node's resident memory (`/proc/<pid>/statm`).
+pub const MEMORY_GUARD_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The resource guards of one node, derived from its `maxmemory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeBudget {
+    /// `maxmemory`, bytes.
+    pub maxmemory: u64,
+    /// Resident memory past which the memory guard acts: `maxmemory` × 1.5 + 64 MB.
+    pub rss_limit: u64,
+    /// Lua memory (`used_memory_vm_eval` + `used_memory_scripts_eval`) past which the script
+    /// cache is flushed: `maxmemory` / 16, at least 16 MB.
+    pub script_memory_limit: u64,
+}
+
+impl NodeBudget {
+    pub fn new(maxmemory: u64) -> NodeBudget {
+        NodeBudget {
+            maxmemory,
+            rss_limit: maxmemory + maxmemory / 2 + 64 * 1_000_000,
+            script_memory_limit: (maxmemory / 16).max(16 * 1_000_000),
+        }
+    }
+}
+
+/// What a health check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// AUTH and PING answered.
+    Up,
+    /// `-BUSY`: a script has run longer than `busy-reply-threshold`.
+    Busy,
+    /// No answer in time, refused, loading, or any other error.
+    Down,
 }
 
 /// A node the pool started and supervises.
@@ -53,6 +117,13 @@ pub struct Node {
     pub spec: NodeSpec,
     pub dir: PathBuf,
     pub databases: u32,
+    pub budget: NodeBudget,
+    /// Longest a script may hold the node (`busy-reply-threshold`, then `SCRIPT KILL`).
+    pub script_time_limit: Duration,
+    /// The last health check answered (see [`Node::healthy`]).
+    healthy: AtomicBool,
+    /// Why the engine ended the child, for the supervisor's log line (None: it exited).
+    kill_reason: std::sync::Mutex<Option<&'static str>>,
     admin_password: String,
     observer_password: String,
     binary: PathBuf,
@@ -77,6 +148,8 @@ impl Node {
         root: &Path,
         binary: PathBuf,
         databases: u32,
+        maxmemory: u64,
+        script_time_limit: Duration,
     ) -> Result<Node, EngineError> {
         let dir = root.join(&spec.name);
         let io = |source| EngineError::Io { node: spec.name.clone(), source };
@@ -91,6 +164,10 @@ impl Node {
             spec,
             dir,
             databases,
+            budget: NodeBudget::new(maxmemory),
+            script_time_limit,
+            healthy: AtomicBool::new(false),
+            kill_reason: std::sync::Mutex::new(None),
             admin_password,
             observer_password,
             binary,
@@ -121,7 +198,15 @@ impl Node {
                 }
             };
             let mut conn = conn;
-            match pipe.query_async::<()>(&mut conn).await {
+            let answered = tokio::time::timeout(PROVISION_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+            let Ok(answered) = answered else {
+                // Not answering (a script holding it, or frozen): the connection may be
+                // mid-reply, and placement should look elsewhere until the node answers.
+                *self.provisioning.lock().await = None;
+                self.mark_unhealthy();
+                return Err(EngineError::NotReady(self.spec.name.clone()));
+            };
+            match answered {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
                     *self.provisioning.lock().await = None;
@@ -131,6 +216,12 @@ impl Node {
             }
         }
         Err(self.valkey_err(last.expect("tried")))
+    }
+
+    /// How many MB (10^6 bytes) of cache storage limits the node may hold: its `maxmemory`
+    /// less [`crate::pool::RESERVED_MEMORY_PERCENT`].
+    pub fn storage_capacity_mb(&self) -> u64 {
+        self.budget.maxmemory / 100 * (100 - crate::pool::RESERVED_MEMORY_PERCENT) / 1_000_000
     }
 
     pub fn addr(&self) -> String {
@@ -222,8 +313,17 @@ impl Node {
              aclfile {dir}/users.acl\n\
              enable-debug-command no\nenable-module-command no\nenable-protected-configs no\n\
              sanitize-dump-payload yes\n\
-             notify-keyspace-events \"{events}\"\n",
+             notify-keyspace-events \"{events}\"\n\
+             maxmemory {maxmemory}\nmaxmemory-policy {policy}\n\
+             busy-reply-threshold {busy_ms}\n\
+             client-output-buffer-limit normal {hard} {soft} {secs}\n",
             events = self.keyspace_events.lock().unwrap(),
+            maxmemory = self.budget.maxmemory,
+            policy = NODE_MAXMEMORY_POLICY,
+            busy_ms = self.script_time_limit.as_millis().max(1),
+            hard = OUTPUT_BUFFER_HARD,
+            soft = OUTPUT_BUFFER_SOFT,
+            secs = OUTPUT_BUFFER_SECONDS,
             host = self.spec.host,
             port = self.spec.port,
             databases = self.databases,
@@ -265,31 +365,269 @@ impl Node {
 
     /// One health check: AUTH and PING on a fresh connection, bounded in time.
     pub async fn ping(&self) -> bool {
-        let check = async {
+        self.check(Duration::from_millis(500)).await == Health::Up
+    }
+
+    /// Whether the node answered its last health check (updated every [`HEALTH_INTERVAL`]
+    /// by the engine; false while it runs a script past its limit, is down or restarting).
+    /// Placement never chooses an unhealthy node.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Marks the node unhealthy until its next good health check (e.g. after a provisioning
+    /// request to it timed out).
+    pub fn mark_unhealthy(&self) {
+        if self.healthy.swap(false, Ordering::SeqCst) {
+            metrics::gauge!("shoal_node_healthy", "node" => self.spec.name.clone()).set(0.0);
+        }
+    }
+
+    fn set_healthy(&self, up: bool) {
+        let was = self.healthy.swap(up, Ordering::SeqCst);
+        if was != up {
+            if up {
+                tracing::info!(node = %self.spec.name, "node healthy");
+            } else {
+                tracing::warn!(node = %self.spec.name, "node unhealthy: new caches go elsewhere");
+            }
+        }
+        metrics::gauge!("shoal_node_healthy", "node" => self.spec.name.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
+    /// Sends `AUTH <admin>` and then `args` on a fresh connection; the first line of the reply
+    /// to `args` (`+PONG`, `-BUSY …`), or None if nothing came within `timeout`. AUTH is
+    /// answered even while a script runs; most commands get `-BUSY` then.
+    async fn admin_raw(&self, args: &[&str], timeout: Duration) -> Option<String> {
+        let exchange = async {
             let mut s = TcpStream::connect(self.addr()).await.ok()?;
-            let cmd = format!(
-                "*3\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n${}\r\n{}\r\n*1\r\n$4\r\nPING\r\n",
-                ADMIN_USER.len(),
-                ADMIN_USER,
-                self.admin_password.len(),
-                self.admin_password
-            );
-            s.write_all(cmd.as_bytes()).await.ok()?;
-            let mut buf = Vec::with_capacity(32);
-            while !buf.ends_with(b"+PONG\r\n") && buf.len() < 256 {
-                let mut chunk = [0u8; 64];
+            let mut cmd = resp_command(&["AUTH", ADMIN_USER, &self.admin_password]);
+            cmd.extend(resp_command(args));
+            s.write_all(&cmd).await.ok()?;
+            let mut buf = Vec::with_capacity(128);
+            loop {
+                let mut chunk = [0u8; 256];
                 let n = s.read(&mut chunk).await.ok()?;
                 if n == 0 {
                     return None;
                 }
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.starts_with(b"-") {
+                let text = String::from_utf8_lossy(&buf);
+                // The last piece is an incomplete line (or empty).
+                let lines: Vec<&str> = text.split("\r\n").collect();
+                let complete = lines.len() - 1;
+                if complete >= 1 && !lines[0].starts_with('+') {
+                    return Some(lines[0].to_string());
+                }
+                if complete >= 2 {
+                    return Some(lines[1].to_string());
+                }
+                if buf.len() > 64 * 1024 {
                     return None;
                 }
             }
-            Some(())
         };
-        matches!(tokio::time::timeout(Duration::from_millis(500), check).await, Ok(Some(())))
+        tokio::time::timeout(timeout, exchange).await.ok().flatten()
+    }
+
+    /// One health check (see [`Health`]).
+    pub async fn check(&self, timeout: Duration) -> Health {
+        match self.admin_raw(&["PING"], timeout).await {
+            Some(r) if r == "+PONG" => Health::Up,
+            Some(r) if r.starts_with("-BUSY") => Health::Busy,
+            _ => Health::Down,
+        }
+    }
+
+    /// Ends the child with SIGKILL; the supervisor restarts it from its AOF (a script's
+    /// effects are written to the AOF only when it finishes, so nothing of it is kept).
+    fn kill_child(&self, reason: &'static str) {
+        let Some(pid) = self.pid() else { return };
+        *self.kill_reason.lock().unwrap() = Some(reason);
+        self.set_healthy(false);
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+
+    /// The script watchdog: the node has answered `-BUSY`, i.e. a script has run longer than
+    /// `busy-reply-threshold` (= the script time limit). `SCRIPT KILL` as the platform; a
+    /// script that already wrote cannot be killed (`-UNKILLABLE`), so the node is ended and
+    /// restarted instead.
+    async fn kill_script(&self) {
+        let node = self.spec.name.clone();
+        match self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await.as_deref() {
+            Some("+OK") => {
+                tracing::warn!(node, limit = ?self.script_time_limit, "script ran past the time limit: killed (SCRIPT KILL)");
+                metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed")
+                    .increment(1);
+            }
+            Some(r) if r.starts_with("-UNKILLABLE") => {
+                tracing::warn!(node, limit = ?self.script_time_limit,
+                    "script ran past the time limit after writing (UNKILLABLE): restarting the node from its AOF");
+                metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "node_restarted")
+                    .increment(1);
+                self.kill_child("script ran past the time limit and could not be killed");
+            }
+            // NOTBUSY: it finished meanwhile; None: try again at the next check.
+            _ => {}
+        }
+    }
+
+    /// `used_memory_vm_eval + used_memory_scripts_eval` (Lua's heap and the script cache),
+    /// from `INFO memory`.
+    async fn script_memory(&self) -> Option<u64> {
+        let mut conn =
+            tokio::time::timeout(HEALTH_TIMEOUT, crate::pool::admin_conn(self)).await.ok()?.ok()?;
+        let info: String =
+            tokio::time::timeout(HEALTH_TIMEOUT, redis::cmd("INFO").arg("memory").query_async(&mut conn))
+                .await
+                .ok()?
+                .ok()?;
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Some(field("used_memory_vm_eval") + field("used_memory_scripts_eval"))
+    }
+
+    /// Flushes the node's script cache if Lua uses more than the budget: `SCRIPT FLUSH ASYNC`
+    /// also replaces the Lua interpreter, which frees what scripts left behind. Clients reload
+    /// their scripts (`EVALSHA` answers `-NOSCRIPT`, and client libraries fall back to `EVAL`).
+    async fn check_script_memory(&self) {
+        let Some(used) = self.script_memory().await else { return };
+        if used <= self.budget.script_memory_limit {
+            return;
+        }
+        let node = self.spec.name.clone();
+        if self.admin_raw(&["SCRIPT", "FLUSH", "ASYNC"], HEALTH_TIMEOUT).await.as_deref() == Some("+OK") {
+            tracing::warn!(
+                node,
+                used,
+                limit = self.budget.script_memory_limit,
+                "Lua memory over its budget: script cache flushed"
+            );
+            metrics::counter!("shoal_node_script_cache_flushes_total", "node" => node).increment(1);
+        }
+    }
+
+    /// The health loop: checks the node every [`HEALTH_INTERVAL`], keeps [`Node::healthy`],
+    /// kills scripts past the time limit and keeps Lua's memory within its budget.
+    async fn watch_health(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_memory_check = Instant::now();
+        while !self.stopping.load(Ordering::SeqCst) {
+            tick.tick().await;
+            if self.pid().is_none() {
+                self.set_healthy(false);
+                continue;
+            }
+            match self.check(HEALTH_TIMEOUT).await {
+                Health::Up => {
+                    self.set_healthy(true);
+                    if last_memory_check.elapsed() >= Duration::from_secs(1) {
+                        last_memory_check = Instant::now();
+                        self.check_script_memory().await;
+                    }
+                }
+                Health::Busy => {
+                    self.set_healthy(false);
+                    self.kill_script().await;
+                }
+                Health::Down => self.set_healthy(false),
+            }
+        }
+    }
+
+    /// The memory guard: Lua's memory counts against no `maxmemory`, so a script can grow a
+    /// node without bound. Every [`MEMORY_GUARD_INTERVAL`], past [`NodeBudget::rss_limit`]
+    /// resident: a node that answers gets its script cache flushed (which frees Lua's heap);
+    /// one running a script gets `SCRIPT KILL`; one that does not answer (a script inside a
+    /// single big allocation, or not yet past the time limit) is ended and restarted from its
+    /// AOF before the kernel's OOM killer would end it, or a neighbour.
+    async fn guard_memory(self: Arc<Self>) {
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let mut last_warning: Option<Instant> = None;
+        while !self.stopping.load(Ordering::SeqCst) {
+            tokio::time::sleep(MEMORY_GUARD_INTERVAL).await;
+            let Some(pid) = self.pid() else { continue };
+            let Some(rss) = resident_pages(pid).map(|p| p * page) else { continue };
+            if rss <= self.budget.rss_limit {
+                continue;
+            }
+            let node = self.spec.name.clone();
+            let limit = self.budget.rss_limit;
+            match self.check(Duration::from_millis(300)).await {
+                Health::Up => {
+                    let lua = self.script_memory().await.unwrap_or(0);
+                    if lua > self.budget.script_memory_limit {
+                        if self.admin_raw(&["SCRIPT", "FLUSH", "ASYNC"], HEALTH_TIMEOUT).await.as_deref()
+                            == Some("+OK")
+                        {
+                            tracing::warn!(
+                                node,
+                                rss,
+                                limit,
+                                lua,
+                                "node memory over its guard, Lua's: script cache flushed"
+                            );
+                            metrics::counter!("shoal_node_script_cache_flushes_total", "node" => node)
+                                .increment(1);
+                        }
+                    } else if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        last_warning = Some(Instant::now());
+                        tracing::warn!(
+                            node,
+                            rss,
+                            limit,
+                            "node resident memory over its guard (not Lua's); left running"
+                        );
+                    }
+                }
+                Health::Busy => {
+                    tracing::warn!(
+                        node,
+                        rss,
+                        limit,
+                        "node memory over its guard while a script runs: killing the script"
+                    );
+                    match self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await.as_deref() {
+                        Some("+OK") => {
+                            metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed")
+                                .increment(1);
+                        }
+                        _ => {
+                            tracing::warn!(
+                                node,
+                                rss,
+                                limit,
+                                "script could not be killed: restarting the node from its AOF"
+                            );
+                            metrics::counter!("shoal_node_memory_kills_total", "node" => node).increment(1);
+                            self.kill_child("memory over its guard while a script could not be killed");
+                        }
+                    }
+                }
+                Health::Down => {
+                    tracing::warn!(
+                        node,
+                        rss,
+                        limit,
+                        "node memory over its guard and not answering: restarting the node from its AOF"
+                    );
+                    metrics::counter!("shoal_node_memory_kills_total", "node" => node).increment(1);
+                    self.kill_child("memory over its guard while not answering");
+                }
+            }
+            // Give the action time to take effect before looking again.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Starts the child and waits for it to be ready; then keeps it running until [`Node::stop`].
@@ -304,8 +642,11 @@ impl Node {
             let _ = child.kill().await;
             return Err(e);
         }
+        self.set_healthy(true);
         let node = Arc::clone(self);
         tokio::spawn(async move { node.supervise(child).await });
+        tokio::spawn(Arc::clone(self).watch_health());
+        tokio::spawn(Arc::clone(self).guard_memory());
         Ok(())
     }
 
@@ -318,7 +659,14 @@ impl Node {
                     if self.stopping.load(Ordering::SeqCst) {
                         break;
                     }
-                    tracing::warn!(node = %self.spec.name, ?status, "valkey-server exited; restarting");
+                    self.set_healthy(false);
+                    let reason = self.kill_reason.lock().unwrap().take();
+                    match reason {
+                        Some(reason) => tracing::warn!(node = %self.spec.name, reason, "valkey-server ended by the engine; restarting"),
+                        None => tracing::warn!(node = %self.spec.name, ?status, "valkey-server exited; restarting"),
+                    }
+                    metrics::counter!("shoal_node_restarts_total", "node" => self.spec.name.clone(),
+                        "reason" => if reason.is_some() { "engine" } else { "exited" }).increment(1);
                     child = loop {
                         match self.spawn() {
                             Ok(c) => break c,
@@ -354,6 +702,38 @@ impl Node {
         }
         self.stop.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(10), stopped).await;
+    }
+}
+
+/// A command as a RESP array of bulk strings.
+fn resp_command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Resident pages of a process (`/proc/<pid>/statm`, second field).
+fn resident_pages(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The default `maxmemory` of each of `nodes` nodes: half the host's memory
+/// (`MemTotal` of /proc/meminfo), shared equally; 1 GB where /proc/meminfo cannot be read.
+pub fn default_maxmemory(nodes: usize) -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match total {
+        Some(bytes) => bytes / 2 / nodes.max(1) as u64,
+        None => 1_000_000_000,
     }
 }
 

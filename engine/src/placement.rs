@@ -2,6 +2,8 @@
 //!
 //! Pure functions over the current allocations (which live in the control plane's store).
 //! Database 0 of each node is reserved for the platform; caches get 1..databases.
+//! A node is chosen only if it is healthy (it answered its last health check) and the storage
+//! limits of its caches, the new one's included, fit in its capacity.
 
 use std::collections::HashSet;
 
@@ -13,6 +15,30 @@ pub struct NodeLoad {
     pub databases: u32,
     /// Databases taken by live caches (or waiting to be flushed).
     pub taken: HashSet<u32>,
+    /// It answered its last health check ([`crate::node::Node::healthy`]).
+    pub healthy: bool,
+    /// MB of storage limits the node may hold ([`crate::node::Node::storage_capacity_mb`]).
+    pub capacity_mb: u64,
+    /// MB of storage limits its caches hold already.
+    pub reserved_mb: u64,
+}
+
+impl NodeLoad {
+    /// MB of storage limits still free on the node.
+    pub fn free_mb(&self) -> u64 {
+        self.capacity_mb.saturating_sub(self.reserved_mb)
+    }
+}
+
+/// Why no node could take a cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoPlacement {
+    /// No healthy node has `count` consecutive free databases.
+    Full,
+    /// Every node that could take it is unhealthy.
+    NoHealthyNode,
+    /// No healthy node has room for the cache's storage limit; the most any has left.
+    NoRoom { largest_free_mb: u64 },
 }
 
 /// A database chosen for a cache: `databases` consecutive numbers from `db`.
@@ -22,13 +48,26 @@ pub struct Allocation {
     pub db: u32,
 }
 
-/// Chooses the least loaded node with `count` consecutive free databases, and the lowest such
-/// run on it. Ties go to the node listed first. `None` when the pool is full.
-pub fn choose(nodes: &[NodeLoad], count: u32) -> Option<Allocation> {
+/// Chooses the least loaded healthy node with `count` consecutive free databases and room for
+/// `storage_mb` more of storage limits, and the lowest such run on it. Ties go to the node
+/// listed first.
+pub fn choose(nodes: &[NodeLoad], count: u32, storage_mb: u64) -> Result<Allocation, NoPlacement> {
     let count = count.max(1);
     let mut order: Vec<&NodeLoad> = nodes.iter().collect();
     order.sort_by_key(|n| n.taken.len());
-    order.into_iter().find_map(|n| first_free_run(n, count).map(|db| Allocation { node: n.node.clone(), db }))
+    let with_dbs: Vec<(&NodeLoad, u32)> =
+        order.into_iter().filter_map(|n| first_free_run(n, count).map(|db| (n, db))).collect();
+    let healthy: Vec<&(&NodeLoad, u32)> = with_dbs.iter().filter(|(n, _)| n.healthy).collect();
+    if healthy.is_empty() {
+        return Err(if with_dbs.is_empty() { NoPlacement::Full } else { NoPlacement::NoHealthyNode });
+    }
+    healthy
+        .iter()
+        .find(|(n, _)| n.free_mb() >= storage_mb)
+        .map(|(n, db)| Allocation { node: n.node.clone(), db: *db })
+        .ok_or_else(|| NoPlacement::NoRoom {
+            largest_free_mb: healthy.iter().map(|(n, _)| n.free_mb()).max().unwrap_or(0),
+        })
 }
 
 fn first_free_run(node: &NodeLoad, count: u32) -> Option<u32> {
@@ -47,31 +86,58 @@ mod tests {
     use super::*;
 
     fn load(node: &str, databases: u32, taken: &[u32]) -> NodeLoad {
-        NodeLoad { node: node.into(), databases, taken: taken.iter().copied().collect() }
+        NodeLoad {
+            node: node.into(),
+            databases,
+            taken: taken.iter().copied().collect(),
+            healthy: true,
+            capacity_mb: 1000,
+            reserved_mb: 0,
+        }
     }
 
     #[test]
     fn picks_the_least_loaded_node_and_lowest_free_database() {
         let nodes = [load("n0", 8, &[1, 2]), load("n1", 8, &[1])];
-        assert_eq!(choose(&nodes, 1), Some(Allocation { node: "n1".into(), db: 2 }));
+        assert_eq!(choose(&nodes, 1, 0), Ok(Allocation { node: "n1".into(), db: 2 }));
     }
 
     #[test]
     fn never_hands_out_database_zero_and_reuses_holes() {
         let nodes = [load("n0", 4, &[2])];
-        assert_eq!(choose(&nodes, 1), Some(Allocation { node: "n0".into(), db: 1 }));
+        assert_eq!(choose(&nodes, 1, 0), Ok(Allocation { node: "n0".into(), db: 1 }));
     }
 
     #[test]
     fn multi_database_caches_get_a_consecutive_run() {
         let nodes = [load("n0", 8, &[2, 5])];
-        assert_eq!(choose(&nodes, 2), Some(Allocation { node: "n0".into(), db: 3 }));
-        assert_eq!(choose(&nodes, 3), None);
+        assert_eq!(choose(&nodes, 2, 0), Ok(Allocation { node: "n0".into(), db: 3 }));
+        assert_eq!(choose(&nodes, 3, 0), Err(NoPlacement::Full));
     }
 
     #[test]
     fn full_pool_gives_none() {
         let nodes = [load("n0", 3, &[1, 2]), load("n1", 2, &[1])];
-        assert_eq!(choose(&nodes, 1), None);
+        assert_eq!(choose(&nodes, 1, 0), Err(NoPlacement::Full));
+    }
+
+    #[test]
+    fn unhealthy_nodes_are_skipped() {
+        let mut n0 = load("n0", 8, &[]);
+        n0.healthy = false;
+        let nodes = [n0.clone(), load("n1", 8, &[1, 2, 3])];
+        assert_eq!(choose(&nodes, 1, 0), Ok(Allocation { node: "n1".into(), db: 4 }));
+        assert_eq!(choose(&[n0], 1, 0), Err(NoPlacement::NoHealthyNode));
+    }
+
+    #[test]
+    fn storage_limits_must_fit_the_node() {
+        let mut n0 = load("n0", 8, &[]);
+        n0.reserved_mb = 950;
+        let mut n1 = load("n1", 8, &[1]);
+        n1.reserved_mb = 800;
+        let nodes = [n0, n1];
+        assert_eq!(choose(&nodes, 1, 100), Ok(Allocation { node: "n1".into(), db: 2 }));
+        assert_eq!(choose(&nodes, 1, 201), Err(NoPlacement::NoRoom { largest_free_mb: 200 }));
     }
 }

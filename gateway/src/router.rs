@@ -10,8 +10,8 @@ use crate::GatewayError;
 use shoal_types::{
     CacheId, CacheLimits, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest,
 };
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -78,6 +78,17 @@ impl ControlPlaneClient {
             Ok(())
         } else {
             Err(GatewayError::ControlPlane(format!("client-tracking answered {}", resp.status())))
+        }
+    }
+
+    /// Asks the control plane to sample a cache's storage now (it answers once recorded).
+    pub async fn sample_storage(&self, id: &CacheId) -> Result<(), GatewayError> {
+        let url = format!("{}/internal/v1/caches/{}/storage-sample", self.base, id);
+        let resp = self.send(self.http.post(url)).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(GatewayError::ControlPlane(format!("storage-sample answered {}", resp.status())))
         }
     }
 
@@ -166,18 +177,80 @@ pub enum Verified {
 }
 
 /// A cache's route as this gateway's sessions share it, updated in place by the refresh.
+///
+/// It also keeps the storage limit tight between two storage samples: the route carries the
+/// cache's bytes at its last sample and when that sample started; the gateway counts the
+/// request bytes of the writes it forwarded since then (commands refused when full: Valkey's
+/// `denyoom` ones and scripts) and treats the cache as full once `sampled bytes + written
+/// since ≥ data_storage_mb`. It then asks the control plane for a sample right away (the next
+/// refresh, within [`REFRESH_INTERVAL`]), which evicts or marks the cache full, and the route
+/// it refreshes next carries the new measurement.
 pub struct LiveRoute {
     route: RwLock<TenantRoute>,
     /// `route.storage_full`, readable on every command without a lock.
     storage_full: AtomicBool,
+    /// Request bytes of the writes forwarded for this cache by this gateway, ever.
+    written: AtomicU64,
+    /// `written` when the route's storage sample started: what came after is not in it.
+    written_at_sample: AtomicU64,
+    /// The storage limit less the sampled bytes (≤ 0: at or over the limit); `i64::MAX`
+    /// without a limit.
+    room: AtomicI64,
+    /// The estimate reached the limit: [`Router::refresh`] asks for a sample now.
+    sample_wanted: AtomicBool,
+    /// `(wall-clock ms, written)` at each refresh (the last minute), to find which writes a
+    /// new sample already saw.
+    history: Mutex<VecDeque<(i64, u64)>>,
+    /// Writes past the limit allowed while the sample that evicts is on its way: the limit
+    /// for a `volatile-lru` cache, 0 for a `noeviction` one.
+    eviction_allowance: AtomicI64,
+}
+
+/// Refreshes kept in [`LiveRoute`]'s history (a minute of them).
+const HISTORY: usize = 120;
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl LiveRoute {
     fn new(route: TenantRoute) -> Self {
-        LiveRoute { storage_full: AtomicBool::new(route.storage_full), route: RwLock::new(route) }
+        LiveRoute {
+            storage_full: AtomicBool::new(route.storage_full),
+            room: AtomicI64::new(room(&route)),
+            written: AtomicU64::new(0),
+            written_at_sample: AtomicU64::new(0),
+            sample_wanted: AtomicBool::new(false),
+            history: Mutex::new(VecDeque::from([(wall_ms(), 0)])),
+            eviction_allowance: AtomicI64::new(eviction_allowance(&route)),
+            route: RwLock::new(route),
+        }
     }
 
     fn set(&self, route: TenantRoute) {
+        let written = self.written.load(Ordering::Relaxed);
+        let new_sample = route.storage_sampled_at_ms != self.route.read().unwrap().storage_sampled_at_ms;
+        {
+            let mut history = self.history.lock().unwrap();
+            let sampled_at = route.storage_sampled_at_ms;
+            if new_sample {
+                // The newest point taken before the sample started: writes after it may not
+                // be in the sample (counting some twice errs on the safe side).
+                let baseline = history
+                    .iter()
+                    .rev()
+                    .find(|(at, _)| *at <= sampled_at)
+                    .or(history.front())
+                    .map_or(0, |(_, w)| *w);
+                self.written_at_sample.store(baseline, Ordering::Relaxed);
+            }
+            history.push_back((wall_ms(), written));
+            while history.len() > HISTORY {
+                history.pop_front();
+            }
+        }
+        self.room.store(room(&route), Ordering::Relaxed);
+        self.eviction_allowance.store(eviction_allowance(&route), Ordering::Relaxed);
         self.storage_full.store(route.storage_full, Ordering::Relaxed);
         *self.route.write().unwrap() = route;
     }
@@ -194,6 +267,60 @@ impl LiveRoute {
     /// The cache is over its storage limit even after evictions: writes are refused.
     pub fn storage_full(&self) -> bool {
         self.storage_full.load(Ordering::Relaxed)
+    }
+
+    /// For a write of `bytes` (a command refused when full): true when it must be refused
+    /// because the cache is full, by the sampler's flag or by the estimate (sampled bytes
+    /// plus the writes since ≥ the limit); otherwise counts it and returns false. At the
+    /// limit the gateway asks for a sample now. A `noeviction` cache's writes are refused from
+    /// there; a `volatile-lru` cache's go on, up to the limit once more, since that sample
+    /// evicts keys with a TTL (as Valkey evicts rather than refuse).
+    pub fn refuses_write(&self, bytes: u64) -> bool {
+        if self.storage_full() {
+            return true;
+        }
+        let since = self
+            .written
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.written_at_sample.load(Ordering::Relaxed));
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let room = self.room.load(Ordering::Relaxed);
+        if since >= room {
+            self.sample_wanted.store(true, Ordering::Relaxed);
+            if since >= room.saturating_add(self.eviction_allowance.load(Ordering::Relaxed)) {
+                return true;
+            }
+        }
+        self.written.fetch_add(write_cost(bytes), Ordering::Relaxed);
+        false
+    }
+}
+
+/// See [`LiveRoute::eviction_allowance`].
+fn eviction_allowance(route: &TenantRoute) -> i64 {
+    match (route.eviction_policy.as_str(), route.limits.data_storage_mb) {
+        ("volatile-lru", Some(mb)) => i64::try_from(mb.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
+        _ => 0,
+    }
+}
+
+/// What a write of `bytes` request bytes is counted for: a key stored costs more than its
+/// request (Valkey's per-key objects, and allocator size classes that round up by up to 25%),
+/// so counting 1.25 × + 64 keeps the estimate at or above the growth it can cause, and the
+/// cache within its limit plus one request. Overwrites are counted too: near the limit they
+/// cost an extra sample, never bytes over it.
+fn write_cost(bytes: u64) -> u64 {
+    bytes + bytes / 4 + 64
+}
+
+/// Bytes a cache may still write before its estimate reaches its storage limit.
+fn room(route: &TenantRoute) -> i64 {
+    match route.limits.data_storage_mb {
+        Some(mb) => {
+            let limit = i64::try_from(mb.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
+            limit.saturating_sub(i64::try_from(route.storage_bytes).unwrap_or(i64::MAX))
+        }
+        None => i64::MAX,
     }
 }
 
@@ -263,14 +390,27 @@ impl Router {
 
     /// Fetches the routes of caches in use again; forgets the others once their `ttl` is over.
     pub async fn refresh(&self) -> Result<(), GatewayError> {
-        let ids: Vec<CacheId> = {
+        let (ids, to_sample): (Vec<CacheId>, Vec<CacheId>) = {
             let mut cache = self.cache.lock().unwrap();
             // A session holds a clone of `live`: more than one strong count means in use.
             cache.retain(|_, e| Arc::strong_count(&e.live) > 1 || e.fetched.elapsed() < self.ttl);
-            cache.keys().cloned().collect()
+            let to_sample = cache
+                .iter()
+                .filter(|(_, e)| e.live.sample_wanted.swap(false, Ordering::Relaxed))
+                .map(|(id, _)| id.clone())
+                .collect();
+            (cache.keys().cloned().collect(), to_sample)
         };
         if ids.is_empty() {
             return Ok(());
+        }
+        // Caches whose estimate reached their limit: measured now, so the routes fetched
+        // below carry the measurement.
+        let samples = to_sample.iter().map(|id| self.client.sample_storage(id));
+        for (id, done) in to_sample.iter().zip(futures_util::future::join_all(samples).await) {
+            if let Err(e) = done {
+                tracing::debug!(cache = %id, error = %e, "could not ask for a storage sample");
+            }
         }
         let asked = Instant::now();
         let mut routes: HashMap<CacheId, TenantRoute> = HashMap::new();

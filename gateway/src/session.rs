@@ -751,7 +751,7 @@ impl Session {
             }
         }
         if let (Some(t), Some(spec)) = (&self.tenant, spec) {
-            if t.live.storage_full() && spec.refused_when_full() {
+            if spec.refused_when_full() && t.live.refuses_write(frame.len as u64) {
                 return self.refuse(STORAGE_FULL);
             }
         }

@@ -106,6 +106,16 @@ pub struct TenantRoute {
     /// evicting keys with a TTL: the gateway then refuses writes with `-OOM`.
     #[serde(default)]
     pub storage_full: bool,
+    /// The cache's stored bytes at its last storage sample (0 before the first), and when
+    /// that sample started (Unix ms; 0 = none yet). The gateway adds the bytes of writes it
+    /// forwarded since then, so a burst cannot outrun the sampler (see `LiveRoute`).
+    #[serde(default)]
+    pub storage_bytes: u64,
+    #[serde(default)]
+    pub storage_sampled_at_ms: i64,
+    /// `volatile-lru` or `noeviction`: at its limit, whether a write may wait for eviction.
+    #[serde(default)]
+    pub eviction_policy: String,
 }
 
 /// A cache's usage limits, like ElastiCache Serverless' `CacheUsageLimits`. `None` = unlimited.

@@ -37,14 +37,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// Usage limits of a cache; absent = unlimited.
+/// Usage limits of a cache; absent = unlimited, except `data_storage_mb`, which every cache
+/// has (the control plane's `default_data_storage_mb`, 100 by default, when not given).
 #[derive(Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// ECPU per second (1–15,000,000); over it commands wait up to 10 ms, then get `-THROTTLED`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ecpu_per_second: Option<u64>,
-    /// Stored data in MB (1–5,000,000); over it keys with a TTL are evicted, then writes get `-OOM`.
+    /// Stored data in MB (1–5,000,000; default 100); over it keys with a TTL are evicted, then
+    /// writes get `-OOM`. The limits of the caches on one node add up to at most 75% of its
+    /// memory: a limit no node has room for is refused with 422.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_storage_mb: Option<u64>,
     /// Concurrent client connections per gateway (1–65,000, and at most the gateways'
@@ -335,21 +338,41 @@ async fn create(
     if !state.store.caches_page(&same_name).await?.is_empty() {
         return Err(ApiError::Conflict(format!("a cache named {:?} already exists", body.name)));
     }
+    let mut limits = limits;
+    let storage_mb = *limits.data_storage_mb.get_or_insert(state.config.default_data_storage_mb);
     let mut loads = state.pool.loads();
     for (node, db) in state.store.taken_databases().await? {
         if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
             load.taken.insert(db);
         }
     }
-    let chosen = placement::choose(&loads, databases).ok_or(shoal_engine::EngineError::Full)?;
+    for (node, mb) in reserved_storage(state, None).await? {
+        if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
+            load.reserved_mb = mb;
+        }
+    }
     let id = CacheId::generate();
-    let acl = TenantAcl {
-        user: id.acl_user(),
-        password: shoal_engine::node::random_secret(),
-        db: chosen.db,
-        databases,
+    // A node that does not answer in time is marked unhealthy and the next one is tried.
+    let (chosen, acl) = loop {
+        let chosen =
+            placement::choose(&loads, databases, storage_mb).map_err(|e| no_placement(e, storage_mb))?;
+        let acl = TenantAcl {
+            user: id.acl_user(),
+            password: shoal_engine::node::random_secret(),
+            db: chosen.db,
+            databases,
+        };
+        match state.pool.create_tenant(&chosen.node, &acl).await {
+            Ok(()) => break (chosen, acl),
+            Err(e) => {
+                tracing::warn!(node = %chosen.node, error = %e, "could not provision a cache on this node; trying another");
+                forget_half_made_tenant(state, &chosen.node, &acl.user);
+                for load in loads.iter_mut().filter(|l| l.node == chosen.node) {
+                    load.healthy = false;
+                }
+            }
+        }
     };
-    state.pool.create_tenant(&chosen.node, &acl).await?;
     let now = store::now();
     let record = CacheRecord {
         id,
@@ -390,6 +413,70 @@ async fn create(
     }
     tracing::info!(cache = %record.id, node = %record.node, db = record.db, "cache created");
     Ok(Cache::from_record(&record, &state.config.public_endpoint, who))
+}
+
+/// MB of storage limits held on each node by its live caches (`except` one of them), caches
+/// without a stored limit counting the default.
+async fn reserved_storage(
+    state: &AppState,
+    except: Option<&CacheId>,
+) -> Result<BTreeMap<String, u64>, ApiError> {
+    let mut reserved = BTreeMap::new();
+    for cache in state.store.caches(None).await? {
+        if Some(&cache.id) == except {
+            continue;
+        }
+        let mb = cache.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
+        *reserved.entry(cache.node.clone()).or_insert(0) += mb;
+    }
+    Ok(reserved)
+}
+
+/// The problem a create gets when no node can take the cache.
+fn no_placement(e: placement::NoPlacement, storage_mb: u64) -> ApiError {
+    match e {
+        placement::NoPlacement::Full => shoal_engine::EngineError::Full.into(),
+        placement::NoPlacement::NoHealthyNode => {
+            tracing::warn!("no healthy node for a new cache");
+            ApiError::Unavailable(
+                "no cache node is healthy right now (restarting or not answering); try again shortly".into(),
+            )
+        }
+        placement::NoPlacement::NoRoom { largest_free_mb } => no_room(storage_mb, largest_free_mb),
+    }
+}
+
+fn no_room(storage_mb: u64, free_mb: u64) -> ApiError {
+    ApiError::Unprocessable {
+        detail: format!(
+            "no node has room for data_storage_mb = {storage_mb}: the most a node can still take is \
+             {free_mb} MB (the storage limits of the caches on a node add up to at most {}% of its memory)",
+            100 - shoal_engine::RESERVED_MEMORY_PERCENT
+        ),
+        field: Some("limits.data_storage_mb".into()),
+    }
+}
+
+/// A create whose provisioning on `node` failed (timed out) may still run there later:
+/// once the node answers again, remove the ACL user it would have made. Its database is
+/// flushed anyway when a cache gets it.
+fn forget_half_made_tenant(state: &AppState, node: &str, user: &str) {
+    let pool = state.pool.clone();
+    let (node, user) = (node.to_string(), user.to_string());
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let Ok(n) = pool.node(&node) else { return };
+            if !n.healthy() {
+                continue;
+            }
+            // Let whatever was queued on the node run first.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if pool.delete_cache_users(&node, std::slice::from_ref(&user)).await.is_ok() {
+                return;
+            }
+        }
+    });
 }
 
 /// List caches the caller can see, oldest first, a page at a time.
@@ -452,7 +539,7 @@ pub async fn get_cache(
     responses((status = 200, body = Cache), (status = 400, body = crate::error::Problem),
               (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
               (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 412, body = crate::error::Problem)),
+              (status = 412, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "caches")]
 pub async fn patch_cache(
     state: web::Data<AppState>,
@@ -489,6 +576,8 @@ pub async fn patch_cache(
             detail: format!("invalid limits: {e}"),
         })?;
         next.limits = limits.validate(state.config.gateway_max_connections)?;
+        // No storage limit means the default one.
+        next.limits.data_storage_mb.get_or_insert(state.config.default_data_storage_mb);
         changed.push("limits");
     }
     if let Some(p) = patch.eviction_policy {
@@ -504,6 +593,26 @@ pub async fn patch_cache(
         next.keyspace_events = shoal_engine::tenant::parse_keyspace_events(&k)
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
         changed.push("keyspace_notifications");
+    }
+    // A bigger storage limit must fit the node (one check at a time, like placement).
+    let _placing = state.placement_lock.lock().await;
+    let old_mb = current.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
+    let new_mb = next.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
+    if new_mb > old_mb {
+        let capacity = state.pool.node(&current.node)?.storage_capacity_mb();
+        let others = reserved_storage(&state, Some(&current.id)).await?.remove(&current.node).unwrap_or(0);
+        if others + new_mb > capacity {
+            return Err(ApiError::Unprocessable {
+                detail: format!(
+                    "the cache's node has no room for data_storage_mb = {new_mb}: it can take at most \
+                     {} MB for this cache (the storage limits of the caches on a node add up to at most {}% \
+                     of its memory)",
+                    capacity.saturating_sub(others),
+                    100 - shoal_engine::RESERVED_MEMORY_PERCENT
+                ),
+                field: Some("limits.data_storage_mb".into()),
+            });
+        }
     }
     let mut event = ctx.cache_event(&who, "cache.update", current.id.as_str(), &current);
     event.details = serde_json::json!({ "fields": changed });

@@ -12,6 +12,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/routes/{id}", web::get().to(route))
         .route("/internal/v1/routes", web::post().to(routes))
         .route("/internal/v1/caches/{id}/client-tracking", web::post().to(enable_client_tracking))
+        .route("/internal/v1/caches/{id}/storage-sample", web::post().to(sample_storage))
         .route("/internal/v1/revocations", web::get().to(revocations))
         .route("/internal/v1/caches/{id}/users/verify", web::post().to(verify_user))
         .route("/internal/v1/audit", web::post().to(login_events))
@@ -39,8 +40,8 @@ async fn route(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let cache = internal_cache(&state, &req, &id).await?;
-    let full = state.store.cache_storage(&cache.id).await?.is_some_and(|s| s.storage_full);
-    Ok(HttpResponse::Ok().json(tenant_route(&state, cache, full)?))
+    let storage = state.store.cache_storage(&cache.id).await?;
+    Ok(HttpResponse::Ok().json(tenant_route(&state, cache, storage.as_ref())?))
 }
 
 /// Most routes one request may ask for (gateways ask in chunks of this many).
@@ -63,18 +64,25 @@ async fn routes(
         return Err(ApiError::field("ids", format!("at most {MAX_ROUTES} ids per request")));
     }
     let ids: Vec<CacheId> = body.ids.iter().filter_map(|id| CacheId::parse(id).ok()).collect();
-    let full = state.store.storage_full_caches().await?;
+    let storage = state.store.caches_storage(&ids).await?;
     let mut routes = Vec::with_capacity(ids.len());
     for cache in state.store.live_caches(&ids).await? {
-        let is_full = full.contains(&cache.id);
-        routes.push(tenant_route(&state, cache, is_full)?);
+        let sample = storage.get(&cache.id);
+        routes.push(tenant_route(&state, cache, sample)?);
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "routes": routes })))
 }
 
 /// What a gateway needs to serve a cache.
-fn tenant_route(state: &AppState, cache: CacheRecord, storage_full: bool) -> Result<TenantRoute, ApiError> {
+fn tenant_route(
+    state: &AppState,
+    cache: CacheRecord,
+    storage: Option<&crate::store::CacheStorage>,
+) -> Result<TenantRoute, ApiError> {
     let node = state.pool.node(&cache.node).map_err(ApiError::from)?;
+    let mut limits = cache.limits;
+    // Caches stored before storage limits had a default get it here too.
+    limits.data_storage_mb = Some(limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb));
     Ok(TenantRoute {
         acl_user: cache.id.acl_user(),
         cache_id: cache.id,
@@ -86,9 +94,26 @@ fn tenant_route(state: &AppState, cache: CacheRecord, storage_full: bool) -> Res
         observer_user: shoal_engine::node::OBSERVER_USER.to_string(),
         observer_password: node.observer_password().to_string(),
         keyspace_events: cache.keyspace_events,
-        limits: cache.limits,
-        storage_full,
+        limits,
+        storage_full: storage.is_some_and(|s| s.storage_full),
+        storage_bytes: storage.map_or(0, |s| s.bytes),
+        storage_sampled_at_ms: storage.map_or(0, |s| s.sampled_at_ms),
+        eviction_policy: cache.eviction_policy,
     })
+}
+
+/// A gateway saw a cache write close to its storage limit since the last sample: sample it
+/// now (and evict, or mark it full), so the gateway's estimate is replaced by a measurement
+/// within about a second instead of the next periodic sample. At most one per cache per
+/// 250 ms; answers once the sample is recorded.
+async fn sample_storage(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let cache = internal_cache(&state, &req, &id).await?;
+    crate::storage::sample_now(&state, &cache).await;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// A gateway reports that a cache's clients turned on client-side caching: the cache's node

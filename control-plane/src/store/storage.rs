@@ -176,6 +176,43 @@ impl Store {
         }))
     }
 
+    /// The latest samples of several caches (those never sampled are left out).
+    pub async fn caches_storage(
+        &self,
+        ids: &[CacheId],
+    ) -> Result<std::collections::HashMap<CacheId, CacheStorage>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT cache_id, bytes, keys, sampled_at, storage_full, evicted_keys FROM cache_storage
+             WHERE cache_id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let id = CacheId::parse(r.get::<&str, _>("cache_id")).ok()?;
+                Some((
+                    id,
+                    CacheStorage {
+                        bytes: r.get::<i64, _>("bytes") as u64,
+                        keys: r.get::<i64, _>("keys") as u64,
+                        sampled_at_ms: r.get("sampled_at"),
+                        storage_full: r.get::<i64, _>("storage_full") != 0,
+                        evicted_keys: r.get::<i64, _>("evicted_keys") as u64,
+                    },
+                ))
+            })
+            .collect())
+    }
+
     /// Caches whose writes are refused because their storage is full (usually few).
     pub async fn storage_full_caches(&self) -> Result<HashSet<CacheId>, StoreError> {
         let rows = sqlx::query("SELECT cache_id FROM cache_storage WHERE storage_full <> 0")
