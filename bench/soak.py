@@ -21,31 +21,13 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import threading
 import time
 import urllib.request
 
+from slow_subscribers import cmd, rss_mb as rss_mib
+
 SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
-
-
-def cmd(*args):
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
-
-
-def rss_mib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class Conn:

@@ -490,12 +490,7 @@ impl Session {
                             "ERR token expired: AUTH with a fresh token to stay connected",
                         );
                     }
-                    self.closing = true;
-                    self.pending.clear();
-                    self.mux_meters.clear();
-                    self.mux_out.clear();
-                    self.mux_inflight = 0;
-                    self.mux_inflight_bytes = 0;
+                    self.close_now();
                 }
             }
             if self.output_full() {
