@@ -72,6 +72,22 @@ pub struct AccessString {
 /// the cache's databases (`db=` still confines `SELECT`; the gateway virtualizes it).
 const CONNECTION_ESSENTIALS: &[&str] = &["auth", "hello", "select"];
 
+/// Keyless commands that read every key name of a database (or count them), whatever the
+/// user's key patterns: only a user that may read all keys (`~*` or `%R~*`) gets them, so a
+/// user limited to some keys cannot list, sample or count the others. Refused, not
+/// filtered: a filter in the gateway would not hold inside Lua scripts.
+pub const WHOLE_KEYSPACE_READS: &[&str] = &["dbsize", "keys", "randomkey", "scan"];
+/// Keyless commands that write every key of a database: only a user that may write all
+/// keys (`~*` or `%W~*`) gets them, so a user limited to some keys cannot delete the others.
+pub const WHOLE_KEYSPACE_WRITES: &[&str] = &["flushall", "flushdb", "swapdb"];
+
+/// `CLIENT` subcommands that see or act on the cache's other connections (the gateway
+/// answers them, confined to the cache; Valkey files them under `@connection` too): they
+/// reach past the user's own connection and keys, so only a user that may also run
+/// `FLUSHDB` (all keys, writes) gets them. A read-only or key-limited login keeps
+/// `CLIENT ID/INFO/SETNAME…` of its own connection.
+pub const OTHER_CONNECTIONS: &[&str] = &["kill", "list", "no-evict", "pause", "unblock", "unpause"];
+
 /// Valkey's ACL categories.
 const CATEGORIES: &[&str] = &[
     "keyspace",
@@ -275,6 +291,32 @@ impl AccessString {
         &self.rules
     }
 
+    /// The key rules in force at the end (after the last `resetkeys`).
+    pub fn key_rules(&self) -> Vec<(KeyPerm, String)> {
+        let mut keys = Vec::new();
+        for rule in &self.rules {
+            match rule {
+                Rule::Key(perm, p) => keys.push((*perm, p.clone())),
+                Rule::ResetKeys => keys.clear(),
+                _ => {}
+            }
+        }
+        keys
+    }
+
+    /// Whether the user may read (`read`) or write (`!read`) every key: a `*` pattern with
+    /// that permission. Only then does it get the whole-keyspace commands.
+    pub fn all_keys(&self, read: bool) -> bool {
+        self.key_rules().iter().any(|(perm, p)| {
+            p == "*"
+                && match perm {
+                    KeyPerm::ReadWrite => true,
+                    KeyPerm::Read => read,
+                    KeyPerm::Write => !read,
+                }
+        })
+    }
+
     /// Whether the user is `on` (the last of `on`/`off` wins; off if neither).
     pub fn enabled(&self) -> bool {
         self.rules.iter().rev().find_map(|r| match r {
@@ -326,6 +368,35 @@ impl Allowed {
             }
         }
         Allowed(state)
+    }
+
+    /// What an access string allows (with `extra` rules after its own): its command rules,
+    /// less the whole-keyspace commands its key patterns do not cover.
+    fn of_access(access: &AccessString, extra: impl IntoIterator<Item = Rule>) -> Allowed {
+        let rules: Vec<Rule> = access.rules.iter().cloned().chain(extra).collect();
+        let mut allowed = Allowed::evaluate(&rules);
+        let mut take_back: Vec<(&str, Option<&str>)> = Vec::new();
+        if !access.all_keys(true) {
+            take_back.extend(WHOLE_KEYSPACE_READS.iter().map(|c| (*c, None)));
+        }
+        if !access.all_keys(false) {
+            take_back.extend(WHOLE_KEYSPACE_WRITES.iter().map(|c| (*c, None)));
+        }
+        allowed.deny(&take_back);
+        // Other connections: only for whoever may empty the whole database.
+        if !allowed.get("flushdb", None) {
+            let others: Vec<_> = OTHER_CONNECTIONS.iter().map(|s| ("client", Some(*s))).collect();
+            allowed.deny(&others);
+        }
+        allowed
+    }
+
+    fn deny(&mut self, commands: &[(&str, Option<&str>)]) {
+        for (key, value) in self.0.iter_mut() {
+            if commands.iter().any(|(n, s)| *n == key.0 && *s == key.1) {
+                *value = false;
+            }
+        }
     }
 
     fn get(&self, name: &str, sub: Option<&str>) -> bool {
@@ -496,7 +567,7 @@ pub fn intersect_with_tenant(
     let essentials = CONNECTION_ESSENTIALS
         .iter()
         .map(|c| Rule::Command { allow: true, target: CommandTarget::Command(c.to_string()) });
-    let mine = Allowed::evaluate(access.rules.iter().cloned().chain(essentials).collect::<Vec<_>>().iter());
+    let mine = Allowed::of_access(access, essentials);
     let cache = Allowed::evaluate(&tenant.rules);
     let both = Allowed(mine.0.iter().map(|(k, v)| (*k, *v && cache.0[k])).collect());
     out.extend(both.to_rules());
@@ -506,10 +577,28 @@ pub fn intersect_with_tenant(
     Ok(out)
 }
 
-/// Whether `access` allows a command (and subcommand) at all, before the cache's rules
-/// (for tests and for explaining a NOPERM).
+/// Whether `access` allows a command (and subcommand) at all, before the cache's rules: the
+/// gateway's check of the commands it answers itself. Whole-keyspace commands
+/// ([`WHOLE_KEYSPACE_READS`], [`WHOLE_KEYSPACE_WRITES`]) need all keys, as upstream.
 pub fn allows_command(access: &AccessString, command: &str, subcommand: Option<&str>) -> bool {
-    Allowed::evaluate(&access.rules).get(&command.to_ascii_lowercase(), subcommand)
+    Allowed::of_access(access, []).get(&command.to_ascii_lowercase(), subcommand)
+}
+
+/// Whether the upstream ACL user made from `access` on a cache with `tenant_rules` may run a
+/// command (and subcommand): both allow it (what [`intersect_with_tenant`] lists).
+pub fn upstream_allows(
+    access: &AccessString,
+    tenant_rules: &[String],
+    command: &str,
+    subcommand: Option<&str>,
+) -> Result<bool, AccessError> {
+    let tenant = Tenant::parse(tenant_rules)?;
+    let essentials = CONNECTION_ESSENTIALS
+        .iter()
+        .map(|c| Rule::Command { allow: true, target: CommandTarget::Command(c.to_string()) });
+    let command = command.to_ascii_lowercase();
+    Ok(Allowed::of_access(access, essentials).get(&command, subcommand)
+        && Allowed::evaluate(&tenant.rules).get(&command, subcommand))
 }
 
 #[cfg(test)]

@@ -12,9 +12,11 @@
 //! - [`role`]: what a login may do, and the group→role configuration.
 //! - [`token`]: the upstream ACL user (name, password, access string) of a data-plane token
 //!   that grants less than the cache's own user; derived alike by both sides.
+//! - [`grants`]: what each kind of credential may do, as the README's table.
 //! - `testing` (feature `testing`): a real `slapd` for tests.
 
 pub mod access;
+pub mod grants;
 pub mod ldap;
 pub mod password;
 pub mod role;

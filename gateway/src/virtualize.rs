@@ -331,7 +331,7 @@ async fn copy(s: &mut Session, argv: &[&[u8]]) {
 }
 
 /// `INFO [section …]`: server basics, this cache's clients and stats on this gateway, and
-/// the keyspace of the cache's databases (renumbered from 0).
+/// the keyspace of the cache's databases (renumbered from 0; empty for a key-limited login).
 async fn info(s: &mut Session, argv: &[&[u8]]) {
     let t = s.tenant.as_ref().expect("after AUTH");
     let wanted: Vec<String> = argv[1..].iter().map(|a| String::from_utf8_lossy(a).to_lowercase()).collect();
@@ -340,6 +340,9 @@ async fn info(s: &mut Session, argv: &[&[u8]]) {
     let want = |section: &str| all || wanted.iter().any(|w| w == section);
     let route = t.route.clone();
     let cache = t.cache.clone();
+    // Key counts only for a login that may count every key (`DBSIZE`): not a key-limited one.
+    let sees_keyspace =
+        t.access.as_ref().is_none_or(|a| shoal_auth::access::allows_command(a, "dbsize", None));
     let max_clients = crate::session::max_connections(&s.shared.config, &t.live.get());
     let node_info = s.shared.observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
     let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
@@ -377,7 +380,7 @@ async fn info(s: &mut Session, argv: &[&[u8]]) {
     }
     if want("keyspace") {
         out.push_str("# Keyspace\r\n");
-        for line in node_info.lines() {
+        for line in node_info.lines().filter(|_| sees_keyspace) {
             let Some((db, rest)) = line.strip_prefix("db").and_then(|l| l.split_once(':')) else { continue };
             let Ok(db) = db.parse::<u32>() else { continue };
             if (route.db..route.db + route.databases).contains(&db) {
