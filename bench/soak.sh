@@ -40,5 +40,5 @@ out="bench/results/soak-$(date -u +%Y%m%dT%H%M%SZ).json"
 log "soak for ${SOAK_SECONDS:-300} s"
 python3 bench/soak.py "$out" --rest "$REST" --resp "$RESP" --admin-token "$tmp/.shoal/admin.token" \
   --pid "$pid" --node-pids "$nodes"
-grep -cE "script (killed|watchdog)|restarting" "$tmp/shoal.log" | sed 's/^/shoal log lines about ended scripts or restarts: /' || true
+grep -cE "script ran past the time limit|could not be killed|memory over its guard|scripts pause" "$tmp/shoal.log" | sed 's/^/shoal log lines about scripts ended or paused: /' || true
 log "wrote $out"

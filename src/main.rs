@@ -181,6 +181,10 @@ struct GatewayLimits {
     /// Most output a client may leave unread before it is disconnected, in bytes.
     #[arg(long, env = "SHOAL_MAX_CLIENT_OUTPUT", default_value_t = 64 * 1024 * 1024)]
     max_client_output: usize,
+    /// Seconds a cache may run no script after one of its scripts was ended by force
+    /// (doubling while it goes on, up to 5 minutes; 0: never).
+    #[arg(long, env = "SHOAL_SCRIPT_PAUSE", default_value_t = 10.0)]
+    script_pause: f64,
 }
 
 /// `shoal control-plane` config file (TOML).
@@ -347,6 +351,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         token_grace: std::time::Duration::from_secs_f64(args.limits.token_grace),
         max_bulk_bytes: args.limits.max_bulk_bytes,
         max_client_output: args.limits.max_client_output,
+        script_pause: std::time::Duration::from_secs_f64(args.limits.script_pause),
         auth_throttle: args.auth_throttle.unwrap_or_default(),
         data_dir: Some(data_dir.join("gateway")),
         metering: !args.no_metering,

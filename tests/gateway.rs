@@ -755,4 +755,10 @@ async fn a_cache_may_kill_its_own_running_script_but_not_anothers() {
     assert_eq!(pong, "PONG");
     let err = query(&mut killer, &["SCRIPT", "KILL"]).await.unwrap_err();
     assert_eq!(err.code(), Some("NOTBUSY"), "{err}");
+    // A script ended by force pauses the cache's scripts for a while (10 s by default), so
+    // that one runaway script after another cannot hold the node; other caches' run.
+    let err = query(&mut killer, &["EVAL", "return 1", "0"]).await.unwrap_err();
+    assert!(err.to_string().contains("scripts of this cache are paused"), "{err}");
+    let one = query(&mut neighbour, &["EVAL", "return 1", "0"]).await.unwrap();
+    assert_eq!(one, Value::Int(1));
 }

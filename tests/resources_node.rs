@@ -100,7 +100,7 @@ async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> 
 
 #[tokio::test]
 async fn a_runaway_script_is_killed_within_the_limit_and_neighbours_recover() {
-    let dev = ShoalDev::start_with(&["--script-time-limit", "1"]).await;
+    let dev = ShoalDev::start_with(&["--script-time-limit", "1", "--script-pause", "0"]).await;
     let (a, b, node) = neighbours(&dev).await;
     let b_token = dev.mint_token(b["id"].as_str().unwrap()).await;
     let mut victim = dev.client(&b_token).await.unwrap();
@@ -346,6 +346,9 @@ async fn lua_memory_cannot_get_a_node_oom_killed() {
         "2",
         "--default-storage-mb",
         "10",
+        // Several attacks from one cache: no pause for scripts ended by force.
+        "--script-pause",
+        "0",
     ])
     .await;
     let (a, b, node) = neighbours(&dev).await;

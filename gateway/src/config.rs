@@ -74,6 +74,11 @@ pub struct GatewayConfig {
     /// reading for a client that does not read, so only pub/sub and invalidation floods
     /// reach it.
     pub max_client_output: usize,
+    /// A cache whose script was ended by force (killed at the script time limit, or its node
+    /// restarted under it) may run no script on this gateway for this long, doubled at each
+    /// further one within 10 minutes, up to 5 minutes (0: never paused).
+    #[serde(with = "secs")]
+    pub script_pause: Duration,
     /// The process's metrics recorder, when the embedding program installed one.
     #[serde(skip)]
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -110,6 +115,7 @@ impl Default for GatewayConfig {
             throttle_wait: Duration::from_millis(10),
             metrics_listen: None,
             max_client_output: 64 * 1024 * 1024,
+            script_pause: Duration::from_secs(10),
             metrics: None,
         }
     }

@@ -813,6 +813,12 @@ impl Session {
                         return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
                     }
                 }
+                if let Some(pause) = spec.filter(|sp| sp.script).and_then(|_| self.scripts_paused()) {
+                    return self.refuse(&format!(
+                        "ERR scripts of this cache are paused for {} s: one ran past the platform's script time limit",
+                        pause.as_secs() + 1
+                    ));
+                }
                 let mux = spec.is_some_and(|sp| sp.mux) && self.can_mux();
                 if !mux && !self.ensure_upstream().await {
                     return;
@@ -1587,6 +1593,8 @@ impl Session {
             }
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
             if meter.is_some_and(|m| m.spec.is_some_and(|s| s.script)) && reply == crate::mux::LOST {
+                // Its node went away under it (restarted to end it, or crashed).
+                self.script_struck();
                 self.scripts_over(1);
             }
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
@@ -1617,6 +1625,20 @@ impl Session {
         }
     }
 
+    /// How long the cache's scripts stay paused (one was ended by force), if they are.
+    fn scripts_paused(&self) -> Option<Duration> {
+        let t = self.tenant.as_ref()?;
+        self.shared.scripts.paused(&t.cache, Instant::now())
+    }
+
+    /// One of the cache's scripts was ended by force: its scripts pause for a while.
+    fn script_struck(&self) {
+        if let Some(t) = &self.tenant {
+            let pause = self.shared.scripts.strike(&t.cache, Instant::now(), self.shared.config.script_pause);
+            tracing::info!(cache = %t.cache, pause_s = pause.as_secs(), "a script was ended by force: the cache's scripts pause");
+        }
+    }
+
     /// `n` of the session's scripts in flight are over.
     fn scripts_over(&mut self, n: u32) {
         let n = n.min(self.scripts_inflight);
@@ -1636,6 +1658,9 @@ impl Session {
             if !reply.is_empty() {
                 let ran = now.saturating_duration_since(meter.started.max(self.last_reply_at));
                 c.ecpu_milli += metering::ecpu::script_time_milli(ran);
+            }
+            if reply.starts_with(b"-ERR Script killed") {
+                self.script_struck();
             }
             self.scripts_over(1);
         }
@@ -1762,6 +1787,10 @@ impl Session {
             .iter()
             .filter(|p| matches!(p, Pending::Upstream(_, Some(m)) if m.spec.is_some_and(|s| s.script)))
             .count();
+        if scripts > 0 {
+            // Its node went away under it (restarted to end it, or crashed).
+            self.script_struck();
+        }
         self.scripts_over(scripts as u32);
         // Replies owed by this connection become errors, in place (mux batches stay).
         let lost = Bytes::from_static(crate::mux::LOST);
