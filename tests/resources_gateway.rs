@@ -420,3 +420,50 @@ async fn a_caches_max_connections_cannot_exceed_the_gateways() {
     assert!(unchanged["limits"].get("max_connections").is_none(), "{unchanged}");
     dev.set_limits(id, serde_json::json!({"max_connections": 50})).await;
 }
+
+/// A JWT-shaped token signed by nobody, naming a key id the control plane never issued.
+fn forged_token(kid: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let header = b64(&format!(r#"{{"alg":"EdDSA","typ":"JWT","kid":"{kid}"}}"#));
+    let claims = b64(r#"{"sub":"x","exp":4102444800,"iat":1700000000,"iss":"shoal","aud":"shoal-data"}"#);
+    format!("{header}.{claims}.{}", b64("not a signature"))
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_key_ids_reloads_the_key_set_once_a_second_not_once_a_token() {
+    let dev = ShoalDev::start().await;
+    let (_, token) = {
+        let cache = dev.create_cache("genuine").await;
+        let id = cache["id"].as_str().unwrap().to_string();
+        let token = dev.mint_token(&id).await;
+        (id, token)
+    };
+    let reloads_before = dev.log().matches("GET /.well-known/jwks.json").count();
+    // 40 logins with made-up key ids at once, each from its own address (so that the
+    // per-source login throttle stays out of the way): each used to wait its own turn for a
+    // reload of the key set, one a second.
+    let started = Instant::now();
+    let mut logins = Vec::new();
+    for i in 0..40 {
+        let port = dev.resp_port;
+        logins.push(tokio::spawn(async move {
+            let mut s = connect_from(&format!("127.0.3.{}", i + 1), port).await;
+            s.write_all(&auth_command(&forged_token(&format!("made-up-{i}")))).await.unwrap();
+            read_until(&mut s, b"\r\n", 1, Duration::from_secs(60)).await
+        }));
+    }
+    for login in logins {
+        let answer = String::from_utf8(login.await.unwrap()).unwrap();
+        assert!(answer.starts_with("-WRONGPASS") || answer.starts_with("-ERR"), "{answer}");
+    }
+    let took = started.elapsed();
+    let reloads = dev.log().matches("GET /.well-known/jwks.json").count() - reloads_before;
+    eprintln!("40 unknown kids answered in {took:?} with {reloads} reloads of the key set");
+    assert!(took < Duration::from_secs(8), "40 unknown kids took {took:?}");
+    assert!(reloads <= 8, "{reloads} reloads of the key set");
+    // A genuine token still logs in at once.
+    let mut c = dev.client(&token).await.unwrap();
+    let pong: String = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    assert_eq!(pong, "PONG");
+}

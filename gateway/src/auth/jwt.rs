@@ -59,10 +59,17 @@ impl JwtVerifier {
     }
 
     /// Reloads the key set for a kid not seen before (a rotated-in key): waits out the
-    /// minimum interval rather than refusing a genuine new token.
+    /// minimum interval rather than refusing a genuine new token. Logins that waited while
+    /// another reloaded share that reload: a flood of made-up kids costs one reload a
+    /// second, not one per token.
     async fn refresh_for(&self, kid: &str) -> Result<(), GatewayError> {
+        let arrived = Instant::now();
         let _one = self.reloading.lock().await;
         if self.keys.read().unwrap().contains_key(kid) {
+            return Ok(());
+        }
+        if self.last_refresh.lock().unwrap().is_some_and(|t| t >= arrived) {
+            // Reloaded since this login arrived: as fresh as a reload of its own would be.
             return Ok(());
         }
         let since = self.last_refresh.lock().unwrap().map(|t| t.elapsed());
