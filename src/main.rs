@@ -385,7 +385,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         println!("  RESP over TLS  {addr}   (self-signed: {})", cert.display());
     }
     if let Some(addr) = metrics_addr {
-        println!("  Metrics        http://{addr}/metrics   (and http://{rest}/metrics)");
+        println!("  Metrics        http://{addr}/metrics   (and http://{rest}/metrics, admin token)");
     }
     println!("  Admin token    {}", args.data_dir.join("admin.token").display());
     for node in pool.nodes() {

@@ -467,3 +467,21 @@ async fn schemathesis_finds_no_server_errors_schema_mismatches_or_ignored_auth()
     );
     assert!(report.contains("passed"), "{report}");
 }
+
+#[tokio::test]
+async fn metrics_name_every_cache_so_only_platform_admins_read_them() {
+    let dev = ShoalDev::start().await;
+    dev.create_cache("listed").await;
+    let (_, account_owner) = dev.account_with_key("tenant", "owner").await;
+    let get = |token: Option<String>| {
+        let req = dev.http.get(dev.url("/metrics"));
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(None).await, 401, "anonymous");
+    assert_eq!(get(Some(account_owner)).await, 403, "an account's owner");
+    assert_eq!(get(Some(dev.admin_token())).await, 200, "the platform admin");
+}

@@ -313,7 +313,16 @@ async fn failed_logins_are_throttled_to_a_lockout_and_audited() {
     assert!(lockouts.iter().all(|r| r["actor"] == "cache-user:victim"), "{lockouts:#?}");
     assert!(records.iter().any(|r| r["outcome"] == "success" && r["actor"] == "cache-user:bystander"));
     // And counted in the metrics.
-    let metrics = dev.http.get(dev.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = dev
+        .http
+        .get(dev.url("/metrics"))
+        .bearer_auth(dev.admin_token())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let count = |mechanism: &str, outcome: &str| -> u64 {
         metrics
             .lines()

@@ -28,10 +28,18 @@ pub struct AppState {
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn metrics(state: web::Data<AppState>) -> actix_web::HttpResponse {
+/// Prometheus metrics, for platform admins only: the series name every cache. (A gateway's
+/// own `metrics_listen` serves the gateway's series on a private listener.)
+async fn metrics(
+    state: web::Data<AppState>,
+    who: crate::auth::Principal,
+) -> Result<actix_web::HttpResponse, crate::error::ApiError> {
+    if !who.is_admin() {
+        return Err(crate::error::ApiError::Forbidden);
+    }
     let handle = state.metrics.clone();
     let body = web::block(move || handle.render()).await.unwrap_or_default();
-    actix_web::HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
+    Ok(actix_web::HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body))
 }
 
 /// A running control plane.
