@@ -376,21 +376,30 @@ impl RawConn {
         c
     }
 
+    /// Writes `bytes` and collects the answer (its first byte may take a few seconds on a
+    /// loaded machine; the rest is what arrives until 300 ms pass quietly).
     async fn send(&mut self, bytes: &[u8]) -> String {
         use tokio::io::AsyncWriteExt;
         self.0.write_all(bytes).await.unwrap();
-        self.read().await
+        self.read_within(Duration::from_secs(5)).await
     }
 
+    /// What arrives until 300 ms pass quietly.
     async fn read(&mut self) -> String {
+        self.read_within(Duration::from_millis(300)).await
+    }
+
+    async fn read_within(&mut self, first: Duration) -> String {
         use tokio::io::AsyncReadExt;
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
-        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), self.0.read(&mut buf)).await {
+        let mut wait = first;
+        while let Ok(Ok(n)) = tokio::time::timeout(wait, self.0.read(&mut buf)).await {
             if n == 0 {
                 break;
             }
             out.extend_from_slice(&buf[..n]);
+            wait = Duration::from_millis(300);
         }
         String::from_utf8_lossy(&out).into_owned()
     }
