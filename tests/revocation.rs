@@ -36,9 +36,8 @@ async fn new_account_key(dev: &ShoalDev, account: &str, role: &str) -> (String, 
 #[tokio::test]
 async fn platform_keys_are_revoked_by_the_admin_and_account_keys_only_within_their_account() {
     let dev = ShoalDev::start().await;
-    let (status, platform) = dev
-        .api(Method::POST, "/v1/api-keys", Some(json!({"name": "ci auditor", "role": "auditor"})))
-        .await;
+    let (status, platform) =
+        dev.api(Method::POST, "/v1/api-keys", Some(json!({"name": "ci auditor", "role": "auditor"}))).await;
     assert_eq!(status, 201, "{platform}");
     let platform_id = platform["id"].as_str().unwrap().to_string();
     let platform_token = platform["token"].as_str().unwrap().to_string();
@@ -78,6 +77,11 @@ async fn platform_keys_are_revoked_by_the_admin_and_account_keys_only_within_the
     assert!(keys["items"].as_array().unwrap().iter().all(|k| k["id"] != platform_id.as_str()), "{keys}");
     let (status, _) = dev.api(Method::DELETE, "/v1/api-keys/key-nonexistent", None).await;
     assert_eq!(status, 404);
+    // The bootstrap admin keys' name is reserved (rotation revokes keys by it).
+    let (status, body) = dev
+        .api(Method::POST, "/v1/api-keys", Some(json!({"name": "bootstrap admin", "role": "admin"})))
+        .await;
+    assert_eq!((status, body["field"].as_str()), (400, Some("name")), "{body}");
 
     // Audited, with the account the key belonged to.
     let records = audit(&dev, "api_key.revoke").await;
@@ -168,7 +172,13 @@ roles = [
 
 async fn login(dev: &ShoalDev, user: &str, password: &str) -> (String, String) {
     let (status, _, body) = dev
-        .call(None, Method::POST, "/v1/auth/login", Some(json!({"username": user, "password": password})), &[])
+        .call(
+            None,
+            Method::POST,
+            "/v1/auth/login",
+            Some(json!({"username": user, "password": password})),
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     (body["key_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string())
@@ -184,7 +194,8 @@ async fn ldap_sessions_are_listed_in_scope_and_revoked_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("ldap.toml");
     write_ldap_config(&config, &slapd);
-    let dev = ShoalDev::start_with(&["--ldap-config", config.to_str().unwrap(), "--auth-throttle", "off"]).await;
+    let dev =
+        ShoalDev::start_with(&["--ldap-config", config.to_str().unwrap(), "--auth-throttle", "off"]).await;
     let (alice_id, alice) = login(&dev, "alice", "alice-pw").await; // platform admin
     let (bob_id, bob) = login(&dev, "bob", "bob-pw").await; // platform auditor
     let (smith_id, smith) = login(&dev, "smith, john", "smith-pw").await; // owner of a000000000000
