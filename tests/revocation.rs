@@ -120,6 +120,42 @@ async fn the_bootstrap_admin_token_rotates_and_restarts_leave_no_stale_admin_tok
     assert_eq!(mode & 0o777, 0o600, "the token file is private");
     let records = audit(&dev, "admin_token.rotate").await;
     assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["details"]["revoked_bootstrap_keys"], 1, "{records:?}");
+
+    // The same from a `shoal control-plane` config file (its store and token path).
+    let config = dev.dir.join("cp.toml");
+    let database_url = dev
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dev.dir.join(".shoal/shoal.db").display()));
+    std::fs::write(
+        &config,
+        format!(
+            "[control_plane]\ndatabase_url = \"{database_url}\"\nadmin_token_path = \"{}\"\n\n[engine]\ndir = \"/x\"\nnodes = []\n",
+            dev.admin_token_path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["admin", "rotate-token", "--config"])
+        .arg(&config)
+        .env_remove("SHOAL_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (previous, second) = (second, dev.admin_token());
+    assert_ne!(previous, second);
+    assert_eq!(status_as(&dev, &previous, Method::GET, "/v1/api-keys").await, 401);
+    assert_eq!(status_as(&dev, &second, Method::GET, "/v1/api-keys").await, 200);
+    // No store there: refused, nothing written.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["admin", "rotate-token", "--data-dir"])
+        .arg(dev.dir.join("nowhere"))
+        .env_remove("SHOAL_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!dev.dir.join("nowhere").exists());
 
     // A restart reuses the token in the file.
     dev.stop_with(libc::SIGTERM);
