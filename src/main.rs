@@ -1,9 +1,10 @@
-//! `shoal`: one binary, four subcommands.
+//! `shoal`: one binary, five subcommands.
 //!
 //! - `shoal dev`: everything on one machine — Valkey pool, control plane, gateway.
 //! - `shoal control-plane --config FILE`: the REST API and the pool it manages.
 //! - `shoal gateway --config FILE`: the RESP endpoint.
 //! - `shoal openapi`: prints the OpenAPI document.
+//! - `shoal admin rotate-token`: a new bootstrap admin token; the old one is revoked.
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -45,6 +46,37 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Platform administration on the machine that holds the store.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Write a new bootstrap admin token to the token file and revoke the previous one(s):
+    /// the old token is refused (401) at once, by a running control plane too.
+    RotateToken(RotateTokenArgs),
+}
+
+#[derive(Args)]
+struct RotateTokenArgs {
+    /// A `shoal control-plane` config file: its `database_url` and `admin_token_path`.
+    #[arg(long, conflicts_with = "data_dir")]
+    config: Option<PathBuf>,
+    /// A `shoal dev` data directory: the token file is <data-dir>/admin.token, the store
+    /// <data-dir>/shoal.db unless --database-url says otherwise (default: .shoal).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The store (overrides the config's or the data directory's).
+    #[arg(long, env = "SHOAL_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+/// `[control_plane]` of a config file, whatever else the file holds.
+#[derive(Deserialize)]
+struct ControlPlaneSection {
+    #[serde(default)]
+    control_plane: ControlPlaneConfig,
 }
 
 #[derive(Args)]
@@ -244,7 +276,47 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", shoal_control_plane::apidoc::document());
             Ok(())
         }
+        Command::Admin(AdminCommand::RotateToken(args)) => rotate_token(args).await,
     }
+}
+
+async fn rotate_token(args: RotateTokenArgs) -> anyhow::Result<()> {
+    let (database_url, token_path) = match &args.config {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let file: ControlPlaneSection =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            (file.control_plane.database_url, file.control_plane.admin_token_path)
+        }
+        None => {
+            let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".shoal"));
+            anyhow::ensure!(dir.is_dir(), "no data directory at {}", dir.display());
+            let dir = std::fs::canonicalize(&dir)?;
+            (format!("sqlite://{}", dir.join("shoal.db").display()), dir.join("admin.token"))
+        }
+    };
+    let database_url = args.database_url.unwrap_or(database_url);
+    if let Some(file) = database_url.strip_prefix("sqlite://") {
+        let file = file.split('?').next().unwrap_or(file);
+        anyhow::ensure!(std::path::Path::new(file).exists(), "no store at {file}");
+    }
+    let store = shoal_control_plane::store::Store::open(&database_url).await.context("opening the store")?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let installed = shoal_control_plane::admin_token::install_new(
+        &store,
+        &token_path,
+        &format!("cli:{user}"),
+        "admin_token.rotate",
+    )
+    .await?;
+    println!(
+        "Wrote a new admin token to {} (key {}); revoked {} earlier bootstrap admin token(s).",
+        token_path.display(),
+        installed.key_id,
+        installed.revoked
+    );
+    Ok(())
 }
 
 fn init_tracing(json: bool) {

@@ -4,7 +4,7 @@
 //! find them.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`startup`]: app state, HTTP server, bootstrap admin token.
+//! - [`startup`]: app state, HTTP server; [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
@@ -18,6 +18,7 @@
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
+pub mod admin_token;
 pub mod apidoc;
 pub mod auth;
 pub mod config;

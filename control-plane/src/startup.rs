@@ -1,6 +1,5 @@
 //! Builds the application state and runs the HTTP server (testable on port 0).
 
-use crate::auth::{hash_token, random_token};
 use crate::config::ControlPlaneConfig;
 use crate::routes;
 use crate::signing::Signer;
@@ -68,7 +67,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     let store = Store::open(&config.database_url).await?;
-    bootstrap_admin(&store, &config).await?;
+    crate::admin_token::bootstrap(&store, &config.admin_token_path).await?;
     let window =
         std::time::Duration::from_secs(config.token_ttl_max + crate::routes::auth::VERIFY_LEEWAY_SECS);
     let signer = Signer::load_or_create(&store, window).await?;
@@ -121,6 +120,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             .configure(routes::portal::configure)
             .configure(routes::users::configure)
             .configure(routes::auth::configure)
+            .configure(routes::sessions::configure)
             .configure(routes::usage::configure)
             .configure(routes::billing::configure)
             .route("/openapi.json", web::get().to(openapi_json))
@@ -156,36 +156,6 @@ async fn not_found() -> Result<actix_web::HttpResponse, crate::error::ApiError> 
     Err(crate::error::ApiError::NotFound("route"))
 }
 
-/// Writes a fresh admin token to `admin_token_path` unless one is there; either way its
-/// hash is in the store.
-async fn bootstrap_admin(store: &Store, config: &ControlPlaneConfig) -> Result<(), StartupError> {
-    let path = &config.admin_token_path;
-    let token = match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-        _ => {
-            let token = format!("shoal_admin_{}", random_token(24));
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f =
-                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-            std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
-            token
-        }
-    };
-    store
-        .insert_api_key(
-            &format!("key-{}", random_token(6)),
-            &hash_token(&token),
-            "admin",
-            None,
-            "bootstrap admin",
-        )
-        .await?;
-    Ok(())
-}
-
 /// Anything that stops the control plane from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -199,4 +169,6 @@ pub enum StartupError {
     Ldap(#[from] shoal_auth::LdapError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("admin token: {0}")]
+    AdminToken(#[from] crate::admin_token::AdminTokenError),
 }

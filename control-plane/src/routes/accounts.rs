@@ -1,5 +1,5 @@
 //! `/v1/accounts` and their API keys (`/v1/accounts/{id}/api-keys`), plus platform-wide
-//! keys (`/v1/api-keys`, admin only).
+//! keys (`/v1/api-keys`, admin only); `DELETE /v1/api-keys/{key_id}` revokes either kind.
 
 use crate::auth::{hash_token, random_token, Principal, Role};
 use crate::context::RequestContext;
@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::routes::caches::PLATFORM_ACCOUNT;
 use crate::routes::page::{self, PageQuery};
 use crate::startup::AppState;
-use crate::store::accounts::{self, AccountRecord, ApiKeyInfo};
+use crate::store::accounts::{self, AccountRecord, ApiKeyInfo, LiveKey};
 use crate::store::{self, CacheFilter};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -37,7 +37,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/api-keys")
             .route(web::post().to(create_platform_key))
             .route(web::get().to(list_platform_keys)),
-    );
+    )
+    .service(web::resource("/v1/api-keys/{key_id}").route(web::delete().to(revoke_key)));
 }
 
 /// Body of `POST /v1/accounts`.
@@ -327,6 +328,9 @@ async fn create_key(
     body: CreateApiKey,
 ) -> Result<(StatusCode, serde_json::Value), ApiError> {
     validate_name(&body.name, "key")?;
+    if body.name == crate::admin_token::BOOTSTRAP_KEY_NAME {
+        return Err(ApiError::field("name", "that name is reserved for the bootstrap admin token"));
+    }
     let allowed = match account {
         Some(_) => [Role::Owner, Role::Auditor].contains(&body.role),
         None => [Role::Admin, Role::Auditor].contains(&body.role),
@@ -458,4 +462,42 @@ pub async fn list_platform_keys(
     who.admin()?;
     let items = state.store.api_keys(None).await?.into_iter().map(ApiKey::of).collect();
     Ok(HttpResponse::Ok().json(ApiKeyList { items }))
+}
+
+/// Who may revoke `key` (an API key or an LDAP session): keys of an account, that account's
+/// admins and owners (404 for anyone who cannot see the account, 403 for its auditors);
+/// platform-wide keys, the platform admin only (404 for account principals, who cannot see
+/// them; 403 for platform auditors).
+pub fn may_revoke(who: &Principal, key: &LiveKey, what: &'static str) -> Result<(), ApiError> {
+    match key.account_id.as_deref() {
+        Some(account) => who.write(&AccountId::parse(account).map_err(|_| ApiError::NotFound(what))?, what),
+        None if who.scope().is_some() => Err(ApiError::NotFound(what)),
+        None => who.admin(),
+    }
+}
+
+/// Revoke an API key by id: platform-wide keys (platform admin only) or an account's keys
+/// (admin, or the account's owner). It stops working at once (401). LDAP sessions are keys
+/// too (see `/v1/sessions`).
+#[utoipa::path(delete, path = "/v1/api-keys/{key_id}", params(("key_id" = String, Path, description = "key id")),
+    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
+              (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])), tag = "accounts")]
+pub async fn revoke_key(
+    state: web::Data<AppState>,
+    who: Principal,
+    ctx: RequestContext,
+    key_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let key = state.store.live_key(&key_id).await?.ok_or(ApiError::NotFound("api key"))?;
+    may_revoke(&who, &key, "api key")?;
+    let mut event = ctx.event(&who, "api_key.revoke", &key.id);
+    event.account_id = key.account_id.clone();
+    event.details = serde_json::json!({ "role": key.role, "name": key.name });
+    let mut tx = state.store.begin().await?;
+    if !accounts::revoke_key(tx.conn(), &key.id).await? {
+        return Err(ApiError::NotFound("api key"));
+    }
+    tx.commit(&event).await?;
+    Ok(HttpResponse::NoContent().finish())
 }

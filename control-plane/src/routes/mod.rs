@@ -10,6 +10,7 @@ pub mod internal;
 pub mod me;
 pub mod page;
 pub mod portal;
+pub mod sessions;
 pub mod tokens;
 pub mod usage;
 pub mod users;

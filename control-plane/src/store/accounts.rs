@@ -129,7 +129,82 @@ pub async fn revoke_api_key(
     Ok(done.rows_affected() == 1)
 }
 
+/// Revokes a live key (an API key or an LDAP session) by id; false if there is none.
+pub async fn revoke_key(conn: &mut AnyConnection, id: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+        .bind(now())
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Revokes every live bootstrap admin key but `except`; how many.
+pub async fn revoke_bootstrap_keys(conn: &mut AnyConnection, except: &str) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1
+         WHERE name = $2 AND role = 'admin' AND account_id IS NULL AND id <> $3 AND revoked_at IS NULL",
+    )
+    .bind(now())
+    .bind(crate::admin_token::BOOTSTRAP_KEY_NAME)
+    .bind(except)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A key that works now (neither revoked nor expired): an API key, or an LDAP session
+/// when `expires_at` is set.
+#[derive(Clone, Debug)]
+pub struct LiveKey {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub account_id: Option<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+}
+
+fn live_key_from_row(r: &sqlx::any::AnyRow) -> LiveKey {
+    LiveKey {
+        id: r.get("id"),
+        name: r.get("name"),
+        role: r.get("role"),
+        account_id: r.get("account_id"),
+        created_at: r.get("created_at"),
+        expires_at: r.get("expires_at"),
+    }
+}
+
 impl Store {
+    /// A key that works now, by id.
+    pub async fn live_key(&self, id: &str) -> Result<Option<LiveKey>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, role, account_id, created_at, expires_at FROM api_keys
+             WHERE id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(id)
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(live_key_from_row))
+    }
+
+    /// LDAP sessions that work now, oldest first; of one account when `account` is set.
+    pub async fn live_sessions(&self, account: Option<&AccountId>) -> Result<Vec<LiveKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, role, account_id, created_at, expires_at FROM api_keys
+             WHERE revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at > $1
+               AND (CAST($2 AS TEXT) IS NULL OR account_id = $2)
+             ORDER BY created_at, id",
+        )
+        .bind(now())
+        .bind(account.map(|a| a.as_str()))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(live_key_from_row).collect())
+    }
+
     /// A live account.
     pub async fn account(&self, id: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM accounts WHERE id = $1 AND status <> 'deleted'")
