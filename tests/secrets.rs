@@ -27,9 +27,12 @@ async fn an_idempotent_api_key_create_keeps_no_token_and_its_replay_says_so() {
     let account = account["id"].as_str().unwrap().to_string();
     let admin = dev.admin_token();
 
-    for (path, role) in [(format!("/v1/accounts/{account}/api-keys"), "owner"), ("/v1/api-keys".into(), "auditor")] {
+    for (path, role) in
+        [(format!("/v1/accounts/{account}/api-keys"), "owner"), ("/v1/api-keys".into(), "auditor")]
+    {
         let body = json!({"name": "ci", "role": role});
-        let key = [("Idempotency-Key", "key-once")];
+        let idempotency_key = format!("key-once-{role}");
+        let key = [("Idempotency-Key", idempotency_key.as_str())];
         let (s1, _, first) = dev.call(Some(&admin), Method::POST, &path, Some(body.clone()), &key).await;
         assert_eq!(s1, 201, "{first}");
         let token = first["token"].as_str().expect("the first answer has the token").to_string();
@@ -50,7 +53,8 @@ async fn an_idempotent_api_key_create_keeps_no_token_and_its_replay_says_so() {
         assert!(second["token_note"].as_str().unwrap().contains("only once"), "{second}");
         assert_eq!(headers["idempotent-redacted"], "token");
         // Still one key of that name.
-        let list = if role == "owner" { format!("/v1/accounts/{account}/api-keys") } else { "/v1/api-keys".into() };
+        let list =
+            if role == "owner" { format!("/v1/accounts/{account}/api-keys") } else { "/v1/api-keys".into() };
         let (_, keys) = dev.api(Method::GET, &list, None).await;
         let named = keys["items"].as_array().unwrap().iter().filter(|k| k["name"] == "ci").count();
         assert_eq!(named, 1, "{keys}");
@@ -66,7 +70,8 @@ async fn idempotency_keys_expire_after_24_hours() {
         dev.call(Some(&admin), Method::POST, "/v1/accounts", Some(json!({"name": "one"})), &key).await;
     assert_eq!(s, 201, "{first}");
     // Within 24 h another body with the key is refused.
-    let (s, _, _) = dev.call(Some(&admin), Method::POST, "/v1/accounts", Some(json!({"name": "two"})), &key).await;
+    let (s, _, _) =
+        dev.call(Some(&admin), Method::POST, "/v1/accounts", Some(json!({"name": "two"})), &key).await;
     assert_eq!(s, 422);
     // 25 hours later the key is free again.
     dev.sql("UPDATE idempotency_keys SET created_at = '2000-01-01T00:00:00.000Z'");

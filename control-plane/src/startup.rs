@@ -67,6 +67,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     let store = Store::open(&config.database_url).await?;
+    // Idempotency keys older than 24 h (also purged on every idempotent create).
+    store.purge_idempotency_keys(chrono::Utc::now()).await?;
     crate::admin_token::bootstrap(&store, &config.admin_token_path).await?;
     let window =
         std::time::Duration::from_secs(config.token_ttl_max + crate::routes::auth::VERIFY_LEEWAY_SECS);

@@ -110,9 +110,12 @@ pub struct ApiKey {
     pub role: String,
     pub account_id: Option<String>,
     pub created_at: String,
-    /// The bearer token (only in the create response).
+    /// The bearer token (only in the create response; not in an `Idempotency-Key` replay).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Only in an `Idempotency-Key` replay: why `token` is missing (it is shown once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_note: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -129,6 +132,7 @@ impl ApiKey {
             account_id: k.account_id,
             created_at: k.created_at,
             token: None,
+            token_note: None,
         }
     }
 }
@@ -362,6 +366,7 @@ async fn create_key(
         account_id: account.map(|a| a.to_string()),
         created_at: store::now(),
         token: Some(token),
+        token_note: None,
     };
     Ok((StatusCode::CREATED, serde_json::to_value(key).expect("serializes")))
 }

@@ -61,9 +61,36 @@ pub fn next_cursor<T>(items: &[T], limit: i64, key: impl Fn(&T) -> Vec<String>) 
     Some(cursor(&last.iter().map(String::as_str).collect::<Vec<_>>()))
 }
 
+/// Fields of a create's response that hold a secret shown only once (an API key's `token`,
+/// a password): never kept for an idempotent replay.
+pub const SECRET_FIELDS: &[&str] = &["token", "password", "passwords", "secret"];
+
+/// What a replay says in place of a secret field `f` (as `<f>_note`).
+pub const REDACTED_NOTE: &str = "shown only once, in the first response to this Idempotency-Key; a replay \
+     does not repeat it (Shoal keeps no copy). If it was lost, revoke this one and create another.";
+
+/// The response as kept for replays: each top-level secret field replaced by a
+/// `<field>_note` saying why it is missing. Returns the kept body and the fields taken out.
+pub fn redact(value: &serde_json::Value) -> (serde_json::Value, Vec<&'static str>) {
+    let mut kept = value.clone();
+    let mut removed = Vec::new();
+    if let Some(object) = kept.as_object_mut() {
+        for &field in SECRET_FIELDS {
+            if object.remove(field).is_some() {
+                object.insert(format!("{field}_note"), REDACTED_NOTE.into());
+                removed.push(field);
+            }
+        }
+    }
+    (kept, removed)
+}
+
 /// Runs a create once per `Idempotency-Key` (per caller): a retry with the same key and
 /// body gets the first response again (with `Idempotent-Replayed: true`), the same key
-/// with a different body gets 422. Without the header, just runs it.
+/// with a different body gets 422. Without the header, just runs it. A secret in the
+/// response (an API key's token) is in the first response only: the kept copy has it
+/// taken out, so a replay answers without it, with a `<field>_note` and an
+/// `Idempotent-Redacted: <fields>` header. Keys expire 24 h after their first use.
 pub async fn idempotent<F, Fut>(
     state: &AppState,
     who: &Principal,
@@ -101,19 +128,27 @@ where
     let principal = who.actor();
     match state.store.claim_idempotency_key(&principal, &key, &request_hash).await? {
         Claim::Replay(status, body) => {
-            Ok(HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
-                .insert_header(("Idempotent-Replayed", "true"))
-                .content_type("application/json")
-                .body(body))
+            let mut answer = HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::OK));
+            answer.insert_header(("Idempotent-Replayed", "true"));
+            let redacted: Vec<&str> = match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(serde_json::Value::Object(o)) => {
+                    SECRET_FIELDS.iter().copied().filter(|f| o.contains_key(&format!("{f}_note"))).collect()
+                }
+                _ => Vec::new(),
+            };
+            if !redacted.is_empty() {
+                answer.insert_header(("Idempotent-Redacted", redacted.join(",")));
+            }
+            Ok(answer.content_type("application/json").body(body))
         }
         Claim::Conflict(why) => {
             Err(ApiError::Unprocessable { detail: why.into(), field: Some("Idempotency-Key".into()) })
         }
         Claim::Fresh => match create().await {
             Ok((status, value)) => {
-                let text = value.to_string();
-                state.store.finish_idempotent(&principal, &key, status.as_u16(), &text).await?;
-                Ok(HttpResponse::build(status).content_type("application/json").body(text))
+                let (kept, _) = redact(&value);
+                state.store.finish_idempotent(&principal, &key, status.as_u16(), &kept.to_string()).await?;
+                Ok(HttpResponse::build(status).content_type("application/json").body(value.to_string()))
             }
             Err(e) => {
                 state.store.release_idempotency_key(&principal, &key).await?;
@@ -149,4 +184,24 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiEr
             detail: format!("invalid JSON body: {msg}"),
         }
     })
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_kept_response_has_no_secret_and_says_why() {
+        let answer = json!({"id": "key-1", "name": "ci", "token": "shoal_owner_abc", "password": "p"});
+        let (kept, removed) = redact(&answer);
+        assert_eq!(removed, vec!["token", "password"]);
+        assert!(!kept.to_string().contains("shoal_owner_abc"));
+        assert_eq!(kept["id"], "key-1");
+        assert_eq!(kept["token_note"], REDACTED_NOTE);
+        assert_eq!(kept["password_note"], REDACTED_NOTE);
+        // Nothing secret: kept as is.
+        let cache = json!({"id": "c1", "name": "once"});
+        assert_eq!(redact(&cache), (cache.clone(), vec![]));
+    }
 }

@@ -1,8 +1,20 @@
 //! `Idempotency-Key` on creates: the first response is kept and replayed for retries with
-//! the same key and body; the same key with a different body is refused.
+//! the same key and body; the same key with a different body is refused. A key lives
+//! [`IDEMPOTENCY_TTL`] (24 h, like Stripe's) after its first use: then it is purged and may
+//! be used again. Callers keep a response with its secrets taken out (see
+//! `routes::page::idempotent`).
 
-use super::{now, Store, StoreError};
+use super::{Store, StoreError};
+use chrono::{DateTime, Utc};
 use sqlx::Row;
+
+/// How long a key is remembered after its first use.
+pub const IDEMPOTENCY_TTL: chrono::Duration = chrono::Duration::hours(24);
+
+/// A time as stored in `created_at` (RFC 3339, milliseconds, UTC: compares as text).
+fn stamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
 
 /// What a create with an idempotency key should do.
 pub enum Claim {
@@ -21,6 +33,19 @@ impl Store {
         key: &str,
         request_hash: &str,
     ) -> Result<Claim, StoreError> {
+        self.claim_idempotency_key_at(principal, key, request_hash, Utc::now()).await
+    }
+
+    /// [`claim_idempotency_key`](Self::claim_idempotency_key) as if it were `now`: first
+    /// purges every key older than [`IDEMPOTENCY_TTL`].
+    pub async fn claim_idempotency_key_at(
+        &self,
+        principal: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, StoreError> {
+        self.purge_idempotency_keys(now).await?;
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (principal, key, request_hash, status, body, created_at)
              VALUES ($1, $2, $3, 0, '', $4) ON CONFLICT (principal, key) DO NOTHING",
@@ -28,7 +53,7 @@ impl Store {
         .bind(principal)
         .bind(key)
         .bind(request_hash)
-        .bind(now())
+        .bind(stamp(now))
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 1 {
@@ -51,7 +76,17 @@ impl Store {
         })
     }
 
-    /// Keeps a successful response for replays.
+    /// Deletes the keys first used more than [`IDEMPOTENCY_TTL`] before `now` (also ones
+    /// whose request never finished); returns how many.
+    pub async fn purge_idempotency_keys(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(stamp(now - IDEMPOTENCY_TTL))
+            .execute(&self.pool)
+            .await
+            .map(|r| r.rows_affected())
+    }
+
+    /// Keeps a successful response for replays (the caller has taken its secrets out).
     pub async fn finish_idempotent(
         &self,
         principal: &str,
@@ -77,5 +112,50 @@ impl Store {
             .execute(&self.pool)
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+        (store, dir)
+    }
+
+    #[tokio::test]
+    async fn a_key_expires_24_hours_after_its_first_use() {
+        let (store, _dir) = store().await;
+        let t0 = Utc::now();
+        assert!(matches!(store.claim_idempotency_key_at("p", "k", "h1", t0).await.unwrap(), Claim::Fresh));
+        store.finish_idempotent("p", "k", 201, "{}").await.unwrap();
+        let almost = t0 + IDEMPOTENCY_TTL - chrono::Duration::seconds(1);
+        assert!(matches!(
+            store.claim_idempotency_key_at("p", "k", "h1", almost).await.unwrap(),
+            Claim::Replay(201, _)
+        ));
+        assert!(matches!(
+            store.claim_idempotency_key_at("p", "k", "h2", almost).await.unwrap(),
+            Claim::Conflict(_)
+        ));
+        let later = t0 + IDEMPOTENCY_TTL + chrono::Duration::seconds(1);
+        assert!(matches!(store.claim_idempotency_key_at("p", "k", "h2", later).await.unwrap(), Claim::Fresh));
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_purged_including_unfinished_ones() {
+        let (store, _dir) = store().await;
+        let t0 = Utc::now();
+        store.claim_idempotency_key_at("p", "done", "h", t0).await.unwrap();
+        store.finish_idempotent("p", "done", 201, "{}").await.unwrap();
+        store.claim_idempotency_key_at("p", "stuck", "h", t0).await.unwrap();
+        let fresh = t0 + chrono::Duration::hours(23);
+        store.claim_idempotency_key_at("q", "fresh", "h", fresh).await.unwrap();
+        assert_eq!(store.purge_idempotency_keys(t0 + chrono::Duration::hours(25)).await.unwrap(), 2);
+        let left: Vec<String> =
+            sqlx::query_scalar("SELECT key FROM idempotency_keys").fetch_all(&store.pool).await.unwrap();
+        assert_eq!(left, vec!["fresh".to_string()]);
     }
 }
