@@ -266,6 +266,9 @@ struct GatewayFile {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Everything Shoal and its Valkey children write (the store, ACL files, secrets, keys,
+    // data) is private to this user: files 0600, folders 0700.
+    shoal_engine::private::private_umask();
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     match cli.command {
@@ -334,6 +337,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    // Repairs an install made before everything was private (0644 files, 0755 folders).
+    shoal_engine::private::tighten_tree(&data_dir)
+        .with_context(|| format!("making {} private", data_dir.display()))?;
     let ports: Vec<u16> = if args.node_ports.is_empty() {
         (0..args.nodes).map(|i| args.node_base_port + i).collect()
     } else {

@@ -43,6 +43,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AdminTokenError + '_ {
 /// Makes sure the token in `path` works, writing a new one (and revoking earlier bootstrap
 /// keys) when there is none.
 pub async fn bootstrap(store: &Store, path: &Path) -> Result<(), AdminTokenError> {
+    // Readable by its owner only, also if an older install left it open.
+    shoal_engine::private::tighten(path).map_err(io(path))?;
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => {
             let token = t.trim();
@@ -76,7 +78,10 @@ pub async fn install_new(
     let token = format!("shoal_admin_{}", random_token(24));
     let key_id = format!("key-{}", random_token(6));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            shoal_engine::private::tighten(dir).map_err(io(dir))?;
+        }
     }
     let tmp = path.with_extension(format!("tmp-{}", random_token(4)));
     write_private(&tmp, &format!("{token}\n")).map_err(io(&tmp))?;

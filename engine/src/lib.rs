@@ -9,12 +9,14 @@
 //! - [`pool`]: the set of nodes, started together and stopped together; admin operations.
 //! - [`placement`]: which node and database a new cache gets (least loaded).
 //! - [`tenant`]: the ACL rules that fence a cache into its database and channels.
+//! - [`private`]: secret files 0600, folders 0700 (umask and repair).
 //! - [`error`]: typed errors.
 
 pub mod error;
 pub mod node;
 pub mod placement;
 pub mod pool;
+pub mod private;
 pub mod storage;
 pub mod tenant;
 

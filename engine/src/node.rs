@@ -154,6 +154,10 @@ impl Node {
         let dir = root.join(&spec.name);
         let io = |source| EngineError::Io { node: spec.name.clone(), source };
         std::fs::create_dir_all(&dir).map_err(io)?;
+        // Private, also when an older install left them open: the node's folder holds the
+        // ACL file (every cache's password hashes), its secrets and its data.
+        crate::private::tighten(root).map_err(io)?;
+        crate::private::tighten_tree(&dir).map_err(io)?;
         let admin_password = read_or_create_secret(&dir.join("admin.secret")).map_err(io)?;
         let observer_password = read_or_create_secret(&dir.join("observer.secret")).map_err(io)?;
         let acl_path = dir.join("users.acl");
@@ -333,7 +337,7 @@ impl Node {
     fn spawn(&self) -> Result<Child, EngineError> {
         let io = |source| EngineError::Io { node: self.spec.name.clone(), source };
         let conf = self.dir.join("valkey.conf");
-        std::fs::write(&conf, self.config()).map_err(io)?;
+        write_private(&conf, &self.config()).map_err(io)?;
         kill_stale(&self.dir.join("valkey.pid"));
         let mut cmd = Command::new(&self.binary);
         cmd.arg(&conf).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
@@ -341,6 +345,9 @@ impl Node {
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // What Valkey writes (users.acl on ACL SAVE, RDB/AOF files, its log) is
+                // private whatever our caller's umask.
+                libc::umask(crate::private::PRIVATE_UMASK);
                 Ok(())
             });
         }

@@ -68,14 +68,22 @@ fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
 /// there; returns (cert, key) paths.
 pub fn ensure_self_signed(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    if cert_path.exists() && key_path.exists() {
-        return Ok((cert_path, key_path));
-    }
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| TlsError::Read { path, source }
     };
+    use std::os::unix::fs::PermissionsExt;
+    let private = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
+    };
+    if cert_path.exists() && key_path.exists() {
+        // The key (and its folder) private, also if an older install left them open.
+        private(dir, 0o700)?;
+        private(&key_path, 0o600)?;
+        return Ok((cert_path, key_path));
+    }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    private(dir, 0o700)?;
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     let generated = rcgen::generate_simple_self_signed(names)?;
     std::fs::write(&cert_path, generated.cert.pem()).map_err(io(&cert_path))?;

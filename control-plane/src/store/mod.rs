@@ -134,6 +134,10 @@ impl Store {
         let options = AnyPoolOptions::new().max_connections(8);
         let pool = match backend {
             Backend::Sqlite => {
+                // The store holds signing keys and ACL passwords: created 0600.
+                if let Some(file) = sqlite_file(url) {
+                    create_private(&file).map_err(sqlx::Error::Io)?;
+                }
                 let url = if url.contains('?') { url.to_owned() } else { format!("{url}?mode=rwc") };
                 options
                     .after_connect(|conn, _| {
@@ -151,6 +155,14 @@ impl Store {
         match backend {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        // Also repairs an older install: the database and its WAL and shared-memory files.
+        if let Some(file) = sqlite_file(url) {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut path = file.clone().into_os_string();
+                path.push(suffix);
+                shoal_engine::private::tighten(std::path::Path::new(&path)).map_err(sqlx::Error::Io)?;
+            }
         }
         Ok(Store { pool, backend, audit_lock: Arc::new(tokio::sync::Mutex::new(())) })
     }
@@ -483,6 +495,26 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
 /// The current time as an RFC 3339 UTC string (what the store keeps).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The file of a `sqlite://path[?options]` URL (None for an in-memory database).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let file = rest.split('?').next().unwrap_or(rest);
+    (!file.is_empty() && !file.starts_with(":memory:")).then(|| std::path::PathBuf::from(file))
+}
+
+/// Creates `path` empty with mode 0600 unless it exists (SQLite gives its -wal and -shm
+/// files the database file's mode).
+fn create_private(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // A missing folder: let SQLite report it as before.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The current time as stored in `expires_at` (RFC 3339, whole seconds), for comparisons.
