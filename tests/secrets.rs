@@ -148,3 +148,92 @@ async fn the_store_acl_files_and_keys_are_private_on_create_after_acl_save_and_o
     dev.launch().await;
     check_private(&dev);
 }
+
+/// Two control planes over one store: a rotation made through one is what the other signs
+/// with and publishes at once (the rotation state is the store's, not a process's).
+#[tokio::test]
+async fn a_signing_key_rotation_is_shared_by_every_control_plane_over_the_store() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("rotated").await;
+    let cache_id = cache["id"].as_str().unwrap();
+
+    // A second control plane (its own Valkey node) over the same store.
+    let (rest, node) = (support::free_port(), support::free_port());
+    let database_url = dev
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dev.dir.join(".shoal/shoal.db").display()));
+    let d = dev.dir.display();
+    let toml = format!(
+        "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"{database_url}\"\n\
+         admin_token_path = \"{token}\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
+         internal_token = \"second-internal\"\n\n[engine]\ndir = \"{d}/second\"\ndatabases = 8\n\n\
+         [[engine.nodes]]\nname = \"b0\"\nport = {node}\n",
+        token = dev.admin_token_path().display(),
+        resp = dev.resp_port,
+    );
+    std::fs::write(dev.dir.join("second.toml"), toml).unwrap();
+    let log = std::fs::File::create(dev.dir.join("second.log")).unwrap();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["control-plane", "--config"])
+        .arg(dev.dir.join("second.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{rest}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !dev.http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(
+            std::time::Instant::now() < deadline && second.try_wait().unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(dev.dir.join("second.log")).unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let jwks = |url: String| {
+        let http = dev.http.clone();
+        async move {
+            let body: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            body["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = jwks(format!("{base}/.well-known/jwks.json")).await;
+    assert_eq!(before, jwks(dev.url("/.well-known/jwks.json")).await);
+
+    // Rotate through the first one.
+    let (status, rotated) = dev.api(Method::POST, "/v1/signing-keys/rotate", None).await;
+    assert_eq!(status, 200, "{rotated}");
+    let kid = rotated["kid"].as_str().unwrap().to_string();
+
+    // The second publishes the new key and signs with it; the token works on the gateway.
+    let after = jwks(format!("{base}/.well-known/jwks.json")).await;
+    assert!(after.contains(&kid), "{after:?} lacks {kid}");
+    let minted: serde_json::Value = dev
+        .http
+        .post(format!("{base}/v1/caches/{cache_id}/tokens"))
+        .bearer_auth(dev.admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = minted["token"].as_str().unwrap_or_else(|| panic!("{minted}"));
+    let header = token.split('.').next().unwrap();
+    use base64::Engine;
+    let header: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap())
+            .unwrap();
+    assert_eq!(header["kid"], kid.as_str(), "the second control plane signs with a retired key");
+    let mut conn = dev.client(token).await.expect("the gateway accepts it");
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let _ = second.wait();
+}
