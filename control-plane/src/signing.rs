@@ -1,6 +1,8 @@
 //! Data-plane token signing: Ed25519 keys (EdDSA JWTs), kept in the store, published as a
 //! JWKS. The newest key signs; rotated-out keys keep verifying until every token they
-//! signed has expired.
+//! signed has expired. The store is the one source of truth: every control-plane process
+//! over it reloads the keys ([`Signer::refresh`]) before it signs and before it serves the
+//! JWKS, so a rotation made by one is followed by all at once.
 
 use crate::store::audit::AuditEvent;
 use crate::store::{SigningKeyRecord, Store, StoreError};
@@ -69,6 +71,13 @@ impl Signer {
         tx.commit(event).await?;
         *self.keys.write().unwrap() = Keys::load(store).await?;
         Ok(key.kid)
+    }
+
+    /// Reloads the keys from the store: another control-plane process may have rotated.
+    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let keys = Keys::load(store).await?;
+        *self.keys.write().unwrap() = keys;
+        Ok(())
     }
 
     /// The kid that signs now.
@@ -140,5 +149,48 @@ fn generate() -> SigningKeyRecord {
         kid: format!("k{}", &crate::auth::random_token(6)),
         private_der: der.as_bytes().to_vec(),
         public_raw: key.verifying_key().to_bytes().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two control planes over one store (two pools on one SQLite file, as two processes
+    /// would have): a rotation made by one is what the other signs with and publishes.
+    #[tokio::test]
+    async fn a_rotation_by_one_control_plane_is_followed_by_another_over_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let (store_a, store_b) = (Store::open(&url).await.unwrap(), Store::open(&url).await.unwrap());
+        let window = std::time::Duration::from_secs(3600);
+        let a = Signer::load_or_create(&store_a, window).await.unwrap();
+        let b = Signer::load_or_create(&store_b, window).await.unwrap();
+        let first = a.current_kid();
+        assert_eq!(b.current_kid(), first);
+
+        let mut event =
+            AuditEvent { actor: "test".into(), action: "signing_key.rotate".into(), ..Default::default() };
+        let rotated = a.rotate(&store_a, &mut event).await.unwrap();
+        assert_ne!(rotated, first);
+
+        b.refresh(&store_b).await.unwrap();
+        assert_eq!(b.current_kid(), rotated);
+        let claims = DataClaims {
+            iss: "shoal".into(),
+            sub: "c".into(),
+            aud: "shoal-data".into(),
+            iat: 0,
+            exp: i64::MAX / 2,
+            nbf: None,
+            jti: "j".into(),
+            cache: shoal_types::CacheId::generate(),
+            perm: Default::default(),
+            key_patterns: vec![],
+        };
+        let token = b.sign(&claims).unwrap();
+        assert_eq!(jsonwebtoken::decode_header(&token).unwrap().kid.as_deref(), Some(rotated.as_str()));
+        let published: Vec<String> = b.jwks().keys.into_iter().map(|k| k.kid).collect();
+        assert_eq!(published, vec![first, rotated]);
     }
 }

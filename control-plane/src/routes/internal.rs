@@ -140,6 +140,11 @@ async fn revocations(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
 /// The public keys that verify data-plane tokens (JWKS).
 #[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, body = crate::signing::Jwks)), tag = "auth")]
 pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
+    // The store's keys (another control plane may have rotated); the last known ones if the
+    // store cannot be read just now.
+    if let Err(e) = state.signer.refresh(&state.store).await {
+        tracing::warn!(error = %e, "could not reload the signing keys; serving the last known JWKS");
+    }
     HttpResponse::Ok().json(state.signer.jwks())
 }
 

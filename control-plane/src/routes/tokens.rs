@@ -188,6 +188,8 @@ pub async fn mint_token(
         perm,
         key_patterns,
     };
+    // Sign with the store's current key (another control plane may have rotated it).
+    state.signer.refresh(&state.store).await?;
     let token = state.signer.sign(&claims).map_err(|e| ApiError::Internal(e.to_string()))?;
     let expires_at = exp.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut event = ctx.cache_event(&who, "token.mint", &claims.jti, &cache);
