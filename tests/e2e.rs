@@ -122,6 +122,9 @@ async fn commands_before_auth_get_noauth_and_bad_tokens_get_wrongpass() {
     let dev = ShoalDev::start().await;
     let out = raw(dev.resp_port, b"*2\r\n$3\r\nGET\r\n$1\r\na\r\nPING\r\n").await;
     assert_eq!(out, b"-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n");
+    // What Valkey flags no_auth runs before AUTH, as on a plain Valkey: RESET too.
+    let out = raw(dev.resp_port, b"RESET\r\nGET a\r\n").await;
+    assert_eq!(out, b"+RESET\r\n-NOAUTH Authentication required.\r\n");
 
     let out = raw(dev.resp_port, b"*2\r\n$4\r\nAUTH\r\n$13\r\nnot-a-token!!\r\n").await;
     assert!(out.starts_with(b"-WRONGPASS"), "{}", String::from_utf8_lossy(&out));

@@ -33,7 +33,7 @@ mod support;
 
 use redis::aio::MultiplexedConnection;
 use reqwest::Method;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use support::ShoalDev;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -315,47 +315,30 @@ impl Raw {
 }
 
 // ---------------------------------------------------------------------------------------
-// The gateway's command table (the same file the gateway compiles in).
+// The command table.
 // ---------------------------------------------------------------------------------------
 
-struct Table {
-    treatment: HashMap<String, String>,
-    containers: HashSet<String>,
-}
+/// The command table, as the gateway resolves it.
+struct Table(&'static shoal_commands::CommandTable);
 
 impl Table {
     fn load() -> Table {
-        let mut treatment = HashMap::new();
-        let mut containers = HashSet::new();
-        for line in include_str!("../gateway/data/commands.tsv").lines() {
-            if line.starts_with('#') || line.starts_with("name\t") || line.trim().is_empty() {
-                continue;
-            }
-            let cols: Vec<&str> = line.split('\t').collect();
-            let (name, how) = (cols[0], cols[7]);
-            if let Some((container, _)) = name.split_once('|') {
-                containers.insert(container.to_string());
-            }
-            treatment.insert(name.to_string(), how.to_string());
-        }
-        Table { treatment, containers }
+        Table(shoal_commands::table())
     }
 
     fn is_container(&self, name: &str) -> bool {
-        self.containers.contains(&name.to_lowercase())
+        self.0.get(&name.to_lowercase()).is_some_and(|s| s.container)
     }
 
     /// `pass`, `deny` or `virtual` for a command, resolved as the gateway does.
     fn treatment(&self, args: &[String]) -> &str {
-        let name = args[0].to_lowercase();
-        if self.is_container(&name) {
-            if let Some(sub) = args.get(1) {
-                if let Some(t) = self.treatment.get(&format!("{name}|{}", sub.to_lowercase())) {
-                    return t;
-                }
-            }
+        use shoal_commands::Treatment;
+        let spec = self.0.lookup(args[0].as_bytes(), args.get(1).map(|s| s.as_bytes()));
+        match spec.map_or(Treatment::Pass, |s| s.treatment) {
+            Treatment::Pass => "pass",
+            Treatment::Deny => "deny",
+            Treatment::Virtual => "virtual",
         }
-        self.treatment.get(&name).map_or("pass", String::as_str)
     }
 }
 

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::{auth_command, ShoalDev};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,19 +46,6 @@ impl Totals {
         self.throttled += o.throttled;
         self.errors += o.errors;
     }
-}
-
-/// (weight, per_element, hits) per command, read from the table the gateway ships.
-fn weights() -> HashMap<String, (u64, u64, String)> {
-    let tsv =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway/data/commands.tsv")).unwrap();
-    tsv.lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("name\t"))
-        .map(|l| {
-            let c: Vec<&str> = l.split('\t').collect();
-            (c[0].to_string(), (c[8].parse().unwrap(), c[9].parse().unwrap(), c[10].to_string()))
-        })
-        .collect()
 }
 
 /// RESP encoding of a command, as a client sends it.
@@ -139,7 +125,6 @@ impl Raw {
 
 /// The rule, applied by the test on its own: what one command should add.
 struct Rule {
-    table: HashMap<String, (u64, u64, String)>,
     want: Totals,
 }
 
@@ -147,7 +132,10 @@ impl Rule {
     /// `reply` is what the command's result was (for elements and hits), `delivered` the bytes
     /// the client received for it.
     fn command(&mut self, name: &str, request: usize, reply: &[u8], delivered: usize) {
-        let (weight, per_element, hits) = self.table.get(name).cloned().unwrap_or((1000, 0, "-".into()));
+        use shoal_commands::Hits;
+        let spec = shoal_commands::table().get(name);
+        let (weight, per_element) = spec.map_or((1000, 0), |s| (s.weight as u64, s.per_element as u64));
+        let hits = spec.map_or(Hits::None, |s| s.hits);
         if weight == 0 {
             return;
         }
@@ -157,16 +145,16 @@ impl Rule {
         };
         let is_nil = |r: &[u8]| r.starts_with(b"$-1") || r.starts_with(b"*-1");
         let error = reply.starts_with(b"-");
-        let (h, m) = match hits.as_str() {
+        let (h, m) = match hits {
             _ if error || reply.is_empty() => (0, 0),
-            "value" if is_nil(reply) => (0, 1),
-            "value" => (1, 0),
-            "elements" => {
+            Hits::Value if is_nil(reply) => (0, 1),
+            Hits::Value => (1, 0),
+            Hits::Elements => {
                 let e = elements(reply);
                 let nil = e.iter().filter(|r| is_nil(r)).count() as u64;
                 (e.len() as u64 - nil, nil)
             }
-            _ => (0, 0),
+            Hits::None => (0, 0),
         };
         let bytes = (request + delivered) as u64;
         self.want.add(Totals {
@@ -242,7 +230,7 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
     let cache = dev.create_cache("metered").await;
     let id = cache["id"].as_str().unwrap().to_string();
     let token = dev.mint_token(&id).await;
-    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let mut rule = Rule { want: Totals::default() };
 
     // Pipelined SET/GET of several sizes (on the shared upstream connection).
     let small = b"hello".to_vec();
@@ -477,7 +465,7 @@ async fn load(
     mut conn: redis::aio::MultiplexedConnection,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Totals {
-    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let mut rule = Rule { want: Totals::default() };
     let value = vec![b'v'; 100];
     let mut i = 0u64;
     while !*stop.borrow() {
@@ -557,7 +545,7 @@ async fn sigterm_delivers_the_last_usage_before_the_gateway_exits() {
     let cache = dev.create_cache("last-words").await;
     let id = cache["id"].as_str().unwrap().to_string();
     let token = dev.mint_token(&id).await;
-    let mut rule = Rule { table: weights(), want: Totals::default() };
+    let mut rule = Rule { want: Totals::default() };
     let mut c = Raw::connect(dev.resp_port, &token).await;
     let value = vec![b'x'; 5000];
     for i in 0..50 {

@@ -10,7 +10,7 @@
 //! - [`resp`]: request parser, reply boundary scanner, a small value model (no I/O).
 //! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
 //! - [`router`]: cache id → [`shoal_types::TenantRoute`], from the control plane.
-//! - [`policy`]: the command table (`data/commands.tsv`): pass, deny or virtualize.
+//! - the command table is the `shoal-commands` crate: pass, deny or virtualize, weights, flags.
 //! - [`virtualize`]: commands the gateway answers or rewrites per cache, with
 //!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
 //!   [`clients`] (each cache's connections), [`observer`] (node-wide views, filtered) and
@@ -31,7 +31,6 @@ pub mod metering;
 pub mod metrics;
 pub mod mux;
 pub mod observer;
-pub mod policy;
 pub mod pubsub;
 pub mod resp;
 pub mod router;

@@ -14,7 +14,6 @@ use crate::auth::login::{Attempt, LoginNote};
 use crate::clients::{ClientEntry, Invalidation};
 use crate::listener::Shared;
 use crate::metering::{self, Counters, Meter, Role};
-use crate::policy::{self, Treatment};
 use crate::pubsub::{Namespace, CONFIRMATIONS};
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Frame, Limits, RequestParser};
@@ -26,6 +25,7 @@ use crate::{upstream, GatewayError};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use shoal_auth::throttle::{FailureOutcome, Verdict};
+use shoal_commands::{self as commands, CommandSpec, Treatment};
 use shoal_types::VerifyRequest;
 use shoal_types::{CacheId, TenantRoute};
 use std::collections::VecDeque;
@@ -586,14 +586,15 @@ impl Session {
                 Ok(Some(frame)) if frame.inline => self.inline_to_resp(frame),
                 Ok(Some(frame)) => {
                     let args = self.parser.take_args();
-                    if self.must_wait_for_upstream(&args) {
+                    let spec = self.spec_of(&args);
+                    if self.must_wait_for_upstream(spec) {
                         // Answered from a node-wide view: let the commands before it run first.
                         self.parser.give_back(args);
                         self.barrier = true;
                         break;
                     }
                     if !args.is_empty() {
-                        self.on_request(frame, &args).await;
+                        self.on_request(frame, spec, &args).await;
                         handled += 1;
                     }
                     self.parser.give_back(args);
@@ -628,19 +629,20 @@ impl Session {
         }
         let name = &self.client_in[args[0].clone()];
         let sub = args.get(1).map(|r| &self.client_in[r.clone()]);
-        let spec = policy::table().lookup(name, sub);
-        let passes = spec.is_none_or(|s| s.treatment == Treatment::Pass && !s.container)
-            && !matches!(spec.map(|s| s.name.as_str()), Some("multi" | "exec" | "discard"));
+        let spec = commands::table().lookup(name, sub);
+        let passes =
+            spec.is_none_or(|s| s.treatment == Treatment::Pass && !s.container && !s.shoal.transaction);
         if !passes && self.client_in.len() < MAX_HELD_REQUEST {
             return false;
         }
-        let shown = spec.map_or_else(|| String::from_utf8_lossy(name).to_uppercase(), policy::display_name);
+        let shown =
+            spec.map_or_else(|| String::from_utf8_lossy(name).to_uppercase(), CommandSpec::display_name);
         let (pos, rest) = (pos, rest);
         self.parser.abandon();
         let mut streaming = Streaming { rest, forward: false, refusal: None, bytes: pos as u64, charged: 0 };
         if !passes {
             streaming.refusal = Some(too_large(&shown, MAX_HELD_REQUEST as u64));
-        } else if spec.is_some_and(|s| s.refused_when_full())
+        } else if spec.is_some_and(|s| s.refused_when_full)
             && self.tenant.as_ref().is_some_and(|t| t.live.storage_full())
         {
             streaming.refusal = Some(STORAGE_FULL.to_string());
@@ -714,10 +716,8 @@ impl Session {
 
     /// Whether this request reads a node-wide view (INFO, PUBSUB …) while replies to earlier
     /// requests are still outstanding: then it waits, so that it sees their effects.
-    fn must_wait_for_upstream(&self, args: &[Range<usize>]) -> bool {
-        let Some(name) = args.first().map(|r| &self.client_in[r.clone()]) else { return false };
-        let node_wide = name.eq_ignore_ascii_case(b"INFO") || name.eq_ignore_ascii_case(b"PUBSUB");
-        node_wide
+    fn must_wait_for_upstream(&self, spec: Option<&CommandSpec>) -> bool {
+        spec.is_some_and(|s| s.shoal.barrier)
             && self.tenant.is_some()
             && (self.has_pending_upstream() || !self.pubsub.inflight.is_empty())
     }
@@ -734,19 +734,21 @@ impl Session {
         &self.client_in[args[i].clone()]
     }
 
-    /// Decides what one request becomes: forwarded bytes, a rewrite, or a local answer.
-    async fn on_request(&mut self, frame: Frame, args: &[Range<usize>]) {
-        let name = self.arg(args, 0);
+    /// The table's row for a request (by its name and maybe subcommand); None for an
+    /// unknown command (forwarded: Valkey answers it).
+    fn spec_of(&self, args: &[Range<usize>]) -> Option<&'static CommandSpec> {
+        let name = &self.client_in[args.first()?.clone()];
         let sub = args.get(1).map(|r| &self.client_in[r.clone()]);
-        let spec = policy::table().lookup(name, sub);
-        if self.tenant.is_none() {
-            let allowed = spec.is_some_and(|s| matches!(s.name.as_str(), "auth" | "hello" | "quit"));
-            if !allowed {
-                return self.reply_error(NOAUTH);
-            }
+        commands::table().lookup(name, sub)
+    }
+
+    /// Decides what one request becomes: forwarded bytes, a rewrite, or a local answer.
+    async fn on_request(&mut self, frame: Frame, spec: Option<&'static CommandSpec>, args: &[Range<usize>]) {
+        if self.tenant.is_none() && !spec.is_some_and(|s| s.no_auth) {
+            return self.reply_error(NOAUTH);
         }
         if let (Some(t), Some(spec)) = (&self.tenant, spec) {
-            if spec.refused_when_full() && t.live.refuses_write(frame.len as u64) {
+            if spec.refused_when_full && t.live.refuses_write(frame.len as u64) {
                 return self.refuse(STORAGE_FULL);
             }
         }
@@ -774,30 +776,30 @@ impl Session {
         &mut self,
         frame: Frame,
         args: &[Range<usize>],
-        spec: Option<&'static policy::CommandSpec>,
+        spec: Option<&'static CommandSpec>,
     ) {
         let name = self.arg(args, 0);
         let treatment = spec.map_or(Treatment::Pass, |s| s.treatment);
         match treatment {
             Treatment::Deny => {
-                let name = policy::display_name(spec.expect("denied commands are in the table"));
+                let name = spec.expect("denied commands are in the table").display_name();
                 self.refuse(&format!("NOPERM the {name} command is not allowed on Shoal caches"));
             }
             Treatment::Virtual
                 if frame.len > MAX_HELD_REQUEST
                     || (frame.len as u64 > MAX_FREE_REQUEST && spec.is_some_and(|s| s.weight == 0)) =>
             {
-                let name = spec.map_or_else(String::new, policy::display_name);
+                let name = spec.map_or_else(String::new, CommandSpec::display_name);
                 let limit =
                     if frame.len > MAX_HELD_REQUEST { MAX_HELD_REQUEST as u64 } else { MAX_FREE_REQUEST };
                 self.refuse(&too_large(&name, limit));
             }
             Treatment::Virtual => {
-                let spec_name = spec.map(|s| s.name.clone()).unwrap_or_default();
-                if let Some(refusal) = self.refused_by_access(&spec_name) {
+                let spec = spec.expect("virtual commands are in the table");
+                if let Some(refusal) = self.refused_by_access(spec) {
                     return self.refuse(&refusal);
                 }
-                crate::virtualize::run(self, &spec_name, args).await;
+                crate::virtualize::run(self, &spec.name, args).await;
             }
             Treatment::Pass => {
                 if name.eq_ignore_ascii_case(b"MULTI") {
@@ -839,15 +841,13 @@ impl Session {
 
     /// A cache user's access string also holds for the commands the gateway answers
     /// itself (logging in, choosing a database and resetting excepted, as upstream).
-    fn refused_by_access(&self, spec_name: &str) -> Option<String> {
+    fn refused_by_access(&self, spec: &CommandSpec) -> Option<String> {
         let access = self.tenant.as_ref()?.access.as_ref()?;
-        let (name, sub) = match spec_name.split_once('|') {
+        let (name, sub) = match spec.name.split_once('|') {
             Some((n, s)) => (n, Some(s)),
-            None => (spec_name, None),
+            None => (spec.name.as_str(), None),
         };
-        if matches!(name, "auth" | "hello" | "quit" | "reset" | "select")
-            || shoal_auth::access::allows_command(access, name, sub)
-        {
+        if spec.acl_exempt() || shoal_auth::access::allows_command(access, name, sub) {
             return None;
         }
         let shown = sub.map_or(name.to_string(), |s| format!("{name}|{s}"));
@@ -956,7 +956,7 @@ impl Session {
     }
 
     /// Client-side caching bookkeeping for a forwarded command (only while tracking is on).
-    fn note_tracking(&self, spec: &crate::policy::CommandSpec, args: &[Range<usize>]) {
+    fn note_tracking(&self, spec: &CommandSpec, args: &[Range<usize>]) {
         let Some(t) = &self.tenant else { return };
         if spec.name == "flushdb" {
             crate::tracking::invalidate_all(&self.shared.clients, &t.cache);
@@ -965,7 +965,7 @@ impl Session {
             return;
         }
         let argv: Vec<&[u8]> = args.iter().map(|r| &self.client_in[r.clone()]).collect();
-        let keys = crate::tracking::command_keys(spec, &argv);
+        let keys = spec.keys(&argv);
         if let Some(tracking) = t.entry.tracking.lock().unwrap().as_mut() {
             crate::tracking::note_command(tracking, spec, &keys);
         }

@@ -525,7 +525,7 @@ fn cluster(s: &mut Session, name: &str, argv: &[&[u8]]) {
 
 /// `COMMAND …` without the commands a cache may not run.
 async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
-    let table = crate::policy::table();
+    let table = shoal_commands::table();
     let forward: Vec<&[u8]> = argv.to_vec();
     match name {
         "command|count" => {

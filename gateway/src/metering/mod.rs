@@ -13,7 +13,7 @@ pub mod ecpu;
 pub mod limit;
 pub mod usage;
 
-use crate::policy::CommandSpec;
+use shoal_commands::CommandSpec;
 use shoal_types::{CacheId, CacheUsage};
 use std::collections::HashMap;
 use std::sync::Mutex;
