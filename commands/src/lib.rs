@@ -100,6 +100,9 @@ pub struct ShoalFlags {
     /// `@dangerous`, yet safe once confined to the tenant's own databases: the node's
     /// tenant ACL allows it back.
     pub node_allow: bool,
+    /// Answered or rewritten by the gateway, and still allowed inside MULTI (it is
+    /// forwarded, rewritten, to be queued; the others are answered at once, so refused).
+    pub multi_ok: bool,
 }
 
 impl CommandSpec {

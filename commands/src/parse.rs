@@ -94,6 +94,7 @@ fn shoal_flags(cell: &str) -> Option<ShoalFlags> {
             "no_mux" => f.no_mux = true,
             "node_deny" => f.node_deny = true,
             "node_allow" => f.node_allow = true,
+            "multi_ok" => f.multi_ok = true,
             _ => return None,
         }
     }

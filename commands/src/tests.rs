@@ -108,6 +108,9 @@ fn flags_the_gateway_relies_on() {
     assert!(t.get("info").unwrap().shoal.barrier && t.get("pubsub|numsub").unwrap().shoal.barrier);
     assert!(t.get("select").unwrap().acl_exempt() && t.get("reset").unwrap().acl_exempt());
     assert!(!t.get("get").unwrap().acl_exempt());
+    // Inside MULTI the gateway queues only what it forwards (rewritten): SELECT, PUBLISH …
+    assert!(t.get("select").unwrap().shoal.multi_ok && t.get("publish").unwrap().shoal.multi_ok);
+    assert!(!t.get("client|list").unwrap().shoal.multi_ok && !t.get("info").unwrap().shoal.multi_ok);
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
 //! - [`router`]: cache id → [`shoal_types::TenantRoute`], from the control plane.
 //! - the command table is the `shoal-commands` crate: pass, deny or virtualize, weights, flags.
-//! - [`virtualize`]: commands the gateway answers or rewrites per cache, with
+//! - [`cmd`]: commands the gateway answers or rewrites per cache (one file per family), with
 //!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
 //!   [`clients`] (each cache's connections), [`observer`] (node-wide views, filtered) and
 //!   [`tracking`] (client-side caching invalidations from keyspace events).
@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod clients;
 pub mod cluster;
+pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod listener;
@@ -40,7 +41,6 @@ pub mod slots;
 pub mod tls;
 pub mod tracking;
 pub mod upstream;
-pub mod virtualize;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;

@@ -263,7 +263,7 @@ impl Session {
                 if let Some(refusal) = self.refused_by_access(spec) {
                     return self.refuse(&refusal);
                 }
-                crate::virtualize::run(self, &spec.name, args).await;
+                crate::cmd::run(self, spec, args).await;
             }
             Treatment::Pass => {
                 if name.eq_ignore_ascii_case(b"MULTI") {

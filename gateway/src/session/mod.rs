@@ -4,7 +4,7 @@
 //! the upstream into buffers, forwards complete requests byte for byte, and writes replies
 //! back in request order. Replies the gateway makes itself (errors, virtualized commands)
 //! wait in `pending` behind the upstream replies that precede them, so pipelines keep
-//! their order. Virtualized commands live in [`crate::virtualize`].
+//! their order. Virtualized commands live in [`crate::cmd`].
 //!
 //! Until a session needs a connection of its own, its stateless commands go to the cache's
 //! shared upstream ([`crate::mux`]) instead, in batches; their replies come back per batch

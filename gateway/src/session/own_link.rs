@@ -43,7 +43,7 @@ impl Session {
         if !self.connect_upstream().await {
             return false;
         }
-        // `CLIENT SETINFO` answered while on the mux (see `virtualize::client_set`).
+        // `CLIENT SETINFO` answered while on the mux (see `cmd::client::set`).
         let lib = self.tenant.as_ref().map(|t| t.entry.lib.lock().unwrap().clone());
         if let Some((name, version)) = lib {
             for (attr, value) in [(&b"LIB-NAME"[..], name), (b"LIB-VER", version)] {
