@@ -231,10 +231,14 @@ async fn a_past_month_is_final_and_frozen_late_usage_no_longer_changes_it() {
             .unwrap()
             .and_utc()
     };
-    if (now - this_month).num_seconds() < 2 * 3600 {
-        return; // within the grace period of last month: it is not final yet (see the README).
-    }
-    let last_month_minute = this_month.timestamp() - 86_400;
+    // A minute of the month before last: final whatever today's date (last month is not
+    // final during its grace period, the first hour of this month).
+    let last_month_minute = {
+        use chrono::Datelike;
+        let last_month = this_month - chrono::Duration::days(1);
+        let start = chrono::NaiveDate::from_ymd_opt(last_month.year(), last_month.month(), 1).unwrap();
+        start.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp() - 86_400
+    };
     let long_ago = "2000-01-01T00:00:00.000Z";
     dev.sql(&format!("UPDATE accounts SET created_at = '{long_ago}' WHERE id = '{account}'"));
     dev.sql(&format!("UPDATE caches SET created_at = '{long_ago}' WHERE id = '{cache_id}'"));

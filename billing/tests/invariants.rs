@@ -1,4 +1,4 @@
-//! The billing invariant (ARCHITECTURE §7): the sum over usage batches = the sum over hourly
+//! The billing invariant: the sum over usage batches = the sum over hourly
 //! rollups = the invoice quantities, to the milli-ECPU — with duplicate batches, late batches
 //! and rows on both sides of hour and month boundaries. Through the public API only.
 

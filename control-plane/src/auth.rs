@@ -9,7 +9,7 @@ use shoal_types::AccountId;
 use std::future::Future;
 use std::pin::Pin;
 
-/// Who is calling. Roles (ARCHITECTURE §8, issue "REST authorization"):
+/// Who is calling. Roles:
 /// - `admin`: everything;
 /// - `owner` of an account: that account's caches, users, tokens, keys, usage, invoices, audit;
 /// - `auditor`: reads (caches, usage, invoices, audit) of one account — or of every account

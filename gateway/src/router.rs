@@ -7,9 +7,7 @@
 //! and the storage flag reach connected sessions within about a second.
 
 use crate::GatewayError;
-use shoal_types::{
-    CacheId, CacheLimits, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest,
-};
+use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -258,10 +256,6 @@ impl LiveRoute {
     /// The latest route.
     pub fn get(&self) -> TenantRoute {
         self.route.read().unwrap().clone()
-    }
-
-    pub fn limits(&self) -> CacheLimits {
-        self.route.read().unwrap().limits.clone()
     }
 
     /// The cache is over its storage limit even after evictions: writes are refused.

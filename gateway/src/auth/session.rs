@@ -22,7 +22,6 @@ pub(crate) fn with_login(mut route: TenantRoute, login: &Option<(String, String)
     route
 }
 
-/// The monotonic instant of a token's `exp` (seconds since the epoch).
 /// Most connections a cache may hold on this gateway: its own limit if it has one, else the
 /// gateway's `max_connections_per_cache`.
 pub(crate) fn max_connections(config: &crate::GatewayConfig, route: &TenantRoute) -> usize {
@@ -34,6 +33,7 @@ pub(crate) fn max_connections(config: &crate::GatewayConfig, route: &TenantRoute
         .min(config.max_connections)
 }
 
+/// The monotonic instant of a token's `exp` (seconds since the epoch).
 pub(crate) fn expiry_instant(exp: i64) -> Instant {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
         as i64;
