@@ -38,6 +38,7 @@ pub mod router;
 pub mod scripts;
 pub mod session;
 pub mod slots;
+pub mod state;
 pub mod tls;
 pub mod tracking;
 pub mod upstream;

@@ -9,8 +9,8 @@
 //! the node's events, so a fleet of gateways stays coherent.
 
 use crate::clients::{Invalidation, Registry, Tracking};
-use crate::listener::Shared;
 use crate::resp::{self, reply::ReplyScanner, value};
+use crate::state::Shared;
 use crate::GatewayError;
 use bytes::BytesMut;
 use shoal_types::{CacheId, TenantRoute};

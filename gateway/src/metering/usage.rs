@@ -10,8 +10,8 @@
 
 use super::Ledger;
 use crate::clients::Registry;
-use crate::listener::Shared;
 use crate::router::ControlPlaneClient;
+use crate::state::Shared;
 use crate::GatewayError;
 use rand::Rng;
 use serde::{Deserialize, Serialize};

@@ -1,9 +1,8 @@
 //! What each request becomes: forwarded bytes, a rewrite, a local answer or a refusal,
 //! decided from the command table; big requests passed on as they come.
 
-use super::{
-    OnReply, Pending, Session, MAX_FREE_REQUEST, MAX_HELD_REQUEST, NOAUTH, STORAGE_FULL, STREAM_REQUEST_FROM,
-};
+use super::decide::{self, Action};
+use super::{OnReply, Pending, Session, MAX_HELD_REQUEST, STORAGE_FULL, STREAM_REQUEST_FROM};
 use crate::metering::{Meter, Role};
 use crate::resp::request::Frame;
 use crate::resp::{self};
@@ -201,20 +200,16 @@ impl Session {
         commands::table().lookup(name, sub)
     }
 
-    /// Decides what one request becomes: forwarded bytes, a rewrite, or a local answer.
+    /// Decides what one request becomes ([`super::decide`]) and carries it out: forwarded
+    /// bytes, a rewrite, a local answer or a refusal.
     pub(super) async fn on_request(
         &mut self,
         frame: Frame,
         spec: Option<&'static CommandSpec>,
         args: &[Range<usize>],
     ) {
-        if self.tenant.is_none() && !spec.is_some_and(|s| s.no_auth) {
-            return self.reply_error(NOAUTH);
-        }
-        if let (Some(t), Some(spec)) = (&self.tenant, spec) {
-            if spec.refused_when_full && t.live.refuses_write(frame.len as u64) {
-                return self.refuse(STORAGE_FULL);
-            }
+        if let Some(Action::Reject(msg)) = decide::reject(spec, frame.len, self) {
+            return self.refuse(msg);
         }
         if self.tenant.is_some() && self.shared.config.metering {
             let role = match spec.map(|s| s.name.as_str()) {
@@ -229,93 +224,57 @@ impl Session {
                 return;
             }
         }
-        self.handle_request(frame, args, spec).await;
+        match decide::decide(spec, frame.len, self) {
+            Action::Reject(msg) => self.refuse(msg),
+            Action::Refuse(msg) => self.refuse(&msg),
+            Action::Virtual => {
+                crate::cmd::run(self, spec.expect("virtual commands are in the table"), args).await
+            }
+            Action::Forward { mux } => self.forward_request(frame, args, spec, mux).await,
+        }
         // Answered by the gateway itself: not billed, so the bucket gets its estimate back.
         if let (Some(m), Some(t)) = (self.meter_next.take(), self.tenant.as_ref()) {
             t.bucket.refund(m.estimate());
         }
     }
 
-    pub(super) async fn handle_request(
+    /// Forwards the request at the front of the input as it is, keeping MULTI's state.
+    async fn forward_request(
         &mut self,
         frame: Frame,
         args: &[Range<usize>],
         spec: Option<&'static CommandSpec>,
+        mux: bool,
     ) {
-        let name = self.arg(args, 0);
-        let treatment = spec.map_or(Treatment::Pass, |s| s.treatment);
-        match treatment {
-            Treatment::Deny => {
-                let name = spec.expect("denied commands are in the table").display_name();
-                self.refuse(&format!("NOPERM the {name} command is not allowed on Shoal caches"));
-            }
-            Treatment::Virtual
-                if frame.len > MAX_HELD_REQUEST
-                    || (frame.len as u64 > MAX_FREE_REQUEST && spec.is_some_and(|s| s.weight == 0)) =>
-            {
-                let name = spec.map_or_else(String::new, CommandSpec::display_name);
-                let limit =
-                    if frame.len > MAX_HELD_REQUEST { MAX_HELD_REQUEST as u64 } else { MAX_FREE_REQUEST };
-                self.refuse(&too_large(&name, limit));
-            }
-            Treatment::Virtual => {
-                let spec = spec.expect("virtual commands are in the table");
-                if let Some(refusal) = self.refused_by_access(spec) {
-                    return self.refuse(&refusal);
+        if let Some(transaction) = spec.filter(|s| s.shoal.transaction) {
+            if transaction.name == "multi" {
+                self.in_multi = true;
+            } else {
+                // EXEC or DISCARD; an EXEC after a refused command aborts.
+                let abort = self.multi_dirty && transaction.name == "exec";
+                self.in_multi = false;
+                self.multi_dirty = false;
+                if abort {
+                    let err = Bytes::from_static(
+                        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+                    );
+                    return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
                 }
-                crate::cmd::run(self, spec, args).await;
-            }
-            Treatment::Pass => {
-                if name.eq_ignore_ascii_case(b"MULTI") {
-                    self.in_multi = true;
-                } else if name.eq_ignore_ascii_case(b"EXEC") || name.eq_ignore_ascii_case(b"DISCARD") {
-                    let abort = self.multi_dirty && name.eq_ignore_ascii_case(b"EXEC");
-                    self.in_multi = false;
-                    self.multi_dirty = false;
-                    if abort {
-                        let err = Bytes::from_static(
-                            b"-EXECABORT Transaction discarded because of previous errors.\r\n",
-                        );
-                        return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
-                    }
-                }
-                if let Some(pause) = spec.filter(|sp| sp.script).and_then(|_| self.scripts_paused()) {
-                    return self.refuse(&format!(
-                        "ERR scripts of this cache are paused for {} s: one ran past the platform's script time limit",
-                        pause.as_secs() + 1
-                    ));
-                }
-                let mux = spec.is_some_and(|sp| sp.mux) && self.can_mux();
-                if !mux && !self.ensure_upstream().await {
-                    return;
-                }
-                if let Some(spec) = spec.filter(|sp| self.tracking || sp.name == "flushdb") {
-                    self.note_tracking(spec, args);
-                }
-                if mux {
-                    return self.mux_push(frame.len);
-                }
-                self.up_out.extend_from_slice(&self.client_in[..frame.len]);
-                let meter = self.meter_next.take();
-                self.script_sent(meter.as_ref());
-                self.push_pending(Pending::Upstream(OnReply::Forward, meter));
             }
         }
-    }
-
-    /// A cache user's access string also holds for the commands the gateway answers
-    /// itself (logging in, choosing a database and resetting excepted, as upstream).
-    pub(super) fn refused_by_access(&self, spec: &CommandSpec) -> Option<String> {
-        let access = self.tenant.as_ref()?.access.as_ref()?;
-        let (name, sub) = match spec.name.split_once('|') {
-            Some((n, s)) => (n, Some(s)),
-            None => (spec.name.as_str(), None),
-        };
-        if spec.acl_exempt() || shoal_auth::access::allows_command(access, name, sub) {
-            return None;
+        if !mux && !self.ensure_upstream().await {
+            return;
         }
-        let shown = sub.map_or(name.to_string(), |s| format!("{name}|{s}"));
-        Some(format!("NOPERM this user has no permissions to run the '{shown}' command"))
+        if let Some(spec) = spec.filter(|sp| self.tracking || sp.name == "flushdb") {
+            self.note_tracking(spec, args);
+        }
+        if mux {
+            return self.mux_push(frame.len);
+        }
+        self.up_out.extend_from_slice(&self.client_in[..frame.len]);
+        let meter = self.meter_next.take();
+        self.script_sent(meter.as_ref());
+        self.push_pending(Pending::Upstream(OnReply::Forward, meter));
     }
 
     /// Client-side caching bookkeeping for a forwarded command (only while tracking is on).

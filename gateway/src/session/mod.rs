@@ -22,13 +22,13 @@
 //! - [`meter`]: ECPU per command, the cache's ECPU limit, script time.
 
 use crate::clients::{ClientEntry, Invalidation};
-use crate::listener::Shared;
 use crate::metering::{self, Meter};
 use crate::pubsub::Namespace;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Limits, RequestParser};
 use crate::resp::value::Value;
 use crate::resp::{self};
+use crate::state::Shared;
 use crate::upstream::{read_opt, write_opt};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -44,6 +44,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
 
+mod decide;
 mod dispatch;
 use dispatch::Streaming;
 use own_link::PartReply;
@@ -565,5 +566,27 @@ async fn killed(notified: Option<&mut Pin<Box<OwnedNotified>>>) {
     match notified {
         Some(n) => n.await,
         None => std::future::pending().await,
+    }
+}
+
+impl decide::Facts for Session {
+    fn authenticated(&self) -> bool {
+        self.tenant.is_some()
+    }
+
+    fn storage_refuses(&self, bytes: u64) -> bool {
+        self.tenant.as_ref().is_some_and(|t| t.live.refuses_write(bytes))
+    }
+
+    fn access(&self) -> Option<&shoal_auth::AccessString> {
+        self.tenant.as_ref()?.access.as_deref()
+    }
+
+    fn scripts_paused(&self) -> Option<Duration> {
+        Session::scripts_paused(self)
+    }
+
+    fn can_mux(&self) -> bool {
+        Session::can_mux(self)
     }
 }
