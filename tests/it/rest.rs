@@ -1,11 +1,9 @@
 //! REST API behaviour a user notices: bad input gets a clear problem+json error and changes
 //! nothing; unknown ids are 404; no token is 401.
 
-mod support;
-
+use crate::support::ShoalDev;
 use reqwest::Method;
 use serde_json::json;
-use support::ShoalDev;
 
 #[tokio::test]
 async fn bad_requests_get_problem_json_and_change_nothing() {

@@ -3,12 +3,10 @@
 //! the no-password `default` user, throttling to a lockout, the audit trail of every login,
 //! and signing-key rotation.
 
-mod support;
-
+use crate::support::{auth, ShoalDev};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::{auth, ShoalDev};
 
 const P1: &str = "first-password-0001";
 const P2: &str = "second-password-002";
@@ -313,16 +311,7 @@ async fn failed_logins_are_throttled_to_a_lockout_and_audited() {
     assert!(lockouts.iter().all(|r| r["actor"] == "cache-user:victim"), "{lockouts:#?}");
     assert!(records.iter().any(|r| r["outcome"] == "success" && r["actor"] == "cache-user:bystander"));
     // And counted in the metrics.
-    let metrics = dev
-        .http
-        .get(dev.url("/metrics"))
-        .bearer_auth(dev.admin_token())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = dev.metrics().await;
     let count = |mechanism: &str, outcome: &str| -> u64 {
         metrics
             .lines()

@@ -241,6 +241,27 @@ impl ShoalDev {
         }
     }
 
+    /// `POST /v1/auth/login` with a user name and password (LDAP): the status and body.
+    pub async fn rest_login(&self, user: &str, password: &str) -> (u16, Value) {
+        let body = serde_json::json!({"username": user, "password": password});
+        let (status, _, body) =
+            self.call(None, reqwest::Method::POST, "/v1/auth/login", Some(body), &[]).await;
+        (status, body)
+    }
+
+    /// The control plane's Prometheus text, as a platform admin reads it.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `method path` with the admin token; returns status and JSON body (Null if none).
     pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self.http.request(method, self.url(path)).bearer_auth(self.admin_token());
@@ -394,6 +415,18 @@ pub async fn auth(dev: &ShoalDev, user: &str, password: &str) -> String {
 }
 
 /// `AUTH <token>` as RESP.
+/// A command in RESP, as a client frames it.
+pub fn encode<S: AsRef<[u8]>>(args: &[S]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        let a = a.as_ref();
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 pub fn auth_command(token: &str) -> Vec<u8> {
     format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", token.len(), token).into_bytes()
 }

@@ -2,10 +2,8 @@
 //! binary: keys with a TTL are evicted idlest first, then writes get -OOM while reads and
 //! deletes keep working, and writes come back once the cache is under its limit.
 
-mod support;
-
+use crate::support::{auth_command, raw, ShoalDev};
 use std::time::{Duration, Instant};
-use support::{auth_command, raw, ShoalDev};
 
 type Conn = redis::aio::MultiplexedConnection;
 

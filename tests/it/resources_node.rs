@@ -2,12 +2,10 @@
 //! and placement, node memory and storage limits, write bursts, Lua memory and the script
 //! cache. Every test runs the real `shoal dev` with real Valkey nodes.
 
-mod support;
-
+use crate::support::ShoalDev;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::ShoalDev;
 
 /// Creates three caches; the first and third share a node (placement alternates between the
 /// two nodes, ties going to the first). Returns (attacker, victim, node index).
@@ -69,18 +67,6 @@ async fn node_pid(dev: &ShoalDev, node: usize) -> i32 {
 async fn config_get(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
     let v: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await.unwrap();
     v.get(1).cloned().unwrap_or_default()
-}
-
-async fn metrics(dev: &ShoalDev) -> String {
-    dev.http
-        .get(dev.url("/metrics"))
-        .bearer_auth(dev.admin_token())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 async fn count(dev: &ShoalDev) -> usize {
@@ -148,7 +134,7 @@ async fn a_runaway_script_is_killed_within_the_limit_and_neighbours_recover() {
     let mut a_conn = connect(&dev, &a).await;
     let partial: Option<String> = redis::cmd("GET").arg("partial").query_async(&mut a_conn).await.unwrap();
     assert_eq!(partial, None, "nothing of the killed script is kept");
-    let m = metrics(&dev).await;
+    let m = dev.metrics().await;
     assert!(m.contains("shoal_node_script_kills_total"), "{m}");
 }
 
@@ -170,7 +156,7 @@ async fn while_a_node_is_frozen_new_caches_go_to_the_other_node() {
     eprintln!("created during-0 on the healthy node after {:?}", started.elapsed());
     // Once the health loop has noticed, placement skips the node without trying it.
     wait_for("the frozen node marked unhealthy", Duration::from_secs(5), async || {
-        metrics(&dev).await.contains(&format!("shoal_node_healthy{{node=\"{frozen}\"}} 0"))
+        dev.metrics().await.contains(&format!("shoal_node_healthy{{node=\"{frozen}\"}} 0"))
     })
     .await;
     for name in ["during-1", "during-2"] {
@@ -185,7 +171,7 @@ async fn while_a_node_is_frozen_new_caches_go_to_the_other_node() {
     // The watchdog ends the script and the node takes caches again.
     assert!(runaway.await.unwrap().is_err());
     wait_for("the node healthy again", Duration::from_secs(10), async || {
-        metrics(&dev).await.contains(&format!("shoal_node_healthy{{node=\"{frozen}\"}} 1"))
+        dev.metrics().await.contains(&format!("shoal_node_healthy{{node=\"{frozen}\"}} 1"))
     })
     .await;
     let after = dev.create_cache("after").await;
@@ -384,7 +370,7 @@ async fn lua_memory_cannot_get_a_node_oom_killed() {
         let line = log.lines().rfind(|l| l.contains("memory over its guard")).unwrap();
         eprintln!("{attack}: {line}");
     }
-    let m = metrics(&dev).await;
+    let m = dev.metrics().await;
     assert!(m.contains("shoal_node_memory_kills_total"), "{m}");
 
     // The script cache counts against no cache either: past its budget (16 MB on this node)

@@ -1,12 +1,10 @@
 //! The production processes, each from its own config file: `shoal control-plane` and
 //! `shoal gateway` as separate processes.
 
-mod support;
-
+use crate::support::free_port;
 use redis::AsyncCommands;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::free_port;
 
 struct Proc(Child);
 

@@ -1,10 +1,13 @@
 //! Metering end to end: what clients send and receive, metered by the rule, must be what
 //! the control plane stores — exactly, to the byte and the milli-ECPU.
 
-mod support;
+use crate::support::{auth_command, encode, ShoalDev};
 
+/// A command in RESP (byte-string arguments).
+fn cmd(args: &[&[u8]]) -> Vec<u8> {
+    encode(args)
+}
 use std::time::{Duration, Instant};
-use support::{auth_command, ShoalDev};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -46,17 +49,6 @@ impl Totals {
         self.throttled += o.throttled;
         self.errors += o.errors;
     }
-}
-
-/// RESP encoding of a command, as a client sends it.
-fn cmd(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// Length of the complete RESP2 reply at the front of `buf`, if it is all there.
@@ -225,7 +217,7 @@ async fn gateway_counters(metrics_port: u16, cache: &str) -> Totals {
 
 #[tokio::test]
 async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
-    let metrics_port = support::free_port();
+    let metrics_port = crate::support::free_port();
     let dev = ShoalDev::start_with(&["--metrics-port", &metrics_port.to_string()]).await;
     let cache = dev.create_cache("metered").await;
     let id = cache["id"].as_str().unwrap().to_string();
@@ -377,7 +369,8 @@ impl Split {
     fn new() -> Split {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
-        let (rest, resp, node) = (support::free_port(), support::free_port(), support::free_port());
+        let (rest, resp, node) =
+            (crate::support::free_port(), crate::support::free_port(), crate::support::free_port());
         let cp = format!(
             "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
              admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\

@@ -1,13 +1,11 @@
 //! Data-plane tokens the gateway must refuse, each with `-WRONGPASS` and nothing opened:
 //! forged algorithms, bad claims, tampering, and a token for one cache used on another.
 
-mod support;
-
+use crate::support::{raw, ShoalDev};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use shoal_types::{CacheId, DataClaims, Permission, DATA_AUDIENCE, TOKEN_ISSUER};
-use support::{raw, ShoalDev};
 
 /// The control plane's newest signing key (kid, PKCS#8 private key, raw public key).
 fn signing_key(dev: &ShoalDev) -> (String, Vec<u8>, Vec<u8>) {
@@ -189,7 +187,7 @@ async fn a_connection_must_reauthenticate_when_its_token_expires() {
     };
     let connect = |token: String| async move {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
-        s.write_all(&support::auth_command(&token)).await.unwrap();
+        s.write_all(&crate::support::auth_command(&token)).await.unwrap();
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"+OK\r\n");
@@ -199,7 +197,7 @@ async fn a_connection_must_reauthenticate_when_its_token_expires() {
     let mut renewed = connect(short().await).await;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let fresh = dev.mint_token(id).await;
-    renewed.write_all(&support::auth_command(&fresh)).await.unwrap();
+    renewed.write_all(&crate::support::auth_command(&fresh)).await.unwrap();
 
     let mut out = Vec::new();
     let read = tokio::time::timeout(std::time::Duration::from_secs(6), lapsing.read_to_end(&mut out)).await;

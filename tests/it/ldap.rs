@@ -4,14 +4,12 @@
 //! down mid-test (fail closed; tokens and cache users unaffected), a CA that does not verify
 //! the server, and the audit records of it all.
 
-mod support;
-
+use crate::support::{auth, ShoalDev};
 use reqwest::Method;
 use serde_json::{json, Value};
 use shoal_auth::testing::{self, Slapd};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{auth, ShoalDev};
 
 const INJECTIONS: &[&str] =
     &["*)(uid=*))(|(uid=*", "admin)(|(objectClass=*)", "*", "alice)(uid=*", "alice\0"];
@@ -61,19 +59,6 @@ roles = [
     std::fs::write(path, config).unwrap();
 }
 
-async fn rest_login(dev: &ShoalDev, user: &str, password: &str) -> (u16, Value) {
-    let (status, _, body) = dev
-        .call(
-            None,
-            Method::POST,
-            "/v1/auth/login",
-            Some(json!({"username": user, "password": password})),
-            &[],
-        )
-        .await;
-    (status, body)
-}
-
 async fn audit(dev: &ShoalDev, query: &str) -> Vec<Value> {
     let (status, body) = dev.api(Method::GET, &format!("/v1/audit?limit=500&{query}"), None).await;
     assert_eq!(status, 200, "{body}");
@@ -103,13 +88,13 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
     .await;
 
     // REST: each group's role, usable at once as a bearer token.
-    let (status, alice) = rest_login(&dev, "alice", "alice-pw").await;
+    let (status, alice) = dev.rest_login("alice", "alice-pw").await;
     assert_eq!((status, alice["role"].as_str()), (200, Some("admin")), "{alice}");
     let admin = alice["token"].as_str().unwrap().to_string();
     let (status, _, _) =
         dev.call(Some(&admin), Method::POST, "/v1/caches", Some(json!({"name": "ldap"})), &[]).await;
     assert_eq!(status, 201, "an LDAP admin creates caches");
-    let (status, bob) = rest_login(&dev, "bob", "bob-pw").await;
+    let (status, bob) = dev.rest_login("bob", "bob-pw").await;
     assert_eq!((status, bob["role"].as_str()), (200, Some("auditor")), "{bob}");
     let auditor = bob["token"].as_str().unwrap();
     let (status, _, _) = dev.call(Some(auditor), Method::GET, "/v1/audit", None, &[]).await;
@@ -117,23 +102,23 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
     let (status, _, _) =
         dev.call(Some(auditor), Method::POST, "/v1/caches", Some(json!({"name": "no"})), &[]).await;
     assert_eq!(status, 403, "an auditor changes nothing");
-    let (status, smith) = rest_login(&dev, "smith, john", "smith-pw").await;
+    let (status, smith) = dev.rest_login("smith, john", "smith-pw").await;
     assert_eq!(
         (status, smith["role"].as_str(), smith["account_id"].as_str()),
         (200, Some("owner"), Some("a000000000000"))
     );
-    let (status, _) = rest_login(&dev, "carol", "carol-pw").await;
+    let (status, _) = dev.rest_login("carol", "carol-pw").await;
     assert_eq!(status, 403, "no group, no REST role");
 
     // Refusals: wrong and empty passwords, unknown users, injection attempts.
     for (user, password) in [("alice", "bob-pw"), ("alice", ""), ("mallory", "x"), ("dup", "dup-pw")] {
-        let (status, body) = rest_login(&dev, user, password).await;
+        let (status, body) = dev.rest_login(user, password).await;
         assert_eq!(status, 401, "{user:?}/{password:?}: {body}");
         assert_eq!(body["detail"], "invalid username-password pair or user is disabled");
     }
     for user in INJECTIONS {
         for password in ["alice-pw", "*"] {
-            let (status, body) = rest_login(&dev, user, password).await;
+            let (status, body) = dev.rest_login(user, password).await;
             assert_eq!(status, 401, "{user:?}: {body}");
         }
     }
@@ -195,7 +180,7 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
     slapd.stop();
     let out = auth(&dev, &format!("alice@{id}"), "alice-pw").await;
     assert!(out.starts_with("-ERR the login directory (LDAP) is unavailable"), "{out}");
-    let (status, body) = rest_login(&dev, "alice", "alice-pw").await;
+    let (status, body) = dev.rest_login("alice", "alice-pw").await;
     assert_eq!(status, 503, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("unavailable"), "{body}");
     assert_eq!(auth(&dev, "default", &token).await, "+OK\r\n+PONG\r\n", "tokens unaffected");
@@ -212,15 +197,15 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
         assert!(Instant::now() < deadline, "LDAP logins did not come back");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status, _) = rest_login(&dev, "alice", "alice-pw").await;
+    let (status, _) = dev.rest_login("alice", "alice-pw").await;
     assert_eq!(status, 200);
 
     // Throttling of REST logins: a lockout (429) even for the right password.
     for _ in 0..4 {
-        let (status, _) = rest_login(&dev, "bob", "guess").await;
+        let (status, _) = dev.rest_login("bob", "guess").await;
         assert_eq!(status, 401);
     }
-    let (status, body) = rest_login(&dev, "bob", "bob-pw").await;
+    let (status, body) = dev.rest_login("bob", "bob-pw").await;
     assert_eq!(status, 429, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("too many failed attempts"), "{body}");
 
@@ -254,7 +239,7 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
     write_config(&config, &slapd, &slapd.wrong_ca_path(), Some(&id));
     dev.stop_with(libc::SIGTERM);
     dev.launch().await;
-    let (status, _) = rest_login(&dev, "alice", "alice-pw").await;
+    let (status, _) = dev.rest_login("alice", "alice-pw").await;
     assert_eq!(status, 503);
     let out = auth(&dev, &format!("alice@{id}"), "alice-pw").await;
     assert!(out.starts_with("-ERR the login directory (LDAP) is unavailable"), "{out}");
@@ -267,7 +252,7 @@ async fn ldap_sessions_expire_and_without_ldap_the_login_route_says_so() {
     let config = tmp.path().join("ldap.toml");
     write_config(&config, &slapd, &slapd.ca_path(), None);
     let dev = ShoalDev::start_with(&["--ldap-config", config.to_str().unwrap(), "--session-ttl", "2"]).await;
-    let (status, alice) = rest_login(&dev, "alice", "alice-pw").await;
+    let (status, alice) = dev.rest_login("alice", "alice-pw").await;
     assert_eq!(status, 200, "{alice}");
     let token = alice["token"].as_str().unwrap();
     let (status, _, _) = dev.call(Some(token), Method::GET, "/v1/caches", None, &[]).await;
@@ -277,6 +262,6 @@ async fn ldap_sessions_expire_and_without_ldap_the_login_route_says_so() {
     assert_eq!(status, 401, "the session expired");
 
     let plain = ShoalDev::start().await;
-    let (status, body) = rest_login(&plain, "alice", "alice-pw").await;
+    let (status, body) = plain.rest_login("alice", "alice-pw").await;
     assert_eq!(status, 404, "{body}");
 }

@@ -2,13 +2,11 @@
 //! and LDAP REST sessions can all be revoked, by whom they should be and by no one else,
 //! and a revoked credential answers 401 at once. Through the real binary.
 
-mod support;
-
+use crate::support::ShoalDev;
 use reqwest::Method;
 use serde_json::{json, Value};
 use shoal_auth::testing::{self, Slapd};
 use std::process::Command;
-use support::ShoalDev;
 
 async fn status_as(dev: &ShoalDev, token: &str, method: Method, path: &str) -> u16 {
     dev.call(Some(token), method, path, None, &[]).await.0
@@ -207,15 +205,7 @@ roles = [
 }
 
 async fn login(dev: &ShoalDev, user: &str, password: &str) -> (String, String) {
-    let (status, _, body) = dev
-        .call(
-            None,
-            Method::POST,
-            "/v1/auth/login",
-            Some(json!({"username": user, "password": password})),
-            &[],
-        )
-        .await;
+    let (status, body) = dev.rest_login(user, password).await;
     assert_eq!(status, 200, "{body}");
     (body["key_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string())
 }

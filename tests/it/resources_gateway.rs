@@ -2,23 +2,11 @@
 //! deeply nested replies, inline pipelines and connection slots cost one tenant what it
 //! uses, and never stall or lock out another tenant on the same gateway.
 
-mod support;
-
+use crate::support::{auth_command, encode, ShoalDev};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use support::{auth_command, ShoalDev};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-
-fn cmd<S: AsRef<[u8]>>(args: &[S]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.as_ref().len()).as_bytes());
-        out.extend_from_slice(a.as_ref());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
 
 /// A connection to the gateway from `source` (any 127/8 address works on Linux).
 async fn connect_from(source: &str, port: u16) -> TcpStream {
@@ -77,7 +65,7 @@ async fn victim_under_storm(
     run: Duration,
 ) -> (Vec<Duration>, Vec<Duration>, usize) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publish = cmd(&[&b"PUBLISH"[..], &channel, b"x"]);
+    let publish = encode(&[&b"PUBLISH"[..], &channel, b"x"]);
     let storm = async {
         let mut published = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -94,12 +82,12 @@ async fn victim_under_storm(
         while started.elapsed() < run {
             let t = Instant::now();
             let mut s = TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
-            s.write_all(&[auth_command(victim_token), cmd(&["PING"])].concat()).await.unwrap();
+            s.write_all(&[auth_command(victim_token), encode(&["PING"])].concat()).await.unwrap();
             let answer = read_until(&mut s, b"\r\n", 2, Duration::from_secs(10)).await;
             assert_eq!(answer, b"+OK\r\n+PONG\r\n");
             logins.push(t.elapsed());
             let t = Instant::now();
-            victim.write_all(&cmd(&["SET", "k", "v"])).await.unwrap();
+            victim.write_all(&encode(&["SET", "k", "v"])).await.unwrap();
             assert_eq!(read_until(victim, b"\r\n", 1, Duration::from_secs(10)).await, b"+OK\r\n");
             commands.push(t.elapsed());
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -139,7 +127,7 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
     // in pattern × channel steps under the gateway-wide client registry's lock). Refused.
     let mut huge = attacker().await;
     let huge_pattern = [b"*".to_vec(), b"a".repeat(2 << 20), b"b".to_vec()].concat();
-    huge.write_all(&cmd(&[&b"PSUBSCRIBE"[..], &huge_pattern])).await.unwrap();
+    huge.write_all(&encode(&[&b"PSUBSCRIBE"[..], &huge_pattern])).await.unwrap();
     let answer = read_until(&mut huge, b"\r\n", 2, Duration::from_secs(20)).await;
     // (Refused by size before its pattern is even looked at: PSUBSCRIBE is a free command the
     // gateway answers itself, held up to 64 KiB.)
@@ -161,7 +149,7 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
     let mut capped = attacker().await;
     let mut args = vec![b"PSUBSCRIBE".to_vec()];
     args.extend((0..1024).map(|i| format!("zz{i}").into_bytes()));
-    capped.write_all(&[cmd(&args), cmd(&["PSUBSCRIBE", "one-too-many"])].concat()).await.unwrap();
+    capped.write_all(&[encode(&args), encode(&["PSUBSCRIBE", "one-too-many"])].concat()).await.unwrap();
     let refused = read_until(&mut capped, b"(max 1024)\r\n", 1, Duration::from_secs(30)).await;
     assert!(String::from_utf8_lossy(&refused).contains("too many pattern subscriptions"));
 
@@ -172,7 +160,7 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
         let mut s = attacker().await;
         let mut args = vec![b"PSUBSCRIBE".to_vec()];
         args.extend((0..256).map(|i| format!("*??b*{i}*").into_bytes()));
-        s.write_all(&cmd(&args)).await.unwrap();
+        s.write_all(&encode(&args)).await.unwrap();
         let confirmed = read_until(&mut s, b"psubscribe", 256, Duration::from_secs(30)).await;
         assert_eq!(confirmed.windows(10).filter(|w| w == b"psubscribe").count(), 256);
         subscribers.push(s);
@@ -181,7 +169,7 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
     let mut over_budget = attacker().await;
     let mut args = vec![b"PSUBSCRIBE".to_vec()];
     args.extend((0..1000).map(|i| format!("*{}b*{i}*", "?".repeat(40)).into_bytes()));
-    over_budget.write_all(&cmd(&args)).await.unwrap();
+    over_budget.write_all(&encode(&args)).await.unwrap();
     read_until(&mut over_budget, b"psubscribe", 1000, Duration::from_secs(30)).await;
     let (logins, commands, published) = victim_under_storm(
         &dev,
@@ -207,7 +195,7 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
     assert!(p99(commands.clone()) < command_bound, "command p99 {:?} ≥ {command_bound:?}", p99(commands));
     // The subscribers within the budget are still there.
     for s in &mut subscribers {
-        s.write_all(&cmd(&["PING"])).await.unwrap();
+        s.write_all(&encode(&["PING"])).await.unwrap();
         let pong = read_until(s, b"pong\r\n", 1, Duration::from_secs(10)).await;
         assert!(pong.windows(6).any(|w| w == b"pong\r\n"), "{}", String::from_utf8_lossy(&pong));
     }
@@ -221,15 +209,15 @@ async fn a_deeply_nested_script_reply_reaches_a_subscribed_client_and_the_gatewa
     let dev = ShoalDev::start().await;
     let (token, _) = tenant(&dev, "nested").await;
     let mut s = TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
-    s.write_all(&cmd(&["HELLO", "3", "AUTH", "default", &token])).await.unwrap();
+    s.write_all(&encode(&["HELLO", "3", "AUTH", "default", &token])).await.unwrap();
     read_until(&mut s, b"proto", 1, Duration::from_secs(10)).await;
     // While subscribed, every reply is decoded to tell it from pub/sub messages. Valkey
     // nests a script's table up to ~8000 deep.
-    s.write_all(&cmd(&["SUBSCRIBE", "ch"])).await.unwrap();
+    s.write_all(&encode(&["SUBSCRIBE", "ch"])).await.unwrap();
     read_until(&mut s, b":1\r\n", 1, Duration::from_secs(10)).await;
     let script = "local t = 1 for i = 1, tonumber(ARGV[1]) do t = {t} end return t";
-    s.write_all(&cmd(&["EVAL", script, "0", "100000"])).await.unwrap();
-    s.write_all(&cmd(&["PING", "after"])).await.unwrap();
+    s.write_all(&encode(&["EVAL", script, "0", "100000"])).await.unwrap();
+    s.write_all(&encode(&["PING", "after"])).await.unwrap();
     let reply = read_until(&mut s, b"after\r\n", 1, Duration::from_secs(20)).await;
     let depth = reply.windows(4).filter(|w| w == b"*1\r\n").count();
     assert!(
@@ -239,7 +227,7 @@ async fn a_deeply_nested_script_reply_reaches_a_subscribed_client_and_the_gatewa
     );
     // The gateway is alive for everyone.
     let (_, mut other) = tenant(&dev, "other").await;
-    other.write_all(&cmd(&["PING"])).await.unwrap();
+    other.write_all(&encode(&["PING"])).await.unwrap();
     assert_eq!(read_until(&mut other, b"\r\n", 1, Duration::from_secs(10)).await, b"+PONG\r\n");
 }
 
@@ -324,13 +312,13 @@ async fn one_source_cannot_take_every_unauthenticated_slot() {
     assert_eq!(read_until(&mut over, b"\r\n", 1, Duration::from_secs(5)).await, b"", "closed");
     // Another source connects and logs in.
     let mut victim = connect_from("127.0.0.1", dev.resp_port).await;
-    victim.write_all(&[auth_command(&token), cmd(&["PING"])].concat()).await.unwrap();
+    victim.write_all(&[auth_command(&token), encode(&["PING"])].concat()).await.unwrap();
     assert_eq!(read_until(&mut victim, b"\r\n", 2, Duration::from_secs(10)).await, b"+OK\r\n+PONG\r\n");
     // A flooding connection that authenticates gives its slot back.
     flood[0].write_all(&auth_command(&token)).await.unwrap();
     assert_eq!(read_until(&mut flood[0], b"\r\n", 1, Duration::from_secs(10)).await, b"+OK\r\n");
     let mut again = connect_from("127.0.0.2", dev.resp_port).await;
-    again.write_all(&cmd(&["PING"])).await.unwrap();
+    again.write_all(&encode(&["PING"])).await.unwrap();
     let answer = read_until(&mut again, b"\r\n", 1, Duration::from_secs(10)).await;
     assert!(answer.starts_with(b"-NOAUTH"), "{}", String::from_utf8_lossy(&answer));
 }
@@ -363,7 +351,7 @@ async fn a_stalled_tls_handshake_holds_its_slot_only_until_the_handshake_timeout
     let closed_after = started.elapsed();
     assert!(closed_after < Duration::from_secs(4), "{closed_after:?}");
     let mut again = connect_from("127.0.0.2", dev.resp_port).await;
-    again.write_all(&[auth_command(&token), cmd(&["PING"])].concat()).await.unwrap();
+    again.write_all(&[auth_command(&token), encode(&["PING"])].concat()).await.unwrap();
     assert_eq!(read_until(&mut again, b"\r\n", 2, Duration::from_secs(10)).await, b"+OK\r\n+PONG\r\n");
 }
 

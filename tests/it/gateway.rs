@@ -1,12 +1,10 @@
 //! The gateway as an application sees it: a faithful Valkey 9 where allowed, a clear error
 //! where isolation forbids. Real clients, the real binary, real Valkey nodes.
 
-mod support;
-
+use crate::support::{raw, ShoalDev};
 use redis::{AsyncCommands, Value};
 use reqwest::Method;
 use std::time::Duration;
-use support::{raw, ShoalDev};
 
 async fn query(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::RedisResult<Value> {
     let mut cmd = redis::cmd(args[0]);
@@ -513,7 +511,7 @@ async fn stateless_commands_share_an_upstream_per_cache_in_order() {
     assert!(busiest >= 6 * 20 * 100, "no shared connection did the work: {busiest}");
 
     // Local replies, muxed replies and a transaction on the session's own connection, in order.
-    let mut input = support::auth_command(&token_a);
+    let mut input = crate::support::auth_command(&token_a);
     input.extend_from_slice(
         b"SET x 1\r\nACL WHOAMI\r\nGET x\r\nMULTI\r\nINCR x\r\nEXEC\r\nGET x\r\nECHO e\r\n",
     );
@@ -551,14 +549,7 @@ async fn stateless_commands_share_an_upstream_per_cache_in_order() {
 
 /// Requests as RESP arrays.
 fn resp(commands: &[&[&str]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for args in commands {
-        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for a in *args {
-            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-        }
-    }
-    out
+    commands.iter().flat_map(|c| crate::support::encode(c)).collect()
 }
 
 #[tokio::test]
@@ -617,7 +608,7 @@ async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
     let big = "x".repeat(4 * 1024 * 1024);
     let mut a = dev.client(&attacker).await.unwrap();
     let _: () = a.set("big", &big).await.unwrap();
-    let before = support::rss_mib(dev.pid());
+    let before = crate::support::rss_mib(dev.pid());
 
     // Three ways to ask for about a gigabyte and never read it: pipelined GETs on the shared
     // connection, the same on the session's own connection, and one huge MGET.
@@ -626,7 +617,7 @@ async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
     let mut hogs = Vec::new();
     for input in [get.clone(), format!("*1\r\n$5\r\nMULTI\r\n*1\r\n$4\r\nEXEC\r\n{get}"), mget] {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
-        s.write_all(&support::auth_command(&attacker)).await.unwrap();
+        s.write_all(&crate::support::auth_command(&attacker)).await.unwrap();
         s.write_all(input.as_bytes()).await.unwrap();
         hogs.push(s);
     }
@@ -635,7 +626,7 @@ async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
         tokio::spawn(async move {
             let mut peak = 0;
             for _ in 0..40 {
-                peak = peak.max(support::rss_mib(pid));
+                peak = peak.max(crate::support::rss_mib(pid));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak
@@ -671,19 +662,19 @@ async fn big_requests_go_upstream_as_they_come() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dev = ShoalDev::start().await;
     let (_, token) = cache_with_token(&dev, "bigreq", 1).await;
-    let before = support::rss_mib(dev.pid());
+    let before = crate::support::rss_mib(dev.pid());
 
     // A 200 MB SET, sent in 1 MB writes: the gateway never holds it whole.
     let size = 200 * 1024 * 1024;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
-    s.write_all(&support::auth_command(&token)).await.unwrap();
+    s.write_all(&crate::support::auth_command(&token)).await.unwrap();
     s.write_all(format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${size}\r\n").as_bytes()).await.unwrap();
     let chunk = vec![b'v'; 1024 * 1024];
     let mut peak = 0;
     for i in 0..size / chunk.len() {
         s.write_all(&chunk).await.unwrap();
         if i % 10 == 0 {
-            peak = peak.max(support::rss_mib(dev.pid()));
+            peak = peak.max(crate::support::rss_mib(dev.pid()));
         }
     }
     s.write_all(b"\r\n*1\r\n$4\r\nPING\r\n").await.unwrap();

@@ -2,14 +2,12 @@
 //! both must get the same replies. Plus the edges of the wire: a 64 MiB value written in
 //! small pieces, clients that vanish while blocked, and long mixed pipelines.
 
-mod support;
-
+use crate::support::{auth_command, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::fmt::Debug;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{auth_command, ShoalDev};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -151,7 +149,7 @@ impl PlainValkey {
         let binary = shoal_engine::find_valkey_server()
             .expect("valkey-server (set SHOAL_VALKEY_SERVER or run scripts/setup.sh --test)");
         let dir = tempfile::tempdir().unwrap();
-        let port = support::free_port();
+        let port = crate::support::free_port();
         let mut cmd = Command::new(binary);
         cmd.args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--port"])
             .arg(port.to_string())

@@ -29,13 +29,14 @@
 //! Further tests below target what a single reply cannot show: the Lua debugger freezing or
 //! crashing a shared node, node-wide client ids, and keyspace-event flags of neighbours.
 
-mod support;
+/// Scoped and read-only credentials against the rest of their own cache.
+mod scoped;
 
+use crate::support::{encode, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use reqwest::Method;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
-use support::ShoalDev;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -168,17 +169,6 @@ fn parse_at(b: &[u8], at: usize) -> Result<Option<(R, usize)>, String> {
         }
         other => return Err(format!("unexpected reply type {:?}", other as char)),
     }))
-}
-
-fn encode<S: AsRef<[u8]>>(args: &[S]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        let a = a.as_ref();
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// The inline form of a command, if every argument can be written without quoting.
@@ -1894,7 +1884,9 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
             // No Valkey node crashed (the engine restarts a crashed node, with a new pid).
             let gone = |pids: &[i32]| -> Vec<usize> {
                 (0..pids.len())
-                    .filter(|&i| !support::pid_alive(pids[i]) || dev.node_pids().get(i) != Some(&pids[i]))
+                    .filter(|&i| {
+                        !crate::support::pid_alive(pids[i]) || dev.node_pids().get(i) != Some(&pids[i])
+                    })
                     .collect()
             };
             let mut crashed = gone(&pids);
@@ -2192,7 +2184,7 @@ async fn the_lua_debugger_cannot_crash_a_neighbours_node() {
     let script = redis::cmd("EVAL").arg("return 1").arg(0).clone();
     let answered = tokio::time::timeout(Duration::from_secs(2), script.query_async::<i64>(&mut b)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let crashed: Vec<i32> = pids.iter().copied().filter(|&p| !support::pid_alive(p)).collect();
+    let crashed: Vec<i32> = pids.iter().copied().filter(|&p| !crate::support::pid_alive(p)).collect();
     let node = dev.node_pids().iter().position(|p| !pids.contains(p)).unwrap_or(0);
     assert!(
         matches!(answered, Ok(Ok(1))) && crashed.is_empty(),

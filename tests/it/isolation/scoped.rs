@@ -4,11 +4,9 @@
 //! the cache's other connections, and every cell of the README's permissions table
 //! (`shoal_auth::grants`) holds against the real gateway and Valkey.
 
-mod support;
-
+use crate::support::{auth_command, raw, ShoalDev};
 use redis::Value;
 use shoal_auth::grants::{self, Kind};
-use support::{auth_command, raw, ShoalDev};
 
 async fn mint(dev: &ShoalDev, id: &str, body: serde_json::Value) -> String {
     let (status, v) = dev.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), Some(body)).await;

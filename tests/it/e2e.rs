@@ -1,12 +1,10 @@
 //! End to end: the real `shoal dev` binary, real valkey-server nodes, HTTP with a real
 //! client and RESP with redis-rs — the README's quickstart, step by step.
 
-mod support;
-
+use crate::support::{pid_alive, raw, ShoalDev};
 use redis::AsyncCommands;
 use reqwest::Method;
 use std::time::{Duration, Instant};
-use support::{pid_alive, raw, ShoalDev};
 
 #[tokio::test]
 async fn quickstart_two_caches_are_isolated_and_delete_removes_everything() {
@@ -97,7 +95,7 @@ async fn quickstart_two_caches_are_isolated_and_delete_removes_everything() {
     assert_eq!(problem["status"], 404);
     let Err(refused) = dev.client(&token_a).await else { panic!("deleted cache's token accepted") };
     assert_eq!(refused.kind(), redis::ErrorKind::AuthenticationFailed, "{refused}");
-    let out = raw(dev.resp_port, &support::auth_command(&token_a)).await;
+    let out = raw(dev.resp_port, &crate::support::auth_command(&token_a)).await;
     assert!(out.starts_with(b"-WRONGPASS"), "{}", String::from_utf8_lossy(&out));
     assert!(ca.get::<_, String>("user:1").await.is_err(), "open connection of a deleted cache still works");
     let mut admin = dev.node_admin(node_of_a).await;
@@ -135,7 +133,8 @@ async fn commands_before_auth_get_noauth_and_bad_tokens_get_wrongpass() {
     let mut tampered = token.clone().into_bytes();
     let last = tampered.len() - 2;
     tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
-    let out = raw(dev.resp_port, &support::auth_command(std::str::from_utf8(&tampered).unwrap())).await;
+    let out =
+        raw(dev.resp_port, &crate::support::auth_command(std::str::from_utf8(&tampered).unwrap())).await;
     assert!(out.starts_with(b"-WRONGPASS"), "{}", String::from_utf8_lossy(&out));
 
     // QUIT and HELLO work before AUTH; HELLO 3 AUTH logs in.

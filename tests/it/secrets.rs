@@ -3,13 +3,11 @@
 //! file are private to the platform's user (0600, folders 0700), also after an ACL SAVE
 //! and on every start. Through the real binary.
 
-mod support;
-
+use crate::support::ShoalDev;
 use reqwest::Method;
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use support::ShoalDev;
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
@@ -158,7 +156,7 @@ async fn a_signing_key_rotation_is_shared_by_every_control_plane_over_the_store(
     let cache_id = cache["id"].as_str().unwrap();
 
     // A second control plane (its own Valkey node) over the same store.
-    let (rest, node) = (support::free_port(), support::free_port());
+    let (rest, node) = (crate::support::free_port(), crate::support::free_port());
     let database_url = dev
         .database_url
         .clone()

@@ -2,12 +2,10 @@
 //! posted the way a gateway does) → hourly rollups → the month's invoice, equal to the
 //! milli-ECPU; CSV and HTML renderings; the estimate; who may read which invoice.
 
-mod support;
-
+use crate::support::ShoalDev;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::ShoalDev;
 
 const INTERNAL: &str = "billing-test-internal-token";
 

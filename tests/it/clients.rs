@@ -1,9 +1,7 @@
 //! Real third-party clients through the gateway: redis-py (RESP2 and RESP3) and redis-cli.
 
-mod support;
-
+use crate::support::ShoalDev;
 use std::process::Command;
-use support::ShoalDev;
 
 #[tokio::test]
 async fn redis_py_and_redis_cli_sessions_work() {

@@ -1,9 +1,7 @@
 //! The RESP endpoint over TLS: a verifying client, and certificate reload on SIGHUP.
 
-mod support;
-
+use crate::support::ShoalDev;
 use std::process::Command;
-use support::ShoalDev;
 
 fn tls_session(dev: &ShoalDev, token: &str, cafile: &std::path::Path) -> i32 {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/tls.py");

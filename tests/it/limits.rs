@@ -1,10 +1,8 @@
 //! Limits and bad input at the RESP endpoint: each refused with a clear error, nothing else
 //! disturbed.
 
-mod support;
-
+use crate::support::{auth_command, raw, ShoalDev};
 use std::time::Duration;
-use support::{auth_command, raw, ShoalDev};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn read_some(s: &mut tokio::net::TcpStream) -> Vec<u8> {

@@ -4,15 +4,13 @@
 //! Screenshots are kept in `target/portal-screenshots/`. A second test logs in with a
 //! directory account against a real slapd.
 
-mod support;
-
+use crate::support::ShoalDev;
 use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::ShoalDev;
 
 fn screenshot_dir() -> PathBuf {
     // CARGO_TARGET_TMPDIR is <target>/tmp: keep the screenshots beside it.

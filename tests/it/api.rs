@@ -2,11 +2,9 @@
 //! limits, pagination, idempotent creates, ETags, and the authorization matrix of every route.
 //! Runs on SQLite and (in the Postgres lane) on PostgreSQL.
 
-mod support;
-
+use crate::support::ShoalDev;
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::ShoalDev;
 
 /// The principals of the matrix.
 struct Who {
