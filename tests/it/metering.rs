@@ -384,7 +384,7 @@ impl Split {
         );
         std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
         std::fs::write(dir.path().join("gw.toml"), gw).unwrap();
-        Split { dir, rest, resp, http: reqwest::Client::new() }
+        Split { dir, rest, resp, http: crate::support::http_client() }
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {

@@ -50,7 +50,7 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
     let cp_path = dir.path().join("cp.toml");
     let _cp = spawn(&["control-plane", "--config", cp_path.to_str().unwrap()], &dir.path().join("cp.log"));
 
-    let http = reqwest::Client::new();
+    let http = crate::support::http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(dir.path().join("admin.token").exists()
         && http

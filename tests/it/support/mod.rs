@@ -7,6 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// An HTTP client that drops idle connections before the control plane does (after 5 s),
+/// so a request after a pause never goes out on a connection the server is closing.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build().unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -66,7 +72,7 @@ impl ShoalDev {
             tls_port: free_port(),
             node_ports: vec![free_port(), free_port()],
             child: None,
-            http: reqwest::Client::new(),
+            http: http_client(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             database_url: fresh_postgres_database(),
             _tmp: Some(tmp),
