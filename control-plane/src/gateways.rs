@@ -129,8 +129,8 @@ impl FailureBudget {
     /// None while `gateway` may ask; else how long until it may again.
     pub fn exhausted(&self, gateway: &str, now: Instant) -> Option<Duration> {
         let (start, spent) = self.spent.get(gateway)?;
-        let left = MINUTE.checked_sub(now.saturating_duration_since(*start))?;
-        (self.per_minute > 0 && *spent >= self.per_minute).then_some(left)
+        let left = MINUTE.saturating_sub(now.saturating_duration_since(*start));
+        (!left.is_zero() && self.per_minute > 0 && *spent >= self.per_minute).then_some(left)
     }
 
     /// Counts one failed check by `gateway`.

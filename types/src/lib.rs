@@ -300,6 +300,9 @@ pub fn is_loopback(addr: &str) -> bool {
     if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
         return sa.ip().is_loopback();
     }
+    if let Ok(ip) = addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
     let host = match addr.rsplit_once(':') {
         Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => addr,

@@ -265,7 +265,7 @@ async fn check_login(
     let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
     let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
     let secret = shoal_auth::token::derived_password(&cache.acl_password, &upstream_user);
-    crate::routes::users::ensure_login_user(&state, &cache, &upstream_user, &access, &secret).await?;
+    crate::routes::users::ensure_login_user(state, &cache, &upstream_user, &access, &secret).await?;
     Ok(HttpResponse::Ok().json(VerifiedLogin {
         mechanism: "ldap".into(),
         username: identity.user,
