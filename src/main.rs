@@ -5,6 +5,7 @@
 //! - `shoal gateway --config FILE`: the RESP endpoint.
 //! - `shoal openapi`: prints the OpenAPI document.
 //! - `shoal admin rotate-token`: a new bootstrap admin token; the old one is revoked.
+//! - `shoal admin gateway create|list|delete`: gateways' credentials for the internal API.
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -55,11 +56,38 @@ enum Command {
 enum AdminCommand {
     /// Write a new bootstrap admin token to the token file and revoke the previous one(s):
     /// the old token is refused (401) at once, by a running control plane too.
-    RotateToken(RotateTokenArgs),
+    RotateToken(StoreArgs),
+    /// Gateways allowed on the internal API, each with its own credential.
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
 }
 
+#[derive(Subcommand)]
+enum GatewayCommand {
+    /// Make a gateway and print its credential (only the credential, on stdout: redirect it
+    /// into the gateway's `internal_credential_file`). Shown once; the store keeps a hash.
+    Create {
+        /// 1–63 characters of a-z, 0-9 and -.
+        name: String,
+        /// Replace the credential of an existing gateway of that name (the old one stops working).
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List the gateways (names only; credentials are never shown again).
+    List(StoreArgs),
+    /// Delete a gateway: its credential stops working at once.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Where the store (and the admin token file) are.
 #[derive(Args)]
-struct RotateTokenArgs {
+struct StoreArgs {
     /// A `shoal control-plane` config file: its `database_url` and `admin_token_path`.
     #[arg(long, conflicts_with = "data_dir")]
     config: Option<PathBuf>,
@@ -84,10 +112,6 @@ struct DevArgs {
     /// Where state lives: SQLite store, Valkey data, tokens.
     #[arg(long, env = "SHOAL_DATA_DIR", default_value = ".shoal")]
     data_dir: PathBuf,
-    /// Bearer token of the internal API between gateways and the control plane (default:
-    /// random per run). Set it to run extra `shoal gateway` processes against this one.
-    #[arg(long, env = "SHOAL_INTERNAL_TOKEN", hide_env_values = true)]
-    internal_token: Option<String>,
     /// The store (default: SQLite at <data-dir>/shoal.db; `postgres://…` for PostgreSQL).
     #[arg(long, env = "SHOAL_DATABASE_URL")]
     database_url: Option<String>,
@@ -102,6 +126,11 @@ struct DevArgs {
     /// RESP (gateway) port.
     #[arg(long, env = "SHOAL_RESP_PORT", default_value_t = 6380)]
     resp_port: u16,
+    /// The internal API's port (gateways; always on 127.0.0.1, plain HTTP). Extra
+    /// `shoal gateway` processes on this machine use it with a credential from
+    /// `shoal admin gateway create`.
+    #[arg(long, env = "SHOAL_INTERNAL_PORT", default_value_t = 8081)]
+    internal_port: u16,
     /// The gateway's Prometheus `/metrics` port (0 = pick a free one; printed at start).
     #[arg(long, env = "SHOAL_METRICS_PORT", default_value_t = 0)]
     metrics_port: u16,
@@ -280,10 +309,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(AdminCommand::RotateToken(args)) => rotate_token(args).await,
+        Command::Admin(AdminCommand::Gateway(command)) => gateway_admin(command).await,
     }
 }
 
-async fn rotate_token(args: RotateTokenArgs) -> anyhow::Result<()> {
+/// Opens the store `args` names; also returns the admin token file's path.
+async fn open_store(args: &StoreArgs) -> anyhow::Result<(shoal_control_plane::store::Store, PathBuf)> {
     let (database_url, token_path) = match &args.config {
         Some(path) => {
             let text =
@@ -299,17 +330,66 @@ async fn rotate_token(args: RotateTokenArgs) -> anyhow::Result<()> {
             (format!("sqlite://{}", dir.join("shoal.db").display()), dir.join("admin.token"))
         }
     };
-    let database_url = args.database_url.unwrap_or(database_url);
+    let database_url = args.database_url.clone().unwrap_or(database_url);
     if let Some(file) = database_url.strip_prefix("sqlite://") {
         let file = file.split('?').next().unwrap_or(file);
         anyhow::ensure!(std::path::Path::new(file).exists(), "no store at {file}");
     }
     let store = shoal_control_plane::store::Store::open(&database_url).await.context("opening the store")?;
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    Ok((store, token_path))
+}
+
+/// How the command line appears in audit records.
+fn cli_actor() -> String {
+    format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+}
+
+/// An audit event of a change made on the command line.
+fn cli_event(action: &str) -> shoal_control_plane::store::audit::AuditEvent {
+    shoal_control_plane::store::audit::AuditEvent {
+        actor: cli_actor(),
+        source: "local".into(),
+        action: action.into(),
+        outcome: "success".into(),
+        request_id: format!("req-{}", shoal_control_plane::auth::random_token(8)),
+        details: serde_json::json!({}),
+        ..Default::default()
+    }
+}
+
+async fn gateway_admin(command: GatewayCommand) -> anyhow::Result<()> {
+    match command {
+        GatewayCommand::Create { name, replace, store } => {
+            let (store, _) = open_store(&store).await?;
+            let credential =
+                shoal_control_plane::gateways::issue(&store, &name, replace, cli_event("gateway.create"))
+                    .await?;
+            println!("{}", credential.expose());
+            eprintln!("Gateway {name}: its internal_credential is on stdout (shown once).");
+        }
+        GatewayCommand::List(store) => {
+            let (store, _) = open_store(&store).await?;
+            for g in store.gateways().await? {
+                println!("{}\t{}\t{}", g.name, g.created_at, g.created_by);
+            }
+        }
+        GatewayCommand::Delete { name, store } => {
+            let (store, _) = open_store(&store).await?;
+            let removed =
+                shoal_control_plane::gateways::remove(&store, &name, cli_event("gateway.delete")).await?;
+            anyhow::ensure!(removed, "no gateway named {name:?}");
+            eprintln!("Deleted gateway {name}: its credential no longer works.");
+        }
+    }
+    Ok(())
+}
+
+async fn rotate_token(args: StoreArgs) -> anyhow::Result<()> {
+    let (store, token_path) = open_store(&args).await?;
     let installed = shoal_control_plane::admin_token::install_new(
         &store,
         &token_path,
-        &format!("cli:{user}"),
+        &cli_actor(),
         "admin_token.rotate",
     )
     .await?;
@@ -367,7 +447,6 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .context("starting the Valkey pool")?,
     );
 
-    let internal_token = args.internal_token.clone().unwrap_or_else(shoal_engine::node::random_secret);
     let ldap = match &args.ldap_config {
         Some(path) => {
             let text =
@@ -388,7 +467,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("shoal.db").display())),
         admin_token_path: args.data_dir.join("admin.token"),
         public_endpoint: resp.clone(),
-        internal_token: internal_token.clone(),
+        // The embedded gateway's only: loopback, so plain HTTP.
+        internal_listen: format!("127.0.0.1:{}", args.internal_port),
+        verify_throttle: args.auth_throttle.unwrap_or_default(),
         ldap,
         session_ttl: args.session_ttl,
         login_throttle: args.login_throttle.unwrap_or_default(),
@@ -405,6 +486,24 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             return Err(e).context("starting the control plane");
         }
     };
+    // The embedded gateway's own credential, new at every start (also in
+    // <data-dir>/gateway/internal.credential, 0600, for tools that act as that gateway).
+    let mut event = cli_event("gateway.create");
+    event.actor = "shoal-dev".into();
+    let issued = async {
+        let credential = shoal_control_plane::gateways::issue(&cp.store, "dev", true, event).await?;
+        std::fs::create_dir_all(data_dir.join("gateway"))?;
+        std::fs::write(data_dir.join("gateway/internal.credential"), format!("{}\n", credential.expose()))?;
+        anyhow::Ok(credential)
+    };
+    let credential = match issued.await {
+        Ok(c) => c,
+        Err(e) => {
+            cp.stop().await;
+            pool.stop().await;
+            return Err(e).context("making the embedded gateway's credential");
+        }
+    };
     let tls = if args.tls_port == 0 {
         None
     } else {
@@ -413,8 +512,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let gateway = match Gateway::bind(GatewayConfig {
         listen: resp.clone(),
-        control_plane_url: format!("http://{}", cp.addr),
-        internal_token,
+        control_plane_url: format!("http://{}", cp.internal_addr),
+        internal_credential: credential.expose().to_owned(),
         tls_listen: tls.as_ref().map(|t| t.0.clone()),
         tls_cert: tls.as_ref().map(|t| t.1.clone()),
         tls_key: tls.as_ref().map(|t| t.2.clone()),
@@ -445,8 +544,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     {
         Ok(g) => g,
         Err(e) => {
-            cp.sampler.abort();
-            cp.handle.stop(true).await;
+            cp.stop().await;
             pool.stop().await;
             return Err(e).context("binding the RESP endpoint");
         }
@@ -459,6 +557,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("Shoal dev is running.");
     println!("  REST API       http://{rest}   (OpenAPI at /openapi.json)");
     println!("  RESP endpoint  {resp}");
+    println!("  Internal API   http://{}   (gateways only)", cp.internal_addr);
     if let Some((addr, cert, _)) = &tls {
         println!("  RESP over TLS  {addr}   (self-signed: {})", cert.display());
     }
@@ -475,8 +574,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = gateway_task.await;
-    cp.sampler.abort();
-    cp.handle.stop(true).await;
+    cp.stop().await;
     pool.stop().await;
     tracing::info!("stopped");
     Ok(())
@@ -486,6 +584,8 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let file: ControlPlaneFile =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    // Before any Valkey node starts.
+    file.control_plane.check_internal().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let nodes = file
         .engine
         .nodes
@@ -517,10 +617,10 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    tracing::info!(addr = %cp.addr, "control plane listening");
+    tracing::info!(addr = %cp.addr, internal = %cp.internal_addr, internal_tls = cp.internal_tls,
+        "control plane listening");
     wait_for_signal(None).await;
-    cp.sampler.abort();
-    cp.handle.stop(true).await;
+    cp.stop().await;
     pool.stop().await;
     Ok(())
 }

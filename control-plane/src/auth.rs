@@ -154,12 +154,3 @@ pub fn random_token(n: usize) -> String {
     rand::thread_rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
 }
-
-/// Whether the internal API's bearer token matches (constant time).
-pub fn internal_token_ok(req: &HttpRequest, expected: &str) -> bool {
-    let Some(got) = req.headers().get("Authorization").and_then(|v| v.to_str().ok()) else { return false };
-    let Some(got) = got.strip_prefix("Bearer ") else { return false };
-    !expected.is_empty()
-        && got.len() == expected.len()
-        && got.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}

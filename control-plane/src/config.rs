@@ -17,8 +17,20 @@ pub struct ControlPlaneConfig {
     pub admin_token_path: PathBuf,
     /// The RESP endpoint tenants connect to, shown in cache responses.
     pub public_endpoint: String,
-    /// Bearer token gateways present to the internal API.
-    pub internal_token: String,
+    /// Where the internal API gateways use listens (never on `listen`): plain HTTP only on
+    /// a loopback address; anywhere else it needs `internal_tls_cert` and `internal_tls_key`.
+    pub internal_listen: String,
+    /// PEM certificate chain and private key: the internal API is served over TLS.
+    pub internal_tls_cert: Option<PathBuf>,
+    pub internal_tls_key: Option<PathBuf>,
+    /// The one shared gateway token of old: refused at start (each gateway has its own
+    /// credential now, see `shoal admin gateway create`).
+    pub internal_token: Option<String>,
+    /// Throttling of failed password checks gateways ask for, per (user, source).
+    pub verify_throttle: shoal_auth::ThrottlePolicy,
+    /// Most failed password checks one gateway credential may ask for per minute, whatever
+    /// sources it names (0: no bound).
+    pub verify_failures_per_gateway: u32,
     /// Default and maximum lifetime of data-plane tokens, in seconds.
     pub token_ttl_default: u64,
     pub token_ttl_max: u64,
@@ -57,7 +69,12 @@ impl Default for ControlPlaneConfig {
             database_url: "sqlite://.shoal/shoal.db".into(),
             admin_token_path: ".shoal/admin.token".into(),
             public_endpoint: "127.0.0.1:6380".into(),
-            internal_token: String::new(),
+            internal_listen: "127.0.0.1:8081".into(),
+            internal_tls_cert: None,
+            internal_tls_key: None,
+            internal_token: None,
+            verify_throttle: shoal_auth::ThrottlePolicy::default(),
+            verify_failures_per_gateway: 600,
             token_ttl_default: 15 * 60,
             token_ttl_max: 12 * 3600,
             workers: 2,
@@ -72,5 +89,62 @@ impl Default for ControlPlaneConfig {
             default_data_storage_mb: DEFAULT_DATA_STORAGE_MB,
             metrics: None,
         }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Refuses an internal API that would carry cache secrets unencrypted over a network,
+    /// and the shared token of old.
+    pub fn check_internal(&self) -> Result<(), String> {
+        if self.internal_token.is_some() {
+            return Err("internal_token is no longer used and must be removed: each gateway has its own \
+                 credential. Make one with `shoal admin gateway create <name> --config <this file>` (or \
+                 POST /v1/gateways) and give it to that gateway as internal_credential_file"
+                .into());
+        }
+        if self.internal_listen == self.listen {
+            return Err(format!("internal_listen must differ from listen ({})", self.listen));
+        }
+        match (&self.internal_tls_cert, &self.internal_tls_key) {
+            (Some(_), Some(_)) => Ok(()),
+            (None, None) if shoal_types::is_loopback(&self.internal_listen) => Ok(()),
+            (None, None) => Err(format!(
+                "internal_listen {} is not a loopback address: the internal API carries cache passwords, so \
+                 off loopback it is served over TLS only; set internal_tls_cert and internal_tls_key (PEM)",
+                self.internal_listen
+            )),
+            _ => Err("internal_tls_cert and internal_tls_key go together".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_for_loopback_only_and_the_shared_token_is_refused() {
+        let ok = |listen: &str| ControlPlaneConfig { internal_listen: listen.into(), ..Default::default() };
+        for listen in ["127.0.0.1:8081", "127.1.2.3:1", "[::1]:8081", "localhost:8081"] {
+            assert_eq!(ok(listen).check_internal(), Ok(()), "{listen}");
+        }
+        for listen in ["0.0.0.0:8081", "10.0.0.1:8081", "[::]:8081", "cp.example.internal:8081"] {
+            let err = ok(listen).check_internal().unwrap_err();
+            assert!(err.contains("internal_tls_cert"), "{listen}: {err}");
+        }
+        let tls = ControlPlaneConfig {
+            internal_listen: "0.0.0.0:8081".into(),
+            internal_tls_cert: Some("c.pem".into()),
+            internal_tls_key: Some("k.pem".into()),
+            ..Default::default()
+        };
+        assert_eq!(tls.check_internal(), Ok(()));
+        let half = ControlPlaneConfig { internal_tls_key: None, ..tls };
+        assert!(half.check_internal().is_err());
+        let shared =
+            ControlPlaneConfig { internal_token: Some("a-long-random-value".into()), ..Default::default() };
+        assert!(shared.check_internal().unwrap_err().contains("shoal admin gateway create"));
+        let same = ControlPlaneConfig { internal_listen: "127.0.0.1:8080".into(), ..Default::default() };
+        assert!(same.check_internal().is_err());
     }
 }

@@ -7,10 +7,11 @@
 //! - [`startup`]: app state, HTTP server; [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
+//! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`].
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
-//!   `audit`, `me`, `internal`, `health`); `page` holds pagination, idempotency and ETags;
-//!   `portal` serves the admin portal (files under `control-plane/portal/`, compiled in) at
-//!   `/portal/`.
+//!   `audit`, `me`, `gateways`, `health`; `internal` is served on its own listener); `page`
+//!   holds pagination, idempotency and ETags; `portal` serves the admin portal (files under
+//!   `control-plane/portal/`, compiled in) at `/portal/`.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod gateways;
 pub mod metrics;
 pub mod routes;
 pub mod signing;

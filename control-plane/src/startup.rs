@@ -23,6 +23,9 @@ pub struct AppState {
     pub directory: Option<shoal_auth::Directory>,
     /// Failed `POST /v1/auth/login` attempts.
     pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    /// Failed password checks gateways asked for, per (user, source), and per gateway.
+    pub verify_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    pub verify_budget: std::sync::Mutex<crate::gateways::FailureBudget>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -43,11 +46,24 @@ async fn metrics(
 
 /// A running control plane.
 pub struct ControlPlane {
+    /// The public REST API.
     pub addr: SocketAddr,
+    /// The internal API (gateways), and whether it is served over TLS.
+    pub internal_addr: SocketAddr,
+    pub internal_tls: bool,
     pub handle: actix_web::dev::ServerHandle,
-    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub internal_handle: actix_web::dev::ServerHandle,
     /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
     pub sampler: tokio::task::JoinHandle<()>,
+    pub store: Store,
+}
+
+impl ControlPlane {
+    /// Stops the sampler and both listeners (before the pool is stopped).
+    pub async fn stop(&self) {
+        self.sampler.abort();
+        tokio::join!(self.handle.stop(true), self.internal_handle.stop(true));
+    }
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
@@ -66,6 +82,11 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         )));
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
+    config.check_internal().map_err(StartupError::Config)?;
+    let internal_tls = match (&config.internal_tls_cert, &config.internal_tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key).map_err(StartupError::Config)?),
+        _ => None,
+    };
     let store = Store::open(&config.database_url).await?;
     // Idempotency keys older than 24 h (also purged on every idempotent create).
     store.purge_idempotency_keys(chrono::Utc::now()).await?;
@@ -77,6 +98,10 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let workers = config.workers;
     let listen = config.listen.clone();
     let login_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.login_throttle));
+    let verify_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.verify_throttle));
+    let verify_budget =
+        std::sync::Mutex::new(crate::gateways::FailureBudget::new(config.verify_failures_per_gateway));
+    let internal_listen = config.internal_listen.clone();
     let state = web::Data::new(AppState {
         metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
@@ -87,6 +112,8 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         users_lock: tokio::sync::Mutex::new(()),
         directory,
         login_throttle,
+        verify_throttle,
+        verify_budget,
     });
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
@@ -94,26 +121,38 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
             tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
         }
     }
-    let interval = std::time::Duration::from_secs_f64(state.config.storage_interval);
-    let sampler = tokio::spawn(crate::storage::run(state.clone().into_inner(), interval));
+    let store = state.store.clone();
+    let sampler_state = state.clone().into_inner();
+    let internal_state = state.clone();
+    let internal = HttpServer::new(move || {
+        App::new()
+            .app_data(internal_state.clone())
+            .app_data(json_config())
+            .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+            .wrap(logger())
+            .configure(routes::internal::configure)
+            .configure(routes::usage::configure_internal)
+            .default_service(web::to(not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(5);
+    let tls_on = internal_tls.is_some();
+    let internal = match internal_tls {
+        Some(tls) => internal.bind_rustls_0_23(&internal_listen, tls)?,
+        None => internal.bind(&internal_listen)?,
+    };
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(64 * 1024)
-                    .content_type_required(false)
-                    .error_handler(crate::error::json_error),
-            )
+            .app_data(json_config())
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
             .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
             .wrap(actix_web::middleware::from_fn(crate::context::middleware))
-            .wrap(
-                actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
-                    .log_target("shoal::http"),
-            )
+            .wrap(logger())
             .configure(routes::health::configure)
-            .configure(routes::internal::configure)
+            .configure(routes::internal::configure_public)
+            .configure(routes::gateways::configure)
             .configure(routes::accounts::configure)
             .configure(routes::caches::configure)
             .configure(routes::audit::configure)
@@ -139,11 +178,45 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     .disable_signals()
     .shutdown_timeout(5)
     .bind(&listen)?;
-    let addr = server.addrs()[0];
-    let server = server.run();
-    let handle = server.handle();
-    let server = tokio::spawn(server);
-    Ok(ControlPlane { addr, handle, server, sampler })
+    // Both bound: now run them, and the sampler.
+    let (addr, internal_addr) = (server.addrs()[0], internal.addrs()[0]);
+    let interval = std::time::Duration::from_secs_f64(sampler_state.config.storage_interval);
+    let sampler = tokio::spawn(crate::storage::run(sampler_state, interval));
+    let (server, internal) = (server.run(), internal.run());
+    let (handle, internal_handle) = (server.handle(), internal.handle());
+    tokio::spawn(server);
+    tokio::spawn(internal);
+    Ok(ControlPlane { addr, internal_addr, internal_tls: tls_on, handle, internal_handle, sampler, store })
+}
+
+fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(64 * 1024)
+        .content_type_required(false)
+        .error_handler(crate::error::json_error)
+}
+
+fn logger() -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
+        .log_target("shoal::http")
+}
+
+/// The internal listener's TLS configuration from PEM files.
+fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<rustls::ServerConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let read =
+        |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()));
+    let certs = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("internal_tls_cert {}: {e}", cert.display()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
+        .map_err(|e| format!("internal_tls_key {}: {e}", key.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
+        .map_err(|e| format!("internal TLS certificate and key: {e}"))
 }
 
 async fn openapi_json() -> actix_web::HttpResponse {

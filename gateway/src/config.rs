@@ -8,15 +8,24 @@ use std::time::Duration;
 pub struct GatewayConfig {
     /// Where the RESP endpoint listens.
     pub listen: String,
-    /// Base URL of the control plane (JWKS and the internal route API).
+    /// Base URL of the control plane's internal API (`internal_listen`): routes, password
+    /// checks, usage, audit and the JWKS. `https://` — plain `http://` only to a loopback
+    /// address.
     pub control_plane_url: String,
+    /// PEM certificate(s) to trust for `https://` (the internal listener's certificate or
+    /// its CA); without it the usual public roots.
+    pub control_plane_ca: Option<std::path::PathBuf>,
     /// Where the TLS RESP endpoint listens (off when unset).
     pub tls_listen: Option<String>,
     /// PEM certificate chain and private key for TLS; reloaded on SIGHUP.
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
-    /// Bearer token for the control plane's internal API.
-    pub internal_token: String,
+    /// This gateway's own credential for the internal API (`sgw_<name>_<secret>`, made by
+    /// `shoal admin gateway create <name>`), inline or — better — in a file (0600).
+    pub internal_credential: String,
+    pub internal_credential_file: Option<std::path::PathBuf>,
+    /// The one shared token of old: refused at start.
+    pub internal_token: Option<String>,
     /// Largest bulk string accepted after AUTH (Valkey's `proto-max-bulk-len`).
     pub max_bulk_bytes: usize,
     /// Most arguments in one command after AUTH.
@@ -88,11 +97,14 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: "127.0.0.1:6380".into(),
-            control_plane_url: "http://127.0.0.1:8080".into(),
+            control_plane_url: "http://127.0.0.1:8081".into(),
+            control_plane_ca: None,
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
-            internal_token: String::new(),
+            internal_credential: String::new(),
+            internal_credential_file: None,
+            internal_token: None,
             max_bulk_bytes: 512 * 1024 * 1024,
             max_args: 1024 * 1024,
             advertise: None,

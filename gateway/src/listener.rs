@@ -26,6 +26,8 @@ pub struct Gateway {
 impl Gateway {
     /// Binds the RESP listener (and the TLS one, if configured).
     pub async fn bind(config: GatewayConfig) -> Result<Gateway, BindError> {
+        // The configuration is checked before anything is bound.
+        let client = Arc::new(ControlPlaneClient::new(&config).map_err(BindError::Config)?);
         let listener = TcpListener::bind(&config.listen).await?;
         let tls = match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
             (Some(addr), Some(cert), Some(key)) => {
@@ -35,7 +37,6 @@ impl Gateway {
             (None, _, _) => None,
             _ => return Err(BindError::TlsIncomplete),
         };
-        let client = Arc::new(ControlPlaneClient::new(&config.control_plane_url, &config.internal_token));
         let advertise = match &config.advertise {
             Some(a) => a.clone(),
             None => listener.local_addr()?.to_string(),
@@ -138,6 +139,8 @@ pub enum BindError {
     Tls(#[from] crate::tls::TlsError),
     #[error("TLS needs tls_listen, tls_cert and tls_key together")]
     TlsIncomplete,
+    #[error("{0}")]
+    Config(String),
 }
 
 /// How long shutdown waits for sessions to end, then for the control plane to take usage.

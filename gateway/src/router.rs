@@ -6,8 +6,10 @@
 //! in place every [`REFRESH_INTERVAL`] with one batched request ([`Router::run`]), so limits
 //! and the storage flag reach connected sessions within about a second.
 
-use crate::GatewayError;
-use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};
+use crate::{GatewayConfig, GatewayError};
+use shoal_types::{
+    CacheId, GatewayCredential, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,21 +23,85 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 pub struct ControlPlaneClient {
     http: reqwest::Client,
     base: String,
-    token: String,
+    credential: GatewayCredential,
 }
 
+/// How to get a credential, for every error about one.
+const MAKE_CREDENTIAL: &str = "make one on the control plane's machine with `shoal admin gateway create \
+    <name> --config <control-plane config>` (or POST /v1/gateways as the admin) and put it in \
+    internal_credential_file";
+
 impl ControlPlaneClient {
-    pub fn new(base: &str, token: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
-            .expect("a plain HTTP client always builds");
-        ControlPlaneClient { http, base: base.trim_end_matches('/').to_string(), token: token.into() }
+    /// The client `config` describes. Refuses (with what to do instead) a missing, placeholder
+    /// or short credential, the shared `internal_token` of old, and plain HTTP to anything
+    /// but a loopback address.
+    pub fn new(config: &GatewayConfig) -> Result<Self, String> {
+        if config.internal_token.is_some() {
+            return Err(format!(
+                "internal_token is no longer used and must be removed: each gateway has its own \
+                 internal_credential; {MAKE_CREDENTIAL}"
+            ));
+        }
+        let text = match (&config.internal_credential_file, config.internal_credential.is_empty()) {
+            (None, _) => config.internal_credential.clone(),
+            (Some(path), true) => std::fs::read_to_string(path)
+                .map_err(|e| format!("reading internal_credential_file {}: {e}", path.display()))?,
+            (Some(_), false) => {
+                return Err("set internal_credential or internal_credential_file, not both".into())
+            }
+        };
+        let credential = GatewayCredential::parse(&text)
+            .map_err(|e| format!("internal_credential {e}; {MAKE_CREDENTIAL}"))?;
+        let base = config.control_plane_url.trim_end_matches('/').to_string();
+        let plain = match base.split_once("://") {
+            Some(("https", _)) => false,
+            Some(("http", rest)) => {
+                let authority = rest.split('/').next().unwrap_or(rest);
+                if !shoal_types::is_loopback(authority) {
+                    return Err(format!(
+                        "control_plane_url {base} is plain HTTP to a host that is not loopback: the internal \
+                         API carries cache passwords, so use https:// there (control_plane_ca: the \
+                         certificate to trust)"
+                    ));
+                }
+                true
+            }
+            _ => {
+                return Err(format!(
+                    "control_plane_url {base:?} must start with https:// (or http:// on loopback)"
+                ))
+            }
+        };
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(3)).https_only(!plain);
+        if let Some(path) = &config.control_plane_ca {
+            let read =
+                std::fs::read(path).map_err(|e| format!("reading control_plane_ca {}: {e}", path.display()));
+            let certs = reqwest::Certificate::from_pem_bundle(&read?)
+                .map_err(|e| format!("control_plane_ca {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("control_plane_ca {} holds no PEM certificate", path.display()));
+            }
+            // Only what the operator named: not every public CA.
+            http = http.tls_built_in_root_certs(false);
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http.build().map_err(|e| format!("the internal API client: {e}"))?;
+        Ok(ControlPlaneClient { http, base, credential })
     }
 
-    /// Sends an internal-API request with the gateway's bearer token.
+    /// The gateway name of this gateway's credential.
+    pub fn gateway_name(&self) -> &str {
+        self.credential.name()
+    }
+
+    /// Sends an internal-API request with the gateway's credential.
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, GatewayError> {
-        req.bearer_auth(&self.token).send().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
+        req.bearer_auth(self.credential.expose())
+            .send()
+            .await
+            .map_err(|e| GatewayError::ControlPlane(e.to_string()))
     }
 
     /// `GET /internal/v1/routes/{id}`; `Ok(None)` when the cache does not exist.
@@ -135,6 +201,8 @@ impl ControlPlaneClient {
                 Ok(Verified::Unavailable(resp.json().await.map_err(bad)?))
             }
             reqwest::StatusCode::NOT_FOUND => Err(GatewayError::UnknownCache),
+            // The control plane's own throttle (per user and source) has locked this out.
+            reqwest::StatusCode::TOO_MANY_REQUESTS => Err(GatewayError::LockedOut),
             s => Err(GatewayError::ControlPlane(format!("user verification answered {s}"))),
         }
     }
@@ -154,10 +222,11 @@ impl ControlPlaneClient {
         }
     }
 
-    /// The public keys that verify data-plane tokens.
+    /// The public keys that verify data-plane tokens (over the same private channel, so no
+    /// one on the way can swap them).
     pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, GatewayError> {
         let url = format!("{}/.well-known/jwks.json", self.base);
-        let resp = self.http.get(url).send().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        let resp = self.send(self.http.get(url)).await?;
         if !resp.status().is_success() {
             return Err(GatewayError::ControlPlane(format!("jwks answered {}", resp.status())));
         }

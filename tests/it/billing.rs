@@ -7,8 +7,6 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const INTERNAL: &str = "billing-test-internal-token";
-
 fn milli(decimal: &Value) -> i64 {
     // "0.000123456" million ECPU → milli-ECPU, exactly (no floats).
     let s = decimal.as_str().expect("decimals are strings");
@@ -22,7 +20,13 @@ fn milli(decimal: &Value) -> i64 {
     int.parse::<i64>().unwrap() * 1_000_000_000 + frac.parse::<i64>().unwrap()
 }
 
+/// Posts a usage batch as gateway `billing-test` (its credential made on first use).
 async fn post_batch(dev: &ShoalDev, seq: u64, cache: &str, minute: i64, ecpu_milli: u64) -> u16 {
+    let path = dev.dir.join("billing-test.credential");
+    if !path.exists() {
+        std::fs::write(&path, dev.gateway_credential("billing-test").await).unwrap();
+    }
+    let credential = std::fs::read_to_string(&path).unwrap();
     let batch = json!({
         "gateway_id": "gw-billing-test",
         "seq": seq,
@@ -32,8 +36,8 @@ async fn post_batch(dev: &ShoalDev, seq: u64, cache: &str, minute: i64, ecpu_mil
         }]
     });
     dev.http
-        .post(dev.url("/internal/v1/usage"))
-        .bearer_auth(INTERNAL)
+        .post(dev.internal_url("/internal/v1/usage"))
+        .bearer_auth(credential)
         .json(&batch)
         .send()
         .await
@@ -44,7 +48,7 @@ async fn post_batch(dev: &ShoalDev, seq: u64, cache: &str, minute: i64, ecpu_mil
 
 #[tokio::test]
 async fn invoices_equal_stored_usage_to_the_milli_ecpu_with_late_and_duplicate_batches() {
-    let dev = ShoalDev::start_with(&["--internal-token", INTERNAL]).await;
+    let dev = ShoalDev::start().await;
     let (account, owner) = dev.account_with_key("billed", "owner").await;
     let auditor = dev.api_key(&account, "auditor").await;
     let (_, other) = dev.account_with_key("not-billed", "owner").await;
@@ -214,7 +218,7 @@ async fn the_estimate_shows_its_arithmetic() {
 
 #[tokio::test]
 async fn a_past_month_is_final_and_frozen_late_usage_no_longer_changes_it() {
-    let dev = ShoalDev::start_with(&["--internal-token", INTERNAL]).await;
+    let dev = ShoalDev::start().await;
     let (account, owner) = dev.account_with_key("last-month", "owner").await;
     let (_, _, cache) =
         dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "old"})), &[]).await;

@@ -11,6 +11,7 @@ mod clients;
 mod commands;
 mod e2e;
 mod gateway;
+mod internal;
 mod isolation;
 mod ldap;
 mod limits;

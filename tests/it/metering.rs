@@ -362,6 +362,7 @@ struct Split {
     dir: tempfile::TempDir,
     rest: u16,
     resp: u16,
+    internal: u16,
     http: reqwest::Client,
 }
 
@@ -371,20 +372,21 @@ impl Split {
         let d = dir.path().display();
         let (rest, resp, node) =
             (crate::support::free_port(), crate::support::free_port(), crate::support::free_port());
+        let internal = crate::support::free_port();
         let cp = format!(
             "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
              admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
-             internal_token = \"metering-internal\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
+             internal_listen = \"127.0.0.1:{internal}\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
              [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
         );
         // A small memory bound, so that an outage of a few seconds already spools to disk.
         let gw = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{rest}\"\n\
-             internal_token = \"metering-internal\"\ndata_dir = \"{d}/gateway\"\nusage_memory_batches = 3\n"
+            "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{internal}\"\n\
+             internal_credential_file = \"{d}/gateway.credential\"\ndata_dir = \"{d}/gateway\"\nusage_memory_batches = 3\n"
         );
         std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
         std::fs::write(dir.path().join("gw.toml"), gw).unwrap();
-        Split { dir, rest, resp, http: crate::support::http_client() }
+        Split { dir, rest, resp, internal, http: crate::support::http_client() }
     }
 
     fn path(&self, name: &str) -> std::path::PathBuf {
@@ -412,7 +414,21 @@ impl Split {
         }
     }
 
+    /// A gateway credential made with `shoal admin gateway create` (the store must exist).
+    fn credential(&self, name: &str) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["admin", "gateway", "create", name, "--config", self.path("cp.toml").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts the gateway (its credential made on first use).
     fn gateway(&self) -> Proc {
+        if !self.path("gateway.credential").exists() {
+            std::fs::write(self.path("gateway.credential"), self.credential("split")).unwrap();
+        }
         Proc::spawn(&["gateway", "--config", self.path("gw.toml").to_str().unwrap()], &self.path("gw.log"))
     }
 
@@ -629,9 +645,10 @@ async fn usage_batches_are_stored_once_and_read_per_minute_or_hour() {
         serde_json::json!({"cache_id": id, "minute": minute, "commands": commands, "ecpu_milli": commands * 1000,
             "bytes_in": 10, "bytes_out": 20, "hits": 1, "misses": 2, "throttled": 3, "errors": 4})
     };
-    let post = |body: serde_json::Value, token: Option<&'static str>| {
+    let credential = split.credential("usage-poster");
+    let post = |body: serde_json::Value, token: Option<&str>| {
         let mut req =
-            split.http.post(format!("http://127.0.0.1:{}/internal/v1/usage", split.rest)).json(&body);
+            split.http.post(format!("http://127.0.0.1:{}/internal/v1/usage", split.internal)).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -641,10 +658,10 @@ async fn usage_batches_are_stored_once_and_read_per_minute_or_hour() {
         "usage": [usage(hour + 60, 5), usage(hour + 120, 6)]});
     assert_eq!(post(batch.clone(), None).await.unwrap().status(), 401, "gateways only");
     for _ in 0..3 {
-        assert_eq!(post(batch.clone(), Some("metering-internal")).await.unwrap().status(), 200);
+        assert_eq!(post(batch.clone(), Some(&credential)).await.unwrap().status(), 200);
     }
     let bad = serde_json::json!({"gateway_id": "g-test", "seq": 8, "usage": [usage(hour + 61, 1)]});
-    assert_eq!(post(bad, Some("metering-internal")).await.unwrap().status(), 400, "not a minute");
+    assert_eq!(post(bad, Some(&credential)).await.unwrap().status(), 400, "not a minute");
 
     let from = |t: i64| chrono_text(t);
     let path = format!("/v1/caches/{id}/usage?granularity=hour&from={}&to={}", from(hour), from(hour + 7200));
@@ -680,8 +697,6 @@ fn chrono_text(t: i64) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-const CONNECTIONS_INTERNAL: &str = "connections-test-internal";
-
 /// `(start, connections, commands)` of each point of `GET /v1/caches/{id}/usage?{query}`.
 async fn connection_points(dev: &ShoalDev, cache: &str, query: &str) -> Vec<(String, u64, u64)> {
     let (status, body) =
@@ -698,12 +713,18 @@ async fn connection_points(dev: &ShoalDev, cache: &str, query: &str) -> Vec<(Str
         .collect()
 }
 
-async fn post_connections_batch(dev: &ShoalDev, gateway: &str, seq: u64, usage: serde_json::Value) -> bool {
+async fn post_connections_batch(
+    dev: &ShoalDev,
+    credential: &str,
+    gateway: &str,
+    seq: u64,
+    usage: serde_json::Value,
+) -> bool {
     let body = serde_json::json!({"gateway_id": gateway, "seq": seq, "usage": usage});
     let resp = dev
         .http
-        .post(dev.url("/internal/v1/usage"))
-        .bearer_auth(CONNECTIONS_INTERNAL)
+        .post(dev.internal_url("/internal/v1/usage"))
+        .bearer_auth(credential)
         .json(&body)
         .send()
         .await
@@ -722,7 +743,7 @@ fn unix_now() -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_of_real_clients_are_reported_per_minute() {
     const N: u64 = 4;
-    let dev = ShoalDev::start_with(&["--internal-token", CONNECTIONS_INTERNAL]).await;
+    let dev = ShoalDev::start().await;
     let cache = dev.create_cache("connected").await;
     let id = cache["id"].as_str().unwrap().to_string();
     let token = dev.mint_token(&id).await;
@@ -747,8 +768,9 @@ async fn connections_of_real_clients_are_reported_per_minute() {
         assert!(Instant::now() < deadline, "connections never reported: {points:?}");
     };
 
-    // The gateway's first batch again (its id from its state file), claiming many more
-    // connections: stored once already, so nothing changes.
+    // The gateway's first batch again (its credential and id from its files), claiming many
+    // more connections: stored once already, so nothing changes.
+    let credential = std::fs::read_to_string(dev.dir.join(".shoal/gateway/internal.credential")).unwrap();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dev.dir.join(".shoal/gateway/usage/state.json")).unwrap())
             .unwrap();
@@ -757,7 +779,10 @@ async fn connections_of_real_clients_are_reported_per_minute() {
     let fake = serde_json::json!([{"cache_id": id, "minute": minute, "commands": 0, "ecpu_milli": 0,
         "bytes_in": 0, "bytes_out": 0, "hits": 0, "misses": 0, "throttled": 0, "errors": 0,
         "peak_connections": 1000}]);
-    assert!(!post_connections_batch(&dev, gateway, 0, fake.clone()).await, "seq 0 was stored before");
+    assert!(
+        !post_connections_batch(&dev, credential.trim(), gateway, 0, fake.clone()).await,
+        "seq 0 was stored before"
+    );
     let again = connection_points(&dev, &id, "").await;
     assert!(again.iter().all(|p| p.1 <= N), "a resent batch changed the connections: {again:?}");
     assert!(again.iter().any(|p| p.1 == N), "{again:?} (before: {points:?})");
@@ -787,8 +812,13 @@ async fn connections_of_real_clients_are_reported_per_minute() {
 /// resent batch counts once; an entry with only connections adds no (billable) usage row.
 #[tokio::test]
 async fn connections_are_the_sum_over_gateways_of_each_ones_peak() {
-    let dev = ShoalDev::start_with(&["--internal-token", CONNECTIONS_INTERNAL]).await;
+    let dev = ShoalDev::start().await;
     let id = dev.create_cache("gateways").await["id"].as_str().unwrap().to_string();
+    let credential = dev.gateway_credential("connections-test").await;
+    let post = |gateway: &'static str, seq: u64, usage: serde_json::Value| {
+        let (dev, credential) = (&dev, credential.clone());
+        async move { post_connections_batch(dev, &credential, gateway, seq, usage).await }
+    };
     let hour = unix_now() - unix_now() % 3600 - 3600;
     let (a, b) = (hour + 60, hour + 120);
     let entry = |minute: i64, commands: u64, peak: u32| {
@@ -797,21 +827,19 @@ async fn connections_are_the_sum_over_gateways_of_each_ones_peak() {
             "peak_connections": peak})
     };
     // g1 reports 3, 5, 2 connections within minute a (the largest counts), then 1 in b.
-    assert!(post_connections_batch(&dev, "g1", 1, serde_json::json!([entry(a, 5, 3)])).await);
-    assert!(post_connections_batch(&dev, "g1", 2, serde_json::json!([entry(a, 0, 5)])).await);
-    assert!(post_connections_batch(&dev, "g1", 3, serde_json::json!([entry(a, 0, 2)])).await);
-    assert!(post_connections_batch(&dev, "g1", 4, serde_json::json!([entry(b, 0, 1)])).await);
+    assert!(post("g1", 1, serde_json::json!([entry(a, 5, 3)])).await);
+    assert!(post("g1", 2, serde_json::json!([entry(a, 0, 5)])).await);
+    assert!(post("g1", 3, serde_json::json!([entry(a, 0, 2)])).await);
+    assert!(post("g1", 4, serde_json::json!([entry(b, 0, 1)])).await);
     // g2 has 4 clients of the cache in minute a and 7 in b.
-    assert!(post_connections_batch(&dev, "g2", 1, serde_json::json!([entry(a, 1, 4), entry(b, 0, 7)])).await);
+    assert!(post("g2", 1, serde_json::json!([entry(a, 1, 4), entry(b, 0, 7)])).await);
     // Resends, one claiming more: stored once, nothing changes.
-    assert!(!post_connections_batch(&dev, "g1", 2, serde_json::json!([entry(a, 0, 50)])).await);
-    assert!(
-        !post_connections_batch(&dev, "g2", 1, serde_json::json!([entry(a, 1, 4), entry(b, 0, 7)])).await
-    );
+    assert!(!post("g1", 2, serde_json::json!([entry(a, 0, 50)])).await);
+    assert!(!post("g2", 1, serde_json::json!([entry(a, 1, 4), entry(b, 0, 7)])).await);
     // A batch from an older gateway (no peak_connections field) still counts its commands.
     let old = serde_json::json!([{"cache_id": id, "minute": a, "commands": 2, "ecpu_milli": 2000,
         "bytes_in": 0, "bytes_out": 0, "hits": 0, "misses": 0, "throttled": 0, "errors": 0}]);
-    assert!(post_connections_batch(&dev, "g-old", 1, old).await);
+    assert!(post("g-old", 1, old).await);
 
     let minutes =
         connection_points(&dev, &id, &format!("from={}&to={}", chrono_text(hour), chrono_text(hour + 240)))

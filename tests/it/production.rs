@@ -34,16 +34,16 @@ fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
 async fn control_plane_and_gateway_run_as_separate_processes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
-    let (rest, resp, node) = (free_port(), free_port(), free_port());
+    let (rest, resp, node, internal) = (free_port(), free_port(), free_port(), free_port());
     let cp_toml = format!(
         "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
          admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
-         internal_token = \"sekrit-internal\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
+         internal_listen = \"127.0.0.1:{internal}\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
          [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
     );
     let gw_toml = format!(
-        "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{rest}\"\n\
-         internal_token = \"sekrit-internal\"\n"
+        "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{internal}\"\n\
+         internal_credential_file = \"{d}/gateway.credential\"\n"
     );
     std::fs::write(dir.path().join("cp.toml"), cp_toml).unwrap();
     std::fs::write(dir.path().join("gw.toml"), gw_toml).unwrap();
@@ -62,6 +62,13 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
         assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(dir.path().join("cp.log")).unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The gateway's own credential, made on the control plane's machine.
+    let made = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["admin", "gateway", "create", "gw-1", "--config", cp_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    std::fs::write(dir.path().join("gateway.credential"), &made.stdout).unwrap();
     let gw_path = dir.path().join("gw.toml");
     let _gw = spawn(&["gateway", "--config", gw_path.to_str().unwrap()], &dir.path().join("gw.log"));
 
@@ -100,12 +107,11 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
     let _: () = conn.set("k", "v").await.unwrap();
     assert_eq!(conn.get::<_, String>("k").await.unwrap(), "v");
 
-    // The internal API refuses callers without the internal token.
-    let route = http
-        .get(format!("http://127.0.0.1:{rest}/internal/v1/routes/{}", cache["id"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
+    // The internal API is not on the public port, and refuses callers without a credential.
+    let path = format!("/internal/v1/routes/{}", cache["id"].as_str().unwrap());
+    let route = http.get(format!("http://127.0.0.1:{rest}{path}")).send().await.unwrap();
+    assert_eq!(route.status(), 404);
+    let route = http.get(format!("http://127.0.0.1:{internal}{path}")).send().await.unwrap();
     assert_eq!(route.status(), 401);
 }
 
@@ -124,9 +130,15 @@ fn the_example_configs_in_deploy_parse() {
         toml::from_str(&std::fs::read_to_string(format!("{dir}/gateway.toml")).unwrap()).unwrap();
     assert_eq!(gw.gateway.max_connections_per_cache, 1000);
     assert!(gw.gateway.tls_cert.is_some());
+    // The internal API over TLS, with this gateway's own credential (in a file).
+    assert!(gw.gateway.control_plane_url.starts_with("https://"), "{}", gw.gateway.control_plane_url);
+    assert!(gw.gateway.control_plane_ca.is_some() && gw.gateway.internal_credential_file.is_some());
+    assert!(gw.gateway.internal_token.is_none() && gw.gateway.internal_credential.is_empty());
     let cp: ControlPlaneFile =
         toml::from_str(&std::fs::read_to_string(format!("{dir}/control-plane.toml")).unwrap()).unwrap();
     assert_eq!(cp.control_plane.token_ttl_default, 900);
+    assert_eq!(cp.control_plane.check_internal(), Ok(()), "TLS on, no shared token");
+    assert!(cp.control_plane.internal_tls_cert.is_some());
     let plan = shoal_types::AccountId::parse("a0123456789ab").unwrap();
     let rates = cp.control_plane.billing.for_account(&plan).unwrap();
     assert_eq!(rates.per_million_ecpu.to_string(), "0.0018");

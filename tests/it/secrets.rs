@@ -156,7 +156,8 @@ async fn a_signing_key_rotation_is_shared_by_every_control_plane_over_the_store(
     let cache_id = cache["id"].as_str().unwrap();
 
     // A second control plane (its own Valkey node) over the same store.
-    let (rest, node) = (crate::support::free_port(), crate::support::free_port());
+    let (rest, node, internal) =
+        (crate::support::free_port(), crate::support::free_port(), crate::support::free_port());
     let database_url = dev
         .database_url
         .clone()
@@ -165,7 +166,7 @@ async fn a_signing_key_rotation_is_shared_by_every_control_plane_over_the_store(
     let toml = format!(
         "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"{database_url}\"\n\
          admin_token_path = \"{token}\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
-         internal_token = \"second-internal\"\n\n[engine]\ndir = \"{d}/second\"\ndatabases = 8\n\n\
+         internal_listen = \"127.0.0.1:{internal}\"\n\n[engine]\ndir = \"{d}/second\"\ndatabases = 8\n\n\
          [[engine.nodes]]\nname = \"b0\"\nport = {node}\n",
         token = dev.admin_token_path().display(),
         resp = dev.resp_port,

@@ -214,17 +214,127 @@ pub const DATA_AUDIENCE: &str = "shoal-data";
 /// than let them do everything.
 pub const LIMITED_DATA_AUDIENCE: &str = "shoal-data-limited";
 
+/// A gateway's credential for the control plane's internal API: `sgw_<name>_<64 hex digits>`
+/// (the name says which gateway; the control plane keeps only a hash). Made by
+/// `shoal admin gateway create <name>` or `POST /v1/gateways`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GatewayCredential {
+    name: String,
+    text: String,
+}
+
+/// Hex digits of a credential's secret part (256 bits).
+const CREDENTIAL_SECRET_HEX: usize = 64;
+
+impl GatewayCredential {
+    /// A new random credential for gateway `name` (see [`valid_gateway_name`]).
+    pub fn generate(name: &str) -> GatewayCredential {
+        let secret: [u8; CREDENTIAL_SECRET_HEX / 2] = rand::thread_rng().gen();
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        GatewayCredential { name: name.to_owned(), text: format!("sgw_{name}_{hex}") }
+    }
+
+    /// Accepts only what [`generate`](Self::generate) makes; the error says what is wrong
+    /// (a placeholder, a short secret) and never repeats the text.
+    pub fn parse(text: &str) -> Result<GatewayCredential, CredentialError> {
+        let text = text.trim();
+        let lower = text.to_ascii_lowercase();
+        let placeholder =
+            ["change", "replace", "example", "placeholder", "secret", "password", "xxx", "todo"];
+        if text.is_empty() {
+            return Err(CredentialError::Missing);
+        }
+        let Some((name, secret)) = text.strip_prefix("sgw_").and_then(|rest| rest.split_once('_')) else {
+            return Err(match placeholder.iter().any(|p| lower.contains(p)) {
+                true => CredentialError::Placeholder,
+                false => CredentialError::Malformed,
+            });
+        };
+        if !valid_gateway_name(name)
+            || !secret.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(CredentialError::Malformed);
+        }
+        if secret.len() < CREDENTIAL_SECRET_HEX {
+            return Err(CredentialError::Short);
+        }
+        if secret.len() > CREDENTIAL_SECRET_HEX {
+            return Err(CredentialError::Malformed);
+        }
+        Ok(GatewayCredential { name: name.to_owned(), text: text.to_owned() })
+    }
+
+    /// The gateway this credential names.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The whole credential (what the gateway sends as its bearer token).
+    pub fn expose(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for GatewayCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayCredential").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Why a string is no gateway credential.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("is not set")]
+    Missing,
+    #[error("is a placeholder, not a credential")]
+    Placeholder,
+    #[error("is too short (its secret must be 64 hex digits)")]
+    Short,
+    #[error("is not a gateway credential (sgw_<name>_<64 hex digits>)")]
+    Malformed,
+}
+
+/// Whether `host:port` (or a bare host) names only this machine: `localhost` or a loopback
+/// IP. Plain HTTP between gateways and the control plane is allowed there only.
+pub fn is_loopback(addr: &str) -> bool {
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        return sa.ip().is_loopback();
+    }
+    if let Ok(ip) = addr.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let host = match addr.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Gateway names: 1–63 characters of `a-z`, `0-9` and `-`, starting with a letter or digit.
+pub fn valid_gateway_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}
+
 /// Gateway → control plane (`POST /internal/v1/caches/{id}/users/verify`): check the
 /// password of a cache user or of an LDAP user with a role on the cache.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VerifyRequest {
     pub username: String,
     pub password: String,
+    /// The client's address: the control plane throttles failures per (user, source).
+    pub source: String,
 }
 
 impl fmt::Debug for VerifyRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifyRequest").field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("VerifyRequest")
+            .field("username", &self.username)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
@@ -291,6 +401,37 @@ pub struct LoginEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_credentials_round_trip_and_placeholders_are_named() {
+        let made = GatewayCredential::generate("edge-1");
+        let parsed = GatewayCredential::parse(&format!("{}\n", made.expose())).unwrap();
+        assert_eq!(parsed, made);
+        assert_eq!(parsed.name(), "edge-1");
+        assert!(!format!("{parsed:?}").contains(&made.expose()[12..]), "Debug hides the secret");
+        for placeholder in ["change-me", "CHANGEME", "replace-with-a-secret", "sgw_x_change-me"] {
+            let err = GatewayCredential::parse(placeholder).unwrap_err();
+            assert!(
+                matches!(err, CredentialError::Placeholder | CredentialError::Malformed),
+                "{placeholder}"
+            );
+        }
+        assert_eq!(GatewayCredential::parse("change-me"), Err(CredentialError::Placeholder));
+        assert_eq!(GatewayCredential::parse(" "), Err(CredentialError::Missing));
+        assert_eq!(GatewayCredential::parse("sgw_edge-1_0123abcd"), Err(CredentialError::Short));
+        let long = format!("{}0", made.expose());
+        assert_eq!(GatewayCredential::parse(&long), Err(CredentialError::Malformed));
+        let bad_name = made.expose().replacen("edge-1", "Edge_1", 1);
+        assert_eq!(GatewayCredential::parse(&bad_name), Err(CredentialError::Malformed));
+        assert!(!valid_gateway_name("-x") && !valid_gateway_name("") && valid_gateway_name("gw-2"));
+        for local in ["127.0.0.1:8081", "127.9.9.9", "[::1]:1", "::1", "localhost", "LOCALHOST:80"] {
+            assert!(is_loopback(local), "{local}");
+        }
+        for remote in ["0.0.0.0:8081", "10.0.0.1", "[::]:1", "cp.example.internal:8081", "localhost.evil.com"]
+        {
+            assert!(!is_loopback(remote), "{remote}");
+        }
+    }
 
     #[test]
     fn ids_round_trip_and_reject_garbage() {

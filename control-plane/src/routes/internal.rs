@@ -1,13 +1,23 @@
 //! The internal API gateways use: routes to caches and the token-verification keys.
-//! Routes carry Valkey ACL passwords, so they require the internal bearer token.
+//! Routes carry Valkey ACL passwords, so the API is served on its own listener
+//! (`internal_listen`; TLS off loopback) and every call carries a gateway's own credential
+//! ([`Gateway`]).
 
 use crate::error::ApiError;
+use crate::gateways::Gateway;
 use crate::routes::caches::parse_id;
 use crate::startup::AppState;
 use crate::store::CacheRecord;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};
+use std::time::Instant;
 
+/// The public REST port serves only the (public) signing keys from here.
+pub fn configure_public(cfg: &mut web::ServiceConfig) {
+    cfg.route("/.well-known/jwks.json", web::get().to(jwks));
+}
+
+/// The internal listener's routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/routes/{id}", web::get().to(route))
         .route("/internal/v1/routes", web::post().to(routes))
@@ -19,27 +29,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
-/// Internal calls must carry the gateways' bearer token.
-pub(crate) fn require_gateway(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
-    if crate::auth::internal_token_ok(req, &state.config.internal_token) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-/// The live cache an internal call names, once the caller proved it is a gateway.
-async fn internal_cache(state: &AppState, req: &HttpRequest, id: &str) -> Result<CacheRecord, ApiError> {
-    require_gateway(state, req)?;
+/// The live cache an internal call names (the caller authenticated as a gateway).
+async fn internal_cache(state: &AppState, _: &Gateway, id: &str) -> Result<CacheRecord, ApiError> {
     state.store.cache(&parse_id(id)?).await?.ok_or(ApiError::NotFound("cache"))
 }
 
 async fn route(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    gw: Gateway,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let cache = internal_cache(&state, &req, &id).await?;
+    let cache = internal_cache(&state, &gw, &id).await?;
     let storage = state.store.cache_storage(&cache.id).await?;
     Ok(HttpResponse::Ok().json(tenant_route(&state, cache, storage.as_ref())?))
 }
@@ -56,10 +56,9 @@ struct RoutesRequest {
 /// serve); caches that do not exist (any more) are left out.
 async fn routes(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    _: Gateway,
     body: web::Json<RoutesRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    require_gateway(&state, &req)?;
     if body.ids.len() > MAX_ROUTES {
         return Err(ApiError::field("ids", format!("at most {MAX_ROUTES} ids per request")));
     }
@@ -108,10 +107,10 @@ fn tenant_route(
 /// 250 ms; answers once the sample is recorded.
 async fn sample_storage(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    gw: Gateway,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let cache = internal_cache(&state, &req, &id).await?;
+    let cache = internal_cache(&state, &gw, &id).await?;
     crate::storage::sample_now(&state, &cache).await;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -120,10 +119,10 @@ async fn sample_storage(
 /// starts publishing the keyspace events gateways turn into invalidations.
 async fn enable_client_tracking(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    gw: Gateway,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let cache = internal_cache(&state, &req, &id).await?;
+    let cache = internal_cache(&state, &gw, &id).await?;
     if state.store.enable_client_tracking(&cache.id).await? {
         crate::routes::caches::apply_keyspace_events(&state, &cache.node).await?;
     }
@@ -131,8 +130,7 @@ async fn enable_client_tracking(
 }
 
 /// Revoked tokens that have not expired: gateways poll this every second.
-async fn revocations(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    require_gateway(&state, &req)?;
+async fn revocations(state: web::Data<AppState>, _: Gateway) -> Result<HttpResponse, ApiError> {
     let jtis: Vec<String> = state.store.revoked_tokens().await?.into_iter().map(|(jti, _)| jti).collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "revoked": jtis })))
 }
@@ -158,16 +156,53 @@ fn refused(status: actix_web::http::StatusCode, mechanism: &str, reason: &str) -
 /// A gateway checks a login to a cache: a cache user's password (argon2, off the async
 /// threads), the cache's no-password `default` user, or — for names that are no cache
 /// user — an LDAP bind whose groups give a role on this cache. Answers the upstream ACL user
-/// to connect as (200), a refusal (401), or 503 when the directory cannot be asked.
+/// to connect as (200), a refusal (401), 503 when the directory cannot be asked, or 429
+/// (with Retry-After) while the (user, source) — or the gateway's failure budget — is
+/// locked out. The gateway delays; the control plane only locks.
 async fn verify_user(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    gw: Gateway,
     id: web::Path<String>,
     body: web::Json<VerifyRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let cache = internal_cache(&state, &gw, &id).await?;
+    let request = body.into_inner();
+    let source: std::net::IpAddr =
+        request.source.parse().map_err(|_| ApiError::field("source", "source must be an IP address"))?;
+    // Keyed by (user, source): a flood from one source cannot lock the user out elsewhere.
+    let key = format!("{}@{}/{source}", request.username, cache.id);
+    let now = Instant::now();
+    let locked = state.verify_budget.lock().unwrap().exhausted(&gw.name, now).or_else(|| {
+        match state.verify_throttle.lock().unwrap().check(now, source, &key) {
+            shoal_auth::throttle::Verdict::Locked { remaining, .. } => Some(remaining),
+            _ => None,
+        }
+    });
+    if let Some(remaining) = locked {
+        let secs = remaining.as_secs().max(1);
+        return Ok(HttpResponse::TooManyRequests()
+            .insert_header(("Retry-After", secs.to_string()))
+            .json(VerifyRefusal { mechanism: "none".into(), reason: "locked_out".into() }));
+    }
+    let answer = check_login(&state, cache, request).await?;
+    match answer.status().as_u16() {
+        200 => state.verify_throttle.lock().unwrap().success(&key),
+        401 => {
+            state.verify_throttle.lock().unwrap().failure(now, source, &key);
+            state.verify_budget.lock().unwrap().spend(&gw.name, now);
+        }
+        _ => {}
+    }
+    Ok(answer)
+}
+
+async fn check_login(
+    state: &AppState,
+    cache: CacheRecord,
+    request: VerifyRequest,
+) -> Result<HttpResponse, ApiError> {
     use actix_web::http::StatusCode;
-    let cache = internal_cache(&state, &req, &id).await?;
-    let VerifyRequest { username, password } = body.into_inner();
+    let VerifyRequest { username, password, .. } = request;
     // Only well-formed names can be cache users (and a NUL byte is no text to PostgreSQL).
     let cache_user = match crate::routes::users::is_valid_username(&username) {
         true => state.store.cache_user(&cache.id, &username).await?,
@@ -230,7 +265,7 @@ async fn verify_user(
     let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
     let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
     let secret = shoal_auth::token::derived_password(&cache.acl_password, &upstream_user);
-    crate::routes::users::ensure_login_user(&state, &cache, &upstream_user, &access, &secret).await?;
+    crate::routes::users::ensure_login_user(state, &cache, &upstream_user, &access, &secret).await?;
     Ok(HttpResponse::Ok().json(VerifiedLogin {
         mechanism: "ldap".into(),
         username: identity.user,
@@ -246,13 +281,13 @@ async fn verify_user(
 pub const LDAP_READ_WRITE: &str = shoal_auth::token::READ_WRITE;
 pub const LDAP_READ_ONLY: &str = shoal_auth::token::READ_ONLY;
 
-/// A gateway's batch of data-plane login events: each becomes an audit record.
+/// A gateway's batch of data-plane login events: each becomes an audit record, stamped with
+/// the name of the gateway whose credential posted it.
 async fn login_events(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    gw: Gateway,
     body: web::Json<Vec<LoginEvent>>,
 ) -> Result<HttpResponse, ApiError> {
-    require_gateway(&state, &req)?;
     if body.len() > MAX_AUDIT_BATCH {
         return Err(ApiError::field("events", format!("at most {MAX_AUDIT_BATCH} events per batch")));
     }
@@ -267,9 +302,10 @@ async fn login_events(
             cache_id: e.cache_id.map(|c| c.to_string()),
             outcome: clip(&e.outcome, 16),
             reason: clip(&e.reason, 200),
-            request_id: clip(&e.gateway_id, 64),
+            request_id: gw.name.clone(),
             details: serde_json::json!({ "mechanism": clip(&e.mechanism, 16), "username": clip(&e.username, 200),
-                                         "at": clip(&e.at, 40), "gateway": clip(&e.gateway_id, 64),
+                                         "at": clip(&e.at, 40), "gateway": gw.name,
+                                         "gateway_instance": clip(&e.gateway_id, 64),
                                          "jti": e.jti.map(|j| clip(&j, 64)) }),
         };
         state.store.audit(&event).await?;

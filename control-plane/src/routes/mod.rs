@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod billing;
 pub mod caches;
+pub mod gateways;
 pub mod health;
 pub mod internal;
 pub mod me;

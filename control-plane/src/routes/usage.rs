@@ -16,6 +16,11 @@ use utoipa::{IntoParams, ToSchema};
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/caches/{id}/usage", web::get().to(get_usage));
+}
+
+/// On the internal listener.
+pub fn configure_internal(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/internal/v1/usage")
             .app_data(
@@ -25,18 +30,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .error_handler(crate::error::json_error),
             )
             .route(web::post().to(post_usage)),
-    )
-    .route("/v1/caches/{id}/usage", web::get().to(get_usage));
+    );
 }
 
-/// A gateway's batch: stored once per (gateway_id, seq); a repeat is acknowledged and
-/// changes nothing, so gateways can resend until they see a 2xx.
+/// A gateway's batch: stored once per (gateway, gateway_id, seq) — the gateway named by the
+/// credential that posted it, and its instance id from the batch — so a repeat is
+/// acknowledged and changes nothing (gateways resend until they see a 2xx), and no gateway
+/// can write, or shadow, another's batches.
 async fn post_usage(
     state: web::Data<AppState>,
-    req: HttpRequest,
+    gw: crate::gateways::Gateway,
     batch: web::Json<UsageBatch>,
 ) -> Result<HttpResponse, ApiError> {
-    crate::routes::internal::require_gateway(&state, &req)?;
+    let mut batch = batch.into_inner();
     if batch.gateway_id.is_empty() || batch.gateway_id.len() > 128 {
         return Err(ApiError::field("gateway_id", "gateway_id must be 1–128 characters"));
     }
@@ -46,6 +52,7 @@ async fn post_usage(
     if let Some(u) = batch.usage.iter().find(|u| u.minute % 60 != 0) {
         return Err(ApiError::field("usage", format!("minute {} is not the start of a minute", u.minute)));
     }
+    batch.gateway_id = format!("{}/{}", gw.name, batch.gateway_id);
     let stored = state.store.record_usage(&batch).await?;
     crate::metrics::usage_batch(&batch, stored);
     Ok(HttpResponse::Ok().json(serde_json::json!({ "stored": stored })))

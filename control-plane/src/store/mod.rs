@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod audit;
 mod billing;
+pub mod gateways;
 pub mod idempotency;
 mod storage;
 mod usage;

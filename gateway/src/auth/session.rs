@@ -144,6 +144,7 @@ impl Session {
             username: name.to_string(),
             password: String::from_utf8(password.to_vec())
                 .map_err(|_| GatewayError::Auth("password is not utf-8".into()))?,
+            source: self.peer.ip().to_string(),
         };
         let login = match self.shared.control_plane.verify_user(cache, &request).await? {
             Verified::Login(login) => login,

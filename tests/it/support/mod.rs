@@ -45,6 +45,8 @@ pub struct ShoalDev {
     pub rest_port: u16,
     pub resp_port: u16,
     pub tls_port: u16,
+    /// The control plane's internal API (gateways only; loopback, plain HTTP in `shoal dev`).
+    pub internal_port: u16,
     pub node_ports: Vec<u16>,
     child: Option<Child>,
     pub http: reqwest::Client,
@@ -70,6 +72,7 @@ impl ShoalDev {
             rest_port: free_port(),
             resp_port: free_port(),
             tls_port: free_port(),
+            internal_port: free_port(),
             node_ports: vec![free_port(), free_port()],
             child: None,
             http: http_client(),
@@ -90,6 +93,7 @@ impl ShoalDev {
                     dev.rest_port = free_port();
                     dev.resp_port = free_port();
                     dev.tls_port = free_port();
+                    dev.internal_port = free_port();
                     dev.node_ports = vec![free_port(), free_port()];
                 }
                 Err(log) => panic!("shoal dev did not start; log:\n{log}"),
@@ -119,6 +123,8 @@ impl ShoalDev {
             .arg(self.resp_port.to_string())
             .arg("--tls-port")
             .arg(self.tls_port.to_string())
+            .arg("--internal-port")
+            .arg(self.internal_port.to_string())
             .arg("--node-ports")
             .arg(ports.join(","))
             .arg("--databases")
@@ -199,6 +205,19 @@ impl ShoalDev {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.rest_port, path)
+    }
+
+    /// A URL on the control plane's internal API (where gateways talk to it).
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.internal_port, path)
+    }
+
+    /// A new gateway credential named `name` (`POST /v1/gateways`, as the admin).
+    pub async fn gateway_credential(&self, name: &str) -> String {
+        let (status, body) =
+            self.api(reqwest::Method::POST, "/v1/gateways", Some(serde_json::json!({ "name": name }))).await;
+        assert_eq!(status, 201, "{body}");
+        body["credential"].as_str().unwrap().to_string()
     }
 
     pub fn admin_token_path(&self) -> PathBuf {
@@ -435,4 +454,31 @@ pub fn encode<S: AsRef<[u8]>>(args: &[S]) -> Vec<u8> {
 
 pub fn auth_command(token: &str) -> Vec<u8> {
     format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", token.len(), token).into_bytes()
+}
+
+/// A `shoal` child process (its stderr appended to `log`), stopped with SIGTERM when dropped.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("shoal binary runs");
+        Proc(Some(child))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else { return };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
