@@ -284,19 +284,24 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn rotate_token(args: RotateTokenArgs) -> anyhow::Result<()> {
-    let (database_url, token_path) = match &args.config {
+    let (database_url, token_path, audit_key) = match &args.config {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let file: ControlPlaneSection =
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            (file.control_plane.database_url, file.control_plane.admin_token_path)
+            let cp = file.control_plane;
+            (cp.database_url, cp.admin_token_path, cp.audit_key_path)
         }
         None => {
             let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".shoal"));
             anyhow::ensure!(dir.is_dir(), "no data directory at {}", dir.display());
             let dir = std::fs::canonicalize(&dir)?;
-            (format!("sqlite://{}", dir.join("shoal.db").display()), dir.join("admin.token"))
+            (
+                format!("sqlite://{}", dir.join("shoal.db").display()),
+                dir.join("admin.token"),
+                dir.join("audit.key"),
+            )
         }
     };
     let database_url = args.database_url.unwrap_or(database_url);
@@ -304,7 +309,12 @@ async fn rotate_token(args: RotateTokenArgs) -> anyhow::Result<()> {
         let file = file.split('?').next().unwrap_or(file);
         anyhow::ensure!(std::path::Path::new(file).exists(), "no store at {file}");
     }
-    let store = shoal_control_plane::store::Store::open(&database_url).await.context("opening the store")?;
+    // The rotation is audited: with the chain's key, like the control plane's own records.
+    let audit_key = shoal_control_plane::store::audit::AuditKey::load_or_create(&audit_key)
+        .with_context(|| format!("reading the audit key {}", audit_key.display()))?;
+    let store = shoal_control_plane::store::Store::open_audited(&database_url, audit_key)
+        .await
+        .context("opening the store")?;
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let installed = shoal_control_plane::admin_token::install_new(
         &store,
@@ -387,6 +397,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("shoal.db").display())),
         admin_token_path: args.data_dir.join("admin.token"),
+        audit_key_path: data_dir.join("audit.key"),
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),
         ldap,
@@ -447,6 +458,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         Err(e) => {
             cp.sampler.abort();
             cp.handle.stop(true).await;
+            let _ = cp.store.flush_audit().await;
             pool.stop().await;
             return Err(e).context("binding the RESP endpoint");
         }
@@ -477,6 +489,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let _ = gateway_task.await;
     cp.sampler.abort();
     cp.handle.stop(true).await;
+    let _ = cp.store.flush_audit().await;
     pool.stop().await;
     tracing::info!("stopped");
     Ok(())
@@ -521,6 +534,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
     wait_for_signal(None).await;
     cp.sampler.abort();
     cp.handle.stop(true).await;
+    let _ = cp.store.flush_audit().await;
     pool.stop().await;
     Ok(())
 }

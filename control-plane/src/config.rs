@@ -15,6 +15,9 @@ pub struct ControlPlaneConfig {
     pub database_url: String,
     /// Where the bootstrap admin token is written.
     pub admin_token_path: PathBuf,
+    /// The audit chain's key (created 0600 if missing), kept outside the database; the
+    /// newest head written is remembered beside it (`audit.head`). The folder must be writable.
+    pub audit_key_path: PathBuf,
     /// The RESP endpoint tenants connect to, shown in cache responses.
     pub public_endpoint: String,
     /// Bearer token gateways present to the internal API.
@@ -56,6 +59,7 @@ impl Default for ControlPlaneConfig {
             listen: "127.0.0.1:8080".into(),
             database_url: "sqlite://.shoal/shoal.db".into(),
             admin_token_path: ".shoal/admin.token".into(),
+            audit_key_path: ".shoal/audit.key".into(),
             public_endpoint: "127.0.0.1:6380".into(),
             internal_token: String::new(),
             token_ttl_default: 15 * 60,

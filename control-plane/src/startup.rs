@@ -48,6 +48,8 @@ pub struct ControlPlane {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
     pub sampler: tokio::task::JoinHandle<()>,
+    /// The store, to write pending audit aggregates ([`Store::flush_audit`]) once stopped.
+    pub store: Store,
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
@@ -66,7 +68,10 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         )));
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
-    let store = Store::open(&config.database_url).await?;
+    let audit_key = crate::store::audit::AuditKey::load_or_create(&config.audit_key_path).map_err(|e| {
+        StartupError::Config(format!("audit_key_path {}: {e}", config.audit_key_path.display()))
+    })?;
+    let store = Store::open_audited(&config.database_url, audit_key).await?;
     // Idempotency keys older than 24 h (also purged on every idempotent create).
     store.purge_idempotency_keys(chrono::Utc::now()).await?;
     crate::admin_token::bootstrap(&store, &config.admin_token_path).await?;
@@ -96,6 +101,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     }
     let interval = std::time::Duration::from_secs_f64(state.config.storage_interval);
     let sampler = tokio::spawn(crate::storage::run(state.clone().into_inner(), interval));
+    let store = state.store.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -143,7 +149,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    Ok(ControlPlane { addr, handle, server, sampler })
+    Ok(ControlPlane { addr, handle, server, sampler, store })
 }
 
 async fn openapi_json() -> actix_web::HttpResponse {
