@@ -291,7 +291,8 @@ async fn rotate_token(args: RotateTokenArgs) -> anyhow::Result<()> {
             let file: ControlPlaneSection =
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
             let cp = file.control_plane;
-            (cp.database_url, cp.admin_token_path, cp.audit_key_path)
+            let audit_key = cp.audit_key_path();
+            (cp.database_url, cp.admin_token_path, audit_key)
         }
         None => {
             let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".shoal"));
@@ -397,7 +398,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("shoal.db").display())),
         admin_token_path: args.data_dir.join("admin.token"),
-        audit_key_path: data_dir.join("audit.key"),
+        audit_key_path: Some(data_dir.join("audit.key")),
         public_endpoint: resp.clone(),
         internal_token: internal_token.clone(),
         ldap,

@@ -68,9 +68,9 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         )));
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
-    let audit_key = crate::store::audit::AuditKey::load_or_create(&config.audit_key_path).map_err(|e| {
-        StartupError::Config(format!("audit_key_path {}: {e}", config.audit_key_path.display()))
-    })?;
+    let key_path = config.audit_key_path();
+    let audit_key = crate::store::audit::AuditKey::load_or_create(&key_path)
+        .map_err(|e| StartupError::Config(format!("audit_key_path {}: {e}", key_path.display())))?;
     let store = Store::open_audited(&config.database_url, audit_key).await?;
     // Idempotency keys older than 24 h (also purged on every idempotent create).
     store.purge_idempotency_keys(chrono::Utc::now()).await?;
