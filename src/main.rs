@@ -313,21 +313,28 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Opens the store `args` names; also returns the admin token file's path.
+/// Opens the store `args` names, with the audit chain's key (records the command line
+/// writes are keyed like the control plane's); also returns the admin token file's path.
 async fn open_store(args: &StoreArgs) -> anyhow::Result<(shoal_control_plane::store::Store, PathBuf)> {
-    let (database_url, token_path) = match &args.config {
+    let (database_url, token_path, audit_key) = match &args.config {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let file: ControlPlaneSection =
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            (file.control_plane.database_url, file.control_plane.admin_token_path)
+            let cp = file.control_plane;
+            let audit_key = cp.audit_key_path();
+            (cp.database_url, cp.admin_token_path, audit_key)
         }
         None => {
             let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from(".shoal"));
             anyhow::ensure!(dir.is_dir(), "no data directory at {}", dir.display());
             let dir = std::fs::canonicalize(&dir)?;
-            (format!("sqlite://{}", dir.join("shoal.db").display()), dir.join("admin.token"))
+            (
+                format!("sqlite://{}", dir.join("shoal.db").display()),
+                dir.join("admin.token"),
+                dir.join("audit.key"),
+            )
         }
     };
     let database_url = args.database_url.clone().unwrap_or(database_url);
@@ -335,7 +342,11 @@ async fn open_store(args: &StoreArgs) -> anyhow::Result<(shoal_control_plane::st
         let file = file.split('?').next().unwrap_or(file);
         anyhow::ensure!(std::path::Path::new(file).exists(), "no store at {file}");
     }
-    let store = shoal_control_plane::store::Store::open(&database_url).await.context("opening the store")?;
+    let audit_key = shoal_control_plane::store::audit::AuditKey::load_or_create(&audit_key)
+        .with_context(|| format!("reading the audit key {}", audit_key.display()))?;
+    let store = shoal_control_plane::store::Store::open_audited(&database_url, audit_key)
+        .await
+        .context("opening the store")?;
     Ok((store, token_path))
 }
 
@@ -466,6 +477,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("shoal.db").display())),
         admin_token_path: args.data_dir.join("admin.token"),
+        audit_key_path: Some(data_dir.join("audit.key")),
         public_endpoint: resp.clone(),
         // The embedded gateway's only: loopback, so plain HTTP.
         internal_listen: format!("127.0.0.1:{}", args.internal_port),

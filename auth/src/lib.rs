@@ -4,6 +4,7 @@
 //! (docs/architecture.md, "Who may do what").
 //!
 //! ## Layout
+//! - [`aggregate`]: per-source counting of failed attempts for the audit log.
 //! - [`throttle`]: failed-attempt rate limiting per source address and per user name.
 //! - [`ldap`]: logins against an LDAP directory (bind or search+bind), groups → [`role`]s.
 //! - [`password`]: argon2id hashes of cache users' passwords (one or two, for rotation).
@@ -16,6 +17,7 @@
 //! - `testing` (feature `testing`): a real `slapd` for tests.
 
 pub mod access;
+pub mod aggregate;
 pub mod grants;
 pub mod ldap;
 pub mod password;

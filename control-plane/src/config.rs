@@ -15,6 +15,10 @@ pub struct ControlPlaneConfig {
     pub database_url: String,
     /// Where the bootstrap admin token is written.
     pub admin_token_path: PathBuf,
+    /// The audit chain's key (created 0600 if missing), kept outside the database; the
+    /// newest head written is remembered beside it (`audit.head`). The folder must be
+    /// writable. Default: `audit.key` next to the admin token.
+    pub audit_key_path: Option<PathBuf>,
     /// The RESP endpoint tenants connect to, shown in cache responses.
     pub public_endpoint: String,
     /// Where the internal API gateways use listens (never on `listen`): plain HTTP only on
@@ -62,12 +66,20 @@ pub struct ControlPlaneConfig {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
+impl ControlPlaneConfig {
+    /// Where the audit chain's key is ([`ControlPlaneConfig::audit_key_path`]).
+    pub fn audit_key_path(&self) -> PathBuf {
+        self.audit_key_path.clone().unwrap_or_else(|| self.admin_token_path.with_file_name("audit.key"))
+    }
+}
+
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
         ControlPlaneConfig {
             listen: "127.0.0.1:8080".into(),
             database_url: "sqlite://.shoal/shoal.db".into(),
             admin_token_path: ".shoal/admin.token".into(),
+            audit_key_path: None,
             public_endpoint: "127.0.0.1:6380".into(),
             internal_listen: "127.0.0.1:8081".into(),
             internal_tls_cert: None,

@@ -125,7 +125,13 @@ async fn audit_failure(req: &HttpRequest, ctx: &RequestContext, status: u16) {
         details: serde_json::json!({}),
         ..Default::default()
     };
-    if let Err(e) = state.store.audit(&event).await {
+    // Refusals of callers who could not authenticate are throttled per source (counted in
+    // aggregates beyond a few): anyone can send them by the thousand.
+    let result = match who {
+        None if status == 401 => state.store.audit_unauthenticated(event).await,
+        _ => state.store.audit(&event).await.map(|_| ()),
+    };
+    if let Err(e) = result {
         tracing::error!(error = %e, "could not audit a failed request");
     }
 }

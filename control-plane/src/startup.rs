@@ -55,14 +55,17 @@ pub struct ControlPlane {
     pub internal_handle: actix_web::dev::ServerHandle,
     /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
     pub sampler: tokio::task::JoinHandle<()>,
+    /// The store, to write pending audit aggregates ([`Store::flush_audit`]) once stopped.
     pub store: Store,
 }
 
 impl ControlPlane {
-    /// Stops the sampler and both listeners (before the pool is stopped).
+    /// Stops the sampler and both listeners (before the pool is stopped), then writes the
+    /// audit aggregates still pending.
     pub async fn stop(&self) {
         self.sampler.abort();
         tokio::join!(self.handle.stop(true), self.internal_handle.stop(true));
+        let _ = self.store.flush_audit().await;
     }
 }
 
@@ -87,7 +90,10 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         (Some(cert), Some(key)) => Some(tls_config(cert, key).map_err(StartupError::Config)?),
         _ => None,
     };
-    let store = Store::open(&config.database_url).await?;
+    let key_path = config.audit_key_path();
+    let audit_key = crate::store::audit::AuditKey::load_or_create(&key_path)
+        .map_err(|e| StartupError::Config(format!("audit_key_path {}: {e}", key_path.display())))?;
+    let store = Store::open_audited(&config.database_url, audit_key).await?;
     // Idempotency keys older than 24 h (also purged on every idempotent create).
     store.purge_idempotency_keys(chrono::Utc::now()).await?;
     crate::admin_token::bootstrap(&store, &config.admin_token_path).await?;

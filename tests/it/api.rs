@@ -98,7 +98,7 @@ async fn every_route_answers_each_role_as_documented() {
             [200, 200, 200, 200, 401],
         ),
         (Method::GET, "/v1/audit".into(), None, [200, 200, 200, 200, 401]),
-        (Method::GET, "/v1/audit/verify".into(), None, [200, 200, 200, 200, 401]),
+        (Method::GET, "/v1/audit/verify".into(), None, [200, 403, 403, 403, 401]),
         (Method::GET, "/v1/me".into(), None, [200, 200, 200, 200, 401]),
     ];
     for (method, path, body, expected) in &matrix {
@@ -404,7 +404,7 @@ async fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(!lines.is_empty() && lines.iter().all(|r| r["action"] == "cache.create"), "{text}");
 
-    let (_, _, report) = dev.call(Some(&who.auditor), Method::GET, "/v1/audit/verify", None, &[]).await;
+    let (_, _, report) = dev.call(Some(&who.admin), Method::GET, "/v1/audit/verify", None, &[]).await;
     assert_eq!(report["ok"], true, "{report}");
     let total = report["records"].as_i64().unwrap();
     assert!(total >= 8, "{report}");

@@ -396,6 +396,21 @@ pub struct LoginEvent {
     /// A token's id, when a token was presented.
     #[serde(default)]
     pub jti: Option<String>,
+    /// Present when this event stands for many (failed attempts from one source beyond the
+    /// few recorded alone); `at` is then the last of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<LoginAggregate>,
+}
+
+/// Many login events from one source, counted as one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoginAggregate {
+    pub count: u64,
+    pub first_at: String,
+    /// How many had each reason.
+    pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Some of the user names tried.
+    pub usernames: Vec<String>,
 }
 
 #[cfg(test)]

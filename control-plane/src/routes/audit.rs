@@ -1,4 +1,4 @@
-//! `/v1/audit`: search and export the audit log; `/v1/audit/verify`: check its hash chain.
+//! `/v1/audit`: search and export the audit log; `/v1/audit/verify`: check its keyed chain.
 
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -114,10 +114,17 @@ pub async fn list_audit(
     Ok(HttpResponse::Ok().json(AuditList { items, next_cursor }))
 }
 
-/// Walk the hash chain and report the first record that does not link up.
+/// Check the whole audit log: every record against its keyed hash and link, and the head
+/// against the signed checkpoints and the head the control plane remembers. Names each
+/// changed, missing (deleted) or truncated record and each bad checkpoint. Platform admins
+/// and platform auditors only (the report covers every account).
 #[utoipa::path(get, path = "/v1/audit/verify",
-    responses((status = 200, body = ChainReport), (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = ChainReport), (status = 401, body = crate::error::Problem),
+              (status = 403, body = crate::error::Problem)),
     security(("bearer" = [])), tag = "audit")]
-pub async fn verify_audit(state: web::Data<AppState>, _who: Principal) -> Result<HttpResponse, ApiError> {
+pub async fn verify_audit(state: web::Data<AppState>, who: Principal) -> Result<HttpResponse, ApiError> {
+    if who.scope().is_some() {
+        return Err(ApiError::Forbidden);
+    }
     Ok(HttpResponse::Ok().json(state.store.verify_audit_chain().await?))
 }

@@ -97,6 +97,9 @@ pub struct Store {
     pub backend: Backend,
     /// Serializes audit appends (the hash chain needs the previous record).
     audit_lock: Arc<tokio::sync::Mutex<()>>,
+    audit_chain: Arc<audit::Chain>,
+    /// The task that commits audit records in batches ([`Store::audit`]).
+    audit_writer: tokio::sync::mpsc::Sender<audit::Job>,
 }
 
 /// A transaction whose change and audit record commit together.
@@ -104,6 +107,7 @@ pub struct Audited {
     _chain: tokio::sync::OwnedMutexGuard<()>,
     tx: sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
+    chain: Arc<audit::Chain>,
 }
 
 impl Audited {
@@ -114,16 +118,28 @@ impl Audited {
 
     /// Records the change and commits both.
     pub async fn commit(mut self, event: &audit::AuditEvent) -> Result<audit::AuditRecord, StoreError> {
-        let record = audit::append(&mut self.tx, self.backend, event).await?;
+        let records =
+            audit::append_all(&mut self.tx, self.backend, &self.chain, std::slice::from_ref(event)).await?;
         self.tx.commit().await?;
-        Ok(record)
+        self.chain.remember(&records);
+        records.into_iter().next().ok_or(sqlx::Error::RowNotFound)
     }
 }
 
 impl Store {
     /// Opens the database at `url` (`sqlite://path` — created if missing — or
-    /// `postgres://…`) and runs the migrations.
+    /// `postgres://…`) and runs the migrations. Its audit records are chained without a key
+    /// (as older installs did): for tests and tools; the control plane uses [`Store::open_audited`].
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with(url, None).await
+    }
+
+    /// Like [`Store::open`], with audit records keyed and checkpointed with `key`.
+    pub async fn open_audited(url: &str, key: audit::AuditKey) -> Result<Store, StoreError> {
+        Store::open_with(url, Some(key)).await
+    }
+
+    async fn open_with(url: &str, key: Option<audit::AuditKey>) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
@@ -165,14 +181,25 @@ impl Store {
                 shoal_engine::private::tighten(std::path::Path::new(&path)).map_err(sqlx::Error::Io)?;
             }
         }
-        Ok(Store { pool, backend, audit_lock: Arc::new(tokio::sync::Mutex::new(())) })
+        let audit_chain = Arc::new(audit::Chain::new(key));
+        audit::anchor_unkeyed_head(&pool, &audit_chain).await?;
+        let audit_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let (audit_writer, jobs) = tokio::sync::mpsc::channel(audit::QUEUE);
+        let writer = audit::Writer {
+            pool: pool.clone(),
+            backend,
+            lock: audit_lock.clone(),
+            chain: audit_chain.clone(),
+        };
+        tokio::spawn(writer.run(jobs));
+        Ok(Store { pool, backend, audit_lock, audit_chain, audit_writer })
     }
 
     /// Starts a change that will be audited in the same transaction.
     pub async fn begin(&self) -> Result<Audited, StoreError> {
         let chain = self.audit_lock.clone().lock_owned().await;
         let tx = self.pool.begin().await?;
-        Ok(Audited { _chain: chain, tx, backend: self.backend })
+        Ok(Audited { _chain: chain, tx, backend: self.backend, chain: self.audit_chain.clone() })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

@@ -92,6 +92,7 @@ impl LoginNote {
             outcome: outcome.into(),
             reason: self.reason.clone(),
             jti: self.jti.clone(),
+            aggregate: None,
         }
     }
 }
