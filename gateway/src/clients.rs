@@ -151,7 +151,7 @@ fn remove(caches: &Caches, cache: &CacheId, entry: &ClientEntry) {
     }
 }
 
-/// Counters `INFO` shows for one cache on this gateway.
+/// UsageCounters `INFO` shows for one cache on this gateway.
 pub struct CacheCounts {
     pub connected: usize,
     pub connections_received: u64,

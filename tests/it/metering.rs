@@ -2,6 +2,7 @@
 //! the control plane stores — exactly, to the byte and the milli-ECPU.
 
 use crate::support::{auth_command, encode, ShoalDev};
+use shoal_types::UsageCounters as Totals;
 
 /// A command in RESP (byte-string arguments).
 fn cmd(args: &[&[u8]]) -> Vec<u8> {
@@ -11,44 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The counters the usage API reports, summed over points.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Totals {
-    commands: u64,
-    ecpu_milli: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    hits: u64,
-    misses: u64,
-    throttled: u64,
-    errors: u64,
-}
-
-impl Totals {
-    /// Each counter read by its name (`commands`, `ecpu_milli`, …).
-    fn read(n: impl Fn(&str) -> u64) -> Totals {
-        Totals {
-            commands: n("commands"),
-            ecpu_milli: n("ecpu_milli"),
-            bytes_in: n("bytes_in"),
-            bytes_out: n("bytes_out"),
-            hits: n("hits"),
-            misses: n("misses"),
-            throttled: n("throttled"),
-            errors: n("errors"),
-        }
-    }
-
-    fn add(&mut self, o: Totals) {
-        self.commands += o.commands;
-        self.ecpu_milli += o.ecpu_milli;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.hits += o.hits;
-        self.misses += o.misses;
-        self.throttled += o.throttled;
-        self.errors += o.errors;
-    }
+/// The counters the usage API reports: each read by its name (`commands`, `ecpu_milli`, …).
+fn read_totals(n: impl Fn(&str) -> u64) -> Totals {
+    Totals::from_values(Totals::NAMES.map(n))
 }
 
 /// Length of the complete RESP2 reply at the front of `buf`, if it is all there.
@@ -149,7 +115,7 @@ impl Rule {
             Hits::None => (0, 0),
         };
         let bytes = (request + delivered) as u64;
-        self.want.add(Totals {
+        self.want.add(&Totals {
             commands: 1,
             ecpu_milli: (weight + per_element * n).max(bytes * 1000 / 1024),
             bytes_in: request as u64,
@@ -183,7 +149,7 @@ async fn stored(dev: &ShoalDev, cache: &str) -> Totals {
 fn sum_points(body: &serde_json::Value) -> Totals {
     let mut t = Totals::default();
     for p in body["points"].as_array().unwrap() {
-        t.add(Totals::read(|k| p[k].as_u64().unwrap()));
+        t.add(&read_totals(|k| p[k].as_u64().unwrap()));
     }
     t
 }
@@ -212,7 +178,7 @@ async fn gateway_counters(metrics_port: u16, cache: &str) -> Totals {
         let prefix = format!("shoal_cache_{name}_total{{cache=\"{cache}\"}} ");
         body.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.parse().unwrap())
     };
-    Totals::read(n)
+    read_totals(n)
 }
 
 #[tokio::test]
@@ -528,7 +494,7 @@ async fn usage_survives_a_control_plane_outage_and_a_gateway_restart_exactly() {
     let running = tokio::spawn(load(split.client(&token).await, stopped));
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.send(true).unwrap();
-    want.add(running.await.unwrap());
+    want.add(&running.await.unwrap());
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -164,18 +164,19 @@ pub async fn get_usage(
             Some(r) if r.start == at => rows.next().unwrap_or_default(),
             _ => UsageRow::default(),
         };
+        let c = row.counters;
         points.push(UsagePoint {
-            ecpu: row.ecpu_milli as f64 / 1000.0,
-            ecpu_milli: row.ecpu_milli,
-            commands: row.commands,
-            bytes_in: row.bytes_in,
-            bytes_out: row.bytes_out,
+            ecpu: c.ecpu_milli as f64 / 1000.0,
+            ecpu_milli: c.ecpu_milli,
+            commands: c.commands,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
             storage_bytes: storage.get(&start).map_or(0, |s| s.0) / step as u64,
             evicted_keys: storage.get(&start).map_or(0, |s| s.1),
-            hits: row.hits,
-            misses: row.misses,
-            throttled: row.throttled,
-            errors: row.errors,
+            hits: c.hits,
+            misses: c.misses,
+            throttled: c.throttled,
+            errors: c.errors,
             connections: row.connections,
             start: at,
         });

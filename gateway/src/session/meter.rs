@@ -1,8 +1,9 @@
 //! Metering inside a session: ECPU per command and reply, the cache's ECPU limit, script time.
 
 use super::Session;
-use crate::metering::{self, Counters, Meter, Role};
+use crate::metering::{self, Meter, Role};
 use crate::resp::reply::ReplyScanner;
+use shoal_types::UsageCounters;
 use std::time::{Duration, Instant};
 
 impl Session {
@@ -66,7 +67,7 @@ impl Session {
             }
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
                 let c = self.measure(m, reply, delivered);
-                billed.get_or_insert_with(Counters::default).add(&c);
+                billed.get_or_insert_with(UsageCounters::default).add(&c);
             }
         }
         if partial > 0 {
@@ -116,8 +117,8 @@ impl Session {
     }
 
     /// The counters of one command (to tally); charges the bucket and counts the latency.
-    pub(super) fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> Counters {
-        let mut c = Counters::command(meter.spec, meter.request, reply, delivered);
+    pub(super) fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> UsageCounters {
+        let mut c = metering::command(meter.spec, meter.request, reply, delivered);
         let now = self.now().0;
         if meter.spec.is_some_and(|s| s.script) {
             // Its time on the node: from when it was sent, or the reply before it arrived,
@@ -172,7 +173,7 @@ impl Session {
         }
         self.meter_next = None;
         let name = self.tenant.as_ref().map(|t| t.route.cache_name.clone()).unwrap_or_default();
-        self.tally(Counters { throttled: 1, ..Default::default() });
+        self.tally(UsageCounters { throttled: 1, ..Default::default() });
         self.refuse(&format!("THROTTLED ECPU limit of cache {name} exceeded"));
         false
     }
@@ -183,7 +184,7 @@ impl Session {
     }
 
     /// Adds to the session's counters (of the current minute).
-    pub(super) fn tally(&mut self, c: Counters) {
+    pub(super) fn tally(&mut self, c: UsageCounters) {
         let minute = self.now().1;
         if minute != self.tally.minute {
             self.flush_tally();
@@ -202,7 +203,7 @@ impl Session {
             crate::metrics::record_latencies(&t.latency, &self.tally.latency);
         }
         self.tally.latency = Default::default();
-        self.tally.counters = Counters::default();
+        self.tally.counters = UsageCounters::default();
         self.tally.flush_at = None;
     }
 }

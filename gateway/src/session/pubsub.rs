@@ -2,7 +2,6 @@
 //! replies, and rewriting channel names out of the cache's namespace.
 
 use super::{bulk, Session};
-use crate::metering::Counters;
 use crate::pubsub::CONFIRMATIONS;
 use crate::resp::value::{self, Value};
 use bytes::BytesMut;
@@ -93,7 +92,7 @@ impl Session {
         let before = self.client_out.len();
         let delivered = self.deliver_pubsub_frame(bytes);
         if delivered && self.tenant.is_some() && self.shared.config.metering {
-            self.tally(Counters::delivery((self.client_out.len() - before) as u64));
+            self.tally(crate::metering::delivery((self.client_out.len() - before) as u64));
         }
     }
 
