@@ -1,7 +1,7 @@
 //! REST authentication: bearer API keys, looked up by their SHA-256 hash.
 
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use actix_web::{dev::Payload, web, FromRequest, HttpMessage, HttpRequest};
 use rand::RngCore;
 use sha2::{Digest, Sha256};

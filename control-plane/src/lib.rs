@@ -4,7 +4,8 @@
 //! find them.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`startup`]: app state, HTTP server; [`admin_token`]: the bootstrap admin token.
+//! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach;
+//!   [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
 //! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`].
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod routes;
 pub mod signing;
 pub mod startup;
+pub mod state;
 pub mod storage;
 pub mod store;
 

@@ -6,7 +6,7 @@ use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::routes::caches::PLATFORM_ACCOUNT;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::accounts::{self, AccountRecord, ApiKeyInfo, LiveKey};
 use crate::store::{self, CacheFilter};
 use actix_web::http::StatusCode;

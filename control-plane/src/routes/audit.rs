@@ -3,7 +3,7 @@
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::audit::{AuditFilter, AuditRecord, ChainReport};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};

@@ -8,7 +8,7 @@
 use crate::auth::{hash_token, random_token, Principal, Role};
 use crate::context::RequestContext;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,7 @@ use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};

@@ -6,7 +6,7 @@
 use crate::error::ApiError;
 use crate::gateways::Gateway;
 use crate::routes::caches::parse_id;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::CacheRecord;
 use actix_web::{web, HttpResponse};
 use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};

@@ -2,7 +2,7 @@
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::idempotency::Claim;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};

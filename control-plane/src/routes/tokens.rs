@@ -4,7 +4,7 @@ use crate::auth::{random_token, Principal};
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::routes::caches::{changeable_cache, visible_cache};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};

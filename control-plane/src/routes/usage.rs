@@ -4,7 +4,7 @@
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::routes::caches::parse_id;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::{Granularity, UsageRow};
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Duration, SecondsFormat, Utc};

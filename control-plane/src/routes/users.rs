@@ -9,7 +9,7 @@ use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::routes::caches::{changeable_cache, visible_cache};
 use crate::routes::page;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::users::{self, CacheUserRecord};
 use crate::store::{self, CacheRecord};
 use actix_web::{web, HttpRequest, HttpResponse};
