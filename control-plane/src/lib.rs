@@ -9,6 +9,8 @@
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
 //! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`].
+//! - [`domain`]: what more than one route needs (caches, logins, keys, names); routes do
+//!   not call each other.
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
 //!   `audit`, `me`, `gateways`, `health`; `internal` is served on its own listener); `page`
 //!   holds pagination, idempotency and ETags; `portal` serves the admin portal (files under
@@ -25,6 +27,7 @@ pub mod apidoc;
 pub mod auth;
 pub mod config;
 pub mod context;
+pub mod domain;
 pub mod error;
 pub mod gateways;
 pub mod metrics;

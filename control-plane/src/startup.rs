@@ -103,7 +103,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     });
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
-        if let Err(e) = routes::caches::apply_keyspace_events(&state, node.name()).await {
+        if let Err(e) = crate::domain::caches::apply_keyspace_events(&state, node.name()).await {
             tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
         }
     }

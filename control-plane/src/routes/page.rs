@@ -186,6 +186,13 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiEr
     })
 }
 
+/// A time in a query (`from`, `to`): RFC 3339, as UTC.
+pub fn parse_time(field: &'static str, raw: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| ApiError::field(field, format!("{field} must be an RFC 3339 time")))
+}
+
 #[cfg(test)]
 mod redaction_tests {
     use super::*;

@@ -7,8 +7,8 @@
 
 use crate::auth::Principal;
 use crate::context::RequestContext;
+use crate::domain::keys::may_revoke;
 use crate::error::ApiError;
-use crate::routes::accounts::may_revoke;
 use crate::state::AppState;
 use crate::store::accounts::{self, LiveKey};
 use actix_web::{web, HttpResponse};

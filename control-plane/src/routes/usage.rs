@@ -2,8 +2,9 @@
 //! per cache (`GET /v1/caches/{id}/usage`).
 
 use crate::auth::Principal;
+use crate::domain::caches::parse_id;
 use crate::error::ApiError;
-use crate::routes::caches::parse_id;
+use crate::routes::page;
 use crate::state::AppState;
 use crate::store::{Granularity, UsageRow};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -129,11 +130,11 @@ pub async fn get_usage(
         Some(_) => return Err(ApiError::field("granularity", "granularity must be minute or hour")),
     };
     let to = match &query.to {
-        Some(t) => parse_time("to", t)?,
+        Some(t) => page::parse_time("to", t)?,
         None => Utc::now(),
     };
     let from = match &query.from {
-        Some(f) => parse_time("from", f)?,
+        Some(f) => page::parse_time("from", f)?,
         None => to - default_span,
     };
     if from >= to {
@@ -189,12 +190,6 @@ pub async fn get_usage(
         to: to_text,
         points,
     }))
-}
-
-pub(crate) fn parse_time(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| ApiError::field(field, format!("{field} must be an RFC 3339 time")))
 }
 
 fn text(unix: i64) -> String {
