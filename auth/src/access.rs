@@ -4,7 +4,7 @@
 //! AND no more than the cache's own ACL user (its databases, its channels, no dangerous
 //! commands). Valkey enforces the result itself, also inside Lua scripts.
 //!
-//! Commands are resolved against Valkey's command table (`gateway/data/commands.tsv`), so
+//! Commands are resolved against Valkey's command table (the `shoal-commands` crate), so
 //! the produced rules name exactly the commands and subcommands both sides allow.
 
 use std::collections::BTreeMap;
@@ -122,30 +122,28 @@ struct Command {
     subcommands: BTreeMap<String, Vec<String>>,
 }
 
-/// Valkey's commands by name (lowercase), from the gateway's command table.
+/// Valkey's commands by name (lowercase), from the command table.
 fn commands() -> &'static BTreeMap<String, Command> {
     static TABLE: OnceLock<BTreeMap<String, Command>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let mut table: BTreeMap<String, Command> = BTreeMap::new();
-        let tsv = include_str!("../../gateway/data/commands.tsv");
-        let rows = tsv.lines().filter(|l| !l.starts_with('#') && !l.starts_with("name\t") && !l.is_empty());
-        let mut subs = Vec::new();
-        for row in rows {
-            let cols: Vec<&str> = row.split('\t').collect();
-            let (name, cats) = (cols[0].to_ascii_lowercase(), cols.get(6).copied().unwrap_or("-"));
-            let categories: Vec<String> =
-                cats.split(',').filter(|c| !c.is_empty() && *c != "-").map(str::to_string).collect();
-            match name.split_once('|') {
-                Some((parent, sub)) => subs.push((parent.to_string(), sub.to_string(), categories)),
-                None => {
-                    let arity = cols[1].parse().expect("arity is a number");
-                    table.insert(name, Command { arity, categories, subcommands: BTreeMap::new() });
-                }
+        let rows = shoal_commands::table();
+        let mut table: BTreeMap<String, Command> = rows
+            .iter()
+            .filter(|spec| !spec.name.contains('|'))
+            .map(|spec| {
+                let command = Command {
+                    arity: spec.arity,
+                    categories: spec.acl_categories.clone(),
+                    subcommands: BTreeMap::new(),
+                };
+                (spec.name.clone(), command)
+            })
+            .collect();
+        for spec in rows.iter() {
+            if let Some((parent, sub)) = spec.name.split_once('|') {
+                let command = table.get_mut(parent).expect("every subcommand's container is in the table");
+                command.subcommands.insert(sub.to_string(), spec.acl_categories.clone());
             }
-        }
-        for (parent, sub, categories) in subs {
-            let command = table.get_mut(&parent).expect("every subcommand's container is in the table");
-            command.subcommands.insert(sub, categories);
         }
         table
     })

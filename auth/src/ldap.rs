@@ -1,4 +1,4 @@
-//! LDAP logins (ARCHITECTURE §5): a user name and password checked by binding to a directory,
+//! LDAP logins: a user name and password checked by binding to a directory,
 //! either at a DN built from a template (bind mode) or at the one entry a service account
 //! finds (search+bind mode); then the user's groups, mapped to [`Role`]s by configuration.
 //!

@@ -1,7 +1,7 @@
 //! # Auth: the pieces of authentication shared by the gateway and the control plane
 //!
 //! Pure or library code only; the gateway's `AUTH` path and the REST API wire them up
-//! (ARCHITECTURE §5).
+//! (docs/architecture.md, "Who may do what").
 //!
 //! ## Layout
 //! - [`aggregate`]: per-source counting of failed attempts for the audit log.

@@ -1,4 +1,4 @@
-//! Roles a login can carry (ARCHITECTURE §5, issue 4 "REST authorization"), and the
+//! Roles a login can carry (see the README's "Logging in to the REST API"), and the
 //! configuration that maps directory groups to them.
 
 use serde::{Deserialize, Serialize};

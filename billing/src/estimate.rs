@@ -3,7 +3,7 @@
 //! every step of the arithmetic written out.
 //!
 //! A request costs `max(command weight, (request + reply bytes) / 1024)` ECPU, the same
-//! formula the gateway meters with (ARCHITECTURE §6); a month is 730 hours, as AWS assumes.
+//! formula the gateway meters with (docs/architecture.md, "Metering"); a month is 730 hours, as AWS assumes.
 
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};

@@ -216,7 +216,7 @@ pub fn build_invoice<'a>(
     for r in &rollups {
         let seconds = until.min(r.hour + HOUR) - r.hour;
         let e = per_cache.entry(&r.cache_id).or_default();
-        e.0 += r.ecpu_milli as u128;
+        e.0 += r.counters.ecpu_milli as u128;
         e.1 += r.billed_byte_seconds(rates.min_storage_bytes(), seconds);
     }
 

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use shoal_types::{CacheId, CacheUsage};
+use shoal_types::{CacheId, CacheUsage, UsageCounters};
 
 /// Seconds in an hour.
 pub const HOUR: i64 = 3600;
@@ -30,14 +30,8 @@ pub struct HourlyRollup {
     pub cache_id: CacheId,
     /// Start of the hour (Unix seconds, a multiple of 3600).
     pub hour: i64,
-    pub commands: u64,
-    pub ecpu_milli: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub throttled: u64,
-    pub errors: u64,
+    #[serde(flatten)]
+    pub counters: UsageCounters,
     /// Sum of the storage samples' byte-seconds; ÷ 3600 is the hour's average bytes.
     pub byte_seconds: u64,
 }
@@ -49,30 +43,11 @@ pub fn hour_of(t: i64) -> i64 {
 
 impl HourlyRollup {
     fn empty(cache_id: &CacheId, hour: i64) -> Self {
-        HourlyRollup {
-            cache_id: cache_id.clone(),
-            hour,
-            commands: 0,
-            ecpu_milli: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            hits: 0,
-            misses: 0,
-            throttled: 0,
-            errors: 0,
-            byte_seconds: 0,
-        }
+        HourlyRollup { cache_id: cache_id.clone(), hour, counters: UsageCounters::default(), byte_seconds: 0 }
     }
 
     fn add_usage(&mut self, u: &CacheUsage) {
-        self.commands += u.commands;
-        self.ecpu_milli += u.ecpu_milli;
-        self.bytes_in += u.bytes_in;
-        self.bytes_out += u.bytes_out;
-        self.hits += u.hits;
-        self.misses += u.misses;
-        self.throttled += u.throttled;
-        self.errors += u.errors;
+        self.counters.add(&u.counters);
     }
 
     /// Byte-seconds billed for this hour when `covered` of its seconds are billed (3600 for
@@ -122,14 +97,14 @@ pub(crate) mod tests {
         CacheUsage {
             cache_id: cache(c),
             minute,
-            commands: 1,
-            ecpu_milli,
-            bytes_in: 10,
-            bytes_out: 20,
-            hits: 1,
-            misses: 0,
-            throttled: 0,
-            errors: 0,
+            counters: UsageCounters {
+                commands: 1,
+                ecpu_milli,
+                bytes_in: 10,
+                bytes_out: 20,
+                hits: 1,
+                ..Default::default()
+            },
             peak_connections: 0,
         }
     }
@@ -146,11 +121,14 @@ pub(crate) mod tests {
         let rows = [usage(1, h, 1_000), usage(1, h + 59 * 60, 2_500), usage(1, h + 3600, 7), usage(2, h, 5)];
         let r = rollup(&rows, &[stored(1, h + 60, 600)]);
         assert_eq!(r.len(), 3);
-        assert_eq!((r[0].cache_id.clone(), r[0].hour, r[0].ecpu_milli), (cache(1), h, 3_500));
-        assert_eq!((r[0].commands, r[0].bytes_in, r[0].bytes_out, r[0].hits), (2, 20, 40, 2));
+        assert_eq!((r[0].cache_id.clone(), r[0].hour, r[0].counters.ecpu_milli), (cache(1), h, 3_500));
+        assert_eq!(
+            (r[0].counters.commands, r[0].counters.bytes_in, r[0].counters.bytes_out, r[0].counters.hits),
+            (2, 20, 40, 2)
+        );
         assert_eq!(r[0].byte_seconds, 600);
-        assert_eq!((r[1].hour, r[1].ecpu_milli, r[1].byte_seconds), (h + 3600, 7, 0));
-        assert_eq!((r[2].cache_id.clone(), r[2].ecpu_milli), (cache(2), 5));
+        assert_eq!((r[1].hour, r[1].counters.ecpu_milli, r[1].byte_seconds), (h + 3600, 7, 0));
+        assert_eq!((r[2].cache_id.clone(), r[2].counters.ecpu_milli), (cache(2), 5));
     }
 
     #[test]
@@ -165,7 +143,7 @@ pub(crate) mod tests {
         let r = rollup(&all, &[]);
         assert_eq!(r, rollup(&reversed, &[]));
         assert_eq!(
-            r.iter().map(|x| (x.hour, x.ecpu_milli)).collect::<Vec<_>>(),
+            r.iter().map(|x| (x.hour, x.counters.ecpu_milli)).collect::<Vec<_>>(),
             [(h, 9), (h + 3600, 4), (h + 7200, 4)]
         );
     }

@@ -1,4 +1,4 @@
-//! The billing invariant (ARCHITECTURE §7): the sum over usage batches = the sum over hourly
+//! The billing invariant: the sum over usage batches = the sum over hourly
 //! rollups = the invoice quantities, to the milli-ECPU — with duplicate batches, late batches
 //! and rows on both sides of hour and month boundaries. Through the public API only.
 
@@ -9,7 +9,7 @@ use shoal_billing::{
     build_invoice, rollup, Decimal, HourlyRollup, Invoice, InvoiceStatus, Meter, Month, RateCard,
     StorageSample,
 };
-use shoal_types::{AccountId, CacheId, CacheUsage, UsageBatch};
+use shoal_types::{AccountId, CacheId, CacheUsage, UsageBatch, UsageCounters};
 
 const DEC: i64 = 1_796_083_200; // 2026-12-01T00:00:00Z
 const JAN: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
@@ -26,14 +26,16 @@ fn row(c: u8, minute: i64, ecpu_milli: u64) -> CacheUsage {
     CacheUsage {
         cache_id: cache(c),
         minute,
-        commands: 1 + ecpu_milli % 7,
-        ecpu_milli,
-        bytes_in: ecpu_milli / 3,
-        bytes_out: ecpu_milli / 2,
-        hits: ecpu_milli % 5,
-        misses: ecpu_milli % 3,
-        throttled: ecpu_milli % 2,
-        errors: 0,
+        counters: UsageCounters {
+            commands: 1 + ecpu_milli % 7,
+            ecpu_milli,
+            bytes_in: ecpu_milli / 3,
+            bytes_out: ecpu_milli / 2,
+            hits: ecpu_milli % 5,
+            misses: ecpu_milli % 3,
+            throttled: ecpu_milli % 2,
+            errors: 0,
+        },
         peak_connections: 0,
     }
 }
@@ -83,11 +85,12 @@ fn duplicate_and_late_batches_across_hour_and_month_boundaries() {
     let arrivals = [first.clone(), second.clone(), first.clone(), late.clone(), second.clone(), late];
     let rows = store(&arrivals);
     assert_eq!(rows.len(), 6, "each batch stored once");
-    let total: u64 = rows.iter().map(|r| r.ecpu_milli).sum();
+    let total: u64 = rows.iter().map(|r| r.counters.ecpu_milli).sum();
     assert_eq!(total, 1_000 + 250 + 4_000 + 9 + 333 + 5);
 
     let rollups = rollup(&rows, &[]);
-    let by_hour: Vec<_> = rollups.iter().map(|r| (r.cache_id.clone(), r.hour - DEC, r.ecpu_milli)).collect();
+    let by_hour: Vec<_> =
+        rollups.iter().map(|r| (r.cache_id.clone(), r.hour - DEC, r.counters.ecpu_milli)).collect();
     assert_eq!(
         by_hour,
         [
@@ -98,7 +101,7 @@ fn duplicate_and_late_batches_across_hour_and_month_boundaries() {
             (cache(2), -3600, 250),
         ]
     );
-    assert_eq!(rollups.iter().map(|r| r.ecpu_milli).sum::<u64>(), total);
+    assert_eq!(rollups.iter().map(|r| r.counters.ecpu_milli).sum::<u64>(), total);
 
     let (nov, dec) = months(&rows, &[], DEC + 2 * 3600);
     assert_eq!((nov.status, dec.status), (InvoiceStatus::Final, InvoiceStatus::Draft));
@@ -147,7 +150,7 @@ fn storage_samples() -> impl Strategy<Value = Vec<StorageSample>> {
 fn sum_rows(rows: &[&CacheUsage]) -> [u64; 8] {
     let mut s = [0; 8];
     for r in rows {
-        let v = [r.commands, r.ecpu_milli, r.bytes_in, r.bytes_out, r.hits, r.misses, r.throttled, r.errors];
+        let v = r.counters.values();
         for (a, b) in s.iter_mut().zip(v) {
             *a += b;
         }
@@ -156,7 +159,7 @@ fn sum_rows(rows: &[&CacheUsage]) -> [u64; 8] {
 }
 
 fn sum_rollup(r: &HourlyRollup) -> [u64; 8] {
-    [r.commands, r.ecpu_milli, r.bytes_in, r.bytes_out, r.hits, r.misses, r.throttled, r.errors]
+    r.counters.values()
 }
 
 proptest! {
@@ -188,8 +191,8 @@ proptest! {
         for u in &rows {
             prop_assert!(hours.contains(&(u.cache_id.clone(), u.minute.div_euclid(3600) * 3600)));
         }
-        let all_rows: u128 = rows.iter().map(|r| r.ecpu_milli as u128).sum();
-        let all_rollups: u128 = rollups.iter().map(|r| r.ecpu_milli as u128).sum();
+        let all_rows: u128 = rows.iter().map(|r| r.counters.ecpu_milli as u128).sum();
+        let all_rollups: u128 = rollups.iter().map(|r| r.counters.ecpu_milli as u128).sum();
         prop_assert_eq!(all_rows, all_rollups);
 
         // Final invoices of both months: ECPU quantities add up to the milli-ECPU, per cache
@@ -220,7 +223,7 @@ proptest! {
         let covered: u128 = rows
             .iter()
             .filter(|r| r.minute >= DEC && r.minute < now - 17)
-            .map(|r| r.ecpu_milli as u128)
+            .map(|r| r.counters.ecpu_milli as u128)
             .sum();
         prop_assert_eq!(draft.status, InvoiceStatus::Draft);
         prop_assert_eq!(ecpu_milli_of(&[&draft]), covered);

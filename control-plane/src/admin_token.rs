@@ -49,9 +49,16 @@ pub async fn bootstrap(store: &Store, path: &Path) -> Result<(), AdminTokenError
         Ok(t) if !t.trim().is_empty() => {
             let token = t.trim();
             let hash = hash_token(token);
-            store
-                .insert_api_key(&format!("key-{}", random_token(6)), &hash, "admin", None, BOOTSTRAP_KEY_NAME)
-                .await?;
+            let id = format!("key-{}", random_token(6));
+            let key = accounts::NewApiKey {
+                id: &id,
+                token_hash: &hash,
+                role: "admin",
+                account_id: None,
+                name: BOOTSTRAP_KEY_NAME,
+                expires_at: None,
+            };
+            accounts::insert_api_key(&mut *store.pool.acquire().await?, &key).await?;
             if store.api_key_by_hash(&hash).await?.is_none() {
                 tracing::warn!(path = %path.display(),
                     "the admin token in this file is revoked; run `shoal admin rotate-token` for a new one");
@@ -89,8 +96,16 @@ pub async fn install_new(
         let mut tx = store.begin().await?;
         // The insert first: on SQLite it takes the write lock before the audit append reads
         // the chain's tail, so another process's append cannot interleave.
-        accounts::insert_api_key(tx.conn(), &key_id, &hash_token(&token), "admin", None, BOOTSTRAP_KEY_NAME)
-            .await?;
+        let hash = hash_token(&token);
+        let key = accounts::NewApiKey {
+            id: &key_id,
+            token_hash: &hash,
+            role: "admin",
+            account_id: None,
+            name: BOOTSTRAP_KEY_NAME,
+            expires_at: None,
+        };
+        accounts::insert_api_key(tx.conn(), &key).await?;
         let revoked = accounts::revoke_bootstrap_keys(tx.conn(), &key_id).await?;
         let event = AuditEvent {
             actor: actor.into(),

@@ -1,7 +1,7 @@
 //! REST authentication: bearer API keys, looked up by their SHA-256 hash.
 
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use actix_web::{dev::Payload, web, FromRequest, HttpMessage, HttpRequest};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -9,7 +9,7 @@ use shoal_types::AccountId;
 use std::future::Future;
 use std::pin::Pin;
 
-/// Who is calling. Roles (ARCHITECTURE §8, issue "REST authorization"):
+/// Who is calling. Roles:
 /// - `admin`: everything;
 /// - `owner` of an account: that account's caches, users, tokens, keys, usage, invoices, audit;
 /// - `auditor`: reads (caches, usage, invoices, audit) of one account — or of every account

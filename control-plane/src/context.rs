@@ -3,7 +3,7 @@
 //! records. Failed state-changing calls are audited here too, so every refusal is on record.
 
 use crate::auth::Principal;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};

@@ -30,6 +30,9 @@ pub enum ApiError {
     PreconditionFailed,
     #[error("internal error")]
     Internal(String),
+    /// The store failed; the error and its sources are logged, the client sees "internal error".
+    #[error("internal error")]
+    Store(#[from] sqlx::Error),
 }
 
 impl ApiError {
@@ -62,13 +65,15 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        if let ApiError::Internal(detail) = self {
-            tracing::error!(%detail, "internal error");
+        match self {
+            ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            ApiError::Store(e) => tracing::error!(error = %chain(e), "store error"),
+            _ => {}
         }
         let status = self.status_code();
         let field = match self {
@@ -89,10 +94,16 @@ impl ResponseError for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(e.to_string())
+/// An error and its sources, `outer: inner: …`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
+    text
 }
 
 impl From<shoal_engine::EngineError> for ApiError {

@@ -5,7 +5,7 @@
 
 use crate::auth::hash_token;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use crate::store::{gateways, is_unique_violation, Store, StoreError};
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};

@@ -4,10 +4,13 @@
 //! find them.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`startup`]: app state, HTTP server; [`admin_token`]: the bootstrap admin token.
+//! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach;
+//!   [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
 //! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`].
+//! - [`domain`]: what more than one route needs (caches, logins, keys, names); routes do
+//!   not call each other.
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
 //!   `audit`, `me`, `gateways`, `health`; `internal` is served on its own listener); `page`
 //!   holds pagination, idempotency and ETags; `portal` serves the admin portal (files under
@@ -24,12 +27,14 @@ pub mod apidoc;
 pub mod auth;
 pub mod config;
 pub mod context;
+pub mod domain;
 pub mod error;
 pub mod gateways;
 pub mod metrics;
 pub mod routes;
 pub mod signing;
 pub mod startup;
+pub mod state;
 pub mod storage;
 pub mod store;
 

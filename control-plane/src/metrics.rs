@@ -27,8 +27,8 @@ pub fn usage_batch(batch: &UsageBatch, stored: bool) {
     let outcome = if stored { "stored" } else { "duplicate" };
     counter!("shoal_usage_batches_total", "outcome" => outcome).increment(1);
     if stored {
-        let ecpu: u64 = batch.usage.iter().map(|u| u.ecpu_milli).sum();
-        let commands: u64 = batch.usage.iter().map(|u| u.commands).sum();
+        let ecpu: u64 = batch.usage.iter().map(|u| u.counters.ecpu_milli).sum();
+        let commands: u64 = batch.usage.iter().map(|u| u.counters.commands).sum();
         counter!("shoal_usage_stored_ecpu_milli_total").increment(ecpu);
         counter!("shoal_usage_stored_commands_total").increment(commands);
     }

@@ -81,6 +81,7 @@ impl Signer {
     }
 
     /// The kid that signs now.
+    #[cfg(test)]
     pub fn current_kid(&self) -> String {
         self.keys.read().unwrap().kid.clone()
     }

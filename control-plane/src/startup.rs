@@ -3,34 +3,14 @@
 use crate::config::ControlPlaneConfig;
 use crate::routes;
 use crate::signing::Signer;
+use crate::state::AppState;
 use crate::store::Store;
 use actix_web::{web, App, HttpServer};
 use shoal_engine::Pool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// What every handler can reach.
-pub struct AppState {
-    pub config: ControlPlaneConfig,
-    pub store: Store,
-    pub pool: Arc<Pool>,
-    pub signer: Signer,
-    /// Serializes placement so two creates never take the same database.
-    pub placement_lock: tokio::sync::Mutex<()>,
-    /// Serializes changes to cache users (their upstream ACL users and rows change together).
-    pub users_lock: tokio::sync::Mutex<()>,
-    /// The LDAP directory, when configured.
-    pub directory: Option<shoal_auth::Directory>,
-    /// Failed `POST /v1/auth/login` attempts.
-    pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
-    /// Failed password checks gateways asked for, per (user, source), and per gateway.
-    pub verify_throttle: std::sync::Mutex<shoal_auth::Throttle>,
-    pub verify_budget: std::sync::Mutex<crate::gateways::FailureBudget>,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-}
-
-/// `GET /metrics`: Prometheus text format.
-/// Prometheus metrics, for platform admins only: the series name every cache. (A gateway's
+/// `GET /metrics`: Prometheus metrics, for platform admins only: the series name every cache. (A gateway's
 /// own `metrics_listen` serves the gateway's series on a private listener.)
 async fn metrics(
     state: web::Data<AppState>,
@@ -123,7 +103,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     });
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
-        if let Err(e) = routes::caches::apply_keyspace_events(&state, node.name()).await {
+        if let Err(e) = crate::domain::caches::apply_keyspace_events(&state, node.name()).await {
             tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
         }
     }

@@ -11,7 +11,7 @@
 //! Accrual is the measured bytes only: billing applies the minimum of 100 MB per cache-hour
 //! (as ElastiCache Serverless does for Valkey) when it rolls minutes up into GB-hours.
 
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::{CacheRecord, StorageSampleRecord, StoreError};
 use shoal_engine::{CacheDbs, EngineError, StorageProbe};
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! The ACL user that fences one cache into its databases and channels (ARCHITECTURE §4).
+//! The ACL user that fences one cache into its databases and channels.
 //!
 //! Valkey enforces these rules itself, also inside Lua scripts, so they hold even if the
 //! gateway's own policy had a hole.
@@ -13,31 +13,6 @@ pub struct TenantAcl {
     pub db: u32,
     pub databases: u32,
 }
-
-/// Commands and subcommands a tenant may not run even inside its own database: they act on
-/// the whole node (functions and the script cache are node-wide) or reveal other tenants.
-const NODE_WIDE_DENIED: &[&str] = &[
-    "-function",
-    "-fcall",
-    "-fcall_ro",
-    "-script|flush",
-    "-script|kill",
-    // The Lua debugger in SYNC mode blocks the whole node.
-    "-script|debug",
-    "-pubsub",
-    "-memory|stats",
-    "-memory|doctor",
-    "-memory|purge",
-    "-memory|malloc-stats",
-    "-client|no-evict",
-    "-client|tracking",
-    "-client|trackinginfo",
-    "-client|caching",
-    "-client|getredir",
-    "-cluster",
-    "-readonly",
-    "-readwrite",
-];
 
 /// Valkey's `notify-keyspace-events` flag letters.
 const KEYSPACE_FLAGS: &str = "KEg$lshzxetmdnA";
@@ -59,9 +34,6 @@ pub fn union_keyspace_events<'a>(flags: impl IntoIterator<Item = &'a str>) -> St
     KEYSPACE_FLAGS.chars().filter(|c| all.contains(*c)).collect()
 }
 
-/// `@dangerous` commands that are safe once confined to the tenant's own databases.
-const ALLOWED_BACK: &[&str] = &["+flushdb", "+keys", "+sort", "+sort_ro"];
-
 impl TenantAcl {
     /// The arguments of `ACL SETUSER` for this tenant, after the user name.
     pub fn setuser_rules(&self) -> Vec<String> {
@@ -74,16 +46,15 @@ impl TenantAcl {
             "resetchannels".to_string(),
             format!("&{}:*", self.user),
             "+@all".to_string(),
-            "-@admin".to_string(),
-            "-@dangerous".to_string(),
         ];
+        // What the command table refuses: admin, dangerous and node-wide commands (functions
+        // and the script cache are node-wide), and what would reveal other tenants.
+        rules.extend(shoal_commands::table().node_acl_rules());
         // Keyspace notifications of its own databases only.
         for db in self.db..self.db + self.databases.max(1) {
             rules.push(format!("&__keyspace@{db}__:*"));
             rules.push(format!("&__keyevent@{db}__:*"));
         }
-        rules.extend(ALLOWED_BACK.iter().map(|s| s.to_string()));
-        rules.extend(NODE_WIDE_DENIED.iter().map(|s| s.to_string()));
         // One `db=` rule with every database: a second `db=` rule would replace the first.
         let dbs: Vec<String> = (self.db..self.db + self.databases.max(1)).map(|db| db.to_string()).collect();
         rules.push("resetdbs".to_string());

@@ -62,8 +62,6 @@ pub struct ClientEntry {
     pub tracking: Mutex<Option<Tracking>>,
     /// Invalidations for this client's connection.
     pub inbox: mpsc::UnboundedSender<Invalidation>,
-    /// Whether the client is subscribed in RESP2 (can receive redirected invalidations).
-    pub subscribed_resp2: std::sync::atomic::AtomicBool,
 }
 
 impl ClientEntry {
@@ -153,7 +151,7 @@ fn remove(caches: &Caches, cache: &CacheId, entry: &ClientEntry) {
     }
 }
 
-/// Counters `INFO` shows for one cache on this gateway.
+/// UsageCounters `INFO` shows for one cache on this gateway.
 pub struct CacheCounts {
     pub connected: usize,
     pub connections_received: u64,
@@ -194,7 +192,6 @@ impl Registry {
             kill: Arc::default(),
             tracking: Mutex::new(None),
             inbox,
-            subscribed_resp2: std::sync::atomic::AtomicBool::new(false),
         });
         clients.live.insert(entry.key, entry.clone());
         clients.peak = clients.peak.max(clients.live.len());

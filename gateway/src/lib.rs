@@ -10,8 +10,8 @@
 //! - [`resp`]: request parser, reply boundary scanner, a small value model (no I/O).
 //! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
 //! - [`router`]: cache id → [`shoal_types::TenantRoute`], from the control plane.
-//! - [`policy`]: the command table (`data/commands.tsv`): pass, deny or virtualize.
-//! - [`virtualize`]: commands the gateway answers or rewrites per cache, with
+//! - the command table is the `shoal-commands` crate: pass, deny or virtualize, weights, flags.
+//! - [`cmd`]: commands the gateway answers or rewrites per cache (one file per family), with
 //!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
 //!   [`clients`] (each cache's connections), [`observer`] (node-wide views, filtered) and
 //!   [`tracking`] (client-side caching invalidations from keyspace events).
@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod clients;
 pub mod cluster;
+pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod listener;
@@ -31,17 +32,16 @@ pub mod metering;
 pub mod metrics;
 pub mod mux;
 pub mod observer;
-pub mod policy;
 pub mod pubsub;
 pub mod resp;
 pub mod router;
 pub mod scripts;
 pub mod session;
 pub mod slots;
+pub mod state;
 pub mod tls;
 pub mod tracking;
 pub mod upstream;
-pub mod virtualize;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;

@@ -7,10 +7,10 @@
 //! exporter's histograms keep every sample with a timestamp until upkeep folds them: that
 //! cost about 4% of the gateway's CPU at pipeline 16.)
 
-use crate::metering::Counters;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use shoal_types::CacheId;
+use shoal_types::UsageCounters;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +89,7 @@ pub fn install() -> PrometheusHandle {
 }
 
 /// Adds a session's flushed counters to the cache's metrics.
-pub fn cache_counters(cache: &CacheId, c: &Counters) {
+pub fn cache_counters(cache: &CacheId, c: &UsageCounters) {
     let id = cache.to_string();
     for (name, value) in [
         ("shoal_cache_commands_total", c.commands),
@@ -231,7 +231,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, handle));
         let caches: Vec<CacheId> = (0..10_000).map(|_| CacheId::generate()).collect();
-        let c = Counters {
+        let c = UsageCounters {
             commands: 3,
             ecpu_milli: 3000,
             bytes_in: 90,

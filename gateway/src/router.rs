@@ -8,8 +8,7 @@
 
 use crate::{GatewayConfig, GatewayError};
 use shoal_types::{
-    CacheId, CacheLimits, GatewayCredential, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal,
-    VerifyRequest,
+    CacheId, GatewayCredential, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -326,10 +325,6 @@ impl LiveRoute {
     /// The latest route.
     pub fn get(&self) -> TenantRoute {
         self.route.read().unwrap().clone()
-    }
-
-    pub fn limits(&self) -> CacheLimits {
-        self.route.read().unwrap().limits.clone()
     }
 
     /// The cache is over its storage limit even after evictions: writes are refused.

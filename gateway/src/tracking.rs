@@ -9,8 +9,8 @@
 //! the node's events, so a fleet of gateways stays coherent.
 
 use crate::clients::{Invalidation, Registry, Tracking};
-use crate::listener::Shared;
 use crate::resp::{self, reply::ReplyScanner, value};
+use crate::state::Shared;
 use crate::GatewayError;
 use bytes::BytesMut;
 use shoal_types::{CacheId, TenantRoute};
@@ -238,9 +238,9 @@ fn deliver(entries: &[Arc<crate::clients::ClientEntry>], own: u64, t: &Tracking,
 }
 
 /// Records what a forwarded command means for the client's tracking state.
-pub fn note_command(t: &mut Tracking, spec: &crate::policy::CommandSpec, keys: &[&[u8]]) {
+pub fn note_command(t: &mut Tracking, spec: &shoal_commands::CommandSpec, keys: &[&[u8]]) {
     let caching = t.caching.take();
-    if spec.flags.iter().any(|f| f == "readonly") && !t.bcast {
+    if spec.readonly && !t.bcast {
         let cache_it = if t.optin {
             caching == Some(true)
         } else if t.optout {
@@ -252,24 +252,11 @@ pub fn note_command(t: &mut Tracking, spec: &crate::policy::CommandSpec, keys: &
             t.keys.extend(keys.iter().map(|k| k.to_vec()));
         }
     }
-    if t.noloop && spec.flags.iter().any(|f| f == "write") {
+    if t.noloop && spec.write {
         let now = Instant::now();
         t.own_writes.retain(|_, at| at.elapsed() < OWN_WRITE_WINDOW);
         t.own_writes.extend(keys.iter().map(|k| (k.to_vec(), now)));
     }
-}
-
-/// The keys of a command by its table entry (first, last, step); commands whose keys move
-/// (`EVAL`, `XREAD` …) contribute none.
-pub fn command_keys<'a>(spec: &crate::policy::CommandSpec, argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
-    if spec.first_key <= 0 || spec.step <= 0 {
-        return Vec::new();
-    }
-    let last = if spec.last_key < 0 { argv.len() as i32 + spec.last_key } else { spec.last_key };
-    (spec.first_key..=last.min(argv.len() as i32 - 1))
-        .step_by(spec.step as usize)
-        .map(|i| argv[i as usize])
-        .collect()
 }
 
 /// The frame a client gets for an invalidation, in its protocol.

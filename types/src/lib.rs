@@ -132,21 +132,67 @@ pub struct CacheLimits {
     pub max_connections: Option<u32>,
 }
 
-/// Counters of one cache over one minute, as a gateway metered them. Money-relevant
-/// quantities are integers (milli-ECPU, bytes) so sums are exact.
+/// What is metered, summed per cache over a period (a session's tally, a minute, an hour).
+/// Money-relevant quantities are integers (milli-ECPU, bytes) so sums are exact.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageCounters {
+    /// Metered commands (free ones are not counted).
+    pub commands: u64,
+    pub ecpu_milli: u64,
+    /// Bytes the clients sent and received.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Reads that found their key, and that did not.
+    pub hits: u64,
+    pub misses: u64,
+    /// Commands refused by the cache's `ecpu_per_second` limit.
+    pub throttled: u64,
+    /// Error replies.
+    pub errors: u64,
+}
+
+impl UsageCounters {
+    /// The counters' names, as columns and JSON fields, in the order of [`Self::values`].
+    pub const NAMES: [&'static str; 8] =
+        ["commands", "ecpu_milli", "bytes_in", "bytes_out", "hits", "misses", "throttled", "errors"];
+
+    pub fn values(&self) -> [u64; 8] {
+        [
+            self.commands,
+            self.ecpu_milli,
+            self.bytes_in,
+            self.bytes_out,
+            self.hits,
+            self.misses,
+            self.throttled,
+            self.errors,
+        ]
+    }
+
+    /// Counters from values in the order of [`Self::NAMES`].
+    pub fn from_values(v: [u64; 8]) -> UsageCounters {
+        let [commands, ecpu_milli, bytes_in, bytes_out, hits, misses, throttled, errors] = v;
+        UsageCounters { commands, ecpu_milli, bytes_in, bytes_out, hits, misses, throttled, errors }
+    }
+
+    pub fn add(&mut self, o: &UsageCounters) {
+        let (a, b) = (self.values(), o.values());
+        *self = UsageCounters::from_values(std::array::from_fn(|i| a[i] + b[i]));
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == UsageCounters::default()
+    }
+}
+
+/// Counters of one cache over one minute, as a gateway metered them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CacheUsage {
     pub cache_id: CacheId,
     /// Start of the minute (Unix seconds, a multiple of 60) the commands ran in.
     pub minute: i64,
-    pub commands: u64,
-    pub ecpu_milli: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub throttled: u64,
-    pub errors: u64,
+    #[serde(flatten)]
+    pub counters: UsageCounters,
     /// Most client connections the cache had open at once on this gateway during the
     /// batch's interval (about a second). Not a counter: the control plane keeps the
     /// largest per gateway and minute. Absent (0) in batches from older gateways.

@@ -3,11 +3,13 @@
 
 use crate::auth::{hash_token, random_token, Principal, Role};
 use crate::context::RequestContext;
+use crate::domain::caches::PLATFORM_ACCOUNT;
+use crate::domain::keys::may_revoke;
+use crate::domain::names;
 use crate::error::ApiError;
-use crate::routes::caches::PLATFORM_ACCOUNT;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
-use crate::store::accounts::{self, AccountRecord, ApiKeyInfo, LiveKey};
+use crate::state::AppState;
+use crate::store::accounts::{self, AccountRecord, ApiKeyInfo};
 use crate::store::{self, CacheFilter};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -137,19 +139,6 @@ impl ApiKey {
     }
 }
 
-fn validate_name(name: &str, what: &str) -> Result<(), ApiError> {
-    let ok = (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b' ');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::field(
-            "name",
-            format!("{what} name must be 1–63 characters of letters, digits, ' ', '-' and '_'"),
-        ))
-    }
-}
-
 fn validate_email(email: &str) -> Result<(), ApiError> {
     let ok = email.is_empty()
         || (email.len() <= 254
@@ -189,7 +178,7 @@ pub async fn create_account(
     who.admin()?;
     let body_in: CreateAccount = page::json_body(&body)?;
     page::idempotent(&state, &who, &req, &body, || async {
-        validate_name(&body_in.name, "account")?;
+        names::account(&body_in.name, "account")?;
         let email = body_in.email.unwrap_or_default();
         validate_email(&email)?;
         let now = store::now();
@@ -271,7 +260,7 @@ pub async fn patch_account(
     page::check_if_match(&req, current.version)?;
     let mut next = current.clone();
     if let Some(name) = patch.name {
-        validate_name(&name, "account")?;
+        names::account(&name, "account")?;
         next.name = name;
     }
     if let Some(email) = patch.email {
@@ -331,7 +320,7 @@ async fn create_key(
     account: Option<&AccountId>,
     body: CreateApiKey,
 ) -> Result<(StatusCode, serde_json::Value), ApiError> {
-    validate_name(&body.name, "key")?;
+    names::account(&body.name, "key")?;
     if body.name == crate::admin_token::BOOTSTRAP_KEY_NAME {
         return Err(ApiError::field("name", "that name is reserved for the bootstrap admin token"));
     }
@@ -349,15 +338,16 @@ async fn create_key(
     event.account_id = account.map(|a| a.to_string());
     event.details = serde_json::json!({ "role": body.role.as_str(), "name": body.name });
     let mut tx = state.store.begin().await?;
-    accounts::insert_api_key(
-        tx.conn(),
-        &id,
-        &hash_token(&token),
-        body.role.as_str(),
-        account.map(|a| a.as_str()),
-        &body.name,
-    )
-    .await?;
+    let hash = hash_token(&token);
+    let key = accounts::NewApiKey {
+        id: &id,
+        token_hash: &hash,
+        role: body.role.as_str(),
+        account_id: account.map(|a| a.as_str()),
+        name: &body.name,
+        expires_at: None,
+    };
+    accounts::insert_api_key(tx.conn(), &key).await?;
     tx.commit(&event).await?;
     let key = ApiKey {
         id,
@@ -467,18 +457,6 @@ pub async fn list_platform_keys(
     who.admin()?;
     let items = state.store.api_keys(None).await?.into_iter().map(ApiKey::of).collect();
     Ok(HttpResponse::Ok().json(ApiKeyList { items }))
-}
-
-/// Who may revoke `key` (an API key or an LDAP session): keys of an account, that account's
-/// admins and owners (404 for anyone who cannot see the account, 403 for its auditors);
-/// platform-wide keys, the platform admin only (404 for account principals, who cannot see
-/// them; 403 for platform auditors).
-pub fn may_revoke(who: &Principal, key: &LiveKey, what: &'static str) -> Result<(), ApiError> {
-    match key.account_id.as_deref() {
-        Some(account) => who.write(&AccountId::parse(account).map_err(|_| ApiError::NotFound(what))?, what),
-        None if who.scope().is_some() => Err(ApiError::NotFound(what)),
-        None => who.admin(),
-    }
 }
 
 /// Revoke an API key by id: platform-wide keys (platform admin only) or an account's keys

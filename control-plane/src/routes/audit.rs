@@ -3,7 +3,7 @@
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::audit::{AuditFilter, AuditRecord, ChainReport};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,7 @@ pub struct AuditList {
 
 fn time_param(v: &Option<String>, field: &'static str) -> Result<Option<String>, ApiError> {
     v.as_deref()
-        .map(|t| crate::routes::usage::parse_time(field, t))
+        .map(|t| page::parse_time(field, t))
         .transpose()
         .map(|t| t.map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
 }

@@ -8,7 +8,7 @@
 use crate::auth::{hash_token, random_token, Principal, Role};
 use crate::context::RequestContext;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -165,16 +165,16 @@ pub async fn login(
     event.details = serde_json::json!({ "mechanism": "ldap", "role": role.as_str(), "dn": identity.dn,
                                         "expires_at": expires_at });
     let mut tx = state.store.begin().await?;
-    crate::store::users::insert_session_key(
-        tx.conn(),
-        &key_id,
-        &hash_token(&token),
-        role.as_str(),
-        account.as_ref().map(|a| a.as_str()),
-        &format!("ldap:{}", identity.user),
-        &expires_at,
-    )
-    .await?;
+    let (hash, name) = (hash_token(&token), format!("ldap:{}", identity.user));
+    let key = crate::store::accounts::NewApiKey {
+        id: &key_id,
+        token_hash: &hash,
+        role: role.as_str(),
+        account_id: account.as_ref().map(|a| a.as_str()),
+        name: &name,
+        expires_at: Some(&expires_at),
+    };
+    crate::store::accounts::insert_api_key(tx.conn(), &key).await?;
     tx.commit(&event).await?;
     login_metric("success");
     tracing::info!(user = %identity.user, role = role.as_str(), key = %key_id, "LDAP login");

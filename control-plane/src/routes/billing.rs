@@ -9,7 +9,7 @@
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use shoal_billing::{

@@ -2,9 +2,11 @@
 
 use crate::auth::Principal;
 use crate::context::RequestContext;
+use crate::domain::caches::{apply_keyspace_events, changeable_cache, visible_cache, PLATFORM_ACCOUNT};
+use crate::domain::names;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -14,8 +16,6 @@ use shoal_types::{AccountId, CacheId, CacheLimits};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
-/// The account that owns what the platform admin creates (an admin's key has no account).
-pub const PLATFORM_ACCOUNT: &str = "a000000000000";
 /// Most numbered databases one cache may have.
 pub const MAX_DATABASES: u32 = 16;
 /// Upper bounds of the limits (ElastiCache Serverless allows up to 15M ECPU/s and 5 TB).
@@ -205,16 +205,6 @@ impl Cache {
     }
 }
 
-fn validate_name(name: &str) -> Result<(), ApiError> {
-    let ok = (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::field("name", "name must be 1–63 characters of letters, digits, '-' and '_'"))
-    }
-}
-
 fn validate_description(d: &str) -> Result<(), ApiError> {
     if d.chars().count() > 256 || d.chars().any(char::is_control) {
         return Err(ApiError::field(
@@ -255,29 +245,6 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
     Ok(serde_json::to_string(tags).expect("strings serialize"))
 }
 
-/// Parses a cache id from the path; malformed ids are simply not found.
-pub fn parse_id(raw: &str) -> Result<CacheId, ApiError> {
-    CacheId::parse(raw).map_err(|_| ApiError::NotFound("cache"))
-}
-
-/// A live cache the caller may see (404 otherwise, whether or not it exists).
-pub async fn visible_cache(state: &AppState, who: &Principal, raw_id: &str) -> Result<CacheRecord, ApiError> {
-    let cache = state.store.cache(&parse_id(raw_id)?).await?.ok_or(ApiError::NotFound("cache"))?;
-    who.read(&cache.account_id, "cache")?;
-    Ok(cache)
-}
-
-/// A live cache the caller may change.
-pub async fn changeable_cache(
-    state: &AppState,
-    who: &Principal,
-    raw_id: &str,
-) -> Result<CacheRecord, ApiError> {
-    let cache = visible_cache(state, who, raw_id).await?;
-    who.writer()?;
-    Ok(cache)
-}
-
 /// Create a cache: choose a node and database, fence it with its own ACL user, store it.
 /// The cache belongs to the caller's account (the platform account for admins).
 /// Send `Idempotency-Key` to make retries safe.
@@ -310,7 +277,7 @@ async fn create(
     ctx: &RequestContext,
     body: CreateCache,
 ) -> Result<Cache, ApiError> {
-    validate_name(&body.name)?;
+    names::cache(&body.name)?;
     let description = body.description.unwrap_or_default();
     validate_description(&description)?;
     let limits = body.limits.unwrap_or_default().validate(state.config.gateway_max_connections)?;
@@ -555,7 +522,7 @@ pub async fn patch_cache(
     let mut next = current.clone();
     let mut changed = Vec::new();
     if let Some(name) = patch.name {
-        validate_name(&name)?;
+        names::cache(&name)?;
         next.name = name;
         changed.push("name");
     }
@@ -674,12 +641,4 @@ pub async fn delete_cache(
     apply_keyspace_events(&state, &cache.node).await?;
     tracing::info!(cache = %cache.id, "cache deleted");
     Ok(HttpResponse::NoContent().finish())
-}
-
-/// Sets a node's `notify-keyspace-events` to the union of its live caches' flags.
-pub async fn apply_keyspace_events(state: &AppState, node: &str) -> Result<(), ApiError> {
-    let flags = state.store.keyspace_events_on(node).await?;
-    let union = shoal_engine::tenant::union_keyspace_events(flags.iter().map(String::as_str));
-    state.pool.set_keyspace_events(node, &union).await?;
-    Ok(())
 }

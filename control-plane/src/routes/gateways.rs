@@ -4,7 +4,7 @@
 use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -1,6 +1,6 @@
 //! `/healthz` (the process is up) and `/readyz` (store and every Valkey node answer).
 
-use crate::startup::AppState;
+use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -3,10 +3,10 @@
 //! (`internal_listen`; TLS off loopback) and every call carries a gateway's own credential
 //! ([`Gateway`]).
 
+use crate::domain::caches::parse_id;
 use crate::error::ApiError;
 use crate::gateways::Gateway;
-use crate::routes::caches::parse_id;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::CacheRecord;
 use actix_web::{web, HttpResponse};
 use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};
@@ -124,7 +124,7 @@ async fn enable_client_tracking(
 ) -> Result<HttpResponse, ApiError> {
     let cache = internal_cache(&state, &gw, &id).await?;
     if state.store.enable_client_tracking(&cache.id).await? {
-        crate::routes::caches::apply_keyspace_events(&state, &cache.node).await?;
+        crate::domain::caches::apply_keyspace_events(&state, &cache.node).await?;
     }
     Ok(HttpResponse::NoContent().finish())
 }
@@ -204,7 +204,7 @@ async fn check_login(
     use actix_web::http::StatusCode;
     let VerifyRequest { username, password, .. } = request;
     // Only well-formed names can be cache users (and a NUL byte is no text to PostgreSQL).
-    let cache_user = match crate::routes::users::is_valid_username(&username) {
+    let cache_user = match crate::domain::logins::is_valid_username(&username) {
         true => state.store.cache_user(&cache.id, &username).await?,
         false => None,
     };
@@ -227,7 +227,7 @@ async fn check_login(
         return Ok(HttpResponse::Ok().json(VerifiedLogin {
             mechanism: "cache-user".into(),
             username,
-            upstream_user: crate::routes::users::upstream_user(&cache, &user.username),
+            upstream_user: crate::domain::logins::upstream_user(&cache, &user.username),
             upstream_password: user.upstream_secret,
             account_id: cache.account_id,
             access_string: Some(user.access_string),
@@ -265,7 +265,7 @@ async fn check_login(
     let access = shoal_auth::AccessString::parse(access_text).expect("a valid constant");
     let upstream_user = format!("{}.ldap.{role}", cache.id.acl_user());
     let secret = shoal_auth::token::derived_password(&cache.acl_password, &upstream_user);
-    crate::routes::users::ensure_login_user(state, &cache, &upstream_user, &access, &secret).await?;
+    crate::domain::logins::ensure_login_user(state, &cache, &upstream_user, &access, &secret).await?;
     Ok(HttpResponse::Ok().json(VerifiedLogin {
         mechanism: "ldap".into(),
         username: identity.user,

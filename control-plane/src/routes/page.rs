@@ -2,7 +2,7 @@
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::idempotency::Claim;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
@@ -184,6 +184,13 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiEr
             detail: format!("invalid JSON body: {msg}"),
         }
     })
+}
+
+/// A time in a query (`from`, `to`): RFC 3339, as UTC.
+pub fn parse_time(field: &'static str, raw: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| ApiError::field(field, format!("{field} must be an RFC 3339 time")))
 }
 
 #[cfg(test)]

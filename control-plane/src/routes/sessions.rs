@@ -7,9 +7,9 @@
 
 use crate::auth::Principal;
 use crate::context::RequestContext;
+use crate::domain::keys::may_revoke;
 use crate::error::ApiError;
-use crate::routes::accounts::may_revoke;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::accounts::{self, LiveKey};
 use actix_web::{web, HttpResponse};
 use serde::Serialize;

@@ -2,9 +2,9 @@
 
 use crate::auth::{random_token, Principal};
 use crate::context::RequestContext;
+use crate::domain::caches::{changeable_cache, visible_cache};
 use crate::error::ApiError;
-use crate::routes::caches::{changeable_cache, visible_cache};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -171,7 +171,7 @@ pub async fn mint_token(
     if let Some(login) = &login {
         let access = shoal_auth::AccessString::parse(&login.access_string)
             .map_err(|e| ApiError::field("key_patterns", e.to_string()))?;
-        crate::routes::users::ensure_login_user(&state, &cache, &login.user, &access, &login.password)
+        crate::domain::logins::ensure_login_user(&state, &cache, &login.user, &access, &login.password)
             .await?;
     }
     let now = chrono::Utc::now();

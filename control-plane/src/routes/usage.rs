@@ -2,9 +2,10 @@
 //! per cache (`GET /v1/caches/{id}/usage`).
 
 use crate::auth::Principal;
+use crate::domain::caches::parse_id;
 use crate::error::ApiError;
-use crate::routes::caches::parse_id;
-use crate::startup::AppState;
+use crate::routes::page;
+use crate::state::AppState;
 use crate::store::{Granularity, UsageRow};
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
@@ -129,11 +130,11 @@ pub async fn get_usage(
         Some(_) => return Err(ApiError::field("granularity", "granularity must be minute or hour")),
     };
     let to = match &query.to {
-        Some(t) => parse_time("to", t)?,
+        Some(t) => page::parse_time("to", t)?,
         None => Utc::now(),
     };
     let from = match &query.from {
-        Some(f) => parse_time("from", f)?,
+        Some(f) => page::parse_time("from", f)?,
         None => to - default_span,
     };
     if from >= to {
@@ -164,18 +165,19 @@ pub async fn get_usage(
             Some(r) if r.start == at => rows.next().unwrap_or_default(),
             _ => UsageRow::default(),
         };
+        let c = row.counters;
         points.push(UsagePoint {
-            ecpu: row.ecpu_milli as f64 / 1000.0,
-            ecpu_milli: row.ecpu_milli,
-            commands: row.commands,
-            bytes_in: row.bytes_in,
-            bytes_out: row.bytes_out,
+            ecpu: c.ecpu_milli as f64 / 1000.0,
+            ecpu_milli: c.ecpu_milli,
+            commands: c.commands,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
             storage_bytes: storage.get(&start).map_or(0, |s| s.0) / step as u64,
             evicted_keys: storage.get(&start).map_or(0, |s| s.1),
-            hits: row.hits,
-            misses: row.misses,
-            throttled: row.throttled,
-            errors: row.errors,
+            hits: c.hits,
+            misses: c.misses,
+            throttled: c.throttled,
+            errors: c.errors,
             connections: row.connections,
             start: at,
         });
@@ -188,12 +190,6 @@ pub async fn get_usage(
         to: to_text,
         points,
     }))
-}
-
-pub(crate) fn parse_time(field: &'static str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| ApiError::field(field, format!("{field} must be an RFC 3339 time")))
 }
 
 fn text(unix: i64) -> String {

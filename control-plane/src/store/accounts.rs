@@ -89,24 +89,31 @@ pub async fn mark_account_deleted(conn: &mut AnyConnection, id: &AccountId) -> R
         .map(|_| ())
 }
 
-pub async fn insert_api_key(
-    conn: &mut AnyConnection,
-    id: &str,
-    token_hash: &str,
-    role: &str,
-    account_id: Option<&str>,
-    name: &str,
-) -> Result<(), StoreError> {
+/// A new API key: an operator's key, the bootstrap admin token, or an LDAP session (which
+/// expires).
+pub struct NewApiKey<'a> {
+    pub id: &'a str,
+    pub token_hash: &'a str,
+    pub role: &'a str,
+    pub account_id: Option<&'a str>,
+    pub name: &'a str,
+    pub expires_at: Option<&'a str>,
+}
+
+/// The one insert into `api_keys`. A token already stored is left as it is (the bootstrap
+/// admin token is offered at every start).
+pub async fn insert_api_key(conn: &mut AnyConnection, key: &NewApiKey<'_>) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (token_hash) DO NOTHING",
     )
-    .bind(id)
-    .bind(token_hash)
-    .bind(role)
-    .bind(account_id)
-    .bind(name)
+    .bind(key.id)
+    .bind(key.token_hash)
+    .bind(key.role)
+    .bind(key.account_id)
+    .bind(key.name)
     .bind(now())
+    .bind(key.expires_at)
     .execute(conn)
     .await
     .map(|_| ())

@@ -3,7 +3,7 @@
 
 use super::{Store, StoreError};
 use shoal_billing::StorageSample;
-use shoal_types::{AccountId, CacheId, CacheUsage};
+use shoal_types::{AccountId, CacheId, CacheUsage, UsageCounters};
 use sqlx::Row;
 use std::collections::BTreeMap;
 
@@ -32,14 +32,9 @@ impl Store {
                 Ok(CacheUsage {
                     cache_id: CacheId::parse(r.get::<&str, _>("cache_id")).map_err(super::decode_err)?,
                     minute,
-                    commands: r.get::<i64, _>("commands") as u64,
-                    ecpu_milli: r.get::<i64, _>("ecpu_milli") as u64,
-                    bytes_in: r.get::<i64, _>("bytes_in") as u64,
-                    bytes_out: r.get::<i64, _>("bytes_out") as u64,
-                    hits: r.get::<i64, _>("hits") as u64,
-                    misses: r.get::<i64, _>("misses") as u64,
-                    throttled: r.get::<i64, _>("throttled") as u64,
-                    errors: r.get::<i64, _>("errors") as u64,
+                    counters: UsageCounters::from_values(
+                        UsageCounters::NAMES.map(|c| r.get::<i64, _>(c) as u64),
+                    ),
                     // Connections are not billed (they live in `usage_connections`).
                     peak_connections: 0,
                 })

@@ -208,29 +208,6 @@ impl Store {
 
     // --- API keys ---
 
-    pub async fn insert_api_key(
-        &self,
-        id: &str,
-        token_hash: &str,
-        role: &str,
-        account_id: Option<&str>,
-        name: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING",
-        )
-        .bind(id)
-        .bind(token_hash)
-        .bind(role)
-        .bind(account_id)
-        .bind(name)
-        .bind(now())
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
-    }
-
     pub async fn api_key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let row = sqlx::query(
             "SELECT id, role, account_id FROM api_keys

@@ -4,7 +4,7 @@
 //! connections in a minute are the sum over its gateways, in an hour the largest minute's).
 
 use super::{Store, StoreError};
-use shoal_types::{CacheId, UsageBatch};
+use shoal_types::{CacheId, UsageBatch, UsageCounters};
 use sqlx::Row;
 
 /// One cache's counters over one period (a minute or an hour).
@@ -12,14 +12,7 @@ use sqlx::Row;
 pub struct UsageRow {
     /// Start of the period, RFC 3339 UTC.
     pub start: String,
-    pub commands: u64,
-    pub ecpu_milli: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub throttled: u64,
-    pub errors: u64,
+    pub counters: UsageCounters,
     /// Peak concurrent client connections (over all gateways).
     pub connections: u64,
 }
@@ -38,8 +31,23 @@ pub fn minute_text(unix: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-const COLUMNS: [&str; 8] =
-    ["commands", "ecpu_milli", "bytes_in", "bytes_out", "hits", "misses", "throttled", "errors"];
+/// Adds one cache's minute of counters to `usage_minutes`, column by counter name.
+fn add_minute_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let names = UsageCounters::NAMES;
+        let params: Vec<String> = (3..3 + names.len()).map(|i| format!("${i}")).collect();
+        let sums: Vec<String> =
+            names.iter().map(|c| format!("{c} = usage_minutes.{c} + excluded.{c}")).collect();
+        format!(
+            "INSERT INTO usage_minutes (cache_id, minute, {}) VALUES ($1, $2, {})
+             ON CONFLICT (cache_id, minute) DO UPDATE SET {}",
+            names.join(", "),
+            params.join(", "),
+            sums.join(", ")
+        )
+    })
+}
 
 impl Store {
     /// Stores a batch unless it was stored before; `Ok(false)` for a repeat. The batch's
@@ -78,37 +86,15 @@ impl Store {
             }
             // An entry that only reports connections adds no usage row (such a row would make
             // its hour billable for the storage minimum).
-            let counters =
-                [u.commands, u.ecpu_milli, u.bytes_in, u.bytes_out, u.hits, u.misses, u.throttled, u.errors];
-            if counters.iter().all(|&c| c == 0) {
+            if u.counters.is_zero() {
                 continue;
             }
-            sqlx::query(
-                "INSERT INTO usage_minutes (cache_id, minute, commands, ecpu_milli, bytes_in, bytes_out,
-                                            hits, misses, throttled, errors)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (cache_id, minute) DO UPDATE SET
-                    commands = usage_minutes.commands + excluded.commands,
-                    ecpu_milli = usage_minutes.ecpu_milli + excluded.ecpu_milli,
-                    bytes_in = usage_minutes.bytes_in + excluded.bytes_in,
-                    bytes_out = usage_minutes.bytes_out + excluded.bytes_out,
-                    hits = usage_minutes.hits + excluded.hits,
-                    misses = usage_minutes.misses + excluded.misses,
-                    throttled = usage_minutes.throttled + excluded.throttled,
-                    errors = usage_minutes.errors + excluded.errors",
-            )
-            .bind(u.cache_id.as_str())
-            .bind(minute_text(u.minute))
-            .bind(u.commands as i64)
-            .bind(u.ecpu_milli as i64)
-            .bind(u.bytes_in as i64)
-            .bind(u.bytes_out as i64)
-            .bind(u.hits as i64)
-            .bind(u.misses as i64)
-            .bind(u.throttled as i64)
-            .bind(u.errors as i64)
-            .execute(&mut *tx)
-            .await?;
+            let mut insert =
+                sqlx::query(add_minute_sql()).bind(u.cache_id.as_str()).bind(minute_text(u.minute));
+            for value in u.counters.values() {
+                insert = insert.bind(value as i64);
+            }
+            insert.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -129,7 +115,7 @@ impl Store {
             Granularity::Hour => "substr(minute, 1, 13) || ':00:00Z'",
         };
         // SUM of BIGINT is NUMERIC on PostgreSQL, which `Any` cannot read: cast back.
-        let sums = COLUMNS.map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}")).join(", ");
+        let sums = UsageCounters::NAMES.map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}")).join(", ");
         let rows = sqlx::query(&format!(
             "SELECT {period} AS start, {sums}
              FROM usage_minutes WHERE cache_id = $1 AND minute >= $2 AND minute < $3
@@ -148,16 +134,13 @@ impl Store {
             .iter()
             .map(|r| {
                 let start: String = r.try_get("start")?;
+                let mut values = [0; 8];
+                for (value, name) in values.iter_mut().zip(UsageCounters::NAMES) {
+                    *value = num(r, name)?;
+                }
                 let row = UsageRow {
                     start: start.clone(),
-                    commands: num(r, "commands")?,
-                    ecpu_milli: num(r, "ecpu_milli")?,
-                    bytes_in: num(r, "bytes_in")?,
-                    bytes_out: num(r, "bytes_out")?,
-                    hits: num(r, "hits")?,
-                    misses: num(r, "misses")?,
-                    throttled: num(r, "throttled")?,
-                    errors: num(r, "errors")?,
+                    counters: UsageCounters::from_values(values),
                     connections: 0,
                 };
                 Ok((start, row))

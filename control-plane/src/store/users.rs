@@ -168,29 +168,3 @@ pub async fn retire_signing_keys(conn: &mut AnyConnection, except: &str) -> Resu
         .await
         .map(|_| ())
 }
-
-/// An expiring API key (an LDAP REST session).
-pub async fn insert_session_key(
-    conn: &mut AnyConnection,
-    id: &str,
-    token_hash: &str,
-    role: &str,
-    account_id: Option<&str>,
-    name: &str,
-    expires_at: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO api_keys (id, token_hash, role, account_id, name, created_at, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(id)
-    .bind(token_hash)
-    .bind(role)
-    .bind(account_id)
-    .bind(name)
-    .bind(now())
-    .bind(expires_at)
-    .execute(conn)
-    .await
-    .map(|_| ())
-}

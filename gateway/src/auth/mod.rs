@@ -6,3 +6,4 @@
 pub mod audit;
 pub mod jwt;
 pub mod login;
+pub mod session;

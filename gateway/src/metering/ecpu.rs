@@ -4,7 +4,7 @@
 //! ecpu(cmd) = max(weight(cmd) + per_element(cmd) × elements(reply), (request + reply bytes) / 1024)
 //! ```
 //!
-//! - `weight` and `per_element` come from `gateway/data/commands.tsv` (milli-ECPU; 1000 =
+//! - `weight` and `per_element` come from the command table (`commands/data/commands.tsv`) (milli-ECPU; 1000 =
 //!   a small GET/SET). A weight of 0 marks a free command (AUTH, HELLO, PING, QUIT, RESET,
 //!   MULTI, EXEC, DISCARD, (P|S)(UN)SUBSCRIBE): it is not metered at all.
 //! - `elements(reply)` is the number of top-level elements of an aggregate reply (arrays,
@@ -15,32 +15,8 @@
 //!
 //! Pure functions only: the session feeds them, the tests below pin them.
 
-use crate::policy::CommandSpec;
 use crate::resp::reply::ReplyScanner;
-use std::str::FromStr;
-
-/// How a command's reply counts as read hits and misses (column `hits` of the table).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hits {
-    /// Not a read that hits or misses.
-    None,
-    /// One value (GET, HGET, GETEX, GETDEL, LINDEX…): a nil reply is a miss, else a hit.
-    Value,
-    /// Several values (MGET, HMGET, HGETEX…): each nil element is a miss, each other a hit.
-    Elements,
-}
-
-impl FromStr for Hits {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Hits, ()> {
-        match s {
-            "-" => Ok(Hits::None),
-            "value" => Ok(Hits::Value),
-            "elements" => Ok(Hits::Elements),
-            _ => Err(()),
-        }
-    }
-}
+use shoal_commands::{CommandSpec, Hits};
 
 /// Milli-ECPU for moving `bytes` (1 ECPU per KiB, rounded down to the milli-ECPU).
 pub fn transfer_milli(bytes: u64) -> u64 {
@@ -134,7 +110,7 @@ pub fn weights(spec: Option<&CommandSpec>) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::table;
+    use shoal_commands::table;
 
     /// Request bytes of a command as a client frames it.
     fn request(args: &[&[u8]]) -> u64 {

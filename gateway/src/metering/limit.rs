@@ -11,7 +11,7 @@
 //! every [`crate::router::REFRESH_INTERVAL`] and [`follow`] applies their limits twice a
 //! second, so a changed limit applies within about a second.
 
-use crate::listener::Shared;
+use crate::state::Shared;
 use shoal_types::CacheId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

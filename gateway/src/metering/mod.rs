@@ -1,7 +1,7 @@
 //! Metering: what each command costs and who pays.
 //!
 //! - [`ecpu`]: the ECPU rule (pure).
-//! - [`Counters`]: one cache's counters; each session tallies its own and flushes them
+//! - [`shoal_types::UsageCounters`]: one cache's counters; each session tallies its own and flushes them
 //!   into the gateway's [`Ledger`] about once a second and when it ends.
 //! - [`limit`]: the `ecpu_per_second` token bucket of each cache.
 //! - [`usage`]: every second the ledger becomes a `UsageBatch` for the control plane
@@ -13,71 +13,41 @@ pub mod ecpu;
 pub mod limit;
 pub mod usage;
 
-use crate::policy::CommandSpec;
-use shoal_types::{CacheId, CacheUsage};
+use shoal_commands::CommandSpec;
+use shoal_types::{CacheId, CacheUsage, UsageCounters};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// Counters of one cache (over one minute, once in the ledger).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub commands: u64,
-    pub ecpu_milli: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub throttled: u64,
-    pub errors: u64,
+/// The counters of one metered command: `request` bytes the client sent, `reply` the reply
+/// as Valkey sent it (for elements and hits), `delivered` the bytes the client received for
+/// it. Free commands count nothing.
+pub fn command(spec: Option<&CommandSpec>, request: u64, reply: &[u8], delivered: u64) -> UsageCounters {
+    let (weight, per_element) = ecpu::weights(spec);
+    if weight == 0 {
+        // Free while small; past that, billed for what it moved (not counted as a command).
+        let ecpu_milli = ecpu::ecpu_milli(0, 0, 0, request, delivered);
+        if ecpu_milli == 0 {
+            return UsageCounters::default();
+        }
+        return UsageCounters { ecpu_milli, bytes_in: request, bytes_out: delivered, ..Default::default() };
+    }
+    let elements = if per_element > 0 { ecpu::reply_elements(reply) } else { 0 };
+    let (hits, misses) = spec.map_or((0, 0), |s| ecpu::hits(s.hits, reply));
+    UsageCounters {
+        commands: 1,
+        ecpu_milli: ecpu::ecpu_milli(weight, per_element, elements, request, delivered),
+        bytes_in: request,
+        bytes_out: delivered,
+        hits,
+        misses,
+        throttled: 0,
+        errors: reply.first().is_some_and(|&b| b == b'-' || b == b'!') as u64,
+    }
 }
 
-impl Counters {
-    pub fn add(&mut self, o: &Counters) {
-        self.commands += o.commands;
-        self.ecpu_milli += o.ecpu_milli;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.hits += o.hits;
-        self.misses += o.misses;
-        self.throttled += o.throttled;
-        self.errors += o.errors;
-    }
-
-    pub fn is_zero(&self) -> bool {
-        *self == Counters::default()
-    }
-
-    /// The counters of one metered command: `request` bytes the client sent, `reply` the
-    /// reply as Valkey sent it (for elements and hits), `delivered` the bytes the client
-    /// received for it. Free commands count nothing.
-    pub fn command(spec: Option<&CommandSpec>, request: u64, reply: &[u8], delivered: u64) -> Counters {
-        let (weight, per_element) = ecpu::weights(spec);
-        if weight == 0 {
-            // Free while small; past that, billed for what it moved (not counted as a command).
-            let ecpu_milli = ecpu::ecpu_milli(0, 0, 0, request, delivered);
-            if ecpu_milli == 0 {
-                return Counters::default();
-            }
-            return Counters { ecpu_milli, bytes_in: request, bytes_out: delivered, ..Default::default() };
-        }
-        let elements = if per_element > 0 { ecpu::reply_elements(reply) } else { 0 };
-        let (hits, misses) = spec.map_or((0, 0), |s| ecpu::hits(s.hits, reply));
-        Counters {
-            commands: 1,
-            ecpu_milli: ecpu::ecpu_milli(weight, per_element, elements, request, delivered),
-            bytes_in: request,
-            bytes_out: delivered,
-            hits,
-            misses,
-            throttled: 0,
-            errors: reply.first().is_some_and(|&b| b == b'-' || b == b'!') as u64,
-        }
-    }
-
-    /// A pub/sub message delivered to a subscriber: billed by bytes.
-    pub fn delivery(bytes: u64) -> Counters {
-        Counters { ecpu_milli: ecpu::transfer_milli(bytes), bytes_out: bytes, ..Default::default() }
-    }
+/// A pub/sub message delivered to a subscriber: billed by bytes.
+pub fn delivery(bytes: u64) -> UsageCounters {
+    UsageCounters { ecpu_milli: ecpu::transfer_milli(bytes), bytes_out: bytes, ..Default::default() }
 }
 
 /// What a session remembers about a forwarded request until its reply arrives.
@@ -128,7 +98,7 @@ pub fn current_minute() -> i64 {
 /// The gateway's counters per (cache, minute) not yet put into a batch.
 #[derive(Default)]
 pub struct Ledger {
-    map: Mutex<HashMap<(CacheId, i64), Counters>>,
+    map: Mutex<HashMap<(CacheId, i64), UsageCounters>>,
     /// The largest peak of connections sent per cache in the current minute. The control
     /// plane keeps each gateway's largest per minute, so a peak goes out again only when it
     /// grows or a minute starts: an idle connected cache costs one row a minute, not sixty.
@@ -136,7 +106,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn add(&self, cache: &CacheId, minute: i64, c: &Counters) {
+    pub fn add(&self, cache: &CacheId, minute: i64, c: &UsageCounters) {
         if c.is_zero() {
             return;
         }
@@ -178,14 +148,7 @@ impl Ledger {
                 peak_connections: if m == minute { peaks.get(&cache_id).copied().unwrap_or(0) } else { 0 },
                 cache_id,
                 minute: m,
-                commands: c.commands,
-                ecpu_milli: c.ecpu_milli,
-                bytes_in: c.bytes_in,
-                bytes_out: c.bytes_out,
-                hits: c.hits,
-                misses: c.misses,
-                throttled: c.throttled,
-                errors: c.errors,
+                counters: c,
             })
             .collect();
         usage.sort_by(|a, b| (a.minute, &a.cache_id).cmp(&(b.minute, &b.cache_id)));
@@ -197,7 +160,7 @@ impl Ledger {
 #[derive(Default)]
 pub(crate) struct Tally {
     pub minute: i64,
-    pub counters: Counters,
+    pub counters: UsageCounters,
     /// When the tally must be flushed (set when it becomes non-empty).
     pub flush_at: Option<std::time::Instant>,
     /// Command latencies counted per bucket of [`crate::metrics::LATENCY_BUCKETS`] (the
@@ -241,7 +204,7 @@ mod tests {
         assert_eq!(peaks(ledger.take_at(60, vec![(a.clone(), 2), (b.clone(), 1)])), vec![]);
         assert_eq!(peaks(ledger.take_at(60, vec![(a.clone(), 4)])), vec![(a.clone(), 60, 4)]);
         // Traffic still goes out, with the peak only when it is news.
-        ledger.add(&b, 60, &Counters { commands: 2, ..Default::default() });
+        ledger.add(&b, 60, &UsageCounters { commands: 2, ..Default::default() });
         assert_eq!(peaks(ledger.take_at(60, vec![(b.clone(), 1)])), vec![(b.clone(), 60, 0)]);
         // A new minute: every peak once more.
         assert_eq!(

@@ -10,8 +10,8 @@
 
 use super::Ledger;
 use crate::clients::Registry;
-use crate::listener::Shared;
 use crate::router::ControlPlaneClient;
+use crate::state::Shared;
 use crate::GatewayError;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -212,8 +212,8 @@ fn new_gateway_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metering::Counters;
     use shoal_types::CacheId;
+    use shoal_types::UsageCounters;
 
     const MEMORY: usize = 10;
 
@@ -225,7 +225,7 @@ mod tests {
         let mut outbox = Outbox::open(Some(dir.path()), MEMORY).unwrap();
         let id = outbox.gateway_id().to_string();
         for i in 0..(MEMORY + 5) {
-            ledger.add(&cache, 60, &Counters { commands: i as u64 + 1, ..Default::default() });
+            ledger.add(&cache, 60, &UsageCounters { commands: i as u64 + 1, ..Default::default() });
             outbox.collect(&ledger, &Registry::default());
         }
         // The first MEMORY + 1 went to disk when memory overflowed; the rest at shutdown.
@@ -239,7 +239,7 @@ mod tests {
         assert_eq!(again.next_seq, MEMORY as u64 + 5, "and never reuses a seq");
         let seqs: Vec<u64> = again.spooled.iter().copied().collect();
         assert_eq!(seqs, (0..MEMORY as u64 + 5).collect::<Vec<_>>());
-        ledger.add(&cache, 120, &Counters { commands: 1, ..Default::default() });
+        ledger.add(&cache, 120, &UsageCounters { commands: 1, ..Default::default() });
         again.collect(&ledger, &Registry::default());
         assert_eq!(again.memory.back().unwrap().seq, MEMORY as u64 + 5);
     }
@@ -255,14 +255,19 @@ mod tests {
         // Two of busy's clients leave within the interval: the peak is still 3.
         clients.unregister(&busy, &busy_conns[0]);
         clients.unregister(&busy, &busy_conns[1]);
-        ledger.add(&busy, super::super::current_minute(), &Counters { commands: 5, ..Default::default() });
+        ledger.add(
+            &busy,
+            super::super::current_minute(),
+            &UsageCounters { commands: 5, ..Default::default() },
+        );
         outbox.collect(&ledger, &clients);
         let batch = outbox.memory.back().unwrap();
         // (Entries are per minute: a minute may have turned since the `add`.)
         let peak =
             |c: &CacheId| batch.usage.iter().filter(|u| &u.cache_id == c).map(|u| u.peak_connections).max();
-        let commands =
-            |c: &CacheId| batch.usage.iter().filter(|u| &u.cache_id == c).map(|u| u.commands).sum::<u64>();
+        let commands = |c: &CacheId| {
+            batch.usage.iter().filter(|u| &u.cache_id == c).map(|u| u.counters.commands).sum::<u64>()
+        };
         assert_eq!(peak(&busy), Some(3));
         assert_eq!(commands(&busy), 5);
         assert_eq!(peak(&idle), Some(1), "connected, no commands: still in the batch");

@@ -38,6 +38,7 @@ impl Value {
     }
 
     /// Elements of any aggregate (array, set, push; a map's keys and values interleaved).
+    #[cfg(test)]
     pub fn elements(&self) -> Option<Vec<&Value>> {
         match self {
             Value::Array(v) | Value::Set(v) | Value::Push(v) => Some(v.iter().collect()),

@@ -1,0 +1,65 @@
+//! The upstream ACL users of logins to a cache (cache users, LDAP roles, limited tokens):
+//! their names, their rules (the access string within the cache's own fences) and making
+//! them on the cache's node.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::CacheRecord;
+use shoal_auth::AccessString;
+use shoal_engine::TenantAcl;
+
+/// 1–64 letters, digits, `-` and `_`.
+pub fn is_valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The name of a cache user's upstream ACL user.
+pub fn upstream_user(cache: &CacheRecord, username: &str) -> String {
+    format!("{}.user.{username}", cache.id.acl_user())
+}
+
+/// The cache's own ACL rules (what a cache user's rules are intersected with).
+pub fn tenant_rules(cache: &CacheRecord) -> Vec<String> {
+    TenantAcl {
+        user: cache.id.acl_user(),
+        password: cache.acl_password.clone(),
+        db: cache.db,
+        databases: cache.databases,
+    }
+    .setuser_rules()
+}
+
+/// `ACL SETUSER` rules for an access string on this cache, with the upstream password.
+pub fn upstream_rules(
+    cache: &CacheRecord,
+    access: &AccessString,
+    secret: &str,
+) -> Result<Vec<String>, ApiError> {
+    let mut rules = shoal_auth::intersect_with_tenant(access, &tenant_rules(cache)).map_err(|e| match e {
+        shoal_auth::AccessError::Tenant(t) => ApiError::Internal(t),
+        other => ApiError::field("access_string", other.to_string()),
+    })?;
+    rules.push(format!(">{secret}"));
+    Ok(rules)
+}
+
+/// Makes (or remakes, which changes nothing) an upstream ACL user of `cache` for a login
+/// that stores no user of its own (an LDAP role, a limited token): under the users lock and
+/// only while the cache is live, since deleting a cache removes its users' ACL users under
+/// the same lock.
+pub async fn ensure_login_user(
+    state: &AppState,
+    cache: &CacheRecord,
+    name: &str,
+    access: &AccessString,
+    password: &str,
+) -> Result<(), ApiError> {
+    let rules = upstream_rules(cache, access, password)?;
+    let _changing = state.users_lock.lock().await;
+    if state.store.cache(&cache.id).await?.is_none() {
+        return Err(ApiError::NotFound("cache"));
+    }
+    state.pool.set_cache_user(&cache.node, name, &rules).await?;
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! What every handler can reach: configuration, the store, the engine's pool, the signing
+//! keys, the directory and the throttles. Built once by [`crate::startup`].
+
+use crate::config::ControlPlaneConfig;
+use crate::signing::Signer;
+use crate::store::Store;
+use shoal_engine::Pool;
+use std::sync::Arc;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub config: ControlPlaneConfig,
+    pub store: Store,
+    pub pool: Arc<Pool>,
+    pub signer: Signer,
+    /// Serializes placement so two creates never take the same database.
+    pub placement_lock: tokio::sync::Mutex<()>,
+    /// Serializes changes to cache users (their upstream ACL users and rows change together).
+    pub users_lock: tokio::sync::Mutex<()>,
+    /// The LDAP directory, when configured.
+    pub directory: Option<shoal_auth::Directory>,
+    /// Failed `POST /v1/auth/login` attempts.
+    pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    /// Failed password checks gateways asked for, per (user, source), and per gateway.
+    pub verify_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    pub verify_budget: std::sync::Mutex<crate::gateways::FailureBudget>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}

@@ -1,0 +1,123 @@
+//! CLIENT LIST, INFO, SETNAME/SETINFO and KILL over the cache's own connections.
+
+use super::OK;
+use crate::resp::value::Value;
+use crate::session::{OnReply, Session};
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+
+pub(super) fn list(s: &mut Session) {
+    let cache = s.tenant.as_ref().expect("after AUTH").cache.clone();
+    let lines: String = s.shared.clients.list(&cache).iter().map(|e| e.list_line()).collect();
+    s.reply_value(&Value::bulk(lines));
+}
+
+/// `CLIENT INFO` from Valkey (so every counter is real), with the fields that describe the
+/// gateway's side of the connection replaced by the client's.
+pub(super) async fn info(s: &mut Session) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let (addr, laddr, db) = (t.entry.addr.clone(), t.entry.laddr.clone(), t.db);
+    let id = t.entry.id.load(Ordering::Relaxed);
+    let rewrite = OnReply::Transform(Box::new(move |v, _| {
+        let text = match &v {
+            Value::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            // RESP3 verbatim string: `=<len>\r\ntxt:<text>\r\n`.
+            Value::Raw(raw) => {
+                String::from_utf8_lossy(raw).split_once("txt:").map_or("", |x| x.1).trim_end().to_string()
+                    + "\n"
+            }
+            _ => return v,
+        };
+        let fields: Vec<String> = text
+            .trim_end()
+            .split(' ')
+            .map(|field| match field.split_once('=') {
+                Some(("id", _)) => format!("id={id}"),
+                Some(("addr", _)) => format!("addr={addr}"),
+                Some(("laddr", _)) => format!("laddr={laddr}"),
+                Some(("fd", _)) => "fd=-1".to_string(),
+                Some(("db", _)) => format!("db={db}"),
+                Some(("user", _)) => "user=default".to_string(),
+                _ => field.to_string(),
+            })
+            .collect();
+        Value::Bulk((fields.join(" ") + "\n").into_bytes())
+    }));
+    s.forward_command(&[b"CLIENT", b"INFO"], rewrite).await;
+}
+
+/// `CLIENT SETNAME` / `CLIENT SETINFO`: forwarded, and remembered for `CLIENT LIST`.
+pub(super) async fn set(s: &mut Session, name: &str, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    match (name, argv.len()) {
+        ("client|setname", 3) => *t.entry.name.lock().unwrap() = argv[2].to_vec(),
+        ("client|setinfo", 4) if argv[2].eq_ignore_ascii_case(b"LIB-NAME") => {
+            t.entry.lib.lock().unwrap().0 = argv[3].to_vec()
+        }
+        ("client|setinfo", 4) if argv[2].eq_ignore_ascii_case(b"LIB-VER") => {
+            t.entry.lib.lock().unwrap().1 = argv[3].to_vec()
+        }
+        _ => {}
+    }
+    // A library name or version only labels the connection: while the session is on the
+    // mux, it is answered here and sent when the session gets its own connection (clients
+    // send it on connect). Anything Valkey would refuse goes to Valkey for its error.
+    let label = |v: &[u8]| v.iter().all(|c| (b'!'..=b'~').contains(c));
+    let lib = |a: &[u8]| a.eq_ignore_ascii_case(b"LIB-NAME") || a.eq_ignore_ascii_case(b"LIB-VER");
+    if name == "client|setinfo" && argv.len() == 4 && lib(argv[2]) && label(argv[3]) && s.uses_mux() {
+        return s.reply(Bytes::from_static(OK));
+    }
+    s.forward_command(argv, OnReply::Forward).await;
+}
+
+/// `CLIENT KILL` for the cache's own connections only (others simply do not match).
+pub(super) fn kill(s: &mut Session, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let me = t.entry.key;
+    let clients = s.shared.clients.list(&t.cache);
+    if argv.len() == 3 {
+        // Old form: CLIENT KILL addr:port.
+        let addr = String::from_utf8_lossy(argv[2]);
+        return match clients.iter().find(|c| c.addr == addr) {
+            Some(c) => {
+                c.kill.notify_one();
+                s.reply(Bytes::from_static(OK))
+            }
+            None => s.refuse("ERR No such client"),
+        };
+    }
+    if argv.len() < 4 || !argv.len().is_multiple_of(2) {
+        return s.refuse("ERR syntax error");
+    }
+    let mut skip_me = true;
+    let mut filters: Vec<(String, String)> = Vec::new();
+    for pair in argv[2..].chunks(2) {
+        let (k, v) =
+            (String::from_utf8_lossy(pair[0]).to_lowercase(), String::from_utf8_lossy(pair[1]).to_string());
+        match k.as_str() {
+            "skipme" => skip_me = !v.eq_ignore_ascii_case("no"),
+            "id" | "addr" | "laddr" | "user" | "maxage" | "type" => filters.push((k, v)),
+            _ => return s.refuse("ERR syntax error"),
+        }
+    }
+    let mut killed = 0;
+    for c in &clients {
+        if skip_me && c.key == me {
+            continue;
+        }
+        let matches = filters.iter().all(|(k, v)| match k.as_str() {
+            "id" => c.id.load(Ordering::Relaxed).to_string() == *v,
+            "addr" => c.addr == *v,
+            "laddr" => c.laddr == *v,
+            "user" => v == "default",
+            "maxage" => v.parse::<u64>().is_ok_and(|age| c.created.elapsed().as_secs() >= age),
+            "type" => v.eq_ignore_ascii_case("normal"),
+            _ => false,
+        });
+        if matches {
+            c.kill.notify_one();
+            killed += 1;
+        }
+    }
+    s.reply_value(&Value::Int(killed));
+}

@@ -1,0 +1,140 @@
+//! What the server tells about itself, about this cache only: INFO, COMMAND.
+
+use crate::resp::value::Value;
+use crate::session::{OnReply, Session};
+
+/// `INFO [section …]`: server basics, this cache's clients and stats on this gateway, and
+/// the keyspace of the cache's databases (renumbered from 0; empty for a key-limited login).
+pub(super) async fn info(s: &mut Session, argv: &[&[u8]]) {
+    let t = s.tenant.as_ref().expect("after AUTH");
+    let wanted: Vec<String> = argv[1..].iter().map(|a| String::from_utf8_lossy(a).to_lowercase()).collect();
+    let all =
+        wanted.is_empty() || wanted.iter().any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
+    let want = |section: &str| all || wanted.iter().any(|w| w == section);
+    let route = t.route.clone();
+    let cache = t.cache.clone();
+    // Key counts only for a login that may count every key (`DBSIZE`): not a key-limited one.
+    let sees_keyspace =
+        t.access.as_ref().is_none_or(|a| shoal_auth::access::allows_command(a, "dbsize", None));
+    let max_clients = crate::auth::session::max_connections(&s.shared.config, &t.live.get());
+    let node_info = s.shared.observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
+    let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
+        Some(v) => String::from_utf8_lossy(v.as_bytes().unwrap_or_default()).into_owned(),
+        None => return s.reply_error("ERR cache temporarily unavailable, try again"),
+    };
+    let field = |name: &str| {
+        node_info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("").trim().to_string()
+    };
+    let mut out = String::new();
+    if want("server") {
+        let port = s.shared.identity.port;
+        let uptime = s.shared.started.elapsed().as_secs();
+        out.push_str(&format!(
+            "# Server\r\nredis_version:{}\r\nserver_name:valkey\r\nvalkey_version:{}\r\nvalkey_release_stage:ga\r\n\
+             redis_mode:standalone\r\nos:Shoal\r\narch_bits:64\r\ntcp_port:{port}\r\nuptime_in_seconds:{uptime}\r\n\
+             uptime_in_days:{}\r\n\r\n",
+            field("redis_version"),
+            field("valkey_version"),
+            uptime / 86400
+        ));
+    }
+    let counts = s.shared.clients.counts(&cache);
+    if want("clients") {
+        out.push_str(&format!(
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:0\r\n\r\n",
+            counts.connected, max_clients
+        ));
+    }
+    if want("stats") {
+        out.push_str(&format!(
+            "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\r\n",
+            counts.connections_received, counts.commands
+        ));
+    }
+    if want("keyspace") {
+        out.push_str("# Keyspace\r\n");
+        for line in node_info.lines().filter(|_| sees_keyspace) {
+            let Some((db, rest)) = line.strip_prefix("db").and_then(|l| l.split_once(':')) else { continue };
+            let Ok(db) = db.parse::<u32>() else { continue };
+            if (route.db..route.db + route.databases).contains(&db) {
+                out.push_str(&format!("db{}:{}\r\n", db - route.db, rest.trim()));
+            }
+        }
+        out.push_str("\r\n");
+    }
+    s.reply_value(&Value::bulk(out.trim_end_matches("\r\n").to_string() + "\r\n"));
+}
+
+/// `COMMAND …` without the commands a cache may not run.
+pub(super) async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
+    let table = shoal_commands::table();
+    let forward: Vec<&[u8]> = argv.to_vec();
+    match name {
+        "command|count" => {
+            let n = table.iter().filter(|c| !c.name.contains('|') && table.visible(&c.name)).count();
+            s.reply_value(&Value::Int(n as i64));
+        }
+        "command" | "command|info" => {
+            let keep_nulls = name == "command|info";
+            let filter = OnReply::Transform(Box::new(move |v, _| match v {
+                Value::Array(items) => Value::Array(
+                    items
+                        .into_iter()
+                        .map(|entry| match entry_name(&entry) {
+                            Some(n) if table.visible(&n) => entry,
+                            _ => Value::Null,
+                        })
+                        .filter(|e| keep_nulls || *e != Value::Null)
+                        .collect(),
+                ),
+                other => other,
+            }));
+            s.forward_command(&forward, filter).await;
+        }
+        "command|list" => {
+            let filter = OnReply::Transform(Box::new(move |v, _| match v {
+                Value::Array(items) => Value::Array(
+                    items
+                        .into_iter()
+                        .filter(|n| {
+                            n.as_bytes()
+                                .is_some_and(|b| table.visible(&String::from_utf8_lossy(b).to_lowercase()))
+                        })
+                        .collect(),
+                ),
+                other => other,
+            }));
+            s.forward_command(&forward, filter).await;
+        }
+        "command|docs" => {
+            let filter = OnReply::Transform(Box::new(move |v, _| {
+                let keep = |k: &Value| {
+                    k.as_bytes().is_some_and(|b| table.visible(&String::from_utf8_lossy(b).to_lowercase()))
+                };
+                match v {
+                    Value::Map(pairs) => Value::Map(pairs.into_iter().filter(|(k, _)| keep(k)).collect()),
+                    Value::Array(items) => {
+                        let mut out = Vec::new();
+                        let mut it = items.into_iter();
+                        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                            if keep(&k) {
+                                out.push((k, v));
+                            }
+                        }
+                        Value::Map(out)
+                    }
+                    other => other,
+                }
+            }));
+            s.forward_command(&forward, filter).await;
+        }
+        _ => s.forward_command(&forward, OnReply::Forward).await,
+    }
+}
+
+pub(super) fn entry_name(entry: &Value) -> Option<String> {
+    match entry {
+        Value::Array(fields) => fields.first()?.as_bytes().map(|b| String::from_utf8_lossy(b).to_lowercase()),
+        _ => None,
+    }
+}

@@ -1,0 +1,209 @@
+//! Metering inside a session: ECPU per command and reply, the cache's ECPU limit, script time.
+
+use super::Session;
+use crate::metering::{self, Meter, Role};
+use crate::resp::reply::ReplyScanner;
+use shoal_types::UsageCounters;
+use std::time::{Duration, Instant};
+
+impl Session {
+    /// Meters one reply from the session's own connection (`delivered`: bytes the client got).
+    pub(super) fn meter_reply(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        match meter.role {
+            Role::Plain => self.bill(meter, reply, delivered),
+            Role::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
+            Role::Queued => self.bill(meter, reply, delivered),
+            Role::Exec => {
+                let elements = metering::ecpu::reply_elements(reply);
+                if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
+                    // Each result belongs to the command queued in its place.
+                    let mut pos = reply.iter().position(|&b| b == b'\n').map_or(reply.len(), |i| i + 1);
+                    for (m, queued_bytes) in std::mem::take(&mut self.queued) {
+                        let element = &reply[pos..];
+                        let len = match ReplyScanner::new().next(element) {
+                            Ok(Some(r)) => r.len,
+                            _ => element.len(),
+                        };
+                        let result = &element[..len];
+                        pos += len;
+                        self.bill(m, result, queued_bytes + len as u64);
+                    }
+                } else {
+                    self.bill_queued();
+                }
+            }
+            Role::Discard => self.bill_queued(),
+        }
+    }
+
+    /// Queued commands that never ran (DISCARD, aborted EXEC, lost connection) are billed
+    /// on the bytes they moved.
+    pub(super) fn bill_queued(&mut self) {
+        for (m, queued_bytes) in std::mem::take(&mut self.queued) {
+            self.bill(m, b"", queued_bytes);
+        }
+    }
+
+    /// Meters a mux chunk: replies of the given lengths, one per metered request sent to
+    /// the mux, then `partial` bytes of a reply to come.
+    pub(super) fn meter_mux_replies(&mut self, chunk: &[u8], lens: &[usize], partial: usize) {
+        let (mut pos, mut billed) = (0, None);
+        for &len in lens {
+            let meter = self.mux_meters.pop_front().flatten();
+            // The mux gives every reply's length (bounded by the chunk all the same).
+            let len = len.min(chunk.len() - pos);
+            let mut reply = &chunk[pos..pos + len];
+            pos += len;
+            let part = std::mem::take(&mut self.mux_part);
+            let delivered = part.taken + len as u64;
+            if part.taken > 0 {
+                reply = &part.head;
+            }
+            // `-ERR cache connection lost`: the gateway's own answer, not billed.
+            if meter.is_some_and(|m| m.spec.is_some_and(|s| s.script)) && reply == crate::mux::LOST {
+                // Its node went away under it (restarted to end it, or crashed).
+                self.script_struck();
+                self.scripts_over(1);
+            }
+            if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
+                let c = self.measure(m, reply, delivered);
+                billed.get_or_insert_with(UsageCounters::default).add(&c);
+            }
+        }
+        if partial > 0 {
+            self.mux_part.add(&chunk[chunk.len() - partial..]);
+        }
+        // One tally for the batch: its replies arrived in one event.
+        if let Some(c) = billed {
+            self.tally(c);
+        }
+    }
+
+    /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
+    pub(super) fn bill(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
+        let c = self.measure(meter, reply, delivered);
+        self.tally(c);
+    }
+
+    /// Counts a script as in flight when it is sent (with metering on: its meter says so).
+    pub(super) fn script_sent(&mut self, meter: Option<&Meter>) {
+        if let (Some(t), true) = (&self.tenant, meter.is_some_and(|m| m.spec.is_some_and(|s| s.script))) {
+            self.shared.scripts.started(&t.route.node_addr, &t.cache);
+            self.scripts_inflight += 1;
+        }
+    }
+
+    /// How long the cache's scripts stay paused (one was ended by force), if they are.
+    pub(super) fn scripts_paused(&self) -> Option<Duration> {
+        let t = self.tenant.as_ref()?;
+        self.shared.scripts.paused(&t.cache, Instant::now())
+    }
+
+    /// One of the cache's scripts was ended by force: its scripts pause for a while.
+    pub(super) fn script_struck(&self) {
+        if let Some(t) = &self.tenant {
+            let pause = self.shared.scripts.strike(&t.cache, Instant::now(), self.shared.config.script_pause);
+            tracing::info!(cache = %t.cache, pause_s = pause.as_secs(), "a script was ended by force: the cache's scripts pause");
+        }
+    }
+
+    /// `n` of the session's scripts in flight are over.
+    pub(super) fn scripts_over(&mut self, n: u32) {
+        let n = n.min(self.scripts_inflight);
+        if let (Some(t), true) = (&self.tenant, n > 0) {
+            self.shared.scripts.ended(&t.route.node_addr, &t.cache, n);
+            self.scripts_inflight -= n;
+        }
+    }
+
+    /// The counters of one command (to tally); charges the bucket and counts the latency.
+    pub(super) fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> UsageCounters {
+        let mut c = metering::command(meter.spec, meter.request, reply, delivered);
+        let now = self.now().0;
+        if meter.spec.is_some_and(|s| s.script) {
+            // Its time on the node: from when it was sent, or the reply before it arrived,
+            // whichever is later, to its reply (none: it never ran, as in a DISCARDed MULTI).
+            if !reply.is_empty() {
+                let ran = now.saturating_duration_since(meter.started.max(self.last_reply_at));
+                c.ecpu_milli += metering::ecpu::script_time_milli(ran);
+            }
+            if reply.starts_with(b"-ERR Script killed") {
+                self.script_struck();
+            }
+            self.scripts_over(1);
+        }
+        self.last_reply_at = now;
+        if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
+            t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
+        }
+        if c.commands > 0 {
+            // The replies of one event to the requests of one read share their latency.
+            let slot = match self.latency_memo {
+                Some((started, at, slot)) if started == meter.started && at == now => slot,
+                _ => {
+                    let slot = metering::latency_slot(now.saturating_duration_since(meter.started));
+                    self.latency_memo = Some((meter.started, now, slot));
+                    slot
+                }
+            };
+            self.tally.latency[slot] += 1;
+        }
+        c
+    }
+
+    /// Before a metered command runs: the cache's ECPU limit lets it through, possibly after
+    /// a short wait (`throttle_wait`, shared by the requests of one read), or it is refused
+    /// with `-THROTTLED` (not forwarded, not billed).
+    pub(super) async fn admit(&mut self) -> bool {
+        let (Some(t), Some(meter)) = (self.tenant.as_ref(), self.meter_next.as_ref()) else { return true };
+        if !t.bucket.limited() || meter.free() {
+            return true;
+        }
+        let (bucket, cost) = (t.bucket.clone(), meter.estimate());
+        loop {
+            match bucket.try_take(cost) {
+                Ok(()) => return true,
+                Err(wait) if self.throttle_waited + wait <= self.shared.config.throttle_wait => {
+                    let started = Instant::now();
+                    tokio::time::sleep(wait).await;
+                    self.throttle_waited += started.elapsed();
+                }
+                Err(_) => break,
+            }
+        }
+        self.meter_next = None;
+        let name = self.tenant.as_ref().map(|t| t.route.cache_name.clone()).unwrap_or_default();
+        self.tally(UsageCounters { throttled: 1, ..Default::default() });
+        self.refuse(&format!("THROTTLED ECPU limit of cache {name} exceeded"));
+        false
+    }
+
+    /// The time of the event being handled, read on first use.
+    pub(super) fn now(&mut self) -> (Instant, i64) {
+        *self.clock.get_or_insert_with(|| (Instant::now(), metering::current_minute()))
+    }
+
+    /// Adds to the session's counters (of the current minute).
+    pub(super) fn tally(&mut self, c: UsageCounters) {
+        let minute = self.now().1;
+        if minute != self.tally.minute {
+            self.flush_tally();
+            self.tally.minute = minute;
+        }
+        self.tally.counters.add(&c);
+        if self.tally.flush_at.is_none() {
+            self.tally.flush_at = Some(Instant::now() + metering::FLUSH_EVERY);
+        }
+    }
+
+    /// Hands the session's counters to the gateway's ledger.
+    pub(super) fn flush_tally(&mut self) {
+        if let Some(t) = &self.tenant {
+            self.shared.ledger.add(&t.cache, self.tally.minute, &self.tally.counters);
+            crate::metrics::record_latencies(&t.latency, &self.tally.latency);
+        }
+        self.tally.latency = Default::default();
+        self.tally.counters = UsageCounters::default();
+        self.tally.flush_at = None;
+    }
+}

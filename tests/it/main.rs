@@ -1,0 +1,29 @@
+//! Shoal's integration tests: the real `shoal` binary with real Valkey nodes and real
+//! clients. One binary (one link for all of them), a module per area; `support` is the
+//! shared harness.
+
+mod support;
+
+mod api;
+mod audit;
+mod auth;
+mod billing;
+mod clients;
+mod commands;
+mod e2e;
+mod gateway;
+mod internal;
+mod isolation;
+mod ldap;
+mod limits;
+mod metering;
+mod portal;
+mod production;
+mod resources_gateway;
+mod resources_node;
+mod rest;
+mod revocation;
+mod secrets;
+mod storage;
+mod tls;
+mod users;

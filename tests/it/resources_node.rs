@@ -1,0 +1,394 @@
+//! One tenant cannot hurt another through the node they share: runaway scripts, frozen nodes
+//! and placement, node memory and storage limits, write bursts, Lua memory and the script
+//! cache. Every test runs the real `shoal dev` with real Valkey nodes.
+
+use crate::support::ShoalDev;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// Creates three caches; the first and third share a node (placement alternates between the
+/// two nodes, ties going to the first). Returns (attacker, victim, node index).
+async fn neighbours(dev: &ShoalDev) -> (Value, Value, usize) {
+    let a = dev.create_cache("attacker").await;
+    let _filler = dev.create_cache("filler").await;
+    let b = dev.create_cache("victim").await;
+    let node = a["allocation"]["node"].as_str().unwrap().to_string();
+    assert_eq!(b["allocation"]["node"].as_str().unwrap(), node, "{a} {b}");
+    (a, b, node.trim_start_matches('n').parse().unwrap())
+}
+
+async fn connect(dev: &ShoalDev, cache: &Value) -> redis::aio::MultiplexedConnection {
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    dev.client(&token).await.unwrap()
+}
+
+/// Runs `EVAL script 0` on its own connection in the background; its outcome.
+fn spawn_eval(
+    conn: redis::aio::MultiplexedConnection,
+    script: &'static str,
+    keys: &'static [&'static str],
+) -> tokio::task::JoinHandle<redis::RedisResult<redis::Value>> {
+    tokio::spawn(async move {
+        let mut conn = conn;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(script).arg(keys.len()).arg(keys);
+        cmd.query_async(&mut conn).await
+    })
+}
+
+/// Asks `GET key` through the gateway (new connections when needed) until it answers
+/// `expected`; how long that took.
+async fn until_answers(dev: &ShoalDev, token: &str, key: &str, expected: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < within {
+        if let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(2), dev.client(token)).await {
+            let got = tokio::time::timeout(
+                Duration::from_secs(2),
+                redis::cmd("GET").arg(key).query_async::<Option<String>>(&mut c),
+            )
+            .await;
+            match got {
+                Ok(Ok(Some(v))) if v == expected => return started.elapsed(),
+                other => last = format!("{other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("GET {key} did not answer {expected:?} within {within:?}; last: {last}\n{}", dev.log());
+}
+
+async fn node_pid(dev: &ShoalDev, node: usize) -> i32 {
+    let p = dev.dir.join(format!(".shoal/valkey/n{node}/valkey.pid"));
+    std::fs::read_to_string(p).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+async fn config_get(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> String {
+    let v: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await.unwrap();
+    v.get(1).cloned().unwrap_or_default()
+}
+
+async fn count(dev: &ShoalDev) -> usize {
+    dev.api(Method::GET, "/v1/caches", None).await.1["items"].as_array().unwrap().len()
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_runaway_script_is_killed_within_the_limit_and_neighbours_recover() {
+    let dev = ShoalDev::start_with(&["--script-time-limit", "1", "--script-pause", "0"]).await;
+    let (a, b, node) = neighbours(&dev).await;
+    let b_token = dev.mint_token(b["id"].as_str().unwrap()).await;
+    let mut victim = dev.client(&b_token).await.unwrap();
+    let _: () = redis::cmd("SET").arg("kept").arg("before").query_async(&mut victim).await.unwrap();
+    let mut admin = dev.node_admin(node).await;
+    assert_eq!(config_get(&mut admin, "busy-reply-threshold").await, "1000");
+
+    // A script that loops without writing: SCRIPT KILL by the platform after the limit.
+    let pid = node_pid(&dev, node).await;
+    let started = Instant::now();
+    let runaway = spawn_eval(connect(&dev, &a).await, "while true do end", &[]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let took = until_answers(&dev, &b_token, "kept", "before", Duration::from_secs(20)).await;
+    let frozen = started.elapsed();
+    let err = runaway.await.unwrap().expect_err("the runaway script fails");
+    eprintln!("runaway script: victim answered again after {frozen:?} (waited {took:?}); the script's client got: {err}");
+    assert!(frozen < Duration::from_secs(1 + 4), "victim frozen for {frozen:?}");
+    assert!(err.to_string().contains("Script killed"), "{err}");
+    assert_eq!(node_pid(&dev, node).await, pid, "a killable script does not cost a restart");
+    assert!(dev.log().contains("script ran past the time limit: killed"), "{}", dev.log());
+    let mut a_conn = connect(&dev, &a).await;
+    let one: i64 = redis::cmd("EVAL").arg("return 1").arg(0).query_async(&mut a_conn).await.unwrap();
+    assert_eq!(one, 1, "the attacker's cache works again too");
+
+    // A script that wrote first cannot be killed: the node is restarted from its AOF, and
+    // the script's write is not kept (scripts are atomic).
+    let started = Instant::now();
+    let runaway = spawn_eval(
+        connect(&dev, &a).await,
+        "redis.call('SET', KEYS[1], 'partial') while true do end",
+        &["partial"],
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let took = until_answers(&dev, &b_token, "kept", "before", Duration::from_secs(30)).await;
+    let frozen = started.elapsed();
+    let err = runaway.await.unwrap().expect_err("the unkillable script fails");
+    eprintln!("unkillable script: victim answered again after {frozen:?} (waited {took:?}); the script's client got: {err}");
+    assert!(frozen < Duration::from_secs(1 + 10), "victim frozen for {frozen:?}");
+    wait_for("the restarted node's pid", Duration::from_secs(10), async || {
+        let now = node_pid(&dev, node).await;
+        now != 0 && now != pid
+    })
+    .await;
+    assert!(dev.log().contains("could not be killed"), "{}", dev.log());
+    let mut a_conn = connect(&dev, &a).await;
+    let partial: Option<String> = redis::cmd("GET").arg("partial").query_async(&mut a_conn).await.unwrap();
+    assert_eq!(partial, None, "nothing of the killed script is kept");
+    let m = dev.metrics().await;
+    assert!(m.contains("shoal_node_script_kills_total"), "{m}");
+}
+
+#[tokio::test]
+async fn while_a_node_is_frozen_new_caches_go_to_the_other_node() {
+    let dev = ShoalDev::start_with(&["--script-time-limit", "8"]).await;
+    let a = dev.create_cache("freezer").await;
+    let other = dev.create_cache("other").await;
+    let frozen = a["allocation"]["node"].as_str().unwrap().to_string();
+    assert_ne!(other["allocation"]["node"].as_str().unwrap(), frozen);
+    let started = Instant::now();
+    let runaway = spawn_eval(connect(&dev, &a).await, "while true do end", &[]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Straight away, before the health loop noticed: the frozen node (first of two equally
+    // loaded ones) does not answer the provisioning in time, and the next node gets it.
+    let (status, body) = dev.api(Method::POST, "/v1/caches", Some(json!({ "name": "during-0" }))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_ne!(body["allocation"]["node"].as_str().unwrap(), frozen, "{body}");
+    eprintln!("created during-0 on the healthy node after {:?}", started.elapsed());
+    // Once the health loop has noticed, placement skips the node without trying it.
+    wait_for("the frozen node marked unhealthy", Duration::from_secs(5), async || {
+        dev.metrics().await.contains(&format!("shoal_node_healthy{{node=\"{frozen}\"}} 0"))
+    })
+    .await;
+    for name in ["during-1", "during-2"] {
+        let t = Instant::now();
+        let (status, body) = dev.api(Method::POST, "/v1/caches", Some(json!({ "name": name }))).await;
+        assert_eq!(status, 201, "{body}");
+        assert_ne!(body["allocation"]["node"].as_str().unwrap(), frozen, "{body}");
+        eprintln!("created {name} on the healthy node in {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(2), "placement did not wait for the frozen node");
+    }
+    assert!(started.elapsed() < Duration::from_secs(8), "created while the node was frozen");
+    // The watchdog ends the script and the node takes caches again.
+    assert!(runaway.await.unwrap().is_err());
+    wait_for("the node healthy again", Duration::from_secs(10), async || {
+        dev.metrics().await.contains(&format!("shoal_node_healthy{{node=\"{frozen}\"}} 1"))
+    })
+    .await;
+    let after = dev.create_cache("after").await;
+    assert_eq!(after["allocation"]["node"].as_str().unwrap(), frozen, "{after}");
+}
+
+#[tokio::test]
+async fn nodes_have_memory_limits_and_storage_limits_fit_their_node() {
+    let dev = ShoalDev::start_with(&["--node-maxmemory-mb", "100", "--default-storage-mb", "20"]).await;
+    let mut n0 = dev.node_admin(0).await;
+    assert_eq!(config_get(&mut n0, "maxmemory").await, "100000000");
+    assert_eq!(config_get(&mut n0, "maxmemory-policy").await, "volatile-lru");
+    assert_eq!(config_get(&mut n0, "busy-reply-threshold").await, "5000");
+    let obl = config_get(&mut n0, "client-output-buffer-limit").await;
+    assert!(obl.contains("normal 537919488 67108864 60"), "{obl}");
+
+    // No limit given: the default one.
+    let c1 = dev.create_cache("plain").await;
+    assert_eq!(c1["limits"]["data_storage_mb"], 20, "{c1}");
+    assert_eq!(c1["allocation"]["node"], "n0");
+    // Each node takes 75 MB of limits (75% of 100 MB).
+    let (status, big) = dev
+        .api(Method::POST, "/v1/caches", Some(json!({"name": "big", "limits": {"data_storage_mb": 70}})))
+        .await;
+    assert_eq!(status, 201, "{big}");
+    assert_eq!(big["allocation"]["node"], "n1");
+    let before = count(&dev).await;
+    let (status, refused) = dev
+        .api(Method::POST, "/v1/caches", Some(json!({"name": "huge", "limits": {"data_storage_mb": 60}})))
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["field"], "limits.data_storage_mb", "{refused}");
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(detail.contains("55 MB") && detail.contains("75%"), "{detail}");
+    assert_eq!(count(&dev).await, before, "nothing was created");
+    let (status, _) = dev.api(Method::GET, "/v1/caches?name=huge", None).await;
+    assert_eq!(status, 200);
+
+    // Raising a limit past what the node holds is refused too; within it, accepted.
+    let id = c1["id"].as_str().unwrap();
+    let (status, refused) = dev
+        .api(Method::PATCH, &format!("/v1/caches/{id}"), Some(json!({"limits": {"data_storage_mb": 76}})))
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["field"], "limits.data_storage_mb");
+    let (_, unchanged) = dev.api(Method::GET, &format!("/v1/caches/{id}"), None).await;
+    assert_eq!(unchanged["limits"]["data_storage_mb"], 20);
+    let (status, ok) = dev
+        .api(Method::PATCH, &format!("/v1/caches/{id}"), Some(json!({"limits": {"data_storage_mb": 75}})))
+        .await;
+    assert_eq!(status, 200, "{ok}");
+    // null brings the default back.
+    let (status, ok) = dev
+        .api(Method::PATCH, &format!("/v1/caches/{id}"), Some(json!({"limits": {"data_storage_mb": null}})))
+        .await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["limits"]["data_storage_mb"], 20);
+
+    // A runtime CONFIG SET (keyspace events) and a restart keep the memory settings.
+    let (status, _) = dev
+        .api(Method::POST, "/v1/caches", Some(json!({"name": "events", "keyspace_notifications": "KEA"})))
+        .await;
+    assert_eq!(status, 201);
+    let pid = node_pid(&dev, 0).await;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for("node n0 restarted", Duration::from_secs(15), async || {
+        let now = node_pid(&dev, 0).await;
+        now != 0 && now != pid
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut n0 = dev.node_admin(0).await;
+    assert_eq!(config_get(&mut n0, "maxmemory").await, "100000000");
+    assert_eq!(config_get(&mut n0, "maxmemory-policy").await, "volatile-lru");
+    assert!(config_get(&mut n0, "client-output-buffer-limit").await.contains("normal 537919488 67108864 60"));
+}
+
+#[tokio::test]
+async fn a_write_burst_cannot_outrun_the_storage_limit() {
+    let dev = ShoalDev::start().await;
+    let (status, cache) = dev
+        .api(
+            Method::POST,
+            "/v1/caches",
+            Some(
+                json!({"name": "burst", "limits": {"data_storage_mb": 10}, "eviction_policy": "noeviction"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{cache}");
+    let mut conn = connect(&dev, &cache).await;
+    let value = vec![b'v'; 100_000];
+    let started = Instant::now();
+    let (mut refused, mut i) = (0u64, 0u64);
+    // As fast as possible: pipelines of 20 SETs, for 4 s (the sampler's interval is 5 s).
+    while started.elapsed() < Duration::from_secs(4) {
+        let mut pipe = redis::pipe();
+        for _ in 0..20 {
+            pipe.cmd("SET").arg(format!("k{i}")).arg(&value);
+            i += 1;
+        }
+        let replies: Vec<redis::RedisResult<()>> = pipe
+            .query_async::<Vec<redis::Value>>(&mut conn)
+            .await
+            .map(|vs| {
+                vs.into_iter()
+                    .map(|v| match v {
+                        redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
+                        _ => Ok(()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|e| vec![Err(e)]);
+        for r in replies {
+            match r {
+                Ok(()) => {}
+                Err(e) => {
+                    assert!(e.to_string().contains("storage limit"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    // What the cache holds, measured on its node.
+    let db = dev.sql(&format!("SELECT db FROM caches WHERE id = '{}'", cache["id"].as_str().unwrap()))[0]
+        .parse::<u32>()
+        .unwrap();
+    let node: usize = cache["allocation"]["node"].as_str().unwrap().trim_start_matches('n').parse().unwrap();
+    let mut admin = dev.node_admin(node).await;
+    let _: () = redis::cmd("SELECT").arg(db).query_async(&mut admin).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut admin).await.unwrap();
+    let mut bytes = 0u64;
+    for k in &keys {
+        let n: u64 = redis::cmd("MEMORY").arg("USAGE").arg(k).query_async(&mut admin).await.unwrap();
+        bytes += n + 12;
+    }
+    let limit = 10_000_000u64;
+    let over = bytes as f64 / limit as f64 - 1.0;
+    eprintln!(
+        "burst: {i} SETs of 100 KB sent in {:?} ({refused} pipelines or commands refused); the cache holds {} keys, \
+         {bytes} bytes: {} bytes ({:.1}%) {} its 10 MB limit",
+        started.elapsed(),
+        keys.len(),
+        bytes.abs_diff(limit),
+        over.abs() * 100.0,
+        if bytes > limit { "over" } else { "under" }
+    );
+    assert!(refused > 0, "writes were refused");
+    assert!(bytes <= limit + limit / 10, "{bytes} bytes stored against a limit of {limit}");
+}
+
+#[tokio::test]
+async fn lua_memory_cannot_get_a_node_oom_killed() {
+    let dev = ShoalDev::start_with(&[
+        "--node-maxmemory-mb",
+        "128",
+        "--script-time-limit",
+        "2",
+        "--default-storage-mb",
+        "10",
+        // Several attacks from one cache: no pause for scripts ended by force.
+        "--script-pause",
+        "0",
+    ])
+    .await;
+    let (a, b, node) = neighbours(&dev).await;
+    let b_token = dev.mint_token(b["id"].as_str().unwrap()).await;
+    let mut victim = dev.client(&b_token).await.unwrap();
+    let _: () = redis::cmd("SET").arg("kept").arg("before").query_async(&mut victim).await.unwrap();
+
+    // Lua's memory counts against no maxmemory: a 1 GiB string.rep grows the node by
+    // several GB; many 10 MB strings as much as the loop wants. The memory guard restarts
+    // the node (a 128 MB node is guarded at 256 MB resident) long before the kernel would.
+    for (attack, script) in [
+        ("string.rep 1 GiB", "local s = string.rep('x', 1024*1024*1024) return #s"),
+        // Lua 5.1 interns every string: each one must differ to take memory of its own.
+        (
+            "many strings",
+            "local t = {} for i = 1, 400 do t[i] = string.rep('x', 10*1024*1024) .. i end return #t",
+        ),
+    ] {
+        let pid = node_pid(&dev, node).await;
+        let guarded = dev.log().matches("memory over its guard").count();
+        let started = Instant::now();
+        let outcome = spawn_eval(connect(&dev, &a).await, script, &[]);
+        let result =
+            tokio::time::timeout(Duration::from_secs(30), outcome).await.expect("the attack ends").unwrap();
+        let err = result.expect_err("the attack fails");
+        eprintln!("{attack}: the attacker got {err:?} after {:?}", started.elapsed());
+        let took = until_answers(&dev, &b_token, "kept", "before", Duration::from_secs(30)).await;
+        eprintln!("{attack}: victim answered after {:?} more", took);
+        let now = node_pid(&dev, node).await;
+        assert_ne!(now, pid, "the node was restarted");
+        let log = dev.log();
+        assert!(log.matches("memory over its guard").count() > guarded, "{log}");
+        let line = log.lines().rfind(|l| l.contains("memory over its guard")).unwrap();
+        eprintln!("{attack}: {line}");
+    }
+    let m = dev.metrics().await;
+    assert!(m.contains("shoal_node_memory_kills_total"), "{m}");
+
+    // The script cache counts against no cache either: past its budget (16 MB on this node)
+    // the engine flushes it.
+    let mut a_conn = connect(&dev, &a).await;
+    let mut first = String::new();
+    for i in 0..40 {
+        let body = format!("return '{}{i}'", "x".repeat(1_000_000));
+        let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(body).query_async(&mut a_conn).await.unwrap();
+        if i == 0 {
+            first = sha;
+        }
+    }
+    wait_for("the script cache flushed", Duration::from_secs(10), async || {
+        let exists: Vec<i64> =
+            redis::cmd("SCRIPT").arg("EXISTS").arg(&first).query_async(&mut a_conn).await.unwrap();
+        exists == [0]
+    })
+    .await;
+    assert!(dev.log().contains("script cache flushed"), "{}", dev.log());
+}

@@ -1,0 +1,218 @@
+//! The data_storage_mb limit and per-cache connection limits, end to end through the real
+//! binary: keys with a TTL are evicted idlest first, then writes get -OOM while reads and
+//! deletes keep working, and writes come back once the cache is under its limit.
+
+use crate::support::{auth_command, raw, ShoalDev};
+use std::time::{Duration, Instant};
+
+type Conn = redis::aio::MultiplexedConnection;
+
+async fn create(dev: &ShoalDev, name: &str, limits: serde_json::Value) -> (String, String) {
+    let (status, body) = dev
+        .api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": name, "limits": limits})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let token = dev.mint_token(&id).await;
+    (id, token)
+}
+
+/// Writes `n` keys `prefix:i` of 2000-byte values, with a TTL of an hour if `ttl`.
+async fn fill(c: &mut Conn, prefix: &str, range: std::ops::Range<usize>, ttl: bool) {
+    let value = "v".repeat(2000);
+    let mut pipe = redis::pipe();
+    for i in range {
+        let cmd = pipe.cmd("SET").arg(format!("{prefix}:{i}")).arg(&value);
+        if ttl {
+            cmd.arg("EX").arg(3600);
+        }
+        cmd.ignore();
+    }
+    pipe.query_async::<()>(c).await.unwrap();
+}
+
+async fn count(c: &mut Conn, prefix: &str) -> usize {
+    redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async::<Vec<String>>(c).await.unwrap().len()
+}
+
+/// Polls `check` every 100 ms until it holds; panics after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn set(c: &mut Conn, key: &str) -> redis::RedisResult<()> {
+    redis::cmd("SET").arg(key).arg("x").query_async(c).await
+}
+
+const OOM: &str = "cache data storage limit reached";
+
+#[tokio::test]
+async fn over_its_storage_limit_a_cache_evicts_idle_volatile_keys_then_refuses_writes() {
+    let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
+    // 1 MB = 10^6 bytes; each key below stores about 2.1 kB.
+    let (id, token) = create(&dev, "small", serde_json::json!({"data_storage_mb": 1})).await;
+    let mut c = dev.client(&token).await.unwrap();
+
+    // 300 keys with a TTL (~640 kB, under the limit); then the "hot" half is read again.
+    fill(&mut c, "cold", 0..150, true).await;
+    fill(&mut c, "hot", 0..150, true).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for i in 0..150 {
+        let _: Option<String> = redis::cmd("GET").arg(format!("hot:{i}")).query_async(&mut c).await.unwrap();
+    }
+    assert_eq!(
+        count(&mut c, "cold").await + count(&mut c, "hot").await,
+        300,
+        "nothing evicted under the limit"
+    );
+
+    // 300 keys without a TTL take the cache ~300 kB over: idle volatile keys make room.
+    fill(&mut c, "forever", 0..300, false).await;
+    eventually(Duration::from_secs(5), "eviction", || {
+        let mut c = c.clone();
+        async move { count(&mut c, "cold").await < 150 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (cold, hot, forever) =
+        (count(&mut c, "cold").await, count(&mut c, "hot").await, count(&mut c, "forever").await);
+    assert!(cold < 50, "the idlest keys go first: {cold} cold keys left");
+    assert_eq!((hot, forever), (150, 300), "recently used and TTL-less keys stay");
+    set(&mut c, "still-writable").await.unwrap();
+    // The usage API shows the evictions and the stored bytes.
+    let (status, usage) = dev.api(reqwest::Method::GET, &format!("/v1/caches/{id}/usage"), None).await;
+    assert_eq!(status, 200, "{usage}");
+    let points = usage["points"].as_array().unwrap();
+    let evicted: u64 = points.iter().map(|p| p["evicted_keys"].as_u64().unwrap()).sum();
+    assert_eq!(evicted, 150 - cold as u64);
+    let stored = points.iter().map(|p| p["storage_bytes"].as_u64().unwrap()).max().unwrap();
+    assert!(stored > 0, "{usage}");
+
+    // 300 more keys without a TTL: evicting every volatile key is not enough → writes refused.
+    fill(&mut c, "forever", 300..600, false).await;
+    eventually(Duration::from_secs(5), "writes refused", || {
+        let mut c = c.clone();
+        async move { set(&mut c, "probe").await.is_err() }
+    })
+    .await;
+    assert_eq!(count(&mut c, "cold").await + count(&mut c, "hot").await, 0, "every volatile key evicted");
+    let err = set(&mut c, "k").await.unwrap_err();
+    assert_eq!(err.code(), Some("OOM"), "{err}");
+    assert!(err.to_string().contains(OOM), "{err}");
+    let err = redis::cmd("LPUSH").arg("l").arg("x").query_async::<i64>(&mut c).await.unwrap_err();
+    assert_eq!(err.code(), Some("OOM"), "{err}");
+    // Reads, deletes and TTL changes keep working.
+    let v: Option<String> = redis::cmd("GET").arg("forever:0").query_async(&mut c).await.unwrap();
+    assert_eq!(v.map(|v| v.len()), Some(2000));
+    let n: i64 = redis::cmd("EXPIRE").arg("forever:599").arg(3600).query_async(&mut c).await.unwrap();
+    assert_eq!(n, 1);
+    // Inside MULTI a refused write dooms the transaction, as Valkey does when out of memory.
+    let out = raw(
+        dev.resp_port,
+        &[auth_command(&token), b"MULTI\r\nGET forever:2\r\nSET forever:2 x\r\nEXEC\r\n".to_vec()].concat(),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("+OK\r\n+OK\r\n+QUEUED\r\n-OOM cache data storage limit reached\r\n-EXECABORT"),
+        "{out}"
+    );
+
+    // Deleting makes room: writes work again within about two seconds.
+    let keys: Vec<String> = (0..500).map(|i| format!("forever:{i}")).collect();
+    let deleted: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut c).await.unwrap();
+    assert_eq!(deleted, 500);
+    eventually(Duration::from_secs(4), "writes allowed again", || {
+        let mut c = c.clone();
+        async move { set(&mut c, "probe").await.is_ok() }
+    })
+    .await;
+    let v: Option<String> = redis::cmd("GET").arg("forever:2").query_async(&mut c).await.unwrap();
+    assert!(v.is_none());
+}
+
+#[tokio::test]
+async fn a_noeviction_cache_refuses_writes_without_evicting() {
+    let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
+    let (status, body) = dev
+        .api(
+            reqwest::Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "strict", "limits": {"data_storage_mb": 1}, "eviction_policy": "noeviction"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let token = dev.mint_token(body["id"].as_str().unwrap()).await;
+    let mut c = dev.client(&token).await.unwrap();
+    // 600 keys of ~2.1 kB: the writes past the limit are refused at once (the gateway counts
+    // what was written since the last sample), before any sample could see them.
+    let value = "v".repeat(2000);
+    let mut accepted = 0;
+    for i in 0..600 {
+        let r: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("ttl:{i}"))
+            .arg(&value)
+            .arg("EX")
+            .arg(3600)
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(()) => accepted += 1,
+            Err(e) => assert!(e.to_string().contains(OOM), "{e}"),
+        }
+    }
+    assert!((300..=480).contains(&accepted), "{accepted} of 600 writes of 2.1 kB accepted under 1 MB");
+    assert!(set(&mut c, "probe").await.is_err());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(&mut c, "ttl").await, accepted, "noeviction evicts nothing");
+}
+
+#[tokio::test]
+async fn a_cache_connection_limit_overrides_the_gateway_default() {
+    let dev = ShoalDev::start_with(&["--max-connections-per-cache", "3"]).await;
+    let (id, token) = create(&dev, "two", serde_json::json!({"max_connections": 2})).await;
+    let (_, roomy_token) = create(&dev, "five", serde_json::json!({"max_connections": 5})).await;
+    let (_, default_token) = create(&dev, "default", serde_json::json!({})).await;
+    const REFUSED: &[u8] = b"-ERR max number of clients reached for this cache\r\n";
+
+    // Its own limit (2) below the gateway's default (3).
+    let c1 = dev.client(&token).await.unwrap();
+    let c2 = dev.client(&token).await.unwrap();
+    assert_eq!(raw(dev.resp_port, &auth_command(&token)).await, REFUSED);
+    // Above it: five connections.
+    let mut roomy = Vec::new();
+    for _ in 0..5 {
+        roomy.push(dev.client(&roomy_token).await.unwrap());
+    }
+    assert_eq!(raw(dev.resp_port, &auth_command(&roomy_token)).await, REFUSED);
+    // No limit of its own: the gateway's default.
+    let mut plain = Vec::new();
+    for _ in 0..3 {
+        plain.push(dev.client(&default_token).await.unwrap());
+    }
+    assert_eq!(raw(dev.resp_port, &auth_command(&default_token)).await, REFUSED);
+
+    // Raising the limit takes effect within about a second, for a cache with clients connected.
+    let (status, body) = dev
+        .api(
+            reqwest::Method::PATCH,
+            &format!("/v1/caches/{id}"),
+            Some(serde_json::json!({"limits": {"max_connections": 3}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(3), "third connection accepted", || async {
+        raw(dev.resp_port, &[auth_command(&token), b"PING\r\n".to_vec()].concat()).await
+            == b"+OK\r\n+PONG\r\n"
+    })
+    .await;
+    drop((c1, c2, roomy, plain));
+}

@@ -1,0 +1,484 @@
+//! Test harness: runs the real `shoal dev` binary on free ports in a temporary directory,
+//! and talks to it over HTTP and RESP like a user would.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// An HTTP client that drops idle connections before the control plane does (after 5 s),
+/// so a request after a pause never goes out on a connection the server is closing.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// With `SHOAL_TEST_POSTGRES_URL` set (the Postgres lane of scripts/test.sh), a new empty
+/// database on that server for one test; otherwise None (SQLite).
+pub fn fresh_postgres_database() -> Option<String> {
+    let server = std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())?;
+    let name = format!("shoal_{:016x}", rand_u64());
+    let out = Command::new("psql")
+        .arg(&server)
+        .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "CREATE DATABASE failed: {}", String::from_utf8_lossy(&out.stderr));
+    let base = server.rsplit_once('/').map(|(b, _)| b).unwrap_or(&server);
+    Some(format!("{base}/{name}"))
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish()
+}
+
+/// A running `shoal dev`, stopped with SIGTERM when dropped.
+pub struct ShoalDev {
+    pub dir: PathBuf,
+    pub rest_port: u16,
+    pub resp_port: u16,
+    pub tls_port: u16,
+    /// The control plane's internal API (gateways only; loopback, plain HTTP in `shoal dev`).
+    pub internal_port: u16,
+    pub node_ports: Vec<u16>,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+    /// Extra `shoal dev` arguments (limits for tests).
+    pub extra_args: Vec<String>,
+    /// The store: SQLite in `dir` unless the Postgres lane gave a server (a fresh database).
+    pub database_url: Option<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl ShoalDev {
+    /// Starts on fresh ports in a fresh directory.
+    pub async fn start() -> ShoalDev {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with extra `shoal dev` arguments.
+    pub async fn start_with(extra: &[&str]) -> ShoalDev {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut dev = ShoalDev {
+            dir,
+            rest_port: free_port(),
+            resp_port: free_port(),
+            tls_port: free_port(),
+            internal_port: free_port(),
+            node_ports: vec![free_port(), free_port()],
+            child: None,
+            http: http_client(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            database_url: fresh_postgres_database(),
+            _tmp: Some(tmp),
+        };
+        // Free ports are picked before the binary binds them; another test may take one in
+        // between. Try again on fresh ports when that happens.
+        for attempt in 0..3 {
+            match dev.try_launch().await {
+                Ok(()) => return dev,
+                Err(log)
+                    if attempt < 2
+                        && (log.contains("Address already in use")
+                            || log.contains("did not become ready")) =>
+                {
+                    dev.rest_port = free_port();
+                    dev.resp_port = free_port();
+                    dev.tls_port = free_port();
+                    dev.internal_port = free_port();
+                    dev.node_ports = vec![free_port(), free_port()];
+                }
+                Err(log) => panic!("shoal dev did not start; log:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// (Re)starts the process with the same directory and ports.
+    pub async fn launch(&mut self) {
+        if let Err(log) = self.try_launch().await {
+            panic!("shoal dev did not start; log:\n{log}");
+        }
+    }
+
+    /// Starts the process; on failure returns its log.
+    async fn try_launch(&mut self) -> Result<(), String> {
+        let ports: Vec<String> = self.node_ports.iter().map(|p| p.to_string()).collect();
+        let log = std::fs::File::create(self.dir.join("shoal.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(self.dir.join(".shoal"))
+            .arg("--rest-port")
+            .arg(self.rest_port.to_string())
+            .arg("--resp-port")
+            .arg(self.resp_port.to_string())
+            .arg("--tls-port")
+            .arg(self.tls_port.to_string())
+            .arg("--internal-port")
+            .arg(self.internal_port.to_string())
+            .arg("--node-ports")
+            .arg(ports.join(","))
+            .arg("--databases")
+            .arg("64")
+            .args(&self.extra_args)
+            .args(self.database_url.iter().flat_map(|url| ["--database-url", url]))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("shoal binary runs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = self.http.get(self.url("/healthz")).send().await.map(|r| r.status().is_success());
+            if matches!(up, Ok(true)) && self.admin_token_path().exists() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!("exited with {status}\n{}", self.log()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("did not come up in time\n{}", self.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs raw SQL on the store (as an operator or attacker with database access could),
+    /// returning rows of `|`-separated columns.
+    pub fn sql(&self, query: &str) -> Vec<String> {
+        let out = self.run_sql(query);
+        assert!(out.status.success(), "SQL {query:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    /// Like [`sql`](Self::sql), for statements expected to fail: the error text.
+    pub fn sql_err(&self, query: &str) -> String {
+        let out = self.run_sql(query);
+        assert!(!out.status.success(), "SQL {query:?} should have failed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// psql on PostgreSQL, Python's sqlite3 on SQLite (committing what the statement did).
+    fn run_sql(&self, query: &str) -> std::process::Output {
+        match &self.database_url {
+            Some(url) => Command::new("psql")
+                .arg(url)
+                .args(["-v", "ON_ERROR_STOP=1", "-AtF|", "-c", query])
+                .output()
+                .expect("psql runs"),
+            None => Command::new("python3")
+                .args([
+                    "-c",
+                    "import sqlite3, sys\n\
+                     c = sqlite3.connect(sys.argv[1])\n\
+                     rows = c.execute(sys.argv[2]).fetchall(); c.commit()\n\
+                     for r in rows: print('|'.join('' if v is None else str(v) for v in r))",
+                    self.dir.join(".shoal/shoal.db").to_str().unwrap(),
+                    query,
+                ])
+                .output()
+                .expect("python3 runs"),
+        }
+    }
+
+    /// SQL that renders a BLOB/BYTEA column as hex on this store.
+    pub fn sql_hex(&self, column: &str) -> String {
+        match self.database_url {
+            Some(_) => format!("encode({column}, 'hex')"),
+            None => format!("hex({column})"),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("shoal.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.rest_port, path)
+    }
+
+    /// A URL on the control plane's internal API (where gateways talk to it).
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.internal_port, path)
+    }
+
+    /// A new gateway credential named `name` (`POST /v1/gateways`, as the admin).
+    pub async fn gateway_credential(&self, name: &str) -> String {
+        let (status, body) =
+            self.api(reqwest::Method::POST, "/v1/gateways", Some(serde_json::json!({ "name": name }))).await;
+        assert_eq!(status, 201, "{body}");
+        body["credential"].as_str().unwrap().to_string()
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.dir.join(".shoal/admin.token")
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.admin_token_path()).unwrap().trim().to_string()
+    }
+
+    /// Pids of the valkey-server children, from their pidfiles.
+    pub fn node_pids(&self) -> Vec<i32> {
+        (0..self.node_ports.len())
+            .filter_map(|i| {
+                let p = self.dir.join(format!(".shoal/valkey/n{i}/valkey.pid"));
+                std::fs::read_to_string(p).ok()?.trim().parse().ok()
+            })
+            .collect()
+    }
+
+    /// Pid of the `shoal dev` process (the gateway, control plane and engine in one).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends a signal to `shoal dev` without waiting.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Sends a signal to `shoal dev` and waits for it to exit.
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("shoal dev did not stop; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `POST /v1/auth/login` with a user name and password (LDAP): the status and body.
+    pub async fn rest_login(&self, user: &str, password: &str) -> (u16, Value) {
+        let body = serde_json::json!({"username": user, "password": password});
+        let (status, _, body) =
+            self.call(None, reqwest::Method::POST, "/v1/auth/login", Some(body), &[]).await;
+        (status, body)
+    }
+
+    /// The control plane's Prometheus text, as a platform admin reads it.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `method path` with the admin token; returns status and JSON body (Null if none).
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(self.admin_token());
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A REST call as `token` (None = no Authorization header) with extra headers; returns
+    /// status, headers and the JSON body (Null when the body is not JSON).
+    pub async fn call(
+        &self,
+        token: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates an account and an API key of `role` for it; returns (account id, token).
+    pub async fn account_with_key(&self, name: &str, role: &str) -> (String, String) {
+        let (status, account) =
+            self.api(reqwest::Method::POST, "/v1/accounts", Some(serde_json::json!({ "name": name }))).await;
+        assert_eq!(status, 201, "{account}");
+        let id = account["id"].as_str().unwrap().to_string();
+        let token = self.api_key(&id, role).await;
+        (id, token)
+    }
+
+    /// A new API key of `role` for an account (created by the admin).
+    pub async fn api_key(&self, account: &str, role: &str) -> String {
+        let (status, key) = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/v1/accounts/{account}/api-keys"),
+                Some(serde_json::json!({ "name": format!("{role} key"), "role": role })),
+            )
+            .await;
+        assert_eq!(status, 201, "{key}");
+        key["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn create_cache(&self, name: &str) -> Value {
+        let (status, body) =
+            self.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": name}))).await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    /// Sets a cache's usage limits (`{"ecpu_per_second": 100}`; null removes one) with
+    /// `PATCH /v1/caches/{id}`.
+    pub async fn set_limits(&self, cache_id: &str, limits: Value) {
+        let (status, body) = self
+            .api(
+                reqwest::Method::PATCH,
+                &format!("/v1/caches/{cache_id}"),
+                Some(serde_json::json!({ "limits": limits })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    pub async fn mint_token(&self, cache_id: &str) -> String {
+        let (status, body) =
+            self.api(reqwest::Method::POST, &format!("/v1/caches/{cache_id}/tokens"), None).await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    /// A redis-rs connection through the gateway, authenticated with `token`.
+    pub async fn client(&self, token: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let url = format!("redis://:{}@127.0.0.1:{}/", token, self.resp_port);
+        redis::Client::open(url)?.get_multiplexed_async_connection().await
+    }
+
+    /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
+    pub async fn node_admin(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        let secret =
+            std::fs::read_to_string(self.dir.join(format!(".shoal/valkey/n{i}/admin.secret"))).unwrap();
+        let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), self.node_ports[i]);
+        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+}
+
+impl Drop for ShoalDev {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(libc::SIGTERM);
+        }
+    }
+}
+
+/// Resident memory of a process, in MiB (from /proc).
+pub fn rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    kib / 1024
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A raw RESP conversation: writes `input`, reads until the server closes or is quiet for 500 ms.
+pub async fn raw(port: u16, input: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(input).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// `AUTH <user> <password>` then `PING`, as raw RESP; the server's answer.
+pub async fn auth(dev: &ShoalDev, user: &str, password: &str) -> String {
+    let cmd = format!(
+        "*3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
+        user.len(),
+        password.len()
+    );
+    String::from_utf8_lossy(&raw(dev.resp_port, cmd.as_bytes()).await).into_owned()
+}
+
+/// `AUTH <token>` as RESP.
+/// A command in RESP, as a client frames it.
+pub fn encode<S: AsRef<[u8]>>(args: &[S]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        let a = a.as_ref();
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+pub fn auth_command(token: &str) -> Vec<u8> {
+    format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", token.len(), token).into_bytes()
+}
+
+/// A `shoal` child process (its stderr appended to `log`), stopped with SIGTERM when dropped.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("shoal binary runs");
+        Proc(Some(child))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else { return };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
