@@ -390,5 +390,7 @@ async fn lua_memory_cannot_get_a_node_oom_killed() {
         exists == [0]
     })
     .await;
-    assert!(dev.log().contains("script cache flushed"), "{}", dev.log());
+    // The engine logs the flush just after it: give the line a moment to reach the log.
+    wait_for("the flush logged", Duration::from_secs(5), async || dev.log().contains("script cache flushed"))
+        .await;
 }
