@@ -261,6 +261,44 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
 }
 
 #[tokio::test]
+async fn ldap_names_differing_only_in_case_are_counted_as_one() {
+    let slapd = Slapd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ldap.toml");
+    write_config(&config, &slapd, &slapd.ca_path(), None);
+    let throttle = "{ per_user = { free_failures = 1, base_delay_ms = 10, max_delay_ms = 20, lockout_after = 4, \
+                    lockout_ms = 60000 }, per_source = { free_failures = 100, base_delay_ms = 1, max_delay_ms = 1, \
+                    lockout_after = 1000, lockout_ms = 60000 } }";
+    let dev = ShoalDev::start_with(&[
+        "--ldap-config",
+        config.to_str().unwrap(),
+        "--login-throttle",
+        throttle,
+        "--auth-throttle",
+        throttle,
+    ])
+    .await;
+    // A directory matches names without case (and without surrounding spaces): these are
+    // four guesses at one account, not one guess each at four.
+    let variants = ["Zoë", "ZOË", " zoë ", "zOË"];
+    for user in variants {
+        let (status, body) = rest_login(&dev, user, "guess").await;
+        assert_eq!(status, 401, "{user:?}: {body}");
+    }
+    let (status, body) = rest_login(&dev, "ZoË", "guess").await;
+    assert_eq!(status, 429, "{body}");
+    // The same at the gateway.
+    let (_, cache) = dev.api(Method::POST, "/v1/caches", Some(json!({"name": "cased"}))).await;
+    let id = cache["id"].as_str().unwrap();
+    for user in variants {
+        let out = auth(&dev, &format!("{}@{id}", user.trim()), "guess").await;
+        assert!(out.starts_with("-WRONGPASS invalid"), "{user:?}: {out}");
+    }
+    let out = auth(&dev, &format!("ZoË@{id}"), "guess").await;
+    assert!(out.starts_with("-WRONGPASS too many failed attempts"), "{out}");
+}
+
+#[tokio::test]
 async fn ldap_sessions_expire_and_without_ldap_the_login_route_says_so() {
     let slapd = Slapd::start();
     let tmp = tempfile::tempdir().unwrap();
