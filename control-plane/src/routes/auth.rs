@@ -150,7 +150,7 @@ pub async fn login(
             return Err(ApiError::LoginFailed(e.client_message().into()));
         }
     };
-    state.login_throttle.lock().unwrap().success(&body.username);
+    state.login_throttle.lock().unwrap().success(source, &body.username);
     let Some((role, account)) = rest_role(&identity.roles) else {
         audit(&state, &login_event(&ctx, &body.username, "failure", "no_rest_role")).await;
         return Err(ApiError::Forbidden);
