@@ -32,6 +32,7 @@ pub mod signing;
 pub mod startup;
 pub mod storage;
 pub mod store;
+pub mod token_users;
 
 pub use config::ControlPlaneConfig;
 pub use startup::{start, ControlPlane};
