@@ -1,6 +1,8 @@
-//! Failed-login throttling (issue 4 "Abuse protection"), per source address and per user
-//! name: the first few failures are free, then each attempt waits a growing delay, then the
-//! key is locked out for a while. Pure: the caller passes the time in and holds the lock.
+//! Failed-login throttling (issue 4 "Abuse protection"), per source address, per user name
+//! and per (user, source): the first few failures are free, then each attempt waits a
+//! growing delay, then the key is locked out for a while. A user is locked out only at the
+//! source that failed (their failures from everywhere only delay), so nobody can lock a user
+//! out of their own address. Pure: the caller passes the time in and holds the lock.
 //!
 //! Memory is bounded: each table keeps at most `max_entries` keys, dropping forgotten ones
 //! first, then the least recently failed (locked-out keys last).
@@ -11,7 +13,7 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// How one key (a source or a user) is throttled. In configuration files durations are
+/// How one key (a source, or a user at a source) is throttled. In configuration files durations are
 /// milliseconds: `{ free_failures = 3, base_delay_ms = 250, max_delay_ms = 5000,
 /// lockout_after = 10, lockout_ms = 300000 }`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -36,11 +38,13 @@ pub struct Limits {
 pub struct ThrottlePolicy {
     pub enabled: bool,
     pub per_source: Limits,
+    /// A user at one source; the same delays (never the lockout) apply to the user's failures
+    /// from all sources together.
     pub per_user: Limits,
     /// A key's failures are forgotten this long after its last failure.
     #[serde(rename = "window_ms", with = "millis")]
     pub window: Duration,
-    /// Most keys remembered per table (sources, users).
+    /// Most keys remembered per table (sources, users, users at a source).
     pub max_entries: usize,
 }
 
@@ -90,6 +94,7 @@ impl ThrottlePolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     Source,
+    /// The user at this source.
     User,
 }
 
@@ -244,27 +249,42 @@ fn source_key(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// User names are counted without ASCII case (a directory usually ignores it) and cut to
-/// 256 bytes, so a key costs bounded memory.
+/// User names are counted as a directory matches them (LDAP's caseIgnoreMatch: without
+/// case, surrounding or repeated spaces), so `Alice`, `ALICE` and ` alice` are one key, and
+/// cut to 256 bytes, so a key costs bounded memory.
 fn user_key(user: &str) -> String {
-    let mut end = user.len().min(256);
-    while !user.is_char_boundary(end) {
+    let folded = cut(user, 1024).split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    cut(&folded, 256).to_string()
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    user[..end].to_ascii_lowercase()
+    &s[..end]
 }
 
 /// Failed-attempt state for one process. Wrap it in a `Mutex`.
 pub struct Throttle {
     policy: ThrottlePolicy,
     sources: Table<IpAddr>,
+    /// A user's failures from every source: delays only.
     users: Table<String>,
+    /// A user's failures from one source: delays and the lockout.
+    pairs: Table<(IpAddr, String)>,
     stats: ThrottleStats,
 }
 
 impl Throttle {
     pub fn new(policy: ThrottlePolicy) -> Self {
-        Throttle { policy, sources: Table::new(), users: Table::new(), stats: ThrottleStats::default() }
+        Throttle {
+            policy,
+            sources: Table::new(),
+            users: Table::new(),
+            pairs: Table::new(),
+            stats: ThrottleStats::default(),
+        }
     }
 
     pub fn policy(&self) -> &ThrottlePolicy {
@@ -277,10 +297,12 @@ impl Throttle {
             return Verdict::Allow;
         }
         let window = self.policy.window;
-        let (src_locked, src_wait) =
-            self.sources.verdict(&source_key(source), now, &self.policy.per_source, window);
-        let (user_locked, user_wait) =
-            self.users.verdict(&user_key(user), now, &self.policy.per_user, window);
+        let source = source_key(source);
+        let user = user_key(user);
+        let (src_locked, src_wait) = self.sources.verdict(&source, now, &self.policy.per_source, window);
+        let (_, user_wait) = self.users.verdict(&user, now, &self.policy.per_user, window);
+        let (user_locked, pair_wait) =
+            self.pairs.verdict(&(source, user), now, &self.policy.per_user, window);
         let locked = match (src_locked, user_locked) {
             (Some(r), _) => Some((Scope::Source, r)),
             (None, Some(r)) => Some((Scope::User, r)),
@@ -290,7 +312,7 @@ impl Throttle {
             self.stats.refused_locked_total += 1;
             return Verdict::Locked { scope, remaining };
         }
-        let wait = src_wait.max(user_wait);
+        let wait = src_wait.max(user_wait).max(pair_wait);
         if wait.is_zero() {
             Verdict::Allow
         } else {
@@ -306,9 +328,13 @@ impl Throttle {
             return FailureOutcome::Counted;
         }
         let policy = self.policy;
-        let (src_locked, e1) = self.sources.fail(&source_key(source), now, &policy.per_source, &policy);
-        let (user_locked, e2) = self.users.fail(&user_key(user), now, &policy.per_user, &policy);
-        self.stats.evicted_total += e1 + e2;
+        let source = source_key(source);
+        let user = user_key(user);
+        let (src_locked, e1) = self.sources.fail(&source, now, &policy.per_source, &policy);
+        let delay_only = Limits { lockout_after: 0, ..policy.per_user };
+        let (_, e2) = self.users.fail(&user, now, &delay_only, &policy);
+        let (user_locked, e3) = self.pairs.fail(&(source, user), now, &policy.per_user, &policy);
+        self.stats.evicted_total += e1 + e2 + e3;
         self.stats.lockouts_total += u64::from(src_locked) + u64::from(user_locked);
         if src_locked {
             FailureOutcome::LockedOut(Scope::Source)
@@ -319,10 +345,13 @@ impl Throttle {
         }
     }
 
-    /// Records a successful login: the user's failures are forgotten. The source's are not,
-    /// or one valid account would let a source guess other users' passwords for ever.
-    pub fn success(&mut self, user: &str) {
-        self.users.entries.remove(&user_key(user));
+    /// Records a successful login: the user's failures are forgotten (those at other
+    /// sources only count towards delays). The source's are not, or one valid account would
+    /// let a source guess other users' passwords for ever.
+    pub fn success(&mut self, source: IpAddr, user: &str) {
+        let user = user_key(user);
+        self.pairs.entries.remove(&(source_key(source), user.clone()));
+        self.users.entries.remove(&user);
     }
 
     pub fn stats(&self) -> ThrottleStats {
@@ -388,18 +417,25 @@ mod tests {
             t.check(at, src, "alice"),
             Verdict::Locked { scope: Scope::User, remaining: Duration::from_secs(30) + MS(800) }
         );
+        // Even the right password does not help while locked (the caller does not check it).
+        assert!(matches!(t.check(at, src, " ALICE"), Verdict::Locked { .. }));
         // Other users from the same source are not locked out (the source has 8 of its 20).
         assert_eq!(t.check(at, src, "bob"), Verdict::Allow);
         assert_eq!(t.check(at, ip("10.0.0.2"), "bob"), Verdict::Allow);
-        // Even the right password does not help while locked (the caller does not check it).
-        assert!(matches!(t.check(at, ip("10.0.0.2"), "ALICE"), Verdict::Locked { .. }));
+        // Nor is alice at her own address: the failures elsewhere only delay her, and
+        // only until the delay has run.
+        assert_eq!(t.check(now + MS(800), ip("10.0.0.2"), "alice"), Verdict::Delay(MS(800)));
+        assert_eq!(t.check(at, ip("10.0.0.2"), "alice"), Verdict::Allow);
+        // Her success there does not unlock the source that failed.
+        t.success(ip("10.0.0.2"), "alice");
+        assert!(matches!(t.check(at, src, "alice"), Verdict::Locked { .. }));
         // After the lockout the user starts over.
         let after = now + Duration::from_secs(61);
-        assert_eq!(t.check(after, ip("10.0.0.2"), "alice"), Verdict::Allow);
+        assert_eq!(t.check(after, src, "alice"), Verdict::Allow);
         let stats = t.stats();
         assert_eq!(stats.failures_total, 8);
         assert_eq!(stats.lockouts_total, 1);
-        assert_eq!(stats.refused_locked_total, 2);
+        assert_eq!(stats.refused_locked_total, 3);
     }
 
     #[test]
@@ -413,7 +449,7 @@ mod tests {
         assert_eq!(t.failure(now, src, "user19"), FailureOutcome::LockedOut(Scope::Source));
         assert!(matches!(t.check(now, src, "fresh"), Verdict::Locked { scope: Scope::Source, .. }));
         // A success for one user does not clear the source.
-        t.success("user1");
+        t.success(src, "user1");
         assert!(matches!(t.check(now, src, "user1"), Verdict::Locked { scope: Scope::Source, .. }));
     }
 
@@ -447,7 +483,7 @@ mod tests {
         for _ in 0..5 {
             t.failure(later, ip("10.9.9.9"), "bob");
         }
-        t.success("Bob");
+        t.success(ip("10.9.9.9"), "Bob");
         assert_eq!(t.check(later, ip("10.9.9.8"), "bob"), Verdict::Allow);
     }
 
@@ -458,7 +494,7 @@ mod tests {
         for _ in 0..8 {
             t.failure(now, ip("10.0.0.1"), "victim");
         }
-        assert!(matches!(t.check(now, ip("10.0.0.2"), "victim"), Verdict::Locked { .. }));
+        assert!(matches!(t.check(now, ip("10.0.0.1"), "victim"), Verdict::Locked { .. }));
         for i in 0..1000u32 {
             let [a, b, c, d] = i.to_be_bytes();
             let at = now + MS(u64::from(i));
@@ -468,7 +504,7 @@ mod tests {
         assert!(stats.tracked_users <= 100 && stats.tracked_sources <= 100, "{stats:?}");
         assert!(stats.evicted_total > 0);
         // The flood did not unlock the victim.
-        assert!(matches!(t.check(now + MS(1000), ip("10.0.0.2"), "victim"), Verdict::Locked { .. }));
+        assert!(matches!(t.check(now + MS(1000), ip("10.0.0.1"), "victim"), Verdict::Locked { .. }));
     }
 
     #[test]
@@ -501,5 +537,7 @@ mod tests {
     fn long_user_names_cost_bounded_memory() {
         assert_eq!(user_key(&"é".repeat(500)).len(), 256);
         assert_eq!(user_key("Alice"), "alice");
+        // Beyond ASCII too, and spaces as a directory ignores them.
+        assert_eq!(user_key("  ÅSA   Öberg "), user_key("åsa öberg"));
     }
 }

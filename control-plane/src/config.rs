@@ -54,6 +54,9 @@ pub struct ControlPlaneConfig {
     /// Seconds between two storage samples of each cache (0.1–60; default 5, so that every
     /// cache is sampled at least every 10 s).
     pub storage_interval: f64,
+    /// Seconds between two sweeps of scoped tokens' upstream ACL users (0.1–3600; default
+    /// 60): a user no unexpired, unrevoked token uses any more is deleted from its node.
+    pub acl_sweep_interval: f64,
     /// The gateways' `max_connections` (connections per gateway): a cache's
     /// `limits.max_connections` (per gateway) may not exceed it.
     pub gateway_max_connections: u32,
@@ -96,6 +99,7 @@ impl Default for ControlPlaneConfig {
             billing: Default::default(),
             invoice_grace_seconds: 3600,
             storage_interval: 5.0,
+            acl_sweep_interval: 60.0,
             // The gateway's default `max_connections`.
             gateway_max_connections: 10_000,
             default_data_storage_mb: DEFAULT_DATA_STORAGE_MB,

@@ -15,6 +15,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("not allowed")]
     Forbidden,
+    /// Not allowed, with a reason safe to show.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("{0}")]
@@ -60,7 +63,7 @@ impl ResponseError for ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized | ApiError::LoginFailed(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

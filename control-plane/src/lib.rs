@@ -37,6 +37,7 @@ pub mod startup;
 pub mod state;
 pub mod storage;
 pub mod store;
+pub mod token_users;
 
 pub use config::ControlPlaneConfig;
 pub use startup::{start, ControlPlane};

@@ -33,8 +33,10 @@ pub struct ControlPlane {
     pub internal_tls: bool,
     pub handle: actix_web::dev::ServerHandle,
     pub internal_handle: actix_web::dev::ServerHandle,
-    /// The storage sampler ([`crate::storage::run`]); abort it before stopping the pool.
+    /// The storage sampler ([`crate::storage::run`]) and the sweep of scoped tokens' ACL
+    /// users ([`crate::token_users::run`]); abort them before stopping the pool.
     pub sampler: tokio::task::JoinHandle<()>,
+    pub sweeper: tokio::task::JoinHandle<()>,
     /// The store, to write pending audit aggregates ([`Store::flush_audit`]) once stopped.
     pub store: Store,
 }
@@ -44,6 +46,7 @@ impl ControlPlane {
     /// audit aggregates still pending.
     pub async fn stop(&self) {
         self.sampler.abort();
+        self.sweeper.abort();
         tokio::join!(self.handle.stop(true), self.internal_handle.stop(true));
         let _ = self.store.flush_audit().await;
     }
@@ -55,6 +58,12 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         return Err(StartupError::Config(format!(
             "storage_interval must be between 0.1 and 60 seconds, not {}",
             config.storage_interval
+        )));
+    }
+    if !(0.1..=3600.0).contains(&config.acl_sweep_interval) {
+        return Err(StartupError::Config(format!(
+            "acl_sweep_interval must be between 0.1 and 3600 seconds, not {}",
+            config.acl_sweep_interval
         )));
     }
     if !(1..=crate::routes::caches::MAX_DATA_STORAGE_MB).contains(&config.default_data_storage_mb) {
@@ -167,12 +176,23 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     // Both bound: now run them, and the sampler.
     let (addr, internal_addr) = (server.addrs()[0], internal.addrs()[0]);
     let interval = std::time::Duration::from_secs_f64(sampler_state.config.storage_interval);
+    let sweep_interval = std::time::Duration::from_secs_f64(sampler_state.config.acl_sweep_interval);
+    let sweeper = tokio::spawn(crate::token_users::run(sampler_state.clone(), sweep_interval));
     let sampler = tokio::spawn(crate::storage::run(sampler_state, interval));
     let (server, internal) = (server.run(), internal.run());
     let (handle, internal_handle) = (server.handle(), internal.handle());
     tokio::spawn(server);
     tokio::spawn(internal);
-    Ok(ControlPlane { addr, internal_addr, internal_tls: tls_on, handle, internal_handle, sampler, store })
+    Ok(ControlPlane {
+        addr,
+        internal_addr,
+        internal_tls: tls_on,
+        handle,
+        internal_handle,
+        sampler,
+        sweeper,
+        store,
+    })
 }
 
 fn json_config() -> web::JsonConfig {

@@ -22,10 +22,15 @@ fn group(cn: &str) -> String {
 /// The `--ldap-config` file: search+bind over StartTLS, verified with `ca`; cache roles on
 /// `cache` when given.
 fn write_config(path: &Path, slapd: &Slapd, ca: &Path, cache: Option<&str>) {
+    write_config_owning(path, slapd, ca, cache, "a000000000000")
+}
+
+/// The same, the `owners` group owning `account`.
+fn write_config_owning(path: &Path, slapd: &Slapd, ca: &Path, cache: Option<&str>, account: &str) {
     let mut roles = vec![
         format!(r#"{{ group = "{}", role = "platform-admin" }}"#, group("admins")),
         format!(r#"{{ group = "{}", role = "auditor" }}"#, group("auditors")),
-        format!(r#"{{ group = "{}", role = "account-owner", account = "a000000000000" }}"#, group("owners")),
+        format!(r#"{{ group = "{}", role = "account-owner", account = "{account}" }}"#, group("owners")),
     ];
     if let Some(cache) = cache {
         roles.push(format!(
@@ -243,6 +248,95 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
     assert_eq!(status, 503);
     let out = auth(&dev, &format!("alice@{id}"), "alice-pw").await;
     assert!(out.starts_with("-ERR the login directory (LDAP) is unavailable"), "{out}");
+}
+
+#[tokio::test]
+async fn ldap_names_differing_only_in_case_are_counted_as_one() {
+    let slapd = Slapd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ldap.toml");
+    write_config(&config, &slapd, &slapd.ca_path(), None);
+    let throttle = "{ per_user = { free_failures = 1, base_delay_ms = 10, max_delay_ms = 20, lockout_after = 4, \
+                    lockout_ms = 60000 }, per_source = { free_failures = 100, base_delay_ms = 1, max_delay_ms = 1, \
+                    lockout_after = 1000, lockout_ms = 60000 } }";
+    let dev = ShoalDev::start_with(&[
+        "--ldap-config",
+        config.to_str().unwrap(),
+        "--login-throttle",
+        throttle,
+        "--auth-throttle",
+        throttle,
+    ])
+    .await;
+    // A directory matches names without case (and without surrounding spaces): these are
+    // four guesses at one account, not one guess each at four.
+    let variants = ["Zoë", "ZOË", " zoë ", "zOË"];
+    for user in variants {
+        let (status, body) = dev.rest_login(user, "guess").await;
+        assert_eq!(status, 401, "{user:?}: {body}");
+    }
+    let (status, body) = dev.rest_login("ZoË", "guess").await;
+    assert_eq!(status, 429, "{body}");
+    // The same at the gateway.
+    let (_, cache) = dev.api(Method::POST, "/v1/caches", Some(json!({"name": "cased"}))).await;
+    let id = cache["id"].as_str().unwrap();
+    for user in variants {
+        let out = auth(&dev, &format!("{}@{id}", user.trim()), "guess").await;
+        assert!(out.starts_with("-WRONGPASS invalid"), "{user:?}: {out}");
+    }
+    let out = auth(&dev, &format!("ZoË@{id}"), "guess").await;
+    assert!(out.starts_with("-WRONGPASS too many failed attempts"), "{out}");
+}
+
+async fn create(dev: &ShoalDev, token: &str, name: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    dev.call(Some(token), Method::POST, "/v1/caches", Some(json!({"name": name})), &[]).await
+}
+
+#[tokio::test]
+async fn owners_of_a_deleted_account_create_nothing() {
+    let slapd = Slapd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ldap.toml");
+    write_config(&config, &slapd, &slapd.ca_path(), None);
+    let mut dev = ShoalDev::start_with(&["--ldap-config", config.to_str().unwrap()]).await;
+    let (status, account) = dev.api(Method::POST, "/v1/accounts", Some(json!({"name": "smiths"}))).await;
+    assert_eq!(status, 201, "{account}");
+    let account = account["id"].as_str().unwrap().to_string();
+    write_config_owning(&config, &slapd, &slapd.ca_path(), None, &account);
+    dev.stop_with(libc::SIGTERM);
+    dev.launch().await;
+    let key = dev.api_key(&account, "owner").await;
+    let (status, smith) = dev.rest_login("smith, john", "smith-pw").await;
+    assert_eq!(status, 200, "{smith}");
+    let session = smith["token"].as_str().unwrap();
+    let (status, _, cache) = create(&dev, session, "before").await;
+    assert_eq!(status, 201, "{cache}");
+    let cache_id = cache["id"].as_str().unwrap();
+    let (status, _) = dev.api(Method::DELETE, &format!("/v1/caches/{cache_id}"), None).await;
+    assert!(status < 300, "{status}");
+    let (status, body) = dev.api(Method::DELETE, &format!("/v1/accounts/{account}"), None).await;
+    assert_eq!(status, 204, "{body}");
+
+    // The account's API keys and sessions stop working.
+    for token in [session, key.as_str()] {
+        let (status, _, body) = create(&dev, token, "after").await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = dev
+        .api(
+            Method::POST,
+            &format!("/v1/accounts/{account}/api-keys"),
+            Some(json!({"name": "k", "role": "owner"})),
+        )
+        .await;
+    assert_eq!(status, 404, "no new keys for a deleted account: {body}");
+    // A new LDAP login as its owner is refused, saying why.
+    let (status, body) = dev.rest_login("smith, john", "smith-pw").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("was deleted"), "{body}");
+    let (status, body) = dev.api(Method::GET, "/v1/caches", None).await;
+    assert_eq!(status, 200);
+    assert!(!body.to_string().contains("\"after\""), "{body}");
 }
 
 #[tokio::test]

@@ -419,6 +419,27 @@ fn forged_token(kid: &str) -> String {
 }
 
 #[tokio::test]
+async fn unknown_key_ids_right_after_a_reload_are_refused_without_waiting_or_fetching() {
+    let dev = ShoalDev::start().await;
+    // Past the startup load, which does not count.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reloads_before = dev.log().matches("GET /.well-known/jwks.json").count();
+    let started = Instant::now();
+    for i in 0..10 {
+        let mut s = connect_from(&format!("127.0.4.{}", i + 1), dev.resp_port).await;
+        s.write_all(&auth_command(&forged_token(&format!("made-up-{i}")))).await.unwrap();
+        let answer = read_until(&mut s, b"\r\n", 1, Duration::from_secs(60)).await;
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("-WRONGPASS"), "{answer}");
+    }
+    let took = started.elapsed();
+    let reloads = dev.log().matches("GET /.well-known/jwks.json").count() - reloads_before;
+    // One reload for the first; the nine after it within a second are refused at once.
+    assert!(took < Duration::from_millis(900), "10 unknown kids one after the other took {took:?}");
+    assert!(reloads <= 1, "{reloads} reloads of the key set");
+}
+
+#[tokio::test]
 async fn a_flood_of_unknown_key_ids_reloads_the_key_set_once_a_second_not_once_a_token() {
     let dev = ShoalDev::start().await;
     let (_, token) = {

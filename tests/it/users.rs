@@ -3,7 +3,7 @@
 //! the no-password `default` user, throttling to a lockout, the audit trail of every login,
 //! and signing-key rotation.
 
-use crate::support::{auth, ShoalDev};
+use crate::support::{auth, auth_from, ShoalDev};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -326,6 +326,31 @@ async fn failed_logins_are_throttled_to_a_lockout_and_audited() {
     assert_eq!(count("cache-user", "lockout"), 2, "{metrics}");
     assert_eq!(count("cache-user", "failure"), 2, "{metrics}");
     assert!(count("jwt", "success") >= 1 && count("cache-user", "success") >= 1, "{metrics}");
+}
+
+#[tokio::test]
+async fn an_attacker_elsewhere_cannot_lock_the_user_out_of_their_own_address() {
+    let policy = "{ per_user = { free_failures = 1, base_delay_ms = 20, max_delay_ms = 40, lockout_after = 3, \
+                  lockout_ms = 60000 }, per_source = { free_failures = 50, base_delay_ms = 1, max_delay_ms = 1, \
+                  lockout_after = 200, lockout_ms = 60000 } }";
+    let dev = ShoalDev::start_with(&["--auth-throttle", policy]).await;
+    let cache = dev.create_cache("contested").await;
+    let id = cache["id"].as_str().unwrap();
+    let (status, _) =
+        create_user(&dev, id, json!({"username": "app", "passwords": [P1], "access_string": "on ~* +@all"}))
+            .await;
+    assert_eq!(status, 201);
+    let app = format!("app@{id}");
+    let attacker = std::net::IpAddr::from([127, 0, 0, 2]);
+    for _ in 0..5 {
+        let out = auth_from(&dev, attacker, &app, "wrong-password-guess").await;
+        assert!(out.starts_with("-WRONGPASS"), "{out}");
+    }
+    // The attacker's address is locked out, even with the right password ...
+    let out = auth_from(&dev, attacker, &app, P1).await;
+    assert!(out.starts_with("-WRONGPASS too many failed attempts"), "{out}");
+    // ... but the real user, from their own address, still logs in.
+    assert_eq!(auth(&dev, &app, P1).await, "+OK\r\n+PONG\r\n");
 }
 
 #[tokio::test]

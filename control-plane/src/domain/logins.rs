@@ -55,8 +55,20 @@ pub async fn ensure_login_user(
     access: &AccessString,
     password: &str,
 ) -> Result<(), ApiError> {
-    let rules = upstream_rules(cache, access, password)?;
     let _changing = state.users_lock.lock().await;
+    set_login_user(state, cache, name, access, password).await
+}
+
+/// [`ensure_login_user`] for a caller that holds `users_lock` (a token's mint holds it until
+/// the token is stored, so the sweep of unused token users cannot take its user meanwhile).
+pub async fn set_login_user(
+    state: &AppState,
+    cache: &CacheRecord,
+    name: &str,
+    access: &AccessString,
+    password: &str,
+) -> Result<(), ApiError> {
+    let rules = upstream_rules(cache, access, password)?;
     if state.store.cache(&cache.id).await?.is_none() {
         return Err(ApiError::NotFound("cache"));
     }

@@ -150,11 +150,19 @@ pub async fn login(
             return Err(ApiError::LoginFailed(e.client_message().into()));
         }
     };
-    state.login_throttle.lock().unwrap().success(&body.username);
+    state.login_throttle.lock().unwrap().success(source, &body.username);
     let Some((role, account)) = rest_role(&identity.roles) else {
         audit(&state, &login_event(&ctx, &body.username, "failure", "no_rest_role")).await;
         return Err(ApiError::Forbidden);
     };
+    if let Some(account) = &account {
+        if state.store.account(account).await?.is_none() {
+            audit(&state, &login_event(&ctx, &body.username, "failure", "account_deleted")).await;
+            return Err(ApiError::Refused(format!(
+                "account {account}, which your directory groups name, does not exist or was deleted"
+            )));
+        }
+    }
     let token = format!("shoal_session_{}", random_token(24));
     let key_id = format!("ldap-{}", random_token(6));
     let expires = chrono::Utc::now() + chrono::Duration::seconds(state.config.session_ttl as i64);

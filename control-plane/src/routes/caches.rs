@@ -293,6 +293,10 @@ async fn create(
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
     let account =
         who.account.clone().unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
+    // A credential minted just as its account was deleted (keys are revoked with it).
+    if state.store.account(&account).await?.is_none() {
+        return Err(ApiError::Refused(format!("account {account} does not exist or was deleted")));
+    }
 
     // One placement at a time, so two creates never pick the same database.
     let _placing = state.placement_lock.lock().await;

@@ -130,6 +130,8 @@ pub struct MintedToken {
     responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
               description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
               (status = 404, body = crate::error::Problem),
+              (status = 409, body = crate::error::Problem,
+               description = "the cache already has 100 distinct token scopes in use"),
               (status = 503, body = crate::error::Problem,
                description = "the cache's node cannot be reached to make a limited token's ACL user")),
     security(("bearer" = [])), tag = "tokens")]
@@ -166,13 +168,15 @@ pub async fn mint_token(
             token_scope::canonical_patterns(&p)
         }
     };
-    // A token that grants less than everything logs in as an upstream user of its own.
+    // A token that grants less than everything logs in as an upstream user of its own (a
+    // bounded number per cache; held until the token is stored, see `token_users`).
     let login = token_scope::token_login(&cache.id.acl_user(), &cache.acl_password, perm, &key_patterns);
+    let _changing = state.users_lock.lock().await;
     if let Some(login) = &login {
         let access = shoal_auth::AccessString::parse(&login.access_string)
             .map_err(|e| ApiError::field("key_patterns", e.to_string()))?;
-        crate::domain::logins::ensure_login_user(&state, &cache, &login.user, &access, &login.password)
-            .await?;
+        crate::token_users::admit(&state, &cache, &login.user).await?;
+        crate::domain::logins::set_login_user(&state, &cache, &login.user, &access, &login.password).await?;
     }
     let now = chrono::Utc::now();
     let exp = now + chrono::Duration::seconds(ttl as i64);

@@ -13,14 +13,19 @@ use std::time::{Duration, Instant};
 
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECS: u64 = 30;
-/// Unknown kids reload the key set at most this often (waiting, not failing, when the last
-/// reload was more recent), so a flood of made-up kids cannot flood the control plane.
+/// Unknown kids reload the key set at most this often: within it after such a reload, an
+/// unknown kid is refused at once, without another fetch (a client with a genuinely new key
+/// retries a moment later), so a flood of made-up kids neither floods the control plane nor
+/// queues logins.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct JwtVerifier {
     client: Arc<ControlPlaneClient>,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_refresh: Mutex<Option<Instant>>,
+    /// The last reload an unknown kid caused (the periodic and startup ones do not count,
+    /// so a key rotated in just after them still loads at once).
+    last_kid_reload: Mutex<Option<Instant>>,
     validation: Validation,
     /// Revoked token ids (unexpired), refreshed from the control plane every second.
     revoked: RwLock<std::collections::HashSet<String>>,
@@ -40,6 +45,7 @@ impl JwtVerifier {
             client,
             keys: RwLock::new(HashMap::new()),
             last_refresh: Mutex::new(None),
+            last_kid_reload: Mutex::new(None),
             validation,
             revoked: RwLock::new(Default::default()),
             reloading: tokio::sync::Mutex::new(()),
@@ -58,25 +64,28 @@ impl JwtVerifier {
         self.load().await
     }
 
-    /// Reloads the key set for a kid not seen before (a rotated-in key): waits out the
-    /// minimum interval rather than refusing a genuine new token. Logins that waited while
-    /// another reloaded share that reload: a flood of made-up kids costs one reload a
-    /// second, not one per token.
+    /// Reloads the key set for a kid not seen before (a rotated-in key), single-flight:
+    /// logins that waited while another reloaded share that reload. Within
+    /// `MIN_REFRESH_INTERVAL` of the last such reload nothing is fetched (the kid stays
+    /// unknown and the login is refused).
     async fn refresh_for(&self, kid: &str) -> Result<(), GatewayError> {
         let arrived = Instant::now();
+        let recent =
+            || self.last_kid_reload.lock().unwrap().is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL);
+        if recent() {
+            return Ok(());
+        }
         let _one = self.reloading.lock().await;
-        if self.keys.read().unwrap().contains_key(kid) {
+        if self.keys.read().unwrap().contains_key(kid) || recent() {
             return Ok(());
         }
         if self.last_refresh.lock().unwrap().is_some_and(|t| t >= arrived) {
             // Reloaded since this login arrived: as fresh as a reload of its own would be.
             return Ok(());
         }
-        let since = self.last_refresh.lock().unwrap().map(|t| t.elapsed());
-        if let Some(wait) = since.map(|s| MIN_REFRESH_INTERVAL.saturating_sub(s)) {
-            tokio::time::sleep(wait).await;
-        }
-        *self.last_refresh.lock().unwrap() = Some(Instant::now());
+        let now = Instant::now();
+        *self.last_refresh.lock().unwrap() = Some(now);
+        *self.last_kid_reload.lock().unwrap() = Some(now);
         self.load().await
     }
 

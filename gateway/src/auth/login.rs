@@ -33,7 +33,8 @@ impl Attempt {
         }
     }
 
-    /// The user-name key failures are counted under. Token failures count per source only
+    /// The user-name key failures are counted under (the throttle folds case and spaces, as
+    /// a directory matches LDAP names). Token failures count per source only
     /// (the gateway keeps them in a table of their own, keyed by address), so a flood of bad
     /// tokens cannot lock anyone else out.
     pub fn throttle_key(&self, source: IpAddr) -> String {

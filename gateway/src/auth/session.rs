@@ -79,7 +79,7 @@ impl Session {
         match &result {
             Ok(()) => {
                 if let Some(t) = throttle {
-                    t.lock().unwrap().success(&key);
+                    t.lock().unwrap().success(source, &key);
                 }
                 crate::metrics::auth_attempt(&note.mechanism, "success");
                 self.shared.audit.push(note.event(gateway_id, source, "success"));

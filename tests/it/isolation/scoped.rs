@@ -209,3 +209,79 @@ async fn every_cell_of_the_permissions_table_holds() {
     }
     assert!(failures.is_empty(), "{} cells differ:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// The ACL users of a cache's scoped tokens, on whichever node holds it.
+async fn token_acl_users(dev: &ShoalDev, id: &str) -> Vec<String> {
+    let prefix = format!("{}.jwt.", shoal_types::CacheId::parse(id).unwrap().acl_user());
+    let mut found = Vec::new();
+    for i in 0..dev.node_ports.len() {
+        let users: Vec<String> =
+            redis::cmd("ACL").arg("USERS").query_async(&mut dev.node_admin(i).await).await.unwrap();
+        found.extend(users.into_iter().filter(|u| u.starts_with(&prefix)));
+    }
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn a_cache_has_a_bounded_number_of_token_acl_users() {
+    let dev = ShoalDev::start().await;
+    let id = dev.create_cache("bounded").await["id"].as_str().unwrap().to_string();
+    for i in 0..100 {
+        mint(&dev, &id, serde_json::json!({"key_patterns": [format!("p{i}:*")]})).await;
+    }
+    let before = token_acl_users(&dev, &id).await;
+    assert_eq!(before.len(), 100);
+    // One more distinct set is refused, clearly, and changes nothing.
+    let (status, body) = dev
+        .api(
+            reqwest::Method::POST,
+            &format!("/v1/caches/{id}/tokens"),
+            Some(serde_json::json!({"key_patterns": ["one-too-many:*"]})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("100 distinct token scopes"), "{body}");
+    assert_eq!(token_acl_users(&dev, &id).await, before);
+    // A set already in use still mints (it reuses its user).
+    mint(&dev, &id, serde_json::json!({"key_patterns": ["p7:*"]})).await;
+    assert_eq!(token_acl_users(&dev, &id).await, before);
+}
+
+#[tokio::test]
+async fn token_acl_users_go_when_no_live_token_uses_them() {
+    let dev = ShoalDev::start_with(&["--acl-sweep-interval", "0.3"]).await;
+    let id = dev.create_cache("swept").await["id"].as_str().unwrap().to_string();
+    mint(&dev, &id, serde_json::json!({"key_patterns": ["short:*"], "ttl_seconds": 1})).await;
+    let long = mint(&dev, &id, serde_json::json!({"key_patterns": ["long:*"], "ttl_seconds": 600})).await;
+    let (status, revoked) = dev
+        .api(
+            reqwest::Method::POST,
+            &format!("/v1/caches/{id}/tokens"),
+            Some(serde_json::json!({"key_patterns": ["gone:*"], "ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(token_acl_users(&dev, &id).await.len(), 3);
+    let jti = revoked["jti"].as_str().unwrap();
+    let (status, body) =
+        dev.api(reqwest::Method::DELETE, &format!("/v1/caches/{id}/tokens/{jti}"), None).await;
+    assert!(status < 300, "{status} {body}");
+    let cache_user = shoal_types::CacheId::parse(&id).unwrap().acl_user();
+    let user_of = |p: &str| {
+        shoal_auth::token::upstream_user(&cache_user, shoal_types::Permission::ReadWrite, &[p.to_string()])
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while token_acl_users(&dev, &id).await != [user_of("long:*")] {
+        assert!(std::time::Instant::now() < deadline, "{:?}", token_acl_users(&dev, &id).await);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The token still in use works as before.
+    let out = raw(
+        dev.resp_port,
+        &[auth_command(&long), b"*3\r\n$3\r\nSET\r\n$6\r\nlong:1\r\n$1\r\nv\r\n".to_vec()].concat(),
+    )
+    .await;
+    assert_eq!(out, b"+OK\r\n+OK\r\n");
+}

@@ -416,8 +416,16 @@ pub fn pid_alive(pid: i32) -> bool {
 
 /// A raw RESP conversation: writes `input`, reads until the server closes or is quiet for 500 ms.
 pub async fn raw(port: u16, input: &[u8]) -> Vec<u8> {
+    raw_from([127, 0, 0, 1].into(), port, input).await
+}
+
+/// `raw` from another source address (Linux loopback accepts all of 127/8), as a second
+/// client machine would connect.
+pub async fn raw_from(source: std::net::IpAddr, port: u16, input: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut s = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
     s.write_all(input).await.unwrap();
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -431,12 +439,17 @@ pub async fn raw(port: u16, input: &[u8]) -> Vec<u8> {
 
 /// `AUTH <user> <password>` then `PING`, as raw RESP; the server's answer.
 pub async fn auth(dev: &ShoalDev, user: &str, password: &str) -> String {
+    auth_from(dev, [127, 0, 0, 1].into(), user, password).await
+}
+
+/// `auth` from another source address.
+pub async fn auth_from(dev: &ShoalDev, source: std::net::IpAddr, user: &str, password: &str) -> String {
     let cmd = format!(
         "*3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
         user.len(),
         password.len()
     );
-    String::from_utf8_lossy(&raw(dev.resp_port, cmd.as_bytes()).await).into_owned()
+    String::from_utf8_lossy(&raw_from(source, dev.resp_port, cmd.as_bytes()).await).into_owned()
 }
 
 /// `AUTH <token>` as RESP.
