@@ -134,22 +134,38 @@ impl Pool {
     }
 
     /// Creates or changes a cache user's ACL user (`rules` as `ACL SETUSER` takes them, the
-    /// password included) and saves the ACL file. Valkey applies changed rules to the user's
-    /// open connections at once; a user switched `off` has its connections closed.
+    /// password included) and saves the ACL file if that changed the user (a login that
+    /// remakes its user on every use writes nothing). Valkey applies changed rules to the
+    /// user's open connections at once; a user switched `off` has its connections closed.
     pub async fn set_cache_user(&self, node: &str, user: &str, rules: &[String]) -> Result<(), EngineError> {
         let node = self.node(node)?;
         let mut conn = admin_conn(node).await?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
+        let getuser = || redis::cmd("ACL").arg("GETUSER").arg(user).clone();
+        let (before, (), after): (redis::Value, (), redis::Value) = redis::pipe()
+            .add_command(getuser())
+            .cmd("ACL")
+            .arg("SETUSER")
+            .arg(user)
+            .arg(rules)
+            .add_command(getuser())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| node.valkey_err(e))?;
         if rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off") {
-            pipe.cmd("CLIENT").arg("KILL").arg("USER").arg(user).ignore();
+            match redis::cmd("CLIENT").arg("KILL").arg("USER").arg(user).query_async::<()>(&mut conn).await {
+                // CLIENT KILL USER answers an error when nobody was connected.
+                Err(e) if !e.to_string().contains("No such user") => return Err(node.valkey_err(e)),
+                _ => {}
+            }
         }
-        pipe.cmd("ACL").arg("SAVE").ignore();
-        match pipe.query_async::<()>(&mut conn).await {
-            // CLIENT KILL USER answers an error when nobody was connected.
-            Err(e) if e.to_string().contains("No such user") => Ok(()),
-            other => other.map_err(|e| node.valkey_err(e)),
+        if before != after {
+            redis::cmd("ACL")
+                .arg("SAVE")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| node.valkey_err(e))?;
         }
+        Ok(())
     }
 
     /// Deletes cache users' ACL users (Valkey closes their connections) and saves the ACL file.

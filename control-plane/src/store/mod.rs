@@ -209,9 +209,12 @@ impl Store {
     // --- API keys ---
 
     pub async fn api_key_by_hash(&self, token_hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        // Keys of a deleted account are revoked with it; the join also refuses one made in a
+        // race with the deletion (an LDAP session).
         let row = sqlx::query(
-            "SELECT id, role, account_id FROM api_keys
-             WHERE token_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+            "SELECT k.id, k.role, k.account_id FROM api_keys k LEFT JOIN accounts a ON a.id = k.account_id
+             WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)
+               AND (k.account_id IS NULL OR a.status <> 'deleted')",
         )
         .bind(token_hash)
         .bind(now())

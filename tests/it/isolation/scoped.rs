@@ -243,9 +243,20 @@ async fn a_cache_has_a_bounded_number_of_token_acl_users() {
     assert_eq!(status, 409, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("100 distinct token scopes"), "{body}");
     assert_eq!(token_acl_users(&dev, &id).await, before);
-    // A set already in use still mints (it reuses its user).
+    // A set already in use still mints (it reuses its user), and rewrites no ACL file.
+    let acl_files = || -> Vec<std::time::SystemTime> {
+        (0..dev.node_ports.len())
+            .map(|i| {
+                let path = dev.dir.join(format!(".shoal/valkey/n{i}/users.acl"));
+                std::fs::metadata(path).unwrap().modified().unwrap()
+            })
+            .collect()
+    };
+    let saved = acl_files();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     mint(&dev, &id, serde_json::json!({"key_patterns": ["p7:*"]})).await;
     assert_eq!(token_acl_users(&dev, &id).await, before);
+    assert_eq!(acl_files(), saved, "an unchanged ACL user is not saved again");
 }
 
 #[tokio::test]
