@@ -139,7 +139,12 @@ impl ShoalDev {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let up = self.http.get(self.url("/healthz")).send().await.map(|r| r.status().is_success());
-            if matches!(up, Ok(true)) && self.admin_token_path().exists() {
+            // The REST API answers before the gateway binds (it needs the control plane's
+            // credential first): up means both.
+            if matches!(up, Ok(true))
+                && self.admin_token_path().exists()
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.resp_port)).await.is_ok()
+            {
                 return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
