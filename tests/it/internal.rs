@@ -1,7 +1,7 @@
 //! The internal API between gateways and the control plane (issue 16, "Internal API"): its
 //! own listener, TLS, one credential per gateway, a throttled password check.
 
-use crate::support::{auth, free_port, ShoalDev};
+use crate::support::{auth, free_port, Proc, ShoalDev};
 use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -172,7 +172,7 @@ async fn gateway_and_control_plane_talk_over_tls() {
     std::fs::write(d.join("cp.toml"), &cp_toml).unwrap();
     let cp_path = d.join("cp.toml");
     let cp_path = cp_path.to_str().unwrap();
-    let _cp = crate::support::Proc::spawn(&["control-plane", "--config", cp_path], &d.join("cp.log"));
+    let _cp = Proc::spawn(&["control-plane", "--config", cp_path], &d.join("cp.log"));
     let http = crate::support::http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(d.join("admin.token").exists()
@@ -197,10 +197,7 @@ async fn gateway_and_control_plane_talk_over_tls() {
         d.join("gateway.credential").display()
     );
     std::fs::write(d.join("gw.toml"), gw_toml).unwrap();
-    let _gw = crate::support::Proc::spawn(
-        &["gateway", "--config", d.join("gw.toml").to_str().unwrap()],
-        &d.join("gw.log"),
-    );
+    let _gw = Proc::spawn(&["gateway", "--config", d.join("gw.toml").to_str().unwrap()], &d.join("gw.log"));
 
     let admin = std::fs::read_to_string(d.join("admin.token")).unwrap().trim().to_string();
     let cache: Value = http

@@ -1,7 +1,7 @@
 //! Metering end to end: what clients send and receive, metered by the rule, must be what
 //! the control plane stores — exactly, to the byte and the milli-ECPU.
 
-use crate::support::{auth_command, encode, ShoalDev};
+use crate::support::{auth_command, encode, Proc, ShoalDev};
 use shoal_types::UsageCounters as Totals;
 
 /// A command in RESP (byte-string arguments).
@@ -285,44 +285,6 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
     assert!(body.lines().any(|l| l == count), "one latency sample per metered command: {count}");
 }
 
-/// A child process stopped with SIGTERM when dropped.
-struct Proc(Option<std::process::Child>);
-
-impl Proc {
-    fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc(Some(child))
-    }
-
-    fn signal(&self, signal: i32) {
-        let child = self.0.as_ref().expect("running");
-        unsafe { libc::kill(child.id() as i32, signal) };
-    }
-
-    /// SIGTERM, then waits for the exit.
-    fn stop(&mut self) {
-        let Some(mut child) = self.0.take() else { return };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "process did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// `shoal control-plane` and `shoal gateway` as separate processes in one directory.
 struct Split {
     dir: tempfile::TempDir,
@@ -483,7 +445,7 @@ async fn usage_survives_a_control_plane_outage_and_a_gateway_restart_exactly() {
     stop.send(true).unwrap();
     let mut want = running.await.unwrap();
     assert!(want.commands > 1000, "the load ran: {want:?}");
-    gw.stop();
+    assert!(gw.stop(), "the gateway stops");
     let spooled = std::fs::read_dir(split.path("gateway/usage/spool")).unwrap().count();
     assert!(spooled >= 5, "the outage's batches are spooled, found {spooled}");
 

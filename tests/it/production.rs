@@ -1,34 +1,10 @@
 //! The production processes, each from its own config file: `shoal control-plane` and
 //! `shoal gateway` as separate processes.
 
-use crate::support::free_port;
+use crate::support::{free_port, Proc};
 use redis::AsyncCommands;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn spawn(args: &[&str], log: &std::path::Path) -> Proc {
-    let log = std::fs::File::create(log).unwrap();
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
 
 #[tokio::test]
 async fn control_plane_and_gateway_run_as_separate_processes() {
@@ -48,7 +24,8 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
     std::fs::write(dir.path().join("cp.toml"), cp_toml).unwrap();
     std::fs::write(dir.path().join("gw.toml"), gw_toml).unwrap();
     let cp_path = dir.path().join("cp.toml");
-    let _cp = spawn(&["control-plane", "--config", cp_path.to_str().unwrap()], &dir.path().join("cp.log"));
+    let _cp =
+        Proc::spawn(&["control-plane", "--config", cp_path.to_str().unwrap()], &dir.path().join("cp.log"));
 
     let http = crate::support::http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -70,7 +47,7 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     std::fs::write(dir.path().join("gateway.credential"), &made.stdout).unwrap();
     let gw_path = dir.path().join("gw.toml");
-    let _gw = spawn(&["gateway", "--config", gw_path.to_str().unwrap()], &dir.path().join("gw.log"));
+    let _gw = Proc::spawn(&["gateway", "--config", gw_path.to_str().unwrap()], &dir.path().join("gw.log"));
 
     let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
     let cache: serde_json::Value = http

@@ -488,15 +488,29 @@ impl Proc {
             .expect("shoal binary runs");
         Proc(Some(child))
     }
+
+    pub fn signal(&self, signal: i32) {
+        let child = self.0.as_ref().expect("running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// SIGTERM, then waits for the exit (false: still running after 20 s).
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.0.take() else { return true };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let Some(mut child) = self.0.take() else { return };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.stop();
     }
 }
