@@ -1,7 +1,7 @@
 //! The internal API between gateways and the control plane (issue 16, "Internal API"): its
 //! own listener, TLS, one credential per gateway, a throttled password check.
 
-use crate::support::{auth, free_port, Proc, ShoalDev};
+use crate::support::{auth, control_plane_toml, free_port, Proc, ShoalDev};
 use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -36,17 +36,6 @@ fn refused(kind: &str, toml: &str) -> String {
     assert!(!out.status.success(), "{kind} started with\n{toml}\n{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20), "refused only after {:?}", started.elapsed());
     stderr
-}
-
-fn control_plane_toml(dir: &std::path::Path, extra: &str) -> String {
-    let d = dir.display();
-    format!(
-        "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
-         admin_token_path = \"{d}/admin.token\"\n{extra}\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
-         [[engine.nodes]]\nname = \"n0\"\nport = {node}\n",
-        rest = free_port(),
-        node = free_port(),
-    )
 }
 
 /// A well-formed credential that no control plane issued.
@@ -127,7 +116,10 @@ fn placeholder_short_and_shared_secrets_are_refused_at_start() {
 
     // The control plane: the shipped `internal_token = "change-me"` (or any shared token).
     let dir = tempfile::tempdir().unwrap();
-    let err = refused("control-plane", &control_plane_toml(dir.path(), "internal_token = \"change-me\""));
+    let err = refused(
+        "control-plane",
+        &control_plane_toml(dir.path(), free_port(), free_port(), "internal_token = \"change-me\""),
+    );
     assert!(err.contains("internal_token") && err.contains("shoal admin gateway create"), "{err}");
 }
 
@@ -137,7 +129,12 @@ fn plain_http_for_the_internal_api_is_refused_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let err = refused(
         "control-plane",
-        &control_plane_toml(dir.path(), &format!("internal_listen = \"0.0.0.0:{}\"", free_port())),
+        &control_plane_toml(
+            dir.path(),
+            free_port(),
+            free_port(),
+            &format!("internal_listen = \"0.0.0.0:{}\"", free_port()),
+        ),
     );
     assert!(err.contains("internal_tls_cert") && err.contains("loopback"), "{err}");
     // A gateway talking plain HTTP to another machine (refused before it sends anything).
@@ -158,9 +155,11 @@ async fn gateway_and_control_plane_talk_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (cert, key) = shoal_gateway::tls::ensure_self_signed(&d.join("tls")).unwrap();
-    let (internal, resp) = (free_port(), free_port());
+    let (rest, internal, resp) = (free_port(), free_port(), free_port());
     let cp_toml = control_plane_toml(
         d,
+        rest,
+        free_port(),
         &format!(
             "public_endpoint = \"127.0.0.1:{resp}\"\ninternal_listen = \"127.0.0.1:{internal}\"\n\
              internal_tls_cert = \"{}\"\ninternal_tls_key = \"{}\"",
@@ -168,23 +167,12 @@ async fn gateway_and_control_plane_talk_over_tls() {
             key.display()
         ),
     );
-    let rest: u16 = cp_toml.split("127.0.0.1:").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
     std::fs::write(d.join("cp.toml"), &cp_toml).unwrap();
     let cp_path = d.join("cp.toml");
     let cp_path = cp_path.to_str().unwrap();
     let _cp = Proc::spawn(&["control-plane", "--config", cp_path], &d.join("cp.log"));
     let http = crate::support::http_client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(d.join("admin.token").exists()
-        && http
-            .get(format!("http://127.0.0.1:{rest}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success()))
-    {
-        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(d.join("cp.log")).unwrap());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::support::wait_for_control_plane(&http, rest, d).await;
     // The operator makes the gateway's credential on the control plane's machine.
     let (ok, credential, err) = run_shoal(&["admin", "gateway", "create", "edge-1", "--config", cp_path]);
     assert!(ok, "{err}");
@@ -199,38 +187,20 @@ async fn gateway_and_control_plane_talk_over_tls() {
     std::fs::write(d.join("gw.toml"), gw_toml).unwrap();
     let _gw = Proc::spawn(&["gateway", "--config", d.join("gw.toml").to_str().unwrap()], &d.join("gw.log"));
 
-    let admin = std::fs::read_to_string(d.join("admin.token")).unwrap().trim().to_string();
-    let cache: Value = http
-        .post(format!("http://127.0.0.1:{rest}/v1/caches"))
-        .bearer_auth(&admin)
-        .json(&json!({"name": "over-tls"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let minted: Value = http
-        .post(format!("http://127.0.0.1:{rest}/v1/caches/{}/tokens", cache["id"].as_str().unwrap()))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let url = format!("redis://:{}@127.0.0.1:{resp}/", minted["token"].as_str().unwrap());
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = loop {
-        match client.get_multiplexed_async_connection().await {
-            Ok(c) => break c,
-            Err(e) => {
-                let logs = std::fs::read_to_string(d.join("gw.log")).unwrap_or_default();
-                assert!(Instant::now() < deadline, "gateway never accepted: {e}\n{logs}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let admin = std::fs::read_to_string(d.join("admin.token")).unwrap();
+    let cache = crate::support::admin_api(
+        &http,
+        rest,
+        &admin,
+        Method::POST,
+        "/v1/caches",
+        Some(json!({"name": "over-tls"})),
+    )
+    .await;
+    let tokens = format!("/v1/caches/{}/tokens", cache["id"].as_str().unwrap());
+    let minted = crate::support::admin_api(&http, rest, &admin, Method::POST, &tokens, None).await;
+    let gw_log = || std::fs::read_to_string(d.join("gw.log")).unwrap_or_default();
+    let mut conn = crate::support::client_when_up(resp, minted["token"].as_str().unwrap(), gw_log).await;
     let _: () = conn.set("k", "over tls").await.unwrap();
     assert_eq!(conn.get::<_, String>("k").await.unwrap(), "over tls");
 

@@ -301,11 +301,11 @@ impl Split {
         let (rest, resp, node) =
             (crate::support::free_port(), crate::support::free_port(), crate::support::free_port());
         let internal = crate::support::free_port();
-        let cp = format!(
-            "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
-             admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
-             internal_listen = \"127.0.0.1:{internal}\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
-             [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
+        let cp = crate::support::control_plane_toml(
+            dir.path(),
+            rest,
+            node,
+            &format!("public_endpoint = \"127.0.0.1:{resp}\"\ninternal_listen = \"127.0.0.1:{internal}\""),
         );
         // A small memory bound, so that an outage of a few seconds already spools to disk.
         let gw = format!(
@@ -331,31 +331,15 @@ impl Split {
             &["control-plane", "--config", self.path("cp.toml").to_str().unwrap()],
             &self.path("cp.log"),
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = self.http.get(format!("http://127.0.0.1:{}/readyz", self.rest)).send().await;
-            if self.path("admin.token").exists() && ready.is_ok_and(|r| r.status().is_success()) {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "control plane did not start\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// A gateway credential made with `shoal admin gateway create` (the store must exist).
-    fn credential(&self, name: &str) -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["admin", "gateway", "create", name, "--config", self.path("cp.toml").to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        crate::support::wait_for_control_plane(&self.http, self.rest, self.dir.path()).await;
+        p
     }
 
     /// Starts the gateway (its credential made on first use).
     fn gateway(&self) -> Proc {
         if !self.path("gateway.credential").exists() {
-            std::fs::write(self.path("gateway.credential"), self.credential("split")).unwrap();
+            let credential = crate::support::create_gateway_credential(&self.path("cp.toml"), "split");
+            std::fs::write(self.path("gateway.credential"), credential).unwrap();
         }
         Proc::spawn(&["gateway", "--config", self.path("gw.toml").to_str().unwrap()], &self.path("gw.log"))
     }
@@ -367,16 +351,7 @@ impl Split {
         body: Option<serde_json::Value>,
     ) -> serde_json::Value {
         let admin = std::fs::read_to_string(self.path("admin.token")).unwrap();
-        let mut req = self
-            .http
-            .request(method, format!("http://127.0.0.1:{}{path}", self.rest))
-            .bearer_auth(admin.trim());
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.unwrap();
-        assert!(resp.status().is_success(), "{path}: {}", resp.status());
-        resp.json().await.unwrap()
+        crate::support::admin_api(&self.http, self.rest, &admin, method, path, body).await
     }
 
     async fn stored(&self, cache: &str) -> Totals {
@@ -385,15 +360,7 @@ impl Split {
     }
 
     async fn client(&self, token: &str) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(format!("redis://:{token}@127.0.0.1:{}/", self.resp)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match client.get_multiplexed_async_connection().await {
-                Ok(c) => return c,
-                Err(e) => assert!(Instant::now() < deadline, "gateway never accepted: {e}\n{}", self.log()),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::support::client_when_up(self.resp, token, || self.log()).await
     }
 }
 
@@ -573,7 +540,7 @@ async fn usage_batches_are_stored_once_and_read_per_minute_or_hour() {
         serde_json::json!({"cache_id": id, "minute": minute, "commands": commands, "ecpu_milli": commands * 1000,
             "bytes_in": 10, "bytes_out": 20, "hits": 1, "misses": 2, "throttled": 3, "errors": 4})
     };
-    let credential = split.credential("usage-poster");
+    let credential = crate::support::create_gateway_credential(&split.path("cp.toml"), "usage-poster");
     let post = |body: serde_json::Value, token: Option<&str>| {
         let mut req =
             split.http.post(format!("http://127.0.0.1:{}/internal/v1/usage", split.internal)).json(&body);

@@ -3,19 +3,17 @@
 
 use crate::support::{free_port, Proc};
 use redis::AsyncCommands;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn control_plane_and_gateway_run_as_separate_processes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     let (rest, resp, node, internal) = (free_port(), free_port(), free_port(), free_port());
-    let cp_toml = format!(
-        "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
-         admin_token_path = \"{d}/admin.token\"\npublic_endpoint = \"127.0.0.1:{resp}\"\n\
-         internal_listen = \"127.0.0.1:{internal}\"\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
-         [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
+    let cp_toml = crate::support::control_plane_toml(
+        dir.path(),
+        rest,
+        node,
+        &format!("public_endpoint = \"127.0.0.1:{resp}\"\ninternal_listen = \"127.0.0.1:{internal}\""),
     );
     let gw_toml = format!(
         "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{internal}\"\n\
@@ -26,61 +24,29 @@ async fn control_plane_and_gateway_run_as_separate_processes() {
     let cp_path = dir.path().join("cp.toml");
     let _cp =
         Proc::spawn(&["control-plane", "--config", cp_path.to_str().unwrap()], &dir.path().join("cp.log"));
-
     let http = crate::support::http_client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(dir.path().join("admin.token").exists()
-        && http
-            .get(format!("http://127.0.0.1:{rest}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success()))
-    {
-        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(dir.path().join("cp.log")).unwrap());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::support::wait_for_control_plane(&http, rest, dir.path()).await;
     // The gateway's own credential, made on the control plane's machine.
-    let made = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["admin", "gateway", "create", "gw-1", "--config", cp_path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    std::fs::write(dir.path().join("gateway.credential"), &made.stdout).unwrap();
+    let credential = crate::support::create_gateway_credential(&cp_path, "gw-1");
+    std::fs::write(dir.path().join("gateway.credential"), credential).unwrap();
     let gw_path = dir.path().join("gw.toml");
     let _gw = Proc::spawn(&["gateway", "--config", gw_path.to_str().unwrap()], &dir.path().join("gw.log"));
 
-    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
-    let cache: serde_json::Value = http
-        .post(format!("http://127.0.0.1:{rest}/v1/caches"))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"name": "prod"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let cache = crate::support::admin_api(
+        &http,
+        rest,
+        &admin,
+        reqwest::Method::POST,
+        "/v1/caches",
+        Some(serde_json::json!({"name": "prod"})),
+    )
+    .await;
     assert_eq!(cache["endpoint"], format!("127.0.0.1:{resp}"));
-    let minted: serde_json::Value = http
-        .post(format!("http://127.0.0.1:{rest}/v1/caches/{}/tokens", cache["id"].as_str().unwrap()))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let url = format!("redis://:{}@127.0.0.1:{resp}/", minted["token"].as_str().unwrap());
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = loop {
-        match client.get_multiplexed_async_connection().await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "gateway never accepted: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let tokens = format!("/v1/caches/{}/tokens", cache["id"].as_str().unwrap());
+    let minted = crate::support::admin_api(&http, rest, &admin, reqwest::Method::POST, &tokens, None).await;
+    let gw_log = || std::fs::read_to_string(dir.path().join("gw.log")).unwrap_or_default();
+    let mut conn = crate::support::client_when_up(resp, minted["token"].as_str().unwrap(), gw_log).await;
     let _: () = conn.set("k", "v").await.unwrap();
     assert_eq!(conn.get::<_, String>("k").await.unwrap(), "v");
 

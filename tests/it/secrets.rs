@@ -213,16 +213,10 @@ async fn a_signing_key_rotation_is_shared_by_every_control_plane_over_the_store(
     // The second publishes the new key and signs with it; the token works on the gateway.
     let after = jwks(format!("{base}/.well-known/jwks.json")).await;
     assert!(after.contains(&kid), "{after:?} lacks {kid}");
-    let minted: serde_json::Value = dev
-        .http
-        .post(format!("{base}/v1/caches/{cache_id}/tokens"))
-        .bearer_auth(dev.admin_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let path = format!("/v1/caches/{cache_id}/tokens");
+    let minted =
+        crate::support::admin_api(&dev.http, rest, &dev.admin_token(), reqwest::Method::POST, &path, None)
+            .await;
     let token = minted["token"].as_str().unwrap_or_else(|| panic!("{minted}"));
     let header = token.split('.').next().unwrap();
     use base64::Engine;

@@ -474,6 +474,81 @@ pub fn auth_command(token: &str) -> Vec<u8> {
     format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{}\r\n", token.len(), token).into_bytes()
 }
 
+// --- A control plane and a gateway the test runs itself, from config files ---
+
+/// The `[control_plane]` and `[engine]` (one node) sections of a control plane in `dir`;
+/// `extra` adds lines to `[control_plane]`.
+pub fn control_plane_toml(dir: &Path, rest: u16, node: u16, extra: &str) -> String {
+    let d = dir.display();
+    format!(
+        "[control_plane]\nlisten = \"127.0.0.1:{rest}\"\ndatabase_url = \"sqlite://{d}/shoal.db\"\n\
+         admin_token_path = \"{d}/admin.token\"\n{extra}\n\n[engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n\n\
+         [[engine.nodes]]\nname = \"n0\"\nport = {node}\n"
+    )
+}
+
+/// A gateway credential made as an operator does, `shoal admin gateway create <name>` with
+/// the control plane's config file (its store must exist).
+pub fn create_gateway_credential(control_plane_toml: &Path, name: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["admin", "gateway", "create", name, "--config", control_plane_toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Waits until the control plane on `rest` is ready and has written its admin token in `dir`
+/// (its log, `cp.log` there, is shown if it never is).
+pub async fn wait_for_control_plane(http: &reqwest::Client, rest: u16, dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http.get(format!("http://127.0.0.1:{rest}/readyz")).send().await;
+        if dir.join("admin.token").exists() && ready.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        let log = std::fs::read_to_string(dir.join("cp.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "control plane did not start\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An admin's request to the control plane on `rest`: its JSON answer, which must be a success.
+pub async fn admin_api(
+    http: &reqwest::Client,
+    rest: u16,
+    admin: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let mut req = http.request(method, format!("http://127.0.0.1:{rest}{path}")).bearer_auth(admin.trim());
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
+/// A client of the gateway on `port` logged in with `token`, once the gateway accepts
+/// (within 30 s; `log` says why not).
+pub async fn client_when_up(
+    port: u16,
+    token: &str,
+    log: impl Fn() -> String,
+) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(format!("redis://:{token}@127.0.0.1:{port}/")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.get_multiplexed_async_connection().await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "gateway never accepted: {e}\n{}", log()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A `shoal` child process (its stderr appended to `log`), stopped with SIGTERM when dropped.
 pub struct Proc(Option<Child>);
 
