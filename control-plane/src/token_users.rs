@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::CacheRecord;
 use shoal_types::Permission;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,8 @@ pub async fn admit(state: &AppState, cache: &CacheRecord, user: &str) -> Result<
     )))
 }
 
-/// Sweeps every cache every `interval`, for as long as the control plane runs.
+/// Sweeps every cache every `interval`, for as long as the control plane runs: one
+/// `ACL USERS` per node, then only the caches that have token users on it.
 pub async fn run(state: Arc<AppState>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,22 +59,35 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 continue;
             }
         };
+        let mut users: HashMap<String, Vec<String>> = HashMap::new();
+        for node in state.pool.nodes() {
+            match state.pool.acl_users_with_prefix(node.name(), "").await {
+                Ok(on_node) => {
+                    users.insert(node.name().to_string(), on_node);
+                }
+                Err(e) => tracing::warn!(node = node.name(), error = %e, "cannot list token ACL users"),
+            }
+        }
         for cache in caches {
-            if let Err(e) = sweep(&state, &cache).await {
+            let prefix = format!("{}.jwt.", cache.id.acl_user());
+            let on_node: Vec<String> = users
+                .get(&cache.node)
+                .map(|u| u.iter().filter(|u| u.starts_with(&prefix)).cloned().collect())
+                .unwrap_or_default();
+            if on_node.is_empty() {
+                continue;
+            }
+            if let Err(e) = sweep(&state, &cache, on_node).await {
                 tracing::warn!(cache = %cache.id, error = %e, "token ACL user sweep failed");
             }
         }
     }
 }
 
-/// Deletes the cache's token ACL users that no live token uses; returns how many.
-async fn sweep(state: &AppState, cache: &CacheRecord) -> Result<usize, ApiError> {
+/// Deletes those of the cache's token ACL users `on_node` that no live token uses; returns
+/// how many.
+async fn sweep(state: &AppState, cache: &CacheRecord, on_node: Vec<String>) -> Result<usize, ApiError> {
     let _changing = state.users_lock.lock().await;
-    let prefix = format!("{}.jwt.", cache.id.acl_user());
-    let on_node = state.pool.acl_users_with_prefix(&cache.node, &prefix).await?;
-    if on_node.is_empty() {
-        return Ok(0);
-    }
     let used = in_use(state, cache).await?;
     let stale: Vec<String> = on_node.into_iter().filter(|u| !used.contains(u)).collect();
     state.pool.delete_cache_users(&cache.node, &stale).await?;
