@@ -9,8 +9,6 @@ use std::time::Duration;
 /// What becomes of a request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Action {
-    /// An error reply, not metered (before AUTH; a write while the cache is full).
-    Reject(&'static str),
     /// An error reply, metered (inside MULTI it makes EXEC abort).
     Refuse(String),
     /// The gateway answers or rewrites it ([`crate::cmd`]).
@@ -34,13 +32,14 @@ pub(crate) trait Facts {
     fn can_mux(&self) -> bool;
 }
 
-/// Before metering: requests refused without being counted.
-pub(crate) fn reject(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts) -> Option<Action> {
+/// Before metering: the error of a request refused without being counted (before AUTH; a
+/// write while the cache is full).
+pub(crate) fn reject(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts) -> Option<&'static str> {
     if !facts.authenticated() {
-        return (!spec.is_some_and(|s| s.no_auth)).then_some(Action::Reject(NOAUTH));
+        return (!spec.is_some_and(|s| s.no_auth)).then_some(NOAUTH);
     }
     let full = spec.is_some_and(|s| s.refused_when_full) && facts.storage_refuses(len as u64);
-    full.then_some(Action::Reject(STORAGE_FULL))
+    full.then_some(STORAGE_FULL)
 }
 
 /// After metering: what the request becomes. Commands the table does not know are
@@ -138,16 +137,16 @@ mod tests {
             assert_eq!(reject(spec(name), 10, &s), None, "{name}");
         }
         for name in ["get", "ping", "select", "client|list", "flushall"] {
-            assert_eq!(reject(spec(name), 10, &s), Some(Action::Reject(NOAUTH)), "{name}");
+            assert_eq!(reject(spec(name), 10, &s), Some(NOAUTH), "{name}");
         }
-        assert_eq!(reject(None, 10, &s), Some(Action::Reject(NOAUTH)), "unknown commands too");
+        assert_eq!(reject(None, 10, &s), Some(NOAUTH), "unknown commands too");
     }
 
     #[test]
     fn a_full_cache_refuses_writes_and_is_asked_only_for_them() {
         let s = Session { full: true, ..logged_in() };
-        assert_eq!(reject(spec("set"), 10, &s), Some(Action::Reject(STORAGE_FULL)));
-        assert_eq!(reject(spec("eval"), 10, &s), Some(Action::Reject(STORAGE_FULL)), "scripts may write");
+        assert_eq!(reject(spec("set"), 10, &s), Some(STORAGE_FULL));
+        assert_eq!(reject(spec("eval"), 10, &s), Some(STORAGE_FULL), "scripts may write");
         assert_eq!(s.storage_asked.get(), 2);
         for name in ["get", "del", "expire", "eval_ro"] {
             assert_eq!(reject(spec(name), 10, &s), None, "{name}");

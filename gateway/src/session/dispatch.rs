@@ -208,7 +208,7 @@ impl Session {
         spec: Option<&'static CommandSpec>,
         args: &[Range<usize>],
     ) {
-        if let Some(Action::Reject(msg)) = decide::reject(spec, frame.len, self) {
+        if let Some(msg) = decide::reject(spec, frame.len, self) {
             return self.refuse(msg);
         }
         if self.tenant.is_some() && self.shared.config.metering {
@@ -225,7 +225,6 @@ impl Session {
             }
         }
         match decide::decide(spec, frame.len, self) {
-            Action::Reject(msg) => self.refuse(msg),
             Action::Refuse(msg) => self.refuse(&msg),
             Action::Virtual => {
                 crate::cmd::run(self, spec.expect("virtual commands are in the table"), args).await
