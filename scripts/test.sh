@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh --test)}"
+# Setup always runs (it installs what the tests need); a preset SHOAL_VALKEY_SERVER wins.
+valkey_server="$(scripts/setup.sh --test)"
+export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$valkey_server}"
 echo "==> valkey-server: $SHOAL_VALKEY_SERVER ($("$SHOAL_VALKEY_SERVER" --version | cut -d' ' -f3))" >&2
 
 echo "==> cargo fmt --check" >&2
