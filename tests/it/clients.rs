@@ -1,11 +1,11 @@
 //! Real third-party clients through the gateway: redis-py (RESP2 and RESP3) and redis-cli.
 
-use crate::support::ShoalDev;
+use crate::support::shared;
 use std::process::Command;
 
 #[tokio::test]
 async fn redis_py_and_redis_cli_sessions_work() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let cache = dev.create_cache("py").await;
     let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
 

@@ -2,7 +2,7 @@
 //! both must get the same replies. Plus the edges of the wire: a 64 MiB value written in
 //! small pieces, clients that vanish while blocked, and long mixed pipelines.
 
-use crate::support::{auth_command, ShoalDev};
+use crate::support::{auth_command, shared, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::fmt::Debug;
@@ -275,7 +275,7 @@ fn strings(v: &[String]) -> Vec<&str> {
 #[tokio::test]
 async fn every_data_type_behaves_as_on_valkey() {
     let started = Instant::now();
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let cache = dev.create_cache("differential").await;
     let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
     let valkey = PlainValkey::start().await;
@@ -1103,7 +1103,7 @@ fn checksum(data: &[u8]) -> u64 {
 async fn a_64_mb_value_round_trips_in_small_reads() {
     const SIZE: usize = 64 * 1024 * 1024;
     const CHUNK: usize = 16 * 1024;
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let cache = dev.create_cache("big-values").await;
     let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
 
@@ -1247,7 +1247,7 @@ async fn a_client_that_disconnects_while_blocked_releases_its_upstream() {
 
 #[tokio::test]
 async fn pipelines_of_mixed_commands_keep_order() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let a = dev.create_cache("pipe-a").await;
     let b = dev.create_cache("pipe-b").await;
     let token_a = dev.mint_token(a["id"].as_str().unwrap()).await;

@@ -1,7 +1,7 @@
 //! The gateway as an application sees it: a faithful Valkey 9 where allowed, a clear error
 //! where isolation forbids. Real clients, the real binary, real Valkey nodes.
 
-use crate::support::{raw, ShoalDev};
+use crate::support::{raw, shared, ShoalDev};
 use redis::{AsyncCommands, Value};
 use reqwest::Method;
 use std::time::Duration;
@@ -34,7 +34,7 @@ async fn cache_with_token(dev: &ShoalDev, name: &str, databases: u32) -> (String
 
 #[tokio::test]
 async fn denied_commands_get_noperm_naming_the_command_and_abort_transactions() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token) = cache_with_token(&dev, "deny", 1).await;
     let mut c = dev.client(&token).await.unwrap();
     for args in [
@@ -85,7 +85,7 @@ async fn denied_commands_get_noperm_naming_the_command_and_abort_transactions() 
 
 #[tokio::test]
 async fn databases_are_virtual_and_flushall_stays_inside_the_cache() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token_a) = cache_with_token(&dev, "multi-db", 2).await;
     let (_, token_b) = cache_with_token(&dev, "neighbour", 1).await;
     let mut a = dev.client(&token_a).await.unwrap();
@@ -121,7 +121,7 @@ async fn databases_are_virtual_and_flushall_stays_inside_the_cache() {
 
 #[tokio::test]
 async fn transactions_scripts_blocking_and_valkey_9_commands_work() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token) = cache_with_token(&dev, "app", 1).await;
     let mut c = dev.client(&token).await.unwrap();
 
@@ -184,7 +184,7 @@ async fn transactions_scripts_blocking_and_valkey_9_commands_work() {
 
 #[tokio::test]
 async fn pubsub_is_namespaced_per_cache() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token_a) = cache_with_token(&dev, "pub-a", 1).await;
     let (_, token_b) = cache_with_token(&dev, "pub-b", 1).await;
 
@@ -224,7 +224,7 @@ async fn pubsub_is_namespaced_per_cache() {
 
 #[tokio::test]
 async fn cluster_command_client_and_info_commands_are_scoped_to_the_cache() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token_a) = cache_with_token(&dev, "scoped-a", 1).await;
     let (_, token_b) = cache_with_token(&dev, "scoped-b", 1).await;
     let mut a = dev.client(&token_a).await.unwrap();
@@ -277,7 +277,7 @@ async fn cluster_command_client_and_info_commands_are_scoped_to_the_cache() {
 
 #[tokio::test]
 async fn real_cluster_mode_and_resp3_clients_work() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token) = cache_with_token(&dev, "cluster-client", 1).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/cluster_and_pubsub.py");
     let out = std::process::Command::new("python3")
@@ -296,7 +296,7 @@ async fn real_cluster_mode_and_resp3_clients_work() {
 
 #[tokio::test]
 async fn keyspace_notifications_reach_only_the_cache_that_enabled_them() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (status, problem) = dev
         .api(
             Method::POST,
@@ -405,7 +405,7 @@ impl RawConn {
 
 #[tokio::test]
 async fn client_side_caching_invalidates_only_for_the_cache() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token) = cache_with_token(&dev, "csc", 1).await;
     let (_, other_token) = cache_with_token(&dev, "csc-other", 1).await;
     let mut writer = dev.client(&token).await.unwrap();
@@ -473,7 +473,7 @@ async fn client_side_caching_invalidates_only_for_the_cache() {
 /// session to its own connection without reordering, and a lost connection is reopened.
 #[tokio::test]
 async fn stateless_commands_share_an_upstream_per_cache_in_order() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (a_id, token_a) = cache_with_token(&dev, "mux-a", 1).await;
     let (_, token_b) = cache_with_token(&dev, "mux-b", 1).await;
     let mut tasks = Vec::new();
@@ -554,7 +554,7 @@ fn resp(commands: &[&[&str]]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_list_that_looks_like_a_pubsub_frame_is_still_a_reply() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (_, token) = cache_with_token(&dev, "lookalike", 1).await;
 
     // RESP2: the list's reply comes before SUBSCRIBE's confirmation, on the session's own

@@ -32,7 +32,7 @@
 /// Scoped and read-only credentials against the rest of their own cache.
 mod scoped;
 
-use crate::support::{encode, ShoalDev};
+use crate::support::{encode, shared, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use reqwest::Method;
 use std::collections::{BTreeMap, HashMap};
@@ -2141,7 +2141,7 @@ async fn the_lua_debugger_cannot_freeze_a_neighbours_node() {
 /// how many connections its neighbours opened in between.
 #[tokio::test]
 async fn client_ids_do_not_reveal_a_neighbours_connections() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let (a_token, b_token) = neighbours_on_one_node(&dev).await;
     async fn next_id(dev: &ShoalDev, token: &str) -> i64 {
         let mut a = client(dev, token).await.unwrap();
@@ -2199,7 +2199,7 @@ async fn the_lua_debugger_cannot_crash_a_neighbours_node() {
 /// must not change which events the cache's subscribers get.
 #[tokio::test]
 async fn a_neighbours_keyspace_flags_do_not_change_what_a_cache_receives() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     // B asks for expiry events only.
     let body = serde_json::json!({"name": "quiet", "keyspace_notifications": "Kx"});
     let (status, b) = dev.api(Method::POST, "/v1/caches", Some(body)).await;

@@ -4,7 +4,7 @@
 //! the cache's other connections, and every cell of the README's permissions table
 //! (`shoal_auth::grants`) holds against the real gateway and Valkey.
 
-use crate::support::{auth_command, raw, ShoalDev};
+use crate::support::{auth_command, raw, shared, ShoalDev};
 use redis::Value;
 use shoal_auth::grants::{self, Kind};
 
@@ -43,7 +43,7 @@ async fn run(c: &mut redis::aio::MultiplexedConnection, argv: &[&str]) -> Result
 
 #[tokio::test]
 async fn key_limited_tokens_cannot_empty_or_list_the_whole_cache() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let cache = dev.create_cache("scoped-keys").await;
     let id = cache["id"].as_str().unwrap();
     let mut owner = dev.client(&dev.mint_token(id).await).await.unwrap();
@@ -88,7 +88,7 @@ async fn key_limited_tokens_cannot_empty_or_list_the_whole_cache() {
 
 #[tokio::test]
 async fn read_only_tokens_cannot_list_or_kill_other_connections() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let cache = dev.create_cache("scoped-clients").await;
     let id = cache["id"].as_str().unwrap();
     let mut owner = dev.client(&dev.mint_token(id).await).await.unwrap();
@@ -125,13 +125,13 @@ async fn read_only_tokens_cannot_list_or_kill_other_connections() {
 /// Every cell of the README's table, with a real credential of each kind.
 #[tokio::test]
 async fn every_cell_of_the_permissions_table_holds() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let cache = dev.create_cache("scoped-table").await;
     let id = cache["id"].as_str().unwrap().to_string();
     let mut owner = dev.client(&dev.mint_token(&id).await).await.unwrap();
     // The cache's own ACL rules, as the engine made them (read from the node).
     let tenant_rules: Vec<String> = {
-        let mut admin = dev.node_admin(0).await;
+        let mut admin = dev.node_admin(ShoalDev::node_of(&cache)).await;
         let user = format!("t{id}");
         let text: Vec<String> = redis::cmd("ACL").arg("LIST").query_async(&mut admin).await.unwrap();
         let line =
@@ -225,7 +225,7 @@ async fn token_acl_users(dev: &ShoalDev, id: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_cache_has_a_bounded_number_of_token_acl_users() {
-    let dev = ShoalDev::start().await;
+    let dev = shared().await;
     let id = dev.create_cache("bounded").await["id"].as_str().unwrap().to_string();
     for i in 0..100 {
         mint(&dev, &id, serde_json::json!({"key_patterns": [format!("p{i}:*")]})).await;

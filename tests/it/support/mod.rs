@@ -2,7 +2,12 @@
 //! and talks to it over HTTP and RESP like a user would.
 #![allow(dead_code)]
 
+mod shared;
+
+pub use shared::shared;
+
 use serde_json::Value;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -49,6 +54,8 @@ pub struct ShoalDev {
     pub internal_port: u16,
     pub node_ports: Vec<u16>,
     child: Option<Child>,
+    /// Started in its own process group, to outlive the test that started it ([`shared`]).
+    detached: bool,
     pub http: reqwest::Client,
     /// Extra `shoal dev` arguments (limits for tests).
     pub extra_args: Vec<String>,
@@ -66,8 +73,15 @@ impl ShoalDev {
     /// Starts with extra `shoal dev` arguments.
     pub async fn start_with(extra: &[&str]) -> ShoalDev {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut dev = ShoalDev {
+        let mut dev = Self::unstarted(tmp.path().to_path_buf(), extra);
+        dev._tmp = Some(tmp);
+        dev.start_on_free_ports().await;
+        dev
+    }
+
+    /// A platform in `dir` on fresh ports, not started yet.
+    fn unstarted(dir: PathBuf, extra: &[&str]) -> ShoalDev {
+        ShoalDev {
             dir,
             rest_port: free_port(),
             resp_port: free_port(),
@@ -75,31 +89,70 @@ impl ShoalDev {
             internal_port: free_port(),
             node_ports: vec![free_port(), free_port()],
             child: None,
+            detached: false,
             http: http_client(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             database_url: fresh_postgres_database(),
-            _tmp: Some(tmp),
-        };
+            _tmp: None,
+        }
+    }
+
+    async fn start_on_free_ports(&mut self) {
         // Free ports are picked before the binary binds them; another test may take one in
         // between. Try again on fresh ports when that happens.
         for attempt in 0..3 {
-            match dev.try_launch().await {
-                Ok(()) => return dev,
+            match self.try_launch().await {
+                Ok(()) => return,
                 Err(log)
                     if attempt < 2
                         && (log.contains("Address already in use")
                             || log.contains("did not become ready")) =>
                 {
-                    dev.rest_port = free_port();
-                    dev.resp_port = free_port();
-                    dev.tls_port = free_port();
-                    dev.internal_port = free_port();
-                    dev.node_ports = vec![free_port(), free_port()];
+                    self.rest_port = free_port();
+                    self.resp_port = free_port();
+                    self.tls_port = free_port();
+                    self.internal_port = free_port();
+                    self.node_ports = vec![free_port(), free_port()];
                 }
                 Err(log) => panic!("shoal dev did not start; log:\n{log}"),
             }
         }
         unreachable!()
+    }
+
+    /// Where this platform listens, for [`attach`](Self::attach).
+    fn describe(&self) -> String {
+        serde_json::json!({
+            "rest": self.rest_port, "resp": self.resp_port, "tls": self.tls_port,
+            "internal": self.internal_port, "nodes": self.node_ports, "database_url": self.database_url,
+        })
+        .to_string()
+    }
+
+    /// A handle on a platform another test started in `dir` (see [`shared`]); dropping it
+    /// leaves the platform running.
+    fn attach(dir: PathBuf, described: &str) -> ShoalDev {
+        let d: Value = serde_json::from_str(described).unwrap();
+        let port = |k: &str| d[k].as_u64().unwrap() as u16;
+        ShoalDev {
+            dir,
+            rest_port: port("rest"),
+            resp_port: port("resp"),
+            tls_port: port("tls"),
+            internal_port: port("internal"),
+            node_ports: d["nodes"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect(),
+            child: None,
+            detached: true,
+            http: http_client(),
+            extra_args: Vec::new(),
+            database_url: d["database_url"].as_str().map(str::to_owned),
+            _tmp: None,
+        }
+    }
+
+    /// Lets the process run on after this handle is dropped.
+    fn forget_child(&mut self) {
+        self.child = None;
     }
 
     /// (Re)starts the process with the same directory and ports.
@@ -113,8 +166,8 @@ impl ShoalDev {
     async fn try_launch(&mut self) -> Result<(), String> {
         let ports: Vec<String> = self.node_ports.iter().map(|p| p.to_string()).collect();
         let log = std::fs::File::create(self.dir.join("shoal.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("dev")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        cmd.arg("dev")
             .arg("--data-dir")
             .arg(self.dir.join(".shoal"))
             .arg("--rest-port")
@@ -127,15 +180,20 @@ impl ShoalDev {
             .arg(self.internal_port.to_string())
             .arg("--node-ports")
             .arg(ports.join(","))
-            .arg("--databases")
-            .arg("64")
+            .args(if self.extra_args.iter().any(|a| a == "--databases") {
+                &[][..]
+            } else {
+                &["--databases", "64"]
+            })
             .args(&self.extra_args)
             .args(self.database_url.iter().flat_map(|url| ["--database-url", url]))
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("shoal binary runs");
-        self.child = Some(child);
+            .stderr(log);
+        if self.detached {
+            cmd.process_group(0);
+        }
+        self.child = Some(cmd.spawn().expect("shoal binary runs"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let up = self.http.get(self.url("/healthz")).send().await.map(|r| r.status().is_success());
@@ -385,6 +443,12 @@ impl ShoalDev {
     pub async fn client(&self, token: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let url = format!("redis://:{}@127.0.0.1:{}/", token, self.resp_port);
         redis::Client::open(url)?.get_multiplexed_async_connection().await
+    }
+
+    /// The index of the node a cache (its API object) was placed on (`"n1"` → 1).
+    pub fn node_of(cache: &Value) -> usize {
+        let name = cache["allocation"]["node"].as_str().expect("the cache's allocation names its node");
+        name.trim_start_matches('n').parse().unwrap()
     }
 
     /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
