@@ -289,7 +289,43 @@ async fn every_data_type_behaves_as_on_valkey() {
     // Both start empty.
     d.same_all(&[&["DBSIZE"], &["PING"], &["ECHO", "hello"], &["KEYS", "*"], &["RANDOMKEY"]]).await;
 
-    // Strings.
+    // One phase per family, in order on one cache: the later phases (types, expiry, the
+    // whole keyspace, DUMP) work on what the earlier ones built.
+    compare_strings(&mut d).await;
+    compare_hashes(&mut d).await;
+    compare_lists(&mut d).await;
+    compare_sets(&mut d).await;
+    compare_sorted_sets(&mut d).await;
+    compare_streams(&mut d).await;
+    compare_hyperloglog(&mut d).await;
+    compare_geo(&mut d).await;
+    compare_bitmaps(&mut d).await;
+    compare_a_lock(&mut d).await;
+    compare_types_encodings_and_sizes(&mut d).await;
+    compare_expiry(&mut d).await;
+    compare_generic_keyspace(&mut d).await;
+    compare_sort(&mut d).await;
+    compare_transactions_and_scripts(&mut d).await;
+    compare_errors(&mut d).await;
+    compare_the_whole_keyspace(&mut d).await;
+    compare_dump(&mut d).await;
+    compare_server_and_connection_replies(&mut d).await;
+
+    // And both empty again.
+    d.same_all(&[&["FLUSHDB"], &["DBSIZE"], &["KEYS", "*"], &["RANDOMKEY"]]).await;
+
+    eprintln!("compared {} commands in {:?}", d.compared, started.elapsed());
+    assert!(
+        d.mismatches.is_empty(),
+        "{} of {} replies differ between the gateway and a plain Valkey:\n  {}",
+        d.mismatches.len(),
+        d.compared,
+        d.mismatches.join("\n  ")
+    );
+}
+
+/// Strings.
+async fn compare_strings(d: &mut Differ) {
     d.same_all(&[
         &["SET", "s1", "hello"],
         &["SET", "s1", "world", "NX"],
@@ -377,8 +413,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         |g, v| matches!((int(g), int(v)), (Some(a), Some(b)) if a > 0 && b > 0 && (a - b).abs() < 1000),
     )
     .await;
+}
 
-    // Hashes, including Valkey 9's per-field expiration.
+/// Hashes, including Valkey 9's per-field expiration.
+async fn compare_hashes(d: &mut Differ) {
     d.same_all(&[
         &["HSET", "h1", "f1", "v1", "f2", "v2", "f3", "3"],
         &["HGET", "h1", "f1"],
@@ -461,8 +499,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["HEXISTS", "hy", "gone"],
     ])
     .await;
+}
 
-    // Lists.
+/// Lists.
+async fn compare_lists(d: &mut Differ) {
     d.same_all(&[
         &["RPUSH", "l1", "a", "b", "c", "1", "2", "3", "c"],
         &["LPOS", "l1", "c"],
@@ -509,8 +549,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["LPOS", "long", "element-0150-"],
     ])
     .await;
+}
 
-    // Sets.
+/// Sets.
+async fn compare_sets(d: &mut Differ) {
     d.same_all(&[
         &["SADD", "sa", "1", "2", "3", "4", "5"],
         &["SADD", "sb", "3", "4", "5", "6"],
@@ -547,8 +589,10 @@ async fn every_data_type_behaves_as_on_valkey() {
     d.same(&strings(&wide)).await;
     d.same_all(&[&["OBJECT", "ENCODING", "wide"], &["SCARD", "wide"], &["SISMEMBER", "wide", "m299"]]).await;
     d.same_by(&["SMEMBERS", "wide"], "as a set: a hash table's order is per process", sorted).await;
+}
 
-    // Sorted sets.
+/// Sorted sets.
+async fn compare_sorted_sets(d: &mut Differ) {
     d.same_all(&[
         &["ZADD", "z", "1", "a", "2", "b", "3", "c"],
         &["ZADD", "z", "GT", "0", "a"],
@@ -603,8 +647,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["ZRANK", "tall", "member-150"],
     ])
     .await;
+}
 
-    // Streams and consumer groups, with explicit IDs so that nothing depends on the clock.
+/// Streams and consumer groups, with explicit IDs so that nothing depends on the clock.
+async fn compare_streams(d: &mut Differ) {
     d.same_all(&[
         &["XADD", "st", "1-1", "f", "v1"],
         &["XADD", "st", "1-2", "f", "v2"],
@@ -657,8 +703,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         mask_fields(r, &["idle", "inactive"])
     })
     .await;
+}
 
-    // HyperLogLog.
+/// HyperLogLog.
+async fn compare_hyperloglog(d: &mut Differ) {
     d.same_all(&[
         &["PFADD", "hll", "a", "b", "c", "d"],
         &["PFADD", "hll", "a"],
@@ -672,8 +720,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["PFCOUNT", "nokey"],
     ])
     .await;
+}
 
-    // Geo.
+/// Geo.
+async fn compare_geo(d: &mut Differ) {
     d.same_all(&[
         &["GEOADD", "Sicily", "13.361389", "38.115556", "Palermo", "15.087269", "37.502669", "Catania"],
         &["GEOADD", "Sicily", "NX", "CH", "13.5", "38.0", "Palermo", "12.758489", "38.788135", "edge1"],
@@ -720,8 +770,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["GEORADIUS_RO", "Sicily", "15", "37", "200", "km"],
     ])
     .await;
+}
 
-    // Bitmaps.
+/// Bitmaps.
+async fn compare_bitmaps(d: &mut Differ) {
     d.same_all(&[
         &["SETBIT", "bm", "7", "1"],
         &["SETBIT", "bm", "7", "1"],
@@ -758,8 +810,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["GET", "s5"],
     ])
     .await;
+}
 
-    // A lock: SET NX EX and Valkey 9's DELIFEQ.
+/// A lock: SET NX EX and Valkey 9's DELIFEQ.
+async fn compare_a_lock(d: &mut Differ) {
     d.same_all(&[
         &["SET", "lock", "v", "NX", "EX", "10"],
         &["SET", "lock", "v2", "NX", "EX", "10"],
@@ -773,8 +827,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["DELIFEQ", "lock"],
     ])
     .await;
+}
 
-    // Types, encodings and sizes of what was built above.
+/// Types, encodings and sizes of what was built above.
+async fn compare_types_encodings_and_sizes(d: &mut Differ) {
     d.same_all(&[
         &["SET", "embstr", "short"],
         &["SET", "raw", &"r".repeat(100)],
@@ -823,8 +879,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         |g, v| matches!((int(g), int(v)), (Some(a), Some(b)) if a <= 5 && b <= 5),
     )
     .await;
+}
 
-    // Expiry.
+/// Expiry.
+async fn compare_expiry(d: &mut Differ) {
     d.same_all(&[
         &["EXPIRE", "embstr", "100"],
         &["EXPIRE", "embstr", "50", "GT"],
@@ -855,8 +913,10 @@ async fn every_data_type_behaves_as_on_valkey() {
     .await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     d.same_all(&[&["GET", "short"], &["EXISTS", "short", "raw", "embstr"]]).await;
+}
 
-    // Generic keyspace commands.
+/// Generic keyspace commands.
+async fn compare_generic_keyspace(d: &mut Differ) {
     d.same_all(&[
         &["COPY", "h1", "h1copy"],
         &["COPY", "h1", "h1copy"],
@@ -871,8 +931,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["EXISTS", "s1", "s1", "nokey"],
     ])
     .await;
+}
 
-    // SORT with BY and GET.
+/// SORT with BY and GET.
+async fn compare_sort(d: &mut Differ) {
     d.same_all(&[
         &["RPUSH", "sl", "3", "1", "2"],
         &["MSET", "w_1", "30", "w_2", "10", "w_3", "20"],
@@ -893,8 +955,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["SORT", "zdst", "BY", "nosort"],
     ])
     .await;
+}
 
-    // Transactions and scripts.
+/// Transactions and scripts.
+async fn compare_transactions_and_scripts(d: &mut Differ) {
     d.same_all(&[
         &["MULTI"],
         &["SET", "tx", "1"],
@@ -913,8 +977,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["EVAL", "return redis.pcall('INCR', KEYS[1])", "1", "s5"],
     ])
     .await;
+}
 
-    // Errors: unknown commands, arity, syntax.
+/// Errors: unknown commands, arity, syntax.
+async fn compare_errors(d: &mut Differ) {
     d.same_all(&[
         &["NOSUCHCOMMAND", "a", "b"],
         &["GET"],
@@ -925,8 +991,10 @@ async fn every_data_type_behaves_as_on_valkey() {
         &["OBJECT", "NOSUCHSUB", "x"],
     ])
     .await;
+}
 
-    // The keyspace as a whole (the cache started as empty as the fresh Valkey did).
+/// The keyspace as a whole (the cache started as empty as the fresh Valkey did).
+async fn compare_the_whole_keyspace(d: &mut Differ) {
     d.same(&["DBSIZE"]).await;
     d.same_by(&["KEYS", "*"], "as a set: KEYS walks the hash table", sorted).await;
     d.same_by(&["KEYS", "s?"], "as a set", sorted).await;
@@ -948,13 +1016,17 @@ async fn every_data_type_behaves_as_on_valkey() {
             show(&v),
         );
     }
+}
 
-    // DUMP: a serialized value on both sides; only its type is compared, as asked.
+/// DUMP: a serialized value on both sides; only its type is compared, as asked.
+async fn compare_dump(d: &mut Differ) {
     for key in ["s1", "h1", "l2", "sa", "tall", "st", "nokey"] {
         d.same_by(&["DUMP", key], "the type of reply only", kind).await;
     }
+}
 
-    // Replies about the server or the connection, which two processes never share.
+/// Replies about the server or the connection, which two processes never share.
+async fn compare_server_and_connection_replies(d: &mut Differ) {
     d.check(&["CLIENT", "ID"], "ids are per-process counters", |g, v| {
         int(g).is_some_and(|n| n > 0) && int(v).is_some_and(|n| n > 0)
     })
@@ -997,18 +1069,6 @@ async fn every_data_type_behaves_as_on_valkey() {
             .map(str::to_string)
     })
     .await;
-
-    // And both empty again.
-    d.same_all(&[&["FLUSHDB"], &["DBSIZE"], &["KEYS", "*"], &["RANDOMKEY"]]).await;
-
-    eprintln!("compared {} commands in {:?}", d.compared, started.elapsed());
-    assert!(
-        d.mismatches.is_empty(),
-        "{} of {} replies differ between the gateway and a plain Valkey:\n  {}",
-        d.mismatches.len(),
-        d.compared,
-        d.mismatches.join("\n  ")
-    );
 }
 
 /// The length of the RESP reply at the start of `buf`, if it is complete.
