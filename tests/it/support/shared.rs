@@ -41,6 +41,7 @@ pub async fn shared() -> ShoalDev {
 }
 
 /// Stops `pid` (SIGTERM, then SIGKILL) and removes `dir` once the test runner is gone.
+#[allow(clippy::zombie_processes, reason = "the watchdog outlives the test that starts it")]
 fn stop_after_runner(pid: i32, dir: &std::path::Path) {
     let runner = std::os::unix::process::parent_id().to_string();
     Command::new("sh")
