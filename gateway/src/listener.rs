@@ -86,7 +86,12 @@ impl Gateway {
         let audit =
             tokio::spawn(self.shared.audit.clone().run(self.shared.control_plane.clone(), shutdown.clone()));
         let shipper = self.outbox.map(|outbox| {
-            tokio::spawn(crate::metering::usage::run(outbox, self.shared.clone(), shutdown.clone()))
+            let (shared, stop) = (self.shared.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let (ledger, clients, control_plane) =
+                    (&shared.ledger, &shared.clients, &shared.control_plane);
+                crate::metering::usage::run(outbox, ledger, clients, control_plane, stop).await
+            })
         });
         let shared = self.shared.clone();
         let stop = shutdown.clone();
@@ -94,7 +99,12 @@ impl Gateway {
             let shared = shared.clone();
             tokio::spawn(async move { shared.router.run(stop).await })
         };
-        let limits = tokio::spawn(crate::metering::limit::follow(shared.clone(), shutdown.clone()));
+        let limits = {
+            let (shared, stop) = (shared.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                crate::metering::limit::follow(&shared.buckets, &shared.router, stop).await
+            })
+        };
         let metrics = self.metrics.map(|listener| {
             let handle = shared.config.metrics.clone().unwrap_or_else(crate::metrics::install);
             tokio::spawn(crate::metrics::serve(listener, handle))
@@ -125,7 +135,9 @@ impl Gateway {
                 let _ = tokio::time::timeout(SHUTDOWN_WAIT, worker).await;
             }
             if let Ok(outbox) = shipper.await {
-                crate::metering::usage::finish(outbox, &shared, &shared.control_plane, SHUTDOWN_WAIT).await;
+                let (ledger, clients) = (&shared.ledger, &shared.clients);
+                crate::metering::usage::finish(outbox, ledger, clients, &shared.control_plane, SHUTDOWN_WAIT)
+                    .await;
             }
         }
     }

@@ -19,7 +19,7 @@ pub struct Shared {
     pub router: Router,
     pub control_plane: Arc<ControlPlaneClient>,
     pub tracker: crate::tracking::Tracker,
-    pub clients: Registry,
+    pub clients: Arc<Registry>,
     /// Scripts in flight per node and cache (whose script a tenant's SCRIPT KILL may end).
     pub scripts: crate::scripts::Running,
     pub observers: Observers,
@@ -57,7 +57,7 @@ impl Shared {
             router: Router::new(client.clone(), config.route_ttl),
             control_plane: client,
             tracker: Default::default(),
-            clients: Registry::default(),
+            clients: Default::default(),
             scripts: Default::default(),
             observers: Observers::default(),
             muxes: Default::default(),

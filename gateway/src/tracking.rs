@@ -10,7 +10,7 @@
 
 use crate::clients::{Invalidation, Registry, Tracking};
 use crate::resp::{self, reply::ReplyScanner, value};
-use crate::state::Shared;
+use crate::router::ControlPlaneClient;
 use crate::GatewayError;
 use bytes::BytesMut;
 use shoal_types::{CacheId, TenantRoute};
@@ -49,11 +49,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Tracker {
     /// Makes sure the cache's databases are followed on its node.
-    pub async fn watch(&self, shared: &Arc<Shared>, route: &TenantRoute) -> Result<(), GatewayError> {
+    pub async fn watch(
+        &self,
+        control_plane: &ControlPlaneClient,
+        clients: &Arc<Registry>,
+        route: &TenantRoute,
+    ) -> Result<(), GatewayError> {
         {
             let mut enabled = self.enabled.lock().await;
             if !enabled.contains(&route.cache_id) {
-                shared.control_plane.enable_client_tracking(&route.cache_id).await?;
+                control_plane.enable_client_tracking(&route.cache_id).await?;
                 enabled.insert(route.cache_id.clone());
             }
         }
@@ -63,7 +68,7 @@ impl Tracker {
                 let dbs = Arc::new(Mutex::new(HashMap::new()));
                 let ready = Arc::new(Ready::default());
                 let (subscribe, rx) = mpsc::unbounded_channel();
-                tokio::spawn(follow_node(shared.clone(), route.clone(), dbs.clone(), ready.clone(), rx));
+                tokio::spawn(follow_node(clients.clone(), route.clone(), dbs.clone(), ready.clone(), rx));
                 NodeWatch { dbs, subscribe, ready }
             });
             let mut dbs = watch.dbs.lock().unwrap();
@@ -98,7 +103,7 @@ impl Tracker {
 /// While disconnected, events may be missed: every tracking client of the node's caches is
 /// told to drop everything.
 async fn follow_node(
-    shared: Arc<Shared>,
+    clients: Arc<Registry>,
     route: TenantRoute,
     dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
     ready: Arc<Ready>,
@@ -106,19 +111,19 @@ async fn follow_node(
 ) {
     loop {
         ready.dbs.lock().unwrap().clear();
-        if let Err(e) = follow_once(&shared, &route, &dbs, &ready, &mut subscribe).await {
+        if let Err(e) = follow_once(&clients, &route, &dbs, &ready, &mut subscribe).await {
             tracing::warn!(node = %route.node_addr, error = %e, "keyspace events lost; invalidating tracked clients");
         }
         let caches: HashSet<CacheId> = dbs.lock().unwrap().values().cloned().collect();
         for cache in caches {
-            invalidate_all(&shared.clients, &cache);
+            invalidate_all(&clients, &cache);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 async fn follow_once(
-    shared: &Shared,
+    clients: &Registry,
     route: &TenantRoute,
     dbs: &Mutex<HashMap<u32, CacheId>>,
     ready: &Ready,
@@ -152,7 +157,7 @@ async fn follow_once(
                     if reply.error {
                         return Err(GatewayError::Upstream(String::from_utf8_lossy(&frame).trim().to_string()));
                     }
-                    on_event(shared, dbs, ready, &frame);
+                    on_event(clients, dbs, ready, &frame);
                 }
             }
         }
@@ -161,7 +166,7 @@ async fn follow_once(
 
 /// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations;
 /// `psubscribe __keyspace@<db>__:* <n>` → the database is followed.
-fn on_event(shared: &Shared, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Ready, frame: &[u8]) {
+fn on_event(clients: &Registry, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Ready, frame: &[u8]) {
     let Some((value::Value::Array(items), _)) = value::decode(frame) else { return };
     let kind = items.first().and_then(value::Value::as_bytes);
     if kind == Some(b"psubscribe") {
@@ -187,9 +192,9 @@ fn on_event(shared: &Shared, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Ready, 
     let event = items.get(3).and_then(value::Value::as_bytes).unwrap_or_default();
     if let Some(cache) = cache {
         if event == b"flushdb" {
-            invalidate_all(&shared.clients, &cache);
+            invalidate_all(clients, &cache);
         } else {
-            key_changed(&shared.clients, &cache, key);
+            key_changed(clients, &cache, key);
         }
     }
 }

@@ -64,7 +64,7 @@ pub(super) async fn client_tracking(s: &mut Session, argv: &[&[u8]]) {
     }
     let route = t.route.clone();
     let shared = s.shared.clone();
-    if let Err(e) = shared.tracker.watch(&shared, &route).await {
+    if let Err(e) = shared.tracker.watch(&shared.control_plane, &shared.clients, &route).await {
         tracing::warn!(error = %e, "client tracking unavailable");
         return s.reply_error("ERR client tracking is unavailable right now, try again");
     }

@@ -11,7 +11,7 @@
 //! every [`crate::router::REFRESH_INTERVAL`] and [`follow`] applies their limits twice a
 //! second, so a changed limit applies within about a second.
 
-use crate::state::Shared;
+use crate::router::Router;
 use shoal_types::CacheId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,14 +139,14 @@ pub const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 
 /// Re-reads the routes of the caches with sessions here twice a second and applies their
 /// limits, until `shutdown`.
-pub async fn follow(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn follow(buckets: &Buckets, router: &Router, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
             _ = shutdown.changed() => return,
         }
-        for (id, bucket) in shared.buckets.served() {
-            if let Some(route) = shared.router.cached(&id) {
+        for (id, bucket) in buckets.served() {
+            if let Some(route) = router.cached(&id) {
                 if bucket.set_limit(route.limits.ecpu_per_second) {
                     tracing::info!(cache = %id, ecpu_per_second = ?route.limits.ecpu_per_second, "ECPU limit applied");
                 }

@@ -11,7 +11,6 @@
 use super::Ledger;
 use crate::clients::Registry;
 use crate::router::ControlPlaneClient;
-use crate::state::Shared;
 use crate::GatewayError;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -167,7 +166,13 @@ impl Outbox {
 }
 
 /// Ships usage every second until `shutdown`; gives the outbox back for [`finish`].
-pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> Outbox {
+pub async fn run(
+    mut outbox: Outbox,
+    ledger: &Ledger,
+    clients: &Registry,
+    control_plane: &ControlPlaneClient,
+    mut shutdown: watch::Receiver<bool>,
+) -> Outbox {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -175,8 +180,8 @@ pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::R
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return outbox,
         }
-        outbox.collect(&shared.ledger, &shared.clients);
-        if let Err(e) = outbox.deliver(&shared.control_plane).await {
+        outbox.collect(ledger, clients);
+        if let Err(e) = outbox.deliver(control_plane).await {
             tracing::warn!(error = %e, pending = outbox.pending.load(Ordering::Relaxed), "usage not delivered yet");
         }
         crate::metrics::pending_usage_batches(outbox.pending.load(Ordering::Relaxed));
@@ -185,8 +190,14 @@ pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::R
 
 /// The last delivery at shutdown: what the control plane does not take within `wait` is
 /// spooled for the next start.
-pub async fn finish(mut outbox: Outbox, shared: &Shared, client: &ControlPlaneClient, wait: Duration) {
-    outbox.collect(&shared.ledger, &shared.clients);
+pub async fn finish(
+    mut outbox: Outbox,
+    ledger: &Ledger,
+    clients: &Registry,
+    client: &ControlPlaneClient,
+    wait: Duration,
+) {
+    outbox.collect(ledger, clients);
     match tokio::time::timeout(wait, outbox.deliver(client)).await {
         Ok(Ok(())) => tracing::info!("usage delivered"),
         Ok(Err(e)) => tracing::warn!(error = %e, "usage not delivered at shutdown; spooling it"),
