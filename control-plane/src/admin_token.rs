@@ -12,13 +12,13 @@
 //! Either way the new token is written to a temporary file first, the store changes and its
 //! audit record commit together, and only then does the file replace the old one.
 
-use crate::auth::{hash_token, random_token};
+use crate::secret::{hash_token, random_token};
 use crate::store::audit::AuditEvent;
 use crate::store::{accounts, Store, StoreError};
 use std::path::{Path, PathBuf};
 
 /// The name of bootstrap admin keys (API-created keys may not take it).
-pub const BOOTSTRAP_KEY_NAME: &str = "bootstrap admin";
+pub use crate::store::accounts::BOOTSTRAP_KEY_NAME;
 
 /// What [`install_new`] did.
 #[derive(Debug)]

@@ -3,8 +3,6 @@
 use crate::error::ApiError;
 use crate::state::AppState;
 use actix_web::{dev::Payload, web, FromRequest, HttpMessage, HttpRequest};
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use shoal_types::AccountId;
 use std::future::Future;
 use std::pin::Pin;
@@ -125,8 +123,11 @@ impl FromRequest for Principal {
             .map(|t| t.trim().to_string());
         Box::pin(async move {
             let (Some(state), Some(token)) = (state, token) else { return Err(ApiError::Unauthorized) };
-            let key =
-                state.store.api_key_by_hash(&hash_token(&token)).await?.ok_or(ApiError::Unauthorized)?;
+            let key = state
+                .store
+                .api_key_by_hash(&crate::secret::hash_token(&token))
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
             let role = Role::parse(&key.role).ok_or(ApiError::Unauthorized)?;
             let account = key
                 .account_id
@@ -142,15 +143,4 @@ impl FromRequest for Principal {
             Ok(who)
         })
     }
-}
-
-pub fn hash_token(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// `n` random bytes, hex encoded.
-pub fn random_token(n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
 }

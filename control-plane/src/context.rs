@@ -71,7 +71,7 @@ impl FromRequest for RequestContext {
 }
 
 fn new_request_id() -> String {
-    format!("req-{}", crate::auth::random_token(8))
+    format!("req-{}", crate::secret::random_token(8))
 }
 
 fn source_of(req: &HttpRequest) -> String {

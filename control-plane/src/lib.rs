@@ -8,13 +8,15 @@
 //!   [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
-//! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`].
+//! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`];
+//!   [`budget`]: the failed password checks each may ask for.
 //! - [`domain`]: what more than one route needs (caches, logins, keys, names); routes do
 //!   not call each other.
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
 //!   `audit`, `me`, `gateways`, `health`; `internal` is served on its own listener); `page`
 //!   holds pagination, idempotency and ETags; `portal` serves the admin portal (files under
 //!   `control-plane/portal/`, compiled in) at `/portal/`.
+//! - [`secret`]: random secrets and the hashes the store keeps of them.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
@@ -25,6 +27,7 @@
 pub mod admin_token;
 pub mod apidoc;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod context;
 pub mod domain;
@@ -32,6 +35,7 @@ pub mod error;
 pub mod gateways;
 pub mod metrics;
 pub mod routes;
+pub mod secret;
 pub mod signing;
 pub mod startup;
 pub mod state;

@@ -147,7 +147,7 @@ fn generate() -> SigningKeyRecord {
     let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
     let der = key.to_pkcs8_der().expect("an Ed25519 key always encodes");
     SigningKeyRecord {
-        kid: format!("k{}", &crate::auth::random_token(6)),
+        kid: format!("k{}", &crate::secret::random_token(6)),
         private_der: der.as_bytes().to_vec(),
         public_raw: key.verifying_key().to_bytes().to_vec(),
     }

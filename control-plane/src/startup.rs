@@ -95,7 +95,7 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let login_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.login_throttle));
     let verify_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.verify_throttle));
     let verify_budget =
-        std::sync::Mutex::new(crate::gateways::FailureBudget::new(config.verify_failures_per_gateway));
+        std::sync::Mutex::new(crate::budget::FailureBudget::new(config.verify_failures_per_gateway));
     let internal_listen = config.internal_listen.clone();
     let state = web::Data::new(AppState {
         metrics: crate::metrics::handle(config.metrics.as_ref()),

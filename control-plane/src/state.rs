@@ -1,5 +1,5 @@
 //! What every handler can reach: configuration, the store, the engine's pool, the signing
-//! keys, the directory and the throttles. Built once by [`crate::startup`].
+//! keys, the directory and the throttles. Built once when the control plane starts.
 
 use crate::config::ControlPlaneConfig;
 use crate::signing::Signer;
@@ -23,6 +23,6 @@ pub struct AppState {
     pub login_throttle: std::sync::Mutex<shoal_auth::Throttle>,
     /// Failed password checks gateways asked for, per (user, source), and per gateway.
     pub verify_throttle: std::sync::Mutex<shoal_auth::Throttle>,
-    pub verify_budget: std::sync::Mutex<crate::gateways::FailureBudget>,
+    pub verify_budget: std::sync::Mutex<crate::budget::FailureBudget>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

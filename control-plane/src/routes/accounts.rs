@@ -1,13 +1,14 @@
 //! `/v1/accounts` and their API keys (`/v1/accounts/{id}/api-keys`), plus platform-wide
 //! keys (`/v1/api-keys`, admin only); `DELETE /v1/api-keys/{key_id}` revokes either kind.
 
-use crate::auth::{hash_token, random_token, Principal, Role};
+use crate::auth::{Principal, Role};
 use crate::context::RequestContext;
 use crate::domain::caches::PLATFORM_ACCOUNT;
 use crate::domain::keys::may_revoke;
 use crate::domain::names;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
+use crate::secret::{hash_token, random_token};
 use crate::state::AppState;
 use crate::store::accounts::{self, AccountRecord, ApiKeyInfo};
 use crate::store::{self, CacheFilter};

@@ -5,9 +5,10 @@
 //! bearer extractor accepts it, key revocation works on it, and it never outlives
 //! `session_ttl`. Its role is the strongest REST role the user's LDAP groups map to.
 
-use crate::auth::{hash_token, random_token, Principal, Role};
+use crate::auth::{Principal, Role};
 use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::secret::{hash_token, random_token};
 use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use actix_web::{web, HttpResponse};

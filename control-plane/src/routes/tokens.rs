@@ -1,9 +1,10 @@
 //! `/v1/caches/{id}/tokens`: mint short-lived data-plane JWTs.
 
-use crate::auth::{random_token, Principal};
+use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::domain::caches::{changeable_cache, visible_cache};
 use crate::error::ApiError;
+use crate::secret::random_token;
 use crate::state::AppState;
 use crate::store;
 use actix_web::{web, HttpResponse};

@@ -146,6 +146,9 @@ pub async fn revoke_key(conn: &mut AnyConnection, id: &str) -> Result<bool, Stor
     Ok(done.rows_affected() == 1)
 }
 
+/// The name of the admin key the control plane makes for its bootstrap token.
+pub const BOOTSTRAP_KEY_NAME: &str = "bootstrap admin";
+
 /// Revokes every live bootstrap admin key but `except`; how many.
 pub async fn revoke_bootstrap_keys(conn: &mut AnyConnection, except: &str) -> Result<u64, StoreError> {
     let done = sqlx::query(
@@ -153,7 +156,7 @@ pub async fn revoke_bootstrap_keys(conn: &mut AnyConnection, except: &str) -> Re
          WHERE name = $2 AND role = 'admin' AND account_id IS NULL AND id <> $3 AND revoked_at IS NULL",
     )
     .bind(now())
-    .bind(crate::admin_token::BOOTSTRAP_KEY_NAME)
+    .bind(BOOTSTRAP_KEY_NAME)
     .bind(except)
     .execute(conn)
     .await?;
