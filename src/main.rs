@@ -365,7 +365,7 @@ fn cli_event(action: &str) -> shoal_control_plane::store::audit::AuditEvent {
         source: "local".into(),
         action: action.into(),
         outcome: "success".into(),
-        request_id: format!("req-{}", shoal_control_plane::auth::random_token(8)),
+        request_id: format!("req-{}", shoal_control_plane::secret::random_token(8)),
         details: serde_json::json!({}),
         ..Default::default()
     }
