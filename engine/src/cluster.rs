@@ -752,6 +752,9 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     std::io::Write::write_all(&mut f, contents.as_bytes())
 }
 
+/// Inclusive slot ranges.
+type Ranges = Vec<(u16, u16)>;
+
 /// `shards` even, contiguous slot ranges covering every slot.
 fn even_ranges(shards: usize) -> Vec<(u16, u16)> {
     let n = shards.max(1) as u32;
@@ -779,7 +782,7 @@ fn take_last(ranges: &[(u16, u16)], count: u32) -> Vec<(u16, u16)> {
 }
 
 /// The first `count` slots of `ranges` (sorted), and the rest.
-fn split_first(ranges: &[(u16, u16)], count: u32) -> (Vec<(u16, u16)>, Vec<(u16, u16)>) {
+fn split_first(ranges: &[(u16, u16)], count: u32) -> (Ranges, Ranges) {
     let mut sorted = ranges.to_vec();
     sorted.sort_unstable();
     let (mut taken, mut rest) = (Vec::new(), Vec::new());
@@ -998,7 +1001,7 @@ async fn replicate(node: &Node, primary: &str) -> Result<String, EngineError> {
 
 /// `CLUSTER MIGRATESLOTS` on `source` (the slots' primary): each job's ranges to its target
 /// node id; waits until `CLUSTER GETSLOTMIGRATIONS` on the source shows every job finished.
-async fn migrate(source: &Node, jobs: &[(Vec<(u16, u16)>, String)]) -> Result<(), EngineError> {
+async fn migrate(source: &Node, jobs: &[(Ranges, String)]) -> Result<(), EngineError> {
     if jobs.is_empty() {
         return Ok(());
     }

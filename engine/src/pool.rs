@@ -127,7 +127,7 @@ impl Pool {
         if let Some(cluster) = &self.cluster {
             // Storage counts against the shards' primaries together.
             let nodes = cluster.nodes();
-            let primaries = (cluster.config().shards.max(1)).min(nodes.len().max(1));
+            let primaries = (nodes.len() / (1 + cluster.config().replicas)).max(1);
             return vec![NodeLoad {
                 node: CLUSTER_TARGET.to_string(),
                 databases: cluster.config().databases,
