@@ -1065,7 +1065,7 @@ mod tests {
 
     #[test]
     fn slot_ranges_split_evenly_and_cover_everything() {
-        assert_eq!(even_ranges(3), [(0, 5460), (5461, 10922), (10923, 16383)]);
+        assert_eq!(even_ranges(3), [(0, 5460), (5461, 10921), (10922, 16383)]);
         assert_eq!(take_last(&[(0, 9), (20, 24)], 7), [(8, 9), (20, 24)]);
         let (taken, rest) = split_first(&[(20, 24), (0, 9)], 12);
         assert_eq!(taken, [(0, 9), (20, 21)]);
