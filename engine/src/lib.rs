@@ -1,17 +1,20 @@
 //! # Engine: the pool of Valkey nodes
 //!
-//! Caches are tenants; each lives in a numbered database of one pool member, guarded by its
-//! own Valkey ACL user.
+//! Caches are tenants; each lives in a numbered database of one pool member (or, in a cluster
+//! pool, one database number across every shard), guarded by its own Valkey ACL user.
 //!
 //! ## Layout
 //! - [`node`]: one `valkey-server` child — config, start, supervision (restart on crash), stop,
 //!   health checks, the script watchdog and the memory guard.
 //! - [`pool`]: the set of nodes, started together and stopped together; admin operations.
+//! - [`cluster`]: a pool run as one Valkey cluster — forming it, ACL users on every node,
+//!   rejoining restarted and replaced nodes, topology, adding and removing shards.
 //! - [`placement`]: which node and database a new cache gets (least loaded).
 //! - [`tenant`]: the ACL rules that fence a cache into its database and channels.
 //! - [`private`]: secret files 0600, folders 0700 (umask and repair).
 //! - [`error`]: typed errors.
 
+pub mod cluster;
 pub mod error;
 pub mod node;
 pub mod placement;
@@ -20,9 +23,10 @@ pub mod private;
 pub mod storage;
 pub mod tenant;
 
+pub use cluster::{ClusterConfig, ClusterStatus, NodeStatus, Role, ShardStatus};
 pub use error::EngineError;
 pub use node::{find_valkey_server, Health, NodeBudget, NodeSpec};
 pub use placement::{Allocation, NoPlacement, NodeLoad};
-pub use pool::{Pool, PoolConfig, DEFAULT_SCRIPT_TIME_LIMIT, RESERVED_MEMORY_PERCENT};
+pub use pool::{Pool, PoolConfig, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT, RESERVED_MEMORY_PERCENT};
 pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

@@ -2,7 +2,8 @@
 //!
 //! Persisted on disk under the node's directory: `valkey.conf` (rewritten on every start),
 //! `users.acl` (the admin user and every tenant's ACL user, saved by `ACL SAVE`),
-//! `admin.secret`, the AOF and the pidfile. In memory: the child handle and its state.
+//! `admin.secret`, the AOF and the pidfile; a cluster node also `nodes.conf` (its cluster
+//! identity and view, written by Valkey). In memory: the child handle and its state.
 
 use crate::EngineError;
 use rand::RngCore;
@@ -101,6 +102,25 @@ impl NodeBudget {
     }
 }
 
+/// What a node of a cluster pool adds to its config (see [`crate::cluster`]).
+#[derive(Clone, Debug)]
+pub struct ClusterMode {
+    /// `cluster-node-timeout`: how long a node may not answer before the cluster fails it over.
+    pub node_timeout: Duration,
+}
+
+impl ClusterMode {
+    /// How long the supervisor waits before restarting a cluster node that died: long enough
+    /// for the cluster to fail a dead primary over to its replica (failure detection after
+    /// `node_timeout`, then the replica's election, about a second more). Restarted at once,
+    /// a primary would come back from its AOF (up to a second of writes behind, with
+    /// `appendfsync everysec`) before anyone noticed it was gone; its replica is usually
+    /// closer. Back later, it finds itself replaced and follows the new primary.
+    pub fn restart_delay(&self) -> Duration {
+        self.node_timeout * 2 + Duration::from_secs(2)
+    }
+}
+
 /// What a health check found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -136,6 +156,8 @@ pub struct Node {
     stop: Notify,
     stopped: Notify,
     restarts: AtomicU32,
+    /// Set for a node of a cluster pool.
+    cluster: Option<ClusterMode>,
     /// One admin connection kept open for provisioning (creates and deletes are pipelines
     /// that end on database 0, so sharing it is safe); dropped on any error.
     provisioning: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
@@ -181,8 +203,35 @@ impl Node {
             stop: Notify::new(),
             stopped: Notify::new(),
             restarts: AtomicU32::new(0),
+            cluster: None,
             provisioning: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Makes a prepared node a cluster node (before it is started).
+    pub fn into_cluster(mut self, mode: ClusterMode) -> Node {
+        self.cluster = Some(mode);
+        self
+    }
+
+    /// Whether the node runs in cluster mode.
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Recreates the folder and the files [`Node::prepare`] made when they are gone (a cluster
+    /// node whose disk was replaced): the node then starts empty, as a new cluster member,
+    /// with the same admin and observer passwords; the cluster pool replays its ACL users.
+    fn restore_files(&self) -> std::io::Result<()> {
+        if self.dir.join("users.acl").exists() {
+            return Ok(());
+        }
+        tracing::warn!(node = %self.spec.name, "node folder lost: starting it empty");
+        std::fs::create_dir_all(&self.dir)?;
+        crate::private::tighten_tree(&self.dir)?;
+        write_private(&self.dir.join("admin.secret"), &self.admin_password)?;
+        write_private(&self.dir.join("observer.secret"), &self.observer_password)?;
+        write_private(&self.dir.join("users.acl"), &initial_acl(&self.admin_password))
     }
 
     /// Runs a provisioning pipeline on the node's kept admin connection (opened on first
@@ -282,8 +331,9 @@ impl Node {
         &self.observer_password
     }
 
-    /// Creates or refreshes the observer user; runs after every (re)start.
-    async fn ensure_observer(&self) -> Result<(), EngineError> {
+    /// Creates or refreshes the observer user; runs after every start (and after a cluster
+    /// node came back empty).
+    pub(crate) async fn ensure_observer(&self) -> Result<(), EngineError> {
         let mut conn =
             self.admin_client()?.get_multiplexed_async_connection().await.map_err(|e| self.valkey_err(e))?;
         redis::pipe()
@@ -307,6 +357,25 @@ impl Node {
     }
 
     fn config(&self) -> String {
+        let mut config = self.standalone_config();
+        if let Some(mode) = &self.cluster {
+            // Replicas and slot migrations authenticate to their peers as the admin user:
+            // every node of a cluster pool shares its admin password.
+            config.push_str(&format!(
+                "cluster-enabled yes\ncluster-config-file nodes.conf\n\
+                 cluster-node-timeout {timeout}\ncluster-databases {databases}\n\
+                 cluster-replica-validity-factor 0\ncluster-allow-replica-migration no\n\
+                 repl-diskless-sync-delay 0\n\
+                 masteruser {ADMIN_USER}\nmasterauth {password}\n",
+                timeout = mode.node_timeout.as_millis().max(1),
+                databases = self.databases,
+                password = self.admin_password,
+            ));
+        }
+        config
+    }
+
+    fn standalone_config(&self) -> String {
         let dir = self.dir.display();
         format!(
             "# Written by shoal on every start; edits are overwritten.\n\
@@ -336,6 +405,9 @@ impl Node {
 
     fn spawn(&self) -> Result<Child, EngineError> {
         let io = |source| EngineError::Io { node: self.spec.name.clone(), source };
+        if self.cluster.is_some() {
+            self.restore_files().map_err(io)?;
+        }
         let conf = self.dir.join("valkey.conf");
         write_private(&conf, &self.config()).map_err(io)?;
         kill_stale(&self.dir.join("valkey.pid"));
@@ -674,6 +746,9 @@ impl Node {
                     }
                     metrics::counter!("shoal_node_restarts_total", "node" => self.spec.name.clone(),
                         "reason" => if reason.is_some() { "engine" } else { "exited" }).increment(1);
+                    if let Some(mode) = &self.cluster {
+                        tokio::time::sleep(mode.restart_delay()).await;
+                    }
                     child = loop {
                         match self.spawn() {
                             Ok(c) => break c,

@@ -1,6 +1,12 @@
 //! The pool: every node of this engine, started and stopped together, and the admin
 //! operations the control plane asks for (create and remove a tenant's ACL user and data).
+//!
+//! A pool is either standalone nodes (each cache in a database of one node) or one Valkey
+//! cluster ([`crate::cluster`]: each cache in one database number across every shard). The
+//! tenant operations take a node name; a cluster pool is one placement target,
+//! [`CLUSTER_TARGET`], and applies them to every node.
 
+use crate::cluster::{Cluster, ClusterConfig, ClusterStatus};
 use crate::node::{Node, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
@@ -34,9 +40,16 @@ pub const DEFAULT_SCRIPT_TIME_LIMIT: Duration = Duration::from_secs(5);
 /// does not see: client buffers, the script cache, the hash tables, sampling lag.
 pub const RESERVED_MEMORY_PERCENT: u64 = 25;
 
+/// The one placement target of a cluster pool (its [`Pool::loads`] entry): a cache placed
+/// there lives in its database number on every shard.
+pub const CLUSTER_TARGET: &str = "cluster";
+
 /// A running pool of supervised nodes.
 pub struct Pool {
+    /// The standalone nodes (empty for a cluster pool, whose nodes change: see
+    /// [`Pool::cluster`]).
     nodes: Vec<Arc<Node>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Pool {
@@ -59,7 +72,7 @@ impl Pool {
             )?;
             nodes.push(Arc::new(node));
         }
-        let pool = Pool { nodes };
+        let pool = Pool { nodes, cluster: None };
         for node in &pool.nodes {
             if let Err(e) = node.start().await {
                 pool.stop().await;
@@ -70,8 +83,39 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Starts a cluster pool: every node, the cluster formed (or reused), its keeper.
+    pub async fn start_cluster(config: ClusterConfig) -> Result<Pool, EngineError> {
+        Ok(Pool { nodes: Vec::new(), cluster: Some(Cluster::start(config).await?) })
+    }
+
+    /// The standalone nodes; empty for a cluster pool (see [`Pool::cluster`]).
     pub fn nodes(&self) -> &[Arc<Node>] {
         &self.nodes
+    }
+
+    /// The cluster, for a cluster pool.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    fn clustered(&self) -> Result<&Arc<Cluster>, EngineError> {
+        self.cluster.as_ref().ok_or_else(|| EngineError::UnknownNode(CLUSTER_TARGET.into()))
+    }
+
+    /// Shards (id, primary, replicas, slot ranges), each node's role, memory and health.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, EngineError> {
+        self.clustered()?.status().await
+    }
+
+    /// Adds a shard to a cluster pool and moves an even share of the slots onto it; returns
+    /// its shard id.
+    pub async fn add_shard(&self) -> Result<String, EngineError> {
+        self.clustered()?.add_shard().await
+    }
+
+    /// Moves a shard's slots to the others, then removes its nodes.
+    pub async fn remove_shard(&self, shard_id: &str) -> Result<(), EngineError> {
+        self.clustered()?.remove_shard(shard_id).await
     }
 
     pub fn node(&self, name: &str) -> Result<&Arc<Node>, EngineError> {
@@ -80,6 +124,19 @@ impl Pool {
 
     /// Empty loads of every node, for [`crate::placement::choose`] to fill in.
     pub fn loads(&self) -> Vec<NodeLoad> {
+        if let Some(cluster) = &self.cluster {
+            // Storage counts against the shards' primaries together.
+            let nodes = cluster.nodes();
+            let primaries = (nodes.len() / (1 + cluster.config().replicas)).max(1);
+            return vec![NodeLoad {
+                node: CLUSTER_TARGET.to_string(),
+                databases: cluster.config().databases,
+                taken: Default::default(),
+                healthy: nodes.iter().any(|n| n.healthy()),
+                capacity_mb: nodes.first().map_or(0, |n| n.storage_capacity_mb()) * primaries as u64,
+                reserved_mb: 0,
+            }];
+        }
         self.nodes
             .iter()
             .map(|n| NodeLoad {
@@ -95,6 +152,9 @@ impl Pool {
 
     /// Stops every node; returns when all valkey-server children are gone.
     pub async fn stop(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.stop().await;
+        }
         for node in &self.nodes {
             node.stop().await;
         }
@@ -108,6 +168,9 @@ impl Pool {
     /// Makes a cache's databases ready: flushes them (a previous owner's data never shows),
     /// then creates its ACL user and saves the ACL file so a restart keeps it.
     pub async fn create_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.create_tenant(acl).await;
+        }
         let node = self.node(node)?;
         let mut pipe = redis::pipe();
         for db in acl.db..acl.db + acl.databases.max(1) {
@@ -122,6 +185,9 @@ impl Pool {
     /// Removes a cache: deletes its ACL user (Valkey closes its connections) and flushes its
     /// databases.
     pub async fn delete_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.delete_tenant(acl).await;
+        }
         let node = self.node(node)?;
         let mut pipe = redis::pipe();
         pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
@@ -138,6 +204,9 @@ impl Pool {
     /// remakes its user on every use writes nothing). Valkey applies changed rules to the
     /// user's open connections at once; a user switched `off` has its connections closed.
     pub async fn set_cache_user(&self, node: &str, user: &str, rules: &[String]) -> Result<(), EngineError> {
+        if let Some(cluster) = &self.cluster {
+            return cluster.set_user(user, rules).await;
+        }
         let node = self.node(node)?;
         let mut conn = admin_conn(node).await?;
         let getuser = || redis::cmd("ACL").arg("GETUSER").arg(user).clone();
@@ -173,6 +242,9 @@ impl Pool {
         if users.is_empty() {
             return Ok(());
         }
+        if let Some(cluster) = &self.cluster {
+            return cluster.delete_users(users).await;
+        }
         let node = self.node(node)?;
         let mut conn = admin_conn(node).await?;
         let mut pipe = redis::pipe();
@@ -183,6 +255,9 @@ impl Pool {
 
     /// Names of the node's ACL users that start with `prefix` (a cache's users).
     pub async fn acl_users_with_prefix(&self, node: &str, prefix: &str) -> Result<Vec<String>, EngineError> {
+        if let Some(cluster) = &self.cluster {
+            return Ok(cluster.users_with_prefix(prefix));
+        }
         let node = self.node(node)?;
         let mut conn = admin_conn(node).await?;
         let users: Vec<String> =

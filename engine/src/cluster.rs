@@ -1,0 +1,1074 @@
+//! A pool run as one Valkey cluster: S shards, each a primary with R replicas.
+//!
+//! A cache is one database number across every shard (`cluster-databases`); its keys spread
+//! over the shards by hash slot. What Valkey does itself: replication, failover of a dead
+//! primary to its replica (after `cluster-node-timeout`), a restarted node rejoining from its
+//! `nodes.conf` (as a replica of whoever was promoted), and moving slots with their keys,
+//! database numbers intact (`CLUSTER MIGRATESLOTS`). What this module adds:
+//!
+//! - **Forming** the cluster once (MEET, ADDSLOTSRANGE split evenly, REPLICATE); a restart
+//!   over existing folders reuses every node's `nodes.conf` instead.
+//! - **ACL users on every node.** ACL is per node in Valkey, not replicated. The pool keeps the
+//!   source of truth in memory: every user it set, as the `ACL SETUSER` rule lists it sent
+//!   (seeded at start from `ACL LIST` of a node, since every node's ACL file holds them).
+//!   A node that restarted (keeps its ACL file, but may have missed changes while down) or
+//!   came back empty (folder lost) is made to match it before it serves: users replayed,
+//!   strays deleted. A node that is down when a cache is created is skipped, not waited for.
+//! - **The keeper**, a background task: notices restarted nodes (the supervisor's restart
+//!   counter), reconciles their ACL users, and re-adds a node that came back empty (new node
+//!   id): the old id forgotten everywhere, MEET, REPLICATE to its shard's primary.
+//! - **Scaling**: [`Cluster::add_shard`] and [`Cluster::remove_shard`], one at a time.
+//!
+//! Nodes are `node-<n>` under the pool's folder, on port `base_port + n` (the cluster bus on
+//! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
+//! slot migrations log in to their peers as the admin user).
+
+use crate::node::{ClusterMode, Node, NodeSpec, ADMIN_USER, OBSERVER_USER};
+use crate::pool::admin_conn;
+use crate::EngineError;
+use redis::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Hash slots of a Valkey cluster.
+pub const SLOTS: u16 = 16384;
+/// Default [`ClusterConfig::node_timeout`] (Valkey's default is 15 s; dev and tests set less).
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the keeper looks at the nodes.
+const KEEPER_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest forming, joining or a slot migration may take before it is reported as failed.
+const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to run a cluster pool. Built once at startup.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub valkey_server: PathBuf,
+    /// Nodes live in `<dir>/node-<n>/`.
+    pub dir: PathBuf,
+    pub host: String,
+    /// Node `n` listens on `base_port + n` and its cluster bus on that + 10000.
+    pub base_port: u16,
+    /// Shards formed on first start (a restart keeps what `nodes.conf` says).
+    pub shards: usize,
+    /// Replicas per shard.
+    pub replicas: usize,
+    /// `cluster-databases` of every node: see [`ClusterConfig::databases_for`].
+    pub databases: u32,
+    /// `maxmemory` of every node in MB (10^6 bytes); `None` = half the host's memory shared
+    /// equally among the nodes formed on first start.
+    pub maxmemory_mb: Option<u64>,
+    pub script_time_limit: Duration,
+    /// `cluster-node-timeout`: a primary not answering this long is failed over.
+    pub node_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// `cluster-databases` for a pool of `caches` caches of up to `per_cache` databases each,
+    /// plus database 0 (the platform's, never a cache's). Empty databases cost next to
+    /// nothing (100,000 take 3.3 MB), so size for the pool's capacity, not its use.
+    pub fn databases_for(caches: u32, per_cache: u32) -> u32 {
+        caches.saturating_mul(per_cache.max(1)).saturating_add(1)
+    }
+
+    fn nodes(&self) -> usize {
+        self.shards * (1 + self.replicas)
+    }
+}
+
+/// A node's role in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// One node as the cluster and the engine see it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeStatus {
+    /// The engine's name for it (`node-<n>`); `None` for a node the engine does not run.
+    pub name: Option<String>,
+    /// Valkey's node id.
+    pub id: String,
+    pub addr: String,
+    pub role: Role,
+    /// The cluster's view: `online`, `failed` or `loading`.
+    pub health: String,
+    /// The engine's own health check answered.
+    pub healthy: bool,
+    /// `used_memory` from `INFO memory`; `None` if the node did not answer.
+    pub used_memory: Option<u64>,
+}
+
+/// One shard: a primary, its replicas and the slots it serves.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ShardStatus {
+    /// Valkey's shard id (kept across failovers).
+    pub id: String,
+    /// Inclusive slot ranges.
+    pub slots: Vec<(u16, u16)>,
+    pub primary: Option<NodeStatus>,
+    pub replicas: Vec<NodeStatus>,
+}
+
+impl ShardStatus {
+    pub fn slot_count(&self) -> u32 {
+        self.slots.iter().map(|(a, b)| u32::from(b - a) + 1).sum()
+    }
+}
+
+/// The cluster's topology and state.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterStatus {
+    /// `cluster_state:ok` on the node asked.
+    pub ok: bool,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// A node of the pool and what the keeper last knew of it.
+struct Member {
+    node: Arc<Node>,
+    index: u16,
+    /// Valkey's node id when last seen; a different one means the node came back empty.
+    id: String,
+    /// Its shard's id when last seen.
+    shard: String,
+    /// The supervisor's restart counter when the keeper last reconciled it.
+    restarts_seen: u32,
+}
+
+/// A running cluster pool.
+pub struct Cluster {
+    config: ClusterConfig,
+    admin_password: String,
+    observer_password: String,
+    members: Mutex<Vec<Member>>,
+    /// Every ACL user the pool set: name → the `ACL SETUSER` rule lists, in order.
+    users: Mutex<BTreeMap<String, Vec<Vec<String>>>>,
+    /// One topology change at a time (forming, joining a node, adding or removing a shard).
+    topology: tokio::sync::Mutex<()>,
+    stopping: AtomicBool,
+}
+
+impl Cluster {
+    /// Starts every node; forms the cluster on first start, or waits for the one the nodes'
+    /// `nodes.conf` describe; then starts the keeper.
+    pub async fn start(config: ClusterConfig) -> Result<Arc<Cluster>, EngineError> {
+        let io = |source| EngineError::Io { node: "cluster".into(), source };
+        std::fs::create_dir_all(&config.dir).map_err(io)?;
+        crate::private::tighten(&config.dir).map_err(io)?;
+        let secret = |name: &str| {
+            let path = config.dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                _ => {
+                    let s = crate::node::random_secret();
+                    write_private(&path, &s).map(|()| s)
+                }
+            }
+        };
+        let admin_password = secret("admin.secret").map_err(io)?;
+        let observer_password = secret("observer.secret").map_err(io)?;
+        let mut existing = existing_indexes(&config.dir).map_err(io)?;
+        let fresh = existing.is_empty();
+        if fresh {
+            existing = (0..config.nodes() as u16).collect();
+        }
+        let cluster = Arc::new(Cluster {
+            config,
+            admin_password,
+            observer_password,
+            members: Mutex::new(Vec::new()),
+            users: Mutex::new(BTreeMap::new()),
+            topology: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
+        });
+        let started = async {
+            let nodes = cluster.start_nodes(&existing).await?;
+            if fresh {
+                cluster.form(&nodes).await?;
+            }
+            for n in &nodes {
+                wait_state_ok(n).await?;
+            }
+            for n in nodes {
+                cluster.admit(n).await?;
+            }
+            cluster.seed_users().await
+        };
+        let began = Instant::now();
+        if let Err(e) = started.await {
+            cluster.stop().await;
+            return Err(e);
+        }
+        tracing::info!(fresh, elapsed = ?began.elapsed(), "valkey cluster ready");
+        tokio::spawn(Arc::clone(&cluster).keep());
+        Ok(cluster)
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Every node of the pool, now.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.members.lock().unwrap().iter().map(|m| Arc::clone(&m.node)).collect()
+    }
+
+    pub fn node(&self, name: &str) -> Result<Arc<Node>, EngineError> {
+        self.nodes()
+            .into_iter()
+            .find(|n| n.name() == name)
+            .ok_or_else(|| EngineError::UnknownNode(name.into()))
+    }
+
+    /// Stops the keeper and every node.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _topology = self.topology.lock().await;
+        for node in self.nodes() {
+            node.stop().await;
+        }
+    }
+
+    /// Prepares and starts nodes `node-<i>` (not yet in `members`).
+    async fn start_nodes(&self, indexes: &[u16]) -> Result<Vec<Arc<Node>>, EngineError> {
+        let c = &self.config;
+        let maxmemory = match c.maxmemory_mb {
+            Some(mb) => mb.saturating_mul(1_000_000),
+            None => crate::node::default_maxmemory(c.nodes()),
+        };
+        let mut nodes: Vec<Arc<Node>> = Vec::new();
+        for &i in indexes {
+            let name = format!("node-{i}");
+            let port = c.base_port.checked_add(i).filter(|p| *p <= 55535).ok_or_else(|| EngineError::Io {
+                node: name.clone(),
+                source: std::io::Error::other("port out of range"),
+            })?;
+            // The pool's shared secrets, before `prepare` reads them.
+            let dir = c.dir.join(&name);
+            let io = |source| EngineError::Io { node: name.clone(), source };
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            write_private(&dir.join("admin.secret"), &self.admin_password).map_err(io)?;
+            write_private(&dir.join("observer.secret"), &self.observer_password).map_err(io)?;
+            let spec = NodeSpec::new(name, c.host.clone(), port);
+            let node = Node::prepare(
+                spec,
+                &c.dir,
+                c.valkey_server.clone(),
+                c.databases,
+                maxmemory,
+                c.script_time_limit,
+            )?
+            .into_cluster(ClusterMode { node_timeout: c.node_timeout });
+            let node = Arc::new(node);
+            let started = node.start().await;
+            if let Err(e) = started {
+                for n in &nodes {
+                    n.stop().await;
+                }
+                return Err(e);
+            }
+            nodes.push(node);
+        }
+        Ok(nodes)
+    }
+
+    /// First start: node i < S is shard i's primary with an even share of the slots; the
+    /// replicas follow, R per shard in order.
+    async fn form(&self, nodes: &[Arc<Node>]) -> Result<(), EngineError> {
+        let shards = self.config.shards.max(1);
+        meet_all(&nodes[0], &nodes[1..]).await?;
+        for n in nodes {
+            wait_known(n, nodes.len()).await?;
+        }
+        let mut ids = Vec::new();
+        for n in nodes {
+            ids.push(my_id(n).await?);
+        }
+        for (s, (a, b)) in even_ranges(shards).into_iter().enumerate() {
+            admin(&nodes[s], &["CLUSTER", "ADDSLOTSRANGE", &a.to_string(), &b.to_string()]).await?;
+        }
+        for (k, replica) in nodes[shards..].iter().enumerate() {
+            let primary = &ids[k / self.config.replicas.max(1) % shards];
+            replicate(replica, primary).await?;
+        }
+        for replica in &nodes[shards..] {
+            wait_synced(replica).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a started node to `members` with its current ids.
+    async fn admit(&self, node: Arc<Node>) -> Result<(), EngineError> {
+        let id = my_id(&node).await?;
+        let shard = admin(&node, &["CLUSTER", "MYSHARDID"]).await?;
+        let index = node.name().trim_start_matches("node-").parse().unwrap_or(0);
+        let restarts_seen = node.restarts();
+        self.members.lock().unwrap().push(Member { node, index, id, shard, restarts_seen });
+        Ok(())
+    }
+
+    /// The users every node's ACL file holds, read from the first node that answers.
+    async fn seed_users(&self) -> Result<(), EngineError> {
+        let mut last = None;
+        for node in self.nodes() {
+            match acl_list(&node).await {
+                Ok(list) => {
+                    *self.users.lock().unwrap() =
+                        list.into_iter().map(|(u, rules)| (u, vec![rules])).collect();
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(EngineError::NoHealthyNode))
+    }
+
+    // ---- tenants ----
+
+    /// Makes a cache's database ready on every shard (flushed on each primary) and its ACL
+    /// user on every node (see [`crate::Pool::create_tenant`]).
+    pub async fn create_tenant(&self, acl: &crate::TenantAcl) -> Result<(), EngineError> {
+        self.record(&acl.user, Some(acl.setuser_rules()), true);
+        let primaries = self.primary_ids().await?;
+        let ids: BTreeMap<String, String> =
+            self.members.lock().unwrap().iter().map(|m| (m.node.name().to_string(), m.id.clone())).collect();
+        for node in self.nodes() {
+            let mut pipe = redis::pipe();
+            if ids.get(node.name()).is_some_and(|id| primaries.contains(id)) {
+                for db in acl.db..acl.db + acl.databases.max(1) {
+                    pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
+                }
+                pipe.cmd("SELECT").arg(0).ignore();
+            }
+            pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
+            pipe.cmd("ACL").arg("SAVE").ignore();
+            skip_if_down(&node, node.provision(&pipe).await).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a cache's ACL user on every node and flushes its databases on every primary.
+    pub async fn delete_tenant(&self, acl: &crate::TenantAcl) -> Result<(), EngineError> {
+        self.record(&acl.user, None, true);
+        let primaries = self.primary_ids().await?;
+        let ids: BTreeMap<String, String> =
+            self.members.lock().unwrap().iter().map(|m| (m.node.name().to_string(), m.id.clone())).collect();
+        for node in self.nodes() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
+            pipe.cmd("ACL").arg("SAVE").ignore();
+            if ids.get(node.name()).is_some_and(|id| primaries.contains(id)) {
+                for db in acl.db..acl.db + acl.databases.max(1) {
+                    pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
+                }
+                pipe.cmd("SELECT").arg(0).ignore();
+            }
+            skip_if_down(&node, node.provision(&pipe).await).await?;
+        }
+        Ok(())
+    }
+
+    /// `ACL SETUSER user rules` (then `ACL SAVE`) on every node.
+    pub async fn set_user(&self, user: &str, rules: &[String]) -> Result<(), EngineError> {
+        let reset = rules.first().is_some_and(|r| r == "reset");
+        self.record(user, Some(rules.to_vec()), reset);
+        let off = rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off");
+        for node in self.nodes() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
+            pipe.cmd("ACL").arg("SAVE").ignore();
+            skip_if_down(&node, node.provision(&pipe).await).await?;
+            if off {
+                // Errors when nobody was connected.
+                let _ = admin(&node, &["CLIENT", "KILL", "USER", user]).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// `ACL DELUSER users` (then `ACL SAVE`) on every node.
+    pub async fn delete_users(&self, users: &[String]) -> Result<(), EngineError> {
+        for u in users {
+            self.record(u, None, true);
+        }
+        for node in self.nodes() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ACL").arg("DELUSER").arg(users).ignore();
+            pipe.cmd("ACL").arg("SAVE").ignore();
+            skip_if_down(&node, node.provision(&pipe).await).await?;
+        }
+        Ok(())
+    }
+
+    /// Names of the pool's ACL users that start with `prefix`.
+    pub fn users_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.users.lock().unwrap().keys().filter(|u| u.starts_with(prefix)).cloned().collect()
+    }
+
+    /// Notes a change in the source of truth: `rules` set (replacing what was there when
+    /// `replace`), or the user deleted (`None`).
+    fn record(&self, user: &str, rules: Option<Vec<String>>, replace: bool) {
+        let mut users = self.users.lock().unwrap();
+        match rules {
+            None => {
+                users.remove(user);
+            }
+            Some(rules) => {
+                let entry = users.entry(user.to_string()).or_default();
+                if replace {
+                    entry.clear();
+                }
+                entry.push(rules);
+            }
+        }
+    }
+
+    /// Makes a node's ACL users those of the record: every recorded user remade, every other
+    /// user (but the platform's) deleted; then the observer user and `ACL SAVE`.
+    async fn reconcile_users(&self, node: &Node) -> Result<(), EngineError> {
+        let mut conn = admin_conn(node).await?;
+        let present: Vec<String> =
+            redis::cmd("ACL").arg("USERS").query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+        let users = self.users.lock().unwrap().clone();
+        let mut pipe = redis::pipe();
+        for u in present.iter().filter(|u| !is_platform_user(u) && !users.contains_key(*u)) {
+            pipe.cmd("ACL").arg("DELUSER").arg(u).ignore();
+        }
+        for (user, batches) in &users {
+            pipe.cmd("ACL").arg("SETUSER").arg(user).arg("reset").ignore();
+            for rules in batches {
+                pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
+            }
+        }
+        pipe.cmd("ACL").arg("SAVE").ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+        node.ensure_observer().await
+    }
+
+    // ---- topology ----
+
+    /// Shards, slots, nodes, roles, memory and health, as a healthy node sees them.
+    pub async fn status(&self) -> Result<ClusterStatus, EngineError> {
+        let (asked, shards) = self.shards().await?;
+        let ok = cluster_info(&asked).await.map(|i| i.contains("cluster_state:ok")).unwrap_or(false);
+        let nodes = self.nodes();
+        let mut out = Vec::new();
+        for shard in shards {
+            let mut primary = None;
+            let mut replicas = Vec::new();
+            for n in shard.nodes {
+                let ours = nodes.iter().find(|x| x.spec.port == n.port);
+                let used_memory = match ours {
+                    Some(node) => used_memory(node).await,
+                    None => None,
+                };
+                let status = NodeStatus {
+                    name: ours.map(|x| x.name().to_string()),
+                    id: n.id,
+                    addr: format!("{}:{}", n.ip, n.port),
+                    role: n.role,
+                    health: n.health,
+                    healthy: ours.is_some_and(|x| x.healthy()),
+                    used_memory,
+                };
+                match n.role {
+                    Role::Primary => primary = Some(status),
+                    Role::Replica => replicas.push(status),
+                }
+            }
+            out.push(ShardStatus { id: shard.id, slots: shard.slots, primary, replicas });
+        }
+        out.sort_by_key(|s| s.slots.first().copied().unwrap_or((SLOTS, SLOTS)));
+        Ok(ClusterStatus { ok, shards: out })
+    }
+
+    /// `CLUSTER SHARDS` from the first node that answers.
+    async fn shards(&self) -> Result<(Arc<Node>, Vec<Shard>), EngineError> {
+        let mut last = None;
+        for node in self.nodes().into_iter().filter(|n| n.healthy()) {
+            match admin_value(&node, &["CLUSTER", "SHARDS"]).await {
+                Ok(v) => return Ok((node, parse_shards(&v))),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(EngineError::NoHealthyNode))
+    }
+
+    async fn primary_ids(&self) -> Result<Vec<String>, EngineError> {
+        let (_, shards) = self.shards().await?;
+        Ok(shards
+            .into_iter()
+            .flat_map(|s| s.nodes)
+            .filter(|n| n.role == Role::Primary)
+            .map(|n| n.id)
+            .collect())
+    }
+
+    /// Adds a shard: a new primary and R replicas, given their ACL users before they join,
+    /// then an even share of the slots moved onto it from the others. Returns its shard id.
+    pub async fn add_shard(&self) -> Result<String, EngineError> {
+        let _topology = self.topology.lock().await;
+        let next = self.members.lock().unwrap().iter().map(|m| m.index + 1).max().unwrap_or(0);
+        let indexes: Vec<u16> = (next..next + 1 + self.config.replicas as u16).collect();
+        let nodes = self.start_nodes(&indexes).await?;
+        let joined = async {
+            for n in &nodes {
+                self.reconcile_users(n).await?;
+            }
+            let anchor = self.healthy_member()?;
+            meet_all(&anchor, &nodes).await?;
+            let total = self.members.lock().unwrap().len() + nodes.len();
+            for n in &nodes {
+                wait_known(n, total).await?;
+            }
+            let primary_id = my_id(&nodes[0]).await?;
+            for replica in &nodes[1..] {
+                replicate(replica, &primary_id).await?;
+            }
+            for replica in &nodes[1..] {
+                wait_synced(replica).await?;
+            }
+            Ok::<_, EngineError>(primary_id)
+        };
+        let primary_id = match joined.await {
+            Ok(id) => id,
+            Err(e) => {
+                for n in &nodes {
+                    n.stop().await;
+                }
+                return Err(e);
+            }
+        };
+        for n in &nodes {
+            self.admit(Arc::clone(n)).await?;
+        }
+        // Each shard keeps an even share; the new one gets the rest.
+        let (_, shards) = self.shards().await?;
+        let serving: Vec<&Shard> = shards.iter().filter(|s| !s.slots.is_empty()).collect();
+        let share = u32::from(SLOTS) / (serving.len() as u32 + 1);
+        let began = Instant::now();
+        for shard in serving {
+            let excess = shard_slot_count(shard).saturating_sub(share);
+            if excess == 0 {
+                continue;
+            }
+            let moving = take_last(&shard.slots, excess);
+            let source = self.member_by_id(&shard.primary_id().unwrap_or_default())?;
+            migrate(&source, &[(moving, primary_id.clone())]).await?;
+        }
+        for n in self.nodes() {
+            wait_state_ok(&n).await?;
+        }
+        let shard = admin(&nodes[0], &["CLUSTER", "MYSHARDID"]).await?;
+        tracing::info!(shard, elapsed = ?began.elapsed(), "shard added, slots moved onto it");
+        Ok(shard)
+    }
+
+    /// Removes a shard: its slots moved to the others (spread evenly), then its nodes
+    /// forgotten by the rest, stopped, and their folders deleted.
+    pub async fn remove_shard(&self, shard_id: &str) -> Result<(), EngineError> {
+        let _topology = self.topology.lock().await;
+        let (_, shards) = self.shards().await?;
+        let leaving = shards
+            .iter()
+            .find(|s| s.id == shard_id)
+            .ok_or_else(|| EngineError::UnknownNode(format!("shard {shard_id}")))?;
+        let others: Vec<&Shard> =
+            shards.iter().filter(|s| s.id != shard_id && s.primary_id().is_some()).collect();
+        if others.is_empty() {
+            return Err(EngineError::UnknownNode(format!("shard {shard_id} is the last one")));
+        }
+        let began = Instant::now();
+        if !leaving.slots.is_empty() {
+            let source = self.member_by_id(&leaving.primary_id().unwrap_or_default())?;
+            let all = leaving.slots.clone();
+            let count = shard_slot_count(leaving);
+            let mut jobs = Vec::new();
+            let mut rest = all;
+            for (k, other) in others.iter().enumerate() {
+                let part = count / others.len() as u32 + u32::from((k as u32) < count % others.len() as u32);
+                let (taken, left) = split_first(&rest, part);
+                rest = left;
+                if !taken.is_empty() {
+                    jobs.push((taken, other.primary_id().unwrap_or_default()));
+                }
+            }
+            migrate(&source, &jobs).await?;
+        }
+        let leaving_ids: Vec<String> = leaving.nodes.iter().map(|n| n.id.clone()).collect();
+        let (gone, staying): (Vec<Member>, Vec<Member>) = std::mem::take(&mut *self.members.lock().unwrap())
+            .into_iter()
+            .partition(|m| leaving_ids.contains(&m.id));
+        *self.members.lock().unwrap() = staying;
+        for m in &gone {
+            m.node.stop().await;
+        }
+        for node in self.nodes() {
+            for id in &leaving_ids {
+                if let Err(e) = admin(&node, &["CLUSTER", "FORGET", id]).await {
+                    tracing::warn!(node = node.name(), error = %e, "CLUSTER FORGET failed");
+                }
+            }
+        }
+        for m in &gone {
+            let _ = std::fs::remove_dir_all(&m.node.dir);
+        }
+        for n in self.nodes() {
+            wait_state_ok(&n).await?;
+        }
+        tracing::info!(shard = shard_id, elapsed = ?began.elapsed(), "shard drained and removed");
+        Ok(())
+    }
+
+    fn healthy_member(&self) -> Result<Arc<Node>, EngineError> {
+        self.nodes().into_iter().find(|n| n.healthy()).ok_or(EngineError::NoHealthyNode)
+    }
+
+    fn member_by_id(&self, id: &str) -> Result<Arc<Node>, EngineError> {
+        let members = self.members.lock().unwrap();
+        members
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| Arc::clone(&m.node))
+            .ok_or_else(|| EngineError::UnknownNode(format!("node id {id}")))
+    }
+
+    // ---- the keeper ----
+
+    /// Every [`KEEPER_INTERVAL`]: a node the supervisor restarted gets its ACL users
+    /// reconciled, and rejoins the cluster if it came back empty.
+    async fn keep(self: Arc<Self>) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            tokio::time::sleep(KEEPER_INTERVAL).await;
+            let restarted: Vec<(Arc<Node>, u32)> = self
+                .members
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|m| m.node.restarts() != m.restarts_seen)
+                .map(|m| (Arc::clone(&m.node), m.node.restarts()))
+                .collect();
+            for (node, restarts) in restarted {
+                if self.stopping.load(Ordering::SeqCst) || !node.ping().await {
+                    continue;
+                }
+                let _topology = self.topology.lock().await;
+                match self.rejoin(&node).await {
+                    Ok(()) => {
+                        if let Some(m) =
+                            self.members.lock().unwrap().iter_mut().find(|m| m.node.name() == node.name())
+                        {
+                            m.restarts_seen = restarts;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = node.name(), error = %e, "restarted node not rejoined yet")
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a restart: ACL users first (before the node serves), then, for a node that came
+    /// back empty, its place in the cluster again.
+    async fn rejoin(&self, node: &Arc<Node>) -> Result<(), EngineError> {
+        self.reconcile_users(node).await?;
+        let id = my_id(node).await?;
+        let (old_id, shard) = {
+            let members = self.members.lock().unwrap();
+            let m = members.iter().find(|m| m.node.name() == node.name()).expect("member");
+            (m.id.clone(), m.shard.clone())
+        };
+        if id == old_id {
+            tracing::info!(node = node.name(), "restarted node rejoined; ACL users reconciled");
+            return Ok(());
+        }
+        tracing::warn!(
+            node = node.name(),
+            old_id,
+            id,
+            "node came back empty: adding it to the cluster again"
+        );
+        let others: Vec<Arc<Node>> = self.nodes().into_iter().filter(|n| n.name() != node.name()).collect();
+        for other in &others {
+            // Unknown already (forgotten on an earlier try) is fine.
+            let _ = admin(other, &["CLUSTER", "FORGET", &old_id]).await;
+        }
+        let anchor = others.iter().find(|n| n.healthy()).ok_or(EngineError::NoHealthyNode)?;
+        meet_all(anchor, std::slice::from_ref(node)).await?;
+        wait_known(node, others.len() + 1).await?;
+        let (_, shards) = self.shards().await?;
+        let primary = shards
+            .iter()
+            .find(|s| s.id == shard)
+            .and_then(|s| s.primary_id())
+            .ok_or_else(|| EngineError::UnknownNode(format!("primary of shard {shard}")))?;
+        replicate(node, &primary).await?;
+        wait_synced(node).await?;
+        let mut members = self.members.lock().unwrap();
+        if let Some(m) = members.iter_mut().find(|m| m.node.name() == node.name()) {
+            m.id = id;
+        }
+        tracing::info!(node = node.name(), shard, "empty node rejoined as a replica");
+        Ok(())
+    }
+}
+
+fn is_platform_user(user: &str) -> bool {
+    user == "default" || user == ADMIN_USER || user == OBSERVER_USER
+}
+
+/// A failure on a node that is down is not the caller's: the keeper brings the node up to date
+/// when it is back. A node that answers and refuses is.
+async fn skip_if_down(node: &Node, result: Result<(), EngineError>) -> Result<(), EngineError> {
+    match result {
+        Err(e) if node.pid().is_none() || !node.ping().await => {
+            tracing::warn!(node = node.name(), error = %e, "node down: its ACL users follow when it is back");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// `node-<n>` folders under the pool's folder.
+fn existing_indexes(dir: &std::path::Path) -> std::io::Result<Vec<u16>> {
+    let mut out: Vec<u16> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("nodes.conf").exists())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("node-")?.parse().ok())
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    std::io::Write::write_all(&mut f, contents.as_bytes())
+}
+
+/// Inclusive slot ranges.
+type Ranges = Vec<(u16, u16)>;
+
+/// `shards` even, contiguous slot ranges covering every slot.
+fn even_ranges(shards: usize) -> Vec<(u16, u16)> {
+    let n = shards.max(1) as u32;
+    let total = u32::from(SLOTS);
+    (0..n).map(|i| ((total * i / n) as u16, (total * (i + 1) / n - 1) as u16)).collect()
+}
+
+/// The last `count` slots of `ranges` (sorted), as ranges.
+fn take_last(ranges: &[(u16, u16)], count: u32) -> Vec<(u16, u16)> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut out = Vec::new();
+    let mut left = count;
+    for &(a, b) in sorted.iter().rev() {
+        if left == 0 {
+            break;
+        }
+        let len = u32::from(b - a) + 1;
+        let take = len.min(left);
+        out.push((b - (take - 1) as u16, b));
+        left -= take;
+    }
+    out.reverse();
+    out
+}
+
+/// The first `count` slots of `ranges` (sorted), and the rest.
+fn split_first(ranges: &[(u16, u16)], count: u32) -> (Ranges, Ranges) {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let (mut taken, mut rest) = (Vec::new(), Vec::new());
+    let mut left = count;
+    for (a, b) in sorted {
+        let len = u32::from(b - a) + 1;
+        if left >= len {
+            taken.push((a, b));
+            left -= len;
+        } else if left > 0 {
+            taken.push((a, a + (left - 1) as u16));
+            rest.push((a + left as u16, b));
+            left = 0;
+        } else {
+            rest.push((a, b));
+        }
+    }
+    (taken, rest)
+}
+
+// ---- what the nodes say ----
+
+struct Shard {
+    id: String,
+    slots: Vec<(u16, u16)>,
+    nodes: Vec<ShardNode>,
+}
+
+impl Shard {
+    fn primary_id(&self) -> Option<String> {
+        self.nodes.iter().find(|n| n.role == Role::Primary).map(|n| n.id.clone())
+    }
+}
+
+fn shard_slot_count(shard: &Shard) -> u32 {
+    shard.slots.iter().map(|(a, b)| u32::from(b - a) + 1).sum()
+}
+
+struct ShardNode {
+    id: String,
+    ip: String,
+    port: u16,
+    role: Role,
+    health: String,
+}
+
+/// A RESP2 flat key/value array or a RESP3 map, as pairs.
+fn pairs(v: &Value) -> Vec<(String, &Value)> {
+    match v {
+        Value::Map(m) => m.iter().map(|(k, v)| (text(k), v)).collect(),
+        Value::Array(a) => a.chunks(2).filter(|c| c.len() == 2).map(|c| (text(&c[0]), &c[1])).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        _ => String::new(),
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) => a,
+        _ => &[],
+    }
+}
+
+fn parse_shards(v: &Value) -> Vec<Shard> {
+    items(v)
+        .iter()
+        .map(|shard| {
+            let mut out = Shard { id: String::new(), slots: Vec::new(), nodes: Vec::new() };
+            for (key, value) in pairs(shard) {
+                match key.as_str() {
+                    "id" => out.id = text(value),
+                    "slots" => {
+                        let bounds: Vec<u16> =
+                            items(value).iter().filter_map(|b| text(b).parse().ok()).collect();
+                        out.slots = bounds.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0], c[1])).collect();
+                    }
+                    "nodes" => {
+                        for node in items(value) {
+                            let f: BTreeMap<String, String> =
+                                pairs(node).into_iter().map(|(k, v)| (k, text(v))).collect();
+                            let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+                            out.nodes.push(ShardNode {
+                                id: get("id"),
+                                ip: get("ip"),
+                                port: get("port").parse().unwrap_or(0),
+                                role: if get("role") == "master" { Role::Primary } else { Role::Replica },
+                                health: get("health"),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// One admin command; its reply as text.
+async fn admin(node: &Node, args: &[&str]) -> Result<String, EngineError> {
+    admin_value(node, args).await.map(|v| text(&v))
+}
+
+async fn admin_value(node: &Node, args: &[&str]) -> Result<Value, EngineError> {
+    let mut conn = admin_conn(node).await?;
+    let mut cmd = redis::cmd(args[0]);
+    cmd.arg(&args[1..]);
+    match tokio::time::timeout(Duration::from_secs(5), cmd.query_async::<Value>(&mut conn)).await {
+        Ok(r) => r.map_err(|e| node.valkey_err(e)),
+        Err(_) => Err(EngineError::NotReady(node.name().to_string())),
+    }
+}
+
+async fn my_id(node: &Node) -> Result<String, EngineError> {
+    admin(node, &["CLUSTER", "MYID"]).await
+}
+
+async fn cluster_info(node: &Node) -> Result<String, EngineError> {
+    admin(node, &["CLUSTER", "INFO"]).await
+}
+
+fn info_field(info: &str, name: &str) -> Option<u64> {
+    info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+}
+
+async fn used_memory(node: &Node) -> Option<u64> {
+    let info =
+        tokio::time::timeout(Duration::from_secs(1), admin(node, &["INFO", "memory"])).await.ok()?.ok()?;
+    info_field(&info, "used_memory")
+}
+
+/// `ACL LIST` without the platform's users: name → rules (`reset` first).
+async fn acl_list(node: &Node) -> Result<Vec<(String, Vec<String>)>, EngineError> {
+    let mut conn = admin_conn(node).await?;
+    let lines: Vec<String> =
+        redis::cmd("ACL").arg("LIST").query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+    Ok(lines
+        .iter()
+        .filter_map(|line| {
+            let mut words = line.split(' ');
+            (words.next()? == "user").then_some(())?;
+            let name = words.next()?.to_string();
+            let rules = std::iter::once("reset".to_string()).chain(words.map(str::to_string)).collect();
+            (!is_platform_user(&name)).then_some((name, rules))
+        })
+        .collect())
+}
+
+/// `anchor` MEETs every node of `nodes`.
+async fn meet_all(anchor: &Node, nodes: &[Arc<Node>]) -> Result<(), EngineError> {
+    for n in nodes {
+        admin(anchor, &["CLUSTER", "MEET", &n.spec.host, &n.spec.port.to_string()]).await?;
+    }
+    Ok(())
+}
+
+/// Polls until `check` holds, or [`TOPOLOGY_TIMEOUT`].
+async fn poll<F, Fut>(node: &Node, mut check: F) -> Result<(), EngineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + TOPOLOGY_TIMEOUT;
+    while !check().await {
+        if Instant::now() > deadline {
+            return Err(EngineError::NotReady(node.name().to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Until the node knows `count` nodes (MEET spreads by gossip).
+async fn wait_known(node: &Node, count: usize) -> Result<(), EngineError> {
+    poll(node, || async {
+        let info = cluster_info(node).await.unwrap_or_default();
+        info_field(&info, "cluster_known_nodes").is_some_and(|k| k as usize >= count)
+            && !admin(node, &["CLUSTER", "NODES"]).await.unwrap_or_default().contains("handshake")
+    })
+    .await
+}
+
+/// Until a replica has its primary's data (`master_link_status:up` after the first sync).
+async fn wait_synced(node: &Node) -> Result<(), EngineError> {
+    poll(node, || async {
+        admin(node, &["INFO", "replication"]).await.is_ok_and(|i| i.contains("master_link_status:up"))
+    })
+    .await
+}
+
+async fn wait_state_ok(node: &Node) -> Result<(), EngineError> {
+    poll(node, || async { cluster_info(node).await.is_ok_and(|i| i.contains("cluster_state:ok")) }).await
+}
+
+/// `CLUSTER REPLICATE primary`, retried for a few seconds: it is refused until gossip has
+/// told the node about the primary.
+async fn replicate(node: &Node, primary: &str) -> Result<String, EngineError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin(node, &["CLUSTER", "REPLICATE", primary]).await {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// `CLUSTER MIGRATESLOTS` on `source` (the slots' primary): each job's ranges to its target
+/// node id; waits until `CLUSTER GETSLOTMIGRATIONS` on the source shows every job finished.
+async fn migrate(source: &Node, jobs: &[(Ranges, String)]) -> Result<(), EngineError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec!["CLUSTER".to_string(), "MIGRATESLOTS".to_string()];
+    let mut expected = Vec::new();
+    for (ranges, target) in jobs {
+        args.push("SLOTSRANGE".into());
+        for (a, b) in ranges {
+            args.push(a.to_string());
+            args.push(b.to_string());
+        }
+        args.push("NODE".into());
+        args.push(target.clone());
+        expected.push((ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>().join(" "), target));
+    }
+    let began = Instant::now();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    admin(source, &argv).await?;
+    let deadline = Instant::now() + TOPOLOGY_TIMEOUT;
+    loop {
+        let listed = admin_value(source, &["CLUSTER", "GETSLOTMIGRATIONS"]).await?;
+        let entries: Vec<BTreeMap<String, String>> = items(&listed)
+            .iter()
+            .map(|e| pairs(e).into_iter().map(|(k, v)| (k, text(v))).collect())
+            .collect();
+        let mut done = 0;
+        for (ranges, target) in &expected {
+            // The newest entry for this job (the list keeps finished ones too).
+            let entry = entries.iter().rev().find(|e| {
+                e.get("operation").map(String::as_str) == Some("EXPORT")
+                    && e.get("target_node") == Some(*target)
+                    && e.get("slot_ranges") == Some(ranges)
+            });
+            match entry.and_then(|e| e.get("state")).map(String::as_str) {
+                Some("success") => done += 1,
+                Some(state @ ("failed" | "cancelled" | "canceled")) => {
+                    let message = entry.and_then(|e| e.get("message")).cloned().unwrap_or_default();
+                    return Err(EngineError::Io {
+                        node: source.name().to_string(),
+                        source: std::io::Error::other(format!("slot migration {ranges} {state}: {message}")),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if done == expected.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(EngineError::NotReady(source.name().to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!(node = source.name(), jobs = jobs.len(), elapsed = ?began.elapsed(), "slots migrated");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_ranges_split_evenly_and_cover_everything() {
+        assert_eq!(even_ranges(3), [(0, 5460), (5461, 10921), (10922, 16383)]);
+        assert_eq!(take_last(&[(0, 9), (20, 24)], 7), [(8, 9), (20, 24)]);
+        let (taken, rest) = split_first(&[(20, 24), (0, 9)], 12);
+        assert_eq!(taken, [(0, 9), (20, 21)]);
+        assert_eq!(rest, [(22, 24)]);
+    }
+}

