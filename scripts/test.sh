@@ -3,19 +3,22 @@
 # lints, build once, and run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each step says when it starts (seconds since the script began): where the time goes.
+step() { echo "==> $* (at ${SECONDS} s)" >&2; }
+trap 'echo "==> done in ${SECONDS} s" >&2' EXIT
 
 # Setup always runs (it installs what the tests need); a preset SHOAL_VALKEY_SERVER wins.
 valkey_server="$(scripts/setup.sh --test)"
 export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$valkey_server}"
 echo "==> valkey-server: $SHOAL_VALKEY_SERVER ($("$SHOAL_VALKEY_SERVER" --version | cut -d' ' -f3))" >&2
 
-echo "==> cargo fmt --check" >&2
+step "cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "==> cargo clippy -D warnings" >&2
+step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "==> tests" >&2
+step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest does not run doctests; run them first so nextest's summary closes the log.
   cargo test --workspace --doc --quiet
@@ -25,9 +28,9 @@ else
 fi
 
 # The Postgres lane: the store and REST API tests again, on a real PostgreSQL server.
-echo "==> tests on PostgreSQL" >&2
+step "tests on PostgreSQL"
 pg_dir="$(mktemp -d /tmp/shoal-pg.XXXXXX)"
-trap 'scripts/postgres.sh stop "$pg_dir"; rm -rf "$pg_dir"' EXIT
+trap 'scripts/postgres.sh stop "$pg_dir"; rm -rf "$pg_dir"; echo "==> done in ${SECONDS} s" >&2' EXIT
 export SHOAL_TEST_POSTGRES_URL="$(scripts/postgres.sh start "$pg_dir")"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast -E "$(cat scripts/postgres-lane.filter)"
