@@ -26,6 +26,7 @@ pub mod clients;
 pub mod cluster;
 pub mod cmd;
 pub mod config;
+pub mod control_plane;
 pub mod error;
 pub mod listener;
 pub mod metering;

@@ -10,7 +10,7 @@
 
 use super::Ledger;
 use crate::clients::Registry;
-use crate::router::ControlPlaneClient;
+use crate::control_plane::ControlPlane;
 use crate::state::Shared;
 use crate::GatewayError;
 use rand::Rng;
@@ -142,7 +142,7 @@ impl Outbox {
     }
 
     /// Sends batches oldest first until all are acknowledged or one fails.
-    pub async fn deliver(&mut self, client: &ControlPlaneClient) -> Result<(), GatewayError> {
+    pub async fn deliver(&mut self, client: &ControlPlane) -> Result<(), GatewayError> {
         loop {
             if let (Some(&seq), Some(dir)) = (self.spooled.front(), self.dir.as_ref()) {
                 let path = spool_path(dir, seq);
@@ -185,7 +185,7 @@ pub async fn run(mut outbox: Outbox, shared: Arc<Shared>, mut shutdown: watch::R
 
 /// The last delivery at shutdown: what the control plane does not take within `wait` is
 /// spooled for the next start.
-pub async fn finish(mut outbox: Outbox, shared: &Shared, client: &ControlPlaneClient, wait: Duration) {
+pub async fn finish(mut outbox: Outbox, shared: &Shared, client: &ControlPlane, wait: Duration) {
     outbox.collect(&shared.ledger, &shared.clients);
     match tokio::time::timeout(wait, outbox.deliver(client)).await {
         Ok(Ok(())) => tracing::info!("usage delivered"),
