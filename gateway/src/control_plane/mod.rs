@@ -4,7 +4,7 @@
 //!
 //! Two backends, as variants of an enum (no boxed futures on the login and refresh paths):
 //! - [`http`]: the internal API over HTTP(S), what `shoal gateway` and `shoal dev` use;
-//! - [`fake`] (feature `testing`): in memory, for tests that run a gateway without a control
+//! - `fake` (feature `testing`): in memory, for tests that run a gateway without a control
 //!   plane. Tests register caches, users and tokens on it and read back what the gateway
 //!   posted. Not built into the `shoal` binary.
 
