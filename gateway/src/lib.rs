@@ -10,6 +10,8 @@
 //! - [`resp`]: request parser, reply boundary scanner, a small value model (no I/O).
 //! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
 //! - [`router`]: cache id → [`shoal_types::TenantRoute`], from the control plane.
+//! - [`control_plane`]: what the gateway asks of the control plane and sends it: the
+//!   internal API over HTTP, or an in-memory fake for tests (feature `testing`).
 //! - the command table is the `shoal-commands` crate: pass, deny or virtualize, weights, flags.
 //! - [`cmd`]: commands the gateway answers or rewrites per cache (one file per family), with
 //!   [`pubsub`] (channel namespaces), [`cluster`] (one-node cluster answers),
@@ -26,6 +28,7 @@ pub mod clients;
 pub mod cluster;
 pub mod cmd;
 pub mod config;
+pub mod control_plane;
 pub mod error;
 pub mod listener;
 pub mod metering;

@@ -1,7 +1,8 @@
 //! The accept loop: a connection-limit semaphore, backoff on accept errors, and a shutdown
 //! signal that stops accepting.
 
-use crate::router::ControlPlaneClient;
+use crate::control_plane::http::HttpClient;
+use crate::control_plane::ControlPlane;
 use crate::session;
 use crate::state::Shared;
 use crate::tls::TlsState;
@@ -24,10 +25,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds the RESP listener (and the TLS one, if configured).
+    /// Binds the RESP listener (and the TLS one, if configured), with the control plane at
+    /// `control_plane_url`.
     pub async fn bind(config: GatewayConfig) -> Result<Gateway, BindError> {
         // The configuration is checked before anything is bound.
-        let client = Arc::new(ControlPlaneClient::new(&config).map_err(BindError::Config)?);
+        let client = HttpClient::new(&config).map_err(BindError::Config)?;
+        Gateway::bind_with(config, ControlPlane::Http(client)).await
+    }
+
+    /// [`Gateway::bind`] with a control plane of the caller's (the fake one, in tests);
+    /// `control_plane_url` and the credential settings are not used.
+    pub async fn bind_with(config: GatewayConfig, control_plane: ControlPlane) -> Result<Gateway, BindError> {
+        let client = Arc::new(control_plane);
         let listener = TcpListener::bind(&config.listen).await?;
         let tls = match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
             (Some(addr), Some(cert), Some(key)) => {

@@ -5,8 +5,9 @@
 use crate::auth::jwt::JwtVerifier;
 use crate::clients::Registry;
 use crate::cluster::Identity;
+use crate::control_plane::ControlPlane;
 use crate::observer::Observers;
-use crate::router::{ControlPlaneClient, Router};
+use crate::router::Router;
 use crate::GatewayConfig;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,7 @@ pub struct Shared {
     pub config: GatewayConfig,
     pub jwt: JwtVerifier,
     pub router: Router,
-    pub control_plane: Arc<ControlPlaneClient>,
+    pub control_plane: Arc<ControlPlane>,
     pub tracker: crate::tracking::Tracker,
     pub clients: Arc<Registry>,
     /// Scripts in flight per node and cache (whose script a tenant's SCRIPT KILL may end).
@@ -51,7 +52,7 @@ pub struct Shared {
 
 impl Shared {
     /// `advertise`: the address cluster-mode answers point clients to.
-    pub fn new(config: GatewayConfig, client: Arc<ControlPlaneClient>, advertise: &str) -> Shared {
+    pub fn new(config: GatewayConfig, client: Arc<ControlPlane>, advertise: &str) -> Shared {
         Shared {
             jwt: JwtVerifier::new(client.clone()),
             router: Router::new(client.clone(), config.route_ttl),

@@ -9,8 +9,8 @@
 //! the node's events, so a fleet of gateways stays coherent.
 
 use crate::clients::{Invalidation, Registry, Tracking};
+use crate::control_plane::ControlPlane;
 use crate::resp::{self, reply::ReplyScanner, value};
-use crate::router::ControlPlaneClient;
 use crate::GatewayError;
 use bytes::BytesMut;
 use shoal_types::{CacheId, TenantRoute};
@@ -51,7 +51,7 @@ impl Tracker {
     /// Makes sure the cache's databases are followed on its node.
     pub async fn watch(
         &self,
-        control_plane: &ControlPlaneClient,
+        control_plane: &ControlPlane,
         clients: &Arc<Registry>,
         route: &TenantRoute,
     ) -> Result<(), GatewayError> {

@@ -7,7 +7,7 @@
 //! window ([`shoal_auth::aggregate`]). When the queue is full, events are folded the same way
 //! instead of dropped, so every attempt is accounted for.
 
-use crate::router::ControlPlaneClient;
+use crate::control_plane::ControlPlane;
 use shoal_auth::aggregate::{Aggregator, Fold, Folded};
 use shoal_types::{LoginAggregate, LoginEvent};
 use std::collections::VecDeque;
@@ -112,7 +112,7 @@ impl AuditQueue {
     }
 
     /// Posts queued events until `shutdown`, then once more (with every aggregate).
-    pub async fn run(self: Arc<Self>, client: Arc<ControlPlaneClient>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, client: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let stopping = tokio::select! {
                 _ = tokio::time::sleep(INTERVAL) => false,
@@ -143,7 +143,7 @@ impl AuditQueue {
         batch
     }
 
-    async fn flush(&self, client: &ControlPlaneClient, all: bool) {
+    async fn flush(&self, client: &ControlPlane, all: bool) {
         loop {
             let batch = self.next_batch(all);
             if batch.is_empty() {

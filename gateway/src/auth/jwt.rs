@@ -3,7 +3,7 @@
 //! The algorithm is pinned to EdDSA, `iss`, `aud`, `sub`, `exp` and `iat` are required, and
 //! a small leeway allows for clock skew. Unknown key ids trigger a (rate-limited) refresh.
 
-use crate::router::ControlPlaneClient;
+use crate::control_plane::ControlPlane;
 use crate::GatewayError;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, Validation};
 use shoal_types::{DataClaims, TenantRoute, DATA_AUDIENCE, LIMITED_DATA_AUDIENCE, TOKEN_ISSUER};
@@ -20,7 +20,7 @@ pub const LEEWAY_SECS: u64 = 30;
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct JwtVerifier {
-    client: Arc<ControlPlaneClient>,
+    client: Arc<ControlPlane>,
     keys: RwLock<HashMap<String, DecodingKey>>,
     last_refresh: Mutex<Option<Instant>>,
     /// The last reload an unknown kid caused (the periodic and startup ones do not count,
@@ -34,7 +34,7 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn new(client: Arc<ControlPlaneClient>) -> Self {
+    pub fn new(client: Arc<ControlPlane>) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[TOKEN_ISSUER]);
         validation.set_audience(&[DATA_AUDIENCE, LIMITED_DATA_AUDIENCE]);

@@ -2,8 +2,8 @@
 //! cache.
 
 use crate::auth::login::{Attempt, LoginNote};
+use crate::control_plane::Verified;
 use crate::pubsub::Namespace;
-use crate::router::Verified;
 use crate::session::{Session, Tenant, NO_EXPIRY};
 use crate::{upstream, GatewayError};
 use shoal_auth::throttle::{FailureOutcome, Verdict};

@@ -1,21 +1,22 @@
 //! CLIENT LIST, INFO, SETNAME/SETINFO and KILL over the cache's own connections.
 
+use super::Ctx;
 use super::OK;
 use crate::resp::value::Value;
-use crate::session::{OnReply, Session};
+use crate::session::OnReply;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 
-pub(super) fn list(s: &mut Session) {
-    let cache = s.tenant.as_ref().expect("after AUTH").cache.clone();
-    let lines: String = s.shared.clients.list(&cache).iter().map(|e| e.list_line()).collect();
-    s.reply_value(&Value::bulk(lines));
+pub(super) fn list(cx: &mut Ctx<'_>) {
+    let cache = cx.tenant().cache.clone();
+    let lines: String = cx.shared().clients.list(&cache).iter().map(|e| e.list_line()).collect();
+    cx.reply_value(&Value::bulk(lines));
 }
 
 /// `CLIENT INFO` from Valkey (so every counter is real), with the fields that describe the
 /// gateway's side of the connection replaced by the client's.
-pub(super) async fn info(s: &mut Session) {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) async fn info(cx: &mut Ctx<'_>) {
+    let t = cx.tenant();
     let (addr, laddr, db) = (t.entry.addr.clone(), t.entry.laddr.clone(), t.db);
     let id = t.entry.id.load(Ordering::Relaxed);
     let rewrite = OnReply::Transform(Box::new(move |v, _| {
@@ -43,12 +44,12 @@ pub(super) async fn info(s: &mut Session) {
             .collect();
         Value::Bulk((fields.join(" ") + "\n").into_bytes())
     }));
-    s.forward_command(&[b"CLIENT", b"INFO"], rewrite).await;
+    cx.forward_command(&[b"CLIENT", b"INFO"], rewrite).await;
 }
 
 /// `CLIENT SETNAME` / `CLIENT SETINFO`: forwarded, and remembered for `CLIENT LIST`.
-pub(super) async fn set(s: &mut Session, name: &str, argv: &[&[u8]]) {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) async fn set(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
+    let t = cx.tenant();
     match (name, argv.len()) {
         ("client|setname", 3) => *t.entry.name.lock().unwrap() = argv[2].to_vec(),
         ("client|setinfo", 4) if argv[2].eq_ignore_ascii_case(b"LIB-NAME") => {
@@ -64,30 +65,30 @@ pub(super) async fn set(s: &mut Session, name: &str, argv: &[&[u8]]) {
     // send it on connect). Anything Valkey would refuse goes to Valkey for its error.
     let label = |v: &[u8]| v.iter().all(|c| (b'!'..=b'~').contains(c));
     let lib = |a: &[u8]| a.eq_ignore_ascii_case(b"LIB-NAME") || a.eq_ignore_ascii_case(b"LIB-VER");
-    if name == "client|setinfo" && argv.len() == 4 && lib(argv[2]) && label(argv[3]) && s.uses_mux() {
-        return s.reply(Bytes::from_static(OK));
+    if name == "client|setinfo" && argv.len() == 4 && lib(argv[2]) && label(argv[3]) && cx.uses_mux() {
+        return cx.reply(Bytes::from_static(OK));
     }
-    s.forward_command(argv, OnReply::Forward).await;
+    cx.forward_command(argv, OnReply::Forward).await;
 }
 
 /// `CLIENT KILL` for the cache's own connections only (others simply do not match).
-pub(super) fn kill(s: &mut Session, argv: &[&[u8]]) {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) fn kill(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
+    let t = cx.tenant();
     let me = t.entry.key;
-    let clients = s.shared.clients.list(&t.cache);
+    let clients = cx.shared().clients.list(&t.cache);
     if argv.len() == 3 {
         // Old form: CLIENT KILL addr:port.
         let addr = String::from_utf8_lossy(argv[2]);
         return match clients.iter().find(|c| c.addr == addr) {
             Some(c) => {
                 c.kill.notify_one();
-                s.reply(Bytes::from_static(OK))
+                cx.reply(Bytes::from_static(OK))
             }
-            None => s.refuse("ERR No such client"),
+            None => cx.refuse("ERR No such client"),
         };
     }
     if argv.len() < 4 || !argv.len().is_multiple_of(2) {
-        return s.refuse("ERR syntax error");
+        return cx.refuse("ERR syntax error");
     }
     let mut skip_me = true;
     let mut filters: Vec<(String, String)> = Vec::new();
@@ -97,7 +98,7 @@ pub(super) fn kill(s: &mut Session, argv: &[&[u8]]) {
         match k.as_str() {
             "skipme" => skip_me = !v.eq_ignore_ascii_case("no"),
             "id" | "addr" | "laddr" | "user" | "maxage" | "type" => filters.push((k, v)),
-            _ => return s.refuse("ERR syntax error"),
+            _ => return cx.refuse("ERR syntax error"),
         }
     }
     let mut killed = 0;
@@ -119,5 +120,5 @@ pub(super) fn kill(s: &mut Session, argv: &[&[u8]]) {
             killed += 1;
         }
     }
-    s.reply_value(&Value::Int(killed));
+    cx.reply_value(&Value::Int(killed));
 }

@@ -1,6 +1,7 @@
 //! Connection commands: AUTH, HELLO, RESET, SELECT (databases numbered from 0 per cache).
+//! AUTH, HELLO and RESET run before login too, so they take the session itself.
 
-use super::{wrong_args, OK};
+use super::{wrong_args, Ctx, OK};
 use crate::resp::value::Value;
 use crate::session::{OnReply, Session};
 use bytes::Bytes;
@@ -14,7 +15,7 @@ pub(super) async fn auth(s: &mut Session, argv: &[&[u8]]) {
     let (user, password) = match argv.len() {
         2 => (None, argv[1]),
         3 => (Some(argv[1]), argv[2]),
-        _ => return wrong_args(s, "auth"),
+        _ => return s.refuse("ERR wrong number of arguments for 'auth' command"),
     };
     match authenticate_in_time(s, user, password).await {
         Some(Ok(())) => s.reply(Bytes::from_static(OK)),
@@ -141,31 +142,30 @@ pub(super) async fn reset(s: &mut Session) {
 }
 
 /// Maps a client's database index to the node's; `None` if the cache has no such database.
-pub(super) fn real_db(s: &Session, index: &[u8]) -> Result<u32, &'static str> {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) fn real_db(cx: &Ctx<'_>, index: &[u8]) -> Result<u32, &'static str> {
+    let route = &cx.tenant().route;
     let n: u32 = std::str::from_utf8(index)
         .ok()
         .and_then(|x| x.parse().ok())
         .ok_or("ERR value is not an integer or out of range")?;
-    if n < t.route.databases {
-        Ok(t.route.db + n)
+    if n < route.databases {
+        Ok(route.db + n)
     } else {
         Err("ERR DB index is out of range")
     }
 }
 
-pub(super) async fn select(s: &mut Session, argv: &[&[u8]]) {
+pub(super) async fn select(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     if argv.len() != 2 {
-        return wrong_args(s, "select");
+        return wrong_args(cx, "select");
     }
-    match real_db(s, argv[1]) {
+    match real_db(cx, argv[1]) {
         Ok(real) => {
-            if let Some(t) = s.tenant.as_mut() {
-                t.db = real - t.route.db;
-                t.entry.db.store(t.db, Ordering::Relaxed);
-            }
-            s.forward_command(&[b"SELECT", real.to_string().as_bytes()], OnReply::Forward).await;
+            let t = cx.tenant_mut();
+            t.db = real - t.route.db;
+            t.entry.db.store(t.db, Ordering::Relaxed);
+            cx.forward_command(&[b"SELECT", real.to_string().as_bytes()], OnReply::Forward).await;
         }
-        Err(e) => s.refuse(e),
+        Err(e) => cx.refuse(e),
     }
 }

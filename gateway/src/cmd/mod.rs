@@ -6,16 +6,17 @@
 mod client;
 mod cluster;
 mod connection;
+mod ctx;
 mod keyspace;
 mod pubsub;
 mod scripting;
 mod server;
 mod tracking;
 
-use crate::pubsub::Namespace;
 use crate::resp::value::Value;
-use crate::session::Session;
+use crate::session::{Session, NOAUTH};
 use bytes::Bytes;
+use ctx::Ctx;
 use shoal_commands::CommandSpec;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -31,50 +32,57 @@ pub(crate) async fn run(s: &mut Session, spec: &CommandSpec, args: &[Range<usize
         let shown = spec.display_name();
         return s.refuse(&format!("ERR {shown} is not supported inside MULTI on Shoal caches"));
     }
+    // What runs before login too (and changes it): on the session itself.
     match name {
-        "auth" => connection::auth(s, &argv).await,
-        "hello" => connection::hello(s, &argv).await,
+        "auth" => return connection::auth(s, &argv).await,
+        "hello" => return connection::hello(s, &argv).await,
         "quit" => {
             s.reply(Bytes::from_static(OK));
-            s.close_after_replies();
+            return s.close_after_replies();
         }
-        "reset" => connection::reset(s).await,
-        "script|kill" => scripting::script_kill(s).await,
-        "select" => connection::select(s, &argv).await,
-        "flushall" => keyspace::flushall(s, &argv).await,
-        "move" => keyspace::move_key(s, &argv).await,
-        "copy" => keyspace::copy(s, &argv).await,
-        "info" => server::info(s, &argv).await,
-        "readonly" | "readwrite" => s.reply(Bytes::from_static(OK)),
-        "acl|whoami" => s.reply_value(&Value::bulk("default")),
-        "client|list" => client::list(s),
-        "client|info" => client::info(s).await,
+        "reset" => return connection::reset(s).await,
+        _ => {}
+    }
+    // The gateway refuses everything else before login (`decide::reject`).
+    let Some(mut cx) = Ctx::new(s) else { return s.refuse(NOAUTH) };
+    logged_in(&mut cx, name, &argv).await
+}
+
+/// The virtualized commands of a logged-in session.
+async fn logged_in(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
+    match name {
+        "script|kill" => scripting::script_kill(cx).await,
+        "select" => connection::select(cx, argv).await,
+        "flushall" => keyspace::flushall(cx, argv).await,
+        "move" => keyspace::move_key(cx, argv).await,
+        "copy" => keyspace::copy(cx, argv).await,
+        "info" => server::info(cx, argv).await,
+        "readonly" | "readwrite" => cx.reply(Bytes::from_static(OK)),
+        "acl|whoami" => cx.reply_value(&Value::bulk("default")),
+        "client|list" => client::list(cx),
+        "client|info" => client::info(cx).await,
         "client|id" => {
-            let id = s.tenant.as_ref().expect("after AUTH").entry.id.load(Ordering::Relaxed);
-            s.reply_value(&Value::Int(id))
+            let id = cx.tenant().entry.id.load(Ordering::Relaxed);
+            cx.reply_value(&Value::Int(id))
         }
-        "client|setname" | "client|setinfo" => client::set(s, name, &argv).await,
-        "client|kill" => client::kill(s, &argv),
-        "client|no-evict" => s.reply(Bytes::from_static(OK)),
-        "client|tracking" => tracking::client_tracking(s, &argv).await,
-        "client|caching" => tracking::client_caching(s, &argv),
-        "client|getredir" => tracking::client_getredir(s),
-        "client|trackinginfo" => tracking::client_trackinginfo(s),
-        n if n.starts_with("cluster|") => cluster::cluster(s, n, &argv),
-        n if n == "command" || n.starts_with("command|") => server::command(s, n, &argv).await,
+        "client|setname" | "client|setinfo" => client::set(cx, name, argv).await,
+        "client|kill" => client::kill(cx, argv),
+        "client|no-evict" => cx.reply(Bytes::from_static(OK)),
+        "client|tracking" => tracking::client_tracking(cx, argv).await,
+        "client|caching" => tracking::client_caching(cx, argv),
+        "client|getredir" => tracking::client_getredir(cx),
+        "client|trackinginfo" => tracking::client_trackinginfo(cx),
+        n if n.starts_with("cluster|") => cluster::cluster(cx, n, argv),
+        n if n == "command" || n.starts_with("command|") => server::command(cx, n, argv).await,
         "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
-            pubsub::subscribe(s, name, &argv).await
+            pubsub::subscribe(cx, name, argv).await
         }
-        "publish" | "spublish" => pubsub::publish(s, &argv).await,
-        n if n.starts_with("pubsub|") => pubsub::pubsub(s, n, &argv).await,
-        _ => s.refuse(&format!("ERR unknown command '{name}'")),
+        "publish" | "spublish" => pubsub::publish(cx, argv).await,
+        n if n.starts_with("pubsub|") => pubsub::pubsub(cx, n, argv).await,
+        _ => cx.refuse(&format!("ERR unknown command '{name}'")),
     }
 }
 
-fn wrong_args(s: &mut Session, name: &str) {
-    s.refuse(&format!("ERR wrong number of arguments for '{name}' command"));
-}
-
-fn ns(s: &Session) -> Namespace {
-    s.tenant.as_ref().map(|t| t.ns.clone()).expect("virtualized commands run after AUTH")
+fn wrong_args(cx: &mut Ctx<'_>, name: &str) {
+    cx.refuse(&format!("ERR wrong number of arguments for '{name}' command"));
 }

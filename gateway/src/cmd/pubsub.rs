@@ -1,47 +1,47 @@
 //! Pub/sub in the cache's channel namespace: (P|S)(UN)SUBSCRIBE, PUBLISH, PUBSUB.
 
-use super::{ns, wrong_args};
+use super::{wrong_args, Ctx};
 use crate::pubsub::Namespace;
 use crate::resp::value::Value;
-use crate::session::{OnReply, Session};
+use crate::session::OnReply;
 
 /// `(P|S)(UN)SUBSCRIBE`: channel names go upstream in the cache's namespace. Patterns are
 /// matched by the gateway (Valkey's channel ACL matches patterns literally): upstream holds
 /// one catch-all pattern subscription per session, `t<id>:*`.
-pub(super) async fn subscribe(s: &mut Session, name: &str, argv: &[&[u8]]) {
-    let ns = ns(s);
+pub(super) async fn subscribe(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
+    let ns = cx.ns();
     let unsubscribe = name.contains("unsubscribe");
     if argv.len() < 2 && !unsubscribe {
-        return wrong_args(s, name);
+        return wrong_args(cx, name);
     }
     if name == "psubscribe" || name == "punsubscribe" {
-        return patterns(s, &ns, name == "psubscribe", &argv[1..]).await;
+        return patterns(cx, &ns, name == "psubscribe", &argv[1..]).await;
     }
     let names: Vec<Vec<u8>> = argv[1..].iter().map(|c| ns.to_upstream(c)).collect();
     let mut cmd: Vec<&[u8]> = vec![argv[0]];
     cmd.extend(names.iter().map(Vec::as_slice));
     let confirmations = if names.is_empty() { None } else { Some(names.len()) };
-    s.forward_subscription(&cmd, confirmations).await;
+    cx.forward_subscription(&cmd, confirmations).await;
 }
 
-pub(super) async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, patterns: &[&[u8]]) {
+pub(super) async fn patterns(cx: &mut Ctx<'_>, ns: &Namespace, subscribe: bool, patterns: &[&[u8]]) {
     use crate::pubsub::{pattern_hash, Glob, MAX_PATTERNS, MAX_PATTERN_LEN};
     let kind: &'static [u8] = if subscribe { b"psubscribe" } else { b"punsubscribe" };
     if subscribe {
         if patterns.iter().any(|p| p.len() > MAX_PATTERN_LEN) {
-            return s.refuse(&format!("ERR pattern longer than {MAX_PATTERN_LEN} bytes"));
+            return cx.refuse(&format!("ERR pattern longer than {MAX_PATTERN_LEN} bytes"));
         }
-        let held: rustc_hash::FxHashSet<&[u8]> = s
-            .pubsub
+        let held: rustc_hash::FxHashSet<&[u8]> = cx
+            .pubsub()
             .patterns
             .iter()
             .map(|g| g.raw())
-            .chain(s.pubsub.direct_patterns.iter().map(Vec::as_slice))
+            .chain(cx.pubsub().direct_patterns.iter().map(Vec::as_slice))
             .collect();
         let added: rustc_hash::FxHashSet<&[u8]> =
             patterns.iter().copied().filter(|p| !held.contains(p)).collect();
         if held.len() + added.len() > MAX_PATTERNS {
-            return s.refuse(&format!(
+            return cx.refuse(&format!(
                 "ERR too many pattern subscriptions on one connection (max {MAX_PATTERNS})"
             ));
         }
@@ -49,11 +49,11 @@ pub(super) async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, p
     let mut direct: Vec<Vec<u8>> = Vec::new();
     let targets: Vec<Vec<u8>> = if patterns.is_empty() {
         // PUNSUBSCRIBE with no arguments: every pattern.
-        s.pubsub
+        cx.pubsub()
             .patterns
             .iter()
             .map(|g| g.raw().to_vec())
-            .chain(s.pubsub.direct_patterns.iter().cloned())
+            .chain(cx.pubsub().direct_patterns.iter().cloned())
             .collect()
     } else {
         patterns.iter().map(|p| p.to_vec()).collect()
@@ -61,7 +61,7 @@ pub(super) async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, p
     let mut confirmations = Vec::new();
     for pattern in &targets {
         if ns.is_direct_pattern(pattern) {
-            let list = &mut s.pubsub.direct_patterns;
+            let list = &mut cx.pubsub_mut().direct_patterns;
             list.retain(|p| p != pattern);
             if subscribe {
                 list.push(pattern.clone());
@@ -70,12 +70,12 @@ pub(super) async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, p
             continue;
         }
         let hash = pattern_hash(pattern);
-        let had = s.pubsub.patterns.iter().position(|p| p.is(pattern, hash));
+        let had = cx.pubsub().patterns.iter().position(|p| p.is(pattern, hash));
         match (had, subscribe) {
             (Some(i), false) => {
-                s.pubsub.patterns.remove(i);
+                cx.pubsub_mut().patterns.remove(i);
             }
-            (None, true) => s.pubsub.patterns.push(std::sync::Arc::new(Glob::new(pattern))),
+            (None, true) => cx.pubsub_mut().patterns.push(std::sync::Arc::new(Glob::new(pattern))),
             _ => {}
         }
         let delta = match (subscribe, had.is_some()) {
@@ -89,72 +89,72 @@ pub(super) async fn patterns(s: &mut Session, ns: &Namespace, subscribe: bool, p
         confirmations.push((None, 0));
     }
     for (pattern, delta) in confirmations {
-        s.forward_command(&[b"PING"], OnReply::Confirm { kind, pattern, delta }).await;
+        cx.forward_command(&[b"PING"], OnReply::Confirm { kind, pattern, delta }).await;
     }
     if !direct.is_empty() {
         let mut cmd: Vec<&[u8]> = vec![kind];
         cmd.extend(direct.iter().map(Vec::as_slice));
-        s.forward_subscription(&cmd, Some(direct.len())).await;
+        cx.forward_subscription(&cmd, Some(direct.len())).await;
     }
-    s.sync_patterns();
-    let want_catch_all = !s.pubsub.patterns.is_empty();
-    if want_catch_all != s.pubsub.catch_all {
-        s.pubsub.catch_all = want_catch_all;
+    cx.sync_patterns();
+    let want_catch_all = !cx.pubsub().patterns.is_empty();
+    if want_catch_all != cx.pubsub().catch_all {
+        cx.pubsub_mut().catch_all = want_catch_all;
         let verb: &[u8] = if want_catch_all { b"PSUBSCRIBE" } else { b"PUNSUBSCRIBE" };
-        s.forward_subscription(&[verb, &ns.catch_all()], Some(1)).await;
+        cx.forward_subscription(&[verb, &ns.catch_all()], Some(1)).await;
     }
 }
 
-pub(super) async fn publish(s: &mut Session, argv: &[&[u8]]) {
+pub(super) async fn publish(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     if argv.len() != 3 {
-        return wrong_args(s, &String::from_utf8_lossy(argv[0]).to_lowercase());
+        return wrong_args(cx, &String::from_utf8_lossy(argv[0]).to_lowercase());
     }
-    let channel = ns(s).to_upstream(argv[1]);
+    let channel = cx.ns().to_upstream(argv[1]);
     if argv[0].eq_ignore_ascii_case(b"SPUBLISH") {
-        return s.forward_command(&[argv[0], &channel, argv[2]], OnReply::Forward).await;
+        return cx.forward_command(&[argv[0], &channel, argv[2]], OnReply::Forward).await;
     }
-    let shared = s.shared.clone();
-    let cache = s.tenant.as_ref().expect("after AUTH").cache.clone();
+    let shared = cx.shared().clone();
+    let cache = cx.tenant().cache.clone();
     let client_channel = argv[1].to_vec();
     let count = OnReply::Transform(Box::new(move |v, _| match v {
         Value::Int(n) => Value::Int(n + shared.clients.pattern_receivers_correction(&cache, &client_channel)),
         other => other,
     }));
-    s.forward_command(&[argv[0], &channel, argv[2]], count).await;
+    cx.forward_command(&[argv[0], &channel, argv[2]], count).await;
 }
 
 /// `PUBSUB CHANNELS|SHARDCHANNELS [pattern]`, `PUBSUB NUMSUB|SHARDNUMSUB [channel …]`,
 /// asked of the node by the observer and filtered to this cache's namespace.
-pub(super) async fn pubsub(s: &mut Session, name: &str, argv: &[&[u8]]) {
-    let ns = ns(s);
-    let route = s.tenant.as_ref().expect("after AUTH").route.clone();
+pub(super) async fn pubsub(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
+    let ns = cx.ns();
+    let route = cx.tenant().route.clone();
     let mut cmd: Vec<Vec<u8>> = vec![argv[0].to_vec(), argv[1].to_vec()];
     let listing = matches!(name, "pubsub|channels" | "pubsub|shardchannels");
     if listing {
         if argv.len() > 3 {
-            return wrong_args(s, name);
+            return wrong_args(cx, name);
         }
         cmd.push(ns.to_upstream(argv.get(2).copied().unwrap_or(b"*")));
     } else {
         cmd.extend(argv[2..].iter().map(|c| ns.to_upstream(c)));
     }
     let refs: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
-    let reply = s.shared.observers.query(&route, &refs).await;
+    let reply = cx.shared().observers.query(&route, &refs).await;
     let Some((Value::Array(items), _)) = reply.ok().and_then(|b| crate::resp::value::decode(&b)) else {
-        return s.reply_error("ERR cache temporarily unavailable, try again");
+        return cx.reply_error("ERR cache temporarily unavailable, try again");
     };
     let strip = |v: Value| match v {
         Value::Bulk(b) => Value::Bulk(ns.from_upstream(&b)),
         other => other,
     };
     if listing {
-        s.reply_value(&Value::Array(items.into_iter().map(strip).collect()));
+        cx.reply_value(&Value::Array(items.into_iter().map(strip).collect()));
     } else {
         let mut pairs = Vec::new();
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             pairs.push((strip(k), v));
         }
-        s.reply_value(&Value::Map(pairs));
+        cx.reply_value(&Value::Map(pairs));
     }
 }

@@ -1,12 +1,13 @@
 //! What the server tells about itself, about this cache only: INFO, COMMAND.
 
+use super::Ctx;
 use crate::resp::value::Value;
-use crate::session::{OnReply, Session};
+use crate::session::OnReply;
 
 /// `INFO [section …]`: server basics, this cache's clients and stats on this gateway, and
 /// the keyspace of the cache's databases (renumbered from 0; empty for a key-limited login).
-pub(super) async fn info(s: &mut Session, argv: &[&[u8]]) {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
+    let t = cx.tenant();
     let wanted: Vec<String> = argv[1..].iter().map(|a| String::from_utf8_lossy(a).to_lowercase()).collect();
     let all =
         wanted.is_empty() || wanted.iter().any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
@@ -16,19 +17,19 @@ pub(super) async fn info(s: &mut Session, argv: &[&[u8]]) {
     // Key counts only for a login that may count every key (`DBSIZE`): not a key-limited one.
     let sees_keyspace =
         t.access.as_ref().is_none_or(|a| shoal_auth::access::allows_command(a, "dbsize", None));
-    let max_clients = crate::auth::session::max_connections(&s.shared.config, &t.live.get());
-    let node_info = s.shared.observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
+    let max_clients = crate::auth::session::max_connections(&cx.shared().config, &t.live.get());
+    let node_info = cx.shared().observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
     let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
         Some(v) => String::from_utf8_lossy(v.as_bytes().unwrap_or_default()).into_owned(),
-        None => return s.reply_error("ERR cache temporarily unavailable, try again"),
+        None => return cx.reply_error("ERR cache temporarily unavailable, try again"),
     };
     let field = |name: &str| {
         node_info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("").trim().to_string()
     };
     let mut out = String::new();
     if want("server") {
-        let port = s.shared.identity.port;
-        let uptime = s.shared.started.elapsed().as_secs();
+        let port = cx.shared().identity.port;
+        let uptime = cx.shared().started.elapsed().as_secs();
         out.push_str(&format!(
             "# Server\r\nredis_version:{}\r\nserver_name:valkey\r\nvalkey_version:{}\r\nvalkey_release_stage:ga\r\n\
              redis_mode:standalone\r\nos:Shoal\r\narch_bits:64\r\ntcp_port:{port}\r\nuptime_in_seconds:{uptime}\r\n\
@@ -38,7 +39,7 @@ pub(super) async fn info(s: &mut Session, argv: &[&[u8]]) {
             uptime / 86400
         ));
     }
-    let counts = s.shared.clients.counts(&cache);
+    let counts = cx.shared().clients.counts(&cache);
     if want("clients") {
         out.push_str(&format!(
             "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\nblocked_clients:0\r\n\r\n",
@@ -62,17 +63,17 @@ pub(super) async fn info(s: &mut Session, argv: &[&[u8]]) {
         }
         out.push_str("\r\n");
     }
-    s.reply_value(&Value::bulk(out.trim_end_matches("\r\n").to_string() + "\r\n"));
+    cx.reply_value(&Value::bulk(out.trim_end_matches("\r\n").to_string() + "\r\n"));
 }
 
 /// `COMMAND …` without the commands a cache may not run.
-pub(super) async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
+pub(super) async fn command(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
     let table = shoal_commands::table();
     let forward: Vec<&[u8]> = argv.to_vec();
     match name {
         "command|count" => {
             let n = table.iter().filter(|c| !c.name.contains('|') && table.visible(&c.name)).count();
-            s.reply_value(&Value::Int(n as i64));
+            cx.reply_value(&Value::Int(n as i64));
         }
         "command" | "command|info" => {
             let keep_nulls = name == "command|info";
@@ -89,7 +90,7 @@ pub(super) async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
                 ),
                 other => other,
             }));
-            s.forward_command(&forward, filter).await;
+            cx.forward_command(&forward, filter).await;
         }
         "command|list" => {
             let filter = OnReply::Transform(Box::new(move |v, _| match v {
@@ -104,7 +105,7 @@ pub(super) async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
                 ),
                 other => other,
             }));
-            s.forward_command(&forward, filter).await;
+            cx.forward_command(&forward, filter).await;
         }
         "command|docs" => {
             let filter = OnReply::Transform(Box::new(move |v, _| {
@@ -126,9 +127,9 @@ pub(super) async fn command(s: &mut Session, name: &str, argv: &[&[u8]]) {
                     other => other,
                 }
             }));
-            s.forward_command(&forward, filter).await;
+            cx.forward_command(&forward, filter).await;
         }
-        _ => s.forward_command(&forward, OnReply::Forward).await,
+        _ => cx.forward_command(&forward, OnReply::Forward).await,
     }
 }
 

@@ -1,28 +1,28 @@
 //! Client-side caching: CLIENT TRACKING, CACHING, GETREDIR, TRACKINGINFO, built by the gateway.
 
+use super::Ctx;
 use super::{wrong_args, OK};
 use crate::resp::value::Value;
-use crate::session::Session;
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 
 /// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p …] [BCAST] [OPTIN] [OPTOUT] [NOLOOP]`.
-pub(super) async fn client_tracking(s: &mut Session, argv: &[&[u8]]) {
+pub(super) async fn client_tracking(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     if argv.len() < 3 {
-        return wrong_args(s, "client|tracking");
+        return wrong_args(cx, "client|tracking");
     }
     let on = if argv[2].eq_ignore_ascii_case(b"ON") {
         true
     } else if argv[2].eq_ignore_ascii_case(b"OFF") {
         false
     } else {
-        return s.refuse("ERR syntax error");
+        return cx.refuse("ERR syntax error");
     };
-    let t = s.tenant.as_ref().expect("after AUTH");
+    let t = cx.tenant();
     if !on {
         *t.entry.tracking.lock().unwrap() = None;
-        s.tracking = false;
-        return s.reply(Bytes::from_static(OK));
+        cx.set_tracking(false);
+        return cx.reply(Bytes::from_static(OK));
     }
     let mut tracking = crate::clients::Tracking::default();
     let mut i = 3;
@@ -40,46 +40,50 @@ pub(super) async fn client_tracking(s: &mut Session, argv: &[&[u8]]) {
             b"REDIRECT" if i + 1 < argv.len() => {
                 let id: Option<i64> = std::str::from_utf8(argv[i + 1]).ok().and_then(|v| v.parse().ok());
                 let target = id.and_then(|id| {
-                    s.shared.clients.list(&t.cache).into_iter().find(|c| c.id.load(Ordering::Relaxed) == id)
+                    cx.shared()
+                        .clients
+                        .list(&t.cache)
+                        .into_iter()
+                        .find(|c| c.id.load(Ordering::Relaxed) == id)
                 });
                 match target {
                     Some(c) if c.key != t.entry.key => tracking.redirect = Some(c.key),
                     Some(_) => {}
-                    None => return s.refuse("ERR The client ID you want redirect to does not exist"),
+                    None => return cx.refuse("ERR The client ID you want redirect to does not exist"),
                 }
                 i += 1;
             }
-            _ => return s.refuse("ERR syntax error"),
+            _ => return cx.refuse("ERR syntax error"),
         }
         i += 1;
     }
     if !tracking.prefixes.is_empty() && !tracking.bcast {
-        return s.refuse("ERR PREFIX option requires BCAST mode to be enabled");
+        return cx.refuse("ERR PREFIX option requires BCAST mode to be enabled");
     }
     if tracking.optin && tracking.optout {
-        return s.refuse("ERR You can't use both OPTIN and OPTOUT");
+        return cx.refuse("ERR You can't use both OPTIN and OPTOUT");
     }
     if tracking.bcast && (tracking.optin || tracking.optout) {
-        return s.refuse("ERR OPTIN and OPTOUT are not compatible with BCAST");
+        return cx.refuse("ERR OPTIN and OPTOUT are not compatible with BCAST");
     }
     let route = t.route.clone();
-    let shared = s.shared.clone();
+    let shared = cx.shared().clone();
     if let Err(e) = shared.tracker.watch(&shared.control_plane, &shared.clients, &route).await {
         tracing::warn!(error = %e, "client tracking unavailable");
-        return s.reply_error("ERR client tracking is unavailable right now, try again");
+        return cx.reply_error("ERR client tracking is unavailable right now, try again");
     }
-    let t = s.tenant.as_ref().expect("after AUTH");
+    let t = cx.tenant();
     *t.entry.tracking.lock().unwrap() = Some(tracking);
-    s.tracking = true;
-    s.reply(Bytes::from_static(OK));
+    cx.set_tracking(true);
+    cx.reply(Bytes::from_static(OK));
 }
 
 /// `CLIENT CACHING YES|NO`: whether the next command's keys are tracked (OPTIN/OPTOUT).
-pub(super) fn client_caching(s: &mut Session, argv: &[&[u8]]) {
+pub(super) fn client_caching(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     if argv.len() != 3 {
-        return wrong_args(s, "client|caching");
+        return wrong_args(cx, "client|caching");
     }
-    let t = s.tenant.as_ref().expect("after AUTH");
+    let t = cx.tenant();
     let mut tracking = t.entry.tracking.lock().unwrap();
     let answer = match tracking.as_mut() {
         Some(tr) if tr.optin || tr.optout => {
@@ -99,30 +103,30 @@ pub(super) fn client_caching(s: &mut Session, argv: &[&[u8]]) {
     };
     drop(tracking);
     match answer {
-        Ok(()) => s.reply(Bytes::from_static(OK)),
-        Err(e) => s.refuse(e),
+        Ok(()) => cx.reply(Bytes::from_static(OK)),
+        Err(e) => cx.refuse(e),
     }
 }
 
-pub(super) fn client_getredir(s: &mut Session) {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) fn client_getredir(cx: &mut Ctx<'_>) {
+    let t = cx.tenant();
     let redirect = t.entry.tracking.lock().unwrap().as_ref().map(|tr| tr.redirect);
     let id = match redirect {
         None => -1,
         Some(None) => 0,
-        Some(Some(key)) => s
-            .shared
+        Some(Some(key)) => cx
+            .shared()
             .clients
             .list(&t.cache)
             .iter()
             .find(|c| c.key == key)
             .map_or(-1, |c| c.id.load(Ordering::Relaxed)),
     };
-    s.reply_value(&Value::Int(id));
+    cx.reply_value(&Value::Int(id));
 }
 
-pub(super) fn client_trackinginfo(s: &mut Session) {
-    let t = s.tenant.as_ref().expect("after AUTH");
+pub(super) fn client_trackinginfo(cx: &mut Ctx<'_>) {
+    let t = cx.tenant();
     let tracking = t.entry.tracking.lock().unwrap();
     let (flags, prefixes) = match tracking.as_ref() {
         None => (vec![Value::bulk("off")], vec![]),
@@ -140,7 +144,7 @@ pub(super) fn client_trackinginfo(s: &mut Session) {
     };
     let redirect = tracking.as_ref().map_or(-1, |tr| if tr.redirect.is_some() { 1 } else { 0 });
     drop(tracking);
-    s.reply_value(&Value::Map(vec![
+    cx.reply_value(&Value::Map(vec![
         (Value::bulk("flags"), Value::Set(flags)),
         (Value::bulk("redirect"), Value::Int(redirect)),
         (Value::bulk("prefixes"), Value::Array(prefixes)),

@@ -10,7 +10,7 @@
 
 use super::Ledger;
 use crate::clients::Registry;
-use crate::router::ControlPlaneClient;
+use crate::control_plane::ControlPlane;
 use crate::GatewayError;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -141,7 +141,7 @@ impl Outbox {
     }
 
     /// Sends batches oldest first until all are acknowledged or one fails.
-    pub async fn deliver(&mut self, client: &ControlPlaneClient) -> Result<(), GatewayError> {
+    pub async fn deliver(&mut self, client: &ControlPlane) -> Result<(), GatewayError> {
         loop {
             if let (Some(&seq), Some(dir)) = (self.spooled.front(), self.dir.as_ref()) {
                 let path = spool_path(dir, seq);
@@ -170,7 +170,7 @@ pub async fn run(
     mut outbox: Outbox,
     ledger: &Ledger,
     clients: &Registry,
-    control_plane: &ControlPlaneClient,
+    control_plane: &ControlPlane,
     mut shutdown: watch::Receiver<bool>,
 ) -> Outbox {
     let mut tick = tokio::time::interval(INTERVAL);
@@ -194,7 +194,7 @@ pub async fn finish(
     mut outbox: Outbox,
     ledger: &Ledger,
     clients: &Registry,
-    client: &ControlPlaneClient,
+    client: &ControlPlane,
     wait: Duration,
 ) {
     outbox.collect(ledger, clients);

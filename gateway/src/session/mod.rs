@@ -48,7 +48,7 @@ mod decide;
 mod dispatch;
 use dispatch::Streaming;
 use own_link::PartReply;
-use pubsub::PubSub;
+pub(crate) use pubsub::PubSub;
 pub(crate) use pubsub::Subscribing;
 use replies::bulk;
 use shared_link::{recv_mux, MuxLink};

@@ -1,0 +1,118 @@
+//! The control plane as the gateway sees it: one type, [`ControlPlane`], for everything the
+//! gateway asks of it (routes, password checks, the JWKS and revocations) and sends to it
+//! (usage, login events, storage-sample and client-tracking requests).
+//!
+//! Two backends, as variants of an enum (no boxed futures on the login and refresh paths):
+//! - [`http`]: the internal API over HTTP(S), what `shoal gateway` and `shoal dev` use;
+//! - `fake` (feature `testing`): in memory, for tests that run a gateway without a control
+//!   plane. Tests register caches, users and tokens on it and read back what the gateway
+//!   posted. Not built into the `shoal` binary.
+
+pub mod http;
+
+#[cfg(feature = "testing")]
+pub mod fake;
+
+use crate::GatewayError;
+use shoal_types::{
+    CacheId, LoginEvent, TenantRoute, UsageBatch, VerifiedLogin, VerifyRefusal, VerifyRequest,
+};
+
+/// The control plane a gateway talks to.
+pub enum ControlPlane {
+    Http(http::HttpClient),
+    #[cfg(feature = "testing")]
+    Fake(std::sync::Arc<fake::FakeControlPlane>),
+}
+
+/// The control plane's answer to a password check.
+pub enum Verified {
+    Login(VerifiedLogin),
+    /// Wrong credentials, unknown or disabled user, no role on the cache.
+    Refused(VerifyRefusal),
+    /// The check could not be made (the LDAP directory is down): fail closed.
+    Unavailable(VerifyRefusal),
+}
+
+impl ControlPlane {
+    /// A cache's route; `Ok(None)` when the cache does not exist.
+    pub async fn route(&self, id: &CacheId) -> Result<Option<TenantRoute>, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.route(id).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.route(id),
+        }
+    }
+
+    /// The routes of several caches at once; caches that no longer exist are left out.
+    pub async fn routes(&self, ids: &[CacheId]) -> Result<Vec<TenantRoute>, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.routes(ids).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.routes(ids),
+        }
+    }
+
+    /// Has the cache's node publish keyspace events (client-side caching invalidations).
+    pub async fn enable_client_tracking(&self, id: &CacheId) -> Result<(), GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.enable_client_tracking(id).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.enable_client_tracking(id),
+        }
+    }
+
+    /// Has a cache's storage sampled now (done once recorded).
+    pub async fn sample_storage(&self, id: &CacheId) -> Result<(), GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.sample_storage(id).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.sample_storage(id),
+        }
+    }
+
+    /// Hands over a usage batch; done once acknowledged.
+    pub async fn post_usage(&self, batch: &UsageBatch) -> Result<(), GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.post_usage(batch).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.post_usage(batch),
+        }
+    }
+
+    /// Revoked, unexpired token ids.
+    pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.revocations().await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.revocations(),
+        }
+    }
+
+    /// Checks a cache user's or LDAP user's password.
+    pub async fn verify_user(&self, id: &CacheId, req: &VerifyRequest) -> Result<Verified, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.verify_user(id, req).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.verify_user(id, req),
+        }
+    }
+
+    /// Hands over a batch of login events for the audit log.
+    pub async fn post_audit(&self, events: &[LoginEvent]) -> Result<(), GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.post_audit(events).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.post_audit(events),
+        }
+    }
+
+    /// The public keys that verify data-plane tokens.
+    pub async fn jwks(&self) -> Result<jsonwebtoken::jwk::JwkSet, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.jwks().await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.jwks(),
+        }
+    }
+}
