@@ -17,7 +17,7 @@ pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     // Key counts only for a login that may count every key (`DBSIZE`): not a key-limited one.
     let sees_keyspace =
         t.access.as_ref().is_none_or(|a| shoal_auth::access::allows_command(a, "dbsize", None));
-    let max_clients = crate::auth::session::max_connections(&cx.shared().config, &t.live.get());
+    let max_clients = crate::session::login::max_connections(&cx.shared().config, &t.live.get());
     let node_info = cx.shared().observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
     let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
         Some(v) => String::from_utf8_lossy(v.as_bytes().unwrap_or_default()).into_owned(),

@@ -13,8 +13,9 @@
 //! This file holds the session's state and its event loop (reads, writes, backpressure,
 //! timers). The parts, in the order a request meets them:
 //! - [`dispatch`]: what a request becomes (forward, rewrite, local answer, refusal), from
-//!   the command table; big requests passed on as they come. Logging in is
-//!   [`crate::auth::session`].
+//!   the command table; big requests passed on as they come.
+//! - [`credentials`]: a login's credentials checked (throttled, audited); [`login`]: the
+//!   session bound to the cache they open.
 //! - [`shared_link`]: batches of stateless commands on the cache's shared connection.
 //! - [`own_link`]: the session's own upstream connection, its replies (in pieces when big).
 //! - [`pubsub`]: telling subscription messages apart from replies.
@@ -44,8 +45,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
 
+mod credentials;
 mod decide;
 mod dispatch;
+pub(crate) mod login;
 use dispatch::Streaming;
 use own_link::PartReply;
 pub(crate) use pubsub::PubSub;
@@ -94,7 +97,6 @@ pub const MAX_HELD_REQUEST: usize = 64 * 1024 * 1024;
 
 pub(crate) const TOKEN_EXPIRED: &str = "token expired";
 /// Logins without a token do not expire (a connection's deadline is this far away).
-pub(crate) const NO_EXPIRY: Duration = Duration::from_secs(100 * 365 * 86_400);
 pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 
 /// Writes while the cache is over its `data_storage_mb` even after evicting keys with a TTL.
@@ -478,7 +480,7 @@ impl Session {
             }
         }
         // (Compared with the session's start: no clock read on every pass of the loop.)
-        if self.token_expires > started + NO_EXPIRY / 2 {
+        if self.token_expires > started + credentials::NO_EXPIRY / 2 {
             // A login without a token: nothing expires.
             return (started, None);
         }

@@ -62,7 +62,7 @@ impl Session {
         }
         let Some(tenant) = self.tenant.as_ref() else { return false };
         let result = async {
-            let route = crate::auth::session::with_login(
+            let route = super::login::with_login(
                 self.shared.router.route(&tenant.cache).await?,
                 &tenant.upstream_login,
             );

@@ -1,0 +1,123 @@
+//! Binding a session to the cache its checked credentials open (the check itself, throttled
+//! and audited, is [`super::credentials`]).
+
+use super::credentials::{Credentials, Login};
+use super::{Session, Tenant};
+use crate::pubsub::Namespace;
+use crate::{upstream, GatewayError};
+use shoal_types::TenantRoute;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// The route with a cache user's upstream login in place of the cache's own ACL user.
+pub(crate) fn with_login(mut route: TenantRoute, login: &Option<(String, String)>) -> TenantRoute {
+    if let Some((user, password)) = login {
+        route.acl_user = user.clone();
+        route.acl_password = password.clone();
+    }
+    route
+}
+
+/// Most connections a cache may hold on this gateway: its own limit if it has one, else the
+/// gateway's `max_connections_per_cache`.
+pub(crate) fn max_connections(config: &crate::GatewayConfig, route: &TenantRoute) -> usize {
+    // Never more than the gateway's own total (the control plane refuses larger limits too).
+    route
+        .limits
+        .max_connections
+        .map_or(config.max_connections_per_cache, |n| n as usize)
+        .min(config.max_connections)
+}
+
+impl Session {
+    /// Checks credentials (throttled, audited) and binds the session to their cache. On an
+    /// authenticated connection, a login to the same cache switches the user; another
+    /// cache's is refused.
+    pub async fn authenticate(&mut self, user: Option<&[u8]>, password: &[u8]) -> Result<(), GatewayError> {
+        let shared = self.shared.clone();
+        let mut login = Login::start(&shared, self.peer.ip(), user, password);
+        let result = match login.check(password).await {
+            Ok(credentials) => self.bind(credentials).await,
+            Err(e) => Err(e),
+        };
+        login.finish(&result);
+        result
+    }
+
+    /// Binds the session to the cache of `route`, logged in upstream as the cache's own ACL
+    /// user or as `upstream` (a cache user's). A second login on the connection must be to
+    /// the same cache; it switches the upstream user in place.
+    async fn bind(&mut self, credentials: Credentials) -> Result<(), GatewayError> {
+        let Credentials { live, route, upstream, access, jti, expires } = credentials;
+        let jti = jti.as_str();
+        if let Some(tenant) = &mut self.tenant {
+            if tenant.cache != route.cache_id {
+                return Err(GatewayError::Auth("re-authentication to another cache".into()));
+            }
+            *tenant.entry.jti.lock().unwrap() = jti.to_string();
+            self.token_expires = expires;
+            tenant.access = access;
+            if tenant.upstream_login != upstream {
+                tenant.upstream_login = upstream;
+                tenant.route = with_login(route, &tenant.upstream_login);
+                let (user, password) = (tenant.route.acl_user.clone(), tenant.route.acl_password.clone());
+                if self.up_write.is_some() {
+                    self.forward_helper(&[b"AUTH", user.as_bytes(), password.as_bytes()]);
+                }
+            }
+            return Ok(());
+        }
+        let cache = route.cache_id.clone();
+        let (registration, inbox) = self
+            .shared
+            .clients
+            .register(
+                &cache,
+                max_connections(&self.shared.config, &route),
+                self.peer.to_string(),
+                self.local.to_string(),
+            )
+            .ok_or(GatewayError::TooManyConnections)?;
+        let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
+        let route = with_login(route, &upstream);
+        let stream = match upstream::connect(&route, route.db).await {
+            Ok(x) => x,
+            // (Dropping the registration gives the slot back.)
+            Err(e) => return Err(e),
+        };
+        let entry = registration.entry().clone();
+        entry.proto.store(self.proto, Ordering::Relaxed);
+        let (read, write) = stream.into_split();
+        self.up_read = Some(read);
+        self.up_metric = Some(crate::metrics::Upstream::opened());
+        self.up_write = Some(write);
+        tracing::info!(cache = %cache, jti, upstream_user = %route.acl_user, peer = %self.peer, "authenticated");
+        *entry.jti.lock().unwrap() = jti.to_string();
+        self.token_expires = expires;
+        self.unauthenticated = None;
+        self.inbox = Some(inbox);
+        self.killed = Some(Box::pin(entry.kill.clone().notified_owned()));
+        let bucket = self.shared.buckets.get(&cache, route.limits.ecpu_per_second);
+        let latency = crate::metrics::latency(&cache);
+        self.tenant = Some(Tenant {
+            bucket,
+            latency,
+            ns,
+            cache,
+            route,
+            live,
+            db: 0,
+            entry,
+            _registration: registration,
+            upstream_login: upstream,
+            access,
+        });
+        Ok(())
+    }
+
+    /// When an unauthenticated connection's time to log in (`auth_timeout`) runs out; None
+    /// once it has logged in.
+    pub(crate) fn auth_deadline(&self) -> Option<Instant> {
+        self.unauthenticated.as_ref().map(|u| u.since + self.shared.config.auth_timeout)
+    }
+}
