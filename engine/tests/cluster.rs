@@ -359,3 +359,108 @@ async fn shards_are_added_and_removed_with_the_keys_of_database_7_intact() {
     assert!(all_keys_there(&mut client, N).await);
     pool.stop().await;
 }
+
+/// Keys in database `db` of one node, asked as the admin user (replicas too).
+async fn node_dbsize(node: &shoal_engine::node::Node, db: u32) -> Option<u64> {
+    let mut c = node.admin_client().ok()?.get_multiplexed_async_connection().await.ok()?;
+    let (n,): (u64,) =
+        redis::pipe().cmd("SELECT").arg(db).ignore().cmd("DBSIZE").query_async(&mut c).await.ok()?;
+    Some(n)
+}
+
+async fn user_on_any_node(pool: &Pool, user: &str) -> bool {
+    for node in pool.cluster().unwrap().nodes() {
+        let Ok(mut c) = node.admin_client().unwrap().get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let got: redis::RedisResult<redis::Value> =
+            redis::cmd("ACL").arg("GETUSER").arg(user).query_async(&mut c).await;
+        if matches!(got, Ok(redis::Value::Array(_) | redis::Value::Map(_))) {
+            return true;
+        }
+    }
+    false
+}
+
+/// kill -9 of the primary of shard `shard`; its name.
+async fn kill_primary(pool: &Pool, shard: usize) -> String {
+    let status = pool.cluster_status().await.unwrap();
+    let name = status.shards[shard].primary.as_ref().unwrap().name.clone().unwrap();
+    let pid = pool.cluster().unwrap().node(&name).unwrap().pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    name
+}
+
+/// Until every node is up, online in the cluster, and has database `db` empty.
+async fn db_empty_on_every_node(pool: &Pool, db: u32) -> bool {
+    let Ok(s) = pool.cluster_status().await else { return false };
+    if !s.ok
+        || !s.shards.iter().flat_map(|sh| sh.primary.iter().chain(&sh.replicas)).all(|n| n.health == "online")
+    {
+        return false;
+    }
+    for node in pool.cluster().unwrap().nodes() {
+        if node_dbsize(&node, db).await != Some(0) {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test]
+async fn a_cache_created_or_deleted_during_a_failover_is_flushed_on_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), free_base_port()).await;
+    // A previous owner of database 5 left keys on every shard, replicated.
+    let old = tenant("tc000000000004", 5);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &old).await.unwrap();
+    let mut client = TenantClient::new(&pool, &old).await;
+    write_keys(&mut client, 300).await;
+    for addr in client.primaries() {
+        let mut c = client.conn(&addr).await.unwrap();
+        let acked: u64 = redis::cmd("WAIT").arg(1).arg(2000).query_async(&mut c).await.unwrap();
+        assert_eq!(acked, 1, "replica of {addr} has the keys");
+    }
+
+    // A primary dies; a new cache gets database 5 at once, before the failover.
+    kill_primary(&pool, 0).await;
+    let new = tenant("tc000000000005", 5);
+    let began = Instant::now();
+    match pool.create_tenant(shoal_engine::CLUSTER_TARGET, &new).await {
+        Ok(()) => {
+            println!("FIGURE create_tenant during a failover returned after {:?}", began.elapsed());
+            let mut client = TenantClient::new(&pool, &new).await;
+            assert_eq!(client.dbsize().await, 0, "database 5 empty on every shard's primary");
+            // The dead node gets the user from the keeper when it is back.
+            wait_for("user on every node", Duration::from_secs(20), || {
+                acl_user_on_every_node(&pool, &new.user)
+            })
+            .await;
+        }
+        Err(e) => {
+            println!("create_tenant during a failover failed cleanly after {:?}: {e}", began.elapsed());
+            assert!(matches!(e, shoal_engine::EngineError::NoPrimary(_)), "{e}");
+            assert!(!user_on_any_node(&pool, &new.user).await, "nothing created");
+        }
+    }
+    let settled =
+        wait_for("database 5 empty on every node, the old primary back", Duration::from_secs(20), || {
+            db_empty_on_every_node(&pool, 5)
+        })
+        .await;
+    println!("FIGURE cluster settled, database 5 empty on all 6 nodes, {settled:?} later");
+
+    // Deleting during a failover: the new owner's keys go from every shard too.
+    let mut client = TenantClient::new(&pool, &new).await;
+    write_keys(&mut client, 300).await;
+    kill_primary(&pool, 1).await;
+    let began = Instant::now();
+    pool.delete_tenant(shoal_engine::CLUSTER_TARGET, &new).await.unwrap();
+    println!("FIGURE delete_tenant during a failover returned after {:?}", began.elapsed());
+    assert!(!user_on_any_node(&pool, &new.user).await, "user gone");
+    wait_for("database 5 empty on every node after the delete", Duration::from_secs(20), || {
+        db_empty_on_every_node(&pool, 5)
+    })
+    .await;
+    pool.stop().await;
+}
