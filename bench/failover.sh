@@ -38,10 +38,10 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh)}"
 log "building the engine's cluster tests ($PROFILE)"
-cargo test -p shoal-engine --test cluster "${PROFILE_FLAG[@]}" --no-run
+nice cargo test -p shoal-engine --test cluster "${PROFILE_FLAG[@]}" --no-run
 
 mkdir -p bench/results
-OUT="bench/results/failover-$(date -u +%Y%m%dT%H%M%SZ).txt"
+OUT="bench/results/failover-$(date -u +%Y%m%dT%H%M%SZ).log"  # *.log: ignored by git
 {
   echo "# bench/failover.sh $(date -u +%FT%TZ), $(nproc) CPUs, profile $PROFILE, $WRITERS writers"
   echo "# valkey-server $("$SHOAL_VALKEY_SERVER" --version | cut -d' ' -f3)"
