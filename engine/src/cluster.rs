@@ -111,6 +111,7 @@ pub struct ShardStatus {
     /// Inclusive slot ranges.
     pub slots: Vec<(u16, u16)>,
     pub primary: Option<NodeStatus>,
+    /// The other nodes: replicas, and a failed former primary until it is back as one.
     pub replicas: Vec<NodeStatus>,
 }
 
@@ -562,9 +563,14 @@ impl Cluster {
                     healthy: ours.is_some_and(|x| x.healthy()),
                     used_memory,
                 };
-                match n.role {
-                    Role::Primary => primary = Some(status),
-                    Role::Replica => replicas.push(status),
+                // A failed former primary stays listed as a primary until it is back as a
+                // replica: the online primary is the shard's.
+                let online_primary =
+                    |p: &Option<NodeStatus>| p.as_ref().is_some_and(|p| p.health == "online");
+                if n.role == Role::Primary && !online_primary(&primary) {
+                    replicas.extend(primary.replace(status));
+                } else {
+                    replicas.push(status);
                 }
             }
             out.push(ShardStatus { id: shard.id, slots: shard.slots, primary, replicas });
@@ -917,8 +923,11 @@ struct Shard {
 }
 
 impl Shard {
+    /// The online primary; else any. Right after a failover the dead primary is still
+    /// listed as a primary of the shard (failed, without slots) next to the promoted one.
     fn primary_id(&self) -> Option<String> {
-        self.nodes.iter().find(|n| n.role == Role::Primary).map(|n| n.id.clone())
+        let primaries = || self.nodes.iter().filter(|n| n.role == Role::Primary);
+        primaries().find(|n| n.health == "online").or_else(|| primaries().next()).map(|n| n.id.clone())
     }
 }
 
