@@ -13,11 +13,16 @@
 //!   (seeded at start from `ACL LIST` of a node, since every node's ACL file holds them).
 //!   A node that restarted (keeps its ACL file, but may have missed changes while down) or
 //!   came back empty (folder lost) is made to match it before it serves: users replayed,
-//!   strays deleted. A node that is down when a cache is created is skipped, not waited for.
+//!   strays deleted. A node that is down when a user is set is skipped, not waited for.
+//! - **A cache's databases flushed on every shard's current primary** when it is created or
+//!   deleted: during a failover that waits, bounded, for the shard's replica to be promoted
+//!   (or fails with [`EngineError::NoPrimary`] having changed nothing).
 //! - **The keeper**, a background task: notices restarted nodes (the supervisor's restart
 //!   counter), reconciles their ACL users, and re-adds a node that came back empty (new node
 //!   id): the old id forgotten everywhere, MEET, REPLICATE to its shard's primary.
 //! - **Scaling**: [`Cluster::add_shard`] and [`Cluster::remove_shard`], one at a time.
+//!
+//! `docs/engine-cluster.md` has the whole story, with the measured failover figures.
 //!
 //! Nodes are `node-<n>` under the pool's folder, on port `base_port + n` (the cluster bus on
 //! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
