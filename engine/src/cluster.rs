@@ -13,11 +13,16 @@
 //!   (seeded at start from `ACL LIST` of a node, since every node's ACL file holds them).
 //!   A node that restarted (keeps its ACL file, but may have missed changes while down) or
 //!   came back empty (folder lost) is made to match it before it serves: users replayed,
-//!   strays deleted. A node that is down when a cache is created is skipped, not waited for.
+//!   strays deleted. A node that is down when a user is set is skipped, not waited for.
+//! - **A cache's databases flushed on every shard's current primary** when it is created or
+//!   deleted: during a failover that waits, bounded, for the shard's replica to be promoted
+//!   (or fails with [`EngineError::NoPrimary`] having changed nothing).
 //! - **The keeper**, a background task: notices restarted nodes (the supervisor's restart
 //!   counter), reconciles their ACL users, and re-adds a node that came back empty (new node
 //!   id): the old id forgotten everywhere, MEET, REPLICATE to its shard's primary.
 //! - **Scaling**: [`Cluster::add_shard`] and [`Cluster::remove_shard`], one at a time.
+//!
+//! `docs/engine-cluster.md` has the whole story, with the measured failover figures.
 //!
 //! Nodes are `node-<n>` under the pool's folder, on port `base_port + n` (the cluster bus on
 //! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
@@ -111,6 +116,7 @@ pub struct ShardStatus {
     /// Inclusive slot ranges.
     pub slots: Vec<(u16, u16)>,
     pub primary: Option<NodeStatus>,
+    /// The other nodes: replicas, and a failed former primary until it is back as one.
     pub replicas: Vec<NodeStatus>,
 }
 
@@ -330,21 +336,16 @@ impl Cluster {
 
     // ---- tenants ----
 
-    /// Makes a cache's database ready on every shard (flushed on each primary) and its ACL
-    /// user on every node (see [`crate::Pool::create_tenant`]).
+    /// Makes a cache's database ready on every shard (flushed on each shard's primary: a
+    /// previous owner's data never shows), then its ACL user on every node (see
+    /// [`crate::Pool::create_tenant`]). During a failover it waits, up to
+    /// [`Cluster::failover_wait`], for every shard to have a reachable primary again; past
+    /// that it fails with [`EngineError::NoPrimary`] and the user is not created.
     pub async fn create_tenant(&self, acl: &crate::TenantAcl) -> Result<(), EngineError> {
+        self.flush_everywhere(acl).await?;
         self.record(&acl.user, Some(acl.setuser_rules()), true);
-        let primaries = self.primary_ids().await?;
-        let ids: BTreeMap<String, String> =
-            self.members.lock().unwrap().iter().map(|m| (m.node.name().to_string(), m.id.clone())).collect();
         for node in self.nodes() {
             let mut pipe = redis::pipe();
-            if ids.get(node.name()).is_some_and(|id| primaries.contains(id)) {
-                for db in acl.db..acl.db + acl.databases.max(1) {
-                    pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
-                }
-                pipe.cmd("SELECT").arg(0).ignore();
-            }
             pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
             skip_if_down(&node, node.provision(&pipe).await).await?;
@@ -352,25 +353,116 @@ impl Cluster {
         Ok(())
     }
 
-    /// Deletes a cache's ACL user on every node and flushes its databases on every primary.
+    /// Deletes a cache's ACL user on every node (Valkey closes its connections), then flushes
+    /// its databases on every shard's primary. Waits for a failover like
+    /// [`Cluster::create_tenant`]; when no shard lacks a primary at the start, nothing is
+    /// changed before it fails.
     pub async fn delete_tenant(&self, acl: &crate::TenantAcl) -> Result<(), EngineError> {
+        self.reachable_primaries(Instant::now() + self.failover_wait()).await?;
         self.record(&acl.user, None, true);
-        let primaries = self.primary_ids().await?;
-        let ids: BTreeMap<String, String> =
-            self.members.lock().unwrap().iter().map(|m| (m.node.name().to_string(), m.id.clone())).collect();
         for node in self.nodes() {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            if ids.get(node.name()).is_some_and(|id| primaries.contains(id)) {
-                for db in acl.db..acl.db + acl.databases.max(1) {
-                    pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
-                }
-                pipe.cmd("SELECT").arg(0).ignore();
-            }
             skip_if_down(&node, node.provision(&pipe).await).await?;
         }
-        Ok(())
+        self.flush_everywhere(acl).await
+    }
+
+    /// How long a tenant operation waits for a shard to have a reachable primary again: the
+    /// time a failover takes (see [`crate::node::ClusterMode::restart_delay`]) and a second.
+    pub fn failover_wait(&self) -> Duration {
+        ClusterMode { node_timeout: self.config.node_timeout }.restart_delay() + Duration::from_secs(1)
+    }
+
+    /// Flushes a cache's databases on the primary of every shard that serves slots, each
+    /// flush waited for on the shard's replicas (`WAIT`); then reads the topology again and
+    /// flushes any shard whose primary changed meanwhile (a primary that died before its
+    /// replica had the flush), until two readings agree.
+    async fn flush_everywhere(&self, acl: &crate::TenantAcl) -> Result<(), EngineError> {
+        let deadline = Instant::now() + self.failover_wait();
+        // Shard id → the node id of the primary flushed there.
+        let mut flushed: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            let primaries = self.reachable_primaries(deadline).await?;
+            let todo: Vec<&ShardPrimary> =
+                primaries.iter().filter(|p| flushed.get(&p.shard) != Some(&p.id)).collect();
+            match todo.first() {
+                None => return Ok(()),
+                // The primaries keep changing.
+                Some(p) if Instant::now() > deadline => return Err(EngineError::NoPrimary(p.shard.clone())),
+                Some(_) => {}
+            }
+            for p in todo {
+                match flush_dbs(&p.node, acl, p.replicas).await {
+                    Ok(acked) => {
+                        if acked < p.replicas {
+                            tracing::warn!(
+                                node = p.node.name(),
+                                acked,
+                                replicas = p.replicas,
+                                "flush not yet on every replica (they get it from the replication stream)"
+                            );
+                        }
+                        flushed.insert(p.shard.clone(), p.id.clone());
+                    }
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(node = p.node.name(), error = %e, "flush failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The primary of every shard that serves slots, each answering and saying it is a
+    /// primary; retried until `deadline` while a shard has none (a primary just died and its
+    /// replica is not promoted yet, or the cluster's view is behind).
+    async fn reachable_primaries(&self, deadline: Instant) -> Result<Vec<ShardPrimary>, EngineError> {
+        loop {
+            let missing = match self.shards().await {
+                Ok((_, shards)) => {
+                    let mut out = Vec::new();
+                    let mut missing = None;
+                    for shard in shards.iter().filter(|s| !s.slots.is_empty()) {
+                        match self.serving_primary(shard).await {
+                            Some(p) => out.push(p),
+                            None => {
+                                missing = Some(shard.id.clone());
+                                break;
+                            }
+                        }
+                    }
+                    match missing {
+                        None => return Ok(out),
+                        Some(shard) => shard,
+                    }
+                }
+                Err(e) => format!("(no topology: {e})"),
+            };
+            if Instant::now() > deadline {
+                return Err(EngineError::NoPrimary(missing));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The shard's primary if it is one of ours, running, answering, and a primary by its own
+    /// account.
+    async fn serving_primary(&self, shard: &Shard) -> Option<ShardPrimary> {
+        let id = shard.primary_id()?;
+        let node = self.member_by_id(&id).ok()?;
+        if node.pid().is_none() || !node.ping().await {
+            return None;
+        }
+        let role =
+            tokio::time::timeout(Duration::from_secs(1), admin_value(&node, &["ROLE"])).await.ok()?.ok()?;
+        if items(&role).first().map(text).as_deref() != Some("master") {
+            return None;
+        }
+        let replicas = shard.nodes.iter().filter(|n| n.role == Role::Replica && n.health == "online").count();
+        Some(ShardPrimary { shard: shard.id.clone(), id, node, replicas })
     }
 
     /// `ACL SETUSER user rules` (then `ACL SAVE`) on every node.
@@ -476,9 +568,14 @@ impl Cluster {
                     healthy: ours.is_some_and(|x| x.healthy()),
                     used_memory,
                 };
-                match n.role {
-                    Role::Primary => primary = Some(status),
-                    Role::Replica => replicas.push(status),
+                // A failed former primary stays listed as a primary until it is back as a
+                // replica: the online primary is the shard's.
+                let online_primary =
+                    |p: &Option<NodeStatus>| p.as_ref().is_some_and(|p| p.health == "online");
+                if n.role == Role::Primary && !online_primary(&primary) {
+                    replicas.extend(primary.replace(status));
+                } else {
+                    replicas.push(status);
                 }
             }
             out.push(ShardStatus { id: shard.id, slots: shard.slots, primary, replicas });
@@ -497,16 +594,6 @@ impl Cluster {
             }
         }
         Err(last.unwrap_or(EngineError::NoHealthyNode))
-    }
-
-    async fn primary_ids(&self) -> Result<Vec<String>, EngineError> {
-        let (_, shards) = self.shards().await?;
-        Ok(shards
-            .into_iter()
-            .flat_map(|s| s.nodes)
-            .filter(|n| n.role == Role::Primary)
-            .map(|n| n.id)
-            .collect())
     }
 
     /// Adds a shard: a new primary and R replicas, given their ACL users before they join,
@@ -803,6 +890,35 @@ fn split_first(ranges: &[(u16, u16)], count: u32) -> (Ranges, Ranges) {
     (taken, rest)
 }
 
+/// A shard's primary, found answering.
+struct ShardPrimary {
+    shard: String,
+    /// Valkey's node id.
+    id: String,
+    node: Arc<Node>,
+    /// Replicas the cluster sees online.
+    replicas: usize,
+}
+
+/// `FLUSHDB SYNC` of a cache's databases on a primary, then `WAIT` (up to a second) for its
+/// `replicas`, on the same connection (WAIT counts that connection's writes); how many
+/// replicas acknowledged.
+async fn flush_dbs(node: &Node, acl: &crate::TenantAcl, replicas: usize) -> Result<usize, EngineError> {
+    let mut conn = admin_conn(node).await?;
+    let mut pipe = redis::pipe();
+    for db in acl.db..acl.db + acl.databases.max(1) {
+        pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
+    }
+    pipe.cmd("SELECT").arg(0).ignore();
+    pipe.cmd("WAIT").arg(replicas).arg(1000);
+    let answered =
+        tokio::time::timeout(Duration::from_secs(10), pipe.query_async::<(usize,)>(&mut conn)).await;
+    match answered {
+        Ok(r) => r.map(|(acked,)| acked).map_err(|e| node.valkey_err(e)),
+        Err(_) => Err(EngineError::NotReady(node.name().to_string())),
+    }
+}
+
 // ---- what the nodes say ----
 
 struct Shard {
@@ -812,8 +928,11 @@ struct Shard {
 }
 
 impl Shard {
+    /// The online primary; else any. Right after a failover the dead primary is still
+    /// listed as a primary of the shard (failed, without slots) next to the promoted one.
     fn primary_id(&self) -> Option<String> {
-        self.nodes.iter().find(|n| n.role == Role::Primary).map(|n| n.id.clone())
+        let primaries = || self.nodes.iter().filter(|n| n.role == Role::Primary);
+        primaries().find(|n| n.health == "online").or_else(|| primaries().next()).map(|n| n.id.clone())
     }
 }
 

@@ -16,6 +16,9 @@ pub enum EngineError {
     Full,
     #[error("no healthy node can take a new cache")]
     NoHealthyNode,
+    /// A cluster shard had no reachable primary within the failover wait; nothing was done.
+    #[error("cluster shard {0} has no reachable primary (a failover not finished?)")]
+    NoPrimary(String),
 }
 
 impl EngineError {
@@ -29,6 +32,7 @@ impl EngineError {
             EngineError::UnknownNode(_) => "unknown_node",
             EngineError::Full => "full",
             EngineError::NoHealthyNode => "no_healthy_node",
+            EngineError::NoPrimary(_) => "no_primary",
         }
     }
 }
