@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::key_slot;
 
-/// A base port with the next 8 ports and their cluster-bus ports (+10000) free.
+/// A base port with the next 8 ports and their cluster-bus ports (+10000) free, all below
+/// Linux's ephemeral range (32768 on), where other tests' free ports come from.
 fn free_base_port() -> u16 {
     loop {
-        let base = 20000 + (rand_u16() % 2000) * 10;
+        let base = 10000 + (rand_u16() % 1000) * 10;
         let free = (0..8).all(|i| {
             std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
                 && std::net::TcpListener::bind(("127.0.0.1", base + i + 10000)).is_ok()
