@@ -13,6 +13,7 @@
 //! audit record commit together, and only then does the file replace the old one.
 
 use crate::auth::{hash_token, random_token};
+use crate::role::Role;
 use crate::store::audit::AuditEvent;
 use crate::store::{accounts, Store, StoreError};
 use std::path::{Path, PathBuf};
@@ -53,8 +54,7 @@ pub async fn bootstrap(store: &Store, path: &Path) -> Result<(), AdminTokenError
             let key = accounts::NewApiKey {
                 id: &id,
                 token_hash: &hash,
-                role: "admin",
-                account_id: None,
+                role: &Role::Admin,
                 name: BOOTSTRAP_KEY_NAME,
                 expires_at: None,
             };
@@ -100,8 +100,7 @@ pub async fn install_new(
         let key = accounts::NewApiKey {
             id: &key_id,
             token_hash: &hash,
-            role: "admin",
-            account_id: None,
+            role: &Role::Admin,
             name: BOOTSTRAP_KEY_NAME,
             expires_at: None,
         };

@@ -42,4 +42,3 @@ async fn schemathesis_finds_no_server_errors_schema_mismatches_or_ignored_auth()
     );
     assert!(report.contains("passed"), "{report}");
 }
-

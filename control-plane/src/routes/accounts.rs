@@ -1,12 +1,13 @@
 //! `/v1/accounts` and their API keys (`/v1/accounts/{id}/api-keys`), plus platform-wide
 //! keys (`/v1/api-keys`, admin only); `DELETE /v1/api-keys/{key_id}` revokes either kind.
 
-use crate::auth::{hash_token, random_token, Principal, Role};
+use crate::auth::{hash_token, random_token, Principal};
 use crate::context::RequestContext;
 use crate::domain::caches::PLATFORM_ACCOUNT;
 use crate::domain::keys::may_revoke;
 use crate::domain::names;
 use crate::error::ApiError;
+use crate::role::{Role, RoleName};
 use crate::routes::page::{self, PageQuery};
 use crate::state::AppState;
 use crate::store::accounts::{self, AccountRecord, ApiKeyInfo};
@@ -101,7 +102,7 @@ pub struct CreateApiKey {
     /// What the key is for, 1–63 characters.
     pub name: String,
     /// `owner` or `auditor` for an account's keys; `admin` or `auditor` for platform keys.
-    pub role: Role,
+    pub role: RoleName,
 }
 
 /// An API key. `token` is shown once, in the create response; it is stored hashed.
@@ -324,14 +325,11 @@ async fn create_key(
     if body.name == crate::admin_token::BOOTSTRAP_KEY_NAME {
         return Err(ApiError::field("name", "that name is reserved for the bootstrap admin token"));
     }
-    let allowed = match account {
-        Some(_) => [Role::Owner, Role::Auditor].contains(&body.role),
-        None => [Role::Admin, Role::Auditor].contains(&body.role),
-    };
-    if !allowed {
+    // Owners belong to an account, admins to none.
+    let Some(role) = Role::new(body.role, account.cloned()) else {
         let roles = if account.is_some() { "owner or auditor" } else { "admin or auditor" };
         return Err(ApiError::field("role", format!("role must be {roles} here")));
-    }
+    };
     let token = format!("shoal_{}_{}", body.role.as_str(), random_token(24));
     let id = format!("key-{}", random_token(6));
     let mut event = ctx.event(who, "api_key.create", &id);
@@ -339,14 +337,8 @@ async fn create_key(
     event.details = serde_json::json!({ "role": body.role.as_str(), "name": body.name });
     let mut tx = state.store.begin().await?;
     let hash = hash_token(&token);
-    let key = accounts::NewApiKey {
-        id: &id,
-        token_hash: &hash,
-        role: body.role.as_str(),
-        account_id: account.map(|a| a.as_str()),
-        name: &body.name,
-        expires_at: None,
-    };
+    let key =
+        accounts::NewApiKey { id: &id, token_hash: &hash, role: &role, name: &body.name, expires_at: None };
     accounts::insert_api_key(tx.conn(), &key).await?;
     tx.commit(&event).await?;
     let key = ApiKey {

@@ -231,7 +231,7 @@ pub async fn post_estimate(
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let input: EstimateInput = page::json_body(&body)?;
-    let rates = match &who.account {
+    let rates = match who.role.account() {
         Some(a) => state.config.billing.for_account(a)?,
         None => state.config.billing.defaults.clone(),
     };

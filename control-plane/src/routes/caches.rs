@@ -291,8 +291,11 @@ async fn create(
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
-    let account =
-        who.account.clone().unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
+    let account = who
+        .role
+        .account()
+        .cloned()
+        .unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
     // A credential minted just as its account was deleted (keys are revoked with it).
     if state.store.account(&account).await?.is_none() {
         return Err(ApiError::Refused(format!("account {account} does not exist or was deleted")));

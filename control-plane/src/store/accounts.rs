@@ -94,8 +94,7 @@ pub async fn mark_account_deleted(conn: &mut AnyConnection, id: &AccountId) -> R
 pub struct NewApiKey<'a> {
     pub id: &'a str,
     pub token_hash: &'a str,
-    pub role: &'a str,
-    pub account_id: Option<&'a str>,
+    pub role: &'a crate::role::Role,
     pub name: &'a str,
     pub expires_at: Option<&'a str>,
 }
@@ -109,8 +108,8 @@ pub async fn insert_api_key(conn: &mut AnyConnection, key: &NewApiKey<'_>) -> Re
     )
     .bind(key.id)
     .bind(key.token_hash)
-    .bind(key.role)
-    .bind(key.account_id)
+    .bind(key.role.name().as_str())
+    .bind(key.role.account().map(|a| a.as_str()))
     .bind(key.name)
     .bind(now())
     .bind(key.expires_at)

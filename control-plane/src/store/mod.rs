@@ -72,8 +72,8 @@ pub struct CacheFilter {
 #[derive(Clone, Debug)]
 pub struct ApiKeyRecord {
     pub id: String,
-    pub role: String,
-    pub account_id: Option<String>,
+    /// None when the row's `role` and `account_id` make no role (refused).
+    pub role: Option<crate::role::Role>,
 }
 
 /// A signing key pair (Ed25519): PKCS#8 private key and raw public key.
@@ -222,8 +222,7 @@ impl Store {
         .await?;
         Ok(row.map(|r| ApiKeyRecord {
             id: r.get("id"),
-            role: r.get("role"),
-            account_id: r.get("account_id"),
+            role: crate::role::Role::from_store(r.get("role"), r.get("account_id")),
         }))
     }
 
