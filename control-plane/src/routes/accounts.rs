@@ -9,6 +9,7 @@ use crate::domain::names;
 use crate::error::ApiError;
 use crate::role::{Role, RoleName};
 use crate::routes::page::{self, PageQuery};
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::accounts::{self, AccountRecord, ApiKeyInfo};
 use crate::store::{self, CacheFilter};
@@ -165,9 +166,7 @@ async fn visible_account(state: &AppState, who: &Principal, raw: &str) -> Result
 /// Create an account (platform admin).
 #[utoipa::path(post, path = "/v1/accounts", request_body = CreateAccount,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = Account), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = Account), responses::Authed, responses::Forbidden, responses::Conflict, responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_account(
     state: web::Data<AppState>,
@@ -209,8 +208,7 @@ pub async fn create_account(
 
 /// List the accounts the caller can see (admins: all; others: their own).
 #[utoipa::path(get, path = "/v1/accounts", params(PageQuery),
-    responses((status = 200, body = AccountList), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = AccountList), responses::Authed),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn list_accounts(
     state: web::Data<AppState>,
@@ -226,8 +224,7 @@ pub async fn list_accounts(
 
 /// Get an account.
 #[utoipa::path(get, path = "/v1/accounts/{id}", params(("id" = String, Path, description = "account id")),
-    responses((status = 200, body = Account), (status = 401, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = Account), responses::ById),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn get_account(
     state: web::Data<AppState>,
@@ -242,10 +239,7 @@ pub async fn get_account(
 #[utoipa::path(patch, path = "/v1/accounts/{id}", request_body = PatchAccount,
     params(("id" = String, Path, description = "account id"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = Account), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 412, body = crate::error::Problem)),
+    responses((status = 200, body = Account), responses::ChangeById, responses::Conflict, responses::PreconditionFailed),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn patch_account(
     state: web::Data<AppState>,
@@ -288,8 +282,7 @@ pub async fn patch_account(
 /// Delete an account (platform admin). Refused while it still has caches; its API keys
 /// are revoked.
 #[utoipa::path(delete, path = "/v1/accounts/{id}", params(("id" = String, Path, description = "account id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById, responses::Conflict),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn delete_account(
     state: web::Data<AppState>,
@@ -358,9 +351,7 @@ async fn create_key(
 #[utoipa::path(post, path = "/v1/accounts/{id}/api-keys", request_body = CreateApiKey,
     params(("id" = String, Path, description = "account id"),
            ("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = ApiKey), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = ApiKey), responses::ChangeById, responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_account_key(
     state: web::Data<AppState>,
@@ -379,8 +370,7 @@ pub async fn create_account_key(
 
 /// List an account's live API keys (admin, or the account's owner).
 #[utoipa::path(get, path = "/v1/accounts/{id}/api-keys", params(("id" = String, Path, description = "account id")),
-    responses((status = 200, body = ApiKeyList), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = ApiKeyList), responses::ById, responses::Forbidden),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn list_account_keys(
     state: web::Data<AppState>,
@@ -396,8 +386,7 @@ pub async fn list_account_keys(
 /// Revoke an account's API key: it stops working at once.
 #[utoipa::path(delete, path = "/v1/accounts/{id}/api-keys/{key_id}",
     params(("id" = String, Path, description = "account id"), ("key_id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn revoke_account_key(
     state: web::Data<AppState>,
@@ -421,9 +410,7 @@ pub async fn revoke_account_key(
 /// Create a platform-wide key (`admin` or `auditor`; platform admin only).
 #[utoipa::path(post, path = "/v1/api-keys", request_body = CreateApiKey,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = ApiKey), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = ApiKey), responses::Authed, responses::Forbidden, responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_platform_key(
     state: web::Data<AppState>,
@@ -439,8 +426,7 @@ pub async fn create_platform_key(
 
 /// List platform-wide keys (platform admin only).
 #[utoipa::path(get, path = "/v1/api-keys",
-    responses((status = 200, body = ApiKeyList), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)),
+    responses((status = 200, body = ApiKeyList), responses::Authed, responses::Forbidden),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn list_platform_keys(
     state: web::Data<AppState>,
@@ -455,8 +441,7 @@ pub async fn list_platform_keys(
 /// (admin, or the account's owner). It stops working at once (401). LDAP sessions are keys
 /// too (see `/v1/sessions`).
 #[utoipa::path(delete, path = "/v1/api-keys/{key_id}", params(("key_id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn revoke_key(
     state: web::Data<AppState>,

@@ -9,6 +9,7 @@ use crate::auth::{hash_token, random_token, Principal};
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::role::{Role, RoleName};
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use actix_web::{web, HttpResponse};
@@ -184,8 +185,7 @@ pub struct RotatedKey {
 /// Rotate the data-plane signing key (platform admin): a new Ed25519 key signs from now on;
 /// the old keys stay in the JWKS, so tokens they signed keep working until they expire.
 #[utoipa::path(post, path = "/v1/signing-keys/rotate",
-    responses((status = 200, body = RotatedKey), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)),
+    responses((status = 200, body = RotatedKey), responses::Authed, responses::Forbidden),
     security(("bearer" = [])), tag = "auth")]
 pub async fn rotate_signing_key(
     state: web::Data<AppState>,

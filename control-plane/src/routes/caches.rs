@@ -6,6 +6,7 @@ use crate::domain::caches::{apply_keyspace_events, changeable_cache, visible_cac
 use crate::domain::names;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
@@ -250,10 +251,7 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
 /// Send `Idempotency-Key` to make retries safe.
 #[utoipa::path(post, path = "/v1/caches", request_body = CreateCache,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = Cache), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem),
-              (status = 503, body = crate::error::Problem)),
+    responses((status = 201, body = Cache), responses::Authed, responses::Forbidden, responses::Conflict, responses::Unprocessable, responses::Unavailable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn create_cache(
     state: web::Data<AppState>,
@@ -455,8 +453,7 @@ fn forget_half_made_tenant(state: &AppState, node: &str, user: &str) {
 
 /// List caches the caller can see, oldest first, a page at a time.
 #[utoipa::path(get, path = "/v1/caches", params(PageQuery, CacheQuery),
-    responses((status = 200, body = CacheList), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = CacheList), responses::Authed),
     security(("bearer" = [])), tag = "caches")]
 pub async fn list_caches(
     state: web::Data<AppState>,
@@ -489,8 +486,7 @@ pub async fn list_caches(
 
 /// Get one cache (with its ETag).
 #[utoipa::path(get, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 200, body = Cache), (status = 401, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = Cache), responses::ById),
     security(("bearer" = [])), tag = "caches")]
 pub async fn get_cache(
     state: web::Data<AppState>,
@@ -510,10 +506,7 @@ pub async fn get_cache(
 #[utoipa::path(patch, path = "/v1/caches/{id}", request_body = PatchCache,
     params(("id" = String, Path, description = "cache id"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = Cache), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 412, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    responses((status = 200, body = Cache), responses::ChangeById, responses::Conflict, responses::PreconditionFailed, responses::Unprocessable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn patch_cache(
     state: web::Data<AppState>,
@@ -617,8 +610,7 @@ pub async fn patch_cache(
 /// Delete a cache: its ACL user and its cache users go (open connections close), its data
 /// is flushed.
 #[utoipa::path(delete, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "caches")]
 pub async fn delete_cache(
     state: web::Data<AppState>,

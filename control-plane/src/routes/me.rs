@@ -3,6 +3,7 @@
 
 use crate::auth::Principal;
 use crate::role::RoleName;
+use crate::routes::responses;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -24,7 +25,7 @@ pub struct Me {
 
 /// Who am I: the caller's key id, role and account.
 #[utoipa::path(get, path = "/v1/me",
-    responses((status = 200, body = Me), (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = Me), responses::Authed),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn me(who: Principal) -> HttpResponse {
     HttpResponse::Ok().json(Me {

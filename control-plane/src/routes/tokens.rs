@@ -4,6 +4,7 @@ use crate::auth::{random_token, Principal};
 use crate::context::RequestContext;
 use crate::domain::caches::{changeable_cache, visible_cache};
 use crate::error::ApiError;
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store;
 use actix_web::{web, HttpResponse};
@@ -41,7 +42,7 @@ pub struct TokenList {
 
 /// List a cache's active (unexpired, unrevoked) tokens.
 #[utoipa::path(get, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
-    responses((status = 200, body = TokenList), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = TokenList), responses::ById),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn list_tokens(
     state: web::Data<AppState>,
@@ -69,7 +70,7 @@ pub async fn list_tokens(
 /// logged in with it.
 #[utoipa::path(delete, path = "/v1/caches/{id}/tokens/{jti}",
     params(("id" = String, Path, description = "cache id"), ("jti" = String, Path, description = "token id")),
-    responses((status = 204), (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn revoke_token(
     state: web::Data<AppState>,
@@ -127,13 +128,7 @@ pub struct MintedToken {
 /// patterns.
 #[utoipa::path(post, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
     request_body(content = MintToken, description = "optional"),
-    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
-              description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
-              (status = 404, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem,
-               description = "the cache already has 100 distinct token scopes in use"),
-              (status = 503, body = crate::error::Problem,
-               description = "the cache's node cannot be reached to make a limited token's ACL user")),
+    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem, description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"), (status = 409, body = crate::error::Problem, description = "the cache already has 100 distinct token scopes in use"), (status = 503, body = crate::error::Problem, description = "the cache's node cannot be reached to make a limited token's ACL user"), responses::Unauthorized, responses::Forbidden, responses::NotFound),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn mint_token(
     state: web::Data<AppState>,
