@@ -57,7 +57,7 @@ pub async fn list_tokens(
         .into_iter()
         .map(|t| TokenInfo {
             jti: t.jti,
-            permission: t.permission,
+            permission: t.permission.as_str().to_string(),
             key_patterns: t.key_patterns,
             created_at: t.created_at,
             expires_at: t.expires_at,
@@ -195,8 +195,7 @@ pub async fn mint_token(
     event.details = serde_json::json!({ "ttl_seconds": ttl, "permission": perm.as_str(),
                                         "key_patterns": claims.key_patterns });
     let mut tx = state.store.begin().await?;
-    store::insert_token(tx.conn(), &claims.jti, &cache.id, perm.as_str(), &claims.key_patterns, &expires_at)
-        .await?;
+    store::insert_token(tx.conn(), &claims.jti, &cache.id, perm, &claims.key_patterns, &expires_at).await?;
     tx.commit(&event).await?;
     Ok(HttpResponse::Created().json(MintedToken {
         token,
