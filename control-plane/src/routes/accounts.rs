@@ -166,7 +166,8 @@ async fn visible_account(state: &AppState, who: &Principal, raw: &str) -> Result
 /// Create an account (platform admin).
 #[utoipa::path(post, path = "/v1/accounts", request_body = CreateAccount,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = Account), responses::Authed, responses::Forbidden, responses::Conflict, responses::Unprocessable),
+    responses((status = 201, body = Account), responses::Authed, responses::Forbidden, responses::Conflict,
+              responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_account(
     state: web::Data<AppState>,
@@ -239,7 +240,8 @@ pub async fn get_account(
 #[utoipa::path(patch, path = "/v1/accounts/{id}", request_body = PatchAccount,
     params(("id" = String, Path, description = "account id"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = Account), responses::ChangeById, responses::Conflict, responses::PreconditionFailed),
+    responses((status = 200, body = Account), responses::ChangeById, responses::Conflict,
+              responses::PreconditionFailed),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn patch_account(
     state: web::Data<AppState>,
@@ -410,7 +412,8 @@ pub async fn revoke_account_key(
 /// Create a platform-wide key (`admin` or `auditor`; platform admin only).
 #[utoipa::path(post, path = "/v1/api-keys", request_body = CreateApiKey,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = ApiKey), responses::Authed, responses::Forbidden, responses::Unprocessable),
+    responses((status = 201, body = ApiKey), responses::Authed, responses::Forbidden,
+              responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_platform_key(
     state: web::Data<AppState>,

@@ -181,7 +181,8 @@ pub async fn list_invoices(
 /// One invoice as JSON, CSV (`Accept: text/csv` or `?format=csv`) or a printable HTML page
 /// (`Accept: text/html` or `?format=html`).
 #[utoipa::path(get, path = "/v1/invoices/{id}", params(("id" = String, Path, description = "`<account id>-<YYYY-MM>`"), FormatQuery),
-    responses((status = 200, description = "the invoice: JSON, CSV or a printable page", content((InvoiceDocument = "application/json"), (String = "text/csv"), (String = "text/html"))), responses::ById),
+    responses((status = 200, description = "the invoice: JSON, CSV or a printable page", content((InvoiceDocument = "application/json"), (String = "text/csv"), (String = "text/html"))),
+              responses::ById),
     security(("bearer" = [])), tag = "billing")]
 pub async fn get_invoice(
     state: web::Data<AppState>,

@@ -251,7 +251,8 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
 /// Send `Idempotency-Key` to make retries safe.
 #[utoipa::path(post, path = "/v1/caches", request_body = CreateCache,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = Cache), responses::Authed, responses::Forbidden, responses::Conflict, responses::Unprocessable, responses::Unavailable),
+    responses((status = 201, body = Cache), responses::Authed, responses::Forbidden, responses::Conflict,
+              responses::Unprocessable, responses::Unavailable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn create_cache(
     state: web::Data<AppState>,
@@ -506,7 +507,8 @@ pub async fn get_cache(
 #[utoipa::path(patch, path = "/v1/caches/{id}", request_body = PatchCache,
     params(("id" = String, Path, description = "cache id"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = Cache), responses::ChangeById, responses::Conflict, responses::PreconditionFailed, responses::Unprocessable),
+    responses((status = 200, body = Cache), responses::ChangeById, responses::Conflict,
+              responses::PreconditionFailed, responses::Unprocessable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn patch_cache(
     state: web::Data<AppState>,

@@ -47,7 +47,8 @@ pub struct GatewayList {
 /// Make a gateway and its credential for the internal API (platform admin). The credential
 /// is in the response, once: put it in the gateway's `internal_credential_file`.
 #[utoipa::path(post, path = "/v1/gateways", request_body = CreateGateway,
-    responses((status = 201, body = GatewayInfo), responses::Authed, responses::Forbidden, responses::Conflict),
+    responses((status = 201, body = GatewayInfo), responses::Authed, responses::Forbidden,
+              responses::Conflict),
     security(("bearer" = [])), tag = "gateways")]
 pub async fn create_gateway(
     state: web::Data<AppState>,

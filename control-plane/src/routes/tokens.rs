@@ -128,7 +128,13 @@ pub struct MintedToken {
 /// patterns.
 #[utoipa::path(post, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
     request_body(content = MintToken, description = "optional"),
-    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem, description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"), (status = 409, body = crate::error::Problem, description = "the cache already has 100 distinct token scopes in use"), (status = 503, body = crate::error::Problem, description = "the cache's node cannot be reached to make a limited token's ACL user"), responses::Unauthorized, responses::Forbidden, responses::NotFound),
+    responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
+              description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
+              (status = 409, body = crate::error::Problem,
+               description = "the cache already has 100 distinct token scopes in use"),
+              (status = 503, body = crate::error::Problem,
+               description = "the cache's node cannot be reached to make a limited token's ACL user"),
+              responses::Unauthorized, responses::Forbidden, responses::NotFound),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn mint_token(
     state: web::Data<AppState>,
