@@ -74,7 +74,8 @@ impl Api {
         };
         let state = startup::state(config, pool.clone()).await.expect("control plane state");
         let admin_token = std::fs::read_to_string(tmp.path().join("admin.token")).unwrap().trim().to_string();
-        let service = Arc::new(actix_web::test::init_service(startup::public_app(state.clone())).await);
+        let service =
+            std::rc::Rc::new(actix_web::test::init_service(startup::public_app(state.clone())).await);
         let send: Send = Box::new(move |req: TestRequest| {
             let service = service.clone();
             Box::pin(async move {
