@@ -1,5 +1,6 @@
 //! Roles a login can carry (see the README's "Logging in to the REST API"), and the
-//! configuration that maps directory groups to them.
+//! configuration that maps directory groups to them. A REST principal's role
+//! (`shoal_control_plane::role::Role`) is made from the first three.
 
 use serde::{Deserialize, Serialize};
 use shoal_types::{AccountId, CacheId};

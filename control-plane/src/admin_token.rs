@@ -12,6 +12,7 @@
 //! Either way the new token is written to a temporary file first, the store changes and its
 //! audit record commit together, and only then does the file replace the old one.
 
+use crate::role::Role;
 use crate::secret::{hash_token, random_token};
 use crate::store::audit::AuditEvent;
 use crate::store::{accounts, Store, StoreError};
@@ -53,8 +54,7 @@ pub async fn bootstrap(store: &Store, path: &Path) -> Result<(), AdminTokenError
             let key = accounts::NewApiKey {
                 id: &id,
                 token_hash: &hash,
-                role: "admin",
-                account_id: None,
+                role: &Role::Admin,
                 name: BOOTSTRAP_KEY_NAME,
                 expires_at: None,
             };
@@ -100,8 +100,7 @@ pub async fn install_new(
         let key = accounts::NewApiKey {
             id: &key_id,
             token_hash: &hash,
-            role: "admin",
-            account_id: None,
+            role: &Role::Admin,
             name: BOOTSTRAP_KEY_NAME,
             expires_at: None,
         };

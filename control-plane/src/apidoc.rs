@@ -65,48 +65,24 @@ impl Modify for BearerAuth {
     }
 }
 
-/// Errors are `application/problem+json`, and every route behind a bearer token can answer
-/// 401 and 400 (a malformed query or body): said once here instead of on every handler.
+/// Errors are `application/problem+json` (handlers list them with
+/// [`crate::routes::responses`], whose derive says `application/json`).
 struct ProblemResponses;
 
 impl Modify for ProblemResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
-        let problem = || {
-            ContentBuilder::new()
-                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("Problem"))))
-                .build()
-        };
-        for (path, item) in openapi.paths.paths.iter_mut() {
-            let has_id = path.contains('{');
-            let reads = [&mut item.get, &mut item.head].into_iter().flatten().map(|op| (false, op));
-            let writes = [&mut item.post, &mut item.put, &mut item.patch, &mut item.delete]
-                .into_iter()
-                .flatten()
-                .map(|op| (true, op));
-            for (writes, op) in reads.chain(writes) {
-                let responses = &mut op.responses.responses;
-                let mut implied = vec![];
-                if op.security.is_some() {
-                    implied.extend([("400", "bad request"), ("401", "missing or invalid bearer token")]);
-                    if writes {
-                        implied.push(("403", "the caller's role may not do this"));
-                    }
-                    if has_id {
-                        implied.push(("404", "no such object, or not one the caller may see"));
-                    }
-                }
-                for (code, why) in implied {
-                    responses.entry(code.to_string()).or_insert_with(|| {
-                        RefOr::T(
-                            ResponseBuilder::new()
-                                .description(why)
-                                .content("application/json", problem())
-                                .build(),
-                        )
-                    });
-                }
-                for (code, response) in responses.iter_mut() {
+        use utoipa::openapi::RefOr;
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.head,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                for (code, response) in op.responses.responses.iter_mut() {
                     if code.as_str() >= "400" {
                         if let RefOr::T(r) = response {
                             if let Some(c) = r.content.shift_remove("application/json") {

@@ -1,51 +1,22 @@
-//! REST authentication: bearer API keys, looked up by their SHA-256 hash.
+//! REST authentication: bearer API keys, looked up by their SHA-256 hash, → a [`Principal`].
 
 use crate::error::ApiError;
+use crate::role::Role;
 use crate::state::AppState;
 use actix_web::{dev::Payload, web, FromRequest, HttpMessage, HttpRequest};
 use shoal_types::AccountId;
 use std::future::Future;
 use std::pin::Pin;
 
-/// Who is calling. Roles:
-/// - `admin`: everything;
-/// - `owner` of an account: that account's caches, users, tokens, keys, usage, invoices, audit;
-/// - `auditor`: reads (caches, usage, invoices, audit) of one account — or of every account
-///   when the key has none — and changes nothing.
+/// Who is calling, and with what [`Role`]: admins everything; an account's owner that
+/// account's caches, users, tokens, keys, usage, invoices and audit; auditors read (caches,
+/// usage, invoices, audit) of one account, or of every account, and change nothing.
 ///
 /// Objects of accounts a principal cannot see answer 404, never a 403 that confirms they exist.
 #[derive(Clone, Debug)]
 pub struct Principal {
     pub key_id: String,
     pub role: Role,
-    pub account: Option<AccountId>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    Admin,
-    Owner,
-    Auditor,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "admin" => Some(Role::Admin),
-            "owner" => Some(Role::Owner),
-            "auditor" => Some(Role::Auditor),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Owner => "owner",
-            Role::Auditor => "auditor",
-        }
-    }
 }
 
 impl Principal {
@@ -60,10 +31,7 @@ impl Principal {
 
     /// The account whose objects list endpoints show; None = all accounts.
     pub fn scope(&self) -> Option<AccountId> {
-        match self.role {
-            Role::Admin => None,
-            _ => self.account.clone(),
-        }
+        self.role.account().cloned()
     }
 
     /// Whether objects of `account` are visible.
@@ -91,7 +59,7 @@ impl Principal {
 
     /// Whether this principal may change anything at all.
     pub fn writer(&self) -> Result<(), ApiError> {
-        if self.role == Role::Auditor {
+        if let Role::Auditor(_) = self.role {
             Err(ApiError::Forbidden)
         } else {
             Ok(())
@@ -128,17 +96,8 @@ impl FromRequest for Principal {
                 .api_key_by_hash(&crate::secret::hash_token(&token))
                 .await?
                 .ok_or(ApiError::Unauthorized)?;
-            let role = Role::parse(&key.role).ok_or(ApiError::Unauthorized)?;
-            let account = key
-                .account_id
-                .as_deref()
-                .map(AccountId::parse)
-                .transpose()
-                .map_err(|_| ApiError::Unauthorized)?;
-            if role == Role::Owner && account.is_none() {
-                return Err(ApiError::Unauthorized);
-            }
-            let who = Principal { key_id: key.id, role, account };
+            let role = key.role.ok_or(ApiError::Unauthorized)?;
+            let who = Principal { key_id: key.id, role };
             req.extensions_mut().insert(who.clone());
             Ok(who)
         })

@@ -33,7 +33,7 @@ impl RequestContext {
     pub fn event(&self, who: &Principal, action: &str, target: &str) -> AuditEvent {
         AuditEvent {
             actor: who.actor(),
-            account_id: who.account.as_ref().map(|a| a.to_string()),
+            account_id: who.role.account().map(|a| a.to_string()),
             source: self.source.clone(),
             action: action.into(),
             target: target.into(),
@@ -115,7 +115,7 @@ async fn audit_failure(req: &HttpRequest, ctx: &RequestContext, status: u16) {
     let who = req.extensions().get::<Principal>().cloned();
     let event = AuditEvent {
         actor: who.as_ref().map(Principal::actor).unwrap_or_else(|| "anonymous".into()),
-        account_id: who.as_ref().and_then(|w| w.account.as_ref().map(|a| a.to_string())),
+        account_id: who.as_ref().and_then(|w| w.role.account().map(|a| a.to_string())),
         source: ctx.source.clone(),
         action: format!("{} {}", req.method(), route_pattern(req)),
         target: req.path().chars().take(200).collect(),

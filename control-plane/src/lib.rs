@@ -7,7 +7,8 @@
 //! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach;
 //!   [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
-//! - [`auth`]: bearer API keys → [`auth::Principal`] (admin, owner, auditor).
+//! - [`auth`]: bearer API keys → [`auth::Principal`] with a [`role::Role`] (admin, owner of
+//!   an account, auditor).
 //! - [`gateways`]: each gateway's credential for the internal API → [`gateways::Gateway`];
 //!   [`budget`]: the failed password checks each may ask for.
 //! - [`domain`]: what more than one route needs (caches, logins, keys, names); routes do
@@ -34,6 +35,7 @@ pub mod domain;
 pub mod error;
 pub mod gateways;
 pub mod metrics;
+pub mod role;
 pub mod routes;
 pub mod secret;
 pub mod signing;

@@ -52,8 +52,8 @@ impl ControlPlane {
     }
 }
 
-/// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
-pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
+/// The configuration's ranges and combinations, before anything is opened.
+fn check(config: &ControlPlaneConfig) -> Result<(), StartupError> {
     if !(0.1..=60.0).contains(&config.storage_interval) {
         return Err(StartupError::Config(format!(
             "storage_interval must be between 0.1 and 60 seconds, not {}",
@@ -75,10 +75,14 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     config.check_internal().map_err(StartupError::Config)?;
-    let internal_tls = match (&config.internal_tls_cert, &config.internal_tls_key) {
-        (Some(cert), Some(key)) => Some(tls_config(cert, key).map_err(StartupError::Config)?),
-        _ => None,
-    };
+    Ok(())
+}
+
+/// Checks the configuration, opens the store, makes sure the bootstrap admin token exists
+/// and builds what every handler reaches. [`start`] serves it; the REST tests drive
+/// [`public_app`] with it in-process.
+pub async fn state(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<web::Data<AppState>, StartupError> {
+    check(&config)?;
     let key_path = config.audit_key_path();
     let audit_key = crate::store::audit::AuditKey::load_or_create(&key_path)
         .map_err(|e| StartupError::Config(format!("audit_key_path {}: {e}", key_path.display())))?;
@@ -90,13 +94,10 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         std::time::Duration::from_secs(config.token_ttl_max + crate::routes::auth::VERIFY_LEEWAY_SECS);
     let signer = Signer::load_or_create(&store, window).await?;
     let directory = config.ldap.clone().map(shoal_auth::Directory::new).transpose()?;
-    let workers = config.workers;
-    let listen = config.listen.clone();
     let login_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.login_throttle));
     let verify_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.verify_throttle));
     let verify_budget =
         std::sync::Mutex::new(crate::budget::FailureBudget::new(config.verify_failures_per_gateway));
-    let internal_listen = config.internal_listen.clone();
     let state = web::Data::new(AppState {
         metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
@@ -110,6 +111,20 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         verify_throttle,
         verify_budget,
     });
+    Ok(state)
+}
+
+/// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
+pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
+    check(&config)?;
+    let internal_tls = match (&config.internal_tls_cert, &config.internal_tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key).map_err(StartupError::Config)?),
+        _ => None,
+    };
+    let workers = config.workers;
+    let listen = config.listen.clone();
+    let internal_listen = config.internal_listen.clone();
+    let state = state(config, pool).await?;
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for node in state.pool.nodes() {
         if let Err(e) = crate::domain::caches::apply_keyspace_events(&state, node.name()).await {
@@ -137,42 +152,11 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         Some(tls) => internal.bind_rustls_0_23(&internal_listen, tls)?,
         None => internal.bind(&internal_listen)?,
     };
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .app_data(json_config())
-            .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
-            .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
-            .wrap(actix_web::middleware::from_fn(crate::context::middleware))
-            .wrap(logger())
-            .configure(routes::health::configure)
-            .configure(routes::internal::configure_public)
-            .configure(routes::gateways::configure)
-            .configure(routes::accounts::configure)
-            .configure(routes::caches::configure)
-            .configure(routes::audit::configure)
-            .configure(routes::tokens::configure)
-            .configure(routes::me::configure)
-            .configure(routes::portal::configure)
-            .configure(routes::users::configure)
-            .configure(routes::auth::configure)
-            .configure(routes::sessions::configure)
-            .configure(routes::usage::configure)
-            .configure(routes::billing::configure)
-            .route("/openapi.json", web::get().to(openapi_json))
-            .route("/metrics", web::get().to(metrics))
-            .service(
-                // The interactive viewer, served from files compiled in (no CDN).
-                utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
-                    .url("/docs/openapi.json", crate::apidoc::openapi()),
-            )
-            .route("/docs", web::get().to(docs_redirect))
-            .default_service(web::to(not_found))
-    })
-    .workers(workers)
-    .disable_signals()
-    .shutdown_timeout(5)
-    .bind(&listen)?;
+    let server = HttpServer::new(move || public_app(state.clone()))
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(&listen)?;
     // Both bound: now run them, and the sampler.
     let (addr, internal_addr) = (server.addrs()[0], internal.addrs()[0]);
     let interval = std::time::Duration::from_secs_f64(sampler_state.config.storage_interval);
@@ -193,6 +177,52 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
         sweeper,
         store,
     })
+}
+
+/// The public REST API: every route, the extractors' error answers, request ids and the
+/// access log. One per worker in [`start`]; the REST tests call it with
+/// `actix_web::test::init_service`.
+pub fn public_app(
+    state: web::Data<AppState>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        .app_data(json_config())
+        .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
+        .app_data(web::QueryConfig::default().error_handler(crate::error::query_error))
+        .wrap(actix_web::middleware::from_fn(crate::context::middleware))
+        .wrap(logger())
+        .configure(routes::health::configure)
+        .configure(routes::internal::configure_public)
+        .configure(routes::gateways::configure)
+        .configure(routes::accounts::configure)
+        .configure(routes::caches::configure)
+        .configure(routes::audit::configure)
+        .configure(routes::tokens::configure)
+        .configure(routes::me::configure)
+        .configure(routes::portal::configure)
+        .configure(routes::users::configure)
+        .configure(routes::auth::configure)
+        .configure(routes::sessions::configure)
+        .configure(routes::usage::configure)
+        .configure(routes::billing::configure)
+        .route("/openapi.json", web::get().to(openapi_json))
+        .route("/metrics", web::get().to(metrics))
+        .service(
+            // The interactive viewer, served from files compiled in (no CDN).
+            utoipa_swagger_ui::SwaggerUi::new("/docs/{_:.*}")
+                .url("/docs/openapi.json", crate::apidoc::openapi()),
+        )
+        .route("/docs", web::get().to(docs_redirect))
+        .default_service(web::to(not_found))
 }
 
 fn json_config() -> web::JsonConfig {

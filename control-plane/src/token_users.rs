@@ -10,7 +10,6 @@
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::CacheRecord;
-use shoal_types::Permission;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,10 +23,7 @@ pub async fn in_use(state: &AppState, cache: &CacheRecord) -> Result<HashSet<Str
     let tokens = state.store.active_tokens(&cache.id).await?;
     Ok(tokens
         .iter()
-        .filter_map(|t| {
-            let perm = Permission::parse(&t.permission)?;
-            shoal_auth::token::upstream_user(&cache_user, perm, &t.key_patterns)
-        })
+        .filter_map(|t| shoal_auth::token::upstream_user(&cache_user, t.permission, &t.key_patterns))
         .collect())
 }
 

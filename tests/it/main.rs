@@ -21,7 +21,6 @@ mod portal;
 mod production;
 mod resources_gateway;
 mod resources_node;
-mod rest;
 mod revocation;
 mod secrets;
 mod storage;

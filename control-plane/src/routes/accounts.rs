@@ -1,13 +1,15 @@
 //! `/v1/accounts` and their API keys (`/v1/accounts/{id}/api-keys`), plus platform-wide
 //! keys (`/v1/api-keys`, admin only); `DELETE /v1/api-keys/{key_id}` revokes either kind.
 
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::domain::caches::PLATFORM_ACCOUNT;
 use crate::domain::keys::may_revoke;
 use crate::domain::names;
 use crate::error::ApiError;
+use crate::role::{Role, RoleName};
 use crate::routes::page::{self, PageQuery};
+use crate::routes::responses;
 use crate::secret::{hash_token, random_token};
 use crate::state::AppState;
 use crate::store::accounts::{self, AccountRecord, ApiKeyInfo};
@@ -87,7 +89,7 @@ impl Account {
             id: a.id.to_string(),
             name: a.name.clone(),
             email: a.email.clone(),
-            status: a.status.clone(),
+            status: a.status.as_str().to_string(),
             etag: page::etag(a.version),
             created_at: a.created_at.clone(),
             updated_at: a.updated_at.clone(),
@@ -102,7 +104,7 @@ pub struct CreateApiKey {
     /// What the key is for, 1–63 characters.
     pub name: String,
     /// `owner` or `auditor` for an account's keys; `admin` or `auditor` for platform keys.
-    pub role: Role,
+    pub role: RoleName,
 }
 
 /// An API key. `token` is shown once, in the create response; it is stored hashed.
@@ -165,9 +167,8 @@ async fn visible_account(state: &AppState, who: &Principal, raw: &str) -> Result
 /// Create an account (platform admin).
 #[utoipa::path(post, path = "/v1/accounts", request_body = CreateAccount,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = Account), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = Account), responses::Authed, responses::Forbidden, responses::Conflict,
+              responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_account(
     state: web::Data<AppState>,
@@ -187,7 +188,7 @@ pub async fn create_account(
             id: AccountId::generate(),
             name: body_in.name,
             email,
-            status: "active".into(),
+            status: accounts::AccountStatus::Active,
             version: 1,
             created_at: now.clone(),
             updated_at: now,
@@ -209,8 +210,7 @@ pub async fn create_account(
 
 /// List the accounts the caller can see (admins: all; others: their own).
 #[utoipa::path(get, path = "/v1/accounts", params(PageQuery),
-    responses((status = 200, body = AccountList), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = AccountList), responses::Authed),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn list_accounts(
     state: web::Data<AppState>,
@@ -226,8 +226,7 @@ pub async fn list_accounts(
 
 /// Get an account.
 #[utoipa::path(get, path = "/v1/accounts/{id}", params(("id" = String, Path, description = "account id")),
-    responses((status = 200, body = Account), (status = 401, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = Account), responses::ById),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn get_account(
     state: web::Data<AppState>,
@@ -242,10 +241,8 @@ pub async fn get_account(
 #[utoipa::path(patch, path = "/v1/accounts/{id}", request_body = PatchAccount,
     params(("id" = String, Path, description = "account id"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = Account), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 412, body = crate::error::Problem)),
+    responses((status = 200, body = Account), responses::ChangeById, responses::Conflict,
+              responses::PreconditionFailed),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn patch_account(
     state: web::Data<AppState>,
@@ -288,8 +285,7 @@ pub async fn patch_account(
 /// Delete an account (platform admin). Refused while it still has caches; its API keys
 /// are revoked.
 #[utoipa::path(delete, path = "/v1/accounts/{id}", params(("id" = String, Path, description = "account id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById, responses::Conflict),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn delete_account(
     state: web::Data<AppState>,
@@ -325,14 +321,11 @@ async fn create_key(
     if body.name == crate::admin_token::BOOTSTRAP_KEY_NAME {
         return Err(ApiError::field("name", "that name is reserved for the bootstrap admin token"));
     }
-    let allowed = match account {
-        Some(_) => [Role::Owner, Role::Auditor].contains(&body.role),
-        None => [Role::Admin, Role::Auditor].contains(&body.role),
-    };
-    if !allowed {
+    // Owners belong to an account, admins to none.
+    let Some(role) = Role::new(body.role, account.cloned()) else {
         let roles = if account.is_some() { "owner or auditor" } else { "admin or auditor" };
         return Err(ApiError::field("role", format!("role must be {roles} here")));
-    }
+    };
     let token = format!("shoal_{}_{}", body.role.as_str(), random_token(24));
     let id = format!("key-{}", random_token(6));
     let mut event = ctx.event(who, "api_key.create", &id);
@@ -340,14 +333,8 @@ async fn create_key(
     event.details = serde_json::json!({ "role": body.role.as_str(), "name": body.name });
     let mut tx = state.store.begin().await?;
     let hash = hash_token(&token);
-    let key = accounts::NewApiKey {
-        id: &id,
-        token_hash: &hash,
-        role: body.role.as_str(),
-        account_id: account.map(|a| a.as_str()),
-        name: &body.name,
-        expires_at: None,
-    };
+    let key =
+        accounts::NewApiKey { id: &id, token_hash: &hash, role: &role, name: &body.name, expires_at: None };
     accounts::insert_api_key(tx.conn(), &key).await?;
     tx.commit(&event).await?;
     let key = ApiKey {
@@ -367,9 +354,7 @@ async fn create_key(
 #[utoipa::path(post, path = "/v1/accounts/{id}/api-keys", request_body = CreateApiKey,
     params(("id" = String, Path, description = "account id"),
            ("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = ApiKey), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = ApiKey), responses::ChangeById, responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_account_key(
     state: web::Data<AppState>,
@@ -388,8 +373,7 @@ pub async fn create_account_key(
 
 /// List an account's live API keys (admin, or the account's owner).
 #[utoipa::path(get, path = "/v1/accounts/{id}/api-keys", params(("id" = String, Path, description = "account id")),
-    responses((status = 200, body = ApiKeyList), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = ApiKeyList), responses::ById, responses::Forbidden),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn list_account_keys(
     state: web::Data<AppState>,
@@ -405,8 +389,7 @@ pub async fn list_account_keys(
 /// Revoke an account's API key: it stops working at once.
 #[utoipa::path(delete, path = "/v1/accounts/{id}/api-keys/{key_id}",
     params(("id" = String, Path, description = "account id"), ("key_id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn revoke_account_key(
     state: web::Data<AppState>,
@@ -430,9 +413,8 @@ pub async fn revoke_account_key(
 /// Create a platform-wide key (`admin` or `auditor`; platform admin only).
 #[utoipa::path(post, path = "/v1/api-keys", request_body = CreateApiKey,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = ApiKey), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = ApiKey), responses::Authed, responses::Forbidden,
+              responses::Unprocessable),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn create_platform_key(
     state: web::Data<AppState>,
@@ -448,8 +430,7 @@ pub async fn create_platform_key(
 
 /// List platform-wide keys (platform admin only).
 #[utoipa::path(get, path = "/v1/api-keys",
-    responses((status = 200, body = ApiKeyList), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)),
+    responses((status = 200, body = ApiKeyList), responses::Authed, responses::Forbidden),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn list_platform_keys(
     state: web::Data<AppState>,
@@ -464,8 +445,7 @@ pub async fn list_platform_keys(
 /// (admin, or the account's owner). It stops working at once (401). LDAP sessions are keys
 /// too (see `/v1/sessions`).
 #[utoipa::path(delete, path = "/v1/api-keys/{key_id}", params(("key_id" = String, Path, description = "key id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "accounts")]
 pub async fn revoke_key(
     state: web::Data<AppState>,

@@ -3,6 +3,7 @@
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::audit::{AuditFilter, AuditRecord, ChainReport};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -51,8 +52,7 @@ fn time_param(v: &Option<String>, field: &'static str) -> Result<Option<String>,
 /// Search the audit log, oldest first. Owners and account auditors see their account's
 /// records. `format=jsonl` (or `Accept: application/jsonl`) exports JSON lines.
 #[utoipa::path(get, path = "/v1/audit", params(PageQuery, AuditQuery),
-    responses((status = 200, body = AuditList), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = AuditList), responses::Authed),
     security(("bearer" = [])), tag = "audit")]
 pub async fn list_audit(
     state: web::Data<AppState>,
@@ -119,8 +119,7 @@ pub async fn list_audit(
 /// changed, missing (deleted) or truncated record and each bad checkpoint. Platform admins
 /// and platform auditors only (the report covers every account).
 #[utoipa::path(get, path = "/v1/audit/verify",
-    responses((status = 200, body = ChainReport), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)),
+    responses((status = 200, body = ChainReport), responses::Authed, responses::Forbidden),
     security(("bearer" = [])), tag = "audit")]
 pub async fn verify_audit(state: web::Data<AppState>, who: Principal) -> Result<HttpResponse, ApiError> {
     if who.scope().is_some() {

@@ -5,16 +5,17 @@
 //! bearer extractor accepts it, key revocation works on it, and it never outlives
 //! `session_ttl`. Its role is the strongest REST role the user's LDAP groups map to.
 
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::role::{Role, RoleName};
+use crate::routes::responses;
 use crate::secret::{hash_token, random_token};
 use crate::state::AppState;
 use crate::store::audit::AuditEvent;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use shoal_auth::throttle::{FailureOutcome, Verdict};
-use shoal_types::AccountId;
 use std::net::IpAddr;
 use std::time::Instant;
 use utoipa::ToSchema;
@@ -41,35 +42,13 @@ pub struct LoginResponse {
     pub token: String,
     /// The API key id of this session (revocable like any key).
     pub key_id: String,
-    pub role: Role,
+    pub role: RoleName,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub account_id: Option<String>,
     pub expires_at: String,
     /// Every role the user's groups map to (data-plane roles included).
     #[schema(value_type = Vec<Object>)]
     pub roles: Vec<shoal_auth::Role>,
-}
-
-/// The strongest REST role among LDAP roles: platform admin, then account owner, then auditor.
-pub fn rest_role(roles: &[shoal_auth::Role]) -> Option<(Role, Option<AccountId>)> {
-    roles
-        .iter()
-        .find_map(|r| match r {
-            shoal_auth::Role::PlatformAdmin => Some((Role::Admin, None)),
-            _ => None,
-        })
-        .or_else(|| {
-            roles.iter().find_map(|r| match r {
-                shoal_auth::Role::AccountOwner { account } => Some((Role::Owner, Some(account.clone()))),
-                _ => None,
-            })
-        })
-        .or_else(|| {
-            roles.iter().find_map(|r| match r {
-                shoal_auth::Role::Auditor { account } => Some((Role::Auditor, account.clone())),
-                _ => None,
-            })
-        })
 }
 
 /// `shoal_rest_logins_total{outcome}`: `success`, `failure` or `lockout`.
@@ -152,11 +131,11 @@ pub async fn login(
         }
     };
     state.login_throttle.lock().unwrap().success(source, &body.username);
-    let Some((role, account)) = rest_role(&identity.roles) else {
+    let Some(role) = Role::strongest_of(&identity.roles) else {
         audit(&state, &login_event(&ctx, &body.username, "failure", "no_rest_role")).await;
         return Err(ApiError::Forbidden);
     };
-    if let Some(account) = &account {
+    if let Some(account) = role.account() {
         if state.store.account(account).await?.is_none() {
             audit(&state, &login_event(&ctx, &body.username, "failure", "account_deleted")).await;
             return Err(ApiError::Refused(format!(
@@ -170,28 +149,27 @@ pub async fn login(
     let expires_at = expires.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut event = login_event(&ctx, &identity.user, "success", "");
     event.target = key_id.clone();
-    event.account_id = account.as_ref().map(|a| a.to_string());
-    event.details = serde_json::json!({ "mechanism": "ldap", "role": role.as_str(), "dn": identity.dn,
+    event.account_id = role.account().map(|a| a.to_string());
+    event.details = serde_json::json!({ "mechanism": "ldap", "role": role.name().as_str(), "dn": identity.dn,
                                         "expires_at": expires_at });
     let mut tx = state.store.begin().await?;
     let (hash, name) = (hash_token(&token), format!("ldap:{}", identity.user));
     let key = crate::store::accounts::NewApiKey {
         id: &key_id,
         token_hash: &hash,
-        role: role.as_str(),
-        account_id: account.as_ref().map(|a| a.as_str()),
+        role: &role,
         name: &name,
         expires_at: Some(&expires_at),
     };
     crate::store::accounts::insert_api_key(tx.conn(), &key).await?;
     tx.commit(&event).await?;
     login_metric("success");
-    tracing::info!(user = %identity.user, role = role.as_str(), key = %key_id, "LDAP login");
+    tracing::info!(user = %identity.user, role = role.name().as_str(), key = %key_id, "LDAP login");
     Ok(HttpResponse::Ok().json(LoginResponse {
         token,
         key_id,
-        role,
-        account_id: account.map(|a| a.to_string()),
+        role: role.name(),
+        account_id: role.account().map(|a| a.to_string()),
         expires_at,
         roles: identity.roles,
     }))
@@ -208,8 +186,7 @@ pub struct RotatedKey {
 /// Rotate the data-plane signing key (platform admin): a new Ed25519 key signs from now on;
 /// the old keys stay in the JWKS, so tokens they signed keep working until they expire.
 #[utoipa::path(post, path = "/v1/signing-keys/rotate",
-    responses((status = 200, body = RotatedKey), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)),
+    responses((status = 200, body = RotatedKey), responses::Authed, responses::Forbidden),
     security(("bearer" = [])), tag = "auth")]
 pub async fn rotate_signing_key(
     state: web::Data<AppState>,
@@ -222,27 +199,4 @@ pub async fn rotate_signing_key(
     let verifying = state.signer.jwks().keys.into_iter().map(|k| k.kid).collect();
     tracing::info!(%kid, "signing key rotated");
     Ok(HttpResponse::Ok().json(RotatedKey { kid, verifying }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shoal_auth::Role as Ldap;
-    use shoal_types::CacheId;
-
-    #[test]
-    fn the_strongest_rest_role_wins_and_data_roles_give_none() {
-        let account = AccountId::parse("a0000000000ab").unwrap();
-        let cache = CacheId::parse("c0000000000ab").unwrap();
-        let owner = Ldap::AccountOwner { account: account.clone() };
-        let auditor = Ldap::Auditor { account: None };
-        assert_eq!(rest_role(&[auditor.clone(), Ldap::PlatformAdmin]), Some((Role::Admin, None)));
-        assert_eq!(rest_role(&[auditor.clone(), owner]), Some((Role::Owner, Some(account))));
-        assert_eq!(rest_role(&[auditor]), Some((Role::Auditor, None)));
-        assert_eq!(
-            rest_role(&[Ldap::CacheReadWrite { cache: cache.clone() }, Ldap::CacheReadOnly { cache }]),
-            None
-        );
-        assert_eq!(rest_role(&[]), None);
-    }
 }

@@ -9,6 +9,7 @@
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
+use crate::routes::responses;
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -114,7 +115,7 @@ pub async fn invoice_for(state: &AppState, account: &AccountId, month: Month) ->
 /// List invoices, newest month first: one per account and month since the account was
 /// created. Owners and account auditors see their account's; admins all.
 #[utoipa::path(get, path = "/v1/invoices", params(PageQuery, InvoiceQuery),
-    responses((status = 200, body = InvoiceList)), security(("bearer" = [])), tag = "billing")]
+    responses((status = 200, body = InvoiceList), responses::Authed), security(("bearer" = [])), tag = "billing")]
 pub async fn list_invoices(
     state: web::Data<AppState>,
     who: Principal,
@@ -180,8 +181,8 @@ pub async fn list_invoices(
 /// One invoice as JSON, CSV (`Accept: text/csv` or `?format=csv`) or a printable HTML page
 /// (`Accept: text/html` or `?format=html`).
 #[utoipa::path(get, path = "/v1/invoices/{id}", params(("id" = String, Path, description = "`<account id>-<YYYY-MM>`"), FormatQuery),
-    responses((status = 200, description = "the invoice: JSON, CSV or a printable page",
-               content((InvoiceDocument = "application/json"), (String = "text/csv"), (String = "text/html")))),
+    responses((status = 200, description = "the invoice: JSON, CSV or a printable page", content((InvoiceDocument = "application/json"), (String = "text/csv"), (String = "text/html"))),
+              responses::ById),
     security(("bearer" = [])), tag = "billing")]
 pub async fn get_invoice(
     state: web::Data<AppState>,
@@ -224,14 +225,14 @@ pub async fn get_invoice(
 /// The monthly cost of a cache from expected traffic (like the AWS pricing calculator), at
 /// the caller's rates, with each step of the arithmetic.
 #[utoipa::path(post, path = "/v1/estimate", request_body = EstimateInput,
-    responses((status = 200, body = Estimate)), security(("bearer" = [])), tag = "billing")]
+    responses((status = 200, body = Estimate), responses::Authed, responses::Forbidden), security(("bearer" = [])), tag = "billing")]
 pub async fn post_estimate(
     state: web::Data<AppState>,
     who: Principal,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let input: EstimateInput = page::json_body(&body)?;
-    let rates = match &who.account {
+    let rates = match who.role.account() {
         Some(a) => state.config.billing.for_account(a)?,
         None => state.config.billing.defaults.clone(),
     };

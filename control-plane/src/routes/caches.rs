@@ -6,6 +6,7 @@ use crate::domain::caches::{apply_keyspace_events, changeable_cache, visible_cac
 use crate::domain::names;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
@@ -190,7 +191,7 @@ impl Cache {
             name: c.name.clone(),
             description: c.description.clone(),
             account_id: c.account_id.to_string(),
-            status: c.status.clone(),
+            status: c.status.as_str().to_string(),
             endpoint: endpoint.to_string(),
             databases: c.databases,
             limits: Limits::of(&c.limits),
@@ -250,10 +251,8 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
 /// Send `Idempotency-Key` to make retries safe.
 #[utoipa::path(post, path = "/v1/caches", request_body = CreateCache,
     params(("Idempotency-Key" = Option<String>, Header, description = "makes retries safe")),
-    responses((status = 201, body = Cache), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem), (status = 422, body = crate::error::Problem),
-              (status = 503, body = crate::error::Problem)),
+    responses((status = 201, body = Cache), responses::Authed, responses::Forbidden, responses::Conflict,
+              responses::Unprocessable, responses::Unavailable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn create_cache(
     state: web::Data<AppState>,
@@ -291,8 +290,11 @@ async fn create(
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
-    let account =
-        who.account.clone().unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
+    let account = who
+        .role
+        .account()
+        .cloned()
+        .unwrap_or_else(|| AccountId::parse(PLATFORM_ACCOUNT).expect("valid constant"));
     // A credential minted just as its account was deleted (keys are revoked with it).
     if state.store.account(&account).await?.is_none() {
         return Err(ApiError::Refused(format!("account {account} does not exist or was deleted")));
@@ -349,7 +351,7 @@ async fn create(
         id,
         account_id: account,
         name: body.name,
-        status: "available".into(),
+        status: crate::store::CacheStatus::Available,
         node: chosen.node.clone(),
         db: chosen.db,
         databases,
@@ -452,8 +454,7 @@ fn forget_half_made_tenant(state: &AppState, node: &str, user: &str) {
 
 /// List caches the caller can see, oldest first, a page at a time.
 #[utoipa::path(get, path = "/v1/caches", params(PageQuery, CacheQuery),
-    responses((status = 200, body = CacheList), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem)),
+    responses((status = 200, body = CacheList), responses::Authed),
     security(("bearer" = [])), tag = "caches")]
 pub async fn list_caches(
     state: web::Data<AppState>,
@@ -486,8 +487,7 @@ pub async fn list_caches(
 
 /// Get one cache (with its ETag).
 #[utoipa::path(get, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 200, body = Cache), (status = 401, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = Cache), responses::ById),
     security(("bearer" = [])), tag = "caches")]
 pub async fn get_cache(
     state: web::Data<AppState>,
@@ -507,10 +507,8 @@ pub async fn get_cache(
 #[utoipa::path(patch, path = "/v1/caches/{id}", request_body = PatchCache,
     params(("id" = String, Path, description = "cache id"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = Cache), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem),
-              (status = 412, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    responses((status = 200, body = Cache), responses::ChangeById, responses::Conflict,
+              responses::PreconditionFailed, responses::Unprocessable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn patch_cache(
     state: web::Data<AppState>,
@@ -614,8 +612,7 @@ pub async fn patch_cache(
 /// Delete a cache: its ACL user and its cache users go (open connections close), its data
 /// is flushed.
 #[utoipa::path(delete, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "caches")]
 pub async fn delete_cache(
     state: web::Data<AppState>,

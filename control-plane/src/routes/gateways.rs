@@ -4,6 +4,7 @@
 use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::routes::responses;
 use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -46,8 +47,8 @@ pub struct GatewayList {
 /// Make a gateway and its credential for the internal API (platform admin). The credential
 /// is in the response, once: put it in the gateway's `internal_credential_file`.
 #[utoipa::path(post, path = "/v1/gateways", request_body = CreateGateway,
-    responses((status = 201, body = GatewayInfo), (status = 403, body = crate::error::Problem),
-              (status = 409, body = crate::error::Problem)),
+    responses((status = 201, body = GatewayInfo), responses::Authed, responses::Forbidden,
+              responses::Conflict),
     security(("bearer" = [])), tag = "gateways")]
 pub async fn create_gateway(
     state: web::Data<AppState>,
@@ -67,7 +68,7 @@ pub async fn create_gateway(
 }
 
 /// List the gateways (platform admin); credentials are never shown again.
-#[utoipa::path(get, path = "/v1/gateways", responses((status = 200, body = GatewayList)),
+#[utoipa::path(get, path = "/v1/gateways", responses((status = 200, body = GatewayList), responses::Authed),
     security(("bearer" = [])), tag = "gateways")]
 pub async fn list_gateways(state: web::Data<AppState>, who: Principal) -> Result<HttpResponse, ApiError> {
     who.admin()?;
@@ -88,7 +89,7 @@ pub async fn list_gateways(state: web::Data<AppState>, who: Principal) -> Result
 
 /// Delete a gateway (platform admin): its credential stops working at once.
 #[utoipa::path(delete, path = "/v1/gateways/{name}", params(("name" = String, Path, description = "gateway name")),
-    responses((status = 204)), security(("bearer" = [])), tag = "gateways")]
+    responses((status = 204), responses::ChangeById), security(("bearer" = [])), tag = "gateways")]
 pub async fn delete_gateway(
     state: web::Data<AppState>,
     who: Principal,

@@ -1,4 +1,5 @@
-//! One module per resource; each has `configure(cfg)`.
+//! One module per resource; each has `configure(cfg)`. `page` holds pagination,
+//! idempotency and ETags; `responses` the error responses their OpenAPI entries share.
 
 pub mod accounts;
 pub mod audit;
@@ -11,6 +12,7 @@ pub mod internal;
 pub mod me;
 pub mod page;
 pub mod portal;
+pub mod responses;
 pub mod sessions;
 pub mod tokens;
 pub mod usage;

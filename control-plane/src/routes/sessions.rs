@@ -9,6 +9,7 @@ use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::domain::keys::may_revoke;
 use crate::error::ApiError;
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::accounts::{self, LiveKey};
 use actix_web::{web, HttpResponse};
@@ -56,8 +57,7 @@ impl Session {
 /// List the LDAP sessions that work now (platform admin: all; an account's owner: its
 /// account's), oldest first.
 #[utoipa::path(get, path = "/v1/sessions",
-    responses((status = 200, body = SessionList), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem)),
+    responses((status = 200, body = SessionList), responses::Authed, responses::Forbidden),
     security(("bearer" = [])), tag = "auth")]
 pub async fn list_sessions(state: web::Data<AppState>, who: Principal) -> Result<HttpResponse, ApiError> {
     who.writer()?;
@@ -68,8 +68,7 @@ pub async fn list_sessions(state: web::Data<AppState>, who: Principal) -> Result
 /// Revoke an LDAP session: its token is refused (401) at once. The platform admin revokes
 /// any session, an account's owner its account's; anyone may revoke its own (log out).
 #[utoipa::path(delete, path = "/v1/sessions/{id}", params(("id" = String, Path, description = "session (key) id")),
-    responses((status = 204), (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "auth")]
 pub async fn revoke_session(
     state: web::Data<AppState>,

@@ -4,6 +4,7 @@ use crate::auth::Principal;
 use crate::context::RequestContext;
 use crate::domain::caches::{changeable_cache, visible_cache};
 use crate::error::ApiError;
+use crate::routes::responses;
 use crate::secret::random_token;
 use crate::state::AppState;
 use crate::store;
@@ -42,7 +43,7 @@ pub struct TokenList {
 
 /// List a cache's active (unexpired, unrevoked) tokens.
 #[utoipa::path(get, path = "/v1/caches/{id}/tokens", params(("id" = String, Path, description = "cache id")),
-    responses((status = 200, body = TokenList), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = TokenList), responses::ById),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn list_tokens(
     state: web::Data<AppState>,
@@ -57,7 +58,7 @@ pub async fn list_tokens(
         .into_iter()
         .map(|t| TokenInfo {
             jti: t.jti,
-            permission: t.permission,
+            permission: t.permission.as_str().to_string(),
             key_patterns: t.key_patterns,
             created_at: t.created_at,
             expires_at: t.expires_at,
@@ -70,7 +71,7 @@ pub async fn list_tokens(
 /// logged in with it.
 #[utoipa::path(delete, path = "/v1/caches/{id}/tokens/{jti}",
     params(("id" = String, Path, description = "cache id"), ("jti" = String, Path, description = "token id")),
-    responses((status = 204), (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn revoke_token(
     state: web::Data<AppState>,
@@ -130,11 +131,11 @@ pub struct MintedToken {
     request_body(content = MintToken, description = "optional"),
     responses((status = 201, body = MintedToken), (status = 400, body = crate::error::Problem,
               description = "a bad ttl_seconds, permission or key_patterns (`field` names it)"),
-              (status = 404, body = crate::error::Problem),
               (status = 409, body = crate::error::Problem,
                description = "the cache already has 100 distinct token scopes in use"),
               (status = 503, body = crate::error::Problem,
-               description = "the cache's node cannot be reached to make a limited token's ACL user")),
+               description = "the cache's node cannot be reached to make a limited token's ACL user"),
+              responses::Unauthorized, responses::Forbidden, responses::NotFound),
     security(("bearer" = [])), tag = "tokens")]
 pub async fn mint_token(
     state: web::Data<AppState>,
@@ -201,8 +202,7 @@ pub async fn mint_token(
     event.details = serde_json::json!({ "ttl_seconds": ttl, "permission": perm.as_str(),
                                         "key_patterns": claims.key_patterns });
     let mut tx = state.store.begin().await?;
-    store::insert_token(tx.conn(), &claims.jti, &cache.id, perm.as_str(), &claims.key_patterns, &expires_at)
-        .await?;
+    store::insert_token(tx.conn(), &claims.jti, &cache.id, perm, &claims.key_patterns, &expires_at).await?;
     tx.commit(&event).await?;
     Ok(HttpResponse::Created().json(MintedToken {
         token,

@@ -5,6 +5,7 @@ use crate::auth::Principal;
 use crate::domain::caches::parse_id;
 use crate::error::ApiError;
 use crate::routes::page;
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::{Granularity, UsageRow};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -111,8 +112,7 @@ pub struct Usage {
 
 /// A cache's usage per minute or hour: ECPU, commands, bytes, storage, hits, connections.
 #[utoipa::path(get, path = "/v1/caches/{id}/usage", params(("id" = String, Path, description = "cache id"), UsageQuery),
-    responses((status = 200, body = Usage), (status = 400, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = Usage), responses::ById),
     security(("bearer" = [])), tag = "caches")]
 pub async fn get_usage(
     state: web::Data<AppState>,

@@ -10,6 +10,7 @@ use crate::domain::caches::{changeable_cache, visible_cache};
 use crate::domain::logins::{is_valid_username, upstream_rules, upstream_user};
 use crate::error::ApiError;
 use crate::routes::page;
+use crate::routes::responses;
 use crate::state::AppState;
 use crate::store::users::{self, CacheUserRecord};
 use crate::store::{self, CacheRecord};
@@ -136,9 +137,7 @@ fn event_for(
 /// Create a cache user; its upstream ACL user is made on the cache's node.
 #[utoipa::path(post, path = "/v1/caches/{id}/users", request_body = CreateUser,
     params(("id" = String, Path, description = "cache id")),
-    responses((status = 201, body = CacheUser), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 409, body = crate::error::Problem)),
+    responses((status = 201, body = CacheUser), responses::ChangeById, responses::Conflict),
     security(("bearer" = [])), tag = "users")]
 pub async fn create_user(
     state: web::Data<AppState>,
@@ -210,8 +209,7 @@ pub async fn create_user(
 
 /// List a cache's users.
 #[utoipa::path(get, path = "/v1/caches/{id}/users", params(("id" = String, Path, description = "cache id")),
-    responses((status = 200, body = CacheUserList), (status = 401, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = CacheUserList), responses::ById),
     security(("bearer" = [])), tag = "users")]
 pub async fn list_users(
     state: web::Data<AppState>,
@@ -234,8 +232,7 @@ async fn find_user(
 /// Get one cache user (with its ETag).
 #[utoipa::path(get, path = "/v1/caches/{id}/users/{username}",
     params(("id" = String, Path, description = "cache id"), ("username" = String, Path, description = "user name")),
-    responses((status = 200, body = CacheUser), (status = 401, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = CacheUser), responses::ById),
     security(("bearer" = [])), tag = "users")]
 pub async fn get_user(
     state: web::Data<AppState>,
@@ -254,9 +251,7 @@ pub async fn get_user(
 #[utoipa::path(patch, path = "/v1/caches/{id}/users/{username}", request_body = PatchUser,
     params(("id" = String, Path, description = "cache id"), ("username" = String, Path, description = "user name"),
            ("If-Match" = Option<String>, Header, description = "the ETag you read")),
-    responses((status = 200, body = CacheUser), (status = 400, body = crate::error::Problem),
-              (status = 401, body = crate::error::Problem), (status = 403, body = crate::error::Problem),
-              (status = 404, body = crate::error::Problem), (status = 412, body = crate::error::Problem)),
+    responses((status = 200, body = CacheUser), responses::ChangeById, responses::PreconditionFailed),
     security(("bearer" = [])), tag = "users")]
 pub async fn patch_user(
     state: web::Data<AppState>,
@@ -321,8 +316,7 @@ pub async fn patch_user(
 /// Delete a cache user: its upstream ACL user goes, which closes its open connections.
 #[utoipa::path(delete, path = "/v1/caches/{id}/users/{username}",
     params(("id" = String, Path, description = "cache id"), ("username" = String, Path, description = "user name")),
-    responses((status = 204), (status = 401, body = crate::error::Problem),
-              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
+    responses((status = 204), responses::ChangeById),
     security(("bearer" = [])), tag = "users")]
 pub async fn delete_user(
     state: web::Data<AppState>,

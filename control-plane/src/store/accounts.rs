@@ -9,10 +9,32 @@ pub struct AccountRecord {
     pub id: AccountId,
     pub name: String,
     pub email: String,
-    pub status: String,
+    pub status: AccountStatus,
     pub version: i64,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// An account row's `status`. Deleted accounts stay (their invoices and audit records name
+/// them) but no query of live accounts returns them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountStatus {
+    Active,
+    Deleted,
+}
+
+impl AccountStatus {
+    /// As in the `status` column and the API's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Active => "active",
+            AccountStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AccountStatus> {
+        [AccountStatus::Active, AccountStatus::Deleted].into_iter().find(|v| v.as_str() == s)
+    }
 }
 
 /// An API key as listed (never its secret, which is shown once and stored hashed).
@@ -30,7 +52,7 @@ fn account_from_row(r: &sqlx::any::AnyRow) -> Result<AccountRecord, StoreError> 
         id: AccountId::parse(r.get::<&str, _>("id")).map_err(super::decode_err)?,
         name: r.get("name"),
         email: r.get("email"),
-        status: r.get("status"),
+        status: super::decode_value("status", r.get("status"), AccountStatus::parse)?,
         version: r.get("version"),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
@@ -45,7 +67,7 @@ pub async fn insert_account(conn: &mut AnyConnection, a: &AccountRecord) -> Resu
     .bind(a.id.as_str())
     .bind(&a.name)
     .bind(&a.email)
-    .bind(&a.status)
+    .bind(a.status.as_str())
     .bind(a.version)
     .bind(&a.created_at)
     .bind(&a.updated_at)
@@ -94,8 +116,7 @@ pub async fn mark_account_deleted(conn: &mut AnyConnection, id: &AccountId) -> R
 pub struct NewApiKey<'a> {
     pub id: &'a str,
     pub token_hash: &'a str,
-    pub role: &'a str,
-    pub account_id: Option<&'a str>,
+    pub role: &'a crate::role::Role,
     pub name: &'a str,
     pub expires_at: Option<&'a str>,
 }
@@ -109,8 +130,8 @@ pub async fn insert_api_key(conn: &mut AnyConnection, key: &NewApiKey<'_>) -> Re
     )
     .bind(key.id)
     .bind(key.token_hash)
-    .bind(key.role)
-    .bind(key.account_id)
+    .bind(key.role.name().as_str())
+    .bind(key.role.account().map(|a| a.as_str()))
     .bind(key.name)
     .bind(now())
     .bind(key.expires_at)

@@ -26,12 +26,33 @@ pub type StoreError = sqlx::Error;
 #[derive(Clone, Debug)]
 pub struct TokenRecord {
     pub jti: String,
-    /// `read-write` or `read-only`.
-    pub permission: String,
+    pub permission: shoal_types::Permission,
     /// Valkey glob patterns the token's keys are limited to; empty: all keys.
     pub key_patterns: Vec<String>,
     pub created_at: String,
     pub expires_at: String,
+}
+
+/// A cache row's `status`. Deleted rows stay (usage and the audit log name them) but no
+/// query of live caches returns them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    Available,
+    Deleted,
+}
+
+impl CacheStatus {
+    /// As in the `status` column and the API's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Available => "available",
+            CacheStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CacheStatus> {
+        [CacheStatus::Available, CacheStatus::Deleted].into_iter().find(|v| v.as_str() == s)
+    }
 }
 
 /// A cache row, including where it lives.
@@ -40,7 +61,7 @@ pub struct CacheRecord {
     pub id: CacheId,
     pub account_id: AccountId,
     pub name: String,
-    pub status: String,
+    pub status: CacheStatus,
     pub node: String,
     pub db: u32,
     pub databases: u32,
@@ -72,8 +93,8 @@ pub struct CacheFilter {
 #[derive(Clone, Debug)]
 pub struct ApiKeyRecord {
     pub id: String,
-    pub role: String,
-    pub account_id: Option<String>,
+    /// None when the row's `role` and `account_id` make no role (refused).
+    pub role: Option<crate::role::Role>,
 }
 
 /// A signing key pair (Ed25519): PKCS#8 private key and raw public key.
@@ -222,8 +243,7 @@ impl Store {
         .await?;
         Ok(row.map(|r| ApiKeyRecord {
             id: r.get("id"),
-            role: r.get("role"),
-            account_id: r.get("account_id"),
+            role: crate::role::Role::from_store(r.get("role"), r.get("account_id")),
         }))
     }
 
@@ -344,7 +364,11 @@ impl Store {
             .map(|r| {
                 Ok(TokenRecord {
                     jti: r.get("jti"),
-                    permission: r.get("permission"),
+                    permission: decode_value(
+                        "permission",
+                        r.get("permission"),
+                        shoal_types::Permission::parse,
+                    )?,
                     key_patterns: serde_json::from_str(r.get::<&str, _>("key_patterns"))
                         .map_err(decode_err)?,
                     created_at: r.get("created_at"),
@@ -376,7 +400,7 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     .bind(c.id.as_str())
     .bind(c.account_id.as_str())
     .bind(&c.name)
-    .bind(&c.status)
+    .bind(c.status.as_str())
     .bind(&c.node)
     .bind(c.db as i64)
     .bind(c.databases as i64)
@@ -438,7 +462,7 @@ pub async fn insert_token(
     conn: &mut AnyConnection,
     jti: &str,
     cache: &CacheId,
-    permission: &str,
+    permission: shoal_types::Permission,
     key_patterns: &[String],
     expires_at: &str,
 ) -> Result<(), StoreError> {
@@ -448,7 +472,7 @@ pub async fn insert_token(
     )
     .bind(jti)
     .bind(cache.as_str())
-    .bind(permission)
+    .bind(permission.as_str())
     .bind(serde_json::to_string(key_patterns).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
     .bind(now())
     .bind(expires_at)
@@ -471,6 +495,23 @@ pub async fn revoke_token(conn: &mut AnyConnection, cache: &CacheId, jti: &str) 
 }
 
 /// A stored value that does not parse (an id, a JSON column) as sqlx's decode error.
+/// A column's text as the typed value `parse` makes of it; a value it does not know is a
+/// decode error.
+pub(crate) fn decode_value<T>(
+    column: &'static str,
+    value: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<T, StoreError> {
+    parse(value).ok_or_else(|| decode_err(UnknownValue { column, value: value.to_string() }))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {column} {value:?}")]
+pub(crate) struct UnknownValue {
+    column: &'static str,
+    value: String,
+}
+
 pub(crate) fn decode_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(e))
 }
@@ -480,7 +521,7 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
         id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?,
         account_id: AccountId::parse(r.get::<&str, _>("account_id")).map_err(decode_err)?,
         name: r.get("name"),
-        status: r.get("status"),
+        status: decode_value("status", r.get("status"), CacheStatus::parse)?,
         node: r.get("node"),
         db: r.get::<i64, _>("db") as u32,
         databases: r.get::<i64, _>("databases") as u32,

@@ -290,7 +290,7 @@ mod tests {
             id: id.clone(),
             account_id: shoal_types::AccountId::generate(),
             name: "c".into(),
-            status: "active".into(),
+            status: super::super::CacheStatus::Available,
             node: "n0".into(),
             db: 1,
             databases: 1,

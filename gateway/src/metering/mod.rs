@@ -56,7 +56,7 @@ pub(crate) struct Meter {
     pub spec: Option<&'static CommandSpec>,
     /// Bytes of the request as the client sent it.
     pub request: u64,
-    pub role: Role,
+    pub tx: TxPosition,
     /// When the request was read (for the latency histogram).
     pub started: std::time::Instant,
 }
@@ -77,7 +77,7 @@ impl Meter {
 
 /// Where a request stands in a transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
+pub(crate) enum TxPosition {
     Plain,
     /// Sent inside MULTI: billed when EXEC's reply brings its result.
     Queued,

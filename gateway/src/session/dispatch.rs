@@ -3,7 +3,7 @@
 
 use super::decide::{self, Action};
 use super::{OnReply, Pending, Session, MAX_HELD_REQUEST, STORAGE_FULL, STREAM_REQUEST_FROM};
-use crate::metering::{Meter, Role};
+use crate::metering::{Meter, TxPosition};
 use crate::resp::request::Frame;
 use crate::resp::{self};
 use bytes::{Buf, Bytes};
@@ -105,10 +105,10 @@ impl Session {
         {
             streaming.refusal = Some(STORAGE_FULL.to_string());
         } else {
-            let role = if self.in_multi { Role::Queued } else { Role::Plain };
+            let tx = if self.in_multi { TxPosition::Queued } else { TxPosition::Plain };
             let started = self.now().0;
             if self.shared.config.metering {
-                self.meter_next = Some(Meter { spec, request: pos as u64, role, started });
+                self.meter_next = Some(Meter { spec, request: pos as u64, tx, started });
                 if !self.admit().await {
                     // Refused (THROTTLED, already answered): the rest is dropped as it comes.
                     self.client_in.advance(pos);
@@ -212,14 +212,14 @@ impl Session {
             return self.refuse(msg);
         }
         if self.tenant.is_some() && self.shared.config.metering {
-            let role = match spec.map(|s| s.name.as_str()) {
-                Some("exec") => Role::Exec,
-                Some("discard") => Role::Discard,
-                _ if self.in_multi => Role::Queued,
-                _ => Role::Plain,
+            let tx = match spec.map(|s| s.name.as_str()) {
+                Some("exec") => TxPosition::Exec,
+                Some("discard") => TxPosition::Discard,
+                _ if self.in_multi => TxPosition::Queued,
+                _ => TxPosition::Plain,
             };
             let started = self.now().0;
-            self.meter_next = Some(Meter { spec, request: frame.len as u64, role, started });
+            self.meter_next = Some(Meter { spec, request: frame.len as u64, tx, started });
             if !self.admit().await {
                 return;
             }

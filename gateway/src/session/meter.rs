@@ -1,7 +1,7 @@
 //! Metering inside a session: ECPU per command and reply, the cache's ECPU limit, script time.
 
 use super::Session;
-use crate::metering::{self, Meter, Role};
+use crate::metering::{self, Meter, TxPosition};
 use crate::resp::reply::ReplyScanner;
 use shoal_types::UsageCounters;
 use std::time::{Duration, Instant};
@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 impl Session {
     /// Meters one reply from the session's own connection (`delivered`: bytes the client got).
     pub(super) fn meter_reply(&mut self, meter: Meter, reply: &[u8], delivered: u64) {
-        match meter.role {
-            Role::Plain => self.bill(meter, reply, delivered),
-            Role::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
-            Role::Queued => self.bill(meter, reply, delivered),
-            Role::Exec => {
+        match meter.tx {
+            TxPosition::Plain => self.bill(meter, reply, delivered),
+            TxPosition::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
+            TxPosition::Queued => self.bill(meter, reply, delivered),
+            TxPosition::Exec => {
                 let elements = metering::ecpu::reply_elements(reply);
                 if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
                     // Each result belongs to the command queued in its place.
@@ -32,7 +32,7 @@ impl Session {
                     self.bill_queued();
                 }
             }
-            Role::Discard => self.bill_queued(),
+            TxPosition::Discard => self.bill_queued(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! (in pieces when big), closed and reset when lost.
 
 use super::{OnReply, Pending, PubSub, Session, Subscribing, REPLY_HEAD, STREAM_REPLY_FROM};
-use crate::metering::Role;
+use crate::metering::TxPosition;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::{self};
 use crate::{upstream, GatewayError};
@@ -192,7 +192,7 @@ impl Session {
         if let Some(Pending::Upstream(_, meter)) = self.pending.pop_front() {
             let delivered = part.taken + tail.len() as u64;
             match meter {
-                Some(m) if m.role == Role::Exec => {
+                Some(m) if m.tx == TxPosition::Exec => {
                     // Too big to split among the queued commands: they are billed on what
                     // they moved, EXEC on the rest.
                     self.bill_queued();
