@@ -1,7 +1,8 @@
 //! The error responses handlers document, each said once: `responses((status = 200, body =
 //! Cache), ById, Conflict)` in `#[utoipa::path]`. Every one is an `application/problem+json`
-//! [`Problem`] (the content type is set where the OpenAPI document is assembled, `apidoc.rs`). A route with its own reason
-//! for a status keeps a `(status = …, description = …)` tuple instead.
+//! [`Problem`] (the content type is set where the OpenAPI document is assembled,
+//! `apidoc.rs`). A route with its own reason for a status keeps a `(status = …,
+//! description = …)` tuple instead.
 //!
 //! The sets: [`Authed`] for every route behind a bearer token, [`ById`] for one named
 //! object, [`ChangeById`] for changes to one. The rest are single statuses.
