@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 # Each step says when it starts (seconds since the script began): where the time goes.
 step() { echo "==> $* (at ${SECONDS} s)" >&2; }
 trap 'echo "==> done in ${SECONDS} s" >&2' EXIT
+# A CI run builds from scratch once: incremental compilation only adds work there.
+if [[ "${CI:-}" == true ]]; then export CARGO_INCREMENTAL=0; fi
 
 # Setup always runs (it installs what the tests need); a preset SHOAL_VALKEY_SERVER wins.
 valkey_server="$(scripts/setup.sh --test)"
