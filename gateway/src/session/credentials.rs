@@ -76,15 +76,10 @@ impl<'a> Login<'a> {
                 return Err(GatewayError::LockedOut);
             }
         }
-        match &self.attempt {
-            Attempt::Token { user } => {
-                let user = user.clone();
-                self.token(user.as_deref(), password).await
-            }
-            Attempt::User { name, cache } => {
-                let (name, cache) = (name.clone(), cache.clone());
-                self.user(&name, &cache, password).await
-            }
+        // Checked once: what it named is not needed afterwards (the throttle key is kept).
+        match std::mem::replace(&mut self.attempt, Attempt::Invalid) {
+            Attempt::Token { user } => self.token(user.as_deref(), password).await,
+            Attempt::User { name, cache } => self.user(&name, &cache, password).await,
             Attempt::Invalid => Err(GatewayError::Auth("not a token and no <user>@<cache id>".into())),
         }
     }
@@ -194,7 +189,7 @@ impl<'a> Login<'a> {
 }
 
 /// The monotonic instant of a token's `exp` (seconds since the epoch).
-pub(crate) fn expiry_instant(exp: i64) -> Instant {
+fn expiry_instant(exp: i64) -> Instant {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
         as i64;
     Instant::now() + Duration::from_secs(exp.saturating_sub(now).max(0) as u64)
