@@ -35,6 +35,8 @@ const OBSERVER_RULES: &[&str] = &[
     "+pubsub|shardchannels",
     "+pubsub|shardnumsub",
     "+script|kill",
+    // The slot map, for gateways routing a cluster pool's commands.
+    "+cluster|shards",
     // Keyspace events feed client-side caching invalidations (gateway-internal only).
     "+psubscribe",
     "+punsubscribe",

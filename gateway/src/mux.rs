@@ -389,6 +389,7 @@ mod tests {
             cache_id: shoal_types::CacheId::generate(),
             cache_name: "t".into(),
             node_addr,
+            cluster_nodes: Vec::new(),
             db: 3,
             databases: 1,
             acl_user: "u".into(),

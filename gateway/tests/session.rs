@@ -83,6 +83,7 @@ impl Setup {
             cache_id: id.clone(),
             cache_name: name.into(),
             node_addr: self.valkey_addr.clone(),
+            cluster_nodes: Vec::new(),
             db,
             databases: 1,
             acl_user: acl.user,

@@ -84,8 +84,12 @@ impl CacheId {
 pub struct TenantRoute {
     pub cache_id: CacheId,
     pub cache_name: String,
-    /// `host:port` of the Valkey node.
+    /// `host:port` of the Valkey node (for a cache in a cluster pool: one of its nodes).
     pub node_addr: String,
+    /// For a cache in a cluster pool: `host:port` of every node of the cluster, replicas
+    /// included (any of them tells the gateway the slot map). Empty for a standalone pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_nodes: Vec<String>,
     /// The first Valkey database of the cache; the cache's database `i` is `db + i`.
     pub db: u32,
     /// How many numbered databases the cache may use.

@@ -87,6 +87,7 @@ fn tenant_route(
         cache_id: cache.id,
         cache_name: cache.name,
         node_addr: node.addr(),
+        cluster_nodes: Vec::new(),
         db: cache.db,
         databases: cache.databases,
         acl_password: cache.acl_password,
