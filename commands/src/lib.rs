@@ -124,6 +124,12 @@ impl CommandSpec {
     /// Whether a user's access string has no say over it: the `no_auth` commands (logging
     /// in, `QUIT`, `RESET`) and the ones flagged `acl_exempt` (`SELECT`, confined by the
     /// gateway to the cache's databases).
+    /// May write: Valkey's `write` flag, and scripts but their `_RO` forms (what a replica,
+    /// and the reader endpoint, refuse).
+    pub fn writes(&self) -> bool {
+        self.write || (self.script && !self.readonly)
+    }
+
     pub fn acl_exempt(&self) -> bool {
         self.no_auth || self.shoal.acl_exempt
     }

@@ -17,6 +17,9 @@ pub struct GatewayConfig {
     pub control_plane_ca: Option<std::path::PathBuf>,
     /// Where the TLS RESP endpoint listens (off when unset).
     pub tls_listen: Option<String>,
+    /// Where the reader endpoint listens (off when unset): read-only commands, served by
+    /// replicas on a cluster pool; writes get `-READONLY`.
+    pub reader_listen: Option<String>,
     /// PEM certificate chain and private key for TLS; reloaded on SIGHUP.
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
@@ -100,6 +103,7 @@ impl Default for GatewayConfig {
             control_plane_url: "http://127.0.0.1:8081".into(),
             control_plane_ca: None,
             tls_listen: None,
+            reader_listen: None,
             tls_cert: None,
             tls_key: None,
             internal_credential: String::new(),

@@ -26,6 +26,7 @@
 pub mod auth;
 pub mod clients;
 pub mod cluster;
+pub mod cluster_link;
 pub mod cmd;
 pub mod config;
 pub mod control_plane;

@@ -3,7 +3,7 @@
 
 use crate::control_plane::http::HttpClient;
 use crate::control_plane::ControlPlane;
-use crate::session;
+use crate::session::{self, Endpoint};
 use crate::state::Shared;
 use crate::tls::TlsState;
 use crate::GatewayConfig;
@@ -21,6 +21,8 @@ pub struct Gateway {
     /// Usage batches not yet delivered (none when metering is off).
     outbox: Option<crate::metering::usage::Outbox>,
     tls: Option<(TcpListener, Arc<TlsState>)>,
+    /// The reader endpoint, if configured.
+    reader: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -46,6 +48,10 @@ impl Gateway {
             (None, _, _) => None,
             _ => return Err(BindError::TlsIncomplete),
         };
+        let reader = match &config.reader_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         let advertise = match &config.advertise {
             Some(a) => a.clone(),
             None => listener.local_addr()?.to_string(),
@@ -62,11 +68,16 @@ impl Gateway {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        Ok(Gateway { listener, tls, shared, outbox, metrics })
+        Ok(Gateway { listener, tls, reader, shared, outbox, metrics })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where the reader endpoint listens, if it does.
+    pub fn reader_addr(&self) -> Option<SocketAddr> {
+        self.reader.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The TLS state, to reload certificates (on SIGHUP).
@@ -118,7 +129,7 @@ impl Gateway {
             let handle = shared.config.metrics.clone().unwrap_or_else(crate::metrics::install);
             tokio::spawn(crate::metrics::serve(listener, handle))
         });
-        let workers = match spawn_workers(self.listener, self.tls, &shared, &limit, &shutdown) {
+        let workers = match spawn_workers(self.listener, self.tls, self.reader, &shared, &limit, &shutdown) {
             Ok(workers) => workers,
             Err(e) => {
                 tracing::error!(error = %e, "could not start the gateway's threads");
@@ -208,6 +219,7 @@ async fn follow_revocations(shared: Arc<Shared>, mut shutdown: watch::Receiver<b
 fn spawn_workers(
     listener: TcpListener,
     tls: Option<(TcpListener, Arc<TlsState>)>,
+    reader: Option<TcpListener>,
     shared: &Arc<Shared>,
     limit: &Arc<Semaphore>,
     shutdown: &watch::Receiver<bool>,
@@ -221,9 +233,17 @@ fn spawn_workers(
         Some((listener, state)) => Some((listener.into_std()?, state)),
         None => None,
     };
+    let reader = match reader {
+        Some(listener) => Some(listener.into_std()?),
+        None => None,
+    };
     let mut done = Vec::with_capacity(threads);
     for i in 0..threads {
         let plain = plain.try_clone()?;
+        let reader = match &reader {
+            Some(listener) => Some(listener.try_clone()?),
+            None => None,
+        };
         let tls = match &tls {
             Some((listener, state)) => Some((listener.try_clone()?, state.clone())),
             None => None,
@@ -237,8 +257,8 @@ fn spawn_workers(
                     if let Some((listener, state)) = tls {
                         match TcpListener::from_std(listener) {
                             Ok(l) => {
-                                accept_loop(l, Some(state), shared.clone(), limit.clone(), shutdown.clone())
-                                    .await
+                                let (shared, limit, stop) = (shared.clone(), limit.clone(), shutdown.clone());
+                                accept_loop(l, Some(state), Endpoint::Primary, shared, limit, stop).await
                             }
                             Err(e) => tracing::error!(error = %e, "TLS listener"),
                         }
@@ -246,11 +266,25 @@ fn spawn_workers(
                 };
                 let plain_loop = async {
                     match TcpListener::from_std(plain) {
-                        Ok(l) => accept_loop(l, None, shared.clone(), limit.clone(), shutdown.clone()).await,
+                        Ok(l) => {
+                            let (shared, limit, stop) = (shared.clone(), limit.clone(), shutdown.clone());
+                            accept_loop(l, None, Endpoint::Primary, shared, limit, stop).await
+                        }
                         Err(e) => tracing::error!(error = %e, "RESP listener"),
                     }
                 };
-                tokio::join!(plain_loop, tls_loop);
+                let reader_loop = async {
+                    if let Some(listener) = reader {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => {
+                                let (shared, limit, stop) = (shared.clone(), limit.clone(), shutdown.clone());
+                                accept_loop(l, None, Endpoint::Reader, shared, limit, stop).await
+                            }
+                            Err(e) => tracing::error!(error = %e, "reader listener"),
+                        }
+                    }
+                };
+                tokio::join!(plain_loop, tls_loop, reader_loop);
                 // Serve this thread's sessions until the gateway has closed them all.
                 sessions_ended(&shared, 2 * SHUTDOWN_WAIT).await;
             });
@@ -272,6 +306,7 @@ async fn sessions_ended(shared: &Shared, wait: Duration) {
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<TlsState>>,
+    endpoint: Endpoint,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
@@ -311,7 +346,15 @@ async fn accept_loop(
         tokio::spawn(async move {
             match acceptor {
                 None => {
-                    session::run(shared, session::ClientConn::Tcp(stream), peer, local, unauthenticated).await
+                    session::run(
+                        shared,
+                        session::ClientConn::Tcp(stream),
+                        endpoint,
+                        peer,
+                        local,
+                        unauthenticated,
+                    )
+                    .await
                 }
                 Some(acceptor) => {
                     // Without a handshake slot there is no TLS to say why in: just close.
@@ -325,7 +368,7 @@ async fn accept_loop(
                     match accepted {
                         Ok(Ok(tls)) => {
                             let conn = session::ClientConn::Tls(Box::new(tls));
-                            session::run(shared, conn, peer, local, unauthenticated).await
+                            session::run(shared, conn, endpoint, peer, local, unauthenticated).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

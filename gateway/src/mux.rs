@@ -22,13 +22,13 @@
 use crate::resp::reply::ReplyScanner;
 use crate::upstream;
 use crate::upstream::{read_opt, write_opt};
+use crate::upstream::{ReadHalf, WriteHalf};
 use bytes::{Buf, Bytes, BytesMut};
 use shoal_types::TenantRoute;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 /// The answer to each request of a batch the mux could not run.
@@ -153,8 +153,8 @@ impl Waiting {
 struct Mux {
     route: TenantRoute,
     db: u32,
-    read: Option<OwnedReadHalf>,
-    write: Option<OwnedWriteHalf>,
+    read: Option<ReadHalf>,
+    write: Option<WriteHalf>,
     /// Counts the connection in the metrics while it is open.
     metric: Option<crate::metrics::Upstream>,
     out: BytesMut,
@@ -261,7 +261,7 @@ impl Mux {
         if self.write.is_some() || self.waiting.is_empty() {
             return;
         }
-        match upstream::connect(&self.route, self.db).await {
+        match upstream::connect(&self.route, self.db, false).await {
             Ok(stream) => {
                 let (read, write) = stream.into_split();
                 self.read = Some(read);

@@ -1,5 +1,6 @@
 //! Upstream connections: one per session, to the cache's node, logged in as the cache's
-//! ACL user and `SELECT`ed to its database.
+//! ACL user and `SELECT`ed to its database. On a cluster pool the session's upstream is a
+//! [`crate::cluster_link`] instead, which looks the same to it.
 
 use crate::resp;
 use crate::GatewayError;
@@ -7,25 +8,103 @@ use bytes::BytesMut;
 use shoal_types::TenantRoute;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Opens a connection to the cache's node and prepares it: AUTH, then SELECT `db`.
-pub async fn connect(route: &TenantRoute, db: u32) -> Result<TcpStream, GatewayError> {
+/// A session's (or the mux's) upstream: a node, or a cluster link.
+pub enum Upstream {
+    Node(TcpStream),
+    Cluster(UnixStream),
+}
+
+pub enum ReadHalf {
+    Node(tcp::OwnedReadHalf),
+    Cluster(unix::OwnedReadHalf),
+}
+
+pub enum WriteHalf {
+    Node(tcp::OwnedWriteHalf),
+    Cluster(unix::OwnedWriteHalf),
+}
+
+impl Upstream {
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Upstream::Node(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Node(r), WriteHalf::Node(w))
+            }
+            Upstream::Cluster(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Cluster(r), WriteHalf::Cluster(w))
+            }
+        }
+    }
+}
+
+impl ReadHalf {
+    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            ReadHalf::Node(h) => h.read_buf(buf).await,
+            ReadHalf::Cluster(h) => h.read_buf(buf).await,
+        }
+    }
+}
+
+impl WriteHalf {
+    pub async fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            WriteHalf::Node(h) => h.write(buf).await,
+            WriteHalf::Cluster(h) => h.write(buf).await,
+        }
+    }
+
+    pub fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            WriteHalf::Node(h) => h.try_write(buf),
+            WriteHalf::Cluster(h) => h.try_write(buf),
+        }
+    }
+}
+
+/// Opens a connection to the cache's node and prepares it: AUTH, then SELECT `db`; on a
+/// cluster pool, a cluster link (`reader`: one that reads from replicas).
+pub async fn connect(route: &TenantRoute, db: u32, reader: bool) -> Result<Upstream, GatewayError> {
+    if route.cluster_nodes.is_empty() {
+        let stream = connect_to(&route.node_addr, &route.acl_user, &route.acl_password, db, false).await?;
+        Ok(Upstream::Node(stream))
+    } else {
+        Ok(Upstream::Cluster(crate::cluster_link::open(route, db, reader).await?))
+    }
+}
+
+/// Opens a connection to one node as `user`, `SELECT`ed to `db`; `readonly`: a replica's,
+/// which then serves reads (`READONLY`).
+pub async fn connect_to(
+    addr: &str,
+    user: &str,
+    password: &str,
+    db: u32,
+    readonly: bool,
+) -> Result<TcpStream, GatewayError> {
     let setup = async {
-        let mut stream = TcpStream::connect(&route.node_addr)
+        let mut stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| GatewayError::Upstream(format!("connect {}: {e}", route.node_addr)))?;
+            .map_err(|e| GatewayError::Upstream(format!("connect {addr}: {e}")))?;
         stream.set_nodelay(true).ok();
         let mut out = BytesMut::new();
-        resp::command(&mut out, &[b"AUTH", route.acl_user.as_bytes(), route.acl_password.as_bytes()]);
+        resp::command(&mut out, &[b"AUTH", user.as_bytes(), password.as_bytes()]);
         resp::command(&mut out, &[b"SELECT", db.to_string().as_bytes()]);
+        let mut replies = 2;
+        if readonly {
+            resp::command(&mut out, &[b"READONLY"]);
+            replies += 1;
+        }
         stream.write_all(&out).await.map_err(|e| GatewayError::Upstream(e.to_string()))?;
         let mut buf = BytesMut::with_capacity(256);
         let mut scanner = resp::reply::ReplyScanner::new();
-        for _ in 0..2 {
+        for _ in 0..replies {
             let reply = loop {
                 if let Some(r) = scanner.next(&buf).map_err(|e| GatewayError::Upstream(e.to_string()))? {
                     break r;
@@ -52,7 +131,7 @@ pub async fn connect(route: &TenantRoute, db: u32) -> Result<TcpStream, GatewayE
 
 /// Reads from an upstream connection if there is one; never resolves otherwise (for
 /// `select!` branches).
-pub(crate) async fn read_opt(half: Option<&mut OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub(crate) async fn read_opt(half: Option<&mut ReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
     match half {
         Some(h) => h.read_buf(buf).await,
         None => std::future::pending().await,
@@ -60,7 +139,7 @@ pub(crate) async fn read_opt(half: Option<&mut OwnedReadHalf>, buf: &mut BytesMu
 }
 
 /// Writes to an upstream connection if there is one; never resolves otherwise.
-pub(crate) async fn write_opt(half: Option<&mut OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+pub(crate) async fn write_opt(half: Option<&mut WriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
     match half {
         Some(h) => h.write(buf).await,
         None => std::future::pending().await,

@@ -2,7 +2,7 @@
 //! about the session, with no I/O: the rules of dispatch in one place, checked by the unit
 //! tests below. [`super::dispatch`] carries the decisions out.
 
-use super::{MAX_FREE_REQUEST, MAX_HELD_REQUEST, NOAUTH, STORAGE_FULL};
+use super::{MAX_FREE_REQUEST, MAX_HELD_REQUEST, NOAUTH, READONLY, STORAGE_FULL};
 use shoal_commands::{CommandSpec, Treatment};
 use std::time::Duration;
 
@@ -23,6 +23,8 @@ pub(crate) trait Facts {
     fn authenticated(&self) -> bool;
     /// The cache is over its storage limit for a write of `bytes`.
     fn storage_refuses(&self, bytes: u64) -> bool;
+    /// The session came in on the reader endpoint.
+    fn reader(&self) -> bool;
     /// The login's access string, if it has one (the gateway checks it for the commands
     /// it answers itself; the node checks the rest).
     fn access(&self) -> Option<&shoal_auth::AccessString>;
@@ -33,10 +35,13 @@ pub(crate) trait Facts {
 }
 
 /// Before metering: the error of a request refused without being counted (before AUTH; a
-/// write while the cache is full).
+/// write on the reader endpoint or while the cache is full).
 pub(crate) fn reject(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts) -> Option<&'static str> {
     if !facts.authenticated() {
         return (!spec.is_some_and(|s| s.no_auth)).then_some(NOAUTH);
+    }
+    if facts.reader() && spec.is_some_and(|s| s.writes()) {
+        return Some(READONLY);
     }
     let full = spec.is_some_and(|s| s.refused_when_full) && facts.storage_refuses(len as u64);
     full.then_some(STORAGE_FULL)
@@ -100,6 +105,7 @@ mod tests {
         access: Option<shoal_auth::AccessString>,
         paused: Option<Duration>,
         can_mux: bool,
+        reader: bool,
         storage_asked: Cell<u32>,
     }
 
@@ -119,6 +125,9 @@ mod tests {
         }
         fn can_mux(&self) -> bool {
             self.can_mux
+        }
+        fn reader(&self) -> bool {
+            self.reader
         }
     }
 
@@ -203,5 +212,16 @@ mod tests {
         assert!(matches!(decide(spec("eval"), 10, &s), Action::Refuse(m) if m.contains("paused for 10 s")));
         assert!(matches!(decide(spec("evalsha_ro"), 10, &s), Action::Refuse(_)));
         assert_eq!(decide(spec("get"), 10, &s), Action::Forward { mux: true });
+    }
+
+    #[test]
+    fn the_reader_endpoint_refuses_writes_and_scripts_that_may_write() {
+        let reader = Session { reader: true, ..logged_in() };
+        for write in ["set", "del", "eval", "flushdb"] {
+            assert_eq!(reject(spec(write), 10, &reader), Some(READONLY), "{write}");
+        }
+        for read in ["get", "eval_ro", "ping", "scan"] {
+            assert_eq!(reject(spec(read), 10, &reader), None, "{read}");
+        }
     }
 }

@@ -80,7 +80,8 @@ impl Session {
             .ok_or(GatewayError::TooManyConnections)?;
         let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
         let route = with_login(route, &upstream);
-        let stream = match upstream::connect(&route, route.db).await {
+        let stream = match upstream::connect(&route, route.db, self.endpoint == super::Endpoint::Reader).await
+        {
             Ok(x) => x,
             // (Dropping the registration gives the slot back.)
             Err(e) => return Err(e),

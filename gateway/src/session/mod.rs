@@ -31,6 +31,7 @@ use crate::resp::value::Value;
 use crate::resp::{self};
 use crate::state::Shared;
 use crate::upstream::{read_opt, write_opt};
+use crate::upstream::{ReadHalf, WriteHalf};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use shoal_types::{CacheId, TenantRoute};
@@ -41,7 +42,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
 
@@ -101,6 +101,8 @@ pub(crate) const NOAUTH: &str = "NOAUTH Authentication required.";
 
 /// Writes while the cache is over its `data_storage_mb` even after evicting keys with a TTL.
 const STORAGE_FULL: &str = "OOM cache data storage limit reached";
+/// A write on the reader endpoint (Valkey's words on a replica).
+const READONLY: &str = "READONLY You can't write against a read only replica.";
 
 /// The deadline that flushes the session's counters into the ledger.
 const FLUSH: &str = "flush";
@@ -160,6 +162,7 @@ pub(crate) struct Tenant {
 
 pub(crate) struct Session {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) endpoint: Endpoint,
     pub(crate) peer: SocketAddr,
     pub(crate) local: SocketAddr,
     parser: RequestParser,
@@ -168,8 +171,8 @@ pub(crate) struct Session {
     client_out: BytesMut,
     up_in: BytesMut,
     up_out: BytesMut,
-    pub(crate) up_read: Option<OwnedReadHalf>,
-    pub(crate) up_write: Option<OwnedWriteHalf>,
+    pub(crate) up_read: Option<ReadHalf>,
+    pub(crate) up_write: Option<WriteHalf>,
     /// Counts the upstream connection in the metrics while it is open.
     pub(crate) up_metric: Option<crate::metrics::Upstream>,
     pending: VecDeque<Pending>,
@@ -253,12 +256,21 @@ pub enum ClientConn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// Which endpoint a client connected to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Primary,
+    /// The reader endpoint: writes are refused; on a cluster pool, reads go to replicas.
+    Reader,
+}
+
 /// Serves one client until it leaves, breaks the protocol, or is closed.
 /// `unauthenticated`: the connection's unauthenticated slots (see [`crate::slots`]), or the
 /// error it gets, over a limit, before it is closed.
 pub async fn run(
     shared: Arc<Shared>,
     conn: ClientConn,
+    endpoint: Endpoint,
     peer: SocketAddr,
     local: SocketAddr,
     unauthenticated: Result<crate::slots::Unauthenticated, &'static str>,
@@ -277,6 +289,7 @@ pub async fn run(
     crate::metrics::session_started();
     let mut session = Session {
         shared,
+        endpoint,
         peer,
         local,
         parser: RequestParser::new(),
@@ -578,6 +591,10 @@ impl decide::Facts for Session {
 
     fn storage_refuses(&self, bytes: u64) -> bool {
         self.tenant.as_ref().is_some_and(|t| t.live.refuses_write(bytes))
+    }
+
+    fn reader(&self) -> bool {
+        self.endpoint == Endpoint::Reader
     }
 
     fn access(&self) -> Option<&shoal_auth::AccessString> {

@@ -66,7 +66,9 @@ impl Session {
                 self.shared.router.route(&tenant.cache).await?,
                 &tenant.upstream_login,
             );
-            let stream = upstream::connect(&route, route.db + tenant.db).await?;
+            let stream =
+                upstream::connect(&route, route.db + tenant.db, self.endpoint == super::Endpoint::Reader)
+                    .await?;
             Ok::<_, GatewayError>((route, stream))
         }
         .await;

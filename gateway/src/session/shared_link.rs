@@ -28,6 +28,7 @@ impl Session {
     /// first database, no transaction, subscription or tracking, never went dedicated.
     pub(super) fn can_mux(&self) -> bool {
         !self.dedicated
+            && self.endpoint == super::Endpoint::Primary
             && self.proto == 2
             && !self.in_multi
             && !self.tracking

@@ -1,0 +1,310 @@
+//! A gateway in-process in front of a real Valkey cluster pool (3 shards × 1 replica, 1 s
+//! node timeout) and the fake control plane: a cache's keys spread over the shards while its
+//! clients see one plain Valkey — commands routed by slot, multi-key commands split or
+//! refused with `-CROSSSLOT`, whole-cache commands over every shard, transactions, pub/sub,
+//! the reader endpoint, and slots moving under load.
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use shoal_engine::{find_valkey_server, ClusterConfig, Pool, TenantAcl, CLUSTER_TARGET};
+use shoal_gateway::control_plane::fake::FakeControlPlane;
+use shoal_gateway::control_plane::ControlPlane;
+use shoal_gateway::{Gateway, GatewayConfig};
+use shoal_types::{CacheId, TenantRoute};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+struct Setup {
+    fake: Arc<FakeControlPlane>,
+    addr: SocketAddr,
+    reader_addr: SocketAddr,
+    pool: Pool,
+    _dir: tempfile::TempDir,
+    _stop: watch::Sender<bool>,
+}
+
+/// A base port with the next 8 ports and their cluster-bus ports (+10000) free, below the
+/// ephemeral range other tests' ports come from.
+fn free_base_port() -> u16 {
+    loop {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let base = 10000 + ((nanos ^ std::process::id().wrapping_mul(2654435761)) % 1000) as u16 * 10;
+        let free = (0..8).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + i + 10000)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::start_cluster(ClusterConfig {
+            valkey_server: find_valkey_server().expect("valkey-server (SHOAL_VALKEY_SERVER)"),
+            dir: dir.path().to_path_buf(),
+            host: "127.0.0.1".into(),
+            base_port: free_base_port(),
+            shards: 3,
+            replicas: 1,
+            databases: ClusterConfig::databases_for(10, 1),
+            maxmemory_mb: Some(64),
+            script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+            node_timeout: Duration::from_millis(1000),
+        })
+        .await
+        .expect("cluster pool starts");
+        let fake = FakeControlPlane::new();
+        let config = GatewayConfig {
+            listen: "127.0.0.1:0".into(),
+            reader_listen: Some("127.0.0.1:0".into()),
+            threads: 1,
+            ..Default::default()
+        };
+        let gateway = Gateway::bind_with(config, ControlPlane::Fake(fake.clone())).await.unwrap();
+        let addr = gateway.local_addr().unwrap();
+        let reader_addr = gateway.reader_addr().expect("a reader endpoint");
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(gateway.run(stopped));
+        Setup { fake, addr, reader_addr, pool, _dir: dir, _stop: stop }
+    }
+
+    /// A cache at database `db` of the cluster, as the control plane makes one.
+    async fn cache(&self, db: u32) -> CacheId {
+        let id = CacheId::generate();
+        let acl = TenantAcl { user: id.acl_user(), password: format!("pw-{id}"), db, databases: 1 };
+        self.pool.create_tenant(CLUSTER_TARGET, &acl).await.unwrap();
+        let nodes = self.pool.cluster().unwrap().nodes();
+        self.fake.add_route(TenantRoute {
+            cache_id: id.clone(),
+            cache_name: format!("c{db}"),
+            node_addr: nodes[0].addr(),
+            cluster_nodes: nodes.iter().map(|n| n.addr()).collect(),
+            db,
+            databases: 1,
+            acl_user: acl.user,
+            acl_password: acl.password,
+            observer_user: shoal_engine::node::OBSERVER_USER.into(),
+            observer_password: nodes[0].observer_password().into(),
+            keyspace_events: String::new(),
+            limits: Default::default(),
+            storage_full: false,
+            storage_bytes: 0,
+            storage_sampled_at_ms: 0,
+            eviction_policy: "noeviction".into(),
+        });
+        id
+    }
+
+    async fn client(&self, cache: &CacheId) -> MultiplexedConnection {
+        connect(&format!("redis://default:{}@{}/", self.fake.token(cache), self.addr)).await
+    }
+
+    async fn reader(&self, cache: &CacheId) -> MultiplexedConnection {
+        connect(&format!("redis://default:{}@{}/", self.fake.token(cache), self.reader_addr)).await
+    }
+
+    /// Keys of database `db` on each primary, straight from the nodes.
+    async fn keys_per_primary(&self, db: u32) -> Vec<u64> {
+        let status = self.pool.cluster_status().await.unwrap();
+        let mut out = Vec::new();
+        for shard in status.shards.iter().filter(|s| s.slot_count() > 0) {
+            let name = shard.primary.as_ref().unwrap().name.clone().unwrap();
+            let node = self.pool.cluster().unwrap().node(&name).unwrap();
+            let mut c = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("SELECT").arg(db).query_async(&mut c).await.unwrap();
+            out.push(redis::cmd("DBSIZE").query_async(&mut c).await.unwrap());
+        }
+        out
+    }
+}
+
+async fn connect(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+async fn q<T: redis::FromRedisValue>(c: &mut MultiplexedConnection, args: &[&str]) -> redis::RedisResult<T> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(c).await
+}
+
+fn code(e: redis::RedisError) -> String {
+    e.code().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_caches_keys_spread_over_the_shards_and_read_back_through_one_endpoint() {
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let other = s.cache(2).await;
+    let mut c = s.client(&cache).await;
+    let mut pipe = redis::pipe();
+    for i in 0..300 {
+        pipe.cmd("SET").arg(format!("key:{i}")).arg(i).ignore();
+    }
+    let _: () = pipe.query_async(&mut c).await.unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..300 {
+        pipe.cmd("GET").arg(format!("key:{i}"));
+    }
+    let values: Vec<u32> = pipe.query_async(&mut c).await.unwrap();
+    assert_eq!(values, (0..300).collect::<Vec<_>>(), "a pipeline over every shard comes back in order");
+    let per_primary = s.keys_per_primary(1).await;
+    assert_eq!(per_primary.len(), 3);
+    assert!(per_primary.iter().all(|&n| n > 50), "keys spread over the shards: {per_primary:?}");
+    assert_eq!(q::<u64>(&mut c, &["DBSIZE"]).await.unwrap(), 300, "DBSIZE counts every shard");
+    let mut keys: Vec<String> = q(&mut c, &["KEYS", "*"]).await.unwrap();
+    keys.sort();
+    assert_eq!(keys.len(), 300);
+    let mut scanned = std::collections::HashSet::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(50).query_async(&mut c).await.unwrap();
+        scanned.extend(page);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    assert_eq!(scanned.len(), 300, "SCAN walks every shard");
+    let random: Option<String> = q(&mut c, &["RANDOMKEY"]).await.unwrap();
+    assert!(random.is_some_and(|k| k.starts_with("key:")));
+
+    // The other cache sees none of it, on any shard.
+    let mut o = s.client(&other).await;
+    assert_eq!(q::<u64>(&mut o, &["DBSIZE"]).await.unwrap(), 0);
+    assert_eq!(q::<Option<String>>(&mut o, &["GET", "key:1"]).await.unwrap(), None);
+
+    let _: () = q(&mut c, &["FLUSHDB"]).await.unwrap();
+    assert_eq!(s.keys_per_primary(1).await, vec![0, 0, 0], "FLUSHDB empties every shard");
+}
+
+#[tokio::test]
+async fn multi_key_commands_are_split_or_refused_as_elasticache_serverless_does() {
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let mut c = s.client(&cache).await;
+    let _: () = q(&mut c, &["MSET", "a", "1", "b", "2", "c", "3", "{a}x", "4"]).await.unwrap();
+    let got: Vec<Option<String>> = q(&mut c, &["MGET", "c", "nope", "a", "{a}x", "b"]).await.unwrap();
+    assert_eq!(got, [Some("3".into()), None, Some("1".into()), Some("4".into()), Some("2".into())]);
+    assert_eq!(q::<u32>(&mut c, &["EXISTS", "a", "b", "a", "nope"]).await.unwrap(), 3);
+    assert_eq!(q::<u32>(&mut c, &["TOUCH", "a", "b", "c"]).await.unwrap(), 3);
+    assert_eq!(q::<u32>(&mut c, &["DEL", "a", "b"]).await.unwrap(), 2);
+    assert_eq!(q::<u32>(&mut c, &["UNLINK", "c", "{a}x", "gone"]).await.unwrap(), 2);
+
+    // Anything else over several slots is refused, and changes nothing.
+    let _: () = q(&mut c, &["SADD", "s1", "x"]).await.unwrap();
+    let _: () = q(&mut c, &["SADD", "s2", "y"]).await.unwrap();
+    let err = q::<u32>(&mut c, &["SUNIONSTORE", "dest", "s1", "s2"]).await.unwrap_err();
+    assert_eq!(code(err), "CROSSSLOT");
+    assert_eq!(q::<u32>(&mut c, &["EXISTS", "dest"]).await.unwrap(), 0);
+    let err = q::<u32>(&mut c, &["EVAL", "return 1", "2", "s1", "s2"]).await.unwrap_err();
+    assert_eq!(code(err), "CROSSSLOT");
+    // Hash tags put keys in one slot, as usual.
+    let _: () = q(&mut c, &["SADD", "{u}1", "x"]).await.unwrap();
+    let _: () = q(&mut c, &["SADD", "{u}2", "y"]).await.unwrap();
+    assert_eq!(q::<u32>(&mut c, &["SUNIONSTORE", "{u}d", "{u}1", "{u}2"]).await.unwrap(), 2);
+    let n: u32 = q(&mut c, &["EVAL", "return redis.call('SCARD', KEYS[1])", "1", "{u}d"]).await.unwrap();
+    assert_eq!(n, 2);
+}
+
+#[tokio::test]
+async fn transactions_run_on_one_shard_and_refuse_keys_of_another() {
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let mut c = s.client(&cache).await;
+    let (a, b): (String, u32) = redis::pipe()
+        .atomic()
+        .cmd("PING")
+        .cmd("SET")
+        .arg("{t}a")
+        .arg("1")
+        .ignore()
+        .cmd("INCR")
+        .arg("{t}b")
+        .cmd("GET")
+        .arg("{t}a")
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((a.as_str(), b), ("PONG", 1));
+    // Raw, to see each reply: a key of another slot is refused at once, then EXEC aborts.
+    let mut raw = redis::Client::open(format!("redis://default:{}@{}/", s.fake.token(&cache), s.addr))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let replies: Vec<redis::RedisResult<Value>> = {
+        let mut out = Vec::new();
+        for args in [vec!["MULTI"], vec!["SET", "x1", "1"], vec!["SET", "y2", "2"], vec!["EXEC"]] {
+            out.push(q::<Value>(&mut raw, &args).await);
+        }
+        out
+    };
+    assert!(matches!(replies[1], Ok(Value::SimpleString(ref s)) if s == "QUEUED"), "{replies:?}");
+    let crossslot = replies[2].as_ref().unwrap_err();
+    assert_eq!(crossslot.code(), Some("CROSSSLOT"));
+    assert_eq!(replies[3].as_ref().unwrap_err().code(), Some("EXECABORT"));
+    assert_eq!(q::<Option<String>>(&mut c, &["GET", "x1"]).await.unwrap(), None, "nothing ran");
+}
+
+#[tokio::test]
+async fn pub_sub_reaches_subscribers_whatever_node_they_are_on() {
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let client =
+        redis::Client::open(format!("redis://default:{}@{}/", s.fake.token(&cache), s.addr)).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe("news").await.unwrap();
+    sub.psubscribe("n*").await.unwrap();
+    let mut c = s.client(&cache).await;
+    let receivers: u32 = q(&mut c, &["PUBLISH", "news", "hello"]).await.unwrap();
+    assert!(receivers >= 1);
+    use futures_util::StreamExt;
+    let mut messages = sub.on_message();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.unwrap().unwrap();
+        got.push((m.get_channel_name().to_string(), m.get_payload::<String>().unwrap()));
+    }
+    got.sort();
+    assert_eq!(got, [("news".to_string(), "hello".to_string()), ("news".into(), "hello".into())]);
+}
+
+#[tokio::test]
+async fn the_reader_endpoint_reads_from_replicas_and_refuses_writes() {
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let mut c = s.client(&cache).await;
+    for i in 0..30 {
+        let _: () = q(&mut c, &["SET", &format!("k{i}"), "v"]).await.unwrap();
+    }
+    let _: u32 = q(&mut c, &["WAIT", "1", "1000"]).await.unwrap();
+    let mut r = s.reader(&cache).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg((0..30).map(|i| format!("k{i}")).collect::<Vec<_>>())
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        if values.iter().all(|v| v.as_deref() == Some("v")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas never caught up: {values:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = q::<()>(&mut r, &["SET", "k1", "w"]).await.unwrap_err();
+    assert_eq!(code(err), "READONLY");
+    assert_eq!(q::<String>(&mut c, &["GET", "k1"]).await.unwrap(), "v");
+}
