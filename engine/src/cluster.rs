@@ -610,8 +610,10 @@ impl Cluster {
             let anchor = self.healthy_member()?;
             meet_all(&anchor, &nodes).await?;
             let total = self.members.lock().unwrap().len() + nodes.len();
-            for n in &nodes {
-                wait_known(n, total).await?;
+            // Every node, old ones included, must know the new ones before slots move to
+            // them (a migration to an id the source has not heard of is refused).
+            for n in nodes.iter().cloned().chain(self.nodes()) {
+                wait_known(&n, total).await?;
             }
             let primary_id = my_id(&nodes[0]).await?;
             for replica in &nodes[1..] {

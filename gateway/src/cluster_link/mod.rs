@@ -19,8 +19,9 @@
 //!   every earlier reply is out, so the session tells confirmations from replies as usual.
 //! - On the reader endpoint, reads go to replicas (`READONLY`) and writes get `-READONLY`.
 //!
-//! When one of its connections breaks, the link closes, like a standalone node's
-//! connection: the session turns what it owed into errors and opens a new link.
+//! When a connection that owed replies breaks, the link closes, like a standalone node's
+//! connection: the session turns what it owed into errors and opens a new link. An idle
+//! one (a drained shard's node, stopped) is just dropped.
 
 pub mod merge;
 pub mod plan;
@@ -174,7 +175,7 @@ enum Hold {
 
 enum Incoming {
     Reply { conn: u64, frame: Bytes, push: bool },
-    Closed,
+    Closed { conn: u64 },
 }
 
 struct Link {
@@ -660,11 +661,7 @@ impl Link {
     async fn incoming(&mut self, incoming: Incoming) {
         let (id, frame, push) = match incoming {
             Incoming::Reply { conn, frame, push } => (conn, frame, push),
-            Incoming::Closed => {
-                // Whatever the connection owed is lost: the session says so.
-                self.closed = true;
-                return;
-            }
+            Incoming::Closed { conn } => return self.conn_closed(conn),
         };
         let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.id == id) else { return };
         let addr = key.0.clone();
@@ -688,6 +685,21 @@ impl Link {
             }
         }
         self.fill(seq, part, frame);
+    }
+
+    /// A connection that owed nothing (a node drained and removed, an idle one restarted) is
+    /// just dropped. One that owed replies or held subscriptions closes the link: the
+    /// session turns what it owed into errors, as when a standalone node goes away.
+    fn conn_closed(&mut self, id: u64) {
+        let Some(key) = self.conns.iter().find(|(_, c)| c.id == id).map(|(k, _)| k.clone()) else { return };
+        let conn = &self.conns[&key];
+        let owed = conn.inflight.iter().any(|s| s.to.is_some() || s.in_tx);
+        if owed || conn.kind != Kind::Data || self.watched.as_ref().is_some_and(|w| w.1 == key.0) {
+            self.closed = true;
+        } else {
+            self.conns.remove(&key);
+            self.map_stale = true;
+        }
     }
 
     async fn redirect(&mut self, from: String, redirect: Redirect, mut sent: Sent) {
@@ -807,7 +819,7 @@ async fn read_replies(conn: u64, mut read: tokio::net::tcp::OwnedReadHalf, link:
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    let _ = link.send(Incoming::Closed).await;
+                    let _ = link.send(Incoming::Closed { conn }).await;
                     return;
                 }
             }
@@ -815,7 +827,7 @@ async fn read_replies(conn: u64, mut read: tokio::net::tcp::OwnedReadHalf, link:
         match read.read_buf(&mut buf).await {
             Ok(n) if n > 0 => {}
             _ => {
-                let _ = link.send(Incoming::Closed).await;
+                let _ = link.send(Incoming::Closed { conn }).await;
                 return;
             }
         }
