@@ -384,8 +384,11 @@ async fn slots_move_under_load_without_an_error_or_a_lost_write() {
     // Every key holds its last acknowledged version (read back with split MGETs).
     let mut lost = 0;
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
-        let got: Vec<Option<String>> =
-            redis::cmd("MGET").arg(chunk.iter().map(|&i| key(i)).collect::<Vec<_>>()).query_async(&mut c).await.unwrap();
+        let got: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(chunk.iter().map(|&i| key(i)).collect::<Vec<_>>())
+            .query_async(&mut c)
+            .await
+            .unwrap();
         for (&i, v) in chunk.iter().zip(got) {
             if v.as_deref() != Some(value(i, versions[i].load(Ordering::Relaxed)).as_str()) {
                 lost += 1;
@@ -407,4 +410,106 @@ async fn slots_move_under_load_without_an_error_or_a_lost_write() {
     assert!(errors.is_empty(), "errors: {:?}", &errors[..errors.len().min(5)]);
     assert_eq!((stale, lost), (0, 0));
     assert!(ops > 100, "the checker ran during the moves: {ops}");
+}
+
+/// Failover under load: writers keep writing known keys through the gateway while the
+/// primary of one shard is killed with SIGKILL. The cache survives (its replica is promoted,
+/// writes succeed again, the killed node comes back as a replica); how long clients saw
+/// errors and how many acknowledged writes were lost is printed (replication is
+/// asynchronous: a write acknowledged just before the kill may not have reached the replica).
+#[tokio::test]
+async fn a_primary_killed_under_load_costs_seconds_of_errors_and_the_cache_lives_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let node_timeout = Duration::from_secs(2);
+    let s = Setup::with_node_timeout(node_timeout).await;
+    let cache = s.cache(1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let errors = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (stop, acked, errors) = (stop.clone(), acked.clone(), errors.clone());
+        let url = format!("redis://default:{}@{}/", s.fake.token(&cache), s.addr);
+        writers.push(tokio::spawn(async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = None;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    conn = client.get_multiplexed_async_connection().await.ok();
+                }
+                let key = format!("w{w}:{i}");
+                let result = match conn.as_mut() {
+                    Some(c) => q::<()>(c, &["SET", &key, "v"]).await,
+                    None => Err(redis::RedisError::from((redis::ErrorKind::IoError, "no connection"))),
+                };
+                match result {
+                    Ok(()) => acked.lock().unwrap().push(key),
+                    Err(e) => {
+                        errors.lock().unwrap().push(Instant::now());
+                        if e.is_connection_dropped() || e.is_io_error() {
+                            conn = None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = s.pool.cluster_status().await.unwrap();
+    let victim = status.shards[0].primary.as_ref().unwrap().name.clone().unwrap();
+    let pid = s.pool.cluster().unwrap().node(&victim).unwrap().pid().unwrap();
+    let killed = Instant::now();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // Until writes have gone through for a while after the last error.
+    let deadline = killed + 10 * node_timeout;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let last = errors.lock().unwrap().last().copied();
+        if last.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes still fail {:?} after the kill", killed.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let errors = errors.lock().unwrap().clone();
+    let window = match (errors.first(), errors.last()) {
+        (Some(first), Some(last)) => *last - *first,
+        _ => Duration::ZERO,
+    };
+    let acked = acked.lock().unwrap().clone();
+    let mut c = s.client(&cache).await;
+    let mut lost = 0;
+    for chunk in acked.chunks(1000) {
+        let n: usize = redis::cmd("EXISTS").arg(chunk).query_async(&mut c).await.unwrap();
+        lost += chunk.len() - n;
+    }
+    println!(
+        "FIGURE failover through the gateway (node timeout {node_timeout:?}, debug build): errors for {window:?} \
+         ({} failed requests), {lost} of {} acknowledged writes lost",
+        errors.len(),
+        acked.len()
+    );
+    // The killed node is back, as a replica of the promoted one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = s.pool.cluster_status().await.unwrap();
+        let back = status.shards.iter().flat_map(|s| &s.replicas).any(|n| {
+            n.name.as_deref() == Some(victim.as_str())
+                && n.health == "online"
+                && n.role == shoal_engine::Role::Replica
+        });
+        if back {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{victim} did not come back as a replica: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(window < 5 * node_timeout, "errors for {window:?}");
 }
