@@ -24,11 +24,43 @@ pub struct Observers {
 impl Observers {
     /// Sends one command to the route's node as the observer; returns the raw reply.
     pub async fn query(&self, route: &TenantRoute, args: &[&[u8]]) -> Result<BytesMut, GatewayError> {
-        let slot = self.by_node.lock().unwrap().entry(route.node_addr.clone()).or_default().clone();
+        self.query_at(&route.node_addr, route, args).await
+    }
+
+    /// Sends one command to every node that holds part of the cache: its node, or each
+    /// primary of its cluster. Node-wide views (keyspace, channels) are per node.
+    pub async fn query_each(
+        &self,
+        route: &TenantRoute,
+        args: &[&[u8]],
+    ) -> Result<Vec<BytesMut>, GatewayError> {
+        if route.cluster_nodes.is_empty() {
+            return Ok(vec![self.query(route, args).await?]);
+        }
+        let seeds = crate::cluster_link::slot_map::Seeds::new(
+            &route.cluster_nodes,
+            &route.observer_user,
+            &route.observer_password,
+        );
+        let map = seeds.map().await?;
+        let mut replies = Vec::with_capacity(map.shards.len());
+        for shard in &map.shards {
+            replies.push(self.query_at(&shard.primary, route, args).await?);
+        }
+        Ok(replies)
+    }
+
+    async fn query_at(
+        &self,
+        addr: &str,
+        route: &TenantRoute,
+        args: &[&[u8]],
+    ) -> Result<BytesMut, GatewayError> {
+        let slot = self.by_node.lock().unwrap().entry(addr.to_string()).or_default().clone();
         let mut conn = slot.lock().await;
         let result = tokio::time::timeout(TIMEOUT, async {
             if conn.is_none() {
-                let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
+                let mut stream = TcpStream::connect(addr).await.map_err(up)?;
                 let mut hello = BytesMut::new();
                 resp::command(
                     &mut hello,

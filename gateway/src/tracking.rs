@@ -62,6 +62,20 @@ impl Tracker {
                 enabled.insert(route.cache_id.clone());
             }
         }
+        // On a cluster every node is followed, replicas too: events are local to the node
+        // that holds the key, and a replica promoted by a failover is already followed.
+        let addrs = match route.cluster_nodes.is_empty() {
+            true => vec![route.node_addr.clone()],
+            false => route.cluster_nodes.clone(),
+        };
+        for addr in addrs {
+            let node_route = TenantRoute { node_addr: addr, ..route.clone() };
+            self.watch_node(clients, &node_route).await?;
+        }
+        Ok(())
+    }
+
+    async fn watch_node(&self, clients: &Arc<Registry>, route: &TenantRoute) -> Result<(), GatewayError> {
         let ready = {
             let mut nodes = self.nodes.lock().unwrap();
             let watch = nodes.entry(route.node_addr.clone()).or_insert_with(|| {

@@ -81,6 +81,11 @@ impl Setup {
 
     /// A cache at database `db` of the cluster, as the control plane makes one.
     async fn cache(&self, db: u32) -> CacheId {
+        self.cache_with_events(db, "").await
+    }
+
+    /// … with keyspace notifications (`notify-keyspace-events` flags).
+    async fn cache_with_events(&self, db: u32, events: &str) -> CacheId {
         let id = CacheId::generate();
         let acl = TenantAcl { user: id.acl_user(), password: format!("pw-{id}"), db, databases: 1 };
         self.pool.create_tenant(CLUSTER_TARGET, &acl).await.unwrap();
@@ -96,7 +101,7 @@ impl Setup {
             acl_password: acl.password,
             observer_user: shoal_engine::node::OBSERVER_USER.into(),
             observer_password: nodes[0].observer_password().into(),
-            keyspace_events: String::new(),
+            keyspace_events: events.into(),
             limits: Default::default(),
             storage_full: false,
             storage_bytes: 0,
@@ -512,4 +517,82 @@ async fn a_primary_killed_under_load_costs_seconds_of_errors_and_the_cache_lives
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(window < 5 * node_timeout, "errors for {window:?}");
+}
+
+/// What a node sees of its own keys only — INFO keyspace, keyspace notifications,
+/// client-side caching invalidations — is gathered from every shard.
+#[tokio::test]
+async fn node_local_views_are_gathered_from_every_shard() {
+    use futures_util::StreamExt;
+    let s = Setup::start().await;
+    for node in s.pool.cluster().unwrap().nodes() {
+        let mut c = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("KEA")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let cache = s.cache_with_events(1, "KEA").await;
+    let mut c = s.client(&cache).await;
+    // Keys on each of the three shards: slots 3300 and 3168, 7365, 15495 11298 and 15363.
+    let keys = ["a", "b", "c", "d", "e", "f"];
+    let client =
+        redis::Client::open(format!("redis://default:{}@{}/", s.fake.token(&cache), s.addr)).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.psubscribe("__keyspace@0__:*").await.unwrap();
+    for k in keys {
+        let _: () = q(&mut c, &["SET", k, "v"]).await.unwrap();
+    }
+    let _: () = q(&mut c, &["EXPIRE", "a", "100"]).await.unwrap();
+    let mut events = sub.on_message();
+    let mut got = Vec::new();
+    while got.len() < keys.len() {
+        let m = tokio::time::timeout(Duration::from_secs(5), events.next()).await.expect("an event").unwrap();
+        let channel = m.get_channel_name().to_string();
+        if m.get_payload::<String>().unwrap() == "set" {
+            got.push(channel);
+        }
+    }
+    got.sort();
+    assert_eq!(got, keys.map(|k| format!("__keyspace@0__:{k}")));
+    let info: String = q(&mut c, &["INFO", "keyspace"]).await.unwrap();
+    assert!(info.contains("db0:keys=6,expires=1,"), "{info}");
+
+    // A key read with tracking on is invalidated when it changes, whatever its shard.
+    let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+    let mut tracked =
+        redis::Client::open(format!("redis://default:{}@{}/?protocol=resp3", s.fake.token(&cache), s.addr))
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_push_sender(tx),
+            )
+            .await
+            .unwrap();
+    let _: () = q(&mut tracked, &["CLIENT", "TRACKING", "ON"]).await.unwrap();
+    for k in keys {
+        let _: String = q(&mut tracked, &["GET", k]).await.unwrap();
+    }
+    for k in keys {
+        let _: () = q(&mut c, &["SET", k, "w"]).await.unwrap();
+    }
+    let mut invalidated = Vec::new();
+    while invalidated.len() < keys.len() {
+        let push = tokio::time::timeout(Duration::from_secs(5), pushes.recv())
+            .await
+            .expect("an invalidation")
+            .unwrap();
+        if let Some(Value::Array(ks)) = push.data.first() {
+            for k in ks {
+                if let Value::BulkString(b) = k {
+                    invalidated.push(String::from_utf8_lossy(b).into_owned());
+                }
+            }
+        }
+    }
+    invalidated.sort();
+    invalidated.dedup();
+    assert_eq!(invalidated, keys);
 }

@@ -139,10 +139,19 @@ pub(super) async fn pubsub(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
         cmd.extend(argv[2..].iter().map(|c| ns.to_upstream(c)));
     }
     let refs: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
-    let reply = cx.shared().observers.query(&route, &refs).await;
-    let Some((Value::Array(items), _)) = reply.ok().and_then(|b| crate::resp::value::decode(&b)) else {
+    // Each node knows its own subscribers: channels are joined, counts added up.
+    let replies = cx.shared().observers.query_each(&route, &refs).await.unwrap_or_default();
+    let mut lists = Vec::new();
+    for reply in &replies {
+        match crate::resp::value::decode(reply) {
+            Some((Value::Array(items), _)) => lists.push(items),
+            _ => return cx.reply_error("ERR cache temporarily unavailable, try again"),
+        }
+    }
+    if lists.is_empty() {
         return cx.reply_error("ERR cache temporarily unavailable, try again");
-    };
+    }
+    let items = merge_pubsub(lists, listing);
     let strip = |v: Value| match v {
         Value::Bulk(b) => Value::Bulk(ns.from_upstream(&b)),
         other => other,
@@ -157,4 +166,35 @@ pub(super) async fn pubsub(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
         }
         cx.reply_value(&Value::Map(pairs));
     }
+}
+
+/// One node's PUBSUB answer from each node's: channel lists joined without repeats,
+/// `[channel, count, …]` pairs with the counts of a channel added up.
+fn merge_pubsub(mut lists: Vec<Vec<Value>>, listing: bool) -> Vec<Value> {
+    if lists.len() == 1 {
+        return lists.pop().unwrap_or_default();
+    }
+    let mut out: Vec<Value> = Vec::new();
+    for items in lists {
+        if listing {
+            for item in items {
+                if !out.contains(&item) {
+                    out.push(item);
+                }
+            }
+            continue;
+        }
+        let mut it = items.into_iter();
+        while let (Some(channel), Some(count)) = (it.next(), it.next()) {
+            match out.chunks_mut(2).find(|pair| pair[0] == channel) {
+                Some(pair) => {
+                    if let (Value::Int(total), Value::Int(n)) = (&mut pair[1], count) {
+                        *total += n;
+                    }
+                }
+                None => out.extend([channel, count]),
+            }
+        }
+    }
+    out
 }

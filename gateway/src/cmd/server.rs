@@ -18,11 +18,20 @@ pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     let sees_keyspace =
         t.access.as_ref().is_none_or(|a| shoal_auth::access::allows_command(a, "dbsize", None));
     let max_clients = crate::session::login::max_connections(&cx.shared().config, &t.live.get());
-    let node_info = cx.shared().observers.query(&route, &[b"INFO", b"server", b"keyspace"]).await;
-    let node_info = match node_info.ok().and_then(|b| crate::resp::value::decode(&b).map(|(v, _)| v)) {
-        Some(v) => String::from_utf8_lossy(v.as_bytes().unwrap_or_default()).into_owned(),
-        None => return cx.reply_error("ERR cache temporarily unavailable, try again"),
+    let replies = cx.shared().observers.query_each(&route, &[b"INFO", b"server", b"keyspace"]).await;
+    let texts: Option<Vec<String>> = replies.ok().and_then(|replies| {
+        replies
+            .iter()
+            .map(|b| {
+                let (v, _) = crate::resp::value::decode(b)?;
+                Some(String::from_utf8_lossy(v.as_bytes()?).into_owned())
+            })
+            .collect()
+    });
+    let Some(texts) = texts.filter(|t| !t.is_empty()) else {
+        return cx.reply_error("ERR cache temporarily unavailable, try again");
     };
+    let node_info = texts[0].clone();
     let field = |name: &str| {
         node_info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("").trim().to_string()
     };
@@ -54,16 +63,42 @@ pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     }
     if want("keyspace") {
         out.push_str("# Keyspace\r\n");
-        for line in node_info.lines().filter(|_| sees_keyspace) {
-            let Some((db, rest)) = line.strip_prefix("db").and_then(|l| l.split_once(':')) else { continue };
-            let Ok(db) = db.parse::<u32>() else { continue };
-            if (route.db..route.db + route.databases).contains(&db) {
-                out.push_str(&format!("db{}:{}\r\n", db - route.db, rest.trim()));
+        if sees_keyspace {
+            for (db, line) in keyspace(&texts, route.db..route.db + route.databases) {
+                out.push_str(&format!("db{}:{line}\r\n", db - route.db));
             }
         }
         out.push_str("\r\n");
     }
     cx.reply_value(&Value::bulk(out.trim_end_matches("\r\n").to_string() + "\r\n"));
+}
+
+/// The keyspace lines of `dbs` summed over nodes (a cluster's shards each hold part of a
+/// database): keys and expires added up, `avg_ttl` the largest.
+fn keyspace(infos: &[String], dbs: std::ops::Range<u32>) -> Vec<(u32, String)> {
+    let mut sums: std::collections::BTreeMap<u32, [u64; 3]> = Default::default();
+    for line in infos.iter().flat_map(|i| i.lines()) {
+        let Some((db, rest)) = line.strip_prefix("db").and_then(|l| l.split_once(':')) else { continue };
+        let Ok(db) = db.parse::<u32>() else { continue };
+        if !dbs.contains(&db) {
+            continue;
+        }
+        let sum = sums.entry(db).or_default();
+        for field in rest.trim().split(',') {
+            let Some((name, value)) = field.split_once('=') else { continue };
+            let value: u64 = value.parse().unwrap_or(0);
+            match name {
+                "keys" => sum[0] += value,
+                "expires" => sum[1] += value,
+                "avg_ttl" => sum[2] = sum[2].max(value),
+                _ => {}
+            }
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, s)| s[0] > 0)
+        .map(|(db, [keys, expires, ttl])| (db, format!("keys={keys},expires={expires},avg_ttl={ttl}")))
+        .collect()
 }
 
 /// `COMMAND …` without the commands a cache may not run.
