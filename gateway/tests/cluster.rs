@@ -596,3 +596,43 @@ async fn node_local_views_are_gathered_from_every_shard() {
     invalidated.dedup();
     assert_eq!(invalidated, keys);
 }
+
+/// The keys the gateway routes a command by are the keys Valkey finds in it
+/// (`COMMAND GETKEYS`), for every command whose keys move.
+#[tokio::test]
+async fn commands_are_routed_by_the_keys_valkey_finds_in_them() {
+    let s = Setup::start().await;
+    let node = &s.pool.cluster().unwrap().nodes()[0];
+    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+    let cases: &[&[&str]] = &[
+        &["EVAL", "return 1", "2", "k1", "k2", "arg"],
+        &["EVALSHA_RO", "abc", "1", "k1", "arg"],
+        &["SINTERCARD", "2", "k1", "k2", "LIMIT", "1"],
+        &["ZUNION", "2", "k1", "k2", "WEIGHTS", "1", "2"],
+        &["ZUNIONSTORE", "d", "2", "k1", "k2"],
+        &["ZDIFFSTORE", "d", "1", "k1"],
+        &["LMPOP", "2", "k1", "k2", "LEFT"],
+        &["BLMPOP", "0", "2", "k1", "k2", "LEFT"],
+        &["BZMPOP", "1", "1", "k1", "MIN"],
+        &["MSETEX", "2", "k1", "v1", "k2", "v2", "EX", "10"],
+        &["SORT", "k1", "LIMIT", "0", "1", "STORE", "d"],
+        &["SORT_RO", "k1"],
+        &["GEORADIUS", "k1", "0", "0", "1", "km", "STORE", "d"],
+        &["GEORADIUSBYMEMBER", "k1", "m", "1", "km", "STOREDIST", "d"],
+        &["XREAD", "COUNT", "1", "STREAMS", "k1", "k2", "0", "0"],
+        &["XREADGROUP", "GROUP", "g", "c", "STREAMS", "k1", "k2", ">", ">"],
+    ];
+    let table = shoal_commands::table();
+    for args in cases {
+        let found: Vec<String> =
+            redis::cmd("COMMAND").arg("GETKEYS").arg(*args).query_async(&mut admin).await.unwrap();
+        let argv: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        let spec = table.get(&args[0].to_lowercase()).unwrap();
+        let routed: Vec<String> =
+            spec.routing_keys(&argv).into_iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+        let (mut a, mut b) = (found.clone(), routed.clone());
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{args:?}");
+    }
+}
