@@ -584,6 +584,24 @@ impl Cluster {
         Ok(ClusterStatus { ok, shards: out })
     }
 
+    /// The current primary of every shard that serves slots, as the cluster sees it now (not
+    /// waited for during a failover): where a cache's keys are, for sampling its storage and
+    /// for a gateway's first connection.
+    pub async fn primaries(&self) -> Result<Vec<Arc<Node>>, EngineError> {
+        let (_, shards) = self.shards().await?;
+        Ok(shards
+            .iter()
+            .filter(|s| !s.slots.is_empty())
+            .filter_map(Shard::primary_id)
+            .filter_map(|id| self.member_by_id(&id).ok())
+            .collect())
+    }
+
+    /// The observer user's password, the same on every node.
+    pub fn observer_password(&self) -> &str {
+        &self.observer_password
+    }
+
     /// `CLUSTER SHARDS` from the first node that answers.
     async fn shards(&self) -> Result<(Arc<Node>, Vec<Shard>), EngineError> {
         let mut last = None;
