@@ -4,7 +4,8 @@
 //! find them.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach;
+//! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach; [`pools`]:
+//!   the engine pools caches are placed in, by name;
 //!   [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] with a [`role::Role`] (admin, owner of
@@ -35,6 +36,7 @@ pub mod domain;
 pub mod error;
 pub mod gateways;
 pub mod metrics;
+pub mod pools;
 pub mod role;
 pub mod routes;
 pub mod secret;

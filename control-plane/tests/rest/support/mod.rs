@@ -72,7 +72,8 @@ impl Api {
             admin_token_path: tmp.path().join("admin.token"),
             ..Default::default()
         };
-        let state = startup::state(config, pool.clone()).await.expect("control plane state");
+        let pools = Arc::new(shoal_control_plane::pools::Pools::single(pool.clone()));
+        let state = startup::state(config, pools).await.expect("control plane state");
         let admin_token = std::fs::read_to_string(tmp.path().join("admin.token")).unwrap().trim().to_string();
         let service =
             std::rc::Rc::new(actix_web::test::init_service(startup::public_app(state.clone())).await);
