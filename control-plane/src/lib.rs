@@ -15,7 +15,7 @@
 //! - [`domain`]: what more than one route needs (caches, logins, keys, names); routes do
 //!   not call each other.
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
-//!   `audit`, `me`, `gateways`, `health`; `internal` is served on its own listener); `page`
+//!   `audit`, `me`, `gateways`, `pools` (the engine's), `health`; `internal` is served on its own listener); `page`
 //!   holds pagination, idempotency and ETags; `portal` serves the admin portal (files under
 //!   `control-plane/portal/`, compiled in) at `/portal/`.
 //! - [`secret`]: random secrets and the hashes the store keeps of them.

@@ -209,6 +209,7 @@ pub fn public_app(
         .configure(routes::health::configure)
         .configure(routes::internal::configure_public)
         .configure(routes::gateways::configure)
+        .configure(routes::pools::configure)
         .configure(routes::accounts::configure)
         .configure(routes::caches::configure)
         .configure(routes::audit::configure)

@@ -631,6 +631,11 @@ impl Cluster {
             for n in &nodes {
                 wait_known(n, total).await?;
             }
+            // Knowing the nodes is not knowing their slots: a migration onto a node that has
+            // not heard of every slot's owner yet fails ("Slot … has no node served").
+            for n in &nodes {
+                wait_state_ok(n).await?;
+            }
             let primary_id = my_id(&nodes[0]).await?;
             for replica in &nodes[1..] {
                 replicate(replica, &primary_id).await?;
@@ -1054,7 +1059,7 @@ fn info_field(info: &str, name: &str) -> Option<u64> {
     info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
 }
 
-async fn used_memory(node: &Node) -> Option<u64> {
+pub(crate) async fn used_memory(node: &Node) -> Option<u64> {
     let info =
         tokio::time::timeout(Duration::from_secs(1), admin(node, &["INFO", "memory"])).await.ok()?.ok()?;
     info_field(&info, "used_memory")

@@ -6,7 +6,7 @@
 //! tenant operations take a node name; a cluster pool is one placement target,
 //! [`CLUSTER_TARGET`], and applies them to every node.
 
-use crate::cluster::{Cluster, ClusterConfig, ClusterStatus};
+use crate::cluster::{Cluster, ClusterConfig, ClusterStatus, NodeStatus, Role};
 use crate::node::{Node, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
@@ -124,6 +124,25 @@ impl Pool {
     /// Moves a shard's slots to the others, then removes its nodes.
     pub async fn remove_shard(&self, shard_id: &str) -> Result<(), EngineError> {
         self.clustered()?.remove_shard(shard_id).await
+    }
+
+    /// The standalone nodes in the shape of a cluster's ([`NodeStatus`]): each a primary
+    /// without replicas or a Valkey cluster id, `health` `online` when it answered its last
+    /// health check. Empty for a cluster pool.
+    pub async fn standalone_status(&self) -> Vec<NodeStatus> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            out.push(NodeStatus {
+                name: Some(node.name().to_string()),
+                id: String::new(),
+                addr: node.addr(),
+                role: Role::Primary,
+                health: if node.healthy() { "online" } else { "failed" }.to_string(),
+                healthy: node.healthy(),
+                used_memory: crate::cluster::used_memory(node).await,
+            });
+        }
+        out
     }
 
     pub fn node(&self, name: &str) -> Result<&Arc<Node>, EngineError> {
