@@ -294,9 +294,8 @@ async fn print_pools(pools: &shoal_control_plane::pools::Pools) {
         for node in pool.nodes() {
             println!("    Valkey node  {} at {} (data in {})", node.name(), node.addr(), node.dir.display());
         }
-        if pool.cluster().is_none() {
-            continue;
-        }
+        let Some(cluster) = pool.cluster() else { continue };
+        println!("    (data in {})", cluster.config().dir.display());
         match pool.cluster_status().await {
             Ok(status) => {
                 for shard in &status.shards {
