@@ -1,6 +1,7 @@
 //! Test harness: the public REST API in-process ([`startup::public_app`] driven by
 //! `actix_web::test`), on a fresh store in a temporary directory (or a fresh PostgreSQL
-//! database in the Postgres lane) and a pool of one real valkey-server node.
+//! database in the Postgres lane) and a pool of one real valkey-server node (`main`), with
+//! a small Valkey cluster pool beside it when a test asks ([`Api::start_with_cluster`]).
 #![allow(dead_code)]
 
 use actix_web::dev::Service;
