@@ -93,6 +93,7 @@ pub fn node_timeout(secs: f64) -> anyhow::Result<Duration> {
 }
 
 /// What to start, checked before any node starts.
+#[derive(Debug)]
 pub enum PoolPlan {
     Standalone(PoolConfig),
     Cluster(ClusterConfig),
@@ -187,4 +188,55 @@ pub async fn start(plans: Vec<(String, PoolPlan)>, default: &str) -> anyhow::Res
     }
     let pools = Pools::new(started, default).map_err(anyhow::Error::msg)?;
     Ok(Arc::new(pools))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(toml_text: &str) -> anyhow::Result<(Vec<(String, PoolPlan)>, String)> {
+        let file: EngineFile = toml::from_str(toml_text)?;
+        file.plan()
+    }
+
+    const HEAD: &str = "valkey_server = \"/bin/true\"\ndir = \"/srv/v\"\n";
+    const NODE: &str = "[[nodes]]\nname = \"n0\"\nport = 6400\n";
+
+    #[test]
+    fn an_engine_section_of_old_is_the_default_pool_main() {
+        let (plans, default) = plan(&format!("{HEAD}{NODE}")).unwrap();
+        assert_eq!(default, "main");
+        assert!(
+            matches!(&plans[..], [(name, PoolPlan::Standalone(c))] if name == "main" && c.nodes.len() == 1)
+        );
+    }
+
+    #[test]
+    fn clusters_are_pools_of_their_own_name_with_defaults_from_the_engine_section() {
+        let text = format!("{HEAD}default_pool = \"big\"\n{NODE}[clusters.big]\nbase_port = 7000\nreplicas = 2\nnode_timeout = 1.5\n");
+        let (plans, default) = plan(&text).unwrap();
+        assert_eq!(default, "big");
+        let names: Vec<&str> = plans.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["main", "big"]);
+        let PoolPlan::Cluster(c) = &plans[1].1 else { panic!("big is a cluster") };
+        assert_eq!((c.base_port, c.shards, c.replicas, c.databases), (7000, 3, 2, 1024));
+        assert_eq!(c.node_timeout, Duration::from_millis(1500));
+        assert_eq!(c.dir, PathBuf::from("/srv/v/cluster-big"));
+        // Without nodes, the only cluster is the default.
+        let (_, default) = plan(&format!("{HEAD}[clusters.c]\nbase_port = 7000\n")).unwrap();
+        assert_eq!(default, "c");
+    }
+
+    #[test]
+    fn unknown_defaults_empty_engines_typos_and_name_clashes_are_refused() {
+        let unknown = plan(&format!("{HEAD}default_pool = \"nope\"\n{NODE}")).unwrap_err().to_string();
+        assert!(unknown.contains("default_pool \"nope\""), "{unknown}");
+        assert!(plan(HEAD).is_err(), "no pool at all");
+        assert!(plan(&format!("{HEAD}{NODE}[clusters.c]\nbase_port = 7000\nshard = 3\n")).is_err(), "a typo");
+        assert!(
+            plan(&format!("{HEAD}{NODE}[clusters.main]\nbase_port = 7000\n")).is_err(),
+            "two pools named main"
+        );
+        assert!(plan(&format!("{HEAD}{NODE}[clusters.c]\nbase_port = 7000\nnode_timeout = 0.1\n")).is_err());
+    }
 }
