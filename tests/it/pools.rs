@@ -1,7 +1,8 @@
 //! `shoal dev --engine cluster`: the cluster pool is the default beside the standalone
 //! `main`; caches are placed in either, `GET /v1/engine/pools` shows the cluster's shards,
-//! roles and slots, and a cluster cache's route names every node of the cluster. (RESP
-//! traffic to cluster caches is the gateway's, tested there.)
+//! roles and slots, a cluster cache's route names every node of the cluster, and the sweep
+//! of scoped tokens' ACL users covers the cluster's nodes. (RESP traffic to cluster caches
+//! is the gateway's, tested there.)
 
 use crate::support::ShoalDev;
 use reqwest::Method;
@@ -9,7 +10,7 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_shards() {
-    let dev = ShoalDev::start_cluster(2, 1, &[]).await;
+    let dev = ShoalDev::start_cluster(2, 1, &["--acl-sweep-interval", "0.2"]).await;
     let base = dev.cluster.unwrap().base_port;
 
     let (status, spread) = dev.api(Method::POST, "/v1/caches", Some(json!({"name": "spread"}))).await;
@@ -75,7 +76,41 @@ async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_
     assert!(primaries.contains(&route["node_addr"].as_str().unwrap()), "{route}");
     assert!(route["observer_password"].as_str().is_some_and(|p| !p.is_empty()));
 
+    // A scoped token's ACL user is on every node of the cluster, replicas included, and the
+    // sweep takes it from every node once no live token uses it.
+    let (status, token) = dev
+        .api(Method::POST, &format!("/v1/caches/{id}/tokens"), Some(json!({"permission": "read-only"})))
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let prefix = format!("t{id}.jwt.");
+    let on_nodes = cluster_users(&dev, base, &prefix).await;
+    assert!(on_nodes.iter().all(|u| u.len() == 1), "{on_nodes:?}");
+    let jti = token["jti"].as_str().unwrap();
+    let (status, _) = dev.api(Method::DELETE, &format!("/v1/caches/{id}/tokens/{jti}"), None).await;
+    assert_eq!(status, 204);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cluster_users(&dev, base, &prefix).await.iter().any(|u| !u.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep left the token's ACL user on a cluster node"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     // Readiness covers the cluster's nodes too.
     let ready: Value = dev.http.get(dev.url("/readyz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["nodes"].as_object().unwrap().len(), 2 + 4, "{ready}");
+}
+
+/// ACL users starting with `prefix` on each of the dev cluster's 4 nodes.
+async fn cluster_users(dev: &ShoalDev, base: u16, prefix: &str) -> Vec<Vec<String>> {
+    let secret = std::fs::read_to_string(dev.dir.join(".shoal/valkey-cluster/admin.secret")).unwrap();
+    let mut out = Vec::new();
+    for port in base..base + 4 {
+        let url = format!("redis://shoal:{}@127.0.0.1:{port}/", secret.trim());
+        let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let users: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(&mut conn).await.unwrap();
+        out.push(users.into_iter().filter(|u| u.starts_with(prefix)).collect());
+    }
+    out
 }
