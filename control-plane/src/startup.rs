@@ -1,12 +1,12 @@
 //! Builds the application state and runs the HTTP server (testable on port 0).
 
 use crate::config::ControlPlaneConfig;
+use crate::pools::Pools;
 use crate::routes;
 use crate::signing::Signer;
 use crate::state::AppState;
 use crate::store::Store;
 use actix_web::{web, App, HttpServer};
-use shoal_engine::Pool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -81,7 +81,10 @@ fn check(config: &ControlPlaneConfig) -> Result<(), StartupError> {
 /// Checks the configuration, opens the store, makes sure the bootstrap admin token exists
 /// and builds what every handler reaches. [`start`] serves it; the REST tests drive
 /// [`public_app`] with it in-process.
-pub async fn state(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<web::Data<AppState>, StartupError> {
+pub async fn state(
+    config: ControlPlaneConfig,
+    pools: Arc<Pools>,
+) -> Result<web::Data<AppState>, StartupError> {
     check(&config)?;
     let key_path = config.audit_key_path();
     let audit_key = crate::store::audit::AuditKey::load_or_create(&key_path)
@@ -102,7 +105,7 @@ pub async fn state(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<web::D
         metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
         store,
-        pool,
+        pools,
         signer,
         placement_lock: tokio::sync::Mutex::new(()),
         users_lock: tokio::sync::Mutex::new(()),
@@ -115,7 +118,7 @@ pub async fn state(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<web::D
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
-pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<ControlPlane, StartupError> {
+pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<ControlPlane, StartupError> {
     check(&config)?;
     let internal_tls = match (&config.internal_tls_cert, &config.internal_tls_key) {
         (Some(cert), Some(key)) => Some(tls_config(cert, key).map_err(StartupError::Config)?),
@@ -124,11 +127,14 @@ pub async fn start(config: ControlPlaneConfig, pool: Arc<Pool>) -> Result<Contro
     let workers = config.workers;
     let listen = config.listen.clone();
     let internal_listen = config.internal_listen.clone();
-    let state = state(config, pool).await?;
+    let state = state(config, pools).await?;
     // Keyspace-notification settings live in memory on the nodes: set them again.
-    for node in state.pool.nodes() {
-        if let Err(e) = crate::domain::caches::apply_keyspace_events(&state, node.name()).await {
-            tracing::warn!(node = node.name(), error = %e, "could not restore keyspace notifications");
+    for (name, pool) in state.pools.iter() {
+        let targets: Vec<String> = pool.loads().into_iter().map(|l| l.node).collect();
+        for node in targets {
+            if let Err(e) = crate::domain::caches::apply_keyspace_events(&state, name, &node).await {
+                tracing::warn!(pool = name, node, error = %e, "could not restore keyspace notifications");
+            }
         }
     }
     let store = state.store.clone();
@@ -203,6 +209,7 @@ pub fn public_app(
         .configure(routes::health::configure)
         .configure(routes::internal::configure_public)
         .configure(routes::gateways::configure)
+        .configure(routes::pools::configure)
         .configure(routes::accounts::configure)
         .configure(routes::caches::configure)
         .configure(routes::audit::configure)

@@ -1,17 +1,17 @@
-//! What every handler can reach: configuration, the store, the engine's pool, the signing
+//! What every handler can reach: configuration, the store, the engine's pools, the signing
 //! keys, the directory and the throttles. Built once when the control plane starts.
 
 use crate::config::ControlPlaneConfig;
+use crate::pools::Pools;
 use crate::signing::Signer;
 use crate::store::Store;
-use shoal_engine::Pool;
 use std::sync::Arc;
 
 /// What every handler can reach.
 pub struct AppState {
     pub config: ControlPlaneConfig,
     pub store: Store,
-    pub pool: Arc<Pool>,
+    pub pools: Arc<Pools>,
     pub signer: Signer,
     /// Serializes placement so two creates never take the same database.
     pub placement_lock: tokio::sync::Mutex<()>,

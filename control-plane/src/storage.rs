@@ -1,6 +1,7 @@
 //! The storage sampler: every `storage_interval` seconds it measures each live cache's stored
-//! bytes on its node ([`shoal_engine::storage`]), enforces `data_storage_mb`, and accrues the
-//! samples into per-minute storage usage ([`crate::store::StorageUsage`]).
+//! bytes on its node ([`shoal_engine::storage`]; in a cluster pool the sum over every shard's
+//! primary, the limit applying to the whole cache), enforces `data_storage_mb`, and accrues
+//! the samples into per-minute storage usage ([`crate::store::StorageUsage`]).
 //!
 //! Over the limit (MB = 10^6 bytes), keys with a TTL are evicted, idlest first, until the cache
 //! is back under (eviction policy `volatile-lru`, the default; `noeviction` skips this); if
@@ -49,15 +50,20 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
 async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
     let caches = state.store.caches(None).await?;
     let count = caches.len();
-    let mut by_node: BTreeMap<String, Vec<CacheRecord>> = BTreeMap::new();
+    let mut by_node: BTreeMap<(String, String), Vec<CacheRecord>> = BTreeMap::new();
     for cache in caches {
-        by_node.entry(cache.node.clone()).or_default().push(cache);
+        by_node.entry((cache.pool.clone(), cache.node.clone())).or_default().push(cache);
     }
     let mut nodes = tokio::task::JoinSet::new();
-    for (node, caches) in by_node {
+    for ((pool, node), caches) in by_node {
         let state = state.clone();
         nodes.spawn(async move {
-            let mut probe = match state.pool.storage_probe(&node).await {
+            let probe_of = |state: &AppState| {
+                let (pool, node) = (pool.clone(), node.clone());
+                let pool = state.pools.of(&pool).cloned();
+                async move { pool?.storage_probe(&node).await }
+            };
+            let mut probe = match probe_of(&state).await {
                 Ok(p) => p,
                 Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
             };
@@ -68,7 +74,7 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
                     Err(e @ SampleError::Timeout) => {
                         tracing::warn!(cache = %cache.id, error = %e, "storage sample abandoned");
                         // The probe may be mid-reply: start the next cache on a fresh connection.
-                        match state.pool.storage_probe(&node).await {
+                        match probe_of(&state).await {
                             Ok(p) => probe = p,
                             Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
                         }
@@ -97,7 +103,7 @@ pub async fn sample_now(state: &AppState, cache: &CacheRecord) {
         last.insert(cache.id.to_string(), now);
     }
     let sampled = async {
-        let mut probe = state.pool.storage_probe(&cache.node).await?;
+        let mut probe = state.pools.of(&cache.pool)?.storage_probe(&cache.node).await?;
         sample_cache(state, &mut probe, cache).await
     };
     match tokio::time::timeout(CACHE_TIMEOUT, sampled).await.unwrap_or(Err(SampleError::Timeout)) {

@@ -55,19 +55,25 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 continue;
             }
         };
-        let mut users: HashMap<String, Vec<String>> = HashMap::new();
-        for node in state.pool.nodes() {
-            match state.pool.acl_users_with_prefix(node.name(), "").await {
-                Ok(on_node) => {
-                    users.insert(node.name().to_string(), on_node);
+        // (pool, placement target) → its ACL users; a cluster pool's target lists the users
+        // the pool sets on every node of the cluster.
+        let mut users: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for (pool_name, pool) in state.pools.iter() {
+            for target in pool.loads().into_iter().map(|l| l.node) {
+                match pool.acl_users_with_prefix(&target, "").await {
+                    Ok(on_node) => {
+                        users.insert((pool_name.to_string(), target), on_node);
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = pool_name, node = target, error = %e, "cannot list token ACL users")
+                    }
                 }
-                Err(e) => tracing::warn!(node = node.name(), error = %e, "cannot list token ACL users"),
             }
         }
         for cache in caches {
             let prefix = format!("{}.jwt.", cache.id.acl_user());
             let on_node: Vec<String> = users
-                .get(&cache.node)
+                .get(&(cache.pool.clone(), cache.node.clone()))
                 .map(|u| u.iter().filter(|u| u.starts_with(&prefix)).cloned().collect())
                 .unwrap_or_default();
             if on_node.is_empty() {
@@ -86,7 +92,7 @@ async fn sweep(state: &AppState, cache: &CacheRecord, on_node: Vec<String>) -> R
     let _changing = state.users_lock.lock().await;
     let used = in_use(state, cache).await?;
     let stale: Vec<String> = on_node.into_iter().filter(|u| !used.contains(u)).collect();
-    state.pool.delete_cache_users(&cache.node, &stale).await?;
+    state.pools.of(&cache.pool)?.delete_cache_users(&cache.node, &stale).await?;
     if !stale.is_empty() {
         tracing::info!(cache = %cache.id, deleted = stale.len(), "unused token ACL users deleted");
     }

@@ -584,6 +584,24 @@ impl Cluster {
         Ok(ClusterStatus { ok, shards: out })
     }
 
+    /// The current primary of every shard that serves slots, as the cluster sees it now (not
+    /// waited for during a failover): where a cache's keys are, for sampling its storage and
+    /// for a gateway's first connection.
+    pub async fn primaries(&self) -> Result<Vec<Arc<Node>>, EngineError> {
+        let (_, shards) = self.shards().await?;
+        Ok(shards
+            .iter()
+            .filter(|s| !s.slots.is_empty())
+            .filter_map(Shard::primary_id)
+            .filter_map(|id| self.member_by_id(&id).ok())
+            .collect())
+    }
+
+    /// The observer user's password, the same on every node.
+    pub fn observer_password(&self) -> &str {
+        &self.observer_password
+    }
+
     /// `CLUSTER SHARDS` from the first node that answers.
     async fn shards(&self) -> Result<(Arc<Node>, Vec<Shard>), EngineError> {
         let mut last = None;
@@ -614,6 +632,11 @@ impl Cluster {
             // them (a migration to an id the source has not heard of is refused).
             for n in nodes.iter().cloned().chain(self.nodes()) {
                 wait_known(&n, total).await?;
+            }
+            // Knowing the nodes is not knowing their slots: a migration onto a node that has
+            // not heard of every slot's owner yet fails ("Slot … has no node served").
+            for n in &nodes {
+                wait_state_ok(n).await?;
             }
             let primary_id = my_id(&nodes[0]).await?;
             for replica in &nodes[1..] {
@@ -1038,7 +1061,7 @@ fn info_field(info: &str, name: &str) -> Option<u64> {
     info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
 }
 
-async fn used_memory(node: &Node) -> Option<u64> {
+pub(crate) async fn used_memory(node: &Node) -> Option<u64> {
     let info =
         tokio::time::timeout(Duration::from_secs(1), admin(node, &["INFO", "memory"])).await.ok()?.ok()?;
     info_field(&info, "used_memory")

@@ -6,7 +6,7 @@
 //! tenant operations take a node name; a cluster pool is one placement target,
 //! [`CLUSTER_TARGET`], and applies them to every node.
 
-use crate::cluster::{Cluster, ClusterConfig, ClusterStatus};
+use crate::cluster::{Cluster, ClusterConfig, ClusterStatus, NodeStatus, Role};
 use crate::node::{Node, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
@@ -50,6 +50,8 @@ pub struct Pool {
     /// [`Pool::cluster`]).
     nodes: Vec<Arc<Node>>,
     cluster: Option<Arc<Cluster>>,
+    /// A cluster pool's `notify-keyspace-events`, given to the nodes of a shard added later.
+    cluster_events: std::sync::Mutex<String>,
 }
 
 impl Pool {
@@ -72,7 +74,7 @@ impl Pool {
             )?;
             nodes.push(Arc::new(node));
         }
-        let pool = Pool { nodes, cluster: None };
+        let pool = Pool { nodes, cluster: None, cluster_events: Default::default() };
         for node in &pool.nodes {
             if let Err(e) = node.start().await {
                 pool.stop().await;
@@ -85,7 +87,8 @@ impl Pool {
 
     /// Starts a cluster pool: every node, the cluster formed (or reused), its keeper.
     pub async fn start_cluster(config: ClusterConfig) -> Result<Pool, EngineError> {
-        Ok(Pool { nodes: Vec::new(), cluster: Some(Cluster::start(config).await?) })
+        let cluster = Some(Cluster::start(config).await?);
+        Ok(Pool { nodes: Vec::new(), cluster, cluster_events: Default::default() })
     }
 
     /// The standalone nodes; empty for a cluster pool (see [`Pool::cluster`]).
@@ -110,12 +113,36 @@ impl Pool {
     /// Adds a shard to a cluster pool and moves an even share of the slots onto it; returns
     /// its shard id.
     pub async fn add_shard(&self) -> Result<String, EngineError> {
-        self.clustered()?.add_shard().await
+        let shard = self.clustered()?.add_shard().await?;
+        let flags = self.cluster_events.lock().unwrap().clone();
+        if !flags.is_empty() {
+            self.set_keyspace_events(CLUSTER_TARGET, &flags).await?;
+        }
+        Ok(shard)
     }
 
     /// Moves a shard's slots to the others, then removes its nodes.
     pub async fn remove_shard(&self, shard_id: &str) -> Result<(), EngineError> {
         self.clustered()?.remove_shard(shard_id).await
+    }
+
+    /// The standalone nodes in the shape of a cluster's ([`NodeStatus`]): each a primary
+    /// without replicas or a Valkey cluster id, `health` `online` when it answered its last
+    /// health check. Empty for a cluster pool.
+    pub async fn standalone_status(&self) -> Vec<NodeStatus> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            out.push(NodeStatus {
+                name: Some(node.name().to_string()),
+                id: String::new(),
+                addr: node.addr(),
+                role: Role::Primary,
+                health: if node.healthy() { "online" } else { "failed" }.to_string(),
+                healthy: node.healthy(),
+                used_memory: crate::cluster::used_memory(node).await,
+            });
+        }
+        out
     }
 
     pub fn node(&self, name: &str) -> Result<&Arc<Node>, EngineError> {
@@ -160,9 +187,56 @@ impl Pool {
         }
     }
 
-    /// Sets a node's `notify-keyspace-events` (the union of its caches' flags).
+    /// Sets a node's `notify-keyspace-events` (the union of its caches' flags); in a cluster
+    /// pool, on every node (a cache's keys, and so its events, are on every shard, and a
+    /// replica may be promoted). A node that does not answer keeps the flags for its restart;
+    /// the others are set anyway and the first error is returned.
     pub async fn set_keyspace_events(&self, node: &str, flags: &str) -> Result<(), EngineError> {
-        self.node(node)?.set_keyspace_events(flags).await
+        let Some(cluster) = &self.cluster else {
+            return self.node(node)?.set_keyspace_events(flags).await;
+        };
+        *self.cluster_events.lock().unwrap() = flags.to_string();
+        let mut first_error = None;
+        for n in cluster.nodes() {
+            if let Err(e) = n.set_keyspace_events(flags).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Whether the pool is a cluster (`"cluster"`) or standalone nodes (`"standalone"`).
+    pub fn kind(&self) -> &'static str {
+        if self.cluster.is_some() {
+            "cluster"
+        } else {
+            "standalone"
+        }
+    }
+
+    /// MB of storage limits a placement target ([`Pool::loads`]) may hold.
+    pub fn capacity_mb(&self, target: &str) -> Result<u64, EngineError> {
+        self.loads()
+            .into_iter()
+            .find(|l| l.node == target)
+            .map(|l| l.capacity_mb)
+            .ok_or_else(|| EngineError::UnknownNode(target.to_string()))
+    }
+
+    /// Where a gateway reaches a cache placed on `target`: one node's address (a shard's
+    /// primary in a cluster pool), every node of a cluster (empty for standalone), and the
+    /// observer user's password there.
+    pub async fn route(&self, target: &str) -> Result<(String, Vec<String>, String), EngineError> {
+        let Some(cluster) = &self.cluster else {
+            let node = self.node(target)?;
+            return Ok((node.addr(), Vec::new(), node.observer_password().to_string()));
+        };
+        let all: Vec<String> = cluster.nodes().iter().map(|n| n.addr()).collect();
+        let first = match cluster.primaries().await {
+            Ok(p) if !p.is_empty() => p[0].addr(),
+            _ => all.first().cloned().ok_or(EngineError::NoHealthyNode)?,
+        };
+        Ok((first, all, cluster.observer_password().to_string()))
     }
 
     /// Makes a cache's databases ready: flushes them (a previous owner's data never shows),

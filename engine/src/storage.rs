@@ -7,6 +7,7 @@
 //! - above: [`SAMPLE_KEYS`] `RANDOMKEY`s are measured and their mean is scaled by `DBSIZE`.
 //!
 //! Each key also counts [`TABLE_BYTES_PER_KEY`] for its slot in the database's hash table.
+//! In a cluster pool a cache's storage is the sum of these over every shard's primary.
 //!
 //! Everything is pipelined in chunks of [`CHUNK`] cheap commands, so the node never runs more
 //! than a few hundred microseconds of our work at once and other clients interleave.
@@ -81,25 +82,77 @@ struct Candidate {
     bytes: u64,
 }
 
-/// One connection to a node, as the admin user, for measuring and evicting. Not shared: it
-/// `SELECT`s databases.
+/// Connections for measuring and evicting a placement target's caches: one node's, or in a
+/// cluster pool one per shard's primary (a cache's keys are spread over the shards, so its
+/// storage is the sum, and its limit applies to the whole).
 pub struct StorageProbe {
+    parts: Vec<NodeProbe>,
+}
+
+/// One connection to a node, as the admin user. Not shared: it `SELECT`s databases.
+struct NodeProbe {
     node: Arc<Node>,
     conn: redis::aio::MultiplexedConnection,
 }
 
 impl Pool {
-    /// Opens a probe on `node`.
+    /// Opens a probe on `node` (a node name, or [`crate::CLUSTER_TARGET`]: every shard's
+    /// current primary).
     pub async fn storage_probe(&self, node: &str) -> Result<StorageProbe, EngineError> {
-        let node = self.node(node)?.clone();
-        let conn = crate::pool::admin_conn(&node).await?;
-        Ok(StorageProbe { node, conn })
+        let nodes = match self.cluster() {
+            Some(cluster) => cluster.primaries().await?,
+            None => vec![self.node(node)?.clone()],
+        };
+        let mut parts = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let conn = crate::pool::admin_conn(&node).await?;
+            parts.push(NodeProbe { node, conn });
+        }
+        Ok(StorageProbe { parts })
     }
 }
 
 impl StorageProbe {
-    /// Estimates the bytes stored in a cache's databases (see the module docs).
+    /// Estimates the bytes stored in a cache's databases (see the module docs), summed over
+    /// the probe's nodes.
     pub async fn measure(&mut self, dbs: CacheDbs) -> Result<StorageSample, EngineError> {
+        let mut total = StorageSample { exact: true, ..Default::default() };
+        for part in &mut self.parts {
+            let s = part.measure(dbs).await?;
+            total = StorageSample {
+                bytes: total.bytes + s.bytes,
+                keys: total.keys + s.keys,
+                exact: total.exact && s.exact,
+            };
+        }
+        Ok(total)
+    }
+
+    /// Deletes keys that have a TTL, idlest first, until about `bytes` are freed or none is
+    /// left; in a cluster shard after shard (idlest first within each), until enough is freed.
+    /// Keys without a TTL are never touched.
+    pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
+        let mut done = Eviction { exhausted: true, ..Default::default() };
+        for part in &mut self.parts {
+            if done.bytes >= bytes {
+                break;
+            }
+            let e = part.evict_volatile_lru(dbs, bytes - done.bytes).await?;
+            done = Eviction {
+                keys: done.keys + e.keys,
+                bytes: done.bytes + e.bytes,
+                exhausted: done.exhausted && e.exhausted,
+            };
+        }
+        if done.bytes >= bytes {
+            done.exhausted = false;
+        }
+        Ok(done)
+    }
+}
+
+impl NodeProbe {
+    async fn measure(&mut self, dbs: CacheDbs) -> Result<StorageSample, EngineError> {
         let mut total = StorageSample { exact: true, ..Default::default() };
         for db in dbs.iter() {
             let (keys, first_page) = self.open_db(db).await?;
@@ -123,9 +176,7 @@ impl StorageProbe {
         Ok(total)
     }
 
-    /// Deletes keys that have a TTL, idlest first, until about `bytes` are freed or none is
-    /// left. Keys without a TTL are never touched.
-    pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
+    async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
         let started = Instant::now();
         let mut done = Eviction::default();
         // Small databases: every volatile key is a candidate; one sorted pass.

@@ -523,3 +523,52 @@ async fn failover_figures() {
     f.print(&label);
     pool.stop().await;
 }
+
+/// A cluster cache's storage is measured on every shard's primary and summed, and eviction
+/// (its limit applies to the whole cache) reaches keys on every shard.
+#[tokio::test]
+async fn a_cluster_cache_is_measured_and_evicted_across_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), free_base_port());
+    (c.shards, c.replicas) = (2, 0);
+    let pool = Pool::start_cluster(c).await.expect("cluster pool starts");
+    let acl = tenant("tc000000000009", 4);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    let mut client = TenantClient::new(&pool, &acl).await;
+    const N: usize = 200;
+    for i in 0..N {
+        let key = format!("key:{i}");
+        let _: () = client
+            .query(&key, redis::cmd("SET").arg(&key).arg("x".repeat(100)).arg("EX").arg(600))
+            .await
+            .unwrap();
+    }
+    let mut per_shard = Vec::new();
+    for addr in client.primaries() {
+        let mut conn = client.conn(&addr).await.unwrap();
+        per_shard.push(redis::cmd("DBSIZE").query_async::<u64>(&mut conn).await.unwrap());
+    }
+    assert_eq!(per_shard.len(), 2);
+    assert!(per_shard.iter().all(|&n| n > 0 && n < N as u64), "keys spread over both shards: {per_shard:?}");
+
+    let dbs = shoal_engine::CacheDbs { db: acl.db, databases: 1 };
+    let mut probe = pool.storage_probe(shoal_engine::CLUSTER_TARGET).await.unwrap();
+    let sample = probe.measure(dbs).await.unwrap();
+    assert_eq!(sample.keys, N as u64, "the sample counts the keys of every shard");
+    assert!(sample.exact);
+    // Asking for most of it back takes keys from both shards.
+    let eviction = probe.evict_volatile_lru(dbs, sample.bytes * 3 / 4).await.unwrap();
+    assert!(eviction.bytes >= sample.bytes * 3 / 4, "{eviction:?} of {sample:?}");
+    assert!(!eviction.exhausted);
+    let after = probe.measure(dbs).await.unwrap();
+    assert_eq!(after.keys, N as u64 - eviction.keys);
+    let mut left = Vec::new();
+    for addr in client.primaries() {
+        let mut conn = client.conn(&addr).await.unwrap();
+        left.push(redis::cmd("DBSIZE").query_async::<u64>(&mut conn).await.unwrap());
+    }
+    // Neither shard holds three quarters of the keys, so both gave some up.
+    assert!(per_shard.iter().all(|&n| n * 4 < N as u64 * 3), "{per_shard:?}");
+    assert!(left.iter().zip(&per_shard).all(|(l, b)| l < b), "{left:?} of {per_shard:?}");
+    pool.stop().await;
+}

@@ -17,6 +17,7 @@ mod isolation;
 mod ldap;
 mod limits;
 mod metering;
+mod pools;
 mod portal;
 mod production;
 mod resources_gateway;

@@ -19,13 +19,15 @@ fn screenshot_dir() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn portal_in_headless_chromium() {
-    let dev = ShoalDev::start().await;
+    // With a small cluster pool (the default) beside `main`, for the pools page.
+    let dev = ShoalDev::start_cluster(2, 0, &[]).await;
 
     // An account with an owner (who creates the cache) and an auditor.
     let (account, owner) = dev.account_with_key("acme", "owner").await;
     let auditor = dev.api_key(&account, "auditor").await;
-    let (status, _, cache) =
-        dev.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "shop"})), &[]).await;
+    // On the standalone pool: RESP traffic to cluster caches is the gateway's to route.
+    let body = json!({"name": "shop", "pool": "main"});
+    let (status, _, cache) = dev.call(Some(&owner), Method::POST, "/v1/caches", Some(body), &[]).await;
     assert_eq!(status, 201, "{cache}");
     let cache_id = cache["id"].as_str().unwrap().to_string();
     // A cache of another account (the platform's), which acme's auditor must not see.
@@ -84,7 +86,14 @@ async fn portal_in_headless_chromium() {
     println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the browser test failed; screenshots in {}", shots.display());
     assert!(stdout.contains("PORTAL E2E PASSED"));
-    for name in ["01-overview.png", "02-cache.png", "04-billing.png", "05-audit.png", "06-phone-cache.png"] {
+    for name in [
+        "01-overview.png",
+        "02-cache.png",
+        "04-billing.png",
+        "05-audit.png",
+        "05b-pools.png",
+        "06-phone-cache.png",
+    ] {
         let len = std::fs::metadata(shots.join(name)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 10_000, "screenshot {name} is missing or empty");
     }

@@ -190,6 +190,21 @@ try {
   check(actions.length === 3 && actions.every((a) => a === 'token.revoke'), `filtering by action shows only token.revoke (${all} records before, ${actions.length} after)`);
   await noStrayText(page, 'audit page');
   await page.screenshot({ path: join(shots, '05-audit.png'), fullPage: true });
+
+  // Engine pools: the cluster's shards with their slots, nodes with roles, health and
+  // memory; the standalone pool's nodes.
+  await page.getByRole('link', { name: 'Pools', exact: true }).click();
+  await page.getByRole('heading', { level: 1, name: 'Engine pools' }).waitFor();
+  const shards = page.getByRole('table', { name: 'Shards of cluster' });
+  check((await shards.locator('tbody tr').count()) === 2, "the pools page lists the cluster's two shards");
+  check(/0–8191/.test(await shards.innerText()) && /8192–16383/.test(await shards.innerText()), 'with their slot ranges');
+  const clusterNodes = await page.getByRole('table', { name: 'Nodes of cluster' }).innerText();
+  check(/primary/.test(clusterNodes) && /online/.test(clusterNodes) && /[0-9.]+ MB/.test(clusterNodes),
+    'the cluster\'s nodes show role, health and memory');
+  check((await page.getByRole('table', { name: 'Nodes of main' }).locator('tbody tr').count()) === 2, 'the standalone pool lists its nodes');
+  check(await page.getByRole('button', { name: 'Add a shard' }).isVisible(), 'an admin may add a shard to the cluster');
+  await noStrayText(page, 'pools page');
+  await page.screenshot({ path: join(shots, '05b-pools.png'), fullPage: true });
   clean(page, 'desktop session');
   await page.close();
 
@@ -213,6 +228,7 @@ try {
   check((await aud.page.getByText('auditor of').count()) === 1, 'the header says the auditor is logged in');
   check((await aud.page.getByRole('link', { name: otherCache }).count()) === 0, "the auditor does not see another account's cache");
   check(/^Accounts\s+1$/.test((await aud.page.locator('.card', { hasText: 'Accounts' }).innerText()).trim()), 'the auditor sees one account');
+  check((await aud.page.getByRole('link', { name: 'Pools' }).count()) === 0, "an account's auditor is not shown the engine's pools");
   await aud.page.getByRole('link', { name: cacheName }).first().click();
   await aud.page.getByRole('heading', { level: 1, name: `Cache ${cacheName}` }).waitFor();
   check((await aud.page.getByRole('button', { name: /Mint/ }).count()) === 0, 'an auditor sees no mint button');

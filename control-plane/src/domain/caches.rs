@@ -33,10 +33,11 @@ pub async fn changeable_cache(
     Ok(cache)
 }
 
-/// Sets a node's `notify-keyspace-events` to the union of its live caches' flags.
-pub async fn apply_keyspace_events(state: &AppState, node: &str) -> Result<(), ApiError> {
-    let flags = state.store.keyspace_events_on(node).await?;
+/// Sets a node's `notify-keyspace-events` to the union of its live caches' flags (a
+/// cluster pool's target: on every node of the cluster).
+pub async fn apply_keyspace_events(state: &AppState, pool: &str, node: &str) -> Result<(), ApiError> {
+    let flags = state.store.keyspace_events_on(pool, node).await?;
     let union = shoal_engine::tenant::union_keyspace_events(flags.iter().map(String::as_str));
-    state.pool.set_keyspace_events(node, &union).await?;
+    state.pools.of(pool)?.set_keyspace_events(node, &union).await?;
     Ok(())
 }

@@ -72,6 +72,6 @@ pub async fn set_login_user(
     if state.store.cache(&cache.id).await?.is_none() {
         return Err(ApiError::NotFound("cache"));
     }
-    state.pool.set_cache_user(&cache.node, name, &rules).await?;
+    state.pools.of(&cache.pool)?.set_cache_user(&cache.node, name, &rules).await?;
     Ok(())
 }

@@ -12,9 +12,10 @@ use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use shoal_engine::{placement, TenantAcl};
+use shoal_engine::{placement, Pool, TenantAcl};
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use utoipa::ToSchema;
 
 /// Most numbered databases one cache may have.
@@ -115,6 +116,11 @@ pub struct CreateCache {
     /// `notify-keyspace-events` syntax (e.g. `KEA`); off when absent.
     #[serde(default)]
     pub keyspace_notifications: Option<String>,
+    /// The engine pool to place the cache in (`GET /v1/engine/pools` lists them; a
+    /// standalone pool or a Valkey cluster); default: the platform's default pool. Fixed
+    /// once created.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 /// Body of `PATCH /v1/caches/{id}`: any number of fields at once (JSON merge patch; `null`
@@ -151,6 +157,8 @@ pub struct Cache {
     pub account_id: String,
     /// `available` once it can take connections.
     pub status: String,
+    /// The engine pool it is placed in.
+    pub pool: String,
     /// The RESP endpoint (`host:port`) to connect to.
     pub endpoint: String,
     pub databases: u32,
@@ -192,6 +200,7 @@ impl Cache {
             description: c.description.clone(),
             account_id: c.account_id.to_string(),
             status: c.status.as_str().to_string(),
+            pool: c.pool.clone(),
             endpoint: endpoint.to_string(),
             databases: c.databases,
             limits: Limits::of(&c.limits),
@@ -290,6 +299,11 @@ async fn create(
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
+    let pool_name = body.pool.clone().unwrap_or_else(|| state.pools.default_name().to_string());
+    let pool = state.pools.get(&pool_name).ok_or_else(|| {
+        let known: Vec<&str> = state.pools.iter().map(|(n, _)| n).collect();
+        ApiError::field("pool", format!("unknown pool {pool_name:?}: the pools are {}", known.join(", ")))
+    })?;
     let account = who
         .role
         .account()
@@ -313,13 +327,13 @@ async fn create(
     }
     let mut limits = limits;
     let storage_mb = *limits.data_storage_mb.get_or_insert(state.config.default_data_storage_mb);
-    let mut loads = state.pool.loads();
-    for (node, db) in state.store.taken_databases().await? {
+    let mut loads = pool.loads();
+    for (node, db) in state.store.taken_databases(&pool_name).await? {
         if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
             load.taken.insert(db);
         }
     }
-    for (node, mb) in reserved_storage(state, None).await? {
+    for (node, mb) in reserved_storage(state, &pool_name, None).await? {
         if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
             load.reserved_mb = mb;
         }
@@ -335,11 +349,11 @@ async fn create(
             db: chosen.db,
             databases,
         };
-        match state.pool.create_tenant(&chosen.node, &acl).await {
+        match pool.create_tenant(&chosen.node, &acl).await {
             Ok(()) => break (chosen, acl),
             Err(e) => {
                 tracing::warn!(node = %chosen.node, error = %e, "could not provision a cache on this node; trying another");
-                forget_half_made_tenant(state, &chosen.node, &acl.user);
+                forget_half_made_tenant(pool, &chosen.node, &acl.user);
                 for load in loads.iter_mut().filter(|l| l.node == chosen.node) {
                     load.healthy = false;
                 }
@@ -352,6 +366,7 @@ async fn create(
         account_id: account,
         name: body.name,
         status: crate::store::CacheStatus::Available,
+        pool: pool_name.clone(),
         node: chosen.node.clone(),
         db: chosen.db,
         databases,
@@ -374,7 +389,7 @@ async fn create(
     }
     .await;
     if let Err(e) = stored {
-        let _ = state.pool.delete_tenant(&chosen.node, &acl).await;
+        let _ = pool.delete_tenant(&chosen.node, &acl).await;
         return Err(if store::is_unique_violation(&e) {
             ApiError::Conflict(format!("a cache named {:?} already exists", record.name))
         } else {
@@ -382,21 +397,22 @@ async fn create(
         });
     }
     if !record.keyspace_events.is_empty() {
-        apply_keyspace_events(state, &record.node).await?;
+        apply_keyspace_events(state, &record.pool, &record.node).await?;
     }
-    tracing::info!(cache = %record.id, node = %record.node, db = record.db, "cache created");
+    tracing::info!(cache = %record.id, pool = %record.pool, node = %record.node, db = record.db, "cache created");
     Ok(Cache::from_record(&record, &state.config.public_endpoint, who))
 }
 
-/// MB of storage limits held on each node by its live caches (`except` one of them), caches
-/// without a stored limit counting the default.
+/// MB of storage limits held on each node of engine pool `pool` by its live caches (`except`
+/// one of them), caches without a stored limit counting the default.
 async fn reserved_storage(
     state: &AppState,
+    pool: &str,
     except: Option<&CacheId>,
 ) -> Result<BTreeMap<String, u64>, ApiError> {
     let mut reserved = BTreeMap::new();
     for cache in state.store.caches(None).await? {
-        if Some(&cache.id) == except {
+        if Some(&cache.id) == except || cache.pool != pool {
             continue;
         }
         let mb = cache.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
@@ -433,14 +449,15 @@ fn no_room(storage_mb: u64, free_mb: u64) -> ApiError {
 /// A create whose provisioning on `node` failed (timed out) may still run there later:
 /// once the node answers again, remove the ACL user it would have made. Its database is
 /// flushed anyway when a cache gets it.
-fn forget_half_made_tenant(state: &AppState, node: &str, user: &str) {
-    let pool = state.pool.clone();
+fn forget_half_made_tenant(pool: &Arc<Pool>, node: &str, user: &str) {
+    let pool = Arc::clone(pool);
     let (node, user) = (node.to_string(), user.to_string());
     tokio::spawn(async move {
         for _ in 0..600 {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            let Ok(n) = pool.node(&node) else { return };
-            if !n.healthy() {
+            // A cluster pool's target is healthy when any of its nodes is.
+            let Some(load) = pool.loads().into_iter().find(|l| l.node == node) else { return };
+            if !load.healthy {
                 continue;
             }
             // Let whatever was queued on the node run first.
@@ -568,8 +585,11 @@ pub async fn patch_cache(
     let old_mb = current.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
     let new_mb = next.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
     if new_mb > old_mb {
-        let capacity = state.pool.node(&current.node)?.storage_capacity_mb();
-        let others = reserved_storage(&state, Some(&current.id)).await?.remove(&current.node).unwrap_or(0);
+        let capacity = state.pools.of(&current.pool)?.capacity_mb(&current.node)?;
+        let others = reserved_storage(&state, &current.pool, Some(&current.id))
+            .await?
+            .remove(&current.node)
+            .unwrap_or(0);
         if others + new_mb > capacity {
             return Err(ApiError::Unprocessable {
                 detail: format!(
@@ -598,7 +618,7 @@ pub async fn patch_cache(
     }
     tx.commit(&event).await?;
     if next.keyspace_events != current.keyspace_events {
-        apply_keyspace_events(&state, &next.node).await?;
+        apply_keyspace_events(&state, &next.pool, &next.node).await?;
     }
     next.version += 1;
     let fresh = state.store.cache(&next.id).await?.unwrap_or(next);
@@ -630,16 +650,17 @@ pub async fn delete_cache(
     };
     // Its users' ACL users (cache users and LDAP roles) go first: their connections close.
     let _users = state.users_lock.lock().await;
-    let users = state.pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
-    state.pool.delete_cache_users(&cache.node, &users).await?;
-    state.pool.delete_tenant(&cache.node, &acl).await?;
+    let pool = state.pools.of(&cache.pool)?;
+    let users = pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
+    pool.delete_cache_users(&cache.node, &users).await?;
+    pool.delete_tenant(&cache.node, &acl).await?;
     let mut event = ctx.cache_event(&who, "cache.delete", cache.id.as_str(), &cache);
     let mut tx = state.store.begin().await?;
     store::mark_cache_deleted(tx.conn(), &cache.id).await?;
     let removed = store::users::delete_cache_users(tx.conn(), &cache.id).await?;
     event.details = serde_json::json!({ "cache_users_deleted": removed });
     tx.commit(&event).await?;
-    apply_keyspace_events(&state, &cache.node).await?;
+    apply_keyspace_events(&state, &cache.pool, &cache.node).await?;
     tracing::info!(cache = %cache.id, "cache deleted");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -1,4 +1,5 @@
-//! `/healthz` (the process is up) and `/readyz` (store and every Valkey node answer).
+//! `/healthz` (the process is up) and `/readyz` (store and every Valkey node of every pool
+//! answer; a cluster's replicas too).
 
 use crate::state::AppState;
 use actix_web::{web, HttpResponse};
@@ -19,10 +20,22 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let store_ok = state.store.ping().await.is_ok();
     let mut nodes = serde_json::Map::new();
     let mut all_ok = store_ok;
-    for node in state.pool.nodes() {
-        let ok = node.ping().await;
-        all_ok &= ok;
-        nodes.insert(node.name().to_string(), serde_json::Value::Bool(ok));
+    for (pool_name, pool) in state.pools.iter() {
+        let members = match pool.cluster() {
+            Some(cluster) => cluster.nodes(),
+            None => pool.nodes().to_vec(),
+        };
+        for node in members {
+            let ok = node.ping().await;
+            all_ok &= ok;
+            // `node` alone in the main pool, as before pools existed.
+            let key = if pool_name == crate::pools::MAIN_POOL {
+                node.name().to_string()
+            } else {
+                format!("{pool_name}/{}", node.name())
+            };
+            nodes.insert(key, serde_json::Value::Bool(ok));
+        }
     }
     let body = serde_json::json!({"store": store_ok, "nodes": nodes});
     if all_ok {

@@ -10,6 +10,7 @@ use crate::state::AppState;
 use crate::store::CacheRecord;
 use actix_web::{web, HttpResponse};
 use shoal_types::{CacheId, LoginEvent, TenantRoute, VerifiedLogin, VerifyRefusal, VerifyRequest};
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// The public REST port serves only the (public) signing keys from here.
@@ -41,7 +42,8 @@ async fn route(
 ) -> Result<HttpResponse, ApiError> {
     let cache = internal_cache(&state, &gw, &id).await?;
     let storage = state.store.cache_storage(&cache.id).await?;
-    Ok(HttpResponse::Ok().json(tenant_route(&state, cache, storage.as_ref())?))
+    let place = place(&state, &cache).await?;
+    Ok(HttpResponse::Ok().json(tenant_route(&state, cache, place, storage.as_ref())))
 }
 
 /// Most routes one request may ask for (gateways ask in chunks of this many).
@@ -65,41 +67,56 @@ async fn routes(
     let ids: Vec<CacheId> = body.ids.iter().filter_map(|id| CacheId::parse(id).ok()).collect();
     let storage = state.store.caches_storage(&ids).await?;
     let mut routes = Vec::with_capacity(ids.len());
+    // One look at each placement target per request (a cluster's asks it for its primaries).
+    let mut places: HashMap<(String, String), Place> = HashMap::new();
     for cache in state.store.live_caches(&ids).await? {
         let sample = storage.get(&cache.id);
-        routes.push(tenant_route(&state, cache, sample)?);
+        let key = (cache.pool.clone(), cache.node.clone());
+        let place = match places.get(&key) {
+            Some(p) => p.clone(),
+            None => places.entry(key).or_insert(place(&state, &cache).await?).clone(),
+        };
+        routes.push(tenant_route(&state, cache, place, sample));
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "routes": routes })))
+}
+
+/// Where a cache's pool is reached: a node's address (one shard's primary in a cluster),
+/// every node of a cluster (empty for standalone), the observer user's password.
+type Place = (String, Vec<String>, String);
+
+async fn place(state: &AppState, cache: &CacheRecord) -> Result<Place, ApiError> {
+    Ok(state.pools.of(&cache.pool)?.route(&cache.node).await?)
 }
 
 /// What a gateway needs to serve a cache.
 fn tenant_route(
     state: &AppState,
     cache: CacheRecord,
+    (node_addr, cluster_nodes, observer_password): Place,
     storage: Option<&crate::store::CacheStorage>,
-) -> Result<TenantRoute, ApiError> {
-    let node = state.pool.node(&cache.node).map_err(ApiError::from)?;
+) -> TenantRoute {
     let mut limits = cache.limits;
     // Caches stored before storage limits had a default get it here too.
     limits.data_storage_mb = Some(limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb));
-    Ok(TenantRoute {
+    TenantRoute {
         acl_user: cache.id.acl_user(),
         cache_id: cache.id,
         cache_name: cache.name,
-        node_addr: node.addr(),
-        cluster_nodes: Vec::new(),
+        node_addr,
+        cluster_nodes,
         db: cache.db,
         databases: cache.databases,
         acl_password: cache.acl_password,
         observer_user: shoal_engine::node::OBSERVER_USER.to_string(),
-        observer_password: node.observer_password().to_string(),
+        observer_password,
         keyspace_events: cache.keyspace_events,
         limits,
         storage_full: storage.is_some_and(|s| s.storage_full),
         storage_bytes: storage.map_or(0, |s| s.bytes),
         storage_sampled_at_ms: storage.map_or(0, |s| s.sampled_at_ms),
         eviction_policy: cache.eviction_policy,
-    })
+    }
 }
 
 /// A gateway saw a cache write close to its storage limit since the last sample: sample it
@@ -125,7 +142,7 @@ async fn enable_client_tracking(
 ) -> Result<HttpResponse, ApiError> {
     let cache = internal_cache(&state, &gw, &id).await?;
     if state.store.enable_client_tracking(&cache.id).await? {
-        crate::domain::caches::apply_keyspace_events(&state, &cache.node).await?;
+        crate::domain::caches::apply_keyspace_events(&state, &cache.pool, &cache.node).await?;
     }
     Ok(HttpResponse::NoContent().finish())
 }

@@ -11,6 +11,7 @@ pub mod health;
 pub mod internal;
 pub mod me;
 pub mod page;
+pub mod pools;
 pub mod portal;
 pub mod responses;
 pub mod sessions;

@@ -175,7 +175,7 @@ pub async fn create_user(
     let secret = shoal_engine::node::random_secret();
     let rules = upstream_rules(&cache, &access, &secret)?;
     let name = upstream_user(&cache, &body.username);
-    state.pool.set_cache_user(&cache.node, &name, &rules).await?;
+    state.pools.of(&cache.pool)?.set_cache_user(&cache.node, &name, &rules).await?;
     let now = store::now();
     let record = CacheUserRecord {
         cache_id: cache.id.clone(),
@@ -198,7 +198,7 @@ pub async fn create_user(
     }
     .await;
     if let Err(e) = stored {
-        let _ = state.pool.delete_cache_users(&cache.node, &[name]).await;
+        let _ = state.pools.of(&cache.pool)?.delete_cache_users(&cache.node, &[name]).await;
         return Err(e.into());
     }
     tracing::info!(cache = %cache.id, user = %record.username, "cache user created");
@@ -299,7 +299,11 @@ pub async fn patch_user(
     }
     let access = parse_access(&next.access_string)?;
     let rules = upstream_rules(&cache, &access, &current.upstream_secret)?;
-    state.pool.set_cache_user(&cache.node, &upstream_user(&cache, &username), &rules).await?;
+    state
+        .pools
+        .of(&cache.pool)?
+        .set_cache_user(&cache.node, &upstream_user(&cache, &username), &rules)
+        .await?;
     let mut event = event_for(&ctx, &who, "cache_user.update", &cache, &username);
     event.details = serde_json::json!({ "fields": changed, "access_string": next.access_string,
                                         "passwords": next.password_hashes.len() });
@@ -328,7 +332,7 @@ pub async fn delete_user(
     let cache = changeable_cache(&state, &who, &id).await?;
     let _changing = state.users_lock.lock().await;
     find_user(&state, &cache, &username).await?;
-    state.pool.delete_cache_users(&cache.node, &[upstream_user(&cache, &username)]).await?;
+    state.pools.of(&cache.pool)?.delete_cache_users(&cache.node, &[upstream_user(&cache, &username)]).await?;
     let event = event_for(&ctx, &who, "cache_user.delete", &cache, &username);
     let mut tx = state.store.begin().await?;
     users::delete_cache_user(tx.conn(), &cache.id, &username).await?;

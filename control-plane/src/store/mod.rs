@@ -62,6 +62,9 @@ pub struct CacheRecord {
     pub account_id: AccountId,
     pub name: String,
     pub status: CacheStatus,
+    /// The engine pool it is placed in ([`crate::pools`]).
+    pub pool: String,
+    /// A node of that pool, or its cluster's one placement target.
     pub node: String,
     pub db: u32,
     pub databases: u32,
@@ -278,11 +281,13 @@ impl Store {
 
     // --- caches ---
 
-    /// `(node, db)` of every database held by a live cache.
-    pub async fn taken_databases(&self) -> Result<Vec<(String, u32)>, StoreError> {
-        let rows = sqlx::query("SELECT node, db, databases FROM caches WHERE status <> 'deleted'")
-            .fetch_all(&self.pool)
-            .await?;
+    /// `(node, db)` of every database held by a live cache of engine pool `pool`.
+    pub async fn taken_databases(&self, pool: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT node, db, databases FROM caches WHERE pool = $1 AND status <> 'deleted'")
+                .bind(pool)
+                .fetch_all(&self.pool)
+                .await?;
         let mut taken = Vec::new();
         for r in rows {
             let (node, db, n): (String, i64, i64) = (r.get("node"), r.get("db"), r.get("databases"));
@@ -326,13 +331,14 @@ impl Store {
         rows.into_iter().map(cache_from_row).collect()
     }
 
-    /// Keyspace-event flags the live caches on `node` need: their own, plus `KA` for caches
-    /// whose clients use client-side caching.
-    pub async fn keyspace_events_on(&self, node: &str) -> Result<Vec<String>, StoreError> {
+    /// Keyspace-event flags the live caches on `node` of engine pool `pool` need: their own,
+    /// plus `KA` for caches whose clients use client-side caching.
+    pub async fn keyspace_events_on(&self, pool: &str, node: &str) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "SELECT keyspace_events || CASE WHEN client_tracking = 1 THEN 'KA' ELSE '' END AS keyspace_events
-             FROM caches WHERE node = $1 AND status <> 'deleted'",
+             FROM caches WHERE pool = $1 AND node = $2 AND status <> 'deleted'",
         )
+        .bind(pool)
         .bind(node)
         .fetch_all(&self.pool)
         .await?;
@@ -394,8 +400,8 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     sqlx::query(
         "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
                              keyspace_events, description, ecpu_per_second, data_storage_mb, max_connections,
-                             eviction_policy, tags, version, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                             eviction_policy, tags, version, updated_at, pool)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
     )
     .bind(c.id.as_str())
     .bind(c.account_id.as_str())
@@ -415,6 +421,7 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     .bind(&c.tags)
     .bind(c.version)
     .bind(&c.updated_at)
+    .bind(&c.pool)
     .execute(conn)
     .await
     .map(|_| ())
@@ -522,6 +529,7 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
         account_id: AccountId::parse(r.get::<&str, _>("account_id")).map_err(decode_err)?,
         name: r.get("name"),
         status: decode_value("status", r.get("status"), CacheStatus::parse)?,
+        pool: r.get("pool"),
         node: r.get("node"),
         db: r.get::<i64, _>("db") as u32,
         databases: r.get::<i64, _>("databases") as u32,

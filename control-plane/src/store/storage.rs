@@ -291,6 +291,7 @@ mod tests {
             account_id: shoal_types::AccountId::generate(),
             name: "c".into(),
             status: super::super::CacheStatus::Available,
+            pool: "main".into(),
             node: "n0".into(),
             db: 1,
             databases: 1,

@@ -100,6 +100,11 @@ async fn every_route_answers_each_role_as_documented() {
         (Method::GET, "/v1/audit".into(), None, [200, 200, 200, 200, 401]),
         (Method::GET, "/v1/audit/verify".into(), None, [200, 403, 403, 403, 401]),
         (Method::GET, "/v1/me".into(), None, [200, 200, 200, 200, 401]),
+        (Method::GET, "/v1/engine/pools".into(), None, [200, 403, 403, 403, 401]),
+        // The one pool here is standalone: no shards to add (409), and only admins may try.
+        (Method::POST, "/v1/engine/pools/main/shards".into(), None, [409, 403, 403, 403, 401]),
+        (Method::POST, "/v1/engine/pools/nope/shards".into(), None, [404, 403, 403, 403, 401]),
+        (Method::DELETE, "/v1/engine/pools/main/shards/abc".into(), None, [409, 403, 403, 403, 401]),
     ];
     for (method, path, body, expected) in &matrix {
         for ((name, token), want) in who.all().iter().zip(expected) {

@@ -61,7 +61,35 @@ pub struct ShoalDev {
     pub extra_args: Vec<String>,
     /// The store: SQLite in `dir` unless the Postgres lane gave a server (a fresh database).
     pub database_url: Option<String>,
+    /// `shoal dev --engine cluster`: the cluster pool `cluster` (the default) beside `main`.
+    pub cluster: Option<DevCluster>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// The cluster of a `shoal dev --engine cluster` ([`ShoalDev::start_cluster`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DevCluster {
+    pub shards: usize,
+    pub replicas: usize,
+    /// Node n listens on base + n, its cluster bus on base + n + 10000.
+    pub base_port: u16,
+}
+
+/// A base port for a dev cluster: it and the next 16 ports free, and their cluster-bus ports
+/// (+10000), all below Linux's ephemeral range (32768 on) where [`free_port`]s come from.
+/// Bases 20000–22760 (buses 30000–32760): the engine's cluster tests take bases
+/// 10000–19990 and the REST tests 2000–9990.
+pub fn free_cluster_base_port() -> u16 {
+    loop {
+        let base = 20000 + (rand_u64() % 277) as u16 * 10;
+        let free = (0..16).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + i + 10000)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
 }
 
 impl ShoalDev {
@@ -74,6 +102,17 @@ impl ShoalDev {
     pub async fn start_with(extra: &[&str]) -> ShoalDev {
         let tmp = tempfile::tempdir().unwrap();
         let mut dev = Self::unstarted(tmp.path().to_path_buf(), extra);
+        dev._tmp = Some(tmp);
+        dev.start_on_free_ports().await;
+        dev
+    }
+
+    /// `shoal dev --engine cluster` small (`shards` × `replicas`, node timeout 1 s), with
+    /// extra arguments: the cluster pool `cluster` is the default, `main` stays beside it.
+    pub async fn start_cluster(shards: usize, replicas: usize, extra: &[&str]) -> ShoalDev {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dev = Self::unstarted(tmp.path().to_path_buf(), extra);
+        dev.cluster = Some(DevCluster { shards, replicas, base_port: free_cluster_base_port() });
         dev._tmp = Some(tmp);
         dev.start_on_free_ports().await;
         dev
@@ -93,6 +132,7 @@ impl ShoalDev {
             http: http_client(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             database_url: fresh_postgres_database(),
+            cluster: None,
             _tmp: None,
         }
     }
@@ -113,6 +153,9 @@ impl ShoalDev {
                     self.tls_port = free_port();
                     self.internal_port = free_port();
                     self.node_ports = vec![free_port(), free_port()];
+                    if let Some(c) = &mut self.cluster {
+                        c.base_port = free_cluster_base_port();
+                    }
                 }
                 Err(log) => panic!("shoal dev did not start; log:\n{log}"),
             }
@@ -146,6 +189,7 @@ impl ShoalDev {
             http: http_client(),
             extra_args: Vec::new(),
             database_url: d["database_url"].as_str().map(str::to_owned),
+            cluster: None,
             _tmp: None,
         }
     }
@@ -185,6 +229,20 @@ impl ShoalDev {
             } else {
                 &["--databases", "64"]
             })
+            .args(self.cluster.iter().flat_map(|c| {
+                [
+                    "--engine".to_string(),
+                    "cluster".to_string(),
+                    "--shards".to_string(),
+                    c.shards.to_string(),
+                    "--replicas".to_string(),
+                    c.replicas.to_string(),
+                    "--cluster-base-port".to_string(),
+                    c.base_port.to_string(),
+                    "--cluster-node-timeout".to_string(),
+                    "1".to_string(),
+                ]
+            }))
             .args(&self.extra_args)
             .args(self.database_url.iter().flat_map(|url| ["--database-url", url]))
             .stdin(Stdio::null())

@@ -1,6 +1,7 @@
 //! Test harness: the public REST API in-process ([`startup::public_app`] driven by
 //! `actix_web::test`), on a fresh store in a temporary directory (or a fresh PostgreSQL
-//! database in the Postgres lane) and a pool of one real valkey-server node.
+//! database in the Postgres lane) and a pool of one real valkey-server node (`main`), with
+//! a small Valkey cluster pool beside it when a test asks ([`Api::start_with_cluster`]).
 #![allow(dead_code)]
 
 use actix_web::dev::Service;
@@ -48,6 +49,16 @@ pub struct Api {
 
 impl Api {
     pub async fn start() -> Api {
+        Api::start_with(None).await
+    }
+
+    /// With a Valkey cluster pool named `cluster` beside the standalone `main` (the
+    /// default): `shards` × `replicas`, node timeout 1 s, on ports below the ephemeral range.
+    pub async fn start_with_cluster(shards: usize, replicas: usize) -> Api {
+        Api::start_with(Some((shards, replicas))).await
+    }
+
+    async fn start_with(cluster: Option<(usize, usize)>) -> Api {
         let tmp = tempfile::tempdir().unwrap();
         let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let pool = Arc::new(
@@ -72,7 +83,27 @@ impl Api {
             admin_token_path: tmp.path().join("admin.token"),
             ..Default::default()
         };
-        let state = startup::state(config, pool.clone()).await.expect("control plane state");
+        let mut pools = vec![("main".to_string(), pool.clone())];
+        if let Some((shards, replicas)) = cluster {
+            let config = shoal_engine::ClusterConfig {
+                valkey_server: shoal_engine::find_valkey_server().unwrap(),
+                dir: tmp.path().join("cluster"),
+                host: "127.0.0.1".into(),
+                base_port: cluster_base_port(),
+                shards,
+                replicas,
+                databases: 64,
+                maxmemory_mb: Some(128),
+                script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+                node_timeout: std::time::Duration::from_secs(1),
+            };
+            pools.push((
+                "cluster".to_string(),
+                Arc::new(Pool::start_cluster(config).await.expect("cluster starts")),
+            ));
+        }
+        let pools = Arc::new(shoal_control_plane::pools::Pools::new(pools, "main").unwrap());
+        let state = startup::state(config, pools).await.expect("control plane state");
         let admin_token = std::fs::read_to_string(tmp.path().join("admin.token")).unwrap().trim().to_string();
         let service =
             std::rc::Rc::new(actix_web::test::init_service(startup::public_app(state.clone())).await);
@@ -192,6 +223,22 @@ impl Api {
         let result = sqlx::raw_sql(query).execute(&mut conn).await.map(|_| ()).map_err(|e| e.to_string());
         let _ = conn.close().await;
         result
+    }
+}
+
+/// A base port for a small cluster: node n on base + n, its bus on base + n + 10000, all
+/// below Linux's ephemeral range (32768 on) where other tests' free ports come from. Bases
+/// 2000–9990 (buses 12000–19990); the engine's own cluster tests take 10000–19990.
+fn cluster_base_port() -> u16 {
+    loop {
+        let base = 2000 + (rand::random::<u16>() % 800) * 10;
+        let free = (0..8).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + i + 10000)).is_ok()
+        });
+        if free {
+            return base;
+        }
     }
 }
 
