@@ -150,6 +150,10 @@ struct DevArgs {
     /// RESP over TLS port (self-signed certificate under <data-dir>/tls/; 0 turns TLS off).
     #[arg(long, env = "SHOAL_TLS_PORT", default_value_t = 6381)]
     tls_port: u16,
+    /// Reader endpoint port: read-only commands, served by replicas on a cluster pool; writes
+    /// get -READONLY (0 turns it off).
+    #[arg(long, env = "SHOAL_READER_PORT", default_value_t = 6382)]
+    reader_port: u16,
     /// The default engine pool: `standalone` nodes (the pool `main`), or a Valkey
     /// `cluster` (the pool `cluster`, started beside `main`, and made the default).
     #[arg(long, env = "SHOAL_ENGINE", value_enum, default_value_t = EngineKind::Standalone)]
@@ -521,6 +525,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let metrics = shoal_gateway::metrics::install();
     let rest = format!("{}:{}", args.host, args.rest_port);
     let resp = format!("{}:{}", args.host, args.resp_port);
+    let reader = (args.reader_port != 0).then(|| format!("{}:{}", args.host, args.reader_port));
     let cp_config = ControlPlaneConfig {
         listen: rest.clone(),
         database_url: args
@@ -530,6 +535,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         admin_token_path: args.data_dir.join("admin.token"),
         audit_key_path: Some(data_dir.join("audit.key")),
         public_endpoint: resp.clone(),
+        public_reader_endpoint: reader.clone(),
         // The embedded gateway's only: loopback, so plain HTTP.
         internal_listen: format!("127.0.0.1:{}", args.internal_port),
         verify_throttle: args.auth_throttle.unwrap_or_default(),
@@ -579,6 +585,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         control_plane_url: format!("http://{}", cp.internal_addr),
         internal_credential: credential.expose().to_owned(),
         tls_listen: tls.as_ref().map(|t| t.0.clone()),
+        reader_listen: reader.clone(),
         tls_cert: tls.as_ref().map(|t| t.1.clone()),
         tls_key: tls.as_ref().map(|t| t.2.clone()),
         max_connections_per_cache: args.limits.max_connections_per_cache,
@@ -621,6 +628,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("Shoal dev is running.");
     println!("  REST API       http://{rest}   (OpenAPI at /openapi.json)");
     println!("  RESP endpoint  {resp}");
+    if let Some(reader) = &reader {
+        println!("  Reader         {reader}   (read-only: replicas of a cluster pool)");
+    }
     println!("  Internal API   http://{}   (gateways only)", cp.internal_addr);
     if let Some((addr, cert, _)) = &tls {
         println!("  RESP over TLS  {addr}   (self-signed: {})", cert.display());

@@ -21,6 +21,9 @@ pub struct ControlPlaneConfig {
     pub audit_key_path: Option<PathBuf>,
     /// The RESP endpoint tenants connect to, shown in cache responses.
     pub public_endpoint: String,
+    /// The reader endpoint (read-only commands, served by a cluster pool's replicas), shown
+    /// in cache responses when set.
+    pub public_reader_endpoint: Option<String>,
     /// Where the internal API gateways use listens (never on `listen`): plain HTTP only on
     /// a loopback address; anywhere else it needs `internal_tls_cert` and `internal_tls_key`.
     pub internal_listen: String,
@@ -84,6 +87,7 @@ impl Default for ControlPlaneConfig {
             admin_token_path: ".shoal/admin.token".into(),
             audit_key_path: None,
             public_endpoint: "127.0.0.1:6380".into(),
+            public_reader_endpoint: None,
             internal_listen: "127.0.0.1:8081".into(),
             internal_tls_cert: None,
             internal_tls_key: None,

@@ -1,6 +1,7 @@
 //! `/v1/caches`: create, list, get, patch, delete.
 
 use crate::auth::Principal;
+use crate::config::ControlPlaneConfig;
 use crate::context::RequestContext;
 use crate::domain::caches::{apply_keyspace_events, changeable_cache, visible_cache, PLATFORM_ACCOUNT};
 use crate::domain::names;
@@ -161,6 +162,10 @@ pub struct Cache {
     pub pool: String,
     /// The RESP endpoint (`host:port`) to connect to.
     pub endpoint: String,
+    /// The reader endpoint: read-only commands, served by replicas on a cluster pool
+    /// (replication lag included); writes there get `-READONLY`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reader_endpoint: Option<String>,
     pub databases: u32,
     pub limits: Limits,
     pub eviction_policy: String,
@@ -193,7 +198,7 @@ pub struct CacheQuery {
 }
 
 impl Cache {
-    pub fn from_record(c: &CacheRecord, endpoint: &str, who: &Principal) -> Cache {
+    pub fn from_record(c: &CacheRecord, config: &ControlPlaneConfig, who: &Principal) -> Cache {
         Cache {
             id: c.id.to_string(),
             name: c.name.clone(),
@@ -201,7 +206,8 @@ impl Cache {
             account_id: c.account_id.to_string(),
             status: c.status.as_str().to_string(),
             pool: c.pool.clone(),
-            endpoint: endpoint.to_string(),
+            endpoint: config.public_endpoint.clone(),
+            reader_endpoint: config.public_reader_endpoint.clone(),
             databases: c.databases,
             limits: Limits::of(&c.limits),
             eviction_policy: c.eviction_policy.clone(),
@@ -400,7 +406,7 @@ async fn create(
         apply_keyspace_events(state, &record.pool, &record.node).await?;
     }
     tracing::info!(cache = %record.id, pool = %record.pool, node = %record.node, db = record.db, "cache created");
-    Ok(Cache::from_record(&record, &state.config.public_endpoint, who))
+    Ok(Cache::from_record(&record, &state.config, who))
 }
 
 /// MB of storage limits held on each node of engine pool `pool` by its live caches (`except`
@@ -497,8 +503,7 @@ pub async fn list_caches(
     let filter = CacheFilter { account, name: q.name.clone(), after, limit };
     let records = state.store.caches_page(&filter).await?;
     let next_cursor = page::next_cursor(&records, limit, |c| vec![c.created_at.clone(), c.id.to_string()]);
-    let endpoint = &state.config.public_endpoint;
-    let items = records.iter().map(|c| Cache::from_record(c, endpoint, &who)).collect();
+    let items = records.iter().map(|c| Cache::from_record(c, &state.config, &who)).collect();
     Ok(HttpResponse::Ok().json(CacheList { items, next_cursor }))
 }
 
@@ -514,7 +519,7 @@ pub async fn get_cache(
     let cache = visible_cache(&state, &who, &id).await?;
     Ok(HttpResponse::Ok().insert_header(("ETag", page::etag(cache.version))).json(Cache::from_record(
         &cache,
-        &state.config.public_endpoint,
+        &state.config,
         &who,
     )))
 }
@@ -624,7 +629,7 @@ pub async fn patch_cache(
     let fresh = state.store.cache(&next.id).await?.unwrap_or(next);
     Ok(HttpResponse::Ok().insert_header(("ETag", page::etag(fresh.version))).json(Cache::from_record(
         &fresh,
-        &state.config.public_endpoint,
+        &state.config,
         &who,
     )))
 }

@@ -50,6 +50,8 @@ pub struct ShoalDev {
     pub rest_port: u16,
     pub resp_port: u16,
     pub tls_port: u16,
+    /// The reader endpoint (read-only; replicas of a cluster pool).
+    pub reader_port: u16,
     /// The control plane's internal API (gateways only; loopback, plain HTTP in `shoal dev`).
     pub internal_port: u16,
     pub node_ports: Vec<u16>,
@@ -92,6 +94,16 @@ pub fn free_cluster_base_port() -> u16 {
     }
 }
 
+/// The cluster lane (`SHOAL_TEST_ENGINE=cluster`, see `scripts/cluster-lane.filter`): every
+/// platform a test starts puts its caches on a small cluster pool (2 shards × 1 replica).
+fn cluster_lane() -> Option<DevCluster> {
+    (std::env::var("SHOAL_TEST_ENGINE").as_deref() == Ok("cluster")).then(|| DevCluster {
+        shards: 2,
+        replicas: 1,
+        base_port: free_cluster_base_port(),
+    })
+}
+
 impl ShoalDev {
     /// Starts on fresh ports in a fresh directory.
     pub async fn start() -> ShoalDev {
@@ -125,6 +137,7 @@ impl ShoalDev {
             rest_port: free_port(),
             resp_port: free_port(),
             tls_port: free_port(),
+            reader_port: free_port(),
             internal_port: free_port(),
             node_ports: vec![free_port(), free_port()],
             child: None,
@@ -132,7 +145,7 @@ impl ShoalDev {
             http: http_client(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             database_url: fresh_postgres_database(),
-            cluster: None,
+            cluster: cluster_lane(),
             _tmp: None,
         }
     }
@@ -151,6 +164,7 @@ impl ShoalDev {
                     self.rest_port = free_port();
                     self.resp_port = free_port();
                     self.tls_port = free_port();
+                    self.reader_port = free_port();
                     self.internal_port = free_port();
                     self.node_ports = vec![free_port(), free_port()];
                     if let Some(c) = &mut self.cluster {
@@ -166,7 +180,7 @@ impl ShoalDev {
     /// Where this platform listens, for [`attach`](Self::attach).
     fn describe(&self) -> String {
         serde_json::json!({
-            "rest": self.rest_port, "resp": self.resp_port, "tls": self.tls_port,
+            "rest": self.rest_port, "resp": self.resp_port, "tls": self.tls_port, "reader": self.reader_port,
             "internal": self.internal_port, "nodes": self.node_ports, "database_url": self.database_url,
         })
         .to_string()
@@ -182,6 +196,7 @@ impl ShoalDev {
             rest_port: port("rest"),
             resp_port: port("resp"),
             tls_port: port("tls"),
+            reader_port: port("reader"),
             internal_port: port("internal"),
             node_ports: d["nodes"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect(),
             child: None,
@@ -220,6 +235,8 @@ impl ShoalDev {
             .arg(self.resp_port.to_string())
             .arg("--tls-port")
             .arg(self.tls_port.to_string())
+            .arg("--reader-port")
+            .arg(self.reader_port.to_string())
             .arg("--internal-port")
             .arg(self.internal_port.to_string())
             .arg("--node-ports")
@@ -239,8 +256,9 @@ impl ShoalDev {
                     c.replicas.to_string(),
                     "--cluster-base-port".to_string(),
                     c.base_port.to_string(),
+                    // Long enough that a loaded CI machine never fails a primary over.
                     "--cluster-node-timeout".to_string(),
-                    "1".to_string(),
+                    "5".to_string(),
                 ]
             }))
             .args(&self.extra_args)
