@@ -35,8 +35,11 @@ const OBSERVER_RULES: &[&str] = &[
     "+pubsub|shardchannels",
     "+pubsub|shardnumsub",
     "+script|kill",
-    // The slot map, for gateways routing a cluster pool's commands.
+    // The slot map, for gateways routing a cluster pool's commands; a node's role, so
+    // client-side caching follows a cluster's primaries only (RESP3 for that).
     "+cluster|shards",
+    "+role",
+    "+hello",
     // Keyspace events feed client-side caching invalidations (gateway-internal only).
     "+psubscribe",
     "+punsubscribe",

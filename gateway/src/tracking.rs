@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+/// How often a cluster node's role is asked (a promoted replica's events count from then).
+const ROLE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a NOLOOP client's own write suppresses the invalidation it causes.
 const OWN_WRITE_WINDOW: Duration = Duration::from_secs(2);
 
@@ -147,6 +149,16 @@ async fn follow_once(
     let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
     let mut out = BytesMut::new();
     resp::command(&mut out, &[b"AUTH", route.observer_user.as_bytes(), route.observer_password.as_bytes()]);
+    // A cluster's nodes are all followed (a replica promoted by a failover already is), but
+    // only a primary's events count: a replica tells of the same writes again. RESP3 lets
+    // the subscribed connection ask ROLE.
+    let cluster = !route.cluster_nodes.is_empty();
+    let mut role_every = tokio::time::interval(ROLE_INTERVAL);
+    let mut primary: Option<bool> = None;
+    if cluster {
+        resp::command(&mut out, &[b"HELLO", b"3"]);
+        resp::command(&mut out, &[b"ROLE"]);
+    }
     let known: Vec<u32> = dbs.lock().unwrap().keys().copied().collect();
     for db in known {
         resp::command(&mut out, &[b"PSUBSCRIBE", format!("__keyspace@{db}__:*").as_bytes()]);
@@ -156,6 +168,11 @@ async fn follow_once(
     let mut scanner = ReplyScanner::new();
     loop {
         tokio::select! {
+            _ = role_every.tick(), if cluster => {
+                let mut out = BytesMut::new();
+                resp::command(&mut out, &[b"ROLE"]);
+                stream.write_all(&out).await.map_err(up)?;
+            }
             db = subscribe.recv() => {
                 let Some(db) = db else { return Ok(()) };
                 let mut out = BytesMut::new();
@@ -171,6 +188,25 @@ async fn follow_once(
                     if reply.error {
                         return Err(GatewayError::Upstream(String::from_utf8_lossy(&frame).trim().to_string()));
                     }
+                    if cluster {
+                        if let Some((value::Value::Array(items), _)) = value::decode(&frame) {
+                            // A ROLE reply (events are pushes in RESP3).
+                            let now_primary = items.first().and_then(value::Value::as_bytes) == Some(b"master");
+                            if primary == Some(false) && now_primary {
+                                // Promoted: what it applied before this was seen was not
+                                // followed; its caches' clients drop everything.
+                                let caches: HashSet<CacheId> = dbs.lock().unwrap().values().cloned().collect();
+                                for cache in caches {
+                                    invalidate_all(clients, &cache);
+                                }
+                            }
+                            primary = Some(now_primary);
+                            continue;
+                        }
+                        if primary != Some(true) && is_keyspace_message(&frame) {
+                            continue;
+                        }
+                    }
                     on_event(clients, dbs, ready, &frame);
                 }
             }
@@ -180,8 +216,16 @@ async fn follow_once(
 
 /// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations;
 /// `psubscribe __keyspace@<db>__:* <n>` → the database is followed.
+/// A keyspace event (not a confirmation), RESP2 or RESP3.
+fn is_keyspace_message(frame: &[u8]) -> bool {
+    matches!(value::decode(frame), Some((value::Value::Array(items) | value::Value::Push(items), _))
+        if items.first().and_then(value::Value::as_bytes) == Some(b"pmessage"))
+}
+
 fn on_event(clients: &Registry, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Ready, frame: &[u8]) {
-    let Some((value::Value::Array(items), _)) = value::decode(frame) else { return };
+    let Some((value::Value::Array(items) | value::Value::Push(items), _)) = value::decode(frame) else {
+        return;
+    };
     let kind = items.first().and_then(value::Value::as_bytes);
     if kind == Some(b"psubscribe") {
         let pattern = items.get(1).and_then(value::Value::as_bytes).unwrap_or_default();

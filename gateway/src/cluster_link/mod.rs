@@ -28,7 +28,7 @@ pub mod plan;
 pub mod slot_map;
 
 use crate::resp::reply::ReplyScanner;
-use crate::resp::request::{Limits, RequestParser};
+use crate::resp::request::{Limits, RequestParser, Rest};
 use crate::GatewayError;
 use bytes::{Bytes, BytesMut};
 use plan::{Merge, Plan, Split};
@@ -48,8 +48,12 @@ const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous 
 const MOVED_IN_TX: &[u8] = b"-TRYAGAIN The cache is being rebalanced: retry the transaction\r\n";
 /// Redirects followed for one request before its last answer is given as it is.
 const MAX_REDIRECTS: u8 = 5;
-/// Replies read ahead per connection before its reader waits for the link.
-const FRAMES_AHEAD: usize = 256;
+/// Replies (or pieces of one) read ahead per connection before its reader waits for the link.
+const FRAMES_AHEAD: usize = 64;
+/// A reply this big goes on in pieces, straight to the session when it is the next one owed.
+const PIECE: usize = 64 * 1024;
+/// A request this big is passed on as it comes, to the node its first key names.
+const STREAM_REQUEST_FROM: usize = 1024 * 1024;
 
 /// Opens a link for a cache on a cluster pool: logs in on one node first, so a wrong
 /// password fails here, as it does on a standalone pool.
@@ -80,6 +84,10 @@ pub async fn open(route: &TenantRoute, db: u32, reader: bool) -> Result<UnixStre
         frames_tx,
         frames,
         out: BytesMut::new(),
+        streaming: None,
+        held_out: BytesMut::new(),
+        request_rest: None,
+        sub_home: None,
         closed: false,
     };
     let first = link.any_node();
@@ -128,6 +136,10 @@ struct Conn {
     write: OwnedWriteHalf,
     out: BytesMut,
     inflight: VecDeque<Sent>,
+    /// A reply arriving in pieces: passed on as it comes (`direct`), or gathered.
+    partial: Option<(bool, BytesMut)>,
+    /// A subscription was sent on it: RESP2 messages may come.
+    subscribed: bool,
     reader: JoinHandle<()>,
 }
 
@@ -171,11 +183,26 @@ enum Hold {
     Barrier,
     /// Until the connection that answered `MOVED` has nothing in flight.
     Drain(String),
+    /// Until a subscription's confirmations are in: a PING sent after it on its
+    /// connection has been answered (later replies come after them, as on one connection).
+    Confirming((String, Kind)),
 }
 
 enum Incoming {
-    Reply { conn: u64, frame: Bytes, push: bool },
-    Closed { conn: u64 },
+    Reply {
+        conn: u64,
+        frame: Bytes,
+        push: bool,
+    },
+    /// Part of a big reply; `end`: its last part.
+    Piece {
+        conn: u64,
+        bytes: Bytes,
+        end: bool,
+    },
+    Closed {
+        conn: u64,
+    },
 }
 
 struct Link {
@@ -207,6 +234,14 @@ struct Link {
     frames_tx: mpsc::Sender<Incoming>,
     frames: mpsc::Receiver<Incoming>,
     out: BytesMut,
+    /// The connection whose reply is being passed on in pieces; what else is out of band
+    /// meanwhile waits in `held_out`.
+    streaming: Option<u64>,
+    held_out: BytesMut,
+    /// A big request being passed on as it comes: to which connection, and its rest.
+    request_rest: Option<((String, Kind), Rest)>,
+    /// The node of the (P)SUBSCRIBE connection, once there is one.
+    sub_home: Option<String>,
     closed: bool,
 }
 
@@ -229,20 +264,8 @@ impl Link {
                     if !matches!(r, Ok(n) if n > 0) {
                         break;
                     }
-                    loop {
-                        let frame = match parser.next(&input, limits) {
-                            Ok(Some(frame)) => frame,
-                            Ok(None) => break,
-                            Err(_) => {
-                                self.closed = true;
-                                break;
-                            }
-                        };
-                        let bytes = input.split_to(frame.len).freeze();
-                        let args = parser.take_args();
-                        if !args.is_empty() {
-                            self.request(Request { bytes, args }).await;
-                        }
+                    if self.requests(&mut input, &mut parser, limits).await.is_err() {
+                        break;
                     }
                 }
                 Some(incoming) = self.frames.recv() => {
@@ -254,6 +277,74 @@ impl Link {
             }
             self.release().await;
         }
+    }
+
+    /// Takes the requests at the front of `input`; a big one is passed on as it comes.
+    async fn requests(
+        &mut self,
+        input: &mut BytesMut,
+        parser: &mut RequestParser,
+        limits: Limits,
+    ) -> Result<(), ()> {
+        loop {
+            if let Some((key, rest)) = self.request_rest.as_mut() {
+                let n = rest.advance(input, limits).map_err(|_| ())?;
+                let done = rest.done();
+                let piece = input.split_to(n);
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.out.extend_from_slice(&piece);
+                }
+                if !done {
+                    return Ok(());
+                }
+                self.request_rest = None;
+            }
+            match parser.next(input, limits).map_err(|_| ())? {
+                Some(frame) => {
+                    let bytes = input.split_to(frame.len).freeze();
+                    let args = parser.take_args();
+                    if !args.is_empty() {
+                        self.request(Request { bytes, args }).await;
+                    }
+                }
+                None => {
+                    if input.len() >= STREAM_REQUEST_FROM && self.stream_request(input, parser).await {
+                        continue;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Starts passing on the big request at the front of `input`, once its first key is in:
+    /// to that key's node, without holding it whole (and without following a redirect: a
+    /// rebalance at that moment gives the client `-TRYAGAIN`). Whether it started.
+    async fn stream_request(&mut self, input: &mut BytesMut, parser: &mut RequestParser) -> bool {
+        if self.hold != Hold::None || self.tx.is_some() {
+            return false;
+        }
+        let Some((args, pos, rest)) = parser.partial() else { return false };
+        let argv: Vec<&[u8]> = args.iter().map(|r| &input[r.clone()]).collect();
+        let Some(spec) =
+            argv.first().and_then(|name| shoal_commands::table().lookup(name, argv.get(1).copied()))
+        else {
+            return false;
+        };
+        // Only a command with one key (SET, APPEND, RPUSH …): the rest of a multi-key one
+        // may name other slots (MSET is split, the others get -CROSSSLOT), so it is held.
+        let one_key = spec.first_key > 0 && spec.last_key == spec.first_key && !spec.has_flag("movablekeys");
+        let addr = match plan::plan(spec, &argv, self.reader) {
+            Plan::Slot(slot) if one_key && argv.len() > spec.first_key as usize => self.node_for(slot),
+            _ => return false,
+        };
+        let seq = self.entry(1, Merge::First);
+        let head = Bytes::copy_from_slice(&input[..pos]);
+        self.send(&addr, Kind::Data, Sent { redirects: MAX_REDIRECTS, ..sent(seq, 0, head) }).await;
+        let _ = input.split_to(pos);
+        parser.abandon();
+        self.request_rest = Some(((addr, Kind::Data), rest));
+        true
     }
 
     /// Sends what waited behind a hold that is over.
@@ -270,6 +361,9 @@ impl Link {
                     for (addr, sent) in again {
                         self.send(&addr, Kind::Data, sent).await;
                     }
+                }
+                Hold::Confirming(key) if self.conns.get(key).is_none_or(|c| c.inflight.is_empty()) => {
+                    self.hold = Hold::None;
                 }
                 Hold::None => {}
                 _ => return,
@@ -313,8 +407,26 @@ impl Link {
                 self.one(&addr, request.bytes).await;
             }
             Plan::Any => {
-                let addr = self.any_node();
-                self.one(&addr, request.bytes).await;
+                // PING on a subscribed session goes where its subscriptions are, as on one
+                // connection: its answer (`pong` in RESP2) comes after their confirmations.
+                let home = self.sub_home.clone().filter(|_| request.argv()[0].eq_ignore_ascii_case(b"ping"));
+                match home {
+                    Some(home) => {
+                        let seq = self.entry(1, Merge::First);
+                        let key = (home, Kind::Subscriber { echo: true });
+                        match self.conns.get_mut(&key) {
+                            Some(conn) => {
+                                conn.out.extend_from_slice(&request.bytes);
+                                conn.inflight.push_back(sent(seq, 0, request.bytes));
+                            }
+                            None => self.fill(seq, 0, Bytes::from_static(UNAVAILABLE)),
+                        }
+                    }
+                    None => {
+                        let addr = self.any_node();
+                        self.one(&addr, request.bytes).await;
+                    }
+                }
             }
             Plan::LastWritten => {
                 let addr = self.last_written.clone().unwrap_or_else(|| self.any_node());
@@ -518,14 +630,21 @@ impl Link {
             }
         }
         drop(argv);
-        if self.conns.is_empty() {
+        if !self.conns.values().any(|c| c.kind == Kind::Data) {
             let addr = self.any_node();
             if self.open_conn(&addr, Kind::Data).await.is_err() {
                 return self.local(UNAVAILABLE);
             }
             // Its replay already carries the new state; sending it again answers it.
         }
-        let targets: Vec<(String, Kind)> = self.conns.iter().map(|(k, c)| (k.0.clone(), c.kind)).collect();
+        // Subscriber connections got the state when opened; once subscribed (RESP2) they
+        // would refuse it.
+        let targets: Vec<(String, Kind)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Data)
+            .map(|(k, c)| (k.0.clone(), c.kind))
+            .collect();
         let seq = self.entry(targets.len(), Merge::First);
         for (i, (addr, kind)) in targets.iter().enumerate() {
             self.send(addr, *kind, sent(seq, i, request.bytes.clone())).await;
@@ -541,7 +660,7 @@ impl Link {
         let notifications =
             notifications && argv.len() > 1 && argv[1..].iter().all(|p| p.starts_with(b"__key"));
         drop(argv);
-        let home = self.map.shards[0].primary.clone();
+        let home = self.sub_home.get_or_insert_with(|| self.map.shards[0].primary.clone()).clone();
         self.send_subscription(&home, Kind::Subscriber { echo: true }, &request.bytes).await;
         if notifications {
             for addr in self.every_shard().into_iter().filter(|a| *a != home) {
@@ -559,7 +678,15 @@ impl Link {
             self.closed = true;
             return;
         }
-        self.conns.get_mut(&key).expect("opened above").out.extend_from_slice(request);
+        let conn = self.conns.get_mut(&key).expect("opened above");
+        conn.subscribed = true;
+        conn.out.extend_from_slice(request);
+        if kind == (Kind::Subscriber { echo: true }) {
+            let ping = Request::built(&[b"PING"]);
+            conn.out.extend_from_slice(&ping);
+            conn.inflight.push_back(unwanted(ping, false));
+            self.hold = Hold::Confirming(key);
+        }
     }
 
     async fn one(&mut self, addr: &str, bytes: Bytes) {
@@ -616,7 +743,16 @@ impl Link {
         let id = self.next_conn;
         self.next_conn += 1;
         let reader = tokio::spawn(read_replies(id, read, self.frames_tx.clone()));
-        let mut conn = Conn { id, kind, write, out: BytesMut::new(), inflight: VecDeque::new(), reader };
+        let mut conn = Conn {
+            id,
+            kind,
+            write,
+            out: BytesMut::new(),
+            inflight: VecDeque::new(),
+            partial: None,
+            subscribed: false,
+            reader,
+        };
         for (_, bytes) in &self.setup {
             conn.out.extend_from_slice(bytes);
             conn.inflight.push_back(unwanted(bytes.clone(), false));
@@ -661,15 +797,22 @@ impl Link {
     async fn incoming(&mut self, incoming: Incoming) {
         let (id, frame, push) = match incoming {
             Incoming::Reply { conn, frame, push } => (conn, frame, push),
+            Incoming::Piece { conn, bytes, end } => match self.piece(conn, bytes, end) {
+                Some(frame) => {
+                    let push = frame.first() == Some(&b'>');
+                    (conn, frame, push)
+                }
+                None => return,
+            },
             Incoming::Closed { conn } => return self.conn_closed(conn),
         };
         let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.id == id) else { return };
         let addr = key.0.clone();
-        if push || (matches!(conn.kind, Kind::Subscriber { .. }) && !self.resp3 && is_pubsub_message(&frame))
-        {
+        if push || (conn.subscribed && !self.resp3 && is_pubsub_message(&frame)) {
             let echo = !matches!(conn.kind, Kind::Subscriber { echo: false });
             if echo || is_message(&frame) {
-                self.out.extend_from_slice(&frame);
+                let out = if self.streaming.is_some() { &mut self.held_out } else { &mut self.out };
+                out.extend_from_slice(&frame);
             }
             return;
         }
@@ -685,6 +828,42 @@ impl Link {
             }
         }
         self.fill(seq, part, frame);
+    }
+
+    /// Part of a big reply. The next reply owed, whole from one node, goes straight on to
+    /// the session; any other is gathered and returned whole with its last part.
+    fn piece(&mut self, id: u64, bytes: Bytes, end: bool) -> Option<Bytes> {
+        let conn = self.conns.values_mut().find(|c| c.id == id)?;
+        if conn.partial.is_none() {
+            let next_owed =
+                conn.inflight.front().and_then(|s| s.to).is_some_and(|(seq, _)| seq == self.first_seq)
+                    && self.pending.front().is_some_and(|e| e.parts.len() == 1 && e.merge == Merge::First);
+            let direct = next_owed
+                && self.streaming.is_none()
+                && conn.kind == Kind::Data
+                && !matches!(bytes.first(), Some(b'-' | b'>'));
+            conn.partial = Some((direct, BytesMut::new()));
+            if direct {
+                self.streaming = Some(id);
+            }
+        }
+        let (direct, gathered) = conn.partial.as_mut().expect("set above");
+        if !*direct {
+            gathered.extend_from_slice(&bytes);
+            return end.then(|| conn.partial.take().expect("set above").1.freeze());
+        }
+        self.out.extend_from_slice(&bytes);
+        if end {
+            conn.partial = None;
+            conn.inflight.pop_front();
+            self.pending.pop_front();
+            self.first_seq += 1;
+            self.streaming = None;
+            let held = self.held_out.split();
+            self.out.extend_from_slice(&held);
+            self.deliver();
+        }
+        None
     }
 
     /// A connection that owed nothing (a node drained and removed, an idle one restarted) is
@@ -742,6 +921,9 @@ impl Link {
 
     /// Passes on every reply at the front that is complete.
     fn deliver(&mut self) {
+        if self.streaming.is_some() {
+            return;
+        }
         while let Some(reply) = self.pending.front().and_then(|e| e.reply.as_ref()) {
             self.out.extend_from_slice(reply);
             self.pending.pop_front();
@@ -782,9 +964,23 @@ impl Redirect {
 }
 
 /// A RESP2 array that a subscribed connection sends out of band: a message or a
-/// subscription confirmation (not a PING's `pong`, not an error).
+/// subscription confirmation (not a PING's `pong`, not a reply to what it was sent before).
 fn is_pubsub_message(frame: &[u8]) -> bool {
-    frame.first() == Some(&b'*') && !first_element_is(frame, &[b"pong"])
+    frame.first() == Some(&b'*')
+        && first_element_is(
+            frame,
+            &[
+                b"message",
+                b"pmessage",
+                b"smessage",
+                b"subscribe",
+                b"unsubscribe",
+                b"psubscribe",
+                b"punsubscribe",
+                b"ssubscribe",
+                b"sunsubscribe",
+            ],
+        )
 }
 
 /// A message (not a confirmation).
@@ -808,20 +1004,32 @@ fn first_element_is(frame: &[u8], words: &[&[u8]]) -> bool {
 async fn read_replies(conn: u64, mut read: tokio::net::tcp::OwnedReadHalf, link: mpsc::Sender<Incoming>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = ReplyScanner::new();
+    let mut in_piece = false;
     loop {
         loop {
-            match scanner.next(&buf) {
+            let incoming = match scanner.next(&buf) {
                 Ok(Some(reply)) => {
-                    let frame = buf.split_to(reply.len).freeze();
-                    if link.send(Incoming::Reply { conn, frame, push: reply.push }).await.is_err() {
-                        return;
+                    let bytes = buf.split_to(reply.len).freeze();
+                    match std::mem::take(&mut in_piece) {
+                        true => Incoming::Piece { conn, bytes, end: true },
+                        false => Incoming::Reply { conn, frame: bytes, push: reply.push },
                     }
                 }
+                Ok(None) if buf.len() >= PIECE => match scanner.take_partial(&buf) {
+                    0 => break,
+                    n => {
+                        in_piece = true;
+                        Incoming::Piece { conn, bytes: buf.split_to(n).freeze(), end: false }
+                    }
+                },
                 Ok(None) => break,
                 Err(_) => {
                     let _ = link.send(Incoming::Closed { conn }).await;
                     return;
                 }
+            };
+            if link.send(incoming).await.is_err() {
+                return;
             }
         }
         match read.read_buf(&mut buf).await {
@@ -860,6 +1068,7 @@ mod tests {
         assert!(is_pubsub_message(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"));
         assert!(!is_pubsub_message(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"));
         assert!(!is_pubsub_message(b"-ERR nope\r\n"));
+        assert!(!is_pubsub_message(b"*2\r\n$6\r\nserver\r\n$6\r\nvalkey\r\n"), "a HELLO reply");
         assert!(is_message(b"*4\r\n$8\r\npmessage\r\n$1\r\np\r\n$1\r\nc\r\n$1\r\nm\r\n"));
         assert!(!is_message(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"));
     }

@@ -33,7 +33,11 @@ impl Session {
             && !self.in_multi
             && !self.tracking
             && !self.pubsub.active()
-            && self.tenant.as_ref().is_some_and(|t| t.db == 0 && t.upstream_login.is_none())
+            // A cluster pool's cache: each session has its own link to the shards (a shared
+            // one would hold every session's big replies behind one slow reader).
+            && self.tenant.as_ref().is_some_and(|t| {
+                t.db == 0 && t.upstream_login.is_none() && t.route.cluster_nodes.is_empty()
+            })
     }
 
     /// Adds the request at the front of the input to the batch being gathered.
