@@ -91,9 +91,37 @@ impl Observers {
 /// `SCRIPT KILL` on the route's node, on a connection of its own (the shared one may wait
 /// behind the busy script), as the observer. A node runs it only once the script has run
 /// for its `busy-reply-threshold`: the wait is bounded above that.
+///
+/// On a cluster the script runs on its keys' shard: every primary is asked (the caller
+/// knows no other cache of the cluster has a script in flight), and the one that ended it
+/// answers.
 pub async fn kill_script(route: &TenantRoute) -> Result<BytesMut, GatewayError> {
+    if route.cluster_nodes.is_empty() {
+        return kill_script_at(&route.node_addr, route).await;
+    }
+    let seeds = crate::cluster_link::slot_map::Seeds::new(
+        &route.cluster_nodes,
+        &route.observer_user,
+        &route.observer_password,
+    );
+    let map = seeds.map().await?;
+    let kills = map.shards.iter().map(|s| kill_script_at(&s.primary, route));
+    let replies = futures_util::future::join_all(kills).await;
+    let mut first = None;
+    for reply in replies {
+        match reply {
+            Ok(r) if r.starts_with(b"+OK") => return Ok(r),
+            other => {
+                first.get_or_insert(other);
+            }
+        }
+    }
+    first.unwrap_or_else(|| Err(GatewayError::Upstream("no primary".into())))
+}
+
+async fn kill_script_at(addr: &str, route: &TenantRoute) -> Result<BytesMut, GatewayError> {
     let kill = async {
-        let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
+        let mut stream = TcpStream::connect(addr).await.map_err(up)?;
         // One command at a time: `read_reply` keeps nothing past the reply it returns.
         for args in [
             &[&b"AUTH"[..], route.observer_user.as_bytes(), route.observer_password.as_bytes()][..],
