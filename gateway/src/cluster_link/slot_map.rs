@@ -69,8 +69,10 @@ impl SlotMap {
         SlotMap { owner, shards, read_at: self.read_at }
     }
 
-    /// Parses a `CLUSTER SHARDS` reply (RESP2 or RESP3).
-    fn parse(reply: &Value) -> Option<SlotMap> {
+    /// Parses a `CLUSTER SHARDS` reply (RESP2 or RESP3) from the node at `asked`.
+    fn parse(reply: &Value, asked: &str) -> Option<SlotMap> {
+        // A node that never met a peer does not know its own IP (a one-node cluster).
+        let asked_host = asked.rsplit_once(':').map_or(asked, |(host, _)| host);
         // (first slot, shard, its slot ranges)
         type Found = (u16, Shard, Vec<(u16, u16)>);
         let mut shards: Vec<Found> = Vec::new();
@@ -93,7 +95,8 @@ impl SlotMap {
                     Some(Value::Int(p)) => *p,
                     _ => continue,
                 };
-                let Some(ip) = text("ip").or_else(|| text("endpoint")) else { continue };
+                let known = |k: &str| text(k).filter(|v| !v.is_empty() && v != "?");
+                let ip = known("ip").or_else(|| known("endpoint")).unwrap_or_else(|| asked_host.to_string());
                 let addr = format!("{ip}:{port}");
                 let healthy = text("health").is_none_or(|h| h == "online");
                 match text("role").as_deref() {
@@ -238,7 +241,7 @@ impl Seeds {
         let mut last = GatewayError::Upstream("no cluster node answered".into());
         for addr in order {
             match query(addr, &self.user, &self.password, &[b"CLUSTER", b"SHARDS"]).await {
-                Ok(reply) => match SlotMap::parse(&reply) {
+                Ok(reply) => match SlotMap::parse(&reply, addr) {
                     Some(map) => {
                         let map = Arc::new(map);
                         maps().lock().unwrap().insert(self.key.clone(), map.clone());
@@ -299,7 +302,7 @@ mod tests {
                 Value::Array(vec![node(7009, "master", "online")]),
             ]),
         ]);
-        let map = SlotMap::parse(&reply).unwrap();
+        let map = SlotMap::parse(&reply, "127.0.0.1:7000").unwrap();
         assert_eq!(map.shards.len(), 2);
         assert_eq!(map.primary(0), "127.0.0.1:7000");
         assert_eq!(map.primary(8191), "127.0.0.1:7000");
@@ -309,5 +312,17 @@ mod tests {
         let moved = map.moved(5, "127.0.0.1:7001");
         assert_eq!(moved.primary(5), "127.0.0.1:7001");
         assert_eq!(moved.primary(6), "127.0.0.1:7000");
+    }
+
+    #[test]
+    fn a_node_that_does_not_know_its_ip_is_where_it_was_asked() {
+        let lonely = Value::Array(vec![b("port"), Value::Int(7005), b("ip"), b(""), b("role"), b("master")]);
+        let reply = Value::Array(vec![Value::Array(vec![
+            b("slots"),
+            Value::Array(vec![Value::Int(0), Value::Int(16383)]),
+            b("nodes"),
+            Value::Array(vec![lonely]),
+        ])]);
+        assert_eq!(SlotMap::parse(&reply, "10.0.0.9:7005").unwrap().primary(42), "10.0.0.9:7005");
     }
 }
