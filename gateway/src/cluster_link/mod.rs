@@ -23,35 +23,41 @@
 //! connection: the session turns what it owed into errors and opens a new link. An idle
 //! one (a drained shard's node, stopped) is just dropped.
 
+mod conns;
 pub mod merge;
 pub mod plan;
+mod pubsub;
+mod replies;
 pub mod slot_map;
+mod spread;
+mod tx;
 
-use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{Limits, RequestParser, Rest};
 use crate::GatewayError;
 use bytes::{Bytes, BytesMut};
-use plan::{Merge, Plan, Split};
+use conns::{sent, unwanted, Conn, Incoming, Kind, Sent};
+
+use plan::{Merge, Plan};
+use replies::Entry;
 use shoal_types::TenantRoute;
 use slot_map::{Seeds, SlotMap};
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tx::Tx;
 
-const UNAVAILABLE: &[u8] = b"-ERR cache temporarily unavailable, try again\r\n";
-const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
-const MOVED_IN_TX: &[u8] = b"-TRYAGAIN The cache is being rebalanced: retry the transaction\r\n";
+pub(super) const UNAVAILABLE: &[u8] = b"-ERR cache temporarily unavailable, try again\r\n";
+pub(super) const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+pub(super) const MOVED_IN_TX: &[u8] = b"-TRYAGAIN The cache is being rebalanced: retry the transaction\r\n";
 /// Redirects followed for one request before its last answer is given as it is.
-const MAX_REDIRECTS: u8 = 5;
+pub(super) const MAX_REDIRECTS: u8 = 5;
 /// Replies (or pieces of one) read ahead per connection before its reader waits for the link.
 const FRAMES_AHEAD: usize = 64;
 /// A reply this big goes on in pieces, straight to the session when it is the next one owed.
-const PIECE: usize = 64 * 1024;
+pub(super) const PIECE: usize = 64 * 1024;
 /// A request this big is passed on as it comes, to the node its first key names.
 const STREAM_REQUEST_FROM: usize = 1024 * 1024;
 
@@ -120,62 +126,6 @@ impl Request {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    Data,
-    /// Holds subscriptions; `echo`: its confirmations go to the session (one connection's
-    /// do; the copies of keyspace-notification patterns on other primaries are quiet).
-    Subscriber {
-        echo: bool,
-    },
-}
-
-struct Conn {
-    id: u64,
-    kind: Kind,
-    write: OwnedWriteHalf,
-    out: BytesMut,
-    inflight: VecDeque<Sent>,
-    /// A reply arriving in pieces: passed on as it comes (`direct`), or gathered.
-    partial: Option<(bool, BytesMut)>,
-    /// A subscription was sent on it: RESP2 messages may come.
-    subscribed: bool,
-    reader: JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-/// A request on a connection, waiting for its reply.
-struct Sent {
-    /// The entry and part its reply fills; `None`: a reply nobody wants.
-    to: Option<(u64, usize)>,
-    request: Bytes,
-    redirects: u8,
-    /// Queued in a transaction: a redirect cannot be followed.
-    in_tx: bool,
-}
-
-/// One reply owed to the session, in request order.
-struct Entry {
-    parts: Vec<Option<Bytes>>,
-    missing: usize,
-    merge: Merge,
-    reply: Option<Bytes>,
-}
-
-/// A transaction being queued: where it runs, and what waits for that to be known.
-struct Tx {
-    /// The slot of its keys (all must share one, as in a Valkey cluster) and its node.
-    slot: Option<(u16, String)>,
-    multi_sent: bool,
-    held: Vec<(u64, Bytes)>,
-    dirty: bool,
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum Hold {
     None,
@@ -186,23 +136,6 @@ enum Hold {
     /// Until a subscription's confirmations are in: a PING sent after it on its
     /// connection has been answered (later replies come after them, as on one connection).
     Confirming((String, Kind)),
-}
-
-enum Incoming {
-    Reply {
-        conn: u64,
-        frame: Bytes,
-        push: bool,
-    },
-    /// Part of a big reply; `end`: its last part.
-    Piece {
-        conn: u64,
-        bytes: Bytes,
-        end: bool,
-    },
-    Closed {
-        conn: u64,
-    },
 }
 
 struct Link {
@@ -502,193 +435,6 @@ impl Link {
         }
     }
 
-    /// A command in a transaction: queued on the transaction's node, which its first key
-    /// decides; every key must be in that key's slot.
-    async fn queue_in_tx(&mut self, plan: Plan, request: Request) {
-        let target = match plan {
-            Plan::Slot(slot) => Ok(Some(slot)),
-            Plan::Split(_) | Plan::CrossSlot => Err(plan::CROSSSLOT),
-            Plan::ReadOnly => Err(plan::READONLY),
-            _ => Ok(None),
-        };
-        let tx = self.tx.as_mut().expect("in a transaction");
-        match (tx.slot.clone(), target) {
-            (_, Err(error)) => {
-                tx.dirty = true;
-                self.local(error);
-            }
-            (None, Ok(None)) => {
-                let seq = self.entry(1, Merge::First);
-                self.tx.as_mut().expect("in a transaction").held.push((seq, request.bytes));
-            }
-            (None, Ok(Some(slot))) => {
-                let held = std::mem::take(&mut tx.held);
-                let node = self.map.primary(slot).to_string();
-                let tx = self.tx.as_mut().expect("in a transaction");
-                tx.slot = Some((slot, node.clone()));
-                tx.multi_sent = true;
-                self.start_tx(&node, false, held).await;
-                let seq = self.entry(1, Merge::First);
-                self.send(&node, Kind::Data, Sent { in_tx: true, ..sent(seq, 0, request.bytes) }).await;
-            }
-            (Some((slot, node)), Ok(target)) if target.is_none_or(|t| t == slot) => {
-                let seq = self.entry(1, Merge::First);
-                self.send(&node, Kind::Data, Sent { in_tx: true, ..sent(seq, 0, request.bytes) }).await;
-            }
-            (Some(_), _) => {
-                tx.dirty = true;
-                self.local(plan::CROSSSLOT);
-            }
-        }
-    }
-
-    /// MULTI (unless sent) and the commands that waited for the transaction's node.
-    async fn start_tx(&mut self, node: &str, multi_sent: bool, held: Vec<(u64, Bytes)>) {
-        if !multi_sent {
-            self.send(node, Kind::Data, unwanted(Request::built(&[b"MULTI"]), true)).await;
-        }
-        for (seq, bytes) in held {
-            self.send(node, Kind::Data, Sent { in_tx: true, ..sent(seq, 0, bytes) }).await;
-        }
-    }
-
-    async fn split(&mut self, kind: Split, request: &Request) {
-        let argv = request.argv();
-        let groups = plan::split(kind, &argv);
-        let merge = match kind {
-            Split::Values => Merge::Values {
-                positions: groups.iter().map(|g| g.2.clone()).collect(),
-                keys: argv.len() - 1,
-            },
-            Split::Pairs => Merge::AllOk,
-            Split::Count => Merge::Sum,
-        };
-        let seq = self.entry(groups.len(), merge);
-        for (i, (slot, args, _)) in groups.iter().enumerate() {
-            let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-            let addr = self.node_for(*slot);
-            if kind != Split::Values && !self.reader {
-                self.last_written = Some(addr.clone());
-            }
-            self.send(&addr, Kind::Data, sent(seq, i, Request::built(&args))).await;
-        }
-    }
-
-    /// SCAN on the shard its cursor names, with that shard's own cursor.
-    async fn scan(&mut self, request: &Request) {
-        let argv = request.argv();
-        let client: u64 = std::str::from_utf8(argv.get(1).copied().unwrap_or_default())
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(u64::MAX);
-        if client == u64::MAX {
-            return self.local(b"-ERR invalid cursor\r\n");
-        }
-        let (cursor, shard) = plan::scan_cursor(client);
-        let nodes = self.every_shard();
-        let Some(addr) = nodes.get(shard) else {
-            return self.local(b"*2\r\n$1\r\n0\r\n*0\r\n");
-        };
-        let cursor = cursor.to_string();
-        let mut args = argv.clone();
-        args[1] = cursor.as_bytes();
-        let seq = self.entry(1, Merge::Scan { shard, shards: nodes.len() });
-        let addr = addr.clone();
-        self.send(&addr, Kind::Data, sent(seq, 0, Request::built(&args))).await;
-    }
-
-    /// Connection state: remembered for connections opened later, sent on every open one.
-    async fn setup(&mut self, request: Request) {
-        let argv = request.argv();
-        let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
-        let key = match argv.get(1) {
-            Some(sub) if name == "client" => {
-                format!("client {}", String::from_utf8_lossy(sub).to_ascii_lowercase())
-            }
-            _ => name.clone(),
-        };
-        match name.as_str() {
-            "select" => match std::str::from_utf8(argv.get(1).copied().unwrap_or_default())
-                .ok()
-                .and_then(|d| d.parse().ok())
-            {
-                Some(db) => self.db = db,
-                None => return self.local(b"-ERR value is not an integer or out of range\r\n"),
-            },
-            "auth" if argv.len() == 3 => {
-                self.user = String::from_utf8_lossy(argv[1]).into_owned();
-                self.password = String::from_utf8_lossy(argv[2]).into_owned();
-            }
-            "hello" => {
-                self.resp3 = argv.get(1).is_some_and(|v| *v == b"3");
-                self.setup.retain(|(k, _)| *k != key);
-                self.setup.push((key, request.bytes.clone()));
-            }
-            _ => {
-                self.setup.retain(|(k, _)| *k != key);
-                self.setup.push((key, request.bytes.clone()));
-            }
-        }
-        drop(argv);
-        if !self.conns.values().any(|c| c.kind == Kind::Data) {
-            let addr = self.any_node();
-            if self.open_conn(&addr, Kind::Data).await.is_err() {
-                return self.local(UNAVAILABLE);
-            }
-            // Its replay already carries the new state; sending it again answers it.
-        }
-        // Subscriber connections got the state when opened; once subscribed (RESP2) they
-        // would refuse it.
-        let targets: Vec<(String, Kind)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.kind == Kind::Data)
-            .map(|(k, c)| (k.0.clone(), c.kind))
-            .collect();
-        let seq = self.entry(targets.len(), Merge::First);
-        for (i, (addr, kind)) in targets.iter().enumerate() {
-            self.send(addr, *kind, sent(seq, i, request.bytes.clone())).await;
-        }
-    }
-
-    /// (P)(UN)SUBSCRIBE on the subscriber connection; keyspace-notification patterns on
-    /// every primary's too.
-    async fn subscribe(&mut self, request: Request) {
-        let argv = request.argv();
-        let notifications =
-            argv[0].eq_ignore_ascii_case(b"psubscribe") || argv[0].eq_ignore_ascii_case(b"punsubscribe");
-        let notifications =
-            notifications && argv.len() > 1 && argv[1..].iter().all(|p| p.starts_with(b"__key"));
-        drop(argv);
-        let home = self.sub_home.get_or_insert_with(|| self.map.shards[0].primary.clone()).clone();
-        self.send_subscription(&home, Kind::Subscriber { echo: true }, &request.bytes).await;
-        if notifications {
-            for addr in self.every_shard().into_iter().filter(|a| *a != home) {
-                self.send_subscription(&addr, Kind::Subscriber { echo: false }, &request.bytes).await;
-            }
-        }
-    }
-
-    /// A (un)subscribe command: its confirmations come out of band, so nothing waits for
-    /// them in order.
-    async fn send_subscription(&mut self, addr: &str, kind: Kind, request: &[u8]) {
-        let key = (addr.to_string(), kind);
-        if !self.conns.contains_key(&key) && self.open_conn(addr, kind).await.is_err() {
-            // Like a lost connection: the session cannot be told which confirmations failed.
-            self.closed = true;
-            return;
-        }
-        let conn = self.conns.get_mut(&key).expect("opened above");
-        conn.subscribed = true;
-        conn.out.extend_from_slice(request);
-        if kind == (Kind::Subscriber { echo: true }) {
-            let ping = Request::built(&[b"PING"]);
-            conn.out.extend_from_slice(&ping);
-            conn.inflight.push_back(unwanted(ping, false));
-            self.hold = Hold::Confirming(key);
-        }
-    }
-
     async fn one(&mut self, addr: &str, bytes: Bytes) {
         let seq = self.entry(1, Merge::First);
         self.send(addr, Kind::Data, sent(seq, 0, bytes)).await;
@@ -734,342 +480,5 @@ impl Link {
                 _ => s.primary.clone(),
             })
             .collect()
-    }
-
-    async fn open_conn(&mut self, addr: &str, kind: Kind) -> Result<(), GatewayError> {
-        let readonly = self.reader && kind == Kind::Data;
-        let stream = crate::upstream::connect_to(addr, &self.user, &self.password, self.db, readonly).await?;
-        let (read, write) = stream.into_split();
-        let id = self.next_conn;
-        self.next_conn += 1;
-        let reader = tokio::spawn(read_replies(id, read, self.frames_tx.clone()));
-        let mut conn = Conn {
-            id,
-            kind,
-            write,
-            out: BytesMut::new(),
-            inflight: VecDeque::new(),
-            partial: None,
-            subscribed: false,
-            reader,
-        };
-        for (_, bytes) in &self.setup {
-            conn.out.extend_from_slice(bytes);
-            conn.inflight.push_back(unwanted(bytes.clone(), false));
-        }
-        self.conns.insert((addr.to_string(), kind), conn);
-        Ok(())
-    }
-
-    /// Queues a request on a connection (opened if needed); written at the next flush.
-    async fn send(&mut self, addr: &str, kind: Kind, sent: Sent) {
-        let key = (addr.to_string(), kind);
-        if !self.conns.contains_key(&key) {
-            if let Err(e) = self.open_conn(addr, kind).await {
-                tracing::warn!(error = %e, node = addr, "cluster node unavailable");
-                self.map_stale = true;
-                if let Some((seq, part)) = sent.to {
-                    self.fill(seq, part, Bytes::from_static(UNAVAILABLE));
-                }
-                return;
-            }
-        }
-        let conn = self.conns.get_mut(&key).expect("opened above");
-        conn.out.extend_from_slice(&sent.request);
-        conn.inflight.push_back(sent);
-    }
-
-    async fn flush_conns(&mut self) {
-        let mut broken = false;
-        for conn in self.conns.values_mut() {
-            if !conn.out.is_empty() {
-                if conn.write.write_all(&conn.out).await.is_err() {
-                    broken = true;
-                }
-                conn.out.clear();
-            }
-        }
-        if broken {
-            self.closed = true;
-        }
-    }
-
-    async fn incoming(&mut self, incoming: Incoming) {
-        let (id, frame, push) = match incoming {
-            Incoming::Reply { conn, frame, push } => (conn, frame, push),
-            Incoming::Piece { conn, bytes, end } => match self.piece(conn, bytes, end) {
-                Some(frame) => {
-                    let push = frame.first() == Some(&b'>');
-                    (conn, frame, push)
-                }
-                None => return,
-            },
-            Incoming::Closed { conn } => return self.conn_closed(conn),
-        };
-        let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.id == id) else { return };
-        let addr = key.0.clone();
-        if push || (conn.subscribed && !self.resp3 && is_pubsub_message(&frame)) {
-            let echo = !matches!(conn.kind, Kind::Subscriber { echo: false });
-            if echo || is_message(&frame) {
-                let out = if self.streaming.is_some() { &mut self.held_out } else { &mut self.out };
-                out.extend_from_slice(&frame);
-            }
-            return;
-        }
-        let Some(sent) = conn.inflight.pop_front() else { return };
-        let Some((seq, part)) = sent.to else { return };
-        if let Some(redirect) = Redirect::parse(&frame) {
-            if sent.in_tx {
-                self.map_stale = true;
-                return self.fill(seq, part, Bytes::from_static(MOVED_IN_TX));
-            }
-            if sent.redirects < MAX_REDIRECTS {
-                return self.redirect(addr, redirect, sent).await;
-            }
-        }
-        self.fill(seq, part, frame);
-    }
-
-    /// Part of a big reply. The next reply owed, whole from one node, goes straight on to
-    /// the session; any other is gathered and returned whole with its last part.
-    fn piece(&mut self, id: u64, bytes: Bytes, end: bool) -> Option<Bytes> {
-        let conn = self.conns.values_mut().find(|c| c.id == id)?;
-        if conn.partial.is_none() {
-            let next_owed =
-                conn.inflight.front().and_then(|s| s.to).is_some_and(|(seq, _)| seq == self.first_seq)
-                    && self.pending.front().is_some_and(|e| e.parts.len() == 1 && e.merge == Merge::First);
-            let direct = next_owed
-                && self.streaming.is_none()
-                && conn.kind == Kind::Data
-                && !matches!(bytes.first(), Some(b'-' | b'>'));
-            conn.partial = Some((direct, BytesMut::new()));
-            if direct {
-                self.streaming = Some(id);
-            }
-        }
-        let (direct, gathered) = conn.partial.as_mut().expect("set above");
-        if !*direct {
-            gathered.extend_from_slice(&bytes);
-            return end.then(|| conn.partial.take().expect("set above").1.freeze());
-        }
-        self.out.extend_from_slice(&bytes);
-        if end {
-            conn.partial = None;
-            conn.inflight.pop_front();
-            self.pending.pop_front();
-            self.first_seq += 1;
-            self.streaming = None;
-            let held = self.held_out.split();
-            self.out.extend_from_slice(&held);
-            self.deliver();
-        }
-        None
-    }
-
-    /// A connection that owed nothing (a node drained and removed, an idle one restarted) is
-    /// just dropped. One that owed replies or held subscriptions closes the link: the
-    /// session turns what it owed into errors, as when a standalone node goes away.
-    fn conn_closed(&mut self, id: u64) {
-        let Some(key) = self.conns.iter().find(|(_, c)| c.id == id).map(|(k, _)| k.clone()) else { return };
-        let conn = &self.conns[&key];
-        let owed = conn.inflight.iter().any(|s| s.to.is_some() || s.in_tx);
-        if owed || conn.kind != Kind::Data || self.watched.as_ref().is_some_and(|w| w.1 == key.0) {
-            self.closed = true;
-        } else {
-            self.conns.remove(&key);
-            self.map_stale = true;
-        }
-    }
-
-    async fn redirect(&mut self, from: String, redirect: Redirect, mut sent: Sent) {
-        sent.redirects += 1;
-        match redirect {
-            Redirect::Moved { slot, addr } => {
-                self.map = Arc::new(self.map.moved(slot, &addr));
-                let seeds = self.seeds.clone();
-                let seen = self.map.clone();
-                tokio::spawn(async move { seeds.refresh(Some(&seen)).await });
-                self.redirected.push((addr, sent));
-                self.hold = Hold::Drain(from);
-            }
-            Redirect::Ask { addr } => {
-                self.send(&addr, Kind::Data, unwanted(Request::built(&[b"ASKING"]), false)).await;
-                self.send(&addr, Kind::Data, sent).await;
-            }
-            Redirect::TryAgain => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                self.redirected.push((from.clone(), sent));
-                self.hold = Hold::Drain(from);
-            }
-        }
-    }
-
-    fn fill(&mut self, seq: u64, part: usize, reply: Bytes) {
-        let Some(entry) = seq.checked_sub(self.first_seq).and_then(|i| self.pending.get_mut(i as usize))
-        else {
-            return;
-        };
-        if entry.parts[part].replace(reply).is_none() {
-            entry.missing -= 1;
-        }
-        if entry.missing == 0 {
-            let parts = entry.parts.iter_mut().map(|p| p.take().unwrap_or_default()).collect();
-            entry.reply = Some(merge::merge(&entry.merge, parts));
-        }
-        self.deliver();
-    }
-
-    /// Passes on every reply at the front that is complete.
-    fn deliver(&mut self) {
-        if self.streaming.is_some() {
-            return;
-        }
-        while let Some(reply) = self.pending.front().and_then(|e| e.reply.as_ref()) {
-            self.out.extend_from_slice(reply);
-            self.pending.pop_front();
-            self.first_seq += 1;
-        }
-    }
-}
-
-fn sent(seq: u64, part: usize, request: Bytes) -> Sent {
-    Sent { to: Some((seq, part)), request, redirects: 0, in_tx: false }
-}
-
-fn unwanted(request: Bytes, in_tx: bool) -> Sent {
-    Sent { to: None, request, redirects: 0, in_tx }
-}
-
-enum Redirect {
-    Moved { slot: u16, addr: String },
-    Ask { addr: String },
-    TryAgain,
-}
-
-impl Redirect {
-    fn parse(frame: &[u8]) -> Option<Redirect> {
-        if frame.starts_with(b"-TRYAGAIN") {
-            return Some(Redirect::TryAgain);
-        }
-        let moved = frame.starts_with(b"-MOVED ");
-        if !moved && !frame.starts_with(b"-ASK ") {
-            return None;
-        }
-        let text = std::str::from_utf8(frame).ok()?.trim_end();
-        let mut words = text.split(' ').skip(1);
-        let slot: u16 = words.next()?.parse().ok()?;
-        let addr = words.next()?.to_string();
-        Some(if moved { Redirect::Moved { slot, addr } } else { Redirect::Ask { addr } })
-    }
-}
-
-/// A RESP2 array that a subscribed connection sends out of band: a message or a
-/// subscription confirmation (not a PING's `pong`, not a reply to what it was sent before).
-fn is_pubsub_message(frame: &[u8]) -> bool {
-    frame.first() == Some(&b'*')
-        && first_element_is(
-            frame,
-            &[
-                b"message",
-                b"pmessage",
-                b"smessage",
-                b"subscribe",
-                b"unsubscribe",
-                b"psubscribe",
-                b"punsubscribe",
-                b"ssubscribe",
-                b"sunsubscribe",
-            ],
-        )
-}
-
-/// A message (not a confirmation).
-fn is_message(frame: &[u8]) -> bool {
-    first_element_is(frame, &[b"message", b"pmessage", b"smessage"])
-}
-
-fn first_element_is(frame: &[u8], words: &[&[u8]]) -> bool {
-    let Some(cr) = crate::resp::find_crlf(frame, 1) else { return false };
-    let rest = &frame[cr + 2..];
-    let Some(cr2) = crate::resp::find_crlf(rest, 1) else { return false };
-    let body = &rest[cr2 + 2..];
-    words.iter().any(|w| {
-        body.len() >= w.len() + 2
-            && body[..w.len()].eq_ignore_ascii_case(w)
-            && &body[w.len()..w.len() + 2] == b"\r\n"
-    })
-}
-
-/// A connection's replies, whole, to the link.
-async fn read_replies(conn: u64, mut read: tokio::net::tcp::OwnedReadHalf, link: mpsc::Sender<Incoming>) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut scanner = ReplyScanner::new();
-    let mut in_piece = false;
-    loop {
-        loop {
-            let incoming = match scanner.next(&buf) {
-                Ok(Some(reply)) => {
-                    let bytes = buf.split_to(reply.len).freeze();
-                    match std::mem::take(&mut in_piece) {
-                        true => Incoming::Piece { conn, bytes, end: true },
-                        false => Incoming::Reply { conn, frame: bytes, push: reply.push },
-                    }
-                }
-                Ok(None) if buf.len() >= PIECE => match scanner.take_partial(&buf) {
-                    0 => break,
-                    n => {
-                        in_piece = true;
-                        Incoming::Piece { conn, bytes: buf.split_to(n).freeze(), end: false }
-                    }
-                },
-                Ok(None) => break,
-                Err(_) => {
-                    let _ = link.send(Incoming::Closed { conn }).await;
-                    return;
-                }
-            };
-            if link.send(incoming).await.is_err() {
-                return;
-            }
-        }
-        match read.read_buf(&mut buf).await {
-            Ok(n) if n > 0 => {}
-            _ => {
-                let _ = link.send(Incoming::Closed { conn }).await;
-                return;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirects_are_read_from_errors() {
-        assert!(matches!(
-            Redirect::parse(b"-MOVED 3999 127.0.0.1:7001\r\n"),
-            Some(Redirect::Moved { slot: 3999, addr }) if addr == "127.0.0.1:7001"
-        ));
-        assert!(
-            matches!(Redirect::parse(b"-ASK 1 127.0.0.1:7002\r\n"), Some(Redirect::Ask { addr }) if addr == "127.0.0.1:7002")
-        );
-        assert!(matches!(
-            Redirect::parse(b"-TRYAGAIN Multiple keys request during rehashing\r\n"),
-            Some(Redirect::TryAgain)
-        ));
-        assert!(Redirect::parse(b"-ERR MOVED\r\n").is_none());
-    }
-
-    #[test]
-    fn subscribed_connections_tell_messages_from_replies() {
-        assert!(is_pubsub_message(b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n"));
-        assert!(is_pubsub_message(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"));
-        assert!(!is_pubsub_message(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"));
-        assert!(!is_pubsub_message(b"-ERR nope\r\n"));
-        assert!(!is_pubsub_message(b"*2\r\n$6\r\nserver\r\n$6\r\nvalkey\r\n"), "a HELLO reply");
-        assert!(is_message(b"*4\r\n$8\r\npmessage\r\n$1\r\np\r\n$1\r\nc\r\n$1\r\nm\r\n"));
-        assert!(!is_message(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"));
     }
 }
