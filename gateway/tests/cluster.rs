@@ -636,3 +636,38 @@ async fn commands_are_routed_by_the_keys_valkey_finds_in_them() {
         assert_eq!(a, b, "{args:?}");
     }
 }
+
+/// A command split over shards, or sent to every shard, is one command to the cache's
+/// usage: billed once, as on a standalone pool.
+#[tokio::test]
+async fn a_split_command_is_metered_once() {
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let mut c = s.client(&cache).await;
+    let _: () = q(&mut c, &["MSET", "a", "1", "b", "2", "c", "3"]).await.unwrap();
+    let _: Vec<Option<String>> = q(&mut c, &["MGET", "a", "b", "c", "d"]).await.unwrap();
+    let _: u32 = q(&mut c, &["DEL", "a", "b", "c"]).await.unwrap();
+    let _: u32 = q(&mut c, &["DBSIZE"]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let commands = loop {
+        let batches = s.fake.usage();
+        let commands: u64 = batches
+            .iter()
+            .flat_map(|b| &b.usage)
+            .filter(|u| u.cache_id == cache)
+            .map(|u| u.counters.commands)
+            .sum();
+        if commands >= 4 || Instant::now() > deadline {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let batches = s.fake.usage();
+            break batches
+                .iter()
+                .flat_map(|b| &b.usage)
+                .filter(|u| u.cache_id == cache)
+                .map(|u| u.counters.commands)
+                .sum::<u64>();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(commands, 4, "MSET, MGET, DEL over three shards and DBSIZE: four commands");
+}
