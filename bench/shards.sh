@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One cache on a cluster pool of 1, 2 and 3 shards, through the gateway, side by side in
-# one run: builds shoal in release mode, starts three `shoal dev --engine cluster` (1, 2, 3
-# shards, no replica: this is about spreading one cache's keys, not about failover), makes
-# one cache and a token on each, and sends them the same redis-benchmark SET/GET runs
+# one run, next to one on a standalone pool: builds shoal in release mode, starts three
+# `shoal dev --engine cluster` (1, 2, 3 shards, no replica: this is about spreading one
+# cache's keys, not about failover), makes one cache and a token on each (and on the first,
+# one more cache in its standalone pool `main`), and sends them the same redis-benchmark SET/GET runs
 # (50 connections, 100-byte values, 100,000 random keys, pipeline 1 and 16), rotating
 # which goes first each round. For every run it prints ops/s and the CPU the shoal process
 # (gateway, control plane, engine supervisor) and the cluster's valkey-servers used per
-# request (user + system time from /proc/<pid>/stat), and each figure's ratio to 1 shard.
+# request (user + system time from /proc/<pid>/stat), and the ratios to 1 shard and of 1
+# shard to the standalone pool (what routing through a cluster link costs).
 #
 # On a 2-core machine more shards cannot add throughput (the benchmark client, the gateway
 # and the nodes already share two cores): the point is that it works and what a shard costs.
@@ -44,7 +46,7 @@ declare -A PID PORT TOKEN
 cleanup() {
   local rc=$? p
   trap - EXIT
-  for p in "${PID[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PID[1]:-}" "${PID[2]:-}" "${PID[3]:-}"; do [[ -n "$p" ]] && kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PID[@]}"; do
     for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
   done
@@ -75,6 +77,14 @@ start() { # shards cluster-base-port
   [[ "$(python3 bench/benchlib.py json-field pool <<<"$reply")" == cluster ]] || die "$name: the cache is not on the cluster: $reply"
   reply="$(curl -s -X POST -H "$admin" -d '{"ttl_seconds": 3600}' "$rest/v1/caches/$cache/tokens")"
   TOKEN[$name]="$(python3 bench/benchlib.py json-field token <<<"$reply")" || die "$name: minting a token failed: $reply"
+  if [[ "$name" == 1 ]]; then
+    reply="$(curl -s -X POST -H "$admin" -d '{"name":"bench-standalone","pool":"main"}' "$rest/v1/caches")"
+    cache="$(python3 bench/benchlib.py json-field id <<<"$reply")" || die "creating the standalone cache failed: $reply"
+    reply="$(curl -s -X POST -H "$admin" -d '{"ttl_seconds": 3600}' "$rest/v1/caches/$cache/tokens")"
+    TOKEN[standalone]="$(python3 bench/benchlib.py json-field token <<<"$reply")" || die "minting a token failed: $reply"
+    PID[standalone]=${PID[1]}
+    PORT[standalone]=${PORT[1]}
+  fi
   for ((i = 0; i < 100; i++)); do
     [[ "$(redis-cli -p "${PORT[$name]}" --no-auth-warning -a "${TOKEN[$name]}" PING 2>/dev/null)" == PONG ]] && return 0
     sleep 0.1
@@ -84,9 +94,10 @@ start() { # shards cluster-base-port
 
 # CPU ticks (user + system) used so far by shoal ($1) and by the cluster's nodes.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-node_ticks() { # name: the cluster's nodes, by their pidfiles
-  local total=0 f
-  for f in "$TMP/$1"/valkey-cluster/node-*/valkey.pid; do
+node_ticks() { # name: the cluster's nodes (standalone: the main pool's), by their pidfiles
+  local total=0 f pids=("$TMP/$1"/valkey-cluster/node-*/valkey.pid)
+  [[ "$1" == standalone ]] && pids=("$TMP/1"/valkey/*/valkey.pid)
+  for f in "${pids[@]}"; do
     [[ -s "$f" ]] && total=$((total + $(ticks "$(cat "$f")")))
   done
   echo "$total"
@@ -113,17 +124,17 @@ run() { # name cmd pipeline requests round
   rps="$(grep -ai "^\"$2\"," <<<"$out" | tail -n 1 | cut -d, -f2 | tr -d '"')"
   [[ -n "$rps" ]] || die "no result from redis-benchmark against $1 shard(s): $out"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$((after - before))" "$((nafter - nbefore))" "$rps" >>"$RESULTS"
-  printf '  round %s  %-3s P%-2s %s shard(s) %12s ops/s\n' "$5" "${2^^}" "$3" "$1" "$rps" >&2
+  printf '  round %s  %-3s P%-2s %-10s %12s ops/s\n' "$5" "${2^^}" "$3" "$1" "$rps" >&2
 }
 
 log "warming up"
-for name in 1 2 3; do for cmd in set get; do
+for name in standalone 1 2 3; do for cmd in set get; do
   redis-benchmark -p "${PORT[$name]}" -a "${TOKEN[$name]}" -c 50 -n 50000 -d 100 -P 16 -r 100000 -t "$cmd" -q >/dev/null 2>&1
 done; done
 
-orders=("1 2 3" "2 3 1" "3 1 2")
+orders=("standalone 1 2 3" "1 2 3 standalone" "2 3 standalone 1" "3 standalone 1 2")
 for ((round = 1; round <= ROUNDS; round++)); do
-  read -ra order <<<"${orders[$(((round - 1) % 3))]}"
+  read -ra order <<<"${orders[$(((round - 1) % 4))]}"
   for p in 1 16; do
     n=$REQUESTS
     ((p == 1)) || n=$((REQUESTS * 5))
@@ -138,19 +149,26 @@ import statistics, sys
 path, hz, cores = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cases = {}
 for line in open(path):
-    shards, cmd, p, n, ticks, nticks, rps = line.rstrip("\n").split("\t")
-    runs = cases.setdefault((cmd.upper(), int(p)), {}).setdefault(int(shards), [])
+    target, cmd, p, n, ticks, nticks, rps = line.rstrip("\n").split("\t")
+    runs = cases.setdefault((cmd.upper(), int(p)), {}).setdefault(target, [])
     per = 1e6 / hz / int(n)
     runs.append((float(rps), int(ticks) * per, int(nticks) * per))
-print(f"\nOne cache through the gateway on a cluster of 1, 2 and 3 shards ({cores} cores; medians)\n")
-print(f"{'cmd  P':<9}| {'ops/s':^44} | {'shoal CPU us/req':^22} | {'nodes CPU us/req':^22}")
-print(f"{'':<9}| {'1':>9} {'2':>9} {'3':>9} {'2/1':>6} {'3/1':>6} | {'1':>6} {'2':>6} {'3':>6} | {'1':>6} {'2':>6} {'3':>6}")
-print("-" * 107)
+T = ("standalone", "1", "2", "3")
+print(f"\nOne cache through the gateway: a standalone pool, a cluster of 1, 2 and 3 shards ({cores} cores; medians)\n")
+print(f"{'cmd  P':<9}| {'ops/s':^53} | {'shoal CPU us/request':^34} | {'nodes CPU us/request':^27}")
+print(f"{'':<9}| {'standalone':>10} {'1':>8} {'2':>8} {'3':>8} {'1/st':>5} {'2/1':>5} {'3/1':>5}"
+      f" | {'st':>5} {'1':>5} {'2':>5} {'3':>5} {'1/st':>5} | {'st':>5} {'1':>5} {'2':>5} {'3':>5}")
+print("-" * 125)
 for (cmd, p), by in sorted(cases.items(), key=lambda k: (k[0][1], k[0][0] != "SET")):
-    med = {s: [statistics.median(r[i] for r in by[s]) for i in range(3)] for s in (1, 2, 3)}
-    ops = [med[s][0] for s in (1, 2, 3)]
-    print(f"{cmd:<4} P{p:<3}| {ops[0]:>9,.0f} {ops[1]:>9,.0f} {ops[2]:>9,.0f} {ops[1] / ops[0]:>5.2f}x {ops[2] / ops[0]:>5.2f}x"
-          f" | {med[1][1]:>6.1f} {med[2][1]:>6.1f} {med[3][1]:>6.1f} | {med[1][2]:>6.1f} {med[2][2]:>6.1f} {med[3][2]:>6.1f}")
-print("\nshoal CPU: the shoal process (the gateway does the routing); nodes CPU: the cluster's valkey-servers.\n"
+    m = {t: [statistics.median(r[i] for r in by[t]) for i in range(3)] for t in T}
+    ops = [m[t][0] for t in T]
+    cpu = [m[t][1] for t in T]
+    nodes = [m[t][2] for t in T]
+    print(f"{cmd:<4} P{p:<3}| {ops[0]:>10,.0f} {ops[1]:>8,.0f} {ops[2]:>8,.0f} {ops[3]:>8,.0f}"
+          f" {ops[1] / ops[0]:>5.2f} {ops[2] / ops[1]:>5.2f} {ops[3] / ops[1]:>5.2f}"
+          f" | {cpu[0]:>5.1f} {cpu[1]:>5.1f} {cpu[2]:>5.1f} {cpu[3]:>5.1f} {cpu[1] / cpu[0]:>5.2f}"
+          f" | {nodes[0]:>5.1f} {nodes[1]:>5.1f} {nodes[2]:>5.1f} {nodes[3]:>5.1f}")
+print("\nshoal CPU: the shoal process (the gateway routes); nodes CPU: the cache's valkey-servers.\n"
+      "1/st: a 1-shard cluster over the standalone pool, what the cluster link costs.\n"
       "On 2 cores more shards cannot add throughput: the client, gateway and nodes share them.")
 PY
