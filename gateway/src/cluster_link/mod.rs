@@ -16,8 +16,11 @@
 //! - Subscriptions get connections of their own: (P)SUBSCRIBE one (a cluster delivers every
 //!   PUBLISH to every node), keyspace-notification patterns one per primary (notifications
 //!   are local to the node of the key), SSUBSCRIBE the channel's shard. They are sent once
-//!   every earlier reply is out, so the session tells confirmations from replies as usual.
+//!   every earlier reply is out, and later requests wait for their confirmations, so the
+//!   session sees the order one connection gives.
 //! - On the reader endpoint, reads go to replicas (`READONLY`) and writes get `-READONLY`.
+//! - Big replies go on in pieces and big one-key requests as they come: neither is held
+//!   whole.
 //!
 //! When a connection that owed replies breaks, the link closes, like a standalone node's
 //! connection: the session turns what it owed into errors and opens a new link. An idle
@@ -36,7 +39,6 @@ use crate::resp::request::{Limits, RequestParser, Rest};
 use crate::GatewayError;
 use bytes::{Bytes, BytesMut};
 use conns::{sent, unwanted, Conn, Incoming, Kind, Sent};
-
 use plan::{Merge, Plan};
 use replies::Entry;
 use shoal_types::TenantRoute;
@@ -49,15 +51,17 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tx::Tx;
 
-pub(super) const UNAVAILABLE: &[u8] = b"-ERR cache temporarily unavailable, try again\r\n";
-pub(super) const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
-pub(super) const MOVED_IN_TX: &[u8] = b"-TRYAGAIN The cache is being rebalanced: retry the transaction\r\n";
+const UNAVAILABLE: &[u8] = b"-ERR cache temporarily unavailable, try again\r\n";
+const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+/// A redirect that cannot be followed (in a transaction, or of a request passed on as it
+/// came): the client retries, as it would after Valkey's own `-TRYAGAIN`.
+const REBALANCING: &[u8] = b"-TRYAGAIN The cache is being rebalanced, try again\r\n";
 /// Redirects followed for one request before its last answer is given as it is.
-pub(super) const MAX_REDIRECTS: u8 = 5;
+const MAX_REDIRECTS: u8 = 5;
 /// Replies (or pieces of one) read ahead per connection before its reader waits for the link.
 const FRAMES_AHEAD: usize = 64;
 /// A reply this big goes on in pieces, straight to the session when it is the next one owed.
-pub(super) const PIECE: usize = 64 * 1024;
+const PIECE: usize = 64 * 1024;
 /// A request this big is passed on as it comes, to the node its first key names.
 const STREAM_REQUEST_FROM: usize = 1024 * 1024;
 
@@ -251,7 +255,7 @@ impl Link {
     }
 
     /// Starts passing on the big request at the front of `input`, once its first key is in:
-    /// to that key's node, without holding it whole (and without following a redirect: a
+    /// to that key's node, without holding it whole (so a redirect cannot be followed: a
     /// rebalance at that moment gives the client `-TRYAGAIN`). Whether it started.
     async fn stream_request(&mut self, input: &mut BytesMut, parser: &mut RequestParser) -> bool {
         if self.hold != Hold::None || self.tx.is_some() {

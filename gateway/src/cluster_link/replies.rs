@@ -6,7 +6,7 @@ use super::conns::{Incoming, Kind, Sent};
 use super::merge;
 use super::plan::Merge;
 use super::pubsub::{is_message, is_pubsub_message};
-use super::{Hold, Link, Request, MAX_REDIRECTS, MOVED_IN_TX};
+use super::{Hold, Link, Request, MAX_REDIRECTS, REBALANCING};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
@@ -44,12 +44,14 @@ impl Link {
         let Some(sent) = conn.inflight.pop_front() else { return };
         let Some((seq, part)) = sent.to else { return };
         if let Some(redirect) = Redirect::parse(&frame) {
-            if sent.in_tx {
-                self.map_stale = true;
-                return self.fill(seq, part, Bytes::from_static(MOVED_IN_TX));
-            }
-            if sent.redirects < MAX_REDIRECTS {
+            if !sent.in_tx && sent.redirects < MAX_REDIRECTS {
                 return self.redirect(addr, redirect, sent).await;
+            }
+            // Queued in a transaction, streamed, or redirected too often: the client is told
+            // to try again, never shown where the slot went.
+            self.map_stale = true;
+            if !matches!(redirect, Redirect::TryAgain) {
+                return self.fill(seq, part, Bytes::from_static(REBALANCING));
             }
         }
         self.fill(seq, part, frame);
