@@ -20,6 +20,7 @@ mod metering;
 mod pools;
 mod portal;
 mod production;
+mod reader;
 mod resources_gateway;
 mod resources_node;
 mod revocation;
