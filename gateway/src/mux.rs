@@ -281,7 +281,7 @@ impl Mux {
 
     /// Writes right away if the socket takes the bytes; the rest waits for writability.
     fn write_now(&mut self) {
-        let Some(write) = self.write.as_ref() else { return };
+        let Some(write) = self.write.as_mut() else { return };
         if self.out.is_empty() {
             return;
         }

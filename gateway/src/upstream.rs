@@ -8,24 +8,26 @@ use bytes::BytesMut;
 use shoal_types::TenantRoute;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{tcp, unix, TcpStream, UnixStream};
+use tokio::io::DuplexStream;
+use tokio::net::{tcp, TcpStream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A session's (or the mux's) upstream: a node, or a cluster link.
 pub enum Upstream {
     Node(TcpStream),
-    Cluster(UnixStream),
+    /// An in-memory pipe to the cluster link's task (same thread: no system call).
+    Cluster(DuplexStream),
 }
 
 pub enum ReadHalf {
     Node(tcp::OwnedReadHalf),
-    Cluster(unix::OwnedReadHalf),
+    Cluster(tokio::io::ReadHalf<DuplexStream>),
 }
 
 pub enum WriteHalf {
     Node(tcp::OwnedWriteHalf),
-    Cluster(unix::OwnedWriteHalf),
+    Cluster(tokio::io::WriteHalf<DuplexStream>),
 }
 
 impl Upstream {
@@ -36,7 +38,7 @@ impl Upstream {
                 (ReadHalf::Node(r), WriteHalf::Node(w))
             }
             Upstream::Cluster(s) => {
-                let (r, w) = s.into_split();
+                let (r, w) = tokio::io::split(s);
                 (ReadHalf::Cluster(r), WriteHalf::Cluster(w))
             }
         }
@@ -60,10 +62,14 @@ impl WriteHalf {
         }
     }
 
-    pub fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+    pub fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             WriteHalf::Node(h) => h.try_write(buf),
-            WriteHalf::Cluster(h) => h.try_write(buf),
+            // What the pipe takes now (it never blocks); full: try later.
+            WriteHalf::Cluster(h) => {
+                use futures_util::FutureExt;
+                h.write(buf).now_or_never().unwrap_or(Err(std::io::ErrorKind::WouldBlock.into()))
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
-//! A session's upstream on a cluster pool. To the session it is one Valkey connection (a
-//! socket: requests in, replies out, in order), so nothing above it knows about shards.
+//! A session's upstream on a cluster pool. To the session it is one Valkey connection (an
+//! in-memory pipe: requests in, replies out, in order), so nothing above it knows about shards.
 //! Behind it a task routes each request by its keys' slot ([`plan`]) to the node that owns
 //! it, on connections of its own (logged in as the cache's ACL user, `SELECT`ed to its
 //! database), and puts the replies back in request order:
@@ -46,8 +46,7 @@ use slot_map::{Seeds, SlotMap};
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 use tx::Tx;
 
@@ -62,12 +61,14 @@ const MAX_REDIRECTS: u8 = 5;
 const FRAMES_AHEAD: usize = 64;
 /// A reply this big goes on in pieces, straight to the session when it is the next one owed.
 const PIECE: usize = 64 * 1024;
+/// Bytes the pipe between the session and the link holds each way.
+const PIPE: usize = 256 * 1024;
 /// A request this big is passed on as it comes, to the node its first key names.
 const STREAM_REQUEST_FROM: usize = 1024 * 1024;
 
 /// Opens a link for a cache on a cluster pool: logs in on one node first, so a wrong
 /// password fails here, as it does on a standalone pool.
-pub async fn open(route: &TenantRoute, db: u32, reader: bool) -> Result<UnixStream, GatewayError> {
+pub async fn open(route: &TenantRoute, db: u32, reader: bool) -> Result<DuplexStream, GatewayError> {
     let seeds = Seeds::new(&route.cluster_nodes, &route.observer_user, &route.observer_password);
     let map = seeds.map().await?;
     let (frames_tx, frames) = mpsc::channel(FRAMES_AHEAD);
@@ -107,7 +108,7 @@ pub async fn open(route: &TenantRoute, db: u32, reader: bool) -> Result<UnixStre
         let first = link.any_node();
         link.open_conn(&first, Kind::Data).await?;
     }
-    let (ours, theirs) = UnixStream::pair().map_err(|e| GatewayError::Upstream(e.to_string()))?;
+    let (ours, theirs) = tokio::io::duplex(PIPE);
     tokio::spawn(link.run(ours));
     Ok(theirs)
 }
@@ -183,8 +184,8 @@ struct Link {
 }
 
 impl Link {
-    async fn run(mut self, session: UnixStream) {
-        let (mut read, mut write) = session.into_split();
+    async fn run(mut self, session: DuplexStream) {
+        let (mut read, mut write) = tokio::io::split(session);
         let mut input = BytesMut::with_capacity(16 * 1024);
         let mut parser = RequestParser::new();
         let limits = Limits::authenticated(usize::MAX, usize::MAX);

@@ -503,7 +503,7 @@ impl Session {
     /// Writes pending upstream bytes right away if the socket takes them (saves a trip
     /// through the event loop per request); whatever is left waits for writability.
     fn write_upstream_now(&mut self) {
-        if let (Some(w), false) = (self.up_write.as_ref(), self.up_out.is_empty()) {
+        if let (Some(w), false) = (self.up_write.as_mut(), self.up_out.is_empty()) {
             match w.try_write(&self.up_out) {
                 Ok(n) => self.up_out.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
