@@ -27,8 +27,7 @@ for v in REQUESTS ROUNDS; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_$v must be a positive integer" >&2; exit 2; }
 done
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
-die() { printf '\033[1;31mERROR: %s\033[0m\n' "$*" >&2; exit 1; }
+source bench/devlib.sh
 
 command -v redis-benchmark >/dev/null || die "redis-benchmark not found (Debian: redis-tools; bench/gateway.sh installs it)"
 VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh)}"
@@ -69,36 +68,20 @@ cleanup() {
 trap cleanup EXIT
 
 start() { # name binary
-  local name="$1" bin="$2" ports args i rest admin reply cache
+  local name="$1" bin="$2" ports args rest
   mapfile -t ports < <(python3 bench/benchlib.py ports 5)
   args=(dev --data-dir "$TMP/$name" --rest-port "${ports[0]}" --resp-port "${ports[1]}"
     --node-ports "${ports[2]},${ports[3]}")
   # Older builds have no separate internal API listener.
   if "$bin" dev --help 2>/dev/null | grep -q -- --internal-port; then args+=(--internal-port "${ports[4]}"); fi
-  NO_COLOR=1 SHOAL_TLS_PORT=0 "$bin" "${args[@]}" </dev/null >/dev/null 2>"$TMP/$name.log" &
+  NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 "$bin" "${args[@]}" </dev/null >/dev/null 2>"$TMP/$name.log" &
   PID[$name]=$!
   PORT[$name]=${ports[1]}
   rest="http://127.0.0.1:${ports[0]}"
-  for ((i = 0; ; i++)); do
-    kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 20 "$TMP/$name.log" >&2; die "$name shoal dev exited"; }
-    curl -sf "$rest/healthz" >/dev/null 2>&1 && [[ -s "$TMP/$name/admin.token" ]] && break
-    ((i < 600)) || die "$name shoal dev did not start within 60 s"
-    sleep 0.1
-  done
-  admin="Authorization: Bearer $(cat "$TMP/$name/admin.token")"
-  reply="$(curl -s -X POST -H "$admin" -d '{"name":"bench"}' "$rest/v1/caches")"
-  cache="$(python3 bench/benchlib.py json-field id <<<"$reply")" || die "$name: creating the cache failed: $reply"
-  reply="$(curl -s -X POST -H "$admin" -d '{"ttl_seconds": 3600}' "$rest/v1/caches/$cache/tokens")"
-  TOKEN[$name]="$(python3 bench/benchlib.py json-field token <<<"$reply")" || die "$name: minting a token failed: $reply"
-  for ((i = 0; i < 100; i++)); do
-    [[ "$(redis-cli -p "${PORT[$name]}" --no-auth-warning -a "${TOKEN[$name]}" PING 2>/dev/null)" == PONG ]] && return 0
-    sleep 0.1
-  done
-  die "$name: the gateway does not answer PING"
+  wait_dev "${PID[$name]}" "$rest" "$TMP/$name" "$TMP/$name.log"
+  TOKEN[$name]="$(cache_token "$rest" "$TMP/$name" '{"name":"bench"}')"
+  wait_ping "${PORT[$name]}" "${TOKEN[$name]}"
 }
-
-# CPU ticks (user + system) the process has used so far.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 log "starting baseline ($BASE_DESC) and current"
 start baseline "$BASELINE"

@@ -173,7 +173,7 @@ wait_ping "$TWEM_PORT" nutcracker "$NUTCRACKER_PID" || { tail -n 20 "$TMP/nutcra
 log "starting shoal dev (REST $REST_PORT, RESP $RESP_PORT, nodes $NODE_PORT_1,$NODE_PORT_2)"
 # SHOAL_TLS_PORT=0: no RESP-over-TLS listener (it would default to the fixed port 6381);
 # NO_COLOR: a plain-text log.
-NO_COLOR=1 SHOAL_TLS_PORT=0 "$SHOAL" dev --data-dir "$TMP/.shoal" --rest-port "$REST_PORT" --resp-port "$RESP_PORT" \
+NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/.shoal" --rest-port "$REST_PORT" --resp-port "$RESP_PORT" \
   --node-ports "$NODE_PORT_1,$NODE_PORT_2" </dev/null >"$TMP/shoal.out" 2>"$TMP/shoal.log" &
 SHOAL_PID=$!
 REST="http://127.0.0.1:$REST_PORT"

@@ -58,7 +58,7 @@ declare -A RESP TOKEN
 start() { # name rest resp node1 node2 [flags...]
   local name="$1" rest="$2" resp="$3" n1="$4" n2="$5" i reply cache
   shift 5
-  NO_COLOR=1 SHOAL_TLS_PORT=0 "$SHOAL" dev --data-dir "$TMP/$name" --rest-port "$rest" --resp-port "$resp" \
+  NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/$name" --rest-port "$rest" --resp-port "$resp" \
     --node-ports "$n1,$n2" "$@" </dev/null >"$TMP/$name.out" 2>"$TMP/$name.log" &
   PIDS+=($!)
   for ((i = 0; ; i++)); do

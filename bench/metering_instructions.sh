@@ -55,7 +55,7 @@ measure() { # mode -> callgrind dumps in $TMP/<mode>/: part 1 = pipeline 16, par
   [[ "$mode" == off ]] && flags=(--no-metering)
   mkdir -p "$TMP/$mode"
   mapfile -t ports < <(python3 bench/benchlib.py ports 4)
-  NO_COLOR=1 SHOAL_TLS_PORT=0 valgrind --tool=callgrind --separate-threads=yes \
+  NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 valgrind --tool=callgrind --separate-threads=yes \
     --callgrind-out-file="$TMP/$mode/cg.out.%p" "$SHOAL" dev --data-dir "$TMP/$mode/.shoal" \
     --rest-port "${ports[0]}" --resp-port "${ports[1]}" --node-ports "${ports[2]},${ports[3]}" "${flags[@]}" \
     </dev/null >"$TMP/$mode/out" 2>"$TMP/$mode/log" &

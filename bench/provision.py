@@ -25,7 +25,7 @@ def main():
     per_node = args.caches // 2 + 16
     log = open(os.path.join(tmp, "shoal.log"), "w")
     proc = subprocess.Popen([args.binary, "dev", "--data-dir", os.path.join(tmp, ".shoal"), "--rest-port", str(rest),
-                             "--resp-port", str(resp), "--tls-port", "0", "--node-ports", nodes,
+                             "--resp-port", str(resp), "--tls-port", "0", "--reader-port", "0", "--node-ports", nodes,
                              "--databases", str(per_node),
                              # Storage limits must fit the nodes: 1 MB each lets 1,000 caches in.
                              "--default-storage-mb", "1"], stdout=log, stderr=log)

@@ -31,8 +31,7 @@ for v in REQUESTS ROUNDS; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_$v must be a positive integer" >&2; exit 2; }
 done
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
-die() { printf '\033[1;31mERROR: %s\033[0m\n' "$*" >&2; exit 1; }
+source bench/devlib.sh
 
 command -v redis-benchmark >/dev/null || die "redis-benchmark not found (Debian: redis-tools; bench/gateway.sh installs it)"
 export SHOAL_VALKEY_SERVER="${SHOAL_VALKEY_SERVER:-$(scripts/setup.sh)}"
@@ -56,7 +55,7 @@ cleanup() {
 trap cleanup EXIT
 
 start() { # shards cluster-base-port
-  local name="$1" ports i rest admin reply cache
+  local name="$1" ports rest
   mapfile -t ports < <(python3 bench/benchlib.py ports 5)
   NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/$name" \
     --rest-port "${ports[0]}" --resp-port "${ports[1]}" --node-ports "${ports[2]},${ports[3]}" \
@@ -65,35 +64,17 @@ start() { # shards cluster-base-port
   PID[$name]=$!
   PORT[$name]=${ports[1]}
   rest="http://127.0.0.1:${ports[0]}"
-  for ((i = 0; ; i++)); do
-    kill -0 "${PID[$name]}" 2>/dev/null || { tail -n 20 "$TMP/$name.log" >&2; die "$name-shard shoal dev exited"; }
-    curl -sf "$rest/healthz" >/dev/null 2>&1 && [[ -s "$TMP/$name/admin.token" ]] && break
-    ((i < 900)) || die "$name-shard shoal dev did not start within 90 s"
-    sleep 0.1
-  done
-  admin="Authorization: Bearer $(cat "$TMP/$name/admin.token")"
-  reply="$(curl -s -X POST -H "$admin" -d '{"name":"bench"}' "$rest/v1/caches")"
-  cache="$(python3 bench/benchlib.py json-field id <<<"$reply")" || die "$name: creating the cache failed: $reply"
-  [[ "$(python3 bench/benchlib.py json-field pool <<<"$reply")" == cluster ]] || die "$name: the cache is not on the cluster: $reply"
-  reply="$(curl -s -X POST -H "$admin" -d '{"ttl_seconds": 3600}' "$rest/v1/caches/$cache/tokens")"
-  TOKEN[$name]="$(python3 bench/benchlib.py json-field token <<<"$reply")" || die "$name: minting a token failed: $reply"
+  wait_dev "${PID[$name]}" "$rest" "$TMP/$name" "$TMP/$name.log"
+  TOKEN[$name]="$(cache_token "$rest" "$TMP/$name" '{"name":"bench"}')"
+  wait_ping "${PORT[$name]}" "${TOKEN[$name]}"
   if [[ "$name" == 1 ]]; then
-    reply="$(curl -s -X POST -H "$admin" -d '{"name":"bench-standalone","pool":"main"}' "$rest/v1/caches")"
-    cache="$(python3 bench/benchlib.py json-field id <<<"$reply")" || die "creating the standalone cache failed: $reply"
-    reply="$(curl -s -X POST -H "$admin" -d '{"ttl_seconds": 3600}' "$rest/v1/caches/$cache/tokens")"
-    TOKEN[standalone]="$(python3 bench/benchlib.py json-field token <<<"$reply")" || die "minting a token failed: $reply"
+    TOKEN[standalone]="$(cache_token "$rest" "$TMP/$name" '{"name":"bench-standalone","pool":"main"}')"
     PID[standalone]=${PID[1]}
     PORT[standalone]=${PORT[1]}
   fi
-  for ((i = 0; i < 100; i++)); do
-    [[ "$(redis-cli -p "${PORT[$name]}" --no-auth-warning -a "${TOKEN[$name]}" PING 2>/dev/null)" == PONG ]] && return 0
-    sleep 0.1
-  done
-  die "$name: the gateway does not answer PING"
 }
 
-# CPU ticks (user + system) used so far by shoal ($1) and by the cluster's nodes.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU ticks used so far by the cache's valkey-servers.
 node_ticks() { # name: the cluster's nodes (standalone: the main pool's), by their pidfiles
   local total=0 f pids=("$TMP/$1"/valkey-cluster/node-*/valkey.pid)
   [[ "$1" == standalone ]] && pids=("$TMP/1"/valkey/*/valkey.pid)

@@ -25,7 +25,7 @@ read -r REST RESP TLS N0 N1 < <(python3 bench/benchlib.py ports 5 | paste -sd' '
 extra=()
 [[ -n "${SOAK_SCRIPT_LIMIT:-}" ]] && extra+=(--script-time-limit "$SOAK_SCRIPT_LIMIT")
 log "starting shoal dev in $tmp"
-"$BIN" dev --data-dir "$tmp/.shoal" --rest-port "$REST" --resp-port "$RESP" --tls-port "$TLS" \
+"$BIN" dev --data-dir "$tmp/.shoal" --rest-port "$REST" --resp-port "$RESP" --tls-port "$TLS" --reader-port 0 \
   --node-ports "$N0,$N1" --databases 64 "${extra[@]}" >"$tmp/shoal.log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
