@@ -7,8 +7,8 @@ use crate::GatewayError;
 use bytes::BytesMut;
 use shoal_types::TenantRoute;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::DuplexStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{tcp, TcpStream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

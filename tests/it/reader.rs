@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 #[tokio::test]
 async fn the_reader_endpoint_serves_reads_and_refuses_writes() {
     let dev = shared().await;
-    let (status, cache) = dev.api(Method::POST, "/v1/caches", Some(serde_json::json!({"name": "reads"}))).await;
+    let (status, cache) =
+        dev.api(Method::POST, "/v1/caches", Some(serde_json::json!({"name": "reads"}))).await;
     assert_eq!(status, 201, "{cache}");
     assert_eq!(cache["reader_endpoint"], format!("127.0.0.1:{}", dev.reader_port));
     let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
@@ -26,7 +27,9 @@ async fn the_reader_endpoint_serves_reads_and_refuses_writes() {
         assert!(Instant::now() < deadline, "the reader endpoint never saw the write");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for write in [&["SET", "greeting", "bye"][..], &["DEL", "greeting"], &["EVAL", "return 1", "0"], &["FLUSHALL"]] {
+    for write in
+        [&["SET", "greeting", "bye"][..], &["DEL", "greeting"], &["EVAL", "return 1", "0"], &["FLUSHALL"]]
+    {
         let mut cmd = redis::cmd(write[0]);
         for a in &write[1..] {
             cmd.arg(*a);
