@@ -289,6 +289,37 @@ async fn pub_sub_reaches_subscribers_whatever_node_they_are_on() {
     }
     got.sort();
     assert_eq!(got, [("news".to_string(), "hello".to_string()), ("news".into(), "hello".into())]);
+
+    // Sharded pub/sub: each channel on its shard (names go upstream in the cache's namespace,
+    // so six of them land on more than one shard).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let token = s.fake.token(&cache);
+    for channel in ["orders", "stock", "alerts", "news", "prices", "users"] {
+        let mut raw = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let auth = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{token}\r\n", token.len());
+        let ssub = format!("*2\r\n$10\r\nSSUBSCRIBE\r\n${}\r\n{channel}\r\n", channel.len());
+        raw.write_all(format!("{auth}{ssub}").as_bytes()).await.unwrap();
+        let confirmed =
+            format!("+OK\r\n*3\r\n$10\r\nssubscribe\r\n${}\r\n{channel}\r\n:1\r\n", channel.len());
+        let mut buf = vec![0u8; 256];
+        let mut got = Vec::new();
+        while got.len() < confirmed.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), confirmed);
+        let receivers: u32 = q(&mut c, &["SPUBLISH", channel, "hi"]).await.unwrap();
+        assert_eq!(receivers, 1, "{channel}");
+        let message = format!("*3\r\n$8\r\nsmessage\r\n${}\r\n{channel}\r\n$2\r\nhi\r\n", channel.len());
+        let mut got = Vec::new();
+        while got.len() < message.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), message);
+    }
 }
 
 #[tokio::test]
