@@ -1214,11 +1214,10 @@ async fn a_64_mb_value_round_trips_in_small_reads() {
     eprintln!("64 MiB: SET in 16 KiB writes took {wrote:?}, GET took {read:?}");
 }
 
-/// `blocked_clients` summed over every node of the dev pool.
+/// `blocked_clients` summed over every node of the platform.
 async fn blocked_clients(dev: &ShoalDev) -> i64 {
     let mut total = 0;
-    for i in 0..dev.node_ports.len() {
-        let mut admin = dev.node_admin(i).await;
+    for mut admin in dev.node_admins().await {
         let info: String = redis::cmd("INFO").arg("clients").query_async(&mut admin).await.unwrap();
         total += info
             .lines()
@@ -1259,11 +1258,12 @@ async fn a_client_that_disconnects_while_blocked_releases_its_upstream() {
     // Each blocking command, forever, then the client goes away.
     let forever: &[&[&str]] = &[
         &["BLPOP", "q", "0"],
-        &["BLMOVE", "q", "q2", "LEFT", "RIGHT", "0"],
+        &["BLMOVE", "q", "{q}2", "LEFT", "RIGHT", "0"],
         &["BZPOPMIN", "z", "0"],
         &["XREAD", "BLOCK", "0", "STREAMS", "events", "$"],
         &["XREADGROUP", "GROUP", "workers", "w1", "BLOCK", "0", "STREAMS", "events", ">"],
-        &["WAIT", "1", "0"],
+        // More replicas than any pool has (a cluster pool's shards have one).
+        &["WAIT", "5", "0"],
     ];
     for args in forever {
         let (mut s, _) = raw_session(&dev, &token).await;

@@ -92,15 +92,16 @@ async fn databases_are_virtual_and_flushall_stays_inside_the_cache() {
     let mut b = dev.client(&token_b).await.unwrap();
     let _: () = b.set("canary", "b").await.unwrap();
 
-    let _: () = a.set("k", "db0").await.unwrap();
-    assert_eq!(query(&mut a, &["MOVE", "k", "1"]).await.unwrap(), Value::Int(1));
+    // Keys of one slot (`{k}`): COPY takes two keys, which a cluster pool wants in one slot.
+    let _: () = a.set("{k}", "db0").await.unwrap();
+    assert_eq!(query(&mut a, &["MOVE", "{k}", "1"]).await.unwrap(), Value::Int(1));
     assert_eq!(query(&mut a, &["SELECT", "1"]).await.unwrap(), Value::Okay);
-    assert_eq!(a.get::<_, String>("k").await.unwrap(), "db0");
+    assert_eq!(a.get::<_, String>("{k}").await.unwrap(), "db0");
     assert_eq!(query(&mut a, &["DBSIZE"]).await.unwrap(), Value::Int(1));
-    assert_eq!(query(&mut a, &["COPY", "k", "k2", "DB", "0"]).await.unwrap(), Value::Int(1));
+    assert_eq!(query(&mut a, &["COPY", "{k}", "{k}2", "DB", "0"]).await.unwrap(), Value::Int(1));
     let err = query(&mut a, &["SELECT", "2"]).await.unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
-    let err = query(&mut a, &["MOVE", "k", "5"]).await.unwrap_err();
+    let err = query(&mut a, &["MOVE", "{k}", "5"]).await.unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
 
     // INFO keyspace shows the cache's own databases, numbered from 0.
@@ -125,12 +126,13 @@ async fn transactions_scripts_blocking_and_valkey_9_commands_work() {
     let (_, token) = cache_with_token(&dev, "app", 1).await;
     let mut c = dev.client(&token).await.unwrap();
 
+    // A transaction's keys share a slot (`{app}`), as a cluster pool requires.
     let (n, v): (i64, String) = redis::pipe()
         .atomic()
-        .incr("counter", 5)
-        .set("s", "x")
+        .incr("{app}counter", 5)
+        .set("{app}s", "x")
         .ignore()
-        .get("s")
+        .get("{app}s")
         .query_async(&mut c)
         .await
         .unwrap();
@@ -645,11 +647,12 @@ async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
     let (one, two): (String, Vec<String>) =
         redis::pipe().get("big").mget(&["big", "big"]).query_async(&mut c).await.unwrap();
     assert!(one == big && two.len() == 2 && two.iter().all(|v| *v == big));
+    // (A transaction's keys share a slot, as a cluster pool requires: `{big}…`.)
     let (one, _, three): (String, String, Vec<Option<String>>) = redis::pipe()
         .atomic()
         .get("big")
-        .set("small", "1")
-        .mget(&["big", "small", "nope"])
+        .set("{big}small", "1")
+        .mget(&["big", "{big}small", "{big}nope"])
         .query_async(&mut c)
         .await
         .unwrap();

@@ -8,7 +8,7 @@
 //!   ([`slot_map`]): no client sees a redirect. After a `MOVED` nothing new is sent until
 //!   the connection that answered it has nothing in flight, so a pipeline keeps its order.
 //! - MGET, MSET, DEL, UNLINK, EXISTS and TOUCH over several slots are split per slot and
-//!   merged ([`merge`]); other commands over several slots get `-CROSSSLOT`.
+//!   merged ([`merge`]); other commands over several slots get the node's `-CROSSSLOT`.
 //! - Keyless whole-cache commands (DBSIZE, KEYS, FLUSHDB, RANDOMKEY, SCAN, SCRIPT LOAD …)
 //!   go to every shard; SCAN's cursor says which shard it is on.
 //! - A transaction goes to one node: the first key's (or WATCH's); keyless commands before
@@ -370,7 +370,10 @@ impl Link {
                 let addr = self.last_written.clone().unwrap_or_else(|| self.any_node());
                 self.one(&addr, request.bytes).await;
             }
-            Plan::CrossSlot => self.local(plan::CROSSSLOT),
+            Plan::CrossSlot(slot) => {
+                let addr = self.node_for(slot);
+                self.one(&addr, request.bytes).await;
+            }
             Plan::ReadOnly => self.local(plan::READONLY),
             Plan::Split(kind) => self.split(kind, &request).await,
             Plan::Fanout(merge) => {

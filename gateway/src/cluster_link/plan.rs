@@ -42,8 +42,10 @@ pub enum Plan {
     Slot(u16),
     /// Keys in several slots, split per slot and merged (as Envoy's redis_proxy does).
     Split(Split),
-    /// Keys in several slots of a command that cannot be split.
-    CrossSlot,
+    /// Keys in several slots of a command that cannot be split: sent to the first key's
+    /// node anyway, which refuses it — after its ACL check, so a login that may not run it
+    /// hears `-NOPERM` first, as from Valkey itself.
+    CrossSlot(u16),
     /// No key: one node, any.
     Any,
     /// The last node written to (WAIT, WAITAOF ask about its replicas).
@@ -108,7 +110,7 @@ pub fn plan(spec: &CommandSpec, argv: &[&[u8]], reader: bool) -> Plan {
         "ssubscribe" | "sunsubscribe" => {
             return match one_slot(&argv[1..]) {
                 Ok(slot) => Plan::ShardSubscribe(slot),
-                Err(SeveralSlots) => Plan::CrossSlot,
+                Err(SeveralSlots) => Plan::CrossSlot(key_slot(argv[1])),
             }
         }
         "scan" => return Plan::Scan,
@@ -133,7 +135,7 @@ pub fn plan(spec: &CommandSpec, argv: &[&[u8]], reader: bool) -> Plan {
             "mget" => Plan::Split(Split::Values),
             "mset" => Plan::Split(Split::Pairs),
             "del" | "unlink" | "exists" | "touch" => Plan::Split(Split::Count),
-            _ => Plan::CrossSlot,
+            _ => Plan::CrossSlot(key_slot(keys[0])),
         },
     }
 }
@@ -193,12 +195,12 @@ mod tests {
         assert_eq!(plan_of(&["mget", "a", "b"]), Plan::Split(Split::Values));
         assert_eq!(plan_of(&["mset", "a", "1", "b", "2"]), Plan::Split(Split::Pairs));
         assert_eq!(plan_of(&["del", "a", "b"]), Plan::Split(Split::Count));
-        assert_eq!(plan_of(&["sunionstore", "d", "a", "b"]), Plan::CrossSlot);
-        assert_eq!(plan_of(&["eval", "return 1", "2", "a", "b"]), Plan::CrossSlot);
+        assert_eq!(plan_of(&["sunionstore", "d", "a", "b"]), Plan::CrossSlot(key_slot(b"d")));
+        assert_eq!(plan_of(&["eval", "return 1", "2", "a", "b"]), Plan::CrossSlot(key_slot(b"a")));
         assert_eq!(plan_of(&["eval", "return 1", "0"]), Plan::Any);
         assert_eq!(plan_of(&["xread", "streams", "{s}1", "{s}2", "0", "0"]), Plan::Slot(key_slot(b"s")));
         assert_eq!(plan_of(&["zunionstore", "{z}d", "2", "{z}a", "{z}b"]), Plan::Slot(key_slot(b"z")));
-        assert_eq!(plan_of(&["zunionstore", "d", "2", "{z}a", "{z}b"]), Plan::CrossSlot);
+        assert_eq!(plan_of(&["zunionstore", "d", "2", "{z}a", "{z}b"]), Plan::CrossSlot(key_slot(b"d")));
         assert_eq!(plan_of(&["ping"]), Plan::Any);
         assert_eq!(plan_of(&["dbsize"]), Plan::Fanout(Merge::Sum));
         assert_eq!(plan_of(&["spublish", "ch", "m"]), Plan::Slot(key_slot(b"ch")));

@@ -22,7 +22,7 @@ impl Link {
     pub(super) async fn queue_in_tx(&mut self, plan: Plan, request: Request) {
         let target = match plan {
             Plan::Slot(slot) => Ok(Some(slot)),
-            Plan::Split(_) | Plan::CrossSlot => Err(plan::CROSSSLOT),
+            Plan::Split(_) | Plan::CrossSlot(_) => Err(plan::CROSSSLOT),
             Plan::ReadOnly => Err(plan::READONLY),
             _ => Ok(None),
         };

@@ -74,7 +74,8 @@ async fn key_limited_tokens_cannot_empty_or_list_the_whole_cache() {
     assert!(e.contains("NOPERM") || e.contains("EXECABORT"), "{e}");
     assert!(exists(&mut owner, "billing:1").await);
     // MOVE and COPY within the patterns still work; outside them not.
-    assert_eq!(run(&mut c, &["COPY", "app:1", "app:2", "DB", "0"]).await.unwrap(), "int(1)");
+    // (`app:{app:1}` is in app:1's slot, as COPY on a cluster pool needs.)
+    assert_eq!(run(&mut c, &["COPY", "app:1", "app:{app:1}", "DB", "0"]).await.unwrap(), "int(1)");
     assert!(run(&mut c, &["COPY", "billing:1", "app:3", "DB", "0"]).await.unwrap_err().contains("NOPERM"));
     assert!(run(&mut c, &["MOVE", "billing:1", "0"]).await.unwrap_err().contains("NOPERM"));
     // INFO answers, without key counts.
@@ -131,7 +132,7 @@ async fn every_cell_of_the_permissions_table_holds() {
     let mut owner = dev.client(&dev.mint_token(&id).await).await.unwrap();
     // The cache's own ACL rules, as the engine made them (read from the node).
     let tenant_rules: Vec<String> = {
-        let mut admin = dev.node_admin(ShoalDev::node_of(&cache)).await;
+        let mut admin = dev.admins_of(&cache).await.remove(0);
         let user = format!("t{id}");
         let text: Vec<String> = redis::cmd("ACL").arg("LIST").query_async(&mut admin).await.unwrap();
         let line =
@@ -210,16 +211,17 @@ async fn every_cell_of_the_permissions_table_holds() {
     assert!(failures.is_empty(), "{} cells differ:\n{}", failures.len(), failures.join("\n"));
 }
 
-/// The ACL users of a cache's scoped tokens, on whichever node holds it.
+/// The ACL users of a cache's scoped tokens, on whichever nodes hold it (every node of a
+/// cluster has them all: counted once).
 async fn token_acl_users(dev: &ShoalDev, id: &str) -> Vec<String> {
     let prefix = format!("{}.jwt.", shoal_types::CacheId::parse(id).unwrap().acl_user());
     let mut found = Vec::new();
-    for i in 0..dev.node_ports.len() {
-        let users: Vec<String> =
-            redis::cmd("ACL").arg("USERS").query_async(&mut dev.node_admin(i).await).await.unwrap();
+    for mut admin in dev.node_admins().await {
+        let users: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(&mut admin).await.unwrap();
         found.extend(users.into_iter().filter(|u| u.starts_with(&prefix)));
     }
     found.sort();
+    found.dedup();
     found
 }
 
@@ -244,13 +246,17 @@ async fn a_cache_has_a_bounded_number_of_token_acl_users() {
     assert!(body["detail"].as_str().unwrap().contains("100 distinct token scopes"), "{body}");
     assert_eq!(token_acl_users(&dev, &id).await, before);
     // A set already in use still mints (it reuses its user), and rewrites no ACL file.
+    // Every node's ACL file, a cluster's too.
     let acl_files = || -> Vec<std::time::SystemTime> {
-        (0..dev.node_ports.len())
-            .map(|i| {
-                let path = dev.dir.join(format!(".shoal/valkey/n{i}/users.acl"));
-                std::fs::metadata(path).unwrap().modified().unwrap()
-            })
-            .collect()
+        let mut files = Vec::new();
+        for pool in ["valkey", "valkey-cluster"] {
+            for node in std::fs::read_dir(dev.dir.join(".shoal").join(pool)).into_iter().flatten().flatten() {
+                if let Ok(meta) = std::fs::metadata(node.path().join("users.acl")) {
+                    files.push(meta.modified().unwrap());
+                }
+            }
+        }
+        files
     };
     let saved = acl_files();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -182,6 +182,7 @@ impl ShoalDev {
         serde_json::json!({
             "rest": self.rest_port, "resp": self.resp_port, "tls": self.tls_port, "reader": self.reader_port,
             "internal": self.internal_port, "nodes": self.node_ports, "database_url": self.database_url,
+            "cluster": self.cluster.map(|c| [c.shards, c.replicas, c.base_port as usize]),
         })
         .to_string()
     }
@@ -204,7 +205,10 @@ impl ShoalDev {
             http: http_client(),
             extra_args: Vec::new(),
             database_url: d["database_url"].as_str().map(str::to_owned),
-            cluster: None,
+            cluster: d["cluster"].as_array().map(|c| {
+                let n = |i: usize| c[i].as_u64().unwrap() as usize;
+                DevCluster { shards: n(0), replicas: n(1), base_port: n(2) as u16 }
+            }),
             _tmp: None,
         }
     }
@@ -525,6 +529,37 @@ impl ShoalDev {
     pub fn node_of(cache: &Value) -> usize {
         let name = cache["allocation"]["node"].as_str().expect("the cache's allocation names its node");
         name.trim_start_matches('n').parse().unwrap()
+    }
+
+    /// Admin connections to every Valkey node of the platform: the standalone pool's, then a
+    /// cluster pool's (bypasses the gateway; for checks only).
+    pub async fn node_admins(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let mut out = Vec::new();
+        for i in 0..self.node_ports.len() {
+            out.push(self.node_admin(i).await);
+        }
+        out.extend(self.cluster_admins().await);
+        out
+    }
+
+    /// Admin connections to the nodes that hold a cache (its API object): its node on a
+    /// standalone pool, every node of the cluster (replicas too) on a cluster pool.
+    pub async fn admins_of(&self, cache: &Value) -> Vec<redis::aio::MultiplexedConnection> {
+        match cache["allocation"]["node"].as_str() {
+            Some("cluster") => self.cluster_admins().await,
+            _ => vec![self.node_admin(Self::node_of(cache)).await],
+        }
+    }
+
+    async fn cluster_admins(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let Some(c) = self.cluster else { return Vec::new() };
+        let secret = std::fs::read_to_string(self.dir.join(".shoal/valkey-cluster/admin.secret")).unwrap();
+        let mut out = Vec::new();
+        for n in 0..c.shards * (1 + c.replicas) {
+            let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), c.base_port as usize + n);
+            out.push(redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap());
+        }
+        out
     }
 
     /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
