@@ -468,6 +468,13 @@ impl Cluster {
     /// `ACL SETUSER user rules` (then `ACL SAVE`) on every node.
     pub async fn set_user(&self, user: &str, rules: &[String]) -> Result<(), EngineError> {
         let reset = rules.first().is_some_and(|r| r == "reset");
+        // A user set again exactly as it is (a scope reused) changes nothing: no node is
+        // asked, no ACL file rewritten (the keeper makes nodes match the record).
+        let unchanged = reset
+            && self.users.lock().unwrap().get(user).is_some_and(|set| set.len() == 1 && set[0] == rules);
+        if unchanged {
+            return Ok(());
+        }
         self.record(user, Some(rules.to_vec()), reset);
         let off = rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off");
         for node in self.nodes() {

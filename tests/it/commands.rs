@@ -1280,14 +1280,16 @@ async fn a_client_that_disconnects_while_blocked_releases_its_upstream() {
         );
     }
 
-    // With a timeout, each returns at its timeout through the gateway.
+    // With a timeout, each returns at its timeout through the gateway (WAIT: with the
+    // replicas it has, none on a standalone pool, one per shard on the cluster lane's).
+    let replicas = Value::Int(dev.cluster.map_or(0, |c| c.replicas as i64));
     let timed: &[(&[&str], Value)] = &[
         (&["BLPOP", "q", "0.3"], Value::Nil),
-        (&["BLMOVE", "q", "q2", "LEFT", "RIGHT", "0.3"], Value::Nil),
+        (&["BLMOVE", "q", "{q}2", "LEFT", "RIGHT", "0.3"], Value::Nil),
         (&["BZPOPMIN", "z", "0.3"], Value::Nil),
         (&["XREAD", "BLOCK", "300", "STREAMS", "events", "$"], Value::Nil),
         (&["XREADGROUP", "GROUP", "workers", "w1", "BLOCK", "300", "STREAMS", "events", ">"], Value::Nil),
-        (&["WAIT", "1", "300"], Value::Int(0)),
+        (&["WAIT", "5", "300"], replicas),
     ];
     for (args, expected) in timed {
         let started = Instant::now();
