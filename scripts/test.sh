@@ -29,22 +29,6 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-# The cluster lane: the command, client, gateway and isolation suites again, with every
-# platform's caches on a small Valkey cluster pool (2 shards × 1 replica). The tests that
-# look at a standalone node's internals and are not adapted yet are left out by the filter
-# (docs/engine-cluster.md, "Tests").
-step "tests on a cluster pool"
-if cargo nextest --version >/dev/null 2>&1; then
-  SHOAL_TEST_ENGINE=cluster cargo nextest run --workspace --no-fail-fast -E "$(cat scripts/cluster-lane.filter)"
-else
-  SHOAL_TEST_ENGINE=cluster cargo test --no-fail-fast --test it -- commands:: clients:: gateway:: reader:: isolation:: \
-    --skip isolation::a_cache_cannot_read_write_or_observe_its_neighbours \
-    --skip commands::every_data_type_behaves_as_on_valkey \
-    --skip gateway::a_cache_may_kill_its_own_running_script_but_not_anothers \
-    --skip gateway::stateless_commands_share_an_upstream_per_cache_in_order \
-    --skip isolation::scoped::every_cell_of_the_permissions_table_holds
-fi
-
 # The Postgres lane: the store and REST API tests again, on a real PostgreSQL server.
 step "tests on PostgreSQL"
 pg_dir="$(mktemp -d /tmp/shoal-pg.XXXXXX)"
