@@ -724,9 +724,8 @@ impl Cluster {
             .into_iter()
             .partition(|m| leaving_ids.contains(&m.id));
         *self.members.lock().unwrap() = staying;
-        for m in &gone {
-            m.node.stop().await;
-        }
+        // Forgotten before they stop: a gateway that finds one gone then reads a map without
+        // it, and knows that what it had sent there was never run (it owned no slot).
         for node in self.nodes() {
             for id in &leaving_ids {
                 if let Err(e) = admin(&node, &["CLUSTER", "FORGET", id]).await {
@@ -735,6 +734,7 @@ impl Cluster {
             }
         }
         for m in &gone {
+            m.node.stop().await;
             let _ = std::fs::remove_dir_all(&m.node.dir);
         }
         for n in self.nodes() {

@@ -49,6 +49,9 @@ pub(super) struct Sent {
     pub(super) redirects: u8,
     /// Queued in a transaction: a redirect cannot be followed.
     pub(super) in_tx: bool,
+    /// The slot it was routed by: sent again to the slot's owner if its node turns out
+    /// to have been removed from the cluster.
+    pub(super) slot: Option<u16>,
 }
 
 pub(super) enum Incoming {
@@ -69,11 +72,11 @@ pub(super) enum Incoming {
 }
 
 pub(super) fn sent(seq: u64, part: usize, request: Bytes) -> Sent {
-    Sent { to: Some((seq, part)), request, redirects: 0, in_tx: false }
+    Sent { to: Some((seq, part)), request, redirects: 0, in_tx: false, slot: None }
 }
 
 pub(super) fn unwanted(request: Bytes, in_tx: bool) -> Sent {
-    Sent { to: None, request, redirects: 0, in_tx }
+    Sent { to: None, request, redirects: 0, in_tx, slot: None }
 }
 
 impl Link {
@@ -102,22 +105,49 @@ impl Link {
         Ok(())
     }
 
-    /// Queues a request on a connection (opened if needed); written at the next flush.
+    /// Queues a request on a connection (opened if needed); written at the next flush. A
+    /// node that cannot be reached may have been removed: the request goes to its slot's
+    /// owner in a map read now, if that is another node.
     pub(super) async fn send(&mut self, addr: &str, kind: Kind, sent: Sent) {
-        let key = (addr.to_string(), kind);
+        let mut key = (addr.to_string(), kind);
         if !self.conns.contains_key(&key) {
-            if let Err(e) = self.open_conn(addr, kind).await {
+            if let Err(e) = self.open_conn(&key.0, kind).await {
                 tracing::warn!(error = %e, node = addr, "cluster node unavailable");
                 self.map_stale = true;
-                if let Some((seq, part)) = sent.to {
-                    self.fill(seq, part, Bytes::from_static(UNAVAILABLE));
+                let elsewhere = match sent.slot.filter(|_| !sent.in_tx) {
+                    Some(slot) => self.reread_map().await.then(|| self.node_for(slot)).filter(|a| a != addr),
+                    None => None,
+                };
+                let opened = match elsewhere {
+                    Some(other) => {
+                        key.0 = other;
+                        self.conns.contains_key(&key) || self.open_conn(&key.0, kind).await.is_ok()
+                    }
+                    None => false,
+                };
+                if !opened {
+                    if let Some((seq, part)) = sent.to {
+                        self.fill(seq, part, Bytes::from_static(UNAVAILABLE));
+                    }
+                    return;
                 }
-                return;
             }
         }
         let conn = self.conns.get_mut(&key).expect("opened above");
         conn.out.extend_from_slice(&sent.request);
         conn.inflight.push_back(sent);
+    }
+
+    /// Reads the slot map now (not a shared young one); whether it could.
+    pub(super) async fn reread_map(&mut self) -> bool {
+        match self.seeds.reread().await {
+            Ok(map) => {
+                self.map = map;
+                self.map_stale = false;
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     pub(super) async fn flush_conns(&mut self) {
@@ -136,17 +166,32 @@ impl Link {
     }
 
     /// A connection that owed nothing (a node drained and removed, an idle one restarted) is
-    /// just dropped. One that owed replies or held subscriptions closes the link: the
-    /// session turns what it owed into errors, as when a standalone node goes away.
-    pub(super) fn conn_closed(&mut self, id: u64) {
+    /// just dropped. So is one whose node the cluster no longer lists: it was drained
+    /// (owned no slot) before it was removed, so what it owed was never run, and goes to
+    /// the slots' owners now. Any other that owed replies or held subscriptions closes the
+    /// link: the session turns what it owed into errors, as when a standalone node goes
+    /// away (a primary that crashed may have run them).
+    pub(super) async fn conn_closed(&mut self, id: u64) {
         let Some(key) = self.conns.iter().find(|(_, c)| c.id == id).map(|(k, _)| k.clone()) else { return };
         let conn = &self.conns[&key];
         let owed = conn.inflight.iter().any(|s| s.to.is_some() || s.in_tx);
-        if owed || conn.kind != Kind::Data || self.watched.as_ref().is_some_and(|w| w.1 == key.0) {
+        let watched = self.watched.as_ref().is_some_and(|w| w.1 == key.0);
+        if conn.kind != Kind::Data || watched {
             self.closed = true;
-        } else {
-            self.conns.remove(&key);
-            self.map_stale = true;
+            return;
+        }
+        let resendable = conn.partial.is_none()
+            && conn.inflight.iter().all(|s| s.to.is_none() || (s.slot.is_some() && !s.in_tx));
+        if owed && !(resendable && self.reread_map().await && !self.map.lists(&key.0)) {
+            self.closed = true;
+            return;
+        }
+        let mut conn = self.conns.remove(&key).expect("found above");
+        self.map_stale = true;
+        // Sent again before any later request is looked at, so they keep their order.
+        for sent in std::mem::take(&mut conn.inflight).into_iter().filter(|s| s.to.is_some()) {
+            let addr = self.node_for(sent.slot.expect("resendable"));
+            self.send(&addr, Kind::Data, sent).await;
         }
     }
 }

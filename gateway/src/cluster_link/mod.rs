@@ -342,7 +342,8 @@ impl Link {
                 if writes {
                     self.last_written = Some(addr.clone());
                 }
-                self.one(&addr, request.bytes).await;
+                let seq = self.entry(1, Merge::First);
+                self.send(&addr, Kind::Data, Sent { slot: Some(slot), ..sent(seq, 0, request.bytes) }).await;
             }
             Plan::Any => {
                 // PING on a subscribed session goes where its subscriptions are, as on one

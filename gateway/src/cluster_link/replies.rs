@@ -29,7 +29,7 @@ impl Link {
                 }
                 None => return,
             },
-            Incoming::Closed { conn } => return self.conn_closed(conn),
+            Incoming::Closed { conn } => return self.conn_closed(conn).await,
         };
         let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.id == id) else { return };
         let addr = key.0.clone();

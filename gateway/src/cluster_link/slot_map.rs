@@ -29,6 +29,8 @@ pub struct SlotMap {
     owner: Vec<u16>,
     /// Ordered by their first slot, so indexes are stable while slots stay put.
     pub shards: Vec<Shard>,
+    /// Every node the cluster lists, in any state: one missing was removed from it.
+    members: Vec<String>,
     read_at: Instant,
 }
 
@@ -53,6 +55,11 @@ impl SlotMap {
         }
     }
 
+    /// Whether the cluster lists the node at `addr` (failed, empty or serving).
+    pub fn lists(&self, addr: &str) -> bool {
+        self.members.iter().any(|m| m == addr)
+    }
+
     /// A copy with `slot` owned by the node at `addr` (what a `MOVED` says), until the next
     /// read.
     pub fn moved(&self, slot: u16, addr: &str) -> SlotMap {
@@ -66,7 +73,7 @@ impl SlotMap {
         };
         let mut owner = self.owner.clone();
         owner[slot as usize] = i as u16;
-        SlotMap { owner, shards, read_at: self.read_at }
+        SlotMap { owner, shards, members: self.members.clone(), read_at: self.read_at }
     }
 
     /// Parses a `CLUSTER SHARDS` reply (RESP2 or RESP3) from the node at `asked`.
@@ -76,6 +83,7 @@ impl SlotMap {
         // (first slot, shard, its slot ranges)
         type Found = (u16, Shard, Vec<(u16, u16)>);
         let mut shards: Vec<Found> = Vec::new();
+        let mut members = Vec::new();
         for shard in list(reply)? {
             let fields = pairs(shard)?;
             let mut ranges = Vec::new();
@@ -99,6 +107,7 @@ impl SlotMap {
                 let ip = known("ip").or_else(|| known("endpoint")).unwrap_or_else(|| asked_host.to_string());
                 let addr = format!("{ip}:{port}");
                 let healthy = text("health").is_none_or(|h| h == "online");
+                members.push(addr.clone());
                 match text("role").as_deref() {
                     // A failed primary stays the owner until a replica takes over.
                     Some("master" | "primary") => primary = Some(addr),
@@ -125,7 +134,12 @@ impl SlotMap {
         if shards.is_empty() {
             return None;
         }
-        Some(SlotMap { owner, shards: shards.into_iter().map(|s| s.1).collect(), read_at: Instant::now() })
+        Some(SlotMap {
+            owner,
+            shards: shards.into_iter().map(|s| s.1).collect(),
+            members,
+            read_at: Instant::now(),
+        })
     }
 }
 
@@ -233,6 +247,12 @@ impl Seeds {
                 return Ok(current.clone());
             }
         }
+        self.reread().await
+    }
+
+    /// Reads the map now, asking the nodes in turn, the last map's primaries first.
+    pub async fn reread(&self) -> Result<Arc<SlotMap>, GatewayError> {
+        let current = maps().lock().unwrap().get(&self.key).cloned();
         let mut order: Vec<&String> = Vec::new();
         if let Some(c) = &current {
             order.extend(c.shards.iter().map(|s| &s.primary));
@@ -309,6 +329,11 @@ mod tests {
         assert_eq!(map.primary(8192), "127.0.0.1:7001");
         assert_eq!(map.shard(0).replicas, Vec::<String>::new(), "a failed replica is not offered");
         assert_eq!(map.shard(9000).replicas, vec!["127.0.0.1:7004".to_string()]);
+        assert!(
+            map.lists("127.0.0.1:7002") && map.lists("127.0.0.1:7009"),
+            "failed and empty nodes are listed"
+        );
+        assert!(!map.lists("127.0.0.1:7003"));
         let moved = map.moved(5, "127.0.0.1:7001");
         assert_eq!(moved.primary(5), "127.0.0.1:7001");
         assert_eq!(moved.primary(6), "127.0.0.1:7000");

@@ -1,7 +1,7 @@
 //! Requests that go to more than one node: multi-key commands split per slot, SCAN shard
 //! after shard, and connection state that every connection must share.
 
-use super::conns::{sent, Kind};
+use super::conns::{sent, Kind, Sent};
 use super::plan::Merge;
 use super::plan::{self, Split};
 use super::{Link, Request, UNAVAILABLE};
@@ -25,7 +25,8 @@ impl Link {
             if kind != Split::Values && !self.reader {
                 self.last_written = Some(addr.clone());
             }
-            self.send(&addr, Kind::Data, sent(seq, i, Request::built(&args))).await;
+            self.send(&addr, Kind::Data, Sent { slot: Some(*slot), ..sent(seq, i, Request::built(&args)) })
+                .await;
         }
     }
 

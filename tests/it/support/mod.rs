@@ -94,14 +94,14 @@ pub fn free_cluster_base_port() -> u16 {
     }
 }
 
+fn in_cluster_lane() -> bool {
+    std::env::var("SHOAL_TEST_ENGINE").as_deref() == Ok("cluster")
+}
+
 /// The cluster lane (`SHOAL_TEST_ENGINE=cluster`, see `scripts/cluster-lane.filter`): every
 /// platform a test starts puts its caches on a small cluster pool (2 shards × 1 replica).
 fn cluster_lane() -> Option<DevCluster> {
-    (std::env::var("SHOAL_TEST_ENGINE").as_deref() == Ok("cluster")).then(|| DevCluster {
-        shards: 2,
-        replicas: 1,
-        base_port: free_cluster_base_port(),
-    })
+    in_cluster_lane().then(|| DevCluster { shards: 2, replicas: 1, base_port: free_cluster_base_port() })
 }
 
 impl ShoalDev {

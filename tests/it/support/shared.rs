@@ -7,7 +7,7 @@
 //! the first test of a run (`NEXTEST_RUN_ID`; under `cargo test`, the test process) starts it
 //! detached, under a lock, and writes where it listens; the others read that. A watchdog
 //! stops it and removes its directory once the process that ran the tests (the test's
-//! parent) is gone.
+//! parent) is gone, keeping its log as `target/tmp/shared-platform[-cluster].log`.
 
 use super::ShoalDev;
 use std::fs::File;
@@ -44,16 +44,19 @@ pub async fn shared() -> ShoalDev {
 #[allow(clippy::zombie_processes, reason = "the watchdog outlives the test that starts it")]
 fn stop_after_runner(pid: i32, dir: &std::path::Path) {
     let runner = std::os::unix::process::parent_id().to_string();
+    let lane = if super::in_cluster_lane() { "-cluster" } else { "" };
+    let kept = format!("{}/shared-platform{lane}.log", env!("CARGO_TARGET_TMPDIR"));
     Command::new("sh")
         .args([
             "-c",
             "while kill -0 \"$1\" 2>/dev/null; do sleep 1; done; kill \"$2\"; \
              for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 \"$2\" 2>/dev/null || break; sleep 1; done; \
-             kill -9 \"$2\" 2>/dev/null; rm -rf \"$3\" \"$3.lock\"",
+             kill -9 \"$2\" 2>/dev/null; cp \"$3/shoal.log\" \"$4\"; rm -rf \"$3\" \"$3.lock\"",
             "watchdog",
             &runner,
             &pid.to_string(),
             dir.to_str().unwrap(),
+            &kept,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
