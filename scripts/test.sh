@@ -29,6 +29,26 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
+# The cluster lane: the command, client, gateway, reader and isolation suites again, with
+# every platform's caches on a small Valkey cluster pool (2 shards × 1 replica); see
+# docs/engine-cluster.md, "Tests". On failure, the tail of its shared platform's log.
+step "tests on a cluster pool"
+lane_log=target/tmp/shared-platform-cluster.log
+rm -f "$lane_log"
+show_lane_log() {
+  for _ in $(seq 20); do [[ -f "$lane_log" ]] && break; sleep 1; done
+  echo "==> the cluster lane's shared platform, last lines of its log:" >&2
+  tail -n 60 "$lane_log" >&2 || true
+  exit 1
+}
+if cargo nextest --version >/dev/null 2>&1; then
+  SHOAL_TEST_ENGINE=cluster cargo nextest run --workspace --no-fail-fast -E "$(cat scripts/cluster-lane.filter)" ||
+    show_lane_log
+else
+  SHOAL_TEST_ENGINE=cluster cargo test --no-fail-fast --test it -- commands:: clients:: gateway:: reader:: isolation:: \
+    --skip isolation::a_cache_cannot_read_write_or_observe_its_neighbours || show_lane_log
+fi
+
 # The Postgres lane: the store and REST API tests again, on a real PostgreSQL server.
 step "tests on PostgreSQL"
 pg_dir="$(mktemp -d /tmp/shoal-pg.XXXXXX)"

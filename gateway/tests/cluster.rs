@@ -266,6 +266,13 @@ async fn transactions_run_on_one_shard_and_refuse_keys_of_another() {
     assert_eq!(crossslot.code(), Some("CROSSSLOT"));
     assert_eq!(replies[3].as_ref().unwrap_err().code(), Some("EXECABORT"));
     assert_eq!(q::<Option<String>>(&mut c, &["GET", "x1"]).await.unwrap(), None, "nothing ran");
+    // A nested MULTI is refused and the transaction goes on, as on Valkey.
+    assert_eq!(q::<String>(&mut raw, &["MULTI"]).await.unwrap(), "OK");
+    let nested = q::<Value>(&mut raw, &["MULTI"]).await.unwrap_err();
+    assert!(nested.to_string().contains("can not be nested"), "{nested}");
+    let _: Value = q(&mut raw, &["SET", "{n}1", "1"]).await.unwrap();
+    let done: Vec<String> = q(&mut raw, &["EXEC"]).await.unwrap();
+    assert_eq!(done, ["OK"]);
 }
 
 #[tokio::test]

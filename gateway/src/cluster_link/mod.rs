@@ -141,6 +141,13 @@ enum Hold {
     /// Until a subscription's confirmations are in: a PING sent after it on its
     /// connection has been answered (later replies come after them, as on one connection).
     Confirming((String, Kind)),
+    /// Until a node has answered MULTI (entry `seq`): the login may not be allowed
+    /// transactions, and what follows is queued only if it is.
+    Multi {
+        key: (String, Kind),
+        seq: u64,
+        refused: bool,
+    },
 }
 
 struct Link {
@@ -303,6 +310,21 @@ impl Link {
                 Hold::Confirming(key) if self.conns.get(key).is_none_or(|c| c.inflight.is_empty()) => {
                     self.hold = Hold::None;
                 }
+                Hold::Multi { key, refused, .. }
+                    if self.conns.get(key).is_none_or(|c| c.inflight.is_empty()) =>
+                {
+                    let (node, refused) = (key.0.clone(), *refused);
+                    self.hold = Hold::None;
+                    let slot = self.watched.clone();
+                    if !refused {
+                        if slot.is_none() {
+                            // The transaction runs where its first key is: not necessarily here.
+                            self.send(&node, Kind::Data, unwanted(Request::built(&[b"DISCARD"]), true)).await;
+                        }
+                        self.tx =
+                            Some(Tx { multi_sent: slot.is_some(), slot, held: Vec::new(), dirty: false });
+                    }
+                }
                 Hold::None => {}
                 _ => return,
             }
@@ -386,13 +408,14 @@ impl Link {
             }
             Plan::Setup => self.setup(request).await,
             Plan::Scan => self.scan(&request).await,
+            Plan::Multi if self.tx.is_some() => self.local(b"-ERR MULTI calls can not be nested\r\n"),
             Plan::Multi => {
-                self.local(b"+OK\r\n");
-                let slot = self.watched.clone();
-                if let Some((_, node)) = &slot {
-                    self.send(node, Kind::Data, unwanted(Request::built(&[b"MULTI"]), true)).await;
-                }
-                self.tx = Some(Tx { multi_sent: slot.is_some(), slot, held: Vec::new(), dirty: false });
+                // Asked of a node (the WATCHed keys', which keeps it open), whose ACL check
+                // answers as Valkey would; the transaction starts once it said +OK.
+                let node = self.watched.as_ref().map_or_else(|| self.any_node(), |w| w.1.clone());
+                let seq = self.entry(1, Merge::First);
+                self.send(&node, Kind::Data, Sent { in_tx: true, ..sent(seq, 0, request.bytes) }).await;
+                self.hold = Hold::Multi { key: (node, Kind::Data), seq, refused: false };
             }
             Plan::Exec | Plan::Discard => {
                 self.watched = None;

@@ -117,6 +117,11 @@ impl Link {
     }
 
     pub(super) fn fill(&mut self, seq: u64, part: usize, reply: Bytes) {
+        if let Hold::Multi { seq: multi, refused, .. } = &mut self.hold {
+            if *multi == seq {
+                *refused = !reply.starts_with(b"+");
+            }
+        }
         let Some(entry) = seq.checked_sub(self.first_seq).and_then(|i| self.pending.get_mut(i as usize))
         else {
             return;
