@@ -1,5 +1,7 @@
 //! The isolation suite: one cache (A, the attacker) against its neighbours (B on the same
 //! Valkey node, C on the other one, D wherever placement put it), through the real gateway.
+//! On a cluster pool (`SHOAL_TEST_ENGINE=cluster`) A and B share every shard of the cluster,
+//! and C is put on the standalone pool `main`; "A's node" is then every node of the cluster.
 //!
 //! Every neighbour holds canary data whose values all carry a secret marker (`VS<hex>`) and
 //! whose names all carry another (`BN<hex>`): keys of every type, a subscriber on a channel
@@ -1102,6 +1104,10 @@ impl Victim {
         p.cmd("CLIENT").arg("ID");
         p.cmd("SCRIPT").arg("EXISTS").arg(&self.sha);
         p.cmd("EVALSHA").arg(&self.sha).arg(1).arg(self.key("str"));
+        // Scripts still run on every node that holds a key of B's (every shard of a cluster).
+        for kind in KINDS {
+            p.cmd("EVAL").arg("return redis.call('TYPE', KEYS[1])").arg(1).arg(self.key(kind));
+        }
         p.cmd("EVAL").arg(LUA_ENV_PROBE).arg(0);
         match tokio::time::timeout(Duration::from_secs(5), p.query_async::<Vec<redis::Value>>(&mut self.conn))
             .await
@@ -1790,7 +1796,21 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     for label in ["B", "C", "D", "E"] {
         let pool = (dev.cluster.is_some() && !victims.is_empty()).then_some("main");
         let (id, token, place) = create_cache_in(&dev, &format!("victim-{label}"), 1, pool).await;
-        let mut v = Victim::open(&dev, &mut admins, label, id, token, random_hex(), place).await.unwrap();
+        // On a cluster, B's keys (so its canaries) are on every shard.
+        let holding = holders(&dev, place);
+        let hex = loop {
+            let hex = random_hex();
+            let mut primaries = std::collections::BTreeSet::new();
+            for kind in KINDS {
+                let slot = shoal_gateway::cluster::key_slot(format!("BN{hex}:{kind}").as_bytes());
+                primaries.insert(primary_of_slot(&dev, &mut admins, &holding, slot.into()).await);
+            }
+            if holding.len() == 1 || primaries.len() == dev.cluster.map_or(1, |c| c.shards) {
+                break hex;
+            }
+        };
+        let mut v = Victim::open(&dev, &mut admins, label, id, token, hex, place).await.unwrap();
+        assert_eq!(v.prefix(), format!("BN{}:", v.hex));
         assert_eq!(v.expected[0], redis::Value::BulkString(v.value("string").into_bytes()));
         assert_eq!(
             v.expected[v.expected.len() - 1],
