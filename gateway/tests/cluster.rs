@@ -581,6 +581,9 @@ async fn node_local_views_are_gathered_from_every_shard() {
         redis::Client::open(format!("redis://default:{}@{}/", s.fake.token(&cache), s.addr)).unwrap();
     let mut sub = client.get_async_pubsub().await.unwrap();
     sub.psubscribe("__keyspace@0__:*").await.unwrap();
+    // Keyspace channels subscribed by name hear every shard too.
+    let mut named = client.get_async_pubsub().await.unwrap();
+    named.subscribe(&["__keyspace@0__:f", "__keyevent@0__:set"]).await.unwrap();
     for k in keys {
         let _: () = q(&mut c, &["SET", k, "v"]).await.unwrap();
     }
@@ -596,6 +599,17 @@ async fn node_local_views_are_gathered_from_every_shard() {
     }
     got.sort();
     assert_eq!(got, keys.map(|k| format!("__keyspace@0__:{k}")));
+    let mut events = named.on_message();
+    let mut heard = Vec::new();
+    while heard.len() < keys.len() + 1 {
+        let m = tokio::time::timeout(Duration::from_secs(5), events.next()).await.expect("an event").unwrap();
+        heard.push(format!("{} {}", m.get_channel_name(), m.get_payload::<String>().unwrap()));
+    }
+    drop(events);
+    heard.sort();
+    let mut want: Vec<String> = keys.iter().map(|k| format!("__keyevent@0__:set {k}")).collect();
+    want.push("__keyspace@0__:f set".into());
+    assert_eq!(heard, want, "SUBSCRIBE to keyspace channels by name");
     let info: String = q(&mut c, &["INFO", "keyspace"]).await.unwrap();
     assert!(info.contains("db0:keys=6,expires=1,"), "{info}");
 

@@ -14,8 +14,8 @@
 //! - A transaction goes to one node: the first key's (or WATCH's); keyless commands before
 //!   it wait. A key in another slot gets `-CROSSSLOT` and EXEC `-EXECABORT`, as in Valkey.
 //! - Subscriptions get connections of their own: (P)SUBSCRIBE one (a cluster delivers every
-//!   PUBLISH to every node), keyspace-notification patterns one per primary (notifications
-//!   are local to the node of the key), SSUBSCRIBE the channel's shard. They are sent once
+//!   PUBLISH to every node), keyspace-notification channels and patterns one per primary
+//!   (notifications are local to the node of the key), SSUBSCRIBE the channel's shard. They are sent once
 //!   every earlier reply is out, and later requests wait for their confirmations, so the
 //!   session sees the order one connection gives.
 //! - On the reader endpoint, reads go to replicas (`READONLY`) and writes get `-READONLY`.

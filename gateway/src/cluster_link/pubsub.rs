@@ -5,14 +5,11 @@ use super::conns::{unwanted, Kind};
 use super::{Hold, Link, Request};
 
 impl Link {
-    /// (P)(UN)SUBSCRIBE on the subscriber connection; keyspace-notification patterns on
-    /// every primary's too.
+    /// (P)(UN)SUBSCRIBE on the subscriber connection; keyspace-notification channels and
+    /// patterns on every primary's too (a node publishes the events of its own keys only).
     pub(super) async fn subscribe(&mut self, request: Request) {
         let argv = request.argv();
-        let notifications =
-            argv[0].eq_ignore_ascii_case(b"psubscribe") || argv[0].eq_ignore_ascii_case(b"punsubscribe");
-        let notifications =
-            notifications && argv.len() > 1 && argv[1..].iter().all(|p| p.starts_with(b"__key"));
+        let notifications = argv.len() > 1 && argv[1..].iter().all(|p| p.starts_with(b"__key"));
         drop(argv);
         let home = self.sub_home.get_or_insert_with(|| self.map.shards[0].primary.clone()).clone();
         self.send_subscription(&home, Kind::Subscriber { echo: true }, &request.bytes).await;

@@ -1,5 +1,7 @@
 //! The isolation suite: one cache (A, the attacker) against its neighbours (B on the same
 //! Valkey node, C on the other one, D wherever placement put it), through the real gateway.
+//! On a cluster pool (`SHOAL_TEST_ENGINE=cluster`) A and B share every shard of the cluster,
+//! and C is put on the standalone pool `main`; "A's node" is then every node of the cluster.
 //!
 //! Every neighbour holds canary data whose values all carry a secret marker (`VS<hex>`) and
 //! whose names all carry another (`BN<hex>`): keys of every type, a subscriber on a channel
@@ -933,6 +935,7 @@ struct Victim {
     id: String,
     token: String,
     hex: String,
+    /// Its standalone node, or [`cluster_place`].
     node: usize,
     db: u32,
     conn: MultiplexedConnection,
@@ -947,6 +950,9 @@ struct Victim {
     sub_id: i64,
     sub_addr: String,
     sub_up_addr: String,
+    /// On a cluster pool: the addresses of B's other upstreams (one per node the gateway
+    /// connected each of B's two connections to).
+    more_up_addrs: Vec<String>,
     expected: Vec<redis::Value>,
 }
 
@@ -987,10 +993,12 @@ impl Victim {
             self.sub_addr.clone(),
             self.sub_up_addr.clone(),
         ]);
+        names.extend(self.more_up_addrs.iter().cloned());
         names
     }
 
     /// Connects a victim's two connections, seeds its canaries and records what it looks like.
+    #[allow(clippy::too_many_arguments)]
     async fn open(
         dev: &ShoalDev,
         admins: &mut [MultiplexedConnection],
@@ -998,6 +1006,7 @@ impl Victim {
         id: String,
         token: String,
         hex: String,
+        node: usize,
     ) -> Result<Victim, String> {
         let conn = client(dev, &token).await?;
         let sub = Raw::login(dev.resp_port, &token, 3, Some(&format!("VS{hex}-sub"))).await?;
@@ -1007,7 +1016,7 @@ impl Victim {
             id,
             token,
             hex,
-            node: 0,
+            node,
             db: 0,
             conn,
             sub,
@@ -1018,18 +1027,28 @@ impl Victim {
             sub_id: 0,
             sub_addr,
             sub_up_addr: String::new(),
+            more_up_addrs: Vec::new(),
             expected: Vec::new(),
         };
         v.subscribe().await?;
         v.seed().await?;
-        let (node, fields) = locate(dev, admins, &v.value("conn")).await?;
-        v.node = node;
+        let conns = locate(dev, admins, &v.value("conn")).await?;
+        let subs = locate(dev, admins, &v.value("sub")).await?;
+        for (i, _) in conns.iter().chain(&subs) {
+            if !holders(dev, node).contains(i) {
+                return Err(format!(
+                    "{label} has a connection on node {i}, not where it was placed ({node})"
+                ));
+            }
+        }
+        let fields = &conns[0].1;
         v.db = fields["db"].parse().map_err(|_| "no db field".to_string())?;
         v.up_addr = fields["addr"].clone();
         v.client_id = fields["id"].parse().map_err(|_| "no id field".to_string())?;
-        let (_, fields) = locate(dev, admins, &v.value("sub")).await?;
+        let fields = &subs[0].1;
         v.sub_up_addr = fields["addr"].clone();
         v.sub_id = fields["id"].parse().map_err(|_| "no id field".to_string())?;
+        v.more_up_addrs = conns[1..].iter().chain(&subs[1..]).map(|(_, f)| f["addr"].clone()).collect();
         let info: String =
             redis::cmd("CLIENT").arg("INFO").query_async(&mut v.conn).await.map_err(|e| e.to_string())?;
         v.addr = info.split(' ').find_map(|f| f.strip_prefix("addr=")).unwrap_or_default().to_string();
@@ -1085,6 +1104,10 @@ impl Victim {
         p.cmd("CLIENT").arg("ID");
         p.cmd("SCRIPT").arg("EXISTS").arg(&self.sha);
         p.cmd("EVALSHA").arg(&self.sha).arg(1).arg(self.key("str"));
+        // Scripts still run on every node that holds a key of B's (every shard of a cluster).
+        for kind in KINDS {
+            p.cmd("EVAL").arg("return redis.call('TYPE', KEYS[1])").arg(1).arg(self.key(kind));
+        }
         p.cmd("EVAL").arg(LUA_ENV_PROBE).arg(0);
         match tokio::time::timeout(Duration::from_secs(5), p.query_async::<Vec<redis::Value>>(&mut self.conn))
             .await
@@ -1157,11 +1180,12 @@ fn random_hex() -> String {
     format!("{:016x}", h.finish())
 }
 
-/// The platform's admin connection to node `i`, retried for 10 s (a crashed node restarts).
+/// The platform's admin connection to node `i` (in `ShoalDev::node_admins` order: the
+/// standalone nodes, then a cluster's), retried for 10 s (a crashed node restarts).
 async fn admin(dev: &ShoalDev, i: usize) -> Result<MultiplexedConnection, String> {
-    let secret = std::fs::read_to_string(dev.dir.join(format!(".shoal/valkey/n{i}/admin.secret")))
-        .map_err(|e| e.to_string())?;
-    let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), dev.node_ports[i]);
+    let secret =
+        std::fs::read_to_string(dev.node_dirs()[i].join("admin.secret")).map_err(|e| e.to_string())?;
+    let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), dev.every_node_port()[i]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let attempt = async { redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await };
@@ -1193,8 +1217,7 @@ async fn admin_query<T: redis::FromRedisValue>(
 
 /// The crash report in node `i`'s log if there is one, else its last lines.
 fn node_log(dev: &ShoalDev, i: usize) -> String {
-    let log =
-        std::fs::read_to_string(dev.dir.join(format!(".shoal/valkey/n{i}/valkey.log"))).unwrap_or_default();
+    let log = std::fs::read_to_string(dev.node_dirs()[i].join("valkey.log")).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let start = lines
         .iter()
@@ -1215,11 +1238,29 @@ async fn client(dev: &ShoalDev, token: &str) -> Result<MultiplexedConnection, St
 /// Creates a cache with every keyspace notification on (so that its writes publish events
 /// its neighbours must never see), and mints a token for it.
 async fn create_cache(dev: &ShoalDev, name: &str, databases: u32) -> (String, String) {
-    let body = serde_json::json!({"name": name, "databases": databases, "keyspace_notifications": "KEA"});
+    let (id, token, _) = create_cache_in(dev, name, databases, None).await;
+    (id, token)
+}
+
+/// [`create_cache`] in a given pool (None: the default), with where it was placed: the
+/// index of its standalone node, or [`cluster_place`] for a cluster cache.
+async fn create_cache_in(
+    dev: &ShoalDev,
+    name: &str,
+    databases: u32,
+    pool: Option<&str>,
+) -> (String, String, usize) {
+    let mut body = serde_json::json!({"name": name, "databases": databases, "keyspace_notifications": "KEA"});
+    if let Some(pool) = pool {
+        body["pool"] = pool.into();
+    }
     let (mut status, mut cache) = dev.api(Method::POST, "/v1/caches", Some(body)).await;
     if status == 400 {
         // A platform without per-cache keyspace notifications: the node's own setting.
-        let body = serde_json::json!({"name": name, "databases": databases});
+        let mut body = serde_json::json!({"name": name, "databases": databases});
+        if let Some(pool) = pool {
+            body["pool"] = pool.into();
+        }
         (status, cache) = dev.api(Method::POST, "/v1/caches", Some(body)).await;
         for i in 0..dev.node_ports.len() {
             let mut admin = dev.node_admin(i).await;
@@ -1230,35 +1271,59 @@ async fn create_cache(dev: &ShoalDev, name: &str, databases: u32) -> (String, St
     assert_eq!(status, 201, "{cache}");
     let id = cache["id"].as_str().unwrap().to_string();
     let token = dev.mint_token(&id).await;
-    (id, token)
+    let place = match cache["allocation"]["node"].as_str() {
+        Some("cluster") => cluster_place(dev),
+        _ => ShoalDev::node_of(&cache),
+    };
+    (id, token, place)
+}
+
+/// Where a cache lives, for the suite: a standalone node's index, or this one (one past the
+/// standalone nodes) for the cluster pool, whose caches all share every shard.
+fn cluster_place(dev: &ShoalDev) -> usize {
+    dev.node_ports.len()
+}
+
+/// The nodes (indexes of `ShoalDev::node_admins`) that hold the caches of a place: its
+/// standalone node, or every node of the cluster (primaries first, replicas too).
+fn holders(dev: &ShoalDev, place: usize) -> Vec<usize> {
+    match dev.cluster {
+        Some(_) if place == cluster_place(dev) => (place..dev.node_dirs().len()).collect(),
+        _ => vec![place],
+    }
 }
 
 /// Where the connection named `name` lives: (node, `CLIENT LIST` fields) via the nodes'
-/// admin connections.
+/// admin connections; on a cluster pool one for every node the gateway connected it to.
 async fn locate(
     dev: &ShoalDev,
     admins: &mut [MultiplexedConnection],
     name: &str,
-) -> Result<(usize, HashMap<String, String>), String> {
+) -> Result<Vec<(usize, HashMap<String, String>)>, String> {
+    let mut found = Vec::new();
     for i in 0..admins.len() {
         let list: String = admin_query(dev, admins, i, redis::cmd("CLIENT").arg("LIST")).await?;
-        if let Some(line) = list.lines().find(|l| l.contains(&format!(" name={name} "))) {
+        for line in list.lines().filter(|l| l.contains(&format!(" name={name} "))) {
             let fields = line
                 .split(' ')
                 .filter_map(|f| f.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            return Ok((i, fields));
+            found.push((i, fields));
         }
     }
-    Err(format!("no node has a client named {name}"))
+    if found.is_empty() {
+        return Err(format!("no node has a client named {name}"));
+    }
+    Ok(found)
 }
 
-/// Keys per database of every node, except A's databases (which A may change).
+/// Keys per database of every node (a cluster's replicas too), except A's databases on the
+/// nodes that hold A (which A may change).
 async fn node_keyspaces(
     dev: &ShoalDev,
     admins: &mut [MultiplexedConnection],
-    a_node: usize,
+    a_nodes: &[usize],
     a_dbs: std::ops::Range<u32>,
 ) -> Result<BTreeMap<(usize, u32), String>, String> {
     let mut out = BTreeMap::new();
@@ -1267,7 +1332,7 @@ async fn node_keyspaces(
         for line in info.lines() {
             let Some((db, rest)) = line.strip_prefix("db").and_then(|l| l.split_once(':')) else { continue };
             let Ok(db) = db.parse::<u32>() else { continue };
-            if i == a_node && a_dbs.contains(&db) {
+            if a_nodes.contains(&i) && a_dbs.contains(&db) {
                 continue;
             }
             let keys = rest.split(',').next().unwrap_or_default().to_string();
@@ -1542,12 +1607,14 @@ fn leaks(transcript: &[u8], sent: &[u8], victims: &[Victim], a_dbs: u32) -> Vec<
     found
 }
 
+/// `cluster`: A is on a cluster pool.
 fn check_expectations(
     table: &Table,
     attack: &Attack,
     cmds: &[Vec<String>],
     wrapper: Wrapper,
     run: &Run,
+    cluster: bool,
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let mut denied_any = false;
@@ -1596,7 +1663,24 @@ fn check_expectations(
             (Expect::EmptyOrErr, r) => r.as_ref().map_or(true, R::is_empty_aggregate),
             (Expect::Str(s), r) => r == &Ok(R::Str(s.as_bytes().to_vec())),
         };
-        if !ok {
+        // What a cluster answers otherwise, about A's own keys: a command whose keys are in
+        // several slots gets -CROSSSLOT where the gateway cannot split it (always in MULTI);
+        // a keyless EVAL runs on one shard, where Valkey refuses the keys of the others; and
+        // DBSIZE in MULTI or Lua counts the keys of that one shard.
+        let on_cluster = cluster
+            && match outcome {
+                Err(e) => {
+                    (e.starts_with("CROSSSLOT") && spans_slots(table, &cmds[i]))
+                        || (wrapper.lua() && e.contains("non local key in a cluster node"))
+                }
+                Ok(R::Int(n)) => {
+                    (wrapper.multi() || wrapper.lua())
+                        && cmds[i][0].eq_ignore_ascii_case("dbsize")
+                        && matches!(expect, Expect::Int(all) if (0..=all).contains(n))
+                }
+                _ => false,
+            };
+        if !ok && !on_cluster {
             problems.push(format!("{:?} expected {expect:?}, got {outcome:?}", cmds[i].join(" ")));
         }
     }
@@ -1650,6 +1734,15 @@ fn placeholders(
     map
 }
 
+/// Whether a command names keys in several hash slots.
+fn spans_slots(table: &Table, cmd: &[String]) -> bool {
+    let argv: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
+    let Some(spec) = table.0.lookup(argv[0], argv.get(1).copied()) else { return false };
+    let slots: std::collections::HashSet<u16> =
+        spec.routing_keys(&argv).iter().map(|k| shoal_gateway::cluster::key_slot(k)).collect();
+    slots.len() > 1
+}
+
 fn expand(text: &str, map: &[(String, String)]) -> Vec<Vec<String>> {
     text.split(';')
         .map(|c| {
@@ -1677,24 +1770,47 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     let started = Instant::now();
     let dev = ShoalDev::start().await;
     let table = Table::load();
-    let mut admins = vec![dev.node_admin(0).await, dev.node_admin(1).await];
+    // Every node: the standalone pool's, then (cluster lane) the cluster pool's.
+    let mut admins = dev.node_admins().await;
 
     // A: two databases. Its keys are reset after every run.
-    let (_, a_token) = create_cache(&dev, "attacker", 2).await;
+    let (_, a_token, a_node) = create_cache_in(&dev, "attacker", 2, None).await;
+    // The nodes that hold A: its node, or every node of the cluster (where every cache
+    // shares every shard with A).
+    let a_nodes = holders(&dev, a_node);
+    let a_on_cluster = a_nodes.len() > 1;
     let a_dbs = 2u32;
     let mut ra = Some(client(&dev, &a_token).await.unwrap());
     let a_name = format!("a-{}", random_hex());
     let _: () =
         redis::cmd("CLIENT").arg("SETNAME").arg(&a_name).query_async(ra.as_mut().unwrap()).await.unwrap();
-    let (a_node, a_fields) = locate(&dev, &mut admins, &a_name).await.unwrap();
-    let a_db: u32 = a_fields["db"].parse().unwrap();
+    let a_conns = locate(&dev, &mut admins, &a_name).await.unwrap();
+    assert!(a_conns.iter().all(|(i, _)| a_nodes.contains(i)), "A is connected where it was placed");
+    let a_db: u32 = a_conns[0].1["db"].parse().unwrap();
     reset_a(&dev, &a_token, &mut ra).await.unwrap();
 
-    // Neighbours, until one shares A's node (that one is B) and one does not.
+    // Neighbours, until one shares A's node (that one is B) and one does not. On a cluster
+    // pool the first (in the default pool, the cluster) shares every shard with A, and the
+    // next ones are put on the standalone pool `main`, beside it.
     let mut victims: Vec<Victim> = Vec::new();
     for label in ["B", "C", "D", "E"] {
-        let (id, token) = create_cache(&dev, &format!("victim-{label}"), 1).await;
-        let mut v = Victim::open(&dev, &mut admins, label, id, token, random_hex()).await.unwrap();
+        let pool = (dev.cluster.is_some() && !victims.is_empty()).then_some("main");
+        let (id, token, place) = create_cache_in(&dev, &format!("victim-{label}"), 1, pool).await;
+        // On a cluster, B's keys (so its canaries) are on every shard.
+        let holding = holders(&dev, place);
+        let hex = loop {
+            let hex = random_hex();
+            let mut primaries = std::collections::BTreeSet::new();
+            for kind in KINDS {
+                let slot = shoal_gateway::cluster::key_slot(format!("BN{hex}:{kind}").as_bytes());
+                primaries.insert(primary_of_slot(&dev, &mut admins, &holding, slot.into()).await);
+            }
+            if holding.len() == 1 || primaries.len() == dev.cluster.map_or(1, |c| c.shards) {
+                break hex;
+            }
+        };
+        let mut v = Victim::open(&dev, &mut admins, label, id, token, hex, place).await.unwrap();
+        assert_eq!(v.prefix(), format!("BN{}:", v.hex));
         assert_eq!(v.expected[0], redis::Value::BulkString(v.value("string").into_bytes()));
         assert_eq!(
             v.expected[v.expected.len() - 1],
@@ -1721,16 +1837,21 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     }
     let b = victims.iter().position(|v| v.node == a_node).expect("a neighbour on A's node");
     assert!(victims.iter().any(|v| v.node != a_node), "a neighbour on the other node");
-    let node_port = dev.node_ports[a_node];
     let slot: i64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(victims[b].key("str"))
         .query_async(ra.as_mut().unwrap())
         .await
         .unwrap();
-    let mut baseline_keyspace = node_keyspaces(&dev, &mut admins, a_node, a_db..a_db + a_dbs).await.unwrap();
-    let baseline_users: Vec<String> =
-        redis::cmd("ACL").arg("USERS").query_async(&mut admins[a_node]).await.unwrap();
+    // The node that holds B's `{bstr}`: A's node, or on a cluster the primary of its slot.
+    let b_node = primary_of_slot(&dev, &mut admins, &a_nodes, slot).await;
+    let node_port = dev.every_node_port()[b_node];
+    let mut baseline_keyspace =
+        node_keyspaces(&dev, &mut admins, &a_nodes, a_db..a_db + a_dbs).await.unwrap();
+    let mut baseline_users: Vec<Vec<String>> = Vec::new();
+    for &i in &a_nodes {
+        baseline_users.push(redis::cmd("ACL").arg("USERS").query_async(&mut admins[i]).await.unwrap());
+    }
     let mut baseline_config = Vec::new();
     for admin in admins.iter_mut() {
         let config: BTreeMap<String, String> =
@@ -1749,8 +1870,8 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
         flatten(&from_redis(&own), &mut own_bytes);
         flatten(&from_redis(&keys), &mut keys_bytes);
         let info: String =
-            redis::cmd("INFO").arg("everything").query_async(&mut admins[a_node]).await.unwrap();
-        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut admins[a_node]).await.unwrap();
+            redis::cmd("INFO").arg("everything").query_async(&mut admins[b_node]).await.unwrap();
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut admins[b_node]).await.unwrap();
         for (what, bytes) in [
             ("B's hash", own_bytes),
             ("B's KEYS *", keys_bytes),
@@ -1762,11 +1883,12 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
         }
     }
     println!(
-        "setup: A on node {a_node} db {a_db}..{}; {} ({:.1}s)",
+        "setup: A on {} db {a_db}..{}; {} ({:.1}s)",
+        place_name(&dev, a_node),
         a_db + a_dbs,
         victims
             .iter()
-            .map(|v| format!("{} on node {} db {}", v.label, v.node, v.db))
+            .map(|v| format!("{} on {} db {}", v.label, place_name(&dev, v.node), v.db))
             .collect::<Vec<_>>()
             .join(", "),
         started.elapsed().as_secs_f64()
@@ -1816,7 +1938,10 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     // SHOAL_ISOLATION_ONLY=text runs only the attacks whose text contains it.
     let only = std::env::var("SHOAL_ISOLATION_ONLY").unwrap_or_default();
     let mut gateway_down: Option<String> = None;
-    let mut pids = dev.node_pids();
+    let mut stopped: Option<String> = None;
+    let nodes = admins.len();
+    let node_pids = || (0..nodes).map(|i| dev.node_pid(i)).collect::<Vec<_>>();
+    let mut pids = node_pids();
     let mut previous: Option<String> = None;
     'matrix: for attack in &attacks {
         if !attack.text.contains(only.as_str()) {
@@ -1850,7 +1975,7 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
             previous = Some(format!("[{wrapper:?}] {}", attack.text));
             let sent: Vec<u8> = cmds.iter().flatten().flat_map(|a| a.bytes().chain([b' '])).collect();
             problems.extend(leaks(&run.transcript, &sent, &victims, a_dbs));
-            problems.extend(check_expectations(&table, attack, &cmds, wrapper, &run));
+            problems.extend(check_expectations(&table, attack, &cmds, wrapper, &run, a_on_cluster));
             for m in &run.messages {
                 problems.push(format!("A received {m:?} though nothing of A's changed during the run"));
             }
@@ -1882,10 +2007,10 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                 }
             }
             // No Valkey node crashed (the engine restarts a crashed node, with a new pid).
-            let gone = |pids: &[i32]| -> Vec<usize> {
+            let gone = |pids: &[Option<i32>]| -> Vec<usize> {
                 (0..pids.len())
                     .filter(|&i| {
-                        !crate::support::pid_alive(pids[i]) || dev.node_pids().get(i) != Some(&pids[i])
+                        pids[i].is_some_and(|p| !crate::support::pid_alive(p) || dev.node_pid(i) != Some(p))
                     })
                     .collect()
             };
@@ -1897,7 +2022,8 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
             }
             for &i in &crashed {
                 problems.push(format!(
-                    "CRASH of Valkey node {i} (pid {}); its log:\n{}",
+                    "CRASH of Valkey node {i} (port {}, pid {:?}); its log:\n{}",
+                    dev.every_node_port()[i],
                     pids[i],
                     node_log(&dev, i)
                 ));
@@ -1907,8 +2033,9 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                 }
             }
             if !crashed.is_empty() {
-                pids = dev.node_pids();
+                pids = node_pids();
             }
+            let mut unrestored = false;
             for i in broken {
                 // A restarted node takes a moment before its caches can log in again.
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -1920,12 +2047,13 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                         }
                         Err(e) => {
                             problems.push(format!("{} could not be restored: {e}", victims[i].label));
+                            unrestored = true;
                             break;
                         }
                     }
                 }
             }
-            match node_keyspaces(&dev, &mut admins, a_node, a_db..a_db + a_dbs).await {
+            match node_keyspaces(&dev, &mut admins, &a_nodes, a_db..a_db + a_dbs).await {
                 Ok(now) if now == baseline_keyspace => {}
                 Ok(now) => problems.push(format!(
                     "databases outside A changed on the nodes: {baseline_keyspace:?} → {now:?}"
@@ -1950,13 +2078,23 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                     problems.join("\n    ")
                 ));
             }
+            if unrestored {
+                // Every later run would fail the same way (and wait for it): the harm A did
+                // lasts, which is the finding.
+                stopped = Some(format!(
+                    "[{wrapper:?}] {} left a neighbour broken for good (it could not be restored); \
+                     the matrix stopped there",
+                    attack.text
+                ));
+                break 'matrix;
+            }
             if let Err(e) = reset_a(&dev, &a_token, &mut ra).await {
                 gateway_down = Some(format!("after [{wrapper:?}] {}: {e}", attack.text));
                 break 'matrix;
             }
             if problems.iter().any(|p| p.starts_with("CRASH")) {
                 // Fresh baselines after a node restart, so that later runs stand alone.
-                if let Ok(now) = node_keyspaces(&dev, &mut admins, a_node, a_db..a_db + a_dbs).await {
+                if let Ok(now) = node_keyspaces(&dev, &mut admins, &a_nodes, a_db..a_db + a_dbs).await {
                     baseline_keyspace = now;
                 }
             }
@@ -1967,15 +2105,20 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
         let log = dev.log();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let logs: Vec<String> =
+            (0..admins.len()).map(|i| format!("node {i} log:\n{}", node_log(&dev, i))).collect();
         panic!(
             "the gateway stopped answering (a crash or a hang): {down}\n\n{} failing runs before that:\n\n{}\n\n\
-             shoal log tail:\n{}\n\nnode 0 log:\n{}\n\nnode 1 log:\n{}",
+             shoal log tail:\n{}\n\n{}",
             failures.len(),
             failures.join("\n\n"),
             tail.join("\n"),
-            node_log(&dev, 0),
-            node_log(&dev, 1)
+            logs.join("\n\n")
         );
+    }
+
+    if let Some(stopped) = stopped {
+        panic!("{stopped}\n\n{} failing runs:\n\n{}", failures.len(), failures.join("\n\n"));
     }
 
     // --- Accepted limitations, asserted as they are.
@@ -2047,9 +2190,11 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     }
 
     // --- Node-level state A must not have changed.
-    let users: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(&mut admins[a_node]).await.unwrap();
-    if users != baseline_users {
-        failures.push(format!("ACL users changed: {baseline_users:?} → {users:?}"));
+    for (&i, baseline) in a_nodes.iter().zip(&baseline_users) {
+        let users: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(&mut admins[i]).await.unwrap();
+        if &users != baseline {
+            failures.push(format!("ACL users changed on node {i}: {baseline:?} → {users:?}"));
+        }
     }
     for (i, admin) in admins.iter_mut().enumerate() {
         let functions: redis::Value = redis::cmd("FUNCTION").arg("LIST").query_async(admin).await.unwrap();
@@ -2080,9 +2225,48 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     assert!(failures.is_empty(), "{} failing runs:\n\n{}", failures.len(), failures.join("\n\n"));
 }
 
+/// A place for the setup line: `node <n>`, or `the cluster`.
+fn place_name(dev: &ShoalDev, place: usize) -> String {
+    if dev.cluster.is_some() && place == cluster_place(dev) {
+        "the cluster".into()
+    } else {
+        format!("node {place}")
+    }
+}
+
+/// Of `nodes` (a place's holders), the one that serves `slot`: the only one on a standalone
+/// pool, the primary that owns it on a cluster (from `CLUSTER NODES`).
+async fn primary_of_slot(
+    dev: &ShoalDev,
+    admins: &mut [MultiplexedConnection],
+    nodes: &[usize],
+    slot: i64,
+) -> usize {
+    if nodes.len() == 1 {
+        return nodes[0];
+    }
+    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut admins[nodes[0]]).await.unwrap();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 9 || !fields[2].contains("master") {
+            continue;
+        }
+        let owns = fields[8..].iter().any(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            matches!((first.parse::<i64>(), last.parse::<i64>()), (Ok(f), Ok(l)) if (f..=l).contains(&slot))
+        });
+        let port: u16 = fields[1].split([':', '@']).nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if owns {
+            let ports = dev.every_node_port();
+            return *nodes.iter().find(|&&i| ports[i] == port).expect("the slot's primary is a cluster node");
+        }
+    }
+    panic!("no primary owns slot {slot}:\n{text}")
+}
+
 /// Puts a victim back as it was after A broke something, so that later runs stand alone.
 async fn restore(dev: &ShoalDev, v: &mut Victim, admins: &mut [MultiplexedConnection]) -> Result<(), String> {
-    *v = Victim::open(dev, admins, v.label, v.id.clone(), v.token.clone(), v.hex.clone()).await?;
+    *v = Victim::open(dev, admins, v.label, v.id.clone(), v.token.clone(), v.hex.clone(), v.node).await?;
     Ok(())
 }
 

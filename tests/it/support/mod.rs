@@ -371,14 +371,38 @@ impl ShoalDev {
         std::fs::read_to_string(self.admin_token_path()).unwrap().trim().to_string()
     }
 
-    /// Pids of the valkey-server children, from their pidfiles.
+    /// Pids of the valkey-server children, from their pidfiles: the standalone pool's nodes,
+    /// then a cluster pool's (the order of [`node_admins`](Self::node_admins)).
     pub fn node_pids(&self) -> Vec<i32> {
-        (0..self.node_ports.len())
-            .filter_map(|i| {
-                let p = self.dir.join(format!(".shoal/valkey/n{i}/valkey.pid"));
-                std::fs::read_to_string(p).ok()?.trim().parse().ok()
-            })
-            .collect()
+        (0..self.node_dirs().len()).filter_map(|i| self.node_pid(i)).collect()
+    }
+
+    /// The pid of node `i` (in [`node_dirs`](Self::node_dirs) order) from its pidfile.
+    pub fn node_pid(&self, i: usize) -> Option<i32> {
+        let p = self.node_dirs().get(i)?.join("valkey.pid");
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    }
+
+    /// The folder of every Valkey node (its `valkey.pid`, `valkey.log`, `admin.secret`): the
+    /// standalone pool's, then a cluster pool's `node-<n>` (the order of
+    /// [`node_admins`](Self::node_admins)).
+    pub fn node_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> =
+            (0..self.node_ports.len()).map(|i| self.dir.join(format!(".shoal/valkey/n{i}"))).collect();
+        if let Some(c) = self.cluster {
+            let root = self.dir.join(".shoal/valkey-cluster");
+            dirs.extend((0..c.shards * (1 + c.replicas)).map(|n| root.join(format!("node-{n}"))));
+        }
+        dirs
+    }
+
+    /// The port of every Valkey node, in [`node_dirs`](Self::node_dirs) order.
+    pub fn every_node_port(&self) -> Vec<u16> {
+        let mut ports = self.node_ports.clone();
+        if let Some(c) = self.cluster {
+            ports.extend((0..c.shards * (1 + c.replicas)).map(|n| c.base_port + n as u16));
+        }
+        ports
     }
 
     /// Pid of the `shoal dev` process (the gateway, control plane and engine in one).
