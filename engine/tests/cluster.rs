@@ -700,3 +700,61 @@ async fn a_node_poisoned_by_a_multi_slot_script_is_failed_over_and_restarted_wit
     assert!(others.iter().all(|&r| r == 0), "only the poisoned node restarted: {others:?}");
     pool.stop().await;
 }
+
+/// Without a replica, a poisoned primary is restarted in place (a clean shutdown: its AOF
+/// has every acknowledged write); its slots do not answer for the restart.
+#[tokio::test]
+async fn a_poisoned_primary_without_a_replica_is_restarted_in_place_with_no_write_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start_cluster(ClusterConfig { replicas: 0, ..config(dir.path(), free_base_port()) })
+        .await
+        .expect("cluster pool starts");
+    let cluster = pool.cluster().unwrap();
+    let acl = tenant("tc000000000012", 12);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    let mut client = TenantClient::new(&pool, &acl).await;
+    const N: usize = 300;
+    write_keys(&mut client, N).await;
+
+    let status = pool.cluster_status().await.unwrap();
+    let shard = status.shards[0].clone();
+    let poisoned = shard.primary.as_ref().unwrap().name.clone().unwrap();
+    let node = cluster.node(&poisoned).unwrap();
+    let (a, b) = keys_in_two_slots(&shard.slots);
+    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+    let script = format!("return redis.call('MGET','{a}','{b}')");
+    let _: redis::RedisResult<redis::Value> =
+        redis::cmd("EVAL").arg(&script).arg(0).query_async(&mut admin).await;
+    let poisoned_at = Instant::now();
+    let (probe_key, probe_value) = (0..N)
+        .map(|i| (format!("key:{i}"), i))
+        .find(|(k, _)| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k))))
+        .unwrap();
+    let refused = keyed_eval(&acl, &node.addr(), &probe_key).await;
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("non local key")), "{refused:?}");
+    // Acknowledged while poisoned, just before the restart: kept (the clean shutdown writes
+    // the AOF).
+    const LATE: usize = 50;
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
+    }
+    wait_for("a keyed script works again on the restarted primary", Duration::from_secs(30), || async {
+        node.restarts() == 1
+            && matches!(keyed_eval(&acl, &node.addr(), &probe_key).await, Ok(Some(v)) if v == probe_value.to_string())
+    })
+    .await;
+    let took = poisoned_at.elapsed();
+    println!("FIGURE poisoned primary without replica restarted in place and healed in {took:?}");
+    assert!(took <= Duration::from_secs(10), "healed within 10 s, took {took:?}");
+    let s = pool.cluster_status().await.unwrap();
+    assert_eq!(role_of(&s, &poisoned).map(|r| r.0), Some(Role::Primary), "still the primary");
+    client.refresh(&pool).await;
+    assert!(all_keys_there(&mut client, N).await, "every key written before is there");
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let got: Option<usize> = client.query(&key, redis::cmd("GET").arg(&key)).await.unwrap();
+        assert_eq!(got, Some(i), "{key}, written while the node was poisoned");
+    }
+    pool.stop().await;
+}
