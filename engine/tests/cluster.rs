@@ -1,6 +1,6 @@
 //! Cluster pools against real valkey-server processes: forming, ACL users on every node,
-//! failover, a node that comes back empty, a restart over existing folders, and scaling by
-//! atomic slot migration. Small on purpose: 3 shards × 1 replica (a failover needs a majority
+//! failover, a node that comes back empty, a restart over existing folders, scaling by
+//! atomic slot migration, and healing a node poisoned by a multi-slot script. Small on purpose: 3 shards × 1 replica (a failover needs a majority
 //! of the primaries, so 2 shards could not fail over), 1 s node timeout.
 
 mod support;
