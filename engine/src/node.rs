@@ -149,6 +149,9 @@ pub struct Node {
     healthy: AtomicBool,
     /// Why the engine ended the child, for the supervisor's log line (None: it exited).
     kill_reason: std::sync::Mutex<Option<&'static str>>,
+    /// The next restart of a cluster node skips [`ClusterMode::restart_delay`]: set by
+    /// [`Node::restart_now`], for a node the engine shut down cleanly itself.
+    restart_at_once: AtomicBool,
     admin_password: String,
     observer_password: String,
     binary: PathBuf,
@@ -199,6 +202,7 @@ impl Node {
             script_time_limit,
             healthy: AtomicBool::new(false),
             kill_reason: std::sync::Mutex::new(None),
+            restart_at_once: AtomicBool::new(false),
             admin_password,
             observer_password,
             binary,
@@ -538,6 +542,21 @@ impl Node {
         }
     }
 
+    /// Restarts the node now: SIGTERM (Valkey's clean shutdown: the AOF written and fsynced,
+    /// so nothing acknowledged is lost), then the supervisor starts it again at once, without
+    /// a cluster node's [`ClusterMode::restart_delay`] (that delay is for a node that died: here
+    /// nothing was lost, and a cluster replica or a shard without replica wants it back soon).
+    /// [`Node::restarts`] grows by one when it is started again.
+    pub(crate) fn restart_now(&self, reason: &'static str) {
+        let Some(pid) = self.pid() else { return };
+        *self.kill_reason.lock().unwrap() = Some(reason);
+        self.restart_at_once.store(true, Ordering::SeqCst);
+        self.set_healthy(false);
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+
     /// The script watchdog: the node has answered `-BUSY`, i.e. a script has run longer than
     /// `busy-reply-threshold` (= the script time limit). `SCRIPT KILL` as the platform; a
     /// script that already wrote cannot be killed (`-UNKILLABLE`), so the node is ended and
@@ -751,7 +770,8 @@ impl Node {
                     }
                     metrics::counter!("shoal_node_restarts_total", "node" => self.spec.name.clone(),
                         "reason" => if reason.is_some() { "engine" } else { "exited" }).increment(1);
-                    if let Some(mode) = &self.cluster {
+                    let at_once = self.restart_at_once.swap(false, Ordering::SeqCst);
+                    if let (Some(mode), false) = (&self.cluster, at_once) {
                         tokio::time::sleep(mode.restart_delay()).await;
                     }
                     child = loop {

@@ -1,6 +1,6 @@
 //! Cluster pools against real valkey-server processes: forming, ACL users on every node,
-//! failover, a node that comes back empty, a restart over existing folders, and scaling by
-//! atomic slot migration. Small on purpose: 3 shards × 1 replica (a failover needs a majority
+//! failover, a node that comes back empty, a restart over existing folders, scaling by
+//! atomic slot migration, and healing a node poisoned by a multi-slot script. Small on purpose: 3 shards × 1 replica (a failover needs a majority
 //! of the primaries, so 2 shards could not fail over), 1 s node timeout.
 
 mod support;
@@ -570,5 +570,191 @@ async fn a_cluster_cache_is_measured_and_evicted_across_every_shard() {
     // Neither shard holds three quarters of the keys, so both gave some up.
     assert!(per_shard.iter().all(|&n| n * 4 < N as u64 * 3), "{per_shard:?}");
     assert!(left.iter().zip(&per_shard).all(|(l, b)| l < b), "{left:?} of {per_shard:?}");
+    pool.stop().await;
+}
+
+/// Two keys of different slots, both in `slots` (a shard's ranges).
+fn keys_in_two_slots(slots: &[(u16, u16)]) -> (String, String) {
+    let owned = |k: &String| slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k)));
+    let mut found = (0..).map(|i| format!("poison:{i}")).filter(owned);
+    let first = found.next().unwrap();
+    let second = found.find(|k| key_slot(k) != key_slot(&first)).unwrap();
+    (first, second)
+}
+
+/// The address of the primary serving `slot` now, if the cluster lists one.
+async fn primary_of_slot(pool: &Pool, slot: u16) -> Option<String> {
+    let status = pool.cluster_status().await.ok()?;
+    let shard = status.shards.iter().find(|s| s.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))?;
+    Some(shard.primary.as_ref()?.addr.clone())
+}
+
+/// `EVAL "return redis.call('GET', KEYS[1])" 1 key` as the tenant on `addr`.
+async fn keyed_eval(acl: &TenantAcl, addr: &str, key: &str) -> redis::RedisResult<Option<String>> {
+    let url = format!("redis://{}:{}@{}/{}", acl.user, acl.password, addr, acl.db);
+    let mut c = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    redis::cmd("EVAL").arg("return redis.call('GET', KEYS[1])").arg(1).arg(key).query_async(&mut c).await
+}
+
+/// Valkey 9.1.2's bug: a script running one command on keys of two slots leaves the node
+/// refusing every keyed script until it restarts. The engine's probe notices it, fails the
+/// shard over to its replica and restarts the poisoned node, which comes back as a replica.
+#[tokio::test]
+async fn a_node_poisoned_by_a_multi_slot_script_is_failed_over_and_restarted_with_no_write_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start(dir.path(), free_base_port()).await;
+    let cluster = pool.cluster().unwrap();
+    let acl = tenant("tc000000000011", 11);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    let mut client = TenantClient::new(&pool, &acl).await;
+    const N: usize = 300;
+    write_keys(&mut client, N).await;
+
+    // A healthy cluster: scripts of every kind for 3 s, and the probe restarts nothing.
+    let restarts =
+        || cluster.nodes().iter().map(|n| (n.name().to_string(), n.restarts())).collect::<Vec<_>>();
+    let before = restarts();
+    let primaries = client.primaries();
+    let began = Instant::now();
+    let mut i = 0;
+    while began.elapsed() < Duration::from_secs(3) {
+        let key = format!("key:{}", i % N);
+        let got: Option<usize> = client
+            .query(&key, redis::cmd("EVAL").arg("return redis.call('GET', KEYS[1])").arg(1).arg(&key))
+            .await
+            .unwrap();
+        assert_eq!(got, Some(i % N));
+        let one: i64 = client.query(&key, redis::cmd("EVAL").arg("return 1").arg(0)).await.unwrap();
+        assert_eq!(one, 1);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(restarts(), before, "no node restarted on a healthy cluster");
+    client.refresh(&pool).await;
+    assert_eq!(client.primaries(), primaries, "no failover on a healthy cluster");
+
+    // Poison shard 0's primary: MGET of two of its own keys, of two slots, in a script.
+    let status = pool.cluster_status().await.unwrap();
+    let shard = status.shards[0].clone();
+    let poisoned = shard.primary.as_ref().unwrap().name.clone().unwrap();
+    let node = cluster.node(&poisoned).unwrap();
+    let old_pid = node.pid().unwrap();
+    let (a, b) = keys_in_two_slots(&shard.slots);
+    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+    let script = format!("return redis.call('MGET','{a}','{b}')");
+    let answer: redis::RedisResult<redis::Value> =
+        redis::cmd("EVAL").arg(&script).arg(0).query_async(&mut admin).await;
+    let poisoned_at = Instant::now();
+    println!("multi-slot script on {poisoned}: {answer:?}");
+    let (probe_key, probe_value) = (0..N)
+        .map(|i| (format!("key:{i}"), i))
+        .find(|(k, _)| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k))))
+        .unwrap();
+    let refused = keyed_eval(&acl, &node.addr(), &probe_key).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("non local key")),
+        "the bug reproduces: a keyed script of a local key refused on the poisoned node: {refused:?}"
+    );
+    // Writes acknowledged while it is poisoned (plain commands still work) are kept too.
+    const LATE: usize = 50;
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
+    }
+
+    let slot = key_slot(&probe_key);
+    wait_for("a keyed script works again on the slot's primary", Duration::from_secs(30), || async {
+        let Some(addr) = primary_of_slot(&pool, slot).await else { return false };
+        matches!(keyed_eval(&acl, &addr, &probe_key).await, Ok(Some(v)) if v == probe_value.to_string())
+    })
+    .await;
+    // From the poisoning script on.
+    let took = poisoned_at.elapsed();
+    println!("FIGURE poisoned node healed (a keyed script works on its slots again) in {took:?}");
+    assert!(took <= Duration::from_secs(10), "healed within 10 s, took {took:?}");
+    assert_ne!(primary_of_slot(&pool, slot).await.unwrap(), node.addr(), "the replica took over");
+
+    // CLUSTER FAILOVER makes it a replica at once; then it is restarted (a new process, no
+    // longer poisoned) and comes back as a replica again.
+    let took =
+        wait_for("the poisoned node restarted and back as a replica", Duration::from_secs(30), || async {
+            let Ok(s) = pool.cluster_status().await else { return false };
+            node.restarts() == 1
+                && node.pid().is_some_and(|p| p != old_pid)
+                && node.healthy()
+                && role_of(&s, &poisoned) == Some((Role::Replica, "online".into()))
+                && s.ok
+        })
+        .await;
+    println!("FIGURE poisoned node restarted and back as a replica {took:?} later");
+    client.refresh(&pool).await;
+    assert!(all_keys_there(&mut client, N).await, "every key written before is there");
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let got: Option<usize> = client.query(&key, redis::cmd("GET").arg(&key)).await.unwrap();
+        assert_eq!(got, Some(i), "{key}, written while the node was poisoned");
+    }
+    // Nothing else restarted.
+    let others: Vec<u32> =
+        cluster.nodes().iter().filter(|n| n.name() != poisoned).map(|n| n.restarts()).collect();
+    assert!(others.iter().all(|&r| r == 0), "only the poisoned node restarted: {others:?}");
+    pool.stop().await;
+}
+
+/// Without a replica, a poisoned primary is restarted in place (a clean shutdown: its AOF
+/// has every acknowledged write); its slots do not answer for the restart.
+#[tokio::test]
+async fn a_poisoned_primary_without_a_replica_is_restarted_in_place_with_no_write_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start_cluster(ClusterConfig { replicas: 0, ..config(dir.path(), free_base_port()) })
+        .await
+        .expect("cluster pool starts");
+    let cluster = pool.cluster().unwrap();
+    let acl = tenant("tc000000000012", 12);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    let mut client = TenantClient::new(&pool, &acl).await;
+    const N: usize = 300;
+    write_keys(&mut client, N).await;
+
+    let status = pool.cluster_status().await.unwrap();
+    let shard = status.shards[0].clone();
+    let poisoned = shard.primary.as_ref().unwrap().name.clone().unwrap();
+    let node = cluster.node(&poisoned).unwrap();
+    let (a, b) = keys_in_two_slots(&shard.slots);
+    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+    let script = format!("return redis.call('MGET','{a}','{b}')");
+    let _: redis::RedisResult<redis::Value> =
+        redis::cmd("EVAL").arg(&script).arg(0).query_async(&mut admin).await;
+    let poisoned_at = Instant::now();
+    let (probe_key, probe_value) = (0..N)
+        .map(|i| (format!("key:{i}"), i))
+        .find(|(k, _)| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k))))
+        .unwrap();
+    let refused = keyed_eval(&acl, &node.addr(), &probe_key).await;
+    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("non local key")), "{refused:?}");
+    // Acknowledged while poisoned, just before the restart: kept (the clean shutdown writes
+    // the AOF).
+    const LATE: usize = 50;
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
+    }
+    wait_for("a keyed script works again on the restarted primary", Duration::from_secs(30), || async {
+        node.restarts() == 1
+            && matches!(keyed_eval(&acl, &node.addr(), &probe_key).await, Ok(Some(v)) if v == probe_value.to_string())
+    })
+    .await;
+    let took = poisoned_at.elapsed();
+    println!("FIGURE poisoned primary without replica restarted in place and healed in {took:?}");
+    assert!(took <= Duration::from_secs(10), "healed within 10 s, took {took:?}");
+    let s = pool.cluster_status().await.unwrap();
+    assert_eq!(role_of(&s, &poisoned).map(|r| r.0), Some(Role::Primary), "still the primary");
+    client.refresh(&pool).await;
+    assert!(all_keys_there(&mut client, N).await, "every key written before is there");
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let got: Option<usize> = client.query(&key, redis::cmd("GET").arg(&key)).await.unwrap();
+        assert_eq!(got, Some(i), "{key}, written while the node was poisoned");
+    }
     pool.stop().await;
 }
