@@ -35,6 +35,7 @@ pub mod context;
 pub mod domain;
 pub mod error;
 pub mod gateways;
+pub mod limits;
 pub mod metrics;
 pub mod pools;
 pub mod role;

@@ -113,6 +113,7 @@ pub async fn state(
         login_throttle,
         verify_throttle,
         verify_budget,
+        limits: Default::default(),
     });
     Ok(state)
 }

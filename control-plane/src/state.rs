@@ -24,5 +24,7 @@ pub struct AppState {
     /// Failed password checks gateways asked for, per (user, source), and per gateway.
     pub verify_throttle: std::sync::Mutex<shoal_auth::Throttle>,
     pub verify_budget: std::sync::Mutex<crate::budget::FailureBudget>,
+    /// Every gateway's share of each cache's limits.
+    pub limits: crate::limits::Coordinator,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

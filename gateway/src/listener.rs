@@ -121,9 +121,7 @@ impl Gateway {
         };
         let limits = {
             let (shared, stop) = (shared.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                crate::metering::limit::follow(&shared.buckets, &shared.router, stop).await
-            })
+            tokio::spawn(async move { crate::metering::limit::follow(&shared, stop).await })
         };
         let metrics = self.metrics.map(|listener| {
             let handle = shared.config.metrics.clone().unwrap_or_else(crate::metrics::install);

@@ -1,7 +1,9 @@
 //! Limits and bad input at the RESP endpoint: each refused with a clear error, nothing else
 //! disturbed.
 
-use crate::support::{auth_command, raw, ShoalDev};
+use crate::support::{auth_command, raw, ShoalDev, Split};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -103,4 +105,166 @@ async fn malformed_resp_gets_valkeys_protocol_error_and_the_connection_closes() 
     // Inline commands with quotes and escapes work like valkey-cli's.
     let out = raw(dev.resp_port, &[auth.as_slice(), b"SET q \"a\\x41 b\"\r\nGET q\r\n"].concat()).await;
     assert_eq!(out, b"+OK\r\n+OK\r\n$4\r\naA b\r\n");
+}
+
+/// A cache's limits hold for the cache as a whole across gateways: three `shoal gateway`s
+/// in front of one control plane, driven flat out, get the cache's ECPU/s between them
+/// (`SHOAL_SHARED_LIMIT=<ECPU/s>,<seconds>` for the README's figure, from `bench/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ecpu_limit_holds_across_three_gateways() {
+    let (limit, seconds): (u64, u64) = match std::env::var("SHOAL_SHARED_LIMIT") {
+        Ok(v) => {
+            let (l, s) = v.split_once(',').expect("<ECPU/s>,<seconds>");
+            (l.parse().unwrap(), s.parse().unwrap())
+        }
+        Err(_) => (300, 8),
+    };
+    // No waiting for the bucket: a command over the limit is refused at once, so the
+    // refusals show the clients asked for more than the limit.
+    let split = Split::with_gateway_config("throttle_wait = 0\n");
+    let _cp = split.control_plane().await;
+    let mut gateways = vec![(split.gateway(), split.resp)];
+    gateways.extend((1..3).map(|n| split.another_gateway(n)));
+    let cache = split
+        .api(
+            reqwest::Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "shared", "limits": {"ecpu_per_second": limit}})),
+        )
+        .await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Two clients per gateway, each sending GETs (1 ECPU each) as fast as answers come.
+    let (ok, throttled) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut per_gateway_throttled = Vec::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (_, port) in &gateways {
+        let here = Arc::new(AtomicU64::new(0));
+        per_gateway_throttled.push(here.clone());
+        for _ in 0..2 {
+            let mut c = split.client_at(*port, &token).await;
+            let (ok, throttled, here, stopped) =
+                (ok.clone(), throttled.clone(), here.clone(), stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                while !*stopped.borrow() {
+                    match redis::cmd("GET").arg("k").query_async::<Option<String>>(&mut c).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) if e.code() == Some("THROTTLED") => {
+                            here.fetch_add(1, Ordering::Relaxed);
+                            throttled.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                }
+            }));
+        }
+    }
+    // Shares settle within a few reports; then the window is measured.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok0, started) = (ok.load(Ordering::Relaxed), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let rate = (ok.load(Ordering::Relaxed) - ok0) as f64 / started.elapsed().as_secs_f64();
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let busy = per_gateway_throttled.iter().filter(|n| n.load(Ordering::Relaxed) > 0).count();
+    println!(
+        "FIGURE shared limit: a cache limited to {limit} ECPU/s, driven flat out through 3 gateways, \
+         got {rate:.0} ECPU/s over {seconds} s ({:.3} × the limit; {} commands throttled)",
+        rate / limit as f64,
+        throttled.load(Ordering::Relaxed)
+    );
+    assert_eq!(busy, 3, "every gateway was asked for more than it could give");
+    assert!(
+        (0.9..=1.1).contains(&(rate / limit as f64)),
+        "{rate:.0} ECPU/s for a limit of {limit}\n{}",
+        split.log()
+    );
+}
+
+/// Connections over a cache's `max_connections` are refused on whichever gateway, and the
+/// limit is reached whichever gateways the clients use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_limit_holds_across_three_gateways() {
+    let split = Split::new();
+    let _cp = split.control_plane().await;
+    let mut gateways = vec![(split.gateway(), split.resp)];
+    gateways.extend((1..3).map(|n| split.another_gateway(n)));
+    let cache = split
+        .api(
+            reqwest::Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "few", "limits": {"max_connections": 4}})),
+        )
+        .await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let token = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (_, port) in &gateways {
+        // Every gateway is up (and has served the cache once).
+        drop(split.client_at(*port, &token).await);
+    }
+    // Clients keep trying every gateway in turn for a while; what they hold in the end is
+    // the limit, however the gateways' shares moved meanwhile.
+    // A connection is a logged-in socket (raw, to read the gateway's refusal).
+    let connect = |port: u16| {
+        let login = auth_command(&token);
+        async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            s.write_all(&login).await.unwrap();
+            let reply = String::from_utf8_lossy(&read_some(&mut s).await).into_owned();
+            match reply.as_str() {
+                "+OK\r\n" => Ok(s),
+                _ => Err(reply),
+            }
+        }
+    };
+    let mut held = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let mut refusals = 0;
+    while std::time::Instant::now() < deadline {
+        for (_, port) in &gateways {
+            match connect(*port).await {
+                Ok(c) => held.push((*port, c)),
+                Err(e) => {
+                    assert!(e.contains("max number of clients"), "{e}");
+                    refusals += 1;
+                }
+            }
+            assert!(held.len() <= 4, "{} connections held for a limit of 4\n{}", held.len(), split.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(held.len(), 4, "the limit is reached ({refusals} refusals)");
+    assert!(refusals > 0);
+    // Two go; the next two connect, on whichever gateway.
+    let freed_on = held[0].0;
+    held.drain(..2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held.len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "freed connections were never given again\n{}",
+            split.log()
+        );
+        for (_, port) in gateways.iter().filter(|g| g.1 != freed_on) {
+            if let Ok(c) = connect(*port).await {
+                held.push((*port, c));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for (_, port) in &gateways {
+        assert!(connect(*port).await.is_err(), "a fifth connection on port {port}");
+    }
 }

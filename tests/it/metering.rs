@@ -1,7 +1,7 @@
 //! Metering end to end: what clients send and receive, metered by the rule, must be what
 //! the control plane stores — exactly, to the byte and the milli-ECPU.
 
-use crate::support::{auth_command, encode, Proc, ShoalDev};
+use crate::support::{auth_command, encode, ShoalDev, Split};
 use shoal_types::UsageCounters as Totals;
 
 /// A command in RESP (byte-string arguments).
@@ -285,83 +285,10 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
     assert!(body.lines().any(|l| l == count), "one latency sample per metered command: {count}");
 }
 
-/// `shoal control-plane` and `shoal gateway` as separate processes in one directory.
-struct Split {
-    dir: tempfile::TempDir,
-    rest: u16,
-    resp: u16,
-    internal: u16,
-    http: reqwest::Client,
-}
-
-impl Split {
-    fn new() -> Split {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let (rest, resp, node) =
-            (crate::support::free_port(), crate::support::free_port(), crate::support::free_port());
-        let internal = crate::support::free_port();
-        let cp = crate::support::control_plane_toml(
-            dir.path(),
-            rest,
-            node,
-            &format!("public_endpoint = \"127.0.0.1:{resp}\"\ninternal_listen = \"127.0.0.1:{internal}\""),
-        );
-        // A small memory bound, so that an outage of a few seconds already spools to disk.
-        let gw = format!(
-            "[gateway]\nlisten = \"127.0.0.1:{resp}\"\ncontrol_plane_url = \"http://127.0.0.1:{internal}\"\n\
-             internal_credential_file = \"{d}/gateway.credential\"\ndata_dir = \"{d}/gateway\"\nusage_memory_batches = 3\n"
-        );
-        std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
-        std::fs::write(dir.path().join("gw.toml"), gw).unwrap();
-        Split { dir, rest, resp, internal, http: crate::support::http_client() }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn log(&self) -> String {
-        let read = |n| std::fs::read_to_string(self.path(n)).unwrap_or_default();
-        format!("--- cp.log\n{}\n--- gw.log\n{}", read("cp.log"), read("gw.log"))
-    }
-
-    async fn control_plane(&self) -> Proc {
-        let p = Proc::spawn(
-            &["control-plane", "--config", self.path("cp.toml").to_str().unwrap()],
-            &self.path("cp.log"),
-        );
-        crate::support::wait_for_control_plane(&self.http, self.rest, self.dir.path()).await;
-        p
-    }
-
-    /// Starts the gateway (its credential made on first use).
-    fn gateway(&self) -> Proc {
-        if !self.path("gateway.credential").exists() {
-            let credential = crate::support::create_gateway_credential(&self.path("cp.toml"), "split");
-            std::fs::write(self.path("gateway.credential"), credential).unwrap();
-        }
-        Proc::spawn(&["gateway", "--config", self.path("gw.toml").to_str().unwrap()], &self.path("gw.log"))
-    }
-
-    async fn api(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> serde_json::Value {
-        let admin = std::fs::read_to_string(self.path("admin.token")).unwrap();
-        crate::support::admin_api(&self.http, self.rest, &admin, method, path, body).await
-    }
-
-    async fn stored(&self, cache: &str) -> Totals {
-        let body = self.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage"), None).await;
-        sum_points(&body)
-    }
-
-    async fn client(&self, token: &str) -> redis::aio::MultiplexedConnection {
-        crate::support::client_when_up(self.resp, token, || self.log()).await
-    }
+/// What the control plane of a split deployment stored of a cache's usage, summed.
+async fn stored_split(split: &Split, cache: &str) -> Totals {
+    let body = split.api(reqwest::Method::GET, &format!("/v1/caches/{cache}/usage"), None).await;
+    sum_points(&body)
 }
 
 /// SET and GET of 100-byte values until `stop`, with the rule applied to every command.
@@ -427,7 +354,7 @@ async fn usage_survives_a_control_plane_outage_and_a_gateway_restart_exactly() {
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got = split.stored(&id).await;
+        let got = stored_split(&split, &id).await;
         if got == want {
             break;
         }
@@ -435,7 +362,7 @@ async fn usage_survives_a_control_plane_outage_and_a_gateway_restart_exactly() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(split.stored(&id).await, want, "nothing counted twice");
+    assert_eq!(stored_split(&split, &id).await, want, "nothing counted twice");
     assert_eq!(
         std::fs::read_dir(split.path("gateway/usage/spool")).unwrap().count(),
         0,

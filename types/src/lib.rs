@@ -125,13 +125,13 @@ pub struct TenantRoute {
 /// A cache's usage limits, like ElastiCache Serverless' `CacheUsageLimits`. `None` = unlimited.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CacheLimits {
-    /// ECPU per second (a token bucket at each gateway).
+    /// ECPU per second (a token bucket at each gateway, holding its share of the limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecpu_per_second: Option<u64>,
     /// Stored data, in MB (10^6 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_storage_mb: Option<u64>,
-    /// Concurrent client connections (per gateway; see the README).
+    /// Concurrent client connections, over all gateways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
 }
@@ -508,4 +508,44 @@ mod tests {
         assert!(CacheId::parse("c0123456789ab").is_ok());
         assert_eq!(CacheId::parse("c0123456789ab").unwrap().acl_user(), "tc0123456789ab");
     }
+}
+
+/// A gateway's demand on one cache's shared limits, posted every
+/// few hundred milliseconds (`POST /internal/v1/limits`): what it used and would have used
+/// in the last interval, and the limits it applies (from the cache's route).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitDemand {
+    pub cache: CacheId,
+    /// The cache's ECPU/s limit; `None`: unlimited (no share to hand out).
+    pub ecpu_per_second: Option<u64>,
+    /// Milli-ECPU per second this gateway's sessions took, plus what they were refused.
+    pub ecpu_demand: u64,
+    /// Some of its sessions were throttled: it would take more.
+    pub ecpu_saturated: bool,
+    /// The cache's connection limit; `None`: only the gateway's own bound.
+    pub max_connections: Option<u64>,
+    pub connections: u64,
+    /// Connections refused for want of a share since the last report.
+    pub connections_refused: u64,
+}
+
+/// The control plane's answer: this gateway's share of each cache's limits until the
+/// next report.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitShare {
+    pub cache: CacheId,
+    /// Milli-ECPU per second; `None`: unlimited.
+    pub ecpu_milli_per_second: Option<u64>,
+    /// Connections this gateway may hold; `None`: no shared limit.
+    pub connections: Option<u64>,
+    /// Gateways sharing the cache now (an unreachable control plane leaves each gateway
+    /// its limit divided by this).
+    pub gateways: u32,
+}
+
+/// `POST /internal/v1/limits`: one gateway instance's demands.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitReport {
+    pub gateway_id: String,
+    pub demands: Vec<LimitDemand>,
 }

@@ -27,6 +27,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/internal/v1/revocations", web::get().to(revocations))
         .route("/internal/v1/caches/{id}/users/verify", web::post().to(verify_user))
         .route("/internal/v1/audit", web::post().to(login_events))
+        .route("/internal/v1/limits", web::post().to(limits))
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
@@ -298,6 +299,26 @@ async fn check_login(
 /// permission).
 pub const LDAP_READ_WRITE: &str = shoal_auth::token::READ_WRITE;
 pub const LDAP_READ_ONLY: &str = shoal_auth::token::READ_ONLY;
+
+/// Most caches in one limits report (a gateway reports those with sessions).
+const MAX_LIMIT_DEMANDS: usize = 100_000;
+
+/// A gateway instance's demands on caches' limits, answered with its shares
+/// (`crate::limits`). Keyed by the credential's name and the instance's id, so one gateway
+/// cannot speak for another.
+async fn limits(
+    state: web::Data<AppState>,
+    gw: Gateway,
+    body: web::Json<shoal_types::LimitReport>,
+) -> Result<HttpResponse, ApiError> {
+    let report = body.into_inner();
+    if report.demands.len() > MAX_LIMIT_DEMANDS {
+        return Err(ApiError::field("demands", format!("at most {MAX_LIMIT_DEMANDS} caches per report")));
+    }
+    let instance: String = report.gateway_id.chars().take(160).collect();
+    let shares = state.limits.report(&format!("{}/{instance}", gw.name), report.demands);
+    Ok(HttpResponse::Ok().json(shares))
+}
 
 /// A gateway's batch of data-plane login events: each becomes an audit record, stamped with
 /// the name of the gateway whose credential posted it.

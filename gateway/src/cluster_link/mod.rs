@@ -400,7 +400,7 @@ impl Link {
             Plan::ReadOnly => self.local(plan::READONLY),
             Plan::Split(kind) => self.split(kind, &request).await,
             Plan::Fanout(merge) => {
-                let nodes = self.every_shard();
+                let nodes = self.every_shard().await;
                 let seq = self.entry(nodes.len(), merge);
                 for (i, addr) in nodes.iter().enumerate() {
                     self.send(addr, Kind::Data, sent(seq, i, request.bytes.clone())).await;
@@ -502,8 +502,18 @@ impl Link {
         self.node_for(0)
     }
 
-    /// One node per shard, in slot order.
-    fn every_shard(&self) -> Vec<String> {
+    /// One node per shard, in slot order, from a map as read from the cluster (the newest
+    /// this gateway has, or read now if this link's was patched by a `MOVED`): a request
+    /// with no key never meets a `MOVED` that would say a shard's primary changed.
+    async fn every_shard(&mut self) -> Vec<String> {
+        if let Some(newer) = self.seeds.newer_than(&self.map) {
+            self.map = newer;
+        }
+        if self.map.patched {
+            if let Ok(map) = self.seeds.refresh(Some(&self.map)).await {
+                self.map = map;
+            }
+        }
         self.map
             .shards
             .iter()

@@ -14,7 +14,7 @@ impl Link {
         let home = self.sub_home.get_or_insert_with(|| self.map.shards[0].primary.clone()).clone();
         self.send_subscription(&home, Kind::Subscriber { echo: true }, &request.bytes).await;
         if notifications {
-            for addr in self.every_shard().into_iter().filter(|a| *a != home) {
+            for addr in self.every_shard().await.into_iter().filter(|a| *a != home) {
                 self.send_subscription(&addr, Kind::Subscriber { echo: false }, &request.bytes).await;
             }
         }

@@ -54,6 +54,10 @@ impl Link {
                 return self.fill(seq, part, Bytes::from_static(REBALANCING));
             }
         }
+        if !self.reader && frame.starts_with(b"-READONLY") {
+            // A primary became a replica (a failover) and no MOVED said so (a keyless write).
+            self.map_stale = true;
+        }
         self.fill(seq, part, frame);
     }
 

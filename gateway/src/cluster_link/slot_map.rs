@@ -31,6 +31,9 @@ pub struct SlotMap {
     pub shards: Vec<Shard>,
     /// Every node the cluster lists, in any state: one missing was removed from it.
     members: Vec<String>,
+    /// Changed by a `MOVED` since it was read: right for that slot, but its shards may be
+    /// wrong (a promoted replica appears as a shard of its own beside its old primary).
+    pub patched: bool,
     read_at: Instant,
 }
 
@@ -73,7 +76,7 @@ impl SlotMap {
         };
         let mut owner = self.owner.clone();
         owner[slot as usize] = i as u16;
-        SlotMap { owner, shards, members: self.members.clone(), read_at: self.read_at }
+        SlotMap { owner, shards, members: self.members.clone(), patched: true, read_at: self.read_at }
     }
 
     /// Parses a `CLUSTER SHARDS` reply (RESP2 or RESP3) from the node at `asked`.
@@ -138,6 +141,7 @@ impl SlotMap {
             owner,
             shards: shards.into_iter().map(|s| s.1).collect(),
             members,
+            patched: false,
             read_at: Instant::now(),
         })
     }
@@ -235,6 +239,12 @@ impl Seeds {
             return Ok(map.clone());
         }
         self.refresh(None).await
+    }
+
+    /// The shared map, if it was read after `seen` (another session followed a `MOVED`).
+    pub fn newer_than(&self, seen: &Arc<SlotMap>) -> Option<Arc<SlotMap>> {
+        let current = maps().lock().unwrap().get(&self.key).cloned()?;
+        (current.read_at > seen.read_at).then_some(current)
     }
 
     /// Reads the map again (unless `seen` is already older than the shared one or the

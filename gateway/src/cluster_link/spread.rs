@@ -41,7 +41,7 @@ impl Link {
             return self.local(b"-ERR invalid cursor\r\n");
         }
         let (cursor, shard) = plan::scan_cursor(client);
-        let nodes = self.every_shard();
+        let nodes = self.every_shard().await;
         let Some(addr) = nodes.get(shard) else {
             return self.local(b"*2\r\n$1\r\n0\r\n*0\r\n");
         };

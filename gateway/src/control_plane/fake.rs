@@ -17,8 +17,8 @@ use crate::GatewayError;
 use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use shoal_types::{
-    AccountId, CacheId, DataClaims, LoginEvent, Permission, TenantRoute, UsageBatch, VerifiedLogin,
-    VerifyRefusal, VerifyRequest, DATA_AUDIENCE, TOKEN_ISSUER,
+    AccountId, CacheId, DataClaims, LimitReport, LimitShare, LoginEvent, Permission, TenantRoute, UsageBatch,
+    VerifiedLogin, VerifyRefusal, VerifyRequest, DATA_AUDIENCE, TOKEN_ISSUER,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -172,6 +172,21 @@ impl FakeControlPlane {
     pub(super) fn post_usage(&self, batch: &UsageBatch) -> Result<(), GatewayError> {
         self.up()?.usage.push(batch.clone());
         Ok(())
+    }
+
+    /// One gateway: each share is the whole limit.
+    pub(super) fn limits(&self, report: &LimitReport) -> Result<Vec<LimitShare>, GatewayError> {
+        drop(self.up()?);
+        Ok(report
+            .demands
+            .iter()
+            .map(|d| LimitShare {
+                cache: d.cache.clone(),
+                ecpu_milli_per_second: d.ecpu_per_second.map(|n| n * 1000),
+                connections: d.max_connections,
+                gateways: 1,
+            })
+            .collect())
     }
 
     pub(super) fn revocations(&self) -> Result<Vec<String>, GatewayError> {

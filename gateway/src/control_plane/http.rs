@@ -161,6 +161,19 @@ impl HttpClient {
         Err(GatewayError::ControlPlane(format!("usage answered {status}")))
     }
 
+    /// `POST /internal/v1/limits`: this gateway's shares of the reported caches' limits.
+    pub async fn limits(
+        &self,
+        report: &shoal_types::LimitReport,
+    ) -> Result<Vec<shoal_types::LimitShare>, GatewayError> {
+        let resp =
+            self.send(self.http.post(format!("{}/internal/v1/limits", self.base)).json(report)).await?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::ControlPlane(format!("limits answered {}", resp.status())));
+        }
+        resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
+    }
+
     /// Revoked, unexpired token ids.
     pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
         #[derive(serde::Deserialize)]

@@ -15,7 +15,8 @@ pub mod fake;
 
 use crate::GatewayError;
 use shoal_types::{
-    CacheId, LoginEvent, TenantRoute, UsageBatch, VerifiedLogin, VerifyRefusal, VerifyRequest,
+    CacheId, LimitReport, LimitShare, LoginEvent, TenantRoute, UsageBatch, VerifiedLogin, VerifyRefusal,
+    VerifyRequest,
 };
 
 /// The control plane a gateway talks to.
@@ -77,6 +78,15 @@ impl ControlPlane {
             ControlPlane::Http(c) => c.post_usage(batch).await,
             #[cfg(feature = "testing")]
             ControlPlane::Fake(f) => f.post_usage(batch),
+        }
+    }
+
+    /// Reports this gateway's demand on caches' limits; answers its shares.
+    pub async fn limits(&self, report: &LimitReport) -> Result<Vec<LimitShare>, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.limits(report).await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(f) => f.limits(report),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use super::credentials::{Credentials, Login};
 use super::{Session, Tenant};
+use crate::metering::limit::REPORT_EVERY;
 use crate::pubsub::Namespace;
 use crate::{upstream, GatewayError};
 use shoal_types::TenantRoute;
@@ -68,16 +69,28 @@ impl Session {
             return Ok(());
         }
         let cache = route.cache_id.clone();
-        let (registration, inbox) = self
-            .shared
-            .clients
-            .register(
-                &cache,
-                max_connections(&self.shared.config, &route),
-                self.peer.to_string(),
-                self.local.to_string(),
-            )
-            .ok_or(GatewayError::TooManyConnections)?;
+        // The cache's limits are shared with the other gateways: the first session here
+        // asks for this gateway's share before it takes a connection.
+        let (bucket, new) = self.shared.buckets.get(&cache, &route.limits);
+        if new {
+            // Asked on behalf of this client: it counts as one wanting a connection.
+            bucket.connection_refused();
+            crate::metering::limit::ask(&self.shared, &[(cache.clone(), bucket.clone())], REPORT_EVERY).await;
+        }
+        let max = bucket.connection_share().map_or(usize::MAX, |n| n as usize);
+        let (registration, inbox) = match self.shared.clients.register(
+            &cache,
+            max_connections(&self.shared.config, &route).min(max),
+            self.peer.to_string(),
+            self.local.to_string(),
+        ) {
+            Some(registered) => registered,
+            None if new => return Err(GatewayError::TooManyConnections),
+            None => {
+                bucket.connection_refused();
+                return Err(GatewayError::TooManyConnections);
+            }
+        };
         let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
         let route = with_login(route, &upstream);
         let stream = match upstream::connect(&route, route.db, self.endpoint == super::Endpoint::Reader).await
@@ -98,7 +111,6 @@ impl Session {
         self.unauthenticated = None;
         self.inbox = Some(inbox);
         self.killed = Some(Box::pin(entry.kill.clone().notified_owned()));
-        let bucket = self.shared.buckets.get(&cache, route.limits.ecpu_per_second);
         let latency = crate::metrics::latency(&cache);
         self.tenant = Some(Tenant {
             bucket,

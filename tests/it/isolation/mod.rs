@@ -1942,6 +1942,8 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     let nodes = admins.len();
     let node_pids = || (0..nodes).map(|i| dev.node_pid(i)).collect::<Vec<_>>();
     let mut pids = node_pids();
+    // How long neighbours' scripts took to heal after A tripped Valkey's script bug.
+    let mut heal_times: Vec<Duration> = Vec::new();
     let mut previous: Option<String> = None;
     'matrix: for attack in &attacks {
         if !attack.text.contains(only.as_str()) {
@@ -1984,10 +1986,22 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                     problems.push(format!("A's connection is not sane afterwards: {e}"));
                 }
             }
-            // The neighbours' canaries are untouched.
+            // The neighbours' canaries are untouched. On a cluster pool, one exception: a
+            // command over two slots inside A's script trips a Valkey 9.1.2 bug that breaks
+            // every keyed script on that node until it restarts; the engine finds such a node
+            // and heals it (fails it over and restarts it). The neighbours' scripts fail until
+            // then: the time is measured, and must stay short.
+            // (`redis.pcall`'s error ends at "cluster node", `redis.call`'s goes on "script".)
+            const POISONED: &str = "non local key in a cluster node";
+            let tripped =
+                dev.cluster.is_some() && String::from_utf8_lossy(&run.transcript).contains(POISONED);
             let mut broken = Vec::new();
+            let mut healing = Vec::new();
             for (i, v) in victims.iter_mut().enumerate() {
                 match v.snapshot().await {
+                    // (Mid-heal, B may also see a shard's old and new primary at once.)
+                    Err(e) if tripped && e.contains(POISONED) => healing.push(i),
+                    Ok(now) if tripped && now != v.expected => healing.push(i),
                     Ok(now) if now == v.expected => {}
                     Ok(now) => {
                         let diff: Vec<String> = v
@@ -2005,6 +2019,39 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                         broken.push(i);
                     }
                 }
+            }
+            if !healing.is_empty() {
+                let began = Instant::now();
+                for &i in &healing {
+                    let v = &mut victims[i];
+                    loop {
+                        match v.snapshot().await {
+                            Ok(now) if now == v.expected => break,
+                            // Healed by a failover: the new primary never loaded B's script,
+                            // as after any failover; B loads it again, as its library would.
+                            Err(e) if e.contains("NOSCRIPT") => {
+                                let load = redis::cmd("SCRIPT").arg("LOAD").arg(v.script()).clone();
+                                let _: redis::RedisResult<String> = load.query_async(&mut v.conn).await;
+                            }
+                            _ if began.elapsed() < Duration::from_secs(5) => {
+                                tokio::time::sleep(Duration::from_millis(50)).await
+                            }
+                            other => {
+                                problems.push(format!("{}'s scripts not healed in 5 s: {other:?}", v.label));
+                                broken.push(i);
+                                break;
+                            }
+                        }
+                    }
+                }
+                heal_times.push(began.elapsed());
+                // The healed node restarted (a new pid): not a crash. Fresh admin connections.
+                for (i, conn) in admins.iter_mut().enumerate() {
+                    if let Ok(c) = admin(&dev, i).await {
+                        *conn = c;
+                    }
+                }
+                pids = node_pids();
             }
             // No Valkey node crashed (the engine restarts a crashed node, with a new pid).
             let gone = |pids: &[Option<i32>]| -> Vec<usize> {
@@ -2101,6 +2148,13 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
         }
     }
     let loop_time = loop_started.elapsed();
+    if let Some(longest) = heal_times.iter().max() {
+        println!(
+            "FIGURE Valkey script bug tripped {} times: neighbours' keyed scripts healed within {:.2} s at most",
+            heal_times.len(),
+            longest.as_secs_f64()
+        );
+    }
     if let Some(down) = gateway_down {
         let log = dev.log();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();

@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 mod shared;
+mod split;
 
 pub use shared::shared;
+pub use split::Split;
 
 use serde_json::Value;
 use std::os::unix::process::CommandExt;

@@ -1,0 +1,197 @@
+//! Limits shared by every gateway: a cache's ECPU/s and connection limits hold for the
+//! cache as a whole, whichever gateways its clients use.
+//!
+//! Each gateway reports, every few hundred milliseconds, what it used of each cache's limits
+//! and what it was refused ([`LimitDemand`]); the control plane answers with the gateway's
+//! share until the next report ([`LimitShare`]), split among the gateways that reported in
+//! the last [`FORGET_AFTER`] by their demand (max-min fair: a gateway that needs less than
+//! an equal part gets what it needs plus headroom, the busy ones split the rest). The shares
+//! of a cache never add up to more than its limit, so the gateways together keep it; a
+//! gateway that stops reporting (it died) has its share handed to the others after
+//! [`FORGET_AFTER`]. Connection shares are promises: a gateway may fill its share until its
+//! next report, so the others' shares count in full when one gateway's is worked out, and
+//! only its own report makes a share smaller. The reports live in this process's memory:
+//! gateways of a deployment report to the same control plane.
+
+use shoal_types::{CacheId, LimitDemand, LimitShare};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A gateway silent this long no longer holds a share.
+pub const FORGET_AFTER: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+pub struct Coordinator {
+    caches: Mutex<HashMap<CacheId, HashMap<String, Reported>>>,
+}
+
+struct Reported {
+    demand: LimitDemand,
+    /// The connections it was last allowed.
+    granted: u64,
+    at: Instant,
+}
+
+impl Coordinator {
+    /// Records `gateway`'s demands and answers its shares.
+    pub fn report(&self, gateway: &str, demands: Vec<LimitDemand>) -> Vec<LimitShare> {
+        let now = Instant::now();
+        let mut caches = self.caches.lock().unwrap();
+        let mut shares = Vec::with_capacity(demands.len());
+        for demand in demands {
+            let cache = demand.cache.clone();
+            let gateways = caches.entry(cache.clone()).or_default();
+            gateways.retain(|_, r| now.duration_since(r.at) < FORGET_AFTER);
+            let others: Vec<(u64, u64)> = gateways
+                .iter()
+                .filter(|(name, _)| *name != gateway)
+                .map(|(_, r)| (r.granted.max(r.demand.connections), r.demand.connections_refused))
+                .collect();
+            let connections = demand
+                .max_connections
+                .map(|max| connection_grant(max, (demand.connections, demand.connections_refused), &others));
+            let granted = connections.unwrap_or(0);
+            gateways.insert(gateway.to_string(), Reported { demand, granted, at: now });
+            let mut names: Vec<&String> = gateways.keys().collect();
+            names.sort();
+            let me = names.iter().position(|n| *n == gateway).expect("inserted above");
+            let all: Vec<&LimitDemand> = names.iter().map(|n| &gateways[*n].demand).collect();
+            let ecpu = all[me].ecpu_per_second.map(|limit| {
+                let wants: Vec<Option<u64>> =
+                    all.iter().map(|d| (!d.ecpu_saturated).then_some(d.ecpu_demand)).collect();
+                ecpu_shares(limit.saturating_mul(1000), &wants)[me]
+            });
+            shares.push(LimitShare {
+                cache,
+                ecpu_milli_per_second: ecpu,
+                connections,
+                gateways: all.len() as u32,
+            });
+        }
+        // Caches nobody reported for a while are forgotten.
+        caches.retain(|_, g| g.values().any(|r| now.duration_since(r.at) < FORGET_AFTER));
+        shares
+    }
+}
+
+/// Splits `limit` among gateways that want `Some(rate)` (they used that much and were
+/// refused nothing) or `None` (they were throttled: as much as they can get). Max-min fair:
+/// a gateway's share is what it wants plus a quarter, or an equal part of what is left,
+/// whichever is smaller; what nobody wants is split equally. The sum is `limit`.
+pub fn ecpu_shares(limit: u64, wants: &[Option<u64>]) -> Vec<u64> {
+    let n = wants.len() as u64;
+    if n == 0 {
+        return Vec::new();
+    }
+    // Headroom: a quiet gateway's next burst is not refused at once.
+    let wanted = |w: Option<u64>| w.map_or(u64::MAX, |w| w.saturating_add(w / 4).max(limit / (10 * n)));
+    let mut order: Vec<usize> = (0..wants.len()).collect();
+    order.sort_by_key(|&i| wanted(wants[i]));
+    let mut shares = vec![0; wants.len()];
+    let mut left = limit;
+    for (k, &i) in order.iter().enumerate() {
+        let part = left / (n - k as u64);
+        shares[i] = wanted(wants[i]).min(part);
+        left -= shares[i];
+    }
+    // What is left over goes to everyone alike (the first ones take the remainder).
+    for (k, share) in shares.iter_mut().enumerate() {
+        *share += left / n + u64::from((k as u64) < left % n);
+    }
+    shares
+}
+
+/// The connections a gateway holding `mine = (open, refused)` may hold until its next
+/// report, when the others hold `(share, refused)` each (their shares count in full: they
+/// may fill them meanwhile). What nobody holds is shared with the others that had to
+/// refuse clients, in proportion to `1 + refused` for this one and `refused` for them, and
+/// rounded up for this one (a lone asker gets one); a gateway that refused nobody keeps
+/// only what it holds while others refuse clients. The shares never add up to more than
+/// `max` unless the gateways already hold more (a limit lowered): then nobody gets a new one.
+pub fn connection_grant(max: u64, mine: (u64, u64), others: &[(u64, u64)]) -> u64 {
+    let reserved: u64 = others.iter().map(|o| o.0).sum();
+    let free = max.saturating_sub(reserved).saturating_sub(mine.0) as u128;
+    let others_refusing = others.iter().map(|o| o.1 as u128).sum::<u128>();
+    // A gateway that refused nobody keeps no spare room while others refuse clients.
+    let me = if mine.1 > 0 || others_refusing == 0 { 1 + mine.1 as u128 } else { 0 };
+    if me == 0 {
+        return mine.0;
+    }
+    mine.0 + free.saturating_mul(me).div_ceil(me + others_refusing).min(free) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_gateways_split_the_limit_and_quiet_ones_keep_what_they_use() {
+        // Three throttled gateways: a third each, the whole limit.
+        assert_eq!(ecpu_shares(5_000_000, &[None, None, None]), [1_666_666, 1_666_667, 1_666_667]);
+        // One uses 400 ECPU/s: it keeps that and a quarter more; the busy two split the rest.
+        let s = ecpu_shares(5_000_000, &[Some(400_000), None, None]);
+        assert_eq!(s[0], 500_000);
+        assert_eq!(s[1] + s[2], 4_500_000);
+        // Nobody busy: the unused part is split alike, still the whole limit.
+        let s = ecpu_shares(3_000_000, &[Some(100_000), Some(200_000)]);
+        assert_eq!(s.iter().sum::<u64>(), 3_000_000);
+        assert!(s[1] > s[0]);
+        // Alone: everything.
+        assert_eq!(ecpu_shares(7_000, &[Some(0)]), [7_000]);
+    }
+
+    #[test]
+    fn connection_shares_never_exceed_the_limit() {
+        // Alone: everything free.
+        assert_eq!(connection_grant(10, (0, 0), &[]), 10);
+        // The other holds a share of 6: 4 are left.
+        assert_eq!(connection_grant(10, (0, 1), &[(6, 0)]), 4);
+        // The other refuses clients and this one does not: it keeps what it holds.
+        assert_eq!(connection_grant(10, (1, 0), &[(6, 3)]), 1);
+        // Both refuse: the 3 free are shared by refusals, this one's part rounded up.
+        assert_eq!(connection_grant(10, (1, 1), &[(6, 3)]), 1 + 2);
+        // A lowered limit: keep what is held, no more.
+        assert_eq!(connection_grant(3, (2, 5), &[(2, 0)]), 2);
+        // Gateways reporting in turn, each filling its share before its next report: the
+        // connections held never exceed the limit, and all of it ends up used.
+        let max = 7;
+        let mut held = [0u64; 3];
+        let mut granted = [0u64; 3];
+        for round in 0..30 {
+            let g = round % 3;
+            let others: Vec<(u64, u64)> =
+                (0..3).filter(|&h| h != g).map(|h| (granted[h].max(held[h]), 1)).collect();
+            granted[g] = connection_grant(max, (held[g], 1), &others);
+            held[g] = granted[g];
+            assert!(held.iter().sum::<u64>() <= max, "{held:?}");
+        }
+        assert_eq!(held.iter().sum::<u64>(), max, "{held:?}");
+    }
+
+    #[test]
+    fn a_silent_gateway_gives_its_share_back() {
+        let c = Coordinator::default();
+        let id = CacheId::generate();
+        let demand = |saturated| LimitDemand {
+            cache: id.clone(),
+            ecpu_per_second: Some(900),
+            ecpu_demand: 0,
+            ecpu_saturated: saturated,
+            max_connections: Some(6),
+            connections: 0,
+            connections_refused: 0,
+        };
+        c.report("a", vec![demand(true)]);
+        let b = c.report("b", vec![demand(true)]);
+        assert_eq!((b[0].ecpu_milli_per_second, b[0].gateways), (Some(450_000), 2));
+        assert_eq!(b[0].connections, Some(0), "a's share of 6 holds until it reports again");
+        // "a" stops reporting.
+        c.caches.lock().unwrap().get_mut(&id).unwrap().get_mut("a").unwrap().at -= FORGET_AFTER;
+        let b = c.report("b", vec![demand(true)]);
+        assert_eq!(
+            (b[0].ecpu_milli_per_second, b[0].gateways, b[0].connections),
+            (Some(900_000), 1, Some(6))
+        );
+    }
+}
