@@ -1,7 +1,7 @@
 //! Limits and bad input at the RESP endpoint: each refused with a clear error, nothing else
 //! disturbed.
 
-use crate::support::{auth_command, raw, ShoalDev, Split};
+use crate::support::{auth_command, encode, raw, ShoalDev, Split};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,7 +121,7 @@ async fn an_ecpu_limit_holds_across_three_gateways() {
     };
     // No waiting for the bucket: a command over the limit is refused at once, so the
     // refusals show the clients asked for more than the limit.
-    let split = Split::with_gateway_config("throttle_wait = 0\n");
+    let split = Split::with_config("", "throttle_wait = 0\n");
     let _cp = split.control_plane().await;
     let mut gateways = vec![(split.gateway(), split.resp)];
     gateways.extend((1..3).map(|n| split.another_gateway(n)));
@@ -266,5 +266,59 @@ async fn a_connection_limit_holds_across_three_gateways() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     for (_, port) in &gateways {
         assert!(connect(*port).await.is_err(), "a fifth connection on port {port}");
+    }
+}
+
+/// Failed password logins count for a user wherever they are tried: the control plane
+/// checks passwords for every gateway and throttles per (user, source), so failures spread
+/// over three gateways lock the user out on all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_on_three_gateways_lock_a_user_out_on_all() {
+    // Only the control plane's throttle: 4 failures lock a (user, source) out.
+    let split = Split::with_config(
+        "verify_throttle = { per_user = { free_failures = 10, base_delay_ms = 0, max_delay_ms = 0, lockout_after = 4, lockout_ms = 60000 } }",
+        "auth_throttle = { enabled = false }\n",
+    );
+    let _cp = split.control_plane().await;
+    let mut gateways = vec![(split.gateway(), split.resp)];
+    gateways.extend((1..3).map(|n| split.another_gateway(n)));
+    let cache =
+        split.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": "guarded"}))).await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let user = serde_json::json!({"username": "app", "passwords": ["correct-horse-battery-1"], "access_string": "on ~* +@all"});
+    split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/users"), Some(user)).await;
+    let login = |port: u16, password: &str| {
+        let cmd = encode(&["AUTH", &format!("app@{id}"), password]);
+        async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            s.write_all(&cmd).await.unwrap();
+            String::from_utf8_lossy(&read_some(&mut s).await).into_owned()
+        }
+    };
+    let ports: Vec<u16> = gateways.iter().map(|g| g.1).collect();
+    for &port in &ports {
+        // Every gateway is up and takes the right password.
+        let mut ok = String::new();
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                ok = login(port, "correct-horse-battery-1").await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(ok, "+OK\r\n", "port {port}\n{}", split.log());
+    }
+    // Two wrong passwords on each of two gateways: 4 failures in all, none twice the limit
+    // on one gateway.
+    for &port in &ports[..2] {
+        for _ in 0..2 {
+            let wrong = login(port, "wrong-password").await;
+            assert!(wrong.starts_with("-WRONGPASS"), "{wrong}");
+        }
+    }
+    // Locked out on every gateway, the third included, even with the right password.
+    for &port in &ports {
+        let locked = login(port, "correct-horse-battery-1").await;
+        assert!(locked.contains("too many failed attempts"), "port {port}: {locked}");
     }
 }

@@ -17,11 +17,12 @@ pub struct Split {
 
 impl Split {
     pub fn new() -> Split {
-        Self::with_gateway_config("")
+        Self::with_config("", "")
     }
 
-    /// With `extra` lines in every gateway's `[gateway]` section.
-    pub fn with_gateway_config(extra: &str) -> Split {
+    /// With extra lines in the control plane's `[control_plane]` section and in every
+    /// gateway's `[gateway]` section.
+    pub fn with_config(control_plane: &str, gateway: &str) -> Split {
         let dir = tempfile::tempdir().unwrap();
         let (rest, resp, node) = (super::free_port(), super::free_port(), super::free_port());
         let internal = super::free_port();
@@ -29,11 +30,13 @@ impl Split {
             dir.path(),
             rest,
             node,
-            &format!("public_endpoint = \"127.0.0.1:{resp}\"\ninternal_listen = \"127.0.0.1:{internal}\""),
+            &format!(
+                "public_endpoint = \"127.0.0.1:{resp}\"\ninternal_listen = \"127.0.0.1:{internal}\"\n{control_plane}"
+            ),
         );
         std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
         let split =
-            Split { dir, rest, resp, internal, http: super::http_client(), gateway_extra: extra.into() };
+            Split { dir, rest, resp, internal, http: super::http_client(), gateway_extra: gateway.into() };
         split.write_gateway_config("gateway", resp);
         split
     }
