@@ -64,6 +64,9 @@ pub struct GatewayConfig {
     /// How long a cache's route is reused before it is asked for again.
     #[serde(with = "secs")]
     pub route_ttl: Duration,
+    /// How long a route is still used while the control plane cannot be reached (seconds).
+    #[serde(with = "secs")]
+    pub route_stale_for: Duration,
     /// Throttling of failed `AUTH` attempts per source address and per user name
     /// (`[gateway.auth_throttle]`; durations in ms, see `shoal_auth::ThrottlePolicy`).
     pub auth_throttle: shoal_auth::ThrottlePolicy,
@@ -123,6 +126,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::ZERO,
             token_grace: Duration::from_secs(60),
             route_ttl: Duration::from_secs(2),
+            route_stale_for: Duration::from_secs(600),
             auth_throttle: shoal_auth::ThrottlePolicy::default(),
             gateway_id: None,
             metering: true,

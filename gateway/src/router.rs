@@ -5,6 +5,11 @@
 //! Routes of caches in use (held by a session, or looked up within `route_ttl`) are refreshed
 //! in place every [`REFRESH_INTERVAL`] with one batched request ([`Router::run`]), so limits
 //! and the storage flag reach connected sessions within about a second.
+//!
+//! While the control plane cannot be reached, a route fetched within `route_stale_for`
+//! (10 min by default) is still used, so clients of caches this gateway served lately keep
+//! connecting; a cache it has not served in that time cannot be reached until the control
+//! plane is back.
 
 use crate::control_plane::ControlPlane;
 use crate::GatewayError;
@@ -14,6 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// How long a route lookup waits for the control plane before it uses the route it has.
+const STALE_AFTER: Duration = Duration::from_millis(500);
 
 /// How often the routes of caches in use are fetched again.
 pub const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
@@ -171,26 +179,49 @@ struct Entry {
 pub struct Router {
     client: Arc<ControlPlane>,
     ttl: Duration,
+    /// How long a route is kept for when the control plane cannot be reached.
+    stale_for: Duration,
     cache: Mutex<HashMap<CacheId, Entry>>,
 }
 
 impl Router {
-    pub fn new(client: Arc<ControlPlane>, ttl: Duration) -> Self {
-        Router { client, ttl, cache: Mutex::new(HashMap::new()) }
+    pub fn new(client: Arc<ControlPlane>, ttl: Duration, stale_for: Duration) -> Self {
+        Router { client, ttl, stale_for: stale_for.max(ttl), cache: Mutex::new(HashMap::new()) }
     }
 
     pub async fn route(&self, id: &CacheId) -> Result<TenantRoute, GatewayError> {
         Ok(self.live(id).await?.get())
     }
 
-    /// The shared, refreshed route of a cache (what a session keeps).
+    /// The shared, refreshed route of a cache (what a session keeps); a stale one while the
+    /// control plane cannot be reached.
     pub async fn live(&self, id: &CacheId) -> Result<Arc<LiveRoute>, GatewayError> {
-        if let Some(entry) = self.cache.lock().unwrap().get(id) {
-            if entry.fetched.elapsed() < self.ttl {
-                return Ok(entry.live.clone());
+        let kept = match self.cache.lock().unwrap().get(id) {
+            Some(entry) if entry.fetched.elapsed() < self.ttl => return Ok(entry.live.clone()),
+            Some(entry) => entry.fetched.elapsed() < self.stale_for,
+            None => false,
+        };
+        // With a route to fall back on, a control plane slow to answer is not waited for long.
+        let fetched = match kept {
+            true => tokio::time::timeout(STALE_AFTER, self.fetch(id))
+                .await
+                .unwrap_or_else(|_| Err(GatewayError::ControlPlane("no answer in time".into()))),
+            false => self.fetch(id).await,
+        };
+        match fetched {
+            Err(e) if !matches!(e, GatewayError::UnknownCache) => {
+                let cache = self.cache.lock().unwrap();
+                match cache.get(id).filter(|entry| entry.fetched.elapsed() < self.stale_for) {
+                    Some(entry) => {
+                        tracing::warn!(cache = %id, age = ?entry.fetched.elapsed(), error = %e,
+                            "control plane unreachable: using the last route");
+                        Ok(entry.live.clone())
+                    }
+                    None => Err(e),
+                }
             }
+            fetched => fetched,
         }
-        self.fetch(id).await
     }
 
     /// The latest route of a cache this gateway keeps (refreshed by [`Router::run`]).
@@ -230,14 +261,16 @@ impl Router {
     pub async fn refresh(&self) -> Result<(), GatewayError> {
         let (ids, to_sample): (Vec<CacheId>, Vec<CacheId>) = {
             let mut cache = self.cache.lock().unwrap();
-            // A session holds a clone of `live`: more than one strong count means in use.
-            cache.retain(|_, e| Arc::strong_count(&e.live) > 1 || e.fetched.elapsed() < self.ttl);
+            // A session holds a clone of `live`: more than one strong count means in use. Others
+            // are kept (not refreshed) for an outage of the control plane.
+            let in_use = |e: &Entry| Arc::strong_count(&e.live) > 1 || e.fetched.elapsed() < self.ttl;
+            cache.retain(|_, e| in_use(e) || e.fetched.elapsed() < self.stale_for);
             let to_sample = cache
                 .iter()
                 .filter(|(_, e)| e.live.sample_wanted.swap(false, Ordering::Relaxed))
                 .map(|(id, _)| id.clone())
                 .collect();
-            (cache.keys().cloned().collect(), to_sample)
+            (cache.iter().filter(|(_, e)| in_use(e)).map(|(id, _)| id.clone()).collect(), to_sample)
         };
         if ids.is_empty() {
             return Ok(());

@@ -55,7 +55,7 @@ impl Shared {
     pub fn new(config: GatewayConfig, client: Arc<ControlPlane>, advertise: &str) -> Shared {
         Shared {
             jwt: JwtVerifier::new(client.clone()),
-            router: Router::new(client.clone(), config.route_ttl),
+            router: Router::new(client.clone(), config.route_ttl, config.route_stale_for),
             control_plane: client,
             tracker: Default::default(),
             clients: Default::default(),

@@ -17,6 +17,7 @@ mod isolation;
 mod ldap;
 mod limits;
 mod metering;
+mod outage;
 mod pools;
 mod portal;
 mod production;

@@ -254,6 +254,20 @@ impl Buckets {
     }
 }
 
+/// The first session of a cache on this gateway waits this long at most for its share (an
+/// unreachable control plane must not hold logins up).
+const ASK_AT_LOGIN: Duration = Duration::from_millis(500);
+
+/// [`ask`] for a cache's first session here, on behalf of its client (who counts as one
+/// wanting a connection), waiting at most [`ASK_AT_LOGIN`].
+pub async fn ask_at_login(shared: &Shared, cache: &CacheId, bucket: &Arc<Bucket>) {
+    bucket.connection_refused();
+    let asked = [(cache.clone(), bucket.clone())];
+    if tokio::time::timeout(ASK_AT_LOGIN, ask(shared, &asked, REPORT_EVERY)).await.is_err() {
+        bucket.set_share(None);
+    }
+}
+
 /// Asks the control plane for this gateway's shares of `caches`' limits and applies them
 /// (or, if it cannot be reached, keeps or divides the last ones).
 pub async fn ask(shared: &Shared, caches: &[(CacheId, Arc<Bucket>)], elapsed: Duration) {

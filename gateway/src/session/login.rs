@@ -3,7 +3,6 @@
 
 use super::credentials::{Credentials, Login};
 use super::{Session, Tenant};
-use crate::metering::limit::REPORT_EVERY;
 use crate::pubsub::Namespace;
 use crate::{upstream, GatewayError};
 use shoal_types::TenantRoute;
@@ -73,9 +72,7 @@ impl Session {
         // asks for this gateway's share before it takes a connection.
         let (bucket, new) = self.shared.buckets.get(&cache, &route.limits);
         if new {
-            // Asked on behalf of this client: it counts as one wanting a connection.
-            bucket.connection_refused();
-            crate::metering::limit::ask(&self.shared, &[(cache.clone(), bucket.clone())], REPORT_EVERY).await;
+            crate::metering::limit::ask_at_login(&self.shared, &cache, &bucket).await;
         }
         let max = bucket.connection_share().map_or(usize::MAX, |n| n as usize);
         let (registration, inbox) = match self.shared.clients.register(
