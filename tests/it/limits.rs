@@ -1,7 +1,7 @@
 //! Limits and bad input at the RESP endpoint: each refused with a clear error, nothing else
 //! disturbed.
 
-use crate::support::{auth_command, encode, raw, ShoalDev, Split};
+use crate::support::{auth_command, encode, raw, Proc, ShoalDev, Split};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +107,21 @@ async fn malformed_resp_gets_valkeys_protocol_error_and_the_connection_closes() 
     assert_eq!(out, b"+OK\r\n+OK\r\n$4\r\naA b\r\n");
 }
 
+/// The first gateway and two more, each with its port (three `shoal gateway` processes).
+fn three_gateways(split: &Split) -> Vec<(Proc, u16)> {
+    let mut gateways = vec![(split.gateway(), split.resp)];
+    gateways.extend((1..3).map(|n| split.another_gateway(n)));
+    gateways
+}
+
+/// A cache made with `body`, and a token for it.
+async fn cache_and_token(split: &Split, body: serde_json::Value) -> (String, String) {
+    let cache = split.api(reqwest::Method::POST, "/v1/caches", Some(body)).await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let minted = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await;
+    (id, minted["token"].as_str().unwrap().to_string())
+}
+
 /// A cache's limits hold for the cache as a whole across gateways: three `shoal gateway`s
 /// in front of one control plane, driven flat out, get the cache's ECPU/s between them
 /// (`SHOAL_SHARED_LIMIT=<ECPU/s>,<seconds>` for the README's figure, from `bench/`).
@@ -123,20 +138,10 @@ async fn an_ecpu_limit_holds_across_three_gateways() {
     // refusals show the clients asked for more than the limit.
     let split = Split::with_config("", "throttle_wait = 0\n");
     let _cp = split.control_plane().await;
-    let mut gateways = vec![(split.gateway(), split.resp)];
-    gateways.extend((1..3).map(|n| split.another_gateway(n)));
-    let cache = split
-        .api(
-            reqwest::Method::POST,
-            "/v1/caches",
-            Some(serde_json::json!({"name": "shared", "limits": {"ecpu_per_second": limit}})),
-        )
-        .await;
-    let id = cache["id"].as_str().unwrap().to_string();
-    let token = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let gateways = three_gateways(&split);
+    let (_, token) =
+        cache_and_token(&split, serde_json::json!({"name": "shared", "limits": {"ecpu_per_second": limit}}))
+            .await;
 
     // Two clients per gateway, each sending GETs (1 ECPU each) as fast as answers come.
     let (ok, throttled) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -194,20 +199,9 @@ async fn an_ecpu_limit_holds_across_three_gateways() {
 async fn a_connection_limit_holds_across_three_gateways() {
     let split = Split::new();
     let _cp = split.control_plane().await;
-    let mut gateways = vec![(split.gateway(), split.resp)];
-    gateways.extend((1..3).map(|n| split.another_gateway(n)));
-    let cache = split
-        .api(
-            reqwest::Method::POST,
-            "/v1/caches",
-            Some(serde_json::json!({"name": "few", "limits": {"max_connections": 4}})),
-        )
-        .await;
-    let id = cache["id"].as_str().unwrap().to_string();
-    let token = split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let gateways = three_gateways(&split);
+    let (_, token) =
+        cache_and_token(&split, serde_json::json!({"name": "few", "limits": {"max_connections": 4}})).await;
     for (_, port) in &gateways {
         // Every gateway is up (and has served the cache once).
         drop(split.client_at(*port, &token).await);
@@ -280,11 +274,8 @@ async fn failed_logins_on_three_gateways_lock_a_user_out_on_all() {
         "auth_throttle = { enabled = false }\n",
     );
     let _cp = split.control_plane().await;
-    let mut gateways = vec![(split.gateway(), split.resp)];
-    gateways.extend((1..3).map(|n| split.another_gateway(n)));
-    let cache =
-        split.api(reqwest::Method::POST, "/v1/caches", Some(serde_json::json!({"name": "guarded"}))).await;
-    let id = cache["id"].as_str().unwrap().to_string();
+    let gateways = three_gateways(&split);
+    let (id, _) = cache_and_token(&split, serde_json::json!({"name": "guarded"})).await;
     let user = serde_json::json!({"username": "app", "passwords": ["correct-horse-battery-1"], "access_string": "on ~* +@all"});
     split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/users"), Some(user)).await;
     let login = |port: u16, password: &str| {

@@ -109,8 +109,10 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
         s.write_all(&auth_command(&attacker_token)).await.unwrap();
         s
     };
-    // What a login and a command take here without a storm: the bound is p99 < 50 ms, or
-    // 3× that when a debug build on a loaded machine is slower than that already.
+    // What a login and a command take here without a storm: the bound is p99 < 100 ms, or
+    // 3× that when a debug build on a loaded machine is slower than that already (the stall
+    // this guards against took seconds; once, under the full suite, a login p99 of 71 ms
+    // missed a 50 ms floor by 0.2 ms).
     let (base_logins, base_commands, _) = victim_under_storm(
         &dev,
         &victim_token,
@@ -120,7 +122,7 @@ async fn a_pattern_storm_does_not_stall_another_caches_logins_or_commands() {
         Duration::from_secs(1),
     )
     .await;
-    let bound = |base: Vec<Duration>| (p99(base) * 3).max(Duration::from_millis(50));
+    let bound = |base: Vec<Duration>| (p99(base) * 3).max(Duration::from_millis(100));
     let (login_bound, command_bound) = (bound(base_logins), bound(base_commands));
 
     // The reported storm: a multi-megabyte glob against long channels (it used to be matched
