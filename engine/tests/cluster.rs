@@ -596,6 +596,63 @@ async fn keyed_eval(acl: &TenantAcl, addr: &str, key: &str) -> redis::RedisResul
     redis::cmd("EVAL").arg("return redis.call('GET', KEYS[1])").arg(1).arg(key).query_async(&mut c).await
 }
 
+/// Shard 0's primary, poisoned by Valkey's multi-slot-script bug ([`poison_first_shard`]).
+struct Poisoned {
+    name: String,
+    node: std::sync::Arc<shoal_engine::node::Node>,
+    /// Its process before the poisoning.
+    old_pid: u32,
+    /// One of the `n` keys `key:<i>` (value `i`) on its slots.
+    probe_key: String,
+    probe_value: usize,
+    at: Instant,
+}
+
+/// Poisons shard 0's primary: MGET of two of its own keys, of two slots, in a script (as
+/// admin), and checks the bug reproduces (a keyed script of a local key is refused).
+async fn poison_first_shard(pool: &Pool, acl: &TenantAcl, n: usize) -> Poisoned {
+    let status = pool.cluster_status().await.unwrap();
+    let shard = status.shards[0].clone();
+    let name = shard.primary.as_ref().unwrap().name.clone().unwrap();
+    let node = pool.cluster().unwrap().node(&name).unwrap();
+    let old_pid = node.pid().unwrap();
+    let (a, b) = keys_in_two_slots(&shard.slots);
+    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+    let script = format!("return redis.call('MGET','{a}','{b}')");
+    let answer: redis::RedisResult<redis::Value> =
+        redis::cmd("EVAL").arg(&script).arg(0).query_async(&mut admin).await;
+    let at = Instant::now();
+    println!("multi-slot script on {name}: {answer:?}");
+    let (probe_key, probe_value) = (0..n)
+        .map(|i| (format!("key:{i}"), i))
+        .find(|(k, _)| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k))))
+        .unwrap();
+    let refused = keyed_eval(acl, &node.addr(), &probe_key).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("non local key")),
+        "the bug reproduces: a keyed script of a local key refused on the poisoned node: {refused:?}"
+    );
+    Poisoned { name, node, old_pid, probe_key, probe_value, at }
+}
+
+/// Keys `late:<i>` written while a node is poisoned (plain commands still work).
+const LATE: usize = 50;
+
+async fn write_late(client: &mut TenantClient) {
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
+    }
+}
+
+async fn late_writes_kept(client: &mut TenantClient) {
+    for i in 0..LATE {
+        let key = format!("late:{i}");
+        let got: Option<usize> = client.query(&key, redis::cmd("GET").arg(&key)).await.unwrap();
+        assert_eq!(got, Some(i), "{key}, written while the node was poisoned");
+    }
+}
+
 /// Valkey 9.1.2's bug: a script running one command on keys of two slots leaves the node
 /// refusing every keyed script until it restarts. The engine's probe notices it, fails the
 /// shard over to its replica and restarts the poisoned node, which comes back as a replica.
@@ -633,34 +690,10 @@ async fn a_node_poisoned_by_a_multi_slot_script_is_failed_over_and_restarted_wit
     client.refresh(&pool).await;
     assert_eq!(client.primaries(), primaries, "no failover on a healthy cluster");
 
-    // Poison shard 0's primary: MGET of two of its own keys, of two slots, in a script.
-    let status = pool.cluster_status().await.unwrap();
-    let shard = status.shards[0].clone();
-    let poisoned = shard.primary.as_ref().unwrap().name.clone().unwrap();
-    let node = cluster.node(&poisoned).unwrap();
-    let old_pid = node.pid().unwrap();
-    let (a, b) = keys_in_two_slots(&shard.slots);
-    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
-    let script = format!("return redis.call('MGET','{a}','{b}')");
-    let answer: redis::RedisResult<redis::Value> =
-        redis::cmd("EVAL").arg(&script).arg(0).query_async(&mut admin).await;
-    let poisoned_at = Instant::now();
-    println!("multi-slot script on {poisoned}: {answer:?}");
-    let (probe_key, probe_value) = (0..N)
-        .map(|i| (format!("key:{i}"), i))
-        .find(|(k, _)| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k))))
-        .unwrap();
-    let refused = keyed_eval(&acl, &node.addr(), &probe_key).await;
-    assert!(
-        refused.as_ref().is_err_and(|e| e.to_string().contains("non local key")),
-        "the bug reproduces: a keyed script of a local key refused on the poisoned node: {refused:?}"
-    );
+    let Poisoned { name: poisoned, node, old_pid, probe_key, probe_value, at: poisoned_at } =
+        poison_first_shard(&pool, &acl, N).await;
     // Writes acknowledged while it is poisoned (plain commands still work) are kept too.
-    const LATE: usize = 50;
-    for i in 0..LATE {
-        let key = format!("late:{i}");
-        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
-    }
+    write_late(&mut client).await;
 
     let slot = key_slot(&probe_key);
     wait_for("a keyed script works again on the slot's primary", Duration::from_secs(30), || async {
@@ -689,11 +722,7 @@ async fn a_node_poisoned_by_a_multi_slot_script_is_failed_over_and_restarted_wit
     println!("FIGURE poisoned node restarted and back as a replica {took:?} later");
     client.refresh(&pool).await;
     assert!(all_keys_there(&mut client, N).await, "every key written before is there");
-    for i in 0..LATE {
-        let key = format!("late:{i}");
-        let got: Option<usize> = client.query(&key, redis::cmd("GET").arg(&key)).await.unwrap();
-        assert_eq!(got, Some(i), "{key}, written while the node was poisoned");
-    }
+    late_writes_kept(&mut client).await;
     // Nothing else restarted.
     let others: Vec<u32> =
         cluster.nodes().iter().filter(|n| n.name() != poisoned).map(|n| n.restarts()).collect();
@@ -709,36 +738,17 @@ async fn a_poisoned_primary_without_a_replica_is_restarted_in_place_with_no_writ
     let pool = Pool::start_cluster(ClusterConfig { replicas: 0, ..config(dir.path(), free_base_port()) })
         .await
         .expect("cluster pool starts");
-    let cluster = pool.cluster().unwrap();
     let acl = tenant("tc000000000012", 12);
     pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
     let mut client = TenantClient::new(&pool, &acl).await;
     const N: usize = 300;
     write_keys(&mut client, N).await;
 
-    let status = pool.cluster_status().await.unwrap();
-    let shard = status.shards[0].clone();
-    let poisoned = shard.primary.as_ref().unwrap().name.clone().unwrap();
-    let node = cluster.node(&poisoned).unwrap();
-    let (a, b) = keys_in_two_slots(&shard.slots);
-    let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
-    let script = format!("return redis.call('MGET','{a}','{b}')");
-    let _: redis::RedisResult<redis::Value> =
-        redis::cmd("EVAL").arg(&script).arg(0).query_async(&mut admin).await;
-    let poisoned_at = Instant::now();
-    let (probe_key, probe_value) = (0..N)
-        .map(|i| (format!("key:{i}"), i))
-        .find(|(k, _)| shard.slots.iter().any(|&(a, b)| (a..=b).contains(&key_slot(k))))
-        .unwrap();
-    let refused = keyed_eval(&acl, &node.addr(), &probe_key).await;
-    assert!(refused.as_ref().is_err_and(|e| e.to_string().contains("non local key")), "{refused:?}");
+    let Poisoned { name: poisoned, node, probe_key, probe_value, at: poisoned_at, .. } =
+        poison_first_shard(&pool, &acl, N).await;
     // Acknowledged while poisoned, just before the restart: kept (the clean shutdown writes
     // the AOF).
-    const LATE: usize = 50;
-    for i in 0..LATE {
-        let key = format!("late:{i}");
-        let _: () = client.query(&key, redis::cmd("SET").arg(&key).arg(i)).await.unwrap();
-    }
+    write_late(&mut client).await;
     wait_for("a keyed script works again on the restarted primary", Duration::from_secs(30), || async {
         node.restarts() == 1
             && matches!(keyed_eval(&acl, &node.addr(), &probe_key).await, Ok(Some(v)) if v == probe_value.to_string())
@@ -751,10 +761,6 @@ async fn a_poisoned_primary_without_a_replica_is_restarted_in_place_with_no_writ
     assert_eq!(role_of(&s, &poisoned).map(|r| r.0), Some(Role::Primary), "still the primary");
     client.refresh(&pool).await;
     assert!(all_keys_there(&mut client, N).await, "every key written before is there");
-    for i in 0..LATE {
-        let key = format!("late:{i}");
-        let got: Option<usize> = client.query(&key, redis::cmd("GET").arg(&key)).await.unwrap();
-        assert_eq!(got, Some(i), "{key}, written while the node was poisoned");
-    }
+    late_writes_kept(&mut client).await;
     pool.stop().await;
 }
