@@ -23,7 +23,15 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 pub struct Coordinator {
-    caches: Mutex<HashMap<CacheId, HashMap<String, Reported>>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each cache's gateways, by name.
+    caches: HashMap<CacheId, HashMap<String, Reported>>,
+    /// When caches nobody reports any more were last forgotten.
+    swept: Option<Instant>,
 }
 
 struct Reported {
@@ -37,7 +45,8 @@ impl Coordinator {
     /// Records `gateway`'s demands and answers its shares.
     pub fn report(&self, gateway: &str, demands: Vec<LimitDemand>) -> Vec<LimitShare> {
         let now = Instant::now();
-        let mut caches = self.caches.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        let caches = &mut state.caches;
         let mut shares = Vec::with_capacity(demands.len());
         for demand in demands {
             let cache = demand.cache.clone();
@@ -69,8 +78,12 @@ impl Coordinator {
                 gateways: all.len() as u32,
             });
         }
-        // Caches nobody reported for a while are forgotten.
-        caches.retain(|_, g| g.values().any(|r| now.duration_since(r.at) < FORGET_AFTER));
+        // Caches nobody reported for a while are forgotten: a sweep of them all, so at most
+        // once per FORGET_AFTER, not on every report.
+        if state.swept.is_none_or(|at| now.duration_since(at) >= FORGET_AFTER) {
+            state.caches.retain(|_, g| g.values().any(|r| now.duration_since(r.at) < FORGET_AFTER));
+            state.swept = Some(now);
+        }
         shares
     }
 }
@@ -187,7 +200,7 @@ mod tests {
         assert_eq!((b[0].ecpu_milli_per_second, b[0].gateways), (Some(450_000), 2));
         assert_eq!(b[0].connections, Some(0), "a's share of 6 holds until it reports again");
         // "a" stops reporting.
-        c.caches.lock().unwrap().get_mut(&id).unwrap().get_mut("a").unwrap().at -= FORGET_AFTER;
+        c.state.lock().unwrap().caches.get_mut(&id).unwrap().get_mut("a").unwrap().at -= FORGET_AFTER;
         let b = c.report("b", vec![demand(true)]);
         assert_eq!(
             (b[0].ecpu_milli_per_second, b[0].gateways, b[0].connections),
