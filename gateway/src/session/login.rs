@@ -75,18 +75,17 @@ impl Session {
             crate::metering::limit::ask_at_login(&self.shared, &cache, &bucket).await;
         }
         let max = bucket.connection_share().map_or(usize::MAX, |n| n as usize);
-        let (registration, inbox) = match self.shared.clients.register(
+        let Some((registration, inbox)) = self.shared.clients.register(
             &cache,
             max_connections(&self.shared.config, &route).min(max),
             self.peer.to_string(),
             self.local.to_string(),
-        ) {
-            Some(registered) => registered,
-            None if new => return Err(GatewayError::TooManyConnections),
-            None => {
+        ) else {
+            if !new {
+                // (A new bucket's first ask counted this client already.)
                 bucket.connection_refused();
-                return Err(GatewayError::TooManyConnections);
             }
+            return Err(GatewayError::TooManyConnections);
         };
         let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
         let route = with_login(route, &upstream);
