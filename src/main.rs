@@ -1,8 +1,10 @@
-//! `shoal`: one binary, five subcommands.
+//! `shoal`: one binary, six subcommands.
 //!
 //! - `shoal dev`: everything on one machine — Valkey pools, control plane, gateway.
 //! - `shoal control-plane --config FILE`: the REST API and the pools it manages ([`pools`]).
 //! - `shoal gateway --config FILE`: the RESP endpoint.
+//! - `shoal engine --config FILE`: the node agent of one host: runs its Valkey nodes
+//!   ([`engine_agent`]).
 //! - `shoal openapi`: prints the OpenAPI document.
 //! - `shoal admin rotate-token`: a new bootstrap admin token; the old one is revoked.
 //! - `shoal admin gateway create|list|delete`: gateways' credentials for the internal API.
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 
+mod engine_agent;
 mod pools;
 use pools::{script_time_limit, EngineFile, PoolPlan};
 
@@ -45,6 +48,11 @@ enum Command {
     },
     /// Run a gateway (the RESP endpoint) from a config file.
     Gateway {
+        #[arg(long, env = "SHOAL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the node agent of this host (its Valkey nodes) from a config file.
+    Engine {
         #[arg(long, env = "SHOAL_CONFIG")]
         config: PathBuf,
     },
@@ -338,6 +346,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => dev(*args).await,
         Command::ControlPlane { config } => control_plane(config).await,
         Command::Gateway { config } => gateway(config).await,
+        Command::Engine { config } => engine_agent::run(config).await,
         Command::Openapi => {
             println!("{}", shoal_control_plane::apidoc::document());
             Ok(())
@@ -489,6 +498,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             databases: args.databases,
             maxmemory_mb: args.node_maxmemory_mb,
             script_time_limit,
+            node_secret: None,
+            supervisor: Default::default(),
         }),
     )];
     let mut default_pool = shoal_control_plane::pools::MAIN_POOL;
@@ -658,8 +669,10 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     // Before any Valkey node starts.
     file.control_plane.check_internal().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let (plans, default_pool) =
-        file.engine.plan().with_context(|| format!("{}: [engine]", path.display()))?;
+    let (plans, default_pool) = file
+        .engine
+        .plan(pools::Role::ControlPlane)
+        .with_context(|| format!("{}: [engine]", path.display()))?;
     let pools = pools::start(plans, &default_pool).await?;
     let cp = match shoal_control_plane::start(file.control_plane, pools.clone()).await {
         Ok(cp) => cp,
@@ -691,7 +704,7 @@ async fn gateway(path: PathBuf) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM; on SIGHUP reloads the TLS certificate.
-async fn wait_for_signal(tls: Option<Arc<shoal_gateway::tls::TlsState>>) {
+pub(crate) async fn wait_for_signal(tls: Option<Arc<shoal_gateway::tls::TlsState>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");

@@ -1,11 +1,13 @@
-//! The `[engine]` section of a control-plane config file, and starting the pools it
-//! describes: its `nodes` are the standalone pool `main` (as before pools existed), each
-//! `[engine.clusters.<name>]` table a Valkey cluster pool of that name.
+//! The `[engine]` section of a control-plane or engine-agent config file, and starting the
+//! pools it describes: its `nodes` are the standalone pool `main` (as before pools existed),
+//! each `[engine.clusters.<name>]` table a Valkey cluster pool of that name. With
+//! `supervisor = "agents"` a control plane runs no Valkey process: engine agents
+//! (`shoal engine`, the same `[engine]` section) run the nodes on their hosts.
 
 use anyhow::Context;
 use serde::Deserialize;
 use shoal_control_plane::pools::{Pools, MAIN_POOL};
-use shoal_engine::{ClusterConfig, NodeSpec, Pool, PoolConfig};
+use shoal_engine::{ClusterConfig, NodeSpec, Pool, PoolConfig, Supervisor};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +32,51 @@ pub struct EngineFile {
     /// The pool of caches created without `"pool"` (default: `main`, or the only cluster
     /// when there are no standalone nodes).
     default_pool: Option<String>,
+    /// Who runs the standalone nodes: the control plane itself (default), or engine agents.
+    #[serde(default)]
+    supervisor: SupervisorFile,
+    /// The node secret shared by control planes and engine agents (at least 32 characters;
+    /// the nodes' passwords derive from it). Required with engine agents.
+    node_secret_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+enum SupervisorFile {
+    #[default]
+    ControlPlane,
+    Agents,
+}
+
+/// Which role reads the `[engine]` section.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// `shoal control-plane`: starts the nodes itself, or connects to engine agents' nodes.
+    ControlPlane,
+    /// `shoal engine`: runs this host's nodes.
+    Agent,
+}
+
+/// The node secret in `path`: refused when short or a placeholder left from an example.
+pub fn read_node_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading node_secret_file {}", path.display()))?;
+    let secret = text.trim();
+    let lower = secret.to_ascii_lowercase();
+    anyhow::ensure!(
+        !["change", "replace", "placeholder", "example", "secret", "<", "xxx"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "node_secret_file {} holds a placeholder: write a random secret there (e.g. `openssl rand -hex 32`)",
+        path.display()
+    );
+    anyhow::ensure!(
+        secret.len() >= 32,
+        "node_secret_file {} holds {} characters: at least 32 random ones are needed (e.g. `openssl rand -hex 32`)",
+        path.display(),
+        secret.len()
+    );
+    Ok(secret.to_string())
 }
 
 #[derive(Deserialize)]
@@ -100,10 +147,35 @@ pub enum PoolPlan {
 }
 
 impl EngineFile {
-    /// The pools to start (by name) and the default pool's name.
-    pub fn plan(self) -> anyhow::Result<(Vec<(String, PoolPlan)>, String)> {
+    /// The pools `role` starts (by name) and the default pool's name.
+    pub fn plan(self, role: Role) -> anyhow::Result<(Vec<(String, PoolPlan)>, String)> {
+        let supervisor = match (role, self.supervisor) {
+            (Role::Agent, _) | (Role::ControlPlane, SupervisorFile::ControlPlane) => Supervisor::ThisProcess,
+            (Role::ControlPlane, SupervisorFile::Agents) => Supervisor::Agents,
+        };
+        let node_secret = match &self.node_secret_file {
+            Some(path) => Some(read_node_secret(path)?),
+            None if role == Role::Agent || supervisor == Supervisor::Agents => {
+                anyhow::bail!("[engine] node_secret_file is required where engine agents run the nodes")
+            }
+            None => None,
+        };
+        if role == Role::Agent || supervisor == Supervisor::Agents {
+            anyhow::ensure!(
+                self.clusters.is_empty(),
+                "cluster pools are run by the control plane itself for now: engine agents run standalone nodes"
+            );
+        }
+        if supervisor == Supervisor::Agents {
+            anyhow::ensure!(
+                self.maxmemory_mb.is_some() || self.nodes.iter().all(|n| n.maxmemory_mb.is_some()),
+                "[engine] maxmemory_mb is required with engine agents (the same as on the agents' hosts)"
+            );
+        }
+        // A control plane whose nodes the agents run needs no Valkey binary.
         let valkey_server = match self.valkey_server {
             Some(p) => p,
+            None if supervisor == Supervisor::Agents => PathBuf::new(),
             None => shoal_engine::find_valkey_server()?,
         };
         let script_time_limit = match self.script_time_limit {
@@ -126,6 +198,8 @@ impl EngineFile {
                     databases: self.databases,
                     maxmemory_mb: self.maxmemory_mb,
                     script_time_limit,
+                    node_secret: node_secret.clone(),
+                    supervisor,
                 }),
             ));
         }
@@ -196,7 +270,7 @@ mod tests {
 
     fn plan(toml_text: &str) -> anyhow::Result<(Vec<(String, PoolPlan)>, String)> {
         let file: EngineFile = toml::from_str(toml_text)?;
-        file.plan()
+        file.plan(Role::ControlPlane)
     }
 
     const HEAD: &str = "valkey_server = \"/bin/true\"\ndir = \"/srv/v\"\n";
@@ -225,6 +299,33 @@ mod tests {
         // Without nodes, the only cluster is the default.
         let (_, default) = plan(&format!("{HEAD}[clusters.c]\nbase_port = 7000\n")).unwrap();
         assert_eq!(default, "c");
+    }
+
+    #[test]
+    fn engine_agents_need_a_real_node_secret_a_memory_size_and_standalone_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = |text: &str| {
+            let path = dir.path().join("node.secret");
+            std::fs::write(&path, text).unwrap();
+            format!("node_secret_file = \"{}\"\n", path.display())
+        };
+        let agents = "supervisor = \"agents\"\nmaxmemory_mb = 500\n";
+        let good = secret(&"a1".repeat(32));
+        let (plans, _) = plan(&format!("{agents}{good}dir = \"/srv/v\"\n{NODE}")).unwrap();
+        let PoolPlan::Standalone(c) = &plans[0].1 else { panic!("standalone") };
+        assert_eq!(c.supervisor, Supervisor::Agents);
+        assert_eq!(c.node_secret.as_deref(), Some("a1".repeat(32).as_str()));
+        let err = |text: String| plan(&text).unwrap_err().to_string();
+        assert!(err(format!("{agents}{HEAD}{NODE}")).contains("node_secret_file is required"));
+        let placeholder = secret("CHANGE_ME_CHANGE_ME_CHANGE_ME_CHANGE_ME");
+        assert!(err(format!("{agents}{placeholder}{HEAD}{NODE}")).contains("placeholder"));
+        let short = secret("0123456789abcdef");
+        assert!(err(format!("{agents}{short}{HEAD}{NODE}")).contains("at least 32"));
+        let good = secret(&"a1".repeat(32));
+        let no_memory = format!("supervisor = \"agents\"\n{good}{HEAD}{NODE}");
+        assert!(err(no_memory).contains("maxmemory_mb is required"));
+        let cluster = format!("{agents}{good}{HEAD}{NODE}[clusters.c]\nbase_port = 7000\n");
+        assert!(err(cluster).contains("standalone"));
     }
 
     #[test]

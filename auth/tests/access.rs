@@ -23,6 +23,8 @@ async fn start() -> Node {
         databases: 16,
         maxmemory_mb: None,
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        node_secret: None,
+        supervisor: Default::default(),
     })
     .await
     .unwrap();

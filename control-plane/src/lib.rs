@@ -33,6 +33,7 @@ pub mod budget;
 pub mod config;
 pub mod context;
 pub mod domain;
+pub mod engine_hosts;
 pub mod error;
 pub mod gateways;
 pub mod limits;

@@ -114,6 +114,7 @@ pub async fn state(
         verify_throttle,
         verify_budget,
         limits: Default::default(),
+        engine_hosts: Default::default(),
     });
     Ok(state)
 }

@@ -26,5 +26,7 @@ pub struct AppState {
     pub verify_budget: std::sync::Mutex<crate::budget::FailureBudget>,
     /// Every gateway's share of each cache's limits.
     pub limits: crate::limits::Coordinator,
+    /// Which engine agent runs which node, as the agents report.
+    pub engine_hosts: crate::engine_hosts::EngineHosts,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

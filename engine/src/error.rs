@@ -19,6 +19,9 @@ pub enum EngineError {
     /// A cluster shard had no reachable primary within the failover wait; nothing was done.
     #[error("cluster shard {0} has no reachable primary (a failover not finished?)")]
     NoPrimary(String),
+    /// A node's files or settings do not fit what it is asked to be.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl EngineError {
@@ -33,6 +36,7 @@ impl EngineError {
             EngineError::Full => "full",
             EngineError::NoHealthyNode => "no_healthy_node",
             EngineError::NoPrimary(_) => "no_primary",
+            EngineError::Config(_) => "config",
         }
     }
 }

@@ -25,8 +25,10 @@ pub mod tenant;
 
 pub use cluster::{ClusterConfig, ClusterStatus, NodeStatus, Role, ShardStatus};
 pub use error::EngineError;
-pub use node::{find_valkey_server, Health, NodeBudget, NodeSpec};
+pub use node::{find_valkey_server, Health, NodeBudget, NodeSecrets, NodeSpec};
 pub use placement::{Allocation, NoPlacement, NodeLoad};
-pub use pool::{Pool, PoolConfig, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT, RESERVED_MEMORY_PERCENT};
+pub use pool::{
+    Pool, PoolConfig, Supervisor, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT, RESERVED_MEMORY_PERCENT,
+};
 pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

@@ -1,9 +1,12 @@
-//! One Valkey node: a supervised `valkey-server` child process.
+//! One Valkey node: a supervised `valkey-server` child process, or a node that an engine
+//! agent (`shoal engine`) runs on its host, which this process only connects to
+//! ([`Node::attach`]).
 //!
-//! Persisted on disk under the node's directory: `valkey.conf` (rewritten on every start),
-//! `users.acl` (the admin user and every tenant's ACL user, saved by `ACL SAVE`),
-//! `admin.secret`, the AOF and the pidfile; a cluster node also `nodes.conf` (its cluster
-//! identity and view, written by Valkey). In memory: the child handle and its state.
+//! Persisted on disk under the node's directory: `valkey.conf` (rewritten on every start,
+//! keeping the `notify-keyspace-events` the platform last set), `users.acl` (the admin user
+//! and every tenant's ACL user, saved by `ACL SAVE`), `admin.secret`, the AOF and the pidfile;
+//! a cluster node also `nodes.conf` (its cluster identity and view, written by Valkey). In
+//! memory: the child handle and its state.
 
 use crate::EngineError;
 use rand::RngCore;
@@ -137,7 +140,27 @@ pub enum Health {
     Down,
 }
 
-/// A node the pool started and supervises.
+/// The admin and observer passwords of a node.
+#[derive(Clone)]
+pub struct NodeSecrets {
+    pub admin: String,
+    pub observer: String,
+}
+
+impl NodeSecrets {
+    /// The passwords of node `name` derived from the platform's node secret, which the
+    /// control planes and the engine agents share: neither has to send them to the other.
+    pub fn derive(node_secret: &str, name: &str) -> NodeSecrets {
+        let derive = |user: &str| {
+            hex::encode(Sha256::digest(
+                format!("shoal node password\0{node_secret}\0{user}\0{name}").as_bytes(),
+            ))
+        };
+        NodeSecrets { admin: derive(ADMIN_USER), observer: derive(OBSERVER_USER) }
+    }
+}
+
+/// A node the pool started and supervises, or one an engine agent runs.
 pub struct Node {
     pub spec: NodeSpec,
     pub dir: PathBuf,
@@ -160,12 +183,17 @@ pub struct Node {
     stopping: AtomicBool,
     /// `notify-keyspace-events` for the node: the union of its caches' flags. Kept in
     /// memory, written into the config on every (re)start.
-    keyspace_events: std::sync::Mutex<String>,
+    /// None until the platform sets them: a (re)start then keeps those of the previous
+    /// `valkey.conf` (which `CONFIG REWRITE` updated), e.g. in an engine agent.
+    keyspace_events: std::sync::Mutex<Option<String>>,
     stop: Notify,
     stopped: Notify,
     restarts: AtomicU32,
     /// Set for a node of a cluster pool.
     cluster: Option<ClusterMode>,
+    /// Run by an engine agent on its host: this process only connects to it (health checks,
+    /// provisioning), never starts, kills or stops it.
+    attached: bool,
     /// One admin connection kept open for provisioning (creates and deletes are pipelines
     /// that end on database 0, so sharing it is safe); dropped on any error.
     provisioning: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
@@ -180,6 +208,7 @@ impl Node {
         databases: u32,
         maxmemory: u64,
         script_time_limit: Duration,
+        secrets: Option<&NodeSecrets>,
     ) -> Result<Node, EngineError> {
         let dir = root.join(&spec.name);
         let io = |source| EngineError::Io { node: spec.name.clone(), source };
@@ -188,13 +217,75 @@ impl Node {
         // ACL file (every cache's password hashes), its secrets and its data.
         crate::private::tighten(root).map_err(io)?;
         crate::private::tighten_tree(&dir).map_err(io)?;
-        let admin_password = read_or_create_secret(&dir.join("admin.secret")).map_err(io)?;
-        let observer_password = read_or_create_secret(&dir.join("observer.secret")).map_err(io)?;
+        let secret = |file: &str, given: Option<&String>| -> Result<String, EngineError> {
+            let path = dir.join(file);
+            let Some(given) = given else { return read_or_create_secret(&path).map_err(io) };
+            match std::fs::read_to_string(&path) {
+                Ok(old) if !old.trim().is_empty() && old.trim() != given => {
+                    Err(EngineError::Config(format!(
+                        "node {}: {} was not derived from this node secret (the node's users.acl \
+                     knows the old password): start the node from a fresh folder, or keep the \
+                     node secret it was made with",
+                        spec.name,
+                        path.display()
+                    )))
+                }
+                _ => write_private(&path, given).map(|()| given.clone()).map_err(io),
+            }
+        };
+        let admin_password = secret("admin.secret", secrets.map(|s| &s.admin))?;
+        let observer_password = secret("observer.secret", secrets.map(|s| &s.observer))?;
         let acl_path = dir.join("users.acl");
         if !acl_path.exists() {
             write_private(&acl_path, &initial_acl(&admin_password)).map_err(io)?;
         }
-        Ok(Node {
+        Ok(Node::new(
+            spec,
+            dir,
+            databases,
+            maxmemory,
+            script_time_limit,
+            binary,
+            admin_password,
+            observer_password,
+        ))
+    }
+
+    /// A node an engine agent runs on its host (`shoal engine`): this process connects to it
+    /// with the passwords derived from the shared node secret and never starts or stops it.
+    pub fn attach(
+        spec: NodeSpec,
+        databases: u32,
+        maxmemory: u64,
+        script_time_limit: Duration,
+        secrets: &NodeSecrets,
+    ) -> Node {
+        let mut node = Node::new(
+            spec,
+            PathBuf::new(),
+            databases,
+            maxmemory,
+            script_time_limit,
+            PathBuf::new(),
+            secrets.admin.clone(),
+            secrets.observer.clone(),
+        );
+        node.attached = true;
+        node
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        spec: NodeSpec,
+        dir: PathBuf,
+        databases: u32,
+        maxmemory: u64,
+        script_time_limit: Duration,
+        binary: PathBuf,
+        admin_password: String,
+        observer_password: String,
+    ) -> Node {
+        Node {
             spec,
             dir,
             databases,
@@ -208,13 +299,19 @@ impl Node {
             binary,
             pid: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
-            keyspace_events: std::sync::Mutex::new(String::new()),
+            keyspace_events: std::sync::Mutex::new(None),
             stop: Notify::new(),
             stopped: Notify::new(),
             restarts: AtomicU32::new(0),
             cluster: None,
+            attached: false,
             provisioning: tokio::sync::Mutex::new(None),
-        })
+        }
+    }
+
+    /// Whether an engine agent runs this node (see [`Node::attach`]).
+    pub fn is_attached(&self) -> bool {
+        self.attached
     }
 
     /// Makes a prepared node a cluster node (before it is started).
@@ -321,18 +418,37 @@ impl Node {
         redis::Client::open(info).map_err(|source| self.valkey_err(source))
     }
 
-    /// Sets `notify-keyspace-events` now and for every later restart.
+    /// Sets `notify-keyspace-events` now and for every later restart: kept in memory and in
+    /// the node's `valkey.conf` (`CONFIG REWRITE`), where whoever restarts it finds them.
     pub async fn set_keyspace_events(&self, flags: &str) -> Result<(), EngineError> {
-        *self.keyspace_events.lock().unwrap() = flags.to_string();
+        *self.keyspace_events.lock().unwrap() = Some(flags.to_string());
         let mut conn =
             self.admin_client()?.get_multiplexed_async_connection().await.map_err(|e| self.valkey_err(e))?;
-        redis::cmd("CONFIG")
+        redis::pipe()
+            .cmd("CONFIG")
             .arg("SET")
             .arg("notify-keyspace-events")
             .arg(flags)
+            .ignore()
+            .cmd("CONFIG")
+            .arg("REWRITE")
+            .ignore()
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.valkey_err(e))
+    }
+
+    /// The keyspace events a (re)start writes into the config: those set last, else those of
+    /// the config the node ran with before.
+    fn keyspace_events(&self) -> String {
+        if let Some(flags) = self.keyspace_events.lock().unwrap().clone() {
+            return flags;
+        }
+        let old = std::fs::read_to_string(self.dir.join("valkey.conf")).unwrap_or_default();
+        old.lines()
+            .find_map(|l| l.strip_prefix("notify-keyspace-events "))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .unwrap_or_default()
     }
 
     /// Credentials of the observer user (see [`OBSERVER_USER`]), for gateways.
@@ -399,7 +515,7 @@ impl Node {
              maxmemory {maxmemory}\nmaxmemory-policy {policy}\n\
              busy-reply-threshold {busy_ms}\n\
              client-output-buffer-limit normal {hard} {soft} {secs}\n",
-            events = self.keyspace_events.lock().unwrap(),
+            events = self.keyspace_events(),
             maxmemory = self.budget.maxmemory,
             policy = NODE_MAXMEMORY_POLICY,
             busy_ms = self.script_time_limit.as_millis().max(1),
@@ -627,14 +743,16 @@ impl Node {
         let mut last_memory_check = Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
             tick.tick().await;
-            if self.pid().is_none() {
+            if self.pid().is_none() && !self.attached {
                 self.set_healthy(false);
                 continue;
             }
             match self.check(HEALTH_TIMEOUT).await {
+                // The engine agent that runs an attached node guards its scripts and memory.
+                Health::Busy | Health::Down if self.attached => self.set_healthy(false),
                 Health::Up => {
                     self.set_healthy(true);
-                    if last_memory_check.elapsed() >= Duration::from_secs(1) {
+                    if !self.attached && last_memory_check.elapsed() >= Duration::from_secs(1) {
                         last_memory_check = Instant::now();
                         self.check_script_memory().await;
                     }
@@ -734,7 +852,13 @@ impl Node {
     }
 
     /// Starts the child and waits for it to be ready; then keeps it running until [`Node::stop`].
+    /// An attached node is not started: its health is watched from now on (it may be down
+    /// while its engine agent is).
     pub async fn start(self: &Arc<Self>) -> Result<(), EngineError> {
+        if self.attached {
+            tokio::spawn(Arc::clone(self).watch_health());
+            return Ok(());
+        }
         let child = self.spawn()?;
         let ready = async {
             self.wait_ready(Duration::from_secs(10)).await?;
@@ -798,9 +922,13 @@ impl Node {
         self.stopped.notify_waiters();
     }
 
-    /// Stops the child (SIGTERM, then SIGKILL after 5 s) and waits until it is gone.
+    /// Stops the child (SIGTERM, then SIGKILL after 5 s) and waits until it is gone; for an
+    /// attached node, only stops watching it (it runs on, under its engine agent).
     pub async fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        if self.attached {
+            return;
+        }
         let stopped = self.stopped.notified();
         tokio::pin!(stopped);
         stopped.as_mut().enable();

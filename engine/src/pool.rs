@@ -7,7 +7,7 @@
 //! [`CLUSTER_TARGET`], and applies them to every node.
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterStatus, NodeStatus, Role};
-use crate::node::{Node, NodeSpec};
+use crate::node::{Node, NodeSecrets, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
 use std::path::PathBuf;
@@ -30,6 +30,22 @@ pub struct PoolConfig {
     /// Longest a tenant's script may hold a node (Valkey's `busy-reply-threshold`, then the
     /// engine's `SCRIPT KILL`, or a restart if the script already wrote).
     pub script_time_limit: Duration,
+    /// The platform's node secret, shared by control planes and engine agents: the nodes'
+    /// passwords derive from it ([`NodeSecrets::derive`]). None: each node keeps random
+    /// passwords of its own in its folder (one process runs everything).
+    pub node_secret: Option<String>,
+    pub supervisor: Supervisor,
+}
+
+/// Who runs a standalone pool's Valkey processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Supervisor {
+    /// This process starts, watches, restarts and stops them.
+    #[default]
+    ThisProcess,
+    /// Engine agents (`shoal engine`) on the nodes' hosts: this process only connects to
+    /// them, and a restart of it restarts none of them.
+    Agents,
 }
 
 /// Default [`PoolConfig::script_time_limit`]: Valkey's own `busy-reply-threshold` default.
@@ -64,14 +80,24 @@ impl Pool {
                 Some(mb) => mb.saturating_mul(1_000_000),
                 None => shared,
             };
-            let node = Node::prepare(
-                spec,
-                &config.dir,
-                config.valkey_server.clone(),
-                config.databases,
-                maxmemory,
-                config.script_time_limit,
-            )?;
+            let secrets = config.node_secret.as_deref().map(|s| NodeSecrets::derive(s, &spec.name));
+            let node = match (config.supervisor, &secrets) {
+                (Supervisor::ThisProcess, _) => Node::prepare(
+                    spec,
+                    &config.dir,
+                    config.valkey_server.clone(),
+                    config.databases,
+                    maxmemory,
+                    config.script_time_limit,
+                    secrets.as_ref(),
+                )?,
+                (Supervisor::Agents, Some(secrets)) => {
+                    Node::attach(spec, config.databases, maxmemory, config.script_time_limit, secrets)
+                }
+                (Supervisor::Agents, None) => {
+                    return Err(EngineError::Config("nodes run by engine agents need the node secret".into()))
+                }
+            };
             nodes.push(Arc::new(node));
         }
         let pool = Pool { nodes, cluster: None, cluster_events: Default::default() };
@@ -80,7 +106,11 @@ impl Pool {
                 pool.stop().await;
                 return Err(e);
             }
-            tracing::info!(node = node.name(), addr = %node.addr(), "valkey node ready");
+            if node.is_attached() {
+                tracing::info!(node = node.name(), addr = %node.addr(), "valkey node run by an engine agent");
+            } else {
+                tracing::info!(node = node.name(), addr = %node.addr(), "valkey node ready");
+            }
         }
         Ok(pool)
     }

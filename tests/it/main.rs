@@ -11,6 +11,7 @@ mod billing;
 mod clients;
 mod commands;
 mod e2e;
+mod engine_agent;
 mod gateway;
 mod internal;
 mod isolation;

@@ -543,6 +543,29 @@ pub struct LimitShare {
     pub gateways: u32,
 }
 
+/// `POST /internal/v1/engine/report`: what an engine agent (`shoal engine`) runs on its host,
+/// sent every few seconds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EngineReport {
+    /// The agent's host name (`[agent] name`).
+    pub host: String,
+    pub nodes: Vec<EngineNodeReport>,
+}
+
+/// One Valkey node an engine agent runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EngineNodeReport {
+    pub name: String,
+    /// `host:port`.
+    pub addr: String,
+    /// The running valkey-server's pid (None while it restarts).
+    pub pid: Option<u32>,
+    /// How often the agent restarted it.
+    pub restarts: u32,
+    /// It answered the agent's last health check.
+    pub healthy: bool,
+}
+
 /// `POST /internal/v1/limits`: one gateway instance's demands.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LimitReport {

@@ -28,6 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/internal/v1/caches/{id}/users/verify", web::post().to(verify_user))
         .route("/internal/v1/audit", web::post().to(login_events))
         .route("/internal/v1/limits", web::post().to(limits))
+        .route("/internal/v1/engine/report", web::post().to(engine_report))
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
 
@@ -318,6 +319,34 @@ async fn limits(
     let instance: String = report.gateway_id.chars().take(160).collect();
     let shares = state.limits.report(&format!("{}/{instance}", gw.name), report.demands);
     Ok(HttpResponse::Ok().json(shares))
+}
+
+/// An engine agent's report of the nodes it runs (it authenticates with an internal
+/// credential, like a gateway). Nodes no pool of this control plane has are named in the
+/// answer, and logged: the agent's and the control plane's configs disagree.
+async fn engine_report(
+    state: web::Data<AppState>,
+    caller: Gateway,
+    body: web::Json<shoal_types::EngineReport>,
+) -> Result<HttpResponse, ApiError> {
+    let report = body.into_inner();
+    if report.nodes.len() > crate::engine_hosts::MAX_REPORTED_NODES {
+        return Err(ApiError::field(
+            "nodes",
+            format!("at most {} nodes per report", crate::engine_hosts::MAX_REPORTED_NODES),
+        ));
+    }
+    if !shoal_types::valid_gateway_name(&report.host) {
+        return Err(ApiError::field("host", "1–63 characters of a-z, 0-9 and -"));
+    }
+    let host = report.host.clone();
+    let pools = &state.pools;
+    let known = |name: &str| pools.iter().any(|(_, p)| p.node(name).is_ok_and(|n| n.is_attached()));
+    let unknown = state.engine_hosts.report(&caller.name, report, known);
+    if !unknown.is_empty() {
+        tracing::warn!(host, ?unknown, "an engine agent runs nodes that no pool here is configured to use");
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "unknown_nodes": unknown })))
 }
 
 /// A gateway's batch of data-plane login events: each becomes an audit record, stamped with

@@ -43,6 +43,10 @@ pub struct PoolNode {
     /// `used_memory` in bytes; absent when the node did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used_memory: Option<u64>,
+    /// The engine agent that runs the node (`shoal engine`), as it last reported; absent for
+    /// nodes the control plane runs itself, and until the agent reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_host: Option<crate::engine_hosts::EngineHostSeen>,
 }
 
 /// One shard of a cluster pool.
@@ -89,6 +93,7 @@ fn node(n: &NodeStatus) -> PoolNode {
         healthy: n.healthy,
         health: n.health.clone(),
         used_memory: n.used_memory,
+        engine_host: None,
     }
 }
 
@@ -101,10 +106,21 @@ fn shard(s: &ShardStatus) -> PoolShard {
     }
 }
 
-async fn describe(name: &str, pool: &Pool, default: bool, caches: u64) -> Result<EnginePool, ApiError> {
+async fn describe(
+    name: &str,
+    pool: &Pool,
+    default: bool,
+    caches: u64,
+    hosts: &crate::engine_hosts::EngineHosts,
+) -> Result<EnginePool, ApiError> {
     let (ok, shards, nodes) = match pool.cluster() {
         None => {
-            let nodes: Vec<PoolNode> = pool.standalone_status().await.iter().map(node).collect();
+            let nodes: Vec<PoolNode> = pool
+                .standalone_status()
+                .await
+                .iter()
+                .map(|n| PoolNode { engine_host: n.name.as_deref().and_then(|n| hosts.of(n)), ..node(n) })
+                .collect();
             (nodes.iter().all(|n| n.healthy), Vec::new(), nodes)
         }
         Some(_) => {
@@ -143,7 +159,9 @@ pub async fn list_pools(state: web::Data<AppState>, who: Principal) -> Result<Ht
     let mut items = Vec::new();
     for (name, pool) in state.pools.iter() {
         let count = caches.get(name).copied().unwrap_or(0);
-        items.push(describe(name, pool, name == state.pools.default_name(), count).await?);
+        items.push(
+            describe(name, pool, name == state.pools.default_name(), count, &state.engine_hosts).await?,
+        );
     }
     Ok(HttpResponse::Ok().json(EnginePoolList { items }))
 }

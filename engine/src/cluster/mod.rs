@@ -273,6 +273,7 @@ impl Cluster {
                 c.databases,
                 maxmemory,
                 c.script_time_limit,
+                None,
             )?
             .into_cluster(ClusterMode { node_timeout: c.node_timeout });
             let node = Arc::new(node);

@@ -174,6 +174,27 @@ impl HttpClient {
         resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
     }
 
+    /// An engine agent's report (`shoal engine` uses this client too): the nodes the control
+    /// plane does not know.
+    pub async fn engine_report(
+        &self,
+        report: &shoal_types::EngineReport,
+    ) -> Result<Vec<String>, GatewayError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            unknown_nodes: Vec<String>,
+        }
+        let url = format!("{}/internal/v1/engine/report", self.base);
+        let resp = self.send(self.http.post(url).json(report)).await?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::ControlPlane(format!("engine report answered {}", resp.status())));
+        }
+        resp.json::<Answer>()
+            .await
+            .map(|a| a.unknown_nodes)
+            .map_err(|e| GatewayError::ControlPlane(e.to_string()))
+    }
+
     /// Revoked, unexpired token ids.
     pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
         #[derive(serde::Deserialize)]

@@ -755,8 +755,13 @@ pub struct Proc(Option<Child>);
 
 impl Proc {
     pub fn spawn(args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_binary(Path::new(env!("CARGO_BIN_EXE_shoal")), args, log)
+    }
+
+    /// Another `shoal` binary (an upgrade, say).
+    pub fn spawn_binary(binary: &Path, args: &[&str], log: &Path) -> Proc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        let child = Command::new(binary)
             .args(args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -768,6 +773,18 @@ impl Proc {
     pub fn signal(&self, signal: i32) {
         let child = self.0.as_ref().expect("running");
         unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, and waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then waits for the exit (false: still running after 20 s).

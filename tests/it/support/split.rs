@@ -13,6 +13,8 @@ pub struct Split {
     pub http: reqwest::Client,
     /// Lines added to every gateway's `[gateway]` section.
     gateway_extra: String,
+    /// An engine agent runs the node ([`Split::with_engine_agent`]).
+    agent: bool,
 }
 
 impl Split {
@@ -35,10 +37,81 @@ impl Split {
             ),
         );
         std::fs::write(dir.path().join("cp.toml"), cp).unwrap();
-        let split =
-            Split { dir, rest, resp, internal, http: super::http_client(), gateway_extra: gateway.into() };
+        let split = Split {
+            dir,
+            rest,
+            resp,
+            internal,
+            http: super::http_client(),
+            gateway_extra: gateway.into(),
+            agent: false,
+        };
         split.write_gateway_config("gateway", resp);
         split
+    }
+
+    /// With the control plane's node run by an engine agent (`shoal engine`, `engine.toml`,
+    /// host `e1`): the control plane only connects to it.
+    pub fn with_engine_agent() -> Split {
+        let split = Split { agent: true, ..Split::new() };
+        let d = split.dir.path().display();
+        let mut random = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut random).unwrap();
+        let secret = hex::encode(random);
+        std::fs::write(split.path("node.secret"), secret).unwrap();
+        let engine =
+            format!("supervisor = \"agents\"\nnode_secret_file = \"{d}/node.secret\"\nmaxmemory_mb = 1000\n");
+        let cp = std::fs::read_to_string(split.path("cp.toml")).unwrap();
+        let node = cp.rsplit_once("port = ").unwrap().1.trim().to_string();
+        std::fs::write(
+            split.path("cp.toml"),
+            cp.replacen("databases = 8\n", &format!("databases = 8\n{engine}"), 1),
+        )
+        .unwrap();
+        let agent = format!(
+            "[agent]\nname = \"e1\"\ncontrol_plane_url = \"http://127.0.0.1:{internal}\"\n\
+             internal_credential_file = \"{d}/engine.credential\"\nreport_interval = 0.3\n\n\
+             [engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n{engine}\n[[engine.nodes]]\nname = \"n0\"\nport = {node}\n",
+            internal = split.internal
+        );
+        std::fs::write(split.path("engine.toml"), agent).unwrap();
+        split
+    }
+
+    /// Starts the engine agent of [`Split::with_engine_agent`] (its credential made on first
+    /// use: the control plane must have started once).
+    pub fn engine_agent(&self) -> Proc {
+        let credential_file = self.path("engine.credential");
+        if !credential_file.exists() {
+            let credential = super::create_gateway_credential(&self.path("cp.toml"), "engine-e1");
+            std::fs::write(credential_file, credential).unwrap();
+        }
+        Proc::spawn(
+            &["engine", "--config", self.path("engine.toml").to_str().unwrap()],
+            &self.path("engine.log"),
+        )
+    }
+
+    /// The control plane started from another binary (an upgrade).
+    pub async fn control_plane_from(&self, binary: &std::path::Path) -> Proc {
+        let p = Proc::spawn_binary(
+            binary,
+            &["control-plane", "--config", self.path("cp.toml").to_str().unwrap()],
+            &self.path("cp.log"),
+        );
+        if !self.agent {
+            super::wait_for_control_plane(&self.http, self.rest, self.dir.path()).await;
+            return p;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let up = self.http.get(format!("http://127.0.0.1:{}/healthz", self.rest)).send().await;
+            if self.path("admin.token").exists() && up.is_ok_and(|r| r.status().is_success()) {
+                return p;
+            }
+            assert!(std::time::Instant::now() < deadline, "control plane did not start\n{}", self.log());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// A gateway's config, `<name>.toml`: its own port, data directory and credential. A
@@ -75,13 +148,10 @@ impl Split {
         out
     }
 
+    /// Starts the control plane and waits until it is ready (with an engine agent: until it
+    /// answers, since its node is not ready before the agent runs).
     pub async fn control_plane(&self) -> Proc {
-        let p = Proc::spawn(
-            &["control-plane", "--config", self.path("cp.toml").to_str().unwrap()],
-            &self.path("cp.log"),
-        );
-        super::wait_for_control_plane(&self.http, self.rest, self.dir.path()).await;
-        p
+        self.control_plane_from(std::path::Path::new(env!("CARGO_BIN_EXE_shoal"))).await
     }
 
     /// Starts the first gateway (its credential made on first use).

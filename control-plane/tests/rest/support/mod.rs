@@ -70,6 +70,8 @@ impl Api {
                 databases: 64,
                 maxmemory_mb: None,
                 script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+                node_secret: None,
+                supervisor: Default::default(),
             })
             .await
             .expect("pool starts"),
