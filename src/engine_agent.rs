@@ -35,6 +35,8 @@ struct AgentSection {
     /// Seconds between two reports (default 2).
     #[serde(default = "default_report_interval")]
     report_interval: f64,
+    /// Where to serve Prometheus `/metrics` (node health, restarts, script kills), if at all.
+    metrics_listen: Option<String>,
 }
 
 fn default_report_interval() -> f64 {
@@ -64,6 +66,12 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
         ..Default::default()
     })
     .map_err(|e| anyhow::anyhow!("{}: [agent] {e}", path.display()))?;
+    if let Some(addr) = &agent.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{}: [agent] metrics_listen {addr}", path.display()))?;
+        tokio::spawn(shoal_gateway::metrics::serve(listener, shoal_gateway::metrics::install()));
+    }
     let (plans, _) =
         file.engine.plan(Role::Agent).with_context(|| format!("{}: [engine]", path.display()))?;
     let mut pools = Vec::new();

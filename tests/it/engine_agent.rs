@@ -112,6 +112,13 @@ async fn the_agent_restarts_a_node_that_dies_and_the_control_plane_sees_it() {
     let mut client = split.client(&token).await;
     let got: String = redis::cmd("GET").arg("k").query_async(&mut client).await.unwrap();
     assert_eq!(got, "v", "the node came back from its AOF");
+    let metrics =
+        split.http.get(format!("http://127.0.0.1:{}/metrics", split.agent_metrics)).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("shoal_node_restarts_total{node=\"n0\",reason=\"exited\"} 1"),
+        "the agent's /metrics counts the restart:\n{metrics}"
+    );
     let conf = std::fs::read_to_string(split.path("valkey/n0/valkey.conf")).unwrap();
     let events =
         conf.lines().find(|l| l.starts_with("notify-keyspace-events")).unwrap_or_default().to_string();

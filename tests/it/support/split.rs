@@ -15,6 +15,8 @@ pub struct Split {
     gateway_extra: String,
     /// An engine agent runs the node ([`Split::with_engine_agent`]).
     agent: bool,
+    /// The engine agent's `/metrics` port.
+    pub agent_metrics: u16,
 }
 
 impl Split {
@@ -45,6 +47,7 @@ impl Split {
             http: super::http_client(),
             gateway_extra: gateway.into(),
             agent: false,
+            agent_metrics: 0,
         };
         split.write_gateway_config("gateway", resp);
         split
@@ -53,7 +56,7 @@ impl Split {
     /// With the control plane's node run by an engine agent (`shoal engine`, `engine.toml`,
     /// host `e1`): the control plane only connects to it.
     pub fn with_engine_agent() -> Split {
-        let split = Split { agent: true, ..Split::new() };
+        let split = Split { agent: true, agent_metrics: super::free_port(), ..Split::new() };
         let d = split.dir.path().display();
         let mut random = [0u8; 32];
         std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut random).unwrap();
@@ -70,9 +73,11 @@ impl Split {
         .unwrap();
         let agent = format!(
             "[agent]\nname = \"e1\"\ncontrol_plane_url = \"http://127.0.0.1:{internal}\"\n\
-             internal_credential_file = \"{d}/engine.credential\"\nreport_interval = 0.3\n\n\
+             internal_credential_file = \"{d}/engine.credential\"\nreport_interval = 0.3\n\
+             metrics_listen = \"127.0.0.1:{metrics}\"\n\n\
              [engine]\ndir = \"{d}/valkey\"\ndatabases = 8\n{engine}\n[[engine.nodes]]\nname = \"n0\"\nport = {node}\n",
-            internal = split.internal
+            internal = split.internal,
+            metrics = split.agent_metrics,
         );
         std::fs::write(split.path("engine.toml"), agent).unwrap();
         split
