@@ -129,7 +129,11 @@ fn default_replicas() -> usize {
 
 /// A script time limit in seconds (0.1 s to 1 hour).
 pub fn script_time_limit(secs: f64) -> anyhow::Result<Duration> {
-    anyhow::ensure!((0.1..=3600.0).contains(&secs), "script_time_limit must be 0.1–3600 seconds, not {secs}");
+    let min = shoal_types::MIN_SCRIPT_TIME_LIMIT.as_secs_f64();
+    anyhow::ensure!(
+        (min..=3600.0).contains(&secs),
+        "script_time_limit must be {min}–3600 seconds, not {secs}"
+    );
     Ok(Duration::from_secs_f64(secs))
 }
 

@@ -257,6 +257,11 @@ pub struct DataClaims {
 }
 
 /// Issuer and audience of data-plane tokens; the gateway pins both.
+/// The shortest script time limit an engine accepts: a script the engine ended by force
+/// (past its limit) had run at least this long, so the gateway can tell such an end from a
+/// node that went away under a young script (a failover, a crash).
+pub const MIN_SCRIPT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub const TOKEN_ISSUER: &str = "shoal";
 pub const DATA_AUDIENCE: &str = "shoal-data";
 /// The audience of tokens that grant less than everything (read-only, or some keys): a

@@ -11,6 +11,8 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_SCRIPT: &str = "return redis.call('EXISTS', KEYS[1])";
 /// What a poisoned node answers to every keyed script (see [`Cluster::probe_scripts`]).
 const POISONED: &str = "non local key in a cluster node script";
+/// Longest the heal waits for a replica of the poisoned node's shard to be in sync.
+const REPLICA_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// Longest the heal waits for the replica's `CLUSTER FAILOVER` to make it the primary.
 const HEAL_FAILOVER_WAIT: Duration = Duration::from_secs(10);
 
@@ -96,11 +98,23 @@ impl Cluster {
         }
         let mut how = "restart";
         let mut replica_port = 0;
-        if let Some(replica) = self.synced_replica(shard).await {
+        if let Some(replica) = self.replica_to_take_over(shard).await {
             match self.fail_over_to(&replica).await {
                 Ok(()) => {
                     how = "failover";
                     replica_port = replica.spec.port;
+                    // Until the old primary knows it too: the clients the failover paused on
+                    // it are then answered (with redirects) before it restarts, rather than
+                    // cut off owing replies.
+                    let _ = tokio::time::timeout(HEAL_FAILOVER_WAIT, async {
+                        while !admin_value(node, &["ROLE"])
+                            .await
+                            .is_ok_and(|r| items(&r).first().map(text).as_deref() == Some("slave"))
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    })
+                    .await;
                 }
                 Err(e) => tracing::warn!(
                     node = node.name(),
@@ -140,6 +154,30 @@ impl Cluster {
             _ => wait_state_ok(node).await?,
         }
         Ok(how)
+    }
+
+    /// A synced replica of `shard` ([`Cluster::synced_replica`]); if it has replicas but none
+    /// is synced yet (one just healed and still catching up, or seen online by the cluster a
+    /// moment later), waits for one up to [`REPLICA_SYNC_WAIT`]: a failover a moment later
+    /// costs the shard less than a restart in place, whose slots do not answer meanwhile.
+    async fn replica_to_take_over(&self, shard: &Shard) -> Option<Arc<Node>> {
+        if let Some(replica) = self.synced_replica(shard).await {
+            return Some(replica);
+        }
+        if !shard.nodes.iter().any(|n| n.role == Role::Replica) {
+            return None;
+        }
+        let deadline = Instant::now() + REPLICA_SYNC_WAIT;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Ok((_, shards)) = self.shards().await else { continue };
+            if let Some(now) = shards.iter().find(|s| s.id == shard.id) {
+                if let Some(replica) = self.synced_replica(now).await {
+                    return Some(replica);
+                }
+            }
+        }
+        None
     }
 
     /// A replica of `shard` the cluster sees online, that answers and has its link to the

@@ -2,7 +2,7 @@
 //! session's connection state replayed), written in batches, read by a task each that
 //! hands whole replies — or pieces of a big one — to the link.
 
-use super::{Link, PIECE, UNAVAILABLE};
+use super::{Hold, Link, Request, PIECE, UNAVAILABLE};
 use crate::resp::reply::ReplyScanner;
 use crate::GatewayError;
 use bytes::{Bytes, BytesMut};
@@ -32,8 +32,19 @@ pub(super) struct Conn {
     pub(super) partial: Option<(bool, BytesMut)>,
     /// A subscription was sent on it: RESP2 messages may come.
     pub(super) subscribed: bool,
+    /// The (un)subscribe commands sent on it, in order, to send again on another node's
+    /// connection if this one's node goes away ([`Link::resubscribe`]); `None` once there
+    /// were more than [`MAX_SUBSCRIPTION_HISTORY`].
+    pub(super) history: Option<Vec<Bytes>>,
+    /// Replies still to come before confirmations reach the session again: those of the
+    /// history sent again (the session had them already).
+    pub(super) muted_replies: usize,
     pub(super) reader: JoinHandle<()>,
 }
+
+/// Most (un)subscribe commands kept per connection to send again elsewhere; a session that
+/// sent more loses its connection with the node, as before, rather than grow without bound.
+pub(super) const MAX_SUBSCRIPTION_HISTORY: usize = 1_000;
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -95,6 +106,8 @@ impl Link {
             inflight: VecDeque::new(),
             partial: None,
             subscribed: false,
+            history: Some(Vec::new()),
+            muted_replies: 0,
             reader,
         };
         for (_, bytes) in &self.setup {
@@ -165,10 +178,54 @@ impl Link {
         }
     }
 
+    /// A subscriber connection whose node went away (a failover, a restart, a drain) moves to
+    /// the node that serves its shard now: its (un)subscribe commands are sent there again,
+    /// their confirmations kept from the session, which had them already, so the session's
+    /// subscriptions carry on (messages published in between are lost, as pub/sub's are on
+    /// any reconnection). Where that cannot be done, the link closes, as before.
+    async fn resubscribe(&mut self, key: (String, Kind)) {
+        let old = self.conns.remove(&key).expect("a connection that closed");
+        let history = old.history.clone().unwrap_or_default();
+        let slot =
+            self.map.shards.iter().position(|s| s.primary == key.0).and_then(|i| self.map.first_slot(i));
+        let moved = match slot {
+            Some(slot) if self.reread_map().await => Some((self.map.primary(slot).to_string(), key.1)),
+            _ => None,
+        };
+        let Some(new_key) = moved.filter(|k| !self.conns.contains_key(k)) else {
+            self.closed = true;
+            return;
+        };
+        if self.open_conn(&new_key.0, new_key.1).await.is_err() {
+            self.closed = true;
+            return;
+        }
+        tracing::info!(from = %key.0, to = %new_key.0, "cluster node gone: subscriptions moved");
+        self.seeds.invalidate();
+        let conn = self.conns.get_mut(&new_key).expect("opened above");
+        conn.subscribed = true;
+        for request in &history {
+            conn.out.extend_from_slice(request);
+        }
+        let ping = Request::built(&[b"PING"]);
+        conn.out.extend_from_slice(&ping);
+        conn.inflight.push_back(unwanted(ping, false));
+        conn.muted_replies = conn.inflight.len();
+        conn.history = Some(history);
+        if self.sub_home.as_ref() == Some(&key.0) {
+            self.sub_home = Some(new_key.0.clone());
+        }
+        if self.hold == Hold::Confirming(key) {
+            self.hold = Hold::Confirming(new_key);
+        }
+        self.map_stale = true;
+    }
+
     /// A connection that owed nothing (a node drained and removed, an idle one restarted) is
-    /// just dropped. So is one whose node the cluster no longer lists: it was drained
-    /// (owned no slot) before it was removed, so what it owed was never run, and goes to
-    /// the slots' owners now. Any other that owed replies or held subscriptions closes the
+    /// just dropped. So is one whose node owns no slot any more, as the cluster says now: it
+    /// was drained before it was removed, or became a replica before it was restarted (a
+    /// graceful failover), so no write it owed was run (a replica refuses them), and what it
+    /// owed goes to the slots' owners now. Any other that owed replies or held subscriptions closes the
     /// link: the session turns what it owed into errors, as when a standalone node goes
     /// away (a primary that crashed may have run them).
     pub(super) async fn conn_closed(&mut self, id: u64) {
@@ -176,17 +233,23 @@ impl Link {
         let conn = &self.conns[&key];
         let owed = conn.inflight.iter().any(|s| s.to.is_some() || s.in_tx);
         let watched = self.watched.as_ref().is_some_and(|w| w.1 == key.0);
+        if conn.kind != Kind::Data && !owed && conn.history.is_some() {
+            return self.resubscribe(key).await;
+        }
         if conn.kind != Kind::Data || watched {
             self.closed = true;
             return;
         }
         let resendable = conn.partial.is_none()
             && conn.inflight.iter().all(|s| s.to.is_none() || (s.slot.is_some() && !s.in_tx));
-        if owed && !(resendable && self.reread_map().await && !self.map.lists(&key.0)) {
+        if owed && !(resendable && self.reread_map().await && !self.map.serves(&key.0)) {
             self.closed = true;
             return;
         }
         let mut conn = self.conns.remove(&key).expect("found above");
+        // The node went away (restarted, failed over, removed): keyless requests, which no
+        // MOVED corrects, must not go to it by a map read before.
+        self.seeds.invalidate();
         self.map_stale = true;
         // Sent again before any later request is looked at, so they keep their order.
         for sent in std::mem::take(&mut conn.inflight).into_iter().filter(|s| s.to.is_some()) {

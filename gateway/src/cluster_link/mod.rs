@@ -384,8 +384,16 @@ impl Link {
                         }
                     }
                     None => {
+                        // No MOVED corrects a keyless request: the newest map this gateway has.
+                        if let Some(newer) = self.seeds.newer_than(&self.map) {
+                            self.map = newer;
+                        }
+                        // Routed by slot 0 (see `any_node`): sent again to its owner if this
+                        // node turns out to be a replica now, or gone.
                         let addr = self.any_node();
-                        self.one(&addr, request.bytes).await;
+                        let seq = self.entry(1, Merge::First);
+                        self.send(&addr, Kind::Data, Sent { slot: Some(0), ..sent(seq, 0, request.bytes) })
+                            .await;
                     }
                 }
             }
@@ -402,8 +410,11 @@ impl Link {
             Plan::Fanout(merge) => {
                 let nodes = self.every_shard().await;
                 let seq = self.entry(nodes.len(), merge);
-                for (i, addr) in nodes.iter().enumerate() {
-                    self.send(addr, Kind::Data, sent(seq, i, request.bytes.clone())).await;
+                for (i, (addr, slot)) in nodes.iter().enumerate() {
+                    // By a slot of its shard: sent again to the shard's new primary if that
+                    // node turns out to be a replica now, or gone.
+                    self.send(addr, Kind::Data, Sent { slot: *slot, ..sent(seq, i, request.bytes.clone()) })
+                        .await;
                 }
             }
             Plan::Setup => self.setup(request).await,
@@ -502,10 +513,11 @@ impl Link {
         self.node_for(0)
     }
 
-    /// One node per shard, in slot order, from a map as read from the cluster (the newest
-    /// this gateway has, or read now if this link's was patched by a `MOVED`): a request
-    /// with no key never meets a `MOVED` that would say a shard's primary changed.
-    async fn every_shard(&mut self) -> Vec<String> {
+    /// One node per shard, in slot order, with a slot of the shard (none for a shard without
+    /// slots), from a map as read from the cluster (the newest this gateway has, or read now
+    /// if this link's was patched by a `MOVED`): a request with no key never meets a `MOVED`
+    /// that would say a shard's primary changed.
+    async fn every_shard(&mut self) -> Vec<(String, Option<u16>)> {
         if let Some(newer) = self.seeds.newer_than(&self.map) {
             self.map = newer;
         }
@@ -517,9 +529,13 @@ impl Link {
         self.map
             .shards
             .iter()
-            .map(|s| match s.replicas.first() {
-                Some(r) if self.reader => r.clone(),
-                _ => s.primary.clone(),
+            .enumerate()
+            .map(|(i, s)| {
+                let addr = match s.replicas.first() {
+                    Some(r) if self.reader => r.clone(),
+                    _ => s.primary.clone(),
+                };
+                (addr, self.map.first_slot(i))
             })
             .collect()
     }

@@ -1,7 +1,7 @@
 //! Subscriptions on a cluster: their own connections, and telling RESP2 messages and
 //! confirmations from replies on them.
 
-use super::conns::{unwanted, Kind};
+use super::conns::{unwanted, Kind, MAX_SUBSCRIPTION_HISTORY};
 use super::{Hold, Link, Request};
 
 impl Link {
@@ -14,7 +14,7 @@ impl Link {
         let home = self.sub_home.get_or_insert_with(|| self.map.shards[0].primary.clone()).clone();
         self.send_subscription(&home, Kind::Subscriber { echo: true }, &request.bytes).await;
         if notifications {
-            for addr in self.every_shard().await.into_iter().filter(|a| *a != home) {
+            for (addr, _) in self.every_shard().await.into_iter().filter(|(a, _)| *a != home) {
                 self.send_subscription(&addr, Kind::Subscriber { echo: false }, &request.bytes).await;
             }
         }
@@ -32,6 +32,12 @@ impl Link {
         let conn = self.conns.get_mut(&key).expect("opened above");
         conn.subscribed = true;
         conn.out.extend_from_slice(request);
+        if let Some(history) = &mut conn.history {
+            history.push(bytes::Bytes::copy_from_slice(request));
+            if history.len() > MAX_SUBSCRIPTION_HISTORY {
+                conn.history = None;
+            }
+        }
         if kind == (Kind::Subscriber { echo: true }) {
             let ping = Request::built(&[b"PING"]);
             conn.out.extend_from_slice(&ping);

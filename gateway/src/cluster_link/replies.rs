@@ -34,7 +34,7 @@ impl Link {
         let Some((key, conn)) = self.conns.iter_mut().find(|(_, c)| c.id == id) else { return };
         let addr = key.0.clone();
         if push || (conn.subscribed && !self.resp3 && is_pubsub_message(&frame)) {
-            let echo = !matches!(conn.kind, Kind::Subscriber { echo: false });
+            let echo = !matches!(conn.kind, Kind::Subscriber { echo: false }) && conn.muted_replies == 0;
             if echo || is_message(&frame) {
                 let out = if self.streaming.is_some() { &mut self.held_out } else { &mut self.out };
                 out.extend_from_slice(&frame);
@@ -42,6 +42,7 @@ impl Link {
             return;
         }
         let Some(sent) = conn.inflight.pop_front() else { return };
+        conn.muted_replies = conn.muted_replies.saturating_sub(1);
         let Some((seq, part)) = sent.to else { return };
         if let Some(redirect) = Redirect::parse(&frame) {
             if !sent.in_tx && sent.redirects < MAX_REDIRECTS {
@@ -55,8 +56,19 @@ impl Link {
             }
         }
         if !self.reader && frame.starts_with(b"-READONLY") {
-            // A primary became a replica (a failover) and no MOVED said so (a keyless write).
+            // A primary became a replica (a failover) and no MOVED said so (a keyless write):
+            // refused, not run, so it goes to its slot's primary in a map read now.
+            self.seeds.invalidate();
             self.map_stale = true;
+            if let (Some(slot), false, true) = (sent.slot, sent.in_tx, sent.redirects < MAX_REDIRECTS) {
+                if self.reread_map().await && self.map.primary(slot) != addr {
+                    let to = self.map.primary(slot).to_string();
+                    let sent = super::conns::Sent { redirects: sent.redirects + 1, ..sent };
+                    self.redirected.push((to, sent));
+                    self.hold = Hold::Drain(addr);
+                    return;
+                }
+            }
         }
         self.fill(seq, part, frame);
     }

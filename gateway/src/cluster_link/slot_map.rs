@@ -63,6 +63,17 @@ impl SlotMap {
         self.members.iter().any(|m| m == addr)
     }
 
+    /// Whether the node at `addr` is a primary that owns a slot: one that does not (a
+    /// replica now, or drained) runs no write, and answers keyed commands with a redirect.
+    pub fn serves(&self, addr: &str) -> bool {
+        self.shards.iter().position(|s| s.primary == addr).is_some_and(|i| self.owner.contains(&(i as u16)))
+    }
+
+    /// The first slot shard `i` owns, if any.
+    pub fn first_slot(&self, i: usize) -> Option<u16> {
+        self.owner.iter().position(|&o| o as usize == i).map(|s| s as u16)
+    }
+
     /// A copy with `slot` owned by the node at `addr` (what a `MOVED` says), until the next
     /// read.
     pub fn moved(&self, slot: u16, addr: &str) -> SlotMap {
@@ -219,6 +230,13 @@ fn maps() -> &'static Mutex<HashMap<String, Arc<SlotMap>>> {
     MAPS.get_or_init(Default::default)
 }
 
+/// When a session last saw a cluster's topology change (a node went away, a primary
+/// refused a write as a replica): maps read before that are not reused, however young.
+fn invalidated() -> &'static Mutex<HashMap<String, Instant>> {
+    static AT: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    AT.get_or_init(Default::default)
+}
+
 /// Where a cluster is and how to read its map.
 #[derive(Clone, Debug)]
 pub struct Seeds {
@@ -247,14 +265,22 @@ impl Seeds {
         (current.read_at > seen.read_at).then_some(current)
     }
 
+    /// The topology changed (see [`invalidated`]): the next [`Seeds::refresh`] reads the
+    /// map, once for every session.
+    pub fn invalidate(&self) {
+        invalidated().lock().unwrap().insert(self.key.clone(), Instant::now());
+    }
+
     /// Reads the map again (unless `seen` is already older than the shared one or the
-    /// shared one is very young), asking the nodes in turn, the last map's first.
+    /// shared one is very young, and either was read after the last [`Seeds::invalidate`]),
+    /// asking the nodes in turn, the last map's first.
     pub async fn refresh(&self, seen: Option<&Arc<SlotMap>>) -> Result<Arc<SlotMap>, GatewayError> {
         let current = maps().lock().unwrap().get(&self.key).cloned();
-        if let Some(current) = &current {
-            let newer = seen.is_some_and(|s| !Arc::ptr_eq(s, current) && s.read_at <= current.read_at);
+        let invalidated = invalidated().lock().unwrap().get(&self.key).copied();
+        if let Some(current) = current.filter(|c| invalidated.is_none_or(|at| c.read_at > at)) {
+            let newer = seen.is_some_and(|s| !Arc::ptr_eq(s, &current) && s.read_at <= current.read_at);
             if newer || current.read_at.elapsed() < MIN_AGE {
-                return Ok(current.clone());
+                return Ok(current);
             }
         }
         self.reread().await

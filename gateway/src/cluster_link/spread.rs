@@ -42,7 +42,7 @@ impl Link {
         }
         let (cursor, shard) = plan::scan_cursor(client);
         let nodes = self.every_shard().await;
-        let Some(addr) = nodes.get(shard) else {
+        let Some((addr, _)) = nodes.get(shard) else {
             return self.local(b"*2\r\n$1\r\n0\r\n*0\r\n");
         };
         let cursor = cursor.to_string();

@@ -60,9 +60,8 @@ impl Session {
                 reply = &part.head;
             }
             // `-ERR cache connection lost`: the gateway's own answer, not billed.
-            if meter.is_some_and(|m| m.spec.is_some_and(|s| s.script)) && reply == crate::mux::LOST {
-                // Its node went away under it (restarted to end it, or crashed).
-                self.script_struck();
+            if let Some(m) = meter.filter(|m| m.spec.is_some_and(|s| s.script) && reply == crate::mux::LOST) {
+                self.script_lost(m.started);
                 self.scripts_over(1);
             }
             if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
@@ -97,6 +96,15 @@ impl Session {
     pub(super) fn scripts_paused(&self) -> Option<Duration> {
         let t = self.tenant.as_ref()?;
         self.shared.scripts.paused(&t.cache, Instant::now())
+    }
+
+    /// A script's node went away under it: ended by force (restarted to end it, or crashed)
+    /// if it ran long enough to have been past its time limit; a younger one was not (its
+    /// node failed over or restarted for another reason), and pauses nothing.
+    pub(super) fn script_lost(&self, started: Instant) {
+        if started.elapsed() >= shoal_types::MIN_SCRIPT_TIME_LIMIT {
+            self.script_struck();
+        }
     }
 
     /// One of the cache's scripts was ended by force: its scripts pause for a while.

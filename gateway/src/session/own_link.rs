@@ -232,15 +232,18 @@ impl Session {
         self.pubsub = PubSub::default();
         self.sync_patterns();
         // Its scripts are over (a node restarted to end a runaway script lands here).
-        let scripts = self
+        let scripts: Vec<std::time::Instant> = self
             .pending
             .iter()
-            .filter(|p| matches!(p, Pending::Upstream(_, Some(m)) if m.spec.is_some_and(|s| s.script)))
-            .count();
-        if scripts > 0 {
-            // Its node went away under it (restarted to end it, or crashed).
-            self.script_struck();
+            .filter_map(|p| match p {
+                Pending::Upstream(_, Some(m)) if m.spec.is_some_and(|s| s.script) => Some(m.started),
+                _ => None,
+            })
+            .collect();
+        if let Some(&oldest) = scripts.iter().min() {
+            self.script_lost(oldest);
         }
+        let scripts = scripts.len();
         self.scripts_over(scripts as u32);
         // Replies owed by this connection become errors, in place (mux batches stay).
         let lost = Bytes::from_static(crate::mux::LOST);

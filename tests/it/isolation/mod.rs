@@ -930,6 +930,10 @@ const KINDS: [&str; 6] = ["str", "hash", "list", "set", "zset", "stream"];
 const LUA_ENV_PROBE: &str = "return {string.upper('abc'), type(redis.call), type(redis.pcall), \
      tostring(rawget(_G, 'pwn')), tostring(getmetatable('').__index == string), type(cjson)}";
 
+/// Where `SCRIPT EXISTS` is in a [`Victim`]'s snapshot: after six reads, a TTL per kind,
+/// `DBSIZE`, `CLIENT GETNAME` and `CLIENT ID`.
+const SCRIPT_EXISTS: usize = 6 + KINDS.len() + 3;
+
 struct Victim {
     label: &'static str,
     id: String,
@@ -1087,7 +1091,25 @@ impl Victim {
         Ok(())
     }
 
-    /// Everything about the victim that A must not be able to change.
+    /// What changed in a snapshot.
+    fn diff(&self, now: &[redis::Value]) -> String {
+        let changed: Vec<String> = self
+            .expected
+            .iter()
+            .zip(now)
+            .filter(|(x, y)| x != y)
+            .map(|(x, y)| format!("{x:?} → {y:?}"))
+            .collect();
+        changed.join("; ")
+    }
+
+    async fn load_script(&mut self) {
+        let load = redis::cmd("SCRIPT").arg("LOAD").arg(self.script()).clone();
+        let _: redis::RedisResult<String> = load.query_async(&mut self.conn).await;
+    }
+
+    /// Everything about the victim that A must not be able to change ([`SCRIPT_EXISTS`] is
+    /// the place of `SCRIPT EXISTS` in it).
     async fn snapshot(&mut self) -> Result<Vec<redis::Value>, String> {
         let mut p = redis::pipe();
         p.cmd("GET").arg(self.key("str"));
@@ -2004,14 +2026,7 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                     Ok(now) if tripped && now != v.expected => healing.push(i),
                     Ok(now) if now == v.expected => {}
                     Ok(now) => {
-                        let diff: Vec<String> = v
-                            .expected
-                            .iter()
-                            .zip(&now)
-                            .filter(|(x, y)| x != y)
-                            .map(|(x, y)| format!("{x:?} → {y:?}"))
-                            .collect();
-                        problems.push(format!("{}'s canaries changed: {}", v.label, diff.join("; ")));
+                        problems.push(format!("{}'s canaries changed: {}", v.label, v.diff(&now)));
                         broken.push(i);
                     }
                     Err(e) => {
@@ -2028,16 +2043,21 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                         match v.snapshot().await {
                             Ok(now) if now == v.expected => break,
                             // Healed by a failover: the new primary never loaded B's script,
-                            // as after any failover; B loads it again, as its library would.
-                            Err(e) if e.contains("NOSCRIPT") => {
-                                let load = redis::cmd("SCRIPT").arg("LOAD").arg(v.script()).clone();
-                                let _: redis::RedisResult<String> = load.query_async(&mut v.conn).await;
+                            // as after any failover (`NOSCRIPT`, or `SCRIPT EXISTS` 0 on one
+                            // shard); B loads it again, as its library would.
+                            Err(e) if e.contains("NOSCRIPT") => v.load_script().await,
+                            Ok(now) if now[SCRIPT_EXISTS] != v.expected[SCRIPT_EXISTS] => {
+                                v.load_script().await
                             }
                             _ if began.elapsed() < Duration::from_secs(5) => {
                                 tokio::time::sleep(Duration::from_millis(50)).await
                             }
                             other => {
-                                problems.push(format!("{}'s scripts not healed in 5 s: {other:?}", v.label));
+                                let other = match other {
+                                    Ok(now) => format!("changed: {}", v.diff(&now)),
+                                    Err(e) => e,
+                                };
+                                problems.push(format!("{}'s scripts not healed in 5 s: {other}", v.label));
                                 broken.push(i);
                                 break;
                             }
@@ -2172,7 +2192,22 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     }
 
     if let Some(stopped) = stopped {
-        panic!("{stopped}\n\n{} failing runs:\n\n{}", failures.len(), failures.join("\n\n"));
+        // What the platform did about it (heals, lost connections, paused scripts).
+        let log = dev.log();
+        let events: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                ["poison", "heal", "by force", "connection lost", "subscriptions moved"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .collect();
+        panic!(
+            "{stopped}\n\n{} failing runs:\n\n{}\n\nthe platform's log about heals and lost connections:\n{}",
+            failures.len(),
+            failures.join("\n\n"),
+            events[events.len().saturating_sub(60)..].join("\n")
+        );
     }
 
     // --- Accepted limitations, asserted as they are.
