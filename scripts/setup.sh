@@ -28,6 +28,24 @@ if $want_test; then
     log "installing schemathesis (PyPI) for the API conformance test"
     "${PIP[@]}" 'schemathesis>=4,<5'
   fi
+  # The deploy/ checks (tests/it/deploy/): Kubernetes manifests validated offline against the
+  # schemas this version ships (it brings PyYAML, which reads the compose file too).
+  if [[ "$(kubernetes-validate --version 2>/dev/null)" != *1.37.0* ]]; then
+    log "installing kubernetes-validate 1.37.0 (PyPI) for the Kubernetes manifests' test"
+    "${PIP[@]}" 'kubernetes-validate==1.37.0'
+  fi
+  if ! command -v systemd-analyze >/dev/null 2>&1; then
+    log "installing systemd-analyze (Debian: systemd) for the systemd units' test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends systemd >&2
+  fi
+  if ! command -v openssl >/dev/null 2>&1; then
+    log "installing openssl (Debian: openssl) for deploy/docker/make-secrets.sh's test"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends openssl >&2
+  fi
   if ! command -v redis-cli >/dev/null 2>&1; then
     log "installing redis-cli (Debian: redis-tools)"
     export DEBIAN_FRONTEND=noninteractive

@@ -43,8 +43,9 @@ fn default_report_interval() -> f64 {
     2.0
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then stops its nodes.
-pub async fn run(path: PathBuf) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, then stops its nodes (with `check_only`: checks
+/// the config file and the files it names, and returns).
+pub async fn run(path: PathBuf, check_only: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let file: AgentFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let agent = file.agent;
@@ -74,6 +75,10 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     }
     let (plans, _) =
         file.engine.plan(Role::Agent).with_context(|| format!("{}: [engine]", path.display()))?;
+    if check_only {
+        println!("{}: OK", path.display());
+        return Ok(());
+    }
     let mut pools = Vec::new();
     for (name, plan) in plans {
         let PoolPlan::Standalone(config) = plan else { unreachable!("an agent plans standalone pools only") };

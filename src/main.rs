@@ -45,16 +45,28 @@ enum Command {
     ControlPlane {
         #[arg(long, env = "SHOAL_CONFIG")]
         config: PathBuf,
+        /// Check the config file and the files it names (secrets, keys, certificates), then
+        /// exit without starting anything: prints "<file>: OK", or what is wrong (exit 1).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Run a gateway (the RESP endpoint) from a config file.
     Gateway {
         #[arg(long, env = "SHOAL_CONFIG")]
         config: PathBuf,
+        /// Check the config file and the files it names (secrets, keys, certificates), then
+        /// exit without starting anything: prints "<file>: OK", or what is wrong (exit 1).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Run the node agent of this host (its Valkey nodes) from a config file.
     Engine {
         #[arg(long, env = "SHOAL_CONFIG")]
         config: PathBuf,
+        /// Check the config file and the files it names (secrets, keys, certificates), then
+        /// exit without starting anything: prints "<file>: OK", or what is wrong (exit 1).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -344,9 +356,9 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(cli.log_json);
     match cli.command {
         Command::Dev(args) => dev(*args).await,
-        Command::ControlPlane { config } => control_plane(config).await,
-        Command::Gateway { config } => gateway(config).await,
-        Command::Engine { config } => engine_agent::run(config).await,
+        Command::ControlPlane { config, check_config } => control_plane(config, check_config).await,
+        Command::Gateway { config, check_config } => gateway(config, check_config).await,
+        Command::Engine { config, check_config } => engine_agent::run(config, check_config).await,
         Command::Openapi => {
             println!("{}", shoal_control_plane::apidoc::document());
             Ok(())
@@ -663,16 +675,21 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
+async fn control_plane(path: PathBuf, check_only: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let file: ControlPlaneFile =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    // Before any Valkey node starts.
-    file.control_plane.check_internal().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // Before any Valkey node starts: the settings, secret files, TLS certificate and key.
+    shoal_control_plane::startup::check_config(&file.control_plane)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let (plans, default_pool) = file
         .engine
         .plan(pools::Role::ControlPlane)
         .with_context(|| format!("{}: [engine]", path.display()))?;
+    if check_only {
+        println!("{}: OK", path.display());
+        return Ok(());
+    }
     let pools = pools::start(plans, &default_pool).await?;
     let cp = match shoal_control_plane::start(file.control_plane, pools.clone()).await {
         Ok(cp) => cp,
@@ -689,9 +706,14 @@ async fn control_plane(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn gateway(path: PathBuf) -> anyhow::Result<()> {
+async fn gateway(path: PathBuf, check_only: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let file: GatewayFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    if check_only {
+        Gateway::check(&file.gateway).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        println!("{}: OK", path.display());
+        return Ok(());
+    }
     let gateway = Gateway::bind(file.gateway).await?;
     tracing::info!(addr = %gateway.local_addr()?, "gateway listening");
     let (stop_tx, stop_rx) = watch::channel(false);

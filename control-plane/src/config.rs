@@ -138,6 +138,35 @@ impl ControlPlaneConfig {
     }
 }
 
+impl ControlPlaneConfig {
+    /// Refuses a secret file that holds a placeholder left from an example (`CHANGE_ME`,
+    /// `<…>`, see [`shoal_types::is_placeholder`]), naming the file: the admin token, the
+    /// audit key and the internal API's TLS key. A file that does not exist yet is left to
+    /// the start, which writes the admin token and the audit key.
+    pub fn check_secrets(&self) -> Result<(), String> {
+        let files = [
+            (
+                "admin_token_path",
+                Some(self.admin_token_path.clone()),
+                "delete it (the control plane writes a new token at start) or run `shoal admin rotate-token`",
+            ),
+            (
+                "audit_key_path",
+                Some(self.audit_key_path()),
+                "delete it (a new key is made at start) or copy the audit key of the other control planes there",
+            ),
+            ("internal_tls_key", self.internal_tls_key.clone(), "put the internal API's PEM private key there"),
+        ];
+        for (option, path, fix) in files {
+            let Some(path) = path else { continue };
+            if std::fs::read_to_string(&path).is_ok_and(|text| shoal_types::is_placeholder(&text)) {
+                return Err(format!("{option} {} holds a placeholder, not a secret: {fix}", path.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

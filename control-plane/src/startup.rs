@@ -75,6 +75,18 @@ fn check(config: &ControlPlaneConfig) -> Result<(), StartupError> {
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     config.check_internal().map_err(StartupError::Config)?;
+    config.check_secrets().map_err(StartupError::Config)?;
+    Ok(())
+}
+
+/// Everything [`start`] checks before it opens the store or listens: the settings, the
+/// secret files and the internal API's certificate and key (`shoal control-plane
+/// --check-config`).
+pub fn check_config(config: &ControlPlaneConfig) -> Result<(), String> {
+    check(config).map_err(|e| e.to_string())?;
+    if let (Some(cert), Some(key)) = (&config.internal_tls_cert, &config.internal_tls_key) {
+        tls_config(cert, key)?;
+    }
     Ok(())
 }
 

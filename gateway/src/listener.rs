@@ -35,18 +35,33 @@ impl Gateway {
         Gateway::bind_with(config, ControlPlane::Http(client)).await
     }
 
+    /// Everything [`Gateway::bind`] checks before it binds: the control plane's URL, CA and
+    /// this gateway's credential, and the TLS certificate and key (`shoal gateway
+    /// --check-config`).
+    pub fn check(config: &GatewayConfig) -> Result<(), BindError> {
+        HttpClient::new(config).map_err(BindError::Config)?;
+        match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
+            (Some(_), Some(cert), Some(key)) => drop(TlsState::load(cert, key)?),
+            (None, _, _) => {}
+            _ => return Err(BindError::TlsIncomplete),
+        }
+        Ok(())
+    }
+
     /// [`Gateway::bind`] with a control plane of the caller's (the fake one, in tests);
     /// `control_plane_url` and the credential settings are not used.
     pub async fn bind_with(config: GatewayConfig, control_plane: ControlPlane) -> Result<Gateway, BindError> {
         let client = Arc::new(control_plane);
-        let listener = TcpListener::bind(&config.listen).await?;
-        let tls = match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
-            (Some(addr), Some(cert), Some(key)) => {
-                let state = Arc::new(TlsState::load(cert, key)?);
-                Some((TcpListener::bind(addr).await?, state))
-            }
+        // The certificate and key are read before anything is bound.
+        let tls_state = match (&config.tls_listen, &config.tls_cert, &config.tls_key) {
+            (Some(_), Some(cert), Some(key)) => Some(Arc::new(TlsState::load(cert, key)?)),
             (None, _, _) => None,
             _ => return Err(BindError::TlsIncomplete),
+        };
+        let listener = TcpListener::bind(&config.listen).await?;
+        let tls = match (tls_state, &config.tls_listen) {
+            (Some(state), Some(addr)) => Some((TcpListener::bind(addr).await?, state)),
+            _ => None,
         };
         let reader = match &config.reader_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),

@@ -14,6 +14,8 @@ pub enum TlsError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("bad PEM in {path}: {detail}")]
     Pem { path: PathBuf, detail: String },
+    #[error("{path} holds a placeholder, not a private key: put the PEM private key there")]
+    Placeholder { path: PathBuf },
     #[error("certificate and key do not fit together: {0}")]
     Config(#[from] rustls::Error),
     #[error("generating a certificate: {0}")]
@@ -56,7 +58,11 @@ fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
         .collect::<Result<_, _>>()
         .map_err(|e| pem_err(cert, e))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| pem_err(key, e))?;
+    let key_pem = read(key)?;
+    if shoal_types::is_placeholder(&String::from_utf8_lossy(&key_pem)) {
+        return Err(TlsError::Placeholder { path: key.into() });
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| pem_err(key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

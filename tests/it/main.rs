@@ -10,6 +10,7 @@ mod auth;
 mod billing;
 mod clients;
 mod commands;
+mod deploy;
 mod e2e;
 mod engine_agent;
 mod gateway;

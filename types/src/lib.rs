@@ -300,7 +300,7 @@ impl GatewayCredential {
             return Err(CredentialError::Missing);
         }
         let Some((name, secret)) = text.strip_prefix("sgw_").and_then(|rest| rest.split_once('_')) else {
-            return Err(match placeholder.iter().any(|p| lower.contains(p)) {
+            return Err(match placeholder.iter().any(|p| lower.contains(p)) || is_placeholder(text) {
                 true => CredentialError::Placeholder,
                 false => CredentialError::Malformed,
             });
@@ -347,6 +347,41 @@ pub enum CredentialError {
     Short,
     #[error("is not a gateway credential (sgw_<name>_<64 hex digits>)")]
     Malformed,
+}
+
+/// Whether `text`, read where a secret belongs (a key, token, credential or secret file),
+/// is a placeholder left from an example rather than a secret: `CHANGE_ME`, `changeme`,
+/// `<your token here>`, `REPLACE_WITH_…`, `${ADMIN_TOKEN}`… A PEM file is judged by its
+/// body (the lines between `-----BEGIN` and `-----END`). Random secrets (hex, base64, PEM)
+/// never look like one: every word below is longer than the odds allow, or not hex.
+pub fn is_placeholder(text: &str) -> bool {
+    let body: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with("-----")).collect();
+    let body = body.join("\n");
+    let text = body.trim();
+    if text.is_empty() {
+        return false;
+    }
+    if text.starts_with('<') || text.starts_with("${") || text.starts_with("$(") {
+        return true;
+    }
+    let words: String =
+        text.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect();
+    const STARTS: [&str; 12] = [
+        "changeme",
+        "changeit",
+        "replace",
+        "placeholder",
+        "fixme",
+        "todo",
+        "insert",
+        "yoursecret",
+        "yourtoken",
+        "yourkey",
+        "example",
+        "xxxx",
+    ];
+    const WHOLE: [&str; 6] = ["secret", "password", "token", "credential", "key", "test"];
+    STARTS.iter().any(|w| words.starts_with(w)) || WHOLE.contains(&words.as_str())
 }
 
 /// Whether `host:port` (or a bare host) names only this machine: `localhost` or a loopback
@@ -501,6 +536,36 @@ mod tests {
         {
             assert!(!is_loopback(remote), "{remote}");
         }
+    }
+
+    #[test]
+    fn placeholders_are_told_from_secrets() {
+        for placeholder in [
+            "CHANGE_ME",
+            "changeme\n",
+            "Change-Me-To-A-Random-Secret",
+            "<paste the admin token here>",
+            "REPLACE_WITH_THE_CREDENTIAL",
+            "${ADMIN_TOKEN}",
+            "secret",
+            "TODO",
+            "xxxxxxxxxxxxxxxx",
+            "-----BEGIN PRIVATE KEY-----\nCHANGE_ME\n-----END PRIVATE KEY-----\n",
+        ] {
+            assert!(is_placeholder(placeholder), "{placeholder:?}");
+        }
+        let made = GatewayCredential::generate("edge-1");
+        for secret in [
+            made.expose(),
+            "shoal_admin_0123456789abcdef0123456789abcdef0123456789abcdef",
+            "3f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a",
+            "dGhpcyBpcyBub3QgYSBwbGFjZWhvbGRlcg==",
+            "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49\n-----END PRIVATE KEY-----\n",
+            "",
+        ] {
+            assert!(!is_placeholder(secret), "{secret:?}");
+        }
+        assert_eq!(GatewayCredential::parse("<the credential>"), Err(CredentialError::Placeholder));
     }
 
     #[test]

@@ -29,16 +29,19 @@ impl HttpClient {
                  internal_credential; {MAKE_CREDENTIAL}"
             ));
         }
-        let text = match (&config.internal_credential_file, config.internal_credential.is_empty()) {
-            (None, _) => config.internal_credential.clone(),
-            (Some(path), true) => std::fs::read_to_string(path)
-                .map_err(|e| format!("reading internal_credential_file {}: {e}", path.display()))?,
+        let (text, source) = match (&config.internal_credential_file, config.internal_credential.is_empty()) {
+            (None, _) => (config.internal_credential.clone(), "internal_credential".to_string()),
+            (Some(path), true) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading internal_credential_file {}: {e}", path.display()))?,
+                format!("internal_credential_file {}", path.display()),
+            ),
             (Some(_), false) => {
                 return Err("set internal_credential or internal_credential_file, not both".into())
             }
         };
-        let credential = GatewayCredential::parse(&text)
-            .map_err(|e| format!("internal_credential {e}; {MAKE_CREDENTIAL}"))?;
+        let credential =
+            GatewayCredential::parse(&text).map_err(|e| format!("{source} {e}; {MAKE_CREDENTIAL}"))?;
         let base = config.control_plane_url.trim_end_matches('/').to_string();
         let plain = match base.split_once("://") {
             Some(("https", _)) => false,
