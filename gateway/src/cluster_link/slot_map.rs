@@ -286,7 +286,8 @@ impl Seeds {
         self.reread().await
     }
 
-    /// Reads the map now, asking the nodes in turn, the last map's primaries first.
+    /// Reads the map now, asking the nodes in turn, the last map's primaries first; then
+    /// checks it with its primaries ([`Seeds::checked`]).
     pub async fn reread(&self) -> Result<Arc<SlotMap>, GatewayError> {
         let current = maps().lock().unwrap().get(&self.key).cloned();
         let mut order: Vec<&String> = Vec::new();
@@ -296,19 +297,47 @@ impl Seeds {
         order.extend(self.nodes.iter());
         let mut last = GatewayError::Upstream("no cluster node answered".into());
         for addr in order {
-            match query(addr, &self.user, &self.password, &[b"CLUSTER", b"SHARDS"]).await {
-                Ok(reply) => match SlotMap::parse(&reply, addr) {
-                    Some(map) => {
-                        let map = Arc::new(map);
-                        maps().lock().unwrap().insert(self.key.clone(), map.clone());
-                        return Ok(map);
-                    }
-                    None => last = GatewayError::Upstream(format!("{addr}: unreadable CLUSTER SHARDS")),
-                },
+            match self.read_at(addr).await {
+                Ok(map) => {
+                    let map = Arc::new(self.checked(map).await);
+                    maps().lock().unwrap().insert(self.key.clone(), map.clone());
+                    return Ok(map);
+                }
                 Err(e) => last = e,
             }
         }
         Err(last)
+    }
+
+    async fn read_at(&self, addr: &str) -> Result<SlotMap, GatewayError> {
+        let reply = query(addr, &self.user, &self.password, &[b"CLUSTER", b"SHARDS"]).await?;
+        SlotMap::parse(&reply, addr)
+            .ok_or_else(|| GatewayError::Upstream(format!("{addr}: unreadable CLUSTER SHARDS")))
+    }
+
+    /// `map` as its primaries see it: a node's view of others lags a failover (gossip), its
+    /// own role does not. A primary of `map` that says it is a replica now (`ROLE`) knows its
+    /// shard's new primary: its map is taken instead, and checked the same way (a few times
+    /// at most). A primary that does not answer is left as it is: whoever uses it finds out.
+    async fn checked(&self, mut map: SlotMap) -> SlotMap {
+        for _ in 0..3 {
+            let mut demoted = None;
+            for shard in &map.shards {
+                let role = query(&shard.primary, &self.user, &self.password, &[b"ROLE"]).await;
+                let is_replica = matches!(&role, Ok(Value::Array(items))
+                    if items.first().and_then(|v| v.as_bytes()).is_some_and(|r| r == b"slave"));
+                if is_replica {
+                    demoted = Some(shard.primary.clone());
+                    break;
+                }
+            }
+            let Some(addr) = demoted else { return map };
+            match self.read_at(&addr).await {
+                Ok(newer) => map = newer,
+                Err(_) => return map,
+            }
+        }
+        map
     }
 }
 
