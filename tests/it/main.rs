@@ -13,6 +13,7 @@ mod commands;
 mod e2e;
 mod engine_agent;
 mod gateway;
+mod hosts;
 mod internal;
 mod isolation;
 mod ldap;
