@@ -168,6 +168,34 @@ fn valkey_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("valkey-server"))
 }
 
+/// A raw client that waits for its replies (up to a minute).
+struct PatientClient(tokio::io::BufReader<tokio::net::TcpStream>);
+
+impl PatientClient {
+    async fn connect(gateway: std::net::SocketAddr, token: &str) -> PatientClient {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut s = tokio::io::BufReader::new(tokio::net::TcpStream::connect(gateway).await.unwrap());
+        s.get_mut().write_all(&crate::support::auth_command(token)).await.unwrap();
+        let mut line = String::new();
+        s.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "+OK\r\n");
+        PatientClient(s)
+    }
+
+    /// `GET k`: the reply's first line, and how long it took.
+    async fn get(&mut self) -> (String, Duration) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let started = Instant::now();
+        self.0.get_mut().write_all(&crate::support::encode(&["GET", "k"])).await.unwrap();
+        let mut line = String::new();
+        match tokio::time::timeout(Duration::from_secs(60), self.0.read_line(&mut line)).await {
+            Ok(Ok(_)) => (line, started.elapsed()),
+            Ok(Err(e)) => (format!("connection error: {e}"), started.elapsed()),
+            Err(_) => ("no reply in a minute".into(), started.elapsed()),
+        }
+    }
+}
+
 fn figure_line(r: &Report, host: &str) -> String {
     format!(
         "cache {} (engine host {host}): {} commands answered, {} errors over {:.2} s, {} mismatches, {} reconnects",
@@ -195,9 +223,13 @@ async fn cutting_an_engine_host_off_fails_only_the_caches_on_it() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let cut = &dep.engine_hosts[0].host;
+    // A client that waits as long as it takes (no timeout of its own), of a cache on the
+    // host about to be cut, logged in before.
+    let mut patient = PatientClient::connect(dep.gateway(0), &caches[on_cut[0]].token).await;
     let at_cut = checker.counts();
     dep.net.cut(cut);
     let cut_at = Instant::now();
+    let patient = tokio::spawn(async move { patient.get().await });
     // The other host's caches carry on, and take new connections on every gateway.
     checker.progress(&others, 100, Duration::from_secs(10)).await;
     for g in 0..dep.gateways.len() {
@@ -222,6 +254,11 @@ async fn cutting_an_engine_host_off_fails_only_the_caches_on_it() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let (reply, waited) = patient.await.unwrap();
+    assert!(
+        reply.starts_with("-ERR") && waited < Duration::from_secs(10),
+        "a GET to the cut host's cache was answered {reply:?} after {waited:?}: it should fail, not hang"
+    );
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed())).await;
     let during = checker.counts();
     for &i in &on_cut {
@@ -254,6 +291,11 @@ async fn cutting_an_engine_host_off_fails_only_the_caches_on_it() {
     println!(
         "FIGURE engine host cut: the control plane saw its node unhealthy after {:.2} s",
         detected.as_secs_f64()
+    );
+    println!(
+        "FIGURE engine host cut: a client without a timeout of its own got {:?} after {:.2} s",
+        reply.trim(),
+        waited.as_secs_f64()
     );
     println!(
         "FIGURE engine host cut: its caches served again {:.2} s after the link came back",
