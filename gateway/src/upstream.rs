@@ -13,6 +13,16 @@ use tokio::net::{tcp, TcpStream};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long what the gateway sent a node may stay unacknowledged before the connection is
+/// given up (`TCP_USER_TIMEOUT`). A node whose host is cut off or gone then fails the
+/// requests waiting on it (`-ERR cache connection lost, try again`) within seconds, and the
+/// next request connects afresh (failing fast while the node is unreachable, working as soon
+/// as it is back), instead of every request of the cache's shared connection waiting until
+/// the network returns — and then for TCP's next retransmission, or about 15 minutes until
+/// TCP gives up. A node that is merely busy (a long script) still acknowledges what it is
+/// sent, so this never ends a slow command.
+pub const UNACKNOWLEDGED_LIMIT: Duration = Duration::from_secs(5);
+
 /// A session's (or the mux's) upstream: a node, or a cluster link.
 pub enum Upstream {
     Node(TcpStream),
@@ -99,6 +109,7 @@ pub async fn connect_to(
             .await
             .map_err(|e| GatewayError::Upstream(format!("connect {addr}: {e}")))?;
         stream.set_nodelay(true).ok();
+        give_up_when_unacknowledged(&stream);
         let mut out = BytesMut::new();
         resp::command(&mut out, &[b"AUTH", user.as_bytes(), password.as_bytes()]);
         resp::command(&mut out, &[b"SELECT", db.to_string().as_bytes()]);
@@ -135,6 +146,13 @@ pub async fn connect_to(
         .map_err(|_| GatewayError::Upstream("setup timed out".into()))?
 }
 
+/// Sets [`UNACKNOWLEDGED_LIMIT`] on a connection to a node.
+fn give_up_when_unacknowledged(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT)) {
+        tracing::warn!(error = %e, "TCP_USER_TIMEOUT not set on an upstream connection");
+    }
+}
+
 /// Reads from an upstream connection if there is one; never resolves otherwise (for
 /// `select!` branches).
 pub(crate) async fn read_opt(half: Option<&mut ReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
@@ -149,5 +167,19 @@ pub(crate) async fn write_opt(half: Option<&mut WriteHalf>, buf: &[u8]) -> std::
     match half {
         Some(h) => h.write(buf).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upstream_connections_give_up_on_a_node_that_acknowledges_nothing_within_5_s() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        give_up_when_unacknowledged(&stream);
+        let set = socket2::SockRef::from(&stream).tcp_user_timeout().unwrap();
+        assert_eq!(set, Some(UNACKNOWLEDGED_LIMIT));
     }
 }

@@ -14,6 +14,7 @@ mod deploy;
 mod e2e;
 mod engine_agent;
 mod gateway;
+mod hosts;
 mod internal;
 mod isolation;
 mod ldap;

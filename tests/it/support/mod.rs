@@ -2,6 +2,8 @@
 //! and talks to it over HTTP and RESP like a user would.
 #![allow(dead_code)]
 
+pub mod checker;
+pub mod hosts;
 mod shared;
 mod split;
 
@@ -760,13 +762,15 @@ impl Proc {
 
     /// Another `shoal` binary (an upgrade, say).
     pub fn spawn_binary(binary: &Path, args: &[&str], log: &Path) -> Proc {
+        let mut cmd = Command::new(binary);
+        cmd.args(args);
+        Proc::from_command(cmd, log)
+    }
+
+    /// Any command (a `shoal` run inside a network namespace, say), its stderr appended to `log`.
+    pub fn from_command(mut cmd: Command, log: &Path) -> Proc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(binary)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("shoal binary runs");
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("the command runs");
         Proc(Some(child))
     }
 

@@ -1,0 +1,608 @@
+//! Many machines (issue 19): control planes, engine hosts and gateways each in its own
+//! network namespace with its own address, on PostgreSQL (`support::hosts`), under a running
+//! workload (`support::checker`: known keys written and read back on several caches), while
+//! one part fails. Each test prints `FIGURE …` lines (the README's "Running on many
+//! machines" quotes them).
+//!
+//! One control plane: two at once need the store's leases for the jobs only one may run
+//! (`Layout::control_planes` is ready for it).
+
+use crate::support::checker::{one_pair, Checker, Report, Target};
+use crate::support::hosts::{Cache, Deployment, Layout, Net, NodeSeen};
+use shoal_types::UsageCounters;
+use std::time::{Duration, Instant};
+
+/// A SET and a GET per cache every 10 ms (with four caches, ~700 commands a second).
+const PACE: Duration = Duration::from_millis(10);
+
+/// The deployment, or None (the reason printed) where network namespaces cannot be used —
+/// unless `SHOAL_TEST_HOSTS=required` (scripts/test.sh), where that fails the test.
+async fn deployment(layout: Layout) -> Option<Deployment> {
+    Deployment::start(layout).await.map_err(unusable).ok()
+}
+
+fn unusable(why: String) {
+    if std::env::var("SHOAL_TEST_HOSTS").as_deref() == Ok("required") {
+        panic!("SHOAL_TEST_HOSTS=required, but network namespaces are unusable: {why}");
+    }
+    println!("SKIPPED: network namespaces are unusable here: {why}");
+}
+
+/// Cache j's client starts on gateway j mod G.
+fn targets(caches: &[Cache], gateways: usize) -> Vec<Target> {
+    caches
+        .iter()
+        .enumerate()
+        .map(|(j, c)| Target { name: c.name.clone(), token: c.token.clone(), gateway: j % gateways })
+        .collect()
+}
+
+fn gateways(dep: &Deployment) -> Vec<std::net::SocketAddr> {
+    (0..dep.gateways.len()).map(|g| dep.gateway(g)).collect()
+}
+
+/// The usage the control plane stored for a cache (the last hour's minutes, summed).
+async fn stored(dep: &Deployment, cache: &Cache) -> UsageCounters {
+    let body = dep.api(reqwest::Method::GET, &format!("/v1/caches/{}/usage", cache.id), None).await;
+    let mut total = UsageCounters::default();
+    for p in body["points"].as_array().unwrap() {
+        total.add(&UsageCounters::from_values(UsageCounters::NAMES.map(|k| p[k].as_u64().unwrap())));
+    }
+    total
+}
+
+/// `a - b`, counter by counter; None if any of `b`'s is larger.
+fn minus(a: &UsageCounters, b: &UsageCounters) -> Option<UsageCounters> {
+    let (a, b) = (a.values(), b.values());
+    let mut out = [0u64; 8];
+    for i in 0..8 {
+        out[i] = a[i].checked_sub(b[i])?;
+    }
+    Some(UsageCounters::from_values(out))
+}
+
+fn at_most(a: &UsageCounters, b: &UsageCounters) -> bool {
+    a.values().iter().zip(b.values()).all(|(x, y)| *x <= y)
+}
+
+/// Waits until the stored usage of `cache` has not changed for 3 s (the gateways send a
+/// batch a second) and returns it.
+async fn settled(dep: &Deployment, cache: &Cache) -> UsageCounters {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = stored(dep, cache).await;
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = stored(dep, cache).await;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(3) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the usage of {} never settled: {now:?}", cache.name);
+    }
+}
+
+/// Waits until the stored usage of each cache is what the checker computed, then checks that
+/// it stays so: when each was first seen.
+async fn assert_stored_exactly(dep: &Deployment, wanted: &[(&Cache, UsageCounters)]) -> Vec<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = vec![None; wanted.len()];
+    while seen.iter().any(Option::is_none) {
+        for (i, (cache, want)) in wanted.iter().enumerate() {
+            if seen[i].is_some() {
+                continue;
+            }
+            let got = stored(dep, cache).await;
+            if got == *want {
+                seen[i] = Some(Instant::now());
+                continue;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: stored {got:?}\n  the checker's {want:?}\n{}",
+                cache.name,
+                dep.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (cache, want) in wanted {
+        assert_eq!(stored(dep, cache).await, *want, "{}: nothing is counted twice", cache.name);
+    }
+    seen.into_iter().map(Option::unwrap).collect()
+}
+
+/// "0.000123456" (million ECPU) → milli-ECPU, exactly.
+fn milli(decimal: &serde_json::Value) -> u64 {
+    let s = decimal.as_str().expect("decimals are strings");
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let mut frac = frac.to_string();
+    assert!(frac.len() <= 9 || frac[9..].chars().all(|c| c == '0'), "{s} is finer than a milli-ECPU");
+    frac.truncate(9);
+    while frac.len() < 9 {
+        frac.push('0');
+    }
+    int.parse::<u64>().unwrap() * 1_000_000_000 + frac.parse::<u64>().unwrap()
+}
+
+/// The ECPU the invoices of `months` bill for `cache`, in milli-ECPU.
+async fn invoiced(dep: &Deployment, cache: &Cache, months: &[String]) -> u64 {
+    let mut total = 0;
+    for month in months {
+        let invoice =
+            dep.api(reqwest::Method::GET, &format!("/v1/invoices/{}-{month}", cache.account), None).await;
+        for line in invoice["lines"].as_array().unwrap() {
+            if line["meter"] == "ecpu" && line["cache_id"] == cache.id.as_str() {
+                total += milli(&line["quantity"]);
+            }
+        }
+    }
+    total
+}
+
+/// Each gateway's usage batches not yet acknowledged (its `/metrics`).
+async fn pending_batches(dep: &Deployment) -> Vec<u64> {
+    let mut out = Vec::new();
+    for g in 0..dep.gateways.len() {
+        let text = dep.gateway_metrics(g).await;
+        let n = text
+            .lines()
+            .find_map(|l| l.strip_prefix("shoal_gateway_usage_batches_pending "))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64);
+        out.push(n);
+    }
+    out
+}
+
+fn month_now() -> String {
+    chrono::Utc::now().format("%Y-%m").to_string()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+fn valkey_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("valkey-server"))
+}
+
+/// A raw client that waits for its replies (up to a minute).
+struct PatientClient(tokio::io::BufReader<tokio::net::TcpStream>);
+
+impl PatientClient {
+    async fn connect(gateway: std::net::SocketAddr, token: &str) -> PatientClient {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut s = tokio::io::BufReader::new(tokio::net::TcpStream::connect(gateway).await.unwrap());
+        s.get_mut().write_all(&crate::support::auth_command(token)).await.unwrap();
+        let mut line = String::new();
+        s.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "+OK\r\n");
+        PatientClient(s)
+    }
+
+    /// `GET k`: the reply's first line, and how long it took.
+    async fn get(&mut self) -> (String, Duration) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let started = Instant::now();
+        self.0.get_mut().write_all(&crate::support::encode(&["GET", "k"])).await.unwrap();
+        let mut line = String::new();
+        match tokio::time::timeout(Duration::from_secs(60), self.0.read_line(&mut line)).await {
+            Ok(Ok(_)) => (line, started.elapsed()),
+            Ok(Err(e)) => (format!("connection error: {e}"), started.elapsed()),
+            Err(_) => ("no reply in a minute".into(), started.elapsed()),
+        }
+    }
+}
+
+fn figure_line(r: &Report, host: &str) -> String {
+    format!(
+        "cache {} (engine host {host}): {} commands answered, {} errors over {:.2} s, {} mismatches, {} reconnects",
+        r.cache,
+        r.ok,
+        r.errors,
+        r.error_time.as_secs_f64(),
+        r.mismatches,
+        r.reconnects
+    )
+}
+
+/// An engine host cut off the network (its link down for 10 s): the caches on its node get
+/// errors, those on the other host none — not even new connections; the control plane sees
+/// the node go unhealthy and come back; after the heal every cache serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_an_engine_host_off_fails_only_the_caches_on_it() {
+    let Some(dep) = deployment(Layout::default()).await else { return };
+    let caches = dep.caches_on_every_host("cut", 4).await;
+    let checker = Checker::start(&targets(&caches, dep.gateways.len()), gateways(&dep), PACE);
+    let all: Vec<usize> = (0..caches.len()).collect();
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+    let (on_cut, others): (Vec<usize>, Vec<usize>) = all.iter().partition(|&&i| caches[i].engine_host == 0);
+    let cut_node = &dep.nodes.iter().find(|n| n.engine_host == 0).unwrap().name;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let cut = &dep.engine_hosts[0].host;
+    // A client that waits as long as it takes (no timeout of its own), of a cache on the
+    // host about to be cut, logged in before.
+    let mut patient = PatientClient::connect(dep.gateway(0), &caches[on_cut[0]].token).await;
+    let at_cut = checker.counts();
+    dep.net.cut(cut);
+    let cut_at = Instant::now();
+    let patient = tokio::spawn(async move { patient.get().await });
+    // The other host's caches carry on, and take new connections on every gateway.
+    checker.progress(&others, 100, Duration::from_secs(10)).await;
+    for g in 0..dep.gateways.len() {
+        for &i in &others {
+            let c = &caches[i];
+            if let Err(e) = one_pair(dep.gateway(g), &c.token, "fresh", "during-the-cut").await {
+                panic!("{} on gateway {g} during the cut: {e}\n{}", c.name, dep.log());
+            }
+        }
+    }
+    // The control plane sees the node go down (and only it).
+    let detected = loop {
+        let seen = dep.nodes_seen().await;
+        let state = |name: &str| seen.iter().find(|n| n.name == name).map(|n| n.healthy);
+        if state(cut_node) == Some(false) {
+            assert!(seen.iter().filter(|n| n.name != *cut_node).all(|n| n.healthy), "{seen:?}");
+            break cut_at.elapsed();
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(15),
+            "the control plane never saw {cut_node} down: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (reply, waited) = patient.await.unwrap();
+    assert!(
+        reply.starts_with("-ERR") && waited < Duration::from_secs(10),
+        "a GET to the cut host's cache was answered {reply:?} after {waited:?}: it should fail, not hang"
+    );
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed())).await;
+    let during = checker.counts();
+    for &i in &on_cut {
+        assert!(during[i].1 > 0, "{} (on the cut host) saw no error", caches[i].name);
+    }
+
+    dep.net.heal(cut);
+    let healed_at = Instant::now();
+    let cut_for = cut_at.elapsed();
+    // Every cache serves again: how long after the heal.
+    let at_heal: Vec<u64> = checker.counts().iter().map(|c| c.0).collect();
+    let recovered = loop {
+        let now = checker.counts();
+        if on_cut.iter().all(|&i| now[i].0 > at_heal[i] + 10) {
+            break healed_at.elapsed();
+        }
+        assert!(
+            healed_at.elapsed() < Duration::from_secs(60),
+            "the cut host's caches never served again: {:?}\n{}",
+            on_cut.iter().map(|&i| checker.live[i].last_error.lock().unwrap().clone()).collect::<Vec<_>>(),
+            dep.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    dep.wait_for_nodes().await;
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+    let reports = checker.stop().await;
+
+    println!("FIGURE engine host cut: {} off the network for {:.1} s", cut.name, cut_for.as_secs_f64());
+    println!(
+        "FIGURE engine host cut: the control plane saw its node unhealthy after {:.2} s",
+        detected.as_secs_f64()
+    );
+    println!(
+        "FIGURE engine host cut: a client without a timeout of its own got {:?} after {:.2} s",
+        reply.trim(),
+        waited.as_secs_f64()
+    );
+    println!(
+        "FIGURE engine host cut: its caches served again {:.2} s after the link came back",
+        recovered.as_secs_f64()
+    );
+    for (i, r) in reports.iter().enumerate() {
+        println!(
+            "FIGURE engine host cut: {}; answered {} before the cut, {} during it",
+            figure_line(r, &dep.engine_hosts[caches[i].engine_host].host.name),
+            at_cut[i].0,
+            at_heal[i] - at_cut[i].0
+        );
+    }
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!(r.mismatches, 0, "{}: a read returned another value than written", r.cache);
+        if on_cut.contains(&i) {
+            assert!(r.errors > 0, "{}", r.cache);
+        } else {
+            assert_eq!(r.errors, 0, "{} is on the other host: no error, got {r:?}", r.cache);
+        }
+    }
+}
+
+/// `kill -9` of a gateway under load: its clients reconnect to the other and carry on; the
+/// usage the control plane stored is what the clients sent — exactly for the caches the
+/// dead gateway never served, and never more for the others (what is lost is what the dead
+/// gateway metered in its last moments and had not sent yet: counted, and bounded by its
+/// last 3 s of traffic). Restarted, the gateway adds nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_clients_carry_on_through_another_and_no_usage_is_doubled() {
+    let Some(mut dep) = deployment(Layout::default()).await else { return };
+    let caches = dep.caches_on_every_host("failover", 4).await;
+    let checker = Checker::start(&targets(&caches, dep.gateways.len()), gateways(&dep), PACE);
+    let all: Vec<usize> = (0..caches.len()).collect();
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let killed_at = Instant::now();
+    dep.kill_gateway(0);
+    checker.progress(&all, 100, Duration::from_secs(20)).await;
+    let carried_on = killed_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reports = checker.stop().await;
+    dep.start_gateway(0);
+    dep.wait_for_gateway(0).await;
+
+    println!("FIGURE gateway kill -9: every client served again within {:.2} s", carried_on.as_secs_f64());
+    for (i, r) in reports.iter().enumerate() {
+        let c = &caches[i];
+        assert_eq!(r.mismatches, 0, "{}: a read returned another value than written", r.cache);
+        let on_killed = r.answered.iter().any(|a| a.gateway == 0);
+        let got = if on_killed { settled(&dep, c).await } else { stored(&dep, c).await };
+        if !on_killed {
+            assert_eq!(r.errors, 0, "{} was on the surviving gateway: {r:?}", r.cache);
+            assert_stored_exactly(&dep, &[(c, r.want)]).await;
+            println!(
+                "FIGURE gateway kill -9: {} (surviving gateway): {} commands, {} milli-ECPU stored = sent",
+                r.cache, r.want.commands, r.want.ecpu_milli
+            );
+            continue;
+        }
+        assert!(r.failovers >= 1 && r.errors >= 1, "{} did not notice the kill: {r:?}", r.cache);
+        assert!(r.error_time < Duration::from_secs(5), "{}: {r:?}", r.cache);
+        let lost = minus(&r.want, &got).unwrap_or_else(|| {
+            panic!("{}: stored {got:?} is more than sent {:?}: counted twice", r.cache, r.want)
+        });
+        let bound = r.usage_on_since(0, killed_at - Duration::from_secs(3));
+        assert!(
+            at_most(&lost, &bound),
+            "{}: lost {lost:?}, more than the dead gateway's last 3 s {bound:?}",
+            r.cache
+        );
+        let last_second = r.usage_on_since(0, killed_at - Duration::from_secs(1));
+        println!(
+            "FIGURE gateway kill -9: {}: switched gateway after {} errors over {:.2} s; sent {} commands, \
+             stored {}, lost {} ({} milli-ECPU; the dead gateway answered {} in its last second)",
+            r.cache,
+            r.errors,
+            r.error_time.as_secs_f64(),
+            r.want.commands,
+            got.commands,
+            lost.commands,
+            lost.ecpu_milli,
+            last_second.commands
+        );
+    }
+    // The restarted gateway sent nothing again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, r) in reports.iter().enumerate() {
+        assert!(
+            at_most(&stored(&dep, &caches[i]).await, &r.want),
+            "{}: counted twice after the restart",
+            r.cache
+        );
+    }
+}
+
+/// The control plane `kill -9`ed and started again, then `kill -9`ed and started from a
+/// copy of the binary (an upgrade): no Valkey process restarts (the same pids and restart
+/// counts, as the agents report them) and no client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_and_upgrading_the_control_plane_restarts_no_valkey_process() {
+    let Some(mut dep) = deployment(Layout::default()).await else { return };
+    let caches = dep.caches_on_every_host("upgrade", 4).await;
+    let checker = Checker::start(&targets(&caches, dep.gateways.len()), gateways(&dep), PACE);
+    let all: Vec<usize> = (0..caches.len()).collect();
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+    let before: Vec<NodeSeen> = dep.wait_for_nodes().await;
+
+    let shoal = std::path::PathBuf::from(env!("CARGO_BIN_EXE_shoal"));
+    let upgraded = dep.dir().join("shoal-upgraded");
+    std::fs::copy(&shoal, &upgraded).unwrap();
+    let mut down = Vec::new();
+    for (what, binary) in [("restart", &shoal), ("upgrade", &upgraded)] {
+        dep.kill_control_plane(0);
+        let killed = Instant::now();
+        // Without it, every cache serves (for longer than a gateway caches a route).
+        checker.progress(&all, 50, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(3).saturating_sub(killed.elapsed())).await;
+        let started = Instant::now();
+        dep.start_control_plane(0, binary).await;
+        let after = dep.wait_for_nodes().await;
+        down.push((what, started.elapsed()));
+        assert_eq!(after, before, "a Valkey node restarted with the control plane's {what}");
+        checker.progress(&all, 50, Duration::from_secs(10)).await;
+    }
+    for n in &before {
+        assert!(valkey_alive(n.pid.unwrap()), "{} ({:?}) is gone", n.name, n.pid);
+    }
+    // The upgraded control plane provisions: a new cache, served through a gateway.
+    let fresh = dep.create_cache("after-upgrade").await;
+    one_pair(dep.gateway(0), &fresh.token, "k", "v").await.unwrap();
+    let reports = checker.stop().await;
+
+    for (what, took) in &down {
+        println!(
+            "FIGURE control plane {what} (kill -9, 3 s down, then started): serving, every node reported, {:.2} s after its start",
+            took.as_secs_f64()
+        );
+    }
+    println!(
+        "FIGURE control plane restart and upgrade: Valkey pids unchanged {:?}",
+        before.iter().map(|n| (n.name.as_str(), n.pid.unwrap(), n.restarts.unwrap())).collect::<Vec<_>>()
+    );
+    for (i, r) in reports.iter().enumerate() {
+        println!(
+            "FIGURE control plane restart and upgrade: {}",
+            figure_line(r, &dep.engine_hosts[caches[i].engine_host].host.name)
+        );
+        assert_eq!((r.errors, r.mismatches, r.reconnects), (0, 0, 0), "{}: {r:?}", r.cache);
+    }
+    // The usage of the restarts reached the new control plane, once.
+    let wanted: Vec<(&Cache, UsageCounters)> =
+        caches.iter().zip(&reports).map(|(c, r)| (c, r.want)).collect();
+    assert_stored_exactly(&dep, &wanted).await;
+    println!("FIGURE control plane restart and upgrade: usage stored = sent, for every cache");
+}
+
+/// Every control plane frozen (SIGSTOP) for 60 s under load: existing connections serve
+/// reads and writes, new connections with valid tokens log in (the gateways' last routes
+/// and keys), and the usage of the outage reaches the invoice exactly once when the control
+/// planes are back. The outage is placed so that the workload ends just before a minute
+/// does (an invoice bills completed minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_control_plane_down_for_60_s_caches_serve_and_usage_is_invoiced_once() {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    const AFTER: f64 = 4.0;
+    let Some(dep) = deployment(Layout::default()).await else { return };
+    let caches = dep.caches_on_every_host("outage", 4).await;
+    let months_from = month_now();
+    let checker = Checker::start(&targets(&caches, dep.gateways.len()), gateways(&dep), PACE);
+    let all: Vec<usize> = (0..caches.len()).collect();
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+    // Start the outage so that the workload stops at second 56 of a minute.
+    let now = unix_now();
+    let end = now + 3.0 + OUTAGE.as_secs_f64() + AFTER;
+    let wait = 3.0 + (56.0 - end % 60.0).rem_euclid(60.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+
+    for cp in &dep.control_planes {
+        cp.proc.as_ref().unwrap().signal(libc::SIGSTOP);
+    }
+    let stopped_at = Instant::now();
+    let before = checker.counts();
+    // New connections while the control planes are down (after the gateways' route cache
+    // expired), at the start and near the end: each cache on the gateway that served it.
+    let mut extra = vec![UsageCounters::default(); caches.len()];
+    let mut connect_times = Vec::new();
+    for at in [Duration::from_secs(5), OUTAGE - Duration::from_secs(5)] {
+        tokio::time::sleep(at.saturating_sub(stopped_at.elapsed())).await;
+        for (j, c) in caches.iter().enumerate() {
+            let (took, usage) =
+                one_pair(dep.gateway(j % dep.gateways.len()), &c.token, "new", "during-the-outage")
+                    .await
+                    .unwrap_or_else(|e| panic!("a new connection to {} during the outage: {e}", c.name));
+            extra[j].add(&usage);
+            connect_times.push(took);
+        }
+    }
+    // A cache a gateway never served cannot be looked up meanwhile: refused, not hung.
+    let unseen = one_pair(dep.gateway(1), &caches[0].token, "new", "x").await;
+    assert!(unseen.is_err(), "gateway 2 never served {}, yet let it in during the outage", caches[0].name);
+    tokio::time::sleep(OUTAGE.saturating_sub(stopped_at.elapsed())).await;
+    let during = checker.counts();
+    let backlog = pending_batches(&dep).await;
+    for cp in &dep.control_planes {
+        cp.proc.as_ref().unwrap().signal(libc::SIGCONT);
+    }
+    let resumed_at = Instant::now();
+    // The gateways' backlog of usage batches goes (the current second's may be pending).
+    let drained = loop {
+        if pending_batches(&dep).await.iter().all(|&n| n <= 1) {
+            break resumed_at.elapsed();
+        }
+        assert!(resumed_at.elapsed() < Duration::from_secs(20), "the usage backlog stays\n{}", dep.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs_f64(AFTER).saturating_sub(resumed_at.elapsed())).await;
+    let reports = checker.stop().await;
+    let stopped_unix = unix_now();
+    let months = {
+        let mut m = vec![months_from];
+        if month_now() != m[0] {
+            m.push(month_now());
+        }
+        m
+    };
+
+    println!(
+        "FIGURE control planes down: {:.1} s (SIGSTOP)",
+        resumed_at.duration_since(stopped_at).as_secs_f64()
+    );
+    println!(
+        "FIGURE control planes down: the gateways' {backlog:?} usage batches of the outage delivered {:.2} s after",
+        drained.as_secs_f64()
+    );
+    println!(
+        "FIGURE control planes down: new connections during the outage took {:.2}–{:.2} s",
+        connect_times.iter().min().unwrap().as_secs_f64(),
+        connect_times.iter().max().unwrap().as_secs_f64()
+    );
+    let mut wanted = Vec::new();
+    for (j, r) in reports.iter().enumerate() {
+        assert_eq!((r.errors, r.mismatches), (0, 0), "{}: {r:?}", r.cache);
+        let mut want = r.want;
+        want.add(&extra[j]);
+        wanted.push((&caches[j], want));
+    }
+    assert_stored_exactly(&dep, &wanted).await;
+    for (j, r) in reports.iter().enumerate() {
+        let served = during[j].0 - before[j].0;
+        assert!(served > 1000, "{} served {served} commands in the outage", r.cache);
+        let want = wanted[j].1;
+        println!(
+            "FIGURE control planes down: {}: {served} commands answered during the outage, 0 errors; \
+             usage stored: {} commands, {} milli-ECPU = sent",
+            r.cache, want.commands, want.ecpu_milli
+        );
+    }
+    // The invoice bills completed minutes: once the workload's last one is over.
+    let minute_over = (stopped_unix / 60.0).floor() * 60.0 + 61.0;
+    tokio::time::sleep(Duration::from_secs_f64((minute_over - unix_now()).max(0.0))).await;
+    for (j, r) in reports.iter().enumerate() {
+        let want = r.want.ecpu_milli + extra[j].ecpu_milli;
+        let deadline = Instant::now() + Duration::from_secs(70);
+        loop {
+            let got = invoiced(&dep, &caches[j], &months).await;
+            if got == want {
+                break;
+            }
+            assert!(got < want, "{}: invoiced {got} milli-ECPU, more than the {want} sent", r.cache);
+            assert!(Instant::now() < deadline, "{}: invoiced {got} milli-ECPU, sent {want}", r.cache);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        println!("FIGURE control planes down: {}: invoiced {want} milli-ECPU = sent, once", r.cache);
+    }
+}
+
+/// The harness itself: the next run that takes K removes what a dead run left under it (its
+/// processes too), and a test that panics leaves nothing behind.
+#[test]
+fn the_harness_leaves_nothing_behind_after_a_dead_run_or_a_panic() {
+    let net = match Net::new() {
+        Ok(net) => net,
+        Err(why) => return unusable(why),
+    };
+    let k = net.k;
+    let sleep = std::path::Path::new("/bin/sleep");
+    let mut left = net.host("a").command(sleep).arg("600").spawn().unwrap();
+    net.abandon();
+    assert!(Net::leftovers(k).contains(&format!("shl{k}-a")));
+    assert!(left.try_wait().unwrap().is_none(), "the dead run's process runs on");
+
+    let net = Net::claim(k).unwrap().expect("K is free once its run died");
+    let status = left.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+    assert_eq!(Net::leftovers(k), [format!("shl{k}")], "only the new bridge");
+
+    let mut running = net.host("b").command(sleep).arg("600").spawn().unwrap();
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _net = net;
+        panic!("a test fails (this panic is expected)");
+    }));
+    assert!(failed.is_err());
+    assert_eq!(Net::leftovers(k), Vec::<String>::new());
+    // Kept for a failed test's post-mortem: this one failed on purpose.
+    let _ = std::fs::remove_dir_all(format!("/tmp/shoal-hosts/shl{k}"));
+    let status = running.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+}
