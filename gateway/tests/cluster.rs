@@ -723,3 +723,79 @@ async fn a_split_command_is_metered_once() {
     };
     assert_eq!(commands, 4, "MSET, MGET, DEL over three shards and DBSIZE: four commands");
 }
+
+/// Reads from `raw` until `want` bytes came (5 s at most), and what came.
+async fn read_exactly(raw: &mut tokio::net::TcpStream, want: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1024];
+    while got.len() < want {
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_graceful_failover_and_restart_of_a_primary_is_invisible_to_sessions() {
+    use tokio::io::AsyncWriteExt;
+    let s = Setup::start().await;
+    let cache = s.cache(1).await;
+    let token = s.fake.token(&cache);
+    // A RESP2 subscriber, whose subscriptions live on the primary of slot 0.
+    let mut raw = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let auth = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{token}\r\n", token.len());
+    raw.write_all(format!("{auth}*2\r\n$9\r\nSUBSCRIBE\r\n$4\r\nnews\r\n").as_bytes()).await.unwrap();
+    let confirmed = "+OK\r\n*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n";
+    assert_eq!(read_exactly(&mut raw, confirmed.len()).await, confirmed);
+    let mut c = s.client(&cache).await;
+    let _: () = q(&mut c, &["CLIENT", "SETNAME", "survivor"]).await.unwrap();
+    for i in 0..20 {
+        let _: () = q(&mut c, &["SET", &format!("k{i}"), "v"]).await.unwrap();
+    }
+    let receivers: u32 = q(&mut c, &["PUBLISH", "news", "before"]).await.unwrap();
+    assert_eq!(receivers, 1);
+    let message = |m: &str| format!("*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n${}\r\n{m}\r\n", m.len());
+    assert_eq!(read_exactly(&mut raw, message("before").len()).await, message("before"));
+
+    // The shard of slot 0 fails over to its replica (as the engine's heal does), then its old
+    // primary restarts.
+    let status = s.pool.cluster_status().await.unwrap();
+    let shard = status.shards.iter().find(|s| s.slots.iter().any(|&(a, _)| a == 0)).unwrap();
+    let cluster = s.pool.cluster().unwrap();
+    let old = cluster.node(shard.primary.as_ref().unwrap().name.as_ref().unwrap()).unwrap();
+    let new = cluster.node(shard.replicas[0].name.as_ref().unwrap()).unwrap();
+    let role = |node: Arc<shoal_engine::node::Node>| async move {
+        let mut admin = node.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+        let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut admin).await.unwrap();
+        matches!(&role[0], Value::BulkString(r) if r == b"master")
+    };
+    let mut admin = new.admin_client().unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut admin).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(role(new.clone()).await && !role(old.clone()).await) {
+        assert!(Instant::now() < deadline, "the failover did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = old.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    while old.pid() == Some(pid) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The same connections carry on: no error, the subscription followed the shard (one
+    // receiver where the publish goes, no confirmation repeated), the connection's name kept.
+    for i in 0..20 {
+        let got: String = q(&mut c, &["GET", &format!("k{i}")]).await.unwrap();
+        assert_eq!(got, "v");
+    }
+    let _: () = q(&mut c, &["SET", "after", "v"]).await.unwrap();
+    let dbsize: u64 = q(&mut c, &["DBSIZE"]).await.unwrap();
+    assert_eq!(dbsize, 21);
+    let name: String = q(&mut c, &["CLIENT", "GETNAME"]).await.unwrap();
+    assert_eq!(name, "survivor");
+    let receivers: u32 = q(&mut c, &["PUBLISH", "news", "after"]).await.unwrap();
+    assert_eq!(receivers, 1, "the subscription is on the shard's new primary");
+    assert_eq!(read_exactly(&mut raw, message("after").len()).await, message("after"));
+}

@@ -316,28 +316,46 @@ impl Seeds {
     }
 
     /// `map` as its primaries see it: a node's view of others lags a failover (gossip), its
-    /// own role does not. A primary of `map` that says it is a replica now (`ROLE`) knows its
-    /// shard's new primary: its map is taken instead, and checked the same way (a few times
-    /// at most). A primary that does not answer is left as it is: whoever uses it finds out.
+    /// own role does not. A primary of `map` that says it is not one now (`ROLE`: a replica,
+    /// or restarting, or loading) is asked for its view, or one of its shard's replicas that
+    /// says it is the primary; that view is taken instead and checked the same way (a few
+    /// times at most). Where nobody says otherwise, `map` stands.
     async fn checked(&self, mut map: SlotMap) -> SlotMap {
         for _ in 0..3 {
-            let mut demoted = None;
-            for shard in &map.shards {
-                let role = query(&shard.primary, &self.user, &self.password, &[b"ROLE"]).await;
-                let is_replica = matches!(&role, Ok(Value::Array(items))
-                    if items.first().and_then(|v| v.as_bytes()).is_some_and(|r| r == b"slave"));
-                if is_replica {
-                    demoted = Some(shard.primary.clone());
-                    break;
+            let mut better = None;
+            'shards: for shard in &map.shards {
+                match self.role(&shard.primary).await.as_deref() {
+                    Some("master") => continue,
+                    Some("slave") => {
+                        better = Some(shard.primary.clone());
+                        break;
+                    }
+                    _ => {}
+                }
+                for replica in &shard.replicas {
+                    if self.role(replica).await.as_deref() == Some("master") {
+                        better = Some(replica.clone());
+                        break 'shards;
+                    }
                 }
             }
-            let Some(addr) = demoted else { return map };
+            let Some(addr) = better else { return map };
             match self.read_at(&addr).await {
                 Ok(newer) => map = newer,
                 Err(_) => return map,
             }
         }
         map
+    }
+
+    /// What the node at `addr` says it is (`master`, `slave`); None if it does not say.
+    async fn role(&self, addr: &str) -> Option<String> {
+        match query(addr, &self.user, &self.password, &[b"ROLE"]).await {
+            Ok(Value::Array(items)) => {
+                items.first().and_then(|v| v.as_bytes()).map(|r| String::from_utf8_lossy(r).into_owned())
+            }
+            _ => None,
+        }
     }
 }
 
