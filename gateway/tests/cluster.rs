@@ -724,6 +724,19 @@ async fn a_split_command_is_metered_once() {
     assert_eq!(commands, 4, "MSET, MGET, DEL over three shards and DBSIZE: four commands");
 }
 
+/// Reads from `raw` until what came ends with `end` (5 s at most), and what came.
+async fn read_until(raw: &mut tokio::net::TcpStream, end: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1024];
+    while !got.ends_with(end.as_bytes()) {
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// Reads from `raw` until `want` bytes came (5 s at most), and what came.
 async fn read_exactly(raw: &mut tokio::net::TcpStream, want: usize) -> String {
     use tokio::io::AsyncReadExt;
@@ -798,5 +811,72 @@ async fn a_graceful_failover_and_restart_of_a_primary_is_invisible_to_sessions()
     assert_eq!(name, "survivor");
     let receivers: u32 = q(&mut c, &["PUBLISH", "news", "after"]).await.unwrap();
     assert_eq!(receivers, 1, "the subscription is on the shard's new primary");
+    assert_eq!(read_exactly(&mut raw, message("after").len()).await, message("after"));
+}
+
+#[tokio::test]
+async fn a_neighbours_poisoning_script_and_its_heal_leave_a_caches_pub_sub_as_it_was() {
+    use shoal_gateway::cluster::key_slot;
+    use tokio::io::AsyncWriteExt;
+    let s = Setup::start().await;
+    // The victim has keyspace notifications on: its `*` pattern covers them too.
+    let (attacker, victim) = (s.cache(1).await, s.cache_with_events(2, "KEA").await);
+    let token = s.fake.token(&victim);
+    // A RESP3 subscriber to a channel and to every channel.
+    let mut raw = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let hello = format!(
+        "*5\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n$7\r\ndefault\r\n${}\r\n{token}\r\n",
+        token.len()
+    );
+    let subscribe = "*2\r\n$9\r\nSUBSCRIBE\r\n$4\r\nnews\r\n*2\r\n$10\r\nPSUBSCRIBE\r\n$1\r\n*\r\n";
+    raw.write_all(format!("{hello}{subscribe}").as_bytes()).await.unwrap();
+    let confirmed = ">3\r\n$10\r\npsubscribe\r\n$1\r\n*\r\n:2\r\n";
+    assert!(read_until(&mut raw, confirmed).await.ends_with(confirmed));
+    let mut c = s.client(&victim).await;
+    let message = |m: &str| {
+        format!(
+            ">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n${n}\r\n{m}\r\n>4\r\n$8\r\npmessage\r\n$1\r\n*\r\n$4\r\nnews\r\n${n}\r\n{m}\r\n",
+            n = m.len()
+        )
+    };
+    let receivers: u32 = q(&mut c, &["PUBLISH", "news", "before"]).await.unwrap();
+    assert_eq!(receivers, 2);
+    assert_eq!(read_exactly(&mut raw, message("before").len()).await, message("before"));
+
+    // The attacker poisons each shard's primary in turn (a key of that shard declared, two
+    // keys of two slots read inside), and the engine heals each.
+    let status = s.pool.cluster_status().await.unwrap();
+    let mut a = s.client(&attacker).await;
+    for shard in status.shards.iter().filter(|s| s.slot_count() > 0) {
+        let (first, last) = shard.slots[0];
+        let key = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| (first..=last).contains(&key_slot(k.as_bytes())))
+            .unwrap();
+        let poison = "return redis.pcall('MGET', 'x1', 'x2', 'x3', 'x4')";
+        let _: redis::RedisResult<Value> = q(&mut a, &["EVAL", poison, "1", &key]).await;
+        // Healed by a failover (the shard has another primary), and a keyed script on that
+        // shard works again for the victim.
+        let old = shard.primary.as_ref().and_then(|p| p.name.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = s.pool.cluster_status().await.unwrap();
+            let moved = now
+                .shards
+                .iter()
+                .any(|n| n.id == shard.id && n.primary.as_ref().and_then(|p| p.name.clone()) != old);
+            let r: redis::RedisResult<i64> = q(&mut c, &["EVAL", "return 1", "1", &key]).await;
+            if moved && r.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not healed: {r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let numsub: Vec<Value> = q(&mut c, &["PUBSUB", "NUMSUB", "news"]).await.unwrap();
+    assert_eq!(numsub[1], Value::Int(1), "the channel's subscription is still there");
+    let receivers: u32 = q(&mut c, &["PUBLISH", "news", "after"]).await.unwrap();
+    assert_eq!(receivers, 2, "the victim's subscriptions are where its publishes go");
     assert_eq!(read_exactly(&mut raw, message("after").len()).await, message("after"));
 }

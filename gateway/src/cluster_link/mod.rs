@@ -341,7 +341,9 @@ impl Link {
             self.queued.push_back(request);
             return;
         }
-        if self.map_stale {
+        let unsettled =
+            || !self.seeds.settled(&self.map) && self.map.read_at().elapsed() > slot_map::UNSETTLED_AGE;
+        if self.map_stale || unsettled() {
             self.map_stale = false;
             if let Ok(map) = self.seeds.refresh(Some(&self.map)).await {
                 self.map = map;

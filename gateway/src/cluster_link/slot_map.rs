@@ -7,6 +7,7 @@ use crate::resp::value::{self, Value};
 use crate::GatewayError;
 use bytes::BytesMut;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,6 +16,11 @@ use tokio::net::TcpStream;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// A map younger than this is not read again (many sessions see the same `MOVED`).
 const MIN_AGE: Duration = Duration::from_millis(100);
+/// For this long after a topology change, maps are read again every [`UNSETTLED_AGE`] even
+/// without a reason: the nodes' views of a failover converge by gossip, and a map read
+/// from a node that had not heard yet would otherwise send keyless requests to a replica.
+const SETTLE: Duration = Duration::from_secs(5);
+pub const UNSETTLED_AGE: Duration = Duration::from_millis(250);
 
 /// One shard: its primary and its healthy replicas (`host:port`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +67,11 @@ impl SlotMap {
     /// Whether the cluster lists the node at `addr` (failed, empty or serving).
     pub fn lists(&self, addr: &str) -> bool {
         self.members.iter().any(|m| m == addr)
+    }
+
+    /// When it was read.
+    pub fn read_at(&self) -> Instant {
+        self.read_at
     }
 
     /// Whether the node at `addr` is a primary that owns a slot: one that does not (a
@@ -230,11 +241,19 @@ fn maps() -> &'static Mutex<HashMap<String, Arc<SlotMap>>> {
     MAPS.get_or_init(Default::default)
 }
 
-/// When a session last saw a cluster's topology change (a node went away, a primary
-/// refused a write as a replica): maps read before that are not reused, however young.
-fn invalidated() -> &'static Mutex<HashMap<String, Instant>> {
-    static AT: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+/// When a session last saw each cluster's topology change (a node went away, a primary
+/// refused a write as a replica), in [`millis`] (0: never): maps read before that are not
+/// reused, however young. An atomic per cluster, read on every request without a lock.
+fn changes() -> &'static Mutex<HashMap<String, Arc<AtomicU64>>> {
+    static AT: OnceLock<Mutex<HashMap<String, Arc<AtomicU64>>>> = OnceLock::new();
     AT.get_or_init(Default::default)
+}
+
+/// Milliseconds since the first call, at least 1.
+fn millis(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| Instant::now() - Duration::from_millis(1));
+    t.saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// Where a cluster is and how to read its map.
@@ -244,11 +263,15 @@ pub struct Seeds {
     nodes: Vec<String>,
     user: String,
     password: String,
+    /// The cluster's last topology change (see [`changes`]).
+    changed: Arc<AtomicU64>,
 }
 
 impl Seeds {
     pub fn new(nodes: &[String], user: &str, password: &str) -> Seeds {
-        Seeds { key: nodes.join(","), nodes: nodes.to_vec(), user: user.into(), password: password.into() }
+        let key = nodes.join(",");
+        let changed = changes().lock().unwrap().entry(key.clone()).or_default().clone();
+        Seeds { key, nodes: nodes.to_vec(), user: user.into(), password: password.into(), changed }
     }
 
     /// The current map: the shared one, read first if there is none.
@@ -265,10 +288,16 @@ impl Seeds {
         (current.read_at > seen.read_at).then_some(current)
     }
 
-    /// The topology changed (see [`invalidated`]): the next [`Seeds::refresh`] reads the
-    /// map, once for every session.
+    /// Whether `map` was read well after the last topology change ([`SETTLE`]).
+    pub fn settled(&self, map: &SlotMap) -> bool {
+        let at = self.changed.load(Ordering::Relaxed);
+        at == 0 || millis(map.read_at) > at + SETTLE.as_millis() as u64
+    }
+
+    /// The topology changed (see [`changes`]): the next [`Seeds::refresh`] reads the map,
+    /// once for every session.
     pub fn invalidate(&self) {
-        invalidated().lock().unwrap().insert(self.key.clone(), Instant::now());
+        self.changed.store(millis(Instant::now()), Ordering::Relaxed);
     }
 
     /// Reads the map again (unless `seen` is already older than the shared one or the
@@ -276,8 +305,8 @@ impl Seeds {
     /// asking the nodes in turn, the last map's first.
     pub async fn refresh(&self, seen: Option<&Arc<SlotMap>>) -> Result<Arc<SlotMap>, GatewayError> {
         let current = maps().lock().unwrap().get(&self.key).cloned();
-        let invalidated = invalidated().lock().unwrap().get(&self.key).copied();
-        if let Some(current) = current.filter(|c| invalidated.is_none_or(|at| c.read_at > at)) {
+        let changed = self.changed.load(Ordering::Relaxed);
+        if let Some(current) = current.filter(|c| millis(c.read_at) > changed) {
             let newer = seen.is_some_and(|s| !Arc::ptr_eq(s, &current) && s.read_at <= current.read_at);
             if newer || current.read_at.elapsed() < MIN_AGE {
                 return Ok(current);

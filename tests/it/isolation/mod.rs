@@ -2206,23 +2206,22 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
         );
     }
 
+    // What the platform did about failures (heals, lost connections, paused scripts).
+    let log = dev.log();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            ["poison", "heal", "by force", "connection lost", "subscriptions moved"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    let events = format!(
+        "the platform's log about heals and lost connections:\n{}",
+        events[events.len().saturating_sub(60)..].join("\n")
+    );
     if let Some(stopped) = stopped {
-        // What the platform did about it (heals, lost connections, paused scripts).
-        let log = dev.log();
-        let events: Vec<&str> = log
-            .lines()
-            .filter(|l| {
-                ["poison", "heal", "by force", "connection lost", "subscriptions moved"]
-                    .iter()
-                    .any(|w| l.contains(w))
-            })
-            .collect();
-        panic!(
-            "{stopped}\n\n{} failing runs:\n\n{}\n\nthe platform's log about heals and lost connections:\n{}",
-            failures.len(),
-            failures.join("\n\n"),
-            events[events.len().saturating_sub(60)..].join("\n")
-        );
+        panic!("{stopped}\n\n{} failing runs:\n\n{}\n\n{events}", failures.len(), failures.join("\n\n"));
     }
 
     // --- Accepted limitations, asserted as they are.
@@ -2326,7 +2325,7 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
         loop_time.as_secs_f64(),
         failures.len()
     );
-    assert!(failures.is_empty(), "{} failing runs:\n\n{}", failures.len(), failures.join("\n\n"));
+    assert!(failures.is_empty(), "{} failing runs:\n\n{}\n\n{events}", failures.len(), failures.join("\n\n"));
 }
 
 /// A place for the setup line: `node <n>`, or `the cluster`.
