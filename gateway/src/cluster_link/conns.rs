@@ -39,6 +39,9 @@ pub(super) struct Conn {
     /// Replies still to come before confirmations reach the session again: those of the
     /// history sent again (the session had them already).
     pub(super) muted_replies: usize,
+    /// A slot of the shard whose primary a subscriber connection is on: where its
+    /// subscriptions go when that node stops being the primary.
+    pub(super) shard_slot: Option<u16>,
     pub(super) reader: JoinHandle<()>,
 }
 
@@ -108,6 +111,12 @@ impl Link {
             subscribed: false,
             history: Some(Vec::new()),
             muted_replies: 0,
+            shard_slot: self
+                .map
+                .shards
+                .iter()
+                .position(|s| s.primary == addr)
+                .and_then(|i| self.map.first_slot(i)),
             reader,
         };
         for (_, bytes) in &self.setup {
@@ -183,11 +192,11 @@ impl Link {
     /// their confirmations kept from the session, which had them already, so the session's
     /// subscriptions carry on (messages published in between are lost, as pub/sub's are on
     /// any reconnection). Where that cannot be done, the link closes, as before.
-    async fn resubscribe(&mut self, key: (String, Kind)) {
+    pub(super) async fn resubscribe(&mut self, key: (String, Kind)) {
         let old = self.conns.remove(&key).expect("a connection that closed");
         let history = old.history.clone().unwrap_or_default();
-        let slot =
-            self.map.shards.iter().position(|s| s.primary == key.0).and_then(|i| self.map.first_slot(i));
+        let slot = old.shard_slot;
+        drop(old);
         let moved = match slot {
             Some(slot) if self.reread_map().await => Some((self.map.primary(slot).to_string(), key.1)),
             _ => None,
@@ -212,6 +221,7 @@ impl Link {
         conn.inflight.push_back(unwanted(ping, false));
         conn.muted_replies = conn.inflight.len();
         conn.history = Some(history);
+        conn.shard_slot = slot;
         if self.sub_home.as_ref() == Some(&key.0) {
             self.sub_home = Some(new_key.0.clone());
         }

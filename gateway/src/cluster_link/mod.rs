@@ -219,6 +219,9 @@ impl Link {
                         self.incoming(incoming).await;
                     }
                 }
+                _ = tokio::time::sleep(slot_map::UNSETTLED_AGE), if self.subscriptions_unsettled() => {
+                    self.check_subscriptions().await;
+                }
             }
             self.release().await;
         }

@@ -20,6 +20,32 @@ impl Link {
         }
     }
 
+    /// Subscriber connections on a node that is no longer its shard's primary as the map
+    /// says now (checked for a while after a topology change: a node can come back from a
+    /// restart as a replica, its subscribers already moved onto it by a map read before the
+    /// cluster agreed): their subscriptions move to the primary ([`Link::resubscribe`]).
+    pub(super) async fn check_subscriptions(&mut self) {
+        if let Ok(map) = self.seeds.refresh(Some(&self.map)).await {
+            self.map = map;
+        }
+        let astray: Vec<(String, Kind)> = self
+            .conns
+            .iter()
+            .filter(|(k, c)| k.1 != Kind::Data && c.history.is_some() && !self.map.serves(&k.0))
+            .filter(|(_, c)| c.inflight.iter().all(|s| s.to.is_none() && !s.in_tx))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in astray {
+            self.resubscribe(key).await;
+        }
+    }
+
+    /// Whether [`Link::check_subscriptions`] is due: subscriptions, and a topology change
+    /// not long ago.
+    pub(super) fn subscriptions_unsettled(&self) -> bool {
+        !self.seeds.settled(&self.map) && self.conns.keys().any(|k| k.1 != Kind::Data)
+    }
+
     /// A (un)subscribe command: its confirmations come out of band, so nothing waits for
     /// them in order.
     pub(super) async fn send_subscription(&mut self, addr: &str, kind: Kind, request: &[u8]) {
