@@ -36,6 +36,7 @@ pub mod domain;
 pub mod engine_hosts;
 pub mod error;
 pub mod gateways;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod pools;
