@@ -24,6 +24,8 @@
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
 //!   (eviction, then refused writes), storage accrual for billing.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
+//! - [`lease`]: background jobs that run on one control plane at a time (a PostgreSQL
+//!   advisory lock; always held on SQLite).
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
 pub mod admin_token;
@@ -36,6 +38,7 @@ pub mod domain;
 pub mod engine_hosts;
 pub mod error;
 pub mod gateways;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod pools;

@@ -34,7 +34,8 @@ pub struct ControlPlane {
     pub handle: actix_web::dev::ServerHandle,
     pub internal_handle: actix_web::dev::ServerHandle,
     /// The storage sampler ([`crate::storage::run`]) and the sweep of scoped tokens' ACL
-    /// users ([`crate::token_users::run`]); abort them before stopping the pool.
+    /// users ([`crate::token_users::run`]), each under its lease ([`crate::lease::run`]);
+    /// abort them (which cancels the job and frees the lease) before stopping the pool.
     pub sampler: tokio::task::JoinHandle<()>,
     pub sweeper: tokio::task::JoinHandle<()>,
     /// The store, to write pending audit aggregates ([`Store::flush_audit`]) once stopped.
@@ -181,8 +182,21 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
     let (addr, internal_addr) = (server.addrs()[0], internal.addrs()[0]);
     let interval = std::time::Duration::from_secs_f64(sampler_state.config.storage_interval);
     let sweep_interval = std::time::Duration::from_secs_f64(sampler_state.config.acl_sweep_interval);
-    let sweeper = tokio::spawn(crate::token_users::run(sampler_state.clone(), sweep_interval));
-    let sampler = tokio::spawn(crate::storage::run(sampler_state, interval));
+    // Each runs on one control plane at a time, under its lease ([`crate::lease`]). Two may
+    // overlap for a moment (until a holder that lost its lock notices, within a second):
+    // - the sampler: a sample accrues only if the cache's previous sample is still the
+    //   latest (a compare-and-set in `Store::record_storage_sample`), so storage is billed
+    //   once; a second eviction pass finds the cache already under its limit;
+    // - the sweep: it deletes only ACL users no live token uses; deleting one twice is a
+    //   no-op.
+    let url = sampler_state.config.database_url.clone();
+    let sweep_state = sampler_state.clone();
+    let sweeper = crate::lease::run(&url, "acl-sweeper", move || {
+        crate::token_users::run(sweep_state.clone(), sweep_interval)
+    });
+    let sampler = crate::lease::run(&url, "storage-sampler", move || {
+        crate::storage::run(sampler_state.clone(), interval)
+    });
     let (server, internal) = (server.run(), internal.run());
     let (handle, internal_handle) = (server.handle(), internal.handle());
     tokio::spawn(server);
