@@ -194,23 +194,6 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    /// A new empty database on the Postgres lane's server (`SHOAL_TEST_POSTGRES_URL`, see
-    /// scripts/test.sh), or None: the test is skipped.
-    fn fresh_postgres_database() -> Option<String> {
-        let Some(server) = std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty()) else {
-            eprintln!("SHOAL_TEST_POSTGRES_URL is not set: skipped (the Postgres lane runs it)");
-            return None;
-        };
-        let name = format!("shoal_lease_{:016x}", rand::random::<u64>());
-        let out = std::process::Command::new("psql")
-            .arg(&server)
-            .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
-            .output()
-            .expect("psql runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        Some(format!("{}/{name}", server.rsplit_once('/').unwrap().0))
-    }
-
     /// What one contender's job does: started, running now, cancelled.
     #[derive(Default)]
     struct Seen {
@@ -299,7 +282,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_of_two_control_planes_runs_the_job_and_the_other_takes_over_when_the_holder_dies() {
-        let Some(url) = fresh_postgres_database() else { return };
+        let Some(url) = crate::store::fresh_postgres_database("lease") else { return };
         let name = "takeover-job";
         let seen = [Arc::new(Seen::default()), Arc::new(Seen::default())];
         let leases = [run(&url, name, forever(seen[0].clone())), run(&url, name, forever(seen[1].clone()))];
@@ -363,7 +346,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ticking_job_ticks_once_per_tick_across_two_control_planes() {
-        let Some(url) = fresh_postgres_database() else { return };
+        let Some(url) = crate::store::fresh_postgres_database("lease") else { return };
         let tick = Duration::from_millis(100);
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
         sqlx::query("CREATE TABLE ticks (n BIGINT NOT NULL)").execute(&pool).await.unwrap();

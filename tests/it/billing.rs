@@ -7,18 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn milli(decimal: &Value) -> i64 {
-    // "0.000123456" million ECPU → milli-ECPU, exactly (no floats).
-    let s = decimal.as_str().expect("decimals are strings");
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let mut frac = frac.to_string();
-    assert!(frac.len() <= 9 || frac[9..].chars().all(|c| c == '0'), "{s} is finer than a milli-ECPU");
-    frac.truncate(9);
-    while frac.len() < 9 {
-        frac.push('0');
-    }
-    int.parse::<i64>().unwrap() * 1_000_000_000 + frac.parse::<i64>().unwrap()
-}
+use crate::support::milli_ecpu as milli;
 
 /// Posts a usage batch as gateway `billing-test` (its credential made on first use).
 async fn post_batch(dev: &ShoalDev, seq: u64, cache: &str, minute: i64, ecpu_milli: u64) -> u16 {

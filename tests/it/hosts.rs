@@ -114,19 +114,6 @@ async fn assert_stored_exactly(dep: &Deployment, wanted: &[(&Cache, UsageCounter
     seen.into_iter().map(Option::unwrap).collect()
 }
 
-/// "0.000123456" (million ECPU) → milli-ECPU, exactly.
-fn milli(decimal: &serde_json::Value) -> u64 {
-    let s = decimal.as_str().expect("decimals are strings");
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let mut frac = frac.to_string();
-    assert!(frac.len() <= 9 || frac[9..].chars().all(|c| c == '0'), "{s} is finer than a milli-ECPU");
-    frac.truncate(9);
-    while frac.len() < 9 {
-        frac.push('0');
-    }
-    int.parse::<u64>().unwrap() * 1_000_000_000 + frac.parse::<u64>().unwrap()
-}
-
 /// The ECPU the invoices of `months` bill for `cache`, in milli-ECPU.
 async fn invoiced(dep: &Deployment, cache: &Cache, months: &[String]) -> u64 {
     let mut total = 0;
@@ -135,7 +122,7 @@ async fn invoiced(dep: &Deployment, cache: &Cache, months: &[String]) -> u64 {
             dep.api(reqwest::Method::GET, &format!("/v1/invoices/{}-{month}", cache.account), None).await;
         for line in invoice["lines"].as_array().unwrap() {
             if line["meter"] == "ecpu" && line["cache_id"] == cache.id.as_str() {
-                total += milli(&line["quantity"]);
+                total += crate::support::milli_ecpu(&line["quantity"]) as u64;
             }
         }
     }

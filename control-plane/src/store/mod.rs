@@ -583,3 +583,18 @@ fn now_secs() -> String {
 pub fn is_unique_violation(e: &StoreError) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
+
+/// A new empty database `shoal_<prefix>_<random>` on the Postgres lane's server
+/// (`SHOAL_TEST_POSTGRES_URL`, see scripts/test.sh), or None when the lane is not running.
+#[cfg(test)]
+pub(crate) fn fresh_postgres_database(prefix: &str) -> Option<String> {
+    let server = std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())?;
+    let name = format!("shoal_{prefix}_{:016x}", rand::random::<u64>());
+    let out = std::process::Command::new("psql")
+        .arg(&server)
+        .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Some(format!("{}/{name}", server.rsplit_once('/').unwrap().0))
+}

@@ -271,19 +271,8 @@ mod tests {
     /// lane's server (`SHOAL_TEST_POSTGRES_URL`, see scripts/test.sh).
     async fn store_with_cache() -> (Store, CacheId, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let url = match std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty()) {
-            Some(server) => {
-                let name = format!("shoal_storage_{}", CacheId::generate().as_str());
-                let out = std::process::Command::new("psql")
-                    .arg(&server)
-                    .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
-                    .output()
-                    .expect("psql runs");
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                format!("{}/{name}", server.rsplit_once('/').unwrap().0)
-            }
-            None => format!("sqlite://{}", dir.path().join("s.db").display()),
-        };
+        let url = crate::store::fresh_postgres_database("storage")
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("s.db").display()));
         let store = Store::open(&url).await.unwrap();
         let id = CacheId::generate();
         let record = super::super::CacheRecord {

@@ -811,3 +811,16 @@ impl Drop for Proc {
         self.stop();
     }
 }
+
+/// An invoice quantity, "0.000123456" (million ECPU), in milli-ECPU, exactly (no floats).
+pub fn milli_ecpu(decimal: &Value) -> i64 {
+    let s = decimal.as_str().expect("decimals are strings");
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let mut frac = frac.to_string();
+    assert!(frac.len() <= 9 || frac[9..].chars().all(|c| c == '0'), "{s} is finer than a milli-ECPU");
+    frac.truncate(9);
+    while frac.len() < 9 {
+        frac.push('0');
+    }
+    int.parse::<i64>().unwrap() * 1_000_000_000 + frac.parse::<i64>().unwrap()
+}
