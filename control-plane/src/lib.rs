@@ -23,6 +23,9 @@
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
 //!   (eviction, then refused writes), storage accrual for billing.
+//! - [`lease`]: the background jobs one control plane at a time runs (PostgreSQL advisory
+//!   locks); [`limits`]: the gateways' shares of caches' limits, coordinated by the holder
+//!   of the `limits` lease (the others forward reports to it).
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
@@ -36,6 +39,7 @@ pub mod domain;
 pub mod engine_hosts;
 pub mod error;
 pub mod gateways;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod pools;

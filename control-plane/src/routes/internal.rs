@@ -306,19 +306,51 @@ const MAX_LIMIT_DEMANDS: usize = 100_000;
 
 /// A gateway instance's demands on caches' limits, answered with its shares
 /// (`crate::limits`). Keyed by the credential's name and the instance's id, so one gateway
-/// cannot speak for another.
+/// cannot speak for another. Answered by the control plane that coordinates the limits (the
+/// `limits` lease's holder): another forwards the report there (with the gateway's own
+/// credential), and answers 503 — the gateway then keeps its last shares, then divides —
+/// when none can be reached, or while a new coordinator warms up.
 async fn limits(
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     gw: Gateway,
     body: web::Json<shoal_types::LimitReport>,
 ) -> Result<HttpResponse, ApiError> {
+    use crate::limits::Phase;
     let report = body.into_inner();
     if report.demands.len() > MAX_LIMIT_DEMANDS {
         return Err(ApiError::field("demands", format!("at most {MAX_LIMIT_DEMANDS} caches per report")));
     }
     let instance: String = report.gateway_id.chars().take(160).collect();
-    let shares = state.limits.report(&format!("{}/{instance}", gw.name), report.demands);
-    Ok(HttpResponse::Ok().json(shares))
+    let gateway = format!("{}/{instance}", gw.name);
+    match state.limits.phase() {
+        Phase::Serving => Ok(HttpResponse::Ok().json(state.limits.report(&gateway, report.demands))),
+        Phase::WarmingUp => {
+            state.limits.observe(&gateway, report.demands);
+            Err(ApiError::Unavailable(
+                "the limits coordinator has just taken over and is learning every gateway's demand; \
+                 the last shares hold meanwhile"
+                    .into(),
+            ))
+        }
+        Phase::Elsewhere => {
+            let authorization =
+                req.headers().get("Authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let forwarded = req.headers().contains_key(crate::limits::FORWARDED_BY);
+            let answer = state
+                .limits_forwarder
+                .forward(&state.store, &state.instance, authorization, forwarded, &report)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            let status = actix_web::http::StatusCode::from_u16(answer.status)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let mut resp = HttpResponse::build(status);
+            if let Some(content_type) = answer.content_type {
+                resp.content_type(content_type);
+            }
+            Ok(resp.body(answer.body))
+        }
+    }
 }
 
 /// An engine agent's report of the nodes it runs (it authenticates with an internal
