@@ -12,7 +12,8 @@
 //!   hold the lock: its job is cancelled at once, then it tries again like the others.
 //! - The others try every [`RETRY_EVERY`], so a dead holder's lease is taken within about
 //!   that (PostgreSQL ends a killed process's session as soon as its socket closes; on a
-//!   network cut, after the TCP keepalives set on the lease's session, about 5 s).
+//!   network cut, after the TCP keepalives set on the lease's session, and for a frozen
+//!   process after `idle_session_timeout`: about 5 s).
 //! - The holder writes who it is (`host/pid/random`, [`instance_id`]), since when, its
 //!   heartbeat and (the `limits` lease) its internal URL in `leases` ([`crate::store::leases`]).
 //! - A stopped control plane ([`Lease::stop`]) cancels its job and unlocks: another takes
@@ -100,8 +101,31 @@ impl Lease {
     where
         F: Fn(Acquired) -> Job + Send + Sync + 'static,
     {
+        Lease::run_while(store, name, holder, url, || true, Default::default(), job).await
+    }
+
+    /// [`Lease::run`] for a process that takes part only while `willing` says so (it is
+    /// asked at each try and each check): unwilling, it does not try, and a holder gives the
+    /// lease up (its job cancelled, the lock released). `wake` makes a process that does not
+    /// hold the lease try at once rather than at its next try. On SQLite the lease is held
+    /// anyway.
+    pub async fn run_while<W, F>(
+        store: Store,
+        name: &str,
+        holder: &str,
+        url: Option<String>,
+        willing: W,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+        job: F,
+    ) -> Lease
+    where
+        W: Fn() -> bool + Send + Sync + 'static,
+        F: Fn(Acquired) -> Job + Send + Sync + 'static,
+    {
         let (held_tx, held) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
+        // 0 until held: a control plane that holds nothing shows it.
+        metrics::gauge!("shoal_lease_held", "lease" => name.to_string()).set(0.0);
         let (first_tx, first_rx) = oneshot::channel();
         let runner = Runner {
             store,
@@ -110,6 +134,8 @@ impl Lease {
             holder: holder.to_string(),
             url,
             job: Box::new(job),
+            willing: Box::new(willing),
+            wake,
             held: held_tx,
             stop: stop_rx,
         };
@@ -153,6 +179,16 @@ impl Drop for Lease {
     }
 }
 
+/// Why a holder stopped holding.
+enum End {
+    /// Its connection failed: it may no longer hold the lock.
+    Lost(String),
+    /// [`Lease::stop`].
+    Stopped,
+    /// `willing` said no.
+    Unwilling,
+}
+
 /// A running job: cancelled when dropped.
 struct JobTask(JoinHandle<()>);
 
@@ -177,6 +213,8 @@ struct Runner {
     holder: String,
     url: Option<String>,
     job: Box<dyn Fn(Acquired) -> Job + Send + Sync>,
+    willing: Box<dyn Fn() -> bool + Send + Sync>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
     held: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
 }
@@ -191,6 +229,19 @@ impl Runner {
         // Failures are logged when they start and then once a minute.
         let mut failing = 0u32;
         while !*self.stop.borrow() {
+            if !(self.willing)() {
+                // No connection kept meanwhile (PostgreSQL would end an idle one anyway).
+                if let Some(c) = conn.take() {
+                    let _ = tokio::time::timeout(CHECK_TIMEOUT, c.close()).await;
+                }
+                if let Some(f) = first.take() {
+                    let _ = f.send(());
+                }
+                if self.pause(RETRY_EVERY).await {
+                    break;
+                }
+                continue;
+            }
             let attempt = match conn.take() {
                 Some(c) => Ok(c),
                 None => self.connect().await,
@@ -199,10 +250,7 @@ impl Runner {
                 Ok(mut c) => match tokio::time::timeout(CHECK_TIMEOUT, try_lock(&mut c, self.key)).await {
                     Ok(Ok(true)) => {
                         failing = 0;
-                        if let Some(f) = first.take() {
-                            let _ = f.send(());
-                        }
-                        conn = self.hold(c).await;
+                        conn = self.hold(c, &mut first).await;
                         Ok(())
                     }
                     Ok(Ok(false)) => {
@@ -258,7 +306,8 @@ impl Runner {
 
     /// A connection of the lease's own, named (`application_name` = `shoal <lease> <holder>`,
     /// in `pg_stat_activity`), whose session PostgreSQL ends within about 5 s of the network
-    /// going quiet (TCP keepalives and user timeout; ignored where unsupported).
+    /// or the process going quiet (TCP keepalives and user timeout, `idle_session_timeout`;
+    /// each ignored where unsupported).
     async fn connect(&self) -> Result<AnyConnection, String> {
         let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, self.store.dedicated_connection()).await {
             Ok(Ok(c)) => c,
@@ -272,6 +321,9 @@ impl Runner {
             ("tcp_keepalives_interval", "1"),
             ("tcp_keepalives_count", "3"),
             ("tcp_user_timeout", "5000"),
+            // A holder that stops sending its heartbeat (a frozen process, whose socket
+            // stays open) loses its session, and the lock, after 5 s (PostgreSQL 14 on).
+            ("idle_session_timeout", "5000"),
         ];
         for (setting, value) in settings {
             let set = sqlx::query("SELECT set_config($1, $2, false)").bind(setting).bind(value);
@@ -287,8 +339,13 @@ impl Runner {
     }
 
     /// Holds the lease taken on `conn` until the connection fails (None: dropped, so that
-    /// PostgreSQL ends the session) or the lease is stopped (the connection, unlocked).
-    async fn hold(&mut self, mut conn: AnyConnection) -> Option<AnyConnection> {
+    /// PostgreSQL ends the session), the lease is stopped or this process is no longer
+    /// willing (the connection, unlocked).
+    async fn hold(
+        &mut self,
+        mut conn: AnyConnection,
+        first: &mut Option<oneshot::Sender<()>>,
+    ) -> Option<AnyConnection> {
         let claimed = leases::claim(&mut conn, &self.name, &self.holder, self.url.as_deref());
         let previous = match tokio::time::timeout(CHECK_TIMEOUT, claimed).await {
             Ok(Ok(previous)) => previous,
@@ -296,28 +353,36 @@ impl Runner {
             Err(_) => return self.lost(format!("no answer within {CHECK_TIMEOUT:?}")),
         };
         self.set_held(true, previous.as_ref());
+        if let Some(f) = first.take() {
+            let _ = f.send(());
+        }
         let mut job = self.spawn_job(Acquired { previous });
-        let lost = loop {
+        let end = loop {
             tokio::select! {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
-                _ = self.stop.changed() => break None,
+                _ = self.stop.changed() => break End::Stopped,
                 _ = &mut job.0 => job = self.restart_job().await,
             }
             match tokio::time::timeout(CHECK_TIMEOUT, self.check(&mut conn)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => break Some(e.to_string()),
-                Err(_) => break Some(format!("no answer within {CHECK_TIMEOUT:?}")),
+                Ok(Err(e)) => break End::Lost(e.to_string()),
+                Err(_) => break End::Lost(format!("no answer within {CHECK_TIMEOUT:?}")),
+            }
+            if !(self.willing)() {
+                break End::Unwilling;
             }
         };
         job.cancel().await;
         self.set_held(false, None);
-        if let Some(why) = lost {
-            return self.lost(why);
-        }
+        let why = match end {
+            End::Lost(why) => return self.lost(why),
+            End::Stopped => "stopped",
+            End::Unwilling => "this process no longer takes part",
+        };
         let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(self.key);
         match tokio::time::timeout(CHECK_TIMEOUT, unlock.execute(&mut conn)).await {
             Ok(Ok(_)) => {
-                tracing::info!(lease = %self.name, holder = %self.holder, "lease released");
+                tracing::info!(lease = %self.name, holder = %self.holder, why, "lease released");
                 Some(conn)
             }
             // Dropped: its session's end frees the lock.
@@ -364,7 +429,7 @@ impl Runner {
         }
     }
 
-    /// Waits `d`; true if the lease is stopped meanwhile.
+    /// Waits `d` (less if woken); true if the lease is stopped meanwhile.
     async fn pause(&mut self, d: Duration) -> bool {
         // Stopped already (a change `changed` saw before).
         if *self.stop.borrow() {
@@ -372,6 +437,7 @@ impl Runner {
         }
         tokio::select! {
             _ = tokio::time::sleep(d) => *self.stop.borrow(),
+            _ = self.wake.notified() => *self.stop.borrow(),
             _ = self.stop.changed() => true,
         }
     }
@@ -577,6 +643,127 @@ mod tests {
         assert_eq!(metric_held("test-job"), Some(1.0));
         a.stop().await;
         assert_eq!(metric_held("test-job"), Some(0.0));
+    }
+
+    /// A holder that freezes (its process stopped: its socket stays open, nothing is sent)
+    /// loses the lease after `idle_session_timeout`: the other takes it within 10 s, and the
+    /// frozen one, once it runs again, finds its session gone and cancels its job.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_holder_loses_the_lease_to_the_other() {
+        let Some(url) = postgres_database() else { return };
+        let (store_b, _) = two_stores(&url).await;
+        let (runs_a, runs_b) = (Arc::new(Runs::default()), Arc::new(Runs::default()));
+        let period = Duration::from_millis(100);
+        // a runs on a runtime of its own, on one thread, which the test blocks.
+        let (freeze, frozen) = oneshot::channel::<Duration>();
+        let (held_tx, mut held_a) = watch::channel(false);
+        let thread_runs = runs_a.clone();
+        let thread_url = url.clone();
+        let a = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let store = Store::open(&thread_url).await.unwrap();
+                let job = counting_job(store.clone(), "a", thread_runs, period);
+                let lease = Lease::run(store, "frozen", "a", None, job).await;
+                let mut watch = lease.watch();
+                held_tx.send_replace(lease.held());
+                let pause = frozen.await.unwrap();
+                // Frozen: nothing on this thread runs, the sockets stay open.
+                std::thread::sleep(pause);
+                // Running again: a finds out.
+                loop {
+                    held_tx.send_replace(*watch.borrow_and_update());
+                    if watch.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+        });
+        tokio::time::timeout(Duration::from_secs(10), held_a.wait_for(|h| *h)).await.unwrap().unwrap();
+        let b = Lease::run(
+            store_b.clone(),
+            "frozen",
+            "b",
+            None,
+            counting_job(store_b.clone(), "b", runs_b.clone(), period),
+        )
+        .await;
+        assert!(!b.held());
+        let freeze_for = Duration::from_secs(12);
+        let frozen_at = Instant::now();
+        freeze.send(freeze_for).unwrap();
+        let took = until_held(&b, true, Duration::from_secs(10)).await.expect("b takes over within 10 s");
+        println!("FIGURE lease takeover from a frozen holder: {took:.2?}");
+        // a wakes up: it sees its session gone within a check, and stops its job.
+        let woke = freeze_for.saturating_sub(frozen_at.elapsed());
+        let lost = tokio::time::timeout(
+            woke + CHECK_EVERY + CHECK_TIMEOUT + Duration::from_secs(1),
+            held_a.wait_for(|h| !*h),
+        )
+        .await
+        .map(|r| r.is_ok());
+        assert_eq!(lost, Ok(true), "a sees its lease lost once it runs again");
+        assert!(runs_a.cancelled.load(Ordering::SeqCst));
+        let after = runs_a.count.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(runs_a.count.load(Ordering::SeqCst), after);
+        assert!(b.held());
+        drop(a);
+    }
+
+    /// A process takes part only while willing: unwilling, it does not take a free lease, and
+    /// a holder that becomes unwilling gives it up (its job cancelled, then the lock
+    /// released) to a willing one, their jobs never at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_willing_processes_take_part() {
+        let Some(url) = postgres_database() else { return };
+        let (store_a, store_b) = two_stores(&url).await;
+        let (will_a, will_b) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (runs_a, runs_b) = (Arc::new(Runs::default()), Arc::new(Runs::default()));
+        let period = Duration::from_millis(100);
+        let willing = |w: &Arc<AtomicBool>| {
+            let w = w.clone();
+            move || w.load(Ordering::SeqCst)
+        };
+        let a = Lease::run_while(
+            store_a.clone(),
+            "willing",
+            "a",
+            None,
+            willing(&will_a),
+            Default::default(),
+            counting_job(store_a.clone(), "a", runs_a.clone(), period),
+        )
+        .await;
+        let b = Lease::run_while(
+            store_b.clone(),
+            "willing",
+            "b",
+            None,
+            willing(&will_b),
+            Default::default(),
+            counting_job(store_b.clone(), "b", runs_b.clone(), period),
+        )
+        .await;
+        tokio::time::sleep(RETRY_EVERY + Duration::from_millis(500)).await;
+        assert!(!a.held() && !b.held(), "nobody willing, nobody holds");
+        assert!(lock_holders(&store_a, "willing").await.is_empty());
+        will_a.store(true, Ordering::SeqCst);
+        until_held(&a, true, RETRY_EVERY * 2).await.expect("a takes it once willing");
+        will_b.store(true, Ordering::SeqCst);
+        tokio::time::sleep(RETRY_EVERY + Duration::from_millis(500)).await;
+        assert!(a.held() && !b.held());
+        will_a.store(false, Ordering::SeqCst);
+        until_held(&a, false, CHECK_EVERY * 3).await.expect("a gives it up");
+        assert!(runs_a.cancelled.load(Ordering::SeqCst));
+        until_held(&b, true, RETRY_EVERY * 2).await.expect("b takes it");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let runs = recorded(&store_a).await;
+        let last_a = runs.iter().filter(|r| r.0 == "a").map(|r| r.1).max().unwrap();
+        let first_b = runs.iter().filter(|r| r.0 == "b").map(|r| r.1).min().unwrap();
+        assert!(last_a < first_b, "{runs:?}");
+        a.stop().await;
+        b.stop().await;
     }
 
     /// The gauge `shoal_lease_held{lease}`, read from a recorder this test installs.

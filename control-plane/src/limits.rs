@@ -15,7 +15,8 @@
 //! The reports live in one process's memory: with several control planes, the one holding
 //! the `limits` lease ([`crate::lease`]) coordinates ([`Coordinator::serve`]) and the others
 //! forward the reports they get to it ([`Forwarder`]), so every gateway's report meets the
-//! others' wherever it arrives. A new coordinator that takes over from one that answered
+//! others' wherever it arrives. Only control planes that gateways ask directly take part in
+//! the lease ([`ASKED_WITHIN`]). A new coordinator that takes over from one that answered
 //! recently first listens for [`WARM_UP`] before it answers (see [`Coordinator::serve`]).
 //! When no coordinator answers, gateways get 503 and keep their last shares for 5 s, then
 //! divide each limit by the number of gateways that shared it (gateway/src/metering/limit.rs).
@@ -36,12 +37,20 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(2);
 pub const WARM_UP: Duration = Duration::from_secs(1);
 /// The previous coordinator's shares may still be held by gateways (5 s, plus margin).
 pub const RECENT: Duration = Duration::from_secs(10);
+/// A control plane takes part in the `limits` lease while gateways ask it directly (not
+/// through another control plane), and for this long after: the coordinator goes where the
+/// reports arrive. With one internal endpoint for every gateway, nothing is forwarded.
+pub const ASKED_WITHIN: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 pub struct Coordinator {
     state: Mutex<State>,
     /// While this process coordinates ([`Coordinator::serve`]): when it answers from.
     term: Mutex<Option<Instant>>,
+    /// When a gateway last asked this process directly.
+    asked: Mutex<Option<Instant>>,
+    /// Wakes the `limits` lease of this process: to try at once ([`Coordinator::offer`]).
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// What this process does with a gateway's report now.
@@ -93,6 +102,36 @@ impl Coordinator {
         }
         let _term = Term(self);
         std::future::pending::<()>().await
+    }
+
+    /// A gateway asked this process directly (not through another control plane).
+    pub fn asked(&self) {
+        *self.asked.lock().unwrap() = Some(Instant::now());
+    }
+
+    /// Whether a gateway asked this process directly in the last [`ASKED_WITHIN`]: then it
+    /// takes part in the `limits` lease.
+    pub fn asked_recently(&self) -> bool {
+        self.asked.lock().unwrap().is_some_and(|at| at.elapsed() < ASKED_WITHIN)
+    }
+
+    /// What wakes this process's `limits` lease (given to [`crate::lease::Lease::run_while`]).
+    pub fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.wake.clone()
+    }
+
+    /// No coordinator could be reached: this process (asked by a gateway) offers to be it —
+    /// its lease tries at once — and waits up to `within` for the outcome.
+    pub async fn offer(&self, within: Duration) -> Phase {
+        self.wake.notify_one();
+        let deadline = Instant::now() + within;
+        loop {
+            let phase = self.phase();
+            if phase != Phase::Elsewhere || Instant::now() >= deadline {
+                return phase;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// What to do with a report now.
@@ -213,7 +252,10 @@ pub fn connection_grant(max: u64, mine: (u64, u64), others: &[(u64, u64)]) -> u6
 pub const FORWARDED_BY: &str = "x-shoal-forwarded-by";
 /// Longest wait for the coordinator's answer to a forwarded report (a gateway asks four
 /// times a second, and waits at most 0.5 s for a new cache's first share).
-pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
+pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a control plane that found no coordinator waits for its own lease
+/// ([`Coordinator::offer`]).
+pub const OFFER_WAIT: Duration = Duration::from_millis(250);
 /// How long the coordinator's row is trusted before it is read again.
 const HOLDER_FOR: Duration = Duration::from_secs(1);
 
@@ -237,8 +279,8 @@ pub enum ForwardError {
     NoUrl { holder: String },
     #[error("the limits coordinator ({holder}) at {url} cannot be reached: {error}")]
     Unreachable { holder: String, url: String, error: String },
-    #[error("this control plane does not coordinate the limits (a report forwarded to it)")]
-    NotHere,
+    #[error("the control plane at {url} no longer coordinates the limits")]
+    Moved { url: String },
     #[error("store: {0}")]
     Store(#[from] sqlx::Error),
 }
@@ -278,24 +320,28 @@ impl Forwarder {
     }
 
     /// Forwards `report`, which came with `authorization` (the gateway's credential), to the
-    /// coordinator, unless it is a report forwarded already (`forwarded`) or `me` is named
-    /// as the holder (it has just lost the lease).
+    /// coordinator, unless `me` is named as the holder (it has just lost the lease).
     pub async fn forward(
         &self,
         store: &crate::store::Store,
         me: &str,
         authorization: &str,
-        forwarded: bool,
         report: &LimitReport,
     ) -> Result<Forwarded, ForwardError> {
-        let result = self.try_forward(store, me, authorization, forwarded, report).await;
+        let result = self.try_forward(store, me, authorization, report).await;
         let outcome = match &result {
             Ok(_) => "forwarded",
-            Err(ForwardError::Unreachable { .. }) => "unreachable",
+            Err(ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_)) => {
+                "unreachable"
+            }
             Err(_) => "no_coordinator",
         };
         metrics::counter!("shoal_limits_reports_forwarded_total", "outcome" => outcome).increment(1);
-        if let Err(e) = &result {
+        // No coordinator, or one that has just moved, is a moment of a takeover: not logged.
+        if let Err(
+            e @ (ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_)),
+        ) = &result
+        {
             let mut logged = self.logged.lock().unwrap();
             if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
                 *logged = Some(Instant::now());
@@ -310,12 +356,8 @@ impl Forwarder {
         store: &crate::store::Store,
         me: &str,
         authorization: &str,
-        forwarded: bool,
         report: &LimitReport,
     ) -> Result<Forwarded, ForwardError> {
-        if forwarded {
-            return Err(ForwardError::NotHere);
-        }
         let holder = self.holder(store).await?.ok_or(ForwardError::NoCoordinator)?;
         if holder.holder == me {
             return Err(ForwardError::NoCoordinator);
@@ -336,14 +378,26 @@ impl Forwarder {
             .await
             .map_err(|e| {
                 // The row may be stale (a new holder): read it again next time.
-                self.holder.try_lock().map(|mut h| *h = None).ok();
+                self.invalidate();
                 unreachable(error_chain(&e))
             })?;
         let status = resp.status().as_u16();
+        if status == 421 {
+            // It lost the lease since it wrote the row: read it again next time.
+            self.invalidate();
+            return Err(ForwardError::Moved { url });
+        }
         let content_type =
             resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = resp.bytes().await.map_err(|e| unreachable(error_chain(&e)))?.to_vec();
         Ok(Forwarded { status, content_type, body })
+    }
+
+    /// Forgets the `limits` lease's row: the next report reads it again.
+    pub fn invalidate(&self) {
+        if let Ok(mut h) = self.holder.try_lock() {
+            *h = None;
+        }
     }
 
     /// The `limits` lease's row (read at most once per [`HOLDER_FOR`]).

@@ -278,10 +278,23 @@ async fn start_leases(state: &Arc<AppState>, instance: &str, internal_url: Optio
             Box::pin(crate::token_users::run(s2.clone(), sweep_interval))
         })
         .await,
-        Lease::run(store, crate::lease::LIMITS, instance, internal_url, move |acquired| {
-            let state = s3.clone();
-            Box::pin(async move { state.limits.serve(acquired).await })
-        })
+        // Only while gateways ask this control plane directly: the coordinator goes where
+        // the reports arrive.
+        Lease::run_while(
+            store,
+            crate::lease::LIMITS,
+            instance,
+            internal_url,
+            {
+                let state = s3.clone();
+                move || state.limits.asked_recently()
+            },
+            s3.limits.wake(),
+            move |acquired| {
+                let state = s3.clone();
+                Box::pin(async move { state.limits.serve(acquired).await })
+            },
+        )
         .await,
     ]
 }
