@@ -30,6 +30,15 @@ pub struct ControlPlaneConfig {
     /// PEM certificate chain and private key: the internal API is served over TLS.
     pub internal_tls_cert: Option<PathBuf>,
     pub internal_tls_key: Option<PathBuf>,
+    /// The URL other control planes reach this one's internal API at, e.g.
+    /// `https://cp-1.example.internal:8081` (`{hostname}` is replaced by this machine's host
+    /// name): while this one coordinates the limits (the `limits` lease), the others forward
+    /// the gateways' limit reports there (docs/control-plane-ha.md). Default: `internal_listen`
+    /// (https when TLS is on) unless that is a wildcard address (0.0.0.0, [::]).
+    pub internal_advertise: Option<String>,
+    /// PEM certificates the other control planes' internal API is trusted with when reports
+    /// are forwarded there. Default: those in `internal_tls_cert`.
+    pub internal_peer_ca: Option<PathBuf>,
     /// The one shared gateway token of old: refused at start (each gateway has its own
     /// credential now, see `shoal admin gateway create`).
     pub internal_token: Option<String>,
@@ -91,6 +100,8 @@ impl Default for ControlPlaneConfig {
             internal_listen: "127.0.0.1:8081".into(),
             internal_tls_cert: None,
             internal_tls_key: None,
+            internal_advertise: None,
+            internal_peer_ca: None,
             internal_token: None,
             verify_throttle: shoal_auth::ThrottlePolicy::default(),
             verify_failures_per_gateway: 600,

@@ -23,9 +23,10 @@
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
 //!   (eviction, then refused writes), storage accrual for billing.
+//! - [`lease`]: the background jobs one control plane at a time runs (PostgreSQL advisory
+//!   locks); [`limits`]: the gateways' shares of caches' limits, coordinated by the holder
+//!   of the `limits` lease (the others forward reports to it).
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
-//! - [`lease`]: background jobs that run on one control plane at a time (a PostgreSQL
-//!   advisory lock; always held on SQLite).
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
 pub mod admin_token;

@@ -10,10 +10,20 @@
 //! gateway that stops reporting (it died) has its share handed to the others after
 //! [`FORGET_AFTER`]. Connection shares are promises: a gateway may fill its share until its
 //! next report, so the others' shares count in full when one gateway's is worked out, and
-//! only its own report makes a share smaller. The reports live in this process's memory:
-//! gateways of a deployment report to the same control plane.
+//! only its own report makes a share smaller.
+//!
+//! The reports live in one process's memory: with several control planes, the one holding
+//! the `limits` lease ([`crate::lease`]) coordinates ([`Coordinator::serve`]) and the others
+//! forward the reports they get to it ([`Forwarder`]), so every gateway's report meets the
+//! others' wherever it arrives. Only control planes that gateways ask directly take part in
+//! the lease ([`ASKED_WITHIN`]). A new coordinator that takes over from one that answered
+//! recently first listens for [`WARM_UP`] before it answers (see [`Coordinator::serve`]).
+//! When no coordinator answers, gateways get 503 and keep their last shares for 5 s, then
+//! divide each limit by the number of gateways that shared it (gateway/src/metering/limit.rs).
+//! docs/control-plane-ha.md has the design and its failure modes.
 
-use shoal_types::{CacheId, LimitDemand, LimitShare};
+use crate::store::leases::LeaseRecord;
+use shoal_types::{CacheId, LimitDemand, LimitReport, LimitShare};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,9 +31,37 @@ use std::time::{Duration, Instant};
 /// A gateway silent this long no longer holds a share.
 pub const FORGET_AFTER: Duration = Duration::from_secs(2);
 
+/// A coordinator that takes over from one whose heartbeat is younger than [`RECENT`] learns
+/// the gateways' demands for this long before it answers (gateways report every 250 ms):
+/// meanwhile the gateways keep the shares the previous one gave, which hold 5 s.
+pub const WARM_UP: Duration = Duration::from_secs(1);
+/// The previous coordinator's shares may still be held by gateways (5 s, plus margin).
+pub const RECENT: Duration = Duration::from_secs(10);
+/// A control plane takes part in the `limits` lease while gateways ask it directly (not
+/// through another control plane), and for this long after: the coordinator goes where the
+/// reports arrive. With one internal endpoint for every gateway, nothing is forwarded.
+pub const ASKED_WITHIN: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 pub struct Coordinator {
     state: Mutex<State>,
+    /// While this process coordinates ([`Coordinator::serve`]): when it answers from.
+    term: Mutex<Option<Instant>>,
+    /// When a gateway last asked this process directly.
+    asked: Mutex<Option<Instant>>,
+    /// Wakes the `limits` lease of this process: to try at once ([`Coordinator::offer`]).
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// What this process does with a gateway's report now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// It coordinates: it answers the shares.
+    Serving,
+    /// It has just taken over: it records the demand and answers 503.
+    WarmingUp,
+    /// Another control plane coordinates (or none): forward the report.
+    Elsewhere,
 }
 
 #[derive(Default)]
@@ -42,6 +80,81 @@ struct Reported {
 }
 
 impl Coordinator {
+    /// Coordinates for as long as the returned future runs (the `limits` lease's job: it is
+    /// cancelled when the lease is lost), starting from nothing. After a takeover from a
+    /// coordinator that answered within [`RECENT`], the first [`WARM_UP`] only records the
+    /// reports: the first shares then count every gateway, not only the first to report
+    /// (which would otherwise be given the whole of a limit others hold shares of).
+    pub async fn serve(&self, acquired: crate::lease::Acquired) {
+        let previous = acquired.previous.as_ref();
+        let warm = previous.and_then(LeaseRecord::heartbeat_age).is_some_and(|age| age < RECENT);
+        let from = Instant::now() + if warm { WARM_UP } else { Duration::ZERO };
+        *self.state.lock().unwrap() = State::default();
+        *self.term.lock().unwrap() = Some(from);
+        tracing::info!(warm_up = ?(warm.then_some(WARM_UP)), "coordinating the gateways' limit shares here");
+        struct Term<'a>(&'a Coordinator);
+        impl Drop for Term<'_> {
+            fn drop(&mut self) {
+                *self.0.term.lock().unwrap() = None;
+                *self.0.state.lock().unwrap() = State::default();
+                tracing::info!("no longer coordinating the gateways' limit shares");
+            }
+        }
+        let _term = Term(self);
+        std::future::pending::<()>().await
+    }
+
+    /// A gateway asked this process directly (not through another control plane).
+    pub fn asked(&self) {
+        *self.asked.lock().unwrap() = Some(Instant::now());
+    }
+
+    /// Whether a gateway asked this process directly in the last [`ASKED_WITHIN`]: then it
+    /// takes part in the `limits` lease.
+    pub fn asked_recently(&self) -> bool {
+        self.asked.lock().unwrap().is_some_and(|at| at.elapsed() < ASKED_WITHIN)
+    }
+
+    /// What wakes this process's `limits` lease (given to [`crate::lease::Lease::run_while`]).
+    pub fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.wake.clone()
+    }
+
+    /// No coordinator could be reached: this process (asked by a gateway) offers to be it —
+    /// its lease tries at once — and waits up to `within` for the outcome.
+    pub async fn offer(&self, within: Duration) -> Phase {
+        self.wake.notify_one();
+        let deadline = Instant::now() + within;
+        loop {
+            let phase = self.phase();
+            if phase != Phase::Elsewhere || Instant::now() >= deadline {
+                return phase;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// What to do with a report now.
+    pub fn phase(&self) -> Phase {
+        match *self.term.lock().unwrap() {
+            None => Phase::Elsewhere,
+            Some(from) if Instant::now() < from => Phase::WarmingUp,
+            Some(_) => Phase::Serving,
+        }
+    }
+
+    /// Records `gateway`'s demands without answering (a coordinator warming up): each holds
+    /// what it reports it holds.
+    pub fn observe(&self, gateway: &str, demands: Vec<LimitDemand>) {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap();
+        for demand in demands {
+            let granted = demand.connections;
+            let gateways = state.caches.entry(demand.cache.clone()).or_default();
+            gateways.insert(gateway.to_string(), Reported { demand, granted, at: now });
+        }
+    }
+
     /// Records `gateway`'s demands and answers its shares.
     pub fn report(&self, gateway: &str, demands: Vec<LimitDemand>) -> Vec<LimitShare> {
         let now = Instant::now();
@@ -132,6 +245,185 @@ pub fn connection_grant(max: u64, mine: (u64, u64), others: &[(u64, u64)]) -> u6
         return mine.0;
     }
     mine.0 + free.saturating_mul(me).div_ceil(me + others_refusing).min(free) as u64
+}
+
+/// The header a forwarded report carries (the forwarding control plane's instance): the
+/// receiver answers it itself or refuses it, never forwards it again.
+pub const FORWARDED_BY: &str = "x-shoal-forwarded-by";
+/// Longest wait for the coordinator's answer to a forwarded report (a gateway asks four
+/// times a second, and waits at most 0.5 s for a new cache's first share).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a control plane that found no coordinator waits for its own lease
+/// ([`Coordinator::offer`]).
+pub const OFFER_WAIT: Duration = Duration::from_millis(250);
+/// How long the coordinator's row is trusted before it is read again.
+const HOLDER_FOR: Duration = Duration::from_secs(1);
+
+/// Sends the reports of a control plane that does not coordinate to the one that does (the
+/// holder of the `limits` lease, at the internal URL it wrote in the lease's row), with the
+/// gateway's own credential: the coordinator authenticates the gateway itself.
+pub struct Forwarder {
+    http: reqwest::Client,
+    /// The lease's row, and when it was read.
+    holder: tokio::sync::Mutex<Option<(Instant, Option<LeaseRecord>)>>,
+    /// When a failure was last logged (one line per 10 s at most).
+    logged: Mutex<Option<Instant>>,
+}
+
+/// Why a report could not be forwarded: the gateway gets 503 and falls back.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no control plane coordinates the limits now")]
+    NoCoordinator,
+    #[error("the limits coordinator ({holder}) advertises no internal URL (set internal_advertise)")]
+    NoUrl { holder: String },
+    #[error("the limits coordinator ({holder}) at {url} cannot be reached: {error}")]
+    Unreachable { holder: String, url: String, error: String },
+    #[error("the control plane at {url} no longer coordinates the limits")]
+    Moved { url: String },
+    #[error("store: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+/// The coordinator's answer, as it is passed on to the gateway.
+pub struct Forwarded {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Forwarder {
+    /// The client for other control planes' internal APIs: it trusts `internal_peer_ca`, else
+    /// the certificates of `internal_tls_cert` (control planes that share the internal
+    /// certificate, or whose file holds the chain up to their common CA).
+    pub fn new(config: &crate::config::ControlPlaneConfig) -> Result<Forwarder, String> {
+        let mut http = reqwest::Client::builder().timeout(FORWARD_TIMEOUT).no_proxy();
+        let trusted = config
+            .internal_peer_ca
+            .as_ref()
+            .map(|p| ("internal_peer_ca", p))
+            .or(config.internal_tls_cert.as_ref().map(|p| ("internal_tls_cert", p)));
+        if let Some((option, path)) = trusted {
+            let pem = std::fs::read(path).map_err(|e| format!("reading {option} {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("{option} {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{option} {} holds no PEM certificate", path.display()));
+            }
+            http = http.tls_built_in_root_certs(false);
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http.build().map_err(|e| format!("the client of other control planes: {e}"))?;
+        Ok(Forwarder { http, holder: Default::default(), logged: Default::default() })
+    }
+
+    /// Forwards `report`, which came with `authorization` (the gateway's credential), to the
+    /// coordinator, unless `me` is named as the holder (it has just lost the lease).
+    pub async fn forward(
+        &self,
+        store: &crate::store::Store,
+        me: &str,
+        authorization: &str,
+        report: &LimitReport,
+    ) -> Result<Forwarded, ForwardError> {
+        let result = self.try_forward(store, me, authorization, report).await;
+        let outcome = match &result {
+            Ok(_) => "forwarded",
+            Err(ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_)) => {
+                "unreachable"
+            }
+            Err(_) => "no_coordinator",
+        };
+        metrics::counter!("shoal_limits_reports_forwarded_total", "outcome" => outcome).increment(1);
+        // No coordinator, or one that has just moved, is a moment of a takeover: not logged.
+        if let Err(
+            e @ (ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_)),
+        ) = &result
+        {
+            let mut logged = self.logged.lock().unwrap();
+            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                *logged = Some(Instant::now());
+                tracing::warn!(error = %e, "a gateway's limit report could not be forwarded; it falls back");
+            }
+        }
+        result
+    }
+
+    async fn try_forward(
+        &self,
+        store: &crate::store::Store,
+        me: &str,
+        authorization: &str,
+        report: &LimitReport,
+    ) -> Result<Forwarded, ForwardError> {
+        let holder = self.holder(store).await?.ok_or(ForwardError::NoCoordinator)?;
+        if holder.holder == me {
+            return Err(ForwardError::NoCoordinator);
+        }
+        let url = holder.url.clone().ok_or_else(|| ForwardError::NoUrl { holder: holder.holder.clone() })?;
+        let unreachable = |error: String| ForwardError::Unreachable {
+            holder: holder.holder.clone(),
+            url: url.clone(),
+            error,
+        };
+        let resp = self
+            .http
+            .post(format!("{}/internal/v1/limits", url.trim_end_matches('/')))
+            .header("Authorization", authorization)
+            .header(FORWARDED_BY, me)
+            .json(report)
+            .send()
+            .await
+            .map_err(|e| {
+                // The row may be stale (a new holder): read it again next time.
+                self.invalidate();
+                unreachable(error_chain(&e))
+            })?;
+        let status = resp.status().as_u16();
+        if status == 421 {
+            // It lost the lease since it wrote the row: read it again next time.
+            self.invalidate();
+            return Err(ForwardError::Moved { url });
+        }
+        let content_type =
+            resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = resp.bytes().await.map_err(|e| unreachable(error_chain(&e)))?.to_vec();
+        Ok(Forwarded { status, content_type, body })
+    }
+
+    /// Forgets the `limits` lease's row: the next report reads it again.
+    pub fn invalidate(&self) {
+        if let Ok(mut h) = self.holder.try_lock() {
+            *h = None;
+        }
+    }
+
+    /// The `limits` lease's row (read at most once per [`HOLDER_FOR`]).
+    async fn holder(&self, store: &crate::store::Store) -> Result<Option<LeaseRecord>, sqlx::Error> {
+        let mut cached = self.holder.lock().await;
+        if let Some((at, row)) = cached.as_ref() {
+            if at.elapsed() < HOLDER_FOR {
+                return Ok(row.clone());
+            }
+        }
+        let row = store.lease(crate::lease::LIMITS).await?;
+        *cached = Some((Instant::now(), row.clone()));
+        Ok(row)
+    }
+}
+
+/// An error and its sources, `outer: inner: …` (reqwest's own says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Builds the application state and runs the HTTP server (testable on port 0).
 
 use crate::config::ControlPlaneConfig;
+use crate::lease::Lease;
 use crate::pools::Pools;
 use crate::routes;
 use crate::signing::Signer;
@@ -33,21 +34,32 @@ pub struct ControlPlane {
     pub internal_tls: bool,
     pub handle: actix_web::dev::ServerHandle,
     pub internal_handle: actix_web::dev::ServerHandle,
-    /// The storage sampler ([`crate::storage::run`]) and the sweep of scoped tokens' ACL
-    /// users ([`crate::token_users::run`]), each under its lease ([`crate::lease::run`]);
-    /// abort them (which cancels the job and frees the lease) before stopping the pool.
-    pub sampler: tokio::task::JoinHandle<()>,
-    pub sweeper: tokio::task::JoinHandle<()>,
+    /// This process among the control planes ([`crate::lease::instance_id`]).
+    pub instance: String,
+    /// Where other control planes reach its internal API (`internal_advertise`), if known.
+    pub internal_url: Option<String>,
+    /// The leases of its background jobs ([`crate::lease`]): the storage sampler
+    /// ([`crate::storage::run`]), the sweep of scoped tokens' ACL users
+    /// ([`crate::token_users::run`]) and the limits coordinator ([`crate::limits`]); a job
+    /// runs while its lease is held here.
+    pub leases: Vec<Lease>,
     /// The store, to write pending audit aggregates ([`Store::flush_audit`]) once stopped.
     pub store: Store,
 }
 
 impl ControlPlane {
-    /// Stops the sampler and both listeners (before the pool is stopped), then writes the
-    /// audit aggregates still pending.
+    /// The lease named `name`.
+    pub fn lease(&self, name: &str) -> Option<&Lease> {
+        self.leases.iter().find(|l| l.name() == name)
+    }
+
+    /// Stops the jobs and gives their leases up (another control plane takes them over),
+    /// stops both listeners (before the pool is stopped), then writes the audit aggregates
+    /// still pending.
     pub async fn stop(&self) {
-        self.sampler.abort();
-        self.sweeper.abort();
+        for lease in &self.leases {
+            lease.stop().await;
+        }
         tokio::join!(self.handle.stop(true), self.internal_handle.stop(true));
         let _ = self.store.flush_audit().await;
     }
@@ -76,6 +88,9 @@ fn check(config: &ControlPlaneConfig) -> Result<(), StartupError> {
     }
     config.billing.validate().map_err(|e| StartupError::Config(format!("billing rates: {e}")))?;
     config.check_internal().map_err(StartupError::Config)?;
+    if let Some(url) = &config.internal_advertise {
+        check_advertise(url).map_err(StartupError::Config)?;
+    }
     config.check_secrets().map_err(StartupError::Config)?;
     Ok(())
 }
@@ -88,7 +103,39 @@ pub fn check_config(config: &ControlPlaneConfig) -> Result<(), String> {
     if let (Some(cert), Some(key)) = (&config.internal_tls_cert, &config.internal_tls_key) {
         tls_config(cert, key)?;
     }
+    crate::limits::Forwarder::new(config)?;
     Ok(())
+}
+
+/// `internal_advertise`: an http(s) URL of a host and port; plain http to loopback only (the
+/// forwarded reports carry gateways' credentials).
+fn check_advertise(url: &str) -> Result<(), String> {
+    let url = url.replace("{hostname}", &crate::lease::hostname());
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() || !matches!(scheme, "http" | "https") || rest.trim_end_matches('/') != authority
+    {
+        return Err(format!(
+            "internal_advertise {url:?} must be https://<host>:<port> (or http:// on loopback), nothing after"
+        ));
+    }
+    if scheme == "http" && !shoal_types::is_loopback(authority) {
+        return Err(format!(
+            "internal_advertise {url} is plain HTTP to a host that is not loopback: the reports other \
+             control planes forward there carry gateways' credentials, so use https://"
+        ));
+    }
+    Ok(())
+}
+
+/// Where other control planes reach this one's internal API: `internal_advertise`, else the
+/// address it listens on unless that is a wildcard.
+fn advertised(config: &ControlPlaneConfig, bound: SocketAddr, tls: bool) -> Option<String> {
+    if let Some(url) = &config.internal_advertise {
+        return Some(url.replace("{hostname}", &crate::lease::hostname()).trim_end_matches('/').to_string());
+    }
+    let scheme = if tls { "https" } else { "http" };
+    (!bound.ip().is_unspecified()).then(|| format!("{scheme}://{bound}"))
 }
 
 /// Checks the configuration, opens the store, makes sure the bootstrap admin token exists
@@ -114,6 +161,7 @@ pub async fn state(
     let verify_throttle = std::sync::Mutex::new(shoal_auth::Throttle::new(config.verify_throttle));
     let verify_budget =
         std::sync::Mutex::new(crate::budget::FailureBudget::new(config.verify_failures_per_gateway));
+    let limits_forwarder = crate::limits::Forwarder::new(&config).map_err(StartupError::Config)?;
     let state = web::Data::new(AppState {
         metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
@@ -127,6 +175,8 @@ pub async fn state(
         verify_throttle,
         verify_budget,
         limits: Default::default(),
+        limits_forwarder,
+        instance: crate::lease::instance_id(),
         engine_hosts: Default::default(),
     });
     Ok(state)
@@ -178,25 +228,23 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
         .disable_signals()
         .shutdown_timeout(5)
         .bind(&listen)?;
-    // Both bound: now run them, and the sampler.
+    // Both bound: the background jobs, each under its lease; then the servers.
     let (addr, internal_addr) = (server.addrs()[0], internal.addrs()[0]);
-    let interval = std::time::Duration::from_secs_f64(sampler_state.config.storage_interval);
-    let sweep_interval = std::time::Duration::from_secs_f64(sampler_state.config.acl_sweep_interval);
-    // Each runs on one control plane at a time, under its lease ([`crate::lease`]). Two may
-    // overlap for a moment (until a holder that lost its lock notices, within a second):
-    // - the sampler: a sample accrues only if the cache's previous sample is still the
-    //   latest (a compare-and-set in `Store::record_storage_sample`), so storage is billed
-    //   once; a second eviction pass finds the cache already under its limit;
-    // - the sweep: it deletes only ACL users no live token uses; deleting one twice is a
-    //   no-op.
-    let url = sampler_state.config.database_url.clone();
-    let sweep_state = sampler_state.clone();
-    let sweeper = crate::lease::run(&url, "acl-sweeper", move || {
-        crate::token_users::run(sweep_state.clone(), sweep_interval)
-    });
-    let sampler = crate::lease::run(&url, "storage-sampler", move || {
-        crate::storage::run(sampler_state.clone(), interval)
-    });
+    let internal_url = advertised(&sampler_state.config, internal_addr, tls_on);
+    let instance = sampler_state.instance.clone();
+    tracing::info!(
+        instance,
+        internal_url = internal_url.as_deref().unwrap_or("none"),
+        "control plane instance"
+    );
+    if internal_url.is_none() && store.backend == crate::store::Backend::Postgres {
+        tracing::warn!(
+            internal_listen = %internal_addr,
+            "internal_listen is a wildcard address and internal_advertise is not set: while this control \
+             plane coordinates the limits, the others cannot forward gateways' reports to it"
+        );
+    }
+    let leases = start_leases(&sampler_state, &instance, internal_url.clone()).await;
     let (server, internal) = (server.run(), internal.run());
     let (handle, internal_handle) = (server.handle(), internal.handle());
     tokio::spawn(server);
@@ -207,10 +255,48 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
         internal_tls: tls_on,
         handle,
         internal_handle,
-        sampler,
-        sweeper,
+        instance,
+        internal_url,
+        leases,
         store,
     })
+}
+
+/// The background jobs, each under its lease ([`crate::lease`]): on PostgreSQL, one control
+/// plane runs each at a time.
+async fn start_leases(state: &Arc<AppState>, instance: &str, internal_url: Option<String>) -> Vec<Lease> {
+    let store = state.store.clone();
+    let interval = std::time::Duration::from_secs_f64(state.config.storage_interval);
+    let sweep_interval = std::time::Duration::from_secs_f64(state.config.acl_sweep_interval);
+    let (s1, s2, s3) = (state.clone(), state.clone(), state.clone());
+    vec![
+        Lease::run(store.clone(), crate::lease::STORAGE_SAMPLER, instance, None, move |_| {
+            Box::pin(crate::storage::run(s1.clone(), interval))
+        })
+        .await,
+        Lease::run(store.clone(), crate::lease::ACL_SWEEP, instance, None, move |_| {
+            Box::pin(crate::token_users::run(s2.clone(), sweep_interval))
+        })
+        .await,
+        // Only while gateways ask this control plane directly: the coordinator goes where
+        // the reports arrive.
+        Lease::run_while(
+            store,
+            crate::lease::LIMITS,
+            instance,
+            internal_url,
+            {
+                let state = s3.clone();
+                move || state.limits.asked_recently()
+            },
+            s3.limits.wake(),
+            move |acquired| {
+                let state = s3.clone();
+                Box::pin(async move { state.limits.serve(acquired).await })
+            },
+        )
+        .await,
+    ]
 }
 
 /// The public REST API: every route, the extractors' error answers, request ids and the

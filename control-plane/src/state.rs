@@ -24,8 +24,12 @@ pub struct AppState {
     /// Failed password checks gateways asked for, per (user, source), and per gateway.
     pub verify_throttle: std::sync::Mutex<shoal_auth::Throttle>,
     pub verify_budget: std::sync::Mutex<crate::budget::FailureBudget>,
-    /// Every gateway's share of each cache's limits.
+    /// Every gateway's share of each cache's limits (while this process coordinates them).
     pub limits: crate::limits::Coordinator,
+    /// Sends gateways' limit reports to the control plane that coordinates them.
+    pub limits_forwarder: crate::limits::Forwarder,
+    /// This process among the control planes ([`crate::lease::instance_id`]).
+    pub instance: String,
     /// Which engine agent runs which node, as the agents report.
     pub engine_hosts: crate::engine_hosts::EngineHosts,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,

@@ -5,17 +5,26 @@
 //! token uses any more, so a node's ACL file stays bounded.
 //!
 //! Minting and sweeping both hold `users_lock`, and a mint keeps it until its token is
-//! stored, so the sweep never deletes a user whose token is being minted.
+//! stored, so the sweep never deletes a user whose token is being minted. That lock is one
+//! process's: on PostgreSQL, where another control plane may be minting (its user made, its
+//! token not stored yet), a user is deleted only once the sweep has found it unused for
+//! [`UNUSED_FOR`]. The sweep runs in one control plane at a time (its lease,
+//! [`crate::lease::ACL_SWEEP`]); two at once during a takeover only delete the same users twice.
 
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::CacheRecord;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most distinct scopes (permission and key patterns) of live tokens one cache may have.
 pub const MAX_PER_CACHE: usize = 100;
+
+/// On PostgreSQL (several control planes), how long a user must have been found unused
+/// before the sweep deletes it: far longer than a mint takes from making its user to
+/// storing its token.
+pub const UNUSED_FOR: Duration = Duration::from_secs(5);
 
 /// The upstream ACL users of a cache's unexpired, unrevoked tokens.
 pub async fn in_use(state: &AppState, cache: &CacheRecord) -> Result<HashSet<String>, ApiError> {
@@ -46,6 +55,8 @@ pub async fn admit(state: &AppState, cache: &CacheRecord, user: &str) -> Result<
 pub async fn run(state: Arc<AppState>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Users found unused, and since when.
+    let mut unused_since: HashMap<String, Instant> = HashMap::new();
     loop {
         tick.tick().await;
         let caches = match state.store.caches(None).await {
@@ -70,6 +81,7 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 }
             }
         }
+        let mut seen = HashSet::new();
         for cache in caches {
             let prefix = format!("{}.jwt.", cache.id.acl_user());
             let on_node: Vec<String> = users
@@ -79,20 +91,42 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
             if on_node.is_empty() {
                 continue;
             }
-            if let Err(e) = sweep(&state, &cache, on_node).await {
+            seen.extend(on_node.iter().cloned());
+            if let Err(e) = sweep(&state, &cache, on_node, &mut unused_since).await {
                 tracing::warn!(cache = %cache.id, error = %e, "token ACL user sweep failed");
             }
         }
+        unused_since.retain(|user, _| seen.contains(user));
     }
 }
 
-/// Deletes those of the cache's token ACL users `on_node` that no live token uses; returns
-/// how many.
-async fn sweep(state: &AppState, cache: &CacheRecord, on_node: Vec<String>) -> Result<usize, ApiError> {
+/// Deletes those of the cache's token ACL users `on_node` that no live token uses (on
+/// PostgreSQL: found unused for [`UNUSED_FOR`], per `unused_since`); returns how many.
+async fn sweep(
+    state: &AppState,
+    cache: &CacheRecord,
+    on_node: Vec<String>,
+    unused_since: &mut HashMap<String, Instant>,
+) -> Result<usize, ApiError> {
     let _changing = state.users_lock.lock().await;
     let used = in_use(state, cache).await?;
-    let stale: Vec<String> = on_node.into_iter().filter(|u| !used.contains(u)).collect();
+    let grace = match state.store.backend {
+        crate::store::Backend::Postgres => UNUSED_FOR,
+        crate::store::Backend::Sqlite => Duration::ZERO,
+    };
+    let now = Instant::now();
+    let mut stale = Vec::new();
+    for user in on_node {
+        if used.contains(&user) {
+            unused_since.remove(&user);
+        } else if now.duration_since(*unused_since.entry(user.clone()).or_insert(now)) >= grace {
+            stale.push(user);
+        }
+    }
     state.pools.of(&cache.pool)?.delete_cache_users(&cache.node, &stale).await?;
+    for user in &stale {
+        unused_since.remove(user);
+    }
     if !stale.is_empty() {
         tracing::info!(cache = %cache.id, deleted = stale.len(), "unused token ACL users deleted");
     }

@@ -4,8 +4,8 @@
 //! one part fails. Each test prints `FIGURE …` lines (the README's "Running on many
 //! machines" quotes them).
 //!
-//! One control plane: two at once need the store's leases for the jobs only one may run
-//! (`Layout::control_planes` is ready for it).
+//! One control plane, but in the scenario of two (the background jobs' leases, the limits
+//! coordinator reached through either, `kill -9` of the one that holds them).
 
 use crate::support::checker::{one_pair, Checker, Report, Target};
 use crate::support::hosts::{Cache, Deployment, Layout, Net, NodeSeen};
@@ -592,4 +592,163 @@ fn the_harness_leaves_nothing_behind_after_a_dead_run_or_a_panic() {
     let _ = std::fs::remove_dir_all(format!("/tmp/shoal-hosts/shl{k}"));
     let status = running.wait().unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+}
+
+/// Each lease's `shoal_lease_held` on control plane `i` (its `/metrics`), by name; None if
+/// it does not answer.
+async fn leases_held(dep: &Deployment, i: usize) -> Option<Vec<(String, f64)>> {
+    let resp = dep
+        .http
+        .get(dep.control_plane_url(i, "/metrics"))
+        .bearer_auth(dep.admin_token())
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let text = resp.text().await.ok()?;
+    let mut out: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("shoal_lease_held{lease=\""))
+        .filter_map(|l| {
+            let (name, value) = l.split_once("\"} ")?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Some(out)
+}
+
+/// The newest storage sample of any cache, Unix ms (the store, read with psql).
+fn newest_storage_sample(dep: &Deployment) -> i64 {
+    let out = std::process::Command::new("psql")
+        .arg(&dep.database_url)
+        .args(["-Atc", "SELECT coalesce(max(sampled_at), 0) FROM cache_storage"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Two control planes on one PostgreSQL (issue 19). The first to start holds the leases of
+/// the storage sampler and the sweep of token ACL users; the limits coordinator is in one
+/// of the two, once gateways ask, and the other forwards its gateway's limit reports to it,
+/// so a cache's connection limit holds across two gateways that ask different control
+/// planes. `kill -9` of the holder: the
+/// other takes every lease over within 10 s (the sampler runs there), and the caches serve
+/// throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_control_planes_jobs_are_taken_over_by_the_other_within_10_s() {
+    let Some(mut dep) = deployment(Layout { control_planes: 2, ..Layout::default() }).await else { return };
+    let names = ["acl-sweep", "limits", "storage-sampler"];
+    let held = |v: f64| names.iter().map(|n| (n.to_string(), v)).collect::<Vec<_>>();
+    let lease = |list: &Option<Vec<(String, f64)>>, name: &str| {
+        list.as_ref().and_then(|l| l.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
+    };
+    let (cp1, cp2) = (leases_held(&dep, 0).await, leases_held(&dep, 1).await);
+    for name in ["acl-sweep", "storage-sampler"] {
+        assert_eq!(
+            (lease(&cp1, name), lease(&cp2, name)),
+            (Some(1.0), Some(0.0)),
+            "{name}: the first to start holds it"
+        );
+    }
+
+    // Gateway 0 asks control plane 1, gateway 1 control plane 2 (which forwards): clients
+    // try both in turn; what they hold is the limit, never more.
+    let few = dep
+        .api(
+            reqwest::Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "few", "limits": {"max_connections": 4}})),
+        )
+        .await;
+    let id = few["id"].as_str().unwrap().to_string();
+    let token = dep.api(reqwest::Method::POST, &format!("/v1/caches/{id}/tokens"), None).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let connect = |gateway: std::net::SocketAddr| {
+        let login = crate::support::auth_command(&token);
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(gateway).await.unwrap();
+            s.write_all(&login).await.unwrap();
+            let mut buf = vec![0u8; 512];
+            let n = match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => 0,
+            };
+            match String::from_utf8_lossy(&buf[..n]).into_owned() {
+                ok if ok == "+OK\r\n" => Ok(s),
+                other => Err(other),
+            }
+        }
+    };
+    let mut open = Vec::new();
+    let mut refusals = 0;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        for g in 0..dep.gateways.len() {
+            match connect(dep.gateway(g)).await {
+                Ok(c) => open.push((g, c)),
+                Err(e) => {
+                    assert!(e.contains("max number of clients"), "{e}");
+                    refusals += 1;
+                }
+            }
+            assert!(open.len() <= 4, "{} connections for a limit of 4\n{}", open.len(), dep.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open.len(), 4, "the limit is reached ({refusals} refusals)");
+    assert!(refusals > 0);
+    // Both were asked: one coordinates (the other forwards to it).
+    let (cp1, cp2) = (leases_held(&dep, 0).await, leases_held(&dep, 1).await);
+    assert_eq!(lease(&cp1, "limits").unwrap() + lease(&cp2, "limits").unwrap(), 1.0, "{cp1:?} {cp2:?}");
+    // The connections stay open: the gateways go on reporting the cache (to their control
+    // planes), so the survivor still takes part in the limits lease after the kill.
+
+    let caches = dep.caches_on_every_host("ha", 2).await;
+    let checker = Checker::start(&targets(&caches, dep.gateways.len()), gateways(&dep), PACE);
+    let all: Vec<usize> = (0..caches.len()).collect();
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+
+    dep.kill_control_plane(0);
+    let killed = Instant::now();
+    let killed_ms = chrono::Utc::now().timestamp_millis();
+    let took = loop {
+        if leases_held(&dep, 1).await == Some(held(1.0)) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the survivor holds {:?} 10 s after the kill\n{}",
+            leases_held(&dep, 1).await,
+            dep.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Its storage sampler runs (the killed one's cannot).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while newest_storage_sample(&dep) <= killed_ms {
+        assert!(Instant::now() < deadline, "no storage sample after the takeover\n{}", dep.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let sampled = killed.elapsed();
+    checker.progress(&all, 50, Duration::from_secs(20)).await;
+    let reports = checker.stop().await;
+    drop(open);
+    println!(
+        "FIGURE control plane kill -9 (two control planes): the other held every lease {:.2} s after, \
+         sampled storage {:.2} s after",
+        took.as_secs_f64(),
+        sampled.as_secs_f64()
+    );
+    for (i, r) in reports.iter().enumerate() {
+        println!(
+            "FIGURE control plane kill -9 (two control planes): {}",
+            figure_line(r, &dep.engine_hosts[caches[i].engine_host].host.name)
+        );
+        assert_eq!((r.errors, r.mismatches), (0, 0), "{}: {r:?}", r.cache);
+    }
 }

@@ -306,19 +306,76 @@ const MAX_LIMIT_DEMANDS: usize = 100_000;
 
 /// A gateway instance's demands on caches' limits, answered with its shares
 /// (`crate::limits`). Keyed by the credential's name and the instance's id, so one gateway
-/// cannot speak for another.
+/// cannot speak for another. Answered by the control plane that coordinates the limits (the
+/// `limits` lease's holder): another forwards the report there (with the gateway's own
+/// credential). When none can be reached, the control plane asked offers to coordinate (its
+/// lease tries at once); 503 — the gateway then keeps its last shares, then divides — when
+/// that does not settle it, and while a new coordinator warms up. A forwarded report that
+/// reaches a control plane that does not coordinate is answered 421.
 async fn limits(
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     gw: Gateway,
     body: web::Json<shoal_types::LimitReport>,
 ) -> Result<HttpResponse, ApiError> {
+    use crate::limits::Phase;
     let report = body.into_inner();
     if report.demands.len() > MAX_LIMIT_DEMANDS {
         return Err(ApiError::field("demands", format!("at most {MAX_LIMIT_DEMANDS} caches per report")));
     }
     let instance: String = report.gateway_id.chars().take(160).collect();
-    let shares = state.limits.report(&format!("{}/{instance}", gw.name), report.demands);
-    Ok(HttpResponse::Ok().json(shares))
+    let gateway = format!("{}/{instance}", gw.name);
+    let forwarded = req.headers().contains_key(crate::limits::FORWARDED_BY);
+    if !forwarded {
+        state.limits.asked();
+    }
+    let mut phase = state.limits.phase();
+    if phase == Phase::Elsewhere {
+        if forwarded {
+            return Ok(HttpResponse::MisdirectedRequest().json(serde_json::json!({
+                "detail": "this control plane does not coordinate the limits"
+            })));
+        }
+        let authorization =
+            req.headers().get("Authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let forward =
+            || state.limits_forwarder.forward(&state.store, &state.instance, authorization, &report);
+        if let Ok(answer) = forward().await {
+            return Ok(passed_on(answer));
+        }
+        // Nobody coordinates, or the coordinator cannot be reached: offer to. Another
+        // control plane may win: then forward to it.
+        phase = state.limits.offer(crate::limits::OFFER_WAIT).await;
+        if phase == Phase::Elsewhere {
+            state.limits_forwarder.invalidate();
+            return match forward().await {
+                Ok(answer) => Ok(passed_on(answer)),
+                Err(e) => Err(ApiError::Unavailable(e.to_string())),
+            };
+        }
+    }
+    match phase {
+        Phase::WarmingUp => {
+            state.limits.observe(&gateway, report.demands);
+            Err(ApiError::Unavailable(
+                "the limits coordinator has just taken over and is learning every gateway's demand; \
+                 the last shares hold meanwhile"
+                    .into(),
+            ))
+        }
+        _ => Ok(HttpResponse::Ok().json(state.limits.report(&gateway, report.demands))),
+    }
+}
+
+/// The coordinator's answer to a forwarded report, as it came.
+fn passed_on(answer: crate::limits::Forwarded) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(answer.status)
+        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let mut resp = HttpResponse::build(status);
+    if let Some(content_type) = answer.content_type {
+        resp.content_type(content_type);
+    }
+    resp.body(answer.body)
 }
 
 /// An engine agent's report of the nodes it runs (it authenticates with an internal

@@ -8,6 +8,7 @@ pub mod audit;
 mod billing;
 pub mod gateways;
 pub mod idempotency;
+pub mod leases;
 mod storage;
 mod usage;
 pub mod users;
@@ -119,6 +120,9 @@ pub enum Backend {
 pub struct Store {
     pub(crate) pool: AnyPool,
     pub backend: Backend,
+    /// The URL it was opened with: leases take connections of their own
+    /// ([`Store::dedicated_connection`]).
+    url: Arc<str>,
     /// Serializes audit appends (the hash chain needs the previous record).
     audit_lock: Arc<tokio::sync::Mutex<()>>,
     audit_chain: Arc<audit::Chain>,
@@ -216,7 +220,7 @@ impl Store {
             chain: audit_chain.clone(),
         };
         tokio::spawn(writer.run(jobs));
-        Ok(Store { pool, backend, audit_lock, audit_chain, audit_writer })
+        Ok(Store { pool, backend, url: url.into(), audit_lock, audit_chain, audit_writer })
     }
 
     /// Starts a change that will be audited in the same transaction.
@@ -224,6 +228,13 @@ impl Store {
         let chain = self.audit_lock.clone().lock_owned().await;
         let tx = self.pool.begin().await?;
         Ok(Audited { _chain: chain, tx, backend: self.backend, chain: self.audit_chain.clone() })
+    }
+
+    /// A connection of its own, outside the pool, for as long as the caller keeps it: a
+    /// lease's session (its advisory lock lives and dies with it, see [`crate::lease`]).
+    pub async fn dedicated_connection(&self) -> Result<AnyConnection, StoreError> {
+        use sqlx::Connection;
+        AnyConnection::connect(&self.url).await
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

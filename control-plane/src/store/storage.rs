@@ -66,7 +66,8 @@ impl Store {
     /// Records a sample: it covers the time since the cache's previous sample (or since
     /// `since_ms`, the cache's creation, for the first), at most [`MAX_COVER_MS`], and accrues
     /// into `storage_usage`.
-    /// Returns false, changing nothing, if another sampler recorded one meanwhile.
+    /// Returns false, changing nothing, if another sampler recorded one meanwhile (or a
+    /// later one before).
     pub async fn record_storage_sample(
         &self,
         cache: &CacheId,
@@ -79,6 +80,12 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?
             .map(|r| r.get("sampled_at"));
+        // A sample taken before the latest one recorded (two samplers at once: a takeover of
+        // the sampler's lease, or a gateway's request) changes nothing: it would move the
+        // latest sample back, and the next one would accrue that time again.
+        if previous.is_some_and(|prev| prev >= sample.at_ms) {
+            return Ok(false);
+        }
         let claimed = match previous {
             // Only if the previous sample is still the latest: two samplers never both accrue.
             Some(prev) => sqlx::query(
@@ -311,6 +318,9 @@ mod tests {
         assert!(store.record_storage_sample(&id, t0 - 20_000, &sample(t0 + 10_000, 100, 0)).await.unwrap());
         assert!(store.record_storage_sample(&id, 0, &sample(t0 + 40_000, 200, 2)).await.unwrap());
         assert!(store.record_storage_sample(&id, 0, &sample(t0 + 70_000, 50, 1)).await.unwrap());
+        // One taken before the latest (another sampler's, recorded late) changes nothing.
+        assert!(!store.record_storage_sample(&id, 0, &sample(t0 + 60_000, 999, 5)).await.unwrap());
+        assert!(!store.record_storage_sample(&id, 0, &sample(t0 + 70_000, 999, 5)).await.unwrap());
         let m = t0 / 1000;
         let usage = store.storage_usage(&id, m - 60, m + 120).await.unwrap();
         let row = |minute, byte_seconds, max_bytes, evicted_keys| StorageUsage {

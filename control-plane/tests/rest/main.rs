@@ -6,5 +6,6 @@
 mod support;
 
 mod api;
+mod ha;
 mod pools;
 mod rest;

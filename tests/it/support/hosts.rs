@@ -292,8 +292,8 @@ fn postgres_script() -> PathBuf {
 /// How many of each role a [`Deployment`] has.
 #[derive(Clone, Copy, Debug)]
 pub struct Layout {
-    /// Control planes, all on the one PostgreSQL. The scenarios use one: two at once need
-    /// the store's leases (advisory locks) for the jobs only one may run.
+    /// Control planes, all on the one PostgreSQL (one runs each background job at a time,
+    /// under its lease; gateway g asks control plane g mod N, the engine agents the first).
     pub control_planes: usize,
     /// Engine hosts, each an agent (`shoal engine`) with its own Valkey nodes.
     pub engine_hosts: usize,
@@ -603,6 +603,11 @@ impl Deployment {
     pub fn rest_url(&self, path: &str) -> String {
         let m = self.control_planes.iter().find(|m| m.proc.is_some()).expect("a control plane runs");
         format!("http://{}{path}", m.host.at(REST_PORT))
+    }
+
+    /// The REST URL of control plane `i` (running or not).
+    pub fn control_plane_url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.control_planes[i].host.at(REST_PORT))
     }
 
     pub fn admin_token(&self) -> String {

@@ -60,22 +60,7 @@ impl Api {
 
     async fn start_with(cluster: Option<(usize, usize)>) -> Api {
         let tmp = tempfile::tempdir().unwrap();
-        let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let pool = Arc::new(
-            Pool::start(PoolConfig {
-                valkey_server: shoal_engine::find_valkey_server()
-                    .expect("valkey-server ($SHOAL_VALKEY_SERVER)"),
-                dir: tmp.path().join("valkey"),
-                nodes: vec![NodeSpec::new("n0", "127.0.0.1", free_port)],
-                databases: 64,
-                maxmemory_mb: None,
-                script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
-                node_secret: None,
-                supervisor: Default::default(),
-            })
-            .await
-            .expect("pool starts"),
-        );
+        let pool = one_node_pool(&tmp.path().join("valkey")).await;
         let postgres_url = fresh_postgres_database();
         let database_url = postgres_url
             .clone()
@@ -226,6 +211,25 @@ impl Api {
         let _ = conn.close().await;
         result
     }
+}
+
+/// A standalone pool of one real valkey-server node (`n0`) in `dir`, on a free port.
+pub async fn one_node_pool(dir: &std::path::Path) -> Arc<Pool> {
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    Arc::new(
+        Pool::start(PoolConfig {
+            valkey_server: shoal_engine::find_valkey_server().expect("valkey-server ($SHOAL_VALKEY_SERVER)"),
+            dir: dir.to_path_buf(),
+            nodes: vec![NodeSpec::new("n0", "127.0.0.1", free_port)],
+            databases: 64,
+            maxmemory_mb: None,
+            script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+            node_secret: None,
+            supervisor: Default::default(),
+        })
+        .await
+        .expect("pool starts"),
+    )
 }
 
 /// A base port for a small cluster: node n on base + n, its bus on base + n + 10000, all
