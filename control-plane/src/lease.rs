@@ -455,21 +455,14 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    /// A new database on the Postgres lane's server (`SHOAL_TEST_POSTGRES_URL`, see
-    /// scripts/test.sh); None (the test says it did not run) without one.
+    /// A new database on the Postgres lane's server; None (the test says it did not run)
+    /// without one.
     fn postgres_database() -> Option<String> {
-        let Some(server) = std::env::var("SHOAL_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty()) else {
+        let url = crate::store::fresh_postgres_database("lease");
+        if url.is_none() {
             println!("SKIPPED: no SHOAL_TEST_POSTGRES_URL (the Postgres lane of scripts/test.sh runs this)");
-            return None;
-        };
-        let name = format!("shoal_lease_{:016x}", rand::random::<u64>());
-        let out = std::process::Command::new("psql")
-            .arg(&server)
-            .args(["-v", "ON_ERROR_STOP=1", "-qc", &format!("CREATE DATABASE {name}")])
-            .output()
-            .expect("psql runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        Some(format!("{}/{name}", server.rsplit_once('/').unwrap().0))
+        }
+        url
     }
 
     /// What a test job did: how often it ran, and whether it was cancelled.
