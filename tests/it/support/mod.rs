@@ -22,8 +22,18 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build().unwrap()
 }
 
+/// A port free now, and never handed out before in this process: the kernel may give a
+/// port it just gave again, and two of one platform's listeners on one port fail its start.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// With `SHOAL_TEST_POSTGRES_URL` set (the Postgres lane of scripts/test.sh), a new empty
