@@ -97,8 +97,8 @@ impl ResponseError for ApiError {
     }
 }
 
-/// An error and its sources, `outer: inner: …`.
-fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, `outer: inner: …` (reqwest's and sqlx's own say little).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

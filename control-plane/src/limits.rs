@@ -285,6 +285,13 @@ pub enum ForwardError {
     Store(#[from] sqlx::Error),
 }
 
+impl ForwardError {
+    /// The coordinator could not be asked (as opposed to: there is none now, or it moved).
+    fn coordinator_unreachable(&self) -> bool {
+        matches!(self, ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_))
+    }
+}
+
 /// The coordinator's answer, as it is passed on to the gateway.
 pub struct Forwarded {
     pub status: u16,
@@ -331,17 +338,12 @@ impl Forwarder {
         let result = self.try_forward(store, me, authorization, report).await;
         let outcome = match &result {
             Ok(_) => "forwarded",
-            Err(ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_)) => {
-                "unreachable"
-            }
+            Err(e) if e.coordinator_unreachable() => "unreachable",
             Err(_) => "no_coordinator",
         };
         metrics::counter!("shoal_limits_reports_forwarded_total", "outcome" => outcome).increment(1);
         // No coordinator, or one that has just moved, is a moment of a takeover: not logged.
-        if let Err(
-            e @ (ForwardError::Unreachable { .. } | ForwardError::NoUrl { .. } | ForwardError::Store(_)),
-        ) = &result
-        {
+        if let Some(e) = result.as_ref().err().filter(|e| e.coordinator_unreachable()) {
             let mut logged = self.logged.lock().unwrap();
             if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
                 *logged = Some(Instant::now());
@@ -379,7 +381,7 @@ impl Forwarder {
             .map_err(|e| {
                 // The row may be stale (a new holder): read it again next time.
                 self.invalidate();
-                unreachable(error_chain(&e))
+                unreachable(crate::error::chain(&e))
             })?;
         let status = resp.status().as_u16();
         if status == 421 {
@@ -389,7 +391,7 @@ impl Forwarder {
         }
         let content_type =
             resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = resp.bytes().await.map_err(|e| unreachable(error_chain(&e)))?.to_vec();
+        let body = resp.bytes().await.map_err(|e| unreachable(crate::error::chain(&e)))?.to_vec();
         Ok(Forwarded { status, content_type, body })
     }
 
@@ -412,18 +414,6 @@ impl Forwarder {
         *cached = Some((Instant::now(), row.clone()));
         Ok(row)
     }
-}
-
-/// An error and its sources, `outer: inner: …` (reqwest's own says little).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
