@@ -908,8 +908,16 @@ impl Node {
                         }
                     };
                     self.restarts.fetch_add(1, Ordering::SeqCst);
-                    if self.wait_ready(Duration::from_secs(10)).await.is_ok() {
-                        tracing::info!(node = %self.spec.name, "valkey-server back");
+                    // A child that exits before it is ready (its port taken meanwhile, say) is
+                    // restarted after a short pause, not after the whole readiness timeout.
+                    tokio::select! {
+                        ready = self.wait_ready(Duration::from_secs(10)) => if ready.is_ok() {
+                            tracing::info!(node = %self.spec.name, "valkey-server back");
+                        },
+                        status = child.wait() => {
+                            tracing::warn!(node = %self.spec.name, ?status, "valkey-server exited before it was ready");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
                     }
                 }
                 _ = self.stop.notified() => {

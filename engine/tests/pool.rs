@@ -68,7 +68,43 @@ async fn a_node_killed_with_sigkill_comes_back_with_its_data_and_users() {
     };
     assert_eq!(value, "hello");
     assert_ne!(node.pid(), Some(old_pid));
-    assert_eq!(node.restarts(), 1);
+    // More than one restart only if the first could not bind its port (taken meanwhile).
+    assert!(node.restarts() >= 1);
+    pool.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_whose_port_was_taken_while_it_was_down_comes_back_once_the_port_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = start_pool(dir.path(), 1).await;
+    let node = pool.node("n0").unwrap().clone();
+    let port: u16 = node.addr().rsplit(':').next().unwrap().parse().unwrap();
+
+    // Kill the node and take its port before the supervisor's restart binds it; the
+    // restart can win that race, so try a few times.
+    let squatter = 'taken: {
+        for _ in 0..20 {
+            node.wait_ready(Duration::from_secs(10)).await.unwrap();
+            unsafe { libc::kill(node.pid().unwrap() as i32, libc::SIGKILL) };
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(500) {
+                if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                    break 'taken l;
+                }
+                std::thread::yield_now();
+            }
+        }
+        panic!("never took the port before the restart bound it");
+    };
+    let restarts_while_taken = node.restarts();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(squatter);
+    let freed_at = Instant::now();
+
+    // Restarts that failed meanwhile are retried every 200 ms, not after a 10 s readiness wait.
+    node.wait_ready(Duration::from_secs(5)).await.expect("node back within 5 s of its port being freed");
+    println!("FIGURE port freed: node back after {:?}", freed_at.elapsed());
+    assert!(node.restarts() > restarts_while_taken, "the node restarted again once its port was free");
     pool.stop().await;
 }
 
