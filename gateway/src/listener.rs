@@ -3,6 +3,7 @@
 
 use crate::control_plane::http::HttpClient;
 use crate::control_plane::ControlPlane;
+use crate::metering::{journal::Journal, Ledger};
 use crate::session::{self, Endpoint};
 use crate::state::Shared;
 use crate::tls::TlsState;
@@ -71,14 +72,19 @@ impl Gateway {
             Some(a) => a.clone(),
             None => listener.local_addr()?.to_string(),
         };
-        let shared = Arc::new(Shared::new(config, client, &advertise));
-        let outbox = match shared.config.metering {
+        let outbox = match config.metering {
             true => Some(crate::metering::usage::Outbox::open(
-                shared.config.data_dir.as_deref(),
-                shared.config.usage_memory_batches,
+                config.data_dir.as_deref(),
+                config.usage_memory_batches,
             )?),
             false => None,
         };
+        // What a killed predecessor metered and did not send is found here.
+        let journal = match &outbox {
+            Some(outbox) => Journal::open(outbox.journal_dir().as_deref(), |seq| outbox.spooled(seq))?,
+            None => Journal::in_memory(),
+        };
+        let shared = Arc::new(Shared::new(config, client, &advertise, Ledger::new(journal)));
         let metrics = match &shared.config.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,

@@ -52,7 +52,12 @@ pub struct Shared {
 
 impl Shared {
     /// `advertise`: the address cluster-mode answers point clients to.
-    pub fn new(config: GatewayConfig, client: Arc<ControlPlane>, advertise: &str) -> Shared {
+    pub fn new(
+        config: GatewayConfig,
+        client: Arc<ControlPlane>,
+        advertise: &str,
+        ledger: crate::metering::Ledger,
+    ) -> Shared {
         Shared {
             jwt: JwtVerifier::new(client.clone()),
             router: Router::new(client.clone(), config.route_ttl, config.route_stale_for),
@@ -74,7 +79,7 @@ impl Shared {
             })),
             audit: Default::default(),
             gateway_id: config.gateway_id.clone().unwrap_or_else(|| format!("gateway-{advertise}")),
-            ledger: Default::default(),
+            ledger,
             buckets: Default::default(),
             config,
         }

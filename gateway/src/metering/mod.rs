@@ -1,8 +1,8 @@
 //! Metering: what each command costs and who pays.
 //!
 //! - [`ecpu`]: the ECPU rule (pure).
-//! - [`shoal_types::UsageCounters`]: one cache's counters; each session tallies its own and flushes them
-//!   into the gateway's [`Ledger`] about once a second and when it ends.
+//! - [`shoal_types::UsageCounters`]: one cache's counters; each session adds every command's
+//!   to its slot of the gateway's [`Ledger`], kept in the [`journal`] (which outlives a kill).
 //! - [`limit`]: the `ecpu_per_second` token bucket of each cache.
 //! - [`usage`]: every second the ledger becomes a `UsageBatch` for the control plane
 //!   (kept in memory, then spooled to disk while the control plane is unreachable), with
@@ -10,6 +10,7 @@
 //!   the same count `max_connections` is enforced on; nothing is counted per command).
 
 pub mod ecpu;
+pub mod journal;
 pub mod limit;
 pub mod usage;
 
@@ -95,41 +96,50 @@ pub fn current_minute() -> i64 {
     secs - secs % 60
 }
 
-/// The gateway's counters per (cache, minute) not yet put into a batch.
-#[derive(Default)]
+/// The gateway's counters not yet put into a batch: the sessions' slots of the [`journal`],
+/// and the connection peaks sent per cache this minute.
 pub struct Ledger {
-    map: Mutex<HashMap<(CacheId, i64), UsageCounters>>,
+    journal: journal::Journal,
     /// The largest peak of connections sent per cache in the current minute. The control
     /// plane keeps each gateway's largest per minute, so a peak goes out again only when it
     /// grows or a minute starts: an idle connected cache costs one row a minute, not sixty.
     sent: Mutex<HashMap<CacheId, (i64, u32)>>,
 }
 
+impl Default for Ledger {
+    fn default() -> Ledger {
+        Ledger::new(journal::Journal::in_memory())
+    }
+}
+
+/// A batch being made: its usage, and what [`Ledger::commit`] marks as sent.
+pub struct Taking {
+    pub usage: Vec<CacheUsage>,
+    journal: journal::Taking,
+}
+
 impl Ledger {
-    pub fn add(&self, cache: &CacheId, minute: i64, c: &UsageCounters) {
-        if c.is_zero() {
-            return;
-        }
-        crate::metrics::cache_counters(cache, c);
-        let mut map = self.map.lock().unwrap();
-        match map.get_mut(&(cache.clone(), minute)) {
-            Some(total) => total.add(c),
-            None => {
-                map.insert((cache.clone(), minute), *c);
-            }
-        }
+    pub fn new(journal: journal::Journal) -> Ledger {
+        Ledger { journal, sent: Default::default() }
     }
 
-    /// Everything tallied so far, emptied, with each cache's peak of concurrent connections
-    /// over the interval (`peaks`, from [`crate::clients::Registry::take_peaks`]) in its entry
-    /// of the current minute: a cache with connections but no commands gets an entry of its
-    /// own, so the control plane sees that it is connected.
-    pub fn take(&self, peaks: Vec<(CacheId, u32)>) -> Vec<CacheUsage> {
-        self.take_at(current_minute(), peaks)
+    /// Where a session counts what `cache` does in `minute`.
+    pub fn slot(&self, cache: &CacheId, minute: i64) -> journal::Slot {
+        self.journal.slot(cache, minute)
     }
 
-    fn take_at(&self, minute: i64, peaks: Vec<(CacheId, u32)>) -> Vec<CacheUsage> {
-        let mut map = std::mem::take(&mut *self.map.lock().unwrap());
+    /// What batch `seq` would hold: everything counted since the last batch, with each
+    /// cache's peak of concurrent connections over the interval (`peaks`, from
+    /// [`crate::clients::Registry::take_peaks`]) in its entry of the current minute: a cache
+    /// with connections but no commands gets an entry of its own, so the control plane sees
+    /// that it is connected. Then [`Self::commit`] once the batch is safe, or [`Self::abort`].
+    pub fn take(&self, seq: u64, peaks: Vec<(CacheId, u32)>) -> Taking {
+        self.take_at(seq, current_minute(), peaks)
+    }
+
+    fn take_at(&self, seq: u64, minute: i64, peaks: Vec<(CacheId, u32)>) -> Taking {
+        let journal = self.journal.take(seq);
+        let mut map = journal.usage.clone();
         let mut sent = self.sent.lock().unwrap();
         sent.retain(|_, (m, _)| *m == minute);
         let peaks: HashMap<CacheId, u32> = peaks
@@ -152,16 +162,30 @@ impl Ledger {
             })
             .collect();
         usage.sort_by(|a, b| (a.minute, &a.cache_id).cmp(&(b.minute, &b.cache_id)));
-        usage
+        Taking { usage, journal }
+    }
+
+    /// The batch is safe: its counters count as sent (and in the gateway's `/metrics`).
+    pub fn commit(&self, taking: Taking) {
+        for u in &taking.usage {
+            crate::metrics::cache_counters(&u.cache_id, &u.counters);
+        }
+        self.journal.commit(taking.journal);
+    }
+
+    /// The batch could not be kept: its counters go in the next.
+    pub fn abort(&self, taking: Taking) {
+        self.journal.abort(taking.journal);
     }
 }
 
-/// A session's own tally, flushed into the ledger about once a second.
+/// A session's own tally: its journal slot for the current minute (written per command),
+/// and its latencies, handed to the histogram about once a second.
 #[derive(Default)]
 pub(crate) struct Tally {
     pub minute: i64,
-    pub counters: UsageCounters,
-    /// When the tally must be flushed (set when it becomes non-empty).
+    pub slot: Option<journal::Slot>,
+    /// When the latencies must be flushed (set when the first is counted).
     pub flush_at: Option<std::time::Instant>,
     /// Command latencies counted per bucket of [`crate::metrics::LATENCY_BUCKETS`] (the
     /// last slot: slower than the largest), handed to the histogram at flush time.
@@ -175,7 +199,7 @@ pub(crate) fn latency_slot(took: std::time::Duration) -> usize {
     slot.unwrap_or(crate::metrics::LATENCY_BUCKETS.len())
 }
 
-/// How long a session keeps counters before it hands them to the ledger.
+/// How long a session keeps latencies before it hands them to the histogram.
 pub(crate) const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[cfg(test)]
@@ -185,6 +209,12 @@ mod tests {
     #[test]
     fn a_peak_goes_out_again_only_when_it_grows_or_a_minute_starts() {
         let ledger = Ledger::default();
+        let take = |minute, peaks| {
+            let taking = ledger.take_at(0, minute, peaks);
+            let usage = taking.usage.clone();
+            ledger.commit(taking);
+            usage
+        };
         let (a, b) = (CacheId::generate(), CacheId::generate());
         let peaks = |usage: Vec<CacheUsage>| {
             let mut p: Vec<_> =
@@ -197,18 +227,18 @@ mod tests {
             v
         };
         assert_eq!(
-            peaks(ledger.take_at(60, vec![(a.clone(), 3), (b.clone(), 1)])),
+            peaks(take(60, vec![(a.clone(), 3), (b.clone(), 1)])),
             sorted(vec![(a.clone(), 60, 3), (b.clone(), 60, 1)])
         );
         // Same minute: lower or equal peaks add nothing; a higher one goes out.
-        assert_eq!(peaks(ledger.take_at(60, vec![(a.clone(), 2), (b.clone(), 1)])), vec![]);
-        assert_eq!(peaks(ledger.take_at(60, vec![(a.clone(), 4)])), vec![(a.clone(), 60, 4)]);
+        assert_eq!(peaks(take(60, vec![(a.clone(), 2), (b.clone(), 1)])), vec![]);
+        assert_eq!(peaks(take(60, vec![(a.clone(), 4)])), vec![(a.clone(), 60, 4)]);
         // Traffic still goes out, with the peak only when it is news.
-        ledger.add(&b, 60, &UsageCounters { commands: 2, ..Default::default() });
-        assert_eq!(peaks(ledger.take_at(60, vec![(b.clone(), 1)])), vec![(b.clone(), 60, 0)]);
+        ledger.slot(&b, 60).add(&UsageCounters { commands: 2, ..Default::default() });
+        assert_eq!(peaks(take(60, vec![(b.clone(), 1)])), vec![(b.clone(), 60, 0)]);
         // A new minute: every peak once more.
         assert_eq!(
-            peaks(ledger.take_at(120, vec![(a.clone(), 1), (b.clone(), 1)])),
+            peaks(take(120, vec![(a.clone(), 1), (b.clone(), 1)])),
             sorted(vec![(a.clone(), 120, 1), (b.clone(), 120, 1)])
         );
     }

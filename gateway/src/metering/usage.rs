@@ -2,11 +2,13 @@
 //! (`gateway_id`, `seq`), sent in order, each until the control plane acknowledges it (it
 //! stores each `(gateway_id, seq)` once, so a resend after a lost answer counts once).
 //!
-//! While the control plane is unreachable, batches wait in memory (at most
-//! `usage_memory_batches`, default 120: two minutes); beyond that they spill to `<data_dir>/usage/spool/`, one file per
-//! batch, and are sent first when it is back. The gateway's id and next `seq` persist in
-//! `<data_dir>/usage/state.json`, so a restarted gateway never reuses a `seq`. On shutdown
-//! the last counters are batched and sent, or spooled if the control plane does not answer.
+//! With a data dir, every batch is written to `<data_dir>/usage/spool/` (one file per
+//! batch) before the [`super::journal`] counts its counters as sent, and deleted once the
+//! control plane has it: batches outlive control-plane outages and a kill of the gateway.
+//! Without one, batches wait in memory (at most `usage_memory_batches`, default 120: two
+//! minutes; past that the oldest is dropped, loudly). The gateway's id and next `seq`
+//! persist in `<data_dir>/usage/state.json`, so a restarted gateway never reuses a `seq`.
+//! On shutdown the last counters are batched and sent (or stay spooled).
 
 use super::Ledger;
 use crate::clients::Registry;
@@ -98,45 +100,58 @@ impl Outbox {
         write_atomic(&dir.join("state.json"), &serde_json::to_vec(&state).expect("state serializes"))
     }
 
+    /// Where the usage journal lives (with a data dir).
+    pub fn journal_dir(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("journal"))
+    }
+
+    /// Whether batch `seq` is in the spool (for [`super::journal::Journal::open`]).
+    pub fn spooled(&self, seq: u64) -> bool {
+        self.spooled.contains(&seq)
+    }
+
     /// Turns the ledger's counters and the caches' connection peaks into the next batch (if
-    /// there are any: no traffic and no connections, no batch).
+    /// there are any: no traffic and no connections, no batch). With a data dir, the batch
+    /// is spooled before the ledger counts it as sent, so a kill loses and doubles nothing.
     pub fn collect(&mut self, ledger: &Ledger, clients: &Registry) {
-        let usage = ledger.take(clients.take_peaks());
-        if usage.is_empty() {
+        let taking = ledger.take(self.next_seq, clients.take_peaks());
+        if taking.usage.is_empty() {
+            ledger.commit(taking);
             return;
         }
-        let batch = UsageBatch { gateway_id: self.gateway_id.clone(), seq: self.next_seq, usage };
+        let batch = UsageBatch {
+            gateway_id: self.gateway_id.clone(),
+            seq: self.next_seq,
+            usage: taking.usage.clone(),
+        };
+        if let Some(dir) = &self.dir {
+            let path = spool_path(dir, batch.seq);
+            if let Err(e) = write_atomic(&path, &serde_json::to_vec(&batch).expect("batches serialize")) {
+                tracing::error!(error = %e, path = %path.display(), "could not spool a usage batch; retrying with the next");
+                ledger.abort(taking);
+                return;
+            }
+            self.spooled.push_back(batch.seq);
+        } else {
+            self.memory.push_back(batch);
+            self.drop_overflow();
+        }
         self.next_seq += 1;
         if let Err(e) = self.save_state() {
             tracing::error!(error = %e, "could not save the usage sequence number");
         }
-        self.memory.push_back(batch);
         self.pending.fetch_add(1, Ordering::Relaxed);
-        if self.memory.len() > self.memory_batches {
-            self.spill();
-        }
+        ledger.commit(taking);
     }
 
-    /// Moves the batches in memory to the spool (they are newer than everything there).
-    pub fn spill(&mut self) {
-        let Some(dir) = self.dir.clone() else {
-            // Nowhere to keep them: the oldest goes, loudly.
-            while self.memory.len() > self.memory_batches {
-                if let Some(b) = self.memory.pop_front() {
-                    self.pending.fetch_sub(1, Ordering::Relaxed);
-                    tracing::error!(seq = b.seq, "usage batch dropped: no data_dir to spool it to");
-                }
+    /// Without a data dir, batches wait in memory, at most `memory_batches`: past that the
+    /// oldest goes, loudly.
+    fn drop_overflow(&mut self) {
+        while self.memory.len() > self.memory_batches {
+            if let Some(b) = self.memory.pop_front() {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!(seq = b.seq, "usage batch dropped: no data_dir to spool it to");
             }
-            return;
-        };
-        while let Some(batch) = self.memory.front() {
-            let path = spool_path(&dir, batch.seq);
-            if let Err(e) = write_atomic(&path, &serde_json::to_vec(batch).expect("batches serialize")) {
-                tracing::error!(error = %e, path = %path.display(), "could not spool a usage batch");
-                return;
-            }
-            self.spooled.push_back(batch.seq);
-            self.memory.pop_front();
         }
     }
 
@@ -203,7 +218,6 @@ pub async fn finish(
         Ok(Err(e)) => tracing::warn!(error = %e, "usage not delivered at shutdown; spooling it"),
         Err(_) => tracing::warn!("control plane too slow at shutdown; spooling usage"),
     }
-    outbox.spill();
 }
 
 fn spool_path(dir: &Path, seq: u64) -> PathBuf {
@@ -222,37 +236,109 @@ fn new_gateway_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::journal::Journal;
     use super::*;
     use shoal_types::CacheId;
     use shoal_types::UsageCounters;
 
     const MEMORY: usize = 10;
 
+    /// A ledger on the journal of `outbox`'s data dir, as the gateway opens it.
+    fn ledger_of(outbox: &Outbox) -> Ledger {
+        let journal = Journal::open(outbox.journal_dir().as_deref(), |seq| outbox.spooled(seq)).unwrap();
+        Ledger::new(journal)
+    }
+
     #[test]
     fn spooled_batches_survive_a_restart_and_keep_their_order_and_seq() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::default();
         let cache = CacheId::generate();
         let mut outbox = Outbox::open(Some(dir.path()), MEMORY).unwrap();
+        let ledger = ledger_of(&outbox);
         let id = outbox.gateway_id().to_string();
-        for i in 0..(MEMORY + 5) {
-            ledger.add(&cache, 60, &UsageCounters { commands: i as u64 + 1, ..Default::default() });
+        for i in 0..5 {
+            ledger.slot(&cache, 60).add(&UsageCounters { commands: i + 1, ..Default::default() });
             outbox.collect(&ledger, &Registry::default());
         }
-        // The first MEMORY + 1 went to disk when memory overflowed; the rest at shutdown.
-        assert_eq!(outbox.spooled.len(), MEMORY + 1);
-        outbox.spill();
-        assert_eq!(outbox.pending.load(Ordering::Relaxed), MEMORY as u64 + 5);
-        drop(outbox);
+        // Every batch is on disk as soon as it is made.
+        assert_eq!(outbox.spooled.len(), 5);
+        assert_eq!(outbox.pending.load(Ordering::Relaxed), 5);
+        drop((outbox, ledger));
 
         let mut again = Outbox::open(Some(dir.path()), MEMORY).unwrap();
+        let ledger = ledger_of(&again);
         assert_eq!(again.gateway_id(), id, "the gateway keeps its id");
-        assert_eq!(again.next_seq, MEMORY as u64 + 5, "and never reuses a seq");
+        assert_eq!(again.next_seq, 5, "and never reuses a seq");
         let seqs: Vec<u64> = again.spooled.iter().copied().collect();
-        assert_eq!(seqs, (0..MEMORY as u64 + 5).collect::<Vec<_>>());
-        ledger.add(&cache, 120, &UsageCounters { commands: 1, ..Default::default() });
+        assert_eq!(seqs, (0..5).collect::<Vec<_>>());
+        ledger.slot(&cache, 120).add(&UsageCounters { commands: 1, ..Default::default() });
         again.collect(&ledger, &Registry::default());
-        assert_eq!(again.memory.back().unwrap().seq, MEMORY as u64 + 5);
+        assert_eq!(again.spooled.back(), Some(&5));
+    }
+
+    /// The total of commands in the spool's batches.
+    fn spooled_commands(outbox: &Outbox) -> u64 {
+        let dir = outbox.dir.as_ref().unwrap();
+        outbox
+            .spooled
+            .iter()
+            .map(|&seq| {
+                let batch: UsageBatch =
+                    serde_json::from_slice(&std::fs::read(spool_path(dir, seq)).unwrap()).unwrap();
+                batch.usage.iter().map(|u| u.counters.commands).sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// A gateway killed at any point of making a batch (its process gone, its files as
+    /// they were) loses and doubles nothing: what sessions counted is in exactly one batch.
+    #[test]
+    fn a_kill_at_any_step_of_a_batch_loses_and_doubles_nothing() {
+        let cache = CacheId::generate();
+        for kill_at in ["counting", "after take", "after spooling", "after commit"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut outbox = Outbox::open(Some(dir.path()), MEMORY).unwrap();
+            let ledger = ledger_of(&outbox);
+            // One session ended, one still counting; a batch already sent.
+            ledger.slot(&cache, 60).add(&UsageCounters { commands: 1, ..Default::default() });
+            let live = ledger.slot(&cache, 60);
+            live.add(&UsageCounters { commands: 10, ..Default::default() });
+            outbox.collect(&ledger, &Registry::default());
+            live.add(&UsageCounters { commands: 100, ..Default::default() });
+            match kill_at {
+                "counting" => {}
+                "after take" => {
+                    std::mem::forget(ledger.take(outbox.next_seq, vec![]));
+                }
+                "after spooling" | "after commit" => {
+                    let taking = ledger.take(outbox.next_seq, vec![]);
+                    let batch = UsageBatch {
+                        gateway_id: outbox.gateway_id.clone(),
+                        seq: outbox.next_seq,
+                        usage: taking.usage.clone(),
+                    };
+                    let path = spool_path(outbox.dir.as_ref().unwrap(), batch.seq);
+                    write_atomic(&path, &serde_json::to_vec(&batch).unwrap()).unwrap();
+                    if kill_at == "after commit" {
+                        ledger.commit(taking);
+                    } else {
+                        std::mem::forget(taking);
+                    }
+                }
+                _ => unreachable!(),
+            }
+            // The kill: nothing more runs, not even the slot's drop.
+            std::mem::forget(live);
+            drop(ledger);
+            drop(outbox);
+
+            let mut again = Outbox::open(Some(dir.path()), MEMORY).unwrap();
+            let ledger = ledger_of(&again);
+            again.collect(&ledger, &Registry::default());
+            assert_eq!(spooled_commands(&again), 111, "killed {kill_at}");
+            again.collect(&ledger, &Registry::default());
+            assert_eq!(spooled_commands(&again), 111, "killed {kill_at}: nothing more later");
+        }
     }
 
     #[test]
@@ -266,11 +352,9 @@ mod tests {
         // Two of busy's clients leave within the interval: the peak is still 3.
         clients.unregister(&busy, &busy_conns[0]);
         clients.unregister(&busy, &busy_conns[1]);
-        ledger.add(
-            &busy,
-            super::super::current_minute(),
-            &UsageCounters { commands: 5, ..Default::default() },
-        );
+        ledger
+            .slot(&busy, super::super::current_minute())
+            .add(&UsageCounters { commands: 5, ..Default::default() });
         outbox.collect(&ledger, &clients);
         let batch = outbox.memory.back().unwrap();
         // (Entries are per minute: a minute may have turned since the `add`.)

@@ -154,7 +154,7 @@ impl Session {
                     slot
                 }
             };
-            self.tally.latency[slot] += 1;
+            self.count_latency(slot);
         }
         c
     }
@@ -191,27 +191,34 @@ impl Session {
         *self.clock.get_or_insert_with(|| (Instant::now(), metering::current_minute()))
     }
 
-    /// Adds to the session's counters (of the current minute).
+    /// Adds to the session's counters (of the current minute), in its journal slot.
     pub(super) fn tally(&mut self, c: UsageCounters) {
         let minute = self.now().1;
-        if minute != self.tally.minute {
-            self.flush_tally();
+        let Some(t) = &self.tenant else { return };
+        if self.tally.slot.is_none() || minute != self.tally.minute {
+            // The old minute's slot is sealed as it drops.
+            self.tally.slot = Some(self.shared.ledger.slot(&t.cache, minute));
             self.tally.minute = minute;
         }
-        self.tally.counters.add(&c);
+        if let Some(slot) = &self.tally.slot {
+            slot.add(&c);
+        }
+    }
+
+    /// Counts a command's latency (handed to the histogram within [`metering::FLUSH_EVERY`]).
+    pub(super) fn count_latency(&mut self, slot: usize) {
+        self.tally.latency[slot] += 1;
         if self.tally.flush_at.is_none() {
             self.tally.flush_at = Some(Instant::now() + metering::FLUSH_EVERY);
         }
     }
 
-    /// Hands the session's counters to the gateway's ledger.
+    /// Hands the session's latencies to the cache's histogram.
     pub(super) fn flush_tally(&mut self) {
         if let Some(t) = &self.tenant {
-            self.shared.ledger.add(&t.cache, self.tally.minute, &self.tally.counters);
             crate::metrics::record_latencies(&t.latency, &self.tally.latency);
         }
         self.tally.latency = Default::default();
-        self.tally.counters = UsageCounters::default();
         self.tally.flush_at = None;
     }
 }
