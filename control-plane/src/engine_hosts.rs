@@ -1,12 +1,11 @@
 //! What the engine agents (`shoal engine`) last reported: which host runs which node, with
-//! the pid and restarts of its valkey-server. Kept in memory: agents report every few
-//! seconds, so a restarted control plane knows them again within one report.
+//! the pid and restarts of its valkey-server. Kept in the store, so every control plane
+//! shows what an agent reported to any of them.
 
+use crate::store::{EngineNodeRecord, Store, StoreError};
 use serde::Serialize;
 use shoal_types::EngineReport;
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
 use utoipa::ToSchema;
 
 /// Most nodes one report may name.
@@ -24,49 +23,55 @@ pub struct EngineHostSeen {
     pub pid: Option<u32>,
     /// Restarts by the agent since it started.
     pub restarts: u32,
-    /// Seconds since that report.
+    /// Seconds since that report (by the clocks of the control planes involved).
     pub reported_seconds_ago: f64,
 }
 
-#[derive(Default)]
-pub struct EngineHosts {
-    /// By node name.
-    nodes: Mutex<HashMap<String, (Instant, EngineHostSeen)>>,
+/// Records a report made with `credential`; the nodes it names that `known` does not know
+/// are returned (the agent's config and the control plane's disagree), not recorded.
+pub async fn record(
+    store: &Store,
+    credential: &str,
+    report: EngineReport,
+    known: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, StoreError> {
+    let now = unix_ms();
+    let (known, unknown): (Vec<_>, Vec<_>) = report.nodes.into_iter().partition(|n| known(&n.name));
+    let records: Vec<EngineNodeRecord> = known
+        .into_iter()
+        .map(|n| EngineNodeRecord {
+            node: n.name,
+            host: report.host.clone(),
+            credential: credential.to_string(),
+            pid: n.pid,
+            restarts: n.restarts,
+            reported_at_ms: now,
+        })
+        .collect();
+    store.record_engine_nodes(&records).await?;
+    Ok(unknown.into_iter().map(|n| n.name).collect())
 }
 
-impl EngineHosts {
-    /// Records a report; the nodes it names that `known` does not know are returned (the
-    /// agent's config and the control plane's disagree).
-    pub fn report(
-        &self,
-        credential: &str,
-        report: EngineReport,
-        known: impl Fn(&str) -> bool,
-    ) -> Vec<String> {
-        let now = Instant::now();
-        let mut unknown = Vec::new();
-        let mut nodes = self.nodes.lock().unwrap();
-        for n in report.nodes {
-            if !known(&n.name) {
-                unknown.push(n.name);
-                continue;
-            }
+/// Every node's last report, by node name.
+pub async fn seen(store: &Store) -> Result<HashMap<String, EngineHostSeen>, StoreError> {
+    let now = unix_ms();
+    Ok(store
+        .engine_nodes()
+        .await?
+        .into_iter()
+        .map(|r| {
             let seen = EngineHostSeen {
-                name: report.host.clone(),
-                credential: credential.to_string(),
-                pid: n.pid,
-                restarts: n.restarts,
-                reported_seconds_ago: 0.0,
+                name: r.host,
+                credential: r.credential,
+                pid: r.pid,
+                restarts: r.restarts,
+                reported_seconds_ago: (now - r.reported_at_ms).max(0) as f64 / 1000.0,
             };
-            nodes.insert(n.name, (now, seen));
-        }
-        unknown
-    }
+            (r.node, seen)
+        })
+        .collect())
+}
 
-    /// The host that runs `node`, if an agent reported it.
-    pub fn of(&self, node: &str) -> Option<EngineHostSeen> {
-        let nodes = self.nodes.lock().unwrap();
-        let (at, seen) = nodes.get(node)?;
-        Some(EngineHostSeen { reported_seconds_ago: at.elapsed().as_secs_f64(), ..seen.clone() })
-    }
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }

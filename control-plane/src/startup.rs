@@ -177,7 +177,6 @@ pub async fn state(
         limits: Default::default(),
         limits_forwarder,
         instance: crate::lease::instance_id(),
-        engine_hosts: Default::default(),
     });
     Ok(state)
 }

@@ -30,7 +30,5 @@ pub struct AppState {
     pub limits_forwarder: crate::limits::Forwarder,
     /// This process among the control planes ([`crate::lease::instance_id`]).
     pub instance: String,
-    /// Which engine agent runs which node, as the agents report.
-    pub engine_hosts: crate::engine_hosts::EngineHosts,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }

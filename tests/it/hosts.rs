@@ -657,6 +657,30 @@ async fn a_killed_control_planes_jobs_are_taken_over_by_the_other_within_10_s() 
     let lease = |list: &Option<Vec<(String, f64)>>, name: &str| {
         list.as_ref().and_then(|l| l.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
     };
+    // The agents report to the first control plane only; the second shows the same.
+    let reported = dep.wait_for_nodes().await;
+    let pools_on_second = dep
+        .http
+        .get(dep.control_plane_url(1, "/v1/engine/pools"))
+        .bearer_auth(dep.admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    for node in &reported {
+        let seen = pools_on_second["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["nodes"].as_array().unwrap())
+            .find(|n| n["name"] == node.name.as_str())
+            .unwrap_or_else(|| panic!("{} not on the second control plane: {pools_on_second}", node.name));
+        assert_eq!(seen["engine_host"]["name"].as_str(), node.agent.as_deref(), "{seen}");
+        assert_eq!(seen["engine_host"]["pid"].as_u64(), node.pid.map(u64::from), "{seen}");
+    }
+
     let (cp1, cp2) = (leases_held(&dep, 0).await, leases_held(&dep, 1).await);
     for name in ["acl-sweep", "storage-sampler"] {
         assert_eq!(

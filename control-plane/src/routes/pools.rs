@@ -16,7 +16,7 @@ use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use shoal_engine::{NodeStatus, Pool, ShardStatus};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use utoipa::ToSchema;
 
@@ -111,7 +111,7 @@ async fn describe(
     pool: &Pool,
     default: bool,
     caches: u64,
-    hosts: &crate::engine_hosts::EngineHosts,
+    hosts: &HashMap<String, crate::engine_hosts::EngineHostSeen>,
 ) -> Result<EnginePool, ApiError> {
     let (ok, shards, nodes) = match pool.cluster() {
         None => {
@@ -119,7 +119,10 @@ async fn describe(
                 .standalone_status()
                 .await
                 .iter()
-                .map(|n| PoolNode { engine_host: n.name.as_deref().and_then(|n| hosts.of(n)), ..node(n) })
+                .map(|n| PoolNode {
+                    engine_host: n.name.as_deref().and_then(|n| hosts.get(n).cloned()),
+                    ..node(n)
+                })
                 .collect();
             (nodes.iter().all(|n| n.healthy), Vec::new(), nodes)
         }
@@ -156,12 +159,11 @@ pub async fn list_pools(state: web::Data<AppState>, who: Principal) -> Result<Ht
     for cache in state.store.caches(None).await? {
         *caches.entry(cache.pool).or_insert(0) += 1;
     }
+    let hosts = crate::engine_hosts::seen(&state.store).await?;
     let mut items = Vec::new();
     for (name, pool) in state.pools.iter() {
         let count = caches.get(name).copied().unwrap_or(0);
-        items.push(
-            describe(name, pool, name == state.pools.default_name(), count, &state.engine_hosts).await?,
-        );
+        items.push(describe(name, pool, name == state.pools.default_name(), count, &hosts).await?);
     }
     Ok(HttpResponse::Ok().json(EnginePoolList { items }))
 }

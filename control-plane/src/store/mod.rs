@@ -5,6 +5,8 @@
 
 pub mod accounts;
 pub mod audit;
+mod engine_nodes;
+pub use engine_nodes::EngineNodeRecord;
 mod billing;
 pub mod gateways;
 pub mod idempotency;
