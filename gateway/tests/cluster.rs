@@ -501,9 +501,17 @@ async fn a_primary_killed_under_load_costs_seconds_of_errors_and_the_cache_lives
             }
         }));
     }
+    // A subscriber whose subscriptions live on the shard that owns slot 0 (the one killed).
+    use tokio::io::AsyncWriteExt;
+    let token = s.fake.token(&cache);
+    let mut sub = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    let auth = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{token}\r\n", token.len());
+    sub.write_all(format!("{auth}*2\r\n$9\r\nSUBSCRIBE\r\n$4\r\nnews\r\n").as_bytes()).await.unwrap();
+    read_until(&mut sub, ":1\r\n").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let status = s.pool.cluster_status().await.unwrap();
-    let victim = status.shards[0].primary.as_ref().unwrap().name.clone().unwrap();
+    let first = status.shards.iter().find(|sh| sh.slots.iter().any(|&(a, _)| a == 0)).unwrap();
+    let victim = first.primary.as_ref().unwrap().name.clone().unwrap();
     let pid = s.pool.cluster().unwrap().node(&victim).unwrap().pid().unwrap();
     let killed = Instant::now();
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -555,6 +563,17 @@ async fn a_primary_killed_under_load_costs_seconds_of_errors_and_the_cache_lives
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(window < 5 * node_timeout, "errors for {window:?}");
+
+    // The subscriber's connection lived through it: its subscription moved to the promoted
+    // replica, where PUBLISH finds it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut published = 0;
+    while published != 1 {
+        assert!(Instant::now() < deadline, "PUBLISH still reaches {published} subscribers");
+        published = q(&mut c, &["PUBLISH", "news", "after the failover"]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read_until(&mut sub, "after the failover\r\n").await;
 }
 
 /// What a node sees of its own keys only — INFO keyspace, keyspace notifications,

@@ -48,6 +48,9 @@ pub(super) struct Conn {
 /// Most (un)subscribe commands kept per connection to send again elsewhere; a session that
 /// sent more loses its connection with the node, as before, rather than grow without bound.
 pub(super) const MAX_SUBSCRIPTION_HISTORY: usize = 1_000;
+/// How long subscriptions whose node went away wait for their shard's primary to answer
+/// again (longer than a failover after Valkey's default 5 s node timeout).
+pub(super) const RESUBSCRIBE_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -191,24 +194,38 @@ impl Link {
     /// the node that serves its shard now: its (un)subscribe commands are sent there again,
     /// their confirmations kept from the session, which had them already, so the session's
     /// subscriptions carry on (messages published in between are lost, as pub/sub's are on
-    /// any reconnection). Where that cannot be done, the link closes, as before.
+    /// any reconnection). Where that cannot be done within [`RESUBSCRIBE_WITHIN`], the link
+    /// closes, as before.
     pub(super) async fn resubscribe(&mut self, key: (String, Kind)) {
         let old = self.conns.remove(&key).expect("a connection that closed");
         let history = old.history.clone().unwrap_or_default();
         let slot = old.shard_slot;
         drop(old);
-        let moved = match slot {
-            Some(slot) if self.reread_map().await => Some((self.map.primary(slot).to_string(), key.1)),
-            _ => None,
-        };
-        let Some(new_key) = moved.filter(|k| !self.conns.contains_key(k)) else {
+        let Some(slot) = slot else {
             self.closed = true;
             return;
         };
-        if self.open_conn(&new_key.0, new_key.1).await.is_err() {
-            self.closed = true;
-            return;
-        }
+        // The shard's primary may be gone for a while yet (a crashed one until its replica
+        // is promoted, after the cluster's node timeout; one restarted in place until it is
+        // back): the subscriptions wait for it, bounded.
+        let deadline = std::time::Instant::now() + RESUBSCRIBE_WITHIN;
+        let new_key = loop {
+            if self.reread_map().await {
+                let new_key = (self.map.primary(slot).to_string(), key.1);
+                if self.conns.contains_key(&new_key) {
+                    self.closed = true;
+                    return;
+                }
+                if self.open_conn(&new_key.0, new_key.1).await.is_ok() {
+                    break new_key;
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                self.closed = true;
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         tracing::info!(from = %key.0, to = %new_key.0, "cluster node gone: subscriptions moved");
         self.seeds.invalidate();
         let conn = self.conns.get_mut(&new_key).expect("opened above");
@@ -221,7 +238,7 @@ impl Link {
         conn.inflight.push_back(unwanted(ping, false));
         conn.muted_replies = conn.inflight.len();
         conn.history = Some(history);
-        conn.shard_slot = slot;
+        conn.shard_slot = Some(slot);
         if self.sub_home.as_ref() == Some(&key.0) {
             self.sub_home = Some(new_key.0.clone());
         }

@@ -1187,8 +1187,10 @@ impl Victim {
             tokio::time::timeout(Duration::from_secs(3), p.query_async::<(i64,)>(&mut self.conn)).await;
         match published {
             Ok(Ok((2,))) => {}
-            Ok(Ok((k,))) if k < 2 && self.on_cluster => unsettled
-                .push(format!("{}'s PUBLISH reached {k} subscriptions on its node, not its own 2", self.label)),
+            Ok(Ok((k,))) if k < 2 && self.on_cluster => unsettled.push(format!(
+                "{}'s PUBLISH reached {k} subscriptions on its node, not its own 2",
+                self.label
+            )),
             Ok(Ok((k,))) => problems.push(format!(
                 "{}'s PUBLISH reached {k} subscriptions, not its own 2 (someone else listens to its channel)",
                 self.label
@@ -2104,7 +2106,9 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                 }
                 match v.pubsub_settles(runs, Duration::from_secs(5)).await {
                     Ok(took) => pubsub_settle_times.push(took),
-                    Err(e) => problems.push(format!("{}'s pub/sub not settled 5 s after a heal: {e}", v.label)),
+                    Err(e) => {
+                        problems.push(format!("{}'s pub/sub not settled 5 s after a heal: {e}", v.label))
+                    }
                 }
             }
             let mut broken = Vec::new();
@@ -2171,9 +2175,6 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 pids = node_pids();
-            }
-            if let Ok(path) = std::env::var("SHOAL_ISOLATION_LOG") {
-                let _ = std::fs::write(path, dev.log());
             }
             // No Valkey node crashed (the engine restarts a crashed node, with a new pid).
             let gone = |pids: &[Option<i32>]| -> Vec<usize> {
