@@ -316,11 +316,11 @@ impl Throttle {
 
     /// Records a successful login: the user's failures are forgotten (those at other
     /// sources only count towards delays). The source's are not, or one valid account would
-    /// let a source guess other users' passwords for ever.
-    pub fn success(&mut self, source: IpAddr, user: &str) {
+    /// let a source guess other users' passwords for ever. Whether there were any.
+    pub fn success(&mut self, source: IpAddr, user: &str) -> bool {
         let user = user_key(user);
-        self.pairs.entries.remove(&(source_key(source), user.clone()));
-        self.users.entries.remove(&user);
+        let pair = self.pairs.entries.remove(&(source_key(source), user.clone()));
+        pair.is_some() | self.users.entries.remove(&user).is_some()
     }
 
     pub fn stats(&self) -> ThrottleStats {

@@ -215,7 +215,9 @@ async fn verify_user(
     }
     let answer = check_login(&state, cache, request).await?;
     match answer.status().as_u16() {
-        200 => state.verify_throttle.lock().unwrap().success(source, &key),
+        200 => {
+            state.verify_throttle.lock().unwrap().success(source, &key);
+        }
         401 => {
             state.verify_throttle.lock().unwrap().failure(now, source, &key);
             state.verify_budget.lock().unwrap().spend(&gw.name, now);

@@ -70,9 +70,12 @@ impl Throttles {
     }
 
     /// A successful login: the key's failures are forgotten, here and by the coordinator.
+    /// Only a success that forgot failures here is reported, so a storm of good logins cannot
+    /// crowd failures out of the report.
     pub fn success(&self, kind: LoginKind, source: IpAddr, user: &str) {
-        self.throttle(kind).lock().unwrap().success(source, user);
-        self.note(kind, source, user, |c| *c = Counted { failures: 0, succeeded: true });
+        if self.throttle(kind).lock().unwrap().success(source, user) {
+            self.note(kind, source, user, |c| *c = Counted { failures: 0, succeeded: true });
+        }
     }
 
     fn note(&self, kind: LoginKind, source: IpAddr, user: &str, update: impl FnOnce(&mut Counted)) {
@@ -157,8 +160,11 @@ mod tests {
             t.failure(LoginKind::User, ip("10.0.0.1"), user);
         }
         t.failure(LoginKind::Token, ip("2001:db8::1"), "token-from:2001:db8::1");
+        t.failure(LoginKind::User, ip("10.0.0.2"), "bob@c0123456789ab");
         t.success(LoginKind::User, ip("10.0.0.2"), "bob@c0123456789ab");
         t.failure(LoginKind::User, ip("10.0.0.2"), "bob@c0123456789ab");
+        // A success with no failures to forget is not worth a key.
+        t.success(LoginKind::User, ip("10.0.0.3"), "carol@c0123456789ab");
         let mut keys = t.report().unwrap().keys;
         keys.sort_by(|a, b| a.user.cmp(&b.user));
         let summary: Vec<_> =
