@@ -7,88 +7,13 @@
 //! Memory is bounded: each table keeps at most `max_entries` keys, dropping forgotten ones
 //! first, then the least recently failed (locked-out keys last).
 
-use serde::Deserialize;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// How one key (a source, or a user at a source) is throttled. In configuration files durations are
-/// milliseconds: `{ free_failures = 3, base_delay_ms = 250, max_delay_ms = 5000,
-/// lockout_after = 10, lockout_ms = 300000 }`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// Failures allowed without any delay.
-    pub free_failures: u32,
-    /// The delay after the first failure past `free_failures`; it doubles with each one.
-    #[serde(rename = "base_delay_ms", with = "millis")]
-    pub base_delay: Duration,
-    #[serde(rename = "max_delay_ms", with = "millis")]
-    pub max_delay: Duration,
-    /// Failures (within `window`) that lock the key out; 0 never locks.
-    pub lockout_after: u32,
-    #[serde(rename = "lockout_ms", with = "millis")]
-    pub lockout: Duration,
-}
-
-/// Throttling parameters; every field may be left out of a configuration file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ThrottlePolicy {
-    pub enabled: bool,
-    pub per_source: Limits,
-    /// A user at one source; the same delays (never the lockout) apply to the user's failures
-    /// from all sources together.
-    pub per_user: Limits,
-    /// A key's failures are forgotten this long after its last failure.
-    #[serde(rename = "window_ms", with = "millis")]
-    pub window: Duration,
-    /// Most keys remembered per table (sources, users, users at a source).
-    pub max_entries: usize,
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
-
-impl Default for ThrottlePolicy {
-    /// 3 free failures per user, then 0.25 s doubling to 5 s, locked for 5 min after 10;
-    /// a source (which may be a NAT of many people) gets 4× the allowance.
-    fn default() -> Self {
-        ThrottlePolicy {
-            enabled: true,
-            per_user: Limits {
-                free_failures: 3,
-                base_delay: Duration::from_millis(250),
-                max_delay: Duration::from_secs(5),
-                lockout_after: 10,
-                lockout: Duration::from_secs(300),
-            },
-            per_source: Limits {
-                free_failures: 12,
-                base_delay: Duration::from_millis(250),
-                max_delay: Duration::from_secs(5),
-                lockout_after: 40,
-                lockout: Duration::from_secs(300),
-            },
-            window: Duration::from_secs(900),
-            max_entries: 100_000,
-        }
-    }
-}
-
-impl ThrottlePolicy {
-    /// Never delays or locks anything (tests, `shoal dev`); still counts failures.
-    pub fn disabled() -> Self {
-        ThrottlePolicy { enabled: false, ..Self::default() }
-    }
-}
+// The policy is a wire type too: gateways send theirs to the limits coordinator.
+pub use shoal_types::throttle::{Limits, ThrottlePolicy};
 
 /// Which key a lockout is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +41,13 @@ pub enum Verdict {
 pub enum FailureOutcome {
     Counted,
     LockedOut(Scope),
+}
+
+/// Which keys a batch of failures locked out: the source, the user at the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewLocks {
+    pub source: bool,
+    pub user: bool,
 }
 
 /// Counters for metrics. The `_total` ones only grow.
@@ -177,30 +109,46 @@ impl<K: Hash + Eq + Clone> Table<K> {
         (None, wait)
     }
 
-    /// Counts a failure; true if it locked the key out.
-    fn fail(&mut self, key: &K, now: Instant, limits: &Limits, policy: &ThrottlePolicy) -> (bool, u64) {
-        let mut evicted = 0;
-        if !self.entries.contains_key(key) && self.entries.len() >= policy.max_entries {
-            evicted = self.make_room(now, policy);
-        }
-        let entry = match self.current(key, now, policy.window) {
-            Some(e) => e,
-            None => self.entries.entry(key.clone()).or_insert(Entry {
-                failures: 0,
-                last_failure: now,
-                locked_until: None,
-            }),
-        };
+    /// Counts `count` failures; true if they locked the key out.
+    fn fail(
+        &mut self,
+        key: &K,
+        now: Instant,
+        limits: &Limits,
+        policy: &ThrottlePolicy,
+        count: u32,
+    ) -> (bool, u64) {
+        let (entry, evicted) = self.entry(key, now, policy);
         if entry.locked_until.is_some() {
             return (false, evicted);
         }
-        entry.failures = entry.failures.saturating_add(1);
+        entry.failures = entry.failures.saturating_add(count);
         entry.last_failure = now;
         let locks = limits.lockout_after > 0 && entry.failures >= limits.lockout_after;
         if locks {
             entry.locked_until = Some(now + limits.lockout);
         }
         (locks, evicted)
+    }
+
+    /// Locks the key out until `until` (unless it is locked longer already).
+    fn lock(&mut self, key: &K, now: Instant, until: Instant, policy: &ThrottlePolicy) -> u64 {
+        let (entry, evicted) = self.entry(key, now, policy);
+        entry.locked_until = entry.locked_until.max(Some(until));
+        evicted
+    }
+
+    /// The key's entry as it stands at `now`, made (room first) if there is none; and how
+    /// many entries making room dropped.
+    fn entry(&mut self, key: &K, now: Instant, policy: &ThrottlePolicy) -> (&mut Entry, u64) {
+        let mut evicted = 0;
+        if !self.entries.contains_key(key) && self.entries.len() >= policy.max_entries {
+            evicted = self.make_room(now, policy);
+        }
+        if self.current(key, now, policy.window).is_none() {
+            self.entries.insert(key.clone(), Entry { failures: 0, last_failure: now, locked_until: None });
+        }
+        (self.entries.get_mut(key).expect("inserted above"), evicted)
     }
 
     /// Drops forgotten entries; if that is not enough, the least recently failed tenth
@@ -236,8 +184,9 @@ fn delay_after(failures: u32, limits: &Limits) -> Duration {
     limits.base_delay.saturating_mul(1 << doublings).min(limits.max_delay)
 }
 
-/// IPv6 clients get a /64 each, so one host cannot dodge its counter by changing addresses.
-fn source_key(addr: IpAddr) -> IpAddr {
+/// The key a source is counted under: IPv6 clients get a /64 each, so one host cannot dodge
+/// its counter by changing addresses.
+pub fn source_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => {
@@ -252,7 +201,7 @@ fn source_key(addr: IpAddr) -> IpAddr {
 /// User names are counted as a directory matches them (LDAP's caseIgnoreMatch: without
 /// case, surrounding or repeated spaces), so `Alice`, `ALICE` and ` alice` are one key, and
 /// cut to 256 bytes, so a key costs bounded memory.
-fn user_key(user: &str) -> String {
+pub fn user_key(user: &str) -> String {
     let folded = cut(user, 1024).split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
     cut(&folded, 256).to_string()
 }
@@ -323,35 +272,55 @@ impl Throttle {
 
     /// Records a failed attempt (wrong password, unknown user; not "directory down").
     pub fn failure(&mut self, now: Instant, source: IpAddr, user: &str) -> FailureOutcome {
-        self.stats.failures_total += 1;
-        if !self.policy.enabled {
-            return FailureOutcome::Counted;
+        match self.failures(now, source, user, 1) {
+            NewLocks { source: true, .. } => FailureOutcome::LockedOut(Scope::Source),
+            NewLocks { user: true, .. } => FailureOutcome::LockedOut(Scope::User),
+            _ => FailureOutcome::Counted,
+        }
+    }
+
+    /// Records `count` failed attempts at once (other gateways' failures, at the limits
+    /// coordinator): which keys they locked out.
+    pub fn failures(&mut self, now: Instant, source: IpAddr, user: &str, count: u32) -> NewLocks {
+        self.stats.failures_total += u64::from(count);
+        if !self.policy.enabled || count == 0 {
+            return NewLocks::default();
         }
         let policy = self.policy;
         let source = source_key(source);
         let user = user_key(user);
-        let (src_locked, e1) = self.sources.fail(&source, now, &policy.per_source, &policy);
+        let (src_locked, e1) = self.sources.fail(&source, now, &policy.per_source, &policy, count);
         let delay_only = Limits { lockout_after: 0, ..policy.per_user };
-        let (_, e2) = self.users.fail(&user, now, &delay_only, &policy);
-        let (user_locked, e3) = self.pairs.fail(&(source, user), now, &policy.per_user, &policy);
+        let (_, e2) = self.users.fail(&user, now, &delay_only, &policy, count);
+        let (user_locked, e3) = self.pairs.fail(&(source, user), now, &policy.per_user, &policy, count);
         self.stats.evicted_total += e1 + e2 + e3;
         self.stats.lockouts_total += u64::from(src_locked) + u64::from(user_locked);
-        if src_locked {
-            FailureOutcome::LockedOut(Scope::Source)
-        } else if user_locked {
-            FailureOutcome::LockedOut(Scope::User)
-        } else {
-            FailureOutcome::Counted
+        NewLocks { source: src_locked, user: user_locked }
+    }
+
+    /// Locks a key out for `remaining` as if this process had counted the failures (a
+    /// lockout the limits coordinator counted from every gateway's): the source, or with
+    /// `user` the user at the source. A longer lockout already there is kept.
+    pub fn lock(&mut self, now: Instant, source: IpAddr, user: Option<&str>, remaining: Duration) {
+        if !self.policy.enabled {
+            return;
         }
+        let policy = self.policy;
+        let source = source_key(source);
+        let until = now + remaining;
+        self.stats.evicted_total += match user {
+            None => self.sources.lock(&source, now, until, &policy),
+            Some(user) => self.pairs.lock(&(source, user_key(user)), now, until, &policy),
+        };
     }
 
     /// Records a successful login: the user's failures are forgotten (those at other
     /// sources only count towards delays). The source's are not, or one valid account would
-    /// let a source guess other users' passwords for ever.
-    pub fn success(&mut self, source: IpAddr, user: &str) {
+    /// let a source guess other users' passwords for ever. Whether there were any.
+    pub fn success(&mut self, source: IpAddr, user: &str) -> bool {
         let user = user_key(user);
-        self.pairs.entries.remove(&(source_key(source), user.clone()));
-        self.users.entries.remove(&user);
+        let pair = self.pairs.entries.remove(&(source_key(source), user.clone()));
+        pair.is_some() | self.users.entries.remove(&user).is_some()
     }
 
     pub fn stats(&self) -> ThrottleStats {
@@ -505,6 +474,46 @@ mod tests {
         assert!(stats.evicted_total > 0);
         // The flood did not unlock the victim.
         assert!(matches!(t.check(now + MS(1000), ip("10.0.0.1"), "victim"), Verdict::Locked { .. }));
+    }
+
+    #[test]
+    fn failures_counted_at_once_lock_as_one_by_one_would() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        let src = ip("10.0.0.1");
+        assert_eq!(t.failures(now, src, "alice", 7), NewLocks::default());
+        assert_eq!(t.failures(now, src, "alice", 3), NewLocks { source: false, user: true });
+        assert!(matches!(t.check(now, src, "alice"), Verdict::Locked { scope: Scope::User, .. }));
+        // Failures past the limits lock the source too, in one go.
+        assert_eq!(t.failures(now, src, "bob", u32::MAX), NewLocks { source: true, user: true });
+    }
+
+    #[test]
+    fn a_lockout_counted_elsewhere_is_refused_like_one_counted_here() {
+        let mut t = Throttle::new(policy());
+        let now = Instant::now();
+        t.lock(now, ip("10.0.0.1"), Some(" Alice"), Duration::from_secs(30));
+        t.lock(now, ip("2001:db8::5"), None, Duration::from_secs(10));
+        assert_eq!(
+            t.check(now, ip("10.0.0.1"), "alice"),
+            Verdict::Locked { scope: Scope::User, remaining: Duration::from_secs(30) }
+        );
+        assert_eq!(t.check(now, ip("10.0.0.1"), "bob"), Verdict::Allow);
+        assert!(matches!(
+            t.check(now, ip("2001:db8::9"), "bob"),
+            Verdict::Locked { scope: Scope::Source, .. }
+        ));
+        // A shorter lockout does not cut a longer one short; each ends when it says.
+        t.lock(now, ip("10.0.0.1"), Some("alice"), Duration::from_secs(1));
+        assert!(matches!(
+            t.check(now + Duration::from_secs(20), ip("10.0.0.1"), "alice"),
+            Verdict::Locked { .. }
+        ));
+        assert_eq!(t.check(now + Duration::from_secs(31), ip("10.0.0.1"), "alice"), Verdict::Allow);
+        // Not while throttling is off.
+        let mut off = Throttle::new(ThrottlePolicy::disabled());
+        off.lock(now, ip("10.0.0.1"), None, Duration::from_secs(30));
+        assert_eq!(off.check(now, ip("10.0.0.1"), "alice"), Verdict::Allow);
     }
 
     #[test]

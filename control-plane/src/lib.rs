@@ -25,7 +25,8 @@
 //!   (eviction, then refused writes), storage accrual for billing.
 //! - [`lease`]: the background jobs one control plane at a time runs (PostgreSQL advisory
 //!   locks); [`limits`]: the gateways' shares of caches' limits, coordinated by the holder
-//!   of the `limits` lease (the others forward reports to it).
+//!   of the `limits` lease (the others forward reports to it), which also counts every
+//!   gateway's failed logins together ([`login_locks`]).
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`apidoc`]: the OpenAPI document. [`config`], [`error`].
 
@@ -41,6 +42,7 @@ pub mod error;
 pub mod gateways;
 pub mod lease;
 pub mod limits;
+pub mod login_locks;
 pub mod metrics;
 pub mod pools;
 pub mod role;

@@ -21,8 +21,12 @@
 //! When no coordinator answers, gateways get 503 and keep their last shares for 5 s, then
 //! divide each limit by the number of gateways that shared it (gateway/src/metering/limit.rs).
 //! docs/control-plane-ha.md has the design and its failure modes.
+//!
+//! The coordinator also counts the gateways' failed logins together ([`crate::login_locks`]),
+//! the report and its answer carrying them.
 
 use crate::store::leases::LeaseRecord;
+use shoal_types::throttle::{LoginAnswer, LoginReport};
 use shoal_types::{CacheId, LimitDemand, LimitReport, LimitShare};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -45,6 +49,8 @@ pub const ASKED_WITHIN: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Coordinator {
     state: Mutex<State>,
+    /// Every gateway's failed logins, while this process coordinates.
+    logins: Mutex<crate::login_locks::LoginLocks>,
     /// While this process coordinates ([`Coordinator::serve`]): when it answers from.
     term: Mutex<Option<Instant>>,
     /// When a gateway last asked this process directly.
@@ -90,6 +96,7 @@ impl Coordinator {
         let warm = previous.and_then(LeaseRecord::heartbeat_age).is_some_and(|age| age < RECENT);
         let from = Instant::now() + if warm { WARM_UP } else { Duration::ZERO };
         *self.state.lock().unwrap() = State::default();
+        *self.logins.lock().unwrap() = Default::default();
         *self.term.lock().unwrap() = Some(from);
         tracing::info!(warm_up = ?(warm.then_some(WARM_UP)), "coordinating the gateways' limit shares here");
         struct Term<'a>(&'a Coordinator);
@@ -97,6 +104,7 @@ impl Coordinator {
             fn drop(&mut self) {
                 *self.0.term.lock().unwrap() = None;
                 *self.0.state.lock().unwrap() = State::default();
+                *self.0.logins.lock().unwrap() = Default::default();
                 tracing::info!("no longer coordinating the gateways' limit shares");
             }
         }
@@ -153,6 +161,13 @@ impl Coordinator {
             let gateways = state.caches.entry(demand.cache.clone()).or_default();
             gateways.insert(gateway.to_string(), Reported { demand, granted, at: now });
         }
+    }
+
+    /// Counts a gateway's failed logins (also while warming up: the answer is then dropped,
+    /// and the gateway hears of the lockouts with its next report); the lockouts it has not
+    /// been told of.
+    pub fn logins(&self, report: &LoginReport) -> LoginAnswer {
+        self.logins.lock().unwrap().report(Instant::now(), report)
     }
 
     /// Records `gateway`'s demands and answers its shares.

@@ -8,7 +8,8 @@
 //! - [`listener`]: accept loops (TCP and [`tls`]), connection limits, shutdown.
 //! - [`session`]: one task per connection; AUTH, then forward in order.
 //! - [`resp`]: request parser, reply boundary scanner, a small value model (no I/O).
-//! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS.
+//! - [`auth`]: verifies data-plane JWTs with the control plane's JWKS; throttles failed
+//!   logins, counted with the other gateways' through the limits report.
 //! - [`router`]: cache id → [`shoal_types::TenantRoute`], from the control plane.
 //! - [`control_plane`]: what the gateway asks of the control plane and sends it: the
 //!   internal API over HTTP, or an in-memory fake for tests (feature `testing`).

@@ -166,6 +166,11 @@ pub fn output_limit_closed() {
     counter!("shoal_gateway_output_limit_closed_total").increment(1);
 }
 
+/// A failed login's key found the next limits report full: only this gateway counts it.
+pub fn login_key_unreported() {
+    counter!("shoal_gateway_login_keys_unreported_total").increment(1);
+}
+
 /// Counts an open upstream connection (a session's own, or a mux's) while it lives.
 pub struct Upstream(());
 

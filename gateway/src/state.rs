@@ -35,11 +35,9 @@ pub struct Shared {
     pub unauthenticated_per_source: Arc<crate::slots::PerSource>,
     /// TLS handshakes in progress, per source address.
     pub handshakes_per_source: Arc<crate::slots::PerSource>,
-    /// Failed `AUTH` attempts of cache and LDAP users, per source and user name.
-    pub throttle: std::sync::Mutex<shoal_auth::Throttle>,
-    /// Failed token logins, per source only (a signature cannot be guessed, and a per-user
-    /// count would let anyone lock a cache's token users out).
-    pub token_throttle: std::sync::Mutex<shoal_auth::Throttle>,
+    /// Failed `AUTH` attempts: of cache and LDAP users per source and user name, of tokens
+    /// per source; counted here and with the other gateways'.
+    pub throttles: crate::auth::throttle::Throttles,
     /// Login events on their way to the audit log.
     pub audit: Arc<crate::auth::audit::AuditQueue>,
     /// This gateway's name in audit records.
@@ -72,11 +70,7 @@ impl Shared {
             unauthenticated: Arc::new(Semaphore::new(config.max_unauthenticated)),
             unauthenticated_per_source: crate::slots::PerSource::new(config.max_unauthenticated_per_source),
             handshakes_per_source: crate::slots::PerSource::new(config.max_tls_handshakes_per_source),
-            throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(config.auth_throttle)),
-            token_throttle: std::sync::Mutex::new(shoal_auth::Throttle::new(shoal_auth::ThrottlePolicy {
-                per_user: config.auth_throttle.per_source,
-                ..config.auth_throttle
-            })),
+            throttles: crate::auth::throttle::Throttles::new(config.auth_throttle),
             audit: Default::default(),
             gateway_id: config.gateway_id.clone().unwrap_or_else(|| format!("gateway-{advertise}")),
             ledger,

@@ -313,3 +313,95 @@ async fn failed_logins_on_three_gateways_lock_a_user_out_on_all() {
         assert!(locked.contains("too many failed attempts"), "port {port}: {locked}");
     }
 }
+
+/// The gateways' own login throttles count together: each reports its failed logins to the
+/// limits coordinator, which answers the lockouts every gateway's failures led to. Wrong
+/// passwords of one cache user, and bad tokens from one source, spread over three gateways
+/// lock out on all of them once their total reaches the policy's limit (no gateway saw
+/// more than a third of it), even for the right password, until the lockout ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_count_failed_logins_together() {
+    use crate::support::raw_from;
+    // The gateways' throttle only (the control plane's password-check throttle is off): a
+    // user at a source is locked out after 6 failures, a source (and bad tokens) after 9.
+    let split = Split::with_config(
+        "verify_throttle = { enabled = false }",
+        "auth_throttle = { per_user = { free_failures = 10, base_delay_ms = 0, max_delay_ms = 0, lockout_after = 6, lockout_ms = 6000 }, \
+         per_source = { free_failures = 10, base_delay_ms = 0, max_delay_ms = 0, lockout_after = 9, lockout_ms = 6000 } }\n",
+    );
+    let _cp = split.control_plane().await;
+    let gateways = three_gateways(&split);
+    let ports: Vec<u16> = gateways.iter().map(|g| g.1).collect();
+    let (id, token) = cache_and_token(&split, serde_json::json!({"name": "guarded"})).await;
+    let user = serde_json::json!({"username": "app", "passwords": ["correct-horse-battery-1"], "access_string": "on ~* +@all"});
+    split.api(reqwest::Method::POST, &format!("/v1/caches/{id}/users"), Some(user)).await;
+    let (users_from, tokens_from) = ([127, 0, 0, 2].into(), [127, 0, 0, 3].into());
+    let login = |port: u16, password: &str| {
+        let cmd = encode(&["AUTH", &format!("app@{id}"), password]);
+        async move { String::from_utf8_lossy(&raw_from(users_from, port, &cmd).await).into_owned() }
+    };
+    let token_login = |port: u16, token: &str| {
+        let cmd = auth_command(token);
+        async move { String::from_utf8_lossy(&raw_from(tokens_from, port, &cmd).await).into_owned() }
+    };
+    for &port in &ports {
+        // Every gateway is up and takes the right password.
+        let mut ok = String::new();
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                ok = login(port, "correct-horse-battery-1").await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(ok, "+OK\r\n", "port {port}\n{}", split.log());
+    }
+    const LOCKED: &str = "too many failed attempts";
+
+    // Wrong passwords round the three gateways: the first 5 (each answered in about 0.5 s,
+    // so every report is in) lock nothing, and nor does the 6th, checked before it counts.
+    let mut sixth = std::time::Instant::now();
+    for n in 0..6 {
+        sixth = std::time::Instant::now();
+        let wrong = login(ports[n % 3], "wrong-password").await;
+        assert_eq!(
+            wrong, "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+            "attempt {n}"
+        );
+    }
+    // Locked out on every gateway, although none saw more than 2 of the 6: even the right
+    // password is refused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for &port in &ports {
+        let locked = login(port, "correct-horse-battery-1").await;
+        assert!(locked.contains(LOCKED), "port {port}: {locked}\n{}", split.log());
+    }
+    // Until the lockout ends.
+    tokio::time::sleep(
+        (sixth + Duration::from_millis(7500)).saturating_duration_since(std::time::Instant::now()),
+    )
+    .await;
+    for &port in &ports {
+        assert_eq!(login(port, "correct-horse-battery-1").await, "+OK\r\n", "port {port}");
+    }
+
+    // Bad tokens (a valid one with its signature changed) from one source: counted per
+    // source, locked out after 9 in all, 3 on each gateway.
+    let (head, signature) = token.rsplit_once('.').unwrap();
+    let flipped = if signature.as_bytes()[10] == b'A' { "B" } else { "A" };
+    let bad = format!("{head}.{}{flipped}{}", &signature[..10], &signature[11..]);
+    for n in 0..9 {
+        let refused = token_login(ports[n % 3], &bad).await;
+        assert_eq!(
+            refused, "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+            "token {n}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for &port in &ports {
+        let locked = token_login(port, &token).await;
+        assert!(locked.contains(LOCKED), "port {port}: {locked}");
+    }
+    // Another source is not locked out.
+    assert_eq!(String::from_utf8_lossy(&raw(ports[0], &auth_command(&token)).await), "+OK\r\n");
+}

@@ -6,6 +6,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub mod throttle;
+
 /// Why a string is not a valid id.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {kind} id {value:?}")]
@@ -636,9 +638,22 @@ pub struct EngineNodeReport {
     pub healthy: bool,
 }
 
-/// `POST /internal/v1/limits`: one gateway instance's demands.
+/// `POST /internal/v1/limits`: one gateway instance's demands, and its failed logins.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LimitReport {
     pub gateway_id: String,
     pub demands: Vec<LimitDemand>,
+    /// None: the gateway does not throttle logins (or predates shared throttling); it is
+    /// then answered a bare list of shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logins: Option<throttle::LoginReport>,
+}
+
+/// The answer to a [`LimitReport`] that carries `logins` (one without is answered the bare
+/// list of shares, as before shared login throttling).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitAnswer {
+    pub shares: Vec<LimitShare>,
+    /// None only when read from a bare list.
+    pub logins: Option<throttle::LoginAnswer>,
 }

@@ -27,7 +27,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/internal/v1/revocations", web::get().to(revocations))
         .route("/internal/v1/caches/{id}/users/verify", web::post().to(verify_user))
         .route("/internal/v1/audit", web::post().to(login_events))
-        .route("/internal/v1/limits", web::post().to(limits))
+        .service(
+            web::resource("/internal/v1/limits")
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(MAX_LIMITS_BYTES)
+                        .content_type_required(false)
+                        .error_handler(crate::error::json_error),
+                )
+                .route(web::post().to(limits)),
+        )
         .route("/internal/v1/engine/report", web::post().to(engine_report))
         .route("/.well-known/jwks.json", web::get().to(jwks));
 }
@@ -206,7 +215,9 @@ async fn verify_user(
     }
     let answer = check_login(&state, cache, request).await?;
     match answer.status().as_u16() {
-        200 => state.verify_throttle.lock().unwrap().success(source, &key),
+        200 => {
+            state.verify_throttle.lock().unwrap().success(source, &key);
+        }
         401 => {
             state.verify_throttle.lock().unwrap().failure(now, source, &key);
             state.verify_budget.lock().unwrap().spend(&gw.name, now);
@@ -303,6 +314,9 @@ pub const LDAP_READ_ONLY: &str = shoal_auth::token::READ_ONLY;
 
 /// Most caches in one limits report (a gateway reports those with sessions).
 const MAX_LIMIT_DEMANDS: usize = 100_000;
+/// Largest limits report accepted: room for [`MAX_LIMIT_DEMANDS`] demands (about 150 bytes
+/// each) and `MAX_LOGIN_KEYS` failed-login keys (at most about 400 bytes each).
+const MAX_LIMITS_BYTES: usize = 32 * 1024 * 1024;
 
 /// A gateway instance's demands on caches' limits, answered with its shares
 /// (`crate::limits`). Keyed by the credential's name and the instance's id, so one gateway
@@ -311,7 +325,9 @@ const MAX_LIMIT_DEMANDS: usize = 100_000;
 /// credential). When none can be reached, the control plane asked offers to coordinate (its
 /// lease tries at once); 503 — the gateway then keeps its last shares, then divides — when
 /// that does not settle it, and while a new coordinator warms up. A forwarded report that
-/// reaches a control plane that does not coordinate is answered 421.
+/// reaches a control plane that does not coordinate is answered 421. The coordinator also
+/// counts the failed logins a report carries (`crate::login_locks`) and answers the
+/// lockouts with the shares; a report without logins gets the bare list of shares.
 async fn limits(
     state: web::Data<AppState>,
     req: actix_web::HttpRequest,
@@ -322,6 +338,9 @@ async fn limits(
     let report = body.into_inner();
     if report.demands.len() > MAX_LIMIT_DEMANDS {
         return Err(ApiError::field("demands", format!("at most {MAX_LIMIT_DEMANDS} caches per report")));
+    }
+    if let Some(logins) = &report.logins {
+        crate::login_locks::validate(logins).map_err(|e| ApiError::field("logins", e))?;
     }
     let instance: String = report.gateway_id.chars().take(160).collect();
     let gateway = format!("{}/{instance}", gw.name);
@@ -354,16 +373,27 @@ async fn limits(
             };
         }
     }
+    let coordinator = &state.limits;
     match phase {
         Phase::WarmingUp => {
-            state.limits.observe(&gateway, report.demands);
+            if let Some(logins) = &report.logins {
+                coordinator.logins(logins);
+            }
+            coordinator.observe(&gateway, report.demands);
             Err(ApiError::Unavailable(
                 "the limits coordinator has just taken over and is learning every gateway's demand; \
                  the last shares hold meanwhile"
                     .into(),
             ))
         }
-        _ => Ok(HttpResponse::Ok().json(state.limits.report(&gateway, report.demands))),
+        _ => {
+            let shares = coordinator.report(&gateway, report.demands);
+            Ok(match report.logins {
+                Some(logins) => HttpResponse::Ok()
+                    .json(shoal_types::LimitAnswer { shares, logins: Some(coordinator.logins(&logins)) }),
+                None => HttpResponse::Ok().json(shares),
+            })
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 use crate::support::{fresh_postgres_database, one_node_pool};
 use shoal_control_plane::lease::{ACL_SWEEP, LIMITS, STORAGE_SAMPLER};
 use shoal_control_plane::{startup, ControlPlane, ControlPlaneConfig};
+use shoal_types::throttle::{LoginCount, LoginKind, LoginReport};
 use shoal_types::{CacheId, LimitDemand, LimitReport, LimitShare};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,7 @@ fn report(gateway: &str, cache: &CacheId) -> LimitReport {
             connections: 0,
             connections_refused: 1,
         }],
+        logins: None,
     }
 }
 
@@ -63,6 +65,37 @@ async fn post(
     let status = resp.status().as_u16();
     let shares: Option<Vec<LimitShare>> = resp.json().await.ok();
     (status, shares.and_then(|s| s.into_iter().next()))
+}
+
+/// `report` with `failures` failed logins of one user at one source, as `gateway`:
+/// status and answer.
+async fn post_logins(
+    http: &reqwest::Client,
+    cp: &ControlPlane,
+    credential: &str,
+    report: &LimitReport,
+    user: &str,
+    failures: u32,
+) -> (u16, serde_json::Value) {
+    let mut policy = shoal_types::throttle::ThrottlePolicy::default();
+    policy.per_user.lockout_after = 6;
+    let key = LoginCount {
+        kind: LoginKind::User,
+        source: [10, 0, 0, 1].into(),
+        user: user.into(),
+        failures,
+        succeeded: false,
+    };
+    let report =
+        LimitReport { logins: Some(LoginReport { policy, keys: vec![key], since: None }), ..report.clone() };
+    let resp = http
+        .post(format!("http://{}/internal/v1/limits", cp.internal_addr))
+        .bearer_auth(credential)
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
 /// Whether `cp` holds lease `name` within `limit`.
@@ -118,6 +151,18 @@ async fn the_limits_coordinator_is_reached_through_either_control_plane_and_fail
     assert_eq!((share.gateways, share.ecpu_milli_per_second), (2, Some(500_000)));
     let (_, share) = post(&http, &first, &credential, &g1, None).await;
     assert_eq!(share.unwrap().gateways, 2);
+    // Failed logins count together too: 3 at each gateway lock the user out (at 6), and
+    // the lockout comes back through the control plane that forwards.
+    let (status, answer) = post_logins(&http, &first, &credential, &g1, "app@c0123456789ab", 3).await;
+    assert_eq!((status, answer["logins"]["locks"].as_array().map(Vec::len)), (200, Some(0)), "{answer}");
+    let (status, answer) = post_logins(&http, &second, &credential, &g2, "app@c0123456789ab", 3).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["logins"]["locks"][0]["user"], "app@c0123456789ab", "{answer}");
+    assert_eq!(answer["shares"][0]["gateways"], 2, "{answer}");
+    // A bad one is refused whole, before it is forwarded.
+    let (status, answer) = post_logins(&http, &second, &credential, &g2, &"x".repeat(300), 1).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.to_string().contains("at most 256 bytes"), "{answer}");
     // A wrong credential is refused.
     let (status, _) = post(&http, &second, "sgw_edge_wrong-secret-wrong-secret-wrong", &g2, None).await;
     assert_eq!(status, 401);

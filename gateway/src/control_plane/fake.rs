@@ -17,8 +17,8 @@ use crate::GatewayError;
 use base64::Engine as _;
 use jsonwebtoken::jwk::JwkSet;
 use shoal_types::{
-    AccountId, CacheId, DataClaims, LimitReport, LimitShare, LoginEvent, Permission, TenantRoute, UsageBatch,
-    VerifiedLogin, VerifyRefusal, VerifyRequest, DATA_AUDIENCE, TOKEN_ISSUER,
+    AccountId, CacheId, DataClaims, LimitAnswer, LimitReport, LimitShare, LoginEvent, Permission,
+    TenantRoute, UsageBatch, VerifiedLogin, VerifyRefusal, VerifyRequest, DATA_AUDIENCE, TOKEN_ISSUER,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -175,9 +175,10 @@ impl FakeControlPlane {
     }
 
     /// One gateway: each share is the whole limit.
-    pub(super) fn limits(&self, report: &LimitReport) -> Result<Vec<LimitShare>, GatewayError> {
+    /// Every limit in full (one gateway), and no lockouts beyond the gateway's own.
+    pub(super) fn limits(&self, report: &LimitReport) -> Result<LimitAnswer, GatewayError> {
         drop(self.up()?);
-        Ok(report
+        let shares = report
             .demands
             .iter()
             .map(|d| LimitShare {
@@ -186,7 +187,11 @@ impl FakeControlPlane {
                 connections: d.max_connections,
                 gateways: 1,
             })
-            .collect())
+            .collect();
+        let cursor = shoal_types::throttle::LockCursor { term: 0, seq: 0 };
+        let logins =
+            report.logins.as_ref().map(|_| shoal_types::throttle::LoginAnswer { locks: vec![], cursor });
+        Ok(LimitAnswer { shares, logins })
     }
 
     pub(super) fn revocations(&self) -> Result<Vec<String>, GatewayError> {

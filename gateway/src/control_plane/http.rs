@@ -168,13 +168,23 @@ impl HttpClient {
     pub async fn limits(
         &self,
         report: &shoal_types::LimitReport,
-    ) -> Result<Vec<shoal_types::LimitShare>, GatewayError> {
+    ) -> Result<shoal_types::LimitAnswer, GatewayError> {
+        /// A report without logins is answered a bare list of shares.
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Answer {
+            Full(shoal_types::LimitAnswer),
+            Shares(Vec<shoal_types::LimitShare>),
+        }
         let resp =
             self.send(self.http.post(format!("{}/internal/v1/limits", self.base)).json(report)).await?;
         if !resp.status().is_success() {
             return Err(GatewayError::ControlPlane(format!("limits answered {}", resp.status())));
         }
-        resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))
+        match resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))? {
+            Answer::Full(answer) => Ok(answer),
+            Answer::Shares(shares) => Ok(shoal_types::LimitAnswer { shares, logins: None }),
+        }
     }
 
     /// An engine agent's report (`shoal engine` uses this client too): the nodes the control

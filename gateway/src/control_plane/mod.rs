@@ -15,7 +15,7 @@ pub mod fake;
 
 use crate::GatewayError;
 use shoal_types::{
-    CacheId, LimitReport, LimitShare, LoginEvent, TenantRoute, UsageBatch, VerifiedLogin, VerifyRefusal,
+    CacheId, LimitAnswer, LimitReport, LoginEvent, TenantRoute, UsageBatch, VerifiedLogin, VerifyRefusal,
     VerifyRequest,
 };
 
@@ -81,8 +81,9 @@ impl ControlPlane {
         }
     }
 
-    /// Reports this gateway's demand on caches' limits; answers its shares.
-    pub async fn limits(&self, report: &LimitReport) -> Result<Vec<LimitShare>, GatewayError> {
+    /// Reports this gateway's demand on caches' limits and its failed logins; answers its
+    /// shares and the lockouts it has not been told of.
+    pub async fn limits(&self, report: &LimitReport) -> Result<LimitAnswer, GatewayError> {
         match self {
             ControlPlane::Http(c) => c.limits(report).await,
             #[cfg(feature = "testing")]

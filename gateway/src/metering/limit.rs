@@ -16,8 +16,14 @@
 //! total still holds unless gateways are added during the outage). The limits themselves
 //! come from the cache's route, re-read by the router, so a changed limit applies within
 //! about a second.
+//!
+//! The same report carries the failed logins counted since the last one, and its answer the
+//! lockouts every gateway's failures together led to (`crate::auth::throttle`): so the
+//! report is sent every [`REPORT_EVERY`] while login throttling is on, with or without
+//! limited caches.
 
 use crate::state::Shared;
+use shoal_types::throttle::LoginReport;
 use shoal_types::{CacheId, LimitDemand, LimitReport, LimitShare};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -263,41 +269,61 @@ const ASK_AT_LOGIN: Duration = Duration::from_millis(500);
 pub async fn ask_at_login(shared: &Shared, cache: &CacheId, bucket: &Arc<Bucket>) {
     bucket.connection_refused();
     let asked = [(cache.clone(), bucket.clone())];
-    if tokio::time::timeout(ASK_AT_LOGIN, ask(shared, &asked, REPORT_EVERY)).await.is_err() {
+    if tokio::time::timeout(ASK_AT_LOGIN, ask(shared, &asked, REPORT_EVERY, None)).await.is_err() {
         bucket.set_share(None);
     }
 }
 
 /// Asks the control plane for this gateway's shares of `caches`' limits and applies them
-/// (or, if it cannot be reached, keeps or divides the last ones).
-pub async fn ask(shared: &Shared, caches: &[(CacheId, Arc<Bucket>)], elapsed: Duration) {
+/// (or, if it cannot be reached, keeps or divides the last ones). `logins` (the failed logins
+/// since the last report) go with them, and the lockouts answered are applied.
+pub async fn ask(
+    shared: &Shared,
+    caches: &[(CacheId, Arc<Bucket>)],
+    elapsed: Duration,
+    logins: Option<LoginReport>,
+) {
     let limited = |b: &Bucket| {
         let s = b.state.lock().unwrap();
         s.limit > 0 || s.max_connections.is_some()
     };
     let asked: Vec<&(CacheId, Arc<Bucket>)> = caches.iter().filter(|(_, b)| limited(b)).collect();
-    if asked.is_empty() {
+    if asked.is_empty() && logins.is_none() {
         return;
     }
     let demands: Vec<LimitDemand> = asked
         .iter()
         .map(|(id, b)| b.demand(id, shared.clients.counts(id).connected as u64, elapsed))
         .collect();
-    let report = LimitReport { gateway_id: instance(shared), demands };
+    let with_logins = logins.is_some();
+    let report = LimitReport { gateway_id: instance(shared), demands, logins };
     match shared.control_plane.limits(&report).await {
-        Ok(shares) => {
-            let by_cache: HashMap<&CacheId, &LimitShare> = shares.iter().map(|s| (&s.cache, s)).collect();
+        Ok(answer) => {
+            let by_cache: HashMap<&CacheId, &LimitShare> =
+                answer.shares.iter().map(|s| (&s.cache, s)).collect();
             for (id, bucket) in asked {
                 if let Some(share) = by_cache.get(id) {
                     shared.buckets.gateways.store(share.gateways, Ordering::Relaxed);
                     bucket.set_share(Some(share));
                 }
             }
+            match answer.logins {
+                Some(logins) => shared.throttles.answered(logins),
+                None if with_logins => {
+                    shared.throttles.unanswered("the control plane predates shared login throttling")
+                }
+                None => {}
+            }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "limit shares not available; the last ones hold");
+            if !asked.is_empty() {
+                tracing::warn!(error = %e, "limit shares not available; the last ones hold");
+            }
             for (_, bucket) in asked {
                 bucket.set_share(None);
+            }
+            if with_logins {
+                shared.throttles.unanswered(&e.to_string());
             }
         }
     }
@@ -313,7 +339,8 @@ fn instance(shared: &Shared) -> String {
 }
 
 /// Every [`REPORT_EVERY`]: applies the limits of the caches with sessions here (their
-/// routes are re-read by the router) and asks for this gateway's shares, until `shutdown`.
+/// routes are re-read by the router) and asks for this gateway's shares, reporting its
+/// failed logins, until `shutdown`.
 pub async fn follow(shared: &Shared, mut shutdown: watch::Receiver<bool>) {
     let mut last = Instant::now();
     loop {
@@ -331,7 +358,7 @@ pub async fn follow(shared: &Shared, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
-        ask(shared, &served, last.elapsed()).await;
+        ask(shared, &served, last.elapsed(), shared.throttles.report()).await;
         last = Instant::now();
     }
 }

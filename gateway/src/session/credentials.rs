@@ -8,10 +8,11 @@ use crate::router::LiveRoute;
 use crate::state::Shared;
 use crate::GatewayError;
 use shoal_auth::throttle::{FailureOutcome, Verdict};
+use shoal_types::throttle::LoginKind;
 use shoal_types::VerifyRequest;
 use shoal_types::{CacheId, TenantRoute};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A token's or user's login lasts this long without a token `exp` (as long as the connection).
@@ -36,7 +37,8 @@ pub(crate) struct Login<'a> {
     attempt: Attempt,
     key: String,
     note: LoginNote,
-    throttle: Option<&'a Mutex<shoal_auth::Throttle>>,
+    /// Which throttle counts the attempt.
+    throttle: Option<LoginKind>,
     /// Already audited (a lockout refused before checking anything).
     audited: bool,
 }
@@ -51,8 +53,8 @@ impl<'a> Login<'a> {
         // Attempts that could never succeed (neither a token nor `<user>@<cache>`) guess
         // nothing: they are refused and audited, not counted.
         let throttle = match attempt {
-            Attempt::User { .. } => Some(&shared.throttle),
-            Attempt::Token { .. } => Some(&shared.token_throttle),
+            Attempt::User { .. } => Some(LoginKind::User),
+            Attempt::Token { .. } => Some(LoginKind::Token),
             Attempt::Invalid => None,
         };
         Login { shared, source, attempt, key, note, throttle, audited: false }
@@ -61,9 +63,9 @@ impl<'a> Login<'a> {
     /// Waits out the throttle's delay (or refuses a locked-out attempt), then checks the
     /// credentials.
     pub async fn check(&mut self, password: &[u8]) -> Result<Credentials, GatewayError> {
-        let verdict = self
-            .throttle
-            .map_or(Verdict::Allow, |t| t.lock().unwrap().check(Instant::now(), self.source, &self.key));
+        let throttles = &self.shared.throttles;
+        let verdict =
+            self.throttle.map_or(Verdict::Allow, |kind| throttles.check(kind, self.source, &self.key));
         match verdict {
             Verdict::Allow => {}
             Verdict::Delay(wait) => tokio::time::sleep(wait).await,
@@ -92,8 +94,8 @@ impl<'a> Login<'a> {
         let (gateway_id, source, note) = (&self.shared.gateway_id, self.source, &mut self.note);
         match result {
             Ok(()) => {
-                if let Some(t) = self.throttle {
-                    t.lock().unwrap().success(source, &self.key);
+                if let Some(kind) = self.throttle {
+                    self.shared.throttles.success(kind, source, &self.key);
                 }
                 crate::metrics::auth_attempt(&note.mechanism, "success");
                 self.shared.audit.push(note.event(gateway_id, source, "success"));
@@ -103,8 +105,8 @@ impl<'a> Login<'a> {
                     note.reason = e.to_string().chars().take(200).collect();
                 }
                 let mut outcome = "failure";
-                if let Some(t) = self.throttle.filter(|_| e.is_credential_failure()) {
-                    let counted = t.lock().unwrap().failure(Instant::now(), source, &self.key);
+                if let Some(kind) = self.throttle.filter(|_| e.is_credential_failure()) {
+                    let counted = self.shared.throttles.failure(kind, source, &self.key);
                     if matches!(counted, FailureOutcome::LockedOut(_)) {
                         outcome = "lockout";
                     }
