@@ -80,7 +80,8 @@ enum AdminCommand {
     /// Write a new bootstrap admin token to the token file and revoke the previous one(s):
     /// the old token is refused (401) at once, by a running control plane too.
     RotateToken(StoreArgs),
-    /// Gateways allowed on the internal API, each with its own credential.
+    /// Gateways and engine agents allowed on the internal API, each with its own credential
+    /// (an engine agent's is made the same way: `shoal admin gateway create engine-1`).
     #[command(subcommand)]
     Gateway(GatewayCommand),
 }

@@ -287,18 +287,7 @@ async fn failed_logins_on_three_gateways_lock_a_user_out_on_all() {
         }
     };
     let ports: Vec<u16> = gateways.iter().map(|g| g.1).collect();
-    for &port in &ports {
-        // Every gateway is up and takes the right password.
-        let mut ok = String::new();
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                ok = login(port, "correct-horse-battery-1").await;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(ok, "+OK\r\n", "port {port}\n{}", split.log());
-    }
+    each_takes_the_right_password(&split, &ports, |port| login(port, "correct-horse-battery-1")).await;
     // Two wrong passwords on each of two gateways: 4 failures in all, none twice the limit
     // on one gateway.
     for &port in &ports[..2] {
@@ -311,6 +300,25 @@ async fn failed_logins_on_three_gateways_lock_a_user_out_on_all() {
     for &port in &ports {
         let locked = login(port, "correct-horse-battery-1").await;
         assert!(locked.contains("too many failed attempts"), "port {port}: {locked}");
+    }
+}
+
+/// Waits until every gateway on `ports` is up and `login` (with the right password) works.
+async fn each_takes_the_right_password<F, Fut>(split: &Split, ports: &[u16], login: F)
+where
+    F: Fn(u16) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    for &port in ports {
+        let mut ok = String::new();
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                ok = login(port).await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(ok, "+OK\r\n", "port {port}\n{}", split.log());
     }
 }
 
@@ -344,18 +352,7 @@ async fn gateways_count_failed_logins_together() {
         let cmd = auth_command(token);
         async move { String::from_utf8_lossy(&raw_from(tokens_from, port, &cmd).await).into_owned() }
     };
-    for &port in &ports {
-        // Every gateway is up and takes the right password.
-        let mut ok = String::new();
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                ok = login(port, "correct-horse-battery-1").await;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(ok, "+OK\r\n", "port {port}\n{}", split.log());
-    }
+    each_takes_the_right_password(&split, &ports, |port| login(port, "correct-horse-battery-1")).await;
     const LOCKED: &str = "too many failed attempts";
 
     // Wrong passwords round the three gateways: the first 5 (each answered in about 0.5 s,
