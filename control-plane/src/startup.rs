@@ -209,7 +209,9 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
             .app_data(internal_state.clone())
             .app_data(json_config())
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
-            .wrap(logger())
+            // Every gateway asks for limit shares 4 times a second and for revocations once:
+            // not one log line each.
+            .wrap(logger().exclude("/internal/v1/limits").exclude("/internal/v1/revocations"))
             .configure(routes::internal::configure)
             .configure(routes::usage::configure_internal)
             .default_service(web::to(not_found))
