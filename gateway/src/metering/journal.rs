@@ -129,6 +129,9 @@ pub struct Taking {
 
 pub struct Journal {
     dir: Option<PathBuf>,
+    /// Held while the journal is open: two gateways on one data dir would count into the
+    /// same slots.
+    _lock: Option<std::fs::File>,
     head: Segment,
     segments: Mutex<Segments>,
     free: Mutex<Vec<(Arc<Segment>, usize)>>,
@@ -150,9 +153,21 @@ impl Journal {
     /// Opens the journal in `dir` (created if need be), finishing or undoing what a killed
     /// predecessor left half done: `written(seq)` says whether batch `seq` reached the spool.
     pub fn open(dir: Option<&Path>, written: impl Fn(u64) -> bool) -> std::io::Result<Journal> {
-        if let Some(dir) = dir {
-            std::fs::create_dir_all(dir)?;
-        }
+        let lock = match dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let file =
+                    OpenOptions::new().write(true).create(true).truncate(false).open(dir.join("lock"))?;
+                file.try_lock().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!("the usage journal in {} is in use by another gateway: give each its own data_dir", dir.display()),
+                    )
+                })?;
+                Some(file)
+            }
+            None => None,
+        };
         let head = Segment::open(dir.map(|d| d.join("head")).as_deref(), 4096)?;
         match head.head().layout.load(Ordering::Acquire) {
             0 => head.head().layout.store(LAYOUT, Ordering::Release),
@@ -174,6 +189,7 @@ impl Journal {
         }
         let journal = Journal {
             dir: dir.map(Path::to_path_buf),
+            _lock: lock,
             head,
             segments: Mutex::new(segments),
             free: Default::default(),
@@ -342,6 +358,16 @@ mod tests {
         let again: Vec<Slot> = (0..SEGMENT_SLOTS + 1).map(|_| journal.slot(&cache, 120)).collect();
         assert!(!dir.path().join("0002").exists());
         drop(again);
+    }
+
+    #[test]
+    fn one_journal_per_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Journal::open(Some(dir.path()), |_| false).unwrap();
+        let second = Journal::open(Some(dir.path()), |_| false).err().expect("a second gateway is refused");
+        assert!(second.to_string().contains("in use by another gateway"), "{second}");
+        drop(first);
+        Journal::open(Some(dir.path()), |_| false).expect("free again once the first is gone");
     }
 
     #[test]
