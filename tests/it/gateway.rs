@@ -676,7 +676,17 @@ async fn a_client_that_never_reads_big_replies_cannot_grow_the_gateway() {
 async fn big_requests_go_upstream_as_they_come() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dev = ShoalDev::start().await;
-    let (_, token) = cache_with_token(&dev, "bigreq", 1).await;
+    // Room for the 200 MB value: past the default 100 MB of storage, the next storage
+    // sample would refuse the writes that follow its deletion until the one after.
+    let (status, cache) = dev
+        .api(
+            Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": "bigreq", "limits": {"data_storage_mb": 1024}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{cache}");
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
     let before = crate::support::rss_mib(dev.pid());
 
     // A 200 MB SET, sent in 1 MB writes: the gateway never holds it whole.
