@@ -7,7 +7,7 @@
 //! [`CLUSTER_TARGET`], and applies them to every node.
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterStatus, NodeStatus, Role};
-use crate::node::{Node, NodeSecrets, NodeSpec};
+use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
 use std::path::PathBuf;
@@ -35,6 +35,16 @@ pub struct PoolConfig {
     /// passwords of its own in its folder (one process runs everything).
     pub node_secret: Option<String>,
     pub supervisor: Supervisor,
+    /// Set when these nodes are an engine agent's share of a cluster pool: they start in
+    /// cluster mode with the pool's shared passwords; the control plane forms the cluster.
+    pub cluster: Option<ClusterMembers>,
+}
+
+/// This host's nodes of cluster pool `pool` (see [`PoolConfig::cluster`]).
+#[derive(Clone, Debug)]
+pub struct ClusterMembers {
+    pub pool: String,
+    pub mode: ClusterMode,
 }
 
 /// Who runs a standalone pool's Valkey processes.
@@ -80,7 +90,14 @@ impl Pool {
                 Some(mb) => mb.saturating_mul(1_000_000),
                 None => shared,
             };
-            let secrets = config.node_secret.as_deref().map(|s| NodeSecrets::derive(s, &spec.name));
+            let secrets = match (&config.node_secret, &config.cluster) {
+                (Some(s), Some(members)) => Some(NodeSecrets::for_cluster(s, &members.pool)),
+                (Some(s), None) => Some(NodeSecrets::derive(s, &spec.name)),
+                (None, Some(_)) => {
+                    return Err(EngineError::Config("cluster members need the node secret".into()))
+                }
+                (None, None) => None,
+            };
             let node = match (config.supervisor, &secrets) {
                 (Supervisor::ThisProcess, _) => Node::prepare(
                     spec,
@@ -97,6 +114,10 @@ impl Pool {
                 (Supervisor::Agents, None) => {
                     return Err(EngineError::Config("nodes run by engine agents need the node secret".into()))
                 }
+            };
+            let node = match &config.cluster {
+                Some(members) => node.into_cluster(members.mode.clone()),
+                None => node,
             };
             nodes.push(Arc::new(node));
         }
@@ -173,6 +194,13 @@ impl Pool {
             });
         }
         out
+    }
+
+    /// Whether `name` is a node of this pool (standalone or of its cluster) that an engine
+    /// agent runs: one whose agent's report is expected.
+    pub fn runs_on_agent(&self, name: &str) -> bool {
+        let standalone = self.node(name).is_ok_and(|n| n.is_attached());
+        standalone || self.cluster.as_ref().is_some_and(|c| c.node(name).is_ok_and(|n| n.is_attached()))
     }
 
     pub fn node(&self, name: &str) -> Result<&Arc<Node>, EngineError> {
