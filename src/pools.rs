@@ -288,7 +288,7 @@ impl EngineFile {
                     );
                     let per_shard = 1 + c.replicas;
                     anyhow::ensure!(
-                        nodes.len() % per_shard == 0,
+                        nodes.len().is_multiple_of(per_shard),
                         "{at}: {} nodes cannot make shards of a primary and {} replicas each",
                         nodes.len(),
                         c.replicas

@@ -717,9 +717,11 @@ impl Cluster {
                         .find(|(_, x)| x.spec.port == n.port && (!x.is_attached() || x.spec.host == n.ip))
                 });
                 let ours = ours.map(|(_, node)| node);
+                // Not asked of a node failing its health checks: during an outage the answer
+                // would wait for the timeout, once per such node.
                 let used_memory = match ours {
-                    Some(node) => used_memory(node).await,
-                    None => None,
+                    Some(node) if node.healthy() => used_memory(node).await,
+                    _ => None,
                 };
                 let status = NodeStatus {
                     name: ours.map(|x| x.name().to_string()),
@@ -1152,7 +1154,7 @@ async fn formed_already(nodes: &[Arc<Node>]) -> Result<bool, EngineError> {
 /// one host leaves every shard a copy. Err when that cannot be.
 fn spread(hosts: &[&str], replicas: usize) -> Result<Vec<Option<usize>>, String> {
     let per_shard = 1 + replicas;
-    if hosts.is_empty() || hosts.len() % per_shard != 0 {
+    if hosts.is_empty() || !hosts.len().is_multiple_of(per_shard) {
         return Err(format!(
             "{} nodes cannot make shards of a primary and {replicas} replicas each",
             hosts.len()
