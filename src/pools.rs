@@ -264,6 +264,14 @@ impl EngineFile {
                 c.nodes.iter().all(|n| n.maxmemory_mb.is_none()),
                 "{at}: a cluster's nodes share its maxmemory_mb; set it on the cluster, not on a node"
             );
+            // Valkey's CLUSTER MEET takes addresses, and nodes of one host share one.
+            if let Some(n) = c.nodes.iter().find(|n| n.host.parse::<std::net::IpAddr>().is_err()) {
+                anyhow::bail!(
+                    "{at}: node {} has host {:?}: a cluster's nodes need an IP address",
+                    n.name,
+                    n.host
+                );
+            }
             let nodes: Vec<NodeSpec> =
                 c.nodes.into_iter().map(|n| NodeSpec::new(n.name, n.host, n.port)).collect();
             let node_secret = node_secret.clone().expect("required above where agents run the nodes");
@@ -448,6 +456,8 @@ mod tests {
         assert!(err(format!("{head}{section}")).contains("list them in [[engine.clusters.c.nodes]]"));
         let no_memory = format!("{head}[clusters.c]\n{}", nodes(&["a", "b"]));
         assert!(err(no_memory).contains("maxmemory_mb"));
+        let named = four.replace("10.0.0.1", "db.example");
+        assert!(err(named).contains("node b has host \"db.example\": a cluster's nodes need an IP address"));
         let own = format!("{HEAD}[clusters.c]\nbase_port = 7000\n{}", nodes(&["a", "b"]));
         assert!(err(own).contains("nodes are for a cluster that engine agents run"));
     }

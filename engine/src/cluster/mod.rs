@@ -24,6 +24,10 @@
 //!   500 ms; a node Valkey's multi-slot-script bug has poisoned (every keyed script refused
 //!   until it restarts) is failed over to its replica and restarted (in place without one).
 //! - **Scaling**: [`Cluster::add_shard`] and [`Cluster::remove_shard`], one at a time.
+//! - **Run by engine agents** on several hosts ([`ClusterConfig::agents`]): the pool attaches
+//!   to their nodes, forms the cluster with each replica on another host than its primary,
+//!   learns of restarts from a node's `run_id`, reconciles a node that was out of reach, and
+//!   moves a primary back to a host left with none. No scaling there yet.
 //!
 //! `docs/engine-cluster.md` has the whole story, with the measured failover figures.
 //!
@@ -31,7 +35,7 @@
 //! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
 //! slot migrations log in to their peers as the admin user).
 
-use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec, ADMIN_USER, OBSERVER_USER};
+use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec, ADMIN_USER, HEALTH_TIMEOUT, OBSERVER_USER};
 use crate::pool::admin_conn;
 use crate::EngineError;
 use redis::Value;
@@ -770,7 +774,10 @@ impl Cluster {
     async fn shards(&self) -> Result<(Arc<Node>, Vec<Shard>), EngineError> {
         let mut last = None;
         for node in self.nodes().into_iter().filter(|n| n.healthy()) {
-            match admin_value(&node, &["CLUSTER", "SHARDS"]).await {
+            // A second each: a node just cut off still looks healthy until its next check.
+            let asked =
+                tokio::time::timeout(HEALTH_TIMEOUT, admin_value(&node, &["CLUSTER", "SHARDS"])).await;
+            match asked.unwrap_or_else(|_| Err(EngineError::NotReady(node.name().to_string()))) {
                 Ok(v) => return Ok((node, parse_shards(&v))),
                 Err(e) => last = Some(e),
             }

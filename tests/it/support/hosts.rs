@@ -746,6 +746,46 @@ impl Deployment {
             .collect()
     }
 
+    /// The address of each shard's online primary (None: it has none), as cluster node
+    /// `node` sees it (`CLUSTER SHARDS`, as the observer user); None if it does not answer
+    /// within a second.
+    pub async fn primaries_seen_by(&self, node: &Node) -> Option<Vec<Option<SocketAddr>>> {
+        let secret = std::fs::read_to_string(self.net.dir.join("node.secret")).unwrap();
+        let password = shoal_engine::NodeSecrets::for_cluster(secret.trim(), CLUSTER_POOL).observer;
+        let url = format!("redis://shoal-observer:{password}@{}/", node.addr);
+        let ask = async {
+            let mut conn = redis::Client::open(url).ok()?.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("CLUSTER").arg("SHARDS").query_async::<redis::Value>(&mut conn).await.ok()
+        };
+        let shards = tokio::time::timeout(Duration::from_secs(1), ask).await.ok()??;
+        // RESP2: each shard and each node a flat [key, value, …] array.
+        let fields = |v: &redis::Value| -> Vec<(String, redis::Value)> {
+            let redis::Value::Array(items) = v else { return Vec::new() };
+            items
+                .chunks(2)
+                .filter_map(|c| Some((redis::from_redis_value::<String>(&c[0]).ok()?, c.get(1)?.clone())))
+                .collect()
+        };
+        let redis::Value::Array(shards) = shards else { return None };
+        let mut out = Vec::new();
+        for shard in &shards {
+            let Some((_, redis::Value::Array(nodes))) = fields(shard).into_iter().find(|(k, _)| k == "nodes")
+            else {
+                continue;
+            };
+            let primary = nodes.iter().find_map(|n| {
+                let f: std::collections::HashMap<String, String> = fields(n)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, redis::from_redis_value::<String>(&v).ok()?)))
+                    .collect();
+                let online_primary = f.get("role")? == "master" && f.get("health")? == "online";
+                online_primary.then(|| format!("{}:{}", f.get("ip")?, f.get("port")?).parse().ok())?
+            });
+            out.push(primary);
+        }
+        Some(out)
+    }
+
     /// Waits until every node is healthy and reported by its agent: what the control plane
     /// then shows.
     pub async fn wait_for_nodes(&self) -> Vec<NodeSeen> {
