@@ -76,8 +76,6 @@ pub struct Pool {
     /// [`Pool::cluster`]).
     nodes: Vec<Arc<Node>>,
     cluster: Option<Arc<Cluster>>,
-    /// A cluster pool's `notify-keyspace-events`, given to the nodes of a shard added later.
-    cluster_events: std::sync::Mutex<String>,
 }
 
 impl Pool {
@@ -121,7 +119,7 @@ impl Pool {
             };
             nodes.push(Arc::new(node));
         }
-        let pool = Pool { nodes, cluster: None, cluster_events: Default::default() };
+        let pool = Pool { nodes, cluster: None };
         for node in &pool.nodes {
             if let Err(e) = node.start().await {
                 pool.stop().await;
@@ -139,7 +137,7 @@ impl Pool {
     /// Starts a cluster pool: every node, the cluster formed (or reused), its keeper.
     pub async fn start_cluster(config: ClusterConfig) -> Result<Pool, EngineError> {
         let cluster = Some(Cluster::start(config).await?);
-        Ok(Pool { nodes: Vec::new(), cluster, cluster_events: Default::default() })
+        Ok(Pool { nodes: Vec::new(), cluster })
     }
 
     /// The standalone nodes; empty for a cluster pool (see [`Pool::cluster`]).
@@ -164,12 +162,7 @@ impl Pool {
     /// Adds a shard to a cluster pool and moves an even share of the slots onto it; returns
     /// its shard id.
     pub async fn add_shard(&self) -> Result<String, EngineError> {
-        let shard = self.clustered()?.add_shard().await?;
-        let flags = self.cluster_events.lock().unwrap().clone();
-        if !flags.is_empty() {
-            self.set_keyspace_events(CLUSTER_TARGET, &flags).await?;
-        }
-        Ok(shard)
+        self.clustered()?.add_shard().await
     }
 
     /// Moves a shard's slots to the others, then removes its nodes.
@@ -253,14 +246,7 @@ impl Pool {
         let Some(cluster) = &self.cluster else {
             return self.node(node)?.set_keyspace_events(flags).await;
         };
-        *self.cluster_events.lock().unwrap() = flags.to_string();
-        let mut first_error = None;
-        for n in cluster.nodes() {
-            if let Err(e) = n.set_keyspace_events(flags).await {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        cluster.set_keyspace_events(flags).await
     }
 
     /// Whether the pool is a cluster (`"cluster"`) or standalone nodes (`"standalone"`).

@@ -806,14 +806,23 @@ async fn attached_cluster(base_port: u16, secret: &str) -> Pool {
     .expect("the cluster forms over the agents' nodes")
 }
 
+/// `notify-keyspace-events` of an agent's node, as it runs.
+async fn keyspace_events(host: &Pool, node: &str) -> Option<String> {
+    let client = host.node(node).ok()?.admin_client().ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let (_, flags): (String, String) =
+        redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut c).await.ok()?;
+    Some(flags)
+}
+
 fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').unwrap().0
 }
 
 /// A cluster pool whose nodes engine agents run on three hosts: formed with each replica on
 /// another host than its primary; a node its agent restarts (after the failover) comes back
-/// as a replica and gets the user created while it was down (the keeper sees its new
-/// `run_id`); a pool started again while a host is down serves, and admits that host's nodes
+/// as a replica and gets the user and keyspace events set while it was down (the keeper sees
+/// its new `run_id`); a pool started again while a host is down serves, and admits that host's nodes
 /// when they answer; scaling is refused.
 #[tokio::test]
 async fn a_cluster_run_by_engine_agents_keeps_every_shard_off_any_one_host() {
@@ -858,13 +867,15 @@ async fn a_cluster_run_by_engine_agents_keeps_every_shard_off_any_one_host() {
     .await;
     let late = tenant("ta000000000002", 8);
     pool.create_tenant(shoal_engine::CLUSTER_TARGET, &late).await.unwrap();
-    let back =
-        wait_for("killed primary back as a replica, with the late user", Duration::from_secs(30), || async {
-            let Ok(s) = pool.cluster_status().await else { return false };
-            role_of(&s, &victim).is_some_and(|(r, h)| r == Role::Replica && h == "online")
-                && acl_user_on_every_node(&pool, &late.user).await
-        })
-        .await;
+    // An error from the dead node: the keeper sets them when it is back.
+    let _ = pool.set_keyspace_events(shoal_engine::CLUSTER_TARGET, "Kx").await;
+    let back = wait_for("killed primary back as a replica, up to date", Duration::from_secs(30), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        role_of(&s, &victim).is_some_and(|(r, h)| r == Role::Replica && h == "online")
+            && acl_user_on_every_node(&pool, &late.user).await
+            && keyspace_events(&hosts[h - 1], &victim).await.as_deref() == Some("xK")
+    })
+    .await;
     println!("FIGURE agents' cluster: killed primary back as a replica with every user {back:?} after the promotion");
     // The promoted replica's host has two primaries now: the keeper gives one back.
     let spread = wait_for("one primary per host again", Duration::from_secs(20), || async {

@@ -198,6 +198,8 @@ pub struct Cluster {
     users: Mutex<BTreeMap<String, Vec<Vec<String>>>>,
     /// One topology change at a time (forming, joining a node, adding or removing a shard).
     topology: tokio::sync::Mutex<()>,
+    /// `notify-keyspace-events` set last (empty: none), for nodes that join or missed it.
+    keyspace_events: Mutex<String>,
     stopping: AtomicBool,
 }
 
@@ -236,6 +238,7 @@ impl Cluster {
             members: Mutex::new(Vec::new()),
             users: Mutex::new(BTreeMap::new()),
             topology: tokio::sync::Mutex::new(()),
+            keyspace_events: Mutex::new(String::new()),
             stopping: AtomicBool::new(false),
         });
         let started = async {
@@ -293,6 +296,7 @@ impl Cluster {
             members: Mutex::new(Vec::new()),
             users: Mutex::new(BTreeMap::new()),
             topology: tokio::sync::Mutex::new(()),
+            keyspace_events: Mutex::new(String::new()),
             stopping: AtomicBool::new(false),
         });
         let started = async {
@@ -655,6 +659,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sets `notify-keyspace-events` on every node (a cache's keys, and so its events, are on
+    /// every shard, and a replica may be promoted). A node that does not answer gets them when
+    /// the keeper brings it up to date; the others are set anyway and the first error is
+    /// returned.
+    pub async fn set_keyspace_events(&self, flags: &str) -> Result<(), EngineError> {
+        *self.keyspace_events.lock().unwrap() = flags.to_string();
+        let mut first_error = None;
+        for n in self.nodes() {
+            if let Err(e) = n.set_keyspace_events(flags).await {
+                self.member_mut(&n, |m| m.missed = true);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Names of the pool's ACL users that start with `prefix`.
     pub fn users_with_prefix(&self, prefix: &str) -> Vec<String> {
         self.users.lock().unwrap().keys().filter(|u| u.starts_with(prefix)).cloned().collect()
@@ -678,9 +698,10 @@ impl Cluster {
         }
     }
 
-    /// Makes a node's ACL users those of the record: every recorded user remade, every other
-    /// user (but the platform's) deleted; then the observer user and `ACL SAVE`.
-    async fn reconcile_users(&self, node: &Node) -> Result<(), EngineError> {
+    /// Brings a node up to date: its ACL users made those of the record (every recorded user
+    /// remade, every other user but the platform's deleted), then the observer user, `ACL
+    /// SAVE`, and the keyspace events set last.
+    async fn reconcile(&self, node: &Node) -> Result<(), EngineError> {
         let mut conn = admin_conn(node).await?;
         let present: Vec<String> =
             redis::cmd("ACL").arg("USERS").query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
@@ -697,7 +718,12 @@ impl Cluster {
         }
         pipe.cmd("ACL").arg("SAVE").ignore();
         pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))?;
-        node.ensure_observer().await
+        node.ensure_observer().await?;
+        let flags = self.keyspace_events.lock().unwrap().clone();
+        match flags.is_empty() {
+            true => Ok(()),
+            false => node.set_keyspace_events(&flags).await,
+        }
     }
 
     // ---- topology ----
@@ -795,7 +821,7 @@ impl Cluster {
         let nodes = self.start_nodes(&indexes).await?;
         let joined = async {
             for n in &nodes {
-                self.reconcile_users(n).await?;
+                self.reconcile(n).await?;
             }
             let anchor = self.healthy_member()?;
             meet_all(&anchor, &nodes).await?;
@@ -1049,7 +1075,7 @@ impl Cluster {
     /// After a restart: ACL users first (before the node serves), then, for a node that came
     /// back empty, its place in the cluster again.
     async fn rejoin(&self, node: &Arc<Node>) -> Result<(), EngineError> {
-        self.reconcile_users(node).await?;
+        self.reconcile(node).await?;
         let id = my_id(node).await?;
         let (old_id, shard) = {
             let members = self.members.lock().unwrap();
