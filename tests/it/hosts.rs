@@ -377,6 +377,11 @@ async fn cutting_an_engine_host_off_fails_its_cluster_shards_over_to_the_other_h
     // Every cache serves again (its keys on the cut shard included) before the link is back.
     checker.progress(&all, 20, Duration::from_secs(30)).await;
     let served_again = cut_at.elapsed();
+    // A cache user made meanwhile: the cut host's nodes get it when they are back.
+    let began = Instant::now();
+    let user = serde_json::json!({"username": "alice", "passwords": [USER_PASSWORD], "access_string": "on ~* +@all"});
+    dep.api(reqwest::Method::POST, &format!("/v1/caches/{}/users", caches[0].id), Some(user)).await;
+    let user_made_in = began.elapsed();
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed())).await;
     let at_heal = checker.counts();
     dep.net.heal(cut);
@@ -413,6 +418,15 @@ async fn cutting_an_engine_host_off_fails_its_cluster_shards_over_to_the_other_h
     for (c, r) in caches.iter().zip(&reports) {
         lost.push(checker::lost_writes(dep.gateway(0), &c.token, r).await.unwrap());
     }
+    // The user made during the cut logs in and writes on every shard, the cut host's primary
+    // included; a deleted cache's token is refused.
+    let alice = format!("alice@{}", caches[0].id);
+    if let Err(e) = write_as(dep.gateway(0), &alice, USER_PASSWORD).await {
+        panic!("{alice}: {e}\n{}", dep.log());
+    }
+    let gone = &caches[3];
+    dep.api(reqwest::Method::DELETE, &format!("/v1/caches/{}", gone.id), None).await;
+    assert!(one_pair(dep.gateway(0), &gone.token, "k", "v").await.is_err(), "a deleted cache still serves");
 
     let timeout = crate::support::hosts::CLUSTER_NODE_TIMEOUT.as_secs_f64();
     println!(
@@ -434,6 +448,10 @@ async fn cutting_an_engine_host_off_fails_its_cluster_shards_over_to_the_other_h
         rejoined.unwrap().as_secs_f64(),
         spread.as_secs_f64()
     );
+    println!(
+        "FIGURE cluster host cut: a cache user created during the cut in {:.2} s",
+        user_made_in.as_secs_f64()
+    );
     for (i, r) in reports.iter().enumerate() {
         println!(
             "FIGURE cluster host cut: {}; answered {} during the cut; {} acknowledged writes lost",
@@ -452,6 +470,23 @@ async fn cutting_an_engine_host_off_fails_its_cluster_shards_over_to_the_other_h
         );
         assert!(at_heal[i].0 > at_cut[i].0 + 20, "{} served during the cut", r.cache);
     }
+}
+
+/// A cache user's password in the tests.
+const USER_PASSWORD: &str = "a-password-of-twenty-chars";
+
+/// Logs in as cache user `user` on `gateway` and writes and reads 30 keys (spread over every
+/// shard of a cluster pool).
+async fn write_as(gateway: std::net::SocketAddr, user: &str, password: &str) -> redis::RedisResult<()> {
+    let url = format!("redis://{}:{password}@{gateway}/", user.replace('@', "%40"));
+    let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    for i in 0..30 {
+        let key = format!("user-key-{i}");
+        let () = redis::cmd("SET").arg(&key).arg(i).query_async(&mut conn).await?;
+        let got: i64 = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        assert_eq!(got, i, "{key}");
+    }
+    Ok(())
 }
 
 /// `kill -9` of a gateway under load: its clients reconnect to the other and carry on; the

@@ -503,7 +503,7 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            self.skip_if_down(&node, node.provision(&pipe).await).await?;
+            self.provision(&node, &pipe).await?;
         }
         Ok(())
     }
@@ -519,7 +519,7 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            self.skip_if_down(&node, node.provision(&pipe).await).await?;
+            self.provision(&node, &pipe).await?;
         }
         self.flush_everywhere(acl).await
     }
@@ -636,8 +636,8 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            self.skip_if_down(&node, node.provision(&pipe).await).await?;
-            if off {
+            self.provision(&node, &pipe).await?;
+            if off && node.healthy() {
                 // Errors when nobody was connected.
                 let _ = admin(&node, &["CLIENT", "KILL", "USER", user]).await;
             }
@@ -654,7 +654,7 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(users).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            self.skip_if_down(&node, node.provision(&pipe).await).await?;
+            self.provision(&node, &pipe).await?;
         }
         Ok(())
     }
@@ -667,6 +667,11 @@ impl Cluster {
         *self.keyspace_events.lock().unwrap() = flags.to_string();
         let mut first_error = None;
         for n in self.nodes() {
+            // An agent's node out of reach would be waited for: the keeper sets them later.
+            if n.is_attached() && !n.healthy() {
+                self.member_mut(&n, |m| m.missed = true);
+                continue;
+            }
             if let Err(e) = n.set_keyspace_events(flags).await {
                 self.member_mut(&n, |m| m.missed = true);
                 first_error.get_or_insert(e);
@@ -1138,6 +1143,18 @@ fn is_platform_user(user: &str) -> bool {
 }
 
 impl Cluster {
+    /// Runs a provisioning pipeline on `node`, or skips it when it is down. An agent's node
+    /// failing its health checks (its host cut off, say) is skipped at once rather than
+    /// waited for; the keeper brings it up to date when it answers again.
+    async fn provision(&self, node: &Node, pipe: &redis::Pipeline) -> Result<(), EngineError> {
+        if node.is_attached() && !node.healthy() {
+            tracing::warn!(node = node.name(), "node unreachable: its ACL users follow when it is back");
+            self.member_mut(node, |m| m.missed = true);
+            return Ok(());
+        }
+        self.skip_if_down(node, node.provision(pipe).await).await
+    }
+
     /// A failure on a node that is down is not the caller's: the keeper brings the node up to
     /// date when it is back. A node that answers and refuses is.
     async fn skip_if_down(&self, node: &Node, result: Result<(), EngineError>) -> Result<(), EngineError> {
