@@ -313,9 +313,10 @@ impl Cluster {
                 }
             }
             for (index, n) in nodes.iter().enumerate() {
-                let admitted = match n.ping().await {
-                    true => cluster.admit(Arc::clone(n)).await,
-                    false => Err(EngineError::NotReady(n.name().to_string())),
+                let admitted = if n.ping().await {
+                    cluster.admit(Arc::clone(n)).await
+                } else {
+                    Err(EngineError::NotReady(n.name().to_string()))
                 };
                 if let Err(e) = admitted {
                     tracing::warn!(node = n.name(), error = %e, "cluster node not reachable: admitted when it is");
@@ -459,15 +460,13 @@ impl Cluster {
     async fn admit(&self, node: Arc<Node>) -> Result<(), EngineError> {
         let id = my_id(&node).await?;
         let shard = admin(&node, &["CLUSTER", "MYSHARDID"]).await?;
-        let index = match node.is_attached() {
-            true => self.members.lock().unwrap().len() as u16,
-            false => node.name().trim_start_matches("node-").parse().unwrap_or(0),
+        let run_id = if node.is_attached() { run_id(&node).await? } else { String::new() };
+        let index = if node.is_attached() {
+            self.members.lock().unwrap().len() as u16
+        } else {
+            node.name().trim_start_matches("node-").parse().unwrap_or(0)
         };
         let restarts_seen = node.restarts();
-        let run_id = match node.is_attached() {
-            true => run_id(&node).await?,
-            false => String::new(),
-        };
         let member = Member { node, index, id, shard, restarts_seen, run_id, missed: false };
         self.members.lock().unwrap().push(member);
         Ok(())
@@ -725,10 +724,10 @@ impl Cluster {
         pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))?;
         node.ensure_observer().await?;
         let flags = self.keyspace_events.lock().unwrap().clone();
-        match flags.is_empty() {
-            true => Ok(()),
-            false => node.set_keyspace_events(&flags).await,
+        if flags.is_empty() {
+            return Ok(());
         }
+        node.set_keyspace_events(&flags).await
     }
 
     // ---- topology ----
@@ -943,10 +942,10 @@ impl Cluster {
 
     /// Scaling starts and stops nodes: not yet where engine agents run them.
     fn scalable(&self) -> Result<(), EngineError> {
-        match self.run_by_agents() {
-            true => Err(EngineError::Config(SCALING_UNDER_AGENTS.into())),
-            false => Ok(()),
+        if self.run_by_agents() {
+            return Err(EngineError::Config(SCALING_UNDER_AGENTS.into()));
         }
+        Ok(())
     }
 
     fn healthy_member(&self) -> Result<Arc<Node>, EngineError> {
