@@ -342,6 +342,12 @@ async fn cutting_an_engine_host_off_fails_its_cluster_shards_over_to_the_other_h
         assert_eq!((s.len(), s[0].role.as_str()), (2, "primary"), "{s:?}");
         assert_ne!(s[0].engine_host(), s[1].engine_host(), "a replica on its primary's host: {s:?}");
     }
+    // Scaling is not supported for it yet, and says so.
+    let scale = dep.http.post(dep.rest_url("/v1/engine/pools/big/shards")).bearer_auth(dep.admin_token());
+    let refused = scale.send().await.unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::CONFLICT);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("not supported yet for a cluster pool run by engine agents"), "{why}");
     let checker = Checker::start(&targets(&caches, dep.gateways.len()), gateways(&dep), PACE);
     let all: Vec<usize> = (0..caches.len()).collect();
     checker.progress(&all, 50, Duration::from_secs(20)).await;
