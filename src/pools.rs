@@ -109,6 +109,7 @@ struct ClusterFile {
     /// plane's file, this host's in an agent's. Their cluster bus is on port + 10000.
     #[serde(default)]
     nodes: Vec<NodeFile>,
+    /// Replicas per shard (default 1; an agent, which forms nothing, ignores it).
     #[serde(default = "default_replicas")]
     replicas: usize,
     /// `cluster-node-timeout` in seconds (default 5).
