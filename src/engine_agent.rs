@@ -81,7 +81,8 @@ pub async fn run(path: PathBuf, check_only: bool) -> anyhow::Result<()> {
     }
     let mut pools = Vec::new();
     for (name, plan) in plans {
-        let PoolPlan::Standalone(config) = plan else { unreachable!("an agent plans standalone pools only") };
+        // A cluster's nodes too: started in cluster mode, formed by the control plane.
+        let PoolPlan::Standalone(config) = plan else { unreachable!("an agent plans its nodes only") };
         match Pool::start(config).await {
             Ok(pool) => pools.push(Arc::new(pool)),
             Err(e) => {

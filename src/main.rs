@@ -513,6 +513,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             script_time_limit,
             node_secret: None,
             supervisor: Default::default(),
+            cluster: None,
         }),
     )];
     let mut default_pool = shoal_control_plane::pools::MAIN_POOL;
@@ -531,6 +532,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
                 maxmemory_mb: args.node_maxmemory_mb,
                 script_time_limit,
                 node_timeout: pools::node_timeout(args.cluster_node_timeout)?,
+                agents: None,
             }),
         ));
         default_pool = DEV_CLUSTER;

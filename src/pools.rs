@@ -2,12 +2,16 @@
 //! pools it describes: its `nodes` are the standalone pool `main` (as before pools existed),
 //! each `[engine.clusters.<name>]` table a Valkey cluster pool of that name. With
 //! `supervisor = "agents"` a control plane runs no Valkey process: engine agents
-//! (`shoal engine`, the same `[engine]` section) run the nodes on their hosts.
+//! (`shoal engine`, the same `[engine]` section) run the nodes on their hosts — a cluster's
+//! too, each agent those of its `[[engine.clusters.<name>.nodes]]`, the control plane forming
+//! the cluster over all of them.
 
 use anyhow::Context;
 use serde::Deserialize;
 use shoal_control_plane::pools::{Pools, MAIN_POOL};
-use shoal_engine::{ClusterConfig, NodeSpec, Pool, PoolConfig, Supervisor};
+use shoal_engine::{
+    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, NodeSpec, Pool, PoolConfig, Supervisor,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,12 +98,18 @@ struct NodeFile {
 struct ClusterFile {
     /// Default: `<engine.dir>/cluster-<name>`.
     dir: Option<PathBuf>,
-    #[serde(default = "default_host")]
-    host: String,
-    /// Node `n` listens on `base_port + n`, its cluster bus on that + 10000.
-    base_port: u16,
-    #[serde(default = "default_shards")]
-    shards: usize,
+    /// Default `127.0.0.1`. Run by engine agents: use `nodes` instead.
+    host: Option<String>,
+    /// Node `n` listens on `base_port + n`, its cluster bus on that + 10000. Run by engine
+    /// agents: use `nodes` instead.
+    base_port: Option<u16>,
+    /// Default 3. Run by engine agents: the nodes listed make the shards.
+    shards: Option<usize>,
+    /// The nodes engine agents run (`supervisor = "agents"`): every node in a control
+    /// plane's file, this host's in an agent's. Their cluster bus is on port + 10000.
+    #[serde(default)]
+    nodes: Vec<NodeFile>,
+    /// Replicas per shard (default 1; an agent, which forms nothing, ignores it).
     #[serde(default = "default_replicas")]
     replicas: usize,
     /// `cluster-node-timeout` in seconds (default 5).
@@ -119,9 +129,7 @@ pub fn default_host() -> String {
     "127.0.0.1".into()
 }
 
-fn default_shards() -> usize {
-    3
-}
+const DEFAULT_SHARDS: usize = 3;
 
 fn default_replicas() -> usize {
     1
@@ -164,12 +172,7 @@ impl EngineFile {
             }
             None => None,
         };
-        if role == Role::Agent || supervisor == Supervisor::Agents {
-            anyhow::ensure!(
-                self.clusters.is_empty(),
-                "cluster pools are run by the control plane itself for now: engine agents run standalone nodes"
-            );
-        }
+        let agents_run = role == Role::Agent || supervisor == Supervisor::Agents;
         if supervisor == Supervisor::Agents {
             anyhow::ensure!(
                 self.maxmemory_mb.is_some() || self.nodes.iter().all(|n| n.maxmemory_mb.is_some()),
@@ -204,6 +207,7 @@ impl EngineFile {
                     script_time_limit,
                     node_secret: node_secret.clone(),
                     supervisor,
+                    cluster: None,
                 }),
             ));
         }
@@ -212,25 +216,108 @@ impl EngineFile {
                 name != MAIN_POOL || plans.is_empty(),
                 "a cluster may not be named {MAIN_POOL:?} when [engine] has nodes"
             );
-            anyhow::ensure!(c.shards >= 1, "[engine.clusters.{name}]: shards must be at least 1");
-            plans.push((
-                name.clone(),
-                PoolPlan::Cluster(ClusterConfig {
+            let at = format!("[engine.clusters.{name}]");
+            let node_timeout = match c.node_timeout {
+                Some(secs) => node_timeout(secs)?,
+                None => shoal_engine::cluster::DEFAULT_NODE_TIMEOUT,
+            };
+            let databases = c.databases.unwrap_or(self.databases);
+            let maxmemory_mb = c.maxmemory_mb.or(self.maxmemory_mb);
+            let dir = c.dir.unwrap_or_else(|| self.dir.join(format!("cluster-{name}")));
+            if !agents_run {
+                anyhow::ensure!(
+                    c.nodes.is_empty(),
+                    "{at}: nodes are for a cluster that engine agents run (supervisor = \"agents\"); \
+                     this control plane runs it itself, on host and base_port"
+                );
+                let base_port = c.base_port.with_context(|| format!("{at}: base_port is required"))?;
+                let shards = c.shards.unwrap_or(DEFAULT_SHARDS);
+                anyhow::ensure!(shards >= 1, "{at}: shards must be at least 1");
+                plans.push((
+                    name.clone(),
+                    PoolPlan::Cluster(ClusterConfig {
+                        valkey_server: valkey_server.clone(),
+                        dir,
+                        host: c.host.unwrap_or_else(default_host),
+                        base_port,
+                        shards,
+                        replicas: c.replicas,
+                        databases,
+                        maxmemory_mb,
+                        script_time_limit,
+                        node_timeout,
+                        agents: None,
+                    }),
+                ));
+                continue;
+            }
+            anyhow::ensure!(
+                c.host.is_none() && c.base_port.is_none() && c.shards.is_none(),
+                "{at}: engine agents run this cluster's nodes: list them ([[engine.clusters.{name}.nodes]] \
+                 with name, host and port) instead of host, base_port and shards"
+            );
+            anyhow::ensure!(
+                !c.nodes.is_empty(),
+                "{at}: engine agents run this cluster's nodes: list them in [[engine.clusters.{name}.nodes]] \
+                 (name, host, port)"
+            );
+            anyhow::ensure!(
+                c.nodes.iter().all(|n| n.maxmemory_mb.is_none()),
+                "{at}: a cluster's nodes share its maxmemory_mb; set it on the cluster, not on a node"
+            );
+            // Valkey's CLUSTER MEET takes addresses, and nodes of one host share one.
+            if let Some(n) = c.nodes.iter().find(|n| n.host.parse::<std::net::IpAddr>().is_err()) {
+                anyhow::bail!(
+                    "{at}: node {} has host {:?}: a cluster's nodes need an IP address",
+                    n.name,
+                    n.host
+                );
+            }
+            let nodes: Vec<NodeSpec> =
+                c.nodes.into_iter().map(|n| NodeSpec::new(n.name, n.host, n.port)).collect();
+            let node_secret = node_secret.clone().expect("required above where agents run the nodes");
+            let plan = match role {
+                // This host's share, started in cluster mode; the control plane forms the cluster.
+                Role::Agent => PoolPlan::Standalone(PoolConfig {
                     valkey_server: valkey_server.clone(),
-                    dir: c.dir.unwrap_or_else(|| self.dir.join(format!("cluster-{name}"))),
-                    host: c.host,
-                    base_port: c.base_port,
-                    shards: c.shards,
-                    replicas: c.replicas,
-                    databases: c.databases.unwrap_or(self.databases),
-                    maxmemory_mb: c.maxmemory_mb.or(self.maxmemory_mb),
+                    dir,
+                    nodes,
+                    databases,
+                    maxmemory_mb,
                     script_time_limit,
-                    node_timeout: match c.node_timeout {
-                        Some(secs) => node_timeout(secs)?,
-                        None => shoal_engine::cluster::DEFAULT_NODE_TIMEOUT,
-                    },
+                    node_secret: Some(node_secret),
+                    supervisor,
+                    cluster: Some(ClusterMembers { pool: name.clone(), mode: ClusterMode { node_timeout } }),
                 }),
-            ));
+                Role::ControlPlane => {
+                    anyhow::ensure!(
+                        maxmemory_mb.is_some(),
+                        "{at}: maxmemory_mb (here or in [engine]) is required with engine agents (the same \
+                         as in the agents' files)"
+                    );
+                    let per_shard = 1 + c.replicas;
+                    anyhow::ensure!(
+                        nodes.len().is_multiple_of(per_shard),
+                        "{at}: {} nodes cannot make shards of a primary and {} replicas each",
+                        nodes.len(),
+                        c.replicas
+                    );
+                    PoolPlan::Cluster(ClusterConfig {
+                        valkey_server: valkey_server.clone(),
+                        dir,
+                        host: String::new(),
+                        base_port: 0,
+                        shards: nodes.len() / per_shard,
+                        replicas: c.replicas,
+                        databases,
+                        maxmemory_mb,
+                        script_time_limit,
+                        node_timeout,
+                        agents: Some(AgentNodes { pool: name.clone(), nodes, node_secret }),
+                    })
+                }
+            };
+            plans.push((name, plan));
         }
         anyhow::ensure!(!plans.is_empty(), "[engine] has no nodes and no clusters");
         let default = match self.default_pool {
@@ -306,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn engine_agents_need_a_real_node_secret_a_memory_size_and_standalone_nodes() {
+    fn engine_agents_need_a_real_node_secret_and_a_memory_size() {
         let dir = tempfile::tempdir().unwrap();
         let secret = |text: &str| {
             let path = dir.path().join("node.secret");
@@ -329,7 +416,51 @@ mod tests {
         let no_memory = format!("supervisor = \"agents\"\n{good}{HEAD}{NODE}");
         assert!(err(no_memory).contains("maxmemory_mb is required"));
         let cluster = format!("{agents}{good}{HEAD}{NODE}[clusters.c]\nbase_port = 7000\n");
-        assert!(err(cluster).contains("standalone"));
+        assert!(err(cluster).contains("instead of host, base_port and shards"));
+    }
+
+    #[test]
+    fn a_cluster_run_by_engine_agents_lists_its_nodes_in_both_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.secret");
+        std::fs::write(&path, "b2".repeat(32)).unwrap();
+        let head =
+            format!("supervisor = \"agents\"\nnode_secret_file = \"{}\"\ndir = \"/srv/v\"\n", path.display());
+        let nodes = |names: &[&str]| -> String {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    format!("[[clusters.c.nodes]]\nname = \"{n}\"\nhost = \"10.0.0.{i}\"\nport = 7000\n")
+                })
+                .collect()
+        };
+        let section = "[clusters.c]\nnode_timeout = 2\nmaxmemory_mb = 300\n";
+        let four = format!("{head}{section}{}", nodes(&["a", "b", "c", "d"]));
+        let (plans, default) = plan(&four).unwrap();
+        assert_eq!(default, "c");
+        let PoolPlan::Cluster(c) = &plans[0].1 else { panic!("a cluster") };
+        let agents = c.agents.as_ref().expect("attached");
+        assert_eq!((c.shards, c.replicas, agents.nodes.len(), agents.pool.as_str()), (2, 1, 4, "c"));
+        // The agent's file: its own nodes, started as cluster members.
+        let file: EngineFile = toml::from_str(&four).unwrap();
+        let (plans, _) = file.plan(Role::Agent).unwrap();
+        let PoolPlan::Standalone(p) = &plans[0].1 else { panic!("the agent's nodes") };
+        let members = p.cluster.as_ref().expect("cluster members");
+        assert_eq!((members.pool.as_str(), members.mode.node_timeout), ("c", Duration::from_secs(2)));
+        assert_eq!((p.dir.clone(), p.maxmemory_mb), (PathBuf::from("/srv/v/cluster-c"), Some(300)));
+        // What is refused, and why.
+        let err = |text: String| plan(&text).unwrap_err().to_string();
+        assert!(
+            err(format!("{head}{section}{}", nodes(&["a", "b", "c"]))).contains("3 nodes cannot make shards")
+        );
+        assert!(err(format!("{head}{section}")).contains("list them in [[engine.clusters.c.nodes]]"));
+        let no_memory = format!("{head}[clusters.c]\n{}", nodes(&["a", "b"]));
+        assert!(err(no_memory).contains("maxmemory_mb"));
+        let named = four.replace("10.0.0.1", "db.example");
+        assert!(err(named).contains("node b has host \"db.example\": a cluster's nodes need an IP address"));
+        let own = format!("{HEAD}[clusters.c]\nbase_port = 7000\n{}", nodes(&["a", "b"]));
+        assert!(err(own).contains("nodes are for a cluster that engine agents run"));
     }
 
     #[test]

@@ -25,6 +25,7 @@ async fn start() -> Node {
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
         node_secret: None,
         supervisor: Default::default(),
+        cluster: None,
     })
     .await
     .unwrap();

@@ -23,12 +23,13 @@ pub mod private;
 pub mod storage;
 pub mod tenant;
 
-pub use cluster::{ClusterConfig, ClusterStatus, NodeStatus, Role, ShardStatus};
+pub use cluster::{AgentNodes, ClusterConfig, ClusterStatus, NodeStatus, Role, ShardStatus};
 pub use error::EngineError;
-pub use node::{find_valkey_server, Health, NodeBudget, NodeSecrets, NodeSpec};
+pub use node::{find_valkey_server, ClusterMode, Health, NodeBudget, NodeSecrets, NodeSpec};
 pub use placement::{Allocation, NoPlacement, NodeLoad};
 pub use pool::{
-    Pool, PoolConfig, Supervisor, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT, RESERVED_MEMORY_PERCENT,
+    ClusterMembers, Pool, PoolConfig, Supervisor, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT,
+    RESERVED_MEMORY_PERCENT,
 };
 pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

@@ -158,6 +158,13 @@ impl NodeSecrets {
         };
         NodeSecrets { admin: derive(ADMIN_USER), observer: derive(OBSERVER_USER) }
     }
+
+    /// The passwords every node of cluster pool `pool` shares (replicas log in to their
+    /// primaries as the admin user), derived like [`NodeSecrets::derive`]; `/` keeps them
+    /// apart from any node's.
+    pub fn for_cluster(node_secret: &str, pool: &str) -> NodeSecrets {
+        NodeSecrets::derive(node_secret, &format!("cluster/{pool}"))
+    }
 }
 
 /// A node the pool started and supervises, or one an engine agent runs.
@@ -312,6 +319,12 @@ impl Node {
     /// Whether an engine agent runs this node (see [`Node::attach`]).
     pub fn is_attached(&self) -> bool {
         self.attached
+    }
+
+    /// Whether the node may be running: its child is, or an engine agent runs it (whether
+    /// it is up, only a connection tells).
+    pub fn may_run(&self) -> bool {
+        self.attached || self.pid().is_some()
     }
 
     /// Makes a prepared node a cluster node (before it is started).
@@ -496,6 +509,12 @@ impl Node {
                 databases = self.databases,
                 password = self.admin_password,
             ));
+            // Outgoing links (cluster bus, replication) leave from the node's own address:
+            // peers learn a node's address from them, and on a host with several addresses
+            // the kernel's choice may be another.
+            if self.spec.host.parse::<std::net::IpAddr>().is_ok_and(|ip| !ip.is_unspecified()) {
+                config.push_str(&format!("bind-source-addr {}\n", self.spec.host));
+            }
         }
         config
     }

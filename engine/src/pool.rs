@@ -7,7 +7,7 @@
 //! [`CLUSTER_TARGET`], and applies them to every node.
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterStatus, NodeStatus, Role};
-use crate::node::{Node, NodeSecrets, NodeSpec};
+use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
 use std::path::PathBuf;
@@ -35,6 +35,16 @@ pub struct PoolConfig {
     /// passwords of its own in its folder (one process runs everything).
     pub node_secret: Option<String>,
     pub supervisor: Supervisor,
+    /// Set when these nodes are an engine agent's share of a cluster pool: they start in
+    /// cluster mode with the pool's shared passwords; the control plane forms the cluster.
+    pub cluster: Option<ClusterMembers>,
+}
+
+/// This host's nodes of cluster pool `pool` (see [`PoolConfig::cluster`]).
+#[derive(Clone, Debug)]
+pub struct ClusterMembers {
+    pub pool: String,
+    pub mode: ClusterMode,
 }
 
 /// Who runs a standalone pool's Valkey processes.
@@ -66,8 +76,6 @@ pub struct Pool {
     /// [`Pool::cluster`]).
     nodes: Vec<Arc<Node>>,
     cluster: Option<Arc<Cluster>>,
-    /// A cluster pool's `notify-keyspace-events`, given to the nodes of a shard added later.
-    cluster_events: std::sync::Mutex<String>,
 }
 
 impl Pool {
@@ -80,7 +88,14 @@ impl Pool {
                 Some(mb) => mb.saturating_mul(1_000_000),
                 None => shared,
             };
-            let secrets = config.node_secret.as_deref().map(|s| NodeSecrets::derive(s, &spec.name));
+            let secrets = match (&config.node_secret, &config.cluster) {
+                (Some(s), Some(members)) => Some(NodeSecrets::for_cluster(s, &members.pool)),
+                (Some(s), None) => Some(NodeSecrets::derive(s, &spec.name)),
+                (None, Some(_)) => {
+                    return Err(EngineError::Config("cluster members need the node secret".into()))
+                }
+                (None, None) => None,
+            };
             let node = match (config.supervisor, &secrets) {
                 (Supervisor::ThisProcess, _) => Node::prepare(
                     spec,
@@ -98,9 +113,13 @@ impl Pool {
                     return Err(EngineError::Config("nodes run by engine agents need the node secret".into()))
                 }
             };
+            let node = match &config.cluster {
+                Some(members) => node.into_cluster(members.mode.clone()),
+                None => node,
+            };
             nodes.push(Arc::new(node));
         }
-        let pool = Pool { nodes, cluster: None, cluster_events: Default::default() };
+        let pool = Pool { nodes, cluster: None };
         for node in &pool.nodes {
             if let Err(e) = node.start().await {
                 pool.stop().await;
@@ -118,7 +137,7 @@ impl Pool {
     /// Starts a cluster pool: every node, the cluster formed (or reused), its keeper.
     pub async fn start_cluster(config: ClusterConfig) -> Result<Pool, EngineError> {
         let cluster = Some(Cluster::start(config).await?);
-        Ok(Pool { nodes: Vec::new(), cluster, cluster_events: Default::default() })
+        Ok(Pool { nodes: Vec::new(), cluster })
     }
 
     /// The standalone nodes; empty for a cluster pool (see [`Pool::cluster`]).
@@ -143,12 +162,7 @@ impl Pool {
     /// Adds a shard to a cluster pool and moves an even share of the slots onto it; returns
     /// its shard id.
     pub async fn add_shard(&self) -> Result<String, EngineError> {
-        let shard = self.clustered()?.add_shard().await?;
-        let flags = self.cluster_events.lock().unwrap().clone();
-        if !flags.is_empty() {
-            self.set_keyspace_events(CLUSTER_TARGET, &flags).await?;
-        }
-        Ok(shard)
+        self.clustered()?.add_shard().await
     }
 
     /// Moves a shard's slots to the others, then removes its nodes.
@@ -173,6 +187,13 @@ impl Pool {
             });
         }
         out
+    }
+
+    /// Whether `name` is a node of this pool (standalone or of its cluster) that an engine
+    /// agent runs: one whose agent's report is expected.
+    pub fn runs_on_agent(&self, name: &str) -> bool {
+        let standalone = self.node(name).is_ok_and(|n| n.is_attached());
+        standalone || self.cluster.as_ref().is_some_and(|c| c.node(name).is_ok_and(|n| n.is_attached()))
     }
 
     pub fn node(&self, name: &str) -> Result<&Arc<Node>, EngineError> {
@@ -225,14 +246,7 @@ impl Pool {
         let Some(cluster) = &self.cluster else {
             return self.node(node)?.set_keyspace_events(flags).await;
         };
-        *self.cluster_events.lock().unwrap() = flags.to_string();
-        let mut first_error = None;
-        for n in cluster.nodes() {
-            if let Err(e) = n.set_keyspace_events(flags).await {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        cluster.set_keyspace_events(flags).await
     }
 
     /// Whether the pool is a cluster (`"cluster"`) or standalone nodes (`"standalone"`).

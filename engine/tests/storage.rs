@@ -19,6 +19,7 @@ async fn start_pool(dir: &std::path::Path) -> Pool {
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
         node_secret: None,
         supervisor: Default::default(),
+        cluster: None,
     })
     .await
     .expect("pool starts")

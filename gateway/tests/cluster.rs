@@ -61,6 +61,7 @@ impl Setup {
             maxmemory_mb: Some(64),
             script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
             node_timeout,
+            agents: None,
         })
         .await
         .expect("cluster pool starts");

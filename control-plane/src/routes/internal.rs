@@ -428,7 +428,7 @@ async fn engine_report(
     }
     let host = report.host.clone();
     let pools = &state.pools;
-    let known = |name: &str| pools.iter().any(|(_, p)| p.node(name).is_ok_and(|n| n.is_attached()));
+    let known = |name: &str| pools.iter().any(|(_, p)| p.runs_on_agent(name));
     let unknown = crate::engine_hosts::record(&state.store, &caller.name, report, known).await?;
     if !unknown.is_empty() {
         tracing::warn!(host, ?unknown, "an engine agent runs nodes that no pool here is configured to use");

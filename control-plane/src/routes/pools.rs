@@ -128,9 +128,19 @@ async fn describe(
         }
         Some(_) => {
             let status = pool.cluster_status().await?;
-            let shards: Vec<PoolShard> = status.shards.iter().map(shard).collect();
-            let nodes =
-                status.shards.iter().flat_map(|s| s.primary.iter().chain(&s.replicas)).map(node).collect();
+            let mut shards: Vec<PoolShard> = status.shards.iter().map(shard).collect();
+            for n in shards.iter_mut().flat_map(|s| s.nodes.iter_mut()) {
+                n.engine_host = n.name.as_deref().and_then(|n| hosts.get(n).cloned());
+            }
+            let nodes = status
+                .shards
+                .iter()
+                .flat_map(|s| s.primary.iter().chain(&s.replicas))
+                .map(|n| PoolNode {
+                    engine_host: n.name.as_deref().and_then(|n| hosts.get(n).cloned()),
+                    ..node(n)
+                })
+                .collect();
             (status.ok, shards, nodes)
         }
     };
@@ -171,8 +181,17 @@ pub async fn list_pools(state: web::Data<AppState>, who: Principal) -> Result<Ht
 /// The cluster pool a scale call names, and the guard that keeps others out meanwhile.
 fn scalable(state: &AppState, name: &str) -> Result<(Arc<Pool>, crate::pools::ScaleGuard), ApiError> {
     let pool = state.pools.get(name).ok_or(ApiError::NotFound("pool"))?;
-    if pool.cluster().is_none() {
-        return Err(ApiError::Conflict(format!("pool {name:?} is standalone nodes: it has no shards")));
+    match pool.cluster() {
+        None => {
+            return Err(ApiError::Conflict(format!("pool {name:?} is standalone nodes: it has no shards")))
+        }
+        Some(c) if c.run_by_agents() => {
+            return Err(ApiError::Conflict(format!(
+                "pool {name:?}: {}",
+                shoal_engine::cluster::SCALING_UNDER_AGENTS
+            )))
+        }
+        Some(_) => {}
     }
     let guard = state.pools.scaling(name).ok_or_else(|| {
         ApiError::Conflict(format!(
@@ -188,7 +207,7 @@ fn scalable(state: &AppState, name: &str) -> Result<(Arc<Pool>, crate::pools::Sc
 #[utoipa::path(post, path = "/v1/engine/pools/{pool}/shards",
     params(("pool" = String, Path, description = "pool name")),
     responses((status = 201, body = PoolShard), responses::ChangeById,
-              (status = 409, description = "a standalone pool, or a scale operation already running"),
+              (status = 409, description = "a standalone pool, a cluster run by engine agents, or a scale operation already running"),
               responses::Unavailable),
     security(("bearer" = [])), tag = "engine")]
 pub async fn add_shard(
@@ -228,7 +247,7 @@ pub async fn add_shard(
 #[utoipa::path(delete, path = "/v1/engine/pools/{pool}/shards/{id}",
     params(("pool" = String, Path, description = "pool name"), ("id" = String, Path, description = "shard id")),
     responses((status = 204), responses::ChangeById,
-              (status = 409, description = "a standalone pool, its last shard, or a scale operation already running"),
+              (status = 409, description = "a standalone pool, a cluster run by engine agents, its last shard, or a scale operation already running"),
               responses::Unavailable),
     security(("bearer" = [])), tag = "engine")]
 pub async fn remove_shard(

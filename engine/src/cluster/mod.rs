@@ -24,6 +24,10 @@
 //!   500 ms; a node Valkey's multi-slot-script bug has poisoned (every keyed script refused
 //!   until it restarts) is failed over to its replica and restarted (in place without one).
 //! - **Scaling**: [`Cluster::add_shard`] and [`Cluster::remove_shard`], one at a time.
+//! - **Run by engine agents** on several hosts ([`ClusterConfig::agents`]): the pool attaches
+//!   to their nodes, forms the cluster with each replica on another host than its primary,
+//!   learns of restarts from a node's `run_id`, reconciles a node that was out of reach, and
+//!   moves a primary back to a host left with none. No scaling there yet.
 //!
 //! `docs/engine-cluster.md` has the whole story, with the measured failover figures.
 //!
@@ -31,7 +35,7 @@
 //! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
 //! slot migrations log in to their peers as the admin user).
 
-use crate::node::{ClusterMode, Node, NodeSpec, ADMIN_USER, OBSERVER_USER};
+use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec, ADMIN_USER, HEALTH_TIMEOUT, OBSERVER_USER};
 use crate::pool::admin_conn;
 use crate::EngineError;
 use redis::Value;
@@ -49,8 +53,14 @@ pub const SLOTS: u16 = 16384;
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the keeper looks at the nodes.
 const KEEPER_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the keeper spreads the primaries of a cluster run by agents over the hosts.
+const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest forming, joining or a slot migration may take before it is reported as failed.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Why a cluster pool run by engine agents cannot add or remove a shard.
+pub const SCALING_UNDER_AGENTS: &str =
+    "adding or removing a shard is not supported yet for a cluster pool run by \
+     engine agents: its nodes are those of the agents' configs (see docs/engine-cluster.md)";
 /// How to run a cluster pool. Built once at startup.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -72,6 +82,29 @@ pub struct ClusterConfig {
     pub script_time_limit: Duration,
     /// `cluster-node-timeout`: a primary not answering this long is failed over.
     pub node_timeout: Duration,
+    /// Set when engine agents run the nodes on several hosts: the pool attaches to them
+    /// (`dir`, `host`, `base_port` and `shards` then unused) and forms the cluster over them.
+    pub agents: Option<AgentNodes>,
+}
+
+/// A cluster pool's nodes as engine agents run them (`shoal engine`, see
+/// [`crate::ClusterMembers`]).
+#[derive(Clone)]
+pub struct AgentNodes {
+    /// The pool's name: the agents derive its shared passwords from it.
+    pub pool: String,
+    /// Every node, on every host. Nodes with the same `host` address are on one machine:
+    /// forming places each replica on another machine than its primary.
+    pub nodes: Vec<NodeSpec>,
+    pub node_secret: String,
+}
+
+impl std::fmt::Debug for AgentNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes: Vec<String> =
+            self.nodes.iter().map(|n| format!("{}@{}:{}", n.name, n.host, n.port)).collect();
+        f.debug_struct("AgentNodes").field("pool", &self.pool).field("nodes", &nodes).finish_non_exhaustive()
+    }
 }
 
 impl ClusterConfig {
@@ -148,6 +181,11 @@ struct Member {
     shard: String,
     /// The supervisor's restart counter when the keeper last reconciled it.
     restarts_seen: u32,
+    /// A node an agent runs: its `run_id` when the keeper last reconciled it (a new one means
+    /// the agent restarted it), empty until it first answered.
+    run_id: String,
+    /// A node an agent runs was unreachable since: it may have missed ACL changes.
+    missed: bool,
 }
 
 /// A running cluster pool.
@@ -160,13 +198,19 @@ pub struct Cluster {
     users: Mutex<BTreeMap<String, Vec<Vec<String>>>>,
     /// One topology change at a time (forming, joining a node, adding or removing a shard).
     topology: tokio::sync::Mutex<()>,
+    /// `notify-keyspace-events` set last (empty: none), for nodes that join or missed it.
+    keyspace_events: Mutex<String>,
     stopping: AtomicBool,
 }
 
 impl Cluster {
-    /// Starts every node; forms the cluster on first start, or waits for the one the nodes'
-    /// `nodes.conf` describe; then starts the keeper.
+    /// Starts every node (or, run by engine agents, attaches to them); forms the cluster on
+    /// first start, or waits for the one the nodes' `nodes.conf` describe; then starts the
+    /// keeper.
     pub async fn start(config: ClusterConfig) -> Result<Arc<Cluster>, EngineError> {
+        if config.agents.is_some() {
+            return Cluster::attach(config).await;
+        }
         let io = |source| EngineError::Io { node: "cluster".into(), source };
         std::fs::create_dir_all(&config.dir).map_err(io)?;
         crate::private::tighten(&config.dir).map_err(io)?;
@@ -194,12 +238,18 @@ impl Cluster {
             members: Mutex::new(Vec::new()),
             users: Mutex::new(BTreeMap::new()),
             topology: tokio::sync::Mutex::new(()),
+            keyspace_events: Mutex::new(String::new()),
             stopping: AtomicBool::new(false),
         });
         let started = async {
             let nodes = cluster.start_nodes(&existing).await?;
             if fresh {
-                cluster.form(&nodes).await?;
+                // Node i < S is shard i's primary; the replicas follow, R per shard in order.
+                let (shards, replicas) = (cluster.config.shards.max(1), cluster.config.replicas.max(1));
+                let layout: Vec<Option<usize>> = (0..nodes.len())
+                    .map(|i| (i >= shards).then(|| (i - shards) / replicas % shards))
+                    .collect();
+                cluster.form(&nodes, &layout).await?;
             }
             for n in &nodes {
                 wait_state_ok(n).await?;
@@ -207,17 +257,108 @@ impl Cluster {
             for n in nodes {
                 cluster.admit(n).await?;
             }
-            cluster.seed_users().await
+            cluster.seed_users().await.map(|()| fresh)
         };
+        Arc::clone(&cluster).run(started).await
+    }
+
+    /// Attaches to the nodes engine agents run; forms the cluster if none of them serves
+    /// slots yet (then every node must answer), else admits those that answer (the keeper
+    /// admits the others when they do).
+    async fn attach(config: ClusterConfig) -> Result<Arc<Cluster>, EngineError> {
+        let agents = config.agents.clone().expect("attach: run by agents");
+        let secrets = NodeSecrets::for_cluster(&agents.node_secret, &agents.pool);
+        let maxmemory = match config.maxmemory_mb {
+            Some(mb) => mb.saturating_mul(1_000_000),
+            None => {
+                return Err(EngineError::Config("a cluster run by engine agents needs maxmemory_mb".into()))
+            }
+        };
+        let mode = ClusterMode { node_timeout: config.node_timeout };
+        let nodes: Vec<Arc<Node>> = agents
+            .nodes
+            .iter()
+            .map(|spec| {
+                let node = Node::attach(
+                    spec.clone(),
+                    config.databases,
+                    maxmemory,
+                    config.script_time_limit,
+                    &secrets,
+                );
+                Arc::new(node.into_cluster(mode.clone()))
+            })
+            .collect();
+        let cluster = Arc::new(Cluster {
+            config,
+            admin_password: secrets.admin,
+            observer_password: secrets.observer,
+            members: Mutex::new(Vec::new()),
+            users: Mutex::new(BTreeMap::new()),
+            topology: tokio::sync::Mutex::new(()),
+            keyspace_events: Mutex::new(String::new()),
+            stopping: AtomicBool::new(false),
+        });
+        let started = async {
+            for n in &nodes {
+                n.start().await?;
+            }
+            let fresh = !formed_already(&nodes).await?;
+            if fresh {
+                let hosts: Vec<&str> = nodes.iter().map(|n| n.spec.host.as_str()).collect();
+                let layout = spread(&hosts, cluster.config.replicas).map_err(EngineError::Config)?;
+                cluster.form(&nodes, &layout).await?;
+                for n in &nodes {
+                    wait_state_ok(n).await?;
+                }
+            }
+            for (index, n) in nodes.iter().enumerate() {
+                let admitted = if n.ping().await {
+                    cluster.admit(Arc::clone(n)).await
+                } else {
+                    Err(EngineError::NotReady(n.name().to_string()))
+                };
+                if let Err(e) = admitted {
+                    tracing::warn!(node = n.name(), error = %e, "cluster node not reachable: admitted when it is");
+                    let member = Member {
+                        node: Arc::clone(n),
+                        index: index as u16,
+                        id: String::new(),
+                        shard: String::new(),
+                        restarts_seen: 0,
+                        run_id: String::new(),
+                        missed: true,
+                    };
+                    cluster.members.lock().unwrap().push(member);
+                }
+            }
+            cluster.seed_users().await.map(|()| fresh)
+        };
+        Arc::clone(&cluster).run(started).await
+    }
+
+    /// Waits for `started`; then starts the keeper and the script probe (or stops the nodes).
+    async fn run(
+        self: Arc<Self>,
+        started: impl std::future::Future<Output = Result<bool, EngineError>>,
+    ) -> Result<Arc<Cluster>, EngineError> {
         let began = Instant::now();
-        if let Err(e) = started.await {
-            cluster.stop().await;
-            return Err(e);
-        }
+        let fresh = match started.await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                self.stop().await;
+                return Err(e);
+            }
+        };
         tracing::info!(fresh, elapsed = ?began.elapsed(), "valkey cluster ready");
-        tokio::spawn(Arc::clone(&cluster).keep());
-        tokio::spawn(Arc::clone(&cluster).probe_scripts());
-        Ok(cluster)
+        tokio::spawn(Arc::clone(&self).keep());
+        tokio::spawn(Arc::clone(&self).probe_scripts());
+        Ok(self)
+    }
+
+    /// Whether engine agents run the nodes (the pool only attaches to them).
+    pub fn run_by_agents(&self) -> bool {
+        self.config.agents.is_some()
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -289,10 +430,9 @@ impl Cluster {
         Ok(nodes)
     }
 
-    /// First start: node i < S is shard i's primary with an even share of the slots; the
-    /// replicas follow, R per shard in order.
-    async fn form(&self, nodes: &[Arc<Node>]) -> Result<(), EngineError> {
-        let shards = self.config.shards.max(1);
+    /// First start: `layout[i]` is None for a primary (each gets an even share of the slots,
+    /// in order) and the index of its primary for a replica.
+    async fn form(&self, nodes: &[Arc<Node>], layout: &[Option<usize>]) -> Result<(), EngineError> {
         meet_all(&nodes[0], &nodes[1..]).await?;
         for n in nodes {
             wait_known(n, nodes.len()).await?;
@@ -301,15 +441,17 @@ impl Cluster {
         for n in nodes {
             ids.push(my_id(n).await?);
         }
-        for (s, (a, b)) in even_ranges(shards).into_iter().enumerate() {
-            admin(&nodes[s], &["CLUSTER", "ADDSLOTSRANGE", &a.to_string(), &b.to_string()]).await?;
+        let primaries: Vec<usize> = (0..nodes.len()).filter(|&i| layout[i].is_none()).collect();
+        for (&p, (a, b)) in primaries.iter().zip(even_ranges(primaries.len())) {
+            admin(&nodes[p], &["CLUSTER", "ADDSLOTSRANGE", &a.to_string(), &b.to_string()]).await?;
         }
-        for (k, replica) in nodes[shards..].iter().enumerate() {
-            let primary = &ids[k / self.config.replicas.max(1) % shards];
-            replicate(replica, primary).await?;
+        let replicas: Vec<(usize, usize)> =
+            layout.iter().enumerate().filter_map(|(i, p)| Some((i, (*p)?))).collect();
+        for &(r, p) in &replicas {
+            replicate(&nodes[r], &ids[p]).await?;
         }
-        for replica in &nodes[shards..] {
-            wait_synced(replica).await?;
+        for &(r, _) in &replicas {
+            wait_synced(&nodes[r]).await?;
         }
         Ok(())
     }
@@ -318,9 +460,15 @@ impl Cluster {
     async fn admit(&self, node: Arc<Node>) -> Result<(), EngineError> {
         let id = my_id(&node).await?;
         let shard = admin(&node, &["CLUSTER", "MYSHARDID"]).await?;
-        let index = node.name().trim_start_matches("node-").parse().unwrap_or(0);
+        let run_id = if node.is_attached() { run_id(&node).await? } else { String::new() };
+        let index = if node.is_attached() {
+            self.members.lock().unwrap().len() as u16
+        } else {
+            node.name().trim_start_matches("node-").parse().unwrap_or(0)
+        };
         let restarts_seen = node.restarts();
-        self.members.lock().unwrap().push(Member { node, index, id, shard, restarts_seen });
+        let member = Member { node, index, id, shard, restarts_seen, run_id, missed: false };
+        self.members.lock().unwrap().push(member);
         Ok(())
     }
 
@@ -354,7 +502,7 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            skip_if_down(&node, node.provision(&pipe).await).await?;
+            self.provision(&node, &pipe).await?;
         }
         Ok(())
     }
@@ -370,7 +518,7 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            skip_if_down(&node, node.provision(&pipe).await).await?;
+            self.provision(&node, &pipe).await?;
         }
         self.flush_everywhere(acl).await
     }
@@ -459,7 +607,7 @@ impl Cluster {
     async fn serving_primary(&self, shard: &Shard) -> Option<ShardPrimary> {
         let id = shard.primary_id()?;
         let node = self.member_by_id(&id).ok()?;
-        if node.pid().is_none() || !node.ping().await {
+        if !node.may_run() || !node.ping().await {
             return None;
         }
         let role =
@@ -487,8 +635,8 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            skip_if_down(&node, node.provision(&pipe).await).await?;
-            if off {
+            self.provision(&node, &pipe).await?;
+            if off && node.healthy() {
                 // Errors when nobody was connected.
                 let _ = admin(&node, &["CLIENT", "KILL", "USER", user]).await;
             }
@@ -505,9 +653,30 @@ impl Cluster {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(users).ignore();
             pipe.cmd("ACL").arg("SAVE").ignore();
-            skip_if_down(&node, node.provision(&pipe).await).await?;
+            self.provision(&node, &pipe).await?;
         }
         Ok(())
+    }
+
+    /// Sets `notify-keyspace-events` on every node (a cache's keys, and so its events, are on
+    /// every shard, and a replica may be promoted). A node that does not answer gets them when
+    /// the keeper brings it up to date; the others are set anyway and the first error is
+    /// returned.
+    pub async fn set_keyspace_events(&self, flags: &str) -> Result<(), EngineError> {
+        *self.keyspace_events.lock().unwrap() = flags.to_string();
+        let mut first_error = None;
+        for n in self.nodes() {
+            // An agent's node out of reach would be waited for: the keeper sets them later.
+            if n.is_attached() && !n.healthy() {
+                self.member_mut(&n, |m| m.missed = true);
+                continue;
+            }
+            if let Err(e) = n.set_keyspace_events(flags).await {
+                self.member_mut(&n, |m| m.missed = true);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Names of the pool's ACL users that start with `prefix`.
@@ -533,9 +702,10 @@ impl Cluster {
         }
     }
 
-    /// Makes a node's ACL users those of the record: every recorded user remade, every other
-    /// user (but the platform's) deleted; then the observer user and `ACL SAVE`.
-    async fn reconcile_users(&self, node: &Node) -> Result<(), EngineError> {
+    /// Brings a node up to date: its ACL users made those of the record (every recorded user
+    /// remade, every other user but the platform's deleted), then the observer user, `ACL
+    /// SAVE`, and the keyspace events set last.
+    async fn reconcile(&self, node: &Node) -> Result<(), EngineError> {
         let mut conn = admin_conn(node).await?;
         let present: Vec<String> =
             redis::cmd("ACL").arg("USERS").query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
@@ -552,7 +722,12 @@ impl Cluster {
         }
         pipe.cmd("ACL").arg("SAVE").ignore();
         pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))?;
-        node.ensure_observer().await
+        node.ensure_observer().await?;
+        let flags = self.keyspace_events.lock().unwrap().clone();
+        if flags.is_empty() {
+            return Ok(());
+        }
+        node.set_keyspace_events(&flags).await
     }
 
     // ---- topology ----
@@ -561,16 +736,26 @@ impl Cluster {
     pub async fn status(&self) -> Result<ClusterStatus, EngineError> {
         let (asked, shards) = self.shards().await?;
         let ok = cluster_info(&asked).await.map(|i| i.contains("cluster_state:ok")).unwrap_or(false);
-        let nodes = self.nodes();
+        let members: Vec<(String, Arc<Node>)> =
+            self.members.lock().unwrap().iter().map(|m| (m.id.clone(), Arc::clone(&m.node))).collect();
         let mut out = Vec::new();
         for shard in shards {
             let mut primary = None;
             let mut replicas = Vec::new();
             for n in shard.nodes {
-                let ours = nodes.iter().find(|x| x.spec.port == n.port);
+                // By Valkey's id; by port for a node not admitted yet (by address, too, when
+                // agents on several hosts run them).
+                let ours = members.iter().find(|(id, _)| *id == n.id).or_else(|| {
+                    members
+                        .iter()
+                        .find(|(_, x)| x.spec.port == n.port && (!x.is_attached() || x.spec.host == n.ip))
+                });
+                let ours = ours.map(|(_, node)| node);
+                // Not asked of a node failing its health checks: during an outage the answer
+                // would wait for the timeout, once per such node.
                 let used_memory = match ours {
-                    Some(node) => used_memory(node).await,
-                    None => None,
+                    Some(node) if node.healthy() => used_memory(node).await,
+                    _ => None,
                 };
                 let status = NodeStatus {
                     name: ours.map(|x| x.name().to_string()),
@@ -619,7 +804,10 @@ impl Cluster {
     async fn shards(&self) -> Result<(Arc<Node>, Vec<Shard>), EngineError> {
         let mut last = None;
         for node in self.nodes().into_iter().filter(|n| n.healthy()) {
-            match admin_value(&node, &["CLUSTER", "SHARDS"]).await {
+            // A second each: a node just cut off still looks healthy until its next check.
+            let asked =
+                tokio::time::timeout(HEALTH_TIMEOUT, admin_value(&node, &["CLUSTER", "SHARDS"])).await;
+            match asked.unwrap_or_else(|_| Err(EngineError::NotReady(node.name().to_string()))) {
                 Ok(v) => return Ok((node, parse_shards(&v))),
                 Err(e) => last = Some(e),
             }
@@ -630,13 +818,14 @@ impl Cluster {
     /// Adds a shard: a new primary and R replicas, given their ACL users before they join,
     /// then an even share of the slots moved onto it from the others. Returns its shard id.
     pub async fn add_shard(&self) -> Result<String, EngineError> {
+        self.scalable()?;
         let _topology = self.topology.lock().await;
         let next = self.members.lock().unwrap().iter().map(|m| m.index + 1).max().unwrap_or(0);
         let indexes: Vec<u16> = (next..next + 1 + self.config.replicas as u16).collect();
         let nodes = self.start_nodes(&indexes).await?;
         let joined = async {
             for n in &nodes {
-                self.reconcile_users(n).await?;
+                self.reconcile(n).await?;
             }
             let anchor = self.healthy_member()?;
             meet_all(&anchor, &nodes).await?;
@@ -697,6 +886,7 @@ impl Cluster {
     /// Removes a shard: its slots moved to the others (spread evenly), then its nodes
     /// forgotten by the rest, stopped, and their folders deleted.
     pub async fn remove_shard(&self, shard_id: &str) -> Result<(), EngineError> {
+        self.scalable()?;
         let _topology = self.topology.lock().await;
         let (_, shards) = self.shards().await?;
         let leaving = shards
@@ -750,6 +940,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Scaling starts and stops nodes: not yet where engine agents run them.
+    fn scalable(&self) -> Result<(), EngineError> {
+        if self.run_by_agents() {
+            return Err(EngineError::Config(SCALING_UNDER_AGENTS.into()));
+        }
+        Ok(())
+    }
+
     fn healthy_member(&self) -> Result<Arc<Node>, EngineError> {
         self.nodes().into_iter().find(|n| n.healthy()).ok_or(EngineError::NoHealthyNode)
     }
@@ -765,31 +963,29 @@ impl Cluster {
 
     // ---- the keeper ----
 
-    /// Every [`KEEPER_INTERVAL`]: a node the supervisor restarted gets its ACL users
-    /// reconciled, and rejoins the cluster if it came back empty.
+    /// Every [`KEEPER_INTERVAL`]: a node that restarted (or, run by an agent, was out of
+    /// reach) gets its ACL users reconciled, and rejoins the cluster if it came back empty.
     async fn keep(self: Arc<Self>) {
+        let mut last_balance = Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
             tokio::time::sleep(KEEPER_INTERVAL).await;
-            let restarted: Vec<(Arc<Node>, u32)> = self
-                .members
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|m| m.node.restarts() != m.restarts_seen)
-                .map(|m| (Arc::clone(&m.node), m.node.restarts()))
-                .collect();
-            for (node, restarts) in restarted {
+            if self.run_by_agents() && last_balance.elapsed() >= BALANCE_INTERVAL {
+                last_balance = Instant::now();
+                let _topology = self.topology.lock().await;
+                if let Err(e) = self.balance_primaries().await {
+                    tracing::warn!(error = %e, "primaries not spread over the hosts yet");
+                }
+            }
+            for (node, restarts, run_id) in self.due().await {
                 if self.stopping.load(Ordering::SeqCst) || !node.ping().await {
                     continue;
                 }
                 let _topology = self.topology.lock().await;
                 match self.rejoin(&node).await {
                     Ok(()) => {
-                        if let Some(m) =
-                            self.members.lock().unwrap().iter_mut().find(|m| m.node.name() == node.name())
-                        {
-                            m.restarts_seen = restarts;
-                        }
+                        self.member_mut(&node, |m| {
+                            (m.restarts_seen, m.run_id, m.missed) = (restarts, run_id, false)
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(node = node.name(), error = %e, "restarted node not rejoined yet")
@@ -799,10 +995,91 @@ impl Cluster {
         }
     }
 
+    /// Spreads the primaries over the hosts again (a cluster run by agents on several). A
+    /// failover leaves the promoted replica's host with two primaries; a host with most of
+    /// them would take the cluster down with it (promoting a replica takes the votes of most
+    /// primaries). When every node is online and a host has two primaries more than one with
+    /// an in-sync replica of one of them, that replica takes over (`CLUSTER FAILOVER`, Valkey's
+    /// graceful failover: nothing acknowledged is lost). One move per call.
+    async fn balance_primaries(&self) -> Result<(), EngineError> {
+        let (_, shards) = self.shards().await?;
+        let nodes = || shards.iter().flat_map(|s| &s.nodes);
+        if nodes().any(|n| n.health != "online") {
+            return Ok(());
+        }
+        let mut primaries: BTreeMap<&str, usize> = nodes().map(|n| (n.ip.as_str(), 0)).collect();
+        let serving: Vec<(&Shard, &ShardNode)> = shards
+            .iter()
+            .filter(|s| !s.slots.is_empty())
+            .filter_map(|s| Some((s, s.nodes.iter().find(|n| Some(&n.id) == s.primary_id().as_ref())?)))
+            .collect();
+        for (_, p) in &serving {
+            *primaries.entry(p.ip.as_str()).or_default() += 1;
+        }
+        for (shard, p) in serving {
+            let candidates = shard.nodes.iter().filter(|r| {
+                r.role == Role::Replica && primaries[r.ip.as_str()] + 2 <= primaries[p.ip.as_str()]
+            });
+            for r in candidates {
+                let Ok(replica) = self.member_by_id(&r.id) else { continue };
+                if !replica.healthy() || !linked(&replica).await {
+                    continue;
+                }
+                tracing::info!(
+                    node = replica.name(),
+                    from = p.ip,
+                    to = r.ip,
+                    "moving a primary to a host with fewer"
+                );
+                return self.fail_over_to(&replica).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes to bring up to date, with the restart count and `run_id` they have now: those
+    /// the supervisor restarted; of those an agent runs (which restarts them unseen), those
+    /// that answer with another `run_id`, or again after they were out of reach.
+    async fn due(&self) -> Vec<(Arc<Node>, u32, String)> {
+        let members: Vec<(Arc<Node>, u32, String, bool)> = self
+            .members
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| (Arc::clone(&m.node), m.restarts_seen, m.run_id.clone(), m.missed))
+            .collect();
+        let mut out = Vec::new();
+        for (node, restarts_seen, run_id_seen, missed) in members {
+            if !node.is_attached() {
+                if node.restarts() != restarts_seen {
+                    out.push((Arc::clone(&node), node.restarts(), String::new()));
+                }
+                continue;
+            }
+            if !node.healthy() {
+                self.member_mut(&node, |m| m.missed = true);
+                continue;
+            }
+            let Ok(Ok(now)) = tokio::time::timeout(Duration::from_secs(1), run_id(&node)).await else {
+                continue;
+            };
+            if missed || now != run_id_seen {
+                out.push((node, 0, now));
+            }
+        }
+        out
+    }
+
+    /// Applies `change` to `node`'s member entry, if it still has one.
+    fn member_mut(&self, node: &Node, change: impl FnOnce(&mut Member)) -> Option<()> {
+        let mut members = self.members.lock().unwrap();
+        members.iter_mut().find(|m| m.node.name() == node.name()).map(change)
+    }
+
     /// After a restart: ACL users first (before the node serves), then, for a node that came
     /// back empty, its place in the cluster again.
     async fn rejoin(&self, node: &Arc<Node>) -> Result<(), EngineError> {
-        self.reconcile_users(node).await?;
+        self.reconcile(node).await?;
         let id = my_id(node).await?;
         let (old_id, shard) = {
             let members = self.members.lock().unwrap();
@@ -813,33 +1090,49 @@ impl Cluster {
             tracing::info!(node = node.name(), "restarted node rejoined; ACL users reconciled");
             return Ok(());
         }
+        // First seen now (it did not answer when this process started): a member already if
+        // the others know its id.
+        let others: Vec<Arc<Node>> = self.nodes().into_iter().filter(|n| n.name() != node.name()).collect();
+        let anchor = others.iter().find(|n| n.healthy()).ok_or(EngineError::NoHealthyNode)?;
+        if old_id.is_empty() && admin(anchor, &["CLUSTER", "NODES"]).await?.contains(&id) {
+            let shard = admin(node, &["CLUSTER", "MYSHARDID"]).await?;
+            tracing::info!(node = node.name(), "cluster node reachable: admitted; ACL users reconciled");
+            self.member_mut(node, |m| (m.id, m.shard) = (id, shard));
+            return Ok(());
+        }
         tracing::warn!(
             node = node.name(),
             old_id,
             id,
             "node came back empty: adding it to the cluster again"
         );
-        let others: Vec<Arc<Node>> = self.nodes().into_iter().filter(|n| n.name() != node.name()).collect();
-        for other in &others {
+        for other in others.iter().filter(|_| !old_id.is_empty()) {
             // Unknown already (forgotten on an earlier try) is fine.
             let _ = admin(other, &["CLUSTER", "FORGET", &old_id]).await;
         }
-        let anchor = others.iter().find(|n| n.healthy()).ok_or(EngineError::NoHealthyNode)?;
         meet_all(anchor, std::slice::from_ref(node)).await?;
         wait_known(node, others.len() + 1).await?;
         let (_, shards) = self.shards().await?;
-        let primary = shards
-            .iter()
-            .find(|s| s.id == shard)
-            .and_then(|s| s.primary_id())
-            .ok_or_else(|| EngineError::UnknownNode(format!("primary of shard {shard}")))?;
+        // Its own shard again; one it never had (its id unknown since this process started):
+        // the serving shard with the fewest replicas whose primary is on another host.
+        let primary = match shards.iter().find(|s| s.id == shard) {
+            Some(s) => s.primary_id(),
+            None => shards
+                .iter()
+                .filter(|s| !s.slots.is_empty())
+                .filter(|s| {
+                    let primary = s.primary_id();
+                    !s.nodes.iter().any(|n| Some(&n.id) == primary.as_ref() && n.ip == node.spec.host)
+                })
+                .min_by_key(|s| s.nodes.iter().filter(|n| n.role == Role::Replica).count())
+                .and_then(Shard::primary_id),
+        }
+        .ok_or_else(|| EngineError::UnknownNode(format!("primary of shard {shard}")))?;
         replicate(node, &primary).await?;
         wait_synced(node).await?;
-        let mut members = self.members.lock().unwrap();
-        if let Some(m) = members.iter_mut().find(|m| m.node.name() == node.name()) {
-            m.id = id;
-        }
+        let shard = admin(node, &["CLUSTER", "MYSHARDID"]).await?;
         tracing::info!(node = node.name(), shard, "empty node rejoined as a replica");
+        self.member_mut(node, |m| (m.id, m.shard) = (id, shard));
         Ok(())
     }
 }
@@ -848,16 +1141,138 @@ fn is_platform_user(user: &str) -> bool {
     user == "default" || user == ADMIN_USER || user == OBSERVER_USER
 }
 
-/// A failure on a node that is down is not the caller's: the keeper brings the node up to date
-/// when it is back. A node that answers and refuses is.
-async fn skip_if_down(node: &Node, result: Result<(), EngineError>) -> Result<(), EngineError> {
-    match result {
-        Err(e) if node.pid().is_none() || !node.ping().await => {
-            tracing::warn!(node = node.name(), error = %e, "node down: its ACL users follow when it is back");
-            Ok(())
+impl Cluster {
+    /// Runs a provisioning pipeline on `node`, or skips it when it is down. An agent's node
+    /// failing its health checks (its host cut off, say) is skipped at once rather than
+    /// waited for; the keeper brings it up to date when it answers again.
+    async fn provision(&self, node: &Node, pipe: &redis::Pipeline) -> Result<(), EngineError> {
+        if node.is_attached() && !node.healthy() {
+            tracing::warn!(node = node.name(), "node unreachable: its ACL users follow when it is back");
+            self.member_mut(node, |m| m.missed = true);
+            return Ok(());
         }
-        other => other,
+        self.skip_if_down(node, node.provision(pipe).await).await
     }
+
+    /// A failure on a node that is down is not the caller's: the keeper brings the node up to
+    /// date when it is back. A node that answers and refuses is.
+    async fn skip_if_down(&self, node: &Node, result: Result<(), EngineError>) -> Result<(), EngineError> {
+        match result {
+            Err(e) if !node.may_run() || !node.ping().await => {
+                tracing::warn!(node = node.name(), error = %e, "node down: its ACL users follow when it is back");
+                self.member_mut(node, |m| m.missed = true);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// Whether any of `nodes` (run by agents) serves slots: the cluster was formed before. Waits
+/// (up to [`TOPOLOGY_TIMEOUT`]) while none does and some do not answer: forming needs all.
+async fn formed_already(nodes: &[Arc<Node>]) -> Result<bool, EngineError> {
+    let deadline = Instant::now() + TOPOLOGY_TIMEOUT;
+    loop {
+        let mut silent = Vec::new();
+        for n in nodes {
+            match tokio::time::timeout(Duration::from_secs(2), cluster_info(n)).await {
+                Ok(Ok(info)) if info_field(&info, "cluster_slots_assigned").unwrap_or(0) > 0 => {
+                    return Ok(true)
+                }
+                Ok(Ok(_)) => {}
+                _ => silent.push(format!("{} at {}", n.name(), n.addr())),
+            }
+        }
+        if silent.is_empty() {
+            return Ok(false);
+        }
+        if Instant::now() > deadline {
+            return Err(EngineError::Config(format!(
+                "forming the cluster needs every node, and these do not answer (is their engine agent \
+                 running, with this cluster's nodes and the same node secret?): {}",
+                silent.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Which node replicates which, for nodes on `hosts` (a node's host address each) with
+/// `replicas` replicas per shard: None for a primary, else its primary's index. Primaries are
+/// taken in turn from each host; every replica is on another host than its primary, so losing
+/// one host leaves every shard a copy. Err when that cannot be.
+fn spread(hosts: &[&str], replicas: usize) -> Result<Vec<Option<usize>>, String> {
+    let per_shard = 1 + replicas;
+    if hosts.is_empty() || !hosts.len().is_multiple_of(per_shard) {
+        return Err(format!(
+            "{} nodes cannot make shards of a primary and {replicas} replicas each",
+            hosts.len()
+        ));
+    }
+    let shards = hosts.len() / per_shard;
+    // Round robin over the hosts: h1's first node, h2's first, …, h1's second, …
+    let mut by_host: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        match by_host.iter_mut().find(|(x, _)| x == h) {
+            Some((_, nodes)) => nodes.push(i),
+            None => by_host.push((h, vec![i])),
+        }
+    }
+    let order: Vec<usize> =
+        (0..hosts.len()).flat_map(|k| by_host.iter().filter_map(move |(_, n)| n.get(k).copied())).collect();
+    let (primaries, others) = order.split_at(shards);
+    // Replicas matched to primaries' seats (`replicas` each) on other hosts: Kuhn's
+    // augmenting paths, so a greedy first choice never blocks a later replica.
+    let seats: Vec<usize> = primaries.iter().flat_map(|&p| std::iter::repeat_n(p, replicas)).collect();
+    let mut taken: Vec<Option<usize>> = vec![None; seats.len()];
+    fn place(
+        r: usize,
+        hosts: &[&str],
+        seats: &[usize],
+        taken: &mut [Option<usize>],
+        tried: &mut [bool],
+    ) -> bool {
+        for s in 0..seats.len() {
+            if tried[s] || hosts[seats[s]] == hosts[r] {
+                continue;
+            }
+            tried[s] = true;
+            if taken[s].is_none_or(|other| place(other, hosts, seats, taken, tried)) {
+                taken[s] = Some(r);
+                return true;
+            }
+        }
+        false
+    }
+    for &r in others {
+        if !place(r, hosts, &seats, &mut taken, &mut vec![false; seats.len()]) {
+            return Err(format!(
+                "the nodes' hosts cannot give every replica another host than its primary \
+                 ({shards} shards over hosts {:?}): add nodes on other hosts",
+                by_host.iter().map(|(h, n)| format!("{h} ({} nodes)", n.len())).collect::<Vec<_>>()
+            ));
+        }
+    }
+    let mut layout = vec![None; hosts.len()];
+    for (s, r) in taken.iter().enumerate() {
+        layout[r.expect("every seat taken")] = Some(seats[s]);
+    }
+    Ok(layout)
+}
+
+/// Whether a replica's link to its primary is up.
+async fn linked(node: &Node) -> bool {
+    let info = tokio::time::timeout(Duration::from_secs(1), admin(node, &["INFO", "replication"])).await;
+    info.is_ok_and(|i| i.is_ok_and(|i| i.contains("master_link_status:up")))
+}
+
+/// `run_id` from `INFO server`: a new one each time the process starts.
+async fn run_id(node: &Node) -> Result<String, EngineError> {
+    let info = admin(node, &["INFO", "server"]).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| EngineError::NotReady(node.name().to_string()))
 }
 
 /// `node-<n>` folders under the pool's folder.
@@ -1219,6 +1634,26 @@ async fn migrate(source: &Node, jobs: &[(Ranges, String)]) -> Result<(), EngineE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_go_to_another_host_than_their_primary() {
+        let hosts = ["a", "a", "b", "b", "c", "c"];
+        let layout = spread(&hosts, 1).unwrap();
+        let primaries: Vec<usize> = (0..6).filter(|&i| layout[i].is_none()).collect();
+        assert_eq!(primaries, [0, 2, 4], "one primary per host");
+        for (r, p) in layout.iter().enumerate().filter_map(|(r, p)| Some((r, (*p)?))) {
+            assert_ne!(hosts[r], hosts[p], "replica {r} of {p}");
+        }
+        let mut replicated: Vec<usize> = layout.iter().flatten().copied().collect();
+        replicated.sort_unstable();
+        assert_eq!(replicated, [0, 2, 4], "one replica each");
+        // Two replicas each over three hosts; then what cannot be.
+        let layout = spread(&["a", "b", "c", "a", "b", "c", "a", "b", "c"], 2).unwrap();
+        assert!(layout.iter().enumerate().all(|(r, p)| p.is_none_or(|p| r % 3 != p % 3)));
+        assert!(spread(&["a", "a", "a", "a"], 1).unwrap_err().contains("another host"));
+        assert!(spread(&["a", "a", "a", "a", "b", "b"], 1).is_err(), "a shard would be on a alone");
+        assert!(spread(&["a", "b", "c"], 1).unwrap_err().contains("3 nodes"));
+    }
 
     #[test]
     fn slot_ranges_split_evenly_and_cover_everything() {

@@ -36,6 +36,7 @@ impl Cluster {
                 let Some(node) = shard.primary_id().and_then(|id| self.member_by_id(&id).ok()) else {
                     continue;
                 };
+                // Not an agent's node (no pid here): healing restarts it, which its agent does.
                 if node.pid().is_none() || !node.healthy() {
                     continue;
                 }
@@ -188,10 +189,7 @@ impl Cluster {
             if node.pid().is_none() || !node.healthy() {
                 continue;
             }
-            let linked = tokio::time::timeout(Duration::from_secs(1), admin(&node, &["INFO", "replication"]))
-                .await
-                .is_ok_and(|i| i.is_ok_and(|i| i.contains("master_link_status:up")));
-            if linked {
+            if linked(&node).await {
                 return Some(node);
             }
         }
@@ -200,7 +198,7 @@ impl Cluster {
 
     /// `CLUSTER FAILOVER` on `replica`, then until it says it is a primary
     /// ([`HEAL_FAILOVER_WAIT`] at most).
-    async fn fail_over_to(&self, replica: &Node) -> Result<(), EngineError> {
+    pub(super) async fn fail_over_to(&self, replica: &Node) -> Result<(), EngineError> {
         admin(replica, &["CLUSTER", "FAILOVER"]).await?;
         let deadline = Instant::now() + HEAL_FAILOVER_WAIT;
         loop {

@@ -10,6 +10,7 @@
 //! (README, "Metering"): a small GET or SET is its weight, 1000 milli-ECPU.
 
 use shoal_types::UsageCounters;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,10 @@ pub struct Report {
     /// The usage the answered commands cost by the rule.
     pub want: UsageCounters,
     pub answered: Vec<Answered>,
+    /// Per key, the value of its last acknowledged SET, and of a later SET that failed (it
+    /// may have run): what the key must hold at the end (see [`lost_writes`]).
+    pub acked: HashMap<String, String>,
+    pub unacked: HashMap<String, String>,
 }
 
 impl Report {
@@ -245,6 +250,8 @@ async fn run(
         let get = redis::cmd("GET").arg(&key).clone();
         let mut failed = match query::<()>(c, &set).await {
             Ok(()) => {
+                report.unacked.remove(&key);
+                report.acked.insert(key.clone(), value.clone());
                 record(
                     &mut report,
                     &live,
@@ -252,7 +259,10 @@ async fn run(
                 );
                 None
             }
-            Err(e) => Some(e),
+            Err(e) => {
+                report.unacked.insert(key.clone(), value.clone());
+                Some(e)
+            }
         };
         if failed.is_none() {
             match query::<Option<String>>(c, &get).await {
@@ -324,4 +334,19 @@ pub async fn one_pair(
     let mut usage = cost(&set, 5, false, false);
     usage.add(&cost(&get, format!("${}\r\n", value.len()).len() + value.len() + 2, true, true));
     Ok((took, usage))
+}
+
+/// How many keys of `report`'s cache hold neither their last acknowledged value nor that of a
+/// later SET that failed: acknowledged writes lost (read through the gateway at `addr`).
+pub async fn lost_writes(addr: SocketAddr, token: &str, report: &Report) -> Result<u64, String> {
+    let mut conn = connect(addr, token).await?;
+    let mut lost = 0;
+    for (key, acked) in &report.acked {
+        let got: Option<String> =
+            query(&mut conn, redis::cmd("GET").arg(key)).await.map_err(|e| format!("GET {key}: {}", e.0))?;
+        if got.as_ref() != Some(acked) && got.as_ref() != report.unacked.get(key) {
+            lost += 1;
+        }
+    }
+    Ok(lost)
 }

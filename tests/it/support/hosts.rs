@@ -13,7 +13,8 @@
 //! - [`Deployment`]: on a `Net`, PostgreSQL on host `db`, N control planes (`cp1`…, the
 //!   store on that PostgreSQL, `supervisor = "agents"`, internal API over TLS with a
 //!   certificate made for their addresses), M engine hosts (`e1`…, each running
-//!   `shoal engine` with its Valkey nodes bound to its own address) and G gateways (`gw1`…).
+//!   `shoal engine` with its Valkey nodes bound to its own address: `e1n0`… of the standalone
+//!   pool, `e1c0`… its share of the cluster pool) and G gateways (`gw1`…).
 
 use super::Proc;
 use serde_json::Value;
@@ -297,22 +298,37 @@ pub struct Layout {
     pub control_planes: usize,
     /// Engine hosts, each an agent (`shoal engine`) with its own Valkey nodes.
     pub engine_hosts: usize,
-    /// Valkey nodes per engine host.
+    /// Valkey nodes per engine host (the standalone pool `main`).
     pub nodes_per_host: usize,
+    /// Members per engine host of the cluster pool [`CLUSTER_POOL`] (0: none), one replica
+    /// per shard, [`CLUSTER_NODE_TIMEOUT`]; with no standalone nodes it is the default pool.
+    pub cluster_nodes_per_host: usize,
     pub gateways: usize,
 }
 
 impl Default for Layout {
     fn default() -> Layout {
-        Layout { control_planes: 1, engine_hosts: 2, nodes_per_host: 1, gateways: 2 }
+        Layout {
+            control_planes: 1,
+            engine_hosts: 2,
+            nodes_per_host: 1,
+            cluster_nodes_per_host: 0,
+            gateways: 2,
+        }
     }
 }
+
+/// The cluster pool's name (see [`Layout::cluster_nodes_per_host`]).
+pub const CLUSTER_POOL: &str = "big";
+/// Its `node_timeout` (the default is 5 s; shorter keeps the tests short).
+pub const CLUSTER_NODE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const REST_PORT: u16 = 8080;
 const INTERNAL_PORT: u16 = 8081;
 const RESP_PORT: u16 = 6380;
 const GATEWAY_METRICS_PORT: u16 = 9100;
 const NODE_PORT: u16 = 6400;
+const CLUSTER_PORT: u16 = 7000;
 
 /// One process of a role on its host.
 pub struct Member {
@@ -329,6 +345,8 @@ pub struct Node {
     /// Index into [`Deployment::engine_hosts`].
     pub engine_host: usize,
     pub addr: SocketAddr,
+    /// A member of the cluster pool (else a node of `main`).
+    pub clustered: bool,
 }
 
 /// A node as the control plane shows it (`GET /v1/engine/pools`).
@@ -342,6 +360,23 @@ pub struct NodeSeen {
     pub restarts: Option<u64>,
 }
 
+/// A node of a cluster shard as the control plane shows it.
+#[derive(Clone, Debug)]
+pub struct ShardNodeSeen {
+    pub name: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    /// The cluster's view: `online`, `failed`, `loading`.
+    pub health: String,
+}
+
+impl ShardNodeSeen {
+    /// Index into [`Deployment::engine_hosts`] of the host that runs it (`e<h>c<n>`).
+    pub fn engine_host(&self) -> usize {
+        self.name[1..].split('c').next().and_then(|h| h.parse::<usize>().ok()).expect("e<h>c<n>") - 1
+    }
+}
+
 /// A cache made for a test, with a token for it.
 #[derive(Clone, Debug)]
 pub struct Cache {
@@ -349,9 +384,10 @@ pub struct Cache {
     pub name: String,
     pub account: String,
     pub token: String,
-    /// Its node's name, and the engine host that runs it.
+    /// Its node's name (`cluster` in a cluster pool), and the engine host that runs it
+    /// (None in a cluster pool: every host has a share).
     pub node: String,
-    pub engine_host: usize,
+    pub engine_host: Option<usize>,
 }
 
 /// Control planes, engine hosts and gateways, each on its own host (see the module's doc).
@@ -411,22 +447,53 @@ impl Deployment {
         for (e, host) in engine_hosts.iter().enumerate() {
             for n in 0..layout.nodes_per_host {
                 let name = format!("e{}n{n}", e + 1);
-                nodes.push(Node { name, engine_host: e, addr: host.at(NODE_PORT + n as u16) });
+                nodes.push(Node {
+                    name,
+                    engine_host: e,
+                    addr: host.at(NODE_PORT + n as u16),
+                    clustered: false,
+                });
+            }
+            for n in 0..layout.cluster_nodes_per_host {
+                let name = format!("e{}c{n}", e + 1);
+                nodes.push(Node {
+                    name,
+                    engine_host: e,
+                    addr: host.at(CLUSTER_PORT + n as u16),
+                    clustered: true,
+                });
             }
         }
+        // The nodes of engine host `of` (None: every host's), standalone then the cluster's.
         let node_tables = |of: Option<usize>| -> String {
-            nodes
-                .iter()
-                .filter(|n| of.is_none_or(|e| e == n.engine_host))
-                .map(|n| {
-                    format!(
-                        "\n[[engine.nodes]]\nname = \"{}\"\nhost = \"{}\"\nport = {}\n",
-                        n.name,
-                        n.addr.ip(),
-                        n.addr.port()
-                    )
-                })
-                .collect()
+            let table = |clustered: bool| -> String {
+                let header = if clustered {
+                    format!("engine.clusters.{CLUSTER_POOL}.nodes")
+                } else {
+                    "engine.nodes".into()
+                };
+                nodes
+                    .iter()
+                    .filter(|n| n.clustered == clustered && of.is_none_or(|e| e == n.engine_host))
+                    .map(|n| {
+                        format!(
+                            "\n[[{header}]]\nname = \"{}\"\nhost = \"{}\"\nport = {}\n",
+                            n.name,
+                            n.addr.ip(),
+                            n.addr.port()
+                        )
+                    })
+                    .collect()
+            };
+            let cluster = match layout.cluster_nodes_per_host {
+                0 => String::new(),
+                _ => format!(
+                    "\n[engine.clusters.{CLUSTER_POOL}]\nreplicas = 1\nnode_timeout = {}\n{}",
+                    CLUSTER_NODE_TIMEOUT.as_secs_f64(),
+                    table(true)
+                ),
+            };
+            format!("{}{cluster}", table(false))
         };
         let engine = format!(
             "supervisor = \"agents\"\nnode_secret_file = \"{d}/node.secret\"\nmaxmemory_mb = 1000\ndatabases = 64\n"
@@ -509,17 +576,18 @@ impl Deployment {
             net,
         };
         let shoal = Path::new(env!("CARGO_BIN_EXE_shoal"));
-        for i in 0..layout.control_planes {
-            deployment.start_control_plane(i, shoal).await;
-        }
         // Credentials, as an operator makes them on a control plane's machine.
         for m in deployment.engine_hosts.iter().chain(&deployment.gateways) {
             let credential =
                 super::create_gateway_credential(&deployment.control_planes[0].config, &m.host.name);
             std::fs::write(dir.join(format!("{}.credential", m.host.name)), credential).unwrap();
         }
+        // The agents first: a control plane forms a cluster pool over their nodes as it starts.
         for e in 0..layout.engine_hosts {
             deployment.start_engine_host(e);
+        }
+        for i in 0..layout.control_planes {
+            deployment.start_control_plane(i, shoal).await;
         }
         for g in 0..layout.gateways {
             deployment.start_gateway(g);
@@ -647,6 +715,77 @@ impl Deployment {
         out
     }
 
+    /// The cluster pool's shards as the control plane shows them: each one's nodes, primary
+    /// first (named ones only: a node it does not know yet is left out).
+    pub async fn cluster_shards(&self) -> Vec<Vec<ShardNodeSeen>> {
+        let pools = self.api(reqwest::Method::GET, "/v1/engine/pools", None).await;
+        let pool = pools["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == CLUSTER_POOL)
+            .expect("the cluster pool");
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        pool["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|shard| {
+                shard["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|n| n["name"].is_string())
+                    .map(|n| ShardNodeSeen {
+                        name: text(&n["name"]),
+                        role: text(&n["role"]),
+                        health: text(&n["health"]),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The address of each shard's online primary (None: it has none), as cluster node
+    /// `node` sees it (`CLUSTER SHARDS`, as the observer user); None if it does not answer
+    /// within a second.
+    pub async fn primaries_seen_by(&self, node: &Node) -> Option<Vec<Option<SocketAddr>>> {
+        let secret = std::fs::read_to_string(self.net.dir.join("node.secret")).unwrap();
+        let password = shoal_engine::NodeSecrets::for_cluster(secret.trim(), CLUSTER_POOL).observer;
+        let url = format!("redis://shoal-observer:{password}@{}/", node.addr);
+        let ask = async {
+            let mut conn = redis::Client::open(url).ok()?.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("CLUSTER").arg("SHARDS").query_async::<redis::Value>(&mut conn).await.ok()
+        };
+        let shards = tokio::time::timeout(Duration::from_secs(1), ask).await.ok()??;
+        // RESP2: each shard and each node a flat [key, value, …] array.
+        let fields = |v: &redis::Value| -> Vec<(String, redis::Value)> {
+            let redis::Value::Array(items) = v else { return Vec::new() };
+            items
+                .chunks(2)
+                .filter_map(|c| Some((redis::from_redis_value::<String>(&c[0]).ok()?, c.get(1)?.clone())))
+                .collect()
+        };
+        let redis::Value::Array(shards) = shards else { return None };
+        let mut out = Vec::new();
+        for shard in &shards {
+            let Some((_, redis::Value::Array(nodes))) = fields(shard).into_iter().find(|(k, _)| k == "nodes")
+            else {
+                continue;
+            };
+            let primary = nodes.iter().find_map(|n| {
+                let f: std::collections::HashMap<String, String> = fields(n)
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, redis::from_redis_value::<String>(&v).ok()?)))
+                    .collect();
+                let online_primary = f.get("role")? == "master" && f.get("health")? == "online";
+                online_primary.then(|| format!("{}:{}", f.get("ip")?, f.get("port")?).parse().ok())?
+            });
+            out.push(primary);
+        }
+        Some(out)
+    }
+
     /// Waits until every node is healthy and reported by its agent: what the control plane
     /// then shows.
     pub async fn wait_for_nodes(&self) -> Vec<NodeSeen> {
@@ -681,8 +820,12 @@ impl Deployment {
             .to_string();
         let node =
             cache["allocation"]["node"].as_str().unwrap_or_else(|| panic!("no node: {cache}")).to_string();
-        let engine_host =
-            self.nodes.iter().find(|n| n.name == node).unwrap_or_else(|| panic!("{node}?")).engine_host;
+        let engine_host = match node.as_str() {
+            "cluster" => None,
+            _ => Some(
+                self.nodes.iter().find(|n| n.name == node).unwrap_or_else(|| panic!("{node}?")).engine_host,
+            ),
+        };
         Cache {
             id,
             name: name.into(),
@@ -698,7 +841,7 @@ impl Deployment {
     pub async fn caches_on_every_host(&self, prefix: &str, n: usize) -> Vec<Cache> {
         let mut caches = Vec::new();
         while caches.len() < n
-            || (0..self.engine_hosts.len()).any(|e| !caches.iter().any(|c: &Cache| c.engine_host == e))
+            || (0..self.engine_hosts.len()).any(|e| !caches.iter().any(|c: &Cache| c.engine_host == Some(e)))
         {
             assert!(
                 caches.len() < 4 * n.max(self.engine_hosts.len()),

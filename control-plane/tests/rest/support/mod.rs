@@ -83,6 +83,7 @@ impl Api {
                 maxmemory_mb: Some(128),
                 script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
                 node_timeout: std::time::Duration::from_secs(1),
+                agents: None,
             };
             pools.push((
                 "cluster".to_string(),
@@ -226,6 +227,7 @@ pub async fn one_node_pool(dir: &std::path::Path) -> Arc<Pool> {
             script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
             node_secret: None,
             supervisor: Default::default(),
+            cluster: None,
         })
         .await
         .expect("pool starts"),
