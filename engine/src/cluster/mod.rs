@@ -231,16 +231,7 @@ impl Cluster {
         if fresh {
             existing = (0..config.nodes() as u16).collect();
         }
-        let cluster = Arc::new(Cluster {
-            config,
-            admin_password,
-            observer_password,
-            members: Mutex::new(Vec::new()),
-            users: Mutex::new(BTreeMap::new()),
-            topology: tokio::sync::Mutex::new(()),
-            keyspace_events: Mutex::new(String::new()),
-            stopping: AtomicBool::new(false),
-        });
+        let cluster = Cluster::new(config, admin_password, observer_password);
         let started = async {
             let nodes = cluster.start_nodes(&existing).await?;
             if fresh {
@@ -260,6 +251,20 @@ impl Cluster {
             cluster.seed_users().await.map(|()| fresh)
         };
         Arc::clone(&cluster).run(started).await
+    }
+
+    /// A cluster with no members admitted and no users known yet.
+    fn new(config: ClusterConfig, admin_password: String, observer_password: String) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            config,
+            admin_password,
+            observer_password,
+            members: Mutex::new(Vec::new()),
+            users: Mutex::new(BTreeMap::new()),
+            topology: tokio::sync::Mutex::new(()),
+            keyspace_events: Mutex::new(String::new()),
+            stopping: AtomicBool::new(false),
+        })
     }
 
     /// Attaches to the nodes engine agents run; forms the cluster if none of them serves
@@ -289,16 +294,7 @@ impl Cluster {
                 Arc::new(node.into_cluster(mode.clone()))
             })
             .collect();
-        let cluster = Arc::new(Cluster {
-            config,
-            admin_password: secrets.admin,
-            observer_password: secrets.observer,
-            members: Mutex::new(Vec::new()),
-            users: Mutex::new(BTreeMap::new()),
-            topology: tokio::sync::Mutex::new(()),
-            keyspace_events: Mutex::new(String::new()),
-            stopping: AtomicBool::new(false),
-        });
+        let cluster = Cluster::new(config, secrets.admin, secrets.observer);
         let started = async {
             for n in &nodes {
                 n.start().await?;
