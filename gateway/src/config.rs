@@ -74,10 +74,11 @@ pub struct GatewayConfig {
     pub gateway_id: Option<String>,
     /// Meter commands (ECPU, bytes, hits) and ship usage to the control plane.
     pub metering: bool,
-    /// Where the gateway keeps its identity and spooled usage batches (none: in memory).
+    /// Where the gateway keeps its identity, usage journal and spooled usage batches (none:
+    /// in memory).
     pub data_dir: Option<std::path::PathBuf>,
-    /// Usage batches kept in memory while the control plane is unreachable; older ones
-    /// spill to `<data_dir>/usage/spool/`.
+    /// Without a data dir: usage batches kept in memory while the control plane is
+    /// unreachable (past that the oldest is dropped).
     pub usage_memory_batches: usize,
     /// How long a command may wait for its cache's ECPU limit before `-THROTTLED` (seconds).
     #[serde(with = "secs")]

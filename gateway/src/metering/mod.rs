@@ -138,8 +138,8 @@ impl Ledger {
     }
 
     fn take_at(&self, seq: u64, minute: i64, peaks: Vec<(CacheId, u32)>) -> Taking {
-        let journal = self.journal.take(seq);
-        let mut map = journal.usage.clone();
+        let mut journal = self.journal.take(seq);
+        let mut map = std::mem::take(&mut journal.usage);
         let mut sent = self.sent.lock().unwrap();
         sent.retain(|_, (m, _)| *m == minute);
         let peaks: HashMap<CacheId, u32> = peaks
