@@ -24,6 +24,11 @@ if $want_test; then
     log "installing redis-py (PyPI: redis)"
     "${PIP[@]}" redis
   fi
+  # A local S3-compatible server for the snapshot store's S3 test (tests/it/snapshots.rs).
+  if ! command -v moto_server >/dev/null 2>&1; then
+    log "installing moto's S3 server (PyPI: moto[server]) for the snapshot store test"
+    "${PIP[@]}" 'moto[server]>=5,<6'
+  fi
   if ! command -v schemathesis >/dev/null 2>&1; then
     log "installing schemathesis (PyPI) for the API conformance test"
     "${PIP[@]}" 'schemathesis>=4,<5'

@@ -49,7 +49,8 @@ if cargo nextest --version >/dev/null 2>&1; then
   SHOAL_TEST_ENGINE=cluster cargo nextest run --workspace --no-fail-fast -E "$(cat scripts/cluster-lane.filter)" ||
     show_lane_log
 else
-  SHOAL_TEST_ENGINE=cluster cargo test --no-fail-fast --test it -- commands:: clients:: gateway:: reader:: isolation:: ||
+  SHOAL_TEST_ENGINE=cluster cargo test --no-fail-fast --test it -- commands:: clients:: gateway:: reader:: isolation:: \
+    snapshots::every_data_type snapshots::a_snapshot_under_writes ||
     show_lane_log
 fi
 

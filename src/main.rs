@@ -220,6 +220,16 @@ struct DevArgs {
     /// `data_storage_mb` of caches created without one.
     #[arg(long, env = "SHOAL_DEFAULT_STORAGE_MB", default_value_t = shoal_control_plane::config::DEFAULT_DATA_STORAGE_MB)]
     default_storage_mb: u64,
+    /// Where snapshots are kept: a directory (default: <data-dir>/snapshots) or
+    /// `s3://bucket[/prefix]` (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "SHOAL_SNAPSHOTS")]
+    snapshots: Option<String>,
+    /// The S3 endpoint of an `s3://` snapshot location other than AWS.
+    #[arg(long, env = "SHOAL_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Seconds between checks for caches' daily snapshot windows and expired snapshots.
+    #[arg(long, env = "SHOAL_SNAPSHOT_SCHEDULE_INTERVAL", default_value_t = 60.0)]
+    snapshot_schedule_interval: f64,
     #[command(flatten)]
     limits: GatewayLimits,
     /// Throttling of failed gateway `AUTH`s: `off`, or a TOML inline table like
@@ -572,6 +582,16 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         acl_sweep_interval: args.acl_sweep_interval,
         gateway_max_connections: u32::try_from(args.limits.max_connections).unwrap_or(u32::MAX),
         default_data_storage_mb: args.default_storage_mb,
+        snapshots: shoal_control_plane::config::SnapshotConfig {
+            location: args
+                .snapshots
+                .clone()
+                .unwrap_or_else(|| data_dir.join("snapshots").display().to_string()),
+            s3_endpoint: args.s3_endpoint.clone(),
+            work_dir: data_dir.join("snapshots-work"),
+            schedule_interval: args.snapshot_schedule_interval,
+            ..Default::default()
+        },
         metrics: Some(metrics.clone()),
         ..Default::default()
     };

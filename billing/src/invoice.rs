@@ -120,6 +120,8 @@ pub enum Meter {
     Ecpu,
     /// Data stored, in GB-hours.
     Storage,
+    /// Snapshot files kept, in GB-months.
+    Snapshots,
 }
 
 impl Meter {
@@ -127,6 +129,7 @@ impl Meter {
         match self {
             Meter::Ecpu => "ecpu",
             Meter::Storage => "storage",
+            Meter::Snapshots => "snapshots",
         }
     }
 
@@ -135,6 +138,7 @@ impl Meter {
         match self {
             Meter::Ecpu => "million ECPU",
             Meter::Storage => "GB-hour",
+            Meter::Snapshots => "GB-month",
         }
     }
 }
@@ -241,9 +245,7 @@ pub fn build_invoice<'a>(
             });
         }
     }
-    let subtotal = lines.iter().map(|l| l.amount).sum::<Decimal>().normalize();
-    let mut total = subtotal.round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
-    total.rescale(2);
+    let (subtotal, total) = totals(&lines);
 
     let at = |t: i64| DateTime::from_timestamp(t, 0).ok_or(BillingError::InvalidTime(t));
     Ok(Invoice {
@@ -259,6 +261,24 @@ pub fn build_invoice<'a>(
         subtotal,
         total,
     })
+}
+
+/// The exact sum of the lines' amounts, and it rounded half-even to cents.
+fn totals(lines: &[InvoiceLine]) -> (Decimal, Decimal) {
+    let subtotal = lines.iter().map(|l| l.amount).sum::<Decimal>().normalize();
+    let mut total = subtotal.round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven);
+    total.rescale(2);
+    (subtotal, total)
+}
+
+/// A snapshot file as kept: its size and when it was kept (Unix seconds; `until` None:
+/// still kept). See [`Invoice::add_snapshot_storage`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptSnapshot {
+    pub cache_id: CacheId,
+    pub bytes: u64,
+    pub from: i64,
+    pub until: Option<i64>,
 }
 
 /// `mantissa × 10^-scale`, normalized (no trailing zeros). Callers keep mantissas below
@@ -284,6 +304,38 @@ impl Invoice {
         for line in &mut self.lines {
             line.cache_name = names.get(&line.cache_id).cloned();
         }
+    }
+
+    /// Adds a snapshot-storage line per cache whose snapshots were kept in the invoice's
+    /// period (up to `usage_until`): bytes × seconds kept, in GB-months of this month's
+    /// length (to 10 decimals), at the card's `per_snapshot_gb_month`. Lines stay sorted by
+    /// cache, then meter; the totals are recomputed.
+    pub fn add_snapshot_storage(&mut self, snapshots: &[KeptSnapshot]) {
+        let (start, until) = (self.period_start.timestamp(), self.usage_until.timestamp());
+        let month_seconds = (self.period_end.timestamp() - start).max(1) as u128;
+        let mut per_cache: BTreeMap<&CacheId, u128> = BTreeMap::new();
+        for s in snapshots {
+            let (from, to) = (s.from.max(start), s.until.unwrap_or(i64::MAX).min(until));
+            if to > from {
+                *per_cache.entry(&s.cache_id).or_default() += s.bytes as u128 * (to - from) as u128;
+            }
+        }
+        let price = self.rates.per_snapshot_gb_month;
+        for (cache_id, byte_seconds) in per_cache {
+            // GB-months × 10^10 = byte-seconds × 10^10 / (10^9 × month seconds).
+            let quantity = decimal(div_half_even(byte_seconds * 10, month_seconds) as i128, 10);
+            self.lines.push(InvoiceLine {
+                cache_id: cache_id.clone(),
+                cache_name: None,
+                meter: Meter::Snapshots,
+                quantity,
+                unit: Meter::Snapshots.unit().to_owned(),
+                unit_price: price,
+                amount: (quantity * price).normalize(),
+            });
+        }
+        self.lines.sort_by(|a, b| (&a.cache_id, a.meter).cmp(&(&b.cache_id, b.meter)));
+        (self.subtotal, self.total) = totals(&self.lines);
     }
 
     /// The lines as CSV (RFC 4180, CRLF line ends) with a header row, then one `total` row.
@@ -628,5 +680,37 @@ mod tests {
         let mut draft = sample_invoice();
         draft.status = InvoiceStatus::Draft;
         assert!(draft.to_html().contains("Draft: usage up to 2026-12-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn snapshot_storage_is_billed_per_gb_month_for_the_time_each_file_was_kept() {
+        let mut inv =
+            build_invoice(&acct(), nov(), &[usage(1, NOV, 1_000)], &[], &RateCard::default(), DEC).unwrap();
+        let before = inv.subtotal;
+        let kept = [
+            // 3 GB the whole month; 2 GB for half of it (deleted mid-month), of a cache with
+            // no other line; one taken after the month and one deleted before it: nothing.
+            KeptSnapshot { cache_id: cache(1), bytes: 3_000_000_000, from: NOV - 86_400, until: None },
+            KeptSnapshot {
+                cache_id: cache(2),
+                bytes: 2_000_000_000,
+                from: NOV,
+                until: Some(NOV + (DEC - NOV) / 2),
+            },
+            KeptSnapshot { cache_id: cache(2), bytes: 9, from: DEC + 1, until: None },
+            KeptSnapshot { cache_id: cache(3), bytes: 9, from: NOV - 10, until: Some(NOV - 1) },
+        ];
+        inv.add_snapshot_storage(&kept);
+        let snapshots: Vec<_> = inv.lines.iter().filter(|l| l.meter == Meter::Snapshots).collect();
+        assert_eq!(snapshots.len(), 2);
+        assert_eq!((&snapshots[0].cache_id, snapshots[0].quantity), (&cache(1), d("3")));
+        assert_eq!((&snapshots[1].cache_id, snapshots[1].quantity), (&cache(2), d("1")));
+        assert_eq!(snapshots[0].unit, "GB-month");
+        assert_eq!(snapshots[0].amount, d("0.255"), "3 GB-months at $0.085");
+        assert_eq!(inv.subtotal, before + d("0.34"));
+        let order: Vec<_> = inv.lines.iter().map(|l| (l.cache_id.clone(), l.meter)).collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "lines sorted by cache, then meter");
     }
 }

@@ -27,17 +27,26 @@ pub struct RateCard {
     pub per_gb_hour: Decimal,
     /// Storage billed at least, per cache and hour the cache had any usage or storage sample.
     pub min_storage_mb: u64,
+    /// Price of one GB-month of snapshot storage (10^9 bytes kept for a whole month).
+    #[serde(default = "default_snapshot_gb_month")]
+    pub per_snapshot_gb_month: Decimal,
+}
+
+/// ElastiCache's snapshot storage rate in us-east-1: $0.085 per GB-month.
+fn default_snapshot_gb_month() -> Decimal {
+    Decimal::new(85, 3)
 }
 
 impl Default for RateCard {
     /// The Valkey rates of ElastiCache Serverless in us-east-1: $0.0023 per million ECPU,
-    /// $0.084 per GB-hour, at least 100 MB stored.
+    /// $0.084 per GB-hour, at least 100 MB stored; snapshots $0.085 per GB-month.
     fn default() -> Self {
         RateCard {
             currency: "USD".to_owned(),
             per_million_ecpu: Decimal::new(23, 4),
             per_gb_hour: Decimal::new(84, 3),
             min_storage_mb: 100,
+            per_snapshot_gb_month: default_snapshot_gb_month(),
         }
     }
 }
@@ -49,12 +58,18 @@ impl RateCard {
         if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return bad("currency must be a three-letter ISO 4217 code such as USD");
         }
-        if self.per_million_ecpu.is_sign_negative() || self.per_gb_hour.is_sign_negative() {
+        if self.per_million_ecpu.is_sign_negative()
+            || self.per_gb_hour.is_sign_negative()
+            || self.per_snapshot_gb_month.is_sign_negative()
+        {
             return bad("prices must not be negative");
         }
         // Keeps every product in the invoice far inside Decimal's 28 digits.
         let max_price = Decimal::from(1_000_000);
-        if self.per_million_ecpu > max_price || self.per_gb_hour > max_price {
+        if self.per_million_ecpu > max_price
+            || self.per_gb_hour > max_price
+            || self.per_snapshot_gb_month > max_price
+        {
             return bad("prices must be at most 1000000");
         }
         if self.min_storage_mb > 1_000_000 {
@@ -75,6 +90,7 @@ impl RateCard {
             per_million_ecpu: o.per_million_ecpu.unwrap_or(self.per_million_ecpu),
             per_gb_hour: o.per_gb_hour.unwrap_or(self.per_gb_hour),
             min_storage_mb: o.min_storage_mb.unwrap_or(self.min_storage_mb),
+            per_snapshot_gb_month: o.per_snapshot_gb_month.unwrap_or(self.per_snapshot_gb_month),
         };
         card.validate()?;
         Ok(card)
@@ -93,6 +109,8 @@ pub struct RateOverride {
     pub per_gb_hour: Option<Decimal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_storage_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_snapshot_gb_month: Option<Decimal>,
 }
 
 /// The default card plus per-account plan overrides. Build it with [`PriceList::new`] so that

@@ -10,8 +10,12 @@
 //!
 //! Lookups are case-insensitive and allocation-free.
 
+pub mod ecpu;
 mod keys;
 mod parse;
+mod slot;
+
+pub use slot::{key_slot, SLOTS};
 
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::OnceLock;

@@ -291,6 +291,7 @@ const pages = [
   [/^#\/overview$/, overviewPage],
   [/^#\/caches\/([a-z0-9]+)$/, cachePage],
   [/^#\/caches\/([a-z0-9]+)\/access$/, accessPage],
+  [/^#\/caches\/([a-z0-9]+)\/snapshots$/, snapshotsPage],
   [/^#\/billing$/, billingPage],
   [/^#\/audit$/, auditPage],
   [/^#\/pools$/, poolsPage],
@@ -422,7 +423,98 @@ function createCacheForm() {
 function cacheTabs(c, current) {
   return h('nav.tabs', { 'aria-label': 'Cache' },
     h('a', { href: `#/caches/${c.id}`, text: 'Usage and settings', 'aria-current': current === 'detail' ? 'page' : null }),
-    h('a', { href: `#/caches/${c.id}/access`, text: 'Users and tokens', 'aria-current': current === 'access' ? 'page' : null }));
+    h('a', { href: `#/caches/${c.id}/access`, text: 'Users and tokens', 'aria-current': current === 'access' ? 'page' : null }),
+    h('a', { href: `#/caches/${c.id}/snapshots`, text: 'Snapshots', 'aria-current': current === 'snapshots' ? 'page' : null }));
+}
+
+// ---------------------------------------------------------------- snapshots
+
+async function snapshotsPage(view, id) {
+  const c = await api(`/v1/caches/${id}`);
+  const box = h('div');
+  const draw = async () => {
+    const list = await api(`/v1/caches/${c.id}/snapshots`);
+    const items = list.items || [];
+    render(box, items.length === 0 ? h('p', { text: 'No snapshots yet.' }) : table(
+      ['Name', 'Kind', 'Status', 'Keys', 'Size', 'Taken', 'Actions'],
+      items.map((s) => h('tr', {},
+        h('td', {}, h('code', { text: s.name })),
+        h('td', { text: s.kind }),
+        h('td', {}, h('span.badge', { 'data-status': s.status, text: s.status, title: s.error || '' })),
+        h('td.num', { text: fmtInt(s.keys) }),
+        h('td.num', { text: fmtBytes(s.bytes) }),
+        h('td', { text: fmtTime(s.created_at) }),
+        h('td.actions', {}, s.status !== 'available' ? null : [
+          h('button.secondary', {
+            type: 'button',
+            text: 'Download',
+            'aria-label': `Download snapshot ${s.name} as RDB`,
+            onclick: async () => {
+              try {
+                const res = await api(`/v1/snapshots/${s.id}/rdb`, { accept: 'application/octet-stream', raw: true });
+                downloadBlob(await res.blob(), `${s.name}.rdb`);
+              } catch (e) { announce(e.message, 'error'); }
+            },
+          }),
+          canWrite() ? restoreForm(s) : null,
+          canWrite() ? h('button.danger', {
+            type: 'button',
+            text: 'Delete',
+            'aria-label': `Delete snapshot ${s.name}`,
+            onclick: async () => {
+              if (!confirm(`Delete snapshot ${s.name}? Its file is removed.`)) return;
+              try {
+                await api(`/v1/snapshots/${s.id}`, { method: 'DELETE' });
+                announce('Snapshot deleted.');
+                await draw();
+              } catch (e) { announce(e.message, 'error'); }
+            },
+          }) : null,
+        ]))),
+      `Snapshots of ${c.name}`));
+    // A snapshot being taken: look again shortly.
+    if (items.some((s) => s.status === 'creating') && location.hash.endsWith('/snapshots')) {
+      setTimeout(() => draw().catch(() => {}), 1000);
+    }
+  };
+  const name = h('input', { name: 'snapshot-name', autocomplete: 'off', pattern: '[A-Za-z0-9_\\-]{1,63}', placeholder: 'optional' });
+  const take = canWrite() ? h('form.inline', {
+    'aria-labelledby': 'take-h',
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const s = await api(`/v1/caches/${c.id}/snapshots`, { method: 'POST', body: name.value ? { name: name.value } : {} });
+        name.value = '';
+        announce(`Snapshot ${s.name} is being taken.`);
+        await draw();
+      } catch (e) { announce(e.message, 'error'); }
+    },
+  }, h('h2', { id: 'take-h', text: 'Take a snapshot' }), field('Name', name, '1–63 letters, digits, - and _; default: the cache name and the time'),
+  h('button', { type: 'submit', text: 'Take snapshot' })) : null;
+  render(view,
+    h('h1', { text: `Cache ${c.name}: snapshots` }),
+    cacheTabs(c, 'snapshots'),
+    h('p', { text: c.snapshot_window
+      ? `A daily snapshot is taken from ${c.snapshot_window} UTC; the newest ${c.snapshot_retention_limit} are kept.`
+      : 'No daily snapshot (set snapshot_window to take one every day).' }),
+    take,
+    h('section', { 'aria-labelledby': 'snapshots-h' }, h('h2', { id: 'snapshots-h', text: 'Snapshots' }), box));
+  await draw();
+}
+
+/** Restores snapshot `s` into a new cache named by the user, then opens that cache. */
+function restoreForm(s) {
+  const name = h('input', { name: 'restore-name', required: true, autocomplete: 'off', pattern: '[A-Za-z0-9_\\-]{1,63}', 'aria-label': `Name of a new cache restored from ${s.name}` });
+  return h('form.inline', {
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const made = await api('/v1/caches', { method: 'POST', body: { name: name.value, from_snapshot: s.id } });
+        announce(`Cache ${made.name} restored from ${s.name}.`);
+        location.hash = `#/caches/${made.id}`;
+      } catch (e) { announce(e.message, 'error'); }
+    },
+  }, name, h('button', { type: 'submit', text: 'Restore into a new cache' }));
 }
 
 const RANGES = [

@@ -76,9 +76,42 @@ pub struct ControlPlaneConfig {
     /// storage billed at least anyway). Every cache has a storage limit: the limits of a
     /// node's caches add up to at most 75% of its `maxmemory`.
     pub default_data_storage_mb: u64,
+    /// Where snapshots are kept, and their limits (`[control_plane.snapshots]`).
+    pub snapshots: SnapshotConfig,
     /// The process's metrics recorder, when the embedding program installed one.
     #[serde(skip)]
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// `[control_plane.snapshots]`: where snapshot files are kept (see `docs/snapshots.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// A local directory, or `s3://bucket[/prefix]` for S3-compatible object storage
+    /// (credentials from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`).
+    pub location: String,
+    /// The S3 endpoint, for storage other than AWS (e.g. `http://127.0.0.1:9000`).
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    /// Where snapshots are written and read while they are taken, restored or imported.
+    pub work_dir: PathBuf,
+    /// Largest RDB file `PUT /v1/caches/{id}/import` takes, in MB.
+    pub import_max_mb: u64,
+    /// Seconds between the daily schedule's checks for open windows and expired snapshots.
+    pub schedule_interval: f64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            location: ".shoal/snapshots".into(),
+            s3_endpoint: None,
+            s3_region: "us-east-1".into(),
+            work_dir: ".shoal/snapshots-work".into(),
+            import_max_mb: 1024,
+            schedule_interval: 60.0,
+        }
+    }
 }
 
 impl ControlPlaneConfig {
@@ -118,6 +151,7 @@ impl Default for ControlPlaneConfig {
             // The gateway's default `max_connections`.
             gateway_max_connections: 10_000,
             default_data_storage_mb: DEFAULT_DATA_STORAGE_MB,
+            snapshots: SnapshotConfig::default(),
             metrics: None,
         }
     }

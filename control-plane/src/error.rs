@@ -29,6 +29,9 @@ pub enum ApiError {
     LoginFailed(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// A request body over its limit (413).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("the object changed since you read it (If-Match does not match its ETag)")]
     PreconditionFailed,
     #[error("internal error")]
@@ -63,6 +66,7 @@ impl ResponseError for ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized | ApiError::LoginFailed(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

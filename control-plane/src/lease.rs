@@ -48,6 +48,8 @@ const FIRST_TRY: Duration = Duration::from_secs(5);
 pub const STORAGE_SAMPLER: &str = "storage-sampler";
 /// The sweep of scoped tokens' ACL users ([`crate::token_users::run`]).
 pub const ACL_SWEEP: &str = "acl-sweep";
+/// The daily snapshots and their retention ([`crate::snapshots::schedule::run`]).
+pub const SNAPSHOT_SCHEDULE: &str = "snapshot-schedule";
 /// The limits coordinator ([`crate::limits::Coordinator::serve`]).
 pub const LIMITS: &str = "limits";
 

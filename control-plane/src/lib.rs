@@ -49,6 +49,7 @@ pub mod role;
 pub mod routes;
 pub mod secret;
 pub mod signing;
+pub mod snapshots;
 pub mod startup;
 pub mod state;
 pub mod storage;

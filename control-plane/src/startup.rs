@@ -162,7 +162,9 @@ pub async fn state(
     let verify_budget =
         std::sync::Mutex::new(crate::budget::FailureBudget::new(config.verify_failures_per_gateway));
     let limits_forwarder = crate::limits::Forwarder::new(&config).map_err(StartupError::Config)?;
+    let snapshots = crate::snapshots::SnapshotStore::open(&config.snapshots).map_err(StartupError::Config)?;
     let state = web::Data::new(AppState {
+        snapshots,
         metrics: crate::metrics::handle(config.metrics.as_ref()),
         config,
         store,
@@ -269,8 +271,13 @@ async fn start_leases(state: &Arc<AppState>, instance: &str, internal_url: Optio
     let store = state.store.clone();
     let interval = std::time::Duration::from_secs_f64(state.config.storage_interval);
     let sweep_interval = std::time::Duration::from_secs_f64(state.config.acl_sweep_interval);
-    let (s1, s2, s3) = (state.clone(), state.clone(), state.clone());
+    let schedule_interval = std::time::Duration::from_secs_f64(state.config.snapshots.schedule_interval);
+    let (s1, s2, s3, s4) = (state.clone(), state.clone(), state.clone(), state.clone());
     vec![
+        Lease::run(store.clone(), crate::lease::SNAPSHOT_SCHEDULE, instance, None, move |_| {
+            Box::pin(crate::snapshots::schedule::run(s4.clone(), schedule_interval))
+        })
+        .await,
         Lease::run(store.clone(), crate::lease::STORAGE_SAMPLER, instance, None, move |_| {
             Box::pin(crate::storage::run(s1.clone(), interval))
         })
@@ -327,6 +334,7 @@ pub fn public_app(
         .configure(routes::pools::configure)
         .configure(routes::accounts::configure)
         .configure(routes::caches::configure)
+        .configure(routes::snapshots::configure)
         .configure(routes::audit::configure)
         .configure(routes::tokens::configure)
         .configure(routes::me::configure)

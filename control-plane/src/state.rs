@@ -31,4 +31,6 @@ pub struct AppState {
     /// This process among the control planes ([`crate::lease::instance_id`]).
     pub instance: String,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Where snapshot files are kept.
+    pub snapshots: crate::snapshots::SnapshotStore,
 }

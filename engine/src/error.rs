@@ -22,6 +22,9 @@ pub enum EngineError {
     /// A node's files or settings do not fit what it is asked to be.
     #[error("{0}")]
     Config(String),
+    /// Reading a node's data for a snapshot, or writing a snapshot's keys, failed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl EngineError {
@@ -37,6 +40,7 @@ impl EngineError {
             EngineError::NoHealthyNode => "no_healthy_node",
             EngineError::NoPrimary(_) => "no_primary",
             EngineError::Config(_) => "config",
+            EngineError::Snapshot(_) => "snapshot",
         }
     }
 }

@@ -11,6 +11,8 @@
 //!   rejoining restarted and replaced nodes, topology, adding and removing shards.
 //! - [`placement`]: which node and database a new cache gets (least loaded).
 //! - [`tenant`]: the ACL rules that fence a cache into its database and channels.
+//! - [`snapshot`]: a cache's databases read from a node's replication stream as an RDB;
+//!   keys written back with `RESTORE`.
 //! - [`private`]: secret files 0600, folders 0700 (umask and repair).
 //! - [`error`]: typed errors.
 
@@ -20,6 +22,7 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod private;
+pub mod snapshot;
 pub mod storage;
 pub mod tenant;
 
@@ -31,5 +34,6 @@ pub use pool::{
     ClusterMembers, Pool, PoolConfig, Supervisor, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT,
     RESERVED_MEMORY_PERCENT,
 };
+pub use snapshot::{RestoreKey, SnapshotFile};
 pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

@@ -464,6 +464,12 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// Where and as whom to log in as the platform's admin user, for a plain socket (a
+    /// snapshot's replication stream).
+    pub(crate) fn admin_login(&self) -> (String, u16, String, String) {
+        (self.spec.host.clone(), self.spec.port, ADMIN_USER.to_string(), self.admin_password.clone())
+    }
+
     /// Credentials of the observer user (see [`OBSERVER_USER`]), for gateways.
     pub fn observer_password(&self) -> &str {
         &self.observer_password
@@ -503,7 +509,6 @@ impl Node {
                 "cluster-enabled yes\ncluster-config-file nodes.conf\n\
                  cluster-node-timeout {timeout}\ncluster-databases {databases}\n\
                  cluster-replica-validity-factor 0\ncluster-allow-replica-migration no\n\
-                 repl-diskless-sync-delay 0\n\
                  masteruser {ADMIN_USER}\nmasterauth {password}\n",
                 timeout = mode.node_timeout.as_millis().max(1),
                 databases = self.databases,
@@ -530,6 +535,7 @@ impl Node {
              aclfile {dir}/users.acl\n\
              enable-debug-command no\nenable-module-command no\nenable-protected-configs no\n\
              sanitize-dump-payload yes\n\
+             repl-diskless-sync-delay 0\n\
              notify-keyspace-events \"{events}\"\n\
              maxmemory {maxmemory}\nmaxmemory-policy {policy}\n\
              busy-reply-threshold {busy_ms}\n\

@@ -29,6 +29,7 @@ mod resources_gateway;
 mod resources_node;
 mod revocation;
 mod secrets;
+mod snapshots;
 mod storage;
 mod tls;
 mod users;

@@ -3,8 +3,8 @@
 //
 //   node tests/portal/e2e.mjs <base url> <admin token> <cache name> <auditor token> <screenshot dir> <other cache> <account name>
 //
-// <account name> owns <cache name>. Logs in, opens the cache, checks its charts plot real usage, mints a token, downloads an
-// invoice CSV, filters the audit log, checks the phone layout, and that an auditor of the
+// <account name> owns <cache name>. Logs in, opens the cache, checks its charts plot real usage, mints a token, takes a snapshot
+// (downloads it, restores it into a new cache), downloads an invoice CSV, filters the audit log, checks the phone layout, and that an auditor of the
 // cache's account sees no write controls and not <other cache> (another account's). Screenshots go to <screenshot dir>. Exits non-zero on the first failure.
 
 import { check, launch } from './browser.mjs';
@@ -141,6 +141,22 @@ try {
   check((await page.getByRole('table', { name: 'Cache users' }).innerText()).includes('on ~app:* +@read'), 'a cache user is created with its access string');
   await noStrayText(page, 'users and tokens');
   await page.screenshot({ path: join(shots, '03-users-and-tokens.png'), fullPage: true });
+
+  // Snapshots: take one, download it as RDB, restore it into a new cache.
+  await page.getByRole('link', { name: 'Snapshots' }).click();
+  await page.getByRole('heading', { level: 1, name: `Cache ${cacheName}: snapshots` }).waitFor();
+  await page.getByLabel('Name', { exact: true }).fill('portal-snap');
+  await page.getByRole('button', { name: 'Take snapshot' }).click();
+  const snapDownload = page.getByRole('button', { name: 'Download snapshot portal-snap as RDB' });
+  await snapDownload.waitFor({ timeout: 30000 });
+  check((await page.getByRole('table', { name: `Snapshots of ${cacheName}` }).innerText()).includes('available'), 'the snapshot is listed as available');
+  const [rdb] = await Promise.all([page.waitForEvent('download'), snapDownload.click()]);
+  const rdbBytes = readFileSync(await rdb.path());
+  check(rdb.suggestedFilename() === 'portal-snap.rdb' && rdbBytes.subarray(0, 5).toString() === 'REDIS', 'the snapshot downloads as an RDB file');
+  await page.getByLabel('Name of a new cache restored from portal-snap').fill(`${cacheName}-copy`);
+  await page.getByRole('button', { name: 'Restore into a new cache' }).click();
+  await page.getByRole('heading', { level: 1, name: `Cache ${cacheName}-copy` }).waitFor();
+  await page.screenshot({ path: join(shots, '03b-restored-from-snapshot.png'), fullPage: true });
 
   // Billing: an invoice and its CSV.
   await page.getByRole('link', { name: 'Billing', exact: true }).click();

@@ -14,7 +14,8 @@ use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use shoal_billing::{
-    build_invoice, estimate, BillingError, Estimate, EstimateInput, Invoice, InvoiceStatus, Month,
+    build_invoice, estimate, BillingError, Estimate, EstimateInput, Invoice, InvoiceStatus, KeptSnapshot,
+    Month,
 };
 use shoal_types::AccountId;
 use utoipa::ToSchema;
@@ -99,6 +100,19 @@ pub async fn invoice_for(state: &AppState, account: &AccountId, month: Month) ->
     let usage = state.store.account_usage(account, month.start(), month.end()).await?;
     let storage = state.store.account_storage(account, month.start(), month.end()).await?;
     let mut invoice = build_invoice(account, month, &usage, &storage, &rates, now)?;
+    let kept: Vec<KeptSnapshot> = state
+        .store
+        .snapshots_kept_between(account, month.start() * 1000, month.end() * 1000)
+        .await?
+        .into_iter()
+        .map(|s| KeptSnapshot {
+            cache_id: s.cache_id,
+            bytes: s.bytes,
+            from: s.completed_at_ms.unwrap_or(s.created_at_ms) / 1000,
+            until: s.deleted_at_ms.map(|ms| ms / 1000),
+        })
+        .collect();
+    invoice.add_snapshot_storage(&kept);
     invoice.set_cache_names(&state.store.cache_names(account).await?);
     if invoice.status == InvoiceStatus::Final {
         if now < month.end() + state.config.invoice_grace_seconds {

@@ -8,7 +8,10 @@ use crate::domain::names;
 use crate::error::ApiError;
 use crate::routes::page::{self, PageQuery};
 use crate::routes::responses;
+use crate::snapshots::Existing;
 use crate::state::AppState;
+use crate::store::audit::AuditEvent;
+use crate::store::snapshots::{SnapshotKind, SnapshotRecord, SnapshotStatus};
 use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -122,6 +125,18 @@ pub struct CreateCache {
     /// once created.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Restore a snapshot into the new cache (its id; `GET /v1/snapshots` lists them): the
+    /// snapshot's keys, with the TTLs they had left when it was taken. `databases` defaults
+    /// to the snapshot's; the snapshot must fit the new cache's `data_storage_mb`.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+    /// The UTC start ("HH:MM") of a daily one-hour window in which an automatic snapshot is
+    /// taken; absent: none.
+    #[serde(default)]
+    pub snapshot_window: Option<String>,
+    /// How many automatic snapshots to keep (1–35; default 1 with a window).
+    #[serde(default)]
+    pub snapshot_retention_limit: Option<u32>,
 }
 
 /// Body of `PATCH /v1/caches/{id}`: any number of fields at once (JSON merge patch; `null`
@@ -137,6 +152,9 @@ pub struct PatchCache {
     pub eviction_policy: Option<String>,
     pub tags: Option<BTreeMap<String, String>>,
     pub keyspace_notifications: Option<String>,
+    /// "HH:MM" (UTC) to take a daily snapshot, "" to stop.
+    pub snapshot_window: Option<String>,
+    pub snapshot_retention_limit: Option<u32>,
 }
 
 /// Where the cache lives (a summary; node names are internal).
@@ -172,6 +190,10 @@ pub struct Cache {
     pub tags: BTreeMap<String, String>,
     /// Keyspace-notification flags ("" = off).
     pub keyspace_notifications: String,
+    /// The UTC start ("HH:MM") of the daily snapshot window; "" = no daily snapshot.
+    pub snapshot_window: String,
+    /// Automatic snapshots kept.
+    pub snapshot_retention_limit: u32,
     pub allocation: Allocation,
     /// Changes with every update; send it back in `If-Match`.
     pub etag: String,
@@ -213,6 +235,8 @@ impl Cache {
             eviction_policy: c.eviction_policy.clone(),
             tags: serde_json::from_str(&c.tags).unwrap_or_default(),
             keyspace_notifications: c.keyspace_events.clone(),
+            snapshot_window: c.snapshot_window.clone(),
+            snapshot_retention_limit: c.snapshot_retention,
             allocation: Allocation { databases: c.databases, node: who.is_admin().then(|| c.node.clone()) },
             etag: page::etag(c.version),
             created_at: c.created_at.clone(),
@@ -240,6 +264,25 @@ fn validate_eviction_policy(p: &str) -> Result<(), ApiError> {
             format!("eviction_policy must be one of {}", EVICTION_POLICIES.join(", ")),
         ))
     }
+}
+
+/// A daily snapshot window and retention as given: ("HH:MM" or "", kept).
+fn validate_schedule(window: &str, retention: Option<u32>) -> Result<(String, u32), ApiError> {
+    use crate::snapshots::schedule::{parse_window, MAX_RETENTION};
+    if !window.is_empty() && parse_window(window).is_none() {
+        return Err(ApiError::field(
+            "snapshot_window",
+            "snapshot_window is \"HH:MM\" (UTC), or \"\" for none",
+        ));
+    }
+    let retention = retention.unwrap_or(if window.is_empty() { 0 } else { 1 });
+    if retention > MAX_RETENTION || (!window.is_empty() && retention == 0) {
+        return Err(ApiError::field(
+            "snapshot_retention_limit",
+            format!("snapshot_retention_limit must be between 1 and {MAX_RETENTION} with a snapshot_window"),
+        ));
+    }
+    Ok((window.to_string(), retention))
 }
 
 fn validate_tags(tags: &BTreeMap<String, String>) -> Result<String, ApiError> {
@@ -298,9 +341,34 @@ async fn create(
     let eviction_policy = body.eviction_policy.unwrap_or_else(|| EVICTION_POLICIES[0].to_string());
     validate_eviction_policy(&eviction_policy)?;
     let tags = validate_tags(&body.tags.unwrap_or_default())?;
-    let databases = body.databases.unwrap_or(1);
+    let (snapshot_window, snapshot_retention) =
+        validate_schedule(body.snapshot_window.as_deref().unwrap_or(""), body.snapshot_retention_limit)?;
+    let snapshot = match &body.from_snapshot {
+        Some(id) => {
+            let s =
+                crate::routes::snapshots::visible_snapshot(state, who, id).await.map_err(|e| match e {
+                    ApiError::NotFound(_) => ApiError::field("from_snapshot", format!("no snapshot {id:?}")),
+                    e => e,
+                })?;
+            if s.status != SnapshotStatus::Available {
+                return Err(ApiError::field(
+                    "from_snapshot",
+                    format!("snapshot {id:?} is {}", s.status.as_str()),
+                ));
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    let databases = body.databases.or(snapshot.as_ref().map(|s| s.databases)).unwrap_or(1);
     if !(1..=MAX_DATABASES).contains(&databases) {
         return Err(ApiError::field("databases", format!("databases must be between 1 and {MAX_DATABASES}")));
+    }
+    if let Some(s) = snapshot.as_ref().filter(|s| s.databases > databases) {
+        return Err(ApiError::field(
+            "databases",
+            format!("the snapshot holds {} databases: the new cache needs at least as many", s.databases),
+        ));
     }
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
@@ -321,7 +389,7 @@ async fn create(
     }
 
     // One placement at a time, so two creates never pick the same database.
-    let _placing = state.placement_lock.lock().await;
+    let placing = state.placement_lock.lock().await;
     let same_name = CacheFilter {
         account: Some(account.clone()),
         name: Some(body.name.clone()),
@@ -333,6 +401,15 @@ async fn create(
     }
     let mut limits = limits;
     let storage_mb = *limits.data_storage_mb.get_or_insert(state.config.default_data_storage_mb);
+    if let Some(s) = snapshot.as_ref().filter(|s| s.bytes > storage_mb * 1_000_000) {
+        return Err(ApiError::Unprocessable {
+            detail: format!(
+                "the snapshot is {} MB; the new cache's data_storage_mb is {storage_mb}",
+                s.bytes.div_ceil(1_000_000)
+            ),
+            field: Some("limits.data_storage_mb".into()),
+        });
+    }
     let mut loads = pool.loads();
     for (node, db) in state.store.taken_databases(&pool_name).await? {
         if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
@@ -385,9 +462,11 @@ async fn create(
         tags,
         version: 1,
         updated_at: now,
+        snapshot_window,
+        snapshot_retention,
     };
     let mut event = ctx.cache_event(who, "cache.create", record.id.as_str(), &record);
-    event.details = serde_json::json!({ "name": record.name });
+    event.details = serde_json::json!({ "name": record.name, "from_snapshot": body.from_snapshot });
     let stored = async {
         let mut tx = state.store.begin().await?;
         store::insert_cache(tx.conn(), &record).await?;
@@ -405,8 +484,38 @@ async fn create(
     if !record.keyspace_events.is_empty() {
         apply_keyspace_events(state, &record.pool, &record.node).await?;
     }
+    drop(placing);
     tracing::info!(cache = %record.id, pool = %record.pool, node = %record.node, db = record.db, "cache created");
+    if let Some(snapshot) = &snapshot {
+        if let Err(e) = restore(state, &record, snapshot).await {
+            // Nothing stays of a cache whose restore failed.
+            let mut event = ctx.cache_event(who, "cache.delete", record.id.as_str(), &record);
+            event.reason = format!("restoring snapshot {} failed", snapshot.id);
+            let _placing = state.placement_lock.lock().await;
+            if let Err(e) = remove_cache(state, &record, event).await {
+                tracing::error!(cache = %record.id, error = %e, "could not remove a cache whose restore failed");
+            }
+            return Err(e);
+        }
+    }
     Ok(Cache::from_record(&record, &state.config, who))
+}
+
+/// Writes `snapshot`'s keys into the new cache `cache`.
+async fn restore(state: &AppState, cache: &CacheRecord, snapshot: &SnapshotRecord) -> Result<(), ApiError> {
+    let path = crate::snapshots::fetch(state, snapshot).await?;
+    let loaded = async {
+        let summary = crate::snapshots::inspect(&path).await.map_err(|e| {
+            ApiError::Conflict(format!("snapshot {} cannot be read: {e}; nothing was restored", snapshot.id))
+        })?;
+        crate::routes::snapshots::check_fits(state, cache, summary, false).await?;
+        crate::snapshots::load(state, cache, &path, Some(snapshot.created_at_ms), Existing::Empty).await
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    let loaded = loaded?;
+    tracing::info!(cache = %cache.id, snapshot = %snapshot.id, keys = loaded.keys, "snapshot restored");
+    Ok(())
 }
 
 /// MB of storage limits held on each node of engine pool `pool` by its live caches (`except`
@@ -580,6 +689,14 @@ pub async fn patch_cache(
         next.tags = validate_tags(&t)?;
         changed.push("tags");
     }
+    if patch.snapshot_window.is_some() || patch.snapshot_retention_limit.is_some() {
+        let window = patch.snapshot_window.unwrap_or_else(|| current.snapshot_window.clone());
+        let retention = patch
+            .snapshot_retention_limit
+            .or((current.snapshot_retention > 0).then_some(current.snapshot_retention));
+        (next.snapshot_window, next.snapshot_retention) = validate_schedule(&window, retention)?;
+        changed.push("snapshot_window");
+    }
     if let Some(k) = patch.keyspace_notifications {
         next.keyspace_events = shoal_engine::tenant::parse_keyspace_events(&k)
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
@@ -634,19 +751,56 @@ pub async fn patch_cache(
     )))
 }
 
+/// Query of `DELETE /v1/caches/{id}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Take a last snapshot with this name first (ElastiCache's `FinalSnapshotName`); if it
+    /// cannot be taken, the cache is not deleted.
+    pub final_snapshot: Option<String>,
+}
+
 /// Delete a cache: its ACL user and its cache users go (open connections close), its data
-/// is flushed.
-#[utoipa::path(delete, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id")),
-    responses((status = 204), responses::ChangeById),
+/// is flushed. Its snapshots stay until deleted.
+#[utoipa::path(delete, path = "/v1/caches/{id}", params(("id" = String, Path, description = "cache id"), DeleteQuery),
+    responses((status = 204), responses::ChangeById, responses::Conflict, responses::Unavailable),
     security(("bearer" = [])), tag = "caches")]
 pub async fn delete_cache(
     state: web::Data<AppState>,
     who: Principal,
     ctx: RequestContext,
     id: web::Path<String>,
+    q: web::Query<DeleteQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let _placing = state.placement_lock.lock().await;
     let cache = changeable_cache(&state, &who, &id).await?;
+    let mut event = ctx.cache_event(&who, "cache.delete", cache.id.as_str(), &cache);
+    if let Some(name) = &q.final_snapshot {
+        crate::routes::snapshots::validate_name(name)?;
+        let snap_event = ctx.cache_event(&who, "snapshot.create", cache.id.as_str(), &cache);
+        let mut record = crate::routes::snapshots::begin_snapshot(
+            &state,
+            &cache,
+            name.clone(),
+            SnapshotKind::Final,
+            snap_event,
+        )
+        .await?;
+        crate::snapshots::take(&state, &cache, &mut record).await.map_err(|e| {
+            ApiError::Unavailable(format!(
+                "the final snapshot could not be taken ({e}); the cache was not deleted"
+            ))
+        })?;
+        event.details = serde_json::json!({ "final_snapshot": record.id });
+    }
+    remove_cache(&state, &cache, event).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Removes a cache (the caller holds the placement lock): its cache users' and its own ACL
+/// users go (their connections close), its databases are flushed, its row is marked
+/// deleted with `event`.
+async fn remove_cache(state: &AppState, cache: &CacheRecord, mut event: AuditEvent) -> Result<(), ApiError> {
     let acl = TenantAcl {
         user: cache.id.acl_user(),
         password: cache.acl_password.clone(),
@@ -659,13 +813,14 @@ pub async fn delete_cache(
     let users = pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
     pool.delete_cache_users(&cache.node, &users).await?;
     pool.delete_tenant(&cache.node, &acl).await?;
-    let mut event = ctx.cache_event(&who, "cache.delete", cache.id.as_str(), &cache);
     let mut tx = state.store.begin().await?;
     store::mark_cache_deleted(tx.conn(), &cache.id).await?;
     let removed = store::users::delete_cache_users(tx.conn(), &cache.id).await?;
-    event.details = serde_json::json!({ "cache_users_deleted": removed });
+    if let Some(details) = event.details.as_object_mut() {
+        details.insert("cache_users_deleted".into(), removed.into());
+    }
     tx.commit(&event).await?;
-    apply_keyspace_events(&state, &cache.pool, &cache.node).await?;
+    apply_keyspace_events(state, &cache.pool, &cache.node).await?;
     tracing::info!(cache = %cache.id, "cache deleted");
-    Ok(HttpResponse::NoContent().finish())
+    Ok(())
 }

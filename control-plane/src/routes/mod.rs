@@ -15,6 +15,7 @@ pub mod pools;
 pub mod portal;
 pub mod responses;
 pub mod sessions;
+pub mod snapshots;
 pub mod tokens;
 pub mod usage;
 pub mod users;

@@ -11,6 +11,7 @@ mod billing;
 pub mod gateways;
 pub mod idempotency;
 pub mod leases;
+pub mod snapshots;
 mod storage;
 mod usage;
 pub mod users;
@@ -83,6 +84,10 @@ pub struct CacheRecord {
     /// Bumped by every change; the ETag.
     pub version: i64,
     pub updated_at: String,
+    /// The daily snapshot: ("HH:MM" UTC start of the window, "" = off; automatic
+    /// snapshots kept).
+    pub snapshot_window: String,
+    pub snapshot_retention: u32,
 }
 
 /// Filters and page of `GET /v1/caches`.
@@ -413,8 +418,10 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     sqlx::query(
         "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
                              keyspace_events, description, ecpu_per_second, data_storage_mb, max_connections,
-                             eviction_policy, tags, version, updated_at, pool)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                             eviction_policy, tags, version, updated_at, pool, snapshot_window,
+                             snapshot_retention)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+                 $21)",
     )
     .bind(c.id.as_str())
     .bind(c.account_id.as_str())
@@ -435,6 +442,8 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     .bind(c.version)
     .bind(&c.updated_at)
     .bind(&c.pool)
+    .bind(&c.snapshot_window)
+    .bind(i64::from(c.snapshot_retention))
     .execute(conn)
     .await
     .map(|_| ())
@@ -450,7 +459,7 @@ pub async fn update_cache(
     let done = sqlx::query(
         "UPDATE caches SET name = $1, description = $2, ecpu_per_second = $3, data_storage_mb = $4,
                 max_connections = $5, eviction_policy = $6, tags = $7, keyspace_events = $8,
-                version = version + 1, updated_at = $9
+                version = version + 1, updated_at = $9, snapshot_window = $12, snapshot_retention = $13
          WHERE id = $10 AND version = $11 AND status <> 'deleted'",
     )
     .bind(&c.name)
@@ -464,6 +473,8 @@ pub async fn update_cache(
     .bind(now())
     .bind(c.id.as_str())
     .bind(version)
+    .bind(&c.snapshot_window)
+    .bind(i64::from(c.snapshot_retention))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -559,6 +570,8 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
         tags: r.get("tags"),
         version: r.get("version"),
         updated_at: r.get("updated_at"),
+        snapshot_window: r.get("snapshot_window"),
+        snapshot_retention: u32::try_from(r.get::<i64, _>("snapshot_retention")).unwrap_or(0),
     })
 }
 

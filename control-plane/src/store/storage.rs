@@ -300,6 +300,8 @@ mod tests {
             tags: "{}".into(),
             version: 1,
             updated_at: super::super::now(),
+            snapshot_window: String::new(),
+            snapshot_retention: 0,
         };
         let mut conn = store.pool.acquire().await.unwrap();
         super::super::insert_cache(&mut conn, &record).await.unwrap();

@@ -791,6 +791,16 @@ impl Cluster {
             .collect())
     }
 
+    /// Each serving shard's slot ranges and its current primary (see [`Cluster::primaries`]).
+    pub async fn slot_owners(&self) -> Result<Vec<(Ranges, Arc<Node>)>, EngineError> {
+        let (_, shards) = self.shards().await?;
+        Ok(shards
+            .iter()
+            .filter(|s| !s.slots.is_empty())
+            .filter_map(|s| Some((s.slots.clone(), self.member_by_id(&s.primary_id()?).ok()?)))
+            .collect())
+    }
+
     /// The observer user's password, the same on every node.
     pub fn observer_password(&self) -> &str {
         &self.observer_password
@@ -1289,7 +1299,7 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
 }
 
 /// Inclusive slot ranges.
-type Ranges = Vec<(u16, u16)>;
+pub type Ranges = Vec<(u16, u16)>;
 
 /// `shards` even, contiguous slot ranges covering every slot.
 fn even_ranges(shards: usize) -> Vec<(u16, u16)> {

@@ -18,23 +18,7 @@
 use crate::resp::reply::ReplyScanner;
 use shoal_commands::{CommandSpec, Hits};
 
-/// Milli-ECPU for moving `bytes` (1 ECPU per KiB, rounded down to the milli-ECPU).
-pub fn transfer_milli(bytes: u64) -> u64 {
-    bytes * 1000 / 1024
-}
-
-/// Bytes a free command (`weight == 0`) may move for free: past this, it is billed by
-/// transfer like any command, so a `PING <512 MB>` is neither free nor unlimited.
-pub const FREE_BYTES: u64 = 1024;
-
-/// The rule: milli-ECPU of one command. `weight == 0` means free, up to [`FREE_BYTES`].
-pub fn ecpu_milli(weight: u32, per_element: u32, elements: u64, request: u64, reply: u64) -> u64 {
-    if weight == 0 {
-        return if request + reply > FREE_BYTES { transfer_milli(request + reply) } else { 0 };
-    }
-    let work = weight as u64 + per_element as u64 * elements;
-    work.max(transfer_milli(request + reply))
-}
+pub use shoal_commands::ecpu::{ecpu_milli, transfer_milli, FREE_BYTES};
 
 /// What a script (EVAL, EVALSHA, FCALL and their `_RO` forms) costs beyond its weight for
 /// the time it ran: 1 ECPU per started millisecond after the first, so a 4 s script costs
