@@ -152,7 +152,7 @@ try {
   check((await page.getByRole('table', { name: `Snapshots of ${cacheName}` }).innerText()).includes('available'), 'the snapshot is listed as available');
   const [rdb] = await Promise.all([page.waitForEvent('download'), snapDownload.click()]);
   const rdbBytes = readFileSync(await rdb.path());
-  check(rdb.suggestedFilename() === 'portal-snap.rdb' && rdbBytes.subarray(0, 5).toString() === 'REDIS', 'the snapshot downloads as an RDB file');
+  check(rdb.suggestedFilename() === 'portal-snap.rdb' && /^(REDIS|VALKEY)\d{3,4}$/.test(rdbBytes.subarray(0, 9).toString()), 'the snapshot downloads as an RDB file');
   await page.getByLabel('Name of a new cache restored from portal-snap').fill(`${cacheName}-copy`);
   await page.getByRole('button', { name: 'Restore into a new cache' }).click();
   await page.getByRole('heading', { level: 1, name: `Cache ${cacheName}-copy` }).waitFor();
