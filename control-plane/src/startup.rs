@@ -211,9 +211,7 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
             .app_data(internal_state.clone())
             .app_data(json_config())
             .app_data(web::PathConfig::default().error_handler(crate::error::path_error))
-            // Every gateway asks for limit shares 4 times a second and for revocations once:
-            // not one log line each.
-            .wrap(logger().exclude("/internal/v1/limits").exclude("/internal/v1/revocations"))
+            .wrap(actix_web::middleware::from_fn(internal_access_log))
             .configure(routes::internal::configure)
             .configure(routes::usage::configure_internal)
             .default_service(web::to(not_found))
@@ -365,6 +363,28 @@ fn json_config() -> web::JsonConfig {
 fn logger() -> actix_web::middleware::Logger {
     actix_web::middleware::Logger::new("%a \"%r\" %s %Dms request_id=%{x-request-id}o")
         .log_target("shoal::http")
+}
+
+/// The internal API's access log. Gateways and engine agents poll it several times a second
+/// (limit shares, revocations, keys, usage, reports): a request that succeeds is logged at
+/// debug only, so the terminal keeps the events a developer wants to see; a refused or
+/// failed one at warn.
+async fn internal_access_log(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let began = std::time::Instant::now();
+    let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let request = format!("{} {}", req.method(), req.path());
+    let res = next.call(req).await?;
+    let status = res.status().as_u16();
+    let ms = began.elapsed().as_secs_f64() * 1000.0;
+    if status >= 400 {
+        tracing::warn!(target: "shoal::http", "{peer} \"{request}\" {status} {ms:.3}ms (internal API)");
+    } else {
+        tracing::debug!(target: "shoal::http", "{peer} \"{request}\" {status} {ms:.3}ms (internal API)");
+    }
+    Ok(res)
 }
 
 /// The internal listener's TLS configuration from PEM files.

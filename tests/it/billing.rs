@@ -260,3 +260,21 @@ async fn a_past_month_is_final_and_frozen_late_usage_no_longer_changes_it() {
     assert_eq!(list["items"][0]["status"], "final", "{list}");
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_new_platform_has_no_invoice_for_a_month_before_it_existed() {
+    let dev = ShoalDev::start().await;
+    let (status, _, list) = dev
+        .call(Some(&dev.admin_token()), Method::GET, "/v1/invoices?account_id=a000000000000", None, &[])
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let this_month = chrono::Utc::now().format("%Y-%m").to_string();
+    let months: Vec<&str> =
+        list["items"].as_array().unwrap().iter().map(|i| i["month"].as_str().unwrap()).collect();
+    assert_eq!(months, [this_month.as_str()], "only the month the platform started in: {list}");
+    let earlier =
+        format!("a000000000000-{}", (chrono::Utc::now() - chrono::Duration::days(40)).format("%Y-%m"));
+    let (status, _, _) =
+        dev.call(Some(&dev.admin_token()), Method::GET, &format!("/v1/invoices/{earlier}"), None, &[]).await;
+    assert_eq!(status, 404, "no invoice before the account existed");
+}

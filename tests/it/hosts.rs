@@ -1,7 +1,7 @@
 //! Many machines (issue 19): control planes, engine hosts and gateways each in its own
 //! network namespace with its own address, on PostgreSQL (`support::hosts`), under a running
 //! workload (`support::checker`: known keys written and read back on several caches), while
-//! one part fails. Each test prints `FIGURE …` lines (the README's "Running on many
+//! one part fails. Each test prints `FIGURE …` lines (docs/operations.md, "Run it on many
 //! machines" quotes them).
 //!
 //! One control plane, but in the scenario of two (the background jobs' leases, the limits
@@ -818,7 +818,7 @@ fn newest_storage_sample(dep: &Deployment) -> i64 {
 }
 
 /// Two control planes on one PostgreSQL (issue 19). The first to start holds the leases of
-/// the storage sampler and the sweep of token ACL users; the limits coordinator is in one
+/// the storage sampler, the sweep of token ACL users and the snapshot schedule; the limits coordinator is in one
 /// of the two, once gateways ask, and the other forwards its gateway's limit reports to it,
 /// so a cache's connection limit holds across two gateways that ask different control
 /// planes. `kill -9` of the holder: the
@@ -827,7 +827,7 @@ fn newest_storage_sample(dep: &Deployment) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_control_planes_jobs_are_taken_over_by_the_other_within_10_s() {
     let Some(mut dep) = deployment(Layout { control_planes: 2, ..Layout::default() }).await else { return };
-    let names = ["acl-sweep", "limits", "storage-sampler"];
+    let names = ["acl-sweep", "limits", "snapshot-schedule", "storage-sampler"];
     let held = |v: f64| names.iter().map(|n| (n.to_string(), v)).collect::<Vec<_>>();
     let lease = |list: &Option<Vec<(String, f64)>>, name: &str| {
         list.as_ref().and_then(|l| l.iter().find(|(n, _)| n == name).map(|(_, v)| *v))
@@ -857,7 +857,7 @@ async fn a_killed_control_planes_jobs_are_taken_over_by_the_other_within_10_s() 
     }
 
     let (cp1, cp2) = (leases_held(&dep, 0).await, leases_held(&dep, 1).await);
-    for name in ["acl-sweep", "storage-sampler"] {
+    for name in ["acl-sweep", "snapshot-schedule", "storage-sampler"] {
         assert_eq!(
             (lease(&cp1, name), lease(&cp2, name)),
             (Some(1.0), Some(0.0)),

@@ -385,3 +385,29 @@ async fn the_password_check_is_throttled_per_user_and_source() {
     let answer = auth(&dev, &format!("alice@{id}"), password).await;
     assert!(answer.starts_with("-WRONGPASS too many failed attempts"), "{answer}");
 }
+
+#[tokio::test]
+async fn the_terminal_shows_no_internal_polling_but_shows_refused_internal_requests() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("quiet").await;
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    let mut c = dev.client(&token).await.unwrap();
+    let _: () = c.set("k", "v").await.unwrap();
+    // Several seconds of the gateway polling revocations, limits and posting usage.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = dev.log();
+    let internal: Vec<&str> =
+        log.lines().filter(|l| l.contains("/internal/v1/") || l.contains("jwks")).collect();
+    assert!(internal.is_empty(), "internal polling in the default log:\n{}", internal.join("\n"));
+    assert!(log.contains("\"POST /v1/caches"), "the public API's requests are still logged");
+    // A refused internal request is logged.
+    let refused = reqwest::Client::new()
+        .get(dev.internal_url("/internal/v1/revocations"))
+        .bearer_auth(WELL_FORMED)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let log = dev.log();
+    assert!(log.lines().any(|l| l.contains("GET /internal/v1/revocations") && l.contains("401")), "{log}");
+}

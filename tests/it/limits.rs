@@ -124,7 +124,7 @@ async fn cache_and_token(split: &Split, body: serde_json::Value) -> (String, Str
 
 /// A cache's limits hold for the cache as a whole across gateways: three `shoal gateway`s
 /// in front of one control plane, driven flat out, get the cache's ECPU/s between them
-/// (`SHOAL_SHARED_LIMIT=<ECPU/s>,<seconds>` for the README's figure, from `bench/`).
+/// (`SHOAL_SHARED_LIMIT=<ECPU/s>,<seconds>` for the figure in docs/limits.md, from `bench/`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ecpu_limit_holds_across_three_gateways() {
     let (limit, seconds): (u64, u64) = match std::env::var("SHOAL_SHARED_LIMIT") {

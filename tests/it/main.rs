@@ -25,6 +25,7 @@ mod pools;
 mod portal;
 mod production;
 mod reader;
+mod readme;
 mod resources_gateway;
 mod resources_node;
 mod revocation;
