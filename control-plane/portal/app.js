@@ -295,6 +295,7 @@ const pages = [
   [/^#\/billing$/, billingPage],
   [/^#\/audit$/, auditPage],
   [/^#\/pools$/, poolsPage],
+  [/^#\/accounts$/, accountsPage],
 ];
 
 async function route() {
@@ -399,15 +400,41 @@ async function overviewPage(view) {
   );
 }
 
+const EVICTION_POLICIES = ['volatile-lru', 'noeviction'];
+
+/** "k=v, k2=v2" → {k: v, k2: v2}. */
+function parseTags(text) {
+  const tags = {};
+  for (const part of text.split(',').map((t) => t.trim()).filter(Boolean)) {
+    const at = part.indexOf('=');
+    if (at < 1) throw new Error(`Tag "${part}" is not key=value.`);
+    tags[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return tags;
+}
+
 function createCacheForm() {
   const name = h('input', { name: 'name', required: true, pattern: '[A-Za-z0-9_\\-]{1,63}', maxlength: 63 });
+  const num = (n, min, max) => h('input', { type: 'number', name: n, min, max, inputmode: 'numeric' });
+  const ecpu = num('ecpu_per_second', 1);
+  const storage = num('data_storage_mb', 1);
+  const conns = num('max_connections', 1);
+  const databases = num('databases', 1, 16);
+  const policy = h('select', { name: 'eviction_policy' }, EVICTION_POLICIES.map((p) => h('option', { value: p, text: p })));
+  const tags = h('input', { name: 'tags', autocomplete: 'off', placeholder: 'team=web, env=prod' });
   const err = h('p.error', { role: 'alert', hidden: true });
   return h('form.inline', {
     'aria-labelledby': 'new-cache-h',
     onsubmit: async (e) => {
       e.preventDefault();
       try {
-        const c = await api('/v1/caches', { method: 'POST', body: { name: name.value } });
+        const limits = {};
+        if (ecpu.value) limits.ecpu_per_second = Number(ecpu.value);
+        if (storage.value) limits.data_storage_mb = Number(storage.value);
+        if (conns.value) limits.max_connections = Number(conns.value);
+        const body = { name: name.value, limits, eviction_policy: policy.value, tags: parseTags(tags.value) };
+        if (databases.value) body.databases = Number(databases.value);
+        const c = await api('/v1/caches', { method: 'POST', body });
         location.hash = `#/caches/${c.id}`;
       } catch (x) {
         err.textContent = x.message;
@@ -415,7 +442,111 @@ function createCacheForm() {
       }
     },
   }, h('h2', { id: 'new-cache-h', text: 'New cache' }), err,
-  field('Name', name, '1–63 letters, digits, - and _'), h('button', { type: 'submit', text: 'Create cache' }));
+  field('Name', name, '1–63 letters, digits, - and _'),
+  field('ECPU per second', ecpu, 'empty = no limit'),
+  field('Data storage (MB)', storage, 'empty = the default (100)'),
+  field('Max connections', conns, 'empty = default'),
+  field('Databases', databases, '1–16, default 1'),
+  field('Eviction policy', policy),
+  field('Tags', tags, 'key=value, comma-separated'),
+  h('button', { type: 'submit', text: 'Create cache' }));
+}
+
+/** Deletes cache `c` after the user confirms by typing its name. */
+function deleteCacheButton(c) {
+  return h('button.danger', {
+    type: 'button',
+    text: 'Delete cache',
+    onclick: async () => {
+      const typed = prompt(`Delete cache ${c.name}? Its data is flushed, its connections closed and its tokens refused. Type its name to confirm.`);
+      if (typed === null) return;
+      if (typed !== c.name) return announce('The name did not match: nothing was deleted.', 'error');
+      try {
+        await api(`/v1/caches/${c.id}`, { method: 'DELETE' });
+        announce(`Cache ${c.name} deleted.`);
+        location.hash = '#/overview';
+      } catch (e) { announce(e.message, 'error'); }
+    },
+  });
+}
+
+// ---------------------------------------------------------------- accounts
+
+async function accountsPage(view) {
+  const accounts = await loadAccounts();
+  const box = h('div');
+  const keysFor = async (a, where) => {
+    const list = await api(`/v1/accounts/${a.id}/api-keys`);
+    render(where, table(['Key', 'Name', 'Role', 'Created', ...(canWrite() ? ['Actions'] : [])], (list.items || []).map((k) => h('tr', {},
+      h('td', {}, h('code', { text: k.id })), h('td', { text: k.name }), h('td', { text: k.role }), h('td', { text: fmtTime(k.created_at) }),
+      canWrite() ? h('td.actions', {}, h('button.danger', {
+        type: 'button',
+        text: 'Revoke',
+        'aria-label': `Revoke key ${k.name} of ${a.name}`,
+        onclick: async () => {
+          if (!confirm(`Revoke key ${k.name}? It stops working at once.`)) return;
+          try {
+            await api(`/v1/api-keys/${k.id}`, { method: 'DELETE' });
+            announce('Key revoked.');
+            await keysFor(a, where);
+          } catch (e) { announce(e.message, 'error'); }
+        },
+      })) : null)), `API keys of ${a.name}`));
+  };
+  const draw = () => render(box, ...accounts.map((a) => {
+    const keys = h('div');
+    const keyName = h('input', { name: 'key-name', required: true, autocomplete: 'off', 'aria-label': `Name of a new key for ${a.name}` });
+    const role = h('select', { name: 'key-role', 'aria-label': `Role of a new key for ${a.name}` }, ['owner', 'auditor'].map((r) => h('option', { value: r, text: r })));
+    const form = canWrite() ? h('form.inline', {
+      onsubmit: async (e) => {
+        e.preventDefault();
+        try {
+          const k = await api(`/v1/accounts/${a.id}/api-keys`, { method: 'POST', body: { name: keyName.value, role: role.value } });
+          keyName.value = '';
+          await keysFor(a, keys);
+          showSecret(`New ${k.role} key ${k.name} for ${a.name} (shown once):`, k.token);
+        } catch (x) { announce(x.message, 'error'); }
+      },
+    }, keyName, role, h('button', { type: 'submit', text: `Create a key for ${a.name}` })) : null;
+    keysFor(a, keys).catch((e) => render(keys, errorBox(e)));
+    return h('section', { 'aria-label': `Account ${a.name}` }, h('h2', { text: `${a.name}` }),
+      h('p', {}, h('code', { text: a.id }), a.email ? ` · ${a.email}` : ''), keys, form);
+  }));
+  const name = h('input', { name: 'account-name', required: true, autocomplete: 'off', pattern: '[A-Za-z0-9 _\\-]{1,63}' });
+  const email = h('input', { name: 'account-email', type: 'email', autocomplete: 'off' });
+  const isAdmin = session.me && session.me.role === 'admin';
+  const create = isAdmin ? h('form.inline', {
+    'aria-labelledby': 'new-account-h',
+    onsubmit: async (e) => {
+      e.preventDefault();
+      try {
+        const a = await api('/v1/accounts', { method: 'POST', body: email.value ? { name: name.value, email: email.value } : { name: name.value } });
+        accounts.push(a);
+        session.accounts.set(a.id, a);
+        name.value = '';
+        email.value = '';
+        announce(`Account ${a.name} created.`);
+        draw();
+      } catch (x) { announce(x.message, 'error'); }
+    },
+  }, h('h2', { id: 'new-account-h', text: 'New account' }), field('Account name', name), field('Email', email, 'billing contact, optional'),
+  h('button', { type: 'submit', text: 'Create account' })) : null;
+  const rotate = isAdmin ? h('section', { 'aria-labelledby': 'signing-h' },
+    h('h2', { id: 'signing-h', text: 'Token signing key' }),
+    h('p', { text: 'A new key signs data-plane tokens from now on; tokens signed by the old key keep working until they expire.' }),
+    h('button.secondary', {
+      type: 'button',
+      text: 'Rotate the signing key',
+      onclick: async () => {
+        if (!confirm('Rotate the signing key? New tokens are signed with a new key.')) return;
+        try {
+          const r = await api('/v1/signing-keys/rotate', { method: 'POST' });
+          announce(`Signing key rotated: new tokens are signed by ${r.kid}.`);
+        } catch (e) { announce(e.message, 'error'); }
+      },
+    })) : null;
+  render(view, h('h1', { text: 'Accounts' }), h('div.minted', { hidden: true, 'aria-live': 'polite' }), create, box, rotate);
+  draw();
 }
 
 // ---------------------------------------------------------------- cache detail
@@ -444,7 +575,7 @@ async function snapshotsPage(view, id) {
         h('td.num', { text: fmtInt(s.keys) }),
         h('td.num', { text: fmtBytes(s.bytes) }),
         h('td', { text: fmtTime(s.created_at) }),
-        h('td.actions', {}, s.status !== 'available' ? null : [
+        h('td.actions', {}, s.status !== 'available' || !canWrite() ? null : [
           h('button.secondary', {
             type: 'button',
             text: 'Download',
@@ -456,8 +587,8 @@ async function snapshotsPage(view, id) {
               } catch (e) { announce(e.message, 'error'); }
             },
           }),
-          canWrite() ? restoreForm(s) : null,
-          canWrite() ? h('button.danger', {
+          restoreForm(s),
+          h('button.danger', {
             type: 'button',
             text: 'Delete',
             'aria-label': `Delete snapshot ${s.name}`,
@@ -469,7 +600,7 @@ async function snapshotsPage(view, id) {
                 await draw();
               } catch (e) { announce(e.message, 'error'); }
             },
-          }) : null,
+          }),
         ]))),
       `Snapshots of ${c.name}`));
     // A snapshot being taken: look again shortly.
@@ -597,12 +728,12 @@ async function cachePage(view, id) {
     const opts = { from: +from, to: +to };
     render(charts,
       lineChart({ ...opts, title: 'ECPU per second', points: series((p) => p.ecpu / perSecond(p)), format: (v) => fmtNum(v, 3), limit: limits.ecpu_per_second, limitLabel: 'ECPU/s limit' }),
-      lineChart({ ...opts, title: `Commands per ${granularity}`, points: series((p) => p.commands), format: fmtInt }),
+      lineChart({ ...opts, title: `Commands per ${granularity}`, points: series((p) => p.commands), format: fmtInt, integer: true }),
       lineChart({ ...opts, title: 'Hit rate', points: series((p) => (p.hits + p.misses ? (100 * p.hits) / (p.hits + p.misses) : null)), format: fmtPct, empty: 'No reads in this time range.' }),
       // Storage is sampled a few times a minute: a running period without a sample yet is unknown, not empty.
       lineChart({ ...opts, title: 'Storage', points: series((p) => (!p.storage_bytes && Date.parse(p.start) + step * 1000 > now ? null : p.storage_bytes)), format: fmtBytes, limit: limits.data_storage_mb ? limits.data_storage_mb * 1e6 : undefined, limitLabel: 'storage limit' }),
-      lineChart({ ...opts, title: 'Peak connections', points: series((p) => p.connections), format: fmtInt }),
-      lineChart({ ...opts, title: `Throttled commands per ${granularity}`, points: series((p) => p.throttled), format: fmtInt }),
+      lineChart({ ...opts, title: 'Peak connections', points: series((p) => p.connections), format: fmtInt, integer: true }),
+      lineChart({ ...opts, title: `Throttled commands per ${granularity}`, points: series((p) => p.throttled), format: fmtInt, integer: true }),
     );
   };
   rangeSelect.addEventListener('change', drawCharts);
@@ -616,7 +747,7 @@ async function cachePage(view, id) {
       charts),
     h('div.columns', {},
       h('section', { 'aria-labelledby': 'details-h' }, h('h2', { id: 'details-h', text: 'Settings' }), details,
-        canWrite() ? limitsForm(c) : null),
+        canWrite() ? limitsForm(c) : null, canWrite() ? deleteCacheButton(c) : null),
       h('section', { 'aria-labelledby': 'connect-h' },
         h('h2', { id: 'connect-h', text: 'Connect' }),
         h('p', { text: 'Any Redis or Valkey client works: log in with a token as the password (user default).' }),

@@ -14,12 +14,14 @@ function el(name, attrs = {}, text) {
   return node;
 }
 
-/** Round tick values covering [0, max]: 1, 2 or 5 times a power of ten apart. */
-export function niceTicks(max, count = 4) {
+/** Round tick values covering [0, max]: 1, 2 or 5 times a power of ten apart; whole numbers
+ * only for `integer` series (counts: no "0.5 connections"). */
+export function niceTicks(max, count = 4, integer = false) {
   if (!(max > 0)) return [0, 1];
   const raw = max / count;
   const pow = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 5, 10].map((m) => m * pow).find((s) => s >= raw);
+  const nice = [1, 2, 5, 10].map((m) => m * pow).find((s) => s >= raw);
+  const step = integer ? Math.max(1, Math.round(nice)) : nice;
   const ticks = [];
   for (let v = 0; v <= max + step * 1e-9; v += step) ticks.push(Number(v.toPrecision(12)));
   if (ticks[ticks.length - 1] < max) ticks.push(Number((ticks[ticks.length - 1] + step).toPrecision(12)));
@@ -36,9 +38,10 @@ function timeLabel(t, spanMs) {
 /**
  * A chart of `points` ([{t: ms, v: number|null}]) between `from` and `to` (ms).
  * Options: title, format (value → text), limit (a horizontal line), limitLabel, empty
- * (text when there is nothing to plot). Returns a <figure>.
+ * (text when there is nothing to plot), integer (a count: whole-number ticks). Returns a
+ * <figure>.
  */
-export function lineChart({ title, points, from, to, format = String, limit, limitLabel, empty }) {
+export function lineChart({ title, points, from, to, format = String, limit, limitLabel, empty, integer = false }) {
   const fig = document.createElement('figure');
   fig.className = 'chart';
   const cap = document.createElement('figcaption');
@@ -56,7 +59,7 @@ export function lineChart({ title, points, from, to, format = String, limit, lim
     return fig;
   }
   const max = Math.max(...values.map((p) => p.v), limit || 0);
-  const ticks = niceTicks(max);
+  const ticks = niceTicks(max, 4, integer);
   const top = ticks[ticks.length - 1] || 1;
   const span = Math.max(1, to - from);
   const x = (t) => PAD.left + ((t - from) / span) * (W - PAD.left - PAD.right);

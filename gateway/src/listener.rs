@@ -167,16 +167,28 @@ impl Gateway {
         }
         tracing::info!("gateway stopped accepting");
         if let Some(shipper) = shipper {
+            // One wait for the sessions and the workers together, one for the usage: a
+            // stop takes at most about 3 + 2 × SHUTDOWN_WAIT, whatever the control plane does.
+            let sessions_deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
             let closed = shared.clients.kill_all();
             sessions_ended(&shared, SHUTDOWN_WAIT).await;
             tracing::info!(closed, "sessions closed");
             for worker in workers {
-                let _ = tokio::time::timeout(SHUTDOWN_WAIT, worker).await;
+                let _ = tokio::time::timeout_at(sessions_deadline, worker).await;
             }
-            if let Ok(outbox) = shipper.await {
-                let (ledger, clients) = (&shared.ledger, &shared.clients);
-                crate::metering::usage::finish(outbox, ledger, clients, &shared.control_plane, SHUTDOWN_WAIT)
-                    .await;
+            let usage_deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
+            match tokio::time::timeout_at(usage_deadline, shipper).await {
+                Ok(Ok(outbox)) => {
+                    let (ledger, clients) = (&shared.ledger, &shared.clients);
+                    let left = usage_deadline.saturating_duration_since(tokio::time::Instant::now());
+                    crate::metering::usage::finish(outbox, ledger, clients, &shared.control_plane, left)
+                        .await;
+                }
+                // Still sending to a control plane that does not answer: what it holds is in
+                // the usage journal and spool, sent by the next start.
+                _ => {
+                    tracing::warn!("usage not delivered before stopping: it stays on disk for the next start")
+                }
             }
         }
     }

@@ -452,6 +452,20 @@ async fn a_corrupt_snapshot_is_refused_at_restore_and_a_delete_can_take_a_final_
     let mut c = dev.client(&token).await.unwrap();
     let _: () = q(&mut c, &["SET", "last", "words"]).await;
 
+    // Each snapshot forks the node: 20 a day per cache, then 429 (a final one still goes).
+    let (_, cached) = dev.api(Method::GET, &format!("/v1/caches/{a}"), None).await;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for i in 0..20 {
+        dev.sql(&format!(
+            "INSERT INTO snapshots (id, account_id, cache_id, cache_name, name, kind, status, databases, created_at_ms, completed_at_ms, deleted_at_ms)
+             VALUES ('snap-day{i}', '{}', '{a}', 'final', 'day{i}', 'manual', 'available', 1, {now_ms}, {now_ms}, {now_ms})",
+            cached["account_id"].as_str().unwrap()
+        ));
+    }
+    let (status, body) = dev.api(Method::POST, &format!("/v1/caches/{a}/snapshots"), None).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("20 snapshots"), "{body}");
+
     let (status, _, body) = dev
         .call(
             Some(&dev.admin_token()),

@@ -216,3 +216,31 @@ async fn a_cache_connection_limit_overrides_the_gateway_default() {
     .await;
     drop((c1, c2, roomy, plain));
 }
+
+#[tokio::test]
+async fn a_new_caches_stored_bytes_show_in_its_usage_at_once_per_minute_and_per_hour() {
+    let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
+    let (id, token) = create(&dev, "fresh", serde_json::json!({})).await;
+    let mut c = dev.client(&token).await.unwrap();
+    let value = "v".repeat(100);
+    for i in 0..50 {
+        let _: () = redis::cmd("SET").arg(format!("k{i}")).arg(&value).query_async(&mut c).await.unwrap();
+    }
+    // 50 keys of 100 bytes: over 5 kB stored. The running minute and hour are averaged over
+    // the seconds the cache existed in them, not diluted to nearly nothing.
+    for granularity in ["minute", "hour"] {
+        let path = format!("/v1/caches/{id}/usage?granularity={granularity}");
+        eventually(Duration::from_secs(10), &format!("{granularity}: the stored bytes"), || async {
+            let (_, usage) = dev.api(reqwest::Method::GET, &path, None).await;
+            let last = usage["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|p| p["storage_bytes"].as_u64() > Some(0))
+                .cloned();
+            last.is_some_and(|p| p["storage_bytes"].as_u64().unwrap() > 3_000)
+        })
+        .await;
+    }
+}

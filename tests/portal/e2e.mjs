@@ -86,6 +86,9 @@ try {
   check(await conns.locator('svg path.line').count() > 0 && await conns.locator('p.nodata').count() === 0,
     'the connections chart is drawn (not an empty state)');
   check(Number(await conns.getAttribute('data-nonzero')) > 0, 'the connections chart plots the connected client');
+  const connTicks = await conns.locator('svg text.tick[x="46"]').allTextContents();
+  check(connTicks.every((t) => /^\d[\d,]*$/.test(t)) && new Set(connTicks).size === connTicks.length,
+    `the connections chart's axis counts in whole numbers (${connTicks.join(', ')})`);
   // The readout follows the keyboard.
   await ecpu.locator('svg').focus();
   await page.keyboard.press('End');
@@ -157,6 +160,50 @@ try {
   await page.getByRole('button', { name: 'Restore into a new cache' }).click();
   await page.getByRole('heading', { level: 1, name: `Cache ${cacheName}-copy` }).waitFor();
   await page.screenshot({ path: join(shots, '03b-restored-from-snapshot.png'), fullPage: true });
+  // Deleting a cache asks for its name first; a wrong name deletes nothing.
+  page.once('dialog', (d) => d.accept('not-its-name'));
+  await page.getByRole('button', { name: 'Delete cache' }).click();
+  await page.getByText('The name did not match: nothing was deleted.').waitFor();
+  page.once('dialog', (d) => d.accept(`${cacheName}-copy`));
+  await page.getByRole('button', { name: 'Delete cache' }).click();
+  await page.getByRole('heading', { level: 1, name: 'Overview' }).waitFor();
+  check((await page.getByRole('link', { name: `${cacheName}-copy` }).count()) === 0, 'a deleted cache leaves the overview');
+
+  // A cache created with limits, an eviction policy, databases and tags.
+  await page.getByLabel('Name', { exact: true }).fill('made-in-portal');
+  await page.getByLabel('ECPU per second', { exact: true }).fill('5000');
+  await page.getByLabel('Data storage (MB)', { exact: true }).fill('50');
+  await page.getByLabel('Databases', { exact: true }).fill('4');
+  await page.getByLabel('Eviction policy', { exact: true }).selectOption('noeviction');
+  await page.getByLabel('Tags', { exact: true }).fill('team=web, env=test');
+  await page.getByRole('button', { name: 'Create cache' }).click();
+  await page.getByRole('heading', { level: 1, name: 'Cache made-in-portal' }).waitFor();
+  const settings = await page.locator('dl.details').innerText();
+  check(['5,000', '50 MB', 'noeviction', 'team=web', 'env=test'].every((s) => settings.includes(s)) && /Databases\s+4/.test(settings),
+    `a cache is created with its limits, policy, databases and tags (${settings.replace(/\s+/g, ' ')})`);
+
+  // Accounts: create one, a key for it (shown once), revoke it; rotate the signing key.
+  await page.getByRole('link', { name: 'Accounts', exact: true }).click();
+  await page.getByRole('heading', { level: 1, name: 'Accounts' }).waitFor();
+  await page.getByLabel('Account name', { exact: true }).fill('portal-made');
+  await page.getByRole('button', { name: 'Create account' }).click();
+  await page.getByRole('heading', { level: 2, name: 'portal-made' }).waitFor();
+  await page.getByLabel('Name of a new key for portal-made').fill('ci');
+  await page.getByLabel('Role of a new key for portal-made').selectOption('auditor');
+  await page.getByRole('button', { name: 'Create a key for portal-made' }).click();
+  await page.getByLabel('Secret', { exact: true }).waitFor();
+  const newKey = await page.getByLabel('Secret', { exact: true }).inputValue();
+  check(newKey.length > 20, 'a new API key is shown once');
+  const keyCheck = await fetch(`${base}/v1/me`, { headers: { Authorization: `Bearer ${newKey}` } });
+  check(keyCheck.status === 200 && (await keyCheck.json()).role === 'auditor', 'the new key works, as an auditor');
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Revoke key ci of portal-made' }).click();
+  await page.getByText('Key revoked.').waitFor();
+  check((await fetch(`${base}/v1/me`, { headers: { Authorization: `Bearer ${newKey}` } })).status === 401, 'a revoked key stops working at once');
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Rotate the signing key' }).click();
+  await page.getByText(/Signing key rotated/).waitFor();
+  await page.screenshot({ path: join(shots, '03c-accounts.png'), fullPage: true });
 
   // Billing: an invoice and its CSV.
   await page.getByRole('link', { name: 'Billing', exact: true }).click();

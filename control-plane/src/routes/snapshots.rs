@@ -141,7 +141,12 @@ pub fn default_name(cache: &CacheRecord, kind: SnapshotKind) -> String {
     }
 }
 
+/// Most snapshots of one cache in 24 hours (ElastiCache allows 20 manual snapshots a day):
+/// each one forks the cache's node.
+pub const SNAPSHOTS_PER_DAY: usize = 20;
+
 /// Inserts a new `creating` snapshot of `cache` with its audit record (`snapshot.create`).
+/// One at a time per cache, and at most [`SNAPSHOTS_PER_DAY`] a day.
 pub async fn begin_snapshot(
     state: &AppState,
     cache: &CacheRecord,
@@ -150,6 +155,17 @@ pub async fn begin_snapshot(
     mut event: AuditEvent,
 ) -> Result<SnapshotRecord, ApiError> {
     let record = snapshots::new_record(cache, name, kind);
+    let recent = state.store.snapshots_since(&cache.id, record.created_at_ms - 86_400_000).await?;
+    if recent.iter().any(|s| s.status == SnapshotStatus::Creating) {
+        return Err(ApiError::Conflict(
+            "a snapshot of this cache is being taken; try again when it is done".into(),
+        ));
+    }
+    if recent.len() >= SNAPSHOTS_PER_DAY && kind != SnapshotKind::Final {
+        return Err(ApiError::TooManyRequests(format!(
+            "at most {SNAPSHOTS_PER_DAY} snapshots of a cache in 24 hours (each forks its node); try again later"
+        )));
+    }
     event.target = record.id.clone();
     event.details = serde_json::json!({ "name": record.name, "kind": kind.as_str() });
     let mut tx = state.store.begin().await?;
@@ -169,7 +185,8 @@ pub async fn begin_snapshot(
 /// `available` (or `failed`, with the reason) when done: poll `GET /v1/snapshots/{id}`.
 #[utoipa::path(post, path = "/v1/caches/{id}/snapshots", request_body = CreateSnapshot,
     params(("id" = String, Path, description = "cache id")),
-    responses((status = 202, body = Snapshot), responses::ChangeById, responses::Conflict),
+    responses((status = 202, body = Snapshot), responses::ChangeById, responses::Conflict,
+              (status = 429, description = "20 snapshots of this cache in the last 24 hours already")),
     security(("bearer" = [])), tag = "snapshots")]
 pub async fn create_snapshot(
     state: web::Data<AppState>,
@@ -294,7 +311,8 @@ pub async fn remove(state: &AppState, snapshot: &SnapshotRecord, event: &AuditEv
 }
 
 /// Download a snapshot as a standard RDB file (it loads in any Valkey:
-/// `valkey-server --dbfilename <file>`). Its checksum is verified first.
+/// `valkey-server --dbfilename <file>`). Its checksum is verified first. The file is the
+/// cache's data: owners and admins only (auditors read about snapshots, not their data).
 #[utoipa::path(get, path = "/v1/snapshots/{id}/rdb", params(("id" = String, Path, description = "snapshot id")),
     responses((status = 200, description = "the RDB file", content_type = "application/octet-stream"),
               responses::ById, responses::Conflict),
@@ -305,6 +323,7 @@ pub async fn export(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let snapshot = visible_snapshot(&state, &who, &id).await?;
+    who.writer()?;
     if snapshot.status != SnapshotStatus::Available {
         return Err(ApiError::Conflict(format!("the snapshot is {}", snapshot.status.as_str())));
     }

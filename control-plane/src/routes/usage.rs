@@ -85,7 +85,8 @@ pub struct UsagePoint {
     pub commands: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Average stored bytes over the period.
+    /// Average stored bytes over the period (over its part that has passed, since the cache
+    /// was created).
     pub storage_bytes: u64,
     pub hits: u64,
     pub misses: u64,
@@ -149,13 +150,17 @@ pub async fn get_usage(
     let (from_text, to_text) = (text(first), text(to.timestamp()));
     let rows = state.store.usage(&id, &from_text, &to_text, granularity).await?;
     // Storage is sampled by the control plane (byte-seconds per minute); a point's
-    // storage_bytes is its average over the period.
+    // storage_bytes is its average over the part of the period the cache existed in and that
+    // has passed (the running period, and the one it was created in, are not diluted).
     let mut storage: std::collections::BTreeMap<i64, (u64, u64)> = Default::default();
     for s in state.store.storage_usage(&id, first, to.timestamp()).await? {
         let point = storage.entry(s.minute - s.minute.rem_euclid(step)).or_default();
         point.0 += s.byte_seconds;
         point.1 += s.evicted_keys;
     }
+    let now = chrono::Utc::now().timestamp();
+    let created = chrono::DateTime::parse_from_rfc3339(&cache.created_at).map_or(first, |d| d.timestamp());
+    let covered = |start: i64| ((start + step).min(now) - start.max(created)).clamp(1, step);
     let mut rows = rows.into_iter().peekable();
     let mut points = Vec::new();
     let mut start = first;
@@ -172,7 +177,7 @@ pub async fn get_usage(
             commands: c.commands,
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
-            storage_bytes: storage.get(&start).map_or(0, |s| s.0) / step as u64,
+            storage_bytes: storage.get(&start).map_or(0, |s| s.0) / covered(start) as u64,
             evicted_keys: storage.get(&start).map_or(0, |s| s.1),
             hits: c.hits,
             misses: c.misses,

@@ -162,6 +162,20 @@ impl Store {
         rows.into_iter().map(from_row).collect()
     }
 
+    /// Snapshots of `cache` begun since `since_ms`, deleted ones included.
+    pub async fn snapshots_since(
+        &self,
+        cache: &CacheId,
+        since_ms: i64,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM snapshots WHERE cache_id = $1 AND created_at_ms >= $2")
+            .bind(cache.as_str())
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(from_row).collect()
+    }
+
     /// Every snapshot of `account` whose file was kept at some time in `[from_ms, to_ms)`,
     /// deleted ones included (for invoices).
     pub async fn snapshots_kept_between(
