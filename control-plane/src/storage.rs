@@ -3,9 +3,10 @@
 //! primary, the limit applying to the whole cache), enforces `data_storage_mb`, and accrues
 //! the samples into per-minute storage usage ([`crate::store::StorageUsage`]).
 //!
-//! Over the limit (MB = 10^6 bytes), keys with a TTL are evicted, idlest first, until the cache
-//! is back under (eviction policy `volatile-lru`, the default; `noeviction` skips this); if
-//! that is not enough, the cache's `storage_full` flag is set. Gateways learn
+//! Over the limit (MB = 10^6 bytes), keys are evicted as the cache's eviction policy says
+//! ([`EvictionPolicy`]: with `volatile-lru`, the default, keys with a TTL, idlest first) until
+//! the cache is back under (`noeviction` skips this); if that is not enough, the cache's
+//! `storage_full` flag is set. Gateways learn
 //! the flag with their per-second route refresh and refuse `denyoom` commands with `-OOM`;
 //! reads and deletes keep working, and the flag clears at the first sample back under.
 //!
@@ -14,7 +15,7 @@
 
 use crate::state::AppState;
 use crate::store::{CacheRecord, StorageSampleRecord, StoreError};
-use shoal_engine::{CacheDbs, EngineError, StorageProbe};
+use shoal_engine::{CacheDbs, EngineError, EvictionPolicy, StorageProbe};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,18 +130,19 @@ async fn sample_cache(
     if sample.bytes > limit {
         let excess = sample.bytes - limit;
         // `noeviction` caches go straight to refusing writes.
-        let eviction = match cache.eviction_policy.as_str() {
-            "volatile-lru" => probe.evict_volatile_lru(dbs, excess).await?,
-            _ => Default::default(),
+        let policy = EvictionPolicy::parse(&cache.eviction_policy);
+        let eviction = match policy {
+            Some(policy) => probe.evict(dbs, policy, excess).await?,
+            None => Default::default(),
         };
         evicted_keys = eviction.keys;
         if eviction.keys > 0 {
             sample = probe.measure(dbs).await?;
         }
-        // Full only when no key with a TTL is left to evict (or eviction is off): a cache
+        // Full only when no candidate is left to evict (or eviction is off): a cache
         // whose eviction ran out of time, or whose sampled estimate is still a little over
         // after evicting enough, gets another round of eviction at the next sample.
-        let evictable = cache.eviction_policy == "volatile-lru" && !eviction.exhausted;
+        let evictable = policy.is_some() && !eviction.exhausted;
         full = sample.bytes > limit && !evictable;
         tracing::info!(
             cache = %cache.id, limit, bytes = sample.bytes, evicted_keys, freed = eviction.bytes, full,

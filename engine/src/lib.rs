@@ -35,5 +35,5 @@ pub use pool::{
     RESERVED_MEMORY_PERCENT,
 };
 pub use snapshot::{RestoreKey, SnapshotFile};
-pub use storage::{CacheDbs, Eviction, StorageProbe, StorageSample};
+pub use storage::{CacheDbs, Eviction, EvictionPolicy, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

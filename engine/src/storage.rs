@@ -1,4 +1,4 @@
-//! How many bytes a cache stores, and evicting its keys that have a TTL when it stores too many.
+//! How many bytes a cache stores, and evicting its keys when it stores too many.
 //!
 //! Valkey keeps no per-database memory counter, so a cache's size is estimated from
 //! `MEMORY USAGE` (the key, its value and their allocation overhead, as the allocator sees it):
@@ -11,8 +11,10 @@
 //!
 //! Everything is pipelined in chunks of [`CHUNK`] cheap commands, so the node never runs more
 //! than a few hundred microseconds of our work at once and other clients interleave.
-//! Eviction imitates Valkey's `volatile-lru`: among keys that have a TTL, the idlest
-//! (`OBJECT IDLETIME`) go first — all keys compared in small databases, samples in big ones.
+//! Eviction imitates Valkey's `maxmemory-policy`s ([`EvictionPolicy`]): among the candidates
+//! (every key, or only those with a TTL) the first in the policy's order go (idlest by
+//! `OBJECT IDLETIME`, least frequently used by `OBJECT FREQ`, soonest to expire by `PTTL`, or
+//! at random) — all keys compared in small databases, pools of samples in big ones.
 
 use crate::node::Node;
 use crate::{EngineError, Pool};
@@ -33,7 +35,8 @@ pub const TABLE_BYTES_PER_KEY: u64 = 12;
 const FIRST_PAGE: usize = 100;
 /// Commands per pipelined round trip.
 const CHUNK: usize = 500;
-/// Keys sampled per eviction round in a big database, and how many of the idlest go per round.
+/// Keys sampled per eviction round in a big database, and how many of them go per round (the
+/// first in the policy's order).
 const EVICTION_SAMPLE: usize = 256;
 const EVICT_PER_ROUND: usize = 32;
 /// One eviction call stops after this long (the next sampling round continues).
@@ -67,8 +70,8 @@ pub struct Eviction {
     pub keys: u64,
     /// What the evicted keys counted for in [`StorageProbe::measure`] before they went.
     pub bytes: u64,
-    /// Fewer bytes than asked were freed because no (findable) key with a TTL is left — not
-    /// because the time budget ran out.
+    /// Fewer bytes than asked were freed because no (findable) candidate is left (a key with a
+    /// TTL, or any key for an `allkeys-*` policy) — not because the time budget ran out.
     pub exhausted: bool,
 }
 
@@ -78,8 +81,68 @@ type ScanPage = (u64, Vec<Vec<u8>>);
 /// A key that may be evicted.
 struct Candidate {
     key: Vec<u8>,
-    idle: u64,
+    /// Higher goes first.
+    rank: u64,
     bytes: u64,
+}
+
+/// Which keys go first when a cache is over its storage limit: Valkey's evicting
+/// `maxmemory-policy`s (`noeviction` evicts nothing and has no value here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionPolicy {
+    VolatileLru,
+    AllkeysLru,
+    VolatileLfu,
+    AllkeysLfu,
+    VolatileRandom,
+    AllkeysRandom,
+    VolatileTtl,
+}
+
+/// In what order candidates go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// Idlest first (`OBJECT IDLETIME`).
+    Idle,
+    /// Least frequently used first (`OBJECT FREQ`: needs an LFU `maxmemory-policy` on the
+    /// node, which answers it with an error otherwise, failing the eviction).
+    Frequency,
+    /// Soonest to expire first (`PTTL`).
+    Ttl,
+    Random,
+}
+
+impl EvictionPolicy {
+    /// The policy of a `maxmemory-policy` name; `None` for `noeviction` (or an unknown name).
+    pub fn parse(name: &str) -> Option<EvictionPolicy> {
+        Some(match name {
+            "volatile-lru" => EvictionPolicy::VolatileLru,
+            "allkeys-lru" => EvictionPolicy::AllkeysLru,
+            "volatile-lfu" => EvictionPolicy::VolatileLfu,
+            "allkeys-lfu" => EvictionPolicy::AllkeysLfu,
+            "volatile-random" => EvictionPolicy::VolatileRandom,
+            "allkeys-random" => EvictionPolicy::AllkeysRandom,
+            "volatile-ttl" => EvictionPolicy::VolatileTtl,
+            _ => return None,
+        })
+    }
+
+    /// Every key is a candidate (else only keys with a TTL).
+    pub fn all_keys(self) -> bool {
+        matches!(
+            self,
+            EvictionPolicy::AllkeysLru | EvictionPolicy::AllkeysLfu | EvictionPolicy::AllkeysRandom
+        )
+    }
+
+    fn order(self) -> Order {
+        match self {
+            EvictionPolicy::VolatileLru | EvictionPolicy::AllkeysLru => Order::Idle,
+            EvictionPolicy::VolatileLfu | EvictionPolicy::AllkeysLfu => Order::Frequency,
+            EvictionPolicy::VolatileRandom | EvictionPolicy::AllkeysRandom => Order::Random,
+            EvictionPolicy::VolatileTtl => Order::Ttl,
+        }
+    }
 }
 
 /// Connections for measuring and evicting a placement target's caches: one node's, or in a
@@ -128,16 +191,21 @@ impl StorageProbe {
         Ok(total)
     }
 
-    /// Deletes keys that have a TTL, idlest first, until about `bytes` are freed or none is
-    /// left; in a cluster shard after shard (idlest first within each), until enough is freed.
-    /// Keys without a TTL are never touched.
-    pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
+    /// Deletes `policy`'s candidates (every key, or only keys with a TTL), first in its order
+    /// first, until about `bytes` are freed or none is left; in a cluster shard after shard
+    /// (in order within each), until enough is freed.
+    pub async fn evict(
+        &mut self,
+        dbs: CacheDbs,
+        policy: EvictionPolicy,
+        bytes: u64,
+    ) -> Result<Eviction, EngineError> {
         let mut done = Eviction { exhausted: true, ..Default::default() };
         for part in &mut self.parts {
             if done.bytes >= bytes {
                 break;
             }
-            let e = part.evict_volatile_lru(dbs, bytes - done.bytes).await?;
+            let e = part.evict(dbs, policy, bytes - done.bytes).await?;
             done = Eviction {
                 keys: done.keys + e.keys,
                 bytes: done.bytes + e.bytes,
@@ -148,6 +216,11 @@ impl StorageProbe {
             done.exhausted = false;
         }
         Ok(done)
+    }
+
+    /// [`StorageProbe::evict`] with `volatile-lru`: keys with a TTL, idlest first.
+    pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
+        self.evict(dbs, EvictionPolicy::VolatileLru, bytes).await
     }
 }
 
@@ -176,10 +249,15 @@ impl NodeProbe {
         Ok(total)
     }
 
-    async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
+    async fn evict(
+        &mut self,
+        dbs: CacheDbs,
+        policy: EvictionPolicy,
+        bytes: u64,
+    ) -> Result<Eviction, EngineError> {
         let started = Instant::now();
         let mut done = Eviction::default();
-        // Small databases: every volatile key is a candidate; one sorted pass.
+        // Small databases: every candidate key compared; one sorted pass.
         let mut small = Vec::new();
         let mut big = Vec::new();
         for db in dbs.iter() {
@@ -188,10 +266,10 @@ impl NodeProbe {
                 big.push(db);
             } else if keys > 0 {
                 let all = self.scan_rest(db, first_page).await?;
-                small.extend(self.volatile(db, all).await?.into_iter().map(|c| (db, c)));
+                small.extend(self.candidates(db, policy, all).await?.into_iter().map(|c| (db, c)));
             }
         }
-        small.sort_by_key(|c| std::cmp::Reverse(c.1.idle));
+        small.sort_by_key(|c| std::cmp::Reverse(c.1.rank));
         let mut victims: Vec<(u32, Candidate)> = Vec::new();
         let mut planned = 0;
         for (db, c) in small {
@@ -202,9 +280,10 @@ impl NodeProbe {
             victims.push((db, c));
         }
         done = add(done, self.unlink(victims).await?);
-        // Big databases: rounds of samples, the idlest few of each go (Valkey's own approach).
+        // Big databases: rounds of samples, the first few of each in the policy's order go
+        // (Valkey's own approach).
         let mut empty_rounds = 0;
-        // Without big databases, the pass above had every volatile key to choose from.
+        // Without big databases, the pass above had every candidate to choose from.
         let mut exhausted = big.is_empty();
         while done.bytes < bytes && !big.is_empty() {
             if started.elapsed() >= EVICTION_BUDGET {
@@ -215,11 +294,14 @@ impl NodeProbe {
                 let sample = self.random_keys(db, EVICTION_SAMPLE).await?;
                 let unique: HashSet<Vec<u8>> = sample.into_iter().collect();
                 round.extend(
-                    self.volatile(db, unique.into_iter().collect()).await?.into_iter().map(|c| (db, c)),
+                    self.candidates(db, policy, unique.into_iter().collect())
+                        .await?
+                        .into_iter()
+                        .map(|c| (db, c)),
                 );
             }
             if round.is_empty() {
-                // Few or no volatile keys: give up after a few tries rather than spin.
+                // Few or no candidates: give up after a few tries rather than spin.
                 empty_rounds += 1;
                 if empty_rounds >= 4 {
                     exhausted = true;
@@ -227,7 +309,7 @@ impl NodeProbe {
                 }
                 continue;
             }
-            round.sort_by_key(|c| std::cmp::Reverse(c.1.idle));
+            round.sort_by_key(|c| std::cmp::Reverse(c.1.rank));
             let mut victims = Vec::new();
             let mut planned = done.bytes;
             for (db, c) in round.into_iter().take(EVICT_PER_ROUND) {
@@ -321,35 +403,68 @@ impl NodeProbe {
         Ok(sizes)
     }
 
-    /// The keys among `keys` that have a TTL, with their idle time and size. None of the
-    /// commands used touches a key's access time.
-    async fn volatile(&mut self, db: u32, keys: Vec<Vec<u8>>) -> Result<Vec<Candidate>, EngineError> {
+    /// The keys among `keys` that `policy` may evict (those with a TTL, or every key still
+    /// there), with their rank in its order and their size. None of the commands used touches
+    /// a key's access time or frequency.
+    async fn candidates(
+        &mut self,
+        db: u32,
+        policy: EvictionPolicy,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Candidate>, EngineError> {
+        let order = policy.order();
+        // PTTL and MEMORY USAGE for every order; OBJECT IDLETIME or FREQ for LRU and LFU.
+        let probe = match order {
+            Order::Idle => Some("IDLETIME"),
+            Order::Frequency => Some("FREQ"),
+            Order::Ttl | Order::Random => None,
+        };
+        let per_key = if probe.is_some() { 3 } else { 2 };
+        let random = std::collections::hash_map::RandomState::new();
         let mut out = Vec::new();
         for chunk in keys.chunks(CHUNK / 3) {
             let mut pipe = redis::pipe();
             pipe.cmd("SELECT").arg(db).ignore();
             for key in chunk {
                 pipe.cmd("PTTL").arg(key);
-                pipe.cmd("OBJECT").arg("IDLETIME").arg(key);
+                if let Some(sub) = probe {
+                    pipe.cmd("OBJECT").arg(sub).arg(key);
+                }
                 pipe.cmd("MEMORY").arg("USAGE").arg(key);
             }
             let got: Vec<redis::Value> =
                 pipe.query_async(&mut self.conn).await.map_err(|e| self.node.valkey_err(e))?;
-            for (key, facts) in chunk.iter().zip(got.chunks(3)) {
+            for (key, facts) in chunk.iter().zip(got.chunks(per_key)) {
                 let int = |v: &redis::Value| match v {
                     redis::Value::Int(n) => Some(*n),
                     _ => None,
                 };
+                let (ttl, size) = (int(&facts[0]), int(&facts[per_key - 1]));
                 // PTTL: -1 = no TTL, -2 = gone.
-                if let [ttl, idle, size] = facts {
-                    if int(ttl).is_some_and(|t| t > 0) {
-                        out.push(Candidate {
-                            key: key.clone(),
-                            idle: int(idle).unwrap_or(0).max(0) as u64,
-                            bytes: int(size).unwrap_or(0).max(0) as u64 + TABLE_BYTES_PER_KEY,
-                        });
-                    }
+                let wanted = match ttl {
+                    Some(t) if t > 0 => true,
+                    Some(-1) => policy.all_keys(),
+                    _ => false,
+                };
+                if !wanted {
+                    continue;
                 }
+                let probed = || int(&facts[1]).unwrap_or(0).max(0) as u64;
+                let rank = match order {
+                    Order::Idle => probed(),
+                    // Valkey's LFU counter is 0..=255: the lowest goes first.
+                    Order::Frequency => u64::MAX - probed(),
+                    Order::Ttl => u64::MAX - ttl.unwrap_or(0).max(0) as u64,
+                    Order::Random => {
+                        use std::hash::BuildHasher;
+                        random.hash_one(key)
+                    }
+                };
+                out.push(Candidate {
+                    key: key.clone(),
+                    rank,
+                    bytes: size.unwrap_or(0).max(0) as u64 + TABLE_BYTES_PER_KEY,
+                });
             }
         }
         Ok(out)

@@ -52,7 +52,7 @@ pub struct LiveRoute {
     /// new sample already saw.
     history: Mutex<VecDeque<(i64, u64)>>,
     /// Writes past the limit allowed while the sample that evicts is on its way: the limit
-    /// for a `volatile-lru` cache, 0 for a `noeviction` one.
+    /// for a cache with an evicting policy (`volatile-lru` …), 0 for a `noeviction` one.
     eviction_allowance: AtomicI64,
 }
 
@@ -119,8 +119,8 @@ impl LiveRoute {
     /// because the cache is full, by the sampler's flag or by the estimate (sampled bytes
     /// plus the writes since ≥ the limit); otherwise counts it and returns false. At the
     /// limit the gateway asks for a sample now. A `noeviction` cache's writes are refused from
-    /// there; a `volatile-lru` cache's go on, up to the limit once more, since that sample
-    /// evicts keys with a TTL (as Valkey evicts rather than refuse).
+    /// there; an evicting cache's (`volatile-lru`, `allkeys-lru` …) go on, up to the limit once
+    /// more, since that sample evicts keys (as Valkey evicts rather than refuse).
     pub fn refuses_write(&self, bytes: u64) -> bool {
         if self.storage_full() {
             return true;
@@ -144,10 +144,27 @@ impl LiveRoute {
 
 /// See [`LiveRoute::eviction_allowance`].
 fn eviction_allowance(route: &TenantRoute) -> i64 {
-    match (route.eviction_policy.as_str(), route.limits.data_storage_mb) {
-        ("volatile-lru", Some(mb)) => i64::try_from(mb.saturating_mul(1_000_000)).unwrap_or(i64::MAX),
+    match route.limits.data_storage_mb {
+        Some(mb) if evicts(&route.eviction_policy) => {
+            i64::try_from(mb.saturating_mul(1_000_000)).unwrap_or(i64::MAX)
+        }
         _ => 0,
     }
+}
+
+/// Whether the control plane evicts keys of a cache with this policy when it is over its limit
+/// (every Valkey `maxmemory-policy` but `noeviction`; an unknown one is treated as not evicting).
+fn evicts(policy: &str) -> bool {
+    matches!(
+        policy,
+        "volatile-lru"
+            | "allkeys-lru"
+            | "volatile-lfu"
+            | "allkeys-lfu"
+            | "volatile-random"
+            | "allkeys-random"
+            | "volatile-ttl"
+    )
 }
 
 /// What a write of `bytes` request bytes is counted for: a key stored costs more than its

@@ -244,3 +244,133 @@ async fn a_new_caches_stored_bytes_show_in_its_usage_at_once_per_minute_and_per_
         .await;
     }
 }
+
+/// A cache of `data_storage_mb: 1` with eviction policy `policy`.
+async fn create_with_policy(dev: &ShoalDev, policy: &str) -> Conn {
+    let (status, body) = dev
+        .api(
+            reqwest::Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({"name": policy, "limits": {"data_storage_mb": 1}, "eviction_policy": policy})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["eviction_policy"], policy);
+    let token = dev.mint_token(body["id"].as_str().unwrap()).await;
+    dev.client(&token).await.unwrap()
+}
+
+/// What the sampler counts for the cache: `MEMORY USAGE` of every key plus 12 bytes each.
+async fn stored_bytes(c: &mut Conn) -> u64 {
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(c).await.unwrap();
+    let mut pipe = redis::pipe();
+    for k in &keys {
+        pipe.cmd("MEMORY").arg("USAGE").arg(k);
+    }
+    let sizes: Vec<Option<u64>> = pipe.query_async(c).await.unwrap();
+    sizes.into_iter().flatten().map(|s| s + 12).sum()
+}
+
+async fn read_all(c: &mut Conn, prefix: &str, range: std::ops::Range<usize>) {
+    let mut pipe = redis::pipe();
+    for i in range {
+        pipe.cmd("GET").arg(format!("{prefix}:{i}")).ignore();
+    }
+    pipe.query_async::<()>(c).await.unwrap();
+}
+
+/// Waits until the cache has evicted something and the sampler has had time to finish (two
+/// more samples at 0.5 s), then checks it is under its limit of 10^6 bytes.
+async fn settled_under_limit(c: &mut Conn, keys_before: usize) {
+    eventually(Duration::from_secs(6), "eviction", || {
+        let mut c = c.clone();
+        async move { redis::cmd("DBSIZE").query_async::<usize>(&mut c).await.unwrap() < keys_before }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let bytes = stored_bytes(c).await;
+    assert!(bytes <= 1_000_000, "{bytes} bytes stored, over the limit of 10^6");
+    set(c, "still-writable").await.unwrap();
+}
+
+async fn allkeys_lru(dev: &ShoalDev) {
+    let mut c = create_with_policy(dev, "allkeys-lru").await;
+    // 400 keys without a TTL (~850 kB); after two seconds the "hot" half is read again.
+    fill(&mut c, "cold", 0..200, false).await;
+    fill(&mut c, "hot", 0..200, false).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    read_all(&mut c, "hot", 0..200).await;
+    let idle: i64 = redis::cmd("OBJECT").arg("IDLETIME").arg("cold:0").query_async(&mut c).await.unwrap();
+    assert!(idle >= 2, "OBJECT IDLETIME works for an LRU cache: {idle}");
+    // 200 more take it ~300 kB over: idle keys go, though none has a TTL.
+    fill(&mut c, "new", 0..200, false).await;
+    settled_under_limit(&mut c, 600).await;
+    let (cold, hot, new) =
+        (count(&mut c, "cold").await, count(&mut c, "hot").await, count(&mut c, "new").await);
+    assert!(cold < 200, "idle keys without a TTL are evicted: {cold} cold keys left");
+    assert_eq!((hot, new), (200, 200), "recently read and written keys stay");
+}
+
+async fn volatile_ttl(dev: &ShoalDev) {
+    let mut c = create_with_policy(dev, "volatile-ttl").await;
+    let value = "v".repeat(2000);
+    let mut pipe = redis::pipe();
+    for i in 0..120 {
+        pipe.cmd("SET").arg(format!("soon:{i}")).arg(&value).arg("EX").arg(600).ignore();
+        pipe.cmd("SET").arg(format!("late:{i}")).arg(&value).arg("EX").arg(3600).ignore();
+    }
+    pipe.query_async::<()>(&mut c).await.unwrap();
+    fill(&mut c, "forever", 0..120, false).await;
+    // Read the keys expiring soonest, so that recency would keep them: TTL decides here.
+    read_all(&mut c, "soon", 0..120).await;
+    fill(&mut c, "forever", 120..300, false).await;
+    settled_under_limit(&mut c, 540).await;
+    let (soon, late, forever) =
+        (count(&mut c, "soon").await, count(&mut c, "late").await, count(&mut c, "forever").await);
+    assert!(soon < 120, "the keys expiring soonest go first: {soon} left");
+    assert_eq!((late, forever), (120, 300), "later-expiring and TTL-less keys stay");
+}
+
+async fn volatile_random(dev: &ShoalDev) {
+    let mut c = create_with_policy(dev, "volatile-random").await;
+    fill(&mut c, "ttl-cold", 0..100, true).await;
+    fill(&mut c, "ttl-hot", 0..100, true).await;
+    fill(&mut c, "forever", 0..200, false).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    read_all(&mut c, "ttl-hot", 0..100).await;
+    fill(&mut c, "forever", 200..350, false).await;
+    settled_under_limit(&mut c, 550).await;
+    let (cold, hot, forever) =
+        (count(&mut c, "ttl-cold").await, count(&mut c, "ttl-hot").await, count(&mut c, "forever").await);
+    // ~80 of the 200 keys with a TTL go, whatever their use (LRU would spare the hot half).
+    assert!(cold < 100 && hot < 100, "keys with a TTL go at random: {cold} cold, {hot} hot left");
+    assert_eq!(forever, 350, "keys without a TTL stay");
+}
+
+async fn allkeys_random(dev: &ShoalDev) {
+    let mut c = create_with_policy(dev, "allkeys-random").await;
+    fill(&mut c, "old", 0..400, false).await;
+    fill(&mut c, "new", 0..150, false).await;
+    settled_under_limit(&mut c, 550).await;
+    let (old, new) = (count(&mut c, "old").await, count(&mut c, "new").await);
+    // ~80 of 550 keys go, none with a TTL: from both sets (the newest too).
+    assert!(old < 400 && new < 150, "any key goes at random: {old} old, {new} new left");
+}
+
+#[tokio::test]
+async fn each_eviction_policy_evicts_its_own_candidates_in_its_own_order() {
+    let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
+    // Four caches on one platform, side by side.
+    tokio::join!(allkeys_lru(&dev), volatile_ttl(&dev), volatile_random(&dev), allkeys_random(&dev));
+    // The LFU policies are refused: nodes keep no access frequencies (LRU maxmemory-policy).
+    for policy in ["allkeys-lfu", "volatile-lfu"] {
+        let (status, body) = dev
+            .api(
+                reqwest::Method::POST,
+                "/v1/caches",
+                Some(serde_json::json!({"name": policy, "eviction_policy": policy})),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+    }
+}

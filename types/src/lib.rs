@@ -119,7 +119,8 @@ pub struct TenantRoute {
     pub storage_bytes: u64,
     #[serde(default)]
     pub storage_sampled_at_ms: i64,
-    /// `volatile-lru` or `noeviction`: at its limit, whether a write may wait for eviction.
+    /// The cache's eviction policy (`volatile-lru`, `allkeys-lru`, … or `noeviction`): at its
+    /// limit, whether a write may wait for eviction (every policy but `noeviction`).
     #[serde(default)]
     pub eviction_policy: String,
 }

@@ -29,7 +29,11 @@ pub const MAX_ECPU_PER_SECOND: u64 = 15_000_000;
 pub const MAX_DATA_STORAGE_MB: u64 = 5_000_000;
 pub const MAX_CONNECTIONS: u32 = 65_000;
 /// What happens when a cache reaches `data_storage_mb`.
-pub const EVICTION_POLICIES: [&str; 2] = ["volatile-lru", "noeviction"];
+/// Valkey's `maxmemory-policy`s a cache may have, the default first. The LFU ones
+/// (`volatile-lfu`, `allkeys-lfu`) are not offered: nodes run an LRU `maxmemory-policy`, under
+/// which Valkey keeps no access frequencies (`OBJECT FREQ` is an error); see the README.
+pub const EVICTION_POLICIES: [&str; 6] =
+    ["volatile-lru", "allkeys-lru", "volatile-random", "allkeys-random", "volatile-ttl", "noeviction"];
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -107,7 +111,11 @@ pub struct CreateCache {
     pub description: Option<String>,
     #[serde(default)]
     pub limits: Option<Limits>,
-    /// `volatile-lru` (default: evict keys with a TTL, least recently used first) or `noeviction`.
+    /// What goes when the cache is over `data_storage_mb`, as Valkey's `maxmemory-policy`:
+    /// `volatile-lru` (default: keys with a TTL, least recently used first), `allkeys-lru` (any
+    /// key, least recently used first), `volatile-random` (keys with a TTL, at random),
+    /// `allkeys-random` (any key, at random), `volatile-ttl` (keys with a TTL, soonest to expire
+    /// first) or `noeviction` (nothing: writes get `-OOM`).
     #[serde(default)]
     pub eviction_policy: Option<String>,
     /// How many numbered databases the cache may `SELECT` (default 1).
