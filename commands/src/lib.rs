@@ -81,6 +81,12 @@ pub struct CommandSpec {
     /// memory (`denyoom`: SET, LPUSH, COPY… but not DEL, UNLINK, EXPIRE), plus scripts that
     /// may write (the gateway cannot look inside; `EVAL_RO`/`EVALSHA_RO` still run).
     pub refused_when_full: bool,
+    /// Valkey's `blocking` flag: may wait for data or replicas (BLPOP, BZPOPMIN, WAIT, XREAD
+    /// … the stream reads only with `BLOCK`, see [`CommandSpec::blocks`]).
+    pub blocking: bool,
+    /// The row's place in the table, 0..[`CommandTable::len`] (by name): per-command
+    /// counters can be a plain array.
+    pub index: usize,
 }
 
 /// Shoal's own facts about a command (column `shoal`, comma-separated).
@@ -138,6 +144,21 @@ impl CommandSpec {
         self.no_auth || self.shoal.acl_exempt
     }
 
+    /// Whether this call may block the client: a `blocking` command, XREAD and XREADGROUP
+    /// only with a `BLOCK` option (before `STREAMS`, where the keys and ids start).
+    pub fn blocks(&self, argv: &[&[u8]]) -> bool {
+        if !self.blocking {
+            return false;
+        }
+        if self.name != "xread" && self.name != "xreadgroup" {
+            return true;
+        }
+        argv.iter()
+            .skip(1)
+            .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
+            .any(|a| a.eq_ignore_ascii_case(b"block"))
+    }
+
     /// The container's name for a subcommand (`client` for `client|list`), else the name.
     pub fn container_name(&self) -> &str {
         self.name.split_once('|').map_or(&self.name, |(c, _)| c)
@@ -184,6 +205,15 @@ impl CommandTable {
 
     pub fn iter(&self) -> impl Iterator<Item = &CommandSpec> {
         self.by_name.values()
+    }
+
+    /// Rows in the table (every [`CommandSpec::index`] is below it).
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
     }
 
     /// Whether the command exists and is not denied (what `COMMAND` may show).

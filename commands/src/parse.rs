@@ -48,6 +48,7 @@ fn row<'a>(cell: impl Fn(usize) -> &'a str) -> Result<CommandSpec, &'static str>
     let flags = list(cell(2));
     let has = |f: &str| flags.iter().any(|x| x == f);
     let (readonly, write, no_auth, denyoom) = (has("readonly"), has("write"), has("no_auth"), has("denyoom"));
+    let blocking = has("blocking");
     let shoal = shoal_flags(cell(11)).ok_or("shoal")?;
     Ok(CommandSpec {
         name: cell(0).to_string(),
@@ -76,9 +77,11 @@ fn row<'a>(cell: impl Fn(usize) -> &'a str) -> Result<CommandSpec, &'static str>
         readonly,
         write,
         no_auth,
+        blocking,
         mux: false,
         container: false,
         script: false,
+        index: 0,
     })
 }
 
@@ -109,6 +112,13 @@ fn derive(by_name: &mut HashMap<Box<[u8]>, CommandSpec>) -> Result<(), String> {
         match by_name.get_mut(name.as_bytes()) {
             Some(spec) => spec.container = true,
             None => return Err(format!("subcommands of {name}, which has no row")),
+        }
+    }
+    let mut names: Vec<Box<[u8]>> = by_name.keys().cloned().collect();
+    names.sort_unstable();
+    for (index, name) in names.iter().enumerate() {
+        if let Some(spec) = by_name.get_mut(name) {
+            spec.index = index;
         }
     }
     for spec in by_name.values_mut() {

@@ -167,3 +167,40 @@ fn node_rules_deny_what_the_gateway_denies_that_the_categories_leave() {
     );
     assert!(rules.len() < 40, "rules stay short: each tenant user carries them ({} rules)", rules.len());
 }
+
+#[test]
+fn blocking_calls_and_dense_indexes() {
+    let t = table();
+    let blocks = |args: &[&str]| {
+        let argv: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        t.lookup(argv[0], argv.get(1).copied()).unwrap().blocks(&argv)
+    };
+    for args in [
+        &["BLPOP", "q", "0"][..],
+        &["brpop", "q", "1"],
+        &["BLMOVE", "a", "b", "LEFT", "RIGHT", "0"],
+        &["BLMPOP", "0", "1", "q", "LEFT"],
+        &["BZPOPMIN", "z", "0"],
+        &["BZPOPMAX", "z", "0"],
+        &["BZMPOP", "0", "1", "z", "MIN"],
+        &["WAIT", "1", "0"],
+        &["WAITAOF", "0", "1", "0"],
+        &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+        &["XREADGROUP", "GROUP", "g", "c", "block", "0", "STREAMS", "s", ">"],
+    ] {
+        assert!(blocks(args), "{args:?}");
+    }
+    for args in [
+        &["XREAD", "STREAMS", "block", "$"][..],
+        &["XREAD", "COUNT", "1", "STREAMS", "s", "0"],
+        &["LPOP", "q"],
+        &["GET", "k"],
+    ] {
+        assert!(!blocks(args), "{args:?}");
+    }
+    let mut seen = vec![false; t.len()];
+    for spec in t.iter() {
+        assert!(!std::mem::replace(&mut seen[spec.index], true), "{} shares its index", spec.name);
+    }
+    assert!(seen.iter().all(|s| *s));
+}

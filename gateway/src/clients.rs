@@ -97,6 +97,8 @@ struct CacheClients {
     commands_done: u64,
     /// Most clients `live` held at once since the last usage batch (see [`Registry::take_peaks`]).
     peak: usize,
+    /// Blocked clients, commandstats, errorstats, ECPU (kept while the gateway runs).
+    stats: Arc<crate::cache_stats::CacheStats>,
 }
 
 type Caches = Mutex<HashMap<CacheId, CacheClients>>;
@@ -126,6 +128,11 @@ impl Registration {
     pub fn entry(&self) -> &Arc<ClientEntry> {
         &self.entry
     }
+
+    /// The cache's `INFO` counters on this gateway.
+    pub fn stats(&self) -> Arc<crate::cache_stats::CacheStats> {
+        lock(&self.caches).get(&self.cache).map(|c| c.stats.clone()).unwrap_or_default()
+    }
 }
 
 impl std::ops::Deref for Registration {
@@ -151,11 +158,13 @@ fn remove(caches: &Caches, cache: &CacheId, entry: &ClientEntry) {
     }
 }
 
-/// UsageCounters `INFO` shows for one cache on this gateway.
+/// What `INFO` shows of one cache's clients on this gateway.
 pub struct CacheCounts {
     pub connected: usize,
     pub connections_received: u64,
     pub commands: u64,
+    /// Clients waiting in a blocking command (BLPOP, XREAD … BLOCK, WAIT …).
+    pub blocked: u64,
 }
 
 impl Registry {
@@ -291,8 +300,9 @@ impl Registry {
                 connections_received: c.connections_received,
                 commands: c.commands_done
                     + c.live.values().map(|e| e.commands.load(Ordering::Relaxed)).sum::<u64>(),
+                blocked: c.stats.blocked(),
             },
-            None => CacheCounts { connected: 0, connections_received: 0, commands: 0 },
+            None => CacheCounts { connected: 0, connections_received: 0, commands: 0, blocked: 0 },
         }
     }
 }

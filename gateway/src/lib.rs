@@ -25,6 +25,7 @@
 //! - [`config`], [`error`].
 
 pub mod auth;
+pub mod cache_stats;
 pub mod clients;
 pub mod cluster;
 pub mod cluster_link;

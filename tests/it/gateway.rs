@@ -793,3 +793,212 @@ async fn a_cache_may_kill_its_own_running_script_but_not_anothers() {
     let one = query(&mut neighbour, &["EVAL", "return 1", "0"]).await.unwrap();
     assert_eq!(one, Value::Int(1));
 }
+
+/// A cache with its own storage limit and eviction policy, and a second cache on the same
+/// node (or cluster), with a token each.
+async fn neighbours_on_one_node(dev: &ShoalDev, prefix: &str) -> ((String, String), (String, String)) {
+    let (status, a) = dev
+        .api(
+            Method::POST,
+            "/v1/caches",
+            Some(serde_json::json!({
+                "name": format!("{prefix}-a"), "limits": {"data_storage_mb": 100}, "eviction_policy": "noeviction"
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{a}");
+    for i in 0..12 {
+        let b = dev.create_cache(&format!("{prefix}-b{i}")).await;
+        if b["allocation"]["node"] == a["allocation"]["node"] {
+            let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+            let (ta, tb) = (dev.mint_token(a_id).await, dev.mint_token(b_id).await);
+            return ((a_id.to_string(), ta), (b_id.to_string(), tb));
+        }
+    }
+    panic!("no cache landed on the node of {a}");
+}
+
+/// `name:value` of an INFO text.
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(|v| v.trim().to_string())
+}
+
+async fn info(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> String {
+    let mut argv = vec!["INFO"];
+    argv.extend_from_slice(args);
+    text(&query(c, &argv).await.unwrap())
+}
+
+async fn blocked(c: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let info = info(c, &["clients"]).await;
+    info_field(&info, "blocked_clients").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{info}"))
+}
+
+/// Waits until `c`'s cache shows `want` blocked clients, while `other`'s shows none.
+async fn wait_blocked(
+    a: &mut redis::aio::MultiplexedConnection,
+    b: &mut redis::aio::MultiplexedConnection,
+    want: i64,
+) {
+    let started = std::time::Instant::now();
+    loop {
+        assert_eq!(blocked(b).await, 0, "the neighbour sees another cache's blocked client");
+        let n = blocked(a).await;
+        if n == want {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "blocked_clients:{n}, not {want}, after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A raw connection through the gateway, logged in, that sends `command` and does not wait.
+async fn send_raw(dev: &ShoalDev, token: &str, command: &[&str]) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
+    s.write_all(&crate::support::auth_command(token)).await.unwrap();
+    let mut ok = [0u8; 5];
+    s.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"+OK\r\n");
+    let mut out = format!("*{}\r\n", command.len());
+    for a in command {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(out.as_bytes()).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn info_counts_the_caches_own_blocked_clients() {
+    let dev = shared().await;
+    let ((_, token_a), (_, token_b)) = neighbours_on_one_node(&dev, "blocked").await;
+    let mut a = dev.client(&token_a).await.unwrap();
+    let mut b = dev.client(&token_b).await.unwrap();
+    wait_blocked(&mut a, &mut b, 0).await;
+
+    // One client blocks in BLPOP: another connection of the cache sees it, the neighbour not.
+    let mut waiting = send_raw(&dev, &token_a, &["BLPOP", "info-q", "0"]).await;
+    wait_blocked(&mut a, &mut b, 1).await;
+    // Served: no longer blocked.
+    let _: i64 = a.lpush("info-q", "job").await.unwrap();
+    let mut reply = vec![0u8; 64];
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut waiting, &mut reply))
+            .await
+            .expect("BLPOP is served")
+            .unwrap();
+    assert!(String::from_utf8_lossy(&reply[..n]).contains("job"), "{}", String::from_utf8_lossy(&reply[..n]));
+    wait_blocked(&mut a, &mut b, 0).await;
+
+    // Two blocked (BLPOP, XREAD BLOCK), then both clients leave while blocked.
+    let first = send_raw(&dev, &token_a, &["BLPOP", "info-q", "0"]).await;
+    let second = send_raw(&dev, &token_a, &["XREAD", "BLOCK", "0", "STREAMS", "info-s", "$"]).await;
+    wait_blocked(&mut a, &mut b, 2).await;
+    drop(first);
+    wait_blocked(&mut a, &mut b, 1).await;
+    drop(second);
+    wait_blocked(&mut a, &mut b, 0).await;
+    // A stream read without BLOCK never counts.
+    let _: Value = query(&mut a, &["XREAD", "STREAMS", "info-s", "0"]).await.unwrap();
+    assert_eq!(blocked(&mut a).await, 0);
+}
+
+#[tokio::test]
+async fn info_tells_the_caches_memory_commands_errors_cpu_and_build() {
+    let dev = shared().await;
+    let ((_, token_a), (_, token_b)) = neighbours_on_one_node(&dev, "infostats").await;
+    let mut a = dev.client(&token_a).await.unwrap();
+    let mut b = dev.client(&token_b).await.unwrap();
+
+    // Memory: the cache's limit and policy, its measured bytes; nothing of the node.
+    let memory = info(&mut a, &["memory"]).await;
+    let lines: Vec<&str> = memory.lines().collect();
+    assert_eq!(lines.len(), 6, "{memory}");
+    assert_eq!(lines[0], "# Memory");
+    assert!(info_field(&memory, "used_memory").unwrap().parse::<u64>().is_ok(), "{memory}");
+    assert!(info_field(&memory, "used_memory_human").is_some(), "{memory}");
+    assert_eq!(info_field(&memory, "maxmemory").as_deref(), Some("100000000"), "{memory}");
+    assert_eq!(info_field(&memory, "maxmemory_human").as_deref(), Some("95.37M"), "{memory}");
+    assert_eq!(info_field(&memory, "maxmemory_policy").as_deref(), Some("noeviction"), "{memory}");
+    let memory_b = info(&mut b, &["memory"]).await;
+    assert_eq!(info_field(&memory_b, "maxmemory_policy").as_deref(), Some("volatile-lru"), "{memory_b}");
+
+    // Commandstats: a GET and a SET once they ran; errorstats: the errors the client got.
+    let _: () = a.set("info-k", "v").await.unwrap();
+    let _: String = a.get("info-k").await.unwrap();
+    let err = query(&mut a, &["INCR", "info-k"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("ERR"), "{err}");
+    let err = query(&mut a, &["LPUSH", "info-k", "x"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("WRONGTYPE"), "{err}");
+    let err = query(&mut a, &["CONFIG", "GET", "maxmemory"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+    let stats = info(&mut a, &["commandstats"]).await;
+    let cmdstat =
+        |name: &str| info_field(&stats, &format!("cmdstat_{name}")).unwrap_or_else(|| panic!("{stats}"));
+    for (name, calls, rejected, failed) in
+        [("set", 1, 0, 0), ("get", 1, 0, 0), ("incr", 1, 0, 1), ("lpush", 1, 0, 1), ("config|get", 0, 1, 0)]
+    {
+        let line = cmdstat(name);
+        let fields: Vec<(&str, &str)> = line.split(',').filter_map(|f| f.split_once('=')).collect();
+        let keys: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, ["calls", "usec", "usec_per_call", "rejected_calls", "failed_calls"], "{line}");
+        assert_eq!(fields[0].1, calls.to_string(), "{name}: {line}");
+        assert!(fields[1].1.parse::<u64>().is_ok(), "{line}");
+        let per_call = fields[2].1;
+        assert!(per_call.split_once('.').is_some_and(|(_, d)| d.len() == 2), "{line}");
+        assert_eq!(fields[3].1, rejected.to_string(), "{name}: {line}");
+        assert_eq!(fields[4].1, failed.to_string(), "{name}: {line}");
+    }
+    assert!(!stats.contains("# Errorstats"), "{stats}");
+    let errors = info(&mut a, &["errorstats"]).await;
+    assert_eq!(info_field(&errors, "errorstat_ERR").as_deref(), Some("count=1"), "{errors}");
+    assert_eq!(info_field(&errors, "errorstat_WRONGTYPE").as_deref(), Some("count=1"), "{errors}");
+    assert_eq!(info_field(&errors, "errorstat_NOPERM").as_deref(), Some("count=1"), "{errors}");
+    // The neighbour's counters are its own.
+    let neighbour = info(&mut b, &["everything"]).await;
+    assert!(!neighbour.contains("cmdstat_incr") && !neighbour.contains("errorstat_"), "{neighbour}");
+
+    // CPU: the cache's metered ECPU as CPU seconds, in Valkey's format.
+    let cpu = info(&mut a, &["cpu"]).await;
+    assert_eq!(info_field(&cpu, "used_cpu_sys").as_deref(), Some("0.000000"), "{cpu}");
+    let user = info_field(&cpu, "used_cpu_user").unwrap();
+    assert!(user.split_once('.').is_some_and(|(_, d)| d.len() == 6), "{cpu}");
+    assert!(user.parse::<f64>().unwrap() > 0.0, "{cpu}");
+    assert_eq!(info_field(&cpu, "used_cpu_sys_children").as_deref(), Some("0.000000"), "{cpu}");
+    assert_eq!(info_field(&cpu, "used_cpu_user_children").as_deref(), Some("0.000000"), "{cpu}");
+
+    // Server: the fields tools parse, no host paths.
+    let server = info(&mut a, &["server"]).await;
+    assert_eq!(info_field(&server, "redis_git_sha1").map(|s| s.len()), Some(8), "{server}");
+    assert!(matches!(info_field(&server, "redis_git_dirty").as_deref(), Some("0" | "1")), "{server}");
+    assert!(info_field(&server, "redis_build_id").is_some_and(|id| !id.is_empty()), "{server}");
+    assert_eq!(info_field(&server, "valkey_release_stage").as_deref(), Some("ga"), "{server}");
+    assert_eq!(info_field(&server, "server_mode").as_deref(), Some("standalone"), "{server}");
+    assert!(info_field(&server, "valkey_version").is_some_and(|v| v.starts_with("9.")), "{server}");
+    for hidden in ["executable", "config_file", "process_id", "run_id"] {
+        assert!(info_field(&server, hidden).is_none(), "{hidden}: {server}");
+    }
+    assert!(!server.contains('/'), "a path: {server}");
+    let again = info(&mut a, &["server"]).await;
+    assert_eq!(info_field(&server, "redis_build_id"), info_field(&again, "redis_build_id"));
+
+    // Which sections each form shows, as Valkey.
+    let headers = |t: &str| t.lines().filter(|l| l.starts_with("# ")).map(str::to_string).collect::<Vec<_>>();
+    let default = ["# Server", "# Clients", "# Memory", "# Stats", "# CPU", "# Errorstats", "# Keyspace"];
+    assert_eq!(headers(&info(&mut a, &[]).await), default);
+    assert_eq!(headers(&info(&mut a, &["default"]).await), default);
+    let all = [
+        "# Server",
+        "# Clients",
+        "# Memory",
+        "# Stats",
+        "# CPU",
+        "# Commandstats",
+        "# Errorstats",
+        "# Keyspace",
+    ];
+    assert_eq!(headers(&info(&mut a, &["all"]).await), all);
+    assert_eq!(headers(&info(&mut a, &["everything"]).await), all);
+    assert_eq!(headers(&info(&mut a, &["CPU", "memory"]).await), ["# Memory", "# CPU"]);
+    assert_eq!(info(&mut a, &["nosuchsection"]).await, "");
+}

@@ -72,6 +72,11 @@ impl<'a> Ctx<'a> {
         self.s.uses_mux()
     }
 
+    /// Hands the session's `INFO` counters to its cache's now (its own commands show at once).
+    pub(crate) fn flush_stats(&mut self) {
+        self.s.flush_info()
+    }
+
     pub(crate) fn reply(&mut self, bytes: Bytes) {
         self.s.reply(bytes)
     }

@@ -190,6 +190,8 @@ pub(crate) struct Tally {
     /// Command latencies counted per bucket of [`crate::metrics::LATENCY_BUCKETS`] (the
     /// last slot: slower than the largest), handed to the histogram at flush time.
     pub latency: [u64; crate::metrics::LATENCY_BUCKETS.len() + 1],
+    /// Its `INFO` counters (commandstats, errorstats, ECPU), handed over at flush time too.
+    pub info: crate::cache_stats::Tally,
 }
 
 /// The latency histogram bucket of a command that took `took`.

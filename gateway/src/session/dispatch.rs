@@ -122,7 +122,9 @@ impl Session {
                 self.up_out.extend_from_slice(&self.client_in[..pos]);
                 let meter = self.meter_next.take();
                 self.script_sent(meter.as_ref());
-                self.push_pending(Pending::Upstream(OnReply::Forward, meter));
+                // (Its arguments are not all here: a stream read counts as blocking.)
+                let blocked = self.blocked(spec.is_some_and(|s| s.blocking));
+                self.push_pending(Pending::Upstream(OnReply::Forward, meter, blocked));
             } else {
                 // Unavailable (already answered): the rest is dropped as it comes.
                 self.meter_next = None;
@@ -161,7 +163,7 @@ impl Session {
             self.refuse(&refusal);
         } else if st.forward {
             // The request's real size, for its metering and its cache's ECPU bucket.
-            if let Some(Pending::Upstream(_, Some(meter))) = self.pending.back_mut() {
+            if let Some(Pending::Upstream(_, Some(meter), _)) = self.pending.back_mut() {
                 meter.request = st.bytes;
                 let more = meter.estimate().saturating_sub(st.charged);
                 if let Some(t) = self.tenant.as_ref().filter(|t| t.bucket.limited()) {
@@ -209,7 +211,9 @@ impl Session {
         args: &[Range<usize>],
     ) {
         if let Some(msg) = decide::reject(spec, frame.len, self) {
-            return self.refuse(msg);
+            self.refuse(msg);
+            let now = self.now().0;
+            return self.count_local_call(spec, now, 0, true);
         }
         if self.tenant.is_some() && self.shared.config.metering {
             let tx = match spec.map(|s| s.name.as_str()) {
@@ -224,16 +228,27 @@ impl Session {
                 return;
             }
         }
-        match decide::decide(spec, frame.len, self) {
-            Action::Refuse(msg) => self.refuse(&msg),
-            Action::Virtual => {
-                crate::cmd::run(self, spec.expect("virtual commands are in the table"), args).await
+        let errors_before = self.local_errors.0;
+        let refused = match decide::decide(spec, frame.len, self) {
+            Action::Refuse(msg) => {
+                self.refuse(&msg);
+                true
             }
-            Action::Forward { mux } => self.forward_request(frame, args, spec, mux).await,
-        }
+            Action::Virtual => {
+                crate::cmd::run(self, spec.expect("virtual commands are in the table"), args).await;
+                false
+            }
+            Action::Forward { mux } => {
+                self.forward_request(frame, args, spec, mux).await;
+                false
+            }
+        };
         // Answered by the gateway itself: not billed, so the bucket gets its estimate back.
-        if let (Some(m), Some(t)) = (self.meter_next.take(), self.tenant.as_ref()) {
-            t.bucket.refund(m.estimate());
+        if let Some(m) = self.meter_next.take() {
+            if let Some(t) = self.tenant.as_ref() {
+                t.bucket.refund(m.estimate());
+            }
+            self.count_local_call(spec, m.started, errors_before, refused);
         }
     }
 
@@ -273,7 +288,19 @@ impl Session {
         self.up_out.extend_from_slice(&self.client_in[..frame.len]);
         let meter = self.meter_next.take();
         self.script_sent(meter.as_ref());
-        self.push_pending(Pending::Upstream(OnReply::Forward, meter));
+        let blocks = spec.filter(|s| s.blocking).is_some_and(|spec| {
+            let argv: Vec<&[u8]> = args.iter().map(|r| &self.client_in[r.clone()]).collect();
+            spec.blocks(&argv)
+        });
+        let blocked = self.blocked(blocks);
+        self.push_pending(Pending::Upstream(OnReply::Forward, meter, blocked));
+    }
+
+    /// For a blocking command about to go upstream: the client counted among its cache's
+    /// blocked clients until the command's reply (none inside MULTI, where nothing blocks).
+    fn blocked(&self, blocks: bool) -> Option<crate::cache_stats::Blocked> {
+        let t = self.tenant.as_ref().filter(|_| blocks && !self.in_multi)?;
+        Some(t.stats.block())
     }
 
     /// Client-side caching bookkeeping for a forwarded command (only while tracking is on).

@@ -108,7 +108,9 @@ impl Session {
         self.inbox = Some(inbox);
         self.killed = Some(Box::pin(entry.kill.clone().notified_owned()));
         let latency = crate::metrics::latency(&cache);
+        let stats = registration.stats();
         self.tenant = Some(Tenant {
+            stats,
             bucket,
             latency,
             ns,

@@ -1,8 +1,10 @@
 //! Metering inside a session: ECPU per command and reply, the cache's ECPU limit, script time.
 
 use super::Session;
+use crate::cache_stats::{self, Outcome};
 use crate::metering::{self, Meter, TxPosition};
 use crate::resp::reply::ReplyScanner;
+use shoal_commands::CommandSpec;
 use shoal_types::UsageCounters;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,8 @@ impl Session {
             TxPosition::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
             TxPosition::Queued => self.bill(meter, reply, delivered),
             TxPosition::Exec => {
+                let now = self.now().0;
+                self.count_call(&meter, now, reply);
                 let elements = metering::ecpu::reply_elements(reply);
                 if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
                     // Each result belongs to the command queued in its place.
@@ -32,7 +36,11 @@ impl Session {
                     self.bill_queued();
                 }
             }
-            TxPosition::Discard => self.bill_queued(),
+            TxPosition::Discard => {
+                let now = self.now().0;
+                self.count_call(&meter, now, reply);
+                self.bill_queued()
+            }
         }
     }
 
@@ -128,6 +136,7 @@ impl Session {
     pub(super) fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> UsageCounters {
         let mut c = metering::command(meter.spec, meter.request, reply, delivered);
         let now = self.now().0;
+        self.count_call(&meter, now, reply);
         if meter.spec.is_some_and(|s| s.script) {
             // Its time on the node: from when it was sent, or the reply before it arrived,
             // whichever is later, to its reply (none: it never ran, as in a DISCARDed MULTI).
@@ -159,6 +168,86 @@ impl Session {
         c
     }
 
+    /// Counts a command whose reply came from the node in `commandstats` and `errorstats`.
+    /// Its time is the gateway's view of it: from when it was sent, or the reply before it
+    /// arrived, whichever is later, to its reply; none for a command queued in MULTI (EXEC's
+    /// time has it) or a blocking one (its time blocked cannot be told from its time run).
+    fn count_call(&mut self, meter: &Meter, now: Instant, reply: &[u8]) {
+        // (No reply: a queued command that never ran.)
+        if self.tenant.is_none() || reply.is_empty() {
+            return;
+        }
+        let mut full = false;
+        if let Some(spec) = meter.spec {
+            let usec = match meter.tx == TxPosition::Queued || spec.blocking {
+                true => 0,
+                false => {
+                    now.saturating_duration_since(meter.started.max(self.last_reply_at)).as_micros() as u64
+                }
+            };
+            let outcome = match cache_stats::error_message(reply) {
+                None => Outcome::Ok,
+                Some(message) if cache_stats::rejected(message) => Outcome::Rejected,
+                Some(_) => Outcome::Failed,
+            };
+            full = self.tally.info.command(spec.index, usec, outcome);
+        }
+        if let Some(code) = cache_stats::error_code(reply) {
+            full |= self.tally.info.error(code);
+        }
+        self.info_counted(full);
+    }
+
+    /// Counts a command the gateway answered itself, or refused (`rejected`), in
+    /// `commandstats`; its error reply, if any, was counted in `errorstats` as it was made
+    /// (`errors_before`: the session's error replies before the command).
+    pub(super) fn count_local_call(
+        &mut self,
+        spec: Option<&CommandSpec>,
+        started: Instant,
+        errors_before: u64,
+        rejected: bool,
+    ) {
+        let (Some(spec), true) = (spec, self.tenant.is_some()) else { return };
+        let outcome = match (rejected, self.local_errors.0 > errors_before) {
+            (true, _) => Outcome::Rejected,
+            (false, false) => Outcome::Ok,
+            (false, true) if self.local_errors.1 => Outcome::Rejected,
+            (false, true) => Outcome::Failed,
+        };
+        let usec = started.elapsed().as_micros() as u64;
+        let full = self.tally.info.command(spec.index, usec, outcome);
+        self.info_counted(full);
+    }
+
+    /// Counts an error reply the gateway made, in `errorstats`.
+    pub(super) fn count_local_error(&mut self, message: &str) {
+        if self.tenant.is_none() {
+            return;
+        }
+        self.local_errors = (self.local_errors.0 + 1, cache_stats::rejected(message.as_bytes()));
+        let reply = format!("-{message}");
+        let full = cache_stats::error_code(reply.as_bytes()).is_some_and(|code| self.tally.info.error(code));
+        self.info_counted(full);
+    }
+
+    /// After the session's `INFO` counters grew: handed to the cache's at once when `full`,
+    /// else within [`metering::FLUSH_EVERY`].
+    fn info_counted(&mut self, full: bool) {
+        if full {
+            self.flush_info();
+        } else if self.tally.flush_at.is_none() {
+            self.tally.flush_at = Some(Instant::now() + metering::FLUSH_EVERY);
+        }
+    }
+
+    /// Hands the session's `INFO` counters to its cache's.
+    pub(crate) fn flush_info(&mut self) {
+        if let Some(t) = &self.tenant {
+            t.stats.add(&mut self.tally.info);
+        }
+    }
+
     /// Before a metered command runs: the cache's ECPU limit lets it through, possibly after
     /// a short wait (`throttle_wait`, shared by the requests of one read), or it is refused
     /// with `-THROTTLED` (not forwarded, not billed).
@@ -179,10 +268,13 @@ impl Session {
                 Err(_) => break,
             }
         }
-        self.meter_next = None;
+        let refused = self.meter_next.take();
         let name = self.tenant.as_ref().map(|t| t.route.cache_name.clone()).unwrap_or_default();
         self.tally(UsageCounters { throttled: 1, ..Default::default() });
         self.refuse(&format!("THROTTLED ECPU limit of cache {name} exceeded"));
+        if let Some(m) = refused {
+            self.count_local_call(m.spec, m.started, 0, true);
+        }
         false
     }
 
@@ -203,6 +295,10 @@ impl Session {
         if let Some(slot) = &self.tally.slot {
             slot.add(&c);
         }
+        if c.ecpu_milli > 0 {
+            self.tally.info.ecpu_milli += c.ecpu_milli;
+            self.info_counted(false);
+        }
     }
 
     /// Counts a command's latency (handed to the histogram within [`metering::FLUSH_EVERY`]).
@@ -217,6 +313,7 @@ impl Session {
     pub(super) fn flush_tally(&mut self) {
         if let Some(t) = &self.tenant {
             crate::metrics::record_latencies(&t.latency, &self.tally.latency);
+            t.stats.add(&mut self.tally.info);
         }
         self.tally.latency = Default::default();
         self.tally.flush_at = None;

@@ -127,8 +127,10 @@ pub(crate) enum OnReply {
 
 /// An answer the client is owed, in request order.
 pub(crate) enum Pending {
-    /// A reply from the session's own upstream connection, and how to meter it.
-    Upstream(OnReply, Option<Meter>),
+    /// A reply from the session's own upstream connection, how to meter it, and, for a
+    /// blocking command, the client's place among the cache's blocked clients (given back
+    /// as the entry drops: its reply came, the connection broke or the session ended).
+    Upstream(OnReply, Option<Meter>, Option<crate::cache_stats::Blocked>),
     /// A reply the gateway made, sent once everything before it is sent.
     Local(Bytes),
     /// Close the connection once everything before it is sent.
@@ -158,6 +160,8 @@ pub(crate) struct Tenant {
     /// The cache's `ecpu_per_second` bucket on this gateway.
     pub bucket: Arc<crate::metering::limit::Bucket>,
     pub latency: Arc<crate::metrics::Latency>,
+    /// The cache's `INFO` counters on this gateway (blocked clients, commandstats …).
+    pub stats: Arc<crate::cache_stats::CacheStats>,
 }
 
 pub(crate) struct Session {
@@ -237,6 +241,9 @@ pub(crate) struct Session {
     last_reply_at: Instant,
     /// Scripts sent and not answered (counted in the gateway's `scripts` too).
     scripts_inflight: u32,
+    /// Error replies the gateway made itself while logged in, and whether the last was a
+    /// refusal before the command ran (for `commandstats`' rejected and failed calls).
+    local_errors: (u64, bool),
 }
 
 enum Event {
@@ -334,6 +341,7 @@ pub async fn run(
         streaming: None,
         last_reply_at: Instant::now(),
         scripts_inflight: 0,
+        local_errors: (0, false),
     };
     let served = match conn {
         ClientConn::Tcp(mut stream) => {

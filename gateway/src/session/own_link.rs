@@ -106,13 +106,13 @@ impl Session {
         }
         resp::command(&mut self.up_out, args);
         let meter = self.meter_next.take();
-        self.push_pending(Pending::Upstream(on_reply, meter));
+        self.push_pending(Pending::Upstream(on_reply, meter, None));
     }
 
     /// Sends a command whose reply the client never sees (upstream must be connected).
     pub fn forward_helper(&mut self, args: &[&[u8]]) {
         resp::command(&mut self.up_out, args);
-        self.push_pending(Pending::Upstream(OnReply::Discard, None));
+        self.push_pending(Pending::Upstream(OnReply::Discard, None, None));
     }
 
     /// Sends a (un)subscribe command: its confirmations arrive out of band.
@@ -150,7 +150,7 @@ impl Session {
                         s.replies_before = s.replies_before.saturating_sub(1);
                     }
                     match self.pending.pop_front() {
-                        Some(Pending::Upstream(on_reply, meter)) => {
+                        Some(Pending::Upstream(on_reply, meter, _blocked)) => {
                             let before = self.client_out.len();
                             self.deliver(&bytes, reply.error, on_reply);
                             if let Some(meter) = meter {
@@ -176,7 +176,7 @@ impl Session {
     /// Passes on what has come of a big reply the client gets as it is (see
     /// `STREAM_REPLY_FROM`); pub/sub traffic and replies the gateway rewrites wait whole.
     pub(super) fn pass_on_part(&mut self) {
-        let forwarded = matches!(self.pending.front(), Some(Pending::Upstream(OnReply::Forward, _)));
+        let forwarded = matches!(self.pending.front(), Some(Pending::Upstream(OnReply::Forward, ..)));
         let push_next = self.up_part.taken == 0 && self.up_in.first() == Some(&b'>');
         if self.up_in.len() < STREAM_REPLY_FROM || !forwarded || push_next || self.pubsub.active() {
             return;
@@ -191,7 +191,7 @@ impl Session {
     pub(super) fn finish_part(&mut self, tail: &[u8]) {
         let part = std::mem::take(&mut self.up_part);
         self.client_out.extend_from_slice(tail);
-        if let Some(Pending::Upstream(_, meter)) = self.pending.pop_front() {
+        if let Some(Pending::Upstream(_, meter, _)) = self.pending.pop_front() {
             let delivered = part.taken + tail.len() as u64;
             match meter {
                 Some(m) if m.tx == TxPosition::Exec => {
@@ -236,7 +236,7 @@ impl Session {
             .pending
             .iter()
             .filter_map(|p| match p {
-                Pending::Upstream(_, Some(m)) if m.spec.is_some_and(|s| s.script) => Some(m.started),
+                Pending::Upstream(_, Some(m), _) if m.spec.is_some_and(|s| s.script) => Some(m.started),
                 _ => None,
             })
             .collect();
@@ -250,7 +250,7 @@ impl Session {
         self.pending = std::mem::take(&mut self.pending)
             .into_iter()
             .filter_map(|p| match p {
-                Pending::Upstream(OnReply::Discard, _) => None,
+                Pending::Upstream(OnReply::Discard, ..) => None,
                 Pending::Upstream(..) => Some(Pending::Local(lost.clone())),
                 other => Some(other),
             })

@@ -84,6 +84,7 @@ impl Session {
     }
 
     pub fn reply_error(&mut self, msg: &str) {
+        self.count_local_error(msg);
         let mut out = BytesMut::with_capacity(msg.len() + 3);
         resp::error(&mut out, msg);
         self.reply(out.freeze());
