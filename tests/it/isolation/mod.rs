@@ -11,7 +11,8 @@
 //! `redis.pcall`), and after each run:
 //!
 //! - no byte A received carries a neighbour's value marker, nor a neighbour's name that A did
-//!   not send itself, nor anything only a node-wide view shows (`cmdstat_`, `user=t…`, a
+//!   not send itself, nor anything only a node-wide view shows (the platform's calls in
+//!   `cmdstat_`, `user=t…`, a
 //!   keyspace line of a database A does not have, …);
 //! - a command the gateway's table denies got `-NOPERM` (and doomed its transaction), and
 //!   failed inside Lua too (Valkey's ACL, the second layer);
@@ -1637,11 +1638,30 @@ fn leaks(transcript: &[u8], sent: &[u8], victims: &[Victim], a_dbs: u32) -> Vec<
             }
         }
     }
+    // INFO's commandstats, errorstats and memory sections are the cache's own (the gateway
+    // counts them per cache): what only the node's would show is the platform's own calls,
+    // which A can never make (refused ones count no calls), and the node's memory details.
+    for command in [
+        "acl|setuser",
+        "acl|deluser",
+        "acl|save",
+        "config|set",
+        "config|rewrite",
+        "replconf",
+        "psync",
+        "sync",
+    ] {
+        let marker = format!("cmdstat_{command}:calls=");
+        if let Some(at) = find(transcript, marker.as_bytes()) {
+            if !transcript[at + marker.len()..].starts_with(b"0,") {
+                found.push(format!("LEAK of a node-wide view: {marker:?} with calls in the reply"));
+            }
+        }
+    }
     for marker in [
-        "cmdstat_",
-        "errorstat_",
         "latency_percentiles_usec_",
-        "used_memory:",
+        "used_memory_rss:",
+        "used_memory_peak:",
         "keyspace_hits:",
         "total_net_input_bytes:",
         "instantaneous_ops_per_sec:",
