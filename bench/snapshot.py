@@ -3,7 +3,7 @@
 bench/snapshot.sh, which builds shoal in release mode first).
 
 Starts `shoal dev` with one Valkey node, makes a cache of BENCH_SNAPSHOT_MB (default 1000)
-MB of 1 KiB string values through the gateway and a neighbour cache on the same node, then:
+MB of 1 KiB random string values through the gateway and a neighbour cache on the same node, then:
 takes a snapshot, restores it into a new cache, and exports it; meanwhile a neighbour's
 client sends GETs one after the other and records each one's latency. Prints:
   - snapshot time and restore time (and MB/s);
@@ -31,7 +31,9 @@ import redis  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOAL = os.path.join(ROOT, "target", "release", "shoal")
 SIZE_MB = int(os.environ.get("BENCH_SNAPSHOT_MB", "1000"))
-VALUE = b"v" * 1024
+# Values that do not compress (an RDB compresses each string with LZF): random bytes, a pool
+# of them used in turn.
+VALUES = [os.urandom(1024) for _ in range(1000)]
 
 
 def api(rest, token, method, path, body=None):
@@ -49,10 +51,13 @@ def api(rest, token, method, path, body=None):
 
 
 def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return 0
 
 
@@ -127,7 +132,7 @@ def main():
     dev = subprocess.Popen(
         [SHOAL, "dev", "--data-dir", data, "--rest-port", str(ports[0]), "--resp-port", str(ports[1]),
          "--internal-port", str(ports[2]), "--tls-port", str(ports[3]), "--reader-port", str(ports[4]),
-         "--nodes", "1", "--node-ports", str(ports[5]), "--node-maxmemory-mb", str(SIZE_MB * 4 + 1000)],
+         "--nodes", "1", "--node-ports", str(ports[5]), "--node-maxmemory-mb", str(SIZE_MB * 6 + 1000)],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(900):
@@ -152,15 +157,15 @@ def main():
             assert status == 201, t
             return c["id"], t["token"], took
 
-        big, big_token, _ = cache("big", SIZE_MB * 2)
+        big, big_token, _ = cache("big", SIZE_MB * 3 // 2)
         _, neighbour_token, _ = cache("neighbour", 100)
         client = redis.Redis(port=ports[1], password=big_token)
-        keys = SIZE_MB * 1000 * 1000 // (len(VALUE) + 64)
+        keys = SIZE_MB * 1000 * 1000 // (1024 + 64)
         print(f"# filling {keys:,} keys of 1 KiB ({SIZE_MB} MB)", file=sys.stderr)
         for start in range(0, keys, 2000):
             pipe = client.pipeline(transaction=False)
             for i in range(start, min(keys, start + 2000)):
-                pipe.set(f"key:{i}", VALUE)
+                pipe.set(f"key:{i}", VALUES[i % len(VALUES)])
             pipe.execute()
         node = redis.Redis(port=ports[5], username="shoal",
                            password=open(os.path.join(data, "valkey", "node-0", "admin.secret")).read().strip()
@@ -202,7 +207,7 @@ def main():
 
         prober.reset()
         sampler.reset()
-        _, _, restore_s = cache("restored", SIZE_MB * 2, snapshot=snap["id"])
+        _, _, restore_s = cache("restored", SIZE_MB * 3 // 2, snapshot=snap["id"])
         during_restore = (prober.longest, prober.count)
         restore_rss = sampler.peak_rss
 
