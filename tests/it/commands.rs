@@ -2,11 +2,10 @@
 //! both must get the same replies. Plus the edges of the wire: a 64 MiB value written in
 //! small pieces, clients that vanish while blocked, and long mixed pipelines.
 
-use crate::support::{auth_command, shared, ShoalDev};
+use crate::support::{auth_command, shared, PlainValkey, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::fmt::Debug;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -134,55 +133,6 @@ fn kind(r: &Reply) -> String {
         Ok(Value::Nil) => "nil".into(),
         Ok(other) => format!("{other:?}"),
         Err(e) => format!("error {}", e.split(' ').next().unwrap_or("")),
-    }
-}
-
-/// A plain valkey-server of our own on a free port, killed when dropped.
-struct PlainValkey {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl PlainValkey {
-    async fn start() -> PlainValkey {
-        let binary = shoal_engine::find_valkey_server()
-            .expect("valkey-server (set SHOAL_VALKEY_SERVER or run scripts/setup.sh --test)");
-        let dir = tempfile::tempdir().unwrap();
-        let port = crate::support::free_port();
-        let mut cmd = Command::new(binary);
-        cmd.args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .arg("--dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().expect("valkey-server runs");
-        let server = PlainValkey { child, port, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = server.try_client().await {
-                if run(&mut c, &["PING"]).await.is_ok() {
-                    return server;
-                }
-            }
-            assert!(Instant::now() < deadline, "valkey-server did not come up on port {port}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn try_client(&self) -> redis::RedisResult<MultiplexedConnection> {
-        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?
-            .get_multiplexed_async_connection()
-            .await
-    }
-}
-
-impl Drop for PlainValkey {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

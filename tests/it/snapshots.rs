@@ -5,7 +5,7 @@
 //! refused at restore; the final snapshot of a delete; the daily window and retention; the
 //! snapshot line of the invoice; and S3-compatible storage (moto's server).
 
-use crate::support::{free_port, shared, Proc, ShoalDev};
+use crate::support::{free_port, shared, PlainValkey, Proc, ShoalDev};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -165,44 +165,6 @@ async fn fill_every_type(c: &mut Conn) {
     let _: () = q(c, &["SELECT", "0"]).await;
 }
 
-/// Starts a plain valkey-server on `dir/file` (an RDB to load); returns it and a connection.
-async fn plain_valkey(dir: &Path, file: &str) -> (Proc, Conn) {
-    let port = free_port();
-    let binary = shoal_engine::find_valkey_server().unwrap();
-    let args = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--dbfilename",
-        file,
-        "--appendonly",
-        "no",
-        "--save",
-        "",
-        "--databases",
-        "16",
-    ];
-    let proc = Proc::spawn_binary(&binary, &args, &dir.join("valkey.log"));
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-            if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
-                return (proc, c);
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "plain valkey-server did not start: {:?}",
-            std::fs::read_to_string(dir.join("valkey.log"))
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn download(dev: &ShoalDev, id: &str) -> Vec<u8> {
     let resp = reqwest::Client::new()
         .get(dev.url(&format!("/v1/snapshots/{id}/rdb")))
@@ -298,7 +260,8 @@ async fn every_data_type_round_trips_into_a_new_cache_and_the_rdb_holds_this_cac
     assert!(!rdb.windows(16).any(|w| w == b"neighbour-secret"), "no neighbour's key in the file");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("export.rdb"), &rdb).unwrap();
-    let (_plain, mut p) = plain_valkey(dir.path(), "export.rdb").await;
+    let plain = PlainValkey::with_rdb(dir.path(), "export.rdb").await;
+    let mut p = plain.try_client().await.unwrap();
     let keyspace: String = q(&mut p, &["INFO", "keyspace"]).await;
     let dbs: Vec<&str> = keyspace.lines().filter(|l| l.starts_with("db")).collect();
     assert_eq!(dbs.len(), 2, "{keyspace}");
@@ -383,14 +346,15 @@ async fn a_snapshot_under_writes_is_one_consistent_point() {
 
 /// An RDB written by a plain valkey-server (`SAVE`): (file bytes, keys written).
 async fn plain_rdb(dir: &Path, keys: usize) -> Vec<u8> {
-    let (mut proc, mut p) = plain_valkey(dir, "plain.rdb").await;
+    let plain = PlainValkey::with_rdb(dir, "plain.rdb").await;
+    let mut p = plain.try_client().await.unwrap();
     for i in 0..keys {
         let _: () = q(&mut p, &["SET", &format!("imported:{i}"), &format!("value {i}")]).await;
     }
     let _: () = q(&mut p, &["HSET", "imported:hash", "f", "v"]).await;
     let _: () = q(&mut p, &["SET", "imported:ttl", "v", "EX", "3600"]).await;
     let _: () = q(&mut p, &["SAVE"]).await;
-    proc.kill();
+    drop(plain);
     std::fs::read(dir.join("plain.rdb")).unwrap()
 }
 

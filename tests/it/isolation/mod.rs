@@ -2499,22 +2499,34 @@ async fn primary_of_slot(
         return nodes[0];
     }
     let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut admins[nodes[0]]).await.unwrap();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 9 || !fields[2].contains("master") {
-            continue;
-        }
-        let owns = fields[8..].iter().any(|range| {
-            let (first, last) = range.split_once('-').unwrap_or((range, range));
-            matches!((first.parse::<i64>(), last.parse::<i64>()), (Ok(f), Ok(l)) if (f..=l).contains(&slot))
-        });
-        let port: u16 = fields[1].split([':', '@']).nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-        if owns {
+    for (port, ranges) in primaries(&text) {
+        if ranges.iter().any(|r| r.contains(&slot)) {
             let ports = dev.every_node_port();
             return *nodes.iter().find(|&&i| ports[i] == port).expect("the slot's primary is a cluster node");
         }
     }
     panic!("no primary owns slot {slot}:\n{text}")
+}
+
+/// The primaries of a `CLUSTER NODES` reply: each one's port and the slot ranges it serves.
+fn primaries(cluster_nodes: &str) -> Vec<(u16, Vec<std::ops::RangeInclusive<i64>>)> {
+    let mut out = Vec::new();
+    for line in cluster_nodes.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 8 || !fields[2].contains("master") {
+            continue;
+        }
+        let port: u16 = fields[1].split([':', '@']).nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ranges = fields[8..]
+            .iter()
+            .filter_map(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                Some(first.parse::<i64>().ok()?..=last.parse::<i64>().ok()?)
+            })
+            .collect();
+        out.push((port, ranges));
+    }
+    out
 }
 
 /// The cluster's primaries (indices among `nodes`) that refuse a keyed script as Valkey
@@ -2533,15 +2545,9 @@ async fn poisoned_primaries(
         Err(_) => return vec![first],
     };
     let mut poisoned = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 9 || !fields[2].contains("master") {
-            continue;
-        }
-        let port: u16 = fields[1].split([':', '@']).nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    for (port, ranges) in primaries(&text) {
         let Some(&i) = nodes.iter().find(|&&i| ports[i] == port) else { continue };
-        let (first_slot, _) = fields[8].split_once('-').unwrap_or((fields[8], fields[8]));
-        let Ok(slot) = first_slot.parse::<i64>() else { continue };
+        let Some(&slot) = ranges.first().map(|r| r.start()) else { continue };
         let Some(key) = (0..100_000)
             .map(|n| format!("probe{n}"))
             .find(|k| i64::from(shoal_gateway::cluster::key_slot(k.as_bytes())) == slot)

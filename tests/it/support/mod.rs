@@ -4,8 +4,11 @@
 
 pub mod checker;
 pub mod hosts;
+mod plain;
 mod shared;
 mod split;
+
+pub use plain::PlainValkey;
 
 pub use shared::shared;
 pub use split::Split;
