@@ -1363,3 +1363,143 @@ async fn pipelines_of_mixed_commands_keep_order() {
         differ.join("\n")
     );
 }
+
+/// Reads until the reply to `ECHO end` closes the transcript.
+async fn read_transcript(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut replies = Vec::new();
+    while replies.last().is_none_or(|r: &Vec<u8>| r != b"$3\r\nend\r\n") {
+        replies.extend(read_replies(s, buf, 1, Duration::from_secs(20)).await);
+    }
+    replies
+}
+
+/// `CLIENT REPLY OFF|SKIP|ON` (bulk loaders' fire-and-forget writes) as on Valkey: the same
+/// pipeline gets the same replies, byte for byte, big replies included; the commands whose
+/// replies were dropped still ran and are counted in the cache's `commandstats`.
+#[tokio::test]
+async fn client_reply_off_and_skip_behave_as_on_valkey() {
+    let dev = shared().await;
+    let cache = dev.create_cache("client-reply").await;
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    let valkey = PlainValkey::start().await;
+    let big = vec![b'v'; 3 << 20];
+    let script: Vec<Vec<&[u8]>> = vec![
+        vec![b"CLIENT", b"REPLY", b"OFF"],
+        vec![b"SET", b"k", b"1"],
+        vec![b"INCR", b"k"],
+        vec![b"GET", b"nokey"],
+        vec![b"NOSUCHCOMMAND"],
+        vec![b"SET", b"big", &big],
+        vec![b"GET", b"big"],
+        vec![b"CLIENT", b"REPLY", b"SKIP"],
+        vec![b"CLIENT", b"REPLY", b"ON"],
+        vec![b"GET", b"k"],
+        vec![b"CLIENT", b"REPLY", b"SKIP"],
+        vec![b"INCR", b"k"],
+        vec![b"GET", b"k"],
+        vec![b"CLIENT", b"REPLY", b"SKIP"],
+        vec![b"GET", b"big"],
+        vec![b"CLIENT", b"REPLY", b"LOUD"],
+        vec![b"CLIENT", b"REPLY", b"OFF"],
+        vec![b"RESET"],
+        vec![b"ECHO", b"end"],
+    ];
+    let pipeline: Vec<u8> = script.iter().flat_map(|c| resp_command(c)).collect();
+
+    let (mut gw, mut gw_buf) = raw_session(&dev, &token).await;
+    gw.write_all(&pipeline).await.unwrap();
+    let through_gateway = read_transcript(&mut gw, &mut gw_buf).await;
+    let mut vk = TcpStream::connect(("127.0.0.1", valkey.port)).await.unwrap();
+    vk.write_all(&pipeline).await.unwrap();
+    let on_valkey = read_transcript(&mut vk, &mut Vec::new()).await;
+    let shown = |r: &[Vec<u8>]| r.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>();
+    assert_eq!(shown(&through_gateway), shown(&on_valkey));
+    assert_eq!(shown(&through_gateway)[..3], ["+OK\r\n", "$1\r\n2\r\n", "$1\r\n3\r\n"]);
+    // Nothing more arrives later (no reply was only late).
+    let mut more = [0u8; 64];
+    let late = tokio::time::timeout(Duration::from_millis(300), gw.read(&mut more)).await;
+    assert!(late.is_err(), "a late reply: {late:?}");
+
+    // The unanswered commands ran and are metered: two INCRs, four GETs of which three
+    // were never answered.
+    let mut c = dev.client(&token).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut c).await.unwrap();
+        let calls = |cmd: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+                .and_then(|l| l.split(',').next()?.parse::<u64>().ok())
+        };
+        if calls("incr") == Some(2) && calls("get") >= Some(5) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "muted commands not counted: {info}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Commands clients run that concern only their own connection or cache are answered, not
+/// refused: `CONFIG GET` of the cache's own settings, `ROLE`, `RESTORE` of a `DUMP` (checked
+/// by the node: a forged payload is refused), `ACL CAT`/`GENPASS` and the HELP subcommands.
+#[tokio::test]
+async fn config_get_role_restore_and_acl_cat_answer_for_the_cache() {
+    let dev = shared().await;
+    let cache = dev.create_cache("clients-ask").await;
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    let mut c = dev.client(&token).await.unwrap();
+    let valkey = PlainValkey::start().await;
+    let mut vk = valkey.try_client().await.unwrap();
+
+    let config: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory*")
+        .arg("DATABASES")
+        .arg("save")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let limit = cache["limits"]["data_storage_mb"].as_u64().unwrap() * 1_000_000;
+    let databases = cache["databases"].as_u64().unwrap();
+    let mut pairs: Vec<(String, String)> = config.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [
+            ("databases".to_string(), databases.to_string()),
+            ("maxmemory".to_string(), limit.to_string()),
+            ("maxmemory-policy".to_string(), "volatile-lru".to_string()),
+        ]
+    );
+    let role: Value = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+    let plain_role: Value = redis::cmd("ROLE").query_async(&mut vk).await.unwrap();
+    assert_eq!(role, plain_role);
+
+    let _: () = redis::cmd("HSET").arg("h").arg("f").arg("v").query_async(&mut c).await.unwrap();
+    let dump: Vec<u8> = redis::cmd("DUMP").arg("h").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("RESTORE").arg("h2").arg(0).arg(&dump).query_async(&mut c).await.unwrap();
+    let v: String = redis::cmd("HGET").arg("h2").arg("f").query_async(&mut c).await.unwrap();
+    assert_eq!(v, "v");
+    // A payload from a plain Valkey restores too (what migration tools do).
+    let _: () = redis::cmd("SET").arg("s").arg("from-valkey").query_async(&mut vk).await.unwrap();
+    let foreign: Vec<u8> = redis::cmd("DUMP").arg("s").query_async(&mut vk).await.unwrap();
+    let _: () = redis::cmd("RESTORE").arg("s").arg(0).arg(&foreign).query_async(&mut c).await.unwrap();
+    let v: String = redis::cmd("GET").arg("s").query_async(&mut c).await.unwrap();
+    assert_eq!(v, "from-valkey");
+    let mut forged = dump.clone();
+    let mid = forged.len() / 2;
+    forged[mid] ^= 0xff;
+    let err =
+        redis::cmd("RESTORE").arg("h3").arg(0).arg(&forged).query_async::<()>(&mut c).await.unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    let exists: i64 = redis::cmd("EXISTS").arg("h3").query_async(&mut c).await.unwrap();
+    assert_eq!(exists, 0);
+
+    for args in [&["ACL", "CAT"][..], &["ACL", "HELP"], &["SLOWLOG", "HELP"], &["LATENCY", "HELP"]] {
+        let g: Value = run(&mut c, args).await.unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let v: Value = run(&mut vk, args).await.unwrap();
+        assert_eq!(g, v, "{args:?}");
+    }
+    let pass: String = redis::cmd("ACL").arg("GENPASS").query_async(&mut c).await.unwrap();
+    assert_eq!(pass.len(), 64);
+}

@@ -1,9 +1,10 @@
-//! CLIENT LIST, INFO, SETNAME/SETINFO and KILL over the cache's own connections.
+//! CLIENT LIST, INFO, SETNAME/SETINFO and KILL over the cache's own connections; CLIENT
+//! REPLY for the connection itself.
 
 use super::Ctx;
 use super::OK;
 use crate::resp::value::Value;
-use crate::session::OnReply;
+use crate::session::{OnReply, ReplyMode};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 
@@ -121,4 +122,24 @@ pub(super) fn kill(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
         }
     }
     cx.reply_value(&Value::Int(killed));
+}
+
+/// `CLIENT REPLY ON|OFF|SKIP`: the client's own replies from now on (fire-and-forget
+/// writes); the commands still run and are metered as if their replies were sent. OFF and
+/// SKIP are not answered; SKIP while OFF changes nothing, as in Valkey.
+pub(super) fn reply(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
+    if argv.len() != 3 {
+        return super::wrong_args(cx, "client|reply");
+    }
+    let mode = argv[2].to_ascii_lowercase();
+    match mode.as_slice() {
+        b"on" => {
+            cx.set_reply_mode(ReplyMode::On, false);
+            cx.reply(Bytes::from_static(b"+OK\r\n"));
+        }
+        b"off" => cx.set_reply_mode(ReplyMode::Off, true),
+        b"skip" if cx.reply_mode() == ReplyMode::Off => cx.set_reply_mode(ReplyMode::Off, true),
+        b"skip" => cx.set_reply_mode(ReplyMode::SkipNext, true),
+        _ => cx.refuse("ERR syntax error"),
+    }
 }

@@ -114,6 +114,9 @@ pub(super) async fn hello(s: &mut Session, argv: &[&[u8]]) {
 }
 
 pub(super) async fn reset(s: &mut Session) {
+    // Replies come back on first, as in Valkey: RESET itself is answered.
+    s.reply_mode = crate::session::ReplyMode::On;
+    s.muted = false;
     if s.has_pending_upstream() {
         // Let earlier replies arrive first: reset in place instead.
         if let Some(t) = s.tenant.as_ref() {

@@ -5,7 +5,7 @@
 
 use crate::pubsub::Namespace;
 use crate::resp::value::Value;
-use crate::session::{OnReply, PubSub, Session, Tenant};
+use crate::session::{OnReply, PubSub, ReplyMode, Session, Tenant};
 use crate::state::Shared;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -66,6 +66,17 @@ impl<'a> Ctx<'a> {
     /// Turns the session's client-side caching bookkeeping on or off.
     pub(crate) fn set_tracking(&mut self, on: bool) {
         self.s.tracking = on;
+    }
+
+    /// `CLIENT REPLY`: the session's reply mode from now on; whether this command's own
+    /// reply is dropped.
+    pub(crate) fn set_reply_mode(&mut self, mode: ReplyMode, muted: bool) {
+        self.s.reply_mode = mode;
+        self.s.muted = muted;
+    }
+
+    pub(crate) fn reply_mode(&self) -> ReplyMode {
+        self.s.reply_mode
     }
 
     pub(crate) fn uses_mux(&self) -> bool {

@@ -57,6 +57,8 @@ async fn logged_in(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
         "move" => keyspace::move_key(cx, argv).await,
         "copy" => keyspace::copy(cx, argv).await,
         "info" => server::info(cx, argv).await,
+        "config|get" => server::config_get(cx, argv),
+        "role" => server::role(cx),
         "readonly" | "readwrite" => cx.reply(Bytes::from_static(OK)),
         "acl|whoami" => cx.reply_value(&Value::bulk("default")),
         "client|list" => client::list(cx),
@@ -67,6 +69,7 @@ async fn logged_in(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
         }
         "client|setname" | "client|setinfo" => client::set(cx, name, argv).await,
         "client|kill" => client::kill(cx, argv),
+        "client|reply" => client::reply(cx, argv),
         "client|no-evict" => cx.reply(Bytes::from_static(OK)),
         "client|tracking" => tracking::client_tracking(cx, argv).await,
         "client|caching" => tracking::client_caching(cx, argv),

@@ -200,8 +200,7 @@ pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
 /// buffers …), which every cache on the node shares: none of them has a per-cache value.
 fn memory_section(route: &shoal_types::TenantRoute) -> String {
     let used = route.storage_bytes;
-    let max = route.limits.data_storage_mb.map_or(0, |mb| mb.saturating_mul(1_000_000));
-    let policy = if route.eviction_policy.is_empty() { "noeviction" } else { &route.eviction_policy };
+    let (max, policy) = maxmemory(route);
     format!(
         "# Memory\r\nused_memory:{used}\r\nused_memory_human:{}\r\nmaxmemory:{max}\r\n\
          maxmemory_human:{}\r\nmaxmemory_policy:{policy}\r\n\r\n",
@@ -314,6 +313,41 @@ pub(super) fn entry_name(entry: &Value) -> Option<String> {
         Value::Array(fields) => fields.first()?.as_bytes().map(|b| String::from_utf8_lossy(b).to_lowercase()),
         _ => None,
     }
+}
+
+/// The cache's `maxmemory` (its `data_storage_mb` in bytes; 0 = none) and policy.
+fn maxmemory(route: &shoal_types::TenantRoute) -> (u64, &str) {
+    let max = route.limits.data_storage_mb.map_or(0, |mb| mb.saturating_mul(1_000_000));
+    let policy = if route.eviction_policy.is_empty() { "noeviction" } else { &route.eviction_policy };
+    (max, policy)
+}
+
+/// `CONFIG GET pattern …` for the settings a cache has of its own (`databases`,
+/// `maxmemory`, `maxmemory-policy`, `notify-keyspace-events`): tools read them to size
+/// themselves. The node's other settings are the platform's and match nothing, as an
+/// unknown parameter matches nothing in Valkey.
+pub(super) fn config_get(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
+    let route = &cx.tenant().route;
+    let (max, policy) = maxmemory(route);
+    let settings = [
+        ("databases", route.databases.to_string()),
+        ("maxmemory", max.to_string()),
+        ("maxmemory-policy", policy.to_string()),
+        ("notify-keyspace-events", route.keyspace_events.clone()),
+    ];
+    let patterns: Vec<Vec<u8>> = argv[2..].iter().map(|p| p.to_ascii_lowercase()).collect();
+    let pairs = settings
+        .into_iter()
+        .filter(|(name, _)| patterns.iter().any(|p| crate::pubsub::glob_match(p, name.as_bytes())))
+        .map(|(name, value)| (Value::bulk(name), Value::bulk(value)))
+        .collect();
+    cx.reply_value(&Value::Map(pairs));
+}
+
+/// `ROLE`: a cache is a primary of its own, without replicas the client could reach (the
+/// reader endpoint is Shoal's way to replicas).
+pub(super) fn role(cx: &mut Ctx<'_>) {
+    cx.reply_value(&Value::Array(vec![Value::bulk("master"), Value::Int(0), Value::Array(vec![])]))
 }
 
 #[cfg(test)]

@@ -97,6 +97,7 @@ impl Session {
             spec.map_or_else(|| String::from_utf8_lossy(name).to_uppercase(), CommandSpec::display_name);
         let (pos, rest) = (pos, rest);
         self.parser.abandon();
+        self.begin_request();
         let mut streaming = Streaming { rest, forward: false, refusal: None, bytes: pos as u64, charged: 0 };
         if !passes {
             streaming.refusal = Some(too_large(&shown, MAX_HELD_REQUEST as u64));
@@ -210,6 +211,7 @@ impl Session {
         spec: Option<&'static CommandSpec>,
         args: &[Range<usize>],
     ) {
+        self.begin_request();
         if let Some(msg) = decide::reject(spec, frame.len, self) {
             self.refuse(msg);
             let now = self.now().0;

@@ -112,6 +112,8 @@ pub(crate) enum OnReply {
     Forward,
     /// Drop it (a helper command the client did not send).
     Discard,
+    /// Drop it, metered as if sent: the client turned its replies off (`CLIENT REPLY`).
+    Muted,
     /// Send these bytes instead, unless the reply is an error.
     Replace(Bytes),
     /// Rewrite it (decoded), unless it is an error.
@@ -123,6 +125,22 @@ pub(crate) enum OnReply {
         pattern: Option<Vec<u8>>,
         delta: i64,
     },
+}
+
+impl OnReply {
+    /// A (un)subscription's confirmation: delivered whatever `CLIENT REPLY` says, as Valkey
+    /// delivers its pushes.
+    fn is_push(&self) -> bool {
+        matches!(self, OnReply::Confirm { .. })
+    }
+}
+
+/// What `CLIENT REPLY` set: replies on, off, or off for the next request only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplyMode {
+    On,
+    Off,
+    SkipNext,
 }
 
 /// An answer the client is owed, in request order.
@@ -209,6 +227,9 @@ pub(crate) struct Session {
     latency_memo: Option<(Instant, Instant, usize)>,
     /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
     pub(crate) tracking: bool,
+    /// `CLIENT REPLY`: whether replies are on, and whether the current request's is dropped.
+    pub(crate) reply_mode: ReplyMode,
+    pub(crate) muted: bool,
     /// When the token the client logged in with expires; after a grace period without a
     /// fresh `AUTH`, the connection is closed.
     pub(crate) token_expires: Instant,
@@ -325,6 +346,8 @@ pub async fn run(
         clock: None,
         latency_memo: None,
         tracking: false,
+        reply_mode: ReplyMode::On,
+        muted: false,
         token_expires: Instant::now(),
         mux: None,
         dedicated: false,

@@ -152,9 +152,14 @@ impl Session {
                     match self.pending.pop_front() {
                         Some(Pending::Upstream(on_reply, meter, _blocked)) => {
                             let before = self.client_out.len();
+                            let muted = matches!(on_reply, OnReply::Muted);
                             self.deliver(&bytes, reply.error, on_reply);
                             if let Some(meter) = meter {
-                                self.meter_reply(meter, &bytes, (self.client_out.len() - before) as u64);
+                                let sent = match muted {
+                                    true => bytes.len(),
+                                    false => self.client_out.len() - before,
+                                };
+                                self.meter_reply(meter, &bytes, sent as u64);
                             }
                             self.drain_local();
                         }
@@ -176,7 +181,11 @@ impl Session {
     /// Passes on what has come of a big reply the client gets as it is (see
     /// `STREAM_REPLY_FROM`); pub/sub traffic and replies the gateway rewrites wait whole.
     pub(super) fn pass_on_part(&mut self) {
-        let forwarded = matches!(self.pending.front(), Some(Pending::Upstream(OnReply::Forward, ..)));
+        let (forwarded, muted) = match self.pending.front() {
+            Some(Pending::Upstream(OnReply::Forward, ..)) => (true, false),
+            Some(Pending::Upstream(OnReply::Muted, ..)) => (true, true),
+            _ => (false, false),
+        };
         let push_next = self.up_part.taken == 0 && self.up_in.first() == Some(&b'>');
         if self.up_in.len() < STREAM_REPLY_FROM || !forwarded || push_next || self.pubsub.active() {
             return;
@@ -184,13 +193,17 @@ impl Session {
         let n = self.replies.take_partial(&self.up_in);
         let piece = self.up_in.split_to(n);
         self.up_part.add(&piece);
-        self.client_out.extend_from_slice(&piece);
+        if !muted {
+            self.client_out.extend_from_slice(&piece);
+        }
     }
 
     /// The rest of a reply that went on in pieces: delivered and metered as a whole.
     pub(super) fn finish_part(&mut self, tail: &[u8]) {
         let part = std::mem::take(&mut self.up_part);
-        self.client_out.extend_from_slice(tail);
+        if !matches!(self.pending.front(), Some(Pending::Upstream(OnReply::Muted, ..))) {
+            self.client_out.extend_from_slice(tail);
+        }
         if let Some(Pending::Upstream(_, meter, _)) = self.pending.pop_front() {
             let delivered = part.taken + tail.len() as u64;
             match meter {
@@ -250,7 +263,7 @@ impl Session {
         self.pending = std::mem::take(&mut self.pending)
             .into_iter()
             .filter_map(|p| match p {
-                Pending::Upstream(OnReply::Discard, ..) => None,
+                Pending::Upstream(OnReply::Discard | OnReply::Muted, ..) => None,
                 Pending::Upstream(..) => Some(Pending::Local(lost.clone())),
                 other => Some(other),
             })

@@ -1,7 +1,7 @@
 //! Replies in request order: upstream, local and mux answers queue in `pending` and go to
 //! the client as the ones before them are delivered.
 
-use super::{OnReply, Pending, Session};
+use super::{OnReply, Pending, ReplyMode, Session};
 use crate::resp::value::{self, Value};
 use crate::resp::{self};
 use crate::GatewayError;
@@ -26,7 +26,7 @@ impl Session {
     pub(super) fn deliver(&mut self, bytes: &[u8], error: bool, on_reply: OnReply) {
         match on_reply {
             OnReply::Forward => self.client_out.extend_from_slice(bytes),
-            OnReply::Discard => {}
+            OnReply::Discard | OnReply::Muted => {}
             OnReply::Replace(_) | OnReply::Transform(_) if error => self.client_out.extend_from_slice(bytes),
             OnReply::Replace(with) => self.client_out.extend_from_slice(&with),
             OnReply::Transform(f) => match value::decode(bytes) {
@@ -65,10 +65,32 @@ impl Session {
     /// answers whole batches).
     pub(super) fn push_pending(&mut self, p: Pending) {
         self.mux_flush();
+        let p = match p {
+            Pending::Local(_) if self.muted => return,
+            Pending::Upstream(on_reply, meter, blocked) if self.muted && !on_reply.is_push() => {
+                Pending::Upstream(OnReply::Muted, meter, blocked)
+            }
+            p => p,
+        };
         self.pending.push_back(p);
     }
 
+    /// Starts a request's answer: dropped while the client has its replies off.
+    pub(super) fn begin_request(&mut self) {
+        self.muted = match self.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::SkipNext => {
+                self.reply_mode = ReplyMode::On;
+                true
+            }
+        };
+    }
+
     pub fn reply(&mut self, bytes: Bytes) {
+        if self.muted {
+            return;
+        }
         if self.pending.is_empty() {
             self.client_out.extend_from_slice(&bytes);
         } else {

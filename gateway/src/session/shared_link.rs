@@ -33,6 +33,9 @@ impl Session {
             && !self.in_multi
             && !self.tracking
             && !self.pubsub.active()
+            // Replies the client turned off are dropped on the session's own link.
+            && !self.muted
+            && self.reply_mode == super::ReplyMode::On
             // A cluster pool's cache: each session has its own link to the shards (a shared
             // one would hold every session's big replies behind one slow reader).
             && self.tenant.as_ref().is_some_and(|t| {

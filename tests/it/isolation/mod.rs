@@ -562,7 +562,7 @@ fn attacks() -> Vec<Attack> {
         at("CLIENT CACHING yes"),
         at("CLIENT GETREDIR"),
         at("CLIENT TRACKINGINFO"),
-        at("CLIENT REPLY OFF"),
+        at("CLIENT REPLY ON"),
         at("CLIENT ID"),
         at("CLIENT GETNAME"),
         at("CLIENT SETNAME a-conn"),
