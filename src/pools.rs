@@ -10,7 +10,8 @@ use anyhow::Context;
 use serde::Deserialize;
 use shoal_control_plane::pools::{Pools, MAIN_POOL};
 use shoal_engine::{
-    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, NodeSpec, Pool, PoolConfig, Supervisor,
+    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, ModuleSpec, NodeSpec, Pool, PoolConfig,
+    Supervisor,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,6 +28,11 @@ pub struct EngineFile {
     maxmemory_mb: Option<u64>,
     /// Seconds a tenant's script may hold a node (default 5).
     script_time_limit: Option<f64>,
+    /// Valkey modules the nodes of pool `main` load at start (`loadmodule <path> <args…>`),
+    /// as `[{ path = "/abs/libjson.so", args = ["…"] }]`; also those of clusters that do not
+    /// list their own. Default: none.
+    #[serde(default)]
+    modules: Vec<ModuleSpec>,
     /// The standalone pool `main`; may be empty when clusters are configured.
     #[serde(default)]
     nodes: Vec<NodeFile>,
@@ -119,6 +125,8 @@ struct ClusterFile {
     /// `maxmemory` of each node in MB (default: `[engine] maxmemory_mb`, else half the host's
     /// memory shared among the nodes).
     maxmemory_mb: Option<u64>,
+    /// Modules every node of the cluster loads (default: `[engine] modules`; `[]` for none).
+    modules: Option<Vec<ModuleSpec>>,
 }
 
 fn default_databases() -> u32 {
@@ -189,6 +197,18 @@ impl EngineFile {
             Some(secs) => script_time_limit(secs)?,
             None => shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
         };
+        // Checked here for the whole file: whether each file exists, the role that starts the
+        // nodes checks on their host (a control plane of agents has none of them).
+        let absolute = |at: &str, modules: &[ModuleSpec]| -> anyhow::Result<()> {
+            if let Some(m) = modules.iter().find(|m| !m.path.is_absolute()) {
+                anyhow::bail!("{at} modules: {} is not an absolute path", m.path.display());
+            }
+            Ok(())
+        };
+        absolute("[engine]", &self.modules)?;
+        for (name, c) in &self.clusters {
+            absolute(&format!("[engine.clusters.{name}]"), c.modules.as_deref().unwrap_or_default())?;
+        }
         let mut plans = Vec::new();
         if !self.nodes.is_empty() {
             let nodes = self
@@ -205,6 +225,7 @@ impl EngineFile {
                     databases: self.databases,
                     maxmemory_mb: self.maxmemory_mb,
                     script_time_limit,
+                    modules: self.modules.clone(),
                     node_secret: node_secret.clone(),
                     supervisor,
                     cluster: None,
@@ -222,6 +243,7 @@ impl EngineFile {
                 None => shoal_engine::cluster::DEFAULT_NODE_TIMEOUT,
             };
             let databases = c.databases.unwrap_or(self.databases);
+            let modules = c.modules.clone().unwrap_or_else(|| self.modules.clone());
             let maxmemory_mb = c.maxmemory_mb.or(self.maxmemory_mb);
             let dir = c.dir.unwrap_or_else(|| self.dir.join(format!("cluster-{name}")));
             if !agents_run {
@@ -245,6 +267,7 @@ impl EngineFile {
                         databases,
                         maxmemory_mb,
                         script_time_limit,
+                        modules,
                         node_timeout,
                         agents: None,
                     }),
@@ -285,6 +308,7 @@ impl EngineFile {
                     databases,
                     maxmemory_mb,
                     script_time_limit,
+                    modules,
                     node_secret: Some(node_secret),
                     supervisor,
                     cluster: Some(ClusterMembers { pool: name.clone(), mode: ClusterMode { node_timeout } }),
@@ -312,6 +336,7 @@ impl EngineFile {
                         databases,
                         maxmemory_mb,
                         script_time_limit,
+                        modules,
                         node_timeout,
                         agents: Some(AgentNodes { pool: name.clone(), nodes, node_secret }),
                     })
@@ -461,6 +486,37 @@ mod tests {
         assert!(err(named).contains("node b has host \"db.example\": a cluster's nodes need an IP address"));
         let own = format!("{HEAD}[clusters.c]\nbase_port = 7000\n{}", nodes(&["a", "b"]));
         assert!(err(own).contains("nodes are for a cluster that engine agents run"));
+    }
+
+    #[test]
+    fn modules_are_the_pools_and_a_clusters_own_list_replaces_them() {
+        let modules = "modules = [{ path = \"/opt/valkey/libjson.so\" }, { path = \"/opt/valkey/libbloom.so\", args = [\"BF_ERROR_RATE\", \"0.01\"] }]\n";
+        let text = format!(
+            "{HEAD}{modules}{NODE}[clusters.same]\nbase_port = 7000\n[clusters.none]\nbase_port = 7100\nmodules = []\n"
+        );
+        let (plans, _) = plan(&text).unwrap();
+        let PoolPlan::Standalone(main) = &plans[0].1 else { panic!("main is standalone") };
+        let json = ModuleSpec::new("/opt/valkey/libjson.so");
+        let bloom = ModuleSpec {
+            path: "/opt/valkey/libbloom.so".into(),
+            args: vec!["BF_ERROR_RATE".into(), "0.01".into()],
+        };
+        assert_eq!(main.modules, [json.clone(), bloom.clone()]);
+        let cluster = |name: &str| match &plans.iter().find(|(n, _)| n == name).unwrap().1 {
+            PoolPlan::Cluster(c) => c.modules.clone(),
+            PoolPlan::Standalone(_) => panic!("{name} is a cluster"),
+        };
+        assert_eq!(cluster("same"), [json, bloom]);
+        assert!(cluster("none").is_empty());
+        // Without the setting: none, as before.
+        let PoolPlan::Standalone(plain) = &plan(&format!("{HEAD}{NODE}")).unwrap().0[0].1 else { panic!() };
+        assert!(plain.modules.is_empty());
+        // Relative paths and unknown fields are refused.
+        let err = |text: String| plan(&text).unwrap_err().to_string();
+        let relative = err(format!("{HEAD}modules = [{{ path = \"libjson.so\" }}]\n{NODE}"));
+        assert!(relative.contains("[engine] modules: libjson.so is not an absolute path"), "{relative}");
+        let typo = format!("{HEAD}modules = [{{ path = \"/x.so\", arg = [] }}]\n{NODE}");
+        assert!(toml::from_str::<EngineFile>(&typo).is_err());
     }
 
     #[test]

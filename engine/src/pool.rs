@@ -7,7 +7,7 @@
 //! [`CLUSTER_TARGET`], and applies them to every node.
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterStatus, NodeStatus, Role};
-use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec};
+use crate::node::{ClusterMode, ModuleSpec, Node, NodeSecrets, NodeSpec};
 use crate::placement::NodeLoad;
 use crate::{EngineError, TenantAcl};
 use std::path::PathBuf;
@@ -30,6 +30,9 @@ pub struct PoolConfig {
     /// Longest a tenant's script may hold a node (Valkey's `busy-reply-threshold`, then the
     /// engine's `SCRIPT KILL`, or a restart if the script already wrote).
     pub script_time_limit: Duration,
+    /// Modules every node loads at start (`loadmodule`); empty: none. Each path must exist
+    /// where the nodes run (checked before any starts).
+    pub modules: Vec<ModuleSpec>,
     /// The platform's node secret, shared by control planes and engine agents: the nodes'
     /// passwords derive from it ([`NodeSecrets::derive`]). None: each node keeps random
     /// passwords of its own in its folder (one process runs everything).
@@ -82,6 +85,11 @@ impl Pool {
     /// Starts every node and waits until all answer.
     pub async fn start(config: PoolConfig) -> Result<Pool, EngineError> {
         let mut nodes = Vec::with_capacity(config.nodes.len());
+        if config.supervisor == Supervisor::ThisProcess {
+            for module in &config.modules {
+                module.check()?;
+            }
+        }
         let shared = crate::node::default_maxmemory(config.nodes.len());
         for spec in config.nodes {
             let maxmemory = match spec.maxmemory_mb.or(config.maxmemory_mb) {
@@ -113,6 +121,7 @@ impl Pool {
                     return Err(EngineError::Config("nodes run by engine agents need the node secret".into()))
                 }
             };
+            let node = node.with_modules(config.modules.clone());
             let node = match &config.cluster {
                 Some(members) => node.into_cluster(members.mode.clone()),
                 None => node,
@@ -184,6 +193,7 @@ impl Pool {
                 health: if node.healthy() { "online" } else { "failed" }.to_string(),
                 healthy: node.healthy(),
                 used_memory: crate::cluster::used_memory(node).await,
+                modules: if node.healthy() { node.loaded_modules().await } else { None },
             });
         }
         out

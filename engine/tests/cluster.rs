@@ -44,6 +44,7 @@ fn config(dir: &std::path::Path, base_port: u16) -> ClusterConfig {
         databases: ClusterConfig::databases_for(100, 1),
         maxmemory_mb: Some(64),
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        modules: Vec::new(),
         node_timeout: Duration::from_millis(1000),
         agents: None,
     }
@@ -779,6 +780,7 @@ async fn agent_host(dir: &std::path::Path, h: u16, base_port: u16, secret: &str)
         databases: ClusterConfig::databases_for(100, 1),
         maxmemory_mb: Some(64),
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        modules: Vec::new(),
         node_secret: Some(secret.to_string()),
         supervisor: Default::default(),
         cluster: Some(ClusterMembers {

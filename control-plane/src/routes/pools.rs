@@ -43,10 +43,24 @@ pub struct PoolNode {
     /// `used_memory` in bytes; absent when the node did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used_memory: Option<u64>,
+    /// The Valkey modules it has loaded from a file (`MODULE LIST`; the pool's `modules`
+    /// setting), empty when none; absent when the node did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modules: Option<Vec<PoolModule>>,
     /// The engine agent that runs the node (`shoal engine`), as it last reported; absent for
     /// nodes the control plane runs itself, and until the agent reports.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_host: Option<crate::engine_hosts::EngineHostSeen>,
+}
+
+/// A Valkey module a node has loaded.
+#[derive(Serialize, ToSchema)]
+pub struct PoolModule {
+    /// The module's own name (`json`, `bf`, `search`, `ReJSON`…), not its file's.
+    pub name: String,
+    /// Its version as the module reports it: `major * 10000 + minor * 100 + patch` by
+    /// convention (20803 is 2.8.3).
+    pub version: i64,
 }
 
 /// One shard of a cluster pool.
@@ -93,6 +107,9 @@ fn node(n: &NodeStatus) -> PoolNode {
         healthy: n.healthy,
         health: n.health.clone(),
         used_memory: n.used_memory,
+        modules: n.modules.as_ref().map(|list| {
+            list.iter().map(|m| PoolModule { name: m.name.clone(), version: m.version }).collect()
+        }),
         engine_host: None,
     }
 }

@@ -35,7 +35,10 @@
 //! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
 //! slot migrations log in to their peers as the admin user).
 
-use crate::node::{ClusterMode, Node, NodeSecrets, NodeSpec, ADMIN_USER, HEALTH_TIMEOUT, OBSERVER_USER};
+use crate::node::{
+    ClusterMode, ModuleInfo, ModuleSpec, Node, NodeSecrets, NodeSpec, ADMIN_USER, HEALTH_TIMEOUT,
+    OBSERVER_USER,
+};
 use crate::pool::admin_conn;
 use crate::EngineError;
 use redis::Value;
@@ -80,6 +83,9 @@ pub struct ClusterConfig {
     /// equally among the nodes formed on first start.
     pub maxmemory_mb: Option<u64>,
     pub script_time_limit: Duration,
+    /// Modules every node loads at start (`loadmodule`); empty: none. Run by engine agents:
+    /// the agents' own files say (unused here).
+    pub modules: Vec<ModuleSpec>,
     /// `cluster-node-timeout`: a primary not answering this long is failed over.
     pub node_timeout: Duration,
     /// Set when engine agents run the nodes on several hosts: the pool attaches to them
@@ -143,6 +149,8 @@ pub struct NodeStatus {
     pub healthy: bool,
     /// `used_memory` from `INFO memory`; `None` if the node did not answer.
     pub used_memory: Option<u64>,
+    /// The modules it has loaded (`MODULE LIST`); `None` if it did not answer.
+    pub modules: Option<Vec<ModuleInfo>>,
 }
 
 /// One shard: a primary, its replicas and the slots it serves.
@@ -210,6 +218,9 @@ impl Cluster {
     pub async fn start(config: ClusterConfig) -> Result<Arc<Cluster>, EngineError> {
         if config.agents.is_some() {
             return Cluster::attach(config).await;
+        }
+        for module in &config.modules {
+            module.check()?;
         }
         let io = |source| EngineError::Io { node: "cluster".into(), source };
         std::fs::create_dir_all(&config.dir).map_err(io)?;
@@ -412,6 +423,7 @@ impl Cluster {
                 c.script_time_limit,
                 None,
             )?
+            .with_modules(c.modules.clone())
             .into_cluster(ClusterMode { node_timeout: c.node_timeout });
             let node = Arc::new(node);
             let started = node.start().await;
@@ -749,9 +761,9 @@ impl Cluster {
                 let ours = ours.map(|(_, node)| node);
                 // Not asked of a node failing its health checks: during an outage the answer
                 // would wait for the timeout, once per such node.
-                let used_memory = match ours {
-                    Some(node) if node.healthy() => used_memory(node).await,
-                    _ => None,
+                let (used_memory, modules) = match ours {
+                    Some(node) if node.healthy() => (used_memory(node).await, node.loaded_modules().await),
+                    _ => (None, None),
                 };
                 let status = NodeStatus {
                     name: ours.map(|x| x.name().to_string()),
@@ -761,6 +773,7 @@ impl Cluster {
                     health: n.health,
                     healthy: ours.is_some_and(|x| x.healthy()),
                     used_memory,
+                    modules,
                 };
                 // A failed former primary stays listed as a primary until it is back as a
                 // replica: the online primary is the shard's.

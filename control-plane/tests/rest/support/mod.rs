@@ -82,6 +82,7 @@ impl Api {
                 databases: 64,
                 maxmemory_mb: Some(128),
                 script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+                modules: Vec::new(),
                 node_timeout: std::time::Duration::from_secs(1),
                 agents: None,
             };
@@ -225,6 +226,7 @@ pub async fn one_node_pool(dir: &std::path::Path) -> Arc<Pool> {
             databases: 64,
             maxmemory_mb: None,
             script_time_limit: shoal_engine::DEFAULT_SCRIPT_TIME_LIMIT,
+            modules: Vec::new(),
             node_secret: None,
             supervisor: Default::default(),
             cluster: None,
