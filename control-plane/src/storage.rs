@@ -16,7 +16,7 @@
 use crate::state::AppState;
 use crate::store::{CacheRecord, StorageSampleRecord, StoreError};
 use shoal_engine::{CacheDbs, EngineError, EvictionPolicy, StorageProbe};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,12 +113,25 @@ pub async fn sample_now(state: &AppState, cache: &CacheRecord) {
     }
 }
 
+/// One sample of a cache at a time in this process (the periodic sampler's and a gateway's
+/// request): two at once would each evict the excess they measured, twice the keys needed.
+fn sampling_lock(cache: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        std::sync::OnceLock::new();
+    let mut locks = LOCKS.get_or_init(Default::default).lock().unwrap();
+    // Only the caches being sampled stay in the map.
+    locks.retain(|_, l| Arc::strong_count(l) > 1);
+    locks.entry(cache.to_string()).or_default().clone()
+}
+
 /// Measures one cache, evicts if it is over its limit, and records the outcome.
 async fn sample_cache(
     state: &AppState,
     probe: &mut StorageProbe,
     cache: &CacheRecord,
 ) -> Result<(), SampleError> {
+    let lock = sampling_lock(cache.id.as_str());
+    let _one_at_a_time = lock.lock().await;
     let dbs = CacheDbs { db: cache.db, databases: cache.databases };
     // When the sample starts: the gateways count writes from here on (see TenantRoute).
     let started_ms = chrono::Utc::now().timestamp_millis();

@@ -398,9 +398,13 @@ async fn insert_checkpoint(
 
 /// Anchors the records of an older install (unkeyed, never checkpointed) with a checkpoint
 /// of their head, the first time a key is used.
-pub(crate) async fn anchor_unkeyed_head(pool: &AnyPool, chain: &Chain) -> Result<(), StoreError> {
+pub(crate) async fn anchor_unkeyed_head(
+    pool: &AnyPool,
+    backend: Backend,
+    chain: &Chain,
+) -> Result<(), StoreError> {
     let Some(key) = &chain.key else { return Ok(()) };
-    let mut tx = pool.begin().await?;
+    let mut tx = backend.begin_write(pool).await?;
     let keyed: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_log WHERE chain <> 1")
         .fetch_one(&mut *tx)
         .await?
@@ -474,7 +478,7 @@ impl Writer {
         }
         let result = async {
             let _chain = self.lock.lock().await;
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.backend.begin_write(&self.pool).await?;
             let records = append_all(&mut tx, self.backend, &self.chain, &events).await?;
             tx.commit().await?;
             self.chain.remember(&records);

@@ -19,7 +19,7 @@ pub struct EngineNodeRecord {
 impl Store {
     /// Records what one report says of its nodes (one statement per node, in one transaction).
     pub async fn record_engine_nodes(&self, nodes: &[EngineNodeRecord]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.backend.begin_write(&self.pool).await?;
         for n in nodes {
             sqlx::query(
                 "INSERT INTO engine_nodes (node, host, credential, pid, restarts, reported_at_ms)

@@ -123,6 +123,22 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// Begins a transaction that writes. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`, waiting up to `busy_timeout` for it): a deferred transaction that
+    /// reads first fails at its first write with `database is locked` (SQLITE_BUSY, or
+    /// BUSY_SNAPSHOT in WAL mode) whenever another connection wrote meanwhile, without waiting.
+    pub(crate) async fn begin_write(
+        self,
+        pool: &AnyPool,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        match self {
+            Backend::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => pool.begin().await,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     pub(crate) pool: AnyPool,
@@ -217,7 +233,7 @@ impl Store {
             }
         }
         let audit_chain = Arc::new(audit::Chain::new(key));
-        audit::anchor_unkeyed_head(&pool, &audit_chain).await?;
+        audit::anchor_unkeyed_head(&pool, backend, &audit_chain).await?;
         let audit_lock = Arc::new(tokio::sync::Mutex::new(()));
         let (audit_writer, jobs) = tokio::sync::mpsc::channel(audit::QUEUE);
         let writer = audit::Writer {
@@ -233,7 +249,7 @@ impl Store {
     /// Starts a change that will be audited in the same transaction.
     pub async fn begin(&self) -> Result<Audited, StoreError> {
         let chain = self.audit_lock.clone().lock_owned().await;
-        let tx = self.pool.begin().await?;
+        let tx = self.backend.begin_write(&self.pool).await?;
         Ok(Audited { _chain: chain, tx, backend: self.backend, chain: self.audit_chain.clone() })
     }
 

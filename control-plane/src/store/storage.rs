@@ -74,7 +74,7 @@ impl Store {
         since_ms: i64,
         sample: &StorageSampleRecord,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.backend.begin_write(&self.pool).await?;
         let previous: Option<i64> = sqlx::query("SELECT sampled_at FROM cache_storage WHERE cache_id = $1")
             .bind(cache.as_str())
             .fetch_optional(&mut *tx)

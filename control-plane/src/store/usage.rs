@@ -53,7 +53,7 @@ impl Store {
     /// Stores a batch unless it was stored before; `Ok(false)` for a repeat. The batch's
     /// key and its counters go in one transaction: a batch counts once or not at all.
     pub async fn record_usage(&self, batch: &UsageBatch) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.backend.begin_write(&self.pool).await?;
         let inserted = sqlx::query(
             "INSERT INTO usage_batches (gateway_id, seq, received_at) VALUES ($1, $2, $3)
              ON CONFLICT (gateway_id, seq) DO NOTHING",
