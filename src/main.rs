@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use shoal_control_plane::ControlPlaneConfig;
-use shoal_engine::{ClusterConfig, ModuleSpec, NodeSpec, PoolConfig};
+use shoal_engine::{ClusterConfig, KeyAccess, ModuleSpec, NodeSpec, PoolConfig};
 use shoal_gateway::{Gateway, GatewayConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -202,6 +202,14 @@ struct DevArgs {
     /// Explicit Valkey node ports (overrides --nodes and --node-base-port).
     #[arg(long, env = "SHOAL_NODE_PORTS", value_delimiter = ',')]
     node_ports: Vec<u16>,
+    /// Valkey nodes that track keys' frequency of use, for caches with an LFU eviction
+    /// policy (`allkeys-lfu`, `volatile-lfu`): named f0, f1 …, on the ports after the other
+    /// nodes' (free ones when --node-ports is given).
+    #[arg(long, env = "SHOAL_LFU_NODES", default_value_t = 1)]
+    lfu_nodes: u16,
+    /// Explicit ports of the LFU nodes (overrides --lfu-nodes).
+    #[arg(long, env = "SHOAL_LFU_NODE_PORTS", value_delimiter = ',')]
+    lfu_node_ports: Vec<u16>,
     /// Numbered databases per node (one per cache, plus database 0 for the platform); also
     /// the cluster's `cluster-databases`.
     #[arg(long, env = "SHOAL_DATABASES", default_value_t = 1024)]
@@ -522,11 +530,20 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     } else {
         args.node_ports.clone()
     };
-    let nodes = ports
+    let lfu_ports: Vec<u16> = match (args.lfu_node_ports.is_empty(), args.node_ports.is_empty()) {
+        (false, _) => args.lfu_node_ports.clone(),
+        (true, true) => (0..args.lfu_nodes).map(|i| args.node_base_port + args.nodes + i).collect(),
+        (true, false) => (0..args.lfu_nodes).map(|_| free_port(&args.host)).collect::<anyhow::Result<_>>()?,
+    };
+    let mut nodes: Vec<NodeSpec> = ports
         .iter()
         .enumerate()
         .map(|(i, &port)| NodeSpec::new(format!("n{i}"), args.host.clone(), port))
         .collect();
+    nodes.extend(lfu_ports.iter().enumerate().map(|(i, &port)| NodeSpec {
+        key_access: KeyAccess::Frequency,
+        ..NodeSpec::new(format!("f{i}"), args.host.clone(), port)
+    }));
     let valkey_server = match args.valkey_server {
         Some(p) => p,
         None => shoal_engine::find_valkey_server()?,
@@ -790,4 +807,11 @@ pub(crate) async fn wait_for_signal(tls: Option<Arc<shoal_gateway::tls::TlsState
             }
         }
     }
+}
+
+/// A port free on `host` just now (for nodes whose port nobody chose).
+fn free_port(host: &str) -> anyhow::Result<u16> {
+    let listener =
+        std::net::TcpListener::bind((host, 0)).with_context(|| format!("finding a free port on {host}"))?;
+    Ok(listener.local_addr()?.port())
 }

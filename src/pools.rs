@@ -10,8 +10,8 @@ use anyhow::Context;
 use serde::Deserialize;
 use shoal_control_plane::pools::{Pools, MAIN_POOL};
 use shoal_engine::{
-    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, ModuleSpec, NodeSpec, Pool, PoolConfig,
-    Supervisor,
+    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, KeyAccess, ModuleSpec, NodeSpec, Pool,
+    PoolConfig, Supervisor,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -96,6 +96,9 @@ struct NodeFile {
     host: String,
     port: u16,
     maxmemory_mb: Option<u64>,
+    /// `"frequency"` for a node of caches with an LFU eviction policy (default `"recency"`).
+    #[serde(default)]
+    key_access: KeyAccess,
 }
 
 /// `[engine.clusters.<name>]`.
@@ -214,7 +217,13 @@ impl EngineFile {
             let nodes = self
                 .nodes
                 .into_iter()
-                .map(|n| NodeSpec { name: n.name, host: n.host, port: n.port, maxmemory_mb: n.maxmemory_mb })
+                .map(|n| NodeSpec {
+                    name: n.name,
+                    host: n.host,
+                    port: n.port,
+                    maxmemory_mb: n.maxmemory_mb,
+                    key_access: n.key_access,
+                })
                 .collect();
             plans.push((
                 MAIN_POOL.to_string(),
@@ -283,6 +292,11 @@ impl EngineFile {
                 !c.nodes.is_empty(),
                 "{at}: engine agents run this cluster's nodes: list them in [[engine.clusters.{name}.nodes]] \
                  (name, host, port)"
+            );
+            anyhow::ensure!(
+                c.nodes.iter().all(|n| n.key_access == KeyAccess::Recency),
+                "{at}: cluster nodes track recency; caches with an LFU eviction policy go to standalone \
+                 nodes with key_access = \"frequency\" in [[engine.nodes]]"
             );
             anyhow::ensure!(
                 c.nodes.iter().all(|n| n.maxmemory_mb.is_none()),

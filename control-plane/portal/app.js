@@ -400,7 +400,7 @@ async function overviewPage(view) {
   );
 }
 
-const EVICTION_POLICIES = ['volatile-lru', 'allkeys-lru', 'volatile-ttl', 'volatile-random', 'allkeys-random', 'noeviction'];
+const EVICTION_POLICIES = ['volatile-lru', 'allkeys-lru', 'volatile-lfu', 'allkeys-lfu', 'volatile-ttl', 'volatile-random', 'allkeys-random', 'noeviction'];
 
 /** "k=v, k2=v2" → {k: v, k2: v2}. */
 function parseTags(text) {

@@ -29,7 +29,8 @@ pub mod tenant;
 pub use cluster::{AgentNodes, ClusterConfig, ClusterStatus, NodeStatus, Role, ShardStatus};
 pub use error::EngineError;
 pub use node::{
-    find_valkey_server, ClusterMode, Health, ModuleInfo, ModuleSpec, NodeBudget, NodeSecrets, NodeSpec,
+    find_valkey_server, ClusterMode, Health, KeyAccess, ModuleInfo, ModuleSpec, NodeBudget, NodeSecrets,
+    NodeSpec,
 };
 pub use placement::{Allocation, NoPlacement, NodeLoad};
 pub use pool::{

@@ -58,6 +58,8 @@ pub struct NodeSpec {
     /// The node's `maxmemory` in MB (10^6 bytes); `None` = the pool's default
     /// ([`crate::PoolConfig::maxmemory_mb`], else a share of the host's memory).
     pub maxmemory_mb: Option<u64>,
+    /// Whether the node tracks keys' recency or frequency of use ([`KeyAccess`]).
+    pub key_access: KeyAccess,
 }
 
 /// A Valkey module a node loads at start: `loadmodule <path> <args…>` in its config. Shoal
@@ -144,14 +146,49 @@ pub struct ModuleInfo {
 
 impl NodeSpec {
     pub fn new(name: impl Into<String>, host: impl Into<String>, port: u16) -> NodeSpec {
-        NodeSpec { name: name.into(), host: host.into(), port, maxmemory_mb: None }
+        NodeSpec {
+            name: name.into(),
+            host: host.into(),
+            port,
+            maxmemory_mb: None,
+            key_access: KeyAccess::Recency,
+        }
     }
 }
 
-/// Valkey's `maxmemory-policy` on every node: the last line of defence when the node as a
-/// whole is full (per-cache limits normally keep it well below `maxmemory`). Keys with a TTL
-/// go first, least recently used across the node — ElastiCache's default.
-pub const NODE_MAXMEMORY_POLICY: &str = "volatile-lru";
+/// What a node keeps about each key's use, chosen by its `maxmemory-policy`: Valkey has one
+/// 24-bit field per key that is either the last access time (LRU policies, `OBJECT
+/// IDLETIME`) or a frequency counter (LFU policies, `OBJECT FREQ`), node-wide. So caches
+/// with an LFU eviction policy live on nodes that track frequency, every other cache on
+/// nodes that track recency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAccess {
+    #[default]
+    Recency,
+    Frequency,
+}
+
+impl KeyAccess {
+    /// What a cache with this eviction policy needs of its node.
+    pub fn needed_by(eviction_policy: &str) -> KeyAccess {
+        match eviction_policy.ends_with("-lfu") {
+            true => KeyAccess::Frequency,
+            false => KeyAccess::Recency,
+        }
+    }
+
+    /// Valkey's `maxmemory-policy` on such a node: the last line of defence when the node as
+    /// a whole is full (per-cache limits normally keep it well below `maxmemory`). Keys with
+    /// a TTL go first, least recently (or frequently) used across the node — ElastiCache's
+    /// default.
+    pub fn node_policy(self) -> &'static str {
+        match self {
+            KeyAccess::Recency => "volatile-lru",
+            KeyAccess::Frequency => "volatile-lfu",
+        }
+    }
+}
 /// `client-output-buffer-limit normal <hard> <soft> <seconds>`: a client connection is
 /// closed when Valkey holds more than `hard` bytes of replies it has not read, or more than
 /// `soft` for `seconds` in a row. `hard` is the largest string Valkey stores
@@ -514,6 +551,10 @@ impl Node {
         &self.spec.name
     }
 
+    pub fn key_access(&self) -> KeyAccess {
+        self.spec.key_access
+    }
+
     /// Pid of the running valkey-server, if any.
     pub fn pid(&self) -> Option<u32> {
         match self.pid.load(Ordering::SeqCst) {
@@ -652,7 +693,7 @@ impl Node {
              client-output-buffer-limit normal {hard} {soft} {secs}\n",
             events = self.keyspace_events(),
             maxmemory = self.budget.maxmemory,
-            policy = NODE_MAXMEMORY_POLICY,
+            policy = self.spec.key_access.node_policy(),
             busy_ms = self.script_time_limit.as_millis().max(1),
             hard = OUTPUT_BUFFER_HARD,
             soft = OUTPUT_BUFFER_SOFT,

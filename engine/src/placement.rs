@@ -21,6 +21,8 @@ pub struct NodeLoad {
     pub capacity_mb: u64,
     /// MB of storage limits its caches hold already.
     pub reserved_mb: u64,
+    /// What it tracks of keys' use: only caches whose eviction policy needs that go there.
+    pub key_access: crate::KeyAccess,
 }
 
 impl NodeLoad {
@@ -93,6 +95,7 @@ mod tests {
             healthy: true,
             capacity_mb: 1000,
             reserved_mb: 0,
+            key_access: Default::default(),
         }
     }
 

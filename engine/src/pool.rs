@@ -194,6 +194,7 @@ impl Pool {
                 healthy: node.healthy(),
                 used_memory: crate::cluster::used_memory(node).await,
                 modules: if node.healthy() { node.loaded_modules().await } else { None },
+                key_access: node.key_access(),
             });
         }
         out
@@ -223,6 +224,8 @@ impl Pool {
                 healthy: nodes.iter().any(|n| n.healthy()),
                 capacity_mb: nodes.first().map_or(0, |n| n.storage_capacity_mb()) * primaries as u64,
                 reserved_mb: 0,
+                // Cluster nodes track recency (LFU caches go to standalone frequency nodes).
+                key_access: crate::KeyAccess::Recency,
             }];
         }
         self.nodes
@@ -234,6 +237,7 @@ impl Pool {
                 healthy: n.healthy(),
                 capacity_mb: n.storage_capacity_mb(),
                 reserved_mb: 0,
+                key_access: n.key_access(),
             })
             .collect()
     }

@@ -28,7 +28,7 @@ async fn fill(c: &mut Conn, prefix: &str, range: std::ops::Range<usize>, ttl: bo
         }
         cmd.ignore();
     }
-    pipe.query_async::<()>(c).await.unwrap();
+    pipe.query_async::<()>(c).await.unwrap_or_else(|e| panic!("writing {prefix}: {e}"));
 }
 
 async fn count(c: &mut Conn, prefix: &str) -> usize {
@@ -357,12 +357,100 @@ async fn allkeys_random(dev: &ShoalDev) {
     assert!(old < 400 && new < 150, "any key goes at random: {old} old, {new} new left");
 }
 
+/// Reads every key of `prefix` `times` times: Valkey's LFU counter grows with each read.
+async fn read_often(c: &mut Conn, prefix: &str, range: std::ops::Range<usize>, times: usize) {
+    for _ in 0..times {
+        read_all(c, prefix, range.clone()).await;
+    }
+}
+
+async fn freq(c: &mut Conn, key: &str) -> i64 {
+    redis::cmd("OBJECT").arg("FREQ").arg(key).query_async(c).await.unwrap()
+}
+
+async fn allkeys_lfu(dev: &ShoalDev) {
+    let mut c = create_with_policy(dev, "allkeys-lfu").await;
+    fill(&mut c, "rare", 0..200, false).await;
+    fill(&mut c, "often", 0..200, false).await;
+    // A sample and the gateways' next route refresh see these writes (see
+    // docs/limits.md, "Between samples").
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // 150 reads take Valkey's logarithmic counter from 5 to 6 at the first and, almost surely
+    // (p > 1 - 10^-6 per key), past 6 later: above a key read once.
+    read_often(&mut c, "often", 0..200, 150).await;
+    // OBJECT FREQ means what it does on a Valkey with an LFU policy; idle times are not kept.
+    let (rare, often) = (freq(&mut c, "rare:0").await, freq(&mut c, "often:0").await);
+    assert!(often > rare, "OBJECT FREQ of a key read 150 times ({often}) above an unread one's ({rare})");
+    let idle = redis::cmd("OBJECT").arg("IDLETIME").arg("rare:0").query_async::<i64>(&mut c).await;
+    assert!(idle.is_err_and(|e| e.to_string().contains("LFU")), "OBJECT IDLETIME under LFU");
+    // Read recently but rarely: recency would keep these, frequency does not.
+    read_all(&mut c, "rare", 0..200).await;
+    fill(&mut c, "new", 0..200, false).await;
+    settled_under_limit(&mut c, 600).await;
+    let (rare, often) = (count(&mut c, "rare").await, count(&mut c, "often").await);
+    let new = count(&mut c, "new").await;
+    assert!(rare + new < 400, "rarely used keys are evicted: {rare} rare, {new} new left");
+    assert_eq!(often, 200, "often read keys stay");
+}
+
+async fn volatile_lfu(dev: &ShoalDev) {
+    let mut c = create_with_policy(dev, "volatile-lfu").await;
+    fill(&mut c, "ttl-rare", 0..100, true).await;
+    fill(&mut c, "ttl-often", 0..100, true).await;
+    fill(&mut c, "forever", 0..200, false).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    read_often(&mut c, "ttl-often", 0..100, 150).await;
+    read_all(&mut c, "ttl-rare", 0..100).await;
+    fill(&mut c, "forever", 200..350, false).await;
+    settled_under_limit(&mut c, 550).await;
+    let (rare, often) = (count(&mut c, "ttl-rare").await, count(&mut c, "ttl-often").await);
+    let forever = count(&mut c, "forever").await;
+    assert!(rare < 100, "rarely used keys with a TTL go first: {rare} left");
+    assert_eq!((often, forever), (100, 350), "often used keys and keys without a TTL stay");
+}
+
 #[tokio::test]
 async fn each_eviction_policy_evicts_its_own_candidates_in_its_own_order() {
     let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
     // Four caches on one platform, side by side.
     tokio::join!(allkeys_lru(&dev), volatile_ttl(&dev), volatile_random(&dev), allkeys_random(&dev));
-    // The LFU policies are refused: nodes keep no access frequencies (LRU maxmemory-policy).
+}
+
+/// The LFU policies: caches on the node that tracks frequency (`--lfu-nodes`, f0), where
+/// `OBJECT FREQ` works and the least used keys go first; their policy changes only to
+/// another LFU one.
+#[tokio::test]
+async fn lfu_caches_evict_their_least_used_keys() {
+    let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
+    tokio::join!(allkeys_lfu(&dev), volatile_lfu(&dev));
+    let lru = create_with_policy(&dev, "volatile-lru").await;
+    drop(lru);
+    let (_, list) = dev.api(reqwest::Method::GET, "/v1/caches?limit=100", None).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{list}");
+    for cache in items {
+        let lfu = cache["eviction_policy"].as_str().unwrap().ends_with("-lfu");
+        assert_eq!(cache["allocation"]["node"] == "f0", lfu, "{cache}");
+    }
+    let (_, pools) = dev.api(reqwest::Method::GET, "/v1/engine/pools", None).await;
+    let nodes = pools["items"][0]["nodes"].as_array().unwrap();
+    let tracks = |name: &str| nodes.iter().find(|n| n["name"] == name).map(|n| n["key_access"].clone());
+    assert_eq!(tracks("n0"), Some("recency".into()), "{pools}");
+    assert_eq!(tracks("f0"), Some("frequency".into()), "{pools}");
+    let lfu = items.iter().find(|c| c["eviction_policy"] == "allkeys-lfu").unwrap();
+    let path = format!("/v1/caches/{}", lfu["id"].as_str().unwrap());
+    let patch = |p: &str| Some(serde_json::json!({ "eviction_policy": p }));
+    let (status, body) = dev.api(reqwest::Method::PATCH, &path, patch("allkeys-lru")).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("frequency"), "{body}");
+    let (status, body) = dev.api(reqwest::Method::PATCH, &path, patch("volatile-lfu")).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Without a node that tracks frequency, LFU policies are refused with the reason.
+#[tokio::test]
+async fn lfu_policies_need_a_node_that_tracks_frequency() {
+    let dev = ShoalDev::start_with(&["--lfu-nodes", "0"]).await;
     for policy in ["allkeys-lfu", "volatile-lfu"] {
         let (status, body) = dev
             .api(
@@ -372,5 +460,9 @@ async fn each_eviction_policy_evicts_its_own_candidates_in_its_own_order() {
             )
             .await;
         assert_eq!(status, 400, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("--lfu-nodes"), "{body}");
     }
+    let lru = serde_json::json!({"name": "lru", "eviction_policy": "allkeys-lru"});
+    let (status, body) = dev.api(reqwest::Method::POST, "/v1/caches", Some(lru)).await;
+    assert_eq!(status, 201, "{body}");
 }

@@ -16,7 +16,7 @@ use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use shoal_engine::{placement, Pool, TenantAcl};
+use shoal_engine::{placement, KeyAccess, Pool, TenantAcl};
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,11 +29,18 @@ pub const MAX_ECPU_PER_SECOND: u64 = 15_000_000;
 pub const MAX_DATA_STORAGE_MB: u64 = 5_000_000;
 pub const MAX_CONNECTIONS: u32 = 65_000;
 /// What happens when a cache reaches `data_storage_mb`.
-/// Valkey's `maxmemory-policy`s a cache may have, the default first. The LFU ones
-/// (`volatile-lfu`, `allkeys-lfu`) are not offered: nodes run an LRU `maxmemory-policy`, under
-/// which Valkey keeps no access frequencies (`OBJECT FREQ` is an error); see the README.
-pub const EVICTION_POLICIES: [&str; 6] =
-    ["volatile-lru", "allkeys-lru", "volatile-random", "allkeys-random", "volatile-ttl", "noeviction"];
+/// Valkey's `maxmemory-policy`s a cache may have, the default first. The LFU ones place the
+/// cache on a node that tracks frequency ([`KeyAccess`]).
+pub const EVICTION_POLICIES: [&str; 8] = [
+    "volatile-lru",
+    "allkeys-lru",
+    "volatile-lfu",
+    "allkeys-lfu",
+    "volatile-random",
+    "allkeys-random",
+    "volatile-ttl",
+    "noeviction",
+];
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -113,7 +120,9 @@ pub struct CreateCache {
     pub limits: Option<Limits>,
     /// What goes when the cache is over `data_storage_mb`, as Valkey's `maxmemory-policy`:
     /// `volatile-lru` (default: keys with a TTL, least recently used first), `allkeys-lru` (any
-    /// key, least recently used first), `volatile-random` (keys with a TTL, at random),
+    /// key, least recently used first), `volatile-lfu`/`allkeys-lfu` (least frequently used
+    /// first; the cache goes to a node that tracks frequency, and the policy cannot be changed
+    /// to a non-LFU one later), `volatile-random` (keys with a TTL, at random),
     /// `allkeys-random` (any key, at random), `volatile-ttl` (keys with a TTL, soonest to expire
     /// first) or `noeviction` (nothing: writes get `-OOM`).
     #[serde(default)]
@@ -381,11 +390,24 @@ async fn create(
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
-    let pool_name = body.pool.clone().unwrap_or_else(|| state.pools.default_name().to_string());
+    // LFU caches live on nodes that track frequency (see `KeyAccess`): without a pool named,
+    // the default pool if it has such nodes, else the first pool that has.
+    let key_access = KeyAccess::needed_by(&eviction_policy);
+    let serves = |p: &Pool| p.loads().iter().any(|l| l.key_access == key_access);
+    let pool_name = body.pool.clone().unwrap_or_else(|| {
+        let default = state.pools.default_name();
+        match state.pools.get(default).is_some_and(|p| serves(p)) {
+            true => default.to_string(),
+            false => state.pools.iter().find(|(_, p)| serves(p)).map_or(default, |(n, _)| n).to_string(),
+        }
+    });
     let pool = state.pools.get(&pool_name).ok_or_else(|| {
         let known: Vec<&str> = state.pools.iter().map(|(n, _)| n).collect();
         ApiError::field("pool", format!("unknown pool {pool_name:?}: the pools are {}", known.join(", ")))
     })?;
+    if !serves(pool) {
+        return Err(ApiError::field("eviction_policy", no_node_tracks(&pool_name, &eviction_policy)));
+    }
     let account = who
         .role
         .account()
@@ -419,6 +441,7 @@ async fn create(
         });
     }
     let mut loads = pool.loads();
+    loads.retain(|l| l.key_access == key_access);
     for (node, db) in state.store.taken_databases(&pool_name).await? {
         if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
             load.taken.insert(db);
@@ -545,6 +568,17 @@ async fn reserved_storage(
 }
 
 /// The problem a create gets when no node can take the cache.
+/// Why a cache with `policy` cannot be in `pool`.
+fn no_node_tracks(pool: &str, policy: &str) -> String {
+    match KeyAccess::needed_by(policy) {
+        KeyAccess::Frequency => format!(
+            "{policy} needs a node that tracks how often keys are used, and pool {pool:?} has none: \
+             add one with key_access = \"frequency\" in [[engine.nodes]] (shoal dev: --lfu-nodes 1)"
+        ),
+        KeyAccess::Recency => format!("pool {pool:?} only has nodes that track frequency, for LFU policies"),
+    }
+}
+
 fn no_placement(e: placement::NoPlacement, storage_mb: u64) -> ApiError {
     match e {
         placement::NoPlacement::Full => shoal_engine::EngineError::Full.into(),
@@ -690,6 +724,17 @@ pub async fn patch_cache(
     }
     if let Some(p) = patch.eviction_policy {
         validate_eviction_policy(&p)?;
+        if KeyAccess::needed_by(&p) != KeyAccess::needed_by(&next.eviction_policy) {
+            return Err(ApiError::Conflict(format!(
+                "the cache's node tracks {} of use, which {p} cannot use: LFU and other policies live on \
+                 different nodes, so choose an LFU policy at creation (a snapshot restores into a new \
+                 cache with another policy)",
+                match KeyAccess::needed_by(&next.eviction_policy) {
+                    KeyAccess::Frequency => "frequency",
+                    KeyAccess::Recency => "recency",
+                }
+            )));
+        }
         next.eviction_policy = p;
         changed.push("eviction_policy");
     }

@@ -47,6 +47,10 @@ pub struct PoolNode {
     /// setting), empty when none; absent when the node did not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub modules: Option<Vec<PoolModule>>,
+    /// What it tracks of keys' use: `recency` (caches with LRU and every other policy) or
+    /// `frequency` (caches with `allkeys-lfu` or `volatile-lfu`).
+    #[schema(value_type = String)]
+    pub key_access: shoal_engine::KeyAccess,
     /// The engine agent that runs the node (`shoal engine`), as it last reported; absent for
     /// nodes the control plane runs itself, and until the agent reports.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +114,7 @@ fn node(n: &NodeStatus) -> PoolNode {
         modules: n.modules.as_ref().map(|list| {
             list.iter().map(|m| PoolModule { name: m.name.clone(), version: m.version }).collect()
         }),
+        key_access: n.key_access,
         engine_host: None,
     }
 }

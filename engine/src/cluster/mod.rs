@@ -151,6 +151,8 @@ pub struct NodeStatus {
     pub used_memory: Option<u64>,
     /// The modules it has loaded (`MODULE LIST`); `None` if it did not answer.
     pub modules: Option<Vec<ModuleInfo>>,
+    /// What it tracks of keys' use (cluster nodes: recency).
+    pub key_access: crate::KeyAccess,
 }
 
 /// One shard: a primary, its replicas and the slots it serves.
@@ -774,6 +776,7 @@ impl Cluster {
                     healthy: ours.is_some_and(|x| x.healthy()),
                     used_memory,
                     modules,
+                    key_access: crate::KeyAccess::Recency,
                 };
                 // A failed former primary stays listed as a primary until it is back as a
                 // replica: the online primary is the shard's.
