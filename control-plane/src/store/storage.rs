@@ -282,7 +282,14 @@ mod tests {
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("s.db").display()));
         let store = Store::open(&url).await.unwrap();
         let id = CacheId::generate();
-        let record = super::super::CacheRecord {
+        let record = cache_record(&id);
+        let mut conn = store.pool.acquire().await.unwrap();
+        super::super::insert_cache(&mut conn, &record).await.unwrap();
+        (store, id, dir)
+    }
+
+    fn cache_record(id: &CacheId) -> super::super::CacheRecord {
+        super::super::CacheRecord {
             id: id.clone(),
             account_id: shoal_types::AccountId::generate(),
             name: "c".into(),
@@ -302,10 +309,7 @@ mod tests {
             updated_at: super::super::now(),
             snapshot_window: String::new(),
             snapshot_retention: 0,
-        };
-        let mut conn = store.pool.acquire().await.unwrap();
-        super::super::insert_cache(&mut conn, &record).await.unwrap();
-        (store, id, dir)
+        }
     }
 
     fn sample(at_ms: i64, bytes: u64, evicted_keys: u64) -> StorageSampleRecord {
@@ -343,6 +347,36 @@ mod tests {
         assert_eq!((latest.bytes, latest.sampled_at_ms, latest.evicted_keys), (50, t0 + 70_000, 3));
         // The range is half-open.
         assert_eq!(store.storage_usage(&id, m, m + 60).await.unwrap().len(), 1);
+    }
+
+    /// Samples of many caches recorded at once (the sampler's nodes in parallel, gateways'
+    /// requests) all land: before write transactions began `IMMEDIATE` on SQLite, such a
+    /// burst failed some with `database is locked` at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn samples_recorded_concurrently_all_land() {
+        let (store, _, _dir) = store_with_cache().await;
+        let mut ids = Vec::new();
+        for _ in 0..16 {
+            let (id, mut conn) = (CacheId::generate(), store.pool.acquire().await.unwrap());
+            let mut record = cache_record(&id);
+            record.db = ids.len() as u32 + 2;
+            super::super::insert_cache(&mut conn, &record).await.unwrap();
+            ids.push(id);
+        }
+        let t0 = 1_800_000_000_000i64;
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in ids {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for i in 0..20 {
+                    store.record_storage_sample(&id, t0 - 1000, &sample(t0 + i * 1000, 100, 0)).await?;
+                }
+                Ok::<_, StoreError>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
     }
 
     #[tokio::test]
