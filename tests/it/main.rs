@@ -33,4 +33,5 @@ mod secrets;
 mod snapshots;
 mod storage;
 mod tls;
+mod tracking;
 mod users;
