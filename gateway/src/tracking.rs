@@ -7,6 +7,13 @@
 //! a key (default mode), or whose prefixes match (BCAST), possibly redirected to another
 //! connection of the same cache. Events and writes seen on other gateways arrive through
 //! the node's events, so a fleet of gateways stays coherent.
+//!
+//! As Valkey does: default mode gets one message per key, as each event arrives; BCAST gets
+//! one message per prefix with its keys sorted and deduplicated, for each read of the
+//! node's events (Valkey: per event-loop iteration). A session that tracks itself asks for
+//! a [`Tracker::sync`] after each of its writes: a `PING` on the observer connections, whose
+//! `PONG` comes once every event published before it has been turned into invalidations, so
+//! the session can send the write's invalidations after its reply and before the next one.
 
 use crate::clients::{Invalidation, Registry, Tracking};
 use crate::control_plane::ControlPlane;
@@ -14,17 +21,26 @@ use crate::resp::{self, reply::ReplyScanner, value};
 use crate::GatewayError;
 use bytes::BytesMut;
 use shoal_types::{CacheId, TenantRoute};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// How often a cluster node's role is asked (a promoted replica's events count from then).
 const ROLE_INTERVAL: Duration = Duration::from_millis(250);
-/// How long a NOLOOP client's own write suppresses the invalidation it causes.
+/// How long a NOLOOP client's own write suppresses the invalidation it causes, at most
+/// (a sync after the write ends it sooner).
 const OWN_WRITE_WINDOW: Duration = Duration::from_secs(2);
+/// How long a session waits for a sync (the node's events lost: its clients were told to
+/// drop everything anyway).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A session's wait for the node's events to be followed up to now.
+pub type Sync = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 #[derive(Default)]
 pub struct Tracker {
@@ -36,6 +52,7 @@ pub struct Tracker {
 struct NodeWatch {
     dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
     subscribe: mpsc::UnboundedSender<u32>,
+    sync: mpsc::UnboundedSender<oneshot::Sender<()>>,
     ready: Arc<Ready>,
 }
 
@@ -84,8 +101,10 @@ impl Tracker {
                 let dbs = Arc::new(Mutex::new(HashMap::new()));
                 let ready = Arc::new(Ready::default());
                 let (subscribe, rx) = mpsc::unbounded_channel();
-                tokio::spawn(follow_node(clients.clone(), route.clone(), dbs.clone(), ready.clone(), rx));
-                NodeWatch { dbs, subscribe, ready }
+                let (sync, syncs) = mpsc::unbounded_channel();
+                let links = Links { subscribe: rx, syncs };
+                tokio::spawn(follow_node(clients.clone(), route.clone(), dbs.clone(), ready.clone(), links));
+                NodeWatch { dbs, subscribe, sync, ready }
             });
             let mut dbs = watch.dbs.lock().unwrap();
             for db in route.db..route.db + route.databases {
@@ -113,6 +132,60 @@ impl Tracker {
             .await
             .map_err(|_| GatewayError::Upstream("keyspace events not followed in time".into()))
     }
+
+    /// Completes once the events the cache's nodes published until now have been turned
+    /// into invalidations (delivered to the sessions' inboxes): after a write's reply, the
+    /// write's own invalidations are there. At most `SYNC_TIMEOUT`.
+    pub fn sync(&self, cache: &CacheId) -> Sync {
+        let mut waits = Vec::new();
+        for watch in self.nodes.lock().unwrap().values() {
+            if watch.dbs.lock().unwrap().values().any(|c| c == cache) {
+                let (tx, rx) = oneshot::channel();
+                if watch.sync.send(tx).is_ok() {
+                    waits.push(rx);
+                }
+            }
+        }
+        Box::pin(async move {
+            let all = async {
+                for rx in waits {
+                    let _ = rx.await;
+                }
+            };
+            let _ = tokio::time::timeout(SYNC_TIMEOUT, all).await;
+        })
+    }
+}
+
+/// What a node's follower is asked, kept across its reconnections.
+struct Links {
+    subscribe: mpsc::UnboundedReceiver<u32>,
+    syncs: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+}
+
+/// BCAST invalidations gathered over one read of a node's events: per client (registry
+/// key), per prefix, the keys (sorted, each once), as Valkey sends them.
+#[derive(Default)]
+pub struct Gathered {
+    clients: BTreeMap<u64, (CacheId, PrefixKeys)>,
+}
+
+/// A BCAST client's keys per prefix.
+type PrefixKeys = BTreeMap<Vec<u8>, BTreeSet<Vec<u8>>>;
+
+impl Gathered {
+    /// Sends what was gathered.
+    pub fn flush(&mut self, clients: &Registry) {
+        for (key, (cache, prefixes)) in std::mem::take(&mut self.clients) {
+            let entries = clients.list(&cache);
+            let Some(entry) = entries.iter().find(|e| e.key == key) else { continue };
+            let tracking = entry.tracking.lock().unwrap();
+            let Some(t) = tracking.as_ref().filter(|t| t.bcast) else { continue };
+            for keys in prefixes.into_values() {
+                deliver(&entries, key, t, Invalidation::Keys(keys.into_iter().collect()));
+            }
+        }
+    }
 }
 
 /// Follows one node's keyspace events for the databases in `dbs`, reconnecting as needed.
@@ -123,11 +196,11 @@ async fn follow_node(
     route: TenantRoute,
     dbs: Arc<Mutex<HashMap<u32, CacheId>>>,
     ready: Arc<Ready>,
-    mut subscribe: mpsc::UnboundedReceiver<u32>,
+    mut links: Links,
 ) {
     loop {
         ready.dbs.lock().unwrap().clear();
-        if let Err(e) = follow_once(&clients, &route, &dbs, &ready, &mut subscribe).await {
+        if let Err(e) = follow_once(&clients, &route, &dbs, &ready, &mut links).await {
             tracing::warn!(node = %route.node_addr, error = %e, "keyspace events lost; invalidating tracked clients");
         }
         let caches: HashSet<CacheId> = dbs.lock().unwrap().values().cloned().collect();
@@ -143,7 +216,7 @@ async fn follow_once(
     route: &TenantRoute,
     dbs: &Mutex<HashMap<u32, CacheId>>,
     ready: &Ready,
-    subscribe: &mut mpsc::UnboundedReceiver<u32>,
+    links: &mut Links,
 ) -> Result<(), GatewayError> {
     let up = |e: std::io::Error| GatewayError::Upstream(e.to_string());
     let mut stream = TcpStream::connect(&route.node_addr).await.map_err(up)?;
@@ -166,6 +239,10 @@ async fn follow_once(
     stream.write_all(&out).await.map_err(up)?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = ReplyScanner::new();
+    let mut gathered = Gathered::default();
+    // Syncs waiting for their PING's answer, in order (dropped with the connection: their
+    // sessions stop waiting, and every tracking client was told to drop everything).
+    let mut pings: VecDeque<Vec<oneshot::Sender<()>>> = VecDeque::new();
     loop {
         tokio::select! {
             _ = role_every.tick(), if cluster => {
@@ -173,7 +250,18 @@ async fn follow_once(
                 resp::command(&mut out, &[b"ROLE"]);
                 stream.write_all(&out).await.map_err(up)?;
             }
-            db = subscribe.recv() => {
+            sync = links.syncs.recv() => {
+                let Some(sync) = sync else { return Ok(()) };
+                let mut batch = vec![sync];
+                while let Ok(more) = links.syncs.try_recv() {
+                    batch.push(more);
+                }
+                let mut out = BytesMut::new();
+                resp::command(&mut out, &[b"PING"]);
+                stream.write_all(&out).await.map_err(up)?;
+                pings.push_back(batch);
+            }
+            db = links.subscribe.recv() => {
                 let Some(db) = db else { return Ok(()) };
                 let mut out = BytesMut::new();
                 resp::command(&mut out, &[b"PSUBSCRIBE", format!("__keyspace@{db}__:*").as_bytes()]);
@@ -187,6 +275,14 @@ async fn follow_once(
                     let frame = buf.split_to(reply.len);
                     if reply.error {
                         return Err(GatewayError::Upstream(String::from_utf8_lossy(&frame).trim().to_string()));
+                    }
+                    if is_pong(&frame) {
+                        // Every event before it is handled: the syncs that wait for it are done.
+                        gathered.flush(clients);
+                        for done in pings.pop_front().unwrap_or_default() {
+                            let _ = done.send(());
+                        }
+                        continue;
                     }
                     if cluster {
                         if let Some((value::Value::Array(items), _)) = value::decode(&frame) {
@@ -207,22 +303,34 @@ async fn follow_once(
                             continue;
                         }
                     }
-                    on_event(clients, dbs, ready, &frame);
+                    on_event(clients, dbs, ready, &frame, &mut gathered);
                 }
+                gathered.flush(clients);
             }
         }
     }
 }
 
-/// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations;
-/// `psubscribe __keyspace@<db>__:* <n>` → the database is followed.
+/// The answer to a sync's `PING`: `pong` in RESP2 (subscribed), `+PONG` in RESP3.
+fn is_pong(frame: &[u8]) -> bool {
+    frame == b"+PONG\r\n" || frame.starts_with(b"*2\r\n$4\r\npong\r\n")
+}
+
 /// A keyspace event (not a confirmation), RESP2 or RESP3.
 fn is_keyspace_message(frame: &[u8]) -> bool {
     matches!(value::decode(frame), Some((value::Value::Array(items) | value::Value::Push(items), _))
         if items.first().and_then(value::Value::as_bytes) == Some(b"pmessage"))
 }
 
-fn on_event(clients: &Registry, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Ready, frame: &[u8]) {
+/// `pmessage <pattern> __keyspace@<db>__:<key> <event>` → invalidations;
+/// `psubscribe __keyspace@<db>__:* <n>` → the database is followed.
+fn on_event(
+    clients: &Registry,
+    dbs: &Mutex<HashMap<u32, CacheId>>,
+    ready: &Ready,
+    frame: &[u8],
+    gathered: &mut Gathered,
+) {
     let Some((value::Value::Array(items) | value::Value::Push(items), _)) = value::decode(frame) else {
         return;
     };
@@ -250,19 +358,23 @@ fn on_event(clients: &Registry, dbs: &Mutex<HashMap<u32, CacheId>>, ready: &Read
     let event = items.get(3).and_then(value::Value::as_bytes).unwrap_or_default();
     if let Some(cache) = cache {
         if event == b"flushdb" {
+            gathered.flush(clients);
             invalidate_all(clients, &cache);
         } else {
-            key_changed(clients, &cache, key);
+            key_changed(clients, &cache, key, gathered);
         }
     }
 }
 
-/// A key of `cache` changed: tell every client that tracks it.
-pub fn key_changed(clients: &Registry, cache: &CacheId, key: &[u8]) {
+/// A key of `cache` changed: tell every client that tracks it (BCAST clients once the
+/// read of events it came in is handled, see [`Gathered`]).
+pub fn key_changed(clients: &Registry, cache: &CacheId, key: &[u8], gathered: &mut Gathered) {
     let entries = clients.list(cache);
     for entry in &entries {
         let mut tracking = entry.tracking.lock().unwrap();
         let Some(t) = tracking.as_mut() else { continue };
+        // The key stops being tracked, whoever wrote it (as in Valkey, NOLOOP's own writes too).
+        let tracked = !t.bcast && t.keys.remove(key);
         if t.noloop {
             if let Some(at) = t.own_writes.remove(key) {
                 if at.elapsed() < OWN_WRITE_WINDOW {
@@ -270,12 +382,21 @@ pub fn key_changed(clients: &Registry, cache: &CacheId, key: &[u8]) {
                 }
             }
         }
-        let interested = if t.bcast {
-            t.prefixes.is_empty() || t.prefixes.iter().any(|p| key.starts_with(p))
-        } else {
-            t.keys.remove(key)
-        };
-        if interested {
+        if t.bcast {
+            let matching = t.prefixes.iter().filter(|p| key.starts_with(p));
+            let prefixes: Vec<&[u8]> = match t.prefixes.is_empty() {
+                true => vec![&b""[..]],
+                false => matching.map(Vec::as_slice).collect(),
+            };
+            if prefixes.is_empty() {
+                continue;
+            }
+            let (_, groups) =
+                gathered.clients.entry(entry.key).or_insert_with(|| (cache.clone(), BTreeMap::new()));
+            for p in prefixes {
+                groups.entry(p.to_vec()).or_default().insert(key.to_vec());
+            }
+        } else if tracked {
             deliver(&entries, entry.key, t, Invalidation::Keys(vec![key.to_vec()]));
         }
     }
@@ -297,6 +418,14 @@ fn deliver(entries: &[Arc<crate::clients::ClientEntry>], own: u64, t: &Tracking,
     let target = t.redirect.unwrap_or(own);
     if let Some(e) = entries.iter().find(|e| e.key == target) {
         let _ = e.inbox.send(msg);
+    }
+}
+
+/// The session's writes have been synced: their events are all seen, so a NOLOOP client's
+/// note of them is done.
+pub fn own_writes_seen(t: &mut Tracking, keys: &[Vec<u8>]) {
+    for k in keys {
+        t.own_writes.remove(k);
     }
 }
 

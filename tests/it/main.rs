@@ -34,4 +34,5 @@ mod secrets;
 mod snapshots;
 mod storage;
 mod tls;
+mod tracking;
 mod users;

@@ -296,6 +296,11 @@ impl Session {
         });
         let blocked = self.blocked(blocks);
         self.push_pending(Pending::Upstream(OnReply::Forward, meter, blocked));
+        if self.tracking {
+            if let Some(spec) = spec {
+                self.after_tracked_command(spec, args);
+            }
+        }
     }
 
     /// For a blocking command about to go upstream: the client counted among its cache's

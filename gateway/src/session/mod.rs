@@ -20,6 +20,7 @@
 //! - [`own_link`]: the session's own upstream connection, its replies (in pieces when big).
 //! - [`pubsub`]: telling subscription messages apart from replies.
 //! - [`replies`]: replies to the client in request order.
+//! - [`caching`]: client-side caching's invalidations placed among the replies.
 //! - [`meter`]: ECPU per command, the cache's ECPU limit, script time.
 
 use crate::clients::{ClientEntry, Invalidation};
@@ -45,6 +46,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::futures::OwnedNotified;
 
+mod caching;
 mod credentials;
 mod decide;
 mod dispatch;
@@ -155,6 +157,15 @@ pub(crate) enum Pending {
     Close,
     /// One batch sent to the mux: its `count` replies arrive as one chunk.
     Mux { count: usize, bytes: usize },
+    /// Client-side caching, on a connection that tracks itself: after the reply of a write,
+    /// nothing more goes to the client until the node's events are followed up to now
+    /// ([`crate::tracking::Tracker::sync`]), so the write's invalidations come next. The
+    /// keys it names (for NOLOOP).
+    Sync(Vec<Vec<u8>>),
+    /// Client-side caching: the reply of a read of these keys has gone out.
+    ReadDone(Vec<Vec<u8>>),
+    /// Client-side caching: invalidations, sent in their turn.
+    Pushes(BytesMut),
 }
 
 /// Who the client is once authenticated.
@@ -230,6 +241,11 @@ pub(crate) struct Session {
     /// `CLIENT REPLY`: whether replies are on, and whether the current request's is dropped.
     pub(crate) reply_mode: ReplyMode,
     pub(crate) muted: bool,
+    /// A sync after a write ([`Pending::Sync`]) under way, and the keys the write names.
+    syncing: Option<(crate::tracking::Sync, Vec<Vec<u8>>)>,
+    /// Keys of the reads sent and not answered yet (while tracking), with their count: an
+    /// invalidation of one of them waits for those replies.
+    reading: std::collections::HashMap<Vec<u8>, u32>,
     /// When the token the client logged in with expires; after a grace period without a
     /// fresh `AUTH`, the connection is closed.
     pub(crate) token_expires: Instant,
@@ -275,6 +291,7 @@ enum Event {
     Killed,
     TimedOut(&'static str),
     Invalidate(Option<Invalidation>),
+    Synced,
     MuxReplies(Option<crate::mux::Replies>),
 }
 
@@ -348,6 +365,8 @@ pub async fn run(
         tracking: false,
         reply_mode: ReplyMode::On,
         muted: false,
+        syncing: None,
+        reading: Default::default(),
         token_expires: Instant::now(),
         mux: None,
         dedicated: false,
@@ -421,7 +440,8 @@ impl Session {
                 r = client_write.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
                 r = write_opt(self.up_write.as_mut(), &self.up_out), if !self.up_out.is_empty() && self.up_write.is_some() => Event::UpstreamWrote(r),
                 _ = killed(self.killed.as_mut()), if self.killed.is_some() => Event::Killed,
-                msg = recv_opt(self.inbox.as_mut()), if self.inbox.is_some() => Event::Invalidate(msg),
+                msg = recv_opt(self.inbox.as_mut()), if self.inbox.is_some() && self.syncing.is_none() => Event::Invalidate(msg),
+                _ = synced(self.syncing.as_mut()), if self.syncing.is_some() => Event::Synced,
                 r = recv_mux(self.mux.as_mut()), if self.mux_inflight > 0 => Event::MuxReplies(r),
                 _ = &mut self.timer, if deadline.1.is_some() => Event::TimedOut(deadline.1.unwrap_or("")),
             };
@@ -464,13 +484,15 @@ impl Session {
                 },
                 Event::Killed => return Ok(()),
                 Event::Invalidate(Some(msg)) => {
-                    // RESP2 clients get invalidations only as subscribers of __redis__:invalidate.
-                    if self.proto >= 3 || self.pubsub.active() {
-                        crate::tracking::encode(&msg, self.proto, &mut self.client_out);
-                        write_now(&mut client_write, &mut self.client_out);
-                    }
+                    self.on_invalidation(msg, false);
+                    write_now(&mut client_write, &mut self.client_out);
                 }
                 Event::Invalidate(None) => self.inbox = None,
+                Event::Synced => {
+                    self.synced();
+                    write_now(&mut client_write, &mut self.client_out);
+                    self.lift_barrier().await;
+                }
                 Event::TimedOut(FLUSH) => self.flush_tally(),
                 Event::TimedOut(why) => {
                     tracing::debug!(peer = %self.peer, why, "closing connection");
@@ -559,6 +581,7 @@ impl Session {
     fn close_now(&mut self) {
         self.closing = true;
         self.pending.clear();
+        self.reading.clear();
         self.mux_meters.clear();
         self.mux_out.clear();
         self.mux_inflight = 0;
@@ -604,6 +627,13 @@ async fn recv_opt(
 ) -> Option<Invalidation> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn synced(sync: Option<&mut (crate::tracking::Sync, Vec<Vec<u8>>)>) {
+    match sync {
+        Some((s, _)) => s.as_mut().await,
         None => std::future::pending().await,
     }
 }

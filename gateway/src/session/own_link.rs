@@ -129,6 +129,10 @@ impl Session {
     /// behind each.
     pub(super) fn on_upstream_input(&mut self) {
         loop {
+            if self.syncing.is_some() {
+                // Held until a write's invalidations are out (see `Pending::Sync`).
+                return;
+            }
             match self.replies.next(&self.up_in) {
                 Ok(Some(reply)) => {
                     let bytes = self.up_in.split_to(reply.len);

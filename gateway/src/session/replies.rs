@@ -43,18 +43,29 @@ impl Session {
         }
     }
 
-    /// Sends the local replies now at the front of the queue.
+    /// Sends the local replies now at the front of the queue (and carries out the
+    /// client-side caching entries there).
     pub(super) fn drain_local(&mut self) {
-        loop {
+        while self.syncing.is_none() {
             match self.pending.front() {
-                Some(Pending::Local(_)) => {
-                    if let Some(Pending::Local(bytes)) = self.pending.pop_front() {
-                        self.client_out.extend_from_slice(&bytes);
+                Some(
+                    Pending::Local(_)
+                    | Pending::Close
+                    | Pending::Sync(_)
+                    | Pending::ReadDone(_)
+                    | Pending::Pushes(_),
+                ) => {}
+                _ => return,
+            }
+            match self.pending.pop_front() {
+                Some(Pending::Local(bytes)) => self.client_out.extend_from_slice(&bytes),
+                Some(Pending::Pushes(bytes)) => self.client_out.extend_from_slice(&bytes),
+                Some(Pending::Close) => self.closing = true,
+                Some(Pending::ReadDone(keys)) => self.read_done(&keys),
+                Some(Pending::Sync(keys)) => {
+                    if let Some(t) = self.tenant.as_ref() {
+                        self.syncing = Some((self.shared.tracker.sync(&t.cache), keys));
                     }
-                }
-                Some(Pending::Close) => {
-                    self.pending.pop_front();
-                    self.closing = true;
                 }
                 _ => return,
             }
