@@ -2,6 +2,7 @@
 //! both must get the same replies. Plus the edges of the wire: a 64 MiB value written in
 //! small pieces, clients that vanish while blocked, and long mixed pipelines.
 
+use crate::support::resp::frame_len;
 use crate::support::{auth_command, shared, PlainValkey, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -1047,39 +1048,6 @@ async fn compare_server_and_connection_replies(d: &mut Differ) {
             .map(str::to_string)
     })
     .await;
-}
-
-/// The length of the RESP reply at the start of `buf`, if it is complete.
-fn frame_len(buf: &[u8]) -> Option<usize> {
-    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
-    let head = std::str::from_utf8(&buf[1..line_end]).expect("a RESP header");
-    let after = line_end + 2;
-    match buf[0] {
-        b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => Some(after),
-        b'$' | b'=' | b'!' => {
-            let n: i64 = head.parse().expect("a bulk length");
-            if n < 0 {
-                return Some(after);
-            }
-            let end = after + n as usize + 2;
-            (buf.len() >= end).then_some(end)
-        }
-        b'*' | b'~' | b'>' | b'%' | b'|' => {
-            let mut n: i64 = head.parse().expect("an aggregate length");
-            if n < 0 {
-                return Some(after);
-            }
-            if matches!(buf[0], b'%' | b'|') {
-                n *= 2;
-            }
-            let mut pos = after;
-            for _ in 0..n {
-                pos += frame_len(&buf[pos..])?;
-            }
-            Some(pos)
-        }
-        _ => panic!("not RESP: {:?}", String::from_utf8_lossy(&buf[..buf.len().min(64)])),
-    }
 }
 
 /// Reads `n` complete replies (keeping what follows in `buf`), or panics after `limit`.

@@ -167,8 +167,8 @@ mod tests {
     fn denied_commands_are_refused_naming_the_command() {
         let s = logged_in();
         assert_eq!(
-            decide(spec("config|get"), 10, &s),
-            Action::Refuse("NOPERM the CONFIG GET command is not allowed on Shoal caches".into())
+            decide(spec("config|set"), 10, &s),
+            Action::Refuse("NOPERM the CONFIG SET command is not allowed on Shoal caches".into())
         );
         assert!(matches!(decide(spec("swapdb"), 10, &s), Action::Refuse(m) if m.contains("SWAPDB")));
     }

@@ -5,6 +5,7 @@
 pub mod checker;
 pub mod hosts;
 mod plain;
+pub mod resp;
 mod shared;
 mod split;
 
