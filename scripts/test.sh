@@ -50,7 +50,7 @@ if cargo nextest --version >/dev/null 2>&1; then
     show_lane_log
 else
   SHOAL_TEST_ENGINE=cluster cargo test --no-fail-fast --test it -- commands:: clients:: gateway:: reader:: isolation:: \
-    snapshots::every_data_type snapshots::a_snapshot_under_writes ||
+    snapshots::every_data_type snapshots::a_snapshot_under_writes modules::json_and_bloom ||
     show_lane_log
 fi
 

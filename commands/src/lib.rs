@@ -12,9 +12,11 @@
 
 pub mod ecpu;
 mod keys;
+mod modules;
 mod parse;
 mod slot;
 
+pub use modules::{from_command_entry, install_module_commands, module_commands, ModuleCommand};
 pub use slot::{key_slot, SLOTS};
 
 use rustc_hash::FxHashMap as HashMap;
@@ -84,9 +86,11 @@ pub struct CommandSpec {
     /// Valkey's `blocking` flag: may wait for data or replicas (BLPOP, BZPOPMIN, WAIT, XREAD
     /// … the stream reads only with `BLOCK`, see [`CommandSpec::blocks`]).
     pub blocking: bool,
-    /// The row's place in the table, 0..[`CommandTable::len`] (by name): per-command
-    /// counters can be a plain array.
+    /// The row's place in the table, 0..[`CommandTable::len`] (built-ins by name, then
+    /// module commands as installed): per-command counters can be a plain array.
     pub index: usize,
+    /// Why a refused module command is refused (`data/modules.tsv`), said in the refusal.
+    pub refusal_reason: Option<String>,
 }
 
 /// Shoal's own facts about a command (column `shoal`, comma-separated).
@@ -186,7 +190,10 @@ impl CommandTable {
     pub fn lookup(&self, name: &[u8], sub: Option<&[u8]>) -> Option<&CommandSpec> {
         let mut key = [0u8; 64];
         let name_len = lower_into(name, &mut key)?;
-        let spec = self.by_name.get(&key[..name_len])?;
+        let Some(spec) = self.by_name.get(&key[..name_len]) else {
+            // Not a built-in: maybe a module's (only unknown commands pay this lookup).
+            return modules::find(&key[..name_len]);
+        };
         if let (true, Some(sub)) = (spec.container, sub) {
             key[name_len] = b'|';
             if let Some(sub_len) = lower_into(sub, &mut key[name_len + 1..]) {
@@ -198,18 +205,29 @@ impl CommandTable {
         Some(spec)
     }
 
-    /// A row by its lowercase name (`get`, `client|list`).
+    /// A row by its lowercase name (`get`, `client|list`, `json.set`).
     pub fn get(&self, name: &str) -> Option<&CommandSpec> {
-        self.by_name.get(name.as_bytes())
+        self.by_name.get(name.as_bytes()).or_else(|| modules::find(name.as_bytes()))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &CommandSpec> {
-        self.by_name.values()
+    /// A built-in row (of `data/commands.tsv`) by its lowercase name.
+    pub(crate) fn builtin(&self, name: &[u8]) -> Option<&CommandSpec> {
+        self.by_name.get(name)
     }
 
-    /// Rows in the table (every [`CommandSpec::index`] is below it).
-    pub fn len(&self) -> usize {
+    /// Built-in rows: module commands' indices start here.
+    pub(crate) fn builtins(&self) -> usize {
         self.by_name.len()
+    }
+
+    /// Every row: the built-ins, then the module commands installed so far.
+    pub fn iter(&self) -> impl Iterator<Item = &CommandSpec> {
+        self.by_name.values().chain(modules::all())
+    }
+
+    /// Rows in the table, module commands included (every [`CommandSpec::index`] is below it).
+    pub fn len(&self) -> usize {
+        self.by_name.len() + modules::count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -218,7 +236,7 @@ impl CommandTable {
 
     /// Whether the command exists and is not denied (what `COMMAND` may show).
     pub fn visible(&self, name: &str) -> bool {
-        self.by_name.get(name.as_bytes()).is_some_and(|s| s.treatment != Treatment::Deny)
+        self.get(name).is_some_and(|s| s.treatment != Treatment::Deny)
     }
 
     /// The rules of a node's tenant ACL user that follow from the table, after `+@all`:

@@ -3,7 +3,7 @@
 use crate::{CommandSpec, CommandTable, Hits, ShoalFlags, Treatment};
 use rustc_hash::FxHashMap as HashMap;
 
-const COLUMNS: [&str; 12] = [
+pub(crate) const COLUMNS: [&str; 12] = [
     "name",
     "arity",
     "flags",
@@ -43,7 +43,7 @@ impl CommandTable {
 }
 
 /// One row; `cell(i)` is the cell of `COLUMNS[i]`.
-fn row<'a>(cell: impl Fn(usize) -> &'a str) -> Result<CommandSpec, &'static str> {
+pub(crate) fn row<'a>(cell: impl Fn(usize) -> &'a str) -> Result<CommandSpec, &'static str> {
     let list = |s: &str| if s == "-" { vec![] } else { s.split(',').map(str::to_string).collect() };
     let flags = list(cell(2));
     let has = |f: &str| flags.iter().any(|x| x == f);
@@ -82,6 +82,7 @@ fn row<'a>(cell: impl Fn(usize) -> &'a str) -> Result<CommandSpec, &'static str>
         container: false,
         script: false,
         index: 0,
+        refusal_reason: None,
     })
 }
 
@@ -131,7 +132,7 @@ fn derive(by_name: &mut HashMap<Box<[u8]>, CommandSpec>) -> Result<(), String> {
 /// Whether a forwarded command means the same on any connection of the cache: no blocking,
 /// no transaction or pub/sub state, nothing about the connection itself (`CLIENT …`, `WAIT`,
 /// `SELECT`, `HELLO` …). Scripts qualify: a script's `SELECT` does not outlive the script.
-fn muxable(spec: &CommandSpec) -> bool {
+pub(crate) fn muxable(spec: &CommandSpec) -> bool {
     const BOUND: [&str; 4] = ["connection", "transaction", "blocking", "pubsub"];
     if spec.treatment != Treatment::Pass || spec.shoal.no_mux {
         return false;

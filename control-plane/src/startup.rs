@@ -194,6 +194,13 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
     let listen = config.listen.clone();
     let internal_listen = config.internal_listen.clone();
     let state = state(config, pools).await?;
+    // The nodes' module commands join the command table (gateways fetch them from here).
+    for (name, pool) in state.pools.iter() {
+        let added = shoal_commands::install_module_commands(&pool.module_commands().await);
+        if added > 0 {
+            tracing::info!(pool = name, commands = added, "module commands in the command table");
+        }
+    }
     // Keyspace-notification settings live in memory on the nodes: set them again.
     for (name, pool) in state.pools.iter() {
         let targets: Vec<String> = pool.loads().into_iter().map(|l| l.node).collect();

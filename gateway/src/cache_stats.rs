@@ -142,8 +142,10 @@ impl CacheStats {
         }
         let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         totals.ecpu_milli += std::mem::take(&mut tally.ecpu_milli);
-        if !tally.commands.is_empty() && totals.commands.is_empty() {
-            totals.commands = vec![CommandStat::default(); shoal_commands::table().len()];
+        // Sized by the table, module commands included (installed at start).
+        let rows = shoal_commands::table().len();
+        if !tally.commands.is_empty() && totals.commands.len() < rows {
+            totals.commands.resize(rows, CommandStat::default());
         }
         for (index, stat) in tally.commands.drain(..) {
             if let Some(total) = totals.commands.get_mut(index) {

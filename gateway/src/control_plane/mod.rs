@@ -91,6 +91,15 @@ impl ControlPlane {
         }
     }
 
+    /// The commands the nodes' modules add, for the command table.
+    pub async fn module_commands(&self) -> Result<Vec<shoal_commands::ModuleCommand>, GatewayError> {
+        match self {
+            ControlPlane::Http(c) => c.module_commands().await,
+            #[cfg(feature = "testing")]
+            ControlPlane::Fake(_) => Ok(Vec::new()),
+        }
+    }
+
     /// Revoked, unexpired token ids.
     pub async fn revocations(&self) -> Result<Vec<String>, GatewayError> {
         match self {

@@ -52,10 +52,12 @@ pub(crate) fn reject(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts)
 pub(crate) fn decide(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts) -> Action {
     let Some(spec) = spec else { return Action::Forward { mux: false } };
     match spec.treatment {
-        Treatment::Deny => Action::Refuse(format!(
-            "NOPERM the {} command is not allowed on Shoal caches",
-            spec.display_name()
-        )),
+        Treatment::Deny => Action::Refuse(match &spec.refusal_reason {
+            Some(why) => {
+                format!("NOPERM the {} command is not allowed on Shoal caches: {why}", spec.display_name())
+            }
+            None => format!("NOPERM the {} command is not allowed on Shoal caches", spec.display_name()),
+        }),
         Treatment::Virtual if len > MAX_HELD_REQUEST => {
             Action::Refuse(super::dispatch::too_large(&spec.display_name(), MAX_HELD_REQUEST as u64))
         }
