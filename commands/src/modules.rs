@@ -228,7 +228,7 @@ mod tests {
         let spec = t.lookup(b"Json.Set", None).expect("installed");
         assert_eq!((spec.first_key, spec.last_key, spec.step), (1, 1, 1));
         assert!(spec.write && spec.refused_when_full && spec.in_category("json"));
-        assert_eq!((spec.treatment, spec.weight), (Treatment::Pass, 5600));
+        assert_eq!((spec.treatment, spec.weight), (Treatment::Pass, 4200));
         assert!(spec.index >= t.builtins() && spec.index < t.len());
         assert_eq!(spec.keys(&[b"JSON.SET", b"k", b"$", b"{}"]), vec![&b"k"[..]]);
         let ft = t.lookup(b"ft.search", None).unwrap();
