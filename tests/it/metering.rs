@@ -244,7 +244,7 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
     assert_eq!(rule.want.errors, 2, "INCR of a non-number, an unknown command");
 
     // Refused by the gateway itself: not billed.
-    let denied = cmd(&[b"CONFIG", b"GET", b"maxmemory"]);
+    let denied = cmd(&[b"CONFIG", b"SET", b"maxmemory", b"1"]);
     c.s.write_all(&denied).await.unwrap();
     assert!(c.reply().await.starts_with(b"-NOPERM"));
 

@@ -275,7 +275,7 @@ async fn creates_refuse_fields_the_platform_owns_and_patch_changes_many_fields_a
     for (body, field) in [
         (json!({"limits": {"ecpu_per_second": 0}}), "limits.ecpu_per_second"),
         (json!({"limits": {"bogus": 1}}), "limits.bogus"),
-        (json!({"eviction_policy": "allkeys-lfu"}), "eviction_policy"),
+        (json!({"eviction_policy": "allkeys-mru"}), "eviction_policy"),
         (json!({"name": "no spaces allowed"}), "name"),
         (json!({"tags": {"": "x"}}), "tags"),
     ] {
