@@ -35,7 +35,7 @@
 /// Scoped and read-only credentials against the rest of their own cache.
 mod scoped;
 
-use crate::support::{encode, shared, ShoalDev};
+use crate::support::{encode, module_fixture, shared, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use reqwest::Method;
 use std::collections::{BTreeMap, HashMap};
@@ -438,6 +438,23 @@ fn attacks() -> Vec<Attack> {
         at("OBJECT FREQ {bstr}"),
         at("MEMORY USAGE {bstr}").e(Nil),
         at("PFCOUNT {bstr}").e(Int(0)),
+        // Module types: JSON documents and Bloom filters are keys of A's own database.
+        at("JSON.GET {bjson}").e(Nil),
+        at("JSON.GET {bjson} $..v").e(Nil),
+        at("JSON.MGET {bjson} {bstr} $"),
+        at("JSON.TYPE {bjson}"),
+        at("JSON.SET {bjson} $ \"A-WROTE\""),
+        at("JSON.NUMINCRBY {bjson} $.n 1").e(Err),
+        at("JSON.DEL {bjson}").e(Int(0)),
+        // (RESP3: RedisBloom answers a boolean.)
+        at("BF.EXISTS {bbloom} x"),
+        at("BF.INFO {bbloom}").e(Err),
+        at("BF.ADD {bbloom} A-WROTE"),
+        at("BF.SCANDUMP {bbloom} 0").e(Err),
+        // Search indexes are node-wide: refused, also inside scripts (the node's tenant ACL).
+        at("FT._LIST").e(Err),
+        at("FT.CREATE a-idx ON HASH PREFIX 1 {bprefix} SCHEMA f1 TEXT").e(Err),
+        at("FT.SEARCH a-idx *").e(Err),
         at("BITCOUNT {bstr}").e(Int(0)),
         at("KEYS *"),
         at("KEYS {bprefix}*").e(Empty),
@@ -926,6 +943,8 @@ fn redis_error(e: &redis::RedisError) -> String {
 // ---------------------------------------------------------------------------------------
 
 const KINDS: [&str; 6] = ["str", "hash", "list", "set", "zset", "stream"];
+/// The victims' keys of module types (RedisJSON, RedisBloom).
+const MODULE_KINDS: [&str; 2] = ["json", "bloom"];
 
 /// B checks that the (node-wide) Lua VM is as Valkey made it.
 const LUA_ENV_PROBE: &str = "return {string.upper('abc'), type(redis.call), type(redis.pcall), \
@@ -1077,6 +1096,8 @@ impl Victim {
         p.cmd("SADD").arg(k("set")).arg(v("m1")).arg(v("m2")).ignore();
         p.cmd("ZADD").arg(k("zset")).arg(1).arg(v("z1")).arg(2).arg(v("z2")).ignore();
         p.cmd("XADD").arg(k("stream")).arg("1-1").arg(v("sf")).arg(v("sv")).ignore();
+        p.cmd("JSON.SET").arg(k("json")).arg("$").arg(format!(r#"{{"v":"{}"}}"#, v("json"))).ignore();
+        p.cmd("BF.ADD").arg(k("bloom")).arg(v("bf")).ignore();
         p.cmd("CLIENT").arg("SETNAME").arg(v("conn")).ignore();
         p.cmd("SCRIPT").arg("LOAD").arg(self.script());
         let (sha,): (String,) = p.query_async(&mut self.conn).await.map_err(|e| format!("seeding: {e}"))?;
@@ -1137,6 +1158,12 @@ impl Victim {
         for kind in KINDS {
             p.cmd("EVAL").arg("return redis.call('TYPE', KEYS[1])").arg(1).arg(self.key(kind));
         }
+        p.cmd("JSON.GET").arg(self.key("json"));
+        p.cmd("BF.EXISTS").arg(self.key("bloom")).arg(self.value("bf"));
+        for kind in MODULE_KINDS {
+            p.cmd("TTL").arg(self.key(kind));
+        }
+        // Last: the Lua environment probe.
         p.cmd("EVAL").arg(LUA_ENV_PROBE).arg(0);
         match tokio::time::timeout(Duration::from_secs(5), p.query_async::<Vec<redis::Value>>(&mut self.conn))
             .await
@@ -1796,7 +1823,7 @@ fn placeholders(
         ("{lua_ret1}".into(), "return 1".into()),
         ("{fnlib}".into(), "#!lua name=pwn\nredis.register_function('pwn', function() return 1 end)".into()),
     ];
-    for kind in KINDS {
+    for kind in KINDS.iter().chain(&MODULE_KINDS) {
         map.push((format!("{{b{kind}}}"), v.key(kind)));
     }
     map.extend([
@@ -1854,7 +1881,11 @@ fn expand(text: &str, map: &[(String, String)]) -> Vec<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     let started = Instant::now();
-    let dev = ShoalDev::start().await;
+    // With JSON and Bloom loaded (their keys are ordinary keys of each cache's database) and
+    // Search (refused on shared nodes).
+    let modules = ["rejson.so", "redisbloom.so", "redisearch.so"].map(module_fixture);
+    let module_args: Vec<&str> = modules.iter().flat_map(|m| ["--module", m.to_str().unwrap()]).collect();
+    let dev = ShoalDev::start_with(&module_args).await;
     let table = Table::load();
     // Every node: the standalone pool's, then (cluster lane) the cluster pool's.
     let mut admins = dev.node_admins().await;
