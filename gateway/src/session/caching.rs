@@ -86,8 +86,16 @@ impl Session {
                 true => None,
                 false => self.pending.iter().position(|p| matches!(p, Pending::Sync(_))),
             });
+        // Never ahead of an invalidation still queued (two prefixes' messages of one EXEC
+        // arrive one by one, the second maybe after the write's sync is done).
+        let queued = self.pending.iter().rposition(|p| matches!(p, Pending::Pushes(_)));
         let mut out = BytesMut::new();
         crate::tracking::encode(&msg, self.proto, &mut out);
+        if let Some(j) = queued.filter(|j| after_read.max(after_write).is_none_or(|i| i < *j)) {
+            if let Some(Pending::Pushes(pushes)) = self.pending.get_mut(j) {
+                return pushes.extend_from_slice(&out);
+            }
+        }
         match after_read.max(after_write) {
             Some(i) => match self.pending.get_mut(i + 1) {
                 Some(Pending::Pushes(pushes)) => pushes.extend_from_slice(&out),
