@@ -167,8 +167,8 @@ pub(crate) fn all() -> Vec<&'static CommandSpec> {
     installed().read().unwrap_or_else(|p| p.into_inner()).by_name.values().copied().collect()
 }
 
-/// Parses a node's `COMMAND` reply entry into a module command, if it is one (flag `module`).
-/// `entry` is `[name, arity, flags, first, last, step, categories, …]`, already decoded.
+/// A node's `COMMAND` reply entry (`[name, arity, flags, first, last, step, categories, …]`,
+/// decoded) as a module command, if it is one (flag `module`).
 pub fn from_command_entry(
     name: &str,
     arity: i64,

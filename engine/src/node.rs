@@ -1223,11 +1223,7 @@ fn exit_reason(stderr: &str, log: &str) -> String {
 /// path), in Valkey's order. RESP2 gives each as a flat array of fields, RESP3 as a map.
 fn parse_module_list(list: &redis::Value) -> Vec<ModuleInfo> {
     use redis::Value;
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
-        _ => None,
-    };
+    let text = value_text;
     let Value::Array(entries) = list else { return Vec::new() };
     entries
         .iter()
@@ -1250,6 +1246,15 @@ fn parse_module_list(list: &redis::Value) -> Vec<ModuleInfo> {
             Some(ModuleInfo { name: field("name").and_then(text)?, version })
         })
         .collect()
+}
+
+/// A RESP string reply (bulk, simple or verbatim) as text; None for any other reply.
+fn value_text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// Resident pages of a process (`/proc/<pid>/statm`, second field).
@@ -1379,13 +1384,7 @@ fn parse_module_commands(reply: &redis::Value) -> Vec<shoal_commands::ModuleComm
             _ => &[],
         }
     }
-    fn text(v: &Value) -> Option<String> {
-        match v {
-            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            Value::SimpleString(s) => Some(s.clone()),
-            _ => None,
-        }
-    }
+    let text = value_text;
     let int = |v: &Value| match v {
         Value::Int(n) => *n,
         _ => 0,

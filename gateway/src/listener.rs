@@ -122,7 +122,7 @@ impl Gateway {
         if let Err(e) = self.shared.jwt.refresh().await {
             tracing::warn!(error = %e, "could not load signing keys yet; will retry on first AUTH");
         }
-        install_module_commands(&self.shared.control_plane, shutdown.clone()).await;
+        install_module_commands(self.shared.control_plane.clone(), shutdown.clone()).await;
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let revocations = tokio::spawn(follow_revocations(self.shared.clone(), shutdown.clone()));
         let audit =
@@ -418,29 +418,30 @@ async fn refuse(mut stream: tokio::net::TcpStream, msg: &'static str) {
     let _ = stream.write_all(format!("-{msg}\r\n").as_bytes()).await;
 }
 
-/// Puts the nodes' module commands in the command table before the first client comes, so
-/// routing, metering and limits know their keys and weights. Tried for up to 10 s (the
-/// control plane may be starting too); meanwhile, and if it never answers, module commands
-/// are forwarded as unknown ones (Valkey answers them).
-async fn install_module_commands(control_plane: &ControlPlane, mut shutdown: watch::Receiver<bool>) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match control_plane.module_commands().await {
-            Ok(commands) => {
-                let added = shoal_commands::install_module_commands(&commands);
-                if added > 0 {
-                    tracing::info!(commands = added, "module commands in the command table");
-                }
-                return;
-            }
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return tracing::warn!(error = %e, "module commands unknown: they pass as unknown commands");
-            }
-            Err(_) => {}
+/// Puts the nodes' module commands in the command table, so routing, metering and limits
+/// know their keys and weights: asked once before the first client comes; if the control
+/// plane does not answer yet, asked again every 500 ms in the background (start-up does
+/// not wait for it; meanwhile module commands are forwarded as unknown ones).
+async fn install_module_commands(control_plane: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
+    let installed = |commands: Vec<shoal_commands::ModuleCommand>| {
+        let added = shoal_commands::install_module_commands(&commands);
+        if added > 0 {
+            tracing::info!(commands = added, "module commands in the command table");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-            _ = shutdown.changed() => return,
-        }
+    };
+    match control_plane.module_commands().await {
+        Ok(commands) => return installed(commands),
+        Err(e) => tracing::warn!(error = %e, "module commands unknown yet: they pass as unknown commands"),
     }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Ok(commands) = control_plane.module_commands().await {
+                return installed(commands);
+            }
+        }
+    });
 }

@@ -430,7 +430,7 @@ pub fn own_writes_seen(t: &mut Tracking, keys: &[Vec<u8>]) {
 }
 
 /// Records what a forwarded command means for the client's tracking state.
-pub fn note_command(t: &mut Tracking, spec: &shoal_commands::CommandSpec, keys: &[&[u8]]) {
+pub fn note_command(t: &mut Tracking, spec: &shoal_commands::CommandSpec, keys: &[Vec<u8>]) {
     let caching = t.caching.take();
     if spec.readonly && !t.bcast {
         let cache_it = if t.optin {
@@ -441,13 +441,13 @@ pub fn note_command(t: &mut Tracking, spec: &shoal_commands::CommandSpec, keys: 
             true
         };
         if cache_it {
-            t.keys.extend(keys.iter().map(|k| k.to_vec()));
+            t.keys.extend(keys.iter().cloned());
         }
     }
     if t.noloop && spec.write {
         let now = Instant::now();
         t.own_writes.retain(|_, at| at.elapsed() < OWN_WRITE_WINDOW);
-        t.own_writes.extend(keys.iter().map(|k| (k.to_vec(), now)));
+        t.own_writes.extend(keys.iter().map(|k| (k.clone(), now)));
     }
 }
 

@@ -3,7 +3,7 @@
 //! small pieces, clients that vanish while blocked, and long mixed pipelines.
 
 use crate::support::resp::frame_len;
-use crate::support::{auth_command, shared, PlainValkey, ShoalDev};
+use crate::support::{auth_command, encode, shared, PlainValkey, ShoalDev};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use std::fmt::Debug;
@@ -1080,16 +1080,6 @@ async fn read_replies<R: AsyncRead + Unpin>(
     out
 }
 
-fn resp_command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 /// A raw connection through the gateway, authenticated.
 async fn raw_session(dev: &ShoalDev, token: &str) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
@@ -1214,7 +1204,7 @@ async fn a_client_that_disconnects_while_blocked_releases_its_upstream() {
     for args in forever {
         let (mut s, _) = raw_session(&dev, &token).await;
         let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        s.write_all(&resp_command(&bytes)).await.unwrap();
+        s.write_all(&encode(&bytes)).await.unwrap();
         let blocked = wait_for_blocked(&dev, 1, Duration::from_secs(2)).await;
         assert!(blocked.is_ok(), "{args:?} did not block on the node: blocked_clients={blocked:?}");
         drop(s);
@@ -1284,7 +1274,7 @@ async fn pipelines_of_mixed_commands_keep_order() {
         commands.push(args);
     }
     let encoded: Vec<Vec<u8>> =
-        commands.iter().map(|c| resp_command(&c.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())).collect();
+        commands.iter().map(|c| encode(&c.iter().map(|a| a.as_bytes()).collect::<Vec<_>>())).collect();
 
     // Cache A: everything in one write.
     let (s, mut buf) = raw_session(&dev, &token_a).await;
@@ -1372,7 +1362,7 @@ async fn client_reply_off_and_skip_behave_as_on_valkey() {
         vec![b"RESET"],
         vec![b"ECHO", b"end"],
     ];
-    let pipeline: Vec<u8> = script.iter().flat_map(|c| resp_command(c)).collect();
+    let pipeline: Vec<u8> = script.iter().flat_map(|c| encode(c)).collect();
 
     let (mut gw, mut gw_buf) = raw_session(&dev, &token).await;
     gw.write_all(&pipeline).await.unwrap();

@@ -19,7 +19,7 @@
 //!   undeclared keys included, after the script's reply.
 
 use crate::support::resp::frame_len;
-use crate::support::{shared, PlainValkey};
+use crate::support::{encode, shared, PlainValkey};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -68,7 +68,7 @@ impl Run {
         };
         let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut c = Conn { name, stream, buf: Vec::new() };
-        c.stream.write_all(&command(&hello)).await.unwrap();
+        c.stream.write_all(&encode(&hello)).await.unwrap();
         let reply = c.frame(Duration::from_secs(5)).await.expect("HELLO answered");
         assert!(!reply.starts_with('-'), "{reply}");
         c
@@ -79,7 +79,7 @@ impl Run {
     async fn call(&mut self, c: &mut Conn, args: &[&str]) {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         self.log.push(format!("{} > {}", c.name, self.shown(&args)));
-        c.stream.write_all(&command(&args)).await.unwrap();
+        c.stream.write_all(&encode(&args)).await.unwrap();
         self.replies(c, 1).await;
     }
 
@@ -89,7 +89,7 @@ impl Run {
         for args in commands {
             let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             self.log.push(format!("{} > {}", c.name, self.shown(&args)));
-            out.extend(command(&args));
+            out.extend(encode(&args));
         }
         c.stream.write_all(&out).await.unwrap();
         self.replies(c, commands.len()).await;
@@ -130,7 +130,7 @@ impl Run {
 
     /// The connection's `CLIENT ID` (not logged: the gateway numbers its own).
     async fn client_id(&mut self, c: &mut Conn) -> String {
-        c.stream.write_all(&command(&["CLIENT", "ID"])).await.unwrap();
+        c.stream.write_all(&encode(&["CLIENT", "ID"])).await.unwrap();
         let reply = c.frame(Duration::from_secs(5)).await.expect("an id");
         let id = reply.trim_start_matches(':').to_string();
         self.ids.push((id.clone(), c.name.to_string()));
@@ -167,14 +167,6 @@ impl Conn {
 /// An invalidation: a RESP3 push, or a RESP2 `message` on `__redis__:invalidate`.
 fn is_push(frame: &str) -> bool {
     frame.starts_with('>') || frame.starts_with("*3 $7 message ")
-}
-
-fn command<S: AsRef<str>>(args: &[S]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n{}\r\n", a.as_ref().len(), a.as_ref()).as_bytes());
-    }
-    out
 }
 
 /// Runs `scenario` on a plain valkey-server and through the gateway (in a fresh cache),

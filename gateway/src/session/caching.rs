@@ -15,18 +15,15 @@ use super::{Pending, Session};
 use crate::clients::Invalidation;
 use bytes::BytesMut;
 use shoal_commands::CommandSpec;
-use std::ops::Range;
 
 impl Session {
     /// After a command went upstream while tracking is on: its reads' keys are noted until
     /// their reply; a write (a script, a transaction) waits for its invalidations.
-    pub(super) fn after_tracked_command(&mut self, spec: &CommandSpec, args: &[Range<usize>]) {
+    pub(super) fn after_tracked_command(&mut self, spec: &CommandSpec, keys: Vec<Vec<u8>>) {
         if self.in_multi {
             // Queued: EXEC is the write.
             return;
         }
-        let argv: Vec<&[u8]> = args.iter().map(|r| &self.client_in[r.clone()]).collect();
-        let keys: Vec<Vec<u8>> = spec.keys(&argv).iter().map(|k| k.to_vec()).collect();
         if spec.readonly && !keys.is_empty() {
             for k in &keys {
                 *self.reading.entry(k.clone()).or_default() += 1;

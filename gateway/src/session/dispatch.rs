@@ -281,9 +281,9 @@ impl Session {
         if !mux && !self.ensure_upstream().await {
             return;
         }
-        if let Some(spec) = spec.filter(|sp| self.tracking || sp.name == "flushdb") {
-            self.note_tracking(spec, args);
-        }
+        let tracked_keys = spec
+            .filter(|sp| self.tracking || sp.name == "flushdb")
+            .map(|spec| self.note_tracking(spec, args));
         if mux {
             return self.mux_push(frame.len);
         }
@@ -296,10 +296,8 @@ impl Session {
         });
         let blocked = self.blocked(blocks);
         self.push_pending(Pending::Upstream(OnReply::Forward, meter, blocked));
-        if self.tracking {
-            if let Some(spec) = spec {
-                self.after_tracked_command(spec, args);
-            }
+        if let (Some(spec), Some(keys), true) = (spec, tracked_keys, self.tracking) {
+            self.after_tracked_command(spec, keys);
         }
     }
 
@@ -310,20 +308,22 @@ impl Session {
         Some(t.stats.block())
     }
 
-    /// Client-side caching bookkeeping for a forwarded command (only while tracking is on).
-    pub(super) fn note_tracking(&self, spec: &CommandSpec, args: &[Range<usize>]) {
-        let Some(t) = &self.tenant else { return };
+    /// Client-side caching bookkeeping for a forwarded command (only while tracking is on):
+    /// the command's keys, for [`Session::after_tracked_command`] too.
+    pub(super) fn note_tracking(&self, spec: &CommandSpec, args: &[Range<usize>]) -> Vec<Vec<u8>> {
+        let Some(t) = &self.tenant else { return Vec::new() };
         if spec.name == "flushdb" {
             crate::tracking::invalidate_all(&self.shared.clients, &t.cache);
         }
         if !self.tracking {
-            return;
+            return Vec::new();
         }
         let argv: Vec<&[u8]> = args.iter().map(|r| &self.client_in[r.clone()]).collect();
-        let keys = spec.keys(&argv);
+        let keys: Vec<Vec<u8>> = spec.keys(&argv).iter().map(|k| k.to_vec()).collect();
         if let Some(tracking) = t.entry.tracking.lock().unwrap().as_mut() {
             crate::tracking::note_command(tracking, spec, &keys);
         }
+        keys
     }
 
     /// A refusal by the gateway; inside MULTI it also dooms the transaction, as Valkey does.
