@@ -567,7 +567,6 @@ async fn reserved_storage(
     Ok(reserved)
 }
 
-/// The problem a create gets when no node can take the cache.
 /// Why a cache with `policy` cannot be in `pool`.
 fn no_node_tracks(pool: &str, policy: &str) -> String {
     match KeyAccess::needed_by(policy) {
@@ -579,6 +578,7 @@ fn no_node_tracks(pool: &str, policy: &str) -> String {
     }
 }
 
+/// The problem a create gets when no node can take the cache.
 fn no_placement(e: placement::NoPlacement, storage_mb: u64) -> ApiError {
     match e {
         placement::NoPlacement::Full => shoal_engine::EngineError::Full.into(),
