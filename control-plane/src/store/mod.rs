@@ -19,6 +19,7 @@ pub mod users;
 pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
 pub use usage::{minute_text, Granularity, UsageRow};
 
+use shoal_engine::Placement;
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
@@ -88,6 +89,21 @@ pub struct CacheRecord {
     /// snapshots kept).
     pub snapshot_window: String,
     pub snapshot_retention: u32,
+    /// A numbered database of a shared node, or a node of its own.
+    pub placement: Placement,
+}
+
+impl CacheRecord {
+    /// The cache's ACL user on its node, as the engine makes it.
+    pub fn tenant_acl(&self) -> shoal_engine::TenantAcl {
+        shoal_engine::TenantAcl {
+            user: self.id.acl_user(),
+            password: self.acl_password.clone(),
+            db: self.db,
+            databases: self.databases,
+            placement: self.placement,
+        }
+    }
 }
 
 /// Filters and page of `GET /v1/caches`.
@@ -435,9 +451,9 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
         "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
                              keyspace_events, description, ecpu_per_second, data_storage_mb, max_connections,
                              eviction_policy, tags, version, updated_at, pool, snapshot_window,
-                             snapshot_retention)
+                             snapshot_retention, placement)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-                 $21)",
+                 $21, $22)",
     )
     .bind(c.id.as_str())
     .bind(c.account_id.as_str())
@@ -460,6 +476,7 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     .bind(&c.pool)
     .bind(&c.snapshot_window)
     .bind(i64::from(c.snapshot_retention))
+    .bind(c.placement.as_str())
     .execute(conn)
     .await
     .map(|_| ())
@@ -588,6 +605,7 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
         updated_at: r.get("updated_at"),
         snapshot_window: r.get("snapshot_window"),
         snapshot_retention: u32::try_from(r.get::<i64, _>("snapshot_retention")).unwrap_or(0),
+        placement: decode_value("placement", r.get("placement"), Placement::parse)?,
     })
 }
 
