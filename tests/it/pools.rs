@@ -107,7 +107,7 @@ async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_
 
     // Readiness covers the cluster's nodes too.
     let ready: Value = dev.http.get(dev.url("/readyz")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(ready["nodes"].as_object().unwrap().len(), 3 + 4, "{ready}");
+    assert_eq!(ready["nodes"].as_object().unwrap().len(), 4 + 4, "{ready}");
 }
 
 /// ACL users starting with `prefix` on each of the dev cluster's 4 nodes.
