@@ -435,7 +435,8 @@ async fn a_dedicated_cache_runs_search_vectors_and_functions_on_a_node_of_its_ow
     assert!(stats.contains("cmdstat_ft.search:calls="), "{stats}");
     assert!(stats.contains("cmdstat_fcall:calls=1,"), "{stats}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while usage_sum(&dev, &id, "commands").await < 12 {
+    // A KNN query is metered at its weight (50 ECPU: commands/data/modules.tsv).
+    while usage_sum(&dev, &id, "commands").await < 12 || usage_sum(&dev, &id, "ecpu_milli").await < 50_000 {
         assert!(Instant::now() < deadline, "the dedicated cache's commands are metered");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
