@@ -21,6 +21,8 @@ import sys
 TARGETS = ("direct", "gateway", "twemproxy")
 # Informational targets: gateway ops/s over twemproxy ops/s, by pipeline depth.
 TWEMPROXY_TARGETS = {1: 1.0, 16: 2.0}
+# Goals: the gateway's CPU time per request at most this share of twemproxy's.
+CPU_GOALS = {1: 0.6, 16: 0.3}
 CSV_FIELDS = ("rps", "avg_latency_ms", "min_latency_ms", "p50_latency_ms",
               "p95_latency_ms", "p99_latency_ms", "max_latency_ms")
 RAW_NAME = re.compile(r"^(?P<cmd>[a-z]+)-p(?P<pipeline>\d+)-(?P<target>[a-z]+)-r(?P<round>\d+)\.out$")
@@ -113,12 +115,29 @@ def collect(raw_dir):
             "exit_code": int(rc) if rc.lstrip("-").isdigit() else None,
             "error_lines": count_errors(out) + count_errors(err),
             "result": row,
+            "cpu_us_per_request": cpu_per_request(read(base + ".cpu")),
         }
         if row is None or rc != "0":
             run["output_tail"] = (out + err).strip().splitlines()[-10:]
         key = (m["cmd"].upper(), int(m["pipeline"]))
         cases.setdefault(key, {}).setdefault(m["target"], []).append(run)
     return cases
+
+
+def cpu_per_request(text):
+    """µs of CPU per request from a `.cpu` file: "<ticks> <requests> <ticks per second>"."""
+    parts = text.split()
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[1]) == 0:
+        return None
+    ticks, requests, hz = map(int, parts)
+    return ticks / hz * 1e6 / requests
+
+
+def cpu_round_ratios(runs_a, runs_b):
+    """a/b CPU per request of the runs of the same round, in round order."""
+    ok = lambda runs: {r["round"]: r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request")}
+    a, b = ok(runs_a), ok(runs_b)
+    return [a[k] / b[k] for k in sorted(a) if k in b]
 
 
 def summarize(runs):
@@ -138,6 +157,10 @@ def summarize(runs):
     summary["rps_all"] = rps
     summary["rps_min"], summary["rps_max"] = min(rps), max(rps)
     summary["rps_median"] = statistics.median(rps)
+    cpu = [r["cpu_us_per_request"] for r in ok if r.get("cpu_us_per_request")]
+    if cpu:
+        summary["cpu_us_per_request"] = statistics.median(cpu)
+        summary["cpu_us_per_request_all"] = cpu
     return summary
 
 
@@ -191,8 +214,15 @@ def report(raw_dir, meta_path, out_path):
             # about this far (a higher goal asks the proxy to beat Valkey without a proxy).
             "direct_over_twemproxy": round_ratios(runs.get("direct", []), runs.get("twemproxy", [])),
         }
+        cpu_rounds = cpu_round_ratios(runs.get("gateway", []), runs.get("twemproxy", []))
+        cpu_ratio = statistics.median(cpu_rounds) if cpu_rounds else None
+        cpu_goal = CPU_GOALS.get(pipeline)
         results.append({
             "command": cmd,
+            "cpu_gateway_over_twemproxy": cpu_ratio,
+            "cpu_per_round_gateway_over_twemproxy": cpu_rounds,
+            "cpu_goal": cpu_goal,
+            "cpu_goal_met": (cpu_ratio <= cpu_goal) if (cpu_ratio is not None and cpu_goal) else None,
             "pipeline": pipeline,
             "requests": meta["requests"][str(pipeline)],
             "targets": per_target,
@@ -260,6 +290,20 @@ def report(raw_dir, meta_path, out_path):
         print(f"  {r['command']} P{r['pipeline']}: " + ", ".join(line))
     print("  (direct/twemproxy is what Valkey with no proxy reaches: a goal above it asks the gateway\n"
           "   to serve more than Valkey does without a proxy.)")
+    print()
+    print("CPU time per request of the serving process (/proc/<pid>/stat utime+stime), median of the rounds;")
+    print("gateway/twemproxy is the median of the per-round ratios:")
+    print(f"{'cmd  P':<10}{'direct µs':>11}{'gateway µs':>12}{'twemproxy µs':>14}  {'gateway/twemproxy (goal)':<34}{'per round'}")
+    for r in results:
+        t = r["targets"]
+        us = lambda n: f"{t[n]['cpu_us_per_request']:.2f}" if t[n].get("cpu_us_per_request") else "-"
+        ratio_txt = "-"
+        if r["cpu_gateway_over_twemproxy"] is not None:
+            ratio_txt = (f"{r['cpu_gateway_over_twemproxy']:.2f} (<= {r['cpu_goal']}: "
+                         f"{'met' if r['cpu_goal_met'] else 'NOT met'})")
+        rounds = " ".join(f"{v:.2f}" for v in r["cpu_per_round_gateway_over_twemproxy"])
+        print(f"{r['command']:<4} P{r['pipeline']:<4}{us('direct'):>11}{us('gateway'):>12}{us('twemproxy'):>14}  "
+              f"{ratio_txt:<34}{rounds}")
     print()
     if spread:
         print("Spread of ops/s across rounds ((max - min) / median):")

@@ -3,8 +3,9 @@
 #   direct     a plain valkey-server (persisting as Shoal's nodes do: BENCH_PERSISTENCE),
 #   gateway    the Shoal gateway (`shoal dev`, AUTH with a cache token),
 #   twemproxy  nutcracker in front of the plain valkey-server,
-# interleaved per case, all in one run. Prints a table and writes
-# bench/results/gateway-<timestamp>.json. See bench/README.md.
+# interleaved per case, all in one run. Prints ops/s, latencies and each serving process's
+# CPU time per request (from /proc/<pid>/stat) with the gateway ÷ twemproxy ratios, and
+# writes bench/results/gateway-<timestamp>.json. See bench/README.md.
 #
 # Environment:
 #   BENCH_REQUESTS   requests per run at pipeline 1 (default 200000; pipeline 16 runs 5x that)
@@ -207,12 +208,23 @@ log "cache $CACHE_ID ready behind the gateway"
 # --- 4. Benchmark ---------------------------------------------------------------------------
 port_of() { case "$1" in direct) echo "$VALKEY_PORT" ;; gateway) echo "$RESP_PORT" ;; twemproxy) echo "$TWEM_PORT" ;; esac; }
 
+# The process that serves a target: its CPU time per request is the yardstick (throughput
+# ratios do not resolve on a noisy machine; CPU time does). For the gateway, `shoal dev`'s
+# process: the gateway and an idle control plane (the Valkey nodes are its children).
+pid_of() { case "$1" in direct) echo "$VALKEY_PID" ;; gateway) echo "$SHOAL_PID" ;; twemproxy) echo "$NUTCRACKER_PID" ;; esac; }
+# utime + stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+
 bench() { # target cmd pipeline requests outbase
-  local auth=() rc=0
+  local auth=() rc=0 pid before
   [[ "$1" == gateway ]] && auth=(-a "$TOKEN")
+  pid="$(pid_of "$1")"
+  before="$(cpu_ticks "$pid")"
   timeout --kill-after=10 "$TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$(port_of "$1")" "${auth[@]}" \
     -c "$CLIENTS" -n "$4" -d "$DATA_SIZE" -P "$3" -r "$KEYSPACE" -t "$2" --csv \
     </dev/null >"$5.out" 2>"$5.err" || rc=$?
+  # CPU ticks the serving process spent, the requests, and the clock's ticks per second.
+  echo "$(($(cpu_ticks "$pid") - before)) $4 $(getconf CLK_TCK)" >"$5.cpu"
   echo "$rc" >"$5.rc"
   return "$rc"
 }
