@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use shoal_control_plane::ControlPlaneConfig;
-use shoal_engine::{ClusterConfig, KeyAccess, ModuleSpec, NodeSpec, PoolConfig};
+use shoal_engine::{ClusterConfig, KeyAccess, ModuleSpec, NodeSpec, Placement, PoolConfig};
 use shoal_gateway::{Gateway, GatewayConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -210,6 +210,14 @@ struct DevArgs {
     /// Explicit ports of the LFU nodes (overrides --lfu-nodes).
     #[arg(long, env = "SHOAL_LFU_NODE_PORTS", value_delimiter = ',')]
     lfu_node_ports: Vec<u16>,
+    /// Valkey nodes for dedicated caches (`"placement": "dedicated"`: a node of their own,
+    /// for Search indexes and functions): named d0, d1 …, on the ports after the LFU nodes'
+    /// (free ones when --node-ports is given).
+    #[arg(long, env = "SHOAL_DEDICATED_NODES", default_value_t = 1)]
+    dedicated_nodes: u16,
+    /// Explicit ports of the dedicated nodes (overrides --dedicated-nodes).
+    #[arg(long, env = "SHOAL_DEDICATED_NODE_PORTS", value_delimiter = ',')]
+    dedicated_node_ports: Vec<u16>,
     /// Numbered databases per node (one per cache, plus database 0 for the platform); also
     /// the cluster's `cluster-databases`.
     #[arg(long, env = "SHOAL_DATABASES", default_value_t = 1024)]
@@ -535,6 +543,15 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         (true, true) => (0..args.lfu_nodes).map(|i| args.node_base_port + args.nodes + i).collect(),
         (true, false) => (0..args.lfu_nodes).map(|_| free_port(&args.host)).collect::<anyhow::Result<_>>()?,
     };
+    let dedicated_ports: Vec<u16> = match (args.dedicated_node_ports.is_empty(), args.node_ports.is_empty()) {
+        (false, _) => args.dedicated_node_ports.clone(),
+        (true, true) => (0..args.dedicated_nodes)
+            .map(|i| args.node_base_port + args.nodes + lfu_ports.len() as u16 + i)
+            .collect(),
+        (true, false) => {
+            (0..args.dedicated_nodes).map(|_| free_port(&args.host)).collect::<anyhow::Result<_>>()?
+        }
+    };
     let mut nodes: Vec<NodeSpec> = ports
         .iter()
         .enumerate()
@@ -543,6 +560,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     nodes.extend(lfu_ports.iter().enumerate().map(|(i, &port)| NodeSpec {
         key_access: KeyAccess::Frequency,
         ..NodeSpec::new(format!("f{i}"), args.host.clone(), port)
+    }));
+    nodes.extend(dedicated_ports.iter().enumerate().map(|(i, &port)| NodeSpec {
+        placement: Placement::Dedicated,
+        ..NodeSpec::new(format!("d{i}"), args.host.clone(), port)
     }));
     let valkey_server = match args.valkey_server {
         Some(p) => p,

@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use shoal_control_plane::pools::{Pools, MAIN_POOL};
 use shoal_engine::{
-    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, KeyAccess, ModuleSpec, NodeSpec, Pool,
+    AgentNodes, ClusterConfig, ClusterMembers, ClusterMode, KeyAccess, ModuleSpec, NodeSpec, Placement, Pool,
     PoolConfig, Supervisor,
 };
 use std::collections::BTreeMap;
@@ -99,6 +99,9 @@ struct NodeFile {
     /// `"frequency"` for a node of caches with an LFU eviction policy (default `"recency"`).
     #[serde(default)]
     key_access: KeyAccess,
+    /// `"dedicated"` for a node that holds one dedicated cache at a time (default `"shared"`).
+    #[serde(default)]
+    placement: Placement,
 }
 
 /// `[engine.clusters.<name>]`.
@@ -223,6 +226,7 @@ impl EngineFile {
                     port: n.port,
                     maxmemory_mb: n.maxmemory_mb,
                     key_access: n.key_access,
+                    placement: n.placement,
                 })
                 .collect();
             plans.push((
@@ -292,6 +296,11 @@ impl EngineFile {
                 !c.nodes.is_empty(),
                 "{at}: engine agents run this cluster's nodes: list them in [[engine.clusters.{name}.nodes]] \
                  (name, host, port)"
+            );
+            anyhow::ensure!(
+                c.nodes.iter().all(|n| n.placement == Placement::Shared),
+                "{at}: dedicated caches take standalone nodes: mark them placement = \"dedicated\" in \
+                 [[engine.nodes]], not in a cluster"
             );
             anyhow::ensure!(
                 c.nodes.iter().all(|n| n.key_access == KeyAccess::Recency),

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::RwLock;
 
 /// Longest access string and most rules accepted.
 pub const MAX_LEN: usize = 4096;
@@ -88,7 +88,7 @@ pub const WHOLE_KEYSPACE_WRITES: &[&str] = &["flushall", "flushdb", "swapdb"];
 /// `CLIENT ID/INFO/SETNAME…` of its own connection.
 pub const OTHER_CONNECTIONS: &[&str] = &["kill", "list", "no-evict", "pause", "unblock", "unpause"];
 
-/// Valkey's ACL categories.
+/// Valkey's ACL categories (modules' come with their commands: `json`, `bloom`…).
 const CATEGORIES: &[&str] = &[
     "keyspace",
     "read",
@@ -122,31 +122,49 @@ struct Command {
     subcommands: BTreeMap<String, Vec<String>>,
 }
 
-/// Valkey's commands by name (lowercase), from the command table.
+/// Valkey's commands by name (lowercase), from the command table, module commands
+/// included: rebuilt when more are installed (once or twice per process, at start; each
+/// build is kept for the life of the process, as the table's rows are).
 fn commands() -> &'static BTreeMap<String, Command> {
-    static TABLE: OnceLock<BTreeMap<String, Command>> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let rows = shoal_commands::table();
-        let mut table: BTreeMap<String, Command> = rows
-            .iter()
-            .filter(|spec| !spec.name.contains('|'))
-            .map(|spec| {
-                let command = Command {
-                    arity: spec.arity,
-                    categories: spec.acl_categories.clone(),
-                    subcommands: BTreeMap::new(),
-                };
-                (spec.name.clone(), command)
-            })
-            .collect();
-        for spec in rows.iter() {
-            if let Some((parent, sub)) = spec.name.split_once('|') {
-                let command = table.get_mut(parent).expect("every subcommand's container is in the table");
-                command.subcommands.insert(sub.to_string(), spec.acl_categories.clone());
-            }
+    type Built = (usize, &'static BTreeMap<String, Command>);
+    static TABLE: RwLock<Option<Built>> = RwLock::new(None);
+    let rows = shoal_commands::table().len();
+    if let Some((n, table)) = *TABLE.read().unwrap_or_else(|p| p.into_inner()) {
+        if n == rows {
+            return table;
         }
-        table
-    })
+    }
+    let table: &'static BTreeMap<String, Command> = Box::leak(Box::new(build_commands()));
+    *TABLE.write().unwrap_or_else(|p| p.into_inner()) = Some((rows, table));
+    table
+}
+
+fn build_commands() -> BTreeMap<String, Command> {
+    let rows = shoal_commands::table();
+    let mut table: BTreeMap<String, Command> = rows
+        .iter()
+        .filter(|spec| !spec.name.contains('|'))
+        .map(|spec| {
+            let command = Command {
+                arity: spec.arity,
+                categories: spec.acl_categories.clone(),
+                subcommands: BTreeMap::new(),
+            };
+            (spec.name.clone(), command)
+        })
+        .collect();
+    for spec in rows.iter() {
+        if let Some((parent, sub)) = spec.name.split_once('|') {
+            let command = table.get_mut(parent).expect("every subcommand's container is in the table");
+            command.subcommands.insert(sub.to_string(), spec.acl_categories.clone());
+        }
+    }
+    table
+}
+
+/// Whether `category` is an ACL category: Valkey's, or one of an installed module's.
+fn known_category(category: &str) -> bool {
+    CATEGORIES.contains(&category) || commands().values().any(|c| c.categories.iter().any(|k| k == category))
 }
 
 /// Why a rule is refused or what it is.
@@ -229,8 +247,14 @@ fn pattern(p: &str) -> Result<String, String> {
 
 fn command_target(name: &str) -> Result<CommandTarget, String> {
     if let Some(category) = name.strip_prefix('@') {
-        if !CATEGORIES.contains(&category) {
-            return Err(format!("unknown category @{category} (known: {})", CATEGORIES.join(", ")));
+        if !known_category(category) {
+            let mut known: Vec<&str> = CATEGORIES.to_vec();
+            for c in commands().values().flat_map(|c| &c.categories) {
+                if !known.contains(&c.as_str()) {
+                    known.push(c);
+                }
+            }
+            return Err(format!("unknown category @{category} (known: {})", known.join(", ")));
         }
         return Ok(if category == "all" {
             CommandTarget::All
@@ -337,8 +361,9 @@ struct Allowed(BTreeMap<(&'static str, Option<&'static str>), bool>);
 
 impl Allowed {
     fn evaluate<'r>(rules: impl IntoIterator<Item = &'r Rule>) -> Allowed {
+        let table = commands();
         let mut state = BTreeMap::new();
-        for (name, command) in commands() {
+        for (name, command) in table {
             state.insert((name.as_str(), None), false);
             for sub in command.subcommands.keys() {
                 state.insert((name.as_str(), Some(sub.as_str())), false);
@@ -347,7 +372,7 @@ impl Allowed {
         for rule in rules {
             let Rule::Command { allow, target } = rule else { continue };
             for ((name, sub), value) in state.iter_mut() {
-                let command = &commands()[*name];
+                let command = &table[*name];
                 let applies = match target {
                     CommandTarget::All => true,
                     CommandTarget::Category(cat) => {
@@ -404,8 +429,10 @@ impl Allowed {
     /// Rules after `-@all` that allow exactly these commands.
     fn to_rules(&self) -> Vec<String> {
         let mut rules = vec!["-@all".to_string()];
+        // A command installed after this was evaluated stays denied.
+        let allowed = |key: (&str, Option<&str>)| self.0.get(&key).copied().unwrap_or(false);
         for (name, command) in commands() {
-            let own = self.0[&(name.as_str(), None)];
+            let own = allowed((name.as_str(), None));
             if command.subcommands.is_empty() {
                 if own {
                     rules.push(format!("+{name}"));
@@ -413,7 +440,7 @@ impl Allowed {
                 continue;
             }
             let subs: Vec<(&String, bool)> =
-                command.subcommands.keys().map(|s| (s, self.0[&(name.as_str(), Some(s.as_str()))])).collect();
+                command.subcommands.keys().map(|s| (s, allowed((name.as_str(), Some(s.as_str()))))).collect();
             if own && subs.iter().all(|(_, ok)| *ok) {
                 rules.push(format!("+{name}"));
             } else if own && command.arity.abs() == 1 {
@@ -567,7 +594,8 @@ pub fn intersect_with_tenant(
         .map(|c| Rule::Command { allow: true, target: CommandTarget::Command(c.to_string()) });
     let mine = Allowed::of_access(access, essentials);
     let cache = Allowed::evaluate(&tenant.rules);
-    let both = Allowed(mine.0.iter().map(|(k, v)| (*k, *v && cache.0[k])).collect());
+    let both =
+        Allowed(mine.0.iter().map(|(k, v)| (*k, *v && cache.0.get(k).copied().unwrap_or(false))).collect());
     out.extend(both.to_rules());
 
     out.push("resetdbs".into());

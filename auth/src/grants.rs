@@ -259,8 +259,14 @@ mod tests {
     use super::*;
 
     fn tenant_rules() -> Vec<String> {
-        shoal_engine::TenantAcl { user: "tc000000000001".into(), password: "pw".into(), db: 0, databases: 1 }
-            .setuser_rules()
+        shoal_engine::TenantAcl {
+            user: "tc000000000001".into(),
+            password: "pw".into(),
+            db: 0,
+            databases: 1,
+            placement: Default::default(),
+        }
+        .setuser_rules()
     }
 
     fn cell(column: &str, argv0: &[&str]) -> bool {

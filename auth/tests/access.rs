@@ -30,8 +30,13 @@ async fn start() -> Node {
     })
     .await
     .unwrap();
-    let tenant =
-        TenantAcl { user: "tc000000000001".into(), password: "tenant-pw".into(), db: CACHE_DB, databases: 1 };
+    let tenant = TenantAcl {
+        user: "tc000000000001".into(),
+        password: "tenant-pw".into(),
+        db: CACHE_DB,
+        databases: 1,
+        placement: Default::default(),
+    };
     pool.create_tenant("n0", &tenant).await.unwrap();
     // Something in another cache's database to try to reach.
     let mut admin =

@@ -122,6 +122,9 @@ pub enum Meter {
     Storage,
     /// Snapshot files kept, in GB-months.
     Snapshots,
+    /// A dedicated cache's node, in node-hours.
+    #[serde(rename = "dedicated_node")]
+    DedicatedNode,
 }
 
 impl Meter {
@@ -130,6 +133,7 @@ impl Meter {
             Meter::Ecpu => "ecpu",
             Meter::Storage => "storage",
             Meter::Snapshots => "snapshots",
+            Meter::DedicatedNode => "dedicated_node",
         }
     }
 
@@ -139,6 +143,7 @@ impl Meter {
             Meter::Ecpu => "million ECPU",
             Meter::Storage => "GB-hour",
             Meter::Snapshots => "GB-month",
+            Meter::DedicatedNode => "node-hour",
         }
     }
 }
@@ -281,6 +286,15 @@ pub struct KeptSnapshot {
     pub until: Option<i64>,
 }
 
+/// A dedicated cache's time on its node (Unix seconds; `until` None: still there). See
+/// [`Invoice::add_dedicated_nodes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DedicatedSpan {
+    pub cache_id: CacheId,
+    pub from: i64,
+    pub until: Option<i64>,
+}
+
 /// `mantissa × 10^-scale`, normalized (no trailing zeros). Callers keep mantissas below
 /// 2^96 (a month of u64 counters stays far below).
 fn decimal(mantissa: i128, scale: u32) -> Decimal {
@@ -330,6 +344,36 @@ impl Invoice {
                 meter: Meter::Snapshots,
                 quantity,
                 unit: Meter::Snapshots.unit().to_owned(),
+                unit_price: price,
+                amount: (quantity * price).normalize(),
+            });
+        }
+        self.lines.sort_by(|a, b| (&a.cache_id, a.meter).cmp(&(&b.cache_id, b.meter)));
+        (self.subtotal, self.total) = totals(&self.lines);
+    }
+
+    /// Adds a node-hour line per dedicated cache that had its node in the invoice's period
+    /// (up to `usage_until`): the seconds it held it, in hours to 10 decimals, at the card's
+    /// `per_dedicated_node_hour` (billed per second, as ElastiCache bills nodes). Lines stay
+    /// sorted; the totals are recomputed.
+    pub fn add_dedicated_nodes(&mut self, spans: &[DedicatedSpan]) {
+        let (start, until) = (self.period_start.timestamp(), self.usage_until.timestamp());
+        let mut per_cache: BTreeMap<&CacheId, u128> = BTreeMap::new();
+        for s in spans {
+            let (from, to) = (s.from.max(start), s.until.unwrap_or(i64::MAX).min(until));
+            if to > from {
+                *per_cache.entry(&s.cache_id).or_default() += (to - from) as u128;
+            }
+        }
+        let price = self.rates.per_dedicated_node_hour;
+        for (cache_id, seconds) in per_cache {
+            let quantity = decimal(div_half_even(seconds * 10_000_000_000, 3600) as i128, 10);
+            self.lines.push(InvoiceLine {
+                cache_id: cache_id.clone(),
+                cache_name: None,
+                meter: Meter::DedicatedNode,
+                quantity,
+                unit: Meter::DedicatedNode.unit().to_owned(),
                 unit_price: price,
                 amount: (quantity * price).normalize(),
             });
@@ -712,5 +756,29 @@ mod tests {
         let mut sorted = order.clone();
         sorted.sort();
         assert_eq!(order, sorted, "lines sorted by cache, then meter");
+    }
+
+    #[test]
+    fn a_dedicated_node_is_billed_per_second_it_was_held() {
+        let mut inv =
+            build_invoice(&acct(), nov(), &[usage(1, NOV, 1_000)], &[], &RateCard::default(), DEC).unwrap();
+        let before = inv.subtotal;
+        let spans = [
+            // Held since before the month: the whole month (720 hours); a second cache for
+            // 90 minutes; one deleted before the month: nothing.
+            DedicatedSpan { cache_id: cache(1), from: NOV - 86_400, until: None },
+            DedicatedSpan { cache_id: cache(2), from: NOV + 3600, until: Some(NOV + 3600 + 5400) },
+            DedicatedSpan { cache_id: cache(3), from: NOV - 10, until: Some(NOV - 1) },
+        ];
+        inv.add_dedicated_nodes(&spans);
+        let nodes: Vec<_> = inv.lines.iter().filter(|l| l.meter == Meter::DedicatedNode).collect();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(
+            (&nodes[0].cache_id, nodes[0].quantity, nodes[0].unit.as_str()),
+            (&cache(1), d("720"), "node-hour")
+        );
+        assert_eq!(nodes[0].amount, d("90.72"), "720 hours at $0.126");
+        assert_eq!((&nodes[1].cache_id, nodes[1].quantity), (&cache(2), d("1.5")));
+        assert_eq!(inv.subtotal, before + d("90.72") + d("0.189"));
     }
 }

@@ -24,7 +24,9 @@ pub mod rollup;
 
 pub use error::BillingError;
 pub use estimate::{estimate, Estimate, EstimateInput, EstimateStep, HOURS_PER_MONTH};
-pub use invoice::{build_invoice, Invoice, InvoiceLine, InvoiceStatus, KeptSnapshot, Meter, Month};
+pub use invoice::{
+    build_invoice, DedicatedSpan, Invoice, InvoiceLine, InvoiceStatus, KeptSnapshot, Meter, Month,
+};
 pub use rates::{PriceList, RateCard, RateOverride};
 pub use rollup::{hour_of, rollup, HourlyRollup, StorageSample};
 pub use rust_decimal::Decimal;

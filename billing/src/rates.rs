@@ -30,6 +30,15 @@ pub struct RateCard {
     /// Price of one GB-month of snapshot storage (10^9 bytes kept for a whole month).
     #[serde(default = "default_snapshot_gb_month")]
     pub per_snapshot_gb_month: Decimal,
+    /// Price of one hour of a dedicated cache's node (on top of its ECPU and storage).
+    #[serde(default = "default_dedicated_node_hour")]
+    pub per_dedicated_node_hour: Decimal,
+}
+
+/// About ElastiCache's on-demand price of a cache.m7g.large Valkey node (2 vCPU, 6.38 GiB)
+/// in us-east-1: $0.126 per hour.
+fn default_dedicated_node_hour() -> Decimal {
+    Decimal::new(126, 3)
 }
 
 /// ElastiCache's snapshot storage rate in us-east-1: $0.085 per GB-month.
@@ -47,6 +56,7 @@ impl Default for RateCard {
             per_gb_hour: Decimal::new(84, 3),
             min_storage_mb: 100,
             per_snapshot_gb_month: default_snapshot_gb_month(),
+            per_dedicated_node_hour: default_dedicated_node_hour(),
         }
     }
 }
@@ -61,6 +71,7 @@ impl RateCard {
         if self.per_million_ecpu.is_sign_negative()
             || self.per_gb_hour.is_sign_negative()
             || self.per_snapshot_gb_month.is_sign_negative()
+            || self.per_dedicated_node_hour.is_sign_negative()
         {
             return bad("prices must not be negative");
         }
@@ -69,6 +80,7 @@ impl RateCard {
         if self.per_million_ecpu > max_price
             || self.per_gb_hour > max_price
             || self.per_snapshot_gb_month > max_price
+            || self.per_dedicated_node_hour > max_price
         {
             return bad("prices must be at most 1000000");
         }
@@ -91,6 +103,7 @@ impl RateCard {
             per_gb_hour: o.per_gb_hour.unwrap_or(self.per_gb_hour),
             min_storage_mb: o.min_storage_mb.unwrap_or(self.min_storage_mb),
             per_snapshot_gb_month: o.per_snapshot_gb_month.unwrap_or(self.per_snapshot_gb_month),
+            per_dedicated_node_hour: o.per_dedicated_node_hour.unwrap_or(self.per_dedicated_node_hour),
         };
         card.validate()?;
         Ok(card)
@@ -111,6 +124,8 @@ pub struct RateOverride {
     pub min_storage_mb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_snapshot_gb_month: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_dedicated_node_hour: Option<Decimal>,
 }
 
 /// The default card plus per-account plan overrides. Build it with [`PriceList::new`] so that

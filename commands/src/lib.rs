@@ -117,6 +117,9 @@ pub struct ShoalFlags {
     /// Answered or rewritten by the gateway, and still allowed inside MULTI (it is
     /// forwarded, rewritten, to be queued; the others are answered at once, so refused).
     pub multi_ok: bool,
+    /// Refused (`deny`) on shared nodes, yet a dedicated cache, alone on its node, runs it
+    /// (functions, the script cache, Search): see [`CommandSpec::refused_on`].
+    pub dedicated: bool,
 }
 
 impl CommandSpec {
@@ -163,9 +166,39 @@ impl CommandSpec {
             .any(|a| a.eq_ignore_ascii_case(b"block"))
     }
 
+    /// Whether a cache of this placement is refused the command (`deny` rows; those
+    /// flagged `dedicated` only on shared nodes).
+    pub fn refused_on(&self, placement: Placement) -> bool {
+        self.treatment == Treatment::Deny && !(self.shoal.dedicated && placement == Placement::Dedicated)
+    }
+
     /// The container's name for a subcommand (`client` for `client|list`), else the name.
     pub fn container_name(&self) -> &str {
         self.name.split_once('|').map_or(&self.name, |(c, _)| c)
+    }
+}
+
+/// Where a cache lives: a numbered database of a node it shares with other caches, or a
+/// node of its own (database 0 on), where node-wide features (functions, Search indexes)
+/// are its alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    #[default]
+    Shared,
+    Dedicated,
+}
+
+impl Placement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Shared => "shared",
+            Placement::Dedicated => "dedicated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Placement> {
+        [Placement::Shared, Placement::Dedicated].into_iter().find(|p| p.as_str() == s)
     }
 }
 
@@ -244,14 +277,14 @@ impl CommandTable {
     /// every denied or gateway-only command the categories left allowed (a container
     /// rather than each of its subcommands). The gateway refuses these too; the node's
     /// refusal holds if the gateway had a hole, inside Lua scripts included.
-    pub fn node_acl_rules(&self) -> Vec<String> {
+    pub fn node_acl_rules(&self, placement: Placement) -> Vec<String> {
         let mut rules = vec!["-@admin".to_string(), "-@dangerous".to_string()];
         let mut allowed: Vec<&str> =
             self.iter().filter(|s| s.shoal.node_allow).map(|s| s.name.as_str()).collect();
         allowed.sort_unstable();
         rules.extend(allowed.iter().map(|n| format!("+{n}")));
         let covered = |s: &CommandSpec| s.in_category("admin") || s.in_category("dangerous");
-        let refused = |s: &CommandSpec| (s.treatment == Treatment::Deny || s.shoal.node_deny) && !covered(s);
+        let refused = |s: &CommandSpec| (s.refused_on(placement) || s.shoal.node_deny) && !covered(s);
         // A refused container is refused whole unless one of its subcommands passes.
         let whole = |container: &CommandSpec| {
             refused(container)

@@ -58,6 +58,7 @@ fn parse_policies(tsv: &str) -> Result<Vec<Policy>, String> {
                 treatment: match treatment {
                     "pass" => "pass",
                     "deny" => "deny",
+                    "dedicated" => "dedicated",
                     _ => return Err(format!("bad treatment: {line:?}")),
                 },
                 weight: weight.parse().map_err(|_| format!("bad weight: {line:?}"))?,
@@ -90,20 +91,13 @@ fn spec_of(c: &ModuleCommand, index: usize) -> Result<CommandSpec, &'static str>
     let (arity, first, last, step) =
         (c.arity.to_string(), c.first_key.to_string(), c.last_key.to_string(), c.step.to_string());
     let weight = policy.map_or(1000, |p| p.weight).to_string();
-    let cells: [&str; 12] = [
-        &c.name,
-        &arity,
-        &flags,
-        &first,
-        &last,
-        &step,
-        &categories,
-        policy.map_or("pass", |p| p.treatment),
-        &weight,
-        "0",
-        "-",
-        "-",
-    ];
+    // `dedicated`: refused on shared nodes, run by dedicated caches.
+    let (treatment, shoal) = match policy.map_or("pass", |p| p.treatment) {
+        "dedicated" => ("deny", "dedicated"),
+        t => (t, "-"),
+    };
+    let cells: [&str; 12] =
+        [&c.name, &arity, &flags, &first, &last, &step, &categories, treatment, &weight, "0", "-", shoal];
     debug_assert_eq!(parse::COLUMNS.len(), cells.len());
     let mut spec = parse::row(|i| cells[i])?;
     spec.mux = parse::muxable(&spec);
@@ -211,7 +205,8 @@ mod tests {
         assert!(!policies().is_empty());
         assert_eq!(policy_of("json.set").unwrap().pattern, "json.set");
         assert_eq!(policy_of("json.del").unwrap().pattern, "json.*");
-        assert_eq!(policy_of("ft.search").unwrap().treatment, "deny");
+        assert_eq!(policy_of("ft.search").unwrap().treatment, "dedicated");
+        assert_eq!(policy_of("ft.config").unwrap().treatment, "deny");
         assert!(policy_of("timeseries.add").is_none());
     }
 
@@ -234,6 +229,7 @@ mod tests {
         let ft = t.lookup(b"ft.search", None).unwrap();
         assert_eq!(ft.treatment, Treatment::Deny);
         assert!(ft.refusal_reason.as_deref().unwrap().contains("database 0"));
+        assert!(!ft.refused_on(crate::Placement::Dedicated));
         // A built-in keeps its row.
         assert_eq!(t.lookup(b"get", None).unwrap().weight, 1000);
         assert!(module_commands().iter().all(|c| c.name != "get"));

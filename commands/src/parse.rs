@@ -99,6 +99,7 @@ fn shoal_flags(cell: &str) -> Option<ShoalFlags> {
             "node_deny" => f.node_deny = true,
             "node_allow" => f.node_allow = true,
             "multi_ok" => f.multi_ok = true,
+            "dedicated" => f.dedicated = true,
             _ => return None,
         }
     }

@@ -130,7 +130,7 @@ fn keys_follow_first_last_and_step() {
 
 #[test]
 fn node_rules_deny_what_the_gateway_denies_that_the_categories_leave() {
-    let rules = table().node_acl_rules();
+    let rules = table().node_acl_rules(Placement::Shared);
     assert_eq!(&rules[..2], ["-@admin", "-@dangerous"]);
     for rule in [
         "+flushdb",
@@ -171,6 +171,23 @@ fn node_rules_deny_what_the_gateway_denies_that_the_categories_leave() {
         "{rules:?}"
     );
     assert!(rules.len() < 40, "rules stay short: each tenant user carries them ({} rules)", rules.len());
+}
+
+#[test]
+fn a_dedicated_cache_may_run_functions_and_manage_its_script_cache() {
+    let t = table();
+    let rules = t.node_acl_rules(Placement::Dedicated);
+    for gone in ["-function", "-fcall", "-fcall_ro", "-script|flush", "-script|show"] {
+        assert!(!rules.iter().any(|r| r == gone), "{gone} in {rules:?}");
+    }
+    // What is node-wide for the platform stays refused.
+    for kept in ["-pubsub", "-script|kill", "-client|tracking", "-acl|whoami"] {
+        assert!(rules.iter().any(|r| r == kept), "{kept} missing from {rules:?}");
+    }
+    let load = t.lookup(b"FUNCTION", Some(b"LOAD")).unwrap();
+    assert!(load.refused_on(Placement::Shared) && !load.refused_on(Placement::Dedicated));
+    let config_set = t.get("config|set").unwrap();
+    assert!(config_set.refused_on(Placement::Dedicated), "node settings stay the platform's");
 }
 
 #[test]

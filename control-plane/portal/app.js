@@ -421,6 +421,8 @@ function createCacheForm() {
   const conns = num('max_connections', 1);
   const databases = num('databases', 1, 16);
   const policy = h('select', { name: 'eviction_policy' }, EVICTION_POLICIES.map((p) => h('option', { value: p, text: p })));
+  const placement = h('select', { name: 'placement' },
+    ['shared', 'dedicated'].map((p) => h('option', { value: p, text: p })));
   const tags = h('input', { name: 'tags', autocomplete: 'off', placeholder: 'team=web, env=prod' });
   const err = h('p.error', { role: 'alert', hidden: true });
   return h('form.inline', {
@@ -433,6 +435,7 @@ function createCacheForm() {
         if (storage.value) limits.data_storage_mb = Number(storage.value);
         if (conns.value) limits.max_connections = Number(conns.value);
         const body = { name: name.value, limits, eviction_policy: policy.value, tags: parseTags(tags.value) };
+        if (placement.value !== 'shared') body.placement = placement.value;
         if (databases.value) body.databases = Number(databases.value);
         const c = await api('/v1/caches', { method: 'POST', body });
         location.hash = `#/caches/${c.id}`;
@@ -448,6 +451,7 @@ function createCacheForm() {
   field('Max connections', conns, 'empty = default'),
   field('Databases', databases, '1–16, default 1'),
   field('Eviction policy', policy),
+  field('Placement', placement, 'dedicated: a node of its own (Search, functions), billed per node-hour'),
   field('Tags', tags, 'key=value, comma-separated'),
   h('button', { type: 'submit', text: 'Create cache' }));
 }
@@ -691,6 +695,7 @@ async function cachePage(view, id) {
       ['Account', accountName(c.account_id)],
       ['Status', h('span.badge', { 'data-status': c.status, text: c.status })],
       ['Pool', c.pool || '—'],
+      ['Placement', c.placement || 'shared'],
       ['Endpoint', h('code', { text: c.endpoint })],
       ['Databases', String(c.databases)],
       ['Eviction policy', c.eviction_policy],

@@ -192,15 +192,6 @@ async fn restore_tenant_users(
     node: &str,
 ) -> Result<(), crate::error::ApiError> {
     let (live, gone) = state.store.tenants_on(pool_name, node).await?;
-    let live: Vec<shoal_engine::TenantAcl> = live
-        .into_iter()
-        .map(|(id, password, db, databases)| shoal_engine::TenantAcl {
-            user: id.acl_user(),
-            password,
-            db,
-            databases,
-        })
-        .collect();
     let gone: Vec<String> = gone.iter().map(|id| id.acl_user()).collect();
     let (made, deleted) = pool.restore_tenant_users(node, &live, &gone).await?;
     if made + deleted > 0 {

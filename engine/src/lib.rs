@@ -39,6 +39,7 @@ pub use pool::{
     ClusterMembers, Pool, PoolConfig, Supervisor, CLUSTER_TARGET, DEFAULT_SCRIPT_TIME_LIMIT,
     RESERVED_MEMORY_PERCENT,
 };
+pub use shoal_commands::Placement;
 pub use snapshot::{RestoreKey, SnapshotFile};
 pub use storage::{CacheDbs, Eviction, EvictionPolicy, StorageProbe, StorageSample};
 pub use tenant::TenantAcl;

@@ -61,6 +61,9 @@ pub struct NodeSpec {
     pub maxmemory_mb: Option<u64>,
     /// Whether the node tracks keys' recency or frequency of use ([`KeyAccess`]).
     pub key_access: KeyAccess,
+    /// `Dedicated`: the node holds one cache at a time, in database 0 on (a dedicated cache);
+    /// `Shared` (default): caches in numbered databases from 1.
+    pub placement: crate::Placement,
 }
 
 /// A Valkey module a node loads at start: `loadmodule <path> <args…>` in its config. Shoal
@@ -153,6 +156,7 @@ impl NodeSpec {
             port,
             maxmemory_mb: None,
             key_access: KeyAccess::Recency,
+            placement: crate::Placement::Shared,
         }
     }
 }
@@ -484,6 +488,30 @@ impl Node {
         Some(parse_module_list(&list))
     }
 
+    /// Removes what a dedicated cache leaves on its node besides keys: its functions, its
+    /// scripts and its Search indexes (node-wide, so the next cache would see them).
+    pub async fn clear_node_wide_state(&self) -> Result<(), EngineError> {
+        let mut conn = crate::pool::admin_conn(self).await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("FUNCTION").arg("FLUSH").arg("SYNC").ignore();
+        pipe.cmd("SCRIPT").arg("FLUSH").arg("SYNC").ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| self.valkey_err(e))?;
+        // Only a node with a Search module knows FT._LIST.
+        let indexes: Vec<String> = match redis::cmd("FT._LIST").query_async(&mut conn).await {
+            Ok(list) => list,
+            Err(e) if e.kind() == redis::ErrorKind::ResponseError => Vec::new(),
+            Err(e) => return Err(self.valkey_err(e)),
+        };
+        for index in indexes {
+            redis::cmd("FT.DROPINDEX")
+                .arg(&index)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.valkey_err(e))?;
+        }
+        Ok(())
+    }
+
     /// The commands its modules add (`COMMAND`, entries flagged `module`); None if it did
     /// not answer.
     pub async fn module_commands(&self) -> Option<Vec<shoal_commands::ModuleCommand>> {
@@ -573,6 +601,10 @@ impl Node {
 
     pub fn key_access(&self) -> KeyAccess {
         self.spec.key_access
+    }
+
+    pub fn placement(&self) -> crate::Placement {
+        self.spec.placement
     }
 
     /// Pid of the running valkey-server, if any.
@@ -899,7 +931,7 @@ impl Node {
     /// restarted instead.
     async fn kill_script(&self) {
         let node = self.spec.name.clone();
-        match self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await.as_deref() {
+        match self.end_running_script().await.as_deref() {
             Some("+OK") => {
                 tracing::warn!(node, limit = ?self.script_time_limit, "script ran past the time limit: killed (SCRIPT KILL)");
                 metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed")
@@ -915,6 +947,16 @@ impl Node {
             // NOTBUSY: it finished meanwhile; None: try again at the next check.
             _ => {}
         }
+    }
+
+    /// `SCRIPT KILL`, or `FUNCTION KILL` when the busy script is a function (a dedicated
+    /// cache's: Valkey answers `-BUSY … FUNCTION KILL` to SCRIPT KILL then). The node's reply.
+    async fn end_running_script(&self) -> Option<String> {
+        let reply = self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await?;
+        if reply.starts_with("-BUSY") {
+            return self.admin_raw(&["FUNCTION", "KILL"], HEALTH_TIMEOUT).await;
+        }
+        Some(reply)
     }
 
     /// `used_memory_vm_eval + used_memory_scripts_eval` (Lua's heap and the script cache),
@@ -1038,7 +1080,7 @@ impl Node {
                         limit,
                         "node memory over its guard while a script runs: killing the script"
                     );
-                    match self.admin_raw(&["SCRIPT", "KILL"], HEALTH_TIMEOUT).await.as_deref() {
+                    match self.end_running_script().await.as_deref() {
                         Some("+OK") => {
                             metrics::counter!("shoal_node_script_kills_total", "node" => node, "outcome" => "killed")
                                 .increment(1);

@@ -1,7 +1,8 @@
 //! Placement: which node and database a new cache gets.
 //!
 //! Pure functions over the current allocations (which live in the control plane's store).
-//! Database 0 of each node is reserved for the platform; caches get 1..databases.
+//! Database 0 of each shared node is reserved for the platform; caches get 1..databases. A
+//! dedicated node holds one cache, from database 0 (where Search indexes work).
 //! A node is chosen only if it is healthy (it answered its last health check) and the storage
 //! limits of its caches, the new one's included, fit in its capacity.
 
@@ -23,6 +24,8 @@ pub struct NodeLoad {
     pub reserved_mb: u64,
     /// What it tracks of keys' use: only caches whose eviction policy needs that go there.
     pub key_access: crate::KeyAccess,
+    /// Shared caches go to shared nodes, dedicated ones to dedicated nodes.
+    pub placement: crate::Placement,
 }
 
 impl NodeLoad {
@@ -48,6 +51,24 @@ pub enum NoPlacement {
 pub struct Allocation {
     pub node: String,
     pub db: u32,
+}
+
+/// Chooses a free healthy dedicated node (no database taken) with `count` databases and room
+/// for `storage_mb`; the cache gets its databases from 0. Nodes listed first go first.
+pub fn choose_dedicated(nodes: &[NodeLoad], count: u32, storage_mb: u64) -> Result<Allocation, NoPlacement> {
+    let free: Vec<&NodeLoad> =
+        nodes.iter().filter(|n| n.taken.is_empty() && count.max(1) <= n.databases).collect();
+    let healthy: Vec<&&NodeLoad> = free.iter().filter(|n| n.healthy).collect();
+    if healthy.is_empty() {
+        return Err(if free.is_empty() { NoPlacement::Full } else { NoPlacement::NoHealthyNode });
+    }
+    healthy
+        .iter()
+        .find(|n| n.free_mb() >= storage_mb)
+        .map(|n| Allocation { node: n.node.clone(), db: 0 })
+        .ok_or_else(|| NoPlacement::NoRoom {
+            largest_free_mb: healthy.iter().map(|n| n.free_mb()).max().unwrap_or(0),
+        })
 }
 
 /// Chooses the least loaded healthy node with `count` consecutive free databases and room for
@@ -170,6 +191,7 @@ mod tests {
             capacity_mb: 1000,
             reserved_mb: 0,
             key_access: Default::default(),
+            placement: Default::default(),
         }
     }
 
@@ -205,6 +227,18 @@ mod tests {
         let nodes = [n0.clone(), load("n1", 8, &[1, 2, 3])];
         assert_eq!(choose(&nodes, 1, 0), Ok(Allocation { node: "n1".into(), db: 4 }));
         assert_eq!(choose(&[n0], 1, 0), Err(NoPlacement::NoHealthyNode));
+    }
+
+    #[test]
+    fn a_dedicated_cache_takes_a_whole_free_node_from_database_0() {
+        let nodes = [load("d0", 16, &[0]), load("d1", 16, &[]), load("d2", 16, &[])];
+        assert_eq!(choose_dedicated(&nodes, 2, 0), Ok(Allocation { node: "d1".into(), db: 0 }));
+        assert_eq!(choose_dedicated(&nodes, 17, 0), Err(NoPlacement::Full));
+        assert_eq!(choose_dedicated(&nodes[..1], 1, 0), Err(NoPlacement::Full));
+        let mut d1 = load("d1", 16, &[]);
+        d1.healthy = false;
+        assert_eq!(choose_dedicated(&[d1], 1, 0), Err(NoPlacement::NoHealthyNode));
+        assert_eq!(choose_dedicated(&nodes, 1, 1001), Err(NoPlacement::NoRoom { largest_free_mb: 1000 }));
     }
 
     #[test]

@@ -207,6 +207,7 @@ impl Pool {
                 used_memory: crate::cluster::used_memory(node).await,
                 modules: if node.healthy() { node.loaded_modules().await } else { None },
                 key_access: node.key_access(),
+                placement: node.placement(),
             });
         }
         out
@@ -238,6 +239,7 @@ impl Pool {
                 reserved_mb: 0,
                 // Cluster nodes track recency (LFU caches go to standalone frequency nodes).
                 key_access: crate::KeyAccess::Recency,
+                placement: crate::Placement::Shared,
             }];
         }
         self.nodes
@@ -250,6 +252,7 @@ impl Pool {
                 capacity_mb: n.storage_capacity_mb(),
                 reserved_mb: 0,
                 key_access: n.key_access(),
+                placement: n.placement(),
             })
             .collect()
     }
@@ -316,6 +319,9 @@ impl Pool {
             return cluster.create_tenant(acl).await;
         }
         let node = self.node(node)?;
+        if acl.placement == crate::Placement::Dedicated {
+            node.clear_node_wide_state().await?;
+        }
         let mut pipe = redis::pipe();
         for db in acl.db..acl.db + acl.databases.max(1) {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
@@ -338,7 +344,11 @@ impl Pool {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
         }
         pipe.cmd("SELECT").arg(0).ignore();
-        node.change_tenant(&pipe, &acl.user, None).await
+        node.change_tenant(&pipe, &acl.user, None).await?;
+        if acl.placement == crate::Placement::Dedicated {
+            node.clear_node_wide_state().await?;
+        }
+        Ok(())
     }
 
     /// Makes a standalone node's tenant users match the store's caches (at control-plane

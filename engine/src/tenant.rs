@@ -12,6 +12,9 @@ pub struct TenantAcl {
     /// First database and how many.
     pub db: u32,
     pub databases: u32,
+    /// A dedicated cache, alone on its node, may also run what is node-wide (functions,
+    /// the script cache, Search indexes).
+    pub placement: crate::Placement,
 }
 
 /// Valkey's `notify-keyspace-events` flag letters.
@@ -49,7 +52,7 @@ impl TenantAcl {
         ];
         // What the command table refuses: admin, dangerous and node-wide commands (functions
         // and the script cache are node-wide), and what would reveal other tenants.
-        rules.extend(shoal_commands::table().node_acl_rules());
+        rules.extend(shoal_commands::table().node_acl_rules(self.placement));
         // Keyspace notifications of its own databases only.
         for db in self.db..self.db + self.databases.max(1) {
             rules.push(format!("&__keyspace@{db}__:*"));
@@ -78,7 +81,13 @@ mod tests {
 
     #[test]
     fn rules_confine_databases_and_channels() {
-        let acl = TenantAcl { user: "tc1".into(), password: "pw".into(), db: 4, databases: 2 };
+        let acl = TenantAcl {
+            user: "tc1".into(),
+            password: "pw".into(),
+            db: 4,
+            databases: 2,
+            placement: Default::default(),
+        };
         let rules = acl.setuser_rules();
         assert!(rules.contains(&"&tc1:*".to_string()));
         assert!(rules.contains(&"-@dangerous".to_string()));

@@ -58,7 +58,13 @@ async fn start(dir: &std::path::Path, base_port: u16) -> Pool {
 }
 
 fn tenant(user: &str, db: u32) -> TenantAcl {
-    TenantAcl { user: user.into(), password: format!("pw-{user}"), db, databases: 1 }
+    TenantAcl {
+        user: user.into(),
+        password: format!("pw-{user}"),
+        db,
+        databases: 1,
+        placement: Default::default(),
+    }
 }
 
 /// A tenant's view of the cluster: connections to every primary, routed by slot.

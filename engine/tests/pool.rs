@@ -26,7 +26,13 @@ async fn start_pool(dir: &std::path::Path, nodes: usize) -> Pool {
 }
 
 fn tenant(user: &str, db: u32) -> TenantAcl {
-    TenantAcl { user: user.into(), password: format!("pw-{user}"), db, databases: 1 }
+    TenantAcl {
+        user: user.into(),
+        password: format!("pw-{user}"),
+        db,
+        databases: 1,
+        placement: Default::default(),
+    }
 }
 
 async fn tenant_conn(

@@ -27,7 +27,13 @@ async fn start_pool(dir: &std::path::Path) -> Pool {
 }
 
 async fn tenant(pool: &Pool, db: u32) -> redis::aio::MultiplexedConnection {
-    let acl = TenantAcl { user: format!("tc00000000000{db}"), password: "pw".into(), db, databases: 1 };
+    let acl = TenantAcl {
+        user: format!("tc00000000000{db}"),
+        password: "pw".into(),
+        db,
+        databases: 1,
+        placement: Default::default(),
+    };
     pool.create_tenant("n0", &acl).await.unwrap();
     let addr = pool.node("n0").unwrap().addr();
     let url = format!("redis://{}:{}@{}/{}", acl.user, acl.password, addr, db);

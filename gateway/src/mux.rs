@@ -402,6 +402,7 @@ mod tests {
             storage_bytes: 0,
             storage_sampled_at_ms: 0,
             eviction_policy: String::new(),
+            dedicated: false,
         }
     }
 

@@ -89,7 +89,13 @@ impl Setup {
     /// … with keyspace notifications (`notify-keyspace-events` flags).
     async fn cache_with_events(&self, db: u32, events: &str) -> CacheId {
         let id = CacheId::generate();
-        let acl = TenantAcl { user: id.acl_user(), password: format!("pw-{id}"), db, databases: 1 };
+        let acl = TenantAcl {
+            user: id.acl_user(),
+            password: format!("pw-{id}"),
+            db,
+            databases: 1,
+            placement: Default::default(),
+        };
         self.pool.create_tenant(CLUSTER_TARGET, &acl).await.unwrap();
         let nodes = self.pool.cluster().unwrap().nodes();
         self.fake.add_route(TenantRoute {
@@ -109,6 +115,7 @@ impl Setup {
             storage_bytes: 0,
             storage_sampled_at_ms: 0,
             eviction_policy: "noeviction".into(),
+            dedicated: false,
         });
         id
     }

@@ -70,7 +70,13 @@ impl Setup {
     /// route on the fake control plane.
     async fn cache(&self, name: &str, db: u32) -> CacheId {
         let id = CacheId::generate();
-        let acl = TenantAcl { user: format!("t{id}"), password: format!("pw-{id}"), db, databases: 1 };
+        let acl = TenantAcl {
+            user: format!("t{id}"),
+            password: format!("pw-{id}"),
+            db,
+            databases: 1,
+            placement: Default::default(),
+        };
         let mut admin = connect(&format!("redis://{}/", self.valkey_addr)).await;
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
@@ -96,6 +102,7 @@ impl Setup {
             storage_bytes: 0,
             storage_sampled_at_ms: 0,
             eviction_policy: "noeviction".into(),
+            dedicated: false,
         });
         id
     }

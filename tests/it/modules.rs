@@ -270,3 +270,288 @@ async fn json_and_bloom_work_in_every_cache_through_the_gateway() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// A FLOAT32 vector as Search reads it from a hash field: little-endian bytes.
+fn vector(v: [f32; 4]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A dedicated cache has a node of its own, from database 0: Search indexes with vectors
+/// (the issue's semantic cache: an HNSW index, KNN 3, a TTL on each entry) and functions
+/// work, behind the gateway's auth and metering; node settings stay refused; shared caches
+/// are still refused all of it, saying why. The node's next owner finds nothing of the
+/// last one's, and the node's hours are on the invoice.
+#[tokio::test]
+async fn a_dedicated_cache_runs_search_vectors_and_functions_on_a_node_of_its_own() {
+    let search = module_fixture("redisearch.so");
+    let dev = ShoalDev::start_with(&["--module", search.to_str().unwrap()]).await;
+    let create =
+        |name: &str, placement: &str| Some(serde_json::json!({ "name": name, "placement": placement }));
+    let (status, cache) = dev.api(Method::POST, "/v1/caches", create("semantic", "dedicated")).await;
+    assert_eq!(status, 201, "{cache}");
+    assert_eq!(
+        (cache["placement"].as_str(), cache["allocation"]["node"].as_str()),
+        (Some("dedicated"), Some("d0"))
+    );
+    let id = cache["id"].as_str().unwrap().to_string();
+    let neighbour = dev.create_cache("neighbour").await;
+    assert_eq!(neighbour["placement"], "shared");
+    assert_ne!(neighbour["allocation"]["node"], "d0", "shared caches never land on a dedicated node");
+
+    // One dedicated node, taken: the next dedicated cache has to wait; bad input is named.
+    let (status, body) = dev.api(Method::POST, "/v1/caches", create("second", "dedicated")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("every dedicated node is taken"), "{body}");
+    let (status, body) = dev.api(Method::POST, "/v1/caches", create("odd", "exclusive")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("placement must be shared or dedicated"), "{body}");
+
+    let mut conn = dev.client(&dev.mint_token(&id).await).await.unwrap();
+    let mut other = dev.client(&dev.mint_token(neighbour["id"].as_str().unwrap()).await).await.unwrap();
+
+    // The semantic cache: questions' embeddings in an HNSW index, each answer with a TTL.
+    let created = cmd(
+        &mut conn,
+        &[
+            "FT.CREATE",
+            "answers",
+            "ON",
+            "HASH",
+            "PREFIX",
+            "1",
+            "answer:",
+            "SCHEMA",
+            "question",
+            "TEXT",
+            "embedding",
+            "VECTOR",
+            "HNSW",
+            "6",
+            "TYPE",
+            "FLOAT32",
+            "DIM",
+            "4",
+            "DISTANCE_METRIC",
+            "COSINE",
+        ],
+    )
+    .await;
+    assert_eq!(created, Ok(redis::Value::Okay));
+    let entries = [
+        ("answer:1", "what is valkey", [1.0, 0.0, 0.0, 0.0], 3600_u64),
+        ("answer:2", "what is a cache", [0.9, 0.1, 0.0, 0.0], 3600),
+        ("answer:3", "how do I bake bread", [0.0, 0.0, 1.0, 0.0], 3600),
+        ("answer:4", "what is redis", [0.8, 0.3, 0.1, 0.0], 3600),
+        // The nearest of all, but it expires at once: the cache must not answer with it.
+        ("answer:5", "what is valkey exactly", [1.0, 0.01, 0.0, 0.0], 1),
+    ];
+    for (key, question, embedding, ttl) in entries {
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(key)
+            .arg("question")
+            .arg(question)
+            .arg("embedding")
+            .arg(vector(embedding))
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(key)
+            .arg(ttl)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let ttl: i64 = redis::cmd("TTL").arg("answer:2").query_async(&mut conn).await.unwrap();
+    assert!((3500..=3600).contains(&ttl), "{ttl}");
+    let nearest = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut query = redis::cmd("FT.SEARCH");
+        query
+            .arg("answers")
+            .arg("*=>[KNN 3 @embedding $q AS distance]")
+            .arg("PARAMS")
+            .arg(2)
+            .arg("q")
+            .arg(vector([0.95, 0.05, 0.0, 0.0]))
+            .arg("SORTBY")
+            .arg("distance")
+            .arg("RETURN")
+            .arg(1)
+            .arg("question")
+            .arg("DIALECT")
+            .arg(2);
+        let mut conn = conn.clone();
+        async move { query.query_async::<redis::Value>(&mut conn).await.unwrap() }
+    };
+    // [total, id, [field, value], id, …]
+    let ids = |reply: &redis::Value| -> Vec<String> {
+        let redis::Value::Array(items) = reply else { panic!("{reply:?}") };
+        items
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|v| match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                v => panic!("{v:?}"),
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let found = ids(&nearest(&mut conn).await);
+        if !found.contains(&"answer:5".to_string()) || Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(found, ["answer:1", "answer:2", "answer:4"], "the 3 nearest live answers, nearest first");
+
+    // Functions: a library of the cache's own.
+    let library = "#!lua name=greetings\nredis.register_function('hello', function(keys, args) return 'hello ' .. args[1] end)";
+    assert_eq!(
+        cmd(&mut conn, &["FUNCTION", "LOAD", library]).await,
+        Ok(redis::Value::BulkString(b"greetings".to_vec()))
+    );
+    let hello: String =
+        redis::cmd("FCALL").arg("hello").arg(0).arg("ada").query_async(&mut conn).await.unwrap();
+    assert_eq!(hello, "hello ada");
+    let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg("return 1").query_async(&mut conn).await.unwrap();
+
+    // Node settings stay the platform's, on a node of its own too.
+    for refused in
+        [&["CONFIG", "SET", "maxmemory", "0"][..], &["FT.CONFIG", "SET", "TIMEOUT", "1"], &["ACL", "LIST"]]
+    {
+        let err = cmd(&mut conn, refused).await.unwrap_err();
+        assert_eq!(err.code(), Some("NOPERM"), "{refused:?}: {err}");
+    }
+    // A shared cache is refused Search and functions, saying why.
+    let err = cmd(&mut other, &["FT.SEARCH", "answers", "*"]).await.unwrap_err();
+    assert!(err.to_string().contains("\"placement\": \"dedicated\""), "{err}");
+    let err = cmd(&mut other, &["FUNCTION", "LOAD", library]).await.unwrap_err();
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+
+    // Metered like any cache: commandstats, ECPU.
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    assert!(stats.contains("cmdstat_ft.search:calls="), "{stats}");
+    assert!(stats.contains("cmdstat_fcall:calls=1,"), "{stats}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // A KNN query is metered at its weight (50 ECPU: commands/data/modules.tsv).
+    while usage_sum(&dev, &id, "commands").await < 12 || usage_sum(&dev, &id, "ecpu_milli").await < 50_000 {
+        assert!(Instant::now() < deadline, "the dedicated cache's commands are metered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Held for two hours (made older): its node-hours are on the invoice, after deletion too.
+    dev.sql(&format!(
+        "UPDATE caches SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 hours') WHERE id = '{id}'"
+    ));
+    let (status, _) = dev.api(Method::DELETE, &format!("/v1/caches/{id}"), None).await;
+    assert_eq!(status, 204);
+    let month = chrono::Utc::now().format("%Y-%m");
+    let invoice_id = format!("{}-{month}", cache["account_id"].as_str().unwrap());
+    let (status, invoice) = dev.api(Method::GET, &format!("/v1/invoices/{invoice_id}"), None).await;
+    assert_eq!(status, 200, "{invoice}");
+    let line = invoice["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["meter"] == "dedicated_node" && l["cache_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no node-hour line for {id}: {invoice}"));
+    assert_eq!((line["unit"].as_str(), line["unit_price"].as_str()), (Some("node-hour"), Some("0.126")));
+    let hours: f64 = line["quantity"].as_str().unwrap().parse().unwrap();
+    // Up to the last completed minute; less in the first two hours of a month.
+    let month_young = chrono::Utc::now().format("%d%H").to_string().as_str() < "0102";
+    assert!((1.95..=2.0).contains(&hours) || (month_young && hours <= 2.0), "{line}");
+
+    // The node's next owner starts from nothing: no keys, functions, scripts or indexes.
+    let (status, next) = dev.api(Method::POST, "/v1/caches", create("next", "dedicated")).await;
+    assert_eq!(status, 201, "{next}");
+    assert_eq!(next["allocation"]["node"], "d0");
+    let mut conn = dev.client(&dev.mint_token(next["id"].as_str().unwrap()).await).await.unwrap();
+    let (keys, functions, indexes, scripts): (i64, Vec<redis::Value>, Vec<String>, Vec<bool>) = redis::pipe()
+        .cmd("DBSIZE")
+        .cmd("FUNCTION")
+        .arg("LIST")
+        .cmd("FT._LIST")
+        .cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((keys, functions.len(), indexes.len(), scripts), (0, 0, 0, vec![false]));
+}
+
+/// A dedicated cache's function that runs past the platform's script time limit is ended
+/// like a script (FUNCTION KILL where SCRIPT KILL does not apply): a node of its own is still
+/// the platform's to keep answering.
+#[tokio::test]
+async fn a_dedicated_caches_runaway_function_is_killed_at_the_script_time_limit() {
+    let dev = ShoalDev::start_with(&["--script-time-limit", "1"]).await;
+    let body = Some(serde_json::json!({ "name": "functions", "placement": "dedicated" }));
+    let (status, cache) = dev.api(Method::POST, "/v1/caches", body).await;
+    assert_eq!(status, 201, "{cache}");
+    let mut conn = dev.client(&dev.mint_token(cache["id"].as_str().unwrap()).await).await.unwrap();
+    let library = "#!lua name=spin\nredis.register_function{function_name='spin', \
+                   callback=function(keys, args) while true do end end, flags={'no-writes'}}";
+    cmd(&mut conn, &["FUNCTION", "LOAD", library]).await.unwrap();
+    let began = Instant::now();
+    let call = tokio::time::timeout(Duration::from_secs(20), cmd(&mut conn, &["FCALL_RO", "spin", "0"]));
+    let err = call.await.expect("the function is ended").unwrap_err();
+    assert!(err.to_string().contains("Script killed"), "{err}");
+    assert!(began.elapsed() < Duration::from_secs(10), "killed after {:?}", began.elapsed());
+    let mut again = dev.client(&dev.mint_token(cache["id"].as_str().unwrap()).await).await.unwrap();
+    let pong: String = redis::cmd("PING").query_async(&mut again).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+/// Cache users' access strings grant or deny module categories like Valkey's own: `-@json`
+/// takes JSON away, `+@bloom` gives Bloom alone, enforced by the node (scripts included);
+/// an unknown category is refused naming the known ones.
+#[tokio::test]
+async fn access_strings_grant_and_deny_module_categories() {
+    let (json, bloom) = (module_fixture("rejson.so"), module_fixture("redisbloom.so"));
+    let dev =
+        ShoalDev::start_with(&["--module", json.to_str().unwrap(), "--module", bloom.to_str().unwrap()])
+            .await;
+    let cache = dev.create_cache("categories").await;
+    let id = cache["id"].as_str().unwrap();
+    let password = "module-category-pw-1";
+    for (user, access) in [("nojson", "on ~* +@all -@json"), ("bloomonly", "on ~* +@bloom")] {
+        let body = serde_json::json!({"username": user, "passwords": [password], "access_string": access});
+        let (status, created) = dev.api(Method::POST, &format!("/v1/caches/{id}/users"), Some(body)).await;
+        assert_eq!(status, 201, "{access}: {created}");
+    }
+    let login = |user: &str| {
+        let url = format!("redis://{user}%40{id}:{password}@127.0.0.1:{}/", dev.resp_port);
+        async move { redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap() }
+    };
+
+    let mut nojson = login("nojson").await;
+    let err = cmd(&mut nojson, &["JSON.SET", "doc", "$", "{}"]).await.unwrap_err();
+    assert_eq!(err.code(), Some("NOPERM"), "{err}");
+    assert_eq!(cmd(&mut nojson, &["BF.ADD", "seen", "x"]).await, Ok(redis::Value::Int(1)));
+    assert_eq!(cmd(&mut nojson, &["SET", "k", "v"]).await, Ok(redis::Value::Okay));
+    // Inside a script too: the node's ACL user refuses it.
+    let err = cmd(&mut nojson, &["EVAL", "return redis.call('JSON.SET', 'doc', '$', '{}')", "0"])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("permission"), "{err}");
+
+    let mut bloomonly = login("bloomonly").await;
+    assert_eq!(cmd(&mut bloomonly, &["BF.EXISTS", "seen", "x"]).await, Ok(redis::Value::Int(1)));
+    for denied in [&["JSON.GET", "doc"][..], &["GET", "k"]] {
+        let err = cmd(&mut bloomonly, denied).await.unwrap_err();
+        assert_eq!(err.code(), Some("NOPERM"), "{denied:?}: {err}");
+    }
+
+    let body =
+        serde_json::json!({"username": "typo", "passwords": [password], "access_string": "on ~* +@jsn"});
+    let (status, refused) = dev.api(Method::POST, &format!("/v1/caches/{id}/users"), Some(body)).await;
+    assert_eq!(status, 400, "{refused}");
+    let said = refused.to_string();
+    assert!(
+        said.contains("unknown category @jsn") && said.contains("json") && said.contains("bloom"),
+        "{said}"
+    );
+}

@@ -54,10 +54,14 @@ async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_
     assert!(cluster["nodes"].as_array().unwrap().iter().all(|n| n["modules"] == json!([])), "no --module");
     let main = find("main");
     assert_eq!((main["kind"].as_str(), main["caches"].as_u64()), (Some("standalone"), Some(1)));
-    // n0 and n1, and f0 for LFU caches (`--lfu-nodes 1`).
+    // n0 and n1, f0 for LFU caches (`--lfu-nodes 1`), d0 for a dedicated cache
+    // (`--dedicated-nodes 1`).
     let names: Vec<&str> =
         main["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["n0", "n1", "f0"]);
+    assert_eq!(names, ["n0", "n1", "f0", "d0"]);
+    let placements: Vec<&str> =
+        main["nodes"].as_array().unwrap().iter().map(|n| n["placement"].as_str().unwrap()).collect();
+    assert_eq!(placements, ["shared", "shared", "shared", "dedicated"]);
 
     // What a gateway gets for the cluster cache: every node, and a primary to start from.
     let credential = dev.gateway_credential("probe").await;
@@ -103,7 +107,7 @@ async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_
 
     // Readiness covers the cluster's nodes too.
     let ready: Value = dev.http.get(dev.url("/readyz")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(ready["nodes"].as_object().unwrap().len(), 3 + 4, "{ready}");
+    assert_eq!(ready["nodes"].as_object().unwrap().len(), 4 + 4, "{ready}");
 }
 
 /// ACL users starting with `prefix` on each of the dev cluster's 4 nodes.

@@ -264,8 +264,8 @@ try {
   const clusterNodes = await page.getByRole('table', { name: 'Nodes of cluster' }).innerText();
   check(/primary/.test(clusterNodes) && /online/.test(clusterNodes) && /[0-9.]+ MB/.test(clusterNodes),
     'the cluster\'s nodes show role, health and memory');
-  // n0, n1 and f0 (the node for LFU caches).
-  check((await page.getByRole('table', { name: 'Nodes of main' }).locator('tbody tr').count()) === 3, 'the standalone pool lists its nodes');
+  // n0, n1, f0 (the node for LFU caches) and d0 (for a dedicated cache).
+  check((await page.getByRole('table', { name: 'Nodes of main' }).locator('tbody tr').count()) === 4, 'the standalone pool lists its nodes');
   check(await page.getByRole('button', { name: 'Add a shard' }).isVisible(), 'an admin may add a shard to the cluster');
   await noStrayText(page, 'pools page');
   await page.screenshot({ path: join(shots, '05b-pools.png'), fullPage: true });

@@ -123,6 +123,10 @@ pub struct TenantRoute {
     /// limit, whether a write may wait for eviction (every policy but `noeviction`).
     #[serde(default)]
     pub eviction_policy: String,
+    /// The cache has its node to itself (a dedicated cache): it may run the node-wide
+    /// commands shared caches are refused (functions, Search indexes).
+    #[serde(default)]
+    pub dedicated: bool,
 }
 
 /// A cache's usage limits, like ElastiCache Serverless' `CacheUsageLimits`. `None` = unlimited.

@@ -6,7 +6,6 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::CacheRecord;
 use shoal_auth::AccessString;
-use shoal_engine::TenantAcl;
 
 /// 1–64 letters, digits, `-` and `_`.
 pub fn is_valid_username(name: &str) -> bool {
@@ -21,13 +20,7 @@ pub fn upstream_user(cache: &CacheRecord, username: &str) -> String {
 
 /// The cache's own ACL rules (what a cache user's rules are intersected with).
 pub fn tenant_rules(cache: &CacheRecord) -> Vec<String> {
-    TenantAcl {
-        user: cache.id.acl_user(),
-        password: cache.acl_password.clone(),
-        db: cache.db,
-        databases: cache.databases,
-    }
-    .setuser_rules()
+    cache.tenant_acl().setuser_rules()
 }
 
 /// `ACL SETUSER` rules for an access string on this cache, with the upstream password.

@@ -113,6 +113,7 @@ pub async fn invoice_for(state: &AppState, account: &AccountId, month: Month) ->
         })
         .collect();
     invoice.add_snapshot_storage(&kept);
+    invoice.add_dedicated_nodes(&state.store.dedicated_spans(account).await?);
     invoice.set_cache_names(&state.store.cache_names(account).await?);
     if invoice.status == InvoiceStatus::Final {
         if now < month.end() + state.config.invoice_grace_seconds {

@@ -16,7 +16,7 @@ use crate::store::{self, CacheFilter, CacheRecord};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use shoal_engine::{placement, KeyAccess, Pool, TenantAcl};
+use shoal_engine::{placement, KeyAccess, NodeLoad, Placement, Pool, TenantAcl};
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -142,6 +142,12 @@ pub struct CreateCache {
     /// once created.
     #[serde(default)]
     pub pool: Option<String>,
+    /// `shared` (default: a numbered database of a node other caches share) or `dedicated`:
+    /// a node of its own, from database 0, where Search indexes (`FT.*`, vectors),
+    /// functions (`FUNCTION LOAD`, `FCALL`) and `SCRIPT FLUSH` work; billed per node-hour
+    /// on top of usage. Needs a pool with a free dedicated node. Fixed once created.
+    #[serde(default)]
+    pub placement: Option<String>,
     /// Restore a snapshot into the new cache (its id; `GET /v1/snapshots` lists them): the
     /// snapshot's keys, with the TTLs they had left when it was taken. `databases` defaults
     /// to the snapshot's; the snapshot must fit the new cache's `data_storage_mb`.
@@ -195,6 +201,8 @@ pub struct Cache {
     pub status: String,
     /// The engine pool it is placed in.
     pub pool: String,
+    /// `shared` or `dedicated` (a node of its own).
+    pub placement: String,
     /// The RESP endpoint (`host:port`) to connect to.
     pub endpoint: String,
     /// The reader endpoint: read-only commands, served by replicas on a cluster pool
@@ -245,6 +253,7 @@ impl Cache {
             account_id: c.account_id.to_string(),
             status: c.status.as_str().to_string(),
             pool: c.pool.clone(),
+            placement: c.placement.as_str().to_string(),
             endpoint: config.public_endpoint.clone(),
             reader_endpoint: config.public_reader_endpoint.clone(),
             databases: c.databases,
@@ -390,10 +399,18 @@ async fn create(
     let keyspace_events =
         shoal_engine::tenant::parse_keyspace_events(body.keyspace_notifications.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::field("keyspace_notifications", e))?;
-    // LFU caches live on nodes that track frequency (see `KeyAccess`): without a pool named,
-    // the default pool if it has such nodes, else the first pool that has.
+    let placement = match body.placement.as_deref() {
+        None => Placement::Shared,
+        Some(p) => Placement::parse(p).ok_or_else(|| {
+            ApiError::field("placement", format!("placement must be shared or dedicated, not {p:?}"))
+        })?,
+    };
+    // LFU caches live on nodes that track frequency (see `KeyAccess`), dedicated ones on
+    // dedicated nodes: without a pool named, the default pool if it has such nodes, else the
+    // first pool that has.
     let key_access = KeyAccess::needed_by(&eviction_policy);
-    let serves = |p: &Pool| p.loads().iter().any(|l| l.key_access == key_access);
+    let fits = |l: &NodeLoad| l.key_access == key_access && l.placement == placement;
+    let serves = |p: &Pool| p.loads().iter().any(fits);
     let pool_name = body.pool.clone().unwrap_or_else(|| {
         let default = state.pools.default_name();
         match state.pools.get(default).is_some_and(|p| serves(p)) {
@@ -406,6 +423,9 @@ async fn create(
         ApiError::field("pool", format!("unknown pool {pool_name:?}: the pools are {}", known.join(", ")))
     })?;
     if !serves(pool) {
+        if placement == Placement::Dedicated {
+            return Err(ApiError::field("placement", no_dedicated_node(&pool_name, pool, &eviction_policy)));
+        }
         return Err(ApiError::field("eviction_policy", no_node_tracks(&pool_name, &eviction_policy)));
     }
     let account = who
@@ -441,18 +461,22 @@ async fn create(
         });
     }
     let mut loads = pool.loads();
-    loads.retain(|l| l.key_access == key_access);
+    loads.retain(fits);
     state.occupancy.fill(state, &pool_name, &mut loads).await?;
     let id = CacheId::generate();
     // A node that does not answer in time is marked unhealthy and the next one is tried.
     let (chosen, acl) = loop {
-        let chosen =
-            placement::choose(&loads, databases, storage_mb).map_err(|e| no_placement(e, storage_mb))?;
+        let chosen = match placement {
+            Placement::Shared => placement::choose(&loads, databases, storage_mb),
+            Placement::Dedicated => placement::choose_dedicated(&loads, databases, storage_mb),
+        }
+        .map_err(|e| no_placement(e, storage_mb, placement))?;
         let acl = TenantAcl {
             user: id.acl_user(),
             password: shoal_engine::node::random_secret(),
             db: chosen.db,
             databases,
+            placement,
         };
         match pool.create_tenant(&chosen.node, &acl).await {
             Ok(()) => break (chosen, acl),
@@ -486,9 +510,14 @@ async fn create(
         updated_at: now,
         snapshot_window,
         snapshot_retention,
+        placement,
     };
     let mut event = ctx.cache_event(who, "cache.create", record.id.as_str(), &record);
-    event.details = serde_json::json!({ "name": record.name, "from_snapshot": body.from_snapshot });
+    event.details = serde_json::json!({
+        "name": record.name,
+        "from_snapshot": body.from_snapshot,
+        "placement": placement.as_str(),
+    });
     let stored = async {
         let mut tx = state.store.begin().await?;
         store::insert_cache(tx.conn(), &record).await?;
@@ -574,9 +603,28 @@ fn no_node_tracks(pool: &str, policy: &str) -> String {
     }
 }
 
+/// Why pool `pool` cannot take a dedicated cache with `policy` at all.
+fn no_dedicated_node(name: &str, pool: &Pool, policy: &str) -> String {
+    if pool.kind() == "cluster" {
+        return format!(
+            "pool {name:?} is a Valkey cluster: dedicated caches need a standalone pool with dedicated nodes"
+        );
+    }
+    let frequency = KeyAccess::needed_by(policy) == KeyAccess::Frequency;
+    format!(
+        "pool {name:?} has no dedicated node{}: add one with placement = \"dedicated\"{} in [[engine.nodes]] \
+         (shoal dev: --dedicated-nodes 1)",
+        if frequency { " that tracks frequency, for an LFU policy" } else { "" },
+        if frequency { " and key_access = \"frequency\"" } else { "" },
+    )
+}
+
 /// The problem a create gets when no node can take the cache.
-fn no_placement(e: placement::NoPlacement, storage_mb: u64) -> ApiError {
+fn no_placement(e: placement::NoPlacement, storage_mb: u64, placement: Placement) -> ApiError {
     match e {
+        placement::NoPlacement::Full if placement == Placement::Dedicated => ApiError::Unavailable(
+            "every dedicated node is taken: delete a dedicated cache or add dedicated nodes".into(),
+        ),
         placement::NoPlacement::Full => shoal_engine::EngineError::Full.into(),
         placement::NoPlacement::NoHealthyNode => {
             tracing::warn!("no healthy node for a new cache");
@@ -856,12 +904,7 @@ pub async fn delete_cache(
 /// users go (their connections close), its databases are flushed, its row is marked
 /// deleted with `event`.
 async fn remove_cache(state: &AppState, cache: &CacheRecord, mut event: AuditEvent) -> Result<(), ApiError> {
-    let acl = TenantAcl {
-        user: cache.id.acl_user(),
-        password: cache.acl_password.clone(),
-        db: cache.db,
-        databases: cache.databases,
-    };
+    let acl = cache.tenant_acl();
     // Its users' ACL users (cache users and LDAP roles) go first: their connections close.
     let _users = state.users_lock.lock().await;
     let pool = state.pools.of(&cache.pool)?;

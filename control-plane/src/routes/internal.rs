@@ -128,6 +128,7 @@ fn tenant_route(
         storage_bytes: storage.map_or(0, |s| s.bytes),
         storage_sampled_at_ms: storage.map_or(0, |s| s.sampled_at_ms),
         eviction_policy: cache.eviction_policy,
+        dedicated: cache.placement == shoal_engine::Placement::Dedicated,
     }
 }
 

@@ -51,6 +51,10 @@ pub struct PoolNode {
     /// `frequency` (caches with `allkeys-lfu` or `volatile-lfu`).
     #[schema(value_type = String)]
     pub key_access: shoal_engine::KeyAccess,
+    /// Which caches it holds: `shared` (numbered databases of many caches) or `dedicated`
+    /// (one cache at a time, with the node to itself).
+    #[schema(value_type = String)]
+    pub placement: shoal_engine::Placement,
     /// The engine agent that runs the node (`shoal engine`), as it last reported; absent for
     /// nodes the control plane runs itself, and until the agent reports.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,6 +119,7 @@ fn node(n: &NodeStatus) -> PoolNode {
             list.iter().map(|m| PoolModule { name: m.name.clone(), version: m.version }).collect()
         }),
         key_access: n.key_access,
+        placement: n.placement,
         engine_host: None,
     }
 }

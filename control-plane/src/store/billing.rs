@@ -2,7 +2,7 @@
 //! included) and keeps (final invoices, never changed once stored).
 
 use super::{Store, StoreError};
-use shoal_billing::StorageSample;
+use shoal_billing::{DedicatedSpan, StorageSample};
 use shoal_types::{AccountId, CacheId, CacheUsage, UsageCounters};
 use sqlx::Row;
 use std::collections::BTreeMap;
@@ -78,6 +78,27 @@ impl Store {
         Ok(rows
             .iter()
             .filter_map(|r| Some((CacheId::parse(r.get::<&str, _>("id")).ok()?, r.get::<String, _>("name"))))
+            .collect())
+    }
+
+    /// When each dedicated cache an account ever had held its node (for invoice lines).
+    pub async fn dedicated_spans(&self, account: &AccountId) -> Result<Vec<DedicatedSpan>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, created_at, deleted_at FROM caches WHERE account_id = $1 AND placement = 'dedicated'",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let secs = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok().map(|t| t.timestamp());
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(DedicatedSpan {
+                    cache_id: CacheId::parse(r.get::<&str, _>("id")).ok()?,
+                    from: secs(r.get::<&str, _>("created_at"))?,
+                    until: r.get::<Option<&str>, _>("deleted_at").and_then(secs),
+                })
+            })
             .collect())
     }
 

@@ -19,6 +19,7 @@ pub mod users;
 pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
 pub use usage::{minute_text, Granularity, UsageRow};
 
+use shoal_engine::Placement;
 use shoal_types::{AccountId, CacheId, CacheLimits};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
@@ -88,6 +89,21 @@ pub struct CacheRecord {
     /// snapshots kept).
     pub snapshot_window: String,
     pub snapshot_retention: u32,
+    /// A numbered database of a shared node, or a node of its own.
+    pub placement: Placement,
+}
+
+impl CacheRecord {
+    /// The cache's ACL user on its node, as the engine makes it.
+    pub fn tenant_acl(&self) -> shoal_engine::TenantAcl {
+        shoal_engine::TenantAcl {
+            user: self.id.acl_user(),
+            password: self.acl_password.clone(),
+            db: self.db,
+            databases: self.databases,
+            placement: self.placement,
+        }
+    }
 }
 
 /// Filters and page of `GET /v1/caches`.
@@ -342,15 +358,15 @@ impl Store {
         Ok(row.map_or(0, |r| r.get("version")))
     }
 
-    /// The tenant ACL users node `node` of pool `pool` should have: `(id, password, db,
-    /// databases)` of its live caches, and the ids of its deleted ones.
+    /// The tenant ACL users node `node` of pool `pool` should have: those of its live
+    /// caches, and the ids of its deleted ones.
     pub async fn tenants_on(
         &self,
         pool: &str,
         node: &str,
-    ) -> Result<(Vec<(CacheId, String, u32, u32)>, Vec<CacheId>), StoreError> {
+    ) -> Result<(Vec<shoal_engine::TenantAcl>, Vec<CacheId>), StoreError> {
         let rows = sqlx::query(
-            "SELECT id, status, acl_password, db, databases FROM caches WHERE pool = $1 AND node = $2",
+            "SELECT id, status, acl_password, db, databases, placement FROM caches WHERE pool = $1 AND node = $2",
         )
         .bind(pool)
         .bind(node)
@@ -363,7 +379,13 @@ impl Store {
                 gone.push(id);
             } else {
                 let (db, n): (i64, i64) = (r.get("db"), r.get("databases"));
-                live.push((id, r.get("acl_password"), db as u32, n as u32));
+                live.push(shoal_engine::TenantAcl {
+                    user: id.acl_user(),
+                    password: r.get("acl_password"),
+                    db: db as u32,
+                    databases: n as u32,
+                    placement: decode_value("placement", r.get("placement"), Placement::parse)?,
+                });
             }
         }
         Ok((live, gone))
@@ -497,9 +519,9 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
         "INSERT INTO caches (id, account_id, name, status, node, db, databases, acl_password, created_at,
                              keyspace_events, description, ecpu_per_second, data_storage_mb, max_connections,
                              eviction_policy, tags, version, updated_at, pool, snapshot_window,
-                             snapshot_retention)
+                             snapshot_retention, placement)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-                 $21)",
+                 $21, $22)",
     )
     .bind(c.id.as_str())
     .bind(c.account_id.as_str())
@@ -522,6 +544,7 @@ pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(
     .bind(&c.pool)
     .bind(&c.snapshot_window)
     .bind(i64::from(c.snapshot_retention))
+    .bind(c.placement.as_str())
     .execute(conn)
     .await
     .map(|_| ())
@@ -650,6 +673,7 @@ fn cache_from_row(r: AnyRow) -> Result<CacheRecord, StoreError> {
         updated_at: r.get("updated_at"),
         snapshot_window: r.get("snapshot_window"),
         snapshot_retention: u32::try_from(r.get::<i64, _>("snapshot_retention")).unwrap_or(0),
+        placement: decode_value("placement", r.get("placement"), Placement::parse)?,
     })
 }
 

@@ -309,6 +309,7 @@ mod tests {
             updated_at: super::super::now(),
             snapshot_window: String::new(),
             snapshot_retention: 0,
+            placement: Default::default(),
         }
     }
 

@@ -153,6 +153,8 @@ pub struct NodeStatus {
     pub modules: Option<Vec<ModuleInfo>>,
     /// What it tracks of keys' use (cluster nodes: recency).
     pub key_access: crate::KeyAccess,
+    /// Which caches it holds (cluster nodes: shared).
+    pub placement: crate::Placement,
 }
 
 /// One shard: a primary, its replicas and the slots it serves.
@@ -777,6 +779,7 @@ impl Cluster {
                     used_memory,
                     modules,
                     key_access: crate::KeyAccess::Recency,
+                    placement: crate::Placement::Shared,
                 };
                 // A failed former primary stays listed as a primary until it is back as a
                 // replica: the online primary is the shard's.

@@ -3,7 +3,7 @@
 //! tests below. [`super::dispatch`] carries the decisions out.
 
 use super::{MAX_FREE_REQUEST, MAX_HELD_REQUEST, NOAUTH, READONLY, STORAGE_FULL};
-use shoal_commands::{CommandSpec, Treatment};
+use shoal_commands::{CommandSpec, Placement, Treatment};
 use std::time::Duration;
 
 /// What becomes of a request.
@@ -32,6 +32,8 @@ pub(crate) trait Facts {
     fn scripts_paused(&self) -> Option<Duration>;
     /// The session may use the cache's shared connection.
     fn can_mux(&self) -> bool;
+    /// Where the cache lives: a dedicated cache also runs the node-wide commands.
+    fn placement(&self) -> Placement;
 }
 
 /// Before metering: the error of a request refused without being counted (before AUTH; a
@@ -52,7 +54,7 @@ pub(crate) fn reject(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts)
 pub(crate) fn decide(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts) -> Action {
     let Some(spec) = spec else { return Action::Forward { mux: false } };
     match spec.treatment {
-        Treatment::Deny => Action::Refuse(match &spec.refusal_reason {
+        Treatment::Deny if spec.refused_on(facts.placement()) => Action::Refuse(match &spec.refusal_reason {
             Some(why) => {
                 format!("NOPERM the {} command is not allowed on Shoal caches: {why}", spec.display_name())
             }
@@ -68,7 +70,8 @@ pub(crate) fn decide(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts)
             Some(refusal) => Action::Refuse(refusal),
             None => Action::Virtual,
         },
-        Treatment::Pass => {
+        // What a dedicated cache may run though shared ones may not.
+        Treatment::Pass | Treatment::Deny => {
             if let Some(pause) = spec.script.then(|| facts.scripts_paused()).flatten() {
                 return Action::Refuse(format!(
                     "ERR scripts of this cache are paused for {} s: one ran past the platform's script time limit",
@@ -108,6 +111,7 @@ mod tests {
         paused: Option<Duration>,
         can_mux: bool,
         reader: bool,
+        placement: Placement,
         storage_asked: Cell<u32>,
     }
 
@@ -130,6 +134,9 @@ mod tests {
         }
         fn reader(&self) -> bool {
             self.reader
+        }
+        fn placement(&self) -> Placement {
+            self.placement
         }
     }
 
@@ -173,6 +180,19 @@ mod tests {
             Action::Refuse("NOPERM the CONFIG SET command is not allowed on Shoal caches".into())
         );
         assert!(matches!(decide(spec("swapdb"), 10, &s), Action::Refuse(m) if m.contains("SWAPDB")));
+    }
+
+    #[test]
+    fn a_dedicated_cache_runs_functions_but_not_node_settings() {
+        let shared = logged_in();
+        let dedicated = Session { placement: Placement::Dedicated, ..logged_in() };
+        for name in ["function|load", "fcall", "script|flush"] {
+            assert!(matches!(decide(spec(name), 10, &shared), Action::Refuse(_)), "{name}");
+            assert_eq!(decide(spec(name), 10, &dedicated), Action::Forward { mux: false }, "{name}");
+        }
+        assert!(matches!(decide(spec("config|set"), 10, &dedicated), Action::Refuse(_)));
+        let paused = Session { paused: Some(Duration::from_secs(3)), ..dedicated };
+        assert!(matches!(decide(spec("fcall"), 10, &paused), Action::Refuse(m) if m.contains("paused")));
     }
 
     #[test]

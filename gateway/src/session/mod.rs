@@ -669,4 +669,11 @@ impl decide::Facts for Session {
     fn can_mux(&self) -> bool {
         Session::can_mux(self)
     }
+
+    fn placement(&self) -> shoal_commands::Placement {
+        match self.tenant.as_ref().is_some_and(|t| t.route.dedicated) {
+            true => shoal_commands::Placement::Dedicated,
+            false => shoal_commands::Placement::Shared,
+        }
+    }
 }

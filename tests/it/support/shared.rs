@@ -30,7 +30,9 @@ pub async fn shared() -> ShoalDev {
         return ShoalDev::attach(dir, &text);
     }
     std::fs::create_dir_all(&dir).unwrap();
-    let mut dev = ShoalDev::unstarted(dir.clone(), &["--databases", DATABASES]);
+    // No dedicated node: its share of the host's memory goes to the shared nodes, which
+    // hold every shared test's caches (100 MB of storage limit each).
+    let mut dev = ShoalDev::unstarted(dir.clone(), &["--databases", DATABASES, "--dedicated-nodes", "0"]);
     dev.detached = true;
     dev.start_on_free_ports().await;
     let pid = dev.pid();
