@@ -171,6 +171,7 @@ pub async fn state(
         pools,
         signer,
         placement_lock: tokio::sync::Mutex::new(()),
+        occupancy: Default::default(),
         users_lock: tokio::sync::Mutex::new(()),
         directory,
         login_throttle,
@@ -181,6 +182,28 @@ pub async fn state(
         instance: crate::lease::instance_id(),
     });
     Ok(state)
+}
+
+/// Makes a standalone node's tenant ACL users those of the store's caches on it.
+async fn restore_tenant_users(
+    state: &AppState,
+    pool_name: &str,
+    pool: &shoal_engine::Pool,
+    node: &str,
+) -> Result<(), crate::error::ApiError> {
+    let (live, gone) = state.store.tenants_on(pool_name, node).await?;
+    let gone: Vec<String> = gone.iter().map(|id| id.acl_user()).collect();
+    let (made, deleted) = pool.restore_tenant_users(node, &live, &gone).await?;
+    if made + deleted > 0 {
+        tracing::warn!(
+            pool = pool_name,
+            node,
+            made,
+            deleted,
+            "tenant ACL users unsaved at the last stop: restored from the store"
+        );
+    }
+    Ok(())
 }
 
 /// Opens the store, makes sure the bootstrap admin token exists, and starts serving.
@@ -199,6 +222,16 @@ pub async fn start(config: ControlPlaneConfig, pools: Arc<Pools>) -> Result<Cont
         let added = shoal_commands::install_module_commands(&pool.module_commands().await);
         if added > 0 {
             tracing::info!(pool = name, commands = added, "module commands in the command table");
+        }
+    }
+    // Tenant ACL changes are saved in the background (`shoal_engine::acl_save`): those a
+    // crash cut short are made again from the store before anything is served.
+    for (name, pool) in state.pools.iter() {
+        let nodes: Vec<String> = pool.nodes().iter().map(|n| n.name().to_string()).collect();
+        for node in nodes {
+            if let Err(e) = restore_tenant_users(&state, name, pool, &node).await {
+                tracing::warn!(pool = name, node, error = %e, "could not check the node's tenant ACL users");
+            }
         }
     }
     // Keyspace-notification settings live in memory on the nodes: set them again.

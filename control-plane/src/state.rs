@@ -15,6 +15,8 @@ pub struct AppState {
     pub signer: Signer,
     /// Serializes placement so two creates never take the same database.
     pub placement_lock: tokio::sync::Mutex<()>,
+    /// Each pool's databases taken and storage reserved (used under `placement_lock`).
+    pub occupancy: crate::occupancy::Occupancy,
     /// Serializes changes to cache users (their upstream ACL users and rows change together).
     pub users_lock: tokio::sync::Mutex<()>,
     /// The LDAP directory, when configured.

@@ -7,6 +7,7 @@
 //! - [`node`]: one `valkey-server` child — config, start, supervision (restart on crash), stop,
 //!   health checks, the script watchdog and the memory guard.
 //! - [`pool`]: the set of nodes, started together and stopped together; admin operations.
+//! - [`acl_save`]: tenant ACL users saved in the background, replayed on a restarted node.
 //! - [`cluster`]: a pool run as one Valkey cluster — forming it, ACL users on every node,
 //!   rejoining restarted and replaced nodes, topology, adding and removing shards.
 //! - [`placement`]: which node and database a new cache gets (least loaded).
@@ -16,6 +17,7 @@
 //! - [`private`]: secret files 0600, folders 0700 (umask and repair).
 //! - [`error`]: typed errors.
 
+pub mod acl_save;
 pub mod cluster;
 pub mod error;
 pub mod node;

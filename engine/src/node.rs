@@ -4,7 +4,8 @@
 //!
 //! Persisted on disk under the node's directory: `valkey.conf` (rewritten on every start,
 //! keeping the `notify-keyspace-events` the platform last set), `users.acl` (the admin user
-//! and every tenant's ACL user, saved by `ACL SAVE`), `admin.secret`, the AOF and the pidfile;
+//! and every tenant's ACL user, saved by `ACL SAVE` at most once a second: [`crate::acl_save`]),
+//! `admin.secret`, the AOF and the pidfile;
 //! a cluster node also `nodes.conf` (its cluster identity and view, written by Valkey). In
 //! memory: the child handle and its state.
 
@@ -329,6 +330,8 @@ pub struct Node {
     /// One admin connection kept open for provisioning (creates and deletes are pipelines
     /// that end on database 0, so sharing it is safe); dropped on any error.
     provisioning: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Tenant ACL changes not saved in `users.acl` yet ([`crate::acl_save`]).
+    pub(crate) acl: crate::acl_save::AclJournal,
 }
 
 impl Node {
@@ -439,6 +442,7 @@ impl Node {
             modules: Vec::new(),
             attached: false,
             provisioning: tokio::sync::Mutex::new(None),
+            acl: Default::default(),
         }
     }
 
@@ -517,6 +521,11 @@ impl Node {
         };
         let all = tokio::time::timeout(Duration::from_secs(2), all).await.ok()??;
         Some(parse_module_commands(&all))
+    }
+
+    /// Whether [`Node::stop`] was called.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Whether the node runs in cluster mode.
@@ -1110,6 +1119,7 @@ impl Node {
     pub async fn start(self: &Arc<Self>) -> Result<(), EngineError> {
         if self.attached {
             tokio::spawn(Arc::clone(self).watch_health());
+            tokio::spawn(Arc::clone(self).keep_acl());
             return Ok(());
         }
         let log_from = self.log_len();
@@ -1142,6 +1152,9 @@ impl Node {
         tokio::spawn(async move { node.supervise(child).await });
         tokio::spawn(Arc::clone(self).watch_health());
         tokio::spawn(Arc::clone(self).guard_memory());
+        if self.cluster.is_none() {
+            tokio::spawn(Arc::clone(self).keep_acl());
+        }
         Ok(())
     }
 
@@ -1182,6 +1195,8 @@ impl Node {
                     tokio::select! {
                         ready = self.wait_ready(Duration::from_secs(10)) => if ready.is_ok() {
                             tracing::info!(node = %self.spec.name, "valkey-server back");
+                            // Unsaved tenant ACL users go back before they are missed.
+                            self.acl.kick();
                         },
                         status = child.wait() => {
                             let reason = self.exit_reason(log_from);
@@ -1203,6 +1218,9 @@ impl Node {
     /// Stops the child (SIGTERM, then SIGKILL after 5 s) and waits until it is gone; for an
     /// attached node, only stops watching it (it runs on, under its engine agent).
     pub async fn stop(&self) {
+        if let Err(e) = self.save_acl().await {
+            tracing::warn!(node = %self.spec.name, error = %e, "tenant ACL users not saved at stop");
+        }
         self.stopping.store(true, Ordering::SeqCst);
         if self.attached {
             return;

@@ -6,7 +6,7 @@
 //! A node is chosen only if it is healthy (it answered its last health check) and the storage
 //! limits of its caches, the new one's included, fit in its capacity.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
 /// How full one node is.
 #[derive(Clone, Debug)]
@@ -15,7 +15,7 @@ pub struct NodeLoad {
     /// How many databases the node has (`databases` in its config).
     pub databases: u32,
     /// Databases taken by live caches (or waiting to be flushed).
-    pub taken: HashSet<u32>,
+    pub taken: Taken,
     /// It answered its last health check ([`crate::node::Node::healthy`]).
     pub healthy: bool,
     /// MB of storage limits the node may hold ([`crate::node::Node::storage_capacity_mb`]).
@@ -94,14 +94,88 @@ pub fn choose(nodes: &[NodeLoad], count: u32, storage_mb: u64) -> Result<Allocat
 }
 
 fn first_free_run(node: &NodeLoad, count: u32) -> Option<u32> {
-    let mut start = 1;
-    while start + count <= node.databases {
-        match (start..start + count).find(|db| node.taken.contains(db)) {
-            Some(busy) => start = busy + 1,
-            None => return Some(start),
-        }
+    node.taken.first_free_run(count, node.databases)
+}
+
+/// Databases in use on a node, kept as runs of consecutive numbers (`start → end`, end
+/// excluded): caches are handed the lowest free numbers, so a full node is a handful of runs
+/// and finding a free one does not walk every cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    runs: BTreeMap<u32, u32>,
+    count: usize,
+}
+
+impl Taken {
+    /// How many databases are taken.
+    pub fn len(&self) -> usize {
+        self.count
     }
-    None
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn contains(&self, db: &u32) -> bool {
+        self.runs.range(..=*db).next_back().is_some_and(|(_, end)| *db < *end)
+    }
+
+    /// Marks `db` taken; false if it was already.
+    pub fn insert(&mut self, db: u32) -> bool {
+        if self.contains(&db) {
+            return false;
+        }
+        let mut start = db;
+        let mut end = db + 1;
+        if let Some((&s, _)) = self.runs.range(..db).next_back().filter(|(_, e)| **e == db) {
+            start = s;
+        }
+        if let Some(e) = self.runs.remove(&end) {
+            end = e;
+        }
+        self.runs.insert(start, end);
+        self.count += 1;
+        true
+    }
+
+    /// Marks `db` free; false if it was not taken.
+    pub fn remove(&mut self, db: u32) -> bool {
+        let Some((&start, &end)) = self.runs.range(..=db).next_back().filter(|(_, e)| db < **e) else {
+            return false;
+        };
+        self.runs.remove(&start);
+        if start < db {
+            self.runs.insert(start, db);
+        }
+        if db + 1 < end {
+            self.runs.insert(db + 1, end);
+        }
+        self.count -= 1;
+        true
+    }
+
+    /// The lowest `count` consecutive free databases from 1 (0 is the platform's), all below
+    /// `databases`.
+    fn first_free_run(&self, count: u32, databases: u32) -> Option<u32> {
+        let mut start = 1;
+        for (&s, &e) in &self.runs {
+            if s >= start + count {
+                break;
+            }
+            start = start.max(e);
+        }
+        (start + count <= databases).then_some(start)
+    }
+}
+
+impl FromIterator<u32> for Taken {
+    fn from_iter<I: IntoIterator<Item = u32>>(dbs: I) -> Taken {
+        let mut taken = Taken::default();
+        for db in dbs {
+            taken.insert(db);
+        }
+        taken
+    }
 }
 
 #[cfg(test)]
@@ -176,5 +250,22 @@ mod tests {
         let nodes = [n0, n1];
         assert_eq!(choose(&nodes, 1, 100), Ok(Allocation { node: "n1".into(), db: 2 }));
         assert_eq!(choose(&nodes, 1, 201), Err(NoPlacement::NoRoom { largest_free_mb: 200 }));
+    }
+
+    #[test]
+    fn taken_databases_merge_into_runs_and_split_again() {
+        let mut t: Taken = [1, 2, 4].into_iter().collect();
+        assert_eq!((t.len(), t.runs.len()), (3, 2));
+        assert!(t.insert(3) && !t.insert(3));
+        assert_eq!(t.runs, BTreeMap::from([(1, 5)]));
+        assert_eq!(t.first_free_run(1, 8), Some(5));
+        assert!(t.remove(2) && !t.remove(2) && !t.remove(9));
+        assert_eq!(t.runs, BTreeMap::from([(1, 2), (3, 5)]));
+        assert_eq!(
+            (t.first_free_run(1, 8), t.first_free_run(2, 8), t.first_free_run(4, 8)),
+            (Some(2), Some(5), None)
+        );
+        assert!(t.contains(&1) && !t.contains(&2) && t.contains(&4) && !t.contains(&5));
+        assert_eq!(t.len(), 3);
     }
 }

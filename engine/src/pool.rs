@@ -313,7 +313,7 @@ impl Pool {
     }
 
     /// Makes a cache's databases ready: flushes them (a previous owner's data never shows),
-    /// then creates its ACL user and saves the ACL file so a restart keeps it.
+    /// then creates its ACL user; saved with the next ACL save ([`crate::acl_save`]).
     pub async fn create_tenant(&self, node: &str, acl: &TenantAcl) -> Result<(), EngineError> {
         if let Some(cluster) = &self.cluster {
             return cluster.create_tenant(acl).await;
@@ -328,8 +328,7 @@ impl Pool {
         }
         pipe.cmd("SELECT").arg(0).ignore();
         pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
-        pipe.cmd("ACL").arg("SAVE").ignore();
-        node.provision(&pipe).await
+        node.change_tenant(&pipe, &acl.user, Some(acl.clone())).await
     }
 
     /// Removes a cache: deletes its ACL user (Valkey closes its connections) and flushes its
@@ -341,16 +340,49 @@ impl Pool {
         let node = self.node(node)?;
         let mut pipe = redis::pipe();
         pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
-        pipe.cmd("ACL").arg("SAVE").ignore();
         for db in acl.db..acl.db + acl.databases.max(1) {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
         }
         pipe.cmd("SELECT").arg(0).ignore();
-        node.provision(&pipe).await?;
+        node.change_tenant(&pipe, &acl.user, None).await?;
         if acl.placement == crate::Placement::Dedicated {
             node.clear_node_wide_state().await?;
         }
         Ok(())
+    }
+
+    /// Makes a standalone node's tenant users match the store's caches (at control-plane
+    /// start, when changes not saved before a crash may be missing): `live` users created if
+    /// absent, `gone` users (deleted caches') deleted if present, then the ACL file saved.
+    /// Returns how many users it created and deleted. A cluster pool keeps its own record.
+    pub async fn restore_tenant_users(
+        &self,
+        node: &str,
+        live: &[TenantAcl],
+        gone: &[String],
+    ) -> Result<(usize, usize), EngineError> {
+        if self.cluster.is_some() {
+            return Ok((0, 0));
+        }
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let present: std::collections::HashSet<String> =
+            redis::cmd("ACL").arg("USERS").query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+        let mut pipe = redis::pipe();
+        let missing: Vec<&TenantAcl> = live.iter().filter(|a| !present.contains(&a.user)).collect();
+        for acl in &missing {
+            pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
+        }
+        let strays: Vec<&String> = gone.iter().filter(|u| present.contains(*u)).collect();
+        for user in &strays {
+            pipe.cmd("ACL").arg("DELUSER").arg(user).ignore();
+        }
+        if missing.is_empty() && strays.is_empty() {
+            return Ok((0, 0));
+        }
+        pipe.cmd("ACL").arg("SAVE").ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+        Ok((missing.len(), strays.len()))
     }
 
     /// Creates or changes a cache user's ACL user (`rules` as `ACL SETUSER` takes them, the

@@ -462,16 +462,7 @@ async fn create(
     }
     let mut loads = pool.loads();
     loads.retain(fits);
-    for (node, db) in state.store.taken_databases(&pool_name).await? {
-        if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
-            load.taken.insert(db);
-        }
-    }
-    for (node, mb) in reserved_storage(state, &pool_name, None).await? {
-        if let Some(load) = loads.iter_mut().find(|l| l.node == node) {
-            load.reserved_mb = mb;
-        }
-    }
+    state.occupancy.fill(state, &pool_name, &mut loads).await?;
     let id = CacheId::generate();
     // A node that does not answer in time is marked unhealthy and the next one is tried.
     let (chosen, acl) = loop {
@@ -530,17 +521,22 @@ async fn create(
     let stored = async {
         let mut tx = state.store.begin().await?;
         store::insert_cache(tx.conn(), &record).await?;
-        tx.commit(&event).await
+        let version = store::bump_placement(tx.conn(), &record.pool).await?;
+        tx.commit(&event).await.map(|_| version)
     }
     .await;
-    if let Err(e) = stored {
-        let _ = pool.delete_tenant(&chosen.node, &acl).await;
-        return Err(if store::is_unique_violation(&e) {
-            ApiError::Conflict(format!("a cache named {:?} already exists", record.name))
-        } else {
-            e.into()
-        });
-    }
+    let version = match stored {
+        Ok(version) => version,
+        Err(e) => {
+            let _ = pool.delete_tenant(&chosen.node, &acl).await;
+            return Err(if store::is_unique_violation(&e) {
+                ApiError::Conflict(format!("a cache named {:?} already exists", record.name))
+            } else {
+                e.into()
+            });
+        }
+    };
+    state.occupancy.changed(&record, storage_mb, true, version);
     if !record.keyspace_events.is_empty() {
         apply_keyspace_events(state, &record.pool, &record.node).await?;
     }
@@ -839,7 +835,13 @@ pub async fn patch_cache(
     if !updated {
         return Err(ApiError::PreconditionFailed);
     }
+    if new_mb != old_mb {
+        store::bump_placement(tx.conn(), &current.pool).await?;
+    }
     tx.commit(&event).await?;
+    if new_mb != old_mb {
+        state.occupancy.forget(&current.pool);
+    }
     if next.keyspace_events != current.keyspace_events {
         apply_keyspace_events(&state, &next.pool, &next.node).await?;
     }
@@ -909,14 +911,21 @@ async fn remove_cache(state: &AppState, cache: &CacheRecord, mut event: AuditEve
     let users = pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
     pool.delete_cache_users(&cache.node, &users).await?;
     pool.delete_tenant(&cache.node, &acl).await?;
+    let tracking = state.store.client_tracking(&cache.id).await?;
     let mut tx = state.store.begin().await?;
     store::mark_cache_deleted(tx.conn(), &cache.id).await?;
     let removed = store::users::delete_cache_users(tx.conn(), &cache.id).await?;
+    let version = store::bump_placement(tx.conn(), &cache.pool).await?;
     if let Some(details) = event.details.as_object_mut() {
         details.insert("cache_users_deleted".into(), removed.into());
     }
     tx.commit(&event).await?;
-    apply_keyspace_events(state, &cache.pool, &cache.node).await?;
+    let mb = cache.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
+    state.occupancy.changed(cache, mb, false, version);
+    // Only a cache that added keyspace events changes its node's (reading them is O(caches)).
+    if !cache.keyspace_events.is_empty() || tracking {
+        apply_keyspace_events(state, &cache.pool, &cache.node).await?;
+    }
     tracing::info!(cache = %cache.id, "cache deleted");
     Ok(())
 }

@@ -331,19 +331,74 @@ impl Store {
 
     // --- caches ---
 
-    /// `(node, db)` of every database held by a live cache of engine pool `pool`.
-    pub async fn taken_databases(&self, pool: &str) -> Result<Vec<(String, u32)>, StoreError> {
-        let rows =
-            sqlx::query("SELECT node, db, databases FROM caches WHERE pool = $1 AND status <> 'deleted'")
-                .bind(pool)
-                .fetch_all(&self.pool)
-                .await?;
-        let mut taken = Vec::new();
+    /// Every live cache of engine pool `pool`: `(node, db, databases, data_storage_mb)`.
+    pub async fn placements(&self, pool: &str) -> Result<Vec<(String, u32, u32, Option<u64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT node, db, databases, data_storage_mb FROM caches WHERE pool = $1 AND status <> 'deleted'",
+        )
+        .bind(pool)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let (db, n): (i64, i64) = (r.get("db"), r.get("databases"));
+                let mb = r.get::<Option<i64>, _>("data_storage_mb").map(|v| v as u64);
+                (r.get("node"), db as u32, n as u32, mb)
+            })
+            .collect())
+    }
+
+    /// Pool `pool`'s placement version ([`bump_placement`]); 0 before its first change.
+    pub async fn placement_version(&self, pool: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT version FROM placement_versions WHERE pool = $1")
+            .bind(pool)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map_or(0, |r| r.get("version")))
+    }
+
+    /// The tenant ACL users node `node` of pool `pool` should have: those of its live
+    /// caches, and the ids of its deleted ones.
+    pub async fn tenants_on(
+        &self,
+        pool: &str,
+        node: &str,
+    ) -> Result<(Vec<shoal_engine::TenantAcl>, Vec<CacheId>), StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, status, acl_password, db, databases, placement FROM caches WHERE pool = $1 AND node = $2",
+        )
+        .bind(pool)
+        .bind(node)
+        .fetch_all(&self.pool)
+        .await?;
+        let (mut live, mut gone) = (Vec::new(), Vec::new());
         for r in rows {
-            let (node, db, n): (String, i64, i64) = (r.get("node"), r.get("db"), r.get("databases"));
-            taken.extend((db..db + n).map(|d| (node.clone(), d as u32)));
+            let id = CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?;
+            if r.get::<&str, _>("status") == CacheStatus::Deleted.as_str() {
+                gone.push(id);
+            } else {
+                let (db, n): (i64, i64) = (r.get("db"), r.get("databases"));
+                live.push(shoal_engine::TenantAcl {
+                    user: id.acl_user(),
+                    password: r.get("acl_password"),
+                    db: db as u32,
+                    databases: n as u32,
+                    placement: decode_value("placement", r.get("placement"), Placement::parse)?,
+                });
+            }
         }
-        Ok(taken)
+        Ok((live, gone))
+    }
+
+    /// Whether a cache's clients use client-side caching (its node's keyspace events hold `KA`
+    /// for it).
+    pub async fn client_tracking(&self, id: &CacheId) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT id FROM caches WHERE id = $1 AND client_tracking = 1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
     }
 
     /// A live cache by id.
@@ -444,6 +499,19 @@ impl Store {
         .await?;
         Ok(rows.into_iter().map(|r| (r.get("jti"), r.get("expires_at"))).collect())
     }
+}
+
+/// Bumps pool `pool`'s placement version (in the transaction that changes a cache's
+/// placement or storage limit); returns the new one.
+pub async fn bump_placement(conn: &mut AnyConnection, pool: &str) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "INSERT INTO placement_versions (pool, version) VALUES ($1, 1)
+         ON CONFLICT (pool) DO UPDATE SET version = placement_versions.version + 1 RETURNING version",
+    )
+    .bind(pool)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.get("version"))
 }
 
 pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(), StoreError> {

@@ -1,0 +1,158 @@
+//! Tenant ACL users without an `ACL SAVE` per create or delete.
+//!
+//! `ACL SAVE` rewrites the node's whole `users.acl` (about 500 bytes per cache), so saving on
+//! every create made creates linear in the caches already there. Instead each create and
+//! delete is noted in the node's [`AclJournal`], and a background task ([`Node::keep_acl`])
+//! saves at most once per [`ACL_SAVE_INTERVAL`]. What a restart may lose — the changes since
+//! the last save — is still in the journal: when the node answers with another `run_id`
+//! (Valkey's, new on every start) than the one the journal was last made whole on, every
+//! change in it is applied again (idempotent: `SETUSER reset …`, `DELUSER`) and saved. The
+//! supervisor kicks the task as soon as a restarted node answers; a node an engine agent runs
+//! is found restarted at the next save. A control plane that itself restarted lost its
+//! journal: it makes the nodes' users match its store at start (`restore_tenant_users`).
+
+use crate::node::Node;
+use crate::{EngineError, TenantAcl};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Longest a tenant ACL change waits in the journal before `ACL SAVE` writes it.
+pub const ACL_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The node's tenant ACL changes not yet saved in its `users.acl`.
+#[derive(Default)]
+pub struct AclJournal {
+    state: std::sync::Mutex<JournalState>,
+    /// Held (shared) by each create or delete from its pipeline to its journal entry, and
+    /// (exclusively) by a replay, so a replay never undoes a change made meanwhile.
+    changing: tokio::sync::RwLock<()>,
+    /// Wakes [`Node::keep_acl`] early (a restarted node is back).
+    kick: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct JournalState {
+    seq: u64,
+    /// user → (seq of its last change, its ACL; None: deleted).
+    changes: HashMap<String, (u64, Option<TenantAcl>)>,
+    /// `run_id` of the node process that holds every change in the journal (None: unknown).
+    made_whole_on: Option<String>,
+}
+
+impl AclJournal {
+    fn note(&self, user: &str, acl: Option<TenantAcl>) {
+        let mut state = self.state.lock().unwrap();
+        state.seq += 1;
+        let seq = state.seq;
+        state.changes.insert(user.to_string(), (seq, acl));
+    }
+
+    /// Drops the changes up to `seq`: a save wrote them.
+    fn saved(&self, seq: u64, run_id: Option<String>) {
+        let mut state = self.state.lock().unwrap();
+        state.changes.retain(|_, (s, _)| *s > seq);
+        if run_id.is_some() {
+            state.made_whole_on = run_id;
+        }
+    }
+
+    /// How many changes wait for a save.
+    pub fn pending(&self) -> usize {
+        self.state.lock().unwrap().changes.len()
+    }
+
+    /// Asks for a check now (the node restarted).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+}
+
+impl Node {
+    /// Runs a tenant's create or delete pipeline and notes its ACL user's change (`acl`;
+    /// None: deleted) for the next save.
+    pub(crate) async fn change_tenant(
+        &self,
+        pipe: &redis::Pipeline,
+        user: &str,
+        acl: Option<TenantAcl>,
+    ) -> Result<(), EngineError> {
+        let _changing = self.acl.changing.read().await;
+        self.provision(pipe).await?;
+        self.acl.note(user, acl);
+        Ok(())
+    }
+
+    /// Saves the journal's changes every [`ACL_SAVE_INTERVAL`] (or when kicked), replaying
+    /// them first on a node that restarted since; until the node stops.
+    pub(crate) async fn keep_acl(self: std::sync::Arc<Self>) {
+        while !self.is_stopping() {
+            tokio::select! {
+                _ = tokio::time::sleep(ACL_SAVE_INTERVAL) => {}
+                _ = self.acl.kick.notified() => {}
+            }
+            if let Err(e) = self.save_acl().await {
+                tracing::warn!(node = self.name(), error = %e, "tenant ACL users not saved yet; retrying");
+            }
+        }
+    }
+
+    /// One save of the journal (see the module's doc); nothing when it is empty.
+    pub async fn save_acl(&self) -> Result<(), EngineError> {
+        let (seq, whole_on) = {
+            let state = self.acl.state.lock().unwrap();
+            if state.changes.is_empty() {
+                return Ok(());
+            }
+            (state.seq, state.made_whole_on.clone())
+        };
+        let mut conn = crate::pool::admin_conn(self).await?;
+        if whole_on.is_some() {
+            // INFO and SAVE on one connection: both answered by the same process.
+            let (info, ()): (String, ()) = redis::pipe()
+                .cmd("INFO")
+                .arg("server")
+                .cmd("ACL")
+                .arg("SAVE")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.valkey_err(e))?;
+            if run_id(&info) == whole_on {
+                self.acl.saved(seq, None);
+                return Ok(());
+            }
+        }
+        // Restarted (or first save since this process started): replay every change.
+        let _replaying = self.acl.changing.write().await;
+        let (seq, changes) = {
+            let state = self.acl.state.lock().unwrap();
+            (
+                state.seq,
+                state.changes.iter().map(|(u, (_, acl))| (u.clone(), acl.clone())).collect::<Vec<_>>(),
+            )
+        };
+        let mut pipe = redis::pipe();
+        for (user, acl) in &changes {
+            match acl {
+                Some(acl) => pipe.cmd("ACL").arg("SETUSER").arg(user).arg(acl.setuser_rules()).ignore(),
+                None => pipe.cmd("ACL").arg("DELUSER").arg(user).ignore(),
+            };
+        }
+        pipe.cmd("INFO").arg("server").cmd("ACL").arg("SAVE").ignore();
+        let (info,): (String,) = pipe.query_async(&mut conn).await.map_err(|e| self.valkey_err(e))?;
+        let now = run_id(&info);
+        if whole_on.is_some() {
+            tracing::info!(
+                node = self.name(),
+                changes = changes.len(),
+                "node restarted: unsaved tenant ACL users replayed"
+            );
+        }
+        self.acl.saved(seq, now);
+        Ok(())
+    }
+}
+
+/// `run_id` of an `INFO server` reply.
+fn run_id(info: &str) -> Option<String> {
+    info.lines().find_map(|l| l.strip_prefix("run_id:")).map(|v| v.trim().to_string())
+}
