@@ -125,17 +125,19 @@ def collect(raw_dir):
 
 
 def cpu_per_request(text):
-    """µs of CPU per request from a `.cpu` file: "<ticks> <requests> <ticks per second>"."""
+    """µs of CPU per request from a `.cpu` file, "<user ticks> <system ticks> <requests>
+    <ticks per second>": {"total", "user", "system"}."""
     parts = text.split()
-    if len(parts) != 3 or not all(p.isdigit() for p in parts) or int(parts[1]) == 0:
+    if len(parts) != 4 or not all(p.isdigit() for p in parts) or int(parts[2]) == 0:
         return None
-    ticks, requests, hz = map(int, parts)
-    return ticks / hz * 1e6 / requests
+    user, system, requests, hz = map(int, parts)
+    us = lambda ticks: ticks / hz * 1e6 / requests
+    return {"total": us(user + system), "user": us(user), "system": us(system)}
 
 
 def cpu_round_ratios(runs_a, runs_b):
     """a/b CPU per request of the runs of the same round, in round order."""
-    ok = lambda runs: {r["round"]: r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request")}
+    ok = lambda runs: {r["round"]: r["cpu_us_per_request"]["total"] for r in runs if r.get("cpu_us_per_request")}
     a, b = ok(runs_a), ok(runs_b)
     return [a[k] / b[k] for k in sorted(a) if k in b]
 
@@ -159,8 +161,9 @@ def summarize(runs):
     summary["rps_median"] = statistics.median(rps)
     cpu = [r["cpu_us_per_request"] for r in ok if r.get("cpu_us_per_request")]
     if cpu:
-        summary["cpu_us_per_request"] = statistics.median(cpu)
-        summary["cpu_us_per_request_all"] = cpu
+        for part in ("total", "user", "system"):
+            summary[f"cpu_{part}_us_per_request"] = statistics.median(c[part] for c in cpu)
+        summary["cpu_us_per_request_all"] = [c["total"] for c in cpu]
     return summary
 
 
@@ -291,18 +294,23 @@ def report(raw_dir, meta_path, out_path):
     print("  (direct/twemproxy is what Valkey with no proxy reaches: a goal above it asks the gateway\n"
           "   to serve more than Valkey does without a proxy.)")
     print()
-    print("CPU time per request of the serving process (/proc/<pid>/stat utime+stime), median of the rounds;")
-    print("gateway/twemproxy is the median of the per-round ratios:")
-    print(f"{'cmd  P':<10}{'direct µs':>11}{'gateway µs':>12}{'twemproxy µs':>14}  {'gateway/twemproxy (goal)':<34}{'per round'}")
+    print("CPU time per request of the serving process (/proc/<pid>/stat utime+stime), median of the rounds,")
+    print("as total (user + kernel); gateway/twemproxy is the median of the per-round ratios of the totals:")
+    print(f"{'cmd  P':<10}{'direct µs':>17}{'gateway µs':>17}{'twemproxy µs':>17}  {'gateway/twemproxy (goal)':<34}{'per round'}")
     for r in results:
         t = r["targets"]
-        us = lambda n: f"{t[n]['cpu_us_per_request']:.2f}" if t[n].get("cpu_us_per_request") else "-"
+
+        def us(n):
+            if not t[n].get("cpu_total_us_per_request"):
+                return "-"
+            return (f"{t[n]['cpu_total_us_per_request']:.2f} ({t[n]['cpu_user_us_per_request']:.1f}+"
+                    f"{t[n]['cpu_system_us_per_request']:.1f})")
         ratio_txt = "-"
         if r["cpu_gateway_over_twemproxy"] is not None:
             ratio_txt = (f"{r['cpu_gateway_over_twemproxy']:.2f} (<= {r['cpu_goal']}: "
                          f"{'met' if r['cpu_goal_met'] else 'NOT met'})")
         rounds = " ".join(f"{v:.2f}" for v in r["cpu_per_round_gateway_over_twemproxy"])
-        print(f"{r['command']:<4} P{r['pipeline']:<4}{us('direct'):>11}{us('gateway'):>12}{us('twemproxy'):>14}  "
+        print(f"{r['command']:<4} P{r['pipeline']:<4}{us('direct'):>17}{us('gateway'):>17}{us('twemproxy'):>17}  "
               f"{ratio_txt:<34}{rounds}")
     print()
     if spread:

@@ -212,19 +212,21 @@ port_of() { case "$1" in direct) echo "$VALKEY_PORT" ;; gateway) echo "$RESP_POR
 # ratios do not resolve on a noisy machine; CPU time does). For the gateway, `shoal dev`'s
 # process: the gateway and an idle control plane (the Valkey nodes are its children).
 pid_of() { case "$1" in direct) echo "$VALKEY_PID" ;; gateway) echo "$SHOAL_PID" ;; twemproxy) echo "$NUTCRACKER_PID" ;; esac; }
-# utime + stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
-cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# utime and stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
 
 bench() { # target cmd pipeline requests outbase
-  local auth=() rc=0 pid before
+  local auth=() rc=0 pid before after
   [[ "$1" == gateway ]] && auth=(-a "$TOKEN")
   pid="$(pid_of "$1")"
-  before="$(cpu_ticks "$pid")"
+  read -ra before <<<"$(cpu_ticks "$pid")"
   timeout --kill-after=10 "$TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$(port_of "$1")" "${auth[@]}" \
     -c "$CLIENTS" -n "$4" -d "$DATA_SIZE" -P "$3" -r "$KEYSPACE" -t "$2" --csv \
     </dev/null >"$5.out" 2>"$5.err" || rc=$?
-  # CPU ticks the serving process spent, the requests, and the clock's ticks per second.
-  echo "$(($(cpu_ticks "$pid") - before)) $4 $(getconf CLK_TCK)" >"$5.cpu"
+  # CPU ticks the serving process spent in user space and in the kernel, the requests, and
+  # the clock's ticks per second.
+  read -ra after <<<"$(cpu_ticks "$pid")"
+  echo "$((after[0] - before[0])) $((after[1] - before[1])) $4 $(getconf CLK_TCK)" >"$5.cpu"
   echo "$rc" >"$5.rc"
   return "$rc"
 }

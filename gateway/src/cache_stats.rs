@@ -106,8 +106,9 @@ pub struct CacheStats {
 
 #[derive(Default)]
 struct Totals {
-    /// Indexed by the command table's index; allocated at the cache's first command.
-    commands: Vec<CommandStat>,
+    /// By the command table's index: only the commands the cache used (a cache uses few,
+    /// and thousands of caches each holding a row per command would cost megabytes).
+    commands: BTreeMap<usize, CommandStat>,
     errors: BTreeMap<Box<[u8]>, u64>,
     /// More than [`MAX_ERROR_CODES`] codes came: none are kept any more.
     errors_disabled: bool,
@@ -142,15 +143,8 @@ impl CacheStats {
         }
         let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         totals.ecpu_milli += std::mem::take(&mut tally.ecpu_milli);
-        // Sized by the table, module commands included (installed at start).
-        let rows = shoal_commands::table().len();
-        if !tally.commands.is_empty() && totals.commands.len() < rows {
-            totals.commands.resize(rows, CommandStat::default());
-        }
         for (index, stat) in tally.commands.drain(..) {
-            if let Some(total) = totals.commands.get_mut(index) {
-                total.add(&stat);
-            }
+            totals.commands.entry(index).or_default().add(&stat);
         }
         for (code, n) in tally.errors.drain(..) {
             if totals.errors_disabled {
@@ -176,7 +170,7 @@ impl CacheStats {
         let mut out: Vec<_> = shoal_commands::table()
             .iter()
             .filter_map(|spec| {
-                let stat = *totals.commands.get(spec.index)?;
+                let stat = *totals.commands.get(&spec.index)?;
                 (stat != CommandStat::default()).then_some((spec.name.as_str(), stat))
             })
             .collect();

@@ -36,8 +36,8 @@ pub(crate) const LOST: &[u8] = b"-ERR cache connection lost, try again\r\n";
 const UNAVAILABLE: &[u8] = b"-ERR cache temporarily unavailable, try again\r\n";
 /// Stop taking batches while this much waits to be written upstream.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
-/// A mux no session has used for this long (up to twice as long) closes its connection and
-/// leaves the registry.
+/// A mux no session has used for this long (up to twice as long) closes its connection, and
+/// leaves the registry once no session holds it: idle clients hold no upstream connection.
 const IDLE: Duration = Duration::from_secs(60);
 /// Replies go to their session once this much has arrived, even before the batch, or the
 /// reply, is complete: a batch of big replies, or one huge reply, is never held whole.
@@ -183,8 +183,9 @@ impl Mux {
             read: None,
             write: None,
             metric: None,
-            out: BytesMut::with_capacity(64 * 1024),
-            input: BytesMut::with_capacity(64 * 1024),
+            // Grown by the load (doubling); small for the many caches that send little.
+            out: BytesMut::new(),
+            input: BytesMut::new(),
             scanner: ReplyScanner::new(),
             waiting: VecDeque::new(),
             done: 0,
@@ -241,6 +242,13 @@ impl Mux {
                     if only_registry && batches.is_empty() {
                         muxes.remove(&key);
                         return;
+                    }
+                    drop(muxes);
+                    // Idle sessions still hold it: the node gets its connection back (and
+                    // the gateway the buffers); the next batch opens a new one.
+                    if self.write.is_some() && self.out.is_empty() {
+                        self.lost("idle");
+                        (self.input, self.out) = (BytesMut::new(), BytesMut::new());
                     }
                 }
             }

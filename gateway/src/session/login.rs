@@ -89,18 +89,26 @@ impl Session {
         };
         let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
         let route = with_login(route, &upstream);
-        let stream = match upstream::connect(&route, route.db, self.endpoint == super::Endpoint::Reader).await
-        {
-            Ok(x) => x,
-            // (Dropping the registration gives the slot back.)
-            Err(e) => return Err(e),
-        };
+        // A session that will send its stateless commands to the cache's shared connection
+        // opens its own only when a command needs one: an idle client holds no upstream
+        // connection. The others (a login with its own ACL user, RESP3, the reader endpoint,
+        // a cluster pool) open theirs now, so a login the node refuses fails here.
+        let shares = upstream.is_none()
+            && self.proto == 2
+            && self.endpoint == super::Endpoint::Primary
+            && route.cluster_nodes.is_empty();
+        if !shares {
+            // (On an error, dropping the registration gives the slot back.)
+            let stream =
+                upstream::connect(&route, route.db, self.endpoint == super::Endpoint::Reader).await?;
+            let (read, write) = stream.into_split();
+            self.up_read = Some(read);
+            self.up_metric = Some(crate::metrics::Upstream::opened());
+            self.up_write = Some(write);
+            self.up_in.reserve(super::own_link::UP_IN_CAPACITY);
+        }
         let entry = registration.entry().clone();
         entry.proto.store(self.proto, Ordering::Relaxed);
-        let (read, write) = stream.into_split();
-        self.up_read = Some(read);
-        self.up_metric = Some(crate::metrics::Upstream::opened());
-        self.up_write = Some(write);
         tracing::info!(cache = %cache, jti, upstream_user = %route.acl_user, peer = %self.peer, "authenticated");
         *entry.jti.lock().unwrap() = jti.to_string();
         self.token_expires = expires;

@@ -65,6 +65,9 @@ mod shared_link;
 
 /// Stop reading a side while this much output waits to be written to the other.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
+/// Room a client read gets (more when a request needs it): small, so an idle client's
+/// buffer stays small.
+const CLIENT_READ_ROOM: usize = 4 * 1024;
 
 /// For subscribers, stop reading upstream this early: a subscriber that does not read then
 /// makes Valkey's own pub/sub output-buffer limits (32 MB hard, 8 MB for 60 s) apply upstream
@@ -339,10 +342,12 @@ pub async fn run(
         local,
         parser: RequestParser::new(),
         replies: ReplyScanner::new(),
-        client_in: BytesMut::with_capacity(16 * 1024),
-        client_out: BytesMut::with_capacity(16 * 1024),
-        up_in: BytesMut::with_capacity(16 * 1024),
-        up_out: BytesMut::with_capacity(16 * 1024),
+        // Grown as requests and replies come (see `CLIENT_READ_ROOM`); the upstream ones only
+        // with a connection of the session's own (see `own_link`): an idle client holds little.
+        client_in: BytesMut::new(),
+        client_out: BytesMut::new(),
+        up_in: BytesMut::new(),
+        up_out: BytesMut::new(),
         up_read: None,
         up_write: None,
         up_metric: None,
@@ -420,6 +425,11 @@ impl Session {
                 return Ok(());
             }
             let held_back = self.barrier && self.client_in.len() >= HIGH_WATER;
+            if self.client_in.capacity() - self.client_in.len() < CLIENT_READ_ROOM / 4 {
+                // Reuses the buffer's space once what it held was consumed; doubles it for
+                // a request that does not fit.
+                self.client_in.reserve(CLIENT_READ_ROOM);
+            }
             let read_client = !self.closing
                 && !held_back
                 && self.up_out.len() < HIGH_WATER

@@ -27,6 +27,9 @@ impl PartReply {
     }
 }
 
+/// What the session reads its upstream replies into, reserved when its connection opens.
+pub(super) const UP_IN_CAPACITY: usize = 16 * 1024;
+
 impl Session {
     /// Whether the session still sends stateless commands to the mux.
     pub fn uses_mux(&self) -> bool {
@@ -79,6 +82,7 @@ impl Session {
                 self.up_metric = Some(crate::metrics::Upstream::opened());
                 self.up_write = Some(write);
                 self.up_in.clear();
+                self.up_in.reserve(UP_IN_CAPACITY);
                 self.replies = ReplyScanner::new();
                 if let Some(t) = self.tenant.as_mut() {
                     t.route = route;
