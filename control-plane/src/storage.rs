@@ -10,12 +10,18 @@
 //! the flag with their per-second route refresh and refuse `denyoom` commands with `-OOM`;
 //! reads and deletes keep working, and the flag clears at the first sample back under.
 //!
+//! A round costs little for empty caches: one `INFO keyspace` per node finds the databases
+//! with keys (the others are not measured), samples are written in batched transactions,
+//! and an empty cache's sample is written only when it differs from its last written one or
+//! starts a new hour (see [`sample_all`]).
+//!
 //! Accrual is the measured bytes only: billing applies the minimum of 100 MB per cache-hour
 //! (as ElastiCache Serverless does for Valkey) when it rolls minutes up into GB-hours.
 
 use crate::state::AppState;
 use crate::store::{CacheRecord, StorageSampleRecord, StoreError};
 use shoal_engine::{CacheDbs, EngineError, EvictionPolicy, StorageProbe};
+use shoal_types::CacheId;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,10 +53,45 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
     }
 }
 
-/// One round: the nodes in parallel, each node's caches one after the other on one connection.
+/// Empty caches' samples the periodic sampler did not write (see [`sample_all`]).
+#[derive(Default)]
+struct Skips {
+    /// Cache → when its latest sample written by this process was taken, if it was empty.
+    written_at: HashMap<CacheId, i64>,
+    /// Cache → its latest sample not written (empty like the written one).
+    pending: HashMap<CacheId, (i64, StorageSampleRecord)>,
+}
+
+/// What the periodic sampler skipped writing, process-wide (a gateway's request, which
+/// always writes, drops its cache's entry).
+fn skips() -> &'static std::sync::Mutex<Skips> {
+    static SKIPS: std::sync::OnceLock<std::sync::Mutex<Skips>> = std::sync::OnceLock::new();
+    SKIPS.get_or_init(Default::default)
+}
+
+/// Most samples written per transaction: the write lock is let go between batches.
+const WRITE_BATCH: usize = 500;
+
+/// One round: the nodes in parallel, each node's caches one after the other on one
+/// connection; the samples written in batches of [`WRITE_BATCH`] per transaction.
+///
+/// A cache whose databases hold no key (one `INFO keyspace` per node tells which) costs no
+/// command; and a sample of an empty cache whose latest written sample (in the same UTC
+/// hour) was empty too is not written: it would accrue nothing and add no row billing needs
+/// (one row per cache-hour makes the hour billable for the storage minimum; the first sample
+/// of each hour is written). The latest such sample is kept, and written before the next
+/// one that differs, so the accrual is exactly what writing every sample gives.
 async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
     let caches = state.store.caches(None).await?;
     let count = caches.len();
+    let nonempty = Arc::new(state.store.nonempty_storage().await?);
+    let full = Arc::new(state.store.storage_full_caches().await?);
+    let live: std::collections::HashSet<CacheId> = caches.iter().map(|c| c.id.clone()).collect();
+    {
+        let mut skips = skips().lock().unwrap();
+        skips.written_at.retain(|id, _| live.contains(id));
+        skips.pending.retain(|id, _| live.contains(id));
+    }
     let mut by_node: BTreeMap<(String, String), Vec<CacheRecord>> = BTreeMap::new();
     for cache in caches {
         by_node.entry((cache.pool.clone(), cache.node.clone())).or_default().push(cache);
@@ -58,6 +99,7 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
     let mut nodes = tokio::task::JoinSet::new();
     for ((pool, node), caches) in by_node {
         let state = state.clone();
+        let (nonempty, full) = (nonempty.clone(), full.clone());
         nodes.spawn(async move {
             let probe_of = |state: &AppState| {
                 let (pool, node) = (pool.clone(), node.clone());
@@ -68,25 +110,113 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
                 Ok(p) => p,
                 Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
             };
+            // When the keyspace was read: an empty cache's sample is as of then.
+            let keyspace_ms = chrono::Utc::now().timestamp_millis();
+            let with_keys = match probe.nonempty_dbs().await {
+                Ok(dbs) => dbs,
+                Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
+            };
+            let mut batch = Vec::new();
             for cache in caches {
-                let sampled = tokio::time::timeout(CACHE_TIMEOUT, sample_cache(&state, &mut probe, &cache));
-                match sampled.await.unwrap_or(Err(SampleError::Timeout)) {
-                    Ok(()) => {}
-                    Err(e @ SampleError::Timeout) => {
-                        tracing::warn!(cache = %cache.id, error = %e, "storage sample abandoned");
-                        // The probe may be mid-reply: start the next cache on a fresh connection.
-                        match probe_of(&state).await {
-                            Ok(p) => probe = p,
-                            Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
+                let dbs = CacheDbs { db: cache.db, databases: cache.databases };
+                let measured = if dbs.any_in(&with_keys) {
+                    let sampled = tokio::time::timeout(
+                        CACHE_TIMEOUT,
+                        measure_cache(&state, &mut probe, &cache, full.contains(&cache.id)),
+                    );
+                    match sampled.await.unwrap_or(Err(SampleError::Timeout)) {
+                        Ok(m) => m,
+                        Err(e @ SampleError::Timeout) => {
+                            tracing::warn!(cache = %cache.id, error = %e, "storage sample abandoned");
+                            // The probe may be mid-reply: go on on a fresh connection.
+                            match probe_of(&state).await {
+                                Ok(p) => probe = p,
+                                Err(e) => {
+                                    tracing::warn!(node, error = %e, "cannot sample storage");
+                                    break;
+                                }
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(cache = %cache.id, error = %e, "storage sample failed");
+                            continue;
                         }
                     }
-                    Err(e) => tracing::warn!(cache = %cache.id, error = %e, "storage sample failed"),
+                } else {
+                    StorageSampleRecord {
+                        at_ms: keyspace_ms,
+                        bytes: 0,
+                        keys: 0,
+                        storage_full: false,
+                        evicted_keys: 0,
+                    }
+                };
+                let since = created_ms(&cache, measured.at_ms);
+                to_write(&mut batch, &cache.id, since, measured, nonempty.contains(&cache.id));
+                if batch.len() >= WRITE_BATCH {
+                    write(&state, std::mem::take(&mut batch)).await;
                 }
             }
+            write(&state, batch).await;
         });
     }
     while nodes.join_next().await.is_some() {}
     Ok(count)
+}
+
+/// Adds what a sample of `cache` needs written to `batch` (nothing, itself, or a kept
+/// empty sample then itself), and notes it (see [`sample_all`]). `stored_nonempty`: the
+/// store's latest sample of the cache is not empty (whoever wrote it).
+fn to_write(
+    batch: &mut Vec<(CacheId, i64, StorageSampleRecord)>,
+    cache: &CacheId,
+    since_ms: i64,
+    record: StorageSampleRecord,
+    stored_nonempty: bool,
+) {
+    let hour = |ms: i64| ms.div_euclid(3_600_000);
+    let empty = record.bytes == 0 && record.keys == 0 && !record.storage_full && record.evicted_keys == 0;
+    let mut skips = skips().lock().unwrap();
+    let written_at = skips.written_at.get(cache).copied();
+    if empty
+        && !stored_nonempty
+        && written_at.is_some_and(|at| hour(at) == hour(record.at_ms) && at < record.at_ms)
+    {
+        skips.pending.insert(cache.clone(), (since_ms, record));
+        return;
+    }
+    if let Some(kept) = skips.pending.remove(cache) {
+        // The cache was empty until then: its accrual stops there, not at the written one.
+        if !empty {
+            batch.push((cache.clone(), kept.0, kept.1));
+        }
+    }
+    if empty {
+        skips.written_at.insert(cache.clone(), record.at_ms);
+    } else {
+        skips.written_at.remove(cache);
+    }
+    batch.push((cache.clone(), since_ms, record));
+}
+
+/// Writes a batch of samples; errors are logged (the next round samples again).
+async fn write(state: &AppState, batch: Vec<(CacheId, i64, StorageSampleRecord)>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = state.store.record_storage_samples(&batch).await {
+        tracing::warn!(samples = batch.len(), error = %e, "storage samples not recorded");
+        // Not written: the next round's are written in full.
+        let mut skips = skips().lock().unwrap();
+        for (id, _, _) in &batch {
+            skips.written_at.remove(id);
+        }
+    }
+}
+
+fn created_ms(cache: &CacheRecord, or: i64) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(&cache.created_at).map(|t| t.timestamp_millis()).unwrap_or(or)
 }
 
 /// Samples one cache now, on a gateway's request (see `/internal/v1/caches/{id}/storage-sample`):
@@ -105,7 +235,16 @@ pub async fn sample_now(state: &AppState, cache: &CacheRecord) {
     }
     let sampled = async {
         let mut probe = state.pools.of(&cache.pool)?.storage_probe(&cache.node).await?;
-        sample_cache(state, &mut probe, cache).await
+        let was_full = state.store.cache_storage(&cache.id).await?.is_some_and(|s| s.storage_full);
+        let record = measure_cache(state, &mut probe, cache, was_full).await?;
+        {
+            // Written whatever it is: the periodic sampler's next sample compares with it.
+            let mut skips = skips().lock().unwrap();
+            skips.pending.remove(&cache.id);
+            skips.written_at.remove(&cache.id);
+        }
+        state.store.record_storage_sample(&cache.id, created_ms(cache, record.at_ms), &record).await?;
+        Ok::<_, SampleError>(())
     };
     match tokio::time::timeout(CACHE_TIMEOUT, sampled).await.unwrap_or(Err(SampleError::Timeout)) {
         Ok(()) => tracing::debug!(cache = %cache.id, "storage sampled on a gateway's request"),
@@ -124,12 +263,14 @@ fn sampling_lock(cache: &str) -> Arc<tokio::sync::Mutex<()>> {
     locks.entry(cache.to_string()).or_default().clone()
 }
 
-/// Measures one cache, evicts if it is over its limit, and records the outcome.
-async fn sample_cache(
+/// Measures one cache and evicts if it is over its limit: the sample to record (`was_full`:
+/// the store's flag, for the log of a change).
+async fn measure_cache(
     state: &AppState,
     probe: &mut StorageProbe,
     cache: &CacheRecord,
-) -> Result<(), SampleError> {
+    was_full: bool,
+) -> Result<StorageSampleRecord, SampleError> {
     let lock = sampling_lock(cache.id.as_str());
     let _one_at_a_time = lock.lock().await;
     let dbs = CacheDbs { db: cache.db, databases: cache.databases };
@@ -162,20 +303,48 @@ async fn sample_cache(
             "cache over its storage limit"
         );
     }
-    let was_full = state.store.cache_storage(&cache.id).await?.is_some_and(|s| s.storage_full);
     if was_full != full {
         tracing::info!(cache = %cache.id, full, "storage flag changed: writes {}", if full { "refused" } else { "allowed" });
     }
-    let record = StorageSampleRecord {
+    Ok(StorageSampleRecord {
         at_ms: started_ms,
         bytes: sample.bytes,
         keys: sample.keys,
         storage_full: full,
         evicted_keys,
-    };
-    let created_ms = chrono::DateTime::parse_from_rfc3339(&cache.created_at)
-        .map(|t| t.timestamp_millis())
-        .unwrap_or(record.at_ms);
-    state.store.record_storage_sample(&cache.id, created_ms, &record).await?;
-    Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at_ms: i64, bytes: u64) -> StorageSampleRecord {
+        StorageSampleRecord { at_ms, bytes, keys: bytes.min(1), storage_full: false, evicted_keys: 0 }
+    }
+
+    /// Empty samples after an empty written one are kept back within the hour; the latest
+    /// kept one is written before the next that differs; a new hour, or a store that holds
+    /// something else for the cache, is written at once.
+    #[test]
+    fn only_empty_samples_like_the_written_one_are_skipped() {
+        let id = CacheId::generate();
+        let h = 1_800_000_000_000i64 - 3_600_000;
+        let mut batch = Vec::new();
+        let mut step = |at, bytes, stored_nonempty| {
+            batch.clear();
+            to_write(&mut batch, &id, 7, sample(at, bytes), stored_nonempty);
+            batch.iter().map(|(_, since, s)| (*since, s.at_ms, s.bytes)).collect::<Vec<_>>()
+        };
+        assert_eq!(step(h + 1_000, 0, false), vec![(7, h + 1_000, 0)], "first: written");
+        assert_eq!(step(h + 6_000, 0, false), vec![], "empty like the last: kept back");
+        assert_eq!(step(h + 11_000, 0, false), vec![]);
+        assert_eq!(step(h + 16_000, 0, true), vec![(7, h + 16_000, 0)], "the store holds another");
+        assert_eq!(step(h + 21_000, 0, false), vec![]);
+        assert_eq!(step(h + 26_000, 50, false), vec![(7, h + 21_000, 0), (7, h + 26_000, 50)]);
+        assert_eq!(step(h + 31_000, 50, false), vec![(7, h + 31_000, 50)], "not empty: written");
+        assert_eq!(step(h + 36_000, 0, false), vec![(7, h + 36_000, 0)]);
+        assert_eq!(step(h + 3_599_000, 0, false), vec![]);
+        assert_eq!(step(h + 3_604_000, 0, false), vec![(7, h + 3_604_000, 0)], "a new hour");
+    }
 }

@@ -66,14 +66,21 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 continue;
             }
         };
-        // (pool, placement target) → its ACL users; a cluster pool's target lists the users
-        // the pool sets on every node of the cluster.
-        let mut users: HashMap<(String, String), Vec<String>> = HashMap::new();
+        // (pool, placement target) → its token ACL users by their cache's own user (`t<id>`);
+        // a cluster pool's target lists the users the pool sets on every node of the cluster.
+        // Grouped once, so each cache finds its own in O(1) (not by scanning every user).
+        let mut users: HashMap<(String, String), HashMap<String, Vec<String>>> = HashMap::new();
         for (pool_name, pool) in state.pools.iter() {
             for target in pool.loads().into_iter().map(|l| l.node) {
                 match pool.acl_users_with_prefix(&target, "").await {
                     Ok(on_node) => {
-                        users.insert((pool_name.to_string(), target), on_node);
+                        let mut by_cache: HashMap<String, Vec<String>> = HashMap::new();
+                        for user in on_node {
+                            if let Some((cache_user, _)) = user.split_once(".jwt.") {
+                                by_cache.entry(cache_user.to_string()).or_default().push(user);
+                            }
+                        }
+                        users.insert((pool_name.to_string(), target), by_cache);
                     }
                     Err(e) => {
                         tracing::warn!(pool = pool_name, node = target, error = %e, "cannot list token ACL users")
@@ -83,10 +90,9 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
         }
         let mut seen = HashSet::new();
         for cache in caches {
-            let prefix = format!("{}.jwt.", cache.id.acl_user());
             let on_node: Vec<String> = users
-                .get(&(cache.pool.clone(), cache.node.clone()))
-                .map(|u| u.iter().filter(|u| u.starts_with(&prefix)).cloned().collect())
+                .get_mut(&(cache.pool.clone(), cache.node.clone()))
+                .and_then(|u| u.remove(&cache.id.acl_user()))
                 .unwrap_or_default();
             if on_node.is_empty() {
                 continue;

@@ -439,6 +439,34 @@ impl Pool {
         pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
     }
 
+    /// Those of `candidates` that exist as ACL users on the node (one `ACL GETUSER` each, in
+    /// one pipeline: O(1) per name, however many users the node has).
+    pub async fn existing_acl_users(
+        &self,
+        node: &str,
+        candidates: &[String],
+    ) -> Result<Vec<String>, EngineError> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(cluster) = &self.cluster {
+            return Ok(cluster.existing_users(candidates));
+        }
+        let node = self.node(node)?;
+        let mut conn = admin_conn(node).await?;
+        let mut pipe = redis::pipe();
+        for name in candidates {
+            pipe.cmd("ACL").arg("GETUSER").arg(name);
+        }
+        let found: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| node.valkey_err(e))?;
+        Ok(candidates
+            .iter()
+            .zip(found)
+            .filter(|(_, v)| !matches!(v, redis::Value::Nil))
+            .map(|(name, _)| name.clone())
+            .collect())
+    }
+
     /// Names of the node's ACL users that start with `prefix` (a cache's users).
     pub async fn acl_users_with_prefix(&self, node: &str, prefix: &str) -> Result<Vec<String>, EngineError> {
         if let Some(cluster) = &self.cluster {

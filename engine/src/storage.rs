@@ -191,6 +191,22 @@ impl StorageProbe {
         Ok(total)
     }
 
+    /// The databases holding at least one key on any of the probe's nodes, from one
+    /// `INFO keyspace` each (which lists only those): a cache none of whose databases is
+    /// among them stores nothing, and needs no [`StorageProbe::measure`].
+    pub async fn nonempty_dbs(&mut self) -> Result<HashSet<u32>, EngineError> {
+        let mut dbs = HashSet::new();
+        for part in &mut self.parts {
+            let info: String = redis::cmd("INFO")
+                .arg("keyspace")
+                .query_async(&mut part.conn)
+                .await
+                .map_err(|e| part.node.valkey_err(e))?;
+            dbs.extend(keyspace_dbs(&info));
+        }
+        Ok(dbs)
+    }
+
     /// Deletes `policy`'s candidates (every key, or only keys with a TTL), first in its order
     /// first, until about `bytes` are freed or none is left; in a cluster shard after shard
     /// (in order within each), until enough is freed.
@@ -221,6 +237,22 @@ impl StorageProbe {
     /// [`StorageProbe::evict`] with `volatile-lru`: keys with a TTL, idlest first.
     pub async fn evict_volatile_lru(&mut self, dbs: CacheDbs, bytes: u64) -> Result<Eviction, EngineError> {
         self.evict(dbs, EvictionPolicy::VolatileLru, bytes).await
+    }
+}
+
+/// The databases an `INFO keyspace` reply lists with keys (`db12:keys=3,expires=0,…`).
+fn keyspace_dbs(info: &str) -> impl Iterator<Item = u32> + '_ {
+    info.lines().filter_map(|l| {
+        let (db, rest) = l.strip_prefix("db")?.split_once(':')?;
+        let keys: u64 = rest.strip_prefix("keys=")?.split(',').next()?.trim().parse().ok()?;
+        (keys > 0).then(|| db.parse().ok()).flatten()
+    })
+}
+
+impl CacheDbs {
+    /// One of the cache's databases is among `nonempty` ([`StorageProbe::nonempty_dbs`]).
+    pub fn any_in(self, nonempty: &HashSet<u32>) -> bool {
+        self.iter().any(|db| nonempty.contains(&db))
     }
 }
 
@@ -494,4 +526,20 @@ impl NodeProbe {
 
 fn add(a: Eviction, b: Eviction) -> Eviction {
     Eviction { keys: a.keys + b.keys, bytes: a.bytes + b.bytes, exhausted: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_keyspace_lists_the_databases_with_keys() {
+        let info = "# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\ndb17:keys=30,expires=2,avg_ttl=5\r\n\
+                    db18:keys=0,expires=0,avg_ttl=0\r\n";
+        let dbs: HashSet<u32> = keyspace_dbs(info).collect();
+        assert_eq!(dbs, HashSet::from([0, 17]));
+        assert!(CacheDbs { db: 16, databases: 2 }.any_in(&dbs));
+        assert!(!CacheDbs { db: 18, databases: 1 }.any_in(&dbs));
+        assert!(!CacheDbs { db: 5, databases: 0 }.any_in(&dbs));
+    }
 }

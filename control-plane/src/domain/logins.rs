@@ -18,6 +18,25 @@ pub fn upstream_user(cache: &CacheRecord, username: &str) -> String {
     format!("{}.user.{username}", cache.id.acl_user())
 }
 
+/// Every name an upstream ACL user of the cache's logins may have, from the store (shared by
+/// every control plane): its cache users' (`.user.`), both LDAP roles' (`.ldap.rw`,
+/// `.ldap.ro`: fixed names) and the scopes of every token ever minted for it (`.jwt.`,
+/// revoked and expired tokens included, since their users may not have been swept yet).
+/// A cache's delete looks these up one by one (`ACL GETUSER`) instead of listing every user
+/// of the node.
+pub async fn possible_upstream_users(state: &AppState, cache: &CacheRecord) -> Result<Vec<String>, ApiError> {
+    let own = cache.id.acl_user();
+    let mut names: Vec<String> =
+        state.store.cache_users(&cache.id).await?.iter().map(|u| upstream_user(cache, &u.username)).collect();
+    names.extend(["rw", "ro"].map(|role| format!("{own}.ldap.{role}")));
+    for (perm, patterns) in state.store.token_scopes(&cache.id).await? {
+        names.extend(shoal_auth::token::upstream_user(&own, perm, &patterns));
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 /// The cache's own ACL rules (what a cache user's rules are intersected with).
 pub fn tenant_rules(cache: &CacheRecord) -> Vec<String> {
     cache.tenant_acl().setuser_rules()

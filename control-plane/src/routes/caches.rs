@@ -908,7 +908,9 @@ async fn remove_cache(state: &AppState, cache: &CacheRecord, mut event: AuditEve
     // Its users' ACL users (cache users and LDAP roles) go first: their connections close.
     let _users = state.users_lock.lock().await;
     let pool = state.pools.of(&cache.pool)?;
-    let users = pool.acl_users_with_prefix(&cache.node, &format!("{}.", acl.user)).await?;
+    // Looked up by name (O(1) each), not by listing every ACL user of the node.
+    let possible = crate::domain::logins::possible_upstream_users(state, cache).await?;
+    let users = pool.existing_acl_users(&cache.node, &possible).await?;
     pool.delete_cache_users(&cache.node, &users).await?;
     pool.delete_tenant(&cache.node, &acl).await?;
     let tracking = state.store.client_tracking(&cache.id).await?;

@@ -461,6 +461,27 @@ impl Store {
 
     // --- tokens ---
 
+    /// The distinct scopes (permission, key patterns) of every token ever minted for a cache,
+    /// revoked and expired ones included (rows are never deleted): which upstream ACL users
+    /// its tokens may have left on its node.
+    pub async fn token_scopes(
+        &self,
+        cache: &CacheId,
+    ) -> Result<Vec<(shoal_types::Permission, Vec<String>)>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT permission, key_patterns FROM tokens WHERE cache_id = $1")
+            .bind(cache.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    decode_value("permission", r.get("permission"), shoal_types::Permission::parse)?,
+                    serde_json::from_str(r.get::<&str, _>("key_patterns")).map_err(decode_err)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Tokens of a cache that are neither expired nor revoked.
     pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query(

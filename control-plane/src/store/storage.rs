@@ -74,81 +74,40 @@ impl Store {
         since_ms: i64,
         sample: &StorageSampleRecord,
     ) -> Result<bool, StoreError> {
+        let recorded = self.record_storage_samples(&[(cache.clone(), since_ms, *sample)]).await?;
+        Ok(recorded == 1)
+    }
+
+    /// [`Store::record_storage_sample`] for several samples (a sampling round's) in one
+    /// transaction: one commit (and on SQLite one wait for the write lock) for all of them.
+    /// Returns how many were recorded.
+    pub async fn record_storage_samples(
+        &self,
+        samples: &[(CacheId, i64, StorageSampleRecord)],
+    ) -> Result<usize, StoreError> {
+        if samples.is_empty() {
+            return Ok(0);
+        }
         let mut tx = self.backend.begin_write(&self.pool).await?;
-        let previous: Option<i64> = sqlx::query("SELECT sampled_at FROM cache_storage WHERE cache_id = $1")
-            .bind(cache.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.get("sampled_at"));
-        // A sample taken before the latest one recorded (two samplers at once: a takeover of
-        // the sampler's lease, or a gateway's request) changes nothing: it would move the
-        // latest sample back, and the next one would accrue that time again.
-        if previous.is_some_and(|prev| prev >= sample.at_ms) {
-            return Ok(false);
-        }
-        let claimed = match previous {
-            // Only if the previous sample is still the latest: two samplers never both accrue.
-            Some(prev) => sqlx::query(
-                "UPDATE cache_storage SET bytes = $1, keys = $2, sampled_at = $3, storage_full = $4,
-                        evicted_keys = evicted_keys + $5
-                 WHERE cache_id = $6 AND sampled_at = $7",
-            )
-            .bind(sample.bytes as i64)
-            .bind(sample.keys as i64)
-            .bind(sample.at_ms)
-            .bind(sample.storage_full as i64)
-            .bind(sample.evicted_keys as i64)
-            .bind(cache.as_str())
-            .bind(prev)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-            None => sqlx::query(
-                "INSERT INTO cache_storage (cache_id, bytes, keys, sampled_at, storage_full, evicted_keys)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cache_id) DO NOTHING",
-            )
-            .bind(cache.as_str())
-            .bind(sample.bytes as i64)
-            .bind(sample.keys as i64)
-            .bind(sample.at_ms)
-            .bind(sample.storage_full as i64)
-            .bind(sample.evicted_keys as i64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-        };
-        if claimed == 0 {
-            return Ok(false);
-        }
-        let from = previous.unwrap_or(since_ms).max(sample.at_ms - MAX_COVER_MS).min(sample.at_ms);
-        let mut minutes = accrual(from, sample.at_ms, sample.bytes);
-        // The sample's own minute gets its size and evictions even if it accrues nothing there.
-        let own_minute = sample.at_ms.div_euclid(60_000) * 60;
-        if minutes.last().is_none_or(|(m, _)| *m != own_minute) {
-            minutes.push((own_minute, 0));
-        }
-        for (minute, byte_seconds) in minutes {
-            let own = minute == own_minute;
-            sqlx::query(
-                "INSERT INTO storage_usage (cache_id, minute, byte_seconds, max_bytes, evicted_keys)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (cache_id, minute) DO UPDATE SET
-                    byte_seconds = storage_usage.byte_seconds + excluded.byte_seconds,
-                    max_bytes = CASE WHEN excluded.max_bytes > storage_usage.max_bytes
-                                     THEN excluded.max_bytes ELSE storage_usage.max_bytes END,
-                    evicted_keys = storage_usage.evicted_keys + excluded.evicted_keys",
-            )
-            .bind(cache.as_str())
-            .bind(minute)
-            .bind(byte_seconds as i64)
-            // The sample's size counts for every minute it covers.
-            .bind(sample.bytes as i64)
-            .bind(if own { sample.evicted_keys as i64 } else { 0 })
-            .execute(&mut *tx)
-            .await?;
+        let mut recorded = 0;
+        for (cache, since_ms, sample) in samples {
+            if record_in(&mut tx, cache, *since_ms, sample).await? {
+                recorded += 1;
+            }
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(recorded)
+    }
+
+    /// Caches whose latest recorded sample is not empty (bytes or keys) or is full: the rest
+    /// stored nothing at their latest sample (usually most; a scan of `cache_storage`).
+    pub async fn nonempty_storage(&self) -> Result<HashSet<CacheId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT cache_id FROM cache_storage WHERE bytes <> 0 OR keys <> 0 OR storage_full <> 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().filter_map(|r| CacheId::parse(r.get::<&str, _>("cache_id")).ok()).collect())
     }
 
     /// The live caches among `ids`, in one query (the gateways' route refresh).
@@ -254,6 +213,95 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// One sample of [`Store::record_storage_samples`], in its transaction.
+async fn record_in(
+    tx: &mut sqlx::AnyConnection,
+    cache: &CacheId,
+    since_ms: i64,
+    sample: &StorageSampleRecord,
+) -> Result<bool, StoreError> {
+    let previous: Option<i64> = sqlx::query("SELECT sampled_at FROM cache_storage WHERE cache_id = $1")
+        .bind(cache.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get("sampled_at"));
+    // A sample taken before the latest one recorded (two samplers at once: a takeover of
+    // the sampler's lease, or a gateway's request) changes nothing: it would move the
+    // latest sample back, and the next one would accrue that time again.
+    if previous.is_some_and(|prev| prev >= sample.at_ms) {
+        return Ok(false);
+    }
+    let claimed = match previous {
+        // Only if the previous sample is still the latest: two samplers never both accrue.
+        Some(prev) => sqlx::query(
+            "UPDATE cache_storage SET bytes = $1, keys = $2, sampled_at = $3, storage_full = $4,
+                    evicted_keys = evicted_keys + $5
+             WHERE cache_id = $6 AND sampled_at = $7",
+        )
+        .bind(sample.bytes as i64)
+        .bind(sample.keys as i64)
+        .bind(sample.at_ms)
+        .bind(sample.storage_full as i64)
+        .bind(sample.evicted_keys as i64)
+        .bind(cache.as_str())
+        .bind(prev)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
+        None => sqlx::query(
+            "INSERT INTO cache_storage (cache_id, bytes, keys, sampled_at, storage_full, evicted_keys)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cache_id) DO NOTHING",
+        )
+        .bind(cache.as_str())
+        .bind(sample.bytes as i64)
+        .bind(sample.keys as i64)
+        .bind(sample.at_ms)
+        .bind(sample.storage_full as i64)
+        .bind(sample.evicted_keys as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected(),
+    };
+    if claimed == 0 {
+        return Ok(false);
+    }
+    let from = previous.unwrap_or(since_ms).max(sample.at_ms - MAX_COVER_MS).min(sample.at_ms);
+    let mut minutes = accrual(from, sample.at_ms, sample.bytes);
+    // The sample's own minute gets its size and evictions even if it accrues nothing there.
+    let own_minute = sample.at_ms.div_euclid(60_000) * 60;
+    if minutes.last().is_none_or(|(m, _)| *m != own_minute) {
+        minutes.push((own_minute, 0));
+    }
+    // Minutes that accrue nothing (an empty cache's) get no row, but for one per hour
+    // (the sample's own minute in its hour): a row is what makes a cache-hour billable for
+    // the storage minimum (see shoal_billing::rollup), and more would only add zeros.
+    let mut hours_with_row = std::collections::HashSet::from([own_minute.div_euclid(3600)]);
+    minutes.retain(|&(minute, byte_seconds)| {
+        minute == own_minute || byte_seconds > 0 || hours_with_row.insert(minute.div_euclid(3600))
+    });
+    for (minute, byte_seconds) in minutes {
+        let own = minute == own_minute;
+        sqlx::query(
+            "INSERT INTO storage_usage (cache_id, minute, byte_seconds, max_bytes, evicted_keys)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (cache_id, minute) DO UPDATE SET
+                byte_seconds = storage_usage.byte_seconds + excluded.byte_seconds,
+                max_bytes = CASE WHEN excluded.max_bytes > storage_usage.max_bytes
+                                 THEN excluded.max_bytes ELSE storage_usage.max_bytes END,
+                evicted_keys = storage_usage.evicted_keys + excluded.evicted_keys",
+        )
+        .bind(cache.as_str())
+        .bind(minute)
+        .bind(byte_seconds as i64)
+        // The sample's size counts for every minute it covers.
+        .bind(sample.bytes as i64)
+        .bind(if own { sample.evicted_keys as i64 } else { 0 })
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -388,6 +436,47 @@ mod tests {
         store.record_storage_sample(&id, 0, &sample(t0 + 3_600_000, 10, 0)).await.unwrap();
         let all = store.storage_usage(&id, 0, i64::MAX).await.unwrap();
         assert_eq!(all.iter().map(|u| u.byte_seconds).sum::<u64>(), 2 * 10 * 15 * 60);
+    }
+
+    /// An empty cache's samples add one row per hour (what billing needs for the storage
+    /// minimum), not one per minute; a batch records like samples one by one.
+    #[tokio::test]
+    async fn an_empty_cache_gets_one_row_per_hour_and_batches_record_alike() {
+        let (store, id, _dir) = store_with_cache().await;
+        let t0 = 1_800_000_000_000i64 - 3_600_000; // an hour boundary
+        let batch = [
+            (id.clone(), t0 - 120_000, sample(t0 + 600_000, 0, 0)),
+            // Reaches back 15 minutes only, over the hour boundary.
+            (id.clone(), 0, sample(t0 + 3_600_000 + 300_000, 0, 0)),
+            (id.clone(), 0, sample(t0 + 3_600_000 + 360_000, 0, 4)),
+            (id.clone(), 0, sample(t0 + 3_600_000 + 420_000, 1_000, 0)),
+            // Out of order: not recorded.
+            (id.clone(), 0, sample(t0 + 3_600_000 + 400_000, 5, 0)),
+        ];
+        assert_eq!(store.record_storage_samples(&batch).await.unwrap(), 4);
+        let (h0, h1) = (t0 / 1000, t0 / 1000 + 3600);
+        let minutes: Vec<(i64, u64, u64)> = store
+            .storage_usage(&id, 0, i64::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|u| (u.minute, u.byte_seconds, u.evicted_keys))
+            .collect();
+        assert_eq!(
+            minutes,
+            vec![
+                // The first sample reaches back to its cache's creation, in the hour before:
+                // that hour's first minute, and its own minute.
+                (h0 - 120, 0, 0),
+                (h0 + 600, 0, 0),
+                // The second reaches back 15 minutes, into hour 0 (its first minute there).
+                (h0 + 3000, 0, 0),
+                (h1 + 300, 0, 0),
+                // The third's own minute (its evictions), where the fourth accrues 60 s.
+                (h1 + 360, 60 * 1_000, 4),
+                (h1 + 420, 0, 0),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -691,6 +691,12 @@ impl Cluster {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Those of `candidates` that are among the pool's ACL users.
+    pub fn existing_users(&self, candidates: &[String]) -> Vec<String> {
+        let users = self.users.lock().unwrap();
+        candidates.iter().filter(|u| users.contains_key(u.as_str())).cloned().collect()
+    }
+
     /// Names of the pool's ACL users that start with `prefix`.
     pub fn users_with_prefix(&self, prefix: &str) -> Vec<String> {
         self.users.lock().unwrap().keys().filter(|u| u.starts_with(prefix)).cloned().collect()
