@@ -89,18 +89,18 @@ impl Session {
         };
         let ns = Namespace::new(&route.acl_user, route.db, route.databases, &route.keyspace_events);
         let route = with_login(route, &upstream);
+        // The node checks the login (a deleted cache's ACL user is gone, so a stale route
+        // fails here). On an error, dropping the registration gives the slot back.
+        let stream = upstream::connect(&route, route.db, self.endpoint == super::Endpoint::Reader).await?;
         // A session that will send its stateless commands to the cache's shared connection
-        // opens its own only when a command needs one: an idle client holds no upstream
-        // connection. The others (a login with its own ACL user, RESP3, the reader endpoint,
-        // a cluster pool) open theirs now, so a login the node refuses fails here.
+        // gives this one back and opens its own again only when a command needs it: an idle
+        // client holds no upstream connection. The others (a login with its own ACL user,
+        // RESP3, the reader endpoint, a cluster pool) keep it.
         let shares = upstream.is_none()
             && self.proto == 2
             && self.endpoint == super::Endpoint::Primary
             && route.cluster_nodes.is_empty();
         if !shares {
-            // (On an error, dropping the registration gives the slot back.)
-            let stream =
-                upstream::connect(&route, route.db, self.endpoint == super::Endpoint::Reader).await?;
             let (read, write) = stream.into_split();
             self.up_read = Some(read);
             self.up_metric = Some(crate::metrics::Upstream::opened());
