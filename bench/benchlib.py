@@ -42,6 +42,27 @@ def free_ports(n):
             s.close()
 
 
+def wait_for_dev(proc, rest_port, data_dir, tries=600):
+    """Waits until a `shoal dev` started with `--data-dir data_dir` answers /readyz on
+    `rest_port` (exits if it died); returns its bootstrap admin token. For the benchmarks
+    that start their own platform (provision.py, density.py, idle_clients.py)."""
+    import http.client, time
+    token_path = os.path.join(data_dir, "admin.token")
+    for _ in range(tries):
+        if proc.poll() is not None:
+            sys.exit(f"shoal dev exited with {proc.returncode}")
+        if os.path.exists(token_path):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=5)
+                c.request("GET", "/readyz")
+                if c.getresponse().status == 200:
+                    return open(token_path).read().strip()
+            except OSError:
+                pass
+        time.sleep(0.1)
+    sys.exit(f"shoal dev did not become ready on port {rest_port}")
+
+
 def cpu_busy(seconds):
     """Percentage of CPU time (all cores) not idle over `seconds`, from /proc/stat."""
     import time

@@ -12,6 +12,9 @@ Starts its own `shoal dev` (release build by default) in a temporary directory.
 """
 import argparse, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
 GOALS = {"ratio": 1.5, "create_total_s": 600, "restart_s": 30, "page_p99_ms": 50}
 
 
@@ -122,21 +125,12 @@ def main():
     log = open(os.path.join(tmp, "shoal.log"), "w")
     proc = subprocess.Popen([args.binary, "dev", "--data-dir", os.path.join(tmp, ".shoal"), "--rest-port", str(rest),
                              "--resp-port", str(resp_port), "--internal-port", str(internal), "--tls-port", "0",
-                             "--reader-port", "0", "--node-ports", str(node_port), "--lfu-nodes", "0",
+                             "--reader-port", "0", "--node-ports", str(node_port), "--lfu-nodes", "0", "--dedicated-nodes", "0",
                              "--databases", str(n + 1), "--default-storage-mb", "1",
                              "--node-maxmemory-mb", str(maxmemory_mb)], stdout=log, stderr=log)
     node_dir = os.path.join(tmp, ".shoal", "valkey", "n0")
     try:
-        token_path = os.path.join(tmp, ".shoal", "admin.token")
-        for _ in range(600):
-            if proc.poll() is not None: sys.exit(f"shoal dev exited; see {log.name}")
-            if os.path.exists(token_path):
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", rest, timeout=5); c.request("GET", "/readyz")
-                    if c.getresponse().status == 200: break
-                except OSError: pass
-            time.sleep(0.1)
-        token = open(token_path).read().strip()
+        token = benchlib.wait_for_dev(proc, rest, os.path.join(tmp, ".shoal"))
         api = Api(rest, token)
 
         print(f"{n} caches on one node, {args.creators} concurrent clients, SQLite store", flush=True)

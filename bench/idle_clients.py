@@ -15,6 +15,9 @@ Usage: bench/idle_clients.py [--caches N] [--clients N] [--settle S] [--binary P
 """
 import argparse, http.client, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
 
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
@@ -71,15 +74,8 @@ def main():
         stdout=log, stderr=log)
     clients = []
     try:
-        token_path = os.path.join(tmp, ".shoal", "admin.token")
-        for _ in range(300):
-            if os.path.exists(token_path):
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", rest, timeout=5); c.request("GET", "/readyz")
-                    if c.getresponse().status == 200: break
-                except OSError: pass
-            time.sleep(0.1)
-        headers = {"Authorization": f"Bearer {open(token_path).read().strip()}", "Content-Type": "application/json"}
+        token = benchlib.wait_for_dev(proc, rest, os.path.join(tmp, ".shoal"))
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         conn = http.client.HTTPConnection("127.0.0.1", rest, timeout=60)
 
         def call(method, path, body):

@@ -8,6 +8,9 @@ databases for N caches. ElastiCache Serverless takes about a minute to create a 
 """
 import argparse, http.client, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
 def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
 
@@ -30,15 +33,7 @@ def main():
                              # Storage limits must fit the nodes: 1 MB each lets 1,000 caches in.
                              "--default-storage-mb", "1"], stdout=log, stderr=log)
     try:
-        token_path = os.path.join(tmp, ".shoal", "admin.token")
-        for _ in range(300):
-            if os.path.exists(token_path):
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", rest, timeout=5); c.request("GET", "/readyz")
-                    if c.getresponse().status == 200: break
-                except OSError: pass
-            time.sleep(0.1)
-        token = open(token_path).read().strip()
+        token = benchlib.wait_for_dev(proc, rest, os.path.join(tmp, ".shoal"))
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         conn = http.client.HTTPConnection("127.0.0.1", rest, timeout=30)
 

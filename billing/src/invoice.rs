@@ -325,31 +325,11 @@ impl Invoice {
     /// length (to 10 decimals), at the card's `per_snapshot_gb_month`. Lines stay sorted by
     /// cache, then meter; the totals are recomputed.
     pub fn add_snapshot_storage(&mut self, snapshots: &[KeptSnapshot]) {
-        let (start, until) = (self.period_start.timestamp(), self.usage_until.timestamp());
-        let month_seconds = (self.period_end.timestamp() - start).max(1) as u128;
-        let mut per_cache: BTreeMap<&CacheId, u128> = BTreeMap::new();
-        for s in snapshots {
-            let (from, to) = (s.from.max(start), s.until.unwrap_or(i64::MAX).min(until));
-            if to > from {
-                *per_cache.entry(&s.cache_id).or_default() += s.bytes as u128 * (to - from) as u128;
-            }
-        }
-        let price = self.rates.per_snapshot_gb_month;
-        for (cache_id, byte_seconds) in per_cache {
-            // GB-months × 10^10 = byte-seconds × 10^10 / (10^9 × month seconds).
-            let quantity = decimal(div_half_even(byte_seconds * 10, month_seconds) as i128, 10);
-            self.lines.push(InvoiceLine {
-                cache_id: cache_id.clone(),
-                cache_name: None,
-                meter: Meter::Snapshots,
-                quantity,
-                unit: Meter::Snapshots.unit().to_owned(),
-                unit_price: price,
-                amount: (quantity * price).normalize(),
-            });
-        }
-        self.lines.sort_by(|a, b| (&a.cache_id, a.meter).cmp(&(&b.cache_id, b.meter)));
-        (self.subtotal, self.total) = totals(&self.lines);
+        let month_seconds = (self.period_end.timestamp() - self.period_start.timestamp()).max(1) as u128;
+        let kept = snapshots.iter().map(|s| (&s.cache_id, s.from, s.until, s.bytes as u128));
+        // GB-months × 10^10 = byte-seconds × 10^10 / (10^9 × month seconds).
+        let quantity = |byte_seconds: u128| div_half_even(byte_seconds * 10, month_seconds);
+        self.add_time_lines(Meter::Snapshots, self.rates.per_snapshot_gb_month, kept, quantity);
     }
 
     /// Adds a node-hour line per dedicated cache that had its node in the invoice's period
@@ -357,23 +337,39 @@ impl Invoice {
     /// `per_dedicated_node_hour` (billed per second, as ElastiCache bills nodes). Lines stay
     /// sorted; the totals are recomputed.
     pub fn add_dedicated_nodes(&mut self, spans: &[DedicatedSpan]) {
+        let held = spans.iter().map(|s| (&s.cache_id, s.from, s.until, 1));
+        // Hours × 10^10 = seconds × 10^10 / 3600.
+        let quantity = |seconds: u128| div_half_even(seconds * 10_000_000_000, 3600);
+        self.add_time_lines(Meter::DedicatedNode, self.rates.per_dedicated_node_hour, held, quantity);
+    }
+
+    /// Adds a `meter` line per cache of `spans` (cache, from, until or None: still, weight)
+    /// that overlap the invoice's period up to `usage_until`: its weight × seconds within it,
+    /// turned by `quantity` into the meter's unit × 10^10, at `price`. Lines stay sorted by
+    /// cache, then meter; the totals are recomputed.
+    fn add_time_lines<'a>(
+        &mut self,
+        meter: Meter,
+        price: Decimal,
+        spans: impl Iterator<Item = (&'a CacheId, i64, Option<i64>, u128)>,
+        quantity: impl Fn(u128) -> u128,
+    ) {
         let (start, until) = (self.period_start.timestamp(), self.usage_until.timestamp());
         let mut per_cache: BTreeMap<&CacheId, u128> = BTreeMap::new();
-        for s in spans {
-            let (from, to) = (s.from.max(start), s.until.unwrap_or(i64::MAX).min(until));
+        for (cache_id, from, to, weight) in spans {
+            let (from, to) = (from.max(start), to.unwrap_or(i64::MAX).min(until));
             if to > from {
-                *per_cache.entry(&s.cache_id).or_default() += (to - from) as u128;
+                *per_cache.entry(cache_id).or_default() += weight * (to - from) as u128;
             }
         }
-        let price = self.rates.per_dedicated_node_hour;
-        for (cache_id, seconds) in per_cache {
-            let quantity = decimal(div_half_even(seconds * 10_000_000_000, 3600) as i128, 10);
+        for (cache_id, amount) in per_cache {
+            let quantity = decimal(quantity(amount) as i128, 10);
             self.lines.push(InvoiceLine {
                 cache_id: cache_id.clone(),
                 cache_name: None,
-                meter: Meter::DedicatedNode,
+                meter,
                 quantity,
-                unit: Meter::DedicatedNode.unit().to_owned(),
+                unit: meter.unit().to_owned(),
                 unit_price: price,
                 amount: (quantity * price).normalize(),
             });

@@ -447,16 +447,7 @@ async fn a_dedicated_cache_runs_search_vectors_and_functions_on_a_node_of_its_ow
     ));
     let (status, _) = dev.api(Method::DELETE, &format!("/v1/caches/{id}"), None).await;
     assert_eq!(status, 204);
-    let month = chrono::Utc::now().format("%Y-%m");
-    let invoice_id = format!("{}-{month}", cache["account_id"].as_str().unwrap());
-    let (status, invoice) = dev.api(Method::GET, &format!("/v1/invoices/{invoice_id}"), None).await;
-    assert_eq!(status, 200, "{invoice}");
-    let line = invoice["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["meter"] == "dedicated_node" && l["cache_id"] == id.as_str())
-        .unwrap_or_else(|| panic!("no node-hour line for {id}: {invoice}"));
+    let line = dev.invoice_line(cache["account_id"].as_str().unwrap(), &id, "dedicated_node").await;
     assert_eq!((line["unit"].as_str(), line["unit_price"].as_str()), (Some("node-hour"), Some("0.126")));
     let hours: f64 = line["quantity"].as_str().unwrap().parse().unwrap();
     // Up to the last completed minute; less in the first two hours of a month.

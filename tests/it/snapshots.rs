@@ -283,16 +283,7 @@ async fn every_data_type_round_trips_into_a_new_cache_and_the_rdb_holds_this_cac
         snap["id"].as_str().unwrap()
     ));
     let (_, source) = dev.api(Method::GET, &format!("/v1/caches/{a}"), None).await;
-    let month = chrono::Utc::now().format("%Y-%m");
-    let invoice_id = format!("{}-{month}", source["account_id"].as_str().unwrap());
-    let (status, invoice) = dev.api(Method::GET, &format!("/v1/invoices/{invoice_id}"), None).await;
-    assert_eq!(status, 200, "{invoice}");
-    let line = invoice["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["meter"] == "snapshots" && l["cache_id"] == a.as_str())
-        .unwrap_or_else(|| panic!("no snapshot line for {a}: {invoice}"));
+    let line = dev.invoice_line(source["account_id"].as_str().unwrap(), &a, "snapshots").await;
     assert_eq!(line["unit"], "GB-month");
     assert_eq!(line["unit_price"], "0.085");
 }

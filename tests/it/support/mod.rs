@@ -565,6 +565,22 @@ impl ShoalDev {
         assert_eq!(status, 200, "{body}");
     }
 
+    /// The line of this month's invoice of `account` for `cache` and `meter` (`ecpu`,
+    /// `storage`, `snapshots`, `dedicated_node`).
+    pub async fn invoice_line(&self, account: &str, cache: &str, meter: &str) -> Value {
+        let month = chrono::Utc::now().format("%Y-%m");
+        let (status, invoice) =
+            self.api(reqwest::Method::GET, &format!("/v1/invoices/{account}-{month}"), None).await;
+        assert_eq!(status, 200, "{invoice}");
+        invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["meter"] == meter && l["cache_id"] == cache)
+            .unwrap_or_else(|| panic!("no {meter} line for {cache}: {invoice}"))
+            .clone()
+    }
+
     pub async fn mint_token(&self, cache_id: &str) -> String {
         let (status, body) =
             self.api(reqwest::Method::POST, &format!("/v1/caches/{cache_id}/tokens"), None).await;
