@@ -350,7 +350,17 @@ async fn print_pools(pools: &shoal_control_plane::pools::Pools) {
         let default = if name == pools.default_name() { ", the default" } else { "" };
         println!("  Engine pool    {name} ({}{default})", pool.kind());
         for node in pool.nodes() {
-            println!("    Valkey node  {} at {} (data in {})", node.name(), node.addr(), node.dir.display());
+            let holds = match (node.placement(), node.key_access()) {
+                (Placement::Dedicated, _) => ": one dedicated cache",
+                (_, KeyAccess::Frequency) => ": caches with an LFU policy",
+                _ => "",
+            };
+            println!(
+                "    Valkey node  {} at {} (data in {}{holds})",
+                node.name(),
+                node.addr(),
+                node.dir.display()
+            );
         }
         let Some(cluster) = pool.cluster() else { continue };
         println!("    (data in {})", cluster.config().dir.display());
