@@ -18,7 +18,9 @@ import socket
 import statistics
 import sys
 
-TARGETS = ("direct", "gateway", "twemproxy")
+TARGETS = ("direct", "gateway", "tls", "twemproxy")
+# The targets of the ops/s table (tls, the gateway's TLS endpoint, is in the CPU table).
+OPS_TARGETS = ("direct", "gateway", "twemproxy")
 # Informational targets: gateway ops/s over twemproxy ops/s, by pipeline depth.
 TWEMPROXY_TARGETS = {1: 1.0, 16: 2.0}
 # Goals: the gateway's CPU time per request at most this share of twemproxy's.
@@ -241,8 +243,14 @@ def report(raw_dir, meta_path, out_path):
         cpu_rounds = cpu_round_ratios(runs.get("gateway", []), runs.get("twemproxy", []))
         cpu_ratio = statistics.median(cpu_rounds) if cpu_rounds else None
         cpu_goal = CPU_GOALS.get(pipeline)
+        # The gateway with TLS on its RESP endpoint against twemproxy (which has no TLS).
+        tls_rounds = cpu_round_ratios(runs.get("tls", []), runs.get("twemproxy", []))
+        tls_ratio = statistics.median(tls_rounds) if tls_rounds else None
         results.append({
             "command": cmd,
+            "cpu_tls_over_twemproxy": tls_ratio,
+            "cpu_per_round_tls_over_twemproxy": tls_rounds,
+            "cpu_tls_goal_met": (tls_ratio <= cpu_goal) if (tls_ratio is not None and cpu_goal) else None,
             "cpu_gateway_over_twemproxy": cpu_ratio,
             "cpu_per_round_gateway_over_twemproxy": cpu_rounds,
             "cpu_goal": cpu_goal,
@@ -283,7 +291,7 @@ def report(raw_dir, meta_path, out_path):
     for r in results:
         t = r["targets"]
         cells = []
-        for name in TARGETS:
+        for name in OPS_TARGETS:
             s = t[name]
             cells.append(f"{fmt_rps(s)}  {fmt_ms(s, 'p50_latency_ms')}   {fmt_ms(s, 'p99_latency_ms')}|")
         goal = r["goal_gateway_over_twemproxy"]
@@ -298,7 +306,7 @@ def report(raw_dir, meta_path, out_path):
     spread = []
     for r in results:
         parts = []
-        for name in TARGETS:
+        for name in OPS_TARGETS:
             s = r["targets"][name]
             if s.get("rps_all") and len(s["rps_all"]) > 1:
                 parts.append(f"{name} {(s['rps_max'] - s['rps_min']) / s['rps_median'] * 100:.0f}%")
@@ -317,7 +325,8 @@ def report(raw_dir, meta_path, out_path):
     print()
     print("CPU time per request of the serving process (/proc/<pid>/stat utime+stime), median of the rounds,")
     print("as total (user + kernel); gateway/twemproxy is the median of the per-round ratios of the totals:")
-    print(f"{'cmd  P':<10}{'direct µs':>17}{'gateway µs':>17}{'twemproxy µs':>17}  {'gateway/twemproxy (goal)':<34}{'per round'}")
+    print(f"{'cmd  P':<10}{'direct µs':>17}{'gateway µs':>17}{'gateway TLS µs':>17}{'twemproxy µs':>17}  "
+          f"{'gateway/twemproxy (goal)':<34}{'per round':<16}{'TLS/twemproxy'}")
     for r in results:
         t = r["targets"]
 
@@ -331,8 +340,12 @@ def report(raw_dir, meta_path, out_path):
             ratio_txt = (f"{r['cpu_gateway_over_twemproxy']:.2f} (<= {r['cpu_goal']}: "
                          f"{'met' if r['cpu_goal_met'] else 'NOT met'})")
         rounds = " ".join(f"{v:.2f}" for v in r["cpu_per_round_gateway_over_twemproxy"])
-        print(f"{r['command']:<4} P{r['pipeline']:<4}{us('direct'):>17}{us('gateway'):>17}{us('twemproxy'):>17}  "
-              f"{ratio_txt:<34}{rounds}")
+        tls_txt = "-"
+        if r["cpu_tls_over_twemproxy"] is not None:
+            tls_txt = (f"{r['cpu_tls_over_twemproxy']:.2f} ({'met' if r['cpu_tls_goal_met'] else 'NOT met'}; "
+                       + " ".join(f"{v:.2f}" for v in r["cpu_per_round_tls_over_twemproxy"]) + ")")
+        print(f"{r['command']:<4} P{r['pipeline']:<4}{us('direct'):>17}{us('gateway'):>17}{us('tls'):>17}"
+              f"{us('twemproxy'):>17}  {ratio_txt:<34}{rounds:<16}{tls_txt}")
     print()
     if spread:
         print("Spread of ops/s across rounds ((max - min) / median):")

@@ -38,7 +38,8 @@ DATA_SIZE=100
 KEYSPACE=100000
 PIPELINES=(1 16)
 COMMANDS=(set get)
-TARGETS=(direct gateway twemproxy)
+# tls: the gateway's RESP-over-TLS endpoint (redis-benchmark --tls), for the CPU table.
+TARGETS=(direct gateway tls twemproxy)
 [[ "$WAIT_IDLE" =~ ^[0-9]+$ ]] || { echo "BENCH_WAIT_IDLE must be a number of seconds" >&2; exit 2; }
 [[ "$PERSISTENCE" == aof || "$PERSISTENCE" == none ]] || { echo "BENCH_PERSISTENCE must be aof or none" >&2; exit 2; }
 for v in REQUESTS ROUNDS TIMEOUT; do
@@ -132,9 +133,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mapfile -t PORTS < <(python3 bench/benchlib.py ports 7)
+mapfile -t PORTS < <(python3 bench/benchlib.py ports 8)
 VALKEY_PORT=${PORTS[0]} TWEM_PORT=${PORTS[1]} TWEM_STATS_PORT=${PORTS[2]}
-REST_PORT=${PORTS[3]} RESP_PORT=${PORTS[4]} NODE_PORT_1=${PORTS[5]} NODE_PORT_2=${PORTS[6]}
+REST_PORT=${PORTS[3]} RESP_PORT=${PORTS[4]} NODE_PORT_1=${PORTS[5]} NODE_PORT_2=${PORTS[6]} TLS_PORT=${PORTS[7]}
 
 wait_ping() { # port what pid [auth]
   local i auth=()
@@ -171,11 +172,13 @@ EOF
 NUTCRACKER_PID=$!
 wait_ping "$TWEM_PORT" nutcracker "$NUTCRACKER_PID" || { tail -n 20 "$TMP/nutcracker.log" >&2; die "nutcracker did not start"; }
 
-log "starting shoal dev (REST $REST_PORT, RESP $RESP_PORT, nodes $NODE_PORT_1,$NODE_PORT_2)"
-# SHOAL_TLS_PORT=0: no RESP-over-TLS listener (it would default to the fixed port 6381);
+log "starting shoal dev (REST $REST_PORT, RESP $RESP_PORT, TLS $TLS_PORT, nodes $NODE_PORT_1,$NODE_PORT_2)"
+# Free ports for every listener (the defaults are fixed ports); no reader endpoint, LFU or
+# dedicated node; every client is 127.0.0.1, so room for its 50 TLS handshakes at once (the
+# default, 20 per source, closes the others, and redis-benchmark waits for them forever);
 # NO_COLOR: a plain-text log.
-NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/.shoal" --rest-port "$REST_PORT" --resp-port "$RESP_PORT" \
-  --node-ports "$NODE_PORT_1,$NODE_PORT_2" </dev/null >"$TMP/shoal.out" 2>"$TMP/shoal.log" &
+NO_COLOR=1 SHOAL_MAX_TLS_HANDSHAKES_PER_SOURCE=100 SHOAL_TLS_PORT="$TLS_PORT" SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/.shoal" --rest-port "$REST_PORT" --resp-port "$RESP_PORT" \
+  --node-ports "$NODE_PORT_1,$NODE_PORT_2" --lfu-nodes 0 --dedicated-nodes 0 </dev/null >"$TMP/shoal.out" 2>"$TMP/shoal.log" &
 SHOAL_PID=$!
 REST="http://127.0.0.1:$REST_PORT"
 for ((i = 0; ; i++)); do
@@ -206,18 +209,20 @@ fi
 log "cache $CACHE_ID ready behind the gateway"
 
 # --- 4. Benchmark ---------------------------------------------------------------------------
-port_of() { case "$1" in direct) echo "$VALKEY_PORT" ;; gateway) echo "$RESP_PORT" ;; twemproxy) echo "$TWEM_PORT" ;; esac; }
+port_of() { case "$1" in direct) echo "$VALKEY_PORT" ;; gateway) echo "$RESP_PORT" ;; tls) echo "$TLS_PORT" ;; twemproxy) echo "$TWEM_PORT" ;; esac; }
 
 # The process that serves a target: its CPU time per request is the yardstick (throughput
 # ratios do not resolve on a noisy machine; CPU time does). For the gateway, `shoal dev`'s
 # process: the gateway and an idle control plane (the Valkey nodes are its children).
-pid_of() { case "$1" in direct) echo "$VALKEY_PID" ;; gateway) echo "$SHOAL_PID" ;; twemproxy) echo "$NUTCRACKER_PID" ;; esac; }
+pid_of() { case "$1" in direct) echo "$VALKEY_PID" ;; gateway | tls) echo "$SHOAL_PID" ;; twemproxy) echo "$NUTCRACKER_PID" ;; esac; }
 # utime and stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
 
 bench() { # target cmd pipeline requests outbase
   local auth=() rc=0 pid before after
   [[ "$1" == gateway ]] && auth=(-a "$TOKEN")
+  # The dev certificate is self-signed: encrypted, not verified (as `redis-cli --insecure`).
+  [[ "$1" == tls ]] && auth=(-a "$TOKEN" --tls --insecure)
   pid="$(pid_of "$1")"
   read -ra before <<<"$(cpu_ticks "$pid")"
   timeout --kill-after=10 "$TIMEOUT" redis-benchmark -h 127.0.0.1 -p "$(port_of "$1")" "${auth[@]}" \
