@@ -102,8 +102,53 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 tracing::warn!(cache = %cache.id, error = %e, "token ACL user sweep failed");
             }
         }
+        // What is left belongs to no live cache: a cache deleted while a mint that made its
+        // user failed before storing the token (a delete finds token users through the store).
+        for ((pool, target), by_cache) in users {
+            for (cache_user, orphans) in by_cache {
+                seen.extend(orphans.iter().cloned());
+                if let Err(e) =
+                    sweep_orphans(&state, &pool, &target, &cache_user, orphans, &mut unused_since).await
+                {
+                    tracing::warn!(pool, node = target, error = %e, "orphaned token ACL user sweep failed");
+                }
+            }
+        }
         unused_since.retain(|user, _| seen.contains(user));
     }
+}
+
+/// Deletes token ACL users of `cache_user`'s cache once it is confirmed deleted (or unknown)
+/// under `users_lock` and they were found so for the backend's grace (see [`sweep`]).
+async fn sweep_orphans(
+    state: &AppState,
+    pool: &str,
+    target: &str,
+    cache_user: &str,
+    orphans: Vec<String>,
+    unused_since: &mut HashMap<String, Instant>,
+) -> Result<(), ApiError> {
+    let _changing = state.users_lock.lock().await;
+    let id = cache_user.strip_prefix('t').and_then(|id| shoal_types::CacheId::parse(id).ok());
+    if let Some(id) = id {
+        if state.store.cache(&id).await?.is_some() {
+            return Ok(());
+        }
+    }
+    let grace = match state.store.backend {
+        crate::store::Backend::Postgres => UNUSED_FOR,
+        crate::store::Backend::Sqlite => Duration::ZERO,
+    };
+    let now = Instant::now();
+    let stale: Vec<String> = orphans
+        .into_iter()
+        .filter(|u| now.duration_since(*unused_since.entry(u.clone()).or_insert(now)) >= grace)
+        .collect();
+    state.pools.of(pool)?.delete_cache_users(target, &stale).await?;
+    if !stale.is_empty() {
+        tracing::info!(cache_user, deleted = stale.len(), "token ACL users of a deleted cache deleted");
+    }
+    Ok(())
 }
 
 /// Deletes those of the cache's token ACL users `on_node` that no live token uses (on

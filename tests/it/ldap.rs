@@ -248,6 +248,21 @@ async fn ldap_users_log_in_to_the_api_and_the_gateway_and_fail_closed() {
     assert_eq!(status, 503);
     let out = auth(&dev, &format!("alice@{id}"), "alice-pw").await;
     assert!(out.starts_with("-ERR the login directory (LDAP) is unavailable"), "{out}");
+
+    // Deleting the cache leaves none of its ACL users: its own, its cache user's, the LDAP
+    // roles' (found by name, not by listing every user on the node).
+    let acl_users = || async {
+        let mut all = Vec::new();
+        for mut admin in dev.node_admins().await {
+            let users: Vec<String> = redis::cmd("ACL").arg("USERS").query_async(&mut admin).await.unwrap();
+            all.extend(users.into_iter().filter(|u| u.starts_with(&format!("t{id}"))));
+        }
+        all
+    };
+    assert!(acl_users().await.iter().any(|u| u.contains(".ldap.")), "{:?}", acl_users().await);
+    let (status, _) = dev.api(Method::DELETE, &format!("/v1/caches/{id}"), None).await;
+    assert_eq!(status, 204);
+    assert_eq!(acl_users().await, Vec::<String>::new());
 }
 
 #[tokio::test]

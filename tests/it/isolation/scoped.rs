@@ -311,3 +311,36 @@ async fn token_acl_users_go_when_no_live_token_uses_them() {
     .await;
     assert_eq!(out, b"+OK\r\n+OK\r\n");
 }
+
+/// A token ACL user the store has no token for (a mint that made its user and then failed to
+/// store the token) goes too once its cache is deleted: a delete finds token users through
+/// the store, and the sweep takes what is left of caches that are gone.
+#[tokio::test]
+async fn a_deleted_caches_token_user_unknown_to_the_store_is_swept() {
+    // Sweeps 2 s apart: the stray user is made and its cache deleted between two of them.
+    let dev = ShoalDev::start_with(&["--acl-sweep-interval", "2"]).await;
+    let cache = dev.create_cache("half-minted").await;
+    let id = cache["id"].as_str().unwrap().to_string();
+    let stray = format!("{}.jwt.stray", shoal_types::CacheId::parse(&id).unwrap().acl_user());
+    let mut node = dev.admins_of(&cache).await.remove(0);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&stray)
+        .arg("on")
+        .arg(">pw-of-a-failed-mint")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    assert_eq!(token_acl_users(&dev, &id).await, [stray.as_str()]);
+    let (status, _) = dev.api(reqwest::Method::DELETE, &format!("/v1/caches/{id}"), None).await;
+    assert_eq!(status, 204);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !token_acl_users(&dev, &id).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} outlived its cache",
+            token_acl_users(&dev, &id).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
