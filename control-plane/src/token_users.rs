@@ -119,7 +119,7 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
 }
 
 /// Deletes token ACL users of `cache_user`'s cache once it is confirmed deleted (or unknown)
-/// under `users_lock` and they were found so for the backend's grace (see [`sweep`]).
+/// under `users_lock` and they were found so for the backend's grace ([`delete_unused`]).
 async fn sweep_orphans(
     state: &AppState,
     pool: &str,
@@ -135,18 +135,9 @@ async fn sweep_orphans(
             return Ok(());
         }
     }
-    let grace = match state.store.backend {
-        crate::store::Backend::Postgres => UNUSED_FOR,
-        crate::store::Backend::Sqlite => Duration::ZERO,
-    };
-    let now = Instant::now();
-    let stale: Vec<String> = orphans
-        .into_iter()
-        .filter(|u| now.duration_since(*unused_since.entry(u.clone()).or_insert(now)) >= grace)
-        .collect();
-    state.pools.of(pool)?.delete_cache_users(target, &stale).await?;
-    if !stale.is_empty() {
-        tracing::info!(cache_user, deleted = stale.len(), "token ACL users of a deleted cache deleted");
+    let deleted = delete_unused(state, pool, target, orphans, &HashSet::new(), unused_since).await?;
+    if deleted > 0 {
+        tracing::info!(cache_user, deleted, "token ACL users of a deleted cache deleted");
     }
     Ok(())
 }
@@ -161,25 +152,41 @@ async fn sweep(
 ) -> Result<usize, ApiError> {
     let _changing = state.users_lock.lock().await;
     let used = in_use(state, cache).await?;
+    let deleted = delete_unused(state, &cache.pool, &cache.node, on_node, &used, unused_since).await?;
+    if deleted > 0 {
+        tracing::info!(cache = %cache.id, deleted, "unused token ACL users deleted");
+    }
+    Ok(deleted)
+}
+
+/// Deletes from placement target `target` of `pool` those of `users` not in `used` that
+/// were found unused for the backend's grace (none on SQLite, where minting and sweeping
+/// share `users_lock`; [`UNUSED_FOR`] on PostgreSQL), per `unused_since`; returns how many.
+/// The caller holds `users_lock`.
+async fn delete_unused(
+    state: &AppState,
+    pool: &str,
+    target: &str,
+    users: Vec<String>,
+    used: &HashSet<String>,
+    unused_since: &mut HashMap<String, Instant>,
+) -> Result<usize, ApiError> {
     let grace = match state.store.backend {
         crate::store::Backend::Postgres => UNUSED_FOR,
         crate::store::Backend::Sqlite => Duration::ZERO,
     };
     let now = Instant::now();
     let mut stale = Vec::new();
-    for user in on_node {
+    for user in users {
         if used.contains(&user) {
             unused_since.remove(&user);
         } else if now.duration_since(*unused_since.entry(user.clone()).or_insert(now)) >= grace {
             stale.push(user);
         }
     }
-    state.pools.of(&cache.pool)?.delete_cache_users(&cache.node, &stale).await?;
+    state.pools.of(pool)?.delete_cache_users(target, &stale).await?;
     for user in &stale {
         unused_since.remove(user);
-    }
-    if !stale.is_empty() {
-        tracing::info!(cache = %cache.id, deleted = stale.len(), "unused token ACL users deleted");
     }
     Ok(stale.len())
 }

@@ -101,11 +101,7 @@ impl Session {
             && self.endpoint == super::Endpoint::Primary
             && route.cluster_nodes.is_empty();
         if !shares {
-            let (read, write) = stream.into_split();
-            self.up_read = Some(read);
-            self.up_metric = Some(crate::metrics::Upstream::opened());
-            self.up_write = Some(write);
-            self.up_in.reserve(super::own_link::UP_IN_CAPACITY);
+            self.attach_upstream(stream);
         }
         let entry = registration.entry().clone();
         entry.proto.store(self.proto, Ordering::Relaxed);

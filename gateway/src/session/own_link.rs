@@ -28,7 +28,7 @@ impl PartReply {
 }
 
 /// What the session reads its upstream replies into, reserved when its connection opens.
-pub(super) const UP_IN_CAPACITY: usize = 16 * 1024;
+const UP_IN_CAPACITY: usize = 16 * 1024;
 
 impl Session {
     /// Whether the session still sends stateless commands to the mux.
@@ -58,6 +58,16 @@ impl Session {
         true
     }
 
+    /// Takes `stream` as the session's own upstream connection, with room to read its replies.
+    pub(super) fn attach_upstream(&mut self, stream: upstream::Upstream) {
+        let (read, write) = stream.into_split();
+        self.up_read = Some(read);
+        self.up_metric = Some(crate::metrics::Upstream::opened());
+        self.up_write = Some(write);
+        self.up_in.clear();
+        self.up_in.reserve(UP_IN_CAPACITY);
+    }
+
     /// Re-opens the upstream connection after it was lost (node restart, network).
     pub(super) async fn connect_upstream(&mut self) -> bool {
         if self.up_write.is_some() {
@@ -77,12 +87,7 @@ impl Session {
         .await;
         match result {
             Ok((route, stream)) => {
-                let (read, write) = stream.into_split();
-                self.up_read = Some(read);
-                self.up_metric = Some(crate::metrics::Upstream::opened());
-                self.up_write = Some(write);
-                self.up_in.clear();
-                self.up_in.reserve(UP_IN_CAPACITY);
+                self.attach_upstream(stream);
                 self.replies = ReplyScanner::new();
                 if let Some(t) = self.tenant.as_mut() {
                     t.route = route;
