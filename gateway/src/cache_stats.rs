@@ -194,12 +194,16 @@ impl CacheStats {
 /// blob error): its first word, as Valkey takes it (up to a space within the first 32
 /// bytes; `ERR` when there is none). None for a reply that is not an error.
 pub fn error_code(reply: &[u8]) -> Option<&[u8]> {
-    let message = error_message(reply)?;
+    error_message(reply).map(code_of)
+}
+
+/// The code of an error message (see [`error_code`]).
+pub fn code_of(message: &[u8]) -> &[u8] {
     let head = &message[..message.len().min(32)];
-    Some(match head.iter().position(|&b| b == b' ') {
+    match head.iter().position(|&b| b == b' ') {
         Some(end) if end > 0 => &head[..end],
         _ => b"ERR",
-    })
+    }
 }
 
 /// The text of an error reply (without `-` and the line end); None for other replies.

@@ -376,18 +376,8 @@ async fn accept_loop(
         let local = stream.local_addr().unwrap_or(peer);
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            match acceptor {
-                None => {
-                    session::run(
-                        shared,
-                        session::ClientConn::Tcp(stream),
-                        endpoint,
-                        peer,
-                        local,
-                        unauthenticated,
-                    )
-                    .await
-                }
+            let conn = match acceptor {
+                None => session::ClientConn::Tcp(stream),
                 Some(acceptor) => {
                     // Without a handshake slot there is no TLS to say why in: just close.
                     let Some(handshake) = shared.handshakes_per_source.take(peer.ip()) else {
@@ -395,18 +385,18 @@ async fn accept_loop(
                         return;
                     };
                     let timeout = shared.config.tls_handshake_timeout;
-                    let accepted = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
+                    // (Boxed: the handshake's state would otherwise stay in every session's task.)
+                    let accepted = Box::pin(tokio::time::timeout(timeout, acceptor.accept(stream))).await;
                     drop(handshake);
                     match accepted {
-                        Ok(Ok(tls)) => {
-                            let conn = session::ClientConn::Tls(Box::new(tls));
-                            session::run(shared, conn, endpoint, peer, local, unauthenticated).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Ok(tls)) => session::ClientConn::Tls(Box::new(tls)),
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-            }
+            };
+            // One call for both kinds: a task holds one session, not room for two.
+            session::run(shared, conn, endpoint, peer, local, unauthenticated).await;
             drop(permit);
         });
     }

@@ -1002,3 +1002,29 @@ async fn info_tells_the_caches_memory_commands_errors_cpu_and_build() {
     assert_eq!(headers(&info(&mut a, &["CPU", "memory"]).await), ["# Memory", "# CPU"]);
     assert_eq!(info(&mut a, &["nosuchsection"]).await, "");
 }
+
+/// A client that idles gives its session's buffers back (half a second after its last
+/// command; see docs/performance.md, "Idle clients"): its next burst, big values included,
+/// is served as before, as often as it idles.
+#[tokio::test]
+async fn a_client_that_idled_is_served_as_before_after_its_buffers_are_given_back() {
+    let dev = shared().await;
+    let (_, token) = cache_with_token(&dev, "idler", 1).await;
+    let mut c = dev.client(&token).await.unwrap();
+    let big = "v".repeat(1 << 20);
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut pipe = redis::pipe();
+        for i in 0..200 {
+            pipe.set(format!("k{i}"), format!("{round}:{i}")).ignore();
+            pipe.get(format!("k{i}"));
+        }
+        let got: Vec<String> = pipe.query_async(&mut c).await.unwrap();
+        assert_eq!(got, (0..200).map(|i| format!("{round}:{i}")).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let _: () = c.set("big", &big).await.unwrap();
+        assert_eq!(c.get::<_, String>("big").await.unwrap().len(), big.len());
+        let (n,): (i64,) = redis::pipe().atomic().incr("n", 1).query_async(&mut c).await.unwrap();
+        assert_eq!(n, round + 1);
+    }
+}

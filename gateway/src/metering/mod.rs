@@ -90,10 +90,15 @@ pub(crate) enum TxPosition {
 
 /// The current Unix minute (seconds, a multiple of 60).
 pub fn current_minute() -> i64 {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
-            as i64;
-    secs - secs % 60
+    current_minute_and_rest().0
+}
+
+/// The current Unix minute, and how long until it ends.
+pub fn current_minute_and_rest() -> (i64, std::time::Duration) {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let into_minute = std::time::Duration::new(since_epoch.as_secs() % 60, since_epoch.subsec_nanos());
+    let secs = since_epoch.as_secs() as i64;
+    (secs - secs % 60, std::time::Duration::from_secs(60) - into_minute)
 }
 
 /// The gateway's counters not yet put into a batch: the sessions' slots of the [`journal`],

@@ -59,7 +59,7 @@ impl Session {
                     self.client_in.advance(frame.len);
                 }
                 Ok(None) => {
-                    if self.client_in.len() >= STREAM_REQUEST_FROM && self.start_streaming().await {
+                    if self.client_in.len() >= STREAM_REQUEST_FROM && Box::pin(self.start_streaming()).await {
                         continue;
                     }
                     break;
@@ -107,7 +107,7 @@ impl Session {
             streaming.refusal = Some(STORAGE_FULL.to_string());
         } else {
             let tx = if self.in_multi { TxPosition::Queued } else { TxPosition::Plain };
-            let started = self.now().0;
+            let started = self.now();
             if self.shared.config.metering {
                 self.meter_next = Some(Meter { spec, request: pos as u64, tx, started });
                 if !self.admit().await {
@@ -214,19 +214,19 @@ impl Session {
         self.begin_request();
         if let Some(msg) = decide::reject(spec, frame.len, self) {
             self.refuse(msg);
-            let now = self.now().0;
+            let now = self.now();
             return self.count_local_call(spec, now, 0, true);
         }
         if self.tenant.is_some() && self.shared.config.metering {
-            let tx = match spec.map(|s| s.name.as_str()) {
+            let tx = match spec.filter(|s| s.shoal.transaction).map(|s| s.name.as_str()) {
                 Some("exec") => TxPosition::Exec,
                 Some("discard") => TxPosition::Discard,
                 _ if self.in_multi => TxPosition::Queued,
                 _ => TxPosition::Plain,
             };
-            let started = self.now().0;
+            let started = self.now();
             self.meter_next = Some(Meter { spec, request: frame.len as u64, tx, started });
-            if !self.admit().await {
+            if self.must_wait_for_bucket() && !Box::pin(self.admit()).await {
                 return;
             }
         }
@@ -237,7 +237,9 @@ impl Session {
                 true
             }
             Action::Virtual => {
-                crate::cmd::run(self, spec.expect("virtual commands are in the table"), args).await;
+                // Boxed, as every rarely taken path with awaits: a session's task is as big
+                // as its largest await, and stays that big while the client idles.
+                Box::pin(crate::cmd::run(self, spec.expect("virtual commands are in the table"), args)).await;
                 false
             }
             Action::Forward { mux } => {
@@ -274,11 +276,11 @@ impl Session {
                     let err = Bytes::from_static(
                         b"-EXECABORT Transaction discarded because of previous errors.\r\n",
                     );
-                    return self.forward_command(&[b"DISCARD"], OnReply::Replace(err)).await;
+                    return Box::pin(self.forward_command(&[b"DISCARD"], OnReply::Replace(err))).await;
                 }
             }
         }
-        if !mux && !self.ensure_upstream().await {
+        if !(mux || self.upstream_ready() || Box::pin(self.ensure_upstream()).await) {
             return;
         }
         let tracked_keys = spec

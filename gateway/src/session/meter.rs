@@ -16,7 +16,7 @@ impl Session {
             TxPosition::Queued if !reply.starts_with(b"-") => self.queued.push((meter, delivered)),
             TxPosition::Queued => self.bill(meter, reply, delivered),
             TxPosition::Exec => {
-                let now = self.now().0;
+                let now = self.now();
                 self.count_call(&meter, now, reply);
                 let elements = metering::ecpu::reply_elements(reply);
                 if reply.starts_with(b"*") && elements == self.queued.len() as u64 {
@@ -37,7 +37,7 @@ impl Session {
                 }
             }
             TxPosition::Discard => {
-                let now = self.now().0;
+                let now = self.now();
                 self.count_call(&meter, now, reply);
                 self.bill_queued()
             }
@@ -62,20 +62,26 @@ impl Session {
             let len = len.min(chunk.len() - pos);
             let mut reply = &chunk[pos..pos + len];
             pos += len;
-            let part = std::mem::take(&mut self.mux_part);
-            let delivered = part.taken + len as u64;
-            if part.taken > 0 {
-                reply = &part.head;
+            // The rest of a reply whose start came in an earlier chunk.
+            let part = match self.mux_part.taken {
+                0 => None,
+                _ => Some(std::mem::take(&mut self.mux_part)),
+            };
+            let delivered = part.as_ref().map_or(0, |p| p.taken) + len as u64;
+            if let Some(p) = &part {
+                reply = &p.head;
             }
-            // `-ERR cache connection lost`: the gateway's own answer, not billed.
-            if let Some(m) = meter.filter(|m| m.spec.is_some_and(|s| s.script) && reply == crate::mux::LOST) {
-                self.script_lost(m.started);
-                self.scripts_over(1);
+            let Some(m) = meter else { continue };
+            if reply == crate::mux::LOST {
+                // `-ERR cache connection lost`: the gateway's own answer, not billed.
+                if m.spec.is_some_and(|s| s.script) {
+                    self.script_lost(m.started);
+                    self.scripts_over(1);
+                }
+                continue;
             }
-            if let Some(m) = meter.filter(|_| reply != crate::mux::LOST) {
-                let c = self.measure(m, reply, delivered);
-                billed.get_or_insert_with(UsageCounters::default).add(&c);
-            }
+            let c = self.measure(m, reply, delivered);
+            billed.get_or_insert_with(UsageCounters::default).add(&c);
         }
         if partial > 0 {
             self.mux_part.add(&chunk[chunk.len() - partial..]);
@@ -135,7 +141,7 @@ impl Session {
     /// The counters of one command (to tally); charges the bucket and counts the latency.
     pub(super) fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> UsageCounters {
         let mut c = metering::command(meter.spec, meter.request, reply, delivered);
-        let now = self.now().0;
+        let now = self.now();
         self.count_call(&meter, now, reply);
         if meter.spec.is_some_and(|s| s.script) {
             // Its time on the node: from when it was sent, or the reply before it arrived,
@@ -178,22 +184,29 @@ impl Session {
             return;
         }
         let mut full = false;
+        let error = cache_stats::error_message(reply);
         if let Some(spec) = meter.spec {
             let usec = match meter.tx == TxPosition::Queued || spec.blocking {
                 true => 0,
                 false => {
-                    now.saturating_duration_since(meter.started.max(self.last_reply_at)).as_micros() as u64
+                    // (The replies after the first of one event took no time of their own.)
+                    let since = meter.started.max(self.last_reply_at);
+                    if since >= now {
+                        0
+                    } else {
+                        (now - since).as_micros() as u64
+                    }
                 }
             };
-            let outcome = match cache_stats::error_message(reply) {
+            let outcome = match error {
                 None => Outcome::Ok,
                 Some(message) if cache_stats::rejected(message) => Outcome::Rejected,
                 Some(_) => Outcome::Failed,
             };
             full = self.tally.info.command(spec.index, usec, outcome);
         }
-        if let Some(code) = cache_stats::error_code(reply) {
-            full |= self.tally.info.error(code);
+        if let Some(message) = error {
+            full |= self.tally.info.error(cache_stats::code_of(message));
         }
         self.info_counted(full);
     }
@@ -253,7 +266,7 @@ impl Session {
     /// with `-THROTTLED` (not forwarded, not billed).
     pub(super) async fn admit(&mut self) -> bool {
         let (Some(t), Some(meter)) = (self.tenant.as_ref(), self.meter_next.as_ref()) else { return true };
-        if !t.bucket.limited() || meter.free() {
+        if !self.must_wait_for_bucket() {
             return true;
         }
         let (bucket, cost) = (t.bucket.clone(), meter.estimate());
@@ -278,14 +291,32 @@ impl Session {
         false
     }
 
+    /// Whether the next metered command has to pass [`Session::admit`]: its cache has an
+    /// ECPU limit and the command is not free (checked first, without an await).
+    pub(super) fn must_wait_for_bucket(&self) -> bool {
+        let (Some(t), Some(meter)) = (self.tenant.as_ref(), self.meter_next.as_ref()) else { return false };
+        t.bucket.limited() && !meter.free()
+    }
+
     /// The time of the event being handled, read on first use.
-    pub(super) fn now(&mut self) -> (Instant, i64) {
-        *self.clock.get_or_insert_with(|| (Instant::now(), metering::current_minute()))
+    pub(super) fn now(&mut self) -> Instant {
+        *self.clock.get_or_insert_with(Instant::now)
+    }
+
+    /// The Unix minute of the event being handled (the wall clock is read when the last
+    /// one read has ended: a clock step shows within a minute).
+    fn minute(&mut self) -> i64 {
+        let now = self.now();
+        if now >= self.minute.1 {
+            let (minute, left) = metering::current_minute_and_rest();
+            self.minute = (minute, now + left);
+        }
+        self.minute.0
     }
 
     /// Adds to the session's counters (of the current minute), in its journal slot.
     pub(super) fn tally(&mut self, c: UsageCounters) {
-        let minute = self.now().1;
+        let minute = self.minute();
         let Some(t) = &self.tenant else { return };
         if self.tally.slot.is_none() || minute != self.tally.minute {
             // The old minute's slot is sealed as it drops.

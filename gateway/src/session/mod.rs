@@ -234,9 +234,12 @@ pub(crate) struct Session {
     /// The loop's one timer, moved only when its deadline changes (see `deadline`).
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Instant,
-    /// The time of the event being handled (monotonic, and its Unix minute), read once
-    /// per event: every request and reply of a pipeline shares one clock read.
-    clock: Option<(Instant, i64)>,
+    /// The time of the event being handled, read once per event: every request and reply
+    /// of a pipeline shares one clock read.
+    clock: Option<Instant>,
+    /// The Unix minute usage is counted in, and the instant it ends: the wall clock is
+    /// read once a minute, not on every event.
+    minute: (i64, Instant),
     /// The latency bucket last computed: (request read at, reply event at, bucket).
     latency_memo: Option<(Instant, Instant, usize)>,
     /// Whether `CLIENT TRACKING` is on (keeps the hot path free of tracking work otherwise).
@@ -284,6 +287,8 @@ pub(crate) struct Session {
     /// Error replies the gateway made itself while logged in, and whether the last was a
     /// refusal before the command ran (for `commandstats`' rejected and failed calls).
     local_errors: (u64, bool),
+    /// Its buffers were given back while it idled ([`Session::trim_if_idle`]).
+    trimmed: bool,
 }
 
 enum Event {
@@ -335,7 +340,9 @@ pub async fn run(
         }
     };
     crate::metrics::session_started();
-    let mut session = Session {
+    // Boxed: its task then holds a pointer, not a second copy of it (the async state
+    // machine keeps room for both the value being built and the variable).
+    let mut session = Box::new(Session {
         shared,
         endpoint,
         peer,
@@ -366,6 +373,7 @@ pub async fn run(
         timer: Box::pin(tokio::time::sleep_until(Instant::now().into())),
         timer_at: Instant::now(),
         clock: None,
+        minute: (0, Instant::now()),
         latency_memo: None,
         tracking: false,
         reply_mode: ReplyMode::On,
@@ -389,7 +397,8 @@ pub async fn run(
         last_reply_at: Instant::now(),
         scripts_inflight: 0,
         local_errors: (0, false),
-    };
+        trimmed: false,
+    });
     let served = match conn {
         ClientConn::Tcp(mut stream) => {
             let (read, write) = stream.split();
@@ -397,7 +406,8 @@ pub async fn run(
         }
         ClientConn::Tls(stream) => {
             let (read, write) = tokio::io::split(stream);
-            session.serve(read, write).await
+            // Boxed: a plain TCP session's task need not have room for a TLS one's.
+            Box::pin(session.serve(read, write)).await
         }
     };
     if let Err(e) = served {
@@ -425,7 +435,7 @@ impl Session {
                 return Ok(());
             }
             let held_back = self.barrier && self.client_in.len() >= HIGH_WATER;
-            if self.client_in.capacity() - self.client_in.len() < CLIENT_READ_ROOM / 4 {
+            if !self.trimmed && self.client_in.capacity() - self.client_in.len() < CLIENT_READ_ROOM / 4 {
                 // Reuses the buffer's space once what it held was consumed; doubles it for
                 // a request that does not fit.
                 self.client_in.reserve(CLIENT_READ_ROOM);
@@ -461,7 +471,8 @@ impl Session {
                     if r? == 0 {
                         return Ok(());
                     }
-                    self.last_activity = self.now().0;
+                    self.last_activity = self.now();
+                    self.trimmed = false;
                     self.on_client_input().await;
                     self.write_upstream_now();
                     write_now(&mut client_write, &mut self.client_out);
@@ -503,7 +514,10 @@ impl Session {
                     write_now(&mut client_write, &mut self.client_out);
                     self.lift_barrier().await;
                 }
-                Event::TimedOut(FLUSH) => self.flush_tally(),
+                Event::TimedOut(FLUSH) => {
+                    self.flush_tally();
+                    self.trim_if_idle();
+                }
                 Event::TimedOut(why) => {
                     tracing::debug!(peer = %self.peer, why, "closing connection");
                     if self.tenant.is_none() {
@@ -531,6 +545,34 @@ impl Session {
     }
 
     /// When the connection times out, and why: unauthenticated too long, or idle.
+    /// A session with nothing in flight gives its buffers back (a pooled client idles for
+    /// minutes between bursts: its memory should be the session's, not its last burst's).
+    /// Done when its counters are flushed, half a second after it last did something; its
+    /// next read starts small (64 bytes) and the buffers grow again from there.
+    fn trim_if_idle(&mut self) {
+        let busy = !self.pending.is_empty()
+            || self.mux_inflight > 0
+            || !self.client_in.is_empty()
+            || !self.client_out.is_empty()
+            || !self.up_in.is_empty()
+            || !self.up_out.is_empty()
+            || !self.mux_out.is_empty()
+            || self.streaming.is_some();
+        if busy {
+            return;
+        }
+        self.client_in = BytesMut::new();
+        self.client_out = BytesMut::new();
+        self.up_in = BytesMut::new();
+        self.up_out = BytesMut::new();
+        self.mux_out = BytesMut::new();
+        self.pending = VecDeque::new();
+        self.mux_meters = VecDeque::new();
+        // Its link to the cache's mux (a reply channel) is made again by the next command.
+        self.mux = None;
+        self.trimmed = true;
+    }
+
     fn deadline(&self, started: Instant) -> (Instant, Option<&'static str>) {
         let (at, why) = self.close_deadline(started);
         match self.tally.flush_at {

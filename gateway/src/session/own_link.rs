@@ -69,6 +69,12 @@ impl Session {
     }
 
     /// Re-opens the upstream connection after it was lost (node restart, network).
+    /// Whether [`Session::ensure_upstream`] would find the session's own connection ready
+    /// (checked without an await).
+    pub(super) fn upstream_ready(&self) -> bool {
+        self.up_write.is_some() && (self.dedicated || self.tenant.is_none())
+    }
+
     pub(super) async fn connect_upstream(&mut self) -> bool {
         if self.up_write.is_some() {
             return true;
