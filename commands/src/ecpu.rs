@@ -3,6 +3,7 @@
 //! as an import) bill alike.
 
 /// Milli-ECPU for moving `bytes` (1 ECPU per KiB, rounded down to the milli-ECPU).
+#[inline]
 pub fn transfer_milli(bytes: u64) -> u64 {
     bytes * 1000 / 1024
 }
@@ -12,6 +13,7 @@ pub fn transfer_milli(bytes: u64) -> u64 {
 pub const FREE_BYTES: u64 = 1024;
 
 /// The rule: milli-ECPU of one command. `weight == 0` means free, up to [`FREE_BYTES`].
+#[inline]
 pub fn ecpu_milli(weight: u32, per_element: u32, elements: u64, request: u64, reply: u64) -> u64 {
     if weight == 0 {
         return if request + reply > FREE_BYTES { transfer_milli(request + reply) } else { 0 };

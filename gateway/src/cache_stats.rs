@@ -59,6 +59,7 @@ pub struct Tally {
 impl Tally {
     /// Counts one call of the command with table index `index`; whether the tally should be
     /// handed over now (it holds many commands).
+    #[inline]
     pub fn command(&mut self, index: usize, usec: u64, outcome: Outcome) -> bool {
         let at = match self.commands.iter().position(|(i, _)| *i == index) {
             Some(at) => at,
@@ -207,6 +208,7 @@ pub fn code_of(message: &[u8]) -> &[u8] {
 }
 
 /// The text of an error reply (without `-` and the line end); None for other replies.
+#[inline]
 pub fn error_message(reply: &[u8]) -> Option<&[u8]> {
     let line_end = |b: &[u8]| b.iter().position(|&c| c == b'\r').unwrap_or(b.len());
     match reply.first()? {

@@ -186,6 +186,7 @@ impl UsageCounters {
         UsageCounters { commands, ecpu_milli, bytes_in, bytes_out, hits, misses, throttled, errors }
     }
 
+    #[inline]
     pub fn add(&mut self, o: &UsageCounters) {
         let (a, b) = (self.values(), o.values());
         *self = UsageCounters::from_values(std::array::from_fn(|i| a[i] + b[i]));

@@ -29,6 +29,7 @@ pub fn script_time_milli(ran: std::time::Duration) -> u64 {
 }
 
 /// Elements of an aggregate reply (see the module docs); 0 for other replies.
+#[inline]
 pub fn reply_elements(reply: &[u8]) -> u64 {
     let Some(&kind) = reply.first() else { return 0 };
     if !matches!(kind, b'*' | b'~' | b'%' | b'>') {
@@ -44,6 +45,7 @@ pub fn reply_elements(reply: &[u8]) -> u64 {
 }
 
 /// Whether a (complete) reply is nil: `$-1`, `*-1` or RESP3 `_`.
+#[inline]
 pub fn is_nil(reply: &[u8]) -> bool {
     match reply.first() {
         Some(b'$' | b'*') => reply[1..].starts_with(b"-1\r\n"),
@@ -53,6 +55,7 @@ pub fn is_nil(reply: &[u8]) -> bool {
 }
 
 /// Read hits and misses of one reply.
+#[inline]
 pub fn hits(kind: Hits, reply: &[u8]) -> (u64, u64) {
     match kind {
         Hits::None => (0, 0),
@@ -87,6 +90,7 @@ pub fn hits(kind: Hits, reply: &[u8]) -> (u64, u64) {
 }
 
 /// The weights of a command, or of an unknown one (forwarded; Valkey answers it): 1000.
+#[inline]
 pub fn weights(spec: Option<&CommandSpec>) -> (u32, u32) {
     spec.map_or((1000, 0), |s| (s.weight, s.per_element))
 }

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 /// The counters of one metered command: `request` bytes the client sent, `reply` the reply
 /// as Valkey sent it (for elements and hits), `delivered` the bytes the client received for
 /// it. Free commands count nothing.
+#[inline]
 pub fn command(spec: Option<&CommandSpec>, request: u64, reply: &[u8], delivered: u64) -> UsageCounters {
     let (weight, per_element) = ecpu::weights(spec);
     if weight == 0 {

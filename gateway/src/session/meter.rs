@@ -139,6 +139,7 @@ impl Session {
     }
 
     /// The counters of one command (to tally); charges the bucket and counts the latency.
+    #[inline]
     pub(super) fn measure(&mut self, meter: Meter, reply: &[u8], delivered: u64) -> UsageCounters {
         let mut c = metering::command(meter.spec, meter.request, reply, delivered);
         let now = self.now();
@@ -178,6 +179,7 @@ impl Session {
     /// Its time is the gateway's view of it: from when it was sent, or the reply before it
     /// arrived, whichever is later, to its reply; none for a command queued in MULTI (EXEC's
     /// time has it) or a blocking one (its time blocked cannot be told from its time run).
+    #[inline]
     fn count_call(&mut self, meter: &Meter, now: Instant, reply: &[u8]) {
         // (No reply: a queued command that never ran.)
         if self.tenant.is_none() || reply.is_empty() {
