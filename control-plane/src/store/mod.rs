@@ -60,6 +60,17 @@ impl CacheStatus {
     }
 }
 
+/// Where a live cache is: what the storage sampler reads of every cache each round.
+#[derive(Clone, Debug)]
+pub struct CachePlace {
+    pub id: CacheId,
+    pub pool: String,
+    pub node: String,
+    pub db: u32,
+    pub databases: u32,
+    pub created_at: String,
+}
+
 /// A cache row, including where it lives.
 #[derive(Clone, Debug)]
 pub struct CacheRecord {
@@ -408,6 +419,38 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         row.map(cache_from_row).transpose()
+    }
+
+    /// Where every live cache is (six columns of each, not its whole row: this reads them all).
+    pub async fn cache_places(&self) -> Result<Vec<CachePlace>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, pool, node, db, databases, created_at FROM caches WHERE status <> 'deleted'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(CachePlace {
+                    id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?,
+                    pool: r.get("pool"),
+                    node: r.get("node"),
+                    db: r.get::<i64, _>("db") as u32,
+                    databases: r.get::<i64, _>("databases") as u32,
+                    created_at: r.get("created_at"),
+                })
+            })
+            .collect()
+    }
+
+    /// Live caches with a daily snapshot window. Only those rows are read: the scheduler
+    /// looks every minute, and most caches have no window.
+    pub async fn caches_with_snapshot_window(&self) -> Result<Vec<CacheRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM caches WHERE status <> 'deleted' AND snapshot_window <> '' ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(cache_from_row).collect()
     }
 
     /// Live caches, oldest first, optionally of one account.
