@@ -60,14 +60,6 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
     let mut unused_since: HashMap<String, Instant> = HashMap::new();
     loop {
         tick.tick().await;
-        // Where each cache is (few columns of each: this reads them all).
-        let caches = match state.store.cache_places().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot sweep token ACL users");
-                continue;
-            }
-        };
         // (pool, placement target) → its token ACL users by their cache's own user (`t<id>`);
         // a cluster pool's target lists the users the pool sets on every node of the cluster.
         // Grouped once, so each cache finds its own in O(1) (not by scanning every user).
@@ -90,6 +82,19 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 }
             }
         }
+        // No token user on any node (nothing to sweep): every cache need not be read.
+        if users.values().all(|by_cache| by_cache.is_empty()) {
+            unused_since.clear();
+            continue;
+        }
+        // Where each cache is (few columns of each: this reads them all).
+        let caches = match state.store.cache_places().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sweep token ACL users");
+                continue;
+            }
+        };
         let mut seen = HashSet::new();
         for cache in caches {
             let on_node: Vec<String> = users
