@@ -19,7 +19,7 @@
 //! (as ElastiCache Serverless does for Valkey) when it rolls minutes up into GB-hours.
 
 use crate::state::AppState;
-use crate::store::{CacheRecord, StorageSampleRecord, StoreError};
+use crate::store::{CachePlace, CacheRecord, StorageSampleRecord, StoreError};
 use shoal_engine::{CacheDbs, EngineError, EvictionPolicy, StorageProbe};
 use shoal_types::CacheId;
 use std::collections::{BTreeMap, HashMap};
@@ -82,7 +82,8 @@ const WRITE_BATCH: usize = 500;
 /// of each hour is written). The latest such sample is kept, and written before the next
 /// one that differs, so the accrual is exactly what writing every sample gives.
 async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
-    let caches = state.store.caches(None).await?;
+    // Where each cache is (few columns); a cache with keys is then read whole to measure it.
+    let caches = state.store.cache_places().await?;
     let count = caches.len();
     let nonempty = Arc::new(state.store.nonempty_storage().await?);
     let full = Arc::new(state.store.storage_full_caches().await?);
@@ -92,7 +93,7 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
         skips.written_at.retain(|id, _| live.contains(id));
         skips.pending.retain(|id, _| live.contains(id));
     }
-    let mut by_node: BTreeMap<(String, String), Vec<CacheRecord>> = BTreeMap::new();
+    let mut by_node: BTreeMap<(String, String), Vec<CachePlace>> = BTreeMap::new();
     for cache in caches {
         by_node.entry((cache.pool.clone(), cache.node.clone())).or_default().push(cache);
     }
@@ -120,9 +121,17 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
             for cache in caches {
                 let dbs = CacheDbs { db: cache.db, databases: cache.databases };
                 let measured = if dbs.any_in(&with_keys) {
+                    let record = match state.store.cache(&cache.id).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => continue, // deleted meanwhile
+                        Err(e) => {
+                            tracing::warn!(cache = %cache.id, error = %e, "storage sample failed");
+                            continue;
+                        }
+                    };
                     let sampled = tokio::time::timeout(
                         CACHE_TIMEOUT,
-                        measure_cache(&state, &mut probe, &cache, full.contains(&cache.id)),
+                        measure_cache(&state, &mut probe, &record, full.contains(&cache.id)),
                     );
                     match sampled.await.unwrap_or(Err(SampleError::Timeout)) {
                         Ok(m) => m,
@@ -152,7 +161,7 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
                         evicted_keys: 0,
                     }
                 };
-                let since = created_ms(&cache, measured.at_ms);
+                let since = created_ms(&cache.created_at, measured.at_ms);
                 to_write(&mut batch, &cache.id, since, measured, nonempty.contains(&cache.id));
                 if batch.len() >= WRITE_BATCH {
                     write(&state, std::mem::take(&mut batch)).await;
@@ -215,8 +224,8 @@ async fn write(state: &AppState, batch: Vec<(CacheId, i64, StorageSampleRecord)>
     }
 }
 
-fn created_ms(cache: &CacheRecord, or: i64) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(&cache.created_at).map(|t| t.timestamp_millis()).unwrap_or(or)
+fn created_ms(created_at: &str, or: i64) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(created_at).map(|t| t.timestamp_millis()).unwrap_or(or)
 }
 
 /// Samples one cache now, on a gateway's request (see `/internal/v1/caches/{id}/storage-sample`):
@@ -243,7 +252,10 @@ pub async fn sample_now(state: &AppState, cache: &CacheRecord) {
             skips.pending.remove(&cache.id);
             skips.written_at.remove(&cache.id);
         }
-        state.store.record_storage_sample(&cache.id, created_ms(cache, record.at_ms), &record).await?;
+        state
+            .store
+            .record_storage_sample(&cache.id, created_ms(&cache.created_at, record.at_ms), &record)
+            .await?;
         Ok::<_, SampleError>(())
     };
     match tokio::time::timeout(CACHE_TIMEOUT, sampled).await.unwrap_or(Err(SampleError::Timeout)) {

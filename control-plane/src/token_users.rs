@@ -13,7 +13,8 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::CacheRecord;
+use crate::store::{CachePlace, CacheRecord};
+use shoal_types::CacheId;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,9 +28,9 @@ pub const MAX_PER_CACHE: usize = 100;
 pub const UNUSED_FOR: Duration = Duration::from_secs(5);
 
 /// The upstream ACL users of a cache's unexpired, unrevoked tokens.
-pub async fn in_use(state: &AppState, cache: &CacheRecord) -> Result<HashSet<String>, ApiError> {
-    let cache_user = cache.id.acl_user();
-    let tokens = state.store.active_tokens(&cache.id).await?;
+pub async fn in_use(state: &AppState, cache: &CacheId) -> Result<HashSet<String>, ApiError> {
+    let cache_user = cache.acl_user();
+    let tokens = state.store.active_tokens(cache).await?;
     Ok(tokens
         .iter()
         .filter_map(|t| shoal_auth::token::upstream_user(&cache_user, t.permission, &t.key_patterns))
@@ -39,7 +40,7 @@ pub async fn in_use(state: &AppState, cache: &CacheRecord) -> Result<HashSet<Str
 /// Refuses a new scoped user beyond [`MAX_PER_CACHE`] (one already in use is fine).
 /// The caller holds `users_lock`.
 pub async fn admit(state: &AppState, cache: &CacheRecord, user: &str) -> Result<(), ApiError> {
-    let used = in_use(state, cache).await?;
+    let used = in_use(state, &cache.id).await?;
     if used.contains(user) || used.len() < MAX_PER_CACHE {
         return Ok(());
     }
@@ -59,13 +60,6 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
     let mut unused_since: HashMap<String, Instant> = HashMap::new();
     loop {
         tick.tick().await;
-        let caches = match state.store.caches(None).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot sweep token ACL users");
-                continue;
-            }
-        };
         // (pool, placement target) → its token ACL users by their cache's own user (`t<id>`);
         // a cluster pool's target lists the users the pool sets on every node of the cluster.
         // Grouped once, so each cache finds its own in O(1) (not by scanning every user).
@@ -88,6 +82,19 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 }
             }
         }
+        // No token user on any node (nothing to sweep): every cache need not be read.
+        if users.values().all(|by_cache| by_cache.is_empty()) {
+            unused_since.clear();
+            continue;
+        }
+        // Where each cache is (few columns of each: this reads them all).
+        let caches = match state.store.cache_places().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sweep token ACL users");
+                continue;
+            }
+        };
         let mut seen = HashSet::new();
         for cache in caches {
             let on_node: Vec<String> = users
@@ -146,12 +153,12 @@ async fn sweep_orphans(
 /// PostgreSQL: found unused for [`UNUSED_FOR`], per `unused_since`); returns how many.
 async fn sweep(
     state: &AppState,
-    cache: &CacheRecord,
+    cache: &CachePlace,
     on_node: Vec<String>,
     unused_since: &mut HashMap<String, Instant>,
 ) -> Result<usize, ApiError> {
     let _changing = state.users_lock.lock().await;
-    let used = in_use(state, cache).await?;
+    let used = in_use(state, &cache.id).await?;
     let deleted = delete_unused(state, &cache.pool, &cache.node, on_node, &used, unused_since).await?;
     if deleted > 0 {
         tracing::info!(cache = %cache.id, deleted, "unused token ACL users deleted");

@@ -3,21 +3,30 @@
 //! `ACL SAVE` rewrites the node's whole `users.acl` (about 500 bytes per cache), so saving on
 //! every create made creates linear in the caches already there. Instead each create and
 //! delete is noted in the node's [`AclJournal`], and a background task ([`Node::keep_acl`])
-//! saves at most once per [`ACL_SAVE_INTERVAL`]. What a restart may lose — the changes since
-//! the last save — is still in the journal: when the node answers with another `run_id`
-//! (Valkey's, new on every start) than the one the journal was last made whole on, every
-//! change in it is applied again (idempotent: `SETUSER reset …`, `DELUSER`) and saved. The
-//! supervisor kicks the task as soon as a restarted node answers; a node an engine agent runs
-//! is found restarted at the next save. A control plane that itself restarted lost its
-//! journal: it makes the nodes' users match its store at start (`restore_tenant_users`).
+//! saves it. A save holds the node (Valkey runs commands one at a time) for about 10 µs per
+//! user — 0.16 s measured at 14,000 users — so saves are paced: the next one waits
+//! [`SAVE_PACING`] times as long as the last one took, at least [`ACL_SAVE_INTERVAL`].
+//! What a restart may lose — the changes since the last save — is still in the journal: the
+//! task asks the node for its `run_id` (Valkey's, new on every start) every
+//! [`ACL_SAVE_INTERVAL`] while the journal has changes, and when it is not the one the
+//! journal was last made whole on, every change in it is applied again (idempotent:
+//! `SETUSER reset …`, `DELUSER`) and saved. The supervisor kicks the task as soon as a
+//! restarted node answers; a node an engine agent runs is found restarted at the next check.
+//! A control plane that itself restarted lost its journal: it makes the nodes' users match
+//! its store at start (`restore_tenant_users`).
 
 use crate::node::Node;
 use crate::{EngineError, TenantAcl};
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Longest a tenant ACL change waits in the journal before `ACL SAVE` writes it.
+/// How often a journal with changes is checked against a restart of its node, and the
+/// shortest time between two saves.
 pub const ACL_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The next save waits this many times as long as the last one took: saving holds the node
+/// at most about 1% of the time, however many users it has.
+pub const SAVE_PACING: u32 = 100;
 
 /// The node's tenant ACL changes not yet saved in its `users.acl`.
 #[derive(Default)]
@@ -82,43 +91,58 @@ impl Node {
         Ok(())
     }
 
-    /// Saves the journal's changes every [`ACL_SAVE_INTERVAL`] (or when kicked), replaying
-    /// them first on a node that restarted since; until the node stops.
+    /// Checks the journal against a node restart every [`ACL_SAVE_INTERVAL`] (or when
+    /// kicked), replaying it on a node that restarted, and saves it when a save is due (see
+    /// the module's doc); until the node stops.
     pub(crate) async fn keep_acl(self: std::sync::Arc<Self>) {
+        let mut next_save = Instant::now();
         while !self.is_stopping() {
             tokio::select! {
                 _ = tokio::time::sleep(ACL_SAVE_INTERVAL) => {}
                 _ = self.acl.kick.notified() => {}
             }
-            if let Err(e) = self.save_acl().await {
-                tracing::warn!(node = self.name(), error = %e, "tenant ACL users not saved yet; retrying");
+            let started = Instant::now();
+            match self.sync_acl(started >= next_save).await {
+                Ok(true) => {
+                    next_save = Instant::now() + (started.elapsed() * SAVE_PACING).max(ACL_SAVE_INTERVAL)
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(node = self.name(), error = %e, "tenant ACL users not saved yet; retrying")
+                }
             }
         }
     }
 
     /// One save of the journal (see the module's doc); nothing when it is empty.
     pub async fn save_acl(&self) -> Result<(), EngineError> {
+        self.sync_acl(true).await.map(|_| ())
+    }
+
+    /// Replays the journal on a node that restarted (and saves it); otherwise saves it only
+    /// if `save`. Returns whether it saved.
+    async fn sync_acl(&self, save: bool) -> Result<bool, EngineError> {
         let (seq, whole_on) = {
             let state = self.acl.state.lock().unwrap();
             if state.changes.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             (state.seq, state.made_whole_on.clone())
         };
         let mut conn = crate::pool::admin_conn(self).await?;
         if whole_on.is_some() {
             // INFO and SAVE on one connection: both answered by the same process.
-            let (info, ()): (String, ()) = redis::pipe()
-                .cmd("INFO")
-                .arg("server")
-                .cmd("ACL")
-                .arg("SAVE")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.valkey_err(e))?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("INFO").arg("server");
+            if save {
+                pipe.cmd("ACL").arg("SAVE").ignore();
+            }
+            let (info,): (String,) = pipe.query_async(&mut conn).await.map_err(|e| self.valkey_err(e))?;
             if run_id(&info) == whole_on {
-                self.acl.saved(seq, None);
-                return Ok(());
+                if save {
+                    self.acl.saved(seq, None);
+                }
+                return Ok(save);
             }
         }
         // Restarted (or first save since this process started): replay every change.
@@ -148,7 +172,7 @@ impl Node {
             );
         }
         self.acl.saved(seq, now);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -54,10 +54,7 @@ pub fn open_window(window: &str, now_ms: i64) -> Option<i64> {
 /// One round: stale snapshots failed, due snapshots taken, expired ones deleted.
 pub async fn tick(state: &AppState, now_ms: i64) -> Result<(), String> {
     state.store.fail_stale_snapshots(now_ms - STALE_MS, now_ms).await.map_err(|e| e.to_string())?;
-    for cache in state.store.caches(None).await.map_err(|e| e.to_string())? {
-        if cache.snapshot_window.is_empty() {
-            continue;
-        }
+    for cache in state.store.caches_with_snapshot_window().await.map_err(|e| e.to_string())? {
         let automatic: Vec<_> = state
             .store
             .snapshots(None, Some(&cache.id))

@@ -60,6 +60,17 @@ impl CacheStatus {
     }
 }
 
+/// Where a live cache is: what the storage sampler reads of every cache each round.
+#[derive(Clone, Debug)]
+pub struct CachePlace {
+    pub id: CacheId,
+    pub pool: String,
+    pub node: String,
+    pub db: u32,
+    pub databases: u32,
+    pub created_at: String,
+}
+
 /// A cache row, including where it lives.
 #[derive(Clone, Debug)]
 pub struct CacheRecord {
@@ -410,6 +421,38 @@ impl Store {
         row.map(cache_from_row).transpose()
     }
 
+    /// Where every live cache is (six columns of each, not its whole row: this reads them all).
+    pub async fn cache_places(&self) -> Result<Vec<CachePlace>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, pool, node, db, databases, created_at FROM caches WHERE status <> 'deleted'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(CachePlace {
+                    id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?,
+                    pool: r.get("pool"),
+                    node: r.get("node"),
+                    db: r.get::<i64, _>("db") as u32,
+                    databases: r.get::<i64, _>("databases") as u32,
+                    created_at: r.get("created_at"),
+                })
+            })
+            .collect()
+    }
+
+    /// Live caches with a daily snapshot window. Only those rows are read: the scheduler
+    /// looks every minute, and most caches have no window.
+    pub async fn caches_with_snapshot_window(&self) -> Result<Vec<CacheRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM caches WHERE status <> 'deleted' AND snapshot_window <> '' ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(cache_from_row).collect()
+    }
+
     /// Live caches, oldest first, optionally of one account.
     pub async fn caches(&self, account: Option<&AccountId>) -> Result<Vec<CacheRecord>, StoreError> {
         self.caches_page(&CacheFilter { account: account.cloned(), limit: i64::MAX, ..Default::default() })
@@ -418,21 +461,31 @@ impl Store {
 
     /// One page of live caches matching `f`, oldest first.
     pub async fn caches_page(&self, f: &CacheFilter) -> Result<Vec<CacheRecord>, StoreError> {
+        // Only the filters given are in the SQL, so the planner uses an index (an account's
+        // caches by name or by age, everyone's by age) rather than reading every cache.
+        let mut sql =
+            "SELECT * FROM caches WHERE status <> 'deleted' AND (created_at, id) > ($1, $2)".to_string();
+        let mut n = 2;
+        let mut filter = |column: &str| {
+            n += 1;
+            sql.push_str(&format!(" AND {column} = ${n}"));
+        };
+        if f.account.is_some() {
+            filter("account_id");
+        }
+        if f.name.is_some() {
+            filter("name");
+        }
+        sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${}", n + 1));
         let (after_at, after_id) = f.after.clone().unwrap_or_default();
-        let rows = sqlx::query(
-            "SELECT * FROM caches WHERE status <> 'deleted'
-               AND (CAST($1 AS TEXT) IS NULL OR account_id = $1)
-               AND (CAST($2 AS TEXT) IS NULL OR name = $2)
-               AND (created_at > $3 OR (created_at = $3 AND id > $4))
-             ORDER BY created_at, id LIMIT $5",
-        )
-        .bind(f.account.as_ref().map(|a| a.as_str()))
-        .bind(f.name.as_deref())
-        .bind(after_at)
-        .bind(after_id)
-        .bind(f.limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut query = sqlx::query(&sql).bind(after_at).bind(after_id);
+        if let Some(account) = &f.account {
+            query = query.bind(account.as_str());
+        }
+        if let Some(name) = &f.name {
+            query = query.bind(name.as_str());
+        }
+        let rows = query.bind(f.limit).fetch_all(&self.pool).await?;
         rows.into_iter().map(cache_from_row).collect()
     }
 
