@@ -368,11 +368,13 @@ async function overviewPage(view) {
   const haveUsage = usages.some((u) => u !== null);
   const total = (k) => stats.reduce((s, x) => s + (x.s ? x.s[k] : 0), 0);
   const noData = 'no data';
+  const list = await cacheList(new Map(stats.filter((x) => x.s).map((x) => [x.cache.id, x.s])), noData);
   render(view,
     h('h1', { text: 'Overview' }),
     h('div.cards', {},
       card('Accounts', fmtInt(session.accounts.size)),
-      card('Caches', fmtInt(caches.length)),
+      // (The overview sums up at most the first 1,000 caches; the list below has them all.)
+      card('Caches', fmtInt(caches.length) + (caches.length >= 1000 ? '+' : '')),
       card('ECPU/s now', haveUsage ? fmtNum(total('ecpuPerSecond')) : noData, 'average, last 5 minutes'),
       card('Storage now', haveUsage ? fmtBytes(total('storage')) : noData),
       card('Throttled', haveUsage ? fmtInt(total('throttledHour')) : noData, 'commands, last hour')),
@@ -386,18 +388,50 @@ async function overviewPage(view) {
           h('td.num', { text: fmtInt(s.throttledHour) }))),
       'Top caches by ECPU in the last hour'),
     h('h2', { text: 'Caches' }),
-    table(['Cache', 'Account', 'Status', 'Endpoint', 'ECPU/s', 'Storage', 'Throttled (1 h)'],
-      stats.map(({ cache: c, s }) => h('tr', {},
+    list,
+    canWrite() ? createCacheForm() : null,
+  );
+}
+
+/** Every cache, a page at a time, found by the start of its name: usable with 100,000
+ * caches. Usage figures are shown for the caches the overview summed up. */
+async function cacheList(statsById, noData) {
+  const prefix = h('input', { name: 'name_prefix', placeholder: 'shop', autocomplete: 'off', pattern: '[A-Za-z0-9_\\-]{0,63}', maxlength: 63 });
+  const results = h('div', { 'aria-live': 'polite' });
+  const cursors = [];
+  const show = async (cursor) => {
+    let page;
+    try {
+      page = await api(`/v1/caches?${qs({ name_prefix: prefix.value.trim(), limit: 50, cursor })}`);
+    } catch (e) {
+      render(results, errorBox(e));
+      return;
+    }
+    const rows = page.items.map((c) => {
+      const s = statsById.get(c.id);
+      return h('tr', {},
         h('td', {}, h('a', { href: `#/caches/${c.id}`, text: c.name })),
         h('td', { text: accountName(c.account_id) }),
         h('td', {}, h('span.badge', { 'data-status': c.status, text: c.status })),
         h('td', {}, h('code', { text: c.endpoint })),
         h('td.num', { text: s ? fmtNum(s.ecpuPerSecond) : noData }),
         h('td.num', { text: s ? fmtBytes(s.storage) : noData }),
-        h('td.num', { text: s ? fmtInt(s.throttledHour) : noData }))),
-      'All caches'),
-    canWrite() ? createCacheForm() : null,
-  );
+        h('td.num', { text: s ? fmtInt(s.throttledHour) : noData }));
+    });
+    render(results,
+      h('p.hint', { text: `Page ${cursors.length + 1}: ${page.items.length} cache${page.items.length === 1 ? '' : 's'}.` }),
+      table(['Cache', 'Account', 'Status', 'Endpoint', 'ECPU/s', 'Storage', 'Throttled (1 h)'], rows, 'All caches'),
+      h('div.toolbar', {},
+        h('button.secondary', { type: 'button', text: 'Previous page', disabled: cursors.length === 0, onclick: () => { cursors.pop(); show(cursors[cursors.length - 1]); } }),
+        h('button.secondary', { type: 'button', text: 'Next page', disabled: !page.next_cursor, onclick: () => { cursors.push(page.next_cursor); show(page.next_cursor); } })));
+  };
+  await show();
+  return h('div', {},
+    h('form.filters', {
+      'aria-label': 'Find caches',
+      onsubmit: (e) => { e.preventDefault(); cursors.length = 0; show(); },
+    }, h('div.row', {}, field('Name starts with', prefix)), h('button', { type: 'submit', text: 'Find' })),
+    results);
 }
 
 const EVICTION_POLICIES = ['volatile-lru', 'allkeys-lru', 'volatile-lfu', 'allkeys-lfu', 'volatile-ttl', 'volatile-random', 'allkeys-random', 'noeviction'];

@@ -68,6 +68,17 @@ try {
   check(Number(ecpuNow.replace(/,/g, '')) > 0, `the overview shows the ECPU/s of the traffic (${ecpuNow})`);
   await noStrayText(page, 'overview');
   await page.screenshot({ path: join(shots, '01-overview.png'), fullPage: true });
+  // The cache list pages and finds caches by the start of their names.
+  const finder = page.getByRole('form', { name: 'Find caches' });
+  await finder.getByLabel('Name starts with').fill(otherCache.slice(0, 3));
+  await finder.getByRole('button', { name: 'Find' }).click();
+  await page.getByText('Page 1: 1 cache.').waitFor();
+  const listed = page.getByRole('table', { name: 'All caches' });
+  check(await listed.getByRole('link', { name: otherCache }).isVisible()
+    && (await listed.getByRole('link', { name: cacheName, exact: true }).count()) === 0, 'the cache list finds a cache by the start of its name');
+  await finder.getByLabel('Name starts with').fill('');
+  await finder.getByRole('button', { name: 'Find' }).click();
+  await page.getByRole('link', { name: cacheName }).first().waitFor();
 
   // Open the cache (keyboard: focus the link, Enter).
   await page.getByRole('link', { name: cacheName }).first().focus();

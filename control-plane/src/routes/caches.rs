@@ -242,6 +242,8 @@ pub struct CacheQuery {
     pub account_id: Option<String>,
     /// Only the cache with this name.
     pub name: Option<String>,
+    /// Only caches whose name starts with this (1–63 letters, digits, `-` and `_`).
+    pub name_prefix: Option<String>,
 }
 
 impl Cache {
@@ -695,7 +697,16 @@ pub async fn list_caches(
         }
         account = Some(wanted);
     }
-    let filter = CacheFilter { account, name: q.name.clone(), after, limit };
+    if let Some(prefix) = &q.name_prefix {
+        names::cache(prefix).map_err(|_| {
+            ApiError::field(
+                "name_prefix",
+                "name_prefix must be 1–63 characters of letters, digits, '-' and '_'",
+            )
+        })?;
+    }
+    let filter =
+        CacheFilter { account, name: q.name.clone(), name_prefix: q.name_prefix.clone(), after, limit };
     let records = state.store.caches_page(&filter).await?;
     let next_cursor = page::next_cursor(&records, limit, |c| vec![c.created_at.clone(), c.id.to_string()]);
     let items = records.iter().map(|c| Cache::from_record(c, &state.config, &who)).collect();

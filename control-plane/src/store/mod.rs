@@ -122,6 +122,8 @@ impl CacheRecord {
 pub struct CacheFilter {
     pub account: Option<AccountId>,
     pub name: Option<String>,
+    /// Only caches whose name starts with this.
+    pub name_prefix: Option<String>,
     /// Only caches created after this (created_at, id) cursor.
     pub after: Option<(String, String)>,
     pub limit: i64,
@@ -476,6 +478,11 @@ impl Store {
         if f.name.is_some() {
             filter("name");
         }
+        if f.name_prefix.is_some() {
+            // (Read in the walk by age: a page of matches, not an index range.)
+            n += 1;
+            sql.push_str(&format!(" AND substr(name, 1, length(${n})) = ${n}"));
+        }
         sql.push_str(&format!(" ORDER BY created_at, id LIMIT ${}", n + 1));
         let (after_at, after_id) = f.after.clone().unwrap_or_default();
         let mut query = sqlx::query(&sql).bind(after_at).bind(after_id);
@@ -484,6 +491,9 @@ impl Store {
         }
         if let Some(name) = &f.name {
             query = query.bind(name.as_str());
+        }
+        if let Some(prefix) = &f.name_prefix {
+            query = query.bind(prefix.as_str());
         }
         let rows = query.bind(f.limit).fetch_all(&self.pool).await?;
         rows.into_iter().map(cache_from_row).collect()

@@ -313,7 +313,23 @@ async fn lists_paginate_and_creates_are_idempotent() {
         }
     }
     assert_eq!(seen, ["c0", "c1", "c2", "c3", "c4"]);
+    // Found by the start of their names (the portal's search), a page at a time too.
+    let (status, _, other) =
+        cp.call(Some(&owner), Method::POST, "/v1/caches", Some(json!({"name": "d0"})), &[]).await;
+    assert_eq!(status, 201, "{other}");
+    let (_, _, page) =
+        cp.call(Some(&owner), Method::GET, "/v1/caches?name_prefix=c&limit=3", None, &[]).await;
+    let names: Vec<&str> =
+        page["items"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["c0", "c1", "c2"], "{page}");
+    let next = format!("/v1/caches?name_prefix=c&limit=3&cursor={}", page["next_cursor"].as_str().unwrap());
+    let (_, _, page) = cp.call(Some(&owner), Method::GET, &next, None, &[]).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    let (_, _, page) = cp.call(Some(&owner), Method::GET, "/v1/caches?name_prefix=d0", None, &[]).await;
+    assert_eq!(page["items"][0]["name"], "d0", "{page}");
     for bad in [
+        "/v1/caches?name_prefix=c%25",
+        "/v1/caches?name_prefix=",
         "/v1/caches?limit=0",
         "/v1/caches?limit=5000",
         "/v1/caches?cursor=garbage",
