@@ -71,8 +71,9 @@ def gateway_get(port, token, key, timeout=1.0):
 
 
 def run_parallel(n, workers, rest, token, job):
-    """job(api, i) -> (seconds, result) for i in 0..n, `workers` threads; returns per-i lists."""
-    lat, results, errors = [None] * n, [None] * n, []
+    """job(api, i) -> (seconds, result) for i in 0..n, `workers` threads; returns per-i lists
+    (latencies, results, wall-clock start times) and the total time."""
+    lat, results, starts, errors = [None] * n, [None] * n, [None] * n, []
     counter, lock = iter(range(n)), threading.Lock()
     done, t_start = [0], time.perf_counter()
 
@@ -83,6 +84,7 @@ def run_parallel(n, workers, rest, token, job):
                 i = next(counter, None)
             if i is None: return
             try:
+                starts[i] = time.time()
                 lat[i], results[i] = job(api, i)
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(f"{i}: {e}"); return
@@ -95,17 +97,29 @@ def run_parallel(n, workers, rest, token, job):
     for t in threads: t.start()
     for t in threads: t.join()
     if errors: sys.exit("failed: " + errors[0])
-    return lat, results, time.perf_counter() - t_start
+    return lat, results, starts, time.perf_counter() - t_start
 
 
-def bands(name, lat, band=1000):
+def slowest(lat, starts, lo, hi, k=5):
+    """The k slowest requests of lat[lo:hi] as 'HH:MM:SS.mmm (ms)' (to match with the log)."""
+    worst = sorted(range(lo, hi), key=lambda i: lat[i], reverse=True)[:k]
+    return ", ".join(time.strftime("%H:%M:%S", time.gmtime(starts[i])) + f".{int(starts[i] % 1 * 1000):03d} "
+                     f"({lat[i] * 1000:.0f} ms)" for i in sorted(worst))
+
+
+def bands(name, lat, starts, band=1000):
+    """p50/p99 of the first and last `band` requests and of every tenth; for a band whose p99
+    is over twice the first's, when its slowest requests started (UTC)."""
     n = len(lat); first, last = lat[:band], lat[-band:]
+    limit = 2 * pct(first, 99)
     print(f"{name:7} first {len(first):>5}: p50 {ms(pct(first, 50))}  p99 {ms(pct(first, 99))}")
     step = max(band, n // 10)
     for start in range(step, n - band, step):
         b = lat[start:start + band]
         print(f"{name:7} at {start:>8}: p50 {ms(pct(b, 50))}  p99 {ms(pct(b, 99))}")
+        if pct(b, 99) > limit: print(f"          slowest: {slowest(lat, starts, start, start + band)}")
     print(f"{name:7} last  {len(last):>5}: p50 {ms(pct(last, 50))}  p99 {ms(pct(last, 99))}")
+    if pct(last, 99) > limit: print(f"          slowest: {slowest(lat, starts, n - len(last), n)}")
     return pct(last, 99) / pct(first, 99)
 
 
@@ -141,8 +155,8 @@ def main():
             if status != 201: raise RuntimeError(f"create: HTTP {status} {data[:300]!r}")
             return dt, json.loads(data)["id"]
 
-        created, ids, create_total = run_parallel(n, args.creators, rest, token, create)
-        ratio = bands("create", created)
+        created, ids, created_at, create_total = run_parallel(n, args.creators, rest, token, create)
+        ratio = bands("create", created, created_at)
         print(f"create total {create_total:8.1f} s ({n / create_total:.0f} caches/s)")
         acl_size = os.path.getsize(os.path.join(node_dir, "users.acl"))
         print(f"users.acl {acl_size / 1e6:.1f} MB")
@@ -192,8 +206,8 @@ def main():
             if status != 204: raise RuntimeError(f"delete {ids[i]}: HTTP {status} {data[:300]!r}")
             return dt, None
 
-        deleted, _, delete_total = run_parallel(n, args.creators, rest, token, delete)
-        bands("delete", deleted)
+        deleted, _, deleted_at, delete_total = run_parallel(n, args.creators, rest, token, delete)
+        bands("delete", deleted, deleted_at)
         print(f"delete total {delete_total:8.1f} s")
 
         page_p99 = pct(pages, 99) * 1000

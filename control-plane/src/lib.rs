@@ -21,7 +21,8 @@
 //! - [`secret`]: random secrets and the hashes the store keeps of them.
 //! - [`signing`]: Ed25519 keys that sign data-plane JWTs; the JWKS.
 //! - [`store`]: sqlx `Any` over SQLite or PostgreSQL; the audit log's hash chain.
-//! - [`occupancy`]: each pool's databases taken and storage reserved, in memory for placement.
+//! - [`occupancy`]: each pool's databases taken and storage reserved, in memory for placement;
+//!   [`places`]: where every live cache is, followed change by change, for the sampler.
 //! - [`storage`]: the storage sampler — stored bytes per cache, the `data_storage_mb` limit
 //!   (eviction, then refused writes), storage accrual for billing.
 //! - [`lease`]: the background jobs one control plane at a time runs (PostgreSQL advisory
@@ -46,6 +47,7 @@ pub mod limits;
 pub mod login_locks;
 pub mod metrics;
 pub mod occupancy;
+pub mod places;
 pub mod pools;
 pub mod role;
 pub mod routes;

@@ -18,11 +18,12 @@
 //! Accrual is the measured bytes only: billing applies the minimum of 100 MB per cache-hour
 //! (as ElastiCache Serverless does for Valkey) when it rolls minutes up into GB-hours.
 
+use crate::places::{NodePlaces, Places};
 use crate::state::AppState;
 use crate::store::{CachePlace, CacheRecord, StorageSampleRecord, StoreError};
 use shoal_engine::{CacheDbs, EngineError, EvictionPolicy, StorageProbe};
 use shoal_types::CacheId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,14 +44,31 @@ enum SampleError {
 pub async fn run(state: Arc<AppState>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sampler = Sampler::default();
     loop {
         tick.tick().await;
         let started = Instant::now();
-        match sample_all(&state).await {
-            Ok(caches) => tracing::debug!(caches, took = ?started.elapsed(), "storage sampled"),
+        match sample_all(&state, &mut sampler).await {
+            Ok(round) => tracing::debug!(
+                caches = round.caches,
+                looked_at = round.looked_at.load(std::sync::atomic::Ordering::Relaxed),
+                written = round.written.load(std::sync::atomic::Ordering::Relaxed),
+                read = ?round.read,
+                took = ?started.elapsed(),
+                "storage sampled"
+            ),
             Err(e) => tracing::warn!(error = %e, "storage sampling failed"),
         }
     }
+}
+
+/// What the periodic sampler keeps from round to round.
+#[derive(Default)]
+struct Sampler {
+    places: Places,
+    /// (pool, node) → when its last round read its keyspace: every cache of the node not
+    /// looked at then was empty then.
+    rounds: HashMap<(String, String), i64>,
 }
 
 /// Empty caches' samples the periodic sampler did not write (see [`sample_all`]).
@@ -58,8 +76,17 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
 struct Skips {
     /// Cache → when its latest sample written by this process was taken, if it was empty.
     written_at: HashMap<CacheId, i64>,
-    /// Cache → its latest sample not written (empty like the written one).
+    /// Cache → its latest sample not written, when it was looked at (empty like the
+    /// written one); one passed over was empty at its node's last round.
     pending: HashMap<CacheId, (i64, StorageSampleRecord)>,
+    /// Caches to look at in the next round although they look idle: no sample of theirs is
+    /// known (a gateway's request wrote one, a write failed, a sample failed).
+    dirty: std::collections::HashSet<CacheId>,
+}
+
+/// An empty sample at `at_ms`.
+fn empty_at(at_ms: i64) -> StorageSampleRecord {
+    StorageSampleRecord { at_ms, bytes: 0, keys: 0, storage_full: false, evicted_keys: 0 }
 }
 
 /// What the periodic sampler skipped writing, process-wide (a gateway's request, which
@@ -69,8 +96,9 @@ fn skips() -> &'static std::sync::Mutex<Skips> {
     SKIPS.get_or_init(Default::default)
 }
 
-/// Most samples written per transaction: the write lock is let go between batches.
-const WRITE_BATCH: usize = 500;
+/// Most samples written per transaction: the write lock is let go between batches (a
+/// batch of new caches' first samples holds it about 10 ms).
+const WRITE_BATCH: usize = 100;
 
 /// One round: the nodes in parallel, each node's caches one after the other on one
 /// connection; the samples written in batches of [`WRITE_BATCH`] per transaction.
@@ -81,26 +109,46 @@ const WRITE_BATCH: usize = 500;
 /// (one row per cache-hour makes the hour billable for the storage minimum; the first sample
 /// of each hour is written). The latest such sample is kept, and written before the next
 /// one that differs, so the accrual is exactly what writing every sample gives.
-async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
-    // Where each cache is (few columns); a cache with keys is then read whole to measure it.
-    let caches = state.store.cache_places().await?;
-    let count = caches.len();
+///
+/// Within an hour a node's idle caches are not even looked at: only those with keys, those
+/// whose stored sample is not empty, and those marked dirty are. The others were empty at
+/// the node's last round, which is then their kept sample. The first round of each hour
+/// (and of a sampler) looks at every cache: its first sample of the hour is written.
+async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Round, StoreError> {
+    let places = &mut sampler.places;
+    let started = Instant::now();
+    // Where each cache is (what changed since the last round); a cache with keys is then read
+    // whole to measure it.
+    let changes = places.refresh(&state.store, state.pools.iter().map(|(name, _)| name)).await?;
+    let count = places.len();
     let nonempty = Arc::new(state.store.nonempty_storage().await?);
     let full = Arc::new(state.store.storage_full_caches().await?);
-    let live: std::collections::HashSet<CacheId> = caches.iter().map(|c| c.id.clone()).collect();
-    {
+    let round = Round {
+        caches: count,
+        read: started.elapsed(),
+        looked_at: Default::default(),
+        written: Default::default(),
+    };
+    if !changes.gone.is_empty() || !changes.arrived.is_empty() {
         let mut skips = skips().lock().unwrap();
-        skips.written_at.retain(|id, _| live.contains(id));
-        skips.pending.retain(|id, _| live.contains(id));
-    }
-    let mut by_node: BTreeMap<(String, String), Vec<CachePlace>> = BTreeMap::new();
-    for cache in caches {
-        by_node.entry((cache.pool.clone(), cache.node.clone())).or_default().push(cache);
+        for id in &changes.gone {
+            skips.written_at.remove(id);
+            skips.pending.remove(id);
+            skips.dirty.remove(id);
+        }
+        // A cache created since the last round has an empty sample as of its creation,
+        // written by its create (`record_creation_sample`): as if this process had written it.
+        for cache in changes.arrived {
+            let created = created_ms(&cache.created_at, 0);
+            skips.written_at.insert(cache.id, created);
+        }
     }
     let mut nodes = tokio::task::JoinSet::new();
-    for ((pool, node), caches) in by_node {
+    for NodePlaces { pool, node, caches } in places.by_node() {
         let state = state.clone();
-        let (nonempty, full) = (nonempty.clone(), full.clone());
+        let (nonempty, full, written) = (nonempty.clone(), full.clone(), round.written.clone());
+        let looked_at = round.looked_at.clone();
+        let last_round = sampler.rounds.get(&(pool.clone(), node.clone())).copied();
         nodes.spawn(async move {
             let probe_of = |state: &AppState| {
                 let (pool, node) = (pool.clone(), node.clone());
@@ -109,16 +157,37 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
             };
             let mut probe = match probe_of(&state).await {
                 Ok(p) => p,
-                Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "cannot sample storage");
+                    return None;
+                }
             };
             // When the keyspace was read: an empty cache's sample is as of then.
             let keyspace_ms = chrono::Utc::now().timestamp_millis();
             let with_keys = match probe.nonempty_dbs().await {
                 Ok(dbs) => dbs,
-                Err(e) => return tracing::warn!(node, error = %e, "cannot sample storage"),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "cannot sample storage");
+                    return None;
+                }
             };
+            let hour = |ms: i64| ms.div_euclid(3_600_000);
+            let every = last_round.is_none_or(|last| hour(last) != hour(keyspace_ms));
+            let look_at: Vec<&CachePlace> = if every {
+                caches.by_id.values().collect()
+            } else {
+                let mut ids: std::collections::BTreeSet<&CacheId> =
+                    with_keys.iter().filter_map(|&db| caches.at_db(db)).map(|c| &c.id).collect();
+                ids.extend(nonempty.iter().filter(|id| caches.by_id.contains_key(*id)));
+                let dirty: Vec<CacheId> = skips().lock().unwrap().dirty.iter().cloned().collect();
+                ids.extend(dirty.iter().filter_map(|id| caches.by_id.get_key_value(id).map(|(k, _)| k)));
+                ids.into_iter().filter_map(|id| caches.by_id.get(id)).collect()
+            };
+            looked_at.fetch_add(look_at.len(), std::sync::atomic::Ordering::Relaxed);
+            let not_now = |c: &CachePlace| not_sampled(&c.id, created_ms(&c.created_at, 0), last_round);
             let mut batch = Vec::new();
-            for cache in caches {
+            let mut look_at = look_at.into_iter();
+            for cache in look_at.by_ref() {
                 let dbs = CacheDbs { db: cache.db, databases: cache.databases };
                 let measured = if dbs.any_in(&with_keys) {
                     let record = match state.store.cache(&cache.id).await {
@@ -126,6 +195,7 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
                         Ok(None) => continue, // deleted meanwhile
                         Err(e) => {
                             tracing::warn!(cache = %cache.id, error = %e, "storage sample failed");
+                            not_now(cache);
                             continue;
                         }
                     };
@@ -137,6 +207,7 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
                         Ok(m) => m,
                         Err(e @ SampleError::Timeout) => {
                             tracing::warn!(cache = %cache.id, error = %e, "storage sample abandoned");
+                            not_now(cache);
                             // The probe may be mid-reply: go on on a fresh connection.
                             match probe_of(&state).await {
                                 Ok(p) => probe = p,
@@ -149,55 +220,111 @@ async fn sample_all(state: &Arc<AppState>) -> Result<usize, StoreError> {
                         }
                         Err(e) => {
                             tracing::warn!(cache = %cache.id, error = %e, "storage sample failed");
+                            not_now(cache);
                             continue;
                         }
                     }
                 } else {
-                    StorageSampleRecord {
-                        at_ms: keyspace_ms,
-                        bytes: 0,
-                        keys: 0,
-                        storage_full: false,
-                        evicted_keys: 0,
-                    }
+                    empty_at(keyspace_ms)
                 };
-                let since = created_ms(&cache.created_at, measured.at_ms);
-                to_write(&mut batch, &cache.id, since, measured, nonempty.contains(&cache.id));
+                let since = || created_ms(&cache.created_at, measured.at_ms);
+                to_write(&mut batch, &cache.id, since, measured, nonempty.contains(&cache.id), last_round);
                 if batch.len() >= WRITE_BATCH {
+                    written.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
                     write(&state, std::mem::take(&mut batch)).await;
                 }
             }
+            // (Left after a lost connection: looked at again next round.)
+            look_at.for_each(not_now);
+            written.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
             write(&state, batch).await;
+            Some(((pool, node), keyspace_ms))
         });
     }
-    while nodes.join_next().await.is_some() {}
-    Ok(count)
+    while let Some(done) = nodes.join_next().await {
+        // A node's round that read its keyspace is one its idle caches were empty at.
+        if let Ok(Some((node, keyspace_ms))) = done {
+            sampler.rounds.insert(node, keyspace_ms);
+        }
+    }
+    Ok(round)
+}
+
+/// A cache looked at but not sampled (an error): it is looked at again next round, and
+/// what it was known to be until then (empty at its node's last round) is kept.
+fn not_sampled(cache: &CacheId, since_ms: i64, last_round: Option<i64>) {
+    let mut skips = skips().lock().unwrap();
+    let passed_over = passed_over_at(&skips, cache, last_round);
+    if let Some(at) = passed_over {
+        if skips.pending.get(cache).is_none_or(|(_, kept)| kept.at_ms < at) {
+            skips.pending.insert(cache.clone(), (since_ms, empty_at(at)));
+        }
+    }
+    skips.dirty.insert(cache.clone());
+}
+
+/// When `cache` was last passed over as empty without being looked at: its node's last
+/// round, if that came after its latest written (empty) sample and it was not dirty.
+fn passed_over_at(skips: &Skips, cache: &CacheId, last_round: Option<i64>) -> Option<i64> {
+    match (skips.written_at.get(cache), last_round) {
+        (Some(&written), Some(last)) if last > written && !skips.dirty.contains(cache) => Some(last),
+        _ => None,
+    }
+}
+
+/// What a round did (for the debug log).
+struct Round {
+    caches: usize,
+    /// Caches looked at (the others were idle).
+    looked_at: Arc<std::sync::atomic::AtomicUsize>,
+    /// Samples written.
+    written: Arc<std::sync::atomic::AtomicUsize>,
+    /// How long finding the caches and their latest samples took.
+    read: Duration,
 }
 
 /// Adds what a sample of `cache` needs written to `batch` (nothing, itself, or a kept
 /// empty sample then itself), and notes it (see [`sample_all`]). `stored_nonempty`: the
-/// store's latest sample of the cache is not empty (whoever wrote it).
+/// store's latest sample of the cache is not empty (whoever wrote it). `since_ms`: when
+/// the cache was created (worked out only for a sample kept or written). `last_round`:
+/// its node's last round (see [`Sampler::rounds`]).
 fn to_write(
     batch: &mut Vec<(CacheId, i64, StorageSampleRecord)>,
     cache: &CacheId,
-    since_ms: i64,
+    since_ms: impl Fn() -> i64,
     record: StorageSampleRecord,
     stored_nonempty: bool,
+    last_round: Option<i64>,
 ) {
     let hour = |ms: i64| ms.div_euclid(3_600_000);
     let empty = record.bytes == 0 && record.keys == 0 && !record.storage_full && record.evicted_keys == 0;
     let mut skips = skips().lock().unwrap();
+    let passed_over = passed_over_at(&skips, cache, last_round);
+    skips.dirty.remove(cache);
     let written_at = skips.written_at.get(cache).copied();
     if empty
         && !stored_nonempty
         && written_at.is_some_and(|at| hour(at) == hour(record.at_ms) && at < record.at_ms)
     {
-        skips.pending.insert(cache.clone(), (since_ms, record));
+        // Most rounds of an empty cache end here: no key copied when it has one kept already.
+        match skips.pending.get_mut(cache) {
+            Some(kept) => kept.1 = record,
+            None => {
+                skips.pending.insert(cache.clone(), (since_ms(), record));
+            }
+        }
         return;
     }
-    if let Some(kept) = skips.pending.remove(cache) {
+    let looked_at = skips.pending.remove(cache);
+    if !empty {
         // The cache was empty until then: its accrual stops there, not at the written one.
-        if !empty {
+        let kept = match (looked_at, passed_over) {
+            (Some(kept), Some(at)) if kept.1.at_ms < at => Some((kept.0, empty_at(at))),
+            (Some(kept), _) => Some(kept),
+            (None, Some(at)) => Some((since_ms(), empty_at(at))),
+            (None, None) => None,
+        };
+        if let Some(kept) = kept {
             batch.push((cache.clone(), kept.0, kept.1));
         }
     }
@@ -206,7 +333,7 @@ fn to_write(
     } else {
         skips.written_at.remove(cache);
     }
-    batch.push((cache.clone(), since_ms, record));
+    batch.push((cache.clone(), since_ms(), record));
 }
 
 /// Writes a batch of samples; errors are logged (the next round samples again).
@@ -220,11 +347,13 @@ async fn write(state: &AppState, batch: Vec<(CacheId, i64, StorageSampleRecord)>
         let mut skips = skips().lock().unwrap();
         for (id, _, _) in &batch {
             skips.written_at.remove(id);
+            skips.dirty.insert(id.clone());
         }
     }
 }
 
-fn created_ms(created_at: &str, or: i64) -> i64 {
+/// A cache's `created_at` in Unix milliseconds (`or` if it does not parse).
+pub(crate) fn created_ms(created_at: &str, or: i64) -> i64 {
     chrono::DateTime::parse_from_rfc3339(created_at).map(|t| t.timestamp_millis()).unwrap_or(or)
 }
 
@@ -251,6 +380,7 @@ pub async fn sample_now(state: &AppState, cache: &CacheRecord) {
             let mut skips = skips().lock().unwrap();
             skips.pending.remove(&cache.id);
             skips.written_at.remove(&cache.id);
+            skips.dirty.insert(cache.id.clone());
         }
         state
             .store
@@ -345,7 +475,7 @@ mod tests {
         let mut batch = Vec::new();
         let mut step = |at, bytes, stored_nonempty| {
             batch.clear();
-            to_write(&mut batch, &id, 7, sample(at, bytes), stored_nonempty);
+            to_write(&mut batch, &id, || 7, sample(at, bytes), stored_nonempty, None);
             batch.iter().map(|(_, since, s)| (*since, s.at_ms, s.bytes)).collect::<Vec<_>>()
         };
         assert_eq!(step(h + 1_000, 0, false), vec![(7, h + 1_000, 0)], "first: written");
@@ -358,5 +488,32 @@ mod tests {
         assert_eq!(step(h + 36_000, 0, false), vec![(7, h + 36_000, 0)]);
         assert_eq!(step(h + 3_599_000, 0, false), vec![]);
         assert_eq!(step(h + 3_604_000, 0, false), vec![(7, h + 3_604_000, 0)], "a new hour");
+    }
+
+    /// A cache passed over (not looked at) in its node's rounds was empty at the last of
+    /// them: that is the sample kept and written before it next differs, unless one looked
+    /// at later, or a failure that made it dirty, says otherwise.
+    #[test]
+    fn a_cache_passed_over_was_empty_at_its_nodes_last_round() {
+        let id = CacheId::generate();
+        let h = 1_800_000_000_000i64 - 3_600_000;
+        let mut batch = Vec::new();
+        let mut step = |at, bytes, last_round| {
+            batch.clear();
+            to_write(&mut batch, &id, || 7, sample(at, bytes), false, last_round);
+            batch.iter().map(|(_, since, s)| (*since, s.at_ms, s.bytes)).collect::<Vec<_>>()
+        };
+        assert_eq!(step(h + 1_000, 0, None), vec![(7, h + 1_000, 0)], "first: written");
+        // Passed over at h+6 s, h+11 s; looked at with keys at h+16 s.
+        assert_eq!(step(h + 16_000, 50, Some(h + 11_000)), vec![(7, h + 11_000, 0), (7, h + 16_000, 50)]);
+        assert_eq!(step(h + 21_000, 0, Some(h + 16_000)), vec![(7, h + 21_000, 0)], "empty again: written");
+        // Looked at (empty, kept back) at h+26 s, passed over at h+31 s: the later one is kept.
+        assert_eq!(step(h + 26_000, 0, Some(h + 21_000)), vec![]);
+        assert_eq!(step(h + 36_000, 9, Some(h + 31_000)), vec![(7, h + 31_000, 0), (7, h + 36_000, 9)]);
+        assert_eq!(step(h + 41_000, 0, Some(h + 36_000)), vec![(7, h + 41_000, 0)]);
+        // A sample that failed at h+51 s (the node's last round): nothing is assumed of it then.
+        not_sampled(&id, 7, Some(h + 46_000));
+        assert_eq!(step(h + 56_000, 5, Some(h + 51_000)), vec![(7, h + 46_000, 0), (7, h + 56_000, 5)]);
+        assert!(!skips().lock().unwrap().dirty.contains(&id), "looked at: no longer dirty");
     }
 }

@@ -58,6 +58,7 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Users found unused, and since when.
     let mut unused_since: HashMap<String, Instant> = HashMap::new();
+    let mut places = crate::places::Places::default();
     loop {
         tick.tick().await;
         // (pool, placement target) → its token ACL users by their cache's own user (`t<id>`);
@@ -87,16 +88,13 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
             unused_since.clear();
             continue;
         }
-        // Where each cache is (few columns of each: this reads them all).
-        let caches = match state.store.cache_places().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot sweep token ACL users");
-                continue;
-            }
-        };
+        // Where each cache is (what changed since the last sweep).
+        if let Err(e) = places.refresh(&state.store, state.pools.iter().map(|(name, _)| name)).await {
+            tracing::warn!(error = %e, "cannot sweep token ACL users");
+            continue;
+        }
         let mut seen = HashSet::new();
-        for cache in caches {
+        for cache in places.by_node().iter().flat_map(|n| n.caches.by_id.values()) {
             let on_node: Vec<String> = users
                 .get_mut(&(cache.pool.clone(), cache.node.clone()))
                 .and_then(|u| u.remove(&cache.id.acl_user()))
@@ -105,7 +103,7 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
                 continue;
             }
             seen.extend(on_node.iter().cloned());
-            if let Err(e) = sweep(&state, &cache, on_node, &mut unused_since).await {
+            if let Err(e) = sweep(&state, cache, on_node, &mut unused_since).await {
                 tracing::warn!(cache = %cache.id, error = %e, "token ACL user sweep failed");
             }
         }

@@ -104,6 +104,7 @@ impl Node {
             let started = Instant::now();
             match self.sync_acl(started >= next_save).await {
                 Ok(true) => {
+                    tracing::debug!(node = self.name(), took = ?started.elapsed(), "tenant ACL users saved");
                     next_save = Instant::now() + (started.elapsed() * SAVE_PACING).max(ACL_SAVE_INTERVAL)
                 }
                 Ok(false) => {}

@@ -245,6 +245,48 @@ async fn a_new_caches_stored_bytes_show_in_its_usage_at_once_per_minute_and_per_
     }
 }
 
+/// The sampler does not look at a node's idle caches within an hour (only at those with
+/// keys): a cache passed over while empty accrues storage from when it got its keys, not
+/// from its creation.
+#[tokio::test]
+async fn a_cache_passed_over_while_empty_accrues_storage_only_from_its_first_keys() {
+    let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
+    let hour_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 3600;
+    for attempt in 0..2 {
+        let hour = hour_now();
+        let (id, token) = create(&dev, &format!("idle-{attempt}"), serde_json::json!({})).await;
+        let created = Instant::now();
+        tokio::time::sleep(Duration::from_secs(4)).await; // about 8 rounds passed over
+        let mut c = dev.client(&token).await.unwrap();
+        fill(&mut c, "k", 0..50, false).await; // 50 values of 2,000 bytes
+        let filled = Instant::now();
+        let used = loop {
+            let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await.unwrap();
+            let used = info.lines().find_map(|l| l.strip_prefix("used_memory:")).map_or(0, |v| v.trim().parse().unwrap());
+            if used > 100_000u64 {
+                break used;
+            }
+            assert!(filled.elapsed() < Duration::from_secs(10), "the stored bytes not sampled: {used}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let path = format!("/v1/caches/{id}/usage?granularity=hour");
+        let (_, usage) = dev.api(reqwest::Method::GET, &path, None).await;
+        if hour_now() != hour {
+            continue; // the averages would mix two hours
+        }
+        let average = usage["points"].as_array().unwrap().last().unwrap()["storage_bytes"].as_u64().unwrap();
+        let full_share = filled.elapsed().as_secs_f64() / created.elapsed().as_secs_f64();
+        // Stored for the last ~40% of its life: accrued from its creation it would be ~100%.
+        assert!(
+            average > used / 10 && (average as f64) < used as f64 * (full_share + 0.2),
+            "average {average} B over the hour with {used} B stored for {full_share:.2} of the cache's life"
+        );
+        return;
+    }
+    panic!("both attempts crossed an hour");
+}
+
 /// A cache of `data_storage_mb: 1` with eviction policy `policy`.
 async fn create_with_policy(dev: &ShoalDev, policy: &str) -> Conn {
     let (status, body) = dev

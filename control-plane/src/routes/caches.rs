@@ -523,7 +523,10 @@ async fn create(
     let stored = async {
         let mut tx = state.store.begin().await?;
         store::insert_cache(tx.conn(), &record).await?;
-        let version = store::bump_placement(tx.conn(), &record.pool).await?;
+        let created_ms =
+            crate::storage::created_ms(&record.created_at, chrono::Utc::now().timestamp_millis());
+        store::record_creation_sample(tx.conn(), &record.id, created_ms).await?;
+        let version = store::bump_placement(tx.conn(), &record.pool, &record.id).await?;
         tx.commit(&event).await.map(|_| version)
     }
     .await;
@@ -847,7 +850,7 @@ pub async fn patch_cache(
         return Err(ApiError::PreconditionFailed);
     }
     if new_mb != old_mb {
-        store::bump_placement(tx.conn(), &current.pool).await?;
+        store::bump_placement(tx.conn(), &current.pool, &current.id).await?;
     }
     tx.commit(&event).await?;
     if new_mb != old_mb {
@@ -928,7 +931,7 @@ async fn remove_cache(state: &AppState, cache: &CacheRecord, mut event: AuditEve
     let mut tx = state.store.begin().await?;
     store::mark_cache_deleted(tx.conn(), &cache.id).await?;
     let removed = store::users::delete_cache_users(tx.conn(), &cache.id).await?;
-    let version = store::bump_placement(tx.conn(), &cache.pool).await?;
+    let version = store::bump_placement(tx.conn(), &cache.pool, &cache.id).await?;
     if let Some(details) = event.details.as_object_mut() {
         details.insert("cache_users_deleted".into(), removed.into());
     }

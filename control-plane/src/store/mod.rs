@@ -16,7 +16,9 @@ mod storage;
 mod usage;
 pub mod users;
 
-pub use storage::{accrual, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS};
+pub use storage::{
+    accrual, record_creation_sample, CacheStorage, StorageSampleRecord, StorageUsage, MAX_COVER_MS,
+};
 pub use usage::{minute_text, Granularity, UsageRow};
 
 use shoal_engine::Placement;
@@ -60,7 +62,8 @@ impl CacheStatus {
     }
 }
 
-/// Where a live cache is: what the storage sampler reads of every cache each round.
+/// Where a live cache is: what the storage sampler and the token sweep follow of every cache
+/// ([`crate::places`]).
 #[derive(Clone, Debug)]
 pub struct CachePlace {
     pub id: CacheId,
@@ -69,6 +72,16 @@ pub struct CachePlace {
     pub db: u32,
     pub databases: u32,
     pub created_at: String,
+}
+
+/// A change of a cache's place ([`Store::place_changes`]).
+#[derive(Clone, Debug)]
+pub struct PlaceChange {
+    pub place: CachePlace,
+    /// The cache is live (not deleted).
+    pub live: bool,
+    /// The placement version of the change.
+    pub version: i64,
 }
 
 /// A cache row, including where it lives.
@@ -175,7 +188,8 @@ pub struct Store {
     /// The URL it was opened with: leases take connections of their own
     /// ([`Store::dedicated_connection`]).
     url: Arc<str>,
-    /// Serializes audit appends (the hash chain needs the previous record).
+    /// Serializes audit appends (the hash chain needs the previous record); on SQLite also
+    /// the storage sampler's batches, so writers take turns ([`Store::record_storage_samples`]).
     audit_lock: Arc<tokio::sync::Mutex<()>>,
     audit_chain: Arc<audit::Chain>,
     /// The task that commits audit records in batches ([`Store::audit`]).
@@ -423,25 +437,38 @@ impl Store {
         row.map(cache_from_row).transpose()
     }
 
-    /// Where every live cache is (six columns of each, not its whole row: this reads them all).
-    pub async fn cache_places(&self) -> Result<Vec<CachePlace>, StoreError> {
+    /// The caches of pool `pool` whose place or storage limit changed after its placement
+    /// version `after` ([`bump_placement`]), deleted ones too, in the order of their changes
+    /// (a database let go comes before its next cache): an index lookup, O(changes).
+    pub async fn place_changes(&self, pool: &str, after: i64) -> Result<Vec<PlaceChange>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, pool, node, db, databases, created_at FROM caches WHERE status <> 'deleted'",
+            "SELECT id, pool, node, db, databases, created_at, status, place_seq FROM caches
+             WHERE pool = $1 AND place_seq > $2 ORDER BY place_seq",
         )
+        .bind(pool)
+        .bind(after)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        rows.iter()
             .map(|r| {
-                Ok(CachePlace {
-                    id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?,
-                    pool: r.get("pool"),
-                    node: r.get("node"),
-                    db: r.get::<i64, _>("db") as u32,
-                    databases: r.get::<i64, _>("databases") as u32,
-                    created_at: r.get("created_at"),
+                Ok(PlaceChange {
+                    place: cache_place(r)?,
+                    live: r.get::<&str, _>("status") != CacheStatus::Deleted.as_str(),
+                    version: r.get("place_seq"),
                 })
             })
             .collect()
+    }
+
+    /// Every live cache of pool `pool` (a first read, before following [`Self::place_changes`]).
+    pub async fn pool_places(&self, pool: &str) -> Result<Vec<CachePlace>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, pool, node, db, databases, created_at FROM caches WHERE pool = $1 AND status <> 'deleted'",
+        )
+        .bind(pool)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(cache_place).collect()
     }
 
     /// Live caches with a daily snapshot window. Only those rows are read: the scheduler
@@ -585,17 +612,39 @@ impl Store {
     }
 }
 
-/// Bumps pool `pool`'s placement version (in the transaction that changes a cache's
-/// placement or storage limit); returns the new one.
-pub async fn bump_placement(conn: &mut AnyConnection, pool: &str) -> Result<i64, StoreError> {
+/// Bumps pool `pool`'s placement version (in the transaction that changes `cache`'s
+/// placement or storage limit) and marks the cache with it ([`Store::place_changes`]);
+/// returns the new version.
+pub async fn bump_placement(
+    conn: &mut AnyConnection,
+    pool: &str,
+    cache: &CacheId,
+) -> Result<i64, StoreError> {
     let row = sqlx::query(
         "INSERT INTO placement_versions (pool, version) VALUES ($1, 1)
          ON CONFLICT (pool) DO UPDATE SET version = placement_versions.version + 1 RETURNING version",
     )
     .bind(pool)
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(row.get("version"))
+    let version: i64 = row.get("version");
+    sqlx::query("UPDATE caches SET place_seq = $1 WHERE id = $2")
+        .bind(version)
+        .bind(cache.as_str())
+        .execute(conn)
+        .await?;
+    Ok(version)
+}
+
+fn cache_place(r: &AnyRow) -> Result<CachePlace, StoreError> {
+    Ok(CachePlace {
+        id: CacheId::parse(r.get::<&str, _>("id")).map_err(decode_err)?,
+        pool: r.get("pool"),
+        node: r.get("node"),
+        db: r.get::<i64, _>("db") as u32,
+        databases: r.get::<i64, _>("databases") as u32,
+        created_at: r.get("created_at"),
+    })
 }
 
 pub async fn insert_cache(conn: &mut AnyConnection, c: &CacheRecord) -> Result<(), StoreError> {
@@ -794,6 +843,33 @@ fn now_secs() -> String {
 /// Whether an error is a unique-constraint violation (a conflict, not a failure).
 pub fn is_unique_violation(e: &StoreError) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// A live cache row for tests: pool `main`, node `n0`, database 1.
+#[cfg(test)]
+pub(crate) fn test_cache_record(id: &CacheId) -> CacheRecord {
+    CacheRecord {
+        id: id.clone(),
+        account_id: shoal_types::AccountId::generate(),
+        name: "c".into(),
+        status: CacheStatus::Available,
+        pool: "main".into(),
+        node: "n0".into(),
+        db: 1,
+        databases: 1,
+        acl_password: "pw".into(),
+        created_at: now(),
+        keyspace_events: String::new(),
+        description: String::new(),
+        limits: Default::default(),
+        eviction_policy: "volatile-lru".into(),
+        tags: "{}".into(),
+        version: 1,
+        updated_at: now(),
+        snapshot_window: String::new(),
+        snapshot_retention: 0,
+        placement: Default::default(),
+    }
 }
 
 /// A new empty database `shoal_<prefix>_<random>` on the Postgres lane's server

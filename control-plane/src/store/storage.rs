@@ -81,6 +81,11 @@ impl Store {
     /// [`Store::record_storage_sample`] for several samples (a sampling round's) in one
     /// transaction: one commit (and on SQLite one wait for the write lock) for all of them.
     /// Returns how many were recorded.
+    ///
+    /// On SQLite (one writer at a time) it waits in turn with the audited changes — cache
+    /// creates and deletes among them — on the store's write lock: without it, a create that
+    /// found the database busy polled SQLite's busy handler (sleeps of up to 100 ms) while
+    /// a round's batches followed one another, and waited for the whole round.
     pub async fn record_storage_samples(
         &self,
         samples: &[(CacheId, i64, StorageSampleRecord)],
@@ -88,6 +93,10 @@ impl Store {
         if samples.is_empty() {
             return Ok(0);
         }
+        let _in_turn = match self.backend {
+            super::Backend::Sqlite => Some(self.audit_lock.lock().await),
+            super::Backend::Postgres => None,
+        };
         let mut tx = self.backend.begin_write(&self.pool).await?;
         let mut recorded = 0;
         for (cache, since_ms, sample) in samples {
@@ -216,6 +225,19 @@ impl Store {
 }
 
 /// One sample of [`Store::record_storage_samples`], in its transaction.
+/// A new cache's first sample, empty, as of its creation (in its create's transaction): a
+/// row for its first hour without the storage sampler writing one (the sampler knows new
+/// caches from [`crate::places`]).
+pub async fn record_creation_sample(
+    conn: &mut sqlx::AnyConnection,
+    cache: &CacheId,
+    created_ms: i64,
+) -> Result<(), StoreError> {
+    let sample =
+        StorageSampleRecord { at_ms: created_ms, bytes: 0, keys: 0, storage_full: false, evicted_keys: 0 };
+    record_in(conn, cache, created_ms, &sample).await.map(|_| ())
+}
+
 async fn record_in(
     tx: &mut sqlx::AnyConnection,
     cache: &CacheId,
@@ -330,35 +352,10 @@ mod tests {
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("s.db").display()));
         let store = Store::open(&url).await.unwrap();
         let id = CacheId::generate();
-        let record = cache_record(&id);
+        let record = super::super::test_cache_record(&id);
         let mut conn = store.pool.acquire().await.unwrap();
         super::super::insert_cache(&mut conn, &record).await.unwrap();
         (store, id, dir)
-    }
-
-    fn cache_record(id: &CacheId) -> super::super::CacheRecord {
-        super::super::CacheRecord {
-            id: id.clone(),
-            account_id: shoal_types::AccountId::generate(),
-            name: "c".into(),
-            status: super::super::CacheStatus::Available,
-            pool: "main".into(),
-            node: "n0".into(),
-            db: 1,
-            databases: 1,
-            acl_password: "pw".into(),
-            created_at: super::super::now(),
-            keyspace_events: String::new(),
-            description: String::new(),
-            limits: Default::default(),
-            eviction_policy: "volatile-lru".into(),
-            tags: "{}".into(),
-            version: 1,
-            updated_at: super::super::now(),
-            snapshot_window: String::new(),
-            snapshot_retention: 0,
-            placement: Default::default(),
-        }
     }
 
     fn sample(at_ms: i64, bytes: u64, evicted_keys: u64) -> StorageSampleRecord {
@@ -407,7 +404,7 @@ mod tests {
         let mut ids = Vec::new();
         for _ in 0..16 {
             let (id, mut conn) = (CacheId::generate(), store.pool.acquire().await.unwrap());
-            let mut record = cache_record(&id);
+            let mut record = super::super::test_cache_record(&id);
             record.db = ids.len() as u32 + 2;
             super::super::insert_cache(&mut conn, &record).await.unwrap();
             ids.push(id);
