@@ -251,7 +251,8 @@ async fn a_new_caches_stored_bytes_show_in_its_usage_at_once_per_minute_and_per_
 #[tokio::test]
 async fn a_cache_passed_over_while_empty_accrues_storage_only_from_its_first_keys() {
     let dev = ShoalDev::start_with(&["--storage-interval", "0.5"]).await;
-    let hour_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 3600;
+    let hour_now =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 3600;
     for attempt in 0..2 {
         let hour = hour_now();
         let (id, token) = create(&dev, &format!("idle-{attempt}"), serde_json::json!({})).await;
@@ -262,7 +263,10 @@ async fn a_cache_passed_over_while_empty_accrues_storage_only_from_its_first_key
         let filled = Instant::now();
         let used = loop {
             let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await.unwrap();
-            let used = info.lines().find_map(|l| l.strip_prefix("used_memory:")).map_or(0, |v| v.trim().parse().unwrap());
+            let used = info
+                .lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
             if used > 100_000u64 {
                 break used;
             }

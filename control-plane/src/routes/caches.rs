@@ -441,7 +441,9 @@ async fn create(
     }
 
     // One placement at a time, so two creates never pick the same database.
+    let asked = std::time::Instant::now();
     let placing = state.placement_lock.lock().await;
+    let placed = std::time::Instant::now();
     let same_name = CacheFilter {
         account: Some(account.clone()),
         name: Some(body.name.clone()),
@@ -465,6 +467,7 @@ async fn create(
     let mut loads = pool.loads();
     loads.retain(fits);
     state.occupancy.fill(state, &pool_name, &mut loads).await?;
+    let filled = std::time::Instant::now();
     let id = CacheId::generate();
     // A node that does not answer in time is marked unhealthy and the next one is tried.
     let (chosen, acl) = loop {
@@ -491,6 +494,7 @@ async fn create(
             }
         }
     };
+    let provisioned = std::time::Instant::now();
     let now = store::now();
     let record = CacheRecord {
         id,
@@ -546,6 +550,17 @@ async fn create(
         apply_keyspace_events(state, &record.pool, &record.node).await?;
     }
     drop(placing);
+    if placed.elapsed() > SLOW_CREATE {
+        // Where a slow create's time went (each step's end, from taking the placement lock).
+        let ms = |t: std::time::Instant| t.saturating_duration_since(placed).as_secs_f64() * 1000.0;
+        tracing::debug!(
+            waited_ms = placed.duration_since(asked).as_secs_f64() * 1000.0,
+            placed_ms = ms(filled),
+            provisioned_ms = ms(provisioned),
+            stored_ms = ms(std::time::Instant::now()),
+            "slow cache create"
+        );
+    }
     tracing::info!(cache = %record.id, pool = %record.pool, node = %record.node, db = record.db, "cache created");
     if let Some(snapshot) = &snapshot {
         if let Err(e) = restore(state, &record, snapshot).await {
@@ -867,6 +882,9 @@ pub async fn patch_cache(
         &who,
     )))
 }
+
+/// A create that held the placement lock longer than this logs where its time went (debug).
+const SLOW_CREATE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Query of `DELETE /v1/caches/{id}`.
 #[derive(Deserialize, utoipa::IntoParams)]
