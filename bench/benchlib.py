@@ -65,6 +65,15 @@ def wait_for_dev(proc, rest_port, data_dir, tries=600):
     sys.exit(f"shoal dev did not become ready on port {rest_port}")
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` (every thread), in seconds, from /proc/<pid>/stat."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_busy(seconds):
     """Percentage of CPU time (all cores) not idle over `seconds`, from /proc/stat."""
     import time

@@ -160,6 +160,13 @@ def main():
         print(f"create total {create_total:8.1f} s ({n / create_total:.0f} caches/s)")
         acl_size = os.path.getsize(os.path.join(node_dir, "users.acl"))
         print(f"users.acl {acl_size / 1e6:.1f} MB")
+        # What the node costs holding every cache, idle (Valkey's cron walks its databases).
+        node_pid = int(open(os.path.join(node_dir, "valkey.pid")).read().strip())
+        hz = next((l.split()[1] for l in open(os.path.join(node_dir, "valkey.conf")) if l.startswith("hz ")), "10")
+        before, t0 = benchlib.cpu_seconds(node_pid), time.perf_counter()
+        time.sleep(10)
+        idle = (benchlib.cpu_seconds(node_pid) - before) / (time.perf_counter() - t0)
+        print(f"node idle with {n} caches (hz {hz}): {idle * 100:.1f}% of a core")
 
         # A cache created first answers through the gateway; then the node is killed.
         _, status, data = api.call("POST", f"/v1/caches/{ids[0]}/tokens")

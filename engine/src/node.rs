@@ -218,6 +218,19 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the memory guard reads each node's resident memory (`/proc/<pid>/statm`).
 pub const MEMORY_GUARD_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Databases Valkey's cron may walk per second. When few databases hold keys with a TTL,
+/// every cron tick (`hz` a second) walks every database ever selected looking for some
+/// that do (its active expiry): about 0.12 µs per database here, so 12 ms at 100,000 during
+/// which the node answers nobody, ten times a second. Measured on an idle Valkey 9.1 with
+/// 100,000 selected, empty databases: 9.7% of a core at `hz 10`, 1.1% at `hz 1`.
+const CRON_DATABASES_PER_SECOND: u32 = 80_000;
+
+/// The node's `hz`: Valkey's default, 10, unless its databases would make the cron's walk
+/// take more than about 1% of the node's time ([`CRON_DATABASES_PER_SECOND`]); at least 1.
+pub fn cron_hz(databases: u32) -> u32 {
+    (CRON_DATABASES_PER_SECOND / databases.max(1)).clamp(1, 10)
+}
+
 /// The resource guards of one node, derived from its `maxmemory`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeBudget {
@@ -739,7 +752,7 @@ impl Node {
             "# Written by shoal on every start; edits are overwritten.\n\
              bind {host}\nport {port}\nprotected-mode yes\ndaemonize no\n\
              dir {dir}\npidfile {dir}/valkey.pid\nlogfile {dir}/valkey.log\n\
-             databases {databases}\n\
+             databases {databases}\nhz {hz}\n\
              appendonly yes\nappendfsync everysec\nsave \"\"\n\
              aclfile {dir}/users.acl\n\
              enable-debug-command no\nenable-module-command no\nenable-protected-configs no\n\
@@ -759,6 +772,7 @@ impl Node {
             host = self.spec.host,
             port = self.spec.port,
             databases = self.databases,
+            hz = cron_hz(self.databases),
         );
         // Loaded at start only: MODULE LOAD stays refused (`enable-module-command no`).
         for module in &self.modules {
@@ -1494,6 +1508,16 @@ mod tests {
         assert_eq!(err(ModuleSpec::new(&missing)), format!("module {}: no such file", missing.display()));
         assert_eq!(err(ModuleSpec::new(&dir)), format!("module {}: not a file", dir.display()));
         assert!(ModuleSpec::new("/bin/sh").check().is_ok());
+    }
+
+    #[test]
+    fn nodes_with_many_databases_run_their_cron_less_often() {
+        assert_eq!(cron_hz(16), 10, "Valkey's default");
+        assert_eq!(cron_hz(1024), 10, "shoal dev's default");
+        assert_eq!(cron_hz(8_000), 10);
+        assert_eq!(cron_hz(16_000), 5);
+        assert_eq!(cron_hz(100_001), 1, "never below 1");
+        assert_eq!(cron_hz(0), 10);
     }
 
     #[test]
