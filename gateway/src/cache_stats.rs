@@ -57,10 +57,10 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Counts one call of the command with table index `index`; whether the tally should be
-    /// handed over now (it holds many commands).
+    /// Counts `calls` calls of the command with table index `index` (`usec`: their time);
+    /// whether the tally should be handed over now (it holds many commands).
     #[inline]
-    pub fn command(&mut self, index: usize, usec: u64, outcome: Outcome) -> bool {
+    pub fn command(&mut self, index: usize, calls: u64, usec: u64, outcome: Outcome) -> bool {
         let at = match self.commands.iter().position(|(i, _)| *i == index) {
             Some(at) => at,
             None => {
@@ -70,14 +70,14 @@ impl Tally {
         };
         let stat = &mut self.commands[at].1;
         match outcome {
-            Outcome::Rejected => stat.rejected += 1,
+            Outcome::Rejected => stat.rejected += calls,
             Outcome::Failed => {
-                stat.calls += 1;
+                stat.calls += calls;
                 stat.usec += usec;
-                stat.failed += 1;
+                stat.failed += calls;
             }
             Outcome::Ok => {
-                stat.calls += 1;
+                stat.calls += calls;
                 stat.usec += usec;
             }
         }
@@ -260,17 +260,17 @@ mod tests {
     fn tallies_add_up_by_command_and_error_code() {
         let stats = CacheStats::default();
         let mut a = Tally::default();
-        a.command(index("get"), 10, Outcome::Ok);
-        a.command(index("get"), 5, Outcome::Ok);
-        a.command(index("incr"), 3, Outcome::Failed);
-        a.command(index("set"), 0, Outcome::Rejected);
+        a.command(index("get"), 1, 10, Outcome::Ok);
+        a.command(index("get"), 1, 5, Outcome::Ok);
+        a.command(index("incr"), 1, 3, Outcome::Failed);
+        a.command(index("set"), 1, 0, Outcome::Rejected);
         a.error(b"ERR");
         a.error(b"OOM");
         a.ecpu_milli = 3000;
         stats.add(&mut a);
         assert!(a.is_empty());
         let mut b = Tally::default();
-        b.command(index("get"), 1, Outcome::Ok);
+        b.command(index("get"), 1, 1, Outcome::Ok);
         b.error(b"ERR");
         stats.add(&mut b);
         let commands = stats.commands();

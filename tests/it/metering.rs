@@ -223,6 +223,13 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
         vec![b"SET", b"small", &small],
         vec![b"SET", b"kb10", &kb10],
         vec![b"SET", b"mb1", &mb1],
+        vec![b"SET", b"a", b"1"],
+        vec![b"SET", b"b", b"2"],
+        // A run of like commands, hits and misses (counted together).
+        vec![b"GET", b"small"],
+        vec![b"GET", b"missing"],
+        vec![b"GET", b"a"],
+        vec![b"GET", b"nothing"],
         vec![b"GET", b"small"],
         vec![b"GET", b"kb10"],
         vec![b"GET", b"mb1"],
@@ -239,9 +246,15 @@ async fn usage_is_the_rule_applied_to_what_clients_sent_and_received() {
         let reply = c.reply().await;
         rule.command(&String::from_utf8_lossy(args[0]).to_lowercase(), req.len(), &reply, reply.len());
     }
-    assert_eq!(rule.want.hits, 5, "GET small, kb10, mb1 and two of MGET's three");
-    assert_eq!(rule.want.misses, 2);
+    assert_eq!(rule.want.hits, 7, "GET small (twice), a, kb10, mb1 and two of MGET's three");
+    assert_eq!(rule.want.misses, 4);
     assert_eq!(rule.want.errors, 2, "INCR of a non-number, an unknown command");
+    c.s.write_all(&cmd(&[b"INFO", b"commandstats"])).await.unwrap();
+    let stats = String::from_utf8(c.reply().await).unwrap();
+    for (name, calls) in [("get", 8), ("set", 5), ("mget", 1)] {
+        let line = stats.lines().find(|l| l.starts_with(&format!("cmdstat_{name}:"))).unwrap_or_default();
+        assert!(line.starts_with(&format!("cmdstat_{name}:calls={calls},")), "{name}: {line:?}\n{stats}");
+    }
 
     // Refused by the gateway itself: not billed.
     let denied = cmd(&[b"CONFIG", b"SET", b"maxmemory", b"1"]);

@@ -47,11 +47,8 @@ pub fn reply_elements(reply: &[u8]) -> u64 {
 /// Whether a (complete) reply is nil: `$-1`, `*-1` or RESP3 `_`.
 #[inline]
 pub fn is_nil(reply: &[u8]) -> bool {
-    match reply.first() {
-        Some(b'$' | b'*') => reply[1..].starts_with(b"-1\r\n"),
-        Some(b'_') => reply[1..].starts_with(b"\r\n"),
-        _ => false,
-    }
+    // Byte patterns, not `starts_with`: no call to `memcmp` on every read's reply.
+    matches!(reply, [b'$' | b'*', b'-', b'1', b'\r', b'\n', ..] | [b'_', b'\r', b'\n', ..])
 }
 
 /// Read hits and misses of one reply.

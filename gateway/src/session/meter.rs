@@ -4,7 +4,7 @@ use super::Session;
 use crate::cache_stats::{self, Outcome};
 use crate::metering::{self, Meter, TxPosition};
 use crate::resp::reply::ReplyScanner;
-use shoal_commands::CommandSpec;
+use shoal_commands::{CommandSpec, Hits};
 use shoal_types::UsageCounters;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ impl Session {
     /// Meters a mux chunk: replies of the given lengths, one per metered request sent to
     /// the mux, then `partial` bytes of a reply to come.
     pub(super) fn meter_mux_replies(&mut self, chunk: &[u8], lens: &[usize], partial: usize) {
-        let (mut pos, mut billed) = (0, None);
+        let (mut pos, mut billed, mut run) = (0, None, None);
         for &len in lens {
             let meter = self.mux_meters.pop_front().flatten();
             // The mux gives every reply's length (bounded by the chunk all the same).
@@ -80,8 +80,14 @@ impl Session {
                 }
                 continue;
             }
-            let c = self.measure(m, reply, delivered);
-            billed.get_or_insert_with(UsageCounters::default).add(&c);
+            let counters = billed.get_or_insert_with(UsageCounters::default);
+            if !self.count_alike(&mut run, &m, reply, delivered, counters) {
+                let c = self.measure(m, reply, delivered);
+                counters.add(&c);
+            }
+        }
+        if let Some(done) = run {
+            self.count_run(done);
         }
         if partial > 0 {
             self.mux_part.add(&chunk[chunk.len() - partial..]);
@@ -90,6 +96,76 @@ impl Session {
         if let Some(c) = billed {
             self.tally(c);
         }
+    }
+
+    /// Counts a reply in a run of like ones if it is one (see [`Run`]): a plain command that
+    /// costs its weight and no more (so the bucket is owed nothing), not a script, not
+    /// blocking, answered without an error. False: it has to be measured on its own.
+    #[inline]
+    fn count_alike(
+        &mut self,
+        run: &mut Option<Run>,
+        m: &Meter,
+        reply: &[u8],
+        delivered: u64,
+        billed: &mut UsageCounters,
+    ) -> bool {
+        let Some(spec) = m.spec else { return false };
+        let weight = spec.weight as u64;
+        let plain = m.tx == TxPosition::Plain;
+        let in_run =
+            run.as_ref().is_some_and(|r| plain && std::ptr::eq(r.spec, spec) && r.started == m.started);
+        // The command's kind is checked once per run; its reply's size and kind every time.
+        if !in_run
+            && (!plain
+                || spec.script
+                || spec.blocking
+                || spec.per_element > 0
+                || spec.hits == Hits::Elements
+                || weight == 0
+                || self.tenant.is_none())
+        {
+            return false;
+        }
+        if metering::ecpu::transfer_milli(m.request + delivered) > weight {
+            return false;
+        }
+        let miss = match reply.first() {
+            None | Some(b'-' | b'!') => return false,
+            Some(_) => metering::ecpu::is_nil(reply),
+        };
+        match run {
+            Some(r) if in_run => r.calls += 1,
+            _ => {
+                if let Some(done) = run.take() {
+                    self.count_run(done);
+                }
+                // As `count_call` and `measure` time it: the replies after the first of one
+                // event took no time of their own, and share its latency bucket.
+                let now = self.now();
+                let since = m.started.max(self.last_reply_at);
+                let usec = if since >= now { 0 } else { (now - since).as_micros() as u64 };
+                self.last_reply_at = now;
+                let slot = self.latency_slot(m.started, now);
+                *run = Some(Run { spec, calls: 1, started: m.started, usec, slot });
+            }
+        }
+        billed.commands += 1;
+        billed.ecpu_milli += weight;
+        billed.bytes_in += m.request;
+        billed.bytes_out += delivered;
+        if spec.hits == Hits::Value {
+            billed.hits += !miss as u64;
+            billed.misses += miss as u64;
+        }
+        true
+    }
+
+    /// Counts a run's calls in `commandstats` and its latencies.
+    fn count_run(&mut self, run: Run) {
+        let full = self.tally.info.command(run.spec.index, run.calls, run.usec, Outcome::Ok);
+        self.info_counted(full);
+        self.count_latency(run.slot, run.calls);
     }
 
     /// Meters one command and charges the cache's bucket what it cost beyond its estimate.
@@ -161,18 +237,24 @@ impl Session {
             t.bucket.debit(c.ecpu_milli.saturating_sub(meter.estimate()));
         }
         if c.commands > 0 {
-            // The replies of one event to the requests of one read share their latency.
-            let slot = match self.latency_memo {
-                Some((started, at, slot)) if started == meter.started && at == now => slot,
-                _ => {
-                    let slot = metering::latency_slot(now.saturating_duration_since(meter.started));
-                    self.latency_memo = Some((meter.started, now, slot));
-                    slot
-                }
-            };
-            self.count_latency(slot);
+            let slot = self.latency_slot(meter.started, now);
+            self.count_latency(slot, 1);
         }
         c
+    }
+
+    /// The latency bucket of a command read at `started` and answered `now`: the replies of
+    /// one event to the requests of one read share it.
+    #[inline]
+    fn latency_slot(&mut self, started: Instant, now: Instant) -> usize {
+        match self.latency_memo {
+            Some((read, at, slot)) if read == started && at == now => slot,
+            _ => {
+                let slot = metering::latency_slot(now.saturating_duration_since(started));
+                self.latency_memo = Some((started, now, slot));
+                slot
+            }
+        }
     }
 
     /// Counts a command whose reply came from the node in `commandstats` and `errorstats`.
@@ -205,7 +287,7 @@ impl Session {
                 Some(message) if cache_stats::rejected(message) => Outcome::Rejected,
                 Some(_) => Outcome::Failed,
             };
-            full = self.tally.info.command(spec.index, usec, outcome);
+            full = self.tally.info.command(spec.index, 1, usec, outcome);
         }
         if let Some(message) = error {
             full |= self.tally.info.error(cache_stats::code_of(message));
@@ -231,7 +313,7 @@ impl Session {
             (false, true) => Outcome::Failed,
         };
         let usec = started.elapsed().as_micros() as u64;
-        let full = self.tally.info.command(spec.index, usec, outcome);
+        let full = self.tally.info.command(spec.index, 1, usec, outcome);
         self.info_counted(full);
     }
 
@@ -334,9 +416,9 @@ impl Session {
         }
     }
 
-    /// Counts a command's latency (handed to the histogram within [`metering::FLUSH_EVERY`]).
-    pub(super) fn count_latency(&mut self, slot: usize) {
-        self.tally.latency[slot] += 1;
+    /// Counts `n` commands' latency (handed to the histogram within [`metering::FLUSH_EVERY`]).
+    pub(super) fn count_latency(&mut self, slot: usize, n: u64) {
+        self.tally.latency[slot] += n;
         if self.tally.flush_at.is_none() {
             self.tally.flush_at = Some(Instant::now() + metering::FLUSH_EVERY);
         }
@@ -351,4 +433,17 @@ impl Session {
         self.tally.latency = Default::default();
         self.tally.flush_at = None;
     }
+}
+
+/// Like replies of one event (the same command, read together, each costing just its
+/// weight and answered without an error) are counted together: one `commandstats` update
+/// and one latency count for the run, the totals measuring each would have given.
+struct Run {
+    spec: &'static CommandSpec,
+    calls: u64,
+    /// When its requests were read.
+    started: Instant,
+    /// The first call's time (the others took none of their own).
+    usec: u64,
+    slot: usize,
 }
