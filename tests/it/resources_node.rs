@@ -395,3 +395,60 @@ async fn lua_memory_cannot_get_a_node_oom_killed() {
     wait_for("the flush logged", Duration::from_secs(5), async || dev.log().contains("script cache flushed"))
         .await;
 }
+
+/// Valkey's cron walks every database looking for keys with a TTL when few have one, holding
+/// a node with many databases for milliseconds on every tick. A node with more than 1,024
+/// databases holds anchors (a key and a hash field with a TTL of about a century) in
+/// databases 1,024, 2,048, … where no cache goes, puts them back when they are gone (evicted
+/// under memory pressure, say), and keeps Valkey's `hz` where the walk stays cheap.
+#[tokio::test]
+async fn a_node_with_many_databases_holds_anchors_that_keep_its_cron_short() {
+    let dev = ShoalDev::start_with(&["--databases", "2100"]).await;
+    let mut n0 = dev.node_admin(0).await;
+    assert_eq!(config_get(&mut n0, "hz").await, "10");
+    let keyspace = || async {
+        let mut n0 = dev.node_admin(0).await;
+        redis::cmd("INFO").arg("keyspace").query_async::<String>(&mut n0).await.unwrap()
+    };
+    let info = keyspace().await;
+    for db in [1024, 2048] {
+        assert!(info.contains(&format!("db{db}:keys=2,expires=1,")), "{info}");
+        assert!(info.contains("keys_with_volatile_items=1"), "{info}");
+    }
+    let ttl: i64 = redis::pipe()
+        .cmd("SELECT")
+        .arg(1024)
+        .ignore()
+        .cmd("TTL")
+        .arg("shoal:cron-anchor")
+        .cmd("SELECT")
+        .arg(0)
+        .ignore()
+        .query_async::<(i64,)>(&mut n0)
+        .await
+        .unwrap()
+        .0;
+    assert!(ttl > 2_000_000_000, "about a century: {ttl}");
+
+    // Gone: back within the health loop's next round of checks (every 10 s).
+    let _: () = redis::pipe()
+        .cmd("SELECT")
+        .arg(2048)
+        .ignore()
+        .cmd("DEL")
+        .arg("shoal:cron-anchor")
+        .arg("shoal:cron-anchor-fields")
+        .ignore()
+        .cmd("SELECT")
+        .arg(0)
+        .ignore()
+        .query_async(&mut n0)
+        .await
+        .unwrap();
+    assert!(!keyspace().await.contains("db2048:"));
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !keyspace().await.contains("db2048:keys=2,expires=1,") {
+        assert!(Instant::now() < deadline, "the anchor did not come back: {}", keyspace().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
