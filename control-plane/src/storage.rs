@@ -112,8 +112,9 @@ const WRITE_BATCH: usize = 100;
 ///
 /// Within an hour a node's idle caches are not even looked at: only those with keys, those
 /// whose stored sample is not empty, and those marked dirty are. The others were empty at
-/// the node's last round, which is then their kept sample. The first round of each hour
-/// (and of a sampler) looks at every cache: its first sample of the hour is written.
+/// the node's last round, which is then their kept sample. The first round of a sampler
+/// looks at every cache; in each hour, every cache is looked at once more in its turn within
+/// the first [`HOURLY_SPREAD_MS`] ([`hourly_turn`]), which writes its first sample of the hour.
 async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Round, StoreError> {
     let places = &mut sampler.places;
     let started = Instant::now();
@@ -171,9 +172,7 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
                     return None;
                 }
             };
-            let hour = |ms: i64| ms.div_euclid(3_600_000);
-            let every = last_round.is_none_or(|last| hour(last) != hour(keyspace_ms));
-            let look_at: Vec<&CachePlace> = if every {
+            let look_at: Vec<&CachePlace> = if last_round.is_none() {
                 caches.by_id.values().collect()
             } else {
                 let mut ids: std::collections::BTreeSet<&CacheId> =
@@ -181,6 +180,9 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
                 ids.extend(nonempty.iter().filter(|id| caches.by_id.contains_key(*id)));
                 let dirty: Vec<CacheId> = skips().lock().unwrap().dirty.iter().cloned().collect();
                 ids.extend(dirty.iter().filter_map(|id| caches.by_id.get_key_value(id).map(|(k, _)| k)));
+                if hourly_turns_due(last_round, keyspace_ms) {
+                    ids.extend(caches.by_id.keys().filter(|id| hourly_turn(id, last_round, keyspace_ms)));
+                }
                 ids.into_iter().filter_map(|id| caches.by_id.get(id)).collect()
             };
             looked_at.fetch_add(look_at.len(), std::sync::atomic::Ordering::Relaxed);
@@ -248,6 +250,29 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
         }
     }
     Ok(round)
+}
+
+/// How much of each hour the caches' first samples of the hour are spread over: each cache
+/// has its turn in it (from its id), so that 100,000 idle caches' hourly rows do not all
+/// land in the hour's first round, taking turns with creates for half a minute.
+const HOURLY_SPREAD_MS: i64 = 300_000;
+
+/// Whether any cache's hourly turn may fall after `last_round` and by `now_ms`.
+fn hourly_turns_due(last_round: Option<i64>, now_ms: i64) -> bool {
+    let hour_start = now_ms - now_ms.rem_euclid(3_600_000);
+    last_round.is_none_or(|last| last < hour_start + HOURLY_SPREAD_MS)
+}
+
+/// Whether idle `cache` is looked at by a round at `now_ms` (its node's last round at
+/// `last_round`) for its first sample of the hour: it is when that round is the first
+/// past the cache's turn, a moment in the hour's first [`HOURLY_SPREAD_MS`].
+fn hourly_turn(cache: &CacheId, last_round: Option<i64>, now_ms: i64) -> bool {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    cache.hash(&mut hasher);
+    let hour_start = now_ms - now_ms.rem_euclid(3_600_000);
+    let turn = hour_start + (hasher.finish() % HOURLY_SPREAD_MS as u64) as i64;
+    turn <= now_ms && last_round.is_none_or(|last| last < turn)
 }
 
 /// A cache looked at but not sampled (an error): it is looked at again next round, and
@@ -460,6 +485,35 @@ async fn measure_cache(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_cache_has_one_hourly_turn_early_in_each_hour() {
+        let caches: Vec<CacheId> = (0..2000).map(|_| CacheId::generate()).collect();
+        let h = 500_000 * 3_600_000; // the start of an hour
+        let turns = |rounds: &[i64]| -> Vec<usize> {
+            caches
+                .iter()
+                .map(|c| {
+                    rounds
+                        .windows(2)
+                        .filter(|w| hourly_turns_due(Some(w[0]), w[1]) && hourly_turn(c, Some(w[0]), w[1]))
+                        .count()
+                })
+                .collect()
+        };
+        // Rounds every 5 s from 10 minutes before the hour to 20 minutes into it: one turn
+        // each, in the hour's first 5 minutes, spread over many rounds.
+        let rounds: Vec<i64> = (-120..240).map(|i| h + i * 5_000).collect();
+        assert!(turns(&rounds).iter().all(|&n| n == 1));
+        let per_round: Vec<usize> = rounds
+            .windows(2)
+            .map(|w| caches.iter().filter(|c| hourly_turn(c, Some(w[0]), w[1])).count())
+            .collect();
+        assert!(per_round.iter().all(|&n| n < 100), "spread: {per_round:?}");
+        assert!(!hourly_turns_due(Some(h + 300_000), h + 305_000), "none after the spread");
+        // A late round (the sampler stopped for the first 7 minutes) takes every missed turn.
+        assert!(turns(&[h - 5_000, h + 420_000]).iter().all(|&n| n == 1));
+    }
 
     fn sample(at_ms: i64, bytes: u64) -> StorageSampleRecord {
         StorageSampleRecord { at_ms, bytes, keys: bytes.min(1), storage_full: false, evicted_keys: 0 }
