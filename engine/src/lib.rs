@@ -19,7 +19,6 @@
 
 pub mod acl_save;
 pub mod cluster;
-pub mod cron;
 pub mod error;
 pub mod node;
 pub mod placement;

@@ -218,6 +218,19 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the memory guard reads each node's resident memory (`/proc/<pid>/statm`).
 pub const MEMORY_GUARD_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Databases Valkey's cron may walk per second. When few databases hold keys with a TTL,
+/// every cron tick (`hz` a second) walks every database ever selected looking for some
+/// that do (its active expiry): about 0.12 µs per database here, so 12 ms at 100,000 during
+/// which the node answers nobody, ten times a second. Measured on an idle Valkey 9.1 with
+/// 100,000 selected, empty databases: 9.7% of a core at `hz 10`, 1.1% at `hz 1`.
+const CRON_DATABASES_PER_SECOND: u32 = 80_000;
+
+/// The node's `hz`: Valkey's default, 10, unless its databases would make the cron's walk
+/// take more than about 1% of the node's time ([`CRON_DATABASES_PER_SECOND`]); at least 1.
+pub fn cron_hz(databases: u32) -> u32 {
+    (CRON_DATABASES_PER_SECOND / databases.max(1)).clamp(1, 10)
+}
+
 /// The resource guards of one node, derived from its `maxmemory`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeBudget {
@@ -759,7 +772,7 @@ impl Node {
             host = self.spec.host,
             port = self.spec.port,
             databases = self.databases,
-            hz = crate::cron::cron_hz(self.databases),
+            hz = cron_hz(self.databases),
         );
         // Loaded at start only: MODULE LOAD stays refused (`enable-module-command no`).
         for module in &self.modules {
@@ -1004,24 +1017,6 @@ impl Node {
         }
     }
 
-    /// Writes the anchors that keep Valkey's cron walks short ([`crate::cron`]) on a shared
-    /// standalone node with more than [`crate::cron::ANCHOR_SPACING`] databases.
-    async fn write_cron_anchors(&self) {
-        if self.cluster.is_some() || self.spec.placement != crate::Placement::Shared {
-            return;
-        }
-        let Some(pipe) = crate::cron::anchor_pipeline(self.databases) else { return };
-        let written = async {
-            let mut conn = crate::pool::admin_conn(self).await?;
-            pipe.query_async::<()>(&mut conn).await.map_err(|e| self.valkey_err(e))
-        };
-        match tokio::time::timeout(HEALTH_TIMEOUT, written).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(node = %self.spec.name, error = %e, "cron anchors not written"),
-            Err(_) => tracing::debug!(node = %self.spec.name, "cron anchors not written: timed out"),
-        }
-    }
-
     /// The health loop: checks the node every [`HEALTH_INTERVAL`], keeps [`Node::healthy`],
     /// kills scripts past the time limit and keeps Lua's memory within its budget.
     async fn watch_health(self: Arc<Self>) {
@@ -1042,8 +1037,6 @@ impl Node {
                     if !self.attached && last_memory_check.elapsed() >= SCRIPT_MEMORY_INTERVAL {
                         last_memory_check = Instant::now();
                         self.check_script_memory().await;
-                        // Evicted under memory pressure, they come back when there is room.
-                        self.write_cron_anchors().await;
                     }
                 }
                 Health::Busy => {
@@ -1175,7 +1168,6 @@ impl Node {
             return Err(e);
         }
         self.set_healthy(true);
-        self.write_cron_anchors().await;
         let node = Arc::clone(self);
         tokio::spawn(async move { node.supervise(child).await });
         tokio::spawn(Arc::clone(self).watch_health());
@@ -1225,7 +1217,6 @@ impl Node {
                             tracing::info!(node = %self.spec.name, "valkey-server back");
                             // Unsaved tenant ACL users go back before they are missed.
                             self.acl.kick();
-                            self.write_cron_anchors().await;
                         },
                         status = child.wait() => {
                             let reason = self.exit_reason(log_from);
@@ -1517,6 +1508,16 @@ mod tests {
         assert_eq!(err(ModuleSpec::new(&missing)), format!("module {}: no such file", missing.display()));
         assert_eq!(err(ModuleSpec::new(&dir)), format!("module {}: not a file", dir.display()));
         assert!(ModuleSpec::new("/bin/sh").check().is_ok());
+    }
+
+    #[test]
+    fn nodes_with_many_databases_run_their_cron_less_often() {
+        assert_eq!(cron_hz(16), 10, "Valkey's default");
+        assert_eq!(cron_hz(1024), 10, "shoal dev's default");
+        assert_eq!(cron_hz(8_000), 10);
+        assert_eq!(cron_hz(16_000), 5);
+        assert_eq!(cron_hz(100_001), 1, "never below 1");
+        assert_eq!(cron_hz(0), 10);
     }
 
     #[test]
