@@ -220,9 +220,10 @@ pub const MEMORY_GUARD_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Databases Valkey's cron may walk per second. When few databases hold keys with a TTL,
 /// every cron tick (`hz` a second) walks every database ever selected looking for some
-/// that do (its active expiry): about 0.12 µs per database here, so 12 ms at 100,000 during
-/// which the node answers nobody, ten times a second. Measured on an idle Valkey 9.1 with
-/// 100,000 selected, empty databases: 9.7% of a core at `hz 10`, 1.1% at `hz 1`.
+/// that do (its active expiry): 0.05–2.4 µs per database on this VM, so 10–240 ms at
+/// 100,000 during which the node answers nobody, on every tick. Measured on an idle Valkey
+/// 9.1 with 100,000 selected, empty databases: 9.7–28% of a core at `hz 10`, 1.1–18% at
+/// `hz 1` (the walk's cost varied that much over one day). Fewer ticks, fewer stalls.
 const CRON_DATABASES_PER_SECOND: u32 = 80_000;
 
 /// The node's `hz`: Valkey's default, 10, unless its databases would make the cron's walk
