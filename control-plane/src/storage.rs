@@ -84,11 +84,6 @@ struct Skips {
     dirty: std::collections::HashSet<CacheId>,
 }
 
-/// An empty sample at `at_ms`.
-fn empty_at(at_ms: i64) -> StorageSampleRecord {
-    StorageSampleRecord { at_ms, bytes: 0, keys: 0, storage_full: false, evicted_keys: 0 }
-}
-
 /// What the periodic sampler skipped writing, process-wide (a gateway's request, which
 /// always writes, drops its cache's entry).
 fn skips() -> &'static std::sync::Mutex<Skips> {
@@ -178,8 +173,13 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
                 let mut ids: std::collections::BTreeSet<&CacheId> =
                     with_keys.iter().filter_map(|&db| caches.at_db(db)).map(|c| &c.id).collect();
                 ids.extend(nonempty.iter().filter(|id| caches.by_id.contains_key(*id)));
-                let dirty: Vec<CacheId> = skips().lock().unwrap().dirty.iter().cloned().collect();
-                ids.extend(dirty.iter().filter_map(|id| caches.by_id.get_key_value(id).map(|(k, _)| k)));
+                // The node's own ids, found under the lock: the dirty set itself is not copied.
+                {
+                    let skips = skips().lock().unwrap();
+                    ids.extend(
+                        skips.dirty.iter().filter_map(|id| caches.by_id.get_key_value(id).map(|(k, _)| k)),
+                    );
+                }
                 if hourly_turns_due(last_round, keyspace_ms) {
                     ids.extend(caches.by_id.keys().filter(|id| hourly_turn(id, last_round, keyspace_ms)));
                 }
@@ -227,7 +227,7 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
                         }
                     }
                 } else {
-                    empty_at(keyspace_ms)
+                    StorageSampleRecord::empty(keyspace_ms)
                 };
                 let since = || created_ms(&cache.created_at, measured.at_ms);
                 to_write(&mut batch, &cache.id, since, measured, nonempty.contains(&cache.id), last_round);
@@ -282,7 +282,7 @@ fn not_sampled(cache: &CacheId, since_ms: i64, last_round: Option<i64>) {
     let passed_over = passed_over_at(&skips, cache, last_round);
     if let Some(at) = passed_over {
         if skips.pending.get(cache).is_none_or(|(_, kept)| kept.at_ms < at) {
-            skips.pending.insert(cache.clone(), (since_ms, empty_at(at)));
+            skips.pending.insert(cache.clone(), (since_ms, StorageSampleRecord::empty(at)));
         }
     }
     skips.dirty.insert(cache.clone());
@@ -344,9 +344,9 @@ fn to_write(
     if !empty {
         // The cache was empty until then: its accrual stops there, not at the written one.
         let kept = match (looked_at, passed_over) {
-            (Some(kept), Some(at)) if kept.1.at_ms < at => Some((kept.0, empty_at(at))),
+            (Some(kept), Some(at)) if kept.1.at_ms < at => Some((kept.0, StorageSampleRecord::empty(at))),
             (Some(kept), _) => Some(kept),
-            (None, Some(at)) => Some((since_ms(), empty_at(at))),
+            (None, Some(at)) => Some((since_ms(), StorageSampleRecord::empty(at))),
             (None, None) => None,
         };
         if let Some(kept) = kept {
@@ -519,6 +519,19 @@ mod tests {
         StorageSampleRecord { at_ms, bytes, keys: bytes.min(1), storage_full: false, evicted_keys: 0 }
     }
 
+    /// What [`to_write`] adds for one sample of `id`: (since, at, bytes) of each.
+    fn written(
+        id: &CacheId,
+        at: i64,
+        bytes: u64,
+        stored_nonempty: bool,
+        last_round: Option<i64>,
+    ) -> Vec<(i64, i64, u64)> {
+        let mut batch = Vec::new();
+        to_write(&mut batch, id, || 7, sample(at, bytes), stored_nonempty, last_round);
+        batch.iter().map(|(_, since, s)| (*since, s.at_ms, s.bytes)).collect()
+    }
+
     /// Empty samples after an empty written one are kept back within the hour; the latest
     /// kept one is written before the next that differs; a new hour, or a store that holds
     /// something else for the cache, is written at once.
@@ -526,12 +539,7 @@ mod tests {
     fn only_empty_samples_like_the_written_one_are_skipped() {
         let id = CacheId::generate();
         let h = 1_800_000_000_000i64 - 3_600_000;
-        let mut batch = Vec::new();
-        let mut step = |at, bytes, stored_nonempty| {
-            batch.clear();
-            to_write(&mut batch, &id, || 7, sample(at, bytes), stored_nonempty, None);
-            batch.iter().map(|(_, since, s)| (*since, s.at_ms, s.bytes)).collect::<Vec<_>>()
-        };
+        let step = |at, bytes, stored_nonempty| written(&id, at, bytes, stored_nonempty, None);
         assert_eq!(step(h + 1_000, 0, false), vec![(7, h + 1_000, 0)], "first: written");
         assert_eq!(step(h + 6_000, 0, false), vec![], "empty like the last: kept back");
         assert_eq!(step(h + 11_000, 0, false), vec![]);
@@ -551,12 +559,7 @@ mod tests {
     fn a_cache_passed_over_was_empty_at_its_nodes_last_round() {
         let id = CacheId::generate();
         let h = 1_800_000_000_000i64 - 3_600_000;
-        let mut batch = Vec::new();
-        let mut step = |at, bytes, last_round| {
-            batch.clear();
-            to_write(&mut batch, &id, || 7, sample(at, bytes), false, last_round);
-            batch.iter().map(|(_, since, s)| (*since, s.at_ms, s.bytes)).collect::<Vec<_>>()
-        };
+        let step = |at, bytes, last_round| written(&id, at, bytes, false, last_round);
         assert_eq!(step(h + 1_000, 0, None), vec![(7, h + 1_000, 0)], "first: written");
         // Passed over at h+6 s, h+11 s; looked at with keys at h+16 s.
         assert_eq!(step(h + 16_000, 50, Some(h + 11_000)), vec![(7, h + 11_000, 0), (7, h + 16_000, 50)]);

@@ -19,6 +19,13 @@ pub struct StorageSampleRecord {
     pub evicted_keys: u64,
 }
 
+impl StorageSampleRecord {
+    /// An empty sample at `at_ms`.
+    pub fn empty(at_ms: i64) -> StorageSampleRecord {
+        StorageSampleRecord { at_ms, bytes: 0, keys: 0, storage_full: false, evicted_keys: 0 }
+    }
+}
+
 /// The latest sample of a cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheStorage {
@@ -224,7 +231,6 @@ impl Store {
     }
 }
 
-/// One sample of [`Store::record_storage_samples`], in its transaction.
 /// A new cache's first sample, empty, as of its creation (in its create's transaction): a
 /// row for its first hour without the storage sampler writing one (the sampler knows new
 /// caches from [`crate::places`]).
@@ -233,11 +239,10 @@ pub async fn record_creation_sample(
     cache: &CacheId,
     created_ms: i64,
 ) -> Result<(), StoreError> {
-    let sample =
-        StorageSampleRecord { at_ms: created_ms, bytes: 0, keys: 0, storage_full: false, evicted_keys: 0 };
-    record_in(conn, cache, created_ms, &sample).await.map(|_| ())
+    record_in(conn, cache, created_ms, &StorageSampleRecord::empty(created_ms)).await.map(|_| ())
 }
 
+/// One sample of [`Store::record_storage_samples`], in its transaction.
 async fn record_in(
     tx: &mut sqlx::AnyConnection,
     cache: &CacheId,
