@@ -18,16 +18,19 @@ import socket
 import statistics
 import sys
 
-TARGETS = ("direct", "gateway", "tls", "twemproxy")
+TARGETS = ("direct", "gateway", "tls", "twemproxy", "floor_epoll", "floor_uring")
 # The targets of the ops/s table (tls, the gateway's TLS endpoint, is in the CPU table).
 OPS_TARGETS = ("direct", "gateway", "twemproxy")
+# BENCH_FLOOR=1: bench/floor's servers, canned replies and no upstream (what the client side's
+# system calls and TCP work cost any proxy), with epoll and with io_uring.
+FLOOR_TARGETS = ("floor_epoll", "floor_uring")
 # Informational targets: gateway ops/s over twemproxy ops/s, by pipeline depth.
 TWEMPROXY_TARGETS = {1: 1.0, 16: 2.0}
 # Goals: the gateway's CPU time per request at most this share of twemproxy's.
 CPU_GOALS = {1: 0.6, 16: 0.3}
 CSV_FIELDS = ("rps", "avg_latency_ms", "min_latency_ms", "p50_latency_ms",
               "p95_latency_ms", "p99_latency_ms", "max_latency_ms")
-RAW_NAME = re.compile(r"^(?P<cmd>[a-z]+)-p(?P<pipeline>\d+)-(?P<target>[a-z]+)-r(?P<round>\d+)\.out$")
+RAW_NAME = re.compile(r"^(?P<cmd>[a-z]+)-p(?P<pipeline>\d+)-(?P<target>[a-z_]+)-r(?P<round>\d+)\.out$")
 
 
 def free_ports(n):
@@ -222,6 +225,14 @@ def fmt_ms(s, key):
     return f"{s[key]:>6.3f}" if s.get(key) is not None else f"{'-':>6}"
 
 
+def fmt_cpu(s):
+    """A target's CPU per request: total (user + kernel) µs."""
+    if not s.get("cpu_total_us_per_request"):
+        return "-"
+    return (f"{s['cpu_total_us_per_request']:.2f} ({s['cpu_user_us_per_request']:.1f}+"
+            f"{s['cpu_system_us_per_request']:.1f})")
+
+
 def fmt_ratio(r):
     return f"{r:>5.2f}x" if r is not None else f"{'-':>6}"
 
@@ -255,8 +266,10 @@ def report(raw_dir, meta_path, out_path):
         # The gateway with TLS on its RESP endpoint against twemproxy (which has no TLS).
         tls_rounds = cpu_round_ratios(runs.get("tls", []), runs.get("twemproxy", []))
         tls_ratio = statistics.median(tls_rounds) if tls_rounds else None
+        floor = {t: cpu_round_ratios(runs.get(t, []), runs.get("twemproxy", [])) for t in FLOOR_TARGETS}
         results.append({
             "command": cmd,
+            "cpu_per_round_floor_over_twemproxy": {t: v for t, v in floor.items() if v},
             "cpu_tls_over_twemproxy": tls_ratio,
             "cpu_per_round_tls_over_twemproxy": tls_rounds,
             "cpu_tls_goal_met": (tls_ratio <= cpu_goal) if (tls_ratio is not None and cpu_goal) else None,
@@ -338,12 +351,7 @@ def report(raw_dir, meta_path, out_path):
           f"{'gateway/twemproxy (goal)':<34}{'per round':<16}{'TLS/twemproxy'}")
     for r in results:
         t = r["targets"]
-
-        def us(n):
-            if not t[n].get("cpu_total_us_per_request"):
-                return "-"
-            return (f"{t[n]['cpu_total_us_per_request']:.2f} ({t[n]['cpu_user_us_per_request']:.1f}+"
-                    f"{t[n]['cpu_system_us_per_request']:.1f})")
+        us = lambda n: fmt_cpu(t[n])
         ratio_txt = "-"
         if r["cpu_gateway_over_twemproxy"] is not None:
             ratio_txt = (f"{r['cpu_gateway_over_twemproxy']:.2f} (<= {r['cpu_goal']}: "
@@ -356,6 +364,17 @@ def report(raw_dir, meta_path, out_path):
         print(f"{r['command']:<4} P{r['pipeline']:<4}{us('direct'):>17}{us('gateway'):>17}{us('tls'):>17}"
               f"{us('twemproxy'):>17}  {ratio_txt:<34}{rounds:<16}{tls_txt}")
     print()
+    if any(r["cpu_per_round_floor_over_twemproxy"] for r in results):
+        print("Floor (bench/floor: canned replies, no upstream; the client side's system calls and TCP work")
+        print("alone), CPU µs per request as total (user + kernel), and ÷ twemproxy per round:")
+        print(f"{'cmd  P':<10}{'epoll µs':>17}{'io_uring µs':>17}  {'epoll/twemproxy':<22}{'io_uring/twemproxy'}")
+        for r in results:
+            floor = r["cpu_per_round_floor_over_twemproxy"]
+            cells = "".join(f"{fmt_cpu(r['targets'][n]):>17}" for n in FLOOR_TARGETS)
+            ratios = ["-" if not floor.get(n) else f"{statistics.median(floor[n]):.2f} ("
+                      + " ".join(f"{v:.2f}" for v in floor[n]) + ")" for n in FLOOR_TARGETS]
+            print(f"{r['command']:<4} P{r['pipeline']:<4}{cells}  {ratios[0]:<22}{ratios[1]}")
+        print()
     if spread:
         print("Spread of ops/s across rounds ((max - min) / median):")
         print("\n".join(spread))

@@ -14,6 +14,8 @@
 #   BENCH_WAIT_IDLE  seconds to wait, before measuring, for other work to leave the CPUs
 #                    (under 20% busy); default 0: measure at once (with a warning if busy)
 #   BENCH_KEEP_TMP   1 keeps the temporary directory (logs, raw outputs) after the run
+#   BENCH_FLOOR      1 adds bench/floor's two servers (canned replies, no upstream: the least a
+#                    RESP endpoint can spend per request here), one on epoll, one on io_uring
 #   BENCH_PERSISTENCE  aof (default: AOF, fsync every second, on the plain valkey-server and
 #                    on Shoal's nodes alike) or none (no AOF on either: Shoal's nodes are
 #                    switched with CONFIG SET after start; what a pure cache would run)
@@ -21,7 +23,7 @@ set -euo pipefail
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "usage: $0 [--help]" >&2; exit 2 ;;
 esac
 
@@ -40,6 +42,9 @@ PIPELINES=(1 16)
 COMMANDS=(set get)
 # tls: the gateway's RESP-over-TLS endpoint (redis-benchmark --tls), for the CPU table.
 TARGETS=(direct gateway tls twemproxy)
+FLOOR="${BENCH_FLOOR:-0}"
+[[ "$FLOOR" == 0 || "$FLOOR" == 1 ]] || { echo "BENCH_FLOOR must be 0 or 1" >&2; exit 2; }
+((FLOOR)) && TARGETS+=(floor_epoll floor_uring)
 [[ "$WAIT_IDLE" =~ ^[0-9]+$ ]] || { echo "BENCH_WAIT_IDLE must be a number of seconds" >&2; exit 2; }
 [[ "$PERSISTENCE" == aof || "$PERSISTENCE" == none ]] || { echo "BENCH_PERSISTENCE must be aof or none" >&2; exit 2; }
 for v in REQUESTS ROUNDS TIMEOUT; do
@@ -78,12 +83,17 @@ export SHOAL_VALKEY_SERVER="$VALKEY_SERVER"
 log "building shoal (release)"
 cargo build --release --bin shoal
 SHOAL="$ROOT/target/release/shoal"
+if ((FLOOR)); then
+  log "building bench/floor (release)"
+  (cd bench/floor && CARGO_TARGET_DIR="$ROOT/target/bench-floor" cargo build --release)
+  FLOOR_BIN="$ROOT/target/bench-floor/release/shoal-bench-floor"
+fi
 
 # --- 3. Start everything in a temporary directory ------------------------------------------
 TMP="$(mktemp -d -t shoal-bench.XXXXXX)"
 RAW="$TMP/raw"
 mkdir -p "$RAW" "$TMP/valkey"
-VALKEY_PID="" NUTCRACKER_PID="" SHOAL_PID="" SHOAL_CHILDREN=""
+VALKEY_PID="" NUTCRACKER_PID="" SHOAL_PID="" SHOAL_CHILDREN="" EPOLL_PID="" URING_PID=""
 
 alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
 
@@ -122,6 +132,8 @@ cleanup() {
   fi
   stop_pid "$NUTCRACKER_PID"
   stop_pid "$VALKEY_PID"
+  stop_pid "$EPOLL_PID"
+  stop_pid "$URING_PID"
   if [[ "${BENCH_KEEP_TMP:-0}" == 1 ]]; then
     echo "kept $TMP" >&2
   else
@@ -133,9 +145,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mapfile -t PORTS < <(python3 bench/benchlib.py ports 8)
+mapfile -t PORTS < <(python3 bench/benchlib.py ports 11)
 VALKEY_PORT=${PORTS[0]} TWEM_PORT=${PORTS[1]} TWEM_STATS_PORT=${PORTS[2]}
 REST_PORT=${PORTS[3]} RESP_PORT=${PORTS[4]} NODE_PORT_1=${PORTS[5]} NODE_PORT_2=${PORTS[6]} TLS_PORT=${PORTS[7]}
+EPOLL_PORT=${PORTS[8]} URING_PORT=${PORTS[9]} INTERNAL_PORT=${PORTS[10]}
 
 wait_ping() { # port what pid [auth]
   local i auth=()
@@ -172,13 +185,13 @@ EOF
 NUTCRACKER_PID=$!
 wait_ping "$TWEM_PORT" nutcracker "$NUTCRACKER_PID" || { tail -n 20 "$TMP/nutcracker.log" >&2; die "nutcracker did not start"; }
 
-log "starting shoal dev (REST $REST_PORT, RESP $RESP_PORT, TLS $TLS_PORT, nodes $NODE_PORT_1,$NODE_PORT_2)"
+log "starting shoal dev (REST $REST_PORT, RESP $RESP_PORT, TLS $TLS_PORT, internal $INTERNAL_PORT, nodes $NODE_PORT_1,$NODE_PORT_2)"
 # Free ports for every listener (the defaults are fixed ports); no reader endpoint, LFU or
 # dedicated node; every client is 127.0.0.1, so room for its 50 TLS handshakes at once (the
 # default, 20 per source, closes the others, and redis-benchmark waits for them forever);
 # NO_COLOR: a plain-text log.
 NO_COLOR=1 SHOAL_MAX_TLS_HANDSHAKES_PER_SOURCE=100 SHOAL_TLS_PORT="$TLS_PORT" SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/.shoal" --rest-port "$REST_PORT" --resp-port "$RESP_PORT" \
-  --node-ports "$NODE_PORT_1,$NODE_PORT_2" --lfu-nodes 0 --dedicated-nodes 0 </dev/null >"$TMP/shoal.out" 2>"$TMP/shoal.log" &
+  --internal-port "$INTERNAL_PORT" --node-ports "$NODE_PORT_1,$NODE_PORT_2" --lfu-nodes 0 --dedicated-nodes 0 </dev/null >"$TMP/shoal.out" 2>"$TMP/shoal.log" &
 SHOAL_PID=$!
 REST="http://127.0.0.1:$REST_PORT"
 for ((i = 0; ; i++)); do
@@ -207,14 +220,25 @@ if [[ "$PERSISTENCE" == none ]]; then
   log "AOF turned off on Shoal's nodes"
 fi
 log "cache $CACHE_ID ready behind the gateway"
+if ((FLOOR)); then
+  log "starting the floor servers (epoll $EPOLL_PORT, io_uring $URING_PORT)"
+  "$FLOOR_BIN" epoll "$EPOLL_PORT" </dev/null >"$TMP/floor-epoll.log" 2>&1 &
+  EPOLL_PID=$!
+  "$FLOOR_BIN" uring "$URING_PORT" </dev/null >"$TMP/floor-uring.log" 2>&1 &
+  URING_PID=$!
+  wait_ping "$EPOLL_PORT" floor-epoll "$EPOLL_PID" || die "the epoll floor server did not start: $(cat "$TMP/floor-epoll.log")"
+  wait_ping "$URING_PORT" floor-uring "$URING_PID" || die "the io_uring floor server did not start: $(cat "$TMP/floor-uring.log")"
+fi
 
 # --- 4. Benchmark ---------------------------------------------------------------------------
-port_of() { case "$1" in direct) echo "$VALKEY_PORT" ;; gateway) echo "$RESP_PORT" ;; tls) echo "$TLS_PORT" ;; twemproxy) echo "$TWEM_PORT" ;; esac; }
+port_of() { case "$1" in direct) echo "$VALKEY_PORT" ;; gateway) echo "$RESP_PORT" ;; tls) echo "$TLS_PORT" ;; twemproxy) echo "$TWEM_PORT" ;;
+  floor_epoll) echo "$EPOLL_PORT" ;; floor_uring) echo "$URING_PORT" ;; esac; }
 
 # The process that serves a target: its CPU time per request is the yardstick (throughput
 # ratios do not resolve on a noisy machine; CPU time does). For the gateway, `shoal dev`'s
 # process: the gateway and an idle control plane (the Valkey nodes are its children).
-pid_of() { case "$1" in direct) echo "$VALKEY_PID" ;; gateway | tls) echo "$SHOAL_PID" ;; twemproxy) echo "$NUTCRACKER_PID" ;; esac; }
+pid_of() { case "$1" in direct) echo "$VALKEY_PID" ;; gateway | tls) echo "$SHOAL_PID" ;; twemproxy) echo "$NUTCRACKER_PID" ;;
+  floor_epoll) echo "$EPOLL_PID" ;; floor_uring) echo "$URING_PID" ;; esac; }
 # utime and stime of a process, in clock ticks (/proc/<pid>/stat fields 14 and 15).
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
 

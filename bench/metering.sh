@@ -52,14 +52,14 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-mapfile -t PORTS < <(python3 bench/benchlib.py ports 8)
+mapfile -t PORTS < <(python3 bench/benchlib.py ports 10)
 declare -A RESP TOKEN
 
-start() { # name rest resp node1 node2 [flags...]
-  local name="$1" rest="$2" resp="$3" n1="$4" n2="$5" i reply cache
-  shift 5
+start() { # name rest resp node1 node2 internal [flags...]
+  local name="$1" rest="$2" resp="$3" n1="$4" n2="$5" internal="$6" i reply cache
+  shift 6
   NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 "$SHOAL" dev --data-dir "$TMP/$name" --rest-port "$rest" --resp-port "$resp" \
-    --node-ports "$n1,$n2" "$@" </dev/null >"$TMP/$name.out" 2>"$TMP/$name.log" &
+    --internal-port "$internal" --node-ports "$n1,$n2" "$@" </dev/null >"$TMP/$name.out" 2>"$TMP/$name.log" &
   PIDS+=($!)
   for ((i = 0; ; i++)); do
     if curl -sf "http://127.0.0.1:$rest/healthz" >/dev/null 2>&1 && [[ -s "$TMP/$name/admin.token" ]]; then break; fi
@@ -75,8 +75,8 @@ start() { # name rest resp node1 node2 [flags...]
 }
 
 log "starting shoal dev with metering on and off"
-start on "${PORTS[0]}" "${PORTS[1]}" "${PORTS[2]}" "${PORTS[3]}"
-start off "${PORTS[4]}" "${PORTS[5]}" "${PORTS[6]}" "${PORTS[7]}" --no-metering
+start on "${PORTS[0]}" "${PORTS[1]}" "${PORTS[2]}" "${PORTS[3]}" "${PORTS[8]}"
+start off "${PORTS[4]}" "${PORTS[5]}" "${PORTS[6]}" "${PORTS[7]}" "${PORTS[9]}" --no-metering
 
 declare -A PID
 PID[on]="${PIDS[0]}" PID[off]="${PIDS[1]}"

@@ -54,10 +54,10 @@ measure() { # mode -> callgrind dumps in $TMP/<mode>/: part 1 = pipeline 16, par
   local mode="$1" flags=() i admin cache token
   [[ "$mode" == off ]] && flags=(--no-metering)
   mkdir -p "$TMP/$mode"
-  mapfile -t ports < <(python3 bench/benchlib.py ports 4)
+  mapfile -t ports < <(python3 bench/benchlib.py ports 5)
   NO_COLOR=1 SHOAL_TLS_PORT=0 SHOAL_READER_PORT=0 valgrind --tool=callgrind --separate-threads=yes \
     --callgrind-out-file="$TMP/$mode/cg.out.%p" "$SHOAL" dev --data-dir "$TMP/$mode/.shoal" \
-    --rest-port "${ports[0]}" --resp-port "${ports[1]}" --node-ports "${ports[2]},${ports[3]}" "${flags[@]}" \
+    --rest-port "${ports[0]}" --resp-port "${ports[1]}" --node-ports "${ports[2]},${ports[3]}" --internal-port "${ports[4]}" "${flags[@]}" \
     </dev/null >"$TMP/$mode/out" 2>"$TMP/$mode/log" &
   PID=$!
   local rest="http://127.0.0.1:${ports[0]}"

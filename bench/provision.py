@@ -29,6 +29,7 @@ def main():
     log = open(os.path.join(tmp, "shoal.log"), "w")
     proc = subprocess.Popen([args.binary, "dev", "--data-dir", os.path.join(tmp, ".shoal"), "--rest-port", str(rest),
                              "--resp-port", str(resp), "--tls-port", "0", "--reader-port", "0", "--node-ports", nodes,
+                             "--internal-port", str(free_port()),
                              "--databases", str(per_node),
                              # Storage limits must fit the nodes: 1 MB each lets 1,000 caches in.
                              "--default-storage-mb", "1"], stdout=log, stderr=log)
