@@ -123,6 +123,14 @@ def bands(name, lat, starts, band=1000):
     return pct(last, 99) / pct(first, 99)
 
 
+def databases_for(caches):
+    """`databases` for a node to hold `caches`: database 0 and every 64th are the platform's."""
+    databases = caches + 1
+    while databases - 1 - (databases - 1) // 64 < caches:
+        databases += 1
+    return databases
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--caches", type=int, default=100_000)
@@ -140,7 +148,7 @@ def main():
     proc = subprocess.Popen([args.binary, "dev", "--data-dir", os.path.join(tmp, ".shoal"), "--rest-port", str(rest),
                              "--resp-port", str(resp_port), "--internal-port", str(internal), "--tls-port", "0",
                              "--reader-port", "0", "--node-ports", str(node_port), "--lfu-nodes", "0", "--dedicated-nodes", "0",
-                             "--databases", str(n + 1), "--default-storage-mb", "1",
+                             "--databases", str(databases_for(n)), "--default-storage-mb", "1",
                              "--node-maxmemory-mb", str(maxmemory_mb)], stdout=log, stderr=log)
     node_dir = os.path.join(tmp, ".shoal", "valkey", "n0")
     try:

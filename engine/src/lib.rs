@@ -19,6 +19,7 @@
 
 pub mod acl_save;
 pub mod cluster;
+pub mod cron;
 pub mod error;
 pub mod node;
 pub mod placement;

@@ -208,29 +208,21 @@ pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the engine checks that each node answers (AUTH + PING on a fresh connection).
 pub const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// How often Lua's memory is checked against its budget. `INFO memory` walks every database
-/// of the node, holding it about 6 ms at 100,000 databases (10–15 ms late in a run): once a
-/// second, that was 1% of every cache's commands waiting behind it, which is a p99. Lua's
-/// sudden growth is the RSS guard's ([`Node::guard_memory`]).
+/// How often Lua's memory is checked against its budget, if a script ran since the last check
+/// ([`SCRIPT_COMMANDS`]). `INFO memory` walks every database of the node, holding it 6–80 ms
+/// at 100,000 databases (the walk's cost varies that much on the test VM): once a second,
+/// that was 1% of every cache's commands waiting behind it, which is a p99. Lua's sudden
+/// growth is the RSS guard's ([`Node::guard_memory`]).
 pub const SCRIPT_MEMORY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The commands that can grow Lua's heap or the script cache (`used_memory_vm_eval`,
+/// `used_memory_scripts_eval`); functions run in a VM of their own. Their calls, from
+/// `INFO commandstats` (which walks no database), tell whether `INFO memory` is worth asking.
+const SCRIPT_COMMANDS: [&str; 5] = ["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load"];
 /// A node that does not answer its health check within this is unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the memory guard reads each node's resident memory (`/proc/<pid>/statm`).
 pub const MEMORY_GUARD_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Databases Valkey's cron may walk per second. When few databases hold keys with a TTL,
-/// every cron tick (`hz` a second) walks every database ever selected looking for some
-/// that do (its active expiry): 0.05–2.4 µs per database on this VM, so 10–240 ms at
-/// 100,000 during which the node answers nobody, on every tick. Measured on an idle Valkey
-/// 9.1 with 100,000 selected, empty databases: 9.7–28% of a core at `hz 10`, 1.1–18% at
-/// `hz 1` (the walk's cost varied that much over one day). Fewer ticks, fewer stalls.
-const CRON_DATABASES_PER_SECOND: u32 = 80_000;
-
-/// The node's `hz`: Valkey's default, 10, unless its databases would make the cron's walk
-/// take more than about 1% of the node's time ([`CRON_DATABASES_PER_SECOND`]); at least 1.
-pub fn cron_hz(databases: u32) -> u32 {
-    (CRON_DATABASES_PER_SECOND / databases.max(1)).clamp(1, 10)
-}
 
 /// The resource guards of one node, derived from its `maxmemory`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -773,7 +765,7 @@ impl Node {
             host = self.spec.host,
             port = self.spec.port,
             databases = self.databases,
-            hz = cron_hz(self.databases),
+            hz = crate::cron::cron_hz(self.databases),
         );
         // Loaded at start only: MODULE LOAD stays refused (`enable-module-command no`).
         for module in &self.modules {
@@ -998,11 +990,32 @@ impl Node {
         Some(field("used_memory_vm_eval") + field("used_memory_scripts_eval"))
     }
 
+    /// Calls of [`SCRIPT_COMMANDS`] since the node started, from `INFO commandstats`.
+    async fn script_calls(&self) -> Option<u64> {
+        let mut conn =
+            tokio::time::timeout(HEALTH_TIMEOUT, crate::pool::admin_conn(self)).await.ok()?.ok()?;
+        let info: String = tokio::time::timeout(
+            HEALTH_TIMEOUT,
+            redis::cmd("INFO").arg("commandstats").query_async(&mut conn),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(script_calls_in(&info))
+    }
+
     /// Flushes the node's script cache if Lua uses more than the budget: `SCRIPT FLUSH ASYNC`
     /// also replaces the Lua interpreter, which frees what scripts left behind. Clients reload
     /// their scripts (`EVALSHA` answers `-NOSCRIPT`, and client libraries fall back to `EVAL`).
-    async fn check_script_memory(&self) {
+    /// Looks only if a script ran since the calls `checked_at` (then updated): what no script
+    /// ran cannot have grown.
+    async fn check_script_memory(&self, checked_at: &mut Option<u64>) {
+        let calls = self.script_calls().await;
+        if calls.is_some() && calls == *checked_at {
+            return;
+        }
         let Some(used) = self.script_memory().await else { return };
+        *checked_at = calls;
         if used <= self.budget.script_memory_limit {
             return;
         }
@@ -1018,12 +1031,32 @@ impl Node {
         }
     }
 
+    /// Writes the anchors that keep Valkey's cron walks short ([`crate::cron`]) on a shared
+    /// standalone node with more than [`crate::cron::ANCHOR_SPACING`] databases.
+    async fn write_cron_anchors(&self) {
+        if self.cluster.is_some() || self.spec.placement != crate::Placement::Shared {
+            return;
+        }
+        let Some(pipe) = crate::cron::anchor_pipeline(self.databases) else { return };
+        let written = async {
+            let mut conn = crate::pool::admin_conn(self).await?;
+            pipe.query_async::<()>(&mut conn).await.map_err(|e| self.valkey_err(e))
+        };
+        match tokio::time::timeout(HEALTH_TIMEOUT, written).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(node = %self.spec.name, error = %e, "cron anchors not written"),
+            Err(_) => tracing::debug!(node = %self.spec.name, "cron anchors not written: timed out"),
+        }
+    }
+
     /// The health loop: checks the node every [`HEALTH_INTERVAL`], keeps [`Node::healthy`],
     /// kills scripts past the time limit and keeps Lua's memory within its budget.
     async fn watch_health(self: Arc<Self>) {
         let mut tick = tokio::time::interval(HEALTH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_memory_check = Instant::now();
+        // Script calls as of the last look at Lua's memory.
+        let mut script_calls_checked = None;
         while !self.stopping.load(Ordering::SeqCst) {
             tick.tick().await;
             if self.pid().is_none() && !self.attached {
@@ -1037,7 +1070,9 @@ impl Node {
                     self.set_healthy(true);
                     if !self.attached && last_memory_check.elapsed() >= SCRIPT_MEMORY_INTERVAL {
                         last_memory_check = Instant::now();
-                        self.check_script_memory().await;
+                        self.check_script_memory(&mut script_calls_checked).await;
+                        // Evicted under memory pressure, they come back when there is room.
+                        self.write_cron_anchors().await;
                     }
                 }
                 Health::Busy => {
@@ -1169,6 +1204,7 @@ impl Node {
             return Err(e);
         }
         self.set_healthy(true);
+        self.write_cron_anchors().await;
         let node = Arc::clone(self);
         tokio::spawn(async move { node.supervise(child).await });
         tokio::spawn(Arc::clone(self).watch_health());
@@ -1218,6 +1254,7 @@ impl Node {
                             tracing::info!(node = %self.spec.name, "valkey-server back");
                             // Unsaved tenant ACL users go back before they are missed.
                             self.acl.kick();
+                            self.write_cron_anchors().await;
                         },
                         status = child.wait() => {
                             let reason = self.exit_reason(log_from);
@@ -1258,6 +1295,18 @@ impl Node {
 }
 
 /// A command as a RESP array of bulk strings.
+/// The calls of [`SCRIPT_COMMANDS`] in an `INFO commandstats` reply.
+fn script_calls_in(commandstats: &str) -> u64 {
+    commandstats
+        .lines()
+        .filter_map(|line| {
+            let (command, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            SCRIPT_COMMANDS.contains(&command).then_some(())?;
+            stats.strip_prefix("calls=")?.split(',').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 fn resp_command(args: &[&str]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
@@ -1512,13 +1561,16 @@ mod tests {
     }
 
     #[test]
-    fn nodes_with_many_databases_run_their_cron_less_often() {
-        assert_eq!(cron_hz(16), 10, "Valkey's default");
-        assert_eq!(cron_hz(1024), 10, "shoal dev's default");
-        assert_eq!(cron_hz(8_000), 10);
-        assert_eq!(cron_hz(16_000), 5);
-        assert_eq!(cron_hz(100_001), 1, "never below 1");
-        assert_eq!(cron_hz(0), 10);
+    fn script_calls_count_what_can_grow_lua_memory() {
+        let info = "# Commandstats\r\n\
+            cmdstat_get:calls=90,usec=100,usec_per_call=1.11,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_eval:calls=3,usec=30,usec_per_call=10.00,rejected_calls=0,failed_calls=1\r\n\
+            cmdstat_evalsha_ro:calls=4,usec=8,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_script|load:calls=2,usec=5,usec_per_call=2.50,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_script|flush:calls=7,usec=5,usec_per_call=0.71,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_fcall:calls=5,usec=9,usec_per_call=1.80,rejected_calls=0,failed_calls=0\r\n";
+        assert_eq!(script_calls_in(info), 9);
+        assert_eq!(script_calls_in("# Commandstats\r\n"), 0);
     }
 
     #[test]

@@ -154,15 +154,24 @@ impl Taken {
         true
     }
 
-    /// The lowest `count` consecutive free databases from 1 (0 is the platform's), all below
-    /// `databases`.
+    /// The lowest `count` consecutive free databases from 1, all below `databases`; none of
+    /// them the platform's (0, and the cron's anchors: [`crate::cron`]).
     fn first_free_run(&self, count: u32, databases: u32) -> Option<u32> {
         let mut start = 1;
-        for (&s, &e) in &self.runs {
-            if s >= start + count {
-                break;
+        let mut runs = self.runs.iter().peekable();
+        loop {
+            if let Some(anchor) =
+                (start..start + count).find(|&db| crate::cron::is_anchor(db) && db < databases)
+            {
+                start = anchor + 1;
+                continue;
             }
-            start = start.max(e);
+            match runs.peek() {
+                Some(&(_, &e)) if e <= start => {}
+                Some(&(&s, &e)) if s < start + count => start = e,
+                _ => break,
+            }
+            runs.next();
         }
         (start + count <= databases).then_some(start)
     }
@@ -212,6 +221,27 @@ mod tests {
         let nodes = [load("n0", 8, &[2, 5])];
         assert_eq!(choose(&nodes, 2, 0), Ok(Allocation { node: "n0".into(), db: 3 }));
         assert_eq!(choose(&nodes, 3, 0), Err(NoPlacement::Full));
+    }
+
+    #[test]
+    fn caches_never_get_the_crons_anchors() {
+        // Every 64th database is an anchor.
+        let taken: Vec<u32> = (1..64).collect();
+        assert_eq!(choose(&[load("n0", 4096, &taken)], 1, 1), Ok(Allocation { node: "n0".into(), db: 65 }));
+        // 1024 is one: a run of 4 that would cross it starts after it.
+        let taken: Vec<u32> = (1..1022).collect();
+        let nodes = [load("n0", 4096, &taken)];
+        assert_eq!(choose(&nodes, 1, 1), Ok(Allocation { node: "n0".into(), db: 1022 }));
+        assert_eq!(choose(&nodes, 4, 1), Ok(Allocation { node: "n0".into(), db: 1025 }));
+        let taken: Vec<u32> = (1..1024).collect();
+        assert_eq!(choose(&[load("n0", 4096, &taken)], 1, 1), Ok(Allocation { node: "n0".into(), db: 1025 }));
+        // Every database but the anchors taken: full.
+        let taken: Vec<u32> = (1..2049).filter(|&db| !crate::cron::is_anchor(db)).collect();
+        assert_eq!(choose(&[load("n0", 2049, &taken)], 1, 1), Err(NoPlacement::Full));
+        // A hole after taken runs, and one before.
+        let nodes = [load("n0", 4096, &[1, 2, 5, 6])];
+        assert_eq!(choose(&nodes, 2, 1), Ok(Allocation { node: "n0".into(), db: 3 }));
+        assert_eq!(choose(&nodes, 3, 1), Ok(Allocation { node: "n0".into(), db: 7 }));
     }
 
     #[test]

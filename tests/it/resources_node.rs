@@ -395,3 +395,100 @@ async fn lua_memory_cannot_get_a_node_oom_killed() {
     wait_for("the flush logged", Duration::from_secs(5), async || dev.log().contains("script cache flushed"))
         .await;
 }
+
+/// Valkey's cron walks every database looking for keys with a TTL when few have one, holding
+/// a node with many databases for milliseconds on every tick. A node holds anchors (a key and
+/// a hash field with a TTL of about a century) in databases 64, 128, … where no cache goes,
+/// puts them back when they are gone (evicted under memory pressure, say), and keeps
+/// Valkey's `hz` where the walk stays cheap.
+#[tokio::test]
+async fn a_node_with_many_databases_holds_anchors_that_keep_its_cron_short() {
+    let dev = ShoalDev::start_with(&["--databases", "2100"]).await;
+    let mut n0 = dev.node_admin(0).await;
+    assert_eq!(config_get(&mut n0, "hz").await, "10");
+    let keyspace = || async {
+        let mut n0 = dev.node_admin(0).await;
+        redis::cmd("INFO").arg("keyspace").query_async::<String>(&mut n0).await.unwrap()
+    };
+    let info = keyspace().await;
+    for db in [64, 1024, 2048] {
+        assert!(info.contains(&format!("db{db}:keys=2,expires=1,")), "{info}");
+        assert!(info.contains("keys_with_volatile_items=1"), "{info}");
+    }
+    let ttl: i64 = redis::pipe()
+        .cmd("SELECT")
+        .arg(1024)
+        .ignore()
+        .cmd("TTL")
+        .arg("shoal:cron-anchor")
+        .cmd("SELECT")
+        .arg(0)
+        .ignore()
+        .query_async::<(i64,)>(&mut n0)
+        .await
+        .unwrap()
+        .0;
+    assert!(ttl > 2_000_000_000, "about a century: {ttl}");
+
+    // Gone: back within the health loop's next round of checks (every 10 s).
+    let _: () = redis::pipe()
+        .cmd("SELECT")
+        .arg(2048)
+        .ignore()
+        .cmd("DEL")
+        .arg("shoal:cron-anchor")
+        .arg("shoal:cron-anchor-fields")
+        .ignore()
+        .cmd("SELECT")
+        .arg(0)
+        .ignore()
+        .query_async(&mut n0)
+        .await
+        .unwrap();
+    assert!(!keyspace().await.contains("db2048:"));
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !keyspace().await.contains("db2048:keys=2,expires=1,") {
+        assert!(Instant::now() < deadline, "the anchor did not come back: {}", keyspace().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the node answers the platform's admin user in `for_how_long` of `MONITOR`: every
+/// command it ran, one line each.
+async fn monitor(dev: &ShoalDev, node: usize, for_how_long: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let secret =
+        std::fs::read_to_string(dev.dir.join(format!(".shoal/valkey/n{node}/admin.secret"))).unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.node_ports[node])).await.unwrap();
+    s.write_all(format!("AUTH shoal {}\r\nMONITOR\r\n", secret.trim()).as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + for_how_long;
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// `INFO memory` walks every database of a node (tens of milliseconds at 100,000, during
+/// which every cache on it waits), so the engine asks for Lua's memory only when a script
+/// ran since it last looked; a script makes it look again within the check's 10 s.
+#[tokio::test]
+async fn lua_memory_is_read_only_when_scripts_ran() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("scripts").await;
+    let node = ShoalDev::node_of(&cache);
+    // The first look, at most 10 s after the start, reads it: from then on, no script ran.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = monitor(&dev, node, Duration::from_secs(11)).await;
+    assert!(idle.contains(r#""INFO" "commandstats""#), "the engine looked at the calls: {idle}");
+    assert!(!idle.contains(r#""INFO" "memory""#), "no script ran: {idle}");
+
+    let mut conn = connect(&dev, &cache).await;
+    let _: i64 = redis::cmd("EVAL").arg("return 1").arg(0).query_async(&mut conn).await.unwrap();
+    let after = monitor(&dev, node, Duration::from_secs(11)).await;
+    assert!(after.contains(r#""INFO" "memory""#), "a script ran: {after}");
+}

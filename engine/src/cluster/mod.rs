@@ -115,10 +115,11 @@ impl std::fmt::Debug for AgentNodes {
 
 impl ClusterConfig {
     /// `cluster-databases` for a pool of `caches` caches of up to `per_cache` databases each,
-    /// plus database 0 (the platform's, never a cache's). Empty databases cost next to
+    /// plus database 0 and the cron's anchors ([`crate::cron`]; the platform's, never a
+    /// cache's). Empty databases cost next to
     /// nothing (100,000 take 3.3 MB), so size for the pool's capacity, not its use.
     pub fn databases_for(caches: u32, per_cache: u32) -> u32 {
-        caches.saturating_mul(per_cache.max(1)).saturating_add(1)
+        crate::cron::databases_for(caches.saturating_mul(per_cache.max(1)))
     }
 
     fn nodes(&self) -> usize {
