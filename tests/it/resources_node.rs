@@ -453,26 +453,6 @@ async fn a_node_with_many_databases_holds_anchors_that_keep_its_cron_short() {
     }
 }
 
-/// What the node answers the platform's admin user in `for_how_long` of `MONITOR`: every
-/// command it ran, one line each.
-async fn monitor(dev: &ShoalDev, node: usize, for_how_long: Duration) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let secret =
-        std::fs::read_to_string(dev.dir.join(format!(".shoal/valkey/n{node}/admin.secret"))).unwrap();
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.node_ports[node])).await.unwrap();
-    s.write_all(format!("AUTH shoal {}\r\nMONITOR\r\n", secret.trim()).as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + for_how_long;
-    let mut buf = [0u8; 4096];
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-        if n == 0 {
-            break;
-        }
-        seen.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&seen).into_owned()
-}
-
 /// `INFO memory` walks every database of a node (tens of milliseconds at 100,000, during
 /// which every cache on it waits), so the engine asks for Lua's memory only when a script
 /// ran since it last looked; a script makes it look again within the check's 10 s.
@@ -483,12 +463,12 @@ async fn lua_memory_is_read_only_when_scripts_ran() {
     let node = ShoalDev::node_of(&cache);
     // The first look, at most 10 s after the start, reads it: from then on, no script ran.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle = monitor(&dev, node, Duration::from_secs(11)).await;
+    let idle = dev.monitor(node, Duration::from_secs(11)).await;
     assert!(idle.contains(r#""INFO" "commandstats""#), "the engine looked at the calls: {idle}");
     assert!(!idle.contains(r#""INFO" "memory""#), "no script ran: {idle}");
 
     let mut conn = connect(&dev, &cache).await;
     let _: i64 = redis::cmd("EVAL").arg("return 1").arg(0).query_async(&mut conn).await.unwrap();
-    let after = monitor(&dev, node, Duration::from_secs(11)).await;
+    let after = dev.monitor(node, Duration::from_secs(11)).await;
     assert!(after.contains(r#""INFO" "memory""#), "a script ran: {after}");
 }

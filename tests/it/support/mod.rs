@@ -635,6 +635,26 @@ impl ShoalDev {
         out
     }
 
+    /// The commands node `i` ran in `for_how_long`, one line each, as `MONITOR` shows them to
+    /// the platform's admin user.
+    pub async fn monitor(&self, i: usize, for_how_long: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let secret =
+            std::fs::read_to_string(self.dir.join(format!(".shoal/valkey/n{i}/admin.secret"))).unwrap();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.node_ports[i])).await.unwrap();
+        s.write_all(format!("AUTH shoal {}\r\nMONITOR\r\n", secret.trim()).as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + for_how_long;
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
     /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
     pub async fn node_admin(&self, i: usize) -> redis::aio::MultiplexedConnection {
         let secret =
