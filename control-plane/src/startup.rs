@@ -173,7 +173,7 @@ pub async fn state(
         placement_lock: tokio::sync::Mutex::new(()),
         occupancy: Default::default(),
         users_lock: tokio::sync::Mutex::new(()),
-        token_users_made: Default::default(),
+        token_user_changes: Default::default(),
         directory,
         login_throttle,
         verify_throttle,

@@ -19,9 +19,10 @@ pub struct AppState {
     pub occupancy: crate::occupancy::Occupancy,
     /// Serializes changes to cache users (their upstream ACL users and rows change together).
     pub users_lock: tokio::sync::Mutex<()>,
-    /// Scoped tokens' upstream ACL users this process has made (or made sure of): the token
-    /// sweep lists the nodes' users again when it moves ([`crate::token_users::run`]).
-    pub token_users_made: std::sync::atomic::AtomicU64,
+    /// Scoped tokens' upstream ACL users this process has made (or made sure of), and caches
+    /// it deleted (a stray token user of theirs is the sweep's to take): the token sweep
+    /// lists the nodes' users again when it moves ([`crate::token_users::run`]).
+    pub token_user_changes: std::sync::atomic::AtomicU64,
     /// The LDAP directory, when configured.
     pub directory: Option<shoal_auth::Directory>,
     /// Failed `POST /v1/auth/login` attempts.

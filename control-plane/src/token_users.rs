@@ -28,8 +28,8 @@ pub const MAX_PER_CACHE: usize = 100;
 pub const UNUSED_FOR: Duration = Duration::from_secs(5);
 
 /// Longest between two listings of the nodes' ACL users when none had token users then and
-/// this process made none since: another control plane's mints, and users a failed mint
-/// left behind, are found within this.
+/// this process made none and deleted no cache since: another control plane's mints are
+/// found within this.
 pub const IDLE_LISTING: Duration = Duration::from_secs(600);
 
 /// The upstream ACL users of a cache's unexpired, unrevoked tokens.
@@ -61,20 +61,20 @@ pub async fn admit(state: &AppState, cache: &CacheRecord, user: &str) -> Result<
 ///
 /// `ACL USERS` walks every user of the node (130–200 ms at 100,000 caches, during which the
 /// node answers nobody), so the nodes are listed only when there may be something to sweep:
-/// the last listing found token users, this process made some since, or [`IDLE_LISTING`]
-/// has passed.
+/// the last listing found token users, this process made some or deleted a cache since (a
+/// failed mint's user outlives its cache otherwise), or [`IDLE_LISTING`] has passed.
 pub async fn run(state: Arc<AppState>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Users found unused, and since when.
     let mut unused_since: HashMap<String, Instant> = HashMap::new();
     let mut places = crate::places::Places::default();
-    // The last listing: when, whether it found token users, how many this process had made.
+    // The last listing: when, whether it found token users, this process's changes then.
     let mut listed: Option<(Instant, bool, u64)> = None;
     loop {
         tick.tick().await;
-        let made = state.token_users_made.load(std::sync::atomic::Ordering::Relaxed);
-        if !listing_due(listed, made) {
+        let changes = state.token_user_changes.load(std::sync::atomic::Ordering::Relaxed);
+        if !listing_due(listed, changes) {
             continue;
         }
         // (pool, placement target) → its token ACL users by their cache's own user (`t<id>`);
@@ -103,7 +103,7 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
             }
         }
         let found = users.values().any(|by_cache| !by_cache.is_empty());
-        listed = Some((Instant::now(), found || unlisted, made));
+        listed = Some((Instant::now(), found || unlisted, changes));
         // No token user on any node (nothing to sweep): every cache need not be read.
         if !found {
             unused_since.clear();
@@ -145,12 +145,11 @@ pub async fn run(state: Arc<AppState>, interval: Duration) {
 }
 
 /// Whether the nodes' users should be listed now, after the last listing `listed` (when,
-/// whether it found token users, this process's count of users made then), with `made`
-/// users made so far.
-fn listing_due(listed: Option<(Instant, bool, u64)>, made: u64) -> bool {
+/// whether it found token users, [`AppState::token_user_changes`] then), with `changes` now.
+fn listing_due(listed: Option<(Instant, bool, u64)>, changes: u64) -> bool {
     match listed {
         None => true,
-        Some((at, found, made_then)) => found || made != made_then || at.elapsed() >= IDLE_LISTING,
+        Some((at, found, changes_then)) => found || changes != changes_then || at.elapsed() >= IDLE_LISTING,
     }
 }
 
@@ -237,7 +236,7 @@ mod tests {
         assert!(listing_due(None, 0), "the first tick");
         assert!(!listing_due(Some((now, false, 3)), 3), "none found, none made since");
         assert!(listing_due(Some((now, true, 3)), 3), "some found: they may expire");
-        assert!(listing_due(Some((now, false, 3)), 4), "one made since");
+        assert!(listing_due(Some((now, false, 3)), 4), "one made, or a cache deleted, since");
         if let Some(long_ago) = now.checked_sub(IDLE_LISTING) {
             assert!(
                 listing_due(Some((long_ago, false, 3)), 3),

@@ -219,6 +219,7 @@ pub const SCRIPT_MEMORY_INTERVAL: Duration = Duration::from_secs(10);
 /// `used_memory_scripts_eval`); functions run in a VM of their own. Their calls, from
 /// `INFO commandstats` (which walks no database), tell whether `INFO memory` is worth asking.
 const SCRIPT_COMMANDS: [&str; 5] = ["eval", "evalsha", "eval_ro", "evalsha_ro", "script|load"];
+
 /// A node that does not answer its health check within this is unhealthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the memory guard reads each node's resident memory (`/proc/<pid>/statm`).
@@ -1294,7 +1295,6 @@ impl Node {
     }
 }
 
-/// A command as a RESP array of bulk strings.
 /// The calls of [`SCRIPT_COMMANDS`] in an `INFO commandstats` reply.
 fn script_calls_in(commandstats: &str) -> u64 {
     commandstats
@@ -1307,6 +1307,7 @@ fn script_calls_in(commandstats: &str) -> u64 {
         .sum()
 }
 
+/// A command as a RESP array of bulk strings.
 fn resp_command(args: &[&str]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {

@@ -954,6 +954,8 @@ async fn remove_cache(state: &AppState, cache: &CacheRecord, mut event: AuditEve
         details.insert("cache_users_deleted".into(), removed.into());
     }
     tx.commit(&event).await?;
+    // A token user the store does not know (a failed mint's) is left for the sweep.
+    state.token_user_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mb = cache.limits.data_storage_mb.unwrap_or(state.config.default_data_storage_mb);
     state.occupancy.changed(cache, mb, false, version);
     // Only a cache that added keyspace events changes its node's (reading them is O(caches)).

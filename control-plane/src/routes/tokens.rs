@@ -178,7 +178,7 @@ pub async fn mint_token(
         let access = shoal_auth::AccessString::parse(&login.access_string)
             .map_err(|e| ApiError::field("key_patterns", e.to_string()))?;
         crate::token_users::admit(&state, &cache, &login.user).await?;
-        state.token_users_made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.token_user_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         crate::domain::logins::set_login_user(&state, &cache, &login.user, &access, &login.password).await?;
     }
     let now = chrono::Utc::now();
