@@ -973,36 +973,19 @@ impl Node {
         Some(reply)
     }
 
-    /// `used_memory_vm_eval + used_memory_scripts_eval` (Lua's heap and the script cache),
-    /// from `INFO memory`.
-    async fn script_memory(&self) -> Option<u64> {
+    /// A section of the node's `INFO`, as its admin (None: no answer in time).
+    async fn admin_info(&self, section: &str) -> Option<String> {
         let mut conn =
             tokio::time::timeout(HEALTH_TIMEOUT, crate::pool::admin_conn(self)).await.ok()?.ok()?;
-        let info: String =
-            tokio::time::timeout(HEALTH_TIMEOUT, redis::cmd("INFO").arg("memory").query_async(&mut conn))
-                .await
-                .ok()?
-                .ok()?;
-        let field = |name: &str| -> u64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        Some(field("used_memory_vm_eval") + field("used_memory_scripts_eval"))
+        tokio::time::timeout(HEALTH_TIMEOUT, redis::cmd("INFO").arg(section).query_async(&mut conn))
+            .await
+            .ok()?
+            .ok()
     }
 
-    /// Calls of [`SCRIPT_COMMANDS`] since the node started, from `INFO commandstats`.
-    async fn script_calls(&self) -> Option<u64> {
-        let mut conn =
-            tokio::time::timeout(HEALTH_TIMEOUT, crate::pool::admin_conn(self)).await.ok()?.ok()?;
-        let info: String = tokio::time::timeout(
-            HEALTH_TIMEOUT,
-            redis::cmd("INFO").arg("commandstats").query_async(&mut conn),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        Some(script_calls_in(&info))
+    /// Lua's heap and the script cache, from `INFO memory` ([`script_memory_in`]).
+    async fn script_memory(&self) -> Option<u64> {
+        Some(script_memory_in(&self.admin_info("memory").await?))
     }
 
     /// Flushes the node's script cache if Lua uses more than the budget: `SCRIPT FLUSH ASYNC`
@@ -1011,7 +994,7 @@ impl Node {
     /// Looks only if a script ran since the calls `checked_at` (then updated): what no script
     /// ran cannot have grown.
     async fn check_script_memory(&self, checked_at: &mut Option<u64>) {
-        let calls = self.script_calls().await;
+        let calls = self.admin_info("commandstats").await.map(|info| script_calls_in(&info));
         if calls.is_some() && calls == *checked_at {
             return;
         }
@@ -1293,6 +1276,15 @@ impl Node {
         self.stop.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(10), stopped).await;
     }
+}
+
+/// `used_memory_vm_eval + used_memory_scripts_eval` (Lua's heap and the script cache) in an
+/// `INFO memory` reply.
+fn script_memory_in(memory: &str) -> u64 {
+    let field = |name: &str| -> u64 {
+        memory.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok()).unwrap_or(0)
+    };
+    field("used_memory_vm_eval") + field("used_memory_scripts_eval")
 }
 
 /// The calls of [`SCRIPT_COMMANDS`] in an `INFO commandstats` reply.

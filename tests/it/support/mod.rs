@@ -639,10 +639,9 @@ impl ShoalDev {
     /// the platform's admin user.
     pub async fn monitor(&self, i: usize, for_how_long: Duration) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let secret =
-            std::fs::read_to_string(self.dir.join(format!(".shoal/valkey/n{i}/admin.secret"))).unwrap();
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.node_ports[i])).await.unwrap();
-        s.write_all(format!("AUTH shoal {}\r\nMONITOR\r\n", secret.trim()).as_bytes()).await.unwrap();
+        let login = format!("AUTH shoal {}\r\nMONITOR\r\n", self.node_admin_secret(i));
+        s.write_all(login.as_bytes()).await.unwrap();
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + for_how_long;
         let mut buf = [0u8; 4096];
@@ -655,11 +654,15 @@ impl ShoalDev {
         String::from_utf8_lossy(&seen).into_owned()
     }
 
+    /// The password of node `i`'s admin user (`shoal`).
+    fn node_admin_secret(&self, i: usize) -> String {
+        let path = self.dir.join(format!(".shoal/valkey/n{i}/admin.secret"));
+        std::fs::read_to_string(path).unwrap().trim().to_string()
+    }
+
     /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
     pub async fn node_admin(&self, i: usize) -> redis::aio::MultiplexedConnection {
-        let secret =
-            std::fs::read_to_string(self.dir.join(format!(".shoal/valkey/n{i}/admin.secret"))).unwrap();
-        let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), self.node_ports[i]);
+        let url = format!("redis://shoal:{}@127.0.0.1:{}/", self.node_admin_secret(i), self.node_ports[i]);
         redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
     }
 }
