@@ -142,6 +142,10 @@ struct DevArgs {
     /// Seconds between two storage samples of each cache (data_storage_mb enforcement).
     #[arg(long, env = "SHOAL_STORAGE_INTERVAL", default_value_t = 5.0)]
     storage_interval: f64,
+    /// Seconds between two reads of a node's whole keyspace by the storage sampler (it walks
+    /// every database; the rounds between look at caches in use or with keys).
+    #[arg(long, env = "SHOAL_STORAGE_KEYSPACE_INTERVAL", default_value_t = 60.0)]
+    storage_keyspace_interval: f64,
     /// Seconds between two sweeps of scoped tokens' ACL users no live token uses any more.
     #[arg(long, env = "SHOAL_ACL_SWEEP_INTERVAL", default_value_t = 60.0)]
     acl_sweep_interval: f64,
@@ -650,6 +654,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         session_ttl: args.session_ttl,
         login_throttle: args.login_throttle.unwrap_or_default(),
         storage_interval: args.storage_interval,
+        storage_keyspace_interval: args.storage_keyspace_interval,
         acl_sweep_interval: args.acl_sweep_interval,
         gateway_max_connections: u32::try_from(args.limits.max_connections).unwrap_or(u32::MAX),
         default_data_storage_mb: args.default_storage_mb,

@@ -73,6 +73,12 @@ fn check(config: &ControlPlaneConfig) -> Result<(), StartupError> {
             config.storage_interval
         )));
     }
+    if !(1.0..=3600.0).contains(&config.storage_keyspace_interval) {
+        return Err(StartupError::Config(format!(
+            "storage_keyspace_interval must be between 1 and 3600 seconds, not {}",
+            config.storage_keyspace_interval
+        )));
+    }
     if !(0.1..=3600.0).contains(&config.acl_sweep_interval) {
         return Err(StartupError::Config(format!(
             "acl_sweep_interval must be between 0.1 and 3600 seconds, not {}",
@@ -185,7 +191,8 @@ pub async fn state(
     Ok(state)
 }
 
-/// Makes a standalone node's tenant ACL users those of the store's caches on it.
+/// Makes a standalone node's tenant ACL users, and its logins' (cache users, scoped tokens),
+/// those of the store's caches on it.
 async fn restore_tenant_users(
     state: &AppState,
     pool_name: &str,
@@ -195,6 +202,19 @@ async fn restore_tenant_users(
     let (live, gone) = state.store.tenants_on(pool_name, node).await?;
     let gone: Vec<String> = gone.iter().map(|id| id.acl_user()).collect();
     let (made, deleted) = pool.restore_tenant_users(node, &live, &gone).await?;
+    let logins = if pool.cluster().is_some() {
+        0
+    } else {
+        crate::domain::logins::restore_login_users(state, pool_name, node).await?
+    };
+    if logins > 0 {
+        tracing::warn!(
+            pool = pool_name,
+            node,
+            logins,
+            "login ACL users unsaved at the last stop: restored from the store"
+        );
+    }
     if made + deleted > 0 {
         tracing::warn!(
             pool = pool_name,

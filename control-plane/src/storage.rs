@@ -10,10 +10,14 @@
 //! the flag with their per-second route refresh and refuse `denyoom` commands with `-OOM`;
 //! reads and deletes keep working, and the flag clears at the first sample back under.
 //!
-//! A round costs little for empty caches: one `INFO keyspace` per node finds the databases
+//! A round costs little for empty caches: an `INFO keyspace` per node finds the databases
 //! with keys (the others are not measured), samples are written in batched transactions,
 //! and an empty cache's sample is written only when it differs from its last written one or
-//! starts a new hour (see [`sample_all`]).
+//! starts a new hour (see [`sample_all`]). `INFO keyspace` walks every database of the node
+//! and holds all its caches meanwhile (4–65 ms at 100,000), so it is read once per
+//! `storage_keyspace_interval` (60 s); in the rounds between, only caches that may have
+//! changed are looked at: those with keys at their last sample, and those in use at a
+//! gateway or loaded from a snapshot ([`note_in_use`]).
 //!
 //! Accrual is the measured bytes only: billing applies the minimum of 100 MB per cache-hour
 //! (as ElastiCache Serverless does for Valkey) when it rolls minutes up into GB-hours.
@@ -71,6 +75,43 @@ struct Sampler {
     rounds: HashMap<(String, String), i64>,
 }
 
+/// A gateway is about to serve `cache`, whose route it did not have: its clients' keys come
+/// after this. A cache not known to hold keys is asked its `DBSIZE`s, and if it holds none
+/// that is noted ([`known_empty_at`]): its storage accrues from here, however long ago the
+/// node's keyspace was last read. Once served, the gateway's refreshes keep it in use
+/// ([`note_in_use`]), so each round looks at it.
+pub async fn observe_before_use(
+    state: &AppState,
+    cache: &CacheRecord,
+    stored: Option<&crate::store::CacheStorage>,
+) {
+    note_in_use([&cache.id]);
+    if stored.is_some_and(|s| s.keys > 0 || s.bytes > 0) {
+        return;
+    }
+    let at = chrono::Utc::now().timestamp_millis();
+    let dbs: Vec<u32> = CacheDbs { db: cache.db, databases: cache.databases }.iter().collect();
+    let found = async {
+        let mut probe = state.pools.of(&cache.pool)?.storage_probe(&cache.node).await?;
+        Ok::<_, SampleError>(probe.nonempty_among(&dbs).await?)
+    };
+    match tokio::time::timeout(CACHE_TIMEOUT, found).await {
+        Ok(Ok(with_keys)) if with_keys.is_empty() => {
+            skips().lock().unwrap().seen_empty.insert(cache.id.clone(), at);
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(cache = %cache.id, error = %e, "cannot look at a cache before use"),
+        Err(_) => tracing::debug!(cache = %cache.id, "cannot look at a cache before use: timed out"),
+    }
+}
+
+/// Notes caches that may gain keys (a gateway holds sessions of them, a snapshot is loaded
+/// into them): the next round looks at them even if it does not read the keyspace.
+pub fn note_in_use<'a>(ids: impl IntoIterator<Item = &'a CacheId>) {
+    let mut skips = skips().lock().unwrap();
+    skips.in_use.extend(ids.into_iter().cloned());
+}
+
 /// Empty caches' samples the periodic sampler did not write (see [`sample_all`]).
 #[derive(Default)]
 struct Skips {
@@ -82,6 +123,11 @@ struct Skips {
     /// Caches to look at in the next round although they look idle: no sample of theirs is
     /// known (a gateway's request wrote one, a write failed, a sample failed).
     dirty: std::collections::HashSet<CacheId>,
+    /// Caches in use at a gateway since the last round ([`note_in_use`]).
+    in_use: std::collections::HashSet<CacheId>,
+    /// Cache → when it was last found empty as a gateway was about to serve it
+    /// ([`observe_before_use`]).
+    seen_empty: HashMap<CacheId, i64>,
 }
 
 /// What the periodic sampler skipped writing, process-wide (a gateway's request, which
@@ -110,6 +156,15 @@ const WRITE_BATCH: usize = 100;
 /// the node's last round, which is then their kept sample. The first round of a sampler
 /// looks at every cache; in each hour, every cache is looked at once more in its turn within
 /// the first [`HOURLY_SPREAD_MS`] ([`hourly_turn`]), which writes its first sample of the hour.
+///
+/// A round that does not read the node's keyspace (it is read every
+/// `storage_keyspace_interval`, and at a sampler's first round) looks only at caches
+/// whose stored sample is not empty, dirty ones and those in use at a gateway, and asks
+/// their databases' `DBSIZE`; it says nothing of the others (the node's last round, the
+/// moment they are known empty at, stays the last that read the keyspace), and hourly turns
+/// wait for the next read. A cache not in use cannot gain keys; one whose gateway told
+/// another control plane (PostgreSQL) is found by the next read, within
+/// `storage_keyspace_interval`.
 async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Round, StoreError> {
     let places = &mut sampler.places;
     let started = Instant::now();
@@ -119,6 +174,9 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
     let count = places.len();
     let nonempty = Arc::new(state.store.nonempty_storage().await?);
     let full = Arc::new(state.store.storage_full_caches().await?);
+    let in_use = Arc::new(std::mem::take(&mut skips().lock().unwrap().in_use));
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let keyspace_every_ms = (state.config.storage_keyspace_interval * 1000.0) as i64;
     let round = Round {
         caches: count,
         read: started.elapsed(),
@@ -131,6 +189,7 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
             skips.written_at.remove(id);
             skips.pending.remove(id);
             skips.dirty.remove(id);
+            skips.seen_empty.remove(id);
         }
         // A cache created since the last round has an empty sample as of its creation,
         // written by its create (`record_creation_sample`): as if this process had written it.
@@ -144,7 +203,10 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
         let state = state.clone();
         let (nonempty, full, written) = (nonempty.clone(), full.clone(), round.written.clone());
         let looked_at = round.looked_at.clone();
-        let last_round = sampler.rounds.get(&(pool.clone(), node.clone())).copied();
+        let in_use = in_use.clone();
+        let key = (pool.clone(), node.clone());
+        let last_round = sampler.rounds.get(&key).copied();
+        let read_keyspace = last_round.is_none_or(|last| now_ms - last >= keyspace_every_ms);
         nodes.spawn(async move {
             let probe_of = |state: &AppState| {
                 let (pool, node) = (pool.clone(), node.clone());
@@ -160,7 +222,31 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
             };
             // When the keyspace was read: an empty cache's sample is as of then.
             let keyspace_ms = chrono::Utc::now().timestamp_millis();
-            let with_keys = match probe.nonempty_dbs().await {
+            // Those that may have changed: with keys at their last sample, dirty, in use.
+            let mut ids: std::collections::BTreeSet<&CacheId> = nonempty
+                .iter()
+                .chain(in_use.iter())
+                .filter_map(|id| caches.by_id.get_key_value(id))
+                .map(|(k, _)| k)
+                .collect();
+            {
+                // The node's own ids, found under the lock: the dirty set itself is not copied.
+                let skips = skips().lock().unwrap();
+                ids.extend(
+                    skips.dirty.iter().filter_map(|id| caches.by_id.get_key_value(id).map(|(k, _)| k)),
+                );
+            }
+            let with_keys = if read_keyspace {
+                probe.nonempty_dbs().await
+            } else {
+                let dbs: Vec<u32> = ids
+                    .iter()
+                    .filter_map(|id| caches.by_id.get(*id))
+                    .flat_map(|c| CacheDbs { db: c.db, databases: c.databases }.iter())
+                    .collect();
+                probe.nonempty_among(&dbs).await
+            };
+            let with_keys = match with_keys {
                 Ok(dbs) => dbs,
                 Err(e) => {
                     tracing::warn!(node, error = %e, "cannot sample storage");
@@ -170,18 +256,11 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
             let look_at: Vec<&CachePlace> = if last_round.is_none() {
                 caches.by_id.values().collect()
             } else {
-                let mut ids: std::collections::BTreeSet<&CacheId> =
-                    with_keys.iter().filter_map(|&db| caches.at_db(db)).map(|c| &c.id).collect();
-                ids.extend(nonempty.iter().filter(|id| caches.by_id.contains_key(*id)));
-                // The node's own ids, found under the lock: the dirty set itself is not copied.
-                {
-                    let skips = skips().lock().unwrap();
-                    ids.extend(
-                        skips.dirty.iter().filter_map(|id| caches.by_id.get_key_value(id).map(|(k, _)| k)),
-                    );
-                }
-                if hourly_turns_due(last_round, keyspace_ms) {
-                    ids.extend(caches.by_id.keys().filter(|id| hourly_turn(id, last_round, keyspace_ms)));
+                if read_keyspace {
+                    ids.extend(with_keys.iter().filter_map(|&db| caches.at_db(db)).map(|c| &c.id));
+                    if hourly_turns_due(last_round, keyspace_ms) {
+                        ids.extend(caches.by_id.keys().filter(|id| hourly_turn(id, last_round, keyspace_ms)));
+                    }
                 }
                 ids.into_iter().filter_map(|id| caches.by_id.get(id)).collect()
             };
@@ -240,12 +319,12 @@ async fn sample_all(state: &Arc<AppState>, sampler: &mut Sampler) -> Result<Roun
             look_at.for_each(not_now);
             written.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
             write(&state, batch).await;
-            Some(((pool, node), keyspace_ms))
+            Some(((pool, node), keyspace_ms, read_keyspace))
         });
     }
     while let Some(done) = nodes.join_next().await {
         // A node's round that read its keyspace is one its idle caches were empty at.
-        if let Ok(Some((node, keyspace_ms))) = done {
+        if let Ok(Some((node, keyspace_ms, true))) = done {
             sampler.rounds.insert(node, keyspace_ms);
         }
     }
@@ -279,7 +358,7 @@ fn hourly_turn(cache: &CacheId, last_round: Option<i64>, now_ms: i64) -> bool {
 /// what it was known to be until then (empty at its node's last round) is kept.
 fn not_sampled(cache: &CacheId, since_ms: i64, last_round: Option<i64>) {
     let mut skips = skips().lock().unwrap();
-    let passed_over = passed_over_at(&skips, cache, last_round);
+    let passed_over = known_empty_at(&skips, cache, last_round);
     if let Some(at) = passed_over {
         if skips.pending.get(cache).is_none_or(|(_, kept)| kept.at_ms < at) {
             skips.pending.insert(cache.clone(), (since_ms, StorageSampleRecord::empty(at)));
@@ -290,6 +369,15 @@ fn not_sampled(cache: &CacheId, since_ms: i64, last_round: Option<i64>) {
 
 /// When `cache` was last passed over as empty without being looked at: its node's last
 /// round, if that came after its latest written (empty) sample and it was not dirty.
+/// The latest moment `cache` is known empty at without a sample of it: passed over
+/// ([`passed_over_at`]), or found empty before a gateway served it ([`observe_before_use`]),
+/// after its latest written sample, which was empty.
+fn known_empty_at(skips: &Skips, cache: &CacheId, last_round: Option<i64>) -> Option<i64> {
+    let written_at = skips.written_at.get(cache).copied();
+    let seen = skips.seen_empty.get(cache).copied().filter(|&at| written_at.is_some_and(|w| at > w));
+    passed_over_at(skips, cache, last_round).max(seen)
+}
+
 fn passed_over_at(skips: &Skips, cache: &CacheId, last_round: Option<i64>) -> Option<i64> {
     match (skips.written_at.get(cache), last_round) {
         (Some(&written), Some(last)) if last > written && !skips.dirty.contains(cache) => Some(last),
@@ -324,8 +412,9 @@ fn to_write(
     let hour = |ms: i64| ms.div_euclid(3_600_000);
     let empty = record.bytes == 0 && record.keys == 0 && !record.storage_full && record.evicted_keys == 0;
     let mut skips = skips().lock().unwrap();
-    let passed_over = passed_over_at(&skips, cache, last_round);
+    let passed_over = known_empty_at(&skips, cache, last_round);
     skips.dirty.remove(cache);
+    skips.seen_empty.remove(cache);
     let written_at = skips.written_at.get(cache).copied();
     if empty
         && !stored_nonempty
@@ -572,5 +661,22 @@ mod tests {
         not_sampled(&id, 7, Some(h + 46_000));
         assert_eq!(step(h + 56_000, 5, Some(h + 51_000)), vec![(7, h + 46_000, 0), (7, h + 56_000, 5)]);
         assert!(!skips().lock().unwrap().dirty.contains(&id), "looked at: no longer dirty");
+    }
+
+    #[test]
+    fn a_cache_found_empty_before_a_gateway_served_it_accrues_from_then() {
+        let id = CacheId::generate();
+        let h = 1_800_000_000_000i64 - 3_600_000;
+        let step = |at, bytes, last_round| written(&id, at, bytes, false, last_round);
+        let seen = |at| skips().lock().unwrap().seen_empty.insert(id.clone(), at);
+        assert_eq!(step(h + 1_000, 0, None), vec![(7, h + 1_000, 0)], "first: written");
+        // The keyspace last read at h+500 ms (before it); found empty at h+40 s, keys at h+45 s.
+        seen(h + 40_000);
+        assert_eq!(step(h + 45_000, 50, Some(h + 500)), vec![(7, h + 40_000, 0), (7, h + 45_000, 50)]);
+        // Found empty before the latest written sample: that sample says more.
+        assert_eq!(step(h + 50_000, 0, Some(h + 500)), vec![(7, h + 50_000, 0)], "empty again: written");
+        seen(h + 49_000);
+        assert_eq!(step(h + 55_000, 9, Some(h + 500)), vec![(7, h + 55_000, 9)]);
+        assert!(!skips().lock().unwrap().seen_empty.contains_key(&id), "used once");
     }
 }

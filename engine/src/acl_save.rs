@@ -1,22 +1,24 @@
-//! Tenant ACL users without an `ACL SAVE` per create or delete.
+//! Tenant ACL users without an `ACL SAVE` per change.
 //!
-//! `ACL SAVE` rewrites the node's whole `users.acl` (about 500 bytes per cache), so saving on
-//! every create made creates linear in the caches already there. Instead each create and
-//! delete is noted in the node's [`AclJournal`], and a background task ([`Node::keep_acl`])
-//! saves it. A save holds the node (Valkey runs commands one at a time) for about 10 µs per
+//! `ACL SAVE` rewrites the node's whole `users.acl` (about 500 bytes per user), so saving on
+//! every create made creates linear in the caches already there, and saving on every token
+//! mint or cache user change let one tenant keep every cache on the node waiting. Instead
+//! each change of an ACL user the platform makes for tenants (a cache's own user, its cache
+//! users', LDAP roles' and scoped tokens' upstream users) is noted in the node's
+//! [`AclJournal`], and a background task ([`Node::keep_acl`]) saves it. A save holds the node (Valkey runs commands one at a time) for about 10 µs per
 //! user — 0.16 s measured at 14,000 users — so saves are paced: the next one waits
 //! [`SAVE_PACING`] times as long as the last one took, at least [`ACL_SAVE_INTERVAL`].
 //! What a restart may lose — the changes since the last save — is still in the journal: the
 //! task asks the node for its `run_id` (Valkey's, new on every start) every
 //! [`ACL_SAVE_INTERVAL`] while the journal has changes, and when it is not the one the
-//! journal was last made whole on, every change in it is applied again (idempotent:
-//! `SETUSER reset …`, `DELUSER`) and saved. The supervisor kicks the task as soon as a
+//! journal was last made whole on, every change in it is applied again (idempotent: each
+//! change is the user's whole rules, `SETUSER user reset …`, or `DELUSER`) and saved. The supervisor kicks the task as soon as a
 //! restarted node answers; a node an engine agent runs is found restarted at the next check.
 //! A control plane that itself restarted lost its journal: it makes the nodes' users match
-//! its store at start (`restore_tenant_users`).
+//! its store at start (`restore_tenant_users`, `restore_login_users`).
 
 use crate::node::Node;
-use crate::{EngineError, TenantAcl};
+use crate::EngineError;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,10 @@ pub const ACL_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// The next save waits this many times as long as the last one took: saving holds the node
 /// at most about 1% of the time, however many users it has.
 pub const SAVE_PACING: u32 = 100;
+
+/// An ACL user's change: its whole `ACL SETUSER` rules, starting with `reset`, or None:
+/// deleted.
+pub type UserChange = Option<Vec<String>>;
 
 /// The node's tenant ACL changes not yet saved in its `users.acl`.
 #[derive(Default)]
@@ -42,18 +48,19 @@ pub struct AclJournal {
 #[derive(Default)]
 struct JournalState {
     seq: u64,
-    /// user → (seq of its last change, its ACL; None: deleted).
-    changes: HashMap<String, (u64, Option<TenantAcl>)>,
+    /// user → (seq of its last change, the change).
+    changes: HashMap<String, (u64, UserChange)>,
     /// `run_id` of the node process that holds every change in the journal (None: unknown).
     made_whole_on: Option<String>,
 }
 
 impl AclJournal {
-    fn note(&self, user: &str, acl: Option<TenantAcl>) {
+    fn note(&self, user: &str, change: UserChange) {
+        debug_assert!(change.as_ref().is_none_or(|rules| rules.first().is_some_and(|r| r == "reset")));
         let mut state = self.state.lock().unwrap();
         state.seq += 1;
         let seq = state.seq;
-        state.changes.insert(user.to_string(), (seq, acl));
+        state.changes.insert(user.to_string(), (seq, change));
     }
 
     /// Drops the changes up to `seq`: a save wrote them.
@@ -77,18 +84,30 @@ impl AclJournal {
 }
 
 impl Node {
-    /// Runs a tenant's create or delete pipeline and notes its ACL user's change (`acl`;
-    /// None: deleted) for the next save.
-    pub(crate) async fn change_tenant(
+    /// Runs a pipeline that makes, changes or deletes ACL users (on the kept admin
+    /// connection) and notes their `changes` for the next save.
+    pub(crate) async fn change_users(
         &self,
         pipe: &redis::Pipeline,
-        user: &str,
-        acl: Option<TenantAcl>,
+        changes: &[(&str, UserChange)],
     ) -> Result<(), EngineError> {
-        let _changing = self.acl.changing.read().await;
+        let _changing = self.changing_users().await;
         self.provision(pipe).await?;
-        self.acl.note(user, acl);
+        for (user, change) in changes {
+            self.note_user(user, change.clone());
+        }
         Ok(())
+    }
+
+    /// Held while ACL users are changed and until their changes are noted
+    /// ([`Node::note_user`]): a replay waits for it.
+    pub(crate) async fn changing_users(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.acl.changing.read().await
+    }
+
+    /// Notes an ACL user's change, made under [`Node::changing_users`], for the next save.
+    pub(crate) fn note_user(&self, user: &str, change: UserChange) {
+        self.acl.note(user, change)
     }
 
     /// Checks the journal against a node restart every [`ACL_SAVE_INTERVAL`] (or when
@@ -156,9 +175,9 @@ impl Node {
             )
         };
         let mut pipe = redis::pipe();
-        for (user, acl) in &changes {
-            match acl {
-                Some(acl) => pipe.cmd("ACL").arg("SETUSER").arg(user).arg(acl.setuser_rules()).ignore(),
+        for (user, change) in &changes {
+            match change {
+                Some(rules) => pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore(),
                 None => pipe.cmd("ACL").arg("DELUSER").arg(user).ignore(),
             };
         }

@@ -4,7 +4,7 @@
 //!
 //! Persisted on disk under the node's directory: `valkey.conf` (rewritten on every start,
 //! keeping the `notify-keyspace-events` the platform last set), `users.acl` (the admin user
-//! and every tenant's ACL user, saved by `ACL SAVE` at most once a second: [`crate::acl_save`]),
+//! and the ACL users the platform makes for tenants, saved by paced `ACL SAVE`s: [`crate::acl_save`]),
 //! `admin.secret`, the AOF and the pidfile;
 //! a cluster node also `nodes.conf` (its cluster identity and view, written by Valkey). In
 //! memory: the child handle and its state.
@@ -1193,9 +1193,7 @@ impl Node {
         tokio::spawn(async move { node.supervise(child).await });
         tokio::spawn(Arc::clone(self).watch_health());
         tokio::spawn(Arc::clone(self).guard_memory());
-        if self.cluster.is_none() {
-            tokio::spawn(Arc::clone(self).keep_acl());
-        }
+        tokio::spawn(Arc::clone(self).keep_acl());
         Ok(())
     }
 

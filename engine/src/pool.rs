@@ -328,7 +328,7 @@ impl Pool {
         }
         pipe.cmd("SELECT").arg(0).ignore();
         pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
-        node.change_tenant(&pipe, &acl.user, Some(acl.clone())).await
+        node.change_users(&pipe, &[(&acl.user, Some(acl.setuser_rules()))]).await
     }
 
     /// Removes a cache: deletes its ACL user (Valkey closes its connections) and flushes its
@@ -344,7 +344,7 @@ impl Pool {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
         }
         pipe.cmd("SELECT").arg(0).ignore();
-        node.change_tenant(&pipe, &acl.user, None).await?;
+        node.change_users(&pipe, &[(&acl.user, None)]).await?;
         if acl.placement == crate::Placement::Dedicated {
             node.clear_node_wide_state().await?;
         }
@@ -353,7 +353,8 @@ impl Pool {
 
     /// Makes a standalone node's tenant users match the store's caches (at control-plane
     /// start, when changes not saved before a crash may be missing): `live` users created if
-    /// absent, `gone` users (deleted caches') deleted if present, then the ACL file saved.
+    /// absent, `gone` users (deleted caches') and their logins' users deleted if present, then
+    /// the ACL file saved.
     /// Returns how many users it created and deleted. A cluster pool keeps its own record.
     pub async fn restore_tenant_users(
         &self,
@@ -373,7 +374,14 @@ impl Pool {
         for acl in &missing {
             pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
         }
-        let strays: Vec<&String> = gone.iter().filter(|u| present.contains(*u)).collect();
+        // A deleted cache's own user and its logins' (`<user>.user.…`, `.jwt.…`, `.ldap.…`).
+        let gone: std::collections::HashSet<&str> = gone.iter().map(String::as_str).collect();
+        let strays: Vec<&String> = present
+            .iter()
+            .filter(|u| {
+                gone.contains(u.as_str()) || u.split_once('.').is_some_and(|(own, _)| gone.contains(own))
+            })
+            .collect();
         for user in &strays {
             pipe.cmd("ACL").arg("DELUSER").arg(user).ignore();
         }
@@ -385,15 +393,23 @@ impl Pool {
         Ok((missing.len(), strays.len()))
     }
 
-    /// Creates or changes a cache user's ACL user (`rules` as `ACL SETUSER` takes them, the
-    /// password included) and saves the ACL file if that changed the user (a login that
-    /// remakes its user on every use writes nothing). Valkey applies changed rules to the
-    /// user's open connections at once; a user switched `off` has its connections closed.
-    pub async fn set_cache_user(&self, node: &str, user: &str, rules: &[String]) -> Result<(), EngineError> {
+    /// Creates or changes a cache user's ACL user (`rules` as `ACL SETUSER` takes them,
+    /// starting with `reset`, the password included), saved with the next ACL save
+    /// ([`crate::acl_save`]) if that changed the user (a login that remakes its user on every
+    /// use writes nothing). Valkey applies changed rules to the user's open connections at
+    /// once; a user switched `off` has its connections closed. Returns whether it changed
+    /// the user.
+    pub async fn set_cache_user(
+        &self,
+        node: &str,
+        user: &str,
+        rules: &[String],
+    ) -> Result<bool, EngineError> {
         if let Some(cluster) = &self.cluster {
             return cluster.set_user(user, rules).await;
         }
         let node = self.node(node)?;
+        let _changing = node.changing_users().await;
         let mut conn = admin_conn(node).await?;
         let getuser = || redis::cmd("ACL").arg("GETUSER").arg(user).clone();
         let (before, (), after): (redis::Value, (), redis::Value) = redis::pipe()
@@ -414,16 +430,13 @@ impl Pool {
             }
         }
         if before != after {
-            redis::cmd("ACL")
-                .arg("SAVE")
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| node.valkey_err(e))?;
+            node.note_user(user, Some(rules.to_vec()));
         }
-        Ok(())
+        Ok(before != after)
     }
 
-    /// Deletes cache users' ACL users (Valkey closes their connections) and saves the ACL file.
+    /// Deletes cache users' ACL users (Valkey closes their connections), saved with the next
+    /// ACL save.
     pub async fn delete_cache_users(&self, node: &str, users: &[String]) -> Result<(), EngineError> {
         if users.is_empty() {
             return Ok(());
@@ -432,11 +445,11 @@ impl Pool {
             return cluster.delete_users(users).await;
         }
         let node = self.node(node)?;
-        let mut conn = admin_conn(node).await?;
         let mut pipe = redis::pipe();
         pipe.cmd("ACL").arg("DELUSER").arg(users).ignore();
-        pipe.cmd("ACL").arg("SAVE").ignore();
-        pipe.query_async::<()>(&mut conn).await.map_err(|e| node.valkey_err(e))
+        let changes: Vec<(&str, crate::acl_save::UserChange)> =
+            users.iter().map(|u| (u.as_str(), None)).collect();
+        node.change_users(&pipe, &changes).await
     }
 
     /// Those of `candidates` that exist as ACL users on the node (one `ACL GETUSER` each, in

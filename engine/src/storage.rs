@@ -50,7 +50,7 @@ pub struct CacheDbs {
 }
 
 impl CacheDbs {
-    fn iter(self) -> impl Iterator<Item = u32> {
+    pub fn iter(self) -> impl Iterator<Item = u32> {
         self.db..self.db + self.databases.max(1)
     }
 }
@@ -205,6 +205,25 @@ impl StorageProbe {
             dbs.extend(keyspace_dbs(&info));
         }
         Ok(dbs)
+    }
+
+    /// Those of `dbs` that hold at least one key on any of the probe's nodes, from `SELECT`
+    /// and `DBSIZE` in pipelines of [`CHUNK`] commands: what [`StorageProbe::nonempty_dbs`]
+    /// tells for a few databases, without a walk of every database of the node.
+    pub async fn nonempty_among(&mut self, dbs: &[u32]) -> Result<HashSet<u32>, EngineError> {
+        let mut found = HashSet::new();
+        for part in &mut self.parts {
+            for chunk in dbs.chunks(CHUNK / 2) {
+                let mut pipe = redis::pipe();
+                for db in chunk {
+                    pipe.cmd("SELECT").arg(db).ignore().cmd("DBSIZE");
+                }
+                let sizes: Vec<u64> =
+                    pipe.query_async(&mut part.conn).await.map_err(|e| part.node.valkey_err(e))?;
+                found.extend(chunk.iter().zip(sizes).filter(|(_, keys)| *keys > 0).map(|(db, _)| *db));
+            }
+        }
+        Ok(found)
     }
 
     /// Deletes `policy`'s candidates (every key, or only keys with a TTL), first in its order

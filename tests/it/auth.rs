@@ -504,18 +504,74 @@ async fn limited_tokens_survive_a_restart_and_their_users_go_with_the_cache() {
     assert_eq!(acl_users(&dev, &id).await, Vec::<String>::new(), "ACL users left behind");
 }
 
-/// How many times the nodes ran `ACL USERS` (walks every ACL user: 130–200 ms at 100,000).
-async fn acl_users_calls(dev: &ShoalDev) -> u64 {
+/// How many times the nodes ran `ACL <subcommand>` (`users` and `save` walk every ACL user:
+/// 130–200 ms and 0.1–3 s at 100,000).
+async fn acl_calls(dev: &ShoalDev, subcommand: &str) -> u64 {
+    let prefix = format!("cmdstat_acl|{subcommand}:calls=");
     let mut calls = 0;
     for i in 0..dev.node_ports.len() {
         let mut node = dev.node_admin(i).await;
         let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut node).await.unwrap();
         calls += info
             .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_acl|users:calls=")?.split(',').next()?.parse::<u64>().ok())
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.split(',').next()?.parse::<u64>().ok())
             .unwrap_or(0);
     }
     calls
+}
+
+async fn acl_users_calls(dev: &ShoalDev) -> u64 {
+    acl_calls(dev, "users").await
+}
+
+/// Whether some node's `users.acl` names `user`.
+fn saved_on_disk(dev: &ShoalDev, user: &str) -> bool {
+    dev.node_dirs()
+        .iter()
+        .any(|d| std::fs::read_to_string(d.join("users.acl")).unwrap_or_default().contains(user))
+}
+
+/// An `ACL SAVE` rewrites the node's whole `users.acl` and holds every cache on the node
+/// meanwhile (0.1–3 s at 100,000 users). Scoped tokens' and cache users' upstream users are
+/// saved like caches' own, paced in the background, so a tenant minting tokens or making
+/// users in a loop cannot keep the node saving.
+#[tokio::test]
+async fn minting_tokens_and_making_cache_users_does_not_save_the_acl_file_each_time() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("mints").await;
+    let id = cache["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !saved_on_disk(&dev, &format!("t{id} ")) {
+        assert!(std::time::Instant::now() < deadline, "the cache's own user was never saved");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let before = acl_calls(&dev, "save").await;
+    let started = std::time::Instant::now();
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        tokens.push(minted(&dev, id, serde_json::json!({"key_patterns": [format!("k{i}:*")]})).await);
+    }
+    for name in ["u1", "u2", "u3", "u4", "u5"] {
+        let user = serde_json::json!({"username": name, "passwords": ["a-long-enough-password"],
+                                      "access_string": "on ~* +@all"});
+        let (status, body) =
+            dev.api(reqwest::Method::POST, &format!("/v1/caches/{id}/users"), Some(user)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let saves = acl_calls(&dev, "save").await - before;
+    let paced = 1 + started.elapsed().as_secs();
+    assert!(saves <= paced, "{saves} ACL SAVEs for 25 users made in {:?}", started.elapsed());
+
+    // Saved all the same, soon after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while acl_users(&dev, &format!("t{id}.jwt.")).await.iter().any(|u| !saved_on_disk(&dev, &format!("{u} ")))
+        || !saved_on_disk(&dev, &format!("t{id}.user.u5 "))
+    {
+        assert!(std::time::Instant::now() < deadline, "the new users were not saved");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut c = dev.client(&tokens[19]).await.unwrap();
+    let _: () = redis::cmd("SET").arg("k19:x").arg("1").query_async(&mut c).await.unwrap();
 }
 
 /// The sweep of scoped tokens' upstream users lists the nodes' users only when there may be

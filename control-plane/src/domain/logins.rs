@@ -87,3 +87,50 @@ pub async fn set_login_user(
     state.pools.of(&cache.pool)?.set_cache_user(&cache.node, name, &rules).await?;
     Ok(())
 }
+
+/// Remakes on a standalone node the upstream ACL users of its live caches' cache users and
+/// scoped tokens from the store. Their changes are saved to the node's ACL file in the
+/// background (`shoal_engine::acl_save`), so a node that went down with this control plane
+/// (both killed at once) may have lost the newest. A user as it was changes nothing. Returns
+/// how many users it made or changed.
+pub async fn restore_login_users(state: &AppState, pool_name: &str, node: &str) -> Result<usize, ApiError> {
+    let pool = state.pools.of(pool_name)?;
+    let users = state.store.cache_users_on(pool_name, node).await?;
+    let scopes = state.store.active_token_scopes_on(pool_name, node).await?;
+    let ids: std::collections::BTreeSet<&shoal_types::CacheId> =
+        users.iter().map(|u| &u.cache_id).chain(scopes.iter().map(|(id, _, _)| id)).collect();
+    let mut caches = std::collections::HashMap::new();
+    for id in ids {
+        if let Some(cache) = state.store.cache(id).await? {
+            caches.insert(id.clone(), cache);
+        }
+    }
+    let mut logins = Vec::new();
+    for user in &users {
+        if let Some(cache) = caches.get(&user.cache_id) {
+            let access =
+                AccessString::parse(&user.access_string).map_err(|e| ApiError::Internal(e.to_string()))?;
+            logins.push((
+                upstream_user(cache, &user.username),
+                upstream_rules(cache, &access, &user.upstream_secret)?,
+            ));
+        }
+    }
+    for (id, perm, patterns) in &scopes {
+        let Some(cache) = caches.get(id) else { continue };
+        if let Some(login) =
+            shoal_auth::token::token_login(&id.acl_user(), &cache.acl_password, *perm, patterns)
+        {
+            let access =
+                AccessString::parse(&login.access_string).map_err(|e| ApiError::Internal(e.to_string()))?;
+            logins.push((login.user, upstream_rules(cache, &access, &login.password)?));
+        }
+    }
+    let mut changed = 0;
+    for (user, rules) in &logins {
+        if pool.set_cache_user(node, user, rules).await? {
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}

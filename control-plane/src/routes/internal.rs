@@ -54,6 +54,7 @@ async fn route(
 ) -> Result<HttpResponse, ApiError> {
     let cache = internal_cache(&state, &gw, &id).await?;
     let storage = state.store.cache_storage(&cache.id).await?;
+    crate::storage::observe_before_use(&state, &cache, storage.as_ref()).await;
     let place = place(&state, &cache).await?;
     Ok(HttpResponse::Ok().json(tenant_route(&state, cache, place, storage.as_ref())))
 }
@@ -77,6 +78,8 @@ async fn routes(
         return Err(ApiError::field("ids", format!("at most {MAX_ROUTES} ids per request")));
     }
     let ids: Vec<CacheId> = body.ids.iter().filter_map(|id| CacheId::parse(id).ok()).collect();
+    // Caches the gateway holds sessions of: their clients may give them keys.
+    crate::storage::note_in_use(&ids);
     let storage = state.store.caches_storage(&ids).await?;
     let mut routes = Vec::with_capacity(ids.len());
     // One look at each placement target per request (a cluster's asks it for its primaries).

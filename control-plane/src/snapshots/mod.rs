@@ -202,6 +202,8 @@ pub async fn load(
     written_ms: Option<i64>,
     existing: Existing,
 ) -> Result<Loaded, ApiError> {
+    // Its new keys are measured by the next rounds of the storage sampler.
+    crate::storage::note_in_use([&cache.id]);
     let pool = state.pools.of(&cache.pool)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<RestoreKey>, String>>(4);
     let reading = {
@@ -293,6 +295,7 @@ pub async fn load(
         };
         state.store.record_usage(&batch).await?;
     }
+    crate::storage::note_in_use([&cache.id]);
     Ok(loaded)
 }
 

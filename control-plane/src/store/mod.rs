@@ -572,6 +572,36 @@ impl Store {
             .collect()
     }
 
+    /// The distinct scopes of the unexpired, unrevoked tokens of the live caches on node
+    /// `node` of pool `pool`, with their caches: the upstream users those tokens log in as.
+    pub async fn active_token_scopes_on(
+        &self,
+        pool: &str,
+        node: &str,
+    ) -> Result<Vec<(CacheId, shoal_types::Permission, Vec<String>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT t.cache_id, t.permission, t.key_patterns FROM tokens t
+             JOIN caches c ON c.id = t.cache_id
+             WHERE c.pool = $1 AND c.node = $2 AND c.status <> $3
+               AND t.revoked_at IS NULL AND t.expires_at > $4",
+        )
+        .bind(pool)
+        .bind(node)
+        .bind(CacheStatus::Deleted.as_str())
+        .bind(now_secs())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    CacheId::parse(r.get::<&str, _>("cache_id")).map_err(decode_err)?,
+                    decode_value("permission", r.get("permission"), shoal_types::Permission::parse)?,
+                    serde_json::from_str(r.get::<&str, _>("key_patterns")).map_err(decode_err)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Tokens of a cache that are neither expired nor revoked.
     pub async fn active_tokens(&self, cache: &CacheId) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = sqlx::query(

@@ -51,6 +51,20 @@ impl Store {
         row.map(user_from_row).transpose()
     }
 
+    /// The cache users of the live caches on node `node` of pool `pool`.
+    pub async fn cache_users_on(&self, pool: &str, node: &str) -> Result<Vec<CacheUserRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT u.* FROM cache_users u JOIN caches c ON c.id = u.cache_id
+             WHERE c.pool = $1 AND c.node = $2 AND c.status <> $3 ORDER BY u.cache_id, u.username",
+        )
+        .bind(pool)
+        .bind(node)
+        .bind(super::CacheStatus::Deleted.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(user_from_row).collect()
+    }
+
     /// A cache's users, by name.
     pub async fn cache_users(&self, cache: &CacheId) -> Result<Vec<CacheUserRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM cache_users WHERE cache_id = $1 ORDER BY username")

@@ -35,6 +35,7 @@
 //! port + 10000, Valkey's default). Every node shares the pool's admin password (replicas and
 //! slot migrations log in to their peers as the admin user).
 
+use crate::acl_save::UserChange;
 use crate::node::{
     ClusterMode, ModuleInfo, ModuleSpec, Node, NodeSecrets, NodeSpec, ADMIN_USER, HEALTH_TIMEOUT,
     OBSERVER_USER,
@@ -510,12 +511,12 @@ impl Cluster {
     /// that it fails with [`EngineError::NoPrimary`] and the user is not created.
     pub async fn create_tenant(&self, acl: &crate::TenantAcl) -> Result<(), EngineError> {
         self.flush_everywhere(acl).await?;
-        self.record(&acl.user, Some(acl.setuser_rules()), true);
+        let rules = acl.setuser_rules();
+        self.record(&acl.user, Some(rules.clone()), true);
         for node in self.nodes() {
             let mut pipe = redis::pipe();
-            pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
-            pipe.cmd("ACL").arg("SAVE").ignore();
-            self.provision(&node, &pipe).await?;
+            pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(&rules).ignore();
+            self.change_users(&node, &pipe, &[(&acl.user, Some(rules.clone()))]).await?;
         }
         Ok(())
     }
@@ -530,8 +531,7 @@ impl Cluster {
         for node in self.nodes() {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(&acl.user).ignore();
-            pipe.cmd("ACL").arg("SAVE").ignore();
-            self.provision(&node, &pipe).await?;
+            self.change_users(&node, &pipe, &[(&acl.user, None)]).await?;
         }
         self.flush_everywhere(acl).await
     }
@@ -632,41 +632,41 @@ impl Cluster {
         Some(ShardPrimary { shard: shard.id.clone(), id, node, replicas })
     }
 
-    /// `ACL SETUSER user rules` (then `ACL SAVE`) on every node.
-    pub async fn set_user(&self, user: &str, rules: &[String]) -> Result<(), EngineError> {
+    /// `ACL SETUSER user rules` on every node (saved with each node's next ACL save).
+    pub async fn set_user(&self, user: &str, rules: &[String]) -> Result<bool, EngineError> {
         let reset = rules.first().is_some_and(|r| r == "reset");
         // A user set again exactly as it is (a scope reused) changes nothing: no node is
         // asked, no ACL file rewritten (the keeper makes nodes match the record).
         let unchanged = reset
             && self.users.lock().unwrap().get(user).is_some_and(|set| set.len() == 1 && set[0] == rules);
         if unchanged {
-            return Ok(());
+            return Ok(false);
         }
         self.record(user, Some(rules.to_vec()), reset);
+        let whole = self.recorded_rules(user);
         let off = rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off");
         for node in self.nodes() {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("SETUSER").arg(user).arg(rules).ignore();
-            pipe.cmd("ACL").arg("SAVE").ignore();
-            self.provision(&node, &pipe).await?;
+            self.change_users(&node, &pipe, &[(user, whole.clone())]).await?;
             if off && node.healthy() {
                 // Errors when nobody was connected.
                 let _ = admin(&node, &["CLIENT", "KILL", "USER", user]).await;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// `ACL DELUSER users` (then `ACL SAVE`) on every node.
+    /// `ACL DELUSER users` on every node (saved with each node's next ACL save).
     pub async fn delete_users(&self, users: &[String]) -> Result<(), EngineError> {
         for u in users {
             self.record(u, None, true);
         }
+        let changes: Vec<(&str, UserChange)> = users.iter().map(|u| (u.as_str(), None)).collect();
         for node in self.nodes() {
             let mut pipe = redis::pipe();
             pipe.cmd("ACL").arg("DELUSER").arg(users).ignore();
-            pipe.cmd("ACL").arg("SAVE").ignore();
-            self.provision(&node, &pipe).await?;
+            self.change_users(&node, &pipe, &changes).await?;
         }
         Ok(())
     }
@@ -719,6 +719,29 @@ impl Cluster {
                 entry.push(rules);
             }
         }
+    }
+
+    /// A recorded user's rules as one `ACL SETUSER`: `reset`, then each batch in turn.
+    fn recorded_rules(&self, user: &str) -> UserChange {
+        let users = self.users.lock().unwrap();
+        let batches = users.get(user)?;
+        Some(std::iter::once("reset".to_string()).chain(batches.iter().flatten().cloned()).collect())
+    }
+
+    /// Runs `pipe` (ACL user changes) on a node and notes `changes` for its next ACL save
+    /// ([`crate::acl_save`]); a node that is down gets them from the keeper or the replay.
+    async fn change_users(
+        &self,
+        node: &Node,
+        pipe: &redis::Pipeline,
+        changes: &[(&str, UserChange)],
+    ) -> Result<(), EngineError> {
+        let _changing = node.changing_users().await;
+        self.provision(node, pipe).await?;
+        for (user, change) in changes {
+            node.note_user(user, change.clone());
+        }
+        Ok(())
     }
 
     /// Brings a node up to date: its ACL users made those of the record (every recorded user
