@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use shoal_types::TenantRoute;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,9 +16,23 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 type Slot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
 
+/// A node's `INFO keyspace` walks every database it has (4–65 ms at 100,000), every cache on
+/// the node waiting meanwhile, and each tenant's `INFO` shows its part of it. On a big node
+/// (its reply lists [`BIG_KEYSPACE`] databases or more) a reply is reused until it is this
+/// many times as old as it took to get, so tenants' `INFO`s hold it at most 1% of the time
+/// per gateway; a smaller node is asked every time, as a plain Valkey would answer.
+const KEYSPACE_REUSE: u32 = 100;
+
+/// Databases with keys in a node's `INFO keyspace` from which its walk is worth sparing: the
+/// platform keeps keys in every 64th database (the engine's cron anchors), so a node
+/// lists this many once it has about 4,000 databases, whose walk takes a millisecond or more.
+const BIG_KEYSPACE: usize = 64;
+
 #[derive(Default)]
 pub struct Observers {
     by_node: Mutex<HashMap<String, Slot>>,
+    /// Node address → its last `INFO keyspace` reply: when it was asked, how long it took.
+    keyspaces: Mutex<HashMap<String, (Instant, Duration, BytesMut)>>,
 }
 
 impl Observers {
@@ -34,20 +48,42 @@ impl Observers {
         route: &TenantRoute,
         args: &[&[u8]],
     ) -> Result<Vec<BytesMut>, GatewayError> {
-        if route.cluster_nodes.is_empty() {
-            return Ok(vec![self.query(route, args).await?]);
-        }
-        let seeds = crate::cluster_link::slot_map::Seeds::new(
-            &route.cluster_nodes,
-            &route.observer_user,
-            &route.observer_password,
-        );
-        let map = seeds.map().await?;
-        let mut replies = Vec::with_capacity(map.shards.len());
-        for shard in &map.shards {
-            replies.push(self.query_at(&shard.primary, route, args).await?);
+        let mut replies = Vec::new();
+        for addr in nodes_of(route).await? {
+            replies.push(self.query_at(&addr, route, args).await?);
         }
         Ok(replies)
+    }
+
+    /// `INFO keyspace` of every node that holds part of the cache, a recent reply reused
+    /// ([`KEYSPACE_REUSE`]).
+    pub async fn keyspace_each(&self, route: &TenantRoute) -> Result<Vec<BytesMut>, GatewayError> {
+        let mut replies = Vec::new();
+        for addr in nodes_of(route).await? {
+            let slot = self.slot(&addr);
+            // Under the node's slot: callers that found the reply old wait for one new one.
+            let mut conn = slot.lock().await;
+            let kept = self.keyspaces.lock().unwrap().get(&addr).cloned();
+            let reply = match kept {
+                Some((asked, took, reply)) if asked.elapsed() < took * KEYSPACE_REUSE => reply,
+                _ => {
+                    let asked = Instant::now();
+                    let reply = self.query_on(&mut conn, &addr, route, &[b"INFO", b"keyspace"]).await?;
+                    let listed = reply[..].split(|&b| b == b'\n').filter(|l| l.starts_with(b"db")).count();
+                    if listed >= BIG_KEYSPACE {
+                        let kept = (asked, asked.elapsed(), reply.clone());
+                        self.keyspaces.lock().unwrap().insert(addr.clone(), kept);
+                    }
+                    reply
+                }
+            };
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    fn slot(&self, addr: &str) -> Slot {
+        self.by_node.lock().unwrap().entry(addr.to_string()).or_default().clone()
     }
 
     async fn query_at(
@@ -56,8 +92,20 @@ impl Observers {
         route: &TenantRoute,
         args: &[&[u8]],
     ) -> Result<BytesMut, GatewayError> {
-        let slot = self.by_node.lock().unwrap().entry(addr.to_string()).or_default().clone();
+        let slot = self.slot(addr);
         let mut conn = slot.lock().await;
+        self.query_on(&mut conn, addr, route, args).await
+    }
+
+    /// One command on the node's observer connection `conn` (its slot held), connecting first
+    /// if it has none.
+    async fn query_on(
+        &self,
+        conn: &mut Option<TcpStream>,
+        addr: &str,
+        route: &TenantRoute,
+        args: &[&[u8]],
+    ) -> Result<BytesMut, GatewayError> {
         let result = tokio::time::timeout(TIMEOUT, async {
             if conn.is_none() {
                 let mut stream = TcpStream::connect(addr).await.map_err(up)?;
@@ -86,6 +134,19 @@ impl Observers {
         }
         result
     }
+}
+
+/// The nodes that hold part of a cache: its node, or each primary of its cluster.
+async fn nodes_of(route: &TenantRoute) -> Result<Vec<String>, GatewayError> {
+    if route.cluster_nodes.is_empty() {
+        return Ok(vec![route.node_addr.clone()]);
+    }
+    let seeds = crate::cluster_link::slot_map::Seeds::new(
+        &route.cluster_nodes,
+        &route.observer_user,
+        &route.observer_password,
+    );
+    Ok(seeds.map().await?.shards.iter().map(|s| s.primary.clone()).collect())
 }
 
 /// `SCRIPT KILL` on the route's node, on a connection of its own (the shared one may wait

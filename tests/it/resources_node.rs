@@ -472,3 +472,48 @@ async fn lua_memory_is_read_only_when_scripts_ran() {
     let after = dev.monitor(node, Duration::from_secs(11)).await;
     assert!(after.contains(r#""INFO" "memory""#), "a script ran: {after}");
 }
+
+/// Microseconds the node spent in `INFO`, all callers together (`INFO commandstats`).
+async fn info_usec(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
+    stats
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cmdstat_info:")?.split(',').find_map(|f| f.strip_prefix("usec=")?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `INFO keyspace` walks every database of a node (4–65 ms at 100,000 selected ones, every
+/// cache on the node waiting meanwhile), and a tenant's `INFO` shows its own keyspace: a
+/// tenant calling `INFO` in a loop must not keep its node walking.
+#[tokio::test]
+async fn a_tenant_calling_info_in_a_loop_does_not_keep_its_node_walking_every_database() {
+    let dev = ShoalDev::start_with(&["--databases", "100000"]).await;
+    let cache = dev.create_cache("curious").await;
+    let node = ShoalDev::node_of(&cache);
+    let mut admin = dev.node_admin(node).await;
+    // Every database selected once, as on a node full of caches.
+    for from in (0..100_000).step_by(10_000) {
+        let mut pipe = redis::pipe();
+        for db in from..from + 10_000 {
+            pipe.cmd("SELECT").arg(db).ignore();
+        }
+        pipe.cmd("SELECT").arg(0).ignore();
+        pipe.query_async::<()>(&mut admin).await.unwrap();
+    }
+    let mut c = connect(&dev, &cache).await;
+    let _: () = redis::cmd("SET").arg("k").arg("v").query_async(&mut c).await.unwrap();
+    let before = info_usec(&mut admin).await;
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let info: String = redis::cmd("INFO").query_async(&mut c).await.unwrap();
+        assert!(info.contains("db0:keys=1,expires=0,"), "{info}");
+        calls += 1;
+    }
+    let spent = Duration::from_micros(info_usec(&mut admin).await - before);
+    let elapsed = started.elapsed();
+    eprintln!("{calls} tenant INFO calls: the node spent {spent:?} in INFO of {elapsed:?}");
+    assert!(spent < elapsed / 20, "{calls} tenant INFO calls held the node {spent:?} of {elapsed:?}");
+}

@@ -94,24 +94,32 @@ pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
         t.access.as_ref().is_none_or(|a| shoal_auth::access::allows_command(a, "dbsize", None));
     let max_clients = crate::session::login::max_connections(&cx.shared().config, &live);
     // The node's INFO only for the sections that need it.
-    let mut texts = Vec::new();
-    if want("server") || want("keyspace") {
-        let replies = cx.shared().observers.query_each(&route, &[b"INFO", b"server", b"keyspace"]).await;
-        let got: Option<Vec<String>> = replies.ok().and_then(|replies| {
-            replies
-                .iter()
-                .map(|b| {
-                    let (v, _) = crate::resp::value::decode(b)?;
-                    Some(String::from_utf8_lossy(v.as_bytes()?).into_owned())
-                })
-                .collect()
-        });
-        match got.filter(|t| !t.is_empty()) {
-            Some(got) => texts = got,
+    let texts = |replies: Result<Vec<bytes::BytesMut>, crate::GatewayError>| -> Option<Vec<String>> {
+        let texts: Option<Vec<String>> = replies
+            .ok()?
+            .iter()
+            .map(|b| {
+                let (v, _) = crate::resp::value::decode(b)?;
+                Some(String::from_utf8_lossy(v.as_bytes()?).into_owned())
+            })
+            .collect();
+        texts.filter(|t| !t.is_empty())
+    };
+    let mut node_info = String::new();
+    if want("server") {
+        let replies = cx.shared().observers.query(&route, &[b"INFO", b"server"]).await.map(|r| vec![r]);
+        match texts(replies) {
+            Some(mut got) => node_info = got.swap_remove(0),
             None => return cx.reply_error("ERR cache temporarily unavailable, try again"),
         }
     }
-    let node_info = texts.first().cloned().unwrap_or_default();
+    let mut keyspaces = Vec::new();
+    if want("keyspace") && sees_keyspace {
+        match texts(cx.shared().observers.keyspace_each(&route).await) {
+            Some(got) => keyspaces = got,
+            None => return cx.reply_error("ERR cache temporarily unavailable, try again"),
+        }
+    }
     let field = |name: &str, or: &str| {
         let value = node_info.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("").trim();
         if value.is_empty() { or } else { value }.to_string()
@@ -179,7 +187,7 @@ pub(super) async fn info(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     if want("keyspace") {
         out.push_str("# Keyspace\r\n");
         if sees_keyspace {
-            for (db, line) in keyspace(&texts, route.db..route.db + route.databases) {
+            for (db, line) in keyspace(&keyspaces, route.db..route.db + route.databases) {
                 out.push_str(&format!("db{}:{line}\r\n", db - route.db));
             }
         }
