@@ -95,7 +95,9 @@ pub async fn observe_before_use(
         let mut probe = state.pools.of(&cache.pool)?.storage_probe(&cache.node).await?;
         Ok::<_, SampleError>(probe.nonempty_among(&dbs).await?)
     };
-    match tokio::time::timeout(CACHE_TIMEOUT, found).await {
+    // The gateway's login waits for this: a node that does not answer soon is not waited for
+    // (the cache then accrues from the node's last keyspace read).
+    match tokio::time::timeout(Duration::from_secs(1), found).await {
         Ok(Ok(with_keys)) if with_keys.is_empty() => {
             skips().lock().unwrap().seen_empty.insert(cache.id.clone(), at);
         }

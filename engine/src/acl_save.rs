@@ -5,15 +5,17 @@
 //! mint or cache user change let one tenant keep every cache on the node waiting. Instead
 //! each change of an ACL user the platform makes for tenants (a cache's own user, its cache
 //! users', LDAP roles' and scoped tokens' upstream users) is noted in the node's
-//! [`AclJournal`], and a background task ([`Node::keep_acl`]) saves it. A save holds the node (Valkey runs commands one at a time) for about 10 µs per
-//! user — 0.16 s measured at 14,000 users — so saves are paced: the next one waits
-//! [`SAVE_PACING`] times as long as the last one took, at least [`ACL_SAVE_INTERVAL`].
+//! [`AclJournal`], and a background task ([`Node::keep_acl`]) saves it. A save holds the node
+//! (Valkey runs commands one at a time) for about 10 µs per user — 0.16 s measured at 14,000
+//! users — so saves are paced: the next one waits [`SAVE_PACING`] times as long as the last
+//! one took, at least [`ACL_SAVE_INTERVAL`].
 //! What a restart may lose — the changes since the last save — is still in the journal: the
 //! task asks the node for its `run_id` (Valkey's, new on every start) every
 //! [`ACL_SAVE_INTERVAL`] while the journal has changes, and when it is not the one the
 //! journal was last made whole on, every change in it is applied again (idempotent: each
-//! change is the user's whole rules, `SETUSER user reset …`, or `DELUSER`) and saved. The supervisor kicks the task as soon as a
-//! restarted node answers; a node an engine agent runs is found restarted at the next check.
+//! change is the user's whole rules, `SETUSER user reset …`, or `DELUSER`) and saved. The
+//! supervisor kicks the task as soon as a restarted node answers; a node an engine agent runs
+//! is found restarted at the next check.
 //! A control plane that itself restarted lost its journal: it makes the nodes' users match
 //! its store at start (`restore_tenant_users`, `restore_login_users`).
 

@@ -97,11 +97,20 @@ async fn dev_with_a_cluster_engine_places_caches_in_it_by_default_and_lists_its_
     let (status, _) = dev.api(Method::DELETE, &format!("/v1/caches/{id}/tokens/{jti}"), None).await;
     assert_eq!(status, 204);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while cluster_users(&dev, base, &prefix).await.iter().any(|u| !u.is_empty()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sweep left the token's ACL user on a cluster node"
-        );
+    loop {
+        let left = cluster_users(&dev, base, &prefix).await;
+        if left.iter().all(|u| u.is_empty()) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = dev.log();
+            let acl_lines: Vec<&str> =
+                log.lines().filter(|l| l.contains("ACL") || l.contains("acl")).collect();
+            panic!(
+                "the sweep left the token's ACL user on cluster nodes: {left:?}\n{}",
+                acl_lines.join("\n")
+            );
+        }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 

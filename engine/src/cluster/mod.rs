@@ -198,7 +198,8 @@ struct Member {
     /// A node an agent runs: its `run_id` when the keeper last reconciled it (a new one means
     /// the agent restarted it), empty until it first answered.
     run_id: String,
-    /// A node an agent runs was unreachable since: it may have missed ACL changes.
+    /// A node an agent runs was unreachable since, or a node failed an ACL change: it may
+    /// have missed ACL changes.
     missed: bool,
 }
 
@@ -737,7 +738,12 @@ impl Cluster {
         changes: &[(&str, UserChange)],
     ) -> Result<(), EngineError> {
         let _changing = node.changing_users().await;
-        self.provision(node, pipe).await?;
+        if let Err(e) = self.provision(node, pipe).await {
+            // The record has the change already: the keeper makes the node match it (a user
+            // deleted from the record is found on no node by the token sweep any more).
+            self.member_mut(node, |m| m.missed = true);
+            return Err(e);
+        }
         for (user, change) in changes {
             node.note_user(user, change.clone());
         }
@@ -1093,8 +1099,9 @@ impl Cluster {
     }
 
     /// The nodes to bring up to date, with the restart count and `run_id` they have now: those
-    /// the supervisor restarted; of those an agent runs (which restarts them unseen), those
-    /// that answer with another `run_id`, or again after they were out of reach.
+    /// the supervisor restarted or that failed an ACL change; of those an agent runs (which
+    /// restarts them unseen), those that answer with another `run_id`, or again after they
+    /// were out of reach.
     async fn due(&self) -> Vec<(Arc<Node>, u32, String)> {
         let members: Vec<(Arc<Node>, u32, String, bool)> = self
             .members
@@ -1106,7 +1113,7 @@ impl Cluster {
         let mut out = Vec::new();
         for (node, restarts_seen, run_id_seen, missed) in members {
             if !node.is_attached() {
-                if node.restarts() != restarts_seen {
+                if node.restarts() != restarts_seen || missed {
                     out.push((Arc::clone(&node), node.restarts(), String::new()));
                 }
                 continue;
