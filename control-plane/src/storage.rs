@@ -369,8 +369,6 @@ fn not_sampled(cache: &CacheId, since_ms: i64, last_round: Option<i64>) {
     skips.dirty.insert(cache.clone());
 }
 
-/// When `cache` was last passed over as empty without being looked at: its node's last
-/// round, if that came after its latest written (empty) sample and it was not dirty.
 /// The latest moment `cache` is known empty at without a sample of it: passed over
 /// ([`passed_over_at`]), or found empty before a gateway served it ([`observe_before_use`]),
 /// after its latest written sample, which was empty.
@@ -380,6 +378,8 @@ fn known_empty_at(skips: &Skips, cache: &CacheId, last_round: Option<i64>) -> Op
     passed_over_at(skips, cache, last_round).max(seen)
 }
 
+/// When `cache` was last passed over as empty without being looked at: its node's last
+/// round, if that came after its latest written (empty) sample and it was not dirty.
 fn passed_over_at(skips: &Skips, cache: &CacheId, last_round: Option<i64>) -> Option<i64> {
     match (skips.written_at.get(cache), last_round) {
         (Some(&written), Some(last)) if last > written && !skips.dirty.contains(cache) => Some(last),

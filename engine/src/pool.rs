@@ -327,8 +327,9 @@ impl Pool {
             pipe.cmd("SELECT").arg(db).ignore().cmd("FLUSHDB").arg("SYNC").ignore();
         }
         pipe.cmd("SELECT").arg(0).ignore();
-        pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(acl.setuser_rules()).ignore();
-        node.change_users(&pipe, &[(&acl.user, Some(acl.setuser_rules()))]).await
+        let rules = acl.setuser_rules();
+        pipe.cmd("ACL").arg("SETUSER").arg(&acl.user).arg(&rules).ignore();
+        node.change_users(&pipe, &[(&acl.user, Some(rules))]).await
     }
 
     /// Removes a cache: deletes its ACL user (Valkey closes its connections) and flushes its
@@ -405,34 +406,58 @@ impl Pool {
         user: &str,
         rules: &[String],
     ) -> Result<bool, EngineError> {
+        Ok(self.set_cache_users(node, &[(user.to_string(), rules.to_vec())]).await? > 0)
+    }
+
+    /// [`Pool::set_cache_user`] for each of `users` (name, rules), one after the other (on a
+    /// standalone node, on one connection). Returns how many it changed.
+    pub async fn set_cache_users(
+        &self,
+        node: &str,
+        users: &[(String, Vec<String>)],
+    ) -> Result<usize, EngineError> {
         if let Some(cluster) = &self.cluster {
-            return cluster.set_user(user, rules).await;
+            let mut changed = 0;
+            for (user, rules) in users {
+                changed += usize::from(cluster.set_user(user, rules).await?);
+            }
+            return Ok(changed);
         }
         let node = self.node(node)?;
         let _changing = node.changing_users().await;
         let mut conn = admin_conn(node).await?;
-        let getuser = || redis::cmd("ACL").arg("GETUSER").arg(user).clone();
-        let (before, (), after): (redis::Value, (), redis::Value) = redis::pipe()
-            .add_command(getuser())
-            .cmd("ACL")
-            .arg("SETUSER")
-            .arg(user)
-            .arg(rules)
-            .add_command(getuser())
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| node.valkey_err(e))?;
-        if rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off") {
-            match redis::cmd("CLIENT").arg("KILL").arg("USER").arg(user).query_async::<()>(&mut conn).await {
-                // CLIENT KILL USER answers an error when nobody was connected.
-                Err(e) if !e.to_string().contains("No such user") => return Err(node.valkey_err(e)),
-                _ => {}
+        let mut changed = 0;
+        for (user, rules) in users {
+            let getuser = || redis::cmd("ACL").arg("GETUSER").arg(user).clone();
+            let (before, (), after): (redis::Value, (), redis::Value) = redis::pipe()
+                .add_command(getuser())
+                .cmd("ACL")
+                .arg("SETUSER")
+                .arg(user)
+                .arg(rules)
+                .add_command(getuser())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| node.valkey_err(e))?;
+            if rules.iter().rev().find(|r| *r == "on" || *r == "off").is_some_and(|r| r == "off") {
+                match redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("USER")
+                    .arg(user)
+                    .query_async::<()>(&mut conn)
+                    .await
+                {
+                    // CLIENT KILL USER answers an error when nobody was connected.
+                    Err(e) if !e.to_string().contains("No such user") => return Err(node.valkey_err(e)),
+                    _ => {}
+                }
+            }
+            if before != after {
+                node.note_user(user, Some(rules.clone()));
+                changed += 1;
             }
         }
-        if before != after {
-            node.note_user(user, Some(rules.to_vec()));
-        }
-        Ok(before != after)
+        Ok(changed)
     }
 
     /// Deletes cache users' ACL users (Valkey closes their connections), saved with the next

@@ -157,16 +157,8 @@ async fn nodes_of(route: &TenantRoute) -> Result<Vec<String>, GatewayError> {
 /// knows no other cache of the cluster has a script in flight), and the one that ended it
 /// answers.
 pub async fn kill_script(route: &TenantRoute) -> Result<BytesMut, GatewayError> {
-    if route.cluster_nodes.is_empty() {
-        return kill_script_at(&route.node_addr, route).await;
-    }
-    let seeds = crate::cluster_link::slot_map::Seeds::new(
-        &route.cluster_nodes,
-        &route.observer_user,
-        &route.observer_password,
-    );
-    let map = seeds.map().await?;
-    let kills = map.shards.iter().map(|s| kill_script_at(&s.primary, route));
+    let nodes = nodes_of(route).await?;
+    let kills = nodes.iter().map(|addr| kill_script_at(addr, route));
     let replies = futures_util::future::join_all(kills).await;
     let mut first = None;
     for reply in replies {

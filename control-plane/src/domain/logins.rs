@@ -126,11 +126,5 @@ pub async fn restore_login_users(state: &AppState, pool_name: &str, node: &str) 
             logins.push((login.user, upstream_rules(cache, &access, &login.password)?));
         }
     }
-    let mut changed = 0;
-    for (user, rules) in &logins {
-        if pool.set_cache_user(node, user, rules).await? {
-            changed += 1;
-        }
-    }
-    Ok(changed)
+    Ok(pool.set_cache_users(node, &logins).await?)
 }

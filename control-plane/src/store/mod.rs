@@ -562,14 +562,7 @@ impl Store {
             .bind(cache.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok((
-                    decode_value("permission", r.get("permission"), shoal_types::Permission::parse)?,
-                    serde_json::from_str(r.get::<&str, _>("key_patterns")).map_err(decode_err)?,
-                ))
-            })
-            .collect()
+        rows.iter().map(token_scope).collect()
     }
 
     /// The distinct scopes of the unexpired, unrevoked tokens of the live caches on node
@@ -591,13 +584,10 @@ impl Store {
         .bind(now_secs())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        rows.iter()
             .map(|r| {
-                Ok((
-                    CacheId::parse(r.get::<&str, _>("cache_id")).map_err(decode_err)?,
-                    decode_value("permission", r.get("permission"), shoal_types::Permission::parse)?,
-                    serde_json::from_str(r.get::<&str, _>("key_patterns")).map_err(decode_err)?,
-                ))
+                let (permission, patterns) = token_scope(r)?;
+                Ok((CacheId::parse(r.get::<&str, _>("cache_id")).map_err(decode_err)?, permission, patterns))
             })
             .collect()
     }
@@ -612,17 +602,13 @@ impl Store {
         .bind(now_secs())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        rows.iter()
             .map(|r| {
+                let (permission, key_patterns) = token_scope(r)?;
                 Ok(TokenRecord {
                     jti: r.get("jti"),
-                    permission: decode_value(
-                        "permission",
-                        r.get("permission"),
-                        shoal_types::Permission::parse,
-                    )?,
-                    key_patterns: serde_json::from_str(r.get::<&str, _>("key_patterns"))
-                        .map_err(decode_err)?,
+                    permission,
+                    key_patterns,
                     created_at: r.get("created_at"),
                     expires_at: r.get("expires_at"),
                 })
@@ -664,6 +650,14 @@ pub async fn bump_placement(
         .execute(conn)
         .await?;
     Ok(version)
+}
+
+/// A token row's scope: its permission and key patterns.
+fn token_scope(r: &AnyRow) -> Result<(shoal_types::Permission, Vec<String>), StoreError> {
+    Ok((
+        decode_value("permission", r.get("permission"), shoal_types::Permission::parse)?,
+        serde_json::from_str(r.get::<&str, _>("key_patterns")).map_err(decode_err)?,
+    ))
 }
 
 fn cache_place(r: &AnyRow) -> Result<CachePlace, StoreError> {
