@@ -92,6 +92,13 @@ pub async fn middleware(
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
+    // A NUL can be neither stored nor matched (PostgreSQL's text refuses it): bad input, for
+    // every query parameter of every route, before anything reads it.
+    if req.query_string().contains("%00") {
+        return Err(
+            crate::error::ApiError::field("query", "query parameters may not contain NUL (%00)").into()
+        );
+    }
     let ctx = RequestContext { request_id: request_id.clone(), source: source_of(req.request()) };
     req.extensions_mut().insert(ctx.clone());
     let changes = !matches!(req.method().as_str(), "GET" | "HEAD" | "OPTIONS");

@@ -59,6 +59,27 @@ async fn bad_requests_get_problem_json_and_change_nothing() {
     assert_eq!(status, 400);
 }
 
+/// A NUL byte in a query parameter (`%00`) can be neither stored nor matched (PostgreSQL's
+/// text refuses it): a clear 400 on every backend, not a 500 from the store (schemathesis
+/// found `GET /v1/audit?outcome=…%00…` answering 500 on PostgreSQL).
+#[actix_web::test]
+async fn a_nul_in_a_query_parameter_is_a_bad_request() {
+    let cp = Api::start().await;
+    let cache = cp.create_cache("nul").await;
+    let id = cache["id"].as_str().unwrap();
+    for path in [
+        "/v1/audit?outcome=a%00b".to_string(),
+        format!("/v1/audit?cache_id={id}&actor=%00"),
+        "/v1/snapshots?cache_id=c%00".to_string(),
+        "/v1/caches?name=x%00".to_string(),
+    ] {
+        let (status, problem) = cp.api(Method::GET, &path, None).await;
+        assert_eq!((status, problem["field"].as_str()), (400, Some("query")), "{path}: {problem}");
+    }
+    let (status, _) = cp.api(Method::GET, "/v1/audit?outcome=failure", None).await;
+    assert_eq!(status, 200);
+}
+
 #[actix_web::test]
 async fn openapi_is_served_and_matches_the_checked_in_document() {
     let cp = Api::start().await;
