@@ -99,6 +99,8 @@ struct CacheClients {
     peak: usize,
     /// Blocked clients, commandstats, errorstats, ECPU (kept while the gateway runs).
     stats: Arc<crate::cache_stats::CacheStats>,
+    /// The clients' upstream subscriptions (see [`crate::pubsub::ChannelShare`]).
+    channels: Arc<AtomicI64>,
 }
 
 type Caches = Mutex<HashMap<CacheId, CacheClients>>;
@@ -132,6 +134,12 @@ impl Registration {
     /// The cache's `INFO` counters on this gateway.
     pub fn stats(&self) -> Arc<crate::cache_stats::CacheStats> {
         lock(&self.caches).get(&self.cache).map(|c| c.stats.clone()).unwrap_or_default()
+    }
+
+    /// The cache's count of upstream subscriptions on this gateway, for a session's share.
+    pub fn channels(&self) -> crate::pubsub::ChannelShare {
+        let total = lock(&self.caches).get(&self.cache).map(|c| c.channels.clone()).unwrap_or_default();
+        crate::pubsub::ChannelShare::new(total)
     }
 }
 

@@ -2,6 +2,7 @@
 //! user, for node-wide views (INFO, PUBSUB CHANNELS …) that the gateway filters down to one
 //! cache. Tenants never reach these connections.
 
+use crate::pubsub::NodeChannels;
 use crate::resp::{self, reply::ReplyScanner};
 use crate::GatewayError;
 use bytes::BytesMut;
@@ -16,23 +17,31 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 type Slot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
 
-/// A node's `INFO keyspace` walks every database it has (4–65 ms at 100,000), every cache on
-/// the node waiting meanwhile, and each tenant's `INFO` shows its part of it. On a big node
-/// (its reply lists [`BIG_KEYSPACE`] databases or more) a reply is reused until it is this
-/// many times as old as it took to get, so tenants' `INFO`s hold it at most 1% of the time
-/// per gateway; a smaller node is asked every time, as a plain Valkey would answer.
-const KEYSPACE_REUSE: u32 = 100;
+/// Node-wide views that walk the whole node: `INFO keyspace` walks every database it has
+/// (4–65 ms at 100,000), `PUBSUB CHANNELS` every channel with subscribers (110 ms at
+/// 1,000,000), every cache on the node waiting meanwhile, and each tenant's `INFO` or
+/// `PUBSUB CHANNELS` shows its part of one. On a big node a reply is reused until it is this
+/// many times as old as it took to get, so tenants hold the node at most 1% of the time per
+/// gateway and view; a smaller node is asked every time, as a plain Valkey would answer.
+const REUSE: u32 = 100;
 
 /// Databases with keys in a node's `INFO keyspace` from which its walk is worth sparing: the
 /// platform keeps keys in every 64th database (the engine's cron anchors), so a node
 /// lists this many once it has about 4,000 databases, whose walk takes a millisecond or more.
 const BIG_KEYSPACE: usize = 64;
 
+/// Channels on a node from which its `PUBSUB CHANNELS` walk is worth sparing (about 0.1 ms).
+const BIG_CHANNELS: usize = 1_000;
+
+/// Node address → its last reply to a node-wide view: when it was asked, how long it took.
+type Kept<T> = Mutex<HashMap<String, (Instant, Duration, T)>>;
+
 #[derive(Default)]
 pub struct Observers {
     by_node: Mutex<HashMap<String, Slot>>,
-    /// Node address → its last `INFO keyspace` reply: when it was asked, how long it took.
-    keyspaces: Mutex<HashMap<String, (Instant, Duration, BytesMut)>>,
+    keyspaces: Kept<BytesMut>,
+    channels: Kept<Arc<NodeChannels>>,
+    shard_channels: Kept<Arc<NodeChannels>>,
 }
 
 impl Observers {
@@ -56,30 +65,69 @@ impl Observers {
     }
 
     /// `INFO keyspace` of every node that holds part of the cache, a recent reply reused
-    /// ([`KEYSPACE_REUSE`]).
+    /// ([`REUSE`]).
     pub async fn keyspace_each(&self, route: &TenantRoute) -> Result<Vec<BytesMut>, GatewayError> {
-        let mut replies = Vec::new();
+        self.each_reused(route, &self.keyspaces, &[b"INFO", b"keyspace"], |reply| {
+            let listed = reply[..].split(|&b| b == b'\n').filter(|l| l.starts_with(b"db")).count();
+            Some((reply, listed >= BIG_KEYSPACE))
+        })
+        .await
+    }
+
+    /// The channels with subscribers (`shard`: shard channels) of every node that holds part
+    /// of the cache, a recent listing reused ([`REUSE`]).
+    pub async fn channels_each(
+        &self,
+        route: &TenantRoute,
+        shard: bool,
+    ) -> Result<Vec<Arc<NodeChannels>>, GatewayError> {
+        let (kept, verb): (_, &[u8]) =
+            if shard { (&self.shard_channels, b"SHARDCHANNELS") } else { (&self.channels, b"CHANNELS") };
+        self.each_reused(route, kept, &[b"PUBSUB", verb], |reply| {
+            let channels = NodeChannels::parse(&reply)?;
+            let big = channels.count() >= BIG_CHANNELS;
+            Some((Arc::new(channels), big))
+        })
+        .await
+    }
+
+    /// `args` on every node that holds part of the cache, as `read` makes of the reply (and
+    /// whether the node is big enough to reuse it); a reply kept from a big node is reused
+    /// until it is [`REUSE`] times as old as it took to get.
+    async fn each_reused<T: Clone>(
+        &self,
+        route: &TenantRoute,
+        kept: &Kept<T>,
+        args: &[&[u8]],
+        read: impl Fn(BytesMut) -> Option<(T, bool)>,
+    ) -> Result<Vec<T>, GatewayError> {
+        let mut out = Vec::new();
         for addr in nodes_of(route).await? {
             let slot = self.slot(&addr);
             // Under the node's slot: callers that found the reply old wait for one new one.
             let mut conn = slot.lock().await;
-            let kept = self.keyspaces.lock().unwrap().get(&addr).cloned();
-            let reply = match kept {
-                Some((asked, took, reply)) if asked.elapsed() < took * KEYSPACE_REUSE => reply,
+            let reused = kept.lock().unwrap().get(&addr).cloned();
+            let value = match reused {
+                Some((asked, took, value)) if asked.elapsed() < took * REUSE => value,
                 _ => {
                     let asked = Instant::now();
-                    let reply = self.query_on(&mut conn, &addr, route, &[b"INFO", b"keyspace"]).await?;
-                    let listed = reply[..].split(|&b| b == b'\n').filter(|l| l.starts_with(b"db")).count();
-                    if listed >= BIG_KEYSPACE {
-                        let kept = (asked, asked.elapsed(), reply.clone());
-                        self.keyspaces.lock().unwrap().insert(addr.clone(), kept);
+                    let reply = self.query_on(&mut conn, &addr, route, args).await?;
+                    let took = asked.elapsed();
+                    let (value, big) = read(reply).ok_or_else(|| {
+                        GatewayError::Upstream("unexpected reply to a node-wide view".into())
+                    })?;
+                    let mut kept = kept.lock().unwrap();
+                    if big {
+                        kept.insert(addr.clone(), (asked, took, value.clone()));
+                    } else {
+                        kept.remove(&addr);
                     }
-                    reply
+                    value
                 }
             };
-            replies.push(reply);
+            out.push(value);
         }
-        Ok(replies)
+        Ok(out)
     }
 
     fn slot(&self, addr: &str) -> Slot {

@@ -153,6 +153,94 @@ pub const MAX_PATTERNS: usize = 1024;
 /// thousands). A subscriber whose patterns cost more
 /// for one message is closed with an error; the receiver count past it is approximate.
 pub const MATCH_BUDGET: u64 = 1 << 16;
+/// Most channels one connection may subscribe to (`SUBSCRIBE` and `SSUBSCRIBE` together,
+/// keyspace-notification patterns counted with them). Each costs its node about 230 bytes
+/// that no cache's storage counts, and `PUBSUB CHANNELS` walks them all.
+pub const MAX_CHANNELS: i64 = 10_000;
+/// Most channel subscriptions one cache's connections may hold on one gateway: about 23 MB
+/// of its node's memory.
+pub const MAX_CACHE_CHANNELS: i64 = 100_000;
+/// Matching steps (see [`MATCH_BUDGET`]) one `PUBSUB CHANNELS` may cost the gateway: its
+/// pattern against each of the cache's channels on each node (10 ms or so of CPU).
+pub const LISTING_BUDGET: u64 = 1 << 24;
+
+/// One session's upstream subscriptions, counted in its cache's total on this gateway (held
+/// by the cache's registry entry) until the share is dropped.
+pub struct ChannelShare {
+    total: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    held: i64,
+}
+
+impl ChannelShare {
+    pub fn new(total: std::sync::Arc<std::sync::atomic::AtomicI64>) -> ChannelShare {
+        ChannelShare { total, held: 0 }
+    }
+
+    /// Counts `n` for this session instead of what it counted before; the cache's total.
+    pub fn set(&mut self, n: i64) -> i64 {
+        let delta = n - std::mem::replace(&mut self.held, n);
+        self.total.fetch_add(delta, std::sync::atomic::Ordering::Relaxed) + delta
+    }
+}
+
+impl Drop for ChannelShare {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
+/// A node's channels that have subscribers (its `PUBSUB CHANNELS` or `SHARDCHANNELS` with no
+/// pattern), grouped by what comes before their first `:` (a cache's namespace `t<id>`, or a
+/// keyspace channel's `__keyspace@<db>__`), so that listing one cache's channels looks at
+/// that cache's alone.
+#[derive(Default)]
+pub struct NodeChannels {
+    groups: rustc_hash::FxHashMap<Vec<u8>, Vec<Vec<u8>>>,
+    count: usize,
+}
+
+fn group(name: &[u8]) -> &[u8] {
+    name.split(|&b| b == b':').next().unwrap_or(name)
+}
+
+impl NodeChannels {
+    /// From a `PUBSUB CHANNELS` reply; None if it is not a list of names.
+    pub fn parse(reply: &[u8]) -> Option<NodeChannels> {
+        let Some((Value::Array(items), _)) = crate::resp::value::decode(reply) else { return None };
+        let mut channels = NodeChannels { count: items.len(), ..Default::default() };
+        for item in items {
+            let Value::Bulk(name) = item else { return None };
+            channels.groups.entry(group(&name).to_vec()).or_default().push(name.to_vec());
+        }
+        Some(channels)
+    }
+
+    /// Channels on the node.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The channels `pattern` (upstream, as the node would match it) matches, spending at
+    /// most `budget` steps; None once it is spent. A pattern whose part before its first `:`
+    /// has no wildcard only looks at that group.
+    pub fn matching<'a>(&'a self, pattern: &Glob, budget: &mut u64) -> Option<Vec<&'a [u8]>> {
+        let prefix = group(pattern.raw());
+        let literal = !prefix.iter().any(|&b| matches!(b, b'*' | b'?' | b'[' | b'\\'));
+        let groups: Vec<&Vec<Vec<u8>>> = if literal {
+            self.groups.get(prefix).into_iter().collect()
+        } else {
+            self.groups.values().collect()
+        };
+        let mut out = Vec::new();
+        for name in groups.into_iter().flatten() {
+            if pattern.matches_within(name, budget)? {
+                out.push(name.as_slice());
+            }
+        }
+        Some(out)
+    }
+}
+
 /// Valkey gives up matching past this many nested `*` (protection against abusive patterns).
 const MAX_STAR_NESTING: usize = 1000;
 
@@ -405,6 +493,75 @@ fn split_keyspace(name: &[u8]) -> Option<(&'static [u8], u64, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listing(names: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", names.len()).into_bytes();
+        for n in names {
+            out.extend(format!("${}\r\n{n}\r\n", n.len()).into_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn a_nodes_channels_are_listed_for_one_cache_as_the_node_would_match_them() {
+        let node = NodeChannels::parse(&listing(&[
+            "tc1:news",
+            "tc1:news:eu",
+            "tc12:news",
+            "tc2:news",
+            "__keyspace@5__:k",
+            "__keyspace@6__:k",
+            "plain",
+        ]))
+        .unwrap();
+        assert_eq!(node.count(), 7);
+        let matching = |pattern: &str| {
+            let mut budget = LISTING_BUDGET;
+            let mut names: Vec<String> = node
+                .matching(&Glob::new(pattern.as_bytes()), &mut budget)
+                .unwrap()
+                .into_iter()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(matching("tc1:*"), ["tc1:news", "tc1:news:eu"]);
+        assert_eq!(matching("tc1:news"), ["tc1:news"]);
+        assert_eq!(matching("tc1:*:eu"), ["tc1:news:eu"]);
+        assert_eq!(matching("__keyspace@5__:*"), ["__keyspace@5__:k"]);
+        assert_eq!(matching("plain"), ["plain"]);
+        // A wildcard before the first `:` looks at every group.
+        assert_eq!(matching("tc?:news"), ["tc1:news", "tc2:news"]);
+        assert!(matching("tc3:*").is_empty());
+        assert!(NodeChannels::parse(b":1\r\n").is_none(), "not a listing");
+    }
+
+    #[test]
+    fn listing_a_nodes_channels_stops_when_its_budget_is_spent() {
+        let names: Vec<String> = (0..1000).map(|i| format!("tc1:{}", "a".repeat(100 + i % 7))).collect();
+        let node =
+            NodeChannels::parse(&listing(&names.iter().map(String::as_str).collect::<Vec<_>>())).unwrap();
+        let costly = Glob::new(format!("tc1:{}b", "*a".repeat(40)).as_bytes());
+        let mut budget = 1_000;
+        assert!(node.matching(&costly, &mut budget).is_none());
+        let mut budget = LISTING_BUDGET;
+        assert_eq!(node.matching(&Glob::new(b"tc1:*"), &mut budget).unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn a_sessions_channel_share_is_given_back_when_it_is_dropped() {
+        let total = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let mut a = ChannelShare::new(total.clone());
+        let mut b = ChannelShare::new(total.clone());
+        assert_eq!(a.set(10), 10);
+        assert_eq!(b.set(5), 15);
+        assert_eq!(a.set(3), 8);
+        drop(a);
+        assert_eq!(total.load(std::sync::atomic::Ordering::Relaxed), 5);
+        drop(b);
+        assert_eq!(total.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn keyspace_events_are_filtered_by_the_caches_own_flags() {

@@ -517,3 +517,180 @@ async fn a_tenant_calling_info_in_a_loop_does_not_keep_its_node_walking_every_da
     eprintln!("{calls} tenant INFO calls: the node spent {spent:?} in INFO of {elapsed:?}");
     assert!(spent < elapsed / 20, "{calls} tenant INFO calls held the node {spent:?} of {elapsed:?}");
 }
+
+/// Microseconds node `admin` spent in `PUBSUB CHANNELS` so far.
+async fn channel_listing_usec(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
+    stats
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cmdstat_pubsub|channels:")?
+                .split(',')
+                .find_map(|f| f.strip_prefix("usec=")?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `PUBSUB CHANNELS` walks every channel of a node with subscribers, whatever the pattern
+/// (110 ms at 1,000,000), every cache on the node waiting meanwhile, and a tenant's shows its
+/// own channels: a tenant listing its channels in a loop must not keep its node walking.
+#[tokio::test]
+async fn a_tenant_listing_its_channels_in_a_loop_does_not_keep_its_node_walking_every_channel() {
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("listener").await;
+    let node = ShoalDev::node_of(&cache);
+    let mut admin = dev.node_admin(node).await;
+    // The node's other tenants' subscribers: 300,000 channels.
+    let mut others = redis::Client::open(dev.node_admin_url(node)).unwrap().get_async_pubsub().await.unwrap();
+    for from in (0..300_000).step_by(50_000) {
+        let names: Vec<String> =
+            (from..from + 50_000).map(|i| format!("tother{}:news:{i}", i % 100)).collect();
+        others.subscribe(names).await.unwrap();
+    }
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    let mut mine = redis::Client::open(format!("redis://:{token}@127.0.0.1:{}/", dev.resp_port))
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    mine.subscribe(&["news:1", "news:2", "sport"]).await.unwrap();
+    let mut c = connect(&dev, &cache).await;
+    let before = channel_listing_usec(&mut admin).await;
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let mut all: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").query_async(&mut c).await.unwrap();
+        all.sort();
+        assert_eq!(all, ["news:1", "news:2", "sport"]);
+        let news: Vec<String> =
+            redis::cmd("PUBSUB").arg("CHANNELS").arg("news:*").query_async(&mut c).await.unwrap();
+        assert_eq!(news.len(), 2, "{news:?}");
+        calls += 2;
+    }
+    let spent = Duration::from_micros(channel_listing_usec(&mut admin).await - before);
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{calls} tenant PUBSUB CHANNELS calls: the node spent {spent:?} listing channels of {elapsed:?}"
+    );
+    assert!(
+        spent < elapsed / 20,
+        "{calls} tenant PUBSUB CHANNELS calls held the node {spent:?} of {elapsed:?}"
+    );
+    // A listing is reused a moment only: a new channel shows within seconds.
+    mine.subscribe("weather").await.unwrap();
+    wait_for("the new channel to be listed", Duration::from_secs(10), async || {
+        let all: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").query_async(&mut c).await.unwrap();
+        all.contains(&"weather".to_string())
+    })
+    .await;
+}
+
+/// Reads confirmations on a raw connection until `count` more of `kind` came (or an error):
+/// what was read.
+async fn confirmations(s: &mut tokio::net::TcpStream, kind: &str, count: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let needle = format!("\r\n{kind}\r\n");
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        let from = out.len().saturating_sub(needle.len());
+        out.extend_from_slice(&buf[..n]);
+        seen += out[from..].windows(needle.len()).filter(|w| *w == needle.as_bytes()).count();
+        if out.starts_with(b"-") || out.windows(3).any(|w| w == b"\n-E") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A raw connection to the gateway, logged in to a cache, subscribed to `count` channels
+/// named `<name>:<i>`; the confirmations' text.
+async fn subscribed(
+    dev: &ShoalDev,
+    token: &str,
+    name: &str,
+    count: usize,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dev.resp_port)).await.unwrap();
+    s.write_all(&crate::support::auth_command(token)).await.unwrap();
+    let mut got = String::new();
+    for from in (0..count).step_by(2_000) {
+        let mut args = vec!["SUBSCRIBE".to_string()];
+        args.extend((from..(from + 2_000).min(count)).map(|i| format!("{name}:{i}")));
+        s.write_all(&crate::support::encode(&args)).await.unwrap();
+        got = confirmations(&mut s, "subscribe", args.len() - 1).await;
+    }
+    (s, got)
+}
+
+/// Each channel subscription costs its node about 230 bytes that no cache's storage counts,
+/// and `PUBSUB CHANNELS` walks them all: a tenant cannot subscribe its node full.
+#[tokio::test]
+async fn a_tenant_cannot_fill_its_node_with_channel_subscriptions() {
+    use tokio::io::AsyncWriteExt;
+    let dev = ShoalDev::start().await;
+    let cache = dev.create_cache("subscriber").await;
+    let node = ShoalDev::node_of(&cache);
+    let mut admin = dev.node_admin(node).await;
+    let token = dev.mint_token(cache["id"].as_str().unwrap()).await;
+    let node_channels = async |admin: &mut redis::aio::MultiplexedConnection| -> u64 {
+        let stats: String = redis::cmd("INFO").arg("stats").query_async(admin).await.unwrap();
+        stats.lines().find_map(|l| l.strip_prefix("pubsub_channels:")?.trim().parse().ok()).unwrap()
+    };
+
+    // 10,000 channels on one connection; one more is refused, and the connection goes on.
+    let (mut first, _) = subscribed(&dev, &token, "c0", 10_000).await;
+    first.write_all(&crate::support::encode(&["SUBSCRIBE", "one-too-many"])).await.unwrap();
+    let refused = confirmations(&mut first, "subscribe", 1).await;
+    assert!(
+        refused.contains("-ERR too many channel subscriptions on one connection (max 10000)"),
+        "{refused}"
+    );
+    first.write_all(&crate::support::encode(&["UNSUBSCRIBE", "c0:0"])).await.unwrap();
+    confirmations(&mut first, "unsubscribe", 1).await;
+    first.write_all(&crate::support::encode(&["SUBSCRIBE", "instead"])).await.unwrap();
+    let taken = confirmations(&mut first, "subscribe", 1).await;
+    assert!(taken.contains("instead") && !taken.contains("-ERR"), "{taken}");
+
+    // 100,000 over the cache's connections on this gateway; one more is refused.
+    let mut held = vec![first];
+    for i in 1..10 {
+        let (s, got) = subscribed(&dev, &token, &format!("c{i}"), 10_000).await;
+        assert!(!got.contains("-ERR"), "connection {i}: {}", &got[got.len().saturating_sub(200)..]);
+        held.push(s);
+    }
+    let (mut eleventh, got) = subscribed(&dev, &token, "late", 1).await;
+    assert!(
+        got.contains("-ERR too many channel subscriptions for this cache (max 100000 per gateway)"),
+        "{got}"
+    );
+    let on_node = node_channels(&mut admin).await;
+    assert!((100_000..=100_010).contains(&on_node), "{on_node} channels on the node");
+
+    // Another cache on the gateway subscribes as it likes.
+    let other = dev.create_cache("neighbour").await;
+    let other_token = dev.mint_token(other["id"].as_str().unwrap()).await;
+    let (_neighbour, got) = subscribed(&dev, &other_token, "n", 10).await;
+    assert!(!got.contains("-ERR") && got.matches("\r\nsubscribe\r\n").count() == 10, "{got}");
+
+    // A connection that goes gives its share back.
+    drop(held.pop());
+    let mut taken = String::new();
+    for _ in 0..100 {
+        eleventh.write_all(&crate::support::encode(&["SUBSCRIBE", "late:1"])).await.unwrap();
+        taken = confirmations(&mut eleventh, "subscribe", 1).await;
+        if !taken.contains("-ERR") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(taken.contains("late:1") && !taken.contains("-ERR"), "{taken}");
+}

@@ -134,6 +134,7 @@ pub(super) async fn reset(s: &mut Session) {
     s.multi_dirty = false;
     s.pubsub = Default::default();
     s.sync_patterns();
+    s.count_channels();
     s.tracking = false;
     if let Some(t) = s.tenant.as_mut() {
         t.db = 0;

@@ -117,6 +117,10 @@ impl<'a> Ctx<'a> {
         self.s.forward_helper(args)
     }
 
+    pub(crate) fn reserve_channels(&mut self, adding: i64) -> Result<(), String> {
+        self.s.reserve_channels(adding)
+    }
+
     pub(crate) async fn forward_subscription(&mut self, args: &[&[u8]], confirmations: Option<usize>) {
         self.s.forward_subscription(args, confirmations).await
     }

@@ -17,6 +17,11 @@ pub(super) async fn subscribe(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
     if name == "psubscribe" || name == "punsubscribe" {
         return patterns(cx, &ns, name == "psubscribe", &argv[1..]).await;
     }
+    if !unsubscribe {
+        if let Err(e) = cx.reserve_channels(argv.len() as i64 - 1) {
+            return cx.refuse(&e);
+        }
+    }
     let names: Vec<Vec<u8>> = argv[1..].iter().map(|c| ns.to_upstream(c)).collect();
     let mut cmd: Vec<&[u8]> = vec![argv[0]];
     cmd.extend(names.iter().map(Vec::as_slice));
@@ -123,78 +128,68 @@ pub(super) async fn publish(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     cx.forward_command(&[argv[0], &channel, argv[2]], count).await;
 }
 
-/// `PUBSUB CHANNELS|SHARDCHANNELS [pattern]`, `PUBSUB NUMSUB|SHARDNUMSUB [channel …]`,
-/// asked of the node by the observer and filtered to this cache's namespace.
+/// `PUBSUB CHANNELS|SHARDCHANNELS [pattern]`: the channels of each node that holds the
+/// cache (a big node's listing reused a moment, see [`crate::observer`]) that the pattern,
+/// in the cache's namespace, matches.
 pub(super) async fn pubsub(cx: &mut Ctx<'_>, name: &str, argv: &[&[u8]]) {
+    if !matches!(name, "pubsub|channels" | "pubsub|shardchannels") {
+        return counts(cx, argv).await;
+    }
+    if argv.len() > 3 {
+        return wrong_args(cx, name);
+    }
+    let ns = cx.ns();
+    let route = cx.tenant().route.clone();
+    let shard = name == "pubsub|shardchannels";
+    let Ok(nodes) = cx.shared().observers.channels_each(&route, shard).await else {
+        return cx.reply_error("ERR cache temporarily unavailable, try again");
+    };
+    let pattern = crate::pubsub::Glob::new(&ns.to_upstream(argv.get(2).copied().unwrap_or(b"*")));
+    let mut budget = crate::pubsub::LISTING_BUDGET;
+    // A channel subscribed on several nodes of a cluster is listed once.
+    let mut listed = rustc_hash::FxHashSet::default();
+    let mut items = Vec::new();
+    for node in &nodes {
+        let Some(matching) = node.matching(&pattern, &mut budget) else {
+            return cx.reply_error("ERR pattern too costly to match against this cache's channels");
+        };
+        for channel in matching {
+            if listed.insert(channel) {
+                items.push(Value::Bulk(ns.from_upstream(channel)));
+            }
+        }
+    }
+    cx.reply_value(&Value::Array(items));
+}
+
+/// `PUBSUB NUMSUB|SHARDNUMSUB [channel …]`, asked of each node by the observer: each node
+/// knows its own subscribers, so the counts of a channel are added up.
+async fn counts(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     let ns = cx.ns();
     let route = cx.tenant().route.clone();
     let mut cmd: Vec<Vec<u8>> = vec![argv[0].to_vec(), argv[1].to_vec()];
-    let listing = matches!(name, "pubsub|channels" | "pubsub|shardchannels");
-    if listing {
-        if argv.len() > 3 {
-            return wrong_args(cx, name);
-        }
-        cmd.push(ns.to_upstream(argv.get(2).copied().unwrap_or(b"*")));
-    } else {
-        cmd.extend(argv[2..].iter().map(|c| ns.to_upstream(c)));
-    }
+    cmd.extend(argv[2..].iter().map(|c| ns.to_upstream(c)));
     let refs: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
-    // Each node knows its own subscribers: channels are joined, counts added up.
     let replies = cx.shared().observers.query_each(&route, &refs).await.unwrap_or_default();
-    let mut lists = Vec::new();
+    let mut pairs: Vec<(Value, i64)> = Vec::new();
+    let mut at: rustc_hash::FxHashMap<Vec<u8>, usize> = rustc_hash::FxHashMap::default();
     for reply in &replies {
-        match crate::resp::value::decode(reply) {
-            Some((Value::Array(items), _)) => lists.push(items),
-            _ => return cx.reply_error("ERR cache temporarily unavailable, try again"),
+        let Some((Value::Array(items), _)) = crate::resp::value::decode(reply) else {
+            return cx.reply_error("ERR cache temporarily unavailable, try again");
+        };
+        let mut it = items.into_iter();
+        while let (Some(Value::Bulk(channel)), Some(Value::Int(n))) = (it.next(), it.next()) {
+            match at.get(&channel[..]) {
+                Some(&i) => pairs[i].1 += n,
+                None => {
+                    at.insert(channel.to_vec(), pairs.len());
+                    pairs.push((Value::Bulk(ns.from_upstream(&channel)), n));
+                }
+            }
         }
     }
-    if lists.is_empty() {
+    if replies.is_empty() {
         return cx.reply_error("ERR cache temporarily unavailable, try again");
     }
-    let items = merge_pubsub(lists, listing);
-    let strip = |v: Value| match v {
-        Value::Bulk(b) => Value::Bulk(ns.from_upstream(&b)),
-        other => other,
-    };
-    if listing {
-        cx.reply_value(&Value::Array(items.into_iter().map(strip).collect()));
-    } else {
-        let mut pairs = Vec::new();
-        let mut it = items.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            pairs.push((strip(k), v));
-        }
-        cx.reply_value(&Value::Map(pairs));
-    }
-}
-
-/// One node's PUBSUB answer from each node's: channel lists joined without repeats,
-/// `[channel, count, …]` pairs with the counts of a channel added up.
-fn merge_pubsub(mut lists: Vec<Vec<Value>>, listing: bool) -> Vec<Value> {
-    if lists.len() == 1 {
-        return lists.pop().unwrap_or_default();
-    }
-    let mut out: Vec<Value> = Vec::new();
-    for items in lists {
-        if listing {
-            for item in items {
-                if !out.contains(&item) {
-                    out.push(item);
-                }
-            }
-            continue;
-        }
-        let mut it = items.into_iter();
-        while let (Some(channel), Some(count)) = (it.next(), it.next()) {
-            match out.chunks_mut(2).find(|pair| pair[0] == channel) {
-                Some(pair) => {
-                    if let (Value::Int(total), Value::Int(n)) = (&mut pair[1], count) {
-                        *total += n;
-                    }
-                }
-                None => out.extend([channel, count]),
-            }
-        }
-    }
-    out
+    cx.reply_value(&Value::Map(pairs.into_iter().map(|(k, n)| (k, Value::Int(n))).collect()));
 }

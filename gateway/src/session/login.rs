@@ -113,8 +113,10 @@ impl Session {
         self.killed = Some(Box::pin(entry.kill.clone().notified_owned()));
         let latency = crate::metrics::latency(&cache);
         let stats = registration.stats();
+        let channels = registration.channels();
         self.tenant = Some(Tenant {
             stats,
+            channels,
             bucket,
             latency,
             ns,

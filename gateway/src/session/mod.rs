@@ -194,6 +194,8 @@ pub(crate) struct Tenant {
     pub latency: Arc<crate::metrics::Latency>,
     /// The cache's `INFO` counters on this gateway (blocked clients, commandstats …).
     pub stats: Arc<crate::cache_stats::CacheStats>,
+    /// This session's part of the cache's channel subscriptions on this gateway.
+    pub channels: crate::pubsub::ChannelShare,
 }
 
 pub(crate) struct Session {

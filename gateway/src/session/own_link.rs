@@ -263,6 +263,7 @@ impl Session {
         let was_subscribed = self.pubsub.active();
         self.pubsub = PubSub::default();
         self.sync_patterns();
+        self.count_channels();
         // Its scripts are over (a node restarted to end a runaway script lands here).
         let scripts: Vec<std::time::Instant> = self
             .pending

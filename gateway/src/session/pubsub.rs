@@ -2,7 +2,7 @@
 //! replies, and rewriting channel names out of the cache's namespace.
 
 use super::{bulk, Session};
-use crate::pubsub::CONFIRMATIONS;
+use crate::pubsub::{CONFIRMATIONS, MAX_CACHE_CHANNELS, MAX_CHANNELS};
 use crate::resp::value::{self, Value};
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -43,6 +43,13 @@ impl PubSub {
         self.regular > 0 || self.shard > 0 || !self.inflight.is_empty() || !self.patterns.is_empty()
     }
 
+    /// Upstream subscriptions once every (un)subscribe in flight is confirmed, at most: what
+    /// the session counts in its cache's total ([`crate::pubsub::ChannelShare`]).
+    fn bound(&self) -> i64 {
+        let inflight: usize = self.inflight.iter().map(|s| s.confirmations.unwrap_or(0)).sum();
+        self.regular + self.shard + inflight as i64
+    }
+
     /// The subscription count the client sees: upstream's, with the catch-all replaced by
     /// the client's own patterns.
     pub fn visible_count(&self) -> i64 {
@@ -51,6 +58,31 @@ impl PubSub {
 }
 
 impl Session {
+    /// Makes room for `adding` more channel subscriptions, within [`MAX_CHANNELS`] for the
+    /// connection and [`MAX_CACHE_CHANNELS`] for its cache on this gateway; else the error.
+    pub(crate) fn reserve_channels(&mut self, adding: i64) -> Result<(), String> {
+        let bound = self.pubsub.bound();
+        if bound + adding > MAX_CHANNELS {
+            return Err(format!("ERR too many channel subscriptions on one connection (max {MAX_CHANNELS})"));
+        }
+        let Some(tenant) = self.tenant.as_mut() else { return Ok(()) };
+        if tenant.channels.set(bound + adding) > MAX_CACHE_CHANNELS {
+            tenant.channels.set(bound);
+            return Err(format!(
+                "ERR too many channel subscriptions for this cache (max {MAX_CACHE_CHANNELS} per gateway)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts the session's subscriptions, as confirmed and in flight, in its cache's total.
+    pub(crate) fn count_channels(&mut self) {
+        let bound = self.pubsub.bound();
+        if let Some(tenant) = self.tenant.as_mut() {
+            tenant.channels.set(bound);
+        }
+    }
+
     /// Whether an upstream reply is a pub/sub message or confirmation rather than the
     /// answer to a request. RESP3 says so itself (a push). In RESP2 it is an array of a
     /// pub/sub kind, arriving while subscribed (Valkey then refuses every command that
@@ -178,6 +210,7 @@ impl Session {
                     self.pubsub.inflight.pop_front();
                 }
             }
+            self.count_channels();
             if is_catch_all {
                 // The gateway's own subscription: the client already had its confirmations.
                 self.pubsub.catch_all_confirmed = kind == b"psubscribe";

@@ -660,10 +660,14 @@ impl ShoalDev {
         std::fs::read_to_string(path).unwrap().trim().to_string()
     }
 
+    /// The platform's admin login on node `i`, as a URL (bypasses the gateway; for checks only).
+    pub fn node_admin_url(&self, i: usize) -> String {
+        format!("redis://shoal:{}@127.0.0.1:{}/", self.node_admin_secret(i), self.node_ports[i])
+    }
+
     /// The platform's admin connection to node `i` (bypasses the gateway; for checks only).
     pub async fn node_admin(&self, i: usize) -> redis::aio::MultiplexedConnection {
-        let url = format!("redis://shoal:{}@127.0.0.1:{}/", self.node_admin_secret(i), self.node_ports[i]);
-        redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+        redis::Client::open(self.node_admin_url(i)).unwrap().get_multiplexed_async_connection().await.unwrap()
     }
 }
 
