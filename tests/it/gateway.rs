@@ -224,6 +224,33 @@ async fn pubsub_is_namespaced_per_cache() {
     assert_eq!(numsub, vec![("news".to_string(), 1)]);
 }
 
+/// `PUBSUB NUMSUB` is asked of every node that holds the cache (each primary of a cluster) and
+/// a channel's counts added up: asking for many channels is answered at once, its counts
+/// exact.
+#[tokio::test]
+async fn pubsub_numsub_of_many_channels_is_answered_at_once() {
+    let dev = shared().await;
+    let (_, token) = cache_with_token(&dev, "numsub-many", 1).await;
+    let client = redis::Client::open(format!("redis://:{}@127.0.0.1:{}/", token, dev.resp_port)).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe(&["ch7", "ch199999"]).await.unwrap();
+    let mut c = dev.client(&token).await.unwrap();
+    let channels: Vec<String> = (0..200_000).map(|i| format!("ch{i}")).collect();
+    let started = std::time::Instant::now();
+    let mut numsub = redis::cmd("PUBSUB");
+    numsub.arg("NUMSUB").arg(&channels);
+    let reply = tokio::time::timeout(Duration::from_secs(30), numsub.query_async::<Value>(&mut c))
+        .await
+        .expect("answered")
+        .unwrap();
+    eprintln!("PUBSUB NUMSUB of 200,000 channels answered in {:?}", started.elapsed());
+    let counts: Vec<(String, i64)> = redis::from_redis_value(&reply).unwrap();
+    assert_eq!(counts.len(), 200_000);
+    assert_eq!(counts[7], ("ch7".to_string(), 1));
+    assert_eq!(counts[199_999], ("ch199999".to_string(), 1));
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<i64>(), 2);
+}
+
 #[tokio::test]
 async fn cluster_command_client_and_info_commands_are_scoped_to_the_cache() {
     let dev = shared().await;

@@ -244,7 +244,8 @@ impl Raw {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> bool {
-        self.stream.write_all(bytes).await.is_ok()
+        let write = self.stream.write_all(bytes);
+        matches!(tokio::time::timeout(Duration::from_secs(5), write).await, Ok(Ok(())))
     }
 
     async fn read(&mut self, timeout: Duration) -> Result<R, Broken> {
@@ -1282,7 +1283,9 @@ async fn admin(dev: &ShoalDev, i: usize) -> Result<MultiplexedConnection, String
     let url = format!("redis://shoal:{}@127.0.0.1:{}/", secret.trim(), dev.every_node_port()[i]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let attempt = async { redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await };
+        let attempt = async {
+            redis::Client::open(url.as_str())?.get_multiplexed_async_connection_with_config(&bounded()).await
+        };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(c)) => return Ok(c),
             other if Instant::now() > deadline => return Err(format!("{other:?}")),
@@ -1320,9 +1323,20 @@ fn node_log(dev: &ShoalDev, i: usize) -> String {
     lines[start..].iter().take(60).copied().collect::<Vec<_>>().join("\n")
 }
 
+/// The test's redis-rs connections give up on a reply after 10 s (an error the run reports,
+/// rather than a wait that outlasts the test's time).
+fn bounded() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Duration::from_secs(5))
+        .set_response_timeout(Duration::from_secs(10))
+}
+
 /// A redis-rs connection through the gateway, or why not within 5 s.
 async fn client(dev: &ShoalDev, token: &str) -> Result<MultiplexedConnection, String> {
-    match tokio::time::timeout(Duration::from_secs(5), dev.client(token)).await {
+    let url = format!("redis://:{token}@127.0.0.1:{}/", dev.resp_port);
+    let connect =
+        async { redis::Client::open(url)?.get_multiplexed_async_connection_with_config(&bounded()).await };
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(format!("redis-rs could not connect: {e}")),
         Err(_) => Err("redis-rs could not connect within 5 s".into()),
@@ -1442,13 +1456,19 @@ async fn reset_a(
     token: &str,
     conn: &mut Option<MultiplexedConnection>,
 ) -> Result<(), String> {
-    // Up to 10 s: after a node restart its caches take a moment before they can log in.
-    for attempt in 0..50 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    // Up to 15 s in all: after a node restart its caches take a moment before they can log in.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while Instant::now() < deadline {
         if conn.is_none() {
-            *conn = client(dev, token).await.ok();
+            match client(dev, token).await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
         }
         let Some(c) = conn.as_mut() else { continue };
         let mut p = redis::pipe();
@@ -1463,10 +1483,13 @@ async fn reset_a(
         p.cmd("SELECT").arg(0).ignore();
         match tokio::time::timeout(Duration::from_secs(5), p.query_async::<()>(c)).await {
             Ok(Ok(())) => return Ok(()),
-            _ => *conn = None,
+            Ok(Err(e)) => last = redis_error(&e),
+            Err(_) => last = "no answer within 5 s".into(),
         }
+        *conn = None;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err("could not reset cache A's keys".into())
+    Err(format!("could not reset cache A's keys within 15 s: {last}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1888,7 +1911,10 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
     let dev = ShoalDev::start_with(&module_args).await;
     let table = Table::load();
     // Every node: the standalone pool's, then (cluster lane) the cluster pool's.
-    let mut admins = dev.node_admins().await;
+    let mut admins = Vec::new();
+    for i in 0..dev.every_node_port().len() {
+        admins.push(admin(&dev, i).await.unwrap());
+    }
 
     // A: two databases. Its keys are reset after every run.
     let (_, a_token, a_node) = create_cache_in(&dev, "attacker", 2, None).await;
@@ -2081,12 +2107,23 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
             continue;
         }
         for wrapper in WRAPPERS {
+            // The matrix takes 60–90 s; past this, something waits that should not, and the
+            // failures so far are the clue (rather than the test being stopped from outside).
+            if loop_started.elapsed() > Duration::from_secs(200) {
+                stopped = Some(format!(
+                    "the matrix ran past 200 s (it takes 60–90 s), at [{wrapper:?}] {} (run {})",
+                    attack.text,
+                    runs + 1
+                ));
+                break 'matrix;
+            }
             let map = placeholders(&victims, b, a_db, a_dbs, node_port, slot);
             let cmds = expand(attack.text, &map);
             if wrapper == Wrapper::Inline && cmds.iter().any(|c| inline(c).is_none()) {
                 continue;
             }
             runs += 1;
+            let run_started = Instant::now();
             let mut problems = Vec::new();
             let run = if wrapper == Wrapper::Resp2 {
                 run_redis_rs(&dev, &a_token, &mut pool, &cmds, &mut victims, runs, &mut problems).await
@@ -2310,6 +2347,10 @@ async fn a_cache_cannot_read_write_or_observe_its_neighbours() {
                     "databases outside A changed on the nodes: {baseline_keyspace:?} → {now:?}"
                 )),
                 Err(e) => problems.push(e),
+            }
+            // A run takes well under a second, a heal's up to 5 s or so.
+            if run_started.elapsed() > Duration::from_secs(20) {
+                problems.push(format!("the run took {:.1} s", run_started.elapsed().as_secs_f64()));
             }
             println!(
                 "{:6.1}s run {runs} [{wrapper:?}] {}: {}",
