@@ -120,6 +120,9 @@ pub struct ShoalFlags {
     /// Refused (`deny`) on shared nodes, yet a dedicated cache, alone on its node, runs it
     /// (functions, the script cache, Search): see [`CommandSpec::refused_on`].
     pub dedicated: bool,
+    /// A negative count (the third argument) asks for that many random members, repeats
+    /// allowed, however few the key holds: see [`CommandSpec::repeats_asked`].
+    pub repeats: bool,
 }
 
 impl CommandSpec {
@@ -164,6 +167,16 @@ impl CommandSpec {
             .skip(1)
             .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
             .any(|a| a.eq_ignore_ascii_case(b"block"))
+    }
+
+    /// How many members with repeats the command asks for (`SRANDMEMBER key -N`): a reply of
+    /// that many elements from a key of any size; None if it asks for none.
+    pub fn repeats_asked(&self, argv: &[&[u8]]) -> Option<u64> {
+        if !self.shoal.repeats {
+            return None;
+        }
+        let count: i64 = std::str::from_utf8(argv.get(2)?).ok()?.parse().ok()?;
+        (count < 0).then(|| count.unsigned_abs())
     }
 
     /// Whether a cache of this placement is refused the command (`deny` rows; those

@@ -100,6 +100,7 @@ fn shoal_flags(cell: &str) -> Option<ShoalFlags> {
             "node_allow" => f.node_allow = true,
             "multi_ok" => f.multi_ok = true,
             "dedicated" => f.dedicated = true,
+            "repeats" => f.repeats = true,
             _ => return None,
         }
     }

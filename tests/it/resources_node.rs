@@ -694,3 +694,63 @@ async fn a_tenant_cannot_fill_its_node_with_channel_subscriptions() {
     }
     assert!(taken.contains("late:1") && !taken.contains("-ERR"), "{taken}");
 }
+
+/// `SRANDMEMBER`, `HRANDFIELD` and `ZRANDMEMBER` with a negative count repeat members as
+/// often as asked: from a one-member key Valkey made replies until the connection's output
+/// limit (513 MB), holding the node some 6 s, every cache on it waiting.
+#[tokio::test]
+async fn a_huge_count_of_random_members_does_not_hold_the_node() {
+    let dev = ShoalDev::start().await;
+    let (a, b, _) = neighbours(&dev).await;
+    let mut ca = connect(&dev, &a).await;
+    let mut cb = connect(&dev, &b).await;
+    let _: () = redis::pipe()
+        .cmd("SADD")
+        .arg("s")
+        .arg("m")
+        .ignore()
+        .cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("v")
+        .ignore()
+        .cmd("ZADD")
+        .arg("z")
+        .arg(1)
+        .arg("m")
+        .ignore()
+        .query_async(&mut ca)
+        .await
+        .unwrap();
+    // At the bound: as many as asked.
+    let members: Vec<String> =
+        redis::cmd("SRANDMEMBER").arg("s").arg(-100_000).query_async(&mut ca).await.unwrap();
+    assert_eq!(members.len(), 100_000);
+    for (name, key, extra) in [
+        ("SRANDMEMBER", "s", None),
+        ("HRANDFIELD", "h", Some("WITHVALUES")),
+        ("ZRANDMEMBER", "z", Some("WITHSCORES")),
+    ] {
+        let mut huge = redis::cmd(name);
+        huge.arg(key).arg(-70_000_000);
+        if let Some(extra) = extra {
+            huge.arg(extra);
+        }
+        let mut attacker = connect(&dev, &a).await;
+        let asked = tokio::spawn(async move { huge.query_async::<redis::Value>(&mut attacker).await });
+        // Meanwhile B's commands on the same node are answered at once.
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        while started.elapsed() < Duration::from_secs(2) {
+            let sent = Instant::now();
+            let _: String = redis::cmd("PING").query_async(&mut cb).await.unwrap();
+            slowest = slowest.max(sent.elapsed());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let reply = tokio::time::timeout(Duration::from_secs(30), asked).await.expect("answered").unwrap();
+        let refused = reply.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        eprintln!("{name} {key} -70000000: B's slowest PING meanwhile {slowest:?}");
+        assert!(refused.contains("count is out of range"), "{name}: {:?}", reply.map(|_| "a reply"));
+        assert!(slowest < Duration::from_millis(500), "{name}: B waited {slowest:?}");
+    }
+}

@@ -49,6 +49,20 @@ pub(crate) fn reject(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts)
     full.then_some(STORAGE_FULL)
 }
 
+/// Most members with repeats one `SRANDMEMBER`, `HRANDFIELD` or `ZRANDMEMBER` may ask for
+/// (a negative count): from a key of one member Valkey makes replies until the connection's
+/// output limit (513 MB), holding its node 6 s or so; 100,000 take it some milliseconds.
+pub(crate) const MAX_REPEATS: u64 = 100_000;
+
+/// The refusal of a request whose arguments alone would hold the node: a count of members
+/// with repeats past [`MAX_REPEATS`].
+pub(crate) fn refuse_arguments(spec: &CommandSpec, argv: &[&[u8]]) -> Option<String> {
+    let asked = spec.repeats_asked(argv)?;
+    (asked > MAX_REPEATS).then(|| {
+        format!("ERR count is out of range: at most {MAX_REPEATS} members with repeats (a negative count) on Shoal")
+    })
+}
+
 /// After metering: what the request becomes. Commands the table does not know are
 /// forwarded (Valkey answers them).
 pub(crate) fn decide(spec: Option<&CommandSpec>, len: usize, facts: &impl Facts) -> Action {
@@ -142,6 +156,26 @@ mod tests {
 
     fn spec(name: &str) -> Option<&'static CommandSpec> {
         Some(shoal_commands::table().get(name).unwrap_or_else(|| panic!("{name} is in the table")))
+    }
+
+    #[test]
+    fn counts_of_members_with_repeats_are_bounded() {
+        let refused = |argv: &[&str]| {
+            let name = argv[0].to_ascii_lowercase();
+            let argv: Vec<&[u8]> = argv.iter().map(|a| a.as_bytes()).collect();
+            refuse_arguments(spec(&name).unwrap(), &argv)
+        };
+        for name in ["SRANDMEMBER", "HRANDFIELD", "ZRANDMEMBER"] {
+            assert_eq!(refused(&[name, "k"]), None, "{name}");
+            assert_eq!(refused(&[name, "k", "-100000"]), None, "{name}");
+            assert_eq!(refused(&[name, "k", "1000000000"]), None, "{name}: no repeats, bounded by the key");
+            assert_eq!(refused(&[name, "k", "x"]), None, "{name}: Valkey's own error");
+            let over = refused(&[name, "k", "-100001"]).unwrap_or_else(|| panic!("{name}"));
+            assert!(over.starts_with("ERR count is out of range"), "{over}");
+            assert!(refused(&[name, "k", "-9223372036854775808"]).is_some(), "{name}");
+        }
+        assert!(refused(&["HRANDFIELD", "k", "-200000", "WITHVALUES"]).is_some());
+        assert_eq!(refused(&["LRANGE", "k", "-200000", "-1"]), None);
     }
 
     fn logged_in() -> Session {

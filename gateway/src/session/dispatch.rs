@@ -231,7 +231,14 @@ impl Session {
             }
         }
         let errors_before = self.local_errors.0;
-        let refused = match decide::decide(spec, frame.len, self) {
+        let action = match spec.filter(|s| s.shoal.repeats).and_then(|s| {
+            let argv: Vec<&[u8]> = args.iter().map(|r| &self.client_in[r.clone()]).collect();
+            decide::refuse_arguments(s, &argv)
+        }) {
+            Some(refusal) => Action::Refuse(refusal),
+            None => decide::decide(spec, frame.len, self),
+        };
+        let refused = match action {
             Action::Refuse(msg) => {
                 self.refuse(&msg);
                 true
