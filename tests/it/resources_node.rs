@@ -473,14 +473,14 @@ async fn lua_memory_is_read_only_when_scripts_ran() {
     assert!(after.contains(r#""INFO" "memory""#), "a script ran: {after}");
 }
 
-/// Microseconds the node spent in `INFO`, all callers together (`INFO commandstats`).
-async fn info_usec(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// Microseconds the node spent in `command` (as `INFO commandstats` names it: `info`,
+/// `pubsub|channels`), all callers together.
+async fn command_usec(admin: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
+    let prefix = format!("cmdstat_{command}:");
     stats
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("cmdstat_info:")?.split(',').find_map(|f| f.strip_prefix("usec=")?.parse().ok())
-        })
+        .find_map(|l| l.strip_prefix(&prefix)?.split(',').find_map(|f| f.strip_prefix("usec=")?.parse().ok()))
         .unwrap_or(0)
 }
 
@@ -504,7 +504,7 @@ async fn a_tenant_calling_info_in_a_loop_does_not_keep_its_node_walking_every_da
     }
     let mut c = connect(&dev, &cache).await;
     let _: () = redis::cmd("SET").arg("k").arg("v").query_async(&mut c).await.unwrap();
-    let before = info_usec(&mut admin).await;
+    let before = command_usec(&mut admin, "info").await;
     let started = Instant::now();
     let mut calls = 0;
     while started.elapsed() < Duration::from_secs(3) {
@@ -512,23 +512,10 @@ async fn a_tenant_calling_info_in_a_loop_does_not_keep_its_node_walking_every_da
         assert!(info.contains("db0:keys=1,expires=0,"), "{info}");
         calls += 1;
     }
-    let spent = Duration::from_micros(info_usec(&mut admin).await - before);
+    let spent = Duration::from_micros(command_usec(&mut admin, "info").await - before);
     let elapsed = started.elapsed();
     eprintln!("{calls} tenant INFO calls: the node spent {spent:?} in INFO of {elapsed:?}");
     assert!(spent < elapsed / 20, "{calls} tenant INFO calls held the node {spent:?} of {elapsed:?}");
-}
-
-/// Microseconds node `admin` spent in `PUBSUB CHANNELS` so far.
-async fn channel_listing_usec(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
-    stats
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("cmdstat_pubsub|channels:")?
-                .split(',')
-                .find_map(|f| f.strip_prefix("usec=")?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// `PUBSUB CHANNELS` walks every channel of a node with subscribers, whatever the pattern
@@ -555,7 +542,7 @@ async fn a_tenant_listing_its_channels_in_a_loop_does_not_keep_its_node_walking_
         .unwrap();
     mine.subscribe(&["news:1", "news:2", "sport"]).await.unwrap();
     let mut c = connect(&dev, &cache).await;
-    let before = channel_listing_usec(&mut admin).await;
+    let before = command_usec(&mut admin, "pubsub|channels").await;
     let started = Instant::now();
     let mut calls = 0;
     while started.elapsed() < Duration::from_secs(3) {
@@ -567,7 +554,7 @@ async fn a_tenant_listing_its_channels_in_a_loop_does_not_keep_its_node_walking_
         assert_eq!(news.len(), 2, "{news:?}");
         calls += 2;
     }
-    let spent = Duration::from_micros(channel_listing_usec(&mut admin).await - before);
+    let spent = Duration::from_micros(command_usec(&mut admin, "pubsub|channels").await - before);
     let elapsed = started.elapsed();
     eprintln!(
         "{calls} tenant PUBSUB CHANNELS calls: the node spent {spent:?} listing channels of {elapsed:?}"
