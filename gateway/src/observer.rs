@@ -23,7 +23,11 @@ type Slot = Arc<tokio::sync::Mutex<Option<TcpStream>>>;
 /// `PUBSUB CHANNELS` shows its part of one. On a big node a reply is reused until it is this
 /// many times as old as it took to get, so tenants hold the node at most 1% of the time per
 /// gateway and view; a smaller node is asked every time, as a plain Valkey would answer.
+/// The time is the node's: until the reply's first byte (the gateway reading a long reply is
+/// its own cost, not the node's).
 const REUSE: u32 = 100;
+/// Oldest a reused reply may be, however long the node took (then more than 1%).
+const MAX_REUSE_AGE: Duration = Duration::from_secs(10);
 
 /// Databases with keys in a node's `INFO keyspace` from which its walk is worth sparing: the
 /// platform keeps keys in every 64th database (the engine's cron anchors), so a node
@@ -108,11 +112,11 @@ impl Observers {
             let mut conn = slot.lock().await;
             let reused = kept.lock().unwrap().get(&addr).cloned();
             let value = match reused {
-                Some((asked, took, value)) if asked.elapsed() < took * REUSE => value,
+                Some((asked, took, value)) if asked.elapsed() < (took * REUSE).min(MAX_REUSE_AGE) => value,
                 _ => {
                     let asked = Instant::now();
-                    let reply = self.query_on(&mut conn, &addr, route, args).await?;
-                    let took = asked.elapsed();
+                    let (reply, answered) = self.query_on(&mut conn, &addr, route, args).await?;
+                    let took = answered - asked;
                     let (value, big) = read(reply).ok_or_else(|| {
                         GatewayError::Upstream("unexpected reply to a node-wide view".into())
                     })?;
@@ -142,18 +146,18 @@ impl Observers {
     ) -> Result<BytesMut, GatewayError> {
         let slot = self.slot(addr);
         let mut conn = slot.lock().await;
-        self.query_on(&mut conn, addr, route, args).await
+        Ok(self.query_on(&mut conn, addr, route, args).await?.0)
     }
 
     /// One command on the node's observer connection `conn` (its slot held), connecting first
-    /// if it has none.
+    /// if it has none: the reply, and when its first byte came.
     async fn query_on(
         &self,
         conn: &mut Option<TcpStream>,
         addr: &str,
         route: &TenantRoute,
         args: &[&[u8]],
-    ) -> Result<BytesMut, GatewayError> {
+    ) -> Result<(BytesMut, Instant), GatewayError> {
         let result = tokio::time::timeout(TIMEOUT, async {
             if conn.is_none() {
                 let mut stream = TcpStream::connect(addr).await.map_err(up)?;
@@ -163,7 +167,7 @@ impl Observers {
                     &[b"AUTH", route.observer_user.as_bytes(), route.observer_password.as_bytes()],
                 );
                 stream.write_all(&hello).await.map_err(up)?;
-                let auth = read_reply(&mut stream).await?;
+                let (auth, _) = read_reply(&mut stream).await?;
                 if auth.starts_with(b"-") {
                     return Err(GatewayError::Upstream("observer login refused".into()));
                 }
@@ -231,7 +235,7 @@ async fn kill_script_at(addr: &str, route: &TenantRoute) -> Result<BytesMut, Gat
             let mut out = BytesMut::new();
             resp::command(&mut out, args);
             stream.write_all(&out).await.map_err(up)?;
-            let reply = read_reply(&mut stream).await?;
+            let (reply, _) = read_reply(&mut stream).await?;
             if args[0] == b"SCRIPT" {
                 return Ok(reply);
             }
@@ -250,15 +254,18 @@ fn up(e: std::io::Error) -> GatewayError {
     GatewayError::Upstream(e.to_string())
 }
 
-async fn read_reply(stream: &mut TcpStream) -> Result<BytesMut, GatewayError> {
+/// One reply, and when its first byte came.
+async fn read_reply(stream: &mut TcpStream) -> Result<(BytesMut, Instant), GatewayError> {
     let mut buf = BytesMut::with_capacity(4096);
     let mut scanner = ReplyScanner::new();
+    let mut first = None;
     loop {
         if let Some(reply) = scanner.next(&buf).map_err(|e| GatewayError::Upstream(e.to_string()))? {
-            return Ok(buf.split_to(reply.len));
+            return Ok((buf.split_to(reply.len), first.unwrap_or_else(Instant::now)));
         }
         if stream.read_buf(&mut buf).await.map_err(up)? == 0 {
             return Err(GatewayError::Upstream("observer connection closed".into()));
         }
+        first.get_or_insert_with(Instant::now);
     }
 }

@@ -542,6 +542,8 @@ async fn a_tenant_listing_its_channels_in_a_loop_does_not_keep_its_node_walking_
         .unwrap();
     mine.subscribe(&["news:1", "news:2", "sport"]).await.unwrap();
     let mut c = connect(&dev, &cache).await;
+    // The first listing walks the node; the loop is what reuse must keep cheap.
+    let _: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").query_async(&mut c).await.unwrap();
     let before = command_usec(&mut admin, "pubsub|channels").await;
     let started = Instant::now();
     let mut calls = 0;
@@ -563,9 +565,9 @@ async fn a_tenant_listing_its_channels_in_a_loop_does_not_keep_its_node_walking_
         spent < elapsed / 20,
         "{calls} tenant PUBSUB CHANNELS calls held the node {spent:?} of {elapsed:?}"
     );
-    // A listing is reused a moment only: a new channel shows within seconds.
+    // A listing is reused a moment only (10 s at most): a new channel shows within seconds.
     mine.subscribe("weather").await.unwrap();
-    wait_for("the new channel to be listed", Duration::from_secs(10), async || {
+    wait_for("the new channel to be listed", Duration::from_secs(15), async || {
         let all: Vec<String> = redis::cmd("PUBSUB").arg("CHANNELS").query_async(&mut c).await.unwrap();
         all.contains(&"weather".to_string())
     })
