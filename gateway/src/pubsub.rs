@@ -196,7 +196,6 @@ impl Drop for ChannelShare {
 #[derive(Default)]
 pub struct NodeChannels {
     groups: rustc_hash::FxHashMap<Vec<u8>, Vec<Vec<u8>>>,
-    count: usize,
 }
 
 fn group(name: &[u8]) -> &[u8] {
@@ -207,7 +206,7 @@ impl NodeChannels {
     /// From a `PUBSUB CHANNELS` reply; None if it is not a list of names.
     pub fn parse(reply: &[u8]) -> Option<NodeChannels> {
         let Some((Value::Array(items), _)) = crate::resp::value::decode(reply) else { return None };
-        let mut channels = NodeChannels { count: items.len(), ..Default::default() };
+        let mut channels = NodeChannels::default();
         for item in items {
             let Value::Bulk(name) = item else { return None };
             channels.groups.entry(group(&name).to_vec()).or_default().push(name.to_vec());
@@ -217,7 +216,7 @@ impl NodeChannels {
 
     /// Channels on the node.
     pub fn count(&self) -> usize {
-        self.count
+        self.groups.values().map(Vec::len).sum()
     }
 
     /// The channels `pattern` (upstream, as the node would match it) matches, spending at

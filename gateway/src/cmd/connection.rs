@@ -132,9 +132,7 @@ pub(super) async fn reset(s: &mut Session) {
     s.proto = 2;
     s.in_multi = false;
     s.multi_dirty = false;
-    s.pubsub = Default::default();
-    s.sync_patterns();
-    s.count_channels();
+    s.clear_pubsub();
     s.tracking = false;
     if let Some(t) = s.tenant.as_mut() {
         t.db = 0;

@@ -171,6 +171,9 @@ async fn counts(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
     cmd.extend(argv[2..].iter().map(|c| ns.to_upstream(c)));
     let refs: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
     let replies = cx.shared().observers.query_each(&route, &refs).await.unwrap_or_default();
+    if replies.is_empty() {
+        return cx.reply_error("ERR cache temporarily unavailable, try again");
+    }
     let mut pairs: Vec<(Value, i64)> = Vec::new();
     let mut at: rustc_hash::FxHashMap<Vec<u8>, usize> = rustc_hash::FxHashMap::default();
     for reply in &replies {
@@ -187,9 +190,6 @@ async fn counts(cx: &mut Ctx<'_>, argv: &[&[u8]]) {
                 }
             }
         }
-    }
-    if replies.is_empty() {
-        return cx.reply_error("ERR cache temporarily unavailable, try again");
     }
     cx.reply_value(&Value::Map(pairs.into_iter().map(|(k, n)| (k, Value::Int(n))).collect()));
 }

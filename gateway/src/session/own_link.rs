@@ -1,7 +1,7 @@
 //! The session's own upstream connection: opened on first need, replies read and passed on
 //! (in pieces when big), closed and reset when lost.
 
-use super::{OnReply, Pending, PubSub, Session, Subscribing, REPLY_HEAD, STREAM_REPLY_FROM};
+use super::{OnReply, Pending, Session, Subscribing, REPLY_HEAD, STREAM_REPLY_FROM};
 use crate::metering::TxPosition;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::{self};
@@ -261,9 +261,7 @@ impl Session {
         self.multi_dirty = false;
         self.bill_queued();
         let was_subscribed = self.pubsub.active();
-        self.pubsub = PubSub::default();
-        self.sync_patterns();
-        self.count_channels();
+        self.clear_pubsub();
         // Its scripts are over (a node restarted to end a runaway script lands here).
         let scripts: Vec<std::time::Instant> = self
             .pending

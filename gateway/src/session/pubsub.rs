@@ -235,6 +235,14 @@ impl Session {
         crate::pubsub::MESSAGES.contains(&kind.as_slice())
     }
 
+    /// Forgets every subscription (the upstream connection went, or `RESET`), in the registry
+    /// and the cache's count too.
+    pub(crate) fn clear_pubsub(&mut self) {
+        self.pubsub = PubSub::default();
+        self.sync_patterns();
+        self.count_channels();
+    }
+
     /// Publishes this session's patterns to the registry (for PUBLISH's receiver count).
     pub fn sync_patterns(&self) {
         if let Some(t) = &self.tenant {
